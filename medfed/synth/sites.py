@@ -1,0 +1,260 @@
+"""Synthetic hospitals: site profiles, deterministic generation, and DICOM/label/report files.
+
+Sites differ the way hospitals do: label mix (Dirichlet), scanner gain/noise/bias, series
+naming conventions, rescale slope/intercept (so the modality LUT matters), one site missing
+post-contrast T1 for part of its studies, and one site with few labels. Everything is a pure
+function of the seed.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+
+from .phantom import CLASS_NAMES, SEQUENCES, LesionParams, Scanner, render_study, sample_lesion
+from .reports import fake_phi, write_report
+
+INSTITUTIONS = ("Riverside General Hospital", "St. Aldric University Medical Center",
+                "Northfield Community Hospital", "Lakeshore Regional Clinic",
+                "Mount Verity Teaching Hospital")
+SERIES_NAMING = (
+    {"T1": "T1", "T1ce": "T1CE", "T2": "T2", "FLAIR": "FLAIR"},
+    {"T1": "AX T1 SE", "T1ce": "AX T1 POST GD", "T2": "AX T2 FSE", "FLAIR": "AX T2 FLAIR"},
+    {"T1": "t1_se_tra", "T1ce": "t1_se_tra_post_contrast", "T2": "t2_tse_tra",
+     "FLAIR": "t2_tirm_tra_dark-fluid"},
+)
+RESCALE = ((1.0, 0.0), (0.5, 0.0), (0.25, -64.0))     # (slope, intercept) per vendor
+FOLLOW_UP_FRACTION = 0.15
+
+
+@dataclass(frozen=True)
+class SiteProfile:
+    """How one synthetic hospital differs from the others."""
+
+    index: int
+    name: str
+    institution: str
+    n_patients: int
+    class_probs: tuple[float, ...]
+    scanner: Scanner
+    naming: int
+    rescale: tuple[float, float]
+    pixel_mm: float
+    missing_sequence: str | None = None
+    missing_fraction: float = 0.0
+    label_fraction: float = 1.0
+    junk_files: bool = False
+
+
+@dataclass
+class SyntheticStudy:
+    """One generated study, with everything needed to check what a reader gets back."""
+
+    patient_index: int
+    study_uid: str
+    label: int
+    labelled: bool
+    lesion: LesionParams
+    images: dict[str, np.ndarray]      # physical values after the modality LUT, present only
+    mask: np.ndarray
+    phi: dict[str, str]
+    report: str
+
+
+@dataclass
+class SyntheticSite:
+    profile: SiteProfile
+    studies: list[SyntheticStudy] = field(default_factory=list)
+
+
+def make_profiles(n_sites: int, seed: int, *, alpha: float = 2.0, patients: int = 60,
+                  external: bool = False) -> list[SiteProfile]:
+    """Deterministic site profiles; site 1 lacks T1ce for 40% of studies, site 2 has few labels."""
+    if n_sites < 1:
+        raise ValueError(f"need at least one site, got {n_sites}")
+    if alpha <= 0:
+        raise ValueError(f"Dirichlet alpha must be > 0, got {alpha}")
+    rng = np.random.default_rng([seed, 1])
+    missing_site = 1 if n_sites > 1 else 0
+    few_label_site = 2 if n_sites > 2 else n_sites - 1
+    profiles = []
+    for i in range(n_sites + int(external)):
+        is_external = i == n_sites
+        probs = rng.dirichlet([alpha] * len(CLASS_NAMES))
+        if is_external:
+            probs = np.full(len(CLASS_NAMES), 1 / len(CLASS_NAMES))
+        gains = tuple(float(g) for g in rng.uniform(0.8, 1.25, len(SEQUENCES)))
+        scanner = Scanner(gain=gains, noise_sigma=float(rng.uniform(25, 60)),
+                          bias_strength=float(rng.uniform(0.05, 0.2)))
+        profiles.append(SiteProfile(
+            index=i,
+            name="external" if is_external else f"site-{i}",
+            institution=INSTITUTIONS[i % len(INSTITUTIONS)],
+            n_patients=max(4, int(round(patients * rng.uniform(0.7, 1.3)))),
+            class_probs=tuple(float(p) for p in probs),
+            scanner=scanner,
+            naming=i % len(SERIES_NAMING),
+            rescale=RESCALE[i % len(RESCALE)],
+            pixel_mm=float(rng.choice([0.9, 1.0, 1.2])),
+            missing_sequence="T1ce" if i == missing_site and not is_external else None,
+            missing_fraction=0.4 if i == missing_site and not is_external else 0.0,
+            label_fraction=0.25 if i == few_label_site and not is_external else 1.0,
+            junk_files=i == missing_site and not is_external,
+        ))
+    return profiles
+
+
+def _quantize(image: np.ndarray, slope: float, intercept: float) -> tuple[np.ndarray, np.ndarray]:
+    """Stored uint16 values and the physical values a reader recovers through the LUT."""
+    stored = np.clip(np.rint((image - intercept) / slope), 0, 65535).astype(np.uint16)
+    return stored, stored.astype(np.float64) * slope + intercept
+
+
+def generate_site(profile: SiteProfile, seed: int) -> tuple[SyntheticSite, dict]:
+    """Generate a site in memory: studies plus the stored pixel arrays per (study, sequence)."""
+    rng = np.random.default_rng([seed, 2, profile.index])
+    site = SyntheticSite(profile)
+    stored: dict[tuple[str, str], np.ndarray] = {}
+    slope, intercept = profile.rescale
+    for p in range(profile.n_patients):
+        phi = fake_phi(rng, profile.index, p)
+        label = int(rng.choice(len(CLASS_NAMES), p=profile.class_probs))
+        labelled = bool(rng.random() < profile.label_fraction)
+        n_studies = 2 if rng.random() < FOLLOW_UP_FRACTION else 1
+        for s in range(n_studies):
+            lesion = sample_lesion(label, rng)
+            images, mask = render_study(lesion, profile.scanner, rng)
+            missing = ()
+            if profile.missing_sequence and rng.random() < profile.missing_fraction:
+                missing = (profile.missing_sequence,)
+            study_uid = generate_uid(entropy_srcs=[str(seed), profile.name, str(p), str(s), "st"])
+            physical = {}
+            for seq in SEQUENCES:
+                if seq in missing:
+                    continue
+                stored[(study_uid, seq)], physical[seq] = _quantize(images[seq], slope, intercept)
+            report = write_report(lesion, rng, referring=phi["ReferringPhysicianName"],
+                                  missing=missing, pixel_mm=profile.pixel_mm)
+            site.studies.append(SyntheticStudy(p, study_uid, label, labelled, lesion, physical,
+                                               mask, dict(phi, StudyIndex=str(s)), report))
+    return site, stored
+
+
+def _dicom(profile: SiteProfile, study: SyntheticStudy, seq: str, pixels: np.ndarray,
+           seed: int, accession: str) -> Dataset:
+    sop_uid = generate_uid(entropy_srcs=[study.study_uid, seq, "sop", str(seed)])
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = MRImageStorage
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    phi = study.phi
+    ds.PatientName = phi["PatientName"]
+    ds.PatientID = phi["PatientID"]
+    ds.PatientBirthDate = phi["PatientBirthDate"]
+    ds.PatientSex = phi["PatientSex"]
+    ds.ReferringPhysicianName = phi["ReferringPhysicianName"]
+    ds.InstitutionName = profile.institution
+    ds.AccessionNumber = accession
+    ds.StudyDate = f"2024{(study.patient_index % 12) + 1:02d}{(study.patient_index % 27) + 1:02d}"
+    ds.StudyTime = "093000"
+    ds.StudyDescription = "MRI BRAIN W/WO CONTRAST"
+    ds.SOPClassUID = MRImageStorage
+    ds.SOPInstanceUID = sop_uid
+    ds.StudyInstanceUID = study.study_uid
+    ds.SeriesInstanceUID = generate_uid(entropy_srcs=[study.study_uid, seq, "series"])
+    ds.FrameOfReferenceUID = generate_uid(entropy_srcs=[study.study_uid, "for"])
+    ds.Modality = "MR"
+    ds.Manufacturer = ("GE", "Siemens", "Philips")[profile.naming]
+    ds.SeriesDescription = SERIES_NAMING[profile.naming][seq]
+    ds.SeriesNumber = SEQUENCES.index(seq) + 1
+    ds.InstanceNumber = 1
+    ds.ImagePositionPatient = [0.0, 0.0, 0.0]
+    ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+    ds.PixelSpacing = [profile.pixel_mm, profile.pixel_mm]
+    ds.SliceThickness = 5.0
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    slope, intercept = profile.rescale
+    ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType = slope, intercept, "US"
+    ds.PixelData = pixels.astype("<u2").tobytes()
+    return ds
+
+
+def _file_name(key: str) -> str:
+    """Opaque file names: PACS exports named after patients leak PHI through paths."""
+    return hashlib.sha256(key.encode()).hexdigest()[:20] + ".dcm"
+
+
+def write_site(site: SyntheticSite, stored: dict, out: Path, seed: int) -> None:
+    """Write DICOM files, ``labels.csv`` and ``reports.jsonl`` for one site into ``out``."""
+    dicom_dir = out / "dicom"
+    dicom_dir.mkdir(parents=True)
+    rng = np.random.default_rng([seed, 3, site.profile.index])
+    last = None
+    for study in site.studies:
+        accession = f"ACC{int(rng.integers(10**7, 10**8))}"
+        for seq in SEQUENCES:
+            if seq not in study.images:
+                continue
+            ds = _dicom(site.profile, study, seq, stored[(study.study_uid, seq)], seed, accession)
+            last = dicom_dir / _file_name(ds.SOPInstanceUID)
+            ds.save_as(last, enforce_file_format=True)
+    with open(out / "labels.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["study_instance_uid", "label"])
+        for study in site.studies:
+            writer.writerow([study.study_uid, CLASS_NAMES[study.label] if study.labelled else ""])
+    with open(out / "reports.jsonl", "w") as f:
+        for study in site.studies:
+            f.write(json.dumps({"study_instance_uid": study.study_uid, "text": study.report}) + "\n")
+    if site.profile.junk_files and last is not None:
+        _write_junk(dicom_dir, last, site.studies[0])
+
+
+def _write_junk(dicom_dir: Path, image_file: Path, study: SyntheticStudy) -> None:
+    """What real PACS exports contain besides images: an SR, a truncated file, OS litter."""
+    sr = pydicom.dcmread(image_file)
+    del sr.PixelData
+    sr.SOPClassUID = sr.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"
+    sr.Modality = "SR"
+    sr.SeriesDescription = "Dose report"
+    sr.save_as(dicom_dir / _file_name("sr" + study.study_uid), enforce_file_format=True)
+    data = image_file.read_bytes()
+    (dicom_dir / _file_name("trunc" + study.study_uid)).write_bytes(data[: len(data) // 3])
+    (dicom_dir / "Thumbs.db").write_bytes(b"\x00\x01not a dicom file")
+
+
+def synthesize(out: Path, *, n_sites: int, seed: int, alpha: float = 2.0, patients: int = 60,
+               external: bool = False) -> list[SiteProfile]:
+    """Write all sites under ``out`` atomically: a failure leaves nothing half-written."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"output directory {out} exists and is not empty; choose another")
+    profiles = make_profiles(n_sites, seed, alpha=alpha, patients=patients, external=external)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        for profile in profiles:
+            site, stored = generate_site(profile, seed)
+            write_site(site, stored, tmp / profile.name, seed)
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return profiles

@@ -59,7 +59,7 @@ def sample_lesion(label: int, rng: np.random.Generator) -> LesionParams:
     """Draw lesion parameters from overlapping class-conditional distributions."""
     angle = rng.uniform(0, 2 * np.pi)
     dist = rng.uniform(0.25, 0.55)
-    radius = rng.uniform(0.10, 0.22)
+    radius = rng.uniform(0.16, 0.28)
     if label == 0:     # high-grade glioma
         enh, nec, oed = rng.normal(0.55, 0.35), rng.uniform(0.2, 0.6), rng.uniform(1.4, 2.2)
         t1, t2, fl = rng.normal(0.75, 0.1), rng.normal(1.55, 0.25), rng.normal(1.45, 0.3)

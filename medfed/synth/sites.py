@@ -77,7 +77,7 @@ class SyntheticSite:
     studies: list[SyntheticStudy] = field(default_factory=list)
 
 
-def make_profiles(n_sites: int, seed: int, *, alpha: float = 2.0, patients: int = 60,
+def make_profiles(n_sites: int, seed: int, *, alpha: float = 2.0, patients: int = 200,
                   external: bool = False) -> list[SiteProfile]:
     """Deterministic site profiles; site 1 lacks T1ce for 40% of studies, site 2 has few labels."""
     if n_sites < 1:
@@ -238,7 +238,7 @@ def _write_junk(dicom_dir: Path, image_file: Path, study: SyntheticStudy) -> Non
     (dicom_dir / "Thumbs.db").write_bytes(b"\x00\x01not a dicom file")
 
 
-def synthesize(out: Path, *, n_sites: int, seed: int, alpha: float = 2.0, patients: int = 60,
+def synthesize(out: Path, *, n_sites: int, seed: int, alpha: float = 2.0, patients: int = 200,
                external: bool = False) -> list[SiteProfile]:
     """Write all sites under ``out`` atomically: a failure leaves nothing half-written."""
     out = Path(out)

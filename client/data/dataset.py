@@ -1,0 +1,54 @@
+"""Studies to tensors with MONAI dictionary transforms: ``image [S, H, W]`` + ``present [S]``."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from monai.transforms import Compose, EnsureTyped, NormalizeIntensityd, Resized
+from torch.utils.data import Dataset
+
+from .sequences import SEQUENCES
+from .site import Study
+
+
+def study_transform(image_size: int) -> Compose:
+    """Resize every sequence to a common grid and z-score each present sequence on its own."""
+    return Compose([
+        Resized(keys="image", spatial_size=(image_size, image_size), mode="area"),
+        NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True),
+        EnsureTyped(keys="image", data_type="tensor", dtype=torch.float32, track_meta=False),
+    ])
+
+
+def _as_slice(pixels: np.ndarray) -> np.ndarray:
+    """2D models see the middle slice of a volume."""
+    return pixels[pixels.shape[0] // 2] if pixels.ndim == 3 else pixels
+
+
+class StudyDataset(Dataset):
+    """Pre-transformed tensors for a list of studies (small enough to keep in memory).
+
+    Absent sequences are all-zero channels with ``present=False``; the model masks them out.
+    """
+
+    def __init__(self, studies: list[Study], image_size: int, sequences=SEQUENCES):
+        transform = study_transform(image_size)
+        self.items = []
+        for study in studies:
+            shape = next(_as_slice(p).shape for p in study.images.values())
+            stack = np.zeros((len(sequences), *shape), dtype=np.float32)
+            present = np.zeros(len(sequences), dtype=bool)
+            for i, seq in enumerate(sequences):
+                if seq in study.images and _as_slice(study.images[seq]).shape == shape:
+                    stack[i] = _as_slice(study.images[seq])
+                    present[i] = True
+            out = transform({"image": stack})
+            image = out["image"] * torch.as_tensor(present, dtype=torch.float32)[:, None, None]
+            self.items.append((image, torch.as_tensor(present), torch.tensor(study.label)))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        image, present, label = self.items[i]
+        return {"image": image, "present": present, "label": label}

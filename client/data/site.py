@@ -1,0 +1,180 @@
+"""A hospital site's data: studies joined with labels and reports, split by patient.
+
+Layout of a site directory::
+
+    SITE/dicom/**        DICOM files, any names, any nesting
+    SITE/labels.csv      study_instance_uid,label   (empty label = unlabelled)
+    SITE/reports.jsonl   {"study_instance_uid": ..., "text": ...}   (optional)
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .dicom import ReadCounts, SeriesImage, pseudonym, read_directory
+from .sequences import SEQUENCES
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+
+
+class SiteDataError(ValueError):
+    """The site directory cannot provide usable data; the message names the problem."""
+
+
+@dataclass
+class Study:
+    """One de-identified study. ``label`` is a class index or -1 (unlabelled)."""
+
+    key: str
+    patient_key: str
+    images: dict[str, np.ndarray]          # sequence -> [H, W] float32 after the LUT
+    label: int = -1
+    report: str | None = None
+    split: str = "train"
+
+
+@dataclass
+class IngestReport:
+    """Counts only, so it can be printed, logged and sent without leaking anything."""
+
+    files: int = 0
+    images: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    studies: int = 0
+    sequences: Counter = field(default_factory=Counter)
+    studies_missing: Counter = field(default_factory=Counter)
+    labels: Counter = field(default_factory=Counter)
+    splits: Counter = field(default_factory=Counter)
+
+    def as_dict(self) -> dict:
+        return {k: dict(v) if isinstance(v, Counter) else v for k, v in self.__dict__.items()}
+
+
+@dataclass
+class SiteData:
+    studies: list[Study]
+    report: IngestReport
+    fingerprint: str                       # hash of the de-identified manifest, no PHI
+
+    def split(self, name: str, *, labelled_only: bool = False) -> list[Study]:
+        if name not in SPLITS:
+            raise ValueError(f"unknown split {name!r}; expected one of {SPLITS}")
+        return [s for s in self.studies if s.split == name and (s.label >= 0 or not labelled_only)]
+
+
+def assign_split(patient_key: str, fractions: tuple[float, float] = (0.6, 0.2)) -> str:
+    """Deterministic patient-level split: all studies of a patient land in the same split."""
+    u = int(hashlib.sha256(f"split:{patient_key}".encode()).hexdigest()[:12], 16) / 16**12
+    if u < fractions[0]:
+        return "train"
+    return "val" if u < fractions[0] + fractions[1] else "test"
+
+
+def _group(images: list[SeriesImage], report: IngestReport) -> list[Study]:
+    """Group series into studies; multi-instance series become volumes (sorted by instance)."""
+    by_series: dict[tuple[str, str, str], list[SeriesImage]] = {}
+    patients: dict[str, str] = {}
+    for image in images:
+        by_series.setdefault((image.study_key, image.sequence, image.series_key), []).append(image)
+        patients[image.study_key] = image.patient_key
+    studies: dict[str, Study] = {}
+    for (study_key, sequence, _), series in sorted(by_series.items()):
+        study = studies.setdefault(study_key, Study(study_key, patients[study_key], {}))
+        if sequence in study.images:
+            report.skipped["duplicate_sequence"] += len(series)
+            continue
+        series.sort(key=lambda s: s.instance)
+        pixels = [s.pixels for s in series]
+        if len({p.shape for p in pixels}) != 1:
+            report.skipped["inconsistent_series"] += len(series)
+            continue
+        study.images[sequence] = pixels[0] if len(pixels) == 1 else np.stack(pixels)
+    return list(studies.values())
+
+
+def _read_labels(path: Path, class_names: tuple[str, ...] | None, report: IngestReport) -> dict:
+    if not path.exists():
+        return {}
+    labels = {}
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames or not {"study_instance_uid", "label"} <= set(reader.fieldnames):
+            raise SiteDataError(f"{path.name} must have columns study_instance_uid,label")
+        for row in reader:
+            name = (row["label"] or "").strip()
+            if not name:
+                continue
+            if class_names is not None and name not in class_names:
+                report.labels["unknown_label"] += 1
+                continue
+            labels[pseudonym("study", row["study_instance_uid"].strip())] = name
+    return labels
+
+
+def _read_reports(path: Path, report: IngestReport) -> dict[str, str]:
+    if not path.exists():
+        return {}
+    texts = {}
+    with open(path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+                texts[pseudonym("study", str(row["study_instance_uid"]))] = str(row["text"])
+            except (ValueError, KeyError, TypeError):
+                report.skipped["bad_report_line"] += 1
+    return texts
+
+
+def load_site(site_dir: Path | str, class_names: tuple[str, ...] | None = None) -> SiteData:
+    """Read, de-identify, join and split one site.
+
+    Raises
+    ------
+    SiteDataError
+        If the directory is missing, has no ``dicom/`` folder, or nothing usable is left.
+    """
+    site_dir = Path(site_dir)
+    if not site_dir.is_dir():
+        raise SiteDataError(f"data directory {site_dir} does not exist")
+    dicom_dir = site_dir / "dicom"
+    if not dicom_dir.is_dir():
+        raise SiteDataError(f"data directory {site_dir} has no dicom/ folder")
+    images, counts = read_directory(dicom_dir)
+    report = IngestReport(files=counts.files, images=counts.images, skipped=counts.skipped)
+    if counts.files == 0:
+        raise SiteDataError(f"data directory {site_dir} is empty: no files under dicom/")
+    studies = _group(images, report)
+    if not studies:
+        raise SiteDataError(f"no usable studies in {site_dir}: {counts.files} files, "
+                            f"skipped {dict(counts.skipped)}")
+    labels = _read_labels(site_dir / "labels.csv", class_names, report)
+    texts = _read_reports(site_dir / "reports.jsonl", report)
+    index = {name: i for i, name in enumerate(class_names)} if class_names else None
+    for study in studies:
+        name = labels.get(study.key)
+        study.label = -1 if name is None or index is None else index[name]
+        report.labels[name if name is not None else "unlabelled"] += 1
+        study.report = texts.get(study.key)
+        study.split = assign_split(study.patient_key)
+        report.splits[study.split] += 1
+        for seq in SEQUENCES:
+            if seq in study.images:
+                report.sequences[seq] += 1
+            else:
+                report.studies_missing[seq] += 1
+    report.studies = len(studies)
+    manifest = "\n".join(sorted(f"{s.key}:{','.join(sorted(s.images))}:{s.label}" for s in studies))
+    fingerprint = hashlib.sha256(manifest.encode()).hexdigest()[:16]
+    log.info("site data: %d files, %d images, %d studies, skipped %s",
+             report.files, report.images, report.studies, dict(report.skipped))
+    return SiteData(studies, report, fingerprint)

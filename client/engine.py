@@ -1,0 +1,113 @@
+"""The one training engine: device, autocast, optimizer, loop and evaluation, written once.
+
+Tasks and objectives (``models.tasks``) supply ``step`` and ``predict``; everything that
+differs per deployment (CUDA vs CPU, bf16 autocast, threads) is decided here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    local_epochs: int = 1
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.local_epochs < 1 or self.batch_size < 1:
+            raise ValueError("local_epochs and batch_size must be >= 1")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when present, else CPU; an explicit ``cuda`` without a GPU fails."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("device=cuda requested but no CUDA device is available")
+    return torch.device(name)
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA; full precision on CPU (bf16 matmuls are slow on most CPUs)."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _to(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+class Engine:
+    """Runs a task's steps over data on one device.
+
+    Parameters
+    ----------
+    task : object
+        Provides ``step(model, batch) -> StepOutput`` and ``predict`` / ``summarize``.
+    device : torch.device
+    """
+
+    def __init__(self, task, device: torch.device):
+        self.task = task
+        self.device = device
+
+    def fit(self, model: nn.Module, data: Dataset, config: TrainConfig) -> dict[str, float]:
+        """Train in place for ``local_epochs``; returns mean loss/metrics, steps and seconds."""
+        if len(data) == 0:
+            raise ValueError("no training samples at this site")
+        start = time.perf_counter()
+        generator = torch.Generator().manual_seed(config.seed)
+        loader = DataLoader(data, batch_size=config.batch_size, shuffle=True, generator=generator)
+        model.to(self.device).train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr,
+                                      weight_decay=config.weight_decay)
+        totals: dict[str, float] = {}
+        seen, steps = 0, 0
+        for _ in range(config.local_epochs):
+            for batch in loader:
+                with autocast(self.device):
+                    out = self.task.step(model, _to(batch, self.device))
+                optimizer.zero_grad(set_to_none=True)
+                out.loss.backward()
+                optimizer.step()
+                steps += 1
+                seen += out.n
+                for key, value in {"loss": out.loss.item(), **out.metrics}.items():
+                    totals[key] = totals.get(key, 0.0) + value * out.n
+        metrics = {f"train_{k}": v / max(seen, 1) for k, v in totals.items()}
+        return metrics | {"steps": float(steps), "seconds": time.perf_counter() - start}
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, data: Dataset, batch_size: int = 64) -> dict[str, float]:
+        """Task metrics over the whole dataset, plus ``seconds``."""
+        if len(data) == 0:
+            raise ValueError("no evaluation samples at this site")
+        start = time.perf_counter()
+        model.to(self.device).eval()
+        losses, probs, labels = [], [], []
+        for batch in DataLoader(data, batch_size=batch_size):
+            with autocast(self.device):
+                loss, prob, label = self.task.predict(model, _to(batch, self.device))
+            losses.append(loss.float().cpu().numpy())
+            probs.append(prob.float().cpu().numpy())
+            labels.append(label.cpu().numpy())
+        metrics = self.task.summarize(np.concatenate(losses), np.concatenate(probs),
+                                      np.concatenate(labels))
+        return metrics | {"seconds": time.perf_counter() - start}

@@ -1,0 +1,8 @@
+"""Pure-PyTorch models, objectives, heads and metrics (no Flower, no MLflow)."""
+
+from .registry import MODELS, TASKS
+from .tasks import ClassificationConfig, ClassificationTask, StepOutput
+from .vit import MultiModalViT, ViTConfig
+
+__all__ = ["MODELS", "TASKS", "ClassificationConfig", "ClassificationTask", "StepOutput",
+           "MultiModalViT", "ViTConfig"]

@@ -1,0 +1,84 @@
+"""Who this site is and what data it has: resolved from the operator's node config.
+
+In a deployment the SuperNode's node config names the site and its data directory; in
+simulation Flower only gives a ``partition-id``, which maps to ``<sim-data-root>/site-<id>``.
+Loaded data is kept per process (a site daemon serves many rounds), bounded in size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from flwr.app import Context
+
+from strategies import wire
+
+from .data.dataset import StudyDataset
+from .data.site import SiteData, load_site
+from .engine import resolve_device
+
+
+class SiteConfigError(ValueError):
+    """The site's own configuration (node config) is incomplete or wrong."""
+
+
+@dataclass(frozen=True)
+class SiteIdentity:
+    site_id: str
+    data_dir: Path
+    device: torch.device
+
+    @property
+    def seed(self) -> int:
+        return int(hashlib.sha256(self.site_id.encode()).hexdigest()[:6], 16)
+
+
+def resolve_site(context: Context, sim_data_root: Path | None = None) -> SiteIdentity:
+    """Site identity from node config (deployment) or partition id (simulation)."""
+    node = context.node_config
+    if wire.NODE_DATA_DIR in node:
+        data_dir = Path(str(node[wire.NODE_DATA_DIR]))
+        site_id = str(node.get(wire.NODE_SITE_ID, data_dir.name))
+    elif wire.NODE_PARTITION_ID in node:
+        root = sim_data_root or context.run_config.get(wire.RUN_SIM_DATA_ROOT)
+        if not root:
+            raise SiteConfigError("simulation site has no data root: set run config "
+                                  f"{wire.RUN_SIM_DATA_ROOT!r} or node config {wire.NODE_DATA_DIR!r}")
+        site_id = f"site-{int(node[wire.NODE_PARTITION_ID])}"
+        data_dir = Path(str(root)) / site_id
+    else:
+        raise SiteConfigError(f"node config must set {wire.NODE_DATA_DIR!r} (and {wire.NODE_SITE_ID!r})")
+    if wire.NODE_TORCH_THREADS in node:
+        torch.set_num_threads(int(node[wire.NODE_TORCH_THREADS]))
+    return SiteIdentity(site_id, data_dir, resolve_device(str(node.get(wire.NODE_DEVICE, "auto"))))
+
+
+class SiteDataCache:
+    """Per-process cache of loaded sites and their split datasets (LRU, bounded)."""
+
+    def __init__(self, max_sites: int = 16):
+        self.max_sites = max_sites
+        self._sites: OrderedDict[tuple, tuple[SiteData, dict[str, StudyDataset]]] = OrderedDict()
+
+    def get(self, data_dir: Path, class_names: tuple[str, ...], image_size: int
+            ) -> tuple[SiteData, dict[str, StudyDataset]]:
+        key = (str(data_dir), class_names, image_size)
+        if key not in self._sites:
+            data = load_site(data_dir, class_names)
+            splits = {name: StudyDataset(data.split(name, labelled_only=True), image_size)
+                      for name in ("train", "val", "test")}
+            self._sites[key] = (data, splits)
+            while len(self._sites) > self.max_sites:
+                self._sites.popitem(last=False)
+        self._sites.move_to_end(key)
+        return self._sites[key]
+
+
+def site_logger(site_id: str) -> logging.LoggerAdapter:
+    """Logger whose lines carry the site id (and never patient data)."""
+    return logging.LoggerAdapter(logging.getLogger("medfed.site"), {"site": site_id})

@@ -1,0 +1,194 @@
+"""Experiment configuration: Hydra composes ``conf/`` once, on the server, into typed dataclasses.
+
+One schema per group; unknown keys fail at compose time (Hydra struct mode), model and task
+options are validated against their registries before any site trains.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, OmegaConf
+
+from models import MODELS, TASKS
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+class ConfigError(ValueError):
+    """The experiment configuration is invalid; the message names the key and the fix."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "mmvit"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    name: str = "classification"
+    class_names: list[str] = field(default_factory=lambda: ["high_grade_glioma",
+                                                            "low_grade_glioma", "cyst"])
+    image_size: int = 64
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    local_epochs: int = 2
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    name: str = "fedavg"
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
+    min_train_sites: int = 2
+    min_evaluate_sites: int = 2
+    min_available_sites: int = 2
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    num_sites: int = 3
+    num_rounds: int = 10
+    round_timeout: float = 600.0          # seconds to wait for replies in one phase
+    cpus_per_site: float = 1.0            # Ray resources per simulated site
+    gpus_per_site: float = 0.0
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    root: str = "runs/data"               # simulation: holds site-0 ... site-(n-1)
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    uri: str | None = None                # None: sqlite store inside the run directory
+    experiment_name: str = "medfed"
+    registered_model: str = "medfed-classifier"
+    log_models: bool = True
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    name: str = "demo"
+    seed: int = 0
+    runs_dir: str = "runs"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def fingerprint(self) -> str:
+        """Hash of the resolved config (tags every model version it produced)."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+
+    def model_options(self) -> dict[str, Any]:
+        """Model options with the task's shape facts filled in (classes, image size)."""
+        opts = dict(self.model.options)
+        opts.setdefault("num_classes", len(self.task.class_names))
+        opts.setdefault("img_size", self.task.image_size)
+        return opts
+
+    def task_options(self) -> dict[str, Any]:
+        return {"num_classes": len(self.task.class_names)} | dict(self.task.options)
+
+
+STRATEGIES = ("fedavg",)
+
+def _schema():
+    """Typed, struct-mode schema; frozen dataclasses are read-only to OmegaConf, so unfreeze
+    the node (the typed result is rebuilt as frozen dataclasses by ``_freeze``)."""
+    def unfreeze(node):
+        OmegaConf.set_readonly(node, False)
+        for key in node:
+            child = node._get_node(key)
+            if isinstance(child, DictConfig):
+                unfreeze(child)
+        return node
+
+    return unfreeze(OmegaConf.structured(ExperimentConfig))
+
+
+ConfigStore.instance().store(name="schema", node=_schema())
+
+
+def validate(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Cross-field checks that a schema cannot express."""
+    try:
+        MODELS.config(cfg.model.name, cfg.model_options())
+        TASKS.config(cfg.task.name, cfg.task_options())
+    except (KeyError, ValueError, TypeError) as err:
+        raise ConfigError(str(err).strip('"')) from None
+    if cfg.strategy.name not in STRATEGIES:
+        raise ConfigError(f"unknown strategy {cfg.strategy.name!r}; available: {', '.join(STRATEGIES)}")
+    fed, strat = cfg.federation, cfg.strategy
+    if fed.num_sites < 1 or fed.num_rounds < 1:
+        raise ConfigError("federation.num_sites and federation.num_rounds must be >= 1")
+    if strat.min_available_sites > fed.num_sites:
+        raise ConfigError(f"strategy.min_available_sites={strat.min_available_sites} exceeds "
+                          f"federation.num_sites={fed.num_sites}; the run could never start")
+    if not (0 < strat.fraction_train <= 1 and 0 <= strat.fraction_evaluate <= 1):
+        raise ConfigError("strategy fractions must be in (0, 1]")
+    if fed.round_timeout <= 0:
+        raise ConfigError("federation.round_timeout must be > 0 seconds")
+    if len(set(cfg.task.class_names)) != len(cfg.task.class_names) or len(cfg.task.class_names) < 2:
+        raise ConfigError("task.class_names must list at least two distinct classes")
+    return cfg
+
+
+def load_experiment(overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """Compose ``conf/config.yaml`` with Hydra overrides into a validated ExperimentConfig.
+
+    Raises
+    ------
+    ConfigError
+        On an unknown key, option or group value, with Hydra's explanation.
+    """
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            raw = compose(config_name="config", overrides=list(overrides))
+        cfg = OmegaConf.to_object(raw)
+    except Exception as err:  # noqa: BLE001 - Hydra/OmegaConf raise many types; all mean "bad config"
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if first.startswith("Could not override"):
+            first += " No such key in the config schema (see conf/ and server/config.py)."
+        raise ConfigError(first) from None
+    finally:
+        GlobalHydra.instance().clear()
+    return validate(_freeze(cfg))
+
+
+def _freeze(cfg: ExperimentConfig) -> ExperimentConfig:
+    """OmegaConf builds dataclasses field by field; rebuild so lists/dicts are plain types."""
+    plain = json.loads(json.dumps(asdict(cfg)))
+    return ExperimentConfig(
+        name=plain["name"], seed=plain["seed"], runs_dir=plain["runs_dir"],
+        model=ModelConfig(**plain["model"]), task=TaskConfig(**plain["task"]),
+        train=TrainConfig(**plain["train"]), strategy=StrategyConfig(**plain["strategy"]),
+        federation=FederationConfig(**plain["federation"]), data=DataConfig(**plain["data"]),
+        tracking=TrackingConfig(**plain["tracking"]),
+    )
+
+
+def experiment_names() -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))

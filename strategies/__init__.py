@@ -1,0 +1,1 @@
+"""Federation logic: strategies, wrappers, wire-protocol constants (no torch training loops)."""

@@ -1,0 +1,117 @@
+"""A strategy wrapper that reports every round to observers (tracking, console, benchmarks).
+
+It holds an inner Flower strategy and delegates all four phases to it, as Flower's DP
+wrappers do; Flower's ``Strategy.start`` keeps owning the round loop. Observers see per-site
+replies (site id, metrics) next to the aggregate, and the wall time of each round.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from . import wire
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SiteReply:
+    """What one site answered in one phase (numbers and ids only; never patient data)."""
+
+    site_id: str
+    node_id: int
+    metrics: dict[str, float]
+    manifest: str = ""
+    ingest: str = ""          # JSON of ingest counts (files, skipped by reason, ...)
+
+
+@dataclass
+class RoundRecord:
+    """Everything observers learn about one round."""
+
+    round: int
+    started: float = field(default_factory=time.perf_counter)
+    train: list[SiteReply] = field(default_factory=list)
+    evaluate: list[SiteReply] = field(default_factory=list)
+    failures: dict[str, list[str]] = field(default_factory=dict)   # phase -> error reasons
+    train_metrics: dict[str, float] = field(default_factory=dict)
+    arrays: ArrayRecord | None = None
+    wall_seconds: float = 0.0
+
+
+class RoundObserver(Protocol):
+    def on_train(self, record: RoundRecord) -> None: ...
+    def on_round_end(self, record: RoundRecord) -> None: ...
+
+
+def site_replies(replies: Iterable[Message]) -> tuple[list[SiteReply], list[str]]:
+    """Split replies into per-site results and error reasons."""
+    ok, failed = [], []
+    for msg in replies:
+        if msg.has_error():
+            failed.append(f"node {msg.metadata.src_node_id}: {msg.error.reason}")
+            continue
+        content = msg.content
+        site = content.config_records.get(wire.SITE, ConfigRecord())
+        metrics = content.metric_records.get(wire.METRICS, MetricRecord())
+        ok.append(SiteReply(
+            site_id=str(site.get(wire.SITE_ID, f"node-{msg.metadata.src_node_id}")),
+            node_id=msg.metadata.src_node_id,
+            metrics={k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
+            manifest=str(site.get(wire.MANIFEST, "")),
+            ingest=str(site.get(wire.INGEST, "")),
+        ))
+    return sorted(ok, key=lambda r: r.site_id), failed
+
+
+class ObservedStrategy(Strategy):
+    """Wrap ``strategy`` and call ``observers`` after training and at the end of each round."""
+
+    def __init__(self, strategy: Strategy, observers: list[RoundObserver]):
+        self.strategy = strategy
+        self.observers = list(observers)
+        self._round: RoundRecord | None = None
+
+    def summary(self) -> None:
+        self.strategy.summary()
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        self._round = RoundRecord(server_round)
+        return self.strategy.configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        record = self._round or RoundRecord(server_round)
+        record.train, record.failures["train"] = site_replies(replies)
+        arrays, metrics = self.strategy.aggregate_train(server_round, replies)
+        record.arrays = arrays
+        record.train_metrics = dict(metrics or {})
+        for observer in self.observers:
+            observer.on_train(record)
+        return arrays, metrics
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
+                           ) -> MetricRecord | None:
+        replies = list(replies)
+        record = self._round or RoundRecord(server_round)
+        record.evaluate, record.failures["evaluate"] = site_replies(replies)
+        metrics = self.strategy.aggregate_evaluate(server_round, replies)
+        record.wall_seconds = time.perf_counter() - record.started
+        for observer in self.observers:
+            observer.on_round_end(record)
+        self._round = None
+        return metrics

@@ -1,0 +1,66 @@
+"""Pool per-site evaluation counts into global metrics.
+
+Sites send confusion-matrix counts, so the server computes the *pooled* accuracy, MCC and
+F1 exactly (averaging per-site MCCs is not MCC). AUROC cannot be pooled from counts; it is
+averaged over sites where it is defined, weighted by examples.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from models.metrics import balanced_accuracy, macro_f1, mcc
+
+_CM = re.compile(r"^cm_(\d+)_(\d+)$")
+
+
+def split_metrics(metrics: dict[str, float], split: str) -> dict[str, float]:
+    """``{"val-loss": .., "val-cm_0_0": ..}`` -> ``{"loss": .., "cm_0_0": ..}`` for one split."""
+    prefix = f"{split}-"
+    return {k[len(prefix):]: float(v) for k, v in metrics.items() if k.startswith(prefix)}
+
+
+def confusion_from(metrics: dict[str, float]) -> np.ndarray | None:
+    cells = {tuple(map(int, m.groups())): v for k, v in metrics.items() if (m := _CM.match(k))}
+    if not cells:
+        return None
+    k = max(max(i, j) for i, j in cells) + 1
+    cm = np.zeros((k, k))
+    for (i, j), v in cells.items():
+        cm[i, j] = v
+    return cm
+
+
+def pool(per_site: list[dict[str, float]]) -> dict[str, float]:
+    """Pooled metrics of one split over sites; ``per_site`` entries are split-local dicts."""
+    per_site = [m for m in per_site if m.get("n", 0) > 0]
+    if not per_site:
+        return {}
+    n = np.array([m["n"] for m in per_site])
+    out = {"n": float(n.sum()), "loss": float(np.average([m["loss"] for m in per_site], weights=n))}
+    cms = [confusion_from(m) for m in per_site]
+    if all(cm is not None for cm in cms):
+        cm = np.sum(cms, axis=0)
+        out |= {"accuracy": float(np.trace(cm) / cm.sum()), "mcc": mcc(cm), "f1": macro_f1(cm),
+                "balanced_accuracy": balanced_accuracy(cm)}
+    weights = n * np.array([m.get("auroc-defined", 0.0) for m in per_site])
+    if weights.sum() > 0:
+        out["auroc"] = float(np.average([m.get("auroc", 0.0) for m in per_site], weights=weights))
+    return out
+
+
+def aggregate_evaluate_records(records: list, weighted_by_key: str):
+    """Flower ``evaluate_metrics_aggr_fn``: pooled metrics per evaluation split."""
+    from flwr.app import MetricRecord   # local import keeps this module usable without Flower
+
+    from . import wire
+
+    out = MetricRecord()
+    for split in wire.EVAL_SPLITS:
+        per_site = [split_metrics(dict(r.metric_records[wire.METRICS]), split) for r in records
+                    if wire.METRICS in r.metric_records]
+        for key, value in pool(per_site).items():
+            out[f"{split}-{key}"] = value
+    return out

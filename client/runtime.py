@@ -79,6 +79,11 @@ class SiteDataCache:
         return self._sites[key]
 
 
+class _SiteAdapter(logging.LoggerAdapter):
+    def process(self, msg, kwargs):
+        return f"[{self.extra['site']}] {msg}", kwargs
+
+
 def site_logger(site_id: str) -> logging.LoggerAdapter:
     """Logger whose lines carry the site id (and never patient data)."""
-    return logging.LoggerAdapter(logging.getLogger("medfed.site"), {"site": site_id})
+    return _SiteAdapter(logging.getLogger("medfed.site"), {"site": site_id})

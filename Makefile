@@ -1,0 +1,40 @@
+# Two commands, see README: `make demo` and `make test`.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+DATA    := runs/data
+STAMP   := $(VENV)/.installed
+
+export FLWR_TELEMETRY_ENABLED = 0
+export FLWR_DISABLE_UPDATE_CHECK = 1
+export FLWR_HOME = $(CURDIR)/.flwr
+export HF_HUB_OFFLINE = 1
+export PIP_DISABLE_PIP_VERSION_CHECK = 1
+
+.PHONY: demo test install data bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+$(DATA)/site-0: | $(STAMP)
+	$(BIN)/medfed synth --sites 3 --out $(DATA) --seed 0 --external
+
+data: $(DATA)/site-0
+
+demo: $(STAMP) $(DATA)/site-0
+	$(BIN)/medfed ingest --data-dir $(DATA)/site-1
+	$(BIN)/medfed simulate experiment=demo data.root=$(DATA)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python -m bench.framework_overhead
+
+clean:
+	rm -rf runs .flwr

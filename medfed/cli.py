@@ -1,0 +1,152 @@
+"""``medfed`` command line: synth, ingest, simulate.
+
+Errors a user can fix are reported as one line (``medfed: error: ...``) with exit code 2
+(bad input) or 1 (the run failed); tracebacks only with ``--debug``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger("medfed")
+
+
+def _setup_logging(verbose: bool, log_file: Path | None = None) -> None:
+    fmt = logging.Formatter("%(asctime)s %(levelname)-7s %(message)s", "%H:%M:%S")
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
+    if log_file is not None:
+        handlers.append(logging.FileHandler(log_file))
+    for h in handlers:
+        h.setFormatter(fmt)
+        root.addHandler(h)
+    logging.getLogger("medfed").setLevel(logging.DEBUG if verbose else logging.INFO)
+    for noisy in ("alembic", "mlflow", "urllib3", "git"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Flower has its own console handler; our table replaces its round-by-round dump.
+    flwr = logging.getLogger("flwr")
+    flwr.propagate = False
+    flwr.setLevel(logging.DEBUG if verbose else logging.WARNING)
+
+
+def cmd_synth(args) -> int:
+    from .synth.sites import synthesize
+
+    profiles = synthesize(Path(args.out), n_sites=args.sites, seed=args.seed, alpha=args.alpha,
+                          patients=args.patients, external=args.external)
+    for p in profiles:
+        mix = ", ".join(f"{x:.2f}" for x in p.class_probs)
+        notes = []
+        if p.missing_sequence:
+            notes.append(f"{p.missing_sequence} missing in {p.missing_fraction:.0%} of studies")
+        if p.label_fraction < 1:
+            notes.append(f"{p.label_fraction:.0%} labelled")
+        print(f"{p.name:9s} {p.n_patients:4d} patients  class mix [{mix}]  "
+              f"noise {p.scanner.noise_sigma:.0f}  {'; '.join(notes)}")
+    print(f"wrote {len(profiles)} sites to {args.out}")
+    return 0
+
+
+def cmd_ingest(args) -> int:
+    from client.data.site import load_site
+
+    classes = tuple(args.classes.split(",")) if args.classes else None
+    data = load_site(Path(args.data_dir), classes)
+    report = data.report.as_dict() | {"manifest_fingerprint": data.fingerprint}
+    if args.json:
+        print(json.dumps(report, indent=2, sort_keys=True))
+        return 0
+    print(f"files: {report['files']}   images read: {report['images']}   "
+          f"studies: {report['studies']}   fingerprint: {data.fingerprint}")
+    for title, key in (("skipped files", "skipped"), ("studies per sequence", "sequences"),
+                       ("studies missing a sequence", "studies_missing"), ("labels", "labels"),
+                       ("studies per split", "splits")):
+        counts = report[key]
+        print(f"{title}: " + (", ".join(f"{k}={v}" for k, v in sorted(counts.items())) or "none"))
+    return 0
+
+
+def cmd_simulate(args) -> int:
+    from server.config import load_experiment
+
+    from .simulation import check_sites, simulate
+    from server.federation import new_run_dir
+
+    cfg = load_experiment(args.overrides)
+    check_sites(cfg)
+    run_dir = new_run_dir(cfg)
+    _setup_logging(args.verbose, run_dir / "medfed.log")
+    log.info("run directory: %s", run_dir)
+    simulate(cfg, run_dir=run_dir)
+    uri = cfg.tracking.uri or f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
+    log.info("open the MLflow UI with:  .venv/bin/mlflow ui --backend-store-uri %s --port 5000", uri)
+    return 0
+
+
+def _quiet_third_parties() -> None:
+    """Deprecation chatter from dependencies is not actionable for a MedFed user."""
+    import os
+    import warnings
+
+    for category in (DeprecationWarning, FutureWarning, PendingDeprecationWarning):
+        warnings.filterwarnings("ignore", category=category)
+    warnings.filterwarnings("ignore", message=".*noload.*")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning,ignore::FutureWarning")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medfed", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("synth", help="write synthetic hospital sites (real DICOM)")
+    p.add_argument("--sites", type=int, default=3)
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--patients", type=int, default=200, help="mean patients per site")
+    p.add_argument("--alpha", type=float, default=2.0, help="Dirichlet label-skew concentration")
+    p.add_argument("--external", action="store_true", help="also write a held-out external site")
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("ingest", help="validate a site directory and report counts")
+    p.add_argument("--data-dir", required=True)
+    p.add_argument("--classes", help="comma-separated label vocabulary (default: any)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser("simulate", help="run a simulated federation (Hydra overrides follow)")
+    p.add_argument("overrides", nargs="*", help="e.g. experiment=demo federation.num_rounds=3")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.set_defaults(func=cmd_simulate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from client.data.site import SiteDataError
+    from server.config import ConfigError
+
+    args = build_parser().parse_args(argv)
+    _quiet_third_parties()
+    try:
+        return args.func(args)
+    except (ConfigError, SiteDataError, FileExistsError, ValueError) as err:
+        if args.debug:
+            raise
+        print(f"medfed: error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:  # noqa: BLE001 - one clear line unless --debug
+        if args.debug:
+            raise
+        cause = err.__cause__ or err
+        print(f"medfed: error: {type(cause).__name__}: {cause}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""Run a whole federation on this machine with Flower's simulation engine (Ray).
+
+This is the only place besides the CLI that sees both halves: it wires the ServerApp and
+the ClientApp together, one CPU and one torch thread per simulated site.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from client.app import make_client_app
+from server.app import make_server_app
+from server.config import ConfigError, ExperimentConfig
+from server.federation import new_run_dir
+
+log = logging.getLogger("medfed")
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def offline_environment(flwr_home: Path | None = None) -> None:
+    """No telemetry, no update checks, no hub, one thread per training process."""
+    os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
+    os.environ["FLWR_DISABLE_UPDATE_CHECK"] = "1"
+    os.environ.setdefault("FLWR_HOME", str(flwr_home or PROJECT_ROOT / ".flwr"))
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+def check_sites(cfg: ExperimentConfig) -> Path:
+    """Fail before anything is written if a simulated site's directory is missing or empty."""
+    root = Path(cfg.data.root)
+    if not root.is_dir():
+        raise ConfigError(f"data.root={root} does not exist; create sites with "
+                          f"`medfed synth --sites {cfg.federation.num_sites} --out {root}`")
+    for i in range(cfg.federation.num_sites):
+        dicom = root / f"site-{i}" / "dicom"
+        if not dicom.is_dir() or not any(dicom.iterdir()):
+            raise ConfigError(f"site-{i} under data.root={root} is missing or has no DICOM files "
+                              f"(federation.num_sites={cfg.federation.num_sites})")
+    return root.resolve()
+
+
+def simulate(cfg: ExperimentConfig, *, run_dir: Path | None = None, client_mods=(),
+             observers: tuple = ()) -> Path:
+    """Run the experiment as a simulated federation; returns the run directory."""
+    import torch
+    from flwr.simulation import run_simulation
+
+    offline_environment()
+    data_root = check_sites(cfg)
+    run_dir = run_dir or new_run_dir(cfg)
+    torch.set_num_threads(1)
+    fed = cfg.federation
+    backend = {
+        "client_resources": {"num_cpus": fed.cpus_per_site, "num_gpus": fed.gpus_per_site},
+        "init_args": {"include_dashboard": False, "num_cpus": max(os.cpu_count() or 1, 1),
+                      "logging_level": "ERROR"},
+    }
+    run_simulation(
+        server_app=make_server_app(cfg, run_dir, observers),
+        client_app=make_client_app(sim_data_root=data_root, mods=client_mods),
+        num_supernodes=fed.num_sites,
+        backend_config=backend,
+    )
+    return run_dir

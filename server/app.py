@@ -1,0 +1,34 @@
+"""Flower ServerApp: load the experiment, hand over to the phase runner."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from strategies import wire
+
+from .config import ExperimentConfig, load_experiment
+from .federation import new_run_dir, run_federation
+
+
+def make_server_app(cfg: ExperimentConfig | None = None, run_dir: Path | None = None,
+                    observers: tuple = ()) -> ServerApp:
+    """ServerApp for a pre-composed experiment (``medfed simulate``) or, with no arguments,
+    one that composes it from the run config (``flwr run . --run-config "overrides='...'"``)."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        experiment = cfg
+        if experiment is None:
+            overrides = str(context.run_config.get(wire.RUN_OVERRIDES, "")).split()
+            name = str(context.run_config.get(wire.RUN_EXPERIMENT, "demo"))
+            experiment = load_experiment([f"experiment={name}", *overrides])
+        run_federation(grid, experiment, run_dir or new_run_dir(experiment), observers)
+
+    return app
+
+
+app = make_server_app()

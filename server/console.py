@@ -1,0 +1,64 @@
+"""Per-round console table and final summary (through logging, never print)."""
+
+from __future__ import annotations
+
+import logging
+
+from strategies.observed import RoundRecord
+from strategies.pooling import pool, split_metrics
+
+log = logging.getLogger("medfed.server")
+
+
+class ConsoleTable:
+    """Logs one line per site and one global line per round, and keeps them for a summary."""
+
+    def __init__(self):
+        self.rows: list[tuple[int, str, dict]] = []
+
+    def on_train(self, record: RoundRecord) -> None:
+        for failure in record.failures.get("train", []):
+            log.warning("round %d: training reply failed: %s", record.round, failure)
+
+    def on_round_end(self, record: RoundRecord) -> None:
+        train = {r.site_id: r.metrics for r in record.train}
+        if record.round == 1:
+            log.info("%5s %-9s %10s %8s %8s %8s %8s %8s", "round", "site", "train_loss",
+                     "val_loss", "val_mcc", "test_acc", "test_mcc", "test_auc")
+        for reply in record.evaluate:
+            val, test = split_metrics(reply.metrics, "val"), split_metrics(reply.metrics, "test")
+            val, test = _defined(val), _defined(test)
+            self._line(record.round, reply.site_id,
+                       train.get(reply.site_id, {}).get("train_loss"), val, test)
+        for failure in record.failures.get("evaluate", []):
+            log.warning("round %d: evaluation reply failed: %s", record.round, failure)
+        val = pool([split_metrics(r.metrics, "val") for r in record.evaluate])
+        test = pool([split_metrics(r.metrics, "test") for r in record.evaluate])
+        self._line(record.round, "GLOBAL", record.train_metrics.get("train_loss"), val, test,
+                   suffix=f"  ({record.wall_seconds:.1f}s)")
+        self.rows.append((record.round, "GLOBAL", {"val": val, "test": test}))
+
+    def _line(self, rnd, site, train_loss, val, test, suffix=""):
+        def fmt(v):
+            return f"{v:8.3f}" if isinstance(v, float) else f"{'-':>8}"
+        log.info("%5d %-9s %10s %s %s %s %s %s%s", rnd, site, fmt(train_loss).strip().rjust(10),
+                 fmt(val.get("loss")), fmt(val.get("mcc")), fmt(test.get("accuracy")),
+                 fmt(test.get("mcc")), fmt(test.get("auroc")), suffix)
+
+    def summary(self) -> str:
+        lines = ["round  val_mcc  test_mcc  test_auroc  test_accuracy"]
+        for rnd, _, m in self.rows:
+            v, t = m["val"], m["test"]
+            lines.append(f"{rnd:5d}  {v.get('mcc', float('nan')):7.3f}  "
+                         f"{t.get('mcc', float('nan')):8.3f}  {t.get('auroc', float('nan')):10.3f}  "
+                         f"{t.get('accuracy', float('nan')):13.3f}")
+        return "\n".join(lines)
+
+
+def _defined(metrics: dict) -> dict:
+    """Drop what a site could not measure (empty split, AUROC with one class present)."""
+    if metrics.get("n", 0) == 0:
+        return {}
+    if not metrics.get("auroc-defined", 0):
+        metrics = {k: v for k, v in metrics.items() if k != "auroc"}
+    return metrics

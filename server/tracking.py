@@ -1,0 +1,142 @@
+"""MLflow tracking, server side only: one run per experiment, every global model registered.
+
+Only numbers, ids, hashes and the operator's config reach MLflow: site metrics, manifest
+fingerprints, ingest counts. The model's ``input_example`` is an all-zero tensor, never a
+patient image.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models import MODELS
+from models.serving import ExportedClassifier
+from strategies.observed import RoundRecord
+from strategies.pooling import pool, split_metrics
+from strategies import wire
+
+from .config import ExperimentConfig
+
+log = logging.getLogger(__name__)
+
+# Explicit requirements: MLflow's inference imports the model in a subprocess (slow, noisy).
+_PIP_REQUIREMENTS = [f"torch=={torch.__version__.split('+')[0]}", "einops", "numpy"]
+
+
+def tracking_uri(cfg: ExperimentConfig, run_dir: Path) -> str:
+    return cfg.tracking.uri or f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
+
+
+class MlflowTracker:
+    """Round observer that writes an experiment's metrics and model versions to MLflow."""
+
+    def __init__(self, cfg: ExperimentConfig, run_dir: Path):
+        import mlflow
+
+        self.mlflow = mlflow
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.uri = tracking_uri(cfg, run_dir)
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        mlflow.set_tracking_uri(self.uri)
+        experiment = mlflow.get_experiment_by_name(cfg.tracking.experiment_name)
+        if experiment is None:
+            artifacts = None if cfg.tracking.uri else (run_dir / "artifacts").resolve().as_uri()
+            experiment_id = mlflow.create_experiment(cfg.tracking.experiment_name,
+                                                     artifact_location=artifacts)
+        else:
+            experiment_id = experiment.experiment_id
+        self.run = mlflow.start_run(experiment_id=experiment_id, run_name=cfg.name)
+        self.client = mlflow.MlflowClient(self.uri)
+        mlflow.set_tags({"medfed.experiment": cfg.name, "medfed.config_hash": cfg.fingerprint()})
+        mlflow.log_params(_flatten(cfg.to_dict()))
+        mlflow.log_dict(cfg.to_dict(), "config/resolved.json")
+        self.versions: dict[int, str] = {}
+        self.ingest_logged: set[str] = set()
+
+    @property
+    def run_id(self) -> str:
+        return self.run.info.run_id
+
+    def on_train(self, record: RoundRecord) -> None:
+        step = record.round
+        metrics = {f"train/{k}": v for k, v in record.train_metrics.items()}
+        for reply in record.train:
+            metrics |= {f"site/{reply.site_id}/train/{k}": v for k, v in reply.metrics.items()}
+            self._log_ingest(reply.site_id, reply.ingest)
+        metrics["train/sites_ok"] = len(record.train)
+        metrics["train/sites_failed"] = len(record.failures.get("train", []))
+        self.mlflow.log_metrics(metrics, step=step)
+        if record.arrays is not None and self.cfg.tracking.log_models:
+            self._register(record)
+
+    def on_round_end(self, record: RoundRecord) -> None:
+        step = record.round
+        metrics = {"round/wall_seconds": record.wall_seconds,
+                   "eval/sites_ok": len(record.evaluate),
+                   "eval/sites_failed": len(record.failures.get("evaluate", []))}
+        for split in wire.EVAL_SPLITS:
+            per_site = []
+            for reply in record.evaluate:
+                local = split_metrics(reply.metrics, split)
+                per_site.append(local)
+                if local.get("n", 0) > 0:
+                    metrics |= {f"site/{reply.site_id}/{split}/{k}": v for k, v in local.items()
+                                if not k.startswith("cm_")}
+            metrics |= {f"{split}/{k}": v for k, v in pool(per_site).items()}
+        self.mlflow.log_metrics(metrics, step=step)
+        if step in self.versions:
+            test = pool([split_metrics(r.metrics, "test") for r in record.evaluate])
+            for key in ("mcc", "auroc", "accuracy"):
+                if key in test:
+                    self.client.set_model_version_tag(self.cfg.tracking.registered_model,
+                                                      self.versions[step], f"test_{key}",
+                                                      f"{test[key]:.4f}")
+
+    def _log_ingest(self, site_id: str, ingest: str) -> None:
+        if site_id in self.ingest_logged or not ingest:
+            return
+        self.ingest_logged.add(site_id)
+        self.mlflow.log_dict(json.loads(ingest), f"sites/{site_id}/ingest.json")
+
+    def _register(self, record: RoundRecord) -> None:
+        model = MODELS.build(self.cfg.model.name, self.cfg.model_options())
+        model.load_state_dict(record.arrays.to_torch_state_dict())
+        exported = ExportedClassifier(model).eval()
+        # Batch of 2 so torch.export keeps the batch dimension dynamic (pt2 format).
+        example = np.zeros((2, *exported.input_shape), dtype=np.float32)
+        sites = sorted(r.site_id for r in record.train)
+        info = self.mlflow.pytorch.log_model(
+            exported, name=f"global-round-{record.round}", input_example=example,
+            registered_model_name=self.cfg.tracking.registered_model,
+            pip_requirements=_PIP_REQUIREMENTS, step=record.round,
+        )
+        version = str(info.registered_model_version)
+        self.versions[record.round] = version
+        tags = {"round": str(record.round), "sites": ",".join(sites),
+                "config_hash": self.cfg.fingerprint(), "experiment": self.cfg.name,
+                "mlflow_run_id": self.run_id}
+        tags |= {f"manifest.{r.site_id}": r.manifest for r in record.train}
+        for key, value in tags.items():
+            self.client.set_model_version_tag(self.cfg.tracking.registered_model, version, key, value)
+
+    def finish(self, summary: str, status: str = "FINISHED") -> None:
+        self.mlflow.log_text(summary, "summary.txt")
+        self.mlflow.end_run(status=status)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, str]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out |= _flatten(v, f"{key}.")
+        else:
+            out[key] = json.dumps(v) if isinstance(v, (list, tuple)) else str(v)
+    return out

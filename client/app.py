@@ -41,6 +41,7 @@ def make_client_app(*, sim_data_root: Path | None = None, mods=()) -> ClientApp:
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         site, job, splits, model, engine, identity = prepare(msg, context)
+        splits["train"].reseed(job.train.seed)
         metrics = engine.fit(model, splits["train"], job.train)
         site_logger(site.site_id).info("round %d: trained on %d studies in %.1fs",
                                        job.server_round, len(splits["train"]), metrics["seconds"])

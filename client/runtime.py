@@ -70,7 +70,8 @@ class SiteDataCache:
         key = (str(data_dir), class_names, image_size)
         if key not in self._sites:
             data = load_site(data_dir, class_names)
-            splits = {name: StudyDataset(data.split(name, labelled_only=True), image_size)
+            splits = {name: StudyDataset(data.split(name, labelled_only=True), image_size,
+                                         augment=name == "train")
                       for name in ("train", "val", "test")}
             self._sites[key] = (data, splits)
             while len(self._sites) > self.max_sites:

@@ -74,27 +74,21 @@ def sincos_position_embedding(dim: int, grid: int, spatial_dims: int) -> Tensor:
 
 
 class TokenEmbedding(nn.Module):
-    """CLS token, sequence embedding, and the fixed position embedding shared by sequences.
+    """CLS token and learned sequence embedding.
 
-    Kept as its own module with a single positional input so Opacus can compute its
-    per-sample gradients without seeing any other argument.
+    Kept as its own module with a single positional input and no buffers, so Opacus can
+    compute its per-sample gradients without seeing any other argument.
     """
 
     def __init__(self, config: ViTConfig):
         super().__init__()
         self.num_sequences = config.num_sequences
         self.cls_token = nn.Parameter(torch.zeros(1, 1, config.dim))
-        # Fixed sin-cos positions, identical for every sequence: tokens of different sequences
-        # at the same location start out similar, so cross-sequence attention is easy to learn
-        # from small hospital datasets (a learned table had to discover this and mostly didn't).
-        grid = config.img_size // config.patch_size
-        self.register_buffer("pos_embed", sincos_position_embedding(
-            config.dim, grid, config.spatial_dims)[None, None], persistent=False)
         self.seq_embed = nn.Parameter(torch.randn(1, config.num_sequences, 1, config.dim) * 0.02)
 
     def forward(self, patch_tokens: Tensor) -> Tensor:
         b, s, n, d = patch_tokens.shape                                  # [B, S, N, D]
-        tokens = patch_tokens + self.pos_embed + self.seq_embed
+        tokens = patch_tokens + self.seq_embed
         tokens = tokens.reshape(b, s * n, d)                             # [B, S*N, D]
         return torch.cat([self.cls_token.expand(b, -1, -1), tokens], 1)  # [B, 1+S*N, D]
 
@@ -149,6 +143,13 @@ class MultiModalViT(nn.Module):
         # small sites while a CNN learned the same task.
         self.patch_embed = nn.Sequential(nn.Linear(config.patch_dim, config.dim), nn.GELU(),
                                          nn.Linear(config.dim, config.dim))
+        # Fixed sin-cos positions, identical for every sequence: tokens of different sequences
+        # at the same location start out similar, so cross-sequence attention is easy to learn
+        # from small hospital datasets. A buffer here, not in TokenEmbedding: Opacus refuses
+        # trainable modules that also hold buffers.
+        grid = config.img_size // config.patch_size
+        self.register_buffer("pos_embed", sincos_position_embedding(
+            config.dim, grid, config.spatial_dims)[None, None], persistent=False)   # [1, 1, N, D]
         self.tokens = TokenEmbedding(config)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.depth))
         self.norm = nn.LayerNorm(config.dim)
@@ -169,7 +170,7 @@ class MultiModalViT(nn.Module):
             raise ValueError(f"expected {self.config.num_sequences} sequences, "
                              f"got input of shape {tuple(images.shape)}")
         patches = patchify(images, self.config.patch_size, self.config.spatial_dims)
-        x = self.tokens(self.patch_embed(patches))                       # [B, 1+S*N, D]
+        x = self.tokens(self.patch_embed(patches) + self.pos_embed)      # [B, 1+S*N, D]
         attend = self.attention_mask(present)
         for block in self.blocks:
             x = block(x, attend)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from monai.transforms import Compose, EnsureTyped, NormalizeIntensityd, Resized
+from monai.transforms import (Compose, EnsureTyped, NormalizeIntensityd, RandFlipd,
+                              RandRotate90d, Resized)
 from torch.utils.data import Dataset
 
 from .sequences import SEQUENCES
@@ -20,6 +21,19 @@ def study_transform(image_size: int) -> Compose:
     ])
 
 
+def augmentation() -> Compose:
+    """Label-preserving flips and 90-degree rotations (all sequences move together).
+
+    Small sites overfit a ViT within a few epochs without them; with them the same model
+    keeps improving (see the calibration notes in bench/RESULTS.md).
+    """
+    return Compose([
+        RandFlipd(keys="image", prob=0.5, spatial_axis=0),
+        RandFlipd(keys="image", prob=0.5, spatial_axis=1),
+        RandRotate90d(keys="image", prob=0.75, max_k=3, spatial_axes=(0, 1)),
+    ])
+
+
 def _as_slice(pixels: np.ndarray) -> np.ndarray:
     """2D models see the middle slice of a volume."""
     return pixels[pixels.shape[0] // 2] if pixels.ndim == 3 else pixels
@@ -31,8 +45,10 @@ class StudyDataset(Dataset):
     Absent sequences are all-zero channels with ``present=False``; the model masks them out.
     """
 
-    def __init__(self, studies: list[Study], image_size: int, sequences=SEQUENCES):
+    def __init__(self, studies: list[Study], image_size: int, sequences=SEQUENCES, *,
+                 augment: bool = False):
         transform = study_transform(image_size)
+        self.augment = augmentation() if augment else None
         self.items = []
         for study in studies:
             shape = next(_as_slice(p).shape for p in study.images.values())
@@ -49,6 +65,13 @@ class StudyDataset(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
+    def reseed(self, seed: int) -> None:
+        """Make the random augmentation of the next pass reproducible."""
+        if self.augment is not None:
+            self.augment.set_random_state(seed=seed % 2**32)
+
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         image, present, label = self.items[i]
+        if self.augment is not None:
+            image = torch.as_tensor(self.augment({"image": image})["image"]).contiguous()
         return {"image": image, "present": present, "label": label}

@@ -72,8 +72,11 @@ def read_file(path: Path, counts: ReadCounts) -> SeriesImage | None:
         counts.skip("unreadable")
         return None
     sop_class = str(ds.get("SOPClassUID", ""))
-    if sop_class not in IMAGE_SOP_CLASSES or "PixelData" not in ds:
+    if sop_class not in IMAGE_SOP_CLASSES:
         counts.skip("non_image")
+        return None
+    if "PixelData" not in ds:
+        counts.skip("missing_pixel_data")         # an image object cut short or stripped
         return None
     study_uid, series_uid = ds.get("StudyInstanceUID"), ds.get("SeriesInstanceUID")
     if not study_uid or not series_uid:

@@ -1,0 +1,113 @@
+import shutil
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+
+from client.data.dataset import StudyDataset
+from client.data.sequences import sequence_of
+from client.data.site import SiteDataError, assign_split, load_site
+from medfed.synth.sites import SERIES_NAMING
+from tests.conftest import CLASSES, phi_strings
+
+
+def _copy_site(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.mark.parametrize("naming", SERIES_NAMING)
+def test_every_vendor_naming_maps_to_its_sequence(naming):
+    for sequence, description in naming.items():
+        assert sequence_of(description) == sequence
+
+
+def test_unknown_descriptions_are_not_guessed():
+    assert sequence_of("LOCALIZER") is None
+    assert sequence_of("", "") is None
+    assert sequence_of("", "ax t2 flair") == "FLAIR"          # falls back to ProtocolName
+
+
+def test_corrupt_and_non_image_files_are_skipped_and_counted(tiny_sites, tmp_path):
+    site = _copy_site(tiny_sites / "site-0", tmp_path / "site")
+    dicom = site / "dicom"
+    good = sorted(dicom.iterdir())[0]
+    (dicom / "truncated.dcm").write_bytes(good.read_bytes()[:400])
+    (dicom / "half-pixels.dcm").write_bytes(good.read_bytes()[:-2000])
+    (dicom / "notes.txt").write_text("not dicom at all")
+    sr = pydicom.dcmread(good)
+    del sr.PixelData
+    sr.SOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"          # Basic Text SR: no image
+    sr.save_as(dicom / "sr.dcm")
+    shutil.copy(get_testdata_file("CT_small.dcm"), dicom / "ct.dcm")   # no MR sequence name
+    nested = dicom / "sub" / "deeper"
+    nested.mkdir(parents=True)
+    shutil.copy(get_testdata_file("rtplan.dcm"), nested / "plan.dcm")
+
+    baseline = load_site(tiny_sites / "site-0", CLASSES)
+    data = load_site(site, CLASSES)
+    skipped = data.report.skipped
+    assert skipped["not_dicom"] == 1
+    assert skipped["non_image"] == 2                         # SR + RT plan
+    assert skipped["unknown_sequence"] == 1                  # CT without MR series naming
+    broken = ("unreadable", "missing_pixel_data", "pixel_decode_error")
+    assert sum(skipped[k] for k in broken) == 2              # the two truncated copies
+    assert data.report.files == baseline.report.files + 6
+    assert data.report.studies == baseline.report.studies     # nothing usable was lost
+
+
+def test_missing_empty_and_all_corrupt_sites_fail_clearly(tmp_path):
+    with pytest.raises(SiteDataError, match="does not exist"):
+        load_site(tmp_path / "nope")
+    (tmp_path / "empty" / "dicom").mkdir(parents=True)
+    with pytest.raises(SiteDataError, match="empty"):
+        load_site(tmp_path / "empty")
+    bad = tmp_path / "bad" / "dicom"
+    bad.mkdir(parents=True)
+    (bad / "a.dcm").write_bytes(b"\x00" * 10)
+    (bad / "b.txt").write_text("hello")
+    with pytest.raises(SiteDataError, match="no usable studies"):
+        load_site(tmp_path / "bad")
+
+
+def test_studies_are_deidentified_joined_and_split_by_patient(tiny_sites):
+    data = load_site(tiny_sites / "site-1", CLASSES)
+    phi = phi_strings(tiny_sites / "site-1")
+    assert phi
+    for study in data.studies:
+        text = repr((study.key, study.patient_key, study.split, study.label))
+        assert not any(p in text for p in phi)
+        assert study.split == assign_split(study.patient_key)
+        assert study.report and "IMPRESSION" in study.report
+    by_patient = {}
+    for study in data.studies:
+        by_patient.setdefault(study.patient_key, set()).add(study.split)
+    assert all(len(splits) == 1 for splits in by_patient.values())
+    assert any(len([s for s in data.studies if s.patient_key == p]) > 1 for p in by_patient) or \
+        len(by_patient) == len(data.studies)
+    assert data.report.studies_missing.get("T1ce", 0) > 0     # site-1 lacks T1ce sometimes
+    labelled = sum(1 for s in data.studies if s.label >= 0)
+    assert 0 < labelled < len(data.studies)                    # site-1 of 2 is the few-label site
+
+
+def test_unknown_labels_are_counted_not_guessed(tiny_sites, tmp_path):
+    site = _copy_site(tiny_sites / "site-0", tmp_path / "site")
+    text = (site / "labels.csv").read_text().replace("cyst", "meningioma")
+    (site / "labels.csv").write_text(text)
+    data = load_site(site, CLASSES)
+    assert data.report.labels["unknown_label"] > 0
+    assert all(s.label in (-1, 0, 1) for s in data.studies)
+
+
+def test_dataset_masks_absent_sequences(tiny_sites):
+    data = load_site(tiny_sites / "site-1", CLASSES)
+    ds = StudyDataset(data.studies, image_size=32)
+    items = [ds[i] for i in range(len(ds))]
+    assert all(it["image"].shape == (4, 32, 32) for it in items)
+    partial = [it for it in items if not it["present"].all()]
+    assert partial
+    for it in partial:
+        absent = ~it["present"]
+        assert it["image"][absent].abs().max() == 0
+        assert it["image"][it["present"]].std() > 0.5        # z-scored present sequences

@@ -1,0 +1,50 @@
+"""Shared fixtures: small synthetic sites, one torch thread, offline everything."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
+os.environ["FLWR_DISABLE_UPDATE_CHECK"] = "1"
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+
+from pathlib import Path  # noqa: E402
+
+import pydicom  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+CLASSES = ("high_grade_glioma", "low_grade_glioma", "cyst")
+PHI_TAGS = ("PatientName", "PatientID", "PatientBirthDate", "InstitutionName", "AccessionNumber",
+            "ReferringPhysicianName")
+
+
+@pytest.fixture(scope="session")
+def tiny_sites(tmp_path_factory) -> Path:
+    """Two small synthetic sites (~16 patients each) written once per session."""
+    from medfed.synth.sites import synthesize
+
+    root = tmp_path_factory.mktemp("sites") / "data"
+    synthesize(root, n_sites=2, seed=7, patients=16)
+    return root
+
+
+def phi_strings(root: Path) -> set[str]:
+    """Every PHI value the generator wrote into DICOM tags under ``root`` (plus name parts)."""
+    found: set[str] = set()
+    for path in root.rglob("*.dcm"):
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except Exception:  # noqa: BLE001 - truncated junk files are part of the fixture
+            continue
+        for tag in PHI_TAGS:
+            value = str(ds.get(tag, "")).strip()
+            if not value:
+                continue
+            found.add(value)
+            found.update(part for part in value.replace("^", " ").split() if len(part) >= 6)
+    return found

@@ -1,0 +1,80 @@
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from client.data.dicom import pseudonym, read_directory
+from medfed.synth.phantom import SEQUENCES
+from medfed.synth.sites import generate_site, make_profiles, synthesize, write_site
+
+
+def _digest(root: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(root)).encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def test_dicom_round_trip_equals_generated_arrays_after_lut(tmp_path):
+    profile = make_profiles(3, seed=3, patients=6)[2]          # slope 0.25, intercept -64
+    assert profile.rescale != (1.0, 0.0)
+    site, stored = generate_site(profile, seed=3)
+    write_site(site, stored, tmp_path / "site", seed=3)
+    images, counts = read_directory(tmp_path / "site" / "dicom")
+    assert counts.skipped == {}
+    by_key = {(im.study_key, im.sequence): im.pixels for im in images}
+    compared = 0
+    for study in site.studies:
+        for seq, expected in study.images.items():
+            got = by_key[(pseudonym("study", study.study_uid), seq)]
+            np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
+            compared += 1
+    assert compared == len(images) > 0
+
+
+def test_synthesis_is_deterministic(tmp_path):
+    synthesize(tmp_path / "a", n_sites=2, seed=11, patients=5)
+    synthesize(tmp_path / "b", n_sites=2, seed=11, patients=5)
+    synthesize(tmp_path / "c", n_sites=2, seed=12, patients=5)
+    assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
+    assert _digest(tmp_path / "a") != _digest(tmp_path / "c")
+
+
+def test_sites_differ_like_hospitals():
+    profiles = make_profiles(3, seed=0)
+    assert profiles[1].missing_sequence == "T1ce" and profiles[1].missing_fraction > 0
+    assert profiles[2].label_fraction < 0.5
+    assert len({p.scanner.noise_sigma for p in profiles}) == 3
+    assert len({p.class_probs for p in profiles}) == 3
+    site, _ = generate_site(profiles[1], seed=0)
+    missing = sum("T1ce" not in s.images for s in site.studies)
+    assert 0 < missing < len(site.studies)
+    assert all(set(s.images) <= set(SEQUENCES) for s in site.studies)
+
+
+def test_reports_agree_with_labels():
+    site, _ = generate_site(make_profiles(1, seed=5, patients=40)[0], seed=5)
+    words = {0: "high-grade", 1: "low-grade", 2: "cyst"}
+    for study in site.studies:
+        assert words[study.label] in study.report.lower()
+
+
+def test_refuses_non_empty_output_and_leaves_nothing_on_failure(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    with pytest.raises(FileExistsError):
+        synthesize(out, n_sites=1, seed=0, patients=4)
+
+    import medfed.synth.sites as sites
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(sites, "write_site", boom)
+    with pytest.raises(OSError):
+        synthesize(tmp_path / "new", n_sites=1, seed=0, patients=4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -1,0 +1,26 @@
+import numpy as np
+import pytest
+from sklearn.metrics import f1_score, matthews_corrcoef, roc_auc_score
+
+from models.metrics import binary_auroc, classification_metrics
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_metrics_agree_with_sklearn(seed):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 3, 60)
+    probs = rng.dirichlet([1, 1, 1], 60)
+    probs[np.arange(60), labels] += rng.uniform(0, 0.6, 60)       # some signal
+    probs /= probs.sum(1, keepdims=True)
+    m = classification_metrics(labels, probs)
+    preds = probs.argmax(1)
+    assert m["mcc"] == pytest.approx(matthews_corrcoef(labels, preds))
+    assert m["f1"] == pytest.approx(f1_score(labels, preds, average="macro"))
+    assert m["auroc"] == pytest.approx(roc_auc_score(labels, probs, multi_class="ovr"))
+
+
+def test_auroc_handles_ties_and_undefined_cases():
+    assert binary_auroc(np.array([0.5, 0.5]), np.array([True, False])) == 0.5
+    assert binary_auroc(np.array([0.1, 0.2]), np.array([True, True])) is None
+    m = classification_metrics(np.zeros(4, int), np.tile([0.6, 0.3, 0.1], (4, 1)))
+    assert "auroc" not in m and m["accuracy"] == 1.0 and m["mcc"] == 0.0

@@ -1,0 +1,33 @@
+import pytest
+
+from server.config import ConfigError, experiment_names, load_experiment
+
+
+@pytest.mark.parametrize("name", experiment_names())
+def test_every_experiment_composes(name):
+    cfg = load_experiment([f"experiment={name}"])
+    assert cfg.name == name
+    assert cfg.model_options()["num_classes"] == len(cfg.task.class_names)
+
+
+def test_demo_is_the_default():
+    assert load_experiment().name == "demo"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.lrr=0.1"], "train.lrr"),
+    (["model=nope"], "model/nope"),
+    (["experiment=nope"], "experiment/nope"),
+    (["+model.options.depht=3"], "depht"),
+    (["strategy.name=krum"], "unknown strategy"),
+    (["strategy.min_available_sites=5"], "min_available_sites"),
+    (["train.lr=fast"], "train.lr"),
+])
+def test_bad_config_is_one_clear_error(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_experiment(overrides)
+
+
+def test_fingerprint_tracks_the_config():
+    assert load_experiment().fingerprint() == load_experiment().fingerprint()
+    assert load_experiment().fingerprint() != load_experiment(["train.lr=0.01"]).fingerprint()

@@ -86,6 +86,9 @@ class MlflowTracker:
             for reply in record.evaluate:
                 local = split_metrics(reply.metrics, split)
                 per_site.append(local)
+                # Always record how many examples a site evaluated (0 for a site with no
+                # labelled data in this split); the metrics themselves only when measured.
+                metrics[f"site/{reply.site_id}/{split}/n"] = local.get("n", 0.0)
                 if local.get("n", 0) > 0:
                     metrics |= {f"site/{reply.site_id}/{split}/{k}": v for k, v in local.items()
                                 if not k.startswith("cm_")}

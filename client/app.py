@@ -31,7 +31,7 @@ def make_client_app(*, sim_data_root: Path | None = None, mods=()) -> ClientApp:
     def prepare(msg: Message, context: Context):
         site = resolve_site(context, sim_data_root)
         job = decode_job(msg.content[wire.CONFIG], site_seed=site.seed)
-        data, splits = cache.get(site.data_dir, job.class_names, job.image_size)
+        data, splits = cache.get(site, job.class_names, job.image_size)
         model = job.build_model()
         model.load_state_dict(msg.content[wire.ARRAYS].to_torch_state_dict())
         identity = ConfigRecord({wire.SITE_ID: site.site_id, wire.MANIFEST: data.fingerprint,

@@ -65,11 +65,15 @@ class SiteDataCache:
         self.max_sites = max_sites
         self._sites: OrderedDict[tuple, tuple[SiteData, dict[str, StudyDataset]]] = OrderedDict()
 
-    def get(self, data_dir: Path, class_names: tuple[str, ...], image_size: int
+    def get(self, site: SiteIdentity, class_names: tuple[str, ...], image_size: int
             ) -> tuple[SiteData, dict[str, StudyDataset]]:
-        key = (str(data_dir), class_names, image_size)
+        key = (str(site.data_dir), class_names, image_size)
         if key not in self._sites:
-            data = load_site(data_dir, class_names)
+            data = load_site(site.data_dir, class_names)
+            r = data.report
+            site_logger(site.site_id).info(
+                "data: %d files, %d images, %d studies (train/val/test %s), skipped %s",
+                r.files, r.images, r.studies, dict(r.splits), dict(r.skipped) or "none")
             splits = {name: StudyDataset(data.split(name, labelled_only=True), image_size,
                                          augment=name == "train")
                       for name in ("train", "val", "test")}

@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,8 +20,6 @@ import numpy as np
 
 from .dicom import ReadCounts, SeriesImage, pseudonym, read_directory
 from .sequences import SEQUENCES
-
-log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 
@@ -175,6 +172,4 @@ def load_site(site_dir: Path | str, class_names: tuple[str, ...] | None = None) 
     report.studies = len(studies)
     manifest = "\n".join(sorted(f"{s.key}:{','.join(sorted(s.images))}:{s.label}" for s in studies))
     fingerprint = hashlib.sha256(manifest.encode()).hexdigest()[:16]
-    log.info("site data: %d files, %d images, %d studies, skipped %s",
-             report.files, report.images, report.studies, dict(report.skipped))
     return SiteData(studies, report, fingerprint)

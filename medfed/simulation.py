@@ -31,6 +31,7 @@ def offline_environment(flwr_home: Path | None = None) -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")   # our table says what it registered
 
 
 def check_sites(cfg: ExperimentConfig) -> Path:

@@ -26,12 +26,15 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.05
     seed: int = 0
+    proximal_mu: float = 0.0        # FedProx: adds (mu/2) * ||w - w_start||^2 to the loss
 
     def __post_init__(self):
         if self.local_epochs < 1 or self.batch_size < 1:
             raise ValueError("local_epochs and batch_size must be >= 1")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.proximal_mu < 0:
+            raise ValueError(f"proximal_mu must be >= 0, got {self.proximal_mu}")
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -48,6 +51,11 @@ def autocast(device: torch.device):
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def proximal_term(model: nn.Module, anchor: list[torch.Tensor], mu: float) -> torch.Tensor:
+    """FedProx (Li et al. 2020): (mu/2) * ||w - w_global||^2 keeps local models near the global."""
+    return 0.5 * mu * sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
 
 
 def _to(batch: dict, device: torch.device) -> dict:
@@ -80,12 +88,16 @@ class Engine:
                                       weight_decay=config.weight_decay)
         totals: dict[str, float] = {}
         seen, steps = 0, 0
+        anchor = [p.detach().clone() for p in model.parameters()] if config.proximal_mu else None
         for _ in range(config.local_epochs):
             for batch in loader:
                 with autocast(self.device):
                     out = self.task.step(model, _to(batch, self.device))
+                loss = out.loss
+                if anchor is not None:
+                    loss = loss + proximal_term(model, anchor, config.proximal_mu)
                 optimizer.zero_grad(set_to_none=True)
-                out.loss.backward()
+                loss.backward()
                 optimizer.step()
                 steps += 1
                 seen += out.n

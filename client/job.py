@@ -67,6 +67,7 @@ def decode_job(config: ConfigRecord, *, site_seed: int) -> Job:
             train=TrainConfig(local_epochs=get(wire.LOCAL_EPOCHS, int),
                               batch_size=get(wire.BATCH_SIZE, int), lr=get(wire.LR, float),
                               weight_decay=get(wire.WEIGHT_DECAY, float),
+                              proximal_mu=float(config.get(wire.PROXIMAL_MU, 0.0)),
                               seed=get(wire.SEED, int) * 100_003 + site_seed * 1009 + server_round),
             server_round=server_round,
         )

@@ -18,6 +18,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
 from models import MODELS, TASKS
+from strategies.registry import StrategyConfigError, validate_strategy
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -51,12 +52,14 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class StrategyConfig:
-    name: str = "fedavg"
+    name: str = "fedavg"                  # a name in strategies.registry.STRATEGIES
+    options: dict[str, Any] = field(default_factory=dict)   # that Flower class's own options
     fraction_train: float = 1.0
     fraction_evaluate: float = 1.0
-    min_train_sites: int = 2
+    min_train_sites: int = 2              # usable updates a round needs, else it fails
     min_evaluate_sites: int = 2
-    min_available_sites: int = 2
+    min_available_sites: int = 2          # connected sites needed before a phase starts
+    max_update_norm: float | None = None  # L2 bound on local - global; None: no norm check
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,7 @@ class FederationConfig:
     num_sites: int = 3
     num_rounds: int = 10
     round_timeout: float = 600.0          # seconds to wait for replies in one phase
+    quorum_timeout: float = 120.0         # seconds to wait for min_available_sites
     cpus_per_site: float = 1.0            # Ray resources per simulated site
     gpus_per_site: float = 0.0
 
@@ -86,6 +90,7 @@ class ExperimentConfig:
     name: str = "demo"
     seed: int = 0
     runs_dir: str = "runs"
+    resume: str | None = None             # "true"/"latest", or a run directory to continue
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -98,8 +103,10 @@ class ExperimentConfig:
         return asdict(self)
 
     def fingerprint(self) -> str:
-        """Hash of the resolved config (tags every model version it produced)."""
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+        """Hash of the resolved config (tags every model version it produced); how a run is
+        started (fresh or resumed) is not part of what it computes."""
+        d = {k: v for k, v in self.to_dict().items() if k != "resume"}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
     def model_options(self) -> dict[str, Any]:
         """Model options with the task's shape facts filled in (classes, image size)."""
@@ -111,8 +118,6 @@ class ExperimentConfig:
     def task_options(self) -> dict[str, Any]:
         return {"num_classes": len(self.task.class_names)} | dict(self.task.options)
 
-
-STRATEGIES = ("fedavg",)
 
 def _schema():
     """Typed, struct-mode schema; frozen dataclasses are read-only to OmegaConf, so unfreeze
@@ -138,8 +143,10 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         TASKS.config(cfg.task.name, cfg.task_options())
     except (KeyError, ValueError, TypeError) as err:
         raise ConfigError(str(err).strip('"')) from None
-    if cfg.strategy.name not in STRATEGIES:
-        raise ConfigError(f"unknown strategy {cfg.strategy.name!r}; available: {', '.join(STRATEGIES)}")
+    try:
+        validate_strategy(cfg.strategy.name, cfg.strategy.options)
+    except StrategyConfigError as err:
+        raise ConfigError(str(err)) from None
     fed, strat = cfg.federation, cfg.strategy
     if fed.num_sites < 1 or fed.num_rounds < 1:
         raise ConfigError("federation.num_sites and federation.num_rounds must be >= 1")
@@ -148,8 +155,16 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
                           f"federation.num_sites={fed.num_sites}; the run could never start")
     if not (0 < strat.fraction_train <= 1 and 0 <= strat.fraction_evaluate <= 1):
         raise ConfigError("strategy fractions must be in (0, 1]")
-    if fed.round_timeout <= 0:
-        raise ConfigError("federation.round_timeout must be > 0 seconds")
+    if fed.round_timeout <= 0 or fed.quorum_timeout <= 0:
+        raise ConfigError("federation.round_timeout and federation.quorum_timeout must be > 0 s")
+    if strat.max_update_norm is not None and strat.max_update_norm <= 0:
+        raise ConfigError("strategy.max_update_norm must be > 0 (or null to disable)")
+    if strat.min_train_sites < 1 or strat.min_train_sites > fed.num_sites:
+        raise ConfigError(f"strategy.min_train_sites must be in [1, federation.num_sites="
+                          f"{fed.num_sites}], got {strat.min_train_sites}")
+    if cfg.resume and str(cfg.resume).lower() not in ("true", "latest") and \
+            not (Path(cfg.resume) / "checkpoints").is_dir():
+        raise ConfigError(f"resume={cfg.resume}: no checkpoints/ in that directory")
     if len(set(cfg.task.class_names)) != len(cfg.task.class_names) or len(cfg.task.class_names) < 2:
         raise ConfigError("task.class_names must list at least two distinct classes")
     return cfg
@@ -183,6 +198,7 @@ def _freeze(cfg: ExperimentConfig) -> ExperimentConfig:
     plain = json.loads(json.dumps(asdict(cfg)))
     return ExperimentConfig(
         name=plain["name"], seed=plain["seed"], runs_dir=plain["runs_dir"],
+        resume=None if plain["resume"] is None else str(plain["resume"]),
         model=ModelConfig(**plain["model"]), task=TaskConfig(**plain["task"]),
         train=TrainConfig(**plain["train"]), strategy=StrategyConfig(**plain["strategy"]),
         federation=FederationConfig(**plain["federation"]), data=DataConfig(**plain["data"]),

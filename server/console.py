@@ -19,10 +19,13 @@ class ConsoleTable:
     def on_train(self, record: RoundRecord) -> None:
         for failure in record.failures.get("train", []):
             log.warning("round %d: training reply failed: %s", record.round, failure)
+        for rejection in record.rejected:
+            log.warning("round %d: update from %s excluded: %s", record.round,
+                        rejection.site_id, rejection.reason)
 
     def on_round_end(self, record: RoundRecord) -> None:
         train = {r.site_id: r.metrics for r in record.train}
-        if record.round == 1:
+        if not self.rows:
             log.info("%5s %-9s %10s %8s %8s %8s %8s %8s", "round", "site", "train_loss",
                      "val_loss", "val_mcc", "test_acc", "test_mcc", "test_auc")
         for reply in record.evaluate:

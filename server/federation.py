@@ -10,14 +10,16 @@ from pathlib import Path
 import torch
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, Result, Strategy
+from flwr.serverapp.strategy import Result, Strategy
 
 from models import MODELS
 from strategies import wire
+from strategies.guard import GuardedStrategy
 from strategies.observed import ObservedStrategy, RoundObserver
-from strategies.pooling import aggregate_evaluate_records
+from strategies.registry import build_strategy as build_flower_strategy
 
-from .config import ExperimentConfig
+from .checkpoint import Checkpointer, latest_checkpoint
+from .config import ConfigError, ExperimentConfig
 from .console import ConsoleTable
 from .tracking import MlflowTracker
 
@@ -25,14 +27,16 @@ log = logging.getLogger("medfed.server")
 
 
 def build_strategy(cfg: ExperimentConfig) -> Strategy:
+    """The configured Flower strategy inside the fault guard (quorum wait, sanitization)."""
     s = cfg.strategy
-    return FedAvg(
-        fraction_train=s.fraction_train, fraction_evaluate=s.fraction_evaluate,
-        min_train_nodes=s.min_train_sites, min_evaluate_nodes=s.min_evaluate_sites,
-        min_available_nodes=s.min_available_sites, weighted_by_key=wire.NUM_EXAMPLES,
-        arrayrecord_key=wire.ARRAYS, configrecord_key=wire.CONFIG,
-        evaluate_metrics_aggr_fn=aggregate_evaluate_records,
-    )
+    inner = build_flower_strategy(
+        s.name, dict(s.options), fraction_train=s.fraction_train,
+        fraction_evaluate=s.fraction_evaluate, min_train_nodes=s.min_train_sites,
+        min_evaluate_nodes=s.min_evaluate_sites, min_available_nodes=s.min_available_sites)
+    return GuardedStrategy(inner, min_available_sites=s.min_available_sites,
+                           min_train_sites=s.min_train_sites,
+                           quorum_timeout=cfg.federation.quorum_timeout,
+                           max_update_norm=s.max_update_norm)
 
 
 def job_config(cfg: ExperimentConfig) -> ConfigRecord:
@@ -53,25 +57,59 @@ def job_config(cfg: ExperimentConfig) -> ConfigRecord:
 
 
 def new_run_dir(cfg: ExperimentConfig) -> Path:
+    """A fresh run directory, or with ``resume`` the existing one to continue."""
+    if cfg.resume:
+        return resume_dir(cfg)
     run_dir = Path(cfg.runs_dir) / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir.mkdir(parents=True, exist_ok=False)
     return run_dir
+
+
+def resume_dir(cfg: ExperimentConfig) -> Path:
+    """``resume=true`` (or ``latest``): newest run of this experiment with a checkpoint."""
+    if str(cfg.resume).lower() not in ("true", "latest"):
+        path = Path(str(cfg.resume))
+        if not (path / "checkpoints").is_dir():
+            raise ConfigError(f"resume={path}: no checkpoints/ in that directory")
+        return path
+    runs = sorted(p for p in Path(cfg.runs_dir).glob(f"{cfg.name}-*")
+                  if (p / "checkpoints").is_dir() and any((p / "checkpoints").glob("round-*")))
+    if not runs:
+        raise ConfigError(f"resume=true: no run of experiment {cfg.name!r} with a checkpoint "
+                          f"under {cfg.runs_dir}")
+    return runs[-1]
 
 
 def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path,
                    observers: tuple[RoundObserver, ...] = ()) -> Result:
     """Run ``cfg.federation.num_rounds`` rounds of federated training and evaluation."""
     torch.manual_seed(cfg.seed)
-    model = MODELS.build(cfg.model.name, cfg.model_options())
+    initial = ArrayRecord(MODELS.build(cfg.model.name, cfg.model_options()).state_dict())
+    guarded = build_strategy(cfg)
+    checkpoint = latest_checkpoint(run_dir, cfg.fingerprint()) if cfg.resume else None
+    done = 0
+    if checkpoint is not None:
+        checkpoint.restore(guarded)
+        initial, done = checkpoint.arrays, checkpoint.round
+        log.info("resuming %s after round %d of %d", run_dir, done, cfg.federation.num_rounds)
+    remaining = cfg.federation.num_rounds - done
     console = ConsoleTable()
-    tracker = MlflowTracker(cfg, run_dir)
-    strategy = ObservedStrategy(build_strategy(cfg), [console, tracker, *observers])
-    log.info("experiment %s: %d sites, %d rounds, run dir %s, MLflow run %s",
-             cfg.name, cfg.federation.num_sites, cfg.federation.num_rounds, run_dir, tracker.run_id)
+    tracker = MlflowTracker(cfg, run_dir,
+                            resume_run_id=checkpoint.manifest["mlflow_run_id"] if checkpoint else None)
+    checkpointer = Checkpointer(run_dir, guarded, config_hash=cfg.fingerprint(),
+                                mlflow_run_id=tracker.run_id)
+    strategy = ObservedStrategy(guarded, [console, tracker, checkpointer, *observers],
+                                round_offset=done)
+    log.info("experiment %s: %d sites, rounds %d-%d, run dir %s, MLflow run %s", cfg.name,
+             cfg.federation.num_sites, done + 1, cfg.federation.num_rounds, run_dir, tracker.run_id)
+    if remaining <= 0:
+        tracker.finish(console.summary())
+        log.info("nothing to do: all %d rounds are complete", cfg.federation.num_rounds)
+        return Result(arrays=initial)
     try:
         result = strategy.start(
-            grid=grid, initial_arrays=ArrayRecord(model.state_dict()),
-            num_rounds=cfg.federation.num_rounds, timeout=cfg.federation.round_timeout,
+            grid=grid, initial_arrays=initial, num_rounds=remaining,
+            timeout=cfg.federation.round_timeout,
             train_config=job_config(cfg), evaluate_config=job_config(cfg),
         )
     except BaseException:

@@ -36,7 +36,7 @@ def tracking_uri(cfg: ExperimentConfig, run_dir: Path) -> str:
 class MlflowTracker:
     """Round observer that writes an experiment's metrics and model versions to MLflow."""
 
-    def __init__(self, cfg: ExperimentConfig, run_dir: Path):
+    def __init__(self, cfg: ExperimentConfig, run_dir: Path, resume_run_id: str | None = None):
         import mlflow
 
         self.mlflow = mlflow
@@ -52,11 +52,17 @@ class MlflowTracker:
                                                      artifact_location=artifacts)
         else:
             experiment_id = experiment.experiment_id
-        self.run = mlflow.start_run(experiment_id=experiment_id, run_name=cfg.name)
         self.client = mlflow.MlflowClient(self.uri)
-        mlflow.set_tags({"medfed.experiment": cfg.name, "medfed.config_hash": cfg.fingerprint()})
-        mlflow.log_params(_flatten(cfg.to_dict()))
-        mlflow.log_dict(cfg.to_dict(), "config/resolved.json")
+        if resume_run_id:           # continue the same MLflow run, never a duplicate
+            self.run = mlflow.start_run(run_id=resume_run_id)
+            mlflow.set_tag("medfed.resumed", "true")
+        else:
+            self.run = mlflow.start_run(experiment_id=experiment_id, run_name=cfg.name)
+            mlflow.set_tags({"medfed.experiment": cfg.name,
+                             "medfed.config_hash": cfg.fingerprint()})
+            params = _flatten({k: v for k, v in cfg.to_dict().items() if k != "resume"})
+            mlflow.log_params(params)
+            mlflow.log_dict(cfg.to_dict(), "config/resolved.json")
         self.versions: dict[int, str] = {}
         self.ingest_logged: set[str] = set()
 
@@ -72,6 +78,12 @@ class MlflowTracker:
             self._log_ingest(reply.site_id, reply.ingest)
         metrics["train/sites_ok"] = len(record.train)
         metrics["train/sites_failed"] = len(record.failures.get("train", []))
+        metrics["train/updates_rejected"] = len(record.rejected)
+        metrics |= {f"site/{site}/train/update_norm": n for site, n in record.update_norms.items()}
+        for rejection in record.rejected:
+            metrics[f"site/{rejection.site_id}/train/update_rejected"] = 1.0
+            self.client.set_tag(self.run_id, f"rejected.round-{step}.{rejection.site_id}",
+                                rejection.reason[:250])
         self.mlflow.log_metrics(metrics, step=step)
         if record.arrays is not None and self.cfg.tracking.log_models:
             self._register(record)

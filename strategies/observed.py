@@ -1,8 +1,13 @@
-"""A strategy wrapper that reports every round to observers (tracking, console, benchmarks).
+"""A strategy wrapper that reports every round to observers (tracking, console, checkpoints).
 
 It holds an inner Flower strategy and delegates all four phases to it, as Flower's DP
 wrappers do; Flower's ``Strategy.start`` keeps owning the round loop. Observers see per-site
 replies (site id, metrics) next to the aggregate, and the wall time of each round.
+
+Two things make runs reproducible and resumable: replies are handed on in site-id order
+(floating-point sums depend on order, and replies arrive in completion order), and a
+``round_offset`` lets a resumed run continue its round numbering (sites derive their seeds
+from it) while Flower's loop counts from 1 again.
 """
 
 from __future__ import annotations
@@ -43,6 +48,8 @@ class RoundRecord:
     evaluate: list[SiteReply] = field(default_factory=list)
     failures: dict[str, list[str]] = field(default_factory=dict)   # phase -> error reasons
     train_metrics: dict[str, float] = field(default_factory=dict)
+    rejected: list = field(default_factory=list)     # guard.Rejection: site id and reason
+    update_norms: dict[str, float] = field(default_factory=dict)   # site id -> ||local - global||
     arrays: ArrayRecord | None = None
     wall_seconds: float = 0.0
 
@@ -72,12 +79,21 @@ def site_replies(replies: Iterable[Message]) -> tuple[list[SiteReply], list[str]
     return sorted(ok, key=lambda r: r.site_id), failed
 
 
+def ordered(replies: Iterable[Message]) -> list[Message]:
+    """Replies sorted by site id (then node id), independent of arrival order."""
+    def key(msg: Message):
+        site = msg.content.config_records.get(wire.SITE, ConfigRecord()) if msg.has_content() else {}
+        return (str(site.get(wire.SITE_ID, "")), msg.metadata.src_node_id)
+    return sorted(replies, key=key)
+
+
 class ObservedStrategy(Strategy):
     """Wrap ``strategy`` and call ``observers`` after training and at the end of each round."""
 
-    def __init__(self, strategy: Strategy, observers: list[RoundObserver]):
+    def __init__(self, strategy: Strategy, observers: list[RoundObserver], round_offset: int = 0):
         self.strategy = strategy
         self.observers = list(observers)
+        self.round_offset = round_offset
         self._round: RoundRecord | None = None
 
     def summary(self) -> None:
@@ -85,15 +101,21 @@ class ObservedStrategy(Strategy):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
+        server_round += self.round_offset
         self._round = RoundRecord(server_round)
         return self.strategy.configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
+        server_round += self.round_offset
+        replies = ordered(replies)
         record = self._round or RoundRecord(server_round)
         record.train, record.failures["train"] = site_replies(replies)
-        arrays, metrics = self.strategy.aggregate_train(server_round, replies)
+        try:
+            arrays, metrics = self.strategy.aggregate_train(server_round, replies)
+        finally:
+            record.rejected = list(getattr(self.strategy, "rejected", []))
+            record.update_norms = dict(getattr(self.strategy, "update_norms", {}))
         record.arrays = arrays
         record.train_metrics = dict(metrics or {})
         for observer in self.observers:
@@ -102,11 +124,13 @@ class ObservedStrategy(Strategy):
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
+        server_round += self.round_offset
         return self.strategy.configure_evaluate(server_round, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:
-        replies = list(replies)
+        server_round += self.round_offset
+        replies = ordered(replies)
         record = self._round or RoundRecord(server_round)
         record.evaluate, record.failures["evaluate"] = site_replies(replies)
         metrics = self.strategy.aggregate_evaluate(server_round, replies)

@@ -24,6 +24,7 @@ BATCH_SIZE = "batch-size"
 LR = "lr"
 WEIGHT_DECAY = "weight-decay"
 SEED = "seed"
+PROXIMAL_MU = "proximal-mu"          # FedProx; the key Flower's FedProx itself injects
 
 # Site -> server, in SITE
 SITE_ID = "site-id"

@@ -33,6 +33,25 @@ def tiny_sites(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def three_sites(tmp_path_factory) -> Path:
+    """Three very small synthetic sites for multi-strategy simulations."""
+    from medfed.synth.sites import synthesize
+
+    root = tmp_path_factory.mktemp("sites3") / "data"
+    synthesize(root, n_sites=3, seed=3, patients=12)
+    return root
+
+
+def final_weights(run_dir: Path) -> dict:
+    """Global weights of the newest checkpoint in a run directory."""
+    import numpy as np
+
+    latest = sorted((run_dir / "checkpoints").glob("round-*"))[-1]
+    with np.load(latest / "arrays.npz") as data:
+        return {k: data[k] for k in data.files}
+
+
 def phi_strings(root: Path) -> set[str]:
     """Every PHI value the generator wrote into DICOM tags under ``root`` (plus name parts)."""
     found: set[str] = set()

@@ -19,7 +19,12 @@ def test_demo_is_the_default():
     (["model=nope"], "model/nope"),
     (["experiment=nope"], "experiment/nope"),
     (["+model.options.depht=3"], "depht"),
-    (["strategy.name=krum"], "unknown strategy"),
+    (["strategy.name=bulyan"], "unknown strategy 'bulyan'"),
+    (["strategy=fedprox", "strategy.options.proximal_mu=-0.1"], "proximal_mu must be >= 0"),
+    (["+strategy.options.momentum=0.9"], "unknown option"),
+    (["strategy.max_update_norm=-1"], "max_update_norm"),
+    (["strategy.min_train_sites=7"], "min_train_sites"),
+    (["resume=/nonexistent/run"], "no checkpoints"),
     (["strategy.min_available_sites=5"], "min_available_sites"),
     (["train.lr=fast"], "train.lr"),
 ])

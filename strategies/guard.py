@@ -1,0 +1,167 @@
+"""Fault guard around any Flower strategy: bounded waiting and update sanitization.
+
+Flower's ``sample_nodes`` waits for ``min_available_nodes`` without a bound; this wrapper waits
+at most ``quorum_timeout`` seconds and then fails with a clear error. Before aggregation it
+drops replies whose update is not a finite array record with the global model's keys, shapes
+and dtypes, or whose distance from the global model exceeds ``max_update_norm``; it names the
+site and the reason, and fails the round if fewer than ``min_train_sites`` updates remain.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from . import wire
+
+log = logging.getLogger(__name__)
+
+
+class QuorumError(RuntimeError):
+    """Too few sites connected or too few usable updates to continue the federation."""
+
+
+@dataclass(frozen=True)
+class Rejection:
+    site_id: str
+    reason: str
+
+
+def reply_site_id(msg: Message) -> str:
+    site = msg.content.config_records.get(wire.SITE, ConfigRecord()) if msg.has_content() else {}
+    return str(site.get(wire.SITE_ID, f"node-{msg.metadata.src_node_id}"))
+
+
+def check_update(arrays: ArrayRecord | None, reference: dict[str, np.ndarray],
+                 max_update_norm: float | None) -> tuple[str | None, float | None]:
+    """``(why the update must not be aggregated or None, its L2 distance from the global)``.
+
+    ``reference`` holds the global arrays this round started from (their dtypes are the
+    expected ones).
+    """
+    if arrays is None:
+        return "no model update in reply", None
+    if set(arrays.keys()) != set(reference):
+        missing, extra = set(reference) - set(arrays.keys()), set(arrays.keys()) - set(reference)
+        return f"wrong keys (missing {len(missing)}, unexpected {len(extra)})", None
+    squared = 0.0
+    for key, ref in reference.items():
+        value = arrays[key].numpy()
+        if value.shape != ref.shape:
+            return f"wrong shape for {key}: {value.shape} != {ref.shape}", None
+        if value.dtype != ref.dtype:
+            return f"wrong dtype for {key}: {value.dtype} != {ref.dtype}", None
+        if value.dtype.kind == "f" and not np.isfinite(value).all():
+            return f"non-finite values in {key}", None
+        if value.dtype.kind == "f":
+            squared += float(np.sum((value.astype(np.float64) - ref.astype(np.float64)) ** 2))
+    norm = float(np.sqrt(squared))
+    if max_update_norm is not None and norm > max_update_norm:
+        return f"update norm {norm:.3g} exceeds bound {max_update_norm:.3g}", norm
+    return None, norm
+
+
+class GuardedStrategy(Strategy):
+    """Wrap ``strategy`` with a bounded quorum wait and update sanitization.
+
+    Parameters
+    ----------
+    strategy : Strategy
+        The aggregation strategy (FedAvg, FedAdam, Krum, ...).
+    min_available_sites, min_train_sites : int
+        Quorum: sites that must be connected before a phase starts, and usable updates a
+        round needs.
+    quorum_timeout : float
+        Seconds to wait for ``min_available_sites`` before failing.
+    max_update_norm : float, optional
+        L2 bound on ``local - global``; None disables the norm check (the others stay on).
+    """
+
+    def __init__(self, strategy: Strategy, *, min_available_sites: int, min_train_sites: int,
+                 quorum_timeout: float, max_update_norm: float | None = None,
+                 poll_interval: float = 0.5):
+        self.strategy = strategy
+        self.min_available_sites = min_available_sites
+        self.min_train_sites = min_train_sites
+        self.quorum_timeout = quorum_timeout
+        self.max_update_norm = max_update_norm
+        self.poll_interval = poll_interval
+        self.rejected: list[Rejection] = []
+        self.update_norms: dict[str, float] = {}      # site id -> ||local - global|| this round
+        self._reference: dict[str, np.ndarray] = {}
+        self._dtypes: dict[str, np.dtype] | None = None   # the model's dtypes: the contract
+
+    def summary(self) -> None:
+        self.strategy.summary()
+
+    def wait_for_quorum(self, grid: Grid) -> None:
+        deadline = time.monotonic() + self.quorum_timeout
+        while (connected := len(list(grid.get_node_ids()))) < self.min_available_sites:
+            if time.monotonic() >= deadline:
+                raise QuorumError(f"only {connected} of the {self.min_available_sites} required "
+                                  f"sites connected within {self.quorum_timeout:g} s "
+                                  "(federation.quorum_timeout)")
+            time.sleep(self.poll_interval)
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        self.wait_for_quorum(grid)
+        if self._dtypes is None:
+            self._dtypes = {k: a.numpy().dtype for k, a in arrays.items()}
+        self._reference = {k: a.numpy().astype(self._dtypes.get(k, a.numpy().dtype), copy=False)
+                           for k, a in arrays.items()}
+        return self.strategy.configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        self.rejected, self.update_norms = [], {}
+        accepted = []
+        for msg in replies:
+            if msg.has_error():
+                accepted.append(msg)          # the inner strategy counts and logs failures
+                continue
+            arrays = msg.content.array_records.get(wire.ARRAYS)
+            reason, norm = check_update(arrays, self._reference, self.max_update_norm)
+            if norm is not None:
+                self.update_norms[reply_site_id(msg)] = norm
+            if reason is None:
+                accepted.append(msg)
+            else:
+                self.rejected.append(Rejection(reply_site_id(msg), reason))
+                log.warning("round %d: rejected update from %s: %s", server_round,
+                            reply_site_id(msg), reason)
+        usable = sum(not m.has_error() for m in accepted)
+        if usable < self.min_train_sites:
+            raise QuorumError(f"round {server_round}: {usable} usable update(s), "
+                              f"{self.min_train_sites} required (strategy.min_train_sites); "
+                              f"rejected: {[f'{r.site_id}: {r.reason}' for r in self.rejected]}")
+        arrays, metrics = self.strategy.aggregate_train(server_round, accepted)
+        return self._as_model_dtypes(arrays), metrics
+
+    def _as_model_dtypes(self, arrays: ArrayRecord | None) -> ArrayRecord | None:
+        """Flower's adaptive strategies compute in float64 (NumPy promotion); the global model
+        keeps the dtypes it started with, so sites, checks and checkpoints agree."""
+        if arrays is None or not self._dtypes:
+            return arrays
+        out = {}
+        for key, array in arrays.items():
+            value = array.numpy()
+            dtype = self._dtypes.get(key, value.dtype)
+            out[key] = Array(value.astype(dtype)) if value.dtype != dtype else array
+        return ArrayRecord(out)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        self.wait_for_quorum(grid)
+        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
+                           ) -> MetricRecord | None:
+        return self.strategy.aggregate_evaluate(server_round, replies)

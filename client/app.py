@@ -5,14 +5,39 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from strategies import wire
 
+from strategies.partial import local_keys
+
 from .engine import Engine
-from .job import decode_job
+from .job import Job, decode_job
 from .runtime import SiteDataCache, resolve_site, site_logger
+
+# Site-owned state across rounds (node context state; never sent).
+STATE_LOCAL_PARAMS = "medfed.local-params"      # FedBN-style parameters kept at the site
+STATE_PERSONAL_MODEL = "medfed.personal-model"  # the model after this site's last local training
+
+
+def load_global(model, arrays: ArrayRecord, job: Job, context: Context) -> list[str]:
+    """Load the global weights; with partial sharing fill the local parameters from the
+    site's own state (first round: the model's seeded initial values). Returns local keys."""
+    state = dict(model.state_dict())
+    local = local_keys(state.keys(), job.local_params) if job.local_params else []
+    incoming = arrays.to_torch_state_dict()
+    missing = set(state) - set(incoming) - set(local)
+    if missing or set(incoming) - set(state):
+        raise ValueError(f"global model does not match {job.model_name}: "
+                         f"{len(missing)} missing, {len(set(incoming) - set(state))} unexpected keys")
+    if local and STATE_LOCAL_PARAMS in context.state:
+        incoming |= context.state[STATE_LOCAL_PARAMS].to_torch_state_dict()
+    state |= incoming
+    model.load_state_dict(state)
+    return local
 
 
 def make_client_app(*, sim_data_root: Path | None = None, mods=()) -> ClientApp:
@@ -32,34 +57,48 @@ def make_client_app(*, sim_data_root: Path | None = None, mods=()) -> ClientApp:
         site = resolve_site(context, sim_data_root)
         job = decode_job(msg.content[wire.CONFIG], site_seed=site.seed)
         data, splits = cache.get(site, job.class_names, job.image_size)
+        torch.manual_seed(job.train.seed)        # seeded init: local parameters of round 1
         model = job.build_model()
-        model.load_state_dict(msg.content[wire.ARRAYS].to_torch_state_dict())
+        local = load_global(model, msg.content[wire.ARRAYS], job, context)
         identity = ConfigRecord({wire.SITE_ID: site.site_id, wire.MANIFEST: data.fingerprint,
                                  wire.INGEST: json.dumps(data.report.as_dict(), sort_keys=True)})
-        return site, job, splits, model, Engine(job.build_task(), site.device), identity
+        return site, job, splits, model, Engine(job.build_task(), site.device), identity, local
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        site, job, splits, model, engine, identity = prepare(msg, context)
+        site, job, splits, model, engine, identity, local = prepare(msg, context)
         splits["train"].reseed(job.train.seed)
         metrics = engine.fit(model, splits["train"], job.train)
+        state = model.state_dict()
+        if local:
+            context.state[STATE_LOCAL_PARAMS] = ArrayRecord({k: state[k] for k in local})
+        if job.personalize:
+            context.state[STATE_PERSONAL_MODEL] = ArrayRecord(state)
         site_logger(site.site_id).info("round %d: trained on %d studies in %.1fs",
                                        job.server_round, len(splits["train"]), metrics["seconds"])
         reply = MetricRecord({k: v for k, v in metrics.items() if k != "seconds"}
                              | {wire.NUM_EXAMPLES: len(splits["train"]),
                                 wire.TRAIN_SECONDS: metrics["seconds"]})
-        content = RecordDict({wire.ARRAYS: ArrayRecord(model.state_dict()), wire.METRICS: reply,
-                              wire.SITE: identity})
+        shared = ArrayRecord({k: v for k, v in state.items() if k not in set(local)})
+        content = RecordDict({wire.ARRAYS: shared, wire.METRICS: reply, wire.SITE: identity})
         return Message(content=content, reply_to=msg)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        site, job, splits, model, engine, identity = prepare(msg, context)
+        site, job, splits, model, engine, identity, _ = prepare(msg, context)
         reply, seconds = MetricRecord(), 0.0
-        for split in wire.EVAL_SPLITS:
-            for key, value in evaluate_split(engine, model, splits[split]).items():
-                reply[f"{split}-{key}"] = value
-            seconds += reply[f"{split}-seconds"]
+        models = [("", model)]
+        if job.personalize:     # the locally adapted model (global model until it trains)
+            personal = job.build_model()
+            personal.load_state_dict(context.state[STATE_PERSONAL_MODEL].to_torch_state_dict()
+                                     if STATE_PERSONAL_MODEL in context.state
+                                     else model.state_dict())
+            models.append((wire.PERSONAL_PREFIX, personal))
+        for prefix, candidate in models:
+            for split in wire.EVAL_SPLITS:
+                for key, value in evaluate_split(engine, candidate, splits[split]).items():
+                    reply[f"{prefix}{split}-{key}"] = value
+                seconds += reply[f"{prefix}{split}-seconds"]
         reply[wire.NUM_EXAMPLES] = sum(len(splits[s]) for s in wire.EVAL_SPLITS)
         reply[wire.EVAL_SECONDS] = seconds
         return Message(content=RecordDict({wire.METRICS: reply, wire.SITE: identity}), reply_to=msg)

@@ -31,6 +31,8 @@ class Job:
     image_size: int
     train: TrainConfig
     server_round: int
+    local_params: tuple[str, ...] = ()      # FedBN-style patterns kept at this site
+    personalize: bool = False
 
     def build_model(self):
         return MODELS.build(self.model_name, self.model_options)
@@ -70,6 +72,8 @@ def decode_job(config: ConfigRecord, *, site_seed: int) -> Job:
                               proximal_mu=float(config.get(wire.PROXIMAL_MU, 0.0)),
                               seed=get(wire.SEED, int) * 100_003 + site_seed * 1009 + server_round),
             server_round=server_round,
+            local_params=tuple(str(p) for p in config.get(wire.LOCAL_PARAMS, [])),
+            personalize=bool(config.get(wire.PERSONALIZE, False)),
         )
         MODELS.config(job.model_name, job.model_options)     # validate names and options now
         TASKS.config(job.task_name, job.task_options)

@@ -18,6 +18,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
 from models import MODELS, TASKS
+from strategies.partial import local_keys, unmatched_patterns
 from strategies.registry import StrategyConfigError, validate_strategy
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -60,6 +61,8 @@ class StrategyConfig:
     min_evaluate_sites: int = 2
     min_available_sites: int = 2          # connected sites needed before a phase starts
     max_update_norm: float | None = None  # L2 bound on local - global; None: no norm check
+    local_params: list[str] = field(default_factory=list)   # FedBN-style: fnmatch patterns
+    personalize: bool = False             # sites also report their locally adapted model
 
 
 @dataclass(frozen=True)
@@ -162,6 +165,14 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     if strat.min_train_sites < 1 or strat.min_train_sites > fed.num_sites:
         raise ConfigError(f"strategy.min_train_sites must be in [1, federation.num_sites="
                           f"{fed.num_sites}], got {strat.min_train_sites}")
+    if strat.local_params:
+        names = [n for n, _ in MODELS.build(cfg.model.name, cfg.model_options()).named_parameters()]
+        unmatched = unmatched_patterns(names, strat.local_params)
+        if unmatched:
+            raise ConfigError(f"strategy.local_params {unmatched} match no model parameter; "
+                              f"names look like {names[:3]} ... {names[-2:]}")
+        if len(local_keys(names, strat.local_params)) == len(names):
+            raise ConfigError("strategy.local_params match every parameter: nothing is shared")
     if cfg.resume and str(cfg.resume).lower() not in ("true", "latest") and \
             not (Path(cfg.resume) / "checkpoints").is_dir():
         raise ConfigError(f"resume={cfg.resume}: no checkpoints/ in that directory")

@@ -15,6 +15,7 @@ from flwr.serverapp.strategy import Result, Strategy
 from models import MODELS
 from strategies import wire
 from strategies.guard import GuardedStrategy
+from strategies.partial import PartialSharing
 from strategies.observed import ObservedStrategy, RoundObserver
 from strategies.registry import build_strategy as build_flower_strategy
 
@@ -33,10 +34,11 @@ def build_strategy(cfg: ExperimentConfig) -> Strategy:
         s.name, dict(s.options), fraction_train=s.fraction_train,
         fraction_evaluate=s.fraction_evaluate, min_train_nodes=s.min_train_sites,
         min_evaluate_nodes=s.min_evaluate_sites, min_available_nodes=s.min_available_sites)
-    return GuardedStrategy(inner, min_available_sites=s.min_available_sites,
-                           min_train_sites=s.min_train_sites,
-                           quorum_timeout=cfg.federation.quorum_timeout,
-                           max_update_norm=s.max_update_norm)
+    guarded = GuardedStrategy(inner, min_available_sites=s.min_available_sites,
+                              min_train_sites=s.min_train_sites,
+                              quorum_timeout=cfg.federation.quorum_timeout,
+                              max_update_norm=s.max_update_norm)
+    return PartialSharing(guarded, list(s.local_params)) if s.local_params else guarded
 
 
 def job_config(cfg: ExperimentConfig) -> ConfigRecord:
@@ -53,6 +55,7 @@ def job_config(cfg: ExperimentConfig) -> ConfigRecord:
         wire.LR: float(cfg.train.lr),
         wire.WEIGHT_DECAY: float(cfg.train.weight_decay),
         wire.SEED: cfg.seed,
+        wire.PERSONALIZE: cfg.strategy.personalize,
     })
 
 

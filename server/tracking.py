@@ -18,7 +18,7 @@ import torch
 from models import MODELS
 from models.serving import ExportedClassifier
 from strategies.observed import RoundRecord
-from strategies.pooling import pool, split_metrics
+from strategies.pooling import pool, report_splits, split_metrics
 from strategies import wire
 
 from .config import ExperimentConfig
@@ -93,7 +93,8 @@ class MlflowTracker:
         metrics = {"round/wall_seconds": record.wall_seconds,
                    "eval/sites_ok": len(record.evaluate),
                    "eval/sites_failed": len(record.failures.get("evaluate", []))}
-        for split in wire.EVAL_SPLITS:
+        splits = report_splits(record.evaluate[0].metrics) if record.evaluate else []
+        for split in splits:
             per_site = []
             for reply in record.evaluate:
                 local = split_metrics(reply.metrics, split)

@@ -51,6 +51,16 @@ def pool(per_site: list[dict[str, float]]) -> dict[str, float]:
     return out
 
 
+def report_splits(metrics) -> list[str]:
+    """Evaluation splits present in a site's metrics: val, test and, if any, personal-*."""
+    from . import wire
+
+    splits = list(wire.EVAL_SPLITS)
+    splits += [wire.PERSONAL_PREFIX + s for s in wire.EVAL_SPLITS
+               if f"{wire.PERSONAL_PREFIX}{s}-n" in metrics]
+    return splits
+
+
 def aggregate_evaluate_records(records: list, weighted_by_key: str):
     """Flower ``evaluate_metrics_aggr_fn``: pooled metrics per evaluation split."""
     from flwr.app import MetricRecord   # local import keeps this module usable without Flower
@@ -58,7 +68,7 @@ def aggregate_evaluate_records(records: list, weighted_by_key: str):
     from . import wire
 
     out = MetricRecord()
-    for split in wire.EVAL_SPLITS:
+    for split in report_splits(records[0].metric_records.get(wire.METRICS, {}) if records else {}):
         per_site = [split_metrics(dict(r.metric_records[wire.METRICS]), split) for r in records
                     if wire.METRICS in r.metric_records]
         for key, value in pool(per_site).items():

@@ -25,6 +25,8 @@ LR = "lr"
 WEIGHT_DECAY = "weight-decay"
 SEED = "seed"
 PROXIMAL_MU = "proximal-mu"          # FedProx; the key Flower's FedProx itself injects
+LOCAL_PARAMS = "local-params"        # list[str]: fnmatch patterns of parameters kept at sites
+PERSONALIZE = "personalize"          # bool: also report the site's locally adapted model
 
 # Site -> server, in SITE
 SITE_ID = "site-id"
@@ -36,6 +38,7 @@ NUM_EXAMPLES = "num-examples"        # FedAvg's weighting key
 TRAIN_SECONDS = "train-seconds"      # site compute time, for framework-overhead accounting
 EVAL_SECONDS = "eval-seconds"
 EVAL_SPLITS = ("val", "test")        # evaluate replies carry f"{split}-{metric}" keys
+PERSONAL_PREFIX = "personal-"        # ... and f"personal-{split}-{metric}" when personalizing
 AUROC_DEFINED = "auroc-defined"      # 0/1: AUROC needs >= 2 classes in the split
 
 # Operator-owned node config (set on the SuperNode; the server cannot change these)

@@ -25,6 +25,8 @@ def test_demo_is_the_default():
     (["strategy.max_update_norm=-1"], "max_update_norm"),
     (["strategy.min_train_sites=7"], "min_train_sites"),
     (["resume=/nonexistent/run"], "no checkpoints"),
+    (["strategy=fedbn", "strategy.local_params=[bn_*]"], "match no model parameter"),
+    (["strategy.local_params=[*]"], "nothing is shared"),
     (["strategy.min_available_sites=5"], "min_available_sites"),
     (["train.lr=fast"], "train.lr"),
 ])

@@ -90,3 +90,33 @@ def test_too_few_usable_updates_fail_the_round(three_sites, tmp_path):
     cfg = _cfg(three_sites, tmp_path, "strategy.min_train_sites=3")
     with pytest.raises(QuorumError, match="2 usable update"):
         simulate(cfg, client_mods=[faulty_site("site-0", "nan")])
+
+
+def test_fedbn_keeps_normalisation_layers_at_the_sites(three_sites, tmp_path):
+    import json
+
+    from client.mods import egress_log
+
+    cfg = _cfg(three_sites, tmp_path, "strategy=fedbn", "federation.num_rounds=2")
+    run_dir = simulate(cfg, client_mods=[egress_log(tmp_path / "egress")])
+    sent = [json.loads(p.read_text()) for p in (tmp_path / "egress").glob("*.json")]
+    trained = [s["records"]["arrays"] for s in sent if "arrays" in s["records"]]
+    assert len(trained) == 6
+    assert all(not any("norm" in k for k in keys) for keys in trained)
+    assert all(any("patch_embed" in k for k in keys) for keys in trained)
+    weights, initial = final_weights(run_dir), _initial(cfg)
+    for key in weights:      # the server never aggregates local parameters ...
+        if "norm" in key:
+            np.testing.assert_array_equal(weights[key], initial[key])
+    assert _distance({k: v for k, v in weights.items() if "norm" not in k},    # ... only shared
+                     {k: v for k, v in initial.items() if "norm" not in k}) > 0
+
+
+def test_personalized_sites_report_their_adapted_model(three_sites, tmp_path):
+    cfg = _cfg(three_sites, tmp_path, "strategy=personalized", "federation.num_rounds=2")
+    run_dir = simulate(cfg)
+    client = mlflow.MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
+    run = client.search_runs([client.get_experiment_by_name("medfed").experiment_id])[0]
+    metrics = run.data.metrics
+    assert "personal-test/loss" in metrics and "test/loss" in metrics
+    assert "site/site-0/personal-test/n" in metrics

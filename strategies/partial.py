@@ -1,0 +1,83 @@
+"""FedBN-style partial sharing: parameters matching name patterns stay at each site.
+
+Sites never receive nor send the local parameters (e.g. normalisation layers, the head);
+they keep their own copies in their node state. The server aggregates only the shared
+parameters and keeps its initial copy of the local ones so the global record stays a
+complete model (for checkpoints and the registry; its local parts are placeholders).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from fnmatch import fnmatchcase
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from . import wire
+
+
+def local_keys(names: Iterable[str], patterns: Iterable[str]) -> list[str]:
+    """Parameter names matched by any of the fnmatch ``patterns``."""
+    patterns = list(patterns)
+    return [n for n in names if any(fnmatchcase(n, p) for p in patterns)]
+
+
+def unmatched_patterns(names: Iterable[str], patterns: Iterable[str]) -> list[str]:
+    names = list(names)
+    return [p for p in patterns if not any(fnmatchcase(n, p) for n in names)]
+
+
+class PartialSharing(Strategy):
+    """Wrap ``strategy`` so parameters matching ``patterns`` are never sent or aggregated."""
+
+    def __init__(self, strategy: Strategy, patterns: list[str]):
+        if not patterns:
+            raise ValueError("PartialSharing needs at least one local-parameter pattern")
+        self.strategy = strategy
+        self.patterns = list(patterns)
+        self._local: dict = {}
+
+    def summary(self) -> None:
+        self.strategy.summary()
+
+    def _split(self, arrays: ArrayRecord) -> ArrayRecord:
+        local = set(local_keys(arrays.keys(), self.patterns))
+        if not self._local:
+            self._local = {k: arrays[k] for k in arrays.keys() if k in local}
+        return ArrayRecord({k: a for k, a in arrays.items() if k not in local})
+
+    def _complete(self, shared: ArrayRecord | None, order: list[str]) -> ArrayRecord | None:
+        if shared is None:
+            return None
+        merged = {**{k: shared[k] for k in shared.keys()}, **self._local}
+        return ArrayRecord({k: merged[k] for k in order})
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        self._order = list(arrays.keys())
+        config[wire.LOCAL_PARAMS] = self.patterns
+        return self.strategy.configure_train(server_round, self._split(arrays), config, grid)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        shared, metrics = self.strategy.aggregate_train(server_round, replies)
+        return self._complete(shared, self._order), metrics
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        config[wire.LOCAL_PARAMS] = self.patterns
+        return self.strategy.configure_evaluate(server_round, self._split(arrays), config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
+                           ) -> MetricRecord | None:
+        return self.strategy.aggregate_evaluate(server_round, replies)
+
+    @property
+    def rejected(self):          # let observers see the guard's verdicts through this wrapper
+        return getattr(self.strategy, "rejected", [])
+
+    @property
+    def update_norms(self):
+        return getattr(self.strategy, "update_norms", {})

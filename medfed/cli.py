@@ -35,10 +35,13 @@ def _setup_logging(verbose: bool, log_file: Path | None = None) -> None:
 
 
 def cmd_synth(args) -> int:
-    from .synth.sites import synthesize
+    from .synth.sites import Scenario, synthesize
 
-    profiles = synthesize(Path(args.out), n_sites=args.sites, seed=args.seed, alpha=args.alpha,
-                          patients=args.patients, external=args.external)
+    scenario = Scenario(alpha=args.alpha, patients=args.patients,
+                        quantity_skew=args.quantity_skew, scanner_shift=args.scanner_shift,
+                        missing_fraction=args.missing_fraction, label_fraction=args.label_fraction)
+    profiles = synthesize(Path(args.out), n_sites=args.sites, seed=args.seed,
+                          external=args.external, scenario=scenario)
     for p in profiles:
         mix = ", ".join(f"{x:.2f}" for x in p.class_probs)
         notes = []
@@ -112,6 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--patients", type=int, default=200, help="mean patients per site")
     p.add_argument("--alpha", type=float, default=2.0, help="Dirichlet label-skew concentration")
+    p.add_argument("--quantity-skew", type=float, default=0.3,
+                   help="site sizes vary by +/- this fraction of --patients")
+    p.add_argument("--scanner-shift", type=float, default=1.0,
+                   help="scale of scanner gain/noise differences (0 = identical scanners)")
+    p.add_argument("--missing-fraction", type=float, default=0.4,
+                   help="share of site-1 studies without T1ce")
+    p.add_argument("--label-fraction", type=float, default=0.25,
+                   help="share of site-2 studies with a label")
     p.add_argument("--external", action="store_true", help="also write a held-out external site")
     p.set_defaults(func=cmd_synth)
 

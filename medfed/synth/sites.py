@@ -77,38 +77,66 @@ class SyntheticSite:
     studies: list[SyntheticStudy] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class Scenario:
+    """How non-IID the federation is. Defaults are the demo's hospitals."""
+
+    alpha: float = 2.0              # Dirichlet label skew (small = each site sees few classes)
+    patients: int = 200             # mean patients per site
+    quantity_skew: float = 0.3      # site sizes uniform in patients * [1 - q, 1 + q]
+    scanner_shift: float = 1.0      # scales per-site gain/noise deviations (0 = identical scanners)
+    missing_fraction: float = 0.4   # share of site 1's studies without T1ce
+    label_fraction: float = 0.25    # share of site 2's studies with a label
+
+    def __post_init__(self):
+        if self.alpha <= 0:
+            raise ValueError(f"Dirichlet alpha must be > 0, got {self.alpha}")
+        if self.patients < 1 or not 0 <= self.quantity_skew < 1 or self.scanner_shift < 0:
+            raise ValueError("need patients >= 1, 0 <= quantity_skew < 1, scanner_shift >= 0")
+        if not (0 <= self.missing_fraction <= 1 and 0 < self.label_fraction <= 1):
+            raise ValueError("missing_fraction must be in [0, 1], label_fraction in (0, 1]")
+
+
 def make_profiles(n_sites: int, seed: int, *, alpha: float = 2.0, patients: int = 200,
-                  external: bool = False) -> list[SiteProfile]:
-    """Deterministic site profiles; site 1 lacks T1ce for 40% of studies, site 2 has few labels."""
+                  external: bool = False, scenario: Scenario | None = None) -> list[SiteProfile]:
+    """Deterministic site profiles; site 1 lacks T1ce for some studies, site 2 has few labels.
+
+    ``scenario`` overrides ``alpha`` and ``patients`` when given.
+    """
+    scenario = scenario or Scenario(alpha=alpha, patients=patients)
     if n_sites < 1:
         raise ValueError(f"need at least one site, got {n_sites}")
-    if alpha <= 0:
-        raise ValueError(f"Dirichlet alpha must be > 0, got {alpha}")
+    q, shift = scenario.quantity_skew, scenario.scanner_shift
     rng = np.random.default_rng([seed, 1])
     missing_site = 1 if n_sites > 1 else 0
     few_label_site = 2 if n_sites > 2 else n_sites - 1
     profiles = []
     for i in range(n_sites + int(external)):
         is_external = i == n_sites
-        probs = rng.dirichlet([alpha] * len(CLASS_NAMES))
+        probs = rng.dirichlet([scenario.alpha] * len(CLASS_NAMES))
         if is_external:
             probs = np.full(len(CLASS_NAMES), 1 / len(CLASS_NAMES))
-        gains = tuple(float(g) for g in rng.uniform(0.8, 1.25, len(SEQUENCES)))
-        scanner = Scanner(gain=gains, noise_sigma=float(rng.uniform(25, 60)),
+        gains = rng.uniform(0.8, 1.25, len(SEQUENCES))
+        noise = rng.uniform(25, 60)
+        if shift != 1.0:                 # keep the default draws bit-identical
+            gains, noise = 1 + shift * (gains - 1), 40 + shift * (noise - 40)
+        scanner = Scanner(gain=tuple(float(g) for g in gains), noise_sigma=float(noise),
                           bias_strength=float(rng.uniform(0.05, 0.2)))
         profiles.append(SiteProfile(
             index=i,
             name="external" if is_external else f"site-{i}",
             institution=INSTITUTIONS[i % len(INSTITUTIONS)],
-            n_patients=max(4, int(round(patients * rng.uniform(0.7, 1.3)))),
+            n_patients=max(4, int(round(scenario.patients * rng.uniform(1 - q, 1 + q)))),
             class_probs=tuple(float(p) for p in probs),
             scanner=scanner,
             naming=i % len(SERIES_NAMING),
             rescale=RESCALE[i % len(RESCALE)],
             pixel_mm=float(rng.choice([0.9, 1.0, 1.2])),
             missing_sequence="T1ce" if i == missing_site and not is_external else None,
-            missing_fraction=0.4 if i == missing_site and not is_external else 0.0,
-            label_fraction=0.25 if i == few_label_site and not is_external else 1.0,
+            missing_fraction=scenario.missing_fraction if i == missing_site and not is_external
+            else 0.0,
+            label_fraction=scenario.label_fraction if i == few_label_site and not is_external
+            else 1.0,
             junk_files=i == missing_site and not is_external,
         ))
     return profiles
@@ -239,12 +267,13 @@ def _write_junk(dicom_dir: Path, image_file: Path, study: SyntheticStudy) -> Non
 
 
 def synthesize(out: Path, *, n_sites: int, seed: int, alpha: float = 2.0, patients: int = 200,
-               external: bool = False) -> list[SiteProfile]:
+               external: bool = False, scenario: Scenario | None = None) -> list[SiteProfile]:
     """Write all sites under ``out`` atomically: a failure leaves nothing half-written."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"output directory {out} exists and is not empty; choose another")
-    profiles = make_profiles(n_sites, seed, alpha=alpha, patients=patients, external=external)
+    profiles = make_profiles(n_sites, seed, alpha=alpha, patients=patients, external=external,
+                             scenario=scenario)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:

@@ -78,3 +78,21 @@ def test_refuses_non_empty_output_and_leaves_nothing_on_failure(tmp_path, monkey
     with pytest.raises(OSError):
         synthesize(tmp_path / "new", n_sites=1, seed=0, patients=4)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_non_iid_scenario_knobs():
+    from medfed.synth.sites import Scenario
+
+    iid = make_profiles(5, seed=1, scenario=Scenario(alpha=100.0, quantity_skew=0.0,
+                                                     scanner_shift=0.0))
+    skewed = make_profiles(5, seed=1, scenario=Scenario(alpha=0.1, quantity_skew=0.6,
+                                                        scanner_shift=2.0))
+    assert len({p.n_patients for p in iid}) == 1                        # no quantity skew
+    assert len({p.n_patients for p in skewed}) > 1
+    assert {p.scanner.noise_sigma for p in iid} == {40.0}               # identical scanners
+    assert max(max(p.class_probs) for p in iid) < 0.5                   # near-uniform labels
+    assert sum(max(p.class_probs) > 0.8 for p in skewed) >= 3           # mostly one class each
+    few = make_profiles(3, seed=1, scenario=Scenario(missing_fraction=1.0, label_fraction=0.1))
+    assert few[1].missing_fraction == 1.0 and few[2].label_fraction == 0.1
+    with pytest.raises(ValueError, match="alpha"):
+        Scenario(alpha=0)

@@ -1,0 +1,151 @@
+"""Strategies under label skew: 5 synthetic hospitals, Dirichlet alpha in {0.1, 0.5, 10}.
+
+For each alpha, side by side in one run:
+- FedAvg, FedProx, FedAdam: the final global model on the external site (never trains);
+- FedBN (normalisation layers local) and personalized FedAvg (each site's adapted model):
+  these models exist only at their sites, so they are scored on the sites' own test splits;
+- pooled centralized training on all sites' training data (upper bound), same backbone and
+  the same number of passes over the data, scored both ways.
+
+``best_over_pooled_alpha_0_5`` = best global strategy's external MCC / pooled external MCC.
+
+    python -m bench.heterogeneity [--rounds 15] [--local-epochs 4] [--patients 120]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from client.data.dataset import StudyDataset
+from client.data.site import load_site
+from client.engine import Engine, TrainConfig
+from medfed.simulation import simulate
+from medfed.synth.sites import Scenario, synthesize
+from models import MODELS, TASKS
+from server.config import ExperimentConfig, load_experiment
+from strategies.observed import RoundRecord
+from strategies.pooling import pool, split_metrics
+
+from .common import update_results_md, write_result
+
+ALPHAS = (0.1, 0.5, 10.0)
+SITES = 5
+GLOBAL = {"fedavg": "strategy=personalized", "fedprox": "strategy=fedprox",
+          "fedadam": "strategy=fedadam"}
+
+
+class LastRound:
+    """Keeps the last round's pooled site-test metrics (global and personal)."""
+
+    def __init__(self):
+        self.test, self.personal = {}, {}
+
+    def on_train(self, record: RoundRecord) -> None:
+        pass
+
+    def on_round_end(self, record: RoundRecord) -> None:
+        self.test = pool([split_metrics(r.metrics, "test") for r in record.evaluate])
+        self.personal = pool([split_metrics(r.metrics, "personal-test") for r in record.evaluate])
+
+
+def external_mcc(cfg: ExperimentConfig, weights: dict, external: StudyDataset) -> float:
+    model = MODELS.build(cfg.model.name, cfg.model_options())
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()})
+    engine = Engine(TASKS.build(cfg.task.name, cfg.task_options()), torch.device("cpu"))
+    return engine.evaluate(model, external)["mcc"]
+
+
+def final_weights(run_dir: Path) -> dict:
+    latest = sorted((run_dir / "checkpoints").glob("round-*"))[-1]
+    with np.load(latest / "arrays.npz") as data:
+        return {k: data[k] for k in data.files}
+
+
+def pooled(cfg: ExperimentConfig, root: Path, epochs: int, external: StudyDataset) -> dict:
+    classes = tuple(cfg.task.class_names)
+    sites = [load_site(root / f"site-{i}", classes) for i in range(SITES)]
+    train = StudyDataset([s for d in sites for s in d.split("train", labelled_only=True)],
+                         cfg.task.image_size, augment=True)
+    test = StudyDataset([s for d in sites for s in d.split("test", labelled_only=True)],
+                        cfg.task.image_size)
+    torch.manual_seed(cfg.seed)
+    model = MODELS.build(cfg.model.name, cfg.model_options())
+    engine = Engine(TASKS.build(cfg.task.name, cfg.task_options()), torch.device("cpu"))
+    for epoch in range(epochs):
+        train.reseed(epoch)
+        engine.fit(model, train, TrainConfig(local_epochs=1, lr=cfg.train.lr,
+                                             batch_size=cfg.train.batch_size, seed=epoch))
+    return {"external_mcc": engine.evaluate(model, external)["mcc"],
+            "site_test_mcc": engine.evaluate(model, test)["mcc"]}
+
+
+def run_alpha(alpha: float, args, work: Path) -> dict:
+    root = work / f"alpha-{alpha}"
+    synthesize(root, n_sites=SITES, seed=args.seed, external=True,
+               scenario=Scenario(alpha=alpha, patients=args.patients))
+    base = [f"data.root={root}", f"runs_dir={work / 'runs'}", f"federation.num_sites={SITES}",
+            f"federation.num_rounds={args.rounds}", f"train.local_epochs={args.local_epochs}",
+            "tracking.log_models=false", f"seed={args.seed}"]
+    cfg = load_experiment(base)
+    external = StudyDataset(load_site(root / "external", tuple(cfg.task.class_names)).studies,
+                            cfg.task.image_size)
+    table: dict[str, dict] = {}
+    for name, override in GLOBAL.items():
+        run_cfg = load_experiment([*base, override])
+        last = LastRound()
+        run_dir = simulate(run_cfg, observers=(last,))
+        table[name] = {"external_mcc": external_mcc(run_cfg, final_weights(run_dir), external),
+                       "site_test_mcc": last.test.get("mcc")}
+        if name == "fedavg":
+            table["personalized"] = {"external_mcc": None, "site_test_mcc": last.personal.get("mcc")}
+        print(f"alpha {alpha}: {name:12s} {table[name]}", flush=True)
+    fedbn_cfg = load_experiment([*base, "strategy=fedbn"])
+    last = LastRound()
+    simulate(fedbn_cfg, observers=(last,))
+    table["fedbn"] = {"external_mcc": None, "site_test_mcc": last.test.get("mcc")}
+    table["pooled"] = pooled(cfg, root, args.rounds * args.local_epochs, external)
+    for name in ("personalized", "fedbn", "pooled"):
+        print(f"alpha {alpha}: {name:12s} {table[name]}", flush=True)
+    return table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--local-epochs", type=int, default=4)
+    parser.add_argument("--patients", type=int, default=120)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--alphas", default=",".join(str(a) for a in ALPHAS),
+                        help="comma-separated; must include 0.5 for the headline ratio")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    with tempfile.TemporaryDirectory(prefix="medfed-hetero-") as tmp:
+        tables = {str(float(a)): run_alpha(float(a), args, Path(tmp))
+                  for a in args.alphas.split(",")}
+    mid = tables["0.5"]
+    best_name = max(GLOBAL, key=lambda n: mid[n]["external_mcc"])
+    pooled_mcc = mid["pooled"]["external_mcc"]
+    ratio = mid[best_name]["external_mcc"] / pooled_mcc if pooled_mcc > 0 else None
+    payload = {"best_over_pooled_alpha_0_5": ratio, "best_strategy_alpha_0_5": best_name,
+               "tables": tables, "sites": SITES, "rounds": args.rounds,
+               "local_epochs": args.local_epochs, "patients_per_site": args.patients}
+    path = write_result("heterogeneity", payload)
+    print(f"best at alpha 0.5: {best_name}, external MCC {mid[best_name]['external_mcc']:.3f} "
+          f"vs pooled {pooled_mcc:.3f} -> ratio {ratio}")
+    cells = "; ".join(f"α={a}: " + ", ".join(
+        f"{n} {t[n]['external_mcc']:.2f}" for n in (*GLOBAL, "pooled")) for a, t in tables.items())
+    update_results_md(
+        "heterogeneity", f"| heterogeneity | best/pooled external MCC at α=0.5: "
+        f"{'n/a' if ratio is None else f'{ratio:.2f}'} ({best_name}) | external MCC {cells}; "
+        f"{SITES} sites, {args.rounds} rounds x {args.local_epochs} epochs | `results/{path.name}` |")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -19,7 +19,6 @@ import logging
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from client.data.dataset import StudyDataset
@@ -28,6 +27,7 @@ from client.engine import Engine, TrainConfig
 from medfed.simulation import simulate
 from medfed.synth.sites import Scenario, synthesize
 from models import MODELS, TASKS
+from server.checkpoint import latest_weights
 from server.config import ExperimentConfig, load_experiment
 from strategies.observed import RoundRecord
 from strategies.pooling import pool, split_metrics
@@ -59,12 +59,6 @@ def external_mcc(cfg: ExperimentConfig, weights: dict, external: StudyDataset) -
     model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()})
     engine = Engine(TASKS.build(cfg.task.name, cfg.task_options()), torch.device("cpu"))
     return engine.evaluate(model, external)["mcc"]
-
-
-def final_weights(run_dir: Path) -> dict:
-    latest = sorted((run_dir / "checkpoints").glob("round-*"))[-1]
-    with np.load(latest / "arrays.npz") as data:
-        return {k: data[k] for k in data.files}
 
 
 def pooled(cfg: ExperimentConfig, root: Path, epochs: int, external: StudyDataset) -> dict:
@@ -100,7 +94,7 @@ def run_alpha(alpha: float, args, work: Path) -> dict:
         run_cfg = load_experiment([*base, override])
         last = LastRound()
         run_dir = simulate(run_cfg, observers=(last,))
-        table[name] = {"external_mcc": external_mcc(run_cfg, final_weights(run_dir), external),
+        table[name] = {"external_mcc": external_mcc(run_cfg, latest_weights(run_dir), external),
                        "site_test_mcc": last.test.get("mcc")}
         if name == "fedavg":
             table["personalized"] = {"external_mcc": None, "site_test_mcc": last.personal.get("mcc")}

@@ -6,12 +6,10 @@ import json
 from pathlib import Path
 
 import torch
-
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from strategies import wire
-
 from strategies.partial import local_keys
 
 from .engine import Engine
@@ -79,7 +77,8 @@ def make_client_app(*, sim_data_root: Path | None = None, mods=()) -> ClientApp:
         reply = MetricRecord({k: v for k, v in metrics.items() if k != "seconds"}
                              | {wire.NUM_EXAMPLES: len(splits["train"]),
                                 wire.TRAIN_SECONDS: metrics["seconds"]})
-        shared = ArrayRecord({k: v for k, v in state.items() if k not in set(local)})
+        kept = set(local)
+        shared = ArrayRecord({k: v for k, v in state.items() if k not in kept})
         content = RecordDict({wire.ARRAYS: shared, wire.METRICS: reply, wire.SITE: identity})
         return Message(content=content, reply_to=msg)
 

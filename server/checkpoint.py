@@ -178,3 +178,12 @@ def latest_checkpoint(run_dir: Path, config_hash: str) -> Checkpoint:
 
     arrays = ArrayRecord({k: Array(v) for k, v in load("arrays.npz").items()})
     return Checkpoint(manifest["round"], arrays, load("strategy.npz"), load("rng.npz"), manifest)
+
+
+def latest_weights(run_dir: Path) -> dict[str, np.ndarray]:
+    """Global weights of the newest checkpoint (no config check: for tools and tests)."""
+    candidates = sorted((Path(run_dir) / "checkpoints").glob("round-*"))
+    if not candidates:
+        raise CheckpointError(f"no checkpoint in {run_dir}")
+    with np.load(candidates[-1] / "arrays.npz", allow_pickle=False) as data:
+        return {k: data[k] for k in data.files}

@@ -19,7 +19,6 @@ from models import MODELS
 from models.serving import ExportedClassifier
 from strategies.observed import RoundRecord
 from strategies.pooling import pool, report_splits, split_metrics
-from strategies import wire
 
 from .config import ExperimentConfig
 

@@ -45,11 +45,9 @@ def three_sites(tmp_path_factory) -> Path:
 
 def final_weights(run_dir: Path) -> dict:
     """Global weights of the newest checkpoint in a run directory."""
-    import numpy as np
+    from server.checkpoint import latest_weights
 
-    latest = sorted((run_dir / "checkpoints").glob("round-*"))[-1]
-    with np.load(latest / "arrays.npz") as data:
-        return {k: data[k] for k in data.files}
+    return latest_weights(run_dir)
 
 
 def phi_strings(root: Path) -> set[str]:

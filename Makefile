@@ -11,7 +11,7 @@ export FLWR_HOME = $(CURDIR)/.flwr
 export HF_HUB_OFFLINE = 1
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
 
-.PHONY: demo test install data bench clean
+.PHONY: demo test install data bench bench-all clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -35,6 +35,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.framework_overhead
+	$(BIN)/python -m bench.calibration
+
+bench-all: bench
+	$(BIN)/python -m bench.heterogeneity
 
 clean:
 	rm -rf runs .flwr

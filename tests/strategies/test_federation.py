@@ -34,6 +34,13 @@ def _initial(cfg):
     return {k: v.numpy() for k, v in MODELS.build(cfg.model.name, cfg.model_options()).state_dict().items()}
 
 
+def _only_run(run_dir):
+    client = mlflow.MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("medfed").experiment_id])
+    assert len(runs) == 1
+    return runs[0]
+
+
 def _distance(a, b):
     return float(np.sqrt(sum(((a[k].astype(np.float64) - b[k]) ** 2).sum() for k in a)))
 
@@ -45,9 +52,7 @@ def test_every_strategy_trains_in_a_three_site_simulation(name, three_sites, tmp
     weights = final_weights(run_dir)
     assert all(np.isfinite(v).all() for v in weights.values())
     assert _distance(weights, _initial(cfg)) > 0
-    run = mlflow.MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}").search_runs(
-        [mlflow.MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}").get_experiment_by_name(
-            cfg.tracking.experiment_name).experiment_id])[0]
+    run = _only_run(run_dir)
     assert run.info.status == "FINISHED"
     assert run.data.metrics["train/sites_ok"] == 3
 
@@ -70,8 +75,7 @@ def test_a_garbage_site_is_excluded_and_the_model_stays_close(mode, three_sites,
     # far closer to it than one round's step (a x1e6 update would move it by ~1e6 x that).
     step = _distance(clean_weights, initial)
     assert _distance(attacked, clean_weights) < step
-    client = mlflow.MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
-    run = client.search_runs([client.get_experiment_by_name("medfed").experiment_id])[0]
+    run = _only_run(run_dir)
     assert run.data.metrics["train/updates_rejected"] == 1
     assert run.data.metrics["site/site-2/train/update_rejected"] == 1
     assert any(k.startswith("rejected.round-1.site-2") for k in run.data.tags)
@@ -115,8 +119,6 @@ def test_fedbn_keeps_normalisation_layers_at_the_sites(three_sites, tmp_path):
 def test_personalized_sites_report_their_adapted_model(three_sites, tmp_path):
     cfg = _cfg(three_sites, tmp_path, "strategy=personalized", "federation.num_rounds=2")
     run_dir = simulate(cfg)
-    client = mlflow.MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
-    run = client.search_runs([client.get_experiment_by_name("medfed").experiment_id])[0]
-    metrics = run.data.metrics
+    metrics = _only_run(run_dir).data.metrics
     assert "personal-test/loss" in metrics and "test/loss" in metrics
     assert "site/site-0/personal-test/n" in metrics

@@ -60,7 +60,8 @@ class StrategyConfig:
     min_train_sites: int = 2              # usable updates a round needs, else it fails
     min_evaluate_sites: int = 2
     min_available_sites: int = 2          # connected sites needed before a phase starts
-    max_update_norm: float | None = None  # L2 bound on local - global; None: no norm check
+    max_update_norm: float | None = None  # L2 bound on local - global; None: no absolute bound
+    max_norm_ratio: float | None = 10.0   # reject norms > ratio x the round's median (>= 3 sites)
     local_params: list[str] = field(default_factory=list)   # FedBN-style: fnmatch patterns
     personalize: bool = False             # sites also report their locally adapted model
 
@@ -162,6 +163,8 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         raise ConfigError("federation.round_timeout and federation.quorum_timeout must be > 0 s")
     if strat.max_update_norm is not None and strat.max_update_norm <= 0:
         raise ConfigError("strategy.max_update_norm must be > 0 (or null to disable)")
+    if strat.max_norm_ratio is not None and strat.max_norm_ratio <= 1:
+        raise ConfigError("strategy.max_norm_ratio must be > 1 (or null to disable)")
     if strat.min_train_sites < 1 or strat.min_train_sites > fed.num_sites:
         raise ConfigError(f"strategy.min_train_sites must be in [1, federation.num_sites="
                           f"{fed.num_sites}], got {strat.min_train_sites}")

@@ -37,7 +37,8 @@ def build_strategy(cfg: ExperimentConfig) -> Strategy:
     guarded = GuardedStrategy(inner, min_available_sites=s.min_available_sites,
                               min_train_sites=s.min_train_sites,
                               quorum_timeout=cfg.federation.quorum_timeout,
-                              max_update_norm=s.max_update_norm)
+                              max_update_norm=s.max_update_norm,
+                              max_norm_ratio=s.max_norm_ratio)
     return PartialSharing(guarded, list(s.local_params)) if s.local_params else guarded
 
 

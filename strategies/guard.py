@@ -81,17 +81,22 @@ class GuardedStrategy(Strategy):
     quorum_timeout : float
         Seconds to wait for ``min_available_sites`` before failing.
     max_update_norm : float, optional
-        L2 bound on ``local - global``; None disables the norm check (the others stay on).
+        L2 bound on ``local - global``; None disables the absolute bound.
+    max_norm_ratio : float, optional
+        Scale-free bound, on by default: with at least three well-formed updates, one whose
+        norm exceeds this multiple of the round's median norm is rejected (catches a x1e6
+        site without knowing the model's scale). None disables it.
     """
 
     def __init__(self, strategy: Strategy, *, min_available_sites: int, min_train_sites: int,
                  quorum_timeout: float, max_update_norm: float | None = None,
-                 poll_interval: float = 0.5):
+                 max_norm_ratio: float | None = 10.0, poll_interval: float = 0.5):
         self.strategy = strategy
         self.min_available_sites = min_available_sites
         self.min_train_sites = min_train_sites
         self.quorum_timeout = quorum_timeout
         self.max_update_norm = max_update_norm
+        self.max_norm_ratio = max_norm_ratio
         self.poll_interval = poll_interval
         self.rejected: list[Rejection] = []
         self.update_norms: dict[str, float] = {}      # site id -> ||local - global|| this round
@@ -122,7 +127,7 @@ class GuardedStrategy(Strategy):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         self.rejected, self.update_norms = [], {}
-        accepted = []
+        accepted, verdicts = [], []
         for msg in replies:
             if msg.has_error():
                 accepted.append(msg)          # the inner strategy counts and logs failures
@@ -131,6 +136,14 @@ class GuardedStrategy(Strategy):
             reason, norm = check_update(arrays, self._reference, self.max_update_norm)
             if norm is not None:
                 self.update_norms[reply_site_id(msg)] = norm
+            verdicts.append((msg, reason, norm))
+        norms = [n for _, r, n in verdicts if n is not None and (r is None or "exceeds" in r)]
+        if self.max_norm_ratio is not None and len(norms) >= 3:
+            limit = self.max_norm_ratio * float(np.median(norms))
+            verdicts = [(m, r if r is not None or n <= limit else
+                         f"update norm {n:.3g} is over {self.max_norm_ratio:g}x the round's "
+                         f"median ({limit / self.max_norm_ratio:.3g})", n) for m, r, n in verdicts]
+        for msg, reason, _ in verdicts:
             if reason is None:
                 accepted.append(msg)
             else:

@@ -23,6 +23,7 @@ def test_demo_is_the_default():
     (["strategy=fedprox", "strategy.options.proximal_mu=-0.1"], "proximal_mu must be >= 0"),
     (["+strategy.options.momentum=0.9"], "unknown option"),
     (["strategy.max_update_norm=-1"], "max_update_norm"),
+    (["strategy.max_norm_ratio=0.5"], "max_norm_ratio"),
     (["strategy.min_train_sites=7"], "min_train_sites"),
     (["resume=/nonexistent/run"], "no checkpoints"),
     (["strategy=fedbn", "strategy.local_params=[bn_*]"], "match no model parameter"),

@@ -37,3 +37,29 @@ def test_dtype_changes_and_missing_records_are_refused():
 def test_no_norm_bound_still_checks_finiteness():
     assert check_update(corrupt(_record(), "scale"), REF, None)[0] is None
     assert "non-finite" in check_update(corrupt(_record(), "nan"), REF, None)[0]
+
+
+def test_median_rule_rejects_a_scaled_update_without_an_absolute_bound():
+    from types import SimpleNamespace
+
+    from strategies.guard import GuardedStrategy
+
+    class Inner:
+        def aggregate_train(self, server_round, replies):
+            self.got = replies
+            return None, None
+
+    def reply(site, arrays):
+        content = SimpleNamespace(array_records={"arrays": arrays},
+                                  config_records={"site": {"site-id": site}})
+        return SimpleNamespace(has_error=lambda: False, has_content=lambda: True,
+                               content=content, metadata=SimpleNamespace(src_node_id=1))
+
+    inner = Inner()
+    guard = GuardedStrategy(inner, min_available_sites=1, min_train_sites=2, quorum_timeout=1)
+    guard._reference, guard._dtypes = REF, {k: v.dtype for k, v in REF.items()}
+    honest = [reply(f"site-{i}", _record(dict(REF, w=REF["w"] + 0.1 * (i + 1)))) for i in range(3)]
+    attacker = reply("site-9", corrupt(_record(dict(REF, w=REF["w"] + 0.1)), "scale"))
+    guard.aggregate_train(1, [*honest, attacker])
+    assert [r.site_id for r in guard.rejected] == ["site-9"]
+    assert "median" in guard.rejected[0].reason and len(inner.got) == 3

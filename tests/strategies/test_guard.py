@@ -63,3 +63,19 @@ def test_median_rule_rejects_a_scaled_update_without_an_absolute_bound():
     guard.aggregate_train(1, [*honest, attacker])
     assert [r.site_id for r in guard.rejected] == ["site-9"]
     assert "median" in guard.rejected[0].reason and len(inner.got) == 3
+
+
+def test_quorum_wait_gives_up_with_a_clear_error():
+    from types import SimpleNamespace
+
+    from strategies.guard import GuardedStrategy, QuorumError
+
+    polls = []
+    grid = SimpleNamespace(get_node_ids=lambda: polls.append(1) or [7])     # one site, forever
+    guard = GuardedStrategy(SimpleNamespace(), min_available_sites=3, min_train_sites=1,
+                            quorum_timeout=0.3, poll_interval=0.05)
+    with pytest.raises(QuorumError, match="only 1 of the 3 required sites connected within 0.3 s"):
+        guard.wait_for_quorum(grid)
+    assert len(polls) >= 2                       # it polled, then stopped by itself
+    enough = SimpleNamespace(get_node_ids=lambda: [1, 2, 3])
+    guard.wait_for_quorum(enough)                # returns at once when the quorum is there

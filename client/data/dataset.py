@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from monai.transforms import (Compose, EnsureTyped, NormalizeIntensityd, RandFlipd,
-                              RandRotate90d, Resized)
+                              RandRotate90d, Resize)
 from torch.utils.data import Dataset
 
 from .sequences import SEQUENCES
@@ -13,9 +13,8 @@ from .site import Study
 
 
 def study_transform(image_size: int) -> Compose:
-    """Resize every sequence to a common grid and z-score each present sequence on its own."""
+    """Z-score each present sequence on its own (sequences arrive resized to one grid)."""
     return Compose([
-        Resized(keys="image", spatial_size=(image_size, image_size), mode="area"),
         NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True),
         EnsureTyped(keys="image", data_type="tensor", dtype=torch.float32, track_meta=False),
     ])
@@ -48,15 +47,18 @@ class StudyDataset(Dataset):
     def __init__(self, studies: list[Study], image_size: int, sequences=SEQUENCES, *,
                  augment: bool = False):
         transform = study_transform(image_size)
+        # Each sequence is resized on its own: vendors may acquire sequences at different
+        # matrix sizes, and a study must not lose a sequence because of it.
+        resize = Resize(spatial_size=(image_size, image_size), mode="area")
         self.augment = augmentation() if augment else None
         self.items = []
         for study in studies:
-            shape = next(_as_slice(p).shape for p in study.images.values())
-            stack = np.zeros((len(sequences), *shape), dtype=np.float32)
+            stack = np.zeros((len(sequences), image_size, image_size), dtype=np.float32)
             present = np.zeros(len(sequences), dtype=bool)
             for i, seq in enumerate(sequences):
-                if seq in study.images and _as_slice(study.images[seq]).shape == shape:
-                    stack[i] = _as_slice(study.images[seq])
+                if seq in study.images:
+                    pixels = _as_slice(study.images[seq]).astype(np.float32)[None]   # [1, H, W]
+                    stack[i] = np.asarray(resize(pixels))[0]
                     present[i] = True
             out = transform({"image": stack})
             image = out["image"] * torch.as_tensor(present, dtype=torch.float32)[:, None, None]

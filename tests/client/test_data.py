@@ -111,3 +111,13 @@ def test_dataset_masks_absent_sequences(tiny_sites):
         absent = ~it["present"]
         assert it["image"][absent].abs().max() == 0
         assert it["image"][it["present"]].std() > 0.5        # z-scored present sequences
+
+
+def test_sequences_of_different_matrix_sizes_are_all_kept(tiny_sites):
+    import numpy as np
+
+    study = load_site(tiny_sites / "site-0", CLASSES).studies[0]
+    study.images["T2"] = np.kron(study.images["T2"], np.ones((2, 2), np.float32))   # 128x128
+    item = StudyDataset([study], image_size=32)[0]
+    assert item["present"].all() and item["image"].shape == (4, 32, 32)
+    assert item["image"][2].std() > 0.5

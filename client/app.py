@@ -14,6 +14,8 @@ from strategies.partial import local_keys
 
 from .engine import Engine
 from .job import Job, decode_job
+from .mods.sitedp import site_dp_clipping_mod
+from .privacy.policy import authorize, node_settings, site_budget
 from .runtime import SiteDataCache, resolve_site, site_logger
 
 # Site-owned state across rounds (node context state; never sent).
@@ -46,9 +48,11 @@ def make_client_app(*, sim_data_root: Path | None = None, mods=()) -> ClientApp:
     sim_data_root : Path, optional
         Simulation only: directory holding ``site-<partition-id>`` folders.
     mods : sequence
-        Flower client mods (privacy, secure aggregation, auditing), applied in order.
+        Extra Flower client mods (secure aggregation, auditing, fault drills), outermost
+        first; site-level DP clipping is always installed innermost.
     """
-    app = ClientApp(mods=list(mods))
+    # Site-level DP clipping sits innermost: it clips the update as the handler produced it.
+    app = ClientApp(mods=[*mods, site_dp_clipping_mod])
     cache = SiteDataCache()
 
     def prepare(msg: Message, context: Context):
@@ -66,7 +70,21 @@ def make_client_app(*, sim_data_root: Path | None = None, mods=()) -> ClientApp:
     def train(msg: Message, context: Context) -> Message:
         site, job, splits, model, engine, identity, local = prepare(msg, context)
         splits["train"].reseed(job.train.seed)
-        metrics = engine.fit(model, splits["train"], job.train)
+        settings = node_settings(context.node_config, site.data_dir)
+        auth = authorize(job.privacy, site_budget(settings, site.data_dir),
+                         n_train=len(splits["train"]), local_epochs=job.train.local_epochs,
+                         batch_size=job.train.batch_size, server_round=job.server_round,
+                         secure_mode=_flag(settings.get(wire.NODE_DP_SECURE_MODE, True)))
+        metrics = engine.fit(model, splits["train"], job.train,
+                             privacy=auth.dpsgd if auth else None)
+        if auth is not None:
+            # Training loss/accuracy are computed on the private samples and are not covered
+            # by the accountant: a private round reports only what its ledger says.
+            metrics = {k: v for k, v in metrics.items() if not k.startswith("train_")} | {
+                wire.DP_EPSILON: auth.entry.epsilon, wire.DP_DELTA: auth.entry.delta,
+                wire.DP_STEPS: float(auth.entry.steps), wire.DP_UNIT_WEIGHT: 1.0,
+                wire.DP_NOISE_MULTIPLIER: auth.entry.noise_multiplier,
+                wire.DP_SAMPLE_RATE: auth.entry.sample_rate}
         state = model.state_dict()
         if local:
             context.state[STATE_LOCAL_PARAMS] = ArrayRecord({k: state[k] for k in local})
@@ -116,6 +134,10 @@ def make_client_app(*, sim_data_root: Path | None = None, mods=()) -> ClientApp:
                           wire.AUROC_DEFINED: float(defined)}
 
     return app
+
+
+def _flag(value) -> bool:
+    return str(value).lower() not in ("false", "0", "no")
 
 
 app = make_client_app()

@@ -14,7 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
+
+from .privacy.dpsgd import DPSGDConfig, PrivateGradients, poisson_batches, steps_per_epoch
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +55,6 @@ def autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
-def proximal_term(model: nn.Module, anchor: list[torch.Tensor], mu: float) -> torch.Tensor:
-    """FedProx (Li et al. 2020): (mu/2) * ||w - w_global||^2 keeps local models near the global."""
-    return 0.5 * mu * sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
-
-
 def _to(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
@@ -76,35 +73,62 @@ class Engine:
         self.task = task
         self.device = device
 
-    def fit(self, model: nn.Module, data: Dataset, config: TrainConfig) -> dict[str, float]:
-        """Train in place for ``local_epochs``; returns mean loss/metrics, steps and seconds."""
+    def fit(self, model: nn.Module, data: Dataset, config: TrainConfig,
+            privacy: DPSGDConfig | None = None) -> dict[str, float]:
+        """Train in place; returns mean loss/metrics, steps and seconds.
+
+        Without ``privacy``: ``local_epochs`` shuffled passes. With it: DP-SGD, i.e.
+        ``local_epochs * int(1/q)`` Poisson-sampled steps, per-sample clipping and noise.
+        """
         if len(data) == 0:
             raise ValueError("no training samples at this site")
         start = time.perf_counter()
-        generator = torch.Generator().manual_seed(config.seed)
-        loader = DataLoader(data, batch_size=config.batch_size, shuffle=True, generator=generator)
         model.to(self.device).train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr,
                                       weight_decay=config.weight_decay)
+        anchor = [p.detach().clone() for p in model.parameters()] if config.proximal_mu else None
+        if privacy is None:
+            generator = torch.Generator().manual_seed(config.seed)
+            loader = DataLoader(data, batch_size=config.batch_size, shuffle=True,
+                                generator=generator)
+            batches = (batch for _ in range(config.local_epochs) for batch in loader)
+            private = None
+        else:
+            steps = config.local_epochs * steps_per_epoch(privacy.sample_rate)
+            batches = (default_collate([data[int(i)] for i in idx]) if len(idx) else None
+                       for idx in poisson_batches(len(data), privacy.sample_rate, steps,
+                                                  secure=privacy.secure_mode, seed=config.seed))
+            private = PrivateGradients(model, privacy, privacy.sample_rate * len(data))
         totals: dict[str, float] = {}
         seen, steps = 0, 0
-        anchor = [p.detach().clone() for p in model.parameters()] if config.proximal_mu else None
-        for _ in range(config.local_epochs):
-            for batch in loader:
-                with autocast(self.device):
-                    out = self.task.step(model, _to(batch, self.device))
-                loss = out.loss
-                if anchor is not None:
-                    loss = loss + proximal_term(model, anchor, config.proximal_mu)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                steps += 1
+        for batch in batches:
+            optimizer.zero_grad(set_to_none=True)
+            out = self._backward(model, batch, private)
+            if anchor is not None:      # FedProx: gradient of (mu/2)||w - w_global||^2
+                for p, a in zip(model.parameters(), anchor):
+                    p.grad.add_(p.detach() - a, alpha=config.proximal_mu)
+            optimizer.step()
+            steps += 1
+            if out is not None:
                 seen += out.n
                 for key, value in {"loss": out.loss.item(), **out.metrics}.items():
                     totals[key] = totals.get(key, 0.0) + value * out.n
         metrics = {f"train_{k}": v / max(seen, 1) for k, v in totals.items()}
         return metrics | {"steps": float(steps), "seconds": time.perf_counter() - start}
+
+    def _backward(self, model: nn.Module, batch: dict | None, private: PrivateGradients | None):
+        """Fill ``p.grad`` for one batch; DP-SGD privatises it (an empty Poisson batch still
+        takes a noise-only step, as the accountant assumes)."""
+        def loss_fn():
+            if batch is None:
+                return None
+            with autocast(self.device):
+                return self.task.step(model, _to(batch, self.device))
+        if private is not None:
+            return private.backward(loss_fn)
+        out = loss_fn()
+        out.loss.backward()
+        return out
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, data: Dataset, batch_size: int = 64) -> dict[str, float]:

@@ -12,13 +12,43 @@ from dataclasses import dataclass
 from flwr.app import ConfigRecord
 
 from models import MODELS, TASKS
+from models.tasks import batch_coupling
 from strategies import wire
+from strategies.accounting import check_accountant
 
 from .engine import TrainConfig
 
 
 class JobError(ValueError):
     """The server's request is malformed or names something this site does not offer."""
+
+
+@dataclass(frozen=True)
+class PrivacyRequest:
+    """What the server asks for; the site's policy decides whether to accept it."""
+    mechanism: str = wire.DP_NONE
+    target_epsilon: float = 0.0      # dp-sgd: calibrate sigma to reach this over the run
+    noise_multiplier: float = 0.0    # > 0: the server's sigma (site-dp: the server adds it)
+    max_grad_norm: float = 1.0       # dp-sgd per-sample clipping bound
+    sample_rate: float = 0.0         # dp-sgd Poisson rate; 0 -> batch_size / n
+    clipping_norm: float = 0.0       # site-dp: bound on the site's update norm
+    planned_rounds: int = 1
+    accountant: str = "rdp"
+    run_id: str = ""
+
+    def __post_init__(self):
+        if self.mechanism not in wire.DP_MECHANISMS:
+            raise ValueError(f"unknown privacy mechanism {self.mechanism!r}; "
+                             f"this site offers {list(wire.DP_MECHANISMS)}")
+        check_accountant(self.accountant)
+        if self.mechanism == wire.DP_SITE and not (self.noise_multiplier > 0
+                                                    and self.clipping_norm > 0):
+            raise ValueError("site-dp needs a noise multiplier and a clipping norm > 0")
+        if self.mechanism == wire.DP_SGD and not (self.target_epsilon > 0
+                                                   or self.noise_multiplier > 0):
+            raise ValueError("dp-sgd needs a target epsilon or a noise multiplier > 0")
+        if self.mechanism != wire.DP_NONE and (self.planned_rounds < 1 or not self.run_id):
+            raise ValueError("a private run must name its run id and planned rounds >= 1")
 
 
 @dataclass(frozen=True)
@@ -33,6 +63,7 @@ class Job:
     server_round: int
     local_params: tuple[str, ...] = ()      # FedBN-style patterns kept at this site
     personalize: bool = False
+    privacy: PrivacyRequest = PrivacyRequest()
 
     def build_model(self):
         return MODELS.build(self.model_name, self.model_options)
@@ -74,9 +105,24 @@ def decode_job(config: ConfigRecord, *, site_seed: int) -> Job:
             server_round=server_round,
             local_params=tuple(str(p) for p in config.get(wire.LOCAL_PARAMS, [])),
             personalize=bool(config.get(wire.PERSONALIZE, False)),
+            privacy=PrivacyRequest(
+                mechanism=str(config.get(wire.DP_MECHANISM, wire.DP_NONE)),
+                target_epsilon=float(config.get(wire.DP_TARGET_EPSILON, 0.0)),
+                noise_multiplier=float(config.get(wire.DP_NOISE_MULTIPLIER, 0.0)),
+                max_grad_norm=float(config.get(wire.DP_MAX_GRAD_NORM, 1.0)),
+                sample_rate=float(config.get(wire.DP_SAMPLE_RATE, 0.0)),
+                clipping_norm=float(config.get(wire.DP_CLIPPING_NORM, 0.0)),
+                planned_rounds=int(config.get(wire.DP_PLANNED_ROUNDS, 1)),
+                accountant=str(config.get(wire.DP_ACCOUNTANT, "rdp")),
+                run_id=str(config.get(wire.RUN_ID, ""))),
         )
         MODELS.config(job.model_name, job.model_options)     # validate names and options now
         TASKS.config(job.task_name, job.task_options)
+        coupling = batch_coupling(job.task_name)
+        if job.privacy.mechanism == wire.DP_SGD and coupling:
+            raise JobError(f"DP-SGD refused for task {job.task_name!r}: {coupling}; "
+                           "per-sample clipping cannot bound one sample's influence - "
+                           "use site-level DP (privacy=sitedp) for this objective")
     except (KeyError, TypeError, ValueError) as err:
         raise JobError(str(err).strip('"')) from None
     return job

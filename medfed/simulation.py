@@ -6,11 +6,13 @@ the ClientApp together, one CPU and one torch thread per simulated site.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
 
 from client.app import make_client_app
+from strategies import wire
 from server.app import make_server_app
 from server.config import ConfigError, ExperimentConfig
 from server.federation import new_run_dir
@@ -48,6 +50,28 @@ def check_sites(cfg: ExperimentConfig) -> Path:
     return root.resolve()
 
 
+def write_site_node_config(cfg: ExperimentConfig, data_root: Path) -> None:
+    """Stand in for each simulated site operator's ``--node-config`` (Flower's simulation
+    gives nodes no config of their own): ``<site>/node-config.toml``, or none at all."""
+    for i in range(cfg.federation.num_sites):
+        path = data_root / f"site-{i}" / wire.NODE_CONFIG_FILE
+        settings = cfg.federation.site_node_config
+        if not settings:
+            path.unlink(missing_ok=True)
+            continue
+        lines = [f"{json.dumps(str(k))} = {_toml_value(v)}" for k, v in sorted(settings.items())]
+        path.write_text("# written by medfed simulate from federation.site_node_config\n"
+                        + "\n".join(lines) + "\n")
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value))
+
+
 def simulate(cfg: ExperimentConfig, *, run_dir: Path | None = None, client_mods=(),
              observers: tuple = ()) -> Path:
     """Run the experiment as a simulated federation; returns the run directory."""
@@ -56,6 +80,7 @@ def simulate(cfg: ExperimentConfig, *, run_dir: Path | None = None, client_mods=
 
     offline_environment()
     data_root = check_sites(cfg)
+    write_site_node_config(cfg, data_root)
     run_dir = run_dir or new_run_dir(cfg)
     torch.set_num_threads(1)
     fed = cfg.federation

@@ -38,6 +38,11 @@ class Registry:
                              f"valid: {sorted(known)}")
         return config_cls(**options)
 
+    def factory(self, name: str) -> Callable[[Any], Any]:
+        if name not in self._entries:
+            raise KeyError(f"unknown {self.kind} {name!r}; registered: {', '.join(self.names())}")
+        return self._entries[name][1]
+
     def build(self, name: str, options: dict[str, Any] | None = None) -> Any:
         return self._entries[name][1](self.config(name, options)) if name in self._entries \
             else self.config(name, options)   # config() raises the clear unknown-name error

@@ -34,11 +34,22 @@ class ClassificationConfig:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
 
 
-class ClassificationTask:
-    """Multi-class classification of a study from all its present sequences.
+def batch_coupling(task_name: str) -> str | None:
+    """Why a task's loss couples the samples of a batch (so per-sample clipping would not bound
+    one sample's influence and DP-SGD's accounting would not hold), or None if it does not.
 
-    The loss is a mean of per-sample terms, so it is DP-SGD safe.
+    Tasks declare it as a class attribute ``batch_coupling``; a task that does not declare it
+    is treated as coupled - it has to opt in to DP-SGD.
     """
+    return getattr(TASKS.factory(task_name), "batch_coupling",
+                   "the task does not declare that its loss is a mean of per-sample terms")
+
+
+class ClassificationTask:
+    """Multi-class classification of a study from all its present sequences."""
+
+    # Mean of per-sample cross-entropies; no batch statistics, no class weights from counts.
+    batch_coupling = None
 
     def __init__(self, config: ClassificationConfig):
         self.config = config

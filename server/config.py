@@ -18,6 +18,8 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
 from models import MODELS, TASKS
+from models.tasks import batch_coupling
+from strategies.accounting import PrivacyConfigError, check_accountant
 from strategies.partial import local_keys, unmatched_patterns
 from strategies.registry import StrategyConfigError, validate_strategy
 
@@ -74,6 +76,9 @@ class FederationConfig:
     quorum_timeout: float = 120.0         # seconds to wait for min_available_sites
     cpus_per_site: float = 1.0            # Ray resources per simulated site
     gpus_per_site: float = 0.0
+    # Simulation only: what each simulated site's operator would pass as SuperNode
+    # --node-config (e.g. its privacy budget); written to <site>/node-config.toml.
+    site_node_config: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -90,6 +95,20 @@ class TrackingConfig:
 
 
 @dataclass(frozen=True)
+class PrivacyConfig:
+    """What the server asks sites for. Each site still enforces its own operator's budget."""
+    mechanism: str = "none"               # none | dp-sgd (sample level) | site-dp (site level)
+    epsilon: float | None = None          # dp-sgd: each site calibrates sigma to this over the run
+    delta: float = 1e-5                   # site-dp accounting and reporting delta
+    noise_multiplier: float | None = None  # dp-sgd: fixed sigma instead of a target;
+                                          # site-dp: the server's noise multiplier (required)
+    max_grad_norm: float = 1.0            # dp-sgd: per-sample clipping bound
+    sample_rate: float | None = None      # dp-sgd: Poisson rate q; null: batch_size / n per site
+    clipping_norm: float = 1.0            # site-dp: bound on each site's update norm
+    accountant: str = "rdp"               # strategies.accounting.ACCOUNTANTS
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     name: str = "demo"
     seed: int = 0
@@ -102,6 +121,7 @@ class ExperimentConfig:
     federation: FederationConfig = field(default_factory=FederationConfig)
     data: DataConfig = field(default_factory=DataConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -181,7 +201,68 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         raise ConfigError(f"resume={cfg.resume}: no checkpoints/ in that directory")
     if len(set(cfg.task.class_names)) != len(cfg.task.class_names) or len(cfg.task.class_names) < 2:
         raise ConfigError("task.class_names must list at least two distinct classes")
+    validate_privacy(cfg)
     return cfg
+
+
+# Strategies whose aggregate is FedAvg's weighted sum: Gaussian noise on the sum is the
+# site-level mechanism the accountant describes. Median/Krum/trimmed mean are not sums.
+SUM_AGGREGATING = ("fedavg", "fedprox")
+
+
+def validate_privacy(cfg: ExperimentConfig) -> None:
+    """Refuse privacy settings the accountant does not cover, saying which and why."""
+    p = cfg.privacy
+    if p.mechanism not in ("none", "dp-sgd", "site-dp"):
+        raise ConfigError(f"privacy.mechanism={p.mechanism!r}; choose none, dp-sgd or site-dp")
+    if p.mechanism == "none":
+        return
+    try:
+        check_accountant(p.accountant)
+    except PrivacyConfigError as err:
+        raise ConfigError(f"privacy.accountant: {err}") from None
+    if not 0 < p.delta < 1:
+        raise ConfigError(f"privacy.delta must be in (0, 1), got {p.delta}")
+    if p.mechanism == "dp-sgd":
+        if p.epsilon is None and p.noise_multiplier is None:
+            raise ConfigError("privacy.mechanism=dp-sgd needs privacy.epsilon (target per "
+                              "site) or privacy.noise_multiplier; neither is set")
+        if p.epsilon is not None and not p.epsilon > 0:
+            raise ConfigError(f"privacy.epsilon must be > 0, got {p.epsilon}")
+        if p.noise_multiplier is not None and not p.noise_multiplier > 0:
+            raise ConfigError(f"privacy.noise_multiplier must be > 0, got {p.noise_multiplier}")
+        if p.max_grad_norm <= 0:
+            raise ConfigError("privacy.max_grad_norm must be > 0")
+        if p.sample_rate is not None and not 0 < p.sample_rate <= 1:
+            raise ConfigError(f"privacy.sample_rate must be in (0, 1], got {p.sample_rate}")
+        coupling = batch_coupling(cfg.task.name)
+        if coupling:
+            raise ConfigError(f"privacy.mechanism=dp-sgd refused for task {cfg.task.name!r}: "
+                              f"{coupling}. Per-sample clipping cannot bound one sample's "
+                              "influence on a loss that couples the batch; use "
+                              "privacy=sitedp for it")
+        return
+    if not (p.noise_multiplier or 0) > 0 or p.clipping_norm <= 0:
+        raise ConfigError("privacy.mechanism=site-dp needs privacy.noise_multiplier > 0 (the "
+                          "server's noise on the sum) and privacy.clipping_norm > 0")
+    if cfg.strategy.name not in SUM_AGGREGATING:
+        raise ConfigError(f"privacy.mechanism=site-dp with strategy={cfg.strategy.name}: "
+                          "server noise on a sum only protects strategies that aggregate by "
+                          f"a plain weighted sum ({', '.join(SUM_AGGREGATING)}); "
+                          f"{cfg.strategy.name} needs individual updates or rescales them")
+    if cfg.strategy.local_params:
+        raise ConfigError("privacy.mechanism=site-dp with strategy.local_params: the clipped "
+                          "update must be the whole model")
+    if cfg.strategy.fraction_train != 1.0:
+        raise ConfigError("privacy.mechanism=site-dp is accounted without sampling "
+                          "amplification; set strategy.fraction_train=1.0")
+    if cfg.strategy.min_train_sites != cfg.federation.num_sites:
+        raise ConfigError("privacy.mechanism=site-dp needs every site's update in every round "
+                          "(the noise is calibrated to the number of sites): set "
+                          f"strategy.min_train_sites={cfg.federation.num_sites}")
+    if p.delta >= 1.0 / cfg.federation.num_sites:
+        raise ConfigError(f"privacy.delta={p.delta:g} >= 1/num_sites: a site-level guarantee "
+                          "that weak allows publishing one site's update")
 
 
 def load_experiment(overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
@@ -216,7 +297,7 @@ def _freeze(cfg: ExperimentConfig) -> ExperimentConfig:
         model=ModelConfig(**plain["model"]), task=TaskConfig(**plain["task"]),
         train=TrainConfig(**plain["train"]), strategy=StrategyConfig(**plain["strategy"]),
         federation=FederationConfig(**plain["federation"]), data=DataConfig(**plain["data"]),
-        tracking=TrackingConfig(**plain["tracking"]),
+        tracking=TrackingConfig(**plain["tracking"]), privacy=PrivacyConfig(**plain["privacy"]),
     )
 
 

@@ -16,6 +16,7 @@ from models import MODELS
 from strategies import wire
 from strategies.guard import GuardedStrategy
 from strategies.partial import PartialSharing
+from strategies.sitedp import SiteLevelDP
 from strategies.observed import ObservedStrategy, RoundObserver
 from strategies.registry import build_strategy as build_flower_strategy
 
@@ -29,22 +30,44 @@ log = logging.getLogger("medfed.server")
 
 def build_strategy(cfg: ExperimentConfig) -> Strategy:
     """The configured Flower strategy inside the fault guard (quorum wait, sanitization)."""
-    s = cfg.strategy
+    s, p = cfg.strategy, cfg.privacy
+    site_dp = p.mechanism == wire.DP_SITE
     inner = build_flower_strategy(
         s.name, dict(s.options), fraction_train=s.fraction_train,
         fraction_evaluate=s.fraction_evaluate, min_train_nodes=s.min_train_sites,
-        min_evaluate_nodes=s.min_evaluate_sites, min_available_nodes=s.min_available_sites)
+        min_evaluate_nodes=s.min_evaluate_sites, min_available_nodes=s.min_available_sites,
+        # site-level DP noise is calibrated to equal weights: one vote per site
+        weighted_by_key=wire.DP_UNIT_WEIGHT if site_dp else wire.NUM_EXAMPLES)
     guarded = GuardedStrategy(inner, min_available_sites=s.min_available_sites,
                               min_train_sites=s.min_train_sites,
                               quorum_timeout=cfg.federation.quorum_timeout,
                               max_update_norm=s.max_update_norm,
                               max_norm_ratio=s.max_norm_ratio)
+    if site_dp:
+        return SiteLevelDP(guarded, noise_multiplier=float(p.noise_multiplier),
+                           clipping_norm=p.clipping_norm, num_sites=cfg.federation.num_sites,
+                           delta=p.delta)
     return PartialSharing(guarded, list(s.local_params)) if s.local_params else guarded
 
 
-def job_config(cfg: ExperimentConfig) -> ConfigRecord:
+def privacy_config(cfg: ExperimentConfig, run_id: str) -> dict:
+    """The privacy request every site checks against its own budget (nothing for none)."""
+    p = cfg.privacy
+    if p.mechanism == wire.DP_NONE:
+        return {wire.DP_MECHANISM: wire.DP_NONE}
+    out = {wire.DP_MECHANISM: p.mechanism, wire.DP_ACCOUNTANT: p.accountant,
+           wire.DP_PLANNED_ROUNDS: cfg.federation.num_rounds, wire.RUN_ID: run_id,
+           wire.DP_NOISE_MULTIPLIER: float(p.noise_multiplier or 0.0)}
+    if p.mechanism == wire.DP_SGD:
+        out |= {wire.DP_TARGET_EPSILON: float(p.epsilon or 0.0),
+                wire.DP_MAX_GRAD_NORM: float(p.max_grad_norm),
+                wire.DP_SAMPLE_RATE: float(p.sample_rate or 0.0)}
+    return out      # site-dp: the clipping norm is injected by Flower's wrapper
+
+
+def job_config(cfg: ExperimentConfig, run_id: str = "") -> ConfigRecord:
     """What every site needs to build the model and task and to train (no site specifics)."""
-    return ConfigRecord({
+    return ConfigRecord(privacy_config(cfg, run_id) | {
         wire.MODEL_NAME: cfg.model.name,
         wire.MODEL_OPTIONS: json.dumps(cfg.model_options(), sort_keys=True),
         wire.TASK_NAME: cfg.task.name,
@@ -114,7 +137,8 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path,
         result = strategy.start(
             grid=grid, initial_arrays=initial, num_rounds=remaining,
             timeout=cfg.federation.round_timeout,
-            train_config=job_config(cfg), evaluate_config=job_config(cfg),
+            train_config=job_config(cfg, run_dir.name),
+            evaluate_config=job_config(cfg, run_dir.name),
         )
     except BaseException:
         tracker.finish(console.summary(), status="FAILED")

@@ -7,6 +7,7 @@ patient image.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -17,6 +18,7 @@ import torch
 
 from models import MODELS
 from models.serving import ExportedClassifier
+from strategies import wire
 from strategies.observed import RoundRecord
 from strategies.pooling import pool, report_splits, split_metrics
 
@@ -64,6 +66,7 @@ class MlflowTracker:
             mlflow.log_dict(cfg.to_dict(), "config/resolved.json")
         self.versions: dict[int, str] = {}
         self.ingest_logged: set[str] = set()
+        self.privacy_rounds: list[dict] = []      # the privacy report, one entry per round
 
     @property
     def run_id(self) -> str:
@@ -83,9 +86,43 @@ class MlflowTracker:
             metrics[f"site/{rejection.site_id}/train/update_rejected"] = 1.0
             self.client.set_tag(self.run_id, f"rejected.round-{step}.{rejection.site_id}",
                                 rejection.reason[:250])
+        privacy = self._privacy(record)
+        metrics |= {f"privacy/{k}": v for k, v in privacy.items() if isinstance(v, float)}
         self.mlflow.log_metrics(metrics, step=step)
         if record.arrays is not None and self.cfg.tracking.log_models:
-            self._register(record)
+            self._register(record, privacy)
+
+    def _privacy(self, record: RoundRecord) -> dict:
+        """This round's guarantee: per-site epsilon from each site's ledger (as it reported),
+        and for site-level DP the server accountant's epsilon."""
+        p = self.cfg.privacy
+        if p.mechanism == "none":
+            return {}
+        sites = {r.site_id: r.metrics for r in record.train if wire.DP_EPSILON in r.metrics}
+        out: dict = {f"epsilon.{s}": float(m[wire.DP_EPSILON]) for s, m in sites.items()}
+        out |= {f"delta.{s}": float(m[wire.DP_DELTA]) for s, m in sites.items()}
+        out |= {f"noise_multiplier.{s}": float(m[wire.DP_NOISE_MULTIPLIER])
+                for s, m in sites.items() if wire.DP_NOISE_MULTIPLIER in m}
+        if sites:
+            out["epsilon_max"] = max(float(m[wire.DP_EPSILON]) for m in sites.values())
+        if record.site_level_epsilon is not None:
+            out["site_level_epsilon"] = float(record.site_level_epsilon)
+        self.privacy_rounds.append({"round": record.round, **out})
+        return out
+
+    def _privacy_tags(self, privacy: dict) -> dict[str, str]:
+        p = self.cfg.privacy
+        if p.mechanism == "none":
+            return {"privacy.mechanism": "none"}
+        tags = {"privacy.mechanism": p.mechanism, "privacy.accountant": p.accountant}
+        if p.mechanism == "dp-sgd":
+            tags["privacy.max_grad_norm"] = f"{p.max_grad_norm:g}"
+        else:
+            tags |= {"privacy.clipping_norm": f"{p.clipping_norm:g}",
+                     "privacy.server_noise_multiplier": f"{p.noise_multiplier:g}",
+                     "privacy.site_level_delta": f"{p.delta:g}"}
+        tags |= {f"privacy.{k}": f"{v:.4g}" for k, v in privacy.items() if k != "epsilon_max"}
+        return tags
 
     def on_round_end(self, record: RoundRecord) -> None:
         step = record.round
@@ -120,7 +157,7 @@ class MlflowTracker:
         self.ingest_logged.add(site_id)
         self.mlflow.log_dict(json.loads(ingest), f"sites/{site_id}/ingest.json")
 
-    def _register(self, record: RoundRecord) -> None:
+    def _register(self, record: RoundRecord, privacy: dict) -> None:
         model = MODELS.build(self.cfg.model.name, self.cfg.model_options())
         model.load_state_dict(record.arrays.to_torch_state_dict())
         exported = ExportedClassifier(model).eval()
@@ -138,11 +175,20 @@ class MlflowTracker:
                 "config_hash": self.cfg.fingerprint(), "experiment": self.cfg.name,
                 "mlflow_run_id": self.run_id}
         tags |= {f"manifest.{r.site_id}": r.manifest for r in record.train}
+        tags |= self._privacy_tags(privacy)
         for key, value in tags.items():
             self.client.set_model_version_tag(self.cfg.tracking.registered_model, version, key, value)
 
     def finish(self, summary: str, status: str = "FINISHED") -> None:
         self.mlflow.log_text(summary, "summary.txt")
+        if self.cfg.privacy.mechanism != "none":
+            report = {"mechanism": self.cfg.privacy.mechanism,
+                      "requested": dataclasses.asdict(self.cfg.privacy),
+                      "note": "per-site epsilon is what each site's own ledger reported after "
+                              "the round (all its runs composed); evaluation metrics are not "
+                              "covered by the guarantee",
+                      "rounds": self.privacy_rounds}
+            self.mlflow.log_dict(report, "privacy/report.json")
         self.mlflow.end_run(status=status)
 
 

@@ -52,6 +52,7 @@ class RoundRecord:
     update_norms: dict[str, float] = field(default_factory=dict)   # site id -> ||local - global||
     arrays: ArrayRecord | None = None
     wall_seconds: float = 0.0
+    site_level_epsilon: float | None = None   # site-level DP: epsilon spent after this round
 
 
 class RoundObserver(Protocol):
@@ -116,6 +117,7 @@ class ObservedStrategy(Strategy):
         finally:
             record.rejected = list(getattr(self.strategy, "rejected", []))
             record.update_norms = dict(getattr(self.strategy, "update_norms", {}))
+            record.site_level_epsilon = getattr(self.strategy, "epsilon", None)
         record.arrays = arrays
         record.train_metrics = dict(metrics or {})
         for observer in self.observers:

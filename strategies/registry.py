@@ -72,13 +72,14 @@ def validate_strategy(name: str, options: dict[str, Any]) -> None:
 
 def build_strategy(name: str, options: dict[str, Any], *, fraction_train: float,
                    fraction_evaluate: float, min_train_nodes: int, min_evaluate_nodes: int,
-                   min_available_nodes: int) -> Strategy:
+                   min_available_nodes: int, weighted_by_key: str = wire.NUM_EXAMPLES
+                   ) -> Strategy:
     """A configured Flower strategy using MedFed's wire keys and pooled evaluation metrics."""
     validate_strategy(name, options)
     return STRATEGIES[name](
         fraction_train=fraction_train, fraction_evaluate=fraction_evaluate,
         min_train_nodes=min_train_nodes, min_evaluate_nodes=min_evaluate_nodes,
-        min_available_nodes=min_available_nodes, weighted_by_key=wire.NUM_EXAMPLES,
+        min_available_nodes=min_available_nodes, weighted_by_key=weighted_by_key,
         arrayrecord_key=wire.ARRAYS, configrecord_key=wire.CONFIG,
         evaluate_metrics_aggr_fn=aggregate_evaluate_records, **options,
     )

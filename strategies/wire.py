@@ -27,6 +27,22 @@ SEED = "seed"
 PROXIMAL_MU = "proximal-mu"          # FedProx; the key Flower's FedProx itself injects
 LOCAL_PARAMS = "local-params"        # list[str]: fnmatch patterns of parameters kept at sites
 PERSONALIZE = "personalize"          # bool: also report the site's locally adapted model
+RUN_ID = "run-id"                    # the server's run (privacy ledger rows name it)
+
+# Server -> site, in CONFIG: the privacy the server asks for (a site checks it against its own
+# budget in node config and refuses what would exceed it; it never takes a budget from here)
+DP_MECHANISM = "dp-mechanism"        # one of DP_MECHANISMS
+DP_NONE, DP_SGD, DP_SITE = "none", "dp-sgd", "site-dp"
+DP_MECHANISMS = (DP_NONE, DP_SGD, DP_SITE)
+DP_TARGET_EPSILON = "dp-target-epsilon"  # dp-sgd: calibrate sigma to reach this over the run
+DP_NOISE_MULTIPLIER = "dp-noise-multiplier"  # > 0: use this sigma instead of calibrating
+DP_MAX_GRAD_NORM = "dp-max-grad-norm"    # dp-sgd: per-sample clipping bound C
+DP_SAMPLE_RATE = "dp-sample-rate"        # dp-sgd: Poisson rate q; 0 -> batch-size / n
+DP_PLANNED_ROUNDS = "dp-planned-rounds"  # rounds the run plans (calibration, budget check)
+DP_ACCOUNTANT = "dp-accountant"          # strategies.accounting.ACCOUNTANTS
+# site-dp: the clipping bound travels under Flower's own key (fixedclipping_mod reads it)
+DP_CLIPPING_NORM = "clipping_norm"
+DP_UNIT_WEIGHT = "dp-unit-weight"        # site-dp: 1.0 per site (noise calibrated to equal weights)
 
 # Site -> server, in SITE
 SITE_ID = "site-id"
@@ -40,6 +56,9 @@ EVAL_SECONDS = "eval-seconds"
 EVAL_SPLITS = ("val", "test")        # evaluate replies carry f"{split}-{metric}" keys
 PERSONAL_PREFIX = "personal-"        # ... and f"personal-{split}-{metric}" when personalizing
 AUROC_DEFINED = "auroc-defined"      # 0/1: AUROC needs >= 2 classes in the split
+DP_EPSILON = "dp-epsilon"            # the site's cumulative epsilon after this round (its ledger)
+DP_DELTA = "dp-delta"                # ... at the site's delta
+DP_STEPS = "dp-steps"                # DP-SGD steps this round
 
 # Operator-owned node config (set on the SuperNode; the server cannot change these)
 NODE_SITE_ID = "site-id"
@@ -47,6 +66,12 @@ NODE_DATA_DIR = "data-dir"
 NODE_DEVICE = "device"
 NODE_TORCH_THREADS = "torch-threads"
 NODE_PARTITION_ID = "partition-id"   # set by Flower's simulation engine
+NODE_DP_EPSILON = "dp-epsilon"       # the site's privacy budget (epsilon, delta) over its life
+NODE_DP_DELTA = "dp-delta"
+NODE_PRIVACY_DIR = "privacy-dir"     # where the ledger lives (default <data-dir>/.medfed)
+NODE_DP_SECURE_MODE = "dp-secure-mode"  # default true: CSPRNG noise; false only for tests
+NODE_REQUIRE_DP = "require-dp"       # default true when a budget is set: refuse non-DP training
+NODE_CONFIG_FILE = "node-config.toml"  # simulation: per-site stand-in for --node-config
 
 # Run config (pyproject [tool.flwr.app.config] / `flwr run --run-config`)
 RUN_EXPERIMENT = "experiment"

@@ -1,0 +1,99 @@
+"""Sample-level DP-SGD at a site: Poisson sampling, per-sample clipping, secure Gaussian noise.
+
+What the accountant assumes is exactly what happens here: each step includes every training
+sample independently with probability ``q`` (Poisson sampling, so batches vary in size and may
+be empty), each sample's gradient is clipped to ``max_grad_norm``, and N(0, (sigma C)^2) noise
+is added to the sum, which is divided by the *expected* batch size ``q n`` (Opacus'
+``loss_reduction="mean"``). Per-sample gradients come from ``persample`` (one backward pass) or
+from Opacus' GradSampleModule (``opacus-hooks``/``opacus-ghost``, kept for cross-checks).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from randomgen import AESCounter
+from torch import nn
+
+from .noise import GaussianNoise
+from .persample import PerSampleClipper
+
+
+@dataclass(frozen=True)
+class DPSGDConfig:
+    noise_multiplier: float
+    max_grad_norm: float
+    sample_rate: float              # q: each sample's inclusion probability per step
+    secure_mode: bool = True        # CSPRNG noise and sampling; False only for reproducible tests
+    seed: int = 0                   # used only when secure_mode is False
+
+    def __post_init__(self):
+        if not self.noise_multiplier > 0:
+            raise ValueError(f"noise_multiplier must be > 0, got {self.noise_multiplier}")
+        if not self.max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0, got {self.max_grad_norm}")
+        if not 0 < self.sample_rate <= 1:
+            raise ValueError(f"sample_rate must be in (0, 1], got {self.sample_rate}")
+
+
+def steps_per_epoch(sample_rate: float) -> int:
+    """Opacus' convention: an epoch is ``int(1/q)`` Poisson steps."""
+    return max(1, int(1 / sample_rate))
+
+
+def poisson_batches(n: int, sample_rate: float, steps: int, *, secure: bool,
+                    seed: int = 0) -> Iterator[np.ndarray]:
+    """``steps`` index arrays; each index included independently with probability q."""
+    bits = AESCounter(key=int.from_bytes(os.urandom(16), "little")) if secure else seed
+    rng = np.random.Generator(bits) if secure else np.random.default_rng(bits)
+    for _ in range(steps):
+        yield np.flatnonzero(rng.random(n) < sample_rate)
+
+
+class PrivateGradients:
+    """Writes the privatised gradient of one Poisson batch into ``p.grad``.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Trained in place; every trainable parameter must have a per-sample rule.
+    config : DPSGDConfig
+    expected_batch_size : float
+        ``q * n``; the noisy sum is divided by it (not by the realised batch size, which
+        would leak how many samples were drawn).
+    """
+
+    def __init__(self, model: nn.Module, config: DPSGDConfig, expected_batch_size: float):
+        self.model = model
+        self.config = config
+        self.expected_batch_size = float(expected_batch_size)
+        self.clipper = PerSampleClipper(model, config.max_grad_norm)
+        self.noise = GaussianNoise(secure=config.secure_mode, seed=config.seed)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        covered = set(self.clipper.parameters())
+        if covered != set(self.params):     # guaranteed by PerSampleClipper; checked anyway
+            raise RuntimeError("per-sample clipping does not cover every trainable parameter")
+
+    def backward(self, loss_fn) -> object | None:
+        """Run ``loss_fn() -> StepOutput`` (``None`` for an empty batch) with per-sample
+        capture, then set every ``p.grad`` to ``(sum_i clip(g_i) + noise) / (q n)``."""
+        out = None
+        grads: dict = {}
+        with self.clipper.capture():
+            out = loss_fn()
+            if out is not None:
+                # Tasks return the mean of per-sample losses; the clipped quantity is each
+                # sample's own gradient, so differentiate the sum.
+                (out.loss * out.n).backward()
+        if out is not None:
+            grads, _ = self.clipper.clipped_sum()
+        std = self.config.noise_multiplier * self.config.max_grad_norm
+        for p in self.params:
+            total = grads.get(p)
+            noise = self.noise.sample(p.shape, std, device=p.device, dtype=p.dtype)
+            p.grad = (noise if total is None else total + noise) / self.expected_batch_size
+        return out

@@ -1,0 +1,55 @@
+"""Gaussian noise for DP-SGD from a cryptographically secure generator.
+
+``torch.normal`` draws from MT19937/Philox: fast, but not cryptographically secure, and
+Opacus' secure mode needs ``torchcsprng``, which has no wheels for current PyTorch. Here the
+bits come from AES-128 in counter mode (``randomgen.AESCounter``, AES-NI; a NIST-style CTR
+generator) keyed from ``os.urandom``, turned into normals by NumPy's ziggurat. Against
+floating-point attacks on the Gaussian mechanism (Holohan & Braghin 2021, Jin et al. 2022) each
+released value is the sum of four such normals divided by two - the defence Opacus'
+``secure_mode`` uses.
+
+``secure=False`` (tests and benchmarks that must be reproducible) draws from a seeded
+``torch.Generator`` instead.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import torch
+from randomgen import AESCounter
+from torch import Tensor
+
+
+class GaussianNoise:
+    """Source of N(0, std^2) noise tensors.
+
+    Parameters
+    ----------
+    secure : bool
+        AES-CTR CSPRNG keyed from ``os.urandom`` (default); False: seeded ``torch.Generator``.
+    seed : int
+        Only for ``secure=False``.
+    """
+
+    def __init__(self, *, secure: bool = True, seed: int = 0):
+        self.secure = secure
+        if secure:
+            key = int.from_bytes(os.urandom(16), "little")
+            self._rng = np.random.Generator(AESCounter(key=key))
+        else:
+            self._generator = torch.Generator().manual_seed(seed)
+
+    def sample(self, shape: torch.Size | tuple[int, ...], std: float,
+               device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Tensor:
+        """A tensor of the given shape with i.i.d. N(0, std^2) entries."""
+        n = math.prod(shape)
+        if std == 0 or n == 0:
+            return torch.zeros(shape, device=device, dtype=dtype)
+        if not self.secure:
+            return (torch.randn(n, generator=self._generator, dtype=torch.float64) * std) \
+                .reshape(shape).to(device=device, dtype=dtype)
+        z = self._rng.standard_normal((4, n), dtype=np.float32).sum(0) * np.float32(std / 2)
+        return torch.from_numpy(z).reshape(shape).to(device=device, dtype=dtype)

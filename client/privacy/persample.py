@@ -1,0 +1,220 @@
+"""Exact per-sample gradient clipping in one backward pass ("book-keeping", Bu et al. 2023).
+
+DP-SGD needs ``sum_i min(1, C / ||g_i||) g_i`` where ``g_i`` is sample *i*'s gradient. Opacus'
+hooks mode materialises every ``g_i`` (memory ~ batch x parameters) on top of the ordinary
+backward; its ghost mode runs backward twice. Here one backward pass computes only gradients
+with respect to layer *outputs*, and per layer:
+
+* the per-sample norm comes from the captured input ``a [B, T, i]`` and output gradient
+  ``g [B, T, o]`` - for a Linear layer either with the ghost-norm identity
+  ``||g_i^T a_i||^2 = <a_i a_i^T, g_i g_i^T>`` (cost ~ B T^2 (i + o)) or by materialising
+  ``g_i^T a_i`` (cost ~ B T i o), whichever is cheaper for that layer's shapes;
+* once every norm is known, the clipped sum is one weighted matrix product per layer
+  (``(c * g)^T a``), the same work the ordinary weight-gradient computation does.
+
+Parameters do not require grad during this pass, so autograd never computes the unclipped
+weight gradients that Opacus would throw away. Supported parameter holders: ``nn.Linear``,
+``nn.LayerNorm`` and ``models.vit.TokenEmbedding``; anything else is refused by name, so a new
+layer type cannot silently escape clipping.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.vit import TokenEmbedding
+
+
+class UnsupportedLayerError(ValueError):
+    """The model holds trainable parameters in a module type without a per-sample rule."""
+
+
+def _acc(x: Tensor) -> Tensor:
+    """Accumulate in at least float32 (bf16 activations under autocast), float64 stays."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _flat(x: Tensor) -> Tensor:
+    """``[B, *, d]`` -> ``[B, T, d]`` (T = product of the middle dims, 1 for 2D inputs)."""
+    return x.reshape(x.shape[0], -1, x.shape[-1])
+
+
+class _Layer:
+    """What one parameter-holding module saw in the current step."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+        self.input: Tensor | None = None
+        self.grad_output: Tensor | None = None
+        self.per_sample: dict[str, Tensor] = {}     # small layers: per-sample grads themselves
+        self.calls = 0
+
+    def params(self) -> dict[str, nn.Parameter]:
+        return {n: p for n, p in self.module.named_parameters(recurse=False) if p.requires_grad}
+
+
+# Per-layer rules: (layer) -> per-sample squared norm [B]; and (layer, clip factors) -> grads.
+def _linear_norms(layer: _Layer) -> Tensor:
+    a, g = _acc(_flat(layer.input)), _acc(_flat(layer.grad_output))   # [B,T,i], [B,T,o]
+    t, i, o = a.shape[1], a.shape[2], g.shape[2]
+    if t == 1:
+        sq = a.square().sum((1, 2)) * g.square().sum((1, 2))
+    elif t * t * (i + o) < t * i * o:                      # ghost norm is cheaper
+        sq = (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
+    else:
+        sq = torch.bmm(g.transpose(1, 2), a).square().sum((1, 2))
+    if layer.module.bias is not None and layer.module.bias.requires_grad:
+        sq = sq + g.sum(1).square().sum(1)
+    return sq
+
+
+def _linear_grads(layer: _Layer, clip: Tensor) -> dict[str, Tensor]:
+    a, g = _flat(layer.input), _flat(layer.grad_output)
+    weighted = g * clip.to(g.dtype)[:, None, None]                         # [B, T, o]
+    out = {"weight": _acc(weighted.reshape(-1, g.shape[-1])).t() @ _acc(a.reshape(-1, a.shape[-1]))}
+    if layer.module.bias is not None and layer.module.bias.requires_grad:
+        out["bias"] = _acc(weighted).sum((0, 1))
+    return out
+
+
+def _layernorm_per_sample(layer: _Layer) -> dict[str, Tensor]:
+    m: nn.LayerNorm = layer.module
+    normed = _flat(F.layer_norm(_acc(layer.input), m.normalized_shape, eps=m.eps))
+    g = _acc(_flat(layer.grad_output))
+    return {"weight": (g * normed).sum(1), "bias": g.sum(1)}
+
+
+def _token_embedding_per_sample(layer: _Layer) -> dict[str, Tensor]:
+    m: TokenEmbedding = layer.module
+    g = _acc(layer.grad_output)                                          # [B, 1+S*N, D]
+    b, _, d = g.shape
+    seq = g[:, 1:].reshape(b, m.num_sequences, -1, d).sum(2)            # [B, S, D]
+    return {"cls_token": g[:, 0].reshape(b, 1, 1, d),                 # param [1, 1, D]
+            "seq_embed": seq.reshape(b, 1, m.num_sequences, 1, d)}      # param [1, S, 1, D]
+
+
+_PER_SAMPLE: dict[type, Callable[[_Layer], dict[str, Tensor]]] = {
+    nn.LayerNorm: _layernorm_per_sample,
+    TokenEmbedding: _token_embedding_per_sample,
+}
+
+
+class PerSampleClipper:
+    """Computes the per-sample-clipped gradient sum of a model in one backward pass.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Every trainable parameter must live in a supported module type.
+    max_grad_norm : float
+        Clipping bound C on each sample's whole-model gradient norm.
+
+    Use::
+
+        with clipper.capture():
+            loss_sum = per_sample_losses.sum()
+            loss_sum.backward()
+        grads, norms = clipper.clipped_sum()
+    """
+
+    def __init__(self, model: nn.Module, max_grad_norm: float):
+        if max_grad_norm <= 0:
+            raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm}")
+        self.model = model
+        self.max_grad_norm = float(max_grad_norm)
+        self.layers: list[_Layer] = []
+        unsupported = []
+        for name, module in model.named_modules():
+            own = [p for p in module.parameters(recurse=False) if p.requires_grad]
+            if not own:
+                continue
+            if isinstance(module, nn.Linear) or type(module) in _PER_SAMPLE:
+                self.layers.append(_Layer(module))
+            else:
+                unsupported.append(f"{name or '<root>'} ({type(module).__name__})")
+        if unsupported:
+            raise UnsupportedLayerError(
+                "no exact per-sample gradient rule for trainable parameters in: "
+                + ", ".join(unsupported) + "; supported: Linear, LayerNorm, TokenEmbedding")
+        self._hooks: list = []
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        for layer in self.layers:
+            yield from layer.params().values()
+
+    @contextlib.contextmanager
+    def capture(self):
+        """Forward and backward inside this block record inputs and output gradients."""
+        params = list(self.parameters())
+        for layer in self.layers:
+            layer.input, layer.grad_output, layer.per_sample, layer.calls = None, None, {}, 0
+            self._hooks.append(layer.module.register_forward_hook(self._forward_hook(layer)))
+        for p in params:
+            p.requires_grad_(False)
+        try:
+            yield self
+        finally:
+            for p in params:
+                p.requires_grad_(True)
+            for h in self._hooks:
+                h.remove()
+            self._hooks.clear()
+
+    def _forward_hook(self, layer: _Layer):
+        def hook(module, inputs, output):
+            layer.calls += 1
+            if layer.calls > 1:     # a second use would need cross terms between the uses
+                raise UnsupportedLayerError(
+                    f"{type(module).__name__} is called twice in one forward pass; "
+                    "shared layers are not supported by exact per-sample clipping")
+            layer.input = inputs[0].detach()
+            if not output.requires_grad:    # first layer: start the graph at its output
+                output = output.detach().requires_grad_(True)
+
+            def grad_hook(grad):
+                layer.grad_output = grad.detach()
+                rule = _PER_SAMPLE.get(type(module))
+                if rule is not None:        # small layers: keep per-sample grads, drop the rest
+                    layer.per_sample = rule(layer)
+                    layer.input = layer.grad_output = None
+            output.register_hook(grad_hook)
+            return output
+        return hook
+
+    def per_sample_norms(self) -> Tensor:
+        """``[B]`` L2 norm of each sample's whole-model gradient (after backward)."""
+        sq = None
+        for layer in self.layers:
+            if layer.per_sample:
+                part = sum(t.reshape(t.shape[0], -1).square().sum(1)
+                           for n, t in layer.per_sample.items() if n in layer.params())
+            elif layer.grad_output is not None:
+                part = _linear_norms(layer)
+            else:
+                raise RuntimeError(f"{type(layer.module).__name__} got no gradient this step "
+                                   "(is it unused by the loss?)")
+            sq = part if sq is None else sq + part
+        return sq.sqrt()
+
+    def clipped_sum(self) -> tuple[dict[nn.Parameter, Tensor], Tensor]:
+        """``{param: sum_i c_i g_i}`` with ``c_i = min(1, C / ||g_i||)`` and the norms ``[B]``."""
+        norms = self.per_sample_norms()
+        clip = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)      # Opacus' formula
+        grads: dict[nn.Parameter, Tensor] = {}
+        for layer in self.layers:
+            params = layer.params()
+            if layer.per_sample:
+                parts = {n: torch.einsum("b,b...->...", clip, t).reshape(params[n].shape)
+                         for n, t in layer.per_sample.items() if n in params}
+            else:
+                parts = _linear_grads(layer, clip)
+            for name, value in parts.items():
+                grads[params[name]] = value.to(params[name].dtype)
+            layer.input = layer.grad_output = None
+            layer.per_sample = {}
+        return grads, norms

@@ -1,0 +1,155 @@
+"""The site's privacy policy: its operator's budget, checked against its own ledger.
+
+The budget (epsilon, delta) comes from the site's node config, which only the site's operator
+sets; nothing the server sends can raise it. Before every private round the site computes the
+epsilon this round would bring it to - over *all* rounds in its ledger, every run and both
+mechanisms, composed by one accountant - and refuses if that exceeds the budget. The round is
+charged to the ledger *before* training starts, so a crash mid-round can never leave an
+unrecorded release.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from strategies import wire
+from strategies.accounting import PrivacyConfigError, calibrate_noise, check_budget, epsilon
+
+from ..job import PrivacyRequest
+from .dpsgd import DPSGDConfig, steps_per_epoch
+from .ledger import LedgerEntry, PrivacyLedger
+
+log = logging.getLogger(__name__)
+
+
+class PrivacyRefused(ValueError):
+    """The site will not train this round; the message says why (sent back as the error)."""
+
+
+@dataclass(frozen=True)
+class SiteBudget:
+    epsilon: float
+    delta: float
+    ledger_path: Path
+    require_dp: bool = True
+
+
+def node_settings(node_config: dict, data_dir: Path) -> dict:
+    """Node config, with simulation's per-site ``node-config.toml`` underneath (Flower's
+    simulation cannot give each node its own config; a real SuperNode's --node-config wins)."""
+    settings: dict = {}
+    path = data_dir / wire.NODE_CONFIG_FILE
+    if path.is_file():
+        with open(path, "rb") as f:
+            settings = tomllib.load(f)
+    return settings | dict(node_config)
+
+
+def site_budget(settings: dict, data_dir: Path) -> SiteBudget | None:
+    """The operator's budget, or None when the site has none (then it refuses DP requests)."""
+    eps, delta = settings.get(wire.NODE_DP_EPSILON), settings.get(wire.NODE_DP_DELTA)
+    if eps is None and delta is None:
+        return None
+    try:
+        eps, delta = float(eps), float(delta)
+        check_budget(eps, delta)
+    except (TypeError, ValueError) as err:
+        raise PrivacyRefused(f"the site's privacy budget in node config is invalid: {err} "
+                             f"(set both {wire.NODE_DP_EPSILON!r} and {wire.NODE_DP_DELTA!r})"
+                             ) from None
+    ledger_dir = Path(str(settings.get(wire.NODE_PRIVACY_DIR, data_dir / ".medfed")))
+    require = str(settings.get(wire.NODE_REQUIRE_DP, "true")).lower() not in ("false", "0", "no")
+    return SiteBudget(eps, delta, ledger_dir / "privacy-ledger.sqlite", require)
+
+
+@dataclass(frozen=True)
+class Authorization:
+    """A round the site accepted: how to train, and what the ledger was charged."""
+    dpsgd: DPSGDConfig | None
+    entry: LedgerEntry
+
+
+def authorize(request: PrivacyRequest, budget: SiteBudget | None, *, n_train: int,
+              local_epochs: int, batch_size: int, server_round: int,
+              secure_mode: bool = True) -> Authorization | None:
+    """Accept (and charge) or refuse this round. None: a non-private round the site allows."""
+    if request.mechanism == wire.DP_NONE:
+        if budget is not None and budget.require_dp:
+            raise PrivacyRefused("this site has a privacy budget and requires differential "
+                                 "privacy; the server asked for non-private training")
+        return None
+    if budget is None:
+        raise PrivacyRefused(f"the server asked for {request.mechanism} but this site has no "
+                             f"privacy budget: its operator must set node config "
+                             f"{wire.NODE_DP_EPSILON!r} and {wire.NODE_DP_DELTA!r}")
+    try:
+        check_budget(budget.epsilon, budget.delta, n=n_train)
+    except PrivacyConfigError as err:
+        raise PrivacyRefused(f"site budget: {err}") from None
+    ledger = PrivacyLedger(budget.ledger_path)
+    if request.mechanism == wire.DP_SGD:
+        q = request.sample_rate or min(1.0, batch_size / n_train)
+        if not 0 < q <= 1:
+            raise PrivacyRefused(f"sample rate {q} is not in (0, 1]")
+        steps = local_epochs * steps_per_epoch(q)
+        sigma = _plan(ledger, request, budget, q, steps)
+        clip = request.max_grad_norm
+    else:
+        q, steps, sigma, clip = 1.0, 1, request.noise_multiplier, request.clipping_norm
+        _check_plan(ledger, request, budget, [(sigma, q, steps)] * request.planned_rounds)
+    after = epsilon([*ledger.history(), (sigma, q, steps)], budget.delta, request.accountant)
+    if after > budget.epsilon:
+        raise PrivacyRefused(f"round {server_round} would bring this site's epsilon to "
+                             f"{after:.3f} > its budget {budget.epsilon:g} (delta "
+                             f"{budget.delta:g}); refusing")
+    entry = ledger.append(run_id=request.run_id, server_round=server_round,
+                          mechanism=request.mechanism, sample_rate=q, noise_multiplier=sigma,
+                          steps=steps, delta=budget.delta, accountant=request.accountant,
+                          epsilon=after, max_grad_norm=clip)
+    log.info("privacy: %s round %d charged, epsilon %.3f of %g", request.mechanism,
+             server_round, after, budget.epsilon)
+    dpsgd = DPSGDConfig(noise_multiplier=sigma, max_grad_norm=clip, sample_rate=q,
+                        secure_mode=secure_mode) if request.mechanism == wire.DP_SGD else None
+    return Authorization(dpsgd, entry)
+
+
+def _plan(ledger: PrivacyLedger, request: PrivacyRequest, budget: SiteBudget, q: float,
+          steps: int) -> float:
+    """The run's noise multiplier, calibrated once (first round) and kept in the ledger."""
+    plan = ledger.get_plan(request.run_id, request.mechanism)
+    if plan is not None:
+        if not math.isclose(plan.sample_rate, q):
+            raise PrivacyRefused(f"the run changed its sample rate ({plan.sample_rate:g} -> "
+                                 f"{q:g}); the noise was calibrated for the first")
+        return plan.noise_multiplier
+    total = steps * request.planned_rounds
+    if request.noise_multiplier > 0:
+        sigma = request.noise_multiplier
+    else:
+        if request.target_epsilon > budget.epsilon:
+            raise PrivacyRefused(f"the server's target epsilon {request.target_epsilon:g} "
+                                 f"exceeds this site's budget {budget.epsilon:g}")
+        sigma = calibrate_noise(target_epsilon=request.target_epsilon, delta=budget.delta,
+                                sample_rate=q, steps=total, accountant=request.accountant)
+    _check_plan(ledger, request, budget, [(sigma, q, total)])
+    ledger.set_plan(request.run_id, request.mechanism, noise_multiplier=sigma, sample_rate=q,
+                    planned_steps=total, target_epsilon=request.target_epsilon or budget.epsilon,
+                    delta=budget.delta)
+    return sigma
+
+
+def _check_plan(ledger: PrivacyLedger, request: PrivacyRequest, budget: SiteBudget,
+                planned: list[tuple[float, float, int]]) -> None:
+    """Refuse up front a run whose whole plan would exceed the budget (first round only)."""
+    if any(e.run_id == request.run_id and e.mechanism == request.mechanism
+           for e in ledger.entries()):
+        return
+    projected = epsilon([*ledger.history(), *planned], budget.delta, request.accountant)
+    if projected > budget.epsilon:
+        raise PrivacyRefused(f"the run's plan ({request.planned_rounds} rounds, noise "
+                             f"multiplier {planned[0][0]:.3g}) would bring this site's epsilon "
+                             f"to {projected:.3f} > its budget {budget.epsilon:g}; refusing")

@@ -1,0 +1,70 @@
+"""Privacy accounting shared by sites (budget enforcement) and server (reporting, validation).
+
+Thin layer over Opacus' accountants so that every number we report is the one Opacus itself
+computes for the same (sample rate q, noise multiplier sigma, steps). A site's whole history is
+a list of ``(sigma, q, steps)`` - Opacus' own ``history`` format, one entry per round - so the
+accountant is rebuilt from the site's ledger rather than kept in memory: it cannot reset when a
+process restarts or a new round arrives.
+
+Site-level DP rounds enter the same history as ``(sigma, 1.0, 1)``: the clipped site update
+bounds what removing one *sample* can change, so a site-level Gaussian release is also a
+sample-level one (without subsampling amplification). RDP composes across both.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from opacus.accountants import create_accountant
+from opacus.accountants.utils import get_noise_multiplier
+
+ACCOUNTANTS = ("rdp", "prv")          # Opacus accountants that compose a (sigma, q, steps) history
+History = Sequence[tuple[float, float, int]]
+
+
+class PrivacyConfigError(ValueError):
+    """A privacy parameter is out of range or unknown; the message says which and why."""
+
+
+def check_accountant(name: str) -> str:
+    if name not in ACCOUNTANTS:
+        raise PrivacyConfigError(f"unknown accountant {name!r}; choose one of {list(ACCOUNTANTS)}")
+    return name
+
+
+def check_budget(epsilon: float | None, delta: float | None, *, n: int | None = None) -> None:
+    """epsilon > 0 and finite; 0 < delta < 1/n (delta >= 1/n permits releasing a record)."""
+    if epsilon is None or delta is None:
+        raise PrivacyConfigError("a privacy budget needs both epsilon and delta")
+    if not (math.isfinite(epsilon) and epsilon > 0):
+        raise PrivacyConfigError(f"epsilon must be > 0 and finite, got {epsilon}")
+    if not 0 < delta < 1:
+        raise PrivacyConfigError(f"delta must be in (0, 1), got {delta}")
+    if n is not None and delta >= 1.0 / n:
+        raise PrivacyConfigError(f"delta={delta:g} >= 1/n = 1/{n}: such a guarantee allows "
+                                 "publishing a whole record; use delta well below 1/n")
+
+
+def epsilon(history: History, delta: float, accountant: str = "rdp") -> float:
+    """Cumulative epsilon of a ``(sigma, q, steps)`` history at ``delta`` (0 for no history)."""
+    check_accountant(accountant)
+    if not history:
+        return 0.0
+    acc = create_accountant(accountant)
+    acc.history = [(float(s), float(q), int(k)) for s, q, k in history]
+    return float(acc.get_epsilon(delta=delta))
+
+
+def calibrate_noise(*, target_epsilon: float, delta: float, sample_rate: float, steps: int,
+                    accountant: str = "rdp") -> float:
+    """Smallest sigma with which ``steps`` steps at ``sample_rate`` stay within
+    ``target_epsilon`` (Opacus' ``get_noise_multiplier``, tolerance 0.005)."""
+    check_accountant(accountant)
+    check_budget(target_epsilon, delta)
+    if not 0 < sample_rate <= 1 or steps < 1:
+        raise PrivacyConfigError(f"need 0 < sample_rate <= 1 and steps >= 1, "
+                                 f"got q={sample_rate}, steps={steps}")
+    return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
+                                      sample_rate=sample_rate, steps=steps,
+                                      accountant=accountant, epsilon_tolerance=0.005))

@@ -1,4 +1,4 @@
-"""``medfed`` command line: synth, ingest, simulate.
+"""``medfed`` command line: synth, ingest, simulate, privacy, audit.
 
 Errors a user can fix are reported as one line (``medfed: error: ...``) with exit code 2
 (bad input) or 1 (the run failed); tracebacks only with ``--debug``.
@@ -91,6 +91,80 @@ def cmd_simulate(args) -> int:
     return 0
 
 
+def _ledger_path(site_dir: Path) -> Path:
+    """The site's ledger: ``privacy-dir`` from its node-config.toml, else <site>/.medfed."""
+    from client.privacy.policy import node_settings
+    from strategies import wire
+
+    settings = node_settings({}, site_dir)
+    return Path(str(settings.get(wire.NODE_PRIVACY_DIR, site_dir / ".medfed"))) \
+        / "privacy-ledger.sqlite"
+
+
+def cmd_privacy(args) -> int:
+    from client.privacy.ledger import PrivacyLedger, format_table, to_json
+
+    path = _ledger_path(Path(args.site_dir))
+    if not path.is_file():
+        raise ValueError(f"no privacy ledger at {path}: this site has not trained privately "
+                         "(or its node config sets another privacy-dir)")
+    entries = PrivacyLedger(path).entries()      # verifies the hash chain first
+    if args.json:
+        print(json.dumps({"ledger": str(path), "rounds": to_json(entries)}, indent=2))
+    else:
+        print(f"ledger {path} (hash chain verified, {len(entries)} rounds)")
+        print(format_table(entries))
+    return 0
+
+
+def cmd_audit(args) -> int:
+    import torch
+
+    from client.data.dataset import StudyDataset
+    from client.data.site import load_site
+    from client.privacy.audit import AuditConfig, run_audit
+    from models import MODELS, TASKS
+    from strategies.accounting import calibrate_noise
+
+    torch.set_num_threads(1)
+    data = load_site(Path(args.site_dir), tuple(args.classes.split(",")))
+    train = StudyDataset(data.split("train", labelled_only=True), image_size=args.image_size)
+    if len(train) == 0:
+        raise ValueError("the site has no labelled training studies to audit with")
+    if args.no_noise:
+        sigma = 0.0
+    elif args.noise_multiplier:
+        sigma = args.noise_multiplier
+    else:
+        sigma = calibrate_noise(target_epsilon=args.epsilon, delta=args.delta,
+                                sample_rate=args.sample_rate, steps=args.steps)
+    config = AuditConfig(noise_multiplier=sigma, sample_rate=args.sample_rate, steps=args.steps,
+                         num_canaries=args.canaries, delta=args.delta, seed=args.seed,
+                         max_grad_norm=args.max_grad_norm)
+    n_classes = len(args.classes.split(","))
+    torch.manual_seed(args.seed)
+    model = MODELS.build("mmvit", json.loads(args.model_options) | {"num_classes": n_classes,
+                                                                    "img_size": args.image_size})
+    result = run_audit(model, TASKS.build("classification", {"num_classes": n_classes}),
+                       train, config)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    if sigma == 0:
+        verdict = "NOT PRIVATE (no noise): the canaries show epsilon is at least the bound above"
+    elif result["epsilon_lb"] <= result["accounted_epsilon"]:
+        verdict = "CONSISTENT: empirical lower bound <= accounted epsilon"
+    else:
+        verdict = "VIOLATION: the DP path leaks more than it accounts for"
+    print(f"one-run audit: {result['num_canaries']} gradient canaries, {result['steps']} steps, "
+          f"q={result['sample_rate']:g}, sigma={result['noise_multiplier']:.4g}\n"
+          f"  guesses {result['num_correct']}/{result['num_guesses']} correct\n"
+          f"  empirical epsilon lower bound (95%): {result['epsilon_lb']:.3f}\n"
+          f"  accounted epsilon (delta={result['delta']:g}): {result['accounted_epsilon']:.3f}\n"
+          f"  {verdict}")
+    return 0 if result["epsilon_lb"] <= result["accounted_epsilon"] else 3
+
+
 def _quiet_third_parties() -> None:
     """Deprecation chatter from dependencies is not actionable for a MedFed user."""
     import os
@@ -136,6 +210,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="e.g. experiment=demo federation.num_rounds=3")
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("privacy", help="print a site's privacy ledger (verifies its hash chain)")
+    p.add_argument("--site-dir", required=True)
+    p.add_argument("--json", action="store_true", help="per round: q, noise_multiplier, steps, "
+                                                       "delta, cumulative epsilon")
+    p.set_defaults(func=cmd_privacy)
+
+    p = sub.add_parser("audit", help="one-run canary audit of the DP-SGD path on a site's data")
+    p.add_argument("--site-dir", required=True)
+    p.add_argument("--classes", default="high_grade_glioma,low_grade_glioma,cyst")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--epsilon", type=float, default=4.0,
+                      help="calibrate the noise to this epsilon over the audit run")
+    mode.add_argument("--noise-multiplier", type=float)
+    mode.add_argument("--no-noise", action="store_true",
+                      help="no noise: the audit must find a large lower bound")
+    p.add_argument("--delta", type=float, default=1e-5)
+    p.add_argument("--sample-rate", type=float, default=0.25)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--canaries", type=int, default=1000)
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--model-options", default='{"dim": 32, "depth": 1, "heads": 2}')
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_audit)
     return parser
 
 

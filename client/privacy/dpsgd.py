@@ -30,9 +30,11 @@ class DPSGDConfig:
     sample_rate: float              # q: each sample's inclusion probability per step
     secure_mode: bool = True        # CSPRNG noise and sampling; False only for reproducible tests
     seed: int = 0                   # used only when secure_mode is False
+    allow_no_noise: bool = False    # only the audit's non-private baseline sets this
 
     def __post_init__(self):
-        if not self.noise_multiplier > 0:
+        if not (self.noise_multiplier > 0 or (self.allow_no_noise
+                                              and self.noise_multiplier == 0)):
             raise ValueError(f"noise_multiplier must be > 0, got {self.noise_multiplier}")
         if not self.max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be > 0, got {self.max_grad_norm}")
@@ -78,9 +80,13 @@ class PrivateGradients:
         if covered != set(self.params):     # guaranteed by PerSampleClipper; checked anyway
             raise RuntimeError("per-sample clipping does not cover every trainable parameter")
 
-    def backward(self, loss_fn) -> object | None:
+    def backward(self, loss_fn, extra: dict | None = None) -> object | None:
         """Run ``loss_fn() -> StepOutput`` (``None`` for an empty batch) with per-sample
-        capture, then set every ``p.grad`` to ``(sum_i clip(g_i) + noise) / (q n)``."""
+        capture, then set every ``p.grad`` to ``(sum_i clip(g_i) + noise) / (q n)``.
+
+        ``extra`` (the audit's canaries only): ``{param: summed gradients}`` of further samples
+        whose gradients each have norm <= C already, added to the clipped sum before noise.
+        """
         out = None
         grads: dict = {}
         with self.clipper.capture():
@@ -91,6 +97,8 @@ class PrivateGradients:
                 (out.loss * out.n).backward()
         if out is not None:
             grads, _ = self.clipper.clipped_sum()
+        for p, value in (extra or {}).items():
+            grads[p] = value if p not in grads else grads[p] + value
         std = self.config.noise_multiplier * self.config.max_grad_norm
         for p in self.params:
             total = grads.get(p)

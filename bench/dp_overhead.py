@@ -12,7 +12,12 @@ random batch of 32 shared by every mode, one CPU thread:
                           materialised by hooks);
 * ``opacus_ghost``        Opacus fast gradient clipping (``GradSampleModuleFastGradientClipping``
                           + ``DPOptimizerFastGradientClipping`` + ``DPLossFastGradientClipping``,
-                          two backward passes).
+                          two backward passes);
+* ``opacus_ghost_flat_patches`` the same on a benchmark-only subclass whose patch embedding
+                          sees ``[B, S*N, P]`` instead of ``[B, S, N, P]`` (identical maths):
+                          Opacus' ghost-norm rule for ``nn.Linear`` handles only 2D/3D inputs and
+                          leaves the 4D patch embedding without a norm, so ``opacus_ghost``
+                          fails on the production model.
 
 Opacus modes are built the way ``PrivacyEngine.make_private`` builds them, minus its data
 loader (every mode must see the same batch); Opacus' own noise is not secure (its secure mode
@@ -20,14 +25,17 @@ needs torchcsprng), so compare it with ``ours_insecure_noise`` for like-for-like
 
 Each mode runs in its own subprocess (``OMP_NUM_THREADS=1``, ``torch.set_num_threads(1)``).
 Time: median of ``--steps`` timed steps after ``--warmup`` untimed ones (``perf_counter``,
-``cuda.synchronize`` around each step on CUDA). Peak memory above a baseline taken after
+``cuda.synchronize`` around each step on CUDA), pooled over ``--repeats`` passes over the modes,
+every other pass in reverse order so drift in machine load falls on all modes alike; on CPU also
+the process' CPU time per step, which other jobs on a shared box disturb much less. Peak memory above a baseline taken after
 building model, batch and optimizer and running one untimed ``no_grad`` forward: on CPU the
 process' peak RSS (``ru_maxrss``) minus its RSS at that point (torch's CPU allocator keeps no
 peak statistics); on CUDA ``max_memory_allocated`` minus ``memory_allocated`` at that point.
 So the figure covers gradients, optimizer state, activations and DP bookkeeping, not the
 weights themselves. A mode that fails on this model records its error instead of a figure.
 
-    python -m bench.dp_overhead [--device auto|cpu|cuda] [--steps 5] [--warmup 3] [--out PATH]
+    python -m bench.dp_overhead [--device auto|cpu|cuda] [--steps 5] [--warmup 3] [--repeats 2]
+                                [--out PATH]
 """
 
 from __future__ import annotations
@@ -44,7 +52,8 @@ from pathlib import Path
 
 from .common import RESULTS_DIR, commit, machine
 
-MODES = ("non_dp", "ours", "ours_insecure_noise", "opacus_hooks", "opacus_ghost")
+MODES = ("non_dp", "ours", "ours_insecure_noise", "opacus_hooks", "opacus_ghost",
+         "opacus_ghost_flat_patches")
 BATCH = 32
 DATASET_SIZE = 3200                 # only sets q = 32 / 3200 for the DP configs
 NOISE_MULTIPLIER, MAX_GRAD_NORM = 1.0, 1.0
@@ -56,6 +65,24 @@ _RESULT = "DP_OVERHEAD_RESULT "
 
 
 # ---------------------------------------------------------------- child: one mode, one process
+def _flat_patch_vit(config):
+    """MultiModalViT whose patch embedding gets 3D input; same parameters, same outputs."""
+    from models.vit import MultiModalViT, patchify
+
+    class FlatPatchViT(MultiModalViT):
+        def forward_features(self, images, present):
+            patches = patchify(images, self.config.patch_size, self.config.spatial_dims)
+            b, s, n, p = patches.shape                                   # [B, S, N, P]
+            emb = self.patch_embed(patches.reshape(b, s * n, p)).reshape(b, s, n, -1)
+            x = self.tokens(emb + self.pos_embed)                        # [B, 1+S*N, D]
+            attend = self.attention_mask(present)
+            for block in self.blocks:
+                x = block(x, attend)
+            return self.norm(x)
+
+    return FlatPatchViT(config)
+
+
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -93,7 +120,7 @@ def _build_step(mode: str, model, batch, device):
                 out = task.step(model, batch)
             out.loss.backward()
             opt.step()
-            return out.loss
+            return out.loss.detach()
         return step
 
     if mode in ("ours", "ours_insecure_noise"):
@@ -110,7 +137,7 @@ def _build_step(mode: str, model, batch, device):
             opt.zero_grad(set_to_none=True)
             out = private.backward(loss_fn)
             opt.step()
-            return out.loss
+            return out.loss.detach()
         return step
 
     dp_args = dict(noise_multiplier=NOISE_MULTIPLIER, max_grad_norm=MAX_GRAD_NORM,
@@ -128,10 +155,10 @@ def _build_step(mode: str, model, batch, device):
                 out = task.step(gsm, batch)              # gsm(image, present) forwards both
             out.loss.backward()
             dp_opt.step()
-            return out.loss
+            return out.loss.detach()
         return step
 
-    if mode == "opacus_ghost":
+    if mode in ("opacus_ghost", "opacus_ghost_flat_patches"):
         from opacus.grad_sample import GradSampleModuleFastGradientClipping
         from opacus.optimizers import DPOptimizerFastGradientClipping
         from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
@@ -166,7 +193,8 @@ def run_child(mode: str, device_name: str, steps: int, warmup: int) -> dict:
     torch.set_num_threads(1)
     device = resolve_device(device_name)
     torch.manual_seed(0)
-    model = MultiModalViT(ViTConfig(**VIT)).to(device).train()
+    build = _flat_patch_vit if mode == "opacus_ghost_flat_patches" else MultiModalViT
+    model = build(ViTConfig(**VIT)).to(device).train()
     batch = _batch(device)
     result = {"mode": mode, "params": count_parameters(model), "device": str(device)}
     try:
@@ -182,16 +210,17 @@ def run_child(mode: str, device_name: str, steps: int, warmup: int) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     else:
         base = _rss_bytes()
-    times, losses = [], []
+    times, cpu_times, losses = [], [], []
     try:
         for i in range(warmup + steps):
             sync()
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             loss = step()
             sync()
             if i >= warmup:
                 times.append(time.perf_counter() - start)
-            losses.append(float(loss))
+                cpu_times.append(time.process_time() - cpu_start)
+            losses.append(loss.item())
     except Exception as e:
         return result | {"error": f"{type(e).__name__}: {e}"}
     if device.type == "cuda":
@@ -201,8 +230,8 @@ def run_child(mode: str, device_name: str, steps: int, warmup: int) -> dict:
         absolute = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # KiB on Linux
         peak = absolute
     return result | {
-        "ms_per_step": 1e3 * statistics.median(times),
         "ms_steps": [1e3 * t for t in times],
+        "cpu_ms_steps": [1e3 * t for t in cpu_times],
         "peak_mb": (peak - base) / 2**20,
         "baseline_mb": base / 2**20,
         "absolute_peak_mb": absolute / 2**20,
@@ -226,6 +255,22 @@ def run_mode(mode: str, args) -> dict:
     return {"mode": mode, "error": f"child exited {proc.returncode}: {' | '.join(tail)}"}
 
 
+def pool(runs: list[dict]) -> dict:
+    """One mode's passes -> medians over all their timed steps (first error wins)."""
+    failed = [r for r in runs if "error" in r]
+    if failed:
+        return failed[0]
+    ms = [t for r in runs for t in r["ms_steps"]]
+    cpu = [t for r in runs for t in r["cpu_ms_steps"]]
+    per_pass = ("ms_steps", "cpu_ms_steps", "peak_mb", "baseline_mb", "absolute_peak_mb")
+    return {k: v for k, v in runs[0].items() if k not in per_pass} | {
+        "ms_per_step": statistics.median(ms),
+        "cpu_ms_per_step": statistics.median(cpu),
+        "peak_mb": statistics.median(r["peak_mb"] for r in runs),
+        "passes": [{k: r[k] for k in per_pass} for r in runs],
+    }
+
+
 def _ratio(modes: dict, mode: str, key: str) -> float | None:
     a, b = modes[mode].get(key), modes["non_dp"].get(key)
     return a / b if a is not None and b else None
@@ -236,6 +281,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--steps", type=int, default=5, help="timed steps per mode")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per mode first")
+    parser.add_argument("--repeats", type=int, default=2, help="passes over all modes")
     parser.add_argument("--out", type=Path, default=None,
                         help="default results/dp_overhead.json (dp_overhead_gpu.json on CUDA)")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
@@ -248,23 +294,30 @@ def main() -> None:
 
     if "non_dp" not in args.modes:
         args.modes = ["non_dp", *args.modes]
-    modes = {m: run_mode(m, args) for m in args.modes}
+    runs: dict[str, list[dict]] = {m: [] for m in args.modes}
+    for r in range(args.repeats):
+        for m in args.modes[::-1] if r % 2 else args.modes:
+            runs[m].append(run_mode(m, args))
+    modes = {m: pool(rs) for m, rs in runs.items()}
     ref = modes["non_dp"]
     if "error" in ref:
         raise SystemExit(f"non_dp failed, no reference: {ref['error']}")
     device = ref["device"]
     for m in modes.values():
         m["time_ratio"] = _ratio(modes, m["mode"], "ms_per_step")
+        m["cpu_time_ratio"] = _ratio(modes, m["mode"], "cpu_ms_per_step")
         m["memory_ratio"] = _ratio(modes, m["mode"], "peak_mb")
 
     print(f"MultiModalViT {ref['params']:,} parameters, batch {BATCH}, 1 thread, {device}")
-    print(f"{'mode':<21}{'ms/step':>10}{'peak MB':>10}{'time x':>9}{'memory x':>10}")
+    print(f"{'mode':<27}{'ms/step':>9}{'cpu ms':>9}{'peak MB':>9}{'time x':>8}{'cpu x':>7}"
+          f"{'mem x':>7}")
     for m in modes.values():
         if "error" in m:
-            print(f"{m['mode']:<21}  failed: {m['error']}")
+            print(f"{m['mode']:<27}failed: {m['error']}")
         else:
-            print(f"{m['mode']:<21}{m['ms_per_step']:>10.1f}{m['peak_mb']:>10.1f}"
-                  f"{m['time_ratio']:>9.2f}{m['memory_ratio']:>10.2f}")
+            print(f"{m['mode']:<27}{m['ms_per_step']:>9.1f}{m['cpu_ms_per_step']:>9.1f}"
+                  f"{m['peak_mb']:>9.1f}{m['time_ratio']:>8.2f}{m['cpu_time_ratio']:>7.2f}"
+                  f"{m['memory_ratio']:>7.2f}")
 
     def pick(mode, key):
         return modes.get(mode, {}).get(key)
@@ -272,25 +325,31 @@ def main() -> None:
     headline = {"time_ratio": pick("ours", "time_ratio"),
                 "memory_ratio": pick("ours", "memory_ratio")}
     payload = headline | {
+        "cpu_time_ratio": pick("ours", "cpu_time_ratio"),
         "headline_mode": "ours",
         "targets": TARGETS,
         "targets_met": {k: v is not None and v <= TARGETS[k] for k, v in headline.items()},
-        "ours_insecure_noise_time_ratio": pick("ours_insecure_noise", "time_ratio"),
-        "ours_insecure_noise_memory_ratio": pick("ours_insecure_noise", "memory_ratio"),
-        "opacus_hooks_time_ratio": pick("opacus_hooks", "time_ratio"),
-        "opacus_hooks_memory_ratio": pick("opacus_hooks", "memory_ratio"),
-        "opacus_ghost_time_ratio": pick("opacus_ghost", "time_ratio"),
-        "opacus_ghost_memory_ratio": pick("opacus_ghost", "memory_ratio"),
+        **{f"{m}_{k}": pick(m, k) for m in MODES[2:]
+           for k in ("time_ratio", "cpu_time_ratio", "memory_ratio")},
         "errors": {k: m["error"] for k, m in modes.items() if "error" in m},
+        "notes": [
+            "opacus_ghost on the production model: Opacus' ghost-norm rule for nn.Linear "
+            "(compute_linear_norm_sample) handles only 2D/3D inputs, so the patch embedding "
+            "(input [B, S, N, P]) gets no per-sample norm and get_clipping_coef fails; "
+            "opacus_ghost_flat_patches feeds it [B, S*N, P] (same parameters and outputs)",
+            "Opacus modes draw non-secure torch noise (secure mode needs torchcsprng); "
+            "ours_insecure_noise is the like-for-like comparison, ours is the production path",
+        ],
         "anchor": ANCHOR,
         "params": ref["params"],
         "device": device,
         "config": {"vit": VIT, "batch_size": BATCH, "threads": 1, "optimizer": "AdamW",
                    "noise_multiplier": NOISE_MULTIPLIER, "max_grad_norm": MAX_GRAD_NORM,
                    "sample_rate": BATCH / DATASET_SIZE, "steps": args.steps,
-                   "warmup": args.warmup,
+                   "warmup": args.warmup, "repeats": args.repeats,
                    "autocast": "bf16" if device.startswith("cuda") else "none"},
-        "method": ("each mode in its own process; time = median ms of timed steps; memory = "
+        "method": ("each mode in its own process, --repeats interleaved passes; time = median "
+                   "wall (and CPU) ms over all timed steps; memory = median over passes of "
                    + ("cuda max_memory_allocated - memory_allocated" if device.startswith("cuda")
                       else "peak RSS (ru_maxrss) - RSS")
                    + " after model+batch+optimizer and one no_grad forward"),

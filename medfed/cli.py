@@ -96,9 +96,8 @@ def _ledger_path(site_dir: Path) -> Path:
     from client.privacy.policy import node_settings
     from strategies import wire
 
-    settings = node_settings({}, site_dir)
-    return Path(str(settings.get(wire.NODE_PRIVACY_DIR, site_dir / ".medfed"))) \
-        / "privacy-ledger.sqlite"
+    folder = Path(str(node_settings({}, site_dir).get(wire.NODE_PRIVACY_DIR, ".medfed")))
+    return (folder if folder.is_absolute() else site_dir / folder) / "privacy-ledger.sqlite"
 
 
 def cmd_privacy(args) -> int:

@@ -38,15 +38,15 @@ def build_strategy(cfg: ExperimentConfig) -> Strategy:
         min_evaluate_nodes=s.min_evaluate_sites, min_available_nodes=s.min_available_sites,
         # site-level DP noise is calibrated to equal weights: one vote per site
         weighted_by_key=wire.DP_UNIT_WEIGHT if site_dp else wire.NUM_EXAMPLES)
+    if site_dp:     # directly around FedAvg: Flower's accountant checks the aggregation rule
+        inner = SiteLevelDP(inner, noise_multiplier=float(p.noise_multiplier),
+                            clipping_norm=p.clipping_norm, num_sites=cfg.federation.num_sites,
+                            delta=p.delta)
     guarded = GuardedStrategy(inner, min_available_sites=s.min_available_sites,
                               min_train_sites=s.min_train_sites,
                               quorum_timeout=cfg.federation.quorum_timeout,
                               max_update_norm=s.max_update_norm,
                               max_norm_ratio=s.max_norm_ratio)
-    if site_dp:
-        return SiteLevelDP(guarded, noise_multiplier=float(p.noise_multiplier),
-                           clipping_norm=p.clipping_norm, num_sites=cfg.federation.num_sites,
-                           delta=p.delta)
     return PartialSharing(guarded, list(s.local_params)) if s.local_params else guarded
 
 

@@ -68,6 +68,13 @@ def check_update(arrays: ArrayRecord | None, reference: dict[str, np.ndarray],
     return None, norm
 
 
+def error_summary(msg: Message) -> str:
+    """The last line of a site's error reply (Flower puts the exception text there), short."""
+    lines = [line.strip() for line in str(msg.error.reason).splitlines() if line.strip()]
+    text = lines[-1] if lines else f"error code {msg.error.code}"
+    return f"node {msg.metadata.src_node_id}: {text[:300]}"
+
+
 class GuardedStrategy(Strategy):
     """Wrap ``strategy`` with a bounded quorum wait and update sanitization.
 
@@ -152,9 +159,11 @@ class GuardedStrategy(Strategy):
                             reply_site_id(msg), reason)
         usable = sum(not m.has_error() for m in accepted)
         if usable < self.min_train_sites:
+            errors = [error_summary(m) for m in accepted if m.has_error()]
             raise QuorumError(f"round {server_round}: {usable} usable update(s), "
                               f"{self.min_train_sites} required (strategy.min_train_sites); "
-                              f"rejected: {[f'{r.site_id}: {r.reason}' for r in self.rejected]}")
+                              f"rejected: {[f'{r.site_id}: {r.reason}' for r in self.rejected]}; "
+                              f"site errors: {errors}")
         arrays, metrics = self.strategy.aggregate_train(server_round, accepted)
         return self._as_model_dtypes(arrays), metrics
 

@@ -88,6 +88,17 @@ def ordered(replies: Iterable[Message]) -> list[Message]:
     return sorted(replies, key=key)
 
 
+def _through_wrappers(strategy: Strategy, attr: str):
+    """``attr`` of the first strategy along the ``.strategy`` chain that has it, else None."""
+    for _ in range(10):
+        if hasattr(strategy, attr):
+            return getattr(strategy, attr)
+        strategy = getattr(strategy, "strategy", None)
+        if strategy is None:
+            return None
+    return None
+
+
 class ObservedStrategy(Strategy):
     """Wrap ``strategy`` and call ``observers`` after training and at the end of each round."""
 
@@ -117,7 +128,7 @@ class ObservedStrategy(Strategy):
         finally:
             record.rejected = list(getattr(self.strategy, "rejected", []))
             record.update_norms = dict(getattr(self.strategy, "update_norms", {}))
-            record.site_level_epsilon = getattr(self.strategy, "epsilon", None)
+            record.site_level_epsilon = _through_wrappers(self.strategy, "epsilon")
         record.arrays = arrays
         record.train_metrics = dict(metrics or {})
         for observer in self.observers:

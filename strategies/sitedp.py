@@ -3,8 +3,8 @@
 Flower's ``DifferentialPrivacyClientSideFixedClipping`` does the work (it injects the
 clipping norm for the sites' ``fixedclipping_mod``, checks that every sampled site answered
 with equal weight, adds N(0, (sigma C / n)^2) to the average and composes Flower's
-``RdpAccountant``). This subclass only lets observers see through it (the fault guard's
-verdicts) and exposes the spent epsilon for tracking.
+``RdpAccountant``). This subclass only configures the accountant and exposes the spent epsilon for tracking. It sits directly around FedAvg (Flower's
+accountant checks the aggregation rule), inside the fault guard.
 """
 
 from __future__ import annotations
@@ -32,11 +32,3 @@ class SiteLevelDP(DifferentialPrivacyClientSideFixedClipping):
         """Site-level epsilon spent so far (at the configured delta); 0 before any release."""
         spent = self.privacy_spent()
         return float(spent.epsilon) if spent is not None and spent.num_releases else 0.0
-
-    @property
-    def rejected(self):
-        return getattr(self.strategy, "rejected", [])
-
-    @property
-    def update_norms(self):
-        return getattr(self.strategy, "update_norms", {})

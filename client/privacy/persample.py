@@ -49,26 +49,32 @@ class _Layer:
 
     def __init__(self, module: nn.Module):
         self.module = module
+        # Fixed at construction: inside ``capture()`` every parameter has requires_grad off.
+        self.trainable = {n: p for n, p in module.named_parameters(recurse=False)
+                          if p.requires_grad}
         self.input: Tensor | None = None
         self.grad_output: Tensor | None = None
         self.per_sample: dict[str, Tensor] = {}     # small layers: per-sample grads themselves
         self.calls = 0
 
     def params(self) -> dict[str, nn.Parameter]:
-        return {n: p for n, p in self.module.named_parameters(recurse=False) if p.requires_grad}
+        return self.trainable
 
 
 # Per-layer rules: (layer) -> per-sample squared norm [B]; and (layer, clip factors) -> grads.
 def _linear_norms(layer: _Layer) -> Tensor:
     a, g = _acc(_flat(layer.input)), _acc(_flat(layer.grad_output))   # [B,T,i], [B,T,o]
     t, i, o = a.shape[1], a.shape[2], g.shape[2]
-    if t == 1:
+    sq = torch.zeros(a.shape[0], dtype=a.dtype, device=a.device)
+    if "weight" not in layer.trainable:
+        pass
+    elif t == 1:
         sq = a.square().sum((1, 2)) * g.square().sum((1, 2))
     elif t * t * (i + o) < t * i * o:                      # ghost norm is cheaper
         sq = (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
     else:
         sq = torch.bmm(g.transpose(1, 2), a).square().sum((1, 2))
-    if layer.module.bias is not None and layer.module.bias.requires_grad:
+    if "bias" in layer.trainable:
         sq = sq + g.sum(1).square().sum(1)
     return sq
 
@@ -76,16 +82,19 @@ def _linear_norms(layer: _Layer) -> Tensor:
 def _linear_grads(layer: _Layer, clip: Tensor) -> dict[str, Tensor]:
     a, g = _flat(layer.input), _flat(layer.grad_output)
     weighted = g * clip.to(g.dtype)[:, None, None]                         # [B, T, o]
-    out = {"weight": _acc(weighted.reshape(-1, g.shape[-1])).t() @ _acc(a.reshape(-1, a.shape[-1]))}
-    if layer.module.bias is not None and layer.module.bias.requires_grad:
+    out = {}
+    if "weight" in layer.trainable:
+        out["weight"] = _acc(weighted.reshape(-1, g.shape[-1])).t() @ _acc(a.reshape(-1, a.shape[-1]))
+    if "bias" in layer.trainable:
         out["bias"] = _acc(weighted).sum((0, 1))
     return out
 
 
 def _layernorm_per_sample(layer: _Layer) -> dict[str, Tensor]:
     m: nn.LayerNorm = layer.module
-    normed = _flat(F.layer_norm(_acc(layer.input), m.normalized_shape, eps=m.eps))
-    g = _acc(_flat(layer.grad_output))
+    b, shape = layer.input.shape[0], tuple(m.normalized_shape)
+    normed = F.layer_norm(_acc(layer.input), shape, eps=m.eps).reshape(b, -1, *shape)
+    g = _acc(layer.grad_output).reshape(b, -1, *shape)              # [B, T, *normalized_shape]
     return {"weight": (g * normed).sum(1), "bias": g.sum(1)}
 
 
@@ -137,6 +146,13 @@ class PerSampleClipper:
                 self.layers.append(_Layer(module))
             else:
                 unsupported.append(f"{name or '<root>'} ({type(module).__name__})")
+        owners: dict[int, str] = {}
+        for layer in self.layers:
+            for p in layer.trainable.values():
+                if id(p) in owners:     # tied weights: per-sample norms would need cross terms
+                    unsupported.append(f"a parameter shared by {owners[id(p)]} and "
+                                       f"{type(layer.module).__name__}")
+                owners[id(p)] = type(layer.module).__name__
         if unsupported:
             raise UnsupportedLayerError(
                 "no exact per-sample gradient rule for trainable parameters in: "

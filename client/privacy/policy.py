@@ -61,7 +61,8 @@ def site_budget(settings: dict, data_dir: Path) -> SiteBudget | None:
         raise PrivacyRefused(f"the site's privacy budget in node config is invalid: {err} "
                              f"(set both {wire.NODE_DP_EPSILON!r} and {wire.NODE_DP_DELTA!r})"
                              ) from None
-    ledger_dir = Path(str(settings.get(wire.NODE_PRIVACY_DIR, data_dir / ".medfed")))
+    ledger_dir = Path(str(settings.get(wire.NODE_PRIVACY_DIR, ".medfed")))
+    ledger_dir = ledger_dir if ledger_dir.is_absolute() else data_dir / ledger_dir
     require = str(settings.get(wire.NODE_REQUIRE_DP, "true")).lower() not in ("false", "0", "no")
     return SiteBudget(eps, delta, ledger_dir / "privacy-ledger.sqlite", require)
 

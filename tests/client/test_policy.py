@@ -1,0 +1,288 @@
+"""The site's privacy policy: Opacus-exact accounting, budget enforcement against the ledger
+across restarts and runs, refusals with reasons, node settings, and DP-SGD task eligibility."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from flwr.app import ConfigRecord
+
+from client.job import JobError, PrivacyRequest, decode_job
+from client.privacy.dpsgd import steps_per_epoch
+from client.privacy.ledger import PrivacyLedger
+from client.privacy.policy import PrivacyRefused, authorize, node_settings, site_budget
+from models import TASKS
+from models.tasks import ClassificationConfig, ClassificationTask
+from server.config import load_experiment
+from server.federation import job_config
+from strategies import accounting, wire
+
+# Opacus notes when the optimal RDP order sits at the edge of its grid (very large/small sigma)
+pytestmark = pytest.mark.filterwarnings("ignore:Optimal order is the")
+
+DELTA = 1e-5
+N_TRAIN, BATCH, EPOCHS = 100, 10, 1            # q = 0.1, 10 steps per round
+
+COUPLED, UNDECLARED = "test-policy-batch-coupled", "test-policy-undeclared-coupling"
+
+
+class _BatchCoupledTask(ClassificationTask):
+    """Stands in for a contrastive objective: each sample's loss depends on the whole batch."""
+
+    batch_coupling = "an in-batch contrastive loss uses every other sample as a negative"
+
+
+class _UndeclaredTask:
+    """Does not say whether its loss couples the batch: must be treated as coupled."""
+
+    def __init__(self, config):
+        self.config = config
+
+
+if COUPLED not in TASKS.names():
+    TASKS.register(COUPLED, ClassificationConfig)(_BatchCoupledTask)
+if UNDECLARED not in TASKS.names():
+    TASKS.register(UNDECLARED, ClassificationConfig)(_UndeclaredTask)
+
+
+def _budget(tmp_path, epsilon=3.0, delta=DELTA, **extra):
+    settings = {wire.NODE_DP_EPSILON: epsilon, wire.NODE_DP_DELTA: delta,
+                wire.NODE_PRIVACY_DIR: str(tmp_path / "privacy")} | extra
+    return site_budget(settings, tmp_path)
+
+
+def _dpsgd(run_id="run-a", **changes) -> PrivacyRequest:
+    fields = dict(mechanism=wire.DP_SGD, target_epsilon=3.0, planned_rounds=2, run_id=run_id,
+                  max_grad_norm=1.0)
+    return PrivacyRequest(**(fields | changes))
+
+
+def _authorize(request, budget, server_round=1, n_train=N_TRAIN):
+    return authorize(request, budget, n_train=n_train, local_epochs=EPOCHS, batch_size=BATCH,
+                     server_round=server_round, secure_mode=False)
+
+
+# ---------------------------------------------------------------- accounting == Opacus, live
+
+def _live(accountant, history):
+    for sigma, q, steps in history:
+        for _ in range(steps):
+            accountant.step(noise_multiplier=sigma, sample_rate=q)
+    return accountant
+
+
+HISTORIES = [[(1.1, 0.05, 40)],
+             [(1.1, 0.05, 40), (1.1, 0.05, 40), (0.9, 0.1, 10)],
+             [(2.0, 1.0, 1)] * 3 + [(1.0, 0.1, 10)]]        # site-dp rounds, then dp-sgd
+
+
+@pytest.mark.parametrize("history", HISTORIES)
+def test_epsilon_equals_opacus_rdp_accountant_stepped_live(history):
+    from opacus.accountants import RDPAccountant
+
+    live = _live(RDPAccountant(), history).get_epsilon(delta=DELTA)
+    assert accounting.epsilon(history, DELTA, "rdp") == pytest.approx(live, rel=1e-9)
+    assert accounting.epsilon(history, DELTA) == pytest.approx(live, rel=1e-9)   # default rdp
+
+
+@pytest.mark.parametrize("history", HISTORIES[:2])
+def test_epsilon_equals_opacus_prv_accountant_stepped_live(history):
+    from opacus.accountants import PRVAccountant
+
+    live = _live(PRVAccountant(), history).get_epsilon(delta=DELTA)
+    assert accounting.epsilon(history, DELTA, "prv") == pytest.approx(live, rel=1e-6)
+
+
+def test_accounting_edges():
+    assert accounting.epsilon([], DELTA) == 0.0
+    assert accounting.ACCOUNTANTS == ("rdp", "prv")
+    with pytest.raises(accounting.PrivacyConfigError, match=r"unknown accountant 'gdp'.*rdp"):
+        accounting.epsilon([(1.0, 0.1, 1)], DELTA, "gdp")
+    sigma = accounting.calibrate_noise(target_epsilon=2.0, delta=DELTA, sample_rate=0.1,
+                                       steps=50)
+    assert 2.0 - 0.006 < accounting.epsilon([(sigma, 0.1, 50)], DELTA) <= 2.0
+
+
+# ---------------------------------------------------------------- dp-sgd: plan, charge, refuse
+
+def test_dpsgd_calibrates_once_charges_the_ledger_and_stops_at_the_budget(tmp_path):
+    budget = _budget(tmp_path, epsilon=3.0)
+    q, steps = BATCH / N_TRAIN, EPOCHS * steps_per_epoch(BATCH / N_TRAIN)
+
+    first = _authorize(_dpsgd(), budget, server_round=1)
+    sigma = first.dpsgd.noise_multiplier
+    assert first.dpsgd.sample_rate == pytest.approx(q) and first.dpsgd.max_grad_norm == 1.0
+    assert first.dpsgd.secure_mode is False
+    # calibrated so the whole planned run (2 rounds) just fits the target
+    assert 3.0 - 0.006 < accounting.epsilon([(sigma, q, steps)] * 2, DELTA) <= 3.0
+    ledger = PrivacyLedger(budget.ledger_path)
+    assert ledger.history() == [(sigma, q, steps)]
+    assert first.entry == ledger.last() and first.entry.server_round == 1
+    assert first.entry.epsilon == pytest.approx(accounting.epsilon(ledger.history(), DELTA))
+    assert ledger.get_plan("run-a", wire.DP_SGD).noise_multiplier == sigma
+
+    # a restarted site process: new ledger handle, same file; the plan is reused
+    second = _authorize(_dpsgd(), _budget(tmp_path, epsilon=3.0), server_round=2)
+    reopened = PrivacyLedger(budget.ledger_path)
+    assert second.dpsgd.noise_multiplier == sigma
+    assert [e.server_round for e in reopened.entries()] == [1, 2]
+    assert second.entry.epsilon > first.entry.epsilon
+    assert second.entry.epsilon == pytest.approx(accounting.epsilon(reopened.history(), DELTA))
+    assert second.entry.epsilon <= 3.0
+
+    # one round past the plan would exceed the budget: refused, nothing charged
+    with pytest.raises(PrivacyRefused, match=r"round 3 would bring .* budget 3"):
+        _authorize(_dpsgd(), budget, server_round=3)
+    assert len(PrivacyLedger(budget.ledger_path).entries()) == 2
+
+    # a fresh run whose plan the remaining budget cannot hold is refused up front
+    with pytest.raises(PrivacyRefused, match=r"run's plan .* budget 3"):
+        _authorize(_dpsgd(run_id="run-b"), budget, server_round=1)
+    after = PrivacyLedger(budget.ledger_path)
+    assert len(after.entries()) == 2 and after.get_plan("run-b", wire.DP_SGD) is None
+
+
+def test_a_fresh_run_that_fits_the_remaining_budget_is_accepted(tmp_path):
+    budget = _budget(tmp_path, epsilon=10.0)
+    _authorize(_dpsgd(target_epsilon=2.0, planned_rounds=1), budget)
+    other = _authorize(_dpsgd(run_id="run-b", target_epsilon=2.0, planned_rounds=1), budget)
+    ledger = PrivacyLedger(budget.ledger_path)
+    assert [e.run_id for e in ledger.entries()] == ["run-a", "run-b"]
+    # composed over both runs, not per run
+    assert other.entry.epsilon == pytest.approx(accounting.epsilon(ledger.history(), DELTA))
+    assert other.entry.epsilon > 2.0
+
+
+def test_a_run_may_not_change_its_sample_rate(tmp_path):
+    budget = _budget(tmp_path, epsilon=10.0)
+    _authorize(_dpsgd(sample_rate=0.1), budget)
+    with pytest.raises(PrivacyRefused, match="sample rate"):
+        _authorize(_dpsgd(sample_rate=0.2), budget, server_round=2)
+
+
+def test_prv_accountant_is_used_for_the_charge(tmp_path):
+    budget = _budget(tmp_path, epsilon=3.0)
+    auth = _authorize(_dpsgd(accountant="prv", planned_rounds=1), budget)
+    history = PrivacyLedger(budget.ledger_path).history()
+    assert auth.entry.accountant == "prv"
+    assert auth.entry.epsilon == pytest.approx(accounting.epsilon(history, DELTA, "prv"))
+
+
+# ---------------------------------------------------------------- refusals
+
+def test_server_noise_multiplier_too_small_for_the_budget_is_refused(tmp_path):
+    budget = _budget(tmp_path, epsilon=1.0)
+    with pytest.raises(PrivacyRefused,
+                       match=r"plan \(5 rounds, noise multiplier 0\.3\) .* budget 1"):
+        _authorize(_dpsgd(target_epsilon=0.0, noise_multiplier=0.3, planned_rounds=5), budget)
+    assert PrivacyLedger(budget.ledger_path).entries() == []
+
+
+def test_server_noise_multiplier_is_used_when_it_fits(tmp_path):
+    auth = _authorize(_dpsgd(target_epsilon=0.0, noise_multiplier=5.0), _budget(tmp_path))
+    assert auth.dpsgd.noise_multiplier == 5.0
+
+
+def test_server_target_above_the_site_budget_is_refused(tmp_path):
+    budget = _budget(tmp_path, epsilon=3.0)
+    with pytest.raises(PrivacyRefused, match=r"target epsilon 8 exceeds .* budget 3"):
+        _authorize(_dpsgd(target_epsilon=8.0), budget)
+    assert PrivacyLedger(budget.ledger_path).entries() == []
+
+
+def test_site_dp_with_a_tiny_server_noise_is_refused(tmp_path):
+    budget = _budget(tmp_path, epsilon=3.0)
+    request = PrivacyRequest(mechanism=wire.DP_SITE, noise_multiplier=0.05, clipping_norm=1.0,
+                             planned_rounds=3, run_id="run-s")
+    with pytest.raises(PrivacyRefused, match="budget 3"):
+        _authorize(request, budget)
+    assert PrivacyLedger(budget.ledger_path).entries() == []
+
+
+def test_site_dp_is_charged_as_one_full_batch_release(tmp_path):
+    budget = _budget(tmp_path, epsilon=5.0)
+    request = PrivacyRequest(mechanism=wire.DP_SITE, noise_multiplier=3.0, clipping_norm=0.5,
+                             planned_rounds=2, run_id="run-s")
+    auth = _authorize(request, budget)
+    assert auth.dpsgd is None
+    assert PrivacyLedger(budget.ledger_path).history() == [(3.0, 1.0, 1)]
+    assert auth.entry.epsilon == pytest.approx(accounting.epsilon([(3.0, 1.0, 1)], DELTA))
+    assert auth.entry.max_grad_norm == 0.5
+
+
+def test_non_private_rounds_need_the_operators_consent(tmp_path):
+    none = PrivacyRequest()
+    with pytest.raises(PrivacyRefused, match="requires differential privacy"):
+        _authorize(none, _budget(tmp_path))                      # require-dp defaults to true
+    relaxed = _budget(tmp_path, **{wire.NODE_REQUIRE_DP: False})
+    assert relaxed.require_dp is False
+    assert _authorize(none, relaxed) is None
+    assert _authorize(none, None) is None                         # no budget at all
+    assert not relaxed.ledger_path.exists() or PrivacyLedger(relaxed.ledger_path).entries() == []
+
+
+def test_dp_without_a_site_budget_is_refused_naming_the_node_config_keys(tmp_path):
+    assert site_budget({}, tmp_path) is None
+    with pytest.raises(PrivacyRefused, match=r"no privacy budget.*'dp-epsilon'.*'dp-delta'"):
+        _authorize(_dpsgd(), site_budget({}, tmp_path))
+
+
+def test_delta_at_or_above_one_over_n_is_refused(tmp_path):
+    budget = _budget(tmp_path, delta=0.01)                      # 1/n_train = 0.01
+    with pytest.raises(PrivacyRefused, match=r"delta=0\.01 >= 1/n"):
+        _authorize(_dpsgd(), budget, n_train=N_TRAIN)
+    assert _authorize(_dpsgd(planned_rounds=1), _budget(tmp_path / "b", delta=0.001),
+                      n_train=N_TRAIN) is not None
+
+
+# ---------------------------------------------------------------- node settings
+
+def test_node_settings_merge_the_toml_under_the_node_config(tmp_path):
+    (tmp_path / wire.NODE_CONFIG_FILE).write_text(
+        'dp-epsilon = 2.0\ndp-delta = 1e-6\nrequire-dp = false\n')
+    settings = node_settings({wire.NODE_DP_EPSILON: 5.0}, tmp_path)
+    assert settings[wire.NODE_DP_EPSILON] == 5.0                 # the node config wins
+    assert settings[wire.NODE_DP_DELTA] == 1e-6                  # the file fills the rest
+    budget = site_budget(settings, tmp_path)
+    assert (budget.epsilon, budget.delta, budget.require_dp) == (5.0, 1e-6, False)
+    assert budget.ledger_path == tmp_path / ".medfed" / "privacy-ledger.sqlite"
+    assert node_settings({"x": 1}, tmp_path / "no-such-dir") == {"x": 1}
+
+
+@pytest.mark.parametrize("settings", [
+    {wire.NODE_DP_EPSILON: 0.0, wire.NODE_DP_DELTA: DELTA},
+    {wire.NODE_DP_EPSILON: -1.0, wire.NODE_DP_DELTA: DELTA},
+    {wire.NODE_DP_EPSILON: math.inf, wire.NODE_DP_DELTA: DELTA},
+    {wire.NODE_DP_EPSILON: 1.0, wire.NODE_DP_DELTA: 1.5},
+    {wire.NODE_DP_EPSILON: 1.0},                                 # delta missing
+    {wire.NODE_DP_EPSILON: "lots", wire.NODE_DP_DELTA: DELTA},
+])
+def test_an_invalid_site_budget_is_refused(tmp_path, settings):
+    with pytest.raises(PrivacyRefused, match=r"budget in node config is invalid.*'dp-epsilon'"):
+        site_budget(settings, tmp_path)
+
+
+# ---------------------------------------------------------------- decode_job: DP-SGD eligibility
+
+def _job(task_name: str, privacy: str) -> ConfigRecord:
+    record = job_config(load_experiment([f"privacy={privacy}"]), "run-x")
+    record[wire.TASK_NAME] = task_name
+    return record
+
+
+def test_dpsgd_is_refused_for_a_batch_coupled_task():
+    assert decode_job(_job(COUPLED, "none"), site_seed=0).task_name == COUPLED   # non-DP is fine
+    with pytest.raises(JobError, match=r"DP-SGD refused .* in-batch contrastive .* site-level"):
+        decode_job(_job(COUPLED, "dpsgd"), site_seed=0)
+
+
+def test_dpsgd_is_refused_for_a_task_that_does_not_declare_its_coupling():
+    with pytest.raises(JobError, match="does not declare"):
+        decode_job(_job(UNDECLARED, "dpsgd"), site_seed=0)
+
+
+def test_dpsgd_request_decodes_for_the_classification_task():
+    job = decode_job(_job("classification", "dpsgd"), site_seed=0)
+    assert job.privacy.mechanism == wire.DP_SGD and job.privacy.run_id == "run-x"
+    assert job.privacy.target_epsilon == 8.0 and job.privacy.planned_rounds >= 1

@@ -27,8 +27,9 @@ Each mode runs in its own subprocess (``OMP_NUM_THREADS=1``, ``torch.set_num_thr
 Time: median of ``--steps`` timed steps after ``--warmup`` untimed ones (``perf_counter``,
 ``cuda.synchronize`` around each step on CUDA), pooled over ``--repeats`` passes over the modes,
 every other pass in reverse order so drift in machine load falls on all modes alike; on CPU also
-the process' CPU time per step, which other jobs on a shared box disturb much less. Peak memory above a baseline taken after
-building model, batch and optimizer and running one untimed ``no_grad`` forward: on CPU the
+the process' CPU time per step, which other jobs on a shared box disturb much less. Peak memory
+is measured above a baseline taken after building model, batch and optimizer and running one
+untimed ``no_grad`` forward: on CPU the
 process' peak RSS (``ru_maxrss``) minus its RSS at that point (torch's CPU allocator keeps no
 peak statistics); on CUDA ``max_memory_allocated`` minus ``memory_allocated`` at that point.
 So the figure covers gradients, optimizer state, activations and DP bookkeeping, not the

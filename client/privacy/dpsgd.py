@@ -4,8 +4,9 @@ What the accountant assumes is exactly what happens here: each step includes eve
 sample independently with probability ``q`` (Poisson sampling, so batches vary in size and may
 be empty), each sample's gradient is clipped to ``max_grad_norm``, and N(0, (sigma C)^2) noise
 is added to the sum, which is divided by the *expected* batch size ``q n`` (Opacus'
-``loss_reduction="mean"``). Per-sample gradients come from ``persample`` (one backward pass) or
-from Opacus' GradSampleModule (``opacus-hooks``/``opacus-ghost``, kept for cross-checks).
+``loss_reduction="mean"``). Per-sample clipping comes from ``persample`` (one backward pass),
+which the tests check against individual backward passes and against Opacus' own
+GradSampleModule; ``bench/dp_overhead`` compares its cost with Opacus' hooks and ghost modes.
 """
 
 from __future__ import annotations

@@ -36,9 +36,11 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bench.framework_overhead
 	$(BIN)/python -m bench.calibration
+	$(BIN)/python -m bench.dp_overhead
 
 bench-all: bench
 	$(BIN)/python -m bench.heterogeneity
+	$(BIN)/python -m bench.dp_utility
 
 clean:
 	rm -rf runs .flwr

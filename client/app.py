@@ -14,6 +14,7 @@ from strategies.partial import local_keys
 
 from .engine import Engine
 from .job import Job, decode_job
+from .mods.secagg import secagg_mod
 from .mods.sitedp import site_dp_clipping_mod
 from .privacy.policy import authorize, node_settings, site_budget
 from .runtime import SiteDataCache, resolve_site, site_logger
@@ -51,8 +52,9 @@ def make_client_app(*, sim_data_root: Path | None = None, mods=()) -> ClientApp:
         Extra Flower client mods (secure aggregation, auditing, fault drills), outermost
         first; site-level DP clipping is always installed innermost.
     """
-    # Site-level DP clipping sits innermost: it clips the update as the handler produced it.
-    app = ClientApp(mods=[*mods, site_dp_clipping_mod])
+    # Innermost first to act on the reply: site-level DP clips the update as the handler
+    # produced it, then secure aggregation masks the clipped update.
+    app = ClientApp(mods=[*mods, secagg_mod, site_dp_clipping_mod])
     cache = SiteDataCache()
 
     def prepare(msg: Message, context: Context):

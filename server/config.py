@@ -20,6 +20,9 @@ from omegaconf import DictConfig, OmegaConf
 from models import MODELS, TASKS
 from models.tasks import batch_coupling
 from strategies.accounting import PrivacyConfigError, check_accountant
+from strategies.registry import NEEDS_INDIVIDUAL_UPDATES
+from strategies.secagg_encoding import Encoding
+from strategies.secagg_protocol import SecAggConfig, SecAggError
 from strategies.partial import local_keys, unmatched_patterns
 from strategies.registry import StrategyConfigError, validate_strategy
 
@@ -109,6 +112,16 @@ class PrivacyConfig:
 
 
 @dataclass(frozen=True)
+class SecAggSettings:
+    """SecAgg+ (strategies/secagg.py): the server only ever sees the sum of site updates."""
+    enabled: bool = False
+    degree: int | None = None             # neighbours per site; null: ~2 log2(num_sites)
+    threshold: float = 0.5                # Shamir threshold: fraction of the degree, or an int
+    clip_range: float = 0.5               # |update delta| per value; larger is clipped (counted)
+    max_weight: int = 1000                # example counts above this are capped in the sum
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     name: str = "demo"
     seed: int = 0
@@ -122,6 +135,7 @@ class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    secagg: SecAggSettings = field(default_factory=SecAggSettings)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -202,12 +216,42 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     if len(set(cfg.task.class_names)) != len(cfg.task.class_names) or len(cfg.task.class_names) < 2:
         raise ConfigError("task.class_names must list at least two distinct classes")
     validate_privacy(cfg)
+    validate_secagg(cfg)
     return cfg
+
+
+def validate_secagg(cfg: ExperimentConfig) -> None:
+    """Secure aggregation hides individual updates: refuse what needs to see them."""
+    s = cfg.secagg
+    if not s.enabled:
+        return
+    if cfg.strategy.name in NEEDS_INDIVIDUAL_UPDATES or cfg.strategy.name not in SECAGG_READY:
+        raise ConfigError(f"secagg.enabled with strategy={cfg.strategy.name}: secure aggregation "
+                          "only reveals the weighted sum of updates; use one of "
+                          f"{', '.join(SECAGG_READY)}")
+    if cfg.strategy.local_params:
+        raise ConfigError("secagg.enabled with strategy.local_params is not supported: the "
+                          "masked vector covers the whole model")
+    if cfg.strategy.max_update_norm is not None:
+        raise ConfigError("secagg.enabled with strategy.max_update_norm: the server cannot see "
+                          "individual update norms; bound updates at the sites "
+                          "(privacy=sitedp clips them) instead")
+    if cfg.privacy.mechanism == "site-dp":
+        raise ConfigError("secagg with privacy=sitedp is not implemented yet (server noise on "
+                          "the secure sum); use privacy=dpsgd (noise added at each site)")
+    try:
+        SecAggConfig(degree=s.degree, threshold=s.threshold,
+                     encoding=Encoding(clip_range=s.clip_range, max_sites=cfg.federation.num_sites,
+                                       max_weight=s.max_weight)).resolve(cfg.federation.num_sites)
+    except (SecAggError, ValueError) as err:
+        raise ConfigError(f"secagg: {err}") from None
 
 
 # Strategies whose aggregate is FedAvg's weighted sum: Gaussian noise on the sum is the
 # site-level mechanism the accountant describes. Median/Krum/trimmed mean are not sums.
 SUM_AGGREGATING = ("fedavg", "fedprox")
+# Strategies that only need the weighted average of the updates (server optimisers included).
+SECAGG_READY = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
 
 
 def validate_privacy(cfg: ExperimentConfig) -> None:
@@ -298,6 +342,7 @@ def _freeze(cfg: ExperimentConfig) -> ExperimentConfig:
         train=TrainConfig(**plain["train"]), strategy=StrategyConfig(**plain["strategy"]),
         federation=FederationConfig(**plain["federation"]), data=DataConfig(**plain["data"]),
         tracking=TrackingConfig(**plain["tracking"]), privacy=PrivacyConfig(**plain["privacy"]),
+        secagg=SecAggSettings(**plain["secagg"]),
     )
 
 

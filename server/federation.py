@@ -16,6 +16,9 @@ from models import MODELS
 from strategies import wire
 from strategies.guard import GuardedStrategy
 from strategies.partial import PartialSharing
+from strategies.secagg import SecAggPlus
+from strategies.secagg_encoding import Encoding
+from strategies.secagg_protocol import SecAggConfig
 from strategies.sitedp import SiteLevelDP
 from strategies.observed import ObservedStrategy, RoundObserver
 from strategies.registry import build_strategy as build_flower_strategy
@@ -47,6 +50,12 @@ def build_strategy(cfg: ExperimentConfig) -> Strategy:
                               quorum_timeout=cfg.federation.quorum_timeout,
                               max_update_norm=s.max_update_norm,
                               max_norm_ratio=s.max_norm_ratio)
+    if cfg.secagg.enabled:          # outside the guard: it sees the summed update only
+        sa = cfg.secagg
+        return SecAggPlus(guarded, SecAggConfig(
+            degree=sa.degree, threshold=sa.threshold,
+            encoding=Encoding(clip_range=sa.clip_range, max_sites=cfg.federation.num_sites,
+                              max_weight=sa.max_weight)), stage_timeout=cfg.federation.round_timeout)
     return PartialSharing(guarded, list(s.local_params)) if s.local_params else guarded
 
 

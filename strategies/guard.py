@@ -68,6 +68,12 @@ def check_update(arrays: ArrayRecord | None, reference: dict[str, np.ndarray],
     return None, norm
 
 
+def _sites_in(msg: Message) -> int:
+    """Sites behind one reply: 1, or the number summed into a secure-aggregation reply."""
+    metrics = msg.content.metric_records.get(wire.METRICS, MetricRecord())
+    return int(metrics.get(wire.SECAGG_SITES, 1))
+
+
 def error_summary(msg: Message) -> str:
     """The last line of a site's error reply (Flower puts the exception text there), short."""
     lines = [line.strip() for line in str(msg.error.reason).splitlines() if line.strip()]
@@ -157,7 +163,7 @@ class GuardedStrategy(Strategy):
                 self.rejected.append(Rejection(reply_site_id(msg), reason))
                 log.warning("round %d: rejected update from %s: %s", server_round,
                             reply_site_id(msg), reason)
-        usable = sum(not m.has_error() for m in accepted)
+        usable = sum(_sites_in(m) for m in accepted if not m.has_error())
         if usable < self.min_train_sites:
             errors = [error_summary(m) for m in accepted if m.has_error()]
             raise QuorumError(f"round {server_round}: {usable} usable update(s), "

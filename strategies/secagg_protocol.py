@@ -47,7 +47,8 @@ class SecAggConfig:
         degree = self.degree or min(n - 1, max(2, 2 * math.ceil(math.log2(n))))
         if degree > n - 1:
             raise SecAggError(f"degree {degree} needs at least {degree + 1} sites, got {n}")
-        t = int(self.threshold) if self.threshold >= 1 else math.ceil(self.threshold * degree)
+        t = int(self.threshold) if self.threshold >= 1 else \
+            max(2, math.ceil(self.threshold * degree))
         if not 2 <= t <= degree:
             raise SecAggError(f"threshold {t} must be in [2, degree={degree}]")
         return degree, t
@@ -56,7 +57,7 @@ class SecAggConfig:
 def neighbours(ids: list[int], degree: int, rng: np.random.Generator) -> dict[int, list[int]]:
     """Random circulant graph: shuffle the sites, connect each to the ``degree`` nearest
     positions around the ring (``degree // 2`` each side, one more ahead when odd)."""
-    order = list(rng.permutation(ids))
+    order = [ids[k] for k in rng.permutation(len(ids))]    # ids may not fit in int64
     n = len(order)
     out: dict[int, set[int]] = {i: set() for i in ids}
     for pos, site in enumerate(order):
@@ -68,7 +69,7 @@ def neighbours(ids: list[int], degree: int, rng: np.random.Generator) -> dict[in
             other = order[(pos + n // 2) % n]
             out[site].add(other)
             out[other].add(site)
-    return {i: sorted(int(j) for j in v) for i, v in out.items()}
+    return {i: sorted(v) for i, v in out.items()}
 
 
 def pairwise_sign(me: int, other: int) -> int:

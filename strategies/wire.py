@@ -44,6 +44,32 @@ DP_ACCOUNTANT = "dp-accountant"          # strategies.accounting.ACCOUNTANTS
 DP_CLIPPING_NORM = "clipping_norm"
 DP_UNIT_WEIGHT = "dp-unit-weight"        # site-dp: 1.0 per site (noise calibrated to equal weights)
 
+# Secure aggregation (SecAgg+). Stage messages carry a SECAGG ConfigRecord; node ids travel
+# as strings (Flower node ids can exceed int64).
+SECAGG = "secagg"                    # ConfigRecord name in stage requests and replies
+SECAGG_STAGE = "secagg-stage"        # in CONFIG (train messages) and SECAGG: one of the stages
+SECAGG_SETUP, SECAGG_SHARE, SECAGG_MASKED, SECAGG_UNMASK = "setup", "share-keys", "masked", \
+    "unmask"
+SECAGG_ROUND = "secagg-round"
+SECAGG_CLIP_RANGE = "secagg-clip-range"
+SECAGG_MAX_SITES = "secagg-max-sites"
+SECAGG_MAX_WEIGHT = "secagg-max-weight"
+SECAGG_THRESHOLD = "secagg-threshold"
+SECAGG_PK_ENC = "secagg-pk-enc"      # bytes (reply) / list[bytes] aligned with SECAGG_NODES
+SECAGG_PK_MASK = "secagg-pk-mask"
+SECAGG_NODES = "secagg-nodes"        # list[str]: the node ids the lists beside it refer to
+SECAGG_CIPHERTEXTS = "secagg-ciphertexts"    # list[bytes], aligned with SECAGG_NODES
+SECAGG_SURVIVED = "secagg-survived"  # list[str]
+SECAGG_DROPPED = "secagg-dropped"    # list[str]
+SECAGG_SEED_NODES = "secagg-seed-nodes"      # unmask reply: whose self-mask shares ...
+SECAGG_SEED_SHARES = "secagg-seed-shares"    # ... and the shares
+SECAGG_KEY_NODES = "secagg-key-nodes"        # whose masking-key shares (dropped sites) ...
+SECAGG_KEY_SHARES = "secagg-key-shares"
+SECAGG_MASKED_ARRAY = "secagg-masked"        # the one array of a masked train reply (uint32)
+SECAGG_CLIPPED = "secagg-clipped"            # metric: values clipped by the encoding
+SECAGG_SITES = "secagg-sites"                # metric of the summed reply: sites inside it
+SECAGG_STATE = "medfed.secagg"               # site node state of the round in progress
+
 # Site -> server, in SITE
 SITE_ID = "site-id"
 MANIFEST = "manifest-fingerprint"    # hash of the de-identified study manifest, no PHI
@@ -71,6 +97,7 @@ NODE_DP_DELTA = "dp-delta"
 NODE_PRIVACY_DIR = "privacy-dir"     # ledger folder; relative: under data-dir (default .medfed)
 NODE_DP_SECURE_MODE = "dp-secure-mode"  # default true: CSPRNG noise; false only for tests
 NODE_REQUIRE_DP = "require-dp"       # default true when a budget is set: refuse non-DP training
+NODE_REQUIRE_SECAGG = "require-secagg"   # true: refuse to send a plaintext model update
 NODE_CONFIG_FILE = "node-config.toml"  # simulation: per-site stand-in for --node-config
 
 # Run config (pyproject [tool.flwr.app.config] / `flwr run --run-config`)

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from strategies.secagg_crypto import (InvalidShare, agree, decrypt, encrypt, expand_mask,
-                                      generate_private_key, private_bytes, public_bytes,
-                                      share_secret)
+                                      generate_private_key, load_private, private_bytes,
+                                      public_bytes, share_secret)
 from strategies.secagg_encoding import Encoding, encode
 from strategies.secagg_protocol import pairwise_sign
 
@@ -42,6 +42,36 @@ class SiteSecAgg:
         self._held: dict[int, tuple[bytes, bytes]] = {}        # neighbour -> (seed, key) shares
         self._threshold = 0
         self._answered = False
+
+    def to_state(self) -> dict:
+        """Plain values (bytes, str, int lists) for the node's state between stages."""
+        nodes = sorted(self._neighbour_keys)
+        held = sorted(self._held)
+        return {"me": str(self.me), "round": self.round_,
+                "encoding": [self.encoding.clip_range, float(self.encoding.max_sites),
+                             float(self.encoding.max_weight)],
+                "enc-key": private_bytes(self._enc_key), "mask-key": private_bytes(self._mask_key),
+                "seed": self._seed, "threshold": self._threshold, "answered": self._answered,
+                "nodes": [str(j) for j in nodes],
+                "pk-enc": [self._neighbour_keys[j][0] for j in nodes],
+                "pk-mask": [self._neighbour_keys[j][1] for j in nodes],
+                "held": [str(j) for j in held], "held-seed": [self._held[j][0] for j in held],
+                "held-key": [self._held[j][1] for j in held]}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "SiteSecAgg":
+        clip, sites, weight = state["encoding"]
+        site = cls(int(state["me"]), int(state["round"]),
+                   Encoding(clip_range=clip, max_sites=int(sites), max_weight=int(weight)))
+        site._enc_key, site._mask_key = load_private(state["enc-key"]), \
+            load_private(state["mask-key"])
+        site._seed, site._threshold = state["seed"], int(state["threshold"])
+        site._answered = bool(state["answered"])
+        site._neighbour_keys = {int(j): (e, m) for j, e, m in
+                                zip(state["nodes"], state["pk-enc"], state["pk-mask"])}
+        site._held = {int(j): (s, k) for j, s, k in
+                      zip(state["held"], state["held-seed"], state["held-key"])}
+        return site
 
     # stage 0
     def advertise(self) -> tuple[bytes, bytes]:

@@ -1,0 +1,169 @@
+"""SecAgg+ as a wrapper around any strategy whose aggregate is a weighted sum (Message API).
+
+Flower's round loop stays Flower's: ``configure_train`` runs the setup and share-keys stages
+with the grid it is given, then returns the train messages (the masked stage);
+``aggregate_train`` runs the unmask stage, decodes the weighted average *delta* and hands the
+inner strategy one aggregate reply (``global + delta``, weight = total examples), so FedAvg
+returns it as is and FedAdam/Yogi/Adagrad/FedAvgM apply their server optimiser to it. The server
+sees masked uint32 vectors and the sum, never an individual update. Values the encoding had to
+clip are counted per round (``clipped``) for the log and MLflow.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app.message_type import MessageType
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from . import wire
+from .guard import error_summary
+from .secagg_protocol import SecAggConfig, SecAggError, ServerRound
+
+log = logging.getLogger(__name__)
+
+
+def unflatten(vector: np.ndarray, like: ArrayRecord) -> ArrayRecord:
+    """Inverse of the site's ``flatten``: float arrays in sorted key order; others as they are."""
+    out, offset = {}, 0
+    floats = sorted(k for k in like.keys() if like[k].numpy().dtype.kind == "f")
+    for key in like.keys():
+        ref = like[key].numpy()
+        if key in floats:
+            continue
+        out[key] = Array(ref)
+    for key in floats:
+        ref = like[key].numpy()
+        out[key] = Array(vector[offset:offset + ref.size].reshape(ref.shape).astype(ref.dtype))
+        offset += ref.size
+    return ArrayRecord({k: out[k] for k in like.keys()})
+
+
+class SecAggPlus(Strategy):
+    """Wrap ``strategy`` so that sites' updates are only ever seen summed."""
+
+    def __init__(self, strategy: Strategy, config: SecAggConfig, *, stage_timeout: float = 600):
+        self.strategy = strategy
+        self.config = config
+        self.stage_timeout = stage_timeout
+        self.clipped = 0
+        self._round: ServerRound | None = None
+
+    def summary(self) -> None:
+        log.info("SecAgg+ around %s (threshold %s, clip range %g)", type(self.strategy).__name__,
+                 self.config.threshold, self.config.encoding.clip_range)
+        self.strategy.summary()
+
+    def _ask(self, grid: Grid, requests: dict[int, dict], stage: str) -> dict[int, ConfigRecord]:
+        messages = [Message(content=RecordDict({wire.SECAGG: ConfigRecord(
+            {wire.SECAGG_STAGE: stage, wire.SECAGG_ROUND: self._round.round_} | values)}),
+            dst_node_id=node, message_type=MessageType.TRAIN) for node, values in requests.items()]
+        out = {}
+        for reply in grid.send_and_receive(messages, timeout=self.stage_timeout):
+            if reply.has_error():
+                log.warning("secagg %s: %s", stage, error_summary(reply))
+            elif wire.SECAGG in reply.content.config_records:
+                out[reply.metadata.src_node_id] = reply.content.config_records[wire.SECAGG]
+        return out
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
+        nodes = [m.metadata.dst_node_id for m in messages]
+        length = sum(arrays[k].numpy().size for k in arrays.keys()
+                     if arrays[k].numpy().dtype.kind == "f") + 1
+        self._round = ServerRound(server_round, nodes, self.config, length)
+        self._global, self._grid, self._messages = arrays, grid, messages
+        enc = self.config.encoding
+        keys = self._ask(grid, {n: {wire.SECAGG_CLIP_RANGE: float(enc.clip_range),
+                                    wire.SECAGG_MAX_SITES: enc.max_sites,
+                                    wire.SECAGG_MAX_WEIGHT: enc.max_weight} for n in nodes},
+                         wire.SECAGG_SETUP)
+        share_requests = self._round.accept_keys(
+            {n: (rec[wire.SECAGG_PK_ENC], rec[wire.SECAGG_PK_MASK]) for n, rec in keys.items()})
+        shares = self._ask(grid, {n: {
+            wire.SECAGG_NODES: [str(j) for j in req["neighbours"]],
+            wire.SECAGG_PK_ENC: [k[0] for k in req["neighbours"].values()],
+            wire.SECAGG_PK_MASK: [k[1] for k in req["neighbours"].values()],
+            wire.SECAGG_THRESHOLD: req["threshold"]} for n, req in share_requests.items()},
+            wire.SECAGG_SHARE)
+        held = self._round.accept_shares({n: dict(zip((int(j) for j in rec[wire.SECAGG_NODES]),
+                                                      rec[wire.SECAGG_CIPHERTEXTS]))
+                                          for n, rec in shares.items()})
+        out = []
+        for msg in messages:        # Flower's strategies share one content object: copy it
+            node = msg.metadata.dst_node_id
+            if node in held:
+                cts = held[node]
+                content = RecordDict(dict(msg.content.items()))
+                content[wire.CONFIG] = ConfigRecord(dict(msg.content[wire.CONFIG]) | {
+                    wire.SECAGG_STAGE: wire.SECAGG_MASKED,
+                    wire.SECAGG_NODES: [str(j) for j in cts],
+                    wire.SECAGG_CIPHERTEXTS: list(cts.values())})
+                out.append(Message(content=content, dst_node_id=node,
+                                   message_type=msg.metadata.message_type))
+        self._messages = out
+        return out
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        if self._round is None:
+            raise SecAggError("aggregate_train without a configured secure round")
+        masked = {}
+        for reply in replies:
+            if reply.has_error():
+                continue
+            arrays = reply.content.array_records.get(wire.ARRAYS)
+            if arrays is None or wire.SECAGG_MASKED_ARRAY not in arrays:
+                log.warning("secagg round %d: node %s replied without a masked update; excluded",
+                            server_round, reply.metadata.src_node_id)
+                continue
+            metrics = reply.content.metric_records.get(wire.METRICS, MetricRecord())
+            masked[reply.metadata.src_node_id] = (arrays[wire.SECAGG_MASKED_ARRAY].numpy(),
+                                                  int(metrics.get(wire.SECAGG_CLIPPED, 0)))
+        unmask = self._round.accept_masked(masked)
+        shares = self._ask(self._grid, {n: {
+            wire.SECAGG_SURVIVED: [str(j) for j in req["survived"]],
+            wire.SECAGG_DROPPED: [str(j) for j in req["dropped"]]} for n, req in unmask.items()},
+            wire.SECAGG_UNMASK)
+        delta, weight = self._round.unmask({n: {
+            "seed": dict(zip((int(j) for j in rec[wire.SECAGG_SEED_NODES]),
+                             rec[wire.SECAGG_SEED_SHARES])),
+            "key": dict(zip((int(j) for j in rec[wire.SECAGG_KEY_NODES]),
+                            rec[wire.SECAGG_KEY_SHARES]))} for n, rec in shares.items()})
+        self.clipped = self._round.clipped
+        if self.clipped:
+            log.warning("secagg round %d: %d values were outside +/-%g and clipped", server_round,
+                        self.clipped, self.config.encoding.clip_range)
+        flat = np.concatenate([self._global[k].numpy().ravel().astype(np.float64) for k in
+                               sorted(k for k in self._global.keys()
+                                      if self._global[k].numpy().dtype.kind == "f")])
+        aggregate = unflatten(flat + delta.astype(np.float64), self._global)
+        origin = next(m for m in self._messages if m.metadata.dst_node_id in masked)
+        metrics = MetricRecord({wire.NUM_EXAMPLES: weight, wire.SECAGG_CLIPPED: self.clipped,
+                                wire.SECAGG_SITES: len(masked), wire.DP_UNIT_WEIGHT: 1.0})
+        summed = Message(content=RecordDict({wire.ARRAYS: aggregate, wire.METRICS: metrics}),
+                         reply_to=origin)
+        self._round = None
+        return self.strategy.aggregate_train(server_round, [summed])
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
+                           ) -> MetricRecord | None:
+        return self.strategy.aggregate_evaluate(server_round, replies)
+
+    @property
+    def rejected(self):
+        return getattr(self.strategy, "rejected", [])
+
+    @property
+    def update_norms(self):
+        return getattr(self.strategy, "update_norms", {})

@@ -54,3 +54,48 @@ def test_secagg_refuses_strategies_that_need_individual_updates(three_sites):
             load_experiment(["federation=sim3", f"strategy={strategy}", "secagg.enabled=true"])
     with pytest.raises(ConfigError, match="at least 3 sites"):
         load_experiment(["federation=sim2", "secagg.enabled=true"])
+
+
+@pytest.fixture(scope="module")
+def four_sites(tmp_path_factory):
+    from medfed.synth.sites import synthesize
+
+    root = tmp_path_factory.mktemp("four") / "sites"
+    synthesize(root, n_sites=4, seed=3, patients=12)
+    return root
+
+
+def drop_at(stage: str, partition: int):
+    """Site ``partition`` vanishes at ``stage``: "masked" (it trained but never sends its masked
+    input: its pairwise masks must be removed via its key shares) or "unmask" (its masked input
+    arrived; it does not answer the unmask request)."""
+    from strategies import wire
+
+    def mod(msg, context, call_next):
+        if msg.has_content() and int(context.node_config.get("partition-id", -1)) == partition:
+            request = msg.content.config_records.get(wire.SECAGG)
+            config = msg.content.config_records.get(wire.CONFIG)
+            current = (request or config or {}).get(wire.SECAGG_STAGE)
+            if current == stage:
+                raise RuntimeError("site went offline")
+        return call_next(msg, context)
+    return mod
+
+
+@pytest.mark.parametrize("stage, contributors", [("masked", 3), ("unmask", 4)])
+def test_a_site_vanishing_mid_round_is_recovered(four_sites, tmp_path, stage, contributors):
+    base = ["experiment=smoke", "federation.num_rounds=1", f"data.root={four_sites}",
+            "tracking.log_models=false", "strategy.min_train_sites=3"]
+    secure = load_experiment([*base, "federation.num_sites=4", "secagg.enabled=true",
+                              f"runs_dir={tmp_path / 'secure'}"])
+    secure_dir = simulate(secure, client_mods=[drop_at(stage, 3)])
+    # the plaintext reference: FedAvg over the sites whose input is in the secure sum
+    plain = load_experiment([*base, f"federation.num_sites={contributors}",
+                             f"strategy.min_available_sites={contributors}",
+                             f"runs_dir={tmp_path / 'plain'}"])
+    expected = final_weights(simulate(plain))
+    recovered = final_weights(secure_dir)
+    scale = ((2**31 - 1) / (4 * secure.secagg.max_weight) - 1) / secure.secagg.clip_range
+    for key in expected:
+        np.testing.assert_allclose(recovered[key], expected[key], rtol=0,
+                                   atol=1 / scale + 1e-6, err_msg=key)

@@ -17,6 +17,7 @@ from .job import Job, decode_job
 from .mods.secagg import secagg_mod
 from .mods.sitedp import site_dp_clipping_mod
 from .privacy.policy import authorize, node_settings, site_budget
+from .privacy.secagg import SecAggRefused
 from .runtime import SiteDataCache, resolve_site, site_logger
 
 # Site-owned state across rounds (node context state; never sent).
@@ -73,6 +74,10 @@ def make_client_app(*, sim_data_root: Path | None = None, mods=()) -> ClientApp:
         site, job, splits, model, engine, identity, local = prepare(msg, context)
         splits["train"].reseed(job.train.seed)
         settings = node_settings(context.node_config, site.data_dir)
+        if _flag(settings.get(wire.NODE_REQUIRE_SECAGG, False)) and \
+                msg.content[wire.CONFIG].get(wire.SECAGG_STAGE) != wire.SECAGG_MASKED:
+            raise SecAggRefused(f"this site requires secure aggregation (node config "
+                                f"{wire.NODE_REQUIRE_SECAGG}); refusing a plaintext update")
         auth = authorize(job.privacy, site_budget(settings, site.data_dir),
                          n_train=len(splits["train"]), local_epochs=job.train.local_epochs,
                          batch_size=job.train.batch_size, server_round=job.server_round,

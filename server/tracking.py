@@ -86,6 +86,8 @@ class MlflowTracker:
             metrics[f"site/{rejection.site_id}/train/update_rejected"] = 1.0
             self.client.set_tag(self.run_id, f"rejected.round-{step}.{rejection.site_id}",
                                 rejection.reason[:250])
+        if record.secagg_clipped is not None:
+            metrics["secagg/clipped_values"] = float(record.secagg_clipped)
         privacy = self._privacy(record)
         metrics |= {f"privacy/{k}": v for k, v in privacy.items() if isinstance(v, float)}
         self.mlflow.log_metrics(metrics, step=step)

@@ -53,6 +53,7 @@ class RoundRecord:
     arrays: ArrayRecord | None = None
     wall_seconds: float = 0.0
     site_level_epsilon: float | None = None   # site-level DP: epsilon spent after this round
+    secagg_clipped: int | None = None         # secure aggregation: values clipped by encoding
 
 
 class RoundObserver(Protocol):
@@ -129,6 +130,7 @@ class ObservedStrategy(Strategy):
             record.rejected = list(getattr(self.strategy, "rejected", []))
             record.update_norms = dict(getattr(self.strategy, "update_norms", {}))
             record.site_level_epsilon = _through_wrappers(self.strategy, "epsilon")
+            record.secagg_clipped = _through_wrappers(self.strategy, "clipped")
         record.arrays = arrays
         record.train_metrics = dict(metrics or {})
         for observer in self.observers:

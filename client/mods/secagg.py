@@ -4,8 +4,8 @@ The server's ``strategies.secagg.SecAggPlus`` drives four stages over train mess
 answers setup, share-keys and unmask itself (no training), and for the masked stage lets the
 ClientApp train, then replaces the reply's weights by ``mask(encode(local - global))`` - a
 uint32 vector the server can only sum. The round's secrets live in the node's state between
-stages and are dropped after unmasking. With node config ``require-secagg=true`` the site
-refuses to send a plaintext update.
+stages and are dropped after unmasking. The site's ``require-secagg`` policy (refuse to send
+a plaintext update) is checked by the train handler, which knows the site's settings.
 """
 
 from __future__ import annotations
@@ -47,11 +47,7 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
     request = msg.content.config_records.get(wire.SECAGG)
     config = msg.content.config_records.get(wire.CONFIG, ConfigRecord())
     stage = request.get(wire.SECAGG_STAGE) if request else config.get(wire.SECAGG_STAGE)
-    if stage is None:
-        required = str(context.node_config.get(wire.NODE_REQUIRE_SECAGG, "false")).lower()
-        if required in ("true", "1", "yes"):
-            raise SecAggRefused("this site requires secure aggregation (node config "
-                                f"{wire.NODE_REQUIRE_SECAGG}); refusing a plaintext update")
+    if stage is None:       # plaintext round; the train handler applies require-secagg
         return call_next(msg, context)
     if stage == wire.SECAGG_SETUP:
         encoding = Encoding(clip_range=float(request[wire.SECAGG_CLIP_RANGE]),

@@ -99,3 +99,22 @@ def test_a_site_vanishing_mid_round_is_recovered(four_sites, tmp_path, stage, co
     for key in expected:
         np.testing.assert_allclose(recovered[key], expected[key], rtol=0,
                                    atol=1 / scale + 1e-6, err_msg=key)
+
+
+def test_secagg_with_dp_sgd_and_a_site_requiring_secagg(three_sites, tmp_path):
+    sites = tmp_path / "sites"
+    import shutil
+
+    shutil.copytree(three_sites, sites)
+    node = ("+federation.site_node_config={dp-epsilon:10.0,dp-delta:1e-5,"
+            "require-secagg:true}")
+    cfg, run_dir = run(sites, tmp_path, "dp", "secagg.enabled=true", "privacy=dpsgd", node)
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
+    run_id = client.search_runs([client.get_experiment_by_name("medfed").experiment_id])[0]
+    metrics = run_id.data.metrics
+    assert "secagg/clipped_values" in metrics and "privacy/epsilon.site-0" in metrics
+    # the same sites refuse a plaintext round
+    with pytest.raises(Exception, match="requires secure aggregation"):
+        run(sites, tmp_path, "plain", "privacy=dpsgd", node)

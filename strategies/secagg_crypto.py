@@ -85,22 +85,36 @@ def decrypt(key: bytes, ciphertext: bytes, *, sender: int, receiver: int, round_
                            "authenticate (tampered, replayed or misdirected)") from None
 
 
-def expand_mask(seed: bytes, length: int) -> np.ndarray:
+def expand_mask(seed: bytes, length: int, scratch: np.ndarray | None = None) -> np.ndarray:
     """``length`` uint32 from the AES-256-CTR keystream of ``seed`` (32 bytes). Each seed is
-    derived for one round and one pair, so a fixed counter start is safe."""
+    derived for one round and one pair, so a fixed counter start is safe. ``scratch`` (uint8,
+    ``4 * length + 16`` bytes) is reused instead of allocating; the result is a view of it."""
     if len(seed) != SEED_BYTES:
         raise ValueError(f"a mask seed has {SEED_BYTES} bytes, got {len(seed)}")
     total = 4 * length
-    raw = np.empty(total + 16, dtype=np.uint8)      # update_into wants block-1 spare bytes
-    view = memoryview(raw)
+    raw = scratch if scratch is not None else np.empty(total + 16, dtype=np.uint8)
+    if raw.dtype != np.uint8 or raw.size < total + 16:
+        raise ValueError("scratch must be uint8 with 4 * length + 16 bytes")
+    view = memoryview(raw)                          # update_into wants block-1 spare bytes
     encryptor = Cipher(algorithms.AES(seed), modes.CTR(bytes(16))).encryptor()
-    zeros = bytes(min(total, 1 << 22))
+    zeros = _zeros(min(total, 1 << 22))
     done = 0
     while done < total:             # keystream = encryption of zeros, in 4 MiB pieces
         n = min(len(zeros), total - done)
         encryptor.update_into(zeros if n == len(zeros) else zeros[:n], view[done:done + n + 16])
         done += n
     return raw[:total].view(np.uint32)
+
+
+def mask_scratch(length: int) -> np.ndarray:
+    return np.empty(4 * length + 16, dtype=np.uint8)
+
+
+_ZEROS = bytes(1 << 22)
+
+
+def _zeros(n: int) -> bytes:
+    return _ZEROS if n == len(_ZEROS) else bytes(n)
 
 
 def share_secret(secret: bytes, *, threshold: int, num: int) -> list[bytes]:

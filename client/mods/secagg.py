@@ -22,9 +22,9 @@ from ..privacy.secagg import SecAggRefused, SiteSecAgg
 
 
 def flatten(arrays: ArrayRecord) -> tuple[np.ndarray, list[str]]:
-    """Floating-point arrays in key order, as one float64 vector (and the keys used)."""
+    """Floating-point arrays in key order, as one float32 vector (and the keys used)."""
     keys = sorted(k for k in arrays.keys() if arrays[k].numpy().dtype.kind == "f")
-    return np.concatenate([arrays[k].numpy().ravel().astype(np.float64) for k in keys]), keys
+    return np.concatenate([arrays[k].numpy().ravel().astype(np.float32) for k in keys]), keys
 
 
 def _site(context: Context) -> SiteSecAgg:

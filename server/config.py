@@ -236,9 +236,10 @@ def validate_secagg(cfg: ExperimentConfig) -> None:
         raise ConfigError("secagg.enabled with strategy.max_update_norm: the server cannot see "
                           "individual update norms; bound updates at the sites "
                           "(privacy=sitedp clips them) instead")
-    if cfg.privacy.mechanism == "site-dp":
-        raise ConfigError("secagg with privacy=sitedp is not implemented yet (server noise on "
-                          "the secure sum); use privacy=dpsgd (noise added at each site)")
+    if cfg.privacy.mechanism == "site-dp" and s.clip_range < cfg.privacy.clipping_norm:
+        raise ConfigError(f"secagg.clip_range={s.clip_range} < privacy.clipping_norm="
+                          f"{cfg.privacy.clipping_norm}: a clipped site update can still have "
+                          "values the encoding would clip again; raise secagg.clip_range")
     try:
         SecAggConfig(degree=s.degree, threshold=s.threshold,
                      encoding=Encoding(clip_range=s.clip_range, max_sites=cfg.federation.num_sites,

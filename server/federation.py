@@ -16,7 +16,7 @@ from models import MODELS
 from strategies import wire
 from strategies.guard import GuardedStrategy
 from strategies.partial import PartialSharing
-from strategies.secagg import SecAggPlus
+from strategies.secagg import SecAggPlus, SumNoise
 from strategies.secagg_encoding import Encoding
 from strategies.secagg_protocol import SecAggConfig
 from strategies.sitedp import SiteLevelDP
@@ -41,7 +41,7 @@ def build_strategy(cfg: ExperimentConfig) -> Strategy:
         min_evaluate_nodes=s.min_evaluate_sites, min_available_nodes=s.min_available_sites,
         # site-level DP noise is calibrated to equal weights: one vote per site
         weighted_by_key=wire.DP_UNIT_WEIGHT if site_dp else wire.NUM_EXAMPLES)
-    if site_dp:     # directly around FedAvg: Flower's accountant checks the aggregation rule
+    if site_dp and not cfg.secagg.enabled:  # around FedAvg: Flower's accountant checks it
         inner = SiteLevelDP(inner, noise_multiplier=float(p.noise_multiplier),
                             clipping_norm=p.clipping_norm, num_sites=cfg.federation.num_sites,
                             delta=p.delta)
@@ -52,10 +52,14 @@ def build_strategy(cfg: ExperimentConfig) -> Strategy:
                               max_norm_ratio=s.max_norm_ratio)
     if cfg.secagg.enabled:          # outside the guard: it sees the summed update only
         sa = cfg.secagg
+        noise = SumNoise(noise_multiplier=float(p.noise_multiplier),
+                         clipping_norm=p.clipping_norm, num_sites=cfg.federation.num_sites,
+                         delta=p.delta) if site_dp else None
         return SecAggPlus(guarded, SecAggConfig(
             degree=sa.degree, threshold=sa.threshold,
             encoding=Encoding(clip_range=sa.clip_range, max_sites=cfg.federation.num_sites,
-                              max_weight=sa.max_weight)), stage_timeout=cfg.federation.round_timeout)
+                              max_weight=sa.max_weight)), stage_timeout=cfg.federation.round_timeout,
+            site_dp=noise)
     return PartialSharing(guarded, list(s.local_params)) if s.local_params else guarded
 
 

@@ -12,9 +12,11 @@ clip are counted per round (``clipped``) for the log and MLflow.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterable
 
 import numpy as np
+from randomgen import AESCounter
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.serverapp import Grid
@@ -43,15 +45,62 @@ def unflatten(vector: np.ndarray, like: ArrayRecord) -> ArrayRecord:
     return ArrayRecord({k: out[k] for k in like.keys()})
 
 
+class SumNoise:
+    """Site-level DP on the secure sum: each site clipped its update to ``clipping_norm``
+    (Flower's fixedclipping_mod) and weighs 1, so the average of n updates gets
+    N(0, (sigma C / n)^2) per value - Flower's DP wrapper's calibration - composed with
+    Flower's ``RdpAccountant`` (no amplification: every site, every round)."""
+
+    def __init__(self, *, noise_multiplier: float, clipping_norm: float, num_sites: int,
+                 delta: float, rng: np.random.Generator | None = None):
+        from flwr.serverapp import PrivacyConfig as FlowerPrivacyConfig
+        from flwr.serverapp import RdpAccountant
+        from flwr.supercore.privacy_accounting import NeighboringRelation, SamplingMethod
+
+        self.noise_multiplier, self.clipping_norm = noise_multiplier, clipping_norm
+        self.num_sites = num_sites
+        self.accountant = RdpAccountant(FlowerPrivacyConfig(
+            target_delta=delta, population_size=num_sites,
+            neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+            sampling_method=SamplingMethod.NO_AMPLIFICATION))
+        # the server's noise is the guarantee: AES-CTR bits keyed from os.urandom
+        self.rng = rng or np.random.Generator(AESCounter(
+            key=int.from_bytes(os.urandom(16), "little")))
+
+    @property
+    def epsilon(self) -> float:
+        spent = self.accountant.get_privacy_spent()
+        return float(spent.epsilon) if spent.num_releases else 0.0
+
+    def add_noise(self, average: np.ndarray, *, contributors: int) -> np.ndarray:
+        from flwr.serverapp import GaussianPrivacyEvent
+
+        std = self.noise_multiplier * self.clipping_norm / contributors
+        noisy = average.astype(np.float64) + self.rng.normal(0.0, std, average.shape)
+        self.accountant.compose(GaussianPrivacyEvent(
+            noise_multiplier=self.noise_multiplier, sample_size=contributors,
+            population_size=self.num_sites))
+        log.info("secagg: site-level DP noise std %.3g on the sum of %d sites, epsilon %.3f",
+                 std, contributors, self.epsilon)
+        return noisy.astype(np.float32)
+
+
 class SecAggPlus(Strategy):
     """Wrap ``strategy`` so that sites' updates are only ever seen summed."""
 
-    def __init__(self, strategy: Strategy, config: SecAggConfig, *, stage_timeout: float = 600):
+    def __init__(self, strategy: Strategy, config: SecAggConfig, *, stage_timeout: float = 600,
+                 site_dp: SumNoise | None = None):
         self.strategy = strategy
         self.config = config
         self.stage_timeout = stage_timeout
+        self.site_dp = site_dp
         self.clipped = 0
         self._round: ServerRound | None = None
+
+    @property
+    def epsilon(self) -> float | None:
+        """Site-level DP: epsilon spent so far (None without site-level DP)."""
+        return self.site_dp.epsilon if self.site_dp is not None else None
 
     def summary(self) -> None:
         log.info("SecAgg+ around %s (threshold %s, clip range %g)", type(self.strategy).__name__,
@@ -72,6 +121,9 @@ class SecAggPlus(Strategy):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
+        if self.site_dp is not None:     # the sites' fixedclipping_mod reads it
+            config = ConfigRecord(dict(config) | {wire.DP_CLIPPING_NORM:
+                                                  self.site_dp.clipping_norm})
         messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
         nodes = [m.metadata.dst_node_id for m in messages]
         length = sum(arrays[k].numpy().size for k in arrays.keys()
@@ -117,6 +169,7 @@ class SecAggPlus(Strategy):
         masked = {}
         for reply in replies:
             if reply.has_error():
+                log.warning("secagg round %d: %s", server_round, error_summary(reply))
                 continue
             arrays = reply.content.array_records.get(wire.ARRAYS)
             if arrays is None or wire.SECAGG_MASKED_ARRAY not in arrays:
@@ -137,6 +190,8 @@ class SecAggPlus(Strategy):
             "key": dict(zip((int(j) for j in rec[wire.SECAGG_KEY_NODES]),
                             rec[wire.SECAGG_KEY_SHARES]))} for n, rec in shares.items()})
         self.clipped = self._round.clipped
+        if self.site_dp is not None:      # site-level DP: noise on the sum, never on a site
+            delta = self.site_dp.add_noise(delta, contributors=len(masked))
         if self.clipped:
             log.warning("secagg round %d: %d values were outside +/-%g and clipped", server_round,
                         self.clipped, self.config.encoding.clip_range)

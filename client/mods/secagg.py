@@ -77,8 +77,10 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
         if keys != after_keys:
             raise SecAggRefused("the trained model's arrays differ from the global model's")
         metrics = reply.content[wire.METRICS]
-        vector, clipped = site.masked_input(received, after - before,
-                                            int(metrics[wire.NUM_EXAMPLES]))
+        # site-level DP calibrates the server's noise to equal weights: one vote per site
+        weight = 1 if config.get(wire.DP_MECHANISM) == wire.DP_SITE else \
+            int(metrics[wire.NUM_EXAMPLES])
+        vector, clipped = site.masked_input(received, after - before, weight)
         _save(context, site)
         reply.content[wire.ARRAYS] = ArrayRecord({wire.SECAGG_MASKED_ARRAY: Array(vector)})
         reply.content[wire.METRICS] = MetricRecord(dict(metrics) | {wire.SECAGG_CLIPPED: clipped})

@@ -118,3 +118,27 @@ def test_secagg_with_dp_sgd_and_a_site_requiring_secagg(three_sites, tmp_path):
     # the same sites refuse a plaintext round
     with pytest.raises(Exception, match="requires secure aggregation"):
         run(sites, tmp_path, "plain", "privacy=dpsgd", node)
+
+
+def test_secagg_with_site_level_dp_noise_on_the_sum(three_sites, tmp_path):
+    sites = tmp_path / "sites"
+    import shutil
+
+    import mlflow
+
+    shutil.copytree(three_sites, sites)
+    cfg = load_experiment(["experiment=smoke", "federation=sim3", "federation.num_rounds=2",
+                           "strategy.min_train_sites=3", f"data.root={sites}",
+                           f"runs_dir={tmp_path / 'runs'}", "tracking.log_models=false",
+                           "secagg.enabled=true", "secagg.clip_range=1.0", "privacy=sitedp",
+                           "privacy.noise_multiplier=1.0", "privacy.clipping_norm=1.0",
+                           "privacy.delta=1e-3",
+                           "+federation.site_node_config={dp-epsilon:100.0,dp-delta:1e-5}"])
+    run_dir = simulate(cfg)
+    client = mlflow.MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
+    run_id = client.search_runs([client.get_experiment_by_name("medfed").experiment_id])[0] \
+        .info.run_id
+    history = sorted(client.get_metric_history(run_id, "privacy/site_level_epsilon"),
+                     key=lambda m: m.step)
+    assert len(history) == 2 and 0 < history[0].value < history[1].value
+    assert "site/site-0/train/dp-epsilon" in client.get_run(run_id).data.metrics

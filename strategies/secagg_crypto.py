@@ -88,7 +88,8 @@ def decrypt(key: bytes, ciphertext: bytes, *, sender: int, receiver: int, round_
 def expand_mask(seed: bytes, length: int, scratch: np.ndarray | None = None) -> np.ndarray:
     """``length`` uint32 from the AES-256-CTR keystream of ``seed`` (32 bytes). Each seed is
     derived for one round and one pair, so a fixed counter start is safe. ``scratch`` (uint8,
-    ``4 * length + 16`` bytes) is reused instead of allocating; the result is a view of it."""
+    ``4 * length + 16`` bytes) is reused instead of allocating; the result is a view of it.
+    ``apply_masks`` is the fast path for adding many masks to a vector."""
     if len(seed) != SEED_BYTES:
         raise ValueError(f"a mask seed has {SEED_BYTES} bytes, got {len(seed)}")
     total = 4 * length
@@ -97,7 +98,7 @@ def expand_mask(seed: bytes, length: int, scratch: np.ndarray | None = None) -> 
         raise ValueError("scratch must be uint8 with 4 * length + 16 bytes")
     view = memoryview(raw)                          # update_into wants block-1 spare bytes
     encryptor = Cipher(algorithms.AES(seed), modes.CTR(bytes(16))).encryptor()
-    zeros = _zeros(min(total, 1 << 22))
+    zeros = bytes(min(total, 1 << 22))
     done = 0
     while done < total:             # keystream = encryption of zeros, in 4 MiB pieces
         n = min(len(zeros), total - done)
@@ -106,15 +107,31 @@ def expand_mask(seed: bytes, length: int, scratch: np.ndarray | None = None) -> 
     return raw[:total].view(np.uint32)
 
 
-def mask_scratch(length: int) -> np.ndarray:
-    return np.empty(4 * length + 16, dtype=np.uint8)
-
-
-_ZEROS = bytes(1 << 22)
-
-
-def _zeros(n: int) -> bytes:
-    return _ZEROS if n == len(_ZEROS) else bytes(n)
+def apply_masks(vector: np.ndarray, masks: list[tuple[bytes, int]],
+                chunk: int = 1 << 16) -> np.ndarray:
+    """``vector += sum(sign * expand_mask(seed))`` (mod 2^32) in place, streaming: every seed's
+    keystream is produced chunk by chunk (256 KiB) and added while the chunk of ``vector`` is
+    still in cache - one pass over memory instead of two per mask."""
+    if vector.dtype != np.uint32:
+        raise ValueError("masks apply to uint32 vectors")
+    for seed, _ in masks:
+        if len(seed) != SEED_BYTES:
+            raise ValueError(f"a mask seed has {SEED_BYTES} bytes, got {len(seed)}")
+    streams = [(Cipher(algorithms.AES(seed), modes.CTR(bytes(16))).encryptor(), sign)
+               for seed, sign in masks]
+    raw = np.empty(4 * chunk + 16, dtype=np.uint8)
+    view, words = memoryview(raw), raw[:4 * chunk].view(np.uint32)
+    zeros = bytes(4 * chunk)
+    for start in range(0, vector.size, chunk):
+        part = vector[start:start + chunk]
+        n = part.size
+        for encryptor, sign in streams:
+            encryptor.update_into(zeros if n == chunk else zeros[:4 * n], view[:4 * n + 16])
+            if sign > 0:
+                part += words[:n]
+            else:
+                part -= words[:n]
+    return vector
 
 
 def share_secret(secret: bytes, *, threshold: int, num: int) -> list[bytes]:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .secagg_crypto import agree, expand_mask, load_private, mask_scratch, recover_secret
+from .secagg_crypto import agree, apply_masks, load_private, recover_secret
 from .secagg_encoding import Encoding, decode
 
 log = logging.getLogger(__name__)
@@ -161,16 +161,16 @@ class ServerRound:
             for j, share in reply.get("key", {}).items():
                 key_shares.setdefault(int(j), []).append(share)
         total = np.zeros(self.length, dtype=np.uint32)
-        scratch = mask_scratch(self.length)
         for vector in self.masked.values():
             total += vector
-        for j in survivors:             # remove each survivor's self mask
+        removals: list[tuple[bytes, int]] = []
+        for j in survivors:             # each survivor's self mask
             shares = seed_shares.get(j, [])
             if len(shares) < self.threshold:
                 raise SecAggError(f"only {len(shares)} shares of site {j}'s self-mask seed, "
                                   f"{self.threshold} needed")
-            total -= expand_mask(recover_secret(shares[:self.threshold]), self.length, scratch)
-        for d in self.shared - survivors:     # remove pairwise masks that survivors added
+            removals.append((recover_secret(shares[:self.threshold]), -1))
+        for d in self.shared - survivors:     # pairwise masks that survivors added for d
             shares = key_shares.get(d, [])
             if len(shares) < self.threshold:
                 raise SecAggError(f"site {d} dropped and only {len(shares)} shares of its key "
@@ -180,11 +180,8 @@ class ServerRound:
                 if j in survivors:
                     seed = agree(key, self.public[j][1], purpose="mask", round_=self.round_,
                                  a=d, b=j)
-                    mask = expand_mask(seed, self.length, scratch)
-                    if pairwise_sign(j, d) > 0:
-                        total -= mask
-                    else:
-                        total += mask
+                    removals.append((seed, -pairwise_sign(j, d)))
+        apply_masks(total, removals)
         return decode(total, self.config.encoding)
 
     def _require(self, present: dict | set, what: str) -> None:

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from strategies.secagg_crypto import (InvalidShare, agree, decrypt, encrypt, expand_mask,
-                                      generate_private_key, load_private, mask_scratch,
-                                      private_bytes, public_bytes, share_secret)
+from strategies.secagg_crypto import (InvalidShare, agree, apply_masks, decrypt, encrypt,
+                                      generate_private_key, load_private, private_bytes,
+                                      public_bytes, share_secret)
 from strategies.secagg_encoding import Encoding, encode
 from strategies.secagg_protocol import pairwise_sign
 
@@ -111,17 +111,12 @@ class SiteSecAgg:
             size = int.from_bytes(payload[:4], "little")
             self._held[sender] = (payload[4:4 + size], payload[4 + size:])
         vector, clipped = encode(delta, num_examples, self.encoding, self.rng)
-        scratch = mask_scratch(vector.size)
-        vector += expand_mask(self._seed, vector.size, scratch)
+        masks = [(self._seed, 1)]
         for j in self._held:                 # partners: neighbours that shared with us
             seed = agree(self._mask_key, self._neighbour_keys[j][1], purpose="mask",
                          round_=self.round_, a=self.me, b=j)
-            mask = expand_mask(seed, vector.size, scratch)
-            if pairwise_sign(self.me, j) > 0:
-                vector += mask
-            else:
-                vector -= mask
-        return vector, clipped
+            masks.append((seed, pairwise_sign(self.me, j)))
+        return apply_masks(vector, masks), clipped
 
     # stage 3
     def unmask(self, survived: list[int], dropped: list[int]) -> dict[str, dict[int, bytes]]:

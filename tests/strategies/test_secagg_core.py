@@ -180,3 +180,14 @@ def test_wrong_length_or_replayed_input_is_excluded(caplog):
     other._enc_key = sites[1]._enc_key
     with pytest.raises(InvalidShare):
         other.masked_input(held[1], np.zeros(10), 1)
+
+
+def test_streamed_masks_equal_expanded_masks():
+    from strategies.secagg_crypto import apply_masks
+
+    n = 200_003                                     # not a multiple of the chunk
+    masks = [(os.urandom(32), 1), (os.urandom(32), -1), (os.urandom(32), 1)]
+    expected = np.arange(n, dtype=np.uint32)
+    for seed, sign in masks:
+        expected = expected + expand_mask(seed, n) if sign > 0 else expected - expand_mask(seed, n)
+    assert (apply_masks(np.arange(n, dtype=np.uint32), masks) == expected).all()

@@ -50,7 +50,7 @@ def test_median_rule_rejects_a_scaled_update_without_an_absolute_bound():
             return None, None
 
     def reply(site, arrays):
-        content = SimpleNamespace(array_records={"arrays": arrays},
+        content = SimpleNamespace(array_records={"arrays": arrays}, metric_records={},
                                   config_records={"site": {"site-id": site}})
         return SimpleNamespace(has_error=lambda: False, has_content=lambda: True,
                                content=content, metadata=SimpleNamespace(src_node_id=1))

@@ -16,8 +16,7 @@ from .engine import Engine
 from .job import Job, decode_job
 from .mods.secagg import secagg_mod
 from .mods.sitedp import site_dp_clipping_mod
-from .privacy.policy import authorize, node_settings, site_budget
-from .privacy.secagg import SecAggRefused
+from .privacy.policy import admit_round, node_settings, releasable_metrics
 from .runtime import SiteDataCache, resolve_site, site_logger
 
 # Site-owned state across rounds (node context state; never sent).
@@ -74,24 +73,12 @@ def make_client_app(*, sim_data_root: Path | None = None, mods=()) -> ClientApp:
         site, job, splits, model, engine, identity, local = prepare(msg, context)
         splits["train"].reseed(job.train.seed)
         settings = node_settings(context.node_config, site.data_dir)
-        if _flag(settings.get(wire.NODE_REQUIRE_SECAGG, False)) and \
-                msg.content[wire.CONFIG].get(wire.SECAGG_STAGE) != wire.SECAGG_MASKED:
-            raise SecAggRefused(f"this site requires secure aggregation (node config "
-                                f"{wire.NODE_REQUIRE_SECAGG}); refusing a plaintext update")
-        auth = authorize(job.privacy, site_budget(settings, site.data_dir),
-                         n_train=len(splits["train"]), local_epochs=job.train.local_epochs,
-                         batch_size=job.train.batch_size, server_round=job.server_round,
-                         secure_mode=_flag(settings.get(wire.NODE_DP_SECURE_MODE, True)))
+        auth = admit_round(job, settings, site.data_dir, n_train=len(splits["train"]),
+                           secure_aggregation=msg.content[wire.CONFIG].get(wire.SECAGG_STAGE)
+                           == wire.SECAGG_MASKED)
         metrics = engine.fit(model, splits["train"], job.train,
                              privacy=auth.dpsgd if auth else None)
-        if auth is not None:
-            # Training loss/accuracy are computed on the private samples and are not covered
-            # by the accountant: a private round reports only what its ledger says.
-            metrics = {k: v for k, v in metrics.items() if not k.startswith("train_")} | {
-                wire.DP_EPSILON: auth.entry.epsilon, wire.DP_DELTA: auth.entry.delta,
-                wire.DP_STEPS: float(auth.entry.steps), wire.DP_UNIT_WEIGHT: 1.0,
-                wire.DP_NOISE_MULTIPLIER: auth.entry.noise_multiplier,
-                wire.DP_SAMPLE_RATE: auth.entry.sample_rate}
+        metrics = releasable_metrics(metrics, auth)
         state = model.state_dict()
         if local:
             context.state[STATE_LOCAL_PARAMS] = ArrayRecord({k: state[k] for k in local})
@@ -141,10 +128,6 @@ def make_client_app(*, sim_data_root: Path | None = None, mods=()) -> ClientApp:
                           wire.AUROC_DEFINED: float(defined)}
 
     return app
-
-
-def _flag(value) -> bool:
-    return str(value).lower() not in ("false", "0", "no")
 
 
 app = make_client_app()

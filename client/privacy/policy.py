@@ -19,7 +19,7 @@ from pathlib import Path
 from strategies import wire
 from strategies.accounting import PrivacyConfigError, calibrate_noise, check_budget, epsilon
 
-from ..job import PrivacyRequest
+from ..job import Job, PrivacyRequest
 from .dpsgd import DPSGDConfig, steps_per_epoch
 from .ledger import LedgerEntry, PrivacyLedger
 
@@ -63,8 +63,37 @@ def site_budget(settings: dict, data_dir: Path) -> SiteBudget | None:
                              ) from None
     ledger_dir = Path(str(settings.get(wire.NODE_PRIVACY_DIR, ".medfed")))
     ledger_dir = ledger_dir if ledger_dir.is_absolute() else data_dir / ledger_dir
-    require = str(settings.get(wire.NODE_REQUIRE_DP, "true")).lower() not in ("false", "0", "no")
+    require = flag(settings.get(wire.NODE_REQUIRE_DP, "true"))
     return SiteBudget(eps, delta, ledger_dir / "privacy-ledger.sqlite", require)
+
+
+def flag(value) -> bool:
+    return str(value).lower() not in ("false", "0", "no")
+
+
+def admit_round(job: Job, settings: dict, data_dir: Path, *, n_train: int,
+                secure_aggregation: bool) -> Authorization | None:
+    """The site's checks before it trains: its secure-aggregation policy, then its privacy
+    budget (``authorize``). Raises with the reason the server will see."""
+    if flag(settings.get(wire.NODE_REQUIRE_SECAGG, False)) and not secure_aggregation:
+        raise PrivacyRefused(f"this site requires secure aggregation (node config "
+                             f"{wire.NODE_REQUIRE_SECAGG}); refusing a plaintext update")
+    return authorize(job.privacy, site_budget(settings, data_dir), n_train=n_train,
+                     local_epochs=job.train.local_epochs, batch_size=job.train.batch_size,
+                     server_round=job.server_round,
+                     secure_mode=flag(settings.get(wire.NODE_DP_SECURE_MODE, True)))
+
+
+def releasable_metrics(metrics: dict[str, float], auth: Authorization | None) -> dict:
+    """What a round may report. Training loss/accuracy of a private round are computed on the
+    private samples and not covered by the accountant: it reports what its ledger says."""
+    if auth is None:
+        return metrics
+    entry = auth.entry
+    return {k: v for k, v in metrics.items() if not k.startswith("train_")} | {
+        wire.DP_EPSILON: entry.epsilon, wire.DP_DELTA: entry.delta,
+        wire.DP_STEPS: float(entry.steps), wire.DP_UNIT_WEIGHT: 1.0,
+        wire.DP_NOISE_MULTIPLIER: entry.noise_multiplier, wire.DP_SAMPLE_RATE: entry.sample_rate}
 
 
 @dataclass(frozen=True)

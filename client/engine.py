@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -74,12 +75,17 @@ class Engine:
         self.device = device
 
     def fit(self, model: nn.Module, data: Dataset, config: TrainConfig,
-            privacy: DPSGDConfig | None = None) -> dict[str, float]:
+            privacy: DPSGDConfig | None = None,
+            extra_gradients: Callable[[], dict] | None = None) -> dict[str, float]:
         """Train in place; returns mean loss/metrics, steps and seconds.
 
         Without ``privacy``: ``local_epochs`` shuffled passes. With it: DP-SGD, i.e.
         ``local_epochs * int(1/q)`` Poisson-sampled steps, per-sample clipping and noise.
+        ``extra_gradients`` (the privacy audit's canaries only, needs ``privacy``) is called
+        once per step for further per-sample gradients of norm <= C added before the noise.
         """
+        if extra_gradients is not None and privacy is None:
+            raise ValueError("extra_gradients (audit canaries) only make sense with DP-SGD")
         if len(data) == 0:
             raise ValueError("no training samples at this site")
         start = time.perf_counter()
@@ -103,7 +109,8 @@ class Engine:
         seen, steps = 0, 0
         for batch in batches:
             optimizer.zero_grad(set_to_none=True)
-            out = self._backward(model, batch, private)
+            extra = extra_gradients() if extra_gradients is not None else None
+            out = self._backward(model, batch, private, extra)
             if anchor is not None:      # FedProx: gradient of (mu/2)||w - w_global||^2
                 for p, a in zip(model.parameters(), anchor):
                     p.grad.add_(p.detach() - a, alpha=config.proximal_mu)
@@ -116,7 +123,8 @@ class Engine:
         metrics = {f"train_{k}": v / max(seen, 1) for k, v in totals.items()}
         return metrics | {"steps": float(steps), "seconds": time.perf_counter() - start}
 
-    def _backward(self, model: nn.Module, batch: dict | None, private: PrivateGradients | None):
+    def _backward(self, model: nn.Module, batch: dict | None, private: PrivateGradients | None,
+                  extra: dict | None = None):
         """Fill ``p.grad`` for one batch; DP-SGD privatises it (an empty Poisson batch still
         takes a noise-only step, as the accountant assumes)."""
         def loss_fn():
@@ -125,7 +133,7 @@ class Engine:
             with autocast(self.device):
                 return self.task.step(model, _to(batch, self.device))
         if private is not None:
-            return private.backward(loss_fn)
+            return private.backward(loss_fn, extra=extra)
         out = loss_fn()
         out.loss.backward()
         return out

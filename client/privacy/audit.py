@@ -19,16 +19,18 @@ input-space canaries would give weaker, less informative bounds from one run.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import Dataset
 
 from strategies.accounting import epsilon as accounted_epsilon
 
-from .dpsgd import DPSGDConfig, PrivateGradients, poisson_batches
+from ..engine import Engine, TrainConfig
+from .dpsgd import DPSGDConfig, steps_per_epoch
 from .onerun import best_lower_bound
 
 
@@ -37,7 +39,7 @@ class AuditConfig:
     noise_multiplier: float         # 0: no noise (a non-private baseline the audit must catch)
     max_grad_norm: float = 1.0
     sample_rate: float = 0.5
-    steps: int = 40
+    steps: int = 40                 # at least this many (whole Poisson epochs of int(1/q))
     num_canaries: int = 1000
     delta: float = 1e-5
     lr: float = 1e-3
@@ -64,33 +66,33 @@ def run_audit(model: nn.Module, task, data: Dataset, config: AuditConfig) -> dic
     members = torch.from_numpy(np.flatnonzero(included))
     start = target.detach().flatten()[coords].clone()
 
-    n = len(data)
-    dp = DPSGDConfig(noise_multiplier=max(config.noise_multiplier, 0.0), allow_no_noise=True,
-                     max_grad_norm=config.max_grad_norm, sample_rate=config.sample_rate,
-                     secure_mode=config.secure_mode, seed=config.seed)
-    private = PrivateGradients(model, dp, config.sample_rate * (n + len(members)))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
+    # Each included canary is one more "sample": Poisson-sampled at rate q every step, its
+    # gradient s_i C e_{k_i} (norm C, so clipping leaves it as it is) added before the noise.
     draws = np.random.default_rng(config.seed + 1)
-    for idx in poisson_batches(n, config.sample_rate, config.steps, secure=config.secure_mode,
-                               seed=config.seed):
-        batch = default_collate([data[int(i)] for i in idx]) if len(idx) else None
+
+    def canaries() -> dict:
         sampled = members[torch.from_numpy(draws.random(len(members)) < config.sample_rate)]
         canary = torch.zeros(target.numel(), dtype=target.dtype)
-        # each canary gradient has norm C, so clipping leaves it as it is (factor ~1)
         canary.index_add_(0, coords[sampled], signs[sampled] * config.max_grad_norm)
-        optimizer.zero_grad(set_to_none=True)
-        private.backward((lambda b=batch: task.step(model, b) if b is not None else None),
-                         extra={target: canary.reshape(target.shape)})
-        optimizer.step()
+        return {target: canary.reshape(target.shape)}
+
+    dp = DPSGDConfig(noise_multiplier=config.noise_multiplier, allow_no_noise=True,
+                     max_grad_norm=config.max_grad_norm, sample_rate=config.sample_rate,
+                     secure_mode=config.secure_mode, seed=config.seed)
+    epochs = math.ceil(config.steps / steps_per_epoch(config.sample_rate))
+    fit = Engine(task, torch.device("cpu")).fit(
+        model, data, TrainConfig(local_epochs=epochs, lr=config.lr, weight_decay=0.0,
+                                 seed=config.seed), privacy=dp, extra_gradients=canaries)
+    steps = int(fit["steps"])                # whole Poisson epochs: at least config.steps
 
     moved = target.detach().flatten()[coords] - start
     scores = (-signs * moved).numpy()
     result = best_lower_bound(scores, included, delta=config.delta)
-    history = [(config.noise_multiplier, config.sample_rate, config.steps)]
+    history = [(config.noise_multiplier, config.sample_rate, steps)]
     accounted = (accounted_epsilon(history, config.delta) if config.noise_multiplier > 0
                  else float("inf"))
     return {"epsilon_lb": float(result["epsilon_lb"]), "accounted_epsilon": accounted,
             "delta": config.delta, "num_canaries": config.num_canaries,
             "num_guesses": int(result["num_guesses"]), "num_correct": int(result["num_correct"]),
             "noise_multiplier": config.noise_multiplier, "sample_rate": config.sample_rate,
-            "steps": config.steps, "max_grad_norm": config.max_grad_norm}
+            "steps": steps, "max_grad_norm": config.max_grad_norm}

@@ -150,8 +150,7 @@ def ours_glue(size: int, deltas) -> dict:
     ``Array`` back, flatten the global model, add the delta and unflatten."""
     from flwr.app import Array, ArrayRecord
 
-    from client.mods.secagg import flatten
-    from strategies.secagg import unflatten
+    from strategies.secagg import flatten, unflatten
 
     glob = ArrayRecord({"w": Array(np.zeros(size, np.float32))})
     trained = ArrayRecord({"w": Array(deltas[1])})
@@ -165,7 +164,7 @@ def ours_glue(size: int, deltas) -> dict:
     t = time.process_time()
     for _ in IDS:
         wire.numpy()
-    flat = np.concatenate([glob[k].numpy().ravel().astype(np.float64) for k in glob.keys()])
+    flat, _ = flatten(glob, np.float64)
     unflatten(flat + vector[:-1].astype(np.float64), glob)
     server = time.process_time() - t
     return {"glue_ns_per_param_site": (N_SITES * client + server) / (size * N_SITES) * 1e9,
@@ -399,7 +398,7 @@ def main() -> None:
             "upload_ratio: 4 (P + 1) bytes (one uint32 per parameter plus the weight slot) "
             "over 4 P; the target is read at its stated precision (1.0x)",
             "our figure is the transport-free core; glue_ns_per_param_site (flatten to "
-            "float64, Array serialization, unflatten) is the Message-API path's extra",
+            "float32, Array serialization, unflatten) is the Message-API path's extra",
         ]}
     path = write_result("secagg", payload)
     print(f"\nwrote {path}")

@@ -29,20 +29,22 @@ from .secagg_protocol import SecAggConfig, SecAggError, ServerRound
 log = logging.getLogger(__name__)
 
 
+def flatten(arrays: ArrayRecord, dtype=np.float32) -> tuple[np.ndarray, list[str]]:
+    """Floating-point arrays in sorted key order as one vector (and the keys used). Sites
+    flatten the global and the trained model with it; the server inverts it (``unflatten``)."""
+    keys = sorted(k for k in arrays.keys() if arrays[k].numpy().dtype.kind == "f")
+    return np.concatenate([arrays[k].numpy().ravel().astype(dtype) for k in keys]), keys
+
+
 def unflatten(vector: np.ndarray, like: ArrayRecord) -> ArrayRecord:
-    """Inverse of the site's ``flatten``: float arrays in sorted key order; others as they are."""
-    out, offset = {}, 0
-    floats = sorted(k for k in like.keys() if like[k].numpy().dtype.kind == "f")
-    for key in like.keys():
-        ref = like[key].numpy()
-        if key in floats:
-            continue
-        out[key] = Array(ref)
-    for key in floats:
+    """Inverse of ``flatten``: float arrays filled from ``vector`` in sorted key order, other
+    arrays kept as they are, ``like``'s key order preserved."""
+    out, offset = {k: like[k] for k in like.keys()}, 0
+    for key in sorted(k for k in like.keys() if like[k].numpy().dtype.kind == "f"):
         ref = like[key].numpy()
         out[key] = Array(vector[offset:offset + ref.size].reshape(ref.shape).astype(ref.dtype))
         offset += ref.size
-    return ArrayRecord({k: out[k] for k in like.keys()})
+    return ArrayRecord(out)
 
 
 class SumNoise:
@@ -179,6 +181,10 @@ class SecAggPlus(Strategy):
             metrics = reply.content.metric_records.get(wire.METRICS, MetricRecord())
             masked[reply.metadata.src_node_id] = (arrays[wire.SECAGG_MASKED_ARRAY].numpy(),
                                                   int(metrics.get(wire.SECAGG_CLIPPED, 0)))
+            if metrics.get(wire.SECAGG_WEIGHT_CAPPED, 0):
+                log.warning("secagg round %d: node %s has more examples than secagg.max_weight;"
+                            " its weight in the sum is capped", server_round,
+                            reply.metadata.src_node_id)
         unmask = self._round.accept_masked(masked)
         shares = self._ask(self._grid, {n: {
             wire.SECAGG_SURVIVED: [str(j) for j in req["survived"]],
@@ -195,9 +201,7 @@ class SecAggPlus(Strategy):
         if self.clipped:
             log.warning("secagg round %d: %d values were outside +/-%g and clipped", server_round,
                         self.clipped, self.config.encoding.clip_range)
-        flat = np.concatenate([self._global[k].numpy().ravel().astype(np.float64) for k in
-                               sorted(k for k in self._global.keys()
-                                      if self._global[k].numpy().dtype.kind == "f")])
+        flat, _ = flatten(self._global, np.float64)
         aggregate = unflatten(flat + delta.astype(np.float64), self._global)
         origin = next(m for m in self._messages if m.metadata.dst_node_id in masked)
         metrics = MetricRecord({wire.NUM_EXAMPLES: weight, wire.SECAGG_CLIPPED: self.clipped,

@@ -67,6 +67,7 @@ SECAGG_KEY_NODES = "secagg-key-nodes"        # whose masking-key shares (dropped
 SECAGG_KEY_SHARES = "secagg-key-shares"
 SECAGG_MASKED_ARRAY = "secagg-masked"        # the one array of a masked train reply (uint32)
 SECAGG_CLIPPED = "secagg-clipped"            # metric: values clipped by the encoding
+SECAGG_WEIGHT_CAPPED = "secagg-weight-capped"  # metric 0/1: example count above max_weight
 SECAGG_SITES = "secagg-sites"                # metric of the summed reply: sites inside it
 SECAGG_STATE = "medfed.secagg"               # site node state of the round in progress
 

@@ -10,21 +10,19 @@ a plaintext update) is checked by the train handler, which knows the site's sett
 
 from __future__ import annotations
 
-import numpy as np
+import logging
+
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.clientapp.typing import ClientAppCallable
 
 from strategies import wire
+from strategies.secagg import flatten
 from strategies.secagg_encoding import Encoding
 
 from ..privacy.secagg import SecAggRefused, SiteSecAgg
 
-
-def flatten(arrays: ArrayRecord) -> tuple[np.ndarray, list[str]]:
-    """Floating-point arrays in key order, as one float32 vector (and the keys used)."""
-    keys = sorted(k for k in arrays.keys() if arrays[k].numpy().dtype.kind == "f")
-    return np.concatenate([arrays[k].numpy().ravel().astype(np.float32) for k in keys]), keys
+log = logging.getLogger(__name__)
 
 
 def _site(context: Context) -> SiteSecAgg:
@@ -80,10 +78,15 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
         # site-level DP calibrates the server's noise to equal weights: one vote per site
         weight = 1 if config.get(wire.DP_MECHANISM) == wire.DP_SITE else \
             int(metrics[wire.NUM_EXAMPLES])
+        capped = int(weight > site.encoding.max_weight)     # counted, never silent
+        if capped:
+            log.warning("secagg: %d training examples counted as %d (secagg.max_weight)",
+                        weight, site.encoding.max_weight)
         vector, clipped = site.masked_input(received, after - before, weight)
         _save(context, site)
         reply.content[wire.ARRAYS] = ArrayRecord({wire.SECAGG_MASKED_ARRAY: Array(vector)})
-        reply.content[wire.METRICS] = MetricRecord(dict(metrics) | {wire.SECAGG_CLIPPED: clipped})
+        reply.content[wire.METRICS] = MetricRecord(dict(metrics) | {
+            wire.SECAGG_CLIPPED: clipped, wire.SECAGG_WEIGHT_CAPPED: capped})
         return reply
     if stage == wire.SECAGG_UNMASK:
         shares = site.unmask([int(j) for j in request[wire.SECAGG_SURVIVED]],

@@ -20,6 +20,7 @@ sum is kept. A site that needs the host CSPRNG on a GPU can train on CPU.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 
@@ -27,6 +28,10 @@ import numpy as np
 import torch
 from randomgen import AESCounter
 from torch import Tensor
+
+
+log = logging.getLogger(__name__)
+_LOGGED_DEVICE_NOISE: list[bool] = []     # say once per process which generator a GPU uses
 
 
 class GaussianNoise:
@@ -58,6 +63,10 @@ class GaussianNoise:
             return (torch.randn(n, generator=self._generator) * std) \
                 .reshape(shape).to(device=device, dtype=dtype)
         if torch.device(device).type == "cuda":
+            if not _LOGGED_DEVICE_NOISE:
+                _LOGGED_DEVICE_NOISE.append(True)
+                log.info("DP noise on %s: device Philox re-keyed from os.urandom per draw "
+                         "(not the host AES-CTR CSPRNG)", device)
             gen = torch.Generator(device=device)
             gen.manual_seed(int.from_bytes(os.urandom(8), "little"))
             z = torch.randn((4, n), generator=gen, device=device, dtype=torch.float32)

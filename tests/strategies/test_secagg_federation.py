@@ -108,13 +108,19 @@ def test_secagg_with_dp_sgd_and_a_site_requiring_secagg(three_sites, tmp_path):
     shutil.copytree(three_sites, sites)
     node = ("+federation.site_node_config={dp-epsilon:10.0,dp-delta:1e-5,"
             "require-secagg:true}")
-    cfg, run_dir = run(sites, tmp_path, "dp", "secagg.enabled=true", "privacy=dpsgd", node)
+    cfg, run_dir = run(sites, tmp_path, "dp", "secagg.enabled=true", "privacy=dpsgd", node,
+                       "secagg.max_weight=5")
     import mlflow
 
     client = mlflow.MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
     run_id = client.search_runs([client.get_experiment_by_name("medfed").experiment_id])[0]
     metrics = run_id.data.metrics
     assert "secagg/clipped_values" in metrics and "privacy/epsilon.site-0" in metrics
+    # a site with more than 5 training studies has its weight capped: reported, not silent
+    capped = {i: metrics[f"site/site-{i}/train/secagg-weight-capped"] for i in range(3)}
+    assert capped == {i: float(metrics[f"site/site-{i}/train/num-examples"] > 5)
+                      for i in range(3)}
+    assert 1.0 in capped.values()
     # the same sites refuse a plaintext round
     with pytest.raises(Exception, match="requires secure aggregation"):
         run(sites, tmp_path, "plain", "privacy=dpsgd", node)

@@ -50,6 +50,30 @@ def final_weights(run_dir: Path) -> dict:
     return latest_weights(run_dir)
 
 
+def kill_after_checkpoint(cmd: list[str], runs: Path, round_: int, env: dict) -> Path:
+    """Start ``cmd`` (a ``medfed simulate`` run writing under ``runs``) in its own process
+    group, SIGKILL the whole group once round ``round_``'s checkpoint exists; its run dir."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600       # a hang guard, not a timing assertion
+    try:
+        while time.monotonic() < deadline:
+            ckpts = list(runs.glob(f"*/checkpoints/round-{round_:04d}"))
+            if ckpts or proc.poll() is not None:
+                break
+            time.sleep(0.2)
+        assert ckpts, f"round {round_} checkpoint never appeared"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)            # the server and its Ray workers
+        proc.wait(timeout=60)
+    return ckpts[0].parent.parent
+
+
 def phi_strings(root: Path) -> set[str]:
     """Every PHI value the generator wrote into DICOM tags under ``root`` (plus name parts)."""
     found: set[str] = set()

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import mlflow
 import numpy as np
 import pytest
 
-from tests.conftest import final_weights
+from tests.conftest import final_weights, kill_after_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -40,19 +38,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(three_sites, tmp_path):
     expected = final_weights(_run_dir(full))
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_cmd(three_sites, killed), env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 600
-    try:
-        while time.monotonic() < deadline:
-            ckpts = list(killed.glob("*/checkpoints/round-0002"))
-            if ckpts or proc.poll() is not None:
-                break
-            time.sleep(0.2)
-        assert ckpts, "round 2 checkpoint never appeared"
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)            # the server and its Ray workers
-        proc.wait(timeout=60)
+    kill_after_checkpoint(_cmd(three_sites, killed), killed, 2, env)
     run_dir = _run_dir(killed)
     assert not (run_dir / "checkpoints" / f"round-{ROUNDS:04d}").exists()
 

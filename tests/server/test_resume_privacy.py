@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 from client.privacy.ledger import PrivacyLedger
+from tests.conftest import kill_after_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -31,22 +30,10 @@ def test_resume_does_not_double_charge_or_reset_the_ledger(tiny_sites, tmp_path)
     shutil.copytree(tiny_sites, sites)
     runs = tmp_path / "runs"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(_cmd(sites, runs), env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 600
-    try:
-        while time.monotonic() < deadline:
-            ckpts = list(runs.glob("*/checkpoints/round-0002"))
-            if ckpts or proc.poll() is not None:
-                break
-            time.sleep(0.2)
-        assert ckpts, "round 2 checkpoint never appeared"
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=60)
+    run_dir = kill_after_checkpoint(_cmd(sites, runs), runs, 2, env)
     subprocess.run(_cmd(sites, runs, "resume=true"), check=True, env=env, timeout=600,
                    stdout=subprocess.DEVNULL)
-    run_id = ckpts[0].parent.parent.name
+    run_id = run_dir.name
     for site in ("site-0", "site-1"):
         entries = PrivacyLedger(sites / site / ".medfed" / "privacy-ledger.sqlite").entries()
         assert {e.run_id for e in entries} == {run_id}

@@ -22,14 +22,18 @@ from .runtime import SiteDataCache, resolve_site, site_logger
 # Site-owned state across rounds (node context state; never sent).
 STATE_LOCAL_PARAMS = "medfed.local-params"      # FedBN-style parameters kept at the site
 STATE_PERSONAL_MODEL = "medfed.personal-model"  # the model after this site's last local training
+STATE_OBJECTIVE = "medfed.objective"            # + task name: e.g. DINO's teacher and centres
 
 
-def load_global(model, arrays: ArrayRecord, job: Job, context: Context) -> list[str]:
-    """Load the global weights; with partial sharing fill the local parameters from the
-    site's own state (first round: the model's seeded initial values). Returns local keys."""
+def load_global(model, content: RecordDict, job: Job, context: Context) -> list[str]:
+    """Load the global weights (trained and, if sent apart, frozen ones); with partial
+    sharing fill the local parameters from the site's own state (first round: the model's
+    seeded initial values). Returns local keys."""
     state = dict(model.state_dict())
     local = local_keys(state.keys(), job.local_params) if job.local_params else []
-    incoming = arrays.to_torch_state_dict()
+    incoming = content[wire.ARRAYS].to_torch_state_dict()
+    if wire.FROZEN_ARRAYS in content.array_records:
+        incoming |= content[wire.FROZEN_ARRAYS].to_torch_state_dict()
     missing = set(state) - set(incoming) - set(local)
     if missing or set(incoming) - set(state):
         raise ValueError(f"global model does not match {job.model_name}: "
@@ -60,13 +64,15 @@ def make_client_app(*, sim_data_root: Path | None = None, mods=()) -> ClientApp:
     def prepare(msg: Message, context: Context):
         site = resolve_site(context, sim_data_root)
         job = decode_job(msg.content[wire.CONFIG], site_seed=site.seed)
-        data, splits = cache.get(site, job.class_names, job.image_size)
         torch.manual_seed(job.train.seed)        # seeded init: local parameters of round 1
-        model = job.build_model()
-        local = load_global(model, msg.content[wire.ARRAYS], job, context)
+        model, task = job.build()
+        data, splits = cache.get(site, job.class_names, job.image_size,
+                                 unlabelled=task.uses_unlabelled,
+                                 label_fraction=getattr(task.config, "label_fraction", 1.0))
+        local = load_global(model, msg.content, job, context)
         identity = ConfigRecord({wire.SITE_ID: site.site_id, wire.MANIFEST: data.fingerprint,
                                  wire.INGEST: json.dumps(data.report.as_dict(), sort_keys=True)})
-        return site, job, splits, model, Engine(job.build_task(), site.device), identity, local
+        return site, job, splits, model, Engine(task, site.device), identity, local
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
@@ -76,8 +82,13 @@ def make_client_app(*, sim_data_root: Path | None = None, mods=()) -> ClientApp:
         auth = admit_round(job, settings, site.data_dir, n_train=len(splits["train"]),
                            secure_aggregation=msg.content[wire.CONFIG].get(wire.SECAGG_STAGE)
                            == wire.SECAGG_MASKED)
+        objective_key = f"{STATE_OBJECTIVE}.{job.task_name}"
+        if hasattr(engine.task, "site_state") and objective_key in context.state:
+            engine.task.load_site_state(model, context.state[objective_key].to_torch_state_dict())
         metrics = engine.fit(model, splits["train"], job.train,
                              privacy=auth.dpsgd if auth else None)
+        if hasattr(engine.task, "site_state"):      # kept here; never part of the reply
+            context.state[objective_key] = ArrayRecord(engine.task.site_state())
         metrics = releasable_metrics(metrics, auth)
         state = model.state_dict()
         if local:
@@ -89,8 +100,9 @@ def make_client_app(*, sim_data_root: Path | None = None, mods=()) -> ClientApp:
         reply = MetricRecord({k: v for k, v in metrics.items() if k != "seconds"}
                              | {wire.NUM_EXAMPLES: len(splits["train"]),
                                 wire.TRAIN_SECONDS: metrics["seconds"]})
-        kept = set(local)
-        shared = ArrayRecord({k: v for k, v in state.items() if k not in kept})
+        # Only what the server sent as trainable goes back: never local or frozen weights.
+        sent = set(msg.content[wire.ARRAYS].keys()) - set(local)
+        shared = ArrayRecord({k: v for k, v in state.items() if k in sent})
         content = RecordDict({wire.ARRAYS: shared, wire.METRICS: reply, wire.SITE: identity})
         return Message(content=content, reply_to=msg)
 
@@ -100,7 +112,7 @@ def make_client_app(*, sim_data_root: Path | None = None, mods=()) -> ClientApp:
         reply, seconds = MetricRecord(), 0.0
         models = [("", model)]
         if job.personalize:     # the locally adapted model (global model until it trains)
-            personal = job.build_model()
+            personal, _ = job.build()
             personal.load_state_dict(context.state[STATE_PERSONAL_MODEL].to_torch_state_dict()
                                      if STATE_PERSONAL_MODEL in context.state
                                      else model.state_dict())
@@ -117,11 +129,8 @@ def make_client_app(*, sim_data_root: Path | None = None, mods=()) -> ClientApp:
     def evaluate_split(engine: Engine, model, data) -> dict[str, float]:
         """Fixed key set for every site (Flower requires it), even for an empty split."""
         if len(data) == 0:
-            n_classes = engine.task.config.num_classes
-            empty = {"loss": 0.0, "accuracy": 0.0, "balanced_accuracy": 0.0, "mcc": 0.0,
-                     "f1": 0.0, "auroc": 0.0, "seconds": 0.0}
-            cells = {f"cm_{i}_{j}": 0.0 for i in range(n_classes) for j in range(n_classes)}
-            return empty | cells | {"n": 0.0, wire.AUROC_DEFINED: 0.0}
+            return engine.task.empty_summary() | {"auroc": 0.0, "seconds": 0.0, "n": 0.0,
+                                                  wire.AUROC_DEFINED: 0.0}
         metrics = engine.evaluate(model, data)
         defined = "auroc" in metrics
         return metrics | {"n": float(len(data)), "auroc": metrics.get("auroc", 0.0),

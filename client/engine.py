@@ -90,9 +90,10 @@ class Engine:
             raise ValueError("no training samples at this site")
         start = time.perf_counter()
         model.to(self.device).train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr,
-                                      weight_decay=config.weight_decay)
-        anchor = [p.detach().clone() for p in model.parameters()] if config.proximal_mu else None
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+        anchor = [p.detach().clone() for p in trainable] if config.proximal_mu else None
+        after_step = getattr(self.task, "after_step", None)   # e.g. DINO's EMA teacher
         if privacy is None:
             generator = torch.Generator().manual_seed(config.seed)
             loader = DataLoader(data, batch_size=config.batch_size, shuffle=True,
@@ -112,9 +113,11 @@ class Engine:
             extra = extra_gradients() if extra_gradients is not None else None
             out = self._backward(model, batch, private, extra)
             if anchor is not None:      # FedProx: gradient of (mu/2)||w - w_global||^2
-                for p, a in zip(model.parameters(), anchor):
+                for p, a in zip(trainable, anchor):
                     p.grad.add_(p.detach() - a, alpha=config.proximal_mu)
             optimizer.step()
+            if after_step is not None:
+                after_step(model)
             steps += 1
             if out is not None:
                 seen += out.n

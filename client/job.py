@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from flwr.app import ConfigRecord
 
 from models import MODELS, TASKS
-from models.tasks import batch_coupling
+from models.tasks import batch_coupling, build
 from strategies import wire
 from strategies.accounting import check_accountant
 
@@ -65,11 +65,9 @@ class Job:
     personalize: bool = False
     privacy: PrivacyRequest = PrivacyRequest()
 
-    def build_model(self):
-        return MODELS.build(self.model_name, self.model_options)
-
-    def build_task(self):
-        return TASKS.build(self.task_name, self.task_options)
+    def build(self):
+        """``(model, task)``: the backbone wrapped by the task (heads, adapters, freezing)."""
+        return build(self.model_name, self.model_options, self.task_name, self.task_options)
 
 
 def decode_job(config: ConfigRecord, *, site_seed: int) -> Job:

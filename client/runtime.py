@@ -65,23 +65,40 @@ class SiteDataCache:
         self.max_sites = max_sites
         self._sites: OrderedDict[tuple, tuple[SiteData, dict[str, StudyDataset]]] = OrderedDict()
 
-    def get(self, site: SiteIdentity, class_names: tuple[str, ...], image_size: int
+    def get(self, site: SiteIdentity, class_names: tuple[str, ...], image_size: int, *,
+            unlabelled: bool = False, label_fraction: float = 1.0
             ) -> tuple[SiteData, dict[str, StudyDataset]]:
-        key = (str(site.data_dir), class_names, image_size)
+        """Splits of one site. Training uses the labelled studies (a ``label_fraction`` of
+        them, chosen by a hash of the study) or, for self-supervised objectives, every
+        training study (``unlabelled``); evaluation splits are always the labelled ones."""
+        key = (str(site.data_dir), class_names, image_size, unlabelled, label_fraction)
         if key not in self._sites:
             data = load_site(site.data_dir, class_names)
             r = data.report
             site_logger(site.site_id).info(
                 "data: %d files, %d images, %d studies (train/val/test %s), skipped %s",
                 r.files, r.images, r.studies, dict(r.splits), dict(r.skipped) or "none")
-            splits = {name: StudyDataset(data.split(name, labelled_only=True), image_size,
-                                         augment=name == "train")
-                      for name in ("train", "val", "test")}
+            train = data.split("train", labelled_only=not unlabelled)
+            if label_fraction < 1.0:
+                train = label_subset(train, label_fraction)
+            splits = {"train": StudyDataset(train, image_size, augment=True)}
+            splits |= {name: StudyDataset(data.split(name, labelled_only=True), image_size)
+                       for name in ("val", "test")}
             self._sites[key] = (data, splits)
             while len(self._sites) > self.max_sites:
                 self._sites.popitem(last=False)
         self._sites.move_to_end(key)
         return self._sites[key]
+
+
+def label_subset(studies: list, fraction: float) -> list:
+    """Keep the labels of a deterministic ``fraction`` of the labelled studies (by a hash of
+    the pseudonymous study key), at least one; unlabelled studies stay as they are."""
+    def u(study) -> float:
+        return int(hashlib.sha256(f"labels:{study.key}".encode()).hexdigest()[:12], 16) / 16**12
+    labelled = sorted((s for s in studies if s.label >= 0), key=u)
+    keep = {id(s) for s in labelled[:max(1, int(round(fraction * len(labelled))))]}
+    return [s for s in studies if s.label < 0 or id(s) in keep]
 
 
 class _SiteAdapter(logging.LoggerAdapter):

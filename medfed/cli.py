@@ -19,6 +19,8 @@ def _setup_logging(verbose: bool, log_file: Path | None = None) -> None:
     fmt = logging.Formatter("%(asctime)s %(levelname)-7s %(message)s", "%H:%M:%S")
     root = logging.getLogger()
     root.setLevel(logging.INFO)
+    for stale in list(root.handlers):   # opacus calls logging.basicConfig() on import
+        root.removeHandler(stale)
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
     if log_file is not None:
         handlers.append(logging.FileHandler(log_file))

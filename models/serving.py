@@ -1,9 +1,18 @@
-"""Single-input wrapper for serving/export: absent sequences are all-zero channels."""
+"""Single-input wrappers for serving/export: absent sequences are all-zero channels.
+
+``servable(model)`` turns whatever a phase trained into a plain module: a classifier (LoRA
+adapters merged into their base weights) or, for a pretraining objective, its backbone as an
+encoder of pooled features.
+"""
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import Tensor, nn
+
+from .vit import MultiModalViT
 
 
 class ExportedClassifier(nn.Module):
@@ -17,6 +26,54 @@ class ExportedClassifier(nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         images = torch.as_tensor(images, dtype=torch.float32)
-        present = images.flatten(2).abs().amax(-1) > 0                   # [B, S]
-        present[:, 0] |= ~present.any(1)          # an all-zero input still needs one token set
-        return self.model(images, present).softmax(-1)
+        return self.model(images, _present(images)).softmax(-1)
+
+
+def _present(images: Tensor) -> Tensor:
+    present = images.flatten(2).abs().amax(-1) > 0                       # [B, S]
+    present[:, 0] |= ~present.any(1)          # an all-zero input still needs one token set
+    return present
+
+
+class ExportedEncoder(nn.Module):
+    """``images [B, S, *spatial]`` -> pooled backbone features ``[B, 2D]``."""
+
+    def __init__(self, backbone: MultiModalViT):
+        super().__init__()
+        self.backbone = backbone
+        c = backbone.config
+        self.input_shape = (c.num_sequences, *([c.img_size] * c.spatial_dims))
+
+    def forward(self, images: Tensor) -> Tensor:
+        images = torch.as_tensor(images, dtype=torch.float32)
+        present = _present(images)
+        return self.backbone.pool(self.backbone.forward_features(images, present), present)
+
+
+def merge_adapters(model: MultiModalViT) -> MultiModalViT:
+    """A plain backbone with any LoRA adapters merged into the base weights (a copy)."""
+    from peft.tuners.lora import LoraLayer
+
+    merged = copy.deepcopy(model)
+    layers = [m for m in merged.modules() if isinstance(m, LoraLayer)]
+    if not layers:
+        return merged
+    for layer in layers:
+        layer.merge()
+    plain = MultiModalViT(model.config)
+    state = {k.replace(".base_layer.", "."): v for k, v in merged.state_dict().items()
+             if "lora_" not in k}
+    plain.load_state_dict(state)
+    return plain
+
+
+def servable(model: nn.Module) -> nn.Module:
+    """What a model registry should hold for ``model`` (see module docstring)."""
+    if isinstance(model, MultiModalViT) and model.head is not None:
+        return ExportedClassifier(merge_adapters(model))
+    backbone = getattr(model, "backbone", model)
+    if not isinstance(backbone, MultiModalViT):
+        raise TypeError(f"cannot export {type(model).__name__}: no multi-modal ViT backbone")
+    plain = copy.deepcopy(backbone)
+    plain.head = None
+    return ExportedEncoder(plain)

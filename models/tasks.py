@@ -22,16 +22,30 @@ class StepOutput:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
+FINETUNE_MODES = ("full", "linear_probe", "lora")
+
+
 @dataclass(frozen=True)
 class ClassificationConfig:
     num_classes: int = 3
     label_smoothing: float = 0.0
+    mode: str = "full"                # full | linear_probe (head only) | lora (adapters + head)
+    lora_rank: int = 4
+    lora_alpha: float = 8.0
+    label_fraction: float = 1.0       # fraction of each site's labelled training studies used
 
     def __post_init__(self):
         if self.num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {self.num_classes}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.mode not in FINETUNE_MODES:
+            raise ValueError(f"unknown fine-tuning mode {self.mode!r}; choose one of "
+                             f"{', '.join(FINETUNE_MODES)}")
+        if self.lora_rank < 1 or self.lora_alpha <= 0:
+            raise ValueError("lora_rank must be >= 1 and lora_alpha > 0")
+        if not 0.0 < self.label_fraction <= 1.0:
+            raise ValueError(f"label_fraction must be in (0, 1], got {self.label_fraction}")
 
 
 def batch_coupling(task_name: str) -> str | None:
@@ -45,14 +59,76 @@ def batch_coupling(task_name: str) -> str | None:
                    "the task does not declare that its loss is a mean of per-sample terms")
 
 
+def build(model_name: str, model_options: dict, task_name: str, task_options: dict, *,
+          backbone_state: dict | None = None) -> tuple[nn.Module, object]:
+    """The trainable model and its task, both by registry name: the backbone from ``MODELS``
+    (optionally starting from ``backbone_state``, e.g. a pretraining phase's result), wrapped
+    by the task (objective heads, frozen parts, adapters) when the task says so."""
+    task = TASKS.build(task_name, task_options)
+    model = MODELS.build(model_name, model_options)
+    if backbone_state is not None:
+        load_backbone(model, backbone_state)
+    wrap = getattr(task, "wrap", None)
+    return (wrap(model) if wrap is not None else model), task
+
+
+def load_backbone(model: nn.Module, state: dict) -> None:
+    """Load pretrained weights into a backbone: every non-head weight must match; a head of
+    the same shape is kept (MM-DINOv2 trains one), any other head starts fresh."""
+    own = model.state_dict()
+    body = {k for k in own if not k.startswith("head.")}
+    missing = sorted(body - set(state))
+    mismatched = sorted(k for k in body & set(state) if tuple(state[k].shape) != tuple(own[k].shape))
+    if missing or mismatched:
+        raise ValueError(f"pretrained weights do not fit this backbone: missing {missing[:3]}"
+                         f"{'...' if len(missing) > 3 else ''}, wrong shape {mismatched[:3]}")
+    take = {k: v for k, v in state.items()
+            if k in body or (k in own and tuple(v.shape) == tuple(own[k].shape))}
+    model.load_state_dict(take, strict=False)
+
+
+def frozen_keys(model: nn.Module) -> list[str]:
+    """State-dict keys of parameters that do not train (linear probe, LoRA base weights)."""
+    return [name for name, p in model.named_parameters() if not p.requires_grad]
+
+
 class ClassificationTask:
-    """Multi-class classification of a study from all its present sequences."""
+    """Multi-class classification of a study from all its present sequences.
+
+    ``mode`` picks what trains: everything, the head only (linear probe), or LoRA adapters
+    on every attention and MLP projection plus the head. Frozen weights never change at a
+    site, so they are not sent back (``frozen_keys``).
+    """
 
     # Mean of per-sample cross-entropies; no batch statistics, no class weights from counts.
     batch_coupling = None
+    uses_unlabelled = False
 
     def __init__(self, config: ClassificationConfig):
         self.config = config
+
+    def wrap(self, backbone: nn.Module) -> nn.Module:
+        mode = self.config.mode
+        if mode == "full":
+            return backbone
+        if getattr(backbone, "head", None) is None:
+            raise ValueError(f"mode={mode} needs a backbone with a class head")
+        if mode == "lora":
+            from peft import LoraConfig, inject_adapter_in_model
+
+            lora = LoraConfig(r=self.config.lora_rank, lora_alpha=self.config.lora_alpha,
+                              target_modules=r".*blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(0|3))")
+            backbone = inject_adapter_in_model(lora, backbone)   # freezes all but adapters
+        else:
+            backbone.requires_grad_(False)
+        backbone.head.requires_grad_(True)
+        return backbone
+
+    def empty_summary(self) -> dict[str, float]:
+        """The metric keys of ``summarize`` for a split with no samples (all zero)."""
+        k = self.config.num_classes
+        return ({"loss": 0.0, "accuracy": 0.0, "balanced_accuracy": 0.0, "mcc": 0.0, "f1": 0.0}
+                | {f"cm_{i}_{j}": 0.0 for i in range(k) for j in range(k)})
 
     def step(self, model: nn.Module, batch: dict[str, Tensor]) -> StepOutput:
         logits = model(batch["image"], batch["present"])

@@ -157,21 +157,47 @@ class MultiModalViT(nn.Module):
         self.head = nn.Linear(2 * config.dim, config.num_classes) if config.num_classes else None
         self.apply(_init_weights)
 
-    def attention_mask(self, present: Tensor) -> Tensor:
-        """``present [B, S]`` -> ``attend [B, 1+S*N]``; the CLS token is always attendable."""
-        n = self.config.patches_per_sequence
+    def attention_mask(self, present: Tensor, n: int | None = None,
+                       hidden: Tensor | None = None) -> Tensor:
+        """``present [B, S]`` -> ``attend [B, 1+S*N]``; the CLS token is always attendable.
+        ``hidden [B, S*N]`` (masked-image objectives) removes tokens no other token may see."""
+        n = self.config.patches_per_sequence if n is None else n
         per_token = present.bool().repeat_interleave(n, dim=1)           # [B, S*N]
+        if hidden is not None:
+            per_token = per_token & ~hidden.bool()
         cls = torch.ones_like(per_token[:, :1])
         return torch.cat([cls, per_token], dim=1)
 
-    def forward_features(self, images: Tensor, present: Tensor) -> Tensor:
-        """``images [B, S, *spatial]``, ``present [B, S]`` -> normalised tokens ``[B, 1+S*N, D]``."""
-        if images.shape[1] != self.config.num_sequences:
-            raise ValueError(f"expected {self.config.num_sequences} sequences, "
-                             f"got input of shape {tuple(images.shape)}")
+    def position_embedding(self, spatial: tuple[int, ...]) -> Tensor:
+        """``[1, 1, N, D]`` for an input of this spatial size (other sizes: DINO local crops)."""
+        grid = spatial[0] // self.config.patch_size
+        if grid == self.config.img_size // self.config.patch_size:
+            return self.pos_embed
+        return sincos_position_embedding(self.config.dim, grid, self.config.spatial_dims
+                                         ).to(self.pos_embed)[None, None]
+
+    def check_input(self, images: Tensor) -> None:
+        c = self.config
+        if images.ndim != 2 + c.spatial_dims or images.shape[1] != c.num_sequences:
+            raise ValueError(f"expected [B, {c.num_sequences}, {', '.join(['size'] * c.spatial_dims)}]"
+                             f" input, got shape {tuple(images.shape)}")
+        spatial = images.shape[2:]
+        if len(set(spatial)) != 1 or spatial[0] % c.patch_size:
+            raise ValueError(f"spatial size {tuple(spatial)} must be a cube of a multiple of "
+                             f"patch_size {c.patch_size}")
+
+    def forward_features(self, images: Tensor, present: Tensor,
+                         hidden: Tensor | None = None) -> Tensor:
+        """``images [B, S, *spatial]``, ``present [B, S]`` -> normalised tokens ``[B, 1+S*N, D]``.
+
+        ``hidden [B, S*N]`` marks patch tokens that no token may attend to (MAE's masked
+        patches): their outputs are meaningless and nothing else depends on their content.
+        """
+        self.check_input(images)
         patches = patchify(images, self.config.patch_size, self.config.spatial_dims)
-        x = self.tokens(self.patch_embed(patches) + self.pos_embed)      # [B, 1+S*N, D]
-        attend = self.attention_mask(present)
+        x = self.tokens(self.patch_embed(patches)
+                        + self.position_embedding(tuple(images.shape[2:])))   # [B, 1+S*N, D]
+        attend = self.attention_mask(present, patches.shape[2], hidden)
         for block in self.blocks:
             x = block(x, attend)
         return self.norm(x)
@@ -184,7 +210,8 @@ class MultiModalViT(nn.Module):
 
     def pool(self, tokens: Tensor, present: Tensor) -> Tensor:
         """``[B, 1+S*N, D]`` -> ``[B, 2D]``: CLS and the mean over tokens of present sequences."""
-        weights = self.attention_mask(present)[:, 1:].to(tokens.dtype)[..., None]   # [B, S*N, 1]
+        n = (tokens.shape[1] - 1) // self.config.num_sequences
+        weights = self.attention_mask(present, n)[:, 1:].to(tokens.dtype)[..., None]  # [B, S*N, 1]
         mean = (tokens[:, 1:] * weights).sum(1) / weights.sum(1).clamp(min=1)
         return torch.cat([tokens[:, 0], mean], dim=-1)
 

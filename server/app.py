@@ -10,7 +10,7 @@ from flwr.serverapp import Grid, ServerApp
 from strategies import wire
 
 from .config import ExperimentConfig, load_experiment
-from .federation import new_run_dir, run_federation
+from .federation import new_run_dir, run_experiment
 
 
 def make_server_app(cfg: ExperimentConfig | None = None, run_dir: Path | None = None,
@@ -26,7 +26,7 @@ def make_server_app(cfg: ExperimentConfig | None = None, run_dir: Path | None = 
             overrides = str(context.run_config.get(wire.RUN_OVERRIDES, "")).split()
             name = str(context.run_config.get(wire.RUN_EXPERIMENT, "demo"))
             experiment = load_experiment([f"experiment={name}", *overrides])
-        run_federation(grid, experiment, run_dir or new_run_dir(experiment), observers)
+        run_experiment(grid, experiment, run_dir or new_run_dir(experiment), observers)
 
     return app
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +122,18 @@ class SecAggSettings:
 
 
 @dataclass(frozen=True)
+class PretrainConfig:
+    """Phase 1 (optional): federated self-supervised pretraining with an objective from the
+    task registry; phase 2 (the ``task``) then starts from its global backbone."""
+    objective: str | None = None          # mae | mm_dino; null: no pretraining phase
+    options: dict[str, Any] = field(default_factory=dict)
+    num_rounds: int = 0
+    local_epochs: int | None = None       # null: train.local_epochs
+    lr: float | None = None               # null: train.lr
+    registered_model: str = "medfed-pretrained"
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     name: str = "demo"
     seed: int = 0
@@ -136,6 +148,7 @@ class ExperimentConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     secagg: SecAggSettings = field(default_factory=SecAggSettings)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -155,6 +168,18 @@ class ExperimentConfig:
 
     def task_options(self) -> dict[str, Any]:
         return {"num_classes": len(self.task.class_names)} | dict(self.task.options)
+
+    def pretrain_phase(self) -> ExperimentConfig:
+        """Phase 1 as an experiment of its own: the objective as task, its rounds, its
+        registered model; everything else (sites, strategy, privacy) as configured."""
+        p = self.pretrain
+        train = replace(self.train, local_epochs=p.local_epochs or self.train.local_epochs,
+                        lr=p.lr or self.train.lr)
+        return replace(self, name=f"{self.name}-pretrain",
+                       task=replace(self.task, name=p.objective, options=dict(p.options)),
+                       train=train, pretrain=PretrainConfig(),
+                       federation=replace(self.federation, num_rounds=p.num_rounds),
+                       tracking=replace(self.tracking, registered_model=p.registered_model))
 
 
 def _schema():
@@ -217,7 +242,33 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         raise ConfigError("task.class_names must list at least two distinct classes")
     validate_privacy(cfg)
     validate_secagg(cfg)
+    validate_pretrain(cfg)
     return cfg
+
+
+def validate_pretrain(cfg: ExperimentConfig) -> None:
+    """Phase 1 must be a registered self-supervised objective the phase-2 model can start from."""
+    p = cfg.pretrain
+    if p.objective is None:
+        if p.num_rounds:
+            raise ConfigError("pretrain.num_rounds is set but pretrain.objective is null")
+        return
+    if p.num_rounds < 1:
+        raise ConfigError(f"pretrain.objective={p.objective} needs pretrain.num_rounds >= 1")
+    try:
+        task = TASKS.factory(p.objective)
+    except KeyError as err:
+        raise ConfigError(f"pretrain.objective: {str(err).strip(chr(34))}") from None
+    if not getattr(task, "uses_unlabelled", False):
+        raise ConfigError(f"pretrain.objective={p.objective} is not a pretraining objective "
+                          "(it does not learn from unlabelled studies)")
+    if p.registered_model == cfg.tracking.registered_model:
+        raise ConfigError("pretrain.registered_model must differ from tracking.registered_model: "
+                          "each phase registers its own model")
+    try:
+        validate(cfg.pretrain_phase())
+    except ConfigError as err:
+        raise ConfigError(f"pretraining phase: {err}") from None
 
 
 def validate_secagg(cfg: ExperimentConfig) -> None:
@@ -343,7 +394,7 @@ def _freeze(cfg: ExperimentConfig) -> ExperimentConfig:
         train=TrainConfig(**plain["train"]), strategy=StrategyConfig(**plain["strategy"]),
         federation=FederationConfig(**plain["federation"]), data=DataConfig(**plain["data"]),
         tracking=TrackingConfig(**plain["tracking"]), privacy=PrivacyConfig(**plain["privacy"]),
-        secagg=SecAggSettings(**plain["secagg"]),
+        secagg=SecAggSettings(**plain["secagg"]), pretrain=PretrainConfig(**plain["pretrain"]),
     )
 
 

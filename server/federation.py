@@ -5,17 +5,18 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Result, Strategy
+from flwr.serverapp.strategy import Strategy
 
-from models import MODELS
+from models.tasks import build, frozen_keys
 from strategies import wire
 from strategies.guard import GuardedStrategy
-from strategies.partial import PartialSharing
+from strategies.partial import FrozenSharing, PartialSharing
 from strategies.secagg import SecAggPlus, SumNoise
 from strategies.secagg_encoding import Encoding
 from strategies.secagg_protocol import SecAggConfig
@@ -31,8 +32,9 @@ from .tracking import MlflowTracker
 log = logging.getLogger("medfed.server")
 
 
-def build_strategy(cfg: ExperimentConfig) -> Strategy:
-    """The configured Flower strategy inside the fault guard (quorum wait, sanitization)."""
+def build_strategy(cfg: ExperimentConfig, frozen: list[str] = ()) -> Strategy:
+    """The configured Flower strategy inside the fault guard (quorum wait, sanitization);
+    ``frozen`` weights (linear probe, LoRA) are sent to sites but never aggregated."""
     s, p = cfg.strategy, cfg.privacy
     site_dp = p.mechanism == wire.DP_SITE
     inner = build_flower_strategy(
@@ -55,11 +57,14 @@ def build_strategy(cfg: ExperimentConfig) -> Strategy:
         noise = SumNoise(noise_multiplier=float(p.noise_multiplier),
                          clipping_norm=p.clipping_norm, num_sites=cfg.federation.num_sites,
                          delta=p.delta) if site_dp else None
-        return SecAggPlus(guarded, SecAggConfig(
+        secure = SecAggPlus(guarded, SecAggConfig(
             degree=sa.degree, threshold=sa.threshold,
             encoding=Encoding(clip_range=sa.clip_range, max_sites=cfg.federation.num_sites,
                               max_weight=sa.max_weight)), stage_timeout=cfg.federation.round_timeout,
             site_dp=noise)
+        return FrozenSharing(secure, list(frozen)) if frozen else secure
+    if frozen:
+        return FrozenSharing(guarded, list(frozen))
     return PartialSharing(guarded, list(s.local_params)) if s.local_params else guarded
 
 
@@ -109,23 +114,79 @@ def resume_dir(cfg: ExperimentConfig) -> Path:
     """``resume=true`` (or ``latest``): newest run of this experiment with a checkpoint."""
     if str(cfg.resume).lower() not in ("true", "latest"):
         path = Path(str(cfg.resume))
-        if not (path / "checkpoints").is_dir():
+        if not _checkpointed(path):
             raise ConfigError(f"resume={path}: no checkpoints/ in that directory")
         return path
-    runs = sorted(p for p in Path(cfg.runs_dir).glob(f"{cfg.name}-*")
-                  if (p / "checkpoints").is_dir() and any((p / "checkpoints").glob("round-*")))
+    runs = sorted(p for p in Path(cfg.runs_dir).glob(f"{cfg.name}-*") if _checkpointed(p))
     if not runs:
         raise ConfigError(f"resume=true: no run of experiment {cfg.name!r} with a checkpoint "
                           f"under {cfg.runs_dir}")
     return runs[-1]
 
 
+@dataclass(frozen=True)
+class PhaseOutcome:
+    """The final global model of a phase and its registered MLflow version (None if none)."""
+    arrays: ArrayRecord
+    registered_version: str | None
+
+
+def run_experiment(grid: Grid, cfg: ExperimentConfig, run_dir: Path,
+                   observers: tuple[RoundObserver, ...] = ()) -> PhaseOutcome:
+    """One experiment: with ``pretrain.objective``, phase 1 (federated pretraining, under
+    ``run_dir/pretrain``) then phase 2 (the task, under ``run_dir/finetune``) starting from
+    phase 1's global backbone; otherwise the task alone in ``run_dir``."""
+    if cfg.pretrain.objective is None:
+        return run_federation(grid, cfg, run_dir, observers)
+    first = cfg.pretrain_phase()
+    log.info("phase 1 of 2: federated pretraining (%s, %d rounds)", cfg.pretrain.objective,
+             cfg.pretrain.num_rounds)
+    pre_dir = run_dir / "pretrain"
+    pre_dir.mkdir(exist_ok=True)
+    result = run_federation(grid, first, pre_dir, observers, run_id=f"{run_dir.name}.pretrain",
+                            store_dir=run_dir)
+    backbone = backbone_state(result.arrays.to_torch_state_dict())
+    parent = {"parent.model": first.tracking.registered_model,
+              "parent.version": result.registered_version or "",
+              "parent.config_hash": first.fingerprint()}
+    log.info("phase 2 of 2: %s from the pretrained backbone (%s version %s)", cfg.task.name,
+             parent["parent.model"], parent["parent.version"] or "?")
+    fine_dir = run_dir / "finetune"
+    fine_dir.mkdir(exist_ok=True)
+    return run_federation(grid, cfg, fine_dir, observers, run_id=f"{run_dir.name}.finetune",
+                          backbone=backbone, lineage=parent, store_dir=run_dir)
+
+
+def backbone_state(state: dict) -> dict:
+    """The backbone's weights out of a pretraining objective's model (``backbone.*``)."""
+    prefix = "backbone."
+    out = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    if not out:
+        raise ValueError("the pretrained model has no backbone.* weights")
+    return out
+
+
+def _checkpointed(run_dir: Path) -> bool:
+    """A run (or a two-phase run's pretrain/finetune phase) has at least one checkpoint."""
+    return any(run_dir.glob("checkpoints/round-*")) or any(run_dir.glob("*/checkpoints/round-*"))
+
+
 def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path,
-                   observers: tuple[RoundObserver, ...] = ()) -> Result:
-    """Run ``cfg.federation.num_rounds`` rounds of federated training and evaluation."""
+                   observers: tuple[RoundObserver, ...] = (), *, run_id: str | None = None,
+                   backbone: dict | None = None, lineage: dict | None = None,
+                   store_dir: Path | None = None) -> PhaseOutcome:
+    """Run ``cfg.federation.num_rounds`` rounds of federated training and evaluation.
+
+    ``backbone``: initial backbone weights (phase 2 of a pretrain->finetune run); ``lineage``:
+    tags naming the parent model version, set on every model version this phase registers;
+    ``store_dir``: where the default MLflow store lives (both phases of a run share one).
+    """
+    run_id = run_id or run_dir.name
     torch.manual_seed(cfg.seed)
-    initial = ArrayRecord(MODELS.build(cfg.model.name, cfg.model_options()).state_dict())
-    guarded = build_strategy(cfg)
+    model, _ = build(cfg.model.name, cfg.model_options(), cfg.task.name, cfg.task_options(),
+                     backbone_state=backbone)
+    initial = ArrayRecord(model.state_dict())
+    guarded = build_strategy(cfg, frozen_keys(model))
     checkpoint = latest_checkpoint(run_dir, cfg.fingerprint()) if cfg.resume else None
     done = 0
     if checkpoint is not None:
@@ -134,7 +195,7 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path,
         log.info("resuming %s after round %d of %d", run_dir, done, cfg.federation.num_rounds)
     remaining = cfg.federation.num_rounds - done
     console = ConsoleTable()
-    tracker = MlflowTracker(cfg, run_dir,
+    tracker = MlflowTracker(cfg, run_dir, lineage=lineage, store_dir=store_dir,
                             resume_run_id=checkpoint.manifest["mlflow_run_id"] if checkpoint else None)
     checkpointer = Checkpointer(run_dir, guarded, config_hash=cfg.fingerprint(),
                                 mlflow_run_id=tracker.run_id)
@@ -143,22 +204,24 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path,
     log.info("experiment %s: %d sites, rounds %d-%d, run dir %s, MLflow run %s", cfg.name,
              cfg.federation.num_sites, done + 1, cfg.federation.num_rounds, run_dir, tracker.run_id)
     if remaining <= 0:
+        outcome = PhaseOutcome(initial, tracker.latest_version())
         tracker.finish(console.summary())
         log.info("nothing to do: all %d rounds are complete", cfg.federation.num_rounds)
-        return Result(arrays=initial)
+        return outcome
     try:
         result = strategy.start(
             grid=grid, initial_arrays=initial, num_rounds=remaining,
             timeout=cfg.federation.round_timeout,
-            train_config=job_config(cfg, run_dir.name),
-            evaluate_config=job_config(cfg, run_dir.name),
+            train_config=job_config(cfg, run_id),
+            evaluate_config=job_config(cfg, run_id),
         )
     except BaseException:
         tracker.finish(console.summary(), status="FAILED")
         raise
     summary = console.summary()
+    outcome = PhaseOutcome(result.arrays, tracker.latest_version())
     tracker.finish(summary)
     log.info("summary (pooled over sites):\n%s", summary)
     log.info("MLflow: %d model versions of %r in %s (run %s)", len(tracker.versions),
              cfg.tracking.registered_model, tracker.uri, tracker.run_id)
-    return result
+    return outcome

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models import MODELS
-from models.serving import ExportedClassifier
+from models.serving import servable
+from models.tasks import build
 from strategies import wire
 from strategies.observed import RoundRecord
 from strategies.pooling import pool, report_splits, split_metrics
@@ -37,18 +37,20 @@ def tracking_uri(cfg: ExperimentConfig, run_dir: Path) -> str:
 class MlflowTracker:
     """Round observer that writes an experiment's metrics and model versions to MLflow."""
 
-    def __init__(self, cfg: ExperimentConfig, run_dir: Path, resume_run_id: str | None = None):
+    def __init__(self, cfg: ExperimentConfig, run_dir: Path, resume_run_id: str | None = None,
+                 lineage: dict[str, str] | None = None, store_dir: Path | None = None):
         import mlflow
 
         self.mlflow = mlflow
         self.cfg = cfg
         self.run_dir = run_dir
-        self.uri = tracking_uri(cfg, run_dir)
+        store_dir = store_dir or run_dir
+        self.uri = tracking_uri(cfg, store_dir)
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         mlflow.set_tracking_uri(self.uri)
         experiment = mlflow.get_experiment_by_name(cfg.tracking.experiment_name)
         if experiment is None:
-            artifacts = None if cfg.tracking.uri else (run_dir / "artifacts").resolve().as_uri()
+            artifacts = None if cfg.tracking.uri else (store_dir / "artifacts").resolve().as_uri()
             experiment_id = mlflow.create_experiment(cfg.tracking.experiment_name,
                                                      artifact_location=artifacts)
         else:
@@ -64,6 +66,9 @@ class MlflowTracker:
             params = _flatten({k: v for k, v in cfg.to_dict().items() if k != "resume"})
             mlflow.log_params(params)
             mlflow.log_dict(cfg.to_dict(), "config/resolved.json")
+        self.lineage = dict(lineage or {})      # parent model version (pretrain -> finetune)
+        if self.lineage and not resume_run_id:
+            mlflow.set_tags({f"medfed.{k}": v for k, v in self.lineage.items()})
         self.versions: dict[int, str] = {}
         self.ingest_logged: set[str] = set()
         self.privacy_rounds: list[dict] = []      # the privacy report, one entry per round
@@ -160,9 +165,10 @@ class MlflowTracker:
         self.mlflow.log_dict(json.loads(ingest), f"sites/{site_id}/ingest.json")
 
     def _register(self, record: RoundRecord, privacy: dict) -> None:
-        model = MODELS.build(self.cfg.model.name, self.cfg.model_options())
+        model, _ = build(self.cfg.model.name, self.cfg.model_options(), self.cfg.task.name,
+                         self.cfg.task_options())
         model.load_state_dict(record.arrays.to_torch_state_dict())
-        exported = ExportedClassifier(model).eval()
+        exported = servable(model).eval()
         # Batch of 2 so torch.export keeps the batch dimension dynamic (pt2 format).
         example = np.zeros((2, *exported.input_shape), dtype=np.float32)
         sites = sorted(r.site_id for r in record.train)
@@ -177,9 +183,20 @@ class MlflowTracker:
                 "config_hash": self.cfg.fingerprint(), "experiment": self.cfg.name,
                 "mlflow_run_id": self.run_id}
         tags |= {f"manifest.{r.site_id}": r.manifest for r in record.train}
-        tags |= self._privacy_tags(privacy)
+        tags |= self._privacy_tags(privacy) | self.lineage | {"task": self.cfg.task.name}
         for key, value in tags.items():
             self.client.set_model_version_tag(self.cfg.tracking.registered_model, version, key, value)
+
+    def latest_version(self) -> str | None:
+        """The newest version this phase registered (also when resumed after its last round)."""
+        if self.versions:
+            return self.versions[max(self.versions)]
+        if not self.cfg.tracking.log_models:
+            return None
+        found = self.client.search_model_versions(
+            f"name='{self.cfg.tracking.registered_model}' and tags.config_hash="
+            f"'{self.cfg.fingerprint()}'")
+        return max((v.version for v in found), key=int, default=None)
 
     def finish(self, summary: str, status: str = "FINISHED") -> None:
         self.mlflow.log_text(summary, "summary.txt")

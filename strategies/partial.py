@@ -81,3 +81,37 @@ class PartialSharing(Strategy):
     @property
     def update_norms(self):
         return getattr(self.strategy, "update_norms", {})
+
+
+class FrozenSharing(PartialSharing):
+    """Wrap ``strategy`` for models whose ``frozen`` weights do not train (linear probe, LoRA
+    base weights): sites receive them beside the trainable ones (``wire.FROZEN_ARRAYS``) and
+    send back only the trainable ones, which are all the inner strategy sees and aggregates.
+    The global record stays the complete model."""
+
+    def __init__(self, strategy: Strategy, frozen: list[str]):
+        super().__init__(strategy, list(frozen))
+        self._frozen_names = set(frozen)
+
+    def _split(self, arrays: ArrayRecord) -> ArrayRecord:
+        if not self._local:
+            self._local = {k: arrays[k] for k in arrays.keys() if k in self._frozen_names}
+        return ArrayRecord({k: a for k, a in arrays.items() if k not in self._frozen_names})
+
+    def _attach(self, messages: Iterable[Message]) -> list[Message]:
+        frozen = ArrayRecord(dict(self._local))
+        messages = list(messages)
+        for msg in messages:
+            msg.content[wire.FROZEN_ARRAYS] = frozen
+        return messages
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        self._order = list(arrays.keys())
+        return self._attach(self.strategy.configure_train(server_round, self._split(arrays),
+                                                          config, grid))
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        return self._attach(self.strategy.configure_evaluate(server_round, self._split(arrays),
+                                                             config, grid))

@@ -7,6 +7,8 @@ key by hand.
 
 # Record names inside a Message's RecordDict
 ARRAYS = "arrays"            # ArrayRecord: model weights (global in, local out)
+FROZEN_ARRAYS = "frozen-arrays"   # ArrayRecord: weights that do not train (linear probe,
+                                  # LoRA base); sent to sites, never sent back
 CONFIG = "config"            # ConfigRecord: what the server asks for
 METRICS = "metrics"          # MetricRecord: numbers the site reports
 SITE = "site"                # ConfigRecord: who answered (site id, data manifest fingerprint)

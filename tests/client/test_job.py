@@ -20,7 +20,7 @@ def _config(**changes) -> ConfigRecord:
 
 def test_server_job_config_decodes_into_a_buildable_job():
     job = decode_job(_config(), site_seed=1)
-    model, task = job.build_model(), job.build_task()
+    model, task = job.build()
     assert model.config.num_classes == len(job.class_names) == task.config.num_classes
     assert job.train.seed != decode_job(_config(), site_seed=2).train.seed   # per-site streams
 

@@ -1,0 +1,270 @@
+"""MM-DINOv2: self-distillation with a multi-modal student and an EMA teacher.
+
+One step, per batch of studies ``image [B, S, *spatial]`` with ``present [B, S]``:
+
+1. **crops** - two global crops (random resized, full size) and ``local_crops`` small ones;
+2. **full-modality masking** - for the student, one randomly chosen present sequence of each
+   sample (with >= 2) is removed (zeroed, ``present=False``), exactly how a missing sequence
+   looks at inference; the teacher sees every present sequence;
+3. **DINO loss** - cross-entropy between the teacher's centred, sharpened CLS prototypes of
+   each global crop and the student's prototypes of every other crop;
+4. **iBOT loss** - random patches of the student's global crops are blanked; the student
+   predicts the teacher's patch prototypes there;
+5. **semi-supervised loss** - cross-entropy of the backbone's class head on labelled samples
+   (``label >= 0``); unlabelled studies (``label == -1``) only feed 3-4.
+
+The teacher, its two centres and the optimizer state are site state (``site_state``): they
+never leave the site. Only the student (backbone + projection heads) is aggregated.
+
+Not DP-SGD ready: centring subtracts a batch mean of teacher outputs, so one sample's loss
+depends on the others (``batch_coupling``). Use site-level DP for this objective.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .registry import TASKS
+from .tasks import ClassificationConfig, ClassificationTask, StepOutput
+from .vit import MultiModalViT, _init_weights
+
+
+@dataclass(frozen=True)
+class DINOConfig:
+    num_classes: int = 3
+    out_dim: int = 256                 # prototypes
+    hidden_dim: int = 128
+    bottleneck_dim: int = 64
+    local_crops: int = 2
+    local_size: float = 0.5            # local crop side as a fraction of the image side
+    global_scale: tuple[float, float] = (0.5, 1.0)   # crop area fraction
+    local_scale: tuple[float, float] = (0.1, 0.5)
+    student_temp: float = 0.1
+    teacher_temp: float = 0.04
+    center_momentum: float = 0.9
+    teacher_momentum: float = 0.99
+    ibot_mask_ratio: float = 0.3       # fraction of patch tokens blanked in student globals
+    ibot_weight: float = 1.0
+    modality_mask_prob: float = 1.0    # MM-DINOv2 masks one present sequence per sample
+    supervised_weight: float = 1.0
+    label_smoothing: float = 0.0
+
+    def __post_init__(self):
+        if self.num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {self.num_classes}")
+        if self.local_crops < 0 or not 0 < self.local_size <= 1:
+            raise ValueError("local_crops must be >= 0 and local_size in (0, 1]")
+        for name in ("global_scale", "local_scale"):
+            lo, hi = getattr(self, name)
+            if not 0 < lo <= hi <= 1:
+                raise ValueError(f"{name} must satisfy 0 < low <= high <= 1")
+        if not 0 <= self.teacher_momentum < 1 or not 0 <= self.center_momentum < 1:
+            raise ValueError("teacher_momentum and center_momentum must be in [0, 1)")
+        if not 0 <= self.ibot_mask_ratio < 1 or not 0 <= self.modality_mask_prob <= 1:
+            raise ValueError("ibot_mask_ratio must be in [0, 1), modality_mask_prob in [0, 1]")
+
+
+class ProjectionHead(nn.Module):
+    """DINO head: MLP -> L2-normalised bottleneck -> prototype scores."""
+
+    def __init__(self, dim: int, config: DINOConfig):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(dim, config.hidden_dim), nn.GELU(),
+                                 nn.Linear(config.hidden_dim, config.bottleneck_dim))
+        self.prototypes = nn.Linear(config.bottleneck_dim, config.out_dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.prototypes(F.normalize(self.mlp(x), dim=-1))
+
+
+class DINOStudent(nn.Module):
+    """What is aggregated: the backbone (with its class head) and both projection heads."""
+
+    def __init__(self, backbone: MultiModalViT, config: DINOConfig):
+        super().__init__()
+        if backbone.head is None:
+            raise ValueError("MM-DINOv2 needs a backbone with a class head (num_classes > 0)")
+        self.backbone = backbone
+        self.dino_head = ProjectionHead(backbone.config.dim, config)
+        self.ibot_head = ProjectionHead(backbone.config.dim, config)
+        self.dino_head.apply(_init_weights)
+        self.ibot_head.apply(_init_weights)
+
+    def forward(self, images: Tensor, present: Tensor) -> Tensor:
+        """Class logits (evaluation uses the semi-supervised head)."""
+        return self.backbone(images, present)
+
+
+def random_resized_crop(images: Tensor, size: int, scale: tuple[float, float],
+                        generator: torch.Generator | None = None) -> Tensor:
+    """Per-sample square crops of area fraction in ``scale``, resized to ``size`` (2D or 3D)."""
+    b, s = images.shape[:2]
+    dims = images.ndim - 2
+    lo, hi = scale
+    area = lo + (hi - lo) * torch.rand(b, device=images.device, generator=generator)
+    side = area ** (1 / dims)                                           # [B] fraction per axis
+    shift = (torch.rand(b, dims, device=images.device, generator=generator) * 2 - 1) \
+        * (1 - side)[:, None]
+    theta = torch.zeros(b, dims, dims + 1, device=images.device, dtype=images.dtype)
+    for d in range(dims):
+        theta[:, d, d] = side
+        theta[:, d, dims] = shift[:, d]
+    grid = F.affine_grid(theta, [b, s, *([size] * dims)], align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros",
+                         align_corners=False)
+
+
+def drop_one_sequence(images: Tensor, present: Tensor, prob: float,
+                      generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """Full-modality masking: zero one random present sequence of samples with >= 2."""
+    b, s = present.shape
+    drop = (torch.rand(b, device=present.device, generator=generator) < prob) \
+        & (present.sum(1) >= 2)
+    score = torch.rand(b, s, device=present.device, generator=generator)
+    score = score.masked_fill(~present.bool(), -1)
+    which = F.one_hot(score.argmax(1), s).bool() & drop[:, None]        # [B, S]
+    keep = present.bool() & ~which
+    shape = (b, s) + (1,) * (images.ndim - 2)
+    return images * keep.reshape(shape).to(images.dtype), keep
+
+
+def blank_patches(images: Tensor, patch: int, ratio: float,
+                  generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """Zero a random ``ratio`` of patch positions (all sequences alike); ``masked [B, S*N]``."""
+    b, s = images.shape[:2]
+    dims = images.ndim - 2
+    grid = images.shape[2] // patch
+    n = grid**dims
+    k = int(round(ratio * n))
+    ranks = torch.rand(b, n, device=images.device, generator=generator).argsort(1).argsort(1)
+    masked = ranks < k                                                   # [B, N]
+    keep = (~masked).to(images.dtype).reshape(b, 1, *([grid] * dims))
+    for axis in range(dims):
+        keep = keep.repeat_interleave(patch, dim=2 + axis)
+    return images * keep, masked.repeat(1, s)
+
+
+def dino_loss(student: Tensor, teacher_probs: Tensor, temp: float) -> Tensor:
+    """Per-sample cross-entropy ``[B]`` between teacher probabilities and student scores."""
+    return -(teacher_probs * F.log_softmax(student.float() / temp, dim=-1)).sum(-1)
+
+
+class MMDINOTask(ClassificationTask):
+    """MM-DINOv2 pretraining step; evaluation is the class head's classification metrics."""
+
+    batch_coupling = ("DINO/iBOT centring subtracts the batch mean of teacher outputs, so one "
+                      "sample's loss depends on the other samples of its batch")
+    uses_unlabelled = True
+
+    def __init__(self, config: DINOConfig):
+        super().__init__(ClassificationConfig(num_classes=config.num_classes,
+                                              label_smoothing=config.label_smoothing))
+        self.dino = config
+        self.teacher: DINOStudent | None = None
+        self.center: Tensor | None = None
+        self.patch_center: Tensor | None = None
+
+    def wrap(self, backbone: MultiModalViT) -> DINOStudent:
+        return DINOStudent(backbone, self.dino)
+
+    # --- site state: never aggregated, never sent -------------------------------------
+    def site_state(self) -> dict[str, Tensor]:
+        if self.teacher is None:
+            return {}
+        state = {f"teacher.{k}": v.detach().cpu().clone()
+                 for k, v in self.teacher.state_dict().items()}
+        return state | {"center": self.center.cpu().clone(),
+                        "patch_center": self.patch_center.cpu().clone()}
+
+    def load_site_state(self, model: DINOStudent, state: dict[str, Tensor]) -> None:
+        """Restore the teacher and centres kept from this site's previous rounds."""
+        teacher = {k[len("teacher."):]: v for k, v in state.items() if k.startswith("teacher.")}
+        if set(teacher) != set(model.state_dict()):
+            raise ValueError("the stored teacher does not match this model; refusing to mix")
+        self.teacher = copy.deepcopy(model).requires_grad_(False)
+        self.teacher.load_state_dict(teacher)
+        self.center, self.patch_center = state["center"], state["patch_center"]
+
+    def _ensure_teacher(self, model: DINOStudent, device: torch.device) -> DINOStudent:
+        if self.teacher is None:     # first round at this site: teacher = the global student
+            self.teacher = copy.deepcopy(model).requires_grad_(False)
+            self.center = torch.zeros(self.dino.out_dim)
+            self.patch_center = torch.zeros(self.dino.out_dim)
+        self.teacher.to(device).eval()
+        self.center, self.patch_center = self.center.to(device), self.patch_center.to(device)
+        return self.teacher
+
+    # --- one step -------------------------------------------------------------------------
+    def step(self, model: DINOStudent, batch: dict[str, Tensor]) -> StepOutput:
+        c, images, present = self.dino, batch["image"], batch["present"]
+        backbone = model.backbone
+        cfg = backbone.config
+        teacher = self._ensure_teacher(model, images.device)
+        size = cfg.img_size
+        local = max(cfg.patch_size, round(size * c.local_size / cfg.patch_size) * cfg.patch_size)
+        globals_ = [random_resized_crop(images, size, c.global_scale) for _ in range(2)]
+        locals_ = [random_resized_crop(images, local, c.local_scale)
+                   for _ in range(c.local_crops)]
+
+        with torch.no_grad():
+            t_tokens = [teacher.backbone.forward_features(g, present) for g in globals_]
+            t_cls = [teacher.dino_head(t[:, 0]).float() for t in t_tokens]
+            t_patch = [teacher.ibot_head(t[:, 1:]).float() for t in t_tokens]
+            t_probs = [F.softmax((x - self.center) / c.teacher_temp, -1) for x in t_cls]
+            t_patch_probs = [F.softmax((x - self.patch_center) / c.teacher_temp, -1)
+                             for x in t_patch]
+
+        dino_terms, ibot_terms, logits = [], [], None
+        for i, crop in enumerate(globals_ + locals_):
+            crop, keep = drop_one_sequence(crop, present, c.modality_mask_prob)
+            is_global = i < 2
+            if is_global and c.ibot_mask_ratio > 0:
+                crop, masked = blank_patches(crop, cfg.patch_size, c.ibot_mask_ratio)
+                masked &= keep.repeat_interleave(masked.shape[1] // keep.shape[1], dim=1)
+            tokens = backbone.forward_features(crop, keep)
+            s_cls = model.dino_head(tokens[:, 0])
+            for j in range(2):
+                if j != i:
+                    dino_terms.append(dino_loss(s_cls, t_probs[j], c.student_temp))
+            if is_global and c.ibot_mask_ratio > 0:
+                per_patch = dino_loss(model.ibot_head(tokens[:, 1:]), t_patch_probs[i],
+                                      c.student_temp)                        # [B, S*N]
+                m = masked.to(per_patch.dtype)
+                ibot_terms.append((per_patch * m).sum(1) / m.sum(1).clamp(min=1))
+            if i == 0:
+                logits = backbone.head(backbone.pool(tokens, keep))
+        loss = torch.stack(dino_terms).mean(0)                                # [B]
+        if ibot_terms:
+            loss = loss + c.ibot_weight * torch.stack(ibot_terms).mean(0)
+        labels = batch["label"]
+        labelled = labels >= 0
+        metrics = {"dino_loss": float(torch.stack(dino_terms).detach().mean())}
+        if labelled.any() and c.supervised_weight > 0:
+            ce = F.cross_entropy(logits.float()[labelled], labels[labelled],
+                                 label_smoothing=c.label_smoothing, reduction="sum")
+            loss = loss.mean() + c.supervised_weight * ce / labels.numel()
+            metrics["labelled_fraction"] = float(labelled.float().mean())
+        else:
+            loss = loss.mean()
+
+        with torch.no_grad():        # centring state: EMA of the teacher's batch means
+            m = c.center_momentum
+            self.center.mul_(m).add_(torch.cat(t_cls).mean(0), alpha=1 - m)
+            self.patch_center.mul_(m).add_(torch.cat(t_patch).flatten(0, 1).mean(0), alpha=1 - m)
+        return StepOutput(loss, int(labels.numel()), metrics)
+
+    @torch.no_grad()
+    def after_step(self, model: DINOStudent) -> None:
+        """EMA teacher update, after the optimizer moved the student."""
+        m = self.dino.teacher_momentum
+        for t, s in zip(self.teacher.parameters(), model.parameters()):
+            t.mul_(m).add_(s.detach(), alpha=1 - m)
+
+
+
+TASKS.register("mm_dino", DINOConfig)(MMDINOTask)

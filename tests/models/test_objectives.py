@@ -1,0 +1,153 @@
+"""The contract every registered task/objective passes (STYLE.md): builds from a tiny config,
+trains on CPU with a finite, decreasing loss, round-trips its state, runs in 3D, and - when it
+declares itself DP-ready - has per-sample gradients that sum to the batch gradient."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from opacus import GradSampleModule
+
+from client.privacy.persample import PerSampleClipper
+from models import TASKS
+from models.mae import MultiModalMAE, random_masking
+from models.tasks import batch_coupling, build, frozen_keys
+
+TINY = {"dim": 32, "depth": 1, "heads": 2, "img_size": 32, "patch_size": 8, "num_classes": 3}
+TINY_3D = TINY | {"spatial_dims": 3, "img_size": 32, "patch_size": 16}
+# Every registered task, plus the fine-tuning modes that change what trains.
+CASES = [(name, {}) for name in TASKS.names()] + [
+    ("classification", {"mode": "linear_probe"}), ("classification", {"mode": "lora"})]
+
+
+def _batch(b: int = 6, size: int = 32, dims: int = 2, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    present = torch.ones(b, 4, dtype=torch.bool)
+    present[0, 1] = False
+    present[1, 2:] = False
+    image = torch.randn(b, 4, *([size] * dims), generator=g)
+    image[~present] = 0
+    label = torch.arange(b) % 3
+    label[::3] = -1                                  # unlabelled studies (pretraining only)
+    return {"image": image, "present": present, "label": label}
+
+
+def _for(task, batch: dict) -> dict:
+    if getattr(task, "uses_unlabelled", False):
+        return batch
+    return batch | {"label": batch["label"].clamp(min=0)}
+
+
+def _loss(task, model, batch, seed: int = 0) -> torch.Tensor:
+    torch.manual_seed(seed)                          # same crops and masks on every call
+    return task.step(model, batch).loss
+
+
+@pytest.mark.parametrize("name, options", CASES, ids=lambda c: str(c))
+def test_trains_with_a_finite_decreasing_loss(name, options):
+    torch.manual_seed(0)
+    model, task = build("mmvit", TINY, name, options)
+    batch = _for(task, _batch())
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=3e-3)
+    losses = []
+    for _ in range(8):
+        loss = _loss(task, model, batch)
+        assert torch.isfinite(loss), f"{name}: loss {loss}"
+        optimizer.zero_grad()
+        loss.backward()
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable)
+        assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
+        optimizer.step()
+        if hasattr(task, "after_step"):
+            task.after_step(model)
+        losses.append(loss.item())
+    assert losses[-1] < losses[0], f"{name} {options}: loss did not decrease: {losses}"
+
+
+@pytest.mark.parametrize("name, options", CASES, ids=lambda c: str(c))
+def test_state_dict_round_trips(name, options):
+    torch.manual_seed(0)
+    model, task = build("mmvit", TINY, name, options)
+    torch.manual_seed(1)
+    other, other_task = build("mmvit", TINY, name, options)
+    other.load_state_dict(model.state_dict())
+    batch = _for(task, _batch())
+    model.eval(), other.eval()
+    torch.testing.assert_close(_loss(task, model, batch), _loss(other_task, other, batch))
+    if hasattr(task, "site_state"):          # site-only state (DINO's teacher and centres)
+        _loss(task, model, batch).backward()
+        task.after_step(model)
+        _, restored = build("mmvit", TINY, name, options)
+        restored.load_site_state(other, task.site_state())
+        torch.testing.assert_close(_loss(task, model, batch), _loss(restored, other, batch))
+    # Frozen weights are exactly the ones that do not train.
+    assert set(frozen_keys(model)) == {n for n, p in model.named_parameters() if not p.requires_grad}
+
+
+@pytest.mark.parametrize("name", TASKS.names())
+def test_three_dimensional_input(name):
+    torch.manual_seed(0)
+    model, task = build("mmvit", TINY_3D, name, {})
+    batch = _for(task, _batch(b=3, size=32, dims=3))
+    loss = _loss(task, model, batch)
+    loss.backward()
+    assert torch.isfinite(loss)
+
+
+def _per_sample_losses(model, task, batch):
+    """Per-sample losses with the objective's randomness fixed for the whole batch."""
+    if isinstance(model, MultiModalMAE):
+        masked = random_masking(batch["present"], model.backbone.config.patches_per_sequence,
+                                0.5, 0.5, torch.Generator().manual_seed(3))
+        return model.forward_loss(batch["image"], batch["present"], masked=masked)[0]
+    logits = model(batch["image"], batch["present"])
+    return torch.nn.functional.cross_entropy(logits, batch["label"], reduction="none")
+
+
+DP_READY = [(n, o) for n, o in CASES if batch_coupling(n) is None]
+
+
+def test_dp_ready_objectives_are_declared():
+    assert {n for n, _ in DP_READY} == {"classification", "mae"}
+    assert "batch" in batch_coupling("mm_dino")
+
+
+@pytest.mark.parametrize("name, options", DP_READY, ids=lambda c: str(c))
+def test_dp_ready_per_sample_gradients_sum_to_the_batch_gradient(name, options):
+    """Opacus' per-sample gradients and our one-pass clipper, against the batch gradient."""
+    torch.manual_seed(0)
+    model, task = build("mmvit", TINY, name, options)
+    model = model.double()
+    batch = _for(task, _batch(b=5))
+    batch = {k: v.double() if v.is_floating_point() else v for k, v in batch.items()}
+
+    _per_sample_losses(model, task, batch).sum().backward()
+    reference = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+
+    gsm = GradSampleModule(model, loss_reduction="sum", strict=False)
+    _per_sample_losses(gsm._module, task, batch).sum().backward()
+    for n, p in gsm._module.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad_sample.sum(0), reference[n], atol=1e-9, rtol=1e-7,
+                                       msg=f"Opacus per-sample sum of {n}")
+    gsm._close()
+    model.zero_grad(set_to_none=True)
+
+    clipper = PerSampleClipper(model, max_grad_norm=1e12)     # no clipping: exact sum
+    with clipper.capture():
+        _per_sample_losses(model, task, batch).sum().backward()
+    grads, norms = clipper.clipped_sum()
+    by_name = {id(p): n for n, p in model.named_parameters()}
+    assert {by_name[id(p)] for p in grads} == set(reference)
+    for p, g in grads.items():
+        torch.testing.assert_close(g, reference[by_name[id(p)]], atol=1e-9, rtol=1e-7)
+    # Each per-sample norm against that sample's own backward pass (same masks).
+    expected = []
+    for i in range(5):
+        model.zero_grad(set_to_none=True)
+        _per_sample_losses(model, task, batch)[i].backward()
+        expected.append(torch.sqrt(sum(p.grad.square().sum() for p in model.parameters()
+                                       if p.requires_grad and p.grad is not None)))
+    torch.testing.assert_close(norms, torch.stack(expected), atol=1e-9, rtol=1e-7)

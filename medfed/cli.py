@@ -166,6 +166,190 @@ def cmd_audit(args) -> int:
     return 0 if result["epsilon_lb"] <= result["accounted_epsilon"] else 3
 
 
+# ---- deployment: certificates, coordinator, site daemon, run submission ----
+
+def _deploy_logging() -> None:
+    """Deployment daemons log every line with a time and (via the tag) who wrote it."""
+    fmt = logging.Formatter("%(asctime)s %(levelname)-7s %(message)s", "%Y-%m-%d %H:%M:%S")
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(fmt)
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    root.addHandler(handler)
+    for noisy in ("alembic", "mlflow", "urllib3", "git", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def cmd_certs(args) -> int:
+    from .certs import write_certs
+
+    sites = [s.strip() for s in args.sites.split(",") if s.strip()] if args.sites else []
+    ips = tuple(dict.fromkeys(["127.0.0.1", *(args.server_ip or [])]))
+    report = write_certs(Path(args.out), server_name=args.server_name, sites=sites,
+                         server_ips=ips, extra_dns=tuple(args.server_dns or []), days=args.days,
+                         force=args.force)
+    for name in report.created:
+        print(f"created  {name}")
+    for name in report.kept:
+        print(f"kept     {name}")
+    print(f"certificates in {report.out} (private keys mode 0600); give each hospital "
+          "sites/<site>/ (auth.key, ca.pem), register sites/<site>/auth.pub on the coordinator")
+    return 0
+
+
+def cmd_server(args) -> int:
+    from .deploy.coordinator import Coordinator, CoordinatorSettings
+
+    _deploy_logging()
+    settings = CoordinatorSettings(
+        certs=Path(args.certs), state_dir=Path(args.state_dir), host=args.host, port=args.port,
+        authorized_keys=Path(args.authorized_keys) if args.authorized_keys else None,
+        log_file=Path(args.log_file) if args.log_file else None)
+    coordinator = Coordinator(settings)
+    try:
+        coordinator.start(startup_timeout=args.startup_timeout)
+    except BaseException:
+        coordinator.stop()
+        raise
+    return coordinator.supervise()
+
+
+def cmd_site(args) -> int:
+    from .deploy.site import Site, SiteSettings
+
+    _deploy_logging()
+    settings = SiteSettings(
+        site_id=args.site_id, data_dir=Path(args.data_dir), superlink=args.superlink,
+        root_cert=Path(args.root_cert), auth_key=Path(args.auth_key),
+        state_dir=Path(args.state_dir or Path(args.data_dir) / ".medfed" / "supernode"),
+        dp_epsilon=args.dp_epsilon, dp_delta=args.dp_delta, require_secagg=args.require_secagg,
+        privacy_dir=args.privacy_dir, device=args.device, torch_threads=args.torch_threads,
+        runtime_port=args.runtime_port, max_retries=args.max_retries,
+        max_wait_time=args.max_wait_time)
+    site = Site(settings)
+    try:
+        site.start()
+    except BaseException:
+        if site.daemon is not None:
+            site.daemon.stop(grace=5)
+        raise
+    return site.supervise()
+
+
+def cmd_run(args) -> int:
+    from .deploy.submit import RunRequest, submit
+    from .simulation import PROJECT_ROOT
+
+    _deploy_logging()
+    request = RunRequest(overrides=list(args.overrides), superlink=args.superlink,
+                         root_cert=Path(args.root_cert),
+                         app_dir=Path(args.app_dir) if args.app_dir else PROJECT_ROOT,
+                         flwr_home=Path(args.flwr_home), wait_sites=args.wait_sites,
+                         wait_timeout=args.wait_timeout)
+    return submit(request)
+
+
+def cmd_health(args) -> int:
+    from .deploy.coordinator import healthy
+    from .deploy.preflight import check_superlink
+
+    check_superlink(args.superlink, Path(args.root_cert), timeout=args.timeout)
+    if not healthy(args.superlink, Path(args.root_cert), timeout=args.timeout):
+        raise RuntimeError(f"the SuperLink at {args.superlink} does not report healthy")
+    print(f"ok: SuperLink {args.superlink} is healthy (TLS verified)")
+    return 0
+
+
+def cmd_register_site(args) -> int:
+    from .deploy.coordinator import register_site, write_connection
+
+    home = Path(args.flwr_home)
+    write_connection(home, args.superlink, Path(args.root_cert))
+    outcome = register_site(Path(args.public_key), args.site_id, home)
+    print(f"site {args.site_id}: {'registered' if outcome == 'registered' else 'already registered'}")
+    return 0
+
+
+def _add_deploy_parsers(sub) -> None:
+    p = sub.add_parser("certs", help="write a CA, the coordinator's TLS certificate and "
+                                     "per-site authentication keys")
+    p.add_argument("--out", required=True)
+    p.add_argument("--server-name", required=True,
+                   help="DNS name sites use to reach the coordinator")
+    p.add_argument("--server-ip", action="append",
+                   help="an IP address for the server certificate (repeatable; 127.0.0.1 is "
+                        "always included)")
+    p.add_argument("--server-dns", action="append", help="a further DNS name (repeatable)")
+    p.add_argument("--sites", default="", help="comma-separated site ids, e.g. a,b,c")
+    p.add_argument("--days", type=int, default=365)
+    p.add_argument("--force", action="store_true",
+                   help="replace existing CA, server certificate and the named sites' keys")
+    p.set_defaults(func=cmd_certs)
+
+    p = sub.add_parser("server", help="start the coordinator: Flower SuperLink with TLS and "
+                                      "SuperNode authentication")
+    p.add_argument("--certs", required=True, help="output folder of `medfed certs`")
+    p.add_argument("--state-dir", required=True,
+                   help="SuperLink database, Flower home and run directories")
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=9093)
+    p.add_argument("--authorized-keys",
+                   help="folder with <site>/auth.pub to register (default: CERTS/sites)")
+    p.add_argument("--log-file")
+    p.add_argument("--startup-timeout", type=float, default=60.0)
+    p.set_defaults(func=cmd_server)
+
+    p = sub.add_parser("site", help="start a site daemon: Flower SuperNode with node config")
+    p.add_argument("--site-id", required=True)
+    p.add_argument("--data-dir", required=True)
+    p.add_argument("--superlink", required=True, help="coordinator HOST:PORT")
+    p.add_argument("--root-cert", required=True, help="the federation CA certificate")
+    p.add_argument("--auth-key", required=True, help="this site's private key (auth.key)")
+    p.add_argument("--state-dir", help="Flower home of this site (default DATA_DIR/.medfed/"
+                                       "supernode)")
+    p.add_argument("--dp-epsilon", type=float, help="the site's privacy budget: epsilon")
+    p.add_argument("--dp-delta", type=float, help="the site's privacy budget: delta")
+    p.add_argument("--require-secagg", action="store_true",
+                   help="refuse to send plaintext model updates")
+    p.add_argument("--privacy-dir", help="privacy ledger folder (default DATA_DIR/.medfed)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--torch-threads", type=int, default=1)
+    p.add_argument("--runtime-port", type=int, default=9094,
+                   help="local port of the SuperNode's runtime API (one per site on a host)")
+    p.add_argument("--max-retries", type=int,
+                   help="reconnection attempts after a lost connection (default: unbounded)")
+    p.add_argument("--max-wait-time", type=float, default=600.0,
+                   help="seconds of reconnecting before the site gives up")
+    p.set_defaults(func=cmd_site)
+
+    p = sub.add_parser("run", help="submit an experiment to the coordinator and stream it")
+    p.add_argument("overrides", nargs="*", help="e.g. experiment=demo federation.num_rounds=3")
+    p.add_argument("--superlink", required=True, help="coordinator HOST:PORT")
+    p.add_argument("--root-cert", required=True, help="the federation CA certificate")
+    p.add_argument("--flwr-home", default=".flwr-deploy",
+                   help="Flower CLI home for this connection")
+    p.add_argument("--app-dir", help="the Flower app (default: this project)")
+    p.add_argument("--wait-sites", type=int, default=0,
+                   help="wait until this many sites are online before submitting")
+    p.add_argument("--wait-timeout", type=float, default=300.0)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("health", help="check that the coordinator answers over verified TLS")
+    p.add_argument("--superlink", required=True)
+    p.add_argument("--root-cert", required=True)
+    p.add_argument("--timeout", type=float, default=5.0)
+    p.set_defaults(func=cmd_health)
+
+    p = sub.add_parser("register-site", help="register a site's public key with a running "
+                                             "coordinator")
+    p.add_argument("--site-id", required=True)
+    p.add_argument("--public-key", required=True, help="the site's auth.pub")
+    p.add_argument("--superlink", required=True)
+    p.add_argument("--root-cert", required=True)
+    p.add_argument("--flwr-home", default=".flwr-deploy")
+    p.set_defaults(func=cmd_register_site)
+
+
 def _quiet_third_parties() -> None:
     """Deprecation chatter from dependencies is not actionable for a MedFed user."""
     import os
@@ -237,6 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_audit)
+    _add_deploy_parsers(sub)
     return parser
 
 

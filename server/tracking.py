@@ -196,7 +196,8 @@ class MlflowTracker:
         found = self.client.search_model_versions(
             f"name='{self.cfg.tracking.registered_model}' and tags.config_hash="
             f"'{self.cfg.fingerprint()}'")
-        return max((v.version for v in found), key=int, default=None)
+        newest = max((int(v.version) for v in found), default=None)
+        return None if newest is None else str(newest)
 
     def finish(self, summary: str, status: str = "FINISHED") -> None:
         self.mlflow.log_text(summary, "summary.txt")

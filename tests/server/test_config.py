@@ -39,3 +39,19 @@ def test_bad_config_is_one_clear_error(overrides, message):
 def test_fingerprint_tracks_the_config():
     assert load_experiment().fingerprint() == load_experiment().fingerprint()
     assert load_experiment().fingerprint() != load_experiment(["train.lr=0.01"]).fingerprint()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.options.num_sequences=0"], "num_sequences"),
+    (["task.image_size=60"], "not divisible by patch_size"),
+    (["pretrain=mae", "pretrain.num_rounds=0"], "num_rounds >= 1"),
+    (["pretrain.objective=classification", "pretrain.num_rounds=1"], "not a pretraining"),
+    (["pretrain.objective=simclr", "pretrain.num_rounds=1"], "unknown task 'simclr'"),
+    (["pretrain=mae", "pretrain.registered_model=medfed-classifier"], "must differ"),
+    (["task.options.mode=adapters"], "unknown fine-tuning mode"),
+    (["task.options.label_fraction=0"], "label_fraction"),
+    (["pretrain=mm_dino", "privacy=dpsgd"], "pretraining phase: privacy.mechanism=dp-sgd refused"),
+])
+def test_bad_foundation_model_settings_fail_before_training(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_experiment(overrides)

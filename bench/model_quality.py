@@ -1,0 +1,175 @@
+"""Model quality with few labels: does federated pretraining pay off, and how close to pooled?
+
+Synthetic federation: 3 training hospitals + 1 external hospital that never trains. Every
+arm fine-tunes on the same 10% of each site's labelled training studies (``label_fraction``,
+chosen at the site by a hash of the study); pretraining sees every training study, labelled
+or not. Side by side in one run:
+
+(i)   ``supervised`` - federated FedAvg from scratch on the labelled 10%;
+(ii)  ``mm_dino``    - federated MM-DINOv2 pretraining, then federated fine-tuning;
+(iii) ``mae``        - federated multi-modal MAE pretraining, then federated fine-tuning;
+(iv)  ``pooled``     - centralized training on all sites' labelled 10% pooled (upper bound of
+                       (i): same data, no federation), same passes over the data;
+(v)   ``local_only`` - each site alone on its labelled 10%; mean over sites.
+
+Scored on the external site with all sequences (``external_mcc``) and with one sequence
+removed, averaged over which one (``external_mcc_missing_one``). Federated arms run through
+``medfed.simulation.simulate`` (the real ServerApp/ClientApp on Ray).
+
+    python -m bench.model_quality [--rounds 10] [--pretrain-rounds 10] [--patients 120]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from client.data.dataset import StudyDataset
+from client.data.site import load_site
+from client.engine import Engine, TrainConfig
+from client.runtime import label_subset
+from medfed.simulation import simulate
+from medfed.synth.sites import Scenario, synthesize
+from models.tasks import build
+from server.checkpoint import latest_weights
+from server.config import ExperimentConfig, load_experiment
+
+from .common import update_results_md, write_result
+
+SITES = 3
+ARMS = ("supervised", "mm_dino", "mae", "pooled", "local_only")
+
+
+class WithoutSequence(Dataset):
+    """A dataset with sequence ``index`` removed from every study that has another one."""
+
+    def __init__(self, data: StudyDataset, index: int):
+        self.data, self.index = data, index
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> dict:
+        item = dict(self.data[i])
+        if item["present"].sum() >= 2 and item["present"][self.index]:
+            item["image"] = item["image"].clone()
+            item["image"][self.index] = 0
+            item["present"] = item["present"].clone()
+            item["present"][self.index] = False
+        return item
+
+
+def score(cfg: ExperimentConfig, model, external: StudyDataset) -> dict[str, float]:
+    _, task = build(cfg.model.name, cfg.model_options(), cfg.task.name, cfg.task_options())
+    engine = Engine(task, torch.device("cpu"))
+    full = engine.evaluate(model, external)["mcc"]
+    missing = [engine.evaluate(model, WithoutSequence(external, j))["mcc"]
+               for j in range(cfg.model_options().get("num_sequences", 4))]
+    return {"external_mcc": full, "external_mcc_missing_one": float(np.mean(missing))}
+
+
+def federated(cfg: ExperimentConfig, external: StudyDataset) -> dict[str, float]:
+    run_dir = simulate(cfg)
+    phase_dir = run_dir / "finetune" if cfg.pretrain.objective else run_dir
+    model, _ = build(cfg.model.name, cfg.model_options(), cfg.task.name, cfg.task_options())
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in latest_weights(phase_dir).items()})
+    return score(cfg, model, external)
+
+
+def centralized(cfg: ExperimentConfig, studies: list, epochs: int,
+                external: StudyDataset) -> dict[str, float]:
+    train = StudyDataset(studies, cfg.task.image_size, augment=True)
+    torch.manual_seed(cfg.seed)
+    model, task = build(cfg.model.name, cfg.model_options(), cfg.task.name, cfg.task_options())
+    engine = Engine(task, torch.device("cpu"))
+    for epoch in range(epochs):
+        train.reseed(epoch)
+        engine.fit(model, train, TrainConfig(local_epochs=1, lr=cfg.train.lr,
+                                             batch_size=cfg.train.batch_size,
+                                             weight_decay=cfg.train.weight_decay, seed=epoch))
+    return score(cfg, model, external)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=10, help="fine-tuning rounds")
+    parser.add_argument("--pretrain-rounds", type=int, default=10)
+    parser.add_argument("--local-epochs", type=int, default=3)
+    parser.add_argument("--pretrain-epochs", type=int, default=2)
+    parser.add_argument("--patients", type=int, default=120)
+    parser.add_argument("--label-fraction", type=float, default=0.1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--arms", default=",".join(ARMS))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    arms = args.arms.split(",")
+    with tempfile.TemporaryDirectory(prefix="medfed-quality-") as tmp:
+        root = Path(tmp) / "data"
+        synthesize(root, n_sites=SITES, seed=args.seed, external=True,
+                   scenario=Scenario(patients=args.patients, label_fraction=1.0))
+        base = [f"data.root={root}", f"runs_dir={Path(tmp) / 'runs'}",
+                f"federation.num_sites={SITES}", f"federation.num_rounds={args.rounds}",
+                f"train.local_epochs={args.local_epochs}", "tracking.log_models=false",
+                f"task.options.label_fraction={args.label_fraction}", f"seed={args.seed}"]
+        pre = [f"pretrain.num_rounds={args.pretrain_rounds}",
+               f"pretrain.local_epochs={args.pretrain_epochs}"]
+        cfg = load_experiment(base)
+        classes = tuple(cfg.task.class_names)
+        external = StudyDataset(load_site(root / "external", classes).studies, cfg.task.image_size)
+        labelled = [label_subset(load_site(root / f"site-{i}", classes)
+                                 .split("train", labelled_only=True), args.label_fraction)
+                    for i in range(SITES)]
+        epochs = args.rounds * args.local_epochs
+        table: dict[str, dict] = {}
+        for arm in arms:
+            if arm == "supervised":
+                table[arm] = federated(cfg, external)
+            elif arm in ("mm_dino", "mae"):
+                table[arm] = federated(load_experiment([*base, f"pretrain={arm}", *pre]), external)
+            elif arm == "pooled":
+                table[arm] = centralized(cfg, [s for site in labelled for s in site], epochs,
+                                         external)
+            elif arm == "local_only":
+                per_site = [centralized(cfg, site, epochs, external) for site in labelled]
+                table[arm] = {k: float(np.mean([p[k] for p in per_site])) for k in per_site[0]}
+                table[arm]["per_site"] = per_site
+            else:
+                raise SystemExit(f"unknown arm {arm!r}; choose from {', '.join(ARMS)}")
+            print(f"{arm:11s} external MCC {table[arm]['external_mcc']:.3f}   "
+                  f"missing one {table[arm]['external_mcc_missing_one']:.3f}", flush=True)
+    n_labelled = [len(site) for site in labelled]
+    payload = {
+        "external_mcc": {a: table[a]["external_mcc"] for a in table},
+        "external_mcc_missing_one": {a: table[a]["external_mcc_missing_one"] for a in table},
+        "local_only_per_site": table.get("local_only", {}).get("per_site"),
+        "labelled_training_studies_per_site": n_labelled, "label_fraction": args.label_fraction,
+        "sites": SITES, "rounds": args.rounds, "pretrain_rounds": args.pretrain_rounds,
+        "local_epochs": args.local_epochs, "pretrain_epochs": args.pretrain_epochs,
+        "patients_per_site": args.patients, "seed": args.seed,
+    }
+    mcc = payload["external_mcc"]
+    fed = [a for a in ("supervised", "mm_dino", "mae") if a in mcc]
+    if "pooled" in mcc and mcc["pooled"] > 0 and fed:
+        best = max(fed, key=mcc.get)
+        payload["best_federated_over_pooled"] = mcc[best] / mcc["pooled"]
+        payload["best_federated"] = best
+    path = write_result("model_quality", payload)
+    cells = ", ".join(f"{a} {mcc[a]:.2f}/{payload['external_mcc_missing_one'][a]:.2f}"
+                      for a in table)
+    ratio = payload.get("best_federated_over_pooled")
+    update_results_md(
+        "model_quality", f"| model_quality | best federated / pooled external MCC: "
+        f"{'n/a' if ratio is None else f'{ratio:.2f}'} ({payload.get('best_federated', '-')}) | "
+        f"external MCC all/missing-one: {cells}; {SITES} sites, {args.label_fraction:.0%} labels "
+        f"({sum(n_labelled)} labelled studies), {args.pretrain_rounds}+{args.rounds} rounds | "
+        f"`results/{path.name}` |")
+
+
+if __name__ == "__main__":
+    main()

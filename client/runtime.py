@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -80,7 +80,7 @@ class SiteDataCache:
                 r.files, r.images, r.studies, dict(r.splits), dict(r.skipped) or "none")
             train = data.split("train", labelled_only=not unlabelled)
             if label_fraction < 1.0:
-                train = label_subset(train, label_fraction)
+                train = label_subset(train, label_fraction, keep_unlabelled=unlabelled)
             splits = {"train": StudyDataset(train, image_size, augment=True)}
             splits |= {name: StudyDataset(data.split(name, labelled_only=True), image_size)
                        for name in ("val", "test")}
@@ -91,13 +91,16 @@ class SiteDataCache:
         return self._sites[key]
 
 
-def label_subset(studies: list, fraction: float) -> list:
+def label_subset(studies: list, fraction: float, *, keep_unlabelled: bool = False) -> list:
     """Keep the labels of a deterministic ``fraction`` of the labelled studies (by a hash of
-    the pseudonymous study key), at least one; unlabelled studies stay as they are."""
+    the pseudonymous study key), at least one. The other labelled studies are dropped, or
+    with ``keep_unlabelled`` (self-supervised objectives) kept with their label hidden."""
     def u(study) -> float:
         return int(hashlib.sha256(f"labels:{study.key}".encode()).hexdigest()[:12], 16) / 16**12
     labelled = sorted((s for s in studies if s.label >= 0), key=u)
     keep = {id(s) for s in labelled[:max(1, int(round(fraction * len(labelled))))]}
+    if keep_unlabelled:
+        return [s if s.label < 0 or id(s) in keep else replace(s, label=-1) for s in studies]
     return [s for s in studies if s.label < 0 or id(s) in keep]
 
 

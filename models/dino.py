@@ -53,8 +53,11 @@ class DINOConfig:
     modality_mask_prob: float = 1.0    # MM-DINOv2 masks one present sequence per sample
     supervised_weight: float = 1.0
     label_smoothing: float = 0.0
+    label_fraction: float = 1.0        # share of each site's labels the semi-supervised loss sees
 
     def __post_init__(self):
+        if not 0.0 < self.label_fraction <= 1.0:
+            raise ValueError(f"label_fraction must be in (0, 1], got {self.label_fraction}")
         if self.num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {self.num_classes}")
         if self.local_crops < 0 or not 0 < self.local_size <= 1:

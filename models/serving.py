@@ -67,13 +67,19 @@ def merge_adapters(model: MultiModalViT) -> MultiModalViT:
     return plain
 
 
-def servable(model: nn.Module) -> nn.Module:
-    """What a model registry should hold for ``model`` (see module docstring)."""
-    if isinstance(model, MultiModalViT) and model.head is not None:
-        return ExportedClassifier(merge_adapters(model))
-    backbone = getattr(model, "backbone", model)
+def plain_backbone(model: nn.Module) -> MultiModalViT:
+    """A copy of the backbone inside any trained model (a classifier, or a pretraining
+    objective's ``backbone``), LoRA adapters merged, class head kept if it has one."""
+    backbone = model if isinstance(model, MultiModalViT) else getattr(model, "backbone", None)
     if not isinstance(backbone, MultiModalViT):
         raise TypeError(f"cannot export {type(model).__name__}: no multi-modal ViT backbone")
-    plain = copy.deepcopy(backbone)
+    return merge_adapters(backbone)
+
+
+def servable(model: nn.Module) -> nn.Module:
+    """What a model registry should hold for ``model`` (see module docstring)."""
+    plain = plain_backbone(model)
+    if isinstance(model, MultiModalViT) and model.head is not None:
+        return ExportedClassifier(plain)
     plain.head = None
     return ExportedEncoder(plain)

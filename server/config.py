@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from models import MODELS, TASKS
 from models.tasks import batch_coupling
+from models.weights import PretrainedError, check_compatible, load_pretrained
 from strategies.accounting import PrivacyConfigError, check_accountant
 from strategies.registry import NEEDS_INDIVIDUAL_UPDATES
 from strategies.secagg_encoding import Encoding
@@ -37,6 +38,7 @@ class ConfigError(ValueError):
 class ModelConfig:
     name: str = "mmvit"
     options: dict[str, Any] = field(default_factory=dict)
+    pretrained: str | None = None         # local save_pretrained directory to start from
 
 
 @dataclass(frozen=True)
@@ -173,10 +175,15 @@ class ExperimentConfig:
         """Phase 1 as an experiment of its own: the objective as task, its rounds, its
         registered model; everything else (sites, strategy, privacy) as configured."""
         p = self.pretrain
+        options = dict(p.options)
+        # A semi-supervised objective sees the same labels as the fine-tuning phase.
+        if "label_fraction" in self.task.options and p.objective and \
+                "label_fraction" in {f.name for f in fields(TASKS.config(p.objective).__class__)}:
+            options.setdefault("label_fraction", self.task.options["label_fraction"])
         train = replace(self.train, local_epochs=p.local_epochs or self.train.local_epochs,
                         lr=p.lr or self.train.lr)
         return replace(self, name=f"{self.name}-pretrain",
-                       task=replace(self.task, name=p.objective, options=dict(p.options)),
+                       task=replace(self.task, name=p.objective, options=options),
                        train=train, pretrain=PretrainConfig(),
                        federation=replace(self.federation, num_rounds=p.num_rounds),
                        tracking=replace(self.tracking, registered_model=p.registered_model))
@@ -206,6 +213,12 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         TASKS.config(cfg.task.name, cfg.task_options())
     except (KeyError, ValueError, TypeError) as err:
         raise ConfigError(str(err).strip('"')) from None
+    if cfg.model.pretrained is not None:
+        try:
+            saved, _ = load_pretrained(cfg.model.pretrained)
+            check_compatible(saved, cfg.model_options())
+        except PretrainedError as err:
+            raise ConfigError(f"model.pretrained: {err}") from None
     try:
         validate_strategy(cfg.strategy.name, cfg.strategy.options)
     except StrategyConfigError as err:

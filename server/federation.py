@@ -14,6 +14,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from models.tasks import build, frozen_keys
+from models.weights import load_pretrained
 from strategies import wire
 from strategies.guard import GuardedStrategy
 from strategies.partial import FrozenSharing, PartialSharing
@@ -136,15 +137,19 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, run_dir: Path,
     """One experiment: with ``pretrain.objective``, phase 1 (federated pretraining, under
     ``run_dir/pretrain``) then phase 2 (the task, under ``run_dir/finetune``) starting from
     phase 1's global backbone; otherwise the task alone in ``run_dir``."""
+    start = None
+    if cfg.model.pretrained is not None:     # validated at config load
+        start = load_pretrained(cfg.model.pretrained)[1]
+        log.info("starting from the pretrained backbone in %s", cfg.model.pretrained)
     if cfg.pretrain.objective is None:
-        return run_federation(grid, cfg, run_dir, observers)
+        return run_federation(grid, cfg, run_dir, observers, backbone=start)
     first = cfg.pretrain_phase()
     log.info("phase 1 of 2: federated pretraining (%s, %d rounds)", cfg.pretrain.objective,
              cfg.pretrain.num_rounds)
     pre_dir = run_dir / "pretrain"
     pre_dir.mkdir(exist_ok=True)
     result = run_federation(grid, first, pre_dir, observers, run_id=f"{run_dir.name}.pretrain",
-                            store_dir=run_dir)
+                            store_dir=run_dir, backbone=start)
     backbone = backbone_state(result.arrays.to_torch_state_dict())
     parent = {"parent.model": first.tracking.registered_model,
               "parent.version": result.registered_version or "",

@@ -11,12 +11,14 @@ import dataclasses
 import json
 import logging
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from models.serving import servable
+from models.serving import plain_backbone, servable
+from models.weights import save_pretrained
 from models.tasks import build
 from strategies import wire
 from strategies.observed import RoundRecord
@@ -179,7 +181,13 @@ class MlflowTracker:
         )
         version = str(info.registered_model_version)
         self.versions[record.round] = version
-        tags = {"round": str(record.round), "sites": ",".join(sites),
+        weights = f"weights/round-{record.round}"       # what `medfed export` hands out
+        with tempfile.TemporaryDirectory() as tmp:
+            save_pretrained(plain_backbone(model), tmp, extra={
+                "task": self.cfg.task.name, "class_names": list(self.cfg.task.class_names),
+                "registered_model": self.cfg.tracking.registered_model, "version": version})
+            self.mlflow.log_artifacts(tmp, weights)
+        tags = {"round": str(record.round), "sites": ",".join(sites), "weights": weights,
                 "config_hash": self.cfg.fingerprint(), "experiment": self.cfg.name,
                 "mlflow_run_id": self.run_id}
         tags |= {f"manifest.{r.site_id}": r.manifest for r in record.train}

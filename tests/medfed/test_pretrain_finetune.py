@@ -77,3 +77,44 @@ def test_sites_send_only_what_trains(two_phase):
         assert any(k.startswith("dino_head.") for k in arrays)
     for arrays in finetune:                      # LoRA: adapters and the head, nothing else
         assert arrays and all("lora_" in k or k.startswith("head.") for k in arrays)
+
+
+def test_registered_versions_export_and_load_as_a_pretrained_backbone(two_phase, tmp_path):
+    """Weights out (``medfed export``) and back in (``model.pretrained=DIR``)."""
+    import torch
+
+    from medfed.export import ExportError, export_version
+    from models.weights import load_pretrained
+    from server.config import ConfigError
+
+    cfg, run_dir, _ = two_phase
+    uri = f"sqlite:///{run_dir / 'mlflow.db'}"
+    out = export_version(uri, cfg.pretrain.registered_model, "2", tmp_path / "mm-dino-v2")
+    saved, state = load_pretrained(out)
+    assert saved["task"] == "mm_dino" and saved["version"] == "2"
+    pretrained = backbone_state(final_weights(run_dir / "pretrain"))
+    assert set(state) == set(pretrained)
+    for key, value in state.items():
+        np.testing.assert_array_equal(value.numpy(), pretrained[key], err_msg=key)
+    with pytest.raises(FileExistsError):
+        export_version(uri, cfg.pretrain.registered_model, "2", out)
+    with pytest.raises(ExportError, match="no version 9"):
+        export_version(uri, cfg.pretrain.registered_model, "9", tmp_path / "nine")
+
+    # The fine-tuned LoRA model exports with its adapters merged into a plain classifier.
+    tuned = export_version(uri, cfg.tracking.registered_model, "1", tmp_path / "classifier")
+    _, tuned_state = load_pretrained(tuned)
+    assert not any("lora" in k or "base_layer" in k for k in tuned_state)
+    assert "head.weight" in tuned_state
+
+    start = load_experiment(["experiment=smoke", f"model.pretrained={out}"])
+    from models.tasks import build
+    model, _ = build(start.model.name, start.model_options(), start.task.name,
+                     start.task_options(), backbone_state=state)
+    for key, value in model.state_dict().items():
+        if not key.startswith("head."):
+            torch.testing.assert_close(value, state[key])
+    with pytest.raises(ConfigError, match="dim 32 .saved. != 64"):
+        load_experiment([f"model.pretrained={out}"])          # mmvit_small is dim 64
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_experiment([f"model.pretrained={tmp_path / 'nowhere'}"])

@@ -1,0 +1,47 @@
+"""``medfed export``: a registered model version as a local ``save_pretrained`` directory.
+
+Every version the server registers carries its backbone weights and config as run artifacts
+(``weights/round-N``, tag ``weights``); export downloads them, adds the tokenizer of a model
+that has one, and checks the result loads. ``model.pretrained=DIR`` starts a run from it.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from models.weights import load_pretrained
+
+
+class ExportError(ValueError):
+    """The version does not exist or carries no exportable weights."""
+
+
+def export_version(tracking_uri: str, name: str, version: str, out: Path, *,
+                   force: bool = False) -> Path:
+    """Download version ``version`` of registered model ``name`` to ``out``."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not force:
+        raise FileExistsError(f"{out} is not empty; pass --force to replace it")
+    client = mlflow.MlflowClient(tracking_uri)
+    try:
+        mv = client.get_model_version(name, str(version))
+    except MlflowException as err:
+        raise ExportError(f"no version {version} of registered model {name!r} in "
+                          f"{tracking_uri}: {err.message.splitlines()[0]}") from None
+    weights = mv.tags.get("weights")
+    if not weights:
+        raise ExportError(f"{name} version {version} carries no weights artifact (registered "
+                          "by an older MedFed?)")
+    if out.exists():
+        shutil.rmtree(out)
+    staged = Path(mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path=weights,
+                                                      tracking_uri=tracking_uri,
+                                                      dst_path=str(out.parent / f".{out.name}.tmp")))
+    shutil.move(str(staged), str(out))
+    shutil.rmtree(out.parent / f".{out.name}.tmp", ignore_errors=True)
+    load_pretrained(out)            # the directory must load before we call it exported
+    return out

@@ -28,10 +28,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
 from client.data.dataset import StudyDataset
 from client.data.site import load_site
+from client.data.views import WithoutSequence
 from client.engine import Engine, TrainConfig
 from client.runtime import label_subset
 from medfed.simulation import simulate
@@ -44,25 +44,6 @@ from .common import update_results_md, write_result
 
 SITES = 3
 ARMS = ("supervised", "mm_dino", "mae", "pooled", "local_only")
-
-
-class WithoutSequence(Dataset):
-    """A dataset with sequence ``index`` removed from every study that has another one."""
-
-    def __init__(self, data: StudyDataset, index: int):
-        self.data, self.index = data, index
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getitem__(self, i: int) -> dict:
-        item = dict(self.data[i])
-        if item["present"].sum() >= 2 and item["present"][self.index]:
-            item["image"] = item["image"].clone()
-            item["image"][self.index] = 0
-            item["present"] = item["present"].clone()
-            item["present"][self.index] = False
-        return item
 
 
 def score(cfg: ExperimentConfig, model, external: StudyDataset) -> dict[str, float]:

@@ -12,6 +12,8 @@ from flwr.clientapp import ClientApp
 from strategies import wire
 from strategies.partial import local_keys
 
+from .data.sequences import SEQUENCES
+from .data.views import WithoutSequence
 from .engine import Engine
 from .job import Job, decode_job
 from .mods.secagg import secagg_mod
@@ -117,9 +119,13 @@ def make_client_app(*, sim_data_root: Path | None = None, mods=()) -> ClientApp:
                                      if STATE_PERSONAL_MODEL in context.state
                                      else model.state_dict())
             models.append((wire.PERSONAL_PREFIX, personal))
+        views = {split: splits[split] for split in wire.EVAL_SPLITS}
+        if msg.content[wire.CONFIG].get(wire.EVAL_MISSING, False):   # each sequence missing
+            views |= {f"{wire.WITHOUT_PREFIX}{seq}": WithoutSequence(splits["test"], j)
+                      for j, seq in enumerate(SEQUENCES)}
         for prefix, candidate in models:
-            for split in wire.EVAL_SPLITS:
-                for key, value in evaluate_split(engine, candidate, splits[split]).items():
+            for split, data in views.items():
+                for key, value in evaluate_split(engine, candidate, data).items():
                     reply[f"{prefix}{split}-{key}"] = value
                 seconds += reply[f"{prefix}{split}-seconds"]
         reply[wire.NUM_EXAMPLES] = sum(len(splits[s]) for s in wire.EVAL_SPLITS)

@@ -35,6 +35,13 @@ def macro_f1(cm: np.ndarray) -> float:
     return float((2 * tp[present] / support[present]).mean())
 
 
+def per_class_f1(cm: np.ndarray) -> list[float]:
+    """F1 of each class (0 for a class that occurs in neither labels nor predictions)."""
+    tp = np.diag(cm).astype(np.float64)
+    support = (cm.sum(1) + cm.sum(0)).astype(np.float64)
+    return [float(2 * t / s) if s > 0 else 0.0 for t, s in zip(tp, support)]
+
+
 def balanced_accuracy(cm: np.ndarray) -> float:
     t = cm.sum(1)
     present = t > 0

@@ -48,6 +48,7 @@ class TaskConfig:
                                                             "low_grade_glioma", "cyst"])
     image_size: int = 64
     options: dict[str, Any] = field(default_factory=dict)
+    evaluate_missing: bool = False        # sites also score test with each sequence removed
 
 
 @dataclass(frozen=True)

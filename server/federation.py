@@ -99,6 +99,7 @@ def job_config(cfg: ExperimentConfig, run_id: str = "") -> ConfigRecord:
         wire.WEIGHT_DECAY: float(cfg.train.weight_decay),
         wire.SEED: cfg.seed,
         wire.PERSONALIZE: cfg.strategy.personalize,
+        wire.EVAL_MISSING: cfg.task.evaluate_missing,
     })
 
 

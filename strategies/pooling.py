@@ -11,7 +11,7 @@ import re
 
 import numpy as np
 
-from models.metrics import balanced_accuracy, macro_f1, mcc
+from models.metrics import balanced_accuracy, macro_f1, mcc, per_class_f1
 
 _CM = re.compile(r"^cm_(\d+)_(\d+)$")
 
@@ -45,6 +45,7 @@ def pool(per_site: list[dict[str, float]]) -> dict[str, float]:
         cm = np.sum(cms, axis=0)
         out |= {"accuracy": float(np.trace(cm) / cm.sum()), "mcc": mcc(cm), "f1": macro_f1(cm),
                 "balanced_accuracy": balanced_accuracy(cm)}
+        out |= {f"f1_class_{i}": f for i, f in enumerate(per_class_f1(cm))}
     weights = n * np.array([m.get("auroc-defined", 0.0) for m in per_site])
     if weights.sum() > 0:
         out["auroc"] = float(np.average([m.get("auroc", 0.0) for m in per_site], weights=weights))
@@ -52,12 +53,15 @@ def pool(per_site: list[dict[str, float]]) -> dict[str, float]:
 
 
 def report_splits(metrics) -> list[str]:
-    """Evaluation splits present in a site's metrics: val, test and, if any, personal-*."""
+    """Evaluation splits present in a site's metrics: val, test and, if any, personal-* and
+    test-without-<sequence>."""
     from . import wire
 
     splits = list(wire.EVAL_SPLITS)
     splits += [wire.PERSONAL_PREFIX + s for s in wire.EVAL_SPLITS
                if f"{wire.PERSONAL_PREFIX}{s}-n" in metrics]
+    splits += sorted(k[:-len("-n")] for k in metrics
+                     if k.startswith(wire.WITHOUT_PREFIX) and k.endswith("-n"))
     return splits
 
 

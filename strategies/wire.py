@@ -84,6 +84,8 @@ TRAIN_SECONDS = "train-seconds"      # site compute time, for framework-overhead
 EVAL_SECONDS = "eval-seconds"
 EVAL_SPLITS = ("val", "test")        # evaluate replies carry f"{split}-{metric}" keys
 PERSONAL_PREFIX = "personal-"        # ... and f"personal-{split}-{metric}" when personalizing
+WITHOUT_PREFIX = "test-without-"     # ... and f"test-without-{sequence}-{metric}" when asked:
+EVAL_MISSING = "eval-missing-sequences"   # bool config: also score test with each sequence removed
 AUROC_DEFINED = "auroc-defined"      # 0/1: AUROC needs >= 2 classes in the split
 DP_EPSILON = "dp-epsilon"            # the site's cumulative epsilon after this round (its ledger)
 DP_DELTA = "dp-delta"                # ... at the site's delta

@@ -25,7 +25,7 @@ def two_phase(tiny_sites, tmp_path_factory):
     cfg = load_experiment(["experiment=smoke", f"data.root={tiny_sites}",
                            f"runs_dir={out / 'runs'}", "pretrain=mm_dino",
                            "pretrain.num_rounds=2", "pretrain.options.out_dim=64",
-                           "task.options.mode=lora"])
+                           "task.options.mode=lora", "task.evaluate_missing=true"])
     run_dir = simulate(cfg, client_mods=[egress_log(out / "egress")])
     return cfg, run_dir, out
 
@@ -49,6 +49,12 @@ def test_each_phase_registers_its_model_with_lineage(two_phase):
         assert tags["parent.config_hash"] == cfg.pretrain_phase().fingerprint()
         assert tags["task"] == "classification"
     assert newest_pre.tags["task"] == "mm_dino"
+    # Evaluation with each single sequence missing, per site and pooled.
+    metrics = client.get_run(fine[0].tags["mlflow_run_id"]).data.metrics
+    for seq in ("T1", "T1ce", "T2", "FLAIR"):
+        assert f"test-without-{seq}/n" in metrics
+        assert f"site/site-0/test-without-{seq}/n" in metrics
+    assert "test/f1_class_0" in metrics
 
 
 def test_finetuning_starts_from_the_pretrained_backbone_and_keeps_it_frozen(two_phase):

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score, matthews_corrcoef, roc_auc_score
 
-from models.metrics import binary_auroc, classification_metrics
+from models.metrics import binary_auroc, classification_metrics, confusion_matrix, per_class_f1
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -17,6 +17,8 @@ def test_metrics_agree_with_sklearn(seed):
     assert m["mcc"] == pytest.approx(matthews_corrcoef(labels, preds))
     assert m["f1"] == pytest.approx(f1_score(labels, preds, average="macro"))
     assert m["auroc"] == pytest.approx(roc_auc_score(labels, probs, multi_class="ovr"))
+    assert per_class_f1(confusion_matrix(labels, preds, 3)) == pytest.approx(
+        list(f1_score(labels, preds, average=None)))
 
 
 def test_auroc_handles_ties_and_undefined_cases():

@@ -174,6 +174,9 @@ def _deploy_logging() -> None:
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(fmt)
     root = logging.getLogger()
+    # opacus calls logging.basicConfig at import; one format only
+    for h in [h for h in root.handlers if type(h) is logging.StreamHandler]:
+        root.removeHandler(h)
     root.setLevel(logging.INFO)
     root.addHandler(handler)
     for noisy in ("alembic", "mlflow", "urllib3", "git", "httpx"):
@@ -202,9 +205,10 @@ def cmd_server(args) -> int:
 
     _deploy_logging()
     settings = CoordinatorSettings(
-        certs=Path(args.certs), state_dir=Path(args.state_dir), host=args.host, port=args.port,
-        authorized_keys=Path(args.authorized_keys) if args.authorized_keys else None,
-        log_file=Path(args.log_file) if args.log_file else None)
+        certs=Path(args.certs).resolve(), state_dir=Path(args.state_dir).resolve(),
+        host=args.host, port=args.port,
+        authorized_keys=Path(args.authorized_keys).resolve() if args.authorized_keys else None,
+        log_file=Path(args.log_file).resolve() if args.log_file else None)
     coordinator = Coordinator(settings)
     try:
         coordinator.start(startup_timeout=args.startup_timeout)
@@ -219,9 +223,9 @@ def cmd_site(args) -> int:
 
     _deploy_logging()
     settings = SiteSettings(
-        site_id=args.site_id, data_dir=Path(args.data_dir), superlink=args.superlink,
-        root_cert=Path(args.root_cert), auth_key=Path(args.auth_key),
-        state_dir=Path(args.state_dir or Path(args.data_dir) / ".medfed" / "supernode"),
+        site_id=args.site_id, data_dir=Path(args.data_dir).resolve(), superlink=args.superlink,
+        root_cert=Path(args.root_cert).resolve(), auth_key=Path(args.auth_key).resolve(),
+        state_dir=Path(args.state_dir or Path(args.data_dir) / ".medfed" / "supernode").resolve(),
         dp_epsilon=args.dp_epsilon, dp_delta=args.dp_delta, require_secagg=args.require_secagg,
         privacy_dir=args.privacy_dir, device=args.device, torch_threads=args.torch_threads,
         runtime_port=args.runtime_port, max_retries=args.max_retries,

@@ -1,0 +1,1 @@
+"""Real deployment: coordinator (SuperLink), site daemons (SuperNodes), run submission."""

@@ -1,0 +1,174 @@
+"""The coordinator: a Flower SuperLink with TLS, SuperNode authentication and persistent state.
+
+``medfed server`` checks its certificates and port, starts ``flower-superlink`` (TLS on the
+one HTTP port that serves Flower's Fleet, Control and Runtime APIs; ``--enable-supernode-auth``;
+a sqlite ``--database``; runtime dependency installation disabled so a run can never
+``uv sync`` packages over the ones installed here), waits until ``/health`` answers over TLS,
+registers the sites' public keys, and supervises it until SIGTERM.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import ssl
+import subprocess
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from medfed.certs import CA_CERT, SERVER_CERT, SERVER_KEY, registered_sites
+
+from .preflight import DeployError, check_port_free, check_server_certificates, require_file
+from .process import Daemon, flower_bin, flower_env
+
+log = logging.getLogger("medfed.deploy")
+
+CONNECTION = "medfed"          # the SuperLink connection name in FLWR_HOME/config.toml
+
+SUPERLINK_FATAL = {
+    r"Address already in use|error while attempting to bind":
+        "the coordinator port is already in use",
+    r"Exit Code: \d+": "the SuperLink exited with an error (see the lines above)",
+}
+
+
+@dataclass(frozen=True)
+class CoordinatorSettings:
+    """Where the coordinator listens, which certificates it serves, where it keeps state."""
+    certs: Path                        # output of `medfed certs` (server.pem/key, ca.pem)
+    state_dir: Path                    # SuperLink database, Flower home, run directories
+    host: str = "0.0.0.0"
+    port: int = 9093
+    authorized_keys: Path | None = None  # folder of <site>/auth.pub; default: certs/sites
+    log_file: Path | None = None
+
+    @property
+    def database(self) -> Path:
+        return self.state_dir / "superlink.db"
+
+    @property
+    def flwr_home(self) -> Path:
+        return self.state_dir / "flwr"
+
+    @property
+    def ca(self) -> Path:
+        return self.certs / CA_CERT
+
+    @property
+    def local_address(self) -> str:
+        """Where this machine reaches the SuperLink (127.0.0.1 is in every server cert's SANs)."""
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        return f"{host}:{self.port}"
+
+
+def superlink_command(s: CoordinatorSettings) -> list[str]:
+    """The ``flower-superlink`` command line for these settings."""
+    cmd = [flower_bin("flower-superlink"),
+           "--ssl-ca-certfile", str(s.certs / CA_CERT),
+           "--ssl-certfile", str(s.certs / SERVER_CERT),
+           "--ssl-keyfile", str(s.certs / SERVER_KEY),
+           "--enable-supernode-auth",
+           "--database", str(s.database),
+           "--disable-runtime-dependency-installation",
+           "--isolation", "subprocess",
+           "--host", s.host, "--port", str(s.port)]
+    if s.log_file is not None:
+        cmd += ["--log-file", str(s.log_file)]
+    return cmd
+
+
+def write_connection(flwr_home: Path, address: str, root_cert: Path) -> None:
+    """Flower CLI connection ``medfed`` (address + CA) as the default in FLWR_HOME."""
+    flwr_home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    (flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+        f'address = "{address}"\nroot-certificates = "{root_cert.resolve()}"\n')
+
+
+def healthy(address: str, root_cert: Path, timeout: float = 3.0) -> bool:
+    """True when the SuperLink answers ``GET /health`` over TLS verified with ``root_cert``."""
+    context = ssl.create_default_context(cafile=str(root_cert))
+    try:
+        with urllib.request.urlopen(f"https://{address}/health", timeout=timeout,
+                                    context=context) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError, ssl.SSLError):
+        return False
+
+
+def flwr_cli(args: list[str], flwr_home: Path, timeout: float = 60.0) -> dict:
+    """Run ``flwr <args> --format json`` and return its JSON answer."""
+    proc = subprocess.run([flower_bin("flwr"), *args, "--format", "json"], capture_output=True,
+                          text=True, env=flower_env(flwr_home), timeout=timeout)
+    try:
+        return json.loads(proc.stdout[proc.stdout.index("{"):])
+    except ValueError:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise DeployError(f"`flwr {' '.join(args[:2])}` failed: {tail[0]}") from None
+
+
+def register_site(public_key: Path, site_id: str, flwr_home: Path) -> str:
+    """Register one site's public key with the SuperLink; 'registered' or 'already'."""
+    answer = flwr_cli(["supernode", "register", str(public_key), CONNECTION, "--name", site_id],
+                      flwr_home)
+    if answer.get("success"):
+        return "registered"
+    message = str(answer.get("error-message", ""))
+    if "already in use" in message:
+        return "already"
+    raise DeployError(f"registering site {site_id} failed: {message.splitlines()[-1:]}")
+
+
+def register_sites(keys: dict[str, Path], flwr_home: Path) -> dict[str, str]:
+    return {site: register_site(path, site, flwr_home) for site, path in keys.items()}
+
+
+@dataclass
+class Coordinator:
+    """A started coordinator (``start`` returns once it is healthy and sites are registered)."""
+    settings: CoordinatorSettings
+    daemon: Daemon | None = None
+    registered: dict[str, str] = field(default_factory=dict)
+
+    def start(self, *, startup_timeout: float = 60.0) -> None:
+        s = self.settings
+        check_server_certificates(s.certs / SERVER_CERT, s.certs / SERVER_KEY, s.ca)
+        check_port_free(s.host, s.port, "coordinator")
+        keys = registered_sites(s.authorized_keys or s.certs)
+        if not keys:
+            raise DeployError(f"no site public keys (sites/<site>/auth.pub) under "
+                              f"{s.authorized_keys or s.certs}; every site must be registered")
+        s.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        write_connection(s.flwr_home, s.local_address, s.ca)
+        self.daemon = Daemon(superlink_command(s), tag="coordinator", env=flower_env(s.flwr_home),
+                             fatal=SUPERLINK_FATAL, cwd=s.state_dir)
+        self.daemon.start()
+        if not self.daemon.wait(lambda: healthy(s.local_address, s.ca), timeout=startup_timeout):
+            exited = not self.daemon.running()
+            code = self.daemon.stop(grace=5)
+            raise DeployError(self.daemon.error or (
+                f"the SuperLink exited during startup (exit {code}); see the lines above"
+                if exited else f"the SuperLink did not become healthy on {s.local_address} "
+                f"within {startup_timeout:g} s"))
+        log.info("coordinator up: https://%s (TLS, SuperNode authentication on), state in %s",
+                 s.local_address, s.state_dir)
+        self.registered = register_sites(keys, s.flwr_home)
+        for site, outcome in sorted(self.registered.items()):
+            log.info("site %s: public key %s", site, "registered" if outcome == "registered"
+                     else "already registered")
+
+    def supervise(self) -> int:
+        assert self.daemon is not None
+        code = self.daemon.supervise()
+        if code and self.daemon.error:
+            raise DeployError(self.daemon.error)
+        return code
+
+    def stop(self) -> int:
+        return self.daemon.stop() if self.daemon else 0
+
+
+def require_ca(path: Path) -> Path:
+    return require_file(path, "CA certificate")

@@ -1,0 +1,151 @@
+"""The site daemon: a Flower SuperNode with the hospital's node config.
+
+``medfed site`` validates the site's data directory through the ingest step (``load_site``)
+and refuses an unusable one, checks its key and that the coordinator is reachable over TLS
+with the hospital's copy of the CA, then runs ``flower-supernode`` with TLS, SuperNode
+authentication and the operator's node config (site id, data directory, privacy budget,
+``require-secagg``; keys from ``strategies.wire``). Connections are outbound only. A lost
+connection is retried with exponential backoff (Flower's retry invoker, bounded by
+``--max-retries``/``--max-wait-time``) and every retry is logged under the site id.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from strategies import wire
+
+from .preflight import DeployError, check_auth_key, check_port_free, check_superlink
+from .process import Daemon, flower_bin, flower_env
+
+log = logging.getLogger("medfed.deploy")
+
+SUPERNODE_FATAL = {
+    r"Failed to activate SuperNode|Invalid SuperNode authentication":
+        "the coordinator refused this site's key: it is not registered (ask the coordinator "
+        "to register sites/<site>/auth.pub)",
+    r"SSL/TLS handshake error": "TLS handshake with the SuperLink failed (wrong CA or "
+                                "certificate?)",
+    r"Giving up reconnection": "lost the connection to the SuperLink and gave up after "
+                               "--max-retries/--max-wait-time",
+    r"Exit Code: \d+": "the SuperNode exited with an error (see the lines above)",
+}
+
+
+@dataclass(frozen=True)
+class SiteSettings:
+    """Everything a hospital's operator sets for its site daemon."""
+    site_id: str
+    data_dir: Path
+    superlink: str                     # HOST:PORT of the coordinator
+    root_cert: Path                    # the federation CA (verifies the coordinator)
+    auth_key: Path                     # this site's private key (OpenSSH EC)
+    state_dir: Path                    # Flower home of this site (installed apps, state)
+    dp_epsilon: float | None = None
+    dp_delta: float | None = None
+    require_secagg: bool = False
+    privacy_dir: str | None = None
+    device: str = "auto"
+    torch_threads: int = 1
+    runtime_port: int = 9094           # local port Flower's ClientApp processes talk to
+    max_retries: int | None = None     # reconnection attempts after a lost connection
+    max_wait_time: float | None = 600.0  # seconds of reconnecting before giving up
+
+
+def node_config(s: SiteSettings) -> dict[str, object]:
+    """The SuperNode's node config (what the ClientApp reads; the server cannot change it)."""
+    config: dict[str, object] = {wire.NODE_SITE_ID: s.site_id,
+                                 wire.NODE_DATA_DIR: str(s.data_dir.resolve()),
+                                 wire.NODE_DEVICE: s.device,
+                                 wire.NODE_TORCH_THREADS: s.torch_threads}
+    if (s.dp_epsilon is None) != (s.dp_delta is None):
+        raise DeployError("set both --dp-epsilon and --dp-delta (the site's privacy budget), "
+                          "or neither")
+    if s.dp_epsilon is not None:
+        config[wire.NODE_DP_EPSILON] = float(s.dp_epsilon)
+        config[wire.NODE_DP_DELTA] = float(s.dp_delta)
+    if s.require_secagg:
+        config[wire.NODE_REQUIRE_SECAGG] = True
+    if s.privacy_dir:
+        config[wire.NODE_PRIVACY_DIR] = s.privacy_dir
+    return config
+
+
+def node_config_arg(config: dict[str, object]) -> str:
+    """``--node-config`` string: space-separated TOML ``key=value`` pairs."""
+    def value(v):
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        return repr(v) if isinstance(v, (int, float)) else json.dumps(str(v))
+    return " ".join(f"{k}={value(v)}" for k, v in config.items())
+
+
+def supernode_command(s: SiteSettings) -> list[str]:
+    cmd = [flower_bin("flower-supernode"),
+           "--superlink", s.superlink,
+           "--root-certificates", str(s.root_cert),
+           "--auth-supernode-private-key", str(s.auth_key),
+           "--node-config", node_config_arg(node_config(s)),
+           "--isolation", "subprocess",
+           "--host", "127.0.0.1", "--port", str(s.runtime_port)]
+    if s.max_retries is not None:
+        cmd += ["--max-retries", str(s.max_retries)]
+    if s.max_wait_time is not None:
+        cmd += ["--max-wait-time", str(s.max_wait_time)]
+    return cmd
+
+
+def check_data_dir(data_dir: Path) -> str:
+    """Run the ingest step on the site's data; a one-line summary (counts only, no PHI)."""
+    from client.data.site import load_site
+
+    data = load_site(data_dir, None)       # raises SiteDataError with a one-line reason
+    r = data.report
+    return (f"{r.studies} studies, {r.images} images, splits {dict(sorted(r.splits.items()))}, "
+            f"skipped {sum(r.skipped.values())} files, fingerprint {data.fingerprint}")
+
+
+class Site:
+    """A site daemon: ``start`` runs the checks and launches the SuperNode."""
+
+    def __init__(self, settings: SiteSettings):
+        self.settings = settings
+        self.daemon: Daemon | None = None
+
+    def preflight(self) -> None:
+        s = self.settings
+        node_config(s)                        # budget arguments complete
+        summary = check_data_dir(s.data_dir)
+        log.info("[%s] data directory usable: %s", s.site_id, summary)
+        check_auth_key(s.auth_key)
+        check_port_free("127.0.0.1", s.runtime_port, "site runtime API")
+        check_superlink(s.superlink, s.root_cert)
+
+    def start(self) -> None:
+        self.preflight()
+        s = self.settings
+        s.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.daemon = Daemon(supernode_command(s), tag=s.site_id, env=flower_env(s.state_dir),
+                             fatal=SUPERNODE_FATAL, on_line=self._note)
+        self.daemon.start()
+        log.info("[%s] site daemon started: SuperLink %s, outbound TLS only", s.site_id,
+                 s.superlink)
+
+    def _note(self, line: str) -> None:
+        if self.daemon is not None and self.daemon.stopping:
+            return
+        if "retrying in" in line:
+            log.warning("[%s] connection to the SuperLink lost; retrying with backoff",
+                        self.settings.site_id)
+        elif "Connection successful after" in line:
+            log.info("[%s] reconnected to the SuperLink", self.settings.site_id)
+
+    def supervise(self) -> int:
+        assert self.daemon is not None
+        code = self.daemon.supervise()
+        if code and self.daemon.error:
+            raise DeployError(self.daemon.error)
+        return code

@@ -1,0 +1,124 @@
+"""Submit an experiment to a running coordinator: ``medfed run experiment=... [overrides]``.
+
+The overrides are composed and validated here first (an unknown key fails in seconds, before
+anything is sent), then ``flwr run`` submits the app (``[tool.flwr.app]`` in pyproject.toml)
+over TLS with run config ``experiment`` and ``overrides``; the ServerApp composes the same
+config on the coordinator. Progress is streamed; the run's final status decides the exit code.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from strategies import wire
+
+from .coordinator import CONNECTION, flwr_cli, write_connection
+from .preflight import DeployError, check_superlink, require_file
+from .process import ANSI, FLOWER_PREFIX, flower_bin, flower_env
+
+log = logging.getLogger("medfed.deploy")
+
+STREAM_DUPLICATE = re.compile(r"^\d\d/\d\d/\d{4} \d\d:\d\d:\d\d:")   # Flower echoes each line
+RUN_STARTED = re.compile(r"Successfully started run (\d+)")
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    overrides: list[str]
+    superlink: str
+    root_cert: Path
+    app_dir: Path
+    flwr_home: Path
+    wait_sites: int = 0               # wait until this many sites are online before submitting
+    wait_timeout: float = 300.0
+    extra_run_config: dict[str, str] = field(default_factory=dict)
+
+
+def split_overrides(overrides: list[str]) -> tuple[str, str]:
+    """(experiment name, the other overrides as one string) for the run config."""
+    experiment, rest = "demo", []
+    for item in overrides:
+        if item.startswith("experiment="):
+            experiment = item.split("=", 1)[1]
+        else:
+            rest.append(item)
+    joined = " ".join(rest)
+    if "'" in joined or "'" in experiment:
+        raise DeployError("overrides cannot contain single quotes (they travel as a TOML "
+                          "literal string)")
+    return experiment, joined
+
+
+def validate(overrides: list[str]) -> None:
+    """Compose the experiment as the ServerApp will: bad overrides fail here, in seconds."""
+    from server.config import load_experiment
+
+    load_experiment(overrides if any(o.startswith("experiment=") for o in overrides)
+                    else ["experiment=demo", *overrides])
+
+
+def online_sites(flwr_home: Path) -> int:
+    answer = flwr_cli(["supernode", "list", CONNECTION], flwr_home)
+    return sum(1 for n in answer.get("nodes", []) if n.get("status") == "online")
+
+
+def wait_for_sites(request: RunRequest) -> None:
+    deadline = time.monotonic() + request.wait_timeout
+    while (online := online_sites(request.flwr_home)) < request.wait_sites:
+        if time.monotonic() >= deadline:
+            raise DeployError(f"only {online} of {request.wait_sites} sites online after "
+                              f"{request.wait_timeout:g} s (--wait-sites)")
+        time.sleep(1.0)
+    log.info("%d sites online", online)
+
+
+def run_status(run_id: str, flwr_home: Path) -> dict:
+    answer = flwr_cli(["ls", CONNECTION, "--run-id", run_id], flwr_home)
+    runs = answer.get("runs") or [{}]
+    return runs[0]
+
+
+def submit(request: RunRequest, *, echo=print) -> int:
+    """Submit, stream the ServerApp's log, return 0 when the run completed."""
+    require_file(request.app_dir / "pyproject.toml", "app (pyproject.toml)")
+    validate(request.overrides)
+    check_superlink(request.superlink, request.root_cert)
+    write_connection(request.flwr_home, request.superlink, request.root_cert)
+    if request.wait_sites:
+        wait_for_sites(request)
+    experiment, overrides = split_overrides(request.overrides)
+    config = {wire.RUN_EXPERIMENT: experiment, wire.RUN_OVERRIDES: overrides,
+              **request.extra_run_config}
+    run_config = " ".join(f"{k}='{v}'" for k, v in config.items())
+    cmd = [flower_bin("flwr"), "run", str(request.app_dir), CONNECTION, "--stream",
+           "--run-config", run_config]
+    log.info("submitting experiment %s (%s) to %s", experiment, overrides or "no overrides",
+             request.superlink)
+    run_id = None
+    proc = subprocess.Popen(cmd, env=flower_env(request.flwr_home), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, bufsize=1)
+    assert proc.stdout is not None
+    for raw in proc.stdout:
+        line = ANSI.sub("", raw.rstrip())
+        if not line.strip() or STREAM_DUPLICATE.match(line):
+            continue
+        if (m := RUN_STARTED.search(line)) and run_id is None:
+            run_id = m.group(1)
+        echo(FLOWER_PREFIX.sub("", line))
+    code = proc.wait()
+    if run_id is None:
+        raise DeployError(f"`flwr run` did not start a run (exit {code}); see the output above")
+    status = run_status(run_id, request.flwr_home)
+    state = str(status.get("status", "unknown"))
+    echo(json.dumps({"run-id": run_id, "status": state,
+                     "elapsed-seconds": status.get("elapsed")}))
+    if state != "finished:completed":
+        raise RuntimeError(f"run {run_id} ended as {state}: "
+                           f"{status.get('status-details', '')}")
+    return 0

@@ -1,0 +1,117 @@
+"""End to end on loopback: certificates -> coordinator (TLS + SuperNode authentication) -> three
+site daemons -> two rounds of the smoke experiment tracked to a real MLflow server; a site with
+an unregistered key is refused; one site is SIGKILLed during round 2 and the run finishes with
+the other two, recording which site dropped."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from medfed.certs import write_certs
+from tests.conftest import phi_strings
+
+from .conftest import MEDFED, Children, free_port, run_medfed
+
+pytestmark = pytest.mark.slow
+
+SITES = ("a", "b", "c")
+HANG_GUARD = 600          # seconds; a bound on a stuck run, never a timing assertion
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory, three_sites):
+    root = tmp_path_factory.mktemp("deploy")
+    certs = root / "certs"
+    write_certs(certs, server_name="localhost", sites=list(SITES))
+    rogue = root / "rogue"                    # a key pair the coordinator never registered
+    write_certs(rogue, server_name="localhost", sites=["d"])
+    port, mlflow_port = free_port(), free_port()
+    procs = Children(root)
+    try:
+        procs.start("mlflow", [MEDFED[0], "-m", "mlflow", "server", "--host", "127.0.0.1",
+                               "--port", str(mlflow_port), "--workers", "1",
+                               "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+                               "--artifacts-destination", str(root / "mlartifacts")])
+        procs.start("server", [*MEDFED, "server", "--certs", str(certs), "--state-dir",
+                               str(root / "coordinator"), "--host", "127.0.0.1",
+                               "--port", str(port)])
+        procs.wait_for("server", "site c: public key registered", timeout=HANG_GUARD)
+        for i, site in enumerate(SITES):
+            procs.start(site, [*MEDFED, "site", "--site-id", site,
+                               "--data-dir", str(three_sites / f"site-{i}"),
+                               "--superlink", f"localhost:{port}",
+                               "--root-cert", str(certs / "sites" / site / "ca.pem"),
+                               "--auth-key", str(certs / "sites" / site / "auth.key"),
+                               "--state-dir", str(root / f"node-{site}"),
+                               "--runtime-port", str(free_port()), "--max-wait-time", "60"])
+        for site in SITES:
+            procs.wait_for(site, "SuperNode ID:", timeout=HANG_GUARD)
+        yield {"root": root, "certs": certs, "rogue": rogue, "port": port,
+               "mlflow": f"http://127.0.0.1:{mlflow_port}", "procs": procs,
+               "data": three_sites}
+    finally:
+        procs.cleanup()
+
+
+def test_unregistered_site_is_refused(federation):
+    f = federation
+    result = run_medfed("site", "--site-id", "d", "--data-dir", str(f["data"] / "site-0"),
+                        "--superlink", f"localhost:{f['port']}",
+                        "--root-cert", str(f["certs"] / "ca.pem"),
+                        "--auth-key", str(f["rogue"] / "sites" / "d" / "auth.key"),
+                        "--state-dir", str(f["root"] / "node-d"),
+                        "--runtime-port", str(free_port()), "--max-wait-time", "20",
+                        timeout=HANG_GUARD)
+    assert result.returncode == 2, result.stdout[-3000:]
+    assert result.stderr.count("\n") == 1 and "not registered" in result.stderr
+    assert "Failed to activate SuperNode" in result.stdout      # the SuperLink said no
+
+
+def test_two_rounds_with_a_site_killed_mid_run(federation):
+    from mlflow import MlflowClient
+
+    f, procs = federation, federation["procs"]
+    run = procs.start("run", [*MEDFED, "run", "experiment=smoke", "federation.num_sites=3",
+                              "federation.num_rounds=2", "federation.round_timeout=240",
+                              "tracking=server", f"tracking.uri={f['mlflow']}",
+                              "--superlink", f"localhost:{f['port']}",
+                              "--root-cert", str(f["certs"] / "ca.pem"),
+                              "--flwr-home", str(f["root"] / "runner"), "--wait-sites", "3"])
+    # c's third ClientApp process (train 1, evaluate 1, train 2) is round 2's training:
+    # the site dies mid-round, holding the message
+    procs.wait_for("c", "Start `flwr-clientapp` process", timeout=HANG_GUARD, count=3)
+    procs.kill("c")
+    assert run.wait(timeout=HANG_GUARD) == 0, procs.log("run")[-4000:]
+    assert '"status": "finished:completed"' in procs.log("run")
+
+    client = MlflowClient(f["mlflow"])
+    versions = {int(v.tags["round"]): v for v in
+                client.search_model_versions("name='medfed-classifier'")}
+    assert sorted(versions) == [1, 2]
+    assert versions[1].tags["sites"] == "a,b,c"
+    assert versions[2].tags["sites"] == "a,b"            # c dropped in round 2
+    run_id = versions[2].tags["mlflow_run_id"]
+    history = {k: {m.step: m.value for m in client.get_metric_history(run_id, k)}
+               for k in ("train/sites_ok", "train/sites_failed", "eval/sites_ok")}
+    assert history["train/sites_ok"] == {1: 3.0, 2: 2.0}
+    assert history["train/sites_failed"] == {1: 0.0, 2: 1.0}   # c's round-2 reply: node gone
+    assert history["eval/sites_ok"] == {1: 3.0, 2: 2.0}
+    metrics = client.get_run(run_id).data.metrics
+    for site in SITES:
+        assert f"site/{site}/train/num-examples" in metrics
+        assert f"site/{site}/test/n" in metrics
+    c_steps = [m.step for m in client.get_metric_history(run_id, "site/c/train/num-examples")]
+    assert c_steps == [1]
+
+    # Every site log line names its site; no PHI and no DICOM file name in any log.
+    phi = phi_strings(f["data"])
+    names = {p.name for p in f["data"].rglob("*.dcm")}
+    for name in (*SITES, "server", "run"):
+        text = procs.log(name)
+        leaked = [s for s in phi | names if s in text]
+        assert not leaked, f"{name} log leaks {leaked[:3]}"
+    for site in ("a", "b"):
+        lines = [ln for ln in procs.log(site).splitlines() if re.match(r"\d{4}-\d\d-\d\d ", ln)]
+        assert lines and all(f"[{site}]" in ln for ln in lines)

@@ -1,0 +1,202 @@
+"""Bad deployment input fails with one clear line instead of hanging: wrong CA, expired or
+mismatched certificate, unreachable SuperLink, port in use, missing data dir, bad overrides."""
+
+from __future__ import annotations
+
+import datetime as dt
+import socket
+import ssl
+import threading
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from medfed.certs import write_certs
+from medfed.deploy.preflight import (DeployError, check_port_free, check_server_certificates,
+                                     check_superlink)
+from medfed.deploy.site import SiteSettings, node_config, node_config_arg
+from strategies import wire
+
+from .conftest import free_port, run_medfed
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("certs")
+    write_certs(out, server_name="localhost", sites=["a"])
+    return out
+
+
+def _expired_server_cert(certs, out):
+    """A server certificate from the right CA that expired yesterday."""
+    ca_key = serialization.load_pem_private_key((certs / "ca.key").read_bytes(), None)
+    ca = x509.load_pem_x509_certificate((certs / "ca.pem").read_bytes())
+    key = ec.generate_private_key(ec.SECP384R1())
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "localhost")]))
+            .issuer_name(ca.subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(days=10)).not_valid_after(now - dt.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+            .sign(ca_key, hashes.SHA384()))
+    out.mkdir(exist_ok=True)
+    (out / "server.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (out / "server.key").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    return out / "server.pem", out / "server.key"
+
+
+class TLSServer:
+    """A loopback TLS listener serving a given certificate (stands in for a SuperLink)."""
+
+    def __init__(self, cert, key):
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(cert, key)
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen()
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            try:
+                with self.context.wrap_socket(conn, server_side=True):
+                    pass
+            except (ssl.SSLError, OSError):
+                pass
+
+    def close(self):
+        self.sock.close()
+
+
+@pytest.fixture()
+def tls_server(certs):
+    servers = []
+
+    def start(cert=certs / "server.pem", key=certs / "server.key"):
+        servers.append(TLSServer(cert, key))
+        return servers[-1]
+    yield start
+    for s in servers:
+        s.close()
+
+
+def test_good_certificate_passes(certs, tls_server):
+    server = tls_server()
+    check_superlink(f"localhost:{server.port}", certs / "ca.pem")
+    check_superlink(f"127.0.0.1:{server.port}", certs / "ca.pem")
+
+
+def test_wrong_ca(certs, tls_server, tmp_path):
+    other = tmp_path / "other"
+    write_certs(other, server_name="localhost", sites=[])
+    server = tls_server()
+    with pytest.raises(DeployError, match="not signed by the CA"):
+        check_superlink(f"localhost:{server.port}", other / "ca.pem")
+
+
+def test_expired_certificate(certs, tls_server, tmp_path):
+    cert, key = _expired_server_cert(certs, tmp_path / "expired")
+    server = tls_server(cert, key)
+    with pytest.raises(DeployError, match="has expired"):
+        check_superlink(f"localhost:{server.port}", certs / "ca.pem")
+    with pytest.raises(DeployError, match="expired on"):          # the coordinator refuses too
+        check_server_certificates(cert, key, certs / "ca.pem")
+
+
+def test_mismatched_name(tmp_path, tls_server):
+    out = tmp_path / "c"
+    write_certs(out, server_name="coordinator.example", sites=[], server_ips=("10.9.9.9",))
+    server = tls_server(out / "server.pem", out / "server.key")
+    with pytest.raises(DeployError, match="mismatched name"):
+        check_superlink(f"127.0.0.1:{server.port}", out / "ca.pem")
+
+
+def test_mismatched_key_and_foreign_certificate(certs, tmp_path):
+    other = tmp_path / "other"
+    write_certs(other, server_name="localhost", sites=[])
+    with pytest.raises(DeployError, match="does not belong"):
+        check_server_certificates(certs / "server.pem", other / "server.key", certs / "ca.pem")
+    with pytest.raises(DeployError, match="not issued by the CA"):
+        check_server_certificates(other / "server.pem", other / "server.key", certs / "ca.pem")
+
+
+def test_unreachable_superlink(certs):
+    with pytest.raises(DeployError, match="cannot reach the SuperLink"):
+        check_superlink(f"127.0.0.1:{free_port()}", certs / "ca.pem", timeout=3)
+
+
+def test_port_in_use():
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        with pytest.raises(DeployError, match="already in use"):
+            check_port_free("127.0.0.1", busy.getsockname()[1], "coordinator")
+
+
+def test_node_config_uses_wire_keys(tmp_path):
+    settings = SiteSettings(site_id="a", data_dir=tmp_path, superlink="x:1", root_cert=tmp_path,
+                            auth_key=tmp_path, state_dir=tmp_path, dp_epsilon=8.0,
+                            dp_delta=1e-5, require_secagg=True)
+    config = node_config(settings)
+    assert config[wire.NODE_SITE_ID] == "a" and config[wire.NODE_DATA_DIR] == str(tmp_path)
+    assert config[wire.NODE_DP_EPSILON] == 8.0 and config[wire.NODE_REQUIRE_SECAGG] is True
+    from flwr.common.config import parse_config_args      # what the SuperNode will parse
+    assert parse_config_args([node_config_arg(config)]) == config
+    with pytest.raises(DeployError, match="both --dp-epsilon and --dp-delta"):
+        node_config(SiteSettings(site_id="a", data_dir=tmp_path, superlink="x:1",
+                                 root_cert=tmp_path, auth_key=tmp_path, state_dir=tmp_path,
+                                 dp_epsilon=8.0))
+
+
+# ---- the CLI: one line on stderr, exit 2, nothing started ----
+
+def _one_line(result, *needles):
+    assert result.returncode == 2, (result.stdout[-2000:], result.stderr)
+    assert result.stderr.startswith("medfed: error:") and result.stderr.count("\n") == 1
+    for needle in needles:
+        assert needle in result.stderr, result.stderr
+
+
+def test_cli_server_port_in_use(certs, tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        result = run_medfed("server", "--certs", str(certs), "--state-dir", str(tmp_path / "s"),
+                            "--host", "127.0.0.1", "--port", str(busy.getsockname()[1]))
+    _one_line(result, "already in use")
+
+
+def test_cli_site_missing_data_dir(certs, tmp_path):
+    result = run_medfed("site", "--site-id", "a", "--data-dir", str(tmp_path / "nope"),
+                        "--superlink", f"127.0.0.1:{free_port()}",
+                        "--root-cert", str(certs / "ca.pem"),
+                        "--auth-key", str(certs / "sites" / "a" / "auth.key"))
+    _one_line(result, "does not exist")
+
+
+def test_cli_site_unreachable_superlink(certs, tiny_sites, tmp_path):
+    result = run_medfed("site", "--site-id", "a", "--data-dir", str(tiny_sites / "site-0"),
+                        "--superlink", f"127.0.0.1:{free_port()}",
+                        "--root-cert", str(certs / "ca.pem"),
+                        "--auth-key", str(certs / "sites" / "a" / "auth.key"),
+                        "--state-dir", str(tmp_path / "node"))
+    _one_line(result, "cannot reach the SuperLink")
+
+
+def test_cli_run_bad_override_fails_before_submitting(certs, tmp_path):
+    result = run_medfed("run", "experiment=smoke", "train.nope=1",
+                        "--superlink", f"127.0.0.1:{free_port()}",
+                        "--root-cert", str(certs / "ca.pem"),
+                        "--flwr-home", str(tmp_path / "home"))
+    _one_line(result, "train.nope")
+    assert not (tmp_path / "home").exists()

@@ -1,4 +1,5 @@
-"""``medfed`` command line: synth, ingest, simulate, privacy, audit.
+"""``medfed`` command line: synth, ingest, simulate, export, privacy, audit, and the deployment
+commands (certs, server, site, run, health, register-site).
 
 Errors a user can fix are reported as one line (``medfed: error: ...``) with exit code 2
 (bad input) or 1 (the run failed); tracebacks only with ``--debug``.
@@ -115,6 +116,16 @@ def cmd_privacy(args) -> int:
     else:
         print(f"ledger {path} (hash chain verified, {len(entries)} rounds)")
         print(format_table(entries))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export import export_version
+
+    out = export_version(args.tracking_uri, args.model, args.version, Path(args.out),
+                         force=args.force)
+    print(f"exported {args.model} version {args.version} to {out} "
+          f"(start a run from it with model.pretrained={out})")
     return 0
 
 
@@ -406,6 +417,16 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "delta, cumulative epsilon")
     p.set_defaults(func=cmd_privacy)
 
+    p = sub.add_parser("export", help="write a registered model version as a local "
+                                      "save_pretrained directory (config.json + safetensors)")
+    p.add_argument("--tracking-uri", required=True,
+                   help="MLflow store, e.g. sqlite:///runs/<run>/mlflow.db or http://host:5000")
+    p.add_argument("--model", required=True, help="registered model name")
+    p.add_argument("--version", required=True)
+    p.add_argument("--out", required=True, help="directory to write")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("audit", help="one-run canary audit of the DP-SGD path on a site's data")
     p.add_argument("--site-dir", required=True)
     p.add_argument("--classes", default="high_grade_glioma,low_grade_glioma,cyst")
@@ -437,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_third_parties()
     try:
         return args.func(args)
-    except (ConfigError, SiteDataError, FileExistsError, ValueError) as err:
+    except (ConfigError, SiteDataError, FileExistsError, ValueError) as err:   # incl. ExportError
         if args.debug:
             raise
         print(f"medfed: error: {err}", file=sys.stderr)

@@ -187,11 +187,12 @@ class MultiModalViT(nn.Module):
                              f"patch_size {c.patch_size}")
 
     def forward_features(self, images: Tensor, present: Tensor,
-                         hidden: Tensor | None = None) -> Tensor:
+                         hidden: Tensor | None = None, collect: list | None = None) -> Tensor:
         """``images [B, S, *spatial]``, ``present [B, S]`` -> normalised tokens ``[B, 1+S*N, D]``.
 
         ``hidden [B, S*N]`` marks patch tokens that no token may attend to (MAE's masked
         patches): their outputs are meaningless and nothing else depends on their content.
+        ``collect``, a list, receives every block's output (UNETR's skip connections).
         """
         self.check_input(images)
         patches = patchify(images, self.config.patch_size, self.config.spatial_dims)
@@ -200,6 +201,8 @@ class MultiModalViT(nn.Module):
         attend = self.attention_mask(present, patches.shape[2], hidden)
         for block in self.blocks:
             x = block(x, attend)
+            if collect is not None:
+                collect.append(x)
         return self.norm(x)
 
     def forward(self, images: Tensor, present: Tensor) -> Tensor:

@@ -5,6 +5,8 @@ Layout of a site directory::
     SITE/dicom/**        DICOM files, any names, any nesting
     SITE/labels.csv      study_instance_uid,label   (empty label = unlabelled)
     SITE/reports.jsonl   {"study_instance_uid": ..., "text": ...}   (optional)
+    SITE/segmentations.csv  study_instance_uid,mask_file   (optional; NIfTI lesion masks,
+                            paths relative to SITE, x-major as converters write them)
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class Study:
     label: int = -1
     report: str | None = None
     split: str = "train"
+    mask: np.ndarray | None = None         # [H, W] uint8 lesion mask (segmentation)
 
 
 @dataclass
@@ -52,6 +55,7 @@ class IngestReport:
     studies_missing: Counter = field(default_factory=Counter)
     labels: Counter = field(default_factory=Counter)
     splits: Counter = field(default_factory=Counter)
+    masks: int = 0                          # studies with a lesion mask
 
     def as_dict(self) -> dict:
         return {k: dict(v) if isinstance(v, Counter) else v for k, v in self.__dict__.items()}
@@ -132,6 +136,34 @@ def _read_reports(path: Path, report: IngestReport) -> dict[str, str]:
     return texts
 
 
+def _read_masks(site_dir: Path, report: IngestReport) -> dict[str, np.ndarray]:
+    """Lesion masks by pseudonymous study key; unreadable entries are counted, not fatal."""
+    index = site_dir / "segmentations.csv"
+    if not index.exists():
+        return {}
+    import nibabel as nib
+
+    masks = {}
+    with open(index, newline="") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames or not {"study_instance_uid", "mask_file"} <= set(reader.fieldnames):
+            raise SiteDataError(f"{index.name} must have columns study_instance_uid,mask_file")
+        for row in reader:
+            path = (site_dir / row["mask_file"].strip()).resolve()
+            if site_dir.resolve() not in path.parents or not path.is_file():
+                report.skipped["missing_mask_file"] += 1
+                continue
+            try:
+                data = np.asarray(nib.load(path).dataobj)
+            except Exception:  # noqa: BLE001 - any unreadable file is counted, never fatal
+                report.skipped["unreadable_mask"] += 1
+                continue
+            data = data[..., data.shape[-1] // 2] if data.ndim == 3 else data
+            masks[pseudonym("study", row["study_instance_uid"].strip())] = \
+                (data.T > 0).astype(np.uint8)
+    return masks
+
+
 def load_site(site_dir: Path | str, class_names: tuple[str, ...] | None = None) -> SiteData:
     """Read, de-identify, join and split one site.
 
@@ -156,12 +188,15 @@ def load_site(site_dir: Path | str, class_names: tuple[str, ...] | None = None) 
                             f"skipped {dict(counts.skipped)}")
     labels = _read_labels(site_dir / "labels.csv", class_names, report)
     texts = _read_reports(site_dir / "reports.jsonl", report)
+    masks = _read_masks(site_dir, report)
     index = {name: i for i, name in enumerate(class_names)} if class_names else None
     for study in studies:
         name = labels.get(study.key)
         study.label = -1 if name is None or index is None else index[name]
         report.labels[name if name is not None else "unlabelled"] += 1
         study.report = texts.get(study.key)
+        study.mask = masks.get(study.key)
+        report.masks += study.mask is not None
         study.split = assign_split(study.patient_key)
         report.splits[study.split] += 1
         for seq in SEQUENCES:

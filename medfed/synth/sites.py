@@ -228,7 +228,8 @@ def _file_name(key: str) -> str:
 
 
 def write_site(site: SyntheticSite, stored: dict, out: Path, seed: int) -> None:
-    """Write DICOM files, ``labels.csv`` and ``reports.jsonl`` for one site into ``out``."""
+    """Write DICOM files, ``labels.csv``, ``reports.jsonl`` and lesion masks (NIfTI under
+    ``masks/``, listed in ``segmentations.csv``) for one site into ``out``."""
     dicom_dir = out / "dicom"
     dicom_dir.mkdir(parents=True)
     rng = np.random.default_rng([seed, 3, site.profile.index])
@@ -249,8 +250,27 @@ def write_site(site: SyntheticSite, stored: dict, out: Path, seed: int) -> None:
     with open(out / "reports.jsonl", "w") as f:
         for study in site.studies:
             f.write(json.dumps({"study_instance_uid": study.study_uid, "text": study.report}) + "\n")
+    write_masks(site, out)
     if site.profile.junk_files and last is not None:
         _write_junk(dicom_dir, last, site.studies[0])
+
+
+def write_masks(site: SyntheticSite, out: Path) -> None:
+    """Lesion masks of the labelled studies, as a segmentation team would export them."""
+    import nibabel as nib
+
+    (out / "masks").mkdir()
+    with open(out / "segmentations.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["study_instance_uid", "mask_file"])
+        for study in site.studies:
+            if not study.labelled:
+                continue
+            name = f"masks/{_file_name(study.study_uid + ':mask')[:-4]}.nii.gz"
+            affine = np.diag([site.profile.pixel_mm, site.profile.pixel_mm, 5.0, 1.0])
+            # NIfTI is x-major: store the [rows, columns] mask transposed, as converters do.
+            nib.save(nib.Nifti1Image(study.mask.T[..., None].astype(np.uint8), affine), out / name)
+            writer.writerow([study.study_uid, name])
 
 
 def _write_junk(dicom_dir: Path, image_file: Path, study: SyntheticStudy) -> None:

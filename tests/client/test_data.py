@@ -121,3 +121,23 @@ def test_sequences_of_different_matrix_sizes_are_all_kept(tiny_sites):
     item = StudyDataset([study], image_size=32)[0]
     assert item["present"].all() and item["image"].shape == (4, 32, 32)
     assert item["image"][2].std() > 0.5
+
+
+def test_lesion_masks_are_read_aligned_with_the_images(tiny_sites, tmp_path):
+    data = load_site(tiny_sites / "site-0", CLASSES)
+    with_mask = [s for s in data.studies if s.mask is not None]
+    assert with_mask and data.report.masks == len(with_mask)
+    assert all(s.label >= 0 for s in with_mask)            # the generator segments labelled ones
+    for study in with_mask[:5]:
+        assert study.mask.shape == study.images["T2"].shape and study.mask.any()
+        t2 = study.images["T2"]                              # lesions are bright on T2
+        assert t2[study.mask > 0].mean() > t2[study.mask == 0].mean()
+    # A mask path that leaves the site directory, or a missing file, is counted, not read.
+    site = tmp_path / "site"
+    shutil.copytree(tiny_sites / "site-0", site)
+    rows = (site / "segmentations.csv").read_text().splitlines()
+    uid = rows[1].split(",")[0]
+    (site / "segmentations.csv").write_text("\n".join(
+        [rows[0], f"{uid},../../etc/passwd", f"{rows[2].split(',')[0]},masks/nope.nii.gz"]) + "\n")
+    report = load_site(site, CLASSES).report
+    assert report.masks == 0 and report.skipped["missing_mask_file"] == 2

@@ -1,0 +1,156 @@
+"""Lesion segmentation: a MONAI UNETR-style decoder on the (pretrained) multi-modal ViT.
+
+The backbone's tokens are fused across present sequences (masked mean per patch position),
+reshaped to the patch grid and upsampled by MONAI's UNETR blocks (GroupNorm, so no batch
+statistics), with skips from intermediate transformer layers and a convolutional stem on
+the raw sequences - UNETR (Hatamizadeh et al. 2022) for any ``patch_size = 2**L``, 2D or 3D.
+
+Loss: per-sample Dice + cross-entropy over studies that have a mask (``has_mask``).
+Metrics: Dice and HD95 (MONAI) per study, averaged over studies with a lesion mask.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.metrics import compute_dice, compute_hausdorff_distance
+from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrPrUpBlock, UnetrUpBlock
+from torch import Tensor, nn
+
+from .registry import TASKS
+from .tasks import StepOutput
+from .vit import MultiModalViT
+
+
+@dataclass(frozen=True)
+class SegmentationConfig:
+    num_classes: int = 3              # the study classes (unused here; passed by the server)
+    feature_size: int = 16            # channels at full resolution (UNETR's feature_size)
+    groups: int = 8                   # GroupNorm groups
+    dice_weight: float = 1.0
+    label_fraction: float = 1.0       # fraction of each site's masked training studies used
+
+    def __post_init__(self):
+        if self.feature_size < 1 or self.feature_size % self.groups:
+            raise ValueError(f"feature_size {self.feature_size} must be a positive multiple "
+                             f"of groups {self.groups}")
+        if not 0.0 < self.label_fraction <= 1.0:
+            raise ValueError(f"label_fraction must be in (0, 1], got {self.label_fraction}")
+
+
+class UNETR(nn.Module):
+    """Backbone (``self.backbone``) plus a UNETR decoder producing ``[B, 2, *spatial]`` logits."""
+
+    def __init__(self, backbone: MultiModalViT, config: SegmentationConfig):
+        super().__init__()
+        c = backbone.config
+        levels = int(round(math.log2(c.patch_size)))
+        if 2**levels != c.patch_size or levels < 1:
+            raise ValueError(f"UNETR needs patch_size to be a power of two >= 2, got {c.patch_size}")
+        backbone.head = None
+        self.backbone = backbone
+        self.levels = levels
+        norm = ("group", {"num_groups": config.groups})
+        f, d, dims = config.feature_size, c.dim, c.spatial_dims
+        self.stem = UnetrBasicBlock(dims, c.num_sequences, f, kernel_size=3, stride=1,
+                                    norm_name=norm, res_block=True)
+        # Skip at 1/2**l resolution from transformer layer l (layers reused if depth < levels).
+        self.skips = nn.ModuleList(
+            UnetrPrUpBlock(dims, d, f * 2**lvl, num_layer=levels - lvl - 1, kernel_size=3,
+                           stride=1, upsample_kernel_size=2, norm_name=norm, res_block=True)
+            for lvl in range(1, levels))
+        channels = [f * 2**lvl for lvl in range(levels)]
+        self.ups = nn.ModuleList(
+            UnetrUpBlock(dims, d if lvl == levels - 1 else channels[lvl + 1], channels[lvl],
+                         kernel_size=3, upsample_kernel_size=2, norm_name=norm, res_block=True)
+            for lvl in range(levels))
+        self.out = UnetOutBlock(dims, f, 2)
+
+    def _grid(self, tokens: Tensor, present: Tensor) -> Tensor:
+        """Patch tokens ``[B, 1+S*N, D]`` -> ``[B, D, g, g(, g)]``, mean over present sequences."""
+        c = self.backbone.config
+        b, s = present.shape
+        x = tokens[:, 1:].reshape(b, s, -1, c.dim)                        # [B, S, N, D]
+        w = present.to(x.dtype)[:, :, None, None]
+        x = (x * w).sum(1) / w.sum(1).clamp(min=1)                        # [B, N, D]
+        g = round(x.shape[1] ** (1 / c.spatial_dims))
+        return x.transpose(1, 2).reshape(b, c.dim, *([g] * c.spatial_dims))
+
+    def forward(self, images: Tensor, present: Tensor) -> Tensor:
+        hidden: list[Tensor] = []
+        last = self.backbone.forward_features(images, present, collect=hidden)
+        depth = len(hidden)
+        pick = [min(depth - 1, round(lvl * depth / self.levels) - 1) for lvl in range(1, self.levels)]
+        skips = [self.stem(images)] + [
+            block(self._grid(hidden[max(i, 0)], present)) for block, i in zip(self.skips, pick)]
+        x = self._grid(last, present)
+        for lvl in reversed(range(self.levels)):
+            x = self.ups[lvl](x, skips[lvl])
+        return self.out(x)
+
+
+def dice_ce_loss(logits: Tensor, mask: Tensor, dice_weight: float = 1.0) -> Tensor:
+    """Per-sample soft Dice (foreground) + cross-entropy ``[B]``."""
+    ce = F.cross_entropy(logits.float(), mask.long(), reduction="none").flatten(1).mean(1)
+    prob = logits.float().softmax(1)[:, 1].flatten(1)
+    target = mask.float().flatten(1)
+    dice = (2 * (prob * target).sum(1) + 1) / (prob.sum(1) + target.sum(1) + 1)
+    return ce + dice_weight * (1 - dice)
+
+
+class SegmentationTask:
+    """Binary lesion segmentation; studies without a mask do not contribute."""
+
+    # Per-sample losses, but the decoder's convolutions and GroupNorm have no exact
+    # per-sample gradient rule in client/privacy/persample.py: no DP-SGD (use site-level DP).
+    batch_coupling = ("the UNETR decoder's convolution and GroupNorm layers have no exact "
+                      "per-sample gradient rule here")
+    uses_unlabelled = False
+    uses_masks = True
+
+    def __init__(self, config: SegmentationConfig):
+        self.config = config
+
+    def wrap(self, backbone: MultiModalViT) -> UNETR:
+        return UNETR(backbone, self.config)
+
+    def step(self, model: UNETR, batch: dict[str, Tensor]) -> StepOutput:
+        has = batch["has_mask"].bool()
+        logits = model(batch["image"], batch["present"])
+        per_sample = dice_ce_loss(logits, batch["mask"], self.config.dice_weight)
+        loss = (per_sample * has).sum() / has.sum().clamp(min=1)
+        return StepOutput(loss, int(has.sum()))
+
+    @torch.no_grad()
+    def predict(self, model: UNETR, batch: dict[str, Tensor]):
+        """Per-sample loss; in place of class probabilities ``[B, 2]`` = (Dice, HD95) per
+        study (NaN where undefined); ``labels`` = whether the study has a mask."""
+        logits = model(batch["image"], batch["present"]).float()
+        mask = batch["mask"].long()
+        loss = dice_ce_loss(logits, mask, self.config.dice_weight)
+        pred = F.one_hot(logits.argmax(1), 2).movedim(-1, 1).float()
+        truth = F.one_hot(mask, 2).movedim(-1, 1).float()
+        dice = compute_dice(pred, truth, include_background=False)[:, 0]
+        hd95 = compute_hausdorff_distance(pred, truth, percentile=95)[:, 0]
+        has = batch["has_mask"].bool()
+        scores = torch.stack([dice, hd95], 1).masked_fill(~has[:, None], float("nan"))
+        return loss.masked_fill(~has, float("nan")), scores, has.long()
+
+    def summarize(self, losses: np.ndarray, scores: np.ndarray, has: np.ndarray) -> dict:
+        keep = has.astype(bool)
+        dice, hd95 = scores[keep, 0], scores[keep, 1]
+        finite = np.isfinite(hd95)
+        return {"loss": float(np.nanmean(losses[keep])) if keep.any() else 0.0,
+                "dice": float(np.nanmean(dice)) if np.isfinite(dice).any() else 0.0,
+                "hd95": float(hd95[finite].mean()) if finite.any() else 0.0,
+                "hd95_undefined": float((~finite).sum())}
+
+    def empty_summary(self) -> dict:
+        return {"loss": 0.0, "dice": 0.0, "hd95": 0.0, "hd95_undefined": 0.0}
+
+
+TASKS.register("segmentation", SegmentationConfig)(SegmentationTask)

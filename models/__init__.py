@@ -4,6 +4,7 @@ from .registry import MODELS, TASKS
 from .tasks import ClassificationConfig, ClassificationTask, StepOutput
 from .vit import MultiModalViT, ViTConfig
 from . import dino, mae  # noqa: F401,E402 - register the pretraining objectives
+from . import clip  # noqa: F401,E402 - register the image-report objective
 
 __all__ = ["MODELS", "TASKS", "ClassificationConfig", "ClassificationTask", "StepOutput",
            "MultiModalViT", "ViTConfig"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from monai.transforms import (Compose, EnsureTyped, NormalizeIntensityd, RandFlipd,
@@ -42,10 +44,15 @@ class StudyDataset(Dataset):
     """Pre-transformed tensors for a list of studies (small enough to keep in memory).
 
     Absent sequences are all-zero channels with ``present=False``; the model masks them out.
+    With a ``text_transform`` (e.g. ``CLIPTask.tokenize``: list of texts -> dict of tensors
+    with one row per text), items also carry its outputs for the study's report and
+    ``has_report``; a study without a report is transformed as an empty string and has
+    ``has_report=False``.
     """
 
     def __init__(self, studies: list[Study], image_size: int, sequences=SEQUENCES, *,
-                 augment: bool = False):
+                 augment: bool = False,
+                 text_transform: Callable[[list[str]], dict[str, torch.Tensor]] | None = None):
         transform = study_transform(image_size)
         # Each sequence is resized on its own: vendors may acquire sequences at different
         # matrix sizes, and a study must not lose a sequence because of it.
@@ -63,6 +70,7 @@ class StudyDataset(Dataset):
             out = transform({"image": stack})
             image = out["image"] * torch.as_tensor(present, dtype=torch.float32)[:, None, None]
             self.items.append((image, torch.as_tensor(present), torch.tensor(study.label)))
+        self.text = None if text_transform is None else _report_fields(studies, text_transform)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -76,4 +84,18 @@ class StudyDataset(Dataset):
         image, present, label = self.items[i]
         if self.augment is not None:
             image = torch.as_tensor(self.augment({"image": image})["image"]).contiguous()
-        return {"image": image, "present": present, "label": label}
+        item = {"image": image, "present": present, "label": label}
+        if self.text is not None:
+            item |= {key: value[i] for key, value in self.text.items()}
+        return item
+
+
+def _report_fields(studies: list[Study], text_transform: Callable) -> dict[str, torch.Tensor]:
+    """The transform's tensors for every study's report at once, plus ``has_report``."""
+    has = [bool(s.report and s.report.strip()) for s in studies]
+    fields = dict(text_transform([s.report if h else "" for s, h in zip(studies, has)]))
+    bad = sorted(k for k, v in fields.items() if len(v) != len(studies))
+    if bad or "has_report" in fields:
+        raise ValueError(f"text_transform must return one row per text and no 'has_report' "
+                         f"(got {bad or 'has_report'})")
+    return fields | {"has_report": torch.tensor(has, dtype=torch.bool)}

@@ -33,6 +33,15 @@ def _batch(b: int = 6, size: int = 32, dims: int = 2, seed: int = 0) -> dict:
 
 
 def _for(task, batch: dict) -> dict:
+    if getattr(task, "uses_reports", False):         # image-report objectives (CLIP)
+        b = batch["image"].shape[0]
+        texts = [f"{1 + i}.{i} cm lesion in the {('right', 'left')[i % 2]} "
+                 f"{('frontal', 'parietal', 'occipital')[i % 3]} lobe, "
+                 f"{('ring', 'no', 'faint patchy')[i % 3]} enhancement." for i in range(b)]
+        has_report = torch.ones(b, dtype=torch.bool)
+        if b > 2:
+            has_report[-1] = False                   # a study without a report is left out
+        batch = batch | task.tokenize(texts) | {"has_report": has_report}
     if getattr(task, "uses_unlabelled", False):
         return batch
     return batch | {"label": batch["label"].clamp(min=0)}

@@ -1,0 +1,270 @@
+"""Image-report CLIP: the multi-modal ViT as image tower, a BERT as text tower.
+
+Each study's images and its radiology report are embedded into one space; the symmetric
+InfoNCE loss (CLIP, ConVIRT) pulls a study's image and report embeddings together and pushes
+them away from the other studies of the batch, at a learnable temperature. Studies without a
+report (``has_report`` False) are left out of the loss.
+
+The text tower is a ``transformers`` ``BertModel`` built from a ``BertConfig`` (never a hub
+checkpoint). The tokenizer (``models.text``) is part of the model definition: the shipped
+default vocabulary or a local tokenizer directory, identical at every site.
+
+Not DP-SGD ready (``batch_coupling``): InfoNCE normalises every sample's similarity over the
+other samples of its batch. Use site-level DP for this objective.
+
+Evaluation reports, within the evaluated set: the InfoNCE loss, image->report and
+report->image recall@1/@5, and zero-shot macro AUROC (``auroc``) - class probabilities are
+the softmax over the similarities of the image to one text prompt per class name.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .metrics import macro_auroc
+from .registry import TASKS
+from .tasks import StepOutput
+from .text import load_tokenizer, pad_id, tokenize, tokenizer_fingerprint, vocab_size
+from .vit import MultiModalViT, _init_weights
+
+RECALL_AT = (1, 5)
+
+
+@dataclass(frozen=True)
+class CLIPConfig:
+    num_classes: int = 3                 # classes of the zero-shot evaluation
+    class_names: tuple[str, ...] = ()    # zero-shot prompt words; empty = no zero-shot AUROC
+    prompt_template: str = "findings consistent with {}"
+    embed_dim: int = 128                 # shared image-report embedding
+    hidden_size: int = 128               # text tower (BERT)
+    num_layers: int = 2
+    num_heads: int = 4
+    intermediate_size: int = 512
+    text_dropout: float = 0.1
+    vocab_size: int = 693                # must equal the tokenizer's; 693 = shipped default
+    max_length: int = 128                # tokens incl. [CLS]/[SEP]; longer reports truncated
+    temperature: float = 0.07            # initial softmax temperature (CLIP)
+    max_logit_scale: float = 100.0       # CLIP clamps 1/temperature here for stability
+    tokenizer_dir: str | None = None     # local tokenizer directory; None = shipped default
+    tokenizer_sha256: str | None = None  # if set, the tokenizer file must hash to this
+
+    def __post_init__(self):
+        # YAML gives lists; a frozen config keeps a tuple.
+        object.__setattr__(self, "class_names", tuple(self.class_names))
+        if self.num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {self.num_classes}")
+        if self.class_names and len(self.class_names) != self.num_classes:
+            raise ValueError(f"class_names has {len(self.class_names)} entries but num_classes "
+                             f"is {self.num_classes}; give one name per class (or none)")
+        if "{}" not in self.prompt_template:
+            raise ValueError("prompt_template must contain '{}' where the class name goes")
+        if min(self.embed_dim, self.hidden_size, self.num_layers, self.num_heads,
+               self.intermediate_size) < 1 or self.hidden_size % self.num_heads:
+            raise ValueError("text tower sizes must be >= 1 and hidden_size divisible by "
+                             f"num_heads (got {self.hidden_size} and {self.num_heads})")
+        if self.max_length < 3:
+            raise ValueError(f"max_length must be >= 3 tokens, got {self.max_length}")
+        if not 0 < self.temperature < 1 or self.max_logit_scale < 1 / self.temperature:
+            raise ValueError("temperature must be in (0, 1) and max_logit_scale >= 1/temperature")
+        if not 0 <= self.text_dropout < 1:
+            raise ValueError(f"text_dropout must be in [0, 1), got {self.text_dropout}")
+        tokenizer = load_tokenizer(self.tokenizer_dir)      # missing/empty directory: ValueError
+        where = self.tokenizer_dir or "the shipped default"
+        if vocab_size(tokenizer) != self.vocab_size:
+            raise ValueError(f"tokenizer ({where}) has {vocab_size(tokenizer)} tokens but the "
+                             f"text tower's vocab_size is {self.vocab_size}; set vocab_size to "
+                             f"{vocab_size(tokenizer)} or use the matching tokenizer")
+        if self.tokenizer_sha256 and \
+                tokenizer_fingerprint(self.tokenizer_dir) != self.tokenizer_sha256:
+            raise ValueError(f"tokenizer ({where}) does not hash to tokenizer_sha256: this site "
+                             "would tokenize reports differently from the others")
+
+
+def clip_loss(logits_per_image: Tensor) -> Tensor:
+    """Per-sample symmetric InfoNCE ``[B]``; its mean is Hugging Face's ``clip_loss``.
+
+    ``logits_per_image [B, B]``: scaled similarity of image i to report j; pairs on the
+    diagonal. Sample i's term averages its image->report and report->image cross-entropies.
+    """
+    logits = logits_per_image.float()
+    target = torch.arange(logits.shape[0], device=logits.device)
+    return (F.cross_entropy(logits, target, reduction="none")
+            + F.cross_entropy(logits.t(), target, reduction="none")) / 2
+
+
+def recall_at_k(similarity: np.ndarray, k: int) -> float:
+    """Fraction of rows whose own column (the diagonal) is among the ``k`` most similar.
+
+    Ties count against the match: a collapsed model whose embeddings are all equal scores 0,
+    not 1. An empty set scores 0.
+    """
+    if similarity.shape[0] == 0:
+        return 0.0
+    own = np.diag(similarity)[:, None]
+    others_at_least_as_close = (similarity >= own).sum(1) - 1          # [N]
+    return float((others_at_least_as_close < k).mean())
+
+
+class CLIPModel(nn.Module):
+    """Image tower (``self.backbone``, what fine-tuning keeps), text tower, projections and
+    the learnable logit scale; ``forward`` gives the image-report similarity logits."""
+
+    def __init__(self, backbone: MultiModalViT, config: CLIPConfig, pad_token_id: int):
+        super().__init__()
+        from transformers import BertConfig, BertModel   # slow import; only CLIP needs it
+
+        self.config = config
+        self.backbone = backbone
+        self.text = BertModel(BertConfig(
+            vocab_size=config.vocab_size, hidden_size=config.hidden_size,
+            num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
+            intermediate_size=config.intermediate_size, max_position_embeddings=config.max_length,
+            hidden_dropout_prob=config.text_dropout,
+            attention_probs_dropout_prob=config.text_dropout,
+            type_vocab_size=1, pad_token_id=pad_token_id), add_pooling_layer=False)
+        self.image_projection = nn.Linear(2 * backbone.config.dim, config.embed_dim, bias=False)
+        self.text_projection = nn.Linear(config.hidden_size, config.embed_dim, bias=False)
+        self.image_projection.apply(_init_weights)
+        self.text_projection.apply(_init_weights)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / config.temperature)))
+
+    def encode_image(self, images: Tensor, present: Tensor) -> Tensor:
+        """``[B, S, *spatial]`` -> unit-norm embeddings ``[B, E]``."""
+        pooled = self.backbone.pool(self.backbone.forward_features(images, present), present)
+        return F.normalize(self.image_projection(pooled), dim=-1)
+
+    def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """``[B, L]`` token ids -> unit-norm embeddings ``[B, E]``."""
+        hidden = self.text(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        # The first token ([CLS]) as in ConVIRT/BioViL: it attends to the whole report. A mean
+        # over tokens trained less stably here (reports share most of their words), and the
+        # first position is defined for any tokenizer, with or without [CLS].
+        return F.normalize(self.text_projection(hidden[:, 0]), dim=-1)          # [B, E]
+
+    def scale(self) -> Tensor:
+        """``1/temperature``, clamped at ``max_logit_scale`` as in CLIP."""
+        return self.logit_scale.clamp(max=math.log(self.config.max_logit_scale)).exp()
+
+    def forward(self, images: Tensor, present: Tensor, input_ids: Tensor,
+                attention_mask: Tensor) -> Tensor:
+        """``logits_per_image [B, B]``: scaled cosine similarity of image i to report j."""
+        image = self.encode_image(images, present)
+        text = self.encode_text(input_ids, attention_mask)
+        return self.scale() * image @ text.t()
+
+
+class CLIPTask:
+    """Image-report contrastive pretraining; labels are only used by the zero-shot metric.
+
+    Batches carry ``input_ids``/``attention_mask`` ``[B, L]`` and ``has_report [B]`` besides
+    the images (``StudyDataset(..., text_transform=task.tokenize)``).
+    """
+
+    batch_coupling = ("InfoNCE normalises each sample's image-report similarity over every "
+                      "other sample of the batch, so one sample's loss depends on the others")
+    uses_unlabelled = True
+    uses_reports = True
+
+    def __init__(self, config: CLIPConfig):
+        self.config = config
+        self.tokenizer = load_tokenizer(config.tokenizer_dir)
+        names = [n.replace("_", " ") for n in config.class_names]
+        self.prompts = [config.prompt_template.format(n) for n in names]
+        self.prompt_tokens = self.tokenize(self.prompts) if self.prompts else None
+
+    def tokenize(self, texts: list[str]) -> dict[str, Tensor]:
+        """``input_ids``/``attention_mask`` ``[N, max_length]`` and ``truncated [N]``."""
+        return tokenize(self.tokenizer, texts, self.config.max_length)
+
+    def wrap(self, backbone: MultiModalViT) -> CLIPModel:
+        backbone.head = None         # no classifier here; fine-tuning adds its own
+        return CLIPModel(backbone, self.config, pad_id(self.tokenizer))
+
+    def step(self, model: CLIPModel, batch: dict[str, Tensor]) -> StepOutput:
+        has = batch["has_report"].bool()
+        n = int(has.sum())
+        truncated = batch.get("truncated")
+        metrics = {"report_fraction": n / max(has.numel(), 1),
+                   "truncated_fraction": float(truncated[has].float().mean())
+                   if truncated is not None and n else 0.0}
+        if n < 2:
+            # InfoNCE needs at least one negative. A zero that still reaches every trainable
+            # parameter keeps backward (and FedProx's per-parameter term) well defined; n=0
+            # keeps the batch out of the reported training loss.
+            zero = sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
+            return StepOutput(zero, 0, metrics | {"retrieval_accuracy": 0.0})
+        logits = model(batch["image"][has], batch["present"][has], batch["input_ids"][has],
+                       batch["attention_mask"][has])                          # [n, n]
+        target = torch.arange(n, device=logits.device)
+        metrics["retrieval_accuracy"] = float((logits.argmax(1) == target).float().mean())
+        return StepOutput(clip_loss(logits).mean(), n, metrics)
+
+    # --- evaluation -----------------------------------------------------------------------
+    # ``predict`` returns per-batch arrays that the engine concatenates before ``summarize``.
+    # Recall over the whole evaluated set needs every embedding, so the "probs" array packs,
+    # per study: [zero-shot class probabilities (num_classes) | has_report (1) |
+    #             image embedding (embed_dim) | report embedding (embed_dim)].
+
+    @torch.no_grad()
+    def predict(self, model: CLIPModel, batch: dict[str, Tensor]):
+        """Per-sample InfoNCE within the batch, the packed array described above, and the
+        labels. The loss is 0 for studies without a report and NaN (undefined, skipped by
+        ``summarize``) for a study whose batch holds no other report to contrast with."""
+        has = batch["has_report"].bool()
+        image = model.encode_image(batch["image"], batch["present"]).float()     # [B, E]
+        text = model.encode_text(batch["input_ids"], batch["attention_mask"]).float()
+        scale = model.scale().float()
+        loss = image.new_zeros(image.shape[0])
+        if int(has.sum()) >= 2:
+            loss[has] = clip_loss(scale * image[has] @ text[has].t())
+        else:
+            loss[has] = float("nan")
+        if self.prompt_tokens is not None:
+            ids, mask = (self.prompt_tokens[k].to(image.device)
+                         for k in ("input_ids", "attention_mask"))
+            prompts = model.encode_text(ids, mask).float()                          # [C, E]
+            zero_shot = (scale * image @ prompts.t()).softmax(-1)                    # [B, C]
+        else:
+            zero_shot = image.new_zeros(image.shape[0], self.config.num_classes)
+        packed = torch.cat([zero_shot, has[:, None].float(), image, text], dim=1)
+        return loss, packed, batch["label"]
+
+    def summarize(self, losses: np.ndarray, probs: np.ndarray, labels: np.ndarray) -> dict:
+        """Loss and recall@k over the studies with a report; zero-shot ``auroc`` over the
+        labelled studies (only when class names are configured and it is defined).
+
+        ``loss`` is the InfoNCE each study got within its evaluation batch (it depends on
+        the batch size, like the training loss; studies alone in their batch are skipped);
+        recall@k ranks each study's match among all ``n_reports`` studies with a report in
+        the evaluated set (higher n, harder).
+        """
+        c, e = self.config.num_classes, self.config.embed_dim
+        zero_shot, has = probs[:, :c], probs[:, c] > 0.5
+        image, text = probs[has, c + 1:c + 1 + e], probs[has, c + 1 + e:]
+        similarity = image @ text.T                                              # [n, n]
+        scored = has & np.isfinite(losses)
+        out = {"loss": float(losses[scored].mean()) if scored.any() else 0.0,
+               "n_reports": float(has.sum())}
+        for k in RECALL_AT:
+            out[f"recall_i2r_{k}"] = recall_at_k(similarity, k)
+            out[f"recall_r2i_{k}"] = recall_at_k(similarity.T, k)
+        labelled = labels >= 0
+        if self.prompts and labelled.any():
+            auroc = macro_auroc(labels[labelled], zero_shot[labelled])
+            if auroc is not None:
+                out["auroc"] = auroc
+        return out
+
+    def empty_summary(self) -> dict[str, float]:
+        """The always-present keys of ``summarize`` for a split with no samples (all zero)."""
+        return {"loss": 0.0, "n_reports": 0.0} | {
+            f"recall_{d}_{k}": 0.0 for k in RECALL_AT for d in ("i2r", "r2i")}
+
+
+TASKS.register("clip", CLIPConfig)(CLIPTask)

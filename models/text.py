@@ -1,0 +1,113 @@
+"""Report tokenizer: part of the model definition, identical at every site.
+
+The default is a WordPiece vocabulary shipped with the project
+(``models/assets/report_vocab/vocab.txt``, built by ``scripts/build_report_vocab.py`` from
+public report terminology and the synthetic templates - never from site data) behind the
+BERT pipeline: BERT normaliser (lower case, accents stripped), BERT pre-tokenizer,
+``[CLS] ... [SEP]`` post-processing. Any local tokenizer directory holding a
+``tokenizer.json`` (Hugging Face layout) or a ``vocab.txt`` (BERT WordPiece) works too;
+nothing is ever fetched from a hub.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
+from tokenizers.models import WordPiece
+from torch import Tensor
+
+DEFAULT_TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "report_vocab"
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")     # looked for in this order
+PAD_TOKENS = ("[PAD]", "<pad>")
+
+
+def tokenizer_file(directory: str | Path | None) -> Path:
+    """The file a tokenizer directory is loaded from (``None`` = the shipped default)."""
+    directory = DEFAULT_TOKENIZER_DIR if directory is None else Path(directory)
+    if not directory.is_dir():
+        raise ValueError(f"tokenizer directory {str(directory)!r} does not exist; give a local "
+                         f"directory with one of {', '.join(TOKENIZER_FILES)}, or null for the "
+                         "shipped default vocabulary")
+    for name in TOKENIZER_FILES:
+        if (directory / name).is_file():
+            return directory / name
+    raise ValueError(f"tokenizer directory {str(directory)!r} has none of "
+                     f"{', '.join(TOKENIZER_FILES)}")
+
+
+def load_tokenizer(directory: str | Path | None = None) -> Tokenizer:
+    """A ``tokenizers.Tokenizer`` from a local directory (``None`` = shipped default)."""
+    path = tokenizer_file(directory)
+    if path.name == "tokenizer.json":
+        tokenizer = Tokenizer.from_file(str(path))
+    else:
+        tokenizer = wordpiece_tokenizer(path)
+    if pad_id(tokenizer) is None:
+        raise ValueError(f"tokenizer in {str(path.parent)!r} has no padding token "
+                         f"({' or '.join(PAD_TOKENS)})")
+    return tokenizer
+
+
+def wordpiece_tokenizer(vocab_file: Path) -> Tokenizer:
+    """The BERT WordPiece pipeline around a ``vocab.txt`` (one token per line, id = line)."""
+    tokenizer = Tokenizer(WordPiece.from_file(str(vocab_file), unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
+                                                      strip_accents=True, lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.decoder = decoders.WordPiece(prefix="##")
+    cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+    if cls is None or sep is None or tokenizer.token_to_id("[UNK]") is None:
+        raise ValueError(f"{str(vocab_file)!r} lacks [CLS], [SEP] or [UNK]; a BERT vocab.txt "
+                         "lists them")
+    tokenizer.post_processor = processors.BertProcessing(("[SEP]", sep), ("[CLS]", cls))
+    return tokenizer
+
+
+def pad_id(tokenizer: Tokenizer) -> int | None:
+    """Id of the padding token, or None if the vocabulary has none."""
+    for token in PAD_TOKENS:
+        token_id = tokenizer.token_to_id(token)
+        if token_id is not None:
+            return token_id
+    return None
+
+
+def vocab_size(tokenizer: Tokenizer) -> int:
+    """Rows the text tower's embedding needs: every id the tokenizer can emit."""
+    return tokenizer.get_vocab_size(with_added_tokens=True)
+
+
+def tokenizer_fingerprint(directory: str | Path | None = None) -> str:
+    """SHA-256 of the tokenizer file: equal fingerprints mean equal tokenization."""
+    return hashlib.sha256(tokenizer_file(directory).read_bytes()).hexdigest()
+
+
+def tokenize(tokenizer: Tokenizer, texts: list[str], max_length: int) -> dict[str, Tensor]:
+    """Fixed-length token ids for a list of texts.
+
+    Returns ``input_ids`` and ``attention_mask`` ``[B, max_length]`` (int64) and
+    ``truncated [B]`` (bool): texts longer than ``max_length`` tokens lose their end, and
+    that is counted rather than hidden.
+    """
+    # A copy: padding/truncation settings are per call, and the caller's tokenizer is shared.
+    tok = Tokenizer.from_str(tokenizer.to_str())
+    tok.enable_truncation(max_length=max_length)
+    pad = pad_id(tok)
+    tok.enable_padding(length=max_length, pad_id=pad, pad_token=tok.id_to_token(pad))
+    encodings = tok.encode_batch(list(texts))
+    if not encodings:
+        empty = torch.zeros(0, max_length, dtype=torch.long)
+        return {"input_ids": empty, "attention_mask": empty.clone(),
+                "truncated": torch.zeros(0, dtype=torch.bool)}
+    return {
+        "input_ids": torch.tensor([e.ids for e in encodings], dtype=torch.long),
+        "attention_mask": torch.tensor([e.attention_mask for e in encodings], dtype=torch.long),
+        "truncated": torch.tensor([bool(e.overflowing) for e in encodings]),
+    }
+
+
+__all__ = ["DEFAULT_TOKENIZER_DIR", "load_tokenizer", "pad_id", "tokenize", "tokenizer_file",
+           "tokenizer_fingerprint", "vocab_size"]

@@ -1,0 +1,289 @@
+"""Image-report CLIP: contract on tiny configs, tokenizer validation, retrieval and zero-shot
+metrics, the shipped vocabulary, and CLIP batches from ``StudyDataset`` through the engine."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from client.data.dataset import StudyDataset
+from client.data.site import Study
+from client.engine import Engine, TrainConfig
+from medfed.synth.phantom import CLASS_NAMES, sample_lesion
+from medfed.synth.reports import write_report
+from models import TASKS
+from models.clip import CLIPConfig, CLIPModel, clip_loss, recall_at_k
+from models.tasks import batch_coupling, build
+from models.text import DEFAULT_TOKENIZER_DIR, load_tokenizer, tokenizer_fingerprint
+
+ROOT = Path(__file__).resolve().parents[2]
+VIT = {"dim": 32, "depth": 1, "heads": 2, "img_size": 32, "patch_size": 8, "num_classes": 3}
+VIT_3D = VIT | {"spatial_dims": 3, "patch_size": 16}
+TEXT = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64,
+        "embed_dim": 16, "max_length": 40, "class_names": list(CLASS_NAMES)}
+REPORTS = ("Irregular ring enhancement with central necrosis in the right frontal lobe.",
+           "Non-enhancing infiltrative lesion in the left parietal lobe, likely low-grade glioma.",
+           "CSF-like cystic lesion that suppresses on FLAIR; most likely a simple cyst.",
+           "Faint patchy enhancement and mild surrounding oedema in the left occipital lobe.",
+           "No abnormal enhancement. No surrounding oedema.",
+           "Extensive vasogenic oedema with mild local mass effect.")
+
+
+def _batch(task, b: int = 6, dims: int = 2, has_report=None, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    present = torch.ones(b, 4, dtype=torch.bool)
+    present[0, 1] = False
+    image = torch.randn(b, 4, *([32] * dims), generator=g) * present[(...,) + (None,) * dims]
+    has = torch.ones(b, dtype=torch.bool) if has_report is None else torch.tensor(has_report)
+    return ({"image": image, "present": present, "label": torch.arange(b) % 3}
+            | task.tokenize([REPORTS[i % len(REPORTS)] for i in range(b)]) | {"has_report": has})
+
+
+def _build(vit=VIT, **options):
+    torch.manual_seed(0)
+    return build("mmvit", vit, "clip", TEXT | options)
+
+
+def test_builds_from_config_with_both_towers():
+    from transformers import BertModel
+
+    model, task = _build()
+    assert isinstance(model, CLIPModel) and model.backbone.head is None
+    assert isinstance(model.text, BertModel)
+    assert model.text.config.vocab_size == CLIPConfig().vocab_size
+    assert task.uses_reports and task.uses_unlabelled
+    assert "batch" in batch_coupling("clip")          # InfoNCE: not DP-SGD ready
+    assert TASKS.config("clip", {"num_classes": 3}).num_classes == 3   # what the server passes
+
+
+def test_trains_with_a_finite_decreasing_loss():
+    model, task = _build()
+    batch = _batch(task, has_report=[True] * 5 + [False])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(10):
+        torch.manual_seed(0)
+        out = task.step(model, batch)
+        assert torch.isfinite(out.loss) and out.n == 5
+        optimizer.zero_grad()
+        out.loss.backward()
+        assert model.logit_scale.grad is not None
+        assert model.text.embeddings.word_embeddings.weight.grad.abs().sum() > 0
+        optimizer.step()
+        losses.append(out.loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert out.metrics["report_fraction"] == pytest.approx(5 / 6)
+
+
+def test_studies_without_a_report_are_left_out_of_the_loss():
+    model, task = _build()
+    model.eval()
+    batch = _batch(task, b=4, has_report=[True, True, True, False])
+    other = dict(batch, image=batch["image"].clone(), input_ids=batch["input_ids"].clone())
+    other["image"][3] += 5.0
+    other["input_ids"][3, 1:5] = 7
+    torch.testing.assert_close(task.step(model, batch).loss, task.step(model, other).loss)
+
+
+@pytest.mark.parametrize("has_report", [[False] * 4, [True, False, False, False]])
+def test_fewer_than_two_reports_give_a_zero_loss_with_zero_gradients(has_report):
+    model, task = _build()
+    out = task.step(model, _batch(task, b=4, has_report=has_report))
+    assert out.loss.item() == 0.0 and out.n == 0
+    out.loss.backward()
+    assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
+
+
+def test_logit_scale_is_clamped_like_clip():
+    model, _ = _build()
+    with torch.no_grad():
+        model.logit_scale.fill_(10.0)
+    assert model.scale().item() == pytest.approx(100.0)
+
+
+def test_state_dict_round_trips():
+    model, task = _build()
+    torch.manual_seed(1)
+    other, _ = build("mmvit", VIT, "clip", TEXT)
+    other.load_state_dict(model.state_dict())
+    model.eval(), other.eval()
+    batch = _batch(task)
+    torch.testing.assert_close(task.step(model, batch).loss, task.step(other, batch).loss)
+    torch.testing.assert_close(task.predict(model, batch)[1], task.predict(other, batch)[1])
+
+
+def test_three_dimensional_input():
+    model, task = _build(VIT_3D)
+    out = task.step(model, _batch(task, b=3, dims=3))
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and out.n == 3
+
+
+def test_clip_loss_matches_the_symmetric_cross_entropy():
+    logits = torch.tensor([[5.0, 0.0, 0.0], [0.0, 1.0, 3.0], [1.0, 0.0, 2.0]])
+    target = torch.arange(3)
+    expected = (torch.nn.functional.cross_entropy(logits, target)
+                + torch.nn.functional.cross_entropy(logits.t(), target)) / 2
+    torch.testing.assert_close(clip_loss(logits).mean(), expected)
+
+
+# --- configuration errors (the server turns these into ConfigError before training) ------
+
+def test_missing_tokenizer_directory_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        TASKS.config("clip", {"tokenizer_dir": str(tmp_path / "nowhere")})
+    with pytest.raises(ValueError, match="none of tokenizer.json, vocab.txt"):
+        TASKS.config("clip", {"tokenizer_dir": str(tmp_path)})
+
+
+def test_tokenizer_that_does_not_match_the_text_tower_is_refused(tmp_path):
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "lesion", "cyst", "##s"]
+    (tmp_path / "vocab.txt").write_text("\n".join(tokens) + "\n")
+    with pytest.raises(ValueError, match=r"has 8 tokens but the text tower's vocab_size is 693"):
+        TASKS.config("clip", {"tokenizer_dir": str(tmp_path)})
+    config = TASKS.config("clip", {"tokenizer_dir": str(tmp_path), "vocab_size": 8})
+    with pytest.raises(ValueError, match="tokenizer_sha256"):
+        CLIPConfig(tokenizer_dir=str(tmp_path), vocab_size=8, tokenizer_sha256="0" * 64)
+    _, task = build("mmvit", VIT, "clip", TEXT | {"tokenizer_dir": str(tmp_path),
+                                                 "vocab_size": config.vocab_size})
+    assert task.tokenize(["cysts"])["input_ids"][0, :4].tolist() == [2, 6, 7, 3]
+
+
+def test_a_local_tokenizer_json_directory_tokenizes_like_the_default(tmp_path):
+    load_tokenizer().save(str(tmp_path / "tokenizer.json"))
+    default = TASKS.build("clip", TEXT)
+    local = TASKS.build("clip", TEXT | {"tokenizer_dir": str(tmp_path)})
+    for key, value in default.tokenize(REPORTS).items():
+        torch.testing.assert_close(local.tokenize(REPORTS)[key], value)
+    assert tokenizer_fingerprint(tmp_path) != tokenizer_fingerprint()   # different files
+
+
+def test_class_names_must_match_num_classes():
+    with pytest.raises(ValueError, match="one name per class"):
+        TASKS.config("clip", {"num_classes": 2, "class_names": list(CLASS_NAMES)})
+
+
+# --- evaluation -----------------------------------------------------------------------
+
+def test_recall_at_k_on_hand_made_embeddings():
+    # Image i's own report is ranked: 1st, 2nd, 3rd, 1st.
+    similarity = np.array([[0.90, 0.10, 0.20, 0.00],
+                           [0.95, 0.70, 0.10, 0.00],
+                           [0.50, 0.60, 0.40, 0.10],
+                           [0.00, 0.10, 0.20, 0.30]])
+    assert recall_at_k(similarity, 1) == 0.5
+    assert recall_at_k(similarity, 2) == 0.75
+    assert recall_at_k(similarity, 3) == 1.0
+    assert recall_at_k(similarity.T, 1) == 0.75     # report -> image: report 0 prefers image 1
+    assert recall_at_k(np.ones((4, 4)), 1) == 0.0   # ties count against: collapse scores 0
+    assert recall_at_k(np.zeros((0, 0)), 5) == 0.0
+
+
+def test_recall_spans_the_whole_evaluated_set_not_one_batch():
+    _, task = _build()
+    c, e = task.config.num_classes, task.config.embed_dim
+    emb = np.eye(e, dtype=np.float32)[:6]                  # six orthogonal studies
+    text = emb.copy()
+    text[5] = emb[0]                                       # study 5's report looks like study 0's
+    has = np.array([1, 1, 1, 1, 1, 0], dtype=np.float32)  # ... but study 5 has no report
+    packed = np.concatenate([np.full((6, c), 1 / c), has[:, None], emb, text], axis=1)
+    batches = [packed[:2], packed[2:4], packed[4:]]          # concatenated as the engine does
+    summary = task.summarize(np.ones(6), np.concatenate(batches), np.arange(6) % 3)
+    assert summary["n_reports"] == 5.0 and summary["loss"] == 1.0
+    assert summary["recall_i2r_1"] == 1.0 and summary["recall_r2i_1"] == 1.0
+    text[1] = emb[0]                                       # now two reports tie for image 0
+    packed = np.concatenate([np.full((6, c), 1 / c), has[:, None], emb, text], axis=1)
+    summary = task.summarize(np.ones(6), packed, np.arange(6) % 3)
+    assert summary["recall_i2r_1"] == pytest.approx(3 / 5)
+    assert summary["recall_i2r_5"] == 1.0
+
+
+def test_zero_shot_auroc_is_defined_and_keys_are_fixed():
+    model, task = _build()
+    model.eval()
+    batch = _batch(task, has_report=[True, True, False, True, True, True])
+    loss, packed, labels = task.predict(model, batch)
+    assert loss[2] == 0 and (loss[[0, 1, 3, 4, 5]] > 0).all()
+    zero_shot = packed[:, :3]
+    torch.testing.assert_close(zero_shot.sum(1), torch.ones(6))
+    summary = task.summarize(loss.numpy(), packed.numpy(), labels.numpy())
+    assert 0.0 <= summary["auroc"] <= 1.0
+    assert set(summary) == set(task.empty_summary()) | {"auroc"}
+    assert task.prompts[0] == "findings consistent with high grade glioma"
+    _, unnamed = _build(class_names=[])                    # no names: no zero-shot AUROC
+    assert "auroc" not in unnamed.summarize(loss.numpy(), packed.numpy(), labels.numpy())
+    lone, lone_packed, _ = task.predict(model, _batch(task, b=2, has_report=[True, False]))
+    assert lone[0].isnan() and lone[1] == 0                # nothing to contrast with: undefined
+    summary = task.summarize(np.concatenate([loss.numpy(), lone.numpy()]),
+                             np.concatenate([packed.numpy(), lone_packed.numpy()]),
+                             np.arange(8) % 3)
+    assert summary["loss"] == pytest.approx(float(loss[[0, 1, 3, 4, 5]].mean()))
+    assert summary["n_reports"] == 6.0                     # still ranked for recall
+
+
+# --- the shipped vocabulary -----------------------------------------------------------
+
+def _synthetic_reports(n: int = 90) -> list[str]:
+    rng = np.random.default_rng(0)
+    missing = [(), ("T1ce",), ("FLAIR",), ("T1", "T2")]
+    return [write_report(sample_lesion(i % 3, rng), rng, referring="Whitcombe^Eleanor",
+                         missing=missing[i % 4], pixel_mm=0.9) for i in range(n)]
+
+
+def test_default_vocabulary_tokenizes_the_synthetic_reports():
+    task = TASKS.build("clip", {"class_names": list(CLASS_NAMES)})
+    out = task.tokenize(_synthetic_reports())
+    unk = load_tokenizer().token_to_id("[UNK]")
+    real = out["attention_mask"].bool()
+    assert (out["input_ids"][real] == unk).float().mean() < 0.005
+    assert not out["truncated"].any()                      # default max_length fits them
+    assert not (task.prompt_tokens["input_ids"] == unk).any()
+
+
+def test_shipped_vocabulary_is_what_the_build_script_makes():
+    spec = importlib.util.spec_from_file_location("build_report_vocab",
+                                                  ROOT / "scripts" / "build_report_vocab.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    shipped = (DEFAULT_TOKENIZER_DIR / "vocab.txt").read_text(encoding="utf-8").splitlines()
+    assert script.build_vocab() == shipped
+    assert len(shipped) == CLIPConfig().vocab_size
+
+
+# --- data path: StudyDataset(text_transform=task.tokenize) through the engine ---------
+
+def _studies(n: int = 8) -> list[Study]:
+    rng = np.random.default_rng(0)
+    reports = _synthetic_reports(n)
+    return [Study(key=f"s{i}", patient_key=f"p{i}", label=i % 3,
+                  images={seq: rng.normal(size=(40, 40)).astype(np.float32)
+                          for seq in ("T1", "T2", "FLAIR")},
+                  report=None if i == 3 else ("  " if i == 5 else reports[i]))
+            for i in range(n)]
+
+
+def test_dataset_items_carry_tokenized_reports():
+    model, task = _build()
+    studies = _studies()
+    plain = StudyDataset(studies, image_size=32)
+    with_text = StudyDataset(studies, image_size=32, text_transform=task.tokenize)
+    assert set(plain[0]) == {"image", "present", "label"}
+    item = with_text[0]
+    assert set(item) == {"image", "present", "label", "input_ids", "attention_mask",
+                         "truncated", "has_report"}
+    torch.testing.assert_close(item["image"], plain[0]["image"])
+    assert item["input_ids"].shape == (TEXT["max_length"],)
+    assert [bool(with_text[i]["has_report"]) for i in range(8)] == \
+        [True, True, True, False, True, False, True, True]
+    assert with_text[3]["attention_mask"].sum() == 2       # "" -> [CLS] [SEP]
+
+    engine = Engine(task, torch.device("cpu"))
+    fit = engine.fit(model, with_text, TrainConfig(batch_size=4, lr=1e-3))
+    assert np.isfinite(fit["train_loss"]) and fit["steps"] == 2
+    metrics = engine.evaluate(model, with_text, batch_size=3)
+    assert metrics["n_reports"] == 6.0 and 0.0 <= metrics["recall_i2r_5"] <= 1.0
+    assert "auroc" in metrics

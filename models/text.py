@@ -1,12 +1,13 @@
 """Report tokenizer: part of the model definition, identical at every site.
 
-The default is a WordPiece vocabulary shipped with the project
-(``models/assets/report_vocab/vocab.txt``, built by ``scripts/build_report_vocab.py`` from
-public report terminology and the synthetic templates - never from site data) behind the
-BERT pipeline: BERT normaliser (lower case, accents stripped), BERT pre-tokenizer,
-``[CLS] ... [SEP]`` post-processing. Any local tokenizer directory holding a
-``tokenizer.json`` (Hugging Face layout) or a ``vocab.txt`` (BERT WordPiece) works too;
-nothing is ever fetched from a hub.
+The default is a WordPiece vocabulary shipped with the project behind the BERT pipeline:
+BERT normaliser (lower case, accents stripped), BERT pre-tokenizer, ``[CLS] ... [SEP]``
+post-processing. ``scripts/build_report_vocab.py`` builds it from public report terminology
+and the synthetic templates - never from site data - and writes the whole pipeline as
+``models/assets/report_vocab/tokenizer.json`` (JSON because Flower app bundles carry
+``*.json`` but not ``*.txt``). Any local tokenizer directory holding a ``tokenizer.json``
+(Hugging Face layout) or a ``vocab.txt`` (BERT WordPiece) works too; nothing is ever
+fetched from a hub.
 """
 
 from __future__ import annotations
@@ -51,17 +52,20 @@ def load_tokenizer(directory: str | Path | None = None) -> Tokenizer:
     return tokenizer
 
 
-def wordpiece_tokenizer(vocab_file: Path) -> Tokenizer:
-    """The BERT WordPiece pipeline around a ``vocab.txt`` (one token per line, id = line)."""
-    tokenizer = Tokenizer(WordPiece.from_file(str(vocab_file), unk_token="[UNK]"))
+def wordpiece_tokenizer(vocab: Path | list[str]) -> Tokenizer:
+    """The BERT WordPiece pipeline around a ``vocab.txt`` (one token per line, id = line)
+    or a list of tokens (id = position)."""
+    model = (WordPiece.from_file(str(vocab), unk_token="[UNK]") if isinstance(vocab, Path)
+             else WordPiece(vocab={token: i for i, token in enumerate(vocab)}, unk_token="[UNK]"))
+    tokenizer = Tokenizer(model)
     tokenizer.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
                                                       strip_accents=True, lowercase=True)
     tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tokenizer.decoder = decoders.WordPiece(prefix="##")
     cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
     if cls is None or sep is None or tokenizer.token_to_id("[UNK]") is None:
-        raise ValueError(f"{str(vocab_file)!r} lacks [CLS], [SEP] or [UNK]; a BERT vocab.txt "
-                         "lists them")
+        raise ValueError("the WordPiece vocabulary lacks [CLS], [SEP] or [UNK]; a BERT "
+                         "vocab.txt lists them")
     tokenizer.post_processor = processors.BertProcessing(("[SEP]", sep), ("[CLS]", cls))
     return tokenizer
 
@@ -110,4 +114,4 @@ def tokenize(tokenizer: Tokenizer, texts: list[str], max_length: int) -> dict[st
 
 
 __all__ = ["DEFAULT_TOKENIZER_DIR", "load_tokenizer", "pad_id", "tokenize", "tokenizer_file",
-           "tokenizer_fingerprint", "vocab_size"]
+           "tokenizer_fingerprint", "vocab_size", "wordpiece_tokenizer"]

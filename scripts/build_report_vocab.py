@@ -1,4 +1,4 @@
-"""Build the default WordPiece vocabulary for report text, shipped in ``models/assets/``.
+"""Build the default WordPiece report tokenizer, shipped in ``models/assets/``.
 
 The tokenizer is part of the CLIP model definition and must be identical at every site, so
 its vocabulary comes only from public material, never from a site's reports:
@@ -15,12 +15,14 @@ The vocabulary is: the five BERT special tokens; every ASCII letter, digit and p
 mark, alone and as a ``##`` continuation (so any ASCII word has a WordPiece split and
 ``[UNK]`` is left for non-ASCII symbols); common medical suffix pieces; then the whole
 words, sorted. Words are normalised exactly as the tokenizer will see them (BERT
-normaliser, lower case, accents stripped; BERT pre-tokenizer).
+normaliser, lower case, accents stripped; BERT pre-tokenizer). The file written is the whole
+tokenizer pipeline (``models.text.wordpiece_tokenizer``) as ``tokenizer.json``: Flower app
+bundles carry ``*.json`` files but not ``*.txt``.
 
 Usage::
 
-    python scripts/build_report_vocab.py            # (re)write models/assets/report_vocab/vocab.txt
-    python scripts/build_report_vocab.py --check    # exit 1 if the shipped file is stale
+    python scripts/build_report_vocab.py          # (re)write the shipped tokenizer.json
+    python scripts/build_report_vocab.py --check  # exit 1 if the shipped file is stale
 
 After a change, set ``CLIPConfig.vocab_size`` to the size this prints.
 """
@@ -37,7 +39,7 @@ from tokenizers import normalizers, pre_tokenizers
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATES = ROOT / "medfed" / "synth" / "reports.py"
-OUTPUT = ROOT / "models" / "assets" / "report_vocab" / "vocab.txt"
+OUTPUT = ROOT / "models" / "assets" / "report_vocab" / "tokenizer.json"
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 TEMPLATE_FUNCTIONS = ("write_report", "_lobe")
@@ -172,12 +174,21 @@ def build_vocab() -> list[str]:
     return [t for t in tokens if not (t in seen or seen.add(t))]
 
 
+def tokenizer_json(vocab: list[str]) -> str:
+    """The shipped file: the default pipeline around ``vocab``, serialised."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from models.text import wordpiece_tokenizer
+
+    return wordpiece_tokenizer(vocab).to_str(pretty=True) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true",
                         help="compare with the shipped file instead of writing it")
     args = parser.parse_args(argv)
-    text = "\n".join(build_vocab()) + "\n"
+    text = tokenizer_json(build_vocab())
     if args.check:
         current = OUTPUT.read_text(encoding="utf-8") if OUTPUT.exists() else ""
         if current != text:
@@ -186,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     OUTPUT.parent.mkdir(parents=True, exist_ok=True)
     OUTPUT.write_text(text, encoding="utf-8")
-    print(f"wrote {OUTPUT.relative_to(ROOT)}: {text.count(chr(10))} tokens")
+    print(f"wrote {OUTPUT.relative_to(ROOT)}: {len(build_vocab())} tokens")
     return 0
 
 

@@ -153,13 +153,18 @@ def test_tokenizer_that_does_not_match_the_text_tower_is_refused(tmp_path):
     assert task.tokenize(["cysts"])["input_ids"][0, :4].tolist() == [2, 6, 7, 3]
 
 
-def test_a_local_tokenizer_json_directory_tokenizes_like_the_default(tmp_path):
-    load_tokenizer().save(str(tmp_path / "tokenizer.json"))
-    default = TASKS.build("clip", TEXT)
-    local = TASKS.build("clip", TEXT | {"tokenizer_dir": str(tmp_path)})
-    for key, value in default.tokenize(REPORTS).items():
-        torch.testing.assert_close(local.tokenize(REPORTS)[key], value)
-    assert tokenizer_fingerprint(tmp_path) != tokenizer_fingerprint()   # different files
+def test_a_local_tokenizer_directory_tokenizes_like_the_default(tmp_path):
+    default = load_tokenizer()
+    (tmp_path / "json").mkdir(), (tmp_path / "txt").mkdir()
+    default.save(str(tmp_path / "json" / "tokenizer.json"))
+    vocab = sorted(default.get_vocab(), key=default.token_to_id)
+    (tmp_path / "txt" / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    expected = TASKS.build("clip", TEXT).tokenize(REPORTS)
+    for layout in ("json", "txt"):
+        local = TASKS.build("clip", TEXT | {"tokenizer_dir": str(tmp_path / layout)})
+        for key, value in local.tokenize(REPORTS).items():
+            torch.testing.assert_close(value, expected[key])
+    CLIPConfig(tokenizer_sha256=tokenizer_fingerprint())   # the shipped file hashes to itself
 
 
 def test_class_names_must_match_num_classes():
@@ -244,14 +249,16 @@ def test_default_vocabulary_tokenizes_the_synthetic_reports():
     assert not (task.prompt_tokens["input_ids"] == unk).any()
 
 
-def test_shipped_vocabulary_is_what_the_build_script_makes():
+def test_shipped_tokenizer_is_what_the_build_script_makes():
     spec = importlib.util.spec_from_file_location("build_report_vocab",
                                                   ROOT / "scripts" / "build_report_vocab.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    shipped = (DEFAULT_TOKENIZER_DIR / "vocab.txt").read_text(encoding="utf-8").splitlines()
-    assert script.build_vocab() == shipped
-    assert len(shipped) == CLIPConfig().vocab_size
+    shipped = DEFAULT_TOKENIZER_DIR / "tokenizer.json"
+    vocab = script.build_vocab()
+    assert script.tokenizer_json(vocab) == shipped.read_text(encoding="utf-8")
+    assert len(vocab) == CLIPConfig().vocab_size == load_tokenizer().get_vocab_size()
+    assert not set(vocab) & {w.lower() for w in ("Okonkwo", "Whitcombe", "Eleanor")}  # no names
 
 
 # --- data path: StudyDataset(text_transform=task.tokenize) through the engine ---------

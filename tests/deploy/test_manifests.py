@@ -1,0 +1,237 @@
+"""deploy/ is consistent with the real CLI (no Docker engine or helm here: static checks).
+
+Every ``medfed`` command line in compose, the Dockerfiles and the Helm templates is parsed by
+``medfed.cli.build_parser()``: an unknown or missing flag fails here, not at a hospital.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+
+from medfed.cli import build_parser
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+COMPOSE = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+SERVICES = COMPOSE["services"]
+SITES = ("site-a", "site-b", "site-c")
+
+
+def _interpolate(value: str) -> str:
+    """Compose's ``${VAR:-default}`` -> default (the values a fresh checkout runs with)."""
+    return re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", value)
+
+
+def _parse(command: str, args: list[str]):
+    """Parse ``medfed COMMAND ARGS`` with the real parser (argparse exits on a bad flag)."""
+    try:
+        return build_parser().parse_args([command, *[_interpolate(str(a)) for a in args]])
+    except SystemExit as err:
+        pytest.fail(f"`medfed {command} {' '.join(map(str, args))}` is not a valid command "
+                    f"line (exit {err.code})")
+
+
+def _mount_targets(service: dict) -> dict[str, str]:
+    """Container path -> source for every volume of a compose service."""
+    out = {}
+    for spec in service.get("volumes", []):
+        source, target = spec.split(":")[:2]
+        out[target] = source
+    return out
+
+
+def _covered(path: str, targets: dict[str, str]) -> bool:
+    return any(path == t or path.startswith(t.rstrip("/") + "/") for t in targets)
+
+
+def _dockerfile(name: str) -> str:
+    return (DEPLOY / "docker" / name).read_text()
+
+
+def _json_instruction(text: str, instruction: str) -> list[str]:
+    line = next(ln for ln in text.splitlines() if ln.startswith(instruction + " "))
+    return yaml.safe_load(line[len(instruction) + 1:])
+
+
+def test_compose_services():
+    assert set(SERVICES) == {"postgres", "mlflow", "coordinator", *SITES}
+    assert set(COMPOSE["volumes"]) >= {"pgdata", "coordinator-state",
+                                       *(f"{s}-data" for s in SITES)}
+
+
+def test_coordinator_command_matches_cli_and_ports():
+    server = SERVICES["coordinator"]
+    entry = _json_instruction(_dockerfile("server.Dockerfile"), "ENTRYPOINT")
+    assert entry == ["medfed", "server"]
+    args = _parse("server", server["command"])
+    assert server["ports"] == [f"{args.port}:{args.port}"]
+    assert f"EXPOSE {args.port}" in _dockerfile("server.Dockerfile")
+    default = _parse("server", _json_instruction(_dockerfile("server.Dockerfile"), "CMD"))
+    assert default.port == args.port and default.state_dir == args.state_dir
+    mounts = _mount_targets(server)
+    assert mounts[args.state_dir] == "coordinator-state"
+    for name in ("ca.pem", "server.pem", "server.key"):
+        assert f"{args.certs}/{name}" in mounts
+    pubs = [t for t in mounts if t.endswith("/auth.pub")]
+    assert sorted(pubs) == [f"{args.certs}/sites/{s}/auth.pub" for s in SITES]
+    assert not [s for s in mounts.values() if s.endswith("auth.key")]   # no site private key
+
+
+def test_sites_each_have_own_data_key_and_reach_the_coordinator():
+    coordinator = _parse("server", SERVICES["coordinator"]["command"])
+    data_volumes, keys = set(), set()
+    for name in SITES:
+        service = SERVICES[name]
+        args = _parse("site", service["command"])
+        assert args.site_id == name
+        host, port = args.superlink.rsplit(":", 1)
+        assert host == "coordinator" and int(port) == coordinator.port
+        mounts = _mount_targets(service)
+        for path in (args.data_dir, args.root_cert, args.auth_key, args.state_dir,
+                     args.privacy_dir):
+            assert _covered(path, mounts), (name, path)
+        data_volumes.add(mounts[args.data_dir])
+        keys.add(mounts[args.auth_key])
+        assert mounts[args.auth_key] == f"./certs/sites/{name}/auth.key"
+        assert "ports" not in service                       # outbound only
+        assert service["environment"]["OMP_NUM_THREADS"] == "1"
+    assert len(data_volumes) == len(keys) == len(SITES)
+    assert _json_instruction(_dockerfile("site.Dockerfile"), "ENTRYPOINT") == ["medfed", "site"]
+
+
+def test_mlflow_uses_postgres_and_no_job_execution():
+    mlflow = SERVICES["mlflow"]
+    assert mlflow["environment"]["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
+    command = [_interpolate(str(a)) for a in mlflow["command"]]
+    backend = command[command.index("--backend-store-uri") + 1]
+    assert backend.startswith("postgresql://") and "@postgres:5432/" in backend
+    assert "mlflow" in SERVICES["coordinator"]["depends_on"]
+    postgres = SERVICES["postgres"]["environment"]
+    assert f"{postgres['POSTGRES_USER']}:" in backend and backend.endswith(postgres["POSTGRES_DB"])
+
+
+@pytest.mark.parametrize("name", ["server.Dockerfile", "site.Dockerfile"])
+def test_dockerfiles_install_torch_first_then_constraints(name):
+    text = _dockerfile(name)
+    assert "ARG VARIANT=cpu" in text and '"$VARIANT" = "cuda"' in text
+    assert text.index("pip install torch==2.13.0") < text.index("pip install -c /tmp/constraints.txt")
+    assert "USER medfed" in text
+    healthcheck = next(ln for ln in text.splitlines() if ln.strip().startswith("CMD ["))
+    command = yaml.safe_load(healthcheck.strip()[4:])
+    if command[0] == "medfed":
+        _parse(command[1], command[2:])
+
+
+# ---- Helm: a small renderer for the template subset the charts use ----
+
+def _lookup(values: dict, dotted: str, release: str):
+    if dotted == ".Release.Name":
+        return release
+    assert dotted.startswith(".Values."), dotted
+    node = values
+    for part in dotted[len(".Values."):].split("."):
+        assert isinstance(node, dict) and part in node, f"{dotted} is not in values.yaml"
+        node = node[part]
+    return node
+
+
+def _expression(expr: str, values: dict, release: str) -> str:
+    parts = [p.strip() for p in expr.split("|")]
+    value = _lookup(values, parts[0], release)
+    for fn in parts[1:]:
+        assert fn == "quote", f"unsupported template function {fn}"
+        value = f'"{value}"'
+    return str(value)
+
+
+def render(template: str, values: dict, release: str = "rel") -> str:
+    """Render the subset of Go templates used in deploy/helm (if/else/end, ``.Values`` paths,
+    ``| quote``, ``toYaml ... | nindent N``); anything else fails the test."""
+    out, stack = [], []
+    for line in template.splitlines():
+        control = re.fullmatch(r"\s*\{\{-?\s*(if|else|end)\b(.*?)-?\}\}\s*", line)
+        if control:
+            word, rest = control.group(1), control.group(2).strip()
+            if word == "if":
+                stack.append(bool(_lookup(values, rest, release)))
+            elif word == "else":
+                stack[-1] = not stack[-1]
+            else:
+                stack.pop()
+            continue
+        if not all(stack):
+            continue
+        to_yaml = re.fullmatch(r"\s*\{\{-?\s*toYaml (\S+) \| nindent (\d+)\s*-?\}\}\s*", line)
+        if to_yaml:
+            dumped = yaml.safe_dump(_lookup(values, to_yaml.group(1), release),
+                                    default_flow_style=False).splitlines()
+            out += [" " * int(to_yaml.group(2)) + d for d in dumped]
+            continue
+        out.append(re.sub(r"\{\{-?\s*(.*?)\s*-?\}\}",
+                          lambda m: _expression(m.group(1), values, release), line))
+    assert not stack, "unbalanced if/end"
+    return "\n".join(out)
+
+
+def _chart(name: str, overrides: dict | None = None) -> tuple[dict, dict[str, dict]]:
+    chart = DEPLOY / "helm" / name
+    assert yaml.safe_load((chart / "Chart.yaml").read_text())["name"] == name
+    values = yaml.safe_load((chart / "values.yaml").read_text())
+    for dotted, value in (overrides or {}).items():
+        node = values
+        *path, last = dotted.split(".")
+        for part in path:
+            node = node[part]
+        node[last] = value
+    docs = {}
+    for path in sorted((chart / "templates").glob("*.yaml")):
+        doc = yaml.safe_load(render(path.read_text(), values))
+        docs[doc["kind"]] = doc
+    return values, docs
+
+
+def _container_args(workload: dict) -> tuple[dict, list[str]]:
+    container = workload["spec"]["template"]["spec"]["containers"][0]
+    return container, [str(a) for a in container["args"]]
+
+
+def test_coordinator_chart_matches_cli():
+    values, docs = _chart("medfed-coordinator")
+    container, args = _container_args(docs["StatefulSet"])
+    parsed = _parse("server", args)
+    assert parsed.port == values["port"] == docs["Service"]["spec"]["ports"][0]["port"]
+    assert container["ports"][0]["containerPort"] == parsed.port
+    mounts = {m["mountPath"] for m in container["volumeMounts"]}
+    assert {parsed.certs, parsed.authorized_keys, parsed.state_dir} <= mounts
+    probe = container["readinessProbe"]["exec"]["command"]
+    health = _parse(probe[1], probe[2:])
+    assert health.superlink.endswith(f":{parsed.port}")
+    assert {e["name"]: e["value"] for e in container["env"]}["OMP_NUM_THREADS"] == "1"
+    notes = render((DEPLOY / "helm/medfed-coordinator/templates/NOTES.txt").read_text(), values)
+    run_line = " ".join(ln.strip().rstrip("\\") for ln in notes.splitlines()[2:])
+    words = shlex.split(run_line)
+    _parse("run", words[words.index("run") + 1:])
+
+
+@pytest.mark.parametrize("privacy", [{}, {"privacy.epsilon": "8", "privacy.delta": "1e-5",
+                                          "privacy.requireSecagg": True}])
+def test_site_chart_matches_cli_and_is_outbound_only(privacy):
+    values, docs = _chart("medfed-site", privacy)
+    container, args = _container_args(docs["Deployment"])
+    parsed = _parse("site", args)
+    assert parsed.site_id == values["site"]["id"]
+    assert parsed.superlink == values["coordinator"]["address"]
+    assert parsed.require_secagg == bool(privacy)
+    assert (parsed.dp_epsilon, parsed.dp_delta) == ((8.0, 1e-5) if privacy else (None, None))
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    for path in (parsed.data_dir, parsed.root_cert, parsed.auth_key, parsed.state_dir):
+        assert _covered(path, mounts), path
+    assert mounts[parsed.data_dir]["readOnly"] is True
+    assert container["livenessProbe"]["httpGet"]["port"] == parsed.runtime_port
+    policy = docs["NetworkPolicy"]["spec"]
+    assert policy["ingress"] == [] and set(policy["policyTypes"]) == {"Ingress", "Egress"}
+    assert policy["egress"][0]["ports"][0]["port"] == int(parsed.superlink.rsplit(":", 1)[1])

@@ -68,9 +68,13 @@ def make_client_app(*, sim_data_root: Path | None = None, mods=()) -> ClientApp:
         job = decode_job(msg.content[wire.CONFIG], site_seed=site.seed)
         torch.manual_seed(job.train.seed)        # seeded init: local parameters of round 1
         model, task = job.build()
-        data, splits = cache.get(site, job.class_names, job.image_size,
-                                 unlabelled=task.uses_unlabelled,
-                                 label_fraction=getattr(task.config, "label_fraction", 1.0))
+        reports = getattr(task, "uses_reports", False)
+        data, splits = cache.get(
+            site, job.class_names, job.image_size, unlabelled=task.uses_unlabelled,
+            label_fraction=getattr(task.config, "label_fraction", 1.0),
+            masks=getattr(task, "uses_masks", False),
+            text_transform=task.tokenize if reports else None,
+            text_key=(task.config.tokenizer_dir, task.config.max_length) if reports else ())
         local = load_global(model, msg.content, job, context)
         identity = ConfigRecord({wire.SITE_ID: site.site_id, wire.MANIFEST: data.fingerprint,
                                  wire.INGEST: json.dumps(data.report.as_dict(), sort_keys=True)})

@@ -66,7 +66,8 @@ class SiteDataCache:
         self._sites: OrderedDict[tuple, tuple[SiteData, dict[str, StudyDataset]]] = OrderedDict()
 
     def get(self, site: SiteIdentity, class_names: tuple[str, ...], image_size: int, *,
-            unlabelled: bool = False, label_fraction: float = 1.0
+            unlabelled: bool = False, label_fraction: float = 1.0, masks: bool = False,
+            text_transform=None, text_key: tuple = ()
             ) -> tuple[SiteData, dict[str, StudyDataset]]:
         """Splits of one site. Training uses the labelled studies (a ``label_fraction`` of
         them, chosen by a hash of the study) or, for self-supervised objectives, every
@@ -79,11 +80,14 @@ class SiteDataCache:
                 "data: %d files, %d images, %d studies (train/val/test %s), skipped %s",
                 r.files, r.images, r.studies, dict(r.splits), dict(r.skipped) or "none")
             train = data.split("train", labelled_only=not unlabelled)
+            if masks:
+                train = [s for s in train if s.mask is not None]
             if label_fraction < 1.0:
                 train = label_subset(train, label_fraction, keep_unlabelled=unlabelled)
-            splits = {"train": StudyDataset(train, image_size, augment=True)}
-            splits |= {name: StudyDataset(data.split(name, labelled_only=True), image_size)
-                       for name in ("val", "test")}
+            extra = {"masks": masks, "text_transform": text_transform}
+            splits = {"train": StudyDataset(train, image_size, augment=True, **extra)}
+            splits |= {name: StudyDataset(data.split(name, labelled_only=True), image_size,
+                                          **extra) for name in ("val", "test")}
             self._sites[key] = (data, splits)
             while len(self._sites) > self.max_sites:
                 self._sites.popitem(last=False)

@@ -3,8 +3,7 @@
 from .registry import MODELS, TASKS
 from .tasks import ClassificationConfig, ClassificationTask, StepOutput
 from .vit import MultiModalViT, ViTConfig
-from . import dino, mae  # noqa: F401,E402 - register the pretraining objectives
-from . import clip  # noqa: F401,E402 - register the image-report objective
+from . import clip, dino, mae, segmentation  # noqa: F401,E402 - register the objectives
 
 __all__ = ["MODELS", "TASKS", "ClassificationConfig", "ClassificationTask", "StepOutput",
            "MultiModalViT", "ViTConfig"]

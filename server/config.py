@@ -170,7 +170,12 @@ class ExperimentConfig:
         return opts
 
     def task_options(self) -> dict[str, Any]:
-        return {"num_classes": len(self.task.class_names)} | dict(self.task.options)
+        """Task options with the shape facts filled in (class count, and class names for a
+        task that uses them, e.g. CLIP's zero-shot prompts)."""
+        opts = {"num_classes": len(self.task.class_names)}
+        if "class_names" in _fields_of(self.task.name):
+            opts["class_names"] = list(self.task.class_names)
+        return opts | dict(self.task.options)
 
     def pretrain_phase(self) -> ExperimentConfig:
         """Phase 1 as an experiment of its own: the objective as task, its rounds, its
@@ -179,7 +184,7 @@ class ExperimentConfig:
         options = dict(p.options)
         # A semi-supervised objective sees the same labels as the fine-tuning phase.
         if "label_fraction" in self.task.options and p.objective and \
-                "label_fraction" in {f.name for f in fields(TASKS.config(p.objective).__class__)}:
+                "label_fraction" in _fields_of(p.objective):
             options.setdefault("label_fraction", self.task.options["label_fraction"])
         train = replace(self.train, local_epochs=p.local_epochs or self.train.local_epochs,
                         lr=p.lr or self.train.lr)
@@ -188,6 +193,13 @@ class ExperimentConfig:
                        train=train, pretrain=PretrainConfig(),
                        federation=replace(self.federation, num_rounds=p.num_rounds),
                        tracking=replace(self.tracking, registered_model=p.registered_model))
+
+
+def _fields_of(task_name: str) -> set[str]:
+    try:
+        return {f.name for f in fields(TASKS.config(task_name).__class__)}
+    except (KeyError, TypeError, ValueError):
+        return set()       # unknown task: validate() reports it
 
 
 def _schema():

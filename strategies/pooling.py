@@ -14,6 +14,7 @@ import numpy as np
 from models.metrics import balanced_accuracy, macro_f1, mcc, per_class_f1
 
 _CM = re.compile(r"^cm_(\d+)_(\d+)$")
+AVERAGED = ("dice", "hd95")
 
 
 def split_metrics(metrics: dict[str, float], split: str) -> dict[str, float]:
@@ -46,6 +47,10 @@ def pool(per_site: list[dict[str, float]]) -> dict[str, float]:
         out |= {"accuracy": float(np.trace(cm) / cm.sum()), "mcc": mcc(cm), "f1": macro_f1(cm),
                 "balanced_accuracy": balanced_accuracy(cm)}
         out |= {f"f1_class_{i}": f for i, f in enumerate(per_class_f1(cm))}
+    # Per-study means (segmentation Dice/HD95, CLIP retrieval recall within each site's
+    # set): example-weighted averages over sites - not recomputable from counts.
+    for key in sorted({k for m in per_site for k in m if k in AVERAGED or k.startswith("recall_")}):
+        out[key] = float(np.average([m.get(key, 0.0) for m in per_site], weights=n))
     weights = n * np.array([m.get("auroc-defined", 0.0) for m in per_site])
     if weights.sum() > 0:
         out["auroc"] = float(np.average([m.get("auroc", 0.0) for m in per_site], weights=weights))

@@ -22,16 +22,16 @@ def study_transform(image_size: int) -> Compose:
     ])
 
 
-def augmentation() -> Compose:
+def augmentation(keys: tuple[str, ...] = ("image",)) -> Compose:
     """Label-preserving flips and 90-degree rotations (all sequences move together).
 
     Small sites overfit a ViT within a few epochs without them; with them the same model
     keeps improving (see the calibration notes in bench/RESULTS.md).
     """
     return Compose([
-        RandFlipd(keys="image", prob=0.5, spatial_axis=0),
-        RandFlipd(keys="image", prob=0.5, spatial_axis=1),
-        RandRotate90d(keys="image", prob=0.75, max_k=3, spatial_axes=(0, 1)),
+        RandFlipd(keys=list(keys), prob=0.5, spatial_axis=0),
+        RandFlipd(keys=list(keys), prob=0.5, spatial_axis=1),
+        RandRotate90d(keys=list(keys), prob=0.75, max_k=3, spatial_axes=(0, 1)),
     ])
 
 
@@ -47,17 +47,21 @@ class StudyDataset(Dataset):
     With a ``text_transform`` (e.g. ``CLIPTask.tokenize``: list of texts -> dict of tensors
     with one row per text), items also carry its outputs for the study's report and
     ``has_report``; a study without a report is transformed as an empty string and has
-    ``has_report=False``.
+    ``has_report=False``. With ``masks``, items carry the lesion ``mask [H, W]`` (zeros and
+    ``has_mask=False`` for a study without one), moved by the same augmentation as the image.
     """
 
     def __init__(self, studies: list[Study], image_size: int, sequences=SEQUENCES, *,
                  augment: bool = False,
-                 text_transform: Callable[[list[str]], dict[str, torch.Tensor]] | None = None):
+                 text_transform: Callable[[list[str]], dict[str, torch.Tensor]] | None = None,
+                 masks: bool = False):
         transform = study_transform(image_size)
         # Each sequence is resized on its own: vendors may acquire sequences at different
         # matrix sizes, and a study must not lose a sequence because of it.
         resize = Resize(spatial_size=(image_size, image_size), mode="area")
-        self.augment = augmentation() if augment else None
+        self.augment = augmentation(("image", "mask") if masks else ("image",)) if augment else None
+        self.masks = [] if masks else None
+        nearest = Resize(spatial_size=(image_size, image_size), mode="nearest")
         self.items = []
         for study in studies:
             stack = np.zeros((len(sequences), image_size, image_size), dtype=np.float32)
@@ -70,6 +74,12 @@ class StudyDataset(Dataset):
             out = transform({"image": stack})
             image = out["image"] * torch.as_tensor(present, dtype=torch.float32)[:, None, None]
             self.items.append((image, torch.as_tensor(present), torch.tensor(study.label)))
+            if masks:
+                mask = np.zeros((1, image_size, image_size), dtype=np.float32)
+                if study.mask is not None:
+                    mask = np.asarray(nearest(_as_slice(study.mask).astype(np.float32)[None]))
+                self.masks.append((torch.as_tensor(mask, dtype=torch.float32),
+                                   torch.tensor(study.mask is not None)))
         self.text = None if text_transform is None else _report_fields(studies, text_transform)
 
     def __len__(self) -> int:
@@ -82,9 +92,16 @@ class StudyDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         image, present, label = self.items[i]
+        data = {"image": image}
+        if self.masks is not None:
+            data["mask"] = self.masks[i][0]
         if self.augment is not None:
-            image = torch.as_tensor(self.augment({"image": image})["image"]).contiguous()
-        item = {"image": image, "present": present, "label": label}
+            data = self.augment(data)
+        item = {"image": torch.as_tensor(data["image"]).contiguous(), "present": present,
+                "label": label}
+        if self.masks is not None:
+            item["mask"] = torch.as_tensor(data["mask"])[0].round().long().contiguous()
+            item["has_mask"] = self.masks[i][1]
         if self.text is not None:
             item |= {key: value[i] for key, value in self.text.items()}
         return item

@@ -51,6 +51,9 @@ def test_fingerprint_tracks_the_config():
     (["task.options.mode=adapters"], "unknown fine-tuning mode"),
     (["task.options.label_fraction=0"], "label_fraction"),
     (["pretrain=mm_dino", "privacy=dpsgd"], "pretraining phase: privacy.mechanism=dp-sgd refused"),
+    (["pretrain=clip", "+pretrain.options.tokenizer_dir=/nonexistent/tokenizer"], "does not exist"),
+    (["pretrain=clip", "+pretrain.options.vocab_size=30522"], "vocab"),
+    (["task=lesion_seg", "privacy=dpsgd"], "convolution"),
 ])
 def test_bad_foundation_model_settings_fail_before_training(overrides, message):
     with pytest.raises(ConfigError, match=message):

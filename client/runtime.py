@@ -44,6 +44,9 @@ def resolve_site(context: Context, sim_data_root: Path | None = None) -> SiteIde
     if wire.NODE_DATA_DIR in node:
         data_dir = Path(str(node[wire.NODE_DATA_DIR]))
         site_id = str(node.get(wire.NODE_SITE_ID, data_dir.name))
+        # A deployed site's ClientApp process: its progress lines belong in the site's log
+        # (the root logger there is at WARNING since opacus' basicConfig on import).
+        logging.getLogger("medfed.site").setLevel(logging.INFO)
     elif wire.NODE_PARTITION_ID in node:
         root = sim_data_root or context.run_config.get(wire.RUN_SIM_DATA_ROOT)
         if not root:

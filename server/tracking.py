@@ -87,6 +87,9 @@ class MlflowTracker:
             self._log_ingest(reply.site_id, reply.ingest)
         metrics["train/sites_ok"] = len(record.train)
         metrics["train/sites_failed"] = len(record.failures.get("train", []))
+        for site in record.dropped.get("train", []):     # which site dropped out, by name
+            metrics[f"site/{site}/train/dropped"] = 1.0
+            self.client.set_tag(self.run_id, f"dropped.round-{step}.{site}", "train")
         metrics["train/updates_rejected"] = len(record.rejected)
         metrics |= {f"site/{site}/train/update_norm": n for site, n in record.update_norms.items()}
         for rejection in record.rejected:

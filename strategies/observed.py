@@ -47,6 +47,7 @@ class RoundRecord:
     train: list[SiteReply] = field(default_factory=list)
     evaluate: list[SiteReply] = field(default_factory=list)
     failures: dict[str, list[str]] = field(default_factory=dict)   # phase -> error reasons
+    dropped: dict[str, list[str]] = field(default_factory=dict)    # phase -> failed site ids
     train_metrics: dict[str, float] = field(default_factory=dict)
     rejected: list = field(default_factory=list)     # guard.Rejection: site id and reason
     update_norms: dict[str, float] = field(default_factory=dict)   # site id -> ||local - global||
@@ -61,12 +62,18 @@ class RoundObserver(Protocol):
     def on_round_end(self, record: RoundRecord) -> None: ...
 
 
-def site_replies(replies: Iterable[Message]) -> tuple[list[SiteReply], list[str]]:
-    """Split replies into per-site results and error reasons."""
-    ok, failed = [], []
+def site_replies(replies: Iterable[Message], known: dict[int, str] | None = None
+                 ) -> tuple[list[SiteReply], list[str], list[str]]:
+    """Split replies into per-site results, error reasons and the ids of the failed sites
+    (named from ``known``, node id -> site id seen in earlier replies, else ``node-<id>``)."""
+    ok, failed, dropped = [], [], []
+    known = known or {}
     for msg in replies:
         if msg.has_error():
-            failed.append(f"node {msg.metadata.src_node_id}: {msg.error.reason}")
+            node = msg.metadata.src_node_id
+            name = known.get(node, f"node-{node}")
+            failed.append(f"{name} (node {node}): {msg.error.reason}")
+            dropped.append(name)
             continue
         content = msg.content
         site = content.config_records.get(wire.SITE, ConfigRecord())
@@ -78,7 +85,7 @@ def site_replies(replies: Iterable[Message]) -> tuple[list[SiteReply], list[str]
             manifest=str(site.get(wire.MANIFEST, "")),
             ingest=str(site.get(wire.INGEST, "")),
         ))
-    return sorted(ok, key=lambda r: r.site_id), failed
+    return sorted(ok, key=lambda r: r.site_id), failed, sorted(dropped)
 
 
 def ordered(replies: Iterable[Message]) -> list[Message]:
@@ -108,6 +115,12 @@ class ObservedStrategy(Strategy):
         self.observers = list(observers)
         self.round_offset = round_offset
         self._round: RoundRecord | None = None
+        self._sites: dict[int, str] = {}       # node id -> site id, to name a site that fails
+
+    def _record(self, record: RoundRecord, phase: str, replies: list[Message]) -> list[SiteReply]:
+        ok, record.failures[phase], record.dropped[phase] = site_replies(replies, self._sites)
+        self._sites |= {r.node_id: r.site_id for r in ok}
+        return ok
 
     def summary(self) -> None:
         self.strategy.summary()
@@ -123,7 +136,7 @@ class ObservedStrategy(Strategy):
         server_round += self.round_offset
         replies = ordered(replies)
         record = self._round or RoundRecord(server_round)
-        record.train, record.failures["train"] = site_replies(replies)
+        record.train = self._record(record, "train", replies)
         try:
             arrays, metrics = self.strategy.aggregate_train(server_round, replies)
         finally:
@@ -147,7 +160,7 @@ class ObservedStrategy(Strategy):
         server_round += self.round_offset
         replies = ordered(replies)
         record = self._round or RoundRecord(server_round)
-        record.evaluate, record.failures["evaluate"] = site_replies(replies)
+        record.evaluate = self._record(record, "evaluate", replies)
         metrics = self.strategy.aggregate_evaluate(server_round, replies)
         record.wall_seconds = time.perf_counter() - record.started
         for observer in self.observers:

@@ -104,6 +104,9 @@ def test_two_rounds_with_a_site_killed_mid_run(federation):
         assert f"site/{site}/test/n" in metrics
     c_steps = [m.step for m in client.get_metric_history(run_id, "site/c/train/num-examples")]
     assert c_steps == [1]
+    # The dropped site is named (from its earlier replies), not just counted.
+    assert [m.step for m in client.get_metric_history(run_id, "site/c/train/dropped")] == [2]
+    assert client.get_run(run_id).data.tags.get("dropped.round-2.c") == "train"
 
     # Every site log line names its site; no PHI and no DICOM file name in any log.
     phi = phi_strings(f["data"])

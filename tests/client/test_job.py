@@ -28,7 +28,7 @@ def test_server_job_config_decodes_into_a_buildable_job():
 @pytest.mark.parametrize("key, value, message", [
     (wire.MODEL_NAME, "os.system", "unknown model 'os.system'"),
     (wire.MODEL_OPTIONS, json.dumps({"__class__": "x"}), "unknown option"),
-    (wire.TASK_NAME, "segmentation", "unknown task"),
+    (wire.TASK_NAME, "detection", "unknown task"),
     (wire.MODEL_OPTIONS, "{not json", "not valid JSON"),
     (wire.LR, "0.1", "should be float"),
 ])

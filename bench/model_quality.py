@@ -87,6 +87,10 @@ def main() -> None:
     parser.add_argument("--label-fraction", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--arms", default=",".join(ARMS))
+    parser.add_argument("--finetune-mode", default="full", choices=("full", "linear_probe", "lora"),
+                        help="fine-tuning mode of the pretrained arms (ii) and (iii)")
+    parser.add_argument("--name", default="model_quality",
+                        help="results name (bench/results/<name>.json, RESULTS.md row)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     arms = args.arms.split(",")
@@ -112,7 +116,9 @@ def main() -> None:
             if arm == "supervised":
                 table[arm] = federated(cfg, external)
             elif arm in ("mm_dino", "mae"):
-                table[arm] = federated(load_experiment([*base, f"pretrain={arm}", *pre]), external)
+                table[arm] = federated(load_experiment(
+                    [*base, f"pretrain={arm}", *pre, f"task.options.mode={args.finetune_mode}"]),
+                    external)
             elif arm == "pooled":
                 table[arm] = centralized(cfg, [s for site in labelled for s in site], epochs,
                                          external)
@@ -133,6 +139,7 @@ def main() -> None:
         "sites": SITES, "rounds": args.rounds, "pretrain_rounds": args.pretrain_rounds,
         "local_epochs": args.local_epochs, "pretrain_epochs": args.pretrain_epochs,
         "patients_per_site": args.patients, "seed": args.seed,
+        "finetune_mode": args.finetune_mode,
     }
     mcc = payload["external_mcc"]
     fed = [a for a in ("supervised", "mm_dino", "mae") if a in mcc]
@@ -140,15 +147,16 @@ def main() -> None:
         best = max(fed, key=mcc.get)
         payload["best_federated_over_pooled"] = mcc[best] / mcc["pooled"]
         payload["best_federated"] = best
-    path = write_result("model_quality", payload)
+    path = write_result(args.name, payload)
     cells = ", ".join(f"{a} {mcc[a]:.2f}/{payload['external_mcc_missing_one'][a]:.2f}"
                       for a in table)
     ratio = payload.get("best_federated_over_pooled")
     update_results_md(
-        "model_quality", f"| model_quality | best federated / pooled external MCC: "
+        args.name, f"| {args.name} | best federated / pooled external MCC: "
         f"{'n/a' if ratio is None else f'{ratio:.2f}'} ({payload.get('best_federated', '-')}) | "
         f"external MCC all/missing-one: {cells}; {SITES} sites, {args.label_fraction:.0%} labels "
-        f"({sum(n_labelled)} labelled studies), {args.pretrain_rounds}+{args.rounds} rounds | "
+        f"({sum(n_labelled)} labelled studies), {args.pretrain_rounds}+{args.rounds} rounds, "
+        f"fine-tuning {args.finetune_mode} | "
         f"`results/{path.name}` |")
 
 

@@ -62,15 +62,20 @@ class RoundObserver(Protocol):
     def on_round_end(self, record: RoundRecord) -> None: ...
 
 
-def site_replies(replies: Iterable[Message], known: dict[int, str] | None = None
+def site_replies(replies: Iterable[Message], known: dict[int, str] | None = None,
+                 targets: dict[str, int] | None = None
                  ) -> tuple[list[SiteReply], list[str], list[str]]:
     """Split replies into per-site results, error reasons and the ids of the failed sites
-    (named from ``known``, node id -> site id seen in earlier replies, else ``node-<id>``)."""
+    (named from ``known``, node id -> site id seen in earlier replies, else ``node-<id>``).
+
+    An error the SuperLink writes for a vanished node comes from the SuperLink itself; its
+    ``reply_to_message_id`` finds the node the instruction went to in ``targets``.
+    """
     ok, failed, dropped = [], [], []
-    known = known or {}
+    known, targets = known or {}, targets or {}
     for msg in replies:
         if msg.has_error():
-            node = msg.metadata.src_node_id
+            node = targets.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
             name = known.get(node, f"node-{node}")
             failed.append(f"{name} (node {node}): {msg.error.reason}")
             dropped.append(name)
@@ -116,9 +121,12 @@ class ObservedStrategy(Strategy):
         self.round_offset = round_offset
         self._round: RoundRecord | None = None
         self._sites: dict[int, str] = {}       # node id -> site id, to name a site that fails
+        self._sent: dict[str, list[Message]] = {}   # phase -> instructions (ids set when pushed)
 
     def _record(self, record: RoundRecord, phase: str, replies: list[Message]) -> list[SiteReply]:
-        ok, record.failures[phase], record.dropped[phase] = site_replies(replies, self._sites)
+        targets = {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent.get(phase, [])}
+        ok, record.failures[phase], record.dropped[phase] = site_replies(replies, self._sites,
+                                                                         targets)
         self._sites |= {r.node_id: r.site_id for r in ok}
         return ok
 
@@ -129,7 +137,8 @@ class ObservedStrategy(Strategy):
                         grid: Grid) -> Iterable[Message]:
         server_round += self.round_offset
         self._round = RoundRecord(server_round)
-        return self.strategy.configure_train(server_round, arrays, config, grid)
+        self._sent["train"] = list(self.strategy.configure_train(server_round, arrays, config, grid))
+        return self._sent["train"]
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -153,7 +162,9 @@ class ObservedStrategy(Strategy):
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
         server_round += self.round_offset
-        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
+        self._sent["evaluate"] = list(self.strategy.configure_evaluate(server_round, arrays, config,
+                                                                       grid))
+        return self._sent["evaluate"]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:

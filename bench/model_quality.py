@@ -89,6 +89,8 @@ def main() -> None:
     parser.add_argument("--arms", default=",".join(ARMS))
     parser.add_argument("--finetune-mode", default="full", choices=("full", "linear_probe", "lora"),
                         help="fine-tuning mode of the pretrained arms (ii) and (iii)")
+    parser.add_argument("--finetune-lr", type=float, default=None,
+                        help="fine-tuning learning rate of the pretrained arms (default: train.lr)")
     parser.add_argument("--name", default="model_quality",
                         help="results name (bench/results/<name>.json, RESULTS.md row)")
     args = parser.parse_args()
@@ -105,6 +107,8 @@ def main() -> None:
         pre = [f"pretrain.num_rounds={args.pretrain_rounds}",
                f"pretrain.local_epochs={args.pretrain_epochs}"]
         cfg = load_experiment(base)
+        finetune_lr = [] if args.finetune_lr is None else [
+            f"train.lr={args.finetune_lr}", f"pretrain.lr={cfg.train.lr}"]
         classes = tuple(cfg.task.class_names)
         external = StudyDataset(load_site(root / "external", classes).studies, cfg.task.image_size)
         labelled = [label_subset(load_site(root / f"site-{i}", classes)
@@ -117,8 +121,8 @@ def main() -> None:
                 table[arm] = federated(cfg, external)
             elif arm in ("mm_dino", "mae"):
                 table[arm] = federated(load_experiment(
-                    [*base, f"pretrain={arm}", *pre, f"task.options.mode={args.finetune_mode}"]),
-                    external)
+                    [*base, f"pretrain={arm}", *pre, f"task.options.mode={args.finetune_mode}",
+                     *finetune_lr]), external)
             elif arm == "pooled":
                 table[arm] = centralized(cfg, [s for site in labelled for s in site], epochs,
                                          external)
@@ -139,7 +143,7 @@ def main() -> None:
         "sites": SITES, "rounds": args.rounds, "pretrain_rounds": args.pretrain_rounds,
         "local_epochs": args.local_epochs, "pretrain_epochs": args.pretrain_epochs,
         "patients_per_site": args.patients, "seed": args.seed,
-        "finetune_mode": args.finetune_mode,
+        "finetune_mode": args.finetune_mode, "finetune_lr": args.finetune_lr,
     }
     mcc = payload["external_mcc"]
     fed = [a for a in ("supervised", "mm_dino", "mae") if a in mcc]

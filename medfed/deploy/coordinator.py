@@ -21,7 +21,7 @@ from pathlib import Path
 from medfed.certs import CA_CERT, SERVER_CERT, SERVER_KEY, registered_sites
 
 from .preflight import DeployError, check_port_free, check_server_certificates, require_file
-from .process import Daemon, flower_bin, flower_env
+from .process import Daemon, flower_bin, flower_env, supervised
 
 log = logging.getLogger("medfed.deploy")
 
@@ -160,11 +160,7 @@ class Coordinator:
                      else "already registered")
 
     def supervise(self) -> int:
-        assert self.daemon is not None
-        code = self.daemon.supervise()
-        if code and self.daemon.error:
-            raise DeployError(self.daemon.error)
-        return code
+        return supervised(self.daemon)
 
     def stop(self) -> int:
         return self.daemon.stop() if self.daemon else 0

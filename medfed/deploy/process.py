@@ -20,6 +20,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from .preflight import DeployError
+
 log = logging.getLogger("medfed.deploy")
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -160,3 +162,14 @@ class Daemon:
             log.info("[%s] stopped", self.tag)
             return 0
         return code
+
+
+def supervised(daemon: Daemon | None) -> int:
+    """Supervise a started ``daemon`` until it exits; a failure it recognised in its output
+    (``daemon.error``) becomes a one-line DeployError, anything else is the exit code."""
+    if daemon is None:
+        raise RuntimeError("supervise() before start()")
+    code = daemon.supervise()
+    if code and daemon.error:
+        raise DeployError(daemon.error)
+    return code

@@ -19,7 +19,7 @@ from pathlib import Path
 from strategies import wire
 
 from .preflight import DeployError, check_auth_key, check_port_free, check_superlink
-from .process import Daemon, flower_bin, flower_env
+from .process import Daemon, flower_bin, flower_env, supervised
 
 log = logging.getLogger("medfed.deploy")
 
@@ -144,8 +144,4 @@ class Site:
             log.info("[%s] reconnected to the SuperLink", self.settings.site_id)
 
     def supervise(self) -> int:
-        assert self.daemon is not None
-        code = self.daemon.supervise()
-        if code and self.daemon.error:
-            raise DeployError(self.daemon.error)
-        return code
+        return supervised(self.daemon)

@@ -6,6 +6,7 @@ the other two, recording which site dropped."""
 from __future__ import annotations
 
 import re
+import signal
 
 import pytest
 
@@ -118,3 +119,21 @@ def test_two_rounds_with_a_site_killed_mid_run(federation):
     for site in ("a", "b"):
         lines = [ln for ln in procs.log(site).splitlines() if re.match(r"\d{4}-\d\d-\d\d ", ln)]
         assert lines and all(f"[{site}]" in ln for ln in lines)
+
+
+def test_health_graceful_sigterm_and_sites_retry_with_backoff(federation):
+    """Runs after the federation above: the coordinator answers ``medfed health``, stops
+    cleanly on SIGTERM, and the surviving sites say they retry with backoff."""
+    f = federation
+    procs = f["procs"]
+    health = ["health", "--superlink", f"localhost:{f['port']}",
+              "--root-cert", str(f["certs"] / "ca.pem")]
+    up = run_medfed(*health)
+    assert up.returncode == 0, up.stdout + up.stderr
+    server = procs.procs["server"]
+    server.send_signal(signal.SIGTERM)          # medfed server only; it stops its SuperLink
+    assert server.wait(timeout=HANG_GUARD) == 0, procs.log("server")[-3000:]
+    assert "SIGTERM received: shutting down" in procs.log("server")
+    procs.wait_for("a", "retrying with backoff", timeout=HANG_GUARD)
+    down = run_medfed(*health)
+    assert down.returncode != 0 and "medfed: error" in down.stderr

@@ -17,6 +17,8 @@ from server.app import make_server_app
 from server.config import ConfigError, ExperimentConfig
 from server.federation import new_run_dir
 
+from .offline import offline_env
+
 log = logging.getLogger("medfed")
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -24,15 +26,11 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 def offline_environment(flwr_home: Path | None = None) -> None:
     """No telemetry, no update checks, no hub, one thread per training process."""
-    os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
-    os.environ["FLWR_DISABLE_UPDATE_CHECK"] = "1"
+    # Ray actors train side by side: one thread each, whatever the caller's setting.
+    os.environ.update(offline_env(dict(os.environ), OMP_NUM_THREADS="1"))
     os.environ.setdefault("FLWR_HOME", str(flwr_home or PROJECT_ROOT / ".flwr"))
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ["TRANSFORMERS_OFFLINE"] = "1"
-    os.environ["OMP_NUM_THREADS"] = "1"
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")   # our table says what it registered
 
 

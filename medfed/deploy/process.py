@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from ..offline import offline_env
 from .preflight import DeployError
 
 log = logging.getLogger("medfed.deploy")
@@ -34,14 +35,9 @@ def flower_env(flwr_home: Path, extra: dict[str, str] | None = None) -> dict[str
     """Environment for Flower daemons: offline, one thread, state under ``flwr_home``, and
     this interpreter's ``bin`` first on PATH (Flower starts ``flower-superexec`` and
     ``flwr-serverapp``/``flwr-clientapp`` by name; they must come from the same install)."""
-    env = dict(os.environ)
     bin_dir = str(Path(sys.executable).parent)
-    env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
-    env.update({"FLWR_HOME": str(flwr_home), "FLWR_TELEMETRY_ENABLED": "0",
-                "FLWR_DISABLE_UPDATE_CHECK": "1", "HF_HUB_OFFLINE": "1",
-                "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"})
-    env.setdefault("OMP_NUM_THREADS", "1")
-    env.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    env = offline_env(dict(os.environ), FLWR_HOME=str(flwr_home), PYTHONUNBUFFERED="1",
+                      PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""))
     return env | (extra or {})
 
 

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from medfed.offline import offline_env
+
 MEDFED = [sys.executable, "-m", "medfed.cli"]
 
 
@@ -24,11 +26,8 @@ def free_port() -> int:
 
 def child_env(**extra: str) -> dict[str, str]:
     """Every child: one OpenMP/torch thread, offline, no telemetry (2-core CI box)."""
-    env = dict(os.environ)
-    env.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "FLWR_TELEMETRY_ENABLED": "0",
-                "FLWR_DISABLE_UPDATE_CHECK": "1", "HF_HUB_OFFLINE": "1",
-                "PYTHONUNBUFFERED": "1", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
-    return env | extra
+    return offline_env(dict(os.environ), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
+                       PYTHONUNBUFFERED="1", MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", **extra)
 
 
 class Children:

@@ -21,12 +21,16 @@ class ExportedClassifier(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
-        c = model.config
-        self.input_shape = (c.num_sequences, *([c.img_size] * c.spatial_dims))
+        self.input_shape = _input_shape(model.config)
 
     def forward(self, images: Tensor) -> Tensor:
         images = torch.as_tensor(images, dtype=torch.float32)
         return self.model(images, _present(images)).softmax(-1)
+
+
+def _input_shape(c) -> tuple[int, ...]:
+    """One study's input ``(S, *spatial)``: what an exported model takes per sample."""
+    return (c.num_sequences, *([c.img_size] * c.spatial_dims))
 
 
 def _present(images: Tensor) -> Tensor:
@@ -41,8 +45,7 @@ class ExportedEncoder(nn.Module):
     def __init__(self, backbone: MultiModalViT):
         super().__init__()
         self.backbone = backbone
-        c = backbone.config
-        self.input_shape = (c.num_sequences, *([c.img_size] * c.spatial_dims))
+        self.input_shape = _input_shape(backbone.config)
 
     def forward(self, images: Tensor) -> Tensor:
         images = torch.as_tensor(images, dtype=torch.float32)

@@ -103,22 +103,27 @@ def _group(images: list[SeriesImage], report: IngestReport) -> list[Study]:
     return list(studies.values())
 
 
-def _read_labels(path: Path, class_names: tuple[str, ...] | None, report: IngestReport) -> dict:
+def _csv_rows(path: Path, columns: tuple[str, ...]):
+    """Rows of a site's CSV index (none if the file is absent); refuses missing columns."""
     if not path.exists():
-        return {}
-    labels = {}
+        return
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
-        if not reader.fieldnames or not {"study_instance_uid", "label"} <= set(reader.fieldnames):
-            raise SiteDataError(f"{path.name} must have columns study_instance_uid,label")
-        for row in reader:
-            name = (row["label"] or "").strip()
-            if not name:
-                continue
-            if class_names is not None and name not in class_names:
-                report.labels["unknown_label"] += 1
-                continue
-            labels[pseudonym("study", row["study_instance_uid"].strip())] = name
+        if not reader.fieldnames or not set(columns) <= set(reader.fieldnames):
+            raise SiteDataError(f"{path.name} must have columns {','.join(columns)}")
+        yield from reader
+
+
+def _read_labels(path: Path, class_names: tuple[str, ...] | None, report: IngestReport) -> dict:
+    labels = {}
+    for row in _csv_rows(path, ("study_instance_uid", "label")):
+        name = (row["label"] or "").strip()
+        if not name:
+            continue
+        if class_names is not None and name not in class_names:
+            report.labels["unknown_label"] += 1
+            continue
+        labels[pseudonym("study", row["study_instance_uid"].strip())] = name
     return labels
 
 
@@ -138,29 +143,22 @@ def _read_reports(path: Path, report: IngestReport) -> dict[str, str]:
 
 def _read_masks(site_dir: Path, report: IngestReport) -> dict[str, np.ndarray]:
     """Lesion masks by pseudonymous study key; unreadable entries are counted, not fatal."""
-    index = site_dir / "segmentations.csv"
-    if not index.exists():
-        return {}
     import nibabel as nib
 
     masks = {}
-    with open(index, newline="") as f:
-        reader = csv.DictReader(f)
-        if not reader.fieldnames or not {"study_instance_uid", "mask_file"} <= set(reader.fieldnames):
-            raise SiteDataError(f"{index.name} must have columns study_instance_uid,mask_file")
-        for row in reader:
-            path = (site_dir / row["mask_file"].strip()).resolve()
-            if site_dir.resolve() not in path.parents or not path.is_file():
-                report.skipped["missing_mask_file"] += 1
-                continue
-            try:
-                data = np.asarray(nib.load(path).dataobj)
-            except Exception:  # noqa: BLE001 - any unreadable file is counted, never fatal
-                report.skipped["unreadable_mask"] += 1
-                continue
-            data = data[..., data.shape[-1] // 2] if data.ndim == 3 else data
-            masks[pseudonym("study", row["study_instance_uid"].strip())] = \
-                (data.T > 0).astype(np.uint8)
+    for row in _csv_rows(site_dir / "segmentations.csv", ("study_instance_uid", "mask_file")):
+        path = (site_dir / row["mask_file"].strip()).resolve()
+        if site_dir.resolve() not in path.parents or not path.is_file():
+            report.skipped["missing_mask_file"] += 1
+            continue
+        try:
+            data = np.asarray(nib.load(path).dataobj)
+        except Exception:  # noqa: BLE001 - any unreadable file is counted, never fatal
+            report.skipped["unreadable_mask"] += 1
+            continue
+        data = data[..., data.shape[-1] // 2] if data.ndim == 3 else data
+        masks[pseudonym("study", row["study_instance_uid"].strip())] = \
+            (data.T > 0).astype(np.uint8)
     return masks
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -13,6 +14,8 @@ from torch import Tensor, nn
 from .metrics import classification_metrics, confusion_matrix
 from .registry import MODELS, TASKS
 from .vit import MultiModalViT, ViTConfig
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -84,6 +87,9 @@ def load_backbone(model: nn.Module, state: dict) -> None:
                          f"{'...' if len(missing) > 3 else ''}, wrong shape {mismatched[:3]}")
     take = {k: v for k, v in state.items()
             if k in body or (k in own and tuple(v.shape) == tuple(own[k].shape))}
+    fresh = sorted(k for k in own if k.startswith("head.") and k not in take)
+    if fresh:       # not silent: a pretrained model without (this) head
+        log.info("pretrained backbone loaded; class head starts fresh (%s)", ", ".join(fresh))
     model.load_state_dict(take, strict=False)
 
 

@@ -3,18 +3,25 @@
 A site masks its *delta* from the round's global weights, not the weights themselves (deltas
 are small, so a fixed range loses little). Each value is clipped to ``[-clip_range,
 clip_range]`` - and every clipped value is counted, never silently - scaled, stochastically
-rounded (unbiased), multiplied by the site's integer weight (its example count, capped) and
-reduced mod 2^32. The weight itself rides along as one more element, so the weighted average
+rounded (unbiased to 2^-16 of a unit; the coin flips come from an AES-CTR stream keyed from
+``os.urandom``),
+multiplied by the site's integer weight (its example count, capped) and reduced mod 2^32. The weight itself rides along as one more element, so the weighted average
 is computed entirely inside the secure sum. The scale is chosen so that the sum of
 ``max_sites`` sites at the extremes cannot overflow the signed 32-bit range; transport is
 uint32, the same bytes as float32.
+
+``encode`` works piece by piece (``CHUNK`` values, cache-resident) and adds the site's masks
+to each piece before moving on, so the whole masked input costs one pass over memory.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
+
+from .secagg_crypto import CHUNK, MaskSum, Words, keystream
 
 MODULUS_BITS = 32
 _HALF = 1 << (MODULUS_BITS - 1)
@@ -50,28 +57,67 @@ class Encoding:
         return int(min(max(int(num_examples), 1), self.max_weight))
 
 
-def encode(delta: np.ndarray, num_examples: int, encoding: Encoding,
-           rng: np.random.Generator) -> tuple[np.ndarray, int]:
-    """Flat float delta -> (uint32 vector of len + 1, number of clipped values).
+class _Pieces:
+    """Encodes consecutive pieces of one delta; reuses its buffers across pieces."""
+
+    def __init__(self, encoding: Encoding, weight: int, rounding_seed: bytes):
+        self.clip = np.float32(encoding.clip_range)
+        self.scale = np.float32(encoding.scale)
+        self.weight = np.int32(weight)
+        self.clipped = 0
+        self._coins = keystream(rounding_seed)
+        self._words = Words()
+        self._y, self._low, self._u = (np.empty(CHUNK, np.float32) for _ in range(3))
+        self._flags = np.empty(CHUNK, bool)
+
+    def into(self, x: np.ndarray, out: np.ndarray) -> None:
+        """float32 piece ``x`` -> int32 view ``out`` (same length)."""
+        n = x.size
+        y, low, u, flags = self._y[:n], self._low[:n], self._u[:n], self._flags[:n]
+        np.clip(x, -self.clip, self.clip, out=y)
+        self.clipped += n - int(np.count_nonzero(np.equal(x, y, out=flags)))
+        if np.isnan(np.min(y)):
+            raise ValueError("the update holds NaN; a site never sends it into the sum")
+        y *= self.scale
+        np.floor(y, out=low)
+        y -= low                                                  # fraction f in [0, 1)
+        # 16 random bits per value: u uniform on multiples of 2^-16 in [0, 1), so
+        # floor(f + u) is 1 with probability ceil(f 2^16) / 2^16 - the fraction itself, up
+        # to 2^-16 of a unit (4e-11 in model units at the default scale)
+        coins = self._words.next(self._coins, (n + 1) // 2).view(np.uint16)[:n]
+        np.copyto(u, coins, casting="unsafe")
+        u *= np.float32(2.0 ** -16)
+        y += u                                                    # < 2, exact below 1
+        np.floor(y, out=y)
+        low += y
+        np.copyto(out, low, casting="unsafe")                     # exact: integers < 2^24
+        out *= self.weight                                         # |low x weight| < 2^31
+
+
+def encode(delta: np.ndarray, num_examples: int, encoding: Encoding, *,
+           masks: list[tuple[bytes, int]] = (), rounding_seed: bytes | None = None
+           ) -> tuple[np.ndarray, int]:
+    """Flat float delta -> (uint32 vector of len + 1, number of clipped values), with
+    ``sum(sign * PRG(seed))`` over ``masks`` already added (mod 2^32).
 
     The last element carries the site's weight. float32 throughout: |value x scale| stays
     below 2^31 / max_sites, and float32 keeps the rounding fraction to better than 1e-3 up
     to values of ~10^4 units (a delta of ~0.007 at the default scale), exact below that.
+    ``rounding_seed`` (32 bytes) makes the rounding reproducible (tests only).
     """
-    weight = encoding.weight_of(num_examples)
     x = np.asarray(delta, dtype=np.float32).ravel()
-    y = np.clip(x, -encoding.clip_range, encoding.clip_range)
-    clipped = int(x.size - np.count_nonzero(y == x))
-    y *= np.float32(encoding.scale)
-    low = np.floor(y)
-    y -= low                                                   # fraction in [0, 1)
-    low += rng.random(x.size, dtype=np.float32) < y            # stochastic rounding, unbiased
+    weight = encoding.weight_of(num_examples)
+    pieces = _Pieces(encoding, weight, rounding_seed or os.urandom(32))
+    mask = MaskSum(list(masks))
     out = np.empty(x.size + 1, dtype=np.uint32)
-    values = out[:-1].view(np.int32)
-    np.copyto(values, low, casting="unsafe")                  # exact: integers < 2^24
-    values *= weight                                           # |low x weight| < 2^31
     out[-1] = weight
-    return out, clipped
+    values = out[:-1].view(np.int32)
+    for start in range(0, out.size, CHUNK):
+        stop = min(start + CHUNK, x.size)
+        if start < stop:
+            pieces.into(x[start:stop], values[start:stop])
+        mask.add_to(out[start:start + CHUNK])
+    return out, pieces.clipped
 
 
 def decode(total: np.ndarray, encoding: Encoding) -> tuple[np.ndarray, int]:
@@ -80,5 +126,8 @@ def decode(total: np.ndarray, encoding: Encoding) -> tuple[np.ndarray, int]:
     weight = int(total[-1])
     if weight <= 0:
         raise ValueError("the secure sum carries no weight (no site contributed)")
-    signed = total[:-1].view(np.int32).astype(np.float64)
-    return (signed / (encoding.scale * weight)).astype(np.float32), weight
+    average = np.empty(total.size - 1, dtype=np.float32)
+    # computed in float64 and rounded once to float32, in NumPy's small cast buffers
+    np.divide(total[:-1].view(np.int32), encoding.scale * weight, out=average,
+              casting="same_kind")
+    return average, weight

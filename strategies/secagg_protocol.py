@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .secagg_crypto import agree, apply_masks, load_private, recover_secret
+from .secagg_crypto import CHUNK, MaskSum, agree, load_private, recover_secret
 from .secagg_encoding import Encoding, decode
 
 log = logging.getLogger(__name__)
@@ -160,9 +160,6 @@ class ServerRound:
                 seed_shares.setdefault(int(j), []).append(share)
             for j, share in reply.get("key", {}).items():
                 key_shares.setdefault(int(j), []).append(share)
-        total = np.zeros(self.length, dtype=np.uint32)
-        for vector in self.masked.values():
-            total += vector
         removals: list[tuple[bytes, int]] = []
         for j in survivors:             # each survivor's self mask
             shares = seed_shares.get(j, [])
@@ -181,7 +178,14 @@ class ServerRound:
                     seed = agree(key, self.public[j][1], purpose="mask", round_=self.round_,
                                  a=d, b=j)
                     removals.append((seed, -pairwise_sign(j, d)))
-        apply_masks(total, removals)
+        total = np.empty(self.length, dtype=np.uint32)
+        inputs, removal = list(self.masked.values()), MaskSum(removals)
+        for start in range(0, self.length, CHUNK):    # sum and unmask while in cache
+            part = total[start:start + CHUNK]
+            np.copyto(part, inputs[0][start:start + CHUNK])
+            for vector in inputs[1:]:
+                np.add(part, vector[start:start + CHUNK], out=part)
+            removal.add_to(part)
         return decode(total, self.config.encoding)
 
     def _require(self, present: dict | set, what: str) -> None:

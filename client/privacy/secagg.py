@@ -11,11 +11,11 @@ paper's signed consistency check, which is not implemented.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
-from strategies.secagg_crypto import (InvalidShare, agree, apply_masks, decrypt, encrypt,
+from strategies.secagg_crypto import (InvalidShare, agree, decrypt, encrypt,
                                       generate_private_key, load_private, private_bytes,
                                       public_bytes, share_secret)
 from strategies.secagg_encoding import Encoding, encode
@@ -31,8 +31,6 @@ class SiteSecAgg:
     me: int
     round_: int
     encoding: Encoding
-    rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(
-        int.from_bytes(os.urandom(8), "little")))
 
     def __post_init__(self):
         self._enc_key = generate_private_key()
@@ -110,13 +108,12 @@ class SiteSecAgg:
             payload = decrypt(key, ct, sender=sender, receiver=self.me, round_=self.round_)
             size = int.from_bytes(payload[:4], "little")
             self._held[sender] = (payload[4:4 + size], payload[4 + size:])
-        vector, clipped = encode(delta, num_examples, self.encoding, self.rng)
         masks = [(self._seed, 1)]
         for j in self._held:                 # partners: neighbours that shared with us
             seed = agree(self._mask_key, self._neighbour_keys[j][1], purpose="mask",
                          round_=self.round_, a=self.me, b=j)
             masks.append((seed, pairwise_sign(self.me, j)))
-        return apply_masks(vector, masks), clipped
+        return encode(delta, num_examples, self.encoding, masks=masks)
 
     # stage 3
     def unmask(self, survived: list[int], dropped: list[int]) -> dict[str, dict[int, bytes]]:

@@ -60,7 +60,7 @@ def test_encoding_weighted_average_within_quantization_bound_and_counts_clipping
     weights = [10, 200, 1000, 5000, 3, 77]                  # 5000 is capped at max_weight
     total, clipped = np.zeros(5001, np.uint32), 0
     for x, w in zip(deltas, weights):
-        v, c = encode(x, w, ENC, rng)
+        v, c = encode(x, w, ENC)
         total += v
         clipped += c
     average, weight = decode(total, ENC)
@@ -71,11 +71,10 @@ def test_encoding_weighted_average_within_quantization_bound_and_counts_clipping
 
 
 def test_no_overflow_at_the_extremes():
-    rng = np.random.default_rng(1)
     for value in (0.5, -0.5):
         total = np.zeros(11, np.uint32)
         for _ in range(ENC.max_sites):
-            total += encode(np.full(10, value), ENC.max_weight, ENC, rng)[0]
+            total += encode(np.full(10, value), ENC.max_weight, ENC)[0]
         assert np.allclose(decode(total, ENC)[0], value, atol=ENC.resolution)
 
 
@@ -130,7 +129,7 @@ def test_dropped_before_sharing_and_after_sharing_together():
 def test_server_never_holds_an_unmasked_individual_update():
     *_, server, masked, deltas = run_round(5)
     for site, (vector, _) in masked.items():
-        plain, _ = encode(deltas[site], 1, ENC, np.random.default_rng(0))
+        plain, _ = encode(deltas[site], 1, ENC)
         # a masked vector is uniform noise: it agrees with any encoding only by chance
         assert (vector[:-1] == plain[:-1]).mean() < 0.01
         assert abs(vector.astype(np.float64).mean() / 2**32 - 0.5) < 0.05
@@ -182,12 +181,69 @@ def test_wrong_length_or_replayed_input_is_excluded(caplog):
         other.masked_input(held[1], np.zeros(10), 1)
 
 
+def test_masks_are_the_aes128_ctr_keystream_of_the_seed():
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    n = 200_003                                     # not a multiple of the streamed piece
+    seed = os.urandom(32)
+    stream = Cipher(algorithms.AES(seed[:16]), modes.CTR(seed[16:])).encryptor()
+    reference = np.frombuffer(stream.update(bytes(4 * n)), dtype=np.uint32)
+    assert (expand_mask(seed, n) == reference).all()
+
+
 def test_streamed_masks_equal_expanded_masks():
     from strategies.secagg_crypto import apply_masks
 
-    n = 200_003                                     # not a multiple of the chunk
+    n = 200_003
     masks = [(os.urandom(32), 1), (os.urandom(32), -1), (os.urandom(32), 1)]
     expected = np.arange(n, dtype=np.uint32)
     for seed, sign in masks:
         expected = expected + expand_mask(seed, n) if sign > 0 else expected - expand_mask(seed, n)
     assert (apply_masks(np.arange(n, dtype=np.uint32), masks) == expected).all()
+
+
+def test_encoding_with_masks_is_encoding_plus_masks_across_pieces():
+    n = 150_000                                     # three streamed pieces
+    x = np.random.default_rng(2).normal(0, 0.05, n)
+    masks = [(os.urandom(32), 1), (os.urandom(32), -1)]
+    rounding = os.urandom(32)
+    masked, clipped = encode(x, 40, ENC, masks=masks, rounding_seed=rounding)
+    plain, clipped_plain = encode(x, 40, ENC, rounding_seed=rounding)
+    expected = plain + expand_mask(masks[0][0], n + 1) - expand_mask(masks[1][0], n + 1)
+    assert (masked == expected).all() and clipped == clipped_plain
+
+
+def test_stochastic_rounding_is_unbiased_in_every_piece():
+    from strategies.secagg_crypto import CHUNK
+
+    n = 3 * CHUNK + 17
+    units = 1234.3                                  # 30% of the way to the next integer
+    encoded, _ = encode(np.full(n, units / ENC.scale), 1, ENC)
+    values = encoded[:-1].view(np.int32)
+    assert set(np.unique(values)) <= {1234, 1235}
+    for piece in np.array_split(values, 4):         # no piece rounds one way only
+        assert abs((piece == 1235).mean() - 0.3) < 0.01
+
+
+def test_nan_update_is_refused_before_it_enters_the_sum():
+    x = np.zeros(100, np.float32)
+    x[57] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        encode(x, 1, ENC)
+
+
+def test_round_over_several_pieces_with_a_dropout():
+    average, ref, *_ = run_round(5, drop_after_shares=(22,), length=140_001)
+    assert np.abs(average - ref).max() <= ENC.resolution
+
+
+def test_shares_of_a_mask_key_recover_it_and_bad_shares_are_refused():
+    secret = os.urandom(32)
+    shares = share_secret(secret, threshold=4, num=8)
+    assert recover_secret(shares[3:7]) == recover_secret(shares[:4]) == secret
+    with pytest.raises(InvalidShare):
+        recover_secret(shares[:3])                  # too few: not a 32-byte secret
+    with pytest.raises(InvalidShare):
+        recover_secret([shares[0], shares[0], shares[1], shares[2]])
+    with pytest.raises(InvalidShare):
+        recover_secret([shares[0][:-1]] + shares[1:4])

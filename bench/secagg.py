@@ -165,7 +165,7 @@ def ours_glue(size: int, deltas) -> dict:
     for _ in IDS:
         wire.numpy()
     flat, _ = flatten(glob, np.float64)
-    unflatten(flat + vector[:-1].astype(np.float64), glob)
+    unflatten(flat + vector[1:].astype(np.float64), glob)
     server = time.process_time() - t
     return {"glue_ns_per_param_site": (N_SITES * client + server) / (size * N_SITES) * 1e9,
             "glue_upload_bytes": len(wire.data)}

@@ -5,7 +5,7 @@ are small, so a fixed range loses little). Each value is clipped to ``[-clip_ran
 clip_range]`` - and every clipped value is counted, never silently - scaled, stochastically
 rounded (unbiased to 2^-16 of a unit; the coin flips come from an AES-CTR stream keyed from
 ``os.urandom``),
-multiplied by the site's integer weight (its example count, capped) and reduced mod 2^32. The weight itself rides along as one more element, so the weighted average
+multiplied by the site's integer weight (its example count, capped) and reduced mod 2^32. The weight itself rides along as the first element, so the weighted average
 is computed entirely inside the secure sum. The scale is chosen so that the sum of
 ``max_sites`` sites at the extremes cannot overflow the signed 32-bit range; transport is
 uint32, the same bytes as float32.
@@ -100,7 +100,7 @@ def encode(delta: np.ndarray, num_examples: int, encoding: Encoding, *,
     """Flat float delta -> (uint32 vector of len + 1, number of clipped values), with
     ``sum(sign * PRG(seed))`` over ``masks`` already added (mod 2^32).
 
-    The last element carries the site's weight. float32 throughout: |value x scale| stays
+    The first element carries the site's weight. float32 throughout: |value x scale| stays
     below 2^31 / max_sites, and float32 keeps the rounding fraction to better than 1e-3 up
     to values of ~10^4 units (a delta of ~0.007 at the default scale), exact below that.
     ``rounding_seed`` (32 bytes) makes the rounding reproducible (tests only).
@@ -110,24 +110,36 @@ def encode(delta: np.ndarray, num_examples: int, encoding: Encoding, *,
     pieces = _Pieces(encoding, weight, rounding_seed or os.urandom(32))
     mask = MaskSum(list(masks))
     out = np.empty(x.size + 1, dtype=np.uint32)
-    out[-1] = weight
-    values = out[:-1].view(np.int32)
+    out[0] = weight
     for start in range(0, out.size, CHUNK):
-        stop = min(start + CHUNK, x.size)
-        if start < stop:
-            pieces.into(x[start:stop], values[start:stop])
-        mask.add_to(out[start:start + CHUNK])
+        part = out[start:start + CHUNK]
+        first = max(start, 1)                   # the first value slot in this piece
+        if first < start + part.size:
+            pieces.into(x[first - 1:start + part.size - 1], part[first - start:].view(np.int32))
+        mask.add_to(part)
     return out, pieces.clipped
+
+
+def total_weight(first: np.uint32 | int) -> int:
+    """The summed weight, read from a secure sum's first element."""
+    weight = int(first)
+    if not 0 < weight < _HALF:
+        raise ValueError("the secure sum carries no valid weight (no site contributed, or the "
+                         "masks did not cancel)")
+    return weight
+
+
+def decode_into(values: np.ndarray, weight: int, encoding: Encoding, out: np.ndarray) -> None:
+    """Summed uint32 values (any piece of a sum, weight slot excluded) -> their weighted
+    average in ``out`` (float32): computed in float64, rounded once, in NumPy's small cast
+    buffers (no float64 temporary)."""
+    np.divide(values.view(np.int32), encoding.scale * weight, out=out, casting="same_kind")
 
 
 def decode(total: np.ndarray, encoding: Encoding) -> tuple[np.ndarray, int]:
     """Sum of encoded vectors (mod 2^32) -> (weighted average delta float32, total weight)."""
     total = np.asarray(total, dtype=np.uint32)
-    weight = int(total[-1])
-    if weight <= 0:
-        raise ValueError("the secure sum carries no weight (no site contributed)")
+    weight = total_weight(total[0])
     average = np.empty(total.size - 1, dtype=np.float32)
-    # computed in float64 and rounded once to float32, in NumPy's small cast buffers
-    np.divide(total[:-1].view(np.int32), encoding.scale * weight, out=average,
-              casting="same_kind")
+    decode_into(total[1:], weight, encoding, average)
     return average, weight

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .secagg_crypto import CHUNK, MaskSum, agree, load_private, recover_secret
-from .secagg_encoding import Encoding, decode
+from .secagg_encoding import Encoding, decode_into, total_weight
 
 log = logging.getLogger(__name__)
 
@@ -178,15 +178,29 @@ class ServerRound:
                     seed = agree(key, self.public[j][1], purpose="mask", round_=self.round_,
                                  a=d, b=j)
                     removals.append((seed, -pairwise_sign(j, d)))
-        total = np.empty(self.length, dtype=np.uint32)
-        inputs, removal = list(self.masked.values()), MaskSum(removals)
-        for start in range(0, self.length, CHUNK):    # sum and unmask while in cache
-            part = total[start:start + CHUNK]
-            np.copyto(part, inputs[0][start:start + CHUNK])
+        return self._sum_and_unmask(list(self.masked.values()), MaskSum(removals))
+
+    def _sum_and_unmask(self, inputs: list[np.ndarray], removal: MaskSum
+                        ) -> tuple[np.ndarray, int]:
+        """Piece by piece, while each piece is in cache: sum the masked inputs, remove the
+        masks, decode. The first piece carries the weight, so decoding never waits for the
+        whole sum and no P-sized integer sum is ever allocated."""
+        encoding = self.config.encoding
+        average = np.empty(self.length - 1, dtype=np.float32)
+        piece = np.empty(CHUNK, dtype=np.uint32)
+        weight = 0
+        for start in range(0, self.length, CHUNK):
+            part = piece[:min(CHUNK, self.length - start)]
+            np.copyto(part, inputs[0][start:start + part.size])
             for vector in inputs[1:]:
-                np.add(part, vector[start:start + CHUNK], out=part)
+                np.add(part, vector[start:start + part.size], out=part)
             removal.add_to(part)
-        return decode(total, self.config.encoding)
+            if start == 0:
+                weight = total_weight(part[0])
+                part = part[1:]
+            first = max(start, 1)
+            decode_into(part, weight, encoding, average[first - 1:first - 1 + part.size])
+        return average, weight
 
     def _require(self, present: dict | set, what: str) -> None:
         floor = max(self.threshold, 2)

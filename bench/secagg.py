@@ -8,7 +8,7 @@
               time is key generation + advertise + share_keys + masked_input (encode + self
               mask + 8 pairwise masks) + unmask; server time is building the round (graph),
               accept_keys, accept_shares, accept_masked and unmask (self masks, decode).
-              Message-API glue (flatten to float32, ``Array`` serialization) is not in the
+              Message-API glue (the float32 delta, ``Array`` serialization) is not in the
               figure; ``glue_ns_per_param_site`` measures it on its own.
 * ``fedavg``  the plain baseline: Flower's weighted average (``flwr.server.strategy.aggregate``)
               of the 10 float32 vectors at the server; no client-side protocol work.
@@ -145,27 +145,25 @@ def ours_components(size: int, deltas, counts) -> dict:
 
 
 def ours_glue(size: int, deltas) -> dict:
-    """Message-API glue of the production path, per site: flatten global and trained model to
-    float64, subtract, wrap the masked uint32 vector in an ``Array``; at the server, read each
-    ``Array`` back, flatten the global model, add the delta and unflatten."""
+    """Message-API glue of the production path, per site: the float32 delta of the trained
+    from the global model (``flat_delta``) and the masked uint32 vector wrapped in an
+    ``Array``; at the server, each site's ``Array`` read back (``view``) and the decoded
+    average added to the global model (``apply_delta``)."""
     from flwr.app import Array, ArrayRecord
 
-    from strategies.secagg import flatten, unflatten
+    from strategies.secagg import apply_delta, flat_delta, view
 
     glob = ArrayRecord({"w": Array(np.zeros(size, np.float32))})
     trained = ArrayRecord({"w": Array(deltas[1])})
     vector = np.zeros(size + 1, np.uint32)
     t = time.process_time()
-    before, _ = flatten(glob)
-    after, _ = flatten(trained)
-    _ = after - before
+    flat_delta(glob, trained)
     wire = Array(vector)
     client = time.process_time() - t
     t = time.process_time()
     for _ in IDS:
-        wire.numpy()
-    flat, _ = flatten(glob, np.float64)
-    unflatten(flat + vector[1:].astype(np.float64), glob)
+        view(wire)
+    apply_delta(glob, vector[1:].view(np.float32))
     server = time.process_time() - t
     return {"glue_ns_per_param_site": (N_SITES * client + server) / (size * N_SITES) * 1e9,
             "glue_upload_bytes": len(wire.data)}
@@ -400,8 +398,9 @@ def main() -> None:
             "whose fresh temporaries cost far more system time at 10M on this box",
             "upload_ratio: 4 (P + 1) bytes (one uint32 per parameter plus the weight slot) "
             "over 4 P; the target is read at its stated precision (1.0x)",
-            "our figure is the transport-free core; glue_ns_per_param_site (flatten to "
-            "float32, Array serialization, unflatten) is the Message-API path's extra",
+            "our figure is the transport-free core; glue_ns_per_param_site (float32 delta, "
+            "Array serialization, adding the average to the global model) is the "
+            "Message-API path's extra",
         ]}
     path = write_result("secagg", payload)
     print(f"\nwrote {path}")

@@ -12,12 +12,15 @@ clip are counted per round (``clipped``) for the log and MLflow.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Iterable
+from io import BytesIO
 
 import numpy as np
 from randomgen import AESCounter
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common.constant import SType
 from flwr.app.message_type import MessageType
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
@@ -29,20 +32,58 @@ from .secagg_protocol import SecAggConfig, SecAggError, ServerRound
 log = logging.getLogger(__name__)
 
 
-def flatten(arrays: ArrayRecord, dtype=np.float32) -> tuple[np.ndarray, list[str]]:
-    """Floating-point arrays in sorted key order as one vector (and the keys used). Sites
-    flatten the global and the trained model with it; the server inverts it (``unflatten``)."""
-    keys = sorted(k for k in arrays.keys() if arrays[k].numpy().dtype.kind == "f")
-    return np.concatenate([arrays[k].numpy().ravel().astype(dtype) for k in keys]), keys
+def view(array: Array) -> np.ndarray:
+    """A read-only NumPy view of an ``Array``'s payload, without the copy ``Array.numpy``
+    makes (it ``np.load``s the bytes); falls back to it for anything but a plain C-order
+    ``.npy`` payload of version 1 or 2."""
+    if array.stype == SType.NUMPY:
+        buffer = BytesIO(array.data)
+        version = np.lib.format.read_magic(buffer)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                       (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+        if read_header is not None:
+            shape, fortran_order, dtype = read_header(buffer)
+            if not fortran_order and not dtype.hasobject:
+                return np.frombuffer(array.data, dtype=dtype, count=math.prod(shape),
+                                     offset=buffer.tell()).reshape(shape)
+    return array.numpy()
 
 
-def unflatten(vector: np.ndarray, like: ArrayRecord) -> ArrayRecord:
-    """Inverse of ``flatten``: float arrays filled from ``vector`` in sorted key order, other
-    arrays kept as they are, ``like``'s key order preserved."""
+def _float_keys(arrays: ArrayRecord) -> list[str]:
+    return sorted(k for k in arrays.keys() if np.dtype(arrays[k].dtype).kind == "f")
+
+
+def flat_delta(before: ArrayRecord, after: ArrayRecord) -> np.ndarray:
+    """``after - before`` over the floating-point arrays in sorted key order, as one float32
+    vector written in a single pass (the layout ``apply_delta`` inverts). Different keys or
+    shapes raise ``ValueError``."""
+    keys = _float_keys(before)
+    if keys != _float_keys(after):
+        raise ValueError("the trained model's arrays differ from the global model's")
+    pairs = [(view(before[k]), view(after[k])) for k in keys]
+    if any(b.shape != a.shape for b, a in pairs):
+        raise ValueError("the trained model's array shapes differ from the global model's")
+    out, offset = np.empty(sum(b.size for b, _ in pairs), dtype=np.float32), 0
+    for b, a in pairs:
+        np.subtract(a.ravel(), b.ravel(), out=out[offset:offset + b.size], casting="same_kind")
+        offset += b.size
+    return out
+
+
+def apply_delta(like: ArrayRecord, delta: np.ndarray) -> ArrayRecord:
+    """``like + delta`` (``flat_delta``'s layout): each float array added in float64 and
+    rounded once to its own dtype; other arrays kept as they are, ``like``'s key order kept."""
+    keys = _float_keys(like)
+    expected = sum(math.prod(like[k].shape) for k in keys)
+    if expected != delta.size:
+        raise ValueError(f"a delta of {delta.size} values for a model of {expected}")
     out, offset = {k: like[k] for k in like.keys()}, 0
-    for key in sorted(k for k in like.keys() if like[k].numpy().dtype.kind == "f"):
-        ref = like[key].numpy()
-        out[key] = Array(vector[offset:offset + ref.size].reshape(ref.shape).astype(ref.dtype))
+    for key in keys:
+        ref = view(like[key])
+        total = np.empty(ref.shape, dtype=ref.dtype)
+        np.add(ref, delta[offset:offset + ref.size].reshape(ref.shape), out=total,
+               dtype=np.float64, casting="same_kind")
+        out[key] = Array(total)
         offset += ref.size
     return ArrayRecord(out)
 
@@ -128,8 +169,7 @@ class SecAggPlus(Strategy):
                                                   self.site_dp.clipping_norm})
         messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
         nodes = [m.metadata.dst_node_id for m in messages]
-        length = sum(arrays[k].numpy().size for k in arrays.keys()
-                     if arrays[k].numpy().dtype.kind == "f") + 1
+        length = sum(math.prod(arrays[k].shape) for k in _float_keys(arrays)) + 1
         self._round = ServerRound(server_round, nodes, self.config, length)
         self._global, self._grid, self._messages = arrays, grid, messages
         enc = self.config.encoding
@@ -179,7 +219,7 @@ class SecAggPlus(Strategy):
                             server_round, reply.metadata.src_node_id)
                 continue
             metrics = reply.content.metric_records.get(wire.METRICS, MetricRecord())
-            masked[reply.metadata.src_node_id] = (arrays[wire.SECAGG_MASKED_ARRAY].numpy(),
+            masked[reply.metadata.src_node_id] = (view(arrays[wire.SECAGG_MASKED_ARRAY]),
                                                   int(metrics.get(wire.SECAGG_CLIPPED, 0)))
             if metrics.get(wire.SECAGG_WEIGHT_CAPPED, 0):
                 log.warning("secagg round %d: node %s has more examples than secagg.max_weight;"
@@ -201,8 +241,7 @@ class SecAggPlus(Strategy):
         if self.clipped:
             log.warning("secagg round %d: %d values were outside +/-%g and clipped", server_round,
                         self.clipped, self.config.encoding.clip_range)
-        flat, _ = flatten(self._global, np.float64)
-        aggregate = unflatten(flat + delta.astype(np.float64), self._global)
+        aggregate = apply_delta(self._global, delta)
         origin = next(m for m in self._messages if m.metadata.dst_node_id in masked)
         metrics = MetricRecord({wire.NUM_EXAMPLES: weight, wire.SECAGG_CLIPPED: self.clipped,
                                 wire.SECAGG_SITES: len(masked), wire.DP_UNIT_WEIGHT: 1.0})

@@ -17,7 +17,7 @@ from flwr.app.message_type import MessageType
 from flwr.clientapp.typing import ClientAppCallable
 
 from strategies import wire
-from strategies.secagg import flatten
+from strategies.secagg import flat_delta
 from strategies.secagg_encoding import Encoding
 
 from ..privacy.secagg import SecAggRefused, SiteSecAgg
@@ -70,10 +70,10 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
         reply = call_next(msg, context)
         if reply.has_error():
             return reply
-        before, keys = flatten(msg.content[wire.ARRAYS])
-        after, after_keys = flatten(reply.content[wire.ARRAYS])
-        if keys != after_keys:
-            raise SecAggRefused("the trained model's arrays differ from the global model's")
+        try:
+            delta = flat_delta(msg.content[wire.ARRAYS], reply.content[wire.ARRAYS])
+        except ValueError as err:
+            raise SecAggRefused(str(err)) from None
         metrics = reply.content[wire.METRICS]
         # site-level DP calibrates the server's noise to equal weights: one vote per site
         weight = 1 if config.get(wire.DP_MECHANISM) == wire.DP_SITE else \
@@ -82,7 +82,7 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
         if capped:
             log.warning("secagg: %d training examples counted as %d (secagg.max_weight)",
                         weight, site.encoding.max_weight)
-        vector, clipped = site.masked_input(received, after - before, weight)
+        vector, clipped = site.masked_input(received, delta, weight)
         _save(context, site)
         reply.content[wire.ARRAYS] = ArrayRecord({wire.SECAGG_MASKED_ARRAY: Array(vector)})
         reply.content[wire.METRICS] = MetricRecord(dict(metrics) | {

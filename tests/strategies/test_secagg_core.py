@@ -247,3 +247,32 @@ def test_shares_of_a_mask_key_recover_it_and_bad_shares_are_refused():
         recover_secret([shares[0], shares[0], shares[1], shares[2]])
     with pytest.raises(InvalidShare):
         recover_secret([shares[0][:-1]] + shares[1:4])
+
+
+def test_flat_delta_and_apply_delta_invert_each_other_over_mixed_arrays():
+    from flwr.app import Array, ArrayRecord
+
+    from strategies.secagg import apply_delta, flat_delta, view
+
+    rng = np.random.default_rng(5)
+    before = ArrayRecord({
+        "b.weight": Array(rng.normal(size=(3, 4)).astype(np.float32)),
+        "a.bias": Array(rng.normal(size=5)),                           # float64
+        "steps": Array(np.array([7], np.int64)),                       # not a float: kept
+        "c.fortran": Array(np.asfortranarray(rng.normal(size=(2, 3)).astype(np.float32)))})
+    step = {k: rng.normal(0, 0.01, size=view(before[k]).shape) for k in before.keys()}
+    after = ArrayRecord({k: Array((view(before[k]) + step[k]).astype(view(before[k]).dtype))
+                         if k != "steps" else before[k] for k in before.keys()})
+    delta = flat_delta(before, after)
+    assert delta.dtype == np.float32 and delta.size == 12 + 5 + 6
+    restored = apply_delta(before, delta)
+    assert list(restored.keys()) == list(before.keys())
+    for k in before.keys():
+        got, want = restored[k].numpy(), after[k].numpy()
+        assert got.dtype == want.dtype and got.shape == want.shape
+        assert np.allclose(got, want, atol=1e-6)
+        assert (view(before[k]) == before[k].numpy()).all()           # the view reads right
+    with pytest.raises(ValueError, match="differ"):
+        flat_delta(before, ArrayRecord({k: before[k] for k in before.keys() if k != "a.bias"}))
+    with pytest.raises(ValueError, match="a delta of"):
+        apply_delta(before, delta[:-1])

@@ -16,13 +16,21 @@ One step, per batch of studies ``image [B, S, *spatial]`` with ``present [B, S]`
 The teacher, its two centres and the optimizer state are site state (``site_state``): they
 never leave the site. Only the student (backbone + projection heads) is aggregated.
 
-Not DP-SGD ready: centring subtracts a batch mean of teacher outputs, so one sample's loss
-depends on the others (``batch_coupling``). Use site-level DP for this objective.
+Centring follows DINOv2: Sinkhorn-Knopp equipartition of the teacher's scores over the batch
+(``centering="sinkhorn"``, default) or DINO's EMA centre (``"ema"``); a KoLeo term spreads the
+student's CLS features (``koleo_weight``). With the EMA centre alone, no KoLeo and a plain
+linear prototype layer, the first version collapsed: every CLS feature identical, the DINO
+loss pinned at ln(out_dim).
+
+Not DP-SGD ready: centring (either kind) and KoLeo couple the samples of a batch, so one
+sample's loss depends on the others (``batch_coupling``). Use site-level DP for this
+objective.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +54,9 @@ class DINOConfig:
     local_scale: tuple[float, float] = (0.1, 0.5)
     student_temp: float = 0.1
     teacher_temp: float = 0.04
+    centering: str = "sinkhorn"        # DINOv2's Sinkhorn-Knopp, or "ema" (DINO's centre)
+    sinkhorn_iterations: int = 3
+    koleo_weight: float = 0.1          # DINOv2's KoLeo spread on student CLS (0: off)
     center_momentum: float = 0.9
     teacher_momentum: float = 0.99
     ibot_mask_ratio: float = 0.3       # fraction of patch tokens blanked in student globals
@@ -68,12 +79,20 @@ class DINOConfig:
                 raise ValueError(f"{name} must satisfy 0 < low <= high <= 1")
         if not 0 <= self.teacher_momentum < 1 or not 0 <= self.center_momentum < 1:
             raise ValueError("teacher_momentum and center_momentum must be in [0, 1)")
+        if self.centering not in ("sinkhorn", "ema"):
+            raise ValueError(f"centering must be 'sinkhorn' or 'ema', got {self.centering!r}")
+        if self.sinkhorn_iterations < 1 or self.koleo_weight < 0:
+            raise ValueError("sinkhorn_iterations must be >= 1 and koleo_weight >= 0")
         if not 0 <= self.ibot_mask_ratio < 1 or not 0 <= self.modality_mask_prob <= 1:
             raise ValueError("ibot_mask_ratio must be in [0, 1), modality_mask_prob in [0, 1]")
 
 
 class ProjectionHead(nn.Module):
-    """DINO head: MLP -> L2-normalised bottleneck -> prototype scores."""
+    """DINO head: MLP -> L2-normalised bottleneck -> cosine scores against L2-normalised
+    prototypes (DINO's weight-normalised last layer with its gain fixed at 1). Scores lie in
+    [-1, 1], so the teacher's temperature alone sets how sharp its targets are; with a plain
+    linear layer the initial scores are ~0.02, every softmax is uniform and the loss sits at
+    ln(out_dim) without a gradient to leave it (what the first version did)."""
 
     def __init__(self, dim: int, config: DINOConfig):
         super().__init__()
@@ -82,7 +101,8 @@ class ProjectionHead(nn.Module):
         self.prototypes = nn.Linear(config.bottleneck_dim, config.out_dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.prototypes(F.normalize(self.mlp(x), dim=-1))
+        return F.linear(F.normalize(self.mlp(x), dim=-1),
+                        F.normalize(self.prototypes.weight, dim=-1))
 
 
 class DINOStudent(nn.Module):
@@ -152,6 +172,32 @@ def blank_patches(images: Tensor, patch: int, ratio: float,
     return images * keep, masked.repeat(1, s)
 
 
+@torch.no_grad()
+def sinkhorn_knopp(scores: Tensor, temp: float, iterations: int) -> Tensor:
+    """DINOv2's teacher centring: targets ``[R, K]`` whose rows are distributions and whose
+    prototypes are used equally over the ``R`` rows (equipartition, a few Sinkhorn-Knopp
+    iterations in log space). Unlike an EMA centre it cannot settle on uniform targets while
+    the rows differ."""
+    log_q = scores.float() / temp                                        # [R, K]
+    rows, k = log_q.shape
+    for _ in range(iterations):
+        log_q = log_q - torch.logsumexp(log_q, dim=0, keepdim=True) - math.log(k)
+        log_q = log_q - torch.logsumexp(log_q, dim=1, keepdim=True) - math.log(rows)
+    return (log_q + math.log(rows)).exp()
+
+
+def koleo_loss(features: Tensor, eps: float = 1e-8) -> Tensor:
+    """Per-sample Kozachenko-Leonenko spread ``[B]`` (DINOv2): minus the log distance of each
+    L2-normalised feature to its nearest neighbour in the batch; it keeps the CLS features
+    from collapsing onto one point."""
+    x = F.normalize(features.float(), dim=-1, eps=eps)
+    with torch.no_grad():
+        dots = x @ x.T
+        dots.fill_diagonal_(-2)
+        nearest = dots.argmax(1)
+    return -torch.log((x - x[nearest]).norm(dim=-1) + eps)
+
+
 def dino_loss(student: Tensor, teacher_probs: Tensor, temp: float) -> Tensor:
     """Per-sample cross-entropy ``[B]`` between teacher probabilities and student scores."""
     return -(teacher_probs * F.log_softmax(student.float() / temp, dim=-1)).sum(-1)
@@ -160,8 +206,9 @@ def dino_loss(student: Tensor, teacher_probs: Tensor, temp: float) -> Tensor:
 class MMDINOTask(ClassificationTask):
     """MM-DINOv2 pretraining step; evaluation is the class head's classification metrics."""
 
-    batch_coupling = ("DINO/iBOT centring subtracts the batch mean of teacher outputs, so one "
-                      "sample's loss depends on the other samples of its batch")
+    batch_coupling = ("DINO/iBOT centring (Sinkhorn-Knopp over the batch or the batch mean of "
+                      "teacher outputs) and the KoLeo nearest-neighbour term make one sample's "
+                      "loss depend on the other samples of its batch")
     uses_unlabelled = True
 
     def __init__(self, config: DINOConfig):
@@ -218,11 +265,18 @@ class MMDINOTask(ClassificationTask):
             t_tokens = [teacher.backbone.forward_features(g, present) for g in globals_]
             t_cls = [teacher.dino_head(t[:, 0]).float() for t in t_tokens]
             t_patch = [teacher.ibot_head(t[:, 1:]).float() for t in t_tokens]
-            t_probs = [F.softmax((x - self.center) / c.teacher_temp, -1) for x in t_cls]
-            t_patch_probs = [F.softmax((x - self.patch_center) / c.teacher_temp, -1)
-                             for x in t_patch]
+            if c.centering == "sinkhorn":
+                t_probs = [sinkhorn_knopp(x, c.teacher_temp, c.sinkhorn_iterations)
+                           for x in t_cls]
+                t_patch_probs = [sinkhorn_knopp(x.flatten(0, 1), c.teacher_temp,
+                                                c.sinkhorn_iterations).reshape(x.shape)
+                                 for x in t_patch]
+            else:
+                t_probs = [F.softmax((x - self.center) / c.teacher_temp, -1) for x in t_cls]
+                t_patch_probs = [F.softmax((x - self.patch_center) / c.teacher_temp, -1)
+                                 for x in t_patch]
 
-        dino_terms, ibot_terms, logits = [], [], None
+        dino_terms, ibot_terms, koleo_terms, logits = [], [], [], None
         for i, crop in enumerate(globals_ + locals_):
             crop, keep = drop_one_sequence(crop, present, c.modality_mask_prob)
             is_global = i < 2
@@ -239,14 +293,20 @@ class MMDINOTask(ClassificationTask):
                                       c.student_temp)                        # [B, S*N]
                 m = masked.to(per_patch.dtype)
                 ibot_terms.append((per_patch * m).sum(1) / m.sum(1).clamp(min=1))
+            if is_global and c.koleo_weight > 0 and tokens.shape[0] > 1:
+                koleo_terms.append(koleo_loss(tokens[:, 0]))
             if i == 0:
                 logits = backbone.head(backbone.pool(tokens, keep))
         loss = torch.stack(dino_terms).mean(0)                                # [B]
         if ibot_terms:
             loss = loss + c.ibot_weight * torch.stack(ibot_terms).mean(0)
+        metrics = {"dino_loss": float(torch.stack(dino_terms).detach().mean())}
+        if koleo_terms:
+            koleo = torch.stack(koleo_terms).mean(0)
+            loss = loss + c.koleo_weight * koleo
+            metrics["koleo_loss"] = float(koleo.detach().mean())
         labels = batch["label"]
         labelled = labels >= 0
-        metrics = {"dino_loss": float(torch.stack(dino_terms).detach().mean())}
         if labelled.any() and c.supervised_weight > 0:
             ce = F.cross_entropy(logits.float()[labelled], labels[labelled],
                                  label_smoothing=c.label_smoothing, reduction="sum")

@@ -212,8 +212,10 @@ class MMDINOTask(ClassificationTask):
     uses_unlabelled = True
 
     def __init__(self, config: DINOConfig):
+        # ``config.label_fraction`` is what the site reads to hide the other labels
         super().__init__(ClassificationConfig(num_classes=config.num_classes,
-                                              label_smoothing=config.label_smoothing))
+                                              label_smoothing=config.label_smoothing,
+                                              label_fraction=config.label_fraction))
         self.dino = config
         self.teacher: DINOStudent | None = None
         self.center: Tensor | None = None

@@ -4,6 +4,8 @@ declares itself DP-ready - has per-sample gradients that sum to the batch gradie
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 import pytest
 import torch
 from opacus import GradSampleModule
@@ -130,6 +132,22 @@ DP_READY = [(n, o) for n, o in CASES if batch_coupling(n) is None]
 
 def test_every_objective_is_covered():
     assert set(PROJECT_TASKS) == {"classification", "clip", "mae", "mm_dino", "segmentation"}
+
+
+WITH_LABEL_FRACTION = [n for n in PROJECT_TASKS
+                       if "label_fraction" in {f.name for f in fields(type(TASKS.config(n)))}]
+
+
+def test_the_semi_supervised_objectives_take_a_label_fraction():
+    assert {"classification", "mm_dino"} <= set(WITH_LABEL_FRACTION)
+
+
+@pytest.mark.parametrize("name", WITH_LABEL_FRACTION)
+def test_label_fraction_reaches_what_the_site_reads(name):
+    # the site hides labels by ``task.config.label_fraction``; MM-DINOv2 once kept its own
+    # option and the site read the default 1.0: pretraining saw every label
+    task = TASKS.build(name, {"label_fraction": 0.25})
+    assert task.config.label_fraction == 0.25
 
 
 def test_dp_ready_objectives_are_declared():

@@ -148,3 +148,30 @@ def test_secagg_with_site_level_dp_noise_on_the_sum(three_sites, tmp_path):
                      key=lambda m: m.step)
     assert len(history) == 2 and 0 < history[0].value < history[1].value
     assert "site/site-0/train/dp-epsilon" in client.get_run(run_id).data.metrics
+
+
+def test_lora_under_secagg_masks_only_adapters_and_head(three_sites, tmp_path):
+    """``FrozenSharing`` around SecAgg+: the frozen base weights travel to the sites beside the
+    trainable ones, but only adapters and head are masked, summed and averaged."""
+    import torch
+
+    from models.tasks import build, frozen_keys
+
+    cfg, run_dir = run(three_sites, tmp_path, "lora", "secagg.enabled=true",
+                       "task.options.mode=lora", mods=[egress_log(tmp_path / "egress")])
+    torch.manual_seed(cfg.seed)                    # the server's initial model
+    model, _ = build(cfg.model.name, cfg.model_options(), cfg.task.name, cfg.task_options())
+    initial = {k: v.numpy() for k, v in model.state_dict().items()}
+    frozen = set(frozen_keys(model))
+    trainable = sum(v.size for k, v in initial.items() if k not in frozen and v.dtype.kind == "f")
+    assert frozen and trainable < sum(v.size for v in initial.values()) / 2
+    final = final_weights(run_dir)
+    assert final.keys() == initial.keys()
+    assert all(np.array_equal(final[k], initial[k]) for k in frozen)
+    assert any(not np.array_equal(final[k], initial[k]) for k in initial if "lora_B" in k)
+    masked = []
+    for path in (tmp_path / "egress").glob("*.json"):
+        summary = json.loads(path.read_text())
+        if summary.get("message_type") == "train" and "arrays" in summary.get("records", {}):
+            masked.append(summary["records"]["arrays"])
+    assert masked == [{"secagg-masked": [trainable + 1]}] * 3

@@ -174,29 +174,50 @@ def share_secret(secret: bytes, *, threshold: int, num: int) -> list[bytes]:
     return shares
 
 
-def recover_secret(shares: list[bytes], length: int = SEED_BYTES) -> bytes:
-    """The ``length``-byte secret from ``threshold`` shares (Lagrange interpolation at 0).
-    Malformed or duplicated shares raise ``InvalidShare``; too few shares give a different
-    field element, which almost never fits in ``length`` bytes (``InvalidShare`` too) and is
-    otherwise a wrong secret - the masks it regenerates would not cancel."""
-    points: dict[int, int] = {}
-    for share in shares:
-        if len(share) != 4 + _SHARE_VALUE_BYTES:
-            raise InvalidShare(f"a share has {4 + _SHARE_VALUE_BYTES} bytes, got {len(share)}")
-        x = int.from_bytes(share[:4], "little")
-        y = int.from_bytes(share[4:], "little")
-        if x == 0 or x in points or y >= _PRIME:
-            raise InvalidShare("a share with index 0, a repeated index or a value outside "
-                               "the field")
-        points[x] = y
-    secret = 0
+def parse_share(share: bytes) -> tuple[int, int]:
+    """(index, value) of a well-formed share; anything else raises ``InvalidShare``."""
+    if len(share) != 4 + _SHARE_VALUE_BYTES:
+        raise InvalidShare(f"a share has {4 + _SHARE_VALUE_BYTES} bytes, got {len(share)}")
+    x, y = int.from_bytes(share[:4], "little"), int.from_bytes(share[4:], "little")
+    if x == 0 or y >= _PRIME:
+        raise InvalidShare("a share with index 0 or a value outside the field")
+    return x, y
+
+
+def _lagrange_at(points: dict[int, int], at: int) -> int:
+    """The interpolating polynomial through ``points``, evaluated at ``at``."""
+    value = 0
     for x_j, y_j in points.items():
         num, den = 1, 1
         for x_m in points:
             if x_m != x_j:
-                num = num * x_m % _PRIME
+                num = num * (x_m - at) % _PRIME
                 den = den * (x_m - x_j) % _PRIME
-        secret = (secret + y_j * num * pow(den, -1, _PRIME)) % _PRIME
+        value = (value + y_j * num * pow(den, -1, _PRIME)) % _PRIME
+    return value
+
+
+def recover_secret(shares: list[bytes], length: int = SEED_BYTES,
+                   threshold: int | None = None) -> bytes:
+    """The ``length``-byte secret from its shares (Lagrange interpolation at 0).
+
+    With ``threshold``, the first ``threshold`` shares fix the polynomial and every further
+    share must lie on it: a wrong share - corrupted or sent on purpose - would otherwise give a
+    wrong seed whose mask does not cancel, and a garbage aggregate nobody notices. Malformed,
+    duplicated or inconsistent shares raise ``InvalidShare``; too few shares give a field
+    element that almost never fits in ``length`` bytes (``InvalidShare`` too)."""
+    points: dict[int, int] = {}
+    for share in shares:
+        x, y = parse_share(share)
+        if x in points:
+            raise InvalidShare(f"two shares with index {x}")
+        points[x] = y
+    basis = dict(list(points.items())[:threshold]) if threshold else points
+    for x, y in points.items():
+        if x not in basis and _lagrange_at(basis, x) != y:
+            raise InvalidShare(f"the {len(points)} shares do not lie on one polynomial of "
+                               f"degree {len(basis) - 1}: at least one is wrong")
+    secret = _lagrange_at(basis, 0)
     if secret >= 1 << (8 * length):
         raise InvalidShare(f"the shares do not reconstruct a {length}-byte secret (too few "
                            "or inconsistent)")

@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .secagg_crypto import CHUNK, MaskSum, agree, load_private, recover_secret
+from .secagg_crypto import (CHUNK, InvalidShare, MaskSum, agree, load_private, parse_share,
+                            recover_secret)
 from .secagg_encoding import Encoding, decode_into, total_weight
 
 log = logging.getLogger(__name__)
@@ -156,29 +157,40 @@ class ServerRound:
         for site, reply in replies.items():
             if site not in survivors:
                 continue
-            for j, share in reply.get("seed", {}).items():
-                seed_shares.setdefault(int(j), []).append(share)
-            for j, share in reply.get("key", {}).items():
-                key_shares.setdefault(int(j), []).append(share)
+            for kind, held in (("seed", seed_shares), ("key", key_shares)):
+                for j, share in reply.get(kind, {}).items():
+                    try:
+                        parse_share(share)
+                    except InvalidShare as err:
+                        log.warning("secagg round %d: site %s sent a malformed %s share of "
+                                    "site %s (%s); ignored", self.round_, site, kind, j, err)
+                        continue
+                    held.setdefault(int(j), []).append(share)
         removals: list[tuple[bytes, int]] = []
         for j in survivors:             # each survivor's self mask
-            shares = seed_shares.get(j, [])
-            if len(shares) < self.threshold:
-                raise SecAggError(f"only {len(shares)} shares of site {j}'s self-mask seed, "
-                                  f"{self.threshold} needed")
-            removals.append((recover_secret(shares[:self.threshold]), -1))
+            removals.append((self._recover(seed_shares.get(j, []),
+                                           f"site {j}'s self-mask seed"), -1))
         for d in self.shared - survivors:     # pairwise masks that survivors added for d
-            shares = key_shares.get(d, [])
-            if len(shares) < self.threshold:
-                raise SecAggError(f"site {d} dropped and only {len(shares)} shares of its key "
-                                  f"came back, {self.threshold} needed")
-            key = load_private(recover_secret(shares[:self.threshold]))
+            key = load_private(self._recover(key_shares.get(d, []),
+                                             f"the masking key of site {d}, which dropped"))
             for j in self.graph[d]:
                 if j in survivors:
                     seed = agree(key, self.public[j][1], purpose="mask", round_=self.round_,
                                  a=d, b=j)
                     removals.append((seed, -pairwise_sign(j, d)))
         return self._sum_and_unmask(list(self.masked.values()), MaskSum(removals))
+
+    def _recover(self, shares: list[bytes], what: str) -> bytes:
+        """A secret from its shares, every share beyond the threshold checked against the
+        others; too few or inconsistent shares fail the round (nothing is unmasked)."""
+        if len(shares) < self.threshold:
+            raise SecAggError(f"secagg round {self.round_}: only {len(shares)} shares of "
+                              f"{what}, {self.threshold} needed - nothing is unmasked")
+        try:
+            return recover_secret(shares, threshold=self.threshold)
+        except InvalidShare as err:
+            raise SecAggError(f"secagg round {self.round_}: shares of {what}: {err} - "
+                              "nothing is unmasked") from None
 
     def _sum_and_unmask(self, inputs: list[np.ndarray], removal: MaskSum
                         ) -> tuple[np.ndarray, int]:

@@ -276,3 +276,42 @@ def test_flat_delta_and_apply_delta_invert_each_other_over_mixed_arrays():
         flat_delta(before, ArrayRecord({k: before[k] for k in before.keys() if k != "a.bias"}))
     with pytest.raises(ValueError, match="a delta of"):
         apply_delta(before, delta[:-1])
+
+
+def _round_until_unmask(n_sites=6, length=501, seed=9):
+    rng = np.random.default_rng(seed)
+    ids = list(range(1, n_sites + 1))
+    deltas = {i: rng.normal(0, 0.02, length).astype(np.float32) for i in ids}
+    server = ServerRound(4, ids, SecAggConfig(encoding=ENC, degree=4, threshold=2), length + 1,
+                         rng=np.random.default_rng(seed))
+    sites = {i: SiteSecAgg(i, 4, ENC) for i in ids}
+    req = server.accept_keys({i: s.advertise() for i, s in sites.items()})
+    held = server.accept_shares({i: sites[i].share_keys(r["neighbours"], r["threshold"])
+                                 for i, r in req.items()})
+    masked = {i: sites[i].masked_input(cts, deltas[i], 10) for i, cts in held.items()}
+    unmask = server.accept_masked(masked)
+    replies = {i: sites[i].unmask(r["survived"], r["dropped"]) for i, r in unmask.items()}
+    return server, replies, deltas
+
+
+def test_a_wrong_share_fails_the_round_instead_of_a_silent_garbage_aggregate():
+    from strategies.secagg_crypto import parse_share
+
+    server, replies, _ = _round_until_unmask()
+    liar = next(iter(replies))
+    victim, share = next(iter(replies[liar]["seed"].items()))
+    x, y = parse_share(share)
+    replies[liar]["seed"][victim] = x.to_bytes(4, "little") + (y ^ 1).to_bytes(66, "little")
+    with pytest.raises(SecAggError, match="do not lie on one polynomial"):
+        server.unmask(replies)
+
+
+def test_a_malformed_share_is_ignored_with_a_log_line(caplog):
+    server, replies, deltas = _round_until_unmask()
+    sender = next(iter(replies))
+    victim = next(iter(replies[sender]["seed"]))
+    replies[sender]["seed"][victim] = b"\x00" * 12
+    average, _ = server.unmask(replies)             # degree 4 > threshold 2: enough remain
+    assert f"site {sender} sent a malformed seed share of site {victim}" in caplog.text
+    reference = sum(deltas[i].astype(np.float64) for i in deltas) / len(deltas)
+    assert np.abs(average - reference).max() <= ENC.resolution

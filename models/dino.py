@@ -90,9 +90,9 @@ class DINOConfig:
 class ProjectionHead(nn.Module):
     """DINO head: MLP -> L2-normalised bottleneck -> cosine scores against L2-normalised
     prototypes (DINO's weight-normalised last layer with its gain fixed at 1). Scores lie in
-    [-1, 1], so the teacher's temperature alone sets how sharp its targets are; with a plain
-    linear layer the initial scores are ~0.02, every softmax is uniform and the loss sits at
-    ln(out_dim) without a gradient to leave it (what the first version did)."""
+    [-1, 1] whatever the prototypes' norm, so weight decay shrinking them cannot flatten the
+    teacher's targets: its temperature alone sets how sharp they are. (On its own this did not
+    stop the first version's collapse; Sinkhorn-Knopp centring and KoLeo did.)"""
 
     def __init__(self, dim: int, config: DINOConfig):
         super().__init__()

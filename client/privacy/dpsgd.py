@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from randomgen import AESCounter
 from torch import nn
 
@@ -98,10 +99,11 @@ class PrivateGradients:
         if out is not None:
             grads, _ = self.clipper.clipped_sum()
         for p, value in (extra or {}).items():
-            grads[p] = value if p not in grads else grads[p] + value
+            grads[p] = value.clone() if p not in grads else grads[p] + value
         std = self.config.noise_multiplier * self.config.max_grad_norm
-        for p in self.params:
-            total = grads.get(p)
-            noise = self.noise.sample(p.shape, std, device=p.device, dtype=p.dtype)
-            p.grad = (noise if total is None else total + noise) / self.expected_batch_size
+        for p in self.params:           # noise added in place, each sum released as it is done
+            total = grads.pop(p, None)
+            if total is None:
+                total = torch.zeros_like(p, memory_format=torch.contiguous_format)
+            p.grad = self.noise.add_(total, std).div_(self.expected_batch_size)
         return out

@@ -353,6 +353,50 @@ def test_secure_noise_has_the_requested_distribution():
     assert abs(inside - 0.6827) < 0.003
 
 
+def test_secure_noise_is_four_box_muller_normals_from_the_aes_ctr_keystream():
+    """Pins the generator to an independent float64 computation from the same keystream."""
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    from client.privacy.noise import _PIECE, _SecureNormals
+
+    key, nonce, n, std = bytes(range(16)), bytes(range(16, 32)), _PIECE + 1000, 3.0
+    got = np.empty(n, np.float32)
+    _SecureNormals(key, nonce).fill(got, std)
+    aes = Cipher(algorithms.AES(key), modes.CTR(nonce)).encryptor()
+    pieces = []
+    for start in range(0, n, _PIECE):                    # each piece: 4 rows of k words
+        k = min(_PIECE, n - start)
+        w = np.frombuffer(aes.update(bytes(16 * k)), np.uint32).reshape(4, k) >> 8
+        r = np.sqrt(-2 * np.log((w[0::2] + 1.0) / 2 ** 24))
+        a = 2 * np.pi * w[1::2] / 2 ** 24
+        pieces.append(std * (r * np.cos(a) + r * np.sin(a)).sum(0) / 2)
+    np.testing.assert_allclose(got, np.concatenate(pieces), rtol=0, atol=5e-5 * std)
+    added = np.ones(n, np.float32)
+    _SecureNormals(key, nonce).fill(added, std, add=True)
+    np.testing.assert_allclose(added, got + 1, rtol=0, atol=1e-6 * std)
+
+
+def test_secure_noise_matches_the_normal_cdf():
+    from scipy import stats
+
+    z = GaussianNoise(secure=True).sample((1_000_000,), 1.0, dtype=torch.float64).numpy()
+    assert stats.kstest(z, "norm").statistic < 0.0025         # p ~ 1e-5 under H0
+    for k, tail in ((2, 0.0455), (3, 0.0027)):                 # two-sided tail masses
+        assert abs(float((np.abs(z) > k).mean()) - tail) < 4 * (tail / 1e6) ** 0.5
+
+
+def test_secure_noise_add_in_place_and_fallbacks():
+    noise = GaussianNoise()
+    x = torch.full((3, 5000), 2.0)
+    assert noise.add_(x, 1.0) is x
+    assert abs(float(x.mean()) - 2) < 0.1 and abs(float(x.std()) - 1) < 0.05
+    strided = torch.zeros(5000, 4).t()                         # not contiguous: falls back
+    noise.add_(strided, 1.0)
+    assert abs(float(strided.std()) - 1) < 0.05
+    same = torch.ones(4, dtype=torch.float64)
+    assert torch.equal(noise.add_(same, 0.0), torch.ones(4, dtype=torch.float64))
+
+
 def test_secure_noise_instances_differ_and_honour_shape_dtype_device():
     a, b = GaussianNoise(), GaussianNoise()
     assert a.secure

@@ -22,26 +22,29 @@ from models import MODELS, TASKS
 from models.vit import MultiModalViT, ViTConfig
 from tests.conftest import CLASSES
 
-SMALL = ViTConfig(dim=32, depth=2, heads=2, img_size=32, patch_size=8)
+SMALL = ViTConfig(dim=32, depth=2, heads=2, img_size=32, patch_size=8)   # 65 tokens, narrow:
+# every Linear materialises g_i^T a_i. WIDE (17 tokens, wide layers): every Linear with more
+# than one token takes the ghost-norm path, input Gram taken in the forward hook.
+WIDE = ViTConfig(dim=96, depth=2, heads=2, img_size=16, patch_size=8)
 TINY_OPTIONS = {"dim": 32, "depth": 1, "heads": 2, "img_size": 32, "patch_size": 8}
 N = 6
 ATOL = 1e-10          # float64 throughout; observed differences are ~1e-14
 
 
-def _vit(seed: int = 0) -> MultiModalViT:
+def _vit(config: ViTConfig = SMALL, seed: int = 0) -> MultiModalViT:
     """The same float64 weights on every call."""
     torch.manual_seed(seed)
-    return MultiModalViT(SMALL).double()
+    return MultiModalViT(config).double()
 
 
-def _batch(n: int = N, seed: int = 1) -> dict[str, Tensor]:
+def _batch(config: ViTConfig = SMALL, n: int = N, seed: int = 1) -> dict[str, Tensor]:
     """Random studies, some with absent sequences (zeroed and masked, as StudyDataset does)."""
     g = torch.Generator().manual_seed(seed)
-    present = torch.ones(n, SMALL.num_sequences, dtype=torch.bool)
+    present = torch.ones(n, config.num_sequences, dtype=torch.bool)
     present[0, 1] = False
     present[2, [0, 3]] = False
     present[n - 1, 2] = False
-    image = torch.randn(n, SMALL.num_sequences, SMALL.img_size, SMALL.img_size, generator=g,
+    image = torch.randn(n, config.num_sequences, config.img_size, config.img_size, generator=g,
                         dtype=torch.float64)
     return {"image": image * present[..., None, None], "present": present,
             "label": torch.randint(0, 3, (n,), generator=g)}
@@ -73,10 +76,12 @@ def task():
     return TASKS.build("classification", {})
 
 
-@pytest.fixture(scope="module")
-def reference(task):
-    """Per-sample gradients (parameter order of ``_vit()``) from one backward pass per sample."""
-    model, batch = _vit(), _batch()
+@pytest.fixture(scope="module", params=["direct", "ghost"])
+def reference(task, request):
+    """Per-sample gradients (parameter order of ``_vit()``) from one backward pass per sample,
+    for a model whose Linear norms take each path."""
+    config = {"direct": SMALL, "ghost": WIDE}[request.param]
+    model, batch = _vit(config), _batch(config)
     params = list(model.parameters())
     per_sample = []
     for i in range(N):
@@ -85,16 +90,26 @@ def reference(task):
         per_sample.append([torch.zeros_like(p) if p.grad is None else p.grad.clone()
                            for p in params])
     norms = torch.stack([torch.sqrt(sum(g.square().sum() for g in grads)) for grads in per_sample])
-    return {"batch": batch, "per_sample": per_sample, "norms": norms}
+    return {"batch": batch, "per_sample": per_sample, "norms": norms, "config": config,
+            "path": request.param}
 
 
 # ---------------------------------------------------------------- per-sample clipping (exact)
 
-def test_per_sample_norms_equal_individual_backward_passes(task, reference):
+def test_per_sample_norms_equal_individual_backward_passes(task, reference, monkeypatch):
+    import client.privacy.persample as persample
+
     batch = reference["batch"]
     assert not batch["present"].all(), "the batch must exercise absent sequences"
-    model = _vit()
+    model = _vit(reference["config"])
+    grams = []
+    monkeypatch.setattr(persample, "_gram", lambda x: grams.append(x.shape) or x @ x.mT)
     clipper = _clipper_pass(model, task, batch, max_grad_norm=1.0)
+    linears = sum(isinstance(m, nn.Linear) for m in model.modules())
+    if reference["path"] == "ghost":      # input and output Gram of every Linear but the head
+        assert len(grams) == 2 * (linears - 1)
+    else:
+        assert grams == []
     norms = clipper.per_sample_norms()
     assert norms.shape == (N,) and norms.dtype == torch.float64
     assert len(set(reference["norms"].tolist())) == N      # distinct: a mix-up would show
@@ -105,7 +120,7 @@ def test_clipped_sum_equals_sum_of_individually_clipped_gradients(task, referenc
     norms = reference["norms"]
     c = float(norms.median())                      # some samples clipped, some not
     assert (norms > c).any() and (norms < c).any()
-    model = _vit()
+    model = _vit(reference["config"])
     params = list(model.parameters())
     clipper = _clipper_pass(model, task, reference["batch"], max_grad_norm=c)
     # the pass itself never writes an (unclipped) gradient and gives requires_grad back
@@ -119,7 +134,7 @@ def test_clipped_sum_equals_sum_of_individually_clipped_gradients(task, referenc
 
 
 def test_summed_per_sample_gradients_equal_the_batch_gradient(task, reference):
-    model = _vit()
+    model = _vit(reference["config"])
     grads, _ = _clipper_pass(model, task, reference["batch"], max_grad_norm=1e12).clipped_sum()
     model.zero_grad(set_to_none=True)
     _summed_loss(model, task, reference["batch"]).backward()     # ordinary batch gradient
@@ -134,7 +149,7 @@ def test_clipped_sum_equals_opacus_hooks_mode(task, reference):
     from opacus import GradSampleModule
 
     c = float(reference["norms"].median())
-    model = _vit()
+    model = _vit(reference["config"])
     params = list(model.parameters())
     gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum")
     try:
@@ -286,7 +301,7 @@ def test_private_gradient_is_clipped_sum_plus_seeded_noise_over_expected_batch(t
     c, sigma, seed, expected = float(reference["norms"].median()), 0.8, 3, 4.5
     config = DPSGDConfig(noise_multiplier=sigma, max_grad_norm=c, sample_rate=0.5,
                          secure_mode=False, seed=seed)
-    model = _vit()
+    model = _vit(reference["config"])
     out, grads = _private_grads(model, task, reference["batch"], config, expected)
     assert out.n == N
     clipped = _reference_clipped_sum(reference["per_sample"], c)
@@ -308,7 +323,7 @@ def test_private_gradient_is_clipped_sum_plus_seeded_noise_over_expected_batch(t
 def test_seeded_runs_are_reproducible_and_secure_runs_are_not(task, reference):
     def run(**kw):
         cfg = DPSGDConfig(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.5, **kw)
-        return _private_grads(_vit(), task, reference["batch"], cfg, 3.0)[1]
+        return _private_grads(_vit(reference["config"]), task, reference["batch"], cfg, 3.0)[1]
 
     def same(a, b):
         return all(torch.equal(x, y) for x, y in zip(a.values(), b.values()))
@@ -509,7 +524,7 @@ def test_engine_refuses_private_training_of_an_unsupported_layer(site_train):
 
 def test_task_loss_is_a_mean_of_per_sample_terms(task, reference):
     """What makes ``loss * n`` the sum of per-sample losses (the task's batch_coupling=None)."""
-    model, batch = _vit(), reference["batch"]
+    model, batch = _vit(reference["config"]), reference["batch"]
     out = task.step(model, batch)
     logits = model(batch["image"], batch["present"]).float()
     per = F.cross_entropy(logits, batch["label"], reduction="none")

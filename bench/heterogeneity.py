@@ -2,6 +2,8 @@
 
 For each alpha, side by side in one run:
 - FedAvg, FedProx, FedAdam: the final global model on the external site (never trains);
+- FedAvg with logit adjustment (``task.options.logit_adjustment=1``: each site trains on
+  logits + log of its own label prior, FedLC / balanced-softmax style), same global scoring;
 - FedBN (normalisation layers local) and personalized FedAvg (each site's adapted model):
   these models exist only at their sites, so they are scored on the sites' own test splits;
 - pooled centralized training on all sites' training data (upper bound), same backbone and
@@ -9,7 +11,8 @@ For each alpha, side by side in one run:
 
 ``best_over_pooled_alpha_0_5`` = best global strategy's external MCC / pooled external MCC.
 
-    python -m bench.heterogeneity [--rounds 15] [--local-epochs 4] [--patients 120]
+    python -m bench.heterogeneity [--rounds 40] [--local-epochs 4] [--patients 120]
+                                  [--alphas 0.1,0.5,10]
 """
 
 from __future__ import annotations
@@ -36,8 +39,9 @@ from .common import update_results_md, write_result
 
 ALPHAS = (0.1, 0.5, 10.0)
 SITES = 5
-GLOBAL = {"fedavg": "strategy=personalized", "fedprox": "strategy=fedprox",
-          "fedadam": "strategy=fedadam"}
+GLOBAL = {"fedavg": ["strategy=personalized"],
+          "fedavg_logit_adjusted": ["strategy=fedavg", "task.options.logit_adjustment=1.0"],
+          "fedprox": ["strategy=fedprox"], "fedadam": ["strategy=fedadam"]}
 
 
 class LastRound:
@@ -91,7 +95,7 @@ def run_alpha(alpha: float, args, work: Path) -> dict:
                             cfg.task.image_size)
     table: dict[str, dict] = {}
     for name, override in GLOBAL.items():
-        run_cfg = load_experiment([*base, override])
+        run_cfg = load_experiment([*base, *override])
         last = LastRound()
         run_dir = simulate(run_cfg, observers=(last,))
         table[name] = {"external_mcc": external_mcc(run_cfg, latest_weights(run_dir), external),
@@ -111,7 +115,7 @@ def run_alpha(alpha: float, args, work: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--local-epochs", type=int, default=4)
     parser.add_argument("--patients", type=int, default=120)
     parser.add_argument("--seed", type=int, default=0)

@@ -89,6 +89,9 @@ class Engine:
         if len(data) == 0:
             raise ValueError("no training samples at this site")
         start = time.perf_counter()
+        set_prior = getattr(self.task, "set_label_prior", None)
+        if set_prior is not None and hasattr(data, "labels"):
+            set_prior(data.labels)              # logit adjustment: this site's label counts
         model.to(self.device).train()
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from flwr.app import ConfigRecord
 
 from models import MODELS, TASKS
-from models.tasks import batch_coupling, build
+from models.tasks import batch_coupling, build, private_state
 from strategies import wire
 from strategies.accounting import check_accountant
 
@@ -121,6 +121,9 @@ def decode_job(config: ConfigRecord, *, site_seed: int) -> Job:
             raise JobError(f"DP-SGD refused for task {job.task_name!r}: {coupling}; "
                            "per-sample clipping cannot bound one sample's influence - "
                            "use site-level DP (privacy=sitedp) for this objective")
+        state = private_state(job.task_name, job.task_options)
+        if job.privacy.mechanism == wire.DP_SGD and state:
+            raise JobError(f"DP-SGD refused: {state}")
     except (KeyError, TypeError, ValueError) as err:
         raise JobError(str(err).strip('"')) from None
     return job

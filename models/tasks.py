@@ -36,6 +36,10 @@ class ClassificationConfig:
     lora_rank: int = 4
     lora_alpha: float = 8.0
     label_fraction: float = 1.0       # fraction of each site's labelled training studies used
+    # tau >= 0: train on logits + tau * log(pi_site), pi_site = the site's own training label
+    # frequencies (balanced softmax / FedLC-style logit adjustment against label skew);
+    # predictions use the raw logits. 0 = off. Refused under DP-SGD (see private_state).
+    logit_adjustment: float = 0.0
 
     def __post_init__(self):
         if self.num_classes < 2:
@@ -49,6 +53,8 @@ class ClassificationConfig:
             raise ValueError("lora_rank must be >= 1 and lora_alpha > 0")
         if not 0.0 < self.label_fraction <= 1.0:
             raise ValueError(f"label_fraction must be in (0, 1], got {self.label_fraction}")
+        if not self.logit_adjustment >= 0.0:
+            raise ValueError(f"logit_adjustment must be >= 0, got {self.logit_adjustment}")
 
 
 def batch_coupling(task_name: str) -> str | None:
@@ -60,6 +66,16 @@ def batch_coupling(task_name: str) -> str | None:
     """
     return getattr(TASKS.factory(task_name), "batch_coupling",
                    "the task does not declare that its loss is a mean of per-sample terms")
+
+
+def private_state(task_name: str, task_options: dict) -> str | None:
+    """Why a task configured this way would let statistics of the site's data that DP-SGD's
+    accountant does not cover shape the released model, or None."""
+    if float(task_options.get("logit_adjustment", 0.0) or 0.0) > 0:
+        return ("logit_adjustment shifts the training loss by the log of the site's label "
+                "counts, which per-sample clipping and noise do not cover; set "
+                "task.options.logit_adjustment=0 or use site-level DP (privacy=sitedp)")
+    return None
 
 
 def build(model_name: str, model_options: dict, task_name: str, task_options: dict, *,
@@ -112,6 +128,15 @@ class ClassificationTask:
 
     def __init__(self, config: ClassificationConfig):
         self.config = config
+        self.log_prior: Tensor | None = None      # [C], set by set_label_prior at the site
+
+    def set_label_prior(self, labels: Tensor) -> None:
+        """The site's training label frequencies (add-one smoothed) for ``logit_adjustment``;
+        unlabelled studies (-1) are ignored. Kept in the task, never sent anywhere."""
+        labels = torch.as_tensor(labels).long()
+        counts = torch.bincount(labels[labels >= 0], minlength=self.config.num_classes)
+        counts = counts[:self.config.num_classes].double() + 1
+        self.log_prior = (counts / counts.sum()).log().float()
 
     def wrap(self, backbone: nn.Module) -> nn.Module:
         mode = self.config.mode
@@ -139,7 +164,14 @@ class ClassificationTask:
     def step(self, model: nn.Module, batch: dict[str, Tensor]) -> StepOutput:
         logits = model(batch["image"], batch["present"])
         labels = batch["label"]
-        loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.config.label_smoothing)
+        scores = logits.float()
+        tau = self.config.logit_adjustment
+        if tau and model.training:
+            if self.log_prior is None:
+                raise RuntimeError("logit_adjustment needs the site's label prior: call "
+                                   "set_label_prior before training")
+            scores = scores + tau * self.log_prior.to(scores.device)
+        loss = F.cross_entropy(scores, labels, label_smoothing=self.config.label_smoothing)
         acc = (logits.argmax(1) == labels).float().mean().item()
         return StepOutput(loss, int(labels.numel()), {"accuracy": acc})
 

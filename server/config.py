@@ -18,7 +18,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
 from models import MODELS, TASKS
-from models.tasks import batch_coupling
+from models.tasks import batch_coupling, private_state
 from models.weights import PretrainedError, check_compatible, load_pretrained
 from strategies.accounting import PrivacyConfigError, check_accountant
 from strategies.registry import NEEDS_INDIVIDUAL_UPDATES
@@ -363,6 +363,9 @@ def validate_privacy(cfg: ExperimentConfig) -> None:
                               f"{coupling}. Per-sample clipping cannot bound one sample's "
                               "influence on a loss that couples the batch; use "
                               "privacy=sitedp for it")
+        state = private_state(cfg.task.name, cfg.task_options())
+        if state:
+            raise ConfigError(f"privacy.mechanism=dp-sgd refused: {state}")
         return
     if not (p.noise_multiplier or 0) > 0 or p.clipping_norm <= 0:
         raise ConfigError("privacy.mechanism=site-dp needs privacy.noise_multiplier > 0 (the "

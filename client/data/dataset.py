@@ -85,6 +85,12 @@ class StudyDataset(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
+    @property
+    def labels(self) -> torch.Tensor:
+        """``[N]`` labels of the studies (-1: unlabelled), without loading any image."""
+        return torch.stack([label for _, _, label in self.items]) if self.items \
+            else torch.zeros(0, dtype=torch.long)
+
     def reseed(self, seed: int) -> None:
         """Make the random augmentation of the next pass reproducible."""
         if self.augment is not None:

@@ -31,3 +31,45 @@ def test_empty_training_set_is_an_error():
     engine = Engine(TASKS.build("classification", {}), torch.device("cpu"))
     with pytest.raises(ValueError, match="no training samples"):
         engine.fit(MODELS.build("mmvit", {"dim": 32, "depth": 1, "heads": 2}), [], TrainConfig())
+
+
+def test_logit_adjustment_trains_on_logits_plus_the_sites_log_prior(tiny_sites):
+    import torch.nn.functional as F
+
+    data = load_site(tiny_sites / "site-0", CLASSES)
+    ds = StudyDataset(data.split("train", labelled_only=True)[:8], image_size=64)
+    labels = ds.labels
+    assert labels.shape == (8,) and labels.min() >= 0
+    task = TASKS.build("classification", {"logit_adjustment": 0.5})
+    torch.manual_seed(0)
+    model = MODELS.build("mmvit", {"dim": 32, "depth": 1, "heads": 2})
+    engine = Engine(task, torch.device("cpu"))
+    engine.fit(model, ds, TrainConfig(local_epochs=1, batch_size=8))
+    counts = torch.bincount(labels, minlength=3).double() + 1          # set from this site
+    torch.testing.assert_close(task.log_prior, (counts / counts.sum()).log().float())
+
+    batch = {k: torch.stack([ds[i][k] for i in range(8)]) for k in ("image", "present", "label")}
+    model.eval()
+    with torch.no_grad():
+        logits = model(batch["image"], batch["present"]).float()
+    want = F.cross_entropy(logits + 0.5 * task.log_prior, batch["label"])
+    model.train()                                        # the adjustment applies in training
+    with torch.no_grad():
+        got = task.step(model, batch).loss
+    torch.testing.assert_close(got, want)
+    loss, probs, _ = task.predict(model.train(False), batch)               # prediction: raw
+    torch.testing.assert_close(probs, logits.softmax(1))
+    assert not torch.allclose(loss.mean(), want)
+
+
+def test_logit_adjustment_needs_the_prior_and_a_non_negative_tau():
+    with pytest.raises(ValueError, match="logit_adjustment must be >= 0"):
+        TASKS.build("classification", {"logit_adjustment": -1.0})
+    task = TASKS.build("classification", {"logit_adjustment": 1.0})
+    model = MODELS.build("mmvit", {"dim": 32, "depth": 1, "heads": 2, "img_size": 32})
+    batch = {"image": torch.zeros(2, 4, 32, 32), "present": torch.ones(2, 4, dtype=torch.bool),
+             "label": torch.tensor([0, 1])}
+    with pytest.raises(RuntimeError, match="set_label_prior"):
+        task.step(model.train(), batch)
+    task.set_label_prior(torch.tensor([0, 0, 0, -1]))    # unlabelled ignored, add-one smoothed
+    torch.testing.assert_close(task.log_prior.exp(), torch.tensor([4 / 6, 1 / 6, 1 / 6]))

@@ -3,6 +3,7 @@ across restarts and runs, refusals with reasons, node settings, and DP-SGD task 
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -286,3 +287,12 @@ def test_dpsgd_request_decodes_for_the_classification_task():
     job = decode_job(_job("classification", "dpsgd"), site_seed=0)
     assert job.privacy.mechanism == wire.DP_SGD and job.privacy.run_id == "run-x"
     assert job.privacy.target_epsilon == 8.0 and job.privacy.planned_rounds >= 1
+
+
+def test_dpsgd_is_refused_for_logit_adjustment_at_the_site():
+    """The site re-checks what the server validated: label counts are outside the accountant."""
+    record = _job("classification", "dpsgd")
+    record[wire.TASK_OPTIONS] = json.dumps(json.loads(record[wire.TASK_OPTIONS])
+                                           | {"logit_adjustment": 1.0})
+    with pytest.raises(JobError, match=r"DP-SGD refused: logit_adjustment .* label counts"):
+        decode_job(record, site_seed=0)

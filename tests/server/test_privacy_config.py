@@ -87,6 +87,13 @@ def test_dpsgd_is_refused_for_a_batch_coupled_task(monkeypatch):
     assert load_experiment(SITEDP).privacy.mechanism == "site-dp"
 
 
+def test_dpsgd_is_refused_with_logit_adjustment_but_site_dp_is_not():
+    with pytest.raises(ConfigError, match=r"dp-sgd refused: logit_adjustment .* label counts"):
+        load_experiment(["privacy=dpsgd", "task.options.logit_adjustment=1.0"])
+    cfg = load_experiment(SITEDP + ["task.options.logit_adjustment=1.0"])
+    assert cfg.task_options()["logit_adjustment"] == 1.0
+
+
 def test_dpsgd_job_config_carries_the_dp_keys():
     cfg = load_experiment(["privacy=dpsgd", "privacy.sample_rate=0.25",
                            "privacy.max_grad_norm=0.5", "privacy.accountant=prv"])

@@ -75,12 +75,18 @@ def _ghost(t: int, i: int, o: int) -> bool:
 
 
 def _gram(x: Tensor) -> Tensor:
-    return torch.bmm(x, x.transpose(1, 2))
+    with torch.autocast(x.device.type, enabled=False):   # hooks may run inside autocast
+        return torch.bmm(x, x.transpose(1, 2))
 
 
 def _linear_norms(layer: _Layer) -> Tensor:
     """Called as soon as the output gradient arrives (it is then still in cache); the ghost
     path's input Gram ``a a^T`` was taken in the forward hook, while ``a`` was."""
+    with torch.autocast(layer.input.device.type, enabled=False):     # norms in >= float32
+        return _linear_norms_fp32(layer)
+
+
+def _linear_norms_fp32(layer: _Layer) -> Tensor:
     a, g = _acc(_flat(layer.input)), _acc(_flat(layer.grad_output))   # [B,T,i], [B,T,o]
     t, i, o = a.shape[1], a.shape[2], g.shape[2]
     sq = torch.zeros(a.shape[0], dtype=a.dtype, device=a.device)

@@ -3,7 +3,8 @@
 For each alpha, side by side in one run:
 - FedAvg, FedProx, FedAdam: the final global model on the external site (never trains);
 - FedAvg with logit adjustment (``task.options.logit_adjustment=1``: each site trains on
-  logits + log of its own label prior, FedLC / balanced-softmax style), same global scoring;
+  logits + log of its own label prior, FedLC / balanced-softmax style), and the same plus
+  feature decorrelation (``task.options.feature_decorrelation=0.1``, FedDecorr), same scoring;
 - FedBN (normalisation layers local) and personalized FedAvg (each site's adapted model):
   these models exist only at their sites, so they are scored on the sites' own test splits;
 - pooled centralized training on all sites' training data (upper bound), same backbone and
@@ -41,6 +42,8 @@ ALPHAS = (0.1, 0.5, 10.0)
 SITES = 5
 GLOBAL = {"fedavg": ["strategy=personalized"],
           "fedavg_logit_adjusted": ["strategy=fedavg", "task.options.logit_adjustment=1.0"],
+          "fedavg_la_decorr": ["strategy=fedavg", "task.options.logit_adjustment=1.0",
+                               "task.options.feature_decorrelation=0.1"],
           "fedprox": ["strategy=fedprox"], "fedadam": ["strategy=fedadam"]}
 
 

@@ -116,7 +116,7 @@ def decode_job(config: ConfigRecord, *, site_seed: int) -> Job:
         )
         MODELS.config(job.model_name, job.model_options)     # validate names and options now
         TASKS.config(job.task_name, job.task_options)
-        coupling = batch_coupling(job.task_name)
+        coupling = batch_coupling(job.task_name, job.task_options)
         if job.privacy.mechanism == wire.DP_SGD and coupling:
             raise JobError(f"DP-SGD refused for task {job.task_name!r}: {coupling}; "
                            "per-sample clipping cannot bound one sample's influence - "

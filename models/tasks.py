@@ -40,6 +40,10 @@ class ClassificationConfig:
     # frequencies (balanced softmax / FedLC-style logit adjustment against label skew);
     # predictions use the raw logits. 0 = off. Refused under DP-SGD (see private_state).
     logit_adjustment: float = 0.0
+    # beta >= 0: adds beta * mean squared entry of the batch correlation matrix of the pooled
+    # features (FedDecorr, Shi et al. 2023: against the dimensional collapse of local models
+    # under label skew). Couples the batch, so refused under DP-SGD (see batch_coupling).
+    feature_decorrelation: float = 0.0
 
     def __post_init__(self):
         if self.num_classes < 2:
@@ -55,17 +59,36 @@ class ClassificationConfig:
             raise ValueError(f"label_fraction must be in (0, 1], got {self.label_fraction}")
         if not self.logit_adjustment >= 0.0:
             raise ValueError(f"logit_adjustment must be >= 0, got {self.logit_adjustment}")
+        if not self.feature_decorrelation >= 0.0:
+            raise ValueError(f"feature_decorrelation must be >= 0, got "
+                             f"{self.feature_decorrelation}")
 
 
-def batch_coupling(task_name: str) -> str | None:
+def batch_coupling(task_name: str, task_options: dict | None = None) -> str | None:
     """Why a task's loss couples the samples of a batch (so per-sample clipping would not bound
     one sample's influence and DP-SGD's accounting would not hold), or None if it does not.
 
     Tasks declare it as a class attribute ``batch_coupling``; a task that does not declare it
-    is treated as coupled - it has to opt in to DP-SGD.
+    is treated as coupled - it has to opt in to DP-SGD. A task whose options can couple the
+    batch also has a static ``options_coupling(options) -> str | None``.
     """
-    return getattr(TASKS.factory(task_name), "batch_coupling",
-                   "the task does not declare that its loss is a mean of per-sample terms")
+    factory = TASKS.factory(task_name)
+    declared = getattr(factory, "batch_coupling",
+                       "the task does not declare that its loss is a mean of per-sample terms")
+    by_options = getattr(factory, "options_coupling", None)
+    if declared or by_options is None:
+        return declared
+    return by_options(task_options or {})
+
+
+def decorrelation_loss(features: Tensor, eps: float = 1e-5) -> Tensor:
+    """Mean squared entry of the correlation matrix of ``features [N, D]`` over the batch
+    (FedDecorr's regulariser): 1/D when the D dimensions are uncorrelated, 1 when they have
+    collapsed onto one direction. Needs N >= 2."""
+    z = features - features.mean(0)
+    z = z / (z.square().mean(0).sqrt() + eps)
+    corr = z.T @ z / features.shape[0]
+    return corr.square().mean()
 
 
 def private_state(task_name: str, task_options: dict) -> str | None:
@@ -126,6 +149,14 @@ class ClassificationTask:
     batch_coupling = None
     uses_unlabelled = False
 
+    @staticmethod
+    def options_coupling(options: dict) -> str | None:
+        if float(options.get("feature_decorrelation", 0.0) or 0.0) > 0:
+            return ("feature_decorrelation penalises the correlation of features across the "
+                    "batch, so each sample's gradient depends on the others; set "
+                    "task.options.feature_decorrelation=0")
+        return None
+
     def __init__(self, config: ClassificationConfig):
         self.config = config
         self.log_prior: Tensor | None = None      # [C], set by set_label_prior at the site
@@ -162,7 +193,13 @@ class ClassificationTask:
                 | {f"cm_{i}_{j}": 0.0 for i in range(k) for j in range(k)})
 
     def step(self, model: nn.Module, batch: dict[str, Tensor]) -> StepOutput:
-        logits = model(batch["image"], batch["present"])
+        beta = self.config.feature_decorrelation if model.training else 0.0
+        if beta:
+            features = model.pool(model.forward_features(batch["image"], batch["present"]),
+                                  batch["present"])
+            logits = model.head(features)
+        else:
+            logits = model(batch["image"], batch["present"])
         labels = batch["label"]
         scores = logits.float()
         tau = self.config.logit_adjustment
@@ -172,6 +209,8 @@ class ClassificationTask:
                                    "set_label_prior before training")
             scores = scores + tau * self.log_prior.to(scores.device)
         loss = F.cross_entropy(scores, labels, label_smoothing=self.config.label_smoothing)
+        if beta and labels.numel() > 1:
+            loss = loss + beta * decorrelation_loss(features.float())
         acc = (logits.argmax(1) == labels).float().mean().item()
         return StepOutput(loss, int(labels.numel()), {"accuracy": acc})
 

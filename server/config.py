@@ -357,7 +357,7 @@ def validate_privacy(cfg: ExperimentConfig) -> None:
             raise ConfigError("privacy.max_grad_norm must be > 0")
         if p.sample_rate is not None and not 0 < p.sample_rate <= 1:
             raise ConfigError(f"privacy.sample_rate must be in (0, 1], got {p.sample_rate}")
-        coupling = batch_coupling(cfg.task.name)
+        coupling = batch_coupling(cfg.task.name, cfg.task_options())
         if coupling:
             raise ConfigError(f"privacy.mechanism=dp-sgd refused for task {cfg.task.name!r}: "
                               f"{coupling}. Per-sample clipping cannot bound one sample's "

@@ -73,3 +73,47 @@ def test_logit_adjustment_needs_the_prior_and_a_non_negative_tau():
         task.step(model.train(), batch)
     task.set_label_prior(torch.tensor([0, 0, 0, -1]))    # unlabelled ignored, add-one smoothed
     torch.testing.assert_close(task.log_prior.exp(), torch.tensor([4 / 6, 1 / 6, 1 / 6]))
+
+
+def test_decorrelation_loss_is_one_over_d_when_uncorrelated_and_one_when_collapsed():
+    from models.tasks import decorrelation_loss
+
+    torch.manual_seed(0)
+    centred = torch.randn(64, 8, dtype=torch.float64)
+    spread = torch.linalg.qr(centred - centred.mean(0))[0]        # centred, orthogonal columns
+    assert abs(decorrelation_loss(spread).item() - 1 / 8) < 1e-3
+    one_way = torch.randn(64, 1) * torch.linspace(1, 2, 8)         # every dim the same direction
+    assert abs(decorrelation_loss(one_way).item() - 1.0) < 1e-4
+    features = (torch.randn(32, 8) + torch.randn(32, 1) * 3).requires_grad_()
+    before = decorrelation_loss(features)
+    before.backward()
+    after = decorrelation_loss(features.detach() - 0.5 * features.grad)
+    assert after < before                            # its gradient decorrelates the features
+
+
+def test_feature_decorrelation_adds_the_penalty_on_pooled_features_in_training_only(tiny_sites):
+    import torch.nn.functional as F
+
+    from models.tasks import decorrelation_loss
+
+    data = load_site(tiny_sites / "site-0", CLASSES)
+    ds = StudyDataset(data.split("train", labelled_only=True)[:8], image_size=64)
+    batch = {k: torch.stack([ds[i][k] for i in range(8)]) for k in ("image", "present", "label")}
+    torch.manual_seed(0)
+    model = MODELS.build("mmvit", {"dim": 32, "depth": 1, "heads": 2})
+    plain = TASKS.build("classification", {})
+    task = TASKS.build("classification", {"feature_decorrelation": 0.3})
+    with torch.no_grad():
+        features = model.pool(model.forward_features(batch["image"], batch["present"]),
+                              batch["present"])
+        want = F.cross_entropy(model.head(features), batch["label"]) \
+            + 0.3 * decorrelation_loss(features)
+        torch.testing.assert_close(task.step(model.train(), batch).loss, want)
+        assert task.step(model, batch).loss > plain.step(model, batch).loss
+        torch.testing.assert_close(task.step(model.eval(), batch).loss,      # eval: no penalty
+                                   plain.step(model, batch).loss)
+        one = {k: v[:1] for k, v in batch.items()}            # a batch of one has no correlation
+        torch.testing.assert_close(task.step(model.train(), one).loss,
+                                   plain.step(model, one).loss)
+    with pytest.raises(ValueError, match="feature_decorrelation must be >= 0"):
+        TASKS.build("classification", {"feature_decorrelation": -0.1})

@@ -296,3 +296,12 @@ def test_dpsgd_is_refused_for_logit_adjustment_at_the_site():
                                            | {"logit_adjustment": 1.0})
     with pytest.raises(JobError, match=r"DP-SGD refused: logit_adjustment .* label counts"):
         decode_job(record, site_seed=0)
+
+
+def test_dpsgd_is_refused_for_feature_decorrelation_at_the_site():
+    record = _job("classification", "dpsgd")
+    record[wire.TASK_OPTIONS] = json.dumps(json.loads(record[wire.TASK_OPTIONS])
+                                           | {"feature_decorrelation": 0.1})
+    with pytest.raises(JobError, match=r"DP-SGD refused for task 'classification': "
+                                       r"feature_decorrelation"):
+        decode_job(record, site_seed=0)

@@ -94,6 +94,15 @@ def test_dpsgd_is_refused_with_logit_adjustment_but_site_dp_is_not():
     assert cfg.task_options()["logit_adjustment"] == 1.0
 
 
+def test_dpsgd_is_refused_with_feature_decorrelation_but_site_dp_is_not():
+    with pytest.raises(ConfigError, match=r"dp-sgd refused for task 'classification': "
+                                          r"feature_decorrelation .* depends on the others"):
+        load_experiment(["privacy=dpsgd", "task.options.feature_decorrelation=0.1"])
+    cfg = load_experiment(SITEDP + ["task.options.feature_decorrelation=0.1"])
+    assert cfg.task_options()["feature_decorrelation"] == 0.1
+    assert load_experiment(["privacy=dpsgd"]).privacy.mechanism == "dp-sgd"
+
+
 def test_dpsgd_job_config_carries_the_dp_keys():
     cfg = load_experiment(["privacy=dpsgd", "privacy.sample_rate=0.25",
                            "privacy.max_grad_norm=0.5", "privacy.accountant=prv"])

@@ -73,6 +73,7 @@ def make_client_app(*, sim_data_root: Path | None = None, mods=()) -> ClientApp:
             site, job.class_names, job.image_size, unlabelled=task.uses_unlabelled,
             label_fraction=getattr(task.config, "label_fraction", 1.0),
             masks=getattr(task, "uses_masks", False),
+            multi_label=getattr(task, "multi_label", False),
             text_transform=task.tokenize if reports else None,
             text_key=(task.config.tokenizer_dir, task.config.max_length) if reports else ())
         local = load_global(model, msg.content, job, context)

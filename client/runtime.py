@@ -70,14 +70,15 @@ class SiteDataCache:
 
     def get(self, site: SiteIdentity, class_names: tuple[str, ...], image_size: int, *,
             unlabelled: bool = False, label_fraction: float = 1.0, masks: bool = False,
-            text_transform=None, text_key: tuple = ()
+            multi_label: bool = False, text_transform=None, text_key: tuple = ()
             ) -> tuple[SiteData, dict[str, StudyDataset]]:
         """Splits of one site. Training uses the labelled studies (a ``label_fraction`` of
         them, chosen by a hash of the study) or, for self-supervised objectives, every
         training study (``unlabelled``); evaluation splits are always the labelled ones."""
-        key = (str(site.data_dir), class_names, image_size, unlabelled, label_fraction)
+        key = (str(site.data_dir), class_names, image_size, unlabelled, label_fraction,
+               multi_label)
         if key not in self._sites:
-            data = load_site(site.data_dir, class_names)
+            data = load_site(site.data_dir, class_names, multi_label=multi_label)
             r = data.report
             site_logger(site.site_id).info(
                 "data: %d files, %d images, %d studies (train/val/test %s), skipped %s",

@@ -87,3 +87,29 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, f
     if auroc is not None:
         out["auroc"] = auroc
     return out
+
+
+def multilabel_confusions(targets: np.ndarray, probs: np.ndarray,
+                          threshold: float = 0.5) -> np.ndarray:
+    """``[C, 2, 2]``: one binary confusion matrix per label (true 0/1 x predicted 0/1)."""
+    preds = probs >= threshold
+    return np.stack([confusion_matrix(targets[:, k].astype(int), preds[:, k].astype(int), 2)
+                     for k in range(targets.shape[1])])
+
+
+def multilabel_from_confusions(cms: np.ndarray) -> dict[str, float]:
+    """Macro metrics over labels from per-label binary confusions (poolable across sites):
+    ``mcc`` = mean binary MCC, ``f1`` = mean F1 of the positive class, ``accuracy`` = mean
+    per-label accuracy (1 - Hamming loss), ``balanced_accuracy`` = mean over labels."""
+    per_f1 = [per_class_f1(cm)[1] for cm in cms]
+    return {"accuracy": float(np.mean([np.trace(cm) / max(cm.sum(), 1) for cm in cms])),
+            "balanced_accuracy": float(np.mean([balanced_accuracy(cm) for cm in cms])),
+            "mcc": float(np.mean([mcc(cm) for cm in cms])),
+            "f1": float(np.mean(per_f1))} | {f"f1_class_{k}": f for k, f in enumerate(per_f1)}
+
+
+def multilabel_auroc(targets: np.ndarray, probs: np.ndarray) -> float | None:
+    """AUROC of each label averaged over the labels that have both outcomes."""
+    values = [binary_auroc(probs[:, k], targets[:, k].astype(bool)) for k in range(probs.shape[1])]
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None

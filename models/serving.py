@@ -16,16 +16,19 @@ from .vit import MultiModalViT
 
 
 class ExportedClassifier(nn.Module):
-    """``images [B, S, *spatial]`` -> class probabilities; presence is read off the input."""
+    """``images [B, S, *spatial]`` -> class probabilities (softmax), or with ``multi_label``
+    one independent probability per finding (sigmoid); presence is read off the input."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, multi_label: bool = False):
         super().__init__()
         self.model = model
+        self.multi_label = multi_label
         self.input_shape = _input_shape(model.config)
 
     def forward(self, images: Tensor) -> Tensor:
         images = torch.as_tensor(images, dtype=torch.float32)
-        return self.model(images, _present(images)).softmax(-1)
+        logits = self.model(images, _present(images))
+        return logits.sigmoid() if self.multi_label else logits.softmax(-1)
 
 
 def _input_shape(c) -> tuple[int, ...]:
@@ -79,10 +82,11 @@ def plain_backbone(model: nn.Module) -> MultiModalViT:
     return merge_adapters(backbone)
 
 
-def servable(model: nn.Module) -> nn.Module:
-    """What a model registry should hold for ``model`` (see module docstring)."""
+def servable(model: nn.Module, *, multi_label: bool = False) -> nn.Module:
+    """What a model registry should hold for ``model`` (see module docstring);
+    ``multi_label``: the head scores independent findings (sigmoid, not softmax)."""
     plain = plain_backbone(model)
     if isinstance(model, MultiModalViT) and model.head is not None:
-        return ExportedClassifier(plain)
+        return ExportedClassifier(plain, multi_label)
     plain.head = None
     return ExportedEncoder(plain)

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .metrics import classification_metrics, confusion_matrix
+from .metrics import (classification_metrics, confusion_matrix, multilabel_auroc,
+                      multilabel_confusions, multilabel_from_confusions)
 from .registry import MODELS, TASKS
 from .vit import MultiModalViT, ViTConfig
 
@@ -62,6 +63,36 @@ class ClassificationConfig:
         if not self.feature_decorrelation >= 0.0:
             raise ValueError(f"feature_decorrelation must be >= 0, got "
                              f"{self.feature_decorrelation}")
+
+
+@dataclass
+class MultiLabelConfig:
+    num_classes: int = 3              # number of findings (from task.class_names)
+    mode: str = "full"                # full | linear_probe | lora, as for classification
+    lora_rank: int = 4
+    lora_alpha: float = 8.0
+    label_fraction: float = 1.0       # fraction of each site's labelled training studies used
+    threshold: float = 0.5            # a finding is predicted present at probability >= this
+
+    def __post_init__(self):
+        if self.num_classes < 1 or self.num_classes > 62:
+            raise ValueError(f"num_classes (findings) must be in [1, 62], got {self.num_classes}")
+        if self.mode not in FINETUNE_MODES:
+            raise ValueError(f"unknown fine-tuning mode {self.mode!r}; choose one of "
+                             f"{', '.join(FINETUNE_MODES)}")
+        if self.lora_rank < 1 or self.lora_alpha <= 0:
+            raise ValueError("lora_rank must be >= 1 and lora_alpha > 0")
+        if not 0.0 < self.label_fraction <= 1.0:
+            raise ValueError(f"label_fraction must be in (0, 1], got {self.label_fraction}")
+        if not 0.0 < self.threshold < 1.0:
+            raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
+
+
+def finding_targets(labels: Tensor | np.ndarray, num_findings: int):
+    """Bitmask labels -> ``[N, num_findings]`` 0/1 targets (bit k set = finding k present)."""
+    if isinstance(labels, np.ndarray):
+        return (labels[:, None] >> np.arange(num_findings)) & 1
+    return (labels[:, None] >> torch.arange(num_findings, device=labels.device)) & 1
 
 
 def batch_coupling(task_name: str, task_options: dict | None = None) -> str | None:
@@ -132,6 +163,26 @@ def load_backbone(model: nn.Module, state: dict) -> None:
     model.load_state_dict(take, strict=False)
 
 
+def wrap_for_finetuning(backbone: nn.Module, config) -> nn.Module:
+    """What trains in a head task (``config.mode``): everything, the head only (linear
+    probe), or LoRA adapters on every attention and MLP projection plus the head."""
+    mode = config.mode
+    if mode == "full":
+        return backbone
+    if getattr(backbone, "head", None) is None:
+        raise ValueError(f"mode={mode} needs a backbone with a class head")
+    if mode == "lora":
+        from peft import LoraConfig, inject_adapter_in_model
+
+        lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha,
+                          target_modules=r".*blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(0|3))")
+        backbone = inject_adapter_in_model(lora, backbone)   # freezes all but adapters
+    else:
+        backbone.requires_grad_(False)
+    backbone.head.requires_grad_(True)
+    return backbone
+
+
 def frozen_keys(model: nn.Module) -> list[str]:
     """State-dict keys of parameters that do not train (linear probe, LoRA base weights)."""
     return [name for name, p in model.named_parameters() if not p.requires_grad]
@@ -170,21 +221,7 @@ class ClassificationTask:
         self.log_prior = (counts / counts.sum()).log().float()
 
     def wrap(self, backbone: nn.Module) -> nn.Module:
-        mode = self.config.mode
-        if mode == "full":
-            return backbone
-        if getattr(backbone, "head", None) is None:
-            raise ValueError(f"mode={mode} needs a backbone with a class head")
-        if mode == "lora":
-            from peft import LoraConfig, inject_adapter_in_model
-
-            lora = LoraConfig(r=self.config.lora_rank, lora_alpha=self.config.lora_alpha,
-                              target_modules=r".*blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(0|3))")
-            backbone = inject_adapter_in_model(lora, backbone)   # freezes all but adapters
-        else:
-            backbone.requires_grad_(False)
-        backbone.head.requires_grad_(True)
-        return backbone
+        return wrap_for_finetuning(backbone, self.config)
 
     def empty_summary(self) -> dict[str, float]:
         """The metric keys of ``summarize`` for a split with no samples (all zero)."""
@@ -229,5 +266,59 @@ class ClassificationTask:
         return out
 
 
+class MultiLabelTask:
+    """Several findings per study (e.g. enhancement, necrosis, oedema), each present or not:
+    one sigmoid per finding, binary cross-entropy averaged over findings.
+
+    Labels arrive as bitmasks in the studies' ``label`` (bit k set = finding k present, 0 =
+    read and nothing found, -1 = unlabelled; ``client/data/site.py`` reads them from
+    ``findings.csv``), so label fractions, splits and DP-SGD treat them like class labels.
+    Sites report one binary confusion matrix per finding (``mlcm_k_i_j``), which the server
+    pools exactly; MCC, F1 and accuracy are macro means over findings.
+    """
+
+    batch_coupling = None           # mean of per-sample losses
+    uses_unlabelled = False
+    multi_label = True
+
+    def __init__(self, config: MultiLabelConfig):
+        self.config = config
+
+    def wrap(self, backbone: nn.Module) -> nn.Module:
+        return wrap_for_finetuning(backbone, self.config)
+
+    def step(self, model: nn.Module, batch: dict[str, Tensor]) -> StepOutput:
+        logits = model(batch["image"], batch["present"]).float()
+        targets = finding_targets(batch["label"], self.config.num_classes).float()
+        loss = F.binary_cross_entropy_with_logits(logits, targets)
+        acc = ((logits >= 0).float() == targets).float().mean().item()
+        return StepOutput(loss, int(targets.shape[0]), {"accuracy": acc})
+
+    @torch.no_grad()
+    def predict(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-sample loss, per-finding probabilities and the bitmask labels of one batch."""
+        logits = model(batch["image"], batch["present"]).float()
+        targets = finding_targets(batch["label"], self.config.num_classes).float()
+        loss = F.binary_cross_entropy_with_logits(logits, targets, reduction="none").mean(1)
+        return loss, logits.sigmoid(), batch["label"]
+
+    def summarize(self, losses: np.ndarray, probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+        targets = finding_targets(labels.astype(np.int64), self.config.num_classes)
+        cms = multilabel_confusions(targets, probs, self.config.threshold)
+        out = {"loss": float(losses.mean())} | multilabel_from_confusions(cms)
+        auroc = multilabel_auroc(targets, probs)
+        if auroc is not None:
+            out["auroc"] = auroc
+        return out | {f"mlcm_{k}_{i}_{j}": float(cms[k, i, j])
+                      for k in range(len(cms)) for i in range(2) for j in range(2)}
+
+    def empty_summary(self) -> dict[str, float]:
+        k = self.config.num_classes
+        return ({"loss": 0.0, "accuracy": 0.0, "balanced_accuracy": 0.0, "mcc": 0.0, "f1": 0.0}
+                | {f"f1_class_{c}": 0.0 for c in range(k)}
+                | {f"mlcm_{c}_{i}_{j}": 0.0 for c in range(k) for i in range(2) for j in range(2)})
+
+
 MODELS.register("mmvit", ViTConfig)(MultiModalViT)
 TASKS.register("classification", ClassificationConfig)(ClassificationTask)
+TASKS.register("multilabel", MultiLabelConfig)(MultiLabelTask)

@@ -170,10 +170,10 @@ class MlflowTracker:
         self.mlflow.log_dict(json.loads(ingest), f"sites/{site_id}/ingest.json")
 
     def _register(self, record: RoundRecord, privacy: dict) -> None:
-        model, _ = build(self.cfg.model.name, self.cfg.model_options(), self.cfg.task.name,
-                         self.cfg.task_options())
+        model, task = build(self.cfg.model.name, self.cfg.model_options(), self.cfg.task.name,
+                            self.cfg.task_options())
         model.load_state_dict(record.arrays.to_torch_state_dict())
-        exported = servable(model).eval()
+        exported = servable(model, multi_label=getattr(task, "multi_label", False)).eval()
         # Batch of 2 so torch.export keeps the batch dimension dynamic (pt2 format).
         example = np.zeros((2, *exported.input_shape), dtype=np.float32)
         sites = sorted(r.site_id for r in record.train)

@@ -1,7 +1,7 @@
 """Pool per-site evaluation counts into global metrics.
 
-Sites send confusion-matrix counts, so the server computes the *pooled* accuracy, MCC and
-F1 exactly (averaging per-site MCCs is not MCC). AUROC cannot be pooled from counts; it is
+Sites send confusion-matrix counts (multi-label tasks: one binary matrix per finding), so
+the server computes the *pooled* accuracy, MCC and F1 exactly (averaging per-site MCCs is not MCC). AUROC cannot be pooled from counts; it is
 averaged over sites where it is defined, weighted by examples.
 """
 
@@ -11,9 +11,11 @@ import re
 
 import numpy as np
 
-from models.metrics import balanced_accuracy, macro_f1, mcc, per_class_f1
+from models.metrics import (balanced_accuracy, macro_f1, mcc, multilabel_from_confusions,
+                            per_class_f1)
 
 _CM = re.compile(r"^cm_(\d+)_(\d+)$")
+_MLCM = re.compile(r"^mlcm_(\d+)_([01])_([01])$")    # multi-label: one 2x2 matrix per finding
 AVERAGED = ("dice", "hd95")
 
 
@@ -34,6 +36,17 @@ def confusion_from(metrics: dict[str, float]) -> np.ndarray | None:
     return cm
 
 
+def multilabel_confusions_from(metrics: dict[str, float]) -> np.ndarray | None:
+    """``[C, 2, 2]`` per-finding binary confusions from ``mlcm_k_i_j`` keys, or None."""
+    cells = {tuple(map(int, m.groups())): v for k, v in metrics.items() if (m := _MLCM.match(k))}
+    if not cells:
+        return None
+    cms = np.zeros((max(k for k, _, _ in cells) + 1, 2, 2))
+    for (k, i, j), v in cells.items():
+        cms[k, i, j] = v
+    return cms
+
+
 def pool(per_site: list[dict[str, float]]) -> dict[str, float]:
     """Pooled metrics of one split over sites; ``per_site`` entries are split-local dicts."""
     per_site = [m for m in per_site if m.get("n", 0) > 0]
@@ -47,6 +60,9 @@ def pool(per_site: list[dict[str, float]]) -> dict[str, float]:
         out |= {"accuracy": float(np.trace(cm) / cm.sum()), "mcc": mcc(cm), "f1": macro_f1(cm),
                 "balanced_accuracy": balanced_accuracy(cm)}
         out |= {f"f1_class_{i}": f for i, f in enumerate(per_class_f1(cm))}
+    mlcms = [multilabel_confusions_from(m) for m in per_site]
+    if all(cms is not None for cms in mlcms):
+        out |= multilabel_from_confusions(np.sum(mlcms, axis=0))
     # Per-study means (segmentation Dice/HD95, CLIP retrieval recall within each site's
     # set): example-weighted averages over sites - not recomputable from counts.
     for key in sorted({k for m in per_site for k in m if k in AVERAGED or k.startswith("recall_")}):

@@ -4,6 +4,8 @@ Layout of a site directory::
 
     SITE/dicom/**        DICOM files, any names, any nesting
     SITE/labels.csv      study_instance_uid,label   (empty label = unlabelled)
+    SITE/findings.csv    study_instance_uid,findings   (multi-label tasks; findings joined by
+                         ";", empty = none found, no row = unlabelled)
     SITE/reports.jsonl   {"study_instance_uid": ..., "text": ...}   (optional)
     SITE/segmentations.csv  study_instance_uid,mask_file   (optional; NIfTI lesion masks,
                             paths relative to SITE, x-major as converters write them)
@@ -32,7 +34,8 @@ class SiteDataError(ValueError):
 
 @dataclass
 class Study:
-    """One de-identified study. ``label`` is a class index or -1 (unlabelled)."""
+    """One de-identified study. ``label`` is a class index, or for multi-label studies a
+    bitmask of findings, or -1 (unlabelled)."""
 
     key: str
     patient_key: str
@@ -127,6 +130,22 @@ def _read_labels(path: Path, class_names: tuple[str, ...] | None, report: Ingest
     return labels
 
 
+def _read_findings(path: Path, finding_names: tuple[str, ...], report: IngestReport) -> dict:
+    """Multi-label studies: ``findings.csv`` rows ``study_instance_uid,findings`` with the
+    findings present joined by ``;`` (an empty cell: read, nothing found). A study without a
+    row is unlabelled. Labels become bitmasks (bit k = ``finding_names[k]``); a row naming an
+    unknown finding is skipped and counted."""
+    bit = {name: 1 << k for k, name in enumerate(finding_names)}
+    labels = {}
+    for row in _csv_rows(path, ("study_instance_uid", "findings")):
+        names = [n.strip() for n in (row["findings"] or "").split(";") if n.strip()]
+        if any(n not in bit for n in names):
+            report.labels["unknown_label"] += 1
+            continue
+        labels[pseudonym("study", row["study_instance_uid"].strip())] = sum({bit[n] for n in names})
+    return labels
+
+
 def _read_reports(path: Path, report: IngestReport) -> dict[str, str]:
     if not path.exists():
         return {}
@@ -162,8 +181,13 @@ def _read_masks(site_dir: Path, report: IngestReport) -> dict[str, np.ndarray]:
     return masks
 
 
-def load_site(site_dir: Path | str, class_names: tuple[str, ...] | None = None) -> SiteData:
+def load_site(site_dir: Path | str, class_names: tuple[str, ...] | None = None, *,
+              multi_label: bool = False) -> SiteData:
     """Read, de-identify, join and split one site.
+
+    Labels come from ``labels.csv`` (one class name per study, index into ``class_names``) or,
+    with ``multi_label``, from ``findings.csv`` (bitmasks over ``class_names``, see
+    ``_read_findings``).
 
     Raises
     ------
@@ -184,14 +208,25 @@ def load_site(site_dir: Path | str, class_names: tuple[str, ...] | None = None) 
     if not studies:
         raise SiteDataError(f"no usable studies in {site_dir}: {counts.files} files, "
                             f"skipped {dict(counts.skipped)}")
-    labels = _read_labels(site_dir / "labels.csv", class_names, report)
+    if multi_label:
+        if not class_names:
+            raise SiteDataError("multi-label studies need the finding names (class_names)")
+        findings = _read_findings(site_dir / "findings.csv", class_names, report)
+    else:
+        labels = _read_labels(site_dir / "labels.csv", class_names, report)
     texts = _read_reports(site_dir / "reports.jsonl", report)
     masks = _read_masks(site_dir, report)
     index = {name: i for i, name in enumerate(class_names)} if class_names else None
     for study in studies:
-        name = labels.get(study.key)
-        study.label = -1 if name is None or index is None else index[name]
-        report.labels[name if name is not None else "unlabelled"] += 1
+        if multi_label:
+            study.label = findings.get(study.key, -1)
+            found = [n for k, n in enumerate(class_names) if study.label >= 0 and study.label >> k & 1]
+            for name in found or ["unlabelled" if study.label < 0 else "no_finding"]:
+                report.labels[name] += 1
+        else:
+            name = labels.get(study.key)
+            study.label = -1 if name is None or index is None else index[name]
+            report.labels[name if name is not None else "unlabelled"] += 1
         study.report = texts.get(study.key)
         study.mask = masks.get(study.key)
         report.masks += study.mask is not None

@@ -55,6 +55,17 @@ class Scanner:
     bias_strength: float
 
 
+# Multi-label findings a radiologist reads off the images (``findings.csv``), by threshold on
+# what is rendered: a T1ce rim gain, central signal loss on T1ce, oedema well beyond the core.
+FINDING_NAMES: tuple[str, ...] = ("contrast_enhancement", "necrosis", "oedema")
+
+
+def findings(lesion: LesionParams) -> tuple[str, ...]:
+    """The findings present in a lesion (a pure function of its parameters)."""
+    present = (lesion.enhancement >= 0.3, lesion.necrosis >= 0.35, lesion.oedema >= 1.5)
+    return tuple(name for name, yes in zip(FINDING_NAMES, present) if yes)
+
+
 def sample_lesion(label: int, rng: np.random.Generator) -> LesionParams:
     """Draw lesion parameters from overlapping class-conditional distributions."""
     angle = rng.uniform(0, 2 * np.pi)

@@ -21,7 +21,8 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
-from .phantom import CLASS_NAMES, SEQUENCES, LesionParams, Scanner, render_study, sample_lesion
+from .phantom import (CLASS_NAMES, SEQUENCES, LesionParams, Scanner, findings, render_study,
+                      sample_lesion)
 from .reports import fake_phi, write_report
 
 INSTITUTIONS = ("Riverside General Hospital", "St. Aldric University Medical Center",
@@ -228,8 +229,9 @@ def _file_name(key: str) -> str:
 
 
 def write_site(site: SyntheticSite, stored: dict, out: Path, seed: int) -> None:
-    """Write DICOM files, ``labels.csv``, ``reports.jsonl`` and lesion masks (NIfTI under
-    ``masks/``, listed in ``segmentations.csv``) for one site into ``out``."""
+    """Write DICOM files, ``labels.csv`` (class), ``findings.csv`` (multi-label findings of the
+    labelled studies), ``reports.jsonl`` and lesion masks (NIfTI under ``masks/``, listed in
+    ``segmentations.csv``) for one site into ``out``."""
     dicom_dir = out / "dicom"
     dicom_dir.mkdir(parents=True)
     rng = np.random.default_rng([seed, 3, site.profile.index])
@@ -247,6 +249,12 @@ def write_site(site: SyntheticSite, stored: dict, out: Path, seed: int) -> None:
         writer.writerow(["study_instance_uid", "label"])
         for study in site.studies:
             writer.writerow([study.study_uid, CLASS_NAMES[study.label] if study.labelled else ""])
+    with open(out / "findings.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["study_instance_uid", "findings"])
+        for study in site.studies:
+            if study.labelled:
+                writer.writerow([study.study_uid, ";".join(findings(study.lesion))])
     with open(out / "reports.jsonl", "w") as f:
         for study in site.studies:
             f.write(json.dumps({"study_instance_uid": study.study_uid, "text": study.report}) + "\n")

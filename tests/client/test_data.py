@@ -1,3 +1,4 @@
+import csv
 import shutil
 from pathlib import Path
 
@@ -141,3 +142,30 @@ def test_lesion_masks_are_read_aligned_with_the_images(tiny_sites, tmp_path):
         [rows[0], f"{uid},../../etc/passwd", f"{rows[2].split(',')[0]},masks/nope.nii.gz"]) + "\n")
     report = load_site(site, CLASSES).report
     assert report.masks == 0 and report.skipped["missing_mask_file"] == 2
+
+
+def test_multi_label_findings_are_read_as_bitmasks(tiny_sites, tmp_path):
+    from medfed.synth.phantom import FINDING_NAMES
+
+    by_class = load_site(tiny_sites / "site-0", CLASSES)
+    data = load_site(tiny_sites / "site-0", FINDING_NAMES, multi_label=True)
+    classes = {s.key: s.label for s in by_class.studies}
+    labelled = [s for s in data.studies if s.label >= 0]
+    assert labelled and all(s.label < 8 for s in labelled)
+    # the same studies are labelled either way (the generator writes findings for those)
+    assert {s.key for s in labelled} == {k for k, c in classes.items() if c >= 0}
+    rows = list(csv.DictReader(open(tiny_sites / "site-0" / "findings.csv")))
+    for k, name in enumerate(FINDING_NAMES):
+        with_it = sum(name in r["findings"].split(";") for r in rows)
+        assert sum(s.label >> k & 1 for s in labelled) == with_it == data.report.labels[name]
+    assert any(s.label == 0 for s in labelled)               # read, nothing found
+    assert any(bin(s.label).count("1") > 1 for s in labelled)   # several findings at once
+    # necrosis is only generated in high-grade gliomas
+    assert all(classes[s.key] == 0 for s in labelled if s.label >> 1 & 1)
+    # an unknown finding is counted and that row skipped, not guessed
+    site = _copy_site(tiny_sites / "site-0", tmp_path / "site")
+    text = (site / "findings.csv").read_text().replace("oedema", "haemorrhage")
+    (site / "findings.csv").write_text(text)
+    changed = load_site(site, FINDING_NAMES, multi_label=True)
+    assert changed.report.labels["unknown_label"] == data.report.labels["oedema"] > 0
+    assert all(s.label < 0 or not s.label >> 2 & 1 for s in changed.studies)

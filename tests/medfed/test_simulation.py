@@ -75,3 +75,41 @@ def test_no_phi_in_payloads_mlflow_or_logs(smoke_run, tiny_sites):
         blob = path.read_bytes()
         for secret in phi | dicom_names:
             assert secret.encode() not in blob, f"{secret!r} leaked into {path.name}"
+
+
+def test_multi_label_findings_train_and_pool_in_a_simulation(tiny_sites, tmp_path):
+    """task=findings3: sites read findings.csv, train one sigmoid per finding and send one
+    binary confusion matrix per finding, which the server pools into macro metrics."""
+    cfg = load_experiment(["experiment=smoke", "task=findings3", f"data.root={tiny_sites}",
+                           f"runs_dir={tmp_path / 'runs'}"])
+    assert cfg.task_options()["num_classes"] == 3
+    run_dir = simulate(cfg)
+    client = mlflow.MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
+    run = client.search_runs([client.get_experiment_by_name("medfed").experiment_id])[0]
+    metrics = run.data.metrics
+    assert run.info.status == "FINISHED"
+    for key in ("test/mcc", "test/f1", "test/f1_class_2", "site/site-0/test/mlcm_1_1_1"):
+        assert key in metrics, key
+    n = sum(metrics.get(f"site/{s}/test/mlcm_0_{i}_{j}", 0.0) for s in ("site-0", "site-1")
+            for i in (0, 1) for j in (0, 1))          # (a site without test labels logs none)
+    assert n == metrics["test/n"] > 0           # every labelled test study, once per finding
+    # the registered model scores each finding on its own (sigmoid), not a softmax over them
+    import numpy as np
+    import torch
+
+    from models import MODELS
+    from tests.conftest import final_weights
+
+    before = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(f"sqlite:///{run_dir / 'mlflow.db'}")
+    try:
+        served = mlflow.pytorch.load_model(f"models:/{cfg.tracking.registered_model}/1")
+    finally:
+        mlflow.set_tracking_uri(before)
+    model = MODELS.build(cfg.model.name, cfg.model_options()).eval()
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in final_weights(run_dir).items()})
+    x = torch.randn(2, 4, 64, 64)
+    want = model(x, torch.ones(2, 4, dtype=torch.bool)).sigmoid()
+    got = served(x)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    assert not np.allclose(got.sum(-1).detach().numpy(), 1.0)

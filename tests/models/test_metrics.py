@@ -26,3 +26,25 @@ def test_auroc_handles_ties_and_undefined_cases():
     assert binary_auroc(np.array([0.1, 0.2]), np.array([True, True])) is None
     m = classification_metrics(np.zeros(4, int), np.tile([0.6, 0.3, 0.1], (4, 1)))
     assert "auroc" not in m and m["accuracy"] == 1.0 and m["mcc"] == 0.0
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_multilabel_metrics_agree_with_sklearn(seed):
+    from models.metrics import multilabel_auroc, multilabel_confusions, multilabel_from_confusions
+
+    rng = np.random.default_rng(seed)
+    targets = rng.integers(0, 2, (50, 3))
+    probs = np.clip(0.35 * targets + rng.uniform(0, 0.65, (50, 3)), 0, 1)     # some signal
+    m = multilabel_from_confusions(multilabel_confusions(targets, probs, 0.5))
+    preds = (probs >= 0.5).astype(int)
+    assert m["mcc"] == pytest.approx(np.mean([matthews_corrcoef(targets[:, k], preds[:, k])
+                                              for k in range(3)]))
+    assert m["f1"] == pytest.approx(f1_score(targets, preds, average="macro", zero_division=0))
+    assert [m[f"f1_class_{k}"] for k in range(3)] == pytest.approx(
+        list(f1_score(targets, preds, average=None, zero_division=0)))
+    assert m["accuracy"] == pytest.approx((targets == preds).mean())
+    assert multilabel_auroc(targets, probs) == pytest.approx(
+        roc_auc_score(targets, probs, average="macro"))
+    targets[:, 1] = 1                    # a finding present in every study: AUROC of the others
+    assert multilabel_auroc(targets, probs) == pytest.approx(np.mean(
+        [roc_auc_score(targets[:, k], probs[:, k]) for k in (0, 2)]))

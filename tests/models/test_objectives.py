@@ -13,7 +13,7 @@ from opacus import GradSampleModule
 from client.privacy.persample import PerSampleClipper
 from models import TASKS
 from models.mae import MultiModalMAE, random_masking
-from models.tasks import batch_coupling, build, frozen_keys
+from models.tasks import MultiLabelTask, batch_coupling, build, finding_targets, frozen_keys
 
 TINY = {"dim": 32, "depth": 1, "heads": 2, "img_size": 32, "patch_size": 8, "num_classes": 3}
 TINY_3D = TINY | {"spatial_dims": 3, "img_size": 32, "patch_size": 16}
@@ -57,6 +57,8 @@ def _for(task, batch: dict) -> dict:
         batch = batch | {"mask": mask, "has_mask": has_mask}
     if getattr(task, "uses_unlabelled", False):
         return batch
+    if getattr(task, "multi_label", False):          # bitmask of findings: 0 = none found
+        return batch | {"label": (torch.arange(batch["label"].shape[0]) * 5) % 8}
     return batch | {"label": batch["label"].clamp(min=0)}
 
 
@@ -124,6 +126,10 @@ def _per_sample_losses(model, task, batch):
                                 0.5, 0.5, torch.Generator().manual_seed(3))
         return model.forward_loss(batch["image"], batch["present"], masked=masked)[0]
     logits = model(batch["image"], batch["present"])
+    if isinstance(task, MultiLabelTask):
+        targets = finding_targets(batch["label"], logits.shape[1]).to(logits.dtype)
+        return torch.nn.functional.binary_cross_entropy_with_logits(
+            logits, targets, reduction="none").mean(1)
     return torch.nn.functional.cross_entropy(logits, batch["label"], reduction="none")
 
 
@@ -131,7 +137,8 @@ DP_READY = [(n, o) for n, o in CASES if batch_coupling(n) is None]
 
 
 def test_every_objective_is_covered():
-    assert set(PROJECT_TASKS) == {"classification", "clip", "mae", "mm_dino", "segmentation"}
+    assert set(PROJECT_TASKS) == {"classification", "clip", "mae", "mm_dino", "multilabel",
+                                  "segmentation"}
 
 
 WITH_LABEL_FRACTION = [n for n in PROJECT_TASKS
@@ -151,7 +158,7 @@ def test_label_fraction_reaches_what_the_site_reads(name):
 
 
 def test_dp_ready_objectives_are_declared():
-    assert {n for n, _ in DP_READY} == {"classification", "mae"}
+    assert {n for n, _ in DP_READY} == {"classification", "mae", "multilabel"}
     assert "batch" in batch_coupling("mm_dino")
 
 
@@ -163,6 +170,10 @@ def test_dp_ready_per_sample_gradients_sum_to_the_batch_gradient(name, options):
     model = model.double()
     batch = _for(task, _batch(b=5))
     batch = {k: v.double() if v.is_floating_point() else v for k, v in batch.items()}
+    if not isinstance(model, MultiModalMAE):         # the task's loss is their mean
+        out = task.step(model, batch)
+        torch.testing.assert_close(out.loss.double() * out.n,
+                                   _per_sample_losses(model, task, batch).sum())
 
     _per_sample_losses(model, task, batch).sum().backward()
     reference = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}

@@ -94,3 +94,5 @@ def test_exported_classifier_reads_presence_from_zero_channels():
     probs = ExportedClassifier(model)(x)
     torch.testing.assert_close(probs, model(x, present).softmax(-1))
     torch.testing.assert_close(probs.sum(-1), torch.ones(len(x)))
+    findings = ExportedClassifier(model, multi_label=True)(x)    # independent per finding
+    torch.testing.assert_close(findings, model(x, present).sigmoid())

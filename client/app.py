@@ -19,7 +19,7 @@ from .job import Job, decode_job
 from .mods.secagg import secagg_mod
 from .mods.sitedp import site_dp_clipping_mod
 from .privacy.policy import admit_round, node_settings, releasable_metrics
-from .runtime import SiteDataCache, resolve_site, site_logger
+from .runtime import SiteConfigError, SiteDataCache, resolve_site, site_logger
 
 # Site-owned state across rounds (node context state; never sent).
 STATE_LOCAL_PARAMS = "medfed.local-params"      # FedBN-style parameters kept at the site
@@ -47,13 +47,17 @@ def load_global(model, content: RecordDict, job: Job, context: Context) -> list[
     return local
 
 
-def make_client_app(*, sim_data_root: Path | None = None, mods=()) -> ClientApp:
+def make_client_app(*, sim_data_root: Path | None = None, sim_train_sites: int | None = None,
+                    mods=()) -> ClientApp:
     """Build the site's ClientApp.
 
     Parameters
     ----------
     sim_data_root : Path, optional
         Simulation only: directory holding ``site-<partition-id>`` folders.
+    sim_train_sites : int, optional
+        Simulation only: partition ids from this one on are the ``external`` folder (an
+        evaluation-only site, with ``role = "external"`` in its node-config.toml).
     mods : sequence
         Extra Flower client mods (secure aggregation, auditing, fault drills), outermost
         first; site-level DP clipping is always installed innermost.
@@ -63,8 +67,11 @@ def make_client_app(*, sim_data_root: Path | None = None, mods=()) -> ClientApp:
     app = ClientApp(mods=[*mods, secagg_mod, site_dp_clipping_mod])
     cache = SiteDataCache()
 
-    def prepare(msg: Message, context: Context):
-        site = resolve_site(context, sim_data_root)
+    def prepare(msg: Message, context: Context, *, training: bool = False):
+        site = resolve_site(context, sim_data_root, sim_train_sites)
+        if training and site.role == wire.ROLE_EXTERNAL:
+            raise SiteConfigError(f"{site.site_id} is an external site (node config "
+                                  f"{wire.NODE_ROLE!r}): it evaluates, it never trains")
         job = decode_job(msg.content[wire.CONFIG], site_seed=site.seed)
         torch.manual_seed(job.train.seed)        # seeded init: local parameters of round 1
         model, task = job.build()
@@ -83,7 +90,7 @@ def make_client_app(*, sim_data_root: Path | None = None, mods=()) -> ClientApp:
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        site, job, splits, model, engine, identity, local = prepare(msg, context)
+        site, job, splits, model, engine, identity, local = prepare(msg, context, training=True)
         splits["train"].reseed(job.train.seed)
         settings = node_settings(context.node_config, site.data_dir)
         auth = admit_round(job, settings, site.data_dir, n_train=len(splits["train"]),
@@ -116,26 +123,39 @@ def make_client_app(*, sim_data_root: Path | None = None, mods=()) -> ClientApp:
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         site, job, splits, model, engine, identity, _ = prepare(msg, context)
+        external = site.role == wire.ROLE_EXTERNAL    # scores every labelled study it has
         reply, seconds = MetricRecord(), 0.0
         models = [("", model)]
-        if job.personalize:     # the locally adapted model (global model until it trains)
+        if job.personalize and not external:   # the locally adapted model
             personal, _ = job.build()
             personal.load_state_dict(context.state[STATE_PERSONAL_MODEL].to_torch_state_dict()
                                      if STATE_PERSONAL_MODEL in context.state
                                      else model.state_dict())
             models.append((wire.PERSONAL_PREFIX, personal))
-        views = {split: splits[split] for split in wire.EVAL_SPLITS}
+        names = (wire.EXTERNAL_SPLIT,) if external else wire.EVAL_SPLITS
+        views = {split: splits[split] for split in names}
         if msg.content[wire.CONFIG].get(wire.EVAL_MISSING, False):   # each sequence missing
-            views |= {f"{wire.WITHOUT_PREFIX}{seq}": WithoutSequence(splits["test"], j)
+            prefix = wire.EXTERNAL_WITHOUT_PREFIX if external else wire.WITHOUT_PREFIX
+            views |= {f"{prefix}{seq}": WithoutSequence(splits[names[-1]], j)   # test / external
                       for j, seq in enumerate(SEQUENCES)}
         for prefix, candidate in models:
             for split, data in views.items():
                 for key, value in evaluate_split(engine, candidate, data).items():
                     reply[f"{prefix}{split}-{key}"] = value
                 seconds += reply[f"{prefix}{split}-seconds"]
-        reply[wire.NUM_EXAMPLES] = sum(len(splits[s]) for s in wire.EVAL_SPLITS)
+        reply[wire.NUM_EXAMPLES] = sum(len(splits[s]) for s in names)
         reply[wire.EVAL_SECONDS] = seconds
         return Message(content=RecordDict({wire.METRICS: reply, wire.SITE: identity}), reply_to=msg)
+
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        """The server asks who this site is (its role); answered from node config only."""
+        asked = msg.content.config_records.get(wire.CONFIG, ConfigRecord()).get(wire.QUERY)
+        if asked != wire.QUERY_ROLE:
+            raise ValueError(f"unknown query {asked!r}")
+        site = resolve_site(context, sim_data_root, sim_train_sites)
+        identity = ConfigRecord({wire.SITE_ID: site.site_id, wire.NODE_ROLE: site.role})
+        return Message(content=RecordDict({wire.SITE: identity}), reply_to=msg)
 
     def evaluate_split(engine: Engine, model, data) -> dict[str, float]:
         """Fixed key set for every site (Flower requires it), even for an empty split."""

@@ -21,6 +21,7 @@ from strategies import wire
 from .data.dataset import StudyDataset
 from .data.site import SiteData, load_site
 from .engine import resolve_device
+from .privacy.policy import node_settings
 
 
 class SiteConfigError(ValueError):
@@ -32,14 +33,18 @@ class SiteIdentity:
     site_id: str
     data_dir: Path
     device: torch.device
+    role: str = wire.ROLE_TRAIN       # external: evaluates every global model, never trains
 
     @property
     def seed(self) -> int:
         return int(hashlib.sha256(self.site_id.encode()).hexdigest()[:6], 16)
 
 
-def resolve_site(context: Context, sim_data_root: Path | None = None) -> SiteIdentity:
-    """Site identity from node config (deployment) or partition id (simulation)."""
+def resolve_site(context: Context, sim_data_root: Path | None = None,
+                 sim_train_sites: int | None = None) -> SiteIdentity:
+    """Site identity from node config (deployment) or partition id (simulation: partition
+    ids from ``sim_train_sites`` on are the ``external`` folder). The role comes from the
+    node config (simulation: ``<site>/node-config.toml``)."""
     node = context.node_config
     if wire.NODE_DATA_DIR in node:
         data_dir = Path(str(node[wire.NODE_DATA_DIR]))
@@ -52,13 +57,20 @@ def resolve_site(context: Context, sim_data_root: Path | None = None) -> SiteIde
         if not root:
             raise SiteConfigError("simulation site has no data root: set run config "
                                   f"{wire.RUN_SIM_DATA_ROOT!r} or node config {wire.NODE_DATA_DIR!r}")
-        site_id = f"site-{int(node[wire.NODE_PARTITION_ID])}"
+        partition = int(node[wire.NODE_PARTITION_ID])
+        external = sim_train_sites is not None and partition >= sim_train_sites
+        site_id = wire.ROLE_EXTERNAL if external else f"site-{partition}"
         data_dir = Path(str(root)) / site_id
     else:
         raise SiteConfigError(f"node config must set {wire.NODE_DATA_DIR!r} (and {wire.NODE_SITE_ID!r})")
     if wire.NODE_TORCH_THREADS in node:
         torch.set_num_threads(int(node[wire.NODE_TORCH_THREADS]))
-    return SiteIdentity(site_id, data_dir, resolve_device(str(node.get(wire.NODE_DEVICE, "auto"))))
+    role = str(node_settings(node, data_dir).get(wire.NODE_ROLE, wire.ROLE_TRAIN))
+    if role not in wire.ROLES:
+        raise SiteConfigError(f"node config {wire.NODE_ROLE!r} must be one of "
+                              f"{', '.join(wire.ROLES)}, got {role!r}")
+    return SiteIdentity(site_id, data_dir,
+                        resolve_device(str(node.get(wire.NODE_DEVICE, "auto"))), role)
 
 
 class SiteDataCache:
@@ -74,24 +86,29 @@ class SiteDataCache:
             ) -> tuple[SiteData, dict[str, StudyDataset]]:
         """Splits of one site. Training uses the labelled studies (a ``label_fraction`` of
         them, chosen by a hash of the study) or, for self-supervised objectives, every
-        training study (``unlabelled``); evaluation splits are always the labelled ones."""
+        training study (``unlabelled``); evaluation splits are always the labelled ones.
+        An external site has one split, ``external``: every labelled study."""
         key = (str(site.data_dir), class_names, image_size, unlabelled, label_fraction,
-               multi_label)
+               multi_label, site.role)
         if key not in self._sites:
             data = load_site(site.data_dir, class_names, multi_label=multi_label)
             r = data.report
             site_logger(site.site_id).info(
                 "data: %d files, %d images, %d studies (train/val/test %s), skipped %s",
                 r.files, r.images, r.studies, dict(r.splits), dict(r.skipped) or "none")
-            train = data.split("train", labelled_only=not unlabelled)
-            if masks:
-                train = [s for s in train if s.mask is not None]
-            if label_fraction < 1.0:
-                train = label_subset(train, label_fraction, keep_unlabelled=unlabelled)
             extra = {"masks": masks, "text_transform": text_transform}
-            splits = {"train": StudyDataset(train, image_size, augment=True, **extra)}
-            splits |= {name: StudyDataset(data.split(name, labelled_only=True), image_size,
-                                          **extra) for name in ("val", "test")}
+            if site.role == wire.ROLE_EXTERNAL:
+                labelled = [s for s in data.studies if s.label >= 0]
+                splits = {wire.EXTERNAL_SPLIT: StudyDataset(labelled, image_size, **extra)}
+            else:
+                train = data.split("train", labelled_only=not unlabelled)
+                if masks:
+                    train = [s for s in train if s.mask is not None]
+                if label_fraction < 1.0:
+                    train = label_subset(train, label_fraction, keep_unlabelled=unlabelled)
+                splits = {"train": StudyDataset(train, image_size, augment=True, **extra)}
+                splits |= {name: StudyDataset(data.split(name, labelled_only=True), image_size,
+                                              **extra) for name in ("val", "test")}
             self._sites[key] = (data, splits)
             while len(self._sites) > self.max_sites:
                 self._sites.popitem(last=False)

@@ -240,7 +240,7 @@ def cmd_site(args) -> int:
         dp_epsilon=args.dp_epsilon, dp_delta=args.dp_delta, require_secagg=args.require_secagg,
         privacy_dir=args.privacy_dir, device=args.device, torch_threads=args.torch_threads,
         runtime_port=args.runtime_port, max_retries=args.max_retries,
-        max_wait_time=args.max_wait_time)
+        max_wait_time=args.max_wait_time, role=args.role)
     site = Site(settings)
     try:
         site.start()
@@ -329,6 +329,9 @@ def _add_deploy_parsers(sub) -> None:
     p.add_argument("--privacy-dir", help="privacy ledger folder (default DATA_DIR/.medfed)")
     p.add_argument("--device", default="auto")
     p.add_argument("--torch-threads", type=int, default=1)
+    p.add_argument("--role", choices=("train", "external"), default="train",
+                   help="external: evaluate every global model on all labelled studies, never "
+                        "train (the server must run with federation.external_sites=true)")
     p.add_argument("--runtime-port", type=int, default=9094,
                    help="local port of the SuperNode's runtime API (one per site on a host)")
     p.add_argument("--max-retries", type=int,

@@ -45,6 +45,10 @@ def check_sites(cfg: ExperimentConfig) -> Path:
         if not dicom.is_dir() or not any(dicom.iterdir()):
             raise ConfigError(f"site-{i} under data.root={root} is missing or has no DICOM files "
                               f"(federation.num_sites={cfg.federation.num_sites})")
+    external = root / wire.ROLE_EXTERNAL / "dicom"
+    if cfg.federation.external_sites and (not external.is_dir() or not any(external.iterdir())):
+        raise ConfigError(f"federation.external_sites=true needs an external site under "
+                          f"data.root={root} (external/dicom; `medfed synth --external`)")
     return root.resolve()
 
 
@@ -60,6 +64,13 @@ def write_site_node_config(cfg: ExperimentConfig, data_root: Path) -> None:
         lines = [f"{json.dumps(str(k))} = {_toml_value(v)}" for k, v in sorted(settings.items())]
         path.write_text("# written by medfed simulate from federation.site_node_config\n"
                         + "\n".join(lines) + "\n")
+    external = data_root / wire.ROLE_EXTERNAL
+    if cfg.federation.external_sites:       # its operator's choice: evaluate, never train
+        (external / wire.NODE_CONFIG_FILE).write_text(
+            "# written by medfed simulate (federation.external_sites)\n"
+            f"{json.dumps(wire.NODE_ROLE)} = {json.dumps(wire.ROLE_EXTERNAL)}\n")
+    elif external.is_dir():
+        (external / wire.NODE_CONFIG_FILE).unlink(missing_ok=True)
 
 
 def _toml_value(value) -> str:
@@ -89,8 +100,9 @@ def simulate(cfg: ExperimentConfig, *, run_dir: Path | None = None, client_mods=
     }
     run_simulation(
         server_app=make_server_app(cfg, run_dir, observers),
-        client_app=make_client_app(sim_data_root=data_root, mods=client_mods),
-        num_supernodes=fed.num_sites,
+        client_app=make_client_app(sim_data_root=data_root, sim_train_sites=fed.num_sites,
+                                   mods=client_mods),
+        num_supernodes=fed.num_sites + int(fed.external_sites),
         backend_config=backend,
     )
     return run_dir

@@ -85,6 +85,10 @@ class FederationConfig:
     # Simulation only: what each simulated site's operator would pass as SuperNode
     # --node-config (e.g. its privacy budget); written to <site>/node-config.toml.
     site_node_config: dict[str, Any] = field(default_factory=dict)
+    # Sites whose operator set role=external evaluate every round on all their labelled
+    # studies and never train (the server asks each node its role). Simulation: adds the
+    # data root's external/ folder as one such site, beside the num_sites training sites.
+    external_sites: bool = False
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from flwr.serverapp.strategy import Strategy
 from models.tasks import build, frozen_keys
 from models.weights import load_pretrained
 from strategies import wire
+from strategies.external import ExternalSites
 from strategies.guard import GuardedStrategy
 from strategies.partial import FrozenSharing, PartialSharing
 from strategies.secagg import SecAggPlus, SumNoise
@@ -35,7 +36,15 @@ log = logging.getLogger("medfed.server")
 
 def build_strategy(cfg: ExperimentConfig, frozen: list[str] = ()) -> Strategy:
     """The configured Flower strategy inside the fault guard (quorum wait, sanitization);
-    ``frozen`` weights (linear probe, LoRA) are sent to sites but never aggregated."""
+    ``frozen`` weights (linear probe, LoRA) are sent to sites but never aggregated; with
+    ``federation.external_sites`` external sites evaluate and never train."""
+    strategy = _training_strategy(cfg, frozen)
+    if cfg.federation.external_sites:
+        return ExternalSites(strategy, query_timeout=cfg.federation.round_timeout)
+    return strategy
+
+
+def _training_strategy(cfg: ExperimentConfig, frozen: list[str]) -> Strategy:
     s, p = cfg.strategy, cfg.privacy
     site_dp = p.mechanism == wire.DP_SITE
     inner = build_flower_strategy(

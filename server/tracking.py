@@ -141,10 +141,13 @@ class MlflowTracker:
         metrics = {"round/wall_seconds": record.wall_seconds,
                    "eval/sites_ok": len(record.evaluate),
                    "eval/sites_failed": len(record.failures.get("evaluate", []))}
-        splits = report_splits(record.evaluate[0].metrics) if record.evaluate else []
+        # training sites report val/test, external sites (evaluation only) their own split
+        splits = dict.fromkeys(s for r in record.evaluate for s in report_splits(r.metrics))
         for split in splits:
             per_site = []
             for reply in record.evaluate:
+                if split not in report_splits(reply.metrics):
+                    continue
                 local = split_metrics(reply.metrics, split)
                 per_site.append(local)
                 # Always record how many examples a site evaluated (0 for a site with no
@@ -156,12 +159,13 @@ class MlflowTracker:
             metrics |= {f"{split}/{k}": v for k, v in pool(per_site).items()}
         self.mlflow.log_metrics(metrics, step=step)
         if step in self.versions:
-            test = pool([split_metrics(r.metrics, "test") for r in record.evaluate])
-            for key in ("mcc", "auroc", "accuracy"):
-                if key in test:
-                    self.client.set_model_version_tag(self.cfg.tracking.registered_model,
-                                                      self.versions[step], f"test_{key}",
-                                                      f"{test[key]:.4f}")
+            for split in ("test", wire.EXTERNAL_SPLIT):
+                scores = pool([split_metrics(r.metrics, split) for r in record.evaluate])
+                for key in ("mcc", "auroc", "accuracy"):
+                    if key in scores:
+                        self.client.set_model_version_tag(
+                            self.cfg.tracking.registered_model, self.versions[step],
+                            f"{split}_{key}", f"{scores[key]:.4f}")
 
     def _log_ingest(self, site_id: str, ingest: str) -> None:
         if site_id in self.ingest_logged or not ingest:

@@ -74,10 +74,15 @@ def pool(per_site: list[dict[str, float]]) -> dict[str, float]:
 
 
 def report_splits(metrics) -> list[str]:
-    """Evaluation splits present in a site's metrics: val, test and, if any, personal-* and
-    test-without-<sequence>."""
+    """Evaluation splits present in a site's metrics: val and test (or, from an external
+    site, external) and, if any, personal-*, test-without-<sequence> and
+    external-without-<sequence>."""
     from . import wire
 
+    if f"{wire.EXTERNAL_SPLIT}-n" in metrics:
+        return [wire.EXTERNAL_SPLIT] + sorted(
+            k[:-len("-n")] for k in metrics
+            if k.startswith(wire.EXTERNAL_WITHOUT_PREFIX) and k.endswith("-n"))
     splits = list(wire.EVAL_SPLITS)
     splits += [wire.PERSONAL_PREFIX + s for s in wire.EVAL_SPLITS
                if f"{wire.PERSONAL_PREFIX}{s}-n" in metrics]

@@ -85,6 +85,8 @@ EVAL_SECONDS = "eval-seconds"
 EVAL_SPLITS = ("val", "test")        # evaluate replies carry f"{split}-{metric}" keys
 PERSONAL_PREFIX = "personal-"        # ... and f"personal-{split}-{metric}" when personalizing
 WITHOUT_PREFIX = "test-without-"     # ... and f"test-without-{sequence}-{metric}" when asked:
+EXTERNAL_SPLIT = "external"          # an external site's replies: f"external-{metric}" (all its
+EXTERNAL_WITHOUT_PREFIX = "external-without-"   # labelled studies), f"external-without-{seq}-..."
 EVAL_MISSING = "eval-missing-sequences"   # bool config: also score test with each sequence removed
 AUROC_DEFINED = "auroc-defined"      # 0/1: AUROC needs >= 2 classes in the split
 DP_EPSILON = "dp-epsilon"            # the site's cumulative epsilon after this round (its ledger)
@@ -104,6 +106,14 @@ NODE_DP_SECURE_MODE = "dp-secure-mode"  # default true: CSPRNG noise; false only
 NODE_REQUIRE_DP = "require-dp"       # default true when a budget is set: refuse non-DP training
 NODE_REQUIRE_SECAGG = "require-secagg"   # true: refuse to send a plaintext model update
 NODE_CONFIG_FILE = "node-config.toml"  # simulation: per-site stand-in for --node-config
+NODE_ROLE = "role"                   # "train" (default) or "external": evaluates, never trains
+ROLE_TRAIN = "train"
+ROLE_EXTERNAL = "external"
+ROLES = (ROLE_TRAIN, ROLE_EXTERNAL)
+
+# Server -> site query (message type "query"), in CONFIG; the reply carries NODE_ROLE in SITE
+QUERY = "query"
+QUERY_ROLE = "role"
 
 # Run config (pyproject [tool.flwr.app.config] / `flwr run --run-config`)
 RUN_EXPERIMENT = "experiment"

@@ -53,6 +53,7 @@ class SiteSettings:
     runtime_port: int = 9094           # local port Flower's ClientApp processes talk to
     max_retries: int | None = None     # reconnection attempts after a lost connection
     max_wait_time: float | None = 600.0  # seconds of reconnecting before giving up
+    role: str = wire.ROLE_TRAIN        # external: evaluates every global model, never trains
 
 
 def node_config(s: SiteSettings) -> dict[str, object]:
@@ -71,6 +72,10 @@ def node_config(s: SiteSettings) -> dict[str, object]:
         config[wire.NODE_REQUIRE_SECAGG] = True
     if s.privacy_dir:
         config[wire.NODE_PRIVACY_DIR] = s.privacy_dir
+    if s.role not in wire.ROLES:
+        raise DeployError(f"--role must be one of {', '.join(wire.ROLES)}, got {s.role!r}")
+    if s.role != wire.ROLE_TRAIN:
+        config[wire.NODE_ROLE] = s.role
     return config
 
 

@@ -1,0 +1,110 @@
+"""External sites: hospitals that score every global model but never train it.
+
+A site's operator declares ``role = "external"`` in its node config (the server cannot
+change it). Before sampling, the server asks each node it has not met yet for its role (a
+``query`` message), then:
+
+- training is sampled from the other nodes only (the inner strategy sees a grid without the
+  external ones), so an external site never contributes to, or is charged for, an update;
+- every evaluation round also goes to every connected external site, which scores the model
+  on all of its labelled studies (split ``external``), and its replies are kept out of the
+  inner strategy's pooled val/test metrics; observers see them and record ``external/*``.
+
+A node that does not answer the query is treated as a training site this round and asked
+again next round; an external site refuses a train message anyway (``client/app.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from . import wire
+
+log = logging.getLogger("medfed.server")
+
+
+class GridWithout:
+    """``grid`` as a strategy should see it: the ``hidden`` nodes are not listed (everything
+    else, e.g. sending messages, goes to the real grid)."""
+
+    def __init__(self, grid: Grid, hidden: set[int]):
+        self._grid, self._hidden = grid, frozenset(hidden)
+
+    def get_node_ids(self):
+        return [n for n in self._grid.get_node_ids() if n not in self._hidden]
+
+    def __getattr__(self, name):
+        return getattr(self._grid, name)
+
+
+class ExternalSites(Strategy):
+    """Wrap ``strategy`` so that nodes whose role is external evaluate but never train."""
+
+    def __init__(self, strategy: Strategy, query_timeout: float = 60.0):
+        self.strategy = strategy
+        self.query_timeout = query_timeout
+        self.roles: dict[int, str] = {}           # node id -> role, learnt by query
+        self.names: dict[int, str] = {}           # node id -> site id, for log lines
+
+    def summary(self) -> None:
+        self.strategy.summary()
+
+    def external(self) -> set[int]:
+        return {n for n, role in self.roles.items() if role == wire.ROLE_EXTERNAL}
+
+    def discover(self, grid: Grid) -> None:
+        """Ask every node not met yet for its role (one round trip, bounded by the timeout)."""
+        unknown = [n for n in grid.get_node_ids() if n not in self.roles]
+        if not unknown:
+            return
+        ask = RecordDict({wire.CONFIG: ConfigRecord({wire.QUERY: wire.QUERY_ROLE})})
+        messages = [Message(content=ask, dst_node_id=n, message_type=MessageType.QUERY)
+                    for n in unknown]
+        for reply in grid.send_and_receive(messages, timeout=self.query_timeout):
+            if reply.has_error():
+                continue                      # asked again next round
+            site = reply.content.config_records.get(wire.SITE, ConfigRecord())
+            role = str(site.get(wire.NODE_ROLE, wire.ROLE_TRAIN))
+            node = reply.metadata.src_node_id
+            self.roles[node] = role if role in wire.ROLES else wire.ROLE_TRAIN
+            self.names[node] = str(site.get(wire.SITE_ID, f"node-{node}"))
+            if self.roles[node] == wire.ROLE_EXTERNAL:
+                log.info("site %s is external: it evaluates every round and never trains",
+                         self.names[node])
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        self.discover(grid)
+        return self.strategy.configure_train(server_round, arrays, config,
+                                             GridWithout(grid, self.external()))
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        return self.strategy.aggregate_train(server_round, replies)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        self.discover(grid)
+        external = self.external() & set(grid.get_node_ids())
+        messages = list(self.strategy.configure_evaluate(
+            server_round, arrays, config, GridWithout(grid, external)))
+        if external:
+            # the same instruction the training sites get (arrays and config as the inner
+            # strategy and its wrappers built them), or the plain one if none was sampled
+            content = messages[0].content if messages else RecordDict(
+                {wire.ARRAYS: arrays, wire.CONFIG: ConfigRecord(
+                    dict(config) | {"server-round": server_round})})
+            messages += [Message(content=content, dst_node_id=n,
+                                 message_type=MessageType.EVALUATE) for n in sorted(external)]
+        return messages
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
+                           ) -> MetricRecord | None:
+        external = self.external()
+        inner = [m for m in replies if m.metadata.src_node_id not in external]
+        return self.strategy.aggregate_evaluate(server_round, inner) if inner else None

@@ -1,0 +1,66 @@
+"""An external site (node config ``role = "external"``): answers the server's role query,
+refuses to train, and scores the model on all its labelled studies."""
+
+from __future__ import annotations
+
+import pytest
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+
+from client.app import make_client_app
+from client.runtime import SiteConfigError, SiteDataCache, resolve_site
+from strategies import wire
+from tests.conftest import CLASSES
+
+
+def _context(node_config: dict) -> Context:
+    return Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(),
+                   run_config={})
+
+
+def _message(kind: str, config: dict) -> Message:
+    msg = Message(RecordDict({wire.CONFIG: ConfigRecord(config)}), dst_node_id=7,
+                  message_type=kind)
+    return msg
+
+
+def test_role_comes_from_node_config_and_bad_roles_are_refused(tiny_sites):
+    site = tiny_sites / "site-0"
+    assert resolve_site(_context({wire.NODE_DATA_DIR: str(site)})).role == wire.ROLE_TRAIN
+    external = resolve_site(_context({wire.NODE_DATA_DIR: str(site), wire.NODE_ROLE: "external"}))
+    assert external.role == wire.ROLE_EXTERNAL
+    with pytest.raises(SiteConfigError, match="'role' must be one of train, external"):
+        resolve_site(_context({wire.NODE_DATA_DIR: str(site), wire.NODE_ROLE: "observer"}))
+    # simulation: partition ids from sim_train_sites on are the external/ folder
+    sim = resolve_site(_context({wire.NODE_PARTITION_ID: 2}), tiny_sites, sim_train_sites=2)
+    assert sim.site_id == "external" and sim.data_dir == tiny_sites / "external"
+    assert resolve_site(_context({wire.NODE_PARTITION_ID: 1}), tiny_sites, 2).site_id == "site-1"
+
+
+@pytest.fixture
+def task_identity(monkeypatch):
+    """What Flower's process sets before a ClientApp runs (replies are stamped with it)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("_task_id", 3), ("_run_id", 1), ("_node_id", 7)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+
+def test_external_site_answers_the_role_query_and_refuses_to_train(tiny_sites, task_identity):
+    app = make_client_app()
+    node = {wire.NODE_DATA_DIR: str(tiny_sites / "site-0"), wire.NODE_SITE_ID: "ext",
+            wire.NODE_ROLE: wire.ROLE_EXTERNAL}
+    reply = app(_message(MessageType.QUERY, {wire.QUERY: wire.QUERY_ROLE}), _context(node))
+    assert dict(reply.content.config_records[wire.SITE]) == {wire.SITE_ID: "ext",
+                                                             wire.NODE_ROLE: "external"}
+    with pytest.raises(Exception, match="external site .* never trains"):
+        app(_message(MessageType.TRAIN, {}), _context(node))
+    with pytest.raises(Exception, match="unknown query"):
+        app(_message(MessageType.QUERY, {wire.QUERY: "budget"}), _context(node))
+
+
+def test_external_site_has_one_split_of_every_labelled_study(tiny_sites):
+    node = {wire.NODE_DATA_DIR: str(tiny_sites / "site-0"), wire.NODE_ROLE: "external"}
+    site = resolve_site(_context(node))
+    data, splits = SiteDataCache().get(site, CLASSES, 32)
+    assert set(splits) == {wire.EXTERNAL_SPLIT}
+    assert len(splits[wire.EXTERNAL_SPLIT]) == sum(s.label >= 0 for s in data.studies) > 0

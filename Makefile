@@ -28,7 +28,7 @@ data: $(DATA)/site-0
 
 demo: $(STAMP) $(DATA)/site-0
 	$(BIN)/medfed ingest --data-dir $(DATA)/site-1
-	$(BIN)/medfed simulate experiment=demo data.root=$(DATA)
+	$(BIN)/medfed simulate experiment=demo data.root=$(DATA) federation.external_sites=true
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

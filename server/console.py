@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+from strategies import wire
 from strategies.observed import RoundRecord
 from strategies.pooling import pool, split_metrics
 
@@ -28,7 +29,12 @@ class ConsoleTable:
         if not self.rows:
             log.info("%5s %-9s %10s %8s %8s %8s %8s %8s", "round", "site", "train_loss",
                      "val_loss", "val_mcc", "test_acc", "test_mcc", "test_auc")
+        external = []
         for reply in record.evaluate:
+            if f"{wire.EXTERNAL_SPLIT}-n" in reply.metrics:    # evaluation-only site: its
+                external.append(split_metrics(reply.metrics, wire.EXTERNAL_SPLIT))   # studies
+                self._line(record.round, reply.site_id, None, {}, _defined(external[-1]))
+                continue
             val, test = split_metrics(reply.metrics, "val"), split_metrics(reply.metrics, "test")
             val, test = _defined(val), _defined(test)
             self._line(record.round, reply.site_id,
@@ -39,7 +45,10 @@ class ConsoleTable:
         test = pool([split_metrics(r.metrics, "test") for r in record.evaluate])
         self._line(record.round, "GLOBAL", record.train_metrics.get("train_loss"), val, test,
                    suffix=f"  ({record.wall_seconds:.1f}s)")
-        self.rows.append((record.round, "GLOBAL", {"val": val, "test": test}))
+        ext = pool(external)
+        if ext:
+            self._line(record.round, "EXTERNAL", None, {}, ext)
+        self.rows.append((record.round, "GLOBAL", {"val": val, "test": test, "external": ext}))
 
     def _line(self, rnd, site, train_loss, val, test, suffix=""):
         def fmt(v):
@@ -49,12 +58,16 @@ class ConsoleTable:
                  fmt(test.get("mcc")), fmt(test.get("auroc")), suffix)
 
     def summary(self) -> str:
-        lines = ["round  val_mcc  test_mcc  test_auroc  test_accuracy"]
+        external = any(m.get("external") for _, _, m in self.rows)
+        lines = ["round  val_mcc  test_mcc  test_auroc  test_accuracy"
+                 + ("  external_mcc  external_auroc" if external else "")]
         for rnd, _, m in self.rows:
-            v, t = m["val"], m["test"]
+            v, t, e = m["val"], m["test"], m.get("external", {})
             lines.append(f"{rnd:5d}  {v.get('mcc', float('nan')):7.3f}  "
                          f"{t.get('mcc', float('nan')):8.3f}  {t.get('auroc', float('nan')):10.3f}  "
-                         f"{t.get('accuracy', float('nan')):13.3f}")
+                         f"{t.get('accuracy', float('nan')):13.3f}"
+                         + (f"  {e.get('mcc', float('nan')):12.3f}  "
+                            f"{e.get('auroc', float('nan')):14.3f}" if external else ""))
         return "\n".join(lines)
 
 

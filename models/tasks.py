@@ -196,7 +196,8 @@ class ClassificationTask:
     site, so they are not sent back (``frozen_keys``).
     """
 
-    # Mean of per-sample cross-entropies; no batch statistics, no class weights from counts.
+    # Mean of per-sample cross-entropies; no batch statistics, no class weights from counts
+    # (feature_decorrelation adds a batch statistic: see options_coupling).
     batch_coupling = None
     uses_unlabelled = False
 

@@ -6,9 +6,10 @@ change it). Before sampling, the server asks each node it has not met yet for it
 
 - training is sampled from the other nodes only (the inner strategy sees a grid without the
   external ones), so an external site never contributes to, or is charged for, an update;
-- every evaluation round also goes to every connected external site, which scores the model
-  on all of its labelled studies (split ``external``), and its replies are kept out of the
-  inner strategy's pooled val/test metrics; observers see them and record ``external/*``.
+- every evaluation round (when the inner strategy samples one) also goes to every connected
+  external site, which scores the model on all of its labelled studies (split
+  ``external``); its replies are kept out of the inner strategy's pooled val/test metrics,
+  observers see them and record ``external/*``.
 
 A node that does not answer the query is treated as a training site this round and asked
 again next round; an external site refuses a train message anyway (``client/app.py``).
@@ -93,13 +94,10 @@ class ExternalSites(Strategy):
         external = self.external() & set(grid.get_node_ids())
         messages = list(self.strategy.configure_evaluate(
             server_round, arrays, config, GridWithout(grid, external)))
-        if external:
+        if external and messages:
             # the same instruction the training sites get (arrays and config as the inner
-            # strategy and its wrappers built them), or the plain one if none was sampled
-            content = messages[0].content if messages else RecordDict(
-                {wire.ARRAYS: arrays, wire.CONFIG: ConfigRecord(
-                    dict(config) | {"server-round": server_round})})
-            messages += [Message(content=content, dst_node_id=n,
+            # strategy and its wrappers built it); no evaluation round, no external one either
+            messages += [Message(content=messages[0].content, dst_node_id=n,
                                  message_type=MessageType.EVALUATE) for n in sorted(external)]
         return messages
 

@@ -29,6 +29,18 @@ class StepOutput:
 FINETUNE_MODES = ("full", "linear_probe", "lora")
 
 
+def check_finetuning(config) -> None:
+    """The options every head task shares: ``mode``, ``lora_rank``/``lora_alpha`` and
+    ``label_fraction``."""
+    if config.mode not in FINETUNE_MODES:
+        raise ValueError(f"unknown fine-tuning mode {config.mode!r}; choose one of "
+                         f"{', '.join(FINETUNE_MODES)}")
+    if config.lora_rank < 1 or config.lora_alpha <= 0:
+        raise ValueError("lora_rank must be >= 1 and lora_alpha > 0")
+    if not 0.0 < config.label_fraction <= 1.0:
+        raise ValueError(f"label_fraction must be in (0, 1], got {config.label_fraction}")
+
+
 @dataclass(frozen=True)
 class ClassificationConfig:
     num_classes: int = 3
@@ -51,13 +63,7 @@ class ClassificationConfig:
             raise ValueError(f"num_classes must be >= 2, got {self.num_classes}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        if self.mode not in FINETUNE_MODES:
-            raise ValueError(f"unknown fine-tuning mode {self.mode!r}; choose one of "
-                             f"{', '.join(FINETUNE_MODES)}")
-        if self.lora_rank < 1 or self.lora_alpha <= 0:
-            raise ValueError("lora_rank must be >= 1 and lora_alpha > 0")
-        if not 0.0 < self.label_fraction <= 1.0:
-            raise ValueError(f"label_fraction must be in (0, 1], got {self.label_fraction}")
+        check_finetuning(self)
         if not self.logit_adjustment >= 0.0:
             raise ValueError(f"logit_adjustment must be >= 0, got {self.logit_adjustment}")
         if not self.feature_decorrelation >= 0.0:
@@ -65,7 +71,7 @@ class ClassificationConfig:
                              f"{self.feature_decorrelation}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class MultiLabelConfig:
     num_classes: int = 3              # number of findings (from task.class_names)
     mode: str = "full"                # full | linear_probe | lora, as for classification
@@ -77,13 +83,7 @@ class MultiLabelConfig:
     def __post_init__(self):
         if self.num_classes < 1 or self.num_classes > 62:
             raise ValueError(f"num_classes (findings) must be in [1, 62], got {self.num_classes}")
-        if self.mode not in FINETUNE_MODES:
-            raise ValueError(f"unknown fine-tuning mode {self.mode!r}; choose one of "
-                             f"{', '.join(FINETUNE_MODES)}")
-        if self.lora_rank < 1 or self.lora_alpha <= 0:
-            raise ValueError("lora_rank must be >= 1 and lora_alpha > 0")
-        if not 0.0 < self.label_fraction <= 1.0:
-            raise ValueError(f"label_fraction must be in (0, 1], got {self.label_fraction}")
+        check_finetuning(self)
         if not 0.0 < self.threshold < 1.0:
             raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
 

@@ -204,3 +204,18 @@ def test_dp_ready_per_sample_gradients_sum_to_the_batch_gradient(name, options):
         expected.append(torch.sqrt(sum(p.grad.square().sum() for p in model.parameters()
                                        if p.requires_grad and p.grad is not None)))
     torch.testing.assert_close(norms, torch.stack(expected), atol=1e-9, rtol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["classification", "multilabel"])
+@pytest.mark.parametrize("options, message", [
+    ({"mode": "adapters"}, "unknown fine-tuning mode 'adapters'"),
+    ({"lora_rank": 0}, "lora_rank must be >= 1"),
+    ({"label_fraction": 0.0}, r"label_fraction must be in \(0, 1\]")])
+def test_head_tasks_refuse_bad_fine_tuning_options(name, options, message):
+    with pytest.raises(ValueError, match=message):
+        TASKS.build(name, options)
+
+
+def test_multilabel_refuses_a_threshold_outside_zero_one():
+    with pytest.raises(ValueError, match=r"threshold must be in \(0, 1\)"):
+        TASKS.build("multilabel", {"threshold": 1.0})

@@ -66,17 +66,26 @@ class ExternalSites(Strategy):
         ask = RecordDict({wire.CONFIG: ConfigRecord({wire.QUERY: wire.QUERY_ROLE})})
         messages = [Message(content=ask, dst_node_id=n, message_type=MessageType.QUERY)
                     for n in unknown]
+        answered = set()
         for reply in grid.send_and_receive(messages, timeout=self.query_timeout):
             if reply.has_error():
-                continue                      # asked again next round
+                continue                      # logged below; asked again next round
             site = reply.content.config_records.get(wire.SITE, ConfigRecord())
             role = str(site.get(wire.NODE_ROLE, wire.ROLE_TRAIN))
             node = reply.metadata.src_node_id
-            self.roles[node] = role if role in wire.ROLES else wire.ROLE_TRAIN
+            answered.add(node)
             self.names[node] = str(site.get(wire.SITE_ID, f"node-{node}"))
-            if self.roles[node] == wire.ROLE_EXTERNAL:
+            if role not in wire.ROLES:
+                log.warning("site %s answered the role query with %r; treated as a training "
+                            "site", self.names[node], role)
+                role = wire.ROLE_TRAIN
+            self.roles[node] = role
+            if role == wire.ROLE_EXTERNAL:
                 log.info("site %s is external: it evaluates every round and never trains",
                          self.names[node])
+        for node in sorted(set(unknown) - answered):
+            log.warning("node %s did not answer the role query; treated as a training site "
+                        "this round, asked again next round", node)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:

@@ -158,6 +158,20 @@ def test_node_config_uses_wire_keys(tmp_path):
                                  dp_epsilon=8.0))
 
 
+def test_node_config_carries_an_external_role_and_refuses_unknown_ones(tmp_path):
+    from dataclasses import replace
+
+    from flwr.common.config import parse_config_args
+
+    base = SiteSettings(site_id="a", data_dir=tmp_path, superlink="x:1", root_cert=tmp_path,
+                        auth_key=tmp_path, state_dir=tmp_path)
+    assert wire.NODE_ROLE not in node_config(base)                 # training is the default
+    config = node_config(replace(base, role="external"))
+    assert parse_config_args([node_config_arg(config)])[wire.NODE_ROLE] == "external"
+    with pytest.raises(DeployError, match="--role must be one of train, external"):
+        node_config(replace(base, role="observer"))
+
+
 # ---- the CLI: one line on stderr, exit 2, nothing started ----
 
 def _one_line(result, *needles):

@@ -1,0 +1,64 @@
+"""ExternalSites with a stand-in grid: who is asked, who trains, what is logged."""
+
+from __future__ import annotations
+
+import logging
+from types import SimpleNamespace
+
+from flwr.app import ConfigRecord, MessageType, RecordDict
+
+from strategies import wire
+from strategies.external import ExternalSites
+
+ROLES = {1: "external", 2: "train", 4: "observer"}      # node 3 never answers
+
+
+class Grid:
+    def __init__(self):
+        self.asked: list[list[int]] = []
+
+    def get_node_ids(self):
+        return [1, 2, 3, 4]
+
+    def send_and_receive(self, messages, timeout):
+        assert all(m.metadata.message_type == MessageType.QUERY for m in messages)
+        self.asked.append([m.metadata.dst_node_id for m in messages])
+        replies = []
+        for m in messages:
+            node = m.metadata.dst_node_id
+            if node not in ROLES:
+                replies.append(SimpleNamespace(has_error=lambda: True))
+                continue
+            site = ConfigRecord({wire.SITE_ID: f"s{node}", wire.NODE_ROLE: ROLES[node]})
+            replies.append(SimpleNamespace(has_error=lambda: False,
+                                           content=RecordDict({wire.SITE: site}),
+                                           metadata=SimpleNamespace(src_node_id=node)))
+        return replies
+
+
+class Inner:
+    def __init__(self):
+        self.train_nodes = None
+
+    def configure_train(self, server_round, arrays, config, grid):
+        self.train_nodes = grid.get_node_ids()
+        return []
+
+
+def test_only_answered_external_nodes_leave_training_and_silence_is_logged(caplog, monkeypatch):
+    from flwr.supercore.task_identity import TaskIdentity      # set by Flower's process
+
+    for name, value in (("_task_id", 3), ("_run_id", 1), ("_node_id", 0)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+    grid, inner = Grid(), Inner()
+    strategy = ExternalSites(inner)
+    with caplog.at_level(logging.INFO, logger="medfed.server"):
+        strategy.configure_train(1, None, ConfigRecord(), grid)
+    assert inner.train_nodes == [2, 3, 4]
+    assert strategy.external() == {1}
+    text = caplog.text
+    assert "site s1 is external" in text
+    assert "node 3 did not answer the role query" in text
+    assert "site s4 answered the role query with 'observer'" in text
+    strategy.configure_train(2, None, ConfigRecord(), grid)
+    assert grid.asked == [[1, 2, 3, 4], [3]]            # the silent node is asked again

@@ -89,3 +89,13 @@ def phi_strings(root: Path) -> set[str]:
             found.add(value)
             found.update(part for part in value.replace("^", " ").split() if len(part) >= 6)
     return found
+
+
+@pytest.fixture
+def task_identity(monkeypatch):
+    """What Flower's process sets before an app runs (messages are stamped with it), for
+    tests that call a ClientApp or build messages outside Flower."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("_task_id", 3), ("_run_id", 1), ("_node_id", 7)):
+        monkeypatch.setattr(TaskIdentity, name, value)

@@ -18,9 +18,8 @@ def _context(node_config: dict) -> Context:
 
 
 def _message(kind: str, config: dict) -> Message:
-    msg = Message(RecordDict({wire.CONFIG: ConfigRecord(config)}), dst_node_id=7,
-                  message_type=kind)
-    return msg
+    return Message(RecordDict({wire.CONFIG: ConfigRecord(config)}), dst_node_id=7,
+                   message_type=kind)
 
 
 def test_role_comes_from_node_config_and_bad_roles_are_refused(tiny_sites):
@@ -34,15 +33,6 @@ def test_role_comes_from_node_config_and_bad_roles_are_refused(tiny_sites):
     sim = resolve_site(_context({wire.NODE_PARTITION_ID: 2}), tiny_sites, sim_train_sites=2)
     assert sim.site_id == "external" and sim.data_dir == tiny_sites / "external"
     assert resolve_site(_context({wire.NODE_PARTITION_ID: 1}), tiny_sites, 2).site_id == "site-1"
-
-
-@pytest.fixture
-def task_identity(monkeypatch):
-    """What Flower's process sets before a ClientApp runs (replies are stamped with it)."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for name, value in (("_task_id", 3), ("_run_id", 1), ("_node_id", 7)):
-        monkeypatch.setattr(TaskIdentity, name, value)
 
 
 def test_external_site_answers_the_role_query_and_refuses_to_train(tiny_sites, task_identity):

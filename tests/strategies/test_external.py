@@ -45,11 +45,8 @@ class Inner:
         return []
 
 
-def test_only_answered_external_nodes_leave_training_and_silence_is_logged(caplog, monkeypatch):
-    from flwr.supercore.task_identity import TaskIdentity      # set by Flower's process
-
-    for name, value in (("_task_id", 3), ("_run_id", 1), ("_node_id", 0)):
-        monkeypatch.setattr(TaskIdentity, name, value)
+def test_only_answered_external_nodes_leave_training_and_silence_is_logged(caplog,
+                                                                          task_identity):
     grid, inner = Grid(), Inner()
     strategy = ExternalSites(inner)
     with caplog.at_level(logging.INFO, logger="medfed.server"):

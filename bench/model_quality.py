@@ -8,6 +8,13 @@ or not. Side by side in one run:
 (i)   ``supervised`` - federated FedAvg from scratch on the labelled 10%;
 (ii)  ``mm_dino``    - federated MM-DINOv2 pretraining, then federated fine-tuning;
 (iii) ``mae``        - federated multi-modal MAE pretraining, then federated fine-tuning;
+(vi)  ``clip``       - federated image-report CLIP pretraining on every training study's
+                       report, then federated fine-tuning. Reports name the diagnosis in their
+                       impression (as real ones do), so this arm learns from weak text labels on
+                       every study - not comparable to (ii)/(iii), which see no text. Also scores
+                       the phase-1 CLIP model itself on the external site (``clip_external``:
+                       image<->report recall@1/5, zero-shot macro-AUROC) next to the same
+                       untrained model (chance level).
 (iv)  ``pooled``     - centralized training on all sites' labelled 10% pooled (upper bound of
                        (i): same data, no federation), same passes over the data;
 (v)   ``local_only`` - each site alone on its labelled 10%; mean over sites.
@@ -43,7 +50,8 @@ from server.config import ExperimentConfig, load_experiment
 from .common import update_results_md, write_result
 
 SITES = 3
-ARMS = ("supervised", "mm_dino", "mae", "pooled", "local_only")
+ARMS = ("supervised", "mm_dino", "mae", "clip", "pooled", "local_only")
+PRETRAINED = ("mm_dino", "mae", "clip")
 
 
 def score(cfg: ExperimentConfig, model, external: StudyDataset) -> dict[str, float]:
@@ -55,12 +63,31 @@ def score(cfg: ExperimentConfig, model, external: StudyDataset) -> dict[str, flo
     return {"external_mcc": full, "external_mcc_missing_one": float(np.mean(missing))}
 
 
-def federated(cfg: ExperimentConfig, external: StudyDataset) -> dict[str, float]:
+def federated(cfg: ExperimentConfig, external: StudyDataset, external_studies: list) -> dict:
     run_dir = simulate(cfg)
     phase_dir = run_dir / "finetune" if cfg.pretrain.objective else run_dir
     model, _ = build(cfg.model.name, cfg.model_options(), cfg.task.name, cfg.task_options())
     model.load_state_dict({k: torch.from_numpy(v) for k, v in latest_weights(phase_dir).items()})
-    return score(cfg, model, external)
+    result = score(cfg, model, external)
+    if cfg.pretrain.objective == "clip":
+        result["clip_external"] = clip_scores(cfg.pretrain_phase(), run_dir / "pretrain",
+                                               external_studies)
+    return result
+
+
+def clip_scores(cfg: ExperimentConfig, phase_dir: Path, studies: list) -> dict:
+    """The phase-1 CLIP model on the external site's image-report pairs, and the same model
+    untrained (same seed): retrieval recall@1/5 both ways and zero-shot macro-AUROC."""
+    out = {}
+    for name, weights in (("trained", latest_weights(phase_dir)), ("untrained", None)):
+        torch.manual_seed(cfg.seed)
+        model, task = build(cfg.model.name, cfg.model_options(), cfg.task.name, cfg.task_options())
+        if weights is not None:
+            model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()})
+        pairs = StudyDataset(studies, cfg.task.image_size, text_transform=task.tokenize)
+        metrics = Engine(task, torch.device("cpu")).evaluate(model, pairs)
+        out[name] = {k: float(v) for k, v in metrics.items() if k.startswith(("recall_", "auroc"))}
+    return out
 
 
 def centralized(cfg: ExperimentConfig, studies: list, epochs: int,
@@ -75,6 +102,16 @@ def centralized(cfg: ExperimentConfig, studies: list, epochs: int,
                                              batch_size=cfg.train.batch_size,
                                              weight_decay=cfg.train.weight_decay, seed=epoch))
     return score(cfg, model, external)
+
+
+def clip_cell(clip: dict | None) -> str:
+    if not clip:
+        return ""
+    t, u = clip["trained"], clip["untrained"]
+    return (f"; CLIP phase 1 on the external site (trained vs untrained): image->report "
+            f"R@1 {t['recall_i2r_1']:.2f} vs {u['recall_i2r_1']:.2f}, R@5 {t['recall_i2r_5']:.2f} "
+            f"vs {u['recall_i2r_5']:.2f}, zero-shot AUROC {t.get('auroc', float('nan')):.2f} vs "
+            f"{u.get('auroc', float('nan')):.2f}")
 
 
 def main() -> None:
@@ -110,7 +147,8 @@ def main() -> None:
         finetune_lr = [] if args.finetune_lr is None else [
             f"train.lr={args.finetune_lr}", f"pretrain.lr={cfg.train.lr}"]
         classes = tuple(cfg.task.class_names)
-        external = StudyDataset(load_site(root / "external", classes).studies, cfg.task.image_size)
+        external_studies = [s for s in load_site(root / "external", classes).studies if s.label >= 0]
+        external = StudyDataset(external_studies, cfg.task.image_size)
         labelled = [label_subset(load_site(root / f"site-{i}", classes)
                                  .split("train", labelled_only=True), args.label_fraction)
                     for i in range(SITES)]
@@ -118,11 +156,11 @@ def main() -> None:
         table: dict[str, dict] = {}
         for arm in arms:
             if arm == "supervised":
-                table[arm] = federated(cfg, external)
-            elif arm in ("mm_dino", "mae"):
+                table[arm] = federated(cfg, external, external_studies)
+            elif arm in PRETRAINED:
                 table[arm] = federated(load_experiment(
                     [*base, f"pretrain={arm}", *pre, f"task.options.mode={args.finetune_mode}",
-                     *finetune_lr]), external)
+                     *finetune_lr]), external, external_studies)
             elif arm == "pooled":
                 table[arm] = centralized(cfg, [s for site in labelled for s in site], epochs,
                                          external)
@@ -134,6 +172,9 @@ def main() -> None:
                 raise SystemExit(f"unknown arm {arm!r}; choose from {', '.join(ARMS)}")
             print(f"{arm:11s} external MCC {table[arm]['external_mcc']:.3f}   "
                   f"missing one {table[arm]['external_mcc_missing_one']:.3f}", flush=True)
+            if "clip_external" in table[arm]:
+                print(f"{'':11s} CLIP on the external site: {table[arm]['clip_external']}",
+                      flush=True)
     n_labelled = [len(site) for site in labelled]
     payload = {
         "external_mcc": {a: table[a]["external_mcc"] for a in table},
@@ -145,8 +186,10 @@ def main() -> None:
         "patients_per_site": args.patients, "seed": args.seed,
         "finetune_mode": args.finetune_mode, "finetune_lr": args.finetune_lr,
     }
+    if "clip" in table:
+        payload["clip_external"] = table["clip"]["clip_external"]
     mcc = payload["external_mcc"]
-    fed = [a for a in ("supervised", "mm_dino", "mae") if a in mcc]
+    fed = [a for a in ("supervised", *PRETRAINED) if a in mcc]
     if "pooled" in mcc and mcc["pooled"] > 0 and fed:
         best = max(fed, key=mcc.get)
         payload["best_federated_over_pooled"] = mcc[best] / mcc["pooled"]
@@ -160,7 +203,7 @@ def main() -> None:
         f"{'n/a' if ratio is None else f'{ratio:.2f}'} ({payload.get('best_federated', '-')}) | "
         f"external MCC all/missing-one: {cells}; {SITES} sites, {args.label_fraction:.0%} labels "
         f"({sum(n_labelled)} labelled studies), {args.pretrain_rounds}+{args.rounds} rounds, "
-        f"fine-tuning {args.finetune_mode} | "
+        f"fine-tuning {args.finetune_mode}{clip_cell(payload.get('clip_external'))} | "
         f"`results/{path.name}` |")
 
 

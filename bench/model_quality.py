@@ -144,8 +144,6 @@ def main() -> None:
         pre = [f"pretrain.num_rounds={args.pretrain_rounds}",
                f"pretrain.local_epochs={args.pretrain_epochs}"]
         cfg = load_experiment(base)
-        finetune_lr = [] if args.finetune_lr is None else [
-            f"train.lr={args.finetune_lr}", f"pretrain.lr={cfg.train.lr}"]
         classes = tuple(cfg.task.class_names)
         external_studies = [s for s in load_site(root / "external", classes).studies if s.label >= 0]
         external = StudyDataset(external_studies, cfg.task.image_size)
@@ -158,9 +156,11 @@ def main() -> None:
             if arm == "supervised":
                 table[arm] = federated(cfg, external, external_studies)
             elif arm in PRETRAINED:
-                table[arm] = federated(load_experiment(
-                    [*base, f"pretrain={arm}", *pre, f"task.options.mode={args.finetune_mode}",
-                     *finetune_lr]), external, external_studies)
+                arm_cfg = [*base, f"pretrain={arm}", *pre, f"task.options.mode={args.finetune_mode}"]
+                if args.finetune_lr is not None:    # pretraining keeps its own (or train's) lr
+                    own = load_experiment(arm_cfg).pretrain.lr or cfg.train.lr
+                    arm_cfg += [f"train.lr={args.finetune_lr}", f"pretrain.lr={own}"]
+                table[arm] = federated(load_experiment(arm_cfg), external, external_studies)
             elif arm == "pooled":
                 table[arm] = centralized(cfg, [s for site in labelled for s in site], epochs,
                                          external)

@@ -145,7 +145,8 @@ def main() -> None:
                f"pretrain.local_epochs={args.pretrain_epochs}"]
         cfg = load_experiment(base)
         classes = tuple(cfg.task.class_names)
-        external_studies = [s for s in load_site(root / "external", classes).studies if s.label >= 0]
+        external_studies = [s for s in load_site(root / "external", classes).studies
+                            if s.label >= 0]
         external = StudyDataset(external_studies, cfg.task.image_size)
         labelled = [label_subset(load_site(root / f"site-{i}", classes)
                                  .split("train", labelled_only=True), args.label_fraction)
@@ -156,7 +157,8 @@ def main() -> None:
             if arm == "supervised":
                 table[arm] = federated(cfg, external, external_studies)
             elif arm in PRETRAINED:
-                arm_cfg = [*base, f"pretrain={arm}", *pre, f"task.options.mode={args.finetune_mode}"]
+                arm_cfg = [*base, f"pretrain={arm}", *pre,
+                           f"task.options.mode={args.finetune_mode}"]
                 if args.finetune_lr is not None:    # pretraining keeps its own (or train's) lr
                     own = load_experiment(arm_cfg).pretrain.lr or cfg.train.lr
                     arm_cfg += [f"train.lr={args.finetune_lr}", f"pretrain.lr={own}"]

@@ -8,7 +8,14 @@ pooled site-test MCC after the last round (the demo's headline) and external-sit
 
 ``mcc_ratio_epsN`` = DP test MCC / non-DP test MCC (pooled site test).
 
+``--public-pretrain clip|mae`` first pretrains a backbone centrally on a *public* cohort - a
+synthetic hospital drawn with another seed, none of the sites' patients - and every row, DP
+or not, fine-tunes from it (``model.pretrained``) in ``--mode`` (linear_probe, lora, full).
+The usual recipe for DP: public pretraining costs no site privacy, and the few trainable
+parameters of a probe or adapters keep the DP noise small.
+
     python -m bench.dp_utility [--rounds 20] [--local-epochs 5] [--epsilons 1,3,8]
+                               [--public-pretrain clip --public-epochs 50 --mode linear_probe]
 """
 
 from __future__ import annotations
@@ -19,12 +26,17 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 from client.data.dataset import StudyDataset
 from client.data.site import load_site
+from client.engine import Engine, TrainConfig
 from medfed.simulation import simulate
-from medfed.synth.sites import synthesize
+from medfed.synth.sites import Scenario, synthesize
+from models.tasks import build
+from models.weights import save_pretrained
 from server.checkpoint import latest_weights
-from server.config import load_experiment
+from server.config import ExperimentConfig, load_experiment
 
 from .common import update_results_md, write_result
 from .heterogeneity import LastRound, external_mcc
@@ -42,6 +54,34 @@ def run(name: str, overrides: list[str], external: StudyDataset) -> dict:
     return row
 
 
+def public_backbone(cfg: ExperimentConfig, objective: str, work: Path, *, patients: int,
+                    epochs: int, seed: int) -> Path:
+    """Pretrain ``objective`` centrally on a public cohort (a synthetic hospital of its own
+    seed: no site's patient) and save the backbone in the save_pretrained layout."""
+    root = work / "public-data"
+    synthesize(root, n_sites=1, seed=seed + 1000,
+               scenario=Scenario(patients=patients, label_fraction=1.0, missing_fraction=0.0))
+    pre = load_experiment([f"data.root={root}", f"pretrain={objective}", f"seed={seed}"]
+                          ).pretrain_phase()
+    torch.manual_seed(seed)
+    model, task = build(pre.model.name, pre.model_options(), pre.task.name, pre.task_options())
+    text = task.tokenize if getattr(task, "uses_reports", False) else None
+    cohort = load_site(root / "site-0", tuple(cfg.task.class_names)).studies
+    data = StudyDataset(cohort, cfg.task.image_size, augment=True, text_transform=text)
+    engine = Engine(task, torch.device("cpu"))
+    for epoch in range(epochs):
+        data.reseed(epoch)
+        metrics = engine.fit(model, data, TrainConfig(local_epochs=1, lr=pre.train.lr,
+                                                      batch_size=pre.train.batch_size,
+                                                      seed=epoch))
+        if epoch % 10 == 9 or epoch == epochs - 1:
+            print(f"public {objective} epoch {epoch + 1}: loss {metrics['train_loss']:.3f}",
+                  flush=True)
+    return save_pretrained(model.backbone, work / "public-backbone",
+                           extra={"pretrained_on": f"public synthetic cohort ({len(cohort)} "
+                                                   f"studies, seed {seed + 1000}), {objective}"})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=20)
@@ -49,6 +89,13 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--epsilons", default="1,3,8")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--public-pretrain", choices=("none", "clip", "mae"), default="none")
+    parser.add_argument("--public-patients", type=int, default=600)
+    parser.add_argument("--public-epochs", type=int, default=50)
+    parser.add_argument("--mode", choices=("full", "linear_probe", "lora"), default="full",
+                        help="fine-tuning mode of every row")
+    parser.add_argument("--name", default="dp_utility",
+                        help="results name (bench/results/<name>.json, RESULTS.md row)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="medfed-dputil-") as tmp:
@@ -58,6 +105,12 @@ def main() -> None:
                 f"federation.num_rounds={args.rounds}", f"train.local_epochs={args.local_epochs}",
                 f"train.batch_size={args.batch_size}", f"seed={args.seed}"]
         cfg = load_experiment(base)
+        if args.public_pretrain != "none":
+            backbone = public_backbone(cfg, args.public_pretrain, Path(tmp),
+                                       patients=args.public_patients, epochs=args.public_epochs,
+                                       seed=args.seed)
+            base += [f"model.pretrained={backbone}"]
+        base += [f"task.options.mode={args.mode}"]
         external = StudyDataset(load_site(root / "external", tuple(cfg.task.class_names)).studies,
                                 cfg.task.image_size)
         rows = {"non_dp": run("non-dp", base, external)}
@@ -71,15 +124,22 @@ def main() -> None:
     ratios = {f"mcc_ratio_eps{k[4:]}": (r["test_mcc"] / reference if reference > 0 else None)
               for k, r in rows.items() if k != "non_dp"}
     payload = ratios | {"rows": rows, "rounds": args.rounds, "local_epochs": args.local_epochs,
-                        "batch_size": args.batch_size, "delta": 1e-5, "sites": 3}
-    path = write_result("dp_utility", payload)
+                        "batch_size": args.batch_size, "delta": 1e-5, "sites": 3,
+                        "mode": args.mode, "public_pretrain": args.public_pretrain,
+                        "public_patients": args.public_patients,
+                        "public_epochs": args.public_epochs}
+    path = write_result(args.name, payload)
     cells = "; ".join(f"{k}: test {r['test_mcc']:.2f} / ext {r['external_mcc']:.2f}"
                       for k, r in rows.items())
     headline = ratios.get("mcc_ratio_eps8")
+    start = ("from scratch" if args.public_pretrain == "none" else
+             f"from a public {args.public_pretrain} backbone ({args.public_epochs} epochs on "
+             f"{args.public_patients} public patients)")
     update_results_md(
-        "dp_utility", f"| dp_utility | DP-FedAvg test MCC / non-DP at ε=8: "
+        args.name, f"| {args.name} | DP-FedAvg test MCC / non-DP at ε=8: "
         f"{'n/a' if headline is None else f'{headline:.2f}'} (target ≥ 0.97) | {cells}; "
-        f"{args.rounds} rounds x {args.local_epochs} epochs, δ=1e-5 | `results/{path.name}` |")
+        f"{args.rounds} rounds x {args.local_epochs} epochs, δ=1e-5, {args.mode} {start} | "
+        f"`results/{path.name}` |")
     print(f"{ratios}\nwrote {path}")
 
 

@@ -8,6 +8,9 @@ or not. Side by side in one run:
 (i)   ``supervised`` - federated FedAvg from scratch on the labelled 10%;
 (ii)  ``mm_dino``    - federated MM-DINOv2 pretraining, then federated fine-tuning;
 (iii) ``mae``        - federated multi-modal MAE pretraining, then federated fine-tuning;
+(iv)  ``pooled``     - centralized training on all sites' labelled 10% pooled (upper bound of
+                       (i): same data, no federation), same passes over the data;
+(v)   ``local_only`` - each site alone on its labelled 10%; mean over sites.
 (vi)  ``clip``       - federated image-report CLIP pretraining on every training study's
                        report, then federated fine-tuning. Reports name the diagnosis in their
                        impression (as real ones do), so this arm learns from weak text labels on
@@ -15,9 +18,6 @@ or not. Side by side in one run:
                        the phase-1 CLIP model itself on the external site (``clip_external``:
                        image<->report recall@1/5, zero-shot macro-AUROC) next to the same
                        untrained model (chance level).
-(iv)  ``pooled``     - centralized training on all sites' labelled 10% pooled (upper bound of
-                       (i): same data, no federation), same passes over the data;
-(v)   ``local_only`` - each site alone on its labelled 10%; mean over sites.
 
 Scored on the external site with all sequences (``external_mcc``) and with one sequence
 removed, averaged over which one (``external_mcc_missing_one``). Federated arms run through

@@ -12,10 +12,14 @@ pooled site-test MCC after the last round (the demo's headline) and external-sit
 synthetic hospital drawn with another seed, none of the sites' patients - and every row, DP
 or not, fine-tunes from it (``model.pretrained``) in ``--mode`` (linear_probe, lora, full).
 The usual recipe for DP: public pretraining costs no site privacy, and the few trainable
-parameters of a probe or adapters keep the DP noise small.
+parameters of a probe or adapters keep the DP noise small. With ``--tune-lr`` (linear probe
+only) each row, DP or not, trains at the learning rate that scored best for it on a public
+federation (``bench.public_tuning``: never on the sites' data, which would spend privacy
+no accountant charges); without it every row uses ``train.lr``.
 
     python -m bench.dp_utility [--rounds 20] [--local-epochs 5] [--epsilons 1,3,8]
                                [--public-pretrain clip --public-epochs 50 --mode linear_probe]
+                               [--tune-lr]
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from server.config import ExperimentConfig, load_experiment
 
 from .common import update_results_md, write_result
 from .heterogeneity import LastRound, external_mcc
+from .public_tuning import Plan, tune_probe_lr
 
 
 def run(name: str, overrides: list[str], external: StudyDataset) -> dict:
@@ -94,9 +99,16 @@ def main() -> None:
     parser.add_argument("--public-epochs", type=int, default=50)
     parser.add_argument("--mode", choices=("full", "linear_probe", "lora"), default="full",
                         help="fine-tuning mode of every row")
+    parser.add_argument("--tune-lr", action="store_true",
+                        help="linear probe: pick each row's lr on a public federation")
     parser.add_argument("--name", default="dp_utility",
                         help="results name (bench/results/<name>.json, RESULTS.md row)")
     args = parser.parse_args()
+    if args.tune_lr and (args.public_pretrain == "none" or args.mode != "linear_probe"):
+        parser.error("--tune-lr tunes a linear probe over a public backbone: it needs "
+                     "--public-pretrain and --mode linear_probe")
+    epsilons = [float(e) for e in args.epsilons.split(",")]
+    tuning = {}
     logging.basicConfig(level=logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="medfed-dputil-") as tmp:
         root = Path(tmp) / "data"
@@ -110,16 +122,24 @@ def main() -> None:
                                        patients=args.public_patients, epochs=args.public_epochs,
                                        seed=args.seed)
             base += [f"model.pretrained={backbone}"]
+            if args.tune_lr:
+                plan = Plan(rounds=args.rounds, local_epochs=args.local_epochs,
+                            batch_size=args.batch_size, delta=1e-5,
+                            max_grad_norm=load_experiment([*base, "privacy=dpsgd"]
+                                                          ).privacy.max_grad_norm)
+                tuning = tune_probe_lr(cfg, backbone, Path(tmp), plan, epsilons=epsilons,
+                                       seed=args.seed)
         base += [f"task.options.mode={args.mode}"]
+        lr = {name: [f"train.lr={t['lr']}"] for name, t in tuning.items()}
         external = StudyDataset(load_site(root / "external", tuple(cfg.task.class_names)).studies,
                                 cfg.task.image_size)
-        rows = {"non_dp": run("non-dp", base, external)}
-        for eps in (float(e) for e in args.epsilons.split(",")):
+        rows = {"non_dp": run("non-dp", [*base, *lr.get("non_dp", [])], external)}
+        for eps in epsilons:
             budget = (f"+federation.site_node_config={{dp-epsilon:{eps * 1.01},dp-delta:1e-5,"
                       f"privacy-dir:.medfed/bench-eps-{eps:g}-{time.time_ns()}}}")
-            rows[f"eps_{eps:g}"] = run(f"eps={eps:g}", [*base, "privacy=dpsgd",
-                                                         f"privacy.epsilon={eps}", budget],
-                                       external)
+            rows[f"eps_{eps:g}"] = run(f"eps={eps:g}", [*base, *lr.get(f"eps_{eps:g}", []),
+                                                         "privacy=dpsgd", f"privacy.epsilon={eps}",
+                                                         budget], external)
     reference = rows["non_dp"]["test_mcc"] or 0.0
     ratios = {f"mcc_ratio_eps{k[4:]}": (r["test_mcc"] / reference if reference > 0 else None)
               for k, r in rows.items() if k != "non_dp"}
@@ -127,7 +147,10 @@ def main() -> None:
                         "batch_size": args.batch_size, "delta": 1e-5, "sites": 3,
                         "mode": args.mode, "public_pretrain": args.public_pretrain,
                         "public_patients": args.public_patients,
-                        "public_epochs": args.public_epochs}
+                        "public_epochs": args.public_epochs,
+                        "lr": {name: t["lr"] for name, t in tuning.items()} or cfg.train.lr,
+                        "public_tuning": {name: {f"{k:g}": v for k, v in t["scores"].items()}
+                                          for name, t in tuning.items()}}
     path = write_result(args.name, payload)
     cells = "; ".join(f"{k}: test {r['test_mcc']:.2f} / ext {r['external_mcc']:.2f}"
                       for k, r in rows.items())
@@ -135,6 +158,9 @@ def main() -> None:
     start = ("from scratch" if args.public_pretrain == "none" else
              f"from a public {args.public_pretrain} backbone ({args.public_epochs} epochs on "
              f"{args.public_patients} public patients)")
+    if tuning:
+        start += "; lr per row tuned on a public federation: " + ", ".join(
+            f"{name} {t['lr']:g}" for name, t in tuning.items())
     update_results_md(
         args.name, f"| {args.name} | DP-FedAvg test MCC / non-DP at ε=8: "
         f"{'n/a' if headline is None else f'{headline:.2f}'} (target ≥ 0.97) | {cells}; "

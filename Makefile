@@ -38,9 +38,14 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.calibration
 	$(BIN)/python -m bench.dp_overhead
 
+DP_SEED_RUNS := $(foreach s,0 1 2 3,dp_utility_public_clip_tuned_seed$(s))
+
 bench-all: bench
 	$(BIN)/python -m bench.heterogeneity
-	$(BIN)/python -m bench.dp_utility
+	$(BIN)/python -m bench.dp_utility --name dp_utility_scratch
+	for s in 0 1 2 3; do $(BIN)/python -m bench.dp_utility --public-pretrain clip \
+	    --mode linear_probe --tune-lr --seed $$s --name dp_utility_public_clip_tuned_seed$$s; done
+	$(BIN)/python -m bench.dp_utility --name dp_utility --combine $(DP_SEED_RUNS)
 
 clean:
 	rm -rf runs .flwr

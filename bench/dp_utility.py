@@ -20,12 +20,19 @@ no accountant charges); without it every row uses ``train.lr``.
     python -m bench.dp_utility [--rounds 20] [--local-epochs 5] [--epsilons 1,3,8]
                                [--public-pretrain clip --public-epochs 50 --mode linear_probe]
                                [--tune-lr]
+    python -m bench.dp_utility --combine NAME NAME ... --name dp_utility
+
+``--combine`` pools finished runs of this bench (one seed each, every one side by side in its
+own run) into one result: per row the mean MCC over the runs, ``mcc_ratio_epsN`` = mean DP
+test MCC / mean non-DP test MCC, and each run's own ratios next to it.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -42,7 +49,7 @@ from models.weights import save_pretrained
 from server.checkpoint import latest_weights
 from server.config import ExperimentConfig, load_experiment
 
-from .common import update_results_md, write_result
+from .common import RESULTS_DIR, update_results_md, write_result
 from .heterogeneity import LastRound, external_mcc
 from .public_tuning import Plan, tune_probe_lr
 
@@ -87,6 +94,31 @@ def public_backbone(cfg: ExperimentConfig, objective: str, work: Path, *, patien
                                                    f"studies, seed {seed + 1000}), {objective}"})
 
 
+def combine(names: list[str], name: str) -> None:
+    runs = {n: json.loads((RESULTS_DIR / f"{n}.json").read_text()) for n in names}
+    rows = {row: {key: statistics.mean(r["rows"][row][key] for r in runs.values())
+                  for key in ("test_mcc", "test_auroc", "external_mcc")}
+            for row in next(iter(runs.values()))["rows"]}
+    reference = rows["non_dp"]["test_mcc"]
+    ratios = {f"mcc_ratio_eps{k[4:]}": r["test_mcc"] / reference
+              for k, r in rows.items() if k != "non_dp"}
+    per_run = {n: {k: v for k, v in r.items() if k.startswith("mcc_ratio")} for n, r in runs.items()}
+    first = next(iter(runs.values()))
+    payload = ratios | {"rows": rows, "runs": per_run,
+                        "seeds_note": "mean over runs; each run is one seed, side by side"} | {
+        k: first[k] for k in ("rounds", "local_epochs", "batch_size", "delta", "sites", "mode",
+                              "public_pretrain", "public_patients", "public_epochs")}
+    path = write_result(name, payload)
+    cells = "; ".join(f"{k}: test {r['test_mcc']:.2f} / ext {r['external_mcc']:.2f}"
+                      for k, r in rows.items())
+    each = ", ".join(f"{r.get('mcc_ratio_eps8', float('nan')):.2f}" for r in per_run.values())
+    update_results_md(
+        name, f"| {name} | DP-FedAvg test MCC / non-DP at ε=8, mean of {len(runs)} seeds: "
+        f"{ratios.get('mcc_ratio_eps8', float('nan')):.2f} (target ≥ 0.97; per seed {each}) | "
+        f"mean {cells}; runs {', '.join(runs)} | `results/{path.name}` |")
+    print(f"{ratios}\nwrote {path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=20)
@@ -101,9 +133,13 @@ def main() -> None:
                         help="fine-tuning mode of every row")
     parser.add_argument("--tune-lr", action="store_true",
                         help="linear probe: pick each row's lr on a public federation")
+    parser.add_argument("--combine", nargs="+", metavar="NAME",
+                        help="names of finished runs (one seed each) to pool")
     parser.add_argument("--name", default="dp_utility",
                         help="results name (bench/results/<name>.json, RESULTS.md row)")
     args = parser.parse_args()
+    if args.combine:
+        return combine(args.combine, args.name)
     if args.tune_lr and (args.public_pretrain == "none" or args.mode != "linear_probe"):
         parser.error("--tune-lr tunes a linear probe over a public backbone: it needs "
                      "--public-pretrain and --mode linear_probe")

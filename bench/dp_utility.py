@@ -100,7 +100,7 @@ def combine(names: list[str], name: str) -> None:
                   for key in ("test_mcc", "test_auroc", "external_mcc")}
             for row in next(iter(runs.values()))["rows"]}
     reference = rows["non_dp"]["test_mcc"]
-    ratios = {f"mcc_ratio_eps{k[4:]}": r["test_mcc"] / reference
+    ratios = {f"mcc_ratio_eps{k[4:]}": (r["test_mcc"] / reference if reference > 0 else None)
               for k, r in rows.items() if k != "non_dp"}
     per_run = {n: {k: v for k, v in r.items() if k.startswith("mcc_ratio")} for n, r in runs.items()}
     first = next(iter(runs.values()))
@@ -111,10 +111,10 @@ def combine(names: list[str], name: str) -> None:
     path = write_result(name, payload)
     cells = "; ".join(f"{k}: test {r['test_mcc']:.2f} / ext {r['external_mcc']:.2f}"
                       for k, r in rows.items())
-    each = ", ".join(f"{r.get('mcc_ratio_eps8', float('nan')):.2f}" for r in per_run.values())
+    each = ", ".join(f"{r.get('mcc_ratio_eps8') or float('nan'):.2f}" for r in per_run.values())
     update_results_md(
         name, f"| {name} | DP-FedAvg test MCC / non-DP at ε=8, mean of {len(runs)} seeds: "
-        f"{ratios.get('mcc_ratio_eps8', float('nan')):.2f} (target ≥ 0.97; per seed {each}) | "
+        f"{ratios.get('mcc_ratio_eps8') or float('nan'):.2f} (target ≥ 0.97; per seed {each}) | "
         f"mean {cells}; runs {', '.join(runs)} | `results/{path.name}` |")
     print(f"{ratios}\nwrote {path}")
 

@@ -10,6 +10,11 @@ cohort the backbone was pretrained on. The head trains on the frozen backbone's 
 with the real engine (the same AdamW, Poisson sampling, per-sample clipping and noise as at a
 site; a DP row's noise multiplier calibrated as a site would) in an in-process FedAvg, and
 each candidate is scored by pooled validation + test MCC of that public federation.
+
+The FedAvg here is a plain in-process weighted mean of head weights, not a Flower
+simulation: the search runs ~40 small federations, ~2 s each, where one Flower run costs
+minutes. Training itself is the project's one engine. Noise is seeded (``secure_mode=False``):
+only public data is touched, and the chosen lr must be reproducible.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from client.engine import Engine, TrainConfig
 from client.privacy.dpsgd import DPSGDConfig, steps_per_epoch
 from medfed.synth.sites import synthesize
 from models import MODELS, TASKS
+from models.tasks import load_backbone
 from models.weights import load_pretrained
 from server.config import ExperimentConfig
 from strategies.accounting import calibrate_noise
@@ -120,7 +126,7 @@ def tune_probe_lr(cfg: ExperimentConfig, backbone_dir: Path, work: Path, plan: P
     synthesize(root, n_sites=3, seed=seed + 2000)
     classes = tuple(cfg.task.class_names)
     backbone = MODELS.build(cfg.model.name, cfg.model_options())
-    backbone.load_state_dict(load_pretrained(backbone_dir)[1], strict=False)
+    load_backbone(backbone, load_pretrained(backbone_dir)[1])    # refuses a mismatched body
     backbone.eval()
     sites, held_out = [], []
     for i in range(3):

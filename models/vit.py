@@ -29,6 +29,7 @@ class ViTConfig:
     mlp_ratio: float = 2.0
     dropout: float = 0.0
     num_classes: int = 3            # 0 = no classification head
+    sequence_fusion: bool = False   # early cross-sequence mixing per patch location (below)
 
     def __post_init__(self):
         if self.spatial_dims not in (2, 3):
@@ -147,6 +148,15 @@ class MultiModalViT(nn.Module):
         # at the same location start out similar, so cross-sequence attention is easy to learn
         # from small hospital datasets. A buffer here, not in TokenEmbedding: Opacus refuses
         # trainable modules that also hold buffers.
+        # Early fusion: at each patch location, an MLP over the embeddings of all sequences
+        # there (absent and hidden ones zeroed) is added to every sequence's token. The class
+        # signal is a per-location relation between sequences (a cyst is T2-bright but
+        # FLAIR-dark); without this, attention must first learn to pair tokens across
+        # sequences, which left the ViT at the label prior for ~30 epochs on the demo task and
+        # made federated training lag pooled training far behind (bench/RESULTS.md).
+        s, d = config.num_sequences, config.dim
+        self.fusion = (nn.Sequential(nn.Linear(s * d, d), nn.GELU(), nn.Linear(d, d))
+                       if config.sequence_fusion else None)
         grid = config.img_size // config.patch_size
         self.register_buffer("pos_embed", sincos_position_embedding(
             config.dim, grid, config.spatial_dims)[None, None], persistent=False)   # [1, 1, N, D]
@@ -196,14 +206,26 @@ class MultiModalViT(nn.Module):
         """
         self.check_input(images)
         patches = patchify(images, self.config.patch_size, self.config.spatial_dims)
-        x = self.tokens(self.patch_embed(patches)
-                        + self.position_embedding(tuple(images.shape[2:])))   # [B, 1+S*N, D]
+        embedded = self.patch_embed(patches)                                # [B, S, N, D]
         attend = self.attention_mask(present, patches.shape[2], hidden)
+        if self.fusion is not None:
+            embedded = embedded + self.fuse(embedded, attend[:, 1:])
+        x = self.tokens(embedded + self.position_embedding(tuple(images.shape[2:])))
         for block in self.blocks:
             x = block(x, attend)
             if collect is not None:
                 collect.append(x)
         return self.norm(x)
+
+    def fuse(self, embedded: Tensor, visible: Tensor) -> Tensor:
+        """``[B, S, N, D]`` patch embeddings, ``visible [B, S*N]`` -> ``[B, 1, N, D]``.
+
+        Tokens that are not visible (absent sequences, MAE's hidden patches) are zeroed
+        before mixing, so their content reaches no other token this way either.
+        """
+        b, s, n, d = embedded.shape
+        kept = embedded * visible.reshape(b, s, n, 1).to(embedded.dtype)
+        return self.fusion(kept.transpose(1, 2).reshape(b, n, s * d))[:, None]
 
     def forward(self, images: Tensor, present: Tensor) -> Tensor:
         """Class logits ``[B, num_classes]`` from the pooled tokens."""

@@ -24,8 +24,10 @@ from tests.conftest import CLASSES
 
 SMALL = ViTConfig(dim=32, depth=2, heads=2, img_size=32, patch_size=8)   # 65 tokens, narrow:
 # every Linear materialises g_i^T a_i. WIDE (17 tokens, wide layers): every Linear with more
-# than one token takes the ghost-norm path, input Gram taken in the forward hook.
-WIDE = ViTConfig(dim=96, depth=2, heads=2, img_size=16, patch_size=8)
+# than one token takes the ghost-norm path, input Gram taken in the forward hook; it has the
+# cross-sequence fusion MLP of the production config (SMALL leaves it out: its wide input
+# would take the ghost path and SMALL would no longer test the direct one alone).
+WIDE = ViTConfig(dim=96, depth=2, heads=2, img_size=16, patch_size=8, sequence_fusion=True)
 TINY_OPTIONS = {"dim": 32, "depth": 1, "heads": 2, "img_size": 32, "patch_size": 8}
 N = 6
 ATOL = 1e-10          # float64 throughout; observed differences are ~1e-14

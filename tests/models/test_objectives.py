@@ -15,7 +15,8 @@ from models import TASKS
 from models.mae import MultiModalMAE, random_masking
 from models.tasks import MultiLabelTask, batch_coupling, build, finding_targets, frozen_keys
 
-TINY = {"dim": 32, "depth": 1, "heads": 2, "img_size": 32, "patch_size": 8, "num_classes": 3}
+TINY = {"dim": 32, "depth": 1, "heads": 2, "img_size": 32, "patch_size": 8, "num_classes": 3,
+        "sequence_fusion": True}
 TINY_3D = TINY | {"spatial_dims": 3, "img_size": 32, "patch_size": 16}
 # Every task the project registers (tests may register throwaway ones), plus the
 # fine-tuning modes that change what trains.

@@ -22,7 +22,7 @@ TORCH_WEIGHTS_FILE = "pytorch_model.bin"
 MODEL_TYPE = "medfed-mmvit"
 # Fields that change the backbone's weights; a pretrained backbone must agree on all of them.
 ARCHITECTURE = ("spatial_dims", "img_size", "patch_size", "num_sequences", "dim", "depth",
-                "heads", "mlp_ratio")
+                "heads", "mlp_ratio", "sequence_fusion")
 
 
 class PretrainedError(ValueError):
@@ -74,7 +74,8 @@ def load_pretrained(directory: str | Path) -> tuple[dict, dict[str, Tensor]]:
 def check_compatible(saved: dict, options: dict) -> None:
     """Refuse a backbone whose architecture differs from the configured model's."""
     ours = dataclasses.asdict(ViTConfig(**options))
-    theirs = saved.get("config", {})
+    # A field newer than the saved config (e.g. sequence_fusion) had its default when it was saved.
+    theirs = dataclasses.asdict(ViTConfig()) | saved.get("config", {})
     different = {k: (theirs.get(k), ours[k]) for k in ARCHITECTURE if theirs.get(k) != ours[k]}
     if different:
         raise PretrainedError("pretrained backbone does not match model.options: " + ", ".join(

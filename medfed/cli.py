@@ -61,8 +61,11 @@ def cmd_synth(args) -> int:
 def cmd_ingest(args) -> int:
     from client.data.site import load_site
 
-    classes = tuple(args.classes.split(",")) if args.classes else None
-    data = load_site(Path(args.data_dir), classes)
+    if args.findings:       # multi-label: findings.csv, counted per finding
+        data = load_site(Path(args.data_dir), tuple(args.findings.split(",")), multi_label=True)
+    else:
+        classes = tuple(args.classes.split(",")) if args.classes else None
+        data = load_site(Path(args.data_dir), classes)
     report = data.report.as_dict() | {"manifest_fingerprint": data.fingerprint}
     if args.json:
         print(json.dumps(report, indent=2, sort_keys=True))
@@ -70,7 +73,8 @@ def cmd_ingest(args) -> int:
     print(f"files: {report['files']}   images read: {report['images']}   "
           f"studies: {report['studies']}   fingerprint: {data.fingerprint}")
     for title, key in (("skipped files", "skipped"), ("studies per sequence", "sequences"),
-                       ("studies missing a sequence", "studies_missing"), ("labels", "labels"),
+                       ("studies missing a sequence", "studies_missing"),
+                       ("findings" if args.findings else "labels", "labels"),
                        ("studies per split", "splits")):
         counts = report[key]
         print(f"{title}: " + (", ".join(f"{k}={v}" for k, v in sorted(counts.items())) or "none"))
@@ -405,7 +409,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("ingest", help="validate a site directory and report counts")
     p.add_argument("--data-dir", required=True)
-    p.add_argument("--classes", help="comma-separated label vocabulary (default: any)")
+    labels = p.add_mutually_exclusive_group()
+    labels.add_argument("--classes", help="comma-separated label vocabulary (default: any)")
+    labels.add_argument("--findings", help="comma-separated finding names: count findings.csv "
+                        "(multi-label, e.g. task=findings3) instead of labels.csv")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_ingest)
 

@@ -1,5 +1,6 @@
 """Bad input at the command line: one clear error line, a non-zero exit, nothing written."""
 
+import json
 import shutil
 
 import pytest
@@ -17,6 +18,21 @@ def test_ingest_reports_counts(tiny_sites, capsys):
     code, out, _ = _run(capsys, "ingest", "--data-dir", str(tiny_sites / "site-1"))
     assert code == 0
     assert "skipped files:" in out and "non_image=1" in out and "not_dicom=1" in out
+
+
+def test_ingest_counts_findings_for_multi_label_sites(tiny_sites, capsys):
+    names = "contrast_enhancement,necrosis,oedema"
+    code, out, _ = _run(capsys, "ingest", "--data-dir", str(tiny_sites / "site-0"),
+                        "--findings", names)
+    assert code == 0
+    line = next(l for l in out.splitlines() if l.startswith("findings: "))
+    counts = dict(kv.split("=") for kv in line.removeprefix("findings: ").split(", "))
+    assert set(counts) <= set(names.split(",")) | {"no_finding", "unlabelled"}
+    assert int(counts.get("oedema", 0)) > 0 and "unknown_label" not in counts
+    # a vocabulary lacking a finding the site has: those rows are counted, not guessed
+    code, out, _ = _run(capsys, "ingest", "--data-dir", str(tiny_sites / "site-0"),
+                        "--findings", "necrosis,oedema", "--json")
+    assert code == 0 and json.loads(out)["labels"]["unknown_label"] > 0
 
 
 @pytest.mark.parametrize("setup, message", [

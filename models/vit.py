@@ -144,10 +144,6 @@ class MultiModalViT(nn.Module):
         # small sites while a CNN learned the same task.
         self.patch_embed = nn.Sequential(nn.Linear(config.patch_dim, config.dim), nn.GELU(),
                                          nn.Linear(config.dim, config.dim))
-        # Fixed sin-cos positions, identical for every sequence: tokens of different sequences
-        # at the same location start out similar, so cross-sequence attention is easy to learn
-        # from small hospital datasets. A buffer here, not in TokenEmbedding: Opacus refuses
-        # trainable modules that also hold buffers.
         # Early fusion: at each patch location, an MLP over the embeddings of all sequences
         # there (absent and hidden ones zeroed) is added to every sequence's token. The class
         # signal is a per-location relation between sequences (a cyst is T2-bright but
@@ -157,6 +153,10 @@ class MultiModalViT(nn.Module):
         s, d = config.num_sequences, config.dim
         self.fusion = (nn.Sequential(nn.Linear(s * d, d), nn.GELU(), nn.Linear(d, d))
                        if config.sequence_fusion else None)
+        # Fixed sin-cos positions, identical for every sequence: tokens of different sequences
+        # at the same location start out similar, so cross-sequence attention is easy to learn
+        # from small hospital datasets. A buffer here, not in TokenEmbedding: Opacus refuses
+        # trainable modules that also hold buffers.
         grid = config.img_size // config.patch_size
         self.register_buffer("pos_embed", sincos_position_embedding(
             config.dim, grid, config.spatial_dims)[None, None], persistent=False)   # [1, 1, N, D]

@@ -13,7 +13,7 @@ For each alpha, side by side in one run:
 ``best_over_pooled_alpha_0_5`` = best global strategy's external MCC / pooled external MCC.
 
     python -m bench.heterogeneity [--rounds 40] [--local-epochs 4] [--patients 120]
-                                  [--alphas 0.1,0.5,10]
+                                  [--alphas 0.1,0.5,10] [--seeds 0,1,2] [--arms ...] [--name ...]
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ GLOBAL = {"fedavg": ["strategy=personalized"],
           "fedavg_la_decorr": ["strategy=fedavg", "task.options.logit_adjustment=1.0",
                                "task.options.feature_decorrelation=0.1"],
           "fedprox": ["strategy=fedprox"], "fedadam": ["strategy=fedadam"]}
+ARMS = (*GLOBAL, "personalized", "fedbn", "pooled")
 
 
 class LastRound:
@@ -86,18 +87,21 @@ def pooled(cfg: ExperimentConfig, root: Path, epochs: int, external: StudyDatase
             "site_test_mcc": engine.evaluate(model, test)["mcc"]}
 
 
-def run_alpha(alpha: float, args, work: Path) -> dict:
-    root = work / f"alpha-{alpha}"
-    synthesize(root, n_sites=SITES, seed=args.seed, external=True,
+def run_alpha(alpha: float, seed: int, args, work: Path) -> dict:
+    root = work / f"seed-{seed}-alpha-{alpha}"
+    synthesize(root, n_sites=SITES, seed=seed, external=True,
                scenario=Scenario(alpha=alpha, patients=args.patients))
     base = [f"data.root={root}", f"runs_dir={work / 'runs'}", f"federation.num_sites={SITES}",
             f"federation.num_rounds={args.rounds}", f"train.local_epochs={args.local_epochs}",
-            "tracking.log_models=false", f"seed={args.seed}"]
+            "tracking.log_models=false", f"seed={seed}"]
     cfg = load_experiment(base)
     external = StudyDataset(load_site(root / "external", tuple(cfg.task.class_names)).studies,
                             cfg.task.image_size)
+    arms = args.arms.split(",")
     table: dict[str, dict] = {}
     for name, override in GLOBAL.items():
+        if name not in arms and not (name == "fedavg" and "personalized" in arms):
+            continue
         run_cfg = load_experiment([*base, *override])
         last = LastRound()
         run_dir = simulate(run_cfg, observers=(last,))
@@ -105,15 +109,53 @@ def run_alpha(alpha: float, args, work: Path) -> dict:
                        "site_test_mcc": last.test.get("mcc")}
         if name == "fedavg":
             table["personalized"] = {"external_mcc": None, "site_test_mcc": last.personal.get("mcc")}
-        print(f"alpha {alpha}: {name:12s} {table[name]}", flush=True)
-    fedbn_cfg = load_experiment([*base, "strategy=fedbn"])
-    last = LastRound()
-    simulate(fedbn_cfg, observers=(last,))
-    table["fedbn"] = {"external_mcc": None, "site_test_mcc": last.test.get("mcc")}
-    table["pooled"] = pooled(cfg, root, args.rounds * args.local_epochs, external)
+        print(f"seed {seed} alpha {alpha}: {name:12s} {table[name]}", flush=True)
+    if "fedbn" in arms:
+        fedbn_cfg = load_experiment([*base, "strategy=fedbn"])
+        last = LastRound()
+        simulate(fedbn_cfg, observers=(last,))
+        table["fedbn"] = {"external_mcc": None, "site_test_mcc": last.test.get("mcc")}
+    if "pooled" in arms:
+        table["pooled"] = pooled(cfg, root, args.rounds * args.local_epochs, external)
     for name in ("personalized", "fedbn", "pooled"):
-        print(f"alpha {alpha}: {name:12s} {table[name]}", flush=True)
+        if name in table:
+            print(f"seed {seed} alpha {alpha}: {name:12s} {table[name]}", flush=True)
     return table
+
+
+def mean_table(tables: list[dict]) -> dict:
+    """Each arm's figures averaged over seeds (None where an arm has no such figure)."""
+    out = {}
+    for arm in tables[0]:
+        out[arm] = {}
+        for key in tables[0][arm]:
+            values = [t[arm][key] for t in tables if t[arm][key] is not None]
+            out[arm][key] = sum(values) / len(values) if values else None
+    return out
+
+
+def results(per_seed: dict, args) -> dict:
+    """The JSON payload for the (seed, alpha) runs finished so far: ``tables`` holds each
+    alpha's figures averaged over the seeds that finished it, ``per_seed`` each run."""
+    alphas = {a for runs in per_seed.values() for a in runs}
+    tables = {a: mean_table([runs[a] for runs in per_seed.values() if a in runs])
+              for a in sorted(alphas, key=float)}
+    payload = {"best_over_pooled_alpha_0_5": None, "best_strategy_alpha_0_5": None,
+               "tables": tables, "per_seed": per_seed,
+               "seeds": [int(s) for s in per_seed], "sites": SITES, "rounds": args.rounds,
+               "local_epochs": args.local_epochs, "patients_per_site": args.patients,
+               "arms": args.arms.split(","),
+               "complete": sum(map(len, per_seed.values()))
+               == len(args.seeds.split(",")) * len(args.alphas.split(","))}
+    mid = tables.get("0.5", {})
+    candidates = [n for n in GLOBAL if n in mid]
+    if candidates and mid.get("pooled", {}).get("external_mcc"):
+        best = max(candidates, key=lambda n: mid[n]["external_mcc"])
+        pooled_mcc = mid["pooled"]["external_mcc"]
+        payload["best_strategy_alpha_0_5"] = best
+        payload["best_over_pooled_alpha_0_5"] = (mid[best]["external_mcc"] / pooled_mcc
+                                                 if pooled_mcc > 0 else None)
+    return payload
 
 
 def main() -> None:
@@ -121,30 +163,46 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--local-epochs", type=int, default=4)
     parser.add_argument("--patients", type=int, default=120)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", "--seed", default="0",
+                        help="comma-separated; each seed draws new sites and a new model init, "
+                             "and the tables average over them")
     parser.add_argument("--alphas", default=",".join(str(a) for a in ALPHAS),
                         help="comma-separated; must include 0.5 for the headline ratio")
+    parser.add_argument("--arms", default=",".join(ARMS),
+                        help=f"comma-separated subset of {', '.join(ARMS)}")
+    parser.add_argument("--name", default="heterogeneity",
+                        help="results name (bench/results/<name>.json, RESULTS.md row)")
     args = parser.parse_args()
+    unknown = set(args.arms.split(",")) - set(ARMS)
+    if unknown:
+        raise SystemExit(f"unknown arms {sorted(unknown)}; choose from {', '.join(ARMS)}")
     logging.basicConfig(level=logging.WARNING)
+    per_seed: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="medfed-hetero-") as tmp:
-        tables = {str(float(a)): run_alpha(float(a), args, Path(tmp))
-                  for a in args.alphas.split(",")}
-    mid = tables["0.5"]
-    best_name = max(GLOBAL, key=lambda n: mid[n]["external_mcc"])
-    pooled_mcc = mid["pooled"]["external_mcc"]
-    ratio = mid[best_name]["external_mcc"] / pooled_mcc if pooled_mcc > 0 else None
-    payload = {"best_over_pooled_alpha_0_5": ratio, "best_strategy_alpha_0_5": best_name,
-               "tables": tables, "sites": SITES, "rounds": args.rounds,
-               "local_epochs": args.local_epochs, "patients_per_site": args.patients}
-    path = write_result("heterogeneity", payload)
-    print(f"best at alpha 0.5: {best_name}, external MCC {mid[best_name]['external_mcc']:.3f} "
-          f"vs pooled {pooled_mcc:.3f} -> ratio {ratio}")
+        for seed in args.seeds.split(","):
+            for alpha in args.alphas.split(","):
+                table = run_alpha(float(alpha), int(seed), args, Path(tmp))
+                per_seed.setdefault(seed, {})[str(float(alpha))] = table
+                # after every run, so that a stopped bench keeps what it measured
+                write_result(args.name, results(per_seed, args))
+    payload = results(per_seed, args)
+    path = write_result(args.name, payload)
+    best_name, ratio = payload["best_strategy_alpha_0_5"], payload["best_over_pooled_alpha_0_5"]
+    tables = payload["tables"]
+    if ratio is not None:
+        print(f"best at alpha 0.5: {best_name}, external MCC "
+              f"{tables['0.5'][best_name]['external_mcc']:.3f} vs pooled "
+              f"{tables['0.5']['pooled']['external_mcc']:.3f} -> ratio {ratio:.3f}")
+    shown = [n for n in (*GLOBAL, "pooled") if n in args.arms.split(",")]
     cells = "; ".join(f"α={a}: " + ", ".join(
-        f"{n} {t[n]['external_mcc']:.2f}" for n in (*GLOBAL, "pooled")) for a, t in tables.items())
+        f"{n} {t[n]['external_mcc']:.2f}" for n in shown) for a, t in tables.items())
+    seeds = payload["seeds"]
+    seeds_cell = f"seed {seeds[0]}" if len(seeds) == 1 else f"mean of seeds {', '.join(map(str, seeds))}"
     update_results_md(
-        "heterogeneity", f"| heterogeneity | best/pooled external MCC at α=0.5: "
+        args.name, f"| {args.name} | best/pooled external MCC at α=0.5: "
         f"{'n/a' if ratio is None else f'{ratio:.2f}'} ({best_name}) | external MCC {cells}; "
-        f"{SITES} sites, {args.rounds} rounds x {args.local_epochs} epochs | `results/{path.name}` |")
+        f"{SITES} sites, {args.rounds} rounds x {args.local_epochs} epochs, {seeds_cell} | "
+        f"`results/{path.name}` |")
     print(f"wrote {path}")
 
 

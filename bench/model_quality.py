@@ -114,6 +114,31 @@ def clip_cell(clip: dict | None) -> str:
             f"{u.get('auroc', float('nan')):.2f}")
 
 
+def results(table: dict, args: argparse.Namespace, n_labelled: list[int]) -> dict:
+    """The JSON payload for the arms finished so far."""
+    payload = {
+        "external_mcc": {a: table[a]["external_mcc"] for a in table},
+        "external_mcc_missing_one": {a: table[a]["external_mcc_missing_one"] for a in table},
+        "local_only_per_site": table.get("local_only", {}).get("per_site"),
+        "labelled_training_studies_per_site": n_labelled, "label_fraction": args.label_fraction,
+        "sites": SITES, "rounds": args.rounds, "pretrain_rounds": args.pretrain_rounds,
+        "local_epochs": args.local_epochs, "pretrain_epochs": args.pretrain_epochs,
+        "patients_per_site": args.patients, "seed": args.seed,
+        "finetune_mode": args.finetune_mode, "finetune_lr": args.finetune_lr,
+        "arms_requested": args.arms.split(","),
+        "complete": set(table) == set(args.arms.split(",")),
+    }
+    if "clip" in table:
+        payload["clip_external"] = table["clip"]["clip_external"]
+    mcc = payload["external_mcc"]
+    fed = [a for a in ("supervised", *PRETRAINED) if a in mcc]
+    if "pooled" in mcc and mcc["pooled"] > 0 and fed:
+        best = max(fed, key=mcc.get)
+        payload["best_federated_over_pooled"] = mcc[best] / mcc["pooled"]
+        payload["best_federated"] = best
+    return payload
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=10, help="fine-tuning rounds")
@@ -151,6 +176,7 @@ def main() -> None:
         labelled = [label_subset(load_site(root / f"site-{i}", classes)
                                  .split("train", labelled_only=True), args.label_fraction)
                     for i in range(SITES)]
+        n_labelled = [len(site) for site in labelled]
         epochs = args.rounds * args.local_epochs
         table: dict[str, dict] = {}
         for arm in arms:
@@ -177,25 +203,10 @@ def main() -> None:
             if "clip_external" in table[arm]:
                 print(f"{'':11s} CLIP on the external site: {table[arm]['clip_external']}",
                       flush=True)
-    n_labelled = [len(site) for site in labelled]
-    payload = {
-        "external_mcc": {a: table[a]["external_mcc"] for a in table},
-        "external_mcc_missing_one": {a: table[a]["external_mcc_missing_one"] for a in table},
-        "local_only_per_site": table.get("local_only", {}).get("per_site"),
-        "labelled_training_studies_per_site": n_labelled, "label_fraction": args.label_fraction,
-        "sites": SITES, "rounds": args.rounds, "pretrain_rounds": args.pretrain_rounds,
-        "local_epochs": args.local_epochs, "pretrain_epochs": args.pretrain_epochs,
-        "patients_per_site": args.patients, "seed": args.seed,
-        "finetune_mode": args.finetune_mode, "finetune_lr": args.finetune_lr,
-    }
-    if "clip" in table:
-        payload["clip_external"] = table["clip"]["clip_external"]
+            # after every arm, so that a stopped run keeps what it measured ("complete": false)
+            write_result(args.name, results(table, args, n_labelled))
+    payload = results(table, args, n_labelled)
     mcc = payload["external_mcc"]
-    fed = [a for a in ("supervised", *PRETRAINED) if a in mcc]
-    if "pooled" in mcc and mcc["pooled"] > 0 and fed:
-        best = max(fed, key=mcc.get)
-        payload["best_federated_over_pooled"] = mcc[best] / mcc["pooled"]
-        payload["best_federated"] = best
     path = write_result(args.name, payload)
     cells = ", ".join(f"{a} {mcc[a]:.2f}/{payload['external_mcc_missing_one'][a]:.2f}"
                       for a in table)

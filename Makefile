@@ -30,8 +30,10 @@ demo: $(STAMP) $(DATA)/site-0
 	$(BIN)/medfed ingest --data-dir $(DATA)/site-1
 	$(BIN)/medfed simulate experiment=demo data.root=$(DATA) federation.external_sites=true
 
+# Two workers, one test file each at a time (module fixtures and in-file order stay
+# together): the multi-process tests mostly wait on process start-up and heartbeats.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.framework_overhead

@@ -125,7 +125,7 @@ def results(table: dict, args: argparse.Namespace, n_labelled: list[int]) -> dic
         "local_epochs": args.local_epochs, "pretrain_epochs": args.pretrain_epochs,
         "patients_per_site": args.patients, "seed": args.seed,
         "finetune_mode": args.finetune_mode, "finetune_lr": args.finetune_lr,
-        "arms_requested": args.arms.split(","),
+        "overrides": args.override, "arms_requested": args.arms.split(","),
         "complete": set(table) == set(args.arms.split(",")),
     }
     if "clip" in table:
@@ -153,6 +153,9 @@ def main() -> None:
                         help="fine-tuning mode of the pretrained arms (ii) and (iii)")
     parser.add_argument("--finetune-lr", type=float, default=None,
                         help="fine-tuning learning rate of the pretrained arms (default: train.lr)")
+    parser.add_argument("--override", action="append", default=[],
+                        help="a Hydra override for every arm (repeatable), e.g. "
+                             "task.options.sequence_dropout=0.5")
     parser.add_argument("--name", default="model_quality",
                         help="results name (bench/results/<name>.json, RESULTS.md row)")
     args = parser.parse_args()
@@ -165,7 +168,8 @@ def main() -> None:
         base = [f"data.root={root}", f"runs_dir={Path(tmp) / 'runs'}",
                 f"federation.num_sites={SITES}", f"federation.num_rounds={args.rounds}",
                 f"train.local_epochs={args.local_epochs}", "tracking.log_models=false",
-                f"task.options.label_fraction={args.label_fraction}", f"seed={args.seed}"]
+                f"task.options.label_fraction={args.label_fraction}", f"seed={args.seed}",
+                *args.override]
         pre = [f"pretrain.num_rounds={args.pretrain_rounds}",
                f"pretrain.local_epochs={args.pretrain_epochs}"]
         cfg = load_experiment(base)
@@ -216,7 +220,8 @@ def main() -> None:
         f"{'n/a' if ratio is None else f'{ratio:.2f}'} ({payload.get('best_federated', '-')}) | "
         f"external MCC all/missing-one: {cells}; {SITES} sites, {args.label_fraction:.0%} labels "
         f"({sum(n_labelled)} labelled studies), {args.pretrain_rounds}+{args.rounds} rounds, "
-        f"fine-tuning {args.finetune_mode}{clip_cell(payload.get('clip_external'))} | "
+        f"fine-tuning {args.finetune_mode}{''.join(f', {o}' for o in args.override)}"
+        f"{clip_cell(payload.get('clip_external'))} | "
         f"`results/{path.name}` |")
 
 

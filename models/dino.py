@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .registry import TASKS
-from .tasks import ClassificationConfig, ClassificationTask, StepOutput
+from .tasks import ClassificationConfig, ClassificationTask, StepOutput, drop_one_sequence
 from .vit import MultiModalViT, _init_weights
 
 
@@ -140,20 +140,6 @@ def random_resized_crop(images: Tensor, size: int, scale: tuple[float, float],
     grid = F.affine_grid(theta, [b, s, *([size] * dims)], align_corners=False)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros",
                          align_corners=False)
-
-
-def drop_one_sequence(images: Tensor, present: Tensor, prob: float,
-                      generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-    """Full-modality masking: zero one random present sequence of samples with >= 2."""
-    b, s = present.shape
-    drop = (torch.rand(b, device=present.device, generator=generator) < prob) \
-        & (present.sum(1) >= 2)
-    score = torch.rand(b, s, device=present.device, generator=generator)
-    score = score.masked_fill(~present.bool(), -1)
-    which = F.one_hot(score.argmax(1), s).bool() & drop[:, None]        # [B, S]
-    keep = present.bool() & ~which
-    shape = (b, s) + (1,) * (images.ndim - 2)
-    return images * keep.reshape(shape).to(images.dtype), keep
 
 
 def blank_patches(images: Tensor, patch: int, ratio: float,

@@ -39,6 +39,8 @@ def check_finetuning(config) -> None:
         raise ValueError("lora_rank must be >= 1 and lora_alpha > 0")
     if not 0.0 < config.label_fraction <= 1.0:
         raise ValueError(f"label_fraction must be in (0, 1], got {config.label_fraction}")
+    if not 0.0 <= config.sequence_dropout <= 1.0:
+        raise ValueError(f"sequence_dropout must be in [0, 1], got {config.sequence_dropout}")
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,10 @@ class ClassificationConfig:
     lora_rank: int = 4
     lora_alpha: float = 8.0
     label_fraction: float = 1.0       # fraction of each site's labelled training studies used
+    # p in [0, 1]: while training, each sample with >= 2 present sequences loses one of them
+    # (zeroed, present=False) with probability p - how a missing sequence looks at inference
+    # (MM-DINOv2's full-modality masking, for supervised training). Per sample: DP-SGD safe.
+    sequence_dropout: float = 0.0
     # tau >= 0: train on logits + tau * log(pi_site), pi_site = the site's own training label
     # frequencies (balanced softmax / FedLC-style logit adjustment against label skew);
     # predictions use the raw logits. 0 = off. Refused under DP-SGD (see private_state).
@@ -79,6 +85,7 @@ class MultiLabelConfig:
     lora_alpha: float = 8.0
     label_fraction: float = 1.0       # fraction of each site's labelled training studies used
     threshold: float = 0.5            # a finding is predicted present at probability >= this
+    sequence_dropout: float = 0.0     # as for classification
 
     def __post_init__(self):
         if self.num_classes < 1 or self.num_classes > 62:
@@ -93,6 +100,29 @@ def finding_targets(labels: Tensor | np.ndarray, num_findings: int):
     if isinstance(labels, np.ndarray):
         return (labels[:, None] >> np.arange(num_findings)) & 1
     return (labels[:, None] >> torch.arange(num_findings, device=labels.device)) & 1
+
+
+def drop_one_sequence(images: Tensor, present: Tensor, prob: float,
+                      generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """Full-modality masking: zero one random present sequence of samples with >= 2."""
+    b, s = present.shape
+    drop = (torch.rand(b, device=present.device, generator=generator) < prob) \
+        & (present.sum(1) >= 2)
+    score = torch.rand(b, s, device=present.device, generator=generator)
+    score = score.masked_fill(~present.bool(), -1)
+    which = F.one_hot(score.argmax(1), s).bool() & drop[:, None]        # [B, S]
+    keep = present.bool() & ~which
+    shape = (b, s) + (1,) * (images.ndim - 2)
+    return images * keep.reshape(shape).to(images.dtype), keep
+
+
+def training_view(batch: dict[str, Tensor], sequence_dropout: float,
+                  training: bool) -> tuple[Tensor, Tensor]:
+    """The images and present mask a head task trains on: ``sequence_dropout`` applied while
+    training, the batch as is otherwise."""
+    if training and sequence_dropout > 0:
+        return drop_one_sequence(batch["image"], batch["present"], sequence_dropout)
+    return batch["image"], batch["present"]
 
 
 def batch_coupling(task_name: str, task_options: dict | None = None) -> str | None:
@@ -232,12 +262,12 @@ class ClassificationTask:
 
     def step(self, model: nn.Module, batch: dict[str, Tensor]) -> StepOutput:
         beta = self.config.feature_decorrelation if model.training else 0.0
+        images, present = training_view(batch, self.config.sequence_dropout, model.training)
         if beta:
-            features = model.pool(model.forward_features(batch["image"], batch["present"]),
-                                  batch["present"])
+            features = model.pool(model.forward_features(images, present), present)
             logits = model.head(features)
         else:
-            logits = model(batch["image"], batch["present"])
+            logits = model(images, present)
         labels = batch["label"]
         scores = logits.float()
         tau = self.config.logit_adjustment
@@ -289,7 +319,8 @@ class MultiLabelTask:
         return wrap_for_finetuning(backbone, self.config)
 
     def step(self, model: nn.Module, batch: dict[str, Tensor]) -> StepOutput:
-        logits = model(batch["image"], batch["present"]).float()
+        images, present = training_view(batch, self.config.sequence_dropout, model.training)
+        logits = model(images, present).float()
         targets = finding_targets(batch["label"], self.config.num_classes).float()
         loss = F.binary_cross_entropy_with_logits(logits, targets)
         acc = ((logits >= 0).float() == targets).float().mean().item()

@@ -149,12 +149,12 @@ def results(per_seed: dict, args) -> dict:
                == len(args.seeds.split(",")) * len(args.alphas.split(","))}
     mid = tables.get("0.5", {})
     candidates = [n for n in GLOBAL if n in mid]
-    if candidates and mid.get("pooled", {}).get("external_mcc"):
+    if candidates:
         best = max(candidates, key=lambda n: mid[n]["external_mcc"])
-        pooled_mcc = mid["pooled"]["external_mcc"]
         payload["best_strategy_alpha_0_5"] = best
-        payload["best_over_pooled_alpha_0_5"] = (mid[best]["external_mcc"] / pooled_mcc
-                                                 if pooled_mcc > 0 else None)
+        pooled_mcc = mid.get("pooled", {}).get("external_mcc")
+        if pooled_mcc is not None and pooled_mcc > 0:    # no ratio to a pooled model at chance
+            payload["best_over_pooled_alpha_0_5"] = mid[best]["external_mcc"] / pooled_mcc
     return payload
 
 

@@ -40,3 +40,9 @@ def test_a_partial_run_says_so_and_has_no_ratio_without_alpha_0_5():
     assert not payload["complete"]
     assert payload["best_over_pooled_alpha_0_5"] is None
     assert payload["tables"]["10.0"]["fedavg_la_decorr"]["external_mcc"] == pytest.approx(0.7)
+
+
+def test_a_pooled_model_at_chance_gives_no_ratio_but_still_a_best_strategy():
+    payload = results({"0": {"0.5": _run(0.4, 0.7, 0.0, 0.9)}}, _args("0", "0.5"))
+    assert payload["best_strategy_alpha_0_5"] == "fedavg_la_decorr"
+    assert payload["best_over_pooled_alpha_0_5"] is None

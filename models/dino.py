@@ -10,8 +10,13 @@ One step, per batch of studies ``image [B, S, *spatial]`` with ``present [B, S]`
    each global crop and the student's prototypes of every other crop;
 4. **iBOT loss** - random patches of the student's global crops are blanked; the student
    predicts the teacher's patch prototypes there;
-5. **semi-supervised loss** - cross-entropy of the backbone's class head on labelled samples
-   (``label >= 0``); unlabelled studies (``label == -1``) only feed 3-4.
+5. **semi-supervised loss** - cross-entropy of the backbone's class head on the labelled
+   samples (``label >= 0``), averaged over them (not over the batch, so 10% of labels do not
+   weigh 10x less), on the studies as given: no crop, no blanked patch, no removed sequence.
+   A crop can cut the lesion out and a removed sequence can remove the evidence (the
+   synthetic classes are relations between sequences), so on a corrupted view the label
+   would often be wrong; the first version did that and fine-tuned from it worse than from
+   random init. Unlabelled studies (``label == -1``) only feed 3-4.
 
 The teacher, its two centres and the optimizer state are site state (``site_state``): they
 never leave the site. Only the student (backbone + projection heads) is aggregated.
@@ -264,7 +269,7 @@ class MMDINOTask(ClassificationTask):
                 t_patch_probs = [F.softmax((x - self.patch_center) / c.teacher_temp, -1)
                                  for x in t_patch]
 
-        dino_terms, ibot_terms, koleo_terms, logits = [], [], [], None
+        dino_terms, ibot_terms, koleo_terms = [], [], []
         for i, crop in enumerate(globals_ + locals_):
             crop, keep = drop_one_sequence(crop, present, c.modality_mask_prob)
             is_global = i < 2
@@ -283,8 +288,6 @@ class MMDINOTask(ClassificationTask):
                 ibot_terms.append((per_patch * m).sum(1) / m.sum(1).clamp(min=1))
             if is_global and c.koleo_weight > 0 and tokens.shape[0] > 1:
                 koleo_terms.append(koleo_loss(tokens[:, 0]))
-            if i == 0:
-                logits = backbone.head(backbone.pool(tokens, keep))
         loss = torch.stack(dino_terms).mean(0)                                # [B]
         if ibot_terms:
             loss = loss + c.ibot_weight * torch.stack(ibot_terms).mean(0)
@@ -295,13 +298,14 @@ class MMDINOTask(ClassificationTask):
             metrics["koleo_loss"] = float(koleo.detach().mean())
         labels = batch["label"]
         labelled = labels >= 0
-        if labelled.any() and c.supervised_weight > 0:
-            ce = F.cross_entropy(logits.float()[labelled], labels[labelled],
-                                 label_smoothing=c.label_smoothing, reduction="sum")
-            loss = loss.mean() + c.supervised_weight * ce / labels.numel()
+        loss = loss.mean()
+        if labelled.any() and c.supervised_weight > 0:   # the labelled studies, uncorrupted
+            logits = backbone(images[labelled], present[labelled])
+            ce = F.cross_entropy(logits.float(), labels[labelled],
+                                 label_smoothing=c.label_smoothing)
+            loss = loss + c.supervised_weight * ce
             metrics["labelled_fraction"] = float(labelled.float().mean())
-        else:
-            loss = loss.mean()
+            metrics["supervised_loss"] = float(ce.detach())
 
         with torch.no_grad():        # centring state: EMA of the teacher's batch means
             m = c.center_momentum

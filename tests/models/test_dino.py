@@ -7,8 +7,10 @@ import math
 import pytest
 import torch
 
-from models.dino import DINOConfig, ProjectionHead, koleo_loss, sinkhorn_knopp
-from models.vit import _init_weights
+import torch.nn.functional as F
+
+from models.dino import DINOConfig, MMDINOTask, ProjectionHead, koleo_loss, sinkhorn_knopp
+from models.vit import MultiModalViT, ViTConfig, _init_weights
 
 
 def test_prototype_scores_are_cosines_whatever_the_prototypes_norm():
@@ -61,3 +63,26 @@ def test_koleo_penalises_clustered_features_and_pushes_them_apart():
 def test_bad_centring_options_are_refused(options):
     with pytest.raises(ValueError):
         DINOConfig(**options)
+
+
+def test_semi_supervised_loss_is_the_mean_cross_entropy_on_the_uncorrupted_labelled_studies():
+    # crops, blanked patches and a removed sequence can take the lesion out of the view, so the
+    # class head learns from the studies as given; the mean runs over the labelled ones only
+    torch.manual_seed(3)
+    backbone = MultiModalViT(ViTConfig(dim=32, depth=1, heads=2, img_size=32, patch_size=8,
+                                       num_classes=3, sequence_fusion=True))
+    task = MMDINOTask(DINOConfig(local_crops=1, supervised_weight=2.0))
+    model = task.wrap(backbone)
+    present = torch.ones(8, 4, dtype=torch.bool)
+    present[0, 3] = False
+    images = torch.randn(8, 4, 32, 32) * present[:, :, None, None]
+    labels = torch.tensor([0, 1, 2, -1, -1, -1, -1, -1])
+
+    def loss(label):
+        torch.manual_seed(4)                        # the same crops and masks both times
+        return task.step(model, {"image": images, "present": present, "label": label}).loss
+
+    unlabelled = loss(torch.full_like(labels, -1))
+    labelled = loss(labels)
+    expected = F.cross_entropy(model.backbone(images[:3], present[:3]), labels[:3])
+    assert torch.allclose(labelled - unlabelled, 2.0 * expected, atol=1e-5)

@@ -44,6 +44,8 @@ GLOBAL = {"fedavg": ["strategy=personalized"],
           "fedavg_logit_adjusted": ["strategy=fedavg", "task.options.logit_adjustment=1.0"],
           "fedavg_la_decorr": ["strategy=fedavg", "task.options.logit_adjustment=1.0",
                                "task.options.feature_decorrelation=0.1"],
+          "fedavgm_la_decorr": ["strategy=fedavgm", "task.options.logit_adjustment=1.0",
+                                "task.options.feature_decorrelation=0.1"],
           "fedprox": ["strategy=fedprox"], "fedadam": ["strategy=fedadam"]}
 ARMS = (*GLOBAL, "personalized", "fedbn", "pooled")
 

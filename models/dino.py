@@ -16,7 +16,13 @@ One step, per batch of studies ``image [B, S, *spatial]`` with ``present [B, S]`
    A crop can cut the lesion out and a removed sequence can remove the evidence (the
    synthetic classes are relations between sequences), so on a corrupted view the label
    would often be wrong; the first version did that and fine-tuned from it worse than from
-   random init. Unlabelled studies (``label == -1``) only feed 3-4.
+   random init;
+6. **pseudo-labels** (``pseudo_label_weight > 0``) - the semi-supervised part that reaches
+   the unlabelled studies' classes: where the EMA teacher's class head is confident
+   (max probability >= ``pseudo_label_threshold``) on an unlabelled study, its argmax is the
+   student's target there (mean-teacher / FixMatch-style self-training; averaged over all
+   unlabelled studies of the batch, so it grows as the teacher grows confident). Without
+   it the unlabelled studies only feed 3-4.
 
 The teacher, its two centres and the optimizer state are site state (``site_state``): they
 never leave the site. Only the student (backbone + projection heads) is aggregated.
@@ -68,6 +74,8 @@ class DINOConfig:
     ibot_weight: float = 1.0
     modality_mask_prob: float = 1.0    # MM-DINOv2 masks one present sequence per sample
     supervised_weight: float = 1.0
+    pseudo_label_weight: float = 1.0   # teacher pseudo-labels on unlabelled studies (0: off)
+    pseudo_label_threshold: float = 0.8
     label_smoothing: float = 0.0
     label_fraction: float = 1.0        # share of each site's labels the semi-supervised loss sees
 
@@ -90,6 +98,11 @@ class DINOConfig:
             raise ValueError("sinkhorn_iterations must be >= 1 and koleo_weight >= 0")
         if not 0 <= self.ibot_mask_ratio < 1 or not 0 <= self.modality_mask_prob <= 1:
             raise ValueError("ibot_mask_ratio must be in [0, 1), modality_mask_prob in [0, 1]")
+        if self.supervised_weight < 0 or self.pseudo_label_weight < 0:
+            raise ValueError("supervised_weight and pseudo_label_weight must be >= 0")
+        if not 1 / self.num_classes <= self.pseudo_label_threshold <= 1:
+            raise ValueError(f"pseudo_label_threshold must be in [1/num_classes, 1], "
+                             f"got {self.pseudo_label_threshold}")
 
 
 class ProjectionHead(nn.Module):
@@ -296,22 +309,42 @@ class MMDINOTask(ClassificationTask):
             koleo = torch.stack(koleo_terms).mean(0)
             loss = loss + c.koleo_weight * koleo
             metrics["koleo_loss"] = float(koleo.detach().mean())
-        labels = batch["label"]
-        labelled = labels >= 0
-        loss = loss.mean()
-        if labelled.any() and c.supervised_weight > 0:   # the labelled studies, uncorrupted
-            logits = backbone(images[labelled], present[labelled])
-            ce = F.cross_entropy(logits.float(), labels[labelled],
-                                 label_smoothing=c.label_smoothing)
-            loss = loss + c.supervised_weight * ce
-            metrics["labelled_fraction"] = float(labelled.float().mean())
-            metrics["supervised_loss"] = float(ce.detach())
+        loss = loss.mean() + self._class_loss(model, teacher, batch, metrics)
 
         with torch.no_grad():        # centring state: EMA of the teacher's batch means
             m = c.center_momentum
             self.center.mul_(m).add_(torch.cat(t_cls).mean(0), alpha=1 - m)
             self.patch_center.mul_(m).add_(torch.cat(t_patch).flatten(0, 1).mean(0), alpha=1 - m)
-        return StepOutput(loss, int(labels.numel()), metrics)
+        return StepOutput(loss, int(batch["label"].numel()), metrics)
+
+    def _class_loss(self, model: DINOStudent, teacher: DINOStudent, batch: dict[str, Tensor],
+                    metrics: dict) -> Tensor:
+        """Semi-supervised terms 5-6 on the studies as given (no crop, no masking)."""
+        c, images, present, labels = self.dino, batch["image"], batch["present"], batch["label"]
+        labelled = labels >= 0
+        use_pseudo = c.pseudo_label_weight > 0 and not labelled.all()
+        rows = torch.ones_like(labelled) if use_pseudo else labelled
+        total = images.new_zeros(())
+        if not rows.any() or (c.supervised_weight == 0 and not use_pseudo):
+            return total
+        logits = model.backbone(images[rows], present[rows]).float()
+        if labelled.any() and c.supervised_weight > 0:
+            ce = F.cross_entropy(logits[labelled[rows]], labels[labelled],
+                                 label_smoothing=c.label_smoothing)
+            total = total + c.supervised_weight * ce
+            metrics["labelled_fraction"] = float(labelled.float().mean())
+            metrics["supervised_loss"] = float(ce.detach())
+        if use_pseudo:
+            unlabelled = ~labelled
+            with torch.no_grad():
+                probs = F.softmax(teacher.backbone(images[unlabelled],
+                                                   present[unlabelled]).float(), dim=-1)
+                confidence, pseudo = probs.max(-1)
+                confident = (confidence >= c.pseudo_label_threshold).float()
+            per_sample = F.cross_entropy(logits[unlabelled[rows]], pseudo, reduction="none")
+            total = total + c.pseudo_label_weight * (per_sample * confident).mean()
+            metrics["pseudo_labelled"] = float(confident.mean())
+        return total
 
     @torch.no_grad()
     def after_step(self, model: DINOStudent) -> None:

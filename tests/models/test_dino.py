@@ -71,7 +71,7 @@ def test_semi_supervised_loss_is_the_mean_cross_entropy_on_the_uncorrupted_label
     torch.manual_seed(3)
     backbone = MultiModalViT(ViTConfig(dim=32, depth=1, heads=2, img_size=32, patch_size=8,
                                        num_classes=3, sequence_fusion=True))
-    task = MMDINOTask(DINOConfig(local_crops=1, supervised_weight=2.0))
+    task = MMDINOTask(DINOConfig(local_crops=1, supervised_weight=2.0, pseudo_label_weight=0))
     model = task.wrap(backbone)
     present = torch.ones(8, 4, dtype=torch.bool)
     present[0, 3] = False
@@ -86,3 +86,34 @@ def test_semi_supervised_loss_is_the_mean_cross_entropy_on_the_uncorrupted_label
     labelled = loss(labels)
     expected = F.cross_entropy(model.backbone(images[:3], present[:3]), labels[:3])
     assert torch.allclose(labelled - unlabelled, 2.0 * expected, atol=1e-5)
+
+
+def test_pseudo_labels_are_the_confident_teacher_predictions_on_unlabelled_studies():
+    torch.manual_seed(5)
+    backbone = MultiModalViT(ViTConfig(dim=32, depth=1, heads=2, img_size=32, patch_size=8,
+                                       num_classes=3, sequence_fusion=True))
+    images, present = torch.randn(6, 4, 32, 32), torch.ones(6, 4, dtype=torch.bool)
+    labels = torch.tensor([1, -1, -1, -1, -1, -1])
+
+    def loss(**options):
+        task = MMDINOTask(DINOConfig(local_crops=1, **options))
+        torch.manual_seed(6)                     # the same projection heads, crops and masks
+        model = task.wrap(backbone)              # first step: the teacher is this model
+        out = task.step(model, {"image": images, "present": present, "label": labels})
+        return out.loss, out.metrics
+
+    off, _ = loss(pseudo_label_weight=0.0)
+    every, metrics = loss(pseudo_label_weight=1.0, pseudo_label_threshold=1 / 3)
+    none, _ = loss(pseudo_label_weight=1.0, pseudo_label_threshold=1.0)
+    logits = backbone(images[1:], present[1:])
+    expected = F.cross_entropy(logits, logits.argmax(-1))     # mean over the 5 unlabelled
+    assert metrics["pseudo_labelled"] == 1.0
+    assert torch.allclose(every - off, expected, atol=1e-5)
+    assert torch.allclose(none, off, atol=1e-6)
+
+
+@pytest.mark.parametrize("options", [{"pseudo_label_threshold": 0.2}, {"pseudo_label_weight": -1},
+                                     {"pseudo_label_threshold": 1.5}])
+def test_bad_pseudo_label_options_are_refused(options):
+    with pytest.raises(ValueError):
+        DINOConfig(**options)

@@ -21,8 +21,13 @@ One step, per batch of studies ``image [B, S, *spatial]`` with ``present [B, S]`
    the unlabelled studies' classes: where the EMA teacher's class head is confident
    (max probability >= ``pseudo_label_threshold``) on an unlabelled study, its argmax is the
    student's target there (mean-teacher / FixMatch-style self-training; averaged over all
-   unlabelled studies of the batch, so it grows as the teacher grows confident). Without
-   it the unlabelled studies only feed 3-4.
+   unlabelled studies of the batch, so it grows as the teacher grows confident). The
+   teacher's probabilities are first aligned to the labelled class prior (ReMixMatch's
+   distribution alignment: times the site's labelled class frequencies so far, divided by a
+   running mean of the teacher's predictions on unlabelled studies, both kept at the site):
+   without it a teacher that is confident about the majority class labels everything with
+   it and the student follows (measured: 43% of a site's unlabelled studies pseudo-labelled,
+   class-head MCC 0). Without pseudo-labels the unlabelled studies only feed 3-4.
 
 The teacher, its two centres and the optimizer state are site state (``site_state``): they
 never leave the site. Only the student (backbone + projection heads) is aggregated.
@@ -76,6 +81,7 @@ class DINOConfig:
     supervised_weight: float = 1.0
     pseudo_label_weight: float = 1.0   # teacher pseudo-labels on unlabelled studies (0: off)
     pseudo_label_threshold: float = 0.8
+    alignment_momentum: float = 0.9    # running mean of the teacher's unlabelled predictions
     label_smoothing: float = 0.0
     label_fraction: float = 1.0        # share of each site's labels the semi-supervised loss sees
 
@@ -90,8 +96,10 @@ class DINOConfig:
             lo, hi = getattr(self, name)
             if not 0 < lo <= hi <= 1:
                 raise ValueError(f"{name} must satisfy 0 < low <= high <= 1")
-        if not 0 <= self.teacher_momentum < 1 or not 0 <= self.center_momentum < 1:
-            raise ValueError("teacher_momentum and center_momentum must be in [0, 1)")
+        if not all(0 <= m < 1 for m in (self.teacher_momentum, self.center_momentum,
+                                         self.alignment_momentum)):
+            raise ValueError("teacher_momentum, center_momentum and alignment_momentum must be "
+                             "in [0, 1)")
         if self.centering not in ("sinkhorn", "ema"):
             raise ValueError(f"centering must be 'sinkhorn' or 'ema', got {self.centering!r}")
         if self.sinkhorn_iterations < 1 or self.koleo_weight < 0:
@@ -224,6 +232,8 @@ class MMDINOTask(ClassificationTask):
         self.teacher: DINOStudent | None = None
         self.center: Tensor | None = None
         self.patch_center: Tensor | None = None
+        self.class_counts: Tensor | None = None     # labelled studies seen per class (+1)
+        self.pseudo_mean: Tensor | None = None      # teacher's mean prediction, unlabelled
 
     def wrap(self, backbone: MultiModalViT) -> DINOStudent:
         return DINOStudent(backbone, self.dino)
@@ -234,8 +244,7 @@ class MMDINOTask(ClassificationTask):
             return {}
         state = {f"teacher.{k}": v.detach().cpu().clone()
                  for k, v in self.teacher.state_dict().items()}
-        return state | {"center": self.center.cpu().clone(),
-                        "patch_center": self.patch_center.cpu().clone()}
+        return state | {name: getattr(self, name).cpu().clone() for name in self._running}
 
     def load_site_state(self, model: DINOStudent, state: dict[str, Tensor]) -> None:
         """Restore the teacher and centres kept from this site's previous rounds."""
@@ -244,16 +253,28 @@ class MMDINOTask(ClassificationTask):
             raise ValueError("the stored teacher does not match this model; refusing to mix")
         self.teacher = copy.deepcopy(model).requires_grad_(False)
         self.teacher.load_state_dict(teacher)
-        self.center, self.patch_center = state["center"], state["patch_center"]
+        self._init_running()
+        for name in self._running:
+            if name in state:        # sites that kept state before pseudo-labels start uniform
+                setattr(self, name, state[name])
 
     def _ensure_teacher(self, model: DINOStudent, device: torch.device) -> DINOStudent:
         if self.teacher is None:     # first round at this site: teacher = the global student
             self.teacher = copy.deepcopy(model).requires_grad_(False)
-            self.center = torch.zeros(self.dino.out_dim)
-            self.patch_center = torch.zeros(self.dino.out_dim)
+            self._init_running()
         self.teacher.to(device).eval()
-        self.center, self.patch_center = self.center.to(device), self.patch_center.to(device)
+        for name in self._running:
+            setattr(self, name, getattr(self, name).to(device))
         return self.teacher
+
+    _running = ("center", "patch_center", "class_counts", "pseudo_mean")
+
+    def _init_running(self) -> None:
+        k = self.dino.num_classes
+        self.center = torch.zeros(self.dino.out_dim)
+        self.patch_center = torch.zeros(self.dino.out_dim)
+        self.class_counts = torch.ones(k)
+        self.pseudo_mean = torch.full((k,), 1 / k)
 
     # --- one step -------------------------------------------------------------------------
     def step(self, model: DINOStudent, batch: dict[str, Tensor]) -> StepOutput:
@@ -339,11 +360,18 @@ class MMDINOTask(ClassificationTask):
             with torch.no_grad():
                 probs = F.softmax(teacher.backbone(images[unlabelled],
                                                    present[unlabelled]).float(), dim=-1)
-                confidence, pseudo = probs.max(-1)
+                prior = self.class_counts / self.class_counts.sum()
+                aligned = probs * prior / self.pseudo_mean.clamp(min=1e-6)
+                aligned = aligned / aligned.sum(-1, keepdim=True)
+                confidence, pseudo = aligned.max(-1)
+                m = c.alignment_momentum
+                self.pseudo_mean.mul_(m).add_(probs.mean(0), alpha=1 - m)
                 confident = (confidence >= c.pseudo_label_threshold).float()
             per_sample = F.cross_entropy(logits[unlabelled[rows]], pseudo, reduction="none")
             total = total + c.pseudo_label_weight * (per_sample * confident).mean()
             metrics["pseudo_labelled"] = float(confident.mean())
+        if labelled.any():           # after use: this batch's labels align the next ones
+            self.class_counts += torch.bincount(labels[labelled], minlength=c.num_classes)
         return total
 
     @torch.no_grad()

@@ -112,6 +112,25 @@ def test_pseudo_labels_are_the_confident_teacher_predictions_on_unlabelled_studi
     assert torch.allclose(none, off, atol=1e-6)
 
 
+def test_distribution_alignment_stops_a_teacher_that_calls_everything_one_class():
+    # the collapse it prevents: a teacher confident about the majority class pseudo-labels
+    # every unlabelled study with it and the student follows
+    torch.manual_seed(7)
+    backbone = MultiModalViT(ViTConfig(dim=32, depth=1, heads=2, img_size=32, patch_size=8,
+                                       num_classes=3, sequence_fusion=True))
+    with torch.no_grad():
+        backbone.head.bias.copy_(torch.tensor([5.0, 0.0, 0.0]))
+    task = MMDINOTask(DINOConfig(local_crops=0))
+    model = task.wrap(backbone)
+    batch = {"image": torch.randn(8, 4, 32, 32), "present": torch.ones(8, 4, dtype=torch.bool),
+             "label": torch.full((8,), -1)}
+    fractions = [task.step(model, batch).metrics["pseudo_labelled"] for _ in range(60)]
+    assert fractions[0] == 1.0                 # before it has seen the teacher's predictions
+    assert fractions[-1] == 0.0
+    state = task.site_state()                  # the running means stay at the site
+    assert state["pseudo_mean"][0] > 0.85 and state["class_counts"].tolist() == [1, 1, 1]
+
+
 @pytest.mark.parametrize("options", [{"pseudo_label_threshold": 0.2}, {"pseudo_label_weight": -1},
                                      {"pseudo_label_threshold": 1.5}])
 def test_bad_pseudo_label_options_are_refused(options):

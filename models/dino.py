@@ -343,6 +343,9 @@ class MMDINOTask(ClassificationTask):
         """Semi-supervised terms 5-6 on the studies as given (no crop, no masking)."""
         c, images, present, labels = self.dino, batch["image"], batch["present"], batch["label"]
         labelled = labels >= 0
+        # every step reports the same keys: Flower aggregates a metric only if every site has it
+        metrics.update(labelled_fraction=float(labelled.float().mean()), supervised_loss=0.0,
+                       pseudo_labelled=0.0)
         use_pseudo = c.pseudo_label_weight > 0 and not labelled.all()
         rows = torch.ones_like(labelled) if use_pseudo else labelled
         total = images.new_zeros(())
@@ -353,7 +356,6 @@ class MMDINOTask(ClassificationTask):
             ce = F.cross_entropy(logits[labelled[rows]], labels[labelled],
                                  label_smoothing=c.label_smoothing)
             total = total + c.supervised_weight * ce
-            metrics["labelled_fraction"] = float(labelled.float().mean())
             metrics["supervised_loss"] = float(ce.detach())
         if use_pseudo:
             unlabelled = ~labelled

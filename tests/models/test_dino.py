@@ -136,3 +136,19 @@ def test_distribution_alignment_stops_a_teacher_that_calls_everything_one_class(
 def test_bad_pseudo_label_options_are_refused(options):
     with pytest.raises(ValueError):
         DINOConfig(**options)
+
+
+def test_every_step_reports_the_same_metric_keys():
+    # Flower refuses to aggregate metrics that some sites lack: a site whose studies are all
+    # labelled (no pseudo-labels) or all unlabelled must report the same keys as the others
+    torch.manual_seed(8)
+    backbone = MultiModalViT(ViTConfig(dim=32, depth=1, heads=2, img_size=32, patch_size=8,
+                                       num_classes=3, sequence_fusion=True))
+    task = MMDINOTask(DINOConfig(local_crops=0))
+    model = task.wrap(backbone)
+    images, present = torch.randn(4, 4, 32, 32), torch.ones(4, 4, dtype=torch.bool)
+    keys = [set(task.step(model, {"image": images, "present": present,
+                                  "label": label}).metrics)
+            for label in (torch.tensor([0, 1, 2, 0]), torch.full((4,), -1),
+                          torch.tensor([0, -1, 2, -1]))]
+    assert keys[0] == keys[1] == keys[2]

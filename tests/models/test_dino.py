@@ -58,9 +58,16 @@ def test_koleo_penalises_clustered_features_and_pushes_them_apart():
     assert torch.cdist(moved, moved).mean() > torch.cdist(before, before).mean()
 
 
+def _tiny_backbone() -> MultiModalViT:
+    return MultiModalViT(ViTConfig(dim=32, depth=1, heads=2, img_size=32, patch_size=8,
+                                   num_classes=3, sequence_fusion=True))
+
+
 @pytest.mark.parametrize("options", [{"centering": "median"}, {"sinkhorn_iterations": 0},
-                                     {"koleo_weight": -1.0}])
-def test_bad_centring_options_are_refused(options):
+                                     {"koleo_weight": -1.0}, {"pseudo_label_threshold": 0.2},
+                                     {"pseudo_label_weight": -1},
+                                     {"pseudo_label_threshold": 1.5}])
+def test_bad_centring_and_pseudo_label_options_are_refused(options):
     with pytest.raises(ValueError):
         DINOConfig(**options)
 
@@ -69,8 +76,7 @@ def test_semi_supervised_loss_is_the_mean_cross_entropy_on_the_uncorrupted_label
     # crops, blanked patches and a removed sequence can take the lesion out of the view, so the
     # class head learns from the studies as given; the mean runs over the labelled ones only
     torch.manual_seed(3)
-    backbone = MultiModalViT(ViTConfig(dim=32, depth=1, heads=2, img_size=32, patch_size=8,
-                                       num_classes=3, sequence_fusion=True))
+    backbone = _tiny_backbone()
     task = MMDINOTask(DINOConfig(local_crops=1, supervised_weight=2.0, pseudo_label_weight=0))
     model = task.wrap(backbone)
     present = torch.ones(8, 4, dtype=torch.bool)
@@ -90,8 +96,7 @@ def test_semi_supervised_loss_is_the_mean_cross_entropy_on_the_uncorrupted_label
 
 def test_pseudo_labels_are_the_confident_teacher_predictions_on_unlabelled_studies():
     torch.manual_seed(5)
-    backbone = MultiModalViT(ViTConfig(dim=32, depth=1, heads=2, img_size=32, patch_size=8,
-                                       num_classes=3, sequence_fusion=True))
+    backbone = _tiny_backbone()
     images, present = torch.randn(6, 4, 32, 32), torch.ones(6, 4, dtype=torch.bool)
     labels = torch.tensor([1, -1, -1, -1, -1, -1])
 
@@ -116,8 +121,7 @@ def test_distribution_alignment_stops_a_teacher_that_calls_everything_one_class(
     # the collapse it prevents: a teacher confident about the majority class pseudo-labels
     # every unlabelled study with it and the student follows
     torch.manual_seed(7)
-    backbone = MultiModalViT(ViTConfig(dim=32, depth=1, heads=2, img_size=32, patch_size=8,
-                                       num_classes=3, sequence_fusion=True))
+    backbone = _tiny_backbone()
     with torch.no_grad():
         backbone.head.bias.copy_(torch.tensor([5.0, 0.0, 0.0]))
     task = MMDINOTask(DINOConfig(local_crops=0))
@@ -131,19 +135,11 @@ def test_distribution_alignment_stops_a_teacher_that_calls_everything_one_class(
     assert state["pseudo_mean"][0] > 0.85 and state["class_counts"].tolist() == [1, 1, 1]
 
 
-@pytest.mark.parametrize("options", [{"pseudo_label_threshold": 0.2}, {"pseudo_label_weight": -1},
-                                     {"pseudo_label_threshold": 1.5}])
-def test_bad_pseudo_label_options_are_refused(options):
-    with pytest.raises(ValueError):
-        DINOConfig(**options)
-
-
 def test_every_step_reports_the_same_metric_keys():
     # Flower refuses to aggregate metrics that some sites lack: a site whose studies are all
     # labelled (no pseudo-labels) or all unlabelled must report the same keys as the others
     torch.manual_seed(8)
-    backbone = MultiModalViT(ViTConfig(dim=32, depth=1, heads=2, img_size=32, patch_size=8,
-                                       num_classes=3, sequence_fusion=True))
+    backbone = _tiny_backbone()
     task = MMDINOTask(DINOConfig(local_crops=0))
     model = task.wrap(backbone)
     images, present = torch.randn(4, 4, 32, 32), torch.ones(4, 4, dtype=torch.bool)

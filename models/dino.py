@@ -38,6 +38,15 @@ student's CLS features (``koleo_weight``). With the EMA centre alone, no KoLeo a
 linear prototype layer, the first version collapsed: every CLS feature identical, the DINO
 loss pinned at ln(out_dim).
 
+Sinkhorn and KoLeo stop a full collapse but not a near one: studies of one anatomy share
+most of their content, and the CLS features of different studies had cosine ~0.98, so the
+teacher's prototype scores differed by ~0.02 across a batch, its targets were almost
+uniform and the DINO loss stayed at ln(out_dim) - the self-distillation term taught nothing.
+``head_centring`` (default on) subtracts the batch mean of the projection head's bottleneck
+(over every token it scores) before the L2 normalisation, as the BatchNorm in SimCLR/BYOL
+projectors does without its scale: what remains is what tells the studies apart. A crop batch
+of one token is left as is.
+
 Not DP-SGD ready: centring (either kind) and KoLeo couple the samples of a batch, so one
 sample's loss depends on the others (``batch_coupling``). Use site-level DP for this
 objective.
@@ -73,6 +82,7 @@ class DINOConfig:
     centering: str = "sinkhorn"        # DINOv2's Sinkhorn-Knopp, or "ema" (DINO's centre)
     sinkhorn_iterations: int = 3
     koleo_weight: float = 0.1          # DINOv2's KoLeo spread on student CLS (0: off)
+    head_centring: bool = True         # subtract the batch mean of the head's bottleneck
     center_momentum: float = 0.9
     teacher_momentum: float = 0.99
     ibot_mask_ratio: float = 0.3       # fraction of patch tokens blanked in student globals
@@ -118,17 +128,23 @@ class ProjectionHead(nn.Module):
     prototypes (DINO's weight-normalised last layer with its gain fixed at 1). Scores lie in
     [-1, 1] whatever the prototypes' norm, so weight decay shrinking them cannot flatten the
     teacher's targets: its temperature alone sets how sharp they are. (On its own this did not
-    stop the first version's collapse; Sinkhorn-Knopp centring and KoLeo did.)"""
+    stop the first version's collapse; Sinkhorn-Knopp centring and KoLeo did.) With
+    ``head_centring`` the bottleneck's mean over the tokens scored together is removed first
+    (see the module docstring)."""
 
     def __init__(self, dim: int, config: DINOConfig):
         super().__init__()
+        self.centring = config.head_centring
         self.mlp = nn.Sequential(nn.Linear(dim, config.hidden_dim), nn.GELU(),
                                  nn.Linear(config.hidden_dim, config.bottleneck_dim))
         self.prototypes = nn.Linear(config.bottleneck_dim, config.out_dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(F.normalize(self.mlp(x), dim=-1),
-                        F.normalize(self.prototypes.weight, dim=-1))
+        z = self.mlp(x)
+        tokens = z.reshape(-1, z.shape[-1])
+        if self.centring and tokens.shape[0] > 1:
+            z = z - tokens.mean(0)
+        return F.linear(F.normalize(z, dim=-1), F.normalize(self.prototypes.weight, dim=-1))
 
 
 class DINOStudent(nn.Module):

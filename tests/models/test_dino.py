@@ -58,6 +58,29 @@ def test_koleo_penalises_clustered_features_and_pushes_them_apart():
     assert torch.cdist(moved, moved).mean() > torch.cdist(before, before).mean()
 
 
+def test_head_centring_gives_studies_that_share_most_content_distinct_targets():
+    # CLS features of one anatomy had cosine ~0.98: without centring every teacher target was
+    # nearly uniform and the DINO loss stayed at ln(out_dim)
+    torch.manual_seed(4)
+    x = 5 * torch.randn(1, 32) + 0.2 * torch.randn(16, 32)
+    plain = ProjectionHead(32, DINOConfig(head_centring=False))
+    plain.apply(_init_weights)
+    centred = ProjectionHead(32, DINOConfig(head_centring=True))
+    centred.load_state_dict(plain.state_dict())
+
+    def entropy(head):
+        q = sinkhorn_knopp(head(x), DINOConfig().teacher_temp, 3)
+        return float(-(q * q.log()).sum(-1).mean())
+
+    uniform = math.log(DINOConfig().out_dim)
+    assert entropy(plain) > 0.97 * uniform
+    assert entropy(centred) < 0.8 * uniform
+    patches = centred(x.reshape(4, 4, 32))             # iBOT: centred over every token
+    assert torch.allclose(patches.reshape(16, -1), centred(x), atol=1e-5)
+    one = centred(x[:1])                               # nothing to centre on: left as is
+    assert torch.allclose(one, plain(x[:1]), atol=1e-6)
+
+
 def _tiny_backbone() -> MultiModalViT:
     return MultiModalViT(ViTConfig(dim=32, depth=1, heads=2, img_size=32, patch_size=8,
                                    num_classes=3, sequence_fusion=True))

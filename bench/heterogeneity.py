@@ -46,6 +46,8 @@ GLOBAL = {"fedavg": ["strategy=personalized"],
                                "task.options.feature_decorrelation=0.1"],
           "fedavgm_la_decorr": ["strategy=fedavgm", "task.options.logit_adjustment=1.0",
                                 "task.options.feature_decorrelation=0.1"],
+          "fednova_la_decorr": ["strategy=fednova", "task.options.logit_adjustment=1.0",
+                                "task.options.feature_decorrelation=0.1"],
           "fedprox": ["strategy=fedprox"], "fedadam": ["strategy=fedadam"]}
 ARMS = (*GLOBAL, "personalized", "fedbn", "pooled")
 

@@ -1,4 +1,5 @@
-"""Strategies by name: Flower's own classes, configured (never re-implemented) here.
+"""Strategies by name: Flower's own classes, configured (never re-implemented) here, and
+FedNova (``fednova.py``: Flower's FedAvg on step-normalised updates).
 
 Each name maps to a Flower ``flwr.serverapp.strategy`` class and the options it accepts beyond
 the sampling/keys arguments every strategy shares. Options are validated against the class's
@@ -14,12 +15,14 @@ from flwr.serverapp.strategy import (FedAdagrad, FedAdam, FedAvg, FedAvgM, FedMe
                                      FedTrimmedAvg, FedYogi, Krum, MultiKrum, Strategy)
 
 from . import wire
+from .fednova import FedNova
 from .pooling import aggregate_evaluate_records
 
 STRATEGIES: dict[str, type[Strategy]] = {
     "fedavg": FedAvg,
     "fedavgm": FedAvgM,
     "fedprox": FedProx,
+    "fednova": FedNova,
     "fedadam": FedAdam,
     "fedyogi": FedYogi,
     "fedadagrad": FedAdagrad,

@@ -81,6 +81,7 @@ INGEST = "ingest-report"             # JSON of counts: files, images, skipped by
 # Site -> server, in METRICS
 NUM_EXAMPLES = "num-examples"        # FedAvg's weighting key
 TRAIN_SECONDS = "train-seconds"      # site compute time, for framework-overhead accounting
+LOCAL_STEPS = "steps"                # optimizer steps this round (the engine's count; FedNova)
 EVAL_SECONDS = "eval-seconds"
 EVAL_SPLITS = ("val", "test")        # evaluate replies carry f"{split}-{metric}" keys
 PERSONAL_PREFIX = "personal-"        # ... and f"personal-{split}-{metric}" when personalizing

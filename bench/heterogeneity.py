@@ -14,11 +14,17 @@ For each alpha, side by side in one run:
 
     python -m bench.heterogeneity [--rounds 40] [--local-epochs 4] [--patients 120]
                                   [--alphas 0.1,0.5,10] [--seeds 0,1,2] [--arms ...] [--name ...]
+                                  [--resume]
+
+The JSON is written after every (seed, alpha) run; ``--resume`` keeps the runs already in it
+(same rounds, epochs, patients and arms) and runs only the missing ones, so a bench longer
+than one sitting can be finished in several. ``run_commits`` says which commit measured each.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import tempfile
 from pathlib import Path
@@ -36,7 +42,7 @@ from server.config import ExperimentConfig, load_experiment
 from strategies.observed import RoundRecord
 from strategies.pooling import pool, split_metrics
 
-from .common import update_results_md, write_result
+from .common import RESULTS_DIR, commit, update_results_md, write_result
 
 ALPHAS = (0.1, 0.5, 10.0)
 SITES = 5
@@ -138,7 +144,26 @@ def mean_table(tables: list[dict]) -> dict:
     return out
 
 
-def results(per_seed: dict, args) -> dict:
+def previous_runs(args) -> tuple[dict, dict]:
+    """``(per_seed, run_commits)`` already in ``bench/results/<name>.json`` for ``--resume``;
+    a file measured with other settings is refused rather than mixed in."""
+    path = RESULTS_DIR / f"{args.name}.json"
+    if not path.exists():
+        return {}, {}
+    old = json.loads(path.read_text())
+    mine = {"rounds": args.rounds, "local_epochs": args.local_epochs,
+            "patients_per_site": args.patients, "arms": args.arms.split(",")}
+    differ = {k: (old.get(k), v) for k, v in mine.items() if old.get(k) != v}
+    if differ:
+        raise SystemExit(f"--resume: {path.name} was measured with other settings "
+                         f"(file, now): {differ}; use another --name")
+    per_seed = old.get("per_seed", {})
+    commits = old.get("run_commits") or {f"{seed}/{alpha}": old.get("commit", "unknown")
+                                         for seed, runs in per_seed.items() for alpha in runs}
+    return per_seed, commits
+
+
+def results(per_seed: dict, args, run_commits: dict | None = None) -> dict:
     """The JSON payload for the (seed, alpha) runs finished so far: ``tables`` holds each
     alpha's figures averaged over the seeds that finished it, ``per_seed`` each run."""
     alphas = {a for runs in per_seed.values() for a in runs}
@@ -149,8 +174,9 @@ def results(per_seed: dict, args) -> dict:
                "seeds": [int(s) for s in per_seed], "sites": SITES, "rounds": args.rounds,
                "local_epochs": args.local_epochs, "patients_per_site": args.patients,
                "arms": args.arms.split(","),
-               "complete": sum(map(len, per_seed.values()))
-               == len(args.seeds.split(",")) * len(args.alphas.split(","))}
+               "complete": all(str(float(a)) in per_seed.get(str(int(seed)), {})
+                               for seed in args.seeds.split(",") for a in args.alphas.split(",")),
+               "run_commits": run_commits or {}}
     mid = tables.get("0.5", {})
     candidates = [n for n in GLOBAL if n in mid]
     if candidates:
@@ -176,20 +202,28 @@ def main() -> None:
                         help=f"comma-separated subset of {', '.join(ARMS)}")
     parser.add_argument("--name", default="heterogeneity",
                         help="results name (bench/results/<name>.json, RESULTS.md row)")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the (seed, alpha) runs already in the results file and run "
+                             "only the missing ones")
     args = parser.parse_args()
     unknown = set(args.arms.split(",")) - set(ARMS)
     if unknown:
         raise SystemExit(f"unknown arms {sorted(unknown)}; choose from {', '.join(ARMS)}")
     logging.basicConfig(level=logging.WARNING)
-    per_seed: dict[str, dict] = {}
+    per_seed, run_commits = previous_runs(args) if args.resume else ({}, {})
     with tempfile.TemporaryDirectory(prefix="medfed-hetero-") as tmp:
         for seed in args.seeds.split(","):
             for alpha in args.alphas.split(","):
+                seed, alpha = str(int(seed)), str(float(alpha))
+                if alpha in per_seed.get(seed, {}):
+                    print(f"seed {seed} alpha {alpha}: kept from the results file", flush=True)
+                    continue
                 table = run_alpha(float(alpha), int(seed), args, Path(tmp))
-                per_seed.setdefault(seed, {})[str(float(alpha))] = table
+                per_seed.setdefault(seed, {})[alpha] = table
+                run_commits[f"{seed}/{alpha}"] = commit()
                 # after every run, so that a stopped bench keeps what it measured
-                write_result(args.name, results(per_seed, args))
-    payload = results(per_seed, args)
+                write_result(args.name, results(per_seed, args, run_commits))
+    payload = results(per_seed, args, run_commits)
     path = write_result(args.name, payload)
     best_name, ratio = payload["best_strategy_alpha_0_5"], payload["best_over_pooled_alpha_0_5"]
     tables = payload["tables"]

@@ -46,3 +46,48 @@ def test_a_pooled_model_at_chance_gives_no_ratio_but_still_a_best_strategy():
     payload = results({"0": {"0.5": _run(0.4, 0.7, 0.0, 0.9)}}, _args("0", "0.5"))
     assert payload["best_strategy_alpha_0_5"] == "fedavg_la_decorr"
     assert payload["best_over_pooled_alpha_0_5"] is None
+
+
+def _main(monkeypatch, tmp_path, argv, measured, commit_id):
+    import sys
+
+    import bench.common
+    import bench.heterogeneity as het
+
+    monkeypatch.setattr(bench.common, "RESULTS_DIR", tmp_path)
+    monkeypatch.setattr(het, "RESULTS_DIR", tmp_path)
+    monkeypatch.setattr(het, "commit", lambda: commit_id)
+    monkeypatch.setattr(het, "update_results_md", lambda key, row: None)
+
+    def run_alpha(alpha, seed, args, work):
+        measured.append((seed, alpha))
+        return _run(0.1 * (seed + 1), 0.6, 0.8, 0.9)
+
+    monkeypatch.setattr(het, "run_alpha", run_alpha)
+    monkeypatch.setattr(sys, "argv", ["heterogeneity", "--name", "h", "--rounds", "2",
+                                      "--arms", "fedavg,fedavg_la_decorr,personalized,pooled",
+                                      *argv])
+    het.main()
+    import json
+    return json.loads((tmp_path / "h.json").read_text())
+
+
+def test_resume_keeps_finished_runs_and_measures_only_the_missing_ones(monkeypatch, tmp_path):
+    first, second = [], []
+    _main(monkeypatch, tmp_path, ["--seeds", "0", "--alphas", "0.5"], first, "aaa")
+    payload = _main(monkeypatch, tmp_path, ["--seeds", "0,1", "--alphas", "0.5", "--resume"],
+                    second, "bbb")
+    assert first == [(0, 0.5)] and second == [(1, 0.5)]
+    assert payload["complete"] and payload["seeds"] == [0, 1]
+    assert payload["run_commits"] == {"0/0.5": "aaa", "1/0.5": "bbb"}
+    assert payload["tables"]["0.5"]["fedavg"]["external_mcc"] == pytest.approx(0.15)
+    again = []                      # without --resume everything is measured anew
+    _main(monkeypatch, tmp_path, ["--seeds", "0", "--alphas", "0.5"], again, "ccc")
+    assert again == [(0, 0.5)]
+
+
+def test_resume_refuses_a_file_measured_with_other_settings(monkeypatch, tmp_path):
+    _main(monkeypatch, tmp_path, ["--seeds", "0", "--alphas", "0.5"], [], "aaa")
+    with pytest.raises(SystemExit, match="other settings"):
+        _main(monkeypatch, tmp_path, ["--seeds", "0", "--alphas", "0.5", "--resume",
+                                      "--local-epochs", "2"], [], "bbb")

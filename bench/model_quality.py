@@ -24,11 +24,18 @@ removed, averaged over which one (``external_mcc_missing_one``). Federated arms 
 ``medfed.simulation.simulate`` (the real ServerApp/ClientApp on Ray).
 
     python -m bench.model_quality [--rounds 10] [--pretrain-rounds 10] [--patients 120]
+                                  [--arms ...] [--override ...] [--name ...] [--merge]
+
+The JSON is written after every arm. ``--merge`` keeps the arms already in the results file
+(measured with the same settings) and measures ``--arms`` anew beside them, so one arm can be
+re-measured after a change without re-running the hour-long rest; ``arm_commits`` says which
+commit measured each arm.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import tempfile
 from pathlib import Path
@@ -47,7 +54,7 @@ from models.tasks import build
 from server.checkpoint import latest_weights
 from server.config import ExperimentConfig, load_experiment
 
-from .common import update_results_md, write_result
+from .common import RESULTS_DIR, commit, update_results_md, write_result
 
 SITES = 3
 ARMS = ("supervised", "mm_dino", "mae", "clip", "pooled", "local_only")
@@ -114,7 +121,36 @@ def clip_cell(clip: dict | None) -> str:
             f"{u.get('auroc', float('nan')):.2f}")
 
 
-def results(table: dict, args: argparse.Namespace, n_labelled: list[int]) -> dict:
+SETTINGS = ("rounds", "pretrain_rounds", "local_epochs", "pretrain_epochs", "patients_per_site",
+            "seed", "label_fraction", "finetune_mode", "finetune_lr", "overrides")
+
+
+def previous_arms(args: argparse.Namespace) -> tuple[dict, dict]:
+    """``(table, arm_commits)`` of the arms already in ``bench/results/<name>.json`` for
+    ``--merge``; a file measured with other settings is refused rather than mixed in."""
+    path = RESULTS_DIR / f"{args.name}.json"
+    if not path.exists():
+        return {}, {}
+    old = json.loads(path.read_text())
+    mine = results({}, args, [])
+    differ = {k: (old.get(k, [] if k == "overrides" else None), mine[k]) for k in SETTINGS
+              if old.get(k, [] if k == "overrides" else None) != mine[k]}
+    if differ:
+        raise SystemExit(f"--merge: {path.name} was measured with other settings (file, now): "
+                         f"{differ}; use another --name")
+    table = {arm: {"external_mcc": mcc,
+                   "external_mcc_missing_one": old["external_mcc_missing_one"][arm]}
+             for arm, mcc in old["external_mcc"].items()}
+    if "local_only" in table:
+        table["local_only"]["per_site"] = old.get("local_only_per_site")
+    if "clip" in table:
+        table["clip"]["clip_external"] = old.get("clip_external")
+    commits = old.get("arm_commits") or {arm: old.get("commit", "unknown") for arm in table}
+    return table, commits
+
+
+def results(table: dict, args: argparse.Namespace, n_labelled: list[int],
+            arm_commits: dict | None = None) -> dict:
     """The JSON payload for the arms finished so far."""
     payload = {
         "external_mcc": {a: table[a]["external_mcc"] for a in table},
@@ -126,7 +162,8 @@ def results(table: dict, args: argparse.Namespace, n_labelled: list[int]) -> dic
         "patients_per_site": args.patients, "seed": args.seed,
         "finetune_mode": args.finetune_mode, "finetune_lr": args.finetune_lr,
         "overrides": args.override, "arms_requested": args.arms.split(","),
-        "complete": set(table) == set(args.arms.split(",")),
+        "complete": set(args.arms.split(",")) <= set(table),
+        "arm_commits": arm_commits or {},
     }
     if "clip" in table:
         payload["clip_external"] = table["clip"]["clip_external"]
@@ -158,6 +195,9 @@ def main() -> None:
                              "task.options.sequence_dropout=0.5")
     parser.add_argument("--name", default="model_quality",
                         help="results name (bench/results/<name>.json, RESULTS.md row)")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the arms already in the results file (same settings) and "
+                             "measure --arms anew beside them")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     arms = args.arms.split(",")
@@ -182,7 +222,7 @@ def main() -> None:
                     for i in range(SITES)]
         n_labelled = [len(site) for site in labelled]
         epochs = args.rounds * args.local_epochs
-        table: dict[str, dict] = {}
+        table, arm_commits = previous_arms(args) if args.merge else ({}, {})
         for arm in arms:
             if arm == "supervised":
                 table[arm] = federated(cfg, external, external_studies)
@@ -207,9 +247,10 @@ def main() -> None:
             if "clip_external" in table[arm]:
                 print(f"{'':11s} CLIP on the external site: {table[arm]['clip_external']}",
                       flush=True)
+            arm_commits[arm] = commit()
             # after every arm, so that a stopped run keeps what it measured ("complete": false)
-            write_result(args.name, results(table, args, n_labelled))
-    payload = results(table, args, n_labelled)
+            write_result(args.name, results(table, args, n_labelled, arm_commits))
+    payload = results(table, args, n_labelled, arm_commits)
     mcc = payload["external_mcc"]
     path = write_result(args.name, payload)
     cells = ", ".join(f"{a} {mcc[a]:.2f}/{payload['external_mcc_missing_one'][a]:.2f}"

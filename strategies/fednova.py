@@ -22,7 +22,6 @@ the configuration refuses both.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable
 
 import numpy as np
@@ -31,8 +30,6 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from . import wire
-
-log = logging.getLogger(__name__)
 
 
 class FedNova(FedAvg):

@@ -42,6 +42,16 @@ class FedNova(FedAvg):
         self._global = arrays
         return super().configure_train(server_round, arrays, config, grid)
 
+    @staticmethod
+    def check_reply(msg: Message) -> str | None:
+        """Why a train reply cannot be normalised (no positive step count), or None; the
+        fault guard rejects such a reply like a malformed update."""
+        metrics = msg.content.metric_records.get(wire.METRICS, MetricRecord())
+        steps = metrics.get(wire.LOCAL_STEPS)
+        if not isinstance(steps, (int, float)) or not np.isfinite(steps) or steps <= 0:
+            return f"FedNova needs '{wire.LOCAL_STEPS}' > 0 in the train metrics, got {steps}"
+        return None
+
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
@@ -49,13 +59,13 @@ class FedNova(FedAvg):
         for msg in replies:
             if msg.has_error():
                 continue
-            metrics = msg.content.metric_records.get(wire.METRICS, MetricRecord())
-            steps = float(metrics.get(wire.LOCAL_STEPS, 0.0))
-            if steps <= 0:
-                raise ValueError(f"round {server_round}: FedNova needs each site's "
-                                 f"'{wire.LOCAL_STEPS}' > 0 in its train metrics; node "
-                                 f"{msg.metadata.src_node_id} reported {steps}")
-            usable.append((msg, steps, float(metrics[self.weighted_by_key])))
+            reason = self.check_reply(msg)
+            if reason is not None:       # unguarded use: the guard has rejected these already
+                raise ValueError(f"round {server_round}, node {msg.metadata.src_node_id}: "
+                                 f"{reason}")
+            metrics = msg.content.metric_records[wire.METRICS]
+            usable.append((msg, float(metrics[wire.LOCAL_STEPS]),
+                           float(metrics[self.weighted_by_key])))
         if usable:
             if self._global is None:
                 raise RuntimeError("FedNova.aggregate_train before configure_train")

@@ -5,6 +5,8 @@ at most ``quorum_timeout`` seconds and then fails with a clear error. Before agg
 drops replies whose update is not a finite array record with the global model's keys, shapes
 and dtypes, or whose distance from the global model exceeds ``max_update_norm``; it names the
 site and the reason, and fails the round if fewer than ``min_train_sites`` updates remain.
+A wrapped strategy that needs more from a reply (FedNova: the local step count) says so with
+a ``check_reply(msg) -> reason or None`` method; the guard rejects such replies the same way.
 """
 
 from __future__ import annotations
@@ -115,6 +117,7 @@ class GuardedStrategy(Strategy):
         self.update_norms: dict[str, float] = {}      # site id -> ||local - global|| this round
         self._reference: dict[str, np.ndarray] = {}
         self._dtypes: dict[str, np.dtype] | None = None   # the model's dtypes: the contract
+        self._check_reply = getattr(strategy, "check_reply", None)   # the strategy's own needs
 
     def summary(self) -> None:
         self.strategy.summary()
@@ -147,6 +150,8 @@ class GuardedStrategy(Strategy):
                 continue
             arrays = msg.content.array_records.get(wire.ARRAYS)
             reason, norm = check_update(arrays, self._reference, self.max_update_norm)
+            if reason is None and self._check_reply is not None:
+                reason = self._check_reply(msg)
             if norm is not None:
                 self.update_norms[reply_site_id(msg)] = norm
             verdicts.append((msg, reason, norm))

@@ -71,6 +71,22 @@ def test_a_reply_without_local_steps_is_a_clear_error():
         _aggregate(strategy, [_reply(1, dict(START), {wire.NUM_EXAMPLES: 3})])
 
 
+def test_the_guard_rejects_a_reply_without_local_steps_and_aggregates_the_rest():
+    from strategies.guard import GuardedStrategy
+    strategy = FedNova(weighted_by_key=wire.NUM_EXAMPLES, arrayrecord_key=wire.ARRAYS)
+    guard = GuardedStrategy(strategy, min_available_sites=1, min_train_sites=2, quorum_timeout=1)
+    guard._reference = dict(START)
+    guard._dtypes = {k: v.dtype for k, v in START.items()}
+    strategy._global = ArrayRecord({k: Array(v.copy()) for k, v in START.items()})
+    good = [_reply(i, {"w": np.full(4, i, np.float32), "count": START["count"]},
+                   {wire.NUM_EXAMPLES: 5, wire.LOCAL_STEPS: 4.0}) for i in (1, 2)]
+    stepless = _reply(3, {"w": np.full(4, 9, np.float32), "count": START["count"]},
+                      {wire.NUM_EXAMPLES: 5, wire.LOCAL_STEPS: 0.0})
+    arrays, _ = guard.aggregate_train(1, [*good, stepless])
+    assert len(guard.rejected) == 1 and "steps" in guard.rejected[0].reason
+    np.testing.assert_allclose(arrays["w"].numpy(), np.full(4, 1.5), rtol=1e-6)
+
+
 @pytest.mark.parametrize("overrides", [["secagg.enabled=true"], ["privacy=sitedp"]])
 def test_fednova_is_refused_where_the_server_cannot_rescale_individual_updates(overrides):
     with pytest.raises(ConfigError, match="fednova"):

@@ -5,6 +5,8 @@ For each alpha, side by side in one run:
 - FedAvg with logit adjustment (``task.options.logit_adjustment=1``: each site trains on
   logits + log of its own label prior, FedLC / balanced-softmax style), and the same plus
   feature decorrelation (``task.options.feature_decorrelation=0.1``, FedDecorr), same scoring;
+- FedNova (``strategy=fednova``: updates normalised by local steps) with both options, and
+  FedAvgM with both (not in the headline arms; ``--arms`` lists every choice);
 - FedBN (normalisation layers local) and personalized FedAvg (each site's adapted model):
   these models exist only at their sites, so they are scored on the sites' own test splits;
 - pooled centralized training on all sites' training data (upper bound), same backbone and
@@ -12,7 +14,7 @@ For each alpha, side by side in one run:
 
 ``best_over_pooled_alpha_0_5`` = best global strategy's external MCC / pooled external MCC.
 
-    python -m bench.heterogeneity [--rounds 40] [--local-epochs 4] [--patients 120]
+    python -m bench.heterogeneity [--rounds 80] [--local-epochs 4] [--patients 120]
                                   [--alphas 0.1,0.5,10] [--seeds 0,1,2] [--arms ...] [--name ...]
                                   [--resume]
 
@@ -56,6 +58,9 @@ GLOBAL = {"fedavg": ["strategy=personalized"],
                                 "task.options.feature_decorrelation=0.1"],
           "fedprox": ["strategy=fedprox"], "fedadam": ["strategy=fedadam"]}
 ARMS = (*GLOBAL, "personalized", "fedbn", "pooled")
+# the headline run: one arm per strategy family, FedAvg and FedNova with the skew options
+HEADLINE_ARMS = ("fedavg", "personalized", "fedprox", "fedadam", "fedbn", "fedavg_la_decorr",
+                 "fednova_la_decorr", "pooled")
 
 
 class LastRound:
@@ -190,7 +195,7 @@ def results(per_seed: dict, args, run_commits: dict | None = None) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--rounds", type=int, default=80)
     parser.add_argument("--local-epochs", type=int, default=4)
     parser.add_argument("--patients", type=int, default=120)
     parser.add_argument("--seeds", "--seed", default="0",
@@ -198,7 +203,7 @@ def main() -> None:
                              "and the tables average over them")
     parser.add_argument("--alphas", default=",".join(str(a) for a in ALPHAS),
                         help="comma-separated; must include 0.5 for the headline ratio")
-    parser.add_argument("--arms", default=",".join(ARMS),
+    parser.add_argument("--arms", default=",".join(HEADLINE_ARMS),
                         help=f"comma-separated subset of {', '.join(ARMS)}")
     parser.add_argument("--name", default="heterogeneity",
                         help="results name (bench/results/<name>.json, RESULTS.md row)")

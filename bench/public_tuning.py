@@ -35,7 +35,7 @@ from models import MODELS, TASKS
 from models.tasks import load_backbone
 from models.weights import load_pretrained
 from server.config import ExperimentConfig
-from strategies.accounting import calibrate_noise
+from protocol.accounting import calibrate_noise
 
 LR_GRID = (3e-4, 1e-3, 3e-3, 1e-2)
 

@@ -97,8 +97,8 @@ def _summary(client: dict[str, dict[int, float]], server: dict[str, float], size
 # ------------------------------------------------------------------------------------ ours
 def ours_round(size: int, deltas, counts, drop=()) -> dict:
     from client.privacy.secagg import SiteSecAgg
-    from strategies.secagg_encoding import Encoding
-    from strategies.secagg_protocol import SecAggConfig, ServerRound
+    from protocol.secagg_encoding import Encoding
+    from protocol.secagg_protocol import SecAggConfig, ServerRound
 
     enc = Encoding(clip_range=0.5, max_sites=N_SITES, max_weight=1000)
     client = {s: {} for s in STAGES}
@@ -135,8 +135,8 @@ def ours_components(size: int, deltas, counts) -> dict:
     """ns/param of one encode and one mask expansion (where a site's time goes)."""
     import os
 
-    from strategies.secagg_crypto import expand_mask
-    from strategies.secagg_encoding import Encoding, encode
+    from protocol.secagg_crypto import expand_mask
+    from protocol.secagg_encoding import Encoding, encode
 
     enc = Encoding(clip_range=0.5, max_sites=N_SITES, max_weight=1000)
     _, t_enc = _timed(encode, deltas[1], counts[1], enc)
@@ -151,7 +151,7 @@ def ours_glue(size: int, deltas) -> dict:
     average added to the global model (``apply_delta``)."""
     from flwr.app import Array, ArrayRecord
 
-    from strategies.secagg import apply_delta, flat_delta, view
+    from protocol.arrays import apply_delta, flat_delta, view
 
     glob = ArrayRecord({"w": Array(np.zeros(size, np.float32))})
     trained = ArrayRecord({"w": Array(deltas[1])})

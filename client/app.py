@@ -9,8 +9,8 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from strategies import wire
-from strategies.partial import local_keys
+from protocol import wire
+from protocol.partial import local_keys
 
 from .data.sequences import SEQUENCES
 from .data.views import WithoutSequence

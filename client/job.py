@@ -13,8 +13,8 @@ from flwr.app import ConfigRecord
 
 from models import MODELS, TASKS
 from models.tasks import batch_coupling, build, private_state
-from strategies import wire
-from strategies.accounting import check_accountant
+from protocol import wire
+from protocol.accounting import check_accountant
 
 from .engine import TrainConfig
 

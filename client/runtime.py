@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from flwr.app import Context
 
-from strategies import wire
+from protocol import wire
 
 from .data.dataset import StudyDataset
 from .data.site import SiteData, load_site

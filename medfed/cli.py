@@ -101,7 +101,7 @@ def cmd_simulate(args) -> int:
 def _ledger_path(site_dir: Path) -> Path:
     """The site's ledger: ``privacy-dir`` from its node-config.toml, else <site>/.medfed."""
     from client.privacy.policy import node_settings
-    from strategies import wire
+    from protocol import wire
 
     folder = Path(str(node_settings({}, site_dir).get(wire.NODE_PRIVACY_DIR, ".medfed")))
     return (folder if folder.is_absolute() else site_dir / folder) / "privacy-ledger.sqlite"
@@ -140,7 +140,7 @@ def cmd_audit(args) -> int:
     from client.data.site import load_site
     from client.privacy.audit import AuditConfig, run_audit
     from models import MODELS, TASKS
-    from strategies.accounting import calibrate_noise
+    from protocol.accounting import calibrate_noise
 
     torch.set_num_threads(1)
     data = load_site(Path(args.site_dir), tuple(args.classes.split(",")))

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from client.app import make_client_app
-from strategies import wire
+from protocol import wire
 from server.app import make_server_app
 from server.config import ConfigError, ExperimentConfig
 from server.federation import new_run_dir

@@ -7,7 +7,7 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from strategies import wire
+from protocol import wire
 
 from .config import ExperimentConfig, load_experiment
 from .federation import new_run_dir, run_experiment

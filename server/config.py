@@ -20,11 +20,11 @@ from omegaconf import DictConfig, OmegaConf
 from models import MODELS, TASKS
 from models.tasks import batch_coupling, private_state
 from models.weights import PretrainedError, check_compatible, load_pretrained
-from strategies.accounting import PrivacyConfigError, check_accountant
+from protocol.accounting import PrivacyConfigError, check_accountant
 from strategies.registry import NEEDS_INDIVIDUAL_UPDATES
-from strategies.secagg_encoding import Encoding
-from strategies.secagg_protocol import SecAggConfig, SecAggError
-from strategies.partial import local_keys, unmatched_patterns
+from protocol.secagg_encoding import Encoding
+from protocol.secagg_protocol import SecAggConfig, SecAggError
+from protocol.partial import local_keys, unmatched_patterns
 from strategies.registry import StrategyConfigError, validate_strategy
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -115,7 +115,7 @@ class PrivacyConfig:
     max_grad_norm: float = 1.0            # dp-sgd: per-sample clipping bound
     sample_rate: float | None = None      # dp-sgd: Poisson rate q; null: batch_size / n per site
     clipping_norm: float = 1.0            # site-dp: bound on each site's update norm
-    accountant: str = "rdp"               # strategies.accounting.ACCOUNTANTS
+    accountant: str = "rdp"               # protocol.accounting.ACCOUNTANTS
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from strategies import wire
+from protocol import wire
 from strategies.observed import RoundRecord
 from strategies.pooling import pool, split_metrics
 

@@ -15,13 +15,13 @@ from flwr.serverapp.strategy import Strategy
 
 from models.tasks import build, frozen_keys
 from models.weights import load_pretrained
-from strategies import wire
+from protocol import wire
 from strategies.external import ExternalSites
 from strategies.guard import GuardedStrategy
 from strategies.partial import FrozenSharing, PartialSharing
 from strategies.secagg import SecAggPlus, SumNoise
-from strategies.secagg_encoding import Encoding
-from strategies.secagg_protocol import SecAggConfig
+from protocol.secagg_encoding import Encoding
+from protocol.secagg_protocol import SecAggConfig
 from strategies.sitedp import SiteLevelDP
 from strategies.observed import ObservedStrategy, RoundObserver
 from strategies.registry import build_strategy as build_flower_strategy

@@ -20,7 +20,7 @@ import torch
 from models.serving import plain_backbone, servable
 from models.weights import save_pretrained
 from models.tasks import build
-from strategies import wire
+from protocol import wire
 from strategies.observed import RoundRecord
 from strategies.pooling import pool, report_splits, split_metrics
 

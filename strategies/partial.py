@@ -8,25 +8,13 @@ complete model (for checkpoints and the registry; its local parts are placeholde
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from fnmatch import fnmatchcase
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from . import wire
-
-
-def local_keys(names: Iterable[str], patterns: Iterable[str]) -> list[str]:
-    """Parameter names matched by any of the fnmatch ``patterns``."""
-    patterns = list(patterns)
-    return [n for n in names if any(fnmatchcase(n, p) for p in patterns)]
-
-
-def unmatched_patterns(names: Iterable[str], patterns: Iterable[str]) -> list[str]:
-    names = list(names)
-    return [p for p in patterns if not any(fnmatchcase(n, p) for n in names)]
+from protocol import wire
+from protocol.partial import local_keys, unmatched_patterns  # noqa: F401
 
 
 class PartialSharing(Strategy):

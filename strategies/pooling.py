@@ -77,7 +77,7 @@ def report_splits(metrics) -> list[str]:
     """Evaluation splits present in a site's metrics: val and test (or, from an external
     site, external) and, if any, personal-*, test-without-<sequence> and
     external-without-<sequence>."""
-    from . import wire
+    from protocol import wire
 
     if f"{wire.EXTERNAL_SPLIT}-n" in metrics:
         return [wire.EXTERNAL_SPLIT] + sorted(
@@ -95,7 +95,7 @@ def aggregate_evaluate_records(records: list, weighted_by_key: str):
     """Flower ``evaluate_metrics_aggr_fn``: pooled metrics per evaluation split."""
     from flwr.app import MetricRecord   # local import keeps this module usable without Flower
 
-    from . import wire
+    from protocol import wire
 
     out = MetricRecord()
     for split in report_splits(records[0].metric_records.get(wire.METRICS, {}) if records else {}):

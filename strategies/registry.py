@@ -14,7 +14,7 @@ from typing import Any, Callable
 from flwr.serverapp.strategy import (FedAdagrad, FedAdam, FedAvg, FedAvgM, FedMedian, FedProx,
                                      FedTrimmedAvg, FedYogi, Krum, MultiKrum, Strategy)
 
-from . import wire
+from protocol import wire
 from .fednova import FedNova
 from .pooling import aggregate_evaluate_records
 

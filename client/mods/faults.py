@@ -12,7 +12,7 @@ from flwr.app import Array, ArrayRecord, Context, Message
 from flwr.app.message_type import MessageType
 from flwr.clientapp.typing import ClientAppCallable, Mod
 
-from strategies import wire
+from protocol import wire
 
 MODES = ("scale", "nan", "wrong-shape", "drop-key")
 

@@ -16,9 +16,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.app.message_type import MessageType
 from flwr.clientapp.typing import ClientAppCallable
 
-from strategies import wire
-from strategies.secagg import flat_delta
-from strategies.secagg_encoding import Encoding
+from protocol import wire
+from protocol.arrays import flat_delta
+from protocol.secagg_encoding import Encoding
 
 from ..privacy.secagg import SecAggRefused, SiteSecAgg
 

@@ -14,7 +14,7 @@ from flwr.app.message_type import MessageType
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
 
-from strategies import wire
+from protocol import wire
 
 
 def site_dp_clipping_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from strategies.accounting import epsilon as accounted_epsilon
+from protocol.accounting import epsilon as accounted_epsilon
 
 from ..engine import Engine, TrainConfig
 from .dpsgd import DPSGDConfig, steps_per_epoch

@@ -16,8 +16,8 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from strategies import wire
-from strategies.accounting import PrivacyConfigError, calibrate_noise, check_budget, epsilon
+from protocol import wire
+from protocol.accounting import PrivacyConfigError, calibrate_noise, check_budget, epsilon
 
 from ..job import Job, PrivacyRequest
 from .dpsgd import DPSGDConfig, steps_per_epoch

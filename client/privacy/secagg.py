@@ -15,11 +15,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from strategies.secagg_crypto import (InvalidShare, agree, decrypt, encrypt,
+from protocol.secagg_crypto import (InvalidShare, agree, decrypt, encrypt,
                                       generate_private_key, load_private, private_bytes,
                                       public_bytes, share_secret)
-from strategies.secagg_encoding import Encoding, encode
-from strategies.secagg_protocol import pairwise_sign
+from protocol.secagg_encoding import Encoding, encode
+from protocol.secagg_protocol import pairwise_sign
 
 
 class SecAggRefused(ValueError):

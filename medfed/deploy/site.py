@@ -4,7 +4,7 @@
 and refuses an unusable one, checks its key and that the coordinator is reachable over TLS
 with the hospital's copy of the CA, then runs ``flower-supernode`` with TLS, SuperNode
 authentication and the operator's node config (site id, data directory, privacy budget,
-``require-secagg``; keys from ``strategies.wire``). Connections are outbound only. A lost
+``require-secagg``; keys from ``protocol.wire``). Connections are outbound only. A lost
 connection is retried with exponential backoff (Flower's retry invoker, bounded by
 ``--max-retries``/``--max-wait-time``) and every retry is logged under the site id.
 """
@@ -16,7 +16,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from strategies import wire
+from protocol import wire
 
 from .preflight import DeployError, check_auth_key, check_port_free, check_superlink
 from .process import Daemon, flower_bin, flower_env, supervised

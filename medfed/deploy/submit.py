@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from strategies import wire
+from protocol import wire
 
 from .coordinator import CONNECTION, flwr_cli, write_connection
 from .preflight import DeployError, check_superlink, require_file

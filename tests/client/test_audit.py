@@ -11,7 +11,7 @@ from client.data.site import load_site
 from client.privacy.audit import AuditConfig, run_audit
 from medfed.cli import main as cli
 from models import MODELS, TASKS
-from strategies.accounting import calibrate_noise
+from protocol.accounting import calibrate_noise
 from tests.conftest import CLASSES
 
 

@@ -8,7 +8,7 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
 from client.app import make_client_app
 from client.runtime import SiteConfigError, SiteDataCache, resolve_site
-from strategies import wire
+from protocol import wire
 from tests.conftest import CLASSES
 
 

@@ -8,7 +8,7 @@ from flwr.app import ConfigRecord
 from client.job import JobError, decode_job
 from server.config import load_experiment
 from server.federation import job_config
-from strategies import wire
+from protocol import wire
 
 
 def _config(**changes) -> ConfigRecord:

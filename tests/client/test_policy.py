@@ -17,7 +17,7 @@ from models import TASKS
 from models.tasks import ClassificationConfig, ClassificationTask
 from server.config import load_experiment
 from server.federation import job_config
-from strategies import accounting, wire
+from protocol import accounting, wire
 
 # Opacus notes when the optimal RDP order sits at the edge of its grid (very large/small sigma)
 pytestmark = pytest.mark.filterwarnings("ignore:Optimal order is the")

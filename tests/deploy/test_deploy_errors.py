@@ -17,7 +17,7 @@ from medfed.certs import write_certs
 from medfed.deploy.preflight import (DeployError, check_port_free, check_server_certificates,
                                      check_superlink)
 from medfed.deploy.site import SiteSettings, node_config, node_config_arg
-from strategies import wire
+from protocol import wire
 
 from .conftest import free_port, run_medfed
 

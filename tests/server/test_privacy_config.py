@@ -8,8 +8,8 @@ from client.job import decode_job
 from models.tasks import ClassificationTask
 from server.config import ConfigError, load_experiment
 from server.federation import job_config
-from strategies import wire
-from strategies.accounting import ACCOUNTANTS
+from protocol import wire
+from protocol.accounting import ACCOUNTANTS
 
 # site-dp needs every one of the (three, in sim3) sites in every round
 SITEDP = ["privacy=sitedp", "strategy.min_train_sites=3"]

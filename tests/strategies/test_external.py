@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 from flwr.app import ConfigRecord, MessageType, RecordDict
 
-from strategies import wire
+from protocol import wire
 from strategies.external import ExternalSites
 
 ROLES = {1: "external", 2: "train", 4: "observer"}      # node 3 never answers

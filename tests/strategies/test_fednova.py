@@ -7,7 +7,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
 from server.config import ConfigError, load_experiment, validate
-from strategies import wire
+from protocol import wire
 from strategies.fednova import FedNova
 
 @pytest.fixture(autouse=True)

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from client.privacy.secagg import SecAggRefused, SiteSecAgg
-from strategies.secagg_crypto import (InvalidShare, agree, decrypt, encrypt, expand_mask,
+from protocol.secagg_crypto import (InvalidShare, agree, decrypt, encrypt, expand_mask,
                                       generate_private_key, public_bytes, recover_secret,
                                       share_secret)
-from strategies.secagg_encoding import Encoding, decode, encode
-from strategies.secagg_protocol import SecAggConfig, SecAggError, ServerRound, neighbours
+from protocol.secagg_encoding import Encoding, decode, encode
+from protocol.secagg_protocol import SecAggConfig, SecAggError, ServerRound, neighbours
 
 ENC = Encoding(clip_range=0.5, max_sites=10, max_weight=1000)
 
@@ -190,7 +190,7 @@ def test_masks_are_the_aes128_ctr_keystream_of_the_seed():
 
 
 def test_streamed_masks_equal_expanded_masks():
-    from strategies.secagg_crypto import apply_masks
+    from protocol.secagg_crypto import apply_masks
 
     n = 200_003
     masks = [(os.urandom(32), 1), (os.urandom(32), -1), (os.urandom(32), 1)]
@@ -212,7 +212,7 @@ def test_encoding_with_masks_is_encoding_plus_masks_across_pieces():
 
 
 def test_stochastic_rounding_is_unbiased_in_every_piece():
-    from strategies.secagg_crypto import CHUNK
+    from protocol.secagg_crypto import CHUNK
 
     n = 3 * CHUNK + 17
     units = 1234.3                                  # 30% of the way to the next integer
@@ -250,7 +250,7 @@ def test_shares_of_a_mask_key_recover_it_and_bad_shares_are_refused():
 def test_flat_delta_and_apply_delta_invert_each_other_over_mixed_arrays():
     from flwr.app import Array, ArrayRecord
 
-    from strategies.secagg import apply_delta, flat_delta, view
+    from protocol.arrays import apply_delta, flat_delta, view
 
     rng = np.random.default_rng(5)
     before = ArrayRecord({
@@ -293,7 +293,7 @@ def _round_until_unmask(n_sites=6, length=501, seed=9):
 
 
 def test_a_wrong_share_fails_the_round_instead_of_a_silent_garbage_aggregate():
-    from strategies.secagg_crypto import parse_share
+    from protocol.secagg_crypto import parse_share
 
     server, replies, _ = _round_until_unmask()
     liar = next(iter(replies))

@@ -69,7 +69,7 @@ def drop_at(stage: str, partition: int):
     """Site ``partition`` vanishes at ``stage``: "masked" (it trained but never sends its masked
     input: its pairwise masks must be removed via its key shares) or "unmask" (its masked input
     arrived; it does not answer the unmask request)."""
-    from strategies import wire
+    from protocol import wire
 
     def mod(msg, context, call_next):
         if msg.has_content() and int(context.node_config.get("partition-id", -1)) == partition:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from bench.secagg import _data, flower_round, ours_round
-from strategies.secagg_encoding import Encoding
+from protocol.secagg_encoding import Encoding
 
 SIZE = 4000
 FLOWER_STEP = 2 * 8.0 / 2**22        # Flower's defaults: clipping range 8, 2^22 levels

@@ -41,7 +41,7 @@ DP_NOISE_MULTIPLIER = "dp-noise-multiplier"  # > 0: use this sigma instead of ca
 DP_MAX_GRAD_NORM = "dp-max-grad-norm"    # dp-sgd: per-sample clipping bound C
 DP_SAMPLE_RATE = "dp-sample-rate"        # dp-sgd: Poisson rate q; 0 -> batch-size / n
 DP_PLANNED_ROUNDS = "dp-planned-rounds"  # rounds the run plans (calibration, budget check)
-DP_ACCOUNTANT = "dp-accountant"          # strategies.accounting.ACCOUNTANTS
+DP_ACCOUNTANT = "dp-accountant"          # protocol.accounting.ACCOUNTANTS
 # site-dp: the clipping bound travels under Flower's own key (fixedclipping_mod reads it)
 DP_CLIPPING_NORM = "clipping_norm"
 DP_UNIT_WEIGHT = "dp-unit-weight"        # site-dp: 1.0 per site (noise calibrated to equal weights)

@@ -1,0 +1,341 @@
+"""True 3D volumes from DICOM series: headers first, pixels only for series that pass.
+
+A series (SeriesInstanceUID) is a set of 2D planes: one per single-frame file, or one per frame
+of an enhanced multi-frame file (PerFrame/SharedFunctionalGroupsSequence). Every check that can
+refuse a series — size limits, orientation, spacing, tilt, missing slices — runs on headers read
+with ``stop_before_pixels``; pixel data of a refused series is never decoded. Each refusal is
+counted under a reason, never silently dropped.
+
+Nothing identifying leaves this module: a :class:`Volume` carries keyed pseudonyms of the study,
+patient and series, and neither it, the counts, the logs nor the exceptions name a file, a UID
+or a patient. The voxel convention and the affine are those of :mod:`client.data.geometry`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import apply_modality_lut
+
+from .dicom import pseudonym
+from .geometry import GeometryError, GeometryTolerance, Plane, stack_planes
+
+log = logging.getLogger(__name__)
+
+# SOP classes that hold cross-sectional slices (projection X-ray and ultrasound do not).
+VOLUME_SOP_CLASSES = frozenset({
+    "1.2.840.10008.5.1.4.1.1.2",        # CT Image Storage
+    "1.2.840.10008.5.1.4.1.1.2.1",      # Enhanced CT Image Storage
+    "1.2.840.10008.5.1.4.1.1.2.2",      # Legacy Converted Enhanced CT Image Storage
+    "1.2.840.10008.5.1.4.1.1.4",        # MR Image Storage
+    "1.2.840.10008.5.1.4.1.1.4.1",      # Enhanced MR Image Storage
+    "1.2.840.10008.5.1.4.1.1.4.4",      # Legacy Converted Enhanced MR Image Storage
+    "1.2.840.10008.5.1.4.1.1.128",      # PET Image Storage
+    "1.2.840.10008.5.1.4.1.1.130",      # Enhanced PET Image Storage
+    "1.2.840.10008.5.1.4.1.1.128.1",    # Legacy Converted Enhanced PET Image Storage
+})
+
+Select = Callable[[Dataset], "str | None"]
+"""A layout's series classifier: header of a series' first file -> label, or None to skip."""
+
+
+@dataclass(frozen=True)
+class VolumeLimits:
+    """Caps checked on header values before any pixel is decoded (a hostile or corrupt header
+    can claim gigabytes); a series over any of them is skipped as ``too_large``."""
+
+    max_rows: int = 4096
+    max_columns: int = 4096
+    max_slices: int = 4096                  # planes in one series (files or frames)
+    max_bytes: int = 2 * 1024**3            # stored bytes of a file, float32 bytes of a volume
+
+    def __post_init__(self):
+        if min(self.max_rows, self.max_columns, self.max_slices, self.max_bytes) < 1:
+            raise ValueError("volume limits must be positive")
+
+
+@dataclass
+class Volume:
+    """One series as a 3D array of physical values (modality LUT applied); no PHI.
+
+    ``array[k, j, i]`` is ``[Z, Y, X]``: slices ascending along the slice normal, rows, columns
+    (see :mod:`client.data.geometry`); ``affine`` maps ``(k, j, i, 1)`` to LPS millimetres.
+    """
+
+    array: np.ndarray                        # [Z, Y, X] float32
+    spacing: tuple[float, float, float]      # (dz, dy, dx) mm
+    affine: np.ndarray                       # [4, 4] float64, LPS
+    modality: str                            # CT, MR, PT
+    label: str                               # what the layout's ``select`` called the series
+    study_key: str
+    patient_key: str
+    series_key: str
+
+
+@dataclass
+class VolumeCounts:
+    """What was read and skipped; counts only, safe to log and report.
+
+    ``files_skipped`` counts files that could not join any series (``not_dicom``,
+    ``unreadable``, ``missing_uid``); ``skipped`` counts whole series by reason.
+    """
+
+    files: int = 0
+    series: int = 0
+    volumes: int = 0
+    files_skipped: Counter = field(default_factory=Counter)
+    skipped: Counter = field(default_factory=Counter)
+
+    def as_dict(self) -> dict:
+        return {k: dict(v) if isinstance(v, Counter) else v for k, v in self.__dict__.items()}
+
+
+class _Skip(Exception):
+    """A series is refused; ``reason`` is counted (the message never holds identifiers)."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class _Frame:
+    """One plane of a series: which header (and frame in it) and how to rescale it."""
+
+    header: int
+    frame: int | None                        # None for a single-frame file
+    plane: Plane
+    slope: float
+    intercept: float
+
+
+def _floats(value, n: int) -> tuple[float, ...]:
+    """``n`` finite floats from a DS/FD value, or skip the series as ``bad_header``."""
+    try:
+        out = tuple(float(v) for v in (value if n > 1 else [value]))
+    except (TypeError, ValueError):
+        raise _Skip("bad_header") from None
+    if len(out) != n or not all(np.isfinite(out)):
+        raise _Skip("bad_header")
+    return out
+
+
+def _scalar(value, default: float) -> float:
+    """A rescale value, ``default`` when absent or empty."""
+    return default if value is None or value == "" else _floats(value, 1)[0]
+
+
+def _group_value(items: Sequence[Dataset | None], sequence: str, keyword: str):
+    """First value of ``keyword`` inside functional group ``sequence`` of the given items
+    (per-frame item first, then shared), or None."""
+    for item in items:
+        if item is not None and sequence in item and len(item[sequence].value) > 0:
+            inner = item[sequence].value[0]
+            if keyword in inner and inner[keyword].value is not None:
+                return inner[keyword].value
+    return None
+
+
+def _int(ds: Dataset, keyword: str, default: int) -> int:
+    """An integer header value; a malformed one skips the series as ``bad_header`` (so does
+    an absent Rows/Columns, which the caller sees as 0)."""
+    value = ds.get(keyword, default)
+    try:
+        return int(value if value not in (None, "") else default)
+    except (TypeError, ValueError):
+        raise _Skip("bad_header") from None
+
+
+def _plane(position, orientation, spacing, shape: tuple[int, int]) -> Plane:
+    if position is None or orientation is None or spacing is None:
+        raise _Skip("missing_geometry")
+    cosines = _floats(orientation, 6)
+    return Plane(_floats(position, 3), cosines[:3], cosines[3:], _floats(spacing, 2), shape)
+
+
+def _frames_of(ds: Dataset, index: int, limits: VolumeLimits) -> list[_Frame]:
+    """The planes of one header, after the size caps (which need no pixel data)."""
+    rows, cols = _int(ds, "Rows", 0), _int(ds, "Columns", 0)
+    n_frames = _int(ds, "NumberOfFrames", 1)
+    bits, samples = _int(ds, "BitsAllocated", 16), _int(ds, "SamplesPerPixel", 1)
+    if min(rows, cols, n_frames, bits) < 1:
+        raise _Skip("bad_header")
+    if rows > limits.max_rows or cols > limits.max_columns or n_frames > limits.max_slices \
+            or rows * cols * n_frames * samples * ((bits + 7) // 8) > limits.max_bytes:
+        raise _Skip("too_large")
+    if samples != 1:
+        raise _Skip("not_monochrome")
+    shape = (rows, cols)
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    if n_frames == 1 and per_frame is None:
+        plane = _plane(ds.get("ImagePositionPatient"), ds.get("ImageOrientationPatient"),
+                       ds.get("PixelSpacing"), shape)
+        return [_Frame(index, None, plane, _scalar(ds.get("RescaleSlope"), 1.0),
+                       _scalar(ds.get("RescaleIntercept"), 0.0))]
+    if per_frame is None or len(per_frame) != n_frames:
+        # legacy multi-frame without per-frame positions: no way to place the frames
+        raise _Skip("missing_geometry")
+    shared_seq = ds.get("SharedFunctionalGroupsSequence")
+    shared = shared_seq[0] if shared_seq else None
+    frames = []
+    for f, item in enumerate(per_frame):
+        groups = (item, shared)
+        plane = _plane(_group_value(groups, "PlanePositionSequence", "ImagePositionPatient"),
+                       _group_value(groups, "PlaneOrientationSequence", "ImageOrientationPatient"),
+                       _group_value(groups, "PixelMeasuresSequence", "PixelSpacing"), shape)
+        slope = _group_value(groups, "PixelValueTransformationSequence", "RescaleSlope")
+        intercept = _group_value(groups, "PixelValueTransformationSequence", "RescaleIntercept")
+        frames.append(_Frame(index, f, plane, _scalar(slope, 1.0), _scalar(intercept, 0.0)))
+    return frames
+
+
+def _decode(ds: Dataset, frames: list[_Frame]) -> list[np.ndarray]:
+    """Physical-value planes ``[Y, X]`` float32 for ``frames`` of one fully read file."""
+    try:
+        pixels = ds.pixel_array
+    except Exception:  # noqa: BLE001 - truncated data, missing codec, bad VR
+        raise _Skip("pixel_decode_error") from None
+    rows, cols = frames[0].plane.shape
+    stacked = frames[0].frame is not None
+    if stacked and pixels.ndim == 2:
+        pixels = pixels[None]                 # pydicom drops the frame axis of a 1-frame file
+    if pixels.shape != ((_int(ds, "NumberOfFrames", 1),) if stacked else ()) + (rows, cols):
+        raise _Skip("pixel_decode_error")
+    out = []
+    for fr in frames:
+        stored = pixels[fr.frame] if stacked else pixels
+        if not stacked and "ModalityLUTSequence" in ds:
+            value = apply_modality_lut(stored, ds).astype(np.float64)
+        else:
+            # float64 so stored * slope + intercept is exact before the one rounding to float32
+            value = stored.astype(np.float64) * fr.slope + fr.intercept
+        out.append(value.astype(np.float32))
+    return out
+
+
+def _series_volume(headers: Sequence[Dataset], members: list[int], load: Callable[[int], Dataset],
+                   limits: VolumeLimits, tol: GeometryTolerance, label: str) -> Volume:
+    """Check one series on its headers, then decode it; raises ``_Skip``."""
+    first = headers[members[0]]
+    if any(str(headers[i].get("SOPClassUID", "")) not in VOLUME_SOP_CLASSES for i in members):
+        raise _Skip("not_volumetric")
+    frames = [fr for i in members for fr in _frames_of(headers[i], i, limits)]
+    if len(frames) > limits.max_slices:
+        raise _Skip("too_large")
+    rows, cols = frames[0].plane.shape
+    if len(frames) * rows * cols * 4 > limits.max_bytes:
+        raise _Skip("too_large")
+    try:
+        stack = stack_planes([fr.plane for fr in frames], tol)
+    except GeometryError as err:
+        raise _Skip(err.reason) from None
+    slot = {k: z for z, k in enumerate(stack.order)}                # plane -> slice index
+    array = np.empty((len(frames), rows, cols), dtype=np.float32)    # [Z, Y, X]
+    for i in members:
+        mine = [k for k, fr in enumerate(frames) if fr.header == i]
+        full = load(i)
+        for k, plane in zip(mine, _decode(full, [frames[k] for k in mine])):
+            array[slot[k]] = plane
+        del full                              # one file's pixels in memory at a time
+    if not np.all(np.isfinite(array)):
+        raise _Skip("pixel_decode_error")
+    study_uid = str(first.get("StudyInstanceUID", ""))
+    return Volume(array=array, spacing=stack.spacing, affine=stack.affine,
+                  modality=str(first.get("Modality", "")), label=label,
+                  study_key=pseudonym("study", study_uid),
+                  patient_key=pseudonym("patient", str(first.get("PatientID", "")) or study_uid),
+                  series_key=pseudonym("series", str(first.SeriesInstanceUID)))
+
+
+def assemble_volumes(headers: Sequence[Dataset], load: Callable[[int], Dataset] | None = None, *,
+                     limits: VolumeLimits = VolumeLimits(),
+                     tolerance: GeometryTolerance = GeometryTolerance(),
+                     select: Select | None = None,
+                     counts: VolumeCounts | None = None) -> tuple[list[Volume], VolumeCounts]:
+    """Group headers into series and turn each series that passes every check into a Volume.
+
+    Parameters
+    ----------
+    headers : sequence of pydicom Dataset
+        One header per file, typically read with ``stop_before_pixels=True``.
+    load : callable, optional
+        ``load(i)`` returns file ``i`` with its pixel data; called only for series that passed
+        every header check. Default: ``headers[i]`` itself (datasets already hold pixels).
+    limits, tolerance
+        Size caps and geometry tolerances.
+    select : callable, optional
+        The layout's classifier, called with the first header of a series before any check;
+        ``None`` from it skips the series as ``not_selected``. Default: keep every series.
+    counts : VolumeCounts, optional
+        Counts to add to (e.g. those of a directory walk); a new one by default.
+
+    Returns
+    -------
+    volumes, counts
+        Volumes in a deterministic order (by series pseudonym) and the counts by reason.
+    """
+    counts = counts if counts is not None else VolumeCounts()
+    load = load if load is not None else headers.__getitem__
+    series: dict[str, list[int]] = {}
+    for i, ds in enumerate(headers):
+        uid = str(ds.get("SeriesInstanceUID", "") or "")
+        if not uid:
+            counts.files_skipped["missing_uid"] += 1
+            continue
+        series.setdefault(uid, []).append(i)
+    volumes = []
+    for uid, members in sorted(series.items(), key=lambda kv: pseudonym("series", kv[0])):
+        counts.series += 1
+        try:
+            label = select(headers[members[0]]) if select is not None else ""
+            if label is None:
+                raise _Skip("not_selected")
+            volumes.append(_series_volume(headers, members, load, limits, tolerance, label))
+        except _Skip as skip:
+            counts.skipped[skip.reason] += 1
+            log.debug("series skipped: %s", skip.reason)
+            continue
+        counts.volumes += 1
+    return volumes, counts
+
+
+def read_volumes(paths: Sequence[Path], **options) -> tuple[list[Volume], VolumeCounts]:
+    """Read the files at ``paths`` as volumes: headers first, pixels only for passing series.
+
+    ``options`` are the keyword arguments of :func:`assemble_volumes` (limits, tolerance,
+    select). Unreadable and non-DICOM files are counted in ``files_skipped``.
+    """
+    counts = VolumeCounts()
+    headers, kept = [], []
+    for path in paths:
+        counts.files += 1
+        try:
+            headers.append(pydicom.dcmread(path, stop_before_pixels=True))
+        except InvalidDicomError:
+            counts.files_skipped["not_dicom"] += 1
+            continue
+        except Exception:  # noqa: BLE001 - a corrupt file must never stop a site
+            counts.files_skipped["unreadable"] += 1
+            continue
+        kept.append(path)
+
+    def load(i: int) -> Dataset:
+        try:
+            return pydicom.dcmread(kept[i])
+        except Exception:  # noqa: BLE001 - changed or truncated since its header was read
+            raise _Skip("pixel_decode_error") from None
+
+    return assemble_volumes(headers, load, counts=counts, **options)
+
+
+def read_volume_directory(dicom_dir: Path, **options) -> tuple[list[Volume], VolumeCounts]:
+    """:func:`read_volumes` over every regular file under ``dicom_dir`` (sorted, recursive)."""
+    return read_volumes(sorted(p for p in Path(dicom_dir).rglob("*") if p.is_file()), **options)

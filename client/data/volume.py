@@ -23,10 +23,13 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.pixels import apply_modality_lut
 
 from .dicom import pseudonym
-from .geometry import GeometryError, GeometryTolerance, Plane, stack_planes
+from .frames import SeriesSkip, VolumeLimits, decode_frames, frames_of
+from .geometry import GeometryError, GeometryTolerance, stack_planes
+
+__all__ = ["VOLUME_SOP_CLASSES", "Volume", "VolumeCounts", "VolumeLimits", "assemble_volumes",
+           "read_volume_directory", "read_volumes"]
 
 log = logging.getLogger(__name__)
 
@@ -45,21 +48,6 @@ VOLUME_SOP_CLASSES = frozenset({
 
 Select = Callable[[Dataset], "str | None"]
 """A layout's series classifier: header of a series' first file -> label, or None to skip."""
-
-
-@dataclass(frozen=True)
-class VolumeLimits:
-    """Caps checked on header values before any pixel is decoded (a hostile or corrupt header
-    can claim gigabytes); a series over any of them is skipped as ``too_large``."""
-
-    max_rows: int = 4096
-    max_columns: int = 4096
-    max_slices: int = 4096                  # planes in one series (files or frames)
-    max_bytes: int = 2 * 1024**3            # stored bytes of a file, float32 bytes of a volume
-
-    def __post_init__(self):
-        if min(self.max_rows, self.max_columns, self.max_slices, self.max_bytes) < 1:
-            raise ValueError("volume limits must be positive")
 
 
 @dataclass
@@ -85,7 +73,12 @@ class VolumeCounts:
     """What was read and skipped; counts only, safe to log and report.
 
     ``files_skipped`` counts files that could not join any series (``not_dicom``,
-    ``unreadable``, ``missing_uid``); ``skipped`` counts whole series by reason.
+    ``unreadable``, ``missing_uid``); ``skipped`` counts whole series by reason:
+    ``not_selected`` (the layout's ``select``), ``not_volumetric`` (SOP class), ``too_large``,
+    ``not_monochrome``, ``bad_header`` (absent or malformed value), ``missing_geometry``,
+    ``pixel_decode_error``, and the geometry reasons of
+    :func:`client.data.geometry.stack_planes` (``single_slice``, ``mixed_orientation``,
+    ``duplicate_position``, ``gantry_tilt``, ``missing_slice``, ``inconsistent_spacing`` ...).
     """
 
     files: int = 0
@@ -98,155 +91,32 @@ class VolumeCounts:
         return {k: dict(v) if isinstance(v, Counter) else v for k, v in self.__dict__.items()}
 
 
-class _Skip(Exception):
-    """A series is refused; ``reason`` is counted (the message never holds identifiers)."""
-
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
-
-
-@dataclass(frozen=True)
-class _Frame:
-    """One plane of a series: which header (and frame in it) and how to rescale it."""
-
-    header: int
-    frame: int | None                        # None for a single-frame file
-    plane: Plane
-    slope: float
-    intercept: float
-
-
-def _floats(value, n: int) -> tuple[float, ...]:
-    """``n`` finite floats from a DS/FD value, or skip the series as ``bad_header``."""
-    try:
-        out = tuple(float(v) for v in (value if n > 1 else [value]))
-    except (TypeError, ValueError):
-        raise _Skip("bad_header") from None
-    if len(out) != n or not all(np.isfinite(out)):
-        raise _Skip("bad_header")
-    return out
-
-
-def _scalar(value, default: float) -> float:
-    """A rescale value, ``default`` when absent or empty."""
-    return default if value is None or value == "" else _floats(value, 1)[0]
-
-
-def _group_value(items: Sequence[Dataset | None], sequence: str, keyword: str):
-    """First value of ``keyword`` inside functional group ``sequence`` of the given items
-    (per-frame item first, then shared), or None."""
-    for item in items:
-        if item is not None and sequence in item and len(item[sequence].value) > 0:
-            inner = item[sequence].value[0]
-            if keyword in inner and inner[keyword].value is not None:
-                return inner[keyword].value
-    return None
-
-
-def _int(ds: Dataset, keyword: str, default: int) -> int:
-    """An integer header value; a malformed one skips the series as ``bad_header`` (so does
-    an absent Rows/Columns, which the caller sees as 0)."""
-    value = ds.get(keyword, default)
-    try:
-        return int(value if value not in (None, "") else default)
-    except (TypeError, ValueError):
-        raise _Skip("bad_header") from None
-
-
-def _plane(position, orientation, spacing, shape: tuple[int, int]) -> Plane:
-    if position is None or orientation is None or spacing is None:
-        raise _Skip("missing_geometry")
-    cosines = _floats(orientation, 6)
-    return Plane(_floats(position, 3), cosines[:3], cosines[3:], _floats(spacing, 2), shape)
-
-
-def _frames_of(ds: Dataset, index: int, limits: VolumeLimits) -> list[_Frame]:
-    """The planes of one header, after the size caps (which need no pixel data)."""
-    rows, cols = _int(ds, "Rows", 0), _int(ds, "Columns", 0)
-    n_frames = _int(ds, "NumberOfFrames", 1)
-    bits, samples = _int(ds, "BitsAllocated", 16), _int(ds, "SamplesPerPixel", 1)
-    if min(rows, cols, n_frames, bits) < 1:
-        raise _Skip("bad_header")
-    if rows > limits.max_rows or cols > limits.max_columns or n_frames > limits.max_slices \
-            or rows * cols * n_frames * samples * ((bits + 7) // 8) > limits.max_bytes:
-        raise _Skip("too_large")
-    if samples != 1:
-        raise _Skip("not_monochrome")
-    shape = (rows, cols)
-    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
-    if n_frames == 1 and per_frame is None:
-        plane = _plane(ds.get("ImagePositionPatient"), ds.get("ImageOrientationPatient"),
-                       ds.get("PixelSpacing"), shape)
-        return [_Frame(index, None, plane, _scalar(ds.get("RescaleSlope"), 1.0),
-                       _scalar(ds.get("RescaleIntercept"), 0.0))]
-    if per_frame is None or len(per_frame) != n_frames:
-        # legacy multi-frame without per-frame positions: no way to place the frames
-        raise _Skip("missing_geometry")
-    shared_seq = ds.get("SharedFunctionalGroupsSequence")
-    shared = shared_seq[0] if shared_seq else None
-    frames = []
-    for f, item in enumerate(per_frame):
-        groups = (item, shared)
-        plane = _plane(_group_value(groups, "PlanePositionSequence", "ImagePositionPatient"),
-                       _group_value(groups, "PlaneOrientationSequence", "ImageOrientationPatient"),
-                       _group_value(groups, "PixelMeasuresSequence", "PixelSpacing"), shape)
-        slope = _group_value(groups, "PixelValueTransformationSequence", "RescaleSlope")
-        intercept = _group_value(groups, "PixelValueTransformationSequence", "RescaleIntercept")
-        frames.append(_Frame(index, f, plane, _scalar(slope, 1.0), _scalar(intercept, 0.0)))
-    return frames
-
-
-def _decode(ds: Dataset, frames: list[_Frame]) -> list[np.ndarray]:
-    """Physical-value planes ``[Y, X]`` float32 for ``frames`` of one fully read file."""
-    try:
-        pixels = ds.pixel_array
-    except Exception:  # noqa: BLE001 - truncated data, missing codec, bad VR
-        raise _Skip("pixel_decode_error") from None
-    rows, cols = frames[0].plane.shape
-    stacked = frames[0].frame is not None
-    if stacked and pixels.ndim == 2:
-        pixels = pixels[None]                 # pydicom drops the frame axis of a 1-frame file
-    if pixels.shape != ((_int(ds, "NumberOfFrames", 1),) if stacked else ()) + (rows, cols):
-        raise _Skip("pixel_decode_error")
-    out = []
-    for fr in frames:
-        stored = pixels[fr.frame] if stacked else pixels
-        if not stacked and "ModalityLUTSequence" in ds:
-            value = apply_modality_lut(stored, ds).astype(np.float64)
-        else:
-            # float64 so stored * slope + intercept is exact before the one rounding to float32
-            value = stored.astype(np.float64) * fr.slope + fr.intercept
-        out.append(value.astype(np.float32))
-    return out
-
-
 def _series_volume(headers: Sequence[Dataset], members: list[int], load: Callable[[int], Dataset],
                    limits: VolumeLimits, tol: GeometryTolerance, label: str) -> Volume:
-    """Check one series on its headers, then decode it; raises ``_Skip``."""
+    """Check one series on its headers, then decode it; raises ``SeriesSkip``."""
     first = headers[members[0]]
     if any(str(headers[i].get("SOPClassUID", "")) not in VOLUME_SOP_CLASSES for i in members):
-        raise _Skip("not_volumetric")
-    frames = [fr for i in members for fr in _frames_of(headers[i], i, limits)]
+        raise SeriesSkip("not_volumetric")
+    frames = [fr for i in members for fr in frames_of(headers[i], i, limits)]
     if len(frames) > limits.max_slices:
-        raise _Skip("too_large")
+        raise SeriesSkip("too_large")
     rows, cols = frames[0].plane.shape
     if len(frames) * rows * cols * 4 > limits.max_bytes:
-        raise _Skip("too_large")
+        raise SeriesSkip("too_large")
     try:
         stack = stack_planes([fr.plane for fr in frames], tol)
     except GeometryError as err:
-        raise _Skip(err.reason) from None
+        raise SeriesSkip(err.reason) from None
     slot = {k: z for z, k in enumerate(stack.order)}                # plane -> slice index
     array = np.empty((len(frames), rows, cols), dtype=np.float32)    # [Z, Y, X]
     for i in members:
         mine = [k for k, fr in enumerate(frames) if fr.header == i]
         full = load(i)
-        for k, plane in zip(mine, _decode(full, [frames[k] for k in mine])):
+        for k, plane in zip(mine, decode_frames(full, [frames[k] for k in mine])):
             array[slot[k]] = plane
         del full                              # one file's pixels in memory at a time
     if not np.all(np.isfinite(array)):
-        raise _Skip("pixel_decode_error")
+        raise SeriesSkip("pixel_decode_error")
     study_uid = str(first.get("StudyInstanceUID", ""))
     return Volume(array=array, spacing=stack.spacing, affine=stack.affine,
                   modality=str(first.get("Modality", "")), label=label,
@@ -297,9 +167,9 @@ def assemble_volumes(headers: Sequence[Dataset], load: Callable[[int], Dataset] 
         try:
             label = select(headers[members[0]]) if select is not None else ""
             if label is None:
-                raise _Skip("not_selected")
+                raise SeriesSkip("not_selected")
             volumes.append(_series_volume(headers, members, load, limits, tolerance, label))
-        except _Skip as skip:
+        except SeriesSkip as skip:
             counts.skipped[skip.reason] += 1
             log.debug("series skipped: %s", skip.reason)
             continue
@@ -331,7 +201,7 @@ def read_volumes(paths: Sequence[Path], **options) -> tuple[list[Volume], Volume
         try:
             return pydicom.dcmread(kept[i])
         except Exception:  # noqa: BLE001 - changed or truncated since its header was read
-            raise _Skip("pixel_decode_error") from None
+            raise SeriesSkip("pixel_decode_error") from None
 
     return assemble_volumes(headers, load, counts=counts, **options)
 

@@ -1,0 +1,172 @@
+"""MM-DINOv2's multi-channel adaptation of a pretrained RGB vision encoder.
+
+The RGB patch embedding becomes one patch embedding per input channel (MRI sequence), each
+initialised from the pretrained kernel averaged over R, G and B; a learned channel embedding
+tells the channels apart; the family's position embeddings are interpolated to the layout's
+grid and shared by all channels (tokens of different channels at one location start alike,
+as in ``models.vit``); tokens of absent channels are masked out of attention as keys, and
+pooling ignores them. While training, a whole present channel is dropped with probability p
+(full-modality masking), so a missing sequence at inference is a case the model has seen.
+
+Interface identical to ``models.vit.MultiModalViT``: ``forward(images [B, S, H, W],
+present [B, S]) -> logits``, ``forward_features``, ``pool`` and a linear ``head``.
+
+DP-SGD (client/privacy/persample.py): every parameter this module adds lives in an
+``nn.Linear`` called once per forward pass with the sample as its first dimension - the
+per-channel patch embeddings, the channel embedding (a bias-free Linear applied to one-hot
+channel indicators) and the head - so LoRA fine-tuning is covered by the exact per-sample rule.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..tasks import drop_one_sequence
+from ..vit import patchify
+from .config import FoundationConfig
+from .loading import LoadedEncoder
+
+
+def channel_patch_kernel(weight: Tensor, bias: Tensor | None, patch: int
+                         ) -> tuple[Tensor, Tensor]:
+    """Pretrained ``[D, C, p0, p0]`` kernel -> one-channel ``([D, patch*patch], [D])``.
+
+    Averaged over the input colours. For another patch size the kernel is resampled
+    bilinearly and scaled by ``(p0 / patch)**2`` so a constant image gives the same response
+    (a simple stand-in for FlexiViT's pseudo-inverse resize).
+    """
+    kernel = weight.detach().float().mean(dim=1, keepdim=True)           # [D, 1, p0, p0]
+    p0 = kernel.shape[-1]
+    if patch != p0:
+        kernel = F.interpolate(kernel, size=(patch, patch), mode="bilinear",
+                               align_corners=False) * (p0 / patch) ** 2
+    b = torch.zeros(weight.shape[0]) if bias is None else bias.detach().float()
+    return kernel.reshape(weight.shape[0], patch * patch), b
+
+
+class ChannelEmbedding(nn.Module):
+    """Learned embedding per channel, ``[B, S, D]``.
+
+    A bias-free Linear on one-hot channel indicators rather than a bare Parameter: its
+    per-sample gradient is then the exact Linear rule DP-SGD already has.
+    """
+
+    def __init__(self, num_channels: int, dim: int):
+        super().__init__()
+        self.num_channels = num_channels
+        self.embed = nn.Linear(num_channels, dim, bias=False)
+        # Zero: at the start every channel is seen exactly as the pretrained encoder sees a
+        # grey image; the gradient with respect to a zero weight is not zero, so it learns.
+        nn.init.zeros_(self.embed.weight)
+
+    def forward(self, batch_size: int) -> Tensor:
+        eye = torch.eye(self.num_channels, dtype=self.embed.weight.dtype,
+                        device=self.embed.weight.device)
+        return self.embed(eye.expand(batch_size, -1, -1))                   # [B, S, D]
+
+
+class FoundationBackbone(nn.Module):
+    """A pretrained encoder over the patches of all present channels, with a class head.
+
+    Parameters
+    ----------
+    loaded : LoadedEncoder
+        From ``loading.load_encoder``.
+    config : FoundationConfig
+    """
+
+    def __init__(self, loaded: LoadedEncoder, config: FoundationConfig):
+        super().__init__()
+        self.config = config
+        self.family = loaded.family
+        self.seams = loaded.seams
+        self.encoder = loaded.encoder
+        family_patch = self.seams.patch_size(self.encoder)
+        self.patch_size = config.patch_size or family_patch
+        if config.image_size % self.patch_size:
+            raise ValueError(f"image_size {config.image_size} is not divisible by the patch size "
+                             f"{self.patch_size} (set patch_size to resize the {self.family} "
+                             f"kernel of {family_patch})")
+        self.grid = config.image_size // self.patch_size
+        dim = self.seams.hidden_size(self.encoder)
+        weight, bias = self.seams.patch_kernel(self.encoder)
+        kernel, kernel_bias = channel_patch_kernel(weight, bias, self.patch_size)
+        self.patch_embed = nn.ModuleList()
+        for _ in range(config.num_channels):
+            linear = nn.Linear(self.patch_size**2, dim)
+            with torch.no_grad():
+                linear.weight.copy_(kernel)
+                linear.bias.copy_(kernel_bias)
+            self.patch_embed.append(linear)
+        self.channel_embed = ChannelEmbedding(config.num_channels, dim)
+        pooled = 2 * dim if self.seams.has_cls else dim
+        self.head = nn.Linear(pooled, config.num_classes)
+        # Dead weights (the RGB projection, MAE's mask token, poolers, SAM's neck): frozen, so
+        # no optimiser or per-sample rule ever waits for a gradient that cannot come.
+        for part in self.seams.unused(self.encoder):
+            part.requires_grad_(False)
+
+    @property
+    def dp_unsupported(self) -> str | None:
+        """Why DP-SGD's per-sample rule does not hold for this family, or None."""
+        return self.seams.dp_unsupported
+
+    def check_input(self, images: Tensor) -> None:
+        s, size = self.config.num_channels, self.config.image_size
+        if images.ndim != 4 or tuple(images.shape[1:]) != (s, size, size):
+            raise ValueError(f"expected [B, {s}, {size}, {size}] input, got shape "
+                             f"{tuple(images.shape)}")
+
+    def attention_mask(self, present: Tensor) -> Tensor:
+        """``present [B, S]`` -> ``attend [B, (1)+S*N]`` (the CLS token always attendable)."""
+        per_token = present.bool().repeat_interleave(self.grid**2, dim=1)    # [B, S*N]
+        if self.seams.has_cls:
+            per_token = torch.cat([torch.ones_like(per_token[:, :1]), per_token], dim=1)
+        return per_token
+
+    def embed(self, images: Tensor) -> Tensor:
+        """``[B, S, H, W]`` -> tokens ``[B, (1)+S*N, D]`` with positions and channel identity."""
+        b, s = images.shape[:2]
+        patches = patchify(images, self.patch_size, 2)                       # [B, S, N, p*p]
+        per_channel = torch.stack([self.patch_embed[c](patches[:, c]) for c in range(s)], 1)
+        cls_pos, pos = self.seams.position_embedding(self.encoder, self.grid)  # [1, N, D]
+        tokens = per_channel + self.channel_embed(b)[:, :, None] + pos[:, None]  # [B, S, N, D]
+        tokens = tokens.reshape(b, -1, tokens.shape[-1])                      # [B, S*N, D]
+        cls = self.seams.cls_token(self.encoder)
+        if cls is None:
+            return tokens
+        cls = (cls + cls_pos).to(tokens.dtype).expand(b, -1, -1)              # [B, 1, D]
+        return torch.cat([cls, tokens], dim=1)
+
+    def forward_features(self, images: Tensor, present: Tensor) -> Tensor:
+        """``images [B, S, H, W]``, ``present [B, S]`` -> normalised tokens ``[B, (1)+S*N, D]``.
+
+        Absent channels must be zeroed in ``images`` (StudyDataset does); their tokens are
+        computed but no other token attends to them.
+        """
+        self.check_input(images)
+        tokens = self.embed(images)
+        return self.seams.encode(self.encoder, tokens, self.attention_mask(present),
+                                 self.config.num_channels, self.grid)
+
+    def pool(self, tokens: Tensor, present: Tensor) -> Tensor:
+        """``[B, T, D]`` -> ``[B, 2D]`` (CLS and mean over present tokens) or ``[B, D]``
+        (mean only, families without a CLS token)."""
+        weights = self.attention_mask(present).to(tokens.dtype)[..., None]    # [B, T, 1]
+        patch_tokens, patch_weights = tokens, weights
+        if self.seams.has_cls:
+            patch_tokens, patch_weights = tokens[:, 1:], weights[:, 1:]
+        mean = (patch_tokens * patch_weights).sum(1) / patch_weights.sum(1).clamp(min=1)
+        return torch.cat([tokens[:, 0], mean], dim=-1) if self.seams.has_cls else mean
+
+    def forward(self, images: Tensor, present: Tensor) -> Tensor:
+        """Class logits ``[B, num_classes]``; full-modality masking while training."""
+        if self.training and self.config.modality_dropout > 0:
+            # The same operation as the head tasks' sequence_dropout (one of the two suffices).
+            images, present = drop_one_sequence(images, present, self.config.modality_dropout)
+        return self.head(self.pool(self.forward_features(images, present), present))
+
+
+__all__ = ["ChannelEmbedding", "FoundationBackbone", "channel_patch_kernel"]

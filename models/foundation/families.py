@@ -1,0 +1,304 @@
+"""What each supported vision-encoder family provides at its own seams.
+
+One small class per family says where the family keeps its RGB patch projection, CLS token,
+position embeddings, transformer layers and final norm, and how to run those layers over an
+already-embedded token sequence with an attention mask. ``adapt.FoundationBackbone`` builds the
+multi-channel embedding and calls these seams; nothing here copies a family's forward pass.
+
+timm is not supported: timm needs torchvision, which cannot be installed beside this torch
+build. A timm checkpoint has to be converted to one of the Hugging Face families first.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class FamilySeams(Protocol):
+    """The seams of one encoder family (see module docstring)."""
+
+    name: ClassVar[str]
+    has_cls: ClassVar[bool]
+    lora_targets: ClassVar[tuple[str, ...]]     # attention projections LoRA adapts by default
+    dp_unsupported: ClassVar[str | None]        # why DP-SGD's per-sample rule cannot hold
+
+    def patch_kernel(self, encoder: nn.Module) -> tuple[Tensor, Tensor | None]:
+        """Pretrained patch projection as ``([D, C, p, p] weight, [D] bias or None)``."""
+
+    def patch_size(self, encoder: nn.Module) -> int: ...
+
+    def hidden_size(self, encoder: nn.Module) -> int: ...
+
+    def cls_token(self, encoder: nn.Module) -> Tensor | None:
+        """``[1, 1, D]`` or None for families without one."""
+
+    def position_embedding(self, encoder: nn.Module, grid: int) -> tuple[Tensor | None, Tensor]:
+        """``(CLS position [1, 1, D] or None, patch positions [1, grid*grid, D])``."""
+
+    def encode(self, encoder: nn.Module, tokens: Tensor, attend: Tensor,
+               num_channels: int, grid: int) -> Tensor:
+        """``tokens [B, T, D]``, ``attend [B, T]`` (keys that may be attended to) -> final,
+        normalised hidden states ``[B, T, D]``."""
+
+    def unused(self, encoder: nn.Module) -> list[nn.Module | nn.Parameter]:
+        """Parts of the loaded model our forward never uses (frozen, so nothing expects a
+        gradient for them)."""
+
+
+def _interpolate_grid(pos: Tensor, grid: int) -> Tensor:
+    """``[1, G*G, D]`` or ``[1, G, G, D]`` -> ``[1, grid*grid, D]`` (bicubic, as HF does)."""
+    d = pos.shape[-1]
+    side = int(round((pos.numel() // d) ** 0.5))
+    square = pos.reshape(1, side, side, d)
+    if side != grid:
+        square = F.interpolate(square.permute(0, 3, 1, 2).float(), size=(grid, grid),
+                               mode="bicubic", align_corners=False).permute(0, 2, 3, 1).to(pos)
+    return square.reshape(1, grid * grid, d)
+
+
+class _HFViTLike:
+    """HF ViT-style encoders: embeddings with ``interpolate_pos_encoding``, pre-norm layers
+    called as ``layer(hidden_states, attention_mask)``, a final LayerNorm."""
+
+    has_cls: ClassVar[bool] = True
+    dp_unsupported: ClassVar[str | None] = None
+
+    def patch_size(self, encoder):
+        p = encoder.config.patch_size
+        return int(p[0] if isinstance(p, (tuple, list)) else p)
+
+    def hidden_size(self, encoder):
+        return int(encoder.config.hidden_size)
+
+    def _projection(self, encoder) -> nn.Conv2d:
+        return encoder.embeddings.patch_embeddings.projection
+
+    def patch_kernel(self, encoder):
+        conv = self._projection(encoder)
+        return conv.weight, conv.bias
+
+    def cls_token(self, encoder):
+        return encoder.embeddings.cls_token
+
+    def position_embedding(self, encoder, grid):
+        # The family's own interpolation only reads the token count of its first argument and
+        # the pixel size; the pixel size is the family's patch times our grid, so it resamples
+        # to our grid whatever patch size our layout uses.
+        pixels = grid * self.patch_size(encoder)
+        d = self.hidden_size(encoder)
+        dummy = torch.empty(1, int(self.has_cls) + grid * grid, d, device="meta")
+        pos = encoder.embeddings.interpolate_pos_encoding(dummy, pixels, pixels)
+        if self.has_cls:
+            return pos[:, :1], pos[:, 1:]
+        return None, pos
+
+    def _layers(self, encoder):
+        return encoder.layers
+
+    def _pre_norm(self, encoder):
+        return None
+
+    def _post_norm(self, encoder):
+        return encoder.layernorm
+
+    def encode(self, encoder, tokens, attend, num_channels, grid):
+        from transformers.masking_utils import create_bidirectional_mask
+
+        # The family's own mask builder gives the format its attention implementation wants
+        # (additive float for eager, boolean for sdpa).
+        mask = create_bidirectional_mask(config=encoder.config, inputs_embeds=tokens,
+                                         attention_mask=attend)
+        pre = self._pre_norm(encoder)
+        x = pre(tokens) if pre is not None else tokens
+        for layer in self._layers(encoder):
+            x = layer(x, mask)     # positional, no extra kwargs: per-sample hooks see plain calls
+        return self._post_norm(encoder)(x)
+
+    def unused(self, encoder):
+        out = [self._projection(encoder)]
+        for name in ("mask_token",):
+            if getattr(encoder.embeddings, name, None) is not None:
+                out.append(getattr(encoder.embeddings, name))
+        if getattr(encoder, "pooler", None) is not None:
+            out.append(encoder.pooler)
+        return out
+
+
+class Dinov2Seams(_HFViTLike):
+    name = "dinov2"
+    lora_targets = ("q_proj", "v_proj")
+
+    def _layers(self, encoder):
+        return encoder.encoder.layer
+
+
+class ViTSeams(_HFViTLike):
+    name = "vit"
+    lora_targets = ("q_proj", "v_proj")
+
+
+class ViTMAESeams(_HFViTLike):
+    name = "vit_mae"
+    lora_targets = ("q_proj", "v_proj")
+    # MAE's random masking lives in its embeddings' forward, which is never called: the
+    # encoder sees every patch, as when an MAE encoder is fine-tuned.
+
+
+class CLIPSeams(_HFViTLike):
+    name = "clip"
+    lora_targets = ("q_proj", "v_proj")
+
+    def _projection(self, encoder):
+        return encoder.embeddings.patch_embedding
+
+    def cls_token(self, encoder):
+        return encoder.embeddings.class_embedding.reshape(1, 1, -1)
+
+    def _layers(self, encoder):
+        return encoder.encoder.layers
+
+    def _pre_norm(self, encoder):
+        return encoder.pre_layrnorm
+
+    def _post_norm(self, encoder):
+        # CLIP normalises only its pooled CLS; a LayerNorm is per token, so applying it to
+        # every token gives the same CLS and comparable patch features for the mean pool.
+        return encoder.post_layernorm
+
+
+class SiglipSeams(CLIPSeams):
+    name = "siglip"
+    has_cls = False          # SigLIP pools with its attention head; we mean-pool instead
+
+    def cls_token(self, encoder):
+        return None
+
+    def _pre_norm(self, encoder):
+        return None
+
+    def unused(self, encoder):
+        return super().unused(encoder) + ([encoder.head] if getattr(encoder, "head", None)
+                                          is not None else [])
+
+
+class SamSeams:
+    """SAM's image encoder: windowed attention over a ``[B, H, W, D]`` grid with relative
+    positions, and no attention-mask argument. Each channel is therefore encoded as its own
+    grid (channels folded into the batch) and fused by the pooled mean over present channels:
+    absent channels never meet the present ones, which is exact masking without a mask."""
+
+    name = "sam"
+    has_cls = False
+    lora_targets = ("qkv",)
+    dp_unsupported = ("SAM's windowed attention folds windows (and here channels) into the "
+                      "batch dimension, so a layer's input no longer has one row per sample; "
+                      "per-sample clipping needs a rule for grouped rows first")
+
+    def patch_size(self, encoder):
+        p = encoder.config.patch_size
+        return int(p[0] if isinstance(p, (tuple, list)) else p)
+
+    def hidden_size(self, encoder):
+        return int(encoder.config.hidden_size)
+
+    def patch_kernel(self, encoder):
+        conv = encoder.patch_embed.projection
+        return conv.weight, conv.bias
+
+    def cls_token(self, encoder):
+        return None
+
+    def position_embedding(self, encoder, grid):
+        if encoder.pos_embed is None:
+            return None, torch.zeros(1, grid * grid, self.hidden_size(encoder),
+                                     dtype=encoder.patch_embed.projection.weight.dtype)
+        return None, _interpolate_grid(encoder.pos_embed, grid)
+
+    def encode(self, encoder, tokens, attend, num_channels, grid):
+        b, t, d = tokens.shape
+        x = tokens.reshape(b * num_channels, grid, grid, d)           # [B*S, g, g, D]
+        for layer in encoder.layers:
+            x = layer(x)
+        return x.reshape(b, t, d)                                      # [B, S*N, D]
+
+    def unused(self, encoder):
+        return [encoder.patch_embed.projection, encoder.neck]
+
+
+class MonaiViTSeams:
+    """MONAI's ``ViT`` (2D): ``PatchEmbeddingBlock`` + ``TransformerBlock``s that take
+    ``attn_mask [B, T]`` (0 = masked) + ``norm``; CLS only when built with
+    ``classification=True``."""
+
+    name = "monai_vit"
+    lora_targets = ("qkv",)
+    dp_unsupported = None
+
+    def __init__(self, has_cls: bool = False, patch_size: int = 16):
+        # Instance-level, unlike the HF families: MONAI keeps neither in a config object, so
+        # the loader passes what the checkpoint's constructor arguments say.
+        self._has_cls = has_cls
+        self._patch_size = patch_size
+
+    @property
+    def has_cls(self) -> bool:
+        return self._has_cls
+
+    def patch_size(self, encoder):
+        return self._patch_size
+
+    def hidden_size(self, encoder):
+        return int(encoder.norm.normalized_shape[0])
+
+    def patch_kernel(self, encoder):
+        proj = encoder.patch_embedding.patch_embeddings
+        if isinstance(proj, nn.Conv2d):
+            return proj.weight, proj.bias
+        # perceptron: Rearrange "b c (h p1) (w p2) -> b (h w) (p1 p2 c)" then Linear
+        linear = proj[1]
+        p = self.patch_size(encoder)
+        c = linear.in_features // (p * p)
+        weight = linear.weight.reshape(-1, p, p, c).permute(0, 3, 1, 2)
+        return weight, linear.bias
+
+    def cls_token(self, encoder):
+        return encoder.cls_token if self._has_cls else None
+
+    def position_embedding(self, encoder, grid):
+        pos = _interpolate_grid(encoder.patch_embedding.position_embeddings, grid)
+        # MONAI adds positions to patches only; its CLS token carries none.
+        return (torch.zeros_like(pos[:, :1]) if self._has_cls else None), pos
+
+    def encode(self, encoder, tokens, attend, num_channels, grid):
+        x = tokens
+        for block in encoder.blocks:
+            x = block(x, None, attend)       # (x, context, attn_mask): positional on purpose
+        return encoder.norm(x)
+
+    def unused(self, encoder):
+        head = getattr(encoder, "classification_head", None)
+        return [encoder.patch_embedding.patch_embeddings] + ([head] if head is not None else [])
+
+
+FAMILIES: dict[str, type] = {cls.name: cls for cls in
+                             (Dinov2Seams, ViTSeams, ViTMAESeams, CLIPSeams, SiglipSeams,
+                              SamSeams, MonaiViTSeams)}
+
+
+def seams_for(family: str, **monai_args) -> FamilySeams:
+    """The seams object of ``family``; MONAI's needs its checkpoint's constructor arguments."""
+    if family not in FAMILIES:
+        raise ValueError(f"unsupported encoder family {family!r}; supported: "
+                         f"{', '.join(sorted(FAMILIES))}")
+    if family == MonaiViTSeams.name:
+        patch = monai_args.get("patch_size", 16)
+        return MonaiViTSeams(has_cls=bool(monai_args.get("classification", False)),
+                             patch_size=int(patch[0] if isinstance(patch, (list, tuple)) else patch))
+    return FAMILIES[family]()
+
+
+__all__ = ["FAMILIES", "FamilySeams", "seams_for"]

@@ -1,0 +1,260 @@
+"""Load a pretrained vision encoder from a LOCAL directory, refusing anything unexpected.
+
+Never a hub: ``local_files_only=True`` on every Hugging Face call, and a directory that does
+not exist is refused before transformers could read the name as a hub id. The architecture
+comes from the directory's ``config.json`` (``model_type`` -> family) and the weights must fit
+it exactly: transformers only warns about missing or unexpected keys, we refuse. Weights are
+read only from ``*.safetensors``; a pickle checkpoint (``pytorch_model.bin``, ``.pt``, ``.pth``)
+can run code when unpickled, so it is refused with the command that converts it
+(``convert_weights`` here; the ``medfed convert-weights SRC DST`` CLI wiring is still to do).
+
+MONAI's ``ViT`` has no ``save_pretrained``; its directory is our own small format
+(``save_monai_vit``): ``config.json`` = ``{"model_type": "monai_vit", "constructor": {...}}``
+plus ``model.safetensors``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .families import FamilySeams, seams_for
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+CONVERT_COMMAND = "medfed convert-weights SRC DST"
+MONAI_MODEL_TYPE = "monai_vit"
+# model_type in config.json -> (transformers class, attribute holding the vision encoder or
+# "" for the model itself, family)
+HF_MODEL_TYPES: dict[str, tuple[str, str, str]] = {
+    "dinov2": ("Dinov2Model", "", "dinov2"),
+    "vit": ("ViTModel", "", "vit"),
+    "vit_mae": ("ViTMAEModel", "", "vit_mae"),
+    "clip_vision_model": ("CLIPVisionModel", "", "clip"),
+    "clip": ("CLIPModel", "vision_model", "clip"),
+    "siglip_vision_model": ("SiglipVisionModel", "", "siglip"),
+    "siglip": ("SiglipModel", "vision_model", "siglip"),
+    "sam_vision_model": ("SamVisionModel", "vision_encoder", "sam"),
+    "sam": ("SamModel", "vision_encoder", "sam"),
+}
+# The constructor arguments of monai.networks.nets.ViT a checkpoint may set.
+MONAI_ARGS = ("in_channels", "img_size", "patch_size", "hidden_size", "mlp_dim", "num_layers",
+              "num_heads", "proj_type", "pos_embed_type", "classification", "num_classes",
+              "dropout_rate", "spatial_dims", "post_activation", "qkv_bias")
+
+
+class FoundationLoadError(ValueError):
+    """The directory does not hold an encoder we can load exactly; the message says why."""
+
+
+@dataclass
+class LoadedEncoder:
+    family: str                 # a key of families.FAMILIES
+    encoder: nn.Module          # the vision encoder only (a CLIP/SigLIP/SAM tower)
+    seams: FamilySeams
+
+
+def supported_model_types() -> list[str]:
+    return sorted([*HF_MODEL_TYPES, MONAI_MODEL_TYPE])
+
+
+def read_config(directory: str | Path) -> dict:
+    """``config.json`` of a weights directory, with one-line errors."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FoundationLoadError(f"foundation weights directory {directory} does not exist "
+                                  "(it must be a local directory; hub ids are never fetched)")
+    path = directory / CONFIG_FILE
+    if not path.is_file():
+        raise FoundationLoadError(f"{directory} has no {CONFIG_FILE}")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise FoundationLoadError(f"{path} is not valid JSON: {err}") from None
+    model_type = config.get("model_type")
+    if model_type not in HF_MODEL_TYPES and model_type != MONAI_MODEL_TYPE:
+        raise FoundationLoadError(f"unsupported model_type {model_type!r} in {path}; supported: "
+                                  f"{', '.join(supported_model_types())}")
+    return config
+
+
+def family_of(directory: str | Path) -> str:
+    """The encoder family a weights directory holds, from its ``config.json``."""
+    model_type = read_config(directory)["model_type"]
+    return MONAI_MODEL_TYPE if model_type == MONAI_MODEL_TYPE else HF_MODEL_TYPES[model_type][2]
+
+
+def check_weight_files(directory: Path) -> list[Path]:
+    """The ``*.safetensors`` files; refuse pickle-only directories with the conversion command."""
+    safe = sorted(directory.glob("*.safetensors"))
+    if safe:
+        return safe
+    pickles = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise FoundationLoadError(
+            f"{directory} holds only pickle weights ({', '.join(pickles)}), which are refused "
+            f"because unpickling can run code; convert them with `{CONVERT_COMMAND}` "
+            f"(models.foundation.loading.convert_weights) and point to DST")
+    raise FoundationLoadError(f"{directory} has no *.safetensors weights")
+
+
+def load_encoder(directory: str | Path, *, expected_family: str = "") -> LoadedEncoder:
+    """Load the vision encoder in ``directory`` exactly (every key present, no extra key,
+    every shape as the config says), in evaluation mode.
+
+    Parameters
+    ----------
+    directory : str or Path
+        A local ``save_pretrained`` directory (or ``save_monai_vit`` for MONAI).
+    expected_family : str
+        If set, the directory must hold this family.
+
+    Raises
+    ------
+    FoundationLoadError
+        Missing directory/config, unsupported class, pickle weights, weights not matching
+        the config.
+    """
+    directory = Path(directory)
+    config = read_config(directory)
+    check_weight_files(directory)
+    model_type = config["model_type"]
+    if model_type == MONAI_MODEL_TYPE:
+        loaded = _load_monai(directory, config)
+    else:
+        loaded = _load_hf(directory, model_type)
+    if expected_family and loaded.family != expected_family:
+        raise FoundationLoadError(f"{directory} holds a {loaded.family} encoder, but the "
+                                  f"configuration expects {expected_family}")
+    loaded.encoder.eval()
+    return loaded
+
+
+def _refuse_mismatch(directory: Path, missing, unexpected, mismatched) -> None:
+    problems = []
+    for what, keys in (("missing", missing), ("unexpected", unexpected),
+                       ("wrong shape", mismatched)):
+        keys = sorted(str(k) for k in keys)
+        if keys:
+            problems.append(f"{what} {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+                            f" ({len(keys)})")
+    if problems:
+        raise FoundationLoadError(f"weights in {directory} do not match its {CONFIG_FILE}: "
+                                  + "; ".join(problems))
+
+
+def _load_hf(directory: Path, model_type: str) -> LoadedEncoder:
+    import transformers
+
+    class_name, tower, family = HF_MODEL_TYPES[model_type]
+    cls = getattr(transformers, class_name)
+    # ignore_mismatched_sizes=True only so transformers reports the mismatch to us instead of
+    # raising a multi-line error; we refuse any mismatch just below.
+    model, info = cls.from_pretrained(str(directory), local_files_only=True,
+                                      use_safetensors=True, output_loading_info=True,
+                                      ignore_mismatched_sizes=True)
+    mismatched = [m[0] if isinstance(m, tuple) else m for m in info.get("mismatched_keys", ())]
+    _refuse_mismatch(directory, info.get("missing_keys", ()), info.get("unexpected_keys", ()),
+                     mismatched)
+    if info.get("error_msgs"):
+        raise FoundationLoadError(f"weights in {directory} failed to load: "
+                                  f"{info['error_msgs'][0]}")
+    encoder = getattr(model, tower) if tower else model
+    return LoadedEncoder(family, encoder, seams_for(family))
+
+
+def _load_monai(directory: Path, config: dict) -> LoadedEncoder:
+    from monai.networks.nets import ViT
+    from safetensors.torch import load_file
+
+    args = config.get("constructor")
+    if not isinstance(args, dict):
+        raise FoundationLoadError(f"{directory / CONFIG_FILE} has no 'constructor' object with "
+                                  "the monai.networks.nets.ViT arguments")
+    unknown = sorted(set(args) - set(MONAI_ARGS))
+    if unknown:
+        raise FoundationLoadError(f"unknown MONAI ViT argument(s) {unknown}; valid: "
+                                  f"{', '.join(MONAI_ARGS)}")
+    if int(args.get("spatial_dims", 3)) != 2:
+        raise FoundationLoadError("only 2D MONAI ViT encoders are supported "
+                                  f"(spatial_dims={args.get('spatial_dims', 3)})")
+    model = ViT(**args)
+    state: dict[str, Tensor] = {}
+    for path in check_weight_files(directory):
+        state |= load_file(str(path))
+    own = model.state_dict()
+    mismatched = [k for k in own.keys() & state.keys() if own[k].shape != state[k].shape]
+    _refuse_mismatch(directory, own.keys() - state.keys(), state.keys() - own.keys(), mismatched)
+    model.load_state_dict(state, strict=True)
+    return LoadedEncoder(MONAI_MODEL_TYPE, model, seams_for(MONAI_MODEL_TYPE, **args))
+
+
+def save_monai_vit(model: nn.Module, constructor: dict, directory: str | Path) -> Path:
+    """Write a MONAI ``ViT`` built with ``ViT(**constructor)`` in the layout ``load_encoder``
+    reads."""
+    from safetensors.torch import save_file
+
+    unknown = sorted(set(constructor) - set(MONAI_ARGS))
+    if unknown:
+        raise ValueError(f"unknown MONAI ViT argument(s) {unknown}")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / CONFIG_FILE).write_text(json.dumps(
+        {"model_type": MONAI_MODEL_TYPE, "constructor": constructor}, indent=2, sort_keys=True))
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+    return directory
+
+
+def convert_weights(src: str | Path, dst: str | Path) -> Path:
+    """Convert a pickle checkpoint to ``DST/model.safetensors`` without running its code.
+
+    ``src`` is a checkpoint file or a directory holding exactly one; JSON files next to it
+    (``config.json``, preprocessor configs) are copied, so DST is loadable as it stands.
+    ``torch.load(weights_only=True)`` unpickles tensors and plain containers only.
+    A checkpoint saved as ``{"state_dict": ...}`` or ``{"model": ...}`` is unwrapped.
+    """
+    from safetensors.torch import save_file
+
+    src, dst = Path(src), Path(dst)
+    if src.is_dir():
+        candidates = sorted(p for p in src.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if len(candidates) != 1:
+            raise FoundationLoadError(f"{src} must hold exactly one pickle checkpoint "
+                                      f"({', '.join(PICKLE_SUFFIXES)}), found {len(candidates)}")
+        file, folder = candidates[0], src
+    elif src.is_file():
+        file, folder = src, src.parent
+    else:
+        raise FoundationLoadError(f"{src} does not exist")
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:       # weights_only refuses arbitrary objects: say so, one line
+        raise FoundationLoadError(f"{file.name} is not a plain tensor checkpoint: "
+                                  f"{str(err).splitlines()[0]}") from None
+    for wrapper in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise FoundationLoadError(f"{file.name} is not a state dict of tensors")
+    dst.mkdir(parents=True, exist_ok=True)
+    for extra in folder.glob("*.json"):
+        if extra.parent != dst:
+            (dst / extra.name).write_text(extra.read_text())
+    # clone: safetensors refuses tensors that share storage (tied weights)
+    save_file({k: v.detach().clone().contiguous() for k, v in state.items()},
+              str(dst / WEIGHTS_FILE), metadata={"format": "pt"})
+    log.info("converted %d tensors to safetensors", len(state))
+    return dst
+
+
+__all__ = ["CONVERT_COMMAND", "FoundationLoadError", "LoadedEncoder", "convert_weights",
+           "family_of", "load_encoder", "save_monai_vit", "supported_model_types"]

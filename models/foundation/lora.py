@@ -1,0 +1,98 @@
+"""What of a foundation backbone trains: LoRA / DoRA / IA3 adapters (``peft``), everything,
+or the head only; which keys are frozen; and a digest of the frozen base weights.
+
+Whatever the method, the parts the adaptation created (per-channel patch embeddings, channel
+embedding, head) train - except for a linear probe, where only the head does. Frozen weights
+never change at a site, so they need not travel; the digest lets a run check once that every
+site starts from the same base weights.
+
+DP-SGD: LoRA's ``lora_A``/``lora_B`` are ``nn.Linear`` and covered by the exact per-sample
+rule. DoRA's magnitude vector and IA3's scaling vector are parameters of peft's own layer
+classes, for which ``client/privacy/persample.py`` has no rule yet: the clipper refuses them by
+name (never silently); they train without DP or after a rule is added there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+import torch
+from torch import nn
+
+from .adapt import FoundationBackbone
+from .config import METHODS
+
+# Parts of FoundationBackbone that the adaptation itself created.
+NEW_PARTS = ("patch_embed", "channel_embed", "head")
+
+
+def target_pattern(targets: tuple[str, ...]) -> str:
+    """Regex (peft matches it against full module names) for the named projections inside
+    the pretrained encoder only - never our own patch embeddings or head."""
+    names = "|".join(re.escape(t) for t in targets)
+    return rf"encoder\.(.*\.)?({names})"
+
+
+def apply_method(model: FoundationBackbone, method: str, *, rank: int = 8, alpha: float = 16.0,
+                 targets: tuple[str, ...] = (), dropout: float = 0.0) -> FoundationBackbone:
+    """Set what trains in ``model`` (in place) and return it.
+
+    Parameters
+    ----------
+    method : str
+        ``lora`` | ``dora`` | ``ia3`` (adapters on ``targets`` + new parts), ``full``
+        (everything but dead weights), ``linear_probe`` (head only).
+    targets : tuple of str
+        Module-name suffixes to adapt; empty = the family's default attention projections.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if method == "full":
+        return model        # dead weights were frozen when the backbone was built
+    targets = tuple(targets) or model.seams.lora_targets
+    if method in ("lora", "dora"):
+        from peft import LoraConfig, inject_adapter_in_model
+
+        config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout,
+                            use_dora=method == "dora", target_modules=target_pattern(targets))
+        model = inject_adapter_in_model(config, model)      # freezes all but the adapters
+    elif method == "ia3":
+        from peft import IA3Config, inject_adapter_in_model
+
+        # No feed-forward modules: IA3 scales the outputs of the attention projections.
+        config = IA3Config(target_modules=target_pattern(targets), feedforward_modules=[])
+        model = inject_adapter_in_model(config, model)
+    if method == "linear_probe":
+        model.requires_grad_(False)
+        model.head.requires_grad_(True)
+        return model
+    for part in NEW_PARTS:
+        getattr(model, part).requires_grad_(True)
+    return model
+
+
+def trainable_keys(model: nn.Module) -> list[str]:
+    """Names of parameters that train (what a site sends back)."""
+    return [name for name, p in model.named_parameters() if p.requires_grad]
+
+
+def frozen_keys(model: nn.Module) -> list[str]:
+    """Names of parameters that never change at a site."""
+    return [name for name, p in model.named_parameters() if not p.requires_grad]
+
+
+def frozen_digest(model: nn.Module) -> str:
+    """sha256 (hex) over the frozen parameters in sorted name order: name, dtype, shape and
+    raw bytes of each. Equal digests mean bit-identical frozen base weights."""
+    params = dict(model.named_parameters())
+    digest = hashlib.sha256()
+    for name in sorted(frozen_keys(model)):
+        t = params[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+__all__ = ["NEW_PARTS", "apply_method", "frozen_digest", "frozen_keys", "target_pattern",
+           "trainable_keys"]

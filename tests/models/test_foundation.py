@@ -1,0 +1,318 @@
+"""Bring-your-own foundation model: every supported family, built tiny from a config, saved to
+a local directory, loaded back strictly, adapted to 4 channels and fine-tuned with LoRA - with
+DP-SGD's per-sample gradients checked against the definition in float64."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from client.privacy.persample import PerSampleClipper, UnsupportedLayerError
+from models import MODELS, TASKS
+from models.foundation.adapt import FoundationBackbone
+from models.foundation.config import FoundationConfig
+from models.foundation.loading import (CONVERT_COMMAND, FoundationLoadError, convert_weights,
+                                       load_encoder, save_monai_vit)
+from models.foundation.lora import frozen_digest, frozen_keys, trainable_keys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")     # never a hub, even by accident
+import transformers  # noqa: E402
+
+TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+            patch_size=8)
+MONAI_TINY = dict(in_channels=3, img_size=32, patch_size=8, hidden_size=32, mlp_dim=64,
+                  num_layers=2, num_heads=2, spatial_dims=2, classification=True, qkv_bias=True)
+FAMILIES = ["dinov2", "vit", "vit_mae", "clip", "siglip", "sam", "monai_vit"]
+S, B = 4, 2
+ATOL = 1e-10
+
+
+def _hf_model(family: str):
+    t = transformers
+    if family == "dinov2":
+        return t.Dinov2Model(t.Dinov2Config(**TINY, mlp_ratio=2))
+    if family == "vit":
+        return t.ViTModel(t.ViTConfig(**TINY, intermediate_size=64))
+    if family == "vit_mae":
+        return t.ViTMAEModel(t.ViTMAEConfig(**TINY, intermediate_size=64))
+    if family == "clip":     # the full image-text model: the loader takes its vision tower
+        text = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                    intermediate_size=64, vocab_size=64, bos_token_id=0, eos_token_id=1)
+        return t.CLIPModel(t.CLIPConfig(text_config=text, projection_dim=16,
+                                        vision_config=dict(TINY, intermediate_size=64)))
+    if family == "siglip":
+        return t.SiglipVisionModel(t.SiglipVisionConfig(**TINY, intermediate_size=64))
+    if family == "sam":      # window 2 divides the 4x4 grid; layer 1 attends globally
+        vision = dict(TINY, mlp_dim=64, window_size=2, global_attn_indexes=[1],
+                      output_channels=16)
+        return t.SamModel(t.SamConfig(vision_config=vision))
+    raise AssertionError(family)
+
+
+def _save(family: str, directory) -> None:
+    torch.manual_seed(FAMILIES.index(family))
+    if family == "monai_vit":
+        from monai.networks.nets import ViT
+
+        save_monai_vit(ViT(**MONAI_TINY), MONAI_TINY, directory)
+    else:
+        model = _hf_model(family)
+        with torch.no_grad():    # some families init positions (SAM: its patch kernel) to
+            for name, p in model.named_parameters():     # ~zero: make them matter
+                if "pos" in name or (p.dim() > 1 and p.abs().max() < 1e-6):
+                    p.normal_(std=0.1)
+        model.save_pretrained(directory)
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    """One saved directory per family (module-scoped: saving is the slow part)."""
+    root = tmp_path_factory.mktemp("foundation")
+    out = {}
+    for family in FAMILIES:
+        _save(family, root / family)
+        out[family] = root / family
+    return out
+
+
+def _build(directory, **options) -> FoundationBackbone:
+    options = {"weights_dir": str(directory), "num_channels": S, "image_size": 32} | options
+    return MODELS.build("foundation", options)
+
+
+def _batch(seed: int = 0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    present = torch.ones(B, S, dtype=torch.bool)
+    present[0, 2] = False                                   # one channel absent
+    images = torch.randn(B, S, 32, 32, generator=g, dtype=dtype) * present[..., None, None]
+    return {"image": images, "present": present, "label": torch.tensor([0, 2])}
+
+
+def _randomise_trainable(model: nn.Module, seed: int = 0) -> None:
+    """LoRA's B and the channel embedding start at zero; random values make every gradient
+    (and any mix-up between parameters) visible."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.1)
+
+
+# ---------------------------------------------------------------- loading and forward
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_loads_back_and_runs_with_an_absent_channel(weights, family):
+    loaded = load_encoder(weights[family])
+    assert loaded.family == family
+    model = _build(weights[family], family=family).eval()
+    batch = _batch()
+    logits = model(batch["image"], batch["present"])
+    assert logits.shape == (B, 3) and torch.isfinite(logits).all()
+    # masked out means masked out: whatever the absent channel holds changes nothing
+    garbage = batch["image"].clone()
+    garbage[0, 2] = torch.randn(32, 32) * 10
+    torch.testing.assert_close(model(garbage, batch["present"]), logits, rtol=0, atol=1e-5)
+    # ... while a present channel does matter
+    changed = batch["image"].clone()
+    changed[0, 1] = torch.randn(32, 32)
+    assert not torch.allclose(model(changed, batch["present"])[0], logits[0], atol=1e-4)
+    feats = model.forward_features(batch["image"], batch["present"])
+    assert feats.shape[:2] == (B, int(model.seams.has_cls) + S * 16)
+
+
+def test_loaded_weights_are_the_saved_ones(tmp_path):
+    torch.manual_seed(0)
+    original = _hf_model("dinov2")
+    original.save_pretrained(tmp_path)
+    state = load_encoder(tmp_path).encoder.state_dict()
+    assert state.keys() == original.state_dict().keys()
+    for k, v in original.state_dict().items():
+        torch.testing.assert_close(state[k], v, rtol=0, atol=0)
+
+
+def test_patch_embeddings_start_from_the_pretrained_kernel_averaged_over_rgb(weights):
+    model = _build(weights["dinov2"])
+    conv = model.encoder.embeddings.patch_embeddings.projection
+    image = torch.randn(1, 1, 32, 32)
+    rgb = conv(image.expand(-1, 3, -1, -1)).flatten(2).transpose(1, 2)       # [1, N, D]
+    from models.vit import patchify
+
+    ours = model.patch_embed[1](patchify(image, 8, 2)[:, 0])          # [1, N, D]
+    bias = conv.bias
+    torch.testing.assert_close(ours - bias, (rgb - bias) / 3, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["dinov2", "clip", "sam", "monai_vit"])
+def test_positions_are_interpolated_to_another_grid(weights, family):
+    """64x64 input with patch 8 (an 8x8 grid from 4x4 pretrained positions), and a kernel
+    resized to patch 4."""
+    for options, tokens in (({"image_size": 64}, 64), ({"patch_size": 4}, 64)):
+        model = _build(weights[family], **options).eval()
+        size = options.get("image_size", 32)
+        present = torch.ones(1, S, dtype=torch.bool)
+        feats = model.forward_features(torch.randn(1, S, size, size), present)
+        assert feats.shape[1] == int(model.seams.has_cls) + S * tokens
+
+
+# ---------------------------------------------------------------- refusals
+
+def test_pickle_weights_are_refused_and_convert_weights_makes_them_loadable(weights, tmp_path):
+    from safetensors.torch import load_file
+
+    src = tmp_path / "pickled"
+    src.mkdir()
+    (src / "config.json").write_text((weights["vit"] / "config.json").read_text())
+    state = load_file(str(weights["vit"] / "model.safetensors"))
+    torch.save({"state_dict": state}, src / "pytorch_model.bin")
+    with pytest.raises(FoundationLoadError) as err:
+        load_encoder(src)
+    assert CONVERT_COMMAND in str(err.value) and "\n" not in str(err.value)
+    dst = convert_weights(src, tmp_path / "converted")
+    loaded = load_encoder(dst).encoder.state_dict()
+    reference = load_encoder(weights["vit"]).encoder.state_dict()
+    assert loaded.keys() == reference.keys()
+    for k in reference:
+        torch.testing.assert_close(loaded[k], reference[k], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("change,expected", [
+    ({"num_hidden_layers": 3}, "missing"),
+    ({"num_hidden_layers": 1}, "unexpected"),
+    ({"intermediate_size": 48}, "wrong shape"),
+])
+def test_a_config_that_does_not_match_the_weights_is_refused(weights, tmp_path, change, expected):
+    directory = tmp_path / "vit"
+    directory.mkdir()
+    (directory / "model.safetensors").write_bytes((weights["vit"] / "model.safetensors").read_bytes())
+    config = json.loads((weights["vit"] / "config.json").read_text()) | change
+    (directory / "config.json").write_text(json.dumps(config))
+    with pytest.raises(FoundationLoadError, match=expected) as err:
+        load_encoder(directory)
+    assert "\n" not in str(err.value)
+
+
+def test_monai_weights_that_do_not_match_their_constructor_are_refused(weights, tmp_path):
+    directory = tmp_path / "monai"
+    directory.mkdir()
+    (directory / "model.safetensors").write_bytes(
+        (weights["monai_vit"] / "model.safetensors").read_bytes())
+    (directory / "config.json").write_text(json.dumps(
+        {"model_type": "monai_vit", "constructor": MONAI_TINY | {"mlp_dim": 48}}))
+    with pytest.raises(FoundationLoadError, match="wrong shape"):
+        load_encoder(directory)
+
+
+def test_missing_directory_unsupported_class_and_wrong_family_are_refused(weights, tmp_path):
+    with pytest.raises(FoundationLoadError, match="does not exist"):
+        load_encoder(tmp_path / "nowhere")
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert" / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(FoundationLoadError, match="supported: .*dinov2.*monai_vit"):
+        load_encoder(tmp_path / "bert")
+    with pytest.raises(FoundationLoadError, match="holds a vit encoder"):
+        load_encoder(weights["vit"], expected_family="dinov2")
+    with pytest.raises(FoundationLoadError, match="weights_dir is required"):
+        MODELS.build("foundation", {})
+    with pytest.raises(ValueError, match="unknown method"):
+        FoundationConfig(method="qlora")
+
+
+# ---------------------------------------------------------------- what trains
+
+NEW = ("patch_embed.", "channel_embed.", "head.")
+
+
+@pytest.mark.parametrize("family", ["dinov2", "clip", "sam", "monai_vit"])
+def test_lora_trains_only_adapters_head_and_channel_embeddings(weights, family):
+    model = _build(weights[family], method="lora", lora_rank=2)
+    keys = trainable_keys(model)
+    assert any("lora_A" in k for k in keys) and any("lora_B" in k for k in keys)
+    assert all("lora_" in k or k.startswith(NEW) for k in keys), keys
+    targets = model.seams.lora_targets
+    assert all(any(f".{t}." in k for t in targets) for k in keys if "lora_" in k)
+    assert all(any(k.startswith(p) for k in keys) for p in NEW)
+
+
+def test_other_methods(weights):
+    probe = _build(weights["dinov2"], method="linear_probe")
+    assert set(trainable_keys(probe)) == {"head.weight", "head.bias"}
+    dora = trainable_keys(_build(weights["dinov2"], method="dora"))
+    assert any("lora_magnitude_vector" in k for k in dora)
+    ia3 = trainable_keys(_build(weights["dinov2"], method="ia3"))
+    assert any("ia3_l" in k for k in ia3) and not any("lora" in k for k in ia3)
+    full = _build(weights["dinov2"], method="full")
+    frozen = {n for n, p in full.named_parameters() if not p.requires_grad}
+    assert frozen == {"encoder.embeddings.mask_token",
+                      "encoder.embeddings.patch_embeddings.projection.weight",
+                      "encoder.embeddings.patch_embeddings.projection.bias"}
+
+
+def test_frozen_digest_is_stable_and_sees_every_frozen_weight(weights):
+    a, b = _build(weights["dinov2"]), _build(weights["dinov2"])
+    assert frozen_digest(a) == frozen_digest(b)
+    digest = frozen_digest(a)
+    # a training step moves trainable weights only: the digest stays
+    _randomise_trainable(a)
+    batch = _batch()
+    optimizer = torch.optim.SGD([p for p in a.parameters() if p.requires_grad], lr=0.1)
+    nn.functional.cross_entropy(a(batch["image"], batch["present"]), batch["label"]).backward()
+    optimizer.step()
+    assert frozen_digest(a) == digest
+    params = dict(a.named_parameters())
+    base = "encoder.encoder.layer.1.attention.q_proj.base_layer.weight"   # under a LoRA adapter
+    assert base in frozen_keys(a)
+    with torch.no_grad():                      # one frozen base weight, one value
+        params[base][0, 0] += 1e-3
+    assert frozen_digest(a) != digest
+
+
+# ---------------------------------------------------------------- DP-SGD
+
+def _summed_loss(model, task, batch):
+    out = task.step(model, batch)
+    return out.loss * out.n
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "sam"])
+def test_per_sample_gradients_are_exact_for_lora(weights, family):
+    """Per-sample norms equal one backward pass per sample, and the summed per-sample
+    gradients equal the batch gradient, in float64, for every trainable parameter."""
+    task = TASKS.build("classification", {})
+    model = _build(weights[family], method="lora", lora_rank=2).double().train()
+    assert model.dp_unsupported is None
+    _randomise_trainable(model)
+    batch = _batch(dtype=torch.float64)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    individual = []
+    for i in range(B):
+        model.zero_grad(set_to_none=True)
+        _summed_loss(model, task, {k: v[i:i + 1] for k, v in batch.items()}).backward()
+        individual.append({n: p.grad.clone() for n, p in params.items()})
+    expected_norms = torch.stack([torch.sqrt(sum(g.square().sum() for g in grads.values()))
+                                  for grads in individual])
+    model.zero_grad(set_to_none=True)
+    clipper = PerSampleClipper(model, max_grad_norm=1e12)
+    with clipper.capture():
+        _summed_loss(model, task, batch).backward()
+    grads, norms = clipper.clipped_sum()
+    torch.testing.assert_close(norms, expected_norms, rtol=0, atol=ATOL)
+    model.zero_grad(set_to_none=True)
+    _summed_loss(model, task, batch).backward()
+    assert {id(p) for p in grads} == {id(p) for p in params.values()}
+    for name, p in params.items():
+        assert p.grad.abs().max() > 0, name
+        torch.testing.assert_close(grads[p], p.grad, rtol=0, atol=ATOL, msg=name)
+        torch.testing.assert_close(grads[p], individual[0][name] + individual[1][name],
+                                   rtol=0, atol=ATOL, msg=name)
+
+
+def test_families_and_methods_without_a_per_sample_rule_say_so(weights):
+    assert _build(weights["sam"]).dp_unsupported         # windows folded into the batch
+    with pytest.raises(UnsupportedLayerError):
+        PerSampleClipper(_build(weights["dinov2"], method="dora"), max_grad_norm=1.0)
+    with pytest.raises(UnsupportedLayerError):
+        PerSampleClipper(_build(weights["dinov2"], method="ia3"), max_grad_norm=1.0)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, Context, Message, MessageType, RecordDict
 
 from client.app import make_client_app
 from client.job import decode_job

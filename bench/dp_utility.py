@@ -77,7 +77,7 @@ def public_backbone(cfg: ExperimentConfig, objective: str, work: Path, *, patien
                           ).pretrain_phase()
     torch.manual_seed(seed)
     model, task = build(pre.model.name, pre.model_options(), pre.task.name, pre.task_options())
-    text = task.tokenize if getattr(task, "uses_reports", False) else None
+    text = task.tokenize if task.data_needs.reports is not None else None
     cohort = load_site(root / "site-0", tuple(cfg.task.class_names)).studies
     data = StudyDataset(cohort, cfg.task.image_size, augment=True, text_transform=text)
     engine = Engine(task, torch.device("cpu"))

@@ -75,14 +75,7 @@ def make_client_app(*, sim_data_root: Path | None = None, sim_train_sites: int |
         job = decode_job(msg.content[wire.CONFIG], site_seed=site.seed)
         torch.manual_seed(job.train.seed)        # seeded init: local parameters of round 1
         model, task = job.build()
-        reports = getattr(task, "uses_reports", False)
-        data, splits = cache.get(
-            site, job.class_names, job.image_size, unlabelled=task.uses_unlabelled,
-            label_fraction=getattr(task.config, "label_fraction", 1.0),
-            masks=getattr(task, "uses_masks", False),
-            multi_label=getattr(task, "multi_label", False),
-            text_transform=task.tokenize if reports else None,
-            text_key=(task.config.tokenizer_dir, task.config.max_length) if reports else ())
+        data, splits = cache.get(site, job.class_names, job.image_size, task.data_needs)
         local = load_global(model, msg.content, job, context)
         identity = ConfigRecord({wire.SITE_ID: site.site_id, wire.MANIFEST: data.fingerprint,
                                  wire.INGEST: json.dumps(data.report.as_dict(), sort_keys=True)})
@@ -97,12 +90,13 @@ def make_client_app(*, sim_data_root: Path | None = None, sim_train_sites: int |
                            secure_aggregation=msg.content[wire.CONFIG].get(wire.SECAGG_STAGE)
                            == wire.SECAGG_MASKED)
         objective_key = f"{STATE_OBJECTIVE}.{job.task_name}"
-        if hasattr(engine.task, "site_state") and objective_key in context.state:
+        if objective_key in context.state:       # stored only for a task that keeps state
             engine.task.load_site_state(model, context.state[objective_key].to_torch_state_dict())
         metrics = engine.fit(model, splits["train"], job.train,
                              privacy=auth.dpsgd if auth else None)
-        if hasattr(engine.task, "site_state"):      # kept here; never part of the reply
-            context.state[objective_key] = ArrayRecord(engine.task.site_state())
+        kept = engine.task.site_state()
+        if kept is not None:                        # kept here; never part of the reply
+            context.state[objective_key] = ArrayRecord(kept)
         metrics = releasable_metrics(metrics, auth)
         state = model.state_dict()
         if local:

@@ -89,14 +89,14 @@ class Engine:
         if len(data) == 0:
             raise ValueError("no training samples at this site")
         start = time.perf_counter()
-        set_prior = getattr(self.task, "set_label_prior", None)
-        if set_prior is not None and hasattr(data, "labels"):
-            set_prior(data.labels)              # logit adjustment: this site's label counts
+        # A data layout probe, not a task one: a StudyDataset knows its labels without loading
+        # images; a plain list or ConcatDataset (tests, benchmarks) does not.
+        if hasattr(data, "labels"):
+            self.task.set_label_prior(data.labels)   # logit adjustment: this site's label counts
         model.to(self.device).train()
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
         anchor = [p.detach().clone() for p in trainable] if config.proximal_mu else None
-        after_step = getattr(self.task, "after_step", None)   # e.g. DINO's EMA teacher
         if privacy is None:
             generator = torch.Generator().manual_seed(config.seed)
             loader = DataLoader(data, batch_size=config.batch_size, shuffle=True,
@@ -119,8 +119,7 @@ class Engine:
                 for p, a in zip(trainable, anchor):
                     p.grad.add_(p.detach() - a, alpha=config.proximal_mu)
             optimizer.step()
-            if after_step is not None:
-                after_step(model)
+            self.task.after_step(model)             # e.g. DINO's EMA teacher; no-op by default
             steps += 1
             if out is not None:
                 seen += out.n

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from flwr.app import Context
 
+from models.task import DataNeeds
 from protocol import wire
 
 from .data.dataset import StudyDataset
@@ -74,46 +75,59 @@ def resolve_site(context: Context, sim_data_root: Path | None = None,
 
 
 class SiteDataCache:
-    """Per-process cache of loaded sites and their split datasets (LRU, bounded)."""
+    """Per-process cache of loaded sites and their split datasets (LRU, bounded).
+
+    Keyed by the site (data directory and role), the class names, the image size and the
+    task's ``DataNeeds`` - everything the datasets are a function of - so two tasks on one
+    site (say a classifier and a segmenter, or two CLIP runs with different tokenizers) are
+    never served each other's data.
+    """
 
     def __init__(self, max_sites: int = 16):
         self.max_sites = max_sites
         self._sites: OrderedDict[tuple, tuple[SiteData, dict[str, StudyDataset]]] = OrderedDict()
 
-    def get(self, site: SiteIdentity, class_names: tuple[str, ...], image_size: int, *,
-            unlabelled: bool = False, label_fraction: float = 1.0, masks: bool = False,
-            multi_label: bool = False, text_transform=None, text_key: tuple = ()
-            ) -> tuple[SiteData, dict[str, StudyDataset]]:
-        """Splits of one site. Training uses the labelled studies (a ``label_fraction`` of
-        them, chosen by a hash of the study) or, for self-supervised objectives, every
-        training study (``unlabelled``); evaluation splits are always the labelled ones.
-        An external site has one split, ``external``: every labelled study."""
-        key = (str(site.data_dir), class_names, image_size, unlabelled, label_fraction,
-               multi_label, site.role)
+    def get(self, site: SiteIdentity, class_names: tuple[str, ...], image_size: int,
+            needs: DataNeeds = DataNeeds()) -> tuple[SiteData, dict[str, StudyDataset]]:
+        """Splits of one site for a task with these ``needs``.
+
+        Training uses the labelled studies (a ``label_fraction`` of them, chosen by a hash of
+        the study) or, for self-supervised objectives, every training study
+        (``needs.unlabelled``); with ``needs.masks`` only studies with a lesion mask.
+        Evaluation splits are always the labelled ones. An external site has one split,
+        ``external``: every labelled study.
+        """
+        key = (str(site.data_dir), site.role, tuple(class_names), image_size, needs)
         if key not in self._sites:
-            data = load_site(site.data_dir, class_names, multi_label=multi_label)
-            r = data.report
-            site_logger(site.site_id).info(
-                "data: %d files, %d images, %d studies (train/val/test %s), skipped %s",
-                r.files, r.images, r.studies, dict(r.splits), dict(r.skipped) or "none")
-            extra = {"masks": masks, "text_transform": text_transform}
-            if site.role == wire.ROLE_EXTERNAL:
-                labelled = [s for s in data.studies if s.label >= 0]
-                splits = {wire.EXTERNAL_SPLIT: StudyDataset(labelled, image_size, **extra)}
-            else:
-                train = data.split("train", labelled_only=not unlabelled)
-                if masks:
-                    train = [s for s in train if s.mask is not None]
-                if label_fraction < 1.0:
-                    train = label_subset(train, label_fraction, keep_unlabelled=unlabelled)
-                splits = {"train": StudyDataset(train, image_size, augment=True, **extra)}
-                splits |= {name: StudyDataset(data.split(name, labelled_only=True), image_size,
-                                              **extra) for name in ("val", "test")}
-            self._sites[key] = (data, splits)
+            self._sites[key] = self._load(site, tuple(class_names), image_size, needs)
             while len(self._sites) > self.max_sites:
                 self._sites.popitem(last=False)
         self._sites.move_to_end(key)
         return self._sites[key]
+
+    @staticmethod
+    def _load(site: SiteIdentity, class_names: tuple[str, ...], image_size: int,
+              needs: DataNeeds) -> tuple[SiteData, dict[str, StudyDataset]]:
+        """Read the site and build its splits (uncached)."""
+        data = load_site(site.data_dir, class_names, multi_label=needs.multi_label)
+        r = data.report
+        site_logger(site.site_id).info(
+            "data: %d files, %d images, %d studies (train/val/test %s), skipped %s",
+            r.files, r.images, r.studies, dict(r.splits), dict(r.skipped) or "none")
+        text_transform = needs.reports.transform() if needs.reports is not None else None
+        extra = {"masks": needs.masks, "text_transform": text_transform}
+        if site.role == wire.ROLE_EXTERNAL:
+            labelled = [s for s in data.studies if s.label >= 0]
+            return data, {wire.EXTERNAL_SPLIT: StudyDataset(labelled, image_size, **extra)}
+        train = data.split("train", labelled_only=not needs.unlabelled)
+        if needs.masks:
+            train = [s for s in train if s.mask is not None]
+        if needs.label_fraction < 1.0:
+            train = label_subset(train, needs.label_fraction, keep_unlabelled=needs.unlabelled)
+        splits = {"train": StudyDataset(train, image_size, augment=True, **extra)}
+        splits |= {name: StudyDataset(data.split(name, labelled_only=True), image_size, **extra)
+                   for name in ("val", "test")}
+        return data, splits
 
 
 def label_subset(studies: list, fraction: float, *, keep_unlabelled: bool = False) -> list:

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from .metrics import macro_auroc
 from .registry import TASKS
-from .tasks import StepOutput
+from .task import DataNeeds, ReportText, StepOutput, TaskBase, TaskModel
 from .text import load_tokenizer, pad_id, tokenize, tokenizer_fingerprint, vocab_size
 from .vit import MultiModalViT, _init_weights
 
@@ -111,7 +111,7 @@ def recall_at_k(similarity: np.ndarray, k: int) -> float:
     return float((others_at_least_as_close < k).mean())
 
 
-class CLIPModel(nn.Module):
+class CLIPModel(TaskModel):
     """Image tower (``self.backbone``, what fine-tuning keeps), text tower, projections and
     the learnable logit scale; ``forward`` gives the image-report similarity logits."""
 
@@ -159,24 +159,28 @@ class CLIPModel(nn.Module):
         return self.scale() * image @ text.t()
 
 
-class CLIPTask:
+class CLIPTask(TaskBase):
     """Image-report contrastive pretraining; labels are only used by the zero-shot metric.
 
     Batches carry ``input_ids``/``attention_mask`` ``[B, L]`` and ``has_report [B]`` besides
-    the images (``StudyDataset(..., text_transform=task.tokenize)``).
+    the images (``data_needs.reports``: tokenized as ``tokenize`` does).
     """
 
     batch_coupling = ("InfoNCE normalises each sample's image-report similarity over every "
                       "other sample of the batch, so one sample's loss depends on the others")
     uses_unlabelled = True
-    uses_reports = True
 
     def __init__(self, config: CLIPConfig):
         self.config = config
         self.tokenizer = load_tokenizer(config.tokenizer_dir)
+        self.reports = ReportText.of(config.tokenizer_dir, config.max_length)
         names = [n.replace("_", " ") for n in config.class_names]
         self.prompts = [config.prompt_template.format(n) for n in names]
         self.prompt_tokens = self.tokenize(self.prompts) if self.prompts else None
+
+    @property
+    def data_needs(self) -> DataNeeds:
+        return DataNeeds(unlabelled=True, reports=self.reports)
 
     def tokenize(self, texts: list[str]) -> dict[str, Tensor]:
         """``input_ids``/``attention_mask`` ``[N, max_length]`` and ``truncated [N]``."""

@@ -63,7 +63,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .registry import TASKS
-from .tasks import ClassificationConfig, ClassificationTask, StepOutput, drop_one_sequence
+from .task import StepOutput, TaskModel
+from .tasks import ClassificationConfig, ClassificationTask, drop_one_sequence
 from .vit import MultiModalViT, _init_weights
 
 
@@ -147,7 +148,7 @@ class ProjectionHead(nn.Module):
         return F.linear(F.normalize(z, dim=-1), F.normalize(self.prototypes.weight, dim=-1))
 
 
-class DINOStudent(nn.Module):
+class DINOStudent(TaskModel):
     """What is aggregated: the backbone (with its class head) and both projection heads."""
 
     def __init__(self, backbone: MultiModalViT, config: DINOConfig):
@@ -240,7 +241,7 @@ class MMDINOTask(ClassificationTask):
     uses_unlabelled = True
 
     def __init__(self, config: DINOConfig):
-        # ``config.label_fraction`` is what the site reads to hide the other labels
+        # ``config.label_fraction`` reaches ``data_needs``: the site hides the other labels
         super().__init__(ClassificationConfig(num_classes=config.num_classes,
                                               label_smoothing=config.label_smoothing,
                                               label_fraction=config.label_fraction))

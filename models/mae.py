@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .registry import TASKS
-from .tasks import StepOutput
+from .task import StepOutput, TaskBase, TaskModel
 from .vit import Block, MultiModalViT, ViTConfig, _init_weights, patchify, \
     sincos_position_embedding
 
@@ -117,7 +117,7 @@ class MAEDecoder(nn.Module):
         return self.pred(self.norm(x))[:, 1:]
 
 
-class MultiModalMAE(nn.Module):
+class MultiModalMAE(TaskModel):
     """Backbone (``self.backbone``, what fine-tuning keeps) plus the MAE decoder."""
 
     def __init__(self, backbone: MultiModalViT, config: MAEConfig):
@@ -147,7 +147,7 @@ class MultiModalMAE(nn.Module):
         return mae_loss(pred.float(), target.float(), masked), masked
 
 
-class MAETask:
+class MAETask(TaskBase):
     """Pretraining step: reconstruct masked patches. Labels are not used."""
 
     batch_coupling = None            # mean of per-sample reconstruction losses

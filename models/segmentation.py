@@ -22,7 +22,7 @@ from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrPrUpBlock,
 from torch import Tensor, nn
 
 from .registry import TASKS
-from .tasks import StepOutput
+from .task import DataNeeds, StepOutput, TaskBase, TaskModel
 from .vit import MultiModalViT
 
 
@@ -42,7 +42,7 @@ class SegmentationConfig:
             raise ValueError(f"label_fraction must be in (0, 1], got {self.label_fraction}")
 
 
-class UNETR(nn.Module):
+class UNETR(TaskModel):
     """Backbone (``self.backbone``) plus a UNETR decoder producing ``[B, 2, *spatial]`` logits."""
 
     def __init__(self, backbone: MultiModalViT, config: SegmentationConfig):
@@ -102,18 +102,20 @@ def dice_ce_loss(logits: Tensor, mask: Tensor, dice_weight: float = 1.0) -> Tens
     return ce + dice_weight * (1 - dice)
 
 
-class SegmentationTask:
+class SegmentationTask(TaskBase):
     """Binary lesion segmentation; studies without a mask do not contribute."""
 
     # Per-sample losses, but the decoder's convolutions and GroupNorm have no exact
     # per-sample gradient rule in client/privacy/persample.py: no DP-SGD (use site-level DP).
     batch_coupling = ("the UNETR decoder's convolution and GroupNorm layers have no exact "
                       "per-sample gradient rule here")
-    uses_unlabelled = False
-    uses_masks = True
 
     def __init__(self, config: SegmentationConfig):
         self.config = config
+
+    @property
+    def data_needs(self) -> DataNeeds:
+        return DataNeeds(label_fraction=self.config.label_fraction, masks=True)
 
     def wrap(self, backbone: MultiModalViT) -> UNETR:
         return UNETR(backbone, self.config)

@@ -12,6 +12,7 @@ import copy
 import torch
 from torch import Tensor, nn
 
+from .task import TaskModel
 from .vit import MultiModalViT
 
 
@@ -76,7 +77,7 @@ def merge_adapters(model: MultiModalViT) -> MultiModalViT:
 def plain_backbone(model: nn.Module) -> MultiModalViT:
     """A copy of the backbone inside any trained model (a classifier, or a pretraining
     objective's ``backbone``), LoRA adapters merged, class head kept if it has one."""
-    backbone = model if isinstance(model, MultiModalViT) else getattr(model, "backbone", None)
+    backbone = model.backbone if isinstance(model, TaskModel) else model
     if not isinstance(backbone, MultiModalViT):
         raise TypeError(f"cannot export {type(model).__name__}: no multi-modal ViT backbone")
     return merge_adapters(backbone)

@@ -1,10 +1,11 @@
 """Tasks: what a training step computes. The one training engine (client/engine.py) calls
-``step`` and ``predict``; tasks never own a loop, an optimizer or a device."""
+``step`` and ``predict``; tasks never own a loop, an optimizer or a device. The contract
+every task follows (``Task``, ``TaskBase``, ``DataNeeds``) is in ``models/task.py``."""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -14,16 +15,10 @@ from torch import Tensor, nn
 from .metrics import (classification_metrics, confusion_matrix, multilabel_auroc,
                       multilabel_confusions, multilabel_from_confusions)
 from .registry import MODELS, TASKS
+from .task import UNDECLARED_COUPLING, DataNeeds, StepOutput, TaskBase
 from .vit import MultiModalViT, ViTConfig
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class StepOutput:
-    loss: Tensor                       # scalar, mean over the n samples it covers
-    n: int
-    metrics: dict[str, float] = field(default_factory=dict)
 
 
 FINETUNE_MODES = ("full", "linear_probe", "lora")
@@ -129,17 +124,14 @@ def batch_coupling(task_name: str, task_options: dict | None = None) -> str | No
     """Why a task's loss couples the samples of a batch (so per-sample clipping would not bound
     one sample's influence and DP-SGD's accounting would not hold), or None if it does not.
 
-    Tasks declare it as a class attribute ``batch_coupling``; a task that does not declare it
-    is treated as coupled - it has to opt in to DP-SGD. A task whose options can couple the
-    batch also has a static ``options_coupling(options) -> str | None``.
+    Tasks declare it as the class attribute ``batch_coupling`` (``TaskBase``: coupled unless
+    the task opts in with None), and ``options_coupling(options)`` for options that can
+    couple the batch. A factory that is not a ``TaskBase`` declares nothing: coupled.
     """
     factory = TASKS.factory(task_name)
-    declared = getattr(factory, "batch_coupling",
-                       "the task does not declare that its loss is a mean of per-sample terms")
-    by_options = getattr(factory, "options_coupling", None)
-    if declared or by_options is None:
-        return declared
-    return by_options(task_options or {})
+    if not (isinstance(factory, type) and issubclass(factory, TaskBase)):
+        return UNDECLARED_COUPLING
+    return factory.batch_coupling or factory.options_coupling(task_options or {})
 
 
 def decorrelation_loss(features: Tensor, eps: float = 1e-5) -> Tensor:
@@ -171,8 +163,7 @@ def build(model_name: str, model_options: dict, task_name: str, task_options: di
     model = MODELS.build(model_name, model_options)
     if backbone_state is not None:
         load_backbone(model, backbone_state)
-    wrap = getattr(task, "wrap", None)
-    return (wrap(model) if wrap is not None else model), task
+    return task.wrap(model), task
 
 
 def load_backbone(model: nn.Module, state: dict) -> None:
@@ -218,7 +209,7 @@ def frozen_keys(model: nn.Module) -> list[str]:
     return [name for name, p in model.named_parameters() if not p.requires_grad]
 
 
-class ClassificationTask:
+class ClassificationTask(TaskBase):
     """Multi-class classification of a study from all its present sequences.
 
     ``mode`` picks what trains: everything, the head only (linear probe), or LoRA adapters
@@ -229,7 +220,6 @@ class ClassificationTask:
     # Mean of per-sample cross-entropies; no batch statistics, no class weights from counts
     # (feature_decorrelation adds a batch statistic: see options_coupling).
     batch_coupling = None
-    uses_unlabelled = False
 
     @staticmethod
     def options_coupling(options: dict) -> str | None:
@@ -242,6 +232,11 @@ class ClassificationTask:
     def __init__(self, config: ClassificationConfig):
         self.config = config
         self.log_prior: Tensor | None = None      # [C], set by set_label_prior at the site
+
+    @property
+    def data_needs(self) -> DataNeeds:
+        # uses_unlabelled: MM-DINOv2 derives from this task and learns from every study
+        return DataNeeds(unlabelled=self.uses_unlabelled, label_fraction=self.config.label_fraction)
 
     def set_label_prior(self, labels: Tensor) -> None:
         """The site's training label frequencies (add-one smoothed) for ``logit_adjustment``;
@@ -297,7 +292,7 @@ class ClassificationTask:
         return out
 
 
-class MultiLabelTask:
+class MultiLabelTask(TaskBase):
     """Several findings per study (e.g. enhancement, necrosis, oedema), each present or not:
     one sigmoid per finding, binary cross-entropy averaged over findings.
 
@@ -309,11 +304,13 @@ class MultiLabelTask:
     """
 
     batch_coupling = None           # mean of per-sample losses
-    uses_unlabelled = False
-    multi_label = True
 
     def __init__(self, config: MultiLabelConfig):
         self.config = config
+
+    @property
+    def data_needs(self) -> DataNeeds:
+        return DataNeeds(label_fraction=self.config.label_fraction, multi_label=True)
 
     def wrap(self, backbone: nn.Module) -> nn.Module:
         return wrap_for_finetuning(backbone, self.config)

@@ -289,7 +289,7 @@ def validate_pretrain(cfg: ExperimentConfig) -> None:
         task = TASKS.factory(p.objective)
     except KeyError as err:
         raise ConfigError(f"pretrain.objective: {str(err).strip(chr(34))}") from None
-    if not getattr(task, "uses_unlabelled", False):
+    if not task.uses_unlabelled:
         raise ConfigError(f"pretrain.objective={p.objective} is not a pretraining objective "
                           "(it does not learn from unlabelled studies)")
     if p.registered_model == cfg.tracking.registered_model:

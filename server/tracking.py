@@ -177,7 +177,7 @@ class MlflowTracker:
         model, task = build(self.cfg.model.name, self.cfg.model_options(), self.cfg.task.name,
                             self.cfg.task_options())
         model.load_state_dict(record.arrays.to_torch_state_dict())
-        exported = servable(model, multi_label=getattr(task, "multi_label", False)).eval()
+        exported = servable(model, multi_label=task.data_needs.multi_label).eval()
         # Batch of 2 so torch.export keeps the batch dimension dynamic (pt2 format).
         example = np.zeros((2, *exported.input_shape), dtype=np.float32)
         sites = sorted(r.site_id for r in record.train)

@@ -55,7 +55,7 @@ def test_builds_from_config_with_both_towers():
     assert isinstance(model, CLIPModel) and model.backbone.head is None
     assert isinstance(model.text, BertModel)
     assert model.text.config.vocab_size == CLIPConfig().vocab_size
-    assert task.uses_reports and task.uses_unlabelled
+    assert task.data_needs.reports is not None and task.data_needs.unlabelled
     assert "batch" in batch_coupling("clip")          # InfoNCE: not DP-SGD ready
     assert TASKS.config("clip", {"num_classes": 3}).num_classes == 3   # what the server passes
 

@@ -38,7 +38,8 @@ def _batch(b: int = 6, size: int = 32, dims: int = 2, seed: int = 0) -> dict:
 
 
 def _for(task, batch: dict) -> dict:
-    if getattr(task, "uses_reports", False):         # image-report objectives (CLIP)
+    needs = task.data_needs
+    if needs.reports is not None:                    # image-report objectives (CLIP)
         b = batch["image"].shape[0]
         texts = [f"{1 + i}.{i} cm lesion in the {('right', 'left')[i % 2]} "
                  f"{('frontal', 'parietal', 'occipital')[i % 3]} lobe, "
@@ -47,7 +48,7 @@ def _for(task, batch: dict) -> dict:
         if b > 2:
             has_report[-1] = False                   # a study without a report is left out
         batch = batch | task.tokenize(texts) | {"has_report": has_report}
-    if getattr(task, "uses_masks", False):           # segmentation: a square lesion each
+    if needs.masks:                                  # segmentation: a square lesion each
         b, size = batch["image"].shape[0], batch["image"].shape[-1]
         mask = torch.zeros(b, *batch["image"].shape[2:], dtype=torch.long)
         for i in range(b):
@@ -56,9 +57,9 @@ def _for(task, batch: dict) -> dict:
         has_mask = torch.ones(b, dtype=torch.bool)
         has_mask[-1] = False                         # a study without a mask is left out
         batch = batch | {"mask": mask, "has_mask": has_mask}
-    if getattr(task, "uses_unlabelled", False):
+    if needs.unlabelled:
         return batch
-    if getattr(task, "multi_label", False):          # bitmask of findings: 0 = none found
+    if needs.multi_label:                            # bitmask of findings: 0 = none found
         return batch | {"label": (torch.arange(batch["label"].shape[0]) * 5) % 8}
     return batch | {"label": batch["label"].clamp(min=0)}
 
@@ -84,8 +85,7 @@ def test_trains_with_a_finite_decreasing_loss(name, options):
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable)
         assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
         optimizer.step()
-        if hasattr(task, "after_step"):
-            task.after_step(model)
+        task.after_step(model)                       # declared by every task (no-op default)
         losses.append(loss.item())
     assert losses[-1] < losses[0], f"{name} {options}: loss did not decrease: {losses}"
 
@@ -100,11 +100,12 @@ def test_state_dict_round_trips(name, options):
     batch = _for(task, _batch())
     model.eval(), other.eval()
     torch.testing.assert_close(_loss(task, model, batch), _loss(other_task, other, batch))
-    if hasattr(task, "site_state"):          # site-only state (DINO's teacher and centres)
-        _loss(task, model, batch).backward()
-        task.after_step(model)
+    _loss(task, model, batch).backward()
+    task.after_step(model)
+    kept = task.site_state()
+    if kept is not None:                     # site-only state (DINO's teacher and centres)
         _, restored = build("mmvit", TINY, name, options)
-        restored.load_site_state(other, task.site_state())
+        restored.load_site_state(other, kept)
         torch.testing.assert_close(_loss(task, model, batch), _loss(restored, other, batch))
     # Frozen weights are exactly the ones that do not train.
     assert set(frozen_keys(model)) == {n for n, p in model.named_parameters() if not p.requires_grad}

@@ -53,7 +53,7 @@ def run(name: str, model: nn.Module, train: StudyDataset, test: StudyDataset, ep
     for epoch in range(epochs):
         train.reseed(epoch)
         engine.fit(model, train, TrainConfig(local_epochs=1, lr=1e-3, seed=epoch))
-        metrics = engine.evaluate(model, test)
+        metrics = engine.evaluate(model, test).scalars()
         curve.append({"epoch": epoch + 1, "mcc": metrics["mcc"], "auroc": metrics.get("auroc")})
         print(f"{name:12s} epoch {epoch + 1:3d}  external MCC {metrics['mcc']:.3f}  "
               f"AUROC {metrics.get('auroc', float('nan')):.3f}", flush=True)

@@ -75,12 +75,12 @@ def main() -> None:
         torch.manual_seed(0)
         model = MODELS.build("mmvit", {"dim": 32, "depth": 1, "heads": 2})
         engine = Engine(task, device)
-        before = engine.evaluate(model, data)["loss"]
+        before = engine.evaluate(model, data).loss
         fit = engine.fit(model, data, TrainConfig(local_epochs=30, batch_size=16, lr=3e-3,
                                                   weight_decay=0.0), privacy=privacy)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        after = engine.evaluate(model, data)
+        after = engine.evaluate(model, data).scalars()
         result[name] = {"train_set_loss_before": before, "train_set_loss_after": after["loss"],
                         "train_set_accuracy_after": after["accuracy"], "steps": fit["steps"],
                         "ms_per_step": 1000 * fit["seconds"] / fit["steps"],

@@ -42,7 +42,8 @@ from models import MODELS, TASKS
 from server.checkpoint import latest_weights
 from server.config import ExperimentConfig, load_experiment
 from strategies.observed import RoundRecord
-from strategies.pooling import pool, split_metrics
+from protocol.metrics import from_record, report_splits
+from strategies.pooling import pool
 
 from .common import RESULTS_DIR, commit, update_results_md, write_result
 
@@ -73,15 +74,16 @@ class LastRound:
         pass
 
     def on_round_end(self, record: RoundRecord) -> None:
-        self.test = pool([split_metrics(r.metrics, "test") for r in record.evaluate])
-        self.personal = pool([split_metrics(r.metrics, "personal-test") for r in record.evaluate])
+        self.test, self.personal = ([pool([from_record(r.metrics, split) for r in record.evaluate
+                                           if split in report_splits(r.metrics)])
+                                     for split in ("test", "personal-test")])
 
 
 def external_mcc(cfg: ExperimentConfig, weights: dict, external: StudyDataset) -> float:
     model = MODELS.build(cfg.model.name, cfg.model_options())
     model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()})
     engine = Engine(TASKS.build(cfg.task.name, cfg.task_options()), torch.device("cpu"))
-    return engine.evaluate(model, external)["mcc"]
+    return engine.evaluate(model, external).scalars()["mcc"]
 
 
 def pooled(cfg: ExperimentConfig, root: Path, epochs: int, external: StudyDataset) -> dict:
@@ -98,8 +100,8 @@ def pooled(cfg: ExperimentConfig, root: Path, epochs: int, external: StudyDatase
         train.reseed(epoch)
         engine.fit(model, train, TrainConfig(local_epochs=1, lr=cfg.train.lr,
                                              batch_size=cfg.train.batch_size, seed=epoch))
-    return {"external_mcc": engine.evaluate(model, external)["mcc"],
-            "site_test_mcc": engine.evaluate(model, test)["mcc"]}
+    return {"external_mcc": engine.evaluate(model, external).scalars()["mcc"],
+            "site_test_mcc": engine.evaluate(model, test).scalars()["mcc"]}
 
 
 def run_alpha(alpha: float, seed: int, args, work: Path) -> dict:

@@ -64,8 +64,8 @@ PRETRAINED = ("mm_dino", "mae", "clip")
 def score(cfg: ExperimentConfig, model, external: StudyDataset) -> dict[str, float]:
     _, task = build(cfg.model.name, cfg.model_options(), cfg.task.name, cfg.task_options())
     engine = Engine(task, torch.device("cpu"))
-    full = engine.evaluate(model, external)["mcc"]
-    missing = [engine.evaluate(model, WithoutSequence(external, j))["mcc"]
+    full = engine.evaluate(model, external).scalars()["mcc"]
+    missing = [engine.evaluate(model, WithoutSequence(external, j)).scalars()["mcc"]
                for j in range(cfg.model_options().get("num_sequences", 4))]
     return {"external_mcc": full, "external_mcc_missing_one": float(np.mean(missing))}
 
@@ -92,7 +92,7 @@ def clip_scores(cfg: ExperimentConfig, phase_dir: Path, studies: list) -> dict:
         if weights is not None:
             model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()})
         pairs = StudyDataset(studies, cfg.task.image_size, text_transform=task.tokenize)
-        metrics = Engine(task, torch.device("cpu")).evaluate(model, pairs)
+        metrics = Engine(task, torch.device("cpu")).evaluate(model, pairs).scalars()
         out[name] = {k: float(v) for k, v in metrics.items() if k.startswith(("recall_", "auroc"))}
     return out
 

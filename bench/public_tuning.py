@@ -115,7 +115,7 @@ def federated_probe(sites: list[Features], evaluation: Features, task, plan: Pla
         total = sum(sizes)
         global_head.load_state_dict({k: sum(s[k] * (n / total) for s, n in zip(states, sizes))
                                      for k in states[0]})
-    return engine.evaluate(global_head, evaluation)["mcc"]
+    return engine.evaluate(global_head, evaluation).scalars()["mcc"]
 
 
 def tune_probe_lr(cfg: ExperimentConfig, backbone_dir: Path, work: Path, plan: Plan, *,

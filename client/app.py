@@ -9,7 +9,9 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from models.metrics import SplitMetrics
 from protocol import wire
+from protocol.metrics import to_record as metrics_record
 from protocol.partial import local_keys
 
 from .data.sequences import SEQUENCES
@@ -134,9 +136,9 @@ def make_client_app(*, sim_data_root: Path | None = None, sim_train_sites: int |
                       for j, seq in enumerate(SEQUENCES)}
         for prefix, candidate in models:
             for split, data in views.items():
-                for key, value in evaluate_split(engine, candidate, data).items():
-                    reply[f"{prefix}{split}-{key}"] = value
-                seconds += reply[f"{prefix}{split}-seconds"]
+                metrics = evaluate_split(engine, candidate, data)
+                reply.update(metrics_record(metrics, f"{prefix}{split}"))
+                seconds += metrics.seconds
         reply[wire.NUM_EXAMPLES] = sum(len(splits[s]) for s in names)
         reply[wire.EVAL_SECONDS] = seconds
         return Message(content=RecordDict({wire.METRICS: reply, wire.SITE: identity}), reply_to=msg)
@@ -151,15 +153,12 @@ def make_client_app(*, sim_data_root: Path | None = None, sim_train_sites: int |
         identity = ConfigRecord({wire.SITE_ID: site.site_id, wire.NODE_ROLE: site.role})
         return Message(content=RecordDict({wire.SITE: identity}), reply_to=msg)
 
-    def evaluate_split(engine: Engine, model, data) -> dict[str, float]:
-        """Fixed key set for every site (Flower requires it), even for an empty split."""
+    def evaluate_split(engine: Engine, model, data) -> SplitMetrics:
+        """The split's metrics; an empty split answers with the evaluator's ``n = 0`` result,
+        so every site sends the task's full key set (Flower requires it)."""
         if len(data) == 0:
-            return engine.task.empty_summary() | {"auroc": 0.0, "seconds": 0.0, "n": 0.0,
-                                                  wire.AUROC_DEFINED: 0.0}
-        metrics = engine.evaluate(model, data)
-        defined = "auroc" in metrics
-        return metrics | {"n": float(len(data)), "auroc": metrics.get("auroc", 0.0),
-                          wire.AUROC_DEFINED: float(defined)}
+            return engine.task.evaluator().compute()
+        return engine.evaluate(model, data)
 
     return app
 

@@ -1,12 +1,13 @@
 """The one training engine: device, autocast, optimizer, loop and evaluation, written once.
 
-Tasks and objectives (``models.tasks``) supply ``step`` and ``predict``; everything that
+Tasks and objectives (``models.tasks``) supply ``step`` and ``evaluator()``; everything that
 differs per deployment (CUDA vs CPU, bf16 autocast, threads) is decided here.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -16,6 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, default_collate
+
+from models.metrics import SplitMetrics
 
 from .privacy.dpsgd import DPSGDConfig, PrivateGradients, poisson_batches, steps_per_epoch
 
@@ -66,7 +69,7 @@ class Engine:
     Parameters
     ----------
     task : object
-        Provides ``step(model, batch) -> StepOutput`` and ``predict`` / ``summarize``.
+        Provides ``step(model, batch) -> StepOutput`` and ``evaluator() -> Evaluator``.
     device : torch.device
     """
 
@@ -144,19 +147,15 @@ class Engine:
         return out
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, data: Dataset, batch_size: int = 64) -> dict[str, float]:
-        """Task metrics over the whole dataset, plus ``seconds``."""
+    def evaluate(self, model: nn.Module, data: Dataset, batch_size: int = 64) -> SplitMetrics:
+        """The task's metrics over the whole dataset (``task.evaluator()`` fed batch by batch,
+        computed once at the end), with the wall time in ``seconds``."""
         if len(data) == 0:
             raise ValueError("no evaluation samples at this site")
         start = time.perf_counter()
         model.to(self.device).eval()
-        losses, probs, labels = [], [], []
+        evaluator = self.task.evaluator()
         for batch in DataLoader(data, batch_size=batch_size):
             with autocast(self.device):
-                loss, prob, label = self.task.predict(model, _to(batch, self.device))
-            losses.append(loss.float().cpu().numpy())
-            probs.append(prob.float().cpu().numpy())
-            labels.append(label.cpu().numpy())
-        metrics = self.task.summarize(np.concatenate(losses), np.concatenate(probs),
-                                      np.concatenate(labels))
-        return metrics | {"seconds": time.perf_counter() - start}
+                evaluator.update(model, _to(batch, self.device))
+        return dataclasses.replace(evaluator.compute(), seconds=time.perf_counter() - start)

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .metrics import macro_auroc
+from .metrics import SplitMetrics, macro_auroc
 from .registry import TASKS
 from .task import DataNeeds, ReportText, StepOutput, TaskBase, TaskModel
 from .text import load_tokenizer, pad_id, tokenize, tokenizer_fingerprint, vocab_size
@@ -209,17 +209,35 @@ class CLIPTask(TaskBase):
         metrics["retrieval_accuracy"] = float((logits.argmax(1) == target).float().mean())
         return StepOutput(clip_loss(logits).mean(), n, metrics)
 
-    # --- evaluation -----------------------------------------------------------------------
-    # ``predict`` returns per-batch arrays that the engine concatenates before ``summarize``.
-    # Recall over the whole evaluated set needs every embedding, so the "probs" array packs,
-    # per study: [zero-shot class probabilities (num_classes) | has_report (1) |
-    #             image embedding (embed_dim) | report embedding (embed_dim)].
+    def evaluator(self) -> CLIPEvaluator:
+        """InfoNCE within each batch, recall@k over the whole split, zero-shot AUROC."""
+        return CLIPEvaluator(self.config, self.prompt_tokens)
+
+
+class CLIPEvaluator:
+    """Keeps every study's image and report embedding: recall@k ranks each study's match
+    among all ``n_reports`` studies with a report in the evaluated set (higher n, harder),
+    not within one batch.
+
+    ``loss`` is the InfoNCE each study got within its evaluation batch (it depends on the
+    batch size, like the training loss); a study without a report scores 0 and is left out,
+    a study whose batch holds no other report to contrast with is undefined (NaN) and left
+    out. Zero-shot ``auroc``: the class probabilities are the softmax over the similarities
+    of the image to one text prompt per class name, over the labelled studies - only when
+    class names are configured and it is defined.
+    """
+
+    def __init__(self, config: CLIPConfig, prompt_tokens: dict[str, Tensor] | None):
+        self.config, self.prompt_tokens = config, prompt_tokens
+        self.losses: list[Tensor] = []
+        self.zero_shot: list[Tensor] = []
+        self.has: list[Tensor] = []
+        self.image: list[Tensor] = []
+        self.text: list[Tensor] = []
+        self.labels: list[Tensor] = []
 
     @torch.no_grad()
-    def predict(self, model: CLIPModel, batch: dict[str, Tensor]):
-        """Per-sample InfoNCE within the batch, the packed array described above, and the
-        labels. The loss is 0 for studies without a report and NaN (undefined, skipped by
-        ``summarize``) for a study whose batch holds no other report to contrast with."""
+    def update(self, model: CLIPModel, batch: dict[str, Tensor]) -> None:
         has = batch["has_report"].bool()
         image = model.encode_image(batch["image"], batch["present"]).float()     # [B, E]
         text = model.encode_text(batch["input_ids"], batch["attention_mask"]).float()
@@ -236,39 +254,30 @@ class CLIPTask(TaskBase):
             zero_shot = (scale * image @ prompts.t()).softmax(-1)                    # [B, C]
         else:
             zero_shot = image.new_zeros(image.shape[0], self.config.num_classes)
-        packed = torch.cat([zero_shot, has[:, None].float(), image, text], dim=1)
-        return loss, packed, batch["label"]
+        for store, value in ((self.losses, loss), (self.zero_shot, zero_shot), (self.has, has),
+                             (self.image, image), (self.text, text),
+                             (self.labels, batch["label"])):
+            store.append(value.detach().cpu())
 
-    def summarize(self, losses: np.ndarray, probs: np.ndarray, labels: np.ndarray) -> dict:
-        """Loss and recall@k over the studies with a report; zero-shot ``auroc`` over the
-        labelled studies (only when class names are configured and it is defined).
-
-        ``loss`` is the InfoNCE each study got within its evaluation batch (it depends on
-        the batch size, like the training loss; studies alone in their batch are skipped);
-        recall@k ranks each study's match among all ``n_reports`` studies with a report in
-        the evaluated set (higher n, harder).
-        """
+    def compute(self) -> SplitMetrics:
         c, e = self.config.num_classes, self.config.embed_dim
-        zero_shot, has = probs[:, :c], probs[:, c] > 0.5
-        image, text = probs[has, c + 1:c + 1 + e], probs[has, c + 1 + e:]
+
+        def cat(parts: list[Tensor], *shape: int, dtype=torch.float32) -> np.ndarray:
+            return (torch.cat(parts) if parts else torch.zeros(0, *shape, dtype=dtype)).numpy()
+
+        losses, zero_shot = cat(self.losses), cat(self.zero_shot, c)
+        has = cat(self.has, dtype=torch.bool)
+        labels = cat(self.labels, dtype=torch.int64)
+        image, text = cat(self.image, e)[has], cat(self.text, e)[has]
         similarity = image @ text.T                                              # [n, n]
         scored = has & np.isfinite(losses)
-        out = {"loss": float(losses[scored].mean()) if scored.any() else 0.0,
-               "n_reports": float(has.sum())}
-        for k in RECALL_AT:
-            out[f"recall_i2r_{k}"] = recall_at_k(similarity, k)
-            out[f"recall_r2i_{k}"] = recall_at_k(similarity.T, k)
+        means = {f"recall_{d}_{k}": recall_at_k(similarity if d == "i2r" else similarity.T, k)
+                 for k in RECALL_AT for d in ("i2r", "r2i")}
         labelled = labels >= 0
-        if self.prompts and labelled.any():
-            auroc = macro_auroc(labels[labelled], zero_shot[labelled])
-            if auroc is not None:
-                out["auroc"] = auroc
-        return out
-
-    def empty_summary(self) -> dict[str, float]:
-        """The always-present keys of ``summarize`` for a split with no samples (all zero)."""
-        return {"loss": 0.0, "n_reports": 0.0} | {
-            f"recall_{d}_{k}": 0.0 for k in RECALL_AT for d in ("i2r", "r2i")}
+        auroc = (macro_auroc(labels[labelled], zero_shot[labelled])
+                 if self.prompt_tokens is not None and labelled.any() else None)
+        return SplitMetrics(n=len(losses), loss=float(losses[scored].mean()) if scored.any() else 0.0,
+                            auroc=auroc, means=means, counts={"n_reports": float(has.sum())})
 
 
 TASKS.register("clip", CLIPConfig)(CLIPTask)

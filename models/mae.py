@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .metrics import SplitMetrics
 from .registry import TASKS
 from .task import StepOutput, TaskBase, TaskModel
 from .vit import Block, MultiModalViT, ViTConfig, _init_weights, patchify, \
@@ -164,18 +165,26 @@ class MAETask(TaskBase):
         loss, _ = model.forward_loss(batch["image"], batch["present"])
         return StepOutput(loss.mean(), int(loss.numel()))
 
+    def evaluator(self) -> MAEEvaluator:
+        return MAEEvaluator()
+
+
+class MAEEvaluator:
+    """Mean reconstruction loss over the split, on masks drawn from a fixed seed per batch:
+    every round is scored on the same masks."""
+
+    def __init__(self):
+        self.losses: list[Tensor] = []
+
     @torch.no_grad()
-    def predict(self, model: MultiModalMAE, batch: dict[str, Tensor]):
-        # A fixed generator: every round is scored on the same masks.
+    def update(self, model: MultiModalMAE, batch: dict[str, Tensor]) -> None:
         generator = torch.Generator(device=batch["image"].device).manual_seed(0)
         loss, _ = model.forward_loss(batch["image"], batch["present"], generator)
-        return loss, loss.new_zeros(loss.shape[0], 0), batch["label"]
+        self.losses.append(loss.float().cpu())
 
-    def summarize(self, losses: np.ndarray, probs: np.ndarray, labels: np.ndarray) -> dict:
-        return {"loss": float(losses.mean())}
-
-    def empty_summary(self) -> dict:
-        return {"loss": 0.0}
+    def compute(self) -> SplitMetrics:
+        losses = torch.cat(self.losses).numpy() if self.losses else np.zeros(0, np.float32)
+        return SplitMetrics(n=len(losses), loss=float(losses.mean()) if len(losses) else 0.0)
 
 
 TASKS.register("mae", MAEConfig)(MAETask)

@@ -1,10 +1,16 @@
-"""Classification metrics as pure functions of labels and probabilities (no sklearn needed).
+"""Classification metrics as pure functions of labels and probabilities (no sklearn needed),
+and ``SplitMetrics``: what one evaluated split yields, in a form that pools across sites.
 
 MCC is the primary metric (as in MM-DINOv2); it and accuracy/F1 are computed from a confusion
 matrix, so federated sites can send the matrix and the server can pool it exactly.
 """
 
 from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
 
 import numpy as np
 
@@ -113,3 +119,127 @@ def multilabel_auroc(targets: np.ndarray, probs: np.ndarray) -> float | None:
     values = [binary_auroc(probs[:, k], targets[:, k].astype(bool)) for k in range(probs.shape[1])]
     values = [v for v in values if v is not None]
     return float(np.mean(values)) if values else None
+
+
+def confusion_metrics(cm: np.ndarray) -> dict[str, float]:
+    """Accuracy, balanced accuracy, MCC, macro-F1 and per-class F1 (``f1_class_k``) of one
+    multi-class confusion matrix: the same function scores a site's matrix and the sum of
+    every site's, so a pooled figure is the figure of the pooled predictions."""
+    return ({"accuracy": float(np.trace(cm) / max(cm.sum(), 1)),
+             "balanced_accuracy": balanced_accuracy(cm), "mcc": mcc(cm), "f1": macro_f1(cm)}
+            | {f"f1_class_{k}": f for k, f in enumerate(per_class_f1(cm))})
+
+
+# Scalar names ``SplitMetrics.scalars`` derives itself; a mean or count may not reuse one.
+DERIVED = frozenset({"n", "loss", "auroc", "accuracy", "balanced_accuracy", "mcc", "f1"})
+
+
+def _counts(name: str, value, shape_ok, what: str) -> np.ndarray | None:
+    """Validated read-only int64 copy of a confusion array (None stays None)."""
+    if value is None:
+        return None
+    raw = np.asarray(value)
+    if raw.dtype.kind not in "iuf" or not shape_ok(raw.shape):
+        raise ValueError(f"{name} must be {what}, got shape {raw.shape} of {raw.dtype}")
+    if not np.isfinite(raw).all() or (raw < 0).any() or (raw != np.round(raw)).any():
+        raise ValueError(f"{name} must hold non-negative whole counts (no NaN)")
+    counts = raw.astype(np.int64)
+    counts.setflags(write=False)
+    return counts
+
+
+@dataclass(frozen=True, eq=False)
+class SplitMetrics:
+    """What evaluating one split at one site yields, kept as the sufficient statistics that
+    pool exactly across sites (the figures themselves are derived: ``scalars``).
+
+    Parameters
+    ----------
+    n : int
+        Studies evaluated (0: an empty split, nothing measured).
+    loss : float
+        Mean evaluation loss over the split (NaN if the model diverged: reported, not hidden).
+    confusion : array ``[K, K]``, optional
+        Multi-class counts, ``confusion[i, j]`` = studies of class i predicted j; sums to n.
+    finding_confusions : array ``[F, 2, 2]``, optional
+        Multi-label: one binary confusion (true 0/1 x predicted 0/1) per finding; each sums
+        to n.
+    auroc : float, optional
+        None where undefined (a split with one class present) - never a 0.0 stand-in.
+    means : mapping
+        Per-study means (Dice, HD95, retrieval recall@k): pooled weighted by n.
+    counts : mapping
+        Counts (reports ranked, HD95 undefined): pooled by sum.
+    seconds : float
+        Wall time the evaluation took (reported, not a property of the model).
+
+    Arrays are validated and stored read-only; ``protocol.metrics`` carries this across the
+    wire, so a malformed site reply fails here, on the server, with the reason.
+    """
+
+    n: int
+    loss: float
+    confusion: np.ndarray | None = None
+    finding_confusions: np.ndarray | None = None
+    auroc: float | None = None
+    means: Mapping[str, float] = field(default_factory=dict)
+    counts: Mapping[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def __post_init__(self):
+        if isinstance(self.n, bool) or not float(self.n).is_integer() or self.n < 0:
+            raise ValueError(f"n must be a whole number of studies >= 0, got {self.n}")
+        n = int(self.n)
+        object.__setattr__(self, "n", n)
+        object.__setattr__(self, "loss", float(self.loss))
+        confusion = _counts("confusion", self.confusion,
+                            lambda s: len(s) == 2 and s[0] == s[1] >= 2, "a [K, K] matrix, K >= 2")
+        findings = _counts("finding_confusions", self.finding_confusions,
+                           lambda s: len(s) == 3 and s[0] >= 1 and s[1:] == (2, 2),
+                           "[F, 2, 2] binary confusions, F >= 1")
+        if confusion is not None and confusion.sum() != n:
+            raise ValueError(f"confusion counts {int(confusion.sum())} studies but n is {n}")
+        if findings is not None and (findings.sum(axis=(1, 2)) != n).any():
+            raise ValueError(f"every finding's confusion must count the n = {n} studies")
+        object.__setattr__(self, "confusion", confusion)
+        object.__setattr__(self, "finding_confusions", findings)
+        if self.auroc is not None:
+            if not (math.isfinite(self.auroc) and 0.0 <= self.auroc <= 1.0):
+                raise ValueError(f"auroc must be in [0, 1] or None (undefined), got {self.auroc}")
+            object.__setattr__(self, "auroc", float(self.auroc))
+        for kind in ("means", "counts"):
+            values = {str(k): float(v) for k, v in getattr(self, kind).items()}
+            if clash := sorted(set(values) & DERIVED):
+                raise ValueError(f"{kind} may not reuse the derived names {clash}")
+            if kind == "counts" and not all(math.isfinite(v) and v >= 0 for v in values.values()):
+                raise ValueError("counts must be finite and >= 0")
+            object.__setattr__(self, kind, MappingProxyType(values))
+        if not (math.isfinite(self.seconds) and self.seconds >= 0):
+            raise ValueError(f"seconds must be finite and >= 0, got {self.seconds}")
+        object.__setattr__(self, "seconds", float(self.seconds))
+
+    def scalars(self) -> dict[str, float]:
+        """The figures: ``n``, ``loss``, the confusion-derived metrics (``confusion_metrics``
+        or, multi-label, ``multilabel_from_confusions``), ``auroc`` only where defined, the
+        means and the counts. ``seconds`` is not a figure of the model and is left out."""
+        out = {"n": float(self.n), "loss": self.loss}
+        if self.confusion is not None:
+            out |= confusion_metrics(self.confusion)
+        if self.finding_confusions is not None:
+            out |= multilabel_from_confusions(self.finding_confusions)
+        if self.auroc is not None:
+            out["auroc"] = self.auroc
+        return out | dict(self.means) | dict(self.counts)
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, SplitMetrics):
+            return NotImplemented
+        def same(a, b):
+            return (a is None) == (b is None) and (a is None or np.array_equal(a, b))
+        return (self.n, self.auroc, dict(self.means), dict(self.counts), self.seconds) == \
+            (other.n, other.auroc, dict(other.means), dict(other.counts), other.seconds) \
+            and (self.loss == other.loss or (math.isnan(self.loss) and math.isnan(other.loss))) \
+            and same(self.confusion, other.confusion) \
+            and same(self.finding_confusions, other.finding_confusions)
+
+    __hash__ = None

@@ -21,6 +21,7 @@ from monai.metrics import compute_dice, compute_hausdorff_distance
 from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrPrUpBlock, UnetrUpBlock
 from torch import Tensor, nn
 
+from .metrics import SplitMetrics
 from .registry import TASKS
 from .task import DataNeeds, StepOutput, TaskBase, TaskModel
 from .vit import MultiModalViT
@@ -127,10 +128,23 @@ class SegmentationTask(TaskBase):
         loss = (per_sample * has).sum() / has.sum().clamp(min=1)
         return StepOutput(loss, int(has.sum()))
 
+    def evaluator(self) -> SegmentationEvaluator:
+        return SegmentationEvaluator(self.config)
+
+
+class SegmentationEvaluator:
+    """Per study with a mask: the loss, Dice and HD95 (MONAI); ``dice``/``hd95`` are means
+    over those studies (HD95 over those where it is defined, the others are counted in
+    ``hd95_undefined``). Studies without a mask count in ``n`` and nowhere else."""
+
+    def __init__(self, config: SegmentationConfig):
+        self.config = config
+        self.losses: list[Tensor] = []
+        self.scores: list[Tensor] = []        # [B, 2]: (Dice, HD95) per study, NaN if no mask
+        self.has: list[Tensor] = []
+
     @torch.no_grad()
-    def predict(self, model: UNETR, batch: dict[str, Tensor]):
-        """Per-sample loss; in place of class probabilities ``[B, 2]`` = (Dice, HD95) per
-        study (NaN where undefined); ``labels`` = whether the study has a mask."""
+    def update(self, model: UNETR, batch: dict[str, Tensor]) -> None:
         logits = model(batch["image"], batch["present"]).float()
         mask = batch["mask"].long()
         loss = dice_ce_loss(logits, mask, self.config.dice_weight)
@@ -140,19 +154,23 @@ class SegmentationTask(TaskBase):
         hd95 = compute_hausdorff_distance(pred, truth, percentile=95)[:, 0]
         has = batch["has_mask"].bool()
         scores = torch.stack([dice, hd95], 1).masked_fill(~has[:, None], float("nan"))
-        return loss.masked_fill(~has, float("nan")), scores, has.long()
+        self.losses.append(loss.masked_fill(~has, float("nan")).float().cpu())
+        self.scores.append(scores.float().cpu())
+        self.has.append(has.cpu())
 
-    def summarize(self, losses: np.ndarray, scores: np.ndarray, has: np.ndarray) -> dict:
-        keep = has.astype(bool)
+    def compute(self) -> SplitMetrics:
+        if not self.losses:
+            return SplitMetrics(n=0, loss=0.0, means={"dice": 0.0, "hd95": 0.0},
+                                counts={"hd95_undefined": 0.0})
+        losses, scores = torch.cat(self.losses).numpy(), torch.cat(self.scores).numpy()
+        keep = torch.cat(self.has).numpy()
         dice, hd95 = scores[keep, 0], scores[keep, 1]
         finite = np.isfinite(hd95)
-        return {"loss": float(np.nanmean(losses[keep])) if keep.any() else 0.0,
-                "dice": float(np.nanmean(dice)) if np.isfinite(dice).any() else 0.0,
-                "hd95": float(hd95[finite].mean()) if finite.any() else 0.0,
-                "hd95_undefined": float((~finite).sum())}
-
-    def empty_summary(self) -> dict:
-        return {"loss": 0.0, "dice": 0.0, "hd95": 0.0, "hd95_undefined": 0.0}
+        return SplitMetrics(
+            n=len(losses), loss=float(np.nanmean(losses[keep])) if keep.any() else 0.0,
+            means={"dice": float(np.nanmean(dice)) if np.isfinite(dice).any() else 0.0,
+                   "hd95": float(hd95[finite].mean()) if finite.any() else 0.0},
+            counts={"hd95_undefined": float((~finite).sum())})
 
 
 TASKS.register("segmentation", SegmentationConfig)(SegmentationTask)

@@ -15,12 +15,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 from torch import Tensor, nn
 
 from .text import load_tokenizer, tokenize, tokenizer_fingerprint
 from .vit import MultiModalViT
+
+if TYPE_CHECKING:
+    from .evaluation import Evaluator
 
 # What a task that does not say otherwise is assumed to do: couple the batch, so it has to
 # opt in to DP-SGD (``batch_coupling = None``) rather than be let in by omission.
@@ -148,8 +151,8 @@ class Task(Protocol):
     def load_site_state(self, model: nn.Module, state: dict[str, Tensor]) -> None:
         """Restore what ``site_state`` returned in an earlier round."""
 
-    # evaluator: predict/summarize/empty_summary (being replaced by an evaluator with
-    # update/compute and a metric codec) are declared with the evaluation contract, not here.
+    def evaluator(self) -> Evaluator:
+        """A fresh accumulator for one split (``models/evaluation.py``); the engine feeds it."""
 
 
 class TaskBase:
@@ -176,6 +179,9 @@ class TaskBase:
 
     def step(self, model: nn.Module, batch: dict[str, Tensor]) -> StepOutput:
         raise NotImplementedError(f"{type(self).__name__} does not implement step")
+
+    def evaluator(self) -> Evaluator:
+        raise NotImplementedError(f"{type(self).__name__} does not implement evaluator")
 
     def set_label_prior(self, labels: Tensor) -> None:
         return None

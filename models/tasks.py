@@ -1,6 +1,6 @@
 """Tasks: what a training step computes. The one training engine (client/engine.py) calls
-``step`` and ``predict``; tasks never own a loop, an optimizer or a device. The contract
-every task follows (``Task``, ``TaskBase``, ``DataNeeds``) is in ``models/task.py``."""
+``step`` and feeds ``evaluator()``; tasks never own a loop, an optimizer or a device. The
+contract every task follows (``Task``, ``TaskBase``, ``DataNeeds``) is in ``models/task.py``."""
 
 from __future__ import annotations
 
@@ -12,8 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .metrics import (classification_metrics, confusion_matrix, multilabel_auroc,
-                      multilabel_confusions, multilabel_from_confusions)
+from .evaluation import ClassificationEvaluator, MultiLabelEvaluator
 from .registry import MODELS, TASKS
 from .task import UNDECLARED_COUPLING, DataNeeds, StepOutput, TaskBase
 from .vit import MultiModalViT, ViTConfig
@@ -249,12 +248,6 @@ class ClassificationTask(TaskBase):
     def wrap(self, backbone: nn.Module) -> nn.Module:
         return wrap_for_finetuning(backbone, self.config)
 
-    def empty_summary(self) -> dict[str, float]:
-        """The metric keys of ``summarize`` for a split with no samples (all zero)."""
-        k = self.config.num_classes
-        return ({"loss": 0.0, "accuracy": 0.0, "balanced_accuracy": 0.0, "mcc": 0.0, "f1": 0.0}
-                | {f"cm_{i}_{j}": 0.0 for i in range(k) for j in range(k)})
-
     def step(self, model: nn.Module, batch: dict[str, Tensor]) -> StepOutput:
         beta = self.config.feature_decorrelation if model.training else 0.0
         images, present = training_view(batch, self.config.sequence_dropout, model.training)
@@ -277,19 +270,9 @@ class ClassificationTask(TaskBase):
         acc = (logits.argmax(1) == labels).float().mean().item()
         return StepOutput(loss, int(labels.numel()), {"accuracy": acc})
 
-    @torch.no_grad()
-    def predict(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-        """Per-sample loss, class probabilities and labels for one batch."""
-        logits = model(batch["image"], batch["present"]).float()
-        loss = F.cross_entropy(logits, batch["label"], reduction="none")
-        return loss, logits.softmax(1), batch["label"]
-
-    def summarize(self, losses: np.ndarray, probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-        """Metrics plus the flattened confusion matrix (``cm_i_j``) so a server can pool it."""
-        out = {"loss": float(losses.mean())} | classification_metrics(labels, probs)
-        cm = confusion_matrix(labels, probs.argmax(1), self.config.num_classes)
-        out |= {f"cm_{i}_{j}": float(cm[i, j]) for i in range(cm.shape[0]) for j in range(cm.shape[1])}
-        return out
+    def evaluator(self) -> ClassificationEvaluator:
+        """Cross-entropy, the confusion matrix (so a server can pool it) and macro AUROC."""
+        return ClassificationEvaluator(self.config.num_classes)
 
 
 class MultiLabelTask(TaskBase):
@@ -299,7 +282,7 @@ class MultiLabelTask(TaskBase):
     Labels arrive as bitmasks in the studies' ``label`` (bit k set = finding k present, 0 =
     read and nothing found, -1 = unlabelled; ``client/data/site.py`` reads them from
     ``findings.csv``), so label fractions, splits and DP-SGD treat them like class labels.
-    Sites report one binary confusion matrix per finding (``mlcm_k_i_j``), which the server
+    Sites report one binary confusion matrix per finding (``SplitMetrics``), which the server
     pools exactly; MCC, F1 and accuracy are macro means over findings.
     """
 
@@ -323,29 +306,10 @@ class MultiLabelTask(TaskBase):
         acc = ((logits >= 0).float() == targets).float().mean().item()
         return StepOutput(loss, int(targets.shape[0]), {"accuracy": acc})
 
-    @torch.no_grad()
-    def predict(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-        """Per-sample loss, per-finding probabilities and the bitmask labels of one batch."""
-        logits = model(batch["image"], batch["present"]).float()
-        targets = finding_targets(batch["label"], self.config.num_classes).float()
-        loss = F.binary_cross_entropy_with_logits(logits, targets, reduction="none").mean(1)
-        return loss, logits.sigmoid(), batch["label"]
-
-    def summarize(self, losses: np.ndarray, probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-        targets = finding_targets(labels.astype(np.int64), self.config.num_classes)
-        cms = multilabel_confusions(targets, probs, self.config.threshold)
-        out = {"loss": float(losses.mean())} | multilabel_from_confusions(cms)
-        auroc = multilabel_auroc(targets, probs)
-        if auroc is not None:
-            out["auroc"] = auroc
-        return out | {f"mlcm_{k}_{i}_{j}": float(cms[k, i, j])
-                      for k in range(len(cms)) for i in range(2) for j in range(2)}
-
-    def empty_summary(self) -> dict[str, float]:
-        k = self.config.num_classes
-        return ({"loss": 0.0, "accuracy": 0.0, "balanced_accuracy": 0.0, "mcc": 0.0, "f1": 0.0}
-                | {f"f1_class_{c}": 0.0 for c in range(k)}
-                | {f"mlcm_{c}_{i}_{j}": 0.0 for c in range(k) for i in range(2) for j in range(2)})
+    def evaluator(self) -> MultiLabelEvaluator:
+        """Mean BCE, one binary confusion per finding (poolable) and macro AUROC."""
+        return MultiLabelEvaluator(self.config.num_classes, self.config.threshold,
+                                   finding_targets)
 
 
 MODELS.register("mmvit", ViTConfig)(MultiModalViT)

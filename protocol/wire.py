@@ -89,7 +89,17 @@ WITHOUT_PREFIX = "test-without-"     # ... and f"test-without-{sequence}-{metric
 EXTERNAL_SPLIT = "external"          # an external site's replies: f"external-{metric}" (all its
 EXTERNAL_WITHOUT_PREFIX = "external-without-"   # labelled studies), f"external-without-{seq}-..."
 EVAL_MISSING = "eval-missing-sequences"   # bool config: also score test with each sequence removed
-AUROC_DEFINED = "auroc-defined"      # 0/1: AUROC needs >= 2 classes in the split
+# ... each split's metrics are one SplitMetrics under f"{split}-{field}" (protocol/metrics.py
+# encodes and decodes them; nothing else spells these):
+EVAL_N = "n"                         # studies evaluated (0: empty split)
+EVAL_LOSS = "loss"
+EVAL_SECONDS_SPLIT = "seconds"       # wall time of this split
+EVAL_CONFUSION = "confusion"         # list[int]: [K, K] counts, row-major (true i, predicted j)
+EVAL_FINDINGS = "finding-confusions"  # list[int]: [F, 2, 2] binary counts, one per finding
+EVAL_SHAPE = "shape"                 # f"{split}-{confusion key}-shape": list[int], its shape
+EVAL_AUROC = "auroc"                 # list[float]: [auroc], or [] where undefined
+EVAL_MEAN = "mean-"                  # f"{split}-mean-{name}": per-study mean (pooled by n)
+EVAL_COUNT = "count-"                # f"{split}-count-{name}": a count (pooled by sum)
 DP_EPSILON = "dp-epsilon"            # the site's cumulative epsilon after this round (its ledger)
 DP_DELTA = "dp-delta"                # ... at the site's delta
 DP_STEPS = "dp-steps"                # DP-SGD steps this round

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 
+from models.metrics import SplitMetrics
 from protocol import wire
+from protocol.metrics import from_record, report_splits
 from strategies.observed import RoundRecord
-from strategies.pooling import pool, split_metrics
+from strategies.pooling import pool
 
 log = logging.getLogger("medfed.server")
 
@@ -31,18 +33,18 @@ class ConsoleTable:
                      "val_loss", "val_mcc", "test_acc", "test_mcc", "test_auc")
         external = []
         for reply in record.evaluate:
-            if f"{wire.EXTERNAL_SPLIT}-n" in reply.metrics:    # evaluation-only site: its
-                external.append(split_metrics(reply.metrics, wire.EXTERNAL_SPLIT))   # studies
-                self._line(record.round, reply.site_id, None, {}, _defined(external[-1]))
+            if wire.EXTERNAL_SPLIT in report_splits(reply.metrics):   # evaluation-only site:
+                external.append(from_record(reply.metrics, wire.EXTERNAL_SPLIT))   # its studies
+                self._line(record.round, reply.site_id, None, {}, _measured(external[-1]))
                 continue
-            val, test = split_metrics(reply.metrics, "val"), split_metrics(reply.metrics, "test")
-            val, test = _defined(val), _defined(test)
+            val, test = (_measured(from_record(reply.metrics, s)) for s in ("val", "test"))
             self._line(record.round, reply.site_id,
                        train.get(reply.site_id, {}).get("train_loss"), val, test)
         for failure in record.failures.get("evaluate", []):
             log.warning("round %d: evaluation reply failed: %s", record.round, failure)
-        val = pool([split_metrics(r.metrics, "val") for r in record.evaluate])
-        test = pool([split_metrics(r.metrics, "test") for r in record.evaluate])
+        trained = [r for r in record.evaluate if wire.EXTERNAL_SPLIT not in report_splits(r.metrics)]
+        val = pool([from_record(r.metrics, "val") for r in trained])
+        test = pool([from_record(r.metrics, "test") for r in trained])
         self._line(record.round, "GLOBAL", record.train_metrics.get("train_loss"), val, test,
                    suffix=f"  ({record.wall_seconds:.1f}s)")
         ext = pool(external)
@@ -71,10 +73,6 @@ class ConsoleTable:
         return "\n".join(lines)
 
 
-def _defined(metrics: dict) -> dict:
-    """Drop what a site could not measure (empty split, AUROC with one class present)."""
-    if metrics.get("n", 0) == 0:
-        return {}
-    if not metrics.get("auroc-defined", 0):
-        metrics = {k: v for k, v in metrics.items() if k != "auroc"}
-    return metrics
+def _measured(metrics: SplitMetrics) -> dict:
+    """A site's figures, or nothing for an empty split (AUROC is absent where undefined)."""
+    return metrics.scalars() if metrics.n > 0 else {}

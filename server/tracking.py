@@ -21,8 +21,9 @@ from models.serving import plain_backbone, servable
 from models.weights import save_pretrained
 from models.tasks import build
 from protocol import wire
+from protocol.metrics import from_record, report_splits
 from strategies.observed import RoundRecord
-from strategies.pooling import pool, report_splits, split_metrics
+from strategies.pooling import pool
 
 from .config import ExperimentConfig
 
@@ -148,19 +149,22 @@ class MlflowTracker:
             for reply in record.evaluate:
                 if split not in report_splits(reply.metrics):
                     continue
-                local = split_metrics(reply.metrics, split)
+                local = from_record(reply.metrics, split)
                 per_site.append(local)
+                site = f"site/{reply.site_id}/{split}"
                 # Always record how many examples a site evaluated (0 for a site with no
-                # labelled data in this split); the metrics themselves only when measured.
-                metrics[f"site/{reply.site_id}/{split}/n"] = local.get("n", 0.0)
-                if local.get("n", 0) > 0:
-                    metrics |= {f"site/{reply.site_id}/{split}/{k}": v for k, v in local.items()
-                                if not k.startswith("cm_")}
+                # labelled data in this split); the figures themselves only when measured -
+                # scalars only: confusion counts stay out of the per-site metrics.
+                metrics[f"{site}/n"] = float(local.n)
+                if local.n > 0:
+                    metrics |= {f"{site}/{k}": v for k, v in local.scalars().items()}
+                    metrics[f"{site}/seconds"] = local.seconds
             metrics |= {f"{split}/{k}": v for k, v in pool(per_site).items()}
         self.mlflow.log_metrics(metrics, step=step)
         if step in self.versions:
             for split in ("test", wire.EXTERNAL_SPLIT):
-                scores = pool([split_metrics(r.metrics, split) for r in record.evaluate])
+                scores = pool([from_record(r.metrics, split) for r in record.evaluate
+                               if split in report_splits(r.metrics)])
                 for key in ("mcc", "auroc", "accuracy"):
                     if key in scores:
                         self.client.set_model_version_tag(

@@ -33,7 +33,7 @@ class SiteReply:
 
     site_id: str
     node_id: int
-    metrics: dict[str, float]
+    metrics: dict[str, float | list]    # evaluate: decode with protocol.metrics.from_record
     manifest: str = ""
     ingest: str = ""          # JSON of ingest counts (files, skipped by reason, ...)
 
@@ -86,7 +86,9 @@ def site_replies(replies: Iterable[Message], known: dict[int, str] | None = None
         ok.append(SiteReply(
             site_id=str(site.get(wire.SITE_ID, f"node-{msg.metadata.src_node_id}")),
             node_id=msg.metadata.src_node_id,
-            metrics={k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
+            # lists too: an evaluate reply's confusion counts and AUROC (protocol.metrics)
+            metrics={k: list(v) if isinstance(v, list) else float(v) for k, v in metrics.items()
+                     if isinstance(v, (int, float, list))},
             manifest=str(site.get(wire.MANIFEST, "")),
             ingest=str(site.get(wire.INGEST, "")),
         ))

@@ -17,8 +17,10 @@ from medfed.synth.phantom import CLASS_NAMES, sample_lesion
 from medfed.synth.reports import write_report
 from models import TASKS
 from models.clip import CLIPConfig, CLIPModel, clip_loss, recall_at_k
+from models.metrics import SplitMetrics, macro_auroc
 from models.tasks import batch_coupling, build
 from models.text import DEFAULT_TOKENIZER_DIR, load_tokenizer, tokenizer_fingerprint
+from protocol.metrics import to_record
 
 ROOT = Path(__file__).resolve().parents[2]
 VIT = {"dim": 32, "depth": 1, "heads": 2, "img_size": 32, "patch_size": 8, "num_classes": 3}
@@ -41,6 +43,27 @@ def _batch(task, b: int = 6, dims: int = 2, has_report=None, seed: int = 0) -> d
     has = torch.ones(b, dtype=torch.bool) if has_report is None else torch.tensor(has_report)
     return ({"image": image, "present": present, "label": torch.arange(b) % 3}
             | task.tokenize([REPORTS[i % len(REPORTS)] for i in range(b)]) | {"has_report": has})
+
+
+def _evaluate(task, model, *batches) -> SplitMetrics:
+    evaluator = task.evaluator()
+    for batch in batches:
+        evaluator.update(model, batch)
+    return evaluator.compute()
+
+
+class _GivenEmbeddings:
+    """Stands in for a CLIPModel whose embeddings are given: a batch's ``image`` rows are the
+    image embeddings and its ``input_ids`` rows the report embeddings."""
+
+    def encode_image(self, images, present):
+        return images
+
+    def encode_text(self, input_ids, attention_mask):
+        return input_ids
+
+    def scale(self):
+        return torch.tensor(1.0)
 
 
 def _build(vit=VIT, **options):
@@ -113,7 +136,8 @@ def test_state_dict_round_trips():
     model.eval(), other.eval()
     batch = _batch(task)
     torch.testing.assert_close(task.step(model, batch).loss, task.step(other, batch).loss)
-    torch.testing.assert_close(task.predict(model, batch)[1], task.predict(other, batch)[1])
+    got, want = _evaluate(task, model, batch), _evaluate(task, other, batch)
+    assert got.auroc is not None and got.scalars() == pytest.approx(want.scalars())
 
 
 def test_three_dimensional_input():
@@ -189,45 +213,59 @@ def test_recall_at_k_on_hand_made_embeddings():
 
 
 def test_recall_spans_the_whole_evaluated_set_not_one_batch():
-    _, task = _build()
-    c, e = task.config.num_classes, task.config.embed_dim
-    emb = np.eye(e, dtype=np.float32)[:6]                  # six orthogonal studies
-    text = emb.copy()
+    _, task = _build(class_names=[])                       # recall only: no zero-shot prompts
+    e = task.config.embed_dim
+    emb = torch.eye(e)[:6]                                 # six orthogonal studies
+    text = emb.clone()
     text[5] = emb[0]                                       # study 5's report looks like study 0's
-    has = np.array([1, 1, 1, 1, 1, 0], dtype=np.float32)  # ... but study 5 has no report
-    packed = np.concatenate([np.full((6, c), 1 / c), has[:, None], emb, text], axis=1)
-    batches = [packed[:2], packed[2:4], packed[4:]]          # concatenated as the engine does
-    summary = task.summarize(np.ones(6), np.concatenate(batches), np.arange(6) % 3)
-    assert summary["n_reports"] == 5.0 and summary["loss"] == 1.0
-    assert summary["recall_i2r_1"] == 1.0 and summary["recall_r2i_1"] == 1.0
+    has = torch.tensor([1, 1, 1, 1, 1, 0]).bool()          # ... but study 5 has no report
+
+    def batches(text):                                     # three batches, one evaluated set
+        return [{"image": emb[i:i + 2], "present": torch.ones(2, 4), "input_ids": text[i:i + 2],
+                 "attention_mask": torch.ones(2, 1), "has_report": has[i:i + 2],
+                 "label": torch.arange(i, i + 2) % 3} for i in (0, 2, 4)]
+
+    summary = _evaluate(task, _GivenEmbeddings(), *batches(text))
+    assert summary.n == 6 and summary.counts["n_reports"] == 5.0
+    assert summary.means["recall_i2r_1"] == 1.0 and summary.means["recall_r2i_1"] == 1.0
+    # InfoNCE within each batch; the last batch has one report, nothing to contrast: left out
+    within = torch.cat([clip_loss(emb[i:i + 2] @ text[i:i + 2].t()) for i in (0, 2)])
+    assert summary.loss == pytest.approx(float(within.mean()))
     text[1] = emb[0]                                       # now two reports tie for image 0
-    packed = np.concatenate([np.full((6, c), 1 / c), has[:, None], emb, text], axis=1)
-    summary = task.summarize(np.ones(6), packed, np.arange(6) % 3)
-    assert summary["recall_i2r_1"] == pytest.approx(3 / 5)
-    assert summary["recall_i2r_5"] == 1.0
+    summary = _evaluate(task, _GivenEmbeddings(), *batches(text))
+    assert summary.means["recall_i2r_1"] == pytest.approx(3 / 5)
+    assert summary.means["recall_i2r_5"] == 1.0
+    assert summary.auroc is None
 
 
 def test_zero_shot_auroc_is_defined_and_keys_are_fixed():
     model, task = _build()
     model.eval()
     batch = _batch(task, has_report=[True, True, False, True, True, True])
-    loss, packed, labels = task.predict(model, batch)
-    assert loss[2] == 0 and (loss[[0, 1, 3, 4, 5]] > 0).all()
-    zero_shot = packed[:, :3]
+    summary = _evaluate(task, model, batch)
+    has = batch["has_report"]
+    with torch.no_grad():
+        image = model.encode_image(batch["image"], batch["present"])
+        text = model.encode_text(batch["input_ids"], batch["attention_mask"])
+        prompts = model.encode_text(task.prompt_tokens["input_ids"],
+                                    task.prompt_tokens["attention_mask"])
+        zero_shot = (model.scale() * image @ prompts.t()).softmax(-1)
+        within = clip_loss(model.scale() * image[has] @ text[has].t())   # study 2 left out
     torch.testing.assert_close(zero_shot.sum(1), torch.ones(6))
-    summary = task.summarize(loss.numpy(), packed.numpy(), labels.numpy())
-    assert 0.0 <= summary["auroc"] <= 1.0
-    assert set(summary) == set(task.empty_summary()) | {"auroc"}
+    assert summary.auroc == pytest.approx(macro_auroc(batch["label"].numpy(), zero_shot.numpy()),
+                                          abs=1e-6)
+    assert 0.0 <= summary.auroc <= 1.0
+    assert summary.loss == pytest.approx(float(within.mean()), rel=1e-5)
+    empty = task.evaluator().compute()
+    assert empty.n == 0 and empty.auroc is None
+    assert set(to_record(summary, "val")) == set(to_record(empty, "val"))   # fixed keys
     assert task.prompts[0] == "findings consistent with high grade glioma"
     _, unnamed = _build(class_names=[])                    # no names: no zero-shot AUROC
-    assert "auroc" not in unnamed.summarize(loss.numpy(), packed.numpy(), labels.numpy())
-    lone, lone_packed, _ = task.predict(model, _batch(task, b=2, has_report=[True, False]))
-    assert lone[0].isnan() and lone[1] == 0                # nothing to contrast with: undefined
-    summary = task.summarize(np.concatenate([loss.numpy(), lone.numpy()]),
-                             np.concatenate([packed.numpy(), lone_packed.numpy()]),
-                             np.arange(8) % 3)
-    assert summary["loss"] == pytest.approx(float(loss[[0, 1, 3, 4, 5]].mean()))
-    assert summary["n_reports"] == 6.0                     # still ranked for recall
+    assert _evaluate(unnamed, model, batch).auroc is None
+    lone = _batch(task, b=2, has_report=[True, False])     # nothing to contrast with: undefined
+    summary = _evaluate(task, model, batch, lone)
+    assert summary.loss == pytest.approx(float(within.mean()), rel=1e-5)
+    assert summary.counts["n_reports"] == 6.0 and summary.n == 8   # still ranked for recall
 
 
 # --- the shipped vocabulary -----------------------------------------------------------
@@ -291,6 +329,6 @@ def test_dataset_items_carry_tokenized_reports():
     engine = Engine(task, torch.device("cpu"))
     fit = engine.fit(model, with_text, TrainConfig(batch_size=4, lr=1e-3))
     assert np.isfinite(fit["train_loss"]) and fit["steps"] == 2
-    metrics = engine.evaluate(model, with_text, batch_size=3)
+    metrics = engine.evaluate(model, with_text, batch_size=3).scalars()
     assert metrics["n_reports"] == 6.0 and 0.0 <= metrics["recall_i2r_5"] <= 1.0
     assert "auroc" in metrics

@@ -48,3 +48,32 @@ def test_multilabel_metrics_agree_with_sklearn(seed):
     targets[:, 1] = 1                    # a finding present in every study: AUROC of the others
     assert multilabel_auroc(targets, probs) == pytest.approx(np.mean(
         [roc_auc_score(targets[:, k], probs[:, k]) for k in (0, 2)]))
+
+
+def test_split_metrics_derives_the_figures_from_its_confusion_matrix():
+    from models.metrics import SplitMetrics
+
+    rng = np.random.default_rng(7)
+    labels = rng.integers(0, 3, 40)
+    probs = rng.dirichlet([1, 1, 1], 40)
+    cm = confusion_matrix(labels, probs.argmax(1), 3)
+    direct = classification_metrics(labels, probs)
+    figures = SplitMetrics(n=40, loss=0.7, confusion=cm, auroc=direct["auroc"]).scalars()
+    assert figures == pytest.approx(direct | {"n": 40.0, "loss": 0.7}
+                                    | {f"f1_class_{k}": f for k, f in enumerate(per_class_f1(cm))})
+
+
+def test_split_metrics_refuses_inconsistent_values():
+    from models.metrics import SplitMetrics
+
+    with pytest.raises(ValueError, match="counts 5 studies but n is 4"):
+        SplitMetrics(n=4, loss=0.0, confusion=np.array([[2, 1], [1, 1]]))
+    with pytest.raises(ValueError, match="non-negative whole counts"):
+        SplitMetrics(n=2, loss=0.0, finding_confusions=np.array([[[3, -1], [0, 0]]]))
+    with pytest.raises(ValueError, match="may not reuse the derived names"):
+        SplitMetrics(n=2, loss=0.0, means={"mcc": 0.5})
+    with pytest.raises(ValueError, match="auroc must be in"):
+        SplitMetrics(n=2, loss=0.0, auroc=float("nan"))
+    frozen = SplitMetrics(n=2, loss=0.0, confusion=np.eye(2, dtype=int))
+    with pytest.raises(ValueError):
+        frozen.confusion[0, 0] = 5                       # read-only: what was sent stays

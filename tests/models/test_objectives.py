@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import fields
 
+import numpy as np
 import pytest
 import torch
 from opacus import GradSampleModule
@@ -109,6 +110,32 @@ def test_state_dict_round_trips(name, options):
         torch.testing.assert_close(_loss(task, model, batch), _loss(restored, other, batch))
     # Frozen weights are exactly the ones that do not train.
     assert set(frozen_keys(model)) == {n for n, p in model.named_parameters() if not p.requires_grad}
+
+
+@pytest.mark.parametrize("name", PROJECT_TASKS)
+def test_evaluator_reports_one_poolable_key_set_with_or_without_data(name):
+    """The evaluation half of the contract: ``evaluator()`` accumulates batches and computes
+    one ``SplitMetrics``; an empty split answers with the same wire keys (Flower requires
+    every site's reply to have the same keys)."""
+    from protocol.metrics import from_record, to_record
+
+    torch.manual_seed(0)
+    model, task = build("mmvit", TINY, name, {})
+    batch = _for(task, _batch())
+    if not getattr(task, "multi_label", False):
+        batch["label"] = batch["label"].clamp(min=0)     # evaluation splits are labelled
+    model.eval()
+    evaluator = task.evaluator()
+    halves = [{k: v[:3] for k, v in batch.items()}, {k: v[3:] for k, v in batch.items()}]
+    for half in halves:
+        evaluator.update(model, half)
+    metrics = evaluator.compute()
+    empty = task.evaluator().compute()
+    assert metrics.n == 6 and empty.n == 0
+    assert np.isfinite(metrics.loss), f"{name}: loss {metrics.loss}"
+    assert set(to_record(metrics, "val")) == set(to_record(empty, "val"))
+    assert from_record(to_record(metrics, "val"), "val") == metrics
+    assert task.evaluator().compute() == empty             # a fresh evaluator per split
 
 
 @pytest.mark.parametrize("name", PROJECT_TASKS)

@@ -85,6 +85,8 @@ def test_defaults_of_the_optional_parts_are_no_ops():
         task.load_site_state(model, {"x": torch.zeros(1)})
     with pytest.raises(NotImplementedError):
         task.step(model, {})
+    with pytest.raises(NotImplementedError):
+        task.evaluator()
     # undeclared coupling is coupled: a task has to opt in to DP-SGD
     assert Minimal.batch_coupling == UNDECLARED_COUPLING
 

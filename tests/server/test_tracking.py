@@ -1,0 +1,54 @@
+"""MlflowTracker's per-site evaluation metrics: the figures, never the confusion counts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from models.metrics import SplitMetrics, multilabel_from_confusions
+from protocol import wire
+from protocol.metrics import to_record
+from server.config import load_experiment
+from strategies.observed import RoundRecord, SiteReply
+
+
+def _reply(site: str, node: int, test: SplitMetrics) -> SiteReply:
+    """An evaluate reply as the server's observer sees it (lists kept, see site_replies)."""
+    val = SplitMetrics(n=0, loss=0.0, finding_confusions=np.zeros((3, 2, 2)))
+    metrics = dict(to_record(val, "val")) | dict(to_record(test, "test"))
+    return SiteReply(site_id=site, node_id=node,
+                     metrics=metrics | {wire.NUM_EXAMPLES: test.n, wire.EVAL_SECONDS: 1.0})
+
+
+def test_per_site_metrics_are_scalars_without_confusion_cells(tmp_path):
+    """BUG 4: per-site logging filtered only ``cm_`` keys, so every multi-label ``mlcm_*``
+    cell reached MLflow as a per-site metric."""
+    import mlflow
+
+    from server.tracking import MlflowTracker
+
+    cfg = load_experiment(["experiment=smoke", "task=findings3", f"runs_dir={tmp_path}"])
+    a = np.array([[[5, 1], [2, 2]], [[6, 0], [1, 3]], [[3, 3], [1, 3]]])      # 10 studies
+    b = np.array([[[2, 1], [1, 2]], [[4, 0], [0, 2]], [[1, 1], [2, 2]]])      # 6 studies
+    record = RoundRecord(round=1, evaluate=[
+        _reply("site-0", 1, SplitMetrics(n=10, loss=0.5, finding_confusions=a, auroc=0.7)),
+        _reply("site-1", 2, SplitMetrics(n=6, loss=0.9, finding_confusions=b, auroc=None))])
+    tracker = MlflowTracker(cfg, tmp_path)
+    try:
+        tracker.on_round_end(record)
+    finally:
+        tracker.finish("")
+        mlflow.end_run()
+    logged = mlflow.MlflowClient(tracker.uri).get_run(tracker.run_id).data.metrics
+    per_site = [k for k in logged if k.startswith("site/")]
+    assert [k for k in per_site if any(s in k for s in ("mlcm", "cm_", "confusion"))] == []
+    for site, cms in (("site-0", a), ("site-1", b)):
+        for key, value in multilabel_from_confusions(cms).items():     # the figures are there
+            assert logged[f"site/{site}/test/{key}"] == pytest.approx(value)
+        assert logged[f"site/{site}/val/n"] == 0.0
+        assert f"site/{site}/val/mcc" not in logged                    # empty split: n only
+    assert logged["site/site-0/test/auroc"] == pytest.approx(0.7)
+    assert "site/site-1/test/auroc" not in logged                      # undefined: absent
+    assert logged["test/mcc"] == pytest.approx(multilabel_from_confusions(a + b)["mcc"])
+    assert logged["test/auroc"] == pytest.approx(0.7)                  # defined sites only
+    assert logged["test/n"] == 16.0

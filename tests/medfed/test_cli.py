@@ -76,3 +76,17 @@ def test_synth_refuses_to_overwrite(tiny_sites, tmp_path, capsys):
     shutil.copytree(tiny_sites, target)
     code, _, err = _run(capsys, "synth", "--sites", "1", "--out", str(target))
     assert code == 2 and "not empty" in err
+
+
+@pytest.mark.parametrize("module, name", [
+    ("server.config", "ConfigError"), ("client.data.site", "SiteDataError"),
+    ("medfed.deploy.preflight", "DeployError"), ("medfed.export", "ExportError"),
+    ("medfed.certs", "ProvisioningError"),
+])
+def test_user_errors_are_recognised_without_importing_their_modules(module, name):
+    # the dispatcher catches USER_ERRORS (exit 2) so that `medfed --help` need not import these
+    import importlib
+
+    from medfed.cli import USER_ERRORS
+
+    assert issubclass(getattr(importlib.import_module(module), name), USER_ERRORS)

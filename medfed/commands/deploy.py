@@ -1,0 +1,106 @@
+"""Deployment commands: certificates (``certs``), the coordinator (``server``), a site daemon
+(``site``), run submission (``run``), ``health`` and ``register-site``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from medfed.logs import setup_logging
+
+
+def certs(args: argparse.Namespace) -> int:
+    """Write (or keep) the CA, the coordinator's certificate and per-site keys."""
+    from medfed.certs import write_certs
+
+    sites = [s.strip() for s in args.sites.split(",") if s.strip()] if args.sites else []
+    ips = tuple(dict.fromkeys(["127.0.0.1", *(args.server_ip or [])]))
+    report = write_certs(Path(args.out), server_name=args.server_name, sites=sites,
+                         server_ips=ips, extra_dns=tuple(args.server_dns or []), days=args.days,
+                         force=args.force)
+    for name in report.created:
+        print(f"created  {name}")
+    for name in report.kept:
+        print(f"kept     {name}")
+    print(f"certificates in {report.out} (private keys mode 0600); give each hospital "
+          "sites/<site>/ (auth.key, ca.pem), register sites/<site>/auth.pub on the coordinator")
+    return 0
+
+
+def server(args: argparse.Namespace) -> int:
+    """Start the coordinator and supervise it until it stops; its exit code is ours."""
+    from medfed.deploy.coordinator import Coordinator, CoordinatorSettings
+
+    setup_logging(deploy=True)
+    settings = CoordinatorSettings(
+        certs=Path(args.certs).resolve(), state_dir=Path(args.state_dir).resolve(),
+        host=args.host, port=args.port,
+        authorized_keys=Path(args.authorized_keys).resolve() if args.authorized_keys else None,
+        log_file=Path(args.log_file).resolve() if args.log_file else None)
+    coordinator = Coordinator(settings)
+    try:
+        coordinator.start(startup_timeout=args.startup_timeout)
+    except BaseException:
+        coordinator.stop()
+        raise
+    return coordinator.supervise()
+
+
+def site(args: argparse.Namespace) -> int:
+    """Start a site daemon (SuperNode with the site's node config) and supervise it."""
+    from medfed.deploy.site import Site, SiteSettings
+
+    setup_logging(deploy=True)
+    settings = SiteSettings(
+        site_id=args.site_id, data_dir=Path(args.data_dir).resolve(), superlink=args.superlink,
+        root_cert=Path(args.root_cert).resolve(), auth_key=Path(args.auth_key).resolve(),
+        state_dir=Path(args.state_dir or Path(args.data_dir) / ".medfed" / "supernode").resolve(),
+        dp_epsilon=args.dp_epsilon, dp_delta=args.dp_delta, require_secagg=args.require_secagg,
+        privacy_dir=args.privacy_dir, device=args.device, torch_threads=args.torch_threads,
+        runtime_port=args.runtime_port, max_retries=args.max_retries,
+        max_wait_time=args.max_wait_time, role=args.role)
+    daemon = Site(settings)
+    try:
+        daemon.start()
+    except BaseException:
+        if daemon.daemon is not None:
+            daemon.daemon.stop(grace=5)
+        raise
+    return daemon.supervise()
+
+
+def run(args: argparse.Namespace) -> int:
+    """Submit an experiment to the coordinator and stream it to the end."""
+    from medfed.deploy.submit import RunRequest, submit
+    from medfed.simulation import PROJECT_ROOT
+
+    setup_logging(deploy=True)
+    request = RunRequest(overrides=list(args.overrides), superlink=args.superlink,
+                         root_cert=Path(args.root_cert),
+                         app_dir=Path(args.app_dir) if args.app_dir else PROJECT_ROOT,
+                         flwr_home=Path(args.flwr_home), wait_sites=args.wait_sites,
+                         wait_timeout=args.wait_timeout)
+    return submit(request)
+
+
+def health(args: argparse.Namespace) -> int:
+    """Check the SuperLink over verified TLS, then ask it whether it is healthy."""
+    from medfed.deploy.coordinator import healthy
+    from medfed.deploy.preflight import check_superlink
+
+    check_superlink(args.superlink, Path(args.root_cert), timeout=args.timeout)
+    if not healthy(args.superlink, Path(args.root_cert), timeout=args.timeout):
+        raise RuntimeError(f"the SuperLink at {args.superlink} does not report healthy")
+    print(f"ok: SuperLink {args.superlink} is healthy (TLS verified)")
+    return 0
+
+
+def register_site(args: argparse.Namespace) -> int:
+    """Register a site's public key with a running coordinator (idempotent)."""
+    from medfed.deploy.coordinator import register_site as register, write_connection
+
+    home = Path(args.flwr_home)
+    write_connection(home, args.superlink, Path(args.root_cert))
+    outcome = register(Path(args.public_key), args.site_id, home)
+    print(f"site {args.site_id}: {'registered' if outcome == 'registered' else 'already registered'}")
+    return 0

@@ -19,12 +19,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from .checkpoint import read_final
-
-if TYPE_CHECKING:
-    from .config import ExperimentConfig
+from .config import ConfigError, ExperimentConfig
 
 FRESH, RESUME, DONE = "fresh", "resume", "done"
 PRETRAIN_DIR, FINETUNE_DIR = "pretrain", "finetune"
@@ -73,8 +70,6 @@ def resumable(run_dir: Path) -> bool:
 
 def check_resume_dir(run_dir: Path) -> None:
     """Refuse an explicit ``resume=<dir>`` with nothing to resume (config validation)."""
-    from .config import ConfigError      # here: config.py imports this module while validating
-
     if not resumable(run_dir):
         raise ConfigError(f"resume={run_dir}: no checkpoints/ in that directory (nor in its "
                           f"{PRETRAIN_DIR}/ phase); nothing to resume")
@@ -83,8 +78,6 @@ def check_resume_dir(run_dir: Path) -> None:
 def find_run_dir(cfg: ExperimentConfig) -> Path:
     """``resume=<dir>``: that directory; ``resume=true`` (or ``latest``): the newest run of
     this experiment under ``runs_dir`` with a checkpoint."""
-    from .config import ConfigError
-
     if str(cfg.resume).lower() not in ("true", "latest"):
         path = Path(str(cfg.resume))
         check_resume_dir(path)
@@ -105,8 +98,6 @@ def resolve_resume(cfg: ExperimentConfig, run_dir: Path | None = None) -> Resume
     ConfigError
         Nothing to resume, or the directory's layout does not fit the experiment.
     """
-    from .config import ConfigError
-
     if not cfg.resume:
         return None
     run_dir = Path(run_dir) if run_dir is not None else find_run_dir(cfg)

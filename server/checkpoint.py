@@ -3,9 +3,14 @@
 After every completed round the server writes ``<run_dir>/checkpoints/round-NNNN/``:
 
 - ``arrays.npz``    global model weights after the round;
-- ``strategy.npz``  strategy state (FedAdam/Yogi/Adagrad moments, FedAvgM momentum, ...);
+- ``strategy.npz``  strategy state, one namespace per link of the wrapper chain
+                    (``strategies/state.py``): site-level DP accountants, FedAdam/Yogi/Adagrad
+                    moments, FedAvgM momentum, ...;
 - ``rng.npz``       Python, NumPy and torch RNG states of the server process;
 - ``manifest.json`` round, config hash, MLflow run id and a sha256 of each file.
+
+When a phase has completed, ``checkpoints/final.json`` records its last round and registered
+model version, so a resumed run can skip it (``server/resume.py``).
 
 A directory is written under a temporary name and renamed when complete, so a crash mid-write
 leaves the previous checkpoint as the latest. No pickle anywhere: loading a checkpoint cannot
@@ -29,56 +34,25 @@ from flwr.app import Array, ArrayRecord
 from flwr.serverapp.strategy import Strategy
 
 from strategies.observed import RoundRecord
+from strategies.state import AGGREGATOR, FLOWER_STATE_ATTRIBUTES, chain_state, load_chain_state
 
 log = logging.getLogger("medfed.server")
 
-# Attributes of Flower strategies that carry state across rounds.
-STATE_ATTRIBUTES = ("m_t", "v_t", "momentum_vector", "current_arrays")
+FINAL = "final.json"     # in checkpoints/: the phase completed (see mark_final)
 
 
 class CheckpointError(RuntimeError):
     """No usable checkpoint, or one written by a different configuration."""
 
 
-def innermost(strategy: Strategy) -> Strategy:
-    """Follow ``.strategy`` through wrappers to the aggregating strategy."""
-    while hasattr(strategy, "strategy"):
-        strategy = strategy.strategy
-    return strategy
-
-
-def strategy_state(strategy: Strategy) -> dict[str, np.ndarray]:
-    """Flatten known state attributes into named arrays (``attr|kind|key``)."""
-    inner, out = innermost(strategy), {}
-    for attr in STATE_ATTRIBUTES:
-        value = getattr(inner, attr, None)
-        if value is None:
-            continue
-        if isinstance(value, ArrayRecord):
-            out |= {f"{attr}|record|{k}": a.numpy() for k, a in value.items()}
-        elif isinstance(value, dict):
-            out |= {f"{attr}|dict|{k}": np.asarray(v) for k, v in value.items()}
-        elif isinstance(value, list):
-            out |= {f"{attr}|list|{i:06d}": np.asarray(v) for i, v in enumerate(value)}
-        else:
-            raise CheckpointError(f"cannot checkpoint {attr} of type {type(value).__name__}")
-    return out
-
-
-def load_strategy_state(strategy: Strategy, state: dict[str, np.ndarray]) -> None:
-    inner = innermost(strategy)
-    grouped: dict[tuple[str, str], dict[str, np.ndarray]] = {}
-    for name, value in state.items():
-        attr, kind, key = name.split("|", 2)
-        grouped.setdefault((attr, kind), {})[key] = value
-    for (attr, kind), values in grouped.items():
-        if kind == "record":
-            restored = ArrayRecord({k: Array(v) for k, v in values.items()})
-        elif kind == "dict":
-            restored = dict(values)
-        else:
-            restored = [values[k] for k in sorted(values)]
-        setattr(inner, attr, restored)
+def _namespaced(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Checkpoints written before wrappers owned their state hold only the aggregator's
+    attributes, unprefixed (``m_t|dict|key``); they belong to the aggregator."""
+    legacy = [k for k in state if k.split("|", 1)[0] in FLOWER_STATE_ATTRIBUTES]
+    if legacy:
+        log.warning("checkpoint predates per-wrapper strategy state: restoring the aggregator's "
+                    "state only")
+    return {(f"{AGGREGATOR}/{k}" if k in legacy else k): v for k, v in state.items()}
 
 
 def _rng_state() -> dict[str, np.ndarray]:
@@ -114,7 +88,11 @@ class Checkpoint:
 
     def restore(self, strategy: Strategy) -> None:
         """Put strategy state and the server's RNGs back where they were after ``round``."""
-        load_strategy_state(strategy, self.strategy_state)
+        try:
+            load_chain_state(strategy, _namespaced(self.strategy_state))
+        except ValueError as err:
+            raise CheckpointError(f"checkpoint of round {self.round} does not fit this "
+                                  f"strategy: {err}") from None
         _set_rng_state(self.rng)
 
 
@@ -143,7 +121,7 @@ class Checkpointer:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         np.savez(tmp / "arrays.npz", **{k: a.numpy() for k, a in self._arrays.items()})
-        np.savez(tmp / "strategy.npz", **strategy_state(self.strategy))
+        np.savez(tmp / "strategy.npz", **chain_state(self.strategy))
         np.savez(tmp / "rng.npz", **_rng_state())
         manifest = {"round": record.round, "config_hash": self.config_hash,
                     "mlflow_run_id": self.mlflow_run_id, "created": time.time(),
@@ -187,3 +165,21 @@ def latest_weights(run_dir: Path) -> dict[str, np.ndarray]:
         raise CheckpointError(f"no checkpoint in {run_dir}")
     with np.load(candidates[-1] / "arrays.npz", allow_pickle=False) as data:
         return {k: data[k] for k in data.files}
+
+
+def mark_final(run_dir: Path, *, rounds: int, registered_version: str | None,
+               config_hash: str) -> None:
+    """Record that the phase in ``run_dir`` completed all ``rounds`` (written after its last
+    checkpoint; its absence means the phase was interrupted)."""
+    path = Path(run_dir) / "checkpoints" / FINAL
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"rounds": rounds, "registered_version": registered_version,
+                               "config_hash": config_hash}, indent=2))
+    tmp.replace(path)
+
+
+def read_final(run_dir: Path) -> dict | None:
+    """What ``mark_final`` recorded for ``run_dir``, or None if the phase did not complete."""
+    path = Path(run_dir) / "checkpoints" / FINAL
+    return json.loads(path.read_text()) if path.is_file() else None

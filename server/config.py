@@ -265,9 +265,9 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
                               f"names look like {names[:3]} ... {names[-2:]}")
         if len(local_keys(names, strat.local_params)) == len(names):
             raise ConfigError("strategy.local_params match every parameter: nothing is shared")
-    if cfg.resume and str(cfg.resume).lower() not in ("true", "latest") and \
-            not (Path(cfg.resume) / "checkpoints").is_dir():
-        raise ConfigError(f"resume={cfg.resume}: no checkpoints/ in that directory")
+    if cfg.resume and str(cfg.resume).lower() not in ("true", "latest"):
+        from .resume import check_resume_dir    # the resume rules live in one place
+        check_resume_dir(Path(cfg.resume))      # a run dir, or a two-phase run's (pretrain/)
     if len(set(cfg.task.class_names)) != len(cfg.task.class_names) or len(cfg.task.class_names) < 2:
         raise ConfigError("task.class_names must list at least two distinct classes")
     validate_privacy(cfg)

@@ -26,9 +26,11 @@ from strategies.sitedp import SiteLevelDP
 from strategies.observed import ObservedStrategy, RoundObserver
 from strategies.registry import build_strategy as build_flower_strategy
 
-from .checkpoint import Checkpointer, latest_checkpoint
-from .config import ConfigError, ExperimentConfig
+from .checkpoint import CheckpointError, Checkpointer, latest_checkpoint, mark_final, read_final
+from .config import ExperimentConfig
 from .console import ConsoleTable
+from .resume import (DONE, FINETUNE_DIR, PRETRAIN_DIR, RESUME, PhaseResume, find_run_dir,
+                     resolve_resume)
 from .tracking import MlflowTracker
 
 log = logging.getLogger("medfed.server")
@@ -115,24 +117,10 @@ def job_config(cfg: ExperimentConfig, run_id: str = "") -> ConfigRecord:
 def new_run_dir(cfg: ExperimentConfig) -> Path:
     """A fresh run directory, or with ``resume`` the existing one to continue."""
     if cfg.resume:
-        return resume_dir(cfg)
+        return find_run_dir(cfg)
     run_dir = Path(cfg.runs_dir) / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir.mkdir(parents=True, exist_ok=False)
     return run_dir
-
-
-def resume_dir(cfg: ExperimentConfig) -> Path:
-    """``resume=true`` (or ``latest``): newest run of this experiment with a checkpoint."""
-    if str(cfg.resume).lower() not in ("true", "latest"):
-        path = Path(str(cfg.resume))
-        if not _checkpointed(path):
-            raise ConfigError(f"resume={path}: no checkpoints/ in that directory")
-        return path
-    runs = sorted(p for p in Path(cfg.runs_dir).glob(f"{cfg.name}-*") if _checkpointed(p))
-    if not runs:
-        raise ConfigError(f"resume=true: no run of experiment {cfg.name!r} with a checkpoint "
-                          f"under {cfg.runs_dir}")
-    return runs[-1]
 
 
 @dataclass(frozen=True)
@@ -146,30 +134,61 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, run_dir: Path,
                    observers: tuple[RoundObserver, ...] = ()) -> PhaseOutcome:
     """One experiment: with ``pretrain.objective``, phase 1 (federated pretraining, under
     ``run_dir/pretrain``) then phase 2 (the task, under ``run_dir/finetune``) starting from
-    phase 1's global backbone; otherwise the task alone in ``run_dir``."""
+    phase 1's global backbone; otherwise the task alone in ``run_dir``.
+
+    With ``resume``, each phase continues as ``resolve_resume`` says: a completed phase is
+    skipped, an interrupted one continues after its newest checkpoint, a later one starts.
+    """
+    point = resolve_resume(cfg, run_dir)
     start = None
     if cfg.model.pretrained is not None:     # validated at config load
         start = load_pretrained(cfg.model.pretrained)[1]
         log.info("starting from the pretrained backbone in %s", cfg.model.pretrained)
     if cfg.pretrain.objective is None:
-        return run_federation(grid, cfg, run_dir, observers, backbone=start)
+        return _run_phase(grid, cfg, run_dir, point.task if point else None, observers,
+                          backbone=start)
     first = cfg.pretrain_phase()
     log.info("phase 1 of 2: federated pretraining (%s, %d rounds)", cfg.pretrain.objective,
              cfg.pretrain.num_rounds)
-    pre_dir = run_dir / "pretrain"
+    pre_dir = run_dir / PRETRAIN_DIR
     pre_dir.mkdir(exist_ok=True)
-    result = run_federation(grid, first, pre_dir, observers, run_id=f"{run_dir.name}.pretrain",
-                            store_dir=run_dir, backbone=start)
+    result = _run_phase(grid, first, pre_dir, point.pretrain if point else None, observers,
+                        run_id=f"{run_dir.name}.pretrain", store_dir=run_dir, backbone=start)
     backbone = backbone_state(result.arrays.to_torch_state_dict())
     parent = {"parent.model": first.tracking.registered_model,
               "parent.version": result.registered_version or "",
               "parent.config_hash": first.fingerprint()}
     log.info("phase 2 of 2: %s from the pretrained backbone (%s version %s)", cfg.task.name,
              parent["parent.model"], parent["parent.version"] or "?")
-    fine_dir = run_dir / "finetune"
+    fine_dir = run_dir / FINETUNE_DIR
     fine_dir.mkdir(exist_ok=True)
-    return run_federation(grid, cfg, fine_dir, observers, run_id=f"{run_dir.name}.finetune",
-                          backbone=backbone, lineage=parent, store_dir=run_dir)
+    return _run_phase(grid, cfg, fine_dir, point.task if point else None, observers,
+                      run_id=f"{run_dir.name}.finetune", backbone=backbone, lineage=parent,
+                      store_dir=run_dir)
+
+
+def _run_phase(grid: Grid, cfg: ExperimentConfig, phase_dir: Path, resume: PhaseResume | None,
+               observers: tuple[RoundObserver, ...], **kwargs) -> PhaseOutcome:
+    """Run one phase fresh, continue it, or (completed) take its recorded outcome."""
+    if resume is not None and resume.state == DONE:
+        log.info("%s: all %d rounds completed before; skipped", phase_dir,
+                 cfg.federation.num_rounds)
+        return completed_phase(cfg, phase_dir)
+    return run_federation(grid, cfg, phase_dir, observers,
+                          resume=resume is not None and resume.state == RESUME, **kwargs)
+
+
+def completed_phase(cfg: ExperimentConfig, phase_dir: Path) -> PhaseOutcome:
+    """A completed phase's final global model and registered version, from its checkpoints
+    (no MLflow run is reopened: its record is complete)."""
+    final = read_final(phase_dir)
+    if final is None:
+        raise CheckpointError(f"{phase_dir} has not completed")
+    checkpoint = latest_checkpoint(phase_dir, cfg.fingerprint())
+    if final["config_hash"] != cfg.fingerprint() or checkpoint.round != final["rounds"]:
+        raise CheckpointError(f"{phase_dir}: its completion record does not match its newest "
+                              f"checkpoint (round {checkpoint.round}) or this configuration")
+    return PhaseOutcome(checkpoint.arrays, final["registered_version"])
 
 
 def backbone_state(state: dict) -> dict:
@@ -181,20 +200,17 @@ def backbone_state(state: dict) -> dict:
     return out
 
 
-def _checkpointed(run_dir: Path) -> bool:
-    """A run (or a two-phase run's pretrain/finetune phase) has at least one checkpoint."""
-    return any(run_dir.glob("checkpoints/round-*")) or any(run_dir.glob("*/checkpoints/round-*"))
-
-
 def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path,
                    observers: tuple[RoundObserver, ...] = (), *, run_id: str | None = None,
                    backbone: dict | None = None, lineage: dict | None = None,
-                   store_dir: Path | None = None) -> PhaseOutcome:
+                   store_dir: Path | None = None, resume: bool = False) -> PhaseOutcome:
     """Run ``cfg.federation.num_rounds`` rounds of federated training and evaluation.
 
     ``backbone``: initial backbone weights (phase 2 of a pretrain->finetune run); ``lineage``:
     tags naming the parent model version, set on every model version this phase registers;
-    ``store_dir``: where the default MLflow store lives (both phases of a run share one).
+    ``store_dir``: where the default MLflow store lives (both phases of a run share one);
+    ``resume``: continue after the newest checkpoint in ``run_dir``, in the same MLflow run.
+    On success the phase is marked complete (``checkpoint.mark_final``).
     """
     run_id = run_id or run_dir.name
     torch.manual_seed(cfg.seed)
@@ -202,7 +218,7 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path,
                      backbone_state=backbone)
     initial = ArrayRecord(model.state_dict())
     guarded = build_strategy(cfg, frozen_keys(model))
-    checkpoint = latest_checkpoint(run_dir, cfg.fingerprint()) if cfg.resume else None
+    checkpoint = latest_checkpoint(run_dir, cfg.fingerprint()) if resume else None
     done = 0
     if checkpoint is not None:
         checkpoint.restore(guarded)
@@ -222,6 +238,7 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path,
         outcome = PhaseOutcome(initial, tracker.latest_version())
         tracker.finish(console.summary())
         log.info("nothing to do: all %d rounds are complete", cfg.federation.num_rounds)
+        _mark_complete(run_dir, cfg, outcome)
         return outcome
     try:
         result = strategy.start(
@@ -239,4 +256,10 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path,
     log.info("summary (pooled over sites):\n%s", summary)
     log.info("MLflow: %d model versions of %r in %s (run %s)", len(tracker.versions),
              cfg.tracking.registered_model, tracker.uri, tracker.run_id)
+    _mark_complete(run_dir, cfg, outcome)
     return outcome
+
+
+def _mark_complete(run_dir: Path, cfg: ExperimentConfig, outcome: PhaseOutcome) -> None:
+    mark_final(run_dir, rounds=cfg.federation.num_rounds,
+               registered_version=outcome.registered_version, config_hash=cfg.fingerprint())

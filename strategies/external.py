@@ -18,13 +18,16 @@ again next round; an external site refuses a train message anyway (``client/app.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from protocol import wire
+
+from .state import RoundReport, StrategyWrapper, expect_no_state
 
 log = logging.getLogger("medfed.server")
 
@@ -43,8 +46,10 @@ class GridWithout:
         return getattr(self._grid, name)
 
 
-class ExternalSites(Strategy):
+class ExternalSites(StrategyWrapper, Strategy):
     """Wrap ``strategy`` so that nodes whose role is external evaluate but never train."""
+
+    kind = "external-sites"
 
     def __init__(self, strategy: Strategy, query_timeout: float = 60.0):
         self.strategy = strategy
@@ -54,6 +59,17 @@ class ExternalSites(Strategy):
 
     def summary(self) -> None:
         self.strategy.summary()
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        # Roles are re-learnt by one query after a restart: a site's operator may have changed
+        # its role meanwhile, and the node ids of a restarted federation are new anyway.
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
+        expect_no_state(state, "ExternalSites")
+
+    def round_report(self) -> RoundReport:
+        return RoundReport()     # nothing of its own; the inner wrappers report theirs
 
     def external(self) -> set[int]:
         return {n for n, role in self.roles.items() if role == wire.ROLE_EXTERNAL}

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,6 +22,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from protocol import wire
+
+from .state import RoundReport, StrategyWrapper, expect_no_state
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +85,7 @@ def error_summary(msg: Message) -> str:
     return f"node {msg.metadata.src_node_id}: {text[:300]}"
 
 
-class GuardedStrategy(Strategy):
+class GuardedStrategy(StrategyWrapper, Strategy):
     """Wrap ``strategy`` with a bounded quorum wait and update sanitization.
 
     Parameters
@@ -103,6 +105,8 @@ class GuardedStrategy(Strategy):
         site without knowing the model's scale). None disables it.
     """
 
+    kind = "guard"
+
     def __init__(self, strategy: Strategy, *, min_available_sites: int, min_train_sites: int,
                  quorum_timeout: float, max_update_norm: float | None = None,
                  max_norm_ratio: float | None = 10.0, poll_interval: float = 0.5):
@@ -121,6 +125,18 @@ class GuardedStrategy(Strategy):
 
     def summary(self) -> None:
         self.strategy.summary()
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        # Nothing outlives a round: the reference is set by configure_train, and the model's
+        # dtypes are re-learnt from the resumed global arrays (already cast back to them).
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
+        expect_no_state(state, "the fault guard")
+
+    def round_report(self) -> RoundReport:
+        """The replies rejected in the last aggregated round and every update's norm."""
+        return RoundReport(rejected=list(self.rejected), update_norms=dict(self.update_norms))
 
     def wait_for_quorum(self, grid: Grid) -> None:
         deadline = time.monotonic() + self.quorum_timeout

@@ -14,15 +14,18 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from protocol import wire
+
+from .state import RoundReport, StrategyWrapper, chain_reports, expect_no_state, merge_reports
 
 log = logging.getLogger(__name__)
 
@@ -103,19 +106,14 @@ def ordered(replies: Iterable[Message]) -> list[Message]:
     return sorted(replies, key=key)
 
 
-def _through_wrappers(strategy: Strategy, attr: str):
-    """``attr`` of the first strategy along the ``.strategy`` chain that has it, else None."""
-    for _ in range(10):
-        if hasattr(strategy, attr):
-            return getattr(strategy, attr)
-        strategy = getattr(strategy, "strategy", None)
-        if strategy is None:
-            return None
-    return None
+class ObservedStrategy(StrategyWrapper, Strategy):
+    """Wrap ``strategy`` and call ``observers`` after training and at the end of each round.
 
+    What the wrappers below it did in a round (rejected updates, update norms, site-level
+    epsilon, clipped values) comes from their merged round reports (``strategies/state.py``).
+    """
 
-class ObservedStrategy(Strategy):
-    """Wrap ``strategy`` and call ``observers`` after training and at the end of each round."""
+    kind = "observed"
 
     def __init__(self, strategy: Strategy, observers: list[RoundObserver], round_offset: int = 0):
         self.strategy = strategy
@@ -135,6 +133,16 @@ class ObservedStrategy(Strategy):
     def summary(self) -> None:
         self.strategy.summary()
 
+    def state_dict(self) -> dict[str, np.ndarray]:
+        # the round offset is the checkpoint's round, given again when the run is resumed
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
+        expect_no_state(state, "ObservedStrategy")
+
+    def round_report(self) -> RoundReport:
+        return RoundReport()
+
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         server_round += self.round_offset
@@ -150,11 +158,12 @@ class ObservedStrategy(Strategy):
         record.train = self._record(record, "train", replies)
         try:
             arrays, metrics = self.strategy.aggregate_train(server_round, replies)
-        finally:
-            record.rejected = list(getattr(self.strategy, "rejected", []))
-            record.update_norms = dict(getattr(self.strategy, "update_norms", {}))
-            record.site_level_epsilon = _through_wrappers(self.strategy, "epsilon")
-            record.secagg_clipped = _through_wrappers(self.strategy, "clipped")
+        finally:       # also when the round fails: what was rejected is part of the story
+            report = merge_reports(chain_reports(self.inner))
+            record.rejected = list(report.get("rejected", []))
+            record.update_norms = dict(report.get("update_norms", {}))
+            record.site_level_epsilon = report.get("site_level_epsilon")
+            record.secagg_clipped = report.get("secagg_clipped")
         record.arrays = arrays
         record.train_metrics = dict(metrics or {})
         for observer in self.observers:

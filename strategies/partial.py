@@ -8,7 +8,9 @@ complete model (for checkpoints and the registry; its local parts are placeholde
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
@@ -16,9 +18,13 @@ from flwr.serverapp.strategy import Strategy
 from protocol import wire
 from protocol.partial import local_keys, unmatched_patterns  # noqa: F401
 
+from .state import RoundReport, StrategyWrapper, expect_no_state
 
-class PartialSharing(Strategy):
+
+class PartialSharing(StrategyWrapper, Strategy):
     """Wrap ``strategy`` so parameters matching ``patterns`` are never sent or aggregated."""
+
+    kind = "partial-sharing"
 
     def __init__(self, strategy: Strategy, patterns: list[str]):
         if not patterns:
@@ -29,6 +35,17 @@ class PartialSharing(Strategy):
 
     def summary(self) -> None:
         self.strategy.summary()
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        # The server's copy of the local parameters is part of every global record (and so of
+        # every checkpoint's arrays); a resumed run takes it from there.
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
+        expect_no_state(state, type(self).__name__)
+
+    def round_report(self) -> RoundReport:
+        return RoundReport()
 
     def _split(self, arrays: ArrayRecord) -> ArrayRecord:
         local = set(local_keys(arrays.keys(), self.patterns))
@@ -62,20 +79,14 @@ class PartialSharing(Strategy):
                            ) -> MetricRecord | None:
         return self.strategy.aggregate_evaluate(server_round, replies)
 
-    @property
-    def rejected(self):          # let observers see the guard's verdicts through this wrapper
-        return getattr(self.strategy, "rejected", [])
-
-    @property
-    def update_norms(self):
-        return getattr(self.strategy, "update_norms", {})
-
 
 class FrozenSharing(PartialSharing):
     """Wrap ``strategy`` for models whose ``frozen`` weights do not train (linear probe, LoRA
     base weights): sites receive them beside the trainable ones (``wire.FROZEN_ARRAYS``) and
     send back only the trainable ones, which are all the inner strategy sees and aggregates.
     The global record stays the complete model."""
+
+    kind = "frozen-sharing"
 
     def __init__(self, strategy: Strategy, frozen: list[str]):
         super().__init__(strategy, list(frozen))

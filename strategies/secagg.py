@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from io import BytesIO
 
 import numpy as np
@@ -27,38 +27,47 @@ from flwr.serverapp.strategy import Strategy
 
 from protocol import wire
 from .guard import error_summary
+from .sitedp import accountant_state, load_accountant_state, site_accountant, spent_epsilon
+from .state import RoundReport, StrategyWrapper, expect_no_state
 from protocol.arrays import apply_delta, flat_delta, view  # noqa: F401 - re-used below
 from protocol.secagg_protocol import SecAggConfig, SecAggError, ServerRound
 
 log = logging.getLogger(__name__)
+
+SITE_DP = "site-dp"      # SumNoise's namespace inside SecAggPlus's state
 
 
 class SumNoise:
     """Site-level DP on the secure sum: each site clipped its update to ``clipping_norm``
     (Flower's fixedclipping_mod) and weighs 1, so the average of n updates gets
     N(0, (sigma C / n)^2) per value - Flower's DP wrapper's calibration - composed with
-    Flower's ``RdpAccountant`` (no amplification: every site, every round)."""
+    Flower's ``RdpAccountant`` (no amplification: every site, every round).
+
+    Its state is the accountant's history; the noise generator is deliberately not saved
+    (whoever holds its state could subtract the noise), so a resumed run draws fresh noise.
+    """
 
     def __init__(self, *, noise_multiplier: float, clipping_norm: float, num_sites: int,
                  delta: float, rng: np.random.Generator | None = None):
-        from flwr.serverapp import PrivacyConfig as FlowerPrivacyConfig
-        from flwr.serverapp import RdpAccountant
-        from flwr.supercore.privacy_accounting import NeighboringRelation, SamplingMethod
-
         self.noise_multiplier, self.clipping_norm = noise_multiplier, clipping_norm
         self.num_sites = num_sites
-        self.accountant = RdpAccountant(FlowerPrivacyConfig(
-            target_delta=delta, population_size=num_sites,
-            neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
-            sampling_method=SamplingMethod.NO_AMPLIFICATION))
+        self.accountant = site_accountant(num_sites=num_sites, delta=delta)
         # the server's noise is the guarantee: AES-CTR bits keyed from os.urandom
         self.rng = rng or np.random.Generator(AESCounter(
             key=int.from_bytes(os.urandom(16), "little")))
 
     @property
     def epsilon(self) -> float:
-        spent = self.accountant.get_privacy_spent()
-        return float(spent.epsilon) if spent.num_releases else 0.0
+        return spent_epsilon(self.accountant)
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return accountant_state(self.accountant)
+
+    def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
+        load_accountant_state(self.accountant, state, "site-level DP on the secure sum")
+
+    def round_report(self) -> RoundReport:
+        return RoundReport(site_level_epsilon=self.epsilon)
 
     def add_noise(self, average: np.ndarray, *, contributors: int) -> np.ndarray:
         from flwr.serverapp import GaussianPrivacyEvent
@@ -73,8 +82,10 @@ class SumNoise:
         return noisy.astype(np.float32)
 
 
-class SecAggPlus(Strategy):
+class SecAggPlus(StrategyWrapper, Strategy):
     """Wrap ``strategy`` so that sites' updates are only ever seen summed."""
+
+    kind = "secagg"
 
     def __init__(self, strategy: Strategy, config: SecAggConfig, *, stage_timeout: float = 600,
                  site_dp: SumNoise | None = None):
@@ -85,10 +96,29 @@ class SecAggPlus(Strategy):
         self.clipped = 0
         self._round: ServerRound | None = None
 
-    @property
-    def epsilon(self) -> float | None:
-        """Site-level DP: epsilon spent so far (None without site-level DP)."""
-        return self.site_dp.epsilon if self.site_dp is not None else None
+    def state_dict(self) -> dict[str, np.ndarray]:
+        # a secure round lives between configure_train and aggregate_train; only the
+        # site-level DP accountant outlives it
+        if self.site_dp is None:
+            return {}
+        return {f"{SITE_DP}/{k}": v for k, v in self.site_dp.state_dict().items()}
+
+    def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
+        if self.site_dp is None:
+            expect_no_state(state, "SecAgg+ without site-level DP")
+            return
+        prefix = f"{SITE_DP}/"
+        stray = sorted(k for k in state if not k.startswith(prefix))
+        if stray:
+            raise ValueError(f"SecAgg+ keeps no state {stray}")
+        self.site_dp.load_state_dict({k[len(prefix):]: v for k, v in state.items()})
+
+    def round_report(self) -> RoundReport:
+        """Values the encoding clipped in the last round, and the site-level epsilon."""
+        report = RoundReport(secagg_clipped=self.clipped)
+        if self.site_dp is not None:
+            report |= self.site_dp.round_report()
+        return report
 
     def summary(self) -> None:
         log.info("SecAgg+ around %s (threshold %s, clip range %g)", type(self.strategy).__name__,
@@ -109,6 +139,7 @@ class SecAggPlus(Strategy):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
+        self.clipped = 0
         if self.site_dp is not None:     # the sites' fixedclipping_mod reads it
             config = ConfigRecord(dict(config) | {wire.DP_CLIPPING_NORM:
                                                   self.site_dp.clipping_norm})
@@ -202,11 +233,3 @@ class SecAggPlus(Strategy):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:
         return self.strategy.aggregate_evaluate(server_round, replies)
-
-    @property
-    def rejected(self):
-        return getattr(self.strategy, "rejected", [])
-
-    @property
-    def update_norms(self):
-        return getattr(self.strategy, "update_norms", {})

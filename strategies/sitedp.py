@@ -3,32 +3,75 @@
 Flower's ``DifferentialPrivacyClientSideFixedClipping`` does the work (it injects the
 clipping norm for the sites' ``fixedclipping_mod``, checks that every sampled site answered
 with equal weight, adds N(0, (sigma C / n)^2) to the average and composes Flower's
-``RdpAccountant``). This subclass only configures the accountant and exposes the spent epsilon for tracking. It sits directly around FedAvg (Flower's
-accountant checks the aggregation rule), inside the fault guard.
+``RdpAccountant``). This subclass configures the accountant, reports the spent epsilon and
+checkpoints the accountant's history, so a resumed run continues the guarantee instead of
+counting from zero. It sits directly around FedAvg (Flower's accountant checks the
+aggregation rule), inside the fault guard.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
+import numpy as np
 from flwr.serverapp import PrivacyConfig as FlowerPrivacyConfig
 from flwr.serverapp import RdpAccountant
 from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, Strategy
 from flwr.supercore.privacy_accounting import NeighboringRelation, SamplingMethod
 
+from .state import RoundReport, StrategyWrapper, from_json_array, json_array
 
-class SiteLevelDP(DifferentialPrivacyClientSideFixedClipping):
+ACCOUNTANT = "accountant"
+
+
+def site_accountant(*, num_sites: int, delta: float) -> RdpAccountant:
+    """Flower's RDP accountant for one release per round over all sites (no amplification)."""
+    return RdpAccountant(FlowerPrivacyConfig(
+        target_delta=delta, population_size=num_sites,
+        neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+        sampling_method=SamplingMethod.NO_AMPLIFICATION))
+
+
+def spent_epsilon(accountant: RdpAccountant) -> float:
+    """Epsilon spent at the accountant's delta; 0 before any release."""
+    spent = accountant.get_privacy_spent()
+    return float(spent.epsilon) if spent.num_releases else 0.0
+
+
+def accountant_state(accountant: RdpAccountant) -> dict[str, np.ndarray]:
+    """The accountant's event history (Flower's own JSON state) as one named array."""
+    return {ACCOUNTANT: json_array(accountant.state_dict())}
+
+
+def load_accountant_state(accountant: RdpAccountant, state: Mapping[str, np.ndarray],
+                          owner: str) -> None:
+    """Replay a saved history into ``accountant`` (Flower checks the privacy config matches)."""
+    if set(state) != {ACCOUNTANT}:
+        raise ValueError(f"{owner}: expected the accountant's history in the checkpoint, got "
+                         f"{sorted(state)}; without it site-level epsilon would restart at 0")
+    accountant.load_state_dict(from_json_array(state[ACCOUNTANT]))
+
+
+class SiteLevelDP(StrategyWrapper, DifferentialPrivacyClientSideFixedClipping):
     """Flower's client-side fixed-clipping DP wrapper with site-count accounting."""
+
+    kind = "site-dp"
 
     def __init__(self, strategy: Strategy, *, noise_multiplier: float, clipping_norm: float,
                  num_sites: int, delta: float):
-        accountant = RdpAccountant(FlowerPrivacyConfig(
-            target_delta=delta, population_size=num_sites,
-            neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
-            sampling_method=SamplingMethod.NO_AMPLIFICATION))
         super().__init__(strategy, noise_multiplier, clipping_norm, num_sites,
-                         accountant=accountant)
+                         accountant=site_accountant(num_sites=num_sites, delta=delta))
 
     @property
     def epsilon(self) -> float:
         """Site-level epsilon spent so far (at the configured delta); 0 before any release."""
-        spent = self.privacy_spent()
-        return float(spent.epsilon) if spent is not None and spent.num_releases else 0.0
+        return spent_epsilon(self.accountant)
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return accountant_state(self.accountant)
+
+    def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
+        load_accountant_state(self.accountant, state, "site-level DP")
+
+    def round_report(self) -> RoundReport:
+        return RoundReport(site_level_epsilon=self.epsilon)

@@ -118,10 +118,10 @@ def test_dpsgd_job_config_carries_the_dp_keys():
     assert record[wire.RUN_ID] == "run-x"
     # and the site reads back exactly what the server meant
     request = decode_job(record, site_seed=0).privacy
-    assert (request.mechanism, request.target_epsilon, request.noise_multiplier,
+    assert (request.mechanism, request.epsilon, request.noise_multiplier,
             request.max_grad_norm, request.sample_rate, request.accountant,
             request.planned_rounds, request.run_id) == \
-        (wire.DP_SGD, 8.0, 0.0, 0.5, 0.25, "prv", cfg.federation.num_rounds, "run-x")
+        (wire.DP_SGD, 8.0, None, 0.5, 0.25, "prv", cfg.federation.num_rounds, "run-x")
 
 
 def test_dpsgd_with_a_fixed_noise_multiplier_sends_it():

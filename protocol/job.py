@@ -50,9 +50,9 @@ class TrainSettings:
     def __post_init__(self):
         for name in ("lr", "weight_decay"):
             _finite(f"train.{name}", getattr(self, name))
-        if self.local_epochs < 1 or self.batch_size < 1:
-            raise SpecError(f"train.local_epochs and train.batch_size must be >= 1, got "
-                            f"{self.local_epochs} and {self.batch_size}")
+        for name in ("local_epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise SpecError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0:
             raise SpecError(f"train.lr must be > 0, got {self.lr}")
         if self.weight_decay < 0:

@@ -92,6 +92,11 @@ def strategy_entry(name: str) -> StrategyEntry:
     return STRATEGIES[name]
 
 
+def strategies_with(capability: str) -> list[str]:
+    """The registered names whose entry declares ``capability`` (a StrategyEntry flag)."""
+    return [name for name, entry in STRATEGIES.items() if getattr(entry, capability)]
+
+
 def validate_strategy(name: str, options: dict[str, Any]) -> None:
     """Refuse an unknown strategy, an option its class does not take, or a bad option value."""
     entry = strategy_entry(name)

@@ -19,7 +19,7 @@ from protocol.job import PrivacySettings, TrainSettings
 
 from .schema import (ConfigError, DataConfig, ExperimentConfig, FederationConfig, ModelConfig,
                      PretrainConfig, SecAggSettings, StrategyConfig, TaskConfig, TrackingConfig)
-from .validate import validate
+from .validation import validate
 
 # The repository's conf/ (this file is server/config/compose.py).
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from protocol import wire
 from protocol.job import SpecError
-from strategies.registry import STRATEGIES, strategy_entry
+from strategies.registry import strategies_with, strategy_entry
 
 from .schema import ConfigError, ExperimentConfig
 
@@ -25,7 +25,7 @@ def validate_privacy(cfg: ExperimentConfig) -> None:
     if p.mechanism != wire.DP_SITE:
         return
     if not strategy_entry(cfg.strategy.name).sum_aggregating:
-        summing = ", ".join(n for n, e in STRATEGIES.items() if e.sum_aggregating)
+        summing = ", ".join(strategies_with("sum_aggregating"))
         raise ConfigError(f"privacy.mechanism=site-dp with strategy={cfg.strategy.name}: "
                           "server noise on a sum only protects strategies that aggregate by "
                           f"a plain weighted sum ({summing}); "

@@ -11,7 +11,8 @@ from protocol import wire
 from protocol.partial import local_keys, unmatched_patterns
 from protocol.secagg_encoding import Encoding
 from protocol.secagg_protocol import SecAggConfig, SecAggError
-from strategies.registry import STRATEGIES, StrategyConfigError, strategy_entry, validate_strategy
+from strategies.registry import (StrategyConfigError, strategies_with, strategy_entry,
+                                 validate_strategy)
 
 from .privacy import validate_privacy
 from .schema import ConfigError, ExperimentConfig
@@ -101,7 +102,7 @@ def validate_secagg(cfg: ExperimentConfig) -> None:
     if not s.enabled:
         return
     if not strategy_entry(cfg.strategy.name).secagg_ready:
-        ready = ", ".join(n for n, e in STRATEGIES.items() if e.secagg_ready)
+        ready = ", ".join(strategies_with("secagg_ready"))
         raise ConfigError(f"secagg.enabled with strategy={cfg.strategy.name}: secure aggregation "
                           f"only reveals the weighted sum of updates; use one of {ready}")
     if cfg.strategy.local_params:

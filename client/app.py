@@ -140,6 +140,8 @@ def make_client_app(*, sim_data_root: Path | None = None, sim_train_sites: int |
                 reply.update(metrics_record(metrics, f"{prefix}{split}"))
                 seconds += metrics.seconds
         reply[wire.NUM_EXAMPLES] = sum(len(splits[s]) for s in names)
+        if job.privacy.mechanism == wire.DP_SITE:   # the server weighs every reply by it
+            reply[wire.DP_UNIT_WEIGHT] = 1.0
         reply[wire.EVAL_SECONDS] = seconds
         return Message(content=RecordDict({wire.METRICS: reply, wire.SITE: identity}), reply_to=msg)
 

@@ -11,7 +11,6 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -19,28 +18,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from models.metrics import SplitMetrics
+from protocol.job import TrainConfig
 
 from .privacy.dpsgd import DPSGDConfig, PrivateGradients, poisson_batches, steps_per_epoch
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    local_epochs: int = 1
-    batch_size: int = 16
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    seed: int = 0
-    proximal_mu: float = 0.0        # FedProx: adds (mu/2) * ||w - w_start||^2 to the loss
-
-    def __post_init__(self):
-        if self.local_epochs < 1 or self.batch_size < 1:
-            raise ValueError("local_epochs and batch_size must be >= 1")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.proximal_mu < 0:
-            raise ValueError(f"proximal_mu must be >= 0, got {self.proximal_mu}")
 
 
 def resolve_device(name: str = "auto") -> torch.device:

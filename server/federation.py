@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -80,38 +79,10 @@ def _training_strategy(cfg: ExperimentConfig, frozen: list[str]) -> Strategy:
     return PartialSharing(guarded, list(s.local_params)) if s.local_params else guarded
 
 
-def privacy_config(cfg: ExperimentConfig, run_id: str) -> dict:
-    """The privacy request every site checks against its own budget (nothing for none)."""
-    p = cfg.privacy
-    if p.mechanism == wire.DP_NONE:
-        return {wire.DP_MECHANISM: wire.DP_NONE}
-    out = {wire.DP_MECHANISM: p.mechanism, wire.DP_ACCOUNTANT: p.accountant,
-           wire.DP_PLANNED_ROUNDS: cfg.federation.num_rounds, wire.RUN_ID: run_id,
-           wire.DP_NOISE_MULTIPLIER: float(p.noise_multiplier or 0.0)}
-    if p.mechanism == wire.DP_SGD:
-        out |= {wire.DP_TARGET_EPSILON: float(p.epsilon or 0.0),
-                wire.DP_MAX_GRAD_NORM: float(p.max_grad_norm),
-                wire.DP_SAMPLE_RATE: float(p.sample_rate or 0.0)}
-    return out      # site-dp: the clipping norm is injected by Flower's wrapper
-
-
 def job_config(cfg: ExperimentConfig, run_id: str = "") -> ConfigRecord:
-    """What every site needs to build the model and task and to train (no site specifics)."""
-    return ConfigRecord(privacy_config(cfg, run_id) | {
-        wire.MODEL_NAME: cfg.model.name,
-        wire.MODEL_OPTIONS: json.dumps(cfg.model_options(), sort_keys=True),
-        wire.TASK_NAME: cfg.task.name,
-        wire.TASK_OPTIONS: json.dumps(cfg.task_options(), sort_keys=True),
-        wire.CLASS_NAMES: list(cfg.task.class_names),
-        wire.IMAGE_SIZE: cfg.task.image_size,
-        wire.LOCAL_EPOCHS: cfg.train.local_epochs,
-        wire.BATCH_SIZE: cfg.train.batch_size,
-        wire.LR: float(cfg.train.lr),
-        wire.WEIGHT_DECAY: float(cfg.train.weight_decay),
-        wire.SEED: cfg.seed,
-        wire.PERSONALIZE: cfg.strategy.personalize,
-        wire.EVAL_MISSING: cfg.task.evaluate_missing,
-    })
+    """What every site needs to build the model and task and to train (no site specifics):
+    the experiment's ``JobSpec`` in its wire form."""
+    return cfg.job_spec(run_id).to_record()
 
 
 def new_run_dir(cfg: ExperimentConfig) -> Path:

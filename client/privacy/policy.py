@@ -18,8 +18,8 @@ from pathlib import Path
 
 from protocol import wire
 from protocol.accounting import PrivacyConfigError, calibrate_noise, check_budget, epsilon
+from protocol.job import JobSpec, PrivacySpec
 
-from ..job import Job, PrivacyRequest
 from .dpsgd import DPSGDConfig, steps_per_epoch
 from .ledger import LedgerEntry, PrivacyLedger
 
@@ -71,7 +71,7 @@ def flag(value) -> bool:
     return str(value).lower() not in ("false", "0", "no")
 
 
-def admit_round(job: Job, settings: dict, data_dir: Path, *, n_train: int,
+def admit_round(job: JobSpec, settings: dict, data_dir: Path, *, n_train: int,
                 secure_aggregation: bool) -> Authorization | None:
     """The site's checks before it trains: its secure-aggregation policy, then its privacy
     budget (``authorize``). Raises with the reason the server will see."""
@@ -103,7 +103,7 @@ class Authorization:
     entry: LedgerEntry
 
 
-def authorize(request: PrivacyRequest, budget: SiteBudget | None, *, n_train: int,
+def authorize(request: PrivacySpec, budget: SiteBudget | None, *, n_train: int,
               local_epochs: int, batch_size: int, server_round: int,
               secure_mode: bool = True) -> Authorization | None:
     """Accept (and charge) or refuse this round. None: a non-private round the site allows."""
@@ -147,7 +147,7 @@ def authorize(request: PrivacyRequest, budget: SiteBudget | None, *, n_train: in
     return Authorization(dpsgd, entry)
 
 
-def _plan(ledger: PrivacyLedger, request: PrivacyRequest, budget: SiteBudget, q: float,
+def _plan(ledger: PrivacyLedger, request: PrivacySpec, budget: SiteBudget, q: float,
           steps: int) -> float:
     """The run's noise multiplier, calibrated once (first round) and kept in the ledger."""
     plan = ledger.get_plan(request.run_id, request.mechanism)
@@ -157,22 +157,22 @@ def _plan(ledger: PrivacyLedger, request: PrivacyRequest, budget: SiteBudget, q:
                                  f"{q:g}); the noise was calibrated for the first")
         return plan.noise_multiplier
     total = steps * request.planned_rounds
-    if request.noise_multiplier > 0:
+    if request.noise_multiplier is not None:     # the spec's rules: set means > 0
         sigma = request.noise_multiplier
     else:
-        if request.target_epsilon > budget.epsilon:
-            raise PrivacyRefused(f"the server's target epsilon {request.target_epsilon:g} "
+        if request.epsilon > budget.epsilon:
+            raise PrivacyRefused(f"the server's target epsilon {request.epsilon:g} "
                                  f"exceeds this site's budget {budget.epsilon:g}")
-        sigma = calibrate_noise(target_epsilon=request.target_epsilon, delta=budget.delta,
+        sigma = calibrate_noise(target_epsilon=request.epsilon, delta=budget.delta,
                                 sample_rate=q, steps=total, accountant=request.accountant)
     _check_plan(ledger, request, budget, [(sigma, q, total)])
     ledger.set_plan(request.run_id, request.mechanism, noise_multiplier=sigma, sample_rate=q,
-                    planned_steps=total, target_epsilon=request.target_epsilon or budget.epsilon,
+                    planned_steps=total, target_epsilon=request.epsilon or budget.epsilon,
                     delta=budget.delta)
     return sigma
 
 
-def _check_plan(ledger: PrivacyLedger, request: PrivacyRequest, budget: SiteBudget,
+def _check_plan(ledger: PrivacyLedger, request: PrivacySpec, budget: SiteBudget,
                 planned: list[tuple[float, float, int]]) -> None:
     """Refuse up front a run whose whole plan would exceed the budget (first round only)."""
     if any(e.run_id == request.run_id and e.mechanism == request.mechanism

@@ -9,7 +9,7 @@ import math
 import pytest
 from flwr.app import ConfigRecord
 
-from client.job import JobError, PrivacyRequest, decode_job
+from client.job import JobError, decode_job
 from client.privacy.dpsgd import steps_per_epoch
 from client.privacy.ledger import PrivacyLedger
 from client.privacy.policy import PrivacyRefused, authorize, node_settings, site_budget
@@ -18,6 +18,7 @@ from models.tasks import ClassificationConfig, ClassificationTask
 from server.config import load_experiment
 from server.federation import job_config
 from protocol import accounting, wire
+from protocol.job import PrivacySpec
 
 # Opacus notes when the optimal RDP order sits at the edge of its grid (very large/small sigma)
 pytestmark = pytest.mark.filterwarnings("ignore:Optimal order is the")
@@ -53,10 +54,10 @@ def _budget(tmp_path, epsilon=3.0, delta=DELTA, **extra):
     return site_budget(settings, tmp_path)
 
 
-def _dpsgd(run_id="run-a", **changes) -> PrivacyRequest:
-    fields = dict(mechanism=wire.DP_SGD, target_epsilon=3.0, planned_rounds=2, run_id=run_id,
+def _dpsgd(run_id="run-a", **changes) -> PrivacySpec:
+    fields = dict(mechanism=wire.DP_SGD, epsilon=3.0, planned_rounds=2, run_id=run_id,
                   max_grad_norm=1.0)
-    return PrivacyRequest(**(fields | changes))
+    return PrivacySpec(**(fields | changes))
 
 
 def _authorize(request, budget, server_round=1, n_train=N_TRAIN):
@@ -146,8 +147,8 @@ def test_dpsgd_calibrates_once_charges_the_ledger_and_stops_at_the_budget(tmp_pa
 
 def test_a_fresh_run_that_fits_the_remaining_budget_is_accepted(tmp_path):
     budget = _budget(tmp_path, epsilon=10.0)
-    _authorize(_dpsgd(target_epsilon=2.0, planned_rounds=1), budget)
-    other = _authorize(_dpsgd(run_id="run-b", target_epsilon=2.0, planned_rounds=1), budget)
+    _authorize(_dpsgd(epsilon=2.0, planned_rounds=1), budget)
+    other = _authorize(_dpsgd(run_id="run-b", epsilon=2.0, planned_rounds=1), budget)
     ledger = PrivacyLedger(budget.ledger_path)
     assert [e.run_id for e in ledger.entries()] == ["run-a", "run-b"]
     # composed over both runs, not per run
@@ -176,26 +177,26 @@ def test_server_noise_multiplier_too_small_for_the_budget_is_refused(tmp_path):
     budget = _budget(tmp_path, epsilon=1.0)
     with pytest.raises(PrivacyRefused,
                        match=r"plan \(5 rounds, noise multiplier 0\.3\) .* budget 1"):
-        _authorize(_dpsgd(target_epsilon=0.0, noise_multiplier=0.3, planned_rounds=5), budget)
+        _authorize(_dpsgd(epsilon=None, noise_multiplier=0.3, planned_rounds=5), budget)
     assert PrivacyLedger(budget.ledger_path).entries() == []
 
 
 def test_server_noise_multiplier_is_used_when_it_fits(tmp_path):
-    auth = _authorize(_dpsgd(target_epsilon=0.0, noise_multiplier=5.0), _budget(tmp_path))
+    auth = _authorize(_dpsgd(epsilon=None, noise_multiplier=5.0), _budget(tmp_path))
     assert auth.dpsgd.noise_multiplier == 5.0
 
 
 def test_server_target_above_the_site_budget_is_refused(tmp_path):
     budget = _budget(tmp_path, epsilon=3.0)
     with pytest.raises(PrivacyRefused, match=r"target epsilon 8 exceeds .* budget 3"):
-        _authorize(_dpsgd(target_epsilon=8.0), budget)
+        _authorize(_dpsgd(epsilon=8.0), budget)
     assert PrivacyLedger(budget.ledger_path).entries() == []
 
 
 def test_site_dp_with_a_tiny_server_noise_is_refused(tmp_path):
     budget = _budget(tmp_path, epsilon=3.0)
-    request = PrivacyRequest(mechanism=wire.DP_SITE, noise_multiplier=0.05, clipping_norm=1.0,
-                             planned_rounds=3, run_id="run-s")
+    request = PrivacySpec(mechanism=wire.DP_SITE, noise_multiplier=0.05, clipping_norm=1.0,
+                          planned_rounds=3, run_id="run-s")
     with pytest.raises(PrivacyRefused, match="budget 3"):
         _authorize(request, budget)
     assert PrivacyLedger(budget.ledger_path).entries() == []
@@ -203,8 +204,8 @@ def test_site_dp_with_a_tiny_server_noise_is_refused(tmp_path):
 
 def test_site_dp_is_charged_as_one_full_batch_release(tmp_path):
     budget = _budget(tmp_path, epsilon=5.0)
-    request = PrivacyRequest(mechanism=wire.DP_SITE, noise_multiplier=3.0, clipping_norm=0.5,
-                             planned_rounds=2, run_id="run-s")
+    request = PrivacySpec(mechanism=wire.DP_SITE, noise_multiplier=3.0, clipping_norm=0.5,
+                          planned_rounds=2, run_id="run-s")
     auth = _authorize(request, budget)
     assert auth.dpsgd is None
     assert PrivacyLedger(budget.ledger_path).history() == [(3.0, 1.0, 1)]
@@ -213,7 +214,7 @@ def test_site_dp_is_charged_as_one_full_batch_release(tmp_path):
 
 
 def test_non_private_rounds_need_the_operators_consent(tmp_path):
-    none = PrivacyRequest()
+    none = PrivacySpec()
     with pytest.raises(PrivacyRefused, match="requires differential privacy"):
         _authorize(none, _budget(tmp_path))                      # require-dp defaults to true
     relaxed = _budget(tmp_path, **{wire.NODE_REQUIRE_DP: False})
@@ -274,7 +275,7 @@ def _job(task_name: str, privacy: str) -> ConfigRecord:
 
 def test_dpsgd_is_refused_for_a_batch_coupled_task():
     assert decode_job(_job(COUPLED, "none"), site_seed=0).task_name == COUPLED   # non-DP is fine
-    with pytest.raises(JobError, match=r"DP-SGD refused .* in-batch contrastive .* site-level"):
+    with pytest.raises(JobError, match=r"dp-sgd refused .* in-batch contrastive .* site-level"):
         decode_job(_job(COUPLED, "dpsgd"), site_seed=0)
 
 
@@ -286,7 +287,7 @@ def test_dpsgd_is_refused_for_a_task_that_does_not_declare_its_coupling():
 def test_dpsgd_request_decodes_for_the_classification_task():
     job = decode_job(_job("classification", "dpsgd"), site_seed=0)
     assert job.privacy.mechanism == wire.DP_SGD and job.privacy.run_id == "run-x"
-    assert job.privacy.target_epsilon == 8.0 and job.privacy.planned_rounds >= 1
+    assert job.privacy.epsilon == 8.0 and job.privacy.planned_rounds >= 1
 
 
 def test_dpsgd_is_refused_for_logit_adjustment_at_the_site():
@@ -294,7 +295,7 @@ def test_dpsgd_is_refused_for_logit_adjustment_at_the_site():
     record = _job("classification", "dpsgd")
     record[wire.TASK_OPTIONS] = json.dumps(json.loads(record[wire.TASK_OPTIONS])
                                            | {"logit_adjustment": 1.0})
-    with pytest.raises(JobError, match=r"DP-SGD refused: logit_adjustment .* label counts"):
+    with pytest.raises(JobError, match=r"dp-sgd refused: logit_adjustment .* label counts"):
         decode_job(record, site_seed=0)
 
 
@@ -302,6 +303,6 @@ def test_dpsgd_is_refused_for_feature_decorrelation_at_the_site():
     record = _job("classification", "dpsgd")
     record[wire.TASK_OPTIONS] = json.dumps(json.loads(record[wire.TASK_OPTIONS])
                                            | {"feature_decorrelation": 0.1})
-    with pytest.raises(JobError, match=r"DP-SGD refused for task 'classification': "
+    with pytest.raises(JobError, match=r"dp-sgd refused for task 'classification': "
                                        r"feature_decorrelation"):
         decode_job(record, site_seed=0)

@@ -118,10 +118,10 @@ def test_dpsgd_job_config_carries_the_dp_keys():
     assert record[wire.RUN_ID] == "run-x"
     # and the site reads back exactly what the server meant
     request = decode_job(record, site_seed=0).privacy
-    assert (request.mechanism, request.target_epsilon, request.noise_multiplier,
+    assert (request.mechanism, request.epsilon, request.noise_multiplier,
             request.max_grad_norm, request.sample_rate, request.accountant,
             request.planned_rounds, request.run_id) == \
-        (wire.DP_SGD, 8.0, 0.0, 0.5, 0.25, "prv", cfg.federation.num_rounds, "run-x")
+        (wire.DP_SGD, 8.0, None, 0.5, 0.25, "prv", cfg.federation.num_rounds, "run-x")
 
 
 def test_dpsgd_with_a_fixed_noise_multiplier_sends_it():
@@ -148,3 +148,15 @@ def test_sitedp_job_config_sends_the_server_noise_but_no_dpsgd_keys():
     assert record[wire.DP_PLANNED_ROUNDS] == cfg.federation.num_rounds
     assert record[wire.RUN_ID] == "run-s"
     assert not DPSGD_ONLY_KEYS & set(record.keys())
+
+
+def test_sitedp_job_decodes_at_a_site_without_flowers_injected_clipping_norm():
+    """Flower's client-side fixed-clipping wrapper adds the clipping norm to train messages
+    only: evaluate messages carry the job exactly as the server encoded it, and a site must
+    accept that (it refused every site-dp evaluate round before the norm was encoded)."""
+    cfg = load_experiment(SITEDP + ["privacy.clipping_norm=2.0"])
+    record = job_config(cfg, "run-s")
+    assert record[wire.DP_CLIPPING_NORM] == 2.0
+    request = decode_job(record, site_seed=0).privacy
+    assert (request.mechanism, request.noise_multiplier, request.clipping_norm) == \
+        (wire.DP_SITE, 1.0, 2.0)

@@ -1,0 +1,330 @@
+"""The job spec: what the server asks every site to train, defined once for both sides.
+
+The server composes an experiment (Hydra, ``server/config``) and encodes a :class:`JobSpec`
+with :meth:`JobSpec.to_record`; a site decodes it with :meth:`JobSpec.from_record`, looks the
+names up in its own closed registries (``client/job.py``) and trains. The training spec, the
+privacy spec and their validation rules exist here only, so the two sides cannot drift (they
+once had two ``TrainConfig`` with different defaults and two copies of the DP-SGD refusals).
+
+The operator-facing halves (:class:`TrainSettings`, :class:`PrivacySettings`) are the Hydra
+schema of the ``train`` and ``privacy`` groups; :class:`TrainConfig` and :class:`PrivacySpec`
+add what a run supplies (proximal term, seeds, run id, planned rounds).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from flwr.app import ConfigRecord
+
+from models.tasks import batch_coupling, build, private_state
+
+from . import wire
+from .accounting import PrivacyConfigError, check_accountant
+
+
+class SpecError(ValueError):
+    """A training or privacy value is out of range; the message names the setting."""
+
+
+class JobError(SpecError):
+    """The server's request is malformed or names something this site does not offer."""
+
+
+def _finite(name: str, value: float) -> None:
+    if not math.isfinite(value):
+        raise SpecError(f"{name} must be a finite number, got {value}")
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """How each site trains in a round, as the operator configures it (Hydra group ``train``)."""
+    local_epochs: int = 1
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+
+    def __post_init__(self):
+        for name in ("lr", "weight_decay"):
+            _finite(f"train.{name}", getattr(self, name))
+        for name in ("local_epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise SpecError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise SpecError(f"train.lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise SpecError(f"train.weight_decay must be >= 0, got {self.weight_decay}")
+
+
+@dataclass(frozen=True)
+class TrainConfig(TrainSettings):
+    """One site's training of one round: what ``client.engine.Engine.fit`` runs."""
+    proximal_mu: float = 0.0        # FedProx: adds (mu/2) * ||w - w_start||^2 to the loss
+    seed: int = 0                   # data order / Poisson sampling stream (per site: site_seed)
+
+    def __post_init__(self):
+        super().__post_init__()
+        _finite("proximal_mu", self.proximal_mu)
+        if self.proximal_mu < 0:
+            raise SpecError(f"proximal_mu must be >= 0, got {self.proximal_mu}")
+
+
+def site_seed(seed: int, site: int, server_round: int) -> int:
+    """The stream seed of one site in one round. Fixed formula: the demo's seeded figures
+    depend on it bit for bit."""
+    return seed * 100_003 + site * 1009 + server_round
+
+
+@dataclass(frozen=True)
+class PrivacySettings:
+    """The privacy the server asks sites for (Hydra group ``privacy``). Each site still
+    enforces its own operator's budget; nothing here can raise it. None: not set."""
+    mechanism: str = wire.DP_NONE         # none | dp-sgd (sample level) | site-dp (site level)
+    epsilon: float | None = None          # dp-sgd: each site calibrates sigma to this over the run
+    delta: float = 1e-5                   # server-side site-dp accounting and reporting delta
+    noise_multiplier: float | None = None  # dp-sgd: fixed sigma instead of a target;
+                                          # site-dp: the server's noise multiplier (required)
+    max_grad_norm: float = 1.0            # dp-sgd: per-sample clipping bound
+    sample_rate: float | None = None      # dp-sgd: Poisson rate q; None: batch_size / n per site
+    clipping_norm: float = 1.0            # site-dp: bound on each site's update norm
+    accountant: str = "rdp"               # protocol.accounting.ACCOUNTANTS
+
+    def __post_init__(self):
+        self.check()
+
+    def check(self) -> None:
+        """Refuse settings the accountant does not cover, saying which and why."""
+        if self.mechanism not in wire.DP_MECHANISMS:
+            *head, last = wire.DP_MECHANISMS
+            raise SpecError(f"privacy.mechanism={self.mechanism!r}; choose "
+                            f"{', '.join(head)} or {last}")
+        if self.mechanism == wire.DP_NONE:
+            return
+        try:
+            check_accountant(self.accountant)
+        except PrivacyConfigError as err:
+            raise SpecError(f"privacy.accountant: {err}") from None
+        for name in ("epsilon", "delta", "noise_multiplier", "max_grad_norm", "sample_rate",
+                     "clipping_norm"):
+            if getattr(self, name) is not None:
+                _finite(f"privacy.{name}", getattr(self, name))
+        if not 0 < self.delta < 1:
+            raise SpecError(f"privacy.delta must be in (0, 1), got {self.delta}")
+        if self.mechanism == wire.DP_SGD:
+            self._check_dpsgd()
+        elif not (self.noise_multiplier or 0) > 0 or not self.clipping_norm > 0:
+            raise SpecError("privacy.mechanism=site-dp needs privacy.noise_multiplier > 0 (the "
+                            "server's noise on the sum) and privacy.clipping_norm > 0")
+
+    def _check_dpsgd(self) -> None:
+        if self.epsilon is None and self.noise_multiplier is None:
+            raise SpecError("privacy.mechanism=dp-sgd needs privacy.epsilon (target per site) "
+                            "or privacy.noise_multiplier; neither is set")
+        if self.epsilon is not None and not self.epsilon > 0:
+            raise SpecError(f"privacy.epsilon must be > 0, got {self.epsilon:g}")
+        if self.noise_multiplier is not None and not self.noise_multiplier > 0:
+            raise SpecError(f"privacy.noise_multiplier must be > 0, got {self.noise_multiplier:g}")
+        if not self.max_grad_norm > 0:
+            raise SpecError(f"privacy.max_grad_norm must be > 0, got {self.max_grad_norm:g}")
+        if self.sample_rate is not None and not 0 < self.sample_rate <= 1:
+            raise SpecError(f"privacy.sample_rate must be in (0, 1], got {self.sample_rate:g}")
+
+    def check_task(self, task_name: str, task_options: dict) -> None:
+        """DP-SGD's accounting only covers a loss that is a mean of per-sample terms, with no
+        site statistic outside the accountant shaping it: refuse it for any other task.
+        Raises ``KeyError`` for a task name the registry does not know."""
+        if self.mechanism != wire.DP_SGD:
+            return
+        coupling = batch_coupling(task_name, task_options)
+        if coupling:
+            raise SpecError(f"privacy.mechanism=dp-sgd refused for task {task_name!r}: "
+                            f"{coupling}. Per-sample clipping cannot bound one sample's "
+                            "influence on a loss that couples the batch; use privacy=sitedp "
+                            "for it - site-level DP bounds the whole site update instead")
+        state = private_state(task_name, task_options)
+        if state:
+            raise SpecError(f"privacy.mechanism=dp-sgd refused: {state}")
+
+
+@dataclass(frozen=True)
+class PrivacySpec(PrivacySettings):
+    """The privacy request of one run, as a site receives it."""
+    planned_rounds: int = 0               # rounds the run plans (calibration, budget check)
+    run_id: str = ""                      # the server's run (the site's ledger rows name it)
+
+    def check(self) -> None:
+        super().check()
+        if self.mechanism != wire.DP_NONE and (self.planned_rounds < 1 or not self.run_id):
+            raise SpecError("a private run must name its run id and planned rounds >= 1, got "
+                            f"{self.run_id!r} and {self.planned_rounds}")
+
+    def as_sent(self) -> PrivacySpec:
+        """This spec as a site decodes it: only what its mechanism uses travels (the server's
+        delta never does: a site accounts at its own budget's delta)."""
+        keep = {f for f, _ in _PRIVACY_KEYS[self.mechanism]} | {"mechanism"}
+        return replace(PrivacySpec(), **{f: getattr(self, f) for f in keep})
+
+
+# Which spec field travels under which key, per mechanism. None travels as 0.0 ("not set";
+# the site calibrates sigma / uses batch_size / n), as it always has on the wire.
+_PRIVATE = (("accountant", wire.DP_ACCOUNTANT), ("planned_rounds", wire.DP_PLANNED_ROUNDS),
+            ("run_id", wire.RUN_ID), ("noise_multiplier", wire.DP_NOISE_MULTIPLIER))
+_PRIVACY_KEYS: dict[str, tuple[tuple[str, str], ...]] = {
+    wire.DP_NONE: (),
+    wire.DP_SGD: _PRIVATE + (("epsilon", wire.DP_TARGET_EPSILON),
+                             ("max_grad_norm", wire.DP_MAX_GRAD_NORM),
+                             ("sample_rate", wire.DP_SAMPLE_RATE)),
+    # Flower's client-side fixed-clipping wrapper injects the clipping norm into train
+    # messages only; evaluate messages need it too, or the site refuses the spec.
+    wire.DP_SITE: _PRIVATE + (("clipping_norm", wire.DP_CLIPPING_NORM),),
+}
+_UNSET_IS_ZERO = {"epsilon", "noise_multiplier", "sample_rate"}
+_KINDS = {"accountant": str, "run_id": str, "planned_rounds": int}
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """Everything a site needs to build the model and task and to train (no site specifics).
+
+    ``seed`` is the experiment's seed; ``train.seed`` equals it until a site derives its own
+    stream with :meth:`for_site`.
+    """
+    model_name: str                       # a name in models.MODELS
+    model_options: dict[str, Any]
+    task_name: str                        # a name in models.TASKS
+    task_options: dict[str, Any]
+    class_names: tuple[str, ...]
+    image_size: int
+    train: TrainConfig = field(default_factory=TrainConfig)
+    privacy: PrivacySpec = field(default_factory=PrivacySpec)
+    seed: int = 0
+    personalize: bool = False             # also report the site's locally adapted model
+    local_params: tuple[str, ...] = ()    # FedBN-style patterns kept at the site
+    evaluate_missing: bool = False        # also score test with each sequence removed
+    server_round: int = 0                 # set per round by Flower's strategies
+
+    def for_site(self, site: int) -> JobSpec:
+        """This job at one site: its own data-order/noise stream for this round."""
+        return replace(self, train=replace(self.train,
+                                           seed=site_seed(self.seed, site, self.server_round)))
+
+    def build(self):
+        """``(model, task)``: the backbone wrapped by the task (heads, adapters, freezing)."""
+        return build(self.model_name, self.model_options, self.task_name, self.task_options)
+
+    def to_record(self) -> ConfigRecord:
+        """The ``config`` record of train and evaluate messages."""
+        p = self.privacy
+        out: dict[str, Any] = {wire.DP_MECHANISM: p.mechanism}
+        for name, key in _PRIVACY_KEYS[p.mechanism]:
+            value = getattr(p, name)
+            out[key] = float(value or 0.0) if name in _UNSET_IS_ZERO else \
+                (_KINDS.get(name, float))(value)
+        t = self.train
+        return ConfigRecord(out | {
+            wire.MODEL_NAME: self.model_name,
+            wire.MODEL_OPTIONS: json.dumps(self.model_options, sort_keys=True),
+            wire.TASK_NAME: self.task_name,
+            wire.TASK_OPTIONS: json.dumps(self.task_options, sort_keys=True),
+            wire.CLASS_NAMES: list(self.class_names),
+            wire.IMAGE_SIZE: self.image_size,
+            wire.LOCAL_EPOCHS: t.local_epochs,
+            wire.BATCH_SIZE: t.batch_size,
+            wire.LR: float(t.lr),
+            wire.WEIGHT_DECAY: float(t.weight_decay),
+            wire.PROXIMAL_MU: float(t.proximal_mu),
+            wire.SEED: self.seed,
+            wire.PERSONALIZE: self.personalize,
+            wire.LOCAL_PARAMS: list(self.local_params),
+            wire.EVAL_MISSING: self.evaluate_missing,
+            wire.SERVER_ROUND: self.server_round,
+        })
+
+    @classmethod
+    def from_record(cls, config: ConfigRecord) -> JobSpec:
+        """``ConfigRecord`` -> ``JobSpec``; a missing or ill-typed key is named in the error,
+        an out-of-range value (NaN, negative epochs, ...) by its setting.
+
+        Raises
+        ------
+        JobError
+        """
+        get = _Reader(config)
+        model_options, task_options = (get.json_object(k) for k in (wire.MODEL_OPTIONS,
+                                                                    wire.TASK_OPTIONS))
+        seed = get(wire.SEED, int)
+        try:
+            privacy = _decode_privacy(get)
+            train = TrainConfig(local_epochs=get(wire.LOCAL_EPOCHS, int),
+                                batch_size=get(wire.BATCH_SIZE, int), lr=get(wire.LR, float),
+                                weight_decay=get(wire.WEIGHT_DECAY, float),
+                                proximal_mu=get(wire.PROXIMAL_MU, float, TrainConfig.proximal_mu),
+                                seed=seed)
+        except JobError:
+            raise
+        except SpecError as err:
+            raise JobError(f"server config: {err}") from None
+        image_size = get(wire.IMAGE_SIZE, int)
+        if image_size < 1:
+            raise JobError(f"server config {wire.IMAGE_SIZE!r} must be >= 1, got {image_size}")
+        return cls(
+            model_name=get(wire.MODEL_NAME, str), model_options=model_options,
+            task_name=get(wire.TASK_NAME, str), task_options=task_options,
+            class_names=get.strings(wire.CLASS_NAMES), image_size=image_size,
+            train=train, privacy=privacy, seed=seed,
+            personalize=get(wire.PERSONALIZE, bool, False),
+            local_params=get.strings(wire.LOCAL_PARAMS, ()),
+            evaluate_missing=get(wire.EVAL_MISSING, bool, False),
+            server_round=get(wire.SERVER_ROUND, int, 0))
+
+
+def _decode_privacy(get: _Reader) -> PrivacySpec:
+    mechanism = get(wire.DP_MECHANISM, str, PrivacySpec.mechanism)
+    values: dict[str, Any] = {"mechanism": mechanism}
+    for name, key in _PRIVACY_KEYS.get(mechanism, ()):
+        value = get(key, _KINDS.get(name, float), getattr(PrivacySpec, name))
+        values[name] = None if name in _UNSET_IS_ZERO and value == 0 else value
+    return PrivacySpec(**values)
+
+
+_MISSING = object()
+
+
+class _Reader:
+    """Typed reads from a ConfigRecord; errors name the key (ints pass as floats, not back)."""
+
+    def __init__(self, config: ConfigRecord):
+        self.config = config
+
+    def __call__(self, key: str, kind: type, default: Any = _MISSING) -> Any:
+        if key not in self.config:
+            if default is not _MISSING:
+                return default
+            raise JobError(f"server config lacks {key!r} (is the server running MedFed?)")
+        value = self.config[key]
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise JobError(f"server config {key!r} should be {kind.__name__}, "
+                           f"got {type(value).__name__}")
+        return value
+
+    def strings(self, key: str, default: Any = _MISSING) -> tuple[str, ...]:
+        values = self(key, list, default)
+        if not all(isinstance(v, str) for v in values):
+            raise JobError(f"server config {key!r} should be a list of str")
+        return tuple(values)
+
+    def json_object(self, key: str) -> dict:
+        try:
+            value = json.loads(self(key, str))
+        except json.JSONDecodeError as err:
+            raise JobError(f"server config {key!r} is not valid JSON: {err}") from None
+        if not isinstance(value, dict):
+            raise JobError(f"server config {key!r} should be a JSON object, "
+                           f"got {type(value).__name__}")
+        return value
+

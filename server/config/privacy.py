@@ -1,0 +1,45 @@
+"""Server-side privacy checks: what the spec's own rules (``protocol.job``) cannot see.
+
+The mechanism's parameters and the DP-SGD task refusals are the protocol's rules, the same a
+site applies when it decodes the job; here the privacy request is checked against the rest of
+the experiment (strategy capabilities, sampling, the number of sites).
+"""
+
+from __future__ import annotations
+
+from protocol import wire
+from protocol.job import SpecError
+from strategies.registry import strategies_with, strategy_entry
+
+from .schema import ConfigError, ExperimentConfig
+
+
+def validate_privacy(cfg: ExperimentConfig) -> None:
+    """Refuse privacy settings the accountant does not cover, saying which and why."""
+    p = cfg.privacy
+    try:
+        p.check()                                  # also run at construction; cheap
+        p.check_task(cfg.task.name, cfg.task_options())
+    except SpecError as err:
+        raise ConfigError(str(err)) from None
+    if p.mechanism != wire.DP_SITE:
+        return
+    if not strategy_entry(cfg.strategy.name).sum_aggregating:
+        summing = ", ".join(strategies_with("sum_aggregating"))
+        raise ConfigError(f"privacy.mechanism=site-dp with strategy={cfg.strategy.name}: "
+                          "server noise on a sum only protects strategies that aggregate by "
+                          f"a plain weighted sum ({summing}); "
+                          f"{cfg.strategy.name} needs individual updates or rescales them")
+    if cfg.strategy.local_params:
+        raise ConfigError("privacy.mechanism=site-dp with strategy.local_params: the clipped "
+                          "update must be the whole model")
+    if cfg.strategy.fraction_train != 1.0:
+        raise ConfigError("privacy.mechanism=site-dp is accounted without sampling "
+                          "amplification; set strategy.fraction_train=1.0")
+    if cfg.strategy.min_train_sites != cfg.federation.num_sites:
+        raise ConfigError("privacy.mechanism=site-dp needs every site's update in every round "
+                          "(the noise is calibrated to the number of sites): set "
+                          f"strategy.min_train_sites={cfg.federation.num_sites}")
+    if p.delta >= 1.0 / cfg.federation.num_sites:
+        raise ConfigError(f"privacy.delta={p.delta:g} >= 1/num_sites: a site-level guarantee "
+                          "that weak allows publishing one site's update")

@@ -1,0 +1,191 @@
+"""The experiment schema: one frozen dataclass per Hydra config group, and the experiment.
+
+The ``train`` and ``privacy`` groups are the protocol's own :class:`~protocol.job.TrainSettings`
+and :class:`~protocol.job.PrivacySettings` (one definition, one set of defaults, one set of
+rules for server and site); :meth:`ExperimentConfig.job_spec` is the one conversion into what
+travels to the sites.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+from models import TASKS
+from protocol import wire
+from protocol.job import JobSpec, PrivacySettings, PrivacySpec, TrainConfig, TrainSettings
+
+
+class ConfigError(ValueError):
+    """The experiment configuration is invalid; the message names the key and the fix."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "mmvit"
+    options: dict[str, Any] = field(default_factory=dict)
+    pretrained: str | None = None         # local save_pretrained directory to start from
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    name: str = "classification"
+    class_names: list[str] = field(default_factory=lambda: ["high_grade_glioma",
+                                                            "low_grade_glioma", "cyst"])
+    image_size: int = 64
+    options: dict[str, Any] = field(default_factory=dict)
+    evaluate_missing: bool = False        # sites also score test with each sequence removed
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    name: str = "fedavg"                  # a name in strategies.registry.STRATEGIES
+    options: dict[str, Any] = field(default_factory=dict)   # that Flower class's own options
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
+    min_train_sites: int = 2              # usable updates a round needs, else it fails
+    min_evaluate_sites: int = 2
+    min_available_sites: int = 2          # connected sites needed before a phase starts
+    max_update_norm: float | None = None  # L2 bound on local - global; None: no absolute bound
+    max_norm_ratio: float | None = 10.0   # reject norms > ratio x the round's median (>= 3 sites)
+    local_params: list[str] = field(default_factory=list)   # FedBN-style: fnmatch patterns
+    personalize: bool = False             # sites also report their locally adapted model
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    num_sites: int = 3
+    num_rounds: int = 10
+    round_timeout: float = 600.0          # seconds to wait for replies in one phase
+    quorum_timeout: float = 120.0         # seconds to wait for min_available_sites
+    cpus_per_site: float = 1.0            # Ray resources per simulated site
+    gpus_per_site: float = 0.0
+    # Simulation only: what each simulated site's operator would pass as SuperNode
+    # --node-config (e.g. its privacy budget); written to <site>/node-config.toml.
+    site_node_config: dict[str, Any] = field(default_factory=dict)
+    # Sites whose operator set role=external evaluate every round on all their labelled
+    # studies and never train (the server asks each node its role). Simulation: adds the
+    # data root's external/ folder as one such site, beside the num_sites training sites.
+    external_sites: bool = False
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    root: str = "runs/data"               # simulation: holds site-0 ... site-(n-1)
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    uri: str | None = None                # None: sqlite store inside the run directory
+    experiment_name: str = "medfed"
+    registered_model: str = "medfed-classifier"
+    log_models: bool = True
+
+
+@dataclass(frozen=True)
+class SecAggSettings:
+    """SecAgg+ (strategies/secagg.py): the server only ever sees the sum of site updates."""
+    enabled: bool = False
+    degree: int | None = None             # neighbours per site; null: ~2 log2(num_sites)
+    threshold: float = 0.5                # Shamir threshold: fraction of the degree, or an int
+    clip_range: float = 0.5               # |update delta| per value; larger is clipped (counted)
+    max_weight: int = 1000                # example counts above this are capped in the sum
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Phase 1 (optional): federated self-supervised pretraining with an objective from the
+    task registry; phase 2 (the ``task``) then starts from its global backbone."""
+    objective: str | None = None          # mae | mm_dino; null: no pretraining phase
+    options: dict[str, Any] = field(default_factory=dict)
+    num_rounds: int = 0
+    local_epochs: int | None = None       # null: train.local_epochs
+    lr: float | None = None               # null: train.lr
+    registered_model: str = "medfed-pretrained"
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    name: str = "demo"
+    seed: int = 0
+    runs_dir: str = "runs"
+    resume: str | None = None             # "true"/"latest", or a run directory to continue
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    privacy: PrivacySettings = field(default_factory=PrivacySettings)
+    secagg: SecAggSettings = field(default_factory=SecAggSettings)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def fingerprint(self) -> str:
+        """Hash of the resolved config (tags every model version it produced); how a run is
+        started (fresh or resumed) is not part of what it computes."""
+        d = {k: v for k, v in self.to_dict().items() if k != "resume"}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+    def model_options(self) -> dict[str, Any]:
+        """Model options with the task's shape facts filled in (classes, image size)."""
+        opts = dict(self.model.options)
+        opts.setdefault("num_classes", len(self.task.class_names))
+        opts.setdefault("img_size", self.task.image_size)
+        return opts
+
+    def task_options(self) -> dict[str, Any]:
+        """Task options with the shape facts filled in (class count, and class names for a
+        task that uses them, e.g. CLIP's zero-shot prompts)."""
+        opts = {"num_classes": len(self.task.class_names)}
+        if "class_names" in _fields_of(self.task.name):
+            opts["class_names"] = list(self.task.class_names)
+        return opts | dict(self.task.options)
+
+    def job_spec(self, run_id: str = "") -> JobSpec:
+        """What every site is asked to do in this phase (``run_id`` names it in their privacy
+        ledgers). The proximal term is the strategy's own option (FedProx); Flower's FedProx
+        also injects it into each train message."""
+        train = TrainConfig(**asdict(self.train), seed=self.seed,
+                            proximal_mu=float(self.strategy.options.get(
+                                "proximal_mu", TrainConfig.proximal_mu)))
+        private = self.privacy.mechanism != wire.DP_NONE
+        privacy = PrivacySpec(**asdict(self.privacy),
+                              planned_rounds=self.federation.num_rounds if private else 0,
+                              run_id=run_id if private else "")
+        return JobSpec(
+            model_name=self.model.name, model_options=self.model_options(),
+            task_name=self.task.name, task_options=self.task_options(),
+            class_names=tuple(self.task.class_names), image_size=self.task.image_size,
+            train=train, privacy=privacy, seed=self.seed,
+            personalize=self.strategy.personalize, local_params=tuple(self.strategy.local_params),
+            evaluate_missing=self.task.evaluate_missing)
+
+    def pretrain_phase(self) -> ExperimentConfig:
+        """Phase 1 as an experiment of its own: the objective as task, its rounds, its
+        registered model; everything else (sites, strategy, privacy) as configured."""
+        p = self.pretrain
+        options = dict(p.options)
+        # A semi-supervised objective sees the same labels as the fine-tuning phase.
+        if "label_fraction" in self.task.options and p.objective and \
+                "label_fraction" in _fields_of(p.objective):
+            options.setdefault("label_fraction", self.task.options["label_fraction"])
+        train = replace(self.train, local_epochs=p.local_epochs or self.train.local_epochs,
+                        lr=p.lr or self.train.lr)
+        return replace(self, name=f"{self.name}-pretrain",
+                       task=replace(self.task, name=p.objective, options=options),
+                       train=train, pretrain=PretrainConfig(),
+                       federation=replace(self.federation, num_rounds=p.num_rounds),
+                       tracking=replace(self.tracking, registered_model=p.registered_model))
+
+
+def _fields_of(task_name: str) -> set[str]:
+    try:
+        return {f.name for f in fields(TASKS.config(task_name).__class__)}
+    except (KeyError, TypeError, ValueError):
+        return set()       # unknown task: validate() reports it

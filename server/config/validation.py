@@ -1,0 +1,124 @@
+"""Cross-field checks of a composed experiment that a schema cannot express; model and task
+options are validated against their registries before any site trains."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from models import MODELS, TASKS
+from models.weights import PretrainedError, check_compatible, load_pretrained
+from protocol import wire
+from protocol.partial import local_keys, unmatched_patterns
+from protocol.secagg_encoding import Encoding
+from protocol.secagg_protocol import SecAggConfig, SecAggError
+from strategies.registry import (StrategyConfigError, strategies_with, strategy_entry,
+                                 validate_strategy)
+
+from .privacy import validate_privacy
+from .schema import ConfigError, ExperimentConfig
+
+
+def validate(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Cross-field checks that a schema cannot express."""
+    try:
+        MODELS.config(cfg.model.name, cfg.model_options())
+        TASKS.config(cfg.task.name, cfg.task_options())
+    except (KeyError, ValueError, TypeError) as err:
+        raise ConfigError(str(err).strip('"')) from None
+    if cfg.model.pretrained is not None:
+        try:
+            saved, _ = load_pretrained(cfg.model.pretrained)
+            check_compatible(saved, cfg.model_options())
+        except PretrainedError as err:
+            raise ConfigError(f"model.pretrained: {err}") from None
+    try:
+        validate_strategy(cfg.strategy.name, cfg.strategy.options)
+    except StrategyConfigError as err:
+        raise ConfigError(str(err)) from None
+    fed, strat = cfg.federation, cfg.strategy
+    if fed.num_sites < 1 or fed.num_rounds < 1:
+        raise ConfigError("federation.num_sites and federation.num_rounds must be >= 1")
+    if strat.min_available_sites > fed.num_sites:
+        raise ConfigError(f"strategy.min_available_sites={strat.min_available_sites} exceeds "
+                          f"federation.num_sites={fed.num_sites}; the run could never start")
+    if not (0 < strat.fraction_train <= 1 and 0 <= strat.fraction_evaluate <= 1):
+        raise ConfigError("strategy fractions must be in (0, 1]")
+    if fed.round_timeout <= 0 or fed.quorum_timeout <= 0:
+        raise ConfigError("federation.round_timeout and federation.quorum_timeout must be > 0 s")
+    if strat.max_update_norm is not None and strat.max_update_norm <= 0:
+        raise ConfigError("strategy.max_update_norm must be > 0 (or null to disable)")
+    if strat.max_norm_ratio is not None and strat.max_norm_ratio <= 1:
+        raise ConfigError("strategy.max_norm_ratio must be > 1 (or null to disable)")
+    if strat.min_train_sites < 1 or strat.min_train_sites > fed.num_sites:
+        raise ConfigError(f"strategy.min_train_sites must be in [1, federation.num_sites="
+                          f"{fed.num_sites}], got {strat.min_train_sites}")
+    if strat.local_params:
+        names = [n for n, _ in MODELS.build(cfg.model.name, cfg.model_options()).named_parameters()]
+        unmatched = unmatched_patterns(names, strat.local_params)
+        if unmatched:
+            raise ConfigError(f"strategy.local_params {unmatched} match no model parameter; "
+                              f"names look like {names[:3]} ... {names[-2:]}")
+        if len(local_keys(names, strat.local_params)) == len(names):
+            raise ConfigError("strategy.local_params match every parameter: nothing is shared")
+    if cfg.resume and str(cfg.resume).lower() not in ("true", "latest"):
+        from ..resume import check_resume_dir   # the resume rules live in one place
+        check_resume_dir(Path(cfg.resume))      # a run dir, or a two-phase run's (pretrain/)
+    if len(set(cfg.task.class_names)) != len(cfg.task.class_names) or len(cfg.task.class_names) < 2:
+        raise ConfigError("task.class_names must list at least two distinct classes")
+    validate_privacy(cfg)
+    validate_secagg(cfg)
+    validate_pretrain(cfg)
+    return cfg
+
+
+def validate_pretrain(cfg: ExperimentConfig) -> None:
+    """Phase 1 must be a registered self-supervised objective the phase-2 model can start from."""
+    p = cfg.pretrain
+    if p.objective is None:
+        if p.num_rounds:
+            raise ConfigError("pretrain.num_rounds is set but pretrain.objective is null")
+        return
+    if p.num_rounds < 1:
+        raise ConfigError(f"pretrain.objective={p.objective} needs pretrain.num_rounds >= 1")
+    try:
+        task = TASKS.factory(p.objective)
+    except KeyError as err:
+        raise ConfigError(f"pretrain.objective: {str(err).strip(chr(34))}") from None
+    if not task.uses_unlabelled:
+        raise ConfigError(f"pretrain.objective={p.objective} is not a pretraining objective "
+                          "(it does not learn from unlabelled studies)")
+    if p.registered_model == cfg.tracking.registered_model:
+        raise ConfigError("pretrain.registered_model must differ from tracking.registered_model: "
+                          "each phase registers its own model")
+    try:
+        validate(cfg.pretrain_phase())
+    except ConfigError as err:
+        raise ConfigError(f"pretraining phase: {err}") from None
+
+
+def validate_secagg(cfg: ExperimentConfig) -> None:
+    """Secure aggregation hides individual updates: refuse what needs to see them."""
+    s = cfg.secagg
+    if not s.enabled:
+        return
+    if not strategy_entry(cfg.strategy.name).secagg_ready:
+        ready = ", ".join(strategies_with("secagg_ready"))
+        raise ConfigError(f"secagg.enabled with strategy={cfg.strategy.name}: secure aggregation "
+                          f"only reveals the weighted sum of updates; use one of {ready}")
+    if cfg.strategy.local_params:
+        raise ConfigError("secagg.enabled with strategy.local_params is not supported: the "
+                          "masked vector covers the whole model")
+    if cfg.strategy.max_update_norm is not None:
+        raise ConfigError("secagg.enabled with strategy.max_update_norm: the server cannot see "
+                          "individual update norms; bound updates at the sites "
+                          "(privacy=sitedp clips them) instead")
+    if cfg.privacy.mechanism == wire.DP_SITE and s.clip_range < cfg.privacy.clipping_norm:
+        raise ConfigError(f"secagg.clip_range={s.clip_range} < privacy.clipping_norm="
+                          f"{cfg.privacy.clipping_norm}: a clipped site update can still have "
+                          "values the encoding would clip again; raise secagg.clip_range")
+    try:
+        SecAggConfig(degree=s.degree, threshold=s.threshold,
+                     encoding=Encoding(clip_range=s.clip_range, max_sites=cfg.federation.num_sites,
+                                       max_weight=s.max_weight)).resolve(cfg.federation.num_sites)
+    except (SecAggError, ValueError) as err:
+        raise ConfigError(f"secagg: {err}") from None

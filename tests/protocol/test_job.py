@@ -1,0 +1,250 @@
+"""The job spec: one definition shared by server and site, and its wire codec."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+
+import client.engine
+from client.job import decode_job
+from models.tasks import ClassificationTask
+from protocol import wire
+from protocol.job import (JobError, JobSpec, PrivacySettings, PrivacySpec, SpecError,
+                          TrainConfig, TrainSettings, site_seed)
+from server.config import ConfigError, ExperimentConfig, load_experiment
+from server.federation import job_config
+
+DPSGD = PrivacySpec(mechanism=wire.DP_SGD, epsilon=6.0, noise_multiplier=1.3, max_grad_norm=0.7,
+                    sample_rate=0.2, accountant="prv", planned_rounds=12, run_id="run-7")
+SITEDP = PrivacySpec(mechanism=wire.DP_SITE, noise_multiplier=1.1, clipping_norm=0.4,
+                     planned_rounds=5, run_id="run-8")
+
+
+def _spec(privacy: PrivacySpec = DPSGD, **changes) -> JobSpec:
+    """A spec with no field at its default, so a field lost on the wire cannot go unseen."""
+    fields = dict(
+        model_name="mmvit", model_options={"dim": 32, "depth": 1, "num_classes": 3},
+        task_name="classification", task_options={"num_classes": 3, "label_smoothing": 0.1},
+        class_names=("a", "b", "c"), image_size=32,
+        train=TrainConfig(local_epochs=3, batch_size=5, lr=0.02, weight_decay=0.1,
+                          proximal_mu=0.01, seed=42),
+        privacy=privacy, seed=42, personalize=True, local_params=("*norm*", "head.*"),
+        evaluate_missing=True, server_round=4)
+    return JobSpec(**(fields | changes))
+
+
+@pytest.fixture(scope="module")
+def server_dpsgd():
+    return load_experiment(["privacy=dpsgd"])
+
+
+# ---------------------------------------------------------------- codec
+
+@pytest.mark.parametrize("privacy", [DPSGD, SITEDP, PrivacySpec()], ids=["dp-sgd", "site-dp",
+                                                                          "none"])
+def test_round_trip(privacy):
+    spec = _spec(privacy)
+    assert JobSpec.from_record(spec.to_record()) == spec
+
+
+def test_every_field_travels_under_its_wire_key():
+    record = _spec().to_record()
+    assert dict(record) == {
+        wire.MODEL_NAME: "mmvit", wire.MODEL_OPTIONS: '{"depth": 1, "dim": 32, "num_classes": 3}',
+        wire.TASK_NAME: "classification",
+        wire.TASK_OPTIONS: '{"label_smoothing": 0.1, "num_classes": 3}',
+        wire.CLASS_NAMES: ["a", "b", "c"], wire.IMAGE_SIZE: 32,
+        wire.LOCAL_EPOCHS: 3, wire.BATCH_SIZE: 5, wire.LR: 0.02, wire.WEIGHT_DECAY: 0.1,
+        wire.PROXIMAL_MU: 0.01, wire.SEED: 42, wire.PERSONALIZE: True,
+        wire.LOCAL_PARAMS: ["*norm*", "head.*"], wire.EVAL_MISSING: True, wire.SERVER_ROUND: 4,
+        wire.DP_MECHANISM: wire.DP_SGD, wire.DP_TARGET_EPSILON: 6.0,
+        wire.DP_NOISE_MULTIPLIER: 1.3, wire.DP_MAX_GRAD_NORM: 0.7, wire.DP_SAMPLE_RATE: 0.2,
+        wire.DP_ACCOUNTANT: "prv", wire.DP_PLANNED_ROUNDS: 12, wire.RUN_ID: "run-7"}
+    sitedp = _spec(SITEDP).to_record()
+    assert {k: sitedp[k] for k in sitedp if k.startswith("dp-") or k in (wire.RUN_ID,
+                                                                        wire.DP_CLIPPING_NORM)} \
+        == {wire.DP_MECHANISM: wire.DP_SITE, wire.DP_NOISE_MULTIPLIER: 1.1,
+            wire.DP_CLIPPING_NORM: 0.4, wire.DP_ACCOUNTANT: "rdp", wire.DP_PLANNED_ROUNDS: 5,
+            wire.RUN_ID: "run-8"}
+
+
+def test_unset_privacy_values_travel_as_zero_and_come_back_unset():
+    spec = _spec(dataclasses.replace(DPSGD, noise_multiplier=None, sample_rate=None))
+    record = spec.to_record()
+    assert record[wire.DP_NOISE_MULTIPLIER] == 0.0 and record[wire.DP_SAMPLE_RATE] == 0.0
+    assert JobSpec.from_record(record) == spec
+
+
+def test_only_what_the_mechanism_uses_travels():
+    """The server's delta, and dp-sgd settings under site-dp, never reach a site."""
+    asked = dataclasses.replace(SITEDP, epsilon=3.0, sample_rate=0.5, delta=1e-3)
+    decoded = JobSpec.from_record(_spec(asked).to_record()).privacy
+    assert decoded == asked.as_sent() == SITEDP
+    none = PrivacySpec(accountant="prv", run_id="r")
+    assert dict(_spec(none).to_record()).keys() & {wire.DP_ACCOUNTANT, wire.RUN_ID} == set()
+
+
+def test_the_server_job_decodes_at_the_site_as_configured(server_dpsgd):
+    cfg = server_dpsgd
+    spec = JobSpec.from_record(job_config(cfg, "run-x"))
+    assert spec == cfg.job_spec("run-x")
+    assert dataclasses.asdict(spec.train) == dataclasses.asdict(cfg.train) | {
+        "proximal_mu": 0.0, "seed": cfg.seed}
+    assert dataclasses.asdict(spec.privacy) == dataclasses.asdict(cfg.privacy) | {
+        "planned_rounds": cfg.federation.num_rounds, "run_id": "run-x"}
+
+
+def test_fedprox_mu_is_the_strategy_option():
+    cfg = load_experiment(["strategy=fedprox", "strategy.options.proximal_mu=0.05"])
+    assert decode_job(job_config(cfg), site_seed=0).train.proximal_mu == 0.05
+
+
+# ---------------------------------------------------------------- one definition
+
+def test_one_train_spec_with_one_set_of_defaults():
+    assert client.engine.TrainConfig is TrainConfig
+    assert issubclass(TrainConfig, TrainSettings)
+    assert type(ExperimentConfig().train) is TrainSettings          # the Hydra group
+    assert type(load_experiment().train) is TrainSettings
+    server = dataclasses.asdict(ExperimentConfig().train)
+    site = dataclasses.asdict(TrainConfig())
+    assert server == {k: site[k] for k in server}
+    # a key that may be absent on the wire decodes to that same default
+    record = _spec().to_record()
+    del record[wire.PROXIMAL_MU]
+    assert JobSpec.from_record(record).train.proximal_mu == TrainConfig().proximal_mu
+
+
+def test_one_privacy_spec_with_one_set_of_defaults():
+    assert issubclass(PrivacySpec, PrivacySettings)
+    assert type(ExperimentConfig().privacy) is PrivacySettings
+    assert type(load_experiment().privacy) is PrivacySettings
+    server = dataclasses.asdict(ExperimentConfig().privacy)
+    site = dataclasses.asdict(PrivacySpec())
+    assert server == {k: site[k] for k in server}
+    record = _spec().to_record()
+    del record[wire.DP_MAX_GRAD_NORM], record[wire.DP_ACCOUNTANT]
+    decoded = JobSpec.from_record(record).privacy
+    assert (decoded.max_grad_norm, decoded.accountant) == (PrivacySpec().max_grad_norm,
+                                                           PrivacySpec().accountant)
+
+
+def test_site_seed_derivation_is_unchanged():
+    """The demo's seeded figures depend on these exact numbers."""
+    assert site_seed(0, 1, 3) == 1012
+    assert site_seed(7, 2, 5) == 7 * 100_003 + 2 * 1009 + 5 == 702_044
+    spec = _spec(server_round=5, seed=7)
+    assert spec.for_site(2).train.seed == 702_044
+    assert spec.for_site(2).for_site(2) == spec.for_site(2)               # derived from seed
+    assert decode_job(spec.to_record(), site_seed=2).train.seed == 702_044
+
+
+# ---------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("key", [wire.MODEL_NAME, wire.MODEL_OPTIONS, wire.TASK_NAME,
+                                 wire.TASK_OPTIONS, wire.CLASS_NAMES, wire.IMAGE_SIZE,
+                                 wire.LOCAL_EPOCHS, wire.BATCH_SIZE, wire.LR, wire.WEIGHT_DECAY,
+                                 wire.SEED])
+def test_a_missing_key_is_named(key):
+    record = _spec().to_record()
+    del record[key]
+    with pytest.raises(JobError, match=f"server config lacks '{key}'"):
+        JobSpec.from_record(record)
+
+
+@pytest.mark.parametrize("key, value, kind", [
+    (wire.LR, "0.1", "float"),
+    (wire.LOCAL_EPOCHS, 2.0, "int"),
+    (wire.SEED, True, "int"),
+    (wire.PERSONALIZE, "yes", "bool"),
+    (wire.IMAGE_SIZE, "64", "int"),
+    (wire.DP_TARGET_EPSILON, "8", "float"),
+    (wire.DP_PLANNED_ROUNDS, 2.5, "int"),
+])
+def test_an_ill_typed_key_is_named(key, value, kind):
+    record = _spec().to_record()
+    record[key] = value
+    with pytest.raises(JobError, match=f"server config '{key}' should be {kind}"):
+        JobSpec.from_record(record)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    (wire.LR, math.nan, r"train\.lr must be a finite number, got nan"),
+    (wire.LR, math.inf, r"train\.lr must be a finite number, got inf"),
+    (wire.LR, 0.0, r"train\.lr must be > 0, got 0"),
+    (wire.LOCAL_EPOCHS, -1, r"train\.local_epochs must be >= 1, got -1"),
+    (wire.BATCH_SIZE, 0, r"train\.batch_size must be >= 1, got 0"),
+    (wire.WEIGHT_DECAY, -0.1, r"train\.weight_decay must be >= 0, got -0\.1"),
+    (wire.PROXIMAL_MU, -1.0, r"proximal_mu must be >= 0, got -1"),
+    (wire.PROXIMAL_MU, math.nan, r"proximal_mu must be a finite number, got nan"),
+    (wire.DP_TARGET_EPSILON, math.nan, r"privacy\.epsilon must be a finite number, got nan"),
+    (wire.DP_TARGET_EPSILON, -1.0, r"privacy\.epsilon must be > 0, got -1"),
+    (wire.DP_MAX_GRAD_NORM, math.inf, r"privacy\.max_grad_norm must be a finite number"),
+    (wire.DP_SAMPLE_RATE, 1.5, r"privacy\.sample_rate must be in \(0, 1\], got 1\.5"),
+    (wire.DP_ACCOUNTANT, "gdp", r"privacy\.accountant: unknown accountant 'gdp'"),
+    (wire.DP_MECHANISM, "dp-sdg", r"privacy\.mechanism='dp-sdg'; choose none, dp-sgd or site-dp"),
+    (wire.RUN_ID, "", r"a private run must name its run id"),
+    (wire.IMAGE_SIZE, 0, r"'image-size' must be >= 1, got 0"),
+    (wire.MODEL_OPTIONS, "[1, 2]", r"'model-options' should be a JSON object, got list"),
+])
+def test_an_out_of_range_value_is_refused_with_its_setting(key, value, message):
+    record = _spec().to_record()
+    record[key] = value
+    with pytest.raises(JobError, match=message):
+        JobSpec.from_record(record)
+
+
+def test_the_server_refuses_the_same_values_through_the_same_rules():
+    with pytest.raises(ConfigError, match=r"train\.lr must be a finite number, got nan"):
+        load_experiment(["train.lr=nan"])
+    with pytest.raises(ConfigError, match=r"train\.local_epochs must be >= 1, got -2"):
+        load_experiment(["train.local_epochs=-2"])
+    with pytest.raises(SpecError, match=r"train\.weight_decay must be >= 0"):
+        TrainSettings(weight_decay=-1.0)
+
+
+# ---------------------------------------------------------------- DP-SGD refusals, once
+
+def test_the_dpsgd_refusal_is_one_rule_on_both_sides(server_dpsgd, monkeypatch):
+    record = job_config(server_dpsgd, "run-x")           # what a server sent before the change
+    assert decode_job(record, site_seed=0).privacy.mechanism == wire.DP_SGD
+    monkeypatch.setattr(ClassificationTask, "batch_coupling",
+                        "an in-batch contrastive loss uses every other sample as a negative")
+    with pytest.raises(ConfigError) as at_server:
+        load_experiment(["privacy=dpsgd"])
+    with pytest.raises(JobError) as at_site:
+        decode_job(record, site_seed=0)
+    assert str(at_server.value) == str(at_site.value)
+    assert "privacy.mechanism=dp-sgd refused for task 'classification': an in-batch " \
+        "contrastive loss" in str(at_site.value)
+
+
+def test_both_sides_call_the_spec_rule(server_dpsgd, monkeypatch):
+    """Replace the one rule: the server's validation and the site's decode both follow."""
+    record = job_config(server_dpsgd, "run-x")
+    seen = []
+
+    def refuse(self, task_name, task_options):
+        seen.append((self.mechanism, task_name))
+        raise SpecError("refused by the one rule")
+
+    monkeypatch.setattr(PrivacySettings, "check_task", refuse)
+    with pytest.raises(ConfigError, match="refused by the one rule"):
+        load_experiment(["privacy=dpsgd"])
+    with pytest.raises(JobError, match="refused by the one rule"):
+        decode_job(record, site_seed=0)
+    assert seen == [(wire.DP_SGD, "classification")] * 2
+
+
+def test_private_state_is_refused_on_both_sides(server_dpsgd):
+    spec = dataclasses.replace(server_dpsgd.job_spec("run-x"),
+                               task_options={"num_classes": 3, "logit_adjustment": 1.0})
+    with pytest.raises(JobError, match=r"dp-sgd refused: logit_adjustment"):
+        decode_job(spec.to_record(), site_seed=0)
+    with pytest.raises(ConfigError, match=r"dp-sgd refused: logit_adjustment"):
+        load_experiment(["privacy=dpsgd", "task.options.logit_adjustment=1.0"])
+    assert decode_job(dataclasses.replace(spec, privacy=PrivacySpec()).to_record(),
+                      site_seed=0).task_options["logit_adjustment"] == 1.0
+

@@ -12,7 +12,6 @@ import logging
 import time
 from collections.abc import Callable
 
-import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, default_collate

@@ -28,7 +28,7 @@ def view(array: Array) -> np.ndarray:
     return array.numpy()
 
 
-def _float_keys(arrays: ArrayRecord) -> list[str]:
+def float_keys(arrays: ArrayRecord) -> list[str]:
     return sorted(k for k in arrays.keys() if np.dtype(arrays[k].dtype).kind == "f")
 
 
@@ -36,8 +36,8 @@ def flat_delta(before: ArrayRecord, after: ArrayRecord) -> np.ndarray:
     """``after - before`` over the floating-point arrays in sorted key order, as one float32
     vector written in a single pass (the layout ``apply_delta`` inverts). Different keys or
     shapes raise ``ValueError``."""
-    keys = _float_keys(before)
-    if keys != _float_keys(after):
+    keys = float_keys(before)
+    if keys != float_keys(after):
         raise ValueError("the trained model's arrays differ from the global model's")
     pairs = [(view(before[k]), view(after[k])) for k in keys]
     if any(b.shape != a.shape for b, a in pairs):
@@ -52,7 +52,7 @@ def flat_delta(before: ArrayRecord, after: ArrayRecord) -> np.ndarray:
 def apply_delta(like: ArrayRecord, delta: np.ndarray) -> ArrayRecord:
     """``like + delta`` (``flat_delta``'s layout): each float array added in float64 and
     rounded once to its own dtype; other arrays kept as they are, ``like``'s key order kept."""
-    keys = _float_keys(like)
+    keys = float_keys(like)
     expected = sum(math.prod(like[k].shape) for k in keys)
     if expected != delta.size:
         raise ValueError(f"a delta of {delta.size} values for a model of {expected}")

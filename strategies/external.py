@@ -18,16 +18,15 @@ again next round; an external site refuses a train message anyway (``client/app.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 
-import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from protocol import wire
 
-from .state import RoundReport, StrategyWrapper, expect_no_state
+from .state import StatelessWrapper
 
 log = logging.getLogger("medfed.server")
 
@@ -46,8 +45,11 @@ class GridWithout:
         return getattr(self._grid, name)
 
 
-class ExternalSites(StrategyWrapper, Strategy):
-    """Wrap ``strategy`` so that nodes whose role is external evaluate but never train."""
+class ExternalSites(StatelessWrapper, Strategy):
+    """Wrap ``strategy`` so that nodes whose role is external evaluate but never train.
+
+    Stateless: roles are re-learnt by one query after a restart (a site's operator may have
+    changed its role meanwhile, and a restarted federation's node ids are new anyway)."""
 
     kind = "external-sites"
 
@@ -59,17 +61,6 @@ class ExternalSites(StrategyWrapper, Strategy):
 
     def summary(self) -> None:
         self.strategy.summary()
-
-    def state_dict(self) -> dict[str, np.ndarray]:
-        # Roles are re-learnt by one query after a restart: a site's operator may have changed
-        # its role meanwhile, and the node ids of a restarted federation are new anyway.
-        return {}
-
-    def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
-        expect_no_state(state, "ExternalSites")
-
-    def round_report(self) -> RoundReport:
-        return RoundReport()     # nothing of its own; the inner wrappers report theirs
 
     def external(self) -> set[int]:
         return {n for n, role in self.roles.items() if role == wire.ROLE_EXTERNAL}

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,7 +23,7 @@ from flwr.serverapp.strategy import Strategy
 
 from protocol import wire
 
-from .state import RoundReport, StrategyWrapper, expect_no_state
+from .state import RoundReport, StatelessWrapper
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def error_summary(msg: Message) -> str:
     return f"node {msg.metadata.src_node_id}: {text[:300]}"
 
 
-class GuardedStrategy(StrategyWrapper, Strategy):
+class GuardedStrategy(StatelessWrapper, Strategy):
     """Wrap ``strategy`` with a bounded quorum wait and update sanitization.
 
     Parameters
@@ -125,14 +125,6 @@ class GuardedStrategy(StrategyWrapper, Strategy):
 
     def summary(self) -> None:
         self.strategy.summary()
-
-    def state_dict(self) -> dict[str, np.ndarray]:
-        # Nothing outlives a round: the reference is set by configure_train, and the model's
-        # dtypes are re-learnt from the resumed global arrays (already cast back to them).
-        return {}
-
-    def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
-        expect_no_state(state, "the fault guard")
 
     def round_report(self) -> RoundReport:
         """The replies rejected in the last aggregated round and every update's norm."""

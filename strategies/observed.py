@@ -14,18 +14,17 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from protocol import wire
 
-from .state import RoundReport, StrategyWrapper, chain_reports, expect_no_state, merge_reports
+from .state import StatelessWrapper, chain_reports, merge_reports
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +105,10 @@ def ordered(replies: Iterable[Message]) -> list[Message]:
     return sorted(replies, key=key)
 
 
-class ObservedStrategy(StrategyWrapper, Strategy):
+class ObservedStrategy(StatelessWrapper, Strategy):
     """Wrap ``strategy`` and call ``observers`` after training and at the end of each round.
+
+    Stateless: the round offset is the checkpoint's round, given again when a run resumes.
 
     What the wrappers below it did in a round (rejected updates, update norms, site-level
     epsilon, clipped values) comes from their merged round reports (``strategies/state.py``).
@@ -132,16 +133,6 @@ class ObservedStrategy(StrategyWrapper, Strategy):
 
     def summary(self) -> None:
         self.strategy.summary()
-
-    def state_dict(self) -> dict[str, np.ndarray]:
-        # the round offset is the checkpoint's round, given again when the run is resumed
-        return {}
-
-    def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
-        expect_no_state(state, "ObservedStrategy")
-
-    def round_report(self) -> RoundReport:
-        return RoundReport()
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:

@@ -8,21 +8,23 @@ complete model (for checkpoints and the registry; its local parts are placeholde
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 
-import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from protocol import wire
-from protocol.partial import local_keys, unmatched_patterns  # noqa: F401
+from protocol.partial import local_keys
 
-from .state import RoundReport, StrategyWrapper, expect_no_state
+from .state import StatelessWrapper
 
 
-class PartialSharing(StrategyWrapper, Strategy):
-    """Wrap ``strategy`` so parameters matching ``patterns`` are never sent or aggregated."""
+class PartialSharing(StatelessWrapper, Strategy):
+    """Wrap ``strategy`` so parameters matching ``patterns`` are never sent or aggregated.
+
+    Stateless: the server's copy of the local parameters is part of every global record (and
+    so of every checkpoint's arrays); a resumed run takes it from there."""
 
     kind = "partial-sharing"
 
@@ -35,17 +37,6 @@ class PartialSharing(StrategyWrapper, Strategy):
 
     def summary(self) -> None:
         self.strategy.summary()
-
-    def state_dict(self) -> dict[str, np.ndarray]:
-        # The server's copy of the local parameters is part of every global record (and so of
-        # every checkpoint's arrays); a resumed run takes it from there.
-        return {}
-
-    def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
-        expect_no_state(state, type(self).__name__)
-
-    def round_report(self) -> RoundReport:
-        return RoundReport()
 
     def _split(self, arrays: ArrayRecord) -> ArrayRecord:
         local = set(local_keys(arrays.keys(), self.patterns))

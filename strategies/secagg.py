@@ -15,29 +15,28 @@ import logging
 import math
 import os
 from collections.abc import Iterable, Mapping
-from io import BytesIO
 
 import numpy as np
 from randomgen import AESCounter
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.common.constant import SType
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from protocol import wire
-from .guard import error_summary
-from .sitedp import accountant_state, load_accountant_state, site_accountant, spent_epsilon
-from .state import RoundReport, StrategyWrapper, expect_no_state
-from protocol.arrays import apply_delta, flat_delta, view  # noqa: F401 - re-used below
+from protocol.arrays import apply_delta, float_keys, view
 from protocol.secagg_protocol import SecAggConfig, SecAggError, ServerRound
+
+from .guard import error_summary
+from .sitedp import SiteDPAccounting, site_accountant
+from .state import RoundReport, StrategyWrapper, expect_no_state
 
 log = logging.getLogger(__name__)
 
 SITE_DP = "site-dp"      # SumNoise's namespace inside SecAggPlus's state
 
 
-class SumNoise:
+class SumNoise(SiteDPAccounting):
     """Site-level DP on the secure sum: each site clipped its update to ``clipping_norm``
     (Flower's fixedclipping_mod) and weighs 1, so the average of n updates gets
     N(0, (sigma C / n)^2) per value - Flower's DP wrapper's calibration - composed with
@@ -47,6 +46,8 @@ class SumNoise:
     (whoever holds its state could subtract the noise), so a resumed run draws fresh noise.
     """
 
+    owner = "site-level DP on the secure sum"
+
     def __init__(self, *, noise_multiplier: float, clipping_norm: float, num_sites: int,
                  delta: float, rng: np.random.Generator | None = None):
         self.noise_multiplier, self.clipping_norm = noise_multiplier, clipping_norm
@@ -55,19 +56,6 @@ class SumNoise:
         # the server's noise is the guarantee: AES-CTR bits keyed from os.urandom
         self.rng = rng or np.random.Generator(AESCounter(
             key=int.from_bytes(os.urandom(16), "little")))
-
-    @property
-    def epsilon(self) -> float:
-        return spent_epsilon(self.accountant)
-
-    def state_dict(self) -> dict[str, np.ndarray]:
-        return accountant_state(self.accountant)
-
-    def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
-        load_accountant_state(self.accountant, state, "site-level DP on the secure sum")
-
-    def round_report(self) -> RoundReport:
-        return RoundReport(site_level_epsilon=self.epsilon)
 
     def add_noise(self, average: np.ndarray, *, contributors: int) -> np.ndarray:
         from flwr.serverapp import GaussianPrivacyEvent
@@ -145,7 +133,7 @@ class SecAggPlus(StrategyWrapper, Strategy):
                                                   self.site_dp.clipping_norm})
         messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
         nodes = [m.metadata.dst_node_id for m in messages]
-        length = sum(math.prod(arrays[k].shape) for k in _float_keys(arrays)) + 1
+        length = sum(math.prod(arrays[k].shape) for k in float_keys(arrays)) + 1
         self._round = ServerRound(server_round, nodes, self.config, length)
         self._global, self._grid, self._messages = arrays, grid, messages
         enc = self.config.encoding

@@ -12,6 +12,7 @@ aggregation rule), inside the fault guard.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import ClassVar
 
 import numpy as np
 from flwr.serverapp import PrivacyConfig as FlowerPrivacyConfig
@@ -52,15 +53,12 @@ def load_accountant_state(accountant: RdpAccountant, state: Mapping[str, np.ndar
     accountant.load_state_dict(from_json_array(state[ACCOUNTANT]))
 
 
-class SiteLevelDP(StrategyWrapper, DifferentialPrivacyClientSideFixedClipping):
-    """Flower's client-side fixed-clipping DP wrapper with site-count accounting."""
+class SiteDPAccounting:
+    """The server's site-level accountant as checkpointed state and as the round's report
+    (for ``SiteLevelDP`` and for ``SumNoise`` inside secure aggregation)."""
 
-    kind = "site-dp"
-
-    def __init__(self, strategy: Strategy, *, noise_multiplier: float, clipping_norm: float,
-                 num_sites: int, delta: float):
-        super().__init__(strategy, noise_multiplier, clipping_norm, num_sites,
-                         accountant=site_accountant(num_sites=num_sites, delta=delta))
+    accountant: RdpAccountant
+    owner: ClassVar[str]                  # names the mechanism in a refused checkpoint
 
     @property
     def epsilon(self) -> float:
@@ -71,7 +69,20 @@ class SiteLevelDP(StrategyWrapper, DifferentialPrivacyClientSideFixedClipping):
         return accountant_state(self.accountant)
 
     def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
-        load_accountant_state(self.accountant, state, "site-level DP")
+        load_accountant_state(self.accountant, state, self.owner)
 
     def round_report(self) -> RoundReport:
         return RoundReport(site_level_epsilon=self.epsilon)
+
+
+class SiteLevelDP(SiteDPAccounting, StrategyWrapper, DifferentialPrivacyClientSideFixedClipping):
+    """Flower's client-side fixed-clipping DP wrapper with site-count accounting."""
+
+    kind = "site-dp"
+    owner = "site-level DP"
+
+    def __init__(self, strategy: Strategy, *, noise_multiplier: float, clipping_norm: float,
+                 num_sites: int, delta: float):
+        super().__init__(strategy, noise_multiplier, clipping_norm, num_sites,
+                         accountant=site_accountant(num_sites=num_sites, delta=delta))
+

@@ -75,6 +75,20 @@ class StrategyWrapper(ABC):
         """What this wrapper did in the last aggregated round ({} if nothing of its own)."""
 
 
+class StatelessWrapper(StrategyWrapper):
+    """A wrapper that keeps nothing across a restart and reports nothing of its own (a
+    subclass says why in its docstring; it may still override ``round_report``)."""
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
+        expect_no_state(state, type(self).__name__)
+
+    def round_report(self) -> RoundReport:
+        return RoundReport()
+
+
 def expect_no_state(state: Mapping[str, np.ndarray], owner: str) -> None:
     """``load_state_dict`` of a wrapper without state: anything given is a mismatch."""
     if state:

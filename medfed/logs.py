@@ -113,6 +113,9 @@ def setup_logging(verbose: bool = False, log_file: Path | None = None, *,
         # From here on a warning is a log record: filtered from the console, kept in the file.
         # Dependencies' deprecations were ignored until now (nowhere to keep them); show each
         # once, into the log.
+        # Off then on: re-installs logging's hook even if someone swapped showwarning since
+        # an earlier setup in this process (captureWarnings(True) alone is then a no-op).
+        logging.captureWarnings(False)
         logging.captureWarnings(True)
         if log_file is not None:
             for category in (DeprecationWarning, FutureWarning, PendingDeprecationWarning):

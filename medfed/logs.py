@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -22,6 +23,44 @@ HANDLER_NAME = "medfed"
 
 # Dependencies whose INFO lines are about their own plumbing (DB migrations, HTTP requests).
 QUIET_LOGGERS = ("alembic", "mlflow", "urllib3", "git", "httpx")
+
+# Lines that are true but not actionable for a MedFed user: kept in the run's medfed.log (whoever
+# upgrades a dependency reads them there), dropped from the console. Matched against the
+# formatted message; a warning captured by logging carries its category name in it.
+CONSOLE_NOISE = re.compile("|".join((
+    r"The `run_simulation` function is deprecated",          # Flower: our CLI is the entry point
+    r"\b\w*(DeprecationWarning|FutureWarning)\b",             # e.g. SQLAlchemy's SADeprecationWarning
+    r"Registered model .* already exists\. Creating a new version",   # MLflow; our table says
+    r"Successfully registered model ",                        # which version was registered
+)))
+
+# Where MLflow's eprint() lines go once routed (see ``route_dependency_consoles``).
+MLFLOW_CONSOLE_LOGGER = "medfed.mlflow"
+
+
+class ConsoleNoise(logging.Filter):
+    """Drop :data:`CONSOLE_NOISE` records; on console handlers only, never on the file."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return CONSOLE_NOISE.search(record.getMessage()) is None
+
+
+class _LineLogger:
+    """A write-only text stream that logs each complete line (MLflow prints, it does not log)."""
+
+    def __init__(self, logger: logging.Logger):
+        self._logger, self._pending = logger, ""
+
+    def write(self, text: str) -> int:
+        self._pending += text
+        *lines, self._pending = self._pending.split("\n")
+        for line in lines:
+            if line.strip():
+                self._logger.info(line.rstrip())
+        return len(text)
+
+    def flush(self) -> None:
+        pass
 
 
 def setup_logging(verbose: bool = False, log_file: Path | None = None, *,
@@ -49,7 +88,9 @@ def setup_logging(verbose: bool = False, log_file: Path | None = None, *,
         root.removeHandler(stale)
         if stale.get_name() == HANDLER_NAME:
             stale.close()
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
+    console = logging.StreamHandler(sys.stdout)
+    console.addFilter(ConsoleNoise())
+    handlers: list[logging.Handler] = [console]
     if log_file is not None:
         handlers.append(logging.FileHandler(log_file))
     for handler in handlers:
@@ -64,6 +105,40 @@ def setup_logging(verbose: bool = False, log_file: Path | None = None, *,
         flwr = logging.getLogger("flwr")
         flwr.propagate = False
         flwr.setLevel(logging.DEBUG if verbose else logging.WARNING)
+        # ...but what it still says (warnings) belongs in the run's log file too.
+        for stale in [h for h in flwr.handlers if h.get_name() == HANDLER_NAME]:
+            flwr.removeHandler(stale)
+        if log_file is not None:
+            flwr.addHandler(handlers[-1])
+        # From here on a warning is a log record: filtered from the console, kept in the file.
+        # Dependencies' deprecations were ignored until now (nowhere to keep them); show each
+        # once, into the log.
+        # Off then on: re-installs logging's hook even if someone swapped showwarning since
+        # an earlier setup in this process (captureWarnings(True) alone is then a no-op).
+        logging.captureWarnings(False)
+        logging.captureWarnings(True)
+        if log_file is not None:
+            for category in (DeprecationWarning, FutureWarning, PendingDeprecationWarning):
+                warnings.filterwarnings("default", category=category)
+        route_dependency_consoles()
+
+
+def route_dependency_consoles() -> None:
+    """Put :class:`ConsoleNoise` in front of what dependencies print on their own.
+
+    Flower's console handler is attached when Flower is imported, and MLflow's ``eprint``
+    writes to stderr directly; both are reached only if already imported (this module imports
+    neither). Idempotent: call it again after importing them.
+    """
+    for handler in logging.getLogger("flwr").handlers:
+        if handler.get_name() != HANDLER_NAME and \
+                not any(isinstance(f, ConsoleNoise) for f in handler.filters):
+            handler.addFilter(ConsoleNoise())
+    mlflow_logging = sys.modules.get("mlflow.utils.logging_utils")
+    if mlflow_logging is not None and not isinstance(mlflow_logging.MLFLOW_LOGGING_STREAM,
+                                                      _LineLogger):
+        mlflow_logging.MLFLOW_LOGGING_STREAM = _LineLogger(
+            logging.getLogger(MLFLOW_CONSOLE_LOGGER))
 
 
 def quiet_third_parties() -> None:

@@ -84,9 +84,17 @@ def _toml_value(value) -> str:
 def simulate(cfg: ExperimentConfig, *, run_dir: Path | None = None, client_mods=(),
              observers: tuple = ()) -> Path:
     """Run the experiment as a simulated federation; returns the run directory."""
+    import importlib
+
     import torch
     from flwr.simulation import run_simulation
 
+    from .logs import route_dependency_consoles
+
+    # Flower's deprecation of run_simulation and MLflow's "already exists" lines: run log only
+    # (MLflow imported here so that its printing can be routed before the ServerApp uses it).
+    importlib.import_module("mlflow.utils.logging_utils")
+    route_dependency_consoles()
     offline_environment()
     data_root = check_sites(cfg)
     write_site_node_config(cfg, data_root)

@@ -18,12 +18,16 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from flwr.app import ConfigRecord
-
-from models.tasks import batch_coupling, build, private_state
+from typing import TYPE_CHECKING
 
 from . import wire
-from .accounting import PrivacyConfigError, check_accountant
+
+if TYPE_CHECKING:
+    from flwr.app import ConfigRecord
+
+# Flower, the task registry (torch) and the accountants (Opacus) are imported where they are
+# used: the server's Hydra schema embeds TrainSettings/PrivacySettings, and a config mistake
+# must be refused without importing torch (``medfed simulate strategy=typo``, < 1 s).
 
 
 class SpecError(ValueError):
@@ -103,6 +107,7 @@ class PrivacySettings:
                             f"{', '.join(head)} or {last}")
         if self.mechanism == wire.DP_NONE:
             return
+        from .accounting import PrivacyConfigError, check_accountant
         try:
             check_accountant(self.accountant)
         except PrivacyConfigError as err:
@@ -138,6 +143,7 @@ class PrivacySettings:
         Raises ``KeyError`` for a task name the registry does not know."""
         if self.mechanism != wire.DP_SGD:
             return
+        from models.tasks import batch_coupling, private_state
         coupling = batch_coupling(task_name, task_options)
         if coupling:
             raise SpecError(f"privacy.mechanism=dp-sgd refused for task {task_name!r}: "
@@ -213,6 +219,7 @@ class JobSpec:
 
     def build(self):
         """``(model, task)``: the backbone wrapped by the task (heads, adapters, freezing)."""
+        from models.tasks import build
         return build(self.model_name, self.model_options, self.task_name, self.task_options)
 
     def to_record(self) -> ConfigRecord:
@@ -223,6 +230,7 @@ class JobSpec:
             value = getattr(p, name)
             out[key] = float(value or 0.0) if name in _UNSET_IS_ZERO else \
                 (_KINDS.get(name, float))(value)
+        from flwr.app import ConfigRecord
         t = self.train
         return ConfigRecord(out | {
             wire.MODEL_NAME: self.model_name,

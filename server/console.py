@@ -1,4 +1,10 @@
-"""Per-round console table and final summary (through logging, never print)."""
+"""Per-round console table and final summary (through logging, never print).
+
+A figure that is undefined for a split is shown as ``n/a``, never as a number that reads like
+a result (MCC of a single-class split is 0 by convention, not a measurement); a figure not
+reported at all is ``-``. Why a figure is ``n/a`` is said once per site and split, in one line
+after the round's table and again under the summary.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +14,24 @@ from models.metrics import SplitMetrics
 from protocol import wire
 from protocol.metrics import from_record, report_splits
 from strategies.observed import RoundRecord
-from strategies.pooling import pool
+from strategies.pooling import pool_sites
 
 log = logging.getLogger("medfed.server")
+
+# Below this many studies a split's MCC/AUROC say more about the split than the model.
+TINY_SPLIT = 5
+
+# Correlation-type figures that a single-class or tiny split cannot support.
+SPLIT_DEPENDENT = ("mcc", "auroc")
+
+class _NotAvailable:
+    """A figure the split cannot support (shown ``n/a``; ``-`` is a figure not reported)."""
+
+    def __repr__(self) -> str:
+        return "n/a"
+
+
+NA = _NotAvailable()
 
 
 class ConsoleTable:
@@ -18,6 +39,7 @@ class ConsoleTable:
 
     def __init__(self):
         self.rows: list[tuple[int, str, dict]] = []
+        self.notes: dict[str, str] = {}     # "site-2 val" -> why its figures are n/a
 
     def on_train(self, record: RoundRecord) -> None:
         for failure in record.failures.get("train", []):
@@ -32,47 +54,79 @@ class ConsoleTable:
             log.info("%5s %-9s %10s %8s %8s %8s %8s %8s", "round", "site", "train_loss",
                      "val_loss", "val_mcc", "test_acc", "test_mcc", "test_auc")
         external = []
+        new_notes = len(self.notes)
         for reply in record.evaluate:
+            site = reply.site_id
             if wire.EXTERNAL_SPLIT in report_splits(reply.metrics):   # evaluation-only site:
                 external.append(from_record(reply.metrics, wire.EXTERNAL_SPLIT))   # its studies
-                self._line(record.round, reply.site_id, None, {}, _measured(external[-1]))
+                self._line(record.round, site, None, {},
+                           self._shown(f"{site} {wire.EXTERNAL_SPLIT}", external[-1]))
                 continue
-            val, test = (_measured(from_record(reply.metrics, s)) for s in ("val", "test"))
-            self._line(record.round, reply.site_id,
-                       train.get(reply.site_id, {}).get("train_loss"), val, test)
+            val, test = (self._shown(f"{site} {s}", from_record(reply.metrics, s))
+                         for s in ("val", "test"))
+            self._line(record.round, site, train.get(site, {}).get("train_loss"), val, test)
         for failure in record.failures.get("evaluate", []):
             log.warning("round %d: evaluation reply failed: %s", record.round, failure)
         trained = [r for r in record.evaluate if wire.EXTERNAL_SPLIT not in report_splits(r.metrics)]
-        val = pool([from_record(r.metrics, "val") for r in trained])
-        test = pool([from_record(r.metrics, "test") for r in trained])
+        val = self._shown("GLOBAL val", pool_sites([from_record(r.metrics, "val") for r in trained]))
+        test = self._shown("GLOBAL test",
+                           pool_sites([from_record(r.metrics, "test") for r in trained]))
         self._line(record.round, "GLOBAL", record.train_metrics.get("train_loss"), val, test,
                    suffix=f"  ({record.wall_seconds:.1f}s)")
-        ext = pool(external)
+        ext = self._shown("EXTERNAL", pool_sites(external))
         if ext:
             self._line(record.round, "EXTERNAL", None, {}, ext)
         self.rows.append((record.round, "GLOBAL", {"val": val, "test": test, "external": ext}))
+        for where in list(self.notes)[new_notes:]:
+            log.info("note: %s: %s", where, self.notes[where])
+
+    def _shown(self, where: str, metrics: SplitMetrics | None) -> dict:
+        """A split's figures for display: ``{}`` if not measured, split-dependent figures set
+        to :data:`NA` (with a note, once) where the split cannot support them."""
+        if metrics is None or metrics.n == 0:
+            return {}
+        figures = metrics.scalars()
+        reason = undefined_reason(metrics)
+        if reason:
+            self.notes.setdefault(where, reason)
+            figures |= {key: NA for key in SPLIT_DEPENDENT}
+        return figures
 
     def _line(self, rnd, site, train_loss, val, test, suffix=""):
         def fmt(v):
-            return f"{v:8.3f}" if isinstance(v, float) else f"{'-':>8}"
+            return f"{v:8.3f}" if isinstance(v, float) else f"{_blank(v):>8}"
         log.info("%5d %-9s %10s %s %s %s %s %s%s", rnd, site, fmt(train_loss).strip().rjust(10),
                  fmt(val.get("loss")), fmt(val.get("mcc")), fmt(test.get("accuracy")),
                  fmt(test.get("mcc")), fmt(test.get("auroc")), suffix)
 
     def summary(self) -> str:
+        """The GLOBAL figures per round, then one line per split whose figures were n/a."""
         external = any(m.get("external") for _, _, m in self.rows)
         lines = ["round  val_mcc  test_mcc  test_auroc  test_accuracy"
                  + ("  external_mcc  external_auroc" if external else "")]
         for rnd, _, m in self.rows:
             v, t, e = m["val"], m["test"], m.get("external", {})
-            lines.append(f"{rnd:5d}  {v.get('mcc', float('nan')):7.3f}  "
-                         f"{t.get('mcc', float('nan')):8.3f}  {t.get('auroc', float('nan')):10.3f}  "
-                         f"{t.get('accuracy', float('nan')):13.3f}"
-                         + (f"  {e.get('mcc', float('nan')):12.3f}  "
-                            f"{e.get('auroc', float('nan')):14.3f}" if external else ""))
+            lines.append(f"{rnd:5d}  {_cell(v, 'mcc', 7)}  {_cell(t, 'mcc', 8)}  "
+                         f"{_cell(t, 'auroc', 10)}  {_cell(t, 'accuracy', 13)}"
+                         + (f"  {_cell(e, 'mcc', 12)}  {_cell(e, 'auroc', 14)}"
+                            if external else ""))
+        lines += [f"note: {where}: {why}" for where, why in self.notes.items()]
         return "\n".join(lines)
 
 
-def _measured(metrics: SplitMetrics) -> dict:
-    """A site's figures, or nothing for an empty split (AUROC is absent where undefined)."""
-    return metrics.scalars() if metrics.n > 0 else {}
+def undefined_reason(metrics: SplitMetrics) -> str | None:
+    """Why a split's MCC/AUROC are not figures of the model, or None when they are."""
+    if metrics.confusion is not None and int((metrics.confusion.sum(axis=1) > 0).sum()) < 2:
+        return "single class in split (MCC/AUROC undefined)"
+    if metrics.n < TINY_SPLIT:
+        return f"only {metrics.n} studies in split (< {TINY_SPLIT}; MCC/AUROC not shown)"
+    return None
+
+
+def _blank(value) -> str:
+    return "n/a" if value is NA else "-"
+
+
+def _cell(figures: dict, key: str, width: int) -> str:
+    value = figures.get(key)
+    return f"{value:{width}.3f}" if isinstance(value, float) else f"{_blank(value):>{width}}"

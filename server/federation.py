@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,13 +86,40 @@ def job_config(cfg: ExperimentConfig, run_id: str = "") -> ConfigRecord:
     return cfg.job_spec(run_id).to_record()
 
 
+RUN_LOG = "medfed.log"          # the run's own log (console lines and what the console omits)
+FAILED_MARKER = "FAILED"        # in a run directory whose run did not finish: why
+
+
 def new_run_dir(cfg: ExperimentConfig) -> Path:
-    """A fresh run directory, or with ``resume`` the existing one to continue."""
+    """A fresh run directory, or with ``resume`` the existing one to continue (its
+    :data:`FAILED_MARKER`, if an earlier attempt left one, is removed: this attempt decides)."""
     if cfg.resume:
-        return find_run_dir(cfg)
+        run_dir = find_run_dir(cfg)
+        (run_dir / FAILED_MARKER).unlink(missing_ok=True)
+        return run_dir
     run_dir = Path(cfg.runs_dir) / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir.mkdir(parents=True, exist_ok=False)
     return run_dir
+
+
+def abandon_run_dir(run_dir: Path, reason: str) -> bool:
+    """A run that failed leaves no empty folder behind: remove ``run_dir`` if nothing but its
+    log was written, else write :data:`FAILED_MARKER` saying why (checkpoints stay, resumable).
+
+    Returns
+    -------
+    bool
+        True if the directory was removed.
+    """
+    if not run_dir.is_dir():
+        return False
+    if all(p.name in (RUN_LOG, FAILED_MARKER) for p in run_dir.iterdir()):
+        shutil.rmtree(run_dir)
+        return True
+    (run_dir / FAILED_MARKER).write_text(
+        f"this run failed: {reason}\nits log: {RUN_LOG}; a run with checkpoints continues "
+        "with resume=<this directory>\n")
+    return False
 
 
 @dataclass(frozen=True)

@@ -19,13 +19,26 @@ def simulate(args: argparse.Namespace) -> int:
     cfg = load_experiment(args.overrides)
 
     from medfed.simulation import check_sites, simulate as run_federation
-    from server.federation import new_run_dir
+    from server.federation import RUN_LOG, abandon_run_dir, new_run_dir
 
     check_sites(cfg)
     run_dir = new_run_dir(cfg)
-    setup_logging(args.verbose, run_dir / "medfed.log")
+    setup_logging(args.verbose, run_dir / RUN_LOG)
     log.info("run directory: %s", run_dir)
-    run_federation(cfg, run_dir=run_dir)
+    try:
+        run_federation(cfg, run_dir=run_dir)
+    except BaseException as err:     # Ctrl-C too: the folder must say what happened
+        reason = f"{type(err).__name__}: {_first_line(err)}"
+        if abandon_run_dir(run_dir, reason):
+            log.info("nothing was written; removed the run directory %s", run_dir)
+        else:
+            log.info("run directory %s kept, marked FAILED (%s)", run_dir, reason)
+        raise
     uri = cfg.tracking.uri or f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
     log.info("open the MLflow UI with:  .venv/bin/mlflow ui --backend-store-uri %s --port 5000", uri)
     return 0
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else "interrupted"

@@ -5,15 +5,30 @@
 - ``compose``: Hydra composition (``load_experiment``), ``CONF_DIR``;
 - ``validation``: cross-field checks (``validate``);
 - ``privacy``: the privacy request checked against the rest of the experiment.
+
+``schema`` and ``compose`` import no torch, Flower or MLflow, so a config mistake is refused in
+well under a second; ``validation`` and ``privacy`` need the model and strategy registries and
+are imported on first use of their names (PEP 562 ``__getattr__``).
 """
+
+from importlib import import_module
 
 from protocol.job import PrivacySettings, TrainSettings
 
 from .compose import CONF_DIR, experiment_names, load_experiment
-from .privacy import validate_privacy
 from .schema import (ConfigError, DataConfig, ExperimentConfig, FederationConfig, ModelConfig,
                      PretrainConfig, SecAggSettings, StrategyConfig, TaskConfig, TrackingConfig)
-from .validation import validate, validate_pretrain, validate_secagg
+
+# name -> submodule that defines it; these pull in torch/Flower through the registries.
+_LAZY = {"validate": "validation", "validate_pretrain": "validation",
+         "validate_secagg": "validation", "validate_privacy": "privacy"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["CONF_DIR", "ConfigError", "DataConfig", "ExperimentConfig", "FederationConfig",
            "ModelConfig", "PretrainConfig", "PrivacySettings", "SecAggSettings", "StrategyConfig",

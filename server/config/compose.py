@@ -1,7 +1,10 @@
 """Hydra composition: ``conf/`` composed once, on the server, into a validated, frozen
 :class:`~server.config.schema.ExperimentConfig`.
 
-One schema per group; unknown keys fail at compose time (Hydra struct mode).
+One schema per group; unknown keys fail at compose time (Hydra struct mode). A refused
+override is explained in one line naming the fix (:mod:`server.config.explain`). This module
+imports no torch, Flower or MLflow: the registry-backed checks (``validation``) are imported
+only once composition succeeded, so ``medfed simulate strategy=typo`` is refused at once.
 """
 
 from __future__ import annotations
@@ -17,15 +20,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from protocol.job import PrivacySettings, TrainSettings
 
+from .explain import explain_override
 from .schema import (ConfigError, DataConfig, ExperimentConfig, FederationConfig, ModelConfig,
                      PretrainConfig, SecAggSettings, StrategyConfig, TaskConfig, TrackingConfig)
-from .validation import validate
 
 # The repository's conf/ (this file is server/config/compose.py).
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
-def _schema():
+def schema_node() -> DictConfig:
     """Typed, struct-mode schema; frozen dataclasses are read-only to OmegaConf, so unfreeze
     the node (the typed result is rebuilt as frozen dataclasses by ``_freeze``)."""
     def unfreeze(node):
@@ -39,7 +42,7 @@ def _schema():
     return unfreeze(OmegaConf.structured(ExperimentConfig))
 
 
-ConfigStore.instance().store(name="schema", node=_schema())
+ConfigStore.instance().store(name="schema", node=schema_node())
 
 
 def load_experiment(overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
@@ -48,7 +51,8 @@ def load_experiment(overrides: list[str] | tuple[str, ...] = ()) -> ExperimentCo
     Raises
     ------
     ConfigError
-        On an unknown key, option or group value, with Hydra's explanation; on a value a
+        On an unknown group option (listing the group's options), an ill-typed value (naming
+        the key and its schema type), an unknown key (listing the group's keys); on a value a
         group's dataclass refuses (e.g. ``privacy.epsilon=0``); on what ``validate`` refuses.
     """
     GlobalHydra.instance().clear()
@@ -57,12 +61,15 @@ def load_experiment(overrides: list[str] | tuple[str, ...] = ()) -> ExperimentCo
             raw = compose(config_name="config", overrides=list(overrides))
         cfg = OmegaConf.to_object(raw)
     except Exception as err:  # noqa: BLE001 - Hydra/OmegaConf raise many types; all mean "bad config"
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        if first.startswith("Could not override"):
-            first += " No such key in the config schema (see conf/ and server/config/schema.py)."
-        raise ConfigError(first) from None
+        # Our own diagnosis of the overrides first (one line, names the fix); Hydra's first
+        # line when none of them is at fault (e.g. a broken YAML file under conf/).
+        reason = explain_override(list(overrides), CONF_DIR, schema_node())
+        if reason is None:
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(reason) from None
     finally:
         GlobalHydra.instance().clear()
+    from .validation import validate    # imports the registries (torch, Flower): only now
     return validate(_freeze(cfg))
 
 

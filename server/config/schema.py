@@ -13,7 +13,6 @@ import json
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
-from models import TASKS
 from protocol import wire
 from protocol.job import JobSpec, PrivacySettings, PrivacySpec, TrainConfig, TrainSettings
 
@@ -185,6 +184,7 @@ class ExperimentConfig:
 
 
 def _fields_of(task_name: str) -> set[str]:
+    from models import TASKS     # the registry imports torch; the schema alone must not
     try:
         return {f.name for f in fields(TASKS.config(task_name).__class__)}
     except (KeyError, TypeError, ValueError):

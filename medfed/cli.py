@@ -62,6 +62,11 @@ def _add_deploy_parsers(sub) -> None:
     p.add_argument("--port", type=int, default=9093)
     p.add_argument("--authorized-keys",
                    help="folder with <site>/auth.pub to register (default: CERTS/sites)")
+    p.add_argument("--control-address",
+                   help="addresses/CIDR blocks (comma-separated) allowed to use the Control API "
+                        "(submit runs, register keys) on the coordinator port; default: this "
+                        "machine only (loopback). Opening it lets anyone there run code at "
+                        "every site")
     p.add_argument("--log-file")
     p.add_argument("--startup-timeout", type=float, default=60.0)
     p.set_defaults(func=Handler("deploy", "server"))

@@ -36,7 +36,9 @@ def server(args: argparse.Namespace) -> int:
         certs=Path(args.certs).resolve(), state_dir=Path(args.state_dir).resolve(),
         host=args.host, port=args.port,
         authorized_keys=Path(args.authorized_keys).resolve() if args.authorized_keys else None,
-        log_file=Path(args.log_file).resolve() if args.log_file else None)
+        log_file=Path(args.log_file).resolve() if args.log_file else None,
+        **({"control_from": tuple(args.control_address.split(","))}
+           if args.control_address else {}))
     coordinator = Coordinator(settings)
     try:
         coordinator.start(startup_timeout=args.startup_timeout)

@@ -1,5 +1,5 @@
 """Deployment commands: certificates (``certs``), the coordinator (``server``), a site daemon
-(``site``), run submission (``run``), ``health`` and ``register-site``."""
+(``site``) and its key (``site keygen``), run submission (``run``), ``health`` and ``register-site``."""
 
 from __future__ import annotations
 
@@ -24,6 +24,20 @@ def certs(args: argparse.Namespace) -> int:
         print(f"kept     {name}")
     print(f"certificates in {report.out} (private keys mode 0600); give each hospital "
           "sites/<site>/ (auth.key, ca.pem), register sites/<site>/auth.pub on the coordinator")
+    return 0
+
+
+def site_keygen(args: argparse.Namespace) -> int:
+    """Create the site's key pair on the site; print the public key for the coordinator."""
+    from medfed.certs import site_keygen as keygen
+
+    key = keygen(Path(args.out), site=args.site_id, force=args.force)
+    print(f"created  {key.private} (private, mode 0600: never leaves this machine)")
+    print(f"created  {key.public}")
+    print(key.public_line)
+    print(f"send {key.public.name} (or the line above) to the coordinator's operator, who runs "
+          f"`medfed register-site --site-id {args.site_id or '<site>'} --public-key "
+          f"{key.public.name} ...`; start the site with --auth-key {key.private}")
     return 0
 
 

@@ -111,3 +111,21 @@ def test_guard_main_installs_the_guard_into_flowers_app_factory(monkeypatch):
     module = importlib.import_module("flwr.superlink.cli.flower_superlink")
     source = inspect.getsource(module._run_superlink_http_api)
     assert "from flwr.superlink.main import" in source and "create_app" in source
+
+
+def test_opening_the_control_api_is_loud_and_junk_is_refused(tmp_path, caplog):
+    from medfed.deploy.coordinator import Coordinator
+    from medfed.deploy.preflight import DeployError
+
+    opened = CoordinatorSettings(certs=tmp_path, state_dir=tmp_path / "s",
+                                 control_from=("10.20.0.0/24",))
+    assert opened.control_open
+    cmd = superlink_command(opened)
+    assert cmd[cmd.index("--control-from") + 1] == "10.20.0.0/24"
+    with caplog.at_level("WARNING", logger="medfed.deploy"), pytest.raises(DeployError):
+        Coordinator(opened).start()                 # no certificates here: stops after warning
+    assert "Control API is OPEN to 10.20.0.0/24" in caplog.text
+    assert not CoordinatorSettings(certs=tmp_path, state_dir=tmp_path).control_open
+    with pytest.raises(ValueError, match="--control-address 'coordinator' is not an IP"):
+        CoordinatorSettings(certs=tmp_path, state_dir=tmp_path,
+                            control_from=("coordinator",)).control_open

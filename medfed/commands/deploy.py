@@ -1,5 +1,6 @@
 """Deployment commands: certificates (``certs``), the coordinator (``server``), a site daemon
-(``site``) and its key (``site keygen``), run submission (``run``), ``health`` and ``register-site``."""
+(``site``) and its key (``site keygen``), run submission (``run``), ``health`` and
+``register-site``."""
 
 from __future__ import annotations
 

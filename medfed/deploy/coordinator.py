@@ -55,6 +55,13 @@ class CoordinatorSettings:
         return not is_loopback_only(parse_networks(self.control_from))
 
     @property
+    def control_networks(self) -> tuple[str, ...]:
+        """``control_from`` plus the bind address when it is one of this machine's own: bound
+        to 10.0.0.5, the coordinator reaches itself (registering sites) from 10.0.0.5."""
+        own = () if self.host in ("0.0.0.0", "::", "") else (self.host,)
+        return tuple(dict.fromkeys((*self.control_from, *own)))
+
+    @property
     def database(self) -> Path:
         return self.state_dir / "superlink.db"
 
@@ -85,7 +92,7 @@ def superlink_command(s: CoordinatorSettings) -> list[str]:
            "--host", s.host, "--port", str(s.port)]
     if s.log_file is not None:
         cmd += ["--log-file", str(s.log_file)]
-    return guard_command(s.control_from, cmd)
+    return guard_command(s.control_networks, cmd)
 
 
 def write_connection(flwr_home: Path, address: str, root_cert: Path) -> None:

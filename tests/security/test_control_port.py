@@ -129,3 +129,15 @@ def test_opening_the_control_api_is_loud_and_junk_is_refused(tmp_path, caplog):
     with pytest.raises(ValueError, match="--control-address 'coordinator' is not an IP"):
         CoordinatorSettings(certs=tmp_path, state_dir=tmp_path,
                             control_from=("coordinator",)).control_open
+
+
+def test_a_specific_bind_address_may_reach_its_own_control_api(tmp_path):
+    """Bound to one address, the coordinator registers sites through that address."""
+    bound = CoordinatorSettings(certs=tmp_path, state_dir=tmp_path, host="10.0.0.5")
+    cmd = superlink_command(bound)
+    allowed = parse_networks(cmd[cmd.index("--control-from") + 1])
+    assert any(n.overlaps(parse_networks("10.0.0.5")[0]) for n in allowed)
+    assert not bound.control_open                  # only this machine's own addresses
+    app = ControlGuard(None, allowed)
+    assert control_guard._peer_allowed(("10.0.0.5", 1), app.allowed)
+    assert not control_guard._peer_allowed(("10.0.0.6", 1), app.allowed)

@@ -1,5 +1,12 @@
 """Provisioning for a real deployment: a CA, the coordinator's TLS certificate, site keys.
 
+Recommended: each hospital creates its own key pair on its own machine with ``medfed site
+keygen --out DIR`` (``site_keygen``): the private key never exists anywhere else, and only
+``auth.pub`` travels to the coordinator's operator, who registers it (``medfed
+register-site``). ``medfed certs --sites ...`` can still generate site keys centrally (handy
+for a demo or compose on one host), but then the coordinator's operator has held every
+hospital's private key and must hand it over securely.
+
 Layout written by ``medfed certs --out DIR`` (DIR is 0700, every private key 0600)::
 
     DIR/ca.pem  ca.key              the federation's CA (keep ca.key offline after issuing)
@@ -204,6 +211,47 @@ def _server(out: Path, ca_key, ca_cert, server_name: str, server_ips, extra_dns,
     report.created += [SERVER_CERT, SERVER_KEY]
 
 
+@dataclass(frozen=True)
+class SiteKey:
+    """A key pair written by ``site_keygen``: where it is and the public line to register."""
+    private: Path
+    public: Path
+    public_line: str
+
+
+def site_keygen(out: Path, *, site: str | None = None, force: bool = False) -> SiteKey:
+    """Create this site's SuperNode key pair on the site: ``out/auth.key`` (0600) and
+    ``out/auth.pub`` (0644).
+
+    Parameters
+    ----------
+    out : Path
+        Folder for the pair; created with mode 0700.
+    site : str, optional
+        The site id, written as the public key's comment (``medfed-site:<site>``).
+    force : bool
+        Replace an existing key (the coordinator must then register the new public key).
+    """
+    if site is not None and not SITE_NAME.match(site):
+        raise ProvisioningError(f"site id {site!r} must be lowercase letters, digits and dashes")
+    _make_private_dir(out)
+    key_path, pub_path = out / SITE_KEY, out / SITE_PUB
+    if key_path.exists() and not force:
+        raise ProvisioningError(f"{key_path} already exists; keep it (its public half is what "
+                                "the coordinator registered) or pass --force to replace it "
+                                "and register the new auth.pub")
+    key = ec.generate_private_key(ec.SECP384R1())
+    _write(key_path, _ssh_private(key), 0o600, force)
+    public = _ssh_public(key, site or "unnamed")
+    _write(pub_path, public, 0o644, True)
+    return SiteKey(key_path, pub_path, public.decode().strip())
+
+
+def _ssh_private(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                             serialization.NoEncryption())
+
+
 def _site(out: Path, site: str, force: bool, report: CertsReport) -> None:
     folder = site_dir(out, site)
     _make_private_dir(folder)
@@ -216,10 +264,7 @@ def _site(out: Path, site: str, force: bool, report: CertsReport) -> None:
         report.kept += names
     else:
         key = ec.generate_private_key(ec.SECP384R1())
-        private = key.private_bytes(serialization.Encoding.PEM,
-                                    serialization.PrivateFormat.OpenSSH,
-                                    serialization.NoEncryption())
-        _write(key_path, private, 0o600, force)
+        _write(key_path, _ssh_private(key), 0o600, force)
         _write(pub_path, _ssh_public(key, site), 0o644, True)
         report.created += names
     ca_copy = folder / CA_CERT

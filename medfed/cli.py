@@ -1,5 +1,5 @@
 """``medfed`` command line: synth, ingest, simulate, export, privacy, audit, and the deployment
-commands (certs, server, site, run, health, register-site).
+commands (certs, server, site, site keygen, run, health, register-site).
 
 Errors a user can fix are reported as one line (``medfed: error: ...``) with exit code 2
 (bad input) or 1 (the run failed); tracebacks only with ``--debug``.
@@ -62,11 +62,24 @@ def _add_deploy_parsers(sub) -> None:
     p.add_argument("--port", type=int, default=9093)
     p.add_argument("--authorized-keys",
                    help="folder with <site>/auth.pub to register (default: CERTS/sites)")
+    p.add_argument("--control-address",
+                   help="addresses/CIDR blocks (comma-separated) allowed to use the Control API "
+                        "(submit runs, register keys) on the coordinator port; default: this "
+                        "machine only (loopback). Opening it lets anyone there run code at "
+                        "every site")
     p.add_argument("--log-file")
     p.add_argument("--startup-timeout", type=float, default=60.0)
     p.set_defaults(func=Handler("deploy", "server"))
 
-    p = sub.add_parser("site", help="start a site daemon: Flower SuperNode with node config")
+    p = sub.add_parser("site keygen", help="create this site's authentication key pair on the "
+                                           "site (auth.key 0600, auth.pub for the coordinator)")
+    p.add_argument("--out", required=True, help="folder for auth.key and auth.pub")
+    p.add_argument("--site-id", help="the site id (the public key's comment)")
+    p.add_argument("--force", action="store_true", help="replace an existing auth.key")
+    p.set_defaults(func=Handler("deploy", "site_keygen"))
+
+    p = sub.add_parser("site", help="start a site daemon: Flower SuperNode with node config "
+                                    "(`medfed site keygen --out DIR` creates its key)")
     p.add_argument("--site-id", required=True)
     p.add_argument("--data-dir", required=True)
     p.add_argument("--superlink", required=True, help="coordinator HOST:PORT")
@@ -195,8 +208,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Two-word commands: argparse subcommands are one token, so ``site keygen`` is joined into the
+# one parser name before parsing (``site`` alone stays the daemon with its required flags).
+TWO_WORD = {("site", "keygen")}
+
+
+def join_two_word_commands(argv: list[str]) -> list[str]:
+    """``[..., "site", "keygen", ...]`` -> ``[..., "site keygen", ...]`` (first command only)."""
+    argv = list(argv)
+    for i, word in enumerate(argv):
+        if not word.startswith("-"):
+            if i + 1 < len(argv) and (word, argv[i + 1]) in TWO_WORD:
+                argv[i:i + 2] = [f"{word} {argv[i + 1]}"]
+            break
+    return argv
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` (default: ``sys.argv[1:]``), run the command, return its exit code."""
+    argv = join_two_word_commands(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     quiet_third_parties()           # before the command imports its dependencies
     try:

@@ -1,5 +1,6 @@
 """Deployment commands: certificates (``certs``), the coordinator (``server``), a site daemon
-(``site``), run submission (``run``), ``health`` and ``register-site``."""
+(``site``) and its key (``site keygen``), run submission (``run``), ``health`` and
+``register-site``."""
 
 from __future__ import annotations
 
@@ -27,6 +28,20 @@ def certs(args: argparse.Namespace) -> int:
     return 0
 
 
+def site_keygen(args: argparse.Namespace) -> int:
+    """Create the site's key pair on the site; print the public key for the coordinator."""
+    from medfed.certs import site_keygen as keygen
+
+    key = keygen(Path(args.out), site=args.site_id, force=args.force)
+    print(f"created  {key.private} (private, mode 0600: never leaves this machine)")
+    print(f"created  {key.public}")
+    print(key.public_line)
+    print(f"send {key.public.name} (or the line above) to the coordinator's operator, who runs "
+          f"`medfed register-site --site-id {args.site_id or '<site>'} --public-key "
+          f"{key.public.name} ...`; start the site with --auth-key {key.private}")
+    return 0
+
+
 def server(args: argparse.Namespace) -> int:
     """Start the coordinator and supervise it until it stops; its exit code is ours."""
     from medfed.deploy.coordinator import Coordinator, CoordinatorSettings
@@ -36,7 +51,9 @@ def server(args: argparse.Namespace) -> int:
         certs=Path(args.certs).resolve(), state_dir=Path(args.state_dir).resolve(),
         host=args.host, port=args.port,
         authorized_keys=Path(args.authorized_keys).resolve() if args.authorized_keys else None,
-        log_file=Path(args.log_file).resolve() if args.log_file else None)
+        log_file=Path(args.log_file).resolve() if args.log_file else None,
+        **({"control_from": tuple(args.control_address.split(","))}
+           if args.control_address else {}))
     coordinator = Coordinator(settings)
     try:
         coordinator.start(startup_timeout=args.startup_timeout)

@@ -1,7 +1,9 @@
 """The coordinator: a Flower SuperLink with TLS, SuperNode authentication and persistent state.
 
 ``medfed server`` checks its certificates and port, starts ``flower-superlink`` (TLS on the
-one HTTP port that serves Flower's Fleet, Control and Runtime APIs; ``--enable-supernode-auth``;
+one HTTP port that serves Flower's Fleet, Control and Runtime APIs, with the Control API
+refused to every peer outside ``control_from``, loopback by default -- see ``control_guard``;
+``--enable-supernode-auth``;
 a sqlite ``--database``; runtime dependency installation disabled so a run can never
 ``uv sync`` packages over the ones installed here), waits until ``/health`` answers over TLS,
 registers the sites' public keys, and supervises it until SIGTERM.
@@ -20,6 +22,7 @@ from pathlib import Path
 
 from medfed.certs import CA_CERT, SERVER_CERT, SERVER_KEY, registered_sites
 
+from .control_guard import LOOPBACK, guard_command, is_loopback_only, parse_networks
 from .preflight import DeployError, check_port_free, check_server_certificates, require_file
 from .process import Daemon, flower_bin, flower_env, supervised
 
@@ -43,6 +46,20 @@ class CoordinatorSettings:
     port: int = 9093
     authorized_keys: Path | None = None  # folder of <site>/auth.pub; default: certs/sites
     log_file: Path | None = None
+    # networks allowed to use the Control API (submit runs, register keys) on the Fleet port
+    control_from: tuple[str, ...] = LOOPBACK
+
+    @property
+    def control_open(self) -> bool:
+        """True when a peer outside this machine may use the Control API."""
+        return not is_loopback_only(parse_networks(self.control_from))
+
+    @property
+    def control_networks(self) -> tuple[str, ...]:
+        """``control_from`` plus the bind address when it is one of this machine's own: bound
+        to 10.0.0.5, the coordinator reaches itself (registering sites) from 10.0.0.5."""
+        own = () if self.host in ("0.0.0.0", "::", "") else (self.host,)
+        return tuple(dict.fromkeys((*self.control_from, *own)))
 
     @property
     def database(self) -> Path:
@@ -64,9 +81,8 @@ class CoordinatorSettings:
 
 
 def superlink_command(s: CoordinatorSettings) -> list[str]:
-    """The ``flower-superlink`` command line for these settings."""
-    cmd = [flower_bin("flower-superlink"),
-           "--ssl-ca-certfile", str(s.certs / CA_CERT),
+    """The ``flower-superlink`` command line for these settings, behind the Control guard."""
+    cmd = ["--ssl-ca-certfile", str(s.certs / CA_CERT),
            "--ssl-certfile", str(s.certs / SERVER_CERT),
            "--ssl-keyfile", str(s.certs / SERVER_KEY),
            "--enable-supernode-auth",
@@ -76,7 +92,7 @@ def superlink_command(s: CoordinatorSettings) -> list[str]:
            "--host", s.host, "--port", str(s.port)]
     if s.log_file is not None:
         cmd += ["--log-file", str(s.log_file)]
-    return cmd
+    return guard_command(s.control_networks, cmd)
 
 
 def write_connection(flwr_home: Path, address: str, root_cert: Path) -> None:
@@ -134,6 +150,11 @@ class Coordinator:
 
     def start(self, *, startup_timeout: float = 60.0) -> None:
         s = self.settings
+        if s.control_open:
+            log.warning("the Control API is OPEN to %s: anyone there who reaches port %d can "
+                        "submit a run (code every site executes) and register a site key; "
+                        "Flower's open-source SuperLink has no account authentication",
+                        ", ".join(s.control_from), s.port)
         check_server_certificates(s.certs / SERVER_CERT, s.certs / SERVER_KEY, s.ca)
         check_port_free(s.host, s.port, "coordinator")
         keys = registered_sites(s.authorized_keys or s.certs)

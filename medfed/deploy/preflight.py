@@ -92,8 +92,23 @@ def check_server_certificates(cert_path: Path, key_path: Path, ca_path: Path) ->
         raise DeployError(f"server key {key_path} does not belong to certificate {cert_path}")
 
 
+def check_key_permissions(path: Path) -> None:
+    """The site's private key exists and only its owner may read or write it (no group/other
+    bits): whoever can read it can join the federation as this hospital."""
+    if not path.is_file():
+        raise DeployError(f"auth key {path} does not exist; create the site's key on this "
+                          "machine with `medfed site keygen --out DIR` and register DIR/auth.pub "
+                          "with the coordinator")
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        raise DeployError(f"auth key {path} is accessible by group/other (mode {mode:04o}); "
+                          f"run `chmod 600 {path}` (and rotate it if others could read it)")
+
+
 def check_auth_key(path: Path) -> None:
-    """A site's SuperNode key: an OpenSSH EC private key, as Flower's SuperNode loads it."""
+    """A site's SuperNode key: owner-only, an OpenSSH EC private key as Flower's SuperNode
+    loads it."""
+    check_key_permissions(path)
     try:
         key = serialization.load_ssh_private_key(require_file(path, "auth key").read_bytes(),
                                                  None)

@@ -1,7 +1,7 @@
 """The site daemon: a Flower SuperNode with the hospital's node config.
 
 ``medfed site`` validates the site's data directory through the ingest step (``load_site``)
-and refuses an unusable one, checks its key and that the coordinator is reachable over TLS
+and refuses an unusable one, checks its key (present, owner-only, see ``check_auth_key``) and that the coordinator is reachable over TLS
 with the hospital's copy of the CA, then runs ``flower-supernode`` with TLS, SuperNode
 authentication and the operator's node config (site id, data directory, privacy budget,
 ``require-secagg``; keys from ``protocol.wire``). Connections are outbound only. A lost
@@ -123,9 +123,9 @@ class Site:
     def preflight(self) -> None:
         s = self.settings
         node_config(s)                        # budget arguments complete
+        check_auth_key(s.auth_key)            # before touching data: a leaked key is worse
         summary = check_data_dir(s.data_dir)
         log.info("[%s] data directory usable: %s", s.site_id, summary)
-        check_auth_key(s.auth_key)
         check_port_free("127.0.0.1", s.runtime_port, "site runtime API")
         check_superlink(s.superlink, s.root_cert)
 

@@ -19,6 +19,7 @@ DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 COMPOSE = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
 SERVICES = COMPOSE["services"]
 SITES = ("site-a", "site-b", "site-c")
+COORDINATOR_CIDR = "203.0.113.10/32"      # what a hospital's operator sets (documentation range)
 
 
 def _interpolate(value: str) -> str:
@@ -139,25 +140,51 @@ def _lookup(values: dict, dotted: str, release: str):
     return node
 
 
+class HelmFail(Exception):
+    """What ``helm template`` would stop with (a ``fail`` or ``required`` in a template)."""
+
+
 def _expression(expr: str, values: dict, release: str) -> str:
     parts = [p.strip() for p in expr.split("|")]
-    value = _lookup(values, parts[0], release)
+    required = re.fullmatch(r'required "([^"]*)" (\S+)', parts[0])
+    if required:
+        value = _lookup(values, required.group(2), release)
+        if value in (None, "", [], {}):
+            raise HelmFail(required.group(1))
+    else:
+        value = _lookup(values, parts[0], release)
     for fn in parts[1:]:
         assert fn == "quote", f"unsupported template function {fn}"
         value = f'"{value}"'
     return str(value)
 
 
+def _condition(expr: str, values: dict, release: str) -> bool:
+    """``PATH``, ``not PATH`` or ``eq PATH "literal"``."""
+    negate = expr.startswith("not ")
+    expr = expr[4:].strip() if negate else expr
+    eq = re.fullmatch(r'eq (\S+) "([^"]*)"', expr)
+    value = (_lookup(values, eq.group(1), release) == eq.group(2) if eq
+             else bool(_lookup(values, expr, release)))
+    return value != negate
+
+
 def render(template: str, values: dict, release: str = "rel") -> str:
-    """Render the subset of Go templates used in deploy/helm (if/else/end, ``.Values`` paths,
-    ``| quote``, ``toYaml ... | nindent N``); anything else fails the test."""
+    """Render the subset of Go templates used in deploy/helm (if [not|eq]/else/end, ``fail``,
+    ``required``, ``.Values`` paths, ``| quote``, ``toYaml ... | nindent N``); anything else
+    fails the test. A ``fail``/``required`` that fires raises ``HelmFail``."""
     out, stack = [], []
     for line in template.splitlines():
+        failing = re.fullmatch(r'\s*\{\{-?\s*fail "([^"]*)"\s*-?\}\}\s*', line)
+        if failing:
+            if all(stack):
+                raise HelmFail(failing.group(1))
+            continue
         control = re.fullmatch(r"\s*\{\{-?\s*(if|else|end)\b(.*?)-?\}\}\s*", line)
         if control:
             word, rest = control.group(1), control.group(2).strip()
             if word == "if":
-                stack.append(bool(_lookup(values, rest, release)))
+                stack.append(_condition(rest, values, release))
             elif word == "else":
                 stack[-1] = not stack[-1]
             else:
@@ -220,7 +247,7 @@ def test_coordinator_chart_matches_cli():
 @pytest.mark.parametrize("privacy", [{}, {"privacy.epsilon": "8", "privacy.delta": "1e-5",
                                           "privacy.requireSecagg": True}])
 def test_site_chart_matches_cli_and_is_outbound_only(privacy):
-    values, docs = _chart("medfed-site", privacy)
+    values, docs = _chart("medfed-site", {**privacy, "coordinator.cidr": COORDINATOR_CIDR})
     container, args = _container_args(docs["Deployment"])
     parsed = _parse("site", args)
     assert parsed.site_id == values["site"]["id"]
@@ -235,3 +262,62 @@ def test_site_chart_matches_cli_and_is_outbound_only(privacy):
     policy = docs["NetworkPolicy"]["spec"]
     assert policy["ingress"] == [] and set(policy["policyTypes"]) == {"Ingress", "Egress"}
     assert policy["egress"][0]["ports"][0]["port"] == int(parsed.superlink.rsplit(":", 1)[1])
+
+
+# ---- closed by default: what a security officer signs off ----
+
+def test_compose_publishes_only_the_fleet_port_and_keeps_control_on_loopback():
+    coordinator = _parse("server", SERVICES["coordinator"]["command"])
+    published = {name: svc["ports"] for name, svc in SERVICES.items() if svc.get("ports")}
+    assert published == {"coordinator": [f"{coordinator.port}:{coordinator.port}"]}
+    assert coordinator.control_address is None          # Control API: this machine only
+
+
+def test_coordinator_chart_defaults_to_clusterip_and_loopback_control():
+    values, docs = _chart("medfed-coordinator")
+    assert values["service"]["type"] == "ClusterIP"
+    assert docs["Service"]["spec"]["type"] == "ClusterIP"
+    assert "loadBalancerSourceRanges" not in docs["Service"]["spec"]
+    _, args = _container_args(docs["StatefulSet"])
+    assert _parse("server", args).control_address is None
+
+
+def test_coordinator_chart_refuses_a_loadbalancer_open_to_everyone():
+    with pytest.raises(HelmFail, match="loadBalancerSourceRanges"):
+        _chart("medfed-coordinator", {"service.type": "LoadBalancer"})
+    ranges = ["198.51.100.0/24", "203.0.113.7/32"]
+    _, docs = _chart("medfed-coordinator", {"service.type": "LoadBalancer",
+                                            "service.loadBalancerSourceRanges": ranges})
+    assert docs["Service"]["spec"]["type"] == "LoadBalancer"
+    assert docs["Service"]["spec"]["loadBalancerSourceRanges"] == ranges
+
+
+@pytest.mark.parametrize("cidr", ["", "0.0.0.0/0", "::/0"])
+def test_site_chart_refuses_egress_to_anywhere(cidr):
+    with pytest.raises(HelmFail, match="coordinator.cidr"):
+        _chart("medfed-site", {"coordinator.cidr": cidr})
+
+
+def test_site_egress_is_pinned_to_the_coordinator_address():
+    defaults = yaml.safe_load((DEPLOY / "helm/medfed-site/values.yaml").read_text())
+    assert not defaults["coordinator"]["cidr"]             # the operator must set it
+    _, docs = _chart("medfed-site", {"coordinator.cidr": COORDINATOR_CIDR})
+    egress = docs["NetworkPolicy"]["spec"]["egress"]
+    assert egress[0]["to"] == [{"ipBlock": {"cidr": COORDINATOR_CIDR}}]
+    # every other rule is DNS only: no second way out
+    assert all({p["port"] for p in rule["ports"]} == {53} and "to" not in rule
+               for rule in egress[1:])
+
+
+def test_site_chart_hands_the_daemon_an_owner_only_key():
+    """Kubernetes adds group read to Secret files when fsGroup is set; ``medfed site`` refuses
+    such a key, so the chart copies it owner-only (0600) into a memory volume first."""
+    _, docs = _chart("medfed-site", {"coordinator.cidr": COORDINATOR_CIDR})
+    pod = docs["Deployment"]["spec"]["template"]["spec"]
+    container, args = _container_args(docs["Deployment"])
+    key = _parse("site", args).auth_key
+    mount = next(m for m in container["volumeMounts"] if key.startswith(m["mountPath"] + "/"))
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    assert "secret" not in volume and volume["emptyDir"] == {"medium": "Memory"}
+    copy = " ".join(" ".join(c["command"]) for c in pod["initContainers"])
+    assert "install -m 0600" in copy and key in copy

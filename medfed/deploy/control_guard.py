@@ -1,0 +1,153 @@
+"""The coordinator's Control API, closed to the network unless the operator opens it.
+
+Flower 1.41's SuperLink serves its Fleet API (sites), Control API (submit runs, register site
+keys) and Runtime API from **one** HTTP(S) port; ``--control-api-address`` is deprecated and no
+longer binds anything, and the open-source SuperLink has no account authentication on Control.
+Anyone who reaches the Fleet port could therefore submit a run -- code every site executes --
+or register a key of their own. A bind address cannot separate the two APIs, so MedFed starts
+the SuperLink through this module, which adds one ASGI middleware in front of Flower's app:
+a request under ``/v1/control`` from a peer outside the allowed networks (default: loopback)
+is answered 403 before Flower sees it. Fleet requests are untouched.
+
+The peer is the TCP peer uvicorn reports (``scope["client"]``). Uvicorn rewrites it from
+``X-Forwarded-For`` only when the TCP peer is itself in ``forwarded_allow_ips`` (loopback by
+default), so a remote client cannot claim to be local with a header.
+
+Run as ``python -m medfed.deploy.control_guard --control-from NETS -- <flower-superlink args>``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import sys
+from collections.abc import Awaitable, Callable, Iterable
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+CONTROL_PREFIX = "/v1/control"
+LOOPBACK = ("127.0.0.0/8", "::1/128")
+FLAG = "--control-from"
+
+
+def parse_networks(spec: str | Iterable[str]) -> tuple[IPNetwork, ...]:
+    """``"127.0.0.1,10.0.0.0/8"`` (or a list of such) -> networks; raises ValueError on junk."""
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    networks = []
+    for item in (i.strip() for i in items):
+        if not item:
+            continue
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise ValueError(f"--control-address {item!r} is not an IP address or CIDR block "
+                             "(e.g. 127.0.0.1, 10.20.0.0/16)") from None
+    if not networks:
+        raise ValueError("--control-address names no address; leave it out to keep the "
+                         "Control API on loopback")
+    return tuple(networks)
+
+
+def is_loopback_only(networks: Iterable[IPNetwork]) -> bool:
+    """True when every network lies inside loopback (nothing outside this machine allowed)."""
+    return all(net.subnet_of(ipaddress.ip_network(LOOPBACK[0 if net.version == 4 else 1]))
+               for net in networks)
+
+
+def _peer_allowed(client: tuple[str, int] | list | None,
+                  networks: tuple[IPNetwork, ...]) -> bool:
+    if not client:
+        return False                       # unknown peer (e.g. a unix socket): refuse
+    try:
+        ip = ipaddress.ip_address(str(client[0]).split("%", 1)[0])
+    except ValueError:
+        return False
+    if ip.version == 6 and ip.ipv4_mapped is not None:   # ::ffff:10.0.0.5 is 10.0.0.5
+        ip = ip.ipv4_mapped
+    return any(ip in net for net in networks if net.version == ip.version)
+
+
+def is_control_path(path: str) -> bool:
+    """``/v1/control`` and everything under it, however many leading slashes."""
+    path = "/" + path.lstrip("/")
+    return path == CONTROL_PREFIX or path.startswith(CONTROL_PREFIX + "/")
+
+
+Scope = dict
+Receive = Callable[[], Awaitable[dict]]
+Send = Callable[[dict], Awaitable[None]]
+
+
+class ControlGuard:
+    """ASGI middleware: Control API requests only from ``allowed`` peers, 403 otherwise.
+
+    Parameters
+    ----------
+    app : ASGI application
+        Flower's SuperLink app.
+    allowed : tuple of ip_network
+        Networks whose peers may use the Control API.
+    """
+
+    def __init__(self, app, allowed: tuple[IPNetwork, ...] = parse_networks(LOOPBACK)):
+        self.app = app
+        self.allowed = tuple(allowed)
+        self.refused = 0                   # counted, never silent
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (scope.get("type") in ("http", "websocket") and is_control_path(scope.get("path", ""))
+                and not _peer_allowed(scope.get("client"), self.allowed)):
+            self.refused += 1
+            await self._refuse(scope, send)
+            return
+        await self.app(scope, receive, send)
+
+    @staticmethod
+    async def _refuse(scope: Scope, send: Send) -> None:
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        body = json.dumps({"detail": "the Control API of this coordinator accepts requests "
+                                     "from its own machine only (medfed server "
+                                     "--control-address)"}).encode()
+        await send({"type": "http.response.start", "status": 403,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+def guard_command(allowed: Iterable[str], flower_args: list[str]) -> list[str]:
+    """Command line that starts ``flower-superlink`` with ``flower_args`` behind the guard."""
+    return [sys.executable, "-m", __name__, FLAG, ",".join(allowed), "--", *flower_args]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Install the guard into Flower's app factory, then run Flower's own SuperLink CLI."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) < 3 or argv[0] != FLAG or argv[2] != "--":
+        raise SystemExit(f"usage: python -m {__name__} {FLAG} NETS -- FLOWER_SUPERLINK_ARGS")
+    allowed = parse_networks(argv[1])
+    from flwr.common.logger import log
+    from flwr.superlink import main as flower_app
+    from flwr.superlink.cli import flower_superlink
+
+    create_app = flower_app.create_app
+
+    def guarded_create_app(*args, **kwargs):
+        app = create_app(*args, **kwargs)
+        # added last = outermost: runs before Flower's own Control middlewares
+        app.add_middleware(ControlGuard, allowed=allowed)
+        return app
+
+    # Flower imports create_app from this module at call time (flower_superlink.py), so
+    # replacing the attribute is enough; a Flower upgrade that moves it fails the e2e test.
+    flower_app.create_app = guarded_create_app
+    log(20, "MedFed: Control API accepts requests only from %s",
+        ", ".join(str(n) for n in allowed))
+    sys.argv = ["flower-superlink", *argv[3:]]
+    flower_superlink()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -10,7 +10,7 @@ import shutil
 import pydicom
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, Context, Message, MessageType, RecordDict
 from flwr.common.serde import recorddict_to_proto
 
 from client.app import make_client_app
@@ -190,3 +190,32 @@ def test_ingest_counts_are_sent_once_per_run_with_small_cells_suppressed(
     tracker._log_ingest("site-0", ingest)
     tracker._log_ingest("site-0", "")
     assert tracker.mlflow.logged == [("sites/site-0/ingest.json", report)]
+
+
+def test_deployed_non_dp_rounds_draw_fresh_seeds_and_simulation_keeps_the_jobs(
+        site_dir, task_identity, monkeypatch):
+    """Two rounds of a deployed site cannot be lined up sample by sample (their data order
+    and augmentation come from os.urandom); a simulated partition keeps the job's seed."""
+    seeds = []
+
+    class Stop(Exception):
+        pass
+
+    def record(self, model, data, config, **kwargs):
+        seeds.append(config.seed)
+        raise Stop
+
+    monkeypatch.setattr(Engine, "fit", record)
+    message = _message(MessageType.TRAIN)
+    job = decode_job(message.content[wire.CONFIG], site_seed=0)
+    for _ in range(2):
+        with pytest.raises(Stop):
+            make_client_app()(_message(MessageType.TRAIN), _context(site_dir))
+    simulated = Context(run_id=11, node_id=7, node_config={wire.NODE_PARTITION_ID: 0},
+                        state=RecordDict(), run_config={})
+    with pytest.raises(Stop):
+        make_client_app(sim_data_root=site_dir.parent)(_message(MessageType.TRAIN), simulated)
+    from client.runtime import resolve_site
+    site_seed = resolve_site(simulated, site_dir.parent).seed
+    assert seeds[2] == decode_job(message.content[wire.CONFIG], site_seed=site_seed).train.seed
+    assert seeds[0] != seeds[1] and job.train.seed not in seeds[:2]

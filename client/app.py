@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -21,6 +23,8 @@ from .job import Job, decode_job
 from .mods.secagg import secagg_mod
 from .mods.sitedp import site_dp_clipping_mod
 from .privacy.policy import admit_round, node_settings, releasable_metrics
+from .queries import (QueryLimits, SiteQueryLog, arrays_digest, state_dir,
+                      suppress_small_counts)
 from .runtime import SiteConfigError, SiteDataCache, resolve_site, site_logger
 
 # Site-owned state across rounds (node context state; never sent).
@@ -79,21 +83,45 @@ def make_client_app(*, sim_data_root: Path | None = None, sim_train_sites: int |
         model, task = job.build()
         data, splits = cache.get(site, job.class_names, job.image_size, task.data_needs)
         local = load_global(model, msg.content, job, context)
-        identity = ConfigRecord({wire.SITE_ID: site.site_id, wire.MANIFEST: data.fingerprint,
-                                 wire.INGEST: json.dumps(data.report.as_dict(), sort_keys=True)})
-        return site, job, splits, model, Engine(task, site.device), identity, local
+        return site, job, splits, model, Engine(task, site.device), data, local
+
+    def site_queries(site, context: Context) -> tuple[dict, SiteQueryLog]:
+        """The site's node settings and its query log for this run (in its state dir)."""
+        settings = node_settings(context.node_config, site.data_dir)
+        return settings, SiteQueryLog(state_dir(settings, site.data_dir), context.run_id)
+
+    def site_record(site, data, queries: SiteQueryLog) -> ConfigRecord:
+        """Who answers and its data manifest; the ingest counts (small cells suppressed) in
+        the first reply of a run only - the server logs them once, so later copies would
+        only be more chances to read them."""
+        identity = {wire.SITE_ID: site.site_id, wire.MANIFEST: data.fingerprint}
+        if queries.first_message():
+            identity[wire.INGEST] = json.dumps(suppress_small_counts(data.report.as_dict()),
+                                               sort_keys=True)
+        return ConfigRecord(identity)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        site, job, splits, model, engine, identity, local = prepare(msg, context, training=True)
-        splits["train"].reseed(job.train.seed)
-        settings = node_settings(context.node_config, site.data_dir)
+        site, job, splits, model, engine, data, local = prepare(msg, context, training=True)
+        settings, queries = site_queries(site, context)
+        cached = queries.cached_reply(job.task_name, job.server_round)
+        if cached is not None:      # a replayed round: the same bytes, never a second update
+            site_logger(site.site_id).info("round %d: repeated train request answered with "
+                                           "the reply already sent", job.server_round)
+            return Message(content=cached, reply_to=msg)
         auth = admit_round(job, settings, site.data_dir, n_train=len(splits["train"]),
                            secure_aggregation=msg.content[wire.CONFIG].get(wire.SECAGG_STAGE)
                            == wire.SECAGG_MASKED)
         objective_key = f"{STATE_OBJECTIVE}.{job.task_name}"
         if objective_key in context.state:       # stored only for a task that keeps state
             engine.task.load_site_state(model, context.state[objective_key].to_torch_state_dict())
+        private = auth is not None and auth.dpsgd is not None
+        if not private and not site.simulated:
+            # A deployed site's data order and augmentation are fresh each round, so two
+            # rounds cannot be compared sample by sample; simulation keeps the job's seeds
+            # (a resumed run is bit-identical). DP-SGD rounds keep theirs (the accountant's).
+            job = replace(job, train=replace(job.train, seed=int.from_bytes(os.urandom(4), "big")))
+        splits["train"].reseed(job.train.seed)
         metrics = engine.fit(model, splits["train"], job.train,
                              privacy=auth.dpsgd if auth else None)
         kept = engine.task.site_state()
@@ -113,12 +141,22 @@ def make_client_app(*, sim_data_root: Path | None = None, sim_train_sites: int |
         # Only what the server sent as trainable goes back: never local or frozen weights.
         sent = set(msg.content[wire.ARRAYS].keys()) - set(local)
         shared = ArrayRecord({k: v for k, v in state.items() if k in sent})
-        content = RecordDict({wire.ARRAYS: shared, wire.METRICS: reply, wire.SITE: identity})
+        content = RecordDict({wire.ARRAYS: shared, wire.METRICS: reply,
+                              wire.SITE: site_record(site, data, queries)})
+        queries.store_reply(job.task_name, job.server_round, content)
         return Message(content=content, reply_to=msg)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        site, job, splits, model, engine, identity, _ = prepare(msg, context)
+        """Score the global model (and, with personalization, the site's own) on the
+        evaluation splits - a query on the site's data, so budgeted (``client.queries``):
+        one weight vector per (run, task, round), at most ``max-evaluations-per-run``
+        requests, and splits below ``min-eval-split-size`` studies reported as suppressed."""
+        site, job, splits, model, engine, data, _ = prepare(msg, context)
+        settings, queries = site_queries(site, context)
+        limits = QueryLimits.from_settings(settings, simulated=site.simulated)
+        queries.admit_evaluation(job.task_name, job.server_round, arrays_digest(msg.content),
+                                 limits)
         external = site.role == wire.ROLE_EXTERNAL    # scores every labelled study it has
         reply, seconds = MetricRecord(), 0.0
         models = [("", model)]
@@ -135,14 +173,16 @@ def make_client_app(*, sim_data_root: Path | None = None, sim_train_sites: int |
             views |= {f"{prefix}{seq}": WithoutSequence(splits[names[-1]], j)   # test / external
                       for j, seq in enumerate(SEQUENCES)}
         for prefix, candidate in models:
-            for split, data in views.items():
-                metrics = evaluate_split(engine, candidate, data)
-                reply.update(metrics_record(metrics, f"{prefix}{split}"))
+            for split, view in views.items():
+                metrics, suppressed = evaluate_split(engine, candidate, view,
+                                                     limits.min_split_size)
+                reply.update(metrics_record(metrics, f"{prefix}{split}", suppressed_n=suppressed))
                 seconds += metrics.seconds
         reply[wire.NUM_EXAMPLES] = sum(len(splits[s]) for s in names)
         if job.privacy.mechanism == wire.DP_SITE:   # the server weighs every reply by it
             reply[wire.DP_UNIT_WEIGHT] = 1.0
         reply[wire.EVAL_SECONDS] = seconds
+        identity = site_record(site, data, queries)
         return Message(content=RecordDict({wire.METRICS: reply, wire.SITE: identity}), reply_to=msg)
 
     @app.query()
@@ -155,12 +195,15 @@ def make_client_app(*, sim_data_root: Path | None = None, sim_train_sites: int |
         identity = ConfigRecord({wire.SITE_ID: site.site_id, wire.NODE_ROLE: site.role})
         return Message(content=RecordDict({wire.SITE: identity}), reply_to=msg)
 
-    def evaluate_split(engine: Engine, model, data) -> SplitMetrics:
-        """The split's metrics; an empty split answers with the evaluator's ``n = 0`` result,
-        so every site sends the task's full key set (Flower requires it)."""
-        if len(data) == 0:
-            return engine.task.evaluator().compute()
-        return engine.evaluate(model, data)
+    def evaluate_split(engine: Engine, model, data, min_size: int
+                       ) -> tuple[SplitMetrics, int | None]:
+        """The split's metrics and, for a split of 1..min_size-1 studies, its size as
+        suppressed (never evaluated). An empty or suppressed split answers with the
+        evaluator's ``n = 0`` result, so every site sends the task's full key set (Flower
+        requires it)."""
+        if len(data) == 0 or len(data) < min_size:
+            return engine.task.evaluator().compute(), (len(data) or None)
+        return engine.evaluate(model, data), None
 
     return app
 

@@ -35,6 +35,7 @@ class SiteIdentity:
     data_dir: Path
     device: torch.device
     role: str = wire.ROLE_TRAIN       # external: evaluates every global model, never trains
+    simulated: bool = False           # a simulation partition: seeds stay fixed (resume)
 
     @property
     def seed(self) -> int:
@@ -47,6 +48,7 @@ def resolve_site(context: Context, sim_data_root: Path | None = None,
     ids from ``sim_train_sites`` on are the ``external`` folder). The role comes from the
     node config (simulation: ``<site>/node-config.toml``)."""
     node = context.node_config
+    simulated = False
     if wire.NODE_DATA_DIR in node:
         data_dir = Path(str(node[wire.NODE_DATA_DIR]))
         site_id = str(node.get(wire.NODE_SITE_ID, data_dir.name))
@@ -62,6 +64,7 @@ def resolve_site(context: Context, sim_data_root: Path | None = None,
         external = sim_train_sites is not None and partition >= sim_train_sites
         site_id = wire.ROLE_EXTERNAL if external else f"site-{partition}"
         data_dir = Path(str(root)) / site_id
+        simulated = True
     else:
         raise SiteConfigError(f"node config must set {wire.NODE_DATA_DIR!r} (and {wire.NODE_SITE_ID!r})")
     if wire.NODE_TORCH_THREADS in node:
@@ -71,7 +74,7 @@ def resolve_site(context: Context, sim_data_root: Path | None = None,
         raise SiteConfigError(f"node config {wire.NODE_ROLE!r} must be one of "
                               f"{', '.join(wire.ROLES)}, got {role!r}")
     return SiteIdentity(site_id, data_dir,
-                        resolve_device(str(node.get(wire.NODE_DEVICE, "auto"))), role)
+                        resolve_device(str(node.get(wire.NODE_DEVICE, "auto"))), role, simulated)
 
 
 class SiteDataCache:

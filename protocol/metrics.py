@@ -18,7 +18,11 @@ Encoding, under ``f"{split}-"`` (e.g. ``val-``, ``personal-test-``, ``test-witho
   is always there and its *length* says whether AUROC was measured: no 0.0 stand-in that a
   reader could mistake for a measurement, no NaN (which would poison any unguarded mean);
 - ``mean-<name>`` / ``count-<name>``: per-study means (pooled weighted by n) and counts
-  (pooled by sum).
+  (pooled by sum);
+- ``suppressed``: 1.0 where the site held back a split too small to report (its node config
+  ``min-eval-split-size``): ``n`` is the true size, every other field the empty (``n = 0``)
+  result, and ``from_record`` decodes it as *not measured* (``n = 0``), which every consumer
+  (pooling, console, tracking) already leaves out.
 
 Every key depends on the task and its config only, never on the data: all sites of one
 run send the same key set for a split, empty splits included (``n = 0``).
@@ -39,10 +43,19 @@ from . import wire
 _CONFUSIONS = (("confusion", wire.EVAL_CONFUSION), ("finding_confusions", wire.EVAL_FINDINGS))
 
 
-def to_record(metrics: SplitMetrics, split: str) -> MetricRecord:
-    """The MetricRecord entries of one evaluated split (merge them into the reply)."""
+def to_record(metrics: SplitMetrics, split: str, *, suppressed_n: int | None = None
+              ) -> MetricRecord:
+    """The MetricRecord entries of one evaluated split (merge them into the reply).
+
+    With ``suppressed_n`` the split is reported as that many studies and ``suppressed``;
+    ``metrics`` must then be the evaluator's empty result (same keys, nothing measured).
+    """
     p = f"{split}-"
-    out = MetricRecord({p + wire.EVAL_N: float(metrics.n), p + wire.EVAL_LOSS: metrics.loss,
+    if suppressed_n is not None and metrics.n != 0:
+        raise ValueError("a suppressed split must carry the empty (n = 0) result, not metrics")
+    n = metrics.n if suppressed_n is None else suppressed_n
+    out = MetricRecord({p + wire.EVAL_N: float(n), p + wire.EVAL_LOSS: metrics.loss,
+                        p + wire.EVAL_SUPPRESSED: float(suppressed_n is not None),
                         p + wire.EVAL_SECONDS_SPLIT: metrics.seconds,
                         p + wire.EVAL_AUROC: [] if metrics.auroc is None else [metrics.auroc]})
     for field, key in _CONFUSIONS:
@@ -69,7 +82,8 @@ def from_record(record: Mapping, split: str) -> SplitMetrics:
     """
     p = f"{split}-"
     try:
-        fields = {"n": _scalar(record, p + wire.EVAL_N), "loss": _scalar(record, p + wire.EVAL_LOSS),
+        suppressed = _scalar(record, p + wire.EVAL_SUPPRESSED, default=0.0) != 0.0
+        fields = {"n": 0.0 if suppressed else _scalar(record, p + wire.EVAL_N), "loss": _scalar(record, p + wire.EVAL_LOSS),
                   "seconds": _scalar(record, p + wire.EVAL_SECONDS_SPLIT, default=0.0)}
         auroc = _numbers(record, p + wire.EVAL_AUROC, default=[])
         if len(auroc) > 1:

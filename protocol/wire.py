@@ -130,3 +130,8 @@ QUERY_ROLE = "role"
 RUN_EXPERIMENT = "experiment"
 RUN_OVERRIDES = "overrides"
 RUN_SIM_DATA_ROOT = "sim-data-root"
+
+# Site query limits (operator-owned node config; client/queries.py)
+NODE_MAX_EVALUATIONS = "max-evaluations-per-run"   # evaluate requests answered per run (1000)
+NODE_MIN_EVAL_SPLIT = "min-eval-split-size"   # smaller splits: n and "suppressed" only (10)
+EVAL_SUPPRESSED = "suppressed"       # f"{split}-suppressed": 1.0 = too few studies, no metrics

@@ -32,6 +32,13 @@ IMAGE_SOP_CLASSES = {
 }
 
 
+# Hostile-file limits, checked on the header before any pixel is decoded: a header can claim
+# 60000 x 60000 pixels (or a compressed stream that inflates to them) in a file of a few KB.
+MAX_ROWS_COLUMNS = 8192        # wider than any MR/CT/radiograph matrix in use
+MAX_FRAMES = 2048
+MAX_DECODED_BYTES = 512 * 2**20   # after the modality LUT (float32), per file
+
+
 def pseudonym(kind: str, value: str) -> str:
     """Stable pseudonym for an identifier; used only inside the site, never sent."""
     return hashlib.sha256(f"medfed:{kind}:{value}".encode()).hexdigest()[:16]
@@ -86,6 +93,9 @@ def read_file(path: Path, counts: ReadCounts) -> SeriesImage | None:
     if sequence is None:
         counts.skip("unknown_sequence")
         return None
+    if decoded_bytes(ds) > MAX_DECODED_BYTES:
+        counts.skip("too_large")                  # before pixel_array: never decoded
+        return None
     try:
         pixels = apply_modality_lut(ds.pixel_array, ds).astype(np.float32)
     except Exception:  # noqa: BLE001 - truncated pixel data, missing codec, bad VR
@@ -105,6 +115,22 @@ def read_file(path: Path, counts: ReadCounts) -> SeriesImage | None:
     del ds
     counts.images += 1
     return image
+
+
+def decoded_bytes(ds) -> int:
+    """Bytes the pixels would take once decoded (float32 or wider), from the header alone;
+    past any single-dimension limit it counts as unbounded. Missing or malformed geometry
+    counts as 0 here (decoding then fails and is counted as such)."""
+    try:
+        rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        width = max(4, (int(ds.get("BitsAllocated", 16) or 16) + 7) // 8)
+    except (TypeError, ValueError):
+        return 0
+    if max(rows, cols) > MAX_ROWS_COLUMNS or frames > MAX_FRAMES or min(rows, cols, frames) < 0:
+        return MAX_DECODED_BYTES + 1
+    return rows * cols * frames * samples * width
 
 
 def read_directory(dicom_dir: Path) -> tuple[list[SeriesImage], ReadCounts]:

@@ -1,0 +1,207 @@
+"""The site's record of what the coordinator asked of it, so that a malicious coordinator
+cannot turn training and evaluation into an unbounded query channel on the site's data.
+
+A site cannot check that the server is honest, only what it is asked. Kept here, per Flower
+run, in the site's own state directory (next to the privacy ledger, ``<data-dir>/.medfed``
+unless node config ``privacy-dir`` says otherwise) so a restarted ClientApp keeps counting:
+
+- **Evaluation is budgeted.** At most ``max-evaluations-per-run`` evaluate requests per run
+  (node config; default 1000, i.e. a generous 500 rounds of two evaluations). And *one weight
+  vector per (run, task, round)*: the first evaluate request of a round fixes the digest of
+  the weights it carried; a repeat with the same weights is answered (it teaches nothing new),
+  one with any other weights is refused. The rule the site can verify is not "evaluate only
+  the weights I trained" - in FedAvg the evaluate message carries the *new* aggregate, which
+  no site has seen - but it blocks the attack that matters: evaluating many crafted weight
+  vectors against the same data to probe it. A coordinator that forges round numbers instead
+  is stopped by the cap. External sites (never train) are held to the same two rules.
+- **Training is not replayed.** A train request for a (run, task, round) the site already
+  answered gets the *cached* reply, byte for byte, instead of a fresh update that could be
+  differenced against the first; a request for an older round whose reply has left the
+  bounded cache is refused.
+- **Ingest counts are sent once per run** (``first_message``).
+
+The task name is part of the key because one run may hold two phases (pretraining, then the
+task) whose round numbers both start at 1.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from flwr.app import RecordDict
+from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
+from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
+
+from protocol import wire
+
+STATE_FILE = "site-queries.json"
+REPLIES_DIR = "train-replies"
+KEEP_REPLIES = 3          # train replies cached per run (the last few rounds)
+KEEP_RUNS = 32            # runs whose counters are kept (older runs are over)
+
+
+class QueryRefused(ValueError):
+    """The site will not answer this request; the message says why (sent back as the error)."""
+
+
+@dataclass(frozen=True)
+class QueryLimits:
+    """The operator's limits on evaluation, from node config.
+
+    Parameters
+    ----------
+    max_evaluations : int
+        ``max-evaluations-per-run``: evaluate requests answered per run.
+    min_split_size : int
+        ``min-eval-split-size``: a split with fewer studies (but at least one) is reported
+        as ``n`` and ``suppressed`` only, never its metrics.
+    """
+    max_evaluations: int = 1000
+    min_split_size: int = 10
+
+    @classmethod
+    def from_settings(cls, settings: dict, *, simulated: bool = False) -> QueryLimits:
+        """Read and validate the node-config settings (defaults where unset). A simulated
+        partition (synthetic sites, deliberately a few studies per split, no patient behind
+        them) defaults to ``min_split_size = 1`` so development runs report metrics; its
+        node-config.toml can still set the real default."""
+        values = {"min_split_size": 1} if simulated else {}
+        for field, key in (("max_evaluations", wire.NODE_MAX_EVALUATIONS),
+                           ("min_split_size", wire.NODE_MIN_EVAL_SPLIT)):
+            if key in settings:
+                try:
+                    values[field] = int(settings[key])
+                except (TypeError, ValueError):
+                    raise QueryRefused(f"node config {key!r} must be an integer") from None
+                if values[field] < 0:
+                    raise QueryRefused(f"node config {key!r} must be >= 0")
+        return cls(**values)
+
+
+def state_dir(settings: dict, data_dir: Path) -> Path:
+    """The site's own state folder: node config ``privacy-dir`` (relative: under the data
+    directory), default ``<data-dir>/.medfed`` - where the privacy ledger lives."""
+    folder = Path(str(settings.get(wire.NODE_PRIVACY_DIR, ".medfed")))
+    return folder if folder.is_absolute() else data_dir / folder
+
+
+def arrays_digest(content: RecordDict) -> str:
+    """SHA-256 over every array the message carries (names, dtypes, shapes, bytes)."""
+    h = hashlib.sha256()
+    for record_name in sorted(content.array_records):
+        for key, array in sorted(content.array_records[record_name].items()):
+            h.update(json.dumps([record_name, key, array.dtype, list(array.shape)]).encode())
+            h.update(array.data)
+    return h.hexdigest()
+
+
+class SiteQueryLog:
+    """What this site answered in one run, persisted as JSON in its state directory.
+
+    Parameters
+    ----------
+    directory : Path
+        The site's state folder (``state_dir``).
+    run_id : int
+        Flower's run id of the request.
+    """
+
+    def __init__(self, directory: Path, run_id: int):
+        self.directory = Path(directory)
+        self.run = str(run_id)
+        self.path = self.directory / STATE_FILE
+
+    def admit_evaluation(self, task: str, server_round: int, digest: str,
+                         limits: QueryLimits) -> None:
+        """Count one evaluate request, or refuse it (cap reached, or other weights than the
+        ones this round was already evaluated with). Raises ``QueryRefused``."""
+        state = self._load()
+        run = state.setdefault(self.run, {})
+        done = run.setdefault("evaluated", {})
+        key = f"{task}/{server_round}"
+        if run.get("evaluations", 0) >= limits.max_evaluations:
+            raise QueryRefused(f"this site answers at most {limits.max_evaluations} evaluate "
+                               f"requests per run (node config {wire.NODE_MAX_EVALUATIONS!r})")
+        if done.get(key, digest) != digest:
+            raise QueryRefused(f"round {server_round} was already evaluated with other weights; "
+                               "this site evaluates one model per round")
+        done[key] = digest
+        run["evaluations"] = run.get("evaluations", 0) + 1
+        self._save(state)
+
+    def first_message(self) -> bool:
+        """True for the first call in this run (then remembered), False after."""
+        state = self._load()
+        run = state.setdefault(self.run, {})
+        if run.get("ingest-sent"):
+            return False
+        run["ingest-sent"] = True
+        self._save(state)
+        return True
+
+    def cached_reply(self, task: str, server_round: int) -> RecordDict | None:
+        """The reply already sent for this training round, if cached. Raises ``QueryRefused``
+        for a round at or before the last trained one whose reply is no longer cached."""
+        run = self._load().get(self.run, {})
+        path = self._reply_path(self.run, task, server_round)
+        if f"{task}/{server_round}" in run.get("replies", []) and path.is_file():
+            return recorddict_from_proto(ProtoRecordDict.FromString(path.read_bytes()))
+        last = run.get("trained", {}).get(task)
+        if last is not None and server_round <= last:
+            raise QueryRefused(f"round {server_round} is not after this site's last trained "
+                               f"round {last} of this run; a training round is answered once")
+        return None
+
+    def store_reply(self, task: str, server_round: int, content: RecordDict) -> None:
+        """Keep this round's reply (the last ``KEEP_REPLIES`` rounds of the run)."""
+        state = self._load()
+        run = state.setdefault(self.run, {})
+        path = self._reply_path(self.run, task, server_round)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write(path, recorddict_to_proto(content).SerializeToString())
+        replies = [r for r in run.get("replies", []) if r != f"{task}/{server_round}"]
+        replies.append(f"{task}/{server_round}")
+        for old in replies[:-KEEP_REPLIES]:
+            self._reply_path(self.run, *old.rsplit("/", 1)).unlink(missing_ok=True)
+        run["replies"] = replies[-KEEP_REPLIES:]
+        trained = run.setdefault("trained", {})
+        trained[task] = max(server_round, trained.get(task, server_round))
+        self._save(state)
+
+    def _reply_path(self, run: str, task: str, server_round) -> Path:
+        name = hashlib.sha256(f"{run}/{task}/{server_round}".encode()).hexdigest()[:24]
+        return self.directory / REPLIES_DIR / f"{name}.pb"
+
+    def _load(self) -> dict:
+        if not self.path.is_file():
+            return {}
+        return json.loads(self.path.read_text())
+
+    def _save(self, state: dict) -> None:
+        # Runs are kept in insertion order; the oldest go first (their rounds are over).
+        for run in list(state)[:-KEEP_RUNS]:
+            for old in state.pop(run).get("replies", []):
+                self._reply_path(run, *old.rsplit("/", 1)).unlink(missing_ok=True)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        _write(self.path, json.dumps(state, sort_keys=False).encode())
+
+
+def _write(path: Path, data: bytes) -> None:
+    """Atomic replace, so a crash mid-write never leaves a half-written state file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def suppress_small_counts(report, threshold: int = 10):
+    """An ingest report with every count in 1..threshold-1 replaced by ``"<10"``-style text
+    (zero stays: it describes nobody). Nested dicts are walked."""
+    if isinstance(report, dict):
+        return {k: suppress_small_counts(v, threshold) for k, v in report.items()}
+    if isinstance(report, int) and not isinstance(report, bool) and 0 < report < threshold:
+        return f"<{threshold}"
+    return report

@@ -1,0 +1,221 @@
+"""Attacks by a malicious coordinator on the site's query channels: evaluation as an oracle,
+replayed training rounds, hostile DICOM headers and the ingest counts. Each test plays the
+attacker and fails when the site's protection is taken out."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pydicom
+import pytest
+import torch
+from flwr.app import ArrayRecord, Context, Message, MessageType, RecordDict
+from flwr.common.serde import recorddict_to_proto
+
+from client.app import make_client_app
+from client.data.dicom import ReadCounts, read_file
+from client.engine import Engine
+from client.job import decode_job
+from client.queries import QueryRefused, suppress_small_counts
+from protocol import wire
+from protocol.metrics import from_record
+from server.config import load_experiment
+from server.federation import job_config
+from server.tracking import MlflowTracker
+from strategies.pooling import aggregate_evaluate_records
+
+SMALL = ["model=mmvit_tiny", "task.image_size=32", "train.local_epochs=1", "train.batch_size=8"]
+
+
+@pytest.fixture
+def site_dir(tiny_sites, tmp_path):
+    """A private copy of one synthetic site (its state dir is this test's own)."""
+    return shutil.copytree(tiny_sites / "site-0", tmp_path / "site-0")
+
+
+def _context(site_dir, **node) -> Context:
+    return Context(run_id=11, node_id=7, node_config={wire.NODE_DATA_DIR: str(site_dir)} | node,
+                   state=RecordDict(), run_config={})
+
+
+def _message(kind: str, server_round: int = 1, weights: dict | None = None) -> Message:
+    record = job_config(load_experiment(SMALL))
+    record[wire.SERVER_ROUND] = server_round
+    model, _ = decode_job(record, site_seed=0).build()
+    state = weights if weights is not None else model.state_dict()
+    content = RecordDict({wire.CONFIG: record, wire.ARRAYS: ArrayRecord(state)})
+    return Message(content, dst_node_id=7, message_type=kind)
+
+
+def _crafted(seed: int) -> dict:
+    """A weight vector of the attacker's choosing (same keys and shapes as the model's)."""
+    model, _ = decode_job(job_config(load_experiment(SMALL)), site_seed=0).build()
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(v.shape, generator=g).to(v.dtype) if v.is_floating_point() else v
+            for k, v in model.state_dict().items()}
+
+
+def test_many_crafted_weight_vectors_for_one_round_are_refused_after_the_first(
+        site_dir, task_identity):
+    """The oracle attack: evaluate chosen weights against the same data, round after round
+    number held fixed. Only the first is answered; a restarted site process still refuses."""
+    app = make_client_app()
+    first = app(_message(MessageType.EVALUATE, 1, _crafted(0)), _context(site_dir))
+    assert not first.has_error(), first.error
+    for seed in (1, 2, 3):
+        with pytest.raises(QueryRefused, match="already evaluated with other weights"):
+            app(_message(MessageType.EVALUATE, 1, _crafted(seed)), _context(site_dir))
+    restarted = make_client_app()      # counters live in the site's state dir, not the process
+    with pytest.raises(QueryRefused, match="already evaluated with other weights"):
+        restarted(_message(MessageType.EVALUATE, 1, _crafted(4)), _context(site_dir))
+    # the same weights again teach nothing new and are answered identically
+    same = restarted(_message(MessageType.EVALUATE, 1, _crafted(0)), _context(site_dir))
+    assert not same.has_error()
+    timeless = lambda m: {k: v for k, v in m.items() if "seconds" not in k}  # noqa: E731
+    assert timeless(same.content[wire.METRICS]) == timeless(first.content[wire.METRICS])
+
+
+def test_forged_round_numbers_hit_the_evaluation_cap(site_dir, task_identity):
+    app = make_client_app()
+    context = lambda: _context(site_dir, **{wire.NODE_MAX_EVALUATIONS: 2})  # noqa: E731
+    for server_round in (1, 2):
+        assert not app(_message(MessageType.EVALUATE, server_round, _crafted(server_round)),
+                       context()).has_error()
+    with pytest.raises(QueryRefused, match="at most 2 evaluate requests per run"):
+        app(_message(MessageType.EVALUATE, 3, _crafted(3)), context())
+
+
+def test_small_splits_report_n_and_suppressed_only_and_pooling_skips_them(
+        site_dir, task_identity):
+    app = make_client_app()
+    normal = app(_message(MessageType.EVALUATE), _context(site_dir, **{wire.NODE_MIN_EVAL_SPLIT: 1}))
+    other_run = _context(site_dir)                      # default min-eval-split-size: 10
+    other_run.run_id = 12
+    small = app(_message(MessageType.EVALUATE), other_run)
+    assert not normal.has_error() and not small.has_error(), (normal.error, small.error)
+    plain, held = normal.content[wire.METRICS], small.content[wire.METRICS]
+    assert set(plain) == set(held)                       # Flower needs one key set
+    for split in wire.EVAL_SPLITS:     # the tiny site's val and test: 6 and 5 studies
+        n = plain[f"{split}-{wire.EVAL_N}"]
+        assert 0 < n < 10 and held[f"{split}-{wire.EVAL_N}"] == n
+        assert held[f"{split}-{wire.EVAL_SUPPRESSED}"] == 1.0
+        assert plain[f"{split}-{wire.EVAL_SUPPRESSED}"] == 0.0
+        assert sum(held[f"{split}-{wire.EVAL_CONFUSION}"]) == 0      # no measured counts
+        assert sum(plain[f"{split}-{wire.EVAL_CONFUSION}"]) == n
+        assert from_record(held, split).n == 0              # decodes as "not measured"
+    # the server pools the other site's figures and leaves the suppressed one out
+    pooled = aggregate_evaluate_records([normal.content, small.content], wire.NUM_EXAMPLES)
+    alone = aggregate_evaluate_records([normal.content], wire.NUM_EXAMPLES)
+    assert dict(pooled) == pytest.approx(dict(alone), nan_ok=True)
+
+
+def test_a_replayed_train_round_gets_the_same_bytes_and_no_second_training(
+        site_dir, task_identity, monkeypatch):
+    calls = []
+    fit = Engine.fit
+
+    def counted(self, *args, **kwargs):
+        calls.append(1)
+        return fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "fit", counted)
+    message = _message(MessageType.TRAIN)
+    first = make_client_app()(message, _context(site_dir))
+    assert not first.has_error(), first.error
+    replay = make_client_app()(_message(MessageType.TRAIN), _context(site_dir))  # restarted
+    assert not replay.has_error(), replay.error
+    assert len(calls) == 1
+    assert (recorddict_to_proto(replay.content).SerializeToString()
+            == recorddict_to_proto(first.content).SerializeToString())
+    # other weights for the same round change nothing either
+    crafted = make_client_app()(_message(MessageType.TRAIN, 1, _crafted(5)), _context(site_dir))
+    assert len(calls) == 1 and (recorddict_to_proto(crafted.content).SerializeToString()
+                                == recorddict_to_proto(first.content).SerializeToString())
+
+
+def test_a_hostile_dicom_header_is_skipped_as_too_large_without_decoding(
+        tiny_sites, tmp_path, monkeypatch):
+    good = sorted((tiny_sites / "site-0" / "dicom").iterdir())[0]
+    ds = pydicom.dcmread(good)
+    ds.Rows, ds.Columns = 60000, 60000
+    ds.save_as(tmp_path / "bomb.dcm")
+    decoded = []
+
+    def pixel_array(self):
+        decoded.append(1)
+        raise AssertionError("pixels decoded")
+
+    monkeypatch.setattr(pydicom.dataset.Dataset, "pixel_array", property(pixel_array))
+    counts = ReadCounts()
+    assert read_file(tmp_path / "bomb.dcm", counts) is None
+    assert dict(counts.skipped) == {"too_large": 1} and decoded == []
+    # frames too: 512 x 512 x 5000 frames
+    ds.Rows, ds.Columns, ds.NumberOfFrames = 512, 512, 5000
+    ds.save_as(tmp_path / "frames.dcm")
+    assert read_file(tmp_path / "frames.dcm", counts) is None
+    assert counts.skipped["too_large"] == 2 and decoded == []
+
+
+def test_ingest_counts_are_sent_once_per_run_with_small_cells_suppressed(
+        site_dir, task_identity):
+    app = make_client_app()
+    first = app(_message(MessageType.EVALUATE), _context(site_dir))
+    second = app(_message(MessageType.EVALUATE), _context(site_dir))
+    assert not first.has_error() and not second.has_error()
+    ingest = first.content[wire.SITE][wire.INGEST]
+    assert wire.INGEST not in second.content[wire.SITE]
+    report = json.loads(ingest)
+    flat = [v for v in report.values() if not isinstance(v, dict)]
+    flat += [v for d in report.values() if isinstance(d, dict) for v in d.values()]
+    assert "<10" in flat                                  # the tiny site has small cells
+    assert not any(isinstance(v, int) and 0 < v < 10 for v in flat)
+    assert suppress_small_counts({"a": 3, "b": {"c": 0, "d": 12}}) == \
+        {"a": "<10", "b": {"c": 0, "d": 12}}
+    # a new run gets it again
+    other_run = _context(site_dir)
+    other_run.run_id = 99
+    third = app(_message(MessageType.EVALUATE, 2), other_run)
+    assert third.content[wire.SITE][wire.INGEST] == ingest
+    # the server logs it as before, once per site
+
+    class _Mlflow:
+        logged: list = []
+
+        def log_dict(self, value, path):
+            self.logged.append((path, value))
+
+    tracker = MlflowTracker.__new__(MlflowTracker)
+    tracker.ingest_logged, tracker.mlflow = set(), _Mlflow()
+    tracker._log_ingest("site-0", ingest)
+    tracker._log_ingest("site-0", "")
+    assert tracker.mlflow.logged == [("sites/site-0/ingest.json", report)]
+
+
+def test_deployed_non_dp_rounds_draw_fresh_seeds_and_simulation_keeps_the_jobs(
+        site_dir, task_identity, monkeypatch):
+    """Two rounds of a deployed site cannot be lined up sample by sample (their data order
+    and augmentation come from os.urandom); a simulated partition keeps the job's seed."""
+    seeds = []
+
+    class Stop(Exception):
+        pass
+
+    def record(self, model, data, config, **kwargs):
+        seeds.append(config.seed)
+        raise Stop
+
+    monkeypatch.setattr(Engine, "fit", record)
+    message = _message(MessageType.TRAIN)
+    job = decode_job(message.content[wire.CONFIG], site_seed=0)
+    for _ in range(2):
+        with pytest.raises(Stop):
+            make_client_app()(_message(MessageType.TRAIN), _context(site_dir))
+    simulated = Context(run_id=11, node_id=7, node_config={wire.NODE_PARTITION_ID: 0},
+                        state=RecordDict(), run_config={})
+    with pytest.raises(Stop):
+        make_client_app(sim_data_root=site_dir.parent)(_message(MessageType.TRAIN), simulated)
+    from client.runtime import resolve_site
+    site_seed = resolve_site(simulated, site_dir.parent).seed
+    assert seeds[2] == decode_job(message.content[wire.CONFIG], site_seed=site_seed).train.seed
+    assert seeds[0] != seeds[1] and job.train.seed not in seeds[:2]

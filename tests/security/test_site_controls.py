@@ -179,6 +179,44 @@ def test_minimum_noise_and_maximum_steps_are_the_site_s(tmp_path):
         _budget(tmp_path, **{wire.NODE_DP_MIN_NOISE: "-1"})
 
 
+# ------------------------------------------------- 3. no filesystem path arrives over the wire
+
+@pytest.mark.parametrize("named", ["/etc/passwd", "../x", "../../etc", "report_vocab/../../x"])
+def test_a_job_naming_a_path_as_tokenizer_is_refused_before_anything_is_read(named,
+                                                                             monkeypatch):
+    import builtins
+
+    import tokenizers
+
+    from client.job import JobError, decode_job
+
+    touched: list[str] = []
+    real_open = builtins.open
+
+    def spy(owner, name):
+        real = getattr(owner, name)
+
+        def record(target, *args, **kwargs):
+            touched.append(f"{name}:{target}")
+            return real(target, *args, **kwargs)
+        return record
+
+    def recording_open(file, *args, **kwargs):
+        touched.append(f"open:{file}")
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", recording_open)
+    for method in ("read_bytes", "read_text", "is_dir", "is_file", "exists", "open"):
+        monkeypatch.setattr(Path, method, spy(Path, method))
+    monkeypatch.setattr(tokenizers.Tokenizer, "from_file",
+                        spy(tokenizers.Tokenizer, "from_file"))
+    job = _job(task_name="clip", task_options={"num_classes": 3, "tokenizer_dir": named},
+               model_options={"dim": 32, "depth": 1, "num_classes": 3})
+    with pytest.raises(JobError, match="never reads a path"):
+        decode_job(job.to_record(), site_seed=1)
+    assert touched == [], "the site touched the filesystem for a job-named tokenizer"
+
+
 # ------------------------------------------------- 4. error replies are generic
 
 def test_a_handler_error_with_site_details_leaves_as_a_generic_code(tiny_sites, task_identity,

@@ -20,6 +20,8 @@ from .data.sequences import SEQUENCES
 from .data.views import WithoutSequence
 from .engine import Engine
 from .job import Job, decode_job
+from .mods.errors import generic_errors_mod
+from .mods.require_secagg import require_secagg_mod
 from .mods.secagg import secagg_mod
 from .mods.sitedp import site_dp_clipping_mod
 from .privacy.policy import admit_round, node_settings, releasable_metrics
@@ -65,12 +67,19 @@ def make_client_app(*, sim_data_root: Path | None = None, sim_train_sites: int |
         Simulation only: partition ids from this one on are the ``external`` folder (an
         evaluation-only site, with ``role = "external"`` in its node-config.toml).
     mods : sequence
-        Extra Flower client mods (secure aggregation, auditing, fault drills), outermost
-        first; site-level DP clipping is always installed innermost.
+        Extra Flower client mods (auditing, fault drills), outermost first; site-level DP
+        clipping is always installed innermost, the site's egress controls outermost.
     """
+    def site_settings(context: Context) -> dict:
+        site = resolve_site(context, sim_data_root, sim_train_sites)
+        return node_settings(context.node_config, site.data_dir)
+
     # Innermost first to act on the reply: site-level DP clips the update as the handler
-    # produced it, then secure aggregation masks the clipped update.
-    app = ClientApp(mods=[*mods, secagg_mod, site_dp_clipping_mod])
+    # produced it, then secure aggregation masks the clipped update. Outermost, the site's
+    # own controls see exactly what leaves: require-secagg on the reply's arrays, then
+    # generic error reasons (the coordinator never reads a site's exception text).
+    app = ClientApp(mods=[generic_errors_mod, require_secagg_mod(site_settings), *mods,
+                          secagg_mod, site_dp_clipping_mod])
     cache = SiteDataCache()
 
     def prepare(msg: Message, context: Context, *, training: bool = False):

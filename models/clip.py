@@ -30,7 +30,8 @@ from torch import Tensor, nn
 from .metrics import SplitMetrics, macro_auroc
 from .registry import TASKS
 from .task import DataNeeds, ReportText, StepOutput, TaskBase, TaskModel
-from .text import load_tokenizer, pad_id, tokenize, tokenizer_fingerprint, vocab_size
+from .text import (load_tokenizer, pad_id, shipped_tokenizer, tokenize, tokenizer_fingerprint,
+                   vocab_size)
 from .vit import MultiModalViT, _init_weights
 
 RECALL_AT = (1, 5)
@@ -51,7 +52,7 @@ class CLIPConfig:
     max_length: int = 128                # tokens incl. [CLS]/[SEP]; longer reports truncated
     temperature: float = 0.07            # initial softmax temperature (CLIP)
     max_logit_scale: float = 100.0       # CLIP clamps 1/temperature here for stability
-    tokenizer_dir: str | None = None     # local tokenizer directory; None = shipped default
+    tokenizer_dir: str | None = None     # shipped tokenizer name or sha256; None = default
     tokenizer_sha256: str | None = None  # if set, the tokenizer file must hash to this
 
     def __post_init__(self):
@@ -74,14 +75,15 @@ class CLIPConfig:
             raise ValueError("temperature must be in (0, 1) and max_logit_scale >= 1/temperature")
         if not 0 <= self.text_dropout < 1:
             raise ValueError(f"text_dropout must be in [0, 1), got {self.text_dropout}")
-        tokenizer = load_tokenizer(self.tokenizer_dir)      # missing/empty directory: ValueError
+        directory = shipped_tokenizer(self.tokenizer_dir)   # a path: refused, never read
+        tokenizer = load_tokenizer(directory)
         where = self.tokenizer_dir or "the shipped default"
         if vocab_size(tokenizer) != self.vocab_size:
             raise ValueError(f"tokenizer ({where}) has {vocab_size(tokenizer)} tokens but the "
                              f"text tower's vocab_size is {self.vocab_size}; set vocab_size to "
                              f"{vocab_size(tokenizer)} or use the matching tokenizer")
         if self.tokenizer_sha256 and \
-                tokenizer_fingerprint(self.tokenizer_dir) != self.tokenizer_sha256:
+                tokenizer_fingerprint(directory) != self.tokenizer_sha256:
             raise ValueError(f"tokenizer ({where}) does not hash to tokenizer_sha256: this site "
                              "would tokenize reports differently from the others")
 
@@ -172,8 +174,9 @@ class CLIPTask(TaskBase):
 
     def __init__(self, config: CLIPConfig):
         self.config = config
-        self.tokenizer = load_tokenizer(config.tokenizer_dir)
-        self.reports = ReportText.of(config.tokenizer_dir, config.max_length)
+        directory = str(shipped_tokenizer(config.tokenizer_dir))
+        self.tokenizer = load_tokenizer(directory)
+        self.reports = ReportText.of(directory, config.max_length)
         names = [n.replace("_", " ") for n in config.class_names]
         self.prompts = [config.prompt_template.format(n) for n in names]
         self.prompt_tokens = self.tokenize(self.prompts) if self.prompts else None

@@ -5,14 +5,19 @@ BERT normaliser (lower case, accents stripped), BERT pre-tokenizer, ``[CLS] ... 
 post-processing. ``scripts/build_report_vocab.py`` builds it from public report terminology
 and the synthetic templates - never from site data - and writes the whole pipeline as
 ``models/assets/report_vocab/tokenizer.json`` (JSON because Flower app bundles carry
-``*.json`` but not ``*.txt``). Any local tokenizer directory holding a ``tokenizer.json``
-(Hugging Face layout) or a ``vocab.txt`` (BERT WordPiece) works too; nothing is ever
+``*.json`` but not ``*.txt``). ``load_tokenizer`` reads any local directory holding a
+``tokenizer.json`` (Hugging Face layout) or a ``vocab.txt`` (BERT WordPiece); nothing is ever
 fetched from a hub.
+
+A job names its tokenizer only by a shipped name (``SHIPPED_TOKENIZERS``) or by the sha256 of
+a shipped tokenizer file (``shipped_tokenizer``): a path in a task option would let the
+coordinator make a site read a file of its choosing, so it is refused before anything is read.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 
 import torch
@@ -23,6 +28,30 @@ from torch import Tensor
 DEFAULT_TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "report_vocab"
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")     # looked for in this order
 PAD_TOKENS = ("[PAD]", "<pad>")
+# Tokenizers shipped with the code, by the name a job may give (closed: never a path).
+SHIPPED_TOKENIZERS: dict[str, Path] = {"report_vocab": DEFAULT_TOKENIZER_DIR}
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def shipped_tokenizer(name: str | None) -> Path:
+    """The directory of the shipped tokenizer a job names (``None`` = the default).
+
+    ``name`` is a key of ``SHIPPED_TOKENIZERS`` or the sha256 of a shipped tokenizer file;
+    anything else (a path above all) is refused without touching the filesystem.
+    """
+    if name is None:
+        return DEFAULT_TOKENIZER_DIR
+    if isinstance(name, str) and name in SHIPPED_TOKENIZERS:
+        return SHIPPED_TOKENIZERS[name]
+    if isinstance(name, str) and _SHA256.fullmatch(name):
+        for directory in SHIPPED_TOKENIZERS.values():
+            if tokenizer_fingerprint(directory) == name:
+                return directory
+        raise ValueError(f"no shipped tokenizer hashes to {name}; shipped: "
+                         f"{', '.join(sorted(SHIPPED_TOKENIZERS))}")
+    raise ValueError(f"tokenizer must be a shipped tokenizer's name "
+                     f"({', '.join(sorted(SHIPPED_TOKENIZERS))}) or its sha256, got {name!r}: "
+                     "a site never reads a path named by the job")
 
 
 def tokenizer_file(directory: str | Path | None) -> Path:
@@ -113,5 +142,5 @@ def tokenize(tokenizer: Tokenizer, texts: list[str], max_length: int) -> dict[st
     }
 
 
-__all__ = ["DEFAULT_TOKENIZER_DIR", "load_tokenizer", "pad_id", "tokenize", "tokenizer_file",
+__all__ = ["DEFAULT_TOKENIZER_DIR", "SHIPPED_TOKENIZERS", "load_tokenizer", "shipped_tokenizer", "pad_id", "tokenize", "tokenizer_file",
            "tokenizer_fingerprint", "vocab_size", "wordpiece_tokenizer"]

@@ -5,7 +5,8 @@ answers setup, share-keys and unmask itself (no training), and for the masked st
 ClientApp train, then replaces the reply's weights by ``mask(encode(local - global))`` - a
 uint32 vector the server can only sum. The round's secrets live in the node's state between
 stages and are dropped after unmasking. The site's ``require-secagg`` policy (refuse to send
-a plaintext update) is checked by the train handler, which knows the site's settings.
+a plaintext update) is checked by the train handler, which knows the site's settings, and
+again on the reply itself by ``require_secagg_mod`` (outermost).
 """
 
 from __future__ import annotations
@@ -44,6 +45,10 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
         return call_next(msg, context)
     request = msg.content.config_records.get(wire.SECAGG)
     config = msg.content.config_records.get(wire.CONFIG, ConfigRecord())
+    if request is not None and request.get(wire.SECAGG_STAGE) is None:
+        # a stage-less request is malformed; letting it through trained in plaintext while
+        # the job config claimed a masked round
+        raise SecAggRefused("a secure-aggregation request without a stage")
     stage = request.get(wire.SECAGG_STAGE) if request else config.get(wire.SECAGG_STAGE)
     if stage is None:       # plaintext round; the train handler applies require-secagg
         return call_next(msg, context)

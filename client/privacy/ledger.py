@@ -32,7 +32,7 @@ import logging
 import math
 import operator
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, astuple, dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
@@ -147,13 +147,43 @@ class PrivacyLedger:
             ``max_grad_norm`` is not finite and > 0, ``steps`` or ``server_round`` < 1,
             ``delta`` is outside (0, 1), or ``epsilon`` is not finite and >= 0.
         """
+        _typed(LedgerEntry, {"epsilon": epsilon})
+        return self.charge(lambda entries: epsilon, run_id=run_id, server_round=server_round,
+                           mechanism=mechanism, sample_rate=sample_rate,
+                           noise_multiplier=noise_multiplier, steps=steps, delta=delta,
+                           accountant=accountant, max_grad_norm=max_grad_norm)
+
+    def charge(self, admit: Callable[[list[LedgerEntry]], float], *, run_id: str,
+               server_round: int, mechanism: str, sample_rate: float, noise_multiplier: float,
+               steps: int, delta: float, accountant: str, max_grad_norm: float) -> LedgerEntry:
+        """Check and record one round in one write transaction (check-then-charge cannot race).
+
+        Two runs of one site authorising concurrently would otherwise both read the same
+        history, both pass the budget check and both be charged: an overspend. Here the
+        write lock (BEGIN IMMEDIATE) is taken first, ``admit`` sees every row as of that
+        moment, and the row is inserted before the lock is released.
+
+        Parameters
+        ----------
+        admit : callable
+            ``entries -> epsilon``: given all rows (seq order), the site's cumulative epsilon
+            after this round; raises to refuse the round, and then nothing is written.
+
+        Raises
+        ------
+        ValueError
+            As ``append``, for a value out of range (checked before ``admit`` runs).
+        """
         content = _typed(LedgerEntry, dict(
             run_id=run_id, server_round=server_round, mechanism=mechanism,
             sample_rate=sample_rate, noise_multiplier=noise_multiplier, steps=steps, delta=delta,
-            accountant=accountant, epsilon=epsilon, max_grad_norm=max_grad_norm))
+            accountant=accountant, max_grad_norm=max_grad_norm))
         with self._transaction() as con:
-            tail = con.execute("SELECT seq, hash FROM ledger ORDER BY seq DESC LIMIT 1").fetchone()
-            seq, prev_hash = (tail[0] + 1, tail[1]) if tail else (1, GENESIS_HASH)
+            rows = con.execute(f"SELECT {_ENTRY_COLUMNS} FROM ledger ORDER BY seq").fetchall()
+            entries = [_from_row(LedgerEntry, row) for row in rows]
+            content |= _typed(LedgerEntry, {"epsilon": admit(entries)})
+            seq, prev_hash = (entries[-1].seq + 1, entries[-1].hash) if entries else \
+                (1, GENESIS_HASH)
             body = dict(seq=seq, **content, created_at=_utc_now())
             entry = LedgerEntry(**body, prev_hash=prev_hash, hash=_chain_hash(prev_hash, body))
             con.execute(_INSERT_ENTRY, astuple(entry))

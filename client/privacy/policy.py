@@ -5,7 +5,13 @@ sets; nothing the server sends can raise it. Before every private round the site
 epsilon this round would bring it to - over *all* rounds in its ledger, every run and both
 mechanisms, composed by one accountant - and refuses if that exceeds the budget. The round is
 charged to the ledger *before* training starts, so a crash mid-round can never leave an
-unrecorded release.
+unrecorded release. The check and the charge are one ledger write transaction
+(``PrivacyLedger.charge``), so two runs authorising at once cannot both spend the last of
+the budget.
+
+Per-run caps, also from node config only: ``dp-max-run-epsilon`` (what one run may spend of the
+budget), ``dp-min-noise-multiplier`` and ``dp-max-steps-per-round`` (a coordinator cannot ask for
+almost no noise, or for a round of many steps, even within the budget).
 """
 
 from __future__ import annotations
@@ -36,6 +42,9 @@ class SiteBudget:
     delta: float
     ledger_path: Path
     require_dp: bool = True
+    max_run_epsilon: float | None = None       # cap on one run's own epsilon
+    min_noise_multiplier: float | None = None  # refuse rounds with less noise
+    max_steps_per_round: int | None = None     # refuse rounds of more (DP-SGD) steps
 
 
 def node_settings(node_config: dict, data_dir: Path) -> dict:
@@ -64,7 +73,25 @@ def site_budget(settings: dict, data_dir: Path) -> SiteBudget | None:
     ledger_dir = Path(str(settings.get(wire.NODE_PRIVACY_DIR, ".medfed")))
     ledger_dir = ledger_dir if ledger_dir.is_absolute() else data_dir / ledger_dir
     require = flag(settings.get(wire.NODE_REQUIRE_DP, "true"))
-    return SiteBudget(eps, delta, ledger_dir / "privacy-ledger.sqlite", require)
+    return SiteBudget(eps, delta, ledger_dir / "privacy-ledger.sqlite", require,
+                      max_run_epsilon=_cap(settings, wire.NODE_DP_MAX_RUN_EPSILON, float),
+                      min_noise_multiplier=_cap(settings, wire.NODE_DP_MIN_NOISE, float),
+                      max_steps_per_round=_cap(settings, wire.NODE_DP_MAX_STEPS, int))
+
+
+def _cap(settings: dict, key: str, kind: type) -> float | int | None:
+    """An optional positive, finite cap from node config (None when unset)."""
+    value = settings.get(key)
+    if value is None:
+        return None
+    try:
+        cap = kind(value)
+        if not (math.isfinite(cap) and cap > 0):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise PrivacyRefused(f"node config {key!r} must be a positive number, got "
+                             f"{value!r}") from None
+    return cap
 
 
 def flag(value) -> bool:
@@ -131,20 +158,52 @@ def authorize(request: PrivacySpec, budget: SiteBudget | None, *, n_train: int,
     else:
         q, steps, sigma, clip = 1.0, 1, request.noise_multiplier, request.clipping_norm
         _check_plan(ledger, request, budget, [(sigma, q, steps)] * request.planned_rounds)
-    after = epsilon([*ledger.history(), (sigma, q, steps)], budget.delta, request.accountant)
-    if after > budget.epsilon:
-        raise PrivacyRefused(f"round {server_round} would bring this site's epsilon to "
-                             f"{after:.3f} > its budget {budget.epsilon:g} (delta "
-                             f"{budget.delta:g}); refusing")
-    entry = ledger.append(run_id=request.run_id, server_round=server_round,
+    _check_caps(budget, sigma, steps)
+    this_round = (sigma, q, steps)
+
+    def admit(entries: list[LedgerEntry]) -> float:
+        """Inside the ledger's write lock: the budget and the run cap over every row."""
+        after = epsilon([*_history(entries), this_round], budget.delta, request.accountant)
+        if after > budget.epsilon:
+            raise PrivacyRefused(f"round {server_round} would bring this site's epsilon to "
+                                 f"{after:.3f} > its budget {budget.epsilon:g} (delta "
+                                 f"{budget.delta:g}); refusing")
+        if budget.max_run_epsilon is not None:
+            run = [e for e in entries if e.run_id == request.run_id]
+            spent = epsilon([*_history(run), this_round], budget.delta, request.accountant)
+            if spent > budget.max_run_epsilon:
+                raise PrivacyRefused(f"round {server_round} would bring run "
+                                     f"{request.run_id!r} to epsilon {spent:.3f} > this "
+                                     f"site's per-run cap {budget.max_run_epsilon:g} (node "
+                                     f"config {wire.NODE_DP_MAX_RUN_EPSILON}); refusing")
+        return after
+
+    entry = ledger.charge(admit, run_id=request.run_id, server_round=server_round,
                           mechanism=request.mechanism, sample_rate=q, noise_multiplier=sigma,
                           steps=steps, delta=budget.delta, accountant=request.accountant,
-                          epsilon=after, max_grad_norm=clip)
+                          max_grad_norm=clip)
+    after = entry.epsilon
     log.info("privacy: %s round %d charged, epsilon %.3f of %g", request.mechanism,
              server_round, after, budget.epsilon)
     dpsgd = DPSGDConfig(noise_multiplier=sigma, max_grad_norm=clip, sample_rate=q,
                         secure_mode=secure_mode) if request.mechanism == wire.DP_SGD else None
     return Authorization(dpsgd, entry)
+
+
+def _history(entries: list[LedgerEntry]) -> list[tuple[float, float, int]]:
+    return [(e.noise_multiplier, e.sample_rate, e.steps) for e in entries]
+
+
+def _check_caps(budget: SiteBudget, sigma: float, steps: int) -> None:
+    """The site's per-round floors and ceilings on what the server asks for."""
+    if budget.min_noise_multiplier is not None and sigma < budget.min_noise_multiplier:
+        raise PrivacyRefused(f"noise multiplier {sigma:.4g} is below this site's minimum "
+                             f"{budget.min_noise_multiplier:g} (node config "
+                             f"{wire.NODE_DP_MIN_NOISE}); refusing")
+    if budget.max_steps_per_round is not None and steps > budget.max_steps_per_round:
+        raise PrivacyRefused(f"the round asks for {steps} private steps > this site's maximum "
+                             f"{budget.max_steps_per_round} per round (node config "
+                             f"{wire.NODE_DP_MAX_STEPS}); refusing")
 
 
 def _plan(ledger: PrivacyLedger, request: PrivacySpec, budget: SiteBudget, q: float,
@@ -183,3 +242,9 @@ def _check_plan(ledger: PrivacyLedger, request: PrivacySpec, budget: SiteBudget,
         raise PrivacyRefused(f"the run's plan ({request.planned_rounds} rounds, noise "
                              f"multiplier {planned[0][0]:.3g}) would bring this site's epsilon "
                              f"to {projected:.3f} > its budget {budget.epsilon:g}; refusing")
+    run = epsilon(planned, budget.delta, request.accountant)   # the run's first round: its own
+    if budget.max_run_epsilon is not None and run > budget.max_run_epsilon:
+        raise PrivacyRefused(f"the run's plan ({request.planned_rounds} rounds) would spend "
+                             f"epsilon {run:.3f} > this site's per-run cap "
+                             f"{budget.max_run_epsilon:g} (node config "
+                             f"{wire.NODE_DP_MAX_RUN_EPSILON}); refusing")

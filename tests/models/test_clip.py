@@ -19,7 +19,8 @@ from models import TASKS
 from models.clip import CLIPConfig, CLIPModel, clip_loss, recall_at_k
 from models.metrics import SplitMetrics, macro_auroc
 from models.tasks import batch_coupling, build
-from models.text import DEFAULT_TOKENIZER_DIR, load_tokenizer, tokenizer_fingerprint
+from models.text import (DEFAULT_TOKENIZER_DIR, SHIPPED_TOKENIZERS, load_tokenizer,
+                         tokenizer_fingerprint)
 from protocol.metrics import to_record
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -157,27 +158,32 @@ def test_clip_loss_matches_the_symmetric_cross_entropy():
 
 # --- configuration errors (the server turns these into ConfigError before training) ------
 
-def test_missing_tokenizer_directory_is_refused(tmp_path):
-    with pytest.raises(ValueError, match="does not exist"):
+def test_tokenizer_is_named_never_given_by_path(tmp_path):
+    with pytest.raises(ValueError, match="never reads a path"):
         TASKS.config("clip", {"tokenizer_dir": str(tmp_path / "nowhere")})
-    with pytest.raises(ValueError, match="none of tokenizer.json, vocab.txt"):
-        TASKS.config("clip", {"tokenizer_dir": str(tmp_path)})
+    with pytest.raises(ValueError, match="no shipped tokenizer hashes to"):
+        TASKS.config("clip", {"tokenizer_dir": "0" * 64})
+    by_name = TASKS.config("clip", {"tokenizer_dir": "report_vocab"})
+    by_hash = TASKS.config("clip", {"tokenizer_dir": tokenizer_fingerprint()})
+    assert by_name.vocab_size == by_hash.vocab_size == 693
 
 
-def test_tokenizer_that_does_not_match_the_text_tower_is_refused(tmp_path):
+def test_tokenizer_that_does_not_match_the_text_tower_is_refused(tmp_path, monkeypatch):
     tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "lesion", "cyst", "##s"]
     (tmp_path / "vocab.txt").write_text("\n".join(tokens) + "\n")
+    monkeypatch.setitem(SHIPPED_TOKENIZERS, "test-tiny", tmp_path)   # as if shipped
     with pytest.raises(ValueError, match=r"has 8 tokens but the text tower's vocab_size is 693"):
-        TASKS.config("clip", {"tokenizer_dir": str(tmp_path)})
-    config = TASKS.config("clip", {"tokenizer_dir": str(tmp_path), "vocab_size": 8})
+        TASKS.config("clip", {"tokenizer_dir": "test-tiny"})
+    config = TASKS.config("clip", {"tokenizer_dir": "test-tiny", "vocab_size": 8})
     with pytest.raises(ValueError, match="tokenizer_sha256"):
-        CLIPConfig(tokenizer_dir=str(tmp_path), vocab_size=8, tokenizer_sha256="0" * 64)
-    _, task = build("mmvit", VIT, "clip", TEXT | {"tokenizer_dir": str(tmp_path),
+        CLIPConfig(tokenizer_dir="test-tiny", vocab_size=8, tokenizer_sha256="0" * 64)
+    _, task = build("mmvit", VIT, "clip", TEXT | {"tokenizer_dir": "test-tiny",
                                                  "vocab_size": config.vocab_size})
     assert task.tokenize(["cysts"])["input_ids"][0, :4].tolist() == [2, 6, 7, 3]
 
 
-def test_a_local_tokenizer_directory_tokenizes_like_the_default(tmp_path):
+def test_a_shipped_tokenizer_in_either_layout_tokenizes_like_the_default(tmp_path,
+                                                                        monkeypatch):
     default = load_tokenizer()
     (tmp_path / "json").mkdir(), (tmp_path / "txt").mkdir()
     default.save(str(tmp_path / "json" / "tokenizer.json"))
@@ -185,7 +191,8 @@ def test_a_local_tokenizer_directory_tokenizes_like_the_default(tmp_path):
     (tmp_path / "txt" / "vocab.txt").write_text("\n".join(vocab) + "\n")
     expected = TASKS.build("clip", TEXT).tokenize(REPORTS)
     for layout in ("json", "txt"):
-        local = TASKS.build("clip", TEXT | {"tokenizer_dir": str(tmp_path / layout)})
+        monkeypatch.setitem(SHIPPED_TOKENIZERS, f"test-{layout}", tmp_path / layout)
+        local = TASKS.build("clip", TEXT | {"tokenizer_dir": f"test-{layout}"})
         for key, value in local.tokenize(REPORTS).items():
             torch.testing.assert_close(value, expected[key])
     CLIPConfig(tokenizer_sha256=tokenizer_fingerprint())   # the shipped file hashes to itself

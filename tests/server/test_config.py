@@ -51,7 +51,8 @@ def test_fingerprint_tracks_the_config():
     (["task.options.mode=adapters"], "unknown fine-tuning mode"),
     (["task.options.label_fraction=0"], "label_fraction"),
     (["pretrain=mm_dino", "privacy=dpsgd"], "pretraining phase: privacy.mechanism=dp-sgd refused"),
-    (["pretrain=clip", "+pretrain.options.tokenizer_dir=/nonexistent/tokenizer"], "does not exist"),
+    (["pretrain=clip", "+pretrain.options.tokenizer_dir=/nonexistent/tokenizer"],
+     "never reads a path"),
     (["pretrain=clip", "+pretrain.options.vocab_size=30522"], "vocab"),
     (["task=lesion_seg", "privacy=dpsgd"], "convolution"),
 ])

@@ -19,12 +19,13 @@ from protocol.job import SpecError
 
 from ..privacy.policy import PrivacyRefused
 from ..privacy.secagg import SecAggRefused
+from ..queries import QueryRefused
 from ..runtime import SiteConfigError
 
 log = logging.getLogger(__name__)
 
 # Refusals whose reasons are policy (written by us, never holding site data): sent as they are.
-POLICY_REFUSALS: tuple[type[Exception], ...] = (PrivacyRefused, SecAggRefused)
+POLICY_REFUSALS: tuple[type[Exception], ...] = (PrivacyRefused, SecAggRefused, QueryRefused)
 
 # class of failure -> (code, generic message); the first match in order wins.
 GENERIC: tuple[tuple[type[Exception], str, str], ...] = (

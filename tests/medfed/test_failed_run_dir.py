@@ -4,30 +4,12 @@ written, else marked FAILED with the reason (checkpoints kept for resume)."""
 from __future__ import annotations
 
 import argparse
-import logging
 
 import pytest
 
 import medfed.simulation
 from medfed.commands.simulate import simulate
-from medfed.logs import HANDLER_NAME
 from server.federation import FAILED_MARKER, RUN_LOG
-
-
-@pytest.fixture()
-def restored_logging():
-    root, flwr, medfed = logging.getLogger(), logging.getLogger("flwr"), logging.getLogger("medfed")
-    saved = (list(root.handlers), root.level, flwr.propagate, flwr.level, list(flwr.handlers),
-             medfed.level)
-    yield
-    logging.captureWarnings(False)
-    for handler in root.handlers + flwr.handlers:
-        if handler.get_name() == HANDLER_NAME:
-            handler.close()
-    root.handlers[:] = saved[0]
-    root.setLevel(saved[1])
-    flwr.propagate, flwr.level, flwr.handlers[:] = saved[2], saved[3], saved[4]
-    medfed.setLevel(saved[5])
 
 
 def _run(monkeypatch, tmp_path, federation):
@@ -40,7 +22,7 @@ def _run(monkeypatch, tmp_path, federation):
 
 
 def test_failure_before_anything_is_written_leaves_no_folder(monkeypatch, tmp_path,
-                                                              restored_logging):
+                                                              clean_logging):
     def federation(cfg, *, run_dir):
         assert (run_dir / RUN_LOG).exists()        # the run did start, in its own folder
         raise RuntimeError("quorum not reached: 1 of 2 sites connected")
@@ -49,7 +31,7 @@ def test_failure_before_anything_is_written_leaves_no_folder(monkeypatch, tmp_pa
 
 
 def test_failure_after_checkpoints_marks_the_folder_failed(monkeypatch, tmp_path,
-                                                            restored_logging):
+                                                            clean_logging):
     def federation(cfg, *, run_dir):
         (run_dir / "checkpoints").mkdir()
         (run_dir / "checkpoints" / "round-1.pt").write_bytes(b"x")

@@ -7,32 +7,12 @@ import sys
 import types
 import warnings
 
-import pytest
 
-from medfed.logs import HANDLER_NAME, MLFLOW_CONSOLE_LOGGER, setup_logging
+from medfed.logs import MLFLOW_CONSOLE_LOGGER, setup_logging
 
 
 class SADeprecationWarning(DeprecationWarning):
     """Stands in for sqlalchemy.exc.SADeprecationWarning (a DeprecationWarning subclass)."""
-
-
-@pytest.fixture()
-def clean_logging(monkeypatch):
-    """Root/flwr/medfed loggers, warning capture and filters as they were, afterwards."""
-    root, flwr, medfed = logging.getLogger(), logging.getLogger("flwr"), logging.getLogger("medfed")
-    saved = (list(root.handlers), root.level, flwr.propagate, flwr.level, list(flwr.handlers),
-             medfed.level)
-    with warnings.catch_warnings():
-        yield
-        logging.captureWarnings(False)
-    for logger in (root, flwr):
-        for handler in logger.handlers:
-            if handler.get_name() == HANDLER_NAME:
-                handler.close()
-    root.handlers[:] = saved[0]
-    root.setLevel(saved[1])
-    flwr.propagate, flwr.level, flwr.handlers[:] = saved[2], saved[3], saved[4]
-    medfed.setLevel(saved[5])
 
 
 def _flowers_console(capsys_stream):

@@ -4,6 +4,7 @@ killed (own process group each, SIGTERM then SIGKILL) when the test ends."""
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -18,10 +19,33 @@ from medfed.offline import offline_env
 MEDFED = [sys.executable, "-m", "medfed.cli"]
 
 
+# Ports are drawn below Linux's ephemeral range (32768-60999): a port the kernel handed out
+# with bind(0) can be taken by any outgoing connection before the child binds it (CI saw a
+# SuperNode fail with EADDRINUSE that way). Each xdist worker draws from its own slice, and
+# no port is handed out twice by one process.
+_PORT_RANGE = (20000, 32000)
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    slices = 4
+    low, high = _PORT_RANGE
+    width = (high - low) // slices
+    start = low + (int(worker) % slices if worker.isdigit() else 0) * width
+    rng = random.Random(os.getpid() ^ time.monotonic_ns())
+    for _ in range(200):
+        port = rng.randrange(start, start + width)
+        if port in _handed_out:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free loopback port in {start}-{start + width}")
 
 
 def child_env(**extra: str) -> dict[str, str]:

@@ -33,7 +33,7 @@ demo: $(STAMP) $(DATA)/site-0
 # Two workers, one test file each at a time (module fixtures and in-file order stay
 # together): the multi-process tests mostly wait on process start-up and heartbeats.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.framework_overhead

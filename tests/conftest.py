@@ -99,3 +99,16 @@ def task_identity(monkeypatch):
 
     for name, value in (("_task_id", 3), ("_run_id", 1), ("_node_id", 7)):
         monkeypatch.setattr(TaskIdentity, name, value)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Files with the most slow tests first, in a stable order: ``make test`` hands whole files
+    to two workers as they free up, so a long file left for last would run alone (xdist's own
+    reordering, by number of tests, put a one-test, three-minute file at the very end)."""
+    slow: dict[str, int] = {}
+    for item in items:
+        slow[item.fspath.strpath] = slow.get(item.fspath.strpath, 0) + \
+            (item.get_closest_marker("slow") is not None)
+    first_seen = {path: i for i, path in reversed(list(enumerate(
+        item.fspath.strpath for item in items)))}
+    items.sort(key=lambda item: (-slow[item.fspath.strpath], first_seen[item.fspath.strpath]))

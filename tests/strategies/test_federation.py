@@ -44,8 +44,19 @@ def _distance(a, b):
     return float(np.sqrt(sum(((a[k].astype(np.float64) - b[k]) ** 2).sum() for k in a)))
 
 
-@pytest.mark.parametrize("name", sorted(STRATEGIES))
-def test_every_strategy_trains_in_a_three_site_simulation(name, three_sites, tmp_path):
+# End to end through Ray, one chain per kind of server/site interplay: plain averaging, a
+# client-side proximal term, client-reported steps rescaled by the server, a robust selection
+# and a server optimiser. Every registered chain is driven in-process through two rounds in
+# test_strategy_chain.py (the same build_strategy; ~1 s each instead of ~1 min here).
+SIMULATED = ("fedavg", "fedprox", "fednova", "krum", "fedadam")
+
+
+def test_the_simulated_strategies_are_registered():
+    assert set(SIMULATED) <= set(STRATEGIES)
+
+
+@pytest.mark.parametrize("name", SIMULATED)
+def test_representative_strategies_train_in_a_three_site_simulation(name, three_sites, tmp_path):
     cfg = _cfg(three_sites, tmp_path, f"strategy={name}", "federation.num_rounds=2")
     run_dir = simulate(cfg)
     weights = final_weights(run_dir)
@@ -61,7 +72,9 @@ def clean_weights(three_sites, tmp_path_factory):
     return final_weights(simulate(_cfg(three_sites, tmp_path_factory.mktemp("clean"))))
 
 
-@pytest.mark.parametrize("mode", ["scale", "nan", "wrong-shape"])
+# One garbage mode end to end (the MLflow counters and tags); every mode is excluded by the
+# same chain in test_strategy_chain.py.
+@pytest.mark.parametrize("mode", ["scale"])
 def test_a_garbage_site_is_excluded_and_the_model_stays_close(mode, three_sites, tmp_path,
                                                               clean_weights):
     cfg = _cfg(three_sites, tmp_path)          # default guard: no model-specific bound needed

@@ -185,6 +185,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     p.set_defaults(func=Handler("models", "export"))
 
+    p = sub.add_parser("convert-weights", help="convert a pickle checkpoint (.bin/.pt/.pth/"
+                                               ".ckpt) to safetensors for a foundation model, "
+                                               "without running code from it")
+    p.add_argument("src", help="the checkpoint file, or a directory holding exactly one")
+    p.add_argument("dst", help="directory to write (model.safetensors + the JSON configs)")
+    p.set_defaults(func=Handler("models", "convert_weights"))
+
     p = sub.add_parser("audit", help="one-run canary audit of the DP-SGD path on a site's data")
     p.add_argument("--site-dir", required=True)
     p.add_argument("--classes", default="high_grade_glioma,low_grade_glioma,cyst")

@@ -31,6 +31,7 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
             check_compatible(saved, cfg.model_options())
         except PretrainedError as err:
             raise ConfigError(f"model.pretrained: {err}") from None
+    validate_foundation(cfg)
     try:
         validate_strategy(cfg.strategy.name, cfg.strategy.options)
     except StrategyConfigError as err:
@@ -53,7 +54,9 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         raise ConfigError(f"strategy.min_train_sites must be in [1, federation.num_sites="
                           f"{fed.num_sites}], got {strat.min_train_sites}")
     if strat.local_params:
-        names = [n for n, _ in MODELS.build(cfg.model.name, cfg.model_options()).named_parameters()]
+        names = [n for n, _ in MODELS.build(cfg.model.name, cfg.model_options(),
+                                            foundation_dir=cfg.model.foundation_dir
+                                            ).named_parameters()]
         unmatched = unmatched_patterns(names, strat.local_params)
         if unmatched:
             raise ConfigError(f"strategy.local_params {unmatched} match no model parameter; "
@@ -69,6 +72,33 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     validate_secagg(cfg)
     validate_pretrain(cfg)
     return cfg
+
+
+def validate_foundation(cfg: ExperimentConfig) -> None:
+    """A foundation model's weights NAME must resolve in the coordinator's own
+    ``model.foundation_dir`` (it builds the initial global model and the base digest from it;
+    sites resolve the same name in their own foundation-dir), and DP-SGD must cover its
+    family. Reads the directory's config.json only; the weights load when the run starts."""
+    if "foundation_dir" not in MODELS.resources(cfg.model.name):
+        if cfg.model.foundation_dir is not None:
+            raise ConfigError(f"model.foundation_dir is set but model={cfg.model.name} loads "
+                              "no pretrained encoder; remove it")
+        return
+    from models.foundation import resolve_weights
+    from models.foundation.families import FAMILIES
+    from models.foundation.loading import FoundationLoadError, check_weight_files, family_of
+
+    name = str(cfg.model.options.get("weights", ""))
+    try:
+        directory = resolve_weights(cfg.model.foundation_dir, name)
+        family = family_of(directory)
+        check_weight_files(directory)
+    except FoundationLoadError as err:
+        raise ConfigError(f"model.options.weights: {err}") from None
+    reason = FAMILIES[family].dp_unsupported        # a property of the family (class level)
+    if cfg.privacy.mechanism == wire.DP_SGD and reason:
+        raise ConfigError(f"privacy.mechanism=dp-sgd refused for a {family} foundation model: "
+                          f"{reason}; use privacy=sitedp or another family")
 
 
 def validate_pretrain(cfg: ExperimentConfig) -> None:

@@ -11,7 +11,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import transformers  # noqa: E402
 
 from medfed.cli import main  # noqa: E402
-from models.foundation.loading import CONVERT_COMMAND, FoundationLoadError, load_encoder  # noqa: E402
+from models.foundation.loading import (CONVERT_COMMAND, FoundationLoadError,  # noqa: E402
+                                       load_encoder)
 
 
 def test_a_pickle_directory_is_refused_then_converted_by_the_cli_then_loads(tmp_path, capsys):

@@ -55,7 +55,7 @@ def experiment(encoders, *extra):
     return load_experiment(["model=foundation", "model.options.weights=dino",
                             f"model.foundation_dir={encoders / 'coordinator'}",
                             "model.options.lora_rank=2", "task.image_size=32",
-                            "federation=sim2", *extra])
+                            "federation=sim2", "tracking.log_models=false", *extra])
 
 
 def site_context(foundation_dir) -> Context:
@@ -106,6 +106,8 @@ def test_the_coordinator_refuses_a_path_or_a_name_it_cannot_resolve(encoders):
         experiment(encoders, "model.foundation_dir=null")
     with pytest.raises(ConfigError, match="loads no pretrained encoder"):
         load_experiment([f"model.foundation_dir={encoders}"])
+    with pytest.raises(ConfigError, match="tracking.log_models=false"):
+        experiment(encoders, "tracking.log_models=true")
 
 
 def test_a_site_builds_from_its_own_directory_and_accepts_the_same_base(encoders):

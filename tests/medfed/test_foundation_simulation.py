@@ -47,7 +47,8 @@ def test_lora_on_a_saved_dinov2_sends_only_trainable_tensors(tiny_sites, tmp_pat
     cfg = load_experiment([
         "model=foundation", "model.options.weights=dino-tiny",
         f"model.foundation_dir={encoders}", "model.options.lora_rank=2",
-        "task.image_size=32", "federation=sim2", "federation.num_rounds=1",
+        "task.image_size=32", "federation=sim2", "tracking.log_models=false",
+        "federation.num_rounds=1",
         "train.local_epochs=1", "train.batch_size=8", f"data.root={tiny_sites}",
         f"runs_dir={tmp_path / 'runs'}", "name=foundation-smoke"])
     run_dir = simulate(cfg, client_mods=[egress_log(tmp_path / "egress"),

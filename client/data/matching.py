@@ -21,10 +21,17 @@ from pydicom.errors import InvalidDicomError
 from .dicom import pseudonym
 from .layout import Channel, ChannelRule, Layout
 
-# Skip reasons, per file (cannot be grouped into a series) and per series.
-FILE_SKIPS = ("not_dicom", "unreadable", "missing_uid")
-SERIES_SKIPS = ("non_image", "modality_not_in_layout", "no_rule_matched", "ambiguous",
+# Skip reasons, per file (not part of an image series) and per series.
+FILE_SKIPS = ("not_dicom", "unreadable", "missing_uid", "non_image")
+SERIES_SKIPS = ("modality_not_in_layout", "no_rule_matched", "ambiguous",
                 "inconsistent_series", "duplicate_channel")
+
+# Objects that carry no image even when they copy an image's header (Rows/Columns): SR, key
+# objects and presentation states, waveforms, encapsulated documents, RT plans/structures.
+_NON_IMAGE_SOP_PREFIXES = ("1.2.840.10008.5.1.4.1.1.88.", "1.2.840.10008.5.1.4.1.1.11.",
+                           "1.2.840.10008.5.1.4.1.1.9.", "1.2.840.10008.5.1.4.1.1.104.",
+                           "1.2.840.10008.5.1.4.1.1.481.")
+_NON_IMAGE_MODALITIES = {"SR", "KO", "PR", "DOC", "ECG", "RTPLAN", "RTSTRUCT", "RTRECORD"}
 
 
 @dataclass(frozen=True)
@@ -105,8 +112,18 @@ def header_of(ds: pydicom.Dataset) -> SeriesHeader | None:
         laterality=(_text(ds, "ImageLaterality") or _text(ds, "Laterality")).upper(),
         body_part=_text(ds, "BodyPartExamined").upper(),
         contrast=bool(_text(ds, "ContrastBolusAgent")),
-        is_image="Rows" in ds and "Columns" in ds,
+        is_image=_is_image(ds),
     )
+
+
+def _is_image(ds: pydicom.Dataset) -> bool:
+    """Has an image pixel module and is not a non-image object (SR, RT plan, ...)."""
+    sop = _text(ds, "SOPClassUID")
+    if sop.startswith(_NON_IMAGE_SOP_PREFIXES) and sop != "1.2.840.10008.5.1.4.1.1.481.1":
+        return False                      # ... except RT Image Storage (481.1), an image
+    if _text(ds, "Modality").upper() in _NON_IMAGE_MODALITIES:
+        return False
+    return "Rows" in ds and "Columns" in ds
 
 
 def _text(ds: pydicom.Dataset, keyword: str) -> str:
@@ -139,7 +156,8 @@ def read_headers(dicom_dir: Path) -> tuple[list[SeriesHeader], int, Counter]:
 
 
 def match_series(layout: Layout, header: SeriesHeader) -> Match | str:
-    """The channel that takes this series, or the skip reason (one of ``SERIES_SKIPS``)."""
+    """The channel that takes this series, or the skip reason (``non_image`` or one of
+    ``SERIES_SKIPS``)."""
     if not header.is_image:
         return "non_image"
     modalities = layout.modalities
@@ -201,6 +219,9 @@ def assign(layout: Layout, headers: list[SeriesHeader], *, files: int = 0,
                          matched={c: Counter() for c in layout.channel_names})
     decisions: dict[tuple[str, str], set] = {}
     for h in headers:
+        if not h.is_image:      # per file: an SR may even share an image series' UID
+            report.skipped_files["non_image"] += 1
+            continue
         decisions.setdefault((h.study_key, h.series_key), set()).add(match_series(layout, h))
     report.series = len(decisions)
     assignment: dict[str, dict[str, str]] = {}

@@ -88,3 +88,29 @@ def test_suggest_layout_proposes_a_loadable_layout_without_phi(tiny_sites, capsy
     assert str(site) not in out
     # What the site writes rarely (its one dose report, an SR) is never shown.
     assert "dose" not in out.lower()
+
+
+def _corpus_dirs() -> list[Path]:
+    """pydicom's own test files and pydicom-data's, as installed (nothing downloaded)."""
+    import data_store
+    import pydicom.data
+
+    return [Path(pydicom.data.__file__).parent / "test_files",
+            Path(data_store.__file__).parent / "data"]
+
+
+def test_every_shipped_layout_ingests_both_corpora_through_the_cli(capsys):
+    from client.data.layout import shipped_layouts
+
+    for directory in _corpus_dirs():
+        files = sum(1 for p in directory.rglob("*") if p.is_file())
+        for name in shipped_layouts():
+            code, out, err = _run(capsys, "ingest", "--layout", name, "--data-dir",
+                                  str(directory), "--json")
+            assert code == 0 and not err
+            r = json.loads(out)
+            assert r["files"] == files
+            matched = sum(sum(rules.values()) for rules in r["matched"].values())
+            assert matched + sum(r["skipped_series"].values()) == r["series"]
+        code, out, _ = _run(capsys, "ingest", "--suggest-layout", "--data-dir", str(directory))
+        assert code == 0 and Layout.from_dict(yaml.safe_load(out))

@@ -220,7 +220,8 @@ class Layout:
                                    f"{where}: missing"),
                    resolve=_choice(raw.get("resolve", "unique"), RESOLVE_POLICIES,
                                    f"{where}: resolve"),
-                   match_order=order or (), report=_bool(raw.get("report", False), f"{where}: report"))
+                   match_order=order or (),
+                   report=_bool(raw.get("report", False), f"{where}: report"))
 
 
 def shipped_layouts() -> tuple[str, ...]:
@@ -277,11 +278,12 @@ def _axes(value: Any, n: int, kind: type, where: str) -> tuple | None:
         return None
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         value = [value] * n
+    allowed = (int,) if kind is int else (int, float)      # a size of 224.5 is a typo
     if not isinstance(value, list) or len(value) != n or \
-            not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+            not all(isinstance(v, allowed) and not isinstance(v, bool) and v > 0
                     for v in value):
-        raise LayoutError(f"{where}: expected {n} positive numbers (or one for all axes), "
-                          f"got {value!r}")
+        raise LayoutError(f"{where}: expected {n} positive {kind.__name__}s (or one for all "
+                          f"axes), got {value!r}")
     return tuple(kind(v) for v in value)
 
 

@@ -104,7 +104,9 @@ def test_brain_layout_matches_exactly_like_sequences_py():
                       "intensity": {"kind": "xray", "windows": []}}]),
      r"windows are only for kind ct_window"),
     (_base(match_order=["a", "b"]), r"match_order must list every channel once"),
-    (_base(size=[224]), r"size: expected 2 positive numbers"),
+    (_base(size=[224]), r"size: expected 2 positive ints"),
+    (_base(size=[224.5, 224]), r"size: expected 2 positive ints"),
+    (_base(dims="3d", spacing=[1, 1]), r"spacing: expected 3 positive floats"),
 ])
 def test_a_broken_layout_fails_with_one_clear_error(raw, message):
     with pytest.raises(LayoutError, match=message):

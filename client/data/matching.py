@@ -50,6 +50,7 @@ class SeriesHeader:
     body_part: str = ""
     contrast: bool = False
     is_image: bool = True          # has an image pixel module (Rows/Columns)
+    path: Path | None = field(default=None, compare=False, repr=False)   # site-internal
 
 
 @dataclass(frozen=True)
@@ -85,13 +86,15 @@ class MatchReport:
 
 @dataclass
 class SiteMatch:
-    """The assignment (site-internal: study key -> channel -> series key) and its report."""
+    """Site-internal: the assignment (study key -> channel -> series key), the files of each
+    assigned series (for the pixel reader), and the report (the only part that may leave)."""
 
     assignment: dict[str, dict[str, str]]
     report: MatchReport
+    files: dict[str, tuple[Path, ...]] = field(default_factory=dict)   # series key -> files
 
 
-def header_of(ds: pydicom.Dataset) -> SeriesHeader | None:
+def header_of(ds: pydicom.Dataset, path: Path | None = None) -> SeriesHeader | None:
     """The rule-relevant attributes of a dataset read with ``stop_before_pixels``; None when
     it has no study or series UID."""
     study_uid, series_uid = ds.get("StudyInstanceUID"), ds.get("SeriesInstanceUID")
@@ -113,6 +116,7 @@ def header_of(ds: pydicom.Dataset) -> SeriesHeader | None:
         body_part=_text(ds, "BodyPartExamined").upper(),
         contrast=bool(_text(ds, "ContrastBolusAgent")),
         is_image=_is_image(ds),
+        path=path,
     )
 
 
@@ -141,7 +145,7 @@ def read_headers(dicom_dir: Path) -> tuple[list[SeriesHeader], int, Counter]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
-                header = header_of(pydicom.dcmread(path, stop_before_pixels=True))
+                header = header_of(pydicom.dcmread(path, stop_before_pixels=True), path)
             except InvalidDicomError:
                 skipped["not_dicom"] += 1
                 continue
@@ -218,11 +222,14 @@ def assign(layout: Layout, headers: list[SeriesHeader], *, files: int = 0,
                          skipped_files=Counter(skipped_files or {}),
                          matched={c: Counter() for c in layout.channel_names})
     decisions: dict[tuple[str, str], set] = {}
+    paths: dict[str, list[Path]] = {}
     for h in headers:
         if not h.is_image:      # per file: an SR may even share an image series' UID
             report.skipped_files["non_image"] += 1
             continue
         decisions.setdefault((h.study_key, h.series_key), set()).add(match_series(layout, h))
+        if h.path is not None:
+            paths.setdefault(h.series_key, []).append(h.path)
     report.series = len(decisions)
     assignment: dict[str, dict[str, str]] = {}
     for (study, series), outcome in sorted(decisions.items()):
@@ -247,4 +254,6 @@ def assign(layout: Layout, headers: list[SeriesHeader], *, files: int = 0,
         if required - channels.keys() or (missing and layout.missing == "skip_study"):
             continue
         report.studies_usable += 1
-    return SiteMatch(assignment=assignment, report=report)
+    taken = {series for channels in assignment.values() for series in channels.values()}
+    return SiteMatch(assignment=assignment, report=report,
+                     files={k: tuple(sorted(v)) for k, v in paths.items() if k in taken})

@@ -98,7 +98,14 @@ def test_brain_layout_on_a_synthetic_site_agrees_with_todays_reader(tiny_sites):
     from client.data.site import load_site
 
     site = tiny_sites / "site-1"
-    report = match_site(load_layout("brain_mri_4seq"), site / "dicom").report
+    matched = match_site(load_layout("brain_mri_4seq"), site / "dicom")
+    report = matched.report
+    # The pixel reader gets every file of every assigned series (and no other).
+    assigned = {s for channels in matched.assignment.values() for s in channels.values()}
+    assert set(matched.files) == assigned
+    assert sum(map(len, matched.files.values())) == \
+        report.files - sum(report.skipped_files.values())
+    assert all(p.is_relative_to(site / "dicom") for fs in matched.files.values() for p in fs)
     today = load_site(site, None).report
     per_channel = {c: sum(r.values()) for c, r in report.matched.items()}
     assert per_channel == {c: today.sequences.get(c, 0) for c in per_channel}

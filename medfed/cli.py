@@ -162,6 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
     labels.add_argument("--findings", help="comma-separated finding names: count findings.csv "
                         "(multi-label, e.g. task=findings3) instead of labels.csv")
     p.add_argument("--json", action="store_true")
+    layout = p.add_mutually_exclusive_group()
+    layout.add_argument("--layout", help="match the site's series to a layout's channels (a "
+                        "shipped name, e.g. chest_xray, or a .yaml path) and print the counts")
+    layout.add_argument("--suggest-layout", action="store_true",
+                        help="print a layout YAML proposed from the site's Modality x "
+                        "SeriesDescription histogram (descriptions in < 5 series suppressed)")
     p.set_defaults(func=Handler("data", "ingest"))
 
     p = sub.add_parser("simulate", help="run a simulated federation (Hydra overrides follow)")

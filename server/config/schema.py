@@ -77,6 +77,9 @@ class FederationConfig:
 @dataclass(frozen=True)
 class DataConfig:
     root: str = "runs/data"               # simulation: holds site-0 ... site-(n-1)
+    # The modality layout (conf/data/layout/<name>.yaml, group data/layout), validated by
+    # the site's client.data.layout.Layout.from_dict; not yet part of the job spec.
+    layout: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,9 @@ from strategies.registry import (StrategyConfigError, strategies_with, strategy_
 from .privacy import validate_privacy
 from .schema import ConfigError, ExperimentConfig
 
+# The one layout the site's training path reads (client/data/sequences.py).
+TRAINED_LAYOUT = "brain_mri_4seq"
+
 
 def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     """Cross-field checks that a schema cannot express."""
@@ -68,6 +71,13 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         check_resume_dir(Path(cfg.resume))      # a run dir, or a two-phase run's (pretrain/)
     if len(set(cfg.task.class_names)) != len(cfg.task.class_names) or len(cfg.task.class_names) < 2:
         raise ConfigError("task.class_names must list at least two distinct classes")
+    layout = cfg.data.layout.get("name", TRAINED_LAYOUT)
+    if layout != TRAINED_LAYOUT:
+        # The sites read only this layout today; a silently ignored choice would train on
+        # brain MRI while the operator believes otherwise.
+        raise ConfigError(f"data/layout={layout}: training reads only data/layout="
+                          f"{TRAINED_LAYOUT} so far; other layouts work with `medfed ingest "
+                          f"--layout {layout}` (issue 23)")
     validate_privacy(cfg)
     validate_secagg(cfg)
     validate_pretrain(cfg)

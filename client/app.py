@@ -19,6 +19,7 @@ from protocol.partial import local_keys
 from .data.sequences import SEQUENCES
 from .data.views import WithoutSequence
 from .engine import Engine
+from .foundation import FoundationRefused, check_site_model, expected_arrays, site_foundation_dir
 from .job import Job, decode_job
 from .mods.errors import generic_errors_mod
 from .mods.require_secagg import require_secagg_mod
@@ -35,14 +36,29 @@ STATE_PERSONAL_MODEL = "medfed.personal-model"  # the model after this site's la
 STATE_OBJECTIVE = "medfed.objective"            # + task name: e.g. DINO's teacher and centres
 
 
-def load_global(model, content: RecordDict, job: Job, context: Context) -> list[str]:
+def load_global(model, content: RecordDict, job: Job, context: Context, *,
+                site_base: bool = False) -> list[str]:
     """Load the global weights (trained and, if sent apart, frozen ones); with partial
     sharing fill the local parameters from the site's own state (first round: the model's
-    seeded initial values). Returns local keys."""
+    seeded initial values). Returns local keys.
+
+    ``site_base`` (a foundation model): the frozen base is this site's own, already in
+    ``model``; the message must hold exactly its trainable arrays and no base weights."""
     state = dict(model.state_dict())
     local = local_keys(state.keys(), job.local_params) if job.local_params else []
     incoming = content[wire.ARRAYS].to_torch_state_dict()
-    if wire.FROZEN_ARRAYS in content.array_records:
+    if site_base:
+        if wire.FROZEN_ARRAYS in content.array_records:
+            raise FoundationRefused("the coordinator sent base weights for a foundation model; "
+                                    "this site uses only its own")
+        expected = expected_arrays(model, local)
+        if set(incoming) != expected:
+            raise FoundationRefused(
+                f"the global arrays are not this site's trainable set for {job.model_name}: "
+                f"{len(expected - set(incoming))} missing, {len(set(incoming) - expected)} "
+                "unexpected keys")
+        incoming = state | incoming          # the base: this site's own, as built
+    elif wire.FROZEN_ARRAYS in content.array_records:
         incoming |= content[wire.FROZEN_ARRAYS].to_torch_state_dict()
     missing = set(state) - set(incoming) - set(local)
     if missing or set(incoming) - set(state):
@@ -89,10 +105,16 @@ def make_client_app(*, sim_data_root: Path | None = None, sim_train_sites: int |
                                   f"{wire.NODE_ROLE!r}): it evaluates, it never trains")
         job = decode_job(msg.content[wire.CONFIG], site_seed=site.seed)
         torch.manual_seed(job.train.seed)        # seeded init: local parameters of round 1
-        model, task = job.build()
+        model, task = job.build(foundation_dir=foundation_dir(site, context))
+        site_base = check_site_model(model, job)
         data, splits = cache.get(site, job.class_names, job.image_size, task.data_needs)
-        local = load_global(model, msg.content, job, context)
+        local = load_global(model, msg.content, job, context, site_base=site_base)
         return site, job, splits, model, Engine(task, site.device), data, local
+
+    def foundation_dir(site, context: Context) -> Path | None:
+        """The site's own directory of pretrained encoders (node config), never the job's."""
+        return site_foundation_dir(node_settings(context.node_config, site.data_dir),
+                                   site.data_dir)
 
     def site_queries(site, context: Context) -> tuple[dict, SiteQueryLog]:
         """The site's node settings and its query log for this run (in its state dir)."""
@@ -170,7 +192,7 @@ def make_client_app(*, sim_data_root: Path | None = None, sim_train_sites: int |
         reply, seconds = MetricRecord(), 0.0
         models = [("", model)]
         if job.personalize and not external:   # the locally adapted model
-            personal, _ = job.build()
+            personal, _ = job.build(foundation_dir=foundation_dir(site, context))
             personal.load_state_dict(context.state[STATE_PERSONAL_MODEL].to_torch_state_dict()
                                      if STATE_PERSONAL_MODEL in context.state
                                      else model.state_dict())

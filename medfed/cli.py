@@ -162,6 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
     labels.add_argument("--findings", help="comma-separated finding names: count findings.csv "
                         "(multi-label, e.g. task=findings3) instead of labels.csv")
     p.add_argument("--json", action="store_true")
+    layout = p.add_mutually_exclusive_group()
+    layout.add_argument("--layout", help="match the site's series to a layout's channels (a "
+                        "shipped name, e.g. chest_xray, or a .yaml path) and print the counts")
+    layout.add_argument("--suggest-layout", action="store_true",
+                        help="print a layout YAML proposed from the site's Modality x "
+                        "SeriesDescription histogram (descriptions in < 5 series suppressed)")
     p.set_defaults(func=Handler("data", "ingest"))
 
     p = sub.add_parser("simulate", help="run a simulated federation (Hydra overrides follow)")
@@ -184,6 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="directory to write")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     p.set_defaults(func=Handler("models", "export"))
+
+    p = sub.add_parser("convert-weights", help="convert a pickle checkpoint (.bin/.pt/.pth/"
+                                               ".ckpt) to safetensors for a foundation model, "
+                                               "without running code from it")
+    p.add_argument("src", help="the checkpoint file, or a directory holding exactly one")
+    p.add_argument("dst", help="directory to write (model.safetensors + the JSON configs)")
+    p.set_defaults(func=Handler("models", "convert_weights"))
 
     p = sub.add_parser("audit", help="one-run canary audit of the DP-SGD path on a site's data")
     p.add_argument("--site-dir", required=True)

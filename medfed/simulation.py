@@ -55,9 +55,12 @@ def check_sites(cfg: ExperimentConfig) -> Path:
 def write_site_node_config(cfg: ExperimentConfig, data_root: Path) -> None:
     """Stand in for each simulated site operator's ``--node-config`` (Flower's simulation
     gives nodes no config of their own): ``<site>/node-config.toml``, or none at all."""
+    settings = dict(cfg.federation.site_node_config)
+    if cfg.model.foundation_dir:        # one machine: every site keeps the same encoders
+        settings.setdefault(wire.NODE_FOUNDATION_DIR,
+                            str(Path(cfg.model.foundation_dir).resolve()))
     for i in range(cfg.federation.num_sites):
         path = data_root / f"site-{i}" / wire.NODE_CONFIG_FILE
-        settings = cfg.federation.site_node_config
         if not settings:
             path.unlink(missing_ok=True)
             continue
@@ -66,9 +69,12 @@ def write_site_node_config(cfg: ExperimentConfig, data_root: Path) -> None:
                         + "\n".join(lines) + "\n")
     external = data_root / wire.ROLE_EXTERNAL
     if cfg.federation.external_sites:       # its operator's choice: evaluate, never train
+        foundation = settings.get(wire.NODE_FOUNDATION_DIR)
         (external / wire.NODE_CONFIG_FILE).write_text(
             "# written by medfed simulate (federation.external_sites)\n"
-            f"{json.dumps(wire.NODE_ROLE)} = {json.dumps(wire.ROLE_EXTERNAL)}\n")
+            f"{json.dumps(wire.NODE_ROLE)} = {json.dumps(wire.ROLE_EXTERNAL)}\n"
+            + (f"{json.dumps(wire.NODE_FOUNDATION_DIR)} = {_toml_value(foundation)}\n"
+               if foundation else ""))
     elif external.is_dir():
         (external / wire.NODE_CONFIG_FILE).unlink(missing_ok=True)
 

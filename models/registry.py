@@ -8,19 +8,37 @@ from typing import Any, Callable
 
 
 class Registry:
-    """Name -> (config dataclass, factory taking that config)."""
+    """Name -> (config dataclass, factory taking that config).
+
+    A factory may also need things only the building side has (a site's own directory of
+    pretrained weights): it declares their keyword names as ``resources`` when registered,
+    and ``build`` passes it those - never anything that came in the options.
+    """
 
     def __init__(self, kind: str):
         self.kind = kind
-        self._entries: dict[str, tuple[type, Callable[[Any], Any]]] = {}
+        self._entries: dict[str, tuple[type, Callable[..., Any]]] = {}
+        self._resources: dict[str, tuple[str, ...]] = {}
 
-    def register(self, name: str, config_cls: type) -> Callable:
-        def decorator(factory: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    def register(self, name: str, config_cls: type, *, resources: tuple[str, ...] = ()
+                 ) -> Callable:
+        def decorator(factory: Callable[..., Any]) -> Callable[..., Any]:
             if name in self._entries:
                 raise ValueError(f"{self.kind} {name!r} is already registered")
             self._entries[name] = (config_cls, factory)
+            self._resources[name] = tuple(resources)
             return factory
         return decorator
+
+    def config_class(self, name: str) -> type:
+        """The config dataclass of ``name`` (its fields are the valid options)."""
+        self.factory(name)          # the clear unknown-name error
+        return self._entries[name][0]
+
+    def resources(self, name: str) -> tuple[str, ...]:
+        """The keyword resources ``name``'s factory takes from the building side."""
+        self.factory(name)          # the clear unknown-name error
+        return self._resources[name]
 
     def names(self) -> list[str]:
         return sorted(self._entries)
@@ -43,9 +61,12 @@ class Registry:
             raise KeyError(f"unknown {self.kind} {name!r}; registered: {', '.join(self.names())}")
         return self._entries[name][1]
 
-    def build(self, name: str, options: dict[str, Any] | None = None) -> Any:
-        return self._entries[name][1](self.config(name, options)) if name in self._entries \
-            else self.config(name, options)   # config() raises the clear unknown-name error
+    def build(self, name: str, options: dict[str, Any] | None = None, **resources: Any) -> Any:
+        """Build ``name`` from ``options``; of ``resources``, the factory gets those it
+        declared when registered (the others are for other entries and are ignored)."""
+        config = self.config(name, options)     # raises the clear unknown-name error
+        wanted = {k: v for k, v in resources.items() if k in self._resources[name]}
+        return self._entries[name][1](config, **wanted)
 
 
 MODELS = Registry("model")

@@ -154,12 +154,14 @@ def private_state(task_name: str, task_options: dict) -> str | None:
 
 
 def build(model_name: str, model_options: dict, task_name: str, task_options: dict, *,
-          backbone_state: dict | None = None) -> tuple[nn.Module, object]:
+          backbone_state: dict | None = None, foundation_dir=None) -> tuple[nn.Module, object]:
     """The trainable model and its task, both by registry name: the backbone from ``MODELS``
     (optionally starting from ``backbone_state``, e.g. a pretraining phase's result), wrapped
-    by the task (objective heads, frozen parts, adapters) when the task says so."""
+    by the task (objective heads, frozen parts, adapters) when the task says so.
+    ``foundation_dir``: the building side's OWN directory of pretrained encoders (site: node
+    config ``foundation-dir``; coordinator: ``model.foundation_dir``), never the job's."""
     task = TASKS.build(task_name, task_options)
-    model = MODELS.build(model_name, model_options)
+    model = MODELS.build(model_name, model_options, foundation_dir=foundation_dir)
     if backbone_state is not None:
         load_backbone(model, backbone_state)
     return task.wrap(model), task

@@ -211,16 +211,20 @@ class JobSpec:
     local_params: tuple[str, ...] = ()    # FedBN-style patterns kept at the site
     evaluate_missing: bool = False        # also score test with each sequence removed
     server_round: int = 0                 # set per round by Flower's strategies
+    base_digest: str = ""                 # foundation model: the frozen base's digest (the
+                                          # coordinator's); each site checks its own against it
 
     def for_site(self, site: int) -> JobSpec:
         """This job at one site: its own data-order/noise stream for this round."""
         return replace(self, train=replace(self.train,
                                            seed=site_seed(self.seed, site, self.server_round)))
 
-    def build(self):
-        """``(model, task)``: the backbone wrapped by the task (heads, adapters, freezing)."""
+    def build(self, *, foundation_dir=None):
+        """``(model, task)``: the backbone wrapped by the task (heads, adapters, freezing).
+        ``foundation_dir``: the building side's own directory of pretrained encoders."""
         from models.tasks import build
-        return build(self.model_name, self.model_options, self.task_name, self.task_options)
+        return build(self.model_name, self.model_options, self.task_name, self.task_options,
+                     foundation_dir=foundation_dir)
 
     def to_record(self) -> ConfigRecord:
         """The ``config`` record of train and evaluate messages."""
@@ -249,7 +253,7 @@ class JobSpec:
             wire.LOCAL_PARAMS: list(self.local_params),
             wire.EVAL_MISSING: self.evaluate_missing,
             wire.SERVER_ROUND: self.server_round,
-        })
+        } | ({wire.BASE_DIGEST: self.base_digest} if self.base_digest else {}))
 
     @classmethod
     def from_record(cls, config: ConfigRecord) -> JobSpec:
@@ -286,7 +290,8 @@ class JobSpec:
             personalize=get(wire.PERSONALIZE, bool, False),
             local_params=get.strings(wire.LOCAL_PARAMS, ()),
             evaluate_missing=get(wire.EVAL_MISSING, bool, False),
-            server_round=get(wire.SERVER_ROUND, int, 0))
+            server_round=get(wire.SERVER_ROUND, int, 0),
+            base_digest=get(wire.BASE_DIGEST, str, ""))
 
 
 def _decode_privacy(get: _Reader) -> PrivacySpec:

@@ -30,6 +30,8 @@ PROXIMAL_MU = "proximal-mu"          # FedProx; the key Flower's FedProx itself 
 LOCAL_PARAMS = "local-params"        # list[str]: fnmatch patterns of parameters kept at sites
 PERSONALIZE = "personalize"          # bool: also report the site's locally adapted model
 RUN_ID = "run-id"                    # the server's run (privacy ledger rows name it)
+BASE_DIGEST = "base-digest"          # foundation model: sha256 of the frozen base weights the
+                                     # coordinator built; each site checks its own copy against it
 
 # Server -> site, in CONFIG: the privacy the server asks for (a site checks it against its own
 # budget in node config and refuses what would exceed it; it never takes a budget from here)
@@ -118,6 +120,9 @@ NODE_REQUIRE_DP = "require-dp"       # default true when a budget is set: refuse
 NODE_REQUIRE_SECAGG = "require-secagg"   # true: refuse to send a plaintext model update
 NODE_CONFIG_FILE = "node-config.toml"  # simulation: per-site stand-in for --node-config
 NODE_ROLE = "role"                   # "train" (default) or "external": evaluates, never trains
+NODE_FOUNDATION_DIR = "foundation-dir"   # the site's own directory of pretrained encoders; a
+                                     # job names one by a bare name, never by a path (relative:
+                                     # under data-dir)
 NODE_DP_MAX_RUN_EPSILON = "dp-max-run-epsilon"     # cap on one run's epsilon (within the budget)
 NODE_DP_MIN_NOISE = "dp-min-noise-multiplier"      # refuse rounds with a smaller noise multiplier
 NODE_DP_MAX_STEPS = "dp-max-steps-per-round"       # refuse DP-SGD rounds of more steps

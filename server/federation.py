@@ -13,6 +13,7 @@ from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from models.foundation import base_digest, site_owned_base
 from models.tasks import build, frozen_keys
 from models.weights import load_pretrained
 from protocol import wire
@@ -36,17 +37,20 @@ from .tracking import MlflowTracker
 log = logging.getLogger("medfed.server")
 
 
-def build_strategy(cfg: ExperimentConfig, frozen: list[str] = ()) -> Strategy:
+def build_strategy(cfg: ExperimentConfig, frozen: list[str] = (), *,
+                   send_frozen: bool = True) -> Strategy:
     """The configured Flower strategy inside the fault guard (quorum wait, sanitization);
-    ``frozen`` weights (linear probe, LoRA) are sent to sites but never aggregated; with
+    ``frozen`` weights (linear probe, LoRA) are never aggregated, and sent to sites unless
+    ``send_frozen`` is false (a foundation model: each site holds its own base); with
     ``federation.external_sites`` external sites evaluate and never train."""
-    strategy = _training_strategy(cfg, frozen)
+    strategy = _training_strategy(cfg, frozen, send_frozen)
     if cfg.federation.external_sites:
         return ExternalSites(strategy, query_timeout=cfg.federation.round_timeout)
     return strategy
 
 
-def _training_strategy(cfg: ExperimentConfig, frozen: list[str]) -> Strategy:
+def _training_strategy(cfg: ExperimentConfig, frozen: list[str], send_frozen: bool
+                       ) -> Strategy:
     s, p = cfg.strategy, cfg.privacy
     site_dp = p.mechanism == wire.DP_SITE
     inner = build_flower_strategy(
@@ -74,16 +78,17 @@ def _training_strategy(cfg: ExperimentConfig, frozen: list[str]) -> Strategy:
             encoding=Encoding(clip_range=sa.clip_range, max_sites=cfg.federation.num_sites,
                               max_weight=sa.max_weight)), stage_timeout=cfg.federation.round_timeout,
             site_dp=noise)
-        return FrozenSharing(secure, list(frozen)) if frozen else secure
+        return FrozenSharing(secure, list(frozen), send_frozen=send_frozen) if frozen else secure
     if frozen:
-        return FrozenSharing(guarded, list(frozen))
+        return FrozenSharing(guarded, list(frozen), send_frozen=send_frozen)
     return PartialSharing(guarded, list(s.local_params)) if s.local_params else guarded
 
 
-def job_config(cfg: ExperimentConfig, run_id: str = "") -> ConfigRecord:
+def job_config(cfg: ExperimentConfig, run_id: str = "", base_digest: str = "") -> ConfigRecord:
     """What every site needs to build the model and task and to train (no site specifics):
-    the experiment's ``JobSpec`` in its wire form."""
-    return cfg.job_spec(run_id).to_record()
+    the experiment's ``JobSpec`` in its wire form (``base_digest``: a foundation model's
+    frozen base as built here, which each site checks its own copy against)."""
+    return cfg.job_spec(run_id, base_digest).to_record()
 
 
 RUN_LOG = "medfed.log"          # the run's own log (console lines and what the console omits)
@@ -214,9 +219,13 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path,
     run_id = run_id or run_dir.name
     torch.manual_seed(cfg.seed)
     model, _ = build(cfg.model.name, cfg.model_options(), cfg.task.name, cfg.task_options(),
-                     backbone_state=backbone)
+                     backbone_state=backbone, foundation_dir=cfg.model.foundation_dir)
     initial = ArrayRecord(model.state_dict())
-    guarded = build_strategy(cfg, frozen_keys(model))
+    # A foundation model's frozen base is each site's own copy: it never travels; the job
+    # carries its digest instead.
+    site_base = site_owned_base(model)
+    digest = base_digest(model) if site_base else ""
+    guarded = build_strategy(cfg, frozen_keys(model), send_frozen=not site_base)
     checkpoint = latest_checkpoint(run_dir, cfg.fingerprint()) if resume else None
     done = 0
     if checkpoint is not None:
@@ -243,8 +252,8 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path,
         result = strategy.start(
             grid=grid, initial_arrays=initial, num_rounds=remaining,
             timeout=cfg.federation.round_timeout,
-            train_config=job_config(cfg, run_id),
-            evaluate_config=job_config(cfg, run_id),
+            train_config=job_config(cfg, run_id, digest),
+            evaluate_config=job_config(cfg, run_id, digest),
         )
     except BaseException:
         tracker.finish(console.summary(), status="FAILED")

@@ -179,7 +179,7 @@ class MlflowTracker:
 
     def _register(self, record: RoundRecord, privacy: dict) -> None:
         model, task = build(self.cfg.model.name, self.cfg.model_options(), self.cfg.task.name,
-                            self.cfg.task_options())
+                            self.cfg.task_options(), foundation_dir=self.cfg.model.foundation_dir)
         model.load_state_dict(record.arrays.to_torch_state_dict())
         exported = servable(model, multi_label=task.data_needs.multi_label).eval()
         # Batch of 2 so torch.export keeps the batch dimension dynamic (pt2 format).

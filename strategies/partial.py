@@ -75,13 +75,17 @@ class FrozenSharing(PartialSharing):
     """Wrap ``strategy`` for models whose ``frozen`` weights do not train (linear probe, LoRA
     base weights): sites receive them beside the trainable ones (``wire.FROZEN_ARRAYS``) and
     send back only the trainable ones, which are all the inner strategy sees and aggregates.
-    The global record stays the complete model."""
+    The global record stays the complete model.
+
+    ``send_frozen=False`` (a foundation model): each site holds the frozen base itself and
+    checks it by digest, so only the trainable arrays travel, in both directions."""
 
     kind = "frozen-sharing"
 
-    def __init__(self, strategy: Strategy, frozen: list[str]):
+    def __init__(self, strategy: Strategy, frozen: list[str], *, send_frozen: bool = True):
         super().__init__(strategy, list(frozen))
         self._frozen_names = set(frozen)
+        self.send_frozen = send_frozen
 
     def _split(self, arrays: ArrayRecord) -> ArrayRecord:
         if not self._local:
@@ -89,8 +93,10 @@ class FrozenSharing(PartialSharing):
         return ArrayRecord({k: a for k, a in arrays.items() if k not in self._frozen_names})
 
     def _attach(self, messages: Iterable[Message]) -> list[Message]:
-        frozen = ArrayRecord(dict(self._local))
         messages = list(messages)
+        if not self.send_frozen:
+            return messages
+        frozen = ArrayRecord(dict(self._local))
         for msg in messages:
             msg.content[wire.FROZEN_ARRAYS] = frozen
         return messages

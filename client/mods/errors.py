@@ -17,6 +17,7 @@ from flwr.clientapp.typing import ClientAppCallable
 
 from protocol.job import SpecError
 
+from ..foundation import FoundationRefused
 from ..privacy.policy import PrivacyRefused
 from ..privacy.secagg import SecAggRefused
 from ..queries import QueryRefused
@@ -25,7 +26,8 @@ from ..runtime import SiteConfigError
 log = logging.getLogger(__name__)
 
 # Refusals whose reasons are policy (written by us, never holding site data): sent as they are.
-POLICY_REFUSALS: tuple[type[Exception], ...] = (PrivacyRefused, SecAggRefused, QueryRefused)
+POLICY_REFUSALS: tuple[type[Exception], ...] = (PrivacyRefused, SecAggRefused, QueryRefused,
+                                                FoundationRefused)
 
 # class of failure -> (code, generic message); the first match in order wins.
 GENERIC: tuple[tuple[type[Exception], str, str], ...] = (

@@ -33,6 +33,8 @@ def ingest(args: argparse.Namespace) -> int:
     """Read a site directory as training would and print what was found (or ``--json``)."""
     from client.data.site import load_site
 
+    if getattr(args, "layout", None) or getattr(args, "suggest_layout", False):
+        return _ingest_layout(args)
     if args.findings:       # multi-label: findings.csv, counted per finding
         data = load_site(Path(args.data_dir), tuple(args.findings.split(",")), multi_label=True)
     else:
@@ -50,4 +52,44 @@ def ingest(args: argparse.Namespace) -> int:
                        ("studies per split", "splits")):
         counts = report[key]
         print(f"{title}: " + (", ".join(f"{k}={v}" for k, v in sorted(counts.items())) or "none"))
+    return 0
+
+
+def _ingest_layout(args: argparse.Namespace) -> int:
+    """``--layout``: per channel, series matched by each rule, and skips by reason;
+    ``--suggest-layout``: a proposed layout YAML. Counts and rule names only."""
+    from client.data.layout import load_layout
+    from client.data.matching import assign, read_headers
+    from client.data.suggest import suggest_layout, to_yaml
+
+    site = Path(args.data_dir)
+    if not site.is_dir():
+        raise ValueError("ingest: --data-dir is not a directory")
+    # A site directory keeps its DICOM under dicom/; any other directory is read as is.
+    dicom_dir = site / "dicom" if (site / "dicom").is_dir() else site
+    if args.suggest_layout:
+        headers, _, _ = read_headers(dicom_dir)
+        layout, counts = suggest_layout(headers)
+        if not layout["channels"]:
+            raise ValueError("ingest: no image series found; nothing to propose")
+        print(json.dumps({"layout": layout, "counts": counts}, indent=2) if args.json
+              else to_yaml(layout, counts), end="" if not args.json else "\n")
+        return 0
+    layout = load_layout(args.layout)       # LayoutError (a ValueError): one line, no run
+    headers, files, skipped = read_headers(dicom_dir)
+    report = assign(layout, headers, files=files, skipped_files=skipped).report
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2, sort_keys=True))
+        return 0
+    print(f"layout: {report.layout}   files: {report.files}   series: {report.series}   "
+          f"studies: {report.studies} ({report.studies_usable} usable)")
+    for channel, rules in report.matched.items():
+        total = sum(rules.values())
+        detail = ", ".join(f"{r}={n}" for r, n in sorted(rules.items()))
+        print(f"  {channel}: {total} series" + (f" ({detail})" if detail else ""))
+    for title, counts in (("skipped files", report.skipped_files),
+                          ("skipped series", report.skipped_series),
+                          ("studies missing a channel", report.studies_missing)):
+        print(f"{title}: " + (", ".join(f"{k}={v}" for k, v in sorted(counts.items()))
+                              or "none"))
     return 0

@@ -1,4 +1,5 @@
-"""Model commands: ``export`` a registered model version for use outside MLflow."""
+"""Model commands: ``export`` a registered model version for use outside MLflow;
+``convert-weights`` a pickle checkpoint to safetensors for a foundation model."""
 
 from __future__ import annotations
 
@@ -14,4 +15,15 @@ def export(args: argparse.Namespace) -> int:
                          force=args.force)
     print(f"exported {args.model} version {args.version} to {out} "
           f"(start a run from it with model.pretrained={out})")
+    return 0
+
+
+def convert_weights(args: argparse.Namespace) -> int:
+    """Convert ``SRC`` (a pickle checkpoint) to ``DST/model.safetensors`` with
+    ``torch.load(weights_only=True)``: tensors and plain containers only, no code runs."""
+    from models.foundation.loading import convert_weights as convert
+
+    out = convert(Path(args.src), Path(args.dst))
+    print(f"wrote {out / 'model.safetensors'}; place {out.name} in foundation-dir and name it "
+          f"with model.options.weights={out.name}")
     return 0

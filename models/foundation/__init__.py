@@ -10,30 +10,83 @@ MONAI are imported only when such a model is built, so importing ``models`` stay
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from torch import nn
+
 from ..registry import MODELS
-from .config import METHODS, FoundationConfig
+from .config import METHODS, FoundationConfig, check_weights_name
+
+FOUNDATION_DIR = "foundation_dir"     # the building side's own directory (a registry resource)
 
 
-@MODELS.register("foundation", FoundationConfig)
-def build_foundation(config: FoundationConfig):
-    """Load ``config.weights_dir``, adapt it to ``config.num_channels`` channels and set
-    what trains (``config.method``).
+def resolve_weights(foundation_dir: str | Path | None, name: str) -> Path:
+    """``<foundation_dir>/<name>``: where THIS side keeps the encoder the job names.
 
-    The task wrapping this model must leave it as built (``mode="full"`` in the head tasks):
-    their LoRA mode targets MultiModalViT's module names.
+    Raises
+    ------
+    FoundationLoadError
+        No directory configured here, or ``name`` is not a bare name.
+    """
+    from .loading import FoundationLoadError
+
+    try:
+        check_weights_name(name)
+    except ValueError as err:
+        raise FoundationLoadError(str(err)) from None
+    if not foundation_dir:
+        raise FoundationLoadError(
+            f"the foundation model {name!r} needs a directory of pretrained encoders on this "
+            "side: node config 'foundation-dir' at a site, model.foundation_dir on the "
+            "coordinator")
+    return Path(foundation_dir) / name
+
+
+@MODELS.register("foundation", FoundationConfig, resources=(FOUNDATION_DIR,))
+def build_foundation(config: FoundationConfig, *, foundation_dir: str | Path | None = None):
+    """Load ``<foundation_dir>/<config.weights>``, adapt it to ``config.num_channels``
+    channels and set what trains (``config.method``).
+
+    ``foundation_dir`` is the building side's own setting, never a job option. The task
+    wrapping this model must leave it as built (``mode="full"`` in the head tasks): their LoRA
+    mode targets MultiModalViT's module names.
     """
     from .adapt import FoundationBackbone
-    from .loading import FoundationLoadError, load_encoder
+    from .loading import load_encoder
     from .lora import apply_method
 
-    if not config.weights_dir:
-        # TODO(site-weights): resolve from the site's own configuration, never the server's.
-        raise FoundationLoadError("model option weights_dir is required: the local directory "
-                                  "holding the pretrained encoder")
-    loaded = load_encoder(config.weights_dir, expected_family=config.family)
+    loaded = load_encoder(resolve_weights(foundation_dir, config.weights),
+                          expected_family=config.family)
     model = FoundationBackbone(loaded, config)
     return apply_method(model, config.method, rank=config.lora_rank, alpha=config.lora_alpha,
                         targets=config.lora_targets, dropout=config.lora_dropout)
 
 
-__all__ = ["FoundationConfig", "METHODS", "build_foundation"]
+def site_owned_base(model: nn.Module) -> bool:
+    """Whether ``model`` (as a task wrapped it) holds a foundation backbone: its frozen base
+    weights then come from each side's own directory and never travel."""
+    from .adapt import FoundationBackbone
+
+    return any(isinstance(m, FoundationBackbone) for m in model.modules())
+
+
+def base_digest(model: nn.Module) -> str:
+    """Digest of every frozen weight of ``model`` (``lora.frozen_digest``): the coordinator
+    sends it with the job; a site whose own base gives another refuses."""
+    from .lora import frozen_digest
+
+    return frozen_digest(model)
+
+
+def dp_refusal(model: nn.Module) -> str | None:
+    """Why DP-SGD's per-sample rule does not hold for a foundation backbone in ``model``
+    (its family's ``dp_unsupported``), or None."""
+    from .adapt import FoundationBackbone
+
+    reasons = [m.dp_unsupported for m in model.modules()
+               if isinstance(m, FoundationBackbone) and m.dp_unsupported]
+    return reasons[0] if reasons else None
+
+
+__all__ = ["FOUNDATION_DIR", "FoundationConfig", "METHODS", "base_digest", "build_foundation",
+           "dp_refusal", "resolve_weights", "site_owned_base"]

@@ -3,9 +3,23 @@ the layout of the site's studies, and what of it trains."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from .families import FAMILIES
+
+# A weights NAME, resolved by each side in its own directory: letters, digits, . _ - only, so
+# no separator, no "..", nothing absolute can ever make it point outside that directory.
+WEIGHTS_NAME = re.compile(r"[A-Za-z0-9._-]+")
+
+
+def check_weights_name(name: str) -> str:
+    """``name`` if it is a bare directory name, else ``ValueError`` saying why."""
+    if not isinstance(name, str) or not WEIGHTS_NAME.fullmatch(name) or name in (".", ".."):
+        raise ValueError(f"foundation weights must be a bare name ([A-Za-z0-9._-]+, not . or ..) "
+                         f"that each site resolves in its own foundation-dir, got {name!r}; a "
+                         "site never reads a path named by the job")
+    return name
 
 METHODS = ("lora", "dora", "ia3", "full", "linear_probe")
 
@@ -14,14 +28,14 @@ METHODS = ("lora", "dora", "ia3", "full", "linear_probe")
 class FoundationConfig:
     """A pretrained vision encoder fine-tuned on multi-channel studies.
 
-    ``weights_dir`` names a local directory (``save_pretrained`` layout, safetensors only).
-    TODO(site-weights): in deployment this directory must come from the SITE's own
-    configuration (a name resolved by the site and checked against a digest), never from the
-    coordinator - a path in a message from the server would let it choose what a site loads.
-    Until that is wired, it is taken from the model options like any other option.
+    ``weights`` is a bare NAME, never a path: each side resolves it in its own directory of
+    encoders (a site: node config ``foundation-dir``; the coordinator: ``model.foundation_dir``)
+    as ``<dir>/<weights>`` (``save_pretrained`` layout, safetensors only). A path in a message
+    from the server would let the coordinator choose what a site reads; the job carries the
+    digest of the frozen base instead, which each site checks against its own copy.
     """
 
-    weights_dir: str = ""
+    weights: str = ""               # required: a name in each side's foundation directory
     family: str = ""                # if set, the directory must hold this family
     num_channels: int = 4           # input channels (MRI sequences), one patch embedding each
     image_size: int = 64
@@ -36,6 +50,10 @@ class FoundationConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+        if not self.weights:
+            raise ValueError("model option weights is required: the NAME of the pretrained "
+                             "encoder's directory inside each site's foundation-dir")
+        check_weights_name(self.weights)
         if self.family and self.family not in FAMILIES:
             raise ValueError(f"unknown foundation family {self.family!r}; supported: "
                              f"{', '.join(sorted(FAMILIES))}")
@@ -55,4 +73,4 @@ class FoundationConfig:
             raise ValueError(f"modality_dropout must be in [0, 1], got {self.modality_dropout}")
 
 
-__all__ = ["FoundationConfig", "METHODS"]
+__all__ = ["FoundationConfig", "METHODS", "WEIGHTS_NAME", "check_weights_name"]

@@ -6,7 +6,7 @@ comes from the directory's ``config.json`` (``model_type`` -> family) and the we
 it exactly: transformers only warns about missing or unexpected keys, we refuse. Weights are
 read only from ``*.safetensors``; a pickle checkpoint (``pytorch_model.bin``, ``.pt``, ``.pth``)
 can run code when unpickled, so it is refused with the command that converts it
-(``convert_weights`` here; the ``medfed convert-weights SRC DST`` CLI wiring is still to do).
+(``convert_weights`` here, ``medfed convert-weights SRC DST`` on the command line).
 
 MONAI's ``ViT`` has no ``save_pretrained``; its directory is our own small format
 (``save_monai_vit``): ``config.json`` = ``{"model_type": "monai_vit", "constructor": {...}}``

@@ -41,7 +41,9 @@ def explain_override(overrides: list[str], conf_dir: Path, schema: DictConfig) -
         return None
     except Exception as err:  # noqa: BLE001 - Hydra's grammar errors: its message is the best
         return str(err).strip().splitlines()[0]
-    groups = sorted(p.name for p in conf_dir.iterdir() if p.is_dir())
+    # Nested groups too (data/layout): a sub-directory of a group is a group of its own.
+    groups = sorted(p.relative_to(conf_dir).as_posix() for p in conf_dir.rglob("*")
+                    if p.is_dir())
     for override, text in zip(parsed, overrides):
         if override.is_delete() or override.is_sweep_override() or override.package:
             continue

@@ -26,6 +26,10 @@ class ModelConfig:
     name: str = "mmvit"
     options: dict[str, Any] = field(default_factory=dict)
     pretrained: str | None = None         # local save_pretrained directory to start from
+    # model=foundation: the coordinator's OWN directory of pretrained encoders, where it
+    # resolves options.weights (a bare name) to build the initial global model. Never sent:
+    # each site resolves the same name in its node config's foundation-dir.
+    foundation_dir: str | None = None
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,9 @@ class FederationConfig:
 @dataclass(frozen=True)
 class DataConfig:
     root: str = "runs/data"               # simulation: holds site-0 ... site-(n-1)
+    # The modality layout (conf/data/layout/<name>.yaml, group data/layout), validated by
+    # the site's client.data.layout.Layout.from_dict; not yet part of the job spec.
+    layout: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -135,7 +142,10 @@ class ExperimentConfig:
         """Model options with the task's shape facts filled in (classes, image size)."""
         opts = dict(self.model.options)
         opts.setdefault("num_classes", len(self.task.class_names))
-        opts.setdefault("img_size", self.task.image_size)
+        # the image size under the model's own name for it (mmvit: img_size; foundation:
+        # image_size); an unknown model is left for validate() to report
+        size_key = "image_size" if "image_size" in _model_fields(self.model.name) else "img_size"
+        opts.setdefault(size_key, self.task.image_size)
         return opts
 
     def task_options(self) -> dict[str, Any]:
@@ -146,9 +156,10 @@ class ExperimentConfig:
             opts["class_names"] = list(self.task.class_names)
         return opts | dict(self.task.options)
 
-    def job_spec(self, run_id: str = "") -> JobSpec:
+    def job_spec(self, run_id: str = "", base_digest: str = "") -> JobSpec:
         """What every site is asked to do in this phase (``run_id`` names it in their privacy
-        ledgers). The proximal term is the strategy's own option (FedProx); Flower's FedProx
+        ledgers; ``base_digest``: a foundation model's frozen base, as the coordinator built
+        it). The proximal term is the strategy's own option (FedProx); Flower's FedProx
         also injects it into each train message."""
         train = TrainConfig(**asdict(self.train), seed=self.seed,
                             proximal_mu=float(self.strategy.options.get(
@@ -163,7 +174,7 @@ class ExperimentConfig:
             class_names=tuple(self.task.class_names), image_size=self.task.image_size,
             train=train, privacy=privacy, seed=self.seed,
             personalize=self.strategy.personalize, local_params=tuple(self.strategy.local_params),
-            evaluate_missing=self.task.evaluate_missing)
+            evaluate_missing=self.task.evaluate_missing, base_digest=base_digest)
 
     def pretrain_phase(self) -> ExperimentConfig:
         """Phase 1 as an experiment of its own: the objective as task, its rounds, its
@@ -181,6 +192,14 @@ class ExperimentConfig:
                        train=train, pretrain=PretrainConfig(),
                        federation=replace(self.federation, num_rounds=p.num_rounds),
                        tracking=replace(self.tracking, registered_model=p.registered_model))
+
+
+def _model_fields(model_name: str) -> set[str]:
+    from models import MODELS    # the registry imports torch; the schema alone must not
+    try:
+        return {f.name for f in fields(MODELS.config_class(model_name))}
+    except KeyError:
+        return set()       # unknown model: validate() reports it
 
 
 def _fields_of(task_name: str) -> set[str]:

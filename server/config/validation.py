@@ -17,6 +17,9 @@ from strategies.registry import (StrategyConfigError, strategies_with, strategy_
 from .privacy import validate_privacy
 from .schema import ConfigError, ExperimentConfig
 
+# The one layout the site's training path reads (client/data/sequences.py).
+TRAINED_LAYOUT = "brain_mri_4seq"
+
 
 def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     """Cross-field checks that a schema cannot express."""
@@ -31,6 +34,7 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
             check_compatible(saved, cfg.model_options())
         except PretrainedError as err:
             raise ConfigError(f"model.pretrained: {err}") from None
+    validate_foundation(cfg)
     try:
         validate_strategy(cfg.strategy.name, cfg.strategy.options)
     except StrategyConfigError as err:
@@ -53,7 +57,9 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         raise ConfigError(f"strategy.min_train_sites must be in [1, federation.num_sites="
                           f"{fed.num_sites}], got {strat.min_train_sites}")
     if strat.local_params:
-        names = [n for n, _ in MODELS.build(cfg.model.name, cfg.model_options()).named_parameters()]
+        names = [n for n, _ in MODELS.build(cfg.model.name, cfg.model_options(),
+                                            foundation_dir=cfg.model.foundation_dir
+                                            ).named_parameters()]
         unmatched = unmatched_patterns(names, strat.local_params)
         if unmatched:
             raise ConfigError(f"strategy.local_params {unmatched} match no model parameter; "
@@ -65,10 +71,48 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         check_resume_dir(Path(cfg.resume))      # a run dir, or a two-phase run's (pretrain/)
     if len(set(cfg.task.class_names)) != len(cfg.task.class_names) or len(cfg.task.class_names) < 2:
         raise ConfigError("task.class_names must list at least two distinct classes")
+    layout = cfg.data.layout.get("name", TRAINED_LAYOUT)
+    if layout != TRAINED_LAYOUT:
+        # The sites read only this layout today; a silently ignored choice would train on
+        # brain MRI while the operator believes otherwise.
+        raise ConfigError(f"data/layout={layout}: training reads only data/layout="
+                          f"{TRAINED_LAYOUT} so far; other layouts work with `medfed ingest "
+                          f"--layout {layout}` (issue 23)")
     validate_privacy(cfg)
     validate_secagg(cfg)
     validate_pretrain(cfg)
     return cfg
+
+
+def validate_foundation(cfg: ExperimentConfig) -> None:
+    """A foundation model's weights NAME must resolve in the coordinator's own
+    ``model.foundation_dir`` (it builds the initial global model and the base digest from it;
+    sites resolve the same name in their own foundation-dir), and DP-SGD must cover its
+    family. Reads the directory's config.json only; the weights load when the run starts."""
+    if "foundation_dir" not in MODELS.resources(cfg.model.name):
+        if cfg.model.foundation_dir is not None:
+            raise ConfigError(f"model.foundation_dir is set but model={cfg.model.name} loads "
+                              "no pretrained encoder; remove it")
+        return
+    from models.foundation import resolve_weights
+    from models.foundation.families import FAMILIES
+    from models.foundation.loading import FoundationLoadError, check_weight_files, family_of
+
+    if cfg.tracking.log_models:
+        raise ConfigError("model=foundation: registering foundation-model versions in MLflow "
+                          "(models/serving.py export) is not built yet; set "
+                          "tracking.log_models=false")
+    name = str(cfg.model.options.get("weights", ""))
+    try:
+        directory = resolve_weights(cfg.model.foundation_dir, name)
+        family = family_of(directory)
+        check_weight_files(directory)
+    except FoundationLoadError as err:
+        raise ConfigError(f"model.options.weights: {err}") from None
+    reason = FAMILIES[family].dp_unsupported        # a property of the family (class level)
+    if cfg.privacy.mechanism == wire.DP_SGD and reason:
+        raise ConfigError(f"privacy.mechanism=dp-sgd refused for a {family} foundation model: "
+                          f"{reason}; use privacy=sitedp or another family")
 
 
 def validate_pretrain(cfg: ExperimentConfig) -> None:

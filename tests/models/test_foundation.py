@@ -80,8 +80,8 @@ def weights(tmp_path_factory):
 
 
 def _build(directory, **options) -> FoundationBackbone:
-    options = {"weights_dir": str(directory), "num_channels": S, "image_size": 32} | options
-    return MODELS.build("foundation", options)
+    options = {"weights": directory.name, "num_channels": S, "image_size": 32} | options
+    return MODELS.build("foundation", options, foundation_dir=directory.parent)
 
 
 def _batch(seed: int = 0, dtype=torch.float32):
@@ -215,10 +215,10 @@ def test_missing_directory_unsupported_class_and_wrong_family_are_refused(weight
         load_encoder(tmp_path / "bert")
     with pytest.raises(FoundationLoadError, match="holds a vit encoder"):
         load_encoder(weights["vit"], expected_family="dinov2")
-    with pytest.raises(FoundationLoadError, match="weights_dir is required"):
+    with pytest.raises(ValueError, match="weights is required"):
         MODELS.build("foundation", {})
     with pytest.raises(ValueError, match="unknown method"):
-        FoundationConfig(method="qlora")
+        FoundationConfig(weights="dinov2", method="qlora")
 
 
 # ---------------------------------------------------------------- what trains

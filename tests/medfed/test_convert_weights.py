@@ -1,0 +1,43 @@
+"""``medfed convert-weights``: a pickle-only foundation directory is refused with the command
+that fixes it; the command converts it without running code; the result loads."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import transformers  # noqa: E402
+
+from medfed.cli import main  # noqa: E402
+from models.foundation.loading import (CONVERT_COMMAND, FoundationLoadError,  # noqa: E402
+                                       load_encoder)
+
+
+def test_a_pickle_directory_is_refused_then_converted_by_the_cli_then_loads(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = transformers.Dinov2Model(transformers.Dinov2Config(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+        patch_size=8, mlp_ratio=2))
+    src, dst = tmp_path / "dino-bin", tmp_path / "dino"
+    model.config.save_pretrained(src)
+    torch.save(model.state_dict(), src / "pytorch_model.bin")
+    try:
+        load_encoder(src)
+        raise AssertionError("a pickle-only directory was loaded")
+    except FoundationLoadError as err:
+        assert CONVERT_COMMAND in str(err) and "pytorch_model.bin" in str(err)
+
+    assert main(["convert-weights", str(src), str(dst)]) == 0
+    assert "model.safetensors" in capsys.readouterr().out
+    loaded = load_encoder(dst).encoder
+    for name, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value), name
+
+
+def test_convert_weights_refuses_a_missing_source_in_one_line(tmp_path, capsys):
+    assert main(["convert-weights", str(tmp_path / "absent"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("medfed: error: ") and "does not exist" in err
+    assert err.count("\n") == 1

@@ -1,0 +1,69 @@
+"""End to end: a 2-site, 1-round Flower simulation of a LoRA fine-tuning of a pretrained
+encoder saved as a transformers directory - the coordinator and every site resolve its NAME
+in their own foundation directory, and only adapters, new patch/channel embeddings and the
+head travel, in both directions."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import transformers  # noqa: E402
+
+from client.mods import egress_log  # noqa: E402
+from medfed.simulation import simulate  # noqa: E402
+from protocol import wire  # noqa: E402
+from server.config import load_experiment  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+def ingress_log(directory: Path):
+    """Client mod: what the coordinator sent (array keys; is a frozen record attached)."""
+    def mod(msg, context, call_next):
+        if msg.metadata.message_type.startswith("train") and wire.ARRAYS in msg.content:
+            directory.mkdir(parents=True, exist_ok=True)
+            (directory / f"{time.time_ns()}.json").write_text(json.dumps({
+                "arrays": sorted(msg.content[wire.ARRAYS].keys()),
+                "frozen": wire.FROZEN_ARRAYS in msg.content.array_records}))
+        return call_next(msg, context)
+    return mod
+
+
+def test_lora_on_a_saved_dinov2_sends_only_trainable_tensors(tiny_sites, tmp_path):
+    encoders = tmp_path / "encoders"
+    torch.manual_seed(0)
+    base = transformers.Dinov2Model(transformers.Dinov2Config(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+        patch_size=8, mlp_ratio=2))
+    base.save_pretrained(encoders / "dino-tiny")
+    n_base = len(base.state_dict())
+    cfg = load_experiment([
+        "model=foundation", "model.options.weights=dino-tiny",
+        f"model.foundation_dir={encoders}", "model.options.lora_rank=2",
+        "task.image_size=32", "federation=sim2", "tracking.log_models=false",
+        "federation.num_rounds=1",
+        "train.local_epochs=1", "train.batch_size=8", f"data.root={tiny_sites}",
+        f"runs_dir={tmp_path / 'runs'}", "name=foundation-smoke"])
+    run_dir = simulate(cfg, client_mods=[egress_log(tmp_path / "egress"),
+                                         ingress_log(tmp_path / "ingress")])
+    assert (run_dir / "mlflow.db").is_file()
+
+    sent = [json.loads(p.read_text()) for p in (tmp_path / "ingress").glob("*.json")]
+    assert len(sent) == 2 and not any(s["frozen"] for s in sent)
+    replies = [json.loads(p.read_text()) for p in (tmp_path / "egress").glob("*.json")]
+    train = [r for r in replies if r.get("message_type", "").startswith("train")]
+    assert len(train) == 2, replies
+    for keys in [set(s["arrays"]) for s in sent] + [set(r["records"]["arrays"]) for r in train]:
+        assert keys == set(sent[0]["arrays"])            # the same set both ways, every site
+        for key in keys:
+            assert "lora_" in key or key.split(".")[0] in ("patch_embed", "channel_embed",
+                                                           "head"), key
+        assert any("lora_A" in k for k in keys) and any(k.startswith("head.") for k in keys)
+        assert len(keys) < n_base / 2          # far fewer than the base's tensors

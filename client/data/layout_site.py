@@ -8,6 +8,10 @@ A study's ``images`` are keyed by the layout's *input* channels (one per window 
 decided it: the dataset does not z-score them again). A channel the study lacks is absent
 (the dataset zero-fills it and marks it not present). Only pseudonymous keys leave this
 module: the DICOM headers and file paths it reads stay inside it.
+
+Geometry: images keep their source matrix here; the dataset resizes each channel to the job's
+``image_size`` (one resize, as for the brain reader). A layout's own ``size``/``spacing`` are
+not applied yet for training (the model's input size is the task's).
 """
 
 from __future__ import annotations

@@ -39,7 +39,8 @@ CLASS_NAMES: tuple[str, ...] = ("no_finding", "consolidation", "effusion")
 VIEWS = ("frontal", "lateral")
 _SOP = {"CR": ComputedRadiographyImageStorage, "DX": DigitalXRayImageStorageForPresentation}
 # (frontal, lateral) SeriesDescription per vendor convention; ViewPosition decides, not these.
-_NAMING = (("CHEST {view}", "CHEST LAT"), ("{view} CHEST", "LATERAL"), ("Thorax {view}", "Thorax lat"))
+_NAMING = (("CHEST {view}", "CHEST LAT"), ("{view} CHEST", "LATERAL"),
+           ("Thorax {view}", "Thorax lat"))
 
 
 @dataclass(frozen=True)
@@ -344,7 +345,8 @@ def write_chest_site(site: ChestSite, out: Path, seed: int) -> None:
             writer.writerow([study.study_uid, CLASS_NAMES[study.label] if study.labelled else ""])
     with open(out / "reports.jsonl", "w") as f:
         for study in site.studies:
-            f.write(json.dumps({"study_instance_uid": study.study_uid, "text": study.report}) + "\n")
+            row = {"study_instance_uid": study.study_uid, "text": study.report}
+            f.write(json.dumps(row) + "\n")
 
 
 def _write_junk(site: ChestSite, dicom_dir: Path, seed: int) -> None:

@@ -107,7 +107,8 @@ def make_client_app(*, sim_data_root: Path | None = None, sim_train_sites: int |
         torch.manual_seed(job.train.seed)        # seeded init: local parameters of round 1
         model, task = job.build(foundation_dir=foundation_dir(site, context))
         site_base = check_site_model(model, job)
-        data, splits = cache.get(site, job.class_names, job.image_size, task.data_needs)
+        data, splits = cache.get(site, job.class_names, job.image_size, task.data_needs,
+                                 job.layout)
         local = load_global(model, msg.content, job, context, site_base=site_base)
         return site, job, splits, model, Engine(task, site.device), data, local
 
@@ -202,7 +203,8 @@ def make_client_app(*, sim_data_root: Path | None = None, sim_train_sites: int |
         if msg.content[wire.CONFIG].get(wire.EVAL_MISSING, False):   # each sequence missing
             prefix = wire.EXTERNAL_WITHOUT_PREFIX if external else wire.WITHOUT_PREFIX
             views |= {f"{prefix}{seq}": WithoutSequence(splits[names[-1]], j)   # test / external
-                      for j, seq in enumerate(SEQUENCES)}
+                      for j, seq in enumerate(job.layout.input_channels if job.layout
+                                              else SEQUENCES)}
         for prefix, candidate in models:
             for split, view in views.items():
                 metrics, suppressed = evaluate_split(engine, candidate, view,

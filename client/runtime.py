@@ -20,6 +20,8 @@ from models.task import DataNeeds
 from protocol import wire
 
 from .data.dataset import StudyDataset
+from .data.layout import Layout
+from .data.layout_site import load_layout_site
 from .data.site import SiteData, load_site
 from .engine import resolve_device
 from .privacy.policy import node_settings
@@ -91,18 +93,20 @@ class SiteDataCache:
         self._sites: OrderedDict[tuple, tuple[SiteData, dict[str, StudyDataset]]] = OrderedDict()
 
     def get(self, site: SiteIdentity, class_names: tuple[str, ...], image_size: int,
-            needs: DataNeeds = DataNeeds()) -> tuple[SiteData, dict[str, StudyDataset]]:
+            needs: DataNeeds = DataNeeds(), layout: Layout | None = None,
+            ) -> tuple[SiteData, dict[str, StudyDataset]]:
         """Splits of one site for a task with these ``needs``.
 
         Training uses the labelled studies (a ``label_fraction`` of them, chosen by a hash of
         the study) or, for self-supervised objectives, every training study
         (``needs.unlabelled``); with ``needs.masks`` only studies with a lesion mask.
         Evaluation splits are always the labelled ones. An external site has one split,
-        ``external``: every labelled study.
+        ``external``: every labelled study. ``layout``: the job's modality layout (None:
+        today's brain_mri_4seq reader); its input channels are the model's, in order.
         """
-        key = (str(site.data_dir), site.role, tuple(class_names), image_size, needs)
+        key = (str(site.data_dir), site.role, tuple(class_names), image_size, needs, layout)
         if key not in self._sites:
-            self._sites[key] = self._load(site, tuple(class_names), image_size, needs)
+            self._sites[key] = self._load(site, tuple(class_names), image_size, needs, layout)
             while len(self._sites) > self.max_sites:
                 self._sites.popitem(last=False)
         self._sites.move_to_end(key)
@@ -110,15 +114,22 @@ class SiteDataCache:
 
     @staticmethod
     def _load(site: SiteIdentity, class_names: tuple[str, ...], image_size: int,
-              needs: DataNeeds) -> tuple[SiteData, dict[str, StudyDataset]]:
+              needs: DataNeeds, layout: Layout | None = None,
+              ) -> tuple[SiteData, dict[str, StudyDataset]]:
         """Read the site and build its splits (uncached)."""
-        data = load_site(site.data_dir, class_names, multi_label=needs.multi_label)
+        if layout is None:
+            data = load_site(site.data_dir, class_names, multi_label=needs.multi_label)
+        else:
+            data = load_layout_site(site.data_dir, layout, class_names,
+                                    multi_label=needs.multi_label)
         r = data.report
         site_logger(site.site_id).info(
             "data: %d files, %d images, %d studies (train/val/test %s), skipped %s",
             r.files, r.images, r.studies, dict(r.splits), dict(r.skipped) or "none")
         text_transform = needs.reports.transform() if needs.reports is not None else None
         extra = {"masks": needs.masks, "text_transform": text_transform}
+        if layout is not None:      # the layout's channels, at the scale its intensity chose
+            extra |= {"sequences": layout.input_channels, "normalize": False}
         if site.role == wire.ROLE_EXTERNAL:
             labelled = [s for s in data.studies if s.label >= 0]
             return data, {wire.EXTERNAL_SPLIT: StudyDataset(labelled, image_size, **extra)}

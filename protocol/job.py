@@ -21,6 +21,7 @@ from typing import Any
 from typing import TYPE_CHECKING
 
 from . import wire
+from .layout import Layout, LayoutError
 
 if TYPE_CHECKING:
     from flwr.app import ConfigRecord
@@ -213,6 +214,8 @@ class JobSpec:
     server_round: int = 0                 # set per round by Flower's strategies
     base_digest: str = ""                 # foundation model: the frozen base's digest (the
                                           # coordinator's); each site checks its own against it
+    layout: Layout | None = None          # the modality layout the site reads; None: today's
+                                          # brain_mri_4seq reader (and a byte-identical record)
 
     def for_site(self, site: int) -> JobSpec:
         """This job at one site: its own data-order/noise stream for this round."""
@@ -253,7 +256,9 @@ class JobSpec:
             wire.LOCAL_PARAMS: list(self.local_params),
             wire.EVAL_MISSING: self.evaluate_missing,
             wire.SERVER_ROUND: self.server_round,
-        } | ({wire.BASE_DIGEST: self.base_digest} if self.base_digest else {}))
+        } | ({wire.BASE_DIGEST: self.base_digest} if self.base_digest else {})
+          | ({wire.DATA_LAYOUT: json.dumps(self.layout.to_dict(), sort_keys=True)}
+             if self.layout is not None else {}))
 
     @classmethod
     def from_record(cls, config: ConfigRecord) -> JobSpec:
@@ -279,6 +284,14 @@ class JobSpec:
             raise
         except SpecError as err:
             raise JobError(f"server config: {err}") from None
+        layout = None
+        if wire.DATA_LAYOUT in config:
+            # The site is the trust boundary: the layout is re-validated here as data (rules,
+            # windows, policies), whatever the server checked; it names no code and no path.
+            try:
+                layout = Layout.from_dict(get.json_object(wire.DATA_LAYOUT))
+            except LayoutError as err:
+                raise JobError(f"server config {wire.DATA_LAYOUT!r}: {err}") from None
         image_size = get(wire.IMAGE_SIZE, int)
         if image_size < 1:
             raise JobError(f"server config {wire.IMAGE_SIZE!r} must be >= 1, got {image_size}")
@@ -291,7 +304,7 @@ class JobSpec:
             local_params=get.strings(wire.LOCAL_PARAMS, ()),
             evaluate_missing=get(wire.EVAL_MISSING, bool, False),
             server_round=get(wire.SERVER_ROUND, int, 0),
-            base_digest=get(wire.BASE_DIGEST, str, ""))
+            base_digest=get(wire.BASE_DIGEST, str, ""), layout=layout)
 
 
 def _decode_privacy(get: _Reader) -> PrivacySpec:

@@ -32,6 +32,8 @@ PERSONALIZE = "personalize"          # bool: also report the site's locally adap
 RUN_ID = "run-id"                    # the server's run (privacy ledger rows name it)
 BASE_DIGEST = "base-digest"          # foundation model: sha256 of the frozen base weights the
                                      # coordinator built; each site checks its own copy against it
+DATA_LAYOUT = "data-layout"          # JSON object: a modality layout (protocol.layout), validated
+                                     # by the site; absent: brain_mri_4seq (sequences.py)
 
 # Server -> site, in CONFIG: the privacy the server asks for (a site checks it against its own
 # budget in node config and refuses what would exceed it; it never takes a budget from here)

@@ -14,12 +14,14 @@ from .sequences import SEQUENCES
 from .site import Study
 
 
-def study_transform(image_size: int) -> Compose:
-    """Z-score each present sequence on its own (sequences arrive resized to one grid)."""
-    return Compose([
-        NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True),
-        EnsureTyped(keys="image", data_type="tensor", dtype=torch.float32, track_meta=False),
-    ])
+def study_transform(image_size: int, *, normalize: bool = True) -> Compose:
+    """Z-score each present sequence on its own (sequences arrive resized to one grid);
+    ``normalize=False``: the reader already put each channel on its scale (a layout's
+    intensity handling, e.g. an X-ray's VOI window in [0, 1])."""
+    typed = EnsureTyped(keys="image", data_type="tensor", dtype=torch.float32, track_meta=False)
+    if not normalize:
+        return Compose([typed])
+    return Compose([NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True), typed])
 
 
 def augmentation(keys: tuple[str, ...] = ("image",)) -> Compose:
@@ -49,13 +51,15 @@ class StudyDataset(Dataset):
     ``has_report``; a study without a report is transformed as an empty string and has
     ``has_report=False``. With ``masks``, items carry the lesion ``mask [H, W]`` (zeros and
     ``has_mask=False`` for a study without one), moved by the same augmentation as the image.
+    ``sequences``: the input channels in model order (a layout's ``input_channels``);
+    ``normalize=False`` keeps the reader's intensities (see :func:`study_transform`).
     """
 
     def __init__(self, studies: list[Study], image_size: int, sequences=SEQUENCES, *,
                  augment: bool = False,
                  text_transform: Callable[[list[str]], dict[str, torch.Tensor]] | None = None,
-                 masks: bool = False):
-        transform = study_transform(image_size)
+                 masks: bool = False, normalize: bool = True):
+        transform = study_transform(image_size, normalize=normalize)
         # Each sequence is resized on its own: vendors may acquire sequences at different
         # matrix sizes, and a study must not lose a sequence because of it.
         resize = Resize(spatial_size=(image_size, image_size), mode="area")

@@ -181,9 +181,20 @@ def _read_masks(site_dir: Path, report: IngestReport) -> dict[str, np.ndarray]:
     return masks
 
 
+def dicom_folder(site_dir: Path) -> Path:
+    """``SITE/dicom``, refusing a site directory that lacks it."""
+    if not site_dir.is_dir():
+        raise SiteDataError(f"data directory {site_dir} does not exist")
+    dicom_dir = site_dir / "dicom"
+    if not dicom_dir.is_dir():
+        raise SiteDataError(f"data directory {site_dir} has no dicom/ folder")
+    return dicom_dir
+
+
 def load_site(site_dir: Path | str, class_names: tuple[str, ...] | None = None, *,
               multi_label: bool = False) -> SiteData:
-    """Read, de-identify, join and split one site.
+    """Read, de-identify, join and split one site (the brain_mri_4seq reader; a job's other
+    layouts are read by :func:`client.data.layout_site.load_layout_site`).
 
     Labels come from ``labels.csv`` (one class name per study, index into ``class_names``) or,
     with ``multi_label``, from ``findings.csv`` (bitmasks over ``class_names``, see
@@ -195,11 +206,7 @@ def load_site(site_dir: Path | str, class_names: tuple[str, ...] | None = None, 
         If the directory is missing, has no ``dicom/`` folder, or nothing usable is left.
     """
     site_dir = Path(site_dir)
-    if not site_dir.is_dir():
-        raise SiteDataError(f"data directory {site_dir} does not exist")
-    dicom_dir = site_dir / "dicom"
-    if not dicom_dir.is_dir():
-        raise SiteDataError(f"data directory {site_dir} has no dicom/ folder")
+    dicom_dir = dicom_folder(site_dir)
     images, counts = read_directory(dicom_dir)
     report = IngestReport(files=counts.files, images=counts.images, skipped=counts.skipped)
     if counts.files == 0:
@@ -208,6 +215,15 @@ def load_site(site_dir: Path | str, class_names: tuple[str, ...] | None = None, 
     if not studies:
         raise SiteDataError(f"no usable studies in {site_dir}: {counts.files} files, "
                             f"skipped {dict(counts.skipped)}")
+    return join_site(site_dir, studies, report, class_names, multi_label=multi_label)
+
+
+def join_site(site_dir: Path, studies: list[Study], report: IngestReport,
+              class_names: tuple[str, ...] | None, *, multi_label: bool = False,
+              channels: tuple[str, ...] = SEQUENCES) -> SiteData:
+    """Join read studies with the site's labels, reports and masks, split them by patient,
+    count them per input ``channels`` and fingerprint the de-identified manifest. Every
+    reader (today's sequences, a layout's channels) ends here, so all label the same way."""
     if multi_label:
         if not class_names:
             raise SiteDataError("multi-label studies need the finding names (class_names)")
@@ -232,7 +248,7 @@ def load_site(site_dir: Path | str, class_names: tuple[str, ...] | None = None, 
         report.masks += study.mask is not None
         study.split = assign_split(study.patient_key)
         report.splits[study.split] += 1
-        for seq in SEQUENCES:
+        for seq in channels:
             if seq in study.images:
                 report.sequences[seq] += 1
             else:

@@ -11,6 +11,9 @@ def synth(args: argparse.Namespace) -> int:
     """Write ``--sites`` synthetic sites (real DICOM) and print each site's profile."""
     from medfed.synth.sites import Scenario, synthesize
 
+    if getattr(args, "layout", "brain_mri_4seq") == "chest_xray":
+        return _synth_chest(args)
+
     scenario = Scenario(alpha=args.alpha, patients=args.patients,
                         quantity_skew=args.quantity_skew, scanner_shift=args.scanner_shift,
                         missing_fraction=args.missing_fraction, label_fraction=args.label_fraction)
@@ -26,6 +29,24 @@ def synth(args: argparse.Namespace) -> int:
         print(f"{p.name:9s} {p.n_patients:4d} patients  class mix [{mix}]  "
               f"noise {p.scanner.noise_sigma:.0f}  {'; '.join(notes)}")
     print(f"wrote {len(profiles)} sites to {args.out}")
+    return 0
+
+
+def _synth_chest(args: argparse.Namespace) -> int:
+    """``--layout chest_xray``: radiology departments instead of brain-MRI sites."""
+    from medfed.synth.chest import synthesize_chest
+
+    profiles = synthesize_chest(Path(args.out), n_sites=args.sites, seed=args.seed,
+                                alpha=args.alpha, patients=args.patients, external=args.external,
+                                label_fraction=args.label_fraction)
+    for p in profiles:
+        mix = ", ".join(f"{x:.2f}" for x in p.class_probs)
+        notes = [f"{p.modality} {p.photometric}", f"{p.rows}px", f"AP {p.ap_fraction:.0%}",
+                 f"lateral {p.lateral_fraction:.0%}"]
+        if p.label_fraction < 1:
+            notes.append(f"{p.label_fraction:.0%} labelled")
+        print(f"{p.name:9s} {p.n_patients:4d} patients  class mix [{mix}]  {'; '.join(notes)}")
+    print(f"wrote {len(profiles)} chest_xray sites to {args.out}")
     return 0
 
 

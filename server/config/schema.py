@@ -15,6 +15,11 @@ from typing import Any
 
 from protocol import wire
 from protocol.job import JobSpec, PrivacySettings, PrivacySpec, TrainConfig, TrainSettings
+from protocol.layout import Layout
+
+# The layout the sites read without being told (client/data/sequences.py): a job for it
+# carries no layout, so the demo's job record and weights stay what they were.
+DEFAULT_LAYOUT = "brain_mri_4seq"
 
 
 class ConfigError(ValueError):
@@ -77,9 +82,21 @@ class FederationConfig:
 @dataclass(frozen=True)
 class DataConfig:
     root: str = "runs/data"               # simulation: holds site-0 ... site-(n-1)
-    # The modality layout (conf/data/layout/<name>.yaml, group data/layout), validated by
-    # the site's client.data.layout.Layout.from_dict; not yet part of the job spec.
+    # The modality layout (conf/data/layout/<name>.yaml, group data/layout): validated with
+    # protocol.layout.Layout.from_dict at compose time, carried by the job (unless it is the
+    # default) and validated again by each site.
     layout: dict[str, Any] = field(default_factory=dict)
+
+    def layout_spec(self) -> Layout | None:
+        """The layout the job carries; None for the default (or none composed).
+
+        Raises
+        ------
+        protocol.layout.LayoutError
+        """
+        if not self.layout or self.layout.get("name") == DEFAULT_LAYOUT:
+            return None
+        return Layout.from_dict(self.layout)
 
 
 @dataclass(frozen=True)
@@ -146,6 +163,10 @@ class ExperimentConfig:
         # image_size); an unknown model is left for validate() to report
         size_key = "image_size" if "image_size" in _model_fields(self.model.name) else "img_size"
         opts.setdefault(size_key, self.task.image_size)
+        layout = self.data.layout_spec()
+        if layout is not None and "num_sequences" in _model_fields(self.model.name):
+            # one model input per layout channel (a ct_window channel: one per window)
+            opts.setdefault("num_sequences", len(layout.input_channels))
         return opts
 
     def task_options(self) -> dict[str, Any]:
@@ -174,7 +195,8 @@ class ExperimentConfig:
             class_names=tuple(self.task.class_names), image_size=self.task.image_size,
             train=train, privacy=privacy, seed=self.seed,
             personalize=self.strategy.personalize, local_params=tuple(self.strategy.local_params),
-            evaluate_missing=self.task.evaluate_missing, base_digest=base_digest)
+            evaluate_missing=self.task.evaluate_missing, base_digest=base_digest,
+            layout=self.data.layout_spec())
 
     def pretrain_phase(self) -> ExperimentConfig:
         """Phase 1 as an experiment of its own: the objective as task, its rounds, its

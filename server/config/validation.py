@@ -8,6 +8,7 @@ from pathlib import Path
 from models import MODELS, TASKS
 from models.weights import PretrainedError, check_compatible, load_pretrained
 from protocol import wire
+from protocol.layout import LayoutError
 from protocol.partial import local_keys, unmatched_patterns
 from protocol.secagg_encoding import Encoding
 from protocol.secagg_protocol import SecAggConfig, SecAggError
@@ -16,10 +17,6 @@ from strategies.registry import (StrategyConfigError, strategies_with, strategy_
 
 from .privacy import validate_privacy
 from .schema import ConfigError, ExperimentConfig
-
-# The one layout the site's training path reads (client/data/sequences.py).
-TRAINED_LAYOUT = "brain_mri_4seq"
-
 
 def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     """Cross-field checks that a schema cannot express."""
@@ -71,17 +68,32 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         check_resume_dir(Path(cfg.resume))      # a run dir, or a two-phase run's (pretrain/)
     if len(set(cfg.task.class_names)) != len(cfg.task.class_names) or len(cfg.task.class_names) < 2:
         raise ConfigError("task.class_names must list at least two distinct classes")
-    layout = cfg.data.layout.get("name", TRAINED_LAYOUT)
-    if layout != TRAINED_LAYOUT:
-        # The sites read only this layout today; a silently ignored choice would train on
-        # brain MRI while the operator believes otherwise.
-        raise ConfigError(f"data/layout={layout}: training reads only data/layout="
-                          f"{TRAINED_LAYOUT} so far; other layouts work with `medfed ingest "
-                          f"--layout {layout}` (issue 23)")
+    validate_layout(cfg)
     validate_privacy(cfg)
     validate_secagg(cfg)
     validate_pretrain(cfg)
     return cfg
+
+
+def validate_layout(cfg: ExperimentConfig) -> None:
+    """The data layout is valid (the same schema each site checks it with again), 2D (the
+    sites read 2D layouts only), and its channels are the model's inputs."""
+    try:
+        layout = cfg.data.layout_spec()
+    except LayoutError as err:
+        raise ConfigError(f"data/layout: {err}") from None
+    if layout is None:
+        return
+    if layout.dims == "3d":
+        # A silently middle-sliced volume would train on something the operator did not ask for.
+        raise ConfigError(f"data/layout={layout.name}: 3D layouts are not trained yet; "
+                          f"`medfed ingest --layout {layout.name}` checks a site against it "
+                          "(issue 23)")
+    n = cfg.model_options().get("num_sequences")
+    if n is not None and n != len(layout.input_channels):
+        raise ConfigError(f"model.options.num_sequences={n} but data/layout={layout.name} has "
+                          f"{len(layout.input_channels)} input channels "
+                          f"({', '.join(layout.input_channels)}); remove the option")
 
 
 def validate_foundation(cfg: ExperimentConfig) -> None:

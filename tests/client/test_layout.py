@@ -130,6 +130,13 @@ def test_hydra_group_composes_the_shipped_file():
     assert Layout.from_dict(cfg.data.layout) == Layout.from_dict(expected)
     with pytest.raises(ConfigError, match="data/layout.*no option 'nope'.*chest_xray"):
         load_experiment(["data/layout=nope"])
-    # Training does not read other layouts yet: refused, not silently ignored.
-    with pytest.raises(ConfigError, match="training reads only data/layout=brain_mri_4seq"):
-        load_experiment(["data/layout=chest_xray"])
+    # 2D layouts train; 3D ones do not yet: refused, not silently middle-sliced.
+    chest = load_experiment(["data/layout=chest_xray"])
+    assert chest.model_options()["num_sequences"] == 2          # frontal, lateral
+    assert chest.job_spec().layout == Layout.from_dict(
+        yaml.safe_load((LAYOUT_DIR / "chest_xray.yaml").read_text()))
+    assert cfg.job_spec().layout is None and "num_sequences" not in cfg.model_options()
+    with pytest.raises(ConfigError, match="3D layouts are not trained yet"):
+        load_experiment(["data/layout=ct_volume"])
+    with pytest.raises(ConfigError, match="num_sequences=4 but data/layout=chest_xray has 2"):
+        load_experiment(["data/layout=chest_xray", "+model.options.num_sequences=4"])

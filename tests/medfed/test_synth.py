@@ -96,3 +96,71 @@ def test_non_iid_scenario_knobs():
     assert few[1].missing_fraction == 1.0 and few[2].label_fraction == 0.1
     with pytest.raises(ValueError, match="alpha"):
         Scenario(alpha=0)
+
+
+# ---------------------------------------------------------------- chest radiographs
+
+def test_chest_sites_are_real_radiograph_dicom_with_site_heterogeneity(tmp_path):
+    import csv
+    import json
+
+    import pydicom
+
+    from medfed.cli import main
+    from medfed.synth.chest import CLASS_NAMES
+
+    assert main(["synth", "--layout", "chest_xray", "--sites", "3", "--patients", "6",
+                 "--seed", "4", "--out", str(tmp_path / "a")]) == 0
+    seen = {"photometric": set(), "modality": set(), "view": set(), "rows": set()}
+    for site in sorted((tmp_path / "a").iterdir()):
+        films = 0
+        for path in (site / "dicom").iterdir():
+            ds = pydicom.dcmread(path)
+            if ds.Modality == "SR":
+                continue
+            if ds.BodyPartExamined != "CHEST":
+                assert ds.BodyPartExamined == "CSPINE"   # the export's non-chest film
+                continue
+            films += 1
+            seen["photometric"].add(ds.PhotometricInterpretation)
+            seen["modality"].add(ds.Modality)
+            seen["view"].add(ds.ViewPosition)
+            seen["rows"].add(ds.Rows)
+            assert ds.SOPClassUID in ("1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.5.1.4.1.1.1.1")
+            assert len(ds.PixelSpacing) == 2 and float(ds.PixelSpacing[0]) > 0
+            assert "WindowCenter" in ds and "WindowWidth" in ds
+            assert ds.pixel_array.max() < 2 ** ds.BitsStored
+            assert ds.PatientName and ds.PatientID and ds.AccessionNumber   # PHI, as exported
+        rows = list(csv.DictReader(open(site / "labels.csv")))
+        assert films >= len(rows) > 0
+        assert {r["label"] for r in rows} - {""} <= set(CLASS_NAMES)
+        reports = [json.loads(line) for line in open(site / "reports.jsonl")]
+        assert len(reports) == len(rows) and all("IMPRESSION:" in r["text"] for r in reports)
+    assert seen["photometric"] == {"MONOCHROME1", "MONOCHROME2"}
+    assert seen["modality"] == {"CR", "DX"} and {"PA", "AP", "LL"} <= seen["view"]
+    main(["synth", "--layout", "chest_xray", "--sites", "3", "--patients", "6", "--seed", "4",
+          "--out", str(tmp_path / "b")])
+    main(["synth", "--layout", "chest_xray", "--sites", "3", "--patients", "6", "--seed", "5",
+          "--out", str(tmp_path / "c")])
+    assert _digest(tmp_path / "a") == _digest(tmp_path / "b") != _digest(tmp_path / "c")
+
+
+def test_chest_reports_agree_with_labels():
+    from medfed.synth.chest import generate_chest_site, make_chest_profiles
+
+    for profile in make_chest_profiles(2, seed=1, patients=30):
+        for study in generate_chest_site(profile, seed=1).studies:
+            impression = study.report.split("IMPRESSION:")[1].lower()
+            assert {0: "no acute" in impression or "normal" in impression,
+                    1: "consolidation" in impression or "airspace" in impression,
+                    2: "effusion" in impression}[study.label]
+
+
+def test_default_synth_is_still_the_brain_sites(tmp_path):
+    """``--layout`` defaults to the demo's brain sites: the same files as before the option."""
+    from medfed.cli import main
+
+    main(["synth", "--sites", "2", "--patients", "4", "--seed", "9", "--out", str(tmp_path / "a")])
+    synthesize(tmp_path / "b", n_sites=2, seed=9, patients=4, scenario=None)
+    assert (tmp_path / "a" / "site-0" / "findings.csv").exists()
+    assert _digest(tmp_path / "a") == _digest(tmp_path / "b")

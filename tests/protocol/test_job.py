@@ -248,3 +248,52 @@ def test_private_state_is_refused_on_both_sides(server_dpsgd):
     assert decode_job(dataclasses.replace(spec, privacy=PrivacySpec()).to_record(),
                       site_seed=0).task_options["logit_adjustment"] == 1.0
 
+
+
+# ---------------------------------------------------------------- data layout
+
+def _chest():
+    from client.data.layout import load_layout
+    return load_layout("chest_xray")
+
+
+def test_a_layout_travels_as_validated_data_and_comes_back_equal():
+    from protocol.layout import Layout
+    spec = _spec(layout=_chest())
+    record = spec.to_record()
+    assert isinstance(record[wire.DATA_LAYOUT], str)           # a JSON object, not code
+    assert JobSpec.from_record(record) == spec
+    assert Layout.from_dict(spec.layout.to_dict()) == spec.layout
+    ct = __import__("client.data.layout", fromlist=["load_layout"]).load_layout("ct_volume")
+    assert Layout.from_dict(ct.to_dict()) == ct                # windows, size, spacing too
+
+
+def test_the_default_layout_adds_nothing_to_the_record():
+    """The demo's job (brain_mri_4seq) is byte-for-byte the record it was before layouts
+    travelled: no layout key, no num_sequences option."""
+    cfg = load_experiment([])
+    record = job_config(cfg)
+    assert wire.DATA_LAYOUT not in record
+    assert "num_sequences" not in record[wire.MODEL_OPTIONS]
+    assert JobSpec.from_record(record).layout is None
+    chest = job_config(load_experiment(["data/layout=chest_xray"]))
+    assert JobSpec.from_record(chest).layout == _chest()
+    assert '"num_sequences": 2' in chest[wire.MODEL_OPTIONS]
+
+
+@pytest.mark.parametrize("bad, why", [
+    ({"name": "x", "channels": [{"name": "a", "rules": [{"modality": "CR"}]}],
+      "loader": "os.system"}, "unknown key 'loader'"),
+    ({"name": "x", "channels": [{"name": "a", "rules": [{}]}]}, "needs at least one condition"),
+    ({"name": "x", "channels": [{"name": "a", "rules": [{"description": "("}]}]},
+     "not a valid regex"),
+])
+def test_the_site_refuses_an_invalid_layout_in_the_job(bad, why):
+    import json
+    record = _spec().to_record()
+    record[wire.DATA_LAYOUT] = json.dumps(bad)
+    with pytest.raises(JobError, match=f"{wire.DATA_LAYOUT}.*{why}"):
+        JobSpec.from_record(record)
+    record[wire.DATA_LAYOUT] = "[1, 2]"
+    with pytest.raises(JobError, match="should be a JSON object"):
+        JobSpec.from_record(record)

@@ -1,0 +1,130 @@
+"""A site read through a job's modality layout (2D layouts): DICOM series matched to the
+layout's channels from headers (:mod:`client.data.matching`), each channel's pixels through its
+intensity handling (:mod:`client.data.intensity`), then joined with labels, reports and splits
+exactly as the brain reader does (:func:`client.data.site.join_site`).
+
+A study's ``images`` are keyed by the layout's *input* channels (one per window of a
+``ct_window`` channel), each ``[H, W]`` float32 already at model scale (the layout's intensity
+decided it: the dataset does not z-score them again). A channel the study lacks is absent
+(the dataset zero-fills it and marks it not present). Only pseudonymous keys leave this
+module: the DICOM headers and file paths it reads stay inside it.
+
+Geometry: images keep their source matrix here; the dataset resizes each channel to the job's
+``image_size`` (one resize, as for the brain reader). A layout's own ``size``/``spacing`` are
+not applied yet for training (the model's input size is the task's).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pydicom
+
+from .dicom import MAX_DECODED_BYTES, decoded_bytes, pseudonym
+from .intensity import apply_intensity
+from .layout import Channel, Layout
+from .matching import match_site
+from .site import IngestReport, SiteData, SiteDataError, Study, dicom_folder, join_site
+
+# Studies the layout's missing-channel policy (or a channel that failed to decode) drops.
+STUDY_SKIPS = ("study_missing_channel",)
+
+
+def load_layout_site(site_dir: Path | str, layout: Layout,
+                     class_names: tuple[str, ...] | None = None, *,
+                     multi_label: bool = False) -> SiteData:
+    """Read, de-identify, join and split one site through a 2D ``layout``.
+
+    Labels, reports, masks and the patient-level split are those of
+    :func:`client.data.site.load_site`. Skips are counted in the report by reason: the
+    matcher's per-file and per-series reasons, ``pixel_decode_error``/``too_large`` per
+    series, ``extra_images_in_series`` (a 2D channel takes one image of its series: the
+    middle one by InstanceNumber) and ``study_missing_channel`` (a required channel, or any
+    channel under ``missing: skip_study``).
+
+    Raises
+    ------
+    SiteDataError
+        A 3D layout, a missing directory or ``dicom/`` folder, or nothing usable left.
+    """
+    if layout.dims == "3d":
+        raise SiteDataError(f"layout {layout.name!r} is 3D: 3D layouts are not trained yet")
+    site_dir = Path(site_dir)
+    match = match_site(layout, dicom_folder(site_dir))
+    if match.report.files == 0:
+        raise SiteDataError(f"data directory {site_dir} is empty: no files under dicom/")
+    report = IngestReport(files=match.report.files,
+                          skipped=Counter(match.report.skipped_files)
+                          + Counter(match.report.skipped_series))
+    required = {c.name for c in layout.channels if c.required}
+    studies = []
+    for study_key, assigned in sorted(match.assignment.items()):
+        images: dict[str, np.ndarray] = {}
+        patient_key = None
+        for channel in layout.channels:
+            series = assigned.get(channel.name)
+            if series is None:
+                continue
+            read = _read_channel(channel, match.files[series], layout.dims, report)
+            if read is None:
+                continue
+            planes, patient_key = read[0], patient_key or read[1]
+            names = _input_names(channel)
+            images.update(zip(names, planes))
+        got = {c.name for c in layout.channels if set(_input_names(c)) <= images.keys()}
+        if not got or required - got or (layout.missing == "skip_study"
+                                         and got != set(layout.channel_names)):
+            report.skipped["study_missing_channel"] += 1
+            continue
+        studies.append(Study(study_key, patient_key, images))
+    if not studies:
+        raise SiteDataError(f"no usable studies in {site_dir} for layout {layout.name!r}: "
+                            f"{report.files} files, skipped {dict(report.skipped)}")
+    return join_site(site_dir, studies, report, class_names, multi_label=multi_label,
+                     channels=layout.input_channels)
+
+
+def _input_names(channel: Channel) -> tuple[str, ...]:
+    """The model inputs one channel yields (as :attr:`Layout.input_channels` names them)."""
+    if channel.intensity.kind == "ct_window":
+        return tuple(f"{channel.name}:{w.name}" for w in channel.intensity.windows)
+    return (channel.name,)
+
+
+def _read_channel(channel: Channel, files: tuple[Path, ...], dims: str,
+                  report: IngestReport) -> tuple[np.ndarray, str] | None:
+    """``([C, H, W] float32, patient key)`` of one series, or None (counted in ``report``).
+    A 2D channel takes the middle image of its series by InstanceNumber (a ``2d_slice``
+    layout: the middle slice of the volume); a multi-frame file, its middle frame."""
+    with warnings.catch_warnings():      # pydicom warns with element values: keep them out
+        warnings.simplefilter("ignore")
+        try:
+            if len(files) > 1:
+                if dims == "2d":
+                    report.skipped["extra_images_in_series"] += len(files) - 1
+                heads = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+                order = sorted(range(len(files)),
+                               key=lambda i: (int(heads[i].get("InstanceNumber", 0) or 0), i))
+                path = files[order[len(order) // 2]]
+            else:
+                path = files[0]
+            ds = pydicom.dcmread(path)
+            if decoded_bytes(ds) > MAX_DECODED_BYTES:
+                report.skipped["too_large"] += 1          # never decoded
+                return None
+            planes = apply_intensity(channel.intensity, ds)      # [C, H, W] or [C, F, H, W]
+        except Exception:  # noqa: BLE001 - truncated pixels, missing codec, colour for xray
+            report.skipped["pixel_decode_error"] += 1
+            return None
+    if planes.ndim == 4:
+        planes = planes[:, planes.shape[1] // 2]
+    if planes.ndim != 3 or not np.isfinite(planes).all():
+        report.skipped["pixel_decode_error"] += 1
+        return None
+    report.images += 1
+    study_uid = str(ds.get("StudyInstanceUID", ""))
+    patient_key = pseudonym("patient", str(ds.get("PatientID", "")) or study_uid)
+    return planes.astype(np.float32), patient_key

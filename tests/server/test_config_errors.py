@@ -57,7 +57,7 @@ def test_unknown_key_lists_the_groups_keys(override):
 def test_unknown_top_level_name_lists_groups_and_keys():
     message = _refusal(["stratgy=fedavg"])
     assert "no key 'stratgy'" in message
-    assert "config groups: data, experiment, federation" in message and "strategy" in message
+    assert "config groups: data, data/layout, experiment, federation" in message and "strategy" in message
 
 
 def test_the_first_bad_override_is_explained_not_a_good_one():

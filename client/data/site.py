@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .dicom import ReadCounts, SeriesImage, pseudonym, read_directory
+from .dicom import SeriesImage, pseudonym, read_directory
 from .sequences import SEQUENCES
 
 SPLITS = ("train", "val", "test")

@@ -15,7 +15,7 @@ from client.data.layout import Layout, load_layout
 from client.data.layout_site import load_layout_site
 from client.data.site import SiteDataError, load_site
 from client.runtime import SiteDataCache, SiteIdentity
-from medfed.synth.chest import (CLASS_NAMES, generate_chest_site, make_chest_profiles,
+from medfed.synth.chest import (CLASS_NAMES, generate_chest_site,
                                 synthesize_chest)
 from models.task import DataNeeds
 from protocol.layout import LayoutError

@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from models.foundation import base_digest
 from models.foundation.adapt import FoundationBackbone
 from models.foundation.export import export_foundation
-from models.foundation import base_digest
 from models.serving import plain_backbone, servable, trained_backbone
 from models.weights import save_pretrained
 from models.tasks import build

@@ -2,7 +2,9 @@
 
 ``servable(model)`` turns whatever a phase trained into a plain module: a classifier (LoRA
 adapters merged into their base weights) or, for a pretraining objective, its backbone as an
-encoder of pooled features.
+encoder of pooled features. The backbone is our ``MultiModalViT`` or a pretrained foundation
+encoder (``models.foundation``: peft LoRA/DoRA/IA3 merged); both take ``(images, present)``
+and provide ``forward_features``/``pool``/``head``, so the wrappers serve either.
 """
 
 from __future__ import annotations
@@ -12,8 +14,11 @@ import copy
 import torch
 from torch import Tensor, nn
 
+from .foundation.adapt import FoundationBackbone
 from .task import TaskModel
 from .vit import MultiModalViT
+
+Backbone = MultiModalViT | FoundationBackbone
 
 
 class ExportedClassifier(nn.Module):
@@ -24,7 +29,7 @@ class ExportedClassifier(nn.Module):
         super().__init__()
         self.model = model
         self.multi_label = multi_label
-        self.input_shape = _input_shape(model.config)
+        self.input_shape = _input_shape(model)
 
     def forward(self, images: Tensor) -> Tensor:
         images = torch.as_tensor(images, dtype=torch.float32)
@@ -32,8 +37,11 @@ class ExportedClassifier(nn.Module):
         return logits.sigmoid() if self.multi_label else logits.softmax(-1)
 
 
-def _input_shape(c) -> tuple[int, ...]:
+def _input_shape(model: Backbone) -> tuple[int, ...]:
     """One study's input ``(S, *spatial)``: what an exported model takes per sample."""
+    if isinstance(model, FoundationBackbone):
+        return model.input_shape
+    c = model.config
     return (c.num_sequences, *([c.img_size] * c.spatial_dims))
 
 
@@ -46,10 +54,10 @@ def _present(images: Tensor) -> Tensor:
 class ExportedEncoder(nn.Module):
     """``images [B, S, *spatial]`` -> pooled backbone features ``[B, 2D]``."""
 
-    def __init__(self, backbone: MultiModalViT):
+    def __init__(self, backbone: Backbone):
         super().__init__()
         self.backbone = backbone
-        self.input_shape = _input_shape(backbone.config)
+        self.input_shape = _input_shape(backbone)
 
     def forward(self, images: Tensor) -> Tensor:
         images = torch.as_tensor(images, dtype=torch.float32)
@@ -74,20 +82,31 @@ def merge_adapters(model: MultiModalViT) -> MultiModalViT:
     return plain
 
 
-def plain_backbone(model: nn.Module) -> MultiModalViT:
+def plain_backbone(model: nn.Module) -> Backbone:
     """A copy of the backbone inside any trained model (a classifier, or a pretraining
     objective's ``backbone``), LoRA adapters merged, class head kept if it has one."""
-    backbone = model.backbone if isinstance(model, TaskModel) else model
-    if not isinstance(backbone, MultiModalViT):
-        raise TypeError(f"cannot export {type(model).__name__}: no multi-modal ViT backbone")
+    backbone = trained_backbone(model)
+    if isinstance(backbone, FoundationBackbone):
+        from .foundation.export import merge_adapters as merge_foundation
+
+        return merge_foundation(backbone)
     return merge_adapters(backbone)
+
+
+def trained_backbone(model: nn.Module) -> Backbone:
+    """The backbone inside any trained model, as it is (adapters not merged)."""
+    backbone = model.backbone if isinstance(model, TaskModel) else model
+    if not isinstance(backbone, (MultiModalViT, FoundationBackbone)):
+        raise TypeError(f"cannot export {type(model).__name__}: no multi-modal ViT backbone "
+                        "(MultiModalViT or a foundation model's)")
+    return backbone
 
 
 def servable(model: nn.Module, *, multi_label: bool = False) -> nn.Module:
     """What a model registry should hold for ``model`` (see module docstring);
     ``multi_label``: the head scores independent findings (sigmoid, not softmax)."""
     plain = plain_backbone(model)
-    if isinstance(model, MultiModalViT) and model.head is not None:
+    if isinstance(model, (MultiModalViT, FoundationBackbone)) and model.head is not None:
         return ExportedClassifier(plain, multi_label)
     plain.head = None
     return ExportedEncoder(plain)

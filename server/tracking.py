@@ -17,7 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.serving import plain_backbone, servable
+from models.foundation import base_digest
+from models.foundation.adapt import FoundationBackbone
+from models.foundation.export import export_foundation
+from models.serving import plain_backbone, servable, trained_backbone
 from models.weights import save_pretrained
 from models.tasks import build
 from protocol import wire
@@ -189,14 +192,21 @@ class MlflowTracker:
             exported, name=f"global-round-{record.round}", input_example=example,
             registered_model_name=self.cfg.tracking.registered_model,
             pip_requirements=_PIP_REQUIREMENTS, step=record.round,
+            metadata=_model_metadata(model),
         )
         version = str(info.registered_model_version)
         self.versions[record.round] = version
         weights = f"weights/round-{record.round}"       # what `medfed export` hands out
+        extra = {"task": self.cfg.task.name, "class_names": list(self.cfg.task.class_names),
+                 "registered_model": self.cfg.tracking.registered_model, "version": version}
+        backbone = trained_backbone(model)
         with tempfile.TemporaryDirectory() as tmp:
-            save_pretrained(plain_backbone(model), tmp, extra={
-                "task": self.cfg.task.name, "class_names": list(self.cfg.task.class_names),
-                "registered_model": self.cfg.tracking.registered_model, "version": version})
+            if isinstance(backbone, FoundationBackbone):
+                # The family's own format: merged save_pretrained / MONAI safetensors, the
+                # peft adapter directory, and the multi-channel adaptation parts.
+                export_foundation(backbone, tmp, extra=extra)
+            else:
+                save_pretrained(plain_backbone(model), tmp, extra=extra)
             self.mlflow.log_artifacts(tmp, weights)
         tags = {"round": str(record.round), "sites": ",".join(sites), "weights": weights,
                 "config_hash": self.cfg.fingerprint(), "experiment": self.cfg.name,
@@ -229,6 +239,17 @@ class MlflowTracker:
                       "rounds": self.privacy_rounds}
             self.mlflow.log_dict(report, "privacy/report.json")
         self.mlflow.end_run(status=status)
+
+
+def _model_metadata(model: torch.nn.Module) -> dict[str, str] | None:
+    """MLmodel metadata: for a foundation model, which pretrained encoder it adapts (name,
+    family, method) and the sha256 of its frozen base, so a user can check their own copy."""
+    backbone = trained_backbone(model)
+    if not isinstance(backbone, FoundationBackbone):
+        return None
+    c = backbone.config
+    return {"foundation_weights": c.weights, "foundation_family": backbone.family,
+            "foundation_method": c.method, "foundation_base_sha256": base_digest(model)}
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, str]:

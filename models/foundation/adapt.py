@@ -83,6 +83,7 @@ class FoundationBackbone(nn.Module):
         self.family = loaded.family
         self.seams = loaded.seams
         self.encoder = loaded.encoder
+        self.constructor = loaded.constructor      # MONAI only: what export writes back
         family_patch = self.seams.patch_size(self.encoder)
         self.patch_size = config.patch_size or family_patch
         if config.image_size % self.patch_size:
@@ -112,6 +113,11 @@ class FoundationBackbone(nn.Module):
     def dp_unsupported(self) -> str | None:
         """Why DP-SGD's per-sample rule does not hold for this family, or None."""
         return self.seams.dp_unsupported
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """One study's input ``(S, H, W)``: what an exported model takes per sample."""
+        return (self.config.num_channels, self.config.image_size, self.config.image_size)
 
     def check_input(self, images: Tensor) -> None:
         s, size = self.config.num_channels, self.config.image_size

@@ -60,6 +60,8 @@ class LoadedEncoder:
     family: str                 # a key of families.FAMILIES
     encoder: nn.Module          # the vision encoder only (a CLIP/SigLIP/SAM tower)
     seams: FamilySeams
+    # MONAI's ViT keeps its constructor arguments nowhere else; export writes them back out.
+    constructor: dict | None = None
 
 
 def supported_model_types() -> list[str]:
@@ -194,7 +196,8 @@ def _load_monai(directory: Path, config: dict) -> LoadedEncoder:
     mismatched = [k for k in own.keys() & state.keys() if own[k].shape != state[k].shape]
     _refuse_mismatch(directory, own.keys() - state.keys(), state.keys() - own.keys(), mismatched)
     model.load_state_dict(state, strict=True)
-    return LoadedEncoder(MONAI_MODEL_TYPE, model, seams_for(MONAI_MODEL_TYPE, **args))
+    return LoadedEncoder(MONAI_MODEL_TYPE, model, seams_for(MONAI_MODEL_TYPE, **args),
+                         constructor=dict(args))
 
 
 def save_monai_vit(model: nn.Module, constructor: dict, directory: str | Path) -> Path:

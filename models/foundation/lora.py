@@ -27,11 +27,13 @@ from .config import METHODS
 NEW_PARTS = ("patch_embed", "channel_embed", "head")
 
 
-def target_pattern(targets: tuple[str, ...]) -> str:
+def target_pattern(targets: tuple[str, ...], *, within: str = "encoder") -> str:
     """Regex (peft matches it against full module names) for the named projections inside
-    the pretrained encoder only - never our own patch embeddings or head."""
+    the pretrained encoder only - never our own patch embeddings or head. ``within=""``:
+    the same projections with the encoder itself as the root (an exported adapter)."""
     names = "|".join(re.escape(t) for t in targets)
-    return rf"encoder\.(.*\.)?({names})"
+    prefix = rf"{re.escape(within)}\." if within else ""
+    return rf"{prefix}(.*\.)?({names})"
 
 
 def apply_method(model: FoundationBackbone, method: str, *, rank: int = 8, alpha: float = 16.0,

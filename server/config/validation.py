@@ -110,10 +110,6 @@ def validate_foundation(cfg: ExperimentConfig) -> None:
     from models.foundation.families import FAMILIES
     from models.foundation.loading import FoundationLoadError, check_weight_files, family_of
 
-    if cfg.tracking.log_models:
-        raise ConfigError("model=foundation: registering foundation-model versions in MLflow "
-                          "(models/serving.py export) is not built yet; set "
-                          "tracking.log_models=false")
     name = str(cfg.model.options.get("weights", ""))
     try:
         directory = resolve_weights(cfg.model.foundation_dir, name)

@@ -47,13 +47,26 @@ def test_lora_on_a_saved_dinov2_sends_only_trainable_tensors(tiny_sites, tmp_pat
     cfg = load_experiment([
         "model=foundation", "model.options.weights=dino-tiny",
         f"model.foundation_dir={encoders}", "model.options.lora_rank=2",
-        "task.image_size=32", "federation=sim2", "tracking.log_models=false",
-        "federation.num_rounds=1",
+        "task.image_size=32", "federation=sim2", "federation.num_rounds=1",
         "train.local_epochs=1", "train.batch_size=8", f"data.root={tiny_sites}",
         f"runs_dir={tmp_path / 'runs'}", "name=foundation-smoke"])
     run_dir = simulate(cfg, client_mods=[egress_log(tmp_path / "egress"),
                                          ingress_log(tmp_path / "ingress")])
     assert (run_dir / "mlflow.db").is_file()
+    # tracking.log_models at its default (true): round 1 is a registered MLflow model that
+    # names its pretrained base, with the family-format export beside it
+    import mlflow
+
+    assert cfg.tracking.log_models
+    uri = f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
+    versions = mlflow.MlflowClient(uri).search_model_versions(
+        f"name='{cfg.tracking.registered_model}'")
+    assert len(versions) == 1 and versions[0].tags["weights"] == "weights/round-1"
+    mlflow.set_tracking_uri(uri)
+    info = mlflow.models.get_model_info(
+        f"models:/{cfg.tracking.registered_model}/{versions[0].version}")
+    assert info.metadata["foundation_weights"] == "dino-tiny"
+    assert info.metadata["foundation_method"] == "lora"
 
     sent = [json.loads(p.read_text()) for p in (tmp_path / "ingress").glob("*.json")]
     assert len(sent) == 2 and not any(s["frozen"] for s in sent)

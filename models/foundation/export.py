@@ -1,0 +1,219 @@
+"""Weights out: a fine-tuned foundation backbone in its own family's format, usable without
+MedFed's training code or MLflow.
+
+``export_foundation(model, DIR)`` writes::
+
+    DIR/encoder/                  the adapted encoder, adapters MERGED into the base weights:
+                                  ``save_pretrained`` (transformers) or config.json +
+                                  model.safetensors (MONAI ViT, ``loading.save_monai_vit``);
+                                  ``loading.load_encoder`` reads it like any pretrained encoder
+    DIR/adapter/                  lora/dora/ia3 only: the adapters alone as a ``peft`` adapter
+                                  directory (adapter_config.json + adapter_model.safetensors),
+                                  relative to the ORIGINAL encoder (``load_encoder(original)
+                                  .encoder``: the vision tower of a CLIP/SigLIP/SAM model), so
+                                  ``PeftModel.from_pretrained(base, DIR/adapter)`` works
+    DIR/adaptation.safetensors    what the multi-channel adaptation added: one patch embedding
+                                  per channel, the channel embedding, the class head
+    DIR/adaptation.json           what those tensors are, the FoundationConfig, and ``extra``
+
+``load_export(DIR)`` rebuilds the whole adapted model (merged encoder + adaptation parts).
+The encoder's own RGB patch projection is exported unchanged; the adapted model never uses it
+(``adaptation.json`` says so), so ``DIR/encoder`` alone is the fine-tuned transformer for RGB
+inputs, and with the adaptation parts it is the multi-channel model MedFed trained.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .adapt import FoundationBackbone
+from .config import FoundationConfig
+from .loading import MONAI_MODEL_TYPE, load_encoder, save_monai_vit
+from .lora import NEW_PARTS, target_pattern
+
+ENCODER_DIR = "encoder"
+ADAPTER_DIR = "adapter"
+ADAPTATION_WEIGHTS = "adaptation.safetensors"
+ADAPTATION_CONFIG = "adaptation.json"
+FORMAT = "medfed-foundation-export"
+ADAPTER_METHODS = ("lora", "dora", "ia3")
+PEFT_ADAPTER = "default"             # the adapter name inject_adapter_in_model gives
+PEFT_PREFIX = "base_model.model."    # how a PeftModel names its base model's modules
+
+
+class ExportFormatError(ValueError):
+    """A directory is not a foundation export this version can read; says why."""
+
+
+def merge_adapters(model: FoundationBackbone) -> FoundationBackbone:
+    """A copy of ``model`` with every peft adapter (LoRA, DoRA, IA3) merged into its base
+    layer and the peft wrapper replaced by that plain layer: the module tree, and so every
+    state-dict key of the encoder, is the original family's again."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    merged = copy.deepcopy(model)
+    wrapped = [name for name, m in merged.named_modules() if isinstance(m, BaseTunerLayer)]
+    for name in wrapped:
+        layer = merged.get_submodule(name)
+        layer.merge()
+        parent, _, child = name.rpartition(".")
+        setattr(merged.get_submodule(parent), child, layer.get_base_layer())
+    vars(merged).pop("peft_config", None)   # peft's injection set it; stale once merged
+    return merged
+
+
+def _family_model(encoder: nn.Module) -> nn.Module:
+    """The transformers class ``load_encoder`` reads back: the encoder itself, or (SAM's
+    vision encoder) the small model class that holds it as a tower."""
+    import transformers
+
+    from .loading import HF_MODEL_TYPES
+
+    class_name, tower, _ = HF_MODEL_TYPES[encoder.config.model_type]
+    if not tower:
+        return encoder
+    with torch.device("meta"):      # the holder's own tower is replaced at once: allocate nothing
+        holder = getattr(transformers, class_name)(encoder.config)
+    setattr(holder, tower, encoder)
+    left = [k for k, v in holder.state_dict().items() if v.is_meta]
+    if left:
+        raise RuntimeError(f"{class_name} holds more than its {tower}: {left[:3]}")
+    return holder
+
+
+def save_encoder(model: FoundationBackbone, directory: str | Path) -> Path:
+    """Write ``model.encoder`` (merge adapters first) in its family's own layout."""
+    directory = Path(directory)
+    if model.family == MONAI_MODEL_TYPE:
+        return save_monai_vit(model.encoder, dict(model.constructor or {}), directory)
+    _family_model(model.encoder).save_pretrained(str(directory), safe_serialization=True)
+    return directory
+
+
+def save_adapter(model: FoundationBackbone, directory: str | Path) -> Path | None:
+    """Write the adapters of ``model`` (unmerged) as a peft adapter directory for the
+    original encoder; None when ``config.method`` trains no adapters."""
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    if model.config.method not in ADAPTER_METHODS:
+        return None
+    directory = Path(directory)
+    targets = tuple(model.config.lora_targets) or model.seams.lora_targets
+    config = copy.deepcopy(model.peft_config[PEFT_ADAPTER])
+    config.target_modules = target_pattern(targets, within="")     # rooted at the encoder
+    config.inference_mode = True
+    config.base_model_name_or_path = None
+    # peft picks the adapter tensors by walking model's own adapter layers, so it is given
+    # the whole backbone; every adapter lives in the encoder, which becomes the root.
+    state = get_peft_model_state_dict(model, adapter_name=PEFT_ADAPTER)
+    outside = sorted(k for k in state if not k.startswith("encoder."))
+    if not state or outside:
+        raise RuntimeError(f"method={model.config.method}: expected adapter weights inside the "
+                           f"encoder only, found {len(state)} ({outside[:3]} outside)")
+    state = {k[len("encoder."):]: v for k, v in state.items()}
+    directory.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(str(directory))
+    save_file({PEFT_PREFIX + k: v.detach().cpu().contiguous() for k, v in state.items()},
+              str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return directory
+
+
+def adaptation_state(model: FoundationBackbone) -> dict[str, torch.Tensor]:
+    """The tensors the multi-channel adaptation added (``lora.NEW_PARTS``)."""
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
+            if k.split(".")[0] in NEW_PARTS}
+
+
+def describe(model: FoundationBackbone, *, adapter: bool, extra: dict | None = None) -> dict:
+    """``adaptation.json``: how to use ``adaptation.safetensors`` with ``encoder/``."""
+    dim = model.seams.hidden_size(model.encoder)
+    s, p = model.config.num_channels, model.patch_size
+    pooled = model.head.in_features
+    return {
+        "format": FORMAT, "family": model.family, "config": dataclasses.asdict(model.config),
+        "input": f"images [B, {s}, {model.config.image_size}, {model.config.image_size}], "
+                 "absent channels all zero; present [B, S]",
+        "patch_size": p, "grid": model.grid, "hidden_size": dim, "has_cls": model.seams.has_cls,
+        "parts": {
+            "patch_embed.<c>": f"Linear({p}*{p} -> {dim}) on channel c's non-overlapping "
+                               f"{p}x{p} patches (row-major); replaces the encoder's RGB "
+                               "patch projection, which is exported unchanged and unused",
+            "channel_embed.embed": f"Linear({s} -> {dim}, no bias) on one-hot channel "
+                                   "indicators: added to every token of its channel",
+            "head": f"Linear({pooled} -> {model.config.num_classes}) on the pooled features "
+                    + ("(CLS token, mean of present patch tokens)" if model.seams.has_cls
+                       else "(mean of present patch tokens)"),
+        },
+        "encoder": ENCODER_DIR + "/", "adapter": ADAPTER_DIR + "/" if adapter else None,
+        "adapters_merged_into_encoder": model.config.method in ADAPTER_METHODS,
+        "extra": dict(extra or {}),
+    }
+
+
+def export_foundation(model: FoundationBackbone, directory: str | Path, *,
+                      extra: dict | None = None) -> Path:
+    """Write ``model`` (as trained: adapters not merged) to ``directory`` in the layout of the
+    module docstring; ``extra`` (task, class names, version) goes into adaptation.json."""
+    from safetensors.torch import save_file
+
+    if not isinstance(model, FoundationBackbone):
+        raise TypeError(f"export_foundation needs a FoundationBackbone, got "
+                        f"{type(model).__name__}")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    merged = merge_adapters(model)
+    save_encoder(merged, directory / ENCODER_DIR)
+    adapter = save_adapter(model, directory / ADAPTER_DIR) is not None
+    save_file(adaptation_state(merged), str(directory / ADAPTATION_WEIGHTS),
+              metadata={"format": "pt"})
+    (directory / ADAPTATION_CONFIG).write_text(
+        json.dumps(describe(merged, adapter=adapter, extra=extra), indent=2, sort_keys=True)
+        + "\n")
+    return directory
+
+
+def is_export(directory: str | Path) -> bool:
+    """Whether ``directory`` looks like ``export_foundation``'s output."""
+    return (Path(directory) / ADAPTATION_CONFIG).is_file()
+
+
+def load_export(directory: str | Path) -> FoundationBackbone:
+    """The adapted model ``export_foundation`` wrote (adapters merged), in evaluation mode.
+
+    Raises
+    ------
+    ExportFormatError
+        Not an export, or its parts do not fit together.
+    """
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    if not is_export(directory):
+        raise ExportFormatError(f"{directory} has no {ADAPTATION_CONFIG}: not a foundation "
+                                "model export")
+    meta = json.loads((directory / ADAPTATION_CONFIG).read_text())
+    if meta.get("format") != FORMAT:
+        raise ExportFormatError(f"{directory / ADAPTATION_CONFIG}: format "
+                                f"{meta.get('format')!r}, expected {FORMAT!r}")
+    config = FoundationConfig(**meta["config"])
+    loaded = load_encoder(directory / ENCODER_DIR, expected_family=meta["family"])
+    model = FoundationBackbone(loaded, config)
+    missing, unexpected = model.load_state_dict(
+        load_file(str(directory / ADAPTATION_WEIGHTS)), strict=False)
+    missing = [k for k in missing if k.split(".")[0] in NEW_PARTS]
+    if missing or unexpected:
+        raise ExportFormatError(f"{directory / ADAPTATION_WEIGHTS} does not fit its config: "
+                                f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return model.eval()
+
+
+__all__ = ["ADAPTATION_CONFIG", "ADAPTATION_WEIGHTS", "ADAPTER_DIR", "ENCODER_DIR",
+           "ExportFormatError", "FORMAT", "adaptation_state", "export_foundation", "is_export",
+           "load_export", "merge_adapters", "save_adapter", "save_encoder"]

@@ -2,7 +2,8 @@
 
 Every version the server registers carries its backbone weights and config as run artifacts
 (``weights/round-N``, tag ``weights``); export downloads them, adds the tokenizer of a model
-that has one, and checks the result loads. ``model.pretrained=DIR`` starts a run from it.
+that has one, and checks the result loads (a foundation model's version: the export of
+``models/foundation/export.py``, merged encoder + peft adapter + adaptation parts). ``model.pretrained=DIR`` starts a run from it.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from models.foundation.export import is_export, load_export
 from models.weights import load_pretrained
 
 
@@ -43,5 +45,7 @@ def export_version(tracking_uri: str, name: str, version: str, out: Path, *,
                                                       dst_path=str(out.parent / f".{out.name}.tmp")))
     shutil.move(str(staged), str(out))
     shutil.rmtree(out.parent / f".{out.name}.tmp", ignore_errors=True)
-    load_pretrained(out)            # the directory must load before we call it exported
+    # the directory must load before we call it exported (a foundation version: its
+    # family-format encoder, adapter and adaptation parts)
+    load_export(out) if is_export(out) else load_pretrained(out)
     return out

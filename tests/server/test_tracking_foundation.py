@@ -89,3 +89,12 @@ def test_a_registered_foundation_version_predicts_like_the_model_in_memory(tmp_p
     with torch.no_grad():
         torch.testing.assert_close(rebuilt(batch["image"], batch["present"]).softmax(-1),
                                    torch.from_numpy(expected), rtol=0, atol=ATOL)
+
+    # ``medfed export`` hands out the same directory, checked by loading it
+    from medfed.export import export_version
+
+    out = export_version(tracker.uri, name, str(version), tmp_path / "exported")
+    assert (out / ADAPTER_DIR).is_dir()
+    with torch.no_grad():
+        torch.testing.assert_close(load_export(out)(batch["image"], batch["present"]).softmax(-1),
+                                   torch.from_numpy(expected), rtol=0, atol=ATOL)

@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--allow-app", action="append", default=[])
     args = p.parse_args(argv)
     logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="%(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)     # a poll a second is not news
     if args.parent_pid is not None:
         from flwr.supercore.app_utils import start_parent_process_monitor
 

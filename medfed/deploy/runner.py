@@ -159,6 +159,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="%(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)     # a poll a second is not news
     if args.parent_pid is not None:
         from flwr.supercore.app_utils import start_parent_process_monitor
 

@@ -1,5 +1,5 @@
 """``medfed`` command line: synth, ingest, simulate, export, privacy, audit, and the deployment
-commands (certs, server, site, site keygen, run, health, register-site).
+commands (certs, server, site, site keygen, app digest, run, health, register-site).
 
 Errors a user can fix are reported as one line (``medfed: error: ...``) with exit code 2
 (bad input) or 1 (the run failed); tracebacks only with ``--debug``.
@@ -103,7 +103,18 @@ def _add_deploy_parsers(sub) -> None:
                    help="reconnection attempts after a lost connection (default: unbounded)")
     p.add_argument("--max-wait-time", type=float, default=600.0,
                    help="seconds of reconnecting before the site gives up")
+    p.add_argument("--allow-app", action="append", metavar="DIGEST",
+                   help="approve the app release with this SHA-256 digest (from `medfed app "
+                        "digest`; repeatable). Runs of any other app are refused")
+    p.add_argument("--allow-list", action="append", metavar="FILE",
+                   help="file of approved digests, one per line, # comments (repeatable)")
     p.set_defaults(func=Handler("deploy", "site"))
+
+    p = sub.add_parser("app digest", help="print the SHA-256 digest of an app release (a .fab "
+                                          "file, or the FAB built from a project folder) that "
+                                          "a site approves with `medfed site --allow-app`")
+    p.add_argument("path", nargs="?", help=".fab file or app folder (default: this MedFed)")
+    p.set_defaults(func=Handler("deploy", "app_digest"))
 
     p = sub.add_parser("run", help="submit an experiment to the coordinator and stream it")
     p.add_argument("overrides", nargs="*", help="e.g. experiment=demo federation.num_rounds=3")
@@ -226,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Two-word commands: argparse subcommands are one token, so ``site keygen`` is joined into the
 # one parser name before parsing (``site`` alone stays the daemon with its required flags).
-TWO_WORD = {("site", "keygen")}
+TWO_WORD = {("site", "keygen"), ("app", "digest")}
 
 
 def join_two_word_commands(argv: list[str]) -> list[str]:

@@ -1,6 +1,6 @@
 """Deployment commands: certificates (``certs``), the coordinator (``server``), a site daemon
-(``site``) and its key (``site keygen``), run submission (``run``), ``health`` and
-``register-site``."""
+(``site``) and its key (``site keygen``), the digest a site approves (``app digest``), run
+submission (``run``), ``health`` and ``register-site``."""
 
 from __future__ import annotations
 
@@ -65,13 +65,17 @@ def server(args: argparse.Namespace) -> int:
 
 def site(args: argparse.Namespace) -> int:
     """Start a site daemon (SuperNode with the site's node config) and supervise it."""
+    from medfed.deploy.allowlist import AllowList
     from medfed.deploy.site import Site, SiteSettings
 
     setup_logging(deploy=True)
+    state_dir = Path(args.state_dir or Path(args.data_dir) / ".medfed" / "supernode").resolve()
+    allow = AllowList.build(args.allow_app or [],
+                            [Path(f) for f in (args.allow_list or [])])
     settings = SiteSettings(
         site_id=args.site_id, data_dir=Path(args.data_dir).resolve(), superlink=args.superlink,
         root_cert=Path(args.root_cert).resolve(), auth_key=Path(args.auth_key).resolve(),
-        state_dir=Path(args.state_dir or Path(args.data_dir) / ".medfed" / "supernode").resolve(),
+        state_dir=state_dir, allow=allow,
         dp_epsilon=args.dp_epsilon, dp_delta=args.dp_delta, require_secagg=args.require_secagg,
         privacy_dir=args.privacy_dir, device=args.device, torch_threads=args.torch_threads,
         runtime_port=args.runtime_port, max_retries=args.max_retries,
@@ -80,10 +84,22 @@ def site(args: argparse.Namespace) -> int:
     try:
         daemon.start()
     except BaseException:
-        if daemon.daemon is not None:
-            daemon.daemon.stop(grace=5)
+        daemon.stop(grace=5)
         raise
     return daemon.supervise()
+
+
+def app_digest(args: argparse.Namespace) -> int:
+    """Print the digest a site approves with ``medfed site --allow-app``."""
+    from medfed.deploy.allowlist import digest_of
+    from medfed.deploy.preflight import DeployError
+    from medfed.simulation import PROJECT_ROOT
+
+    path = Path(args.path) if args.path else PROJECT_ROOT
+    if not path.exists():
+        raise DeployError(f"{path} does not exist (a .fab file or a Flower app folder)")
+    print(digest_of(path))
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:

@@ -7,17 +7,26 @@ authentication and the operator's node config (site id, data directory, privacy 
 ``require-secagg``; keys from ``protocol.wire``). Connections are outbound only. A lost
 connection is retried with exponential backoff (Flower's retry invoker, bounded by
 ``--max-retries``/``--max-wait-time``) and every retry is logged under the site id.
+
+The site executes only code its operator approved: the SuperNode runs with ``--isolation
+process`` and the site starts its own task launcher (``medfed.deploy.launcher``) next to it,
+which runs each task in ``medfed.deploy.runner``: the run's FAB must be on the site's
+allow-list (``--allow-app``/``--allow-list``, see ``medfed.deploy.allowlist``) and the
+ClientApp that runs is the site's installed one, never code from the bundle.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 from protocol import wire
 
+from .allowlist import AllowList
+from .launcher import launcher_command
 from .preflight import DeployError, check_auth_key, check_port_free, check_superlink
 from .process import Daemon, flower_bin, flower_env, supervised
 
@@ -54,6 +63,7 @@ class SiteSettings:
     max_retries: int | None = None     # reconnection attempts after a lost connection
     max_wait_time: float | None = 600.0  # seconds of reconnecting before giving up
     role: str = wire.ROLE_TRAIN        # external: evaluates every global model, never trains
+    allow: AllowList = AllowList()     # FAB digests this site runs; empty refuses every run
 
 
 def node_config(s: SiteSettings) -> dict[str, object]:
@@ -94,7 +104,8 @@ def supernode_command(s: SiteSettings) -> list[str]:
            "--root-certificates", str(s.root_cert),
            "--auth-supernode-private-key", str(s.auth_key),
            "--node-config", node_config_arg(node_config(s)),
-           "--isolation", "subprocess",
+           # process: the site starts its own launcher (launcher_command), not Flower's
+           "--isolation", "process",
            "--host", "127.0.0.1", "--port", str(s.runtime_port)]
     if s.max_retries is not None:
         cmd += ["--max-retries", str(s.max_retries)]
@@ -119,6 +130,7 @@ class Site:
     def __init__(self, settings: SiteSettings):
         self.settings = settings
         self.daemon: Daemon | None = None
+        self.launcher: Daemon | None = None
 
     def preflight(self) -> None:
         s = self.settings
@@ -136,8 +148,30 @@ class Site:
         self.daemon = Daemon(supernode_command(s), tag=s.site_id, env=flower_env(s.state_dir),
                              fatal=SUPERNODE_FATAL, on_line=self._note)
         self.daemon.start()
-        log.info("[%s] site daemon started: SuperLink %s, outbound TLS only", s.site_id,
-                 s.superlink)
+        self.launcher = Daemon(launcher_command(f"127.0.0.1:{s.runtime_port}", s.allow,
+                                                s.site_id),
+                               tag=s.site_id, env=flower_env(s.state_dir))
+        self.launcher.start()
+        threading.Thread(target=self._watch_launcher, name=f"{s.site_id}-launcher",
+                         daemon=True).start()
+        approved = ", ".join(d[:12] for d in sorted(s.allow.digests)) or "none (every run "\
+                   "is refused)"
+        log.info("[%s] site daemon started: SuperLink %s, outbound TLS only; approved apps: "
+                 "%s", s.site_id, s.superlink, approved)
+
+    def _watch_launcher(self) -> None:
+        """Without its launcher the site would accept tasks it never runs: stop it instead."""
+        assert self.launcher is not None and self.daemon is not None
+        self.launcher.wait()
+        if not self.daemon.stopping and self.daemon.running():
+            log.error("[%s] the site's task launcher exited; stopping the site",
+                      self.settings.site_id)
+            self.daemon.stop()
+
+    def stop(self, grace: float = 5.0) -> None:
+        for daemon in (self.launcher, self.daemon):
+            if daemon is not None:
+                daemon.stop(grace=grace)
 
     def _note(self, line: str) -> None:
         if self.daemon is not None and self.daemon.stopping:
@@ -149,4 +183,8 @@ class Site:
             log.info("[%s] reconnected to the SuperLink", self.settings.site_id)
 
     def supervise(self) -> int:
-        return supervised(self.daemon)
+        try:
+            return supervised(self.daemon)
+        finally:
+            if self.launcher is not None:
+                self.launcher.stop(grace=5)

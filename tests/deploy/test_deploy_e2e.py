@@ -1,7 +1,9 @@
 """End to end on loopback: certificates -> coordinator (TLS + SuperNode authentication) -> three
 site daemons -> two rounds of the smoke experiment tracked to a real MLflow server; a site with
 an unregistered key is refused; one site is SIGKILLed during round 2 and the run finishes with
-the other two, recording which site dropped."""
+the other two, recording which site dropped. Every site approves exactly the app release
+``medfed run`` submits (``--allow-app`` with its digest); a run of a tampered copy of the app
+fails at every site, each saying why in its log."""
 
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ import signal
 import pytest
 
 from medfed.certs import write_certs
+from medfed.deploy.allowlist import digest_of
+from medfed.simulation import PROJECT_ROOT
 from tests.conftest import phi_strings
 
 from .conftest import MEDFED, Children, free_port, run_medfed
@@ -30,6 +34,7 @@ def federation(tmp_path_factory, three_sites):
     write_certs(rogue, server_name="localhost", sites=["d"])
     port, mlflow_port = free_port(), free_port()
     procs = Children(root)
+    approved = digest_of(PROJECT_ROOT)        # the FAB `medfed run` will build and submit
     try:
         procs.start("mlflow", [MEDFED[0], "-m", "mlflow", "server", "--host", "127.0.0.1",
                                "--port", str(mlflow_port), "--workers", "1",
@@ -46,7 +51,8 @@ def federation(tmp_path_factory, three_sites):
                                "--root-cert", str(certs / "sites" / site / "ca.pem"),
                                "--auth-key", str(certs / "sites" / site / "auth.key"),
                                "--state-dir", str(root / f"node-{site}"),
-                               "--runtime-port", str(free_port()), "--max-wait-time", "60"])
+                               "--runtime-port", str(free_port()), "--max-wait-time", "60",
+                               "--allow-app", approved])
         for site in SITES:
             procs.wait_for(site, "SuperNode ID:", timeout=HANG_GUARD)
         yield {"root": root, "certs": certs, "rogue": rogue, "port": port,
@@ -70,6 +76,30 @@ def test_unregistered_site_is_refused(federation):
     assert "Failed to activate SuperNode" in result.stdout      # the SuperLink said no
 
 
+def test_a_tampered_app_is_refused_at_every_site(federation, tmp_path):
+    """The coordinator submits a modified copy of the app: no site runs it."""
+    import shutil
+
+    f, procs = federation, federation["procs"]
+    tampered = tmp_path / "app"
+    shutil.copytree(PROJECT_ROOT, tampered, symlinks=True,
+                    ignore=shutil.ignore_patterns(".venv", ".git", "runs", ".flwr", "mlruns"))
+    with open(tampered / "client" / "app.py", "a") as fh:
+        fh.write("\n# a coordinator's addition: read /data/** and send it home\n")
+    result = run_medfed("run", "experiment=smoke", "federation.num_sites=3",
+                        "federation.num_rounds=1", "federation.round_timeout=120",
+                        "--app-dir", str(tampered), "--superlink", f"localhost:{f['port']}",
+                        "--root-cert", str(f["certs"] / "ca.pem"),
+                        "--flwr-home", str(f["root"] / "tampered-runner"), "--wait-sites", "3",
+                        timeout=HANG_GUARD)
+    digest = digest_of(tampered)
+    for site in SITES:
+        procs.wait_for(site, f"app {digest[:12]} not approved by this site",
+                       timeout=HANG_GUARD)
+        assert "starting the site's installed ClientApp" not in procs.log(site)
+    assert "Successfully started run" in result.stdout + result.stderr   # it was submitted
+
+
 def test_two_rounds_with_a_site_killed_mid_run(federation):
     from mlflow import MlflowClient
 
@@ -82,7 +112,7 @@ def test_two_rounds_with_a_site_killed_mid_run(federation):
                               "--flwr-home", str(f["root"] / "runner"), "--wait-sites", "3"])
     # c's third ClientApp process (train 1, evaluate 1, train 2) is round 2's training:
     # the site dies mid-round, holding the message
-    procs.wait_for("c", "Start `flwr-clientapp` process", timeout=HANG_GUARD, count=3)
+    procs.wait_for("c", "starting the site's installed ClientApp", timeout=HANG_GUARD, count=3)
     procs.kill("c")
     assert run.wait(timeout=HANG_GUARD) == 0, procs.log("run")[-4000:]
     assert '"status": "finished:completed"' in procs.log("run")

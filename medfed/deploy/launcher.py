@@ -1,0 +1,87 @@
+"""The site's task launcher: MedFed's replacement for ``flower-superexec`` at a site.
+
+``medfed site`` runs ``flower-supernode --isolation process``: the SuperNode then only queues
+tasks on its loopback runtime API and leaves starting them to an executor the site runs
+itself. This is that executor. It follows ``flwr.supercore.superexec.run_superexec``'s loop
+(``AcquireTask`` for ClientApp tasks, one process per task, the task token on its command
+line) but starts the site-owned runner (``python -m medfed.deploy.runner``) with the site's
+allow-list instead of ``flwr-clientapp``; see ``medfed.deploy.runner`` for why.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+import time
+
+from .allowlist import AllowList
+
+log = logging.getLogger("medfed.deploy")
+
+
+def launcher_command(address: str, allow: AllowList, site_id: str) -> list[str]:
+    """Command line ``medfed site`` starts the launcher with (it dies with ``medfed site``)."""
+    return [sys.executable, "-m", "medfed.deploy.launcher", "--runtime-api-address", address,
+            "--site-id", site_id, "--parent-pid", str(os.getpid()), *allow.args()]
+
+
+def runner_command(address: str, token: str, allow: AllowList, site_id: str) -> list[str]:
+    """Command line of one task's runner (same interpreter, so the same installed MedFed)."""
+    return [sys.executable, "-m", "medfed.deploy.runner", "--runtime-api-address", address,
+            "--token", token, "--site-id", site_id, "--parent-pid", str(os.getpid()),
+            *allow.args()]
+
+
+def serve(address: str, allow: AllowList, *, site_id: str, poll: float = 1.0) -> None:
+    """Acquire ClientApp tasks from the SuperNode forever; start a runner for each."""
+    from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
+    from flwr.supercore.retry import make_simple_http_retry_invoker
+    from flwr.supercore.runtime import RuntimeHttpClient
+
+    client = RuntimeHttpClient.from_server_address(
+        server_address=address, insecure=True, root_certificates=None,
+        interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")],
+        retry_invoker=make_simple_http_retry_invoker())
+    request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])
+    running: list[subprocess.Popen] = []
+    try:
+        while True:
+            running = [p for p in running if p.poll() is None]      # reap finished runners
+            answer = client.AcquireTask(request)
+            if answer.HasField("task") and answer.token:
+                log.info("[%s] task %d of run %d: starting the site runner", site_id,
+                         answer.task.task_id, answer.task.run_id)
+                running.append(subprocess.Popen(
+                    runner_command(address, answer.token, allow, site_id)))
+            time.sleep(poll)
+    finally:
+        client.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="MedFed site task launcher")
+    p.add_argument("--runtime-api-address", required=True)
+    p.add_argument("--site-id", default="site")
+    p.add_argument("--parent-pid", type=int)
+    p.add_argument("--allow-app", action="append", default=[])
+    args = p.parse_args(argv)
+    logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="%(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)     # a poll a second is not news
+    if args.parent_pid is not None:
+        from flwr.supercore.app_utils import start_parent_process_monitor
+
+        start_parent_process_monitor(args.parent_pid)
+    allow = AllowList.build(args.allow_app)
+    if not allow.digests:
+        log.warning("[%s] no app approved: every run will be refused", args.site_id)
+    serve(args.runtime_api_address, allow, site_id=args.site_id)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

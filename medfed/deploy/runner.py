@@ -1,0 +1,173 @@
+"""The site-owned ClientApp runner: one process per task, in place of ``flwr-clientapp``.
+
+Why this exists. Flower's ``flwr-clientapp`` (``flwr.supernode.runtime.run_clientapp``) pulls
+the task's FAB from the SuperNode, ``install_from_fab``\\ s it and imports the ClientApp *from
+the bundle the coordinator uploaded*: whoever runs the coordinator decides which code runs next
+to the hospital's data, and every site-side protection (ledger, require-dp, require-secagg,
+de-identification) lives inside that code. This runner keeps Flower's task protocol (pull the
+task input, heartbeat, push the reply and the task status, with flwr's own functions) and
+changes exactly two things:
+
+1. after ``pull_task_input`` it recomputes the SHA-256 of the FAB bytes and checks it against
+   the site's allow-list (``AllowList``, given on the runner's command line by the site
+   daemon, never read from the wire). A FAB that is not approved is refused before anything
+   of it is unpacked, installed or imported and before any file is opened: the coordinator
+   gets an error reply (``ErrorCode.INVALID_FAB``, "app <digest12> not approved by this
+   site ..."), the site log gets one line;
+2. an approved run executes the ClientApp of the site's *own installed* MedFed package
+   (``CLIENTAPP_REF``, the same component ``pyproject.toml`` names), never code from the FAB.
+   The digest says "this is the release we reviewed"; the installed package is the code that
+   runs, so even an approved digest cannot smuggle code, and upgrading MedFed at a site is an
+   install plus a new ``--allow-app``.
+
+Why a runner and not a patched Flower. Flower 1.41's ``--isolation process`` lets the site
+start its own executor next to the SuperNode (``medfed.deploy.launcher``); Flower's
+``flower-superexec`` cannot be told to start anything but ``flwr-clientapp``. Neither the FAB
+nor Flower's loader is touched on the refused path (tests patch both to fail).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from flwr.app import Context, Message
+from flwr.app.error import Error
+from flwr.common.constant import ErrorCode, SubStatus
+from flwr.supercore.fab import Fab
+
+from .allowlist import AllowList, AppRefused
+
+log = logging.getLogger("medfed.deploy")
+
+# The site's own ClientApp; tests/security/test_app_allowlist.py checks that pyproject.toml's
+# [tool.flwr.app.components] clientapp names the same object.
+CLIENTAPP_REF = "client.app:app"
+
+
+def load_installed_clientapp():
+    """The ClientApp of the MedFed package installed at this site (never the FAB's copy)."""
+    module, attr = CLIENTAPP_REF.split(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a task produced: the reply to push and Flower's task status."""
+    reply: Message
+    sub_status: str
+    details: str
+
+
+def handle_task(message: Message, context: Context, fab: Fab, allow: AllowList, *,
+                site_id: str = "site", load_app: Callable = load_installed_clientapp) -> Outcome:
+    """Verify the task's FAB, then run the site's installed ClientApp on the message.
+
+    Parameters
+    ----------
+    message, context : Message, Context
+        The task input the SuperNode handed over.
+    fab : Fab
+        The FAB of the run (only its bytes are hashed; nothing of it is unpacked).
+    allow : AllowList
+        The digests this site's operator approved.
+    site_id : str
+        For the site log.
+    load_app : callable
+        Returns the ClientApp to run (the installed one; injectable for tests).
+
+    Returns
+    -------
+    Outcome
+        An error reply (``INVALID_FAB``) when refused, else the ClientApp's reply.
+    """
+    try:
+        digest = allow.check(fab.content)
+        if fab.hash_str and fab.hash_str != digest:
+            # The SuperNode's label disagrees with the bytes: refuse rather than guess which
+            # one the coordinator meant.
+            raise AppRefused(digest, empty=False)
+    except AppRefused as refused:
+        reason = str(refused)
+        log.error("[%s] run %s refused: %s", site_id, message.metadata.run_id, reason)
+        return Outcome(Message(Error(code=ErrorCode.INVALID_FAB, reason=reason),
+                               reply_to=message), SubStatus.FAILED, reason)
+    log.info("[%s] run %s: app %s approved; starting the site's installed ClientApp",
+             site_id, message.metadata.run_id, digest[:12])
+    try:
+        reply = load_app()(message=message, context=context)
+    except Exception as err:  # noqa: BLE001 - the coordinator gets a code, the site the trace
+        log.exception("[%s] run %s: the ClientApp raised", site_id, message.metadata.run_id)
+        reason = f"the site's ClientApp raised {type(err).__name__}"
+        return Outcome(Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason),
+                               reply_to=message), SubStatus.FAILED, reason)
+    return Outcome(reply, SubStatus.COMPLETED, "")
+
+
+def run_task(client, allow: AllowList, *, site_id: str = "site",
+             load_app: Callable = load_installed_clientapp) -> int:
+    """One task over the SuperNode's runtime API, as ``run_clientapp`` does minus the FAB."""
+    from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+    from flwr.supernode.runtime.run_clientapp import (pull_task_input, push_message,
+                                                      push_task_output)
+
+    heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
+    heartbeat.start()
+    context, outcome = None, None
+    try:
+        message, context, _run, fab = pull_task_input(client)
+        outcome = handle_task(message, context, fab, allow, site_id=site_id, load_app=load_app)
+        push_message(client, outcome.reply, context)
+    finally:
+        push_task_output(client=client, context=context,
+                         sub_status=outcome.sub_status if outcome else SubStatus.FAILED,
+                         details=outcome.details if outcome else "the site runner failed")
+        if heartbeat.is_running:
+            heartbeat.stop()
+        client.close()
+    return 0 if outcome and outcome.sub_status == SubStatus.COMPLETED else 1
+
+
+def runtime_client(address: str, token: str):
+    """HTTP client of the SuperNode's runtime API on loopback, authenticated by the task token."""
+    from flwr.supercore.interceptors import (RuntimeTokenHttpInterceptor,
+                                             RuntimeVersionHttpInterceptor)
+    from flwr.supercore.retry import make_simple_http_retry_invoker
+    from flwr.supercore.runtime import RuntimeHttpClient
+
+    return RuntimeHttpClient.from_server_address(
+        server_address=address, insecure=True, root_certificates=None,
+        interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
+                      RuntimeTokenHttpInterceptor(token)],
+        retry_invoker=make_simple_http_retry_invoker())
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="MedFed site ClientApp runner (one task)")
+    p.add_argument("--runtime-api-address", required=True)
+    p.add_argument("--token", required=True)
+    p.add_argument("--site-id", default="site")
+    p.add_argument("--parent-pid", type=int)
+    p.add_argument("--allow-app", action="append", default=[])
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="%(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)     # a poll a second is not news
+    if args.parent_pid is not None:
+        from flwr.supercore.app_utils import start_parent_process_monitor
+
+        start_parent_process_monitor(args.parent_pid)
+    allow = AllowList.build(args.allow_app)
+    return run_task(runtime_client(args.runtime_api_address, args.token), allow,
+                    site_id=args.site_id)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

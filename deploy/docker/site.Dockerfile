@@ -12,6 +12,7 @@ COPY pyproject.toml constraints.txt README.md ./
 COPY client client
 COPY server server
 COPY strategies strategies
+COPY protocol protocol
 COPY models models
 COPY medfed medfed
 COPY conf conf

@@ -20,6 +20,8 @@ COMPOSE = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
 SERVICES = COMPOSE["services"]
 SITES = ("site-a", "site-b", "site-c")
 COORDINATOR_CIDR = "203.0.113.10/32"      # what a hospital's operator sets (documentation range)
+APP_DIGEST = "ab" * 32                    # the release it approved (`medfed app digest`)
+SITE_REQUIRED = {"coordinator.cidr": COORDINATOR_CIDR, "app.digest": APP_DIGEST}
 
 
 def _interpolate(value: str) -> str:
@@ -99,6 +101,10 @@ def test_sites_each_have_own_data_key_and_reach_the_coordinator():
         keys.add(mounts[args.auth_key])
         assert mounts[args.auth_key] == f"./certs/sites/{name}/auth.key"
         assert "ports" not in service                       # outbound only
+        # only approved app releases run: the allow-list file is mounted read-only
+        assert args.allow_list and all(_covered(f, mounts) for f in args.allow_list)
+        assert all(spec.endswith(":ro") for spec in service["volumes"]
+                   if spec.split(":")[1] in args.allow_list)
         assert service["environment"]["OMP_NUM_THREADS"] == "1"
     assert len(data_volumes) == len(keys) == len(SITES)
     assert _json_instruction(_dockerfile("site.Dockerfile"), "ENTRYPOINT") == ["medfed", "site"]
@@ -125,6 +131,11 @@ def test_dockerfiles_install_torch_first_then_constraints(name):
     command = yaml.safe_load(healthcheck.strip()[4:])
     if command[0] == "medfed":
         _parse(command[1], command[2:])
+    # every package pyproject installs is copied into the image (protocol/ was not)
+    pyproject = (DEPLOY.parent / "pyproject.toml").read_text()
+    include = re.search(r"\[tool.setuptools.packages.find\]\ninclude = \[(.*?)\]", pyproject)
+    packages = re.findall(r'"(\w+)\*"', include.group(1))
+    assert packages and all(f"COPY {pkg} {pkg}" in text for pkg in packages), packages
 
 
 # ---- Helm: a small renderer for the template subset the charts use ----
@@ -247,7 +258,7 @@ def test_coordinator_chart_matches_cli():
 @pytest.mark.parametrize("privacy", [{}, {"privacy.epsilon": "8", "privacy.delta": "1e-5",
                                           "privacy.requireSecagg": True}])
 def test_site_chart_matches_cli_and_is_outbound_only(privacy):
-    values, docs = _chart("medfed-site", {**privacy, "coordinator.cidr": COORDINATOR_CIDR})
+    values, docs = _chart("medfed-site", {**privacy, **SITE_REQUIRED})
     container, args = _container_args(docs["Deployment"])
     parsed = _parse("site", args)
     assert parsed.site_id == values["site"]["id"]
@@ -295,13 +306,13 @@ def test_coordinator_chart_refuses_a_loadbalancer_open_to_everyone():
 @pytest.mark.parametrize("cidr", ["", "0.0.0.0/0", "::/0"])
 def test_site_chart_refuses_egress_to_anywhere(cidr):
     with pytest.raises(HelmFail, match="coordinator.cidr"):
-        _chart("medfed-site", {"coordinator.cidr": cidr})
+        _chart("medfed-site", {**SITE_REQUIRED, "coordinator.cidr": cidr})
 
 
 def test_site_egress_is_pinned_to_the_coordinator_address():
     defaults = yaml.safe_load((DEPLOY / "helm/medfed-site/values.yaml").read_text())
     assert not defaults["coordinator"]["cidr"]             # the operator must set it
-    _, docs = _chart("medfed-site", {"coordinator.cidr": COORDINATOR_CIDR})
+    _, docs = _chart("medfed-site", SITE_REQUIRED)
     egress = docs["NetworkPolicy"]["spec"]["egress"]
     assert egress[0]["to"] == [{"ipBlock": {"cidr": COORDINATOR_CIDR}}]
     # every other rule is DNS only: no second way out
@@ -312,7 +323,7 @@ def test_site_egress_is_pinned_to_the_coordinator_address():
 def test_site_chart_hands_the_daemon_an_owner_only_key():
     """Kubernetes adds group read to Secret files when fsGroup is set; ``medfed site`` refuses
     such a key, so the chart copies it owner-only (0600) into a memory volume first."""
-    _, docs = _chart("medfed-site", {"coordinator.cidr": COORDINATOR_CIDR})
+    _, docs = _chart("medfed-site", SITE_REQUIRED)
     pod = docs["Deployment"]["spec"]["template"]["spec"]
     container, args = _container_args(docs["Deployment"])
     key = _parse("site", args).auth_key
@@ -321,3 +332,12 @@ def test_site_chart_hands_the_daemon_an_owner_only_key():
     assert "secret" not in volume and volume["emptyDir"] == {"medium": "Memory"}
     copy = " ".join(" ".join(c["command"]) for c in pod["initContainers"])
     assert "install -m 0600" in copy and key in copy
+
+
+def test_site_chart_requires_and_passes_the_approved_app_digest():
+    defaults = yaml.safe_load((DEPLOY / "helm/medfed-site/values.yaml").read_text())
+    assert not defaults["app"]["digest"]                   # the operator must approve one
+    with pytest.raises(HelmFail, match="app.digest"):
+        _chart("medfed-site", {"coordinator.cidr": COORDINATOR_CIDR})
+    _, docs = _chart("medfed-site", SITE_REQUIRED)
+    assert _parse("site", _container_args(docs["Deployment"])[1]).allow_app == [APP_DIGEST]

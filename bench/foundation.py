@@ -1,7 +1,7 @@
 """Foundation-model LoRA throughput: one site's LoRA step against a hand-written loop, and the
 cost of DP-SGD on it, measured side by side in one run.
 
-    python -m bench.foundation --throughput [--family dinov2] [--steps 8] [--warmup 2]
+    python -m bench.foundation --throughput [--family dinov2] [--steps 6] [--warmup 1]
                                [--repeats 2] [--device auto|cpu|cuda] [--image-size 64]
                                [--batch 16]
 
@@ -193,8 +193,8 @@ def _handwritten_steps(model, batch, device, steps, warmup, sync):
     return wall, cpu, [x.item() for x in losses]
 
 
-def run_child(mode: str, foundation_dir: Path, *, device_name: str = "cpu", steps: int = 8,
-              warmup: int = 2, batch: int = 16, image_size: int = 64) -> dict:
+def run_child(mode: str, foundation_dir: Path, *, device_name: str = "cpu", steps: int = 6,
+              warmup: int = 1, batch: int = 16, image_size: int = 64) -> dict:
     """One mode: build the site model from ``foundation_dir``, run ``warmup + steps`` steps;
     per-step wall / CPU ms of the timed ones and every step's loss."""
     import torch
@@ -215,7 +215,8 @@ def run_child(mode: str, foundation_dir: Path, *, device_name: str = "cpu", step
     else:
         wall, cpu, losses = _engine_steps(mode, model, task, data, device, steps, warmup, sync)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {"mode": mode, "device": str(device), "params": sum(p.numel() for p in model.parameters()),
+    total = sum(p.numel() for p in model.parameters())
+    return {"mode": mode, "device": str(device), "params": total,
             "trainable_params": trainable, "trainable_tensors": len(trainable_keys(model)),
             "ms_steps": [1e3 * t for t in wall], "cpu_ms_steps": [1e3 * t for t in cpu],
             "losses": losses}
@@ -261,6 +262,7 @@ def _ratio(modes: dict, a: str, b: str, key: str) -> float | None:
 
 
 def throughput(args) -> dict:
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="medfed-bench-foundation-") as tmp:
         foundation_dir = Path(tmp)
         save_encoder(foundation_dir / WEIGHTS_NAME, args.family)
@@ -307,6 +309,10 @@ def throughput(args) -> dict:
         "max_loss_gap_engine_vs_handwritten": loss_gap,
         "errors": {k: m["error"] for k, m in modes.items() if "error" in m},
         "device": device,
+        # On the shared 2-core box other jobs inflate wall time unevenly across modes; the
+        # CPU-time ratios above are the steadier figures when the load average is high.
+        "load_average_1min": {"before": load_before[0], "after": os.getloadavg()[0]},
+        "cpu_count": os.cpu_count(),
         "config": {"family": args.family, "encoder": DINOV2, "patch_size": PATCH,
                    "num_channels": NUM_CHANNELS, "num_classes": NUM_CLASSES, **LORA,
                    "batch_size": args.batch, "image_size": args.image_size,
@@ -336,10 +342,10 @@ def _row(payload: dict) -> str:
     m = payload["modes"]
     c = payload["config"]
     sps = ", ".join(f"{k} {f(v.get('samples_per_s'), '.1f')} samples/s "
-                    f"({f(v.get('ms_per_step'), '.0f')} ms, CPU {f(v.get('cpu_ms_per_step'), '.0f')}"
-                    " ms/step)" for k, v in m.items())
-    return (f"| {_key(payload)} | LoRA step vs hand-written PyTorch+peft: **{f(lt)}×** samples/s (goal ≥ "
-            f"0.95: {'met' if met['lora_throughput_ratio'] else 'not met'}); DP-SGD/non-DP step "
+                    f"({f(v.get('ms_per_step'), '.0f')} ms, "
+                    f"CPU {f(v.get('cpu_ms_per_step'), '.0f')} ms/step)" for k, v in m.items())
+    return (f"| {_key(payload)} | LoRA step vs hand-written PyTorch+peft: **{f(lt)}×** "
+            f"samples/s (goal ≥ 0.95: {'met' if met['lora_throughput_ratio'] else 'not met'}); DP-SGD/non-DP step "
             f"time on LoRA: **{f(dt)}×** (goal ≤ 1.25: "
             f"{'met' if met['dp_lora_time_ratio'] else 'not met'}); CPU-time ratios "
             f"{f(payload['lora_throughput_ratio_cpu_time'])}× / "
@@ -356,8 +362,8 @@ def main() -> None:
     parser.add_argument("--throughput", action="store_true",
                         help="step-time figures (the only part built so far)")
     parser.add_argument("--family", default="dinov2", choices=FAMILIES)
-    parser.add_argument("--steps", type=int, default=8, help="timed steps per mode and pass")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (>= 1)")
+    parser.add_argument("--steps", type=int, default=6, help="timed steps per mode and pass")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (>= 1)")
     parser.add_argument("--repeats", type=int, default=2, help="passes over all modes")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--image-size", type=int, default=64)

@@ -88,7 +88,7 @@ def make_client_app(*, sim_data_root: Path | None = None, sim_train_sites: int |
     """
     def site_settings(context: Context) -> dict:
         site = resolve_site(context, sim_data_root, sim_train_sites)
-        return node_settings(context.node_config, site.data_dir)
+        return node_settings(context.node_config, site.data_dir, simulated=site.simulated)
 
     # Innermost first to act on the reply: site-level DP clips the update as the handler
     # produced it, then secure aggregation masks the clipped update. Outermost, the site's
@@ -114,12 +114,12 @@ def make_client_app(*, sim_data_root: Path | None = None, sim_train_sites: int |
 
     def foundation_dir(site, context: Context) -> Path | None:
         """The site's own directory of pretrained encoders (node config), never the job's."""
-        return site_foundation_dir(node_settings(context.node_config, site.data_dir),
-                                   site.data_dir)
+        settings = node_settings(context.node_config, site.data_dir, simulated=site.simulated)
+        return site_foundation_dir(settings, site.data_dir)
 
     def site_queries(site, context: Context) -> tuple[dict, SiteQueryLog]:
         """The site's node settings and its query log for this run (in its state dir)."""
-        settings = node_settings(context.node_config, site.data_dir)
+        settings = node_settings(context.node_config, site.data_dir, simulated=site.simulated)
         return settings, SiteQueryLog(state_dir(settings, site.data_dir), context.run_id)
 
     def site_record(site, data, queries: SiteQueryLog) -> ConfigRecord:

@@ -71,7 +71,8 @@ def resolve_site(context: Context, sim_data_root: Path | None = None,
         raise SiteConfigError(f"node config must set {wire.NODE_DATA_DIR!r} (and {wire.NODE_SITE_ID!r})")
     if wire.NODE_TORCH_THREADS in node:
         torch.set_num_threads(int(node[wire.NODE_TORCH_THREADS]))
-    role = str(node_settings(node, data_dir).get(wire.NODE_ROLE, wire.ROLE_TRAIN))
+    role = str(node_settings(node, data_dir, simulated=simulated).get(wire.NODE_ROLE,
+                                                                      wire.ROLE_TRAIN))
     if role not in wire.ROLES:
         raise SiteConfigError(f"node config {wire.NODE_ROLE!r} must be one of "
                               f"{', '.join(wire.ROLES)}, got {role!r}")

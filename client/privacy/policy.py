@@ -47,12 +47,14 @@ class SiteBudget:
     max_steps_per_round: int | None = None     # refuse rounds of more (DP-SGD) steps
 
 
-def node_settings(node_config: dict, data_dir: Path) -> dict:
-    """Node config, with simulation's per-site ``node-config.toml`` underneath (Flower's
-    simulation cannot give each node its own config; a real SuperNode's --node-config wins)."""
+def node_settings(node_config: dict, data_dir: Path, *, simulated: bool) -> dict:
+    """Node config; in simulation with the per-site ``node-config.toml`` underneath (Flower's
+    simulation cannot give each node its own config). A deployed site never reads that file:
+    whoever can write into the PACS export folder must not be able to raise the budget, drop
+    ``require-secagg`` or change the site's role - only the operator's --node-config counts."""
     settings: dict = {}
     path = data_dir / wire.NODE_CONFIG_FILE
-    if path.is_file():
+    if simulated and path.is_file():
         with open(path, "rb") as f:
             settings = tomllib.load(f)
     return settings | dict(node_config)

@@ -9,11 +9,13 @@ from pathlib import Path
 
 
 def _ledger_path(site_dir: Path) -> Path:
-    """The site's ledger: ``privacy-dir`` from its node-config.toml, else <site>/.medfed."""
+    """The site's ledger: ``privacy-dir`` from a simulated site's node-config.toml, else
+    <site>/.medfed (a deployed site's ledger is in its ``--privacy-dir``)."""
     from client.privacy.policy import node_settings
     from protocol import wire
 
-    folder = Path(str(node_settings({}, site_dir).get(wire.NODE_PRIVACY_DIR, ".medfed")))
+    settings = node_settings({}, site_dir, simulated=True)
+    folder = Path(str(settings.get(wire.NODE_PRIVACY_DIR, ".medfed")))
     return (folder if folder.is_absolute() else site_dir / folder) / "privacy-ledger.sqlite"
 
 

@@ -243,13 +243,14 @@ def test_delta_at_or_above_one_over_n_is_refused(tmp_path):
 def test_node_settings_merge_the_toml_under_the_node_config(tmp_path):
     (tmp_path / wire.NODE_CONFIG_FILE).write_text(
         'dp-epsilon = 2.0\ndp-delta = 1e-6\nrequire-dp = false\n')
-    settings = node_settings({wire.NODE_DP_EPSILON: 5.0}, tmp_path)
+    settings = node_settings({wire.NODE_DP_EPSILON: 5.0}, tmp_path, simulated=True)
     assert settings[wire.NODE_DP_EPSILON] == 5.0                 # the node config wins
     assert settings[wire.NODE_DP_DELTA] == 1e-6                  # the file fills the rest
     budget = site_budget(settings, tmp_path)
     assert (budget.epsilon, budget.delta, budget.require_dp) == (5.0, 1e-6, False)
     assert budget.ledger_path == tmp_path / ".medfed" / "privacy-ledger.sqlite"
-    assert node_settings({"x": 1}, tmp_path / "no-such-dir") == {"x": 1}
+    assert node_settings({"x": 1}, tmp_path / "no-such-dir", simulated=True) == {"x": 1}
+    assert node_settings({"x": 1}, tmp_path, simulated=False) == {"x": 1}   # deployed: no file
 
 
 @pytest.mark.parametrize("settings", [

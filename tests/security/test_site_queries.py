@@ -18,6 +18,7 @@ from client.data.dicom import ReadCounts, read_file
 from client.engine import Engine
 from client.job import decode_job
 from client.mods.errors import SiteError
+from client.privacy.policy import node_settings
 from client.queries import suppress_small_counts
 from protocol import wire
 from protocol.metrics import from_record
@@ -223,3 +224,17 @@ def test_deployed_non_dp_rounds_draw_fresh_seeds_and_simulation_keeps_the_jobs(
     site_seed = resolve_site(simulated, site_dir.parent).seed
     assert seeds[2] == decode_job(message.content[wire.CONFIG], site_seed=site_seed).train.seed
     assert seeds[0] != seeds[1] and job.train.seed not in seeds[:2]
+
+
+def test_a_node_config_toml_planted_in_a_deployed_sites_data_folder_is_ignored(
+        site_dir, task_identity):
+    """Whoever can write into the PACS export folder plants ``node-config.toml`` turning the
+    small-split suppression off; a deployed site (node config from its operator) ignores the
+    file, while a simulated site keeps using it as its stand-in node config."""
+    (site_dir / wire.NODE_CONFIG_FILE).write_text(f'"{wire.NODE_MIN_EVAL_SPLIT}" = 1\n')
+    reply = make_client_app()(_message(MessageType.EVALUATE), _context(site_dir))
+    assert not reply.has_error(), reply.error
+    for split in wire.EVAL_SPLITS:       # 6 and 5 studies: below the default threshold of 10
+        assert reply.content[wire.METRICS][f"{split}-{wire.EVAL_SUPPRESSED}"] == 1.0
+    assert node_settings({}, site_dir, simulated=False) == {}
+    assert node_settings({}, site_dir, simulated=True) == {wire.NODE_MIN_EVAL_SPLIT: 1}

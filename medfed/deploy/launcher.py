@@ -16,26 +16,31 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from .allowlist import AllowList
 
 log = logging.getLogger("medfed.deploy")
 
 
-def launcher_command(address: str, allow: AllowList, site_id: str) -> list[str]:
+def launcher_command(address: str, allow: AllowList, site_id: str,
+                     egress_log: Path | None = None) -> list[str]:
     """Command line ``medfed site`` starts the launcher with (it dies with ``medfed site``)."""
     return [sys.executable, "-m", "medfed.deploy.launcher", "--runtime-api-address", address,
-            "--site-id", site_id, "--parent-pid", str(os.getpid()), *allow.args()]
+            "--site-id", site_id, "--parent-pid", str(os.getpid()), *allow.args(),
+            *(["--egress-log", str(egress_log)] if egress_log else [])]
 
 
-def runner_command(address: str, token: str, allow: AllowList, site_id: str) -> list[str]:
+def runner_command(address: str, token: str, allow: AllowList, site_id: str,
+                   egress_log: Path | None = None) -> list[str]:
     """Command line of one task's runner (same interpreter, so the same installed MedFed)."""
     return [sys.executable, "-m", "medfed.deploy.runner", "--runtime-api-address", address,
             "--token", token, "--site-id", site_id, "--parent-pid", str(os.getpid()),
-            *allow.args()]
+            *allow.args(), *(["--egress-log", str(egress_log)] if egress_log else [])]
 
 
-def serve(address: str, allow: AllowList, *, site_id: str, poll: float = 1.0) -> None:
+def serve(address: str, allow: AllowList, *, site_id: str, poll: float = 1.0,
+          egress_log: Path | None = None) -> None:
     """Acquire ClientApp tasks from the SuperNode forever; start a runner for each."""
     from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
     from flwr.supercore.constant import TaskType
@@ -57,7 +62,7 @@ def serve(address: str, allow: AllowList, *, site_id: str, poll: float = 1.0) ->
                 log.info("[%s] task %d of run %d: starting the site runner", site_id,
                          answer.task.task_id, answer.task.run_id)
                 running.append(subprocess.Popen(
-                    runner_command(address, answer.token, allow, site_id)))
+                    runner_command(address, answer.token, allow, site_id, egress_log)))
             time.sleep(poll)
     finally:
         client.close()
@@ -69,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--site-id", default="site")
     p.add_argument("--parent-pid", type=int)
     p.add_argument("--allow-app", action="append", default=[])
+    p.add_argument("--egress-log", type=Path)
     args = p.parse_args(argv)
     logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="%(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)     # a poll a second is not news
@@ -79,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     allow = AllowList.build(args.allow_app)
     if not allow.digests:
         log.warning("[%s] no app approved: every run will be refused", args.site_id)
-    serve(args.runtime_api_address, allow, site_id=args.site_id)
+    serve(args.runtime_api_address, allow, site_id=args.site_id, egress_log=args.egress_log)
     return 0
 
 

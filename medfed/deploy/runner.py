@@ -41,6 +41,7 @@ from flwr.common.constant import ErrorCode, SubStatus
 from flwr.supercore.fab import Fab
 
 from .allowlist import AllowList, AppRefused
+from .egress import EgressAudit
 
 log = logging.getLogger("medfed.deploy")
 
@@ -109,8 +110,10 @@ def handle_task(message: Message, context: Context, fab: Fab, allow: AllowList, 
 
 
 def run_task(client, allow: AllowList, *, site_id: str = "site",
-             load_app: Callable = load_installed_clientapp) -> int:
-    """One task over the SuperNode's runtime API, as ``run_clientapp`` does minus the FAB."""
+             load_app: Callable = load_installed_clientapp,
+             audit: EgressAudit | None = None) -> int:
+    """One task over the SuperNode's runtime API, as ``run_clientapp`` does minus the FAB;
+    every reply (refusals and errors included) is written to ``audit`` before it is pushed."""
     from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
     from flwr.supernode.runtime.run_clientapp import (pull_task_input, push_message,
                                                       push_task_output)
@@ -121,6 +124,8 @@ def run_task(client, allow: AllowList, *, site_id: str = "site",
     try:
         message, context, _run, fab = pull_task_input(client)
         outcome = handle_task(message, context, fab, allow, site_id=site_id, load_app=load_app)
+        if audit is not None:
+            audit.record(outcome.reply, context.run_id)
         push_message(client, outcome.reply, context)
     finally:
         push_task_output(client=client, context=context,
@@ -153,6 +158,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--site-id", default="site")
     p.add_argument("--parent-pid", type=int)
     p.add_argument("--allow-app", action="append", default=[])
+    p.add_argument("--egress-log", help="append one audit line per reply to this file")
     return p
 
 
@@ -165,8 +171,9 @@ def main(argv: list[str] | None = None) -> int:
 
         start_parent_process_monitor(args.parent_pid)
     allow = AllowList.build(args.allow_app)
+    audit = EgressAudit(args.egress_log) if args.egress_log else None
     return run_task(runtime_client(args.runtime_api_address, args.token), allow,
-                    site_id=args.site_id)
+                    site_id=args.site_id, audit=audit)
 
 
 if __name__ == "__main__":

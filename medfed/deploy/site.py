@@ -26,6 +26,7 @@ from pathlib import Path
 from protocol import wire
 
 from .allowlist import AllowList
+from .egress import EGRESS_LOG
 from .launcher import launcher_command
 from .preflight import DeployError, check_auth_key, check_port_free, check_superlink
 from .process import Daemon, flower_bin, flower_env, supervised
@@ -149,7 +150,7 @@ class Site:
                              fatal=SUPERNODE_FATAL, on_line=self._note)
         self.daemon.start()
         self.launcher = Daemon(launcher_command(f"127.0.0.1:{s.runtime_port}", s.allow,
-                                                s.site_id),
+                                                s.site_id, s.state_dir / EGRESS_LOG),
                                tag=s.site_id, env=flower_env(s.state_dir))
         self.launcher.start()
         threading.Thread(target=self._watch_launcher, name=f"{s.site_id}-launcher",

@@ -1,0 +1,78 @@
+"""The site's egress audit, kept outside the ClientApp: one JSON line per reply the site lets
+out, written by the site-owned runner (``medfed.deploy.runner``) just before the reply is
+pushed - error replies and refusals included.
+
+A line holds what a security officer needs to see what left, and nothing patient-derived:
+time, run id, message type, the error code (if any), and per record its kind, number of
+entries, payload bytes and a SHA-256 over its contents. No array values, metric values or
+config strings are written - the hashes let the officer match a line against the message the
+coordinator received (``record_digest``) without the log itself becoming a copy of it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+
+EGRESS_LOG = "egress.jsonl"
+
+
+def record_digest(record) -> tuple[str, int, int]:
+    """``(sha256 hex, entries, payload bytes)`` of one Flower record, in a canonical order."""
+    h, size = hashlib.sha256(), 0
+    for key in sorted(record.keys()):
+        value = record[key]
+        h.update(key.encode() + b"\0")
+        if isinstance(record, ArrayRecord):
+            meta = f"{value.dtype}|{tuple(value.shape)}|{value.stype}".encode()
+            h.update(meta + b"\0" + value.data)
+            size += len(value.data)
+        else:
+            blob = json.dumps(value, sort_keys=True, default=repr).encode()
+            h.update(blob + b"\0")
+            size += len(blob)
+    return h.hexdigest(), len(record), size
+
+
+def _kind(record) -> str:
+    if isinstance(record, ArrayRecord):
+        return "arrays"
+    if isinstance(record, MetricRecord):
+        return "metrics"
+    return "config" if isinstance(record, ConfigRecord) else type(record).__name__
+
+
+def egress_entry(reply: Message, run_id: int | None) -> dict:
+    """The audit line for ``reply`` (no values, only names, sizes and digests)."""
+    entry: dict = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                   "run_id": run_id, "message_type": reply.metadata.message_type,
+                   "error_code": None, "records": {}, "bytes": 0}
+    if reply.has_error():
+        entry["error_code"] = int(reply.error.code)
+        return entry
+    for name, record in reply.content.items():
+        digest, entries, size = record_digest(record)
+        entry["records"][name] = {"kind": _kind(record), "entries": entries, "bytes": size,
+                                  "sha256": digest}
+        entry["bytes"] += size
+    return entry
+
+
+class EgressAudit:
+    """Append-only JSON-lines log of every reply leaving the site (owner-only file)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def record(self, reply: Message, run_id: int | None) -> dict:
+        entry = egress_entry(reply, run_id)
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        with os.fdopen(fd, "a") as f:
+            f.write(json.dumps(entry, sort_keys=True) + "\n")
+        return entry

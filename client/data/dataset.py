@@ -1,4 +1,5 @@
-"""Studies to tensors with MONAI dictionary transforms: ``image [S, H, W]`` + ``present [S]``."""
+"""Studies to tensors with MONAI dictionary transforms: ``image [S, H, W]`` (2D) or
+``image [S, D, H, W]`` (3D layouts) + ``present [S]``."""
 
 from __future__ import annotations
 
@@ -24,12 +25,15 @@ def study_transform(image_size: int, *, normalize: bool = True) -> Compose:
     return Compose([NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True), typed])
 
 
-def augmentation(keys: tuple[str, ...] = ("image",)) -> Compose:
+def augmentation(keys: tuple[str, ...] = ("image",), spatial_dims: int = 2) -> Compose:
     """Label-preserving flips and 90-degree rotations (all sequences move together).
 
     Small sites overfit a ViT within a few epochs without them; with them the same model
-    keeps improving (see the calibration notes in bench/RESULTS.md).
+    keeps improving (see the calibration notes in bench/RESULTS.md). Volumes (3D): a flip
+    along each axis, no rotation (a volume's axes are anatomical, not interchangeable).
     """
+    if spatial_dims == 3:
+        return Compose([RandFlipd(keys=list(keys), prob=0.5, spatial_axis=a) for a in range(3)])
     return Compose([
         RandFlipd(keys=list(keys), prob=0.5, spatial_axis=0),
         RandFlipd(keys=list(keys), prob=0.5, spatial_axis=1),
@@ -53,30 +57,43 @@ class StudyDataset(Dataset):
     ``has_mask=False`` for a study without one), moved by the same augmentation as the image.
     ``sequences``: the input channels in model order (a layout's ``input_channels``);
     ``normalize=False`` keeps the reader's intensities (see :func:`study_transform`).
+    ``spatial_dims=3`` (a 3D layout): each channel is a volume ``[D, H, W]`` (the layout's
+    grid), resized to the ``image_size`` cube; no middle slice is taken.
     """
 
     def __init__(self, studies: list[Study], image_size: int, sequences=SEQUENCES, *,
                  augment: bool = False,
                  text_transform: Callable[[list[str]], dict[str, torch.Tensor]] | None = None,
-                 masks: bool = False, normalize: bool = True):
+                 masks: bool = False, normalize: bool = True, spatial_dims: int = 2):
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+        if masks and spatial_dims == 3:
+            raise ValueError("lesion masks are 2D only; a 3D layout has no segmentation yet")
         transform = study_transform(image_size, normalize=normalize)
+        grid = (image_size,) * spatial_dims
         # Each sequence is resized on its own: vendors may acquire sequences at different
         # matrix sizes, and a study must not lose a sequence because of it.
-        resize = Resize(spatial_size=(image_size, image_size), mode="area")
-        self.augment = augmentation(("image", "mask") if masks else ("image",)) if augment else None
+        resize = Resize(spatial_size=grid, mode="area")
+        keys = ("image", "mask") if masks else ("image",)
+        self.augment = augmentation(keys, spatial_dims) if augment else None
         self.masks = [] if masks else None
         nearest = Resize(spatial_size=(image_size, image_size), mode="nearest")
         self.items = []
         for study in studies:
-            stack = np.zeros((len(sequences), image_size, image_size), dtype=np.float32)
+            stack = np.zeros((len(sequences), *grid), dtype=np.float32)
             present = np.zeros(len(sequences), dtype=bool)
             for i, seq in enumerate(sequences):
                 if seq in study.images:
-                    pixels = _as_slice(study.images[seq]).astype(np.float32)[None]   # [1, H, W]
-                    stack[i] = np.asarray(resize(pixels))[0]
+                    pixels = study.images[seq] if spatial_dims == 3 \
+                        else _as_slice(study.images[seq])
+                    pixels = pixels.astype(np.float32)[None]             # [1, (D,) H, W]
+                    if spatial_dims == 2 or pixels.shape[1:] != grid:   # 2D: as always
+                        pixels = np.asarray(resize(pixels))
+                    stack[i] = pixels[0]
                     present[i] = True
             out = transform({"image": stack})
-            image = out["image"] * torch.as_tensor(present, dtype=torch.float32)[:, None, None]
+            mask_present = torch.as_tensor(present, dtype=torch.float32)
+            image = out["image"] * mask_present.reshape(-1, *[1] * spatial_dims)
             self.items.append((image, torch.as_tensor(present), torch.tensor(study.label)))
             if masks:
                 mask = np.zeros((1, image_size, image_size), dtype=np.float32)

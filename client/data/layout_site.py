@@ -27,10 +27,10 @@ import pydicom
 
 from .dicom import MAX_DECODED_BYTES, decoded_bytes, pseudonym
 from .intensity import apply_intensity
-from .layout import Channel, Layout
+from .layout import Channel, Layout, LayoutError, check_volume_layout
 from .matching import match_site
 from .site import IngestReport, SiteData, SiteDataError, Study, dicom_folder, join_site
-from .volume_site import check_volume_layout, read_volume_channel
+from .volume_site import read_volume_channel
 
 # Studies the layout's missing-channel policy (or a channel that failed to decode) drops.
 STUDY_SKIPS = ("study_missing_channel",)
@@ -59,7 +59,7 @@ def load_layout_site(site_dir: Path | str, layout: Layout,
     if layout.dims == "3d":
         try:
             check_volume_layout(layout)
-        except ValueError as err:
+        except LayoutError as err:
             raise SiteDataError(str(err)) from None
     site_dir = Path(site_dir)
     match = match_site(layout, dicom_folder(site_dir))

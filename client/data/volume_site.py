@@ -32,22 +32,6 @@ from .layout import Channel, Layout
 from .volume import read_volumes
 
 GRID_AXCODES = "SPL"      # [Z, Y, X] of an axial DICOM series: superior, posterior, left
-VOLUME_INTENSITIES = ("ct_window", "zscore")
-
-
-def check_volume_layout(layout: Layout) -> None:
-    """A 3D layout can be read for training: a grid (``size`` and ``spacing``) and only
-    cross-sectional intensities. Raises ValueError saying what to add or change."""
-    missing = [key for key in ("size", "spacing") if getattr(layout, key) is None]
-    if missing:
-        raise ValueError(f"3D layout {layout.name!r} needs {' and '.join(missing)} ([Z, Y, X]): "
-                         "the grid every volume is resampled onto")
-    bad = [c.name for c in layout.channels if c.intensity.kind not in VOLUME_INTENSITIES]
-    if bad:
-        raise ValueError(f"3D layout {layout.name!r}: channels {bad} use an intensity for 2D "
-                         f"projection images; a volume takes one of {VOLUME_INTENSITIES}")
-
-
 def read_volume_channel(channel: Channel, files: tuple[Path, ...], layout: Layout,
                         skipped: Counter) -> tuple[np.ndarray, str] | None:
     """``([C, Z, Y, X] float32 on the layout's grid, patient key)`` of one series, or None.

@@ -33,15 +33,17 @@ from .volume import read_volumes
 
 GRID_AXCODES = "SPL"      # [Z, Y, X] of an axial DICOM series: superior, posterior, left
 def read_volume_channel(channel: Channel, files: tuple[Path, ...], layout: Layout,
-                        skipped: Counter) -> tuple[np.ndarray, str] | None:
+                        skipped: Counter, key: bytes | None = None,
+                        ) -> tuple[np.ndarray, str] | None:
     """``([C, Z, Y, X] float32 on the layout's grid, patient key)`` of one series, or None.
 
     ``skipped`` (a Counter) receives every reason the series or one of its files was refused
     (:class:`~client.data.volume.VolumeCounts`), and ``resample_error`` if the grid failed.
+    ``key``: the site's pseudonym secret (None in simulation).
     """
     with warnings.catch_warnings():      # pydicom warns with element values: keep them out
         warnings.simplefilter("ignore")
-        volumes, counts = read_volumes(files)     # the matcher already selected the series
+        volumes, counts = read_volumes(files, key=key)   # the matcher selected the series
     skipped.update(counts.files_skipped)
     skipped.update(counts.skipped)
     if len(volumes) != 1:                 # 0: refused and counted above

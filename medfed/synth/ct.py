@@ -2,7 +2,8 @@
 geometry of :mod:`medfed.synth.volume`, labels per study, deterministic in the seed.
 
 Each study is one CT volume of a simple torso phantom in patient (LPS) millimetres — body with a
-fat rim, lungs at the top, liver on the patient's right, spine at the back — sampled on the
+fat rim, lungs at the top, liver on the patient's right, stomach gas on the left, spine at
+the back — sampled on the
 site's own grid, so an oblique site sees the same anatomy tilted. The label is what a
 radiologist would call a focal liver lesion:
 
@@ -152,6 +153,7 @@ def phantom_hu(points: np.ndarray, lesion: Lesion) -> np.ndarray:
     liver = _inside(points, _LIVER_C, _LIVER_R)
     hu[liver] = _LIVER
     hu[_inside(points, (0, 55, 0), (13, 13, None))] = _BONE
+    hu[_inside(points, (55, -30, -15), (22, 18, 14))] = _AIR     # gas in the stomach (left)
     # a lesion with a soft (1.5 mm) edge, inside the liver only
     d = np.linalg.norm(points - np.asarray(lesion.center), axis=-1)
     weight = 1.0 / (1.0 + np.exp((d - lesion.radius) / 1.5))

@@ -8,8 +8,8 @@ site's own grid, so an oblique site sees the same anatomy tilted. The label is w
 radiologist would call a focal liver lesion:
 
 - ``no_lesion``: homogeneous liver (now and then a faint inhomogeneity: overlap, on purpose);
-- ``hyperdense_lesion``: a round lesion brighter than the liver (e.g. an enhancing lesion);
-- ``hypodense_lesion``: a round lesion darker than the liver (e.g. a cyst or metastasis).
+- ``hyperdense_lesion``: one to four round foci brighter than the liver (enhancing lesions);
+- ``hypodense_lesion``: one to four round foci darker than the liver (cysts, metastases).
 
 Lesion size and contrast come from overlapping ranges and every voxel carries scanner noise, so
 the task is learnable over rounds without saturating in the first. Sites differ as hospitals
@@ -72,10 +72,12 @@ class CTProfile:
 
 @dataclass(frozen=True)
 class Lesion:
+    """One to four round foci of the same kind in the liver (e.g. metastases or cysts)."""
+
     label: int
-    center: tuple[float, float, float]    # LPS mm
-    radius: float                         # mm
-    contrast: float                       # HU relative to the liver (signed)
+    centers: tuple[tuple[float, float, float], ...]    # LPS mm
+    radii: tuple[float, ...]                           # mm
+    contrast: float                                    # HU relative to the liver (signed)
 
 
 @dataclass
@@ -119,22 +121,26 @@ def make_ct_profiles(n_sites: int, seed: int, *, alpha: float = 2.0, patients: i
             class_probs=tuple(float(p) for p in probs),
             thickness=float(rng.choice([3.2, 4.0, 5.0])), pixel_mm=float(rng.choice([2.0, 2.5, 3.2])),
             angles_deg=angles, rescale=i % len(_RESCALES), enhanced=i % 3 == 1,
-            noise=float(rng.uniform(10, 25)), hu_shift=float(rng.uniform(-8, 8)),
+            noise=float(rng.uniform(10, 20)), hu_shift=float(rng.uniform(-8, 8)),
             label_fraction=label_fraction if i == min(2, n_sites - 1) and not is_external else 1.0,
             broken_series=i == 0 and not is_external))
     return profiles
 
 
 def sample_lesion(label: int, rng: np.random.Generator) -> Lesion:
-    """A lesion inside the liver; size and contrast ranges overlap across classes."""
-    u = rng.normal(size=3)
-    u *= rng.uniform(0, 0.45) / np.linalg.norm(u)
-    center = tuple(float(v) for v in _LIVER_C + u * _LIVER_R)
-    radius = float(rng.uniform(5.0, 11.0))
+    """Foci inside the liver; count, size and contrast ranges overlap across classes."""
+    n = int(rng.integers(1, 5))
+    centers = []
+    for _ in range(n):
+        u = rng.normal(size=3)
+        u *= rng.uniform(0, 0.5) / np.linalg.norm(u)
+        centers.append(tuple(float(v) for v in _LIVER_C + u * _LIVER_R))
+    radii = tuple(float(r) for r in rng.uniform(6.0, 14.0, size=n))
     if label == 0:    # a faint inhomogeneity now and then: no lesion, but not a blank liver
-        return Lesion(0, center, radius, float(rng.uniform(-12, 12)) if rng.random() < 0.3 else 0.0)
-    contrast = float(rng.uniform(20.0, 80.0))
-    return Lesion(label, center, radius, contrast if label == 1 else -contrast)
+        faint = float(rng.uniform(-12, 12)) if rng.random() < 0.3 else 0.0
+        return Lesion(0, tuple(centers), radii, faint)
+    contrast = float(rng.uniform(30.0, 120.0))
+    return Lesion(label, tuple(centers), radii, contrast if label == 1 else -contrast)
 
 
 def _inside(p: np.ndarray, center, radii) -> np.ndarray:
@@ -154,9 +160,11 @@ def phantom_hu(points: np.ndarray, lesion: Lesion) -> np.ndarray:
     hu[liver] = _LIVER
     hu[_inside(points, (0, 55, 0), (13, 13, None))] = _BONE
     hu[_inside(points, (55, -30, -15), (22, 18, 14))] = _AIR     # gas in the stomach (left)
-    # a lesion with a soft (1.5 mm) edge, inside the liver only
-    d = np.linalg.norm(points - np.asarray(lesion.center), axis=-1)
-    weight = 1.0 / (1.0 + np.exp((d - lesion.radius) / 1.5))
+    # foci with a soft (1.5 mm) edge, inside the liver only
+    weight = np.zeros(points.shape[:-1])
+    for center, radius in zip(lesion.centers, lesion.radii):
+        d = np.linalg.norm(points - np.asarray(center), axis=-1)
+        weight = np.maximum(weight, 1.0 / (1.0 + np.exp(np.clip((d - radius) / 1.5, -50, 50))))
     return hu + liver * weight * lesion.contrast
 
 

@@ -65,6 +65,7 @@ class SiteSettings:
     max_wait_time: float | None = 600.0  # seconds of reconnecting before giving up
     role: str = wire.ROLE_TRAIN        # external: evaluates every global model, never trains
     allow: AllowList = AllowList()     # FAB digests this site runs; empty refuses every run
+    layout: str = "brain_mri_4seq"     # the imaging layout preflight reads the data with
 
 
 def node_config(s: SiteSettings) -> dict[str, object]:
@@ -124,12 +125,20 @@ def pseudonym_key(s: SiteSettings) -> bytes:
     return site_key(state_dir(node_config(s), s.data_dir.resolve()))
 
 
-def check_data_dir(data_dir: Path, key: bytes | None = None) -> str:
-    """Run the ingest step on the site's data; a one-line summary (counts only, no PHI; the
-    fingerprint is the one the site will report, pseudonyms under ``key``)."""
+def check_data_dir(data_dir: Path, key: bytes | None = None,
+                   layout: str = "brain_mri_4seq") -> str:
+    """Run the ingest step on the site's data through ``layout`` (a shipped name or a YAML
+    file); a one-line summary (counts only, no PHI; the fingerprint is the one the site
+    reports for jobs of that layout, pseudonyms under ``key``)."""
+    from client.data.layout import load_layout
+    from client.data.layout_site import load_layout_site
     from client.data.site import load_site
 
-    data = load_site(data_dir, None, key=key)   # raises SiteDataError with a one-line reason
+    # each raises SiteDataError / LayoutError with a one-line reason
+    if layout == "brain_mri_4seq":          # the default reader, as jobs without a layout use
+        data = load_site(data_dir, None, key=key)
+    else:
+        data = load_layout_site(data_dir, load_layout(layout), None, key=key)
     r = data.report
     return (f"{r.studies} studies, {r.images} images, splits {dict(sorted(r.splits.items()))}, "
             f"skipped {sum(r.skipped.values())} files, fingerprint {data.fingerprint}")
@@ -149,7 +158,7 @@ class Site:
         check_auth_key(s.auth_key)            # before touching data: a leaked key is worse
         from client.data.site import dicom_folder
         dicom_folder(s.data_dir)              # a wrong path fails before a key is made in it
-        summary = check_data_dir(s.data_dir, pseudonym_key(s))
+        summary = check_data_dir(s.data_dir, pseudonym_key(s), s.layout)
         log.info("[%s] data directory usable: %s", s.site_id, summary)
         check_port_free("127.0.0.1", s.runtime_port, "site runtime API")
         check_superlink(s.superlink, s.root_cert)

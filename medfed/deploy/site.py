@@ -30,6 +30,7 @@ from .egress import EGRESS_LOG
 from .launcher import launcher_command
 from .preflight import DeployError, check_auth_key, check_port_free, check_superlink
 from .process import Daemon, flower_bin, flower_env, supervised
+from .runtime_auth import RUNTIME_SECRET, check_runtime_secret, ensure_runtime_secret
 
 log = logging.getLogger("medfed.deploy")
 
@@ -65,6 +66,11 @@ class SiteSettings:
     max_wait_time: float | None = 600.0  # seconds of reconnecting before giving up
     role: str = wire.ROLE_TRAIN        # external: evaluates every global model, never trains
     allow: AllowList = AllowList()     # FAB digests this site runs; empty refuses every run
+
+    @property
+    def runtime_secret(self) -> Path:
+        """Shared secret of SuperNode and launcher on the runtime port (``runtime_auth``)."""
+        return self.state_dir / RUNTIME_SECRET
 
 
 def node_config(s: SiteSettings) -> dict[str, object]:
@@ -107,7 +113,9 @@ def supernode_command(s: SiteSettings) -> list[str]:
            "--node-config", node_config_arg(node_config(s)),
            # process: the site starts its own launcher (launcher_command), not Flower's
            "--isolation", "process",
-           "--host", "127.0.0.1", "--port", str(s.runtime_port)]
+           "--host", "127.0.0.1", "--port", str(s.runtime_port),
+           # only a caller holding the site's secret may claim a task on that port
+           "--superexec-auth-secret-file", str(s.runtime_secret)]
     if s.max_retries is not None:
         cmd += ["--max-retries", str(s.max_retries)]
     if s.max_wait_time is not None:
@@ -137,6 +145,8 @@ class Site:
         s = self.settings
         node_config(s)                        # budget arguments complete
         check_auth_key(s.auth_key)            # before touching data: a leaked key is worse
+        if s.runtime_secret.exists() or s.runtime_secret.is_symlink():
+            check_runtime_secret(s.runtime_secret)   # created by start() when missing
         summary = check_data_dir(s.data_dir)
         log.info("[%s] data directory usable: %s", s.site_id, summary)
         check_port_free("127.0.0.1", s.runtime_port, "site runtime API")
@@ -146,11 +156,13 @@ class Site:
         self.preflight()
         s = self.settings
         s.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        ensure_runtime_secret(s.state_dir)
         self.daemon = Daemon(supernode_command(s), tag=s.site_id, env=flower_env(s.state_dir),
                              fatal=SUPERNODE_FATAL, on_line=self._note)
         self.daemon.start()
         self.launcher = Daemon(launcher_command(f"127.0.0.1:{s.runtime_port}", s.allow,
-                                                s.site_id, s.state_dir / EGRESS_LOG),
+                                                s.site_id, s.state_dir / EGRESS_LOG,
+                                                runtime_secret=s.runtime_secret),
                                tag=s.site_id, env=flower_env(s.state_dir))
         self.launcher.start()
         threading.Thread(target=self._watch_launcher, name=f"{s.site_id}-launcher",

@@ -12,7 +12,9 @@ The site executes only code its operator approved: the SuperNode runs with ``--i
 process`` and the site starts its own task launcher (``medfed.deploy.launcher``) next to it,
 which runs each task in ``medfed.deploy.runner``: the run's FAB must be on the site's
 allow-list (``--allow-app``/``--allow-list``, see ``medfed.deploy.allowlist``) and the
-ClientApp that runs is the site's installed one, never code from the bundle.
+ClientApp that runs is the site's installed one, never code from the bundle. Only the
+launcher may claim those tasks: the SuperNode and the launcher share a secret the site keeps
+in its state dir (``medfed.deploy.runtime_auth``), so other accounts on the machine cannot.
 """
 
 from __future__ import annotations

@@ -63,7 +63,8 @@ def _monai_preprocessed(studies, *, masks: bool, normalize: bool):
         present = np.zeros(len(SEQS), dtype=bool)
         for i, seq in enumerate(SEQS):
             if seq in study.images:
-                stack[i] = np.asarray(resize(_as_slice(study.images[seq]).astype(np.float32)[None]))[0]
+                pixels = _as_slice(study.images[seq]).astype(np.float32)[None]
+                stack[i] = np.asarray(resize(pixels))[0]
                 present[i] = True
         out = transform({"image": stack})
         images.append(out["image"] * torch.as_tensor(present, dtype=torch.float32)[:, None, None])
@@ -166,7 +167,8 @@ print(sorted(name for name in sys.modules if name.split(".")[0] == "monai"))
 def test_apps_and_site_datasets_do_not_import_monai():
     """``import monai.<anything>`` imports all of MONAI (~5 s CPU per process): the Flower
     apps, the models package and a site's datasets must not, until a UNETR is built."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    env = dict(os.environ, PYTHONPATH=path)
     result = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True,
                             cwd=ROOT, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -1,4 +1,4 @@
-"""Studies to tensors with MONAI dictionary transforms: ``image [S, H, W]`` + ``present [S]``."""
+"""Studies to tensors: ``image [S, H, W]`` + ``present [S]`` (transforms: ``.transforms``)."""
 
 from __future__ import annotations
 
@@ -6,35 +6,11 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from monai.transforms import (Compose, EnsureTyped, NormalizeIntensityd, RandFlipd,
-                              RandRotate90d, Resize)
 from torch.utils.data import Dataset
 
 from .sequences import SEQUENCES
 from .site import Study
-
-
-def study_transform(image_size: int, *, normalize: bool = True) -> Compose:
-    """Z-score each present sequence on its own (sequences arrive resized to one grid);
-    ``normalize=False``: the reader already put each channel on its scale (a layout's
-    intensity handling, e.g. an X-ray's VOI window in [0, 1])."""
-    typed = EnsureTyped(keys="image", data_type="tensor", dtype=torch.float32, track_meta=False)
-    if not normalize:
-        return Compose([typed])
-    return Compose([NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True), typed])
-
-
-def augmentation(keys: tuple[str, ...] = ("image",)) -> Compose:
-    """Label-preserving flips and 90-degree rotations (all sequences move together).
-
-    Small sites overfit a ViT within a few epochs without them; with them the same model
-    keeps improving (see the calibration notes in bench/RESULTS.md).
-    """
-    return Compose([
-        RandFlipd(keys=list(keys), prob=0.5, spatial_axis=0),
-        RandFlipd(keys=list(keys), prob=0.5, spatial_axis=1),
-        RandRotate90d(keys=list(keys), prob=0.75, max_k=3, spatial_axes=(0, 1)),
-    ])
+from .transforms import augmentation, resize, study_transform
 
 
 def _as_slice(pixels: np.ndarray) -> np.ndarray:
@@ -60,12 +36,8 @@ class StudyDataset(Dataset):
                  text_transform: Callable[[list[str]], dict[str, torch.Tensor]] | None = None,
                  masks: bool = False, normalize: bool = True):
         transform = study_transform(image_size, normalize=normalize)
-        # Each sequence is resized on its own: vendors may acquire sequences at different
-        # matrix sizes, and a study must not lose a sequence because of it.
-        resize = Resize(spatial_size=(image_size, image_size), mode="area")
         self.augment = augmentation(("image", "mask") if masks else ("image",)) if augment else None
         self.masks = [] if masks else None
-        nearest = Resize(spatial_size=(image_size, image_size), mode="nearest")
         self.items = []
         for study in studies:
             stack = np.zeros((len(sequences), image_size, image_size), dtype=np.float32)
@@ -73,7 +45,9 @@ class StudyDataset(Dataset):
             for i, seq in enumerate(sequences):
                 if seq in study.images:
                     pixels = _as_slice(study.images[seq]).astype(np.float32)[None]   # [1, H, W]
-                    stack[i] = np.asarray(resize(pixels))[0]
+                    # Each sequence is resized on its own: vendors may acquire sequences at
+                    # different matrix sizes, and a study must not lose a sequence for it.
+                    stack[i] = resize(pixels, image_size, "area")[0]
                     present[i] = True
             out = transform({"image": stack})
             image = out["image"] * torch.as_tensor(present, dtype=torch.float32)[:, None, None]
@@ -81,7 +55,8 @@ class StudyDataset(Dataset):
             if masks:
                 mask = np.zeros((1, image_size, image_size), dtype=np.float32)
                 if study.mask is not None:
-                    mask = np.asarray(nearest(_as_slice(study.mask).astype(np.float32)[None]))
+                    mask = resize(_as_slice(study.mask).astype(np.float32)[None], image_size,
+                                  "nearest")
                 self.masks.append((torch.as_tensor(mask, dtype=torch.float32),
                                    torch.tensor(study.mask is not None)))
         self.text = None if text_transform is None else _report_fields(studies, text_transform)

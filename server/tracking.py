@@ -20,11 +20,13 @@ import torch
 from models.foundation import base_digest
 from models.foundation.adapt import FoundationBackbone
 from models.foundation.export import export_foundation
-from models.serving import plain_backbone, servable, trained_backbone
+from models.serving import ExportedClassifier, plain_backbone, servable, trained_backbone
 from models.weights import save_pretrained
 from models.tasks import build
 from protocol import wire
+from protocol.layout import Layout
 from protocol.metrics import from_record, report_splits
+from protocol.serving import ServingSpec
 from strategies.observed import RoundRecord
 from strategies.pooling import pool
 
@@ -188,11 +190,14 @@ class MlflowTracker:
         # Batch of 2 so torch.export keeps the batch dimension dynamic (pt2 format).
         example = np.zeros((2, *exported.input_shape), dtype=np.float32)
         sites = sorted(r.site_id for r in record.train)
+        serving = self._serving_spec(exported, multi_label=task.data_needs.multi_label)
+        metadata = (_model_metadata(model) or {}) | (serving.to_metadata() if serving else {})
         info = self.mlflow.pytorch.log_model(
             exported, name=f"global-round-{record.round}", input_example=example,
+            signature=_signature(exported, serving),
             registered_model_name=self.cfg.tracking.registered_model,
             pip_requirements=_PIP_REQUIREMENTS, step=record.round,
-            metadata=_model_metadata(model),
+            metadata=metadata or None,
         )
         version = str(info.registered_model_version)
         self.versions[record.round] = version
@@ -215,6 +220,19 @@ class MlflowTracker:
         tags |= self._privacy_tags(privacy) | self.lineage | {"task": self.cfg.task.name}
         for key, value in tags.items():
             self.client.set_model_version_tag(self.cfg.tracking.registered_model, version, key, value)
+
+    def _serving_spec(self, exported: torch.nn.Module, *, multi_label: bool
+                      ) -> ServingSpec | None:
+        """What ``medfed predict`` needs to score new studies with a classifier version:
+        its layout (brain_mri_4seq included), the sites' preprocessing and its class names;
+        None for an encoder (a pretraining phase) or a config composed without a layout."""
+        if not isinstance(exported, ExportedClassifier) or not self.cfg.data.layout:
+            return None
+        return ServingSpec(layout=Layout.from_dict(self.cfg.data.layout),
+                           class_names=tuple(self.cfg.task.class_names),
+                           task=self.cfg.task.name,
+                           output="sigmoid" if multi_label else "softmax",
+                           image_size=self.cfg.task.image_size)
 
     def latest_version(self) -> str | None:
         """The newest version this phase registered (also when resumed after its last round)."""
@@ -250,6 +268,22 @@ def _model_metadata(model: torch.nn.Module) -> dict[str, str] | None:
     c = backbone.config
     return {"foundation_weights": c.weights, "foundation_family": backbone.family,
             "foundation_method": c.method, "foundation_base_sha256": base_digest(model)}
+
+
+def _signature(exported: torch.nn.Module, serving: ServingSpec | None):
+    """Named tensors: ``images [B, *input_shape]`` float32 (a preprocessed batch, the
+    channel order of the serving metadata) and, for a classifier, ``probabilities [B, C]``
+    (columns: the metadata's class names) or an encoder's ``features [B, F]``."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    with torch.no_grad():
+        width = exported(torch.zeros(1, *exported.input_shape)).shape[-1]
+    name = "probabilities" if serving is not None or isinstance(exported, ExportedClassifier) \
+        else "features"
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *exported.input_shape), "images")]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, width), name)]))
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, str]:

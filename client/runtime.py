@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import OrderedDict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -22,9 +22,11 @@ from protocol import wire
 from .data.dataset import StudyDataset
 from .data.layout import Layout
 from .data.layout_site import load_layout_site
+from .data.pseudonyms import PseudonymKeyError, site_key
 from .data.site import SiteData, load_site
 from .engine import resolve_device
 from .privacy.policy import node_settings
+from .queries import state_dir
 
 
 class SiteConfigError(ValueError):
@@ -38,6 +40,8 @@ class SiteIdentity:
     device: torch.device
     role: str = wire.ROLE_TRAIN       # external: evaluates every global model, never trains
     simulated: bool = False           # a simulation partition: seeds stay fixed (resume)
+    # The site's pseudonym secret (client.data.pseudonyms); None in simulation only.
+    pseudonym_key: bytes | None = field(default=None, repr=False)
 
     @property
     def seed(self) -> int:
@@ -71,13 +75,20 @@ def resolve_site(context: Context, sim_data_root: Path | None = None,
         raise SiteConfigError(f"node config must set {wire.NODE_DATA_DIR!r} (and {wire.NODE_SITE_ID!r})")
     if wire.NODE_TORCH_THREADS in node:
         torch.set_num_threads(int(node[wire.NODE_TORCH_THREADS]))
-    role = str(node_settings(node, data_dir, simulated=simulated).get(wire.NODE_ROLE,
-                                                                      wire.ROLE_TRAIN))
+    settings = node_settings(node, data_dir, simulated=simulated)
+    role = str(settings.get(wire.NODE_ROLE, wire.ROLE_TRAIN))
     if role not in wire.ROLES:
         raise SiteConfigError(f"node config {wire.NODE_ROLE!r} must be one of "
                               f"{', '.join(wire.ROLES)}, got {role!r}")
+    key = None
+    if not simulated:       # a deployed site keys its pseudonyms with its own secret
+        try:
+            key = site_key(state_dir(settings, data_dir))
+        except PseudonymKeyError as e:
+            raise SiteConfigError(str(e)) from None
     return SiteIdentity(site_id, data_dir,
-                        resolve_device(str(node.get(wire.NODE_DEVICE, "auto"))), role, simulated)
+                        resolve_device(str(node.get(wire.NODE_DEVICE, "auto"))), role, simulated,
+                        key)
 
 
 class SiteDataCache:
@@ -119,10 +130,11 @@ class SiteDataCache:
               ) -> tuple[SiteData, dict[str, StudyDataset]]:
         """Read the site and build its splits (uncached)."""
         if layout is None:
-            data = load_site(site.data_dir, class_names, multi_label=needs.multi_label)
+            data = load_site(site.data_dir, class_names, multi_label=needs.multi_label,
+                             key=site.pseudonym_key)
         else:
             data = load_layout_site(site.data_dir, layout, class_names,
-                                    multi_label=needs.multi_label)
+                                    multi_label=needs.multi_label, key=site.pseudonym_key)
         r = data.report
         site_logger(site.site_id).info(
             "data: %d files, %d images, %d studies (train/val/test %s), skipped %s",

@@ -8,7 +8,6 @@ the pydicom dataset, which is dropped as soon as the file is read.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut
 
+from .pseudonyms import pseudonym
 from .sequences import sequence_of
 
 log = logging.getLogger(__name__)
@@ -37,11 +37,6 @@ IMAGE_SOP_CLASSES = {
 MAX_ROWS_COLUMNS = 8192        # wider than any MR/CT/radiograph matrix in use
 MAX_FRAMES = 2048
 MAX_DECODED_BYTES = 512 * 2**20   # after the modality LUT (float32), per file
-
-
-def pseudonym(kind: str, value: str) -> str:
-    """Stable pseudonym for an identifier; used only inside the site, never sent."""
-    return hashlib.sha256(f"medfed:{kind}:{value}".encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -68,8 +63,9 @@ class ReadCounts:
         self.skipped[reason] += 1
 
 
-def read_file(path: Path, counts: ReadCounts) -> SeriesImage | None:
-    """Read one file; on any problem count the reason and return None."""
+def read_file(path: Path, counts: ReadCounts, key: bytes | None = None) -> SeriesImage | None:
+    """Read one file; on any problem count the reason and return None. ``key``: the site's
+    pseudonym secret (:mod:`client.data.pseudonyms`)."""
     try:
         ds = pydicom.dcmread(path)
     except InvalidDicomError:
@@ -105,10 +101,10 @@ def read_file(path: Path, counts: ReadCounts) -> SeriesImage | None:
         counts.skip("pixel_decode_error")
         return None
     image = SeriesImage(
-        study_key=pseudonym("study", str(study_uid)),
-        patient_key=pseudonym("patient", str(ds.get("PatientID", "")) or str(study_uid)),
+        study_key=pseudonym("study", str(study_uid), key),
+        patient_key=pseudonym("patient", str(ds.get("PatientID", "")) or str(study_uid), key),
         sequence=sequence,
-        series_key=pseudonym("series", str(series_uid)),
+        series_key=pseudonym("series", str(series_uid), key),
         instance=int(ds.get("InstanceNumber", 0) or 0),
         pixels=pixels,
     )
@@ -133,13 +129,15 @@ def decoded_bytes(ds) -> int:
     return rows * cols * frames * samples * width
 
 
-def read_directory(dicom_dir: Path) -> tuple[list[SeriesImage], ReadCounts]:
-    """Read every regular file under ``dicom_dir`` (recursively, deterministic order)."""
+def read_directory(dicom_dir: Path, *, key: bytes | None = None
+                   ) -> tuple[list[SeriesImage], ReadCounts]:
+    """Read every regular file under ``dicom_dir`` (recursively, deterministic order), with
+    pseudonyms under the site's ``key``."""
     counts = ReadCounts()
     images = []
     for path in sorted(p for p in Path(dicom_dir).rglob("*") if p.is_file()):
         counts.files += 1
-        image = read_file(path, counts)
+        image = read_file(path, counts, key)
         if image is not None:
             images.append(image)
     return images, counts

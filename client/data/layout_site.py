@@ -35,8 +35,9 @@ STUDY_SKIPS = ("study_missing_channel",)
 
 def load_layout_site(site_dir: Path | str, layout: Layout,
                      class_names: tuple[str, ...] | None = None, *,
-                     multi_label: bool = False) -> SiteData:
-    """Read, de-identify, join and split one site through a 2D ``layout``.
+                     multi_label: bool = False, key: bytes | None = None) -> SiteData:
+    """Read, de-identify, join and split one site through a 2D ``layout``, with pseudonyms
+    under the site's ``key`` (:mod:`client.data.pseudonyms`).
 
     Labels, reports, masks and the patient-level split are those of
     :func:`client.data.site.load_site`. Skips are counted in the report by reason: the
@@ -53,7 +54,7 @@ def load_layout_site(site_dir: Path | str, layout: Layout,
     if layout.dims == "3d":
         raise SiteDataError(f"layout {layout.name!r} is 3D: 3D layouts are not trained yet")
     site_dir = Path(site_dir)
-    match = match_site(layout, dicom_folder(site_dir))
+    match = match_site(layout, dicom_folder(site_dir), key=key)
     if match.report.files == 0:
         raise SiteDataError(f"data directory {site_dir} is empty: no files under dicom/")
     report = IngestReport(files=match.report.files,
@@ -68,7 +69,7 @@ def load_layout_site(site_dir: Path | str, layout: Layout,
             series = assigned.get(channel.name)
             if series is None:
                 continue
-            read = _read_channel(channel, match.files[series], layout.dims, report)
+            read = _read_channel(channel, match.files[series], layout.dims, report, key)
             if read is None:
                 continue
             planes, patient_key = read[0], patient_key or read[1]
@@ -84,7 +85,7 @@ def load_layout_site(site_dir: Path | str, layout: Layout,
         raise SiteDataError(f"no usable studies in {site_dir} for layout {layout.name!r}: "
                             f"{report.files} files, skipped {dict(report.skipped)}")
     return join_site(site_dir, studies, report, class_names, multi_label=multi_label,
-                     channels=layout.input_channels)
+                     channels=layout.input_channels, key=key)
 
 
 def _input_names(channel: Channel) -> tuple[str, ...]:
@@ -95,7 +96,7 @@ def _input_names(channel: Channel) -> tuple[str, ...]:
 
 
 def _read_channel(channel: Channel, files: tuple[Path, ...], dims: str,
-                  report: IngestReport) -> tuple[np.ndarray, str] | None:
+                  report: IngestReport, key: bytes | None) -> tuple[np.ndarray, str] | None:
     """``([C, H, W] float32, patient key)`` of one series, or None (counted in ``report``).
     A 2D channel takes the middle image of its series by InstanceNumber (a ``2d_slice``
     layout: the middle slice of the volume); a multi-frame file, its middle frame."""
@@ -126,5 +127,5 @@ def _read_channel(channel: Channel, files: tuple[Path, ...], dims: str,
         return None
     report.images += 1
     study_uid = str(ds.get("StudyInstanceUID", ""))
-    patient_key = pseudonym("patient", str(ds.get("PatientID", "")) or study_uid)
+    patient_key = pseudonym("patient", str(ds.get("PatientID", "")) or study_uid, key)
     return planes.astype(np.float32), patient_key

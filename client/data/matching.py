@@ -94,9 +94,10 @@ class SiteMatch:
     files: dict[str, tuple[Path, ...]] = field(default_factory=dict)   # series key -> files
 
 
-def header_of(ds: pydicom.Dataset, path: Path | None = None) -> SeriesHeader | None:
-    """The rule-relevant attributes of a dataset read with ``stop_before_pixels``; None when
-    it has no study or series UID."""
+def header_of(ds: pydicom.Dataset, path: Path | None = None, key: bytes | None = None
+              ) -> SeriesHeader | None:
+    """The rule-relevant attributes of a dataset read with ``stop_before_pixels``, with
+    pseudonyms under the site's ``key``; None when it has no study or series UID."""
     study_uid, series_uid = ds.get("StudyInstanceUID"), ds.get("SeriesInstanceUID")
     if not study_uid or not series_uid:
         return None
@@ -104,8 +105,8 @@ def header_of(ds: pydicom.Dataset, path: Path | None = None) -> SeriesHeader | N
     if isinstance(image_type, str):
         image_type = image_type.split("\\")
     return SeriesHeader(
-        study_key=pseudonym("study", str(study_uid)),
-        series_key=pseudonym("series", str(series_uid)),
+        study_key=pseudonym("study", str(study_uid), key),
+        series_key=pseudonym("series", str(series_uid), key),
         modality=_text(ds, "Modality").upper(),
         sop_class_uid=_text(ds, "SOPClassUID"),
         description=_text(ds, "SeriesDescription"),
@@ -135,7 +136,8 @@ def _text(ds: pydicom.Dataset, keyword: str) -> str:
     return "" if value is None else str(value).strip()
 
 
-def read_headers(dicom_dir: Path) -> tuple[list[SeriesHeader], int, Counter]:
+def read_headers(dicom_dir: Path, key: bytes | None = None
+                 ) -> tuple[list[SeriesHeader], int, Counter]:
     """Headers of every regular file under ``dicom_dir`` (recursive, sorted); returns the
     headers, the number of files, and the per-file skip counts."""
     headers, skipped, files = [], Counter(), 0
@@ -145,7 +147,7 @@ def read_headers(dicom_dir: Path) -> tuple[list[SeriesHeader], int, Counter]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
-                header = header_of(pydicom.dcmread(path, stop_before_pixels=True), path)
+                header = header_of(pydicom.dcmread(path, stop_before_pixels=True), path, key)
             except InvalidDicomError:
                 skipped["not_dicom"] += 1
                 continue
@@ -208,10 +210,11 @@ def _rule_pass(rule: ChannelRule, h: SeriesHeader, texts: tuple[str, ...]) -> in
     return None
 
 
-def match_site(layout: Layout, dicom_dir: Path) -> SiteMatch:
+def match_site(layout: Layout, dicom_dir: Path, *, key: bytes | None = None) -> SiteMatch:
     """Read the headers under ``dicom_dir`` and assign each series to a channel or a counted
-    skip reason; one series per channel and study (later ones: ``duplicate_channel``)."""
-    headers, files, skipped_files = read_headers(dicom_dir)
+    skip reason; one series per channel and study (later ones: ``duplicate_channel``).
+    ``key``: the site's pseudonym secret."""
+    headers, files, skipped_files = read_headers(dicom_dir, key)
     return assign(layout, headers, files=files, skipped_files=skipped_files)
 
 

@@ -117,7 +117,8 @@ def _csv_rows(path: Path, columns: tuple[str, ...]):
         yield from reader
 
 
-def _read_labels(path: Path, class_names: tuple[str, ...] | None, report: IngestReport) -> dict:
+def _read_labels(path: Path, class_names: tuple[str, ...] | None, report: IngestReport,
+                 key: bytes | None) -> dict:
     labels = {}
     for row in _csv_rows(path, ("study_instance_uid", "label")):
         name = (row["label"] or "").strip()
@@ -126,11 +127,12 @@ def _read_labels(path: Path, class_names: tuple[str, ...] | None, report: Ingest
         if class_names is not None and name not in class_names:
             report.labels["unknown_label"] += 1
             continue
-        labels[pseudonym("study", row["study_instance_uid"].strip())] = name
+        labels[pseudonym("study", row["study_instance_uid"].strip(), key)] = name
     return labels
 
 
-def _read_findings(path: Path, finding_names: tuple[str, ...], report: IngestReport) -> dict:
+def _read_findings(path: Path, finding_names: tuple[str, ...], report: IngestReport,
+                   key: bytes | None) -> dict:
     """Multi-label studies: ``findings.csv`` rows ``study_instance_uid,findings`` with the
     findings present joined by ``;`` (an empty cell: read, nothing found). A study without a
     row is unlabelled. Labels become bitmasks (bit k = ``finding_names[k]``); a row naming an
@@ -142,11 +144,12 @@ def _read_findings(path: Path, finding_names: tuple[str, ...], report: IngestRep
         if any(n not in bit for n in names):
             report.labels["unknown_label"] += 1
             continue
-        labels[pseudonym("study", row["study_instance_uid"].strip())] = sum({bit[n] for n in names})
+        labels[pseudonym("study", row["study_instance_uid"].strip(), key)] = \
+            sum({bit[n] for n in names})
     return labels
 
 
-def _read_reports(path: Path, report: IngestReport) -> dict[str, str]:
+def _read_reports(path: Path, report: IngestReport, key: bytes | None) -> dict[str, str]:
     if not path.exists():
         return {}
     texts = {}
@@ -154,13 +157,13 @@ def _read_reports(path: Path, report: IngestReport) -> dict[str, str]:
         for line in f:
             try:
                 row = json.loads(line)
-                texts[pseudonym("study", str(row["study_instance_uid"]))] = str(row["text"])
+                texts[pseudonym("study", str(row["study_instance_uid"]), key)] = str(row["text"])
             except (ValueError, KeyError, TypeError):
                 report.skipped["bad_report_line"] += 1
     return texts
 
 
-def _read_masks(site_dir: Path, report: IngestReport) -> dict[str, np.ndarray]:
+def _read_masks(site_dir: Path, report: IngestReport, key: bytes | None) -> dict[str, np.ndarray]:
     """Lesion masks by pseudonymous study key; unreadable entries are counted, not fatal."""
     import nibabel as nib
 
@@ -176,7 +179,7 @@ def _read_masks(site_dir: Path, report: IngestReport) -> dict[str, np.ndarray]:
             report.skipped["unreadable_mask"] += 1
             continue
         data = data[..., data.shape[-1] // 2] if data.ndim == 3 else data
-        masks[pseudonym("study", row["study_instance_uid"].strip())] = \
+        masks[pseudonym("study", row["study_instance_uid"].strip(), key)] = \
             (data.T > 0).astype(np.uint8)
     return masks
 
@@ -192,9 +195,10 @@ def dicom_folder(site_dir: Path) -> Path:
 
 
 def load_site(site_dir: Path | str, class_names: tuple[str, ...] | None = None, *,
-              multi_label: bool = False) -> SiteData:
+              multi_label: bool = False, key: bytes | None = None) -> SiteData:
     """Read, de-identify, join and split one site (the brain_mri_4seq reader; a job's other
-    layouts are read by :func:`client.data.layout_site.load_layout_site`).
+    layouts are read by :func:`client.data.layout_site.load_layout_site`). Identifiers
+    become pseudonyms under the site's ``key`` (:mod:`client.data.pseudonyms`).
 
     Labels come from ``labels.csv`` (one class name per study, index into ``class_names``) or,
     with ``multi_label``, from ``findings.csv`` (bitmasks over ``class_names``, see
@@ -207,7 +211,7 @@ def load_site(site_dir: Path | str, class_names: tuple[str, ...] | None = None, 
     """
     site_dir = Path(site_dir)
     dicom_dir = dicom_folder(site_dir)
-    images, counts = read_directory(dicom_dir)
+    images, counts = read_directory(dicom_dir, key=key)
     report = IngestReport(files=counts.files, images=counts.images, skipped=counts.skipped)
     if counts.files == 0:
         raise SiteDataError(f"data directory {site_dir} is empty: no files under dicom/")
@@ -215,23 +219,25 @@ def load_site(site_dir: Path | str, class_names: tuple[str, ...] | None = None, 
     if not studies:
         raise SiteDataError(f"no usable studies in {site_dir}: {counts.files} files, "
                             f"skipped {dict(counts.skipped)}")
-    return join_site(site_dir, studies, report, class_names, multi_label=multi_label)
+    return join_site(site_dir, studies, report, class_names, multi_label=multi_label, key=key)
 
 
 def join_site(site_dir: Path, studies: list[Study], report: IngestReport,
               class_names: tuple[str, ...] | None, *, multi_label: bool = False,
-              channels: tuple[str, ...] = SEQUENCES) -> SiteData:
+              channels: tuple[str, ...] = SEQUENCES, key: bytes | None = None) -> SiteData:
     """Join read studies with the site's labels, reports and masks, split them by patient,
     count them per input ``channels`` and fingerprint the de-identified manifest. Every
-    reader (today's sequences, a layout's channels) ends here, so all label the same way."""
+    reader (today's sequences, a layout's channels) ends here, so all label the same way.
+    ``key`` must be the pseudonym secret the reader used: labels, reports and masks are
+    joined by pseudonyms of the same study UIDs."""
     if multi_label:
         if not class_names:
             raise SiteDataError("multi-label studies need the finding names (class_names)")
-        findings = _read_findings(site_dir / "findings.csv", class_names, report)
+        findings = _read_findings(site_dir / "findings.csv", class_names, report, key)
     else:
-        labels = _read_labels(site_dir / "labels.csv", class_names, report)
-    texts = _read_reports(site_dir / "reports.jsonl", report)
-    masks = _read_masks(site_dir, report)
+        labels = _read_labels(site_dir / "labels.csv", class_names, report, key)
+    texts = _read_reports(site_dir / "reports.jsonl", report, key)
+    masks = _read_masks(site_dir, report, key)
     index = {name: i for i, name in enumerate(class_names)} if class_names else None
     for study in studies:
         if multi_label:

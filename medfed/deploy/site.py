@@ -115,11 +115,21 @@ def supernode_command(s: SiteSettings) -> list[str]:
     return cmd
 
 
-def check_data_dir(data_dir: Path) -> str:
-    """Run the ingest step on the site's data; a one-line summary (counts only, no PHI)."""
+def pseudonym_key(s: SiteSettings) -> bytes:
+    """The site's pseudonym secret, where its ClientApp will look for it (the privacy dir),
+    created 0600 on the first start; refused when group or others can reach it."""
+    from client.data.pseudonyms import site_key
+    from client.queries import state_dir
+
+    return site_key(state_dir(node_config(s), s.data_dir.resolve()))
+
+
+def check_data_dir(data_dir: Path, key: bytes | None = None) -> str:
+    """Run the ingest step on the site's data; a one-line summary (counts only, no PHI; the
+    fingerprint is the one the site will report, pseudonyms under ``key``)."""
     from client.data.site import load_site
 
-    data = load_site(data_dir, None)       # raises SiteDataError with a one-line reason
+    data = load_site(data_dir, None, key=key)   # raises SiteDataError with a one-line reason
     r = data.report
     return (f"{r.studies} studies, {r.images} images, splits {dict(sorted(r.splits.items()))}, "
             f"skipped {sum(r.skipped.values())} files, fingerprint {data.fingerprint}")
@@ -137,7 +147,9 @@ class Site:
         s = self.settings
         node_config(s)                        # budget arguments complete
         check_auth_key(s.auth_key)            # before touching data: a leaked key is worse
-        summary = check_data_dir(s.data_dir)
+        from client.data.site import dicom_folder
+        dicom_folder(s.data_dir)              # a wrong path fails before a key is made in it
+        summary = check_data_dir(s.data_dir, pseudonym_key(s))
         log.info("[%s] data directory usable: %s", s.site_id, summary)
         check_port_free("127.0.0.1", s.runtime_port, "site runtime API")
         check_superlink(s.superlink, s.root_cert)

@@ -219,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", required=True, help="site folder with a dicom/ subfolder")
     p.add_argument("--tracking-uri", help="MLflow store, e.g. sqlite:///runs/<run>/mlflow.db "
                                           "(default: MLFLOW_TRACKING_URI)")
+    p.add_argument("--privacy-dir", help="the site's state folder holding its pseudonym key, "
+                                         "as for `medfed site` (default DATA_DIR/.medfed)")
     p.add_argument("--out", help="CSV file to write (default: stdout)")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     p.set_defaults(func=Handler("models", "predict"))

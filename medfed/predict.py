@@ -7,8 +7,9 @@ layout (:func:`client.data.site.load_site` for brain_mri_4seq,
 :func:`client.data.layout_site.load_layout_site` for the others) and the evaluation
 transforms of :class:`client.data.dataset.StudyDataset`; the stock MLflow pyfunc scores them.
 
-Out comes one row per study: its pseudonymous key (the site's own, as in every count it
-reports), one probability per class, the predicted class. No DICOM header value, UID or path
+Out comes one row per study: its pseudonymous key (under the site's own pseudonym secret,
+:mod:`client.data.pseudonyms`, the key its deployed ClientApp uses), one probability per
+class, the predicted class. No DICOM header value, UID or path
 reaches a row or a log line; what could not be read is counted by reason.
 """
 
@@ -91,25 +92,38 @@ def load_version(model_uri: str, tracking_uri: str | None = None):
     return model, spec
 
 
-def read_studies(data_dir: Path, spec: ServingSpec):
+def site_pseudonym_key(data_dir: Path, privacy_dir: Path | str | None = None) -> bytes:
+    """The site's pseudonym secret where its ClientApp finds it (``privacy_dir``, default
+    ``<data-dir>/.medfed``, as ``medfed site --privacy-dir``), created 0600 on first use."""
+    from client.data.pseudonyms import site_key
+    from client.queries import state_dir
+    from protocol import wire
+
+    settings = {wire.NODE_PRIVACY_DIR: str(privacy_dir)} if privacy_dir else {}
+    return site_key(state_dir(settings, Path(data_dir).resolve()))
+
+
+def read_studies(data_dir: Path, spec: ServingSpec, key: bytes | None):
     """``(SiteData, StudyDataset)`` of every study in ``data_dir`` (labelled or not), read and
-    transformed as a site does for evaluation with the version's layout."""
+    transformed as a site does for evaluation with the version's layout; pseudonyms under
+    ``key``."""
     from client.data.dataset import StudyDataset
     from client.data.layout_site import load_layout_site
     from client.data.site import load_site
 
     layout = spec.site_layout
     if layout is None:          # brain_mri_4seq: the default reader, z-scored by the dataset
-        data = load_site(data_dir)
+        data = load_site(data_dir, key=key)
         return data, StudyDataset(data.studies, spec.image_size)
-    data = load_layout_site(data_dir, layout)
+    data = load_layout_site(data_dir, layout, key=key)
     return data, StudyDataset(data.studies, spec.image_size, sequences=layout.input_channels,
                               normalize=False)
 
 
-def predict(model_uri: str, data_dir: Path | str, *,
+def predict(model_uri: str, data_dir: Path | str, *, key: bytes | None,
             tracking_uri: str | None = None) -> Predictions:
-    """Score every readable study in ``data_dir`` with a registered version.
+    """Score every readable study in ``data_dir`` with a registered version; study keys are
+    pseudonyms under ``key`` (the site's secret, :func:`site_pseudonym_key`).
 
     Raises
     ------
@@ -119,7 +133,7 @@ def predict(model_uri: str, data_dir: Path | str, *,
         ``data_dir`` holds no readable study (the message counts the skips by reason).
     """
     model, spec = load_version(model_uri, tracking_uri)
-    data, dataset = read_studies(Path(data_dir), spec)
+    data, dataset = read_studies(Path(data_dir), spec, key)
     images = np.stack([dataset[i]["image"].numpy() for i in range(len(dataset))])
     expected = (len(spec.channels), spec.image_size, spec.image_size)
     if images.shape[1:] != expected:

@@ -194,7 +194,6 @@ class MlflowTracker:
         metadata = (_model_metadata(model) or {}) | (serving.to_metadata() if serving else {})
         info = self.mlflow.pytorch.log_model(
             exported, name=f"global-round-{record.round}", input_example=example,
-            signature=_signature(exported, serving),
             registered_model_name=self.cfg.tracking.registered_model,
             pip_requirements=_PIP_REQUIREMENTS, step=record.round,
             metadata=metadata or None,
@@ -268,22 +267,6 @@ def _model_metadata(model: torch.nn.Module) -> dict[str, str] | None:
     c = backbone.config
     return {"foundation_weights": c.weights, "foundation_family": backbone.family,
             "foundation_method": c.method, "foundation_base_sha256": base_digest(model)}
-
-
-def _signature(exported: torch.nn.Module, serving: ServingSpec | None):
-    """Named tensors: ``images [B, *input_shape]`` float32 (a preprocessed batch, the
-    channel order of the serving metadata) and, for a classifier, ``probabilities [B, C]``
-    (columns: the metadata's class names) or an encoder's ``features [B, F]``."""
-    from mlflow.models import ModelSignature
-    from mlflow.types import Schema, TensorSpec
-
-    with torch.no_grad():
-        width = exported(torch.zeros(1, *exported.input_shape)).shape[-1]
-    name = "probabilities" if serving is not None or isinstance(exported, ExportedClassifier) \
-        else "features"
-    return ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *exported.input_shape), "images")]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, width), name)]))
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, str]:

@@ -35,12 +35,16 @@ def predict(args: argparse.Namespace) -> int:
     counts (studies scored, skips by reason) to stderr."""
     import sys
 
-    from medfed.predict import predict as run
+    from client.data.site import dicom_folder
+    from medfed.predict import predict as run, site_pseudonym_key
 
     out = Path(args.out) if args.out else None
     if out is not None and out.exists() and not args.force:
         raise FileExistsError(f"{out} exists; pass --force to replace it")
-    result = run(args.model, Path(args.data_dir), tracking_uri=args.tracking_uri)
+    data_dir = Path(args.data_dir)
+    dicom_folder(data_dir)              # a wrong path fails before a key is made in it
+    result = run(args.model, data_dir, key=site_pseudonym_key(data_dir, args.privacy_dir),
+                 tracking_uri=args.tracking_uri)
     text = result.to_csv()
     if out is None:
         sys.stdout.write(text)

@@ -15,6 +15,7 @@ import torch
 from flwr.app import ArrayRecord
 
 from client.data.layout import load_layout
+from client.data.pseudonyms import site_key
 from client.runtime import SiteDataCache, SiteIdentity
 from medfed.cli import main
 from models.tasks import build
@@ -52,11 +53,13 @@ def register(cfg, tmp_path: Path, seed: int = 0):
     return model, f"models:/{cfg.tracking.registered_model}/{tracker.versions[1]}", tracker.uri
 
 
-def site_probabilities(model, site_dir: Path, cfg) -> dict[str, np.ndarray]:
-    """Per labelled study: the probabilities a site's evaluation computes (the ClientApp's
-    data path: an external site's split from the site cache; the evaluator's softmax)."""
-    site = SiteIdentity("external", site_dir, torch.device("cpu"), wire.ROLE_EXTERNAL)
-    data, splits = SiteDataCache._load(site, tuple(cfg.task.class_names), cfg.task.image_size,
+def site_probabilities(model, site_dir: Path, cfg, key: bytes) -> dict[str, np.ndarray]:
+    """Per labelled study: the probabilities a deployed site's evaluation computes (the
+    ClientApp's data path: an external site's split from the site cache, pseudonyms under
+    the site's ``key``; the evaluator's softmax)."""
+    site = SiteIdentity("external", site_dir, torch.device("cpu"), wire.ROLE_EXTERNAL,
+                        pseudonym_key=key)
+    data, splits = SiteDataCache().get(site, tuple(cfg.task.class_names), cfg.task.image_size,
                                        layout=cfg.data.layout_spec())
     keys = [s.key for s in data.studies if s.label >= 0]
     dataset = splits[wire.EXTERNAL_SPLIT]
@@ -102,7 +105,7 @@ def test_predict_gives_the_site_evaluation_probabilities_and_no_phi(layout, tiny
         overrides += ["data/layout=chest_xray", "task=chest3"]
         site_dir = chest_site
     else:
-        site_dir = tiny_sites / "site-1"          # some studies lack T1ce: zero channels
+        site_dir = tiny_sites / "site-0"
     cfg = load_experiment(overrides)
     model, uri, tracking = register(cfg, tmp_path)
 
@@ -114,12 +117,13 @@ def test_predict_gives_the_site_evaluation_probabilities_and_no_phi(layout, tiny
     assert spec.class_names == tuple(cfg.task.class_names)
     assert info.metadata[KEY_PREPROCESSING]["channels"] == list(
         load_layout(layout).input_channels)
-    assert info.signature.inputs.input_names() == ["images"]
-    assert info.signature.outputs.input_names() == ["probabilities"]
+    # the signature: one tensor [B, *preprocessed study] -> [B, classes]
+    assert info.signature.inputs.inputs[0].shape == (-1, *spec.preprocessing()["input_shape"])
+    assert info.signature.outputs.inputs[0].shape == (-1, len(spec.class_names))
 
     out = tmp_path / "predictions.csv"
-    code = main(["predict", "--model", uri, "--data-dir", str(site_dir),
-                 "--tracking-uri", tracking, "--out", str(out)])
+    code = main(["predict", "--model", uri, "--data-dir", str(site_dir), "--tracking-uri",
+                 tracking, "--out", str(out), "--privacy-dir", str(tmp_path / "state")])
     err = capsys.readouterr().err
     assert code == 0, err
     rows = list(csv.DictReader(out.open()))
@@ -128,7 +132,8 @@ def test_predict_gives_the_site_evaluation_probabilities_and_no_phi(layout, tiny
     got = {r["study_key"]: np.array([float(r[f"p_{n}"]) for n in names]) for r in rows}
     assert len(got) == len(rows) and f"predicted {len(rows)} studies" in err
 
-    expected = site_probabilities(model, site_dir, cfg)
+    key = site_key(tmp_path / "state")         # the one predict made, 0600
+    expected = site_probabilities(model, site_dir, cfg, key)
     assert len(expected) >= 3 and set(expected) <= set(got)    # unlabelled studies too
     for key, probs in expected.items():
         np.testing.assert_allclose(got[key], probs, rtol=0, atol=ATOL)
@@ -157,12 +162,15 @@ def test_a_version_without_layout_metadata_is_one_clear_error(tiny_sites, tmp_pa
         mlflow.pytorch.log_model(exported, name="old", registered_model_name="old-model",
                                  input_example=np.zeros((2, *exported.input_shape), np.float32),
                                  pip_requirements=["torch"])
+    capsys.readouterr()                          # MLflow's own lines while registering
     code = main(["predict", "--model", "models:/old-model/1", "--data-dir",
-                 str(tiny_sites / "site-0"), "--tracking-uri", tracking])
+                 str(tiny_sites / "site-0"), "--tracking-uri", tracking,
+                 "--privacy-dir", str(tmp_path / "state")])
     captured = capsys.readouterr()
     assert code == 2 and captured.out == ""
-    lines = captured.err.strip().splitlines()
-    assert len(lines) == 1 and "carries no MedFed layout/preprocessing metadata" in lines[0]
+    errors = [line for line in captured.err.splitlines() if line.startswith("medfed: error")]
+    assert len(errors) == 1 and "carries no MedFed layout/preprocessing metadata" in errors[0]
+    assert "Traceback" not in captured.err
 
 
 def test_a_data_folder_without_a_readable_study_exits_2(tmp_path, capsys):
@@ -174,9 +182,9 @@ def test_a_data_folder_without_a_readable_study_exits_2(tmp_path, capsys):
     (site / "dicom" / "junk.dcm").write_bytes(b"not a dicom file")
     out = tmp_path / "out.csv"
     code = main(["predict", "--model", uri, "--data-dir", str(site), "--tracking-uri", tracking,
-                 "--out", str(out)])
+                 "--out", str(out), "--privacy-dir", str(tmp_path / "state")])
     err = capsys.readouterr().err
     assert code == 2 and "no usable studies" in err and not out.exists()
     code = main(["predict", "--model", "models:/nope/1", "--data-dir", str(site),
-                 "--tracking-uri", tracking])
+                 "--tracking-uri", tracking, "--privacy-dir", str(tmp_path / "state")])
     assert code == 2 and "cannot load models:/nope/1" in capsys.readouterr().err

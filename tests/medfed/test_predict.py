@@ -23,10 +23,9 @@ from protocol import wire
 from protocol.serving import KEY_LAYOUT, KEY_PREPROCESSING, ServingSpec
 from server.config import load_experiment
 from strategies.observed import RoundRecord, SiteReply
-from tests.conftest import CLASSES, phi_strings
+from tests.conftest import phi_strings
 
 ATOL = 1e-5
-CHEST = ("no_finding", "consolidation", "effusion")
 
 
 def register(cfg, tmp_path: Path, seed: int = 0):
@@ -94,20 +93,32 @@ def chest_site(tmp_path_factory) -> Path:
     return root / "site-0"
 
 
+def registered_version(layout: str, out: Path):
+    """``(cfg, model, uri, tracking uri)``: a smoke experiment's version for ``layout``."""
+    overrides = ["experiment=smoke", f"runs_dir={out / 'runs'}", "tracking.log_models=true"]
+    if layout == "chest_xray":
+        overrides += ["data/layout=chest_xray", "task=chest3"]
+    cfg = load_experiment(overrides)
+    return cfg, *register(cfg, out)
+
+
+@pytest.fixture(scope="module")
+def brain_version(tmp_path_factory):
+    return registered_version("brain_mri_4seq", tmp_path_factory.mktemp("brain-version"))
+
+
 @pytest.mark.parametrize("layout", ["brain_mri_4seq", "chest_xray"])
 def test_predict_gives_the_site_evaluation_probabilities_and_no_phi(layout, tiny_sites,
                                                                      chest_site, tmp_path,
-                                                                     capsys):
+                                                                     capsys, request):
     import mlflow
 
-    overrides = ["experiment=smoke", f"runs_dir={tmp_path / 'runs'}", "tracking.log_models=true"]
     if layout == "chest_xray":
-        overrides += ["data/layout=chest_xray", "task=chest3"]
+        cfg, model, uri, tracking = registered_version(layout, tmp_path)
         site_dir = chest_site
     else:
+        cfg, model, uri, tracking = request.getfixturevalue("brain_version")
         site_dir = tiny_sites / "site-0"
-    cfg = load_experiment(overrides)
-    model, uri, tracking = register(cfg, tmp_path)
 
     # the version carries its layout (the default one too), preprocessing and class names
     mlflow.set_tracking_uri(tracking)
@@ -173,10 +184,8 @@ def test_a_version_without_layout_metadata_is_one_clear_error(tiny_sites, tmp_pa
     assert "Traceback" not in captured.err
 
 
-def test_a_data_folder_without_a_readable_study_exits_2(tmp_path, capsys):
-    cfg = load_experiment(["experiment=smoke", f"runs_dir={tmp_path / 'runs'}",
-                           "tracking.log_models=true"])
-    _, uri, tracking = register(cfg, tmp_path)
+def test_a_data_folder_without_a_readable_study_exits_2(brain_version, tmp_path, capsys):
+    _, _, uri, tracking = brain_version
     site = tmp_path / "site"
     (site / "dicom").mkdir(parents=True)
     (site / "dicom" / "junk.dcm").write_bytes(b"not a dicom file")

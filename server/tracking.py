@@ -227,11 +227,23 @@ class MlflowTracker:
         None for an encoder (a pretraining phase) or a config composed without a layout."""
         if not isinstance(exported, ExportedClassifier) or not self.cfg.data.layout:
             return None
-        return ServingSpec(layout=Layout.from_dict(self.cfg.data.layout),
-                           class_names=tuple(self.cfg.task.class_names),
-                           task=self.cfg.task.name,
-                           output="sigmoid" if multi_label else "softmax",
-                           image_size=self.cfg.task.image_size)
+        try:
+            spec = ServingSpec(layout=Layout.from_dict(self.cfg.data.layout),
+                               class_names=tuple(self.cfg.task.class_names),
+                               task=self.cfg.task.name,
+                               output="sigmoid" if multi_label else "softmax",
+                               image_size=self.cfg.task.image_size)
+        except ValueError as err:          # LayoutError, ServingSpecError
+            log.warning("model version registered without serving metadata: %s", err)
+            return None
+        shape = tuple(spec.preprocessing()["input_shape"])
+        if tuple(exported.input_shape) != shape:
+            # the metadata must describe exactly what the graph takes, or predict would lie
+            log.warning("model version registered without serving metadata: the model takes "
+                        "%s per study, the layout's preprocessing gives %s",
+                        tuple(exported.input_shape), shape)
+            return None
+        return spec
 
     def latest_version(self) -> str | None:
         """The newest version this phase registered (also when resumed after its last round)."""

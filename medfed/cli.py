@@ -108,6 +108,9 @@ def _add_deploy_parsers(sub) -> None:
                         "digest`; repeatable). Runs of any other app are refused")
     p.add_argument("--allow-list", action="append", metavar="FILE",
                    help="file of approved digests, one per line, # comments (repeatable)")
+    p.add_argument("--layout", default="brain_mri_4seq", metavar="NAME|FILE",
+                   help="imaging layout the start-up check reads the data with (a shipped "
+                        "layout or a YAML file; jobs bring their own)")
     p.set_defaults(func=Handler("deploy", "site"))
 
     p = sub.add_parser("app digest", help="print the SHA-256 digest of an app release (a .fab "

@@ -30,6 +30,9 @@ DIMS = ("2d", "2d_slice", "3d")
 INTENSITY_KINDS = ("zscore", "ct_window", "xray", "us_grey")
 MISSING_POLICIES = ("allow", "skip_study")
 RESOLVE_POLICIES = ("unique", "first_match")
+# The layout the sites read without being told (client/data/sequences.py): a job for it
+# carries no layout, so the demo's job record and weights stay what they were.
+DEFAULT_LAYOUT = "brain_mri_4seq"
 
 _RULE_KEYS = ("name", "modality", "sop_class_uid", "description", "image_type_contains",
               "view_position", "image_laterality", "body_part", "contrast")

@@ -1,5 +1,5 @@
-"""``medfed`` command line: synth, ingest, simulate, export, privacy, audit, and the deployment
-commands (certs, server, site, site keygen, app digest, run, health, register-site).
+"""``medfed`` command line: synth, ingest, simulate, export, predict, privacy, audit, and the
+deployment commands (certs, server, site, site keygen, app digest, run, health, register-site).
 
 Errors a user can fix are reported as one line (``medfed: error: ...``) with exit code 2
 (bad input) or 1 (the run failed); tracebacks only with ``--debug``.
@@ -108,6 +108,9 @@ def _add_deploy_parsers(sub) -> None:
                         "digest`; repeatable). Runs of any other app are refused")
     p.add_argument("--allow-list", action="append", metavar="FILE",
                    help="file of approved digests, one per line, # comments (repeatable)")
+    p.add_argument("--layout", default="brain_mri_4seq", metavar="NAME|FILE",
+                   help="imaging layout the start-up check reads the data with (a shipped "
+                        "layout or a YAML file; jobs bring their own)")
     p.set_defaults(func=Handler("deploy", "site"))
 
     p = sub.add_parser("app digest", help="print the SHA-256 digest of an app release (a .fab "
@@ -213,6 +216,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="the checkpoint file, or a directory holding exactly one")
     p.add_argument("dst", help="directory to write (model.safetensors + the JSON configs)")
     p.set_defaults(func=Handler("models", "convert_weights"))
+
+    p = sub.add_parser("predict", help="score new DICOM studies with a registered model "
+                                       "version: its layout and preprocessing, one CSV row "
+                                       "per study (pseudonymous key, probabilities, class)")
+    p.add_argument("--model", required=True, help="models:/NAME/VERSION")
+    p.add_argument("--data-dir", required=True, help="site folder with a dicom/ subfolder")
+    p.add_argument("--tracking-uri", help="MLflow store, e.g. sqlite:///runs/<run>/mlflow.db "
+                                          "(default: MLFLOW_TRACKING_URI)")
+    p.add_argument("--privacy-dir", help="the site's state folder holding its pseudonym key, "
+                                         "as for `medfed site` (default DATA_DIR/.medfed)")
+    p.add_argument("--out", help="CSV file to write (default: stdout)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.set_defaults(func=Handler("models", "predict"))
 
     p = sub.add_parser("audit", help="one-run canary audit of the DP-SGD path on a site's data")
     p.add_argument("--site-dir", required=True)

@@ -17,8 +17,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.metrics import compute_dice, compute_hausdorff_distance
-from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrPrUpBlock, UnetrUpBlock
 from torch import Tensor, nn
 
 from .metrics import SplitMetrics
@@ -47,6 +45,11 @@ class UNETR(TaskModel):
     """Backbone (``self.backbone``) plus a UNETR decoder producing ``[B, 2, *spatial]`` logits."""
 
     def __init__(self, backbone: MultiModalViT, config: SegmentationConfig):
+        # Imported here: importing any MONAI module imports all of MONAI (~5 s of CPU), which
+        # a process that never builds a UNETR (every classification run) should not pay.
+        from monai.networks.blocks import (UnetOutBlock, UnetrBasicBlock, UnetrPrUpBlock,
+                                           UnetrUpBlock)
+
         super().__init__()
         c = backbone.config
         levels = int(round(math.log2(c.patch_size)))
@@ -145,6 +148,8 @@ class SegmentationEvaluator:
 
     @torch.no_grad()
     def update(self, model: UNETR, batch: dict[str, Tensor]) -> None:
+        from monai.metrics import compute_dice, compute_hausdorff_distance   # see UNETR
+
         logits = model(batch["image"], batch["present"]).float()
         mask = batch["mask"].long()
         loss = dice_ce_loss(logits, mask, self.config.dice_weight)

@@ -20,11 +20,13 @@ import torch
 from models.foundation import base_digest
 from models.foundation.adapt import FoundationBackbone
 from models.foundation.export import export_foundation
-from models.serving import plain_backbone, servable, trained_backbone
+from models.serving import ExportedClassifier, plain_backbone, servable, trained_backbone
 from models.weights import save_pretrained
 from models.tasks import build
 from protocol import wire
+from protocol.layout import Layout
 from protocol.metrics import from_record, report_splits
+from protocol.serving import ServingSpec
 from strategies.observed import RoundRecord
 from strategies.pooling import pool
 
@@ -188,11 +190,13 @@ class MlflowTracker:
         # Batch of 2 so torch.export keeps the batch dimension dynamic (pt2 format).
         example = np.zeros((2, *exported.input_shape), dtype=np.float32)
         sites = sorted(r.site_id for r in record.train)
+        serving = self._serving_spec(exported, multi_label=task.data_needs.multi_label)
+        metadata = (_model_metadata(model) or {}) | (serving.to_metadata() if serving else {})
         info = self.mlflow.pytorch.log_model(
             exported, name=f"global-round-{record.round}", input_example=example,
             registered_model_name=self.cfg.tracking.registered_model,
             pip_requirements=_PIP_REQUIREMENTS, step=record.round,
-            metadata=_model_metadata(model),
+            metadata=metadata or None,
         )
         version = str(info.registered_model_version)
         self.versions[record.round] = version
@@ -215,6 +219,31 @@ class MlflowTracker:
         tags |= self._privacy_tags(privacy) | self.lineage | {"task": self.cfg.task.name}
         for key, value in tags.items():
             self.client.set_model_version_tag(self.cfg.tracking.registered_model, version, key, value)
+
+    def _serving_spec(self, exported: torch.nn.Module, *, multi_label: bool
+                      ) -> ServingSpec | None:
+        """What ``medfed predict`` needs to score new studies with a classifier version:
+        its layout (brain_mri_4seq included), the sites' preprocessing and its class names;
+        None for an encoder (a pretraining phase) or a config composed without a layout."""
+        if not isinstance(exported, ExportedClassifier) or not self.cfg.data.layout:
+            return None
+        try:
+            spec = ServingSpec(layout=Layout.from_dict(self.cfg.data.layout),
+                               class_names=tuple(self.cfg.task.class_names),
+                               task=self.cfg.task.name,
+                               output="sigmoid" if multi_label else "softmax",
+                               image_size=self.cfg.task.image_size)
+        except ValueError as err:          # LayoutError, ServingSpecError
+            log.warning("model version registered without serving metadata: %s", err)
+            return None
+        shape = tuple(spec.preprocessing()["input_shape"])
+        if tuple(exported.input_shape) != shape:
+            # the metadata must describe exactly what the graph takes, or predict would lie
+            log.warning("model version registered without serving metadata: the model takes "
+                        "%s per study, the layout's preprocessing gives %s",
+                        tuple(exported.input_shape), shape)
+            return None
+        return spec
 
     def latest_version(self) -> str | None:
         """The newest version this phase registered (also when resumed after its last round)."""

@@ -1,5 +1,5 @@
-"""Studies to tensors with MONAI dictionary transforms: ``image [S, H, W]`` (2D) or
-``image [S, D, H, W]`` (3D layouts) + ``present [S]``."""
+"""Studies to tensors: ``image [S, H, W]`` (2D) or ``image [S, D, H, W]`` (3D layouts) +
+``present [S]`` (transforms: ``.transforms``)."""
 
 from __future__ import annotations
 
@@ -7,38 +7,11 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from monai.transforms import (Compose, EnsureTyped, NormalizeIntensityd, RandFlipd,
-                              RandRotate90d, Resize)
 from torch.utils.data import Dataset
 
 from .sequences import SEQUENCES
 from .site import Study
-
-
-def study_transform(image_size: int, *, normalize: bool = True) -> Compose:
-    """Z-score each present sequence on its own (sequences arrive resized to one grid);
-    ``normalize=False``: the reader already put each channel on its scale (a layout's
-    intensity handling, e.g. an X-ray's VOI window in [0, 1])."""
-    typed = EnsureTyped(keys="image", data_type="tensor", dtype=torch.float32, track_meta=False)
-    if not normalize:
-        return Compose([typed])
-    return Compose([NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True), typed])
-
-
-def augmentation(keys: tuple[str, ...] = ("image",), spatial_dims: int = 2) -> Compose:
-    """Label-preserving flips and 90-degree rotations (all sequences move together).
-
-    Small sites overfit a ViT within a few epochs without them; with them the same model
-    keeps improving (see the calibration notes in bench/RESULTS.md). Volumes (3D): a flip
-    along each axis, no rotation (a volume's axes are anatomical, not interchangeable).
-    """
-    if spatial_dims == 3:
-        return Compose([RandFlipd(keys=list(keys), prob=0.5, spatial_axis=a) for a in range(3)])
-    return Compose([
-        RandFlipd(keys=list(keys), prob=0.5, spatial_axis=0),
-        RandFlipd(keys=list(keys), prob=0.5, spatial_axis=1),
-        RandRotate90d(keys=list(keys), prob=0.75, max_k=3, spatial_axes=(0, 1)),
-    ])
+from .transforms import augmentation, resize, study_transform
 
 
 def _as_slice(pixels: np.ndarray) -> np.ndarray:
@@ -70,35 +43,31 @@ class StudyDataset(Dataset):
         if masks and spatial_dims == 3:
             raise ValueError("lesion masks are 2D only; a 3D layout has no segmentation yet")
         transform = study_transform(image_size, normalize=normalize)
-        grid = (image_size,) * spatial_dims
-        # Each sequence is resized on its own: vendors may acquire sequences at different
-        # matrix sizes, and a study must not lose a sequence because of it.
-        resize = Resize(spatial_size=grid, mode="area")
         keys = ("image", "mask") if masks else ("image",)
         self.augment = augmentation(keys, spatial_dims) if augment else None
         self.masks = [] if masks else None
-        nearest = Resize(spatial_size=(image_size, image_size), mode="nearest")
         self.items = []
         for study in studies:
-            stack = np.zeros((len(sequences), *grid), dtype=np.float32)
+            stack = np.zeros((len(sequences), *[image_size] * spatial_dims), dtype=np.float32)
             present = np.zeros(len(sequences), dtype=bool)
             for i, seq in enumerate(sequences):
                 if seq in study.images:
                     pixels = study.images[seq] if spatial_dims == 3 \
                         else _as_slice(study.images[seq])
                     pixels = pixels.astype(np.float32)[None]             # [1, (D,) H, W]
-                    if spatial_dims == 2 or pixels.shape[1:] != grid:   # 2D: as always
-                        pixels = np.asarray(resize(pixels))
-                    stack[i] = pixels[0]
+                    # Each sequence is resized on its own: vendors may acquire sequences at
+                    # different matrix sizes, and a study must not lose a sequence for it.
+                    stack[i] = resize(pixels, image_size, "area")[0]
                     present[i] = True
             out = transform({"image": stack})
-            mask_present = torch.as_tensor(present, dtype=torch.float32)
-            image = out["image"] * mask_present.reshape(-1, *[1] * spatial_dims)
+            keep = torch.as_tensor(present, dtype=torch.float32)
+            image = out["image"] * keep.reshape(-1, *[1] * spatial_dims)
             self.items.append((image, torch.as_tensor(present), torch.tensor(study.label)))
             if masks:
                 mask = np.zeros((1, image_size, image_size), dtype=np.float32)
                 if study.mask is not None:
-                    mask = np.asarray(nearest(_as_slice(study.mask).astype(np.float32)[None]))
+                    mask = resize(_as_slice(study.mask).astype(np.float32)[None], image_size,
+                                  "nearest")
                 self.masks.append((torch.as_tensor(mask, dtype=torch.float32),
                                    torch.tensor(study.mask is not None)))
         self.text = None if text_transform is None else _report_fields(studies, text_transform)

@@ -30,7 +30,6 @@ from .intensity import apply_intensity
 from .layout import Channel, Layout, LayoutError, check_volume_layout
 from .matching import match_site
 from .site import IngestReport, SiteData, SiteDataError, Study, dicom_folder, join_site
-from .volume_site import read_volume_channel
 
 # Studies the layout's missing-channel policy (or a channel that failed to decode) drops.
 STUDY_SKIPS = ("study_missing_channel",)
@@ -62,6 +61,9 @@ def load_layout_site(site_dir: Path | str, layout: Layout,
             check_volume_layout(layout)
         except LayoutError as err:
             raise SiteDataError(str(err)) from None
+        # Imported here: resampling onto the grid uses MONAI, whose import costs seconds that
+        # a 2D layout's site (and the brain reader) should not pay at start-up.
+        from .volume_site import read_volume_channel
     site_dir = Path(site_dir)
     match = match_site(layout, dicom_folder(site_dir), key=key)
     if match.report.files == 0:

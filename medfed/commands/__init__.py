@@ -8,6 +8,6 @@ and argument errors never pay for them.
 - ``data``: synth, ingest
 - ``simulate``: simulate
 - ``privacy``: privacy, audit
-- ``models``: export
+- ``models``: export, convert-weights, predict
 - ``deploy``: certs, server, site, run, health, register-site
 """

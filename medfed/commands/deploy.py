@@ -79,7 +79,7 @@ def site(args: argparse.Namespace) -> int:
         dp_epsilon=args.dp_epsilon, dp_delta=args.dp_delta, require_secagg=args.require_secagg,
         privacy_dir=args.privacy_dir, device=args.device, torch_threads=args.torch_threads,
         runtime_port=args.runtime_port, max_retries=args.max_retries,
-        max_wait_time=args.max_wait_time, role=args.role)
+        max_wait_time=args.max_wait_time, role=args.role, layout=args.layout)
     daemon = Site(settings)
     try:
         daemon.start()

@@ -1,5 +1,6 @@
 """Model commands: ``export`` a registered model version for use outside MLflow;
-``convert-weights`` a pickle checkpoint to safetensors for a foundation model."""
+``convert-weights`` a pickle checkpoint to safetensors for a foundation model; ``predict``
+new studies at a site with a registered version."""
 
 from __future__ import annotations
 
@@ -26,4 +27,31 @@ def convert_weights(args: argparse.Namespace) -> int:
     out = convert(Path(args.src), Path(args.dst))
     print(f"wrote {out / 'model.safetensors'}; place {out.name} in foundation-dir and name it "
           f"with model.options.weights={out.name}")
+    return 0
+
+
+def predict(args: argparse.Namespace) -> int:
+    """Score the studies in ``--data-dir`` with ``--model``; CSV to ``--out`` or stdout,
+    counts (studies scored, skips by reason) to stderr."""
+    import sys
+
+    from client.data.site import dicom_folder
+    from medfed.predict import predict as run, site_pseudonym_key
+
+    out = Path(args.out) if args.out else None
+    if out is not None and out.exists() and not args.force:
+        raise FileExistsError(f"{out} exists; pass --force to replace it")
+    data_dir = Path(args.data_dir)
+    dicom_folder(data_dir)              # a wrong path fails before a key is made in it
+    result = run(args.model, data_dir, key=site_pseudonym_key(data_dir, args.privacy_dir),
+                 tracking_uri=args.tracking_uri)
+    text = result.to_csv()
+    if out is None:
+        sys.stdout.write(text)
+    else:
+        out.write_text(text)
+    skipped = ", ".join(f"{k}={v}" for k, v in sorted(result.skipped.items())) or "none"
+    print(f"predicted {len(result.keys)} studies ({result.files} files read) with "
+          f"{args.model} (layout {result.spec.layout.name}); skipped: {skipped}",
+          file=sys.stderr)
     return 0

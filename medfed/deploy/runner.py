@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 from flwr.app import Context, Message
 from flwr.app.error import Error
+from flwr.common.args import try_obtain_flwr_app_token
 from flwr.common.constant import ErrorCode, SubStatus
 from flwr.supercore.fab import Fab
 
@@ -154,7 +155,8 @@ def runtime_client(address: str, token: str):
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="MedFed site ClientApp runner (one task)")
     p.add_argument("--runtime-api-address", required=True)
-    p.add_argument("--token", required=True)
+    p.add_argument("--token-stdin", action="store_true", required=True,
+                   help="read the task token from standard input (never from argv)")
     p.add_argument("--site-id", default="site")
     p.add_argument("--parent-pid", type=int)
     p.add_argument("--allow-app", action="append", default=[])
@@ -172,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
         start_parent_process_monitor(args.parent_pid)
     allow = AllowList.build(args.allow_app)
     audit = EgressAudit(args.egress_log) if args.egress_log else None
-    return run_task(runtime_client(args.runtime_api_address, args.token), allow,
+    token = try_obtain_flwr_app_token(args)      # Flower's bounded, validated stdin reader
+    return run_task(runtime_client(args.runtime_api_address, token), allow,
                     site_id=args.site_id, audit=audit)
 
 

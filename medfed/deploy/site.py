@@ -12,7 +12,9 @@ The site executes only code its operator approved: the SuperNode runs with ``--i
 process`` and the site starts its own task launcher (``medfed.deploy.launcher``) next to it,
 which runs each task in ``medfed.deploy.runner``: the run's FAB must be on the site's
 allow-list (``--allow-app``/``--allow-list``, see ``medfed.deploy.allowlist``) and the
-ClientApp that runs is the site's installed one, never code from the bundle.
+ClientApp that runs is the site's installed one, never code from the bundle. Only the
+launcher may claim those tasks: the SuperNode and the launcher share a secret the site keeps
+in its state dir (``medfed.deploy.runtime_auth``), so other accounts on the machine cannot.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from .egress import EGRESS_LOG
 from .launcher import launcher_command
 from .preflight import DeployError, check_auth_key, check_port_free, check_superlink
 from .process import Daemon, flower_bin, flower_env, supervised
+from .runtime_auth import RUNTIME_SECRET, check_runtime_secret, ensure_runtime_secret
 
 log = logging.getLogger("medfed.deploy")
 
@@ -65,6 +68,12 @@ class SiteSettings:
     max_wait_time: float | None = 600.0  # seconds of reconnecting before giving up
     role: str = wire.ROLE_TRAIN        # external: evaluates every global model, never trains
     allow: AllowList = AllowList()     # FAB digests this site runs; empty refuses every run
+    layout: str = "brain_mri_4seq"     # the imaging layout preflight reads the data with
+
+    @property
+    def runtime_secret(self) -> Path:
+        """Shared secret of SuperNode and launcher on the runtime port (``runtime_auth``)."""
+        return self.state_dir / RUNTIME_SECRET
 
 
 def node_config(s: SiteSettings) -> dict[str, object]:
@@ -107,7 +116,9 @@ def supernode_command(s: SiteSettings) -> list[str]:
            "--node-config", node_config_arg(node_config(s)),
            # process: the site starts its own launcher (launcher_command), not Flower's
            "--isolation", "process",
-           "--host", "127.0.0.1", "--port", str(s.runtime_port)]
+           "--host", "127.0.0.1", "--port", str(s.runtime_port),
+           # only a caller holding the site's secret may claim a task on that port
+           "--superexec-auth-secret-file", str(s.runtime_secret)]
     if s.max_retries is not None:
         cmd += ["--max-retries", str(s.max_retries)]
     if s.max_wait_time is not None:
@@ -124,12 +135,20 @@ def pseudonym_key(s: SiteSettings) -> bytes:
     return site_key(state_dir(node_config(s), s.data_dir.resolve()))
 
 
-def check_data_dir(data_dir: Path, key: bytes | None = None) -> str:
-    """Run the ingest step on the site's data; a one-line summary (counts only, no PHI; the
-    fingerprint is the one the site will report, pseudonyms under ``key``)."""
+def check_data_dir(data_dir: Path, key: bytes | None = None,
+                   layout: str = "brain_mri_4seq") -> str:
+    """Run the ingest step on the site's data through ``layout`` (a shipped name or a YAML
+    file); a one-line summary (counts only, no PHI; the fingerprint is the one the site
+    reports for jobs of that layout, pseudonyms under ``key``)."""
+    from client.data.layout import load_layout
+    from client.data.layout_site import load_layout_site
     from client.data.site import load_site
 
-    data = load_site(data_dir, None, key=key)   # raises SiteDataError with a one-line reason
+    # each raises SiteDataError / LayoutError with a one-line reason
+    if layout == "brain_mri_4seq":          # the default reader, as jobs without a layout use
+        data = load_site(data_dir, None, key=key)
+    else:
+        data = load_layout_site(data_dir, load_layout(layout), None, key=key)
     r = data.report
     return (f"{r.studies} studies, {r.images} images, splits {dict(sorted(r.splits.items()))}, "
             f"skipped {sum(r.skipped.values())} files, fingerprint {data.fingerprint}")
@@ -147,9 +166,11 @@ class Site:
         s = self.settings
         node_config(s)                        # budget arguments complete
         check_auth_key(s.auth_key)            # before touching data: a leaked key is worse
+        if s.runtime_secret.exists() or s.runtime_secret.is_symlink():
+            check_runtime_secret(s.runtime_secret)   # created by start() when missing
         from client.data.site import dicom_folder
         dicom_folder(s.data_dir)              # a wrong path fails before a key is made in it
-        summary = check_data_dir(s.data_dir, pseudonym_key(s))
+        summary = check_data_dir(s.data_dir, pseudonym_key(s), s.layout)
         log.info("[%s] data directory usable: %s", s.site_id, summary)
         check_port_free("127.0.0.1", s.runtime_port, "site runtime API")
         check_superlink(s.superlink, s.root_cert)
@@ -158,11 +179,13 @@ class Site:
         self.preflight()
         s = self.settings
         s.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        ensure_runtime_secret(s.state_dir)
         self.daemon = Daemon(supernode_command(s), tag=s.site_id, env=flower_env(s.state_dir),
                              fatal=SUPERNODE_FATAL, on_line=self._note)
         self.daemon.start()
         self.launcher = Daemon(launcher_command(f"127.0.0.1:{s.runtime_port}", s.allow,
-                                                s.site_id, s.state_dir / EGRESS_LOG),
+                                                s.site_id, s.state_dir / EGRESS_LOG,
+                                                runtime_secret=s.runtime_secret),
                                tag=s.site_id, env=flower_env(s.state_dir))
         self.launcher.start()
         threading.Thread(target=self._watch_launcher, name=f"{s.site_id}-launcher",

@@ -15,11 +15,7 @@ from typing import Any
 
 from protocol import wire
 from protocol.job import JobSpec, PrivacySettings, PrivacySpec, TrainConfig, TrainSettings
-from protocol.layout import Layout
-
-# The layout the sites read without being told (client/data/sequences.py): a job for it
-# carries no layout, so the demo's job record and weights stay what they were.
-DEFAULT_LAYOUT = "brain_mri_4seq"
+from protocol.layout import DEFAULT_LAYOUT, Layout
 
 
 class ConfigError(ValueError):

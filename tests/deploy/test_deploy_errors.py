@@ -214,3 +214,28 @@ def test_cli_run_bad_override_fails_before_submitting(certs, tmp_path):
                         "--flwr-home", str(tmp_path / "home"))
     _one_line(result, "train.nope")
     assert not (tmp_path / "home").exists()
+
+
+@pytest.fixture(scope="module")
+def chest_site(tmp_path_factory):
+    from medfed.synth.chest import synthesize_chest
+
+    root = tmp_path_factory.mktemp("chest") / "data"
+    profiles = synthesize_chest(root, n_sites=1, seed=3, patients=6)
+    return root / profiles[0].name
+
+
+@pytest.mark.parametrize("layout, needle", [
+    (None, "no usable studies"),                      # the brain reader finds no MR sequence
+    ("chest_xray", "cannot reach the SuperLink"),     # data check passed, next check fails
+    ("chest_xray_typo", "unknown layout 'chest_xray_typo'; shipped: brain_mri_4seq"),
+])
+def test_cli_site_checks_its_data_with_the_layout_it_names(certs, chest_site, tmp_path,
+                                                           layout, needle):
+    result = run_medfed("site", "--site-id", "a", "--data-dir", str(chest_site),
+                        "--superlink", f"127.0.0.1:{free_port()}",
+                        "--root-cert", str(certs / "ca.pem"),
+                        "--auth-key", str(certs / "sites" / "a" / "auth.key"),
+                        "--state-dir", str(tmp_path / "node"),
+                        *(["--layout", layout] if layout else []))
+    _one_line(result, needle)

@@ -341,3 +341,12 @@ def test_site_chart_requires_and_passes_the_approved_app_digest():
         _chart("medfed-site", {"coordinator.cidr": COORDINATOR_CIDR})
     _, docs = _chart("medfed-site", SITE_REQUIRED)
     assert _parse("site", _container_args(docs["Deployment"])[1]).allow_app == [APP_DIGEST]
+
+
+def test_site_chart_does_not_open_the_state_volume_to_its_group_on_restart():
+    """With fsGroup, Kubernetes adds group rw to every file of a volume at each mount unless
+    told to leave a volume it already owns alone; ``medfed site`` would then refuse its own
+    ``runtime-auth.secret`` (owner-only, like the key) after a pod restart."""
+    _, docs = _chart("medfed-site", SITE_REQUIRED)
+    context = docs["Deployment"]["spec"]["template"]["spec"]["securityContext"]
+    assert "fsGroup" not in context or context["fsGroupChangePolicy"] == "OnRootMismatch"

@@ -81,7 +81,8 @@ def test_synth_refuses_to_overwrite(tiny_sites, tmp_path, capsys):
 @pytest.mark.parametrize("module, name", [
     ("server.config", "ConfigError"), ("client.data.site", "SiteDataError"),
     ("medfed.deploy.preflight", "DeployError"), ("medfed.export", "ExportError"),
-    ("medfed.certs", "ProvisioningError"),
+    ("medfed.certs", "ProvisioningError"), ("medfed.predict", "PredictError"),
+    ("protocol.serving", "ServingSpecError"),
 ])
 def test_user_errors_are_recognised_without_importing_their_modules(module, name):
     # the dispatcher catches USER_ERRORS (exit 2) so that `medfed --help` need not import these

@@ -232,9 +232,9 @@ def test_site_runs_its_own_launcher_with_the_allow_list(tmp_path):
                             state_dir=tmp_path / "s", allow=allow)
     cmd = supernode_command(settings)
     assert cmd[cmd.index("--isolation") + 1] == "process"        # Flower starts nothing
-    launcher = launcher_command("127.0.0.1:9094", allow, "a")
+    launcher = launcher_command("127.0.0.1:9094", allow, "a", runtime_secret=tmp_path / "x")
     assert launcher[1:3] == ["-m", "medfed.deploy.launcher"]
-    task = runner_command("127.0.0.1:9094", "tok", allow, "a")
+    task = runner_command("127.0.0.1:9094", allow, "a")
     assert task[1:3] == ["-m", "medfed.deploy.runner"]
     for argv in (launcher, task):
         assert [argv[i + 1] for i, a in enumerate(argv) if a == "--allow-app"] == \

@@ -76,6 +76,10 @@ def test_a_registered_foundation_version_predicts_like_the_model_in_memory(tmp_p
     assert info.signature is not None
     assert info.metadata["foundation_family"] == family
     assert info.metadata["foundation_base_sha256"] == base_digest(model)
+    # and what `medfed predict` needs: the layout and preprocessing its input shape matches
+    from protocol.serving import ServingSpec
+    spec = ServingSpec.from_metadata(info.metadata)
+    assert tuple(spec.preprocessing()["input_shape"]) == tuple(batch["image"].shape[1:])
 
     # the weights artifact: the family-format export, which rebuilds the same model
     client = mlflow.MlflowClient(tracker.uri)

@@ -1,0 +1,89 @@
+"""The site's runtime-API secret: who may claim a task on the SuperNode's loopback port.
+
+Threat. ``flower-supernode --isolation process`` queues each task on its Runtime API at
+``127.0.0.1:<runtime-port>`` and waits for an executor to claim it. Loopback is not a trust
+boundary: any other account on the site machine can connect there. Whoever claims a task gets
+its token, and with the token pulls the message (global weights, run config) and the FAB, and
+pushes the reply the coordinator will aggregate as the hospital's.
+
+What Flower 1.41 provides (``flwr.supercore.auth``; read, not guessed). With
+``--superexec-auth-secret-file FILE`` (process isolation only; the file is read as exact raw
+bytes, empty refused) the SuperNode's ``AcquireTask`` route requires four headers,
+``flwr-superexec-{ts,nonce,body-sha256,signature}``: an HMAC-SHA256, keyed with
+``HMAC(secret, "superexec-auth-v1")``, over the method, a timestamp (a narrow window), a fresh
+nonce (replays refused) and the SHA-256 of the request body. Flower's SuperExec signs
+``AcquireTask`` only; every other Runtime route needs the task token that ``AcquireTask``
+hands out. So: no secret, no token; no token, no message, FAB or reply.
+
+What MedFed adds. ``medfed site`` creates the secret (32 random bytes, hex) in its state dir
+on first start and refuses one others may read (``check_runtime_secret``, the same rule as
+the site key); the launcher signs its ``AcquireTask`` polls with it; and the token, the second
+key, reaches the runner on its standard input (Flower's ``--token-stdin`` convention), never
+on a command line every local account can read in ``/proc/<pid>/cmdline``.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import stat
+from pathlib import Path
+
+from .preflight import DeployError
+
+RUNTIME_SECRET = "runtime-auth.secret"
+# The one method Flower's SuperExec signs (flwr.supercore.superexec.run_superexec).
+ACQUIRE_TASK = "/flwr.proto.Runtime/AcquireTask"
+
+
+def check_runtime_secret(path: Path) -> None:
+    """The secret is a non-empty regular file of this account that nobody else may touch."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        raise DeployError(f"runtime secret {path} does not exist (`medfed site` creates it in "
+                          "its state dir on start)") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise DeployError(f"runtime secret {path} is not a regular file (a link?); delete it "
+                          "and `medfed site` creates a new one")
+    if st.st_uid != os.getuid():
+        raise DeployError(f"runtime secret {path} belongs to another account (uid {st.st_uid}); "
+                          "delete it and `medfed site` creates a new one")
+    mode = st.st_mode & 0o777
+    if mode & 0o077:
+        raise DeployError(f"runtime secret {path} is accessible by group/other (mode "
+                          f"{mode:04o}); delete it (`medfed site` creates a new one) or run "
+                          f"`chmod 600 {path}` if nobody else could have read it")
+    if st.st_size == 0:
+        raise DeployError(f"runtime secret {path} is empty; delete it and `medfed site` creates "
+                          "a new one")
+
+
+def ensure_runtime_secret(state_dir: Path) -> Path:
+    """``state_dir/runtime-auth.secret``: created owner-only if missing, checked either way."""
+    path = state_dir / RUNTIME_SECRET
+    if not path.exists() and not path.is_symlink():
+        # O_EXCL|O_NOFOLLOW: never write the secret through a planted link or into a file
+        # someone else created between the check and the open.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(secrets.token_hex(32).encode("ascii"))
+    check_runtime_secret(path)
+    return path
+
+
+def load_runtime_secret(path: Path) -> bytes:
+    """The secret's bytes, read the way ``flower-supernode`` reads its copy."""
+    from flwr.supercore.auth import load_superexec_auth_secret
+
+    check_runtime_secret(path)
+    secret = load_superexec_auth_secret(str(path))
+    assert secret is not None
+    return secret
+
+
+def signing_interceptor(secret: bytes):
+    """Flower's client interceptor that signs ``AcquireTask`` with the site's secret."""
+    from flwr.supercore.interceptors.http import SuperExecAuthHttpInterceptor
+
+    return SuperExecAuthHttpInterceptor(master_secret=secret, protected_methods=[ACQUIRE_TASK])

@@ -1,0 +1,148 @@
+"""``medfed predict``: score new DICOM studies at a site with a registered model version.
+
+The version says how to read a study (:class:`protocol.serving.ServingSpec` in its MLflow
+model metadata: layout, preprocessing, class names); the data folder says nothing about it.
+Studies go through exactly what a site does before evaluating: the site's reader for the
+layout (:func:`client.data.site.load_site` for brain_mri_4seq,
+:func:`client.data.layout_site.load_layout_site` for the others) and the evaluation
+transforms of :class:`client.data.dataset.StudyDataset`; the stock MLflow pyfunc scores them.
+
+Out comes one row per study: its pseudonymous key (under the site's own pseudonym secret,
+:mod:`client.data.pseudonyms`, the key its deployed ClientApp uses), one probability per
+class, the predicted class. No DICOM header value, UID or path
+reaches a row or a log line; what could not be read is counted by reason.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from protocol.serving import ServingSpec, ServingSpecError
+
+_MODEL_URI = re.compile(r"^models:/(?P<name>[^/]+)/(?P<version>\d+)$")
+BATCH = 32
+
+
+class PredictError(ValueError):
+    """The model version cannot be found or scored; the message says why."""
+
+
+@dataclass
+class Predictions:
+    """Per-study probabilities, and counts of what was read and skipped (no identifiers)."""
+
+    spec: ServingSpec
+    keys: list[str]                  # pseudonymous study keys
+    probabilities: np.ndarray        # [N, C] float32, columns: spec.class_names
+    skipped: Counter                 # reason -> count (files, series, studies)
+    files: int
+
+    def predicted(self) -> list[str]:
+        """Per study: the most probable class, or for a multi-label model (``sigmoid``) the
+        findings at probability >= 0.5 joined by ``;`` (empty: none)."""
+        names = self.spec.class_names
+        if self.spec.output == "sigmoid":
+            return [";".join(n for n, p in zip(names, row) if p >= 0.5)
+                    for row in self.probabilities]
+        return [names[i] for i in self.probabilities.argmax(1)]
+
+    def to_csv(self) -> str:
+        """``study_key, p_<class>..., predicted``: one row per study."""
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(["study_key", *(f"p_{n}" for n in self.spec.class_names), "predicted"])
+        for key, row, label in zip(self.keys, self.probabilities, self.predicted()):
+            writer.writerow([key, *(f"{p:.6f}" for p in row), label])
+        return out.getvalue()
+
+
+def load_version(model_uri: str, tracking_uri: str | None = None):
+    """``(pyfunc model, ServingSpec)`` of ``models:/NAME/VERSION``.
+
+    Raises
+    ------
+    PredictError
+        A malformed URI, an unknown version, or a version without serving metadata.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    match = _MODEL_URI.match(model_uri)
+    if match is None:
+        raise PredictError(f"--model must be models:/NAME/VERSION, got {model_uri!r}")
+    client = mlflow.MlflowClient(tracking_uri)
+    try:
+        source = client.get_model_version_download_uri(match["name"], match["version"])
+        local = mlflow.artifacts.download_artifacts(artifact_uri=source,
+                                                    tracking_uri=tracking_uri)
+        model = mlflow.pyfunc.load_model(local)
+    except MlflowException as err:
+        raise PredictError(f"cannot load {model_uri}: {err.message.splitlines()[0]}") from None
+    try:
+        spec = ServingSpec.from_metadata(model.metadata.metadata)
+    except ServingSpecError as err:
+        raise PredictError(f"{model_uri}: {err}") from None
+    return model, spec
+
+
+def site_pseudonym_key(data_dir: Path, privacy_dir: Path | str | None = None) -> bytes:
+    """The site's pseudonym secret where its ClientApp finds it (``privacy_dir``, default
+    ``<data-dir>/.medfed``, as ``medfed site --privacy-dir``), created 0600 on first use."""
+    from client.data.pseudonyms import site_key
+    from client.queries import state_dir
+    from protocol import wire
+
+    settings = {wire.NODE_PRIVACY_DIR: str(privacy_dir)} if privacy_dir else {}
+    return site_key(state_dir(settings, Path(data_dir).resolve()))
+
+
+def read_studies(data_dir: Path, spec: ServingSpec, key: bytes | None):
+    """``(SiteData, StudyDataset)`` of every study in ``data_dir`` (labelled or not), read and
+    transformed as a site does for evaluation with the version's layout; pseudonyms under
+    ``key``."""
+    from client.data.dataset import StudyDataset
+    from client.data.layout_site import load_layout_site
+    from client.data.site import load_site
+
+    layout = spec.site_layout
+    if layout is None:          # brain_mri_4seq: the default reader, z-scored by the dataset
+        data = load_site(data_dir, key=key)
+        return data, StudyDataset(data.studies, spec.image_size)
+    data = load_layout_site(data_dir, layout, key=key)
+    return data, StudyDataset(data.studies, spec.image_size, sequences=layout.input_channels,
+                              normalize=False)
+
+
+def predict(model_uri: str, data_dir: Path | str, *, key: bytes | None,
+            tracking_uri: str | None = None) -> Predictions:
+    """Score every readable study in ``data_dir`` with a registered version; study keys are
+    pseudonyms under ``key`` (the site's secret, :func:`site_pseudonym_key`).
+
+    Raises
+    ------
+    PredictError
+        The version cannot be loaded or carries no serving metadata.
+    client.data.site.SiteDataError
+        ``data_dir`` holds no readable study (the message counts the skips by reason).
+    """
+    model, spec = load_version(model_uri, tracking_uri)
+    data, dataset = read_studies(Path(data_dir), spec, key)
+    images = np.stack([dataset[i]["image"].numpy() for i in range(len(dataset))])
+    expected = (len(spec.channels), spec.image_size, spec.image_size)
+    if images.shape[1:] != expected:
+        raise PredictError(f"preprocessed studies have shape {images.shape[1:]}, the version "
+                           f"expects {expected}")
+    probs = np.concatenate([np.asarray(model.predict(images[i:i + BATCH]), dtype=np.float32)
+                            for i in range(0, len(images), BATCH)])
+    if probs.shape != (len(images), len(spec.class_names)):
+        raise PredictError(f"the model returned shape {probs.shape}, expected "
+                           f"{(len(images), len(spec.class_names))} (one column per class)")
+    return Predictions(spec, [s.key for s in data.studies], probs, Counter(data.report.skipped),
+                       data.report.files)

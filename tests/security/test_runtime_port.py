@@ -1,0 +1,229 @@
+"""Attacker: another account on the hospital's site machine. The SuperNode queues each task on
+its runtime API at 127.0.0.1:<runtime-port>; loopback keeps the network out, not the other
+users of the machine. Whoever claims a task gets its token, and with it pulls the message
+(global weights, run config) and the FAB and pushes the reply the coordinator aggregates as
+the hospital's. Flower's SuperExec secret (``--superexec-auth-secret-file``) makes the claim
+(``AcquireTask``) require an HMAC with the site's secret; ``medfed site`` owns that secret and
+hands the token to its runner over a pipe, not a command line."""
+
+from __future__ import annotations
+
+import os
+import stat
+import sys
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+from flwr.proto.runtime_pb2 import AcquireTaskRequest, AcquireTaskResponse  # pylint: disable=E0611
+from flwr.supercore.auth import create_superexec_auth_metadata, derive_auth_secret
+from flwr.supercore.constant import TaskType
+from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
+from flwr.supercore.object_store import ObjectStoreFactory
+from flwr.supercore.runtime import RuntimeHttpClient
+from flwr.supernode.main import create_app
+from flwr.supernode.nodestate import NodeStateFactory
+
+from medfed.certs import site_keygen, write_certs
+from medfed.deploy.allowlist import AllowList
+from medfed.deploy.launcher import acquire_client, runner_command, start_runner
+from medfed.deploy.preflight import DeployError
+from medfed.deploy.runner import parser as runner_parser
+from medfed.deploy.runtime_auth import (ACQUIRE_TASK, RUNTIME_SECRET, check_runtime_secret,
+                                        ensure_runtime_secret, load_runtime_secret)
+from medfed.deploy import site as site_module
+from medfed.deploy.site import Site, SiteSettings, supernode_command
+
+from ..deploy.conftest import Children, free_port, run_medfed
+
+ACQUIRE_URL = "/v1/runtime/acquire-task"
+PROTOBUF = {"content-type": "application/protobuf"}
+CLAIM = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])
+
+
+def _signed(secret: bytes) -> dict[str, str]:
+    """Headers of a claim signed with ``secret`` (what Flower's interceptor attaches)."""
+    return {**PROTOBUF, **create_superexec_auth_metadata(
+        auth_secret=derive_auth_secret(secret), method=ACQUIRE_TASK, request=CLAIM)}
+
+
+def _rogue(address: str) -> RuntimeHttpClient:
+    """Flower's own runtime client, as any local account can run it, without the secret."""
+    return RuntimeHttpClient.from_server_address(
+        server_address=address, insecure=True, root_certificates=None,
+        interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")])
+
+
+# --- the claim, against Flower's SuperNode runtime app with one task queued -----------------
+
+def test_without_the_site_secret_a_local_process_cannot_claim_a_queued_task(tmp_path):
+    secret = load_runtime_secret(ensure_runtime_secret(tmp_path))
+    factory = NodeStateFactory(objectstore_factory=ObjectStoreFactory())
+    task_id = factory.state().create_task(task_type=TaskType.CLIENT_APP, run_id=7,
+                                          fab_hash="f" * 64)
+    app = create_app(state_factory=factory, superexec_auth_secret=secret)
+    body = CLAIM.SerializeToString()
+    with TestClient(app) as http:
+        # no signature, a signature with a guessed secret: refused, nothing handed out
+        for headers in (PROTOBUF, _signed(b"guess"), _signed(secret[:-1])):
+            answer = http.post(ACQUIRE_URL, content=body, headers=headers)
+            assert answer.status_code == 401, answer.content
+            assert b"token" not in answer.content.lower()
+        # the launcher's signed claim gets the task: the rogue calls claimed nothing
+        launcher = _signed(secret)
+        answer = http.post(ACQUIRE_URL, content=body, headers=launcher)
+        assert answer.status_code == 200
+        claimed = AcquireTaskResponse.FromString(answer.content)
+        assert claimed.task.task_id == task_id and claimed.token
+        # a replayed signed claim (same nonce) is refused
+        assert http.post(ACQUIRE_URL, content=body, headers=launcher).status_code == 401
+
+
+# --- the real site SuperNode, started with medfed's command line ------------------------------
+
+@pytest.fixture()
+def children(tmp_path):
+    procs = Children(tmp_path)
+    try:
+        yield procs
+    finally:
+        procs.cleanup()
+
+
+@pytest.mark.slow
+def test_the_sites_supernode_refuses_claims_without_the_site_secret(tmp_path, children):
+    write_certs(tmp_path / "certs", server_name="localhost", sites=["a"])
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    secret_file = ensure_runtime_secret(state)
+    port = free_port()
+    settings = SiteSettings(site_id="a", data_dir=tmp_path, root_cert=tmp_path / "certs/ca.pem",
+                            auth_key=tmp_path / "certs/sites/a/auth.key", state_dir=state,
+                            # nobody listens there: the runtime API is up before the SuperNode
+                            # reaches its coordinator, which is all this test needs
+                            superlink=f"127.0.0.1:{free_port()}", runtime_port=port)
+    children.start("supernode", supernode_command(settings))
+    children.wait_for("supernode", "Uvicorn running on", timeout=120)
+    address = f"127.0.0.1:{port}"
+
+    with pytest.raises(httpx.HTTPStatusError) as refused:
+        _rogue(address).AcquireTask(CLAIM)
+    assert refused.value.response.status_code == 401
+    forged = tmp_path / "forged.secret"
+    forged.write_bytes(os.urandom(32))
+    with pytest.raises(httpx.HTTPStatusError) as refused:
+        acquire_client(address, forged.read_bytes(), retry=False).AcquireTask(CLAIM)
+    assert refused.value.response.status_code == 401
+    # the site's own launcher client is let in (no task queued: an empty answer)
+    answer = acquire_client(address, load_runtime_secret(secret_file), retry=False)\
+        .AcquireTask(CLAIM)
+    assert not answer.HasField("task")
+
+
+# --- the task token never sits on a command line ---------------------------------------------
+
+def test_the_runner_gets_its_task_token_over_a_pipe_not_its_command_line(tmp_path):
+    token = "ab" * 128                                         # Flower's token format
+    cmd = runner_command("127.0.0.1:9094", AllowList(), "a")
+    assert token not in " ".join(cmd) and "--token-stdin" in cmd
+    with pytest.raises(SystemExit):                            # no way to pass it in argv
+        runner_parser().parse_args(["--runtime-api-address", "x:1", "--token", token])
+    # start_runner delivers it to Flower's stdin reader (the one runner.main uses)
+    out = tmp_path / "got"
+    child = start_runner([sys.executable, "-c",
+                          "import argparse, pathlib, sys\n"
+                          "from flwr.common.args import try_obtain_flwr_app_token as read\n"
+                          "pathlib.Path(sys.argv[1]).write_text("
+                          "read(argparse.Namespace(token_stdin=True)))", str(out)], token)
+    assert child.wait(timeout=120) == 0
+    assert out.read_text() == token
+
+
+# --- the secret file ------------------------------------------------------------------------
+
+def test_the_secret_is_created_owner_only_once_and_kept(tmp_path):
+    path = ensure_runtime_secret(tmp_path)
+    assert path == tmp_path / RUNTIME_SECRET
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    first = path.read_bytes()
+    assert len(first) == 64 and int(first, 16)                 # 32 random bytes, hex
+    assert ensure_runtime_secret(tmp_path).read_bytes() == first
+
+
+@pytest.mark.parametrize("mode", [0o640, 0o604, 0o644, 0o660, 0o606])
+def test_a_secret_others_can_touch_is_refused(tmp_path, mode):
+    path = ensure_runtime_secret(tmp_path)
+    os.chmod(path, mode)
+    with pytest.raises(DeployError, match=f"accessible by group/other \\(mode {mode:04o}\\)"):
+        check_runtime_secret(path)
+    with pytest.raises(DeployError, match="group/other"):
+        ensure_runtime_secret(tmp_path)                        # not silently reused
+
+
+def test_a_linked_or_empty_secret_is_refused(tmp_path):
+    target = tmp_path / "elsewhere"
+    target.write_bytes(b"x" * 64)
+    os.chmod(target, 0o600)
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / RUNTIME_SECRET).symlink_to(target)
+    with pytest.raises(DeployError, match="not a regular file"):
+        ensure_runtime_secret(state)
+    empty = tmp_path / "empty"
+    empty.touch(mode=0o600)
+    with pytest.raises(DeployError, match="empty"):
+        check_runtime_secret(empty)
+
+
+def test_site_start_creates_the_secret_and_gives_it_to_supernode_and_launcher(tmp_path,
+                                                                               monkeypatch):
+    started = []
+
+    class FakeDaemon:
+        stopping = True                                         # the launcher watcher: done
+
+        def __init__(self, cmd, **_):
+            started.append(cmd)
+
+        def start(self):
+            pass
+
+        def wait(self):
+            pass
+
+    monkeypatch.setattr(site_module, "Daemon", FakeDaemon)
+    monkeypatch.setattr(Site, "preflight", lambda self: None)
+    settings = SiteSettings(site_id="a", data_dir=tmp_path, superlink="x:1",
+                            root_cert=tmp_path / "ca", auth_key=tmp_path / "k",
+                            state_dir=tmp_path / "s")
+    Site(settings).start()
+    secret = tmp_path / "s" / RUNTIME_SECRET
+    check_runtime_secret(secret)                                # created, owner-only
+    supernode, launcher = started
+    assert supernode[supernode.index("--superexec-auth-secret-file") + 1] == str(secret)
+    assert launcher[launcher.index("--runtime-secret-file") + 1] == str(secret)
+    assert secret.read_text() not in " ".join(supernode + launcher)   # a path, not the value
+
+
+def test_site_refuses_a_readable_secret_before_reading_data_or_connecting(tmp_path):
+    key = site_keygen(tmp_path / "keys", site="a").private
+    state = tmp_path / "state"
+    state.mkdir()
+    os.chmod(ensure_runtime_secret(state), 0o644)
+    settings = SiteSettings(site_id="a", data_dir=tmp_path / "no-data", superlink="127.0.0.1:1",
+                            root_cert=tmp_path / "no-ca.pem", auth_key=key, state_dir=state)
+    with pytest.raises(DeployError, match="runtime secret .* group/other"):
+        Site(settings).preflight()
+
+
+def test_cli_site_with_a_group_readable_secret_fails_in_one_line(tmp_path):
+    key = site_keygen(tmp_path / "keys", site="a").private
+    state = tmp_path / "state"
+    state.mkdir()
+    os.chmod(ensure_runtime_secret(state), 0o640)
+    result = run_medfed("site", "--site-id", "a", "--data-dir", str(tmp_path / "no-data"),
+                        "--superlink", f"127.0.0.1:{free_port()}", "--state-dir", str(state),
+                        "--root-cert", str(tmp_path / "ca.pem"), "--auth-key", str(key))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("medfed: error: runtime secret")
+    assert result.stderr.count("\n") == 1 and "group/other" in result.stderr

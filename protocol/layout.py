@@ -31,6 +31,9 @@ INTENSITY_KINDS = ("zscore", "ct_window", "xray", "us_grey")
 MISSING_POLICIES = ("allow", "skip_study")
 RESOLVE_POLICIES = ("unique", "first_match")
 VOLUME_INTENSITIES = ("ct_window", "zscore")     # what a 3D (cross-sectional) channel may use
+# Orientation of a 3D layout's grid [Z, Y, X]: towards superior, posterior, left (nibabel/MONAI
+# axis codes), i.e. an axial DICOM series as stored. Sites resample to it; served versions say it.
+VOLUME_AXCODES = "SPL"
 # The layout the sites read without being told (client/data/sequences.py): a job for it
 # carries no layout, so the demo's job record and weights stay what they were.
 DEFAULT_LAYOUT = "brain_mri_4seq"

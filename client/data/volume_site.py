@@ -26,12 +26,14 @@ from pathlib import Path
 
 import numpy as np
 
+from protocol.layout import VOLUME_AXCODES
+
 from .grid import to_grid
 from .intensity import volume_intensity
 from .layout import Channel, Layout
 from .volume import read_volumes
 
-GRID_AXCODES = "SPL"      # [Z, Y, X] of an axial DICOM series: superior, posterior, left
+GRID_AXCODES = VOLUME_AXCODES     # [Z, Y, X]: superior, posterior, left (protocol.layout)
 def read_volume_channel(channel: Channel, files: tuple[Path, ...], layout: Layout,
                         skipped: Counter, key: bytes | None = None,
                         ) -> tuple[np.ndarray, str] | None:

@@ -149,3 +149,20 @@ def test_the_site_cache_builds_volumes_for_a_3d_model(ct_sites, layout, image_si
         for i, study in enumerate(studies):
             expected = np.stack([study.images[c] for c in layout.input_channels])
             np.testing.assert_array_equal(splits["val"][i]["image"].numpy(), expected)
+
+
+def test_a_3d_version_says_its_volume_preprocessing_and_reads_back(layout):
+    """The serving record of a 3D layout names the cube input, the grid and its orientation;
+    it reads back from the metadata, and a 2D record for the same layout is refused."""
+    from protocol.serving import KEY_PREPROCESSING, ServingSpec, ServingSpecError
+
+    spec = ServingSpec(layout=layout, class_names=CLASS_NAMES, task="classification",
+                       output="softmax", image_size=32)
+    prep = spec.preprocessing()
+    assert prep["input_shape"] == [3, 32, 32, 32] and prep["grid_orientation"] == GRID_AXCODES
+    assert prep["grid_size"] == [32, 32, 32] and "ImagePositionPatient" in prep["image"]
+    assert ServingSpec.from_metadata(spec.to_metadata()) == spec
+    meta = spec.to_metadata()
+    meta[KEY_PREPROCESSING] = dict(prep, image_size=[32, 32], input_shape=[3, 32, 32])
+    with pytest.raises(ServingSpecError, match="differs"):
+        ServingSpec.from_metadata(meta)

@@ -142,7 +142,8 @@ class SiteDataCache:
         text_transform = needs.reports.transform() if needs.reports is not None else None
         extra = {"masks": needs.masks, "text_transform": text_transform}
         if layout is not None:      # the layout's channels, at the scale its intensity chose
-            extra |= {"sequences": layout.input_channels, "normalize": False}
+            extra |= {"sequences": layout.input_channels, "normalize": False,
+                      "spatial_dims": 3 if layout.dims == "3d" else 2}
         if site.role == wire.ROLE_EXTERNAL:
             labelled = [s for s in data.studies if s.label >= 0]
             return data, {wire.EXTERNAL_SPLIT: StudyDataset(labelled, image_size, **extra)}

@@ -167,9 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-fraction", type=float, default=0.25,
                    help="share of site-2 studies with a label")
     p.add_argument("--external", action="store_true", help="also write a held-out external site")
-    p.add_argument("--layout", default="brain_mri_4seq", choices=("brain_mri_4seq", "chest_xray"),
-                   help="what the sites hold: brain MRI (4 sequences, the demo) or chest "
-                   "radiographs (CR/DX frontal + lateral, with reports; task=chest3)")
+    p.add_argument("--layout", default="brain_mri_4seq",
+                   choices=("brain_mri_4seq", "chest_xray", "ct_volume"),
+                   help="what the sites hold: brain MRI (4 sequences, the demo), chest "
+                   "radiographs (CR/DX frontal + lateral, with reports; task=chest3) or CT "
+                   "volumes (DICOM series, liver lesions; task=ct3)")
     p.set_defaults(func=Handler("data", "synth"))
 
     p = sub.add_parser("ingest", help="validate a site directory and report counts")

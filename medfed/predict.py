@@ -117,7 +117,7 @@ def read_studies(data_dir: Path, spec: ServingSpec, key: bytes | None):
         return data, StudyDataset(data.studies, spec.image_size)
     data = load_layout_site(data_dir, layout, key=key)
     return data, StudyDataset(data.studies, spec.image_size, sequences=layout.input_channels,
-                              normalize=False)
+                              normalize=False, spatial_dims=3 if layout.dims == "3d" else 2)
 
 
 def predict(model_uri: str, data_dir: Path | str, *, key: bytes | None,
@@ -135,7 +135,7 @@ def predict(model_uri: str, data_dir: Path | str, *, key: bytes | None,
     model, spec = load_version(model_uri, tracking_uri)
     data, dataset = read_studies(Path(data_dir), spec, key)
     images = np.stack([dataset[i]["image"].numpy() for i in range(len(dataset))])
-    expected = (len(spec.channels), spec.image_size, spec.image_size)
+    expected = tuple(spec.preprocessing()["input_shape"])
     if images.shape[1:] != expected:
         raise PredictError(f"preprocessed studies have shape {images.shape[1:]}, the version "
                            f"expects {expected}")

@@ -30,6 +30,10 @@ DIMS = ("2d", "2d_slice", "3d")
 INTENSITY_KINDS = ("zscore", "ct_window", "xray", "us_grey")
 MISSING_POLICIES = ("allow", "skip_study")
 RESOLVE_POLICIES = ("unique", "first_match")
+VOLUME_INTENSITIES = ("ct_window", "zscore")     # what a 3D (cross-sectional) channel may use
+# Orientation of a 3D layout's grid [Z, Y, X]: towards superior, posterior, left (nibabel/MONAI
+# axis codes), i.e. an axial DICOM series as stored. Sites resample to it; served versions say it.
+VOLUME_AXCODES = "SPL"
 # The layout the sites read without being told (client/data/sequences.py): a job for it
 # carries no layout, so the demo's job record and weights stay what they were.
 DEFAULT_LAYOUT = "brain_mri_4seq"
@@ -255,6 +259,26 @@ class Layout:
                                    f"{where}: resolve"),
                    match_order=order or (),
                    report=_bool(raw.get("report", False), f"{where}: report"))
+
+
+def check_volume_layout(layout: Layout) -> None:
+    """A 3D layout can be trained: a grid (``size`` and ``spacing``, ``[Z, Y, X]``) and only
+    cross-sectional intensities. The coordinator checks it at config load and each site
+    again before reading.
+
+    Raises
+    ------
+    LayoutError
+        Saying what to add or change.
+    """
+    missing = [key for key in ("size", "spacing") if getattr(layout, key) is None]
+    if missing:
+        raise LayoutError(f"3D layout {layout.name!r} needs {' and '.join(missing)} ([Z, Y, X]):"
+                          " the grid every volume is resampled onto")
+    bad = [c.name for c in layout.channels if c.intensity.kind not in VOLUME_INTENSITIES]
+    if bad:
+        raise LayoutError(f"3D layout {layout.name!r}: channels {bad} use an intensity for 2D "
+                          f"projection images; a volume takes one of {VOLUME_INTENSITIES}")
 
 
 def _known(raw: Mapping, keys: tuple[str, ...], where: str) -> None:

@@ -19,6 +19,10 @@ The preprocessing is what the sites' readers and ``client.data.dataset.StudyData
 - any other (2D) layout (:func:`client.data.layout_site.load_layout_site`): the middle image
   of the matched series, each channel's own intensity handling (CT windows to ``[0, 1]``, X-ray
   VOI LUT with MONOCHROME1 inverted, ...), resized to ``image_size`` (area), not z-scored.
+- a 3D layout: the matched series as a volume (slices by ImagePositionPatient), resampled
+  onto the layout's grid (orientation :data:`protocol.layout.VOLUME_AXCODES`, its spacing and
+  size), then the channel's intensity (CT windows of HU), resized to the ``image_size`` cube
+  (area), not z-scored.
 
 Either way an absent channel is all zeros, which the served model reads as absent.
 """
@@ -28,7 +32,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from .layout import DEFAULT_LAYOUT, Layout, LayoutError
+from .layout import DEFAULT_LAYOUT, VOLUME_AXCODES, Layout, LayoutError, check_volume_layout
 
 PREPROCESSING_VERSION = 1
 OUTPUTS = ("softmax", "sigmoid")        # multi-class probabilities; one per finding
@@ -60,7 +64,7 @@ class ServingSpec:
         ``softmax`` (class probabilities summing to 1) or ``sigmoid`` (one independent
         probability per finding, multi-label).
     image_size : int
-        Side of each channel's square input after resizing.
+        Side of each channel's square (3D layouts: cubic) input after resizing.
     """
 
     layout: Layout
@@ -78,8 +82,10 @@ class ServingSpec:
         if self.image_size < 1:
             raise ServingSpecError(f"image_size must be >= 1, got {self.image_size}")
         if self.layout.dims == "3d":
-            raise ServingSpecError(f"layout {self.layout.name!r} is 3D: 3D layouts are not "
-                                   "trained (nor served) yet")
+            try:
+                check_volume_layout(self.layout)
+            except LayoutError as err:
+                raise ServingSpecError(str(err)) from None
 
     @property
     def site_layout(self) -> Layout | None:
@@ -107,14 +113,15 @@ class ServingSpec:
             intensity[c.name] = {"kind": i.kind} | (
                 {"windows_hu": [{"name": w.name, "center": w.center, "width": w.width}
                                 for w in i.windows]} if i.kind == "ct_window" else {})
-        return {
+        axes = 3 if layout.dims == "3d" else 2
+        record = {
             "version": PREPROCESSING_VERSION,
             "reader": "brain_mri_4seq" if self.zscore else "layout",
             "channels": list(self.channels),            # model input order
-            "input_shape": [len(self.channels), self.image_size, self.image_size],
+            "input_shape": [len(self.channels), *[self.image_size] * axes],
             "dims": layout.dims,
             "image": "middle slice of the series (by InstanceNumber)",
-            "image_size": [self.image_size, self.image_size],
+            "image_size": [self.image_size] * axes,
             "resize": "area, each channel on its own",
             "spacing_mm": list(layout.spacing) if layout.spacing is not None else None,
             "intensity": intensity,                     # per layout channel
@@ -123,6 +130,12 @@ class ServingSpec:
             "missing_channel": "all zeros",
             "dtype": "float32",
         }
+        if axes == 3:
+            record |= {"image": "the series as a volume (slices by ImagePositionPatient on the "
+                                "normal), resampled onto the layout's grid",
+                       "grid_size": list(layout.size), "grid_orientation": VOLUME_AXCODES,
+                       "resize": "area, each channel on its own, grid to image_size cube"}
+        return record
 
     def to_metadata(self) -> dict[str, Any]:
         """The MLmodel ``metadata`` entries (JSON-safe) :meth:`from_metadata` reads back."""
@@ -163,7 +176,7 @@ class ServingSpec:
                                    f"{prep.get('version')!r}; this MedFed applies version "
                                    f"{PREPROCESSING_VERSION}")
         size = prep.get("image_size")
-        if not isinstance(size, list) or len(size) != 2 or size[0] != size[1] or \
+        if not isinstance(size, list) or len(size) not in (2, 3) or len(set(size)) != 1 or \
                 not isinstance(size[0], int):
             raise ServingSpecError(f"the version's image_size is malformed: {size!r}")
         spec = cls(layout=layout, class_names=tuple(names), task=str(task.get("name", "")),

@@ -1,4 +1,5 @@
-"""Studies to tensors: ``image [S, H, W]`` + ``present [S]`` (transforms: ``.transforms``)."""
+"""Studies to tensors: ``image [S, H, W]`` (2D) or ``image [S, D, H, W]`` (3D layouts) +
+``present [S]`` (transforms: ``.transforms``)."""
 
 from __future__ import annotations
 
@@ -29,28 +30,38 @@ class StudyDataset(Dataset):
     ``has_mask=False`` for a study without one), moved by the same augmentation as the image.
     ``sequences``: the input channels in model order (a layout's ``input_channels``);
     ``normalize=False`` keeps the reader's intensities (see :func:`study_transform`).
+    ``spatial_dims=3`` (a 3D layout): each channel is a volume ``[D, H, W]`` (the layout's
+    grid), resized to the ``image_size`` cube; no middle slice is taken.
     """
 
     def __init__(self, studies: list[Study], image_size: int, sequences=SEQUENCES, *,
                  augment: bool = False,
                  text_transform: Callable[[list[str]], dict[str, torch.Tensor]] | None = None,
-                 masks: bool = False, normalize: bool = True):
+                 masks: bool = False, normalize: bool = True, spatial_dims: int = 2):
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+        if masks and spatial_dims == 3:
+            raise ValueError("lesion masks are 2D only; a 3D layout has no segmentation yet")
         transform = study_transform(image_size, normalize=normalize)
-        self.augment = augmentation(("image", "mask") if masks else ("image",)) if augment else None
+        keys = ("image", "mask") if masks else ("image",)
+        self.augment = augmentation(keys, spatial_dims) if augment else None
         self.masks = [] if masks else None
         self.items = []
         for study in studies:
-            stack = np.zeros((len(sequences), image_size, image_size), dtype=np.float32)
+            stack = np.zeros((len(sequences), *[image_size] * spatial_dims), dtype=np.float32)
             present = np.zeros(len(sequences), dtype=bool)
             for i, seq in enumerate(sequences):
                 if seq in study.images:
-                    pixels = _as_slice(study.images[seq]).astype(np.float32)[None]   # [1, H, W]
+                    pixels = study.images[seq] if spatial_dims == 3 \
+                        else _as_slice(study.images[seq])
+                    pixels = pixels.astype(np.float32)[None]             # [1, (D,) H, W]
                     # Each sequence is resized on its own: vendors may acquire sequences at
                     # different matrix sizes, and a study must not lose a sequence for it.
                     stack[i] = resize(pixels, image_size, "area")[0]
                     present[i] = True
             out = transform({"image": stack})
-            image = out["image"] * torch.as_tensor(present, dtype=torch.float32)[:, None, None]
+            keep = torch.as_tensor(present, dtype=torch.float32)
+            image = out["image"] * keep.reshape(-1, *[1] * spatial_dims)
             self.items.append((image, torch.as_tensor(present), torch.tensor(study.label)))
             if masks:
                 mask = np.zeros((1, image_size, image_size), dtype=np.float32)

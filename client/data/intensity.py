@@ -54,7 +54,12 @@ def _mono(ds: pydicom.Dataset) -> np.ndarray:
 
 def zscore(ds: pydicom.Dataset) -> np.ndarray:
     """MR: zero mean, unit variance (a constant image stays all zeros)."""
-    x = _mono(ds)
+    return standardize(_mono(ds))
+
+
+def standardize(x: np.ndarray) -> np.ndarray:
+    """Zero mean, unit variance over the whole array (a constant one stays all zeros)."""
+    x = np.asarray(x, dtype=np.float64)
     std = x.std()
     return ((x - x.mean()) / (std if std > 0 else 1.0)).astype(np.float32)
 
@@ -66,9 +71,29 @@ def hounsfield(ds: pydicom.Dataset) -> np.ndarray:
 
 def ct_windows(ds: pydicom.Dataset, windows: list[tuple[float, float]]) -> np.ndarray:
     """``[len(windows), *spatial]``: each (center, width) window of the HU image to [0, 1]."""
-    hu = hounsfield(ds)
+    return hu_windows(hounsfield(ds), windows)
+
+
+def hu_windows(hu: np.ndarray, windows: list[tuple[float, float]]) -> np.ndarray:
+    """``[len(windows), *hu.shape]``: each (center, width) window of HU values to [0, 1]."""
+    hu = np.asarray(hu, dtype=np.float64)
     out = [np.clip((hu - (center - width / 2)) / width, 0.0, 1.0) for center, width in windows]
     return np.stack(out).astype(np.float32)
+
+
+def volume_intensity(intensity: Intensity, values: np.ndarray) -> np.ndarray:
+    """``[C, Z, Y, X]`` float32 for a volume of physical values (modality LUT already
+    applied per slice by :mod:`client.data.frames`, then resampled onto the layout's grid).
+
+    Only the cross-sectional kinds apply: ``ct_window`` (HU windows) and ``zscore`` (over
+    the whole volume). ``xray``/``us_grey`` describe projection images and raise ValueError.
+    """
+    if intensity.kind == "ct_window":
+        return hu_windows(values, [(w.center, w.width) for w in intensity.windows])
+    if intensity.kind == "zscore":
+        return standardize(values)[None]
+    raise ValueError(f"intensity {intensity.kind!r} is for 2D projection images, not volumes "
+                     "(3D layouts use ct_window or zscore)")
 
 
 def xray(ds: pydicom.Dataset) -> np.ndarray:

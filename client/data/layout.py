@@ -12,11 +12,12 @@ from pathlib import Path
 import yaml
 
 from protocol.layout import (DIMS, INTENSITY_KINDS, MISSING_POLICIES, RESOLVE_POLICIES,
-                             Channel, ChannelRule, Intensity, Layout, LayoutError, Window)
+                             Channel, ChannelRule, Intensity, Layout, LayoutError, Window,
+                             check_volume_layout)
 
 __all__ = ["DIMS", "INTENSITY_KINDS", "LAYOUT_DIR", "MISSING_POLICIES", "RESOLVE_POLICIES",
            "Channel", "ChannelRule", "Intensity", "Layout", "LayoutError", "Window",
-           "load_layout", "shipped_layouts"]
+           "check_volume_layout", "load_layout", "shipped_layouts"]
 
 # The repository's conf/data/layout (this file is client/data/layout.py).
 LAYOUT_DIR = Path(__file__).resolve().parents[2] / "conf" / "data" / "layout"

@@ -1,17 +1,19 @@
-"""A site read through a job's modality layout (2D layouts): DICOM series matched to the
-layout's channels from headers (:mod:`client.data.matching`), each channel's pixels through its
-intensity handling (:mod:`client.data.intensity`), then joined with labels, reports and splits
-exactly as the brain reader does (:func:`client.data.site.join_site`).
+"""A site read through a job's modality layout: DICOM series matched to the layout's channels
+from headers (:mod:`client.data.matching`), each channel's pixels through its intensity handling
+(:mod:`client.data.intensity`), then joined with labels, reports and splits exactly as the brain
+reader does (:func:`client.data.site.join_site`).
 
 A study's ``images`` are keyed by the layout's *input* channels (one per window of a
-``ct_window`` channel), each ``[H, W]`` float32 already at model scale (the layout's intensity
-decided it: the dataset does not z-score them again). A channel the study lacks is absent
-(the dataset zero-fills it and marks it not present). Only pseudonymous keys leave this
-module: the DICOM headers and file paths it reads stay inside it.
+``ct_window`` channel), each already at model scale (the layout's intensity decided it: the
+dataset does not z-score them again). A channel the study lacks is absent (the dataset
+zero-fills it and marks it not present). Only pseudonymous keys leave this module: the DICOM
+headers and file paths it reads stay inside it.
 
-Geometry: images keep their source matrix here; the dataset resizes each channel to the job's
-``image_size`` (one resize, as for the brain reader). A layout's own ``size``/``spacing`` are
-not applied yet for training (the model's input size is the task's).
+Geometry, 2D layouts: ``[H, W]`` images keep their source matrix here; the dataset resizes each
+channel to the job's ``image_size`` (one resize, as for the brain reader). 3D layouts: each
+channel is a true volume on the layout's grid ``[Z, Y, X]`` (its ``spacing``, ``size`` and one
+orientation: :mod:`client.data.volume_site`); the dataset resizes that grid to the model's
+``image_size`` cube (no resize when the layout's size already is that cube).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import pydicom
 
 from .dicom import MAX_DECODED_BYTES, decoded_bytes, pseudonym
 from .intensity import apply_intensity
-from .layout import Channel, Layout
+from .layout import Channel, Layout, LayoutError, check_volume_layout
 from .matching import match_site
 from .site import IngestReport, SiteData, SiteDataError, Study, dicom_folder, join_site
 
@@ -36,23 +38,32 @@ STUDY_SKIPS = ("study_missing_channel",)
 def load_layout_site(site_dir: Path | str, layout: Layout,
                      class_names: tuple[str, ...] | None = None, *,
                      multi_label: bool = False, key: bytes | None = None) -> SiteData:
-    """Read, de-identify, join and split one site through a 2D ``layout``, with pseudonyms
-    under the site's ``key`` (:mod:`client.data.pseudonyms`).
+    """Read, de-identify, join and split one site through a ``layout`` (2D or 3D), with
+    pseudonyms under the site's ``key`` (:mod:`client.data.pseudonyms`).
 
     Labels, reports, masks and the patient-level split are those of
     :func:`client.data.site.load_site`. Skips are counted in the report by reason: the
     matcher's per-file and per-series reasons, ``pixel_decode_error``/``too_large`` per
     series, ``extra_images_in_series`` (a 2D channel takes one image of its series: the
     middle one by InstanceNumber) and ``study_missing_channel`` (a required channel, or any
-    channel under ``missing: skip_study``).
+    channel under ``missing: skip_study``). A 3D layout adds the volume reasons of
+    :class:`client.data.volume.VolumeCounts` per series (``missing_slice``, ``gantry_tilt``,
+    ``inconsistent_spacing`` ...) and ``resample_error``.
 
     Raises
     ------
     SiteDataError
-        A 3D layout, a missing directory or ``dicom/`` folder, or nothing usable left.
+        A 3D layout without a grid or with a 2D-only intensity, a missing directory or
+        ``dicom/`` folder, or nothing usable left.
     """
     if layout.dims == "3d":
-        raise SiteDataError(f"layout {layout.name!r} is 3D: 3D layouts are not trained yet")
+        try:
+            check_volume_layout(layout)
+        except LayoutError as err:
+            raise SiteDataError(str(err)) from None
+        # Imported here: resampling onto the grid uses MONAI, whose import costs seconds that
+        # a 2D layout's site (and the brain reader) should not pay at start-up.
+        from .volume_site import read_volume_channel
     site_dir = Path(site_dir)
     match = match_site(layout, dicom_folder(site_dir), key=key)
     if match.report.files == 0:
@@ -69,7 +80,12 @@ def load_layout_site(site_dir: Path | str, layout: Layout,
             series = assigned.get(channel.name)
             if series is None:
                 continue
-            read = _read_channel(channel, match.files[series], layout.dims, report, key)
+            if layout.dims == "3d":
+                read = read_volume_channel(channel, match.files[series], layout,
+                                           report.skipped, key)
+                report.images += read is not None
+            else:
+                read = _read_channel(channel, match.files[series], layout.dims, report, key)
             if read is None:
                 continue
             planes, patient_key = read[0], patient_key or read[1]

@@ -27,12 +27,14 @@ Sample = dict[str, torch.Tensor]
 
 
 def resize(image: np.ndarray, size: int, mode: str) -> np.ndarray:
-    """``[C, H, W]`` -> float32 ``[C, size, size]`` by ``torch.nn.functional.interpolate``
-    (``"area"`` for images, ``"nearest"`` for label masks); as MONAI's ``Resize``: no
-    anti-aliasing, the input returned as float32 when it already has the size."""
+    """``[C, H, W]`` -> float32 ``[C, size, size]`` (``[C, D, H, W]`` -> ``[C, size, size,
+    size]``) by ``torch.nn.functional.interpolate`` (``"area"`` for images, ``"nearest"`` for
+    label masks); as MONAI's ``Resize``: no anti-aliasing, the input returned as float32 when
+    it already has the size."""
     pixels = torch.as_tensor(image, dtype=torch.float32)
-    if tuple(pixels.shape[1:]) != (size, size):
-        pixels = F.interpolate(pixels[None], size=(size, size), mode=mode)[0]
+    target = (size,) * (pixels.ndim - 1)
+    if tuple(pixels.shape[1:]) != target:
+        pixels = F.interpolate(pixels[None], size=target, mode=mode)[0]
     return pixels.numpy()
 
 
@@ -97,10 +99,35 @@ class FlipRotate:
         return out
 
 
-def augmentation(keys: tuple[str, ...] = ("image",)) -> FlipRotate:
-    """Label-preserving flips and 90-degree rotations (all sequences move together).
+class VolumeFlips:
+    """Volumes ``[C, D, H, W]``: a flip of each spatial axis (p=0.5 each), no rotation (a
+    volume's axes are anatomical, not interchangeable); every key moves together. Seeded
+    like :class:`FlipRotate`: one uint32 seed per axis from the composition's seed."""
+
+    def __init__(self, keys: tuple[str, ...] = ("image",)):
+        self.keys = tuple(keys)
+        self._flips = [np.random.RandomState() for _ in range(3)]
+
+    def set_random_state(self, seed: int) -> VolumeFlips:
+        parent = np.random.RandomState(int(seed) % MAX_SEED)
+        self._flips = [np.random.RandomState(int(parent.randint(MAX_SEED, dtype="uint32")))
+                       for _ in self._flips]
+        return self
+
+    def __call__(self, data: Sample) -> Sample:
+        out = dict(data)
+        for spatial_axis, rng in enumerate(self._flips):
+            if rng.rand() < 0.5:
+                out |= {k: torch.flip(out[k], (spatial_axis + 1,)) for k in self.keys}
+        return out
+
+
+def augmentation(keys: tuple[str, ...] = ("image",),
+                 spatial_dims: int = 2) -> FlipRotate | VolumeFlips:
+    """Label-preserving flips and 90-degree rotations (all sequences move together); for
+    volumes (``spatial_dims=3``) flips only.
 
     Small sites overfit a ViT within a few epochs without them; with them the same model
     keeps improving (see the calibration notes in bench/RESULTS.md).
     """
-    return FlipRotate(keys)
+    return VolumeFlips(keys) if spatial_dims == 3 else FlipRotate(keys)

@@ -92,7 +92,8 @@ class VolumeCounts:
 
 
 def _series_volume(headers: Sequence[Dataset], members: list[int], load: Callable[[int], Dataset],
-                   limits: VolumeLimits, tol: GeometryTolerance, label: str) -> Volume:
+                   limits: VolumeLimits, tol: GeometryTolerance, label: str,
+                   key: bytes | None = None) -> Volume:
     """Check one series on its headers, then decode it; raises ``SeriesSkip``."""
     first = headers[members[0]]
     if any(str(headers[i].get("SOPClassUID", "")) not in VOLUME_SOP_CLASSES for i in members):
@@ -120,16 +121,18 @@ def _series_volume(headers: Sequence[Dataset], members: list[int], load: Callabl
     study_uid = str(first.get("StudyInstanceUID", ""))
     return Volume(array=array, spacing=stack.spacing, affine=stack.affine,
                   modality=str(first.get("Modality", "")), label=label,
-                  study_key=pseudonym("study", study_uid),
-                  patient_key=pseudonym("patient", str(first.get("PatientID", "")) or study_uid),
-                  series_key=pseudonym("series", str(first.SeriesInstanceUID)))
+                  study_key=pseudonym("study", study_uid, key),
+                  patient_key=pseudonym("patient", str(first.get("PatientID", "")) or study_uid,
+                                        key),
+                  series_key=pseudonym("series", str(first.SeriesInstanceUID), key))
 
 
 def assemble_volumes(headers: Sequence[Dataset], load: Callable[[int], Dataset] | None = None, *,
                      limits: VolumeLimits = VolumeLimits(),
                      tolerance: GeometryTolerance = GeometryTolerance(),
                      select: Select | None = None,
-                     counts: VolumeCounts | None = None) -> tuple[list[Volume], VolumeCounts]:
+                     counts: VolumeCounts | None = None,
+                     key: bytes | None = None) -> tuple[list[Volume], VolumeCounts]:
     """Group headers into series and turn each series that passes every check into a Volume.
 
     Parameters
@@ -146,6 +149,8 @@ def assemble_volumes(headers: Sequence[Dataset], load: Callable[[int], Dataset] 
         ``None`` from it skips the series as ``not_selected``. Default: keep every series.
     counts : VolumeCounts, optional
         Counts to add to (e.g. those of a directory walk); a new one by default.
+    key : bytes, optional
+        The site's pseudonym secret (:mod:`client.data.pseudonyms`); None in simulation.
 
     Returns
     -------
@@ -162,13 +167,14 @@ def assemble_volumes(headers: Sequence[Dataset], load: Callable[[int], Dataset] 
             continue
         series.setdefault(uid, []).append(i)
     volumes = []
-    for uid, members in sorted(series.items(), key=lambda kv: pseudonym("series", kv[0])):
+    for uid, members in sorted(series.items(), key=lambda kv: pseudonym("series", kv[0], key)):
         counts.series += 1
         try:
             label = select(headers[members[0]]) if select is not None else ""
             if label is None:
                 raise SeriesSkip("not_selected")
-            volumes.append(_series_volume(headers, members, load, limits, tolerance, label))
+            volumes.append(_series_volume(headers, members, load, limits, tolerance, label,
+                                          key))
         except SeriesSkip as skip:
             counts.skipped[skip.reason] += 1
             log.debug("series skipped: %s", skip.reason)
@@ -181,7 +187,7 @@ def read_volumes(paths: Sequence[Path], **options) -> tuple[list[Volume], Volume
     """Read the files at ``paths`` as volumes: headers first, pixels only for passing series.
 
     ``options`` are the keyword arguments of :func:`assemble_volumes` (limits, tolerance,
-    select). Unreadable and non-DICOM files are counted in ``files_skipped``.
+    select, key). Unreadable and non-DICOM files are counted in ``files_skipped``.
     """
     counts = VolumeCounts()
     headers, kept = [], []

@@ -13,6 +13,8 @@ def synth(args: argparse.Namespace) -> int:
 
     if getattr(args, "layout", "brain_mri_4seq") == "chest_xray":
         return _synth_chest(args)
+    if getattr(args, "layout", "brain_mri_4seq") == "ct_volume":
+        return _synth_ct(args)
 
     scenario = Scenario(alpha=args.alpha, patients=args.patients,
                         quantity_skew=args.quantity_skew, scanner_shift=args.scanner_shift,
@@ -47,6 +49,26 @@ def _synth_chest(args: argparse.Namespace) -> int:
             notes.append(f"{p.label_fraction:.0%} labelled")
         print(f"{p.name:9s} {p.n_patients:4d} patients  class mix [{mix}]  {'; '.join(notes)}")
     print(f"wrote {len(profiles)} chest_xray sites to {args.out}")
+    return 0
+
+
+def _synth_ct(args: argparse.Namespace) -> int:
+    """``--layout ct_volume``: CT departments writing DICOM series (task=ct3)."""
+    from medfed.synth.ct import synthesize_ct
+
+    profiles = synthesize_ct(Path(args.out), n_sites=args.sites, seed=args.seed,
+                             alpha=args.alpha, patients=args.patients, external=args.external,
+                             label_fraction=args.label_fraction)
+    for p in profiles:
+        mix = ", ".join(f"{x:.2f}" for x in p.class_probs)
+        z, y, x = p.shape
+        notes = [f"{z}x{y}x{x} at {p.thickness:g}/{p.pixel_mm:g} mm",
+                 "enhanced multi-frame" if p.enhanced else "single-frame, shuffled",
+                 "oblique" if any(p.angles_deg) else "axial", f"noise {p.noise:.0f} HU"]
+        if p.label_fraction < 1:
+            notes.append(f"{p.label_fraction:.0%} labelled")
+        print(f"{p.name:9s} {p.n_patients:4d} patients  class mix [{mix}]  {'; '.join(notes)}")
+    print(f"wrote {len(profiles)} ct_volume sites to {args.out}")
     return 0
 
 

@@ -163,6 +163,11 @@ class ExperimentConfig:
         if layout is not None and "num_sequences" in _model_fields(self.model.name):
             # one model input per layout channel (a ct_window channel: one per window)
             opts.setdefault("num_sequences", len(layout.input_channels))
+        if layout is not None and layout.dims == "3d" and \
+                "spatial_dims" in _model_fields(self.model.name):
+            # the layout decides dimensionality: a 3D layout trains a 3D model on the
+            # task.image_size cube (model yamls say spatial_dims: 2 for the 2D default)
+            opts["spatial_dims"] = 3
         return opts
 
     def task_options(self) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from pathlib import Path
 from models import MODELS, TASKS
 from models.weights import PretrainedError, check_compatible, load_pretrained
 from protocol import wire
-from protocol.layout import LayoutError
+from protocol.layout import LayoutError, check_volume_layout
 from protocol.partial import local_keys, unmatched_patterns
 from protocol.secagg_encoding import Encoding
 from protocol.secagg_protocol import SecAggConfig, SecAggError
@@ -76,8 +76,9 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
 
 
 def validate_layout(cfg: ExperimentConfig) -> None:
-    """The data layout is valid (the same schema each site checks it with again), 2D (the
-    sites read 2D layouts only), and its channels are the model's inputs."""
+    """The data layout is valid (the same schema each site checks it with again), its
+    channels are the model's inputs, and a 3D layout has a grid, volume intensities and a
+    model that takes volumes (``spatial_dims``: the layout sets it to 3)."""
     try:
         layout = cfg.data.layout_spec()
     except LayoutError as err:
@@ -85,10 +86,13 @@ def validate_layout(cfg: ExperimentConfig) -> None:
     if layout is None:
         return
     if layout.dims == "3d":
-        # A silently middle-sliced volume would train on something the operator did not ask for.
-        raise ConfigError(f"data/layout={layout.name}: 3D layouts are not trained yet; "
-                          f"`medfed ingest --layout {layout.name}` checks a site against it "
-                          "(issue 23)")
+        try:
+            check_volume_layout(layout)          # the rule each site applies again
+        except LayoutError as err:
+            raise ConfigError(f"data/layout={layout.name}: {err}") from None
+        if "spatial_dims" not in cfg.model_options():
+            raise ConfigError(f"data/layout={layout.name} is 3D but model={cfg.model.name} "
+                              "takes 2D images only; use a ViT model (e.g. model=mmvit_tiny)")
     n = cfg.model_options().get("num_sequences")
     if n is not None and n != len(layout.input_channels):
         raise ConfigError(f"model.options.num_sequences={n} but data/layout={layout.name} has "

@@ -130,13 +130,20 @@ def test_hydra_group_composes_the_shipped_file():
     assert Layout.from_dict(cfg.data.layout) == Layout.from_dict(expected)
     with pytest.raises(ConfigError, match="data/layout.*no option 'nope'.*chest_xray"):
         load_experiment(["data/layout=nope"])
-    # 2D layouts train; 3D ones do not yet: refused, not silently middle-sliced.
+    # 2D layouts train 2D models.
     chest = load_experiment(["data/layout=chest_xray"])
     assert chest.model_options()["num_sequences"] == 2          # frontal, lateral
     assert chest.job_spec().layout == Layout.from_dict(
         yaml.safe_load((LAYOUT_DIR / "chest_xray.yaml").read_text()))
     assert cfg.job_spec().layout is None and "num_sequences" not in cfg.model_options()
-    with pytest.raises(ConfigError, match="3D layouts are not trained yet"):
-        load_experiment(["data/layout=ct_volume"])
+    # a 3D layout makes the model 3D (the model yaml's spatial_dims: 2 is the 2D default)
+    ct = load_experiment(["data/layout=ct_volume", "model=mmvit_tiny"])
+    assert ct.model_options()["spatial_dims"] == 3 and ct.model_options()["num_sequences"] == 3
+    assert chest.model_options()["spatial_dims"] == 2
+    with pytest.raises(ConfigError, match="needs spacing"):
+        load_experiment(["data/layout=ct_volume", "~data.layout.spacing"])
+    with pytest.raises(ConfigError, match="intensity for 2D projection images"):
+        load_experiment(["data/layout=ct_volume", "data.layout.channels.0.intensity.kind=xray",
+                         "~data.layout.channels.0.intensity.windows"])
     with pytest.raises(ConfigError, match="num_sequences=4 but data/layout=chest_xray has 2"):
         load_experiment(["data/layout=chest_xray", "+model.options.num_sequences=4"])

@@ -108,10 +108,14 @@ def test_missing_channel_policies(chest_sites, chest):
     assert needs_lateral.report.skipped["study_missing_channel"] == without_lateral
 
 
-def test_a_3d_layout_is_refused_and_the_brain_reader_is_unchanged(chest_sites, chest):
+def test_a_3d_layout_finds_no_volume_in_radiographs_and_the_brain_reader_is_unchanged(
+        chest_sites, chest):
     root, profiles = chest_sites
-    with pytest.raises(SiteDataError, match="3D layouts are not trained yet"):
+    with pytest.raises(SiteDataError, match="no usable studies"):
         load_layout_site(root / profiles[0].name, load_layout("ct_volume"))
+    no_grid = Layout.from_dict(load_layout("ct_volume").to_dict() | {"size": None})
+    with pytest.raises(SiteDataError, match="needs size"):
+        load_layout_site(root / profiles[0].name, no_grid)
     with pytest.raises(SiteDataError, match="no usable studies"):
         load_site(root / profiles[0].name, CLASS_NAMES)      # no MR sequence in a chest site
     with pytest.raises(LayoutError):

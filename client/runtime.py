@@ -21,9 +21,9 @@ from protocol import wire
 
 from .data.dataset import StudyDataset
 from .data.layout import Layout
-from .data.layout_site import load_layout_site
+from .data.layout_site import dataset_options, read_site
 from .data.pseudonyms import PseudonymKeyError, site_key
-from .data.site import SiteData, load_site
+from .data.site import SiteData
 from .engine import resolve_device
 from .privacy.policy import node_settings
 from .queries import state_dir
@@ -129,21 +129,14 @@ class SiteDataCache:
               needs: DataNeeds, layout: Layout | None = None,
               ) -> tuple[SiteData, dict[str, StudyDataset]]:
         """Read the site and build its splits (uncached)."""
-        if layout is None:
-            data = load_site(site.data_dir, class_names, multi_label=needs.multi_label,
-                             key=site.pseudonym_key)
-        else:
-            data = load_layout_site(site.data_dir, layout, class_names,
-                                    multi_label=needs.multi_label, key=site.pseudonym_key)
+        data = read_site(site.data_dir, layout, class_names, multi_label=needs.multi_label,
+                         key=site.pseudonym_key)
         r = data.report
         site_logger(site.site_id).info(
             "data: %d files, %d images, %d studies (train/val/test %s), skipped %s",
             r.files, r.images, r.studies, dict(r.splits), dict(r.skipped) or "none")
         text_transform = needs.reports.transform() if needs.reports is not None else None
-        extra = {"masks": needs.masks, "text_transform": text_transform}
-        if layout is not None:      # the layout's channels, at the scale its intensity chose
-            extra |= {"sequences": layout.input_channels, "normalize": False,
-                      "spatial_dims": 3 if layout.dims == "3d" else 2}
+        extra = {"masks": needs.masks, "text_transform": text_transform} | dataset_options(layout)
         if site.role == wire.ROLE_EXTERNAL:
             labelled = [s for s in data.studies if s.label >= 0]
             return data, {wire.EXTERNAL_SPLIT: StudyDataset(labelled, image_size, **extra)}

@@ -108,16 +108,10 @@ def read_studies(data_dir: Path, spec: ServingSpec, key: bytes | None):
     transformed as a site does for evaluation with the version's layout; pseudonyms under
     ``key``."""
     from client.data.dataset import StudyDataset
-    from client.data.layout_site import load_layout_site
-    from client.data.site import load_site
+    from client.data.layout_site import dataset_options, read_site
 
-    layout = spec.site_layout
-    if layout is None:          # brain_mri_4seq: the default reader, z-scored by the dataset
-        data = load_site(data_dir, key=key)
-        return data, StudyDataset(data.studies, spec.image_size)
-    data = load_layout_site(data_dir, layout, key=key)
-    return data, StudyDataset(data.studies, spec.image_size, sequences=layout.input_channels,
-                              normalize=False, spatial_dims=3 if layout.dims == "3d" else 2)
+    data = read_site(data_dir, spec.site_layout, key=key)
+    return data, StudyDataset(data.studies, spec.image_size, **dataset_options(spec.site_layout))
 
 
 def predict(model_uri: str, data_dir: Path | str, *, key: bytes | None,

@@ -29,10 +29,31 @@ from .dicom import MAX_DECODED_BYTES, decoded_bytes, pseudonym
 from .intensity import apply_intensity
 from .layout import Channel, Layout, LayoutError, check_volume_layout
 from .matching import match_site
-from .site import IngestReport, SiteData, SiteDataError, Study, dicom_folder, join_site
+from .site import (IngestReport, SiteData, SiteDataError, Study, dicom_folder, join_site,
+                   load_site)
 
 # Studies the layout's missing-channel policy (or a channel that failed to decode) drops.
 STUDY_SKIPS = ("study_missing_channel",)
+
+
+def read_site(site_dir: Path | str, layout: Layout | None,
+              class_names: tuple[str, ...] | None = None, *, multi_label: bool = False,
+              key: bytes | None = None) -> SiteData:
+    """A site read through a job's ``layout``; None (brain_mri_4seq) is the default reader
+    (:func:`client.data.site.load_site`). The one place training, evaluation and
+    ``medfed predict`` choose their reader."""
+    if layout is None:
+        return load_site(site_dir, class_names, multi_label=multi_label, key=key)
+    return load_layout_site(site_dir, layout, class_names, multi_label=multi_label, key=key)
+
+
+def dataset_options(layout: Layout | None) -> dict:
+    """``StudyDataset`` options a layout implies: its input channels, already at the scale
+    its intensity chose (no z-score), in its dimensionality. None: the brain defaults."""
+    if layout is None:
+        return {}
+    return {"sequences": layout.input_channels, "normalize": False,
+            "spatial_dims": 3 if layout.dims == "3d" else 2}
 
 
 def load_layout_site(site_dir: Path | str, layout: Layout,

@@ -137,16 +137,16 @@ def policy_problems(cfg: ExperimentConfig, policies: list[SitePolicy]
     if mechanism == wire.DP_NONE:
         if required := [p for p in train if p.require_dp]:
             budgets = min(p.epsilon for p in required)
-            problems.append(f"{_names(required)} require differential privacy (their node "
+            problems.append(f"{_names(required)}: each requires differential privacy (its node "
                             f"config sets a privacy budget, {wire.NODE_REQUIRE_DP} on) and this "
                             "experiment trains without it: run with privacy=dpsgd "
                             f"privacy.epsilon=<at most {budgets:g}> (or privacy=sitedp)")
     elif without := [p for p in train if not p.has_budget]:
-        problems.append(f"{_names(without)} have no privacy budget and refuse {mechanism}: "
-                        f"their operators start them with --dp-epsilon and --dp-delta, or run "
-                        "with privacy=none")
+        problems.append(f"{_names(without)}: each has no privacy budget and refuses "
+                        f"{mechanism}: its operator starts it with --dp-epsilon and --dp-delta, "
+                        "or run with privacy=none")
     if not cfg.secagg.enabled and (secure := [p for p in train if p.require_secagg]):
-        problems.append(f"{_names(secure)} require secure aggregation (node config "
+        problems.append(f"{_names(secure)}: each requires secure aggregation (node config "
                         f"{wire.NODE_REQUIRE_SECAGG}) and this experiment sends plaintext "
                         "updates: run with secagg.enabled=true")
     if mechanism != wire.DP_NONE:

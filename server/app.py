@@ -13,7 +13,7 @@ from protocol import wire
 
 from .config import ExperimentConfig, load_experiment
 from .federation import new_run_dir, run_experiment
-from .preflight import run_preflight
+from .preflight import PreflightError, run_preflight
 
 log = logging.getLogger("medfed.server")
 
@@ -35,7 +35,17 @@ def make_server_app(cfg: ExperimentConfig | None = None, run_dir: Path | None = 
             overrides = str(context.run_config.get(wire.RUN_OVERRIDES, "")).split()
             name = str(context.run_config.get(wire.RUN_EXPERIMENT, "demo"))
             experiment = load_experiment([f"experiment={name}", *overrides])
-        report = run_preflight(grid, experiment)
+            # A deployed ServerApp process, whose output Flower streams to `medfed run`: no
+            # command configured its logging (opacus' basicConfig, if imported, is at WARNING).
+            if not logging.getLogger().handlers:
+                logging.basicConfig(format="%(levelname)s %(message)s")
+            log.setLevel(logging.INFO)
+        try:
+            report = run_preflight(grid, experiment)
+        except PreflightError as err:     # one line each: `medfed run --dry-run` shows them
+            for problem in err.problems:
+                log.error("preflight problem: %s", problem)
+            raise
         log.info("%s", report.summary())
         if str(context.run_config.get(wire.RUN_PREFLIGHT_ONLY, "false")).lower() == "true":
             return

@@ -214,3 +214,14 @@ def test_cli_run_bad_override_fails_before_submitting(certs, tmp_path):
                         "--flwr-home", str(tmp_path / "home"))
     _one_line(result, "train.nope")
     assert not (tmp_path / "home").exists()
+
+
+def test_cli_run_tracking_server_down_fails_before_submitting(certs, tmp_path):
+    uri = f"http://127.0.0.1:{free_port()}"
+    result = run_medfed("run", "experiment=smoke", "tracking=server", f"tracking.uri={uri}",
+                        "--superlink", f"127.0.0.1:{free_port()}",
+                        "--root-cert", str(certs / "ca.pem"),
+                        "--flwr-home", str(tmp_path / "home"))
+    _one_line(result, f"the MLflow tracking server at {uri} is not reachable")
+    assert "MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow server" in result.stderr
+    assert not (tmp_path / "home").exists()         # refused before anything was sent

@@ -62,3 +62,16 @@ def test_a_passing_preflight_exits_0(monkeypatch, tmp_path):
 def test_a_run_without_a_preflight_result_is_an_error(monkeypatch, tmp_path):
     with pytest.raises(RuntimeError, match="without a preflight result"):
         _run(monkeypatch, tmp_path, ["ERROR something else broke"], "finished:failed")
+
+
+def test_every_run_config_key_submitted_is_declared_by_the_app():
+    """The SuperLink refuses to start a run whose run config has a key the app's
+    ``[tool.flwr.app.config]`` does not declare."""
+    import tomllib
+
+    from medfed.simulation import PROJECT_ROOT
+
+    with open(PROJECT_ROOT / "pyproject.toml", "rb") as fh:
+        declared = tomllib.load(fh)["tool"]["flwr"]["app"]["config"]
+    assert {wire.RUN_EXPERIMENT, wire.RUN_OVERRIDES, wire.RUN_PREFLIGHT_ONLY} <= set(declared)
+    assert declared[wire.RUN_PREFLIGHT_ONLY] == "false"

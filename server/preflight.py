@@ -45,12 +45,16 @@ POLICY_TIMEOUT = 60.0        # seconds for every connected site to answer the po
 CALIBRATION_TOLERANCE = 0.005   # protocol.accounting.calibrate_noise: epsilon within this
 
 
+REFUSED = "preflight refused the run: "   # then the problems, joined by PROBLEM_SEPARATOR
+PROBLEM_SEPARATOR = " | "
+
+
 class PreflightError(ValueError):
     """The run would fail; the message holds one line per problem, each naming the fix."""
 
     def __init__(self, problems: list[str]):
         self.problems = list(problems)
-        super().__init__("preflight refused the run: " + " | ".join(self.problems))
+        super().__init__(REFUSED + PROBLEM_SEPARATOR.join(self.problems))
 
 
 @dataclass(frozen=True)

@@ -127,14 +127,14 @@ def submit(request: RunRequest, *, echo=print) -> int:
     assert proc.stdout is not None
     for raw in proc.stdout:
         line = ANSI.sub("", raw.rstrip())
+        if (m := PREFLIGHT_LINE.search(line)) and m.group(1) not in preflight:   # either copy
+            preflight.append(m.group(1))
+            if request.dry_run:
+                echo(m.group(1))
         if not line.strip() or STREAM_DUPLICATE.match(line):
             continue
         if (m := RUN_STARTED.search(line)) and run_id is None:
             run_id = m.group(1)
-        if (m := PREFLIGHT_LINE.search(line)) and m.group(1) not in preflight:
-            preflight.append(m.group(1))
-            if request.dry_run:
-                echo(m.group(1))
         if not request.dry_run:
             echo(FLOWER_PREFIX.sub("", line))
     code = proc.wait()
@@ -143,7 +143,8 @@ def submit(request: RunRequest, *, echo=print) -> int:
     status = run_status(run_id, request.flwr_home)
     state = str(status.get("status", "unknown"))
     if request.dry_run:
-        return dry_run_outcome(run_id, state, preflight)
+        return dry_run_outcome(run_id, state, preflight, str(status.get("status-details", "")),
+                               echo=echo)
     echo(json.dumps({"run-id": run_id, "status": state,
                      "elapsed-seconds": status.get("elapsed")}))
     if state != "finished:completed":
@@ -152,11 +153,24 @@ def submit(request: RunRequest, *, echo=print) -> int:
     return 0
 
 
-def dry_run_outcome(run_id: str, state: str, preflight: list[str]) -> int:
-    """0: the preflight passed; 2: it named problems (printed, one a line)."""
-    if any(line.startswith("preflight problem: ") for line in preflight):
+def dry_run_outcome(run_id: str, state: str, preflight: list[str], details: str = "", *,
+                    echo=print) -> int:
+    """0: the preflight passed; 2: it named problems (printed, one a line). The stream of a
+    run that ends within seconds may stop before the ServerApp's last lines: the problems are
+    then read from the run's status details (the ``PreflightError`` it ended with)."""
+    from server.preflight import PROBLEM_SEPARATOR, REFUSED
+
+    problems = [line for line in preflight if line.startswith("preflight problem: ")]
+    if not problems and REFUSED in details:
+        problems = [f"preflight problem: {p.strip()}"
+                    for p in details.split(REFUSED, 1)[1].split(PROBLEM_SEPARATOR)]
+        for line in problems:
+            echo(line)
+    if problems:
         return 2
-    if state == "finished:completed" and preflight:
+    if state == "finished:completed":
+        if not preflight:
+            echo(f"preflight ok (run {run_id}; the sites it asked are in the coordinator's log)")
         return 0
     raise RuntimeError(f"the preflight run {run_id} ended as {state} without a preflight "
-                       "result; see the coordinator's log")
+                       f"result: {details or 'see the coordinator log'}")

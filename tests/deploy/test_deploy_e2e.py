@@ -110,7 +110,8 @@ def test_dry_run_checks_the_sites_policies_and_trains_nothing(federation):
                          "privacy=dpsgd", *connect, timeout=HANG_GUARD)
     assert refused.returncode == 2, refused.stdout[-3000:] + refused.stderr[-3000:]
     problems = [ln for ln in refused.stdout.splitlines() if ln.startswith("preflight problem:")]
-    assert len(problems) == 1 and "a, b, c: each has no privacy budget" in problems[0]
+    assert len(problems) == 1 and "a, b, c: each has no privacy budget" in problems[0], \
+        refused.stdout[-3000:]
     ok = run_medfed("run", "--dry-run", "experiment=smoke", "federation.num_sites=3", *connect,
                     timeout=HANG_GUARD)
     assert ok.returncode == 0, ok.stdout[-3000:] + ok.stderr[-3000:]

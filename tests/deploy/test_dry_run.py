@@ -28,12 +28,13 @@ class FakeFlwrRun:
         return 0
 
 
-def _run(monkeypatch, tmp_path, lines, state, *overrides):
+def _run(monkeypatch, tmp_path, lines, state, *overrides, details=""):
     fake = FakeFlwrRun(["Successfully started run 42", *lines])
     monkeypatch.setattr(submit_module.subprocess, "Popen", fake)
     monkeypatch.setattr(submit_module, "check_superlink", lambda *a, **k: None)
     monkeypatch.setattr(submit_module, "write_connection", lambda *a, **k: None)
-    monkeypatch.setattr(submit_module, "run_status", lambda run_id, home: {"status": state})
+    monkeypatch.setattr(submit_module, "run_status", lambda run_id, home: {"status": state,
+                                                                     "status-details": details})
     shown: list[str] = []
     request = RunRequest(overrides=["experiment=smoke", *overrides], superlink="127.0.0.1:1",
                          root_cert=tmp_path / "ca.pem", app_dir=submit_module.Path.cwd(),
@@ -51,6 +52,16 @@ def test_problems_are_shown_one_a_line_and_exit_2(monkeypatch, tmp_path):
     code, shown = _run(monkeypatch, tmp_path, lines, "finished:failed")
     assert code == 2
     assert shown == [f"preflight problem: {p}" for p in problems]
+
+
+def test_problems_lost_from_the_stream_are_read_from_the_status(monkeypatch, tmp_path):
+    details = ("ServerApp failed with exception: preflight refused the run: a, b: each has no "
+               "privacy budget (...) | c: each requires secure aggregation (...)")
+    code, shown = _run(monkeypatch, tmp_path, ["INFO :      Starting MedFed"],
+                       "finished:failed", details=details)
+    assert code == 2
+    assert shown == ["preflight problem: a, b: each has no privacy budget (...)",
+                     "preflight problem: c: each requires secure aggregation (...)"]
 
 
 def test_a_passing_preflight_exits_0(monkeypatch, tmp_path):

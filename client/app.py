@@ -25,6 +25,7 @@ from .mods.errors import generic_errors_mod
 from .mods.require_secagg import require_secagg_mod
 from .mods.secagg import secagg_mod
 from .mods.sitedp import site_dp_clipping_mod
+from .privacy.declared import declared_policy
 from .privacy.policy import admit_round, node_settings, releasable_metrics
 from .queries import (QueryLimits, SiteQueryLog, arrays_digest, state_dir,
                       suppress_small_counts)
@@ -220,13 +221,19 @@ def make_client_app(*, sim_data_root: Path | None = None, sim_train_sites: int |
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:
-        """The server asks who this site is (its role); answered from node config only."""
+        """The server asks who this site is (its role) or, before a run, its policy
+        (``protocol.policy``); answered from node config and the site's ledger only."""
         asked = msg.content.config_records.get(wire.CONFIG, ConfigRecord()).get(wire.QUERY)
-        if asked != wire.QUERY_ROLE:
+        if asked not in (wire.QUERY_ROLE, wire.QUERY_POLICY):
             raise ValueError(f"unknown query {asked!r}")
         site = resolve_site(context, sim_data_root, sim_train_sites)
-        identity = ConfigRecord({wire.SITE_ID: site.site_id, wire.NODE_ROLE: site.role})
-        return Message(content=RecordDict({wire.SITE: identity}), reply_to=msg)
+        content = RecordDict({wire.SITE: ConfigRecord({wire.SITE_ID: site.site_id,
+                                                       wire.NODE_ROLE: site.role})})
+        if asked == wire.QUERY_POLICY:
+            settings = node_settings(context.node_config, site.data_dir, simulated=site.simulated)
+            content[wire.POLICY] = declared_policy(settings, site.data_dir, site_id=site.site_id,
+                                                   role=site.role).to_record()
+        return Message(content=content, reply_to=msg)
 
     def evaluate_split(engine: Engine, model, data, min_size: int
                        ) -> tuple[SplitMetrics, int | None]:

@@ -129,6 +129,10 @@ def _add_deploy_parsers(sub) -> None:
     p.add_argument("--wait-sites", type=int, default=0,
                    help="wait until this many sites are online before submitting")
     p.add_argument("--wait-timeout", type=float, default=300.0)
+    p.add_argument("--dry-run", action="store_true",
+                   help="run only the preflight (tracking store, each connected site's "
+                        "policy against the experiment): one line per problem (exit 2) or "
+                        "'preflight ok' (exit 0); nothing trains")
     p.set_defaults(func=Handler("deploy", "run"))
 
     p = sub.add_parser("health", help="check that the coordinator answers over verified TLS")

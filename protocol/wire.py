@@ -135,11 +135,18 @@ ROLES = (ROLE_TRAIN, ROLE_EXTERNAL)
 # Server -> site query (message type "query"), in CONFIG; the reply carries NODE_ROLE in SITE
 QUERY = "query"
 QUERY_ROLE = "role"
+QUERY_POLICY = "policy"              # preflight: the reply carries POLICY (protocol/policy.py)
+POLICY = "policy"                    # ConfigRecord: the site's declared policy, flags and its
+                                     # own epsilon accounting only, from its node config
+POLICY_HAS_BUDGET = "has-budget"     # bool: the operator set a (dp-epsilon, dp-delta) budget
+POLICY_EPSILON_SPENT = "dp-epsilon-spent"   # the site's ledger, composed at its own delta
 
 # Run config (pyproject [tool.flwr.app.config] / `flwr run --run-config`)
 RUN_EXPERIMENT = "experiment"
 RUN_OVERRIDES = "overrides"
 RUN_SIM_DATA_ROOT = "sim-data-root"
+RUN_PREFLIGHT_ONLY = "preflight-only"   # "true": the ServerApp runs the preflight and stops
+                                     # (`medfed run --dry-run`); nothing trains, nothing is written
 
 # Site query limits (operator-owned node config; client/queries.py)
 NODE_MAX_EVALUATIONS = "max-evaluations-per-run"   # evaluate requests answered per run (1000)

@@ -1,7 +1,9 @@
-"""Flower ServerApp: load the experiment, hand over to the phase runner."""
+"""Flower ServerApp: load the experiment, check it against the sites, hand over to the phase
+runner."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from flwr.app import Context
@@ -11,12 +13,19 @@ from protocol import wire
 
 from .config import ExperimentConfig, load_experiment
 from .federation import new_run_dir, run_experiment
+from .preflight import PreflightError, run_preflight
+
+log = logging.getLogger("medfed.server")
 
 
 def make_server_app(cfg: ExperimentConfig | None = None, run_dir: Path | None = None,
                     observers: tuple = ()) -> ServerApp:
     """ServerApp for a pre-composed experiment (``medfed simulate``) or, with no arguments,
-    one that composes it from the run config (``flwr run . --run-config "overrides='...'"``)."""
+    one that composes it from the run config (``flwr run . --run-config "overrides='...'"``).
+
+    The preflight (``server/preflight.py``) runs first: a run it refuses creates no run
+    folder and no MLflow run. With run config ``preflight-only = "true"`` (``medfed run
+    --dry-run``) it is all that runs."""
     app = ServerApp()
 
     @app.main()
@@ -26,6 +35,20 @@ def make_server_app(cfg: ExperimentConfig | None = None, run_dir: Path | None = 
             overrides = str(context.run_config.get(wire.RUN_OVERRIDES, "")).split()
             name = str(context.run_config.get(wire.RUN_EXPERIMENT, "demo"))
             experiment = load_experiment([f"experiment={name}", *overrides])
+            # A deployed ServerApp process, whose output Flower streams to `medfed run`: no
+            # command configured its logging (opacus' basicConfig, if imported, is at WARNING).
+            if not logging.getLogger().handlers:
+                logging.basicConfig(format="%(levelname)s %(message)s")
+            log.setLevel(logging.INFO)
+        try:
+            report = run_preflight(grid, experiment)
+        except PreflightError as err:     # one line each: `medfed run --dry-run` shows them
+            for problem in err.problems:
+                log.error("preflight problem: %s", problem)
+            raise
+        log.info("%s", report.summary())
+        if str(context.run_config.get(wire.RUN_PREFLIGHT_ONLY, "false")).lower() == "true":
+            return
         run_experiment(grid, experiment, run_dir or new_run_dir(experiment), observers)
 
     return app

@@ -103,7 +103,8 @@ def app_digest(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Submit an experiment to the coordinator and stream it to the end."""
+    """Submit an experiment to the coordinator and stream it to the end (``--dry-run``: its
+    preflight only)."""
     from medfed.deploy.submit import RunRequest, submit
     from medfed.simulation import PROJECT_ROOT
 
@@ -112,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
                          root_cert=Path(args.root_cert),
                          app_dir=Path(args.app_dir) if args.app_dir else PROJECT_ROOT,
                          flwr_home=Path(args.flwr_home), wait_sites=args.wait_sites,
-                         wait_timeout=args.wait_timeout)
+                         wait_timeout=args.wait_timeout, dry_run=args.dry_run)
     return submit(request)
 
 

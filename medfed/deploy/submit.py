@@ -1,9 +1,16 @@
 """Submit an experiment to a running coordinator: ``medfed run experiment=... [overrides]``.
 
 The overrides are composed and validated here first (an unknown key fails in seconds, before
-anything is sent), then ``flwr run`` submits the app (``[tool.flwr.app]`` in pyproject.toml)
-over TLS with run config ``experiment`` and ``overrides``; the ServerApp composes the same
-config on the coordinator. Progress is streamed; the run's final status decides the exit code.
+anything is sent), a tracking server named on the command line must answer, then ``flwr run``
+submits the app (``[tool.flwr.app]`` in pyproject.toml) over TLS with run config
+``experiment`` and ``overrides``; the ServerApp composes the same config on the coordinator and
+runs its preflight (``server/preflight.py``) before round 1. Progress is streamed; the run's
+final status decides the exit code.
+
+``--dry-run`` submits the same app with run config ``preflight-only``: its ServerApp runs the
+preflight (tracking store, every connected site's declared policy) and stops before anything
+trains or is written; the sites answer one policy query each. Only the preflight's lines are
+shown: one per problem (exit 2) or ``preflight ok: ...`` (exit 0).
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ log = logging.getLogger("medfed.deploy")
 
 STREAM_DUPLICATE = re.compile(r"^\d\d/\d\d/\d{4} \d\d:\d\d:\d\d:")   # Flower echoes each line
 RUN_STARTED = re.compile(r"Successfully started run (\d+)")
+PREFLIGHT_LINE = re.compile(r"(preflight (ok|problem): .*)$")   # server/app.py logs these
 
 
 @dataclass(frozen=True)
@@ -38,6 +46,7 @@ class RunRequest:
     wait_sites: int = 0               # wait until this many sites are online before submitting
     wait_timeout: float = 300.0
     extra_run_config: dict[str, str] = field(default_factory=dict)
+    dry_run: bool = False             # the preflight only (run config preflight-only)
 
 
 def split_overrides(overrides: list[str]) -> tuple[str, str]:
@@ -55,12 +64,23 @@ def split_overrides(overrides: list[str]) -> tuple[str, str]:
     return experiment, joined
 
 
-def validate(overrides: list[str]) -> None:
+def validate(overrides: list[str]):
     """Compose the experiment as the ServerApp will: bad overrides fail here, in seconds."""
     from server.config import load_experiment
 
-    load_experiment(overrides if any(o.startswith("experiment=") for o in overrides)
-                    else ["experiment=demo", *overrides])
+    return load_experiment(overrides if any(o.startswith("experiment=") for o in overrides)
+                           else ["experiment=demo", *overrides])
+
+
+def check_tracking(cfg, overrides: list[str]) -> None:
+    """A tracking store named on the command line (``tracking=...``, ``tracking.uri=...``)
+    must answer before the run is submitted (``medfed run`` runs on the coordinator's machine;
+    the ServerApp checks again, first thing)."""
+    from server.tracking_store import check_tracking_store
+
+    if any(o.lstrip("+~").startswith("tracking") for o in overrides):
+        if problem := check_tracking_store(cfg.tracking.uri):
+            raise DeployError(problem)
 
 
 def online_sites(flwr_home: Path) -> int:
@@ -87,38 +107,70 @@ def run_status(run_id: str, flwr_home: Path) -> dict:
 def submit(request: RunRequest, *, echo=print) -> int:
     """Submit, stream the ServerApp's log, return 0 when the run completed."""
     require_file(request.app_dir / "pyproject.toml", "app (pyproject.toml)")
-    validate(request.overrides)
+    check_tracking(validate(request.overrides), request.overrides)
     check_superlink(request.superlink, request.root_cert)
     write_connection(request.flwr_home, request.superlink, request.root_cert)
     if request.wait_sites:
         wait_for_sites(request)
     experiment, overrides = split_overrides(request.overrides)
     config = {wire.RUN_EXPERIMENT: experiment, wire.RUN_OVERRIDES: overrides,
-              **request.extra_run_config}
+              **request.extra_run_config,
+              **({wire.RUN_PREFLIGHT_ONLY: "true"} if request.dry_run else {})}
     run_config = " ".join(f"{k}='{v}'" for k, v in config.items())
     cmd = [flower_bin("flwr"), "run", str(request.app_dir), CONNECTION, "--stream",
            "--run-config", run_config]
-    log.info("submitting experiment %s (%s) to %s", experiment, overrides or "no overrides",
-             request.superlink)
-    run_id = None
+    log.info("%s experiment %s (%s) to %s", "preflight of" if request.dry_run else "submitting",
+             experiment, overrides or "no overrides", request.superlink)
+    run_id, preflight = None, []
     proc = subprocess.Popen(cmd, env=flower_env(request.flwr_home), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, bufsize=1)
     assert proc.stdout is not None
     for raw in proc.stdout:
         line = ANSI.sub("", raw.rstrip())
+        if (m := PREFLIGHT_LINE.search(line)) and m.group(1) not in preflight:   # either copy
+            preflight.append(m.group(1))
+            if request.dry_run:
+                echo(m.group(1))
         if not line.strip() or STREAM_DUPLICATE.match(line):
             continue
         if (m := RUN_STARTED.search(line)) and run_id is None:
             run_id = m.group(1)
-        echo(FLOWER_PREFIX.sub("", line))
+        if not request.dry_run:
+            echo(FLOWER_PREFIX.sub("", line))
     code = proc.wait()
     if run_id is None:
         raise DeployError(f"`flwr run` did not start a run (exit {code}); see the output above")
     status = run_status(run_id, request.flwr_home)
     state = str(status.get("status", "unknown"))
+    if request.dry_run:
+        return dry_run_outcome(run_id, state, preflight, str(status.get("status-details", "")),
+                               echo=echo)
     echo(json.dumps({"run-id": run_id, "status": state,
                      "elapsed-seconds": status.get("elapsed")}))
     if state != "finished:completed":
         raise RuntimeError(f"run {run_id} ended as {state}: "
                            f"{status.get('status-details', '')}")
     return 0
+
+
+def dry_run_outcome(run_id: str, state: str, preflight: list[str], details: str = "", *,
+                    echo=print) -> int:
+    """0: the preflight passed; 2: it named problems (printed, one a line). The stream of a
+    run that ends within seconds may stop before the ServerApp's last lines: the problems are
+    then read from the run's status details (the ``PreflightError`` it ended with)."""
+    from server.preflight import PROBLEM_SEPARATOR, REFUSED
+
+    problems = [line for line in preflight if line.startswith("preflight problem: ")]
+    if not problems and REFUSED in details:
+        problems = [f"preflight problem: {p.strip()}"
+                    for p in details.split(REFUSED, 1)[1].split(PROBLEM_SEPARATOR)]
+        for line in problems:
+            echo(line)
+    if problems:
+        return 2
+    if state == "finished:completed":
+        if not preflight:
+            echo(f"preflight ok (run {run_id}; the sites it asked are in the coordinator's log)")
+        return 0
+    raise RuntimeError(f"the preflight run {run_id} ended as {state} without a preflight "
+                       f"result: {details or 'see the coordinator log'}")

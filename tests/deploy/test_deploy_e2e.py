@@ -100,19 +100,41 @@ def test_a_tampered_app_is_refused_at_every_site(federation, tmp_path):
     assert "Successfully started run" in result.stdout + result.stderr   # it was submitted
 
 
+def test_dry_run_checks_the_sites_policies_and_trains_nothing(federation):
+    """``medfed run --dry-run``: each site answers the policy query; a DP experiment against
+    sites with no privacy budget is refused naming them (exit 2), a plain one passes."""
+    f = federation
+    connect = ("--superlink", f"localhost:{f['port']}", "--root-cert", str(f["certs"] / "ca.pem"),
+               "--flwr-home", str(f["root"] / "dry-run"), "--wait-sites", "3")
+    refused = run_medfed("run", "--dry-run", "experiment=smoke", "federation.num_sites=3",
+                         "privacy=dpsgd", *connect, timeout=HANG_GUARD)
+    assert refused.returncode == 2, refused.stdout[-3000:] + refused.stderr[-3000:]
+    problems = [ln for ln in refused.stdout.splitlines() if ln.startswith("preflight problem:")]
+    assert len(problems) == 1 and "a, b, c: each has no privacy budget" in problems[0], \
+        refused.stdout[-3000:]
+    ok = run_medfed("run", "--dry-run", "experiment=smoke", "federation.num_sites=3", *connect,
+                    timeout=HANG_GUARD)
+    assert ok.returncode == 0, ok.stdout[-3000:] + ok.stderr[-3000:]
+    assert "preflight ok: 3 sites (a, b, c train)" in ok.stdout
+    for site in SITES:
+        assert "trained on" not in f["procs"].log(site)
+
+
 def test_two_rounds_with_a_site_killed_mid_run(federation):
     from mlflow import MlflowClient
 
     f, procs = federation, federation["procs"]
+    started = "starting the site's installed ClientApp"
+    before = procs.log("c").count(started)         # earlier tests' ClientApp processes
     run = procs.start("run", [*MEDFED, "run", "experiment=smoke", "federation.num_sites=3",
                               "federation.num_rounds=2", "federation.round_timeout=240",
                               "tracking=server", f"tracking.uri={f['mlflow']}",
                               "--superlink", f"localhost:{f['port']}",
                               "--root-cert", str(f["certs"] / "ca.pem"),
                               "--flwr-home", str(f["root"] / "runner"), "--wait-sites", "3"])
-    # c's third ClientApp process (train 1, evaluate 1, train 2) is round 2's training:
-    # the site dies mid-round, holding the message
-    procs.wait_for("c", "starting the site's installed ClientApp", timeout=HANG_GUARD, count=3)
+    # c's fourth ClientApp process of this run (the preflight's policy query, train 1,
+    # evaluate 1, train 2) is round 2's training: the site dies mid-round, holding the message
+    procs.wait_for("c", started, timeout=HANG_GUARD, count=before + 4)
     procs.kill("c")
     assert run.wait(timeout=HANG_GUARD) == 0, procs.log("run")[-4000:]
     assert '"status": "finished:completed"' in procs.log("run")

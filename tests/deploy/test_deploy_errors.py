@@ -239,3 +239,14 @@ def test_cli_site_checks_its_data_with_the_layout_it_names(certs, chest_site, tm
                         "--state-dir", str(tmp_path / "node"),
                         *(["--layout", layout] if layout else []))
     _one_line(result, needle)
+
+
+def test_cli_run_tracking_server_down_fails_before_submitting(certs, tmp_path):
+    uri = f"http://127.0.0.1:{free_port()}"
+    result = run_medfed("run", "experiment=smoke", "tracking=server", f"tracking.uri={uri}",
+                        "--superlink", f"127.0.0.1:{free_port()}",
+                        "--root-cert", str(certs / "ca.pem"),
+                        "--flwr-home", str(tmp_path / "home"))
+    _one_line(result, f"the MLflow tracking server at {uri} is not reachable")
+    assert "MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow server" in result.stderr
+    assert not (tmp_path / "home").exists()         # refused before anything was sent

@@ -71,14 +71,16 @@ def test_external_site_evaluates_every_round_and_never_trains(external_run, site
     assert float(rows[-1].split()[-2]) == pytest.approx(metrics["external/mcc"], abs=5e-4)
     versions = client.search_model_versions(f"name='{cfg.tracking.registered_model}'")
     assert all("external_mcc" in v.tags for v in versions) and len(versions) == 2
-    # what left each site: the external one answered the role query and evaluated, only
+    # what left each site: the external one answered the preflight's policy query and the
+    # role query, and evaluated, only
     by_site = {}
     for path in egress.glob("*.json"):       # <time>-<message type>.json
         reply = json.loads(path.read_text())
         site = reply["records"]["site"]["site-id"] if "records" in reply else "error"
         by_site.setdefault(site, []).append(path.name.split("-", 1)[1])
     assert "error" not in by_site                  # no site refused anything (no train sent)
-    assert sorted(by_site["external"]) == ["evaluate.json", "evaluate.json", "query.json"]
+    assert sorted(by_site["external"]) == ["evaluate.json", "evaluate.json", "query.json",
+                                           "query.json"]
     assert sorted(by_site["site-0"]).count("train.json") == 2
 
 

@@ -56,6 +56,16 @@ def test_one_round_records_model_version_and_per_site_metrics(smoke_run):
 def test_sites_sent_weights_metrics_and_ids_only(smoke_run):
     _, _, out = smoke_run
     summaries = [json.loads(p.read_text()) for p in (out / "egress").glob("*.json")]
+    # the preflight's policy query: who answers and its declared policy (flags, budget), only
+    policies = [s for s in summaries if s["message_type"] == "query"]
+    assert len(policies) == 2
+    for s in policies:
+        assert set(s["records"]) == {"site", "policy"}
+        assert set(s["records"]["site"]) == {"site-id", "role"}
+        assert set(s["records"]["policy"]) <= {
+            "site-id", "role", "require-dp", "require-secagg", "has-budget", "dp-epsilon-spent",
+            "dp-epsilon", "dp-delta", "dp-max-run-epsilon", "dp-min-noise-multiplier"}
+    summaries = [s for s in summaries if s not in policies]
     assert len(summaries) == 4                       # 2 sites x (train + evaluate)
     for s in summaries:
         assert set(s["records"]) <= {"arrays", "metrics", "site"}

@@ -121,7 +121,8 @@ def test_secagg_with_dp_sgd_and_a_site_requiring_secagg(three_sites, tmp_path):
     assert capped == {i: float(metrics[f"site/site-{i}/train/num-examples"] > 5)
                       for i in range(3)}
     assert 1.0 in capped.values()
-    # the same sites refuse a plaintext round
+    # the same sites refuse a plaintext round: the preflight reads it from their declared
+    # policy before round 1 (each site's own refusal: tests/security/test_site_controls.py)
     with pytest.raises(Exception, match="requires secure aggregation"):
         run(sites, tmp_path, "plain", "privacy=dpsgd", node)
 

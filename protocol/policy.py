@@ -1,0 +1,114 @@
+"""The site policy codec: what a site declares when the server asks before a run (preflight).
+
+A site answers a ``query`` message asking :data:`~protocol.wire.QUERY_POLICY` with one
+:class:`SitePolicy`, read from its operator's node config and its own privacy ledger: flags
+(require-dp, require-secagg, role, whether a budget is set) and the budget's numbers with the
+epsilon its ledger has spent. No data counts, nothing about its studies. The site encodes it
+with ``to_record``; the server decodes it with ``from_record``, distrusting every field.
+
+What a site declares is a courtesy to fail early; it enforces the same policy on every round
+it is asked to train (``client/privacy/policy.py``), whatever the preflight concluded.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from flwr.app import ConfigRecord
+
+from . import wire
+
+
+class PolicyDecodeError(ValueError):
+    """A policy reply that does not follow this codec; the message names the field."""
+
+
+@dataclass(frozen=True)
+class SitePolicy:
+    """One site's declared policy.
+
+    Parameters
+    ----------
+    site_id, role : str
+        Who answers, and ``train`` or ``external`` (evaluates, never trains).
+    require_dp : bool
+        The site refuses non-private training (it has a budget and ``require-dp``).
+    require_secagg : bool
+        The site refuses to send a plaintext model update.
+    epsilon, delta : float, optional
+        The operator's lifetime budget; None when the site has none (it refuses DP requests).
+    epsilon_spent : float
+        What the site's ledger has spent, composed at its ``delta``, rounded up to 0.01.
+    max_run_epsilon, min_noise_multiplier : float, optional
+        The operator's per-run cap and noise floor (node config), None when unset.
+    """
+    site_id: str
+    role: str = wire.ROLE_TRAIN
+    require_dp: bool = False
+    require_secagg: bool = False
+    epsilon: float | None = None
+    delta: float | None = None
+    epsilon_spent: float = 0.0
+    max_run_epsilon: float | None = None
+    min_noise_multiplier: float | None = None
+
+    @property
+    def has_budget(self) -> bool:
+        return self.epsilon is not None
+
+    @property
+    def epsilon_left(self) -> float | None:
+        return None if self.epsilon is None else max(self.epsilon - self.epsilon_spent, 0.0)
+
+    def to_record(self) -> ConfigRecord:
+        record = ConfigRecord({wire.SITE_ID: self.site_id, wire.NODE_ROLE: self.role,
+                               wire.NODE_REQUIRE_DP: self.require_dp,
+                               wire.NODE_REQUIRE_SECAGG: self.require_secagg,
+                               wire.POLICY_HAS_BUDGET: self.has_budget,
+                               wire.POLICY_EPSILON_SPENT: math.ceil(self.epsilon_spent * 100)
+                               / 100})
+        for key, value in _OPTIONAL_NUMBERS:
+            if getattr(self, value) is not None:
+                record[key] = float(getattr(self, value))
+        return record
+
+    @classmethod
+    def from_record(cls, record: ConfigRecord) -> SitePolicy:
+        """Decode and check a reply (types, ranges, a budget's two numbers together).
+
+        Raises
+        ------
+        PolicyDecodeError
+        """
+        def get(key: str, kind: type, default=None):
+            value = record.get(key, default)
+            if value is None or isinstance(value, kind) and not (
+                    kind is float and isinstance(value, bool)):
+                return value
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                return float(value)
+            raise PolicyDecodeError(f"policy field {key!r} is not a {kind.__name__}")
+
+        role = get(wire.NODE_ROLE, str, wire.ROLE_TRAIN)
+        if role not in wire.ROLES:
+            raise PolicyDecodeError(f"policy role {role!r} is not one of {', '.join(wire.ROLES)}")
+        numbers = {value: get(key, float) for key, value in _OPTIONAL_NUMBERS}
+        spent = get(wire.POLICY_EPSILON_SPENT, float, 0.0)
+        for name, value in [*numbers.items(), ("epsilon_spent", spent)]:
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                raise PolicyDecodeError(f"policy field {name} must be finite and >= 0")
+        if get(wire.POLICY_HAS_BUDGET, bool, False) != (numbers["epsilon"] is not None) or \
+                (numbers["epsilon"] is None) != (numbers["delta"] is None):
+            raise PolicyDecodeError("policy budget is inconsistent (has-budget, dp-epsilon, "
+                                    "dp-delta)")
+        return cls(site_id=get(wire.SITE_ID, str, ""), role=role,
+                   require_dp=get(wire.NODE_REQUIRE_DP, bool, False),
+                   require_secagg=get(wire.NODE_REQUIRE_SECAGG, bool, False),
+                   epsilon_spent=spent, **numbers)
+
+
+# SitePolicy field -> its key; absent from the record when None
+_OPTIONAL_NUMBERS = ((wire.NODE_DP_EPSILON, "epsilon"), (wire.NODE_DP_DELTA, "delta"),
+                     (wire.NODE_DP_MAX_RUN_EPSILON, "max_run_epsilon"),
+                     (wire.NODE_DP_MIN_NOISE, "min_noise_multiplier"))

@@ -1,0 +1,202 @@
+"""Preflight: what would make a run fail later, refused before round 1 in one line.
+
+Run by the ServerApp before anything else (``server/app.py``), and alone by
+``medfed run --dry-run`` (run config ``preflight-only``):
+
+1. the tracking store answers (``server/tracking_store.py``), so a run tracked to a server
+   that is down fails in seconds, not after minutes of MLflow retries;
+2. every connected site declares its policy (a ``query`` for ``policy``, bounded by a
+   timeout; ``protocol/policy.py``) and the experiment is checked against it: non-private
+   training against sites that require DP, DP against sites without a budget, plaintext
+   updates against sites that require SecAgg, fewer training sites than the strategy's
+   minimum, and a privacy plan a site would certainly refuse (below).
+
+Budgets: a site composes its whole ledger with the new run, so only it can decide; the
+preflight refuses only what a site would refuse for sure - a DP-SGD target epsilon above a
+site's budget (or, less the calibration tolerance, above its per-run cap), a site-level DP
+run whose own epsilon (computed here exactly as the site will, at the site's delta) exceeds
+its budget or cap, a noise multiplier below a site's floor, a budget already spent. A plan
+above the epsilon a site has *left* may still compose under its budget (RDP composition is
+sub-additive); it is logged as a warning. A DP-SGD run with a fixed noise multiplier spends
+an epsilon that depends on each site's number of studies, which never leaves the site: only
+the noise floor is checked. Sites enforce their policy every round whatever the preflight
+concluded; this is the early, readable failure.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from protocol import wire
+from protocol.policy import PolicyDecodeError, SitePolicy
+from strategies.guard import error_summary
+
+from .config import ExperimentConfig
+from .tracking_store import check_tracking_store
+
+log = logging.getLogger("medfed.server")
+
+POLICY_TIMEOUT = 60.0        # seconds for every connected site to answer the policy query
+CALIBRATION_TOLERANCE = 0.005   # protocol.accounting.calibrate_noise: epsilon within this
+
+
+REFUSED = "preflight refused the run: "   # then the problems, joined by PROBLEM_SEPARATOR
+PROBLEM_SEPARATOR = " | "
+
+
+class PreflightError(ValueError):
+    """The run would fail; the message holds one line per problem, each naming the fix."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__(REFUSED + PROBLEM_SEPARATOR.join(self.problems))
+
+
+@dataclass(frozen=True)
+class PreflightReport:
+    """What the preflight found: the sites that answered, and what it could not refuse."""
+    policies: tuple[SitePolicy, ...]
+    warnings: tuple[str, ...] = ()
+
+    def summary(self) -> str:
+        train = [p for p in self.policies if p.role == wire.ROLE_TRAIN]
+        return (f"preflight ok: {len(self.policies)} sites ({_names(train) or 'none'} train"
+                + (f"; {_names([p for p in self.policies if p not in train])} external"
+                   if len(train) < len(self.policies) else "") + ")")
+
+
+def run_preflight(grid: Grid, cfg: ExperimentConfig, *,
+                  policy_timeout: float = POLICY_TIMEOUT) -> PreflightReport:
+    """Tracking store, then every connected site's policy against ``cfg``.
+
+    Raises
+    ------
+    PreflightError
+        With every problem found (tracking first: without it nothing else is asked).
+    """
+    tracking = check_tracking_store(cfg.tracking.uri)
+    if tracking:
+        raise PreflightError([tracking])
+    wait_for_sites(grid, cfg.strategy.min_available_sites, cfg.federation.quorum_timeout)
+    policies, silent = ask_policies(grid, min(policy_timeout, cfg.federation.round_timeout))
+    for line in silent:
+        log.warning("preflight: %s (not counted as a site)", line)
+    problems, warnings = policy_problems(cfg, policies)
+    for line in warnings:
+        log.warning("preflight: %s", line)
+    if problems:
+        raise PreflightError(problems)
+    return PreflightReport(tuple(policies), tuple(warnings))
+
+
+def wait_for_sites(grid: Grid, minimum: int, timeout: float, poll: float = 0.5) -> None:
+    """Until ``minimum`` nodes are connected or ``timeout`` seconds passed (then the count
+    check below names what is missing)."""
+    deadline = time.monotonic() + timeout
+    while len(list(grid.get_node_ids())) < minimum and time.monotonic() < deadline:
+        time.sleep(poll)
+
+
+def ask_policies(grid: Grid, timeout: float) -> tuple[list[SitePolicy], list[str]]:
+    """Every connected node's declared policy, and a line for each node that gave none."""
+    nodes = list(grid.get_node_ids())
+    ask = RecordDict({wire.CONFIG: ConfigRecord({wire.QUERY: wire.QUERY_POLICY})})
+    messages = [Message(content=ask, dst_node_id=n, message_type=MessageType.QUERY)
+                for n in nodes]
+    policies, silent, answered = [], [], set()
+    for reply in grid.send_and_receive(messages, timeout=timeout) if messages else ():
+        node = reply.metadata.src_node_id
+        answered.add(node)
+        if reply.has_error():
+            silent.append(f"the policy query failed at {error_summary(reply)}")
+            continue
+        try:
+            policies.append(SitePolicy.from_record(reply.content.config_records[wire.POLICY]))
+        except (KeyError, PolicyDecodeError) as err:
+            silent.append(f"node {node} answered the policy query with no valid policy ({err})")
+    silent += [f"node {n} did not answer the policy query within {timeout:g} s"
+               for n in nodes if n not in answered]
+    return policies, silent
+
+
+def policy_problems(cfg: ExperimentConfig, policies: list[SitePolicy]
+                    ) -> tuple[list[str], list[str]]:
+    """``(problems, warnings)`` of ``cfg`` against the sites' declared policies; each line
+    names the sites (by site id) and the fix."""
+    train = [p for p in policies if p.role == wire.ROLE_TRAIN]
+    problems, warnings = [], []
+    s = cfg.strategy
+    need = max(s.min_available_sites, s.min_train_sites)
+    if len(train) < need:
+        problems.append(f"{len(train)} training site(s) answered ({_names(train) or 'none'}), "
+                        f"the strategy needs {need} (strategy.min_available_sites="
+                        f"{s.min_available_sites}, strategy.min_train_sites="
+                        f"{s.min_train_sites}): start more sites or lower these minimums")
+    mechanism = cfg.privacy.mechanism
+    if mechanism == wire.DP_NONE:
+        if required := [p for p in train if p.require_dp]:
+            budgets = min(p.epsilon for p in required)
+            problems.append(f"{_names(required)}: each requires differential privacy (its node "
+                            f"config sets a privacy budget, {wire.NODE_REQUIRE_DP} on) and this "
+                            "experiment trains without it: run with privacy=dpsgd "
+                            f"privacy.epsilon=<at most {budgets:g}> (or privacy=sitedp)")
+    elif without := [p for p in train if not p.has_budget]:
+        problems.append(f"{_names(without)}: each has no privacy budget and refuses "
+                        f"{mechanism}: its operator starts it with --dp-epsilon and --dp-delta, "
+                        "or run with privacy=none")
+    if not cfg.secagg.enabled and (secure := [p for p in train if p.require_secagg]):
+        problems.append(f"{_names(secure)}: each requires secure aggregation (node config "
+                        f"{wire.NODE_REQUIRE_SECAGG}) and this experiment sends plaintext "
+                        "updates: run with secagg.enabled=true")
+    if mechanism != wire.DP_NONE:
+        phases = [cfg.pretrain_phase(), cfg] if cfg.pretrain.objective else [cfg]
+        for phase in phases:
+            for p in (p for p in train if p.has_budget):
+                refused, warned = budget_check(phase, p)
+                problems += [f"{p.site_id}: {line}" for line in refused]
+                warnings += [f"{p.site_id}: {line}" for line in warned]
+    return problems, warnings
+
+
+def budget_check(cfg: ExperimentConfig, site: SitePolicy) -> tuple[list[str], list[str]]:
+    """``(certain refusals, possible refusals)`` of this phase's privacy plan at ``site``."""
+    p, rounds = cfg.privacy, cfg.federation.num_rounds
+    refused, warned = [], []
+    if site.epsilon_left == 0:
+        return [f"its privacy budget epsilon {site.epsilon:g} is spent (ledger at "
+                f"{site.epsilon_spent:.2f}); its operator decides whether to grant more"], []
+    if p.noise_multiplier is not None and site.min_noise_multiplier is not None and \
+            p.noise_multiplier < site.min_noise_multiplier:
+        refused.append(f"privacy.noise_multiplier={p.noise_multiplier:g} is below its floor "
+                       f"{site.min_noise_multiplier:g} ({wire.NODE_DP_MIN_NOISE})")
+    if p.mechanism == wire.DP_SGD:
+        if p.noise_multiplier is not None:
+            return refused, warned        # its epsilon depends on the site's data size
+        planned, lower = p.epsilon, p.epsilon - CALIBRATION_TOLERANCE
+    else:
+        from protocol.accounting import epsilon     # Opacus: only for a site-level DP plan
+
+        planned = lower = epsilon([(p.noise_multiplier, 1.0, 1)] * rounds, site.delta,
+                                  p.accountant)
+    what = f"{cfg.name} plans epsilon {planned:.3g} over {rounds} rounds"
+    if planned > site.epsilon:
+        refused.append(f"{what} > its budget {site.epsilon:g}: lower privacy.epsilon, "
+                       "raise the noise or run fewer rounds")
+    elif site.max_run_epsilon is not None and lower > site.max_run_epsilon:
+        refused.append(f"{what} > its per-run cap {site.max_run_epsilon:g} "
+                       f"({wire.NODE_DP_MAX_RUN_EPSILON}): lower privacy.epsilon, raise the "
+                       "noise or run fewer rounds")
+    elif planned > site.epsilon_left:
+        warned.append(f"{what} > the {site.epsilon_left:.2f} left of its budget "
+                      f"{site.epsilon:g}; composed with its ledger it may still fit - the "
+                      "site decides and refuses the first round if not")
+    return refused, warned
+
+
+def _names(policies: list[SitePolicy]) -> str:
+    return ", ".join(sorted(p.site_id for p in policies))

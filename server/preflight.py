@@ -26,7 +26,6 @@ concluded; this is the early, readable failure.
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
@@ -34,7 +33,7 @@ from flwr.serverapp import Grid
 
 from protocol import wire
 from protocol.policy import PolicyDecodeError, SitePolicy
-from strategies.guard import error_summary
+from strategies.guard import error_summary, wait_for_quorum
 
 from .config import ExperimentConfig
 from .tracking_store import check_tracking_store
@@ -78,11 +77,13 @@ def run_preflight(grid: Grid, cfg: ExperimentConfig, *,
     ------
     PreflightError
         With every problem found (tracking first: without it nothing else is asked).
+    strategies.guard.QuorumError
+        Fewer than the strategy's minimum sites connected within the quorum timeout.
     """
     tracking = check_tracking_store(cfg.tracking.uri)
     if tracking:
         raise PreflightError([tracking])
-    wait_for_sites(grid, cfg.strategy.min_available_sites, cfg.federation.quorum_timeout)
+    wait_for_quorum(grid, cfg.strategy.min_available_sites, cfg.federation.quorum_timeout)
     policies, silent = ask_policies(grid, min(policy_timeout, cfg.federation.round_timeout))
     for line in silent:
         log.warning("preflight: %s (not counted as a site)", line)
@@ -92,14 +93,6 @@ def run_preflight(grid: Grid, cfg: ExperimentConfig, *,
     if problems:
         raise PreflightError(problems)
     return PreflightReport(tuple(policies), tuple(warnings))
-
-
-def wait_for_sites(grid: Grid, minimum: int, timeout: float, poll: float = 0.5) -> None:
-    """Until ``minimum`` nodes are connected or ``timeout`` seconds passed (then the count
-    check below names what is missing)."""
-    deadline = time.monotonic() + timeout
-    while len(list(grid.get_node_ids())) < minimum and time.monotonic() < deadline:
-        time.sleep(poll)
 
 
 def ask_policies(grid: Grid, timeout: float) -> tuple[list[SitePolicy], list[str]]:

@@ -32,6 +32,16 @@ class QuorumError(RuntimeError):
     """Too few sites connected or too few usable updates to continue the federation."""
 
 
+def wait_for_quorum(grid: Grid, minimum: int, timeout: float, poll: float = 0.5) -> None:
+    """Until ``minimum`` nodes are connected; :class:`QuorumError` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while (connected := len(list(grid.get_node_ids()))) < minimum:
+        if time.monotonic() >= deadline:
+            raise QuorumError(f"only {connected} of the {minimum} required sites connected "
+                              f"within {timeout:g} s (federation.quorum_timeout)")
+        time.sleep(poll)
+
+
 @dataclass(frozen=True)
 class Rejection:
     site_id: str
@@ -131,13 +141,7 @@ class GuardedStrategy(StatelessWrapper, Strategy):
         return RoundReport(rejected=list(self.rejected), update_norms=dict(self.update_norms))
 
     def wait_for_quorum(self, grid: Grid) -> None:
-        deadline = time.monotonic() + self.quorum_timeout
-        while (connected := len(list(grid.get_node_ids()))) < self.min_available_sites:
-            if time.monotonic() >= deadline:
-                raise QuorumError(f"only {connected} of the {self.min_available_sites} required "
-                                  f"sites connected within {self.quorum_timeout:g} s "
-                                  "(federation.quorum_timeout)")
-            time.sleep(self.poll_interval)
+        wait_for_quorum(grid, self.min_available_sites, self.quorum_timeout, self.poll_interval)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:

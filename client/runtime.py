@@ -42,6 +42,7 @@ class SiteIdentity:
     simulated: bool = False           # a simulation partition: seeds stay fixed (resume)
     # The site's pseudonym secret (client.data.pseudonyms); None in simulation only.
     pseudonym_key: bytes | None = field(default=None, repr=False)
+    decode_workers: int = 1           # node config decode-workers: DICOM decode processes
 
     @property
     def seed(self) -> int:
@@ -86,9 +87,13 @@ def resolve_site(context: Context, sim_data_root: Path | None = None,
             key = site_key(state_dir(settings, data_dir))
         except PseudonymKeyError as e:
             raise SiteConfigError(str(e)) from None
+    workers = node.get(wire.NODE_DECODE_WORKERS, 1)
+    if isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= 64:
+        raise SiteConfigError(f"node config {wire.NODE_DECODE_WORKERS!r} must be an integer "
+                              f"in [1, 64], got {workers!r}")
     return SiteIdentity(site_id, data_dir,
                         resolve_device(str(node.get(wire.NODE_DEVICE, "auto"))), role, simulated,
-                        key)
+                        key, workers)
 
 
 class SiteDataCache:
@@ -130,7 +135,7 @@ class SiteDataCache:
               ) -> tuple[SiteData, dict[str, StudyDataset]]:
         """Read the site and build its splits (uncached)."""
         data = read_site(site.data_dir, layout, class_names, multi_label=needs.multi_label,
-                         key=site.pseudonym_key)
+                         key=site.pseudonym_key, workers=site.decode_workers)
         r = data.report
         site_logger(site.site_id).info(
             "data: %d files, %d images, %d studies (train/val/test %s), skipped %s",

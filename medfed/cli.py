@@ -94,6 +94,8 @@ def _add_deploy_parsers(sub) -> None:
     p.add_argument("--privacy-dir", help="privacy ledger folder (default DATA_DIR/.medfed)")
     p.add_argument("--device", default="auto")
     p.add_argument("--torch-threads", type=int, default=1)
+    p.add_argument("--decode-workers", type=int, default=1,
+                   help="processes decoding DICOM when the site reads its data (default 1)")
     p.add_argument("--role", choices=("train", "external"), default="train",
                    help="external: evaluate every global model on all labelled studies, never "
                         "train (the server must run with federation.external_sites=true)")

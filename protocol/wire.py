@@ -113,6 +113,7 @@ NODE_SITE_ID = "site-id"
 NODE_DATA_DIR = "data-dir"
 NODE_DEVICE = "device"
 NODE_TORCH_THREADS = "torch-threads"
+NODE_DECODE_WORKERS = "decode-workers"   # DICOM decode processes at ingest (default 1)
 NODE_PARTITION_ID = "partition-id"   # set by Flower's simulation engine
 NODE_DP_EPSILON = "dp-epsilon"       # the site's privacy budget (epsilon, delta) over its life
 NODE_DP_DELTA = "dp-delta"

@@ -38,12 +38,14 @@ STUDY_SKIPS = ("study_missing_channel",)
 
 def read_site(site_dir: Path | str, layout: Layout | None,
               class_names: tuple[str, ...] | None = None, *, multi_label: bool = False,
-              key: bytes | None = None) -> SiteData:
+              key: bytes | None = None, workers: int = 1) -> SiteData:
     """A site read through a job's ``layout``; None (brain_mri_4seq) is the default reader
     (:func:`client.data.site.load_site`). The one place training, evaluation and
-    ``medfed predict`` choose their reader."""
+    ``medfed predict`` choose their reader. ``workers``: decode processes (the default
+    reader only, so far)."""
     if layout is None:
-        return load_site(site_dir, class_names, multi_label=multi_label, key=key)
+        return load_site(site_dir, class_names, multi_label=multi_label, key=key,
+                         workers=workers)
     return load_layout_site(site_dir, layout, class_names, multi_label=multi_label, key=key)
 
 

@@ -195,10 +195,12 @@ def dicom_folder(site_dir: Path) -> Path:
 
 
 def load_site(site_dir: Path | str, class_names: tuple[str, ...] | None = None, *,
-              multi_label: bool = False, key: bytes | None = None) -> SiteData:
+              multi_label: bool = False, key: bytes | None = None,
+              workers: int = 1) -> SiteData:
     """Read, de-identify, join and split one site (the brain_mri_4seq reader; a job's other
     layouts are read by :func:`client.data.layout_site.load_layout_site`). Identifiers
-    become pseudonyms under the site's ``key`` (:mod:`client.data.pseudonyms`).
+    become pseudonyms under the site's ``key`` (:mod:`client.data.pseudonyms`); ``workers``
+    decode processes (:func:`client.data.dicom.read_directory`).
 
     Labels come from ``labels.csv`` (one class name per study, index into ``class_names``) or,
     with ``multi_label``, from ``findings.csv`` (bitmasks over ``class_names``, see
@@ -211,7 +213,7 @@ def load_site(site_dir: Path | str, class_names: tuple[str, ...] | None = None, 
     """
     site_dir = Path(site_dir)
     dicom_dir = dicom_folder(site_dir)
-    images, counts = read_directory(dicom_dir, key=key)
+    images, counts = read_directory(dicom_dir, key=key, workers=workers)
     report = IngestReport(files=counts.files, images=counts.images, skipped=counts.skipped)
     if counts.files == 0:
         raise SiteDataError(f"data directory {site_dir} is empty: no files under dicom/")

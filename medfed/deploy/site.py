@@ -63,6 +63,7 @@ class SiteSettings:
     privacy_dir: str | None = None
     device: str = "auto"
     torch_threads: int = 1
+    decode_workers: int = 1            # DICOM decode processes at ingest
     runtime_port: int = 9094           # local port Flower's ClientApp processes talk to
     max_retries: int | None = None     # reconnection attempts after a lost connection
     max_wait_time: float | None = 600.0  # seconds of reconnecting before giving up
@@ -82,6 +83,8 @@ def node_config(s: SiteSettings) -> dict[str, object]:
                                  wire.NODE_DATA_DIR: str(s.data_dir.resolve()),
                                  wire.NODE_DEVICE: s.device,
                                  wire.NODE_TORCH_THREADS: s.torch_threads}
+    if s.decode_workers != 1:
+        config[wire.NODE_DECODE_WORKERS] = s.decode_workers
     if (s.dp_epsilon is None) != (s.dp_delta is None):
         raise DeployError("set both --dp-epsilon and --dp-delta (the site's privacy budget), "
                           "or neither")

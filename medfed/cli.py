@@ -1,5 +1,6 @@
 """``medfed`` command line: synth, ingest, simulate, export, predict, privacy, audit, and the
-deployment commands (certs, server, site, site keygen, app digest, run, health, register-site).
+deployment commands (certs, server, site, site keygen, app digest, run, health, register-site,
+sites).
 
 Errors a user can fix are reported as one line (``medfed: error: ...``) with exit code 2
 (bad input) or 1 (the run failed); tracebacks only with ``--debug``.
@@ -142,6 +143,13 @@ def _add_deploy_parsers(sub) -> None:
     p.add_argument("--root-cert", required=True)
     p.add_argument("--timeout", type=float, default=5.0)
     p.set_defaults(func=Handler("deploy", "health"))
+
+    p = sub.add_parser("sites", help="list the registered sites by name: online/offline and "
+                                     "last seen (on the coordinator's machine)")
+    p.add_argument("--superlink", required=True, help="coordinator HOST:PORT (127.0.0.1:9093)")
+    p.add_argument("--root-cert", required=True, help="the federation CA certificate")
+    p.add_argument("--json", action="store_true", help="one JSON object instead of a table")
+    p.set_defaults(func=Handler("deploy", "sites"))
 
     p = sub.add_parser("register-site", help="register a site's public key with a running "
                                              "coordinator")

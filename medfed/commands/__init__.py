@@ -9,5 +9,5 @@ and argument errors never pay for them.
 - ``simulate``: simulate
 - ``privacy``: privacy, audit
 - ``models``: export, convert-weights, predict
-- ``deploy``: certs, server, site, run, health, register-site
+- ``deploy``: certs, server, site, run, health, register-site, sites
 """

@@ -1,6 +1,6 @@
 """Deployment commands: certificates (``certs``), the coordinator (``server``), a site daemon
 (``site``) and its key (``site keygen``), the digest a site approves (``app digest``), run
-submission (``run``), ``health`` and ``register-site``."""
+submission (``run``), ``health``, ``register-site`` and the list of registered ``sites``."""
 
 from __future__ import annotations
 
@@ -139,3 +139,10 @@ def register_site(args: argparse.Namespace) -> int:
     outcome = register(Path(args.public_key), args.site_id, home)
     print(f"site {args.site_id}: {'registered' if outcome == 'registered' else 'already registered'}")
     return 0
+
+
+def sites(args: argparse.Namespace) -> int:
+    """List the registered sites by name, online or offline, and when each was last seen."""
+    from medfed.deploy.sites import show_sites
+
+    return show_sites(args.superlink, Path(args.root_cert), as_json=args.json)

@@ -160,6 +160,19 @@ class Daemon:
         return code
 
 
+def sleep_unless_stopped(seconds: float) -> bool:
+    """Sleep ``seconds`` between two children (main thread); False when SIGTERM/SIGINT
+    arrived meanwhile, so the caller stops instead of starting the next one."""
+    stop = threading.Event()
+    previous = {s: signal.signal(s, lambda _signum, _frame: stop.set())
+                for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return not stop.wait(seconds)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def supervised(daemon: Daemon | None) -> int:
     """Supervise a started ``daemon`` until it exits; a failure it recognised in its output
     (``daemon.error``) becomes a one-line DeployError, anything else is the exit code."""

@@ -6,7 +6,11 @@ with the hospital's copy of the CA, then runs ``flower-supernode`` with TLS, Sup
 authentication and the operator's node config (site id, data directory, privacy budget,
 ``require-secagg``; keys from ``protocol.wire``). Connections are outbound only. A lost
 connection is retried with exponential backoff (Flower's retry invoker, bounded by
-``--max-retries``/``--max-wait-time``) and every retry is logged under the site id.
+``--max-retries``/``--max-wait-time``) and every retry is logged under the site id. A site
+restarted at once after being killed finds the coordinator still holding its previous session
+(Flower refuses the activation of a node that is still online): it says so and restarts its
+SuperNode until that session expired, bounded by ``--max-wait-time``; a key that is not
+registered stays a one-line fatal error (``medfed.deploy.session`` tells the two apart).
 
 The site executes only code its operator approved: the SuperNode runs with ``--isolation
 process`` and the site starts its own task launcher (``medfed.deploy.launcher``) next to it,
@@ -21,7 +25,9 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,8 +37,9 @@ from .allowlist import AllowList
 from .egress import EGRESS_LOG
 from .launcher import launcher_command
 from .preflight import DeployError, check_auth_key, check_port_free, check_superlink
-from .process import Daemon, flower_bin, flower_env, supervised
+from .process import Daemon, flower_bin, flower_env, sleep_unless_stopped
 from .runtime_auth import RUNTIME_SECRET, check_runtime_secret, ensure_runtime_secret
+from .session import SessionKeeper, key_fingerprint, open_session_left, read_record
 
 log = logging.getLogger("medfed.deploy")
 
@@ -46,6 +53,11 @@ SUPERNODE_FATAL = {
                                "--max-retries/--max-wait-time",
     r"Exit Code: \d+": "the SuperNode exited with an error (see the lines above)",
 }
+# Flower's refusal of an ActivateNode: a key not registered, or its node still online (session)
+ACTIVATION_REFUSED = re.compile(r"Failed to activate SuperNode")
+CONNECTED = re.compile(r"SuperNode ID: (\d+)")
+STILL_OPEN = ("previous session of this site is still open at the coordinator; retrying until "
+              "it expires")
 
 
 @dataclass(frozen=True)
@@ -158,12 +170,20 @@ def check_data_dir(data_dir: Path, key: bytes | None = None,
 
 
 class Site:
-    """A site daemon: ``start`` runs the checks and launches the SuperNode."""
+    """A site daemon: ``start`` runs the checks and launches the SuperNode; ``supervise``
+    restarts it while the coordinator still holds this site's previous session (see
+    ``medfed.deploy.session``)."""
+
+    retry_every = 10.0          # seconds between two attempts to rejoin
 
     def __init__(self, settings: SiteSettings):
         self.settings = settings
         self.daemon: Daemon | None = None
         self.launcher: Daemon | None = None
+        self.keeper: SessionKeeper | None = None
+        self._refused = False            # this attempt's SuperNode was refused activation
+        self._retrying_since: float | None = None
+        self.refusal_error: str | None = None   # why retrying to rejoin ended without success
 
     def preflight(self) -> None:
         s = self.settings
@@ -183,9 +203,8 @@ class Site:
         s = self.settings
         s.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         ensure_runtime_secret(s.state_dir)
-        self.daemon = Daemon(supernode_command(s), tag=s.site_id, env=flower_env(s.state_dir),
-                             fatal=SUPERNODE_FATAL, on_line=self._note)
-        self.daemon.start()
+        self.keeper = SessionKeeper(s.state_dir, key_fingerprint(s.auth_key))
+        self.start_supernode()
         self.launcher = Daemon(launcher_command(f"127.0.0.1:{s.runtime_port}", s.allow,
                                                 s.site_id, s.state_dir / EGRESS_LOG,
                                                 runtime_secret=s.runtime_secret),
@@ -197,6 +216,14 @@ class Site:
                    "is refused)"
         log.info("[%s] site daemon started: SuperLink %s, outbound TLS only; approved apps: "
                  "%s", s.site_id, s.superlink, approved)
+
+    def start_supernode(self) -> None:
+        """Start (or restart) the SuperNode; the launcher keeps polling its runtime port."""
+        s = self.settings
+        self._refused = False
+        self.daemon = Daemon(supernode_command(s), tag=s.site_id, env=flower_env(s.state_dir),
+                             fatal=SUPERNODE_FATAL, on_line=self._note)
+        self.daemon.start()
 
     def _watch_launcher(self) -> None:
         """Without its launcher the site would accept tasks it never runs: stop it instead."""
@@ -211,19 +238,77 @@ class Site:
         for daemon in (self.launcher, self.daemon):
             if daemon is not None:
                 daemon.stop(grace=grace)
+        if self.keeper is not None:
+            self.keeper.stop()
 
     def _note(self, line: str) -> None:
         if self.daemon is not None and self.daemon.stopping:
             return
-        if "retrying in" in line:
+        if ACTIVATION_REFUSED.search(line):
+            self._refused = True
+        elif (m := CONNECTED.search(line)) and self.keeper is not None:
+            self.keeper.connected(int(m.group(1)))
+            if self._retrying_since is not None:
+                log.info("[%s] rejoined the coordinator after %.0f s: the previous session "
+                         "expired", self.settings.site_id, time.monotonic() - self._retrying_since)
+                self._retrying_since = None
+        elif "retrying in" in line:
             log.warning("[%s] connection to the SuperLink lost; retrying with backoff",
                         self.settings.site_id)
         elif "Connection successful after" in line:
             log.info("[%s] reconnected to the SuperLink", self.settings.site_id)
 
+    def rejoin_delay(self) -> float | None:
+        """Seconds to wait before the next attempt when the coordinator refused this attempt
+        only because the site's previous session is still open; None: no retry (the
+        SuperNode's exit stands, and ``refusal_error`` says why when it had retried)."""
+        s = self.settings
+        if not self._refused or self.keeper is None:
+            return None
+        left = open_session_left(read_record(s.state_dir), self.keeper.key, time.time())
+        if left <= 0:
+            if self._retrying_since is not None:
+                self.refusal_error = (
+                    "the coordinator still refuses this site's key after its previous session "
+                    "expired: the key is no longer registered, or another daemon with this "
+                    "site's key is connected")
+            return None
+        now = time.monotonic()
+        if self._retrying_since is None:
+            self._retrying_since = now
+        if s.max_wait_time is not None:
+            left = min(left, self._retrying_since + s.max_wait_time - now)
+            if left <= 0:
+                self.refusal_error = (
+                    f"the coordinator still held this site's previous session after "
+                    f"--max-wait-time {s.max_wait_time:g} s; restart the site later, or raise "
+                    f"--max-wait-time")
+                return None
+        log.warning("[%s] %s (at most %.0f s more)", s.site_id, STILL_OPEN, left)
+        return min(self.retry_every, left)
+
     def supervise(self) -> int:
+        """Block until the site stops; a SuperNode refused only because the previous session
+        of this site is still open is restarted until that session expired (bounded by
+        ``--max-wait-time``). A failure it recognised becomes a one-line DeployError."""
+        if self.daemon is None:
+            raise RuntimeError("supervise() before start()")
         try:
-            return supervised(self.daemon)
+            while True:
+                code = self.daemon.supervise()
+                if self.keeper is not None:
+                    self.keeper.disconnected(closed=self.daemon.stopping and code == 0)
+                if self.daemon.stopping or (delay := self.rejoin_delay()) is None:
+                    break
+                if not sleep_unless_stopped(delay):
+                    log.info("[%s] stopped while waiting to rejoin", self.settings.site_id)
+                    return 0
+                self.start_supernode()
+            if code and (error := self.refusal_error or self.daemon.error):
+                raise DeployError(error)
+            return code
         finally:
             if self.launcher is not None:
                 self.launcher.stop(grace=5)
+            if self.keeper is not None:
+                self.keeper.stop()

@@ -1,12 +1,15 @@
 """End to end on loopback: certificates -> coordinator (TLS + SuperNode authentication) -> three
 site daemons -> two rounds of the smoke experiment tracked to a real MLflow server; a site with
 an unregistered key is refused; one site is SIGKILLed during round 2 and the run finishes with
-the other two, recording which site dropped. Every site approves exactly the app release
-``medfed run`` submits (``--allow-app`` with its digest); a run of a tampered copy of the app
-fails at every site, each saying why in its log."""
+the other two, recording which site dropped; another site, SIGKILLed and restarted at once,
+rejoins once the coordinator let its old session expire, and ``medfed sites`` lists them by
+name. Every site approves exactly the app release ``medfed run`` submits (``--allow-app`` with
+its digest); a run of a tampered copy of the app fails at every site, each saying why in its
+log."""
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 
@@ -44,20 +47,22 @@ def federation(tmp_path_factory, three_sites):
                                str(root / "coordinator"), "--host", "127.0.0.1",
                                "--port", str(port)])
         procs.wait_for("server", "site c: public key registered", timeout=HANG_GUARD)
-        for i, site in enumerate(SITES):
-            procs.start(site, [*MEDFED, "site", "--site-id", site,
-                               "--data-dir", str(three_sites / f"site-{i}"),
-                               "--superlink", f"localhost:{port}",
-                               "--root-cert", str(certs / "sites" / site / "ca.pem"),
-                               "--auth-key", str(certs / "sites" / site / "auth.key"),
-                               "--state-dir", str(root / f"node-{site}"),
-                               "--runtime-port", str(free_port()), "--max-wait-time", "60",
-                               "--allow-app", approved])
+        commands = {site: [*MEDFED, "site", "--site-id", site,
+                           "--data-dir", str(three_sites / f"site-{i}"),
+                           "--superlink", f"localhost:{port}",
+                           "--root-cert", str(certs / "sites" / site / "ca.pem"),
+                           "--auth-key", str(certs / "sites" / site / "auth.key"),
+                           "--state-dir", str(root / f"node-{site}"),
+                           "--runtime-port", str(free_port()), "--max-wait-time", "60",
+                           "--allow-app", approved]
+                    for i, site in enumerate(SITES)}
+        for site in SITES:
+            procs.start(site, commands[site])
         for site in SITES:
             procs.wait_for(site, "SuperNode ID:", timeout=HANG_GUARD)
         yield {"root": root, "certs": certs, "rogue": rogue, "port": port,
                "mlflow": f"http://127.0.0.1:{mlflow_port}", "procs": procs,
-               "data": three_sites}
+               "data": three_sites, "site_commands": commands}
     finally:
         procs.cleanup()
 
@@ -171,6 +176,34 @@ def test_two_rounds_with_a_site_killed_mid_run(federation):
     for site in ("a", "b"):
         lines = [ln for ln in procs.log(site).splitlines() if re.match(r"\d{4}-\d\d-\d\d ", ln)]
         assert lines and all(f"[{site}]" in ln for ln in lines)
+
+
+def test_a_killed_site_restarted_at_once_rejoins(federation):
+    """Site b is SIGKILLed (its SuperNode never closes its session) and started again at once:
+    the coordinator still holds b's session (~60 s of heartbeat), so the site says so and
+    retries until it expired, instead of the false 'not registered'. ``medfed sites`` then
+    lists the sites by the names they were registered with, a and b online."""
+    f, procs = federation, federation["procs"]
+    procs.kill("b")
+    procs.procs["b"].wait(timeout=60)
+    command = list(f["site_commands"]["b"])
+    command[command.index("--max-wait-time") + 1] = "150"   # the old session: up to ~80 s
+    procs.start("b-restarted", command)
+    procs.wait_for("b-restarted", "SuperNode ID:", timeout=HANG_GUARD)
+    log = procs.log("b-restarted")
+    assert "not registered" not in log
+    # The coordinator keeps a node online until 30-60 s after its last heartbeat; the restart
+    # reaches it ~15 s after the kill here. On a box so slow that the session expired first,
+    # the site joins at its first attempt and there is nothing to retry.
+    if "Failed to activate SuperNode" in log:
+        assert "previous session of this site is still open at the coordinator" in log, log
+        assert "rejoined the coordinator" in log
+
+    listed = run_medfed("sites", "--superlink", f"127.0.0.1:{f['port']}",
+                        "--root-cert", str(f["certs"] / "ca.pem"), "--json")
+    assert listed.returncode == 0, listed.stdout + listed.stderr
+    status = {s["site"]: s["status"] for s in json.loads(listed.stdout)["sites"]}
+    assert set(status) == set(SITES) and status["a"] == status["b"] == "online"
 
 
 def test_health_graceful_sigterm_and_sites_retry_with_backoff(federation):

@@ -77,7 +77,7 @@ def _commands() -> dict[str, argparse.ArgumentParser]:
 
 def test_every_command_names_a_handler_that_exists():
     commands = _commands()
-    assert len(commands) == 16           # + "site keygen"; convert-weights; "app digest"; predict
+    assert len(commands) == 17           # + "site keygen"; convert-weights; "app digest"; predict; sites
     for name, parser in commands.items():
         handler = parser.get_default("func")
         assert isinstance(handler, Handler), name

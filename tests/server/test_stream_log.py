@@ -26,7 +26,8 @@ def test_medfed_lines_are_marked_once_and_flower_records_are_not_repeated(monkey
         logging.getLogger("medfed.server").info("summary (pooled over sites):\nround  val_mcc\n"
                                                 "    1    0.500")
         logging.getLogger("strategies.guard").warning("update from b excluded: NaN")
-        logging.getLogger("flwr").info("[ROUND 1/2]")    # Flower's handler prints it
+        logging.getLogger("flwr").info("[ROUND 1/2]")    # Flower's handler prints these
+        logging.getLogger("flwr").error("ServerApp thread raised an exception")
         logging.getLogger("alembic.runtime.migration").info("Running upgrade")
         logging.getLogger("mlflow.tracking").warning("retrying")
     finally:

@@ -136,6 +136,8 @@ def _add_deploy_parsers(sub) -> None:
                    help="run only the preflight (tracking store, each connected site's "
                         "policy against the experiment): one line per problem (exit 2) or "
                         "'preflight ok' (exit 0); nothing trains")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="also show Flower's own lines of the run's log (its raw metric dump)")
     p.set_defaults(func=Handler("deploy", "run"))
 
     p = sub.add_parser("health", help="check that the coordinator answers over verified TLS")

@@ -14,6 +14,7 @@ from protocol import wire
 from .config import ExperimentConfig, load_experiment
 from .federation import new_run_dir, run_experiment
 from .preflight import PreflightError, run_preflight
+from .stream_log import stream_logging
 
 log = logging.getLogger("medfed.server")
 
@@ -35,11 +36,9 @@ def make_server_app(cfg: ExperimentConfig | None = None, run_dir: Path | None = 
             overrides = str(context.run_config.get(wire.RUN_OVERRIDES, "")).split()
             name = str(context.run_config.get(wire.RUN_EXPERIMENT, "demo"))
             experiment = load_experiment([f"experiment={name}", *overrides])
-            # A deployed ServerApp process, whose output Flower streams to `medfed run`: no
-            # command configured its logging (opacus' basicConfig, if imported, is at WARNING).
-            if not logging.getLogger().handlers:
-                logging.basicConfig(format="%(levelname)s %(message)s")
-            log.setLevel(logging.INFO)
+            # A deployed ServerApp process, whose output Flower streams to `medfed run`: its
+            # lines marked, so that `medfed run` shows them and hides Flower's own dump.
+            stream_logging()
         try:
             report = run_preflight(grid, experiment)
         except PreflightError as err:     # one line each: `medfed run --dry-run` shows them

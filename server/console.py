@@ -1,4 +1,11 @@
-"""Per-round console table and final summary (through logging, never print).
+"""Per-round console table and final summary (through logging, never print), the same whether
+the run is simulated (``medfed simulate``) or deployed (``medfed run``, which shows the
+deployed ServerApp's lines: ``server/stream_log.py``).
+
+The table has one line per site (by site id, with its train and evaluation seconds), a GLOBAL
+line (pooled figures and the round's wall time) and, with evaluation-only sites, an EXTERNAL
+line. A site's failure is one warning line naming the site and its one-line reason. The run
+ends with the summary and where the results are (:func:`results_hint`).
 
 A figure that is undefined for a split is shown as ``n/a``, never as a number that reads like
 a result (MCC of a single-class split is 0 by convention, not a measurement); a figure not
@@ -9,6 +16,9 @@ after the round's table and again under the summary.
 from __future__ import annotations
 
 import logging
+import re
+import sys
+from pathlib import Path
 
 from models.metrics import SplitMetrics
 from protocol import wire
@@ -43,7 +53,7 @@ class ConsoleTable:
 
     def on_train(self, record: RoundRecord) -> None:
         for failure in record.failures.get("train", []):
-            log.warning("round %d: training reply failed: %s", record.round, failure)
+            log.warning("round %d: training reply failed: %s", record.round, one_line(failure))
         for rejection in record.rejected:
             log.warning("round %d: update from %s excluded: %s", record.round,
                         rejection.site_id, rejection.reason)
@@ -51,8 +61,9 @@ class ConsoleTable:
     def on_round_end(self, record: RoundRecord) -> None:
         train = {r.site_id: r.metrics for r in record.train}
         if not self.rows:
-            log.info("%5s %-9s %10s %8s %8s %8s %8s %8s", "round", "site", "train_loss",
-                     "val_loss", "val_mcc", "test_acc", "test_mcc", "test_auc")
+            log.info("%5s %-9s %10s %8s %8s %8s %8s %8s %7s %7s", "round", "site", "train_loss",
+                     "val_loss", "val_mcc", "test_acc", "test_mcc", "test_auc", "train_s",
+                     "eval_s")
         external = []
         new_notes = len(self.notes)
         for reply in record.evaluate:
@@ -60,13 +71,18 @@ class ConsoleTable:
             if wire.EXTERNAL_SPLIT in report_splits(reply.metrics):   # evaluation-only site:
                 external.append(from_record(reply.metrics, wire.EXTERNAL_SPLIT))   # its studies
                 self._line(record.round, site, None, {},
-                           self._shown(f"{site} {wire.EXTERNAL_SPLIT}", external[-1]))
+                           self._shown(f"{site} {wire.EXTERNAL_SPLIT}", external[-1]),
+                           seconds=(None, reply.metrics.get(wire.EVAL_SECONDS)))
                 continue
             val, test = (self._shown(f"{site} {s}", from_record(reply.metrics, s))
                          for s in ("val", "test"))
-            self._line(record.round, site, train.get(site, {}).get("train_loss"), val, test)
+            trained = train.get(site, {})
+            self._line(record.round, site, trained.get("train_loss"), val, test,
+                       seconds=(trained.get(wire.TRAIN_SECONDS),
+                                reply.metrics.get(wire.EVAL_SECONDS)))
         for failure in record.failures.get("evaluate", []):
-            log.warning("round %d: evaluation reply failed: %s", record.round, failure)
+            log.warning("round %d: evaluation reply failed: %s", record.round,
+                        one_line(failure))
         trained = [r for r in record.evaluate if wire.EXTERNAL_SPLIT not in report_splits(r.metrics)]
         val = self._shown("GLOBAL val", pool_sites([from_record(r.metrics, "val") for r in trained]))
         test = self._shown("GLOBAL test",
@@ -92,12 +108,16 @@ class ConsoleTable:
             figures |= {key: NA for key in SPLIT_DEPENDENT}
         return figures
 
-    def _line(self, rnd, site, train_loss, val, test, suffix=""):
+    def _line(self, rnd, site, train_loss, val, test, suffix="", seconds=(None, None)):
         def fmt(v):
             return f"{v:8.3f}" if isinstance(v, float) else f"{_blank(v):>8}"
-        log.info("%5d %-9s %10s %s %s %s %s %s%s", rnd, site, fmt(train_loss).strip().rjust(10),
-                 fmt(val.get("loss")), fmt(val.get("mcc")), fmt(test.get("accuracy")),
-                 fmt(test.get("mcc")), fmt(test.get("auroc")), suffix)
+
+        def secs(v):
+            return f"{v:7.1f}" if isinstance(v, float) else f"{'-':>7}"
+        log.info("%5d %-9s %10s %s %s %s %s %s %s %s%s", rnd, site,
+                 fmt(train_loss).strip().rjust(10), fmt(val.get("loss")), fmt(val.get("mcc")),
+                 fmt(test.get("accuracy")), fmt(test.get("mcc")), fmt(test.get("auroc")),
+                 secs(seconds[0]), secs(seconds[1]), suffix)
 
     def summary(self) -> str:
         """The GLOBAL figures per round, then one line per split whose figures were n/a."""
@@ -130,3 +150,42 @@ def _blank(value) -> str:
 def _cell(figures: dict, key: str, width: int) -> str:
     value = figures.get(key)
     return f"{value:{width}.3f}" if isinstance(value, float) else f"{_blank(value):>{width}}"
+
+
+# Flower's text for an exception a ClientApp raised: "<class 'ValueError'>:<'the message'>".
+_RAISED = re.compile(r"<class '(?:[\w.]*\.)?(\w+)'>:<'(.*)'>", re.S)
+
+
+def one_line(reason: str) -> str:
+    """A site's failure as one line: ``ValueError: message`` for Flower's ``<class ...>:<...>``
+    form, the last line of a traceback, the first line of anything else."""
+    if m := _RAISED.search(reason):
+        reason = reason[:m.start()] + f"{m.group(1)}: {m.group(2)}"
+    head, traceback, trace = reason.partition("Traceback (most recent call last):")
+    first = next((line.strip() for line in head.splitlines() if line.strip()), "")
+    last = next((line.strip() for line in reversed(trace.splitlines()) if line.strip()), "")
+    return " ".join(part for part in (first, last if traceback else "") if part) \
+        or "no reason given"
+
+
+def results_hint(uri: str) -> str:
+    """Where a run's results are and the command that opens them (one line, no credentials)."""
+    from .tracking_store import without_credentials
+
+    if uri.startswith(("http://", "https://")):
+        return f"results: MLflow tracking server {without_credentials(uri)} (open it in a browser)"
+    return (f"results: MLflow store {without_credentials(uri)}; open it with:  "
+            f"MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false {_mlflow_command()} ui "
+            f"--backend-store-uri {without_credentials(uri)} --port 5000")
+
+
+def _mlflow_command() -> str:
+    """This install's ``mlflow`` script: relative to the working directory when inside it."""
+    script = Path(sys.executable).parent / "mlflow"
+    if not script.exists():
+        return "mlflow"
+    try:
+        return str(script.relative_to(Path.cwd()))
+    except ValueError:
+        return str(script)
+

@@ -29,10 +29,10 @@ from strategies.registry import build_strategy as build_flower_strategy
 
 from .checkpoint import CheckpointError, Checkpointer, latest_checkpoint, mark_final, read_final
 from .config import ExperimentConfig
-from .console import ConsoleTable
+from .console import ConsoleTable, results_hint
 from .resume import (DONE, FINETUNE_DIR, PRETRAIN_DIR, RESUME, PhaseResume, find_run_dir,
                      resolve_resume)
-from .tracking import MlflowTracker
+from .tracking import MlflowTracker, tracking_uri
 
 log = logging.getLogger("medfed.server")
 
@@ -142,7 +142,15 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, run_dir: Path,
 
     With ``resume``, each phase continues as ``resolve_resume`` says: a completed phase is
     skipped, an interrupted one continues after its newest checkpoint, a later one starts.
+    The last line says where the results are and how to open them (simulated or deployed).
     """
+    outcome = _run_phases(grid, cfg, run_dir, observers)
+    log.info("%s", results_hint(tracking_uri(cfg, run_dir)))
+    return outcome
+
+
+def _run_phases(grid: Grid, cfg: ExperimentConfig, run_dir: Path,
+                observers: tuple[RoundObserver, ...]) -> PhaseOutcome:
     point = resolve_resume(cfg, run_dir)
     start = None
     if cfg.model.pretrained is not None:     # validated at config load

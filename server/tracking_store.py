@@ -78,3 +78,13 @@ def _without_credentials(parts) -> str:
     if parts.port:
         netloc += f":{parts.port}"
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def without_credentials(uri: str) -> str:
+    """``uri`` as it may appear in a log line: no user, password or (for a server) query."""
+    parts = urlsplit(uri)
+    if parts.scheme in ("http", "https"):
+        return _without_credentials(parts)
+    if "@" in parts.netloc:                        # postgresql://user:password@host/db
+        return uri.replace(parts.netloc, parts.netloc.rsplit("@", 1)[1], 1)
+    return uri

@@ -109,12 +109,13 @@ def run(args: argparse.Namespace) -> int:
     from medfed.deploy.submit import RunRequest, submit
     from medfed.simulation import PROJECT_ROOT
 
-    setup_logging(deploy=True)
+    setup_logging(args.verbose, deploy=True)
     request = RunRequest(overrides=list(args.overrides), superlink=args.superlink,
                          root_cert=Path(args.root_cert),
                          app_dir=Path(args.app_dir) if args.app_dir else PROJECT_ROOT,
                          flwr_home=Path(args.flwr_home), wait_sites=args.wait_sites,
-                         wait_timeout=args.wait_timeout, dry_run=args.dry_run)
+                         wait_timeout=args.wait_timeout, dry_run=args.dry_run,
+                         verbose=args.verbose)
     return submit(request)
 
 

@@ -11,7 +11,8 @@ log = logging.getLogger("medfed")
 
 
 def simulate(args: argparse.Namespace) -> int:
-    """Compose the experiment from Hydra overrides, check the sites, run, point at MLflow."""
+    """Compose the experiment from Hydra overrides, check the sites, run (the ServerApp
+    ends with where the results are and the command that opens them)."""
     from server.config import load_experiment
 
     # Compose first: a bad override is refused before the simulation stack (Ray, the apps)
@@ -34,8 +35,6 @@ def simulate(args: argparse.Namespace) -> int:
         else:
             log.info("run directory %s kept, marked FAILED (%s)", run_dir, reason)
         raise
-    uri = cfg.tracking.uri or f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
-    log.info("open the MLflow UI with:  .venv/bin/mlflow ui --backend-store-uri %s --port 5000", uri)
     return 0
 
 

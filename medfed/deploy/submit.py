@@ -11,6 +11,10 @@ final status decides the exit code.
 preflight (tracking store, every connected site's declared policy) and stops before anything
 trains or is written; the sites answer one policy query each. Only the preflight's lines are
 shown: one per problem (exit 2) or ``preflight ok: ...`` (exit 0).
+
+Of a real run's stream ``medfed run`` shows what ``medfed simulate`` shows (the per-round
+table, site failures by site id, the summary and where the results are); Flower's own lines
+only with ``--verbose`` (``stream.py``).
 """
 
 from __future__ import annotations
@@ -27,11 +31,12 @@ from protocol import wire
 
 from .coordinator import CONNECTION, flwr_cli, write_connection
 from .preflight import DeployError, check_superlink, require_file
-from .process import ANSI, FLOWER_PREFIX, flower_bin, flower_env
+from .process import ANSI, flower_bin, flower_env
+from .stream import StreamFilter
 
 log = logging.getLogger("medfed.deploy")
+STREAM_LOG = logging.getLogger("medfed.run")     # the deployed ServerApp's lines, re-logged
 
-STREAM_DUPLICATE = re.compile(r"^\d\d/\d\d/\d{4} \d\d:\d\d:\d\d:")   # Flower echoes each line
 RUN_STARTED = re.compile(r"Successfully started run (\d+)")
 PREFLIGHT_LINE = re.compile(r"(preflight (ok|problem): .*)$")   # server/app.py logs these
 
@@ -47,6 +52,7 @@ class RunRequest:
     wait_timeout: float = 300.0
     extra_run_config: dict[str, str] = field(default_factory=dict)
     dry_run: bool = False             # the preflight only (run config preflight-only)
+    verbose: bool = False             # also show Flower's own lines of the stream
 
 
 def split_overrides(overrides: list[str]) -> tuple[str, str]:
@@ -122,6 +128,7 @@ def submit(request: RunRequest, *, echo=print) -> int:
     log.info("%s experiment %s (%s) to %s", "preflight of" if request.dry_run else "submitting",
              experiment, overrides or "no overrides", request.superlink)
     run_id, preflight = None, []
+    view = StreamFilter(verbose=request.verbose)
     proc = subprocess.Popen(cmd, env=flower_env(request.flwr_home), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, bufsize=1)
     assert proc.stdout is not None
@@ -131,14 +138,17 @@ def submit(request: RunRequest, *, echo=print) -> int:
             preflight.append(m.group(1))
             if request.dry_run:
                 echo(m.group(1))
-        if not line.strip() or STREAM_DUPLICATE.match(line):
-            continue
         if (m := RUN_STARTED.search(line)) and run_id is None:
             run_id = m.group(1)
-        if not request.dry_run:
-            echo(FLOWER_PREFIX.sub("", line))
+            if not request.dry_run:
+                log.info("run %s started; its log follows%s", run_id,
+                         "" if request.verbose else " (Flower's own lines with --verbose)")
+        if (shown := view(raw)) is not None and not request.dry_run:
+            STREAM_LOG.log(*shown)
     code = proc.wait()
     if run_id is None:
+        for text in view.hidden:          # Flower's reason (unless --verbose showed it)
+            echo(text)
         raise DeployError(f"`flwr run` did not start a run (exit {code}); see the output above")
     status = run_status(run_id, request.flwr_home)
     state = str(status.get("status", "unknown"))

@@ -70,3 +70,48 @@ def test_single_class_pooled_split_is_na_in_the_summary(caplog):
     first = table.summary().splitlines()[1].split()
     assert first[:3] == ["1", "n/a", "n/a"]            # round, val_mcc, test_mcc
     assert "note: GLOBAL val: single class in split (MCC/AUROC undefined)" in table.summary()
+
+
+def test_each_site_line_has_its_train_and_eval_seconds(caplog):
+    from protocol import wire
+
+    train = [SiteReply("site-0", 1, {"train_loss": 0.7, wire.TRAIN_SECONDS: 12.34}),
+             SiteReply("site-1", 2, {"train_loss": 0.9})]            # no timing reported
+    evaluate = [_reply("site-0", _split(GOOD), _split(GOOD)),
+                _reply("site-1", _split(GOOD), _split(GOOD))]
+    evaluate[0].metrics[wire.EVAL_SECONDS] = 3.21
+    record = RoundRecord(round=1, train=train, evaluate=evaluate, wall_seconds=20.0)
+    with caplog.at_level(logging.INFO, logger="medfed.server"):
+        ConsoleTable().on_round_end(record)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0].split()[-2:] == ["train_s", "eval_s"]
+    assert _row(lines, "site-0")[-2:] == ["12.3", "3.2"]
+    assert _row(lines, "site-1")[-2:] == ["-", "-"]
+    assert _row(lines, "GLOBAL")[-1] == "(20.0s)"
+
+
+def test_a_site_failure_is_one_line_naming_the_site(caplog):
+    from server.console import one_line
+
+    raised = "c (node 17): <class 'client.job.JobRefused'>:<'no privacy budget left\nsee log'>"
+    assert one_line(raised) == "c (node 17): JobRefused: no privacy budget left"
+    trace = "b (node 3): Traceback (most recent call last):\n  File \"x\", line 1\nOSError: disk"
+    assert one_line(trace) == "b (node 3): OSError: disk"
+    assert one_line("a (node 1): Error: Node Unavailable\n") == "a (node 1): Error: Node Unavailable"
+    record = RoundRecord(round=2, failures={"train": [raised]})
+    with caplog.at_level(logging.INFO, logger="medfed.server"):
+        ConsoleTable().on_train(record)
+    assert [r.getMessage() for r in caplog.records] == [
+        "round 2: training reply failed: c (node 17): JobRefused: no privacy budget left"]
+
+
+def test_the_results_hint_names_the_store_and_the_command_that_opens_it():
+    from server.console import results_hint
+
+    local = results_hint("sqlite:////srv/runs/demo-1/mlflow.db")
+    assert local.startswith("results: MLflow store sqlite:////srv/runs/demo-1/mlflow.db; ")
+    assert local.split("open it with:  ", 1)[1].startswith("MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false ")
+    assert local.endswith(" ui --backend-store-uri sqlite:////srv/runs/demo-1/mlflow.db --port 5000")
+    server = results_hint("https://alice:s3cret@mlflow.example.org:5000/?token=x")
+    assert server == "results: MLflow tracking server https://mlflow.example.org:5000/ (open it in a browser)"
+    assert "s3cret" not in results_hint("postgresql://alice:s3cret@db/mlflow")

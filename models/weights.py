@@ -22,7 +22,7 @@ TORCH_WEIGHTS_FILE = "pytorch_model.bin"
 MODEL_TYPE = "medfed-mmvit"
 # Fields that change the backbone's weights; a pretrained backbone must agree on all of them.
 ARCHITECTURE = ("spatial_dims", "img_size", "patch_size", "num_sequences", "dim", "depth",
-                "heads", "mlp_ratio", "sequence_fusion")
+                "heads", "mlp_ratio", "sequence_fusion", "input_center")
 
 
 class PretrainedError(ValueError):

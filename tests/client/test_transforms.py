@@ -173,3 +173,20 @@ def test_apps_and_site_datasets_do_not_import_monai():
                             cwd=ROOT, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_volume_augmentation_flips_left_right_only():
+    """3D layouts' grid is superior/posterior/left: only the last axis (left-right) may flip;
+    a head-foot or front-back flip would show a body no site sends (lungs under the liver)."""
+    from client.data.transforms import augmentation
+    image = torch.arange(2 * 4 * 5 * 6, dtype=torch.float32).reshape(2, 4, 5, 6)
+    seen = set()
+    for seed in range(32):
+        out = augmentation(("image",), spatial_dims=3).set_random_state(seed)({"image": image})
+        got = out["image"]
+        if torch.equal(got, image):
+            seen.add("kept")
+        else:
+            assert torch.equal(got, torch.flip(image, (3,))), seed
+            seen.add("left-right")
+    assert seen == {"kept", "left-right"}

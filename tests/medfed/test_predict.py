@@ -135,11 +135,12 @@ def test_predict_gives_the_site_evaluation_probabilities_and_no_phi(layout, tiny
     mlflow.set_tracking_uri(tracking)
     info = mlflow.models.get_model_info(uri)
     spec = ServingSpec.from_metadata(info.metadata)
-    # the composed layout (experiment=ct3 puts ct_volume's grid at 32^3, 4 mm)
-    assert info.metadata[KEY_LAYOUT] == (cfg.data.layout_spec() or load_layout(layout)).to_dict()
+    # the composed layout (experiment=ct3 puts ct_volume's grid at 32^3, 4 mm, and reads a
+    # liver window instead of the lung one)
+    composed = cfg.data.layout_spec() or load_layout(layout)
+    assert info.metadata[KEY_LAYOUT] == composed.to_dict()
     assert spec.class_names == tuple(cfg.task.class_names)
-    assert info.metadata[KEY_PREPROCESSING]["channels"] == list(
-        load_layout(layout).input_channels)
+    assert info.metadata[KEY_PREPROCESSING]["channels"] == list(composed.input_channels)
     # the signature: one tensor [B, *preprocessed study] -> [B, classes]
     assert info.signature.inputs.inputs[0].shape == (-1, *spec.preprocessing()["input_shape"])
     assert info.signature.outputs.inputs[0].shape == (-1, len(spec.class_names))

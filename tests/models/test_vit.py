@@ -138,3 +138,18 @@ def test_exported_classifier_reads_presence_from_zero_channels():
     torch.testing.assert_close(probs.sum(-1), torch.ones(len(x)))
     findings = ExportedClassifier(model, multi_label=True)(x)    # independent per finding
     torch.testing.assert_close(findings, model(x, present).sigmoid())
+
+
+def test_input_center_shifts_every_input_value_before_the_patches():
+    """``input_center`` (experiment=ct3: CT windows in [0, 1] centred at 0.5) is the same
+    model as an uncentred one fed ``x - center``; a non-finite centre is refused."""
+    opts = TINY | {"spatial_dims": 3, "img_size": 16, "sequence_fusion": True}
+    centred = MODELS.build("mmvit", opts | {"input_center": 0.5}).eval()
+    plain = MODELS.build("mmvit", opts).eval()
+    plain.load_state_dict(centred.state_dict())
+    x, present, _ = _batch(size=16, dims=3)
+    x = x.abs().clamp(max=1)                                   # window values in [0, 1]
+    torch.testing.assert_close(centred(x, present), plain(x - 0.5, present))
+    assert not torch.allclose(centred(x, present), plain(x, present))
+    with pytest.raises(ValueError, match="input_center"):
+        ViTConfig(input_center=float("nan"))

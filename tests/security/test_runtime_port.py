@@ -194,9 +194,10 @@ def test_site_start_creates_the_secret_and_gives_it_to_supernode_and_launcher(tm
     monkeypatch.setattr(site_module, "Daemon", FakeDaemon)
     monkeypatch.setattr(Site, "preflight", lambda self: None)
     settings = SiteSettings(site_id="a", data_dir=tmp_path, superlink="x:1",
-                            root_cert=tmp_path / "ca", auth_key=tmp_path / "k",
-                            state_dir=tmp_path / "s")
-    Site(settings).start()
+                            root_cert=tmp_path / "ca",
+                            auth_key=site_keygen(tmp_path / "keys", site="a").private,
+                            state_dir=tmp_path / "s")    # a real key: start() records its
+    Site(settings).start()                               # fingerprint for restarts
     secret = tmp_path / "s" / RUNTIME_SECRET
     check_runtime_secret(secret)                                # created, owner-only
     supernode, launcher = started

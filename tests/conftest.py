@@ -23,6 +23,23 @@ PHI_TAGS = ("PatientName", "PatientID", "PatientBirthDate", "InstitutionName", "
             "ReferringPhysicianName")
 
 
+def _fixed_pseudonym_keys(root: Path) -> Path:
+    """Give every site a fixed pseudonym key, so tests that read a site as deployed (keyed)
+    see the same splits on every run: a fresh random key reshuffles patients, and a 16-patient
+    site then sometimes draws an empty validation split (CI, stop 30)."""
+    import hashlib
+
+    from client.data.pseudonyms import KEY_FILE
+
+    for site in sorted(p for p in root.iterdir() if p.is_dir()):
+        state = site / ".medfed"
+        state.mkdir(mode=0o700, exist_ok=True)
+        key = state / KEY_FILE
+        key.write_bytes(hashlib.sha256(f"medfed-tests/{site.name}".encode()).digest())
+        key.chmod(0o600)
+    return root
+
+
 @pytest.fixture(scope="session")
 def tiny_sites(tmp_path_factory) -> Path:
     """Two small synthetic sites (~16 patients each) written once per session."""
@@ -30,7 +47,7 @@ def tiny_sites(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("sites") / "data"
     synthesize(root, n_sites=2, seed=7, patients=16)
-    return root
+    return _fixed_pseudonym_keys(root)
 
 
 @pytest.fixture(scope="session")
@@ -40,7 +57,7 @@ def three_sites(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("sites3") / "data"
     synthesize(root, n_sites=3, seed=3, patients=12)
-    return root
+    return _fixed_pseudonym_keys(root)
 
 
 def final_weights(run_dir: Path) -> dict:

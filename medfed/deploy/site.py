@@ -81,7 +81,9 @@ class SiteSettings:
     max_wait_time: float | None = 600.0  # seconds of reconnecting before giving up
     role: str = wire.ROLE_TRAIN        # external: evaluates every global model, never trains
     allow: AllowList = AllowList()     # FAB digests this site runs; empty refuses every run
-    layout: str = "brain_mri_4seq"     # the imaging layout preflight reads the data with
+    layout: str = "brain_mri_4seq"     # the imaging layout preflight reads the data with;
+                                       # declared in node config: the layout the site serves
+    foundation_dir: str | None = None  # the site's own directory of pretrained encoders
 
     @property
     def runtime_secret(self) -> Path:
@@ -111,6 +113,12 @@ def node_config(s: SiteSettings) -> dict[str, object]:
         raise DeployError(f"--role must be one of {', '.join(wire.ROLES)}, got {s.role!r}")
     if s.role != wire.ROLE_TRAIN:
         config[wire.NODE_ROLE] = s.role
+    # a layout file by its absolute path: the ClientApp does not run in this directory
+    layout = Path(s.layout)
+    config[wire.NODE_LAYOUT] = str(layout.resolve()) if s.layout.endswith((".yaml", ".yml")) \
+        or "/" in s.layout else s.layout
+    if s.foundation_dir:
+        config[wire.NODE_FOUNDATION_DIR] = str(Path(s.foundation_dir).resolve())
     return config
 
 

@@ -4,7 +4,8 @@
 and refuses an unusable one, checks its key (present, owner-only, see ``check_auth_key``) and that the coordinator is reachable over TLS
 with the hospital's copy of the CA, then runs ``flower-supernode`` with TLS, SuperNode
 authentication and the operator's node config (site id, data directory, privacy budget,
-``require-secagg``; keys from ``protocol.wire``). Connections are outbound only. A lost
+``require-secagg``, the layout its data were checked with, its foundation-dir; keys from
+``protocol.wire``). Connections are outbound only. A lost
 connection is retried with exponential backoff (Flower's retry invoker, bounded by
 ``--max-retries``/``--max-wait-time``) and every retry is logged under the site id. A site
 restarted at once after being killed finds the coordinator still holding its previous session

@@ -56,6 +56,10 @@ def test_readme_and_deploy_guide_show_the_same_sequence():
     assert any(c.startswith("medfed run experiment=dpsgd") for c in readme)
 
 
+# what a command left running needs up before it starts (a foreground command: everything)
+NEEDS = {"server": (), "mlflow": (), "site": ("server",)}
+
+
 def _kind(command: str) -> str:
     for kind, pattern in (("server", r"^medfed server "), ("mlflow", r"\bmlflow server "),
                           ("site", r"^medfed site --")):
@@ -79,7 +83,7 @@ class Guide:
         name = f"step-{number:02d}"
         if command.endswith("&"):
             kind = _kind(command)
-            self.wait(lambda k: k != kind)          # sites need the coordinator up, not each other
+            self.wait(NEEDS[kind].__contains__)     # a site needs the coordinator up, no more
             self.children.start(name, ["bash", "-c", command[:-1].strip()], cwd=self.folder)
             self.pending.append((kind, name, command))
             return

@@ -6,8 +6,8 @@ server``, the MLflow server step, three ``medfed site`` daemons with the guide's
 are in MLflow.
 
 Substituted, and nothing else: every port (a free loopback port each), the folder (a temp
-dir), and the run's ``federation.num_rounds`` (the guide's 3 rounds cost ~1 min each here;
-CI runs 1). Commands the guide leaves running (``&``) are started in the background, each in
+dir), and ``federation.num_rounds`` of the dry run and the run (the guide's 3 rounds cost
+about a minute each here; CI runs 1). Commands the guide leaves running (``&``) are started in the background, each in
 its own process group, waited for with bounded waits (what the guide tells the reader to wait
 for) and killed at the end."""
 
@@ -124,7 +124,7 @@ def test_the_guide_runs_as_written_on_loopback(children, tmp_path, monkeypatch):
     ports = {p: free_port() for _, p in PORT.findall(" ".join(commands))}
     commands = [PORT.sub(lambda m: m.group(1) + str(ports[m.group(2)]), c) for c in commands]
     commands = [ROUNDS.sub(f"federation.num_rounds={CI_ROUNDS}", c)
-                if c.startswith("medfed run experiment=") else c for c in commands]
+                if c.startswith("medfed run ") else c for c in commands]
     # "the environment active": this interpreter's medfed and mlflow, this tree's code
     monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("PYTHONPATH", str(PROJECT_ROOT))
@@ -135,12 +135,13 @@ def test_the_guide_runs_as_written_on_loopback(children, tmp_path, monkeypatch):
         guide.run(number, command)
 
     shown = {c.split(" tracking")[0]: out for c, out in guide.outputs.items()}
+    rounds = f"experiment=dpsgd federation.num_rounds={CI_ROUNDS}"
     assert "preflight ok: 3 sites (site-a, site-b, site-c train)" in \
-        shown["medfed run --dry-run experiment=dpsgd"]
+        shown[f"medfed run --dry-run {rounds}"]
     listed = next(out for c, out in guide.outputs.items() if c.startswith("medfed sites "))
     assert all(re.search(rf"{site}\s+online", listed) for site in ("site-a", "site-b", "site-c")), \
         listed
-    ran = shown[f"medfed run experiment=dpsgd federation.num_rounds={CI_ROUNDS}"]
+    ran = shown[f"medfed run {rounds}"]
     assert '"status": "finished:completed"' in ran, ran[-4000:]
     mlflow = next(f"http://127.0.0.1:{PORT.search(c).group(2)}" for c in commands
                   if "mlflow server" in c)

@@ -114,10 +114,10 @@ def node_config(s: SiteSettings) -> dict[str, object]:
         raise DeployError(f"--role must be one of {', '.join(wire.ROLES)}, got {s.role!r}")
     if s.role != wire.ROLE_TRAIN:
         config[wire.NODE_ROLE] = s.role
-    # a layout file by its absolute path: the ClientApp does not run in this directory
-    layout = Path(s.layout)
-    config[wire.NODE_LAYOUT] = str(layout.resolve()) if s.layout.endswith((".yaml", ".yml")) \
-        or "/" in s.layout else s.layout
+    # the layout the data were checked with (start-up check): the site declares it and serves
+    # jobs of it; a file by its absolute path, the ClientApp does not run in this directory
+    is_file = s.layout.endswith((".yaml", ".yml")) or "/" in s.layout
+    config[wire.NODE_LAYOUT] = str(Path(s.layout).resolve()) if is_file else s.layout
     if s.foundation_dir:
         config[wire.NODE_FOUNDATION_DIR] = str(Path(s.foundation_dir).resolve())
     return config

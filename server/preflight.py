@@ -90,8 +90,12 @@ def run_preflight(grid: Grid, cfg: ExperimentConfig, *,
     if tracking:
         raise PreflightError([tracking])
     wait_for_quorum(grid, cfg.strategy.min_available_sites, cfg.federation.quorum_timeout)
-    policies, silent = ask_policies(grid, min(policy_timeout, cfg.federation.round_timeout),
-                                    job=preflight_job(cfg))
+    job, builds = preflight_job(cfg)
+    # A site asked about a foundation model builds it from its own weights to compare digests:
+    # as long as a round's set-up, so it gets a round's time; a plain policy answer is quick.
+    timeout = cfg.federation.round_timeout if builds else \
+        min(policy_timeout, cfg.federation.round_timeout)
+    policies, silent = ask_policies(grid, timeout, job=job)
     for line in silent:
         log.warning("preflight: %s (not counted as a site)", line)
     problems, warnings = policy_problems(cfg, policies)
@@ -102,10 +106,11 @@ def run_preflight(grid: Grid, cfg: ExperimentConfig, *,
     return PreflightReport(tuple(policies), tuple(warnings))
 
 
-def preflight_job(cfg: ExperimentConfig) -> ConfigRecord:
+def preflight_job(cfg: ExperimentConfig) -> tuple[ConfigRecord, bool]:
     """The job the sites are asked whether they can serve: ``cfg``'s, as its train messages
     will carry it; a foundation model's base digest from the model built here as the run
-    builds it (the weights load only for such a model)."""
+    builds it (the weights load only for such a model). And whether the sites will build
+    the model to answer (a foundation model)."""
     from models import MODELS
     from models.foundation import FOUNDATION_DIR
 
@@ -118,7 +123,7 @@ def preflight_job(cfg: ExperimentConfig) -> ConfigRecord:
                          cfg.task_options(), foundation_dir=cfg.model.foundation_dir)
         digest = base_digest(model)
     # a private job names a run id; this one is asked about, never trained or charged
-    return cfg.job_spec(run_id="preflight", base_digest=digest).to_record()
+    return cfg.job_spec(run_id="preflight", base_digest=digest).to_record(), bool(digest)
 
 
 def ask_policies(grid: Grid, timeout: float, job: ConfigRecord | None = None

@@ -107,7 +107,7 @@ def _job(*overrides) -> dict:
     from server.config import load_experiment
     from server.preflight import preflight_job
 
-    return dict(preflight_job(load_experiment(["experiment=smoke", *overrides])))
+    return dict(preflight_job(load_experiment(["experiment=smoke", *overrides]))[0])
 
 
 def test_asked_with_a_job_the_site_says_whether_it_reads_its_layout(tmp_path):

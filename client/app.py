@@ -29,6 +29,7 @@ from .privacy.declared import declared_policy
 from .privacy.policy import admit_round, node_settings, releasable_metrics
 from .queries import (QueryLimits, SiteQueryLog, arrays_digest, state_dir,
                       suppress_small_counts)
+from .readiness import asks_for_job, job_readiness
 from .runtime import SiteConfigError, SiteDataCache, resolve_site, site_logger
 
 # Site-owned state across rounds (node context state; never sent).
@@ -222,7 +223,8 @@ def make_client_app(*, sim_data_root: Path | None = None, sim_train_sites: int |
     @app.query()
     def query(msg: Message, context: Context) -> Message:
         """The server asks who this site is (its role) or, before a run, its policy
-        (``protocol.policy``); answered from node config and the site's ledger only."""
+        (``protocol.policy``); answered from node config and the site's ledger only, and,
+        asked with the run's job, whether it can serve it (``client.readiness``: flags)."""
         asked = msg.content.config_records.get(wire.CONFIG, ConfigRecord()).get(wire.QUERY)
         if asked not in (wire.QUERY_ROLE, wire.QUERY_POLICY):
             raise ValueError(f"unknown query {asked!r}")
@@ -231,8 +233,15 @@ def make_client_app(*, sim_data_root: Path | None = None, sim_train_sites: int |
                                                        wire.NODE_ROLE: site.role})})
         if asked == wire.QUERY_POLICY:
             settings = node_settings(context.node_config, site.data_dir, simulated=site.simulated)
-            content[wire.POLICY] = declared_policy(settings, site.data_dir, site_id=site.site_id,
-                                                   role=site.role).to_record()
+            policy = declared_policy(settings, site.data_dir, site_id=site.site_id,
+                                     role=site.role)
+            config = msg.content[wire.CONFIG]
+            if asks_for_job(config):      # what of the job it can serve: flags only
+                ready = job_readiness(config, settings, site.data_dir)
+                policy = replace(policy, layout_ok=ready.layout_ok,
+                                 weights_found=ready.weights_found,
+                                 weights_match=ready.weights_match)
+            content[wire.POLICY] = policy.to_record()
         return Message(content=content, reply_to=msg)
 
     def evaluate_split(engine: Engine, model, data, min_size: int

@@ -113,7 +113,10 @@ def _add_deploy_parsers(sub) -> None:
                    help="file of approved digests, one per line, # comments (repeatable)")
     p.add_argument("--layout", default="brain_mri_4seq", metavar="NAME|FILE",
                    help="imaging layout the start-up check reads the data with (a shipped "
-                        "layout or a YAML file; jobs bring their own)")
+                        "layout or a YAML file); the site declares it and serves jobs of it")
+    p.add_argument("--foundation-dir", metavar="DIR",
+                   help="the site's directory of pretrained encoders (node config "
+                        "foundation-dir): a foundation-model job names one by a bare name")
     p.set_defaults(func=Handler("deploy", "site"))
 
     p = sub.add_parser("app digest", help="print the SHA-256 digest of an app release (a .fab "

@@ -5,6 +5,8 @@ A site answers a ``query`` message asking :data:`~protocol.wire.QUERY_POLICY` wi
 (require-dp, require-secagg, role, whether a budget is set) and the budget's numbers with the
 epsilon its ledger has spent. No data counts, nothing about its studies. The site encodes it
 with ``to_record``; the server decodes it with ``from_record``, distrusting every field.
+Asked with the experiment's job, it also answers whether it can serve it (layout, foundation
+weights present and of the job's frozen-base digest; ``client/readiness.py``): flags only.
 
 What a site declares is a courtesy to fail early; it enforces the same policy on every round
 it is asked to train (``client/privacy/policy.py``), whatever the preflight concluded.
@@ -42,6 +44,10 @@ class SitePolicy:
         What the site's ledger has spent, composed at its ``delta``, rounded up to 0.01.
     max_run_epsilon, min_noise_multiplier : float, optional
         The operator's per-run cap and noise floor (node config), None when unset.
+    layout_ok, weights_found, weights_match : bool, optional
+        Asked with a job: the site reads its layout; a foundation model's weights NAME is in
+        its foundation-dir; its frozen base has the job's digest. None: not asked, or not
+        needed by the job (no foundation model; weights not found, so not compared).
     """
     site_id: str
     role: str = wire.ROLE_TRAIN
@@ -52,6 +58,9 @@ class SitePolicy:
     epsilon_spent: float = 0.0
     max_run_epsilon: float | None = None
     min_noise_multiplier: float | None = None
+    layout_ok: bool | None = None
+    weights_found: bool | None = None
+    weights_match: bool | None = None
 
     @property
     def has_budget(self) -> bool:
@@ -71,6 +80,9 @@ class SitePolicy:
         for key, value in _OPTIONAL_NUMBERS:
             if getattr(self, value) is not None:
                 record[key] = float(getattr(self, value))
+        for key, value in _OPTIONAL_FLAGS:
+            if getattr(self, value) is not None:
+                record[key] = bool(getattr(self, value))
         return record
 
     @classmethod
@@ -105,10 +117,14 @@ class SitePolicy:
         return cls(site_id=get(wire.SITE_ID, str, ""), role=role,
                    require_dp=get(wire.NODE_REQUIRE_DP, bool, False),
                    require_secagg=get(wire.NODE_REQUIRE_SECAGG, bool, False),
-                   epsilon_spent=spent, **numbers)
+                   epsilon_spent=spent, **numbers,
+                   **{value: get(key, bool) for key, value in _OPTIONAL_FLAGS})
 
 
 # SitePolicy field -> its key; absent from the record when None
 _OPTIONAL_NUMBERS = ((wire.NODE_DP_EPSILON, "epsilon"), (wire.NODE_DP_DELTA, "delta"),
                      (wire.NODE_DP_MAX_RUN_EPSILON, "max_run_epsilon"),
                      (wire.NODE_DP_MIN_NOISE, "min_noise_multiplier"))
+# SitePolicy field -> its key; absent from the record when None (not asked or not needed)
+_OPTIONAL_FLAGS = ((wire.POLICY_LAYOUT_OK, "layout_ok"), (wire.POLICY_WEIGHTS_FOUND,
+                   "weights_found"), (wire.POLICY_WEIGHTS_MATCH, "weights_match"))

@@ -123,6 +123,8 @@ NODE_REQUIRE_DP = "require-dp"       # default true when a budget is set: refuse
 NODE_REQUIRE_SECAGG = "require-secagg"   # true: refuse to send a plaintext model update
 NODE_CONFIG_FILE = "node-config.toml"  # simulation: per-site stand-in for --node-config
 NODE_ROLE = "role"                   # "train" (default) or "external": evaluates, never trains
+NODE_LAYOUT = "layout"               # the layout the site's data were checked with at start
+                                     # (a shipped name or the operator's YAML file)
 NODE_FOUNDATION_DIR = "foundation-dir"   # the site's own directory of pretrained encoders; a
                                      # job names one by a bare name, never by a path (relative:
                                      # under data-dir)
@@ -141,6 +143,11 @@ POLICY = "policy"                    # ConfigRecord: the site's declared policy,
                                      # own epsilon accounting only, from its node config
 POLICY_HAS_BUDGET = "has-budget"     # bool: the operator set a (dp-epsilon, dp-delta) budget
 POLICY_EPSILON_SPENT = "dp-epsilon-spent"   # the site's ledger, composed at its own delta
+# Asked with the job (the query's CONFIG also holds the experiment's JobSpec record), answered
+# as flags only (client/readiness.py); absent when the job does not need them:
+POLICY_LAYOUT_OK = "serves-layout"   # bool: the job's layout is one this site can read
+POLICY_WEIGHTS_FOUND = "weights-found"   # bool: foundation weights NAME in its foundation-dir
+POLICY_WEIGHTS_MATCH = "weights-digest-match"   # bool: its frozen base = the job's digest
 
 # Run config (pyproject [tool.flwr.app.config] / `flwr run --run-config`)
 RUN_EXPERIMENT = "experiment"

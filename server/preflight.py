@@ -9,7 +9,12 @@ Run by the ServerApp before anything else (``server/app.py``), and alone by
    timeout; ``protocol/policy.py``) and the experiment is checked against it: non-private
    training against sites that require DP, DP against sites without a budget, plaintext
    updates against sites that require SecAgg, fewer training sites than the strategy's
-   minimum, and a privacy plan a site would certainly refuse (below).
+   minimum, and a privacy plan a site would certainly refuse (below);
+3. the query carries the experiment's job (the record every train message carries; a
+   foundation model's frozen-base digest as built here), and each site answers flags only
+   (``client/readiness.py``): whether it reads the job's layout, whether the foundation
+   weights NAME is in its foundation-dir and gives this digest. Sites that cannot serve the
+   job are named, with the fix.
 
 Budgets: a site composes its whole ledger with the new run, so only it can decide; the
 preflight refuses only what a site would refuse for sure - a DP-SGD target epsilon above a
@@ -32,6 +37,7 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from protocol import wire
+from protocol.layout import DEFAULT_LAYOUT
 from protocol.policy import PolicyDecodeError, SitePolicy
 from strategies.guard import error_summary, wait_for_quorum
 
@@ -84,7 +90,12 @@ def run_preflight(grid: Grid, cfg: ExperimentConfig, *,
     if tracking:
         raise PreflightError([tracking])
     wait_for_quorum(grid, cfg.strategy.min_available_sites, cfg.federation.quorum_timeout)
-    policies, silent = ask_policies(grid, min(policy_timeout, cfg.federation.round_timeout))
+    job, builds = preflight_job(cfg)
+    # A site asked about a foundation model builds it from its own weights to compare digests:
+    # as long as a round's set-up, so it gets a round's time; a plain policy answer is quick.
+    timeout = cfg.federation.round_timeout if builds else \
+        min(policy_timeout, cfg.federation.round_timeout)
+    policies, silent = ask_policies(grid, timeout, job=job)
     for line in silent:
         log.warning("preflight: %s (not counted as a site)", line)
     problems, warnings = policy_problems(cfg, policies)
@@ -95,10 +106,33 @@ def run_preflight(grid: Grid, cfg: ExperimentConfig, *,
     return PreflightReport(tuple(policies), tuple(warnings))
 
 
-def ask_policies(grid: Grid, timeout: float) -> tuple[list[SitePolicy], list[str]]:
-    """Every connected node's declared policy, and a line for each node that gave none."""
+def preflight_job(cfg: ExperimentConfig) -> tuple[ConfigRecord, bool]:
+    """The job the sites are asked whether they can serve: ``cfg``'s, as its train messages
+    will carry it; a foundation model's base digest from the model built here as the run
+    builds it (the weights load only for such a model). And whether the sites will build
+    the model to answer (a foundation model)."""
+    from models import MODELS
+    from models.foundation import FOUNDATION_DIR
+
+    digest = ""
+    if FOUNDATION_DIR in MODELS.resources(cfg.model.name):
+        from models.foundation import base_digest
+        from models.tasks import build
+
+        model, _ = build(cfg.model.name, cfg.model_options(), cfg.task.name,
+                         cfg.task_options(), foundation_dir=cfg.model.foundation_dir)
+        digest = base_digest(model)
+    # a private job names a run id; this one is asked about, never trained or charged
+    return cfg.job_spec(run_id="preflight", base_digest=digest).to_record(), bool(digest)
+
+
+def ask_policies(grid: Grid, timeout: float, job: ConfigRecord | None = None
+                 ) -> tuple[list[SitePolicy], list[str]]:
+    """Every connected node's declared policy (with ``job``: and whether it can serve it),
+    and a line for each node that gave none."""
     nodes = list(grid.get_node_ids())
-    ask = RecordDict({wire.CONFIG: ConfigRecord({wire.QUERY: wire.QUERY_POLICY})})
+    ask = RecordDict({wire.CONFIG: ConfigRecord({**(dict(job) if job else {}),
+                                                 wire.QUERY: wire.QUERY_POLICY})})
     messages = [Message(content=ask, dst_node_id=n, message_type=MessageType.QUERY)
                 for n in nodes]
     policies, silent, answered = [], [], set()
@@ -146,6 +180,7 @@ def policy_problems(cfg: ExperimentConfig, policies: list[SitePolicy]
         problems.append(f"{_names(secure)}: each requires secure aggregation (node config "
                         f"{wire.NODE_REQUIRE_SECAGG}) and this experiment sends plaintext "
                         "updates: run with secagg.enabled=true")
+    problems += serving_problems(cfg, policies)
     if mechanism != wire.DP_NONE:
         phases = [cfg.pretrain_phase(), cfg] if cfg.pretrain.objective else [cfg]
         for phase in phases:
@@ -154,6 +189,29 @@ def policy_problems(cfg: ExperimentConfig, policies: list[SitePolicy]
                 problems += [f"{p.site_id}: {line}" for line in refused]
                 warnings += [f"{p.site_id}: {line}" for line in warned]
     return problems, warnings
+
+
+def serving_problems(cfg: ExperimentConfig, policies: list[SitePolicy]) -> list[str]:
+    """A line per thing some sites said they cannot serve of ``cfg``'s job (layout, foundation
+    weights missing or of another digest), naming them and the fix. A site that did not
+    answer a flag (no job asked, or an older site) is left to refuse in round 1."""
+    problems = []
+    layout = str(cfg.data.layout.get("name") or DEFAULT_LAYOUT)
+    if lost := [p for p in policies if p.layout_ok is False]:
+        problems.append(f"{_names(lost)}: each cannot read layout {layout!r} (their data were "
+                        "checked with another layout at start, or their MedFed does not ship "
+                        f"it): their operators restart them with --layout {layout} (or its "
+                        "YAML file), or run with their layout (data/layout=...)")
+    weights = str(cfg.model.options.get("weights", ""))
+    if missing := [p for p in policies if p.weights_found is False]:
+        problems.append(f"{_names(missing)}: foundation weights {weights!r} not found in their "
+                        f"foundation-dir: copy the coordinator's directory {weights!r} there "
+                        "(medfed site --foundation-dir DIR)")
+    if differ := [p for p in policies if p.weights_match is False]:
+        problems.append(f"{_names(differ)}: foundation weights {weights!r} differ from the "
+                        "coordinator's (frozen-base digest): put the coordinator's copy of "
+                        f"{weights!r} in their foundation-dir")
+    return problems
 
 
 def budget_check(cfg: ExperimentConfig, site: SitePolicy) -> tuple[list[str], list[str]]:

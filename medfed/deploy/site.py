@@ -4,7 +4,8 @@
 and refuses an unusable one, checks its key (present, owner-only, see ``check_auth_key``) and that the coordinator is reachable over TLS
 with the hospital's copy of the CA, then runs ``flower-supernode`` with TLS, SuperNode
 authentication and the operator's node config (site id, data directory, privacy budget,
-``require-secagg``; keys from ``protocol.wire``). Connections are outbound only. A lost
+``require-secagg``, the layout its data were checked with, its foundation-dir; keys from
+``protocol.wire``). Connections are outbound only. A lost
 connection is retried with exponential backoff (Flower's retry invoker, bounded by
 ``--max-retries``/``--max-wait-time``) and every retry is logged under the site id. A site
 restarted at once after being killed finds the coordinator still holding its previous session
@@ -81,7 +82,9 @@ class SiteSettings:
     max_wait_time: float | None = 600.0  # seconds of reconnecting before giving up
     role: str = wire.ROLE_TRAIN        # external: evaluates every global model, never trains
     allow: AllowList = AllowList()     # FAB digests this site runs; empty refuses every run
-    layout: str = "brain_mri_4seq"     # the imaging layout preflight reads the data with
+    layout: str = "brain_mri_4seq"     # the imaging layout preflight reads the data with;
+                                       # declared in node config: the layout the site serves
+    foundation_dir: str | None = None  # the site's own directory of pretrained encoders
 
     @property
     def runtime_secret(self) -> Path:
@@ -111,6 +114,12 @@ def node_config(s: SiteSettings) -> dict[str, object]:
         raise DeployError(f"--role must be one of {', '.join(wire.ROLES)}, got {s.role!r}")
     if s.role != wire.ROLE_TRAIN:
         config[wire.NODE_ROLE] = s.role
+    # the layout the data were checked with (start-up check): the site declares it and serves
+    # jobs of it; a file by its absolute path, the ClientApp does not run in this directory
+    is_file = s.layout.endswith((".yaml", ".yml")) or "/" in s.layout
+    config[wire.NODE_LAYOUT] = str(Path(s.layout).resolve()) if is_file else s.layout
+    if s.foundation_dir:
+        config[wire.NODE_FOUNDATION_DIR] = str(Path(s.foundation_dir).resolve())
     return config
 
 

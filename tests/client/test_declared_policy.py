@@ -99,3 +99,106 @@ def test_the_server_refuses_malformed_policies():
         bad = ConfigRecord(dict(good) | {key: value})
         with pytest.raises(PolicyDecodeError):
             SitePolicy.from_record(bad)
+
+
+# ---- asked with the run's job: what of it the site can serve (flags only) ----
+
+def _job(*overrides) -> dict:
+    from server.config import load_experiment
+    from server.preflight import preflight_job
+
+    return dict(preflight_job(load_experiment(["experiment=smoke", *overrides]))[0])
+
+
+def test_asked_with_a_job_the_site_says_whether_it_reads_its_layout(tmp_path):
+    import json
+
+    from client.data.layout import LAYOUT_DIR, load_layout
+
+    app, brain = make_client_app(), _job()
+    undeclared = SitePolicy.from_record(_ask(app, _node(tmp_path), **brain)[wire.POLICY])
+    assert (undeclared.layout_ok, undeclared.weights_found) == (True, None)
+    chest_site = _node(tmp_path, **{wire.NODE_LAYOUT: "chest_xray"})    # checked with chest
+    reply = _ask(app, chest_site, **brain)[wire.POLICY]
+    assert SitePolicy.from_record(reply).layout_ok is False
+    assert set(reply) - {wire.POLICY_LAYOUT_OK} == set(_ask(app, chest_site)[wire.POLICY])
+    # the operator's own layout file (node config): its name is served, and only there
+    own = tmp_path / "mine.yaml"
+    own.write_text((LAYOUT_DIR / "chest_xray.yaml").read_text().replace(
+        "name: chest_xray", "name: my_chest"))
+    custom = brain | {wire.DATA_LAYOUT: json.dumps(load_layout(own).to_dict())}
+    mine = _node(tmp_path, **{wire.NODE_LAYOUT: str(own)})
+    assert SitePolicy.from_record(_ask(app, mine, **custom)[wire.POLICY]).layout_ok is True
+    assert SitePolicy.from_record(_ask(app, mine, **brain)[wire.POLICY]).layout_ok is False
+    assert SitePolicy.from_record(_ask(app, _node(tmp_path), **custom)[wire.POLICY]
+                                  ).layout_ok is False     # not shipped with its MedFed
+
+
+@pytest.fixture(scope="module")
+def encoders(tmp_path_factory):
+    """The coordinator's encoders, a site with the same copy, one with other weights, one
+    without the directory."""
+    from tests.client.test_foundation_site import save_dinov2
+
+    root = tmp_path_factory.mktemp("encoders")
+    save_dinov2(root / "coordinator" / "dino")
+    save_dinov2(root / "same" / "dino")
+    save_dinov2(root / "other" / "dino", seed=1)
+    (root / "empty").mkdir()
+    return root
+
+
+def _foundation_job(encoders) -> dict:
+    return _job("model=foundation", "model.options.weights=dino", "model.options.lora_rank=2",
+                f"model.foundation_dir={encoders / 'coordinator'}", "task.image_size=32")
+
+
+def test_asked_with_a_foundation_job_the_site_checks_its_own_weights(tmp_path, encoders):
+    app, job = make_client_app(), _foundation_job(encoders)
+    assert job[wire.BASE_DIGEST]
+
+    def answer(**node):
+        reply = _ask(app, _node(tmp_path, **node), **job)[wire.POLICY]
+        assert not any(isinstance(v, str) and str(encoders) in v for v in reply.values())
+        policy = SitePolicy.from_record(reply)
+        return policy.weights_found, policy.weights_match
+
+    assert answer(**{wire.NODE_FOUNDATION_DIR: str(encoders / "same")}) == (True, True)
+    assert answer(**{wire.NODE_FOUNDATION_DIR: str(encoders / "other")}) == (True, False)
+    assert answer(**{wire.NODE_FOUNDATION_DIR: str(encoders / "empty")}) == (False, None)
+    assert answer() == (False, None)                      # no foundation-dir at all
+
+
+@pytest.mark.parametrize("forged", ["../coordinator/dino", "/etc", "a/b", ".."])
+def test_a_forged_weights_name_is_refused_before_any_filesystem_access(tmp_path, encoders,
+                                                                       forged, monkeypatch,
+                                                                       caplog):
+    """Attack: the query names a path (here one that reaches real weights next to the site's
+    own directory). The site refuses the job before it forms or touches any such path."""
+    import builtins
+    import json
+    import pathlib
+
+    import models.foundation.loading as loading
+
+    job = _foundation_job(encoders)
+    job[wire.MODEL_OPTIONS] = json.dumps(json.loads(job[wire.MODEL_OPTIONS]) | {"weights": forged})
+    node = _node(tmp_path, **{wire.NODE_FOUNDATION_DIR: str(encoders / "empty")})
+    touched: list[str] = []
+
+    def guard(original):
+        def guarded(path, *args, **kwargs):
+            if str(encoders) in str(path) or forged.strip("/.") and forged.strip("/.") in str(path):
+                touched.append(str(path))
+                raise AssertionError(f"the site touched {path}")
+            return original(path, *args, **kwargs)
+        return guarded
+
+    for name in ("is_dir", "exists", "stat", "is_file", "open", "iterdir"):
+        monkeypatch.setattr(pathlib.Path, name, guard(getattr(pathlib.Path, name)))
+    monkeypatch.setattr(builtins, "open", guard(builtins.open))
+    monkeypatch.setattr(loading, "load_encoder", guard(loading.load_encoder))
+    monkeypatch.setattr(loading, "read_config", guard(loading.read_config))
+    with pytest.raises(Exception, match="^job-refused: "):
+        _ask(make_client_app(), node, **job)
+    assert "bare name" in caplog.text and touched == []

@@ -172,6 +172,24 @@ def test_node_config_carries_an_external_role_and_refuses_unknown_ones(tmp_path)
         node_config(replace(base, role="observer"))
 
 
+def test_node_config_declares_the_layout_and_the_foundation_dir(tmp_path, monkeypatch):
+    """What the preflight's readiness answer reads (client/readiness.py): the layout the data
+    were checked with (a file by its absolute path) and the site's own encoders directory."""
+    from dataclasses import replace
+
+    from flwr.common.config import parse_config_args
+
+    monkeypatch.chdir(tmp_path)
+    base = SiteSettings(site_id="a", data_dir=tmp_path, superlink="x:1", root_cert=tmp_path,
+                        auth_key=tmp_path, state_dir=tmp_path)
+    assert node_config(base)[wire.NODE_LAYOUT] == "brain_mri_4seq"
+    assert wire.NODE_FOUNDATION_DIR not in node_config(base)
+    config = node_config(replace(base, layout="layouts/mine.yaml", foundation_dir="encoders"))
+    assert config[wire.NODE_LAYOUT] == str(tmp_path / "layouts" / "mine.yaml")
+    assert config[wire.NODE_FOUNDATION_DIR] == str(tmp_path / "encoders")
+    assert parse_config_args([node_config_arg(config)]) == config
+
+
 # ---- the CLI: one line on stderr, exit 2, nothing started ----
 
 def _one_line(result, *needles):

@@ -34,11 +34,13 @@ class SiteGrid:
         self.nodes = {i: {wire.NODE_DATA_DIR: str(tmp_path / name), wire.NODE_SITE_ID: name,
                           **config} for i, (name, config) in enumerate(sites.items(), 1)}
         self.sent: list[str] = []
+        self.timeouts: list[float] = []
 
     def get_node_ids(self):
         return list(self.nodes)
 
     def send_and_receive(self, messages, timeout):
+        self.timeouts.append(timeout)
         replies = []
         for m in messages:
             self.sent.append(m.metadata.message_type)
@@ -181,3 +183,52 @@ def test_budget_checks_refuse_only_what_a_site_would_surely_refuse(tmp_path):
     quiet = _cfg(tmp_path, "privacy=sitedp", "privacy.noise_multiplier=0.9",
                  "strategy.min_train_sites=2")
     assert "below its floor 1" in policy_problems(quiet, [floor, _policy("b")])[0][0]
+
+
+def test_sites_that_cannot_read_the_layout_are_named_with_the_fix(tmp_path):
+    grid = SiteGrid(tmp_path, {"site-a": {}, "site-b": {wire.NODE_LAYOUT: "chest_xray"},
+                               "site-c": {wire.NODE_LAYOUT: "brain_mri_4seq"}})
+    with pytest.raises(PreflightError) as refused:
+        run_preflight(grid, _cfg(tmp_path, "federation.num_sites=3"))
+    assert grid.timeouts == [60.0]
+    assert refused.value.problems == [
+        "site-b: each cannot read layout 'brain_mri_4seq' (their data were checked with another "
+        "layout at start, or their MedFed does not ship it): their operators restart them with "
+        "--layout brain_mri_4seq (or its YAML file), or run with their layout (data/layout=...)"]
+    assert grid.sent == [MessageType.QUERY] * 3
+
+
+def test_sites_without_the_foundation_weights_or_with_other_ones_are_named(tmp_path):
+    """The coordinator builds its base digest and asks with the job; each site answers from
+    its own foundation-dir: one line per problem, naming the sites and the fix."""
+    from tests.client.test_foundation_site import save_dinov2
+
+    encoders = tmp_path / "encoders"
+    for folder, seed in (("coordinator", 0), ("same", 0), ("other", 1)):
+        save_dinov2(encoders / folder / "dinov2-small", seed=seed)
+    (encoders / "empty").mkdir()
+    own = {name: {wire.NODE_FOUNDATION_DIR: str(encoders / name)}
+           for name in ("same", "other", "empty")}
+    grid = SiteGrid(tmp_path, {"hospital-a": own["same"], "hospital-b": own["empty"],
+                               "hospital-c": {}, "hospital-d": own["other"]})
+    cfg = _cfg(tmp_path, *_foundation(encoders), "federation.num_sites=4")
+    with pytest.raises(PreflightError) as refused:
+        run_preflight(grid, cfg)
+    assert refused.value.problems == [
+        "hospital-b, hospital-c: foundation weights 'dinov2-small' not found in their "
+        "foundation-dir: copy the coordinator's directory 'dinov2-small' there (medfed site "
+        "--foundation-dir DIR)",
+        "hospital-d: foundation weights 'dinov2-small' differ from the coordinator's "
+        "(frozen-base digest): put the coordinator's copy of 'dinov2-small' in their "
+        "foundation-dir"]
+    assert str(encoders) not in str(refused.value)      # no site path in the lines
+    # each site builds the model to answer: it gets a round's time, not the quick answer's
+    assert grid.timeouts == [cfg.federation.round_timeout] != [60.0]
+    fixed = SiteGrid(tmp_path, {"hospital-a": own["same"], "hospital-b": own["same"]})
+    assert len(run_preflight(fixed, _cfg(tmp_path, *_foundation(encoders))).policies) == 2
+
+
+def _foundation(encoders) -> tuple[str, ...]:
+    return ("model=foundation", "model.options.weights=dinov2-small",
+            f"model.foundation_dir={encoders / 'coordinator'}", "model.options.lora_rank=2",
+            "task.image_size=32")

@@ -1,0 +1,104 @@
+"""What a site can serve of a job, declared before a run (the preflight's policy query).
+
+The coordinator's preflight asks with the experiment's job (the ``JobSpec`` record every train
+message carries, ``server/preflight.py``). The site answers flags only, from its OWN installed
+code, node config and files, never a path, a file name or a count:
+
+- **layout**: the layout the job reads with is one this site can read. A deployed site
+  declares the layout its data were checked with at start (node config ``layout``:
+  ``medfed site --layout NAME|FILE``) and serves that one; a site that declares none (a
+  simulated one) serves every layout shipped with its installed MedFed.
+- **foundation weights** (a job whose model loads a pretrained encoder): the weights NAME
+  resolves to a directory in the site's node config ``foundation-dir``, and the frozen base the
+  site builds from it has the job's digest - exactly the check a train message meets
+  (``client.foundation.check_site_model``), so the answer cannot disagree with round 1.
+
+The job is decoded as a train message's is (``client.job.decode_job``); its weights name is
+checked to be a bare name before anything touches the filesystem, so a forged query with a
+path or ``..`` in it makes the site read nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from flwr.app import ConfigRecord
+
+from models import MODELS
+from models.foundation import FOUNDATION_DIR, resolve_weights
+from protocol import wire
+from protocol.layout import DEFAULT_LAYOUT
+
+from .foundation import FoundationRefused, check_site_model, site_foundation_dir
+from .job import decode_job
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Readiness:
+    """A site's answer about one job: flags; None where the job does not need the check."""
+    layout_ok: bool
+    weights_found: bool | None = None
+    weights_match: bool | None = None
+
+
+def asks_for_job(config: ConfigRecord) -> bool:
+    """Whether the policy query carries a job (older coordinators ask without one)."""
+    return wire.MODEL_NAME in config
+
+
+def job_readiness(config: ConfigRecord, settings: dict, data_dir: Path) -> Readiness:
+    """This site's :class:`Readiness` for the job in a policy query's ``config`` record.
+
+    Raises
+    ------
+    client.job.JobError
+        The job is malformed or names what this site's registries do not offer (as a train
+        message with it would be refused).
+    """
+    job = decode_job(config, site_seed=0)
+    layout = job.layout.name if job.layout is not None else DEFAULT_LAYOUT
+    ready = Readiness(layout_ok=layout in site_layouts(settings))
+    if FOUNDATION_DIR not in MODELS.resources(job.model_name):
+        return ready
+    # The name was checked by decode_job (FoundationConfig); resolve_weights checks it again
+    # before any path is formed: nothing below reads a path the query could have chosen.
+    name = str(job.model_options.get("weights", ""))
+    directory = site_foundation_dir(settings, data_dir)
+    try:
+        found = resolve_weights(directory, name).is_dir()
+    except ValueError:                      # no foundation-dir here (FoundationLoadError)
+        found = False
+    if not found:
+        return Readiness(ready.layout_ok, weights_found=False)
+    try:
+        model, _ = job.build(foundation_dir=directory)
+        check_site_model(model, job)
+        match = True
+    except FoundationRefused:
+        match = False
+    except (OSError, ValueError) as err:     # unreadable or invalid weights: not the job's base
+        log.warning("foundation weights %r could not be built here: %s", name,
+                    type(err).__name__)
+        match = False
+    return Readiness(ready.layout_ok, weights_found=True, weights_match=match)
+
+
+def site_layouts(settings: dict) -> set[str]:
+    """Names of the layouts this site reads: its declared one (node config ``layout``, a
+    shipped name or the operator's YAML file), else every layout its installed code ships."""
+    from .data.layout import load_layout, shipped_layouts
+
+    declared = settings.get(wire.NODE_LAYOUT)
+    if not declared:
+        return {DEFAULT_LAYOUT, *shipped_layouts()}
+    text = str(declared)
+    if text.endswith((".yaml", ".yml")) or "/" in text or "\\" in text:
+        return {load_layout(text).name}       # the operator's own file (node config)
+    return {text}
+
+
+__all__ = ["Readiness", "asks_for_job", "job_readiness", "site_layouts"]

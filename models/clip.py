@@ -35,6 +35,9 @@ from .text import (load_tokenizer, pad_id, shipped_tokenizer, tokenize, tokenize
 from .vit import MultiModalViT, _init_weights
 
 RECALL_AT = (1, 5)
+# Options that only describe the from-scratch text tower and its projections.
+BERT_OPTIONS = ("embed_dim", "hidden_size", "num_layers", "num_heads", "intermediate_size",
+                "text_dropout", "vocab_size", "temperature", "max_logit_scale")
 
 
 @dataclass(frozen=True)
@@ -214,6 +217,12 @@ class CLIPTask(TaskBase):
         if self.config.tokenizer_dir is not None:
             raise ValueError("task.options.tokenizer_dir must be unset for a foundation pair: "
                              "its tokenizer is read from its own weights directory")
+        defaults = CLIPConfig()
+        sized = [name for name in BERT_OPTIONS
+                 if getattr(self.config, name) != getattr(defaults, name)]
+        if sized:       # not silently ignored: they would describe a tower that is not there
+            raise ValueError(f"task option(s) {', '.join(sized)} size the from-scratch BERT "
+                             "tower; a foundation pair brings its own text tower: remove them")
         model = wrap_pair(backbone, max_length=self.config.max_length)
         directory = str(backbone.directory)      # this side's <foundation_dir>/<weights>
         self.tokenizer = load_tokenizer(directory)

@@ -267,7 +267,7 @@ class MMDINOTask(ClassificationTask):
         if isinstance(backbone, FoundationBackbone):
             from .foundation.objectives import check_pretraining
 
-            check_pretraining(backbone, "mm_dino", cls=True)
+            check_pretraining(backbone, "mm_dino")
             if backbone.config.num_classes != self.dino.num_classes:
                 raise ValueError(f"mm_dino has {self.dino.num_classes} classes but the "
                                  f"foundation model's head {backbone.config.num_classes}")

@@ -183,7 +183,7 @@ class MAETask(TaskBase):
         if isinstance(backbone, FoundationBackbone):
             from .foundation.objectives import check_pretraining, mae_decoder
 
-            check_pretraining(backbone, "mae", cls=True, masking=True)
+            check_pretraining(backbone, "mae")
             decoder = mae_decoder(backbone)
         backbone.head = None         # the MAE has no classifier; fine-tuning adds its own
         return MultiModalMAE(backbone, self.config, decoder)

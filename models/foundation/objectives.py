@@ -13,6 +13,8 @@ each site's own copy, checked by digest.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import Tensor, nn
 
@@ -21,29 +23,70 @@ from .adapt import FoundationBackbone
 from .families import _interpolate_grid
 
 
-def check_pretraining(backbone: FoundationBackbone, objective: str, *, cls: bool = False,
-                      masking: bool = False) -> None:
-    """Refuse, in one line, a family or method the objective cannot start from.
+# What each pretraining objective needs of a foundation backbone.
+NEEDS: dict[str, tuple[str, ...]] = {
+    "mm_dino": ("cls",),             # image-level self-distillation reads the CLS token
+    "mae": ("cls", "masking"),       # hidden tokens; the decoder keeps the CLS slot
+    "clip": ("pair",),               # a text tower (and its tokenizer) beside the image tower
+}
+PAIR_MODEL_TYPES = ("clip", "siglip")     # config.json model_type of a full CLIP/SigLIP pair
 
-    Parameters
-    ----------
-    cls : bool
-        The objective reads a CLS token (DINO's image-level self-distillation, MAE's decoder).
-    masking : bool
-        The objective hides tokens from the encoder (MAE, iBOT's blanked patches do not
-        need it: they blank pixels).
-    """
-    family, method = backbone.family, backbone.config.method
+
+def objective_refusal(objective: str, family: str, method: str, *, has_cls: bool,
+                      masks_tokens: bool, pair: bool) -> str | None:
+    """Why ``objective`` cannot start from a ``family`` encoder trained with ``method``
+    (one line), or None. The site checks the built backbone (``check_pretraining``); the
+    coordinator checks the directory at config load (``directory_refusal``)."""
+    needs = NEEDS.get(objective)
+    if needs is None:
+        return None
     if method == "linear_probe":
-        raise ValueError(f"{objective} from a foundation model cannot use method=linear_probe "
-                         "(it trains only the class head); use lora, dora, ia3 or full")
-    if cls and not backbone.seams.has_cls:
-        raise ValueError(f"{objective} from a foundation model needs an encoder with a CLS "
-                         f"token; the {family} encoder has none (use dinov2, vit, vit_mae, clip "
-                         "or a MONAI ViT built with classification=True)")
-    if masking and not backbone.seams.masks_tokens:
-        raise ValueError(f"{objective} from a foundation model needs an encoder that takes an "
-                         f"attention mask to hide tokens; the {family} encoder has none")
+        return (f"{objective} from a foundation model cannot use method=linear_probe (it "
+                "trains only the class head); use lora, dora, ia3 or full")
+    if "cls" in needs and not has_cls:
+        return (f"{objective} from a foundation model needs an encoder with a CLS token; the "
+                f"{family} encoder has none (use dinov2, vit, vit_mae, clip or a MONAI ViT "
+                "built with classification=True)")
+    if "masking" in needs and not masks_tokens:
+        return (f"{objective} from a foundation model needs an encoder that takes an attention "
+                f"mask to hide tokens; the {family} encoder has none")
+    if "pair" in needs and not pair:
+        return (f"{objective} from a foundation model needs a CLIPModel or SiglipModel "
+                f"directory (image and text towers); this one holds a {family} vision encoder "
+                "only")
+    return None
+
+
+def check_pretraining(backbone: FoundationBackbone, objective: str) -> None:
+    """Refuse, in one line, a backbone the objective cannot start from (``objective_refusal``)."""
+    reason = objective_refusal(
+        objective, backbone.family, backbone.config.method, has_cls=backbone.seams.has_cls,
+        masks_tokens=backbone.seams.masks_tokens, pair="text_model" in backbone.companions)
+    if reason:
+        raise ValueError(reason)
+
+
+def directory_refusal(directory, objective: str, method: str) -> str | None:
+    """``objective_refusal`` for the encoder directory ``directory``, from its config.json
+    alone (no weights loaded): the coordinator's config-load check."""
+    from .families import FAMILIES
+    from .loading import MONAI_MODEL_TYPE, family_of, read_config
+
+    config = read_config(directory)
+    family = family_of(directory)
+    seams = FAMILIES[family]
+    has_cls = (bool(config.get("constructor", {}).get("classification", False))
+               if family == MONAI_MODEL_TYPE else seams.has_cls)
+    pair = config["model_type"] in PAIR_MODEL_TYPES
+    reason = objective_refusal(objective, family, method, has_cls=has_cls,
+                               masks_tokens=seams.masks_tokens, pair=pair)
+    if reason is None and "pair" in NEEDS.get(objective, ()):
+        from ..text import TOKENIZER_FILES
+
+        if not any((Path(directory) / name).is_file() for name in TOKENIZER_FILES):
+            reason = (f"{objective} from a foundation pair reads its tokenizer from the same "
+                      f"directory, which has none of {', '.join(TOKENIZER_FILES)}")
+    return reason
 
 
 class PretrainedMAEDecoder(nn.Module):
@@ -123,4 +166,5 @@ def mae_decoder(backbone: FoundationBackbone) -> nn.Module | None:
                                 backbone.seams.patch_size(backbone.encoder))
 
 
-__all__ = ["PretrainedMAEDecoder", "check_pretraining", "mae_decoder"]
+__all__ = ["NEEDS", "PretrainedMAEDecoder", "check_pretraining", "directory_refusal", "mae_decoder",
+           "objective_refusal"]

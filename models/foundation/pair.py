@@ -27,8 +27,6 @@ from .adapt import FoundationBackbone
 from .lora import adapt_tower
 from .objectives import check_pretraining
 
-PAIR_FAMILIES = ("clip", "siglip")
-
 
 def sigmoid_loss(logits_per_image: Tensor) -> Tensor:
     """Per-sample SigLIP loss ``[B]``: minus the log-sigmoid of each image-report pair's
@@ -101,10 +99,6 @@ def wrap_pair(backbone: FoundationBackbone, *, max_length: int) -> PretrainedPai
     check_pretraining(backbone, "clip")
     c = backbone.config
     parts = backbone.take_companions()
-    if backbone.family not in PAIR_FAMILIES or "text_model" not in parts:
-        raise ValueError(f"clip from a foundation model needs a CLIPModel or SiglipModel "
-                         f"directory (image and text towers); {c.weights!r} holds a "
-                         f"{backbone.family} vision encoder only")
     positions = parts["text_model"].config.max_position_embeddings
     if max_length > positions:
         raise ValueError(f"task.options.max_length={max_length} exceeds the {c.weights!r} text "
@@ -123,4 +117,4 @@ def wrap_pair(backbone: FoundationBackbone, *, max_length: int) -> PretrainedPai
     return PretrainedPair(backbone, parts)
 
 
-__all__ = ["PAIR_FAMILIES", "PretrainedPair", "sigmoid_loss", "wrap_pair"]
+__all__ = ["PretrainedPair", "sigmoid_loss", "wrap_pair"]

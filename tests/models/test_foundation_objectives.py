@@ -266,6 +266,7 @@ def test_sigmoid_loss_is_siglips():
     ("clip_pair", "clip", {"max_length": 64}, "exceeds"),
     ("clip_pair", "clip", {"tokenizer_dir": "report_vocab"}, "tokenizer_dir must be unset"),
     ("dinov2", "mm_dino", {"num_classes": 4}, "classes"),
+    ("clip_pair", "clip", {"max_length": 16, "num_layers": 4}, "num_layers size the"),
 ])
 def test_combinations_that_cannot_work_are_refused_in_one_line(encoders, weights, objective,
                                                                options, message):

@@ -208,6 +208,27 @@ def test_mae_hidden_patches_reach_no_visible_token(encoders, weights):
     assert not torch.allclose(again[~visible], tokens[~visible], atol=1e-3)
 
 
+@pytest.mark.parametrize("weights,objective,options", [
+    ("mae_pretraining", "mae", {}), ("clip_pair", "clip", {"max_length": 16})])
+def test_a_pretrained_backbone_without_head_exports_and_reloads(encoders, tmp_path, weights,
+                                                                 objective, options):
+    """What a pretraining phase registers (no class head) in the family's own format."""
+    from models.foundation.export import export_foundation, load_export
+
+    model, _ = _build(encoders, weights, objective, options)
+    _randomise_trainable(model.backbone, seed=4)
+    backbone = model.backbone.eval()
+    assert backbone.head is None
+    reloaded = load_export(export_foundation(backbone, tmp_path / "export"))
+    assert reloaded.head is None
+    data = _studies(2)
+    images = torch.stack([d["image"] for d in data])
+    present = torch.stack([d["present"] for d in data])
+    expected = backbone.pool(backbone.forward_features(images, present), present)
+    got = reloaded.pool(reloaded.forward_features(images, present), present)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
 # ---------------------------------------------------------------- CLIP / SigLIP
 
 @pytest.mark.parametrize("family", ["clip", "siglip"])

@@ -233,6 +233,7 @@ class CLIPTask(TaskBase):
                              f"{rows}; the directory's tokenizer and weights do not belong together")
         self.reports = ReportText.of(directory, self.config.max_length)
         self.prompt_tokens = self.tokenize(self.prompts) if self.prompts else None
+        model.tokenizer_sha256 = self.reports.fingerprint
         return model
 
     def step(self, model: CLIPModel, batch: dict[str, Tensor]) -> StepOutput:

@@ -51,6 +51,7 @@ class PretrainedPair(TaskModel):
         self.visual_projection = parts.get("visual_projection")    # CLIP only
         self.logit_scale = parts["logit_scale"]
         self.logit_bias = parts.get("logit_bias")                  # SigLIP only
+        self.tokenizer_sha256 = ""      # set by the task that reads it (part of the base digest)
 
     def encode_image(self, images: Tensor, present: Tensor) -> Tensor:
         """``[B, S, H, W]`` -> unit-norm embeddings ``[B, E]``."""

@@ -253,6 +253,38 @@ def test_clip_from_a_loaded_pair_trains_adapters_on_both_towers(encoders, family
     assert metrics.n == 6 and metrics.auroc is not None
 
 
+def test_a_site_whose_tokenizer_differs_refuses_the_job(encoders, tmp_path):
+    """The tokenizer is part of the pair's base: same weights, another tokenizer.json at the
+    site -> another base digest -> the site refuses before training (as for other weights)."""
+    import shutil
+
+    from client.foundation import FoundationRefused, check_site_model
+    from models.foundation import base_digest
+
+    site_dir = tmp_path / "site-encoders"
+    shutil.copytree(encoders / "clip_pair", site_dir / "clip_pair")
+    options = {"max_length": 16}
+    coordinator, _ = _build(encoders, "clip_pair", "clip", options)
+    same, _ = _build(site_dir, "clip_pair", "clip", options)
+    assert base_digest(same) == base_digest(coordinator)
+    wordpiece_tokenizer(WORDS[:4] + WORDS[:3:-1]).save(str(site_dir / "clip_pair" / "tokenizer.json"))
+    other, _ = _build(site_dir, "clip_pair", "clip", options)
+    job = _job(base_digest(coordinator))
+    assert check_site_model(same, job) is True
+    with pytest.raises(FoundationRefused, match="differ"):
+        check_site_model(other, job)
+
+
+def _job(digest: str):
+    from dataclasses import replace
+
+    from protocol.job import JobSpec
+
+    spec = JobSpec(model_name="foundation", model_options={"weights": "clip_pair"},
+                   task_name="clip", task_options={}, class_names=("a", "b", "c"), image_size=SIZE)
+    return replace(spec, base_digest=digest)
+
+
 def test_the_pairs_own_image_path_is_kept(encoders):
     """With every channel equal to a grey image, the adapted CLIP image tower embeds as the
     pair does on the RGB version of it (patch kernel averaged over RGB, zero channel

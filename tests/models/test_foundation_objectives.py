@@ -392,3 +392,35 @@ def test_mae_per_sample_gradients_are_exact(encoders, weights):
         torch.testing.assert_close(grads[p], p.grad, rtol=0, atol=ATOL, msg=name)
         torch.testing.assert_close(grads[p], individual[0][name] + individual[1][name],
                                    rtol=0, atol=ATOL, msg=name)
+
+
+def test_mae_from_a_loaded_model_trains_under_dp_sgd_through_the_engine(encoders):
+    """The site's DP-SGD path (Poisson batches, per-sample clipping, noise) end to end on the
+    MAE objective with the pretrained decoder: only trainable weights move."""
+    from client.privacy.dpsgd import DPSGDConfig
+
+    model, task = _build(encoders, "mae_pretraining", "mae")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    privacy = DPSGDConfig(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.5,
+                          secure_mode=False, seed=3)
+    metrics = Engine(task, torch.device("cpu")).fit(
+        model, _studies(), TrainConfig(local_epochs=1, batch_size=3, lr=1e-2), privacy=privacy)
+    assert metrics["steps"] == 2
+    moved = {n: (before[n], p.detach()) for n, p in model.named_parameters()}
+    _assert_only_trainable_changed(model, moved)
+
+
+def test_a_pad_token_named_only_in_tokenizer_config_is_used(tmp_path):
+    """CLIP's tokenizer pads with its end-of-text token, which only tokenizer_config.json
+    names; without it the directory is refused (no padding token), as before."""
+    from models.text import load_tokenizer, pad_id, tokenize
+
+    words = ["[UNK]", "[CLS]", "[SEP]", "<|endoftext|>", "cyst", "glioma"]
+    wordpiece_tokenizer(words).save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(ValueError, match="no padding token"):
+        load_tokenizer(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text('{"pad_token": {"content": "<|endoftext|>"}}')
+    tokenizer = load_tokenizer(tmp_path)
+    assert pad_id(tokenizer) == 3
+    ids = tokenize(tokenizer, ["cyst"], 6)["input_ids"][0].tolist()
+    assert ids == [1, 4, 2, 3, 3, 3]

@@ -230,7 +230,8 @@ class CLIPTask(TaskBase):
         if vocab_size(self.tokenizer) > rows:
             raise ValueError(f"the tokenizer in {backbone.config.weights!r} has "
                              f"{vocab_size(self.tokenizer)} tokens but its text tower embeds "
-                             f"{rows}; the directory's tokenizer and weights do not belong together")
+                             f"{rows}; the directory's tokenizer and weights do not belong "
+                             "together")
         self.reports = ReportText.of(directory, self.config.max_length)
         self.prompt_tokens = self.tokenize(self.prompts) if self.prompts else None
         model.tokenizer_sha256 = self.reports.fingerprint

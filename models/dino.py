@@ -276,8 +276,9 @@ class MMDINOTask(ClassificationTask):
 
     @staticmethod
     def _frozen(model: nn.Module) -> set[str]:
-        """The student's frozen weights (a foundation model's base): the teacher shares
-        them as loaded, so they are neither averaged nor kept in the site state."""
+        """The student's frozen weights (a foundation model's base): the teacher's copy
+        equals them (both loaded from this side's directory), so they are neither averaged
+        nor kept in the site state."""
         return {n for n, p in model.named_parameters() if not p.requires_grad}
 
     # --- site state: never aggregated, never sent -------------------------------------

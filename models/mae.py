@@ -136,7 +136,8 @@ class MultiModalMAE(TaskModel):
     """Backbone (``self.backbone``, what fine-tuning keeps) plus the MAE decoder (new unless
     ``decoder`` is given: a pretrained one)."""
 
-    def __init__(self, backbone: MultiModalViT, config: MAEConfig, decoder: nn.Module | None = None):
+    def __init__(self, backbone: MultiModalViT, config: MAEConfig,
+                 decoder: nn.Module | None = None):
         super().__init__()
         self.config = config
         self.backbone = backbone

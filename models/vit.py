@@ -294,4 +294,5 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-__all__ = ["ViTConfig", "MultiModalViT", "TokenEmbedding", "TokenLayout", "patchify", "count_parameters"]
+__all__ = ["ViTConfig", "MultiModalViT", "TokenEmbedding", "TokenLayout", "patchify",
+           "count_parameters"]

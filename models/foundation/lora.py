@@ -115,5 +115,5 @@ def frozen_digest(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
-__all__ = ["NEW_PARTS", "adapt_tower", "apply_method", "frozen_digest", "frozen_keys", "target_pattern",
-           "trainable_keys"]
+__all__ = ["NEW_PARTS", "adapt_tower", "apply_method", "frozen_digest", "frozen_keys",
+           "target_pattern", "trainable_keys"]

@@ -267,7 +267,8 @@ def test_a_site_whose_tokenizer_differs_refuses_the_job(encoders, tmp_path):
     coordinator, _ = _build(encoders, "clip_pair", "clip", options)
     same, _ = _build(site_dir, "clip_pair", "clip", options)
     assert base_digest(same) == base_digest(coordinator)
-    wordpiece_tokenizer(WORDS[:4] + WORDS[:3:-1]).save(str(site_dir / "clip_pair" / "tokenizer.json"))
+    reordered = WORDS[:4] + WORDS[:3:-1]         # the same tokens, other ids
+    wordpiece_tokenizer(reordered).save(str(site_dir / "clip_pair" / "tokenizer.json"))
     other, _ = _build(site_dir, "clip_pair", "clip", options)
     job = _job(base_digest(coordinator))
     assert check_site_model(same, job) is True

@@ -425,3 +425,18 @@ def test_a_pad_token_named_only_in_tokenizer_config_is_used(tmp_path):
     assert pad_id(tokenizer) == 3
     ids = tokenize(tokenizer, ["cyst"], 6)["input_ids"][0].tolist()
     assert ids == [1, 4, 2, 3, 3, 3]
+
+
+def test_mae_decoder_with_another_patch_size_gets_a_new_pixel_predictor(encoders):
+    model, task = _build(encoders, "mae_pretraining", "mae", patch_size=4)
+    assert isinstance(model.decoder, PretrainedMAEDecoder)
+    assert model.decoder.pred.out_features == 16 and model.decoder.pos_embed.shape[1] == 64
+    _assert_only_trainable_changed(model, _train_one_epoch(model, task, _studies()))
+
+
+def test_a_mae_pretraining_directory_also_fine_tunes_supervised(encoders):
+    """The decoder beside the encoder is not part of a supervised model: not held, not
+    digested, not sent."""
+    model, task = _build(encoders, "mae_pretraining", "classification")
+    assert not any("decoder" in k for k in model.state_dict())
+    _assert_only_trainable_changed(model, _train_one_epoch(model, task, _studies(12)[:6]))

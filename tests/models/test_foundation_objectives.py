@@ -286,13 +286,15 @@ def _job(digest: str):
     return replace(spec, base_digest=digest)
 
 
-def test_the_pairs_own_image_path_is_kept(encoders):
-    """With every channel equal to a grey image, the adapted CLIP image tower embeds as the
-    pair does on the RGB version of it (patch kernel averaged over RGB, zero channel
-    embedding): the pretrained alignment is where pretraining starts."""
-    model, _ = _build(encoders, "clip_pair", "clip", {"max_length": 16}, num_channels=1)
-    pair = transformers.CLIPModel.from_pretrained(str(encoders / "clip_pair"),
-                                                  local_files_only=True).eval()
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+def test_the_pairs_own_image_path_is_kept(encoders, family):
+    """With one channel holding a grey image, the adapted image tower embeds as the pair does
+    on the RGB version of it (patch kernel averaged over RGB, zero channel embedding; CLIP's
+    projected CLS, SigLIP's attention pooling): the pretrained alignment is where
+    pretraining starts."""
+    model, _ = _build(encoders, f"{family}_pair", "clip", {"max_length": 16}, num_channels=1)
+    cls = transformers.CLIPModel if family == "clip" else transformers.SiglipModel
+    pair = cls.from_pretrained(str(encoders / f"{family}_pair"), local_files_only=True).eval()
     model.eval()
     gray = torch.randn(2, 1, SIZE, SIZE)
     ours = model.encode_image(gray, torch.ones(2, 1, dtype=torch.bool))
@@ -301,6 +303,22 @@ def test_the_pairs_own_image_path_is_kept(encoders):
     theirs = getattr(theirs, "pooler_output", theirs)
     torch.testing.assert_close(ours, nn.functional.normalize(theirs, dim=-1), rtol=0,
                                atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+def test_an_absent_channel_does_not_reach_the_image_embedding(encoders, family):
+    """Whatever an absent channel holds (SigLIP: its tokens masked out of the attention
+    pooling as well as out of the encoder's attention)."""
+    model, _ = _build(encoders, f"{family}_pair", "clip", {"max_length": 16})
+    model.eval()
+    images = torch.randn(2, S, SIZE, SIZE)
+    present = torch.ones(2, S, dtype=torch.bool)
+    present[:, 1] = False
+    images[:, 1] = 0
+    base = model.encode_image(images, present)
+    garbage = images.clone()
+    garbage[:, 1] = 10 * torch.randn(2, SIZE, SIZE)
+    torch.testing.assert_close(model.encode_image(garbage, present), base, rtol=0, atol=1e-5)
 
 
 def test_sigmoid_loss_is_siglips():

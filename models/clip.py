@@ -35,6 +35,9 @@ from .text import (load_tokenizer, pad_id, shipped_tokenizer, tokenize, tokenize
 from .vit import MultiModalViT, _init_weights
 
 RECALL_AT = (1, 5)
+# Options that only describe the from-scratch text tower and its projections.
+BERT_OPTIONS = ("embed_dim", "hidden_size", "num_layers", "num_heads", "intermediate_size",
+                "text_dropout", "vocab_size", "temperature", "max_logit_scale")
 
 
 @dataclass(frozen=True)
@@ -160,12 +163,23 @@ class CLIPModel(TaskModel):
         text = self.encode_text(input_ids, attention_mask)
         return self.scale() * image @ text.t()
 
+    def similarity_logits(self, image: Tensor, text: Tensor) -> Tensor:
+        """Embeddings ``[B, E]`` x ``[C, E]`` -> scaled similarities ``[B, C]`` (float)."""
+        return self.scale().float() * image.float() @ text.float().t()
+
+    def per_sample_loss(self, logits_per_image: Tensor) -> Tensor:
+        return clip_loss(logits_per_image)
+
 
 class CLIPTask(TaskBase):
     """Image-report contrastive pretraining; labels are only used by the zero-shot metric.
 
     Batches carry ``input_ids``/``attention_mask`` ``[B, L]`` and ``has_report [B]`` besides
     the images (``data_needs.reports``: tokenized as ``tokenize`` does).
+
+    On a foundation backbone (``model=foundation``) the model is the loaded CLIP/SigLIP pair
+    (``models.foundation.pair``): its text tower and its tokenizer, read from the building
+    side's own weights directory, replace the BERT tower and the shipped vocabulary.
     """
 
     batch_coupling = ("InfoNCE normalises each sample's image-report similarity over every "
@@ -190,8 +204,38 @@ class CLIPTask(TaskBase):
         return tokenize(self.tokenizer, texts, self.config.max_length)
 
     def wrap(self, backbone: MultiModalViT) -> CLIPModel:
+        from .foundation.adapt import FoundationBackbone
+
+        if isinstance(backbone, FoundationBackbone):
+            return self._wrap_pair(backbone)
         backbone.head = None         # no classifier here; fine-tuning adds its own
         return CLIPModel(backbone, self.config, pad_id(self.tokenizer))
+
+    def _wrap_pair(self, backbone):
+        from .foundation.pair import wrap_pair
+
+        if self.config.tokenizer_dir is not None:
+            raise ValueError("task.options.tokenizer_dir must be unset for a foundation pair: "
+                             "its tokenizer is read from its own weights directory")
+        defaults = CLIPConfig()
+        sized = [name for name in BERT_OPTIONS
+                 if getattr(self.config, name) != getattr(defaults, name)]
+        if sized:       # not silently ignored: they would describe a tower that is not there
+            raise ValueError(f"task option(s) {', '.join(sized)} size the from-scratch BERT "
+                             "tower; a foundation pair brings its own text tower: remove them")
+        model = wrap_pair(backbone, max_length=self.config.max_length)
+        directory = str(backbone.directory)      # this side's <foundation_dir>/<weights>
+        self.tokenizer = load_tokenizer(directory)
+        rows = model.text.config.vocab_size
+        if vocab_size(self.tokenizer) > rows:
+            raise ValueError(f"the tokenizer in {backbone.config.weights!r} has "
+                             f"{vocab_size(self.tokenizer)} tokens but its text tower embeds "
+                             f"{rows}; the directory's tokenizer and weights do not belong "
+                             "together")
+        self.reports = ReportText.of(directory, self.config.max_length)
+        self.prompt_tokens = self.tokenize(self.prompts) if self.prompts else None
+        model.tokenizer_sha256 = self.reports.fingerprint
+        return model
 
     def step(self, model: CLIPModel, batch: dict[str, Tensor]) -> StepOutput:
         has = batch["has_report"].bool()
@@ -210,7 +254,7 @@ class CLIPTask(TaskBase):
                        batch["attention_mask"][has])                          # [n, n]
         target = torch.arange(n, device=logits.device)
         metrics["retrieval_accuracy"] = float((logits.argmax(1) == target).float().mean())
-        return StepOutput(clip_loss(logits).mean(), n, metrics)
+        return StepOutput(model.per_sample_loss(logits).mean(), n, metrics)
 
     def evaluator(self) -> CLIPEvaluator:
         """InfoNCE within each batch, recall@k over the whole split, zero-shot AUROC."""
@@ -244,17 +288,16 @@ class CLIPEvaluator:
         has = batch["has_report"].bool()
         image = model.encode_image(batch["image"], batch["present"]).float()     # [B, E]
         text = model.encode_text(batch["input_ids"], batch["attention_mask"]).float()
-        scale = model.scale().float()
         loss = image.new_zeros(image.shape[0])
         if int(has.sum()) >= 2:
-            loss[has] = clip_loss(scale * image[has] @ text[has].t())
+            loss[has] = model.per_sample_loss(model.similarity_logits(image[has], text[has]))
         else:
             loss[has] = float("nan")
         if self.prompt_tokens is not None:
             ids, mask = (self.prompt_tokens[k].to(image.device)
                          for k in ("input_ids", "attention_mask"))
             prompts = model.encode_text(ids, mask).float()                          # [C, E]
-            zero_shot = (scale * image @ prompts.t()).softmax(-1)                    # [B, C]
+            zero_shot = model.similarity_logits(image, prompts).softmax(-1)          # [B, C]
         else:
             zero_shot = image.new_zeros(image.shape[0], self.config.num_classes)
         for store, value in ((self.losses, loss), (self.zero_shot, zero_shot), (self.has, has),

@@ -47,6 +47,14 @@ uniform and the DINO loss stayed at ln(out_dim) - the self-distillation term tau
 projectors does without its scale: what remains is what tells the studies apart. A crop batch
 of one token is left as is.
 
+From a pretrained foundation model (``model=foundation``, ``models.foundation``): student and
+teacher both start from the loaded, multi-channel-adapted backbone; the student trains what
+the backbone's ``method`` says (LoRA adapters + new patch/channel embeddings + class head) plus
+the two projection heads, and only those travel. The teacher is site-local: an EMA of the
+student's trainable weights (its frozen base is the same loaded copy, never averaged), kept
+across rounds in the site's state; only its trainable part is stored there. The encoder needs
+a CLS token (``check_pretraining``).
+
 Not DP-SGD ready: centring (either kind) and KoLeo couple the samples of a batch, so one
 sample's loss depends on the others (``batch_coupling``). Use site-level DP for this
 objective.
@@ -156,8 +164,8 @@ class DINOStudent(TaskModel):
         if backbone.head is None:
             raise ValueError("MM-DINOv2 needs a backbone with a class head (num_classes > 0)")
         self.backbone = backbone
-        self.dino_head = ProjectionHead(backbone.config.dim, config)
-        self.ibot_head = ProjectionHead(backbone.config.dim, config)
+        self.dino_head = ProjectionHead(backbone.layout.dim, config)
+        self.ibot_head = ProjectionHead(backbone.layout.dim, config)
         self.dino_head.apply(_init_weights)
         self.ibot_head.apply(_init_weights)
 
@@ -251,25 +259,44 @@ class MMDINOTask(ClassificationTask):
         self.patch_center: Tensor | None = None
         self.class_counts: Tensor | None = None     # labelled studies seen per class (+1)
         self.pseudo_mean: Tensor | None = None      # teacher's mean prediction, unlabelled
+        self.frozen: set[str] = set()               # the student's frozen weight names
 
     def wrap(self, backbone: MultiModalViT) -> DINOStudent:
+        from .foundation.adapt import FoundationBackbone
+
+        if isinstance(backbone, FoundationBackbone):
+            from .foundation.objectives import check_pretraining
+
+            check_pretraining(backbone, "mm_dino")
+            if backbone.config.num_classes != self.dino.num_classes:
+                raise ValueError(f"mm_dino has {self.dino.num_classes} classes but the "
+                                 f"foundation model's head {backbone.config.num_classes}")
+            backbone.take_companions()      # no text tower or decoder in the teacher's copy
         return DINOStudent(backbone, self.dino)
+
+    @staticmethod
+    def _frozen(model: nn.Module) -> set[str]:
+        """The student's frozen weights (a foundation model's base): the teacher's copy
+        equals them (both loaded from this side's directory), so they are neither averaged
+        nor kept in the site state."""
+        return {n for n, p in model.named_parameters() if not p.requires_grad}
 
     # --- site state: never aggregated, never sent -------------------------------------
     def site_state(self) -> dict[str, Tensor]:
         if self.teacher is None:
             return {}
         state = {f"teacher.{k}": v.detach().cpu().clone()
-                 for k, v in self.teacher.state_dict().items()}
+                 for k, v in self.teacher.state_dict().items() if k not in self.frozen}
         return state | {name: getattr(self, name).cpu().clone() for name in self._running}
 
     def load_site_state(self, model: DINOStudent, state: dict[str, Tensor]) -> None:
         """Restore the teacher and centres kept from this site's previous rounds."""
         teacher = {k[len("teacher."):]: v for k, v in state.items() if k.startswith("teacher.")}
-        if set(teacher) != set(model.state_dict()):
+        self.frozen = self._frozen(model)
+        if set(teacher) != set(model.state_dict()) - self.frozen:
             raise ValueError("the stored teacher does not match this model; refusing to mix")
         self.teacher = copy.deepcopy(model).requires_grad_(False)
-        self.teacher.load_state_dict(teacher)
+        self.teacher.load_state_dict(teacher, strict=not self.frozen)
         self._init_running()
         for name in self._running:
             if name in state:        # sites that kept state before pseudo-labels start uniform
@@ -277,6 +304,7 @@ class MMDINOTask(ClassificationTask):
 
     def _ensure_teacher(self, model: DINOStudent, device: torch.device) -> DINOStudent:
         if self.teacher is None:     # first round at this site: teacher = the global student
+            self.frozen = self._frozen(model)
             self.teacher = copy.deepcopy(model).requires_grad_(False)
             self._init_running()
         self.teacher.to(device).eval()
@@ -297,7 +325,7 @@ class MMDINOTask(ClassificationTask):
     def step(self, model: DINOStudent, batch: dict[str, Tensor]) -> StepOutput:
         c, images, present = self.dino, batch["image"], batch["present"]
         backbone = model.backbone
-        cfg = backbone.config
+        cfg = backbone.layout
         teacher = self._ensure_teacher(model, images.device)
         size = cfg.img_size
         local = max(cfg.patch_size, round(size * c.local_size / cfg.patch_size) * cfg.patch_size)
@@ -398,7 +426,8 @@ class MMDINOTask(ClassificationTask):
         """EMA teacher update, after the optimizer moved the student."""
         m = self.dino.teacher_momentum
         for t, s in zip(self.teacher.parameters(), model.parameters()):
-            t.mul_(m).add_(s.detach(), alpha=1 - m)
+            if s.requires_grad:      # a frozen base is the same in both: nothing to average
+                t.mul_(m).add_(s.detach(), alpha=1 - m)
 
 
 

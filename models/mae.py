@@ -10,6 +10,12 @@ reference: the number of visible tokens differs per sample once whole sequences 
 and a fixed-shape batch keeps every layer a plain ``nn.Linear`` for DP-SGD. Nothing attends to
 a masked token, so its content cannot reach any output the loss reads.
 
+From a pretrained foundation model (``model=foundation``): the encoder is the loaded one
+(a ``ViTMAEModel`` or any family that takes an attention mask and has a CLS token), adapted
+to the layout's channels, training what its ``method`` says; the decoder is the directory's
+own when it was saved from ``ViTMAEForPreTraining`` (``PretrainedMAEDecoder``), else a new
+one. What travels: adapters, the adaptation's new parts and the decoder.
+
 DP-ready: the loss is a mean of per-sample terms and every parameter lives in ``nn.Linear``,
 ``nn.LayerNorm`` or the backbone's ``TokenEmbedding``.
 """
@@ -26,7 +32,7 @@ from torch import Tensor, nn
 from .metrics import SplitMetrics
 from .registry import TASKS
 from .task import StepOutput, TaskBase, TaskModel
-from .vit import Block, MultiModalViT, ViTConfig, _init_weights, patchify, \
+from .vit import Block, MultiModalViT, TokenLayout, ViTConfig, _init_weights, patchify, \
     sincos_position_embedding
 
 
@@ -118,21 +124,35 @@ class MAEDecoder(nn.Module):
         return self.pred(self.norm(x))[:, 1:]
 
 
-class MultiModalMAE(TaskModel):
-    """Backbone (``self.backbone``, what fine-tuning keeps) plus the MAE decoder."""
+def decoder_geometry(layout: TokenLayout) -> ViTConfig:
+    """What a new decoder needs to know of a backbone that is not our ViT (a foundation
+    model): its token layout; the decoder's blocks take MAE's defaults otherwise."""
+    return ViTConfig(spatial_dims=layout.spatial_dims, img_size=layout.img_size,
+                     patch_size=layout.patch_size, num_sequences=layout.num_sequences,
+                     dim=layout.dim, depth=1, heads=1, num_classes=0)
 
-    def __init__(self, backbone: MultiModalViT, config: MAEConfig):
+
+class MultiModalMAE(TaskModel):
+    """Backbone (``self.backbone``, what fine-tuning keeps) plus the MAE decoder (new unless
+    ``decoder`` is given: a pretrained one)."""
+
+    def __init__(self, backbone: MultiModalViT, config: MAEConfig,
+                 decoder: nn.Module | None = None):
         super().__init__()
         self.config = config
         self.backbone = backbone
-        self.decoder = MAEDecoder(backbone.config, config)
-        self.decoder.apply(_init_weights)
+        if decoder is None:
+            geometry = (backbone.config if isinstance(backbone, MultiModalViT)
+                        else decoder_geometry(backbone.layout))
+            decoder = MAEDecoder(geometry, config)
+            decoder.apply(_init_weights)
+        self.decoder = decoder
 
     def forward_loss(self, images: Tensor, present: Tensor,
                      generator: torch.Generator | None = None,
                      masked: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Per-sample loss ``[B]`` and the mask used ``[B, S*N]`` (drawn unless given)."""
-        c = self.backbone.config
+        c = self.backbone.layout
         n = c.patches_per_sequence
         if masked is None:
             masked = random_masking(present, n, self.config.mask_ratio,
@@ -158,8 +178,16 @@ class MAETask(TaskBase):
         self.config = config
 
     def wrap(self, backbone: MultiModalViT) -> MultiModalMAE:
+        from .foundation.adapt import FoundationBackbone
+
+        decoder = None
+        if isinstance(backbone, FoundationBackbone):
+            from .foundation.objectives import check_pretraining, mae_decoder
+
+            check_pretraining(backbone, "mae")
+            decoder = mae_decoder(backbone)
         backbone.head = None         # the MAE has no classifier; fine-tuning adds its own
-        return MultiModalMAE(backbone, self.config)
+        return MultiModalMAE(backbone, self.config, decoder)
 
     def step(self, model: MultiModalMAE, batch: dict[str, Tensor]) -> StepOutput:
         loss, _ = model.forward_loss(batch["image"], batch["present"])

@@ -17,6 +17,7 @@ coordinator make a site read a file of its choosing, so it is refused before any
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from pathlib import Path
 
@@ -75,10 +76,28 @@ def load_tokenizer(directory: str | Path | None = None) -> Tokenizer:
         tokenizer = Tokenizer.from_file(str(path))
     else:
         tokenizer = wordpiece_tokenizer(path)
+    configured = _configured_pad(path.parent)
+    if pad_id(tokenizer) is None and configured is not None \
+            and tokenizer.token_to_id(configured) is not None:
+        # e.g. CLIP pads with its end-of-text token, named only in tokenizer_config.json
+        tokenizer.enable_padding(pad_id=tokenizer.token_to_id(configured), pad_token=configured)
     if pad_id(tokenizer) is None:
         raise ValueError(f"tokenizer in {str(path.parent)!r} has no padding token "
                          f"({' or '.join(PAD_TOKENS)})")
     return tokenizer
+
+
+def _configured_pad(directory: Path) -> str | None:
+    """The padding token a Hugging Face ``tokenizer_config.json`` beside it names, if any."""
+    path = directory / "tokenizer_config.json"
+    if not path.is_file():
+        return None
+    try:
+        pad = json.loads(path.read_text()).get("pad_token")
+    except (json.JSONDecodeError, AttributeError):
+        return None
+    pad = pad.get("content") if isinstance(pad, dict) else pad
+    return pad if isinstance(pad, str) else None
 
 
 def wordpiece_tokenizer(vocab: Path | list[str]) -> Tokenizer:
@@ -100,7 +119,10 @@ def wordpiece_tokenizer(vocab: Path | list[str]) -> Tokenizer:
 
 
 def pad_id(tokenizer: Tokenizer) -> int | None:
-    """Id of the padding token, or None if the vocabulary has none."""
+    """Id of the padding token (the one the tokenizer is set to pad with, else ``[PAD]`` or
+    ``<pad>``), or None if the vocabulary has none."""
+    if tokenizer.padding:
+        return int(tokenizer.padding["pad_id"])
     for token in PAD_TOKENS:
         token_id = tokenizer.token_to_id(token)
         if token_id is not None:

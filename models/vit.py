@@ -55,6 +55,27 @@ class ViTConfig:
         return self.patch_size**self.spatial_dims
 
 
+@dataclass(frozen=True)
+class TokenLayout:
+    """How a backbone lays out its tokens - what an objective built on any backbone (our
+    ``MultiModalViT`` or a pretrained ``FoundationBackbone``) reads instead of its config."""
+
+    spatial_dims: int
+    img_size: int
+    patch_size: int
+    num_sequences: int
+    dim: int                        # token width
+    cls_tokens: int = 1             # 1: token 0 is a CLS token; 0: patch tokens only
+
+    @property
+    def patches_per_sequence(self) -> int:
+        return (self.img_size // self.patch_size) ** self.spatial_dims
+
+    @property
+    def patch_dim(self) -> int:
+        return self.patch_size**self.spatial_dims
+
+
 def patchify(images: Tensor, patch_size: int, spatial_dims: int) -> Tensor:
     """``[B, S, *spatial]`` -> ``[B, S, N, P]`` non-overlapping patches, per sequence."""
     p = patch_size
@@ -171,6 +192,11 @@ class MultiModalViT(nn.Module):
         self.head = nn.Linear(2 * config.dim, config.num_classes) if config.num_classes else None
         self.apply(_init_weights)
 
+    @property
+    def layout(self) -> TokenLayout:
+        c = self.config
+        return TokenLayout(c.spatial_dims, c.img_size, c.patch_size, c.num_sequences, c.dim)
+
     def attention_mask(self, present: Tensor, n: int | None = None,
                        hidden: Tensor | None = None) -> Tensor:
         """``present [B, S]`` -> ``attend [B, 1+S*N]``; the CLS token is always attendable.
@@ -268,4 +294,5 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-__all__ = ["ViTConfig", "MultiModalViT", "TokenEmbedding", "patchify", "count_parameters"]
+__all__ = ["ViTConfig", "MultiModalViT", "TokenEmbedding", "TokenLayout", "patchify",
+           "count_parameters"]

@@ -72,10 +72,19 @@ def site_owned_base(model: nn.Module) -> bool:
 
 def base_digest(model: nn.Module) -> str:
     """Digest of every frozen weight of ``model`` (``lora.frozen_digest``): the coordinator
-    sends it with the job; a site whose own base gives another refuses."""
-    from .lora import frozen_digest
+    sends it with the job; a site whose own base gives another refuses. A CLIP/SigLIP pair's
+    tokenizer is part of its base (read from the same directory), so its file's sha256 is
+    folded in: a site that would tokenize reports differently refuses too."""
+    import hashlib
 
-    return frozen_digest(model)
+    from .lora import frozen_digest
+    from .pair import PretrainedPair
+
+    digest = frozen_digest(model)
+    tokenizers = [m.tokenizer_sha256 for m in model.modules() if isinstance(m, PretrainedPair)]
+    if not tokenizers:
+        return digest
+    return hashlib.sha256(f"{digest}|tokenizer:{'|'.join(tokenizers)}".encode()).hexdigest()
 
 
 def dp_refusal(model: nn.Module) -> str | None:

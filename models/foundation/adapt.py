@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..tasks import drop_one_sequence
-from ..vit import patchify
+from ..vit import TokenLayout, patchify
 from .config import FoundationConfig
 from .loading import LoadedEncoder
 
@@ -84,6 +84,9 @@ class FoundationBackbone(nn.Module):
         self.seams = loaded.seams
         self.encoder = loaded.encoder
         self.constructor = loaded.constructor      # MONAI only: what export writes back
+        self.directory = loaded.directory
+        # A plain dict, not submodules: only the objective that takes them holds them.
+        self.companions = dict(loaded.companions)
         family_patch = self.seams.patch_size(self.encoder)
         self.patch_size = config.patch_size or family_patch
         if config.image_size % self.patch_size:
@@ -119,15 +122,37 @@ class FoundationBackbone(nn.Module):
         """One study's input ``(S, H, W)``: what an exported model takes per sample."""
         return (self.config.num_channels, self.config.image_size, self.config.image_size)
 
+    @property
+    def layout(self) -> TokenLayout:
+        """Token layout for objectives (``models.vit.TokenLayout``)."""
+        return TokenLayout(2, self.config.image_size, self.patch_size, self.config.num_channels,
+                           self.seams.hidden_size(self.encoder), int(self.seams.has_cls))
+
+    def take_companions(self) -> dict[str, nn.Module | nn.Parameter]:
+        """The pretrained parts beside the encoder (``LoadedEncoder.companions``), handed
+        over once to the objective that uses them; a second call gets nothing."""
+        parts, self.companions = self.companions, {}
+        return parts
+
     def check_input(self, images: Tensor) -> None:
-        s, size = self.config.num_channels, self.config.image_size
-        if images.ndim != 4 or tuple(images.shape[1:]) != (s, size, size):
-            raise ValueError(f"expected [B, {s}, {size}, {size}] input, got shape "
+        """``[B, S, H, H]`` with H a multiple of the patch size (the configured image size
+        when fine-tuning; DINO's local crops are smaller, positions are interpolated)."""
+        s, size, p = self.config.num_channels, self.config.image_size, self.patch_size
+        if images.ndim != 4 or images.shape[1] != s or images.shape[2] != images.shape[3] \
+                or images.shape[2] % p:
+            raise ValueError(f"expected [B, {s}, {size}, {size}] input (or another square side "
+                             f"that is a multiple of the patch size {p}), got shape "
                              f"{tuple(images.shape)}")
 
-    def attention_mask(self, present: Tensor) -> Tensor:
-        """``present [B, S]`` -> ``attend [B, (1)+S*N]`` (the CLS token always attendable)."""
-        per_token = present.bool().repeat_interleave(self.grid**2, dim=1)    # [B, S*N]
+    def attention_mask(self, present: Tensor, n: int | None = None,
+                       hidden: Tensor | None = None) -> Tensor:
+        """``present [B, S]`` -> ``attend [B, (1)+S*N]`` (the CLS token always attendable);
+        ``n`` patches per channel (default: the configured grid), ``hidden [B, S*N]``
+        (MAE's masked patches) removes tokens no other token may see."""
+        n = self.grid**2 if n is None else n
+        per_token = present.bool().repeat_interleave(n, dim=1)               # [B, S*N]
+        if hidden is not None:
+            per_token = per_token & ~hidden.bool()
         if self.seams.has_cls:
             per_token = torch.cat([torch.ones_like(per_token[:, :1]), per_token], dim=1)
         return per_token
@@ -135,9 +160,10 @@ class FoundationBackbone(nn.Module):
     def embed(self, images: Tensor) -> Tensor:
         """``[B, S, H, W]`` -> tokens ``[B, (1)+S*N, D]`` with positions and channel identity."""
         b, s = images.shape[:2]
+        grid = images.shape[-1] // self.patch_size
         patches = patchify(images, self.patch_size, 2)                       # [B, S, N, p*p]
         per_channel = torch.stack([self.patch_embed[c](patches[:, c]) for c in range(s)], 1)
-        cls_pos, pos = self.seams.position_embedding(self.encoder, self.grid)  # [1, N, D]
+        cls_pos, pos = self.seams.position_embedding(self.encoder, grid)     # [1, N, D]
         tokens = per_channel + self.channel_embed(b)[:, :, None] + pos[:, None]  # [B, S, N, D]
         tokens = tokens.reshape(b, -1, tokens.shape[-1])                      # [B, S*N, D]
         cls = self.seams.cls_token(self.encoder)
@@ -146,26 +172,32 @@ class FoundationBackbone(nn.Module):
         cls = (cls + cls_pos).to(tokens.dtype).expand(b, -1, -1)              # [B, 1, D]
         return torch.cat([cls, tokens], dim=1)
 
-    def forward_features(self, images: Tensor, present: Tensor) -> Tensor:
+    def forward_features(self, images: Tensor, present: Tensor,
+                         hidden: Tensor | None = None) -> Tensor:
         """``images [B, S, H, W]``, ``present [B, S]`` -> normalised tokens ``[B, (1)+S*N, D]``.
 
         Absent channels must be zeroed in ``images`` (StudyDataset does); their tokens are
-        computed but no other token attends to them.
+        computed but no other token attends to them, nor to the ``hidden [B, S*N]`` ones.
         """
         self.check_input(images)
+        if hidden is not None and not self.seams.masks_tokens:
+            raise ValueError(f"the {self.family} encoder has no attention mask, so it cannot "
+                             "hide tokens (masked-image objectives need that)")
+        grid = images.shape[-1] // self.patch_size
         tokens = self.embed(images)
-        return self.seams.encode(self.encoder, tokens, self.attention_mask(present),
-                                 self.config.num_channels, self.grid)
+        return self.seams.encode(self.encoder, tokens,
+                                 self.attention_mask(present, grid * grid, hidden),
+                                 self.config.num_channels, grid)
 
     def pool(self, tokens: Tensor, present: Tensor) -> Tensor:
         """``[B, T, D]`` -> ``[B, 2D]`` (CLS and mean over present tokens) or ``[B, D]``
         (mean only, families without a CLS token)."""
-        weights = self.attention_mask(present).to(tokens.dtype)[..., None]    # [B, T, 1]
-        patch_tokens, patch_weights = tokens, weights
-        if self.seams.has_cls:
-            patch_tokens, patch_weights = tokens[:, 1:], weights[:, 1:]
+        cls = int(self.seams.has_cls)
+        n = (tokens.shape[1] - cls) // self.config.num_channels
+        weights = self.attention_mask(present, n).to(tokens.dtype)[..., None]    # [B, T, 1]
+        patch_tokens, patch_weights = tokens[:, cls:], weights[:, cls:]
         mean = (patch_tokens * patch_weights).sum(1) / patch_weights.sum(1).clamp(min=1)
-        return torch.cat([tokens[:, 0], mean], dim=-1) if self.seams.has_cls else mean
+        return torch.cat([tokens[:, 0], mean], dim=-1) if cls else mean
 
     def forward(self, images: Tensor, present: Tensor) -> Tensor:
         """Class logits ``[B, num_classes]``; full-modality masking while training."""

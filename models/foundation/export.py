@@ -135,7 +135,12 @@ def describe(model: FoundationBackbone, *, adapter: bool, extra: dict | None = N
     """``adaptation.json``: how to use ``adaptation.safetensors`` with ``encoder/``."""
     dim = model.seams.hidden_size(model.encoder)
     s, p = model.config.num_channels, model.patch_size
-    pooled = model.head.in_features
+    # A pretraining objective's backbone (MAE, CLIP) has no class head: an encoder of
+    # pooled features
+    head = None if model.head is None else (
+        f"Linear({model.head.in_features} -> {model.config.num_classes}) on the pooled features "
+        + ("(CLS token, mean of present patch tokens)" if model.seams.has_cls
+           else "(mean of present patch tokens)"))
     return {
         "format": FORMAT, "family": model.family, "config": dataclasses.asdict(model.config),
         "input": f"images [B, {s}, {model.config.image_size}, {model.config.image_size}], "
@@ -147,9 +152,7 @@ def describe(model: FoundationBackbone, *, adapter: bool, extra: dict | None = N
                                "patch projection, which is exported unchanged and unused",
             "channel_embed.embed": f"Linear({s} -> {dim}, no bias) on one-hot channel "
                                    "indicators: added to every token of its channel",
-            "head": f"Linear({pooled} -> {model.config.num_classes}) on the pooled features "
-                    + ("(CLS token, mean of present patch tokens)" if model.seams.has_cls
-                       else "(mean of present patch tokens)"),
+            "head": head,
         },
         "encoder": ENCODER_DIR + "/", "adapter": ADAPTER_DIR + "/" if adapter else None,
         "adapters_merged_into_encoder": model.config.method in ADAPTER_METHODS,
@@ -205,6 +208,8 @@ def load_export(directory: str | Path) -> FoundationBackbone:
     config = FoundationConfig(**meta["config"])
     loaded = load_encoder(directory / ENCODER_DIR, expected_family=meta["family"])
     model = FoundationBackbone(loaded, config)
+    if meta.get("parts", {}).get("head", "") is None:
+        model.head = None                # exported from a pretraining objective
     missing, unexpected = model.load_state_dict(
         load_file(str(directory / ADAPTATION_WEIGHTS)), strict=False)
     missing = [k for k in missing if k.split(".")[0] in NEW_PARTS]

@@ -25,6 +25,7 @@ class FamilySeams(Protocol):
     has_cls: ClassVar[bool]
     lora_targets: ClassVar[tuple[str, ...]]     # attention projections LoRA adapts by default
     dp_unsupported: ClassVar[str | None]        # why DP-SGD's per-sample rule cannot hold
+    masks_tokens: ClassVar[bool]                # ``encode`` honours a per-token key mask
 
     def patch_kernel(self, encoder: nn.Module) -> tuple[Tensor, Tensor | None]:
         """Pretrained patch projection as ``([D, C, p, p] weight, [D] bias or None)``."""
@@ -66,6 +67,7 @@ class _HFViTLike:
 
     has_cls: ClassVar[bool] = True
     dp_unsupported: ClassVar[str | None] = None
+    masks_tokens: ClassVar[bool] = True
 
     def patch_size(self, encoder):
         p = encoder.config.patch_size
@@ -193,6 +195,7 @@ class SamSeams:
 
     name = "sam"
     has_cls = False
+    masks_tokens = False     # no attention-mask argument: a hidden token cannot be hidden
     lora_targets = ("qkv",)
     dp_unsupported = ("SAM's windowed attention folds windows (and here channels) into the "
                       "batch dimension, so a layer's input no longer has one row per sample; "
@@ -237,6 +240,7 @@ class MonaiViTSeams:
     name = "monai_vit"
     lora_targets = ("qkv",)
     dp_unsupported = None
+    masks_tokens = True
 
     def __init__(self, has_cls: bool = False, patch_size: int = 16):
         # Instance-level, unlike the HF families: MONAI keeps neither in a config object, so

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -45,6 +45,14 @@ HF_MODEL_TYPES: dict[str, tuple[str, str, str]] = {
     "sam_vision_model": ("SamVisionModel", "vision_encoder", "sam"),
     "sam": ("SamModel", "vision_encoder", "sam"),
 }
+# A ViTMAE directory saved from ViTMAEForPreTraining also holds the MAE decoder.
+MAE_PRETRAINING = "ViTMAEForPreTraining"
+# Attribute of the full model -> companion name, per family (see LoadedEncoder.companions).
+COMPANIONS: dict[str, tuple[str, ...]] = {
+    "CLIPModel": ("text_model", "text_projection", "visual_projection", "logit_scale"),
+    "SiglipModel": ("text_model", "logit_scale", "logit_bias"),
+    MAE_PRETRAINING: ("decoder",),
+}
 # The constructor arguments of monai.networks.nets.ViT a checkpoint may set.
 MONAI_ARGS = ("in_channels", "img_size", "patch_size", "hidden_size", "mlp_dim", "num_layers",
               "num_heads", "proj_type", "pos_embed_type", "classification", "num_classes",
@@ -62,6 +70,11 @@ class LoadedEncoder:
     seams: FamilySeams
     # MONAI's ViT keeps its constructor arguments nowhere else; export writes them back out.
     constructor: dict | None = None
+    directory: Path | None = None   # where it was loaded from (this side's own directory)
+    # Pretrained parts beside the vision encoder that only a pretraining objective uses
+    # (COMPANIONS): a CLIP/SigLIP text tower, MAE's decoder. Not submodules of the encoder,
+    # so supervised fine-tuning never holds, digests or sends them.
+    companions: dict[str, nn.Module | nn.Parameter] = field(default_factory=dict)
 
 
 def supported_model_types() -> list[str]:
@@ -157,6 +170,9 @@ def _load_hf(directory: Path, model_type: str) -> LoadedEncoder:
     import transformers
 
     class_name, tower, family = HF_MODEL_TYPES[model_type]
+    architectures = json.loads((directory / CONFIG_FILE).read_text()).get("architectures") or []
+    if model_type == "vit_mae" and MAE_PRETRAINING in architectures:
+        class_name, tower = MAE_PRETRAINING, "vit"     # the decoder's weights are there too
     cls = getattr(transformers, class_name)
     # ignore_mismatched_sizes=True only so transformers reports the mismatch to us instead of
     # raising a multi-line error; we refuse any mismatch just below.
@@ -170,7 +186,9 @@ def _load_hf(directory: Path, model_type: str) -> LoadedEncoder:
         raise FoundationLoadError(f"weights in {directory} failed to load: "
                                   f"{info['error_msgs'][0]}")
     encoder = getattr(model, tower) if tower else model
-    return LoadedEncoder(family, encoder, seams_for(family))
+    companions = {name: getattr(model, name) for name in COMPANIONS.get(class_name, ())}
+    return LoadedEncoder(family, encoder, seams_for(family), directory=directory,
+                         companions=companions)
 
 
 def _load_monai(directory: Path, config: dict) -> LoadedEncoder:
@@ -197,7 +215,7 @@ def _load_monai(directory: Path, config: dict) -> LoadedEncoder:
     _refuse_mismatch(directory, own.keys() - state.keys(), state.keys() - own.keys(), mismatched)
     model.load_state_dict(state, strict=True)
     return LoadedEncoder(MONAI_MODEL_TYPE, model, seams_for(MONAI_MODEL_TYPE, **args),
-                         constructor=dict(args))
+                         constructor=dict(args), directory=directory)
 
 
 def save_monai_vit(model: nn.Module, constructor: dict, directory: str | Path) -> Path:

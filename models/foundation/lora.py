@@ -74,6 +74,25 @@ def apply_method(model: FoundationBackbone, method: str, *, rank: int = 8, alpha
     return model
 
 
+def adapt_tower(tower: nn.Module, method: str, *, rank: int = 8, alpha: float = 16.0,
+                targets: tuple[str, ...] = (), dropout: float = 0.0) -> nn.Module:
+    """Set what trains in a pretrained companion tower (CLIP/SigLIP's text tower) the way
+    ``apply_method`` does for the vision encoder: adapters on ``targets`` (everything else
+    frozen), or everything (``full``). Returns the tower (changed in place)."""
+    if method == "full":
+        return tower.requires_grad_(True)
+    if method not in ("lora", "dora", "ia3"):
+        raise ValueError(f"method {method!r} cannot adapt a companion tower; use lora, dora, "
+                         "ia3 or full")
+    from peft import IA3Config, LoraConfig, inject_adapter_in_model
+
+    pattern = target_pattern(targets, within="")
+    config = (IA3Config(target_modules=pattern, feedforward_modules=[]) if method == "ia3"
+              else LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout,
+                              use_dora=method == "dora", target_modules=pattern))
+    return inject_adapter_in_model(config, tower)      # freezes all but the adapters
+
+
 def trainable_keys(model: nn.Module) -> list[str]:
     """Names of parameters that train (what a site sends back)."""
     return [name for name, p in model.named_parameters() if p.requires_grad]
@@ -96,5 +115,5 @@ def frozen_digest(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
-__all__ = ["NEW_PARTS", "apply_method", "frozen_digest", "frozen_keys", "target_pattern",
-           "trainable_keys"]
+__all__ = ["NEW_PARTS", "adapt_tower", "apply_method", "frozen_digest", "frozen_keys",
+           "target_pattern", "trainable_keys"]

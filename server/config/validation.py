@@ -121,10 +121,21 @@ def validate_foundation(cfg: ExperimentConfig) -> None:
         check_weight_files(directory)
     except FoundationLoadError as err:
         raise ConfigError(f"model.options.weights: {err}") from None
+    from models.foundation.objectives import directory_refusal
+
+    method = MODELS.config(cfg.model.name, cfg.model_options()).method
+    refusal = directory_refusal(directory, cfg.task.name, method)
+    if refusal:
+        raise ConfigError(f"model.options.weights={name}: {refusal}")
     reason = FAMILIES[family].dp_unsupported        # a property of the family (class level)
     if cfg.privacy.mechanism == wire.DP_SGD and reason:
         raise ConfigError(f"privacy.mechanism=dp-sgd refused for a {family} foundation model: "
                           f"{reason}; use privacy=sitedp or another family")
+    if cfg.privacy.mechanism == wire.DP_SGD and method in ("dora", "ia3"):
+        # the site's clipper refuses them too (by layer name); say so before any site starts
+        raise ConfigError(f"privacy.mechanism=dp-sgd refused for method={method}: its "
+                          "magnitude/scaling vectors have no per-sample gradient rule; use "
+                          "method=lora or full, or privacy=sitedp")
 
 
 def validate_pretrain(cfg: ExperimentConfig) -> None:

@@ -1,0 +1,58 @@
+"""A pretraining objective that cannot start from the named foundation model is refused at
+config load, in one line, from the coordinator's own directory's config.json - before any
+site builds anything."""
+
+from __future__ import annotations
+
+import pytest
+
+from server.config import ConfigError, load_experiment
+
+from ..models.test_foundation import _save
+from ..models.test_foundation_objectives import _save_pair
+
+
+@pytest.fixture(scope="module")
+def encoders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("encoders")
+    for family in ("dinov2", "siglip", "sam"):
+        _save(family, root / family)
+    _save_pair("clip", root / "clip_pair")
+    _save("clip", root / "clip_no_tokenizer")
+    return root
+
+
+def _load(encoders, weights: str, *overrides: str):
+    return load_experiment(["model=foundation", f"model.options.weights={weights}",
+                            f"model.foundation_dir={encoders}", "task.image_size=32",
+                            *overrides])
+
+
+@pytest.mark.parametrize("weights,overrides,message", [
+    ("siglip", ["pretrain=mm_dino", "pretrain.num_rounds=1"], "needs an encoder with a CLS token"),
+    ("sam", ["pretrain=mae", "pretrain.num_rounds=1"], "needs an encoder with a CLS token"),
+    ("dinov2", ["pretrain=clip", "pretrain.num_rounds=1"], "needs a CLIPModel or SiglipModel"),
+    ("clip_no_tokenizer", ["pretrain=clip", "pretrain.num_rounds=1"], "has none of tokenizer"),
+    ("dinov2", ["pretrain=mae", "pretrain.num_rounds=1", "model.options.method=linear_probe"],
+     "linear_probe"),
+    ("dinov2", ["pretrain=mm_dino", "pretrain.num_rounds=1", "privacy=dpsgd"],
+     "privacy.mechanism=dp-sgd refused"),
+    ("dinov2", ["pretrain=mae", "pretrain.num_rounds=1", "privacy=dpsgd",
+                "model.options.method=dora"], "dp-sgd refused for method=dora"),
+])
+def test_objective_and_foundation_model_that_do_not_fit_fail_at_config_load(
+        encoders, weights, overrides, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        _load(encoders, weights, *overrides)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("weights,pretrain,extra", [
+    ("dinov2", "mm_dino", []), ("dinov2", "mae", []), ("clip_pair", "clip", []),
+    ("dinov2", "mae", ["privacy=dpsgd"]),        # MAE from a foundation model is DP-SGD ready
+])
+def test_objectives_that_fit_compose(encoders, weights, pretrain, extra):
+    cfg = _load(encoders, weights, f"pretrain={pretrain}", "pretrain.num_rounds=1",
+                "pretrain.options.max_length=16" if pretrain == "clip" else "pretrain.lr=null",
+                *extra)
+    assert cfg.pretrain.objective == pretrain

@@ -25,12 +25,14 @@ from pathlib import Path
 import numpy as np
 import pydicom
 
+from .cache import SiteCache
 from .dicom import MAX_DECODED_BYTES, decoded_bytes, pseudonym
 from .intensity import apply_intensity
 from .layout import Channel, Layout, LayoutError, check_volume_layout
 from .matching import match_site
-from .site import (IngestReport, SiteData, SiteDataError, Study, dicom_folder, join_site,
-                   load_site)
+from .sequences import SEQUENCES
+from .site import (IngestReport, SiteData, SiteDataError, Study, decode_site, dicom_folder,
+                   join_site)
 
 # Studies the layout's missing-channel policy (or a channel that failed to decode) drops.
 STUDY_SKIPS = ("study_missing_channel",)
@@ -38,15 +40,30 @@ STUDY_SKIPS = ("study_missing_channel",)
 
 def read_site(site_dir: Path | str, layout: Layout | None,
               class_names: tuple[str, ...] | None = None, *, multi_label: bool = False,
-              key: bytes | None = None, workers: int = 1) -> SiteData:
+              key: bytes | None = None, workers: int = 1,
+              cache: SiteCache | None = None) -> SiteData:
     """A site read through a job's ``layout``; None (brain_mri_4seq) is the default reader
     (:func:`client.data.site.load_site`). The one place training, evaluation and
     ``medfed predict`` choose their reader. ``workers``: decode processes (the default
-    reader only, so far)."""
+    reader only, so far). ``cache``: the site's decoded-study cache (a deployed site's
+    state dir, :mod:`client.data.cache`): the DICOM is decoded once per change of the files,
+    layout or key; labels, reports, masks and splits are joined afresh on every read, so a
+    changed ``labels.csv`` costs no decoding."""
+    site_dir = Path(site_dir)
     if layout is None:
-        return load_site(site_dir, class_names, multi_label=multi_label, key=key,
-                         workers=workers)
-    return load_layout_site(site_dir, layout, class_names, multi_label=multi_label, key=key)
+        def decode():
+            return decode_site(site_dir, key=key, workers=workers)
+        channels = SEQUENCES
+    else:
+        def decode():
+            return decode_layout_site(site_dir, layout, key=key)
+        channels = layout.input_channels
+    if cache is None:
+        studies, report = decode()
+    else:
+        studies, report = cache.decoded(dicom_folder(site_dir), layout, key, decode)
+    return join_site(site_dir, studies, report, class_names, multi_label=multi_label,
+                     channels=channels, key=key)
 
 
 def dataset_options(layout: Layout | None) -> dict:
@@ -79,6 +96,17 @@ def load_layout_site(site_dir: Path | str, layout: Layout,
         A 3D layout without a grid or with a 2D-only intensity, a missing directory or
         ``dicom/`` folder, or nothing usable left.
     """
+    site_dir = Path(site_dir)
+    studies, report = decode_layout_site(site_dir, layout, key=key)
+    return join_site(site_dir, studies, report, class_names, multi_label=multi_label,
+                     channels=layout.input_channels, key=key)
+
+
+def decode_layout_site(site_dir: Path, layout: Layout, *, key: bytes | None = None,
+                       ) -> tuple[list[Study], IngestReport]:
+    """The decode half of :func:`load_layout_site`: studies with their layout channels
+    (no label, report, mask or split yet) and the read counts; a function of the files
+    under ``dicom/``, the layout and ``key`` alone (what :mod:`client.data.cache` keeps)."""
     if layout.dims == "3d":
         try:
             check_volume_layout(layout)
@@ -87,7 +115,6 @@ def load_layout_site(site_dir: Path | str, layout: Layout,
         # Imported here: resampling onto the grid uses MONAI, whose import costs seconds that
         # a 2D layout's site (and the brain reader) should not pay at start-up.
         from .volume_site import read_volume_channel
-    site_dir = Path(site_dir)
     match = match_site(layout, dicom_folder(site_dir), key=key)
     if match.report.files == 0:
         raise SiteDataError(f"data directory {site_dir} is empty: no files under dicom/")
@@ -123,8 +150,7 @@ def load_layout_site(site_dir: Path | str, layout: Layout,
     if not studies:
         raise SiteDataError(f"no usable studies in {site_dir} for layout {layout.name!r}: "
                             f"{report.files} files, skipped {dict(report.skipped)}")
-    return join_site(site_dir, studies, report, class_names, multi_label=multi_label,
-                     channels=layout.input_channels, key=key)
+    return studies, report
 
 
 def _input_names(channel: Channel) -> tuple[str, ...]:

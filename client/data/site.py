@@ -212,6 +212,16 @@ def load_site(site_dir: Path | str, class_names: tuple[str, ...] | None = None, 
         If the directory is missing, has no ``dicom/`` folder, or nothing usable is left.
     """
     site_dir = Path(site_dir)
+    studies, report = decode_site(site_dir, key=key, workers=workers)
+    return join_site(site_dir, studies, report, class_names, multi_label=multi_label, key=key)
+
+
+def decode_site(site_dir: Path, *, key: bytes | None = None, workers: int = 1,
+                ) -> tuple[list[Study], IngestReport]:
+    """The decode half of :func:`load_site`: the site's DICOM as de-identified studies
+    (images only: no label, report, mask or split yet) and the read counts. A function of
+    the files under ``dicom/`` and ``key`` alone, which is what the site cache
+    (:mod:`client.data.cache`) keeps."""
     dicom_dir = dicom_folder(site_dir)
     images, counts = read_directory(dicom_dir, key=key, workers=workers)
     report = IngestReport(files=counts.files, images=counts.images, skipped=counts.skipped)
@@ -221,7 +231,7 @@ def load_site(site_dir: Path | str, class_names: tuple[str, ...] | None = None, 
     if not studies:
         raise SiteDataError(f"no usable studies in {site_dir}: {counts.files} files, "
                             f"skipped {dict(counts.skipped)}")
-    return join_site(site_dir, studies, report, class_names, multi_label=multi_label, key=key)
+    return studies, report
 
 
 def join_site(site_dir: Path, studies: list[Study], report: IngestReport,

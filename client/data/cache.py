@@ -47,6 +47,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
+CACHE_FOLDER = "cache"          # under the site's state dir
 CACHE_FORMAT = 1
 # Bump when a reader's output for the same files changes (a new intensity rule, a fixed bug),
 # so caches written by the old code are not served as if current.
@@ -96,6 +97,13 @@ class SiteCache:
         self.keep = keep
         self.last: str | None = None
         self.changed_files: int | None = None
+
+    def describe(self) -> str:
+        """What the last read did, for the site log (counts only)."""
+        if self.last is None:
+            return "unused"
+        changed = "" if self.changed_files is None else f", {self.changed_files} files changed"
+        return f"{self.last}{changed}"
 
     # -- fingerprint -----------------------------------------------------------------------
     @staticmethod

@@ -1,0 +1,215 @@
+"""The site cache: what it serves equals a fresh decode (brain, chest, CT layouts); a change
+of files, layout or key invalidates it and a change of labels does not; a crashed or corrupt
+write is never served; old caches are removed; nothing in it names a patient."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import stat
+
+import numpy as np
+import pydicom
+import pytest
+
+from client.data import cache as cache_module
+from client.data import layout_site
+from client.data.cache import INDEX, SiteCache
+from client.data.layout import load_layout
+from client.data.layout_site import read_site
+from tests.conftest import CLASSES, phi_strings
+
+KEY = b"cache-tests-key".ljust(32, b".")
+
+
+@pytest.fixture
+def site(tiny_sites, tmp_path):
+    """A private copy of a small brain site (the tests edit its files)."""
+    return shutil.copytree(tiny_sites / "site-0", tmp_path / "site-0")
+
+
+def assert_same(fresh, cached):
+    """Two reads of a site are the same data: studies, arrays (dtype and bits), labels,
+    splits, reports, masks, counts and fingerprint."""
+    assert [s.key for s in cached.studies] == [s.key for s in fresh.studies]
+    for a, b in zip(fresh.studies, cached.studies):
+        assert (a.patient_key, a.label, a.split, a.report) == (b.patient_key, b.label, b.split,
+                                                               b.report)
+        assert list(a.images) == list(b.images)
+        for name in a.images:
+            assert a.images[name].dtype == b.images[name].dtype
+            np.testing.assert_array_equal(a.images[name], b.images[name])
+        assert (a.mask is None) == (b.mask is None)
+    assert cached.report.as_dict() == fresh.report.as_dict()
+    assert cached.fingerprint == fresh.fingerprint
+
+
+def no_decoding(monkeypatch):
+    """Make any decode fail: a read that still works came from the cache."""
+    def boom(*args, **kwargs):
+        raise AssertionError("decoded although the cache was current")
+    monkeypatch.setattr(layout_site, "decode_site", boom)
+    monkeypatch.setattr(layout_site, "decode_layout_site", boom)
+
+
+def test_brain_cache_equals_fresh_decode_and_is_mapped(site, tmp_path, monkeypatch):
+    fresh = read_site(site, None, CLASSES, key=KEY)
+    cache = SiteCache(tmp_path / "cache")
+    first = read_site(site, None, CLASSES, key=KEY, cache=cache)
+    assert cache.last == "miss"
+    assert_same(fresh, first)
+    no_decoding(monkeypatch)
+    second = read_site(site, None, CLASSES, key=KEY, cache=SiteCache(tmp_path / "cache"))
+    assert_same(fresh, second)
+    image = next(iter(second.studies[0].images.values()))
+    assert isinstance(image, np.memmap) and not image.flags.writeable    # mapped, read-only
+
+
+def test_chest_layout_cache_equals_fresh_decode(tmp_path, monkeypatch):
+    from medfed.synth.chest import CLASS_NAMES, synthesize_chest
+
+    synthesize_chest(tmp_path / "data", n_sites=1, seed=5, patients=8)
+    chest, folder = load_layout("chest_xray"), tmp_path / "data" / "site-0"
+    fresh = read_site(folder, chest, CLASS_NAMES, key=KEY)
+    assert read_site(folder, chest, CLASS_NAMES, key=KEY,
+                     cache=SiteCache(tmp_path / "cache")).studies
+    no_decoding(monkeypatch)
+    assert_same(fresh, read_site(folder, chest, CLASS_NAMES, key=KEY,
+                                 cache=SiteCache(tmp_path / "cache")))
+
+
+def test_ct_volume_cache_equals_fresh_decode(tmp_path, monkeypatch):
+    from medfed.synth.ct import CLASS_NAMES, synthesize_ct
+
+    synthesize_ct(tmp_path / "data", n_sites=1, seed=3, patients=4)
+    ct = dataclasses.replace(load_layout("ct_volume"), size=(16, 16, 16), spacing=(8.0, 8.0, 8.0))
+    folder = tmp_path / "data" / "site-0"
+    fresh = read_site(folder, ct, CLASS_NAMES, key=KEY)
+    assert read_site(folder, ct, CLASS_NAMES, key=KEY, cache=SiteCache(tmp_path / "cache")).studies
+    no_decoding(monkeypatch)
+    cached = read_site(folder, ct, CLASS_NAMES, key=KEY, cache=SiteCache(tmp_path / "cache"))
+    assert_same(fresh, cached)
+    assert next(iter(cached.studies[0].images.values())).shape == (16, 16, 16)
+
+
+def test_changed_file_layout_or_key_invalidates_changed_labels_do_not(site, tmp_path):
+    cache = SiteCache(tmp_path / "cache", keep=10)
+    read_site(site, None, CLASSES, key=KEY, cache=cache)
+    # labels.csv is joined afresh: editing it is served from the cache, with the new labels
+    labels = site / "labels.csv"
+    rows = labels.read_text().splitlines()
+    labels.write_text("\n".join(rows[:1] + rows[2:]) + "\n")        # one study unlabelled
+    relabelled = read_site(site, None, CLASSES, key=KEY, cache=cache)
+    assert cache.last == "hit"
+    assert_same(read_site(site, None, CLASSES, key=KEY), relabelled)
+    # one DICOM file rewritten with other pixels: decoded again, the new pixels served
+    path = next(p for p in sorted((site / "dicom").rglob("*.dcm"))
+                if "PixelData" in pydicom.dcmread(p, stop_before_pixels=False))
+    ds = pydicom.dcmread(path)
+    ds.PixelData = (ds.pixel_array // 2).astype(ds.pixel_array.dtype).tobytes()
+    ds.save_as(path)
+    changed = read_site(site, None, CLASSES, key=KEY, cache=cache)
+    assert cache.last == "miss" and cache.changed_files == 1
+    assert_same(read_site(site, None, CLASSES, key=KEY), changed)
+    # another key (pseudonyms differ) and another layout each get their own cache
+    read_site(site, None, CLASSES, key=b"another-key".ljust(32, b"."), cache=cache)
+    assert cache.last == "miss"
+    files = cache.manifest(site / "dicom", KEY)
+    brain = cache.fingerprint(files, None, KEY)
+    assert cache.fingerprint(files, load_layout("chest_xray"), KEY) != brain
+    assert cache.fingerprint(files, None, None) != brain
+
+
+def test_a_crashed_write_leaves_nothing_that_is_served(site, tmp_path, monkeypatch):
+    """The writer dies after the first group: no complete-looking cache dir remains, and the
+    next read decodes and writes a good one."""
+    real = cache_module._write_npy
+
+    def die_after_first(path, *args):
+        real(path, *args)
+        raise OSError("disk full")
+    monkeypatch.setattr(cache_module, "_write_npy", die_after_first)
+    cache = SiteCache(tmp_path / "cache")
+    served = read_site(site, None, CLASSES, key=KEY, cache=cache)
+    assert cache.last == "unwritable"
+    assert cache.entries() == []
+    assert [p for p in (tmp_path / "cache").iterdir()] == []          # no partial leftovers
+    monkeypatch.setattr(cache_module, "_write_npy", real)
+    fresh = read_site(site, None, CLASSES, key=KEY)
+    assert_same(fresh, served)
+    assert_same(fresh, read_site(site, None, CLASSES, key=KEY, cache=cache))
+    assert cache.last == "miss" and len(cache.entries()) == 1
+
+
+@pytest.mark.parametrize("damage", ["truncate_group", "drop_group", "garbage_index",
+                                    "index_points_outside"])
+def test_a_corrupt_cache_is_detected_and_rebuilt(site, tmp_path, damage):
+    cache = SiteCache(tmp_path / "cache")
+    read_site(site, None, CLASSES, key=KEY, cache=cache)
+    fresh = read_site(site, None, CLASSES, key=KEY)      # not mapped: the test cuts the file
+    folder = cache.entries()[0]
+    group = folder / "g000.npy"
+    if damage == "truncate_group":
+        with open(group, "r+b") as f:
+            f.truncate(group.stat().st_size - 4096)
+    elif damage == "drop_group":
+        group.unlink()
+    elif damage == "garbage_index":
+        (folder / INDEX).write_text('{"format": 1, "finger')
+    else:
+        index = json.loads((folder / INDEX).read_text())
+        index["studies"][0]["images"] = {k: [0, 10**6] for k in index["studies"][0]["images"]}
+        (folder / INDEX).write_text(json.dumps(index))
+    rebuilt = read_site(site, None, CLASSES, key=KEY, cache=cache)
+    assert cache.last == "rebuilt"
+    assert_same(fresh, rebuilt)
+    assert_same(fresh, read_site(site, None, CLASSES, key=KEY, cache=cache))
+    assert cache.last == "hit"
+
+
+def test_disk_use_is_bounded_least_recently_used_go_first(site, tmp_path):
+    cache = SiteCache(tmp_path / "cache", keep=2)
+    keys = [bytes([i]) * 32 for i in range(3)]
+    names = []
+    for key in keys:
+        read_site(site, None, CLASSES, key=key, cache=cache)
+        names.append(cache.entries()[-1].name)
+    assert [p.name for p in cache.entries()] == names[1:]               # oldest removed
+    read_site(site, None, CLASSES, key=keys[1], cache=cache)            # use the older one
+    assert cache.last == "hit"
+    read_site(site, None, CLASSES, key=keys[0], cache=cache)            # a third: evict keys[2]
+    assert {p.name for p in cache.entries()} == {names[1], names[0]}
+    assert len(list((tmp_path / "cache").iterdir())) == 2
+
+
+def test_nothing_in_the_cache_names_a_patient_and_it_is_private(site, tmp_path):
+    """Attack: a PACS export whose folders are named after the patient and study. The cache's
+    file names and index must carry none of that (nor any header value or UID), and only the
+    site's account may read it."""
+    leaks: set[str] = set(phi_strings(site))
+    for path in sorted((site / "dicom").rglob("*.dcm")):
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            folder = (f"{ds.PatientName}_{ds.PatientID}".replace("^", "_"),
+                      str(ds.StudyInstanceUID))
+        except Exception:  # noqa: BLE001 - the fixture's junk files stay where they are
+            continue
+        leaks.update({folder[0], folder[1], str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID),
+                      path.stem})
+        target = site / "dicom" / folder[0] / folder[1] / path.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        path.rename(target)
+    leaks = {s for s in leaks if len(s) >= 6}
+    assert leaks
+    cache = SiteCache(tmp_path / "cache")
+    read_site(site, None, CLASSES, key=KEY, cache=cache)
+    everything = list((tmp_path / "cache").rglob("*"))
+    text = "\n".join([p.name for p in everything]
+                     + [p.read_text() for p in everything if p.suffix == ".json"])
+    assert not [s for s in leaks if s in text]
+    for path in [tmp_path / "cache", *everything]:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        assert mode == (0o700 if path.is_dir() else 0o600), (path.name, oct(mode))
+    assert os.listdir(tmp_path / "cache") == [cache.entries()[0].name]

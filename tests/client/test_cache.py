@@ -143,8 +143,8 @@ def test_a_crashed_write_leaves_nothing_that_is_served(site, tmp_path, monkeypat
     assert cache.last == "miss" and len(cache.entries()) == 1
 
 
-@pytest.mark.parametrize("damage", ["truncate_group", "drop_group", "garbage_index",
-                                    "index_points_outside"])
+@pytest.mark.parametrize("damage", ["truncate_group", "extend_group", "drop_group",
+                                    "garbage_index", "index_points_outside"])
 def test_a_corrupt_cache_is_detected_and_rebuilt(site, tmp_path, damage):
     cache = SiteCache(tmp_path / "cache")
     read_site(site, None, CLASSES, key=KEY, cache=cache)
@@ -154,6 +154,9 @@ def test_a_corrupt_cache_is_detected_and_rebuilt(site, tmp_path, damage):
     if damage == "truncate_group":
         with open(group, "r+b") as f:
             f.truncate(group.stat().st_size - 4096)
+    elif damage == "extend_group":                   # another write's tail
+        with open(group, "ab") as f:
+            f.write(b"\0" * 4096)
     elif damage == "drop_group":
         group.unlink()
     elif damage == "garbage_index":

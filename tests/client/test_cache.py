@@ -216,3 +216,35 @@ def test_nothing_in_the_cache_names_a_patient_and_it_is_private(site, tmp_path):
         mode = stat.S_IMODE(path.stat().st_mode)
         assert mode == (0o700 if path.is_dir() else 0o600), (path.name, oct(mode))
     assert os.listdir(tmp_path / "cache") == [cache.entries()[0].name]
+
+
+def test_a_deployed_site_process_reads_through_the_cache_a_simulation_does_not(
+        site, tmp_path, monkeypatch):
+    """A second site process (a fresh per-process SiteDataCache) trains on the same tensors
+    without decoding; a simulated site writes nothing to disk (the demo reads as before)."""
+    import torch
+    from flwr.app import Context, RecordDict
+
+    from client.runtime import SiteDataCache, resolve_site
+    from protocol import wire
+
+    deployed = resolve_site(Context(run_id=1, node_id=7, state=RecordDict(), run_config={},
+                                    node_config={wire.NODE_DATA_DIR: str(site)}))
+    assert deployed.cache_dir == site / ".medfed" / "cache"
+    _, first = SiteDataCache().get(deployed, CLASSES, 32)
+    assert len(SiteCache(deployed.cache_dir).entries()) == 1
+    no_decoding(monkeypatch)
+    _, second = SiteDataCache().get(deployed, CLASSES, 32)
+    for split in ("train", "val", "test"):
+        assert len(first[split]) == len(second[split]) > 0
+        for a, b in zip(first[split].items, second[split].items):
+            assert all(torch.equal(x, y) for x, y in zip(a, b))
+    monkeypatch.undo()
+    root = tmp_path / "sim"
+    shutil.copytree(site, root / "site-0", ignore=shutil.ignore_patterns(".medfed"))
+    simulated = resolve_site(Context(run_id=1, node_id=7, state=RecordDict(),
+                                     node_config={wire.NODE_PARTITION_ID: 0},
+                                     run_config={wire.RUN_SIM_DATA_ROOT: str(root)}))
+    assert simulated.cache_dir is None
+    SiteDataCache().get(simulated, CLASSES, 32)
+    assert not list(root.rglob("*.npy")) and not list(root.rglob(INDEX))

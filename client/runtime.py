@@ -149,6 +149,8 @@ class SiteDataCache:
             "off" if cache is None else cache.describe())
         text_transform = needs.reports.transform() if needs.reports is not None else None
         extra = {"masks": needs.masks, "text_transform": text_transform} | dataset_options(layout)
+        if cache is not None and cache.current is not None:
+            extra["store"] = cache.current        # prepared images on disk, read per item
         if site.role == wire.ROLE_EXTERNAL:
             labelled = [s for s in data.studies if s.label >= 0]
             return data, {wire.EXTERNAL_SPLIT: StudyDataset(labelled, image_size, **extra)}

@@ -86,8 +86,9 @@ class SiteCache:
 
     After :meth:`decoded`, ``last`` says what happened: ``hit``, ``miss`` (first decode or a
     change), ``rebuilt`` (a corrupt cache was removed) or ``unwritable`` (decoded data served
-    from memory, the write failed), and ``changed_files`` how many files differ from the
-    newest previous cache (counts only).
+    from memory, the write failed), ``changed_files`` how many files differ from the newest
+    previous cache (counts only), and ``current`` the served cache's folder, where datasets
+    keep their prepared rows (:mod:`client.data.rows`; None when unwritable).
     """
 
     def __init__(self, root: Path | str, *, keep: int = 3):
@@ -97,6 +98,7 @@ class SiteCache:
         self.keep = keep
         self.last: str | None = None
         self.changed_files: int | None = None
+        self.current: Path | None = None     # the served cache's folder (prepared rows go there)
 
     def describe(self) -> str:
         """What the last read did, for the site log (counts only)."""
@@ -135,12 +137,12 @@ class SiteCache:
         files = self.manifest(dicom_dir, key)
         fp = self.fingerprint(files, layout, key)
         folder = self.root / fp
-        self.changed_files = None
+        self.changed_files = self.current = None
         if folder.exists():
             try:
                 out = _open(folder, fp)
                 os.utime(folder / INDEX)              # recently used: pruned last
-                self.last = "hit"
+                self.last, self.current = "hit", folder
                 return out
             except (CacheCorrupt, OSError, ValueError):
                 _remove(folder)
@@ -159,6 +161,7 @@ class SiteCache:
             self.last = "unwritable"
             return studies, report
         self.prune(current=fp)
+        self.current = folder
         return out
 
     # -- housekeeping ----------------------------------------------------------------------

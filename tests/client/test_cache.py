@@ -237,8 +237,11 @@ def test_a_deployed_site_process_reads_through_the_cache_a_simulation_does_not(
     _, second = SiteDataCache().get(deployed, CLASSES, 32)
     for split in ("train", "val", "test"):
         assert len(first[split]) == len(second[split]) > 0
-        for a, b in zip(first[split].items, second[split].items):
-            assert all(torch.equal(x, y) for x, y in zip(a, b))
+        assert second[split].rows is not None               # prepared images on disk
+        for i in range(len(first[split])):
+            assert torch.equal(first[split].image(i), second[split].image(i))
+            assert all(torch.equal(x, y) for x, y in zip(first[split].items[i][1:],
+                                                         second[split].items[i][1:]))
     monkeypatch.undo()
     root = tmp_path / "sim"
     shutil.copytree(site, root / "site-0", ignore=shutil.ignore_patterns(".medfed"))
@@ -248,3 +251,44 @@ def test_a_deployed_site_process_reads_through_the_cache_a_simulation_does_not(
     assert simulated.cache_dir is None
     SiteDataCache().get(simulated, CLASSES, 32)
     assert not list(root.rglob("*.npy")) and not list(root.rglob(INDEX))
+
+
+def test_prepared_rows_on_disk_equal_in_memory_items_and_are_reused(site, tmp_path,
+                                                                    monkeypatch):
+    """A dataset reading its images from a row file gives the same items as one holding
+    them in memory (augmented ones too, under the same seed); a second dataset of the same
+    studies reopens the file without preparing anything; a damaged file is rewritten."""
+    import torch
+
+    from client.data import dataset as dataset_module
+    from client.data.dataset import StudyDataset
+
+    studies = read_site(site, None, CLASSES, key=KEY).studies
+    store = tmp_path / "store"
+    store.mkdir()
+    memory = StudyDataset(studies, 24, augment=True)
+    disk = StudyDataset(studies, 24, augment=True, store=store)
+    assert disk.rows is not None and memory.rows is None
+    assert all(item[0] is None for item in disk.items)
+    memory.reseed(11)
+    disk.reseed(11)
+    for i in range(len(studies)):
+        a, b = memory[i], disk[i]
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    [row_file] = store.glob("rows-*.npy")
+    assert stat.S_IMODE(row_file.stat().st_mode) == 0o600
+
+    def no_resize(*args, **kwargs):
+        raise AssertionError("prepared again although the row file was complete")
+    monkeypatch.setattr(dataset_module, "resize", no_resize)
+    again = StudyDataset(studies, 24, store=store)
+    assert all(torch.equal(memory.image(i), again.image(i)) for i in range(len(studies)))
+    monkeypatch.undo()
+    with open(row_file, "r+b") as f:                   # a crash mid-write, or a bad disk
+        f.truncate(row_file.stat().st_size - 100)
+    fixed = StudyDataset(studies, 24, store=store)
+    assert all(torch.equal(memory.image(i), fixed.image(i)) for i in range(len(studies)))
+    # other studies or another size: another file, not someone else's rows
+    StudyDataset(studies[1:], 24, store=store)
+    StudyDataset(studies, 16, store=store)
+    assert len(list(store.glob("rows-*.npy"))) == 3

@@ -48,7 +48,7 @@ class RowFile:
             header = read(f)                                     # (shape, fortran, dtype)
             self.offset = f.tell()
         if (header[0] != (n, *self.shape) or header[1] or header[2] != DTYPE
-                or False):
+                or self.path.stat().st_size != self.offset + n * self.row_bytes):
             raise ValueError("row file of another shape, order, dtype or size")
         self._fd: int | None = None
 

@@ -288,7 +288,10 @@ def test_prepared_rows_on_disk_equal_in_memory_items_and_are_reused(site, tmp_pa
         f.truncate(row_file.stat().st_size - 100)
     fixed = StudyDataset(studies, 24, store=store)
     assert all(torch.equal(memory.image(i), fixed.image(i)) for i in range(len(studies)))
-    # other studies or another size: another file, not someone else's rows
-    StudyDataset(studies[1:], 24, store=store)
+    # other studies (even as many, in another order) or another size: another file, never
+    # someone else's rows
+    backwards = StudyDataset(studies[::-1], 24, store=store)
+    assert all(torch.equal(memory.image(len(studies) - 1 - i), backwards.image(i))
+               for i in range(len(studies)))
     StudyDataset(studies, 16, store=store)
     assert len(list(store.glob("rows-*.npy"))) == 3

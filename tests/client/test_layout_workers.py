@@ -4,6 +4,7 @@ spawned workers give exactly what one process gives: studies, order, arrays, cou
 from __future__ import annotations
 
 import dataclasses
+from concurrent import futures
 
 import numpy as np
 import pytest
@@ -27,7 +28,7 @@ def assert_same_decode(one, two):
 
 # ct_volume is slow: each spawned worker imports MONAI (seconds of CPU) to resample
 @pytest.mark.parametrize("kind", ["chest_xray", pytest.param("ct_volume", marks=pytest.mark.slow)])
-def test_two_workers_decode_what_one_does(tmp_path, kind):
+def test_two_workers_decode_what_one_does(tmp_path, kind, monkeypatch):
     if kind == "chest_xray":
         from medfed.synth.chest import synthesize_chest
 
@@ -42,7 +43,15 @@ def test_two_workers_decode_what_one_does(tmp_path, kind):
     site = tmp_path / "data" / "site-0"
     one = decode_layout_site(site, layout, key=KEY)
     assert len(one[0]) >= 2 * 2                          # enough series for two workers
+    pools = []
+
+    class CountedPool(futures.ProcessPoolExecutor):
+        def __init__(self, *args, **kwargs):
+            pools.append(args)
+            super().__init__(*args, **kwargs)
+    monkeypatch.setattr(futures, "ProcessPoolExecutor", CountedPool)
     assert_same_decode(one, decode_layout_site(site, layout, key=KEY, workers=2))
+    assert pools == [(2,)]                                # two processes did the decoding
 
 
 def test_workers_must_be_positive(tmp_path):

@@ -15,8 +15,9 @@ On disk (``<state-dir>/cache``, 0700; files 0600)::
     <fingerprint>/g000.npy ...  one array per (dtype, shape) group: [N, *shape]
 
 The fingerprint is an HMAC (under the site's pseudonym key; plain SHA-256 in simulation) of
-the cache format, the reader and decoder versions, the layout, and every DICOM file's path,
-size and mtime. Nothing in a name or in the index is a path, a UID or a header value: file
+the cache format, the reader and decoder versions, the layout, and every source file's path,
+size and mtime (DICOM: every file under ``dicom/``; a NIfTI manifest site: the manifest and
+the files it lists). Nothing in a name or in the index is a path, a UID or a header value: file
 paths enter only through that keyed hash (a folder named after a patient stays on the PACS
 export). A changed file, layout, key or reader gives a new fingerprint: the whole site is
 decoded again (not only the changed studies: series matching and volume assembly span files);
@@ -114,28 +115,36 @@ class SiteCache:
             return hashlib.sha256(text.encode()).hexdigest()
         return hmac.new(key, text.encode(), hashlib.sha256).hexdigest()
 
-    def manifest(self, dicom_dir: Path, key: bytes | None) -> dict[str, list[int]]:
-        """Keyed hash of each file's path under ``dicom_dir`` -> ``[size, mtime_ns]``."""
+    def manifest(self, root: Path, key: bytes | None, paths: list[Path] | None = None,
+                 ) -> dict[str, list[int]]:
+        """Keyed hash of each file's path under ``root`` -> ``[size, mtime_ns]``; ``paths``:
+        the files to list (default: every file under ``root``)."""
         files = {}
-        for path in sorted(p for p in Path(dicom_dir).rglob("*") if p.is_file()):
+        if paths is None:
+            paths = [p for p in Path(root).rglob("*") if p.is_file()]
+        for path in sorted(paths):
             st = path.stat()
-            rel = path.relative_to(dicom_dir).as_posix()
+            rel = path.relative_to(root).as_posix()
             files[self._hash(key, f"file:{rel}")[:24]] = [st.st_size, st.st_mtime_ns]
         return files
 
-    def fingerprint(self, files: dict[str, list[int]], layout, key: bytes | None) -> str:
-        """The cache's name for these files read through ``layout`` under ``key``."""
+    def fingerprint(self, files: dict[str, list[int]], layout, key: bytes | None,
+                    source: str = "dicom") -> str:
+        """The cache's name for these files read by the ``source`` reader (dicom, manifest)
+        through ``layout`` under ``key``."""
         spec = {"format": CACHE_FORMAT, "reader": READER_VERSION, "decoders": _versions(),
+                "source": source,
                 "layout": None if layout is None else layout.to_dict(), "files": files}
         return self._hash(key, json.dumps(spec, sort_keys=True))[:32]
 
     # -- the one entry point ---------------------------------------------------------------
-    def decoded(self, dicom_dir: Path, layout, key: bytes | None,
-                decode: Callable[[], Decoded]) -> Decoded:
-        """``decode()``'s studies and report: from the cache when the files, ``layout`` and
-        ``key`` are those it was written for, else decoded now and written."""
-        files = self.manifest(dicom_dir, key)
-        fp = self.fingerprint(files, layout, key)
+    def decoded(self, root: Path, layout, key: bytes | None, decode: Callable[[], Decoded],
+                *, paths: list[Path] | None = None, source: str = "dicom") -> Decoded:
+        """``decode()``'s studies and report: from the cache when the files (``paths``, or
+        all under ``root``), ``layout``, ``key`` and ``source`` reader are those it was
+        written for, else decoded now and written."""
+        files = self.manifest(root, key, paths)
+        fp = self.fingerprint(files, layout, key, source)
         folder = self.root / fp
         self.changed_files = self.current = None
         if folder.exists():

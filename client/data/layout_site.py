@@ -29,6 +29,7 @@ from .cache import SiteCache
 from .dicom import MAX_DECODED_BYTES, decoded_bytes, pseudonym
 from .intensity import apply_intensity
 from .layout import Channel, Layout, LayoutError, check_volume_layout
+from .manifest_site import MANIFEST, decode_manifest_site, has_manifest, manifest_rows
 from .matching import match_site
 from .sequences import SEQUENCES
 from .site import (IngestReport, SiteData, SiteDataError, Study, decode_site, dicom_folder,
@@ -48,20 +49,28 @@ def read_site(site_dir: Path | str, layout: Layout | None,
     ``cache``: the site's decoded-study cache (a deployed site's
     state dir, :mod:`client.data.cache`): the DICOM is decoded once per change of the files,
     layout or key; labels, reports, masks and splits are joined afresh on every read, so a
-    changed ``labels.csv`` costs no decoding."""
+    changed ``labels.csv`` costs no decoding. A site with a ``manifest.csv`` is a NIfTI
+    research export (:mod:`client.data.manifest_site`), read through the same layout."""
     site_dir = Path(site_dir)
-    if layout is None:
+    channels = SEQUENCES if layout is None else layout.input_channels
+    if has_manifest(site_dir):          # a NIfTI research export (client.data.manifest_site)
+        rows = manifest_rows(site_dir, layout)       # every row checked before any read
+        def decode():
+            return decode_manifest_site(site_dir, layout, key=key)
+        root, paths, source = site_dir.resolve(), [site_dir.resolve() / MANIFEST], "manifest"
+        paths += sorted({path for *_, path in rows})
+    elif layout is None:
         def decode():
             return decode_site(site_dir, key=key, workers=workers)
-        channels = SEQUENCES
+        root, paths, source = dicom_folder(site_dir), None, "dicom"
     else:
         def decode():
             return decode_layout_site(site_dir, layout, key=key, workers=workers)
-        channels = layout.input_channels
+        root, paths, source = dicom_folder(site_dir), None, "dicom"
     if cache is None:
         studies, report = decode()
     else:
-        studies, report = cache.decoded(dicom_folder(site_dir), layout, key, decode)
+        studies, report = cache.decoded(root, layout, key, decode, paths=paths, source=source)
     return join_site(site_dir, studies, report, class_names, multi_label=multi_label,
                      channels=channels, key=key)
 

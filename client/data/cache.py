@@ -37,6 +37,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import tempfile
 import time
 from collections import Counter
@@ -92,7 +93,7 @@ class SiteCache:
     keep their prepared rows (:mod:`client.data.rows`; None when unwritable).
     """
 
-    def __init__(self, root: Path | str, *, keep: int = 3):
+    def __init__(self, root: Path | str, *, keep: int = 4):
         if keep < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
         self.root = Path(root)
@@ -119,12 +120,16 @@ class SiteCache:
                  ) -> dict[str, list[int]]:
         """Keyed hash of each file's path under ``root`` -> ``[size, mtime_ns]``; ``paths``:
         the files to list (default: every file under ``root``)."""
+        root = str(root)
+        if paths is None:           # os.walk on strings: a site has tens of thousands of files
+            paths = [os.path.join(top, name) for top, _, names in os.walk(root)
+                     for name in names]
         files = {}
-        if paths is None:
-            paths = [p for p in Path(root).rglob("*") if p.is_file()]
-        for path in sorted(paths):
-            st = path.stat()
-            rel = path.relative_to(root).as_posix()
+        for path in sorted(map(str, paths)):
+            st = os.stat(path)
+            if not stat.S_ISREG(st.st_mode):
+                continue
+            rel = os.path.relpath(path, root).replace(os.sep, "/")
             files[self._hash(key, f"file:{rel}")[:24]] = [st.st_size, st.st_mtime_ns]
         return files
 
@@ -171,6 +176,32 @@ class SiteCache:
             return studies, report
         self.prune(current=fp)
         self.current = folder
+        return out
+
+    def side_entry(self, source: str, root: Path, paths: list[Path], key: bytes | None,
+                   decode: Callable[[], Decoded]) -> Decoded:
+        """Data read from other files than the images (the lesion masks), kept inside the
+        served cache's folder (pruned with it, not counted against ``keep``) under a name
+        of its own fingerprint; same format, checks and atomic write. Call after
+        :meth:`decoded`; without a written cache it is just ``decode()``."""
+        if self.current is None:
+            return decode()
+        name = f"{source}-{self.fingerprint(self.manifest(root, key, paths), None, key, source)}"
+        folder = self.current / name
+        if folder.exists():
+            try:
+                return _open(folder, name)
+            except (CacheCorrupt, OSError, ValueError):
+                _remove(folder)
+        out = decode()
+        try:
+            _write(self.current, name, *out, files={})
+            out = _open(folder, name)
+        except OSError:
+            return out
+        for old in self.current.glob(f"{source}-*"):      # an older version of this data
+            if old.name != name:
+                _remove(old)
         return out
 
     # -- housekeeping ----------------------------------------------------------------------

@@ -33,7 +33,7 @@ from .manifest_site import MANIFEST, decode_manifest_site, has_manifest, manifes
 from .matching import match_site
 from .sequences import SEQUENCES
 from .site import (IngestReport, SiteData, SiteDataError, Study, decode_site, dicom_folder,
-                   join_site)
+                   join_site, mask_files, read_masks)
 
 # Studies the layout's missing-channel policy (or a channel that failed to decode) drops.
 STUDY_SKIPS = ("study_missing_channel",)
@@ -69,10 +69,30 @@ def read_site(site_dir: Path | str, layout: Layout | None,
         root, paths, source = dicom_folder(site_dir), None, "dicom"
     if cache is None:
         studies, report = decode()
+        masks = None
     else:
         studies, report = cache.decoded(root, layout, key, decode, paths=paths, source=source)
+        masks = _cached_masks(site_dir, key, cache)
     return join_site(site_dir, studies, report, class_names, multi_label=multi_label,
-                     channels=channels, key=key)
+                     channels=channels, key=key, masks=masks)
+
+
+def _cached_masks(site_dir: Path, key: bytes | None, cache: SiteCache):
+    """The site's lesion masks through the cache (decoding NIfTI masks is most of a cached
+    read otherwise): a side entry keyed by ``segmentations.csv`` and the files it lists,
+    each mask a one-image study. ``(masks by study key, skip counts)``."""
+    root = site_dir.resolve()
+    if not (root / "segmentations.csv").is_file():
+        return {}, Counter()
+
+    def decode():
+        masks, skipped = read_masks(site_dir, key)
+        return ([Study(k, "", {"mask": m}) for k, m in masks.items()],
+                IngestReport(skipped=skipped))
+    studies, report = cache.side_entry("masks", root,
+                                       [root / "segmentations.csv", *mask_files(site_dir)],
+                                       key, decode)
+    return {s.key: s.images["mask"] for s in studies}, report.skipped
 
 
 def dataset_options(layout: Layout | None) -> dict:

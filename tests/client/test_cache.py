@@ -16,6 +16,7 @@ import pytest
 
 from client.data import cache as cache_module
 from client.data import layout_site
+from client.data import site as site_module
 from client.data.cache import INDEX, SiteCache
 from client.data.layout import load_layout
 from client.data.layout_site import read_site
@@ -42,14 +43,19 @@ def assert_same(fresh, cached):
             assert a.images[name].dtype == b.images[name].dtype
             np.testing.assert_array_equal(a.images[name], b.images[name])
         assert (a.mask is None) == (b.mask is None)
+        if a.mask is not None:
+            assert a.mask.dtype == b.mask.dtype
+            np.testing.assert_array_equal(a.mask, b.mask)
     assert cached.report.as_dict() == fresh.report.as_dict()
     assert cached.fingerprint == fresh.fingerprint
 
 
+def boom(*args, **kwargs):
+    raise AssertionError("decoded although the cache was current")
+
+
 def no_decoding(monkeypatch):
     """Make any decode fail: a read that still works came from the cache."""
-    def boom(*args, **kwargs):
-        raise AssertionError("decoded although the cache was current")
     monkeypatch.setattr(layout_site, "decode_site", boom)
     monkeypatch.setattr(layout_site, "decode_layout_site", boom)
 
@@ -61,8 +67,10 @@ def test_brain_cache_equals_fresh_decode_and_is_mapped(site, tmp_path, monkeypat
     assert cache.last == "miss"
     assert_same(fresh, first)
     no_decoding(monkeypatch)
+    monkeypatch.setattr(site_module, "_read_masks", boom)      # the masks come cached too
     second = read_site(site, None, CLASSES, key=KEY, cache=SiteCache(tmp_path / "cache"))
     assert_same(fresh, second)
+    assert sum(s.mask is not None for s in second.studies) > 0
     image = next(iter(second.studies[0].images.values()))
     assert isinstance(image, np.memmap) and not image.flags.writeable    # mapped, read-only
 
@@ -104,6 +112,15 @@ def test_changed_file_layout_or_key_invalidates_changed_labels_do_not(site, tmp_
     relabelled = read_site(site, None, CLASSES, key=KEY, cache=cache)
     assert cache.last == "hit"
     assert_same(read_site(site, None, CLASSES, key=KEY), relabelled)
+    # a mask dropped from segmentations.csv: the images stay cached, the masks are re-read
+    [side] = cache.current.glob("masks-*")
+    segmentations = site / "segmentations.csv"
+    rows = segmentations.read_text().splitlines()
+    segmentations.write_text("\n".join(rows[:-1]) + "\n")
+    remasked = read_site(site, None, CLASSES, key=KEY, cache=cache)
+    assert cache.last == "hit"
+    assert [p.name for p in cache.current.glob("masks-*")] not in ([], [side.name])
+    assert_same(read_site(site, None, CLASSES, key=KEY), remasked)
     # one DICOM file rewritten with other pixels: decoded again, the new pixels served
     path = next(p for p in sorted((site / "dicom").rglob("*.dcm"))
                 if "PixelData" in pydicom.dcmread(p, stop_before_pixels=False))

@@ -50,7 +50,9 @@ class RowFile:
         if (header[0] != (n, *self.shape) or header[1] or header[2] != DTYPE
                 or self.path.stat().st_size != self.offset + n * self.row_bytes):
             raise ValueError("row file of another shape, order, dtype or size")
-        self._fd: int | None = None
+        # Opened now: the cache may be pruned by another site process later; an open file
+        # stays readable after its name is removed.
+        self._fd: int | None = os.open(self.path, os.O_RDONLY)
 
     def __len__(self) -> int:
         return self.n
@@ -66,7 +68,7 @@ class RowFile:
             raise OSError("row file cut short")
         return torch.frombuffer(buf, dtype=torch.float32).reshape(self.shape)
 
-    def __getstate__(self) -> dict:          # data-loader workers open their own descriptor
+    def __getstate__(self) -> dict:          # a data-loader worker opens its own descriptor
         return self.__dict__ | {"_fd": None}
 
     def __del__(self):

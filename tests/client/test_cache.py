@@ -294,6 +294,11 @@ def test_prepared_rows_on_disk_equal_in_memory_items_and_are_reused(site, tmp_pa
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     [row_file] = store.glob("rows-*.npy")
     assert stat.S_IMODE(row_file.stat().st_mode) == 0o600
+    # another site process prunes the cache while this one trains: its rows stay readable
+    opened = StudyDataset(studies, 24, store=store)
+    moved = row_file.rename(row_file.with_suffix(".away"))
+    assert torch.equal(opened.image(len(studies) - 1), memory.image(len(studies) - 1))
+    moved.rename(row_file)
 
     def no_resize(*args, **kwargs):
         raise AssertionError("prepared again although the row file was complete")

@@ -66,6 +66,10 @@ class CacheCorrupt(ValueError):
     """A cache directory failed its checks on opening (it is then rebuilt)."""
 
 
+# What opening a damaged cache can raise (a malformed index: missing keys, wrong types).
+UNUSABLE = (CacheCorrupt, OSError, ValueError, KeyError, TypeError, IndexError)
+
+
 def _versions() -> dict[str, str]:
     out = {}
     for name in DECODERS:
@@ -158,7 +162,8 @@ class SiteCache:
                 os.utime(folder / INDEX)              # recently used: pruned last
                 self.last, self.current = "hit", folder
                 return out
-            except (CacheCorrupt, OSError, ValueError):
+            except UNUSABLE:
+                log.warning("site cache: a cached version failed its checks; rebuilding it")
                 _remove(folder)
                 self.last = "rebuilt"
         else:
@@ -191,7 +196,7 @@ class SiteCache:
         if folder.exists():
             try:
                 return _open(folder, name)
-            except (CacheCorrupt, OSError, ValueError):
+            except UNUSABLE:
                 _remove(folder)
         out = decode()
         try:

@@ -161,7 +161,8 @@ def test_a_crashed_write_leaves_nothing_that_is_served(site, tmp_path, monkeypat
 
 
 @pytest.mark.parametrize("damage", ["truncate_group", "extend_group", "drop_group",
-                                    "garbage_index", "index_points_outside"])
+                                    "garbage_index", "index_points_outside",
+                                    "index_missing_keys"])
 def test_a_corrupt_cache_is_detected_and_rebuilt(site, tmp_path, damage):
     cache = SiteCache(tmp_path / "cache")
     read_site(site, None, CLASSES, key=KEY, cache=cache)
@@ -178,6 +179,11 @@ def test_a_corrupt_cache_is_detected_and_rebuilt(site, tmp_path, damage):
         group.unlink()
     elif damage == "garbage_index":
         (folder / INDEX).write_text('{"format": 1, "finger')
+    elif damage == "index_missing_keys":
+        index = json.loads((folder / INDEX).read_text())
+        del index["report"]["files"], index["studies"][0]["key"]
+        index["report"]["bogus"] = 1
+        (folder / INDEX).write_text(json.dumps(index))
     else:
         index = json.loads((folder / INDEX).read_text())
         index["studies"][0]["images"] = {k: [0, 10**6] for k in index["studies"][0]["images"]}

@@ -22,3 +22,6 @@ def test_the_three_arms_run_and_the_ratios_follow_from_the_rates():
     assert train["train_steps"] > 0 and cache["cache_disk_gb"] > 0
     assert payload["cache_load_seconds_5000"] == train["cache_load_seconds"] > 0
     assert payload["peak_rss_gb_5000"] == train["peak_rss_gb"] >= train["peak_rss_gb_after_imports"]
+    row = ib.results_row(payload)                  # what bench/RESULTS.md would get
+    assert row.startswith("| ingest |") and f"**{train['cache_load_seconds']:.2f} s**" in row
+    assert f"**{train['peak_rss_gb']:.2f} GB**" in row

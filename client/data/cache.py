@@ -130,7 +130,10 @@ class SiteCache:
                      for name in names]
         files = {}
         for path in sorted(map(str, paths)):
-            st = os.stat(path)
+            try:
+                st = os.stat(path)
+            except OSError:             # removed while we walked: not part of this version
+                continue
             if not stat.S_ISREG(st.st_mode):
                 continue
             rel = os.path.relpath(path, root).replace(os.sep, "/")
@@ -174,7 +177,7 @@ class SiteCache:
             self._make_root()
             _write(self.root, fp, studies, report, files)
             out = _open(folder, fp)       # serve the mapped copy: the decoded arrays go
-        except OSError:
+        except UNUSABLE:                  # disk full, read-only, a racing writer's bad copy
             log.warning("site cache: could not write the decoded studies; serving them "
                         "from memory this time")
             self.last = "unwritable"
@@ -202,7 +205,7 @@ class SiteCache:
         try:
             _write(self.current, name, *out, files={})
             out = _open(folder, name)
-        except OSError:
+        except UNUSABLE:
             return out
         for old in self.current.glob(f"{source}-*"):      # an older version of this data
             if old.name != name:
@@ -232,7 +235,11 @@ class SiteCache:
             removed += 1
         now = time.time()
         for temp in self.root.glob(f"{TEMP_PREFIX}*"):
-            if now - temp.stat().st_mtime > STALE_TEMP_SECONDS:
+            try:
+                stale = now - temp.stat().st_mtime > STALE_TEMP_SECONDS
+            except OSError:                 # its writer finished (renamed it) meanwhile
+                continue
+            if stale:
                 _remove(temp)
                 removed += 1
         return removed

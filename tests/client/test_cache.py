@@ -197,17 +197,23 @@ def test_a_corrupt_cache_is_detected_and_rebuilt(site, tmp_path, damage):
 
 def test_disk_use_is_bounded_least_recently_used_go_first(site, tmp_path):
     cache = SiteCache(tmp_path / "cache", keep=2)
+    dead, busy = tmp_path / "cache" / ".tmp-dead", tmp_path / "cache" / ".tmp-busy"
+    for folder in (dead, busy):                 # a crashed writer's leftovers, a live writer's
+        folder.mkdir(parents=True)
+        (folder / "g000.npy").write_bytes(b"x")
+    os.utime(dead, (0, 0))
     keys = [bytes([i]) * 32 for i in range(3)]
     names = []
     for key in keys:
         read_site(site, None, CLASSES, key=key, cache=cache)
         names.append(cache.entries()[-1].name)
     assert [p.name for p in cache.entries()] == names[1:]               # oldest removed
+    assert not dead.exists() and busy.exists()
     read_site(site, None, CLASSES, key=keys[1], cache=cache)            # use the older one
     assert cache.last == "hit"
     read_site(site, None, CLASSES, key=keys[0], cache=cache)            # a third: evict keys[2]
     assert {p.name for p in cache.entries()} == {names[1], names[0]}
-    assert len(list((tmp_path / "cache").iterdir())) == 2
+    assert len(list((tmp_path / "cache").iterdir())) == 3                # and the live writer
 
 
 def test_nothing_in_the_cache_names_a_patient_and_it_is_private(site, tmp_path):

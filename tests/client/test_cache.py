@@ -100,6 +100,18 @@ def test_ct_volume_cache_equals_fresh_decode(tmp_path, monkeypatch):
     cached = read_site(folder, ct, CLASS_NAMES, key=KEY, cache=SiteCache(tmp_path / "cache"))
     assert_same(fresh, cached)
     assert next(iter(cached.studies[0].images.values())).shape == (16, 16, 16)
+    # 3D prepared rows (volumes resized to the model's cube) equal the in-memory ones
+    import torch
+
+    from client.data.dataset import StudyDataset
+    from client.data.layout_site import dataset_options
+
+    options = dataset_options(ct)
+    memory = StudyDataset(fresh.studies, 8, **options)
+    (tmp_path / "store").mkdir()
+    disk = StudyDataset(cached.studies, 8, store=tmp_path / "store", **options)
+    assert disk.rows is not None and disk.image(0).shape == (len(ct.input_channels), 8, 8, 8)
+    assert all(torch.equal(memory.image(i), disk.image(i)) for i in range(len(memory)))
 
 
 def test_changed_file_layout_or_key_invalidates_changed_labels_do_not(site, tmp_path):

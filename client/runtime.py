@@ -19,6 +19,7 @@ from flwr.app import Context
 from models.task import DataNeeds
 from protocol import wire
 
+from .data.cache import CACHE_FOLDER, SiteCache
 from .data.dataset import StudyDataset
 from .data.layout import Layout
 from .data.layout_site import dataset_options, read_site
@@ -43,6 +44,9 @@ class SiteIdentity:
     # The site's pseudonym secret (client.data.pseudonyms); None in simulation only.
     pseudonym_key: bytes | None = field(default=None, repr=False)
     decode_workers: int = 1           # node config decode-workers: DICOM decode processes
+    # Where decoded studies are cached (client.data.cache): <state-dir>/cache on a deployed
+    # site; None in simulation (nothing persisted, the demo reads as it always did).
+    cache_dir: Path | None = None
 
     @property
     def seed(self) -> int:
@@ -91,9 +95,10 @@ def resolve_site(context: Context, sim_data_root: Path | None = None,
     if isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= 64:
         raise SiteConfigError(f"node config {wire.NODE_DECODE_WORKERS!r} must be an integer "
                               f"in [1, 64], got {workers!r}")
+    cache_dir = None if simulated else state_dir(settings, data_dir) / CACHE_FOLDER
     return SiteIdentity(site_id, data_dir,
                         resolve_device(str(node.get(wire.NODE_DEVICE, "auto"))), role, simulated,
-                        key, workers)
+                        key, workers, cache_dir)
 
 
 class SiteDataCache:
@@ -134,14 +139,18 @@ class SiteDataCache:
               needs: DataNeeds, layout: Layout | None = None,
               ) -> tuple[SiteData, dict[str, StudyDataset]]:
         """Read the site and build its splits (uncached)."""
+        cache = SiteCache(site.cache_dir) if site.cache_dir is not None else None
         data = read_site(site.data_dir, layout, class_names, multi_label=needs.multi_label,
-                         key=site.pseudonym_key, workers=site.decode_workers)
+                         key=site.pseudonym_key, workers=site.decode_workers, cache=cache)
         r = data.report
         site_logger(site.site_id).info(
-            "data: %d files, %d images, %d studies (train/val/test %s), skipped %s",
-            r.files, r.images, r.studies, dict(r.splits), dict(r.skipped) or "none")
+            "data: %d files, %d images, %d studies (train/val/test %s), skipped %s; cache %s",
+            r.files, r.images, r.studies, dict(r.splits), dict(r.skipped) or "none",
+            "off" if cache is None else cache.describe())
         text_transform = needs.reports.transform() if needs.reports is not None else None
         extra = {"masks": needs.masks, "text_transform": text_transform} | dataset_options(layout)
+        if cache is not None and cache.current is not None:
+            extra["store"] = cache.current        # prepared images on disk, read per item
         if site.role == wire.ROLE_EXTERNAL:
             labelled = [s for s in data.studies if s.label >= 0]
             return data, {wire.EXTERNAL_SPLIT: StudyDataset(labelled, image_size, **extra)}

@@ -3,15 +3,23 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .rows import open_rows, row_file_name
 from .sequences import SEQUENCES
 from .site import Study
 from .transforms import augmentation, resize, study_transform
+
+log = logging.getLogger(__name__)
+
+# Bump when the preparation below changes, so row files prepared by old code are not reused.
+PREPARE_VERSION = 1
 
 
 def _as_slice(pixels: np.ndarray) -> np.ndarray:
@@ -20,7 +28,10 @@ def _as_slice(pixels: np.ndarray) -> np.ndarray:
 
 
 class StudyDataset(Dataset):
-    """Pre-transformed tensors for a list of studies (small enough to keep in memory).
+    """Pre-transformed tensors for a list of studies: in memory, or with a ``store`` (a
+    deployed site's cache directory, :mod:`client.data.cache`) in a row file on the site's
+    disk, prepared once and read one item at a time (:mod:`client.data.rows`), so a large
+    site trains in bounded memory and a later process skips the preparation.
 
     Absent sequences are all-zero channels with ``present=False``; the model masks them out.
     With a ``text_transform`` (e.g. ``CLIPTask.tokenize``: list of texts -> dict of tensors
@@ -37,7 +48,8 @@ class StudyDataset(Dataset):
     def __init__(self, studies: list[Study], image_size: int, sequences=SEQUENCES, *,
                  augment: bool = False,
                  text_transform: Callable[[list[str]], dict[str, torch.Tensor]] | None = None,
-                 masks: bool = False, normalize: bool = True, spatial_dims: int = 2):
+                 masks: bool = False, normalize: bool = True, spatial_dims: int = 2,
+                 store: Path | None = None):
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
         if masks and spatial_dims == 3:
@@ -47,21 +59,40 @@ class StudyDataset(Dataset):
         self.augment = augmentation(keys, spatial_dims) if augment else None
         self.masks = [] if masks else None
         self.items = []
-        for study in studies:
+        sequences = tuple(sequences)
+        presents = [np.array([seq in s.images for seq in sequences], dtype=bool) for s in studies]
+
+        def prepare(study: Study, present: np.ndarray) -> torch.Tensor:
             stack = np.zeros((len(sequences), *[image_size] * spatial_dims), dtype=np.float32)
-            present = np.zeros(len(sequences), dtype=bool)
             for i, seq in enumerate(sequences):
-                if seq in study.images:
+                if present[i]:
                     pixels = study.images[seq] if spatial_dims == 3 \
                         else _as_slice(study.images[seq])
                     pixels = pixels.astype(np.float32)[None]             # [1, (D,) H, W]
                     # Each sequence is resized on its own: vendors may acquire sequences at
                     # different matrix sizes, and a study must not lose a sequence for it.
                     stack[i] = resize(pixels, image_size, "area")[0]
-                    present[i] = True
             out = transform({"image": stack})
             keep = torch.as_tensor(present, dtype=torch.float32)
-            image = out["image"] * keep.reshape(-1, *[1] * spatial_dims)
+            return out["image"] * keep.reshape(-1, *[1] * spatial_dims)
+
+        prepared = (prepare(s, p) for s, p in zip(studies, presents))
+        # With a ``store`` (the site cache's directory) the prepared images live in a row
+        # file on the site's disk, read per item; else in memory.
+        self.rows = None
+        if store is not None:
+            spec = {"version": PREPARE_VERSION, "studies": [s.key for s in studies],
+                    "size": image_size, "sequences": list(sequences),
+                    "normalize": normalize, "dims": spatial_dims}
+            try:
+                self.rows = open_rows(store, row_file_name(spec), len(studies),
+                                      (len(sequences), *[image_size] * spatial_dims), prepared)
+                prepared = (None for _ in studies)
+            except OSError:
+                log.warning("prepared images could not be written to the site cache; "
+                            "keeping them in memory")
+                prepared = (prepare(s, p) for s, p in zip(studies, presents))
+        for study, present, image in zip(studies, presents, prepared):
             self.items.append((image, torch.as_tensor(present), torch.tensor(study.label)))
             if masks:
                 mask = np.zeros((1, image_size, image_size), dtype=np.float32)
@@ -71,6 +102,10 @@ class StudyDataset(Dataset):
                 self.masks.append((torch.as_tensor(mask, dtype=torch.float32),
                                    torch.tensor(study.mask is not None)))
         self.text = None if text_transform is None else _report_fields(studies, text_transform)
+
+    def image(self, i: int) -> torch.Tensor:
+        """The prepared ``[S, (D,) H, W]`` image of item ``i`` (before augmentation)."""
+        return self.items[i][0] if self.rows is None else self.rows[i]
 
     def __len__(self) -> int:
         return len(self.items)
@@ -87,8 +122,8 @@ class StudyDataset(Dataset):
             self.augment.set_random_state(seed=seed % 2**32)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        image, present, label = self.items[i]
-        data = {"image": image}
+        _, present, label = self.items[i]
+        data = {"image": self.image(i)}
         if self.masks is not None:
             data["mask"] = self.masks[i][0]
         if self.augment is not None:

@@ -25,12 +25,15 @@ from pathlib import Path
 import numpy as np
 import pydicom
 
+from .cache import SiteCache
 from .dicom import MAX_DECODED_BYTES, decoded_bytes, pseudonym
 from .intensity import apply_intensity
 from .layout import Channel, Layout, LayoutError, check_volume_layout
+from .manifest_site import MANIFEST, decode_manifest_site, has_manifest, manifest_rows
 from .matching import match_site
-from .site import (IngestReport, SiteData, SiteDataError, Study, dicom_folder, join_site,
-                   load_site)
+from .sequences import SEQUENCES
+from .site import (IngestReport, SiteData, SiteDataError, Study, decode_site, dicom_folder,
+                   join_site, mask_files, read_masks)
 
 # Studies the layout's missing-channel policy (or a channel that failed to decode) drops.
 STUDY_SKIPS = ("study_missing_channel",)
@@ -38,15 +41,58 @@ STUDY_SKIPS = ("study_missing_channel",)
 
 def read_site(site_dir: Path | str, layout: Layout | None,
               class_names: tuple[str, ...] | None = None, *, multi_label: bool = False,
-              key: bytes | None = None, workers: int = 1) -> SiteData:
+              key: bytes | None = None, workers: int = 1,
+              cache: SiteCache | None = None) -> SiteData:
     """A site read through a job's ``layout``; None (brain_mri_4seq) is the default reader
     (:func:`client.data.site.load_site`). The one place training, evaluation and
-    ``medfed predict`` choose their reader. ``workers``: decode processes (the default
-    reader only, so far)."""
-    if layout is None:
-        return load_site(site_dir, class_names, multi_label=multi_label, key=key,
-                         workers=workers)
-    return load_layout_site(site_dir, layout, class_names, multi_label=multi_label, key=key)
+    ``medfed predict`` choose their reader. ``workers``: decode processes (every reader).
+    ``cache``: the site's decoded-study cache (a deployed site's
+    state dir, :mod:`client.data.cache`): the DICOM is decoded once per change of the files,
+    layout or key; labels, reports, masks and splits are joined afresh on every read, so a
+    changed ``labels.csv`` costs no decoding. A site with a ``manifest.csv`` is a NIfTI
+    research export (:mod:`client.data.manifest_site`), read through the same layout."""
+    site_dir = Path(site_dir)
+    channels = SEQUENCES if layout is None else layout.input_channels
+    if has_manifest(site_dir):          # a NIfTI research export (client.data.manifest_site)
+        rows = manifest_rows(site_dir, layout)       # every row checked before any read
+        def decode():
+            return decode_manifest_site(site_dir, layout, key=key)
+        root, paths, source = site_dir.resolve(), [site_dir.resolve() / MANIFEST], "manifest"
+        paths += sorted({path for *_, path in rows})
+    elif layout is None:
+        def decode():
+            return decode_site(site_dir, key=key, workers=workers)
+        root, paths, source = dicom_folder(site_dir), None, "dicom"
+    else:
+        def decode():
+            return decode_layout_site(site_dir, layout, key=key, workers=workers)
+        root, paths, source = dicom_folder(site_dir), None, "dicom"
+    if cache is None:
+        studies, report = decode()
+        masks = None
+    else:
+        studies, report = cache.decoded(root, layout, key, decode, paths=paths, source=source)
+        masks = _cached_masks(site_dir, key, cache)
+    return join_site(site_dir, studies, report, class_names, multi_label=multi_label,
+                     channels=channels, key=key, masks=masks)
+
+
+def _cached_masks(site_dir: Path, key: bytes | None, cache: SiteCache):
+    """The site's lesion masks through the cache (decoding NIfTI masks is most of a cached
+    read otherwise): a side entry keyed by ``segmentations.csv`` and the files it lists,
+    each mask a one-image study. ``(masks by study key, skip counts)``."""
+    root = site_dir.resolve()
+    if not (root / "segmentations.csv").is_file():
+        return {}, Counter()
+
+    def decode():
+        masks, skipped = read_masks(site_dir, key)
+        return ([Study(k, "", {"mask": m}) for k, m in masks.items()],
+                IngestReport(skipped=skipped))
+    studies, report = cache.side_entry("masks", root,
+                                       [root / "segmentations.csv", *mask_files(site_dir)],
+                                       key, decode)
+    return {s.key: s.images["mask"] for s in studies}, report.skipped
 
 
 def dataset_options(layout: Layout | None) -> dict:
@@ -60,9 +106,11 @@ def dataset_options(layout: Layout | None) -> dict:
 
 def load_layout_site(site_dir: Path | str, layout: Layout,
                      class_names: tuple[str, ...] | None = None, *,
-                     multi_label: bool = False, key: bytes | None = None) -> SiteData:
+                     multi_label: bool = False, key: bytes | None = None,
+                     workers: int = 1) -> SiteData:
     """Read, de-identify, join and split one site through a ``layout`` (2D or 3D), with
-    pseudonyms under the site's ``key`` (:mod:`client.data.pseudonyms`).
+    pseudonyms under the site's ``key`` (:mod:`client.data.pseudonyms`), decoding in
+    ``workers`` processes (:func:`decode_layout_site`).
 
     Labels, reports, masks and the patient-level split are those of
     :func:`client.data.site.load_site`. Skips are counted in the report by reason: the
@@ -79,41 +127,54 @@ def load_layout_site(site_dir: Path | str, layout: Layout,
         A 3D layout without a grid or with a 2D-only intensity, a missing directory or
         ``dicom/`` folder, or nothing usable left.
     """
+    site_dir = Path(site_dir)
+    studies, report = decode_layout_site(site_dir, layout, key=key, workers=workers)
+    return join_site(site_dir, studies, report, class_names, multi_label=multi_label,
+                     channels=layout.input_channels, key=key)
+
+
+def decode_layout_site(site_dir: Path, layout: Layout, *, key: bytes | None = None,
+                       workers: int = 1) -> tuple[list[Study], IngestReport]:
+    """The decode half of :func:`load_layout_site`: studies with their layout channels
+    (no label, report, mask or split yet) and the read counts; a function of the files
+    under ``dicom/``, the layout and ``key`` alone (what :mod:`client.data.cache` keeps).
+
+    ``workers > 1`` decodes the matched series in that many spawned processes (series
+    matching reads headers only and stays in this one); the result is the same as with one.
+    """
+    if workers < 1:
+        raise ValueError(f"decode workers must be >= 1, got {workers}")
     if layout.dims == "3d":
         try:
             check_volume_layout(layout)
         except LayoutError as err:
             raise SiteDataError(str(err)) from None
-        # Imported here: resampling onto the grid uses MONAI, whose import costs seconds that
-        # a 2D layout's site (and the brain reader) should not pay at start-up.
-        from .volume_site import read_volume_channel
-    site_dir = Path(site_dir)
     match = match_site(layout, dicom_folder(site_dir), key=key)
     if match.report.files == 0:
         raise SiteDataError(f"data directory {site_dir} is empty: no files under dicom/")
     report = IngestReport(files=match.report.files,
                           skipped=Counter(match.report.skipped_files)
                           + Counter(match.report.skipped_series))
+    plan = [(study_key, channel, match.files[assigned[channel.name]])
+            for study_key, assigned in sorted(match.assignment.items())
+            for channel in layout.channels if channel.name in assigned]
+    reads = iter(_decode_series([(channel, files) for _, channel, files in plan], layout, key,
+                                workers))
+    by_study: dict[str, list] = {study_key: [] for study_key in sorted(match.assignment)}
+    for (study_key, channel, _), (read, skipped, images) in zip(plan, reads):
+        report.skipped.update(skipped)
+        report.images += images
+        by_study[study_key].append((channel, read))
     required = {c.name for c in layout.channels if c.required}
     studies = []
-    for study_key, assigned in sorted(match.assignment.items()):
+    for study_key, channel_reads in by_study.items():
         images: dict[str, np.ndarray] = {}
         patient_key = None
-        for channel in layout.channels:
-            series = assigned.get(channel.name)
-            if series is None:
-                continue
-            if layout.dims == "3d":
-                read = read_volume_channel(channel, match.files[series], layout,
-                                           report.skipped, key)
-                report.images += read is not None
-            else:
-                read = _read_channel(channel, match.files[series], layout.dims, report, key)
+        for channel, read in channel_reads:
             if read is None:
                 continue
             planes, patient_key = read[0], patient_key or read[1]
-            names = _input_names(channel)
-            images.update(zip(names, planes))
+            images.update(zip(_input_names(channel), planes))
         got = {c.name for c in layout.channels if set(_input_names(c)) <= images.keys()}
         if not got or required - got or (layout.missing == "skip_study"
                                          and got != set(layout.channel_names)):
@@ -123,8 +184,49 @@ def load_layout_site(site_dir: Path | str, layout: Layout,
     if not studies:
         raise SiteDataError(f"no usable studies in {site_dir} for layout {layout.name!r}: "
                             f"{report.files} files, skipped {dict(report.skipped)}")
-    return join_site(site_dir, studies, report, class_names, multi_label=multi_label,
-                     channels=layout.input_channels, key=key)
+    return studies, report
+
+
+SeriesRead = tuple["tuple[np.ndarray, str] | None", Counter, int]   # read, skips, images
+
+
+def _decode_series(series: list[tuple[Channel, tuple[Path, ...]]], layout: Layout,
+                   key: bytes | None, workers: int) -> list[SeriesRead]:
+    """Each matched series through its channel, in order; in ``workers`` spawned processes
+    (contiguous chunks joined back in order, as :func:`client.data.dicom.read_directory`)."""
+    if workers == 1 or len(series) < 2 * workers:
+        return _decode_chunk(series, layout, key)
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    size = -(-len(series) // (4 * workers))              # 4 chunks per worker: balance
+    chunks = [series[i:i + size] for i in range(0, len(series), size)]
+    out: list[SeriesRead] = []
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+        for part in pool.map(_decode_chunk, chunks, [layout] * len(chunks),
+                             [key] * len(chunks)):
+            out += part
+    return out
+
+
+def _decode_chunk(series: list[tuple[Channel, tuple[Path, ...]]], layout: Layout,
+                  key: bytes | None) -> list[SeriesRead]:
+    """One worker's share: ``(read or None, skip reasons, images read)`` per series."""
+    if layout.dims == "3d":
+        # Imported here: resampling onto the grid uses MONAI, whose import costs seconds that
+        # a 2D layout's site (and the brain reader) should not pay at start-up.
+        from .volume_site import read_volume_channel
+    out = []
+    for channel, files in series:
+        if layout.dims == "3d":
+            skipped: Counter = Counter()
+            read = read_volume_channel(channel, files, layout, skipped, key)
+            out.append((read, skipped, int(read is not None)))
+        else:
+            counts = IngestReport()
+            read = _read_channel(channel, files, layout.dims, counts, key)
+            out.append((read, counts.skipped, counts.images))
+    return out
 
 
 def _input_names(channel: Channel) -> tuple[str, ...]:

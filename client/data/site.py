@@ -163,6 +163,22 @@ def _read_reports(path: Path, report: IngestReport, key: bytes | None) -> dict[s
     return texts
 
 
+def mask_files(site_dir: Path) -> list[Path]:
+    """The mask files ``segmentations.csv`` lists that exist inside the site (resolved)."""
+    out = []
+    for row in _csv_rows(site_dir / "segmentations.csv", ("study_instance_uid", "mask_file")):
+        path = (site_dir / row["mask_file"].strip()).resolve()
+        if site_dir.resolve() in path.parents and path.is_file():
+            out.append(path)
+    return out
+
+
+def read_masks(site_dir: Path, key: bytes | None) -> tuple[dict[str, np.ndarray], Counter]:
+    """Lesion masks by pseudonymous study key, and the skip counts of the unusable rows."""
+    report = IngestReport()
+    return _read_masks(site_dir, report, key), report.skipped
+
+
 def _read_masks(site_dir: Path, report: IngestReport, key: bytes | None) -> dict[str, np.ndarray]:
     """Lesion masks by pseudonymous study key; unreadable entries are counted, not fatal."""
     import nibabel as nib
@@ -212,6 +228,16 @@ def load_site(site_dir: Path | str, class_names: tuple[str, ...] | None = None, 
         If the directory is missing, has no ``dicom/`` folder, or nothing usable is left.
     """
     site_dir = Path(site_dir)
+    studies, report = decode_site(site_dir, key=key, workers=workers)
+    return join_site(site_dir, studies, report, class_names, multi_label=multi_label, key=key)
+
+
+def decode_site(site_dir: Path, *, key: bytes | None = None, workers: int = 1,
+                ) -> tuple[list[Study], IngestReport]:
+    """The decode half of :func:`load_site`: the site's DICOM as de-identified studies
+    (images only: no label, report, mask or split yet) and the read counts. A function of
+    the files under ``dicom/`` and ``key`` alone, which is what the site cache
+    (:mod:`client.data.cache`) keeps."""
     dicom_dir = dicom_folder(site_dir)
     images, counts = read_directory(dicom_dir, key=key, workers=workers)
     report = IngestReport(files=counts.files, images=counts.images, skipped=counts.skipped)
@@ -221,17 +247,19 @@ def load_site(site_dir: Path | str, class_names: tuple[str, ...] | None = None, 
     if not studies:
         raise SiteDataError(f"no usable studies in {site_dir}: {counts.files} files, "
                             f"skipped {dict(counts.skipped)}")
-    return join_site(site_dir, studies, report, class_names, multi_label=multi_label, key=key)
+    return studies, report
 
 
 def join_site(site_dir: Path, studies: list[Study], report: IngestReport,
               class_names: tuple[str, ...] | None, *, multi_label: bool = False,
-              channels: tuple[str, ...] = SEQUENCES, key: bytes | None = None) -> SiteData:
+              channels: tuple[str, ...] = SEQUENCES, key: bytes | None = None,
+              masks: tuple[dict[str, np.ndarray], Counter] | None = None) -> SiteData:
     """Join read studies with the site's labels, reports and masks, split them by patient,
     count them per input ``channels`` and fingerprint the de-identified manifest. Every
     reader (today's sequences, a layout's channels) ends here, so all label the same way.
     ``key`` must be the pseudonym secret the reader used: labels, reports and masks are
-    joined by pseudonyms of the same study UIDs."""
+    joined by pseudonyms of the same study UIDs. ``masks``: the lesion masks and their
+    skip counts as :func:`read_masks` gives them, when already read (the site cache)."""
     if multi_label:
         if not class_names:
             raise SiteDataError("multi-label studies need the finding names (class_names)")
@@ -239,7 +267,11 @@ def join_site(site_dir: Path, studies: list[Study], report: IngestReport,
     else:
         labels = _read_labels(site_dir / "labels.csv", class_names, report, key)
     texts = _read_reports(site_dir / "reports.jsonl", report, key)
-    masks = _read_masks(site_dir, report, key)
+    if masks is None:
+        masks = _read_masks(site_dir, report, key)
+    else:                                   # read before (the site cache): add its skips
+        masks, mask_skips = masks
+        report.skipped.update(mask_skips)
     index = {name: i for i, name in enumerate(class_names)} if class_names else None
     for study in studies:
         if multi_label:

@@ -1,0 +1,150 @@
+"""A NIfTI research export read through manifest.csv: volumes land on a 3D layout's grid in
+the same orientation as the DICOM path (whichever way the file stores its axes); the brain
+reader takes the same volumes; labels join by study id; ids become pseudonyms; a manifest
+that points outside the site, names an unknown channel or needs DICOM headers is refused
+before any file is read; the site cache serves it like a DICOM site."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from client.data.cache import SiteCache
+from client.data.grid import LPS_TO_RAS, to_grid
+from client.data.intensity import hu_windows
+from client.data.layout import load_layout
+from client.data.layout_site import read_site
+from client.data.manifest_site import KJI_TO_IJK
+from client.data.pseudonyms import pseudonym
+from client.data.site import SiteDataError
+from client.data.volume import Volume
+from client.data.volume_site import GRID_AXCODES
+from tests.conftest import CLASSES
+
+KEY = b"manifest-tests-key".ljust(32, b".")
+SHAPE = (6, 8, 10)                                    # [Z, Y, X]
+# LPS affine of (k, j, i): an oblique-free axial volume, 4 x 3 x 2 mm, offset origin
+LPS = np.array([[0, 0, 2.0, -9], [0, 3.0, 0, 4], [4.0, 0, 0, 20], [0, 0, 0, 1]])
+
+
+def volume(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).uniform(-1000, 1500, SHAPE).astype(np.float32)
+
+
+def write_nifti(path, array: np.ndarray, *, flip_x: bool = False) -> None:
+    """``array`` [Z, Y, X] with affine LPS as NIfTI (data [i, j, k], RAS affine); with
+    ``flip_x`` the file stores the i axis reversed (and its affine says so)."""
+    data = array.transpose(2, 1, 0)
+    ras = LPS_TO_RAS @ LPS @ KJI_TO_IJK
+    if flip_x:
+        flip = np.eye(4)
+        flip[0, 0], flip[0, 3] = -1, data.shape[0] - 1
+        data, ras = data[::-1], ras @ flip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(data), ras), path)
+
+
+@pytest.fixture
+def site(tmp_path):
+    """Three studies: T1 and T2 volumes (one file stored x-reversed); labels by study id."""
+    root = tmp_path / "site"
+    rows = ["study_id,channel,file,patient_id"]
+    for n, study in enumerate(["RESEARCH-0001", "RESEARCH-0002", "RESEARCH-0003"]):
+        for c, channel in enumerate(["T1", "T2"]):
+            name = f"nifti/{study}_{channel}.nii.gz"
+            write_nifti(root / name, volume(10 * n + c), flip_x=(n, c) == (1, 0))
+            rows.append(f"{study},{channel},{name},MRN{n:06d}")
+    (root / "manifest.csv").write_text("\n".join(rows) + "\n")
+    (root / "labels.csv").write_text("study_instance_uid,label\nRESEARCH-0001,cyst\n"
+                                     "RESEARCH-0002,low_grade_glioma\n")
+    return root
+
+
+def grid_layout(channel_names=("T1", "T2")):
+    """ct_volume's windows over the test volume's own grid, channels named T1/T2."""
+    ct = load_layout("ct_volume")
+    channels = tuple(dataclasses.replace(ct.channels[0], name=name, required=True)
+                     for name in channel_names)
+    return dataclasses.replace(ct, channels=channels, size=SHAPE, spacing=(4.0, 3.0, 2.0))
+
+
+def test_volumes_land_on_the_grid_as_dicom_volumes_do_whatever_the_storage_order(site):
+    layout = grid_layout()
+    data = read_site(site, layout, CLASSES, key=KEY)
+    by_key = {s.key: s for s in data.studies}
+    windows = [(w.center, w.width) for w in layout.channels[0].intensity.windows]
+    for n in range(3):
+        study = by_key[pseudonym("study", f"RESEARCH-000{n + 1}", KEY)]
+        for c, channel in enumerate(["T1", "T2"]):
+            truth = Volume(volume(10 * n + c), (4.0, 3.0, 2.0), LPS, "CT", "", "", "", "")
+            grid = np.asarray(to_grid(truth, layout.spacing, layout.size, GRID_AXCODES)[0])
+            want = hu_windows(grid, windows)
+            for w, window in enumerate(layout.channels[0].intensity.windows):
+                np.testing.assert_allclose(study.images[f"{channel}:{window.name}"], want[w],
+                                           atol=1e-5)
+    labels = {s.key: s.label for s in data.studies}
+    assert labels[pseudonym("study", "RESEARCH-0001", KEY)] == CLASSES.index("cyst")
+    assert labels[pseudonym("study", "RESEARCH-0003", KEY)] == -1
+    assert data.report.files == 6 and data.report.images == 6
+
+
+def test_the_brain_reader_takes_the_volumes_as_they_are_and_ids_stay_inside(site):
+    from client.data.dataset import StudyDataset
+
+    data = read_site(site, None, CLASSES, key=KEY)
+    study = next(s for s in data.studies if s.key == pseudonym("study", "RESEARCH-0003", KEY))
+    np.testing.assert_array_equal(study.images["T1"], volume(20))
+    np.testing.assert_array_equal(study.images["T2"], volume(21))
+    assert study.patient_key == pseudonym("patient", "MRN000002", KEY)
+    assert data.report.studies_missing["FLAIR"] == 3
+    text = repr([(s.key, s.patient_key, list(s.images), s.report) for s in data.studies])
+    assert "RESEARCH" not in text and "MRN" not in text and "nii" not in text
+    assert len(StudyDataset(data.studies, 16)) == 3
+
+
+@pytest.mark.parametrize("attack", ["dotdot", "absolute", "symlink", "channel", "xray_layout"])
+def test_a_bad_manifest_is_refused_before_any_file_is_read(site, tmp_path, monkeypatch, attack):
+    outside = tmp_path / "elsewhere" / "DOE_JOHN.nii.gz"
+    write_nifti(outside, volume(99))
+    manifest = site / "manifest.csv"
+    layout = None
+    if attack == "dotdot":
+        row = "RESEARCH-0009,T1,../elsewhere/DOE_JOHN.nii.gz"
+    elif attack == "absolute":
+        row = f"RESEARCH-0009,T1,{outside}"
+    elif attack == "symlink":
+        (site / "nifti" / "link.nii.gz").symlink_to(outside)
+        row = "RESEARCH-0009,T1,nifti/link.nii.gz"
+    elif attack == "channel":
+        row = "RESEARCH-0009,DOE_JOHN,nifti/RESEARCH-0001_T1.nii.gz"
+    else:
+        row, layout = "RESEARCH-0009,frontal,nifti/RESEARCH-0001_T1.nii.gz", \
+            load_layout("chest_xray")
+    manifest.write_text(manifest.read_text() + row + ",\n")
+
+    def never(*args, **kwargs):
+        raise AssertionError("a file was read before the manifest was checked")
+    monkeypatch.setattr(nib, "load", never)
+    with pytest.raises(SiteDataError, match="manifest.csv") as err:
+        read_site(site, layout, CLASSES, key=KEY, cache=SiteCache(tmp_path / "cache"))
+    assert "DOE" not in str(err.value) and "elsewhere" not in str(err.value)
+    assert not (tmp_path / "cache").exists()
+
+
+def test_the_site_cache_serves_a_manifest_site_and_sees_a_changed_file(site, tmp_path):
+    cache = SiteCache(tmp_path / "cache")
+    fresh = read_site(site, None, CLASSES, key=KEY)
+    read_site(site, None, CLASSES, key=KEY, cache=cache)
+    cached = read_site(site, None, CLASSES, key=KEY, cache=cache)
+    assert cache.last == "hit"
+    assert [s.key for s in cached.studies] == [s.key for s in fresh.studies]
+    for a, b in zip(fresh.studies, cached.studies):
+        assert all(np.array_equal(a.images[k], b.images[k]) for k in a.images)
+    write_nifti(site / "nifti" / "RESEARCH-0002_T2.nii.gz", volume(77))
+    changed = read_site(site, None, CLASSES, key=KEY, cache=cache)
+    assert cache.last == "miss" and cache.changed_files == 1
+    study = next(s for s in changed.studies if s.key == pseudonym("study", "RESEARCH-0002", KEY))
+    np.testing.assert_array_equal(study.images["T2"], volume(77))

@@ -20,6 +20,7 @@ from flwr.supercore.fab import Fab
 
 import medfed.deploy.launcher as launcher
 import medfed.deploy.runner as runner
+from client.data.pseudonyms import KEY_FILE
 from client.job import decode_job
 from medfed.deploy.allowlist import AllowList, fab_digest
 from medfed.deploy.egress import EgressAudit
@@ -104,10 +105,19 @@ def _serve(tokens_tasks, tasks, site_dir: Path, audit: EgressAudit):
     return codes
 
 
+def _private_site(tiny_sites: Path, tmp_path: Path) -> Path:
+    """A copy of one synthetic site: its files and pseudonym key, none of the site state an
+    earlier test may have left in the shared fixture (a warm cache would read nothing)."""
+    site = tmp_path / "site-0"
+    shutil.copytree(tiny_sites / "site-0", site, ignore=shutil.ignore_patterns(".medfed"))
+    (site / ".medfed").mkdir(mode=0o700)
+    shutil.copy2(tiny_sites / "site-0" / ".medfed" / KEY_FILE, site / ".medfed" / KEY_FILE)
+    return site
+
+
 def test_one_runner_serves_two_messages_without_reading_dicom_again_and_sees_a_changed_file(
         tiny_sites, tmp_path, exchange, dicom_reads, task_identity):
-    site = tmp_path / "site-0"
-    shutil.copytree(tiny_sites / "site-0", site)
+    site = _private_site(tiny_sites, tmp_path)
     files = sorted(p for p in (site / "dicom").rglob("*") if p.is_file())
     tasks, pushed, status = exchange
     audit = EgressAudit(tmp_path / "egress.jsonl")
@@ -147,8 +157,7 @@ def test_the_runner_checks_the_fab_of_every_task_not_once(tiny_sites, tmp_path, 
     """Attack: the coordinator sends an approved release first, then swaps the FAB's bytes for
     the next message of the same long-lived runner, still labelled with the approved digest.
     The runner hashes the bytes of every task: the swap is refused like a first message."""
-    site = tmp_path / "site-0"
-    shutil.copytree(tiny_sites / "site-0", site)
+    site = _private_site(tiny_sites, tmp_path)
     tasks, pushed, status = exchange
     audit = EgressAudit(tmp_path / "egress.jsonl")
     swapped = b"the coordinator's own code"

@@ -180,8 +180,8 @@ def main(argv: list[str] | None = None) -> None:
                 "sites); all_rounds_ratio: every round, as this figure was first measured. "
                 "Deployment: TLS + SuperNode auth on loopback, one long-lived runner per site "
                 "(medfed.deploy.runner --serve), SuperNode idle poll 0.5 s (medfed site "
-                "--poll-interval), launcher claim poll 0.2 s; the ServerApp's own reply poll "
-                "(Flower HttpGrid.send_and_receive, 3 s) unchanged. The secagg variant runs on "
+                "--poll-interval), launcher claim poll 0.2 s, the ServerApp's reply poll 0.2 s "
+                "(server.prompt_grid; Flower's HttpGrid: 3 s). The secagg variant runs on "
                 "the same federation right after the plain one. Totals include process "
                 "start-up (Ray / flwr run)."}
     path = write_result("deploy", payload)

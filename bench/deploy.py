@@ -120,7 +120,8 @@ def deploy(data: Path, root: Path, rounds: int) -> dict[str, tuple[list[float], 
                             "--superlink", f"localhost:{port}",
                             "--root-cert", str(certs / "ca.pem"), "--flwr-home",
                             str(root / "cli"), "--wait-sites", "3"],
-                           env=_env(), check=True, stdout=subprocess.DEVNULL, timeout=1800)
+                           env=_env(), check=True, stdout=open(root / f"run-{variant}.log", "w"),
+                           stderr=subprocess.STDOUT, timeout=1800)
             results[variant] = (round_seconds(runs, before), time.perf_counter() - begin)
         return results
     finally:

@@ -216,8 +216,12 @@ def main(argv: list[str] | None = None) -> int:
     secret = load_runtime_secret(args.runtime_secret_file)
     if not allow.digests:
         log.warning("[%s] no app approved: every run will be refused", args.site_id)
-    serve(args.runtime_api_address, allow, site_id=args.site_id, secret=secret,
-          egress_log=args.egress_log, poll=args.poll_interval)
+    try:
+        serve(args.runtime_api_address, allow, site_id=args.site_id, secret=secret,
+              egress_log=args.egress_log, poll=args.poll_interval)
+    except RuntimeError as err:          # the runner cannot start: one line, the site stops
+        log.error("[%s] %s", args.site_id, err)
+        return 1
     return 0
 
 

@@ -36,6 +36,7 @@ def test_install_caps_only_the_supernode_loop(monkeypatch):
     import flwr.supernode.start_client_internal as loop
 
     monkeypatch.setattr(loop, "time", time)                  # restored after the test
+    monkeypatch.setattr(loop, "pull_objects", loop.pull_objects)
     supernode.install(0.5)
     slept = []
     monkeypatch.setattr(time, "sleep", slept.append)
@@ -62,3 +63,32 @@ def test_the_site_starts_flowers_supernode_through_the_cap(tmp_path):
     cmd = supernode_command(settings)
     assert cmd[1:5] == ["-m", "medfed.deploy.supernode", "--poll-interval", "0.4"]
     assert cmd[cmd.index("--isolation") + 1] == "process"
+
+
+def _backoffs(fn) -> dict:
+    """The retry backoff ``fn`` (Flower's puller, maybe wrapped in a partial) will use."""
+    params = inspect.signature(fn).parameters
+    return {k: params[k].default for k in ("initial_backoff", "backoff_cap")}
+
+
+def test_objects_are_retried_after_0_05_s_not_flowers_1_s(monkeypatch):
+    """The SuperNode's download from the SuperLink and the runner's pull from the SuperNode
+    both retry a missing object promptly (Flower: 1 s, 2 s, 4 s ...)."""
+    import flwr.supernode.runtime.run_clientapp as flwr_clientapp
+    import flwr.supernode.start_client_internal as loop
+
+    from medfed.deploy import runner
+
+    assert _backoffs(loop.pull_objects) == {"initial_backoff": 1, "backoff_cap": 10}
+    assert _backoffs(flwr_clientapp.pull_and_inflate_object_from_tree) == \
+        {"initial_backoff": 1, "backoff_cap": 10}
+    monkeypatch.setattr(loop, "time", time)
+    monkeypatch.setattr(loop, "pull_objects", loop.pull_objects)
+    monkeypatch.setattr(flwr_clientapp, "pull_and_inflate_object_from_tree",
+                        flwr_clientapp.pull_and_inflate_object_from_tree)
+    supernode.install(0.5)
+    runner.prompt_pulls()
+    assert _backoffs(loop.pull_objects) == supernode.OBJECT_PULL_BACKOFF
+    assert _backoffs(flwr_clientapp.pull_and_inflate_object_from_tree) == \
+        supernode.OBJECT_PULL_BACKOFF
+    assert supernode.OBJECT_PULL_BACKOFF["initial_backoff"] < 0.1

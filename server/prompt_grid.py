@@ -8,7 +8,8 @@ boundary after its last reply. ``PromptGrid`` wraps that grid and does the same 
 pull until every reply is in or ``timeout`` passed) asking every ``poll`` seconds; every
 other call goes to Flower's grid unchanged. The trade-off: one ``PullMessages`` call on the
 coordinator's own runtime port per ``poll`` while a round waits (loopback, the ServerApp
-process only), not one per site.
+process only), not one per site. Reply objects missing on the SuperLink when pulled are
+retried after 0.05 s doubling to 0.5 s (Flower: 1 s doubling to 10 s).
 
 Simulation keeps Flower's in-memory grid (it polls every 0.1 s already).
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
+from functools import partial
 
 from flwr.app import Message
 from flwr.serverapp import Grid
@@ -67,8 +69,18 @@ class PromptGrid(Grid):
         return replies
 
 
-def prompt_grid(grid: Grid) -> Grid:
-    """``PromptGrid`` around a deployed ServerApp's grid; any other grid unchanged."""
-    from flwr.superlink.grid.http_grid import HttpGrid
+# Retry of a reply object not on the SuperLink yet (Flower: 1 s, doubling, capped at 10 s).
+OBJECT_PULL_BACKOFF = {"initial_backoff": 0.05, "backoff_cap": 0.5}
 
-    return PromptGrid(grid) if isinstance(grid, HttpGrid) else grid
+
+def prompt_grid(grid: Grid) -> Grid:
+    """``PromptGrid`` around a deployed ServerApp's grid, whose reply objects are retried
+    after 0.05-0.5 s instead of Flower's 1, 2, 4 ... s (this ServerApp process only); any
+    other grid unchanged."""
+    from flwr.superlink.grid import http_grid
+
+    if not isinstance(grid, http_grid.HttpGrid):
+        return grid
+    if not isinstance(http_grid.pull_objects, partial):
+        http_grid.pull_objects = partial(http_grid.pull_objects, **OBJECT_PULL_BACKOFF)
+    return PromptGrid(grid)

@@ -52,13 +52,19 @@ def test_a_timeout_still_ends_the_wait(monkeypatch):
     assert 1.0 <= now[0] < 1.0 + 2 * prompt.REPLY_POLL
 
 
-def test_only_a_deployed_grid_is_wrapped_and_flowers_own_still_sleeps_3_s():
+def test_only_a_deployed_grid_is_wrapped_and_flowers_own_still_sleeps_3_s(monkeypatch):
     from flwr.superlink.grid import http_grid
 
     assert "time.sleep(3)" in inspect.getsource(http_grid.HttpGrid.send_and_receive)
+    backoff = lambda: {k: inspect.signature(http_grid.pull_objects).parameters[k].default  # noqa: E731
+                       for k in ("initial_backoff", "backoff_cap")}
+    assert backoff() == {"initial_backoff": 1, "backoff_cap": 10}     # Flower's, unwrapped
+    monkeypatch.setattr(http_grid, "pull_objects", http_grid.pull_objects)
     simulated = object()
     assert prompt.prompt_grid(simulated) is simulated
+    assert backoff() == {"initial_backoff": 1, "backoff_cap": 10}     # simulation: untouched
     deployed = http_grid.HttpGrid.__new__(http_grid.HttpGrid)
     assert isinstance(prompt.prompt_grid(deployed), prompt.PromptGrid)
+    assert backoff() == prompt.OBJECT_PULL_BACKOFF                    # reply objects: prompt
     with pytest.raises(ValueError):
         prompt.PromptGrid(deployed, poll=0)

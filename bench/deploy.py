@@ -182,7 +182,9 @@ def main(argv: list[str] | None = None) -> None:
                 "Deployment: TLS + SuperNode auth on loopback, one long-lived runner per site "
                 "(medfed.deploy.runner --serve), SuperNode idle poll 0.5 s (medfed site "
                 "--poll-interval), launcher claim poll 0.2 s, the ServerApp's reply poll 0.2 s "
-                "(server.prompt_grid; Flower's HttpGrid: 3 s). The secagg variant runs on "
+                "(server.prompt_grid; Flower's HttpGrid: 3 s), missing message objects retried after "
+                "0.05-0.5 s (Flower: 1, 2, 4 s) at the SuperNode, the runner and the ServerApp. "
+                "The secagg variant runs on "
                 "the same federation right after the plain one. Totals include process "
                 "start-up (Ray / flwr run)."}
     path = write_result("deploy", payload)

@@ -2,13 +2,16 @@
 
 In a deployment the SuperNode's node config names the site and its data directory; in
 simulation Flower only gives a ``partition-id``, which maps to ``<sim-data-root>/site-<id>``.
-Loaded data is kept per process (a site daemon serves many rounds), bounded in size.
+Loaded data is kept per process (a deployed site's runner serves every message of every run
+in one process, ``medfed.deploy.runner``), bounded in size, and read again only when a file
+of the site changed (``data_signature``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -47,6 +50,8 @@ class SiteIdentity:
     # Where decoded studies are cached (client.data.cache): <state-dir>/cache on a deployed
     # site; None in simulation (nothing persisted, the demo reads as it always did).
     cache_dir: Path | None = None
+    # The site's state folder (ledger, keys, query log): written every message, never data.
+    state_dir: Path | None = None
 
     @property
     def seed(self) -> int:
@@ -98,21 +103,48 @@ def resolve_site(context: Context, sim_data_root: Path | None = None,
     cache_dir = None if simulated else state_dir(settings, data_dir) / CACHE_FOLDER
     return SiteIdentity(site_id, data_dir,
                         resolve_device(str(node.get(wire.NODE_DEVICE, "auto"))), role, simulated,
-                        key, workers, cache_dir)
+                        key, workers, cache_dir, state_dir(settings, data_dir))
+
+
+def data_signature(site: SiteIdentity) -> str:
+    """A digest of what the site's readers can read: path, size, mtime, ctime and inode of
+    every file under the data directory (links followed as the readers follow them), except
+    the site's state folder and hidden top-level folders (MedFed's own files, written every
+    message). Touching, rewriting, adding or removing a file changes it; a ``stat`` per
+    file, no file is opened."""
+    root = Path(site.data_dir)
+    skip = {Path(site.state_dir).resolve()} if site.state_dir is not None else set()
+    h = hashlib.sha256()
+    for folder, dirs, files in os.walk(root):
+        here = Path(folder)
+        dirs[:] = sorted(d for d in dirs if (here / d).resolve() not in skip
+                         and not (here == root and d.startswith(".")))
+        for name in sorted(files):
+            try:
+                st = (here / name).stat()
+            except OSError:              # a dangling link, a file removed meanwhile
+                continue
+            rel = str((here / name).relative_to(root))
+            h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\0"
+                     f"{st.st_ino}\n".encode("utf-8", "surrogateescape"))
+    return h.hexdigest()
 
 
 class SiteDataCache:
     """Per-process cache of loaded sites and their split datasets (LRU, bounded).
 
-    Keyed by the site (data directory and role), the class names, the image size and the
-    task's ``DataNeeds`` - everything the datasets are a function of - so two tasks on one
-    site (say a classifier and a segmenter, or two CLIP runs with different tokenizers) are
-    never served each other's data.
+    Keyed by the site (data directory, role and pseudonym key), the class names, the image
+    size and the task's ``DataNeeds`` - everything the datasets are a function of - so two
+    tasks on one site (say a classifier and a segmenter, or two CLIP runs with different
+    tokenizers) are never served each other's data. An entry is used only while the site's
+    files are as they were when it was read (``data_signature``, checked on every ``get``): a
+    changed, added or removed file makes the next message read the site again.
     """
 
     def __init__(self, max_sites: int = 16):
         self.max_sites = max_sites
-        self._sites: OrderedDict[tuple, tuple[SiteData, dict[str, StudyDataset]]] = OrderedDict()
+        self._sites: OrderedDict[tuple, tuple[str, tuple[SiteData, dict[str, StudyDataset]]]] \
+            = OrderedDict()
 
     def get(self, site: SiteIdentity, class_names: tuple[str, ...], image_size: int,
             needs: DataNeeds = DataNeeds(), layout: Layout | None = None,
@@ -126,13 +158,23 @@ class SiteDataCache:
         ``external``: every labelled study. ``layout``: the job's modality layout (None:
         today's brain_mri_4seq reader); its input channels are the model's, in order.
         """
-        key = (str(site.data_dir), site.role, tuple(class_names), image_size, needs, layout)
-        if key not in self._sites:
-            self._sites[key] = self._load(site, tuple(class_names), image_size, needs, layout)
+        pseudonyms = hashlib.sha256(site.pseudonym_key).hexdigest() if site.pseudonym_key \
+            else None
+        key = (str(site.data_dir), site.role, pseudonyms, tuple(class_names), image_size,
+               needs, layout)
+        signature = data_signature(site)
+        cached = self._sites.get(key)
+        if cached is None or cached[0] != signature:
+            if cached is not None:
+                site_logger(site.site_id).info("data changed since it was read: reading it "
+                                               "again")
+            # signature taken before the read: a file changed during it is read again next time
+            self._sites[key] = (signature, self._load(site, tuple(class_names), image_size,
+                                                      needs, layout))
             while len(self._sites) > self.max_sites:
                 self._sites.popitem(last=False)
         self._sites.move_to_end(key)
-        return self._sites[key]
+        return self._sites[key][1]
 
     @staticmethod
     def _load(site: SiteIdentity, class_names: tuple[str, ...], image_size: int,

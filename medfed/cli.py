@@ -102,6 +102,10 @@ def _add_deploy_parsers(sub) -> None:
                         "train (the server must run with federation.external_sites=true)")
     p.add_argument("--runtime-port", type=int, default=9094,
                    help="local port of the SuperNode's runtime API (one per site on a host)")
+    p.add_argument("--poll-interval", type=float, default=0.5,
+                   help="seconds an idle site waits before asking the coordinator again for a "
+                        "message (Flower: 3; shorter: prompter rounds, more requests to the "
+                        "coordinator; see deploy/README.md)")
     p.add_argument("--max-retries", type=int,
                    help="reconnection attempts after a lost connection (default: unbounded)")
     p.add_argument("--max-wait-time", type=float, default=600.0,

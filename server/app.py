@@ -14,6 +14,7 @@ from protocol import wire
 from .config import ExperimentConfig, load_experiment
 from .federation import new_run_dir, run_experiment
 from .preflight import PreflightError, run_preflight
+from .prompt_grid import prompt_grid
 from .stream_log import stream_logging
 
 log = logging.getLogger("medfed.server")
@@ -31,6 +32,7 @@ def make_server_app(cfg: ExperimentConfig | None = None, run_dir: Path | None = 
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        grid = prompt_grid(grid)     # deployed: replies collected every 0.2 s, not every 3 s
         experiment = cfg
         if experiment is None:
             overrides = str(context.run_config.get(wire.RUN_OVERRIDES, "")).split()

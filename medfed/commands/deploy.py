@@ -79,7 +79,8 @@ def site(args: argparse.Namespace) -> int:
         dp_epsilon=args.dp_epsilon, dp_delta=args.dp_delta, require_secagg=args.require_secagg,
         privacy_dir=args.privacy_dir, device=args.device, torch_threads=args.torch_threads,
         decode_workers=args.decode_workers,
-        runtime_port=args.runtime_port, max_retries=args.max_retries,
+        runtime_port=args.runtime_port, poll_interval=args.poll_interval,
+        max_retries=args.max_retries,
         max_wait_time=args.max_wait_time, role=args.role, layout=args.layout,
         foundation_dir=args.foundation_dir)
     daemon = Site(settings)

@@ -3,10 +3,20 @@
 ``medfed site`` runs ``flower-supernode --isolation process``: the SuperNode then only queues
 tasks on its loopback runtime API and leaves starting them to an executor the site runs
 itself. This is that executor. It follows ``flwr.supercore.superexec.run_superexec``'s loop
-(``AcquireTask`` for ClientApp tasks, signed with the site's runtime secret, one process per
-task) but starts the site-owned runner (``python -m medfed.deploy.runner``) with the site's
+(``AcquireTask`` for ClientApp tasks, signed with the site's runtime secret) but hands each
+task to the site-owned runner (``python -m medfed.deploy.runner --serve``) with the site's
 allow-list instead of ``flwr-clientapp``; see ``medfed.deploy.runner`` for why. The task token
 goes to the runner on its standard input, not its command line (``medfed.deploy.runtime_auth``).
+
+One runner per site, started with the launcher and kept (``SiteWorker``): it imports the app
+and reads the site's data once, not once per message. The launcher claims a task only while
+the runner is ready and idle, so a claimed token never waits in a pipe past Flower's
+heartbeat window. If the runner dies, the launcher starts a new one (bounded: a runner that
+dies before it is ready three times in a row stops the site). The task it was serving is
+then Flower's to settle: a task claimed but never started goes back to pending when its
+token expires (~30 s) and is claimed again (retried); one that had started is failed by the
+SuperNode when its heartbeat stops (~60 s), which sends the coordinator Flower's
+``CLIENT_APP_CRASHED`` error reply for it - the path a crashed ``flwr-clientapp`` takes.
 """
 
 from __future__ import annotations
@@ -14,6 +24,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import select
 import subprocess
 import sys
 import time
@@ -35,24 +46,94 @@ def launcher_command(address: str, allow: AllowList, site_id: str,
             *(["--egress-log", str(egress_log)] if egress_log else [])]
 
 
-def runner_command(address: str, allow: AllowList, site_id: str,
+def worker_command(address: str, allow: AllowList, site_id: str,
                    egress_log: Path | None = None) -> list[str]:
-    """Command line of one task's runner (same interpreter, so the same installed MedFed).
-    No token here: any local account can read a command line, so it goes over stdin."""
+    """Command line of the site's long-lived runner (same interpreter, so the same installed
+    MedFed). No token here: any local account can read a command line, so tokens go over
+    stdin; ``SiteWorker`` adds the events pipe (``--events-fd``)."""
     return [sys.executable, "-m", "medfed.deploy.runner", "--runtime-api-address", address,
-            "--token-stdin", "--site-id", site_id, "--parent-pid", str(os.getpid()),
+            "--serve", "--site-id", site_id, "--parent-pid", str(os.getpid()),
             *allow.args(), *(["--egress-log", str(egress_log)] if egress_log else [])]
 
 
-def start_runner(cmd: list[str], token: str) -> subprocess.Popen:
-    """Start one runner and hand it its task token over a pipe."""
-    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE)
-    try:
-        proc.stdin.write(token.encode("ascii") + b"\n")
-        proc.stdin.close()
-    except BrokenPipeError:        # the runner died before reading; it reports nothing
-        log.error("the site runner exited before it received its task")
-    return proc
+class SiteWorker:
+    """The launcher's handle on one long-lived runner process: tokens go in on its stdin,
+    ``ready`` / ``done <code>`` come back on a pipe of their own."""
+
+    def __init__(self, command: list[str]):
+        self.command = command
+        self.proc: subprocess.Popen | None = None
+        self.ready = False
+        self.task: str | None = None          # what it is serving now ("task 4 of run 7")
+        self._events = -1
+        self._buffer = b""
+
+    def start(self) -> None:
+        read, write = os.pipe()
+        try:
+            self.proc = subprocess.Popen([*self.command, "--events-fd", str(write)],
+                                         stdin=subprocess.PIPE, pass_fds=(write,))
+        finally:
+            os.close(write)
+        self._events = read
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    @property
+    def idle(self) -> bool:
+        return self.ready and self.task is None and self.alive()
+
+    def submit(self, token: str, task: str) -> bool:
+        """Hand the runner one task token; False if it is gone (the task is then Flower's)."""
+        assert self.proc is not None and self.proc.stdin is not None
+        self.task = task
+        try:
+            self.proc.stdin.write(token.encode("ascii") + b"\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, ValueError):
+            return False
+        return True
+
+    def wait(self, timeout: float) -> list[int]:
+        """Wait up to ``timeout`` s for the runner's events (returns early on one); the exit
+        codes of the tasks it finished meanwhile."""
+        codes: list[int] = []
+        if self._events < 0:
+            time.sleep(timeout)
+            return codes
+        ready, _, _ = select.select([self._events], [], [], timeout)
+        if not ready:
+            return codes
+        chunk = os.read(self._events, 4096)
+        if not chunk:                         # the runner closed the pipe: it is exiting
+            os.close(self._events)
+            self._events = -1
+            return codes
+        self._buffer += chunk
+        *lines, self._buffer = self._buffer.split(b"\n")
+        for line in lines:
+            if line == b"ready":
+                self.ready = True
+            elif line.startswith(b"done "):
+                self.task = None
+                codes.append(int(line.split()[1]))
+        return codes
+
+    def stop(self, grace: float = 5.0) -> None:
+        """Close its stdin (it finishes the task in hand and exits), then make sure."""
+        if self.proc is None:
+            return
+        try:
+            if self.proc.stdin is not None:
+                self.proc.stdin.close()
+            self.proc.wait(timeout=grace)
+        except (BrokenPipeError, subprocess.TimeoutExpired):
+            self.proc.kill()
+            self.proc.wait()
+        if self._events >= 0:
+            os.close(self._events)
+            self._events = -1
 
 
 def acquire_client(address: str, secret: bytes, *, retry: bool = True):
@@ -71,27 +152,45 @@ def acquire_client(address: str, secret: bytes, *, retry: bool = True):
         retry_invoker=make_simple_http_retry_invoker() if retry else None)
 
 
-def serve(address: str, allow: AllowList, *, site_id: str, secret: bytes, poll: float = 1.0,
-          egress_log: Path | None = None) -> None:
-    """Acquire ClientApp tasks from the SuperNode forever (``AcquireTask`` signed with the
-    site's runtime ``secret``); start a runner for each."""
+MAX_EARLY_DEATHS = 3      # runners that die before "ready", in a row, before the site stops
+
+
+def serve(address: str, allow: AllowList, *, site_id: str, secret: bytes, poll: float = 0.2,
+          egress_log: Path | None = None, command: list[str] | None = None) -> None:
+    """Claim ClientApp tasks from the SuperNode forever (``AcquireTask`` signed with the
+    site's runtime ``secret``, every ``poll`` s while the runner is idle) and hand each to the
+    site's long-lived runner, restarting it if it dies (see the module docstring)."""
     from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
     from flwr.supercore.constant import TaskType
 
+    command = command or worker_command(address, allow, site_id, egress_log)
     client = acquire_client(address, secret)
     request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])
-    running: list[subprocess.Popen] = []
+    worker, early_deaths = SiteWorker(command), 0
+    worker.start()
     try:
         while True:
-            running = [p for p in running if p.poll() is None]      # reap finished runners
-            answer = client.AcquireTask(request)
-            if answer.HasField("task") and answer.token:
-                log.info("[%s] task %d of run %d: starting the site runner", site_id,
-                         answer.task.task_id, answer.task.run_id)
-                running.append(start_runner(
-                    runner_command(address, allow, site_id, egress_log), answer.token))
-            time.sleep(poll)
+            if not worker.alive():
+                early_deaths = 0 if worker.ready else early_deaths + 1
+                if early_deaths >= MAX_EARLY_DEATHS:
+                    raise RuntimeError(f"the site runner exited {early_deaths} times before "
+                                       "it was ready; see its lines above")
+                lost = (f"; {worker.task} is left to Flower (retried if it had not started, "
+                        "else failed with CLIENT_APP_CRASHED)" if worker.task else "")
+                log.error("[%s] the site runner exited (code %s)%s; starting a new one",
+                          site_id, worker.proc.returncode if worker.proc else None, lost)
+                worker.stop()
+                worker = SiteWorker(command)
+                worker.start()
+            if worker.idle:
+                answer = client.AcquireTask(request)
+                if answer.HasField("task") and answer.token:
+                    task = f"task {answer.task.task_id} of run {answer.task.run_id}"
+                    log.info("[%s] %s: handing it to the site runner", site_id, task)
+                    worker.submit(answer.token, task)
+            worker.wait(poll)
     finally:
+        worker.stop()
         client.close()
 
 
@@ -104,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--egress-log", type=Path)
     p.add_argument("--runtime-secret-file", type=Path, required=True,
                    help="the secret the SuperNode's --superexec-auth-secret-file names")
+    p.add_argument("--poll-interval", type=float, default=0.2,
+                   help="seconds between two claims while the runner is idle (loopback)")
     args = p.parse_args(argv)
     logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="%(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)     # a poll a second is not news
@@ -115,8 +216,12 @@ def main(argv: list[str] | None = None) -> int:
     secret = load_runtime_secret(args.runtime_secret_file)
     if not allow.digests:
         log.warning("[%s] no app approved: every run will be refused", args.site_id)
-    serve(args.runtime_api_address, allow, site_id=args.site_id, secret=secret,
-          egress_log=args.egress_log)
+    try:
+        serve(args.runtime_api_address, allow, site_id=args.site_id, secret=secret,
+              egress_log=args.egress_log, poll=args.poll_interval)
+    except RuntimeError as err:          # the runner cannot start: one line, the site stops
+        log.error("[%s] %s", args.site_id, err)
+        return 1
     return 0
 
 

@@ -1,4 +1,5 @@
-"""The site-owned ClientApp runner: one process per task, in place of ``flwr-clientapp``.
+"""The site-owned ClientApp runner, in place of ``flwr-clientapp``: one long-lived process per
+site that serves every task the launcher hands it.
 
 Why this exists. Flower's ``flwr-clientapp`` (``flwr.supernode.runtime.run_clientapp``) pulls
 the task's FAB from the SuperNode, ``install_from_fab``\\ s it and imports the ClientApp *from
@@ -24,6 +25,18 @@ Why a runner and not a patched Flower. Flower 1.41's ``--isolation process`` let
 start its own executor next to the SuperNode (``medfed.deploy.launcher``); Flower's
 ``flower-superexec`` cannot be told to start anything but ``flwr-clientapp``. Neither the FAB
 nor Flower's loader is touched on the refused path (tests patch both to fail).
+
+Why long-lived (``--serve``). ``flwr-clientapp`` is one process per message: a deployed round
+paid ~10 s of imports per message and the site re-read and decoded all of its DICOM each
+time. The runner imports the site's ClientApp once, says ``ready`` on its events pipe, then
+reads task tokens from its standard input, one a line, and serves each in turn exactly as
+``flwr-clientapp`` serves its one token (pull the task input, check the FAB digest, run the
+app, audit and push the reply, push the task status); the app object, and with it the site's
+``SiteDataCache``, stays loaded between messages and runs. Every check is per task: the FAB's
+bytes are hashed again for each message (a run cannot be approved once and swapped later),
+each reply gets its own egress line, each token its own runtime client. After each task it
+writes ``done <code>`` on the events pipe, so the launcher claims the next task only when the
+runner is free (a claimed token is never left waiting past Flower's heartbeat window).
 """
 
 from __future__ import annotations
@@ -31,14 +44,17 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
+import re
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import BinaryIO
 
 from flwr.app import Context, Message
 from flwr.app.error import Error
-from flwr.common.args import try_obtain_flwr_app_token
-from flwr.common.constant import ErrorCode, SubStatus
+from flwr.common.constant import FLWR_TASK_TOKEN_LENGTH, ErrorCode, SubStatus
 from flwr.supercore.fab import Fab
 
 from .allowlist import AllowList, AppRefused
@@ -49,6 +65,9 @@ log = logging.getLogger("medfed.deploy")
 # The site's own ClientApp; tests/security/test_app_allowlist.py checks that pyproject.toml's
 # [tool.flwr.app.components] clientapp names the same object.
 CLIENTAPP_REF = "client.app:app"
+# Flower's task token: FLWR_TASK_TOKEN_LENGTH random bytes, hex (flwr.common.args checks it so)
+TOKEN = re.compile(rf"[0-9a-f]{{{FLWR_TASK_TOKEN_LENGTH * 2}}}")
+READY = b"ready\n"              # events pipe: the app is imported, send tasks
 
 
 def load_installed_clientapp():
@@ -123,11 +142,18 @@ def run_task(client, allow: AllowList, *, site_id: str = "site",
     heartbeat.start()
     context, outcome = None, None
     try:
+        start = time.perf_counter()
         message, context, _run, fab = pull_task_input(client)
+        pulled = time.perf_counter()
         outcome = handle_task(message, context, fab, allow, site_id=site_id, load_app=load_app)
         if audit is not None:
             audit.record(outcome.reply, context.run_id)
+        handled = time.perf_counter()
         push_message(client, outcome.reply, context)
+        # where a message's time goes at the site (durations only)
+        log.info("[%s] run %s: task input pulled in %.1fs, app %.1fs, reply pushed in %.1fs",
+                 site_id, context.run_id, pulled - start, handled - pulled,
+                 time.perf_counter() - handled)
     finally:
         push_task_output(client=client, context=context,
                          sub_status=outcome.sub_status if outcome else SubStatus.FAILED,
@@ -152,11 +178,59 @@ def runtime_client(address: str, token: str):
         retry_invoker=make_simple_http_retry_invoker())
 
 
+def prompt_pulls() -> None:
+    """Pull a message's objects from the site's own SuperNode retrying every 0.05-0.5 s
+    (``OBJECT_PULL_BACKOFF``) instead of Flower's 1, 2, 4 ... s: the SuperNode offers the task
+    before it has downloaded the message's arrays, so the first tries usually miss, and with
+    Flower's backoff a tiny model took 3-8 s to arrive (measured). Loopback, this process only."""
+    from functools import partial
+
+    import flwr.supernode.runtime.run_clientapp as flwr_clientapp
+
+    from .supernode import OBJECT_PULL_BACKOFF
+
+    flwr_clientapp.pull_and_inflate_object_from_tree = partial(
+        flwr_clientapp.pull_and_inflate_object_from_tree, **OBJECT_PULL_BACKOFF)
+
+
+def read_tokens(stream: BinaryIO) -> Iterator[str]:
+    """Task tokens from the launcher, one a line, until it closes the pipe. Lines are read
+    bounded; anything but a token ends the runner (the pipe is the launcher's alone)."""
+    limit = FLWR_TASK_TOKEN_LENGTH * 2 + 1
+    while line := stream.readline(limit + 1):
+        token = line.removesuffix(b"\n").decode("ascii", "replace")
+        if not TOKEN.fullmatch(token):
+            raise ValueError("the site runner received something other than a task token")
+        yield token
+
+
+def serve(tokens: Iterable[str], connect: Callable, allow: AllowList, *,
+          report: Callable[[int], None], site_id: str = "site",
+          load_app: Callable = load_installed_clientapp,
+          audit: EgressAudit | None = None) -> int:
+    """Serve each task token in this process (``run_task`` with ``connect(token)``'s client);
+    ``report(code)`` after each. A task that fails to pull or push does not stop the next one.
+    Returns the number of tasks served."""
+    served = 0
+    for token in tokens:
+        try:
+            code = run_task(connect(token), allow, site_id=site_id, load_app=load_app,
+                            audit=audit)
+        except Exception:  # noqa: BLE001 - one broken exchange must not take the site down
+            log.exception("[%s] a task failed outside the ClientApp (runtime API)", site_id)
+            code = 1
+        served += 1
+        report(code)
+    return served
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="MedFed site ClientApp runner (one task)")
+    p = argparse.ArgumentParser(description="MedFed site ClientApp runner (long-lived)")
     p.add_argument("--runtime-api-address", required=True)
-    p.add_argument("--token-stdin", action="store_true", required=True,
-                   help="read the task token from standard input (never from argv)")
+    p.add_argument("--serve", action="store_true", required=True,
+                   help="read task tokens from standard input, one a line (never from argv)")
+    p.add_argument("--events-fd", type=int, required=True,
+                   help="pipe to the launcher: 'ready', then 'done <code>' per task")
     p.add_argument("--site-id", default="site")
     p.add_argument("--parent-pid", type=int)
     p.add_argument("--allow-app", action="append", default=[])
@@ -174,9 +248,21 @@ def main(argv: list[str] | None = None) -> int:
         start_parent_process_monitor(args.parent_pid)
     allow = AllowList.build(args.allow_app)
     audit = EgressAudit(args.egress_log) if args.egress_log else None
-    token = try_obtain_flwr_app_token(args)      # Flower's bounded, validated stdin reader
-    return run_task(runtime_client(args.runtime_api_address, token), allow,
-                    site_id=args.site_id, audit=audit)
+    load_installed_clientapp()            # the imports, once, before the first task
+    prompt_pulls()
+    events = args.events_fd
+    os.write(events, READY)
+
+    def report(code: int) -> None:
+        os.write(events, f"done {code}\n".encode("ascii"))
+
+    def connect(token: str):
+        return runtime_client(args.runtime_api_address, token)
+
+    served = serve(read_tokens(sys.stdin.buffer), connect, allow, report=report,
+                   site_id=args.site_id, audit=audit)
+    log.info("[%s] site runner stopping after %d tasks", args.site_id, served)
+    return 0
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -38,9 +39,10 @@ from .allowlist import AllowList
 from .egress import EGRESS_LOG
 from .launcher import launcher_command
 from .preflight import DeployError, check_auth_key, check_port_free, check_superlink
-from .process import Daemon, flower_bin, flower_env, sleep_unless_stopped
+from .process import Daemon, flower_env, sleep_unless_stopped
 from .runtime_auth import RUNTIME_SECRET, check_runtime_secret, ensure_runtime_secret
 from .session import SessionKeeper, key_fingerprint, open_session_left, read_record
+from .supernode import FLOWER_IDLE_POLL
 
 log = logging.getLogger("medfed.deploy")
 
@@ -78,6 +80,7 @@ class SiteSettings:
     torch_threads: int = 1
     decode_workers: int = 1            # DICOM decode processes at ingest
     runtime_port: int = 9094           # local port Flower's ClientApp processes talk to
+    poll_interval: float = 0.5         # idle SuperNode's wait between two pulls (Flower: 3 s)
     max_retries: int | None = None     # reconnection attempts after a lost connection
     max_wait_time: float | None = 600.0  # seconds of reconnecting before giving up
     role: str = wire.ROLE_TRAIN        # external: evaluates every global model, never trains
@@ -133,7 +136,9 @@ def node_config_arg(config: dict[str, object]) -> str:
 
 
 def supernode_command(s: SiteSettings) -> list[str]:
-    cmd = [flower_bin("flower-supernode"),
+    # Flower's SuperNode, with its 3 s idle poll capped (medfed.deploy.supernode)
+    cmd = [sys.executable, "-m", "medfed.deploy.supernode",
+           "--poll-interval", str(s.poll_interval),
            "--superlink", s.superlink,
            "--root-certificates", str(s.root_cert),
            "--auth-supernode-private-key", str(s.auth_key),
@@ -197,6 +202,9 @@ class Site:
     def preflight(self) -> None:
         s = self.settings
         node_config(s)                        # budget arguments complete
+        if not 0 < s.poll_interval <= FLOWER_IDLE_POLL:
+            raise DeployError(f"--poll-interval must be in (0, {FLOWER_IDLE_POLL:g}] seconds, "
+                              f"got {s.poll_interval:g}")
         check_auth_key(s.auth_key)            # before touching data: a leaked key is worse
         if s.runtime_secret.exists() or s.runtime_secret.is_symlink():
             check_runtime_secret(s.runtime_secret)   # created by start() when missing

@@ -25,7 +25,7 @@ from flwr.supercore.fab import Fab
 import medfed.deploy.runner as runner
 from medfed.cli import main
 from medfed.deploy.allowlist import AllowList, AppRefused, digest_of, fab_digest
-from medfed.deploy.launcher import launcher_command, runner_command
+from medfed.deploy.launcher import launcher_command, worker_command
 from medfed.deploy.site import SiteSettings, supernode_command
 from protocol import wire
 
@@ -234,7 +234,7 @@ def test_site_runs_its_own_launcher_with_the_allow_list(tmp_path):
     assert cmd[cmd.index("--isolation") + 1] == "process"        # Flower starts nothing
     launcher = launcher_command("127.0.0.1:9094", allow, "a", runtime_secret=tmp_path / "x")
     assert launcher[1:3] == ["-m", "medfed.deploy.launcher"]
-    task = runner_command("127.0.0.1:9094", allow, "a")
+    task = worker_command("127.0.0.1:9094", allow, "a")
     assert task[1:3] == ["-m", "medfed.deploy.runner"]
     for argv in (launcher, task):
         assert [argv[i + 1] for i, a in enumerate(argv) if a == "--allow-app"] == \

@@ -15,7 +15,7 @@ from flwr.common.constant import ErrorCode
 import medfed.deploy.runner as runner
 from medfed.deploy.allowlist import AllowList, fab_digest
 from medfed.deploy.egress import EgressAudit, record_digest
-from medfed.deploy.launcher import launcher_command, runner_command
+from medfed.deploy.launcher import launcher_command, worker_command
 
 from .test_app_allowlist import _tampered_fab, _task
 
@@ -102,7 +102,7 @@ def test_a_changed_reply_changes_its_digest():
 @pytest.mark.parametrize("build", [
     lambda log: launcher_command("127.0.0.1:9094", AllowList(), "a", log,
                                  runtime_secret=log.parent / "secret"),
-    lambda log: runner_command("127.0.0.1:9094", AllowList(), "a", log)])
+    lambda log: worker_command("127.0.0.1:9094", AllowList(), "a", log)])
 def test_the_site_passes_its_egress_log_to_launcher_and_runner(build, tmp_path):
     argv = build(tmp_path / "egress.jsonl")
     assert argv[argv.index("--egress-log") + 1] == str(tmp_path / "egress.jsonl")

@@ -26,7 +26,7 @@ from flwr.supernode.nodestate import NodeStateFactory
 
 from medfed.certs import site_keygen, write_certs
 from medfed.deploy.allowlist import AllowList
-from medfed.deploy.launcher import acquire_client, runner_command, start_runner
+from medfed.deploy.launcher import SiteWorker, acquire_client, worker_command
 from medfed.deploy.preflight import DeployError
 from medfed.deploy.runner import parser as runner_parser
 from medfed.deploy.runtime_auth import (ACQUIRE_TASK, RUNTIME_SECRET, check_runtime_secret,
@@ -122,20 +122,25 @@ def test_the_sites_supernode_refuses_claims_without_the_site_secret(tmp_path, ch
 
 # --- the task token never sits on a command line ---------------------------------------------
 
-def test_the_runner_gets_its_task_token_over_a_pipe_not_its_command_line(tmp_path):
+def test_the_runner_gets_its_task_tokens_over_a_pipe_not_its_command_line(tmp_path):
     token = "ab" * 128                                         # Flower's token format
-    cmd = runner_command("127.0.0.1:9094", AllowList(), "a")
-    assert token not in " ".join(cmd) and "--token-stdin" in cmd
+    cmd = worker_command("127.0.0.1:9094", AllowList(), "a")
+    assert token not in " ".join(cmd) and "--serve" in cmd
     with pytest.raises(SystemExit):                            # no way to pass it in argv
-        runner_parser().parse_args(["--runtime-api-address", "x:1", "--token", token])
-    # start_runner delivers it to Flower's stdin reader (the one runner.main uses)
+        runner_parser().parse_args(["--runtime-api-address", "x:1", "--events-fd", "3",
+                                    "--token", token])
+    # SiteWorker delivers it to the runner's stdin reader (the one runner.main uses)
     out = tmp_path / "got"
-    child = start_runner([sys.executable, "-c",
-                          "import argparse, pathlib, sys\n"
-                          "from flwr.common.args import try_obtain_flwr_app_token as read\n"
-                          "pathlib.Path(sys.argv[1]).write_text("
-                          "read(argparse.Namespace(token_stdin=True)))", str(out)], token)
-    assert child.wait(timeout=120) == 0
+    worker = SiteWorker([sys.executable, "-c",
+                         "import os, pathlib, sys\n"
+                         "from medfed.deploy.runner import read_tokens\n"
+                         "pathlib.Path(sys.argv[1]).write_text(''.join(read_tokens("
+                         "sys.stdin.buffer)))", str(out)])
+    worker.start()
+    assert token not in " ".join(worker.proc.args)
+    worker.submit(token, "task")
+    worker.stop(grace=120)
+    assert worker.proc.returncode == 0
     assert out.read_text() == token
 
 

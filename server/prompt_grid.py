@@ -1,0 +1,86 @@
+"""A deployed ServerApp's grid that collects replies as they arrive, not every 3 s.
+
+Flower 1.41's ``HttpGrid.send_and_receive`` (the grid a deployed ServerApp gets) pushes the
+messages, then asks the SuperLink for replies and, while some are missing, sleeps a fixed 3 s
+before asking again (``flwr.superlink.grid.http_grid``; no option sets it). Every message
+round of a deployed run - train, evaluate, each SecAgg+ stage - therefore ended on a 3 s
+boundary after its last reply. ``PromptGrid`` wraps that grid and does the same loop (push,
+pull until every reply is in or ``timeout`` passed) asking every ``poll`` seconds; every
+other call goes to Flower's grid unchanged. The trade-off: one ``PullMessages`` call on the
+coordinator's own runtime port per ``poll`` while a round waits (loopback, the ServerApp
+process only), not one per site. Reply objects missing on the SuperLink when pulled are
+retried after 0.05 s doubling to 0.5 s (Flower: 1 s doubling to 10 s).
+
+Simulation keeps Flower's in-memory grid (it polls every 0.1 s already).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from functools import partial
+
+from flwr.app import Message
+from flwr.serverapp import Grid
+
+REPLY_POLL = 0.2          # seconds between two pulls while replies are missing
+
+
+class PromptGrid(Grid):
+    """Flower's ``grid`` with ``send_and_receive`` polling every ``poll`` seconds."""
+
+    def __init__(self, grid: Grid, poll: float = REPLY_POLL):
+        if poll <= 0:
+            raise ValueError(f"poll must be > 0 seconds, got {poll!r}")
+        self.inner, self.poll = grid, poll
+
+    def set_run(self, run_id: int) -> None:
+        self.inner.set_run(run_id)
+
+    @property
+    def run(self):
+        return self.inner.run
+
+    def create_message(self, *args, **kwargs) -> Message:
+        return self.inner.create_message(*args, **kwargs)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.inner.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.inner.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self.inner.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *,
+                         timeout: float | None = None) -> Iterable[Message]:
+        """Flower's loop (``HttpGrid.send_and_receive``) with a ``poll``-second wait."""
+        missing = set(self.push_messages(messages))
+        end = time.time() + (timeout if timeout is not None else 0.0)
+        replies: list[Message] = []
+        while timeout is None or time.time() < end:
+            got = list(self.pull_messages(missing))
+            replies.extend(got)
+            missing.difference_update(m.metadata.reply_to_message_id for m in got)
+            if not missing:
+                break
+            time.sleep(self.poll)
+        return replies
+
+
+# Retry of a reply object not on the SuperLink yet (Flower: 1 s, doubling, capped at 10 s).
+OBJECT_PULL_BACKOFF = {"initial_backoff": 0.05, "backoff_cap": 0.5}
+
+
+def prompt_grid(grid: Grid) -> Grid:
+    """``PromptGrid`` around a deployed ServerApp's grid, whose reply objects are retried
+    after 0.05-0.5 s instead of Flower's 1, 2, 4 ... s (this ServerApp process only); any
+    other grid unchanged."""
+    from flwr.superlink.grid import http_grid
+
+    if not isinstance(grid, http_grid.HttpGrid):
+        return grid
+    if not isinstance(http_grid.pull_objects, partial):
+        http_grid.pull_objects = partial(http_grid.pull_objects, **OBJECT_PULL_BACKOFF)
+    return PromptGrid(grid)

@@ -164,7 +164,8 @@ def test_predict_gives_the_site_evaluation_probabilities_and_no_phi(layout, tiny
     # the inputs matter (synthetic CT studies share their anatomy: a random 3D model's
     # outputs differ less between them, ~1e-3, than between radiographs or brain MRIs)
     atol = 1e-4 if layout == "ct_volume" else 1e-3
-    assert not np.allclose(*list(expected.values())[:2], atol=atol)
+    # (over all studies: two chosen by their random pseudonyms can sit closer than that)
+    assert np.ptp(np.stack(list(expected.values())), axis=0).max() > atol
     assert all(r["predicted"] == names[int(np.argmax(got[r["study_key"]]))] for r in rows)
 
     secrets = secrets_of(site_dir)

@@ -29,11 +29,14 @@ def _cmd(sites, runs, *extra):
 
 # Loaded into the killed run's processes (PYTHONPATH): the registry hangs, so every round's
 # MLflow writes stay queued (journalled) until the kill - registering never finishes first.
+# Only the server's process: the processes it starts (Ray's) inherit the marker and skip it.
 HANGING_REGISTRY = f"""
-import sys, threading
-sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r})
-import server.registration as registration
-registration.write_round = lambda *args, **kwargs: threading.Event().wait()
+import os, sys, threading
+if not os.environ.get("MEDFED_TEST_REGISTRY_HANGS"):
+    os.environ["MEDFED_TEST_REGISTRY_HANGS"] = "1"
+    sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r})
+    import server.registration as registration
+    registration.write_round = lambda *args, **kwargs: threading.Event().wait()
 """
 
 

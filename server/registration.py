@@ -1,8 +1,9 @@
 """A round's MLflow writes off the round loop: a background worker with a bounded queue and a
 journal in the run folder, so that neither a slow registry nor a crash costs a round.
 
-Each round hands the worker one :class:`RoundWrites`: its metrics and run tags (one batch)
-and, with ``tracking.log_models``, the global model to export, log and register as a version.
+Each round hands the worker one :class:`RoundWrites`: its metrics and run tags (one batch),
+the sites' ingest counts the first time they report them, and, with ``tracking.log_models``,
+the global model to export, log and register as a version.
 Exporting and registering a model takes seconds; training the next round does not wait for
 it. The queue is bounded (:data:`MAX_QUEUED`): a registry slower than the rounds holds the
 round loop back instead of piling up models in memory. The run's end waits for the queue.
@@ -50,6 +51,7 @@ class RoundWrites:
     round: int
     metrics: dict[str, float] = field(default_factory=dict)
     run_tags: dict[str, str] = field(default_factory=dict)
+    artifacts: dict[str, dict] = field(default_factory=dict)   # artifact path -> JSON content
     model: torch.nn.Module | None = None      # built on the round loop's thread (its RNG)
     multi_label: bool = False                 # the model's head scores independent findings
     version_tags: dict[str, str] = field(default_factory=dict)
@@ -57,6 +59,7 @@ class RoundWrites:
 
     def journal_entry(self) -> dict:
         return {"round": self.round, "metrics": self.metrics, "run_tags": self.run_tags,
+                "artifacts": self.artifacts,
                 "version": self.model is not None, "version_tags": self.version_tags,
                 "arrays_sha256": self.arrays_sha256}
 
@@ -155,7 +158,7 @@ def write_round(run_dir: Path, writes: RoundWrites, log_round: Callable[[RoundWr
     entry = json.loads(path.read_text()) if path.is_file() else writes.journal_entry()
     if not entry.get("metrics_logged"):
         log_round(writes)
-        _write_json(path, entry | {"metrics_logged": True, "metrics": {}})
+        _write_json(path, entry | {"metrics_logged": True, "metrics": {}, "artifacts": {}})
     if writes.model is not None:
         versions[writes.round] = register(writes)
     path.unlink(missing_ok=True)

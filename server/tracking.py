@@ -104,7 +104,9 @@ class MlflowTracker:
         metrics |= {f"train/{k}": v for k, v in record.train_metrics.items()}
         for reply in record.train:
             metrics |= {f"site/{reply.site_id}/train/{k}": v for k, v in reply.metrics.items()}
-            self._log_ingest(reply.site_id, reply.ingest)
+            if reply.site_id not in self.ingest_logged and reply.ingest:
+                self.ingest_logged.add(reply.site_id)
+                writes.artifacts[f"sites/{reply.site_id}/ingest.json"] = json.loads(reply.ingest)
         metrics["train/sites_ok"] = len(record.train)
         metrics["train/sites_failed"] = len(record.failures.get("train", []))
         for site in record.dropped.get("train", []):     # which site dropped out, by name
@@ -214,14 +216,9 @@ class MlflowTracker:
                                         for key in ("mcc", "auroc", "accuracy") if key in pooled}
         self.writer.submit(writes)      # journalled before the round's checkpoint is written
 
-    def _log_ingest(self, site_id: str, ingest: str) -> None:
-        if site_id in self.ingest_logged or not ingest:
-            return
-        self.ingest_logged.add(site_id)
-        self.mlflow.log_dict(json.loads(ingest), f"sites/{site_id}/ingest.json")
-
     def _log_round(self, writes: RoundWrites) -> None:
-        """One round's metrics and run tags, in as few calls as MLflow's batch limits allow."""
+        """One round's metrics and run tags, in as few calls as MLflow's batch limits allow
+        (and the sites' ingest counts, the first time each site reports them)."""
         from mlflow.entities import Metric, RunTag
 
         millis = int(time.time() * 1000)
@@ -229,6 +226,8 @@ class MlflowTracker:
             self.run_id,
             metrics=[Metric(k, float(v), millis, writes.round) for k, v in writes.metrics.items()],
             tags=[RunTag(k, v) for k, v in writes.run_tags.items()], synchronous=True)
+        for path, content in writes.artifacts.items():
+            self.client.log_dict(self.run_id, content, path)
 
     def _register(self, writes: RoundWrites) -> str:
         """Export, log and register one global model as a version (on the writer's thread):
@@ -322,6 +321,7 @@ class MlflowTracker:
         """A journalled round's writes, its model from that round's checkpoint."""
         rnd = int(entry["round"])
         writes = RoundWrites(rnd, metrics=dict(entry["metrics"]), run_tags=dict(entry["run_tags"]),
+                             artifacts=dict(entry.get("artifacts", {})),
                              version_tags=dict(entry["version_tags"]),
                              arrays_sha256=entry["arrays_sha256"])
         if entry["version"]:

@@ -104,9 +104,7 @@ class MlflowTracker:
         metrics |= {f"train/{k}": v for k, v in record.train_metrics.items()}
         for reply in record.train:
             metrics |= {f"site/{reply.site_id}/train/{k}": v for k, v in reply.metrics.items()}
-            if reply.site_id not in self.ingest_logged and reply.ingest:
-                self.ingest_logged.add(reply.site_id)
-                writes.artifacts[f"sites/{reply.site_id}/ingest.json"] = json.loads(reply.ingest)
+            writes.artifacts |= self._new_ingest(reply.site_id, reply.ingest)
         metrics["train/sites_ok"] = len(record.train)
         metrics["train/sites_failed"] = len(record.failures.get("train", []))
         for site in record.dropped.get("train", []):     # which site dropped out, by name
@@ -215,6 +213,13 @@ class MlflowTracker:
                 writes.version_tags |= {f"{split}_{key}": f"{pooled[key]:.4f}"
                                         for key in ("mcc", "auroc", "accuracy") if key in pooled}
         self.writer.submit(writes)      # journalled before the round's checkpoint is written
+
+    def _new_ingest(self, site_id: str, ingest: str) -> dict[str, dict]:
+        """A site's ingest counts as an artifact to write, the first time it sends them."""
+        if site_id in self.ingest_logged or not ingest:
+            return {}
+        self.ingest_logged.add(site_id)
+        return {f"sites/{site_id}/ingest.json": json.loads(ingest)}
 
     def _log_round(self, writes: RoundWrites) -> None:
         """One round's metrics and run tags, in as few calls as MLflow's batch limits allow

@@ -38,6 +38,14 @@ class SiteGrid:
     def get_node_ids(self):
         return list(self.nodes)
 
+    def push_messages(self, messages):
+        self._replies = self.send_and_receive(messages, timeout=None)
+        return [m.metadata.reply_to_message_id for m in self._replies]
+
+    def pull_messages(self, message_ids):
+        replies, self._replies = self._replies, []
+        return replies
+
     def send_and_receive(self, messages, timeout):
         replies = []
         for m in messages:

@@ -125,6 +125,9 @@ class BackgroundWriter:
             self._queue.put(None)
             self._thread.join()
             self._thread = None
+        journal = self.run_dir / JOURNAL_DIR
+        if journal.is_dir() and not any(journal.iterdir()):
+            journal.rmdir()             # all written: a finished run keeps no empty folder
 
     def _raise(self) -> None:
         if self._error is not None:

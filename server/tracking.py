@@ -120,9 +120,11 @@ class MlflowTracker:
         privacy = self._privacy(record)
         metrics |= {f"privacy/{k}": v for k, v in privacy.items() if isinstance(v, float)}
         if record.arrays is not None and self.cfg.tracking.log_models:
-            # Built here, on the round loop's thread, exactly as before the registry moved
-            # off it: building draws from the server's torch RNG, which checkpoints record.
-            writes.model, writes.multi_label = self._global_model(record.arrays)
+            # Built on the round loop's thread, drawing nothing from the server's torch RNG:
+            # the writer's torch.export saves and restores that RNG around its tracing, so
+            # a draw here while it traces would be undone at a moment that depends on timing.
+            with torch.random.fork_rng(devices=[]):
+                writes.model, writes.multi_label = self._global_model(record.arrays)
             writes.arrays_sha256 = arrays_digest(record.arrays)
             writes.version_tags = self._version_tags(record, privacy, writes.arrays_sha256)
         self._flush()        # a round that never reached its end (a test, a failed round)

@@ -189,3 +189,39 @@ def test_budget_checks_refuse_only_what_a_site_would_surely_refuse(tmp_path):
     quiet = _cfg(tmp_path, "privacy=sitedp", "privacy.noise_multiplier=0.9",
                  "strategy.min_train_sites=2")
     assert "below its floor 1" in policy_problems(quiet, [floor, _policy("b")])[0][0]
+
+
+class _TrickleGrid:
+    """Replies that come in one per pull after ``silent_pulls`` empty pulls; ``answering``
+    of the nodes answer at all."""
+
+    def __init__(self, nodes: int, answering: int, silent_pulls: int):
+        self.nodes, self.answering, self.silent = nodes, answering, silent_pulls
+        self.pulls = 0
+
+    def push_messages(self, messages):
+        self.ids = [f"m{i}" for i, _ in enumerate(messages)]
+        return list(self.ids)
+
+    def pull_messages(self, message_ids):
+        from types import SimpleNamespace
+
+        self.pulls += 1
+        if self.pulls <= self.silent:
+            return []
+        due = [i for i in self.ids[:self.answering] if i in message_ids]
+        return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=due[0]))] \
+            if due else []
+
+
+def test_the_policy_query_waits_for_a_slow_first_answer_and_while_answers_keep_coming():
+    from server.preflight import _gather
+
+    messages = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY)
+                for n in range(1, 31)]
+    # processes starting up: nothing for longer than the quiet window, then 30 in turn
+    slow = _TrickleGrid(30, 30, silent_pulls=3)
+    assert len(_gather(slow, messages, quiet=0.3, first=60)) == 30
+    # two silent sites end the wait once the others have answered (a hang guard, no timing)
+    partial = _TrickleGrid(30, 28, silent_pulls=0)
+    assert len(_gather(partial, messages, quiet=0.3, first=60)) == 28

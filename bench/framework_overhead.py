@@ -17,6 +17,7 @@ the same way. ``round_seconds_over_flower`` is MedFed's mean round minus Flower'
 from __future__ import annotations
 
 import argparse
+import os
 import logging
 import statistics
 import tempfile
@@ -113,6 +114,8 @@ def main() -> None:
                       "slowest site's compute; rounds 2..N, round 1 reported separately",
         "details": {str(k): v for k, v in results.items()},
     }
+    # other processes' load on this machine while it ran (1, 5, 15 min averages)
+    payload["load_average_at_end"] = list(os.getloadavg())
     path = write_result("framework_overhead", payload)
     for n, r in results.items():
         print(f"{n:2d} sites: overhead {r['overhead']:.1%}  (round {r['round_wall_s']:.2f}s, "
@@ -133,7 +136,8 @@ def main() -> None:
         f"slowest site {r3['slowest_site_s']:.2f}s (3); {r10['round_wall_s']:.2f}s vs "
         f"{r10['flower']['round_wall_s']:.2f}s, {r10['slowest_site_s']:.2f}s (10); overhead "
         f"{r3['overhead']:.1%} / {r10['overhead']:.1%}, {no_models['overhead']:.1%} (3 sites, "
-        f"no model registration); {args.rounds} rounds, {args.patients} patients/site "
+        f"no model registration); {args.rounds} rounds, {args.patients} patients/site; "
+        f"5-min load average {payload['load_average_at_end'][1]:.1f} at the end "
         f"| `results/{path.name}` |")
     print(f"wrote {path}")
 

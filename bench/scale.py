@@ -18,6 +18,7 @@ replies to the end), to see what grows with sites or history.
 from __future__ import annotations
 
 import argparse
+import os
 import cProfile
 import logging
 import statistics
@@ -169,6 +170,8 @@ def main() -> None:
                              "one after the other); memory: resident set size of this process "
                              "and all its descendants summed, peak, sampled every 0.5 s",
                "details": result}
+    # other processes' load on this machine while it ran (1, 5, 15 min averages)
+    payload["load_average_at_end"] = list(os.getloadavg())
     path = write_result(args.name, payload)
     print(f"{args.sites} sites x {args.rounds} rounds: MedFed {m['wall_s']:.0f}s wall, round "
           f"{m['round_wall_s']:.1f}s, peak {m['peak_rss_all_processes_mb']:.0f} MB (server "
@@ -186,7 +189,8 @@ def main() -> None:
             f"{m['rounds'][0]['wall_s']:.0f}s vs {f['rounds'][0]['wall_s']:.0f}s), peak memory "
             f"all processes {m['peak_rss_all_processes_mb'] / 1024:.2f} GB (Flower "
             f"{f['peak_rss_all_processes_mb'] / 1024:.2f} GB), server process "
-            f"{m['peak_rss_server_process_mb'] / 1024:.2f} GB | `results/{path.name}` |")
+            f"{m['peak_rss_server_process_mb'] / 1024:.2f} GB; 5-min load average "
+            f"{payload['load_average_at_end'][1]:.1f} at the end | `results/{path.name}` |")
     print(f"wrote {path}")
 
 

@@ -78,6 +78,17 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def arrays_digest(arrays: ArrayRecord) -> str:
+    """sha256 of a model's weights (names, dtypes, shapes, bytes; in name order): the same
+    for a checkpoint and for the model version registered from it."""
+    h = hashlib.sha256()
+    for key in sorted(arrays.keys()):
+        a = np.ascontiguousarray(arrays[key].numpy())
+        h.update(f"{key}|{a.dtype.str}|{a.shape}|".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
 @dataclass
 class Checkpoint:
     round: int
@@ -126,6 +137,7 @@ class Checkpointer:
         manifest = {"round": record.round, "config_hash": self.config_hash,
                     "mlflow_run_id": self.mlflow_run_id, "created": time.time(),
                     "sites": sorted(r.site_id for r in record.train),
+                    "arrays_sha256": arrays_digest(self._arrays),
                     "files": {p.name: _sha256(p) for p in sorted(tmp.iterdir())}}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
         shutil.rmtree(final, ignore_errors=True)
@@ -156,6 +168,19 @@ def latest_checkpoint(run_dir: Path, config_hash: str) -> Checkpoint:
 
     arrays = ArrayRecord({k: Array(v) for k, v in load("arrays.npz").items()})
     return Checkpoint(manifest["round"], arrays, load("strategy.npz"), load("rng.npz"), manifest)
+
+
+def round_arrays(run_dir: Path, rnd: int) -> ArrayRecord:
+    """The global weights of round ``rnd``'s checkpoint, verified against its manifest."""
+    path = Path(run_dir) / "checkpoints" / f"round-{rnd:04d}"
+    if not (path / "manifest.json").is_file():
+        raise CheckpointError(f"no checkpoint of round {rnd} in {run_dir}")
+    manifest = json.loads((path / "manifest.json").read_text())
+    if _sha256(path / "arrays.npz") != manifest["files"]["arrays.npz"]:
+        raise CheckpointError(f"checkpoint {path.name} is corrupt: arrays.npz does not match "
+                              "its manifest")
+    with np.load(path / "arrays.npz", allow_pickle=False) as data:
+        return ArrayRecord({k: Array(data[k]) for k in data.files})
 
 
 def latest_weights(run_dir: Path) -> dict[str, np.ndarray]:

@@ -7,6 +7,11 @@ line (pooled figures and the round's wall time) and, with evaluation-only sites,
 line. A site's failure is one warning line naming the site and its one-line reason. The run
 ends with the summary and where the results are (:func:`results_hint`).
 
+With more than :data:`MAX_SITE_LINES` sites a round would be a screenful: the console shows
+instead how many sites trained, evaluated and failed, each figure's quantiles over the sites
+(min / 25% / median / 75% / max), the first few failures, and the GLOBAL line; every site's
+line, failure and note goes to :data:`SITE_TABLE` in the run folder.
+
 A figure that is undefined for a split is shown as ``n/a``, never as a number that reads like
 a result (MCC of a single-class split is 0 by convention, not a measurement); a figure not
 reported at all is ``-``. Why a figure is ``n/a`` is said once per site and split, in one line
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import re
+import statistics
 import sys
 from pathlib import Path
 
@@ -34,6 +40,12 @@ TINY_SPLIT = 5
 # Correlation-type figures that a single-class or tiny split cannot support.
 SPLIT_DEPENDENT = ("mcc", "auroc")
 
+MAX_SITE_LINES = 20           # above this many sites a round is summarized (module docstring)
+SITE_TABLE = "sites.tsv"      # in the run folder: every site's line when summarized
+SHOWN_FAILURES = 3            # failures named on the console when summarized
+COLUMNS = ("round", "site", "train_loss", "val_loss", "val_mcc", "test_acc", "test_mcc",
+           "test_auc", "train_s", "eval_s", "status")
+
 class _NotAvailable:
     """A figure the split cannot support (shown ``n/a``; ``-`` is a figure not reported)."""
 
@@ -45,45 +57,68 @@ NA = _NotAvailable()
 
 
 class ConsoleTable:
-    """Logs one line per site and one global line per round, and keeps them for a summary."""
+    """Logs one line per site and one global line per round, and keeps them for a summary;
+    above :data:`MAX_SITE_LINES` sites a per-round summary, the site lines in ``run_dir``."""
 
-    def __init__(self):
+    def __init__(self, run_dir: Path | None = None, max_site_lines: int = MAX_SITE_LINES):
         self.rows: list[tuple[int, str, dict]] = []
         self.notes: dict[str, str] = {}     # "site-2 val" -> why its figures are n/a
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.max_site_lines = max_site_lines
+
+    def _summarized(self, n_sites: int) -> bool:
+        return n_sites > self.max_site_lines
 
     def on_train(self, record: RoundRecord) -> None:
-        for failure in record.failures.get("train", []):
-            log.warning("round %d: training reply failed: %s", record.round, one_line(failure))
-        for rejection in record.rejected:
-            log.warning("round %d: update from %s excluded: %s", record.round,
-                        rejection.site_id, rejection.reason)
+        warnings = [f"training reply failed: {one_line(f)}"
+                    for f in record.failures.get("train", [])]
+        warnings += [f"update from {r.site_id} excluded: {r.reason}" for r in record.rejected]
+        many = self._summarized(len(record.train) + len(record.failures.get("train", [])))
+        self._warn(record.round, warnings, many)
+
+    def _warn(self, rnd: int, warnings: list[str], many: bool) -> None:
+        shown = warnings[:SHOWN_FAILURES] if many else warnings
+        for warning in shown:
+            log.warning("round %d: %s", rnd, warning)
+        if len(warnings) > len(shown):
+            where = self.run_dir / SITE_TABLE if self.run_dir else "the MLflow run"
+            log.warning("round %d: ... and %d more (all in %s)", rnd,
+                        len(warnings) - len(shown), where)
 
     def on_round_end(self, record: RoundRecord) -> None:
         train = {r.site_id: r.metrics for r in record.train}
+        failed = record.failures.get("evaluate", [])
+        many = self._summarized(len(record.evaluate) + len(failed))
         if not self.rows:
             log.info("%5s %-9s %10s %8s %8s %8s %8s %8s %7s %7s", "round", "site", "train_loss",
                      "val_loss", "val_mcc", "test_acc", "test_mcc", "test_auc", "train_s",
                      "eval_s")
-        external = []
+        external, lines = [], []
         new_notes = len(self.notes)
         for reply in record.evaluate:
             site = reply.site_id
             if wire.EXTERNAL_SPLIT in report_splits(reply.metrics):   # evaluation-only site:
                 external.append(from_record(reply.metrics, wire.EXTERNAL_SPLIT))   # its studies
-                self._line(record.round, site, None, {},
-                           self._shown(f"{site} {wire.EXTERNAL_SPLIT}", external[-1]),
-                           seconds=(None, reply.metrics.get(wire.EVAL_SECONDS)))
+                lines.append((site, None, {},
+                              self._shown(f"{site} {wire.EXTERNAL_SPLIT}", external[-1]),
+                              (None, reply.metrics.get(wire.EVAL_SECONDS))))
                 continue
             val, test = (self._shown(f"{site} {s}", from_record(reply.metrics, s))
                          for s in ("val", "test"))
             trained = train.get(site, {})
-            self._line(record.round, site, trained.get("train_loss"), val, test,
-                       seconds=(trained.get(wire.TRAIN_SECONDS),
-                                reply.metrics.get(wire.EVAL_SECONDS)))
-        for failure in record.failures.get("evaluate", []):
-            log.warning("round %d: evaluation reply failed: %s", record.round,
-                        one_line(failure))
+            lines.append((site, trained.get("train_loss"), val, test,
+                          (trained.get(wire.TRAIN_SECONDS), reply.metrics.get(wire.EVAL_SECONDS))))
+        site_notes = list(self.notes)[new_notes:]
+        if many:
+            self._write_sites(record, lines, [f"{w}: {self.notes[w]}" for w in site_notes])
+            self._round_summary(record, lines)
+        else:
+            for site, train_loss, val, test, seconds in lines:
+                self._line(record.round, site, train_loss, val, test, seconds=seconds)
+        self._warn(record.round, [f"evaluation reply failed: {one_line(f)}" for f in failed],
+                   many)
         trained = [r for r in record.evaluate if wire.EXTERNAL_SPLIT not in report_splits(r.metrics)]
+        new_notes = len(self.notes)
         val = self._shown("GLOBAL val", pool_sites([from_record(r.metrics, "val") for r in trained]))
         test = self._shown("GLOBAL test",
                            pool_sites([from_record(r.metrics, "test") for r in trained]))
@@ -93,8 +128,65 @@ class ConsoleTable:
         if ext:
             self._line(record.round, "EXTERNAL", None, {}, ext)
         self.rows.append((record.round, "GLOBAL", {"val": val, "test": test, "external": ext}))
-        for where in list(self.notes)[new_notes:]:
+        if many:       # the sites' notes are in the site table; the GLOBAL ones here
+            for where in site_notes:
+                del self.notes[where]
+            if site_notes:
+                log.info("note: %d site splits show n/a (why: %s)", len(site_notes),
+                         self.run_dir / SITE_TABLE if self.run_dir else "-")
+            site_notes = []
+        for where in site_notes + list(self.notes)[new_notes:]:
             log.info("note: %s: %s", where, self.notes[where])
+
+    def _round_summary(self, record: RoundRecord, lines: list) -> None:
+        """A round of many sites in a few lines: counts, then quantiles of each figure."""
+        def figures(pick):
+            return [v for v in map(pick, lines) if isinstance(v, float)]
+
+        failures = {phase: len(record.failures.get(phase, [])) for phase in ("train", "evaluate")}
+        where = self.run_dir / SITE_TABLE if self.run_dir else "the MLflow run"
+        log.info("round %d: %d sites trained (%d failed, %d updates excluded), %d evaluated "
+                 "(%d failed); every site's line: %s", record.round, len(record.train),
+                 failures["train"], len(record.rejected), len(record.evaluate),
+                 failures["evaluate"], where)
+        columns = {"train_loss": lambda x: x[1], "val_loss": lambda x: x[2].get("loss"),
+                   "val_mcc": lambda x: x[2].get("mcc"), "test_acc": lambda x: x[3].get("accuracy"),
+                   "test_mcc": lambda x: x[3].get("mcc"), "test_auc": lambda x: x[3].get("auroc"),
+                   "train_s": lambda x: x[4][0], "eval_s": lambda x: x[4][1]}
+        log.info("round %d: %-10s %8s %8s %8s %8s %8s %6s", record.round, "over sites", "min",
+                 "25%", "median", "75%", "max", "sites")
+        for name, pick in columns.items():
+            values = figures(pick)
+            if values:
+                log.info("round %d: %-10s %s %6d", record.round, name,
+                         " ".join(f"{q:8.3f}" for q in quantiles(values)), len(values))
+
+    def _write_sites(self, record: RoundRecord, lines: list, notes: list[str]) -> None:
+        """Every site's line of this round (and its failures and notes) in the site table."""
+        if self.run_dir is None:
+            return
+        def cell(v):
+            return f"{v:.4f}" if isinstance(v, float) else _blank(v)
+
+        path = self.run_dir / SITE_TABLE
+        rows = [] if path.exists() else ["\t".join(COLUMNS)]
+        for site, train_loss, val, test, seconds in lines:
+            rows.append("\t".join([str(record.round), site, cell(train_loss),
+                                   cell(val.get("loss")), cell(val.get("mcc")),
+                                   cell(test.get("accuracy")), cell(test.get("mcc")),
+                                   cell(test.get("auroc")), cell(seconds[0]), cell(seconds[1]),
+                                   "ok"]))
+        for phase in ("train", "evaluate"):
+            for failure in record.failures.get(phase, []):
+                site = failure.split(" (node ", 1)[0]
+                rows.append("\t".join([str(record.round), site, *["-"] * 8,
+                                       f"{phase} failed: {one_line(failure)}"]))
+        for rejection in record.rejected:
+            rows.append("\t".join([str(record.round), rejection.site_id, *["-"] * 8,
+                                   f"update excluded: {rejection.reason}"]))
+        rows += [f"# round {record.round} note: {note}" for note in notes]
+        with path.open("a") as out:
+            out.write("\n".join(rows) + "\n")
 
     def _shown(self, where: str, metrics: SplitMetrics | None) -> dict:
         """A split's figures for display: ``{}`` if not measured, split-dependent figures set
@@ -132,6 +224,14 @@ class ConsoleTable:
                             if external else ""))
         lines += [f"note: {where}: {why}" for where, why in self.notes.items()]
         return "\n".join(lines)
+
+
+def quantiles(values: list[float]) -> list[float]:
+    """min, 25%, median, 75%, max (inclusive quartiles; one value is all five)."""
+    if len(values) == 1:
+        return values * 5
+    q1, q2, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return [min(values), q1, q2, q3, max(values)]
 
 
 def undefined_reason(metrics: SplitMetrics) -> str | None:

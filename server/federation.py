@@ -241,9 +241,11 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path,
         initial, done = checkpoint.arrays, checkpoint.round
         log.info("resuming %s after round %d of %d", run_dir, done, cfg.federation.num_rounds)
     remaining = cfg.federation.num_rounds - done
-    console = ConsoleTable()
+    console = ConsoleTable(run_dir)
     tracker = MlflowTracker(cfg, run_dir, lineage=lineage, store_dir=store_dir,
                             resume_run_id=checkpoint.manifest["mlflow_run_id"] if checkpoint else None)
+    if checkpoint is not None:      # what a crash left queued, or registered too early
+        tracker.recover(checkpoint.round)
     checkpointer = Checkpointer(run_dir, guarded, config_hash=cfg.fingerprint(),
                                 mlflow_run_id=tracker.run_id)
     strategy = ObservedStrategy(guarded, [console, tracker, checkpointer, *observers],

@@ -31,6 +31,7 @@ concluded; this is the early, readable failure.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
@@ -46,7 +47,11 @@ from .tracking_store import check_tracking_store
 
 log = logging.getLogger("medfed.server")
 
-POLICY_TIMEOUT = 60.0        # seconds for every connected site to answer the policy query
+# Seconds of silence after which the sites that have not answered the policy query are
+# counted as silent. Until the first answer the wait is the round timeout: a simulation's
+# sites start their processes with the first message (on a loaded machine, minutes), and
+# its 1,000 sites answer one after another on a few processes.
+POLICY_TIMEOUT = 60.0
 CALIBRATION_TOLERANCE = 0.005   # protocol.accounting.calibrate_noise: epsilon within this
 
 
@@ -95,7 +100,8 @@ def run_preflight(grid: Grid, cfg: ExperimentConfig, *,
     # as long as a round's set-up, so it gets a round's time; a plain policy answer is quick.
     timeout = cfg.federation.round_timeout if builds else \
         min(policy_timeout, cfg.federation.round_timeout)
-    policies, silent = ask_policies(grid, timeout, job=job)
+    policies, silent = ask_policies(grid, timeout, job=job,
+                                    first=cfg.federation.round_timeout)
     for line in silent:
         log.warning("preflight: %s (not counted as a site)", line)
     problems, warnings = policy_problems(cfg, policies)
@@ -126,17 +132,18 @@ def preflight_job(cfg: ExperimentConfig) -> tuple[ConfigRecord, bool]:
     return cfg.job_spec(run_id="preflight", base_digest=digest).to_record(), bool(digest)
 
 
-def ask_policies(grid: Grid, timeout: float, job: ConfigRecord | None = None
-                 ) -> tuple[list[SitePolicy], list[str]]:
+def ask_policies(grid: Grid, timeout: float, job: ConfigRecord | None = None, *,
+                 first: float | None = None) -> tuple[list[SitePolicy], list[str]]:
     """Every connected node's declared policy (with ``job``: and whether it can serve it),
-    and a line for each node that gave none."""
+    and a line for each node that gave none (none within ``first`` seconds, or none for
+    ``timeout`` seconds after an answer)."""
     nodes = list(grid.get_node_ids())
     ask = RecordDict({wire.CONFIG: ConfigRecord({**(dict(job) if job else {}),
                                                  wire.QUERY: wire.QUERY_POLICY})})
     messages = [Message(content=ask, dst_node_id=n, message_type=MessageType.QUERY)
                 for n in nodes]
     policies, silent, answered = [], [], set()
-    for reply in grid.send_and_receive(messages, timeout=timeout) if messages else ():
+    for reply in _gather(grid, messages, quiet=timeout, first=max(first or 0.0, timeout)):
         node = reply.metadata.src_node_id
         answered.add(node)
         if reply.has_error():
@@ -149,6 +156,26 @@ def ask_policies(grid: Grid, timeout: float, job: ConfigRecord | None = None
     silent += [f"node {n} did not answer the policy query within {timeout:g} s"
                for n in nodes if n not in answered]
     return policies, silent
+
+
+def _gather(grid: Grid, messages: list[Message], *, quiet: float, first: float
+            ) -> list[Message]:
+    """Replies to ``messages``: up to ``first`` seconds for the first one, then until every
+    node answered or none did for ``quiet`` seconds."""
+    if not messages:
+        return []
+    pending = set(grid.push_messages(messages))
+    replies: list[Message] = []
+    deadline = time.monotonic() + first
+    while pending and time.monotonic() < deadline:
+        got = list(grid.pull_messages(list(pending)))
+        if got:
+            replies += got
+            pending -= {m.metadata.reply_to_message_id for m in got}
+            deadline = time.monotonic() + quiet
+        else:
+            time.sleep(0.2)
+    return replies
 
 
 def policy_problems(cfg: ExperimentConfig, policies: list[SitePolicy]

@@ -2,40 +2,30 @@
 
 Only numbers, ids, hashes and the operator's config reach MLflow: site metrics, manifest
 fingerprints, ingest counts. The model's ``input_example`` is an all-zero tensor, never a
-patient image.
+patient image. The writes happen off the round loop (``server/registration.py``); how a
+global model becomes a version is ``server/versions.py``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
-import tempfile
+import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from models.foundation import base_digest
-from models.foundation.adapt import FoundationBackbone
-from models.foundation.export import export_foundation
-from models.serving import ExportedClassifier, plain_backbone, servable, trained_backbone
-from models.weights import save_pretrained
 from models.tasks import build
 from protocol import wire
-from protocol.layout import Layout
 from protocol.metrics import from_record, report_splits
-from protocol.serving import ServingSpec
 from strategies.observed import RoundRecord
 from strategies.pooling import pool
 
+from .checkpoint import CheckpointError, arrays_digest, round_arrays
 from .config import ExperimentConfig
-
-log = logging.getLogger(__name__)
-
-# Explicit requirements: MLflow's inference imports the model in a subprocess (slow, noisy).
-_PIP_REQUIREMENTS = [f"torch=={torch.__version__.split('+')[0]}", "einops", "numpy"]
+from .registration import BackgroundWriter, RoundWrites, recover
+from .versions import register_version
 
 
 def tracking_uri(cfg: ExperimentConfig, run_dir: Path) -> str:
@@ -77,38 +67,76 @@ class MlflowTracker:
         self.lineage = dict(lineage or {})      # parent model version (pretrain -> finetune)
         if self.lineage and not resume_run_id:
             mlflow.set_tags({f"medfed.{k}": v for k, v in self.lineage.items()})
-        self.versions: dict[int, str] = {}
         self.ingest_logged: set[str] = set()
         self.privacy_rounds: list[dict] = []      # the privacy report, one entry per round
+        self._round: RoundWrites | None = None    # this round's writes, until its end
+        # The registry's slow part (export, upload, registration) off the round loop.
+        self.writer = BackgroundWriter(run_dir, log_round=self._log_round,
+                                       register=self._register,
+                                       on_start=lambda: mlflow.start_run(run_id=self.run_id))
 
     @property
     def run_id(self) -> str:
         return self.run.info.run_id
 
+    @property
+    def versions(self) -> dict[int, str]:
+        """Round -> model version registered so far (all of them after :meth:`finish`)."""
+        return self.writer.versions
+
     def on_train(self, record: RoundRecord) -> None:
         step = record.round
-        metrics = {f"train/{k}": v for k, v in record.train_metrics.items()}
+        writes = RoundWrites(step)
+        metrics, tags = writes.metrics, writes.run_tags
+        metrics |= {f"train/{k}": v for k, v in record.train_metrics.items()}
         for reply in record.train:
             metrics |= {f"site/{reply.site_id}/train/{k}": v for k, v in reply.metrics.items()}
-            self._log_ingest(reply.site_id, reply.ingest)
+            writes.artifacts |= self._new_ingest(reply.site_id, reply.ingest)
         metrics["train/sites_ok"] = len(record.train)
         metrics["train/sites_failed"] = len(record.failures.get("train", []))
         for site in record.dropped.get("train", []):     # which site dropped out, by name
             metrics[f"site/{site}/train/dropped"] = 1.0
-            self.client.set_tag(self.run_id, f"dropped.round-{step}.{site}", "train")
+            tags[f"dropped.round-{step}.{site}"] = "train"
         metrics["train/updates_rejected"] = len(record.rejected)
         metrics |= {f"site/{site}/train/update_norm": n for site, n in record.update_norms.items()}
         for rejection in record.rejected:
             metrics[f"site/{rejection.site_id}/train/update_rejected"] = 1.0
-            self.client.set_tag(self.run_id, f"rejected.round-{step}.{rejection.site_id}",
-                                rejection.reason[:250])
+            tags[f"rejected.round-{step}.{rejection.site_id}"] = rejection.reason[:250]
         if record.secagg_clipped is not None:
             metrics["secagg/clipped_values"] = float(record.secagg_clipped)
         privacy = self._privacy(record)
         metrics |= {f"privacy/{k}": v for k, v in privacy.items() if isinstance(v, float)}
-        self.mlflow.log_metrics(metrics, step=step)
         if record.arrays is not None and self.cfg.tracking.log_models:
-            self._register(record, privacy)
+            # Built on the round loop's thread, drawing nothing from the server's torch RNG:
+            # the writer's torch.export saves and restores that RNG around its tracing, so
+            # a draw here while it traces would be undone at a moment that depends on timing.
+            with torch.random.fork_rng(devices=[]):
+                writes.model, writes.multi_label = self._global_model(record.arrays)
+            writes.arrays_sha256 = arrays_digest(record.arrays)
+            writes.version_tags = self._version_tags(record, privacy, writes.arrays_sha256)
+        self._flush()        # a round that never reached its end (a test, a failed round)
+        self._round = writes
+
+    def _global_model(self, arrays) -> tuple[torch.nn.Module, bool]:
+        """The global model to register, and whether its head is multi-label."""
+        model, task = build(self.cfg.model.name, self.cfg.model_options(), self.cfg.task.name,
+                            self.cfg.task_options(), foundation_dir=self.cfg.model.foundation_dir)
+        model.load_state_dict(arrays.to_torch_state_dict())
+        return model, task.data_needs.multi_label
+
+    def _version_tags(self, record: RoundRecord, privacy: dict, digest: str) -> dict[str, str]:
+        sites = sorted(r.site_id for r in record.train)
+        tags = {"round": str(record.round), "sites": ",".join(sites),
+                "weights": f"weights/round-{record.round}",
+                "config_hash": self.cfg.fingerprint(), "experiment": self.cfg.name,
+                "mlflow_run_id": self.run_id, "arrays_sha256": digest}
+        tags |= {f"manifest.{r.site_id}": r.manifest for r in record.train}
+        return tags | self._privacy_tags(privacy) | self.lineage | {"task": self.cfg.task.name}
+
+    def _flush(self) -> None:
+        if self._round is not None:
+            self.writer.submit(self._round)
+            self._round = None
 
     def _privacy(self, record: RoundRecord) -> dict:
         """This round's guarantee: per-site epsilon from each site's ledger (as it reported),
@@ -144,9 +172,13 @@ class MlflowTracker:
 
     def on_round_end(self, record: RoundRecord) -> None:
         step = record.round
-        metrics = {"round/wall_seconds": record.wall_seconds,
-                   "eval/sites_ok": len(record.evaluate),
-                   "eval/sites_failed": len(record.failures.get("evaluate", []))}
+        writes = self._round if self._round is not None and self._round.round == step \
+            else RoundWrites(step)
+        self._round = None
+        metrics = writes.metrics
+        metrics |= {"round/wall_seconds": record.wall_seconds,
+                    "eval/sites_ok": len(record.evaluate),
+                    "eval/sites_failed": len(record.failures.get("evaluate", []))}
         # training sites report val/test, external sites (evaluation only) their own split
         splits = dict.fromkeys(s for r in record.evaluate for s in report_splits(r.metrics))
         for split in splits:
@@ -164,89 +196,41 @@ class MlflowTracker:
                 if local.n > 0:
                     metrics |= {f"{site}/{k}": v for k, v in local.scalars().items()}
                     metrics[f"{site}/seconds"] = local.seconds
-            metrics |= {f"{split}/{k}": v for k, v in pool(per_site).items()}
-        self.mlflow.log_metrics(metrics, step=step)
-        if step in self.versions:
-            for split in ("test", wire.EXTERNAL_SPLIT):
-                scores = pool([from_record(r.metrics, split) for r in record.evaluate
-                               if split in report_splits(r.metrics)])
-                for key in ("mcc", "auroc", "accuracy"):
-                    if key in scores:
-                        self.client.set_model_version_tag(
-                            self.cfg.tracking.registered_model, self.versions[step],
-                            f"{split}_{key}", f"{scores[key]:.4f}")
+            pooled = pool(per_site)
+            metrics |= {f"{split}/{k}": v for k, v in pooled.items()}
+            if writes.model is not None and split in ("test", wire.EXTERNAL_SPLIT):
+                writes.version_tags |= {f"{split}_{key}": f"{pooled[key]:.4f}"
+                                        for key in ("mcc", "auroc", "accuracy") if key in pooled}
+        self.writer.submit(writes)      # journalled before the round's checkpoint is written
 
-    def _log_ingest(self, site_id: str, ingest: str) -> None:
+    def _new_ingest(self, site_id: str, ingest: str) -> dict[str, dict]:
+        """A site's ingest counts as an artifact to write, the first time it sends them."""
         if site_id in self.ingest_logged or not ingest:
-            return
+            return {}
         self.ingest_logged.add(site_id)
-        self.mlflow.log_dict(json.loads(ingest), f"sites/{site_id}/ingest.json")
+        return {f"sites/{site_id}/ingest.json": json.loads(ingest)}
 
-    def _register(self, record: RoundRecord, privacy: dict) -> None:
-        model, task = build(self.cfg.model.name, self.cfg.model_options(), self.cfg.task.name,
-                            self.cfg.task_options(), foundation_dir=self.cfg.model.foundation_dir)
-        model.load_state_dict(record.arrays.to_torch_state_dict())
-        exported = servable(model, multi_label=task.data_needs.multi_label).eval()
-        # Batch of 2 so torch.export keeps the batch dimension dynamic (pt2 format).
-        example = np.zeros((2, *exported.input_shape), dtype=np.float32)
-        sites = sorted(r.site_id for r in record.train)
-        serving = self._serving_spec(exported, multi_label=task.data_needs.multi_label)
-        metadata = (_model_metadata(model) or {}) | (serving.to_metadata() if serving else {})
-        info = self.mlflow.pytorch.log_model(
-            exported, name=f"global-round-{record.round}", input_example=example,
-            registered_model_name=self.cfg.tracking.registered_model,
-            pip_requirements=_PIP_REQUIREMENTS, step=record.round,
-            metadata=metadata or None,
-        )
-        version = str(info.registered_model_version)
-        self.versions[record.round] = version
-        weights = f"weights/round-{record.round}"       # what `medfed export` hands out
-        extra = {"task": self.cfg.task.name, "class_names": list(self.cfg.task.class_names),
-                 "registered_model": self.cfg.tracking.registered_model, "version": version}
-        backbone = trained_backbone(model)
-        with tempfile.TemporaryDirectory() as tmp:
-            if isinstance(backbone, FoundationBackbone):
-                # The family's own format: merged save_pretrained / MONAI safetensors, the
-                # peft adapter directory, and the multi-channel adaptation parts.
-                export_foundation(backbone, tmp, extra=extra)
-            else:
-                save_pretrained(plain_backbone(model), tmp, extra=extra)
-            self.mlflow.log_artifacts(tmp, weights)
-        tags = {"round": str(record.round), "sites": ",".join(sites), "weights": weights,
-                "config_hash": self.cfg.fingerprint(), "experiment": self.cfg.name,
-                "mlflow_run_id": self.run_id}
-        tags |= {f"manifest.{r.site_id}": r.manifest for r in record.train}
-        tags |= self._privacy_tags(privacy) | self.lineage | {"task": self.cfg.task.name}
-        for key, value in tags.items():
-            self.client.set_model_version_tag(self.cfg.tracking.registered_model, version, key, value)
+    def _log_round(self, writes: RoundWrites) -> None:
+        """One round's metrics and run tags, in as few calls as MLflow's batch limits allow
+        (and the sites' ingest counts, the first time each site reports them)."""
+        from mlflow.entities import Metric, RunTag
 
-    def _serving_spec(self, exported: torch.nn.Module, *, multi_label: bool
-                      ) -> ServingSpec | None:
-        """What ``medfed predict`` needs to score new studies with a classifier version:
-        its layout (brain_mri_4seq included), the sites' preprocessing and its class names;
-        None for an encoder (a pretraining phase) or a config composed without a layout."""
-        if not isinstance(exported, ExportedClassifier) or not self.cfg.data.layout:
-            return None
-        try:
-            spec = ServingSpec(layout=Layout.from_dict(self.cfg.data.layout),
-                               class_names=tuple(self.cfg.task.class_names),
-                               task=self.cfg.task.name,
-                               output="sigmoid" if multi_label else "softmax",
-                               image_size=self.cfg.task.image_size)
-        except ValueError as err:          # LayoutError, ServingSpecError
-            log.warning("model version registered without serving metadata: %s", err)
-            return None
-        shape = tuple(spec.preprocessing()["input_shape"])
-        if tuple(exported.input_shape) != shape:
-            # the metadata must describe exactly what the graph takes, or predict would lie
-            log.warning("model version registered without serving metadata: the model takes "
-                        "%s per study, the layout's preprocessing gives %s",
-                        tuple(exported.input_shape), shape)
-            return None
-        return spec
+        millis = int(time.time() * 1000)
+        self.client.log_batch(
+            self.run_id,
+            metrics=[Metric(k, float(v), millis, writes.round) for k, v in writes.metrics.items()],
+            tags=[RunTag(k, v) for k, v in writes.run_tags.items()], synchronous=True)
+        for path, content in writes.artifacts.items():
+            self.client.log_dict(self.run_id, content, path)
+
+    def _register(self, writes: RoundWrites) -> str:
+        return register_version(self.cfg, self.mlflow, self.client, self.run_id, writes)
 
     def latest_version(self) -> str | None:
-        """The newest version this phase registered (also when resumed after its last round)."""
+        """The newest version this phase registered (also when resumed after its last round);
+        waits for the versions still queued."""
+        self._flush()
+        self.writer.drain()
         if self.versions:
             return self.versions[max(self.versions)]
         if not self.cfg.tracking.log_models:
@@ -257,7 +241,48 @@ class MlflowTracker:
         newest = max((int(v.version) for v in found), default=None)
         return None if newest is None else str(newest)
 
+    def recover(self, checkpoint_round: int) -> list[int]:
+        """Resuming: make this MLflow run agree with the newest checkpoint, round
+        ``checkpoint_round`` (``server/registration.py``); the rounds written again."""
+        name = self.cfg.tracking.registered_model
+        found: dict[int, list[str]] = {}
+        for v in self.client.search_model_versions(
+                f"name='{name}' and tags.mlflow_run_id='{self.run_id}'"):
+            if str(v.tags.get("round", "")).isdigit():
+                found.setdefault(int(v.tags["round"]), []).append(str(v.version))
+        return recover(self.run_dir, checkpoint_round=checkpoint_round, versions_of_run=found,
+                       delete_version=lambda version: self.client.delete_model_version(
+                           name, version),
+                       rewrite=self._rewrite, log_round=self._log_round,
+                       register=self._register, versions=self.writer.versions)
+
+    def _rewrite(self, entry: dict) -> RoundWrites:
+        """A journalled round's writes, its model from that round's checkpoint."""
+        rnd = int(entry["round"])
+        writes = RoundWrites(rnd, metrics=dict(entry["metrics"]), run_tags=dict(entry["run_tags"]),
+                             artifacts=dict(entry.get("artifacts", {})),
+                             version_tags=dict(entry["version_tags"]),
+                             arrays_sha256=entry["arrays_sha256"])
+        if entry["version"]:
+            arrays = round_arrays(self.run_dir, rnd)
+            if arrays_digest(arrays) != entry["arrays_sha256"]:
+                raise CheckpointError(f"the checkpoint of round {rnd} does not hold the weights "
+                                      "its queued model version was made from")
+            with torch.random.fork_rng(devices=[]):    # the resumed RNG state stays as saved
+                writes.model, writes.multi_label = self._global_model(arrays)
+        return writes
+
     def finish(self, summary: str, status: str = "FINISHED") -> None:
+        """End the MLflow run once everything queued is written (a failed run: what was
+        queued is written still, and a write error is logged, not raised)."""
+        error = None
+        try:
+            self._flush()
+            self.writer.drain(raise_error=status == "FINISHED")
+        except RuntimeError as err:         # the run's record is incomplete: it failed
+            error, status = err, "FAILED"
+        finally:
+            self.writer.close()
         self.mlflow.log_text(summary, "summary.txt")
         if self.cfg.privacy.mechanism != "none":
             report = {"mechanism": self.cfg.privacy.mechanism,
@@ -268,17 +293,8 @@ class MlflowTracker:
                       "rounds": self.privacy_rounds}
             self.mlflow.log_dict(report, "privacy/report.json")
         self.mlflow.end_run(status=status)
-
-
-def _model_metadata(model: torch.nn.Module) -> dict[str, str] | None:
-    """MLmodel metadata: for a foundation model, which pretrained encoder it adapts (name,
-    family, method) and the sha256 of its frozen base, so a user can check their own copy."""
-    backbone = trained_backbone(model)
-    if not isinstance(backbone, FoundationBackbone):
-        return None
-    c = backbone.config
-    return {"foundation_weights": c.weights, "foundation_family": backbone.family,
-            "foundation_method": c.method, "foundation_base_sha256": base_digest(model)}
+        if error is not None:
+            raise error
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, str]:

@@ -125,7 +125,9 @@ class ObservedStrategy(StatelessWrapper, Strategy):
         self._sent: dict[str, list[Message]] = {}   # phase -> instructions (ids set when pushed)
 
     def _record(self, record: RoundRecord, phase: str, replies: list[Message]) -> list[SiteReply]:
-        targets = {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent.get(phase, [])}
+        # the instructions are needed only until their replies are in (one per site)
+        targets = {m.metadata.message_id: m.metadata.dst_node_id
+                   for m in self._sent.pop(phase, [])}
         ok, record.failures[phase], record.dropped[phase] = site_replies(replies, self._sites,
                                                                          targets)
         self._sites |= {r.node_id: r.site_id for r in ok}

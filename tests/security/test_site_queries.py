@@ -179,19 +179,12 @@ def test_ingest_counts_are_sent_once_per_run_with_small_cells_suppressed(
     other_run.run_id = 99
     third = app(_message(MessageType.EVALUATE, 2), other_run)
     assert third.content[wire.SITE][wire.INGEST] == ingest
-    # the server logs it as before, once per site
-
-    class _Mlflow:
-        logged: list = []
-
-        def log_dict(self, value, path):
-            self.logged.append((path, value))
-
+    # the server logs it as before, once per site (with the round's MLflow writes)
     tracker = MlflowTracker.__new__(MlflowTracker)
-    tracker.ingest_logged, tracker.mlflow = set(), _Mlflow()
-    tracker._log_ingest("site-0", ingest)
-    tracker._log_ingest("site-0", "")
-    assert tracker.mlflow.logged == [("sites/site-0/ingest.json", report)]
+    tracker.ingest_logged = set()
+    assert tracker._new_ingest("site-0", ingest) == {"sites/site-0/ingest.json": report}
+    assert tracker._new_ingest("site-0", ingest) == {}
+    assert tracker._new_ingest("site-1", "") == {}
 
 
 def test_deployed_non_dp_rounds_draw_fresh_seeds_and_simulation_keeps_the_jobs(

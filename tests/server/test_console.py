@@ -115,3 +115,64 @@ def test_the_results_hint_names_the_store_and_the_command_that_opens_it():
     server = results_hint("https://alice:s3cret@mlflow.example.org:5000/?token=x")
     assert server == "results: MLflow tracking server https://mlflow.example.org:5000/ (open it in a browser)"
     assert "s3cret" not in results_hint("postgresql://alice:s3cret@db/mlflow")
+
+
+def _many_sites(n: int, failed: int) -> RoundRecord:
+    from protocol import wire
+
+    train = [SiteReply(f"site-{i:03d}", i, {"train_loss": float(i), wire.TRAIN_SECONDS: 1.0})
+             for i in range(n)]
+    evaluate = [_reply(f"site-{i:03d}", _split(GOOD), _split(SINGLE if i == 0 else GOOD))
+                for i in range(n)]
+    failures = [f"site-{n + i:03d} (node {n + i}): <class 'OSError'>:<'disk full'>"
+                for i in range(failed)]
+    return RoundRecord(round=4, train=train, evaluate=evaluate, wall_seconds=9.0,
+                       failures={"train": failures, "evaluate": []},
+                       train_metrics={"train_loss": 50.0})
+
+
+def test_more_than_twenty_sites_print_a_round_summary_and_the_full_table_goes_to_a_file(
+        caplog, tmp_path):
+    from server.console import SITE_TABLE
+
+    table = ConsoleTable(tmp_path)
+    record = _many_sites(101, failed=5)
+    with caplog.at_level(logging.INFO, logger="medfed.server"):
+        table.on_train(record)
+        table.on_round_end(record)
+    lines = [r.getMessage() for r in caplog.records]
+    assert not [line for line in lines if line.split()[1:2] == ["site-050"]]   # no site lines
+    assert len(lines) < 20                                    # a summary, not 101 lines
+    assert lines[0] == "round 4: training reply failed: site-101 (node 101): OSError: disk full"
+    assert len([line for line in lines if "training reply failed" in line]) == 3
+    assert f"round 4: ... and 2 more (all in {tmp_path / SITE_TABLE})" in lines
+    counts = next(line for line in lines if "sites trained" in line)
+    assert counts.startswith("round 4: 101 sites trained (5 failed, 0 updates excluded), "
+                             "101 evaluated (0 failed)")
+    train_loss = next(line for line in lines if line.startswith("round 4: train_loss")).split()
+    assert train_loss[3:] == ["0.000", "25.000", "50.000", "75.000", "100.000", "101"]
+    test_mcc = next(line for line in lines if line.startswith("round 4: test_mcc")).split()
+    assert test_mcc[-1] == "100"                       # site-000's single-class split: n/a
+    assert _row(lines, "GLOBAL")[-1] == "(9.0s)"
+    assert "note: 1 site splits show n/a" in " ".join(lines)
+
+    rows = (tmp_path / SITE_TABLE).read_text().splitlines()
+    assert rows[0].split("\t")[:3] == ["round", "site", "train_loss"]
+    sites = [r.split("\t") for r in rows[1:] if not r.startswith("#")]
+    assert [s[1] for s in sites if s[-1] == "ok"] == [f"site-{i:03d}" for i in range(101)]
+    assert sites[50][2] == "50.0000"
+    assert sites[0][6] == "n/a"                                      # test_mcc of site-000
+    assert [s[1] for s in sites if s[-1].startswith("train failed")] == \
+        [f"site-{i:03d}" for i in range(101, 106)]
+    assert "# round 4 note: site-000 test: single class in split (MCC/AUROC undefined)" in rows
+
+
+def test_twenty_sites_still_get_one_line_each(caplog, tmp_path):
+    from server.console import SITE_TABLE
+
+    record = _many_sites(20, failed=0)
+    with caplog.at_level(logging.INFO, logger="medfed.server"):
+        ConsoleTable(tmp_path).on_round_end(record)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len([line for line in lines if line.split()[1:2] == ["site-019"]]) == 1
+    assert not (tmp_path / SITE_TABLE).exists()

@@ -34,13 +34,19 @@ class SiteGrid:
         self.nodes = {i: {wire.NODE_DATA_DIR: str(tmp_path / name), wire.NODE_SITE_ID: name,
                           **config} for i, (name, config) in enumerate(sites.items(), 1)}
         self.sent: list[str] = []
-        self.timeouts: list[float] = []
 
     def get_node_ids(self):
         return list(self.nodes)
 
+    def push_messages(self, messages):
+        self._replies = self.send_and_receive(messages, timeout=None)
+        return [m.metadata.reply_to_message_id for m in self._replies]
+
+    def pull_messages(self, message_ids):
+        replies, self._replies = self._replies, []
+        return replies
+
     def send_and_receive(self, messages, timeout):
-        self.timeouts.append(timeout)
         replies = []
         for m in messages:
             self.sent.append(m.metadata.message_type)
@@ -53,6 +59,21 @@ class SiteGrid:
             except Exception as err:     # what Flower sends back for a raising ClientApp
                 replies.append(Message(Error(code=0, reason=str(err)), reply_to=m))
         return replies
+
+
+@pytest.fixture
+def quiet_waits(monkeypatch):
+    """The quiet window (seconds without an answer) of every policy query preflight makes."""
+    import server.preflight as preflight
+
+    waits, gather = [], preflight._gather
+
+    def spy(grid, messages, *, quiet, first):
+        waits.append(quiet)
+        return gather(grid, messages, quiet=quiet, first=first)
+
+    monkeypatch.setattr(preflight, "_gather", spy)
+    return waits
 
 
 def _cfg(tmp_path, *overrides):
@@ -185,12 +206,12 @@ def test_budget_checks_refuse_only_what_a_site_would_surely_refuse(tmp_path):
     assert "below its floor 1" in policy_problems(quiet, [floor, _policy("b")])[0][0]
 
 
-def test_sites_that_cannot_read_the_layout_are_named_with_the_fix(tmp_path):
+def test_sites_that_cannot_read_the_layout_are_named_with_the_fix(tmp_path, quiet_waits):
     grid = SiteGrid(tmp_path, {"site-a": {}, "site-b": {wire.NODE_LAYOUT: "chest_xray"},
                                "site-c": {wire.NODE_LAYOUT: "brain_mri_4seq"}})
     with pytest.raises(PreflightError) as refused:
         run_preflight(grid, _cfg(tmp_path, "federation.num_sites=3"))
-    assert grid.timeouts == [60.0]
+    assert quiet_waits == [60.0]
     assert refused.value.problems == [
         "site-b: each cannot read layout 'brain_mri_4seq' (their data were checked with another "
         "layout at start, or their MedFed does not ship it): their operators restart them with "
@@ -198,7 +219,8 @@ def test_sites_that_cannot_read_the_layout_are_named_with_the_fix(tmp_path):
     assert grid.sent == [MessageType.QUERY] * 3
 
 
-def test_sites_without_the_foundation_weights_or_with_other_ones_are_named(tmp_path):
+def test_sites_without_the_foundation_weights_or_with_other_ones_are_named(tmp_path,
+                                                                         quiet_waits):
     """The coordinator builds its base digest and asks with the job; each site answers from
     its own foundation-dir: one line per problem, naming the sites and the fix."""
     from tests.client.test_foundation_site import save_dinov2
@@ -223,7 +245,7 @@ def test_sites_without_the_foundation_weights_or_with_other_ones_are_named(tmp_p
         "foundation-dir"]
     assert str(encoders) not in str(refused.value)      # no site path in the lines
     # each site builds the model to answer: it gets a round's time, not the quick answer's
-    assert grid.timeouts == [cfg.federation.round_timeout] != [60.0]
+    assert quiet_waits == [cfg.federation.round_timeout] != [60.0]
     fixed = SiteGrid(tmp_path, {"hospital-a": own["same"], "hospital-b": own["same"]})
     assert len(run_preflight(fixed, _cfg(tmp_path, *_foundation(encoders))).policies) == 2
 
@@ -232,3 +254,39 @@ def _foundation(encoders) -> tuple[str, ...]:
     return ("model=foundation", "model.options.weights=dinov2-small",
             f"model.foundation_dir={encoders / 'coordinator'}", "model.options.lora_rank=2",
             "task.image_size=32")
+
+
+class _TrickleGrid:
+    """Replies that come in one per pull after ``silent_pulls`` empty pulls; ``answering``
+    of the nodes answer at all."""
+
+    def __init__(self, nodes: int, answering: int, silent_pulls: int):
+        self.nodes, self.answering, self.silent = nodes, answering, silent_pulls
+        self.pulls = 0
+
+    def push_messages(self, messages):
+        self.ids = [f"m{i}" for i, _ in enumerate(messages)]
+        return list(self.ids)
+
+    def pull_messages(self, message_ids):
+        from types import SimpleNamespace
+
+        self.pulls += 1
+        if self.pulls <= self.silent:
+            return []
+        due = [i for i in self.ids[:self.answering] if i in message_ids]
+        return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=due[0]))] \
+            if due else []
+
+
+def test_the_policy_query_waits_for_a_slow_first_answer_and_while_answers_keep_coming():
+    from server.preflight import _gather
+
+    messages = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY)
+                for n in range(1, 31)]
+    # processes starting up: nothing for longer than the quiet window, then 30 in turn
+    slow = _TrickleGrid(30, 30, silent_pulls=3)
+    assert len(_gather(slow, messages, quiet=0.3, first=60)) == 30
+    # two silent sites end the wait once the others have answered (a hang guard, no timing)
+    partial = _TrickleGrid(30, 28, silent_pulls=0)
+    assert len(_gather(partial, messages, quiet=0.3, first=60)) == 28

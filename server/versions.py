@@ -1,0 +1,98 @@
+"""A global model as an MLflow model version: exported (``pt2``, input example all zeros),
+logged, registered with all its tags in one call, and its backbone's weights uploaded for
+``medfed export`` - on the background writer's thread (``server/registration.py``)."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+
+import numpy as np
+import torch
+
+from models.foundation import base_digest
+from models.foundation.adapt import FoundationBackbone
+from models.foundation.export import export_foundation
+from models.serving import ExportedClassifier, plain_backbone, servable, trained_backbone
+from models.weights import save_pretrained
+from protocol.layout import Layout
+from protocol.serving import ServingSpec
+
+from .config import ExperimentConfig
+from .registration import RoundWrites
+
+log = logging.getLogger(__name__)
+
+# Explicit requirements: MLflow's inference imports the model in a subprocess (slow, noisy).
+_PIP_REQUIREMENTS = [f"torch=={torch.__version__.split('+')[0]}", "einops", "numpy"]
+
+
+def register_version(cfg: ExperimentConfig, mlflow, client, run_id: str,
+                     writes: RoundWrites) -> str:
+    """Export, log and register one global model as a version (on the writer's thread):
+    its files first, then the version with all its tags in one call."""
+    model, rnd, multi_label = writes.model, writes.round, writes.multi_label
+    exported = servable(model, multi_label=multi_label).eval()
+    # Batch of 2 so torch.export keeps the batch dimension dynamic (pt2 format).
+    example = np.zeros((2, *exported.input_shape), dtype=np.float32)
+    serving = _serving_spec(cfg, exported, multi_label=multi_label)
+    metadata = (_model_metadata(model) or {}) | (serving.to_metadata() if serving else {})
+    info = mlflow.pytorch.log_model(
+        exported, name=f"global-round-{rnd}", input_example=example,
+        pip_requirements=_PIP_REQUIREMENTS, step=rnd, metadata=metadata or None,
+    )
+    name = cfg.tracking.registered_model
+    # All tags in the creating call: a version exists with its tags or not at all (its
+    # weights follow; until the journal entry is gone, recovery redoes the round).
+    registered = mlflow.register_model(info.model_uri, name, tags=writes.version_tags)
+    version = str(registered.version)
+    extra = {"task": cfg.task.name, "class_names": list(cfg.task.class_names),
+             "registered_model": name, "version": version}
+    backbone = trained_backbone(model)
+    with tempfile.TemporaryDirectory() as tmp:
+        if isinstance(backbone, FoundationBackbone):
+            # The family's own format: merged save_pretrained / MONAI safetensors, the
+            # peft adapter directory, and the multi-channel adaptation parts.
+            export_foundation(backbone, tmp, extra=extra)
+        else:
+            save_pretrained(plain_backbone(model), tmp, extra=extra)
+        # what `medfed export` hands out
+        client.log_artifacts(run_id, tmp, writes.version_tags["weights"])
+    return version
+
+
+def _serving_spec(cfg: ExperimentConfig, exported: torch.nn.Module, *, multi_label: bool
+                  ) -> ServingSpec | None:
+    """What ``medfed predict`` needs to score new studies with a classifier version:
+    its layout (brain_mri_4seq included), the sites' preprocessing and its class names;
+    None for an encoder (a pretraining phase) or a config composed without a layout."""
+    if not isinstance(exported, ExportedClassifier) or not cfg.data.layout:
+        return None
+    try:
+        spec = ServingSpec(layout=Layout.from_dict(cfg.data.layout),
+                           class_names=tuple(cfg.task.class_names),
+                           task=cfg.task.name,
+                           output="sigmoid" if multi_label else "softmax",
+                           image_size=cfg.task.image_size)
+    except ValueError as err:          # LayoutError, ServingSpecError
+        log.warning("model version registered without serving metadata: %s", err)
+        return None
+    shape = tuple(spec.preprocessing()["input_shape"])
+    if tuple(exported.input_shape) != shape:
+        # the metadata must describe exactly what the graph takes, or predict would lie
+        log.warning("model version registered without serving metadata: the model takes "
+                    "%s per study, the layout's preprocessing gives %s",
+                    tuple(exported.input_shape), shape)
+        return None
+    return spec
+
+
+def _model_metadata(model: torch.nn.Module) -> dict[str, str] | None:
+    """MLmodel metadata: for a foundation model, which pretrained encoder it adapts (name,
+    family, method) and the sha256 of its frozen base, so a user can check their own copy."""
+    backbone = trained_backbone(model)
+    if not isinstance(backbone, FoundationBackbone):
+        return None
+    c = backbone.config
+    return {"foundation_weights": c.weights, "foundation_family": backbone.family,
+            "foundation_method": c.method, "foundation_base_sha256": base_digest(model)}

@@ -1,0 +1,107 @@
+"""The background MLflow writer: off the round loop, bounded, journalled, and recoverable."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+
+from server.registration import (BackgroundWriter, RoundWrites, journal_path, journalled,
+                                 recover)
+
+
+class Registry:
+    """A fake registry whose registrations can be held back (``gate``)."""
+
+    def __init__(self, gate: threading.Event | None = None):
+        self.gate = gate
+        self.logged: list[int] = []
+        self.registered: list[int] = []
+        self.started = threading.Event()
+
+    def log_round(self, writes: RoundWrites) -> None:
+        self.logged.append(writes.round)
+
+    def register(self, writes: RoundWrites) -> str:
+        self.started.set()
+        if self.gate is not None:
+            assert self.gate.wait(timeout=60)      # a hang guard, not a timing assertion
+        self.registered.append(writes.round)
+        return str(len(self.registered))
+
+
+def _writes(rnd: int) -> RoundWrites:
+    return RoundWrites(rnd, metrics={"test/loss": 0.5}, model=object(),
+                       version_tags={"round": str(rnd)}, arrays_sha256=f"digest-{rnd}")
+
+
+def test_a_round_goes_on_while_its_model_registers_and_the_end_waits(tmp_path):
+    gate = threading.Event()
+    registry = Registry(gate)
+    writer = BackgroundWriter(tmp_path, log_round=registry.log_round,
+                              register=registry.register, max_queued=1)
+    writer.submit(_writes(1))
+    assert registry.started.wait(timeout=60)
+    writer.submit(_writes(2))                   # queued behind round 1: returns at once
+    assert registry.registered == []
+    assert [e["round"] for e in journalled(tmp_path)] == [1, 2]     # both journalled
+    blocked = threading.Thread(target=writer.submit, args=(_writes(3),))
+    blocked.start()                             # the queue is full: round 3 waits for a place
+    blocked.join(timeout=1)
+    assert blocked.is_alive()
+    gate.set()
+    blocked.join(timeout=60)
+    writer.drain()
+    assert registry.registered == [1, 2, 3] and registry.logged == [1, 2, 3]
+    assert writer.versions == {1: "1", 2: "2", 3: "3"}
+    assert journalled(tmp_path) == []           # all of it in MLflow: the journal is empty
+    writer.close()
+
+
+def test_a_failed_write_fails_the_run_at_the_next_round(tmp_path):
+    def broken(writes):
+        raise OSError("registry unreachable")
+
+    writer = BackgroundWriter(tmp_path, log_round=lambda w: None, register=broken)
+    writer.submit(_writes(1))
+    with pytest.raises(RuntimeError, match="registry unreachable"):
+        writer.drain()
+    with pytest.raises(RuntimeError, match="registry unreachable"):
+        writer.submit(_writes(2))
+    assert [e["round"] for e in journalled(tmp_path)] == [1]    # kept for the resume
+    writer.close()
+
+
+def _journal(run_dir, rnd, *, metrics_logged=False):
+    entry = _writes(rnd).journal_entry() | ({"metrics_logged": True, "metrics": {}}
+                                            if metrics_logged else {})
+    path = journal_path(run_dir, rnd)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(entry))
+
+
+def test_recovery_makes_the_record_agree_with_the_newest_checkpoint(tmp_path):
+    """The state a SIGKILL leaves: rounds 2 (metrics logged, version half made), 3 (nothing
+    written) and 4 (journalled, no checkpoint) queued; round 5 registered before its
+    checkpoint was written. The checkpoint is round 3."""
+    for rnd in (2, 3, 4):
+        _journal(tmp_path, rnd, metrics_logged=rnd == 2)
+    deleted, rewritten, registry = [], [], Registry()
+    versions: dict[int, str] = {}
+
+    def rewrite(entry):
+        rewritten.append(entry["round"])
+        return RoundWrites(entry["round"], metrics=entry["metrics"], model=object(),
+                           version_tags=entry["version_tags"])
+
+    written = recover(tmp_path, checkpoint_round=3,
+                      versions_of_run={1: ["1"], 2: ["7"], 5: ["9"]},
+                      delete_version=deleted.append, rewrite=rewrite,
+                      log_round=registry.log_round, register=registry.register,
+                      versions=versions)
+    assert written == rewritten == [2, 3]
+    assert sorted(deleted) == ["7", "9"]      # half-made round 2, round 5 runs again
+    assert registry.logged == [3]             # round 2's metrics were in MLflow already
+    assert registry.registered == [2, 3] and set(versions) == {2, 3}
+    assert journalled(tmp_path) == []         # round 4 runs again: its entry is dropped

@@ -276,11 +276,13 @@ class SiteSecAgg:
                 raise SecAggRefused("secagg-inconsistent-survivors", "the survivor set differs "
                                     "from the one this site signed (equivocation)")
             message = survivors_statement(self.run, self.round_, survivors)
-            signed = [j for j, sig in (signatures or {}).items()
-                      if int(j) in self._neighbour_keys and int(j) in survivors
-                      and self._neighbour_signed(int(j), sig, message)]
-            if len(signed) < self._threshold:
-                raise SecAggRefused("secagg-inconsistent-survivors", f"{len(signed)} of this "
+            signed = 0
+            for j, sig in (signatures or {}).items():       # t valid ones suffice
+                if signed < self._threshold and int(j) in self._neighbour_keys and \
+                        int(j) in survivors and self._neighbour_signed(int(j), sig, message):
+                    signed += 1
+            if signed < self._threshold:
+                raise SecAggRefused("secagg-inconsistent-survivors", f"{signed} of this "
                                     f"site's neighbours signed this survivor set, at least "
                                     f"{self._threshold} needed")
         self._answered = True

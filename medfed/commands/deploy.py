@@ -80,7 +80,10 @@ def site(args: argparse.Namespace) -> int:
         privacy_dir=args.privacy_dir, device=args.device, torch_threads=args.torch_threads,
         decode_workers=args.decode_workers,
         runtime_port=args.runtime_port, max_retries=args.max_retries,
-        max_wait_time=args.max_wait_time, role=args.role, layout=args.layout)
+        max_wait_time=args.max_wait_time, role=args.role, layout=args.layout,
+        secagg_peers=Path(args.secagg_peers).resolve() if args.secagg_peers else None,
+        secagg_min_neighbours=args.secagg_min_neighbours,
+        secagg_min_contributors=args.secagg_min_contributors)
     daemon = Site(settings)
     try:
         daemon.start()

@@ -236,7 +236,7 @@ def equivocation_attack(sites, threshold: int):
                                        delta if i == TARGET else _delta(i), 1)[0]
               for i in sites}
     ring = _ring(adverts)
-    first, second = ring[:4], ring[4:]
+    first = ring[:4]                    # the target's half of the ring; the rest: ring[4:]
     with_target = sorted(sites)
     without = [i for i in sites if i != TARGET]
     shown = {i: with_target if i in first else without for i in sites}

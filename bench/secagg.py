@@ -3,13 +3,21 @@
 10 sites x {1M, 10M} float32 deltas ~ N(0, 0.01), example counts in [5, 300], one process:
 
 * ``ours``    one whole round in-process, as ``tests/strategies/test_secagg_core.run_round``
-              drives it: ``ServerRound`` + 10 ``SiteSecAgg`` (default ``SecAggConfig``, encoding
-              clip 0.5, 10 sites, weight <= 1000; degree 8, threshold 4 for 10 sites). Client
-              time is key generation + advertise + share_keys + masked_input (encode + self
-              mask + 8 pairwise masks) + unmask; server time is building the round (graph),
-              accept_keys, accept_shares, accept_masked and unmask (self masks, decode).
-              Message-API glue (the float32 delta, ``Array`` serialization) is not in the
-              figure; ``glue_ns_per_param_site`` measures it on its own.
+              drives it: ``ServerRound`` + 10 ``SiteSecAgg``, semi-honest (``SecAggConfig(
+              authenticated=False)``, encoding clip 0.5, 10 sites, weight <= 1000; degree 8,
+              threshold 5 for 10 sites). Client time is key generation + advertise +
+              share_keys + masked_input (encode + self mask + 8 pairwise masks) + unmask;
+              server time is building the round, accept_keys (graph), accept_shares,
+              accept_masked and unmask (self masks, decode). Message-API glue (the float32
+              delta, ``Array`` serialization) is not in the figure;
+              ``glue_ns_per_param_site`` measures it on its own.
+* ``malicious`` the same round, malicious-secure (``authenticated=True``): each site signs
+              its round keys (ECDSA P-384, its identity key) and verifies every participant's
+              against the registration list, checks the seed-derived graph, signs the survivor
+              set in the consistency stage (client ``consistency``, server
+              ``accept_signatures``) and verifies t of its neighbours' signatures before
+              unmasking. ``malicious_upload_ratio`` also counts the keys, signatures,
+              ciphertexts and shares a site sends.
 * ``fedavg``  the plain baseline: Flower's weighted average (``flwr.server.strategy.aggregate``)
               of the 10 float32 vectors at the server; no client-side protocol work.
               ``fedavg_inplace`` is the same average accumulated in place (two buffers):

@@ -2,7 +2,8 @@
 
 Flower's round loop stays Flower's: ``configure_train`` runs the setup and share-keys stages
 with the grid it is given, then returns the train messages (the masked stage);
-``aggregate_train`` runs the unmask stage, decodes the weighted average *delta* and hands the
+``aggregate_train`` runs the consistency stage (malicious-secure mode: survivors sign the
+survivor set) and the unmask stage, decodes the weighted average *delta* and hands the
 inner strategy one aggregate reply (``global + delta``, weight = total examples), so FedAvg
 returns it as is and FedAdam/Yogi/Adagrad/FedAvgM apply their server optimiser to it. The server
 sees masked uint32 vectors and the sum, never an individual update. Values the encoding had to

@@ -68,7 +68,9 @@ def site_policy(node: dict) -> SecAggPolicy:
         return SecAggPolicy(
             min_neighbours=int(node.get(wire.NODE_SECAGG_MIN_NEIGHBOURS, 2)),
             min_contributors=int(node.get(wire.NODE_SECAGG_MIN_CONTRIBUTORS, 3)),
-            allow_semi_honest=bool(node.get(wire.NODE_SECAGG_SEMI_HONEST, False)))
+            # a weakening: only an explicit true counts (a typo keeps the strong protocol)
+            allow_semi_honest=str(node.get(wire.NODE_SECAGG_SEMI_HONEST, False)).lower()
+            in ("true", "1", "yes"))
     except (TypeError, ValueError) as err:
         raise SecAggRefused("secagg-parameters", f"the site's SecAgg node config: {err}") \
             from None

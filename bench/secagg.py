@@ -56,6 +56,7 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
+import os
 import statistics
 import time
 
@@ -185,8 +186,6 @@ def ours_round(size: int, deltas, counts, drop=(), *, authenticated: bool = Fals
 
 def ours_components(size: int, deltas, counts) -> dict:
     """ns/param of one encode and one mask expansion (where a site's time goes)."""
-    import os
-
     from protocol.secagg_crypto import expand_mask
     from protocol.secagg_encoding import Encoding, encode
 
@@ -361,11 +360,13 @@ def measure(size: int, repeats: int) -> dict:
         deltas, counts = _data(size, seed=rep)
         runs["fedavg"].append(fedavg_round(size, deltas, counts))
         runs["fedavg_inplace"].append(fedavg_round(size, deltas, counts, inplace=True))
-        runs["ours"].append(ours_round(size, deltas, counts))
-        runs["ours_one_dropped"].append(ours_round(size, deltas, counts, drop=(IDS[3],)))
-        runs["malicious"].append(ours_round(size, deltas, counts, authenticated=True))
-        runs["malicious_one_dropped"].append(ours_round(size, deltas, counts, drop=(IDS[3],),
-                                                        authenticated=True))
+        # semi-honest and malicious-secure alternate which runs first, so that neither
+        # always inherits the state (page cache, allocator) the previous mode left
+        for authenticated in ((False, True) if rep % 2 == 0 else (True, False)):
+            name = "malicious" if authenticated else "ours"
+            runs[name].append(ours_round(size, deltas, counts, authenticated=authenticated))
+            runs[f"{name}_one_dropped"].append(ours_round(size, deltas, counts, drop=(IDS[3],),
+                                                          authenticated=authenticated))
         runs["flower"].append(flower_round(size, deltas, counts))
         runs["flower_one_dropped"].append(flower_round(size, deltas, counts, drop=(IDS[3],)))
         runs["components"].append(ours_components(size, deltas, counts))
@@ -440,6 +441,7 @@ def main() -> None:
         "round_time_ratio_vs_flower_fedavg": max(r["ours"]["round_time_ratio_vs_flower_fedavg"]
                                                  for r in by_size.values()),
         "headline_params": worst, "params": list(by_size), "sites": N_SITES,
+        "load_average": [round(x, 1) for x in os.getloadavg()],
         "targets": TARGETS | MALICIOUS_TARGETS, "targets_met": met, "anchor": ANCHOR,
         "by_size": {str(s): r for s, r in by_size.items()},
         "config": {"repeats": args.repeats, "local_work_s": LOCAL_WORK_S,
@@ -460,7 +462,8 @@ def main() -> None:
             "an in-process Grid that deep-copies each message; copies, the train callback and "
             "the strategy's aggregate_fit pass-through are excluded from its time",
             "times are process CPU seconds (user + system), median over repeats; the box is "
-            "shared, so wall-clock times were not usable",
+            "shared, so wall-clock times were not usable; CPU time still grows with the load "
+            "others put on the shared caches (load_average records it)",
             "headline figures are the worst over the sizes measured; ns/param/site and "
             "round_time_ratio per size are under by_size",
             "round_time_ratio is computed from measured component times: 2 s local work + "

@@ -505,7 +505,8 @@ def main() -> None:
         f"{malicious['malicious_upload_ratio']:.3f}× ({ok('malicious_upload_ratio')}, ≤ 1.1), "
         f"round time {malicious['malicious_round_time_ratio']:.3f}× "
         f"({ok('malicious_round_time_ratio')}, ≤ 1.10) | "
-        f"10 sites × {sizes} params, 2 s local work, CPU time, plain = in-place FedAvg; "
+        f"10 sites × {sizes} params, 2 s local work, CPU time (box load average "
+        f"{payload['load_average'][2]:.0f} on 2 cores), plain = in-place FedAvg; "
         f"{per_size} | `results/secagg.json` |"))
 
 

@@ -78,7 +78,7 @@ class SiteSecAgg:
         self._mask_key = generate_private_key()
         self._seed = os.urandom(32)
         self._neighbour_keys: dict[int, tuple[bytes, bytes]] = {}
-        self._sites: dict[int, str] = {}                      # neighbour -> registered site id
+        self._participants: dict[int, str] = {}               # node -> registered site id
         self._held: dict[int, tuple[bytes, bytes]] = {}        # neighbour -> (seed, key) shares
         self._threshold = 0
         self._masked = False
@@ -105,7 +105,8 @@ class SiteSecAgg:
                 "nodes": [str(j) for j in nodes],
                 "pk-enc": [self._neighbour_keys[j][0] for j in nodes],
                 "pk-mask": [self._neighbour_keys[j][1] for j in nodes],
-                "sites": [self._sites.get(j, "") for j in nodes],
+                "participants": [str(j) for j in self._participants],
+                "participant-sites": list(self._participants.values()),
                 "held": [str(j) for j in held], "held-seed": [self._held[j][0] for j in held],
                 "held-key": [self._held[j][1] for j in held]}
 
@@ -123,7 +124,8 @@ class SiteSecAgg:
         site._signed = [int(j) for j in state["signed"]] if state["has-signed"] else None
         site._neighbour_keys = {int(j): (e, m) for j, e, m in
                                 zip(state["nodes"], state["pk-enc"], state["pk-mask"])}
-        site._sites = {int(j): str(s) for j, s in zip(state["nodes"], state["sites"])}
+        site._participants = {int(j): str(s) for j, s in zip(state["participants"],
+                                                              state["participant-sites"])}
         site._held = {int(j): (s, k) for j, s, k in
                       zip(state["held"], state["held-seed"], state["held-key"])}
         return site
@@ -156,7 +158,7 @@ class SiteSecAgg:
                                 "neighbours")
         self._neighbour_keys = {j: (participants[j].pk_enc, participants[j].pk_mask)
                                 for j in mine}
-        self._sites = {j: participants[j].site for j in mine}
+        self._participants = {j: a.site for j, a in participants.items()}
         self._threshold = threshold
         seed_shares = share_secret(self._seed, threshold=threshold, num=len(mine))
         key_shares = share_secret(private_bytes(self._mask_key), threshold=threshold,
@@ -249,6 +251,9 @@ class SiteSecAgg:
         if not self._masked:
             raise SecAggRefused("secagg-stage", "this site sent no masked input this round")
         survivors = sorted({int(j) for j in survivors})
+        if set(survivors) - set(self._participants):
+            raise SecAggRefused("secagg-inconsistent-survivors", "the survivor set names sites "
+                                "that were not participants of this round")
         if self.me not in survivors:
             raise SecAggRefused("secagg-inconsistent-survivors", "a survivor set without this "
                                 "site; it reveals nothing for it")
@@ -275,24 +280,32 @@ class SiteSecAgg:
             if survivors != self._signed:
                 raise SecAggRefused("secagg-inconsistent-survivors", "the survivor set differs "
                                     "from the one this site signed (equivocation)")
-            message = survivors_statement(self.run, self.round_, survivors)
-            signed = 0
-            for j, sig in (signatures or {}).items():       # t valid ones suffice
-                if signed < self._threshold and int(j) in self._neighbour_keys and \
-                        int(j) in survivors and self._neighbour_signed(int(j), sig, message):
-                    signed += 1
-            if signed < self._threshold:
-                raise SecAggRefused("secagg-inconsistent-survivors", f"{signed} of this "
-                                    f"site's neighbours signed this survivor set, at least "
-                                    f"{self._threshold} needed")
+            self._check_signatures(survivors, signatures or {})
         self._answered = True
         alive = set(survivors)
         return {"seed": {j: s for j, (s, _) in self._held.items() if j in alive},
                 "key": {j: k for j, (_, k) in self._held.items() if j not in alive}}
 
-    def _neighbour_signed(self, node: int, signature: bytes, message: bytes) -> bool:
-        site = self._sites.get(node)
-        return site is not None and self.identity.registry.check(site, signature, message)
+    def _check_signatures(self, survivors: list[int], signatures: dict[int, bytes]) -> None:
+        """At least ``t`` of this site's neighbours and ``min_contributors`` participants in
+        all (each attesting it sent a masked input) signed exactly ``survivors``."""
+        message = survivors_statement(self.run, self.round_, survivors)
+        need = self.policy.min_contributors
+        neighbours_, everyone = 0, 0
+        # neighbours first: t of them are required, the rest only count toward the total
+        for j in sorted(signatures, key=lambda j: int(j) not in self._neighbour_keys):
+            if neighbours_ >= self._threshold and everyone >= need:
+                break                                   # enough valid ones verified
+            node, site = int(j), self._participants.get(int(j))
+            if node not in survivors or site is None or \
+                    not self.identity.registry.check(site, signatures[j], message):
+                continue
+            everyone += 1
+            neighbours_ += node in self._neighbour_keys
+        if neighbours_ < self._threshold or everyone < need:
+            raise SecAggRefused("secagg-inconsistent-survivors", f"{neighbours_} of this site's "
+                                f"neighbours ({self._threshold} needed) and {everyone} "
+                                f"participants ({need} needed) signed this survivor set")
 
 
 __all__ = ["SiteSecAgg", "SecAggRefused", "SecAggPolicy", "SiteIdentity", "InvalidShare"]

@@ -307,9 +307,29 @@ def test_a_site_never_unmasks_by_a_set_other_than_the_one_it_signed():
         sites[2].sign_survivors(without_5)
     forged = {j: sign(ec.generate_private_key(ec.SECP384R1()), b"x") for j in sites}
     with pytest.raises(SecAggRefused, match=r"^secagg-inconsistent-survivors: 0 of this site's "
-                                            r"neighbours signed"):
+                                            r"neighbours \(3 needed\) and 0 participants"):
         sites[3].unmask(everyone, forged)
     assert sites[4].unmask(everyone, signatures)["seed"].keys() == set(graph[4])
+
+
+def test_a_survivor_set_padded_with_sites_that_never_attested_is_refused():
+    """The server cannot inflate the survivor set past a site's contributor floor with node ids
+    that were not participants, or with participants that never signed (that never sent a
+    masked input): the site wants that many signatures on the set, not just names."""
+    from client.privacy.secagg import SecAggPolicy
+
+    ids = list(range(1, 8))
+    sites = make_sites(ids, ROUND, ENC, policy=SecAggPolicy(min_contributors=7))
+    _, graph, held = _honest_shares(sites, degree=4, threshold=3)
+    for i in sites:
+        sites[i].masked_input(held[i], _delta(i), 1)
+    with pytest.raises(SecAggRefused, match="names sites that were not participants"):
+        sites[TARGET].sign_survivors(ids + [99])
+    signatures = {i: sites[i].sign_survivors(ids) for i in ids}
+    close = {j: signatures[j] for j in graph[TARGET] + [TARGET]}
+    with pytest.raises(SecAggRefused, match=r"and 5 participants \(7 needed\) signed"):
+        sites[TARGET].unmask(ids, close)
+    assert sites[TARGET].unmask(ids, signatures)["seed"].keys() == set(graph[TARGET])
 
 
 def test_registration_list_parsing_refuses_duplicates_and_foreign_lines():

@@ -3,13 +3,21 @@
 10 sites x {1M, 10M} float32 deltas ~ N(0, 0.01), example counts in [5, 300], one process:
 
 * ``ours``    one whole round in-process, as ``tests/strategies/test_secagg_core.run_round``
-              drives it: ``ServerRound`` + 10 ``SiteSecAgg`` (default ``SecAggConfig``, encoding
-              clip 0.5, 10 sites, weight <= 1000; degree 8, threshold 4 for 10 sites). Client
-              time is key generation + advertise + share_keys + masked_input (encode + self
-              mask + 8 pairwise masks) + unmask; server time is building the round (graph),
-              accept_keys, accept_shares, accept_masked and unmask (self masks, decode).
-              Message-API glue (the float32 delta, ``Array`` serialization) is not in the
-              figure; ``glue_ns_per_param_site`` measures it on its own.
+              drives it: ``ServerRound`` + 10 ``SiteSecAgg``, semi-honest (``SecAggConfig(
+              authenticated=False)``, encoding clip 0.5, 10 sites, weight <= 1000; degree 8,
+              threshold 5 for 10 sites). Client time is key generation + advertise +
+              share_keys + masked_input (encode + self mask + 8 pairwise masks) + unmask;
+              server time is building the round, accept_keys (graph), accept_shares,
+              accept_masked and unmask (self masks, decode). Message-API glue (the float32
+              delta, ``Array`` serialization) is not in the figure;
+              ``glue_ns_per_param_site`` measures it on its own.
+* ``malicious`` the same round, malicious-secure (``authenticated=True``): each site signs
+              its round keys (ECDSA P-384, its identity key) and verifies every participant's
+              against the registration list, checks the seed-derived graph, signs the survivor
+              set in the consistency stage (client ``consistency``, server
+              ``accept_signatures``) and verifies t of its neighbours' signatures before
+              unmasking. ``malicious_upload_ratio`` also counts the keys, signatures,
+              ciphertexts and shares a site sends.
 * ``fedavg``  the plain baseline: Flower's weighted average (``flwr.server.strategy.aggregate``)
               of the 10 float32 vectors at the server; no client-side protocol work.
               ``fedavg_inplace`` is the same average accumulated in place (two buffers):
@@ -48,6 +56,7 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
+import os
 import statistics
 import time
 
@@ -59,8 +68,11 @@ N_SITES = 10
 SIZES = (1_000_000, 10_000_000)
 LOCAL_WORK_S = 2.0
 TARGETS = {"ns_per_param_site": 10.0, "upload_ratio": 1.0, "round_time_ratio": 1.05}
+MALICIOUS_TARGETS = {"malicious_ns_per_param_site": 12.0, "malicious_upload_ratio": 1.1,
+                     "malicious_round_time_ratio": 1.10}          # issue 26
 ANCHOR = "Flower SecAgg+ ~60 ns/param/site, 2.0x upload (issue)"
-STAGES = ("setup", "share_keys", "masked", "unmask")
+STAGES = ("setup", "share_keys", "masked", "consistency", "unmask")
+FLOWER_STAGES = ("setup", "share_keys", "masked", "unmask")
 IDS = list(range(1, N_SITES + 1))
 
 
@@ -95,46 +107,85 @@ def _summary(client: dict[str, dict[int, float]], server: dict[str, float], size
 
 
 # ------------------------------------------------------------------------------------ ours
-def ours_round(size: int, deltas, counts, drop=()) -> dict:
-    from client.privacy.secagg import SiteSecAgg
+def _site_identities() -> dict:
+    from client.privacy.secagg import SiteIdentity
+    from protocol.secagg_identity import simulation_key, simulation_registry
+
+    registry = simulation_registry([f"site-{i}" for i in IDS])
+    return {i: SiteIdentity(f"site-{i}", simulation_key(f"site-{i}"), registry) for i in IDS}
+
+
+def _protocol_bytes(*values) -> int:
+    """Bytes of the keys, signatures, ciphertexts and shares a site sends (not the vector)."""
+    total = 0
+    for v in values:
+        if isinstance(v, (bytes, bytearray)):
+            total += len(v)
+        elif isinstance(v, dict):
+            total += _protocol_bytes(*v.values())
+        elif isinstance(v, (list, tuple)):
+            total += _protocol_bytes(*v)
+        elif hasattr(v, "pk_enc"):
+            total += _protocol_bytes(v.pk_enc, v.pk_mask, v.signature)
+    return total
+
+
+def ours_round(size: int, deltas, counts, drop=(), *, authenticated: bool = False) -> dict:
+    """One round; ``authenticated``: the malicious-secure protocol (signed keys checked
+    against the registration list, seed-derived graph, consistency stage), else the
+    semi-honest one (today's protocol, with the strict-majority threshold)."""
+    from client.privacy.secagg import SecAggPolicy, SiteSecAgg
     from protocol.secagg_encoding import Encoding
     from protocol.secagg_protocol import SecAggConfig, ServerRound
 
     enc = Encoding(clip_range=0.5, max_sites=N_SITES, max_weight=1000)
+    identities = _site_identities() if authenticated else {i: None for i in IDS}
+    policy = SecAggPolicy(allow_semi_honest=not authenticated)
     client = {s: {} for s in STAGES}
     server = {}
-    srv, server["build"] = _timed(ServerRound, 1, IDS, SecAggConfig(encoding=enc), size + 1)
+    srv, server["build"] = _timed(ServerRound, 1, IDS, SecAggConfig(
+        encoding=enc, authenticated=authenticated), size + 1, run=1)
     sites, keys = {}, {}
     for i in IDS:
         t = time.process_time()
-        sites[i] = SiteSecAgg(i, 1, enc)
+        sites[i] = SiteSecAgg(i, 1, enc, 1, identities[i], policy)
         keys[i] = sites[i].advertise()
         client["setup"][i] = time.process_time() - t
+    sent = _protocol_bytes(keys[IDS[0]])
     requests, server["accept_keys"] = _timed(srv.accept_keys, keys)
     shares = {}
     for i, r in requests.items():
-        shares[i], client["share_keys"][i] = _timed(sites[i].share_keys, r["neighbours"],
-                                                    r["threshold"])
+        shares[i], client["share_keys"][i] = _timed(
+            sites[i].share_keys, r["participants"], r["neighbours"], r["degree"], r["threshold"])
+    sent += _protocol_bytes(shares[IDS[0]])
     held, server["accept_shares"] = _timed(srv.accept_shares, shares)
     masked = {}
     for i, cts in held.items():
         if i not in drop:
             masked[i], client["masked"][i] = _timed(sites[i].masked_input, cts, deltas[i],
                                                     counts[i])
-    unmask, server["accept_masked"] = _timed(srv.accept_masked, masked)
+    requests, server["accept_masked"] = _timed(srv.accept_masked, masked)
+    if authenticated:
+        signatures = {}
+        for i, r in requests.items():
+            signatures[i], client["consistency"][i] = _timed(sites[i].sign_survivors,
+                                                             r["survivors"])
+        sent += _protocol_bytes(signatures[IDS[0]])
+        requests, server["accept_signatures"] = _timed(srv.accept_signatures, signatures)
     replies = {}
-    for i, r in unmask.items():
-        replies[i], client["unmask"][i] = _timed(sites[i].unmask, r["survived"], r["dropped"])
+    for i, r in requests.items():
+        replies[i], client["unmask"][i] = _timed(sites[i].unmask, r["survivors"],
+                                                 r.get("signatures"))
+    sent += _protocol_bytes(replies[IDS[0]])
     (average, _), server["unmask"] = _timed(srv.unmask, replies)
     error = float(np.abs(average - _reference(deltas, counts, masked)).max())
     out = _summary(client, server, size, next(iter(masked.values()))[0].nbytes, error)
-    return out | {"degree": srv.degree, "threshold": srv.threshold}
+    return out | {"degree": srv.degree, "threshold": srv.threshold,
+                  "protocol_bytes_per_site": sent}
 
 
 def ours_components(size: int, deltas, counts) -> dict:
     """ns/param of one encode and one mask expansion (where a site's time goes)."""
-    import os
-
     from protocol.secagg_crypto import expand_mask
     from protocol.secagg_encoding import Encoding, encode
 
@@ -277,7 +328,7 @@ def flower_round(size: int, deltas, counts, drop=()) -> dict:
     server = {}
     steps = (workflow.setup_stage, workflow.share_keys_stage,
              workflow.collect_masked_vectors_stage, workflow.unmask_stage)
-    for name, step in zip(STAGES, steps):
+    for name, step in zip(FLOWER_STAGES, steps):
         before_client = sum(grid.client[name].values())
         before_copy = grid.transport_s
         ok, wall = _timed(step, grid, context, state)
@@ -302,14 +353,20 @@ def _median(runs: list[dict]) -> dict:
 
 
 def measure(size: int, repeats: int) -> dict:
-    runs = {k: [] for k in ("ours", "ours_one_dropped", "fedavg", "fedavg_inplace", "flower",
-                            "flower_one_dropped", "components", "glue")}
+    runs = {k: [] for k in ("ours", "ours_one_dropped", "malicious", "malicious_one_dropped",
+                            "fedavg", "fedavg_inplace", "flower", "flower_one_dropped",
+                            "components", "glue")}
     for rep in range(repeats):
         deltas, counts = _data(size, seed=rep)
         runs["fedavg"].append(fedavg_round(size, deltas, counts))
         runs["fedavg_inplace"].append(fedavg_round(size, deltas, counts, inplace=True))
-        runs["ours"].append(ours_round(size, deltas, counts))
-        runs["ours_one_dropped"].append(ours_round(size, deltas, counts, drop=(IDS[3],)))
+        # semi-honest and malicious-secure alternate which runs first, so that neither
+        # always inherits the state (page cache, allocator) the previous mode left
+        for authenticated in ((False, True) if rep % 2 == 0 else (True, False)):
+            name = "malicious" if authenticated else "ours"
+            runs[name].append(ours_round(size, deltas, counts, authenticated=authenticated))
+            runs[f"{name}_one_dropped"].append(ours_round(size, deltas, counts, drop=(IDS[3],),
+                                                          authenticated=authenticated))
         runs["flower"].append(flower_round(size, deltas, counts))
         runs["flower_one_dropped"].append(flower_round(size, deltas, counts, drop=(IDS[3],)))
         runs["components"].append(ours_components(size, deltas, counts))
@@ -318,7 +375,8 @@ def measure(size: int, repeats: int) -> dict:
     out = {k: _median(v) for k, v in runs.items()}
     plain_round = LOCAL_WORK_S + out["fedavg_inplace"]["server_s"]
     flower_plain_round = LOCAL_WORK_S + out["fedavg"]["server_s"]
-    for k in ("ours", "ours_one_dropped", "flower", "flower_one_dropped"):
+    for k in ("ours", "ours_one_dropped", "malicious", "malicious_one_dropped", "flower",
+              "flower_one_dropped"):
         out[k]["round_time_ratio"] = (LOCAL_WORK_S + out[k]["critical_path_s"]) / plain_round
         out[k]["round_time_ratio_vs_flower_fedavg"] = ((LOCAL_WORK_S + out[k]["critical_path_s"])
                                                        / flower_plain_round)
@@ -336,7 +394,8 @@ def main() -> None:
     FLOWER_LOGGER.setLevel(logging.ERROR)             # its INFO lines per stage
 
     warm = _data(1000, seed=99)                       # imports and first-call costs, untimed
-    ours_round(1000, *warm), flower_round(1000, *warm)
+    ours_round(1000, *warm), ours_round(1000, *warm, authenticated=True)
+    flower_round(1000, *warm)
     by_size = {}
     for size in args.sizes:
         t = time.perf_counter()
@@ -346,8 +405,8 @@ def main() -> None:
     print(f"\n{'params':>10} {'mode':<20} {'ns/param/site':>13} {'client s':>9} {'server s':>9} "
           f"{'upload x':>9} {'round x':>8} {'max err':>9}")
     for size, r in by_size.items():
-        for mode in ("fedavg", "fedavg_inplace", "ours", "ours_one_dropped", "flower",
-                     "flower_one_dropped"):
+        for mode in ("fedavg", "fedavg_inplace", "ours", "ours_one_dropped", "malicious",
+                     "malicious_one_dropped", "flower", "flower_one_dropped"):
             m = r[mode]
             print(f"{size:>10,} {mode:<20} {m['ns_per_param_site']:>13.2f} "
                   f"{m.get('client_s', 0.0):>9.3f} {m['server_s']:>9.3f} "
@@ -363,7 +422,17 @@ def main() -> None:
     met = {k: (round(v, 2) if k == "upload_ratio" else v) <= TARGETS[k]
            for k, v in headline.items()}
     flower = by_size[worst]["flower"]
-    payload = headline | {
+    m_worst = max(by_size, key=lambda s: by_size[s]["malicious"]["ns_per_param_site"])
+    malicious = {
+        "malicious_ns_per_param_site": by_size[m_worst]["malicious"]["ns_per_param_site"],
+        # the masked vector plus every key, signature, ciphertext and share a site sends
+        "malicious_upload_ratio": max(
+            (r["malicious"]["upload_bytes"] + r["malicious"]["protocol_bytes_per_site"])
+            / (4 * s) for s, r in by_size.items()),
+        "malicious_round_time_ratio": max(r["malicious"]["round_time_ratio"]
+                                          for r in by_size.values())}
+    met |= {k: v <= MALICIOUS_TARGETS[k] for k, v in malicious.items()}
+    payload = headline | malicious | {
         "flower_ns_per_param_site": flower["ns_per_param_site"],
         "flower_upload_ratio": flower["upload_ratio"],
         "flower_round_time_ratio": max(r["flower"]["round_time_ratio"] for r in by_size.values()),
@@ -372,12 +441,18 @@ def main() -> None:
         "round_time_ratio_vs_flower_fedavg": max(r["ours"]["round_time_ratio_vs_flower_fedavg"]
                                                  for r in by_size.values()),
         "headline_params": worst, "params": list(by_size), "sites": N_SITES,
-        "targets": TARGETS, "targets_met": met, "anchor": ANCHOR,
+        "load_average": [round(x, 1) for x in os.getloadavg()],
+        "targets": TARGETS | MALICIOUS_TARGETS, "targets_met": met, "anchor": ANCHOR,
         "by_size": {str(s): r for s, r in by_size.items()},
         "config": {"repeats": args.repeats, "local_work_s": LOCAL_WORK_S,
                    "delta": "float32 ~ N(0, 0.01)", "example_counts": "uniform [5, 300]",
                    "ours": "SecAggConfig(encoding=Encoding(clip_range=0.5, max_sites=10, "
-                           "max_weight=1000)): degree 8, threshold 4",
+                           "max_weight=1000), authenticated=False): degree 8, threshold 5 "
+                           "(semi-honest)",
+                   "malicious": "the same with authenticated=True: ECDSA P-384 signed "
+                                "round keys verified by every site, seed-derived graph, "
+                                "consistency stage (survivor-set signatures, each site "
+                                "verifying its neighbours')",
                    "flower": "SecAggPlusWorkflow(num_shares=9, reconstruction_threshold=4), "
                              "clipping_range 8, quantization_range 2^22, modulus 2^32, "
                              "max_weight 1000; secaggplus_mod at each site",
@@ -387,7 +462,8 @@ def main() -> None:
             "an in-process Grid that deep-copies each message; copies, the train callback and "
             "the strategy's aggregate_fit pass-through are excluded from its time",
             "times are process CPU seconds (user + system), median over repeats; the box is "
-            "shared, so wall-clock times were not usable",
+            "shared, so wall-clock times were not usable; CPU time still grows with the load "
+            "others put on the shared caches (load_average records it)",
             "headline figures are the worst over the sizes measured; ns/param/site and "
             "round_time_ratio per size are under by_size",
             "round_time_ratio is computed from measured component times: 2 s local work + "
@@ -401,13 +477,19 @@ def main() -> None:
             "our figure is the transport-free core; glue_ns_per_param_site (float32 delta, "
             "Array serialization, adding the average to the global model) is the "
             "Message-API path's extra",
+            "ours (today's keys) is the semi-honest protocol, now with the strict-majority "
+            "threshold (5 of 8 neighbours, was 4); malicious_* is the malicious-secure "
+            "protocol measured in the same run on the same data; malicious_upload_ratio "
+            "counts the keys, signatures, ciphertexts and shares a site sends besides the "
+            "masked vector (upload_ratio, today's key, counts the vector only)",
         ]}
     path = write_result("secagg", payload)
     print(f"\nwrote {path}")
     sizes = " / ".join(f"{s / 1e6:g}M" for s in by_size)
     per_size = "; ".join(
         f"{s / 1e6:g}M: ours {r['ours']['ns_per_param_site']:.1f} (one dropped "
-        f"{r['ours_one_dropped']['ns_per_param_site']:.1f}), Flower "
+        f"{r['ours_one_dropped']['ns_per_param_site']:.1f}), malicious-secure "
+        f"{r['malicious']['ns_per_param_site']:.1f}, Flower "
         f"{r['flower']['ns_per_param_site']:.0f} ns/param/site, round "
         f"{r['ours']['round_time_ratio']:.3f}× (Flower {r['flower']['round_time_ratio']:.3f}×)"
         for s, r in by_size.items())
@@ -417,8 +499,14 @@ def main() -> None:
         f"({ok('ns_per_param_site')}, target ≤ 10; Flower "
         f"{flower['ns_per_param_site']:.0f}), upload {headline['upload_ratio']:.2f}× "
         f"({ok('upload_ratio')}; Flower {flower['upload_ratio']:.2f}×), round time "
-        f"{headline['round_time_ratio']:.3f}× ({ok('round_time_ratio')}, target ≤ 1.05) | "
-        f"10 sites × {sizes} params, 2 s local work, CPU time, plain = in-place FedAvg; "
+        f"{headline['round_time_ratio']:.3f}× ({ok('round_time_ratio')}, target ≤ 1.05); "
+        f"malicious-secure {malicious['malicious_ns_per_param_site']:.1f} ns/param/site "
+        f"({ok('malicious_ns_per_param_site')}, ≤ 12), upload "
+        f"{malicious['malicious_upload_ratio']:.3f}× ({ok('malicious_upload_ratio')}, ≤ 1.1), "
+        f"round time {malicious['malicious_round_time_ratio']:.3f}× "
+        f"({ok('malicious_round_time_ratio')}, ≤ 1.10) | "
+        f"10 sites × {sizes} params, 2 s local work, CPU time (box load average "
+        f"{payload['load_average'][2]:.0f} on 2 cores), plain = in-place FedAvg; "
         f"{per_size} | `results/secagg.json` |"))
 
 

@@ -92,6 +92,14 @@ def _add_deploy_parsers(sub) -> None:
     p.add_argument("--dp-delta", type=float, help="the site's privacy budget: delta")
     p.add_argument("--require-secagg", action="store_true",
                    help="refuse to send plaintext model updates")
+    p.add_argument("--secagg-peers", metavar="FILE",
+                   help="the federation's registration list (every site's auth.pub line), "
+                        "received out of band: SecAgg+ keys are signed with --auth-key and "
+                        "peers are verified against it (malicious-secure secure aggregation)")
+    p.add_argument("--secagg-min-neighbours", type=int, default=2,
+                   help="refuse SecAgg+ rounds giving this site fewer neighbours (default 2)")
+    p.add_argument("--secagg-min-contributors", type=int, default=3,
+                   help="refuse SecAgg+ rounds (and survivor sets) of fewer sites (default 3)")
     p.add_argument("--privacy-dir", help="privacy ledger folder (default DATA_DIR/.medfed)")
     p.add_argument("--device", default="auto")
     p.add_argument("--torch-threads", type=int, default=1)

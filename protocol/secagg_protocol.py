@@ -2,22 +2,32 @@
 
 Stages (each one request to every site and its replies; the Flower workflow only moves them):
 
-0. setup      - each site sends two X25519 public keys (encryption, masking).
-1. share-keys - each site receives its neighbours' public keys and returns, per neighbour, an
-                AES-GCM ciphertext holding a Shamir share of its self-mask seed and one of its
-                masking private key (threshold ``t`` among its ``k`` neighbours).
-2. masked     - each site receives the ciphertexts addressed to it, trains, and returns
-                ``encode(delta) + PRG(self seed) +/- PRG(pairwise seeds)`` (mod 2^32).
-3. unmask     - each surviving site receives, per neighbour, *either* "survived" (send your
-                share of its self-mask seed) *or* "dropped" (send your share of its masking
-                key) - never both for one site - and the server removes the masks.
+0. setup       - each site sends two X25519 public keys (encryption, masking), its registered
+                 site id and, in the malicious-secure mode, its identity signature over them.
+1. share-keys  - each site receives every participant's signed keys, checks them against the
+                 federation's registration list, computes the neighbour graph itself from the
+                 public seed (``graph_seed``) and returns, per neighbour, an AES-GCM ciphertext
+                 holding a Shamir share of its self-mask seed and one of its masking key.
+2. masked      - each site receives the ciphertexts addressed to it (it aborts with fewer than
+                 ``t``), trains, and returns ``encode(delta) + PRG(self seed) +/- PRG(pairwise
+                 seeds)`` (mod 2^32).
+3. consistency - (malicious-secure mode) each survivor receives the survivor set and signs it.
+4. unmask      - each survivor receives the survivor set and the signatures; with at least
+                 ``t`` of its neighbours' signatures on that same set it reveals, per neighbour
+                 that shared with it, the self-mask share if that neighbour survived and the
+                 masking-key share if not - derived from the one signed set, so never both for
+                 one site - and the server removes the masks.
 
-The neighbour graph is a random circulant k-regular graph (k even, k ~ 2 log2 n). The server
-refuses to unmask with fewer than ``max(t, 2)`` survivors: nothing is unmasked for one site.
+The graph is a circulant k-regular graph over an order fixed by the seed (k ~ 2 log2 n), so the
+server cannot choose anyone's neighbours; the threshold is a strict majority of the
+neighbours (t > k/2). The server refuses to unmask with fewer than ``max(t, 2)`` survivors.
+The semi-honest mode (``authenticated=False``) skips the signatures and the consistency
+stage: it trusts the server to relay keys and survivor sets honestly.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from dataclasses import dataclass, field
@@ -27,6 +37,7 @@ import numpy as np
 from .secagg_crypto import (CHUNK, InvalidShare, MaskSum, agree, load_private, parse_share,
                             recover_secret)
 from .secagg_encoding import Encoding, decode_into, total_weight
+from .secagg_identity import statement
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +47,38 @@ class SecAggError(RuntimeError):
 
 
 @dataclass(frozen=True)
+class Advert:
+    """A site's stage-0 reply: its round keys and who vouches for them."""
+    pk_enc: bytes
+    pk_mask: bytes
+    site: str = ""                    # registered site id
+    signature: bytes = b""            # identity signature of ``advert_statement`` (or empty)
+
+
+def advert_statement(run: int, round_: int, node: int, advert: Advert) -> bytes:
+    """What a site signs in stage 0: its node, its site id, both round keys."""
+    return statement("advert", run=run, round_=round_,
+                     values=[node, advert.site, advert.pk_enc, advert.pk_mask])
+
+
+def survivors_statement(run: int, round_: int, survivors) -> bytes:
+    """What a site signs in the consistency stage: the survivor set, sorted."""
+    return statement("survivors", run=run, round_=round_, values=sorted(int(j) for j in survivors))
+
+
+def majority(degree: int) -> int:
+    """The smallest threshold that is a strict majority of ``degree`` neighbours: two disjoint
+    groups of neighbours can never both reach it."""
+    return degree // 2 + 1
+
+
+@dataclass(frozen=True)
 class SecAggConfig:
-    degree: int | None = None         # neighbours per site (even); None: ~2 log2 n, <= n - 1
-    threshold: float = 0.5            # shares needed, as a fraction of the degree (or an int)
+    degree: int | None = None         # neighbours per site; None: ~2 log2 n, <= n - 1
+    threshold: float = 0.5            # shares needed: a fraction of the degree (raised to a
+                                      # strict majority) or an int (> degree / 2)
     encoding: Encoding = field(default_factory=Encoding)
+    authenticated: bool = True        # malicious-secure: signed keys, consistency stage
 
     def resolve(self, n: int) -> tuple[int, int]:
         """(degree, threshold) for n sites; raises if the settings cannot work."""
@@ -49,16 +88,25 @@ class SecAggConfig:
         if degree > n - 1:
             raise SecAggError(f"degree {degree} needs at least {degree + 1} sites, got {n}")
         t = int(self.threshold) if self.threshold >= 1 else \
-            max(2, math.ceil(self.threshold * degree))
-        if not 2 <= t <= degree:
-            raise SecAggError(f"threshold {t} must be in [2, degree={degree}]")
+            max(majority(degree), math.ceil(self.threshold * degree))
+        if not majority(degree) <= t <= degree:
+            raise SecAggError(f"threshold {t} must be in [{majority(degree)}, degree={degree}] "
+                              "(a strict majority of the neighbours)")
         return degree, t
 
 
-def neighbours(ids: list[int], degree: int, rng: np.random.Generator) -> dict[int, list[int]]:
-    """Random circulant graph: shuffle the sites, connect each to the ``degree`` nearest
-    positions around the ring (``degree // 2`` each side, one more ahead when odd)."""
-    order = [ids[k] for k in rng.permutation(len(ids))]    # ids may not fit in int64
+def graph_seed(run: int, round_: int, participants: dict[int, str]) -> bytes:
+    """The public seed of the neighbour graph: the run, the round and the sorted participants
+    (node id and registered site id). Every site computes it from what it verified."""
+    return hashlib.sha256(statement("graph", run=run, round_=round_, values=[
+        f"{node}={participants[node]}" for node in sorted(participants)])).digest()
+
+
+def neighbours(ids: list[int], degree: int, seed: bytes) -> dict[int, list[int]]:
+    """Circulant graph over the order ``seed`` fixes (sites sorted by SHA-256(seed, id)):
+    each site is connected to the ``degree`` nearest positions around the ring
+    (``degree // 2`` each side, one more opposite when odd)."""
+    order = sorted(ids, key=lambda i: hashlib.sha256(seed + str(int(i)).encode()).digest())
     n = len(order)
     out: dict[int, set[int]] = {i: set() for i in ids}
     for pos, site in enumerate(order):
@@ -86,23 +134,30 @@ class ServerRound:
     sites: list[int]
     config: SecAggConfig
     length: int                       # encoded vector length (parameters + 1 weight slot)
-    rng: np.random.Generator = field(default_factory=np.random.default_rng)
+    run: int = 0
 
     def __post_init__(self):
         self.degree, self.threshold = self.config.resolve(len(self.sites))
-        self.graph = neighbours(sorted(self.sites), self.degree, self.rng)
-        self.public: dict[int, tuple[bytes, bytes]] = {}       # site -> (pk_enc, pk_mask)
+        self.public: dict[int, Advert] = {}
+        self.graph: dict[int, list[int]] = {}
         self.ciphertexts: dict[int, dict[int, bytes]] = {}     # receiver -> {sender: ct}
         self.masked: dict[int, np.ndarray] = {}
+        self.survivors: list[int] = []
+        self.signatures: dict[int, bytes] = {}
         self.clipped = 0
 
     # stage 0 -> 1
-    def accept_keys(self, replies: dict[int, tuple[bytes, bytes]]) -> dict[int, dict]:
-        """Public keys in; per site, its neighbours' keys out (share-keys requests)."""
-        self.public = {i: keys for i, keys in replies.items() if i in self.graph}
+    def accept_keys(self, replies: dict[int, Advert]) -> dict[int, dict]:
+        """Adverts in; per site, every participant's advert, its neighbours and the
+        parameters out (share-keys requests). The server cannot check the signatures (it need
+        not hold the registration list); every site does."""
+        self.public = {int(i): a for i, a in replies.items() if int(i) in self.sites}
         self._require(self.public, "advertised keys")
-        return {i: {"neighbours": {j: self.public[j] for j in self.graph[i] if j in self.public},
-                    "threshold": self.threshold}
+        self.degree, self.threshold = self.config.resolve(len(self.public))
+        seed = graph_seed(self.run, self.round_, {i: a.site for i, a in self.public.items()})
+        self.graph = neighbours(sorted(self.public), self.degree, seed)
+        return {i: {"participants": self.public, "neighbours": self.graph[i],
+                    "degree": self.degree, "threshold": self.threshold}
                 for i in self.public}
 
     # stage 1 -> 2
@@ -110,7 +165,7 @@ class ServerRound:
         """Encrypted shares in (sender -> {receiver: ct}); per receiver, what it holds."""
         shared = {}
         for i, cts in replies.items():
-            expected = {j for j in self.graph.get(i, []) if j in self.public}
+            expected = set(self.graph.get(i, []))
             if i not in self.public or set(cts) != expected:
                 # a partial set would leave masks that no neighbour cancels
                 log.warning("secagg round %d: site %s sent shares for %d of %d neighbours; "
@@ -120,14 +175,14 @@ class ServerRound:
         self._require(shared, "shared their keys")
         for sender, cts in shared.items():
             for receiver, ct in cts.items():
-                if receiver in self.graph[sender]:
+                if receiver in shared:
                     self.ciphertexts.setdefault(receiver, {})[sender] = ct
         self.shared = set(shared)
         return {i: self.ciphertexts.get(i, {}) for i in shared}
 
     # stage 2 -> 3
     def accept_masked(self, replies: dict[int, tuple[np.ndarray, int]]) -> dict[int, dict]:
-        """Masked vectors in; per survivor, which neighbours survived / dropped."""
+        """Masked vectors in; per survivor, the survivor set out (to sign or to unmask by)."""
         for site, (vector, clipped) in replies.items():
             if site not in self.shared:
                 log.warning("secagg round %d: masked input from %s, which shared no keys; "
@@ -141,13 +196,23 @@ class ServerRound:
             self.masked[site] = vector
             self.clipped += int(clipped)
         self._require(self.masked, "sent masked input")
-        survivors = set(self.masked)
-        dropped = self.shared - survivors
-        return {i: {"survived": [j for j in self.graph[i] if j in survivors],
-                    "dropped": [j for j in self.graph[i] if j in dropped]}
-                for i in survivors}
+        self.survivors = sorted(self.masked)
+        return {i: {"survivors": self.survivors} for i in self.survivors}
 
-    # stage 3 -> result
+    # stage 3 -> 4 (malicious-secure mode)
+    def accept_signatures(self, replies: dict[int, bytes]) -> dict[int, dict]:
+        """Survivor-set signatures in; per survivor, the set and every signature out. The
+        sites check them; a survivor that did not sign may still be unmasked."""
+        self.signatures = {int(i): bytes(sig) for i, sig in replies.items()
+                           if int(i) in self.masked}
+        self._require(self.signatures, "signed the survivor set")
+        return self.unmask_requests()
+
+    def unmask_requests(self) -> dict[int, dict]:
+        return {i: {"survivors": self.survivors, "signatures": self.signatures}
+                for i in self.survivors}
+
+    # stage 4 -> result
     def unmask(self, replies: dict[int, dict]) -> tuple[np.ndarray, int]:
         """Shares in (site -> {"seed": {j: share}, "key": {j: share}}); the weighted average
         delta (float32) and the total weight out."""
@@ -175,7 +240,7 @@ class ServerRound:
                                              f"the masking key of site {d}, which dropped"))
             for j in self.graph[d]:
                 if j in survivors:
-                    seed = agree(key, self.public[j][1], purpose="mask", round_=self.round_,
+                    seed = agree(key, self.public[j].pk_mask, purpose="mask", round_=self.round_,
                                  a=d, b=j)
                     removals.append((seed, -pairwise_sign(j, d)))
         return self._sum_and_unmask(list(self.masked.values()), MaskSum(removals))

@@ -74,7 +74,7 @@ def _training_strategy(cfg: ExperimentConfig, frozen: list[str], send_frozen: bo
                          clipping_norm=p.clipping_norm, num_sites=cfg.federation.num_sites,
                          delta=p.delta) if site_dp else None
         secure = SecAggPlus(guarded, SecAggConfig(
-            degree=sa.degree, threshold=sa.threshold,
+            degree=sa.degree, threshold=sa.threshold, authenticated=sa.authenticated,
             encoding=Encoding(clip_range=sa.clip_range, max_sites=cfg.federation.num_sites,
                               max_weight=sa.max_weight)), stage_timeout=cfg.federation.round_timeout,
             site_dp=noise)

@@ -2,7 +2,8 @@
 
 Flower's round loop stays Flower's: ``configure_train`` runs the setup and share-keys stages
 with the grid it is given, then returns the train messages (the masked stage);
-``aggregate_train`` runs the unmask stage, decodes the weighted average *delta* and hands the
+``aggregate_train`` runs the consistency stage (malicious-secure mode: survivors sign the
+survivor set) and the unmask stage, decodes the weighted average *delta* and hands the
 inner strategy one aggregate reply (``global + delta``, weight = total examples), so FedAvg
 returns it as is and FedAdam/Yogi/Adagrad/FedAvgM apply their server optimiser to it. The server
 sees masked uint32 vectors and the sum, never an individual update. Values the encoding had to
@@ -25,7 +26,7 @@ from flwr.serverapp.strategy import Strategy
 
 from protocol import wire
 from protocol.arrays import apply_delta, float_keys, view
-from protocol.secagg_protocol import SecAggConfig, SecAggError, ServerRound
+from protocol.secagg_protocol import Advert, SecAggConfig, SecAggError, ServerRound
 
 from .guard import error_summary
 from .sitedp import SiteDPAccounting, site_accountant
@@ -134,19 +135,26 @@ class SecAggPlus(StrategyWrapper, Strategy):
         messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
         nodes = [m.metadata.dst_node_id for m in messages]
         length = sum(math.prod(arrays[k].shape) for k in float_keys(arrays)) + 1
-        self._round = ServerRound(server_round, nodes, self.config, length)
+        self._round = ServerRound(server_round, nodes, self.config, length, run=grid.run.run_id)
         self._global, self._grid, self._messages = arrays, grid, messages
         enc = self.config.encoding
         keys = self._ask(grid, {n: {wire.SECAGG_CLIP_RANGE: float(enc.clip_range),
                                     wire.SECAGG_MAX_SITES: enc.max_sites,
-                                    wire.SECAGG_MAX_WEIGHT: enc.max_weight} for n in nodes},
-                         wire.SECAGG_SETUP)
-        share_requests = self._round.accept_keys(
-            {n: (rec[wire.SECAGG_PK_ENC], rec[wire.SECAGG_PK_MASK]) for n, rec in keys.items()})
+                                    wire.SECAGG_MAX_WEIGHT: enc.max_weight,
+                                    wire.SECAGG_AUTHENTICATED: self.config.authenticated}
+                                for n in nodes}, wire.SECAGG_SETUP)
+        share_requests = self._round.accept_keys({n: Advert(
+            rec[wire.SECAGG_PK_ENC], rec[wire.SECAGG_PK_MASK], str(rec[wire.SECAGG_SITE_ID]),
+            rec[wire.SECAGG_SIGNATURE]) for n, rec in keys.items()})
+        participants = self._round.public       # every site gets every signed advert
         shares = self._ask(grid, {n: {
-            wire.SECAGG_NODES: [str(j) for j in req["neighbours"]],
-            wire.SECAGG_PK_ENC: [k[0] for k in req["neighbours"].values()],
-            wire.SECAGG_PK_MASK: [k[1] for k in req["neighbours"].values()],
+            wire.SECAGG_NODES: [str(j) for j in participants],
+            wire.SECAGG_PK_ENC: [a.pk_enc for a in participants.values()],
+            wire.SECAGG_PK_MASK: [a.pk_mask for a in participants.values()],
+            wire.SECAGG_SITE_IDS: [a.site for a in participants.values()],
+            wire.SECAGG_SIGNATURES: [a.signature for a in participants.values()],
+            wire.SECAGG_NEIGHBOURS: [str(j) for j in req["neighbours"]],
+            wire.SECAGG_DEGREE: req["degree"],
             wire.SECAGG_THRESHOLD: req["threshold"]} for n, req in share_requests.items()},
             wire.SECAGG_SHARE)
         held = self._round.accept_shares({n: dict(zip((int(j) for j in rec[wire.SECAGG_NODES]),
@@ -159,7 +167,7 @@ class SecAggPlus(StrategyWrapper, Strategy):
                 cts = held[node]
                 content = RecordDict(dict(msg.content.items()))
                 content[wire.CONFIG] = ConfigRecord(dict(msg.content[wire.CONFIG]) | {
-                    wire.SECAGG_STAGE: wire.SECAGG_MASKED,
+                    wire.SECAGG_STAGE: wire.SECAGG_MASKED, wire.SECAGG_ROUND: server_round,
                     wire.SECAGG_NODES: [str(j) for j in cts],
                     wire.SECAGG_CIPHERTEXTS: list(cts.values())})
                 out.append(Message(content=content, dst_node_id=node,
@@ -189,11 +197,18 @@ class SecAggPlus(StrategyWrapper, Strategy):
                 log.warning("secagg round %d: node %s has more examples than secagg.max_weight;"
                             " its weight in the sum is capped", server_round,
                             reply.metadata.src_node_id)
-        unmask = self._round.accept_masked(masked)
+        requests = self._round.accept_masked(masked)
+        if self.config.authenticated:       # the consistency stage: survivors sign the set
+            signed = self._ask(self._grid, {n: {
+                wire.SECAGG_SURVIVED: [str(j) for j in req["survivors"]]}
+                for n, req in requests.items()}, wire.SECAGG_CONSISTENCY)
+            requests = self._round.accept_signatures(
+                {n: rec[wire.SECAGG_SIGNATURE] for n, rec in signed.items()})
         shares = self._ask(self._grid, {n: {
-            wire.SECAGG_SURVIVED: [str(j) for j in req["survived"]],
-            wire.SECAGG_DROPPED: [str(j) for j in req["dropped"]]} for n, req in unmask.items()},
-            wire.SECAGG_UNMASK)
+            wire.SECAGG_SURVIVED: [str(j) for j in req["survivors"]],
+            wire.SECAGG_NODES: [str(j) for j in req.get("signatures", {})],
+            wire.SECAGG_SIGNATURES: list(req.get("signatures", {}).values())}
+            for n, req in requests.items()}, wire.SECAGG_UNMASK)
         delta, weight = self._round.unmask({n: {
             "seed": dict(zip((int(j) for j in rec[wire.SECAGG_SEED_NODES]),
                              rec[wire.SECAGG_SEED_SHARES])),

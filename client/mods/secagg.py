@@ -1,17 +1,24 @@
 """SecAgg+ at the site: answers the protocol's stages and masks the model update it sends.
 
-The server's ``strategies.secagg.SecAggPlus`` drives four stages over train messages; this mod
-answers setup, share-keys and unmask itself (no training), and for the masked stage lets the
-ClientApp train, then replaces the reply's weights by ``mask(encode(local - global))`` - a
+The server's ``strategies.secagg.SecAggPlus`` drives five stages over train messages; this mod
+answers setup, share-keys, consistency and unmask itself (no training), and for the masked
+stage lets the ClientApp train (only once it holds at least ``t`` neighbours' shares), then replaces the reply's weights by ``mask(encode(local - global))`` - a
 uint32 vector the server can only sum. The round's secrets live in the node's state between
 stages and are dropped after unmasking. The site's ``require-secagg`` policy (refuse to send
 a plaintext update) is checked by the train handler, which knows the site's settings, and
 again on the reply itself by ``require_secagg_mod`` (outermost).
+
+What the site trusts comes from its operator's node config, never from the server: its
+identity key (``secagg-identity-key``, normally its ``auth.key``), the federation's registration
+list (``secagg-peers``), and its floors (``secagg-min-neighbours``, ``secagg-min-contributors``);
+it answers the semi-honest protocol only with ``secagg-allow-semi-honest``. A simulated
+partition derives its identity (the same code path; not the threat model).
 """
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.app.message_type import MessageType
@@ -20,20 +27,82 @@ from flwr.clientapp.typing import ClientAppCallable
 from protocol import wire
 from protocol.arrays import flat_delta
 from protocol.secagg_encoding import Encoding
+from protocol.secagg_identity import (IdentityError, Registry, load_identity_key,
+                                        simulation_key, simulation_registry)
+from protocol.secagg_protocol import Advert
 
-from ..privacy.secagg import SecAggRefused, SiteSecAgg
+from ..privacy.secagg import SecAggPolicy, SecAggRefused, SiteIdentity, SiteSecAgg
 
 log = logging.getLogger(__name__)
+
+_NUM_PARTITIONS = "num-partitions"      # set by Flower's simulation engine
+
+
+def site_identity(node: dict) -> SiteIdentity | None:
+    """This site's identity key and the registration list, from the operator's node config;
+    a simulated partition's derived ones (``protocol.secagg_identity.simulation_key``); None
+    when neither is configured (then only the semi-honest protocol could run)."""
+    if wire.NODE_SECAGG_IDENTITY in node or wire.NODE_SECAGG_PEERS in node:
+        site = str(node.get(wire.NODE_SITE_ID, ""))
+        try:
+            key = load_identity_key(Path(str(node[wire.NODE_SECAGG_IDENTITY])).read_bytes())
+            registry = Registry.parse(Path(str(node[wire.NODE_SECAGG_PEERS])).read_text())
+        except (KeyError, OSError, IdentityError) as err:
+            raise SecAggRefused("secagg-no-identity", f"set both node config "
+                                f"{wire.NODE_SECAGG_IDENTITY!r} and {wire.NODE_SECAGG_PEERS!r} "
+                                f"to readable files ({type(err).__name__})") from None
+        registered = registry.keys.get(site)
+        if registered is None or registered.public_numbers() != key.public_key().public_numbers():
+            raise SecAggRefused("secagg-no-identity", f"site {site!r} with this identity key is "
+                                "not on the registration list (secagg-peers)")
+        return SiteIdentity(site, key, registry)
+    if wire.NODE_DATA_DIR not in node and wire.NODE_PARTITION_ID in node:
+        site = f"site-{int(node[wire.NODE_PARTITION_ID])}"
+        sites = [f"site-{i}" for i in range(int(node.get(_NUM_PARTITIONS, 0)))]
+        return SiteIdentity(site, simulation_key(site), simulation_registry(sites or [site]))
+    return None
+
+
+def site_policy(node: dict) -> SecAggPolicy:
+    try:
+        return SecAggPolicy(
+            min_neighbours=int(node.get(wire.NODE_SECAGG_MIN_NEIGHBOURS, 2)),
+            min_contributors=int(node.get(wire.NODE_SECAGG_MIN_CONTRIBUTORS, 3)),
+            # a weakening: only an explicit true counts (a typo keeps the strong protocol)
+            allow_semi_honest=str(node.get(wire.NODE_SECAGG_SEMI_HONEST, False)).lower()
+            in ("true", "1", "yes"))
+    except (TypeError, ValueError) as err:
+        raise SecAggRefused("secagg-parameters", f"the site's SecAgg node config: {err}") \
+            from None
+
+
+def _identity(context: Context, authenticated: bool) -> SiteIdentity | None:
+    node = dict(context.node_config)
+    if not authenticated:
+        if not site_policy(node).allow_semi_honest:
+            raise SecAggRefused("secagg-semi-honest", "the server asked for the unauthenticated "
+                                "protocol; this site answers it only with node config "
+                                f"{wire.NODE_SECAGG_SEMI_HONEST!r} = true")
+        return None
+    identity = site_identity(node)
+    if identity is None:
+        raise SecAggRefused("secagg-no-identity", f"set node config "
+                            f"{wire.NODE_SECAGG_IDENTITY!r} and {wire.NODE_SECAGG_PEERS!r}")
+    return identity
 
 
 def _site(context: Context) -> SiteSecAgg:
     if wire.SECAGG_STATE not in context.state:
-        raise SecAggRefused("no secure-aggregation round in progress at this site")
-    return SiteSecAgg.from_state(dict(context.state[wire.SECAGG_STATE]))
+        raise SecAggRefused("secagg-stage", "no secure-aggregation round in progress at this "
+                            "site")
+    state = dict(context.state[wire.SECAGG_STATE])
+    return SiteSecAgg.from_state(state, _identity(context, bool(state["authenticated"])),
+                                 site_policy(dict(context.node_config)))
 
 
 def _save(context: Context, site: SiteSecAgg) -> None:
-    context.state[wire.SECAGG_STATE] = ConfigRecord(site.to_state())
+    context.state[wire.SECAGG_STATE] = ConfigRecord(site.to_state() | {
+        "authenticated": site.identity is not None})
 
 
 def _reply(msg: Message, values: dict) -> Message:
@@ -48,7 +117,7 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
     if request is not None and request.get(wire.SECAGG_STAGE) is None:
         # a stage-less request is malformed; letting it through trained in plaintext while
         # the job config claimed a masked round
-        raise SecAggRefused("a secure-aggregation request without a stage")
+        raise SecAggRefused("secagg-stage", "a secure-aggregation request without a stage")
     stage = request.get(wire.SECAGG_STAGE) if request else config.get(wire.SECAGG_STAGE)
     if stage is None:       # plaintext round; the train handler applies require-secagg
         return call_next(msg, context)
@@ -56,29 +125,44 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
         encoding = Encoding(clip_range=float(request[wire.SECAGG_CLIP_RANGE]),
                             max_sites=int(request[wire.SECAGG_MAX_SITES]),
                             max_weight=int(request[wire.SECAGG_MAX_WEIGHT]))
-        site = SiteSecAgg(msg.metadata.dst_node_id, int(request[wire.SECAGG_ROUND]), encoding)
+        authenticated = bool(request.get(wire.SECAGG_AUTHENTICATED, True))
+        site = SiteSecAgg(msg.metadata.dst_node_id, int(request[wire.SECAGG_ROUND]), encoding,
+                          msg.metadata.run_id, _identity(context, authenticated),
+                          site_policy(dict(context.node_config)))
         _save(context, site)
-        pk_enc, pk_mask = site.advertise()
-        return _reply(msg, {wire.SECAGG_PK_ENC: pk_enc, wire.SECAGG_PK_MASK: pk_mask})
+        advert = site.advertise()
+        return _reply(msg, {wire.SECAGG_PK_ENC: advert.pk_enc, wire.SECAGG_PK_MASK: advert.pk_mask,
+                            wire.SECAGG_SITE_ID: advert.site,
+                            wire.SECAGG_SIGNATURE: advert.signature})
     site = _site(context)
+    if int(request[wire.SECAGG_ROUND] if request else config[wire.SECAGG_ROUND]) != site.round_:
+        raise SecAggRefused("secagg-stage", "a request for another round than the one in "
+                            "progress")
     if stage == wire.SECAGG_SHARE:
-        neighbours = {int(j): (e, m) for j, e, m in zip(request[wire.SECAGG_NODES],
-                                                         request[wire.SECAGG_PK_ENC],
-                                                         request[wire.SECAGG_PK_MASK])}
-        cts = site.share_keys(neighbours, int(request[wire.SECAGG_THRESHOLD]))
+        participants = {int(j): Advert(e, m, str(s), g) for j, e, m, s, g in zip(
+            request[wire.SECAGG_NODES], request[wire.SECAGG_PK_ENC],
+            request[wire.SECAGG_PK_MASK], request[wire.SECAGG_SITE_IDS],
+            request[wire.SECAGG_SIGNATURES], strict=True)}
+        cts = site.share_keys(participants, [int(j) for j in request[wire.SECAGG_NEIGHBOURS]],
+                              int(request[wire.SECAGG_DEGREE]),
+                              int(request[wire.SECAGG_THRESHOLD]))
         _save(context, site)
         return _reply(msg, {wire.SECAGG_NODES: [str(j) for j in cts],
                             wire.SECAGG_CIPHERTEXTS: list(cts.values())})
     if stage == wire.SECAGG_MASKED:
         received = dict(zip((int(j) for j in config[wire.SECAGG_NODES]),
                             config[wire.SECAGG_CIPHERTEXTS]))
+        if len(received) < site.threshold:      # before training: nothing to mask it with
+            raise SecAggRefused("secagg-too-few-shares", f"shares from {len(received)} "
+                                f"neighbours, at least {site.threshold} needed - the update is "
+                                "not sent")
         reply = call_next(msg, context)
         if reply.has_error():
             return reply
         try:
             delta = flat_delta(msg.content[wire.ARRAYS], reply.content[wire.ARRAYS])
         except ValueError as err:
-            raise SecAggRefused(str(err)) from None
+            raise SecAggRefused("secagg-update", str(err)) from None
         metrics = reply.content[wire.METRICS]
         # site-level DP calibrates the server's noise to equal weights: one vote per site
         weight = 1 if config.get(wire.DP_MECHANISM) == wire.DP_SITE else \
@@ -93,13 +177,20 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
         reply.content[wire.METRICS] = MetricRecord(dict(metrics) | {
             wire.SECAGG_CLIPPED: clipped, wire.SECAGG_WEIGHT_CAPPED: capped})
         return reply
+    if stage == wire.SECAGG_CONSISTENCY:
+        signature = site.sign_survivors([int(j) for j in request[wire.SECAGG_SURVIVED]])
+        _save(context, site)
+        return _reply(msg, {wire.SECAGG_SIGNATURE: signature})
     if stage == wire.SECAGG_UNMASK:
-        shares = site.unmask([int(j) for j in request[wire.SECAGG_SURVIVED]],
-                             [int(j) for j in request[wire.SECAGG_DROPPED]])
-        del context.state[wire.SECAGG_STATE]
+        signatures = dict(zip((int(j) for j in request.get(wire.SECAGG_NODES, [])),
+                              request.get(wire.SECAGG_SIGNATURES, [])))
+        try:
+            shares = site.unmask([int(j) for j in request[wire.SECAGG_SURVIVED]], signatures)
+        finally:        # one unmask request per round, answered or refused
+            del context.state[wire.SECAGG_STATE]
         return _reply(msg, {
             wire.SECAGG_SEED_NODES: [str(j) for j in shares["seed"]],
             wire.SECAGG_SEED_SHARES: list(shares["seed"].values()),
             wire.SECAGG_KEY_NODES: [str(j) for j in shares["key"]],
             wire.SECAGG_KEY_SHARES: list(shares["key"].values())})
-    raise SecAggRefused(f"unknown secure-aggregation stage {stage!r}")
+    raise SecAggRefused("secagg-stage", f"unknown secure-aggregation stage {stage!r}")

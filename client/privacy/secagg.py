@@ -1,113 +1,233 @@
-"""SecAgg+ at a site: keys, shares, the masked update and the site's checks at unmasking.
+"""SecAgg+ at a site: keys, shares, the masked update and the site's own checks at every stage.
 
-One ``SiteSecAgg`` per round (its secrets never outlive the round). The site refuses an unmask
-request that asks, for any neighbour, for both the self-mask share and the masking-key share
-(together they would unmask that neighbour's individual update), a second unmask request in
-the same round, or one about sites that shared nothing with it. This is the semi-honest model
-of the paper: a malicious server that tells different sites different survivor sets needs the
-paper's signed consistency check, which is not implemented.
+One ``SiteSecAgg`` per round (its secrets never outlive the round). The site trusts nothing the
+server decides; in the malicious-secure mode (Bell et al. CCS 2020, Bonawitz et al. CCS 2017
+active variant) it
+
+* signs its round keys with its identity key and accepts a participant only when the
+  federation's registration list vouches for its keys (``secagg-forged-key``);
+* computes the neighbour graph itself from the public seed and refuses a list that differs
+  (``secagg-neighbours``);
+* enforces its own floor on the neighbours and contributors and a threshold that is a strict
+  majority of the neighbours (``secagg-parameters``), and aborts when it holds fewer than
+  ``t`` neighbours' shares (``secagg-too-few-shares``);
+* signs one survivor set, and reveals shares only for a set that at least ``t`` of its
+  neighbours signed too (``secagg-inconsistent-survivors``); what it reveals it derives from
+  that set, so never both kinds of share for one site, and answers one unmask request.
+
+Every refusal is a ``SecAggRefused`` whose message starts with its code. The semi-honest mode
+(the site's operator must allow it) skips the signatures and the consistency stage.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from protocol.secagg_crypto import (InvalidShare, agree, decrypt, encrypt,
                                       generate_private_key, load_private, private_bytes,
                                       public_bytes, share_secret)
 from protocol.secagg_encoding import Encoding, encode
-from protocol.secagg_protocol import pairwise_sign
+from protocol.secagg_identity import Registry, sign
+from protocol.secagg_protocol import (Advert, advert_statement, graph_seed, majority,
+                                        neighbours, pairwise_sign, survivors_statement)
 
 
 class SecAggRefused(ValueError):
     """The site will not answer this request: it would break the protocol's guarantee."""
 
+    def __init__(self, code: str, reason: str):
+        self.code = code
+        super().__init__(f"{code}: {reason}")
+
+
+@dataclass(frozen=True)
+class SecAggPolicy:
+    """The site's own SecAgg+ settings (operator node config; the server cannot change them)."""
+    min_neighbours: int = 2           # refuse a graph that gives this site fewer neighbours
+    min_contributors: int = 3         # refuse rounds (and survivor sets) with fewer sites
+    allow_semi_honest: bool = False   # answer the unauthenticated protocol (trusts the server)
+
+    def __post_init__(self):
+        if self.min_neighbours < 2 or self.min_contributors < 3:
+            raise ValueError("secagg-min-neighbours >= 2 and secagg-min-contributors >= 3")
+
+
+@dataclass(frozen=True)
+class SiteIdentity:
+    """Who this site is to its peers: its registered id, its identity key, the registry."""
+    site: str
+    key: ec.EllipticCurvePrivateKey
+    registry: Registry
+
 
 @dataclass
 class SiteSecAgg:
-    me: int
+    me: int                           # this site's node id in the run
     round_: int
     encoding: Encoding
+    run: int = 0
+    identity: SiteIdentity | None = None      # None: the semi-honest protocol
+    policy: SecAggPolicy = field(default_factory=SecAggPolicy)
 
     def __post_init__(self):
         self._enc_key = generate_private_key()
         self._mask_key = generate_private_key()
         self._seed = os.urandom(32)
         self._neighbour_keys: dict[int, tuple[bytes, bytes]] = {}
+        self._participants: dict[int, str] = {}               # node -> registered site id
         self._held: dict[int, tuple[bytes, bytes]] = {}        # neighbour -> (seed, key) shares
         self._threshold = 0
+        self._masked = False
+        self._signed: list[int] | None = None
         self._answered = False
 
+    @property
+    def threshold(self) -> int:
+        """Shares needed (0 before the keys were shared)."""
+        return self._threshold
+
+    # ---- state between stages (the identity is reloaded from the node config each time)
     def to_state(self) -> dict:
         """Plain values (bytes, str, int lists) for the node's state between stages."""
         nodes = sorted(self._neighbour_keys)
         held = sorted(self._held)
-        return {"me": str(self.me), "round": self.round_,
+        return {"me": str(self.me), "round": self.round_, "run": str(self.run),
                 "encoding": [self.encoding.clip_range, float(self.encoding.max_sites),
                              float(self.encoding.max_weight)],
                 "enc-key": private_bytes(self._enc_key), "mask-key": private_bytes(self._mask_key),
                 "seed": self._seed, "threshold": self._threshold, "answered": self._answered,
+                "masked": self._masked, "signed": [str(j) for j in self._signed or []],
+                "has-signed": self._signed is not None,
                 "nodes": [str(j) for j in nodes],
                 "pk-enc": [self._neighbour_keys[j][0] for j in nodes],
                 "pk-mask": [self._neighbour_keys[j][1] for j in nodes],
+                "participants": [str(j) for j in self._participants],
+                "participant-sites": list(self._participants.values()),
                 "held": [str(j) for j in held], "held-seed": [self._held[j][0] for j in held],
                 "held-key": [self._held[j][1] for j in held]}
 
     @classmethod
-    def from_state(cls, state: dict) -> "SiteSecAgg":
+    def from_state(cls, state: dict, identity: SiteIdentity | None,
+                   policy: SecAggPolicy) -> "SiteSecAgg":
         clip, sites, weight = state["encoding"]
         site = cls(int(state["me"]), int(state["round"]),
-                   Encoding(clip_range=clip, max_sites=int(sites), max_weight=int(weight)))
+                   Encoding(clip_range=clip, max_sites=int(sites), max_weight=int(weight)),
+                   int(state["run"]), identity, policy)
         site._enc_key, site._mask_key = load_private(state["enc-key"]), \
             load_private(state["mask-key"])
         site._seed, site._threshold = state["seed"], int(state["threshold"])
-        site._answered = bool(state["answered"])
+        site._answered, site._masked = bool(state["answered"]), bool(state["masked"])
+        site._signed = [int(j) for j in state["signed"]] if state["has-signed"] else None
         site._neighbour_keys = {int(j): (e, m) for j, e, m in
                                 zip(state["nodes"], state["pk-enc"], state["pk-mask"])}
+        site._participants = {int(j): str(s) for j, s in zip(state["participants"],
+                                                              state["participant-sites"])}
         site._held = {int(j): (s, k) for j, s, k in
                       zip(state["held"], state["held-seed"], state["held-key"])}
         return site
 
-    # stage 0
-    def advertise(self) -> tuple[bytes, bytes]:
-        return public_bytes(self._enc_key), public_bytes(self._mask_key)
+    # ---- stage 0
+    def advertise(self) -> Advert:
+        advert = Advert(public_bytes(self._enc_key), public_bytes(self._mask_key),
+                        self.identity.site if self.identity else "")
+        if self.identity is None:
+            return advert
+        signature = sign(self.identity.key, advert_statement(self.run, self.round_, self.me,
+                                                             advert))
+        return Advert(advert.pk_enc, advert.pk_mask, advert.site, signature)
 
-    # stage 1
-    def share_keys(self, neighbours: dict[int, tuple[bytes, bytes]], threshold: int
-                   ) -> dict[int, bytes]:
-        if not 2 <= threshold <= len(neighbours):
-            raise SecAggRefused(f"threshold {threshold} is not in [2, {len(neighbours)} "
-                                "neighbours]")
-        self._neighbour_keys = {int(j): keys for j, keys in neighbours.items()}
+    # ---- stage 1
+    def share_keys(self, participants: dict[int, Advert], claimed: list[int], degree: int,
+                   threshold: int) -> dict[int, bytes]:
+        """Check the participants and the graph, then share both secrets with the neighbours
+        (once: shares of one secret under two polynomials would add up to more than ``t``)."""
+        if self._threshold:
+            raise SecAggRefused("secagg-stage", "this round's keys were already shared")
+        participants = {int(j): a for j, a in participants.items()}
+        self._check_participants(participants)
+        self._check_parameters(len(participants), degree, threshold)
+        seed = graph_seed(self.run, self.round_, {j: a.site for j, a in participants.items()})
+        mine = neighbours(sorted(participants), degree, seed)[self.me]
+        if sorted(int(j) for j in claimed) != mine:
+            raise SecAggRefused("secagg-neighbours", "the neighbour list the server sent is "
+                                "not the one the public seed gives; the server may not choose "
+                                "neighbours")
+        self._neighbour_keys = {j: (participants[j].pk_enc, participants[j].pk_mask)
+                                for j in mine}
+        self._participants = {j: a.site for j, a in participants.items()}
         self._threshold = threshold
-        order = sorted(self._neighbour_keys)
-        seed_shares = share_secret(self._seed, threshold=threshold, num=len(order))
+        seed_shares = share_secret(self._seed, threshold=threshold, num=len(mine))
         key_shares = share_secret(private_bytes(self._mask_key), threshold=threshold,
-                                  num=len(order))
+                                  num=len(mine))
         out = {}
-        for j, s_share, k_share in zip(order, seed_shares, key_shares):
+        for j, s_share, k_share in zip(mine, seed_shares, key_shares):
             key = agree(self._enc_key, self._neighbour_keys[j][0], purpose="encryption",
                         round_=self.round_, a=self.me, b=j)
             payload = len(s_share).to_bytes(4, "little") + s_share + k_share
             out[j] = encrypt(key, payload, sender=self.me, receiver=j, round_=self.round_)
         return out
 
-    # stage 2
+    def _check_participants(self, participants: dict[int, Advert]) -> None:
+        own = participants.get(self.me)
+        if own is None or (own.pk_enc, own.pk_mask) != (public_bytes(self._enc_key),
+                                                        public_bytes(self._mask_key)):
+            raise SecAggRefused("secagg-own-key-replaced", "the participant list does not "
+                                "carry this site's own round keys")
+        if self.identity is None:
+            return
+        sites = [a.site for a in participants.values()]
+        if len(set(sites)) != len(sites):
+            raise SecAggRefused("secagg-forged-key", "one registered site appears as several "
+                                "participants")
+        for j, advert in participants.items():
+            if not self.identity.registry.check(advert.site, advert.signature,
+                                                advert_statement(self.run, self.round_, j,
+                                                                 advert)):
+                raise SecAggRefused("secagg-forged-key", f"participant {j} presents round keys "
+                                    f"that registered site {advert.site!r} did not sign (or "
+                                    "that site is not on the registration list)")
+
+    def _check_parameters(self, n: int, degree: int, threshold: int) -> None:
+        p = self.policy
+        if n < p.min_contributors:
+            raise SecAggRefused("secagg-parameters", f"{n} participants; this site requires "
+                                f"at least {p.min_contributors} (secagg-min-contributors)")
+        if not p.min_neighbours <= degree <= n - 1:
+            raise SecAggRefused("secagg-parameters", f"degree {degree} is not in "
+                                f"[{p.min_neighbours} (secagg-min-neighbours), {n - 1}]")
+        if not majority(degree) <= threshold <= degree:
+            raise SecAggRefused("secagg-parameters", f"threshold {threshold} is not a strict "
+                                f"majority of {degree} neighbours (needs {majority(degree)}.."
+                                f"{degree})")
+
+    # ---- stage 2
     def masked_input(self, ciphertexts: dict[int, bytes], delta: np.ndarray,
                      num_examples: int) -> tuple[np.ndarray, int]:
-        """Decrypt and keep the shares sent to us, then encode and mask ``delta``."""
+        """Decrypt and keep the shares sent to us, then encode and mask ``delta``; refused
+        when fewer than ``t`` neighbours' shares arrived (the self mask alone would be left
+        to protect the update)."""
+        if self._masked or not self._threshold:
+            raise SecAggRefused("secagg-stage", "a masked input was already sent, or the keys "
+                                "were never shared this round")
         for sender, ct in ciphertexts.items():
             sender = int(sender)
             if sender not in self._neighbour_keys:
-                raise SecAggRefused(f"a share from {sender}, which is not a neighbour")
+                raise SecAggRefused("secagg-neighbours", f"a share from {sender}, which is not "
+                                    "a neighbour")
             key = agree(self._enc_key, self._neighbour_keys[sender][0], purpose="encryption",
                         round_=self.round_, a=self.me, b=sender)
             payload = decrypt(key, ct, sender=sender, receiver=self.me, round_=self.round_)
             size = int.from_bytes(payload[:4], "little")
             self._held[sender] = (payload[4:4 + size], payload[4 + size:])
+        if len(self._held) < self._threshold:
+            raise SecAggRefused("secagg-too-few-shares", f"shares from {len(self._held)} "
+                                f"neighbours, at least {self._threshold} needed - the update "
+                                "is not sent")
+        self._masked = True
         masks = [(self._seed, 1)]
         for j in self._held:                 # partners: neighbours that shared with us
             seed = agree(self._mask_key, self._neighbour_keys[j][1], purpose="mask",
@@ -115,20 +235,77 @@ class SiteSecAgg:
             masks.append((seed, pairwise_sign(self.me, j)))
         return encode(delta, num_examples, self.encoding, masks=masks)
 
-    # stage 3
-    def unmask(self, survived: list[int], dropped: list[int]) -> dict[str, dict[int, bytes]]:
-        survived, dropped = {int(j) for j in survived}, {int(j) for j in dropped}
+    # ---- stage 3
+    def sign_survivors(self, survivors: list[int]) -> bytes:
+        """Sign the one survivor set this site will ever unmask by."""
+        if self.identity is None:
+            raise SecAggRefused("secagg-stage", "no consistency stage in the semi-honest mode")
+        if self._signed is not None:
+            raise SecAggRefused("secagg-inconsistent-survivors", "this site already signed a "
+                                "survivor set this round")
+        survivors = self._check_survivors(survivors)
+        self._signed = survivors
+        return sign(self.identity.key, survivors_statement(self.run, self.round_, survivors))
+
+    def _check_survivors(self, survivors: list[int]) -> list[int]:
+        if not self._masked:
+            raise SecAggRefused("secagg-stage", "this site sent no masked input this round")
+        survivors = sorted({int(j) for j in survivors})
+        if set(survivors) - set(self._participants):
+            raise SecAggRefused("secagg-inconsistent-survivors", "the survivor set names sites "
+                                "that were not participants of this round")
+        if self.me not in survivors:
+            raise SecAggRefused("secagg-inconsistent-survivors", "a survivor set without this "
+                                "site; it reveals nothing for it")
+        if len(survivors) < self.policy.min_contributors:
+            raise SecAggRefused("secagg-parameters", f"{len(survivors)} survivors; this site "
+                                f"requires at least {self.policy.min_contributors}")
+        alive = [j for j in self._neighbour_keys if j in survivors]
+        if len(alive) < self._threshold:
+            raise SecAggRefused("secagg-too-few-shares", f"{len(alive)} of this site's "
+                                f"neighbours survived, at least {self._threshold} needed")
+        return survivors
+
+    # ---- stage 4
+    def unmask(self, survivors: list[int], signatures: dict[int, bytes] | None = None
+               ) -> dict[str, dict[int, bytes]]:
+        """Per neighbour that shared with us: its self-mask share if it survived, its
+        masking-key share if not - from the one survivor set at least ``t`` neighbours
+        signed."""
         if self._answered:
-            raise SecAggRefused("this round's unmask request was already answered")
-        if survived & dropped:
-            raise SecAggRefused(f"asked for both shares of {sorted(survived & dropped)}; "
-                                "that would unmask an individual update")
-        unknown = (survived | dropped) - set(self._held) - {self.me}
-        if unknown:
-            raise SecAggRefused(f"asked about {sorted(unknown)}, which shared nothing with us")
+            raise SecAggRefused("secagg-stage", "this round's unmask request was already "
+                                "answered")
+        survivors = self._check_survivors(survivors)
+        if self.identity is not None:
+            if survivors != self._signed:
+                raise SecAggRefused("secagg-inconsistent-survivors", "the survivor set differs "
+                                    "from the one this site signed (equivocation)")
+            self._check_signatures(survivors, signatures or {})
         self._answered = True
-        return {"seed": {j: self._held[j][0] for j in survived if j in self._held},
-                "key": {j: self._held[j][1] for j in dropped}}
+        alive = set(survivors)
+        return {"seed": {j: s for j, (s, _) in self._held.items() if j in alive},
+                "key": {j: k for j, (_, k) in self._held.items() if j not in alive}}
+
+    def _check_signatures(self, survivors: list[int], signatures: dict[int, bytes]) -> None:
+        """At least ``t`` of this site's neighbours and ``min_contributors`` participants in
+        all (each attesting it sent a masked input) signed exactly ``survivors``."""
+        message = survivors_statement(self.run, self.round_, survivors)
+        need = self.policy.min_contributors
+        neighbours_, everyone = 0, 0
+        # neighbours first: t of them are required, the rest only count toward the total
+        for j in sorted(signatures, key=lambda j: int(j) not in self._neighbour_keys):
+            if neighbours_ >= self._threshold and everyone >= need:
+                break                                   # enough valid ones verified
+            node, site = int(j), self._participants.get(int(j))
+            if node not in survivors or site is None or \
+                    not self.identity.registry.check(site, signatures[j], message):
+                continue
+            everyone += 1
+            neighbours_ += node in self._neighbour_keys
+        if neighbours_ < self._threshold or everyone < need:
+            raise SecAggRefused("secagg-inconsistent-survivors", f"{neighbours_} of this site's "
+                                f"neighbours ({self._threshold} needed) and {everyone} "
+                                f"participants ({need} needed) signed this survivor set")
 
 
-__all__ = ["SiteSecAgg", "SecAggRefused", "InvalidShare"]
+__all__ = ["SiteSecAgg", "SecAggRefused", "SecAggPolicy", "SiteIdentity", "InvalidShare"]

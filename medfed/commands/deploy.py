@@ -82,7 +82,10 @@ def site(args: argparse.Namespace) -> int:
         runtime_port=args.runtime_port, poll_interval=args.poll_interval,
         max_retries=args.max_retries,
         max_wait_time=args.max_wait_time, role=args.role, layout=args.layout,
-        foundation_dir=args.foundation_dir)
+        foundation_dir=args.foundation_dir,
+        secagg_peers=Path(args.secagg_peers).resolve() if args.secagg_peers else None,
+        secagg_min_neighbours=args.secagg_min_neighbours,
+        secagg_min_contributors=args.secagg_min_contributors)
     daemon = Site(settings)
     try:
         daemon.start()

@@ -88,6 +88,9 @@ class SiteSettings:
     layout: str = "brain_mri_4seq"     # the imaging layout preflight reads the data with;
                                        # declared in node config: the layout the site serves
     foundation_dir: str | None = None  # the site's own directory of pretrained encoders
+    secagg_peers: Path | None = None   # the federation's registration list (auth.pub lines)
+    secagg_min_neighbours: int = 2     # SecAgg+ floors this site enforces itself
+    secagg_min_contributors: int = 3
 
     @property
     def runtime_secret(self) -> Path:
@@ -113,6 +116,13 @@ def node_config(s: SiteSettings) -> dict[str, object]:
         config[wire.NODE_REQUIRE_SECAGG] = True
     if s.privacy_dir:
         config[wire.NODE_PRIVACY_DIR] = s.privacy_dir
+    if s.secagg_peers is not None:      # malicious-secure SecAgg+: sign with the site's key
+        config[wire.NODE_SECAGG_IDENTITY] = str(s.auth_key.resolve())
+        config[wire.NODE_SECAGG_PEERS] = str(s.secagg_peers.resolve())
+    if s.secagg_min_neighbours != 2:
+        config[wire.NODE_SECAGG_MIN_NEIGHBOURS] = int(s.secagg_min_neighbours)
+    if s.secagg_min_contributors != 3:
+        config[wire.NODE_SECAGG_MIN_CONTRIBUTORS] = int(s.secagg_min_contributors)
     if s.role not in wire.ROLES:
         raise DeployError(f"--role must be one of {', '.join(wire.ROLES)}, got {s.role!r}")
     if s.role != wire.ROLE_TRAIN:
@@ -124,6 +134,25 @@ def node_config(s: SiteSettings) -> dict[str, object]:
     if s.foundation_dir:
         config[wire.NODE_FOUNDATION_DIR] = str(Path(s.foundation_dir).resolve())
     return config
+
+
+def check_secagg_peers(site_id: str, auth_key: Path, peers: Path) -> None:
+    """The registration list parses and lists this site with this key (SecAgg+ peers
+    verify each other against it; see deploy/README.md, threat model)."""
+    from cryptography.hazmat.primitives import serialization
+
+    from protocol.secagg_identity import IdentityError, Registry
+
+    try:
+        registry = Registry.parse(peers.read_text())
+    except (OSError, IdentityError) as err:
+        raise DeployError(f"--secagg-peers {peers}: {err}") from None
+    key = serialization.load_ssh_private_key(auth_key.read_bytes(), None)
+    listed = registry.keys.get(site_id)
+    if listed is None or listed.public_numbers() != key.public_key().public_numbers():
+        raise DeployError(f"--secagg-peers {peers} does not list site {site_id!r} with the "
+                          "public half of --auth-key; peers would refuse this site's keys")
+    log.info("[%s] SecAgg+ registration list: %d sites", site_id, len(registry.keys))
 
 
 def node_config_arg(config: dict[str, object]) -> str:
@@ -206,6 +235,8 @@ class Site:
             raise DeployError(f"--poll-interval must be in (0, {FLOWER_IDLE_POLL:g}] seconds, "
                               f"got {s.poll_interval:g}")
         check_auth_key(s.auth_key)            # before touching data: a leaked key is worse
+        if s.secagg_peers is not None:        # a wrong list fails here, not mid-round
+            check_secagg_peers(s.site_id, s.auth_key, s.secagg_peers)
         if s.runtime_secret.exists() or s.runtime_secret.is_symlink():
             check_runtime_secret(s.runtime_secret)   # created by start() when missing
         from client.data.site import dicom_folder

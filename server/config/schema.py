@@ -111,6 +111,8 @@ class SecAggSettings:
     threshold: float = 0.5                # Shamir threshold: fraction of the degree, or an int
     clip_range: float = 0.5               # |update delta| per value; larger is clipped (counted)
     max_weight: int = 1000                # example counts above this are capped in the sum
+    authenticated: bool = True            # malicious-secure (signed keys, consistency stage);
+                                          # false: semi-honest, only sites that allow it answer
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from protocol.secagg_crypto import (InvalidShare, agree, decrypt, encrypt, expan
                                       share_secret)
 from protocol.secagg_encoding import Encoding, decode, encode
 from protocol.secagg_protocol import SecAggConfig, SecAggError, ServerRound, neighbours
+from tests.strategies.secagg_sites import RUN, finish, make_sites, share_keys
 
 ENC = Encoding(clip_range=0.5, max_sites=10, max_weight=1000)
 
@@ -78,9 +79,11 @@ def test_no_overflow_at_the_extremes():
 
 def test_neighbour_graph_is_regular_and_symmetric():
     ids = list(range(100, 120))
-    graph = neighbours(ids, 6, np.random.default_rng(0))
+    graph = neighbours(ids, 6, b"seed")
     assert all(len(v) == 6 for v in graph.values())
     assert all(i in graph[j] for i, v in graph.items() for j in v)
+    assert graph == neighbours(list(reversed(ids)), 6, b"seed")      # the seed decides
+    assert graph != neighbours(ids, 6, b"other seed")
 
 
 def run_round(n_sites: int, *, drop_after_shares=(), drop_before_shares=(), config=None,
@@ -90,17 +93,12 @@ def run_round(n_sites: int, *, drop_after_shares=(), drop_before_shares=(), conf
     deltas = {i: rng.normal(0, 0.02, length).astype(np.float32) for i in ids}
     counts = {i: int(rng.integers(5, 300)) for i in ids}
     config = config or SecAggConfig(encoding=ENC)
-    server = ServerRound(7, ids, config, length + 1, rng=np.random.default_rng(seed))
-    sites = {i: SiteSecAgg(i, 7, ENC) for i in ids}
-    requests = server.accept_keys({i: s.advertise() for i, s in sites.items()})
-    shares = {i: sites[i].share_keys(r["neighbours"], r["threshold"])
-              for i, r in requests.items() if i not in drop_before_shares}
-    held = server.accept_shares(shares)
+    server = ServerRound(7, ids, config, length + 1, run=RUN)
+    sites = make_sites(ids, 7, ENC, authenticated=config.authenticated)
+    held = share_keys(server, sites, skip=drop_before_shares)
     masked = {i: sites[i].masked_input(cts, deltas[i], counts[i])
               for i, cts in held.items() if i not in drop_after_shares}
-    unmask = server.accept_masked(masked)
-    replies = {i: sites[i].unmask(r["survived"], r["dropped"]) for i, r in unmask.items()}
-    average, weight = server.unmask(replies)
+    (average, weight), _ = finish(server, sites, masked)
     alive = [i for i in ids if i in masked]
     ref = sum(counts[i] * deltas[i].astype(np.float64) for i in alive) / sum(counts[i]
                                                                               for i in alive)
@@ -120,7 +118,8 @@ def test_one_of_five_dropped_after_masked_keys_equals_survivors_average():
 
 
 def test_dropped_before_sharing_and_after_sharing_together():
-    average, ref, *_ = run_round(8, drop_before_shares=(22,), drop_after_shares=(55, 66))
+    # 10 sites: degree 8, threshold 5 - three dropouts leave every site 5 live neighbours
+    average, ref, *_ = run_round(10, drop_before_shares=(22,), drop_after_shares=(55, 66))
     assert np.abs(average - ref).max() <= ENC.resolution
 
 
@@ -133,19 +132,19 @@ def test_server_never_holds_an_unmasked_individual_update():
         assert abs(vector.astype(np.float64).mean() / 2**32 - 0.5) < 0.05
 
 
-def test_site_refuses_a_both_shares_request():
-    rng = np.random.default_rng(0)
-    ids = [1, 2, 3, 4]
-    server = ServerRound(1, ids, SecAggConfig(encoding=ENC), 11, rng=rng)
-    sites = {i: SiteSecAgg(i, 1, ENC) for i in ids}
-    req = server.accept_keys({i: s.advertise() for i, s in sites.items()})
-    held = server.accept_shares({i: sites[i].share_keys(r["neighbours"], r["threshold"])
-                                 for i, r in req.items()})
-    for i, cts in held.items():
-        sites[i].masked_input(cts, np.zeros(10), 1)
-    victim = server.graph[1][0]
-    with pytest.raises(SecAggRefused, match="both shares"):
-        sites[1].unmask([victim], [victim])
+def test_a_site_reveals_one_kind_of_share_per_neighbour_from_one_survivor_set():
+    ids = [1, 2, 3, 4, 5]
+    server = ServerRound(1, ids, SecAggConfig(encoding=ENC), 11, run=RUN)
+    sites = make_sites(ids, 1, ENC)
+    held = share_keys(server, sites)
+    masked = {i: sites[i].masked_input(cts, np.zeros(10), 1) for i, cts in held.items()
+              if i != 5}
+    requests = server.accept_masked(masked)
+    signatures = {i: sites[i].sign_survivors(r["survivors"]) for i, r in requests.items()}
+    shares = sites[1].unmask([1, 2, 3, 4], signatures)
+    assert set(shares["seed"]) == {2, 3, 4} and set(shares["key"]) == {5}
+    with pytest.raises(SecAggRefused, match="already answered"):
+        sites[1].unmask([1, 2, 3, 4], signatures)
 
 
 def test_too_few_sites_or_bad_threshold_fail_clearly():
@@ -160,20 +159,17 @@ def test_too_few_sites_or_bad_threshold_fail_clearly():
 
 
 def test_wrong_length_or_replayed_input_is_excluded(caplog):
-    rng = np.random.default_rng(0)
     ids = [1, 2, 3, 4, 5]
-    server = ServerRound(2, ids, SecAggConfig(encoding=ENC), 11, rng=rng)
-    sites = {i: SiteSecAgg(i, 2, ENC) for i in ids}
-    req = server.accept_keys({i: s.advertise() for i, s in sites.items()})
-    held = server.accept_shares({i: sites[i].share_keys(r["neighbours"], r["threshold"])
-                                 for i, r in req.items()})
+    server = ServerRound(2, ids, SecAggConfig(encoding=ENC), 11, run=RUN)
+    sites = make_sites(ids, 2, ENC)
+    held = share_keys(server, sites)
     masked = {i: sites[i].masked_input(cts, np.zeros(10), 1) for i, cts in held.items()}
     masked[5] = (np.zeros(12, np.uint32), 0)
     unmask = server.accept_masked(masked)
     assert 5 not in unmask and "expected (11,)" in caplog.text
     # a share replayed into another round does not decrypt
     other = SiteSecAgg(1, 3, ENC)
-    other._neighbour_keys = sites[1]._neighbour_keys
+    other._neighbour_keys, other._threshold = sites[1]._neighbour_keys, sites[1].threshold
     other._enc_key = sites[1]._enc_key
     with pytest.raises(InvalidShare):
         other.masked_input(held[1], np.zeros(10), 1)
@@ -280,15 +276,15 @@ def _round_until_unmask(n_sites=6, length=501, seed=9):
     rng = np.random.default_rng(seed)
     ids = list(range(1, n_sites + 1))
     deltas = {i: rng.normal(0, 0.02, length).astype(np.float32) for i in ids}
-    server = ServerRound(4, ids, SecAggConfig(encoding=ENC, degree=4, threshold=2), length + 1,
-                         rng=np.random.default_rng(seed))
-    sites = {i: SiteSecAgg(i, 4, ENC) for i in ids}
-    req = server.accept_keys({i: s.advertise() for i, s in sites.items()})
-    held = server.accept_shares({i: sites[i].share_keys(r["neighbours"], r["threshold"])
-                                 for i, r in req.items()})
+    server = ServerRound(4, ids, SecAggConfig(encoding=ENC, degree=4, threshold=3), length + 1,
+                         run=RUN)
+    sites = make_sites(ids, 4, ENC)
+    held = share_keys(server, sites)
     masked = {i: sites[i].masked_input(cts, deltas[i], 10) for i, cts in held.items()}
-    unmask = server.accept_masked(masked)
-    replies = {i: sites[i].unmask(r["survived"], r["dropped"]) for i, r in unmask.items()}
+    requests = server.accept_masked(masked)
+    requests = server.accept_signatures({i: sites[i].sign_survivors(r["survivors"])
+                                         for i, r in requests.items()})
+    replies = {i: sites[i].unmask(r["survivors"], r["signatures"]) for i, r in requests.items()}
     return server, replies, deltas
 
 
@@ -309,7 +305,7 @@ def test_a_malformed_share_is_ignored_with_a_log_line(caplog):
     sender = next(iter(replies))
     victim = next(iter(replies[sender]["seed"]))
     replies[sender]["seed"][victim] = b"\x00" * 12
-    average, _ = server.unmask(replies)             # degree 4 > threshold 2: enough remain
+    average, _ = server.unmask(replies)             # degree 4 > threshold 3: enough remain
     assert f"site {sender} sent a malformed seed share of site {victim}" in caplog.text
     reference = sum(deltas[i].astype(np.float64) for i in deltas) / len(deltas)
     assert np.abs(average - reference).max() <= ENC.resolution

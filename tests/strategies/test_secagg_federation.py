@@ -33,19 +33,20 @@ def test_secure_aggregate_matches_plaintext_fedavg(three_sites, tmp_path):
     for key in plain:
         np.testing.assert_allclose(secure[key], plain[key], rtol=0, atol=1 / scale + 1e-6,
                                    err_msg=key)
-    stages = {"setup": 0, "share-keys": 0, "masked": 0, "unmask": 0}
+    stages = {"setup": 0, "share-keys": 0, "masked": 0, "consistency": 0, "unmask": 0}
     for path in (tmp_path / "egress").glob("*.json"):
         summary = json.loads(path.read_text())
         records = summary.get("records", {})
         if "secagg" in records:
             keys = set(records["secagg"])
             stage = ("setup" if "secagg-pk-enc" in keys and "secagg-nodes" not in keys else
-                     "share-keys" if "secagg-ciphertexts" in keys else "unmask")
+                     "share-keys" if "secagg-ciphertexts" in keys else
+                     "consistency" if keys == {"secagg-signature"} else "unmask")
             stages[stage] += 1
         elif summary["message_type"] == "train":
             assert list(records["arrays"]) == ["secagg-masked"], records["arrays"]
             stages["masked"] += 1
-    assert stages == {"setup": 3, "share-keys": 3, "masked": 3, "unmask": 3}
+    assert stages == {"setup": 3, "share-keys": 3, "masked": 3, "consistency": 3, "unmask": 3}
 
 
 def test_secagg_refuses_strategies_that_need_individual_updates(three_sites):

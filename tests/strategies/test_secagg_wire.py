@@ -1,0 +1,129 @@
+"""SecAgg+ over real Flower messages, in process: ``SecAggPlus`` (server) drives the site's
+``secagg_mod`` behind the site's error mod, through a stand-in grid that can tamper with what
+it relays. Fast; the multi-process simulation is in test_secagg_federation.py."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg
+
+from client.mods.errors import generic_errors_mod
+from client.mods.secagg import secagg_mod
+from protocol import wire
+from protocol.arrays import view
+from protocol.secagg_encoding import Encoding
+from protocol.secagg_protocol import SecAggConfig, SecAggError
+from strategies.secagg import SecAggPlus
+from tests.strategies.rounds import arrays
+
+pytestmark = pytest.mark.usefixtures("task_identity")
+
+ENC = Encoding(clip_range=0.5, max_sites=10, max_weight=1000)
+RUN = 1                 # the task_identity fixture's run
+START = {"w": np.zeros(6, np.float32)}
+
+
+def step(node: int) -> np.ndarray:
+    return np.linspace(-0.1, 0.1, 6).astype(np.float32) * (node % 7 + 1) / 10
+
+
+class SiteGrid:
+    """Nodes 1..n are simulated partitions 0..n-1 running the site's mods; ``tamper(stage,
+    message)`` may rewrite what the coordinator relays; ``offline`` maps node -> stage."""
+
+    def __init__(self, n: int, *, node_config=None, tamper=None, offline=None):
+        self.nodes = list(range(1, n + 1))
+        self.run = SimpleNamespace(run_id=RUN)
+        self.contexts = {i: Context(run_id=RUN, node_id=i, node_config={
+            "partition-id": i - 1, "num-partitions": n} | (node_config or {}),
+            state=RecordDict(), run_config={}) for i in self.nodes}
+        self.tamper, self.offline = tamper, offline or {}
+        self.errors: list[str] = []
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+    def deliver(self, msg: Message) -> Message | None:
+        node = msg.metadata.dst_node_id
+        request = msg.content.config_records.get(wire.SECAGG)
+        stage = (request or msg.content.config_records.get(wire.CONFIG, {})).get(
+            wire.SECAGG_STAGE)
+        if self.offline.get(node) == stage:
+            return None
+        if self.tamper:
+            msg = self.tamper(stage, msg)
+
+        def train(m, context):
+            update = {k: view(a) + step(node) for k, a in m.content[wire.ARRAYS].items()}
+            return Message(RecordDict({wire.ARRAYS: arrays(update), wire.METRICS: MetricRecord(
+                {wire.NUM_EXAMPLES: 10})}), reply_to=m)
+        try:
+            return generic_errors_mod(msg, self.contexts[node],
+                                      lambda m, c: secagg_mod(m, c, train))
+        except Exception as err:        # what Flower turns a ClientApp exception into
+            self.errors.append(str(err))
+            return Message(Error(code=0, reason=str(err)), reply_to=msg)
+
+    def send_and_receive(self, messages, timeout):
+        return [r for r in map(self.deliver, messages) if r is not None]
+
+
+def secure_round(grid: SiteGrid, **config):
+    inner = FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=3,
+                   min_available_nodes=3, arrayrecord_key=wire.ARRAYS,
+                   configrecord_key=wire.CONFIG)
+    strategy = SecAggPlus(inner, SecAggConfig(encoding=ENC, **config))
+    sent = list(strategy.configure_train(1, arrays(START), ConfigRecord(), grid))
+    replies = [r for r in map(grid.deliver, sent) if r is not None]
+    new, _ = strategy.aggregate_train(1, replies)
+    return view(new["w"])
+
+
+def test_honest_round_with_a_dropout_equals_the_survivors_average():
+    grid = SiteGrid(6, offline={4: wire.SECAGG_MASKED})
+    average = secure_round(grid)
+    expected = np.mean([step(i) for i in grid.nodes if i != 4], axis=0)
+    assert np.abs(average - expected).max() <= ENC.resolution
+    assert not grid.errors
+
+
+def test_a_relay_swapping_one_key_is_refused_by_every_peer_in_one_line():
+    def swap(stage, msg):
+        if stage == wire.SECAGG_SHARE:
+            request = msg.content.config_records[wire.SECAGG]
+            keys = list(request[wire.SECAGG_PK_ENC])
+            keys[list(request[wire.SECAGG_NODES]).index("2")] = bytes(31) + b"\x09"
+            request[wire.SECAGG_PK_ENC] = keys
+        return msg
+
+    grid = SiteGrid(5, tamper=swap)
+    with pytest.raises(SecAggError, match="shared their keys"):
+        secure_round(grid)
+    assert len(grid.errors) == 5 and all("\n" not in e for e in grid.errors)
+    assert sorted(e.split(": ")[1] for e in grid.errors) == ["secagg-forged-key"] * 4 + [
+        "secagg-own-key-replaced"]                      # node 2 sees its own key replaced
+    assert sum("participant 2 presents" in e for e in grid.errors) == 4
+
+
+def test_semi_honest_mode_only_where_the_site_allows_it():
+    grid = SiteGrid(4)
+    with pytest.raises(SecAggError):
+        secure_round(grid, authenticated=False)
+    assert grid.errors and all(e.startswith("site-policy: secagg-semi-honest: ")
+                               for e in grid.errors)
+    grid = SiteGrid(4, node_config={wire.NODE_SECAGG_SEMI_HONEST: True})
+    average = secure_round(grid, authenticated=False)
+    expected = np.mean([step(i) for i in grid.nodes], axis=0)
+    assert np.abs(average - expected).max() <= ENC.resolution
+
+
+def test_a_site_floor_on_contributors_is_the_sites_not_the_servers():
+    grid = SiteGrid(4, node_config={wire.NODE_SECAGG_MIN_CONTRIBUTORS: 5})
+    with pytest.raises(SecAggError):
+        secure_round(grid)
+    assert grid.errors and all(e.startswith("site-policy: secagg-parameters: 4 participants")
+                               for e in grid.errors)

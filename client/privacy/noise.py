@@ -144,3 +144,29 @@ class GaussianNoise:
         gen.manual_seed(int.from_bytes(os.urandom(8), "little"))
         z = torch.randn((4, n), generator=gen, device=device, dtype=torch.float32)
         return z.sum(0) * (std / 2)
+
+
+class SkellamNoise:
+    """Integer ``Skellam(variance)`` noise: ``Poisson(variance / 2) - Poisson(variance / 2)``,
+    the share a site adds before masking (``protocol.skellam``).
+
+    The Poisson draws come from NumPy's Generator on an AES-128-CTR bit generator keyed from
+    ``os.urandom`` (PTRS transformed rejection, Hoermann 1993, for the large means used here:
+    exact up to float64 rounding of its acceptance test). ``secure=False``: a seeded PCG64
+    (tests and benchmarks that must be reproducible).
+    """
+
+    def __init__(self, *, secure: bool = True, seed: int = 0):
+        if secure:
+            from randomgen import AESCounter
+            self._rng = np.random.Generator(AESCounter(key=int.from_bytes(os.urandom(16),
+                                                                          "little")))
+        else:
+            self._rng = np.random.default_rng(seed)
+
+    def sample(self, variance: float, n: int) -> np.ndarray:
+        """``n`` i.i.d. Skellam values (int64) of the given variance."""
+        if variance <= 0:
+            raise ValueError(f"Skellam variance must be > 0, got {variance}")
+        half = variance / 2
+        return self._rng.poisson(half, n) - self._rng.poisson(half, n)

@@ -40,6 +40,13 @@ def validate_privacy(cfg: ExperimentConfig) -> None:
         raise ConfigError("privacy.mechanism=site-dp needs every site's update in every round "
                           "(the noise is calibrated to the number of sites): set "
                           f"strategy.min_train_sites={cfg.federation.num_sites}")
+    if p.noise == wire.DP_NOISE_DISTRIBUTED and not cfg.secagg.enabled:
+        raise ConfigError("privacy.noise=distributed: each site adds its noise share inside "
+                          "secure aggregation, which is off; set secagg.enabled=true (or "
+                          "privacy.noise=server to trust the server with the noise)")
+    if p.min_contributors is not None and p.min_contributors > cfg.federation.num_sites:
+        raise ConfigError(f"privacy.min_contributors={p.min_contributors} > num_sites="
+                          f"{cfg.federation.num_sites}: no round could ever be unmasked")
     if p.delta >= 1.0 / cfg.federation.num_sites:
         raise ConfigError(f"privacy.delta={p.delta:g} >= 1/num_sites: a site-level guarantee "
                           "that weak allows publishing one site's update")

@@ -21,6 +21,7 @@ from protocol import wire
 from protocol.arrays import flat_delta
 from protocol.secagg_encoding import Encoding
 
+from ..privacy.ddp import check_unmask, masked_stage_noise
 from ..privacy.secagg import SecAggRefused, SiteSecAgg
 
 log = logging.getLogger(__name__)
@@ -87,13 +88,16 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
         if capped:
             log.warning("secagg: %d training examples counted as %d (secagg.max_weight)",
                         weight, site.encoding.max_weight)
-        vector, clipped = site.masked_input(received, delta, weight)
+        noise, sampler = masked_stage_noise(context, config)    # distributed DP, if asked
+        vector, clipped = site.masked_input(received, delta, weight, noise=noise,
+                                            sampler=sampler)
         _save(context, site)
         reply.content[wire.ARRAYS] = ArrayRecord({wire.SECAGG_MASKED_ARRAY: Array(vector)})
         reply.content[wire.METRICS] = MetricRecord(dict(metrics) | {
             wire.SECAGG_CLIPPED: clipped, wire.SECAGG_WEIGHT_CAPPED: capped})
         return reply
     if stage == wire.SECAGG_UNMASK:
+        check_unmask(context, list(request[wire.SECAGG_SURVIVED]))   # distributed DP's floor
         shares = site.unmask([int(j) for j in request[wire.SECAGG_SURVIVED]],
                              [int(j) for j in request[wire.SECAGG_DROPPED]])
         del context.state[wire.SECAGG_STATE]

@@ -97,8 +97,9 @@ class SiteSecAgg:
 
     # stage 2
     def masked_input(self, ciphertexts: dict[int, bytes], delta: np.ndarray,
-                     num_examples: int) -> tuple[np.ndarray, int]:
-        """Decrypt and keep the shares sent to us, then encode and mask ``delta``."""
+                     num_examples: int, *, noise=None, sampler=None) -> tuple[np.ndarray, int]:
+        """Decrypt and keep the shares sent to us, then encode and mask ``delta`` (with a
+        distributed-DP ``noise`` share added before the masks: ``client.privacy.ddp``)."""
         for sender, ct in ciphertexts.items():
             sender = int(sender)
             if sender not in self._neighbour_keys:
@@ -113,7 +114,8 @@ class SiteSecAgg:
             seed = agree(self._mask_key, self._neighbour_keys[j][1], purpose="mask",
                          round_=self.round_, a=self.me, b=j)
             masks.append((seed, pairwise_sign(self.me, j)))
-        return encode(delta, num_examples, self.encoding, masks=masks)
+        return encode(delta, num_examples, self.encoding, masks=masks, noise=noise,
+                      sampler=sampler)
 
     # stage 3
     def unmask(self, survived: list[int], dropped: list[int]) -> dict[str, dict[int, bytes]]:

@@ -8,6 +8,12 @@ add ``Skellam(V / m)`` from the site's CSPRNG (``noise.SkellamNoise``), then mas
 site's own computation from the encoding's scale and the update's size
 (``protocol.skellam.share_variance``); no noise level is ever taken from the server.
 
+Replays: the share's CSPRNG key is kept per server round (the last ``KEEP_KEYS``), so a train
+request the server repeats is masked with the *same* noise (the handler answers a replay with
+its cached update); fresh noise on each copy would let the server average a site's share away.
+The keys live in the node's state: a site process restarted between a round and its replay
+draws fresh noise (the cached replies survive on disk; their noise keys do not).
+
 Dropouts: the share assumes only ``m`` contributors, so at the unmask stage the site refuses
 to reveal anything for a sum it cannot count at least ``m`` contributors in: itself and the
 neighbours the request says survived. (Under SecAgg+ a site sees only its neighbours; the
@@ -19,6 +25,7 @@ set's size.)
 from __future__ import annotations
 
 import logging
+import os
 
 import numpy as np
 from flwr.app import ConfigRecord, Context
@@ -32,7 +39,8 @@ from .noise import SkellamNoise
 log = logging.getLogger(__name__)
 
 STATE = "medfed.ddp"                 # node state between the masked and the unmask stage
-_MIN_CONTRIBUTORS = "min-contributors"
+_MIN_CONTRIBUTORS, _ROUNDS, _KEYS = "min-contributors", "rounds", "noise-keys"
+KEEP_KEYS = 16                       # rounds whose noise key a site keeps (>= its cached replies)
 
 
 class DistributedDPRefused(ValueError):
@@ -49,27 +57,35 @@ def round_share(config: ConfigRecord) -> NoiseShare | None:
                       min_contributors=p.min_contributors or 1)   # unset: this site alone
 
 
-def masked_stage_noise(context: Context, config: ConfigRecord, *,
-                       sampler: SkellamNoise | None = None
+def masked_stage_noise(context: Context, config: ConfigRecord
                        ) -> tuple[NoiseShare | None, callable | None]:
-    """``(share, sampler)`` for ``encode`` at the masked stage; remembers ``m`` for unmask."""
+    """``(share, sampler)`` for ``encode`` at the masked stage; remembers ``m`` for unmask
+    and the round's noise key (a replay of a recent round draws the same noise)."""
     share = round_share(config)
-    context.state.pop(STATE, None)
+    saved = dict(context.state[STATE]) if STATE in context.state else {}
+    saved.pop(_MIN_CONTRIBUTORS, None)
     if share is None:
+        context.state[STATE] = ConfigRecord(saved)
         return None, None
-    context.state[STATE] = ConfigRecord({_MIN_CONTRIBUTORS: share.min_contributors})
+    round_ = int(config.get(wire.SERVER_ROUND, 0))
+    keys = dict(zip(saved.get(_ROUNDS, []), saved.get(_KEYS, [])))
+    key = keys.get(round_) or os.urandom(16)
+    keys = dict(list((keys | {round_: key}).items())[-KEEP_KEYS:])
+    context.state[STATE] = ConfigRecord({_MIN_CONTRIBUTORS: share.min_contributors,
+                                         _ROUNDS: list(keys), _KEYS: list(keys.values())})
     log.info("distributed DP: adding a Skellam share for sigma %.3g, clip %.3g, assuming %d "
              "contributors", share.noise_multiplier, share.clip_norm, share.min_contributors)
-    return share, (sampler or SkellamNoise()).sample
+    return share, SkellamNoise(key=key).sample
 
 
 def check_unmask(context: Context, survived: list) -> None:
     """Refuse to unmask a sum of fewer contributors than this round's share assumed."""
-    if STATE not in context.state:
+    if STATE not in context.state or _MIN_CONTRIBUTORS not in context.state[STATE]:
         return
-    needed = int(context.state[STATE][_MIN_CONTRIBUTORS])
+    saved = dict(context.state[STATE])
+    needed = int(saved.pop(_MIN_CONTRIBUTORS))
     counted = 1 + len({str(j) for j in survived})          # this site and its survivors
-    del context.state[STATE]
+    context.state[STATE] = ConfigRecord(saved)              # the noise keys stay
     if counted < needed:
         raise DistributedDPRefused(
             f"asked to unmask a sum of {counted} contributors this site can count; its noise "

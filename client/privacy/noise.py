@@ -152,15 +152,16 @@ class SkellamNoise:
 
     The Poisson draws come from NumPy's Generator on an AES-128-CTR bit generator keyed from
     ``os.urandom`` (PTRS transformed rejection, Hoermann 1993, for the large means used here:
-    exact up to float64 rounding of its acceptance test). ``secure=False``: a seeded PCG64
-    (tests and benchmarks that must be reproducible).
+    exact up to float64 rounding of its acceptance test). ``key`` (16 bytes, secret): the
+    stream of that AES key, so a site can redraw a round's share bit for bit. ``secure=False``:
+    a seeded PCG64 (tests and benchmarks that must be reproducible).
     """
 
-    def __init__(self, *, secure: bool = True, seed: int = 0):
+    def __init__(self, *, secure: bool = True, seed: int = 0, key: bytes | None = None):
         if secure:
             from randomgen import AESCounter
-            self._rng = np.random.Generator(AESCounter(key=int.from_bytes(os.urandom(16),
-                                                                          "little")))
+            key = key or os.urandom(16)        # a given key: the same stream again (replays)
+            self._rng = np.random.Generator(AESCounter(key=int.from_bytes(key, "little")))
         else:
             self._rng = np.random.default_rng(seed)
 

@@ -92,10 +92,27 @@ def test_the_site_refuses_to_unmask_a_sum_smaller_than_its_share_assumed():
     context = _context()
     ddp.masked_stage_noise(context, _job_config(_site_dp(m=3)))
     ddp.check_unmask(context, ["7", "9"])                 # 3 contributors: fine
-    assert ddp.STATE not in context.state
+    ddp.check_unmask(context, ["7"])                      # the floor is checked once per round
     context = _context()                                  # no distributed round: no floor
     ddp.masked_stage_noise(context, _job_config(PrivacySpec()))
     ddp.check_unmask(context, [])
+
+
+def test_a_replayed_round_draws_the_same_noise_and_a_new_round_fresh_noise():
+    """The handler answers a repeated train request with its cached update; fresh noise on
+    each copy would let the server average this site's share away - also after unmasking."""
+    context = _context()
+
+    def draw(server_round):
+        config = _job_config(_site_dp(m=3))
+        config[wire.SERVER_ROUND] = server_round
+        return ddp.masked_stage_noise(context, config)[1](1e12, 1000)
+
+    first = draw(4)
+    assert np.array_equal(first, draw(4))                 # replayed within the round
+    ddp.check_unmask(context, ["7", "9"])                 # the round is unmasked
+    assert np.array_equal(first, draw(4))                 # and replayed again afterwards
+    assert not np.array_equal(first, draw(5))             # the next round: fresh noise
 
 
 def _secure_round(share: NoiseShare, *, sites=5, drop=(), length=20_000, skip=()):

@@ -42,6 +42,8 @@ class SitePolicy:
         What the site's ledger has spent, composed at its ``delta``, rounded up to 0.01.
     max_run_epsilon, min_noise_multiplier : float, optional
         The operator's per-run cap and noise floor (node config), None when unset.
+    trust_server : bool
+        The site accepts site-level DP whose noise the server adds (``dp-trust-server``).
     """
     site_id: str
     role: str = wire.ROLE_TRAIN
@@ -52,6 +54,7 @@ class SitePolicy:
     epsilon_spent: float = 0.0
     max_run_epsilon: float | None = None
     min_noise_multiplier: float | None = None
+    trust_server: bool = False
 
     @property
     def has_budget(self) -> bool:
@@ -65,6 +68,7 @@ class SitePolicy:
         record = ConfigRecord({wire.SITE_ID: self.site_id, wire.NODE_ROLE: self.role,
                                wire.NODE_REQUIRE_DP: self.require_dp,
                                wire.NODE_REQUIRE_SECAGG: self.require_secagg,
+                               wire.NODE_DP_TRUST_SERVER: self.trust_server,
                                wire.POLICY_HAS_BUDGET: self.has_budget,
                                wire.POLICY_EPSILON_SPENT: math.ceil(self.epsilon_spent * 100)
                                / 100})
@@ -105,6 +109,7 @@ class SitePolicy:
         return cls(site_id=get(wire.SITE_ID, str, ""), role=role,
                    require_dp=get(wire.NODE_REQUIRE_DP, bool, False),
                    require_secagg=get(wire.NODE_REQUIRE_SECAGG, bool, False),
+                   trust_server=get(wire.NODE_DP_TRUST_SERVER, bool, False),
                    epsilon_spent=spent, **numbers)
 
 

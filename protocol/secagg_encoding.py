@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .secagg_crypto import CHUNK, MaskSum, Words, keystream
-from .skellam import NoiseShare, noise_headroom_sites
+from .skellam import NoiseShare, exact_scale, noise_headroom_sites
 
 MODULUS_BITS = 32
 _HALF = 1 << (MODULUS_BITS - 1)
@@ -104,17 +104,24 @@ class _Pieces:
 
 
 def noisy_encoding(*, clip_range: float, max_sites: int, share: NoiseShare) -> Encoding:
-    """The encoding of a distributed-DP round: unit weights, and room for ``max_sites``
-    updates plus the noise of ``max_sites`` shares (``protocol.skellam`` states the bound)."""
+    """The encoding of a distributed-DP round: unit weights, room for ``max_sites`` updates
+    plus the noise of ``max_sites`` shares (``protocol.skellam`` states the bound), and a
+    scale no finer than a single exact Poisson draw per value allows (``exact_scale``)."""
     if clip_range < share.clip_norm:
         raise ValueError(f"clip_range {clip_range:g} < clip_norm {share.clip_norm:g}: the "
                          "encoding would clip values of a norm-clipped update")
+    # summands that bring the scale down to exact_scale: ((2^31 - 1) / M - 1) / r <= s
+    coarse = math.ceil((_HALF - 1) / (exact_scale(share) * clip_range + 1))
+
+    def summands(h: int) -> int:
+        return max(max_sites + h, coarse)
+
     headroom = noise_headroom_sites(
         noise_multiplier=share.noise_multiplier, clip_norm=share.clip_norm,
         clip_range=clip_range, max_sites=max_sites, min_contributors=share.min_contributors,
-        scale_for=lambda h: Encoding(clip_range=clip_range, max_sites=max_sites + h,
+        scale_for=lambda h: Encoding(clip_range=clip_range, max_sites=summands(h),
                                      max_weight=1).scale)
-    return Encoding(clip_range=clip_range, max_sites=max_sites + headroom, max_weight=1)
+    return Encoding(clip_range=clip_range, max_sites=summands(headroom), max_weight=1)
 
 
 def clip_l2(x: np.ndarray, clip_norm: float) -> np.ndarray:

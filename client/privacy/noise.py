@@ -146,6 +146,9 @@ class GaussianNoise:
         return z.sum(0) * (std / 2)
 
 
+MAX_SPLIT = 16                             # Skellam draws per value a site accepts
+
+
 class SkellamNoise:
     """Integer ``Skellam(variance)`` noise: ``Poisson(variance / 2) - Poisson(variance / 2)``,
     the share a site adds before masking (``protocol.skellam``).
@@ -166,8 +169,21 @@ class SkellamNoise:
             self._rng = np.random.default_rng(seed)
 
     def sample(self, variance: float, n: int) -> np.ndarray:
-        """``n`` i.i.d. Skellam values (int64) of the given variance."""
-        if variance <= 0:
+        """``n`` i.i.d. Skellam values (int64) of the given variance: one draw pair when the
+        Poisson means stay <= ``POISSON_EXACT_MAX``, else the exact sum of ``k`` smaller
+        Skellams (Skellams add), refused beyond ``MAX_SPLIT`` (an encoding that fine is a
+        misconfigured - or hostile - server's, and would cost the site k-fold)."""
+        from protocol.skellam import POISSON_EXACT_MAX
+
+        if not variance > 0:
             raise ValueError(f"Skellam variance must be > 0, got {variance}")
-        half = variance / 2
-        return self._rng.poisson(half, n) - self._rng.poisson(half, n)
+        k = math.ceil(variance / (2 * POISSON_EXACT_MAX))
+        if k > MAX_SPLIT:
+            raise ValueError(f"a Skellam share of variance {variance:.3g} needs {k} draws per "
+                             f"value (> {MAX_SPLIT}): the encoding's scale is too fine for "
+                             "exact noise; refusing")
+        half = variance / (2 * k)
+        out = self._rng.poisson(half, n) - self._rng.poisson(half, n)
+        for _ in range(k - 1):
+            out += self._rng.poisson(half, n) - self._rng.poisson(half, n)
+        return out

@@ -13,7 +13,9 @@ from scipy.special import logsumexp
 from client.privacy.noise import SkellamNoise
 from protocol.accounting import epsilon as accounted_epsilon
 from protocol.secagg_encoding import Encoding, decode, encode, noisy_encoding
-from protocol.skellam import (MAX_DIM, OVERFLOW_PROBABILITY, NoiseShare, calibrated_variance,
+from client.privacy.noise import MAX_SPLIT
+from protocol.skellam import (EXACT_DIM, MAX_DIM, OVERFLOW_PROBABILITY, POISSON_EXACT_MAX,
+                              NoiseShare, calibrated_variance, exact_scale,
                               noise_headroom_sites, overflow_probability, skellam_rdp)
 
 FALSE_FAILURE = 1e-6          # two-sided chi-square bounds: the test fails wrongly this rarely
@@ -87,23 +89,43 @@ def test_accounted_epsilon_matches_an_independent_computation_of_the_skellam_sum
 def test_noise_headroom_keeps_the_sum_inside_int32_with_the_stated_probability():
     share = NoiseShare(noise_multiplier=1.0, clip_norm=0.5, min_contributors=2)
     enc = noisy_encoding(clip_range=0.5, max_sites=10, share=share)
-    plain = Encoding(clip_range=0.5, max_sites=10, max_weight=1)
-    headroom_sites = enc.max_sites - 10
-    assert headroom_sites > 0 and enc.max_weight == 1 and enc.scale <= plain.scale
-    # signal of 10 sites at the extremes plus the headroom fit in the signed range
+    assert enc.max_weight == 1
+    # signal of 10 sites at the extremes plus the rest of the field as headroom
     assert enc.max_sites * (enc.clip_range * enc.scale + 1) < 2 ** 31
     total = 10 * share.variance(scale=enc.scale, dim=MAX_DIM)
-    headroom = headroom_sites * enc.clip_range * enc.scale
+    headroom = (enc.max_sites - 10) * enc.clip_range * enc.scale
     assert overflow_probability(total_variance=total, headroom=headroom, dim=MAX_DIM) <= \
         OVERFLOW_PROBABILITY
-    # one headroom site fewer would not meet the bound: the headroom is the smallest that does
-    assert overflow_probability(total_variance=total, headroom=headroom - enc.clip_range *
-                                enc.scale, dim=MAX_DIM) > OVERFLOW_PROBABILITY
-    assert noise_headroom_sites(noise_multiplier=1.0, clip_norm=0.5, clip_range=0.5,
-                                max_sites=10, min_contributors=2,
-                                scale_for=lambda h: Encoding(clip_range=0.5, max_sites=10 + h,
-                                                             max_weight=1).scale) \
-        == headroom_sites
+    # the headroom alone (no scale cap) is the smallest number of summands that meets it
+    h = noise_headroom_sites(noise_multiplier=1.0, clip_norm=0.5, clip_range=0.5,
+                             max_sites=10, min_contributors=2,
+                             scale_for=lambda h: Encoding(clip_range=0.5, max_sites=10 + h,
+                                                          max_weight=1).scale)
+    scale = Encoding(clip_range=0.5, max_sites=10 + h, max_weight=1).scale
+    total = 10 * share.variance(scale=scale, dim=MAX_DIM)
+    assert overflow_probability(total_variance=total, headroom=h * 0.5 * scale,
+                                dim=MAX_DIM) <= OVERFLOW_PROBABILITY
+    assert overflow_probability(total_variance=total, headroom=(h - 1) * 0.5 * scale,
+                                dim=MAX_DIM) > OVERFLOW_PROBABILITY
+
+
+def test_the_encoding_keeps_every_share_a_single_exact_poisson_draw():
+    """NumPy's Poisson sampler is inexact at huge means (variance off by 4.6% at 5e14): the
+    encoding's scale keeps a share's means <= POISSON_EXACT_MAX for models up to EXACT_DIM."""
+    for sigma, m, sites in ((1.0, 3, 3), (4.0, 20, 20), (0.3, 1, 50), (12.0, 2, 2)):
+        share = NoiseShare(noise_multiplier=sigma, clip_norm=0.5, min_contributors=m)
+        enc = noisy_encoding(clip_range=0.5, max_sites=sites, share=share)
+        assert share.variance(scale=enc.scale, dim=EXACT_DIM) <= 2 * POISSON_EXACT_MAX
+        assert enc.scale >= 0.99 * exact_scale(share)      # and no coarser than needed
+
+
+def test_a_larger_share_is_an_exact_sum_of_draws_and_a_hostile_scale_is_refused():
+    noise = SkellamNoise(secure=False, seed=2)
+    variance = 10 * 2 * POISSON_EXACT_MAX                 # ten draws per value
+    z = noise.sample(variance, 400_000).astype(np.float64)
+    assert _chi_square_accepts(z, variance)
+    with pytest.raises(ValueError, match="too fine for exact noise"):
+        noise.sample((MAX_SPLIT + 1) * 2 * POISSON_EXACT_MAX, 10)
 
 
 def test_the_chernoff_tail_bounds_the_empirical_tail():

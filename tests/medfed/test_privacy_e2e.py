@@ -105,26 +105,3 @@ def test_site_level_dp_trains_and_is_accounted(sites):
     assert len(values) == 2 and 0 < values[0] < values[1]
     assert version.tags["privacy.mechanism"] == "site-dp"
 
-
-def test_distributed_site_level_dp_trains_with_no_server_noise(three_sites, tmp_path):
-    """privacy=ddp in a real simulation: each of three sites adds its Skellam share before
-    SecAgg+ masking, books (sigma, 1, 1) trusting its peers, and the run completes."""
-    root = tmp_path / "sites"
-    shutil.copytree(three_sites, root)
-    cfg = load_experiment(["experiment=smoke", "federation=sim3", "privacy=ddp",
-                           "secagg.enabled=true", "privacy.noise_multiplier=1.0",
-                           "privacy.clipping_norm=0.5", "privacy.delta=1e-3",
-                           "federation.num_rounds=2", "strategy.min_train_sites=3",
-                           "+federation.site_node_config={dp-epsilon:100.0,dp-delta:1e-5}",
-                           f"data.root={root}", f"runs_dir={tmp_path / 'runs'}",
-                           "tracking.log_models=false"])
-    run_dir = simulate(cfg)
-    for site in ("site-0", "site-1", "site-2"):
-        entries = ledger(root, site).entries()
-        assert [(e.mechanism, e.noise_multiplier, e.sample_rate, e.steps, e.trust)
-                for e in entries] == [("site-dp", 1.0, 1.0, 1, "sites>=3")] * 2
-    client = mlflow.MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
-    run = client.search_runs(client.search_experiments()[0].experiment_id)[0]
-    history = client.get_metric_history(run.info.run_id, "privacy/site_level_epsilon")
-    values = [m.value for m in sorted(history, key=lambda m: m.step)]
-    assert len(values) == 2 and 0 < values[0] < values[1]

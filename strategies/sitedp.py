@@ -101,7 +101,6 @@ class DistributedNoise(SiteDPAccounting):
     """
 
     owner = "distributed site-level DP (sites' noise)"
-    trust = "sites"
 
     def __init__(self, *, noise_multiplier: float, clipping_norm: float, num_sites: int,
                  min_contributors: int, delta: float):

@@ -84,7 +84,8 @@ def check_unmask(context: Context, survived: list) -> None:
         return
     saved = dict(context.state[STATE])
     needed = int(saved.pop(_MIN_CONTRIBUTORS))
-    counted = 1 + len({str(j) for j in survived})          # this site and its survivors
+    # this site and its surviving neighbours, each once (naming this site again adds nothing)
+    counted = 1 + len({str(j) for j in survived} - {str(context.node_id)})
     context.state[STATE] = ConfigRecord(saved)              # the noise keys stay
     if counted < needed:
         raise DistributedDPRefused(

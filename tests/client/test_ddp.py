@@ -89,6 +89,9 @@ def test_the_site_refuses_to_unmask_a_sum_smaller_than_its_share_assumed():
     assert share.min_contributors == 3 and sampler is not None
     with pytest.raises(ddp.DistributedDPRefused, match="assumed at least 3"):
         ddp.check_unmask(context, ["7"])                  # itself and one survivor: 2 < 3
+    ddp.masked_stage_noise(context, _job_config(_site_dp(m=3)))
+    with pytest.raises(ddp.DistributedDPRefused, match="assumed at least 3"):
+        ddp.check_unmask(context, ["7", "7", str(context.node_id)])   # padded: still 2
     context = _context()
     ddp.masked_stage_noise(context, _job_config(_site_dp(m=3)))
     ddp.check_unmask(context, ["7", "9"])                 # 3 contributors: fine

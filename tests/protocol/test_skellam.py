@@ -205,8 +205,11 @@ def test_noise_is_added_after_the_l2_clip_at_the_shares_own_norm():
 
 
 def test_distributed_dp_uses_unit_weights_even_for_a_site_claiming_a_million_examples():
+    """The noise is calibrated to one vote per site: whatever the count and whatever weight
+    cap the server's encoding allows, a noisy update enters the sum with weight 1."""
     share = NoiseShare(noise_multiplier=1.0, clip_norm=1.0, min_contributors=2)
-    enc = noisy_encoding(clip_range=1.0, max_sites=3, share=share)
-    vector, _ = encode(np.zeros(10, np.float32), 10 ** 6, enc, noise=share,
-                       sampler=SkellamNoise(secure=False).sample)
-    assert int(vector[0]) == 1
+    for enc in (noisy_encoding(clip_range=1.0, max_sites=3, share=share),
+                Encoding(clip_range=1.0, max_sites=3, max_weight=1000)):
+        vector, _ = encode(np.full(10, 0.1, np.float32), 10 ** 6, enc, noise=share,
+                           sampler=SkellamNoise(secure=False).sample)
+        assert int(vector[0]) == 1

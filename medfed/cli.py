@@ -261,8 +261,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     p.set_defaults(func=Handler("models", "predict"))
 
-    p = sub.add_parser("audit", help="one-run canary audit of the DP-SGD path on a site's data")
-    p.add_argument("--site-dir", required=True)
+    p = sub.add_parser("audit", help="one-run canary audit of the DP-SGD path on a site's data "
+                                     "(or, with --distributed, of distributed site-level DP)")
+    p.add_argument("--site-dir", help="DP-SGD audit: the site folder to train on")
+    p.add_argument("--distributed", action="store_true",
+                   help="audit distributed site-level DP (Skellam shares under SecAgg): canary "
+                        "sites in the secure sum, no site data needed")
+    p.add_argument("--contributors", type=int, default=3,
+                   help="--distributed: noise-adding sites (each share assumes this many)")
+    p.add_argument("--skip-noise", type=int, default=0,
+                   help="--distributed: of them, how many skip their share (a broken site)")
+    p.add_argument("--rounds", type=int, default=1, help="--distributed: releases audited")
     p.add_argument("--classes", default="high_grade_glioma,low_grade_glioma,cyst")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--epsilon", type=float, default=4.0,

@@ -96,6 +96,13 @@ class PrivacySettings:
     sample_rate: float | None = None      # dp-sgd: Poisson rate q; None: batch_size / n per site
     clipping_norm: float = 1.0            # site-dp: bound on each site's update norm
     accountant: str = "rdp"               # protocol.accounting.ACCOUNTANTS
+    noise: str = wire.DP_NOISE_DISTRIBUTED  # site-dp: "distributed" (each site adds a Skellam
+                                          # share before SecAgg masking; the server adds
+                                          # nothing) or "server" (the server adds Gaussian
+                                          # noise to the sum: sites must trust it)
+    min_contributors: int | None = None   # site-dp distributed: each share assumes only this
+                                          # many contributors (sites refuse smaller sums);
+                                          # None: every site of the federation
 
     def __post_init__(self):
         self.check()
@@ -123,7 +130,18 @@ class PrivacySettings:
             self._check_dpsgd()
         elif not (self.noise_multiplier or 0) > 0 or not self.clipping_norm > 0:
             raise SpecError("privacy.mechanism=site-dp needs privacy.noise_multiplier > 0 (the "
-                            "server's noise on the sum) and privacy.clipping_norm > 0")
+                            "noise on the sum) and privacy.clipping_norm > 0")
+        else:
+            self._check_site_noise()
+
+    def _check_site_noise(self) -> None:
+        if self.noise not in wire.DP_NOISE_SOURCES:
+            raise SpecError(f"privacy.noise={self.noise!r}; choose "
+                            f"{' or '.join(wire.DP_NOISE_SOURCES)}")
+        m = self.min_contributors
+        if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
+            raise SpecError(f"privacy.min_contributors must be an integer >= 1 (or null: all "
+                            f"sites), got {m!r}")
 
     def _check_dpsgd(self) -> None:
         if self.epsilon is None and self.noise_multiplier is None:
@@ -186,10 +204,12 @@ _PRIVACY_KEYS: dict[str, tuple[tuple[str, str], ...]] = {
                              ("sample_rate", wire.DP_SAMPLE_RATE)),
     # Flower's client-side fixed-clipping wrapper injects the clipping norm into train
     # messages only; evaluate messages need it too, or the site refuses the spec.
-    wire.DP_SITE: _PRIVATE + (("clipping_norm", wire.DP_CLIPPING_NORM),),
+    wire.DP_SITE: _PRIVATE + (("clipping_norm", wire.DP_CLIPPING_NORM), ("noise", wire.DP_NOISE),
+                              ("min_contributors", wire.DP_MIN_CONTRIBUTORS)),
 }
-_UNSET_IS_ZERO = {"epsilon", "noise_multiplier", "sample_rate"}
-_KINDS = {"accountant": str, "run_id": str, "planned_rounds": int}
+_UNSET_IS_ZERO = {"epsilon", "noise_multiplier", "sample_rate", "min_contributors"}
+_KINDS = {"accountant": str, "run_id": str, "planned_rounds": int, "noise": str,
+          "min_contributors": int}
 
 
 @dataclass(frozen=True)
@@ -235,7 +255,7 @@ class JobSpec:
         out: dict[str, Any] = {wire.DP_MECHANISM: p.mechanism}
         for name, key in _PRIVACY_KEYS[p.mechanism]:
             value = getattr(p, name)
-            out[key] = float(value or 0.0) if name in _UNSET_IS_ZERO else \
+            out[key] = (_KINDS.get(name, float))(value or 0) if name in _UNSET_IS_ZERO else \
                 (_KINDS.get(name, float))(value)
         from flwr.app import ConfigRecord
         t = self.train
@@ -305,6 +325,19 @@ class JobSpec:
             evaluate_missing=get(wire.EVAL_MISSING, bool, False),
             server_round=get(wire.SERVER_ROUND, int, 0),
             base_digest=get(wire.BASE_DIGEST, str, ""), layout=layout)
+
+
+def privacy_from_record(config: ConfigRecord) -> PrivacySpec:
+    """Only the privacy request of a job's ``config`` record (what the site's mods need).
+
+    Raises
+    ------
+    JobError
+    """
+    try:
+        return _decode_privacy(_Reader(config))
+    except SpecError as err:
+        raise JobError(f"server config: {err}") from None
 
 
 def _decode_privacy(get: _Reader) -> PrivacySpec:

@@ -48,6 +48,8 @@ class SitePolicy:
         Asked with a job: the site reads its layout; a foundation model's weights NAME is in
         its foundation-dir; its frozen base has the job's digest. None: not asked, or not
         needed by the job (no foundation model; weights not found, so not compared).
+    trust_server : bool
+        The site accepts site-level DP whose noise the server adds (``dp-trust-server``).
     """
     site_id: str
     role: str = wire.ROLE_TRAIN
@@ -61,6 +63,7 @@ class SitePolicy:
     layout_ok: bool | None = None
     weights_found: bool | None = None
     weights_match: bool | None = None
+    trust_server: bool = False
 
     @property
     def has_budget(self) -> bool:
@@ -74,6 +77,7 @@ class SitePolicy:
         record = ConfigRecord({wire.SITE_ID: self.site_id, wire.NODE_ROLE: self.role,
                                wire.NODE_REQUIRE_DP: self.require_dp,
                                wire.NODE_REQUIRE_SECAGG: self.require_secagg,
+                               wire.NODE_DP_TRUST_SERVER: self.trust_server,
                                wire.POLICY_HAS_BUDGET: self.has_budget,
                                wire.POLICY_EPSILON_SPENT: math.ceil(self.epsilon_spent * 100)
                                / 100})
@@ -117,6 +121,7 @@ class SitePolicy:
         return cls(site_id=get(wire.SITE_ID, str, ""), role=role,
                    require_dp=get(wire.NODE_REQUIRE_DP, bool, False),
                    require_secagg=get(wire.NODE_REQUIRE_SECAGG, bool, False),
+                   trust_server=get(wire.NODE_DP_TRUST_SERVER, bool, False),
                    epsilon_spent=spent, **numbers,
                    **{value: get(key, bool) for key, value in _OPTIONAL_FLAGS})
 

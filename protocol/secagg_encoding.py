@@ -12,16 +12,25 @@ uint32, the same bytes as float32.
 
 ``encode`` works piece by piece (``CHUNK`` values, cache-resident) and adds the site's masks
 to each piece before moving on, so the whole masked input costs one pass over memory.
+
+Distributed DP (``protocol.skellam``): with a ``NoiseShare`` the site first clips the whole
+delta to L2 norm ``clip_norm`` (the sensitivity the noise is calibrated to, from the same
+number), rounds it as above with weight 1, and adds its integer Skellam share to every value
+slot *before* the masks, so the server only ever unmasks a noisy sum. ``noisy_encoding``
+gives the encoding the headroom bits that noise needs.
 """
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
 from .secagg_crypto import CHUNK, MaskSum, Words, keystream
+from .skellam import NoiseShare, exact_scale, noise_headroom_sites
 
 MODULUS_BITS = 32
 _HALF = 1 << (MODULUS_BITS - 1)
@@ -94,8 +103,39 @@ class _Pieces:
         out *= self.weight                                         # |low x weight| < 2^31
 
 
+def noisy_encoding(*, clip_range: float, max_sites: int, share: NoiseShare) -> Encoding:
+    """The encoding of a distributed-DP round: unit weights, room for ``max_sites`` updates
+    plus the noise of ``max_sites`` shares (``protocol.skellam`` states the bound), and a
+    scale no finer than a single exact Poisson draw per value allows (``exact_scale``)."""
+    if clip_range < share.clip_norm:
+        raise ValueError(f"clip_range {clip_range:g} < clip_norm {share.clip_norm:g}: the "
+                         "encoding would clip values of a norm-clipped update")
+    # summands that bring the scale down to exact_scale: ((2^31 - 1) / M - 1) / r <= s
+    coarse = math.ceil((_HALF - 1) / (exact_scale(share) * clip_range + 1))
+
+    def summands(h: int) -> int:
+        return max(max_sites + h, coarse)
+
+    headroom = noise_headroom_sites(
+        noise_multiplier=share.noise_multiplier, clip_norm=share.clip_norm,
+        clip_range=clip_range, max_sites=max_sites, min_contributors=share.min_contributors,
+        scale_for=lambda h: Encoding(clip_range=clip_range, max_sites=summands(h),
+                                     max_weight=1).scale)
+    return Encoding(clip_range=clip_range, max_sites=summands(headroom), max_weight=1)
+
+
+def clip_l2(x: np.ndarray, clip_norm: float) -> np.ndarray:
+    """``x`` scaled down to L2 norm ``clip_norm`` if longer (a copy only then)."""
+    norm = float(np.sqrt(np.dot(x.astype(np.float64), x.astype(np.float64))))
+    if not math.isfinite(norm):
+        raise ValueError("the update holds NaN or inf; a site never sends it into the sum")
+    return x if norm <= clip_norm else x * np.float32(clip_norm / norm * (1 - 1e-6))
+
+
 def encode(delta: np.ndarray, num_examples: int, encoding: Encoding, *,
-           masks: list[tuple[bytes, int]] = (), rounding_seed: bytes | None = None
+           masks: list[tuple[bytes, int]] = (), rounding_seed: bytes | None = None,
+           noise: NoiseShare | None = None,
+           sampler: Callable[[float, int], np.ndarray] | None = None
            ) -> tuple[np.ndarray, int]:
     """Flat float delta -> (uint32 vector of len + 1, number of clipped values), with
     ``sum(sign * PRG(seed))`` over ``masks`` already added (mod 2^32).
@@ -104,9 +144,19 @@ def encode(delta: np.ndarray, num_examples: int, encoding: Encoding, *,
     below 2^31 / max_sites, and float32 keeps the rounding fraction to better than 1e-3 up
     to values of ~10^4 units (a delta of ~0.007 at the default scale), exact below that.
     ``rounding_seed`` (32 bytes) makes the rounding reproducible (tests only).
+    ``noise``: distributed DP - clip to L2 ``noise.clip_norm``, weight 1, and add
+    ``sampler(variance, n)`` (int64 Skellam values, the site's CSPRNG) with the share's
+    variance at this encoding's scale and this delta's size.
     """
     x = np.asarray(delta, dtype=np.float32).ravel()
     weight = encoding.weight_of(num_examples)
+    variance = 0.0
+    if noise is not None:
+        if sampler is None:
+            raise ValueError("a noise share needs its sampler")
+        x = clip_l2(x, noise.clip_norm)
+        weight = 1                              # the noise is calibrated to one vote per site
+        variance = noise.variance(scale=encoding.scale, dim=max(x.size, 1))
     pieces = _Pieces(encoding, weight, rounding_seed or os.urandom(32))
     mask = MaskSum(list(masks))
     out = np.empty(x.size + 1, dtype=np.uint32)
@@ -115,7 +165,11 @@ def encode(delta: np.ndarray, num_examples: int, encoding: Encoding, *,
         part = out[start:start + CHUNK]
         first = max(start, 1)                   # the first value slot in this piece
         if first < start + part.size:
-            pieces.into(x[first - 1:start + part.size - 1], part[first - start:].view(np.int32))
+            values = part[first - start:]
+            pieces.into(x[first - 1:start + part.size - 1], values.view(np.int32))
+            if variance:                        # int64 noise, reduced mod 2^32, before masks
+                drawn = sampler(variance, values.size)
+                np.add(values, (drawn & 0xFFFFFFFF).astype(np.uint32), out=values)
         mask.add_to(part)
     return out, pieces.clipped
 

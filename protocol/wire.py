@@ -49,6 +49,10 @@ DP_ACCOUNTANT = "dp-accountant"          # protocol.accounting.ACCOUNTANTS
 # site-dp: the clipping bound travels under Flower's own key (fixedclipping_mod reads it)
 DP_CLIPPING_NORM = "clipping_norm"
 DP_UNIT_WEIGHT = "dp-unit-weight"        # site-dp: 1.0 per site (noise calibrated to equal weights)
+DP_NOISE = "dp-noise"                    # site-dp: who adds the noise (DP_NOISE_SOURCES)
+DP_NOISE_DISTRIBUTED, DP_NOISE_SERVER = "distributed", "server"   # sites before masking / server
+DP_NOISE_SOURCES = (DP_NOISE_DISTRIBUTED, DP_NOISE_SERVER)
+DP_MIN_CONTRIBUTORS = "dp-min-contributors"  # distributed: each share assumes only this many
 
 # Secure aggregation (SecAgg+). Stage messages carry a SECAGG ConfigRecord; node ids travel
 # as strings (Flower node ids can exceed int64).
@@ -144,6 +148,8 @@ NODE_FOUNDATION_DIR = "foundation-dir"   # the site's own directory of pretraine
 NODE_DP_MAX_RUN_EPSILON = "dp-max-run-epsilon"     # cap on one run's epsilon (within the budget)
 NODE_DP_MIN_NOISE = "dp-min-noise-multiplier"      # refuse rounds with a smaller noise multiplier
 NODE_DP_MAX_STEPS = "dp-max-steps-per-round"       # refuse DP-SGD rounds of more steps
+NODE_DP_TRUST_SERVER = "dp-trust-server"  # default false: refuse site-dp rounds whose noise the
+                                          # server adds (privacy.noise=server)
 ROLE_TRAIN = "train"
 ROLE_EXTERNAL = "external"
 ROLES = (ROLE_TRAIN, ROLE_EXTERNAL)

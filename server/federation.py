@@ -21,9 +21,10 @@ from strategies.external import ExternalSites
 from strategies.guard import GuardedStrategy
 from strategies.partial import FrozenSharing, PartialSharing
 from strategies.secagg import SecAggPlus, SumNoise
-from protocol.secagg_encoding import Encoding
+from protocol.secagg_encoding import Encoding, noisy_encoding
 from protocol.secagg_protocol import SecAggConfig
-from strategies.sitedp import SiteLevelDP
+from protocol.skellam import NoiseShare
+from strategies.sitedp import DistributedNoise, SiteLevelDP
 from strategies.observed import ObservedStrategy, RoundObserver
 from strategies.registry import build_strategy as build_flower_strategy
 
@@ -70,18 +71,33 @@ def _training_strategy(cfg: ExperimentConfig, frozen: list[str], send_frozen: bo
                               max_norm_ratio=s.max_norm_ratio)
     if cfg.secagg.enabled:          # outside the guard: it sees the summed update only
         sa = cfg.secagg
-        noise = SumNoise(noise_multiplier=float(p.noise_multiplier),
-                         clipping_norm=p.clipping_norm, num_sites=cfg.federation.num_sites,
-                         delta=p.delta) if site_dp else None
+        noise, encoding = _secure_site_dp(cfg) if site_dp else (None, Encoding(
+            clip_range=sa.clip_range, max_sites=cfg.federation.num_sites,
+            max_weight=sa.max_weight))
         secure = SecAggPlus(guarded, SecAggConfig(
             degree=sa.degree, threshold=sa.threshold, authenticated=sa.authenticated,
-            encoding=Encoding(clip_range=sa.clip_range, max_sites=cfg.federation.num_sites,
-                              max_weight=sa.max_weight)), stage_timeout=cfg.federation.round_timeout,
-            site_dp=noise)
+            encoding=encoding), stage_timeout=cfg.federation.round_timeout, site_dp=noise)
         return FrozenSharing(secure, list(frozen), send_frozen=send_frozen) if frozen else secure
     if frozen:
         return FrozenSharing(guarded, list(frozen), send_frozen=send_frozen)
     return PartialSharing(guarded, list(s.local_params)) if s.local_params else guarded
+
+
+def _secure_site_dp(cfg: ExperimentConfig) -> tuple[SumNoise | DistributedNoise, Encoding]:
+    """Site-level DP inside secure aggregation: the sites' own noise (the default; the
+    encoding gets the headroom bits for it) or, with ``privacy.noise=server``, the server's."""
+    p, sa, n = cfg.privacy, cfg.secagg, cfg.federation.num_sites
+    if p.noise == wire.DP_NOISE_SERVER:
+        return SumNoise(noise_multiplier=float(p.noise_multiplier),
+                        clipping_norm=p.clipping_norm, num_sites=n, delta=p.delta), \
+            Encoding(clip_range=sa.clip_range, max_sites=n, max_weight=sa.max_weight)
+    m = p.min_contributors or n                     # what job_spec sends the sites
+    return DistributedNoise(noise_multiplier=float(p.noise_multiplier),
+                            clipping_norm=p.clipping_norm, num_sites=n, min_contributors=m,
+                            delta=p.delta), \
+        noisy_encoding(clip_range=sa.clip_range, max_sites=n, share=NoiseShare(
+            noise_multiplier=float(p.noise_multiplier), clip_norm=p.clipping_norm,
+            min_contributors=m))
 
 
 def job_config(cfg: ExperimentConfig, run_id: str = "", base_digest: str = "") -> ConfigRecord:

@@ -252,6 +252,11 @@ def budget_check(cfg: ExperimentConfig, site: SitePolicy) -> tuple[list[str], li
             p.noise_multiplier < site.min_noise_multiplier:
         refused.append(f"privacy.noise_multiplier={p.noise_multiplier:g} is below its floor "
                        f"{site.min_noise_multiplier:g} ({wire.NODE_DP_MIN_NOISE})")
+    if p.mechanism == wire.DP_SITE and p.noise == wire.DP_NOISE_SERVER and \
+            not site.trust_server:
+        refused.append(f"privacy.noise=server asks it to trust the server with the site-level "
+                       f"DP noise and it does not ({wire.NODE_DP_TRUST_SERVER}): use "
+                       "privacy=ddp (the sites add the noise) or ask its operator")
     if p.mechanism == wire.DP_SGD:
         if p.noise_multiplier is not None:
             return refused, warned        # its epsilon depends on the site's data size

@@ -86,3 +86,36 @@ class SiteLevelDP(SiteDPAccounting, StrategyWrapper, DifferentialPrivacyClientSi
         super().__init__(strategy, noise_multiplier, clipping_norm, num_sites,
                          accountant=site_accountant(num_sites=num_sites, delta=delta))
 
+
+
+class DistributedNoise(SiteDPAccounting):
+    """Distributed site-level DP inside ``SecAggPlus``: every site added its own Skellam share
+    before masking (``client.privacy.ddp``), so the unmasked sum already carries the noise and
+    this object adds **nothing**. It only reports the guarantee the sites booked for the sum -
+    ``(sigma, 1, 1)`` Gaussian rows, which dominate the Skellam sum (``protocol.skellam``) -
+    and refuses a sum of fewer than ``min_contributors`` sites, whose noise would be short.
+
+    It plugs into ``SecAggPlus``'s site-DP hook; its ``add_noise`` is that hook's name and
+    returns the average unchanged. The server's number is a report: each site's ledger holds
+    its own, computed from its own settings.
+    """
+
+    owner = "distributed site-level DP (sites' noise)"
+
+    def __init__(self, *, noise_multiplier: float, clipping_norm: float, num_sites: int,
+                 min_contributors: int, delta: float):
+        self.noise_multiplier, self.clipping_norm = noise_multiplier, clipping_norm
+        self.num_sites, self.min_contributors = num_sites, min_contributors
+        self.accountant = site_accountant(num_sites=num_sites, delta=delta)
+
+    def add_noise(self, average: np.ndarray, *, contributors: int) -> np.ndarray:
+        """The hook ``SecAggPlus`` calls after unmasking: account, add nothing."""
+        from flwr.serverapp import GaussianPrivacyEvent
+
+        if contributors < self.min_contributors:
+            raise ValueError(f"{contributors} sites in the sum, fewer than min_contributors="
+                             f"{self.min_contributors}: its noise is short of the guarantee")
+        self.accountant.compose(GaussianPrivacyEvent(
+            noise_multiplier=self.noise_multiplier, sample_size=contributors,
+            population_size=self.num_sites))
+        return average

@@ -31,6 +31,7 @@ from protocol.secagg_identity import (IdentityError, Registry, load_identity_key
                                         simulation_key, simulation_registry)
 from protocol.secagg_protocol import Advert
 
+from ..privacy.ddp import check_unmask, masked_stage_noise
 from ..privacy.secagg import SecAggPolicy, SecAggRefused, SiteIdentity, SiteSecAgg
 
 log = logging.getLogger(__name__)
@@ -171,7 +172,9 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
         if capped:
             log.warning("secagg: %d training examples counted as %d (secagg.max_weight)",
                         weight, site.encoding.max_weight)
-        vector, clipped = site.masked_input(received, delta, weight)
+        noise, sampler = masked_stage_noise(context, config)    # distributed DP, if asked
+        vector, clipped = site.masked_input(received, delta, weight, noise=noise,
+                                            sampler=sampler)
         _save(context, site)
         reply.content[wire.ARRAYS] = ArrayRecord({wire.SECAGG_MASKED_ARRAY: Array(vector)})
         reply.content[wire.METRICS] = MetricRecord(dict(metrics) | {
@@ -185,6 +188,7 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
         signatures = dict(zip((int(j) for j in request.get(wire.SECAGG_NODES, [])),
                               request.get(wire.SECAGG_SIGNATURES, [])))
         try:
+            check_unmask(context, list(request[wire.SECAGG_SURVIVED]))  # distributed DP's floor
             shares = site.unmask([int(j) for j in request[wire.SECAGG_SURVIVED]], signatures)
         finally:        # one unmask request per round, answered or refused
             del context.state[wire.SECAGG_STATE]

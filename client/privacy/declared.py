@@ -44,4 +44,5 @@ def declared_policy(settings: dict, data_dir: Path, *, site_id: str, role: str) 
         epsilon=budget.epsilon if budget else None, delta=budget.delta if budget else None,
         epsilon_spent=spent,
         max_run_epsilon=budget.max_run_epsilon if budget else None,
-        min_noise_multiplier=budget.min_noise_multiplier if budget else None)
+        min_noise_multiplier=budget.min_noise_multiplier if budget else None,
+        trust_server=budget is not None and budget.trust_server)

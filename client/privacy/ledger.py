@@ -21,6 +21,12 @@ What protects the rows, and what does not:
   somewhere else (e.g. the privacy officer's signed report) and compares it with ``last()``.
 - Plans (the noise multiplier calibrated once per run) are append-only but not chained: the
   ledger rows record the noise actually used, so a tampered plan cannot understate epsilon.
+
+Each row says whom its guarantee trusts (``trust``): ``site`` (the site added the noise itself:
+DP-SGD), ``sites>=m`` (distributed site-level DP: the sum carries the noise shares of at least
+``m`` honest contributors, this site's among them; no server is trusted) or ``server`` (the
+server was trusted to add the noise). Rows written before the column existed read back with
+an empty ``trust`` and are hashed without it, so old ledgers still verify.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import json
 import logging
 import math
 import operator
+import re
 import sqlite3
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, astuple, dataclass, fields
@@ -40,6 +47,14 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 GENESIS_HASH = "0" * 64
+TRUST_SITE, TRUST_SERVER = "site", "server"
+LEGACY_TRUST = ""              # rows from before the trust column (hashed without it)
+_TRUST_SITES = re.compile(r"sites>=[1-9][0-9]*")
+
+
+def trust_sites(min_contributors: int) -> str:
+    """The trust of a distributed-DP row: the noise of at least this many honest sites."""
+    return f"sites>={int(min_contributors)}"
 _TIMEOUT_S = 30.0   # several processes of one site may wait on each other's BEGIN IMMEDIATE
 
 _SCHEMA = (
@@ -47,8 +62,8 @@ _SCHEMA = (
         seq INTEGER PRIMARY KEY, run_id TEXT NOT NULL, server_round INTEGER NOT NULL,
         mechanism TEXT NOT NULL, sample_rate REAL NOT NULL, noise_multiplier REAL NOT NULL,
         steps INTEGER NOT NULL, delta REAL NOT NULL, accountant TEXT NOT NULL,
-        epsilon REAL NOT NULL, max_grad_norm REAL NOT NULL, created_at TEXT NOT NULL,
-        prev_hash TEXT NOT NULL, hash TEXT NOT NULL)""",
+        epsilon REAL NOT NULL, max_grad_norm REAL NOT NULL, trust TEXT NOT NULL DEFAULT '',
+        created_at TEXT NOT NULL, prev_hash TEXT NOT NULL, hash TEXT NOT NULL)""",
     """CREATE TABLE IF NOT EXISTS plans (
         run_id TEXT NOT NULL, mechanism TEXT NOT NULL, noise_multiplier REAL NOT NULL,
         sample_rate REAL NOT NULL, planned_steps INTEGER NOT NULL, target_epsilon REAL NOT NULL,
@@ -87,6 +102,7 @@ class LedgerEntry:
     accountant: str         # e.g. "rdp"; the accountant that produced ``epsilon``
     epsilon: float
     max_grad_norm: float
+    trust: str              # who added the noise: site | sites>=m | server ('' before the column)
     created_at: str         # ISO-8601 UTC
     prev_hash: str
     hash: str
@@ -133,11 +149,14 @@ class PrivacyLedger:
         with self._transaction() as con:
             for statement in _SCHEMA:
                 con.execute(statement)
+            columns = {row[1] for row in con.execute("PRAGMA table_info(ledger)")}
+            if "trust" not in columns:          # a ledger from before the trust column
+                con.execute("ALTER TABLE ledger ADD COLUMN trust TEXT NOT NULL DEFAULT ''")
         self.verify()
 
     def append(self, *, run_id: str, server_round: int, mechanism: str, sample_rate: float,
                noise_multiplier: float, steps: int, delta: float, accountant: str,
-               epsilon: float, max_grad_norm: float) -> LedgerEntry:
+               epsilon: float, max_grad_norm: float, trust: str = TRUST_SITE) -> LedgerEntry:
         """Record one round; ``seq``, ``created_at`` and the hashes are assigned here.
 
         Raises
@@ -151,11 +170,12 @@ class PrivacyLedger:
         return self.charge(lambda entries: epsilon, run_id=run_id, server_round=server_round,
                            mechanism=mechanism, sample_rate=sample_rate,
                            noise_multiplier=noise_multiplier, steps=steps, delta=delta,
-                           accountant=accountant, max_grad_norm=max_grad_norm)
+                           accountant=accountant, max_grad_norm=max_grad_norm, trust=trust)
 
     def charge(self, admit: Callable[[list[LedgerEntry]], float], *, run_id: str,
                server_round: int, mechanism: str, sample_rate: float, noise_multiplier: float,
-               steps: int, delta: float, accountant: str, max_grad_norm: float) -> LedgerEntry:
+               steps: int, delta: float, accountant: str, max_grad_norm: float,
+               trust: str = TRUST_SITE) -> LedgerEntry:
         """Check and record one round in one write transaction (check-then-charge cannot race).
 
         Two runs of one site authorising concurrently would otherwise both read the same
@@ -177,7 +197,7 @@ class PrivacyLedger:
         content = _typed(LedgerEntry, dict(
             run_id=run_id, server_round=server_round, mechanism=mechanism,
             sample_rate=sample_rate, noise_multiplier=noise_multiplier, steps=steps, delta=delta,
-            accountant=accountant, max_grad_norm=max_grad_norm))
+            accountant=accountant, max_grad_norm=max_grad_norm, trust=trust))
         with self._transaction() as con:
             rows = con.execute(f"SELECT {_ENTRY_COLUMNS} FROM ledger ORDER BY seq").fetchall()
             entries = [_from_row(LedgerEntry, row) for row in rows]
@@ -211,6 +231,8 @@ class PrivacyLedger:
         prev_hash = GENESIS_HASH
         for expected_seq, entry in enumerate(self.entries(), start=1):
             body = {k: v for k, v in asdict(entry).items() if k not in ("prev_hash", "hash")}
+            if body["trust"] == LEGACY_TRUST:
+                del body["trust"]
             if entry.seq != expected_seq:
                 problem = f"expected seq={expected_seq} (a row is missing or renumbered)"
             elif entry.prev_hash != prev_hash:
@@ -284,7 +306,8 @@ def to_json(entries: list[LedgerEntry]) -> list[dict]:
     return [dict(seq=e.seq, run_id=e.run_id, round=e.server_round, mechanism=e.mechanism,
                  q=e.sample_rate, noise_multiplier=e.noise_multiplier, steps=e.steps,
                  delta=e.delta, accountant=e.accountant, epsilon=e.epsilon,
-                 max_grad_norm=e.max_grad_norm, created_at=e.created_at, hash=e.hash)
+                 max_grad_norm=e.max_grad_norm, trust=e.trust or "unrecorded",
+                 created_at=e.created_at, hash=e.hash)
             for e in entries]
 
 
@@ -292,12 +315,13 @@ def format_table(entries: list[LedgerEntry]) -> str:
     """A fixed-width terminal table of the rounds and the cumulative epsilon after each."""
     if not entries:
         return "no rounds recorded"
-    header = ("run", "round", "mechanism", "q", "sigma", "steps", "delta", "cumulative epsilon")
-    rows = [(e.run_id, str(e.server_round), e.mechanism, f"{e.sample_rate:.4g}",
+    header = ("run", "round", "mechanism", "trust", "q", "sigma", "steps", "delta",
+              "cumulative epsilon")
+    rows = [(e.run_id, str(e.server_round), e.mechanism, e.trust or "-", f"{e.sample_rate:.4g}",
              f"{e.noise_multiplier:.4g}", str(e.steps), f"{e.delta:.1e}", f"{e.epsilon:.4f}")
             for e in entries]
     widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(w) if i in (0, 2) else cell.rjust(w)
+    return "\n".join("  ".join(cell.ljust(w) if i in (0, 2, 3) else cell.rjust(w)
                                for i, (cell, w) in enumerate(zip(row, widths))).rstrip()
                      for row in (header, *rows))
 
@@ -314,6 +338,8 @@ _RANGES = {
     "epsilon": (lambda v: 0.0 <= v < math.inf, "finite and >= 0"),
     "target_epsilon": (lambda v: 0.0 < v < math.inf, "finite and > 0"),
     "max_grad_norm": (lambda v: 0.0 < v < math.inf, "finite and > 0"),
+    "trust": (lambda v: v in (TRUST_SITE, TRUST_SERVER) or bool(_TRUST_SITES.fullmatch(v)),
+              f"{TRUST_SITE!r}, {TRUST_SERVER!r} or 'sites>=<m>'"),
 }
 _CASTS = {"int": operator.index, "float": float, "str": str}  # annotations are strings here
 

@@ -144,3 +144,46 @@ class GaussianNoise:
         gen.manual_seed(int.from_bytes(os.urandom(8), "little"))
         z = torch.randn((4, n), generator=gen, device=device, dtype=torch.float32)
         return z.sum(0) * (std / 2)
+
+
+MAX_SPLIT = 16                             # Skellam draws per value a site accepts
+
+
+class SkellamNoise:
+    """Integer ``Skellam(variance)`` noise: ``Poisson(variance / 2) - Poisson(variance / 2)``,
+    the share a site adds before masking (``protocol.skellam``).
+
+    The Poisson draws come from NumPy's Generator on an AES-128-CTR bit generator keyed from
+    ``os.urandom`` (PTRS transformed rejection, Hoermann 1993, for the large means used here:
+    exact up to float64 rounding of its acceptance test). ``key`` (16 bytes, secret): the
+    stream of that AES key, so a site can redraw a round's share bit for bit. ``secure=False``:
+    a seeded PCG64 (tests and benchmarks that must be reproducible).
+    """
+
+    def __init__(self, *, secure: bool = True, seed: int = 0, key: bytes | None = None):
+        if secure:
+            from randomgen import AESCounter
+            key = key or os.urandom(16)        # a given key: the same stream again (replays)
+            self._rng = np.random.Generator(AESCounter(key=int.from_bytes(key, "little")))
+        else:
+            self._rng = np.random.default_rng(seed)
+
+    def sample(self, variance: float, n: int) -> np.ndarray:
+        """``n`` i.i.d. Skellam values (int64) of the given variance: one draw pair when the
+        Poisson means stay <= ``POISSON_EXACT_MAX``, else the exact sum of ``k`` smaller
+        Skellams (Skellams add), refused beyond ``MAX_SPLIT`` (an encoding that fine is a
+        misconfigured - or hostile - server's, and would cost the site k-fold)."""
+        from protocol.skellam import POISSON_EXACT_MAX
+
+        if not variance > 0:
+            raise ValueError(f"Skellam variance must be > 0, got {variance}")
+        k = math.ceil(variance / (2 * POISSON_EXACT_MAX))
+        if k > MAX_SPLIT:
+            raise ValueError(f"a Skellam share of variance {variance:.3g} needs {k} draws per "
+                             f"value (> {MAX_SPLIT}): the encoding's scale is too fine for "
+                             "exact noise; refusing")
+        half = variance / (2 * k)
+        out = self._rng.poisson(half, n) - self._rng.poisson(half, n)
+        for _ in range(k - 1):
+            out += self._rng.poisson(half, n) - self._rng.poisson(half, n)
+        return out

@@ -9,6 +9,13 @@ unrecorded release. The check and the charge are one ledger write transaction
 (``PrivacyLedger.charge``), so two runs authorising at once cannot both spend the last of
 the budget.
 
+Site-level DP comes in two trust models. With ``noise=distributed`` the site adds its own
+Skellam share before masking (``client.privacy.ddp``) and books the sum's guarantee itself;
+its row trusts ``sites>=m`` (the shares of ``m`` honest contributors). ``noise=server`` trusts
+the server to add the noise: refused unless the operator set ``dp-trust-server``, and booked
+with ``trust = server``. Distributed noise outside secure aggregation would expose an update
+carrying a fraction of the noise: refused.
+
 Per-run caps, also from node config only: ``dp-max-run-epsilon`` (what one run may spend of the
 budget), ``dp-min-noise-multiplier`` and ``dp-max-steps-per-round`` (a coordinator cannot ask for
 almost no noise, or for a round of many steps, even within the budget).
@@ -27,7 +34,7 @@ from protocol.accounting import PrivacyConfigError, calibrate_noise, check_budge
 from protocol.job import JobSpec, PrivacySpec
 
 from .dpsgd import DPSGDConfig, steps_per_epoch
-from .ledger import LedgerEntry, PrivacyLedger
+from .ledger import TRUST_SERVER, TRUST_SITE, LedgerEntry, PrivacyLedger, trust_sites
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +52,7 @@ class SiteBudget:
     max_run_epsilon: float | None = None       # cap on one run's own epsilon
     min_noise_multiplier: float | None = None  # refuse rounds with less noise
     max_steps_per_round: int | None = None     # refuse rounds of more (DP-SGD) steps
+    trust_server: bool = False                 # accept site-dp rounds the server adds noise to
 
 
 def node_settings(node_config: dict, data_dir: Path, *, simulated: bool) -> dict:
@@ -78,7 +86,8 @@ def site_budget(settings: dict, data_dir: Path) -> SiteBudget | None:
     return SiteBudget(eps, delta, ledger_dir / "privacy-ledger.sqlite", require,
                       max_run_epsilon=_cap(settings, wire.NODE_DP_MAX_RUN_EPSILON, float),
                       min_noise_multiplier=_cap(settings, wire.NODE_DP_MIN_NOISE, float),
-                      max_steps_per_round=_cap(settings, wire.NODE_DP_MAX_STEPS, int))
+                      max_steps_per_round=_cap(settings, wire.NODE_DP_MAX_STEPS, int),
+                      trust_server=flag(settings.get(wire.NODE_DP_TRUST_SERVER, False)))
 
 
 def _cap(settings: dict, key: str, kind: type) -> float | int | None:
@@ -107,6 +116,12 @@ def admit_round(job: JobSpec, settings: dict, data_dir: Path, *, n_train: int,
     if flag(settings.get(wire.NODE_REQUIRE_SECAGG, False)) and not secure_aggregation:
         raise PrivacyRefused(f"this site requires secure aggregation (node config "
                              f"{wire.NODE_REQUIRE_SECAGG}); refusing a plaintext update")
+    p = job.privacy
+    if p.mechanism == wire.DP_SITE and p.noise == wire.DP_NOISE_DISTRIBUTED \
+            and not secure_aggregation:
+        raise PrivacyRefused("distributed site-level DP without secure aggregation: the "
+                             "server would see this site's update with only its share of the "
+                             "noise; refusing")
     return authorize(job.privacy, site_budget(settings, data_dir), n_train=n_train,
                      local_epochs=job.train.local_epochs, batch_size=job.train.batch_size,
                      server_round=job.server_round,
@@ -157,8 +172,10 @@ def authorize(request: PrivacySpec, budget: SiteBudget | None, *, n_train: int,
         steps = local_epochs * steps_per_epoch(q)
         sigma = _plan(ledger, request, budget, q, steps)
         clip = request.max_grad_norm
+        trust = TRUST_SITE
     else:
         q, steps, sigma, clip = 1.0, 1, request.noise_multiplier, request.clipping_norm
+        trust = _site_dp_trust(request, budget)
         _check_plan(ledger, request, budget, [(sigma, q, steps)] * request.planned_rounds)
     _check_caps(budget, sigma, steps)
     this_round = (sigma, q, steps)
@@ -183,13 +200,28 @@ def authorize(request: PrivacySpec, budget: SiteBudget | None, *, n_train: int,
     entry = ledger.charge(admit, run_id=request.run_id, server_round=server_round,
                           mechanism=request.mechanism, sample_rate=q, noise_multiplier=sigma,
                           steps=steps, delta=budget.delta, accountant=request.accountant,
-                          max_grad_norm=clip)
+                          max_grad_norm=clip, trust=trust)
     after = entry.epsilon
     log.info("privacy: %s round %d charged, epsilon %.3f of %g", request.mechanism,
              server_round, after, budget.epsilon)
     dpsgd = DPSGDConfig(noise_multiplier=sigma, max_grad_norm=clip, sample_rate=q,
                         secure_mode=secure_mode) if request.mechanism == wire.DP_SGD else None
     return Authorization(dpsgd, entry)
+
+
+def _site_dp_trust(request: PrivacySpec, budget: SiteBudget) -> str:
+    """Whom a site-level round's guarantee trusts; server noise only if the operator agreed.
+
+    Distributed: the round's row ``(sigma, 1, 1)`` is this site's own bound - its share is
+    calibrated so that any sum of ``m`` honest shares is at least as private as the Gaussian
+    row says (``protocol.skellam``), and it refuses to help unmask a smaller sum."""
+    if request.noise == wire.DP_NOISE_SERVER:
+        if not budget.trust_server:
+            raise PrivacyRefused(f"the server asks to add the site-level DP noise itself "
+                                 f"(privacy.noise=server); this site does not trust it to "
+                                 f"(node config {wire.NODE_DP_TRUST_SERVER}); refusing")
+        return TRUST_SERVER
+    return trust_sites(request.min_contributors or 1)
 
 
 def _history(entries: list[LedgerEntry]) -> list[tuple[float, float, int]]:

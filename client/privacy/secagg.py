@@ -206,10 +206,11 @@ class SiteSecAgg:
 
     # ---- stage 2
     def masked_input(self, ciphertexts: dict[int, bytes], delta: np.ndarray,
-                     num_examples: int) -> tuple[np.ndarray, int]:
-        """Decrypt and keep the shares sent to us, then encode and mask ``delta``; refused
-        when fewer than ``t`` neighbours' shares arrived (the self mask alone would be left
-        to protect the update)."""
+                     num_examples: int, *, noise=None, sampler=None) -> tuple[np.ndarray, int]:
+        """Decrypt and keep the shares sent to us, then encode and mask ``delta`` (with a
+        distributed-DP ``noise`` share added before the masks: ``client.privacy.ddp``);
+        refused when fewer than ``t`` neighbours' shares arrived (the self mask alone would be
+        left to protect the update)."""
         if self._masked or not self._threshold:
             raise SecAggRefused("secagg-stage", "a masked input was already sent, or the keys "
                                 "were never shared this round")
@@ -233,7 +234,8 @@ class SiteSecAgg:
             seed = agree(self._mask_key, self._neighbour_keys[j][1], purpose="mask",
                          round_=self.round_, a=self.me, b=j)
             masks.append((seed, pairwise_sign(self.me, j)))
-        return encode(delta, num_examples, self.encoding, masks=masks)
+        return encode(delta, num_examples, self.encoding, masks=masks, noise=noise,
+                      sampler=sampler)
 
     # ---- stage 3
     def sign_survivors(self, survivors: list[int]) -> bytes:

@@ -189,7 +189,10 @@ class ExperimentConfig:
                             proximal_mu=float(self.strategy.options.get(
                                 "proximal_mu", TrainConfig.proximal_mu)))
         private = self.privacy.mechanism != wire.DP_NONE
-        privacy = PrivacySpec(**asdict(self.privacy),
+        settings = asdict(self.privacy)
+        if self.privacy.mechanism == wire.DP_SITE and settings["min_contributors"] is None:
+            settings["min_contributors"] = self.federation.num_sites
+        privacy = PrivacySpec(**settings,
                               planned_rounds=self.federation.num_rounds if private else 0,
                               run_id=run_id if private else "")
         return JobSpec(

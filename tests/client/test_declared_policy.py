@@ -44,7 +44,7 @@ def test_policy_comes_from_node_config_and_the_ledger(tmp_path):
     # flags and the budget's numbers: no count of anything at the site
     assert set(reply[wire.POLICY]) == {
         wire.SITE_ID, wire.NODE_ROLE, wire.NODE_REQUIRE_DP, wire.NODE_REQUIRE_SECAGG,
-        wire.POLICY_HAS_BUDGET, wire.POLICY_EPSILON_SPENT, wire.NODE_DP_EPSILON,
+        wire.NODE_DP_TRUST_SERVER, wire.POLICY_HAS_BUDGET, wire.POLICY_EPSILON_SPENT, wire.NODE_DP_EPSILON,
         wire.NODE_DP_DELTA, wire.NODE_DP_MAX_RUN_EPSILON}
     assert not (tmp_path / "site" / ".medfed" / "privacy-ledger.sqlite").exists()  # not created
 

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from client.privacy.ledger import (
+from client.privacy.ledger import (TRUST_SERVER, trust_sites,
     GENESIS_HASH,
     LedgerCorrupt,
     PrivacyLedger,
@@ -146,7 +146,7 @@ def test_to_json_and_format_table(path):
     rows = to_json(ledger.entries())
     assert [set(r) for r in rows] == [{
         "seq", "run_id", "round", "mechanism", "q", "noise_multiplier", "steps", "delta",
-        "accountant", "epsilon", "max_grad_norm", "created_at", "hash"}] * 3
+        "accountant", "epsilon", "max_grad_norm", "trust", "created_at", "hash"}] * 3
     assert [(r["round"], r["q"], r["epsilon"]) for r in rows] == [
         (1, 0.05, 0.61), (2, 0.05, 0.93), (3, 0.05, 1.2)]
     table = format_table(ledger.entries())
@@ -186,3 +186,46 @@ def test_concurrent_writers_serialize(path):
     ledger = PrivacyLedger(path)
     assert [e.seq for e in ledger.entries()] == list(range(1, 41))
     ledger.verify()
+
+
+def test_rows_say_whom_they_trust_and_refuse_an_unknown_trust(path):
+    ledger = PrivacyLedger(path)
+    ledger.append(**ROUND, server_round=1, epsilon=0.5)                       # DP-SGD: site
+    ledger.append(**ROUND, server_round=2, epsilon=0.6, trust=TRUST_SERVER)
+    ledger.append(**ROUND, server_round=3, epsilon=0.7, trust=trust_sites(5))
+    for bad in ("", "anyone", "sites>=0", "sites>=x"):
+        with pytest.raises(ValueError, match="trust"):
+            ledger.append(**ROUND, server_round=4, epsilon=0.8, trust=bad)
+    entries = PrivacyLedger(path).entries()
+    assert [e.trust for e in entries] == ["site", "server", "sites>=5"]
+    assert [r["trust"] for r in to_json(entries)] == ["site", "server", "sites>=5"]
+    assert "sites>=5" in format_table(entries)
+
+
+def test_a_ledger_from_before_the_trust_column_still_verifies_and_grows(path):
+    """Old rows were hashed without ``trust``; opening adds the column and keeps the chain."""
+    import hashlib
+    import json
+    import sqlite3
+    path.parent.mkdir(parents=True, exist_ok=True)
+    con = sqlite3.connect(path)
+    con.execute("""CREATE TABLE ledger (
+        seq INTEGER PRIMARY KEY, run_id TEXT NOT NULL, server_round INTEGER NOT NULL,
+        mechanism TEXT NOT NULL, sample_rate REAL NOT NULL, noise_multiplier REAL NOT NULL,
+        steps INTEGER NOT NULL, delta REAL NOT NULL, accountant TEXT NOT NULL,
+        epsilon REAL NOT NULL, max_grad_norm REAL NOT NULL, created_at TEXT NOT NULL,
+        prev_hash TEXT NOT NULL, hash TEXT NOT NULL)""")
+    body = dict(seq=1, run_id="old", server_round=1, mechanism="site-dp", sample_rate=1.0,
+                noise_multiplier=2.0, steps=1, delta=1e-5, accountant="rdp", epsilon=1.5,
+                max_grad_norm=1.0, created_at="2026-01-01T00:00:00.000000+00:00")
+    digest = hashlib.sha256(("0" * 64 + json.dumps(body, sort_keys=True, separators=(",", ":")))
+                            .encode()).hexdigest()
+    con.execute("INSERT INTO ledger VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (*body.values(), "0" * 64, digest))
+    con.commit()
+    con.close()
+    ledger = PrivacyLedger(path)                   # migrates, verifies
+    ledger.append(**ROUND, server_round=2, epsilon=2.0, trust=TRUST_SERVER)
+    entries = PrivacyLedger(path).entries()        # the whole chain verifies again
+    assert [e.trust for e in entries] == ["", "server"]
+    assert to_json(entries)[0]["trust"] == "unrecorded"

@@ -89,12 +89,14 @@ def test_site_level_dp_trains_and_is_accounted(sites):
                            "privacy.clipping_norm=1.0", "privacy.delta=1e-3",
                            "federation.num_rounds=2", "strategy.min_train_sites=2",
                            "+federation.site_node_config={dp-epsilon:100.0,dp-delta:1e-5,"
-                           "privacy-dir:.medfed/sitedp}", f"data.root={sites}",
+                           "privacy-dir:.medfed/sitedp,dp-trust-server:true}",
+                           f"data.root={sites}",
                            f"runs_dir={sites.parent / 'runs'}"])
     run_dir = simulate(cfg)
     entries = PrivacyLedger(sites / "site-1" / ".medfed" / "sitedp" /
                             "privacy-ledger.sqlite").entries()
     assert [(e.mechanism, e.sample_rate, e.steps) for e in entries] == [("site-dp", 1.0, 1)] * 2
+    assert {e.trust for e in entries} == {"server"}           # the server added the noise
     client = mlflow.MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
     version = client.search_model_versions(f"name='{cfg.tracking.registered_model}'")[0]
     history = client.get_metric_history(version.tags["mlflow_run_id"],
@@ -102,3 +104,4 @@ def test_site_level_dp_trains_and_is_accounted(sites):
     values = [m.value for m in sorted(history, key=lambda m: m.step)]
     assert len(values) == 2 and 0 < values[0] < values[1]
     assert version.tags["privacy.mechanism"] == "site-dp"
+

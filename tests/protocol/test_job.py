@@ -67,7 +67,8 @@ def test_every_field_travels_under_its_wire_key():
                                                                         wire.DP_CLIPPING_NORM)} \
         == {wire.DP_MECHANISM: wire.DP_SITE, wire.DP_NOISE_MULTIPLIER: 1.1,
             wire.DP_CLIPPING_NORM: 0.4, wire.DP_ACCOUNTANT: "rdp", wire.DP_PLANNED_ROUNDS: 5,
-            wire.RUN_ID: "run-8"}
+            wire.RUN_ID: "run-8", wire.DP_NOISE: wire.DP_NOISE_DISTRIBUTED,
+            wire.DP_MIN_CONTRIBUTORS: 0}
 
 
 def test_unset_privacy_values_travel_as_zero_and_come_back_unset():

@@ -198,12 +198,19 @@ def test_budget_checks_refuse_only_what_a_site_would_surely_refuse(tmp_path):
     # site-level DP: the run's epsilon at the site's delta, as the site computes it
     sitedp = _cfg(tmp_path, "privacy=sitedp", "privacy.noise_multiplier=0.5",
                   "federation.num_rounds=20", "strategy.min_train_sites=2")
-    problems, _ = policy_problems(sitedp, [_policy("a"), _policy("b")])
+    trusting = dict(trust_server=True)           # privacy=sitedp: the server adds the noise
+    problems, _ = policy_problems(sitedp, [_policy("a", **trusting), _policy("b", **trusting)])
     assert len(problems) == 2 and "> its budget 8" in problems[0]
-    floor = _policy("a", min_noise_multiplier=1.0)
+    floor = _policy("a", min_noise_multiplier=1.0, **trusting)
     quiet = _cfg(tmp_path, "privacy=sitedp", "privacy.noise_multiplier=0.9",
                  "strategy.min_train_sites=2")
-    assert "below its floor 1" in policy_problems(quiet, [floor, _policy("b")])[0][0]
+    assert "below its floor 1" in policy_problems(quiet, [floor, _policy("b", **trusting)])[0][0]
+    # a site that does not trust the server refuses server noise, not distributed noise
+    distrust = policy_problems(quiet, [_policy("a", **trusting), _policy("b")])[0]
+    assert len(distrust) == 1 and distrust[0].startswith("b: privacy.noise=server")
+    ddp = _cfg(tmp_path, "federation=sim3", "privacy=ddp", "secagg.enabled=true",
+               "privacy.noise_multiplier=3", "strategy.min_train_sites=3")
+    assert policy_problems(ddp, [_policy("a"), _policy("b"), _policy("c")]) == ([], [])
 
 
 def test_sites_that_cannot_read_the_layout_are_named_with_the_fix(tmp_path, quiet_waits):

@@ -35,15 +35,18 @@ import torch
 from torch import nn
 
 from client.privacy.noise import SkellamNoise
-from client.privacy.secagg import SiteSecAgg
+from client.privacy.secagg import SiteIdentity, SiteSecAgg
 from models.metrics import confusion_matrix, mcc
 from protocol.accounting import calibrate_noise
 from protocol.secagg_encoding import noisy_encoding
+from protocol.secagg_identity import simulation_key, simulation_registry
 from protocol.secagg_protocol import SecAggConfig, ServerRound
 from protocol.skellam import NoiseShare
 from strategies.secagg import SumNoise
 
 from .common import RESULTS_DIR, commit, machine, update_results_md
+
+RUN = 1                                 # the run id the rounds' keys are signed for
 
 CLASSES, FEATURES, HIDDEN = 3, 32, 32
 LAST = 5                                  # rounds whose global models a seed's MCC averages
@@ -115,17 +118,22 @@ def distributed_average(deltas: list[np.ndarray], sigma: float, c: float, round_
     enc = noisy_encoding(clip_range=c, max_sites=n, share=share)
     ids = list(range(1, n + 1))
     server = ServerRound(round_, ids, SecAggConfig(degree=n - 1, encoding=enc),
-                         deltas[0].size + 1)
-    sites = {i: SiteSecAgg(i, round_, enc) for i in ids}
+                         deltas[0].size + 1, run=RUN)
+    # the malicious-secure protocol, as deployed: identity keys on one registration list
+    registry = simulation_registry([f"site-{i}" for i in ids])
+    sites = {i: SiteSecAgg(i, round_, enc, RUN, SiteIdentity(
+        f"site-{i}", simulation_key(f"site-{i}"), registry)) for i in ids}
     requests = server.accept_keys({i: s.advertise() for i, s in sites.items()})
-    held = server.accept_shares({i: sites[i].share_keys(r["neighbours"], r["threshold"])
+    held = server.accept_shares({i: sites[i].share_keys(r["participants"], r["neighbours"],
+                                                        r["degree"], r["threshold"])
                                  for i, r in requests.items()})
     masked = {i: sites[i].masked_input(cts, deltas[i - 1], 1, noise=share,
                                        sampler=samplers[i - 1])
               for i, cts in held.items()}
-    unmask = server.accept_masked(masked)
-    average, weight = server.unmask({i: sites[i].unmask(r["survived"], r["dropped"])
-                                     for i, r in unmask.items()})
+    requests = server.accept_signatures({i: sites[i].sign_survivors(r["survivors"])
+                                         for i, r in server.accept_masked(masked).items()})
+    average, weight = server.unmask({i: sites[i].unmask(r["survivors"], r["signatures"])
+                                     for i, r in requests.items()})
     assert weight == n
     return average
 

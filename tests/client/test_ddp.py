@@ -13,7 +13,7 @@ from client.privacy import ddp
 from client.privacy.ledger import PrivacyLedger
 from client.privacy.noise import SkellamNoise
 from client.privacy.policy import PrivacyRefused, SiteBudget, admit_round, authorize
-from client.privacy.secagg import SiteSecAgg
+from tests.strategies.secagg_sites import RUN, finish, make_sites, share_keys
 from protocol import accounting, wire
 from protocol.job import JobSpec, PrivacySpec
 from protocol.secagg_encoding import Encoding, encode, noisy_encoding
@@ -118,35 +118,30 @@ def test_a_replayed_round_draws_the_same_noise_and_a_new_round_fresh_noise():
     assert not np.array_equal(first, draw(5))             # the next round: fresh noise
 
 
-def _secure_round(share: NoiseShare, *, sites=5, drop=(), length=20_000, skip=()):
-    """A real SecAgg+ round: every site encodes with its noise share before masking."""
+def _secure_round(share: NoiseShare, *, sites=5, drop=(), length=20_000):
+    """A real (malicious-secure) SecAgg+ round: every site encodes with its noise share
+    before masking."""
     rng = np.random.default_rng(1)
     enc = noisy_encoding(clip_range=1.0, max_sites=sites, share=share)
     ids = [10 * (i + 1) for i in range(sites)]
     deltas = {i: rng.normal(0, 0.002, length).astype(np.float32) for i in ids}
-    server = ServerRound(3, ids, SecAggConfig(encoding=enc), length + 1,
-                         rng=np.random.default_rng(0))
-    clients = {i: SiteSecAgg(i, 3, enc) for i in ids}
-    requests = server.accept_keys({i: c.advertise() for i, c in clients.items()})
-    held = server.accept_shares({i: clients[i].share_keys(r["neighbours"], r["threshold"])
-                                 for i, r in requests.items()})
-    zero = lambda v, n: np.zeros(n, np.int64)                          # noqa: E731
-    masked = {i: clients[i].masked_input(
-        cts, deltas[i], 100, noise=share,
-        sampler=zero if i in skip else SkellamNoise(secure=False, seed=i).sample)
+    server = ServerRound(3, ids, SecAggConfig(encoding=enc), length + 1, run=RUN)
+    clients = make_sites(ids, 3, enc)
+    held = share_keys(server, clients)
+    masked = {i: clients[i].masked_input(cts, deltas[i], 100, noise=share,
+                                         sampler=SkellamNoise(secure=False, seed=i).sample)
         for i, cts in held.items() if i not in drop}
-    unmask = server.accept_masked(masked)
-    average, weight = server.unmask({i: clients[i].unmask(r["survived"], r["dropped"])
-                                     for i, r in unmask.items()})
+    (average, weight), _ = finish(server, clients, masked)
+    survivors = {i: server.survivors for i in masked}
     plain = np.mean([deltas[i] for i in masked], axis=0, dtype=np.float64)
-    return average, plain, weight, enc, unmask
+    return average, plain, weight, enc, survivors
 
 
 def test_a_secure_round_with_a_dropout_unmasks_a_noisy_average_of_the_survivors():
     share = NoiseShare(noise_multiplier=1.0, clip_norm=1.0, min_contributors=4)
-    average, plain, weight, enc, unmask = _secure_round(share, drop=(30,))
+    average, plain, weight, enc, survivors = _secure_round(share, drop=(30,))
     assert weight == 4                                   # unit weights: four survivors
-    assert all(len(r["survived"]) == 3 for r in unmask.values())   # each counts 1 + 3 = 4
+    assert all(len(s) == 4 for s in survivors.values())  # each unmasks by the same four
     noise_std = ddp.sum_noise_std(share=share, scale=enc.scale, dim=plain.size, contributors=4)
     assert noise_std == pytest.approx(1.0 * 1.0 / 4, rel=1e-3)    # sigma C / n at n = m
     assert np.std(average - plain) == pytest.approx(noise_std, rel=0.05)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from flwr.app import Context, Error, Message, RecordDict
 
 from client.app import make_client_app
 from client.privacy.ledger import PrivacyLedger
+from medfed.certs import site_keygen
 from protocol import wire
 from server.config import load_experiment
 from server.federation import run_federation
@@ -33,6 +35,7 @@ class InProcessGrid:
                                     state=RecordDict(), run_config={})
                          for i, config in enumerate(sites.values(), 1)}
         self.drop_masked = drop_masked          # a node whose masked reply never arrives
+        self.run = SimpleNamespace(run_id=1)
 
     def get_node_ids(self):
         return list(self.contexts)
@@ -54,11 +57,19 @@ class InProcessGrid:
 
 
 def _sites(three_sites, tmp_path) -> dict[str, dict]:
+    """Three deployed-style sites, each with its own identity key (``medfed site keygen``)
+    on one registration list (``--secagg-peers``), as malicious-secure SecAgg+ needs."""
     root = tmp_path / "sites"
     shutil.copytree(three_sites, root)
+    names = ("site-0", "site-1", "site-2")
+    keys = {name: site_keygen(tmp_path / "keys" / name, site=name) for name in names}
+    peers = tmp_path / "secagg-peers.pub"
+    peers.write_text("".join(k.public.read_text() for k in keys.values()))
     return {name: {wire.NODE_DATA_DIR: str(root / name), wire.NODE_SITE_ID: name,
-                   wire.NODE_DP_EPSILON: 100.0, wire.NODE_DP_DELTA: 1e-5}
-            for name in ("site-0", "site-1", "site-2")}
+                   wire.NODE_DP_EPSILON: 100.0, wire.NODE_DP_DELTA: 1e-5,
+                   wire.NODE_SECAGG_IDENTITY: str(keys[name].private),
+                   wire.NODE_SECAGG_PEERS: str(peers)}
+            for name in names}
 
 
 def _cfg(tmp_path, *extra):
@@ -87,15 +98,17 @@ def test_a_ddp_run_books_every_site_and_the_server_adds_nothing(three_sites, tmp
 
 
 def test_a_sum_short_of_min_contributors_is_never_unmasked(three_sites, tmp_path, caplog):
-    """One site's masked update never arrives: the other two count 2 < 3 contributors and
-    refuse to reveal shares, so the round fails instead of releasing a sum with 2/3 of the
-    noise (min_contributors=3)."""
+    """One site's masked update never arrives: the other two refuse to reveal shares, so the
+    round fails instead of releasing a sum with 2/3 of the noise (min_contributors=3). With
+    three sites the malicious-secure SecAgg+ floor (secagg-min-contributors 3, and t of 2
+    neighbours) refuses first, at the consistency stage; distributed DP's own floor behind it
+    is attacked directly in tests/client/test_ddp.py."""
     sites = _sites(three_sites, tmp_path)
     cfg = _cfg(tmp_path, "federation.num_rounds=1")
     with caplog.at_level(logging.WARNING):
         with pytest.raises(Exception):
             run_federation(InProcessGrid(sites, drop_masked=2), cfg, tmp_path / "run")
-    assert "assumed at least 3" in caplog.text
+    assert "2 survivors; this site requires at least 3" in caplog.text
 
 
 def test_server_noise_runs_only_where_the_operator_trusts_the_server(three_sites, tmp_path):

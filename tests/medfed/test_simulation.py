@@ -64,7 +64,8 @@ def test_sites_sent_weights_metrics_and_ids_only(smoke_run):
         assert set(s["records"]["site"]) == {"site-id", "role"}
         assert set(s["records"]["policy"]) <= {
             "site-id", "role", "require-dp", "require-secagg", "has-budget", "dp-epsilon-spent",
-            "dp-epsilon", "dp-delta", "dp-max-run-epsilon", "dp-min-noise-multiplier"}
+            "dp-epsilon", "dp-delta", "dp-max-run-epsilon", "dp-min-noise-multiplier",
+            "dp-trust-server", "serves-layout", "weights-found", "weights-digest-match"}
     summaries = [s for s in summaries if s not in policies]
     assert len(summaries) == 4                       # 2 sites x (train + evaluate)
     for s in summaries:

@@ -141,7 +141,9 @@ def test_secagg_with_site_level_dp_noise_on_the_sum(three_sites, tmp_path):
                            "secagg.enabled=true", "secagg.clip_range=1.0", "privacy=sitedp",
                            "privacy.noise_multiplier=1.0", "privacy.clipping_norm=1.0",
                            "privacy.delta=1e-3",
-                           "+federation.site_node_config={dp-epsilon:100.0,dp-delta:1e-5}"])
+                           # privacy=sitedp adds the noise on the server: sites must trust it
+                           "+federation.site_node_config={dp-epsilon:100.0,dp-delta:1e-5,"
+                           "dp-trust-server:true}"])
     run_dir = simulate(cfg)
     client = mlflow.MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
     run_id = client.search_runs([client.get_experiment_by_name("medfed").experiment_id])[0] \

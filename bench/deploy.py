@@ -102,12 +102,16 @@ def deploy(data: Path, root: Path, rounds: int) -> dict[str, tuple[list[float], 
         start("server", ["server", "--certs", str(certs), "--state-dir", str(root / "state"),
                          "--host", "127.0.0.1", "--port", str(port)])
         wait_for("server", "site c: public key")
+        # the registration list each hospital gets out of band (malicious-secure SecAgg+)
+        peers = root / "secagg-peers.pub"
+        peers.write_text("".join((certs / "sites" / s / "auth.pub").read_text() for s in SITES))
         for i, site in enumerate(SITES):
             start(site, ["site", "--site-id", site, "--data-dir", str(data / f"site-{i}"),
                          "--superlink", f"localhost:{port}", "--root-cert", str(certs / "ca.pem"),
                          "--auth-key", str(certs / "sites" / site / "auth.key"),
                          "--state-dir", str(root / f"node-{site}"),
-                         "--runtime-port", str(_port()), "--allow-app", approved])
+                         "--runtime-port", str(_port()), "--allow-app", approved,
+                         "--secagg-peers", str(peers)])
         for site in SITES:
             wait_for(site, "SuperNode ID:")
         results = {}

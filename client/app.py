@@ -22,6 +22,7 @@ from .engine import Engine
 from .foundation import FoundationRefused, check_site_model, expected_arrays, site_foundation_dir
 from .job import Job, decode_job
 from .mods.errors import generic_errors_mod
+from .mods.packing import packing_mod
 from .mods.require_secagg import require_secagg_mod
 from .mods.secagg import secagg_mod
 from .mods.sitedp import site_dp_clipping_mod
@@ -95,9 +96,11 @@ def make_client_app(*, sim_data_root: Path | None = None, sim_train_sites: int |
     # Innermost first to act on the reply: site-level DP clips the update as the handler
     # produced it, then secure aggregation masks the clipped update. Outermost, the site's
     # own controls see exactly what leaves: require-secagg on the reply's arrays, then
-    # generic error reasons (the coordinator never reads a site's exception text).
-    app = ClientApp(mods=[generic_errors_mod, require_secagg_mod(site_settings), *mods,
-                          secagg_mod, site_dp_clipping_mod])
+    # generic error reasons (the coordinator never reads a site's exception text). Between
+    # them, a deployed coordinator's packed tensors are unpacked on the way in and the reply
+    # packed on the way out (the same arrays, one object on the wire: protocol.packing).
+    app = ClientApp(mods=[generic_errors_mod, packing_mod, require_secagg_mod(site_settings),
+                          *mods, secagg_mod, site_dp_clipping_mod])
     cache = SiteDataCache()
 
     def prepare(msg: Message, context: Context, *, training: bool = False):

@@ -16,6 +16,7 @@ Simulation keeps Flower's in-memory grid (it polls every 0.1 s already).
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterable
 from functools import partial
@@ -23,6 +24,10 @@ from functools import partial
 from flwr.app import Message
 from flwr.serverapp import Grid
 
+from protocol import wire
+from protocol.packing import PackingError, pack, unpack
+
+log = logging.getLogger(__name__)
 REPLY_POLL = 0.2          # seconds between two pulls while replies are missing
 
 
@@ -48,10 +53,27 @@ class PromptGrid(Grid):
         return self.inner.get_node_ids()
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Each message's model arrays packed into one byte array (``protocol.packing``): one
+        object per message for a site to pull instead of one per tensor."""
+        messages = list(messages)
+        for m in messages:
+            if m.has_content() and wire.ARRAYS in m.content.array_records:
+                m.content[wire.ARRAYS] = pack(m.content.array_records[wire.ARRAYS])
         return self.inner.push_messages(messages)
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self.inner.pull_messages(message_ids)
+        """Replies with packed arrays restored. One that does not decode exactly is left
+        packed: its keys are not the model's, so the update guard drops it as malformed
+        (``strategies.guard``), never averaged."""
+        replies = list(self.inner.pull_messages(message_ids))
+        for m in replies:
+            if not m.has_error() and wire.ARRAYS in m.content.array_records:
+                try:
+                    m.content[wire.ARRAYS] = unpack(m.content.array_records[wire.ARRAYS])
+                except PackingError as err:
+                    log.warning("node %s sent malformed packed arrays (%s)",
+                                m.metadata.src_node_id, err)
+        return replies
 
     def send_and_receive(self, messages: Iterable[Message], *,
                          timeout: float | None = None) -> Iterable[Message]:

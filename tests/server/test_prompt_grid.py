@@ -10,6 +10,17 @@ import pytest
 import server.prompt_grid as prompt
 
 
+def _message(message_id: str) -> SimpleNamespace:
+    """A message without content (what the grid looks at before pushing)."""
+    return SimpleNamespace(id=message_id, has_content=lambda: False)
+
+
+def _reply(message_id: str) -> SimpleNamespace:
+    return SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=message_id),
+                           has_error=lambda: False,
+                           content=SimpleNamespace(array_records={}))
+
+
 class _Grid:
     """Flower's grid contract, with replies that arrive on the third pull."""
 
@@ -18,14 +29,13 @@ class _Grid:
         self.run = "run-7"
 
     def push_messages(self, messages):
-        return [m for m in messages]
+        return [m.id for m in messages]
 
     def pull_messages(self, message_ids):
         self.pulls += 1
         if self.pulls < 3:
             return []
-        return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=i))
-                for i in sorted(message_ids)]
+        return [_reply(i) for i in sorted(message_ids)]
 
     def get_node_ids(self):
         return [1, 2]
@@ -36,7 +46,7 @@ def test_replies_are_collected_every_poll_not_every_3_s(monkeypatch):
     monkeypatch.setattr(prompt.time, "sleep", slept.append)
     inner = _Grid()
     grid = prompt.PromptGrid(inner)
-    replies = grid.send_and_receive(["a", "b"], timeout=60)
+    replies = grid.send_and_receive([_message("a"), _message("b")], timeout=60)
     assert [r.metadata.reply_to_message_id for r in replies] == ["a", "b"]
     assert slept == [prompt.REPLY_POLL] * 2 and prompt.REPLY_POLL < 3
     assert grid.get_node_ids() == [1, 2] and grid.run == "run-7"
@@ -48,7 +58,7 @@ def test_a_timeout_still_ends_the_wait(monkeypatch):
     monkeypatch.setattr(prompt.time, "sleep", lambda s: now.__setitem__(0, now[0] + s))
     inner = _Grid()
     inner.pull_messages = lambda ids: []                     # nobody answers
-    assert prompt.PromptGrid(inner).send_and_receive(["a"], timeout=1.0) == []
+    assert prompt.PromptGrid(inner).send_and_receive([_message("a")], timeout=1.0) == []
     assert 1.0 <= now[0] < 1.0 + 2 * prompt.REPLY_POLL
 
 

@@ -1,4 +1,4 @@
-"""A research export read through a manifest: NIfTI files listed per study and channel.
+"""A research export read through a manifest: NIfTI or NRRD files listed per study and channel.
 
 Layout of such a site directory (the rest - labels, reports, splits - as for DICOM sites,
 :mod:`client.data.site`, with the manifest's study id in the ``study_instance_uid`` column)::
@@ -8,7 +8,10 @@ Layout of such a site directory (the rest - labels, reports, splits - as for DIC
 
 ``channel`` names a channel of the job's layout (brain_mri_4seq: T1, T1ce, T2, FLAIR).
 Files are NIfTI (``.nii``/``.nii.gz``, read with nibabel): voxel ``[i, j, k]`` with an
-affine to RAS millimetres. They become the DICOM readers' convention - ``[Z, Y, X]`` with
+affine to RAS millimetres; or NRRD (``.nrrd``/``.nhdr``, read with pynrrd): voxel ``[i, j, k]``
+with ``space directions`` and ``space origin`` in a ``space`` of ``left-posterior-superior``
+(3D Slicer's default, taken to RAS) or ``right-anterior-superior``; another space, or no
+directions, is skipped as ``unsupported_space``. They become the DICOM readers' convention - ``[Z, Y, X]`` with
 an LPS affine (:class:`client.data.volume.Volume`) - and then what the layout asks:
 a 3D layout puts each on its grid (:mod:`client.data.grid`, the same code as a DICOM
 series) and applies its ``ct_window``/``zscore``; a 2D layout takes the middle slice
@@ -38,7 +41,7 @@ from .site import IngestReport, SiteDataError, Study
 
 MANIFEST = "manifest.csv"
 COLUMNS = ("study_id", "channel", "file")
-FORMATS = (".nii", ".nii.gz")
+FORMATS = (".nii", ".nii.gz", ".nrrd", ".nhdr")
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 # (k, j, i, 1) -> (i, j, k, 1): the DICOM readers' [Z, Y, X] index order to NIfTI's.
 KJI_TO_IJK = np.array([[0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]], dtype=float)
@@ -87,7 +90,7 @@ def manifest_rows(site_dir: Path, layout: Layout | None) -> list[tuple[str, str,
             raise SiteDataError(f"{MANIFEST} line {n}: the file is outside the site directory")
         if not name.lower().endswith(FORMATS):
             raise SiteDataError(f"{MANIFEST} line {n}: unsupported format; expected "
-                                f"{' or '.join(FORMATS)} (NRRD needs pynrrd, not installed)")
+                                f"{' or '.join(FORMATS)}")
         if not path.is_file():
             raise SiteDataError(f"{MANIFEST} line {n}: the file does not exist")
         patient = (row.get("patient_id") or "").strip() or study
@@ -100,7 +103,8 @@ def manifest_rows(site_dir: Path, layout: Layout | None) -> list[tuple[str, str,
 def decode_manifest_site(site_dir: Path, layout: Layout | None, *, key: bytes | None = None,
                          ) -> tuple[list[Study], IngestReport]:
     """Studies of a manifest site (images only, as the DICOM readers' decode halves), with
-    counted skips: ``unreadable`` (nibabel failed), ``not_finite``, ``duplicate_channel``,
+    counted skips: ``unreadable`` (nibabel or pynrrd failed), ``unsupported_space`` (an NRRD
+    file with no usable space), ``not_finite``, ``duplicate_channel``,
     ``resample_error`` and ``study_missing_channel`` (a layout's required channel, or any
     under ``missing: skip_study``)."""
     rows = manifest_rows(site_dir, layout)
@@ -134,12 +138,11 @@ def decode_manifest_site(site_dir: Path, layout: Layout | None, *, key: bytes | 
 def _read(path: Path, channel: str, layout: Layout | None,
           skipped: Counter) -> np.ndarray | None:
     """One file as the layout wants it, or None (counted): see the module doc."""
-    import nibabel as nib
-
     try:
-        image = nib.load(path)
-        data = np.asarray(image.dataobj, dtype=np.float32)
-        affine = np.asarray(image.affine, dtype=float)
+        data, affine = _load(path)
+    except _UnsupportedSpace:
+        skipped["unsupported_space"] += 1
+        return None
     except Exception:  # noqa: BLE001 - a corrupt file is counted, never fatal
         skipped["unreadable"] += 1
         return None
@@ -174,6 +177,38 @@ def _read(path: Path, channel: str, layout: Layout | None,
         skipped["resample_error"] += 1
         return None
     return planes
+
+
+class _UnsupportedSpace(ValueError):
+    """An NRRD file whose voxels cannot be placed in patient space."""
+
+
+# NRRD ``space`` -> the matrix taking its coordinates to RAS
+_NRRD_SPACES = {"left-posterior-superior": RAS_TO_LPS, "right-anterior-superior": np.eye(4)}
+
+
+def _load(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """``(data [i, j, k] float32, affine (i, j, k, 1) -> RAS mm)`` of a NIfTI or NRRD file."""
+    if path.name.lower().endswith((".nrrd", ".nhdr")):
+        import nrrd
+
+        # the header first: a file that cannot be placed is not decoded at all
+        header = nrrd.read_header(str(path))
+        space = str(header.get("space", "")).lower()
+        directions = np.asarray(header.get("space directions", []), dtype=float)
+        if space not in _NRRD_SPACES or directions.shape != (3, 3) \
+                or not np.isfinite(directions).all():
+            raise _UnsupportedSpace(space)
+        origin = np.asarray(header.get("space origin", np.zeros(3)), dtype=float)
+        affine = np.eye(4)
+        affine[:3, :3] = directions.T              # row a of "space directions": axis a
+        affine[:3, 3] = origin
+        data, _ = nrrd.read(str(path), index_order="F")         # [i, j, k]
+        return np.asarray(data, dtype=np.float32), _NRRD_SPACES[space] @ affine
+    import nibabel as nib
+
+    image = nib.load(path)
+    return np.asarray(image.dataobj, dtype=np.float32), np.asarray(image.affine, dtype=float)
 
 
 def _input_images(channels: dict[str, np.ndarray], layout: Layout | None

@@ -7,6 +7,7 @@ before any file is read; the site cache serves it like a DICOM site."""
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 
 import nibabel as nib
 import numpy as np
@@ -34,11 +35,11 @@ def volume(seed: int) -> np.ndarray:
     return np.random.default_rng(seed).uniform(-1000, 1500, SHAPE).astype(np.float32)
 
 
-def write_nifti(path, array: np.ndarray, *, flip_x: bool = False) -> None:
+def write_nifti(path, array: np.ndarray, *, flip_x: bool = False, lps=LPS) -> None:
     """``array`` [Z, Y, X] with affine LPS as NIfTI (data [i, j, k], RAS affine); with
     ``flip_x`` the file stores the i axis reversed (and its affine says so)."""
     data = array.transpose(2, 1, 0)
-    ras = LPS_TO_RAS @ LPS @ KJI_TO_IJK
+    ras = LPS_TO_RAS @ lps @ KJI_TO_IJK
     if flip_x:
         flip = np.eye(4)
         flip[0, 0], flip[0, 3] = -1, data.shape[0] - 1
@@ -148,3 +149,80 @@ def test_the_site_cache_serves_a_manifest_site_and_sees_a_changed_file(site, tmp
     assert cache.last == "miss" and cache.changed_files == 1
     study = next(s for s in changed.studies if s.key == pseudonym("study", "RESEARCH-0002", KEY))
     np.testing.assert_array_equal(study.images["T2"], volume(77))
+
+
+def write_nrrd(path, array: np.ndarray, *, space: str, flip_x: bool = False,
+               lps=LPS) -> None:
+    """``array`` [Z, Y, X] with affine LPS as NRRD (data [i, j, k]; ``space directions`` one
+    row per axis) in ``space`` (LPS as 3D Slicer writes it, or RAS); with ``flip_x`` the file
+    stores the i axis reversed and its direction and origin say so."""
+    import nrrd
+
+    data = array.transpose(2, 1, 0)
+    affine = lps @ KJI_TO_IJK                              # (i, j, k, 1) -> LPS
+    if space == "right-anterior-superior":
+        affine = LPS_TO_RAS @ affine
+    if flip_x:
+        flip = np.eye(4)
+        flip[0, 0], flip[0, 3] = -1, data.shape[0] - 1
+        data, affine = data[::-1], affine @ flip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nrrd.write(str(path), np.ascontiguousarray(data), {
+        "space": space, "space directions": affine[:3, :3].T,
+        "space origin": affine[:3, 3]}, index_order="F")
+
+
+@pytest.mark.parametrize("space", ["left-posterior-superior", "right-anterior-superior"])
+def test_nrrd_files_land_on_the_grid_as_the_same_volumes_in_nifti(site, tmp_path, space):
+    """The fixture's studies again, every file NRRD (one stored x-reversed): what the layout
+    reads is what it reads from the NIfTI files. An NRRD without a patient space is skipped
+    with its reason, not guessed."""
+    import nrrd
+
+    root = tmp_path / "nrrd-site"
+    rows = ["study_id,channel,file,patient_id"]
+    for n, study in enumerate(["RESEARCH-0001", "RESEARCH-0002", "RESEARCH-0003"]):
+        for c, channel in enumerate(["T1", "T2"]):
+            name = f"nrrd/{study}_{channel}.nrrd"
+            write_nrrd(root / name, volume(10 * n + c), space=space, flip_x=(n, c) == (0, 1))
+            rows.append(f"{study},{channel},{name},MRN{n:06d}")
+    nrrd.write(str(root / "nrrd" / "scanner.nrrd"), volume(99).transpose(2, 1, 0),
+               {"space": "scanner-xyz", "space directions": np.eye(3)}, index_order="F")
+    rows.append("RESEARCH-0004,T1,nrrd/scanner.nrrd,MRN000004")
+    (root / "manifest.csv").write_text("\n".join(rows) + "\n")
+    (root / "labels.csv").write_text((site / "labels.csv").read_text())
+    layout = grid_layout()
+    from_nrrd = read_site(root, layout, CLASSES, key=KEY)
+    from_nifti = {s.key: s for s in read_site(site, layout, CLASSES, key=KEY).studies}
+    assert from_nrrd.report.skipped["unsupported_space"] == 1
+    assert {s.key for s in from_nrrd.studies} == set(from_nifti)
+    for study in from_nrrd.studies:
+        assert study.images.keys() == from_nifti[study.key].images.keys()
+        for name, image in study.images.items():
+            np.testing.assert_allclose(image, from_nifti[study.key].images[name], atol=1e-5)
+
+
+def test_an_oblique_nrrd_volume_is_placed_as_the_same_oblique_nifti(tmp_path):
+    """Tilted 25 degrees about the head-foot axis: the direction vectors are the rows of
+    ``space directions``, not its columns (a transposed reading puts the voxels elsewhere)."""
+    c, s = np.cos(np.radians(25)), np.sin(np.radians(25))
+    rotation = np.array([[c, -s, 0, 0], [s, c, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])
+    oblique = rotation @ LPS
+    sites = {}
+    for kind in ("nifti", "nrrd"):
+        root = tmp_path / kind
+        name = f"{kind}/study.{'nii.gz' if kind == 'nifti' else 'nrrd'}"
+        rows = ["study_id,channel,file"]
+        for channel in ("T1", "T2"):
+            file = name.replace("study", f"study_{channel}")
+            writer = write_nifti if kind == "nifti" else partial(
+                write_nrrd, space="left-posterior-superior")
+            writer(root / file, volume(7), lps=oblique)
+            rows.append(f"RESEARCH-0001,{channel},{file}")
+        (root / "manifest.csv").write_text("\n".join(rows) + "\n")
+        (root / "labels.csv").write_text("study_instance_uid,label\nRESEARCH-0001,cyst\n")
+        sites[kind] = read_site(root, grid_layout(), CLASSES, key=KEY).studies[0].images
+    assert sites["nrrd"].keys() == sites["nifti"].keys()
+    for name, image in sites["nifti"].items():
+        assert np.abs(image).max() > 0                    # the volume is on the grid
+        np.testing.assert_allclose(sites["nrrd"][name], image, atol=1e-5)

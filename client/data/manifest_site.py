@@ -8,10 +8,12 @@ Layout of such a site directory (the rest - labels, reports, splits - as for DIC
 
 ``channel`` names a channel of the job's layout (brain_mri_4seq: T1, T1ce, T2, FLAIR).
 Files are NIfTI (``.nii``/``.nii.gz``, read with nibabel): voxel ``[i, j, k]`` with an
-affine to RAS millimetres; or NRRD (``.nrrd``/``.nhdr``, read with pynrrd): voxel ``[i, j, k]``
-with ``space directions`` and ``space origin`` in a ``space`` of ``left-posterior-superior``
-(3D Slicer's default, taken to RAS) or ``right-anterior-superior``; another space, or no
-directions, is skipped as ``unsupported_space``. They become the DICOM readers' convention - ``[Z, Y, X]`` with
+affine to RAS millimetres; or NRRD (``.nrrd``, read with pynrrd): voxel ``[i, j, k]`` with
+``space directions`` and ``space origin`` in a ``space`` of ``left-posterior-superior`` (3D
+Slicer's default, taken to RAS) or ``right-anterior-superior``; another space, no directions,
+or voxels in a detached ``data file`` (a path the site would have to follow) are skipped as
+``unsupported_space``. Both formats' claimed sizes are checked against the DICOM readers'
+caps (``VolumeLimits``) before any voxel is read. They become the DICOM readers' convention - ``[Z, Y, X]`` with
 an LPS affine (:class:`client.data.volume.Volume`) - and then what the layout asks:
 a 3D layout puts each on its grid (:mod:`client.data.grid`, the same code as a DICOM
 series) and applies its ``ct_window``/``zscore``; a 2D layout takes the middle slice
@@ -29,11 +31,13 @@ an unsupported format is one error naming the row.
 from __future__ import annotations
 
 import csv
+import math
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
+from .frames import VolumeLimits
 from .layout import Layout
 from .pseudonyms import pseudonym
 from .sequences import SEQUENCES
@@ -41,7 +45,7 @@ from .site import IngestReport, SiteDataError, Study
 
 MANIFEST = "manifest.csv"
 COLUMNS = ("study_id", "channel", "file")
-FORMATS = (".nii", ".nii.gz", ".nrrd", ".nhdr")
+FORMATS = (".nii", ".nii.gz", ".nrrd")
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 # (k, j, i, 1) -> (i, j, k, 1): the DICOM readers' [Z, Y, X] index order to NIfTI's.
 KJI_TO_IJK = np.array([[0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]], dtype=float)
@@ -104,7 +108,8 @@ def decode_manifest_site(site_dir: Path, layout: Layout | None, *, key: bytes | 
                          ) -> tuple[list[Study], IngestReport]:
     """Studies of a manifest site (images only, as the DICOM readers' decode halves), with
     counted skips: ``unreadable`` (nibabel or pynrrd failed), ``unsupported_space`` (an NRRD
-    file with no usable space), ``not_finite``, ``duplicate_channel``,
+    file with no usable space), ``too_large`` (a header over the DICOM readers' caps, never
+    decoded), ``not_finite``, ``duplicate_channel``,
     ``resample_error`` and ``study_missing_channel`` (a layout's required channel, or any
     under ``missing: skip_study``)."""
     rows = manifest_rows(site_dir, layout)
@@ -142,6 +147,9 @@ def _read(path: Path, channel: str, layout: Layout | None,
         data, affine = _load(path)
     except _UnsupportedSpace:
         skipped["unsupported_space"] += 1
+        return None
+    except _TooLarge:
+        skipped["too_large"] += 1
         return None
     except Exception:  # noqa: BLE001 - a corrupt file is counted, never fatal
         skipped["unreadable"] += 1
@@ -183,22 +191,40 @@ class _UnsupportedSpace(ValueError):
     """An NRRD file whose voxels cannot be placed in patient space."""
 
 
+class _TooLarge(ValueError):
+    """A header claiming more voxels than the site decodes (checked before decoding)."""
+
+
+def _check_size(shape, limits: VolumeLimits = VolumeLimits()) -> None:
+    """The DICOM readers' caps on a header's claimed size, before any voxel is read: each
+    axis at most the largest plane/slice count, the float32 volume at most ``max_bytes``."""
+    dims = [int(d) for d in shape]
+    largest = max(limits.max_rows, limits.max_columns, limits.max_slices)
+    if any(d < 0 or d > largest for d in dims) or 4 * math.prod(dims) > limits.max_bytes:
+        raise _TooLarge(str(dims))
+
+
 # NRRD ``space`` -> the matrix taking its coordinates to RAS
 _NRRD_SPACES = {"left-posterior-superior": RAS_TO_LPS, "right-anterior-superior": np.eye(4)}
 
 
 def _load(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """``(data [i, j, k] float32, affine (i, j, k, 1) -> RAS mm)`` of a NIfTI or NRRD file."""
-    if path.name.lower().endswith((".nrrd", ".nhdr")):
+    if path.name.lower().endswith(".nrrd"):
         import nrrd
 
         # the header first: a file that cannot be placed is not decoded at all
         header = nrrd.read_header(str(path))
+        if "data file" in header or "datafile" in header:
+            # detached voxels: a path written by whoever wrote the export, perhaps outside
+            # the site directory - never followed
+            raise _UnsupportedSpace("detached data file")
         space = str(header.get("space", "")).lower()
         directions = np.asarray(header.get("space directions", []), dtype=float)
         if space not in _NRRD_SPACES or directions.shape != (3, 3) \
                 or not np.isfinite(directions).all():
             raise _UnsupportedSpace(space)
+        _check_size(header.get("sizes", []))
         origin = np.asarray(header.get("space origin", np.zeros(3)), dtype=float)
         affine = np.eye(4)
         affine[:3, :3] = directions.T              # row a of "space directions": axis a
@@ -207,7 +233,8 @@ def _load(path: Path) -> tuple[np.ndarray, np.ndarray]:
         return np.asarray(data, dtype=np.float32), _NRRD_SPACES[space] @ affine
     import nibabel as nib
 
-    image = nib.load(path)
+    image = nib.load(path)                                 # the header; voxels on demand
+    _check_size(image.shape)
     return np.asarray(image.dataobj, dtype=np.float32), np.asarray(image.affine, dtype=float)
 
 

@@ -1,5 +1,5 @@
-"""A NIfTI research export read through manifest.csv: volumes land on a 3D layout's grid in
-the same orientation as the DICOM path (whichever way the file stores its axes); the brain
+"""A NIfTI or NRRD research export read through manifest.csv: volumes land on a 3D layout's
+grid in the same orientation as the DICOM path (whichever way the file stores its axes); the brain
 reader takes the same volumes; labels join by study id; ids become pseudonyms; a manifest
 that points outside the site, names an unknown channel or needs DICOM headers is refused
 before any file is read; the site cache serves it like a DICOM site."""
@@ -226,3 +226,45 @@ def test_an_oblique_nrrd_volume_is_placed_as_the_same_oblique_nifti(tmp_path):
     for name, image in sites["nifti"].items():
         assert np.abs(image).max() > 0                    # the volume is on the grid
         np.testing.assert_allclose(sites["nrrd"][name], image, atol=1e-5)
+
+
+def test_hostile_headers_are_skipped_before_any_voxel_is_read(tmp_path, monkeypatch):
+    """An export written by someone else: a NIfTI and an NRRD header claiming 4096^3 voxels
+    (256 GiB as float32) over a few bytes of data are skipped as too_large without decoding;
+    an NRRD whose voxels live in a detached file outside the site is never followed."""
+    import nrrd
+
+    root = tmp_path / "hostile"
+    outside = tmp_path / "outside.raw"
+    outside.write_bytes(np.arange(480, dtype=np.float32).tobytes())
+    write_nifti(root / "f/ok_T1.nii", volume(1))
+    write_nifti(root / "f/ok_T2.nii", volume(2))
+    raw = bytearray((root / "f/ok_T1.nii").read_bytes())
+    raw[42:48] = np.array([4096, 4096, 4096], "<i2").tobytes()   # dim[1..3] of the header
+    (root / "f/huge.nii").write_bytes(bytes(raw))
+    nrrd.write(str(root / "f/huge.nrrd"), volume(3).transpose(2, 1, 0), {
+        "space": "left-posterior-superior", "space directions": np.eye(3)}, index_order="F")
+    text = (root / "f/huge.nrrd").read_bytes()
+    (root / "f/huge.nrrd").write_bytes(text.replace(b"sizes: 10 8 6", b"sizes: 4096 4096 4096"))
+    (root / "f/detached.nrrd").write_text(
+        "NRRD0004\ntype: float\ndimension: 3\nspace: left-posterior-superior\n"
+        "sizes: 10 8 6\nspace directions: (1,0,0) (0,1,0) (0,0,1)\nendian: little\n"
+        f"encoding: raw\ndata file: {outside}\n\n")
+    rows = ["study_id,channel,file", "S1,T1,f/ok_T1.nii", "S1,T2,f/ok_T2.nii",
+            "S2,T1,f/huge.nii", "S3,T1,f/huge.nrrd", "S4,T1,f/detached.nrrd"]
+    (root / "manifest.csv").write_text("\n".join(rows) + "\n")
+    (root / "labels.csv").write_text("study_instance_uid,label\nS1,cyst\n")
+
+    followed = []
+    real_open = open
+
+    def watch(file, *args, **kwargs):
+        if str(file) == str(outside):
+            followed.append(file)
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", watch)
+    data = read_site(root, grid_layout(), CLASSES, key=KEY)
+    assert data.report.skipped["too_large"] == 2
+    assert data.report.skipped["unsupported_space"] == 1 and not followed
+    assert [s.key for s in data.studies] == [pseudonym("study", "S1", KEY)]

@@ -168,23 +168,13 @@ def _read(path: Path, channel: str, layout: Layout | None,
     from .intensity import volume_intensity
     if layout.dims != "3d":
         return volume_intensity(spec.intensity, array[array.shape[0] // 2])   # [C, Y, X]
-    from .grid import to_grid
     from .volume import Volume
-    from .volume_site import GRID_AXCODES
+    from .volume_site import grid_planes
 
     lps = RAS_TO_LPS @ affine @ KJI_TO_IJK                  # (k, j, i, 1) -> LPS mm
     spacing = tuple(float(np.linalg.norm(lps[:3, a])) for a in range(3))
     volume = Volume(array, spacing, lps, "", channel, "", "", "")
-    try:
-        grid = to_grid(volume, layout.spacing, layout.size, GRID_AXCODES)    # [1, Z, Y, X]
-        planes = volume_intensity(spec.intensity, np.asarray(grid[0], dtype=np.float32))
-    except Exception:  # noqa: BLE001 - a degenerate affine must not stop the site
-        skipped["resample_error"] += 1
-        return None
-    if not np.isfinite(planes).all():
-        skipped["resample_error"] += 1
-        return None
-    return planes
+    return grid_planes(volume, layout, spec, skipped)
 
 
 class _UnsupportedSpace(ValueError):

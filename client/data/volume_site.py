@@ -53,6 +53,15 @@ def read_volume_channel(channel: Channel, files: tuple[Path, ...], layout: Layou
             skipped["series_split"] += 1
         return None
     volume = volumes[0]
+    planes = grid_planes(volume, layout, channel, skipped)
+    return None if planes is None else (planes, volume.patient_key)
+
+
+def grid_planes(volume, layout: Layout, channel: Channel, skipped: Counter
+                ) -> np.ndarray | None:
+    """``volume`` on the layout's grid through the channel's intensity (one plane stack per
+    window), or None counted as ``resample_error`` (a degenerate affine, a non-finite
+    result): the one place a DICOM series or a manifest file becomes model input."""
     try:
         grid = to_grid(volume, layout.spacing, layout.size, GRID_AXCODES)     # [1, Z, Y, X]
         planes = volume_intensity(channel.intensity, np.asarray(grid[0], dtype=np.float32))
@@ -62,4 +71,4 @@ def read_volume_channel(channel: Channel, files: tuple[Path, ...], layout: Layou
     if not np.isfinite(planes).all():
         skipped["resample_error"] += 1
         return None
-    return planes, volume.patient_key
+    return planes

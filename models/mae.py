@@ -108,20 +108,29 @@ class MAEDecoder(nn.Module):
 
     def forward(self, tokens: Tensor, masked: Tensor, attend: Tensor) -> Tensor:
         """Encoder tokens ``[B, 1+S*N, D]`` -> pixel predictions ``[B, S*N, P]``."""
-        b, t, _ = tokens.shape
-        s = self.num_sequences
-        n = (t - 1) // s
-        m = masked.to(tokens.dtype)[..., None]                              # [B, S*N, 1]
-        x = self.embed(tokens)
-        patches = x[:, 1:] * (1 - m) + self.mask_token(m)
-        # Per-sample inputs ([B, ...], not broadcast): per-sample gradient rules need them.
-        seq = torch.eye(s, dtype=tokens.dtype, device=tokens.device).repeat_interleave(n, 0)
-        patches = (patches + self.seq_embed(seq.expand(b, -1, -1))
-                   + self.pos_embed.expand(1, s, -1, -1).reshape(1, s * n, -1))
+        x, patches = decoder_inputs(self, tokens, masked)
+        s, n = self.num_sequences, patches.shape[1] // self.num_sequences
+        patches = patches + self.pos_embed.expand(1, s, -1, -1).reshape(1, s * n, -1)
         x = torch.cat([x[:, :1], patches], dim=1)
         for block in self.blocks:
             x = block(x, attend)
         return self.pred(self.norm(x))[:, 1:]
+
+
+def decoder_inputs(decoder: nn.Module, tokens: Tensor, masked: Tensor) -> tuple[Tensor, Tensor]:
+    """An MAE decoder's embedded tokens ``x`` ``[B, 1+S*N, D']`` and its patch tokens
+    ``[B, S*N, D']``: masked patches replaced by the mask token, each sequence's embedding
+    added (positions are the caller's: each decoder has its own). ``decoder`` has
+    ``embed``, ``mask_token``, ``seq_embed`` and ``num_sequences``."""
+    b, t, _ = tokens.shape
+    s = decoder.num_sequences
+    n = (t - 1) // s
+    m = masked.to(tokens.dtype)[..., None]                              # [B, S*N, 1]
+    x = decoder.embed(tokens)
+    patches = x[:, 1:] * (1 - m) + decoder.mask_token(m)
+    # Per-sample inputs ([B, ...], not broadcast): per-sample gradient rules need them.
+    seq = torch.eye(s, dtype=tokens.dtype, device=tokens.device).repeat_interleave(n, 0)
+    return x, patches + decoder.seq_embed(seq.expand(b, -1, -1))
 
 
 def decoder_geometry(layout: TokenLayout) -> ViTConfig:

@@ -139,15 +139,10 @@ class PretrainedMAEDecoder(nn.Module):
         """Encoder tokens ``[B, 1+S*N, D]`` -> pixel predictions ``[B, S*N, p*p]``."""
         from transformers.masking_utils import create_bidirectional_mask
 
-        b, t, _ = tokens.shape
-        s = self.num_sequences
-        n = (t - 1) // s
-        m = masked.to(tokens.dtype)[..., None]                              # [B, S*N, 1]
-        x = self.embed(tokens)
-        patches = x[:, 1:] * (1 - m) + self.mask_token(m)
-        seq = torch.eye(s, dtype=tokens.dtype, device=tokens.device).repeat_interleave(n, 0)
-        patches = (patches + self.seq_embed(seq.expand(b, -1, -1))
-                   + self.pos_embed.to(x.dtype).repeat(1, s, 1))
+        from ..mae import decoder_inputs
+
+        x, patches = decoder_inputs(self, tokens, masked)
+        patches = patches + self.pos_embed.to(x.dtype).repeat(1, self.num_sequences, 1)
         x = torch.cat([x[:, :1] + self.cls_pos.to(x.dtype), patches], dim=1)
         mask = create_bidirectional_mask(config=self.layer_config, inputs_embeds=x,
                                          attention_mask=attend)

@@ -18,8 +18,24 @@ from einops import rearrange
 from torch import Tensor, nn
 
 
+class PatchGeometry:
+    """Patch counts of a config or layout with ``img_size``, ``patch_size``, ``spatial_dims``."""
+
+    img_size: int
+    patch_size: int
+    spatial_dims: int
+
+    @property
+    def patches_per_sequence(self) -> int:
+        return (self.img_size // self.patch_size) ** self.spatial_dims
+
+    @property
+    def patch_dim(self) -> int:
+        return self.patch_size**self.spatial_dims
+
+
 @dataclass(frozen=True)
-class ViTConfig:
+class ViTConfig(PatchGeometry):
     spatial_dims: int = 2
     img_size: int = 64
     patch_size: int = 16
@@ -46,17 +62,10 @@ class ViTConfig:
         if not math.isfinite(self.input_center):
             raise ValueError(f"input_center must be a finite number, got {self.input_center}")
 
-    @property
-    def patches_per_sequence(self) -> int:
-        return (self.img_size // self.patch_size) ** self.spatial_dims
-
-    @property
-    def patch_dim(self) -> int:
-        return self.patch_size**self.spatial_dims
 
 
 @dataclass(frozen=True)
-class TokenLayout:
+class TokenLayout(PatchGeometry):
     """How a backbone lays out its tokens - what an objective built on any backbone (our
     ``MultiModalViT`` or a pretrained ``FoundationBackbone``) reads instead of its config."""
 
@@ -67,13 +76,6 @@ class TokenLayout:
     dim: int                        # token width
     cls_tokens: int = 1             # 1: token 0 is a CLS token; 0: patch tokens only
 
-    @property
-    def patches_per_sequence(self) -> int:
-        return (self.img_size // self.patch_size) ** self.spatial_dims
-
-    @property
-    def patch_dim(self) -> int:
-        return self.patch_size**self.spatial_dims
 
 
 def patchify(images: Tensor, patch_size: int, spatial_dims: int) -> Tensor:

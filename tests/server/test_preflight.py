@@ -293,7 +293,7 @@ def test_the_policy_query_waits_for_a_slow_first_answer_and_while_answers_keep_c
                 for n in range(1, 31)]
     # processes starting up: nothing for longer than the quiet window, then 30 in turn
     slow = _TrickleGrid(30, 30, silent_pulls=3)
-    assert len(_gather(slow, messages, quiet=0.3, first=60)) == 30
+    assert len(_gather(slow, messages, quiet=2.0, first=60)) == 30
     # two silent sites end the wait once the others have answered (a hang guard, no timing)
     partial = _TrickleGrid(30, 28, silent_pulls=0)
-    assert len(_gather(partial, messages, quiet=0.3, first=60)) == 28
+    assert len(_gather(partial, messages, quiet=2.0, first=60)) == 28

@@ -128,6 +128,7 @@ class ConsoleTable:
         if ext:
             self._line(record.round, "EXTERNAL", None, {}, ext)
         self.rows.append((record.round, "GLOBAL", {"val": val, "test": test, "external": ext}))
+        global_notes = list(self.notes)[new_notes:]        # before any site note is dropped
         if many:       # the sites' notes are in the site table; the GLOBAL ones here
             for where in site_notes:
                 del self.notes[where]
@@ -135,7 +136,7 @@ class ConsoleTable:
                 log.info("note: %d site splits show n/a (why: %s)", len(site_notes),
                          self.run_dir / SITE_TABLE if self.run_dir else "-")
             site_notes = []
-        for where in site_notes + list(self.notes)[new_notes:]:
+        for where in site_notes + global_notes:
             log.info("note: %s: %s", where, self.notes[where])
 
     def _round_summary(self, record: RoundRecord, lines: list) -> None:

@@ -176,3 +176,17 @@ def test_twenty_sites_still_get_one_line_each(caplog, tmp_path):
     lines = [r.getMessage() for r in caplog.records]
     assert len([line for line in lines if line.split()[1:2] == ["site-019"]]) == 1
     assert not (tmp_path / SITE_TABLE).exists()
+
+
+def test_many_sites_still_log_why_a_global_figure_is_n_a(caplog, tmp_path):
+    """Above 20 sites the sites' notes go to the site table; the pooled (GLOBAL) notes are
+    still logged, however many site notes came before them."""
+    record = _many_sites(30, failed=0)
+    record.evaluate[:] = [_reply(r.site_id, _split(SINGLE), _split(GOOD)) for r in record.evaluate]
+    table = ConsoleTable(tmp_path)
+    with caplog.at_level(logging.INFO, logger="medfed.server"):
+        table.on_train(record)
+        table.on_round_end(record)
+    lines = [r.getMessage() for r in caplog.records]
+    assert "note: GLOBAL val: single class in split (MCC/AUROC undefined)" in lines
+    assert "note: 30 site splits show n/a" in " ".join(lines)

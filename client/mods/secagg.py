@@ -188,8 +188,10 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
         signatures = dict(zip((int(j) for j in request.get(wire.SECAGG_NODES, [])),
                               request.get(wire.SECAGG_SIGNATURES, [])))
         try:
-            check_unmask(context, list(request[wire.SECAGG_SURVIVED]))  # distributed DP's floor
-            shares = site.unmask([int(j) for j in request[wire.SECAGG_SURVIVED]], signatures)
+            # distributed DP's floor, proven by signatures (not only by the ids listed)
+            assumed = check_unmask(context, list(request[wire.SECAGG_SURVIVED]))
+            shares = site.unmask([int(j) for j in request[wire.SECAGG_SURVIVED]], signatures,
+                                 min_signed=assumed)
         finally:        # one unmask request per round, answered or refused
             del context.state[wire.SECAGG_STATE]
         return _reply(msg, {

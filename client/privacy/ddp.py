@@ -78,10 +78,12 @@ def masked_stage_noise(context: Context, config: ConfigRecord
     return share, SkellamNoise(key=key).sample
 
 
-def check_unmask(context: Context, survived: list) -> None:
-    """Refuse to unmask a sum of fewer contributors than this round's share assumed."""
+def check_unmask(context: Context, survived: list) -> int:
+    """Refuse to unmask a sum of fewer contributors than this round's share assumed; the
+    number assumed (0: no distributed-DP share this round). The caller makes the survivor
+    set's signatures prove that many contributors (a listed id alone is the server's word)."""
     if STATE not in context.state or _MIN_CONTRIBUTORS not in context.state[STATE]:
-        return
+        return 0
     saved = dict(context.state[STATE])
     needed = int(saved.pop(_MIN_CONTRIBUTORS))
     # this site and its surviving neighbours, each once (naming this site again adds nothing)
@@ -91,6 +93,7 @@ def check_unmask(context: Context, survived: list) -> None:
         raise DistributedDPRefused(
             f"asked to unmask a sum of {counted} contributors this site can count; its noise "
             f"share assumed at least {needed} (privacy.min_contributors); refusing")
+    return needed
 
 
 def sum_noise_std(*, share: NoiseShare, scale: float, dim: int, contributors: int) -> float:

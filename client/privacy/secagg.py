@@ -269,11 +269,12 @@ class SiteSecAgg:
         return survivors
 
     # ---- stage 4
-    def unmask(self, survivors: list[int], signatures: dict[int, bytes] | None = None
-               ) -> dict[str, dict[int, bytes]]:
+    def unmask(self, survivors: list[int], signatures: dict[int, bytes] | None = None,
+               *, min_signed: int = 0) -> dict[str, dict[int, bytes]]:
         """Per neighbour that shared with us: its self-mask share if it survived, its
         masking-key share if not - from the one survivor set at least ``t`` neighbours
-        signed."""
+        signed, and at least ``max(min_contributors, min_signed)`` participants in all
+        (``min_signed``: the contributors a distributed-DP noise share assumed)."""
         if self._answered:
             raise SecAggRefused("secagg-stage", "this round's unmask request was already "
                                 "answered")
@@ -282,17 +283,18 @@ class SiteSecAgg:
             if survivors != self._signed:
                 raise SecAggRefused("secagg-inconsistent-survivors", "the survivor set differs "
                                     "from the one this site signed (equivocation)")
-            self._check_signatures(survivors, signatures or {})
+            self._check_signatures(survivors, signatures or {}, min_signed)
         self._answered = True
         alive = set(survivors)
         return {"seed": {j: s for j, (s, _) in self._held.items() if j in alive},
                 "key": {j: k for j, (_, k) in self._held.items() if j not in alive}}
 
-    def _check_signatures(self, survivors: list[int], signatures: dict[int, bytes]) -> None:
+    def _check_signatures(self, survivors: list[int], signatures: dict[int, bytes],
+                          min_signed: int = 0) -> None:
         """At least ``t`` of this site's neighbours and ``min_contributors`` participants in
         all (each attesting it sent a masked input) signed exactly ``survivors``."""
         message = survivors_statement(self.run, self.round_, survivors)
-        need = self.policy.min_contributors
+        need = max(self.policy.min_contributors, min_signed)
         neighbours_, everyone = 0, 0
         # neighbours first: t of them are required, the rest only count toward the total
         for j in sorted(signatures, key=lambda j: int(j) not in self._neighbour_keys):

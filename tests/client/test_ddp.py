@@ -166,3 +166,27 @@ def test_a_site_claiming_a_million_examples_is_capped_inside_the_masked_sum():
     assert np.allclose(average, expected, atol=2 * enc.resolution)
     uncapped = (200 * 0.01 + 10 ** 6 * -0.2) / (200 + 10 ** 6)
     assert abs(expected - uncapped) > 0.02              # what the attack would have bought
+
+
+def test_a_server_listing_more_survivors_than_signed_cannot_meet_the_noise_floor():
+    """Distributed DP's floor m = 5: the server lists all five sites as survivors but hands
+    a site only four survivor-set signatures (the fifth site's input it could have withheld).
+    The listed ids are the server's word; the site counts signatures, so it reveals nothing.
+    Control: the same request with no noise floor is answered (SecAgg+'s own floor is 3)."""
+    from client.privacy.secagg import SecAggRefused
+    from protocol.secagg_encoding import Encoding
+
+    enc = Encoding(clip_range=0.5, max_sites=5, max_weight=10)
+    ids = [10, 20, 30, 40, 50]
+    server = ServerRound(2, ids, SecAggConfig(encoding=enc), 11, run=RUN)
+    sites = make_sites(ids, 2, enc)
+    held = share_keys(server, sites)
+    masked = {i: sites[i].masked_input(cts, np.zeros(10, np.float32), 1)
+              for i, cts in held.items()}
+    requests = server.accept_signatures({i: sites[i].sign_survivors(r["survivors"])
+                                         for i, r in server.accept_masked(masked).items()})
+    request = requests[10]
+    four = {j: sig for j, sig in request["signatures"].items() if j != 50}
+    with pytest.raises(SecAggRefused, match="4 participants \\(5 needed\\)"):
+        sites[10].unmask(request["survivors"], four, min_signed=5)
+    assert sites[20].unmask(request["survivors"], four)["seed"]        # no floor: answered

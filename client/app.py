@@ -30,7 +30,7 @@ from .privacy.declared import declared_policy
 from .privacy.policy import admit_round, node_settings, releasable_metrics
 from .queries import (QueryLimits, SiteQueryLog, arrays_digest, state_dir,
                       suppress_small_counts)
-from .readiness import asks_for_job, job_readiness
+from .readiness import asks_for_job, job_readiness, served_layout
 from .runtime import SiteConfigError, SiteDataCache, resolve_site, site_logger
 
 # Site-owned state across rounds (node context state; never sent).
@@ -112,8 +112,10 @@ def make_client_app(*, sim_data_root: Path | None = None, sim_train_sites: int |
         torch.manual_seed(job.train.seed)        # seeded init: local parameters of round 1
         model, task = job.build(foundation_dir=foundation_dir(site, context))
         site_base = check_site_model(model, job)
-        data, splits = cache.get(site, job.class_names, job.image_size, task.data_needs,
-                                 job.layout)
+        layout = served_layout(job.layout, node_settings(context.node_config, site.data_dir,
+                                                         simulated=site.simulated),
+                               simulated=site.simulated)
+        data, splits = cache.get(site, job.class_names, job.image_size, task.data_needs, layout)
         local = load_global(model, msg.content, job, context, site_base=site_base)
         return site, job, splits, model, Engine(task, site.device), data, local
 

@@ -6,8 +6,11 @@ code, node config and files, never a path, a file name or a count:
 
 - **layout**: the layout the job reads with is one this site can read. A deployed site
   declares the layout its data were checked with at start (node config ``layout``:
-  ``medfed site --layout NAME|FILE``) and serves that one; a site that declares none (a
-  simulated one) serves every layout shipped with its installed MedFed.
+  ``medfed site --layout NAME|FILE``) and serves that one; a site that declares none serves
+  every layout shipped with its installed MedFed. "Serves" compares the whole layout (rules,
+  windows, policies), not its name: a job may not rename its own selection rules into a
+  layout the site agreed to (:func:`served_layout`, which a train or evaluate message meets
+  too).
 - **foundation weights** (a job whose model loads a pretrained encoder): the weights NAME
   resolves to a directory in the site's node config ``foundation-dir``, and the frozen base the
   site builds from it has the job's digest - exactly the check a train message meets
@@ -29,7 +32,7 @@ from flwr.app import ConfigRecord
 from models import MODELS
 from models.foundation import FOUNDATION_DIR, resolve_weights
 from protocol import wire
-from protocol.layout import DEFAULT_LAYOUT
+from protocol.layout import DEFAULT_LAYOUT, Layout
 
 from .foundation import FoundationRefused, check_site_model, site_foundation_dir
 from .job import decode_job
@@ -60,8 +63,11 @@ def job_readiness(config: ConfigRecord, settings: dict, data_dir: Path) -> Readi
         message with it would be refused).
     """
     job = decode_job(config, site_seed=0)
-    layout = job.layout.name if job.layout is not None else DEFAULT_LAYOUT
-    ready = Readiness(layout_ok=layout in site_layouts(settings))
+    try:
+        served_layout(job.layout, settings, simulated=False)
+        ready = Readiness(layout_ok=True)
+    except LayoutRefused:
+        ready = Readiness(layout_ok=False)
     if FOUNDATION_DIR not in MODELS.resources(job.model_name):
         return ready
     # The name was checked by decode_job (FoundationConfig); resolve_weights checks it again
@@ -87,6 +93,48 @@ def job_readiness(config: ConfigRecord, settings: dict, data_dir: Path) -> Readi
     return Readiness(ready.layout_ok, weights_found=True, weights_match=match)
 
 
+class LayoutRefused(ValueError):
+    """The job's layout is not one this site serves (its reason names layouts, no data)."""
+
+
+def served_layout(job_layout: Layout | None, settings: dict, *,
+                  simulated: bool) -> Layout | None:
+    """The layout this site reads a job with: its OWN copy of the job's layout.
+
+    The job's layout is data the coordinator sent; it selects which of the site's series are
+    read and how (a rule admitting any series description would train on whatever the
+    archive holds). A deployed site therefore reads only with a layout it holds itself, the
+    one it declared (node config ``layout``) or, declaring none, one shipped with its
+    installed MedFed, and only when the job's layout equals it in every rule, window and
+    policy. ``None`` (the job names no layout) means the default brain reader. A simulated
+    site (the federation's own synthetic hospitals, run by the same user) reads with the
+    job's layout as sent.
+
+    Raises
+    ------
+    LayoutRefused
+        The job's layout differs from the declared one, or from the shipped layout of its
+        name, or no such layout is served here.
+    """
+    if simulated:
+        return job_layout
+    from .data.layout import load_layout
+
+    name = job_layout.name if job_layout is not None else DEFAULT_LAYOUT
+    served = site_layouts(settings)
+    if name not in served:
+        raise LayoutRefused(f"the job's layout {name!r} is not one this site serves "
+                            f"({', '.join(sorted(served))})")
+    if job_layout is None:
+        return None
+    declared = settings.get(wire.NODE_LAYOUT)
+    own = load_layout(str(declared) if declared else name)
+    if own.to_dict() != job_layout.to_dict():
+        raise LayoutRefused(f"the job's layout {name!r} differs from this site's own "
+                            f"{name!r} in its rules, windows or policies")
+    return own
+
+
 def site_layouts(settings: dict) -> set[str]:
     """Names of the layouts this site reads: its declared one (node config ``layout``, a
     shipped name or the operator's YAML file), else every layout its installed code ships."""
@@ -101,4 +149,5 @@ def site_layouts(settings: dict) -> set[str]:
     return {text}
 
 
-__all__ = ["Readiness", "asks_for_job", "job_readiness", "site_layouts"]
+__all__ = ["LayoutRefused", "Readiness", "asks_for_job", "job_readiness", "served_layout",
+           "site_layouts"]

@@ -21,13 +21,14 @@ from ..foundation import FoundationRefused
 from ..privacy.policy import PrivacyRefused
 from ..privacy.secagg import SecAggRefused
 from ..queries import QueryRefused
+from ..readiness import LayoutRefused
 from ..runtime import SiteConfigError
 
 log = logging.getLogger(__name__)
 
 # Refusals whose reasons are policy (written by us, never holding site data): sent as they are.
 POLICY_REFUSALS: tuple[type[Exception], ...] = (PrivacyRefused, SecAggRefused, QueryRefused,
-                                                FoundationRefused)
+                                                FoundationRefused, LayoutRefused)
 
 # class of failure -> (code, generic message); the first match in order wins.
 GENERIC: tuple[tuple[type[Exception], str, str], ...] = (

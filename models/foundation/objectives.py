@@ -13,6 +13,7 @@ each site's own copy, checked by digest.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -21,6 +22,8 @@ from torch import Tensor, nn
 from ..vit import TokenLayout
 from .adapt import FoundationBackbone
 from .families import _interpolate_grid
+
+log = logging.getLogger(__name__)
 
 
 # What each pretraining objective needs of a foundation backbone.
@@ -132,6 +135,10 @@ class PretrainedMAEDecoder(nn.Module):
                     layout.patch_dim, -1, width).mean(1))
                 self.pred.bias.copy_(old.bias.detach().reshape(layout.patch_dim, -1).mean(1))
         else:
+            # the pretrained predictor's pixels are another patch's: nothing of it maps
+            log.info("MAE decoder: the pretrained pixel predictor is for %d-pixel patches and "
+                     "the layout's are %d; a new predictor is trained from scratch",
+                     family_patch, layout.patch_size)
             nn.init.xavier_uniform_(self.pred.weight)
             nn.init.zeros_(self.pred.bias)
 

@@ -445,8 +445,10 @@ def test_a_pad_token_named_only_in_tokenizer_config_is_used(tmp_path):
     assert ids == [1, 4, 2, 3, 3, 3]
 
 
-def test_mae_decoder_with_another_patch_size_gets_a_new_pixel_predictor(encoders):
-    model, task = _build(encoders, "mae_pretraining", "mae", patch_size=4)
+def test_mae_decoder_with_another_patch_size_gets_a_new_pixel_predictor(encoders, caplog):
+    with caplog.at_level("INFO", logger="models.foundation.objectives"):
+        model, task = _build(encoders, "mae_pretraining", "mae", patch_size=4)
+    assert "a new predictor is trained from scratch" in caplog.text     # said, not silent
     assert isinstance(model.decoder, PretrainedMAEDecoder)
     assert model.decoder.pred.out_features == 16 and model.decoder.pos_embed.shape[1] == 64
     _assert_only_trainable_changed(model, _train_one_epoch(model, task, _studies()))

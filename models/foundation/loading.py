@@ -25,7 +25,8 @@ import torch
 from torch import Tensor, nn
 
 from .families import FamilySeams, seams_for
-from .timm_vit import TIMM_FAMILY, is_timm_config, load_timm_vit
+from .timm_vit import (TIMM_FAMILY, is_timm_config, load_timm_vit,
+                       parse_config as parse_timm_config)
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,10 @@ def read_config(directory: str | Path) -> dict:
     except json.JSONDecodeError as err:
         raise FoundationLoadError(f"{path} is not valid JSON: {err}") from None
     if is_timm_config(config):
+        try:
+            parse_timm_config(config)       # refuse an unrepresentable architecture here
+        except ValueError as err:
+            raise FoundationLoadError(f"{path}: {err}") from None
         return config
     model_type = config.get("model_type")
     if model_type not in HF_MODEL_TYPES and model_type != MONAI_MODEL_TYPE:

@@ -201,6 +201,14 @@ def test_pickle_is_refused_and_convert_weights_makes_it_loadable(tmp_path, capsy
         torch.testing.assert_close(converted[key], value, rtol=0, atol=0)
 
 
+def test_the_coordinator_checks_a_timm_directory_from_its_config_alone():
+    from models.foundation.objectives import directory_refusal
+
+    assert directory_refusal(FIXTURES / "vit_tiny", "mm_dino", "lora") is None
+    assert "CLS token" in directory_refusal(FIXTURES / "vit_base_gap", "mm_dino", "lora")
+    assert directory_refusal(FIXTURES / "vit_base_gap", "classification", "lora") is None
+
+
 # ---------------------------------------------------------------- LoRA and DP-SGD
 
 def test_lora_adapts_the_fused_qkv_and_trains_only_adapters_and_new_parts():

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -68,6 +68,17 @@ class TimmViTConfig:
     final_norm: bool = True
     fc_norm: bool | None = None             # None: after pooling when global_pool is avg/max
 
+    def __post_init__(self):
+        # config.json is JSON: a string where a number belongs must fail here, in one line
+        for f in fields(self):
+            if not _valid(getattr(self, f.name), f.type):
+                raise ValueError(f"timm argument {f.name}={getattr(self, f.name)!r} is not a "
+                                 f"valid {f.type}")
+        if min(self.img_size, self.patch_size, self.embed_dim, self.depth, self.num_heads,
+               self.in_chans) < 1:
+            raise ValueError("timm sizes (img_size, patch_size, embed_dim, depth, num_heads, "
+                             "in_chans) must be >= 1")
+
     @property
     def use_fc_norm(self) -> bool:
         return self.global_pool in ("avg", "avgmax", "max") if self.fc_norm is None \
@@ -80,6 +91,21 @@ class TimmViTConfig:
     @property
     def grid(self) -> int:
         return self.img_size // self.patch_size
+
+
+def _valid(value, kind: str) -> bool:
+    """Whether a JSON value fits a field annotated ``kind`` (``int`` means a count >= 0)."""
+    if value is None:
+        return "None" in kind
+    if kind.startswith("bool"):
+        return isinstance(value, bool)
+    if isinstance(value, bool):
+        return False
+    if kind == "int":
+        return isinstance(value, int) and value >= 0
+    if kind.startswith("float"):
+        return isinstance(value, (int, float))
+    return isinstance(value, str)
 
 
 def is_timm_config(config: dict) -> bool:
@@ -133,7 +159,8 @@ def parse_config(config: dict) -> TimmViTConfig:
         if source.get("num_classes") is not None:
             base["num_classes"] = int(source["num_classes"])
     base |= {k: v for k, v in args.items() if k in ARGS}
-    base["img_size"] = _side(base["img_size"])
+    if isinstance(base["img_size"], (int, list, tuple)):
+        base["img_size"] = _side(base["img_size"])
     cfg = TimmViTConfig(**base)
     if cfg.global_pool not in POOLS:
         raise ValueError(f"timm global_pool {cfg.global_pool!r} is not supported (an "

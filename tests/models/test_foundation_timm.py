@@ -152,6 +152,9 @@ def test_architecture_names_resolve_as_timm_registers_them():
      "attention-pool"),
     ({"architecture": "vit_base_patch16_224", "model_args": {"img_size": [224, 160]}},
      "non-square"),
+    ({"architecture": "vit_base_patch16_224", "model_args": {"depth": "12"}}, "depth='12'"),
+    ({"architecture": "vit_base_patch16_224", "model_args": {"class_token": 1}}, "class_token"),
+    ({"architecture": "vit_base_patch16_224", "model_args": {"num_heads": 0}}, ">= 1"),
 ])
 def test_what_cannot_be_represented_exactly_is_refused_in_one_line(tmp_path, config, reason):
     with pytest.raises(ValueError, match=reason) as err:

@@ -264,3 +264,16 @@ def test_export_writes_timm_layout_with_lora_merged(tmp_path, name):
         batch = _batch(_size(name))
         torch.testing.assert_close(load_export(out)(batch["image"], batch["present"]),
                                    model(batch["image"], batch["present"]), rtol=0, atol=1e-5)
+
+
+def test_an_unsupported_timm_directory_fails_at_config_load(tmp_path):
+    from server.config import ConfigError, load_experiment
+
+    directory = _copy("vit_tiny", tmp_path / "encoders", qk_norm=True)
+    base = ["model=foundation", f"model.options.weights={directory.name}",
+            f"model.foundation_dir={directory.parent}", "task.image_size=32"]
+    with pytest.raises(ConfigError, match="qk_norm=True is not supported"):
+        load_experiment(base)
+    shutil.copytree(FIXTURES / "vit_base_gap", directory.parent / "gap")
+    with pytest.raises(ConfigError, match="CLS token"):
+        load_experiment(base[:1] + ["model.options.weights=gap"] + base[2:] + ["pretrain=mm_dino"])

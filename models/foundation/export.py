@@ -6,7 +6,7 @@ MedFed's training code or MLflow.
     DIR/encoder/                  the adapted encoder, adapters MERGED into the base weights:
                                   ``save_pretrained`` (transformers) or config.json +
                                   model.safetensors (MONAI ViT, ``loading.save_monai_vit``;
-                                  timm ViT in timm's hub layout, ``timm_vit.save_timm_vit``);
+                                  timm ViT in timm's hub layout, ``timm_family.save_timm_vit``);
                                   ``loading.load_encoder`` reads it like any pretrained encoder
     DIR/adapter/                  lora/dora/ia3 only: the adapters alone as a ``peft`` adapter
                                   directory (adapter_config.json + adapter_model.safetensors),
@@ -37,7 +37,8 @@ from .adapt import FoundationBackbone
 from .config import FoundationConfig
 from .loading import MONAI_MODEL_TYPE, load_encoder, save_monai_vit
 from .lora import NEW_PARTS, target_pattern
-from .timm_vit import TIMM_FAMILY, save_timm_vit
+from .timm_family import save_timm_vit
+from .timm_vit import TIMM_FAMILY
 
 ENCODER_DIR = "encoder"
 ADAPTER_DIR = "adapter"

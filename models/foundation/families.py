@@ -7,7 +7,7 @@ multi-channel embedding and calls these seams; nothing here copies a family's fo
 
 timm ViTs are read without timm (which needs torchvision, not installable beside this torch
 build): ``timm_vit.TimmViT`` is a pure-PyTorch copy of timm's ``VisionTransformer`` with its
-module names, and ``timm_vit.TimmViTSeams`` its seams.
+module names, and ``timm_family.TimmViTSeams`` its seams.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .timm_vit import TimmViTSeams
+from .timm_family import TimmViTSeams
 
 
 class FamilySeams(Protocol):

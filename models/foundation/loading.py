@@ -11,7 +11,7 @@ can run code when unpickled, so it is refused with the command that converts it
 MONAI's ``ViT`` has no ``save_pretrained``; its directory is our own small format
 (``save_monai_vit``): ``config.json`` = ``{"model_type": "monai_vit", "constructor": {...}}``
 plus ``model.safetensors``. A timm ViT's directory is timm's hub layout (``config.json`` with
-an ``architecture``, no ``model_type``), read without timm by ``timm_vit``.
+an ``architecture``, no ``model_type``), read without timm by ``timm_family``.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ import torch
 from torch import Tensor, nn
 
 from .families import FamilySeams, seams_for
-from .timm_vit import (TIMM_FAMILY, is_timm_config, load_timm_vit,
-                       parse_config as parse_timm_config)
+from .timm_family import load_timm_vit
+from .timm_vit import TIMM_FAMILY, is_timm_config, parse_config as parse_timm_config
 
 log = logging.getLogger(__name__)
 

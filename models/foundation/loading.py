@@ -100,7 +100,7 @@ def read_config(directory: str | Path) -> dict:
     if is_timm_config(config):
         try:
             parse_timm_config(config)       # refuse an unrepresentable architecture here
-        except ValueError as err:
+        except (TypeError, ValueError) as err:
             raise FoundationLoadError(f"{path}: {err}") from None
         return config
     model_type = config.get("model_type")

@@ -123,9 +123,13 @@ def _side(size) -> int:
 def parse_config(config: dict) -> TimmViTConfig:
     """timm's ``config.json`` -> ``TimmViTConfig``; ``ValueError`` (one line) for what
     ``TimmViT`` cannot represent exactly."""
-    arch = str(config.get("architecture", ""))
-    pretrained = config.get("pretrained_cfg") or {}
-    args = dict(config.get("model_args") or {})
+    arch = str(config.get("architecture", "")).split(".")[0]     # "name.tag": the tag is data
+    # timm's legacy single-dict form holds the pretrained_cfg fields at the top level
+    pretrained = config["pretrained_cfg"] if "pretrained_cfg" in config else config
+    args = config.get("model_args") or {}
+    if not isinstance(args, dict) or not isinstance(pretrained, dict):
+        raise ValueError("timm model_args and pretrained_cfg must be JSON objects")
+    args = dict(args)
     if plain := PLAIN.fullmatch(arch):
         dim, depth, heads, ratio = SIZES[plain[1]]
         base = dict(patch_size=int(plain[2]), img_size=int(plain[3]))
@@ -148,7 +152,11 @@ def parse_config(config: dict) -> TimmViTConfig:
                              f"(only {default!r})")
     base |= dict(embed_dim=dim, depth=depth, num_heads=heads, mlp_ratio=ratio)
     input_size = pretrained.get("input_size") or [3]
-    fixed = pretrained.get("fixed_input_size", True) and not args.get("dynamic_img_size")
+    if not isinstance(input_size, (list, tuple)) or len(input_size) not in (1, 3):
+        raise ValueError(f"timm pretrained_cfg input_size {input_size!r} is not [in_chans, "
+                         "height, width] (int)")
+    # as timm: the pretrained input size sets img_size only for a fixed-size model
+    fixed = pretrained.get("fixed_input_size", False) and not args.get("dynamic_img_size")
     if fixed and len(input_size) == 3:
         base["img_size"] = _side(input_size[1:])
     base["in_chans"] = int(input_size[0])

@@ -139,6 +139,10 @@ def test_architecture_names_resolve_as_timm_registers_them():
                           "pretrained_cfg": {"input_size": [1, 384, 384],
                                              "fixed_input_size": True}})
     assert (sized.img_size, sized.in_chans) == (384, 1)
+    legacy = parse_config({"architecture": "vit_base_patch16_224.augreg_in21k_ft_in1k",
+                           "num_classes": 0, "input_size": [3, 384, 384],   # timm's old form
+                           "fixed_input_size": True})
+    assert (legacy.img_size, legacy.num_heads, legacy.num_classes) == (384, 12, 0)
 
 
 @pytest.mark.parametrize("config,reason", [
@@ -155,6 +159,8 @@ def test_architecture_names_resolve_as_timm_registers_them():
     ({"architecture": "vit_base_patch16_224", "model_args": {"depth": "12"}}, "depth='12'"),
     ({"architecture": "vit_base_patch16_224", "model_args": {"class_token": 1}}, "class_token"),
     ({"architecture": "vit_base_patch16_224", "model_args": {"num_heads": 0}}, ">= 1"),
+    ({"architecture": "vit_base_patch16_224", "model_args": [12]}, "JSON objects"),
+    ({"architecture": "vit_base_patch16_224", "pretrained_cfg": {"input_size": 3}}, "int"),
 ])
 def test_what_cannot_be_represented_exactly_is_refused_in_one_line(tmp_path, config, reason):
     with pytest.raises(ValueError, match=reason) as err:
@@ -277,3 +283,30 @@ def test_an_unsupported_timm_directory_fails_at_config_load(tmp_path):
     shutil.copytree(FIXTURES / "vit_base_gap", directory.parent / "gap")
     with pytest.raises(ConfigError, match="CLS token"):
         load_experiment(base[:1] + ["model.options.weights=gap"] + base[2:] + ["pretrain=mm_dino"])
+
+
+# ---------------------------------------------------------------- pretraining objectives
+
+@pytest.mark.parametrize("objective,options", [("mm_dino", {"local_crops": 1}), ("mae", {})])
+def test_pretraining_objectives_start_from_a_timm_vit_with_registers(objective, options):
+    """MM-DINOv2 and MAE through the site's engine from the DINOv2-reg fixture (class token,
+    4 registers, LayerScale): only adapters, new parts and the objective's heads move."""
+    from client.engine import Engine
+    from models.tasks import build
+    from protocol.job import TrainConfig
+
+    model, task = build("foundation", {"weights": "vit_small_reg4_dinov2", "num_channels": S,
+                                       "image_size": 56, "lora_rank": 2},
+                        objective, options, foundation_dir=FIXTURES)
+    g = torch.Generator().manual_seed(0)
+    data = [{"image": torch.randn(S, 56, 56, generator=g), "present": torch.ones(S, dtype=bool),
+             "label": torch.tensor(i % 3 if i < 3 else -1)} for i in range(6)]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    metrics = Engine(task, torch.device("cpu")).fit(
+        model, data, TrainConfig(local_epochs=1, batch_size=3, lr=1e-2))
+    assert metrics["steps"] == 2 and torch.isfinite(torch.tensor(metrics["train_loss"]))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    changed = {n for n, p in model.named_parameters() if not torch.equal(before[n], p)}
+    assert trainable and changed == trainable
+    assert any("lora_" in n and ".attn.qkv." in n for n in changed)
+    assert not any(n.startswith("backbone.encoder.") and "lora_" not in n for n in changed)

@@ -83,7 +83,7 @@ class FoundationBackbone(nn.Module):
         self.family = loaded.family
         self.seams = loaded.seams
         self.encoder = loaded.encoder
-        self.constructor = loaded.constructor      # MONAI only: what export writes back
+        self.constructor = loaded.constructor      # MONAI/timm: what export writes back
         self.directory = loaded.directory
         # A plain dict, not submodules: only the objective that takes them holds them.
         self.companions = dict(loaded.companions)

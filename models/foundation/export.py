@@ -5,7 +5,8 @@ MedFed's training code or MLflow.
 
     DIR/encoder/                  the adapted encoder, adapters MERGED into the base weights:
                                   ``save_pretrained`` (transformers) or config.json +
-                                  model.safetensors (MONAI ViT, ``loading.save_monai_vit``);
+                                  model.safetensors (MONAI ViT, ``loading.save_monai_vit``;
+                                  timm ViT in timm's hub layout, ``timm_family.save_timm_vit``);
                                   ``loading.load_encoder`` reads it like any pretrained encoder
     DIR/adapter/                  lora/dora/ia3 only: the adapters alone as a ``peft`` adapter
                                   directory (adapter_config.json + adapter_model.safetensors),
@@ -36,6 +37,8 @@ from .adapt import FoundationBackbone
 from .config import FoundationConfig
 from .loading import MONAI_MODEL_TYPE, load_encoder, save_monai_vit
 from .lora import NEW_PARTS, target_pattern
+from .timm_family import save_timm_vit
+from .timm_vit import TIMM_FAMILY
 
 ENCODER_DIR = "encoder"
 ADAPTER_DIR = "adapter"
@@ -92,6 +95,8 @@ def save_encoder(model: FoundationBackbone, directory: str | Path) -> Path:
     directory = Path(directory)
     if model.family == MONAI_MODEL_TYPE:
         return save_monai_vit(model.encoder, dict(model.constructor or {}), directory)
+    if model.family == TIMM_FAMILY:
+        return save_timm_vit(model.encoder, dict(model.constructor or {}), directory)
     _family_model(model.encoder).save_pretrained(str(directory), safe_serialization=True)
     return directory
 

@@ -5,8 +5,9 @@ position embeddings, transformer layers and final norm, and how to run those lay
 already-embedded token sequence with an attention mask. ``adapt.FoundationBackbone`` builds the
 multi-channel embedding and calls these seams; nothing here copies a family's forward pass.
 
-timm is not supported: timm needs torchvision, which cannot be installed beside this torch
-build. A timm checkpoint has to be converted to one of the Hugging Face families first.
+timm ViTs are read without timm (which needs torchvision, not installable beside this torch
+build): ``timm_vit.TimmViT`` is a pure-PyTorch copy of timm's ``VisionTransformer`` with its
+module names, and ``timm_family.TimmViTSeams`` its seams.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from typing import ClassVar, Protocol
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .timm_family import TimmViTSeams
 
 
 class FamilySeams(Protocol):
@@ -290,7 +293,7 @@ class MonaiViTSeams:
 
 FAMILIES: dict[str, type] = {cls.name: cls for cls in
                              (Dinov2Seams, ViTSeams, ViTMAESeams, CLIPSeams, SiglipSeams,
-                              SamSeams, MonaiViTSeams)}
+                              SamSeams, MonaiViTSeams, TimmViTSeams)}
 
 
 def seams_for(family: str, **monai_args) -> FamilySeams:

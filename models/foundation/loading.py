@@ -10,7 +10,8 @@ can run code when unpickled, so it is refused with the command that converts it
 
 MONAI's ``ViT`` has no ``save_pretrained``; its directory is our own small format
 (``save_monai_vit``): ``config.json`` = ``{"model_type": "monai_vit", "constructor": {...}}``
-plus ``model.safetensors``.
+plus ``model.safetensors``. A timm ViT's directory is timm's hub layout (``config.json`` with
+an ``architecture``, no ``model_type``), read without timm by ``timm_family``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import torch
 from torch import Tensor, nn
 
 from .families import FamilySeams, seams_for
+from .timm_family import load_timm_vit
+from .timm_vit import TIMM_FAMILY, is_timm_config, parse_config as parse_timm_config
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +81,7 @@ class LoadedEncoder:
 
 
 def supported_model_types() -> list[str]:
-    return sorted([*HF_MODEL_TYPES, MONAI_MODEL_TYPE])
+    return sorted([*HF_MODEL_TYPES, MONAI_MODEL_TYPE]) + [f"{TIMM_FAMILY} (an 'architecture')"]
 
 
 def read_config(directory: str | Path) -> dict:
@@ -94,6 +97,12 @@ def read_config(directory: str | Path) -> dict:
         config = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise FoundationLoadError(f"{path} is not valid JSON: {err}") from None
+    if is_timm_config(config):
+        try:
+            parse_timm_config(config)       # refuse an unrepresentable architecture here
+        except (TypeError, ValueError) as err:
+            raise FoundationLoadError(f"{path}: {err}") from None
+        return config
     model_type = config.get("model_type")
     if model_type not in HF_MODEL_TYPES and model_type != MONAI_MODEL_TYPE:
         raise FoundationLoadError(f"unsupported model_type {model_type!r} in {path}; supported: "
@@ -103,7 +112,10 @@ def read_config(directory: str | Path) -> dict:
 
 def family_of(directory: str | Path) -> str:
     """The encoder family a weights directory holds, from its ``config.json``."""
-    model_type = read_config(directory)["model_type"]
+    config = read_config(directory)
+    if is_timm_config(config):
+        return TIMM_FAMILY
+    model_type = config["model_type"]
     return MONAI_MODEL_TYPE if model_type == MONAI_MODEL_TYPE else HF_MODEL_TYPES[model_type][2]
 
 
@@ -141,8 +153,10 @@ def load_encoder(directory: str | Path, *, expected_family: str = "") -> LoadedE
     directory = Path(directory)
     config = read_config(directory)
     check_weight_files(directory)
-    model_type = config["model_type"]
-    if model_type == MONAI_MODEL_TYPE:
+    model_type = config.get("model_type")
+    if is_timm_config(config):
+        loaded = load_timm_vit(directory, config)
+    elif model_type == MONAI_MODEL_TYPE:
         loaded = _load_monai(directory, config)
     else:
         loaded = _load_hf(directory, model_type)

@@ -74,13 +74,16 @@ def directory_refusal(directory, objective: str, method: str) -> str | None:
     alone (no weights loaded): the coordinator's config-load check."""
     from .families import FAMILIES
     from .loading import MONAI_MODEL_TYPE, family_of, read_config
+    from .timm_vit import TIMM_FAMILY, parse_config
 
     config = read_config(directory)
     family = family_of(directory)
     seams = FAMILIES[family]
     has_cls = (bool(config.get("constructor", {}).get("classification", False))
                if family == MONAI_MODEL_TYPE else seams.has_cls)
-    pair = config["model_type"] in PAIR_MODEL_TYPES
+    if family == TIMM_FAMILY:
+        has_cls = parse_config(config).class_token
+    pair = config.get("model_type") in PAIR_MODEL_TYPES
     reason = objective_refusal(objective, family, method, has_cls=has_cls,
                                masks_tokens=seams.masks_tokens, pair=pair)
     if reason is None and "pair" in NEEDS.get(objective, ()):

@@ -1,5 +1,5 @@
 """End to end: a 2-site, 1-round Flower simulation of a LoRA fine-tuning of a pretrained
-encoder saved as a transformers directory - the coordinator and every site resolve its NAME
+encoder saved as a transformers directory (or timm's hub layout) - the coordinator and every site resolve its NAME
 in their own foundation directory, and only adapters, new patch/channel embeddings and the
 head travel, in both directions."""
 
@@ -36,16 +36,30 @@ def ingress_log(directory: Path):
     return mod
 
 
-def test_lora_on_a_saved_dinov2_sends_only_trainable_tensors(tiny_sites, tmp_path):
-    encoders = tmp_path / "encoders"
+def _save_base(family: str, encoders: Path) -> tuple[str, int]:
+    """A pretrained encoder in ``encoders``: (its name, its number of tensors)."""
+    if family == "timm":       # timm's hub layout, written by real timm (tests/fixtures)
+        import shutil
+
+        from safetensors.torch import load_file
+
+        fixture = Path(__file__).parents[1] / "fixtures" / "timm" / "vit_tiny"
+        shutil.copytree(fixture, encoders / "timm-tiny")
+        return "timm-tiny", len(load_file(str(fixture / "model.safetensors")))
     torch.manual_seed(0)
     base = transformers.Dinov2Model(transformers.Dinov2Config(
         hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32,
         patch_size=8, mlp_ratio=2))
     base.save_pretrained(encoders / "dino-tiny")
-    n_base = len(base.state_dict())
+    return "dino-tiny", len(base.state_dict())
+
+
+@pytest.mark.parametrize("family", ["dinov2", "timm"])
+def test_lora_on_a_saved_encoder_sends_only_trainable_tensors(tiny_sites, tmp_path, family):
+    encoders = tmp_path / "encoders"
+    weights, n_base = _save_base(family, encoders)
     cfg = load_experiment([
-        "model=foundation", "model.options.weights=dino-tiny",
+        "model=foundation", f"model.options.weights={weights}",
         f"model.foundation_dir={encoders}", "model.options.lora_rank=2",
         "task.image_size=32", "federation=sim2", "federation.num_rounds=1",
         "train.local_epochs=1", "train.batch_size=8", f"data.root={tiny_sites}",
@@ -65,7 +79,7 @@ def test_lora_on_a_saved_dinov2_sends_only_trainable_tensors(tiny_sites, tmp_pat
     mlflow.set_tracking_uri(uri)
     info = mlflow.models.get_model_info(
         f"models:/{cfg.tracking.registered_model}/{versions[0].version}")
-    assert info.metadata["foundation_weights"] == "dino-tiny"
+    assert info.metadata["foundation_weights"] == weights
     assert info.metadata["foundation_method"] == "lora"
 
     sent = [json.loads(p.read_text()) for p in (tmp_path / "ingress").glob("*.json")]

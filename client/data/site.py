@@ -6,7 +6,8 @@ Layout of a site directory::
     SITE/labels.csv      study_instance_uid,label   (empty label = unlabelled)
     SITE/findings.csv    study_instance_uid,findings   (multi-label tasks; findings joined by
                          ";", empty = none found, no row = unlabelled)
-    SITE/reports.jsonl   {"study_instance_uid": ..., "text": ...}   (optional)
+    SITE/reports.jsonl   {"study_instance_uid": ..., "text": ...}   (optional; names, dates
+                         and identifiers are removed as it is read: client.data.report_deid)
     SITE/segmentations.csv  study_instance_uid,mask_file   (optional; NIfTI lesion masks,
                             paths relative to SITE, x-major as converters write them)
 """
@@ -23,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from .dicom import SeriesImage, pseudonym, read_directory
+from .report_deid import deidentify_report
 from .sequences import SEQUENCES
 
 SPLITS = ("train", "val", "test")
@@ -150,6 +152,7 @@ def _read_findings(path: Path, finding_names: tuple[str, ...], report: IngestRep
 
 
 def _read_reports(path: Path, report: IngestReport, key: bytes | None) -> dict[str, str]:
+    """De-identified report texts by pseudonymous study key (the raw text goes no further)."""
     if not path.exists():
         return {}
     texts = {}
@@ -157,7 +160,8 @@ def _read_reports(path: Path, report: IngestReport, key: bytes | None) -> dict[s
         for line in f:
             try:
                 row = json.loads(line)
-                texts[pseudonym("study", str(row["study_instance_uid"]), key)] = str(row["text"])
+                text, _ = deidentify_report(str(row["text"]))
+                texts[pseudonym("study", str(row["study_instance_uid"]), key)] = text
             except (ValueError, KeyError, TypeError):
                 report.skipped["bad_report_line"] += 1
     return texts

@@ -10,23 +10,31 @@ site's CSVs on each read (cheap), so editing ``labels.csv`` costs no decoding.
 
 On disk (``<state-dir>/cache``, 0700; files 0600)::
 
-    <fingerprint>/index.json    pseudonymous study/patient keys, channel names, the read
-                                counts, each array's place; keyed hashes of the file paths
-    <fingerprint>/g000.npy ...  one array per (dtype, shape) group: [N, *shape]
+    <fingerprint>/index.json    one version of the site: every file's keyed path hash with
+                                its size and mtime, and the units it is made of
+    units/<unit>/index.json     one study's decoded images (pseudonymous study/patient keys,
+    units/<unit>/g000.npy ...   channel names, each array's place), its read counts, and
+                                the keyed hashes and signatures of the files it came from
+
+A *unit* is a study (all files with one StudyInstanceUID; the files no header names a study
+for form one more unit, as does a NIfTI manifest site as a whole). Its name is a keyed hash of
+the reader, layout and key (the *family*) and of its files' paths, sizes and mtimes, so units
+are shared by every version of the site that holds the same files. When files change, only
+the units whose files changed (or that a new file joins: the new file's header is read for
+its StudyInstanceUID) are decoded again; every other study is served from its unit as it was.
+Read counts are kept per unit and summed, so the served report equals a fresh decode's.
 
 The fingerprint is an HMAC (under the site's pseudonym key; plain SHA-256 in simulation) of
 the cache format, the reader and decoder versions, the layout, and every source file's path,
-size and mtime (DICOM: every file under ``dicom/``; a NIfTI manifest site: the manifest and
-the files it lists). Nothing in a name or in the index is a path, a UID or a header value: file
-paths enter only through that keyed hash (a folder named after a patient stays on the PACS
-export). A changed file, layout, key or reader gives a new fingerprint: the whole site is
-decoded again (not only the changed studies: series matching and volume assembly span files);
-the index records per-file hashes so the site log can say how many files changed.
+size and mtime. Nothing in a name or in an index is a path, a UID or a header value: file
+paths and study UIDs enter only through keyed hashes (a folder named after a patient stays on
+the PACS export).
 
-A directory is written under a temporary name and renamed into place, so a reader sees a
-complete cache or none; a cache that fails its checks on opening (unparsable index, a group
-file missing, truncated or of another shape) is removed and rebuilt. At most ``keep``
-fingerprints stay (least recently used removed), so disk use is bounded.
+Every directory is written under a temporary name and renamed into place, so a reader sees a
+complete unit or version or none; one that fails its checks on opening (unparsable index, a
+group file missing, truncated or of another shape, a unit missing) is removed and decoded
+again. At most ``keep`` versions stay (least recently used removed), and units no kept
+version uses are removed with them, so disk use is bounded.
 """
 
 from __future__ import annotations
@@ -40,17 +48,20 @@ import shutil
 import stat
 import tempfile
 import time
+import warnings
 from collections import Counter
 from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
+import pydicom
 
 log = logging.getLogger(__name__)
 
 CACHE_FOLDER = "cache"          # under the site's state dir
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
+UNITS = "units"                 # per-study units, shared by the versions that hold them
 # Bump when a reader's output for the same files changes (a new intensity rule, a fixed bug),
 # so caches written by the old code are not served as if current.
 READER_VERSION = 1
@@ -93,8 +104,10 @@ class SiteCache:
     After :meth:`decoded`, ``last`` says what happened: ``hit``, ``miss`` (first decode or a
     change), ``rebuilt`` (a corrupt cache was removed) or ``unwritable`` (decoded data served
     from memory, the write failed), ``changed_files`` how many files differ from the newest
-    previous cache (counts only), and ``current`` the served cache's folder, where datasets
-    keep their prepared rows (:mod:`client.data.rows`; None when unwritable).
+    previous cache (counts only), ``decoded_units``/``reused_units`` how many studies were
+    decoded and how many served unchanged from earlier versions, and ``current`` the served
+    cache's folder, where datasets keep their prepared rows (:mod:`client.data.rows`; None
+    when unwritable).
     """
 
     def __init__(self, root: Path | str, *, keep: int = 4):
@@ -104,6 +117,7 @@ class SiteCache:
         self.keep = keep
         self.last: str | None = None
         self.changed_files: int | None = None
+        self.decoded_units = self.reused_units = 0
         self.current: Path | None = None     # the served cache's folder (prepared rows go there)
 
     def describe(self) -> str:
@@ -111,7 +125,9 @@ class SiteCache:
         if self.last is None:
             return "unused"
         changed = "" if self.changed_files is None else f", {self.changed_files} files changed"
-        return f"{self.last}{changed}"
+        units = "" if self.last == "hit" else \
+            f", {self.decoded_units} studies decoded, {self.reused_units} reused"
+        return f"{self.last}{changed}{units}"
 
     # -- fingerprint -----------------------------------------------------------------------
     @staticmethod
@@ -120,10 +136,10 @@ class SiteCache:
             return hashlib.sha256(text.encode()).hexdigest()
         return hmac.new(key, text.encode(), hashlib.sha256).hexdigest()
 
-    def manifest(self, root: Path, key: bytes | None, paths: list[Path] | None = None,
-                 ) -> dict[str, list[int]]:
-        """Keyed hash of each file's path under ``root`` -> ``[size, mtime_ns]``; ``paths``:
-        the files to list (default: every file under ``root``)."""
+    def listing(self, root: Path, key: bytes | None, paths: list[Path] | None = None,
+                ) -> dict[str, tuple[str, list[int]]]:
+        """Keyed hash of each file's path under ``root`` -> ``(path, [size, mtime_ns])``;
+        ``paths``: the files to list (default: every file under ``root``)."""
         root = str(root)
         if paths is None:           # os.walk on strings: a site has tens of thousands of files
             paths = [os.path.join(top, name) for top, _, names in os.walk(root)
@@ -137,31 +153,55 @@ class SiteCache:
             if not stat.S_ISREG(st.st_mode):
                 continue
             rel = os.path.relpath(path, root).replace(os.sep, "/")
-            files[self._hash(key, f"file:{rel}")[:24]] = [st.st_size, st.st_mtime_ns]
+            files[self._hash(key, f"file:{rel}")[:24]] = (path, [st.st_size, st.st_mtime_ns])
         return files
+
+    def manifest(self, root: Path, key: bytes | None, paths: list[Path] | None = None,
+                 ) -> dict[str, list[int]]:
+        """Keyed hash of each file's path under ``root`` -> ``[size, mtime_ns]``."""
+        return {h: sig for h, (_, sig) in self.listing(root, key, paths).items()}
+
+    def family(self, layout, key: bytes | None, source: str = "dicom") -> str:
+        """Everything a unit depends on besides its files: format, reader, decoders,
+        ``source`` reader, layout, key."""
+        spec = {"format": CACHE_FORMAT, "reader": READER_VERSION, "decoders": _versions(),
+                "source": source, "layout": None if layout is None else layout.to_dict()}
+        return self._hash(key, json.dumps(spec, sort_keys=True))[:32]
 
     def fingerprint(self, files: dict[str, list[int]], layout, key: bytes | None,
                     source: str = "dicom") -> str:
         """The cache's name for these files read by the ``source`` reader (dicom, manifest)
         through ``layout`` under ``key``."""
-        spec = {"format": CACHE_FORMAT, "reader": READER_VERSION, "decoders": _versions(),
-                "source": source,
-                "layout": None if layout is None else layout.to_dict(), "files": files}
+        spec = {"family": self.family(layout, key, source), "files": files}
         return self._hash(key, json.dumps(spec, sort_keys=True))[:32]
 
+    def _unit_name(self, family: str, files: dict[str, list[int]], key: bytes | None) -> str:
+        return self._hash(key, json.dumps({"family": family, "files": files},
+                                          sort_keys=True))[:32]
+
     # -- the one entry point ---------------------------------------------------------------
-    def decoded(self, root: Path, layout, key: bytes | None, decode: Callable[[], Decoded],
-                *, paths: list[Path] | None = None, source: str = "dicom") -> Decoded:
-        """``decode()``'s studies and report: from the cache when the files (``paths``, or
-        all under ``root``), ``layout``, ``key`` and ``source`` reader are those it was
-        written for, else decoded now and written."""
-        files = self.manifest(root, key, paths)
+    def decoded(self, root: Path, layout, key: bytes | None,
+                decode_files: Callable[[list[Path]], Decoded], *,
+                paths: list[Path] | None = None, source: str = "dicom",
+                by_study: bool = True, workers: int = 1) -> Decoded:
+        """The studies and read counts of the files (``paths``, or all under ``root``) read
+        through ``layout`` under ``key``: from the cache when it holds this version, else
+        decoded now - only the studies whose files changed - and written.
+
+        ``decode_files(files)``: the reader on a subset of the files (whole studies), which
+        returns what it read without raising when nothing usable is among them; with
+        ``workers > 1`` units are decoded in that many spawned processes (it must pickle).
+        ``by_study``: units are studies (DICOM: by StudyInstanceUID); else one unit.
+        """
+        listing = self.listing(root, key, paths)
+        files = {h: sig for h, (_, sig) in listing.items()}
         fp = self.fingerprint(files, layout, key, source)
         folder = self.root / fp
         self.changed_files = self.current = None
+        self.decoded_units = self.reused_units = 0
         if folder.exists():
             try:
-                out = _open(folder, fp)
+                out = self._open_version(folder, fp)
                 os.utime(folder / INDEX)              # recently used: pruned last
                 self.last, self.current = "hit", folder
                 return out
@@ -172,19 +212,105 @@ class SiteCache:
         else:
             self.last = "miss"
             self.changed_files = self._changed_since_newest(files)
-        studies, report = decode()
-        try:
-            self._make_root()
-            _write(self.root, fp, studies, report, files)
-            out = _open(folder, fp)       # serve the mapped copy: the decoded arrays go
-        except UNUSABLE:                  # disk full, read-only, a racing writer's bad copy
+        family = self.family(layout, key, source)
+        groups = self._groups(listing, family, key, by_study)
+        units: list[dict] = []
+        results: list[Decoded | None] = []
+        todo: list[int] = []
+        for group, members in sorted(groups.items()):
+            sigs = {h: files[h] for h in sorted(members)}
+            name = self._unit_name(family, sigs, key)
+            units.append({"name": name, "group": group, "files": sigs})
+            try:
+                results.append(_open(self.root / UNITS / name, name))
+                self.reused_units += 1
+            except UNUSABLE:
+                _remove(self.root / UNITS / name)          # absent, or failed its checks
+                results.append(None)
+                todo.append(len(units) - 1)
+        decoded = _decode_units(decode_files, [[listing[h][0] for h in units[i]["files"]]
+                                               for i in todo], workers)
+        self.decoded_units = len(todo)
+        writable = True
+        for i, out in zip(todo, decoded):
+            results[i] = out
+            if writable:
+                try:
+                    self._make_root(UNITS)
+                    _write(self.root / UNITS, units[i]["name"], *out, files={})
+                    results[i] = _open(self.root / UNITS / units[i]["name"], units[i]["name"])
+                except UNUSABLE:       # disk full, read-only, a racing writer's bad copy
+                    writable = False
+        if writable:
+            try:
+                _write_version(self.root, fp, family, files, units)
+                out = self._open_version(folder, fp)
+            except UNUSABLE:
+                writable = False
+        if not writable:
             log.warning("site cache: could not write the decoded studies; serving them "
                         "from memory this time")
             self.last = "unwritable"
-            return studies, report
+            return _assemble(results)
         self.prune(current=fp)
         self.current = folder
         return out
+
+    def _groups(self, listing: dict, family: str, key: bytes | None,
+                by_study: bool) -> dict[str, list[str]]:
+        """File hashes by unit: by study (a keyed hash of its StudyInstanceUID), taken for an
+        unchanged file from the newest version of this family that lists it, else read
+        from the file's header; one unit of everything when not ``by_study``."""
+        if not by_study:
+            return {"all": list(listing)}
+        known: dict[str, tuple[list[int], str]] = {}
+        for entry in reversed(self.entries()):                # newest first
+            try:
+                index = json.loads((entry / INDEX).read_bytes())
+                if index.get("family") != family:
+                    continue
+                for unit in index["units"]:
+                    for h, sig in unit["files"].items():
+                        known.setdefault(h, (sig, unit["group"]))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                continue
+        groups: dict[str, list[str]] = {}
+        for h, (path, sig) in listing.items():
+            hit = known.get(h)
+            group = hit[1] if hit is not None and hit[0] == sig else self._study_of(path, key)
+            groups.setdefault(group, []).append(h)
+        return groups
+
+    def _study_of(self, path: str, key: bytes | None) -> str:
+        """A keyed hash of the file's StudyInstanceUID (header only), or ``none``."""
+        with warnings.catch_warnings():      # pydicom warns with element values: keep them out
+            warnings.simplefilter("ignore")
+            try:
+                ds = pydicom.dcmread(path, stop_before_pixels=True,
+                                     specific_tags=["StudyInstanceUID"])
+                uid = str(ds.get("StudyInstanceUID", "") or "").strip()
+            except Exception:  # noqa: BLE001 - not DICOM or unreadable: the reader counts it
+                uid = ""
+        return self._hash(key, f"study:{uid}")[:24] if uid else "none"
+
+    def _open_version(self, folder: Path, fp: str) -> Decoded:
+        """A version's studies from its units; CacheCorrupt if any part fails its checks
+        (a failing unit is removed, so it is decoded again)."""
+        try:
+            index = json.loads((folder / INDEX).read_bytes())
+        except (OSError, ValueError) as err:
+            raise CacheCorrupt("unreadable index") from err
+        if index.get("format") != CACHE_FORMAT or index.get("fingerprint") != fp:
+            raise CacheCorrupt("index of another format or fingerprint")
+        results = []
+        for unit in index["units"]:
+            name = str(unit["name"])
+            try:
+                results.append(_open(self.root / UNITS / name, name))
+            except UNUSABLE:
+                _remove(self.root / UNITS / name)
+                raise
+        return _assemble(results)
 
     def side_entry(self, source: str, root: Path, paths: list[Path], key: bytes | None,
                    decode: Callable[[], Decoded]) -> Decoded:
@@ -213,9 +339,12 @@ class SiteCache:
         return out
 
     # -- housekeeping ----------------------------------------------------------------------
-    def _make_root(self) -> None:
+    def _make_root(self, sub: str | None = None) -> None:
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(self.root, 0o700)
+        if sub is not None:
+            (self.root / sub).mkdir(exist_ok=True, mode=0o700)
+            os.chmod(self.root / sub, 0o700)
 
     def entries(self) -> list[Path]:
         """Complete cache directories, least recently used first."""
@@ -226,15 +355,28 @@ class SiteCache:
         return sorted(found, key=lambda p: (p / INDEX).stat().st_mtime_ns)
 
     def prune(self, current: str | None = None) -> int:
-        """Remove all but the ``keep`` most recently used caches (never ``current``) and
-        temporary dirs of writers that died; how many directories were removed."""
+        """Remove all but the ``keep`` most recently used caches (never ``current``), the
+        units none of the rest uses, and temporary dirs of writers that died; how many
+        directories were removed."""
         removed = 0
         entries = [p for p in self.entries() if p.name != current]
         for old in entries[:max(0, len(entries) - (self.keep - (current is not None)))]:
             _remove(old)
             removed += 1
+        used: set[str] = set()
+        for entry in self.entries():
+            try:
+                used.update(str(u["name"]) for u in
+                            json.loads((entry / INDEX).read_bytes())["units"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue            # a damaged version: its units go unless another uses them
+        units = self.root / UNITS
+        for unit in units.iterdir() if units.is_dir() else ():
+            if not unit.name.startswith(TEMP_PREFIX) and unit.name not in used:
+                _remove(unit)
+                removed += 1
         now = time.time()
-        for temp in self.root.glob(f"{TEMP_PREFIX}*"):
+        for temp in [*self.root.glob(f"{TEMP_PREFIX}*"), *units.glob(f"{TEMP_PREFIX}*")]:
             try:
                 stale = now - temp.stat().st_mtime > STALE_TEMP_SECONDS
             except OSError:                 # its writer finished (renamed it) meanwhile
@@ -263,6 +405,58 @@ def _remove(folder: Path) -> None:
     except OSError:
         return
     shutil.rmtree(trash, ignore_errors=True)
+
+
+def _decode_units(decode_files: Callable[[list[Path]], Decoded], units: list[list[Path]],
+                  workers: int) -> list[Decoded]:
+    """``decode_files`` on each unit's files, in order; in ``workers`` spawned processes
+    (several units per task) when there are enough units to share."""
+    if workers < 1:
+        raise ValueError(f"decode workers must be >= 1, got {workers}")
+    if workers == 1 or len(units) < 2 * workers:
+        return [decode_files(files) for files in units]
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    chunk = -(-len(units) // (4 * workers))              # 4 tasks per worker: balance
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+        return list(pool.map(decode_files, units, chunksize=chunk))
+
+
+def _assemble(results: list[Decoded]) -> Decoded:
+    """The units' studies in study-key order (a whole-site decode's order) and the sum of
+    their read counts."""
+    from .site import IngestReport
+
+    report = IngestReport()
+    studies = []
+    for unit_studies, unit_report in results:
+        studies += unit_studies
+        for name, value in unit_report.__dict__.items():
+            if isinstance(value, Counter):
+                getattr(report, name).update(value)
+            else:
+                setattr(report, name, getattr(report, name) + value)
+    return sorted(studies, key=lambda s: s.key), report
+
+
+def _write_version(root: Path, fp: str, family: str, files: dict, units: list[dict]) -> None:
+    """A version's index (its files and units), written under a temporary name and renamed."""
+    temp = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=root))     # 0700
+    try:
+        index = {"format": CACHE_FORMAT, "fingerprint": fp, "family": family, "files": files,
+                 "units": units}
+        _write_bytes(temp / INDEX, json.dumps(index).encode())
+        _fsync_dir(temp)
+        try:
+            os.rename(temp, root / fp)
+        except OSError:
+            if not (root / fp).is_dir():          # not a concurrent writer that won: real
+                raise
+        _fsync_dir(root)
+    finally:
+        if temp.exists():
+            shutil.rmtree(temp, ignore_errors=True)
 
 
 def _write(root: Path, fp: str, studies: list, report, files: dict) -> None:

@@ -237,21 +237,30 @@ def load_site(site_dir: Path | str, class_names: tuple[str, ...] | None = None, 
 
 
 def decode_site(site_dir: Path, *, key: bytes | None = None, workers: int = 1,
-                ) -> tuple[list[Study], IngestReport]:
+                paths: list[Path] | None = None) -> tuple[list[Study], IngestReport]:
     """The decode half of :func:`load_site`: the site's DICOM as de-identified studies
     (images only: no label, report, mask or split yet) and the read counts. A function of
     the files under ``dicom/`` and ``key`` alone, which is what the site cache
-    (:mod:`client.data.cache`) keeps."""
+    (:mod:`client.data.cache`) keeps. ``paths``: only these files (whole studies; the
+    cache's units), and then an empty result is returned, not refused."""
     dicom_dir = dicom_folder(site_dir)
-    images, counts = read_directory(dicom_dir, key=key, workers=workers)
+    images, counts = read_directory(dicom_dir, key=key, workers=workers, paths=paths)
     report = IngestReport(files=counts.files, images=counts.images, skipped=counts.skipped)
-    if counts.files == 0:
-        raise SiteDataError(f"data directory {site_dir} is empty: no files under dicom/")
     studies = _group(images, report)
-    if not studies:
-        raise SiteDataError(f"no usable studies in {site_dir}: {counts.files} files, "
-                            f"skipped {dict(counts.skipped)}")
+    if paths is None:
+        check_decoded(site_dir, studies, report)
     return studies, report
+
+
+def check_decoded(site_dir: Path, studies: list[Study], report: IngestReport,
+                  layout_name: str | None = None) -> None:
+    """Refuse a whole site's decode that found no files or no usable study."""
+    if report.files == 0:
+        raise SiteDataError(f"data directory {site_dir} is empty: no files under dicom/")
+    if not studies:
+        where = "" if layout_name is None else f" for layout {layout_name!r}"
+        raise SiteDataError(f"no usable studies in {site_dir}{where}: {report.files} files, "
+                            f"skipped {dict(report.skipped)}")
 
 
 def join_site(site_dir: Path, studies: list[Study], report: IngestReport,

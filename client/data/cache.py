@@ -50,7 +50,7 @@ import tempfile
 import time
 import warnings
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -193,6 +193,8 @@ class SiteCache:
         ``workers > 1`` units are decoded in that many spawned processes (it must pickle).
         ``by_study``: units are studies (DICOM: by StudyInstanceUID); else one unit.
         """
+        if workers < 1:
+            raise ValueError(f"decode workers must be >= 1, got {workers}")
         listing = self.listing(root, key, paths)
         files = {h: sig for h, (_, sig) in listing.items()}
         fp = self.fingerprint(files, layout, key, source)
@@ -212,8 +214,22 @@ class SiteCache:
         else:
             self.last = "miss"
             self.changed_files = self._changed_since_newest(files)
+        with _Workers(workers) as pool:
+            out = self._update(listing, fp, layout, key, source, decode_files, by_study, pool)
+        if self.last != "unwritable":
+            self.prune(current=fp)
+            self.current = folder
+        return out
+
+    def _update(self, listing: dict, fp: str, layout, key: bytes | None, source: str,
+                decode_files: Callable[[list[Path]], Decoded], by_study: bool,
+                pool: _Workers) -> Decoded:
+        """A new version ``fp``: its units reused where they exist, the others decoded and
+        written, then its index; served from memory (``last = unwritable``) when writing
+        fails."""
+        files = {h: sig for h, (_, sig) in listing.items()}
         family = self.family(layout, key, source)
-        groups = self._groups(listing, family, key, by_study)
+        groups = self._groups(listing, family, key, by_study, pool)
         units: list[dict] = []
         results: list[Decoded | None] = []
         todo: list[int] = []
@@ -228,39 +244,60 @@ class SiteCache:
                 _remove(self.root / UNITS / name)          # absent, or failed its checks
                 results.append(None)
                 todo.append(len(units) - 1)
-        decoded = _decode_units(decode_files, [[listing[h][0] for h in units[i]["files"]]
-                                               for i in todo], workers)
-        self.decoded_units = len(todo)
-        writable = True
-        for i, out in zip(todo, decoded):
-            results[i] = out
+        # Units are written as they arrive (memory holds one unit at a time), unsynced, then
+        # one sync makes them all durable before any is visible under its name: a unit found
+        # under its name is complete on disk (one fsync per unit cost more than the decode).
+        units_dir, pending, writable = self.root / UNITS, [], True
+        batches = pool.map(decode_files, [[listing[h][0] for h in units[i]["files"]]
+                                          for i in todo])
+        if todo:
+            try:
+                self._make_root(UNITS)
+            except OSError:
+                writable = False
+        for i, out in zip(todo, batches):
+            self.decoded_units += 1
             if writable:
                 try:
-                    self._make_root(UNITS)
-                    _write(self.root / UNITS, units[i]["name"], *out, files={})
-                    results[i] = _open(self.root / UNITS / units[i]["name"], units[i]["name"])
-                except UNUSABLE:       # disk full, read-only, a racing writer's bad copy
+                    pending.append((i, _write_temp(units_dir, units[i]["name"], *out,
+                                                   files={}, durable=False)))
+                    continue
+                except UNUSABLE:       # disk full, read-only
                     writable = False
+            results[i] = out
+        if pending and writable:
+            try:
+                os.sync()
+                for i, temp in pending:
+                    _publish(temp, units_dir / units[i]["name"])
+                _fsync_dir(units_dir)
+            except UNUSABLE:
+                writable = False
+        for i, temp in pending:
+            name = units[i]["name"]
+            try:
+                results[i] = _open(units_dir / name if writable else temp, name)
+            except UNUSABLE:           # a racing writer's bad copy: decode it again
+                writable = False
+                results[i] = decode_files([listing[h][0] for h in units[i]["files"]])
+            if temp.exists():          # served from memory maps, which outlive the names
+                shutil.rmtree(temp, ignore_errors=True)
         if writable:
             try:
                 _write_version(self.root, fp, family, files, units)
-                out = self._open_version(folder, fp)
             except UNUSABLE:
                 writable = False
         if not writable:
             log.warning("site cache: could not write the decoded studies; serving them "
                         "from memory this time")
             self.last = "unwritable"
-            return _assemble(results)
-        self.prune(current=fp)
-        self.current = folder
-        return out
+        return _assemble(results)
 
-    def _groups(self, listing: dict, family: str, key: bytes | None,
-                by_study: bool) -> dict[str, list[str]]:
+    def _groups(self, listing: dict, family: str, key: bytes | None, by_study: bool,
+                pool: _Workers) -> dict[str, list[str]]:
         """File hashes by unit: by study (a keyed hash of its StudyInstanceUID), taken for an
         unchanged file from the newest version of this family that lists it, else read
-        from the file's header; one unit of everything when not ``by_study``."""
+        from the file's header (in ``pool``); one unit of everything when not ``by_study``."""
         if not by_study:
             return {"all": list(listing)}
         known: dict[str, tuple[list[int], str]] = {}
@@ -275,23 +312,18 @@ class SiteCache:
             except (OSError, ValueError, KeyError, TypeError, AttributeError):
                 continue
         groups: dict[str, list[str]] = {}
+        unknown = []
         for h, (path, sig) in listing.items():
             hit = known.get(h)
-            group = hit[1] if hit is not None and hit[0] == sig else self._study_of(path, key)
+            if hit is not None and hit[0] == sig:
+                groups.setdefault(hit[1], []).append(h)
+            else:
+                unknown.append(h)
+        uids = pool.map(_study_uid, [listing[h][0] for h in unknown])
+        for h, uid in zip(unknown, uids):
+            group = self._hash(key, f"study:{uid}")[:24] if uid else "none"
             groups.setdefault(group, []).append(h)
         return groups
-
-    def _study_of(self, path: str, key: bytes | None) -> str:
-        """A keyed hash of the file's StudyInstanceUID (header only), or ``none``."""
-        with warnings.catch_warnings():      # pydicom warns with element values: keep them out
-            warnings.simplefilter("ignore")
-            try:
-                ds = pydicom.dcmread(path, stop_before_pixels=True,
-                                     specific_tags=["StudyInstanceUID"])
-                uid = str(ds.get("StudyInstanceUID", "") or "").strip()
-            except Exception:  # noqa: BLE001 - not DICOM or unreadable: the reader counts it
-                uid = ""
-        return self._hash(key, f"study:{uid}")[:24] if uid else "none"
 
     def _open_version(self, folder: Path, fp: str) -> Decoded:
         """A version's studies from its units; CacheCorrupt if any part fails its checks
@@ -407,20 +439,44 @@ def _remove(folder: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def _decode_units(decode_files: Callable[[list[Path]], Decoded], units: list[list[Path]],
-                  workers: int) -> list[Decoded]:
-    """``decode_files`` on each unit's files, in order; in ``workers`` spawned processes
-    (several units per task) when there are enough units to share."""
-    if workers < 1:
-        raise ValueError(f"decode workers must be >= 1, got {workers}")
-    if workers == 1 or len(units) < 2 * workers:
-        return [decode_files(files) for files in units]
-    from concurrent.futures import ProcessPoolExecutor
-    from multiprocessing import get_context
+class _Workers:
+    """``map`` in ``workers`` spawned processes when there is enough work to share (the
+    pool is started on first such use and kept for the next), else in this process."""
 
-    chunk = -(-len(units) // (4 * workers))              # 4 tasks per worker: balance
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-        return list(pool.map(decode_files, units, chunksize=chunk))
+    def __init__(self, workers: int):
+        self.workers, self.pool = workers, None
+
+    def map(self, fn: Callable, items: list) -> Iterator:
+        """``fn`` over ``items``, in order, lazily."""
+        if self.workers == 1 or len(items) < 2 * self.workers:
+            return map(fn, items)
+        if self.pool is None:
+            from concurrent.futures import ProcessPoolExecutor
+            from multiprocessing import get_context
+
+            self.pool = ProcessPoolExecutor(self.workers, mp_context=get_context("spawn"))
+        chunk = -(-len(items) // (4 * self.workers))         # 4 tasks per worker: balance
+        return self.pool.map(fn, items, chunksize=chunk)
+
+    def __enter__(self) -> _Workers:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+
+
+def _study_uid(path: str) -> str:
+    """The file's StudyInstanceUID from its header ("" when unreadable or absent); stays
+    at the site: only a keyed hash of it is kept."""
+    with warnings.catch_warnings():      # pydicom warns with element values: keep them out
+        warnings.simplefilter("ignore")
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True,
+                                 specific_tags=["StudyInstanceUID"])
+            return str(ds.get("StudyInstanceUID", "") or "").strip()
+        except Exception:  # noqa: BLE001 - not DICOM or unreadable: the reader counts it
+            return ""
 
 
 def _assemble(results: list[Decoded]) -> Decoded:
@@ -461,6 +517,29 @@ def _write_version(root: Path, fp: str, family: str, files: dict, units: list[di
 
 def _write(root: Path, fp: str, studies: list, report, files: dict) -> None:
     """Write the studies' arrays and index into a temporary dir, then rename it to ``fp``."""
+    temp = _write_temp(root, fp, studies, report, files, durable=True)
+    try:
+        _fsync_dir(temp)
+        _publish(temp, root / fp)
+        _fsync_dir(root)
+    finally:
+        if temp.exists():
+            shutil.rmtree(temp, ignore_errors=True)
+
+
+def _publish(temp: Path, final: Path) -> None:
+    """Rename a written temporary dir into place (a concurrent writer's copy may be there)."""
+    try:
+        os.rename(temp, final)
+    except OSError:
+        if not final.is_dir():          # not a concurrent writer that won: real
+            raise
+
+
+def _write_temp(root: Path, fp: str, studies: list, report, files: dict, *,
+                durable: bool) -> Path:
+    """The studies' arrays and index in a new temporary dir under ``root`` (its path);
+    ``durable``: each file fsynced (else the caller syncs before publishing it)."""
     temp = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=root))     # 0700
     try:
         groups: dict[tuple[str, tuple[int, ...]], list[np.ndarray]] = {}
@@ -481,24 +560,19 @@ def _write(root: Path, fp: str, studies: list, report, files: dict) -> None:
         index_groups = []
         for g, ((dtype, shape), rows) in enumerate(groups.items()):
             name = f"g{g:03d}.npy"
-            _write_npy(temp / name, np.dtype(dtype), (len(rows), *shape), rows)
+            _write_npy(temp / name, np.dtype(dtype), (len(rows), *shape), rows, durable)
             index_groups.append({"file": name, "dtype": dtype, "shape": [len(rows), *shape]})
         index = {"format": CACHE_FORMAT, "fingerprint": fp, "groups": index_groups,
                  "studies": index_studies, "report": _report_dict(report), "files": files}
-        _write_bytes(temp / INDEX, json.dumps(index).encode())
-        _fsync_dir(temp)
-        try:
-            os.rename(temp, root / fp)
-        except OSError:
-            if not (root / fp).is_dir():          # not a concurrent writer that won: real
-                raise
-        _fsync_dir(root)
-    finally:
-        if temp.exists():
-            shutil.rmtree(temp, ignore_errors=True)
+        _write_bytes(temp / INDEX, json.dumps(index).encode(), durable)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+    return temp
 
 
-def _write_npy(path: Path, dtype: np.dtype, shape: tuple[int, ...], rows) -> None:
+def _write_npy(path: Path, dtype: np.dtype, shape: tuple[int, ...], rows,
+               durable: bool = True) -> None:
     """A ``.npy`` of ``shape`` streamed row by row (no stacked copy in memory), mode 0600."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:
@@ -508,15 +582,17 @@ def _write_npy(path: Path, dtype: np.dtype, shape: tuple[int, ...], rows) -> Non
         for row in rows:
             f.write(row.astype(dtype, copy=False).tobytes())
         f.flush()
-        os.fsync(f.fileno())
+        if durable:
+            os.fsync(f.fileno())
 
 
-def _write_bytes(path: Path, data: bytes) -> None:
+def _write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
         f.flush()
-        os.fsync(f.fileno())
+        if durable:
+            os.fsync(f.fileno())
 
 
 def _fsync_dir(path: Path) -> None:

@@ -46,40 +46,27 @@ import logging
 import os
 import shutil
 import stat
-import tempfile
 import time
 import warnings
-from collections import Counter
 from collections.abc import Callable, Iterator
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-import numpy as np
 import pydicom
+
+from .cache_files import (CACHE_FORMAT, INDEX, TEMP_PREFIX, UNUSABLE, CacheCorrupt, Decoded,
+                          assemble, fsync_dir, open_dir, publish, remove_dir, write_dir,
+                          write_temp, write_version)
 
 log = logging.getLogger(__name__)
 
 CACHE_FOLDER = "cache"          # under the site's state dir
-CACHE_FORMAT = 2
 UNITS = "units"                 # per-study units, shared by the versions that hold them
 # Bump when a reader's output for the same files changes (a new intensity rule, a fixed bug),
 # so caches written by the old code are not served as if current.
 READER_VERSION = 1
-INDEX = "index.json"
-TEMP_PREFIX = ".tmp-"
 STALE_TEMP_SECONDS = 3600       # a writer that crashed left its temporary dir behind
 DECODERS = ("pydicom", "numpy", "monai", "pylibjpeg", "python-gdcm")
-
-Decoded = tuple[list, object]     # (list[Study], IngestReport) as the readers return them
-
-
-class CacheCorrupt(ValueError):
-    """A cache directory failed its checks on opening (it is then rebuilt)."""
-
-
-# What opening a damaged cache can raise (a malformed index: missing keys, wrong types).
-UNUSABLE = (CacheCorrupt, OSError, ValueError, KeyError, TypeError, IndexError)
-
 
 def _versions() -> dict[str, str]:
     out = {}
@@ -209,7 +196,7 @@ class SiteCache:
                 return out
             except UNUSABLE:
                 log.warning("site cache: a cached version failed its checks; rebuilding it")
-                _remove(folder)
+                remove_dir(folder)
                 self.last = "rebuilt"
         else:
             self.last = "miss"
@@ -238,10 +225,10 @@ class SiteCache:
             name = self._unit_name(family, sigs, key)
             units.append({"name": name, "group": group, "files": sigs})
             try:
-                results.append(_open(self.root / UNITS / name, name))
+                results.append(open_dir(self.root / UNITS / name, name))
                 self.reused_units += 1
             except UNUSABLE:
-                _remove(self.root / UNITS / name)          # absent, or failed its checks
+                remove_dir(self.root / UNITS / name)          # absent, or failed its checks
                 results.append(None)
                 todo.append(len(units) - 1)
         # Units are written as they arrive (memory holds one unit at a time), unsynced, then
@@ -259,7 +246,7 @@ class SiteCache:
             self.decoded_units += 1
             if writable:
                 try:
-                    pending.append((i, _write_temp(units_dir, units[i]["name"], *out,
+                    pending.append((i, write_temp(units_dir, units[i]["name"], *out,
                                                    files={}, durable=False)))
                     continue
                 except UNUSABLE:       # disk full, read-only
@@ -269,14 +256,14 @@ class SiteCache:
             try:
                 os.sync()
                 for i, temp in pending:
-                    _publish(temp, units_dir / units[i]["name"])
-                _fsync_dir(units_dir)
+                    publish(temp, units_dir / units[i]["name"])
+                fsync_dir(units_dir)
             except UNUSABLE:
                 writable = False
         for i, temp in pending:
             name = units[i]["name"]
             try:
-                results[i] = _open(units_dir / name if writable else temp, name)
+                results[i] = open_dir(units_dir / name if writable else temp, name)
             except UNUSABLE:           # a racing writer's bad copy: decode it again
                 writable = False
                 results[i] = decode_files([listing[h][0] for h in units[i]["files"]])
@@ -284,14 +271,14 @@ class SiteCache:
                 shutil.rmtree(temp, ignore_errors=True)
         if writable:
             try:
-                _write_version(self.root, fp, family, files, units)
+                write_version(self.root, fp, family, files, units)
             except UNUSABLE:
                 writable = False
         if not writable:
             log.warning("site cache: could not write the decoded studies; serving them "
                         "from memory this time")
             self.last = "unwritable"
-        return _assemble(results)
+        return assemble(results)
 
     def _groups(self, listing: dict, family: str, key: bytes | None, by_study: bool,
                 pool: _Workers) -> dict[str, list[str]]:
@@ -338,11 +325,11 @@ class SiteCache:
         for unit in index["units"]:
             name = str(unit["name"])
             try:
-                results.append(_open(self.root / UNITS / name, name))
+                results.append(open_dir(self.root / UNITS / name, name))
             except UNUSABLE:
-                _remove(self.root / UNITS / name)
+                remove_dir(self.root / UNITS / name)
                 raise
-        return _assemble(results)
+        return assemble(results)
 
     def side_entry(self, source: str, root: Path, paths: list[Path], key: bytes | None,
                    decode: Callable[[], Decoded]) -> Decoded:
@@ -356,18 +343,18 @@ class SiteCache:
         folder = self.current / name
         if folder.exists():
             try:
-                return _open(folder, name)
+                return open_dir(folder, name)
             except UNUSABLE:
-                _remove(folder)
+                remove_dir(folder)
         out = decode()
         try:
-            _write(self.current, name, *out, files={})
-            out = _open(folder, name)
+            write_dir(self.current, name, *out, files={})
+            out = open_dir(folder, name)
         except UNUSABLE:
             return out
         for old in self.current.glob(f"{source}-*"):      # an older version of this data
             if old.name != name:
-                _remove(old)
+                remove_dir(old)
         return out
 
     # -- housekeeping ----------------------------------------------------------------------
@@ -393,7 +380,7 @@ class SiteCache:
         removed = 0
         entries = [p for p in self.entries() if p.name != current]
         for old in entries[:max(0, len(entries) - (self.keep - (current is not None)))]:
-            _remove(old)
+            remove_dir(old)
             removed += 1
         used: set[str] = set()
         for entry in self.entries():
@@ -405,7 +392,7 @@ class SiteCache:
         units = self.root / UNITS
         for unit in units.iterdir() if units.is_dir() else ():
             if not unit.name.startswith(TEMP_PREFIX) and unit.name not in used:
-                _remove(unit)
+                remove_dir(unit)
                 removed += 1
         now = time.time()
         for temp in [*self.root.glob(f"{TEMP_PREFIX}*"), *units.glob(f"{TEMP_PREFIX}*")]:
@@ -414,7 +401,7 @@ class SiteCache:
             except OSError:                 # its writer finished (renamed it) meanwhile
                 continue
             if stale:
-                _remove(temp)
+                remove_dir(temp)
                 removed += 1
         return removed
 
@@ -427,16 +414,6 @@ class SiteCache:
         except (OSError, ValueError, KeyError):
             return None
         return sum(old.get(k) != v for k, v in files.items()) + len(old.keys() - files.keys())
-
-
-def _remove(folder: Path) -> None:
-    """Remove a cache directory (renamed away first, so no reader sees it half deleted)."""
-    trash = folder.with_name(f"{TEMP_PREFIX}{folder.name}-{os.getpid()}-trash")
-    try:
-        os.rename(folder, trash)
-    except OSError:
-        return
-    shutil.rmtree(trash, ignore_errors=True)
 
 
 class _Workers:
@@ -477,165 +454,3 @@ def _study_uid(path: str) -> str:
             return str(ds.get("StudyInstanceUID", "") or "").strip()
         except Exception:  # noqa: BLE001 - not DICOM or unreadable: the reader counts it
             return ""
-
-
-def _assemble(results: list[Decoded]) -> Decoded:
-    """The units' studies in study-key order (a whole-site decode's order) and the sum of
-    their read counts."""
-    from .site import IngestReport
-
-    report = IngestReport()
-    studies = []
-    for unit_studies, unit_report in results:
-        studies += unit_studies
-        for name, value in unit_report.__dict__.items():
-            if isinstance(value, Counter):
-                getattr(report, name).update(value)
-            else:
-                setattr(report, name, getattr(report, name) + value)
-    return sorted(studies, key=lambda s: s.key), report
-
-
-def _write_version(root: Path, fp: str, family: str, files: dict, units: list[dict]) -> None:
-    """A version's index (its files and units), written under a temporary name and renamed."""
-    temp = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=root))     # 0700
-    try:
-        index = {"format": CACHE_FORMAT, "fingerprint": fp, "family": family, "files": files,
-                 "units": units}
-        _write_bytes(temp / INDEX, json.dumps(index).encode())
-        _fsync_dir(temp)
-        try:
-            os.rename(temp, root / fp)
-        except OSError:
-            if not (root / fp).is_dir():          # not a concurrent writer that won: real
-                raise
-        _fsync_dir(root)
-    finally:
-        if temp.exists():
-            shutil.rmtree(temp, ignore_errors=True)
-
-
-def _write(root: Path, fp: str, studies: list, report, files: dict) -> None:
-    """Write the studies' arrays and index into a temporary dir, then rename it to ``fp``."""
-    temp = _write_temp(root, fp, studies, report, files, durable=True)
-    try:
-        _fsync_dir(temp)
-        _publish(temp, root / fp)
-        _fsync_dir(root)
-    finally:
-        if temp.exists():
-            shutil.rmtree(temp, ignore_errors=True)
-
-
-def _publish(temp: Path, final: Path) -> None:
-    """Rename a written temporary dir into place (a concurrent writer's copy may be there)."""
-    try:
-        os.rename(temp, final)
-    except OSError:
-        if not final.is_dir():          # not a concurrent writer that won: real
-            raise
-
-
-def _write_temp(root: Path, fp: str, studies: list, report, files: dict, *,
-                durable: bool) -> Path:
-    """The studies' arrays and index in a new temporary dir under ``root`` (its path);
-    ``durable``: each file fsynced (else the caller syncs before publishing it)."""
-    temp = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=root))     # 0700
-    try:
-        groups: dict[tuple[str, tuple[int, ...]], list[np.ndarray]] = {}
-        ids: dict[tuple[str, tuple[int, ...]], int] = {}
-        index_studies = []
-        for study in studies:
-            places = {}
-            for channel, array in study.images.items():
-                array = np.ascontiguousarray(array)
-                group = (array.dtype.str, array.shape)
-                if group not in groups:
-                    groups[group] = []
-                    ids[group] = len(ids)
-                places[channel] = [ids[group], len(groups[group])]
-                groups[group].append(array)
-            index_studies.append({"key": study.key, "patient_key": study.patient_key,
-                                  "images": places})
-        index_groups = []
-        for g, ((dtype, shape), rows) in enumerate(groups.items()):
-            name = f"g{g:03d}.npy"
-            _write_npy(temp / name, np.dtype(dtype), (len(rows), *shape), rows, durable)
-            index_groups.append({"file": name, "dtype": dtype, "shape": [len(rows), *shape]})
-        index = {"format": CACHE_FORMAT, "fingerprint": fp, "groups": index_groups,
-                 "studies": index_studies, "report": _report_dict(report), "files": files}
-        _write_bytes(temp / INDEX, json.dumps(index).encode(), durable)
-    except BaseException:
-        shutil.rmtree(temp, ignore_errors=True)
-        raise
-    return temp
-
-
-def _write_npy(path: Path, dtype: np.dtype, shape: tuple[int, ...], rows,
-               durable: bool = True) -> None:
-    """A ``.npy`` of ``shape`` streamed row by row (no stacked copy in memory), mode 0600."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        np.lib.format.write_array_header_1_0(
-            f, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
-                "shape": shape})
-        for row in rows:
-            f.write(row.astype(dtype, copy=False).tobytes())
-        f.flush()
-        if durable:
-            os.fsync(f.fileno())
-
-
-def _write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        if durable:
-            os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _report_dict(report) -> dict:
-    return {k: dict(v) if isinstance(v, Counter) else v for k, v in report.__dict__.items()}
-
-
-def _open(folder: Path, fp: str) -> Decoded:
-    """The cached studies (images memory-mapped, read-only) and report; CacheCorrupt if the
-    directory is not a complete cache of ``fp``."""
-    from .site import IngestReport, Study
-
-    try:
-        index = json.loads((folder / INDEX).read_bytes())
-    except (OSError, ValueError) as err:
-        raise CacheCorrupt("unreadable index") from err
-    if index.get("format") != CACHE_FORMAT or index.get("fingerprint") != fp:
-        raise CacheCorrupt("index of another format or fingerprint")
-    arrays = []
-    for group in index["groups"]:
-        try:
-            array = np.load(folder / group["file"], mmap_mode="r", allow_pickle=False)
-        except (OSError, ValueError) as err:           # missing, truncated header or data
-            raise CacheCorrupt("unreadable group") from err
-        if array.dtype.str != group["dtype"] or list(array.shape) != group["shape"]:
-            raise CacheCorrupt("group of another dtype or shape")
-        if (folder / group["file"]).stat().st_size != array.offset + array.nbytes:
-            raise CacheCorrupt("group file of the wrong size")
-        arrays.append(array)
-    report = IngestReport(**{k: Counter(v) if isinstance(v, dict) else v
-                             for k, v in index["report"].items()})
-    studies = []
-    for entry in index["studies"]:
-        try:
-            images = {ch: arrays[g][row] for ch, (g, row) in entry["images"].items()}
-        except (IndexError, ValueError, TypeError) as err:
-            raise CacheCorrupt("index points outside its groups") from err
-        studies.append(Study(entry["key"], entry["patient_key"], images))
-    return studies, report

@@ -15,6 +15,7 @@ import pydicom
 import pytest
 
 from client.data import cache as cache_module
+from client.data import cache_files
 from client.data import layout_site
 from client.data import site as site_module
 from client.data.cache import INDEX, SiteCache
@@ -238,18 +239,18 @@ def test_units_decode_in_worker_processes_with_the_same_result(site, tmp_path):
 def test_a_crashed_write_leaves_nothing_that_is_served(site, tmp_path, monkeypatch):
     """The writer dies after the first group: no complete-looking cache dir remains, and the
     next read decodes and writes a good one."""
-    real = cache_module._write_npy
+    real = cache_files.write_npy
 
     def die_after_first(path, *args):
         real(path, *args)
         raise OSError("disk full")
-    monkeypatch.setattr(cache_module, "_write_npy", die_after_first)
+    monkeypatch.setattr(cache_files, "write_npy", die_after_first)
     cache = SiteCache(tmp_path / "cache")
     served = read_site(site, None, CLASSES, key=KEY, cache=cache)
     assert cache.last == "unwritable"
     assert cache.entries() == []
     assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]   # no leftovers
-    monkeypatch.setattr(cache_module, "_write_npy", real)
+    monkeypatch.setattr(cache_files, "write_npy", real)
     fresh = read_site(site, None, CLASSES, key=KEY)
     assert_same(fresh, served)
     assert_same(fresh, read_site(site, None, CLASSES, key=KEY, cache=cache))

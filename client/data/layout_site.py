@@ -62,7 +62,7 @@ def read_site(site_dir: Path | str, layout: Layout | None,
         root, paths, source = dicom_folder(site_dir), None, "dicom"
     if cache is None:
         if source == "manifest":
-            studies, report = decode_manifest_site(site_dir, layout, key=key)
+            studies, report = decode_manifest_site(site_dir, layout, key=key, workers=workers)
         elif layout is None:
             studies, report = decode_site(site_dir, key=key, workers=workers)
         else:
@@ -72,7 +72,8 @@ def read_site(site_dir: Path | str, layout: Layout | None,
         # The cache decodes only the studies whose files changed, each on its own
         # (a manifest site: as a whole), in ``workers`` processes.
         studies, report = cache.decoded(root, layout, key,
-                                        partial(_decode_files, source, site_dir, layout, key),
+                                        partial(_decode_files, source, site_dir, layout, key,
+                                                workers if source == "manifest" else 1),
                                         paths=paths, source=source,
                                         by_study=source == "dicom", workers=workers)
         check_decoded(site_dir, studies, report, None if layout is None else layout.name)
@@ -82,10 +83,11 @@ def read_site(site_dir: Path | str, layout: Layout | None,
 
 
 def _decode_files(source: str, site_dir: Path, layout: Layout | None, key: bytes | None,
-                  files: list[Path]) -> tuple[list[Study], IngestReport]:
-    """One cache unit: the studies of ``files`` (a manifest site: the whole site)."""
+                  workers: int, files: list[Path]) -> tuple[list[Study], IngestReport]:
+    """One cache unit: the studies of ``files`` (a manifest site: the whole site, in
+    ``workers`` processes; a DICOM unit is one study, decoded in one)."""
     if source == "manifest":
-        return decode_manifest_site(site_dir, layout, key=key)
+        return decode_manifest_site(site_dir, layout, key=key, workers=workers)
     if layout is None:
         return decode_site(site_dir, key=key, paths=files)
     return decode_layout_site(site_dir, layout, key=key, paths=files)

@@ -11,7 +11,8 @@ site's CSVs on each read (cheap), so editing ``labels.csv`` costs no decoding.
 On disk (``<state-dir>/cache``, 0700; files 0600)::
 
     <fingerprint>/index.json    one version of the site: every file's keyed path hash with
-                                its size and mtime, and the units it is made of
+                                its size and mtime, and the units it is made of (with a
+                                copy of each unit's index: a hit reads this one file)
     units/<unit>/index.json     one study's decoded images (pseudonymous study/patient keys,
     units/<unit>/g000.npy ...   channel names, each array's place), its read counts, and
                                 the keyed hashes and signatures of the files it came from
@@ -55,8 +56,8 @@ from pathlib import Path
 import pydicom
 
 from .cache_files import (CACHE_FORMAT, INDEX, TEMP_PREFIX, UNUSABLE, CacheCorrupt, Decoded,
-                          assemble, fsync_dir, open_dir, publish, remove_dir, write_dir,
-                          write_temp, write_version)
+                          assemble, fsync_dir, open_dir, publish, read_index, remove_dir,
+                          write_dir, write_temp, write_version)
 
 log = logging.getLogger(__name__)
 
@@ -271,6 +272,8 @@ class SiteCache:
                 shutil.rmtree(temp, ignore_errors=True)
         if writable:
             try:
+                for unit in units:              # a copy of each unit's index: a hit reads one
+                    unit["index"] = read_index(units_dir / unit["name"], unit["name"])
                 write_version(self.root, fp, family, files, units)
             except UNUSABLE:
                 writable = False
@@ -323,9 +326,11 @@ class SiteCache:
             raise CacheCorrupt("index of another format or fingerprint")
         results = []
         for unit in index["units"]:
-            name = str(unit["name"])
+            name, copy = str(unit["name"]), unit.get("index")
+            if not isinstance(copy, dict):
+                raise CacheCorrupt("version without its units' indexes")
             try:
-                results.append(open_dir(self.root / UNITS / name, name))
+                results.append(open_dir(self.root / UNITS / name, name, copy))
             except UNUSABLE:
                 remove_dir(self.root / UNITS / name)
                 raise

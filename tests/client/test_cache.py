@@ -262,7 +262,8 @@ def test_a_crashed_write_leaves_nothing_that_is_served(site, tmp_path, monkeypat
                                     "index_missing_keys", "drop_unit", "garbage_version"])
 def test_a_corrupt_cache_is_detected_and_rebuilt(site, tmp_path, damage):
     """A damaged study unit is removed and only that study decoded again; a damaged version
-    index is removed and its units, still good, are reused."""
+    index is removed and its units, still good, are reused; a damaged unit index is not
+    read on a hit (the version keeps a copy) and wrong data is never served."""
     cache = SiteCache(tmp_path / "cache")
     read_site(site, None, CLASSES, key=KEY, cache=cache)
     fresh = read_site(site, None, CLASSES, key=KEY)      # not mapped: the test cuts the file
@@ -282,19 +283,24 @@ def test_a_corrupt_cache_is_detected_and_rebuilt(site, tmp_path, damage):
         group.unlink()
     elif damage == "drop_unit":
         shutil.rmtree(folder)
-    elif damage == "garbage_index":
+    elif damage == "garbage_index":          # the unit's own index: a hit reads the copy
         (folder / INDEX).write_text('{"format": 2, "finger')
     elif damage == "garbage_version":
         (cache.entries()[0] / INDEX).write_text('{"format": 2, "finger')
-    elif damage == "index_missing_keys":
-        index = json.loads((folder / INDEX).read_text())
-        del index["report"]["files"], index["studies"][0]["key"]
-        index["report"]["bogus"] = 1
-        (folder / INDEX).write_text(json.dumps(index))
-    else:
-        index = json.loads((folder / INDEX).read_text())
-        index["studies"][0]["images"] = {k: [0, 10**6] for k in index["studies"][0]["images"]}
-        (folder / INDEX).write_text(json.dumps(index))
+    else:                                    # the version's copy of the unit's index
+        version = json.loads((cache.entries()[0] / INDEX).read_text())
+        index = next(u["index"] for u in version["units"] if u["name"] == folder.name)
+        if damage == "index_missing_keys":
+            del index["report"]["files"], index["studies"][0]["key"]
+            index["report"]["bogus"] = 1
+        else:
+            index["studies"][0]["images"] = {k: [0, 10**6]
+                                             for k in index["studies"][0]["images"]}
+        (cache.entries()[0] / INDEX).write_text(json.dumps(version))
+    if damage == "garbage_index":
+        assert_same(fresh, read_site(site, None, CLASSES, key=KEY, cache=cache))
+        assert cache.last == "hit"
+        return
     rebuilt = read_site(site, None, CLASSES, key=KEY, cache=cache)
     assert cache.last == "rebuilt"
     assert cache.decoded_units == (0 if damage == "garbage_version" else 1)

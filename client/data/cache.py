@@ -10,23 +10,32 @@ site's CSVs on each read (cheap), so editing ``labels.csv`` costs no decoding.
 
 On disk (``<state-dir>/cache``, 0700; files 0600)::
 
-    <fingerprint>/index.json    pseudonymous study/patient keys, channel names, the read
-                                counts, each array's place; keyed hashes of the file paths
-    <fingerprint>/g000.npy ...  one array per (dtype, shape) group: [N, *shape]
+    <fingerprint>/index.json    one version of the site: every file's keyed path hash with
+                                its size and mtime, and the units it is made of (with a
+                                copy of each unit's index: a hit reads this one file)
+    units/<unit>/index.json     one study's decoded images (pseudonymous study/patient keys,
+    units/<unit>/g000.npy ...   channel names, each array's place), its read counts, and
+                                the keyed hashes and signatures of the files it came from
+
+A *unit* is a study (all files with one StudyInstanceUID; the files no header names a study
+for form one more unit, as does a NIfTI manifest site as a whole). Its name is a keyed hash of
+the reader, layout and key (the *family*) and of its files' paths, sizes and mtimes, so units
+are shared by every version of the site that holds the same files. When files change, only
+the units whose files changed (or that a new file joins: the new file's header is read for
+its StudyInstanceUID) are decoded again; every other study is served from its unit as it was.
+Read counts are kept per unit and summed, so the served report equals a fresh decode's.
 
 The fingerprint is an HMAC (under the site's pseudonym key; plain SHA-256 in simulation) of
 the cache format, the reader and decoder versions, the layout, and every source file's path,
-size and mtime (DICOM: every file under ``dicom/``; a NIfTI manifest site: the manifest and
-the files it lists). Nothing in a name or in the index is a path, a UID or a header value: file
-paths enter only through that keyed hash (a folder named after a patient stays on the PACS
-export). A changed file, layout, key or reader gives a new fingerprint: the whole site is
-decoded again (not only the changed studies: series matching and volume assembly span files);
-the index records per-file hashes so the site log can say how many files changed.
+size and mtime. Nothing in a name or in an index is a path, a UID or a header value: file
+paths and study UIDs enter only through keyed hashes (a folder named after a patient stays on
+the PACS export).
 
-A directory is written under a temporary name and renamed into place, so a reader sees a
-complete cache or none; a cache that fails its checks on opening (unparsable index, a group
-file missing, truncated or of another shape) is removed and rebuilt. At most ``keep``
-fingerprints stay (least recently used removed), so disk use is bounded.
+Every directory is written under a temporary name and renamed into place, so a reader sees a
+complete unit or version or none; one that fails its checks on opening (unparsable index, a
+group file missing, truncated or of another shape, a unit missing) is removed and decoded
+again. At most ``keep`` versions stay (least recently used removed), and units no kept
+version uses are removed with them, so disk use is bounded.
 """
 
 from __future__ import annotations
@@ -38,37 +47,27 @@ import logging
 import os
 import shutil
 import stat
-import tempfile
 import time
-from collections import Counter
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-import numpy as np
+import pydicom
+
+from .cache_files import (CACHE_FORMAT, INDEX, TEMP_PREFIX, UNUSABLE, CacheCorrupt, Decoded,
+                          assemble, fsync_dir, open_dir, publish, read_index, remove_dir,
+                          write_dir, write_temp, write_version)
 
 log = logging.getLogger(__name__)
 
 CACHE_FOLDER = "cache"          # under the site's state dir
-CACHE_FORMAT = 1
+UNITS = "units"                 # per-study units, shared by the versions that hold them
 # Bump when a reader's output for the same files changes (a new intensity rule, a fixed bug),
 # so caches written by the old code are not served as if current.
 READER_VERSION = 1
-INDEX = "index.json"
-TEMP_PREFIX = ".tmp-"
 STALE_TEMP_SECONDS = 3600       # a writer that crashed left its temporary dir behind
 DECODERS = ("pydicom", "numpy", "monai", "pylibjpeg", "python-gdcm")
-
-Decoded = tuple[list, object]     # (list[Study], IngestReport) as the readers return them
-
-
-class CacheCorrupt(ValueError):
-    """A cache directory failed its checks on opening (it is then rebuilt)."""
-
-
-# What opening a damaged cache can raise (a malformed index: missing keys, wrong types).
-UNUSABLE = (CacheCorrupt, OSError, ValueError, KeyError, TypeError, IndexError)
-
 
 def _versions() -> dict[str, str]:
     out = {}
@@ -93,8 +92,10 @@ class SiteCache:
     After :meth:`decoded`, ``last`` says what happened: ``hit``, ``miss`` (first decode or a
     change), ``rebuilt`` (a corrupt cache was removed) or ``unwritable`` (decoded data served
     from memory, the write failed), ``changed_files`` how many files differ from the newest
-    previous cache (counts only), and ``current`` the served cache's folder, where datasets
-    keep their prepared rows (:mod:`client.data.rows`; None when unwritable).
+    previous cache (counts only), ``decoded_units``/``reused_units`` how many studies were
+    decoded and how many served unchanged from earlier versions, and ``current`` the served
+    cache's folder, where datasets keep their prepared rows (:mod:`client.data.rows`; None
+    when unwritable).
     """
 
     def __init__(self, root: Path | str, *, keep: int = 4):
@@ -104,6 +105,7 @@ class SiteCache:
         self.keep = keep
         self.last: str | None = None
         self.changed_files: int | None = None
+        self.decoded_units = self.reused_units = 0
         self.current: Path | None = None     # the served cache's folder (prepared rows go there)
 
     def describe(self) -> str:
@@ -111,7 +113,9 @@ class SiteCache:
         if self.last is None:
             return "unused"
         changed = "" if self.changed_files is None else f", {self.changed_files} files changed"
-        return f"{self.last}{changed}"
+        units = "" if self.last == "hit" else \
+            f", {self.decoded_units} studies decoded, {self.reused_units} reused"
+        return f"{self.last}{changed}{units}"
 
     # -- fingerprint -----------------------------------------------------------------------
     @staticmethod
@@ -120,10 +124,10 @@ class SiteCache:
             return hashlib.sha256(text.encode()).hexdigest()
         return hmac.new(key, text.encode(), hashlib.sha256).hexdigest()
 
-    def manifest(self, root: Path, key: bytes | None, paths: list[Path] | None = None,
-                 ) -> dict[str, list[int]]:
-        """Keyed hash of each file's path under ``root`` -> ``[size, mtime_ns]``; ``paths``:
-        the files to list (default: every file under ``root``)."""
+    def listing(self, root: Path, key: bytes | None, paths: list[Path] | None = None,
+                ) -> dict[str, tuple[str, list[int]]]:
+        """Keyed hash of each file's path under ``root`` -> ``(path, [size, mtime_ns])``;
+        ``paths``: the files to list (default: every file under ``root``)."""
         root = str(root)
         if paths is None:           # os.walk on strings: a site has tens of thousands of files
             paths = [os.path.join(top, name) for top, _, names in os.walk(root)
@@ -137,54 +141,200 @@ class SiteCache:
             if not stat.S_ISREG(st.st_mode):
                 continue
             rel = os.path.relpath(path, root).replace(os.sep, "/")
-            files[self._hash(key, f"file:{rel}")[:24]] = [st.st_size, st.st_mtime_ns]
+            files[self._hash(key, f"file:{rel}")[:24]] = (path, [st.st_size, st.st_mtime_ns])
         return files
+
+    def manifest(self, root: Path, key: bytes | None, paths: list[Path] | None = None,
+                 ) -> dict[str, list[int]]:
+        """Keyed hash of each file's path under ``root`` -> ``[size, mtime_ns]``."""
+        return {h: sig for h, (_, sig) in self.listing(root, key, paths).items()}
+
+    def family(self, layout, key: bytes | None, source: str = "dicom") -> str:
+        """Everything a unit depends on besides its files: format, reader, decoders,
+        ``source`` reader, layout, key."""
+        spec = {"format": CACHE_FORMAT, "reader": READER_VERSION, "decoders": _versions(),
+                "source": source, "layout": None if layout is None else layout.to_dict()}
+        return self._hash(key, json.dumps(spec, sort_keys=True))[:32]
 
     def fingerprint(self, files: dict[str, list[int]], layout, key: bytes | None,
                     source: str = "dicom") -> str:
         """The cache's name for these files read by the ``source`` reader (dicom, manifest)
         through ``layout`` under ``key``."""
-        spec = {"format": CACHE_FORMAT, "reader": READER_VERSION, "decoders": _versions(),
-                "source": source,
-                "layout": None if layout is None else layout.to_dict(), "files": files}
+        spec = {"family": self.family(layout, key, source), "files": files}
         return self._hash(key, json.dumps(spec, sort_keys=True))[:32]
 
+    def _unit_name(self, family: str, files: dict[str, list[int]], key: bytes | None) -> str:
+        return self._hash(key, json.dumps({"family": family, "files": files},
+                                          sort_keys=True))[:32]
+
     # -- the one entry point ---------------------------------------------------------------
-    def decoded(self, root: Path, layout, key: bytes | None, decode: Callable[[], Decoded],
-                *, paths: list[Path] | None = None, source: str = "dicom") -> Decoded:
-        """``decode()``'s studies and report: from the cache when the files (``paths``, or
-        all under ``root``), ``layout``, ``key`` and ``source`` reader are those it was
-        written for, else decoded now and written."""
-        files = self.manifest(root, key, paths)
+    def decoded(self, root: Path, layout, key: bytes | None,
+                decode_files: Callable[[list[Path]], Decoded], *,
+                paths: list[Path] | None = None, source: str = "dicom",
+                by_study: bool = True, workers: int = 1) -> Decoded:
+        """The studies and read counts of the files (``paths``, or all under ``root``) read
+        through ``layout`` under ``key``: from the cache when it holds this version, else
+        decoded now - only the studies whose files changed - and written.
+
+        ``decode_files(files)``: the reader on a subset of the files (whole studies), which
+        returns what it read without raising when nothing usable is among them; with
+        ``workers > 1`` units are decoded in that many spawned processes (it must pickle).
+        ``by_study``: units are studies (DICOM: by StudyInstanceUID); else one unit.
+        """
+        if workers < 1:
+            raise ValueError(f"decode workers must be >= 1, got {workers}")
+        listing = self.listing(root, key, paths)
+        files = {h: sig for h, (_, sig) in listing.items()}
         fp = self.fingerprint(files, layout, key, source)
         folder = self.root / fp
         self.changed_files = self.current = None
+        self.decoded_units = self.reused_units = 0
         if folder.exists():
             try:
-                out = _open(folder, fp)
+                out = self._open_version(folder, fp)
                 os.utime(folder / INDEX)              # recently used: pruned last
                 self.last, self.current = "hit", folder
                 return out
             except UNUSABLE:
                 log.warning("site cache: a cached version failed its checks; rebuilding it")
-                _remove(folder)
+                remove_dir(folder)
                 self.last = "rebuilt"
         else:
             self.last = "miss"
             self.changed_files = self._changed_since_newest(files)
-        studies, report = decode()
-        try:
-            self._make_root()
-            _write(self.root, fp, studies, report, files)
-            out = _open(folder, fp)       # serve the mapped copy: the decoded arrays go
-        except UNUSABLE:                  # disk full, read-only, a racing writer's bad copy
+        with _Workers(workers) as pool:
+            out = self._update(listing, fp, layout, key, source, decode_files, by_study, pool)
+        if self.last != "unwritable":
+            self.prune(current=fp)
+            self.current = folder
+        return out
+
+    def _update(self, listing: dict, fp: str, layout, key: bytes | None, source: str,
+                decode_files: Callable[[list[Path]], Decoded], by_study: bool,
+                pool: _Workers) -> Decoded:
+        """A new version ``fp``: its units reused where they exist, the others decoded and
+        written, then its index; served from memory (``last = unwritable``) when writing
+        fails."""
+        files = {h: sig for h, (_, sig) in listing.items()}
+        family = self.family(layout, key, source)
+        groups = self._groups(listing, family, key, by_study, pool)
+        units: list[dict] = []
+        results: list[Decoded | None] = []
+        todo: list[int] = []
+        for group, members in sorted(groups.items()):
+            sigs = {h: files[h] for h in sorted(members)}
+            name = self._unit_name(family, sigs, key)
+            units.append({"name": name, "group": group, "files": sigs})
+            try:
+                results.append(open_dir(self.root / UNITS / name, name))
+                self.reused_units += 1
+            except UNUSABLE:
+                remove_dir(self.root / UNITS / name)          # absent, or failed its checks
+                results.append(None)
+                todo.append(len(units) - 1)
+        # Units are written as they arrive (memory holds one unit at a time), unsynced, then
+        # one sync makes them all durable before any is visible under its name: a unit found
+        # under its name is complete on disk (one fsync per unit cost more than the decode).
+        units_dir, pending, writable = self.root / UNITS, [], True
+        batches = pool.map(decode_files, [[listing[h][0] for h in units[i]["files"]]
+                                          for i in todo])
+        if todo:
+            try:
+                self._make_root(UNITS)
+            except OSError:
+                writable = False
+        for i, out in zip(todo, batches):
+            self.decoded_units += 1
+            if writable:
+                try:
+                    pending.append((i, write_temp(units_dir, units[i]["name"], *out,
+                                                   files={}, durable=False)))
+                    continue
+                except UNUSABLE:       # disk full, read-only
+                    writable = False
+            results[i] = out
+        if pending and writable:
+            try:
+                os.sync()
+                for i, temp in pending:
+                    publish(temp, units_dir / units[i]["name"])
+                fsync_dir(units_dir)
+            except UNUSABLE:
+                writable = False
+        for i, temp in pending:
+            name = units[i]["name"]
+            try:
+                results[i] = open_dir(units_dir / name if writable else temp, name)
+            except UNUSABLE:           # a racing writer's bad copy: decode it again
+                writable = False
+                results[i] = decode_files([listing[h][0] for h in units[i]["files"]])
+            if temp.exists():          # served from memory maps, which outlive the names
+                shutil.rmtree(temp, ignore_errors=True)
+        if writable:
+            try:
+                for unit in units:              # a copy of each unit's index: a hit reads one
+                    unit["index"] = read_index(units_dir / unit["name"], unit["name"])
+                write_version(self.root, fp, family, files, units)
+            except UNUSABLE:
+                writable = False
+        if not writable:
             log.warning("site cache: could not write the decoded studies; serving them "
                         "from memory this time")
             self.last = "unwritable"
-            return studies, report
-        self.prune(current=fp)
-        self.current = folder
-        return out
+        return assemble(results)
+
+    def _groups(self, listing: dict, family: str, key: bytes | None, by_study: bool,
+                pool: _Workers) -> dict[str, list[str]]:
+        """File hashes by unit: by study (a keyed hash of its StudyInstanceUID), taken for an
+        unchanged file from the newest version of this family that lists it, else read
+        from the file's header (in ``pool``); one unit of everything when not ``by_study``."""
+        if not by_study:
+            return {"all": list(listing)}
+        known: dict[str, tuple[list[int], str]] = {}
+        for entry in reversed(self.entries()):                # newest first
+            try:
+                index = json.loads((entry / INDEX).read_bytes())
+                if index.get("family") != family:
+                    continue
+                for unit in index["units"]:
+                    for h, sig in unit["files"].items():
+                        known.setdefault(h, (sig, unit["group"]))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                continue
+        groups: dict[str, list[str]] = {}
+        unknown = []
+        for h, (path, sig) in listing.items():
+            hit = known.get(h)
+            if hit is not None and hit[0] == sig:
+                groups.setdefault(hit[1], []).append(h)
+            else:
+                unknown.append(h)
+        uids = pool.map(_study_uid, [listing[h][0] for h in unknown])
+        for h, uid in zip(unknown, uids):
+            group = self._hash(key, f"study:{uid}")[:24] if uid else "none"
+            groups.setdefault(group, []).append(h)
+        return groups
+
+    def _open_version(self, folder: Path, fp: str) -> Decoded:
+        """A version's studies from its units; CacheCorrupt if any part fails its checks
+        (a failing unit is removed, so it is decoded again)."""
+        try:
+            index = json.loads((folder / INDEX).read_bytes())
+        except (OSError, ValueError) as err:
+            raise CacheCorrupt("unreadable index") from err
+        if index.get("format") != CACHE_FORMAT or index.get("fingerprint") != fp:
+            raise CacheCorrupt("index of another format or fingerprint")
+        results = []
+        for unit in index["units"]:
+            name, copy = str(unit["name"]), unit.get("index")
+            if not isinstance(copy, dict):
+                raise CacheCorrupt("version without its units' indexes")
+            try:
+                results.append(open_dir(self.root / UNITS / name, name, copy))
+            except UNUSABLE:
+                remove_dir(self.root / UNITS / name)
+                raise
+        return assemble(results)
 
     def side_entry(self, source: str, root: Path, paths: list[Path], key: bytes | None,
                    decode: Callable[[], Decoded]) -> Decoded:
@@ -198,24 +348,27 @@ class SiteCache:
         folder = self.current / name
         if folder.exists():
             try:
-                return _open(folder, name)
+                return open_dir(folder, name)
             except UNUSABLE:
-                _remove(folder)
+                remove_dir(folder)
         out = decode()
         try:
-            _write(self.current, name, *out, files={})
-            out = _open(folder, name)
+            write_dir(self.current, name, *out, files={})
+            out = open_dir(folder, name)
         except UNUSABLE:
             return out
         for old in self.current.glob(f"{source}-*"):      # an older version of this data
             if old.name != name:
-                _remove(old)
+                remove_dir(old)
         return out
 
     # -- housekeeping ----------------------------------------------------------------------
-    def _make_root(self) -> None:
+    def _make_root(self, sub: str | None = None) -> None:
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(self.root, 0o700)
+        if sub is not None:
+            (self.root / sub).mkdir(exist_ok=True, mode=0o700)
+            os.chmod(self.root / sub, 0o700)
 
     def entries(self) -> list[Path]:
         """Complete cache directories, least recently used first."""
@@ -226,21 +379,34 @@ class SiteCache:
         return sorted(found, key=lambda p: (p / INDEX).stat().st_mtime_ns)
 
     def prune(self, current: str | None = None) -> int:
-        """Remove all but the ``keep`` most recently used caches (never ``current``) and
-        temporary dirs of writers that died; how many directories were removed."""
+        """Remove all but the ``keep`` most recently used caches (never ``current``), the
+        units none of the rest uses, and temporary dirs of writers that died; how many
+        directories were removed."""
         removed = 0
         entries = [p for p in self.entries() if p.name != current]
         for old in entries[:max(0, len(entries) - (self.keep - (current is not None)))]:
-            _remove(old)
+            remove_dir(old)
             removed += 1
+        used: set[str] = set()
+        for entry in self.entries():
+            try:
+                used.update(str(u["name"]) for u in
+                            json.loads((entry / INDEX).read_bytes())["units"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue            # a damaged version: its units go unless another uses them
+        units = self.root / UNITS
+        for unit in units.iterdir() if units.is_dir() else ():
+            if not unit.name.startswith(TEMP_PREFIX) and unit.name not in used:
+                remove_dir(unit)
+                removed += 1
         now = time.time()
-        for temp in self.root.glob(f"{TEMP_PREFIX}*"):
+        for temp in [*self.root.glob(f"{TEMP_PREFIX}*"), *units.glob(f"{TEMP_PREFIX}*")]:
             try:
                 stale = now - temp.stat().st_mtime > STALE_TEMP_SECONDS
             except OSError:                 # its writer finished (renamed it) meanwhile
                 continue
             if stale:
-                _remove(temp)
+                remove_dir(temp)
                 removed += 1
         return removed
 
@@ -255,117 +421,41 @@ class SiteCache:
         return sum(old.get(k) != v for k, v in files.items()) + len(old.keys() - files.keys())
 
 
-def _remove(folder: Path) -> None:
-    """Remove a cache directory (renamed away first, so no reader sees it half deleted)."""
-    trash = folder.with_name(f"{TEMP_PREFIX}{folder.name}-{os.getpid()}-trash")
-    try:
-        os.rename(folder, trash)
-    except OSError:
-        return
-    shutil.rmtree(trash, ignore_errors=True)
+class _Workers:
+    """``map`` in ``workers`` spawned processes when there is enough work to share (the
+    pool is started on first such use and kept for the next), else in this process."""
+
+    def __init__(self, workers: int):
+        self.workers, self.pool = workers, None
+
+    def map(self, fn: Callable, items: list) -> Iterator:
+        """``fn`` over ``items``, in order, lazily."""
+        if self.workers == 1 or len(items) < 2 * self.workers:
+            return map(fn, items)
+        if self.pool is None:
+            from concurrent.futures import ProcessPoolExecutor
+            from multiprocessing import get_context
+
+            self.pool = ProcessPoolExecutor(self.workers, mp_context=get_context("spawn"))
+        chunk = -(-len(items) // (4 * self.workers))         # 4 tasks per worker: balance
+        return self.pool.map(fn, items, chunksize=chunk)
+
+    def __enter__(self) -> _Workers:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
 
 
-def _write(root: Path, fp: str, studies: list, report, files: dict) -> None:
-    """Write the studies' arrays and index into a temporary dir, then rename it to ``fp``."""
-    temp = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=root))     # 0700
-    try:
-        groups: dict[tuple[str, tuple[int, ...]], list[np.ndarray]] = {}
-        ids: dict[tuple[str, tuple[int, ...]], int] = {}
-        index_studies = []
-        for study in studies:
-            places = {}
-            for channel, array in study.images.items():
-                array = np.ascontiguousarray(array)
-                group = (array.dtype.str, array.shape)
-                if group not in groups:
-                    groups[group] = []
-                    ids[group] = len(ids)
-                places[channel] = [ids[group], len(groups[group])]
-                groups[group].append(array)
-            index_studies.append({"key": study.key, "patient_key": study.patient_key,
-                                  "images": places})
-        index_groups = []
-        for g, ((dtype, shape), rows) in enumerate(groups.items()):
-            name = f"g{g:03d}.npy"
-            _write_npy(temp / name, np.dtype(dtype), (len(rows), *shape), rows)
-            index_groups.append({"file": name, "dtype": dtype, "shape": [len(rows), *shape]})
-        index = {"format": CACHE_FORMAT, "fingerprint": fp, "groups": index_groups,
-                 "studies": index_studies, "report": _report_dict(report), "files": files}
-        _write_bytes(temp / INDEX, json.dumps(index).encode())
-        _fsync_dir(temp)
+def _study_uid(path: str) -> str:
+    """The file's StudyInstanceUID from its header ("" when unreadable or absent); stays
+    at the site: only a keyed hash of it is kept."""
+    with warnings.catch_warnings():      # pydicom warns with element values: keep them out
+        warnings.simplefilter("ignore")
         try:
-            os.rename(temp, root / fp)
-        except OSError:
-            if not (root / fp).is_dir():          # not a concurrent writer that won: real
-                raise
-        _fsync_dir(root)
-    finally:
-        if temp.exists():
-            shutil.rmtree(temp, ignore_errors=True)
-
-
-def _write_npy(path: Path, dtype: np.dtype, shape: tuple[int, ...], rows) -> None:
-    """A ``.npy`` of ``shape`` streamed row by row (no stacked copy in memory), mode 0600."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        np.lib.format.write_array_header_1_0(
-            f, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
-                "shape": shape})
-        for row in rows:
-            f.write(row.astype(dtype, copy=False).tobytes())
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _write_bytes(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _report_dict(report) -> dict:
-    return {k: dict(v) if isinstance(v, Counter) else v for k, v in report.__dict__.items()}
-
-
-def _open(folder: Path, fp: str) -> Decoded:
-    """The cached studies (images memory-mapped, read-only) and report; CacheCorrupt if the
-    directory is not a complete cache of ``fp``."""
-    from .site import IngestReport, Study
-
-    try:
-        index = json.loads((folder / INDEX).read_bytes())
-    except (OSError, ValueError) as err:
-        raise CacheCorrupt("unreadable index") from err
-    if index.get("format") != CACHE_FORMAT or index.get("fingerprint") != fp:
-        raise CacheCorrupt("index of another format or fingerprint")
-    arrays = []
-    for group in index["groups"]:
-        try:
-            array = np.load(folder / group["file"], mmap_mode="r", allow_pickle=False)
-        except (OSError, ValueError) as err:           # missing, truncated header or data
-            raise CacheCorrupt("unreadable group") from err
-        if array.dtype.str != group["dtype"] or list(array.shape) != group["shape"]:
-            raise CacheCorrupt("group of another dtype or shape")
-        if (folder / group["file"]).stat().st_size != array.offset + array.nbytes:
-            raise CacheCorrupt("group file of the wrong size")
-        arrays.append(array)
-    report = IngestReport(**{k: Counter(v) if isinstance(v, dict) else v
-                             for k, v in index["report"].items()})
-    studies = []
-    for entry in index["studies"]:
-        try:
-            images = {ch: arrays[g][row] for ch, (g, row) in entry["images"].items()}
-        except (IndexError, ValueError, TypeError) as err:
-            raise CacheCorrupt("index points outside its groups") from err
-        studies.append(Study(entry["key"], entry["patient_key"], images))
-    return studies, report
+            ds = pydicom.dcmread(path, stop_before_pixels=True,
+                                 specific_tags=["StudyInstanceUID"])
+            return str(ds.get("StudyInstanceUID", "") or "").strip()
+        except Exception:  # noqa: BLE001 - not DICOM or unreadable: the reader counts it
+            return ""

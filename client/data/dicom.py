@@ -138,16 +138,18 @@ def _read_chunk(paths: list[Path], key: bytes | None) -> tuple[list[SeriesImage]
     return images, counts.skipped
 
 
-def read_directory(dicom_dir: Path, *, key: bytes | None = None, workers: int = 1
-                   ) -> tuple[list[SeriesImage], ReadCounts]:
+def read_directory(dicom_dir: Path, *, key: bytes | None = None, workers: int = 1,
+                   paths: list[Path] | None = None) -> tuple[list[SeriesImage], ReadCounts]:
     """Read every regular file under ``dicom_dir`` (recursively, deterministic order), with
-    pseudonyms under the site's ``key``.
+    pseudonyms under the site's ``key``; ``paths``: only these files (the site cache
+    re-reading the studies whose files changed).
 
     ``workers > 1`` decodes in that many spawned processes, in contiguous chunks of the sorted
     file list joined back in order, so the result is the same as with one (spawned, not
     forked: the caller may hold torch's threads).
     """
-    paths = sorted(p for p in Path(dicom_dir).rglob("*") if p.is_file())
+    paths = sorted(p for p in Path(dicom_dir).rglob("*") if p.is_file()) if paths is None \
+        else sorted(paths)
     counts = ReadCounts(files=len(paths))
     if workers < 1:
         raise ValueError(f"decode workers must be >= 1, got {workers}")

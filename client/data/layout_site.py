@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import warnings
 from collections import Counter
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -32,8 +33,8 @@ from .layout import Channel, Layout, LayoutError, check_volume_layout
 from .manifest_site import MANIFEST, decode_manifest_site, has_manifest, manifest_rows
 from .matching import match_site
 from .sequences import SEQUENCES
-from .site import (IngestReport, SiteData, SiteDataError, Study, decode_site, dicom_folder,
-                   join_site, mask_files, read_masks)
+from .site import (IngestReport, SiteData, SiteDataError, Study, check_decoded, decode_site,
+                   dicom_folder, join_site, mask_files, read_masks)
 
 # Studies the layout's missing-channel policy (or a channel that failed to decode) drops.
 STUDY_SKIPS = ("study_missing_channel",)
@@ -55,26 +56,41 @@ def read_site(site_dir: Path | str, layout: Layout | None,
     channels = SEQUENCES if layout is None else layout.input_channels
     if has_manifest(site_dir):          # a NIfTI research export (client.data.manifest_site)
         rows = manifest_rows(site_dir, layout)       # every row checked before any read
-        def decode():
-            return decode_manifest_site(site_dir, layout, key=key)
         root, paths, source = site_dir.resolve(), [site_dir.resolve() / MANIFEST], "manifest"
         paths += sorted({path for *_, path in rows})
-    elif layout is None:
-        def decode():
-            return decode_site(site_dir, key=key, workers=workers)
-        root, paths, source = dicom_folder(site_dir), None, "dicom"
     else:
-        def decode():
-            return decode_layout_site(site_dir, layout, key=key, workers=workers)
         root, paths, source = dicom_folder(site_dir), None, "dicom"
     if cache is None:
-        studies, report = decode()
+        if source == "manifest":
+            studies, report = decode_manifest_site(site_dir, layout, key=key, workers=workers)
+        elif layout is None:
+            studies, report = decode_site(site_dir, key=key, workers=workers)
+        else:
+            studies, report = decode_layout_site(site_dir, layout, key=key, workers=workers)
         masks = None
     else:
-        studies, report = cache.decoded(root, layout, key, decode, paths=paths, source=source)
+        # The cache decodes only the studies whose files changed, each on its own
+        # (a manifest site: as a whole), in ``workers`` processes.
+        studies, report = cache.decoded(root, layout, key,
+                                        partial(_decode_files, source, site_dir, layout, key,
+                                                workers if source == "manifest" else 1),
+                                        paths=paths, source=source,
+                                        by_study=source == "dicom", workers=workers)
+        check_decoded(site_dir, studies, report, None if layout is None else layout.name)
         masks = _cached_masks(site_dir, key, cache)
     return join_site(site_dir, studies, report, class_names, multi_label=multi_label,
                      channels=channels, key=key, masks=masks)
+
+
+def _decode_files(source: str, site_dir: Path, layout: Layout | None, key: bytes | None,
+                  workers: int, files: list[Path]) -> tuple[list[Study], IngestReport]:
+    """One cache unit: the studies of ``files`` (a manifest site: the whole site, in
+    ``workers`` processes; a DICOM unit is one study, decoded in one)."""
+    if source == "manifest":
+        return decode_manifest_site(site_dir, layout, key=key, workers=workers)
+    if layout is None:
+        return decode_site(site_dir, key=key, paths=files)
+    return decode_layout_site(site_dir, layout, key=key, paths=files)
 
 
 def _cached_masks(site_dir: Path, key: bytes | None, cache: SiteCache):
@@ -134,10 +150,13 @@ def load_layout_site(site_dir: Path | str, layout: Layout,
 
 
 def decode_layout_site(site_dir: Path, layout: Layout, *, key: bytes | None = None,
-                       workers: int = 1) -> tuple[list[Study], IngestReport]:
+                       workers: int = 1, paths: list[Path] | None = None,
+                       ) -> tuple[list[Study], IngestReport]:
     """The decode half of :func:`load_layout_site`: studies with their layout channels
     (no label, report, mask or split yet) and the read counts; a function of the files
     under ``dicom/``, the layout and ``key`` alone (what :mod:`client.data.cache` keeps).
+    ``paths``: only these files (whole studies: the cache's units), and then an empty
+    result is returned, not refused.
 
     ``workers > 1`` decodes the matched series in that many spawned processes (series
     matching reads headers only and stays in this one); the result is the same as with one.
@@ -149,9 +168,7 @@ def decode_layout_site(site_dir: Path, layout: Layout, *, key: bytes | None = No
             check_volume_layout(layout)
         except LayoutError as err:
             raise SiteDataError(str(err)) from None
-    match = match_site(layout, dicom_folder(site_dir), key=key)
-    if match.report.files == 0:
-        raise SiteDataError(f"data directory {site_dir} is empty: no files under dicom/")
+    match = match_site(layout, dicom_folder(site_dir), key=key, paths=paths)
     report = IngestReport(files=match.report.files,
                           skipped=Counter(match.report.skipped_files)
                           + Counter(match.report.skipped_series))
@@ -181,9 +198,8 @@ def decode_layout_site(site_dir: Path, layout: Layout, *, key: bytes | None = No
             report.skipped["study_missing_channel"] += 1
             continue
         studies.append(Study(study_key, patient_key, images))
-    if not studies:
-        raise SiteDataError(f"no usable studies in {site_dir} for layout {layout.name!r}: "
-                            f"{report.files} files, skipped {dict(report.skipped)}")
+    if paths is None:
+        check_decoded(site_dir, studies, report, layout.name)
     return studies, report
 
 

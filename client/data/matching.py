@@ -136,12 +136,14 @@ def _text(ds: pydicom.Dataset, keyword: str) -> str:
     return "" if value is None else str(value).strip()
 
 
-def read_headers(dicom_dir: Path, key: bytes | None = None
+def read_headers(dicom_dir: Path, key: bytes | None = None, paths: list[Path] | None = None
                  ) -> tuple[list[SeriesHeader], int, Counter]:
-    """Headers of every regular file under ``dicom_dir`` (recursive, sorted); returns the
-    headers, the number of files, and the per-file skip counts."""
+    """Headers of every regular file under ``dicom_dir`` (recursive, sorted), or of
+    ``paths`` only; returns the headers, the number of files, and the per-file skip counts."""
     headers, skipped, files = [], Counter(), 0
-    for path in sorted(p for p in Path(dicom_dir).rglob("*") if p.is_file()):
+    if paths is None:
+        paths = [p for p in Path(dicom_dir).rglob("*") if p.is_file()]
+    for path in sorted(paths):
         files += 1
         # pydicom warns with element values on malformed files: keep them out of the logs.
         with warnings.catch_warnings():
@@ -210,11 +212,12 @@ def _rule_pass(rule: ChannelRule, h: SeriesHeader, texts: tuple[str, ...]) -> in
     return None
 
 
-def match_site(layout: Layout, dicom_dir: Path, *, key: bytes | None = None) -> SiteMatch:
-    """Read the headers under ``dicom_dir`` and assign each series to a channel or a counted
-    skip reason; one series per channel and study (later ones: ``duplicate_channel``).
-    ``key``: the site's pseudonym secret."""
-    headers, files, skipped_files = read_headers(dicom_dir, key)
+def match_site(layout: Layout, dicom_dir: Path, *, key: bytes | None = None,
+               paths: list[Path] | None = None) -> SiteMatch:
+    """Read the headers under ``dicom_dir`` (or of ``paths`` only) and assign each series
+    to a channel or a counted skip reason; one series per channel and study (later ones:
+    ``duplicate_channel``). ``key``: the site's pseudonym secret."""
+    headers, files, skipped_files = read_headers(dicom_dir, key, paths)
     return assign(layout, headers, files=files, skipped_files=skipped_files)
 
 

@@ -6,7 +6,8 @@ Layout of a site directory::
     SITE/labels.csv      study_instance_uid,label   (empty label = unlabelled)
     SITE/findings.csv    study_instance_uid,findings   (multi-label tasks; findings joined by
                          ";", empty = none found, no row = unlabelled)
-    SITE/reports.jsonl   {"study_instance_uid": ..., "text": ...}   (optional)
+    SITE/reports.jsonl   {"study_instance_uid": ..., "text": ...}   (optional; names, dates
+                         and identifiers are removed as it is read: client.data.report_deid)
     SITE/segmentations.csv  study_instance_uid,mask_file   (optional; NIfTI lesion masks,
                             paths relative to SITE, x-major as converters write them)
 """
@@ -23,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from .dicom import SeriesImage, pseudonym, read_directory
+from .report_deid import deidentify_report
 from .sequences import SEQUENCES
 
 SPLITS = ("train", "val", "test")
@@ -150,6 +152,7 @@ def _read_findings(path: Path, finding_names: tuple[str, ...], report: IngestRep
 
 
 def _read_reports(path: Path, report: IngestReport, key: bytes | None) -> dict[str, str]:
+    """De-identified report texts by pseudonymous study key (the raw text goes no further)."""
     if not path.exists():
         return {}
     texts = {}
@@ -157,7 +160,8 @@ def _read_reports(path: Path, report: IngestReport, key: bytes | None) -> dict[s
         for line in f:
             try:
                 row = json.loads(line)
-                texts[pseudonym("study", str(row["study_instance_uid"]), key)] = str(row["text"])
+                text, _ = deidentify_report(str(row["text"]))
+                texts[pseudonym("study", str(row["study_instance_uid"]), key)] = text
             except (ValueError, KeyError, TypeError):
                 report.skipped["bad_report_line"] += 1
     return texts
@@ -233,21 +237,30 @@ def load_site(site_dir: Path | str, class_names: tuple[str, ...] | None = None, 
 
 
 def decode_site(site_dir: Path, *, key: bytes | None = None, workers: int = 1,
-                ) -> tuple[list[Study], IngestReport]:
+                paths: list[Path] | None = None) -> tuple[list[Study], IngestReport]:
     """The decode half of :func:`load_site`: the site's DICOM as de-identified studies
     (images only: no label, report, mask or split yet) and the read counts. A function of
     the files under ``dicom/`` and ``key`` alone, which is what the site cache
-    (:mod:`client.data.cache`) keeps."""
+    (:mod:`client.data.cache`) keeps. ``paths``: only these files (whole studies; the
+    cache's units), and then an empty result is returned, not refused."""
     dicom_dir = dicom_folder(site_dir)
-    images, counts = read_directory(dicom_dir, key=key, workers=workers)
+    images, counts = read_directory(dicom_dir, key=key, workers=workers, paths=paths)
     report = IngestReport(files=counts.files, images=counts.images, skipped=counts.skipped)
-    if counts.files == 0:
-        raise SiteDataError(f"data directory {site_dir} is empty: no files under dicom/")
     studies = _group(images, report)
-    if not studies:
-        raise SiteDataError(f"no usable studies in {site_dir}: {counts.files} files, "
-                            f"skipped {dict(counts.skipped)}")
+    if paths is None:
+        check_decoded(site_dir, studies, report)
     return studies, report
+
+
+def check_decoded(site_dir: Path, studies: list[Study], report: IngestReport,
+                  layout_name: str | None = None) -> None:
+    """Refuse a whole site's decode that found no files or no usable study."""
+    if report.files == 0:
+        raise SiteDataError(f"data directory {site_dir} is empty: no files under dicom/")
+    if not studies:
+        where = "" if layout_name is None else f" for layout {layout_name!r}"
+        raise SiteDataError(f"no usable studies in {site_dir}{where}: {report.files} files, "
+                            f"skipped {dict(report.skipped)}")
 
 
 def join_site(site_dir: Path, studies: list[Study], report: IngestReport,

@@ -14,8 +14,10 @@ Amplitudes are drawn from overlapping ranges and each site's detector adds its o
 noise, so the task is learnable over rounds without saturating in the first. Sites differ as
 hospitals do: CR or DX, MONOCHROME1 or MONOCHROME2 storage, matrix size and pixel spacing, bit
 depth, the share of AP films and of lateral views, series naming, and label mix (Dirichlet).
-Headers carry fake PHI (names, IDs, dates, accession numbers) so the reader's de-identification
-is exercised; one site also exports a C-spine film and a dose report the layout must skip.
+Headers carry fake PHI (names, IDs, dates, accession numbers), and so do some reports (the
+patient's name and MRN, a dated prior, the dictating physician), so the reader's
+de-identification of both is exercised; one site also exports a C-spine film and a dose report
+the layout must skip.
 """
 
 from __future__ import annotations
@@ -253,6 +255,29 @@ def write_chest_report(finding: Finding, views: tuple[str, ...], rng: np.random.
     return " ".join(parts)
 
 
+def report_with_phi(report: str, phi: dict[str, str], rng: np.random.Generator) -> str:
+    """The report as a reporting system exports it: now and then a header line with the
+    patient's name and MRN, a comparison with a dated prior (its accession number), a
+    dictation line with the physician and date - identifiers the site's de-identification
+    (``client.data.report_deid``) must remove before the text is used."""
+    last, first = phi["PatientName"].split("^")
+    birth = phi["PatientBirthDate"]
+    physician = phi["ReferringPhysicianName"].split("^")
+    lines = []
+    if rng.random() < 0.3:
+        lines.append(f"Patient: {last}, {first}. MRN: {phi['PatientID']}. "
+                     f"DOB: {birth[6:]}/{birth[4:6]}/{birth[:4]}.")
+    lines.append(report)
+    if rng.random() < 0.4:
+        year, month, day = 2023, int(rng.integers(1, 13)), int(rng.integers(1, 29))
+        lines.append(f"COMPARISON: chest radiograph of {year}-{month:02d}-{day:02d} "
+                     f"(accession ACC{int(rng.integers(10**7, 10**8))}).")
+    if rng.random() < 0.3:
+        lines.append(f"Dictated by Dr. {physician[1]} {physician[0]} on "
+                     f"{int(rng.integers(1, 29))} March 2024.")
+    return " ".join(lines)
+
+
 def generate_chest_site(profile: ChestProfile, seed: int) -> ChestSite:
     """A site in memory: studies with their stored pixels, labels and reports."""
     rng = np.random.default_rng([seed, 22, profile.index])
@@ -271,6 +296,8 @@ def generate_chest_site(profile: ChestProfile, seed: int) -> ChestSite:
         study_uid = generate_uid(entropy_srcs=[str(seed), "chest", profile.name, str(p)])
         report = write_chest_report(finding, tuple(views), rng,
                                     referring=phi["ReferringPhysicianName"])
+        # Its own stream: the PHI lines leave the pixels and labels drawn above unchanged.
+        report = report_with_phi(report, phi, np.random.default_rng([seed, 24, profile.index, p]))
         site.studies.append(ChestStudy(p, study_uid, label, labelled, finding, views, phi,
                                        report))
     return site

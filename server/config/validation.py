@@ -85,6 +85,11 @@ def validate_layout(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"data/layout: {err}") from None
     if layout is None:
         return
+    if not layout.report and _trains_on_reports(cfg):
+        raise ConfigError(f"task={cfg.task.name} learns from radiology reports but "
+                          f"data/layout={layout.name} declares none (report: false): its "
+                          "sites would train on no pairs; use a layout whose studies carry "
+                          "reports (e.g. chest_xray) or another objective")
     if layout.dims == "3d":
         try:
             check_volume_layout(layout)          # the rule each site applies again
@@ -98,6 +103,15 @@ def validate_layout(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"model.options.num_sequences={n} but data/layout={layout.name} has "
                           f"{len(layout.input_channels)} input channels "
                           f"({', '.join(layout.input_channels)}); remove the option")
+
+
+def _trains_on_reports(cfg: ExperimentConfig) -> bool:
+    """Whether the phase's task reads reports (its ``data_needs``; CLIP does)."""
+    try:
+        task = TASKS.build(cfg.task.name, cfg.task_options())
+    except (KeyError, TypeError, ValueError) as err:
+        raise ConfigError(f"task={cfg.task.name}: {err}") from None
+    return task.data_needs.reports is not None
 
 
 def validate_foundation(cfg: ExperimentConfig) -> None:

@@ -15,6 +15,7 @@ import pydicom
 import pytest
 
 from client.data import cache as cache_module
+from client.data import cache_files
 from client.data import layout_site
 from client.data import site as site_module
 from client.data.cache import INDEX, SiteCache
@@ -151,21 +152,105 @@ def test_changed_file_layout_or_key_invalidates_changed_labels_do_not(site, tmp_
     assert cache.fingerprint(files, None, None) != brain
 
 
+def _study_files(folder) -> dict[str, list]:
+    """The site's DICOM files by StudyInstanceUID (read here, before any counting)."""
+    out: dict[str, list] = {}
+    for path in sorted(folder.rglob("*")):
+        try:
+            uid = str(pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID)
+        except Exception:  # noqa: BLE001 - junk files
+            continue
+        out.setdefault(uid, []).append(path)
+    return out
+
+
+def count_reads(monkeypatch) -> list:
+    """Every ``pydicom.dcmread`` from now on (the readers and the cache call it through the
+    module), as the list of paths read."""
+    reads, real = [], pydicom.dcmread
+
+    def counted(path, *args, **kwargs):
+        reads.append(os.path.realpath(path))
+        return real(path, *args, **kwargs)
+    monkeypatch.setattr(pydicom, "dcmread", counted)
+    return reads
+
+
+def test_one_changed_file_re_reads_only_its_study(site, tmp_path, monkeypatch):
+    """Counted: after one file of one study changes, the only DICOM files read are that
+    study's (and the changed file's header, to place it); every other study is served from
+    its unit, and the result equals a fresh decode of the changed site."""
+    by_study = _study_files(site / "dicom")
+    uid, files = max(by_study.items(), key=lambda kv: len(kv[1]))
+    assert len(by_study) > 5 and len(files) > 1
+    cache = SiteCache(tmp_path / "cache")
+    first = read_site(site, None, CLASSES, key=KEY, cache=cache)
+    path = next(p for p in files if "PixelData" in pydicom.dcmread(p))
+    ds = pydicom.dcmread(path)
+    ds.PixelData = (ds.pixel_array // 2).astype(ds.pixel_array.dtype).tobytes()
+    ds.save_as(path)
+    reads = count_reads(monkeypatch)
+    changed = read_site(site, None, CLASSES, key=KEY, cache=cache)
+    monkeypatch.undo()
+    assert cache.last == "miss" and cache.changed_files == 1 and cache.decoded_units == 1
+    assert cache.reused_units == len(list((tmp_path / "cache" / "units").iterdir())) - 2
+    study = {os.path.realpath(p) for p in files}
+    assert set(reads) == study                       # all of its files, nothing else
+    assert len(reads) == len(files) + 1              # one read each, the changed one twice
+    assert reads.count(os.path.realpath(path)) == 2
+    fresh = read_site(site, None, CLASSES, key=KEY)
+    assert_same(fresh, changed)
+    moved = [s.key for s, old in zip(changed.studies, first.studies)
+             if any(not np.array_equal(s.images[c], old.images[c]) for c in s.images)]
+    assert len(moved) == 1                           # the new pixels are served
+
+
+def test_a_new_view_joining_a_study_re_reads_only_that_study(tmp_path, monkeypatch):
+    """Counted, chest layout: a lateral film added to a study that had only its frontal one
+    is placed by its header and re-reads that study alone; the study gains the channel."""
+    from medfed.synth.chest import CLASS_NAMES, synthesize_chest
+
+    synthesize_chest(tmp_path / "data", n_sites=1, seed=5, patients=10)
+    chest, folder = load_layout("chest_xray"), tmp_path / "data" / "site-0"
+    by_study = _study_files(folder / "dicom")
+    uid, files = next((u, f) for u, f in sorted(by_study.items()) if len(f) == 2)
+    lateral = next(p for p in files if pydicom.dcmread(p).ViewPosition == "LL")
+    aside = lateral.rename(tmp_path / "aside.dcm")
+    cache = SiteCache(tmp_path / "cache")
+    before = read_site(folder, chest, CLASS_NAMES, key=KEY, cache=cache)
+    aside.rename(lateral)
+    reads = count_reads(monkeypatch)
+    after = read_site(folder, chest, CLASS_NAMES, key=KEY, cache=cache)
+    monkeypatch.undo()
+    assert cache.decoded_units == 1 and cache.reused_units > 5
+    assert set(reads) == {os.path.realpath(p) for p in files}
+    assert_same(read_site(folder, chest, CLASS_NAMES, key=KEY), after)
+    gained = [s for s in after.studies if "lateral" in s.images]
+    assert len(gained) == sum("lateral" in s.images for s in before.studies) + 1
+
+
+def test_units_decode_in_worker_processes_with_the_same_result(site, tmp_path):
+    cache = SiteCache(tmp_path / "cache")
+    parallel = read_site(site, None, CLASSES, key=KEY, workers=2, cache=cache)
+    assert cache.last == "miss" and cache.decoded_units >= 4
+    assert_same(read_site(site, None, CLASSES, key=KEY), parallel)
+
+
 def test_a_crashed_write_leaves_nothing_that_is_served(site, tmp_path, monkeypatch):
     """The writer dies after the first group: no complete-looking cache dir remains, and the
     next read decodes and writes a good one."""
-    real = cache_module._write_npy
+    real = cache_files.write_npy
 
     def die_after_first(path, *args):
         real(path, *args)
         raise OSError("disk full")
-    monkeypatch.setattr(cache_module, "_write_npy", die_after_first)
+    monkeypatch.setattr(cache_files, "write_npy", die_after_first)
     cache = SiteCache(tmp_path / "cache")
     served = read_site(site, None, CLASSES, key=KEY, cache=cache)
     assert cache.last == "unwritable"
     assert cache.entries() == []
-    assert [p for p in (tmp_path / "cache").iterdir()] == []          # no partial leftovers
-    monkeypatch.setattr(cache_module, "_write_npy", real)
+    assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]   # no leftovers
+    monkeypatch.setattr(cache_files, "write_npy", real)
     fresh = read_site(site, None, CLASSES, key=KEY)
     assert_same(fresh, served)
     assert_same(fresh, read_site(site, None, CLASSES, key=KEY, cache=cache))
@@ -174,12 +259,19 @@ def test_a_crashed_write_leaves_nothing_that_is_served(site, tmp_path, monkeypat
 
 @pytest.mark.parametrize("damage", ["truncate_group", "extend_group", "drop_group",
                                     "garbage_index", "index_points_outside",
-                                    "index_missing_keys"])
+                                    "index_missing_keys", "drop_unit", "garbage_version"])
 def test_a_corrupt_cache_is_detected_and_rebuilt(site, tmp_path, damage):
+    """A damaged study unit is removed and only that study decoded again; a damaged version
+    index is removed and its units, still good, are reused; a damaged unit index is not
+    read on a hit (the version keeps a copy) and wrong data is never served."""
     cache = SiteCache(tmp_path / "cache")
     read_site(site, None, CLASSES, key=KEY, cache=cache)
     fresh = read_site(site, None, CLASSES, key=KEY)      # not mapped: the test cuts the file
-    folder = cache.entries()[0]
+    units = sorted(p for p in (tmp_path / "cache" / cache_module.UNITS).iterdir()
+                   if (p / "g000.npy").is_file())
+    assert len(units) == len(fresh.studies)              # one unit per study
+    total = len(list((tmp_path / "cache" / cache_module.UNITS).iterdir()))   # + junk files
+    folder = units[0]
     group = folder / "g000.npy"
     if damage == "truncate_group":
         with open(group, "r+b") as f:
@@ -189,19 +281,30 @@ def test_a_corrupt_cache_is_detected_and_rebuilt(site, tmp_path, damage):
             f.write(b"\0" * 4096)
     elif damage == "drop_group":
         group.unlink()
-    elif damage == "garbage_index":
-        (folder / INDEX).write_text('{"format": 1, "finger')
-    elif damage == "index_missing_keys":
-        index = json.loads((folder / INDEX).read_text())
-        del index["report"]["files"], index["studies"][0]["key"]
-        index["report"]["bogus"] = 1
-        (folder / INDEX).write_text(json.dumps(index))
-    else:
-        index = json.loads((folder / INDEX).read_text())
-        index["studies"][0]["images"] = {k: [0, 10**6] for k in index["studies"][0]["images"]}
-        (folder / INDEX).write_text(json.dumps(index))
+    elif damage == "drop_unit":
+        shutil.rmtree(folder)
+    elif damage == "garbage_index":          # the unit's own index: a hit reads the copy
+        (folder / INDEX).write_text('{"format": 2, "finger')
+    elif damage == "garbage_version":
+        (cache.entries()[0] / INDEX).write_text('{"format": 2, "finger')
+    else:                                    # the version's copy of the unit's index
+        version = json.loads((cache.entries()[0] / INDEX).read_text())
+        index = next(u["index"] for u in version["units"] if u["name"] == folder.name)
+        if damage == "index_missing_keys":
+            del index["report"]["files"], index["studies"][0]["key"]
+            index["report"]["bogus"] = 1
+        else:
+            index["studies"][0]["images"] = {k: [0, 10**6]
+                                             for k in index["studies"][0]["images"]}
+        (cache.entries()[0] / INDEX).write_text(json.dumps(version))
+    if damage == "garbage_index":
+        assert_same(fresh, read_site(site, None, CLASSES, key=KEY, cache=cache))
+        assert cache.last == "hit"
+        return
     rebuilt = read_site(site, None, CLASSES, key=KEY, cache=cache)
     assert cache.last == "rebuilt"
+    assert cache.decoded_units == (0 if damage == "garbage_version" else 1)
+    assert cache.reused_units + cache.decoded_units == total
     assert_same(fresh, rebuilt)
     assert_same(fresh, read_site(site, None, CLASSES, key=KEY, cache=cache))
     assert cache.last == "hit"
@@ -225,7 +328,10 @@ def test_disk_use_is_bounded_least_recently_used_go_first(site, tmp_path):
     assert cache.last == "hit"
     read_site(site, None, CLASSES, key=keys[0], cache=cache)            # a third: evict keys[2]
     assert {p.name for p in cache.entries()} == {names[1], names[0]}
-    assert len(list((tmp_path / "cache").iterdir())) == 3                # and the live writer
+    assert len(list((tmp_path / "cache").iterdir())) == 4    # the live writer, the units
+    used = {u["name"] for p in cache.entries()
+            for u in json.loads((p / INDEX).read_text())["units"]}
+    assert {p.name for p in (tmp_path / "cache" / cache_module.UNITS).iterdir()} == used
 
 
 def test_nothing_in_the_cache_names_a_patient_and_it_is_private(site, tmp_path):
@@ -256,7 +362,8 @@ def test_nothing_in_the_cache_names_a_patient_and_it_is_private(site, tmp_path):
     for path in [tmp_path / "cache", *everything]:
         mode = stat.S_IMODE(path.stat().st_mode)
         assert mode == (0o700 if path.is_dir() else 0o600), (path.name, oct(mode))
-    assert os.listdir(tmp_path / "cache") == [cache.entries()[0].name]
+    assert sorted(os.listdir(tmp_path / "cache")) == sorted([cache.entries()[0].name,
+                                                            cache_module.UNITS])
 
 
 def test_a_deployed_site_process_reads_through_the_cache_a_simulation_does_not(

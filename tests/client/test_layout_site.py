@@ -71,7 +71,7 @@ def test_labels_reports_splits_and_counts_join_as_for_the_brain_reader(chest_sit
     labels = {row["study_instance_uid"]: row for row in
               __import__("csv").DictReader(open(root / junk.name / "labels.csv"))}
     assert sum(s.label >= 0 for s in data.studies) == sum(bool(v["label"]) for v in labels.values())
-    assert all(s.report and s.report.startswith("TECHNIQUE:") for s in data.studies)
+    assert all(s.report and "TECHNIQUE:" in s.report for s in data.studies)
     assert set(r.splits) <= {"train", "val", "test"} and sum(r.splits.values()) == r.studies
     # only pseudonymous keys: 16 hex characters, never a UID
     for s in data.studies:

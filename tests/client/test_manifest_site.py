@@ -106,6 +106,52 @@ def test_the_brain_reader_takes_the_volumes_as_they_are_and_ids_stay_inside(site
     assert len(StudyDataset(data.studies, 16)) == 3
 
 
+def test_files_decode_in_worker_processes_with_the_same_result(site, monkeypatch):
+    """1 and 2 decode workers give the same studies, arrays (bits) and counts; an
+    unreadable file and a duplicate row are counted the same way, and a row after an
+    unreadable one for the same channel is used (as a one-by-one read would)."""
+    import concurrent.futures
+
+    from client.data import manifest_site
+
+    (site / "nifti" / "broken.nii.gz").write_bytes(b"not a nifti file")
+    with open(site / "manifest.csv", "a") as f:
+        f.write("RESEARCH-0004,T1,nifti/broken.nii.gz,MRN000004\n"
+                "RESEARCH-0004,T1,nifti/RESEARCH-0001_T1.nii.gz,MRN000004\n"
+                "RESEARCH-0001,T2,nifti/RESEARCH-0002_T2.nii.gz,MRN000000\n")
+    chunks, spawned = [], []
+    real_chunk, real_pool = manifest_site._read_chunk, concurrent.futures.ProcessPoolExecutor
+
+    def chunk(files, layout):
+        chunks.append(len(files))
+        return real_chunk(files, layout)
+
+    class Pool(real_pool):
+        def __init__(self, *args, **kwargs):
+            spawned.append(args[0] if args else kwargs.get("max_workers"))
+            super().__init__(*args, **kwargs)
+    monkeypatch.setattr(manifest_site, "_read_chunk", chunk)
+    one = read_site(site, None, CLASSES, key=KEY, workers=1)
+    assert chunks == [9] and spawned == []                 # all in this process
+    monkeypatch.setattr(manifest_site, "_read_chunk", real_chunk)   # workers import the real
+    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", Pool)
+    two = read_site(site, None, CLASSES, key=KEY, workers=2)
+    assert spawned == [2]                                  # read in two worker processes
+    assert one.report.as_dict() == two.report.as_dict()
+    assert one.report.skipped["unreadable"] == 1
+    assert one.report.skipped["duplicate_channel"] == 1 and one.report.files == 9
+    assert [s.key for s in one.studies] == [s.key for s in two.studies]
+    assert len(one.studies) == 4                           # RESEARCH-0004 from its second row
+    for a, b in zip(one.studies, two.studies):
+        assert a.patient_key == b.patient_key and list(a.images) == list(b.images)
+        for name in a.images:
+            assert a.images[name].dtype == b.images[name].dtype
+            np.testing.assert_array_equal(a.images[name], b.images[name])
+    by_key = {s.key: s for s in one.studies}
+    np.testing.assert_array_equal(by_key[pseudonym("study", "RESEARCH-0004", KEY)].images["T1"],
+                                  volume(0))
+
+
 @pytest.mark.parametrize("attack", ["dotdot", "absolute", "symlink", "channel", "xray_layout"])
 def test_a_bad_manifest_is_refused_before_any_file_is_read(site, tmp_path, monkeypatch, attack):
     outside = tmp_path / "elsewhere" / "DOE_JOHN.nii.gz"

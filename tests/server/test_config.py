@@ -55,7 +55,19 @@ def test_fingerprint_tracks_the_config():
      "never reads a path"),
     (["pretrain=clip", "+pretrain.options.vocab_size=30522"], "vocab"),
     (["task=lesion_seg", "privacy=dpsgd"], "convolution"),
+    (["data/layout=mammography", "task.class_names=[a,b]", "pretrain=clip",
+      "pretrain.num_rounds=1"], "pretraining phase: task=clip learns from radiology reports "
+     "but data/layout=mammography declares none"),
 ])
 def test_bad_foundation_model_settings_fail_before_training(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_experiment(overrides)
+
+
+def test_report_objectives_load_on_a_layout_with_reports_and_without_one_when_unused():
+    chest = load_experiment(["data/layout=chest_xray", "task=chest3", "pretrain=clip",
+                             "pretrain.num_rounds=1"])
+    assert chest.pretrain_phase().task.name == "clip"
+    load_experiment(["data/layout=mammography", "task.class_names=[a,b]",
+                     "pretrain=mae", "pretrain.num_rounds=1"])     # MAE reads no reports
+    load_experiment(["pretrain=clip", "pretrain.num_rounds=1"])  # brain_mri_4seq: as before

@@ -57,7 +57,7 @@ import pydicom
 
 from .cache_files import (CACHE_FORMAT, INDEX, TEMP_PREFIX, UNUSABLE, CacheCorrupt, Decoded,
                           assemble, fsync_dir, open_dir, publish, read_index, remove_dir,
-                          write_dir, write_temp, write_version)
+                          sync_filesystem, write_dir, write_temp, write_version)
 
 log = logging.getLogger(__name__)
 
@@ -255,7 +255,7 @@ class SiteCache:
             results[i] = out
         if pending and writable:
             try:
-                os.sync()
+                sync_filesystem(units_dir)
                 for i, temp in pending:
                     publish(temp, units_dir / units[i]["name"])
                 fsync_dir(units_dir)

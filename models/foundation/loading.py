@@ -210,10 +210,10 @@ def _load_hf(directory: Path, model_type: str) -> LoadedEncoder:
 
 def _load_monai(directory: Path, config: dict, files: list[Path]) -> LoadedEncoder:
     model_type = config["model_type"]
+    cls = monai_nets.MONAI_CLASSES[model_type][0]
     if not isinstance(config.get("constructor"), dict):
         raise FoundationLoadError(f"{directory / CONFIG_FILE} has no 'constructor' object with "
-                                  f"the monai.networks.nets.{monai_nets.MONAI_CLASSES[model_type][0]}"
-                                  " arguments")
+                                  f"the monai.networks.nets.{cls} arguments")
     args = monai_nets.check_constructor(model_type, config["constructor"], str(directory))
     model = monai_nets.load_network(directory, model_type, args, files)
     return LoadedEncoder(model_type, model, seams_for(model_type, **args),

@@ -157,7 +157,9 @@ def save_monai(model: nn.Module, constructor: dict, directory: str | Path, *,
 
 
 def _as_tuple(value, dims: int) -> tuple[int, ...]:
-    return tuple(int(v) for v in value) if isinstance(value, (list, tuple)) else (int(value),) * dims
+    if isinstance(value, (list, tuple)):
+        return tuple(int(v) for v in value)
+    return (int(value),) * dims
 
 
 def resample_positions(pos: Tensor, source: tuple[int, ...], target: tuple[int, ...]) -> Tensor:

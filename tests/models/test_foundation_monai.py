@@ -23,6 +23,7 @@ from models.foundation.loading import (CONVERT_COMMAND, FoundationLoadError, con
 from models.foundation.lora import trainable_keys
 from models.foundation.monai_nets import (SWIN_UNETR_TYPE, MonaiViTSeams, load_network,
                                           save_monai)
+from models.serving import servable
 
 VIT3D = dict(in_channels=1, img_size=16, patch_size=4, hidden_size=32, mlp_dim=64, num_layers=2,
              num_heads=2, spatial_dims=3, qkv_bias=True)
@@ -309,4 +310,8 @@ def test_the_export_is_a_monai_state_dict_monai_vit_loads(tmp_path):
         present = torch.tensor([[True, False], [True, True]])
         volumes = _volumes(2, seed=7) * present[..., None, None, None]
         torch.testing.assert_close(load_export(out)(volumes, present), model(volumes, present),
+                                   rtol=0, atol=1e-5)
+        served = servable(load_export(out))        # what a registered version holds
+        assert served.input_shape == (2, 16, 16, 16)
+        torch.testing.assert_close(served(volumes), model(volumes, present).softmax(-1),
                                    rtol=0, atol=1e-5)

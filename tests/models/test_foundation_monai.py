@@ -315,3 +315,23 @@ def test_the_export_is_a_monai_state_dict_monai_vit_loads(tmp_path):
         assert served.input_shape == (2, 16, 16, 16)
         torch.testing.assert_close(served(volumes), model(volumes, present).softmax(-1),
                                    rtol=0, atol=1e-5)
+
+
+def test_a_yaml_bundle_loads_and_a_bundle_without_network_def_is_refused(tmp_path):
+    import yaml
+
+    vit = _vit(VIT3D, seed=8)
+    directory = _vit_bundle(tmp_path / "yaml_vit", vit)
+    inference = json.loads((directory / "configs" / "inference.json").read_text())
+    (directory / "configs" / "inference.json").unlink()
+    (directory / "configs" / "inference.yaml").write_text(yaml.safe_dump(inference))
+    loaded = load_encoder(directory).encoder.state_dict()
+    for k, v in vit.state_dict().items():
+        torch.testing.assert_close(loaded[k], v, rtol=0, atol=0)
+    (directory / "configs" / "inference.yaml").write_text("!!python/object/apply:os.system ['x']")
+    with pytest.raises(FoundationLoadError, match="not valid YAML") as err:
+        load_encoder(directory)
+    assert "\n" not in str(err.value)
+    (directory / "configs" / "inference.yaml").unlink()
+    with pytest.raises(FoundationLoadError, match="has no network_def"):
+        load_encoder(directory)          # metadata.json alone marks a bundle, holds no network

@@ -156,6 +156,14 @@ def save_monai(model: nn.Module, constructor: dict, directory: str | Path, *,
     return directory
 
 
+def encoder_spatial_dims(config: dict) -> int:
+    """2 or 3: what inputs the encoder of a directory's config (``loading.read_config``)
+    takes; only a MONAI ViT can be 3D (MONAI's default ``spatial_dims`` is 3)."""
+    if config.get("model_type") != VIT_TYPE:
+        return 2
+    return int(config.get("constructor", {}).get("spatial_dims", 3))
+
+
 def _as_tuple(value, dims: int) -> tuple[int, ...]:
     if isinstance(value, (list, tuple)):
         return tuple(int(v) for v in value)
@@ -236,5 +244,6 @@ class MonaiViTSeams:
 
 
 __all__ = ["CLASS_TYPES", "MONAI_CLASSES", "MonaiViTSeams", "NOT_A_BACKBONE", "SWIN_UNETR_TYPE",
-           "VIT_TYPE", "build_network", "check_constructor", "is_literal", "load_network",
+           "VIT_TYPE", "build_network", "check_constructor", "encoder_spatial_dims",
+           "is_literal", "load_network",
            "model_type_of_target", "resample_positions", "save_monai"]

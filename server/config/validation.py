@@ -112,7 +112,9 @@ def validate_foundation(cfg: ExperimentConfig) -> None:
         return
     from models.foundation import resolve_weights
     from models.foundation.families import FAMILIES
-    from models.foundation.loading import FoundationLoadError, check_weight_files, family_of
+    from models.foundation.loading import (FoundationLoadError, check_weight_files, family_of,
+                                           read_config)
+    from models.foundation.monai_nets import encoder_spatial_dims
 
     name = str(cfg.model.options.get("weights", ""))
     try:
@@ -123,7 +125,14 @@ def validate_foundation(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"model.options.weights: {err}") from None
     from models.foundation.objectives import directory_refusal
 
-    method = MODELS.config(cfg.model.name, cfg.model_options()).method
+    options = MODELS.config(cfg.model.name, cfg.model_options())
+    method = options.method
+    dims = encoder_spatial_dims(read_config(directory))     # a 3D layout: a 3D MONAI ViT
+    if dims != options.spatial_dims:
+        raise ConfigError(f"model.options.weights={name} is a {dims}D encoder but the inputs are "
+                          f"{options.spatial_dims}D; "
+                          + ("a 3D layout needs a MONAI ViT built with spatial_dims=3"
+                             if options.spatial_dims == 3 else "use a 2D encoder"))
     refusal = directory_refusal(directory, cfg.task.name, method)
     if refusal:
         raise ConfigError(f"model.options.weights={name}: {refusal}")

@@ -335,3 +335,20 @@ def test_a_yaml_bundle_loads_and_a_bundle_without_network_def_is_refused(tmp_pat
     (directory / "configs" / "inference.yaml").unlink()
     with pytest.raises(FoundationLoadError, match="has no network_def"):
         load_encoder(directory)          # metadata.json alone marks a bundle, holds no network
+
+
+def test_ct_volume_layout_takes_a_3d_bundle_and_refuses_a_2d_encoder_at_config_load(tmp_path):
+    from server.config import load_experiment
+    from server.config.schema import ConfigError
+
+    encoders = tmp_path / "encoders"
+    _vit_bundle(encoders / "ct-vit", _vit(VIT3D))
+    save_monai(_vit(VIT2D), VIT2D, encoders / "vit2d")
+    common = ["experiment=ct3", "model=foundation", "~model.options.input_center",
+              f"model.foundation_dir={encoders}", f"runs_dir={tmp_path / 'runs'}"]
+    cfg = load_experiment(common + ["model.options.weights=ct-vit"])
+    options = cfg.job_spec().model_options
+    assert options["spatial_dims"] == 3 and options["num_channels"] == 3
+    with pytest.raises(ConfigError, match="is a 2D encoder but the inputs are 3D") as err:
+        load_experiment(common + ["model.options.weights=vit2d"])
+    assert "\n" not in str(err.value)

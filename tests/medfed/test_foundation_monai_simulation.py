@@ -2,16 +2,18 @@
 fine-tuned on CT volumes (``experiment=ct3``: ``data/layout=ct_volume``, three windows as
 channels) by two sites for one round of a real Flower simulation. Each side resolves the
 bundle's NAME in its own foundation directory; only adapters, the per-channel patch
-embeddings, the channel embedding and the head travel, in both directions."""
+embeddings, the channel embedding and the head travel, in both directions; the registered
+version scores volumes and its encoder loads into MONAI's own ViT."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from monai.networks.nets import ViT
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from client.mods import egress_log
 from medfed.simulation import simulate
@@ -45,13 +47,30 @@ def test_lora_on_a_3d_monai_vit_bundle_over_ct_volumes_sends_only_trainable_tens
         "model.options.weights=ct-vit-bundle",
         f"model.foundation_dir={bundle.parent}", "model.options.lora_rank=2",
         "federation=sim2", "federation.num_rounds=1", "train.local_epochs=1",
-        "tracking.log_models=false", f"data.root={root}", f"runs_dir={tmp_path / 'runs'}"])
+        f"data.root={root}", f"runs_dir={tmp_path / 'runs'}"])
     job = cfg.job_spec()
     assert job.layout.name == "ct_volume" and job.model_options["spatial_dims"] == 3
     assert job.model_options["num_channels"] == 3          # the layout's three windows
     run_dir = simulate(cfg, client_mods=[egress_log(tmp_path / "egress"),
                                          ingress_log(tmp_path / "ingress")])
     assert (run_dir / "mlflow.db").is_file()
+    # the registered version: a graph over volumes, and the encoder in MONAI's own format
+    import mlflow
+
+    uri = f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
+    client = mlflow.MlflowClient(uri)
+    (version,) = client.search_model_versions(f"name='{cfg.tracking.registered_model}'")
+    mlflow.set_tracking_uri(uri)
+    model_uri = f"models:/{cfg.tracking.registered_model}/{version.version}"
+    assert mlflow.models.get_model_info(model_uri).metadata["foundation_family"] == "monai_vit"
+    probs = mlflow.pyfunc.load_model(model_uri).predict(
+        torch.rand(2, 3, 32, 32, 32).numpy())
+    assert probs.shape == (2, 3)
+    encoder = Path(client.download_artifacts(version.run_id, f"{version.tags['weights']}/encoder",
+                                             str(tmp_path / "out")))
+    constructor = json.loads((encoder / "config.json").read_text())["constructor"]
+    assert constructor == args
+    ViT(**constructor).load_state_dict(load_file(str(encoder / "model.safetensors")))
 
     sent = [json.loads(p.read_text()) for p in (tmp_path / "ingress").glob("*.json")]
     assert len(sent) == 2 and not any(s["frozen"] for s in sent)

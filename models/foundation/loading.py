@@ -89,9 +89,7 @@ def read_config(directory: str | Path) -> dict:
                                   "(it must be a local directory; hub ids are never fetched)")
     path = directory / CONFIG_FILE
     if not path.is_file() and bundle.is_bundle(directory):
-        config = bundle.read_bundle_config(directory)
-        _refuse_non_backbone(directory, config["model_type"])
-        return config
+        return bundle.read_bundle_config(directory)
     if not path.is_file():
         raise FoundationLoadError(f"{directory} has no {CONFIG_FILE}")
     try:
@@ -102,20 +100,13 @@ def read_config(directory: str | Path) -> dict:
     if model_type not in HF_MODEL_TYPES and model_type not in monai_nets.MONAI_CLASSES:
         raise FoundationLoadError(f"unsupported model_type {model_type!r} in {path}; supported: "
                                   f"{', '.join(supported_model_types())}")
-    _refuse_non_backbone(directory, model_type)
     return config
-
-
-def _refuse_non_backbone(directory: Path, model_type: str) -> None:
-    reason = monai_nets.NOT_A_BACKBONE.get(model_type)
-    if reason:
-        raise FoundationLoadError(f"{directory}: {reason}")
 
 
 def family_of(directory: str | Path) -> str:
     """The encoder family a weights directory holds, from its ``config.json``."""
     model_type = read_config(directory)["model_type"]
-    return MONAI_MODEL_TYPE if model_type == MONAI_MODEL_TYPE else HF_MODEL_TYPES[model_type][2]
+    return model_type if model_type in monai_nets.MONAI_CLASSES else HF_MODEL_TYPES[model_type][2]
 
 
 def check_weight_files(directory: Path) -> list[Path]:
@@ -159,6 +150,8 @@ def load_encoder(directory: str | Path, *, expected_family: str = "") -> LoadedE
     config = read_config(directory)
     files = check_weight_files(directory)
     model_type = config["model_type"]
+    if model_type in monai_nets.NOT_A_BACKBONE:
+        raise FoundationLoadError(f"{directory}: {monai_nets.NOT_A_BACKBONE[model_type]}")
     if model_type in monai_nets.MONAI_CLASSES:
         loaded = _load_monai(directory, config, files)
     else:

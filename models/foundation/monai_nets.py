@@ -49,8 +49,8 @@ MONAI_CLASSES: dict[str, tuple[str, tuple[str, ...]]] = {
 IGNORED_ARGS: dict[str, tuple[str, ...]] = {SWIN_UNETR_TYPE: ("img_size",)}
 CLASS_TYPES = {cls: model_type for model_type, (cls, _) in MONAI_CLASSES.items()}
 NOT_A_BACKBONE = {SWIN_UNETR_TYPE: (
-    "SwinUNETR is a segmentation network; as a foundation backbone MedFed supports MONAI ViT "
-    "only so far (SwinUNETR weights load and are checked, but are not fine-tuned here yet)")}
+    "SwinUNETR is a segmentation network, not a token encoder: fine-tune it with "
+    "model=foundation_swin task=lesion_seg (models/foundation/swin.py)")}
 
 
 def model_type_of_target(target: str) -> str | None:
@@ -158,8 +158,8 @@ def save_monai(model: nn.Module, constructor: dict, directory: str | Path, *,
 
 def encoder_spatial_dims(config: dict) -> int:
     """2 or 3: what inputs the encoder of a directory's config (``loading.read_config``)
-    takes; only a MONAI ViT can be 3D (MONAI's default ``spatial_dims`` is 3)."""
-    if config.get("model_type") != VIT_TYPE:
+    takes; only MONAI networks can be 3D (MONAI's default ``spatial_dims`` is 3)."""
+    if config.get("model_type") not in MONAI_CLASSES:
         return 2
     return int(config.get("constructor", {}).get("spatial_dims", 3))
 

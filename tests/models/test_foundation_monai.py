@@ -210,14 +210,15 @@ def test_a_2d_layout_on_a_3d_encoder_and_the_reverse_are_refused(tmp_path):
 
 # ---------------------------------------------------------------- SwinUNETR
 
-def test_swin_unetr_loads_strictly_but_is_refused_as_a_backbone_with_one_line(tmp_path):
+def test_swin_unetr_loads_strictly_and_is_refused_as_a_token_encoder(tmp_path):
     torch.manual_seed(0)
     swin = SwinUNETR(**SWIN).eval()
     save_monai(swin, SWIN, tmp_path / "swin", model_type=SWIN_UNETR_TYPE)
     bundle = _bundle(tmp_path / "swin_bundle", {"_target_": "SwinUNETR", "img_size": 32} | SWIN,
                      swin.state_dict())
     for directory in (tmp_path / "swin", bundle):
-        with pytest.raises(FoundationLoadError, match="SwinUNETR is a segmentation") as err:
+        assert read_config(directory)["model_type"] == SWIN_UNETR_TYPE
+        with pytest.raises(FoundationLoadError, match="model=foundation_swin") as err:
             load_encoder(directory)
         assert "\n" not in str(err.value)
     loaded = load_network(tmp_path / "swin", SWIN_UNETR_TYPE, SWIN,
@@ -228,6 +229,64 @@ def test_swin_unetr_loads_strictly_but_is_refused_as_a_backbone_with_one_line(tm
     with pytest.raises(FoundationLoadError, match="wrong shape"):
         load_network(tmp_path / "swin", SWIN_UNETR_TYPE, SWIN | {"feature_size": 24},
                      [tmp_path / "swin" / "model.safetensors"])
+
+
+def _swin_segmenter(tmp_path, **options):
+    from models.tasks import build
+
+    torch.manual_seed(0)
+    swin = SwinUNETR(**SWIN).eval()
+    save_monai(swin, SWIN, tmp_path / "swin", model_type=SWIN_UNETR_TYPE)
+    options = {"weights": "swin", "num_channels": 4, "image_size": 64} | options
+    model, task = build("foundation_swin", options, "segmentation", {}, foundation_dir=tmp_path)
+    return swin, model, task
+
+
+def test_swin_unetr_is_the_segmentation_network_with_lora_on_its_attention(tmp_path):
+    from models.foundation import dp_refusal, site_owned_base
+    from models.foundation.swin import SwinSegmenter
+
+    swin, model, task = _swin_segmenter(tmp_path, lora_rank=2)
+    assert isinstance(model, SwinSegmenter) and site_owned_base(model) and dp_refusal(model)
+    keys = trainable_keys(model)
+    lora = {k for k in keys if "lora_" in k}
+    assert lora and all(".attn.qkv." in k or ".attn.proj." in k for k in lora)
+    swin_trainable = {k for k in keys if k.startswith("net.swinViT.")} - lora
+    assert swin_trainable == {"net.swinViT.patch_embed.proj.weight",
+                              "net.swinViT.patch_embed.proj.bias"}   # widened to 4 channels
+    assert any(k.startswith("net.decoder1.") for k in keys) and "net.out.conv.conv.weight" in keys
+    # what travels is the trainable state: no frozen weight, no integer buffer
+    travels = set(model.state_dict()) - {n for n, p in model.named_parameters()
+                                         if not p.requires_grad}
+    assert travels == set(keys)
+    # the pretrained encoder is frozen (kept at the site), the decoder is not
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert "net.swinViT.layers1.0.blocks.0.attn.qkv.base_layer.weight" in frozen
+    # equal channels reproduce the pretrained network's (1-channel) features at the start:
+    # compare the first decoder output, before the (kept, 2-class) output block
+    grey = torch.randn(1, 1, 64, 64)
+    with torch.no_grad():
+        ours = model.net.encoder1(grey.expand(-1, 4, -1, -1))
+        torch.testing.assert_close(ours, swin.encoder1(grey), rtol=0, atol=1e-5)
+        ours = model.net.swinViT(grey.expand(-1, 4, -1, -1))[-1]
+        torch.testing.assert_close(ours, swin.swinViT(grey)[-1], rtol=0, atol=1e-5)
+    present = torch.ones(2, 4, dtype=torch.bool)
+    batch = {"image": torch.randn(2, 4, 64, 64), "present": present,
+             "mask": (torch.rand(2, 64, 64) > 0.9).long(), "has_mask": torch.tensor([1, 1])}
+    assert model(batch["image"], present).shape == (2, 2, 64, 64)
+    out = task.step(model, batch)
+    out.loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_swin_unetr_refusals(tmp_path):
+    with pytest.raises(ValueError, match="multiple of 32"):
+        _swin_segmenter(tmp_path, image_size=48)
+    with pytest.raises(ValueError, match="2D but the layout gives 3D"):
+        _swin_segmenter(tmp_path / "b", spatial_dims=3, image_size=64)
+    save_monai(_vit(VIT2D), VIT2D, tmp_path / "vit2d")
+    with pytest.raises(FoundationLoadError, match="needs a MONAI SwinUNETR"):
+        MODELS.build("foundation_swin", {"weights": "vit2d"}, foundation_dir=tmp_path)
 
 
 # ---------------------------------------------------------------- LoRA and DP-SGD

@@ -23,6 +23,7 @@ task refuses DP-SGD for the same reason. Registered as ``MODELS`` ``"foundation_
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -132,7 +133,7 @@ def _has(net: nn.Module, name: str) -> bool:
         return False
 
 
-def load_swin(directory) -> tuple[nn.Module, dict]:
+def load_swin(directory: str | Path) -> tuple[nn.Module, dict]:
     """The SwinUNETR in ``directory`` (our layout or a MONAI bundle), loaded exactly, and its
     constructor arguments; one-line ``FoundationLoadError`` for anything else."""
     from .loading import FoundationLoadError, check_weight_files, read_config
@@ -170,5 +171,22 @@ def apply_swin_method(model: SwinSegmenter) -> SwinSegmenter:
     return model
 
 
+def export_swin(model: SwinSegmenter, directory: str | Path) -> Path:
+    """Weights out in MONAI's own format: ``directory/config.json`` (``model_type``
+    ``monai_swin_unetr``, the constructor with ``in_channels=S``, ``out_channels=2``) +
+    ``model.safetensors`` with LoRA merged, so ``SwinUNETR(**constructor).load_state_dict(...)``
+    is the fine-tuned network; ``load_swin`` reads it back like any pretrained SwinUNETR."""
+    from .export import merge_adapters
+    from .monai_nets import SWIN_UNETR_TYPE, save_monai
+
+    merged = merge_adapters(model).net
+    for module in merged.modules():        # the constants MONAI's own state dict holds
+        for name, buf in list(module.named_buffers(recurse=False)):
+            module.register_buffer(name, buf, persistent=True)
+    constructor = dict(model.constructor, in_channels=model.config.num_channels,
+                       out_channels=SEGMENT_CLASSES)
+    return save_monai(merged, constructor, directory, model_type=SWIN_UNETR_TYPE)
+
+
 __all__ = ["SWIN_LORA_TARGETS", "SwinSegConfig", "SwinSegmenter", "apply_swin_method",
-           "load_swin", "widen_conv"]
+           "export_swin", "load_swin", "widen_conv"]

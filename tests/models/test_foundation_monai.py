@@ -279,6 +279,29 @@ def test_swin_unetr_is_the_segmentation_network_with_lora_on_its_attention(tmp_p
     assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)
 
 
+def test_the_swin_export_is_a_state_dict_monai_swin_unetr_loads(tmp_path):
+    from models.foundation.swin import export_swin, load_swin
+
+    _, model, _ = _swin_segmenter(tmp_path, lora_rank=2)
+    g = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    model.eval()
+    out = export_swin(model, tmp_path / "export")
+    constructor = json.loads((out / "config.json").read_text())["constructor"]
+    assert constructor["in_channels"] == 4 and constructor["out_channels"] == 2
+    plain = SwinUNETR(**constructor)
+    plain.load_state_dict(load_file(str(out / "model.safetensors")), strict=True)
+    x = torch.randn(2, 4, 64, 64)
+    with torch.no_grad():
+        expected = model(x, torch.ones(2, 4, dtype=torch.bool))
+        torch.testing.assert_close(plain.eval()(x), expected, rtol=0, atol=1e-5)
+        reloaded, _ = load_swin(out)
+        torch.testing.assert_close(reloaded(x), expected, rtol=0, atol=1e-5)
+
+
 def test_swin_unetr_refusals(tmp_path):
     with pytest.raises(ValueError, match="multiple of 32"):
         _swin_segmenter(tmp_path, image_size=48)

@@ -434,3 +434,25 @@ def test_ct_volume_layout_takes_a_3d_bundle_and_refuses_a_2d_encoder_at_config_l
     with pytest.raises(ConfigError, match="is a 2D encoder but the inputs are 3D") as err:
         load_experiment(common + ["model.options.weights=vit2d"])
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    ([], "tracking.log_models=false"),
+    (["tracking.log_models=false", "privacy=dpsgd"], "dp-sgd"),
+    (["tracking.log_models=false", "task=glioma3"], "task=lesion_seg"),
+    (["tracking.log_models=false", "model=foundation"], "use model=foundation_swin"),
+    (["tracking.log_models=false", "model.options.weights=vit2d"], "needs a MONAI SwinUNETR"),
+])
+def test_foundation_swin_config_refusals_are_one_line(tmp_path, overrides, expected):
+    from server.config import load_experiment
+    from server.config.schema import ConfigError
+
+    torch.manual_seed(0)
+    save_monai(SwinUNETR(**SWIN), SWIN, tmp_path / "swin", model_type=SWIN_UNETR_TYPE)
+    save_monai(_vit(VIT2D), VIT2D, tmp_path / "vit2d")
+    common = ["model=foundation_swin", "task=lesion_seg", "model.options.weights=swin",
+              f"model.foundation_dir={tmp_path}", f"runs_dir={tmp_path / 'runs'}"]
+    with pytest.raises(ConfigError, match=expected) as err:
+        load_experiment(common + overrides)
+    assert "\n" not in str(err.value)
+    load_experiment(common + ["tracking.log_models=false"])      # the valid one loads

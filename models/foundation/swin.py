@@ -100,8 +100,8 @@ class SwinSegmenter(nn.Module):
         self.config = config
         self.constructor = dict(constructor)
         self.family = "monai_swin_unetr"
-        if not _has(net, INPUT_CONVS[2]) and config.num_channels != net.encoder1.layer.conv1 \
-                .conv.out_channels:
+        feature = net.encoder1.layer.conv1.conv.out_channels
+        if not _has(net, INPUT_CONVS[2]) and config.num_channels != feature:
             raise ValueError("this SwinUNETR's first block has no residual projection (its "
                              "in_channels equal feature_size); num_channels must equal it too")
         for name in INPUT_CONVS:
@@ -117,7 +117,7 @@ class SwinSegmenter(nn.Module):
                 if not buf.is_floating_point():
                     module.register_buffer(name, buf, persistent=False)
         if int(constructor.get("out_channels", 0)) != SEGMENT_CLASSES:
-            net.out = UnetOutBlock(dims, int(constructor.get("feature_size", 24)), SEGMENT_CLASSES)
+            net.out = UnetOutBlock(dims, feature, SEGMENT_CLASSES)     # a fresh 2-class head
         self.net = net
 
     def forward(self, images: Tensor, present: Tensor) -> Tensor:

@@ -231,12 +231,12 @@ def test_swin_unetr_loads_strictly_and_is_refused_as_a_token_encoder(tmp_path):
                      [tmp_path / "swin" / "model.safetensors"])
 
 
-def _swin_segmenter(tmp_path, **options):
+def _swin_segmenter(tmp_path, swin_args=SWIN, **options):
     from models.tasks import build
 
     torch.manual_seed(0)
-    swin = SwinUNETR(**SWIN).eval()
-    save_monai(swin, SWIN, tmp_path / "swin", model_type=SWIN_UNETR_TYPE)
+    swin = SwinUNETR(**swin_args).eval()
+    save_monai(swin, swin_args, tmp_path / "swin", model_type=SWIN_UNETR_TYPE)
     options = {"weights": "swin", "num_channels": 4, "image_size": 64} | options
     model, task = build("foundation_swin", options, "segmentation", {}, foundation_dir=tmp_path)
     return swin, model, task
@@ -300,6 +300,13 @@ def test_the_swin_export_is_a_state_dict_monai_swin_unetr_loads(tmp_path):
         torch.testing.assert_close(plain.eval()(x), expected, rtol=0, atol=1e-5)
         reloaded, _ = load_swin(out)
         torch.testing.assert_close(reloaded(x), expected, rtol=0, atol=1e-5)
+
+
+def test_a_swin_unetr_with_other_classes_gets_a_fresh_two_class_output(tmp_path):
+    swin, model, _ = _swin_segmenter(tmp_path, SWIN | {"out_channels": 5})
+    assert model.net.out.conv.conv.out_channels == 2 and swin.out.conv.conv.out_channels == 5
+    assert model(torch.randn(1, 4, 64, 64), torch.ones(1, 4, dtype=torch.bool)).shape == \
+        (1, 2, 64, 64)
 
 
 def test_swin_unetr_refusals(tmp_path):

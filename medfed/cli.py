@@ -244,7 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert-weights", help="convert a pickle checkpoint (.bin/.pt/.pth/"
                                                ".ckpt) to safetensors for a foundation model, "
                                                "without running code from it")
-    p.add_argument("src", help="the checkpoint file, or a directory holding exactly one")
+    p.add_argument("src", help="the checkpoint file, a directory holding exactly one, or a "
+                               "MONAI bundle directory (models/model.pt)")
     p.add_argument("dst", help="directory to write (model.safetensors + the JSON configs)")
     p.set_defaults(func=Handler("models", "convert_weights"))
 

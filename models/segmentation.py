@@ -122,6 +122,10 @@ class SegmentationTask(TaskBase):
         return DataNeeds(label_fraction=self.config.label_fraction, masks=True)
 
     def wrap(self, backbone: MultiModalViT) -> UNETR:
+        from .foundation.swin import SwinSegmenter
+
+        if isinstance(backbone, SwinSegmenter):      # a whole pretrained segmentation network
+            return backbone
         return UNETR(backbone, self.config)
 
     def step(self, model: UNETR, batch: dict[str, Tensor]) -> StepOutput:

@@ -20,12 +20,15 @@ def export(args: argparse.Namespace) -> int:
 
 
 def convert_weights(args: argparse.Namespace) -> int:
-    """Convert ``SRC`` (a pickle checkpoint) to ``DST/model.safetensors`` with
+    """Convert ``SRC`` (a pickle checkpoint, or a MONAI bundle) to ``DST/model.safetensors``
+    (a bundle: ``DST/models/model.safetensors`` beside its configs) with
     ``torch.load(weights_only=True)``: tensors and plain containers only, no code runs."""
-    from models.foundation.loading import convert_weights as convert
+    from models.foundation.bundle import is_bundle, weights_dir
+    from models.foundation.loading import WEIGHTS_FILE, convert_weights as convert
 
     out = convert(Path(args.src), Path(args.dst))
-    print(f"wrote {out / 'model.safetensors'}; place {out.name} in foundation-dir and name it "
+    written = (weights_dir(out) if is_bundle(out) else out) / WEIGHTS_FILE   # bundle: models/
+    print(f"wrote {written}; place {out.name} in foundation-dir and name it "
           f"with model.options.weights={out.name}")
     return 0
 

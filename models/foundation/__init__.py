@@ -4,7 +4,8 @@ with LoRA (or DoRA, IA3, fully, or as a linear probe).
 
 ``loading`` (local directory -> encoder, strict), ``families`` (each family's seams),
 ``adapt`` (multi-channel backbone with the MultiModalViT interface), ``lora`` (what trains,
-frozen digest). Registered in ``models.MODELS`` as ``"foundation"``. transformers, peft and
+frozen digest). Registered in ``models.MODELS`` as ``"foundation"``; ``swin``: a pretrained
+MONAI SwinUNETR as the segmentation task's network, ``"foundation_swin"``. transformers, peft and
 MONAI are imported only when such a model is built, so importing ``models`` stays light.
 """
 
@@ -16,6 +17,7 @@ from torch import nn
 
 from ..registry import MODELS
 from .config import METHODS, FoundationConfig, check_weights_name
+from .swin import SwinSegConfig
 
 FOUNDATION_DIR = "foundation_dir"     # the building side's own directory (a registry resource)
 
@@ -62,12 +64,27 @@ def build_foundation(config: FoundationConfig, *, foundation_dir: str | Path | N
                         targets=config.lora_targets, dropout=config.lora_dropout)
 
 
+@MODELS.register("foundation_swin", SwinSegConfig, resources=(FOUNDATION_DIR,))
+def build_foundation_swin(config: SwinSegConfig, *, foundation_dir: str | Path | None = None):
+    """Load the SwinUNETR ``<foundation_dir>/<config.weights>`` as the segmentation task's
+    whole network (``swin.SwinSegmenter``), adapted to ``config.num_channels`` channels."""
+    from .swin import SwinSegmenter, apply_swin_method, load_swin
+
+    net, constructor = load_swin(resolve_weights(foundation_dir, config.weights))
+    return apply_swin_method(SwinSegmenter(net, constructor, config))
+
+
+def _site_owned_types() -> tuple[type, ...]:
+    from .adapt import FoundationBackbone
+    from .swin import SwinSegmenter
+
+    return (FoundationBackbone, SwinSegmenter)
+
+
 def site_owned_base(model: nn.Module) -> bool:
     """Whether ``model`` (as a task wrapped it) holds a foundation backbone: its frozen base
     weights then come from each side's own directory and never travel."""
-    from .adapt import FoundationBackbone
-
-    return any(isinstance(m, FoundationBackbone) for m in model.modules())
+    return any(isinstance(m, _site_owned_types()) for m in model.modules())
 
 
 def base_digest(model: nn.Module) -> str:
@@ -90,12 +107,11 @@ def base_digest(model: nn.Module) -> str:
 def dp_refusal(model: nn.Module) -> str | None:
     """Why DP-SGD's per-sample rule does not hold for a foundation backbone in ``model``
     (its family's ``dp_unsupported``), or None."""
-    from .adapt import FoundationBackbone
-
     reasons = [m.dp_unsupported for m in model.modules()
-               if isinstance(m, FoundationBackbone) and m.dp_unsupported]
+               if isinstance(m, _site_owned_types()) and m.dp_unsupported]
     return reasons[0] if reasons else None
 
 
-__all__ = ["FOUNDATION_DIR", "FoundationConfig", "METHODS", "base_digest", "build_foundation",
-           "dp_refusal", "resolve_weights", "site_owned_base"]
+__all__ = ["FOUNDATION_DIR", "FoundationConfig", "METHODS", "SwinSegConfig", "base_digest",
+           "build_foundation", "build_foundation_swin", "dp_refusal", "resolve_weights",
+           "site_owned_base"]

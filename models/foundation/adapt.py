@@ -9,7 +9,11 @@ pooling ignores them. While training, a whole present channel is dropped with pr
 (full-modality masking), so a missing sequence at inference is a case the model has seen.
 
 Interface identical to ``models.vit.MultiModalViT``: ``forward(images [B, S, H, W],
-present [B, S]) -> logits``, ``forward_features``, ``pool`` and a linear ``head``.
+present [B, S]) -> logits``, ``forward_features``, ``pool`` and a linear ``head``. Volumes
+``[B, S, D, H, W]`` (``config.spatial_dims=3``, set by a 3D layout such as ``ct_volume``) take
+an encoder that is 3D itself: a MONAI ``ViT`` with ``spatial_dims=3`` (its conv patch kernel
+becomes one patch embedding per channel, its positions are resampled trilinearly to the
+layout's grid); a 2D encoder on a 3D layout is refused.
 
 DP-SGD (client/privacy/persample.py): every parameter this module adds lives in an
 ``nn.Linear`` called once per forward pass with the sample as its first dimension - the
@@ -18,6 +22,8 @@ channel indicators) and the head - so LoRA fine-tuning is covered by the exact p
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -31,19 +37,20 @@ from .loading import LoadedEncoder
 
 def channel_patch_kernel(weight: Tensor, bias: Tensor | None, patch: int
                          ) -> tuple[Tensor, Tensor]:
-    """Pretrained ``[D, C, p0, p0]`` kernel -> one-channel ``([D, patch*patch], [D])``.
+    """Pretrained ``[D, C, *p0]`` kernel (2D or 3D) -> one-channel ``([D, patch**dims], [D])``.
 
     Averaged over the input colours. For another patch size the kernel is resampled
-    bilinearly and scaled by ``(p0 / patch)**2`` so a constant image gives the same response
-    (a simple stand-in for FlexiViT's pseudo-inverse resize).
+    (bi/trilinearly) and scaled by ``prod(p0) / patch**dims`` so a constant image gives the
+    same response (a simple stand-in for FlexiViT's pseudo-inverse resize).
     """
-    kernel = weight.detach().float().mean(dim=1, keepdim=True)           # [D, 1, p0, p0]
-    p0 = kernel.shape[-1]
-    if patch != p0:
-        kernel = F.interpolate(kernel, size=(patch, patch), mode="bilinear",
-                               align_corners=False) * (p0 / patch) ** 2
+    kernel = weight.detach().float().mean(dim=1, keepdim=True)           # [D, 1, *p0]
+    p0, dims = tuple(kernel.shape[2:]), kernel.dim() - 2
+    if p0 != (patch,) * dims:
+        mode = "bilinear" if dims == 2 else "trilinear"
+        kernel = F.interpolate(kernel, size=(patch,) * dims, mode=mode,
+                               align_corners=False) * (math.prod(p0) / patch**dims)
     b = torch.zeros(weight.shape[0]) if bias is None else bias.detach().float()
-    return kernel.reshape(weight.shape[0], patch * patch), b
+    return kernel.reshape(weight.shape[0], patch**dims), b
 
 
 class ChannelEmbedding(nn.Module):
@@ -94,12 +101,20 @@ class FoundationBackbone(nn.Module):
                              f"{self.patch_size} (set patch_size to resize the {self.family} "
                              f"kernel of {family_patch})")
         self.grid = config.image_size // self.patch_size
+        self.spatial_dims = config.spatial_dims
+        # Families written for 2D images only declare nothing: they are 2D.
+        encoder_dims = getattr(self.seams, "spatial_dims", 2)
+        if encoder_dims != self.spatial_dims:
+            raise ValueError(f"the {self.family} encoder is {encoder_dims}D but the layout gives "
+                             f"{self.spatial_dims}D inputs; "
+                             + ("a 3D layout needs a MONAI ViT built with spatial_dims=3"
+                                if self.spatial_dims == 3 else "use a 2D encoder"))
         dim = self.seams.hidden_size(self.encoder)
         weight, bias = self.seams.patch_kernel(self.encoder)
         kernel, kernel_bias = channel_patch_kernel(weight, bias, self.patch_size)
         self.patch_embed = nn.ModuleList()
         for _ in range(config.num_channels):
-            linear = nn.Linear(self.patch_size**2, dim)
+            linear = nn.Linear(self.patch_size**self.spatial_dims, dim)
             with torch.no_grad():
                 linear.weight.copy_(kernel)
                 linear.bias.copy_(kernel_bias)
@@ -118,14 +133,16 @@ class FoundationBackbone(nn.Module):
         return self.seams.dp_unsupported
 
     @property
-    def input_shape(self) -> tuple[int, int, int]:
-        """One study's input ``(S, H, W)``: what an exported model takes per sample."""
-        return (self.config.num_channels, self.config.image_size, self.config.image_size)
+    def input_shape(self) -> tuple[int, ...]:
+        """One study's input ``(S, H, W)`` or ``(S, D, H, W)``: what an exported model takes
+        per sample."""
+        return (self.config.num_channels,) + (self.config.image_size,) * self.spatial_dims
 
     @property
     def layout(self) -> TokenLayout:
         """Token layout for objectives (``models.vit.TokenLayout``)."""
-        return TokenLayout(2, self.config.image_size, self.patch_size, self.config.num_channels,
+        return TokenLayout(self.spatial_dims, self.config.image_size, self.patch_size,
+                           self.config.num_channels,
                            self.seams.hidden_size(self.encoder), int(self.seams.has_cls))
 
     def take_companions(self) -> dict[str, nn.Module | nn.Parameter]:
@@ -135,21 +152,24 @@ class FoundationBackbone(nn.Module):
         return parts
 
     def check_input(self, images: Tensor) -> None:
-        """``[B, S, H, H]`` with H a multiple of the patch size (the configured image size
-        when fine-tuning; DINO's local crops are smaller, positions are interpolated)."""
+        """``[B, S, H, H]`` (``[B, S, H, H, H]`` in 3D) with H a multiple of the patch size
+        (the configured image size when fine-tuning; DINO's local crops are smaller,
+        positions are interpolated)."""
         s, size, p = self.config.num_channels, self.config.image_size, self.patch_size
-        if images.ndim != 4 or images.shape[1] != s or images.shape[2] != images.shape[3] \
-                or images.shape[2] % p:
-            raise ValueError(f"expected [B, {s}, {size}, {size}] input (or another square side "
-                             f"that is a multiple of the patch size {p}), got shape "
-                             f"{tuple(images.shape)}")
+        dims = self.spatial_dims
+        spatial = tuple(images.shape[2:])
+        if images.ndim != 2 + dims or images.shape[1] != s or len(set(spatial)) != 1 \
+                or spatial[0] % p:
+            raise ValueError(f"expected [B, {s}, {', '.join([str(size)] * dims)}] input (or "
+                             f"another equal side that is a multiple of the patch size {p}), "
+                             f"got shape {tuple(images.shape)}")
 
     def attention_mask(self, present: Tensor, n: int | None = None,
                        hidden: Tensor | None = None) -> Tensor:
         """``present [B, S]`` -> ``attend [B, (1)+S*N]`` (the CLS token always attendable);
         ``n`` patches per channel (default: the configured grid), ``hidden [B, S*N]``
         (MAE's masked patches) removes tokens no other token may see."""
-        n = self.grid**2 if n is None else n
+        n = self.grid**self.spatial_dims if n is None else n
         per_token = present.bool().repeat_interleave(n, dim=1)               # [B, S*N]
         if hidden is not None:
             per_token = per_token & ~hidden.bool()
@@ -161,7 +181,7 @@ class FoundationBackbone(nn.Module):
         """``[B, S, H, W]`` -> tokens ``[B, (1)+S*N, D]`` with positions and channel identity."""
         b, s = images.shape[:2]
         grid = images.shape[-1] // self.patch_size
-        patches = patchify(images, self.patch_size, 2)                       # [B, S, N, p*p]
+        patches = patchify(images, self.patch_size, self.spatial_dims)       # [B, S, N, p^dims]
         per_channel = torch.stack([self.patch_embed[c](patches[:, c]) for c in range(s)], 1)
         cls_pos, pos = self.seams.position_embedding(self.encoder, grid)     # [1, N, D]
         tokens = per_channel + self.channel_embed(b)[:, :, None] + pos[:, None]  # [B, S, N, D]
@@ -186,7 +206,7 @@ class FoundationBackbone(nn.Module):
         grid = images.shape[-1] // self.patch_size
         tokens = self.embed(images)
         return self.seams.encode(self.encoder, tokens,
-                                 self.attention_mask(present, grid * grid, hidden),
+                                 self.attention_mask(present, grid**self.spatial_dims, hidden),
                                  self.config.num_channels, grid)
 
     def pool(self, tokens: Tensor, present: Tensor) -> Tensor:

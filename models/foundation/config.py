@@ -39,6 +39,7 @@ class FoundationConfig:
     family: str = ""                # if set, the directory must hold this family
     num_channels: int = 4           # input channels (MRI sequences), one patch embedding each
     image_size: int = 64
+    spatial_dims: int = 2           # 3: volumes (a 3D layout sets it); needs a 3D MONAI ViT
     patch_size: int = 0             # 0 = the family's own; else the pretrained kernel is resized
     num_classes: int = 3
     method: str = "lora"            # lora | dora | ia3 | full | linear_probe
@@ -62,6 +63,8 @@ class FoundationConfig:
                              f"{', '.join(METHODS)}")
         if self.num_channels < 1 or self.num_classes < 2:
             raise ValueError("num_channels must be >= 1 and num_classes >= 2")
+        if self.spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {self.spatial_dims}")
         if self.patch_size < 0 or self.image_size < 1:
             raise ValueError("patch_size must be >= 0 and image_size >= 1")
         if self.patch_size and self.image_size % self.patch_size:

@@ -148,12 +148,14 @@ def describe(model: FoundationBackbone, *, adapter: bool, extra: dict | None = N
            else "(mean of present patch tokens)"))
     return {
         "format": FORMAT, "family": model.family, "config": dataclasses.asdict(model.config),
-        "input": f"images [B, {s}, {model.config.image_size}, {model.config.image_size}], "
+        "input": f"images [B, {', '.join(map(str, model.input_shape))}], "
                  "absent channels all zero; present [B, S]",
         "patch_size": p, "grid": model.grid, "hidden_size": dim, "has_cls": model.seams.has_cls,
         "parts": {
-            "patch_embed.<c>": f"Linear({p}*{p} -> {dim}) on channel c's non-overlapping "
-                               f"{p}x{p} patches (row-major); replaces the encoder's RGB "
+            "patch_embed.<c>": f"Linear({'*'.join([str(p)] * model.spatial_dims)} -> {dim}) "
+                               f"on channel c's non-overlapping "
+                               f"{'x'.join([str(p)] * model.spatial_dims)} patches "
+                               "(row-major); replaces the encoder's RGB "
                                "patch projection, which is exported unchanged and unused",
             "channel_embed.embed": f"Linear({s} -> {dim}, no bias) on one-hot channel "
                                    "indicators: added to every token of its channel",

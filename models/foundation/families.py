@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .monai_nets import MonaiViTSeams  # MONAI's seams live with the rest of MONAI
 from .timm_family import TimmViTSeams
 
 
@@ -235,62 +236,6 @@ class SamSeams:
         return [encoder.patch_embed.projection, encoder.neck]
 
 
-class MonaiViTSeams:
-    """MONAI's ``ViT`` (2D): ``PatchEmbeddingBlock`` + ``TransformerBlock``s that take
-    ``attn_mask [B, T]`` (0 = masked) + ``norm``; CLS only when built with
-    ``classification=True``."""
-
-    name = "monai_vit"
-    lora_targets = ("qkv",)
-    dp_unsupported = None
-    masks_tokens = True
-
-    def __init__(self, has_cls: bool = False, patch_size: int = 16):
-        # Instance-level, unlike the HF families: MONAI keeps neither in a config object, so
-        # the loader passes what the checkpoint's constructor arguments say.
-        self._has_cls = has_cls
-        self._patch_size = patch_size
-
-    @property
-    def has_cls(self) -> bool:
-        return self._has_cls
-
-    def patch_size(self, encoder):
-        return self._patch_size
-
-    def hidden_size(self, encoder):
-        return int(encoder.norm.normalized_shape[0])
-
-    def patch_kernel(self, encoder):
-        proj = encoder.patch_embedding.patch_embeddings
-        if isinstance(proj, nn.Conv2d):
-            return proj.weight, proj.bias
-        # perceptron: Rearrange "b c (h p1) (w p2) -> b (h w) (p1 p2 c)" then Linear
-        linear = proj[1]
-        p = self.patch_size(encoder)
-        c = linear.in_features // (p * p)
-        weight = linear.weight.reshape(-1, p, p, c).permute(0, 3, 1, 2)
-        return weight, linear.bias
-
-    def cls_token(self, encoder):
-        return encoder.cls_token if self._has_cls else None
-
-    def position_embedding(self, encoder, grid):
-        pos = _interpolate_grid(encoder.patch_embedding.position_embeddings, grid)
-        # MONAI adds positions to patches only; its CLS token carries none.
-        return (torch.zeros_like(pos[:, :1]) if self._has_cls else None), pos
-
-    def encode(self, encoder, tokens, attend, num_channels, grid):
-        x = tokens
-        for block in encoder.blocks:
-            x = block(x, None, attend)       # (x, context, attn_mask): positional on purpose
-        return encoder.norm(x)
-
-    def unused(self, encoder):
-        head = getattr(encoder, "classification_head", None)
-        return [encoder.patch_embedding.patch_embeddings] + ([head] if head is not None else [])
-
-
 FAMILIES: dict[str, type] = {cls.name: cls for cls in
                              (Dinov2Seams, ViTSeams, ViTMAESeams, CLIPSeams, SiglipSeams,
                               SamSeams, MonaiViTSeams, TimmViTSeams)}
@@ -302,9 +247,7 @@ def seams_for(family: str, **monai_args) -> FamilySeams:
         raise ValueError(f"unsupported encoder family {family!r}; supported: "
                          f"{', '.join(sorted(FAMILIES))}")
     if family == MonaiViTSeams.name:
-        patch = monai_args.get("patch_size", 16)
-        return MonaiViTSeams(has_cls=bool(monai_args.get("classification", False)),
-                             patch_size=int(patch[0] if isinstance(patch, (list, tuple)) else patch))
+        return MonaiViTSeams(monai_args)
     return FAMILIES[family]()
 
 

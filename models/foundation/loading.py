@@ -8,10 +8,12 @@ read only from ``*.safetensors``; a pickle checkpoint (``pytorch_model.bin``, ``
 can run code when unpickled, so it is refused with the command that converts it
 (``convert_weights`` here, ``medfed convert-weights SRC DST`` on the command line).
 
-MONAI's ``ViT`` has no ``save_pretrained``; its directory is our own small format
-(``save_monai_vit``): ``config.json`` = ``{"model_type": "monai_vit", "constructor": {...}}``
-plus ``model.safetensors``. A timm ViT's directory is timm's hub layout (``config.json`` with
-an ``architecture``, no ``model_type``), read without timm by ``timm_family``.
+MONAI networks have no ``save_pretrained``: their directory is our own small format
+(``monai_nets.save_monai``: ``config.json`` = ``{"model_type": "monai_vit", "constructor":
+{...}}`` + ``model.safetensors``) or a MONAI bundle (``bundle.py``: ``configs/inference.json``'s
+``network_def`` + ``models/model.safetensors``), read without running anything. A timm ViT's
+directory is timm's hub layout (``config.json`` with an ``architecture``, no ``model_type``),
+read without timm by ``timm_family``.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from . import bundle, monai_nets
 from .families import FamilySeams, seams_for
 from .timm_family import load_timm_vit
 from .timm_vit import TIMM_FAMILY, is_timm_config, parse_config as parse_timm_config
@@ -34,7 +37,7 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 CONVERT_COMMAND = "medfed convert-weights SRC DST"
-MONAI_MODEL_TYPE = "monai_vit"
+MONAI_MODEL_TYPE = monai_nets.VIT_TYPE
 # model_type in config.json -> (transformers class, attribute holding the vision encoder or
 # "" for the model itself, family)
 HF_MODEL_TYPES: dict[str, tuple[str, str, str]] = {
@@ -57,9 +60,7 @@ COMPANIONS: dict[str, tuple[str, ...]] = {
     MAE_PRETRAINING: ("decoder",),
 }
 # The constructor arguments of monai.networks.nets.ViT a checkpoint may set.
-MONAI_ARGS = ("in_channels", "img_size", "patch_size", "hidden_size", "mlp_dim", "num_layers",
-              "num_heads", "proj_type", "pos_embed_type", "classification", "num_classes",
-              "dropout_rate", "spatial_dims", "post_activation", "qkv_bias")
+MONAI_ARGS = monai_nets.MONAI_CLASSES[MONAI_MODEL_TYPE][1]
 
 
 class FoundationLoadError(ValueError):
@@ -81,7 +82,8 @@ class LoadedEncoder:
 
 
 def supported_model_types() -> list[str]:
-    return sorted([*HF_MODEL_TYPES, MONAI_MODEL_TYPE]) + [f"{TIMM_FAMILY} (an 'architecture')"]
+    return sorted([*HF_MODEL_TYPES, *monai_nets.MONAI_CLASSES]) + [
+        f"{TIMM_FAMILY} (an 'architecture')"]
 
 
 def read_config(directory: str | Path) -> dict:
@@ -91,6 +93,8 @@ def read_config(directory: str | Path) -> dict:
         raise FoundationLoadError(f"foundation weights directory {directory} does not exist "
                                   "(it must be a local directory; hub ids are never fetched)")
     path = directory / CONFIG_FILE
+    if not path.is_file() and bundle.is_bundle(directory):
+        return bundle.read_bundle_config(directory)
     if not path.is_file():
         raise FoundationLoadError(f"{directory} has no {CONFIG_FILE}")
     try:
@@ -104,7 +108,7 @@ def read_config(directory: str | Path) -> dict:
             raise FoundationLoadError(f"{path}: {err}") from None
         return config
     model_type = config.get("model_type")
-    if model_type not in HF_MODEL_TYPES and model_type != MONAI_MODEL_TYPE:
+    if model_type not in HF_MODEL_TYPES and model_type not in monai_nets.MONAI_CLASSES:
         raise FoundationLoadError(f"unsupported model_type {model_type!r} in {path}; supported: "
                                   f"{', '.join(supported_model_types())}")
     return config
@@ -116,11 +120,16 @@ def family_of(directory: str | Path) -> str:
     if is_timm_config(config):
         return TIMM_FAMILY
     model_type = config["model_type"]
-    return MONAI_MODEL_TYPE if model_type == MONAI_MODEL_TYPE else HF_MODEL_TYPES[model_type][2]
+    return model_type if model_type in monai_nets.MONAI_CLASSES else HF_MODEL_TYPES[model_type][2]
 
 
 def check_weight_files(directory: Path) -> list[Path]:
-    """The ``*.safetensors`` files; refuse pickle-only directories with the conversion command."""
+    """The ``*.safetensors`` files (a bundle's in ``models/``); refuse pickle-only
+    directories with the conversion command."""
+    if bundle.is_bundle(directory):
+        directory = bundle.weights_dir(directory)
+        if not directory.is_dir():
+            raise FoundationLoadError(f"MONAI bundle has no {bundle.MODELS_DIR}/ directory")
     safe = sorted(directory.glob("*.safetensors"))
     if safe:
         return safe
@@ -129,7 +138,8 @@ def check_weight_files(directory: Path) -> list[Path]:
         raise FoundationLoadError(
             f"{directory} holds only pickle weights ({', '.join(pickles)}), which are refused "
             f"because unpickling can run code; convert them with `{CONVERT_COMMAND}` "
-            f"(models.foundation.loading.convert_weights) and point to DST")
+            f"(models.foundation.loading.convert_weights; SRC may be a MONAI bundle) and "
+            "point to DST")
     raise FoundationLoadError(f"{directory} has no *.safetensors weights")
 
 
@@ -152,12 +162,14 @@ def load_encoder(directory: str | Path, *, expected_family: str = "") -> LoadedE
     """
     directory = Path(directory)
     config = read_config(directory)
-    check_weight_files(directory)
+    files = check_weight_files(directory)
     model_type = config.get("model_type")
+    if model_type in monai_nets.NOT_A_BACKBONE:
+        raise FoundationLoadError(f"{directory}: {monai_nets.NOT_A_BACKBONE[model_type]}")
     if is_timm_config(config):
         loaded = load_timm_vit(directory, config)
-    elif model_type == MONAI_MODEL_TYPE:
-        loaded = _load_monai(directory, config)
+    elif model_type in monai_nets.MONAI_CLASSES:
+        loaded = _load_monai(directory, config, files)
     else:
         loaded = _load_hf(directory, model_type)
     if expected_family and loaded.family != expected_family:
@@ -205,71 +217,26 @@ def _load_hf(directory: Path, model_type: str) -> LoadedEncoder:
                          companions=companions)
 
 
-def _load_monai(directory: Path, config: dict) -> LoadedEncoder:
-    from monai.networks.nets import ViT
-    from safetensors.torch import load_file
-
-    args = config.get("constructor")
-    if not isinstance(args, dict):
+def _load_monai(directory: Path, config: dict, files: list[Path]) -> LoadedEncoder:
+    model_type = config["model_type"]
+    cls = monai_nets.MONAI_CLASSES[model_type][0]
+    if not isinstance(config.get("constructor"), dict):
         raise FoundationLoadError(f"{directory / CONFIG_FILE} has no 'constructor' object with "
-                                  "the monai.networks.nets.ViT arguments")
-    unknown = sorted(set(args) - set(MONAI_ARGS))
-    if unknown:
-        raise FoundationLoadError(f"unknown MONAI ViT argument(s) {unknown}; valid: "
-                                  f"{', '.join(MONAI_ARGS)}")
-    if int(args.get("spatial_dims", 3)) != 2:
-        raise FoundationLoadError("only 2D MONAI ViT encoders are supported "
-                                  f"(spatial_dims={args.get('spatial_dims', 3)})")
-    model = ViT(**args)
-    state: dict[str, Tensor] = {}
-    for path in check_weight_files(directory):
-        state |= load_file(str(path))
-    own = model.state_dict()
-    mismatched = [k for k in own.keys() & state.keys() if own[k].shape != state[k].shape]
-    _refuse_mismatch(directory, own.keys() - state.keys(), state.keys() - own.keys(), mismatched)
-    model.load_state_dict(state, strict=True)
-    return LoadedEncoder(MONAI_MODEL_TYPE, model, seams_for(MONAI_MODEL_TYPE, **args),
+                                  f"the monai.networks.nets.{cls} arguments")
+    args = monai_nets.check_constructor(model_type, config["constructor"], str(directory))
+    model = monai_nets.load_network(directory, model_type, args, files)
+    return LoadedEncoder(model_type, model, seams_for(model_type, **args),
                          constructor=dict(args), directory=directory)
 
 
 def save_monai_vit(model: nn.Module, constructor: dict, directory: str | Path) -> Path:
     """Write a MONAI ``ViT`` built with ``ViT(**constructor)`` in the layout ``load_encoder``
-    reads."""
-    from safetensors.torch import save_file
-
-    unknown = sorted(set(constructor) - set(MONAI_ARGS))
-    if unknown:
-        raise ValueError(f"unknown MONAI ViT argument(s) {unknown}")
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / CONFIG_FILE).write_text(json.dumps(
-        {"model_type": MONAI_MODEL_TYPE, "constructor": constructor}, indent=2, sort_keys=True))
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
-    return directory
+    reads (``monai_nets.save_monai``)."""
+    return monai_nets.save_monai(model, constructor, directory, model_type=MONAI_MODEL_TYPE)
 
 
-def convert_weights(src: str | Path, dst: str | Path) -> Path:
-    """Convert a pickle checkpoint to ``DST/model.safetensors`` without running its code.
-
-    ``src`` is a checkpoint file or a directory holding exactly one; JSON files next to it
-    (``config.json``, preprocessor configs) are copied, so DST is loadable as it stands.
-    ``torch.load(weights_only=True)`` unpickles tensors and plain containers only.
-    A checkpoint saved as ``{"state_dict": ...}`` or ``{"model": ...}`` is unwrapped.
-    """
-    from safetensors.torch import save_file
-
-    src, dst = Path(src), Path(dst)
-    if src.is_dir():
-        candidates = sorted(p for p in src.iterdir() if p.suffix in PICKLE_SUFFIXES)
-        if len(candidates) != 1:
-            raise FoundationLoadError(f"{src} must hold exactly one pickle checkpoint "
-                                      f"({', '.join(PICKLE_SUFFIXES)}), found {len(candidates)}")
-        file, folder = candidates[0], src
-    elif src.is_file():
-        file, folder = src, src.parent
-    else:
-        raise FoundationLoadError(f"{src} does not exist")
+def _read_pickle_state(file: Path) -> dict[str, Tensor]:
+    """The tensors of a pickle checkpoint, via ``torch.load(weights_only=True)``."""
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as err:       # weights_only refuses arbitrary objects: say so, one line
@@ -280,6 +247,35 @@ def convert_weights(src: str | Path, dst: str | Path) -> Path:
             state = state[wrapper]
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise FoundationLoadError(f"{file.name} is not a state dict of tensors")
+    return state
+
+
+def convert_weights(src: str | Path, dst: str | Path) -> Path:
+    """Convert a pickle checkpoint to ``DST/model.safetensors`` without running its code.
+
+    ``src`` is a checkpoint file or a directory holding exactly one; JSON files next to it
+    (``config.json``, preprocessor configs) are copied, so DST is loadable as it stands.
+    ``torch.load(weights_only=True)`` unpickles tensors and plain containers only.
+    A checkpoint saved as ``{"state_dict": ...}`` or ``{"model": ...}`` is unwrapped.
+    A MONAI bundle directory becomes a bundle again, its ``models/model.pt`` as
+    ``models/model.safetensors`` (``bundle.convert_bundle``).
+    """
+    from safetensors.torch import save_file
+
+    src, dst = Path(src), Path(dst)
+    if src.is_dir() and bundle.is_bundle(src):
+        return bundle.convert_bundle(src, dst, _read_pickle_state)
+    if src.is_dir():
+        candidates = sorted(p for p in src.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if len(candidates) != 1:
+            raise FoundationLoadError(f"{src} must hold exactly one pickle checkpoint "
+                                      f"({', '.join(PICKLE_SUFFIXES)}), found {len(candidates)}")
+        file, folder = candidates[0], src
+    elif src.is_file():
+        file, folder = src, src.parent
+    else:
+        raise FoundationLoadError(f"{src} does not exist")
+    state = _read_pickle_state(file)
     dst.mkdir(parents=True, exist_ok=True)
     for extra in folder.glob("*.json"):
         if extra.parent != dst:

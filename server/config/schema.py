@@ -165,6 +165,9 @@ class ExperimentConfig:
         if layout is not None and "num_sequences" in _model_fields(self.model.name):
             # one model input per layout channel (a ct_window channel: one per window)
             opts.setdefault("num_sequences", len(layout.input_channels))
+        if layout is not None and "num_channels" in _model_fields(self.model.name):
+            # a foundation backbone: one patch embedding per layout channel
+            opts.setdefault("num_channels", len(layout.input_channels))
         if layout is not None and layout.dims == "3d" and \
                 "spatial_dims" in _model_fields(self.model.name):
             # the layout decides dimensionality: a 3D layout trains a 3D model on the

@@ -126,7 +126,9 @@ def validate_foundation(cfg: ExperimentConfig) -> None:
         return
     from models.foundation import resolve_weights
     from models.foundation.families import FAMILIES
-    from models.foundation.loading import FoundationLoadError, check_weight_files, family_of
+    from models.foundation.loading import (FoundationLoadError, check_weight_files, family_of,
+                                           read_config)
+    from models.foundation.monai_nets import encoder_spatial_dims
 
     name = str(cfg.model.options.get("weights", ""))
     try:
@@ -135,9 +137,25 @@ def validate_foundation(cfg: ExperimentConfig) -> None:
         check_weight_files(directory)
     except FoundationLoadError as err:
         raise ConfigError(f"model.options.weights: {err}") from None
+    from models.foundation.monai_nets import SWIN_UNETR_TYPE
     from models.foundation.objectives import directory_refusal
 
-    method = MODELS.config(cfg.model.name, cfg.model_options()).method
+    options = MODELS.config(cfg.model.name, cfg.model_options())
+    if (family == SWIN_UNETR_TYPE) != (cfg.model.name == "foundation_swin"):
+        raise ConfigError(f"model.options.weights={name} holds a {family} network: "
+                          + ("use model=foundation_swin task=lesion_seg"
+                             if family == SWIN_UNETR_TYPE else
+                             "model=foundation_swin needs a MONAI SwinUNETR"))
+    method = options.method
+    dims = encoder_spatial_dims(read_config(directory))     # a 3D layout: a 3D MONAI ViT
+    if dims != options.spatial_dims:
+        raise ConfigError(f"model.options.weights={name} is a {dims}D encoder but the inputs are "
+                          f"{options.spatial_dims}D; "
+                          + ("a 3D layout needs a MONAI ViT built with spatial_dims=3"
+                             if options.spatial_dims == 3 else "use a 2D encoder"))
+    if family == SWIN_UNETR_TYPE:
+        _validate_swin(cfg)
+        return
     refusal = directory_refusal(directory, cfg.task.name, method)
     if refusal:
         raise ConfigError(f"model.options.weights={name}: {refusal}")
@@ -150,6 +168,22 @@ def validate_foundation(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"privacy.mechanism=dp-sgd refused for method={method}: its "
                           "magnitude/scaling vectors have no per-sample gradient rule; use "
                           "method=lora or full, or privacy=sitedp")
+
+
+def _validate_swin(cfg: ExperimentConfig) -> None:
+    """A pretrained SwinUNETR is the segmentation task's whole network; DP-SGD has no
+    per-sample rule for its convolutions, and a registered version has no serving format yet."""
+    if cfg.task.name != "segmentation" or cfg.pretrain.objective is not None:
+        raise ConfigError("model=foundation_swin is a segmentation network: use "
+                          "task=lesion_seg (task name segmentation) and no pretraining phase")
+    if cfg.privacy.mechanism == wire.DP_SGD:
+        raise ConfigError("privacy.mechanism=dp-sgd refused for model=foundation_swin: its "
+                          "convolutional decoder has no exact per-sample gradient rule; use "
+                          "privacy=sitedp")
+    if cfg.tracking.log_models:
+        raise ConfigError("model=foundation_swin: registered model versions are not built for "
+                          "a SwinUNETR yet; set tracking.log_models=false (checkpoints are "
+                          "kept as usual)")
 
 
 def validate_pretrain(cfg: ExperimentConfig) -> None:

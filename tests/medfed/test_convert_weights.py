@@ -41,3 +41,31 @@ def test_convert_weights_refuses_a_missing_source_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("medfed: error: ") and "does not exist" in err
     assert err.count("\n") == 1
+
+
+def test_a_monai_bundle_is_converted_by_the_cli_into_a_loadable_bundle(tmp_path, capsys):
+    import json
+
+    from monai.networks.nets import ViT
+
+    args = dict(in_channels=1, img_size=16, patch_size=4, hidden_size=32, mlp_dim=64,
+                num_layers=1, num_heads=2, spatial_dims=3)
+    torch.manual_seed(0)
+    vit = ViT(**args)
+    src, dst = tmp_path / "bundle-pt", tmp_path / "bundle"
+    (src / "configs").mkdir(parents=True)
+    (src / "models").mkdir()
+    (src / "configs" / "inference.json").write_text(json.dumps(
+        {"network_def": {"_target_": "ViT", **args}, "network": "$@network_def.to('cpu')"}))
+    torch.save(vit.state_dict(), src / "models" / "model.pt")
+    try:
+        load_encoder(src)
+        raise AssertionError("a pickle-only bundle was loaded")
+    except FoundationLoadError as err:
+        assert CONVERT_COMMAND in str(err) and "model.pt" in str(err)
+
+    assert main(["convert-weights", str(src), str(dst)]) == 0
+    assert str(dst / "models" / "model.safetensors") in capsys.readouterr().out
+    loaded = load_encoder(dst).encoder
+    for name, value in vit.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value), name

@@ -1,9 +1,9 @@
 """Foundation models: external MCC of the pretrained-Dinov2 arms (default), and one site's LoRA
 step against a hand-written loop plus the cost of DP-SGD on it (``--throughput``).
 
-    python -m bench.foundation [--quick] [--draws 0,1] [--arms ...] [--patients 120]
-                               [--public-patients 300] [--public-epochs 8] [--rounds 10]
-                               [--pretrain-rounds 5]
+    python -m bench.foundation [--quick] [--draws 0,1] [--arms ...] [--patients 80]
+                               [--public-patients 160] [--public-epochs 5] [--rounds 8]
+                               [--pretrain-rounds 3]
     python -m bench.foundation --throughput [--family dinov2] [--steps 6] [--warmup 1]
                                [--repeats 2] [--device auto|cpu|cuda] [--image-size 64]
                                [--batch 16]
@@ -526,16 +526,16 @@ def main() -> None:
                      help="a minutes-long smoke run (tiny cohorts, one round, one draw)")
     mcc.add_argument("--draws", default="0,1", help="synthetic seeds of the sites, comma-separated")
     mcc.add_argument("--arms", default="supervised_scratch,lora,mm_dino,pooled,dp_lora")
-    mcc.add_argument("--patients", type=int, default=120, help="mean patients per site")
+    mcc.add_argument("--patients", type=int, default=80, help="mean patients per site")
     mcc.add_argument("--label-fraction", type=float, default=0.1)
-    mcc.add_argument("--rounds", type=int, default=10, help="fine-tuning rounds")
+    mcc.add_argument("--rounds", type=int, default=8, help="fine-tuning rounds")
     mcc.add_argument("--local-epochs", type=int, default=3)
-    mcc.add_argument("--pretrain-rounds", type=int, default=5,
+    mcc.add_argument("--pretrain-rounds", type=int, default=3,
                      help="federated MM-DINOv2 rounds of the mm_dino arm")
     mcc.add_argument("--pretrain-epochs", type=int, default=1)
     mcc.add_argument("--lora-rank", type=int, default=8)
-    mcc.add_argument("--public-patients", type=int, default=300)
-    mcc.add_argument("--public-epochs", type=int, default=8)
+    mcc.add_argument("--public-patients", type=int, default=160)
+    mcc.add_argument("--public-epochs", type=int, default=5)
     mcc.add_argument("--public-lr", type=float, default=5e-4)
     tp = parser.add_argument_group("--throughput")
     tp.add_argument("--family", default="dinov2", choices=FAMILIES)

@@ -371,18 +371,27 @@ def _mcc_cells(payload: dict) -> tuple[str, str]:
     mcc = payload.get("mcc")
     if not mcc:
         return "MCC arms not measured", ""
-    met = mcc.get("targets_met", {})
+    def met_of(key: str) -> str:      # a null ratio was measured: its denominator was <= 0
+        flag = mcc.get("targets_met", {}).get(key)
+        return "undefined, denominator MCC ≤ 0" if flag is None else _met(flag)
+
     ext = mcc["summary"]["external_mcc"]
     s = mcc["settings"]
     arms = ", ".join(f"{a} {v['mean']:.2f} [{v['min']:.2f}, {v['max']:.2f}]"
                      for a, v in ext.items())
+    # MCC is exactly 0 when a model predicts one class for every study: say so, or a row of
+    # zeros reads like a measured tie.
+    constant = [a for a, v in ext.items() if all(x == 0.0 for x in v["values"])]
+    if constant:
+        arms += (f" (exactly 0.00 in every draw, i.e. one class predicted for every external "
+                 f"study: {', '.join(constant)})")
     return (f"MM-DINOv2-from-pretrained − scratch external MCC: "
             f"**{_f(payload.get('mm_dino_pretrained_minus_supervised_scratch'), '+.3f')}** "
-            f"(goal ≥ +0.05: {_met(met.get('mm_dino_pretrained_minus_supervised_scratch'))}); "
+            f"(goal ≥ +0.05: {met_of('mm_dino_pretrained_minus_supervised_scratch')}); "
             f"federated LoRA / pooled: **{_f(payload.get('federated_over_pooled'))}×** "
-            f"(goal ≥ 0.9: {_met(met.get('federated_over_pooled'))}); DP-LoRA ε=8 / LoRA: "
-            f"**{_f(payload.get('dp_lora_over_lora_eps8'))}×** (goal ≥ 0.97: "
-            f"{_met(met.get('dp_lora_over_lora_eps8'))})",
+            f"(goal ≥ 0.9: {met_of('federated_over_pooled')}); DP-LoRA ε=8 / LoRA: "
+            f"**{_f(payload.get('dp_lora_over_lora_eps8'))}×** site-test MCC (goal ≥ 0.97: "
+            f"{met_of('dp_lora_over_lora_eps8')})",
             f"MCC: external MCC mean [min, max] over draws {list(s['draws'])}: {arms}; "
             f"{s['sites']} sites × ~{s['patients_per_site']} patients, "
             f"{s['label_fraction']:.0%} labels, {s['pretrain_rounds']}+{s['rounds']} rounds; "

@@ -1,9 +1,21 @@
-"""Foundation-model LoRA throughput: one site's LoRA step against a hand-written loop, and the
-cost of DP-SGD on it, measured side by side in one run.
+"""Foundation models: external MCC of the pretrained-Dinov2 arms (default), and one site's LoRA
+step against a hand-written loop plus the cost of DP-SGD on it (``--throughput``).
 
+    python -m bench.foundation [--quick] [--draws 0,1] [--arms ...] [--patients 80]
+                               [--public-patients 160] [--public-epochs 5] [--rounds 8]
+                               [--pretrain-rounds 3]
     python -m bench.foundation --throughput [--family dinov2] [--steps 6] [--warmup 1]
                                [--repeats 2] [--device auto|cpu|cuda] [--image-size 64]
                                [--batch 16]
+
+Both modes write ``bench/results/foundation.json`` and MERGE into it: each keeps the other's
+keys (``throughput_commit`` / ``mcc_commit`` say which commit measured which half), and the
+``foundation`` row of ``bench/RESULTS.md`` shows both. The MCC arms are described in
+``bench/foundation_mcc.py`` (public cohort, central label-free MM-DINOv2 pretraining of a
+``Dinov2Model``, two draws of sites at 10% labels: scratch, LoRA, MM-DINOv2 continued + fine-tune,
+pooled, DP-LoRA at epsilon 8).
+
+Throughput mode:
 
 The model is what a hospital bringing ``facebook/dinov2-small`` gets, only smaller: a
 ``Dinov2Model`` built from a config (no hub, ``HF_HUB_OFFLINE=1``; DINOv2's own patch 14,
@@ -42,14 +54,13 @@ CPU time is much less disturbed by other jobs). On CUDA every mode runs under bf
 engine's own; the hand-written loop writes it out) and each step is bracketed by
 ``cuda.synchronize``.
 
-The issue's MCC arms (``mm_dino_pretrained_minus_supervised_scratch``,
-``dp_lora_over_lora_eps8``) are not measured here: they are written as null with a note.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import statistics
 import subprocess
@@ -58,7 +69,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .common import update_results_md, write_result
+from .common import RESULTS_DIR, commit, update_results_md, write_result
 
 MODES = ("medfed_lora", "handwritten_lora", "medfed_lora_dp")
 FAMILIES = ("dinov2",)
@@ -72,9 +83,6 @@ DINOV2 = dict(hidden_size=384, num_hidden_layers=4, num_attention_heads=6, mlp_r
 LORA = dict(method="lora", lora_rank=8, lora_alpha=16.0)
 NOISE_MULTIPLIER, MAX_GRAD_NORM = 1.0, 1.0
 TARGETS = {"lora_throughput_ratio": 0.95, "dp_lora_time_ratio": 1.25}
-NOT_MEASURED = ("not measured: --throughput covers the step-time figures only; the MCC arms "
-                "(central pretraining on a public cohort, 10% labels, two draws of sites) are "
-                "still to be built")
 _RESULT = "FOUNDATION_RESULT "
 
 
@@ -292,20 +300,15 @@ def throughput(args) -> dict:
     loss_gap = max(abs(x - y) for x, y in zip(a, b)) if a and b else None
     device = next((m["device"] for m in modes.values() if "device" in m), args.device)
     return figures | {
-        "mm_dino_pretrained_minus_supervised_scratch": None,
-        "dp_lora_over_lora_eps8": None,
         **cpu_figures,
-        "targets": {"lora_throughput_ratio": f">= {TARGETS['lora_throughput_ratio']}",
-                    "dp_lora_time_ratio": f"<= {TARGETS['dp_lora_time_ratio']} (CPU)",
-                    "mm_dino_pretrained_minus_supervised_scratch": ">= 0.05",
-                    "dp_lora_over_lora_eps8": ">= 0.97"},
-        "targets_met": {
+        "throughput_targets": {
+            "lora_throughput_ratio": f">= {TARGETS['lora_throughput_ratio']}",
+            "dp_lora_time_ratio": f"<= {TARGETS['dp_lora_time_ratio']} (CPU)"},
+        "throughput_targets_met": {
             "lora_throughput_ratio": figures["lora_throughput_ratio"] is not None
             and figures["lora_throughput_ratio"] >= TARGETS["lora_throughput_ratio"],
             "dp_lora_time_ratio": figures["dp_lora_time_ratio"] is not None
             and figures["dp_lora_time_ratio"] <= TARGETS["dp_lora_time_ratio"]},
-        "not_measured": {"mm_dino_pretrained_minus_supervised_scratch": NOT_MEASURED,
-                         "dp_lora_over_lora_eps8": NOT_MEASURED},
         "max_loss_gap_engine_vs_handwritten": loss_gap,
         "errors": {k: m["error"] for k, m in modes.items() if "error" in m},
         "device": device,
@@ -330,46 +333,227 @@ def throughput(args) -> dict:
 
 
 def _key(payload: dict) -> str:
-    return "foundation" + (" (GPU)" if payload["device"].startswith("cuda") else "")
+    return "foundation" + (" (GPU)" if payload.get("device", "").startswith("cuda") else "")
 
 
-def _row(payload: dict) -> str:
-    def f(x, spec=".2f"):
-        return "-" if x is None else format(x, spec)
+def _f(x, spec=".2f") -> str:
+    return "-" if x is None else format(x, spec)
 
-    lt, dt = payload["lora_throughput_ratio"], payload["dp_lora_time_ratio"]
-    met = payload["targets_met"]
-    m = payload["modes"]
-    c = payload["config"]
-    sps = ", ".join(f"{k} {f(v.get('samples_per_s'), '.1f')} samples/s "
-                    f"({f(v.get('ms_per_step'), '.0f')} ms, "
-                    f"CPU {f(v.get('cpu_ms_per_step'), '.0f')} ms/step)" for k, v in m.items())
-    return (f"| {_key(payload)} | LoRA step vs hand-written PyTorch+peft: **{f(lt)}×** "
-            f"samples/s (goal ≥ 0.95: {'met' if met['lora_throughput_ratio'] else 'not met'}); DP-SGD/non-DP step "
-            f"time on LoRA: **{f(dt)}×** (goal ≤ 1.25: "
-            f"{'met' if met['dp_lora_time_ratio'] else 'not met'}); CPU-time ratios "
-            f"{f(payload['lora_throughput_ratio_cpu_time'])}× / "
-            f"{f(payload['dp_lora_cpu_time_ratio'])}×; MCC arms not measured | "
-            f"{c['family']} {c['encoder']['hidden_size']}-wide × "
+
+def _met(flag) -> str:
+    return "not measured" if flag is None else ("met" if flag else "not met")
+
+
+def _throughput_cells(payload: dict) -> tuple[str, str]:
+    """(figures, details) of the throughput half, or a note when it was not measured."""
+    if payload.get("lora_throughput_ratio") is None and "modes" not in payload:
+        return "throughput not measured", ""
+    met = payload.get("throughput_targets_met", {})
+    m, c = payload["modes"], payload["config"]
+    sps = ", ".join(f"{k} {_f(v.get('samples_per_s'), '.1f')} samples/s "
+                    f"({_f(v.get('ms_per_step'), '.0f')} ms, "
+                    f"CPU {_f(v.get('cpu_ms_per_step'), '.0f')} ms/step)" for k, v in m.items())
+    return (f"LoRA step vs hand-written PyTorch+peft: **{_f(payload['lora_throughput_ratio'])}×** "
+            f"samples/s (goal ≥ 0.95: {_met(met.get('lora_throughput_ratio'))}); DP-SGD/non-DP "
+            f"step time on LoRA: **{_f(payload['dp_lora_time_ratio'])}×** (goal ≤ 1.25: "
+            f"{_met(met.get('dp_lora_time_ratio'))}); CPU-time ratios "
+            f"{_f(payload.get('lora_throughput_ratio_cpu_time'))}× / "
+            f"{_f(payload.get('dp_lora_cpu_time_ratio'))}×",
+            f"throughput: {c['family']} {c['encoder']['hidden_size']}-wide × "
             f"{c['encoder']['num_hidden_layers']} layers via the foundation model "
             f"(rank-{c['lora_rank']} LoRA), {c['num_channels']} channels {c['image_size']}², "
             f"batch {c['batch_size']}, {c['steps']} steps × {c['repeats']} passes, 1 thread; "
-            f"{sps} | `results/foundation.json` |")
+            f"{sps}")
+
+
+def _mcc_cells(payload: dict) -> tuple[str, str]:
+    """(figures, details) of the MCC half, or a note when it was not measured."""
+    mcc = payload.get("mcc")
+    if not mcc:
+        return "MCC arms not measured", ""
+    def met_of(key: str) -> str:      # a null ratio was measured: its denominator was <= 0
+        flag = mcc.get("targets_met", {}).get(key)
+        return "undefined, denominator MCC ≤ 0" if flag is None else _met(flag)
+
+    ext = mcc["summary"]["external_mcc"]
+    s = mcc["settings"]
+    arms = ", ".join(f"{a} {v['mean']:.2f} [{v['min']:.2f}, {v['max']:.2f}]"
+                     for a, v in ext.items())
+    # MCC is exactly 0 when a model predicts one class for every study: say so, or a row of
+    # zeros reads like a measured tie.
+    constant = [a for a, v in ext.items() if all(x == 0.0 for x in v["values"])]
+    if constant:
+        arms += (f" (exactly 0.00 in every draw, i.e. one class predicted for every external "
+                 f"study: {', '.join(constant)})")
+    return (f"MM-DINOv2-from-pretrained − scratch external MCC: "
+            f"**{_f(payload.get('mm_dino_pretrained_minus_supervised_scratch'), '+.3f')}** "
+            f"(goal ≥ +0.05: {met_of('mm_dino_pretrained_minus_supervised_scratch')}); "
+            f"federated LoRA / pooled: **{_f(payload.get('federated_over_pooled'))}×** "
+            f"(goal ≥ 0.9: {met_of('federated_over_pooled')}); DP-LoRA ε=8 / LoRA: "
+            f"**{_f(payload.get('dp_lora_over_lora_eps8'))}×** site-test MCC (goal ≥ 0.97: "
+            f"{met_of('dp_lora_over_lora_eps8')})",
+            f"MCC: external MCC mean [min, max] over draws {list(s['draws'])}: {arms}; "
+            f"{s['sites']} sites × ~{s['patients_per_site']} patients, "
+            f"{s['label_fraction']:.0%} labels, {s['pretrain_rounds']}+{s['rounds']} rounds; "
+            f"Dinov2 {mcc['encoder']['hidden_size']}-wide × "
+            f"{mcc['encoder']['num_hidden_layers']} layers, patch "
+            f"{mcc['encoder']['patch_size']}, pretrained label-free (MM-DINOv2) on a disjoint "
+            f"public cohort of {mcc['public_pretraining']['studies']} studies"
+            f"{'' if mcc.get('complete') else ' (INCOMPLETE run)'}")
+
+
+def _row(payload: dict) -> str:
+    (mf, md), (tf, td) = _mcc_cells(payload), _throughput_cells(payload)
+    details = "; ".join(x for x in (md, td) if x)
+    return f"| {_key(payload)} | {mf}; {tf} | {details} | `results/foundation.json` |"
+
+
+THROUGHPUT_ONLY = ("not_measured", "targets", "targets_met")    # keys of the old layout
+
+
+def merged(name: str, payload: dict, half: str) -> dict:
+    """``payload`` (the ``half`` just measured) over what ``results/<name>.json`` holds of the
+    other half; ``<half>_commit`` and ``<half>_machine`` say who measured what."""
+    from .common import machine
+
+    path = RESULTS_DIR / f"{name}.json"
+    old = json.loads(path.read_text()) if path.exists() else {}
+    if "modes" in old and "throughput_commit" not in old:   # written before the halves
+        old["throughput_commit"], old["throughput_machine"] = old.get("commit"), old.get("machine")
+        for key in ("targets", "targets_met"):
+            old[f"throughput_{key}"] = {k: v for k, v in old.get(key, {}).items()
+                                        if k in TARGETS}
+    for key in (*THROUGHPUT_ONLY, "commit", "machine"):
+        old.pop(key, None)
+    return old | payload | {f"{half}_commit": commit(), f"{half}_machine": machine()}
+
+
+def run_throughput(args, parser) -> None:
+    if args.warmup < 1 or args.steps < 1 or args.repeats < 1:
+        parser.error("--steps, --warmup and --repeats must be >= 1")
+    payload = throughput(args)
+    for m in payload["modes"].values():
+        if "error" in m:
+            print(f"{m['mode']:<18}failed: {m['error']}")
+        else:
+            print(f"{m['mode']:<18}{m['ms_per_step']:>9.1f} ms{m['cpu_ms_per_step']:>9.1f} "
+                  f"cpu ms{m['samples_per_s']:>9.1f} samples/s")
+    print(f"lora_throughput_ratio {payload['lora_throughput_ratio']}, dp_lora_time_ratio "
+          f"{payload['dp_lora_time_ratio']}")
+    name = args.name or ("foundation_gpu" if payload["device"].startswith("cuda")
+                         else "foundation")
+    payload = merged(name, payload, "throughput")
+    path = write_result(name, payload)
+    update_results_md(_key(payload), _row(payload))
+    print(f"wrote {path}")
+
+
+QUICK = dict(patients=24, public_patients=24, public_epochs=1, rounds=1, local_epochs=1,
+             pretrain_rounds=1, pretrain_epochs=1, draws="0", label_fraction=0.3)
+
+
+def run_mcc(args, parser) -> None:
+    from . import foundation_mcc as fm
+
+    if args.quick:
+        for k, v in QUICK.items():
+            setattr(args, k, v)
+    arms = tuple(args.arms.split(","))
+    unknown = sorted(set(arms) - set(fm.ARMS))
+    if unknown:
+        parser.error(f"unknown arms {unknown}; choose from {', '.join(fm.ARMS)}")
+    draws = tuple(int(d) for d in args.draws.split(","))
+    if fm.PUBLIC_SEED in draws:
+        parser.error(f"draw seed {fm.PUBLIC_SEED} is the public cohort's")
+    settings = {"draws": draws, "sites": fm.SITES, "patients_per_site": args.patients,
+                "label_fraction": args.label_fraction, "rounds": args.rounds,
+                "local_epochs": args.local_epochs, "pretrain_rounds": args.pretrain_rounds,
+                "pretrain_epochs": args.pretrain_epochs, "lora_rank": args.lora_rank,
+                "dp_epsilon": 8.0, "public_patients": args.public_patients,
+                "public_epochs": args.public_epochs, "public_seed": fm.PUBLIC_SEED,
+                "quick": args.quick}
+    name = args.name or ("foundation_quick" if args.quick else "foundation")
+    logging.basicConfig(level=logging.WARNING)
+    results: dict[int, dict] = {}
+    mcc: dict = {"settings": settings, "encoder": fm.ENCODER, "arms": list(arms),
+                 "arm_descriptions": ARM_DESCRIPTIONS, "draws": results}
+
+    def write(complete: bool) -> Path:
+        summary = fm.summarize(results)
+        mcc.update(summary=summary, targets_met=fm.targets_met(summary), complete=complete,
+                   targets={"mm_dino_pretrained_minus_supervised_scratch": ">= 0.05",
+                            "federated_over_pooled": ">= 0.9",
+                            "dp_lora_over_lora_eps8": ">= 0.97"})
+        top = {k: summary[k] for k in ("mm_dino_pretrained_minus_supervised_scratch",
+                                       "federated_over_pooled", "dp_lora_over_lora_eps8")}
+        payload = merged(name, top | {"mcc": mcc}, "mcc")
+        path = write_result(name, payload)
+        if not args.quick:           # a smoke run never becomes a RESULTS.md row
+            update_results_md(_key(payload), _row(payload))
+        return path
+
+    with tempfile.TemporaryDirectory(prefix="medfed-bench-fm-") as tmp:
+        work, foundation_dir = Path(tmp), Path(tmp) / "encoders"
+        foundation_dir.mkdir()
+        public_dir = fm.public_cohort(work / "public", patients=args.public_patients)
+        public = fm.cohort_keys(public_dir)
+        mcc["public_pretraining"] = fm.pretrain_public(
+            public_dir, foundation_dir, epochs=args.public_epochs, batch_size=16,
+            lr=args.public_lr, image_size=64)
+        print(f"public pretraining: {mcc['public_pretraining']['loss_per_epoch']}", flush=True)
+        for seed in draws:
+            results[seed] = fm.run_draw(seed, work, foundation_dir, settings, arms, public,
+                                        on_arm=lambda r, seed=seed: (results.__setitem__(seed, r),
+                                                                     write(False)))
+        path = write(True)
+    s = mcc["summary"]
+    print(f"mm_dino - scratch {s['mm_dino_pretrained_minus_supervised_scratch']}, "
+          f"federated/pooled {s['federated_over_pooled']}, DP-LoRA/LoRA "
+          f"{s['dp_lora_over_lora_eps8']}\nwrote {path}")
+
+
+ARM_DESCRIPTIONS = {
+    "supervised_scratch": "today's ViT (mmvit_small), federated FedAvg from scratch",
+    "lora": "supervised LoRA from the public-pretrained Dinov2 (loaded by NAME), federated",
+    "mm_dino": "federated MM-DINOv2 continued pretraining from it (LoRA), then federated "
+               "LoRA fine-tuning",
+    "pooled": "the lora arm's model and recipe centrally on the union of the sites' labelled "
+              "studies, rounds x local_epochs passes",
+    "dp_lora": "the lora arm under sample-level DP-SGD at epsilon 8 (privacy=dpsgd)",
+}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--throughput", action="store_true",
-                        help="step-time figures (the only part built so far)")
-    parser.add_argument("--family", default="dinov2", choices=FAMILIES)
-    parser.add_argument("--steps", type=int, default=6, help="timed steps per mode and pass")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (>= 1)")
-    parser.add_argument("--repeats", type=int, default=2, help="passes over all modes")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=16)
+                        help="step-time figures instead of the MCC arms")
     parser.add_argument("--name", default=None,
-                        help="results/<name>.json; default foundation (foundation_gpu on CUDA)")
+                        help="results/<name>.json; default foundation (foundation_gpu on "
+                             "CUDA, foundation_quick with --quick)")
+    mcc = parser.add_argument_group("MCC arms (default mode)")
+    mcc.add_argument("--quick", action="store_true",
+                     help="a minutes-long smoke run (tiny cohorts, one round, one draw)")
+    mcc.add_argument("--draws", default="0,1", help="synthetic seeds of the sites, comma-separated")
+    mcc.add_argument("--arms", default="supervised_scratch,lora,mm_dino,pooled,dp_lora")
+    mcc.add_argument("--patients", type=int, default=80, help="mean patients per site")
+    mcc.add_argument("--label-fraction", type=float, default=0.1)
+    mcc.add_argument("--rounds", type=int, default=8, help="fine-tuning rounds")
+    mcc.add_argument("--local-epochs", type=int, default=3)
+    mcc.add_argument("--pretrain-rounds", type=int, default=3,
+                     help="federated MM-DINOv2 rounds of the mm_dino arm")
+    mcc.add_argument("--pretrain-epochs", type=int, default=1)
+    mcc.add_argument("--lora-rank", type=int, default=8)
+    mcc.add_argument("--public-patients", type=int, default=160)
+    mcc.add_argument("--public-epochs", type=int, default=5)
+    mcc.add_argument("--public-lr", type=float, default=5e-4)
+    tp = parser.add_argument_group("--throughput")
+    tp.add_argument("--family", default="dinov2", choices=FAMILIES)
+    tp.add_argument("--steps", type=int, default=6, help="timed steps per mode and pass")
+    tp.add_argument("--warmup", type=int, default=1, help="untimed steps first (>= 1)")
+    tp.add_argument("--repeats", type=int, default=2, help="passes over all modes")
+    tp.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    tp.add_argument("--image-size", type=int, default=64)
+    tp.add_argument("--batch", type=int, default=16)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
     parser.add_argument("--weights-dir", type=Path, help=argparse.SUPPRESS)
@@ -383,25 +567,11 @@ def main() -> None:
                            image_size=args.image_size)
         print(_RESULT + json.dumps(result))
         return
-    if not args.throughput:
-        parser.error("only --throughput is built; the MCC arms of the issue are not")
-    if args.warmup < 1 or args.steps < 1 or args.repeats < 1:
-        parser.error("--steps, --warmup and --repeats must be >= 1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    payload = throughput(args)
-    for m in payload["modes"].values():
-        if "error" in m:
-            print(f"{m['mode']:<18}failed: {m['error']}")
-        else:
-            print(f"{m['mode']:<18}{m['ms_per_step']:>9.1f} ms{m['cpu_ms_per_step']:>9.1f} "
-                  f"cpu ms{m['samples_per_s']:>9.1f} samples/s")
-    print(f"lora_throughput_ratio {payload['lora_throughput_ratio']}, dp_lora_time_ratio "
-          f"{payload['dp_lora_time_ratio']}")
-    name = args.name or ("foundation_gpu" if payload["device"].startswith("cuda")
-                         else "foundation")
-    path = write_result(name, payload)
-    update_results_md(_key(payload), _row(payload))
-    print(f"wrote {path}")
+    if args.throughput:
+        run_throughput(args, parser)
+    else:
+        run_mcc(args, parser)
 
 
 if __name__ == "__main__":

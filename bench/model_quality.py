@@ -61,8 +61,14 @@ ARMS = ("supervised", "mm_dino", "mae", "clip", "pooled", "local_only")
 PRETRAINED = ("mm_dino", "mae", "clip")
 
 
+def _build(cfg: ExperimentConfig):
+    """``(model, task)`` as the coordinator builds them (its own foundation directory)."""
+    return build(cfg.model.name, cfg.model_options(), cfg.task.name, cfg.task_options(),
+                 foundation_dir=cfg.model.foundation_dir)
+
+
 def score(cfg: ExperimentConfig, model, external: StudyDataset) -> dict[str, float]:
-    _, task = build(cfg.model.name, cfg.model_options(), cfg.task.name, cfg.task_options())
+    _, task = _build(cfg)
     engine = Engine(task, torch.device("cpu"))
     full = engine.evaluate(model, external).scalars()["mcc"]
     missing = [engine.evaluate(model, WithoutSequence(external, j)).scalars()["mcc"]
@@ -70,10 +76,11 @@ def score(cfg: ExperimentConfig, model, external: StudyDataset) -> dict[str, flo
     return {"external_mcc": full, "external_mcc_missing_one": float(np.mean(missing))}
 
 
-def federated(cfg: ExperimentConfig, external: StudyDataset, external_studies: list) -> dict:
-    run_dir = simulate(cfg)
+def federated(cfg: ExperimentConfig, external: StudyDataset, external_studies: list,
+              observers: tuple = ()) -> dict:
+    run_dir = simulate(cfg, observers=observers)
     phase_dir = run_dir / "finetune" if cfg.pretrain.objective else run_dir
-    model, _ = build(cfg.model.name, cfg.model_options(), cfg.task.name, cfg.task_options())
+    model, _ = _build(cfg)
     model.load_state_dict({k: torch.from_numpy(v) for k, v in latest_weights(phase_dir).items()})
     result = score(cfg, model, external)
     if cfg.pretrain.objective == "clip":
@@ -101,7 +108,7 @@ def centralized(cfg: ExperimentConfig, studies: list, epochs: int,
                 external: StudyDataset) -> dict[str, float]:
     train = StudyDataset(studies, cfg.task.image_size, augment=True)
     torch.manual_seed(cfg.seed)
-    model, task = build(cfg.model.name, cfg.model_options(), cfg.task.name, cfg.task_options())
+    model, task = _build(cfg)
     engine = Engine(task, torch.device("cpu"))
     for epoch in range(epochs):
         train.reseed(epoch)

@@ -1,0 +1,277 @@
+"""Foundation-model quality arms: does a pretrained DINOv2 pay off with few labels?
+
+Stand-in for natural-image pretraining: a ``Dinov2Model`` (small: ``ENCODER``) is pretrained
+CENTRALLY, label-free, on a *public* synthetic cohort - one synthetic hospital drawn with its
+own seed (``PUBLIC_SEED``), whose patients are disjoint from every training site and from the
+external hospital (checked by pseudonymous patient and study keys, recorded in the JSON) - with
+our MM-DINOv2 objective (self-distillation + iBOT + KoLeo, every label hidden, no pseudo-labels)
+through the one ``client.engine.Engine``. The encoder is then written back as a plain
+transformers directory (``save_pretrained``): the RGB patch projection becomes the mean of the
+learned per-sequence patch embeddings (what the adaptation averages again on load), so the
+directory is what a hospital downloading ``facebook/dinov2-small`` would hold. Every arm loads
+it by NAME (``model=foundation model.options.weights=dinov2-public model.foundation_dir=...``).
+
+Two draws of sites (synthetic seeds ``DRAW_SEEDS``: other hospitals, other patients, other
+split and 10%-label draw, other model init); per draw, at 10% of each site's labels, scored on
+the draw's external hospital (all sequences) - ``bench.model_quality`` helpers:
+
+(a) ``supervised_scratch`` - today's ViT (``mmvit_small``), federated FedAvg from scratch;
+(b) ``lora``               - supervised LoRA from the pretrained Dinov2, federated;
+(c) ``mm_dino``            - federated MM-DINOv2 continued pretraining from it (LoRA), then
+                             federated LoRA fine-tuning;
+(d) ``pooled``             - (b)'s model and recipe centrally on the union of the sites'
+                             labelled 10% (same passes over the data);
+(e) ``dp_lora``            - (b) under sample-level DP-SGD at epsilon 8 at every site.
+
+Top-level figures (means over the draws): ``mm_dino_pretrained_minus_supervised_scratch``
+(external MCC, (c) - (a)); ``federated_over_pooled`` (external MCC, (b) / (d): same model, same
+labelled studies, same passes); ``dp_lora_over_lora_eps8`` ((e) / (b) on the pooled site-test
+MCC of the last round, ``bench.dp_utility``'s "test MCC"; the external ratio beside it). A
+ratio whose denominator is not positive is left null. Two draws: the spread is the two values
+(min, max), no standard deviation is claimed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from .common import commit
+
+PUBLIC_SEED = 1000              # the public cohort's synthetic seed (sites use DRAW_SEEDS)
+DRAW_SEEDS = (0, 1)
+SITES = 3
+INIT_NAME, PRETRAINED_NAME = "dinov2-init", "dinov2-public"
+# A dinov2-small-like encoder shrunk for the 2-core box: width 192, 3 heads, 4 layers, patch 8
+# at the brain task's 64x64 (8x8 grid per sequence, no kernel resize).
+ENCODER = dict(hidden_size=192, num_hidden_layers=4, num_attention_heads=3, mlp_ratio=4,
+               patch_size=8, image_size=64)
+ARMS = ("supervised_scratch", "lora", "mm_dino", "pooled", "dp_lora")
+# Label-free central pretraining: no class labels reach the loss, no pseudo-labels either.
+CENTRAL_DINO = dict(supervised_weight=0.0, pseudo_label_weight=0.0)
+
+
+# ---------------------------------------------------------------- cohorts
+def public_cohort(out: Path, *, patients: int, seed: int = PUBLIC_SEED) -> Path:
+    """One synthetic hospital drawn with its own seed, written to ``out`` (``site-0``)."""
+    from medfed.synth.sites import Scenario, synthesize
+
+    synthesize(out, n_sites=1, seed=seed, external=False,
+               scenario=Scenario(patients=patients, label_fraction=1.0))
+    return out / "site-0"
+
+
+def cohort_keys(site_dir: Path) -> dict[str, set[str]]:
+    """Pseudonymous patient and study keys of one site as its reader gives them."""
+    from client.data.site import load_site
+
+    studies = load_site(site_dir).studies
+    return {"patients": {s.patient_key for s in studies}, "studies": {s.key for s in studies}}
+
+
+def disjointness(public: dict[str, set[str]], others: dict[str, dict[str, set[str]]]) -> dict:
+    """Counts, and the overlap of the public cohort with each other site (patients and
+    studies); raises if any overlap is not empty - the arms would not be honest."""
+    report = {"public": {k: len(v) for k, v in public.items()}, "overlap_with_public": {}}
+    for name, keys in others.items():
+        overlap = {k: len(public[k] & keys[k]) for k in public}
+        report["overlap_with_public"][name] = overlap
+        report[name] = {k: len(v) for k, v in keys.items()}
+        if any(overlap.values()):
+            raise RuntimeError(f"the public cohort shares {overlap} with {name}")
+    return report
+
+
+# ---------------------------------------------------------------- central pretraining
+def save_initial_encoder(foundation_dir: Path, seed: int = 0) -> Path:
+    """A freshly initialised ``Dinov2Model`` (``ENCODER``) saved as ``INIT_NAME``."""
+    import transformers
+
+    torch.manual_seed(seed)
+    path = foundation_dir / INIT_NAME
+    transformers.Dinov2Model(transformers.Dinov2Config(**ENCODER)).save_pretrained(path)
+    return path
+
+
+def write_back_patch_kernel(backbone) -> None:
+    """RGB patch projection := mean of the learned per-channel patch embeddings (each RGB
+    colour the same kernel), so the adaptation's RGB mean on load gives that kernel back."""
+    projection = backbone.encoder.embeddings.patch_embeddings.projection    # Conv2d [D, 3, p, p]
+    weight = torch.stack([lin.weight for lin in backbone.patch_embed]).mean(0)   # [D, p*p]
+    bias = torch.stack([lin.bias for lin in backbone.patch_embed]).mean(0)       # [D]
+    p = backbone.patch_size
+    if p != projection.kernel_size[0]:
+        raise ValueError(f"patch size {p} differs from the encoder's {projection.kernel_size}")
+    with torch.no_grad():
+        projection.weight.copy_(weight.reshape(-1, 1, p, p).expand_as(projection.weight))
+        projection.bias.copy_(bias)
+
+
+def pretrain_public(public_dir: Path, foundation_dir: Path, *, epochs: int, batch_size: int,
+                    lr: float, image_size: int, seed: int = 0) -> dict:
+    """MM-DINOv2, label-free, centrally on the public cohort from a random ``Dinov2Model``
+    (``method=full``); saves the result as ``<foundation_dir>/PRETRAINED_NAME``."""
+    from client.data.dataset import StudyDataset
+    from client.data.site import load_site
+    from client.engine import Engine
+    from models.foundation.export import save_encoder
+    from models.tasks import build
+    from protocol.job import TrainConfig
+
+    save_initial_encoder(foundation_dir, seed)
+    studies = [dataclasses.replace(s, label=-1) for s in load_site(public_dir).studies]
+    data = StudyDataset(studies, image_size, augment=True)
+    torch.manual_seed(seed)
+    options = dict(weights=INIT_NAME, method="full", image_size=image_size, num_classes=3)
+    model, task = build("foundation", options, "mm_dino", dict(CENTRAL_DINO),
+                        foundation_dir=foundation_dir)
+    engine = Engine(task, torch.device("cpu"))
+    losses, start = [], time.perf_counter()
+    for epoch in range(epochs):
+        data.reseed(epoch)
+        out = engine.fit(model, data, TrainConfig(local_epochs=1, lr=lr, batch_size=batch_size,
+                                                  seed=epoch))
+        losses.append(float(out["train_loss"]))
+        logging.getLogger("bench.foundation").warning("public pretraining epoch %d/%d loss %.3f",
+                                                      epoch + 1, epochs, losses[-1])
+    backbone = model.backbone
+    write_back_patch_kernel(backbone)
+    save_encoder(backbone, foundation_dir / PRETRAINED_NAME)
+    return {"objective": "mm_dino (label-free: " + ", ".join(f"{k}={v}" for k, v in
+                                                               CENTRAL_DINO.items()) + ")",
+            "method": "full", "studies": len(studies), "epochs": epochs,
+            "batch_size": batch_size, "lr": lr, "loss_per_epoch": losses,
+            "seconds": time.perf_counter() - start, "encoder": ENCODER,
+            "saved_as": f"save_pretrained -> <foundation_dir>/{PRETRAINED_NAME}",
+            "started_from": f"transformers.Dinov2Model(Dinov2Config(**ENCODER)), seed {seed}"}
+
+
+# ---------------------------------------------------------------- one draw of sites
+def run_draw(seed: int, work: Path, foundation_dir: Path, settings: dict, arms: tuple[str, ...],
+             public: dict[str, set[str]], on_arm=None) -> dict:
+    """Synthesize the draw's sites (+ external hospital), check them against the public
+    cohort, run ``arms``; ``on_arm(result_so_far)`` after each (a stopped run keeps them)."""
+    from client.data.dataset import StudyDataset
+    from client.data.site import load_site
+    from client.runtime import label_subset
+    from medfed.synth.sites import Scenario, synthesize
+    from server.config import load_experiment
+
+    from .heterogeneity import LastRound
+    from .model_quality import centralized, federated
+
+    root = work / f"draw-{seed}"
+    synthesize(root, n_sites=SITES, seed=seed, external=True,
+               scenario=Scenario(patients=settings["patients_per_site"], label_fraction=1.0))
+    names = [f"site-{i}" for i in range(SITES)] + ["external"]
+    result = {"seed": seed, "disjoint": disjointness(
+        public, {n: cohort_keys(root / n) for n in names}), "arms": {}}
+    base = [f"data.root={root}", f"runs_dir={work / 'runs'}", f"federation.num_sites={SITES}",
+            f"federation.num_rounds={settings['rounds']}",
+            f"train.local_epochs={settings['local_epochs']}", "tracking.log_models=false",
+            f"task.options.label_fraction={settings['label_fraction']}", f"seed={seed}"]
+    foundation = ["model=foundation", f"model.options.weights={PRETRAINED_NAME}",
+                  f"model.foundation_dir={foundation_dir}",
+                  f"model.options.lora_rank={settings['lora_rank']}"]
+    overrides = {
+        "supervised_scratch": base,
+        "lora": [*base, *foundation],
+        "mm_dino": [*base, *foundation, "pretrain=mm_dino",
+                    f"pretrain.num_rounds={settings['pretrain_rounds']}",
+                    f"pretrain.local_epochs={settings['pretrain_epochs']}"],
+        "pooled": [*base, *foundation],
+        # Each site's operator budget just above the target, and a ledger of this run's own
+        # (as bench.dp_utility gives its DP rows).
+        "dp_lora": [*base, *foundation, "privacy=dpsgd",
+                    f"privacy.epsilon={settings['dp_epsilon']}",
+                    f"+federation.site_node_config={{dp-epsilon:{settings['dp_epsilon'] * 1.01},"
+                    f"dp-delta:1e-5,privacy-dir:.medfed/bench-foundation-{time.time_ns()}}}"],
+    }
+    lora_cfg = load_experiment(overrides["lora"])
+    classes = tuple(lora_cfg.task.class_names)
+    external_studies = [s for s in load_site(root / "external", classes).studies if s.label >= 0]
+    external = StudyDataset(external_studies, lora_cfg.task.image_size)
+    labelled = [label_subset(load_site(root / f"site-{i}", classes)
+                             .split("train", labelled_only=True), settings["label_fraction"])
+                for i in range(SITES)]
+    result["labelled_training_studies_per_site"] = [len(s) for s in labelled]
+    result["external_studies"] = len(external_studies)
+    for arm in arms:
+        start = time.perf_counter()
+        cfg = load_experiment(overrides[arm])
+        if arm == "pooled":
+            epochs = settings["rounds"] * settings["local_epochs"]
+            scores = centralized(cfg, [s for site in labelled for s in site], epochs, external)
+        else:
+            last = LastRound()
+            scores = federated(cfg, external, external_studies, observers=(last,))
+            scores["site_test_mcc"] = last.test.get("mcc")      # pooled site test, last round
+        result["arms"][arm] = scores | {"seconds": time.perf_counter() - start,
+                                        "overrides": [o for o in overrides[arm]
+                                                      if not o.startswith(("data.root", "runs_dir",
+                                                                           "model.foundation_dir"))],
+                                        "commit": commit()}
+        logging.getLogger("bench.foundation").warning(
+            "draw %d %-18s external MCC %.3f (%.0f s)", seed, arm, scores["external_mcc"],
+            time.perf_counter() - start)
+        if on_arm is not None:
+            on_arm(result)
+    return result
+
+
+# ---------------------------------------------------------------- summary
+def spread(values: list[float]) -> dict:
+    """Mean, min, max and the values themselves (two draws: no standard deviation claimed)."""
+    return {"mean": statistics.fmean(values), "min": min(values), "max": max(values),
+            "values": values}
+
+
+def summarize(draws: dict[int, dict]) -> dict:
+    """Top-level figures over the draws that completed every arm they need."""
+    def arm(name: str, metric: str = "external_mcc") -> list[float]:
+        return [d["arms"][name][metric] for d in draws.values()
+                if d["arms"].get(name, {}).get(metric) is not None]
+
+    out: dict = {"external_mcc": {a: spread(arm(a)) for a in ARMS if arm(a)},
+                 "site_test_mcc": {a: spread(arm(a, "site_test_mcc")) for a in ARMS
+                                   if arm(a, "site_test_mcc")}}
+    gaps = [d["arms"]["mm_dino"]["external_mcc"] - d["arms"]["supervised_scratch"]["external_mcc"]
+            for d in draws.values() if {"mm_dino", "supervised_scratch"} <= set(d["arms"])]
+    out["mm_dino_pretrained_minus_supervised_scratch"] = statistics.fmean(gaps) if gaps else None
+    out["mm_dino_minus_scratch_per_draw"] = gaps
+    mean = {a: v["mean"] for a, v in out["external_mcc"].items()}
+    test = {a: v["mean"] for a, v in out["site_test_mcc"].items()}
+
+    def ratio(a: str, b: str, of: dict = mean) -> float | None:
+        return of[a] / of[b] if a in of and b in of and of[b] > 0 else None
+
+    # DP vs non-DP on the sites' own test splits (bench.dp_utility's "test MCC"), and on the
+    # external hospital beside it.
+    out["dp_lora_over_lora_eps8"] = ratio("dp_lora", "lora", test)
+    out["dp_lora_over_lora_eps8_external"] = ratio("dp_lora", "lora")
+    out["federated_over_pooled"] = ratio("lora", "pooled")
+    out["mm_dino_over_pooled"] = ratio("mm_dino", "pooled")
+    out["lora_pretrained_minus_supervised_scratch"] = (
+        mean["lora"] - mean["supervised_scratch"]
+        if {"lora", "supervised_scratch"} <= set(mean) else None)
+    return out
+
+
+def targets_met(summary: dict) -> dict:
+    def at_least(key: str, goal: float) -> bool | None:
+        return None if summary.get(key) is None else summary[key] >= goal
+
+    return {"mm_dino_pretrained_minus_supervised_scratch":
+            at_least("mm_dino_pretrained_minus_supervised_scratch", 0.05),
+            "federated_over_pooled": at_least("federated_over_pooled", 0.9),
+            "dp_lora_over_lora_eps8": at_least("dp_lora_over_lora_eps8", 0.97)}
+
+
+__all__ = ["ARMS", "DRAW_SEEDS", "ENCODER", "PRETRAINED_NAME", "PUBLIC_SEED", "cohort_keys",
+           "disjointness", "pretrain_public", "public_cohort", "summarize", "targets_met",
+           "commit"]

@@ -1,0 +1,101 @@
+"""bench.foundation's MCC arms: the public cohort shares no patient with the sites, the
+pretrained encoder is written as a directory that gives its learned patch kernel back when
+loaded by NAME, the summary's figures, and the two halves of foundation.json merge."""
+
+import json
+
+import pytest
+import torch
+
+import bench.common
+import bench.foundation as fb
+import bench.foundation_mcc as fm
+from medfed.synth.sites import Scenario, synthesize
+from models.tasks import build
+
+TINY = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, mlp_ratio=2,
+            patch_size=8, image_size=32)
+
+
+def test_public_cohort_is_disjoint_from_the_sites_and_overlap_is_refused(tmp_path):
+    public = fm.cohort_keys(fm.public_cohort(tmp_path / "public", patients=5))
+    synthesize(tmp_path / "draw", n_sites=2, seed=0, external=True,
+               scenario=Scenario(patients=5, label_fraction=1.0))
+    sites = {n: fm.cohort_keys(tmp_path / "draw" / n) for n in ("site-0", "site-1", "external")}
+    report = fm.disjointness(public, sites)
+    assert report["public"]["patients"] >= 4 and report["public"]["studies"] >= 4
+    assert all(v == {"patients": 0, "studies": 0} for v in report["overlap_with_public"].values())
+    # the check is not vacuous: the public cohort against itself is refused
+    with pytest.raises(RuntimeError, match="shares"):
+        fm.disjointness(public, {"copy": public})
+    # the same seed as a site would give the same patients: also refused
+    same = fm.cohort_keys(fm.public_cohort(tmp_path / "same", patients=5, seed=0))
+    with pytest.raises(RuntimeError, match="site-0"):
+        fm.disjointness(same, {"site-0": sites["site-0"]})
+
+
+def test_written_back_encoder_loads_by_name_with_the_learned_patch_kernel(tmp_path, monkeypatch):
+    monkeypatch.setattr(fm, "ENCODER", TINY)
+    fm.save_initial_encoder(tmp_path)
+    options = dict(weights=fm.INIT_NAME, method="full", image_size=32, num_classes=3)
+    model, _ = build("foundation", options, "classification", {}, foundation_dir=tmp_path)
+    torch.manual_seed(1)
+    with torch.no_grad():                       # what pretraining would have learned
+        for lin in model.patch_embed:
+            lin.weight.add_(torch.randn_like(lin.weight))
+            lin.bias.add_(torch.randn_like(lin.bias))
+    learned = torch.stack([lin.weight for lin in model.patch_embed]).mean(0)
+    learned_bias = torch.stack([lin.bias for lin in model.patch_embed]).mean(0)
+    fm.write_back_patch_kernel(model)
+    from models.foundation.export import save_encoder
+
+    save_encoder(model, tmp_path / fm.PRETRAINED_NAME)
+    config = json.loads((tmp_path / fm.PRETRAINED_NAME / "config.json").read_text())
+    assert config["model_type"] == "dinov2"
+    loaded, _ = build("foundation", options | {"weights": fm.PRETRAINED_NAME}, "classification",
+                      {}, foundation_dir=tmp_path)
+    for lin in loaded.patch_embed:              # every channel starts from the learned mean
+        assert torch.allclose(lin.weight, learned, atol=1e-6)
+        assert torch.allclose(lin.bias, learned_bias, atol=1e-6)
+    fresh, _ = build("foundation", options, "classification", {}, foundation_dir=tmp_path)
+    assert not torch.allclose(fresh.patch_embed[0].weight, learned, atol=1e-3)
+
+
+def _draw(**mcc):
+    return {"arms": {a: {"external_mcc": v, "site_test_mcc": v / 2} for a, v in mcc.items()}}
+
+
+def test_summary_means_over_draws_and_refuses_ratios_to_non_positive():
+    draws = {0: _draw(supervised_scratch=0.2, lora=0.4, mm_dino=0.3, pooled=0.5, dp_lora=0.2),
+             1: _draw(supervised_scratch=0.3, lora=0.2, mm_dino=0.5, pooled=0.5, dp_lora=0.3)}
+    s = fm.summarize(draws)
+    assert s["mm_dino_pretrained_minus_supervised_scratch"] == pytest.approx(0.15)
+    assert s["mm_dino_minus_scratch_per_draw"] == pytest.approx([0.1, 0.2])
+    assert s["federated_over_pooled"] == pytest.approx(0.3 / 0.5)
+    assert s["dp_lora_over_lora_eps8"] == pytest.approx(0.125 / 0.15)     # site test MCC
+    assert s["external_mcc"]["lora"]["min"] == 0.2 and s["external_mcc"]["lora"]["max"] == 0.4
+    met = fm.targets_met(s)
+    assert met == {"mm_dino_pretrained_minus_supervised_scratch": True,
+                   "federated_over_pooled": False, "dp_lora_over_lora_eps8": False}
+    worse = fm.summarize({0: _draw(lora=-0.1, dp_lora=0.1, pooled=0.0)})
+    assert worse["dp_lora_over_lora_eps8"] is None and worse["federated_over_pooled"] is None
+    assert fm.targets_met(worse)["federated_over_pooled"] is None
+
+
+def test_each_half_keeps_the_others_keys(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench.common, "RESULTS_DIR", tmp_path)
+    monkeypatch.setattr(fb, "RESULTS_DIR", tmp_path)
+    monkeypatch.setattr(fb, "commit", lambda: "abc")
+    old = {"lora_throughput_ratio": 0.96, "modes": {}, "targets_met": {
+        "lora_throughput_ratio": True, "mm_dino_pretrained_minus_supervised_scratch": None},
+        "not_measured": {"x": "y"}, "commit": "old", "machine": "box"}
+    (tmp_path / "foundation.json").write_text(json.dumps(old))
+    payload = fb.merged("foundation", {"mm_dino_pretrained_minus_supervised_scratch": 0.1,
+                                       "mcc": {}}, "mcc")
+    assert payload["lora_throughput_ratio"] == 0.96 and payload["throughput_commit"] == "old"
+    assert payload["throughput_targets_met"] == {"lora_throughput_ratio": True}
+    assert payload["mcc_commit"] == "abc" and "not_measured" not in payload
+    bench.common.write_result("foundation", payload)
+    again = fb.merged("foundation", {"lora_throughput_ratio": 0.99, "modes": {}}, "throughput")
+    assert again["mm_dino_pretrained_minus_supervised_scratch"] == 0.1
+    assert again["lora_throughput_ratio"] == 0.99 and again["throughput_commit"] == "abc"

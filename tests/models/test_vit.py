@@ -98,7 +98,7 @@ def test_bad_configs_are_refused_with_a_reason():
         ViTConfig(spatial_dims=4)
     with pytest.raises(ValueError, match="unknown option"):
         MODELS.build("mmvit", {"depht": 2})
-    with pytest.raises(KeyError, match="registered: foundation, mmvit"):
+    with pytest.raises(KeyError, match="registered: foundation, foundation_swin, mmvit"):
         MODELS.build("resnet", {})
     with pytest.raises(ValueError, match="already registered"):
         MODELS.register("mmvit", ViTConfig)(MultiModalViT)

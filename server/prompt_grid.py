@@ -26,6 +26,7 @@ from flwr.serverapp import Grid
 
 from protocol import wire
 from protocol.packing import PackingError, pack, unpack
+from protocol.transport import OBJECT_PULL_BACKOFF
 
 log = logging.getLogger(__name__)
 REPLY_POLL = 0.2          # seconds between two pulls while replies are missing
@@ -89,10 +90,6 @@ class PromptGrid(Grid):
                 break
             time.sleep(self.poll)
         return replies
-
-
-# Retry of a reply object not on the SuperLink yet (Flower: 1 s, doubling, capped at 10 s).
-OBJECT_PULL_BACKOFF = {"initial_backoff": 0.05, "backoff_cap": 0.5}
 
 
 def prompt_grid(grid: Grid) -> Grid:

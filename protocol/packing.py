@@ -3,15 +3,18 @@
 Flower stores every ``Array`` of a message as its own object, and a SuperNode pulls (and
 pushes) each object with its own call to the SuperLink: a model of 56 tensors is about 60
 calls of ~50 ms each on a loaded 2-core coordinator, about 2 s per message and direction
-(``bench/RESULTS.md``, deploy). ``pack`` turns an ``ArrayRecord`` of several arrays into two -
-a JSON layout (key, dtype, shape per array, in order) and the concatenated raw bytes - and
-``unpack`` restores it exactly. The deployed ServerApp's grid packs what it sends and unpacks
+(``bench/RESULTS.md``, deploy). ``pack`` turns an ``ArrayRecord`` of several arrays into one
+byte array - an 8-byte little-endian length, a JSON layout of that length (key, dtype, shape
+per array, in order), then the concatenated raw bytes - and ``unpack`` restores it exactly.
+One array, not a layout array and a data array: each array is two objects on Flower's wire
+(the array and its chunk), and every object is a call to the SuperLink on each hop. The deployed ServerApp's grid packs what it sends and unpacks
 what comes back (``server.prompt_grid``); the site's ``client.mods.packing`` does the reverse.
 Simulation never packs.
 
-``unpack`` trusts nothing in the layout: plain numeric dtypes only (no object, no Python
-types), non-negative integer shapes, unique string keys, bounded counts, and the sizes must
-add up to exactly the bytes received. Nothing is ever unpickled.
+``unpack`` trusts nothing in the layout: a length that fits the bytes received, plain numeric
+dtypes only (no object, no Python types), non-negative integer shapes, unique string keys,
+bounded counts, and the sizes must add up to exactly the bytes after the layout. Nothing is
+ever unpickled.
 """
 
 from __future__ import annotations
@@ -22,8 +25,8 @@ import math
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
-LAYOUT = "packed.layout"          # uint8: UTF-8 JSON [[key, dtype, shape], ...]
-DATA = "packed.data"              # uint8: the arrays' bytes, in layout order
+PACKED = "packed"                 # uint8: length, UTF-8 JSON [[key, dtype, shape], ...], bytes
+HEADER = 8                        # bytes of the layout's length (unsigned, little-endian)
 MAX_ARRAYS = 100_000
 MAX_LAYOUT_BYTES = 16 * 2**20
 _KINDS = "biuf"                   # bool, signed, unsigned, float (no complex/object/void)
@@ -34,12 +37,12 @@ class PackingError(ValueError):
 
 
 def is_packed(record: ArrayRecord) -> bool:
-    return set(record.keys()) == {LAYOUT, DATA}
+    return list(record.keys()) == [PACKED]
 
 
 def pack(record: ArrayRecord) -> ArrayRecord:
-    """``record`` as two arrays (layout, bytes); a record of at most one array, or one
-    already packed, is returned as it is (nothing to save)."""
+    """``record`` as one byte array (layout length, layout, bytes); a record of at most one
+    array, or one already packed, is returned as it is (nothing to save)."""
     if len(record) <= 1 or is_packed(record):
         return record
     layout, blobs = [], []
@@ -49,9 +52,8 @@ def pack(record: ArrayRecord) -> ArrayRecord:
         layout.append([key, dtype.str, list(array.shape)])
         blobs.append(array.astype(dtype, copy=False).tobytes(order="C"))
     text = json.dumps(layout, separators=(",", ":")).encode()
-    data = np.frombuffer(b"".join(blobs), dtype=np.uint8)
-    return ArrayRecord({LAYOUT: Array(np.frombuffer(text, dtype=np.uint8)),
-                        DATA: Array(data)})
+    blob = b"".join([len(text).to_bytes(HEADER, "little"), text, *blobs])
+    return ArrayRecord({PACKED: Array(np.frombuffer(blob, dtype=np.uint8))})
 
 
 def unpack(record: ArrayRecord) -> ArrayRecord:
@@ -59,9 +61,15 @@ def unpack(record: ArrayRecord) -> ArrayRecord:
     that is not packed is returned as it is. Raises ``PackingError`` on anything else."""
     if not is_packed(record):
         return record
-    raw_layout, data = (_bytes(record[k]) for k in (LAYOUT, DATA))
-    if len(raw_layout) > MAX_LAYOUT_BYTES:
+    blob = _bytes(record[PACKED])
+    if len(blob) < HEADER:
+        raise PackingError("packed bytes shorter than their header")
+    length = int.from_bytes(blob[:HEADER], "little")
+    if length > MAX_LAYOUT_BYTES:
         raise PackingError("packed layout too large")
+    if HEADER + length > len(blob):
+        raise PackingError("packed layout longer than the bytes sent")
+    raw_layout, data = blob[HEADER:HEADER + length], memoryview(blob)[HEADER + length:]
     try:
         layout = json.loads(raw_layout.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
@@ -89,7 +97,7 @@ def unpack(record: ArrayRecord) -> ArrayRecord:
 def _bytes(array: Array) -> bytes:
     value = array.numpy()
     if value.dtype != np.uint8 or value.ndim != 1:
-        raise PackingError("packed parts must be 1-D uint8 arrays")
+        raise PackingError("packed bytes must be a 1-D uint8 array")
     return value.tobytes()
 
 

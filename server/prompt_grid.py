@@ -5,7 +5,8 @@ messages, then asks the SuperLink for replies and, while some are missing, sleep
 before asking again (``flwr.superlink.grid.http_grid``; no option sets it). Every message
 round of a deployed run - train, evaluate, each SecAgg+ stage - therefore ended on a 3 s
 boundary after its last reply. ``PromptGrid`` wraps that grid and does the same loop (push,
-pull until every reply is in or ``timeout`` passed) asking every ``poll`` seconds; every
+pull until every reply is in or ``timeout`` passed) asking every ``poll`` seconds (from one
+ask to the next, the time a pull took included); every
 other call goes to Flower's grid unchanged. The trade-off: one ``PullMessages`` call on the
 coordinator's own runtime port per ``poll`` while a round waits (loopback, the ServerApp
 process only), not one per site. Reply objects missing on the SuperLink when pulled are
@@ -26,6 +27,7 @@ from flwr.serverapp import Grid
 
 from protocol import wire
 from protocol.packing import PackingError, pack, unpack
+from protocol.transport import OBJECT_PULL_BACKOFF
 
 log = logging.getLogger(__name__)
 REPLY_POLL = 0.2          # seconds between two pulls while replies are missing
@@ -82,17 +84,16 @@ class PromptGrid(Grid):
         end = time.time() + (timeout if timeout is not None else 0.0)
         replies: list[Message] = []
         while timeout is None or time.time() < end:
+            asked = time.monotonic()
             got = list(self.pull_messages(missing))
             replies.extend(got)
             missing.difference_update(m.metadata.reply_to_message_id for m in got)
             if not missing:
                 break
-            time.sleep(self.poll)
+            # ``poll`` from one ask to the next: a pull that downloaded replies (0.1-0.5 s on
+            # a busy coordinator, traced) is not followed by a full ``poll`` of sleep
+            time.sleep(max(0.0, self.poll - (time.monotonic() - asked)))
         return replies
-
-
-# Retry of a reply object not on the SuperLink yet (Flower: 1 s, doubling, capped at 10 s).
-OBJECT_PULL_BACKOFF = {"initial_backoff": 0.05, "backoff_cap": 0.5}
 
 
 def prompt_grid(grid: Grid) -> Grid:

@@ -11,8 +11,10 @@ goes to the runner on its standard input, not its command line (``medfed.deploy.
 One runner per site, started with the launcher and kept (``SiteWorker``): it imports the app
 and reads the site's data once, not once per message. The launcher claims a task only while
 the runner is ready and idle, so a claimed token never waits in a pipe past Flower's
-heartbeat window. If the runner dies, the launcher starts a new one (bounded: a runner that
-dies before it is ready three times in a row stops the site). The task it was serving is
+heartbeat window. If the runner dies, the launcher starts a new one; one that has not said
+``ready`` within ``--ready-timeout`` seconds (hung in an import, a stuck file system) is
+stopped, logged and counted like one that died (bounded: three runners in a row that never get
+ready stop the site, with one line saying why). The task it was serving is
 then Flower's to settle: a task claimed but never started goes back to pending when its
 token expires (~30 s) and is claimed again (retried); one that had started is failed by the
 SuperNode when its heartbeat stops (~60 s), which sends the coordinator Flower's
@@ -64,6 +66,7 @@ class SiteWorker:
         self.command = command
         self.proc: subprocess.Popen | None = None
         self.ready = False
+        self.started = 0.0                    # time.monotonic() at start
         self.task: str | None = None          # what it is serving now ("task 4 of run 7")
         self._events = -1
         self._buffer = b""
@@ -76,6 +79,11 @@ class SiteWorker:
         finally:
             os.close(write)
         self._events = read
+        self.started = time.monotonic()
+
+    def waited(self) -> float:
+        """Seconds since it was started."""
+        return time.monotonic() - self.started
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -152,14 +160,17 @@ def acquire_client(address: str, secret: bytes, *, retry: bool = True):
         retry_invoker=make_simple_http_retry_invoker() if retry else None)
 
 
-MAX_EARLY_DEATHS = 3      # runners that die before "ready", in a row, before the site stops
+MAX_EARLY_DEATHS = 3      # runners that never get ready, in a row, before the site stops
+READY_TIMEOUT = 300.0     # seconds a runner may take to import the app before it is stopped
 
 
 def serve(address: str, allow: AllowList, *, site_id: str, secret: bytes, poll: float = 0.2,
-          egress_log: Path | None = None, command: list[str] | None = None) -> None:
+          egress_log: Path | None = None, command: list[str] | None = None,
+          ready_timeout: float = READY_TIMEOUT) -> None:
     """Claim ClientApp tasks from the SuperNode forever (``AcquireTask`` signed with the
     site's runtime ``secret``, every ``poll`` s while the runner is idle) and hand each to the
-    site's long-lived runner, restarting it if it dies (see the module docstring)."""
+    site's long-lived runner, restarting it if it dies or is not ready within
+    ``ready_timeout`` s (see the module docstring)."""
     from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
     from flwr.supercore.constant import TaskType
 
@@ -170,11 +181,17 @@ def serve(address: str, allow: AllowList, *, site_id: str, secret: bytes, poll: 
     worker.start()
     try:
         while True:
+            if worker.alive() and not worker.ready and worker.waited() > ready_timeout:
+                log.error("[%s] the site runner was not ready %.0f s after it started "
+                          "(%d of %d in a row); stopping it", site_id, worker.waited(),
+                          early_deaths + 1, MAX_EARLY_DEATHS)
+                worker.stop(grace=0)
             if not worker.alive():
                 early_deaths = 0 if worker.ready else early_deaths + 1
                 if early_deaths >= MAX_EARLY_DEATHS:
-                    raise RuntimeError(f"the site runner exited {early_deaths} times before "
-                                       "it was ready; see its lines above")
+                    raise RuntimeError(f"the site runner exited or hung {early_deaths} times "
+                                       f"before it was ready (--ready-timeout "
+                                       f"{ready_timeout:g} s); see its lines above")
                 lost = (f"; {worker.task} is left to Flower (retried if it had not started, "
                         "else failed with CLIENT_APP_CRASHED)" if worker.task else "")
                 log.error("[%s] the site runner exited (code %s)%s; starting a new one",
@@ -205,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="the secret the SuperNode's --superexec-auth-secret-file names")
     p.add_argument("--poll-interval", type=float, default=0.2,
                    help="seconds between two claims while the runner is idle (loopback)")
+    p.add_argument("--ready-timeout", type=float, default=READY_TIMEOUT,
+                   help="seconds the site runner may take to load the app before it is "
+                        "stopped and counted as failed to start")
     args = p.parse_args(argv)
     logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="%(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)     # a poll a second is not news
@@ -218,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("[%s] no app approved: every run will be refused", args.site_id)
     try:
         serve(args.runtime_api_address, allow, site_id=args.site_id, secret=secret,
-              egress_log=args.egress_log, poll=args.poll_interval)
+              egress_log=args.egress_log, poll=args.poll_interval,
+              ready_timeout=args.ready_timeout)
     except RuntimeError as err:          # the runner cannot start: one line, the site stops
         log.error("[%s] %s", args.site_id, err)
         return 1

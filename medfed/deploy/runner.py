@@ -187,7 +187,7 @@ def prompt_pulls() -> None:
 
     import flwr.supernode.runtime.run_clientapp as flwr_clientapp
 
-    from .supernode import OBJECT_PULL_BACKOFF
+    from protocol.transport import OBJECT_PULL_BACKOFF
 
     flwr_clientapp.pull_and_inflate_object_from_tree = partial(
         flwr_clientapp.pull_and_inflate_object_from_tree, **OBJECT_PULL_BACKOFF)

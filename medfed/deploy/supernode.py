@@ -4,20 +4,28 @@ Flower 1.41's SuperNode asks the SuperLink for a message, and when there is none
 3 s before asking again (``flwr.supernode.start_client_internal``: ``time.sleep(3)`` in its
 main loop; no option or environment variable sets it). Every message of a deployed round
 (train, evaluate, and each SecAgg stage) therefore waited 0-3 s at each site before the site
-even saw it. While waiting for its ClientApp's reply it polls its own state every 0.5 s.
+even saw it.
 
 A message's objects (its arrays) are downloaded after the message itself, each retried with
 Flower's backoff of 1, 2, 4 ... s (``PULL_INITIAL_BACKOFF``) while the SuperLink does not have
 it yet - which on a busy coordinator is most messages: 3 s per message measured here.
 
+While a message is in hand it waits on its own state: for the ClientApp's reply, and for a
+reply object's bytes in its object store, each check followed by a fixed ``time.sleep(0.5)``
+(local, in-process, no request to anyone). Traced on a deployed round (``bench/RESULTS.md``,
+deploy): the runner had pushed its reply 0.3-0.5 s before the SuperNode sent it on, at each
+site and every message exchange.
+
 This entry point runs Flower's own ``flower_supernode`` unchanged, with ``time`` in that one
-module replaced by a view whose ``sleep`` is capped at ``--poll-interval`` seconds (both
-waits then last at most that long) and its object download retrying after 0.05 s doubling up
-to 0.5 s (``OBJECT_PULL_BACKOFF``; only while an object is missing). Everything else (arguments, TLS, node authentication,
+module replaced by a view whose ``sleep`` is capped: Flower's 3 s idle poll at
+``--poll-interval`` seconds, its 0.5 s local waits at ``LOCAL_WAIT`` (0.05 s); its object
+download retries after 0.05 s doubling up to 0.5 s (``protocol.transport.OBJECT_PULL_BACKOFF``;
+only while an object is missing). Everything else (arguments, TLS, node authentication,
 retries, isolation) is Flower's. The trade-off: an idle site sends the SuperLink one
 ``PullMessages`` request per interval instead of one per 3 s - at 0.5 s, 2 requests/s per
 site (1,000 sites: ~2,000 requests/s of small authenticated TLS calls). ``medfed site
---poll-interval`` chooses; ``3`` is Flower's behaviour.
+--poll-interval`` chooses; ``3`` is Flower's behaviour. The local waits cost a look at the
+SuperNode's own state 20 times a second while a ClientApp works, nothing on the network.
 
     python -m medfed.deploy.supernode --poll-interval 0.5 <flower-supernode arguments>
 """
@@ -29,25 +37,31 @@ import time
 from functools import partial
 from types import SimpleNamespace
 
+from protocol.transport import OBJECT_PULL_BACKOFF
+
 FLOWER_IDLE_POLL = 3.0        # what Flower 1.41 sleeps between two empty pulls
-# Retry of an object not there yet (Flower: 1 s, doubling, capped at 10 s). Used for the
-# SuperNode's download from the SuperLink and the runner's pull from the SuperNode.
-OBJECT_PULL_BACKOFF = {"initial_backoff": 0.05, "backoff_cap": 0.5}
+LOCAL_WAIT = 0.05             # for its 0.5 s waits on its own state (reply, reply bytes)
 
 
-def capped_time(interval: float) -> SimpleNamespace:
-    """The ``time`` module with ``sleep`` capped at ``interval`` seconds."""
+def capped_time(interval: float, local_wait: float = LOCAL_WAIT) -> SimpleNamespace:
+    """The ``time`` module with ``sleep`` capped: Flower's idle poll (``FLOWER_IDLE_POLL``)
+    at ``interval`` seconds, any shorter wait (its local ones) at ``local_wait``."""
     if not 0 < interval <= FLOWER_IDLE_POLL:
         raise ValueError(f"--poll-interval must be in (0, {FLOWER_IDLE_POLL:g}] seconds, got "
                          f"{interval!r}")
+
+    def sleep(seconds: float) -> None:
+        cap = interval if seconds >= FLOWER_IDLE_POLL else local_wait
+        time.sleep(min(seconds, cap))
+
     view = SimpleNamespace(**{k: getattr(time, k) for k in dir(time) if not k.startswith("__")})
-    view.sleep = lambda seconds: time.sleep(min(seconds, interval))
+    view.sleep = sleep
     return view
 
 
 def install(interval: float) -> None:
-    """Cap the SuperNode loop's sleeps (its module's ``time``) and shorten its object-download
-    backoff; the rest of Flower is untouched."""
+    """Cap the SuperNode loop's sleeps (its module's ``time``: idle poll and local waits) and
+    shorten its object-download backoff; the rest of Flower is untouched."""
     import flwr.supernode.start_client_internal as loop
 
     loop.time = capped_time(interval)

@@ -273,6 +273,30 @@ def test_a_runner_that_dies_mid_task_is_replaced_and_the_next_task_is_served(tmp
 def test_a_runner_that_never_gets_ready_stops_the_site(tmp_path, monkeypatch):
     node = _SuperNode([], until=lambda: False)
     monkeypatch.setattr(launcher, "acquire_client", lambda *a, **k: node)
-    with pytest.raises(RuntimeError, match="exited 3 times before it was ready"):
+    with pytest.raises(RuntimeError, match="exited or hung 3 times before it was ready"):
         launcher.serve("127.0.0.1:1", AllowList(), site_id="a", secret=b"s", poll=0.05,
                        command=[sys.executable, "-c", "raise SystemExit(1)"])
+
+
+@pytest.mark.timeout(120)
+def test_a_runner_that_hangs_before_ready_is_stopped_counted_and_stops_the_site(
+        tmp_path, monkeypatch, caplog):
+    """A runner stuck in its imports never says ``ready``: without a bound the site would sit
+    there forever claiming nothing. Each one is stopped after ``ready_timeout``, logged with
+    its count, and the third in a row stops the site like three that died."""
+    node = _SuperNode([], until=lambda: False)
+    monkeypatch.setattr(launcher, "acquire_client", lambda *a, **k: node)
+    pids = tmp_path / "pids"
+    hang = f"import os, time; open({str(pids)!r}, 'a').write(f'{{os.getpid()}}\\n'); time.sleep(600)"
+    with caplog.at_level("ERROR", logger="medfed.deploy"), \
+            pytest.raises(RuntimeError, match="exited or hung 3 times before it was ready"):
+        launcher.serve("127.0.0.1:1", AllowList(), site_id="a", secret=b"s", poll=0.05,
+                       command=[sys.executable, "-c", hang], ready_timeout=1.0)
+    stopped = [r.getMessage() for r in caplog.records if "was not ready" in r.getMessage()]
+    assert [m.split("(")[1].split(" in a row")[0] for m in stopped] == \
+        ["1 of 3", "2 of 3", "3 of 3"]
+    started = pids.read_text().split()
+    assert len(started) == 3
+    for pid in started:                         # every hung runner was stopped, none left
+        with pytest.raises(ProcessLookupError):
+            os.kill(int(pid), 0)

@@ -20,6 +20,8 @@ def test_flowers_loop_still_sleeps_3_s_where_the_cap_applies():
 
     source = inspect.getsource(loop)
     assert "time.sleep(3)" in source and "import time" in source
+    # its waits on its own state (the ClientApp's reply, a reply object's bytes)
+    assert inspect.getsource(loop._push_messages).count("time.sleep(0.5)") == 2
 
 
 def test_the_capped_clock_sleeps_at_most_the_interval(monkeypatch):
@@ -27,9 +29,38 @@ def test_the_capped_clock_sleeps_at_most_the_interval(monkeypatch):
     monkeypatch.setattr(time, "sleep", slept.append)
     clock = supernode.capped_time(0.25)
     clock.sleep(3)
-    clock.sleep(0.1)
-    assert slept == [0.25, 0.1]
+    clock.sleep(0.5)
+    clock.sleep(0.01)
+    assert slept == [0.25, supernode.LOCAL_WAIT, 0.01]
     assert clock.time is time.time and clock.monotonic is time.monotonic
+
+
+def test_the_supernode_forwards_a_reply_within_the_local_wait_not_flowers_0_5_s(monkeypatch):
+    """Flower's ``_push_messages`` looks for the ClientApp's reply in the SuperNode's own
+    state and sleeps 0.5 s between looks: with the capped clock a reply that appears while
+    it sleeps is sent after ``LOCAL_WAIT``, and the idle poll keeps ``--poll-interval``."""
+    import flwr.supernode.start_client_internal as loop
+
+    monkeypatch.setattr(loop, "time", time)
+    monkeypatch.setattr(loop, "pull_objects", loop.pull_objects)
+    supernode.install(0.5)
+    slept: list[float] = []
+    monkeypatch.setattr(time, "sleep", slept.append)
+
+    class _State:                      # the reply shows up after the runner's second look
+        looks = 0
+
+        def get_messages_legacy(self, is_reply):
+            self.looks += 1
+            if self.looks == 3:
+                raise StopIteration          # "here it is": the test ends there
+            return []
+
+    with pytest.raises(StopIteration):
+        loop._push_messages(state=_State(), object_store=None, send=None, push_object=None)
+    assert slept == [supernode.LOCAL_WAIT] * 2 and max(slept) <= 0.05
+    loop.time.sleep(3)
+    assert slept[-1] == 0.5
 
 
 def test_install_caps_only_the_supernode_loop(monkeypatch):
@@ -92,3 +123,9 @@ def test_objects_are_retried_after_0_05_s_not_flowers_1_s(monkeypatch):
     assert _backoffs(flwr_clientapp.pull_and_inflate_object_from_tree) == \
         supernode.OBJECT_PULL_BACKOFF
     assert supernode.OBJECT_PULL_BACKOFF["initial_backoff"] < 0.1
+    # one setting for the ServerApp, the SuperNode and the runner (protocol.transport)
+    from protocol import transport
+    from server import prompt_grid
+
+    assert supernode.OBJECT_PULL_BACKOFF is transport.OBJECT_PULL_BACKOFF \
+        is prompt_grid.OBJECT_PULL_BACKOFF

@@ -12,7 +12,7 @@ from flwr.app.message_type import MessageType
 
 from client.mods.packing import packing_mod
 from protocol import wire
-from protocol.packing import DATA, LAYOUT, PackingError, is_packed, pack, unpack
+from protocol.packing import HEADER, PACKED, PackingError, is_packed, pack, unpack
 from server.prompt_grid import PromptGrid
 
 pytestmark = pytest.mark.usefixtures("task_identity")
@@ -29,9 +29,9 @@ def record(arrays=ARRAYS) -> ArrayRecord:
     return ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()})
 
 
-def test_a_packed_record_is_two_arrays_and_unpacks_to_the_same_bits_in_order():
+def test_a_packed_record_is_one_array_and_unpacks_to_the_same_bits_in_order():
     packed = pack(record())
-    assert list(packed.keys()) == [LAYOUT, DATA] and is_packed(packed)
+    assert list(packed.keys()) == [PACKED] and is_packed(packed)
     back = unpack(packed)
     assert list(back.keys()) == list(ARRAYS)
     for key, value in ARRAYS.items():
@@ -44,10 +44,13 @@ def test_a_packed_record_is_two_arrays_and_unpacks_to_the_same_bits_in_order():
     assert pack(packed) is packed                                    # packed once
 
 
+def _blob(blob: bytes) -> ArrayRecord:
+    return ArrayRecord({PACKED: Array(np.frombuffer(blob, np.uint8))})
+
+
 def _hostile(layout, data: bytes = b"\0" * 16, raw_layout: bytes | None = None) -> ArrayRecord:
     text = raw_layout if raw_layout is not None else json.dumps(layout).encode()
-    return ArrayRecord({LAYOUT: Array(np.frombuffer(text, np.uint8)),
-                        DATA: Array(np.frombuffer(data, np.uint8))})
+    return _blob(len(text).to_bytes(HEADER, "little") + text + data)
 
 
 @pytest.mark.parametrize("layout, why", [
@@ -75,10 +78,24 @@ def test_a_hostile_layout_is_refused(layout, why):
 def test_non_json_and_non_byte_parts_are_refused():
     with pytest.raises(PackingError):
         unpack(_hostile(None, raw_layout=b"\xff\xfe not json"))
-    wrong = ArrayRecord({LAYOUT: Array(np.zeros(3, np.float32)),
-                         DATA: Array(np.zeros(3, np.uint8))})
+    wrong = ArrayRecord({PACKED: Array(np.zeros(3, np.float32))})
     with pytest.raises(PackingError):
         unpack(wrong)
+
+
+def test_a_hostile_length_is_refused():
+    """The 8-byte length decides where the layout ends: one shorter than the header, one past
+    the end of the bytes, one that ends the layout early (the JSON is cut) and a huge one
+    are refused before any array is read."""
+    text = json.dumps([["a", "<f4", [2]], ["b", "<f4", [2]]]).encode()
+    data = b"\0" * 16
+    assert len(unpack(_blob(len(text).to_bytes(HEADER, "little") + text + data))) == 2
+    for blob in (b"\x01\x00",
+                 (len(text) + len(data) + 1).to_bytes(HEADER, "little") + text + data,
+                 (len(text) - 1).to_bytes(HEADER, "little") + text + data,
+                 (2 ** 64 - 1).to_bytes(HEADER, "little") + text + data):
+        with pytest.raises(PackingError):
+            unpack(_blob(blob))
 
 
 def _train(arrays: ArrayRecord) -> Message:

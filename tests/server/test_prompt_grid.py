@@ -44,12 +44,34 @@ class _Grid:
 def test_replies_are_collected_every_poll_not_every_3_s(monkeypatch):
     slept = []
     monkeypatch.setattr(prompt.time, "sleep", slept.append)
+    monkeypatch.setattr(prompt.time, "monotonic", lambda: 5.0)      # pulls take no time
     inner = _Grid()
     grid = prompt.PromptGrid(inner)
     replies = grid.send_and_receive([_message("a"), _message("b")], timeout=60)
     assert [r.metadata.reply_to_message_id for r in replies] == ["a", "b"]
     assert slept == [prompt.REPLY_POLL] * 2 and prompt.REPLY_POLL < 3
     assert grid.get_node_ids() == [1, 2] and grid.run == "run-7"
+
+
+def test_the_time_a_pull_took_counts_towards_the_poll(monkeypatch):
+    """A pull that downloads replies for 0.15 s is followed by 0.05 s of sleep, not 0.2 s; one
+    slower than the poll by none."""
+    now = [0.0]
+    monkeypatch.setattr(prompt.time, "monotonic", lambda: now[0])
+    slept = []
+    monkeypatch.setattr(prompt.time, "sleep", slept.append)
+    inner = _Grid()
+    took = iter([0.15, 0.5, 0.0])
+    real_pull = inner.pull_messages
+
+    def slow_pull(ids):
+        now[0] += next(took)
+        return real_pull(ids)
+
+    inner.pull_messages = slow_pull
+    replies = prompt.PromptGrid(inner, poll=0.2).send_and_receive([_message("a")], timeout=60)
+    assert len(replies) == 1
+    assert slept == [pytest.approx(0.05), 0.0]
 
 
 def test_a_timeout_still_ends_the_wait(monkeypatch):

@@ -3,8 +3,9 @@
 In a deployment the SuperNode's node config names the site and its data directory; in
 simulation Flower only gives a ``partition-id``, which maps to ``<sim-data-root>/site-<id>``.
 Loaded data is kept per process (a deployed site's runner serves every message of every run
-in one process, ``medfed.deploy.runner``), bounded in size, and read again only when a file
-of the site changed (``data_signature``).
+in one process, ``medfed.deploy.runner``; a simulated site's messages go to long-lived Ray
+actors), bounded in size, and read again only when a file of the site changed
+(``data_signature``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -143,8 +145,17 @@ class SiteDataCache:
 
     def __init__(self, max_sites: int = 16):
         self.max_sites = max_sites
+        self.token = uuid.uuid4().hex       # names this cache in the processes it is sent to
         self._sites: OrderedDict[tuple, tuple[str, tuple[SiteData, dict[str, StudyDataset]]]] \
             = OrderedDict()
+
+    def __reduce__(self):
+        # Flower's simulation sends the ClientApp, closures and all, to a Ray actor with every
+        # message (pickled per call). Unpickled there, the cache is that process's cache of
+        # this app, kept across the messages the actor serves - not a fresh, empty copy per
+        # message (which read every DICOM file of the site for each message), and never the
+        # data itself on the way.
+        return (process_cache, (self.token, self.max_sites))
 
     def get(self, site: SiteIdentity, class_names: tuple[str, ...], image_size: int,
             needs: DataNeeds = DataNeeds(), layout: Layout | None = None,
@@ -205,6 +216,26 @@ class SiteDataCache:
         splits |= {name: StudyDataset(data.split(name, labelled_only=True), image_size, **extra)
                    for name in ("val", "test")}
         return data, splits
+
+
+# The caches of the ClientApps whose messages this process served (by token), newest last.
+# At most MAX_PROCESS_CACHES apps: a process serves one app per simulation; the bound only
+# keeps a process that runs many simulations (a test session) from keeping all their data.
+_PROCESS_CACHES: OrderedDict[str, SiteDataCache] = OrderedDict()
+MAX_PROCESS_CACHES = 2
+
+
+def process_cache(token: str, max_sites: int) -> SiteDataCache:
+    """This process's :class:`SiteDataCache` named ``token`` (what a pickled cache becomes)."""
+    cache = _PROCESS_CACHES.get(token)
+    if cache is None:
+        cache = SiteDataCache(max_sites)
+        cache.token = token
+        _PROCESS_CACHES[token] = cache
+        while len(_PROCESS_CACHES) > MAX_PROCESS_CACHES:
+            _PROCESS_CACHES.popitem(last=False)
+    _PROCESS_CACHES.move_to_end(token)
+    return cache
 
 
 def label_subset(studies: list, fraction: float, *, keep_unlabelled: bool = False) -> list:

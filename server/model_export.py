@@ -51,11 +51,12 @@ class ReusedExport:
         self._key: tuple | None = None
         self._example: np.ndarray | None = None
         self._program = None                    # torch.export.ExportedProgram, loaded
+        self._module = None                     # its graph as a module, on the same tensors
         self.reused = 0                         # versions written from the template
         self.traced = 0                         # versions traced by mlflow.pytorch
 
     def close(self) -> None:
-        self._program = None
+        self._program = self._module = None
         self._dir.cleanup()
 
     @property
@@ -85,6 +86,7 @@ class ReusedExport:
             shutil.rmtree(self._template, ignore_errors=True)
         self._template, self._key, self._example = template, key, example.copy()
         self._program = torch.export.load(str(template / PT2_FILE))
+        self._module = self._program.module()
 
     def _write_reused(self, path: Path, mlflow_model, model: torch.nn.Module) -> bool:
         """The template's files with ``model``'s weights; False (nothing written) if the
@@ -103,7 +105,7 @@ class ReusedExport:
             # a probe with its own generator: the server's torch RNG is never drawn from here
             probe = torch.randn(2, *self._example.shape[1:],
                                 generator=torch.Generator().manual_seed(0))
-            if not torch.allclose(program.module()(probe), model(probe), rtol=1e-5,
+            if not torch.allclose(self._module(probe), model(probe), rtol=1e-5,
                                   atol=1e-6):
                 log.warning("the traced program with this round's weights does not score as "
                             "the model does: tracing it again")

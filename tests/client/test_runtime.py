@@ -132,3 +132,33 @@ def test_a_simulated_site_reads_its_data_once_though_each_message_ships_a_new_ap
     os.utime(dicom, ns=(dicom.stat().st_atime_ns, dicom.stat().st_mtime_ns + 10**9))
     message(3)
     assert len(reads) == 2
+
+
+def test_a_simulation_cache_keeps_every_site_its_byte_budget_allows(tiny_sites, tmp_path,
+                                                                    monkeypatch):
+    """Sites in turn (as a simulation process meets them each round): within the budget every
+    site stays read; beyond it the oldest goes, and the newest always stays."""
+    from client import runtime
+
+    sites = []
+    for i in (0, 1):
+        shutil.copytree(tiny_sites / f"site-{i}", tmp_path / f"site-{i}")
+        sites.append(resolve_site(Context(run_id=1, node_id=i, node_config={
+            wire.NODE_PARTITION_ID: i}, state=RecordDict(), run_config={}), tmp_path))
+    largest = max(runtime._image_bytes(*SiteDataCache().get(s, CLASSES, 32)) for s in sites)
+    reads = []
+    real = runtime.read_site
+    monkeypatch.setattr(runtime, "read_site", lambda *a, **k: reads.append(1) or real(*a, **k))
+
+    both = SiteDataCache(max_sites=None, max_bytes=3 * largest)
+    for site in sites * 3:
+        both.get(site, CLASSES, 32)
+    assert len(reads) == 2                   # each site read once, then served from memory
+
+    reads.clear()
+    one = SiteDataCache(max_sites=None, max_bytes=largest)
+    for site in sites * 2:
+        assert one.get(site, CLASSES, 32)[1]["train"] is not None
+    assert len(reads) == 4                   # room for one: each turn evicts the other
+    one.get(sites[1], CLASSES, 32)
+    assert len(reads) == 4                   # the newest stayed

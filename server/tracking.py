@@ -75,8 +75,7 @@ class MlflowTracker:
         # phase's model traced once (its graph is the same every round), on the writer.
         self.export = ReusedExport()
         self.writer = BackgroundWriter(run_dir, log_round=self._log_round,
-                                       register=self._register,
-                                       on_start=lambda: mlflow.start_run(run_id=self.run_id))
+                                       register=self._register)
 
     @property
     def run_id(self) -> str:

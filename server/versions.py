@@ -46,12 +46,29 @@ def register_version(cfg: ExperimentConfig, mlflow, client, run_id: str,
     # model, score the example) runs for the traced version; a reused one is checked on a
     # probe input against the model in memory instead.
     flavor = export if export is not None else mlflow.pytorch
+    # Given a run, Model.log reads the whole history of every metric of the run - one query
+    # per metric name, per-site metrics included - to copy this step's onto the model: per
+    # version, work that grows with the sites and the rounds. The writer's thread has no
+    # active run: the logged model is made here with its source run (and the run's params,
+    # as Model.log would) and linked as the run's output at this step, without that copy.
+    # (Recovery runs on the round loop's thread, whose run is active: Model.log links it.)
+    model_id = None
+    if mlflow.active_run() is None:
+        run = client.get_run(run_id)
+        model_id = mlflow.initialize_logged_model(
+            name=f"global-round-{rnd}", source_run_id=run_id,
+            experiment_id=run.info.experiment_id,
+            params={k: str(v) for k, v in run.data.params.items()}).model_id
     info = Model.log(
         artifact_path=None, name=f"global-round-{rnd}", flavor=flavor, flavor_name=FLAVOR,
         pytorch_model=exported, input_example=example, pip_requirements=_PIP_REQUIREMENTS,
-        step=rnd, metadata=metadata or None, serialization_format="pt2",
+        step=rnd, metadata=metadata or None, serialization_format="pt2", model_id=model_id,
         validate_serving_input=export is None or not export.validated,
     )
+    if model_id is not None:
+        from mlflow.entities import LoggedModelOutput
+
+        client.log_outputs(run_id, [LoggedModelOutput(model_id, step=rnd)])
     name = cfg.tracking.registered_model
     # All tags in the creating call: a version exists with its tags or not at all (its
     # weights follow; until the journal entry is gone, recovery redoes the round).

@@ -51,8 +51,15 @@ def test_later_versions_reuse_the_traced_program_and_predict_like_their_own_roun
         got = np.asarray(mlflow.pyfunc.load_model(uri).predict(x.numpy()))
         np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
         info = mlflow.models.get_model_info(uri)
+        # linked to its run (source run, the run's output at its round) by the writer itself
+        logged = mlflow.get_logged_model(info.model_id)
+        assert logged.source_run_id == tracker.run_id
+        assert mlflow.MlflowClient().get_model_version(name, tracker.versions[rnd]).run_id \
+            == tracker.run_id
         described.append((info.flavors, info.signature.to_dict(), info.saved_input_example_info,
                           info.metadata))
+    outputs = mlflow.get_run(tracker.run_id).outputs.model_outputs
+    assert sorted(o.step for o in outputs) == [1, 2, 3]
     # the rounds' models differ, so equal predictions above are each round's own weights
     assert not np.allclose(*(mlflow.pyfunc.load_model(
         f"models:/{name}/{tracker.versions[r]}").predict(x.numpy()) for r in (1, 2)))

@@ -50,10 +50,14 @@ class TimedFedAvg(FedAvg):
         super().__init__(**kwargs)
         self.rounds: list[dict] = []
         self._started = 0.0
+        self._cpu = 0.0
         self._train: dict[int, float] = {}
 
     def configure_train(self, server_round, arrays, config, grid):
-        self._started = time.perf_counter()
+        now, cpu = time.perf_counter(), time.process_time()
+        if self.rounds:     # the previous round, start to start, and this process's CPU
+            self.rounds[-1] |= {"cycle_s": now - self._started, "server_cpu_s": cpu - self._cpu}
+        self._started, self._cpu = now, cpu
         return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round, replies):
@@ -77,9 +81,10 @@ class TimedFedAvg(FedAvg):
         return out
 
 
-def make_apps(cfg: ExperimentConfig, sizes: list[SiteSize], rounds: int
+def make_apps(cfg: ExperimentConfig, sizes: list[SiteSize], rounds: int, mods=()
               ) -> tuple[ServerApp, ClientApp, TimedFedAvg]:
-    """The plain ServerApp and ClientApp for ``len(sizes)`` sites (partition i has sizes[i])."""
+    """The plain ServerApp and ClientApp for ``len(sizes)`` sites (partition i has sizes[i]);
+    ``mods``: client mods (a benchmark's own meters)."""
     shape = input_shape(cfg)
     classes = len(cfg.task.class_names)
     train_cfg = cfg.train
@@ -95,7 +100,7 @@ def make_apps(cfg: ExperimentConfig, sizes: list[SiteSize], rounds: int
                        num_rounds=rounds, timeout=cfg.federation.round_timeout,
                        train_config=ConfigRecord({"lr": float(train_cfg.lr)}))
 
-    client = ClientApp()
+    client = ClientApp(mods=list(mods))
 
     def site(context: Context) -> tuple[torch.nn.Module, SiteSize, torch.Generator]:
         pid = int(context.node_config["partition-id"])
@@ -146,7 +151,8 @@ def make_apps(cfg: ExperimentConfig, sizes: list[SiteSize], rounds: int
     return server, client, strategy
 
 
-def run_plain_flower(cfg: ExperimentConfig, sizes: list[SiteSize], rounds: int) -> list[dict]:
+def run_plain_flower(cfg: ExperimentConfig, sizes: list[SiteSize], rounds: int, mods=()
+                     ) -> list[dict]:
     """Run the plain app in Flower's simulation (MedFed's backend settings); its rounds."""
     import os
 
@@ -156,7 +162,7 @@ def run_plain_flower(cfg: ExperimentConfig, sizes: list[SiteSize], rounds: int) 
 
     offline_environment()
     torch.set_num_threads(1)
-    server, client, strategy = make_apps(cfg, sizes, rounds)
+    server, client, strategy = make_apps(cfg, sizes, rounds, mods)
     fed = cfg.federation
     run_simulation(server_app=server, client_app=client, num_supernodes=len(sizes),
                    backend_config={

@@ -13,6 +13,10 @@ rounds 2..N (round 1 starts Ray's actors and reads the sites' DICOM; reported ap
 
 ``--profile``: cProfile of the server's round loop (its thread, from round 1's training
 replies to the end), to see what grows with sites or history.
+
+Because a wall time on a shared machine moves with other processes' load, the same runs are
+also counted in CPU seconds (``bench.framework_overhead.HandlerCPU``: the server process per
+round plus every site's message handler, rounds 2..N-1): ``cpu_per_site_round_vs_flower``.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from pathlib import Path
 import psutil
 
 from bench.flower_baseline import SiteSize, run_plain_flower
+from bench.framework_overhead import HandlerCPU, cpu_and_cycles
 from medfed.simulation import simulate
 from medfed.synth.sites import synthesize
 from server.config import load_experiment
@@ -77,8 +82,11 @@ class Rounds:
         self.sizes: dict[str, SiteSize] = {}
         self.profile = profile
         self._profiler: cProfile.Profile | None = None
+        self._cpu = 0.0
 
     def on_train(self, record: RoundRecord) -> None:
+        if self.rounds and "cycle_s" not in self.rounds[-1]:   # the previous round, start
+            self.rounds[-1]["cycle_s"] = record.started - self.rounds[-1]["started"]  # to start
         if self.profile is not None and self._profiler is None:   # the server's own thread
             self._profiler = cProfile.Profile()
             self._profiler.enable()
@@ -88,9 +96,13 @@ class Rounds:
         self.sizes = {r.site_id: SiteSize(ntrain.get(r.site_id, 0),
                                           int(r.metrics.get("num-examples", 0)))
                       for r in record.evaluate}
-        self.rounds.append({"round": record.round, "wall_s": record.wall_seconds,
+        cpu, previous = time.process_time(), self._cpu   # this process, end to end of a round
+        self._cpu = cpu
+        self.rounds.append({"round": record.round, "started": record.started,
+                            "wall_s": record.wall_seconds,
                             "sites_trained": len(record.train),
-                            "sites_evaluated": len(record.evaluate)})
+                            "sites_evaluated": len(record.evaluate)}
+                           | ({"server_cpu_s": cpu - previous} if self.rounds else {}))
 
     def stop_profile(self) -> None:
         if self._profiler is not None:
@@ -114,36 +126,50 @@ def measure(n_sites: int, rounds: int, patients: int, work: Path,
                            f"federation.num_sites={n_sites}", f"federation.num_rounds={rounds}",
                            "federation.round_timeout=3600"])
     times = Rounds(profile)
+    meter = HandlerCPU(work / "handlers-medfed.tsv")
     started = time.perf_counter()
     with PeakMemory() as memory:
-        run_dir = simulate(cfg, observers=(times,))
+        run_dir = simulate(cfg, observers=(times,), client_mods=(meter,))
     times.stop_profile()
     medfed = {"wall_s": time.perf_counter() - started, "rounds": times.rounds,
               "round_wall_s": _steady(times.rounds),
               "peak_rss_all_processes_mb": memory.peak / 2**20,
               "peak_rss_server_process_mb": memory.server_peak / 2**20,
-              "run_dir_files": sorted(p.name for p in run_dir.iterdir())}
+              "run_dir_files": sorted(p.name for p in run_dir.iterdir())} \
+        | cpu_and_cycles(times.rounds, meter.per_round())
     medfed["per_site_round_s"] = medfed["round_wall_s"] / n_sites
     out = {"sites": n_sites, "rounds": rounds, "patients_per_site": patients,
            "synthesize_s": synth_s, "medfed": medfed}
     if not flower:
         return out
     sizes = [times.sizes.get(f"site-{i}", SiteSize(0, 0)) for i in range(n_sites)]
+    plain_meter = HandlerCPU(work / "handlers-flower.tsv")
     started = time.perf_counter()
     with PeakMemory() as memory:
-        plain_rounds = run_plain_flower(cfg, sizes, rounds)
+        plain_rounds = run_plain_flower(cfg, sizes, rounds, mods=(plain_meter,))
     plain = {"wall_s": time.perf_counter() - started, "rounds": plain_rounds,
              "round_wall_s": _steady(plain_rounds),
              "peak_rss_all_processes_mb": memory.peak / 2**20,
-             "peak_rss_server_process_mb": memory.server_peak / 2**20}
+             "peak_rss_server_process_mb": memory.server_peak / 2**20} \
+        | cpu_and_cycles(plain_rounds, plain_meter.per_round())
     plain["per_site_round_s"] = plain["round_wall_s"] / n_sites
     out["flower"] = plain
     out["studies_per_site"] = {"train_mean": statistics.mean(s.train for s in sizes),
                                "evaluate_mean": statistics.mean(s.evaluate for s in sizes)}
     out["per_site_cost_vs_flower"] = medfed["per_site_round_s"] / plain["per_site_round_s"]
+    if "cpu_s" in medfed and "cpu_s" in plain:       # rounds 2..N-1 exist (3 rounds or more)
+        out["cpu_per_site_round_vs_flower"] = medfed["cpu_s"] / plain["cpu_s"]
     out["first_round_vs_flower"] = medfed["rounds"][0]["wall_s"] / plain_rounds[0]["wall_s"]
     out["wall_vs_flower"] = medfed["wall_s"] / plain["wall_s"]
     return out
+
+
+def _cpu_ratio(result: dict) -> str:
+    ratio = result.get("cpu_per_site_round_vs_flower")
+    if ratio is None:
+        return "not measured (fewer than 3 rounds)"
+    return (f"{ratio:.2f}x Flower's ({result['medfed']['cpu_s']:.0f}s vs "
+            f"{result['flower']['cpu_s']:.0f}s)")
 
 
 def main() -> None:
@@ -161,6 +187,7 @@ def main() -> None:
     m, f = result["medfed"], result["flower"]
     payload = {"per_site_cost_vs_flower": result["per_site_cost_vs_flower"],
                "goal": GOAL, "goal_met": result["per_site_cost_vs_flower"] <= GOAL,
+               "cpu_per_site_round_vs_flower": result.get("cpu_per_site_round_vs_flower"),
                "wall_s": m["wall_s"], "flower_wall_s": f["wall_s"],
                "peak_rss_all_processes_mb": m["peak_rss_all_processes_mb"],
                "flower_peak_rss_all_processes_mb": f["peak_rss_all_processes_mb"],
@@ -168,7 +195,9 @@ def main() -> None:
                              "sites to the end of aggregating evaluations) / sites; MedFed / "
                              "plain Flower (same model, sites, studies per site, in one process "
                              "one after the other); memory: resident set size of this process "
-                             "and all its descendants summed, peak, sampled every 0.5 s",
+                             "and all its descendants summed, peak, sampled every 0.5 s; cpu: "
+                             "server process CPU per round + every site's handler-thread CPU, "
+                             "rounds 2..N-1, MedFed / Flower",
                "details": result}
     # other processes' load on this machine while it ran (1, 5, 15 min averages)
     payload["load_average_at_end"] = list(os.getloadavg())
@@ -189,7 +218,8 @@ def main() -> None:
             f"{m['rounds'][0]['wall_s']:.0f}s vs {f['rounds'][0]['wall_s']:.0f}s), peak memory "
             f"all processes {m['peak_rss_all_processes_mb'] / 1024:.2f} GB (Flower "
             f"{f['peak_rss_all_processes_mb'] / 1024:.2f} GB), server process "
-            f"{m['peak_rss_server_process_mb'] / 1024:.2f} GB; 5-min load average "
+            f"{m['peak_rss_server_process_mb'] / 1024:.2f} GB; CPU per round "
+            f"{_cpu_ratio(result)}; 5-min load average "
             f"{payload['load_average_at_end'][1]:.1f} at the end | `results/{path.name}` |")
     print(f"wrote {path}")
 

@@ -31,7 +31,8 @@ from .privacy.policy import admit_round, node_settings, releasable_metrics
 from .queries import (QueryLimits, SiteQueryLog, arrays_digest, state_dir,
                       suppress_small_counts)
 from .readiness import asks_for_job, job_readiness, served_layout
-from .runtime import SiteConfigError, SiteDataCache, resolve_site, site_logger
+from .runtime import (SiteConfigError, SiteDataCache, resolve_site,
+                      simulation_cache_bytes, site_logger)
 
 # Site-owned state across rounds (node context state; never sent).
 STATE_LOCAL_PARAMS = "medfed.local-params"      # FedBN-style parameters kept at the site
@@ -101,7 +102,11 @@ def make_client_app(*, sim_data_root: Path | None = None, sim_train_sites: int |
     # packed on the way out (the same arrays, one object on the wire: protocol.packing).
     app = ClientApp(mods=[generic_errors_mod, packing_mod, require_secagg_mod(site_settings),
                           *mods, secagg_mod, site_dp_clipping_mod])
-    cache = SiteDataCache()
+    # A deployed site's runner serves one site: a few entries (tasks). A simulation process
+    # serves any of the simulated sites, one after the other, each round: every site it
+    # meets, within a memory budget (an LRU of a few would miss every time at 40 sites).
+    cache = SiteDataCache(max_sites=None, max_bytes=simulation_cache_bytes()) \
+        if sim_data_root is not None else SiteDataCache()
 
     def prepare(msg: Message, context: Context, *, training: bool = False):
         site = resolve_site(context, sim_data_root, sim_train_sites)

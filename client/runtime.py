@@ -3,8 +3,9 @@
 In a deployment the SuperNode's node config names the site and its data directory; in
 simulation Flower only gives a ``partition-id``, which maps to ``<sim-data-root>/site-<id>``.
 Loaded data is kept per process (a deployed site's runner serves every message of every run
-in one process, ``medfed.deploy.runner``), bounded in size, and read again only when a file
-of the site changed (``data_signature``).
+in one process, ``medfed.deploy.runner``; a simulated site's messages go to long-lived Ray
+actors), bounded in size, and read again only when a file of the site changed
+(``data_signature``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -112,19 +114,21 @@ def data_signature(site: SiteIdentity) -> str:
     the site's state folder and hidden top-level folders (MedFed's own files, written every
     message). Touching, rewriting, adding or removing a file changes it; a ``stat`` per
     file, no file is opened."""
-    root = Path(site.data_dir)
-    skip = {Path(site.state_dir).resolve()} if site.state_dir is not None else set()
+    # os.walk and plain strings: a few thousand files are stat-ed for every message, and
+    # pathlib's per-file objects cost more than the stat calls.
+    root = str(site.data_dir)
+    skip = os.path.realpath(site.state_dir) if site.state_dir is not None else None
     h = hashlib.sha256()
     for folder, dirs, files in os.walk(root):
-        here = Path(folder)
-        dirs[:] = sorted(d for d in dirs if (here / d).resolve() not in skip
-                         and not (here == root and d.startswith(".")))
+        dirs[:] = sorted(d for d in dirs if not (folder == root and d.startswith("."))
+                         and os.path.realpath(os.path.join(folder, d)) != skip)
+        prefix = os.path.relpath(folder, root)
         for name in sorted(files):
             try:
-                st = (here / name).stat()
+                st = os.stat(os.path.join(folder, name))
             except OSError:              # a dangling link, a file removed meanwhile
                 continue
-            rel = str((here / name).relative_to(root))
+            rel = name if prefix == "." else os.path.join(prefix, name)
             h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\0"
                      f"{st.st_ino}\n".encode("utf-8", "surrogateescape"))
     return h.hexdigest()
@@ -141,10 +145,29 @@ class SiteDataCache:
     changed, added or removed file makes the next message read the site again.
     """
 
-    def __init__(self, max_sites: int = 16):
-        self.max_sites = max_sites
+    def __init__(self, max_sites: int | None = 16, max_bytes: int | None = None):
+        self.max_sites = max_sites          # None: as many as ``max_bytes`` allows
+        self.max_bytes = max_bytes          # None: no bound on the entries' image bytes
+        self.token = uuid.uuid4().hex       # names this cache in the processes it is sent to
         self._sites: OrderedDict[tuple, tuple[str, tuple[SiteData, dict[str, StudyDataset]]]] \
             = OrderedDict()
+        self._bytes: dict[tuple, int] = {}
+
+    def __reduce__(self):
+        # Flower's simulation sends the ClientApp, closures and all, to a Ray actor with every
+        # message (pickled per call). Unpickled there, the cache is that process's cache of
+        # this app, kept across the messages the actor serves - not a fresh, empty copy per
+        # message (which read every DICOM file of the site for each message), and never the
+        # data itself on the way.
+        return (process_cache, (self.token, self.max_sites, self.max_bytes))
+
+    def _evict(self) -> None:
+        """Oldest entries out until within both bounds (the newest always stays)."""
+        while len(self._sites) > 1 and (
+                (self.max_sites is not None and len(self._sites) > self.max_sites)
+                or (self.max_bytes is not None and sum(self._bytes.values()) > self.max_bytes)):
+            key, _ = self._sites.popitem(last=False)
+            self._bytes.pop(key, None)
 
     def get(self, site: SiteIdentity, class_names: tuple[str, ...], image_size: int,
             needs: DataNeeds = DataNeeds(), layout: Layout | None = None,
@@ -171,9 +194,9 @@ class SiteDataCache:
             # signature taken before the read: a file changed during it is read again next time
             self._sites[key] = (signature, self._load(site, tuple(class_names), image_size,
                                                       needs, layout))
-            while len(self._sites) > self.max_sites:
-                self._sites.popitem(last=False)
+            self._bytes[key] = _image_bytes(*self._sites[key][1])
         self._sites.move_to_end(key)
+        self._evict()
         return self._sites[key][1]
 
     @staticmethod
@@ -205,6 +228,44 @@ class SiteDataCache:
         splits |= {name: StudyDataset(data.split(name, labelled_only=True), image_size, **extra)
                    for name in ("val", "test")}
         return data, splits
+
+
+def _image_bytes(data: SiteData, splits: dict[str, StudyDataset]) -> int:
+    """The bytes of a cache entry's pixels: the decoded studies and the prepared images held
+    in memory (a deployed site's prepared images on disk, ``client.data.rows``, not)."""
+    decoded = sum(a.nbytes for s in data.studies for a in s.images.values())
+    decoded += sum(s.mask.nbytes for s in data.studies if s.mask is not None)
+    prepared = sum(image.numel() * image.element_size() for split in splits.values()
+                   for image, _, _ in split.items if image is not None)
+    return decoded + prepared
+
+
+def simulation_cache_bytes(processes: int | None = None) -> int:
+    """A simulated site process's data budget: a quarter of the machine's memory shared by one
+    process per core (Flower's simulation starts up to one actor per CPU)."""
+    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return total // (4 * max(processes or os.cpu_count() or 1, 1))
+
+
+# The caches of the ClientApps whose messages this process served (by token), newest last.
+# At most MAX_PROCESS_CACHES apps: a process serves one app per simulation; the bound only
+# keeps a process that runs many simulations (a test session) from keeping all their data.
+_PROCESS_CACHES: OrderedDict[str, SiteDataCache] = OrderedDict()
+MAX_PROCESS_CACHES = 2
+
+
+def process_cache(token: str, max_sites: int | None, max_bytes: int | None = None
+                  ) -> SiteDataCache:
+    """This process's :class:`SiteDataCache` named ``token`` (what a pickled cache becomes)."""
+    cache = _PROCESS_CACHES.get(token)
+    if cache is None:
+        cache = SiteDataCache(max_sites, max_bytes)
+        cache.token = token
+        _PROCESS_CACHES[token] = cache
+        while len(_PROCESS_CACHES) > MAX_PROCESS_CACHES:
+            _PROCESS_CACHES.popitem(last=False)
+    _PROCESS_CACHES.move_to_end(token)
+    return cache
 
 
 def label_subset(studies: list, fraction: float, *, keep_unlabelled: bool = False) -> list:

@@ -24,6 +24,7 @@ from strategies.pooling import pool
 
 from .checkpoint import CheckpointError, arrays_digest, round_arrays
 from .config import ExperimentConfig
+from .model_export import ReusedExport
 from .registration import BackgroundWriter, RoundWrites, recover
 from .versions import register_version
 
@@ -70,10 +71,11 @@ class MlflowTracker:
         self.ingest_logged: set[str] = set()
         self.privacy_rounds: list[dict] = []      # the privacy report, one entry per round
         self._round: RoundWrites | None = None    # this round's writes, until its end
-        # The registry's slow part (export, upload, registration) off the round loop.
+        # The registry's slow part (export, upload, registration) off the round loop; the
+        # phase's model traced once (its graph is the same every round), on the writer.
+        self.export = ReusedExport()
         self.writer = BackgroundWriter(run_dir, log_round=self._log_round,
-                                       register=self._register,
-                                       on_start=lambda: mlflow.start_run(run_id=self.run_id))
+                                       register=self._register)
 
     @property
     def run_id(self) -> str:
@@ -224,7 +226,8 @@ class MlflowTracker:
             self.client.log_dict(self.run_id, content, path)
 
     def _register(self, writes: RoundWrites) -> str:
-        return register_version(self.cfg, self.mlflow, self.client, self.run_id, writes)
+        return register_version(self.cfg, self.mlflow, self.client, self.run_id, writes,
+                                self.export)
 
     def latest_version(self) -> str | None:
         """The newest version this phase registered (also when resumed after its last round);
@@ -283,6 +286,7 @@ class MlflowTracker:
             error, status = err, "FAILED"
         finally:
             self.writer.close()
+            self.export.close()
         self.mlflow.log_text(summary, "summary.txt")
         if self.cfg.privacy.mechanism != "none":
             report = {"mechanism": self.cfg.privacy.mechanism,

@@ -19,6 +19,7 @@ from protocol.layout import Layout
 from protocol.serving import ServingSpec
 
 from .config import ExperimentConfig
+from .model_export import FLAVOR, ReusedExport
 from .registration import RoundWrites
 
 log = logging.getLogger(__name__)
@@ -28,19 +29,46 @@ _PIP_REQUIREMENTS = [f"torch=={torch.__version__.split('+')[0]}", "einops", "num
 
 
 def register_version(cfg: ExperimentConfig, mlflow, client, run_id: str,
-                     writes: RoundWrites) -> str:
+                     writes: RoundWrites, export: ReusedExport | None = None) -> str:
     """Export, log and register one global model as a version (on the writer's thread):
-    its files first, then the version with all its tags in one call."""
+    its files first, then the version with all its tags in one call. ``export``: the
+    phase's traced program, reused for its later rounds (``server/model_export.py``)."""
+    from mlflow.models import Model
+
     model, rnd, multi_label = writes.model, writes.round, writes.multi_label
     exported = servable(model, multi_label=multi_label).eval()
     # Batch of 2 so torch.export keeps the batch dimension dynamic (pt2 format).
     example = np.zeros((2, *exported.input_shape), dtype=np.float32)
     serving = _serving_spec(cfg, exported, multi_label=multi_label)
     metadata = (_model_metadata(model) or {}) | (serving.to_metadata() if serving else {})
-    info = mlflow.pytorch.log_model(
-        exported, name=f"global-round-{rnd}", input_example=example,
-        pip_requirements=_PIP_REQUIREMENTS, step=rnd, metadata=metadata or None,
+    # mlflow.pytorch.log_model is Model.log with the mlflow.pytorch flavor; ReusedExport is
+    # that flavor tracing once per phase. MLflow's serving-input validation (load the saved
+    # model, score the example) runs for the traced version; a reused one is checked on a
+    # probe input against the model in memory instead.
+    flavor = export if export is not None else mlflow.pytorch
+    # Given a run, Model.log reads the whole history of every metric of the run - one query
+    # per metric name, per-site metrics included - to copy this step's onto the model: per
+    # version, work that grows with the sites and the rounds. The writer's thread has no
+    # active run: the logged model is made here with its source run (and the run's params,
+    # as Model.log would) and linked as the run's output at this step, without that copy.
+    # (Recovery runs on the round loop's thread, whose run is active: Model.log links it.)
+    model_id = None
+    if mlflow.active_run() is None:
+        run = client.get_run(run_id)
+        model_id = mlflow.initialize_logged_model(
+            name=f"global-round-{rnd}", source_run_id=run_id,
+            experiment_id=run.info.experiment_id,
+            params={k: str(v) for k, v in run.data.params.items()}).model_id
+    info = Model.log(
+        artifact_path=None, name=f"global-round-{rnd}", flavor=flavor, flavor_name=FLAVOR,
+        pytorch_model=exported, input_example=example, pip_requirements=_PIP_REQUIREMENTS,
+        step=rnd, metadata=metadata or None, serialization_format="pt2", model_id=model_id,
+        validate_serving_input=export is None or not export.validated,
     )
+    if model_id is not None:
+        from mlflow.entities import LoggedModelOutput
+
+        client.log_outputs(run_id, [LoggedModelOutput(model_id, step=rnd)])
     name = cfg.tracking.registered_model
     # All tags in the creating call: a version exists with its tags or not at all (its
     # weights follow; until the journal entry is gone, recovery redoes the round).

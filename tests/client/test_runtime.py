@@ -4,6 +4,7 @@ served each other's data (BUG 5: masks and the report tokenizer were not in the 
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import pytest
@@ -67,10 +68,10 @@ def test_image_size_class_names_and_label_fraction_are_part_of_the_key(site):
     assert 0 < len(fewer["train"]) < len(base["train"])
 
 
-def _train_message(overrides: list[str]) -> Message:
-    """A round-1 train request as the server sends it, with the task's initial weights."""
+def _train_message(overrides: list[str], server_round: int = 1) -> Message:
+    """A train request as the server sends it, with the task's initial weights."""
     record = job_config(load_experiment(overrides))
-    record[wire.SERVER_ROUND] = 1
+    record[wire.SERVER_ROUND] = server_round
     model, _ = decode_job(record, site_seed=0).build()
     content = RecordDict({wire.CONFIG: record, wire.ARRAYS: ArrayRecord(model.state_dict())})
     return Message(content, dst_node_id=7, message_type=MessageType.TRAIN)
@@ -91,3 +92,73 @@ def test_one_client_app_trains_a_classifier_then_a_segmenter_on_the_same_site(
     n = reply.content[wire.METRICS][wire.NUM_EXAMPLES]
     assert n == len(splits["train"]) == sum(
         s.mask is not None for s in data.split("train", labelled_only=True))
+
+
+def test_a_simulated_site_reads_its_data_once_though_each_message_ships_a_new_app_copy(
+        tiny_sites, tmp_path, monkeypatch, task_identity):
+    """Flower's Ray backend pickles the ClientApp (closures and all) into the actor with every
+    message; the copy's data cache is the actor process's cache of that app, so the second
+    message reads no DICOM file (counted) - and a changed file is read again."""
+    from ray import cloudpickle
+
+    from client import runtime
+
+    shutil.copytree(tiny_sites / "site-0", tmp_path / "site-0")
+    reads = []
+
+    def counted(*args, **kwargs):
+        reads.append(1)
+        return real(*args, **kwargs)
+
+    real = runtime.read_site
+    monkeypatch.setattr(runtime, "read_site", counted)
+    app = make_client_app(sim_data_root=tmp_path)
+    context = Context(run_id=1, node_id=7, node_config={wire.NODE_PARTITION_ID: 0},
+                      state=RecordDict(), run_config={})
+    small = ["model=mmvit_tiny", "task.image_size=32", "train.local_epochs=1",
+             "train.batch_size=8"]
+
+    def message(server_round: int) -> Message:
+        shipped = cloudpickle.loads(cloudpickle.dumps(app))     # as Ray ships it per message
+        reply = shipped(_train_message(small, server_round), context)
+        assert not reply.has_error(), reply.error
+        return reply
+
+    message(1)
+    message(2)
+    assert len(reads) == 1
+    dicom = next(p for p in sorted((tmp_path / "site-0").rglob("*")) if p.is_file()
+                 and p.suffix == ".dcm")
+    os.utime(dicom, ns=(dicom.stat().st_atime_ns, dicom.stat().st_mtime_ns + 10**9))
+    message(3)
+    assert len(reads) == 2
+
+
+def test_a_simulation_cache_keeps_every_site_its_byte_budget_allows(tiny_sites, tmp_path,
+                                                                    monkeypatch):
+    """Sites in turn (as a simulation process meets them each round): within the budget every
+    site stays read; beyond it the oldest goes, and the newest always stays."""
+    from client import runtime
+
+    sites = []
+    for i in (0, 1):
+        shutil.copytree(tiny_sites / f"site-{i}", tmp_path / f"site-{i}")
+        sites.append(resolve_site(Context(run_id=1, node_id=i, node_config={
+            wire.NODE_PARTITION_ID: i}, state=RecordDict(), run_config={}), tmp_path))
+    largest = max(runtime._image_bytes(*SiteDataCache().get(s, CLASSES, 32)) for s in sites)
+    reads = []
+    real = runtime.read_site
+    monkeypatch.setattr(runtime, "read_site", lambda *a, **k: reads.append(1) or real(*a, **k))
+
+    both = SiteDataCache(max_sites=None, max_bytes=3 * largest)
+    for site in sites * 3:
+        both.get(site, CLASSES, 32)
+    assert len(reads) == 2                   # each site read once, then served from memory
+
+    reads.clear()
+    one = SiteDataCache(max_sites=None, max_bytes=largest)
+    for site in sites * 2:
+        assert one.get(site, CLASSES, 32)[1]["train"] is not None
+    assert len(reads) == 4                   # room for one: each turn evicts the other
+    one.get(sites[1], CLASSES, 32)
+    assert len(reads) == 4                   # the newest stayed

@@ -1,0 +1,123 @@
+"""A phase's global model registered every round without tracing the same graph every round.
+
+``mlflow.pytorch`` saves a ``pt2`` model by tracing it with ``torch.export`` - about a second
+of server CPU per round for the demo's ViT, on the cores the sites train on - and then, by
+default, loads the saved model again and scores the input example with it ("serving input
+validation"). Within a phase the global model's graph is the same every round: the same
+architecture, the same wrapper; only its weights change. :class:`ReusedExport` is the flavor
+``Model.log`` saves with: the first time, ``mlflow.pytorch.save_model`` itself (and MLflow's
+validation); after that the same files, with the new weights written into the program traced
+then. A version is made that way only when
+
+- the model's state (keys, shapes, dtypes), its wrapper class and the input example are the
+  traced one's, and
+- the program with the new weights scores a probe input exactly as the model in memory does;
+
+otherwise it is traced again (and that becomes the template). What is reused is counted
+(``reused``), never silent.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+PT2_FILE = Path("data") / "model.pt2"      # mlflow.pytorch's place for a pt2 program
+MLMODEL = "MLmodel"
+FLAVOR = "mlflow.pytorch"                  # what the logged model records as its flavor
+
+
+def _structure(model: torch.nn.Module) -> tuple:
+    """What the traced graph depends on besides the weights' values."""
+    state = model.state_dict()
+    return (type(model).__qualname__, tuple(getattr(model, "input_shape", ())),
+            tuple((k, tuple(v.shape), v.dtype) for k, v in state.items()))
+
+
+class ReusedExport:
+    """An MLflow flavor (``Model.log(flavor=...)``) for one phase's global models: traced
+    once, then written with each round's weights (module docstring). One writer thread."""
+
+    def __init__(self):
+        self._dir = tempfile.TemporaryDirectory(prefix="medfed-export-")
+        self._template: Path | None = None
+        self._key: tuple | None = None
+        self._example: np.ndarray | None = None
+        self._program = None                    # torch.export.ExportedProgram, loaded
+        self._module = None                     # its graph as a module, on the same tensors
+        self.reused = 0                         # versions written from the template
+        self.traced = 0                         # versions traced by mlflow.pytorch
+
+    def close(self) -> None:
+        self._program = self._module = None
+        self._dir.cleanup()
+
+    @property
+    def validated(self) -> bool:
+        """Whether a version of this phase was traced and validated by MLflow already."""
+        return self._template is not None
+
+    def save_model(self, path, mlflow_model, pytorch_model, input_example=None, **kwargs):
+        """``Model.log``'s call: save ``pytorch_model`` as a pt2 MLflow model in ``path``."""
+        import mlflow
+
+        key = _structure(pytorch_model)
+        if self._template is not None and key == self._key and input_example is not None \
+                and np.array_equal(np.asarray(input_example), self._example) \
+                and self._write_reused(Path(path), mlflow_model, pytorch_model):
+            self.reused += 1
+            return
+        mlflow.pytorch.save_model(pytorch_model, path, mlflow_model=mlflow_model,
+                                  input_example=input_example, **kwargs)
+        self.traced += 1
+        self._remember(Path(path), key, np.asarray(input_example))
+
+    def _remember(self, path: Path, key: tuple, example: np.ndarray) -> None:
+        template = Path(self._dir.name) / f"template-{self.traced}"
+        shutil.copytree(path, template)
+        if self._template is not None:
+            shutil.rmtree(self._template, ignore_errors=True)
+        self._template, self._key, self._example = template, key, example.copy()
+        self._program = torch.export.load(str(template / PT2_FILE))
+        self._module = self._program.module()
+
+    def _write_reused(self, path: Path, mlflow_model, model: torch.nn.Module) -> bool:
+        """The template's files with ``model``'s weights; False (nothing written) if the
+        program with them does not score the probe as ``model`` does."""
+        from mlflow.models import Model
+        from mlflow.utils.file_utils import get_total_file_size
+
+        program, state = self._program, model.state_dict()
+        weights = dict(program.state_dict) | {k: v for k, v in program.constants.items()
+                                               if k in state}
+        if set(weights) != set(state):
+            return False
+        with torch.no_grad():
+            for k, v in weights.items():
+                v.copy_(state[k])
+            # a probe with its own generator: the server's torch RNG is never drawn from here
+            probe = torch.randn(2, *self._example.shape[1:],
+                                generator=torch.Generator().manual_seed(0))
+            if not torch.allclose(self._module(probe), model(probe), rtol=1e-5,
+                                  atol=1e-6):
+                log.warning("the traced program with this round's weights does not score as "
+                            "the model does: tracing it again")
+                return False
+        shutil.copytree(self._template, path, dirs_exist_ok=True,
+                        ignore=lambda folder, names: [n for n in names if n in (MLMODEL,
+                                                                                 "model.pt2")])
+        torch.export.save(program, str(path / PT2_FILE))
+        template = Model.load(str(self._template / MLMODEL))
+        mlflow_model.flavors = template.flavors
+        mlflow_model.signature = template.signature
+        mlflow_model.saved_input_example_info = template.saved_input_example_info
+        mlflow_model.model_size_bytes = get_total_file_size(str(path)) or None
+        mlflow_model.save(str(path / MLMODEL))
+        return True

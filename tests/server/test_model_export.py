@@ -1,0 +1,71 @@
+"""A phase's model versions after the first are written from the program traced for the first
+(``server/model_export.py``): each still predicts exactly like its own round's model, and
+carries the same MLmodel description as a traced one."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord
+
+from models.tasks import build
+from server.config import load_experiment
+from strategies.observed import RoundRecord, SiteReply
+
+
+def _model(cfg, seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model, _ = build(cfg.model.name, cfg.model_options(), cfg.task.name, cfg.task_options())
+    return model.eval()
+
+
+def test_later_versions_reuse_the_traced_program_and_predict_like_their_own_round(tmp_path):
+    import mlflow
+
+    from server.tracking import MlflowTracker
+
+    cfg = load_experiment(["model=mmvit_tiny", "task.image_size=32", "federation=sim2",
+                           "tracking.log_models=true", f"runs_dir={tmp_path / 'runs'}",
+                           "name=reuse"])
+    models = {rnd: _model(cfg, seed) for rnd, seed in ((1, 0), (2, 1), (3, 2))}
+    tracker = MlflowTracker(cfg, tmp_path)
+    try:
+        for rnd, model in models.items():
+            tracker.on_train(RoundRecord(round=rnd, train=[SiteReply("site-0", 1, {})],
+                                         arrays=ArrayRecord(model.state_dict())))
+            tracker.on_round_end(RoundRecord(round=rnd))
+        tracker.latest_version()
+        assert (tracker.export.traced, tracker.export.reused) == (1, 2)
+    finally:
+        tracker.finish("")
+        mlflow.end_run()
+    mlflow.set_tracking_uri(tracker.uri)
+    name = cfg.tracking.registered_model
+    x = torch.randn(3, *_shape(models[1]),
+                    generator=torch.Generator().manual_seed(3))
+    described = []
+    for rnd, model in models.items():
+        uri = f"models:/{name}/{tracker.versions[rnd]}"
+        with torch.no_grad():
+            expected = model(x, x.flatten(2).abs().amax(-1) > 0).softmax(-1).numpy()
+        got = np.asarray(mlflow.pyfunc.load_model(uri).predict(x.numpy()))
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
+        info = mlflow.models.get_model_info(uri)
+        # linked to its run (source run, the run's output at its round) by the writer itself
+        logged = mlflow.get_logged_model(info.model_id)
+        assert logged.source_run_id == tracker.run_id
+        assert mlflow.MlflowClient().get_model_version(name, tracker.versions[rnd]).run_id \
+            == tracker.run_id
+        described.append((info.flavors, info.signature.to_dict(), info.saved_input_example_info,
+                          info.metadata))
+    outputs = mlflow.get_run(tracker.run_id).outputs.model_outputs
+    assert sorted(o.step for o in outputs) == [1, 2, 3]
+    # the rounds' models differ, so equal predictions above are each round's own weights
+    assert not np.allclose(*(mlflow.pyfunc.load_model(
+        f"models:/{name}/{tracker.versions[r]}").predict(x.numpy()) for r in (1, 2)))
+    assert described[1] == described[0] and described[2] == described[0]
+
+
+def _shape(model) -> tuple[int, ...]:
+    c = model.config
+    return (c.num_sequences, *([c.img_size] * c.spatial_dims))

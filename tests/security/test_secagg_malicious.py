@@ -20,7 +20,7 @@ from protocol.secagg_crypto import (InvalidShare, agree, decrypt, encrypt, expan
                                       generate_private_key, load_private, public_bytes,
                                       recover_secret, share_secret)
 from protocol.secagg_encoding import Encoding, decode
-from protocol.secagg_identity import Registry, sign, simulation_key
+from protocol.secagg_identity import Registry, RunSession, sign, simulation_key
 from protocol.secagg_protocol import (Advert, advert_statement, graph_seed, neighbours,
                                         pairwise_sign)
 from tests.strategies.secagg_sites import RUN, make_sites
@@ -70,14 +70,18 @@ def _graph(adverts: dict[int, Advert], degree: int) -> dict[int, list[int]]:
 # ------------------------------------------------------------------ (a) invented neighbours
 class Impostor:
     """A participant the server made up: its X25519 keys and an identity key of its own,
-    under a registered site's name."""
+    under a registered site's name; it follows the protocol with that key (a run session the
+    key endorses, round keys signed by the session)."""
 
     def __init__(self, node: int, site: str, key: ec.EllipticCurvePrivateKey | None = None):
         self.node, self.enc, self.mask = node, generate_private_key(), generate_private_key()
         self.key = key or ec.generate_private_key(ec.SECP384R1())
+        session = RunSession()
+        session.start(run=RUN, site=site, identity_key=self.key)
         unsigned = Advert(public_bytes(self.enc), public_bytes(self.mask), site)
         self.advert = Advert(unsigned.pk_enc, unsigned.pk_mask, site,
-                             sign(self.key, advert_statement(RUN, ROUND, node, unsigned)))
+                             session.sign(advert_statement(RUN, ROUND, node, unsigned)),
+                             session.public, session.endorsement)
 
     def open(self, ct: bytes, sender: int, sender_pk_enc: bytes) -> tuple[bytes, bytes]:
         key = agree(self.enc, sender_pk_enc, purpose="encryption", round_=ROUND, a=self.node,

@@ -9,6 +9,7 @@ server is written here, from the protocol's public functions, free to lie.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 
 import numpy as np
@@ -150,12 +151,11 @@ def test_control_registered_accomplices_do_recover_the_update():
 
 def test_a_forged_neighbour_key_is_rejected():
     """The server swaps one honest site's round key for its own but keeps that site's
-    signature (or re-signs with a key of its own): every peer rejects it."""
+    signature, session key and endorsement: every peer rejects it."""
     sites = make_sites([1, 2, 3, 4, 5], ROUND, ENC)
     adverts = _adverts(sites)
     swapped = dict(adverts)
-    swapped[2] = Advert(public_bytes(generate_private_key()), adverts[2].pk_mask,
-                        adverts[2].site, adverts[2].signature)
+    swapped[2] = dataclasses.replace(adverts[2], pk_enc=public_bytes(generate_private_key()))
     graph = _graph(swapped, degree=4)
     for i in (1, 3, 4, 5):
         with pytest.raises(SecAggRefused, match="secagg-forged-key: participant 2 presents"):

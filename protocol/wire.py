@@ -155,6 +155,9 @@ NODE_DP_MIN_NOISE = "dp-min-noise-multiplier"      # refuse rounds with a smalle
 NODE_DP_MAX_STEPS = "dp-max-steps-per-round"       # refuse DP-SGD rounds of more steps
 NODE_DP_TRUST_SERVER = "dp-trust-server"  # default false: refuse site-dp rounds whose noise the
                                           # server adds (privacy.noise=server)
+NODE_DP_MAX_ASSUMED_SITES = "dp-max-assumed-sites"  # distributed site-dp: refuse rounds whose
+                                          # noise share assumes more honest contributors
+                                          # (privacy.min_contributors) than this site relies on
 ROLE_TRAIN = "train"
 ROLE_EXTERNAL = "external"
 ROLES = (ROLE_TRAIN, ROLE_EXTERNAL)

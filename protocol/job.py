@@ -101,8 +101,11 @@ class PrivacySettings:
                                           # nothing) or "server" (the server adds Gaussian
                                           # noise to the sum: sites must trust it)
     min_contributors: int | None = None   # site-dp distributed: each share assumes only this
-                                          # many contributors (sites refuse smaller sums);
-                                          # None: every site of the federation
+                                          # many contributors (sites refuse smaller sums).
+                                          # None in an experiment: the server's config fills
+                                          # in federation.num_sites before the spec is sent;
+                                          # None/0 arriving at a site: m = 1 (its own share
+                                          # carries the whole noise)
 
     def __post_init__(self):
         self.check()

@@ -3,7 +3,9 @@
 Stages (each one request to every site and its replies; the Flower workflow only moves them):
 
 0. setup       - each site sends two X25519 public keys (encryption, masking), its registered
-                 site id and, in the malicious-secure mode, its identity signature over them.
+                 site id and, in the malicious-secure mode, its signature over them by its
+                 run's session key, with that key's endorsement by its identity key
+                 (``protocol.secagg_identity.RunSession``).
 1. share-keys  - each site receives every participant's signed keys, checks them against the
                  federation's registration list, computes the neighbour graph itself from the
                  public seed (``graph_seed``) and returns, per neighbour, an AES-GCM ciphertext
@@ -52,7 +54,9 @@ class Advert:
     pk_enc: bytes
     pk_mask: bytes
     site: str = ""                    # registered site id
-    signature: bytes = b""            # identity signature of ``advert_statement`` (or empty)
+    signature: bytes = b""            # session signature of ``advert_statement`` (or empty)
+    session: bytes = b""              # the site's session key for this run (P-256, compressed)
+    endorsement: bytes = b""          # its identity signature of that key for this run
 
 
 def advert_statement(run: int, round_: int, node: int, advert: Advert) -> bytes:

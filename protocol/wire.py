@@ -64,7 +64,11 @@ SECAGG_CONSISTENCY = "consistency"  # malicious-secure mode: survivors sign the 
 SECAGG_ROUND = "secagg-round"
 SECAGG_AUTHENTICATED = "secagg-authenticated"  # setup: true = malicious-secure (signed) mode
 SECAGG_SITE_ID = "secagg-site-id"    # setup reply: the registered site id (str)
-SECAGG_SIGNATURE = "secagg-signature"  # setup / consistency reply: identity signature (bytes)
+SECAGG_SIGNATURE = "secagg-signature"  # setup / consistency reply: session signature (bytes)
+SECAGG_SESSION_KEY = "secagg-session-key"  # setup reply: the site's run session key (bytes)
+SECAGG_ENDORSEMENT = "secagg-endorsement"  # setup reply: identity signature of that key
+SECAGG_SESSION_KEYS = "secagg-session-keys"  # share-keys: list[bytes] aligned with SECAGG_NODES
+SECAGG_ENDORSEMENTS = "secagg-endorsements"  # share-keys: list[bytes] aligned with SECAGG_NODES
 SECAGG_SITE_IDS = "secagg-site-ids"  # share-keys: list[str] aligned with SECAGG_NODES
 SECAGG_SIGNATURES = "secagg-signatures"  # list[bytes] aligned with SECAGG_NODES
 SECAGG_NEIGHBOURS = "secagg-neighbours"  # share-keys: list[str], the server's neighbour list
@@ -87,6 +91,7 @@ SECAGG_CLIPPED = "secagg-clipped"            # metric: values clipped by the enc
 SECAGG_WEIGHT_CAPPED = "secagg-weight-capped"  # metric 0/1: example count above max_weight
 SECAGG_SITES = "secagg-sites"                # metric of the summed reply: sites inside it
 SECAGG_STATE = "medfed.secagg"               # site node state of the round in progress
+SECAGG_SESSION_STATE = "medfed.secagg-session"  # site node state: its run session (all rounds)
 
 # Site -> server, in SITE
 SITE_ID = "site-id"
@@ -150,6 +155,9 @@ NODE_DP_MIN_NOISE = "dp-min-noise-multiplier"      # refuse rounds with a smalle
 NODE_DP_MAX_STEPS = "dp-max-steps-per-round"       # refuse DP-SGD rounds of more steps
 NODE_DP_TRUST_SERVER = "dp-trust-server"  # default false: refuse site-dp rounds whose noise the
                                           # server adds (privacy.noise=server)
+NODE_DP_MAX_ASSUMED_SITES = "dp-max-assumed-sites"  # distributed site-dp: refuse rounds whose
+                                          # noise share assumes more honest contributors
+                                          # (privacy.min_contributors) than this site relies on
 ROLE_TRAIN = "train"
 ROLE_EXTERNAL = "external"
 ROLES = (ROLE_TRAIN, ROLE_EXTERNAL)

@@ -145,7 +145,8 @@ class SecAggPlus(StrategyWrapper, Strategy):
                                 for n in nodes}, wire.SECAGG_SETUP)
         share_requests = self._round.accept_keys({n: Advert(
             rec[wire.SECAGG_PK_ENC], rec[wire.SECAGG_PK_MASK], str(rec[wire.SECAGG_SITE_ID]),
-            rec[wire.SECAGG_SIGNATURE]) for n, rec in keys.items()})
+            rec[wire.SECAGG_SIGNATURE], rec.get(wire.SECAGG_SESSION_KEY, b""),
+            rec.get(wire.SECAGG_ENDORSEMENT, b"")) for n, rec in keys.items()})
         participants = self._round.public       # every site gets every signed advert
         shares = self._ask(grid, {n: {
             wire.SECAGG_NODES: [str(j) for j in participants],
@@ -153,6 +154,8 @@ class SecAggPlus(StrategyWrapper, Strategy):
             wire.SECAGG_PK_MASK: [a.pk_mask for a in participants.values()],
             wire.SECAGG_SITE_IDS: [a.site for a in participants.values()],
             wire.SECAGG_SIGNATURES: [a.signature for a in participants.values()],
+            wire.SECAGG_SESSION_KEYS: [a.session for a in participants.values()],
+            wire.SECAGG_ENDORSEMENTS: [a.endorsement for a in participants.values()],
             wire.SECAGG_NEIGHBOURS: [str(j) for j in req["neighbours"]],
             wire.SECAGG_DEGREE: req["degree"],
             wire.SECAGG_THRESHOLD: req["threshold"]} for n, req in share_requests.items()},

@@ -27,7 +27,7 @@ from flwr.clientapp.typing import ClientAppCallable
 from protocol import wire
 from protocol.arrays import flat_delta
 from protocol.secagg_encoding import Encoding
-from protocol.secagg_identity import (IdentityError, Registry, load_identity_key,
+from protocol.secagg_identity import (IdentityError, Registry, RunSession, load_identity_key,
                                         simulation_key, simulation_registry)
 from protocol.secagg_protocol import Advert
 
@@ -89,6 +89,12 @@ def _identity(context: Context, authenticated: bool) -> SiteIdentity | None:
     if identity is None:
         raise SecAggRefused("secagg-no-identity", f"set node config "
                             f"{wire.NODE_SECAGG_IDENTITY!r} and {wire.NODE_SECAGG_PEERS!r}")
+    # the run's session key and the peers' keys verified in earlier rounds (this node's own
+    # state: a site never takes them from a message)
+    # (a session of another run is replaced when the round starts: RunSession.start)
+    if wire.SECAGG_SESSION_STATE in context.state:
+        session = RunSession.from_state(dict(context.state[wire.SECAGG_SESSION_STATE]))
+        identity = SiteIdentity(identity.site, identity.key, identity.registry, session)
     return identity
 
 
@@ -104,6 +110,8 @@ def _site(context: Context) -> SiteSecAgg:
 def _save(context: Context, site: SiteSecAgg) -> None:
     context.state[wire.SECAGG_STATE] = ConfigRecord(site.to_state() | {
         "authenticated": site.identity is not None})
+    if site.identity is not None:
+        context.state[wire.SECAGG_SESSION_STATE] = ConfigRecord(site.identity.session.to_state())
 
 
 def _reply(msg: Message, values: dict) -> Message:
@@ -134,16 +142,20 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
         advert = site.advertise()
         return _reply(msg, {wire.SECAGG_PK_ENC: advert.pk_enc, wire.SECAGG_PK_MASK: advert.pk_mask,
                             wire.SECAGG_SITE_ID: advert.site,
-                            wire.SECAGG_SIGNATURE: advert.signature})
+                            wire.SECAGG_SIGNATURE: advert.signature,
+                            wire.SECAGG_SESSION_KEY: advert.session,
+                            wire.SECAGG_ENDORSEMENT: advert.endorsement})
     site = _site(context)
     if int(request[wire.SECAGG_ROUND] if request else config[wire.SECAGG_ROUND]) != site.round_:
         raise SecAggRefused("secagg-stage", "a request for another round than the one in "
                             "progress")
     if stage == wire.SECAGG_SHARE:
-        participants = {int(j): Advert(e, m, str(s), g) for j, e, m, s, g in zip(
-            request[wire.SECAGG_NODES], request[wire.SECAGG_PK_ENC],
-            request[wire.SECAGG_PK_MASK], request[wire.SECAGG_SITE_IDS],
-            request[wire.SECAGG_SIGNATURES], strict=True)}
+        nodes = request[wire.SECAGG_NODES]
+        participants = {int(j): Advert(e, m, str(s), g, k, d) for j, e, m, s, g, k, d in zip(
+            nodes, request[wire.SECAGG_PK_ENC], request[wire.SECAGG_PK_MASK],
+            request[wire.SECAGG_SITE_IDS], request[wire.SECAGG_SIGNATURES],
+            request.get(wire.SECAGG_SESSION_KEYS, [b""] * len(nodes)),
+            request.get(wire.SECAGG_ENDORSEMENTS, [b""] * len(nodes)), strict=True)}
         cts = site.share_keys(participants, [int(j) for j in request[wire.SECAGG_NEIGHBOURS]],
                               int(request[wire.SECAGG_DEGREE]),
                               int(request[wire.SECAGG_THRESHOLD]))

@@ -53,6 +53,8 @@ class SiteBudget:
     min_noise_multiplier: float | None = None  # refuse rounds with less noise
     max_steps_per_round: int | None = None     # refuse rounds of more (DP-SGD) steps
     trust_server: bool = False                 # accept site-dp rounds the server adds noise to
+    max_assumed_sites: int | None = None       # distributed site-dp: the most honest sites
+                                               # a noise share may rely on (refuse larger m)
 
 
 def node_settings(node_config: dict, data_dir: Path, *, simulated: bool) -> dict:
@@ -87,7 +89,8 @@ def site_budget(settings: dict, data_dir: Path) -> SiteBudget | None:
                       max_run_epsilon=_cap(settings, wire.NODE_DP_MAX_RUN_EPSILON, float),
                       min_noise_multiplier=_cap(settings, wire.NODE_DP_MIN_NOISE, float),
                       max_steps_per_round=_cap(settings, wire.NODE_DP_MAX_STEPS, int),
-                      trust_server=flag(settings.get(wire.NODE_DP_TRUST_SERVER, False)))
+                      trust_server=flag(settings.get(wire.NODE_DP_TRUST_SERVER, False)),
+                      max_assumed_sites=_cap(settings, wire.NODE_DP_MAX_ASSUMED_SITES, int))
 
 
 def _cap(settings: dict, key: str, kind: type) -> float | int | None:
@@ -221,7 +224,15 @@ def _site_dp_trust(request: PrivacySpec, budget: SiteBudget) -> str:
                                  f"(privacy.noise=server); this site does not trust it to "
                                  f"(node config {wire.NODE_DP_TRUST_SERVER}); refusing")
         return TRUST_SERVER
-    return trust_sites(request.min_contributors or 1)
+    m = request.min_contributors or 1
+    # the server picks m: a larger m means a smaller share per site, private only if m honest
+    # sites add theirs. How many honest peers to rely on is the operator's call.
+    if budget.max_assumed_sites is not None and m > budget.max_assumed_sites:
+        raise PrivacyRefused(f"the distributed noise share would assume {m} honest "
+                             f"contributors (privacy.min_contributors); this site relies on "
+                             f"at most {budget.max_assumed_sites} (node config "
+                             f"{wire.NODE_DP_MAX_ASSUMED_SITES}); refusing")
+    return trust_sites(m)
 
 
 def _history(entries: list[LedgerEntry]) -> list[tuple[float, float, int]]:

@@ -4,8 +4,9 @@ One ``SiteSecAgg`` per round (its secrets never outlive the round). The site tru
 server decides; in the malicious-secure mode (Bell et al. CCS 2020, Bonawitz et al. CCS 2017
 active variant) it
 
-* signs its round keys with its identity key and accepts a participant only when the
-  federation's registration list vouches for its keys (``secagg-forged-key``);
+* signs its round keys with its run's session key, which its identity key endorsed for this
+  run (``protocol.secagg_identity.RunSession``), and accepts a participant only when the
+  federation's registration list vouches for that chain (``secagg-forged-key``);
 * computes the neighbour graph itself from the public seed and refuses a list that differs
   (``secagg-neighbours``);
 * enforces its own floor on the neighbours and contributors and a threshold that is a strict
@@ -31,7 +32,7 @@ from protocol.secagg_crypto import (InvalidShare, agree, decrypt, encrypt,
                                       generate_private_key, load_private, private_bytes,
                                       public_bytes, share_secret)
 from protocol.secagg_encoding import Encoding, encode
-from protocol.secagg_identity import Registry, sign
+from protocol.secagg_identity import Registry, RunSession, verify
 from protocol.secagg_protocol import (Advert, advert_statement, graph_seed, majority,
                                         neighbours, pairwise_sign, survivors_statement)
 
@@ -58,10 +59,13 @@ class SecAggPolicy:
 
 @dataclass(frozen=True)
 class SiteIdentity:
-    """Who this site is to its peers: its registered id, its identity key, the registry."""
+    """Who this site is to its peers: its registered id, its identity key, the registry, and
+    its run session (its signing key for the run and the peers' keys it verified; mutable,
+    kept in the node's state between rounds)."""
     site: str
     key: ec.EllipticCurvePrivateKey
     registry: Registry
+    session: RunSession = field(default_factory=RunSession)
 
 
 @dataclass
@@ -84,6 +88,10 @@ class SiteSecAgg:
         self._masked = False
         self._signed: list[int] | None = None
         self._answered = False
+        self._sessions: dict[int, bytes] = {}                  # node -> its verified session key
+        if self.identity is not None:
+            self.identity.session.start(run=self.run, site=self.identity.site,
+                                        identity_key=self.identity.key)
 
     @property
     def threshold(self) -> int:
@@ -107,6 +115,7 @@ class SiteSecAgg:
                 "pk-mask": [self._neighbour_keys[j][1] for j in nodes],
                 "participants": [str(j) for j in self._participants],
                 "participant-sites": list(self._participants.values()),
+                "participant-sessions": [self._sessions.get(j, b"") for j in self._participants],
                 "held": [str(j) for j in held], "held-seed": [self._held[j][0] for j in held],
                 "held-key": [self._held[j][1] for j in held]}
 
@@ -126,6 +135,8 @@ class SiteSecAgg:
                                 zip(state["nodes"], state["pk-enc"], state["pk-mask"])}
         site._participants = {int(j): str(s) for j, s in zip(state["participants"],
                                                               state["participant-sites"])}
+        site._sessions = {int(j): bytes(k) for j, k in zip(state["participants"],
+                                                           state["participant-sessions"]) if k}
         site._held = {int(j): (s, k) for j, s, k in
                       zip(state["held"], state["held-seed"], state["held-key"])}
         return site
@@ -136,9 +147,10 @@ class SiteSecAgg:
                         self.identity.site if self.identity else "")
         if self.identity is None:
             return advert
-        signature = sign(self.identity.key, advert_statement(self.run, self.round_, self.me,
-                                                             advert))
-        return Advert(advert.pk_enc, advert.pk_mask, advert.site, signature)
+        session = self.identity.session
+        signature = session.sign(advert_statement(self.run, self.round_, self.me, advert))
+        return Advert(advert.pk_enc, advert.pk_mask, advert.site, signature, session.public,
+                      session.endorsement)
 
     # ---- stage 1
     def share_keys(self, participants: dict[int, Advert], claimed: list[int], degree: int,
@@ -159,6 +171,7 @@ class SiteSecAgg:
         self._neighbour_keys = {j: (participants[j].pk_enc, participants[j].pk_mask)
                                 for j in mine}
         self._participants = {j: a.site for j, a in participants.items()}
+        self._sessions = {j: bytes(a.session) for j, a in participants.items() if a.session}
         self._threshold = threshold
         seed_shares = share_secret(self._seed, threshold=threshold, num=len(mine))
         key_shares = share_secret(private_bytes(self._mask_key), threshold=threshold,
@@ -179,14 +192,21 @@ class SiteSecAgg:
                                 "carry this site's own round keys")
         if self.identity is None:
             return
+        session = self.identity.session
+        if (own.site, own.session) != (self.identity.site, session.public):
+            raise SecAggRefused("secagg-own-key-replaced", "the participant list does not "
+                                "carry this site's own id and session key")
         sites = [a.site for a in participants.values()]
         if len(set(sites)) != len(sites):
             raise SecAggRefused("secagg-forged-key", "one registered site appears as several "
                                 "participants")
         for j, advert in participants.items():
-            if not self.identity.registry.check(advert.site, advert.signature,
-                                                advert_statement(self.run, self.round_, j,
-                                                                 advert)):
+            if j == self.me:                 # its own advert, compared above: nothing to verify
+                continue
+            key = session.peer(self.identity.registry, advert.site, advert.session,
+                               advert.endorsement)
+            if key is None or not verify(key, advert.signature,
+                                         advert_statement(self.run, self.round_, j, advert)):
                 raise SecAggRefused("secagg-forged-key", f"participant {j} presents round keys "
                                     f"that registered site {advert.site!r} did not sign (or "
                                     "that site is not on the registration list)")
@@ -247,7 +267,7 @@ class SiteSecAgg:
                                 "survivor set this round")
         survivors = self._check_survivors(survivors)
         self._signed = survivors
-        return sign(self.identity.key, survivors_statement(self.run, self.round_, survivors))
+        return self.identity.session.sign(survivors_statement(self.run, self.round_, survivors))
 
     def _check_survivors(self, survivors: list[int]) -> list[int]:
         if not self._masked:
@@ -301,8 +321,10 @@ class SiteSecAgg:
             if neighbours_ >= self._threshold and everyone >= need:
                 break                                   # enough valid ones verified
             node, site = int(j), self._participants.get(int(j))
-            if node not in survivors or site is None or \
-                    not self.identity.registry.check(site, signatures[j], message):
+            # the session key this participant's endorsement proved in share-keys
+            key = None if site is None else \
+                self.identity.session.verified(site, self._sessions.get(node, b""))
+            if node not in survivors or key is None or not verify(key, signatures[j], message):
                 continue
             everyone += 1
             neighbours_ += node in self._neighbour_keys

@@ -13,6 +13,7 @@ from medfed.deploy.preflight import DeployError
 from medfed.deploy.site import SiteSettings, check_secagg_peers, node_config
 from protocol import wire
 from protocol.secagg_encoding import Encoding
+from protocol.secagg_identity import RunSession, verify
 from protocol.secagg_protocol import advert_statement
 
 
@@ -38,8 +39,14 @@ def test_a_registered_site_signs_and_its_peers_verify(federation, tmp_path):
     advert = site.advertise()
     south = site_identity(config | {wire.NODE_SITE_ID: "south",
                                     wire.NODE_SECAGG_IDENTITY: str(keys["south"].private)})
-    assert south.registry.check("north", advert.signature, advert_statement(9, 2, 11, advert))
-    assert not south.registry.check("north", advert.signature, advert_statement(9, 3, 11, advert))
+    # south verifies north's run-session endorsement against the list, then the round keys
+    south.session.start(run=9, site="south", identity_key=south.key)
+    key = south.session.peer(south.registry, "north", advert.session, advert.endorsement)
+    assert key is not None and verify(key, advert.signature, advert_statement(9, 2, 11, advert))
+    assert not verify(key, advert.signature, advert_statement(9, 3, 11, advert))
+    other_run = RunSession()                # the endorsement is for run 9 only
+    other_run.start(run=10, site="south", identity_key=south.key)
+    assert other_run.peer(south.registry, "north", advert.session, advert.endorsement) is None
 
 
 def test_a_key_not_on_the_list_fails_at_start_up_and_at_the_first_round(federation, tmp_path):

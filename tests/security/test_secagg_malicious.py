@@ -9,6 +9,7 @@ server is written here, from the protocol's public functions, free to lie.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 
 import numpy as np
@@ -20,7 +21,7 @@ from protocol.secagg_crypto import (InvalidShare, agree, decrypt, encrypt, expan
                                       generate_private_key, load_private, public_bytes,
                                       recover_secret, share_secret)
 from protocol.secagg_encoding import Encoding, decode
-from protocol.secagg_identity import Registry, sign, simulation_key
+from protocol.secagg_identity import Registry, RunSession, sign, simulation_key
 from protocol.secagg_protocol import (Advert, advert_statement, graph_seed, neighbours,
                                         pairwise_sign)
 from tests.strategies.secagg_sites import RUN, make_sites
@@ -70,14 +71,18 @@ def _graph(adverts: dict[int, Advert], degree: int) -> dict[int, list[int]]:
 # ------------------------------------------------------------------ (a) invented neighbours
 class Impostor:
     """A participant the server made up: its X25519 keys and an identity key of its own,
-    under a registered site's name."""
+    under a registered site's name; it follows the protocol with that key (a run session the
+    key endorses, round keys signed by the session)."""
 
     def __init__(self, node: int, site: str, key: ec.EllipticCurvePrivateKey | None = None):
         self.node, self.enc, self.mask = node, generate_private_key(), generate_private_key()
         self.key = key or ec.generate_private_key(ec.SECP384R1())
+        session = RunSession()
+        session.start(run=RUN, site=site, identity_key=self.key)
         unsigned = Advert(public_bytes(self.enc), public_bytes(self.mask), site)
         self.advert = Advert(unsigned.pk_enc, unsigned.pk_mask, site,
-                             sign(self.key, advert_statement(RUN, ROUND, node, unsigned)))
+                             session.sign(advert_statement(RUN, ROUND, node, unsigned)),
+                             session.public, session.endorsement)
 
     def open(self, ct: bytes, sender: int, sender_pk_enc: bytes) -> tuple[bytes, bytes]:
         key = agree(self.enc, sender_pk_enc, purpose="encryption", round_=ROUND, a=self.node,
@@ -146,12 +151,11 @@ def test_control_registered_accomplices_do_recover_the_update():
 
 def test_a_forged_neighbour_key_is_rejected():
     """The server swaps one honest site's round key for its own but keeps that site's
-    signature (or re-signs with a key of its own): every peer rejects it."""
+    signature, session key and endorsement: every peer rejects it."""
     sites = make_sites([1, 2, 3, 4, 5], ROUND, ENC)
     adverts = _adverts(sites)
     swapped = dict(adverts)
-    swapped[2] = Advert(public_bytes(generate_private_key()), adverts[2].pk_mask,
-                        adverts[2].site, adverts[2].signature)
+    swapped[2] = dataclasses.replace(adverts[2], pk_enc=public_bytes(generate_private_key()))
     graph = _graph(swapped, degree=4)
     for i in (1, 3, 4, 5):
         with pytest.raises(SecAggRefused, match="secagg-forged-key: participant 2 presents"):

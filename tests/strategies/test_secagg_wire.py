@@ -127,3 +127,25 @@ def test_a_site_floor_on_contributors_is_the_sites_not_the_servers():
         secure_round(grid)
     assert grid.errors and all(e.startswith("site-policy: secagg-parameters: 4 participants")
                                for e in grid.errors)
+
+
+def test_the_run_session_lives_in_the_node_state_and_is_verified_once_per_run(monkeypatch):
+    """Through the mods: round 1 verifies each peer's endorsement against the registration
+    list; round 2 reuses the verified session keys from the node's state (no P-384 check) and
+    still aggregates exactly; the session's private key is in the node's state only."""
+    import protocol.secagg_identity as identity_module
+
+    checks = []
+    real_check = identity_module.Registry.check
+    monkeypatch.setattr(identity_module.Registry, "check",
+                        lambda self, *a: checks.append(a[0]) or real_check(self, *a))
+    grid = SiteGrid(4)
+    expected = np.mean([step(i) for i in grid.nodes], axis=0)
+    assert np.abs(secure_round(grid) - expected).max() <= ENC.resolution
+    assert len(checks) == 4 * 3                     # each site, each of its 3 peers, once
+    sessions = {i: bytes(c.state[wire.SECAGG_SESSION_STATE]["key"])
+                for i, c in grid.contexts.items()}
+    assert np.abs(secure_round(grid) - expected).max() <= ENC.resolution
+    assert len(checks) == 12 and not grid.errors    # round 2: no endorsement checked again
+    assert all(bytes(c.state[wire.SECAGG_SESSION_STATE]["key"]) == sessions[i]
+               for i, c in grid.contexts.items())

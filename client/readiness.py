@@ -7,10 +7,11 @@ code, node config and files, never a path, a file name or a count:
 - **layout**: the layout the job reads with is one this site can read. A deployed site
   declares the layout its data were checked with at start (node config ``layout``:
   ``medfed site --layout NAME|FILE``) and serves that one; a site that declares none serves
-  every layout shipped with its installed MedFed. "Serves" compares the whole layout (rules,
-  windows, policies), not its name: a job may not rename its own selection rules into a
-  layout the site agreed to (:func:`served_layout`, which a train or evaluate message meets
-  too).
+  every layout shipped with its installed MedFed. "Serves" compares what selects the series
+  and texts read (rules, channels, policies), not just the name: a job may not rename its own
+  selection rules into a layout the site agreed to (:func:`served_layout`, which a train or
+  evaluate message meets too). Preprocessing (target size, spacing, windows) is the
+  experiment's.
 - **foundation weights** (a job whose model loads a pretrained encoder): the weights NAME
   resolves to a directory in the site's node config ``foundation-dir``, and the frozen base the
   site builds from it has the job's digest - exactly the check a train message meets
@@ -99,22 +100,24 @@ class LayoutRefused(ValueError):
 
 def served_layout(job_layout: Layout | None, settings: dict, *,
                   simulated: bool) -> Layout | None:
-    """The layout this site reads a job with: its OWN copy of the job's layout.
+    """The layout this site reads a job with, once its selection is checked as the site's own.
 
-    The job's layout is data the coordinator sent; it selects which of the site's series are
-    read and how (a rule admitting any series description would train on whatever the
-    archive holds). A deployed site therefore reads only with a layout it holds itself, the
-    one it declared (node config ``layout``) or, declaring none, one shipped with its
-    installed MedFed, and only when the job's layout equals it in every rule, window and
-    policy. ``None`` (the job names no layout) means the default brain reader. A simulated
-    site (the federation's own synthetic hospitals, run by the same user) reads with the
-    job's layout as sent.
+    The job's layout is data the coordinator sent; its rules select which of the site's series
+    (and whether its report texts) are read - a rule admitting any series description would
+    train on whatever the archive holds. A deployed site therefore reads only with the
+    selection of a layout it holds itself: the one it declared (node config ``layout``) or,
+    declaring none, the one shipped with its installed MedFed under that name. The job's
+    layout must equal it in every rule, channel and policy (:meth:`Layout.selection`); its
+    preprocessing (target size, spacing, intensity windows), which experiments set, is the
+    job's. ``None`` (the job names no layout) means the default brain reader. A simulated site
+    (the federation's own synthetic hospitals, run by the same user) reads the job's layout
+    as sent.
 
     Raises
     ------
     LayoutRefused
-        The job's layout differs from the declared one, or from the shipped layout of its
-        name, or no such layout is served here.
+        The job's layout selects otherwise than the declared one, or than the shipped layout
+        of its name, or no such layout is served here.
     """
     if simulated:
         return job_layout
@@ -129,10 +132,10 @@ def served_layout(job_layout: Layout | None, settings: dict, *,
         return None
     declared = settings.get(wire.NODE_LAYOUT)
     own = load_layout(str(declared) if declared else name)
-    if own.to_dict() != job_layout.to_dict():
+    if own.selection() != job_layout.selection():
         raise LayoutRefused(f"the job's layout {name!r} differs from this site's own "
-                            f"{name!r} in its rules, windows or policies")
-    return own
+                            f"{name!r} in the rules or policies that select what is read")
+    return job_layout
 
 
 def site_layouts(settings: dict) -> set[str]:

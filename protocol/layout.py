@@ -214,6 +214,16 @@ class Layout:
                               "intensity": intensity(c.intensity), "required": c.required}
                              for c in self.channels]}
 
+    def selection(self) -> dict[str, Any]:
+        """What decides which of a site's files and texts are read: the rules, channel names,
+        dimensionality and the missing / resolve / report policies - :meth:`to_dict` without
+        the preprocessing (target size, spacing, intensity), which an experiment may set."""
+        out = self.to_dict()
+        del out["size"], out["spacing"]
+        for channel in out["channels"]:
+            del channel["intensity"]
+        return out
+
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> Layout:
         """Validate a layout read from YAML.

@@ -100,6 +100,11 @@ def test_the_preflight_flag_compares_the_whole_layout_not_its_name(tmp_path):
 
     assert layout_ok(load_layout("chest_xray").to_dict(), site) is True
     assert layout_ok(_widened("chest_xray"), site) is False
+    reports = load_layout("chest_xray").to_dict() | {"report": False}
+    assert layout_ok(reports, site) is False                # the policies select too
+    # preprocessing is the experiment's (ct3 sets its own size, spacing and windows)
+    resized = load_layout("chest_xray").to_dict() | {"size": [64, 64]}
+    assert layout_ok(resized, site) is True
     # a site that declares none serves its shipped layouts as shipped, not renamed rules
     undeclared = {k: v for k, v in site.items() if k != wire.NODE_LAYOUT}
     assert layout_ok(load_layout("chest_xray").to_dict(), undeclared) is True

@@ -71,15 +71,16 @@ class Children:
     def log(self, name: str) -> str:
         return (self.logs / f"{name}.log").read_text()
 
-    def wait_for(self, name: str, text: str, timeout: float, count: int = 1) -> None:
+    def wait_for(self, name: str, text: str, timeout: float, count: int = 1,
+                 poll: float = 0.5) -> None:
         """Wait until ``text`` is ``count`` times in the child's log (``timeout`` is a hang
-        guard, not a timing assertion)."""
+        guard, not a timing assertion; ``poll``: how often the log is read)."""
         deadline = time.monotonic() + timeout
         while self.log(name).count(text) < count:
             proc = self.procs[name]
             assert proc.poll() is None, f"{name} exited ({proc.returncode}):\n{self.log(name)[-3000:]}"
             assert time.monotonic() < deadline, f"{name}: no {text!r}:\n{self.log(name)[-3000:]}"
-            time.sleep(0.5)
+            time.sleep(poll)
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         try:

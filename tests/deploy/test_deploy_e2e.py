@@ -167,9 +167,11 @@ def test_two_rounds_with_a_site_killed_mid_run(federation):
                               "--superlink", f"localhost:{f['port']}",
                               "--root-cert", str(f["certs"] / "ca.pem"),
                               "--flwr-home", str(f["root"] / "runner"), "--wait-sites", "3"])
-    # c's fourth ClientApp process of this run (the preflight's policy query, train 1,
-    # evaluate 1, train 2) is round 2's training: the site dies mid-round, holding the message
-    procs.wait_for("c", started, timeout=HANG_GUARD, count=before + 4)
+    # c's fourth ClientApp task of this run (the preflight's policy query, train 1,
+    # evaluate 1, train 2) is round 2's training: the site dies mid-round, holding the message.
+    # The log is read every 20 ms: a round-2 step of this tiny task, with replies forwarded
+    # promptly, can finish within the default 0.5 s (the kill then came after the reply).
+    procs.wait_for("c", started, timeout=HANG_GUARD, count=before + 4, poll=0.02)
     procs.kill("c")
     assert run.wait(timeout=HANG_GUARD) == 0, procs.log("run")[-4000:]
     assert '"status": "finished:completed"' in procs.log("run")

@@ -85,8 +85,11 @@ def unpack(record: ArrayRecord) -> ArrayRecord:
         size = dtype.itemsize * math.prod(shape)          # Python ints: no overflow
         if offset + size > len(data):
             raise PackingError("packed arrays larger than the bytes sent")
-        array = np.frombuffer(data, dtype=dtype, count=size // dtype.itemsize,
-                              offset=offset).reshape(shape).copy()
+        try:      # an empty shape numpy cannot hold ([2**62, 2**62, 0]) fails here
+            array = np.frombuffer(data, dtype=dtype, count=size // dtype.itemsize,
+                                  offset=offset).reshape(shape).copy()
+        except ValueError:
+            raise PackingError(f"packed shape of {key!r} cannot be an array") from None
         arrays[key] = Array(array)
         offset += size
     if offset != len(data):

@@ -66,6 +66,7 @@ def _hostile(layout, data: bytes = b"\0" * 16, raw_layout: bytes | None = None) 
     ([["a", "<f4", [2]], ["b", "<f4", [1]]], "fewer arrays than bytes"),
     ([["a", "<f4", [2]], ["b", "<f4", [3]]], "more arrays than bytes"),
     ([["a", "<f4", [2 ** 62, 2 ** 62]], ["b", "<f4", [0]]], "size that overflows int64"),
+    ([["a", "<f4", [2 ** 62, 2 ** 62, 0]], ["b", "<f4", [4]]], "empty, but too big for numpy"),
     ([["a", "<f4", [4]]], "one array"),
     ({"a": 1}, "not a list"),
     ([["a", "<f4"], ["b", "<f4", [2]]], "entry of two"),

@@ -153,3 +153,20 @@ def test_a_site_refuses_its_own_advert_under_another_name_or_session():
         bad = adverts | {1: changed}
         with pytest.raises(SecAggRefused, match="^secagg-own-key-replaced: "):
             sites[1].share_keys(bad, _graph(bad, 1)[1], 4, 3)
+
+
+def test_a_genuine_endorsement_with_the_servers_own_session_key_is_refused():
+    """The server holds site 2's genuine endorsement of THIS run (peers saw it) and attaches a
+    session key of its own, signing site 2's advert with it: the endorsement names the
+    session key it endorsed, so every peer refuses."""
+    sites = make_sites(IDS, 1, ENC)
+    adverts = {i: s.advertise() for i, s in sites.items()}
+    genuine = adverts[2].endorsement
+    server = _session_of("site-2", RUN, key=ec.generate_private_key(ec.SECP384R1()))
+    forged = _advert(2, "site-2", 1, server)
+    adverts[2] = Advert(forged.pk_enc, forged.pk_mask, forged.site, forged.signature,
+                        forged.session, genuine)
+    graph = _graph(adverts, 1)
+    for i in (1, 3, 4, 5):
+        with pytest.raises(SecAggRefused, match="^secagg-forged-key: participant 2 presents"):
+            sites[i].share_keys(adverts, graph[i], 4, 3)

@@ -21,7 +21,7 @@ from medfed.synth.ct import synthesize_ct
 from server.config import load_experiment
 
 from ..conftest import _fixed_pseudonym_keys
-from .test_foundation_simulation import ingress_log
+from .test_foundation_simulation import ingress_log, travelling_keys
 
 pytestmark = pytest.mark.slow
 
@@ -72,13 +72,7 @@ def test_lora_on_a_3d_monai_vit_bundle_over_ct_volumes_sends_only_trainable_tens
     assert constructor == args
     ViT(**constructor).load_state_dict(load_file(str(encoder / "model.safetensors")))
 
-    sent = [json.loads(p.read_text()) for p in (tmp_path / "ingress").glob("*.json")]
-    assert len(sent) == 2 and not any(s["frozen"] for s in sent)
-    replies = [json.loads(p.read_text()) for p in (tmp_path / "egress").glob("*.json")]
-    train = [r for r in replies if r.get("message_type", "").startswith("train")]
-    assert len(train) == 2, replies
-    for keys in [set(s["arrays"]) for s in sent] + [set(r["records"]["arrays"]) for r in train]:
-        assert keys == set(sent[0]["arrays"])            # the same set both ways, every site
+    for keys in travelling_keys(tmp_path, sites=2):
         for key in keys:
             assert "lora_" in key or key.split(".")[0] in ("patch_embed", "channel_embed",
                                                            "head"), key

@@ -36,6 +36,19 @@ def ingress_log(directory: Path):
     return mod
 
 
+def travelling_keys(folder: Path, sites: int) -> list[set[str]]:
+    """The array keys of every train message each way (``ingress_log`` / ``egress_log`` under
+    ``folder``), checked to be one set for all, with no frozen record and one reply per site."""
+    sent = [json.loads(p.read_text()) for p in (folder / "ingress").glob("*.json")]
+    assert len(sent) == sites and not any(s["frozen"] for s in sent)
+    replies = [json.loads(p.read_text()) for p in (folder / "egress").glob("*.json")]
+    train = [r for r in replies if r.get("message_type", "").startswith("train")]
+    assert len(train) == sites, replies
+    keys = [set(s["arrays"]) for s in sent] + [set(r["records"]["arrays"]) for r in train]
+    assert all(k == keys[0] for k in keys)          # the same set both ways, every site
+    return keys
+
+
 def _save_base(family: str, encoders: Path) -> tuple[str, int]:
     """A pretrained encoder in ``encoders``: (its name, its number of tensors)."""
     if family == "timm":       # timm's hub layout, written by real timm (tests/fixtures)
@@ -82,13 +95,7 @@ def test_lora_on_a_saved_encoder_sends_only_trainable_tensors(tiny_sites, tmp_pa
     assert info.metadata["foundation_weights"] == weights
     assert info.metadata["foundation_method"] == "lora"
 
-    sent = [json.loads(p.read_text()) for p in (tmp_path / "ingress").glob("*.json")]
-    assert len(sent) == 2 and not any(s["frozen"] for s in sent)
-    replies = [json.loads(p.read_text()) for p in (tmp_path / "egress").glob("*.json")]
-    train = [r for r in replies if r.get("message_type", "").startswith("train")]
-    assert len(train) == 2, replies
-    for keys in [set(s["arrays"]) for s in sent] + [set(r["records"]["arrays"]) for r in train]:
-        assert keys == set(sent[0]["arrays"])            # the same set both ways, every site
+    for keys in travelling_keys(tmp_path, sites=2):
         for key in keys:
             assert "lora_" in key or key.split(".")[0] in ("patch_embed", "channel_embed",
                                                            "head"), key

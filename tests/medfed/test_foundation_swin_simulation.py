@@ -5,8 +5,6 @@ convolutions and the convolutional decoder travel, in both directions."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from monai.networks.nets import SwinUNETR
@@ -17,7 +15,7 @@ from models.foundation.monai_nets import SWIN_UNETR_TYPE, save_monai
 from server.config import load_experiment
 from server.config.schema import ConfigError
 
-from .test_foundation_simulation import ingress_log
+from .test_foundation_simulation import ingress_log, travelling_keys
 
 pytestmark = pytest.mark.slow
 
@@ -45,13 +43,7 @@ def test_lora_on_a_swin_unetr_segments_lesions_and_sends_no_frozen_encoder(tiny_
                                          ingress_log(tmp_path / "ingress")])
     assert (run_dir / "mlflow.db").is_file()
 
-    sent = [json.loads(p.read_text()) for p in (tmp_path / "ingress").glob("*.json")]
-    assert len(sent) == 2 and not any(s["frozen"] for s in sent)
-    replies = [json.loads(p.read_text()) for p in (tmp_path / "egress").glob("*.json")]
-    train = [r for r in replies if r.get("message_type", "").startswith("train")]
-    assert len(train) == 2, replies
-    for keys in [set(s["arrays"]) for s in sent] + [set(r["records"]["arrays"]) for r in train]:
-        assert keys == set(sent[0]["arrays"])            # the same set both ways, every site
+    for keys in travelling_keys(tmp_path, sites=2):
         swin = {k for k in keys if k.startswith("net.swinViT.")}
         assert all("lora_" in k or k.startswith("net.swinViT.patch_embed.proj.")
                    for k in swin), swin

@@ -14,8 +14,7 @@ from monai.networks.nets import SwinUNETR, ViT
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from client.privacy.persample import PerSampleClipper
-from models import MODELS, TASKS
+from models import MODELS
 from models.foundation.bundle import is_bundle
 from models.foundation.export import ENCODER_DIR, export_foundation, load_export
 from models.foundation.loading import (CONVERT_COMMAND, FoundationLoadError, convert_weights,
@@ -24,6 +23,8 @@ from models.foundation.lora import trainable_keys
 from models.foundation.monai_nets import (SWIN_UNETR_TYPE, MonaiViTSeams, load_network,
                                           save_monai)
 from models.serving import servable
+
+from .test_foundation import assert_exact_per_sample
 
 VIT3D = dict(in_channels=1, img_size=16, patch_size=4, hidden_size=32, mlp_dim=64, num_layers=2,
              num_heads=2, spatial_dims=3, qkv_bias=True)
@@ -337,7 +338,6 @@ def test_per_sample_gradients_are_exact_for_lora_on_a_3d_vit(tmp_path):
     sample, float64, with only adapters + new parts + head trainable."""
     save_monai(_vit(VIT3D | {"classification": True}), VIT3D | {"classification": True},
                tmp_path / "vit3d")
-    task = TASKS.build("classification", {})
     model = _build(tmp_path / "vit3d", num_channels=2, lora_rank=2,
                    lora_targets=("qkv", "out_proj")).double().train()
     g = torch.Generator().manual_seed(0)
@@ -348,30 +348,7 @@ def test_per_sample_gradients_are_exact_for_lora_on_a_3d_vit(tmp_path):
     present = torch.tensor([[True, False], [True, True]])
     batch = {"image": _volumes(2, dtype=torch.float64) * present[..., None, None, None],
              "present": present, "label": torch.tensor([0, 2])}
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-
-    def summed_loss(b):
-        out = task.step(model, b)
-        return out.loss * out.n
-
-    individual = []
-    for i in range(B):
-        model.zero_grad(set_to_none=True)
-        summed_loss({k: v[i:i + 1] for k, v in batch.items()}).backward()
-        individual.append({n: p.grad.clone() for n, p in params.items()})
-    expected_norms = torch.stack([torch.sqrt(sum(g.square().sum() for g in grads.values()))
-                                  for grads in individual])
-    model.zero_grad(set_to_none=True)
-    clipper = PerSampleClipper(model, max_grad_norm=1e12)
-    with clipper.capture():
-        summed_loss(batch).backward()
-    grads, norms = clipper.clipped_sum()
-    torch.testing.assert_close(norms, expected_norms, rtol=0, atol=ATOL)
-    assert {id(p) for p in grads} == {id(p) for p in params.values()}
-    for name, p in params.items():
-        assert grads[p].abs().max() > 0, name
-        torch.testing.assert_close(grads[p], individual[0][name] + individual[1][name],
-                                   rtol=0, atol=ATOL, msg=name)
+    assert_exact_per_sample(model, batch)
 
 
 # ---------------------------------------------------------------- weights out

@@ -34,6 +34,12 @@ _MONTHS = ("jan(?:uary)?|feb(?:ruary)?|mar(?:ch)?|apr(?:il)?|may|june?|july?|aug
 _NAME_WORD = r"[A-Z][a-z'][A-Za-z'\-]*"
 _NAME = rf"{_NAME_WORD}(?:\s+(?:(?:van|von|der|den|de|la|le|da|di|du|del|al|bin|ibn)\s+)*{_NAME_WORD})*"
 
+# A labelled field's value in any case (SMITH, JOHN; smith john), a title and an initial
+# allowed (Dr. A. Whitcombe): up to four words, to the first other punctuation.
+_FIELD_WORD = r"[A-Za-z][A-Za-z'\-]*"
+_FIELD_NAME = (rf"(?:(?:Dr|Doctor|Prof|Mr|Mrs|Ms|Miss)\.?\s+)?(?:[A-Za-z]\.\s*)?"
+               rf"{_FIELD_WORD}(?:(?:,\s*|[ \t]+){_FIELD_WORD}){{0,3}}")
+
 # Order matters: labelled fields first (their values may hold digits or dates), then names,
 # dates, and last any remaining digit run.
 _RULES: tuple[tuple[re.Pattern, str], ...] = (
@@ -42,7 +48,7 @@ _RULES: tuple[tuple[re.Pattern, str], ...] = (
                 r"(\s*[:#.]?\s*)[A-Za-z]*\d[\w\-/]*"), r"\1\2[ID]"),
     (re.compile(rf"(?i)\b(patient|name|patient\s+name|referring(?:\s+physician)?|"
                 rf"attending|radiologist|physician|signed\s+by|dictated\s+by)(\s*:\s*)"
-                rf"(?-i:{_NAME}(?:,\s*{_NAME})?)"), r"\1\2[NAME]"),
+                rf"{_FIELD_NAME}"), r"\1\2[NAME]"),
     # After a title, an initial may come first, and one upper-case surname counts (Dr. SMITH).
     (re.compile(rf"\b(Dr|Doctor|Prof|Mr|Mrs|Ms|Miss)(\.?\s+)(?:[A-Z]\.\s*)?"
                 rf"(?:{_NAME}|[A-Z][A-Z'\-]+\b)"), r"\1\2[NAME]"),

@@ -39,6 +39,11 @@ def _leaks(text: str, values: set[str]) -> list[str]:
     ("Dictated by Dr. J. Smith on 7 March 2024; Dr. SMITH; Mrs O'Brien; Okonkwo^James.",
      ["Smith", "SMITH", "O'Brien", "Okonkwo", "March"], ["Dictated by Dr. [NAME]"]),
     ("Call (617) 555-1234 or j.doe@hospital.org.", ["555", "j.doe"], ["[PHONE]", "[EMAIL]"]),
+    # a labelled field in any case, and a title inside it (these survived before)
+    ("Referring: Dr. A. Whitcombe\nFINDINGS: clear.", ["Whitcombe"],
+     ["Referring: [NAME]", "FINDINGS: clear."]),
+    ("Patient: SMITH, JOHN. No effusion.", ["SMITH", "JOHN"], ["Patient: [NAME]. No effusion."]),
+    ("Name: smith john; seen today.", ["smith", "john"], ["Name: [NAME]; seen today."]),
     ("A 3.2 cm lesion in the right frontal lobe, 12 mm shift. Sequences: T1, T2, FLAIR.", [],
      ["A 3.2 cm lesion in the right frontal lobe, 12 mm shift. Sequences: T1, T2, FLAIR."]),
 ])

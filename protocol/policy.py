@@ -50,6 +50,10 @@ class SitePolicy:
         needed by the job (no foundation model; weights not found, so not compared).
     trust_server : bool
         The site accepts site-level DP whose noise the server adds (``dp-trust-server``).
+    max_assumed_sites : int, optional
+        Distributed site-level DP: the most honest contributors this site's noise share may
+        rely on (``dp-max-assumed-sites``); it refuses rounds with a larger
+        ``privacy.min_contributors``. None: no cap set.
     """
     site_id: str
     role: str = wire.ROLE_TRAIN
@@ -64,6 +68,7 @@ class SitePolicy:
     weights_found: bool | None = None
     weights_match: bool | None = None
     trust_server: bool = False
+    max_assumed_sites: int | None = None
 
     @property
     def has_budget(self) -> bool:
@@ -87,6 +92,8 @@ class SitePolicy:
         for key, value in _OPTIONAL_FLAGS:
             if getattr(self, value) is not None:
                 record[key] = bool(getattr(self, value))
+        if self.max_assumed_sites is not None:
+            record[wire.NODE_DP_MAX_ASSUMED_SITES] = int(self.max_assumed_sites)
         return record
 
     @classmethod
@@ -118,11 +125,15 @@ class SitePolicy:
                 (numbers["epsilon"] is None) != (numbers["delta"] is None):
             raise PolicyDecodeError("policy budget is inconsistent (has-budget, dp-epsilon, "
                                     "dp-delta)")
+        cap = get(wire.NODE_DP_MAX_ASSUMED_SITES, int)
+        if cap is not None and (isinstance(cap, bool) or cap < 1):
+            raise PolicyDecodeError(f"policy field {wire.NODE_DP_MAX_ASSUMED_SITES!r} must be an "
+                                    "int >= 1")
         return cls(site_id=get(wire.SITE_ID, str, ""), role=role,
                    require_dp=get(wire.NODE_REQUIRE_DP, bool, False),
                    require_secagg=get(wire.NODE_REQUIRE_SECAGG, bool, False),
                    trust_server=get(wire.NODE_DP_TRUST_SERVER, bool, False),
-                   epsilon_spent=spent, **numbers,
+                   epsilon_spent=spent, max_assumed_sites=cap, **numbers,
                    **{value: get(key, bool) for key, value in _OPTIONAL_FLAGS})
 
 

@@ -257,6 +257,14 @@ def budget_check(cfg: ExperimentConfig, site: SitePolicy) -> tuple[list[str], li
         refused.append(f"privacy.noise=server asks it to trust the server with the site-level "
                        f"DP noise and it does not ({wire.NODE_DP_TRUST_SERVER}): use "
                        "privacy=ddp (the sites add the noise) or ask its operator")
+    if p.mechanism == wire.DP_SITE and p.noise == wire.DP_NOISE_DISTRIBUTED and \
+            site.max_assumed_sites is not None and \
+            (p.min_contributors or 1) > site.max_assumed_sites:
+        refused.append(f"privacy.min_contributors={p.min_contributors}: each noise share would "
+                       f"assume {p.min_contributors} honest contributors and it relies on at "
+                       f"most {site.max_assumed_sites} ({wire.NODE_DP_MAX_ASSUMED_SITES}): "
+                       f"run with privacy.min_contributors<={site.max_assumed_sites} (more "
+                       "noise per site) or ask its operator")
     if p.mechanism == wire.DP_SGD:
         if p.noise_multiplier is not None:
             return refused, warned        # its epsilon depends on the site's data size

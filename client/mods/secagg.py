@@ -151,11 +151,13 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
                             "progress")
     if stage == wire.SECAGG_SHARE:
         nodes = request[wire.SECAGG_NODES]
+        # the fields that vouch for a key may be absent (semi-honest, or dropped on the way):
+        # empty, so that the site names what is missing instead of failing on a lookup
+        vouch = [request.get(key, [b""] * len(nodes)) for key in (
+            wire.SECAGG_SIGNATURES, wire.SECAGG_SESSION_KEYS, wire.SECAGG_ENDORSEMENTS)]
         participants = {int(j): Advert(e, m, str(s), g, k, d) for j, e, m, s, g, k, d in zip(
             nodes, request[wire.SECAGG_PK_ENC], request[wire.SECAGG_PK_MASK],
-            request[wire.SECAGG_SITE_IDS], request[wire.SECAGG_SIGNATURES],
-            request.get(wire.SECAGG_SESSION_KEYS, [b""] * len(nodes)),
-            request.get(wire.SECAGG_ENDORSEMENTS, [b""] * len(nodes)), strict=True)}
+            request.get(wire.SECAGG_SITE_IDS, [""] * len(nodes)), *vouch, strict=True)}
         cts = site.share_keys(participants, [int(j) for j in request[wire.SECAGG_NEIGHBOURS]],
                               int(request[wire.SECAGG_DEGREE]),
                               int(request[wire.SECAGG_THRESHOLD]))

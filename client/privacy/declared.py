@@ -45,4 +45,5 @@ def declared_policy(settings: dict, data_dir: Path, *, site_id: str, role: str) 
         epsilon_spent=spent,
         max_run_epsilon=budget.max_run_epsilon if budget else None,
         min_noise_multiplier=budget.min_noise_multiplier if budget else None,
-        trust_server=budget is not None and budget.trust_server)
+        trust_server=budget is not None and budget.trust_server,
+        max_assumed_sites=budget.max_assumed_sites if budget else None)

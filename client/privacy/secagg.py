@@ -6,7 +6,8 @@ active variant) it
 
 * signs its round keys with its run's session key, which its identity key endorsed for this
   run (``protocol.secagg_identity.RunSession``), and accepts a participant only when the
-  federation's registration list vouches for that chain (``secagg-forged-key``);
+  federation's registration list vouches for that chain (``secagg-forged-key``; a key that
+  comes without its signature, session key or endorsement: ``secagg-missing-field``);
 * computes the neighbour graph itself from the public seed and refuses a list that differs
   (``secagg-neighbours``);
 * enforces its own floor on the neighbours and contributors and a threshold that is a strict
@@ -22,6 +23,7 @@ Every refusal is a ``SecAggRefused`` whose message starts with its code. The sem
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 
@@ -35,6 +37,8 @@ from protocol.secagg_encoding import Encoding, encode
 from protocol.secagg_identity import Registry, RunSession, verify
 from protocol.secagg_protocol import (Advert, advert_statement, graph_seed, majority,
                                         neighbours, pairwise_sign, survivors_statement)
+
+log = logging.getLogger(__name__)
 
 
 class SecAggRefused(ValueError):
@@ -82,6 +86,7 @@ class SiteSecAgg:
         self._mask_key = generate_private_key()
         self._seed = os.urandom(32)
         self._neighbour_keys: dict[int, tuple[bytes, bytes]] = {}
+        self._share_keys: dict[int, bytes] = {}               # neighbour -> AES-GCM share key
         self._participants: dict[int, str] = {}               # node -> registered site id
         self._held: dict[int, tuple[bytes, bytes]] = {}        # neighbour -> (seed, key) shares
         self._threshold = 0
@@ -113,6 +118,7 @@ class SiteSecAgg:
                 "nodes": [str(j) for j in nodes],
                 "pk-enc": [self._neighbour_keys[j][0] for j in nodes],
                 "pk-mask": [self._neighbour_keys[j][1] for j in nodes],
+                "share-key": [self._share_keys[j] for j in nodes],
                 "participants": [str(j) for j in self._participants],
                 "participant-sites": list(self._participants.values()),
                 "participant-sessions": [self._sessions.get(j, b"") for j in self._participants],
@@ -133,6 +139,8 @@ class SiteSecAgg:
         site._signed = [int(j) for j in state["signed"]] if state["has-signed"] else None
         site._neighbour_keys = {int(j): (e, m) for j, e, m in
                                 zip(state["nodes"], state["pk-enc"], state["pk-mask"])}
+        site._share_keys = {int(j): bytes(k) for j, k in zip(state["nodes"],
+                                                             state["share-key"])}
         site._participants = {int(j): str(s) for j, s in zip(state["participants"],
                                                               state["participant-sites"])}
         site._sessions = {int(j): bytes(k) for j, k in zip(state["participants"],
@@ -170,6 +178,10 @@ class SiteSecAgg:
                                 "neighbours")
         self._neighbour_keys = {j: (participants[j].pk_enc, participants[j].pk_mask)
                                 for j in mine}
+        # one key agreement per neighbour serves both directions of the share exchange
+        self._share_keys = {j: agree(self._enc_key, self._neighbour_keys[j][0],
+                                     purpose="encryption", round_=self.round_, a=self.me, b=j)
+                            for j in mine}
         self._participants = {j: a.site for j, a in participants.items()}
         self._sessions = {j: bytes(a.session) for j, a in participants.items() if a.session}
         self._threshold = threshold
@@ -178,10 +190,9 @@ class SiteSecAgg:
                                   num=len(mine))
         out = {}
         for j, s_share, k_share in zip(mine, seed_shares, key_shares):
-            key = agree(self._enc_key, self._neighbour_keys[j][0], purpose="encryption",
-                        round_=self.round_, a=self.me, b=j)
             payload = len(s_share).to_bytes(4, "little") + s_share + k_share
-            out[j] = encrypt(key, payload, sender=self.me, receiver=j, round_=self.round_)
+            out[j] = encrypt(self._share_keys[j], payload, sender=self.me, receiver=j,
+                             round_=self.round_)
         return out
 
     def _check_participants(self, participants: dict[int, Advert]) -> None:
@@ -192,6 +203,16 @@ class SiteSecAgg:
                                 "carry this site's own round keys")
         if self.identity is None:
             return
+        for j, advert in participants.items():
+            # absent is not forged: say which (a relay that dropped a field, an older peer)
+            missing = [name for name, value in (
+                ("site id", advert.site), ("signature", advert.signature),
+                ("session key", advert.session), ("endorsement", advert.endorsement))
+                if not value]
+            if missing:
+                raise SecAggRefused("secagg-missing-field", f"participant {j}'s round keys "
+                                    f"came without its {', '.join(missing)}; this site verifies "
+                                    "every participant and answers only signed keys")
         session = self.identity.session
         if (own.site, own.session) != (self.identity.site, session.public):
             raise SecAggRefused("secagg-own-key-replaced", "the participant list does not "
@@ -239,9 +260,8 @@ class SiteSecAgg:
             if sender not in self._neighbour_keys:
                 raise SecAggRefused("secagg-neighbours", f"a share from {sender}, which is not "
                                     "a neighbour")
-            key = agree(self._enc_key, self._neighbour_keys[sender][0], purpose="encryption",
-                        round_=self.round_, a=self.me, b=sender)
-            payload = decrypt(key, ct, sender=sender, receiver=self.me, round_=self.round_)
+            payload = decrypt(self._share_keys[sender], ct, sender=sender, receiver=self.me,
+                              round_=self.round_)
             size = int.from_bytes(payload[:4], "little")
             self._held[sender] = (payload[4:4 + size], payload[4 + size:])
         if len(self._held) < self._threshold:
@@ -294,7 +314,9 @@ class SiteSecAgg:
         """Per neighbour that shared with us: its self-mask share if it survived, its
         masking-key share if not - from the one survivor set at least ``t`` neighbours
         signed, and at least ``max(min_contributors, min_signed)`` participants in all
-        (``min_signed``: the contributors a distributed-DP noise share assumed)."""
+        (``min_signed``: the contributors a distributed-DP noise share assumed). The
+        semi-honest protocol has no signatures: it counts the listed survivors instead, and
+        says so in the log."""
         if self._answered:
             raise SecAggRefused("secagg-stage", "this round's unmask request was already "
                                 "answered")
@@ -304,6 +326,17 @@ class SiteSecAgg:
                 raise SecAggRefused("secagg-inconsistent-survivors", "the survivor set differs "
                                     "from the one this site signed (equivocation)")
             self._check_signatures(survivors, signatures or {}, min_signed)
+        elif min_signed:
+            # nothing to verify the set by: the floor holds only as far as the server relays
+            # honestly, which is the trust this mode's operator granted - said, not assumed
+            if len(survivors) < min_signed:
+                raise SecAggRefused("secagg-too-few-contributors", f"{len(survivors)} "
+                                    f"survivors listed; this round's distributed-DP noise "
+                                    f"share assumes at least {min_signed}")
+            log.warning("secagg round %d: semi-honest protocol - the %d contributors this "
+                        "round's distributed-DP noise share assumes are counted from the "
+                        "server's survivor list, not proven by signatures", self.round_,
+                        min_signed)
         self._answered = True
         alive = set(survivors)
         return {"seed": {j: s for j, (s, _) in self._held.items() if j in alive},

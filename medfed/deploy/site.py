@@ -74,6 +74,8 @@ class SiteSettings:
     state_dir: Path                    # Flower home of this site (installed apps, state)
     dp_epsilon: float | None = None
     dp_delta: float | None = None
+    dp_max_assumed_sites: int | None = None    # distributed DP: the most honest sites a noise
+                                               # share may rely on (None: the job's m)
     require_secagg: bool = False
     privacy_dir: str | None = None
     device: str = "auto"
@@ -112,6 +114,11 @@ def node_config(s: SiteSettings) -> dict[str, object]:
     if s.dp_epsilon is not None:
         config[wire.NODE_DP_EPSILON] = float(s.dp_epsilon)
         config[wire.NODE_DP_DELTA] = float(s.dp_delta)
+    if s.dp_max_assumed_sites is not None:
+        if int(s.dp_max_assumed_sites) < 1:
+            raise DeployError(f"--dp-max-assumed-sites must be >= 1 (1: this site's noise share "
+                              f"alone carries the round's noise), got {s.dp_max_assumed_sites}")
+        config[wire.NODE_DP_MAX_ASSUMED_SITES] = int(s.dp_max_assumed_sites)
     if s.require_secagg:
         config[wire.NODE_REQUIRE_SECAGG] = True
     if s.privacy_dir:

@@ -20,13 +20,12 @@ from client.privacy.secagg import SecAggRefused
 from protocol.secagg_crypto import (InvalidShare, agree, decrypt, encrypt, expand_mask,
                                       generate_private_key, load_private, public_bytes,
                                       recover_secret, share_secret)
-from protocol.secagg_encoding import Encoding, decode
-from protocol.secagg_identity import Registry, RunSession, sign, simulation_key
-from protocol.secagg_protocol import (Advert, advert_statement, graph_seed, neighbours,
-                                        pairwise_sign)
-from tests.strategies.secagg_sites import RUN, make_sites
+from protocol.secagg_encoding import decode
+from protocol.secagg_identity import Registry, sign, simulation_key
+from protocol.secagg_protocol import Advert, graph_seed, pairwise_sign
+from tests.strategies.secagg_sites import ENC, RUN, make_sites, run_session, signed_advert
+from tests.strategies.secagg_sites import graph as public_graph
 
-ENC = Encoding(clip_range=0.5, max_sites=10, max_weight=1000)
 ROUND = 3
 TARGET = 1
 LENGTH = 300
@@ -64,8 +63,7 @@ def _adverts(sites) -> dict[int, Advert]:
 
 
 def _graph(adverts: dict[int, Advert], degree: int) -> dict[int, list[int]]:
-    seed = graph_seed(RUN, ROUND, {i: a.site for i, a in adverts.items()})
-    return neighbours(sorted(adverts), degree, seed)
+    return public_graph(adverts, ROUND, degree)
 
 
 # ------------------------------------------------------------------ (a) invented neighbours
@@ -77,12 +75,8 @@ class Impostor:
     def __init__(self, node: int, site: str, key: ec.EllipticCurvePrivateKey | None = None):
         self.node, self.enc, self.mask = node, generate_private_key(), generate_private_key()
         self.key = key or ec.generate_private_key(ec.SECP384R1())
-        session = RunSession()
-        session.start(run=RUN, site=site, identity_key=self.key)
-        unsigned = Advert(public_bytes(self.enc), public_bytes(self.mask), site)
-        self.advert = Advert(unsigned.pk_enc, unsigned.pk_mask, site,
-                             session.sign(advert_statement(RUN, ROUND, node, unsigned)),
-                             session.public, session.endorsement)
+        self.advert = signed_advert(node, site, ROUND, run_session(site, key=self.key),
+                                    enc=self.enc, mask=self.mask)
 
     def open(self, ct: bytes, sender: int, sender_pk_enc: bytes) -> tuple[bytes, bytes]:
         key = agree(self.enc, sender_pk_enc, purpose="encryption", round_=ROUND, a=self.node,
@@ -353,3 +347,17 @@ def test_registration_list_parsing_refuses_duplicates_and_foreign_lines():
         Registry.parse("\n".join([line("a"), line("c", simulation_key("a"))]))
     with pytest.raises(IdentityError, match="auth.pub line"):
         Registry.parse(line("a").rsplit(" ", 1)[0])
+
+
+def test_a_key_that_comes_without_its_signature_is_reported_missing_not_forged():
+    """A relay that drops what vouches for a key (or a peer answering the semi-honest
+    protocol) is refused just the same, with a reason that says what is missing."""
+    sites = make_sites([1, 2, 3, 4, 5], ROUND, ENC)
+    adverts = _adverts(sites)
+    for stripped, named in ((dict(signature=b""), "signature"),
+                            (dict(session=b"", endorsement=b""), "session key, endorsement")):
+        bad = adverts | {2: dataclasses.replace(adverts[2], **stripped)}
+        with pytest.raises(SecAggRefused, match=rf"^secagg-missing-field: participant 2's "
+                                                rf"round keys came without its {named};"):
+            sites[1].share_keys(bad, _graph(bad, 4)[1], 4, 3)
+    assert sites[1].threshold == 0                                    # nothing was shared

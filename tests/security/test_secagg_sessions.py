@@ -13,34 +13,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 import protocol.secagg_identity as identity_module
 from client.privacy.secagg import SecAggRefused
-from protocol.secagg_crypto import generate_private_key, public_bytes
-from protocol.secagg_encoding import Encoding
 from protocol.secagg_identity import RunSession, simulation_key
-from protocol.secagg_protocol import Advert, advert_statement, graph_seed, neighbours
-from tests.strategies.secagg_sites import RUN, make_sites
+from protocol.secagg_protocol import Advert
+from tests.strategies.secagg_sites import ENC, RUN, make_sites, run_session, signed_advert
+from tests.strategies.secagg_sites import graph as public_graph
 
-ENC = Encoding(clip_range=0.5, max_sites=10, max_weight=1000)
 IDS = [1, 2, 3, 4, 5]
-
-
-def _graph(adverts: dict[int, Advert], round_: int, degree: int = 4) -> dict[int, list[int]]:
-    seed = graph_seed(RUN, round_, {i: a.site for i, a in adverts.items()})
-    return neighbours(sorted(adverts), degree, seed)
-
-
-def _session_of(site: str, run: int, key=None) -> RunSession:
-    session = RunSession()
-    session.start(run=run, site=site, identity_key=key or simulation_key(site))
-    return session
-
-
-def _advert(node: int, site: str, round_: int, session: RunSession) -> Advert:
-    """A well-formed advert with fresh round keys, signed by ``session``."""
-    unsigned = Advert(public_bytes(generate_private_key()), public_bytes(generate_private_key()),
-                      site)
-    return Advert(unsigned.pk_enc, unsigned.pk_mask, site,
-                  session.sign(advert_statement(RUN, round_, node, unsigned)), session.public,
-                  session.endorsement)
 
 
 def test_an_endorsement_from_another_run_is_refused():
@@ -48,8 +26,8 @@ def test_an_endorsement_from_another_run_is_refused():
     run) and presents it in run 5: the endorsement names run 4, so every peer refuses."""
     sites = make_sites(IDS, 1, ENC)
     adverts = {i: s.advertise() for i, s in sites.items()}
-    adverts[2] = _advert(2, "site-2", 1, _session_of("site-2", RUN - 1))
-    graph = _graph(adverts, 1)
+    adverts[2] = signed_advert(2, "site-2", 1, run_session("site-2", run=RUN - 1))
+    graph = public_graph(adverts, 1, 4)
     for i in (1, 3, 4, 5):
         with pytest.raises(SecAggRefused, match="^secagg-forged-key: participant 2 presents"):
             sites[i].share_keys(adverts, graph[i], 4, 3)
@@ -62,28 +40,29 @@ def test_a_session_key_swapped_in_a_later_round_is_verified_again_and_refused(mo
     Round 2's honest keys, on the other hand, cost no endorsement check at all."""
     sites = make_sites(IDS, 1, ENC)
     adverts = {i: s.advertise() for i, s in sites.items()}
-    graph = _graph(adverts, 1)
+    graph = public_graph(adverts, 1, 4)
     for i, s in sites.items():
         s.share_keys(adverts, graph[i], 4, 3)
     # round 2: the same identities (same run sessions), new SiteSecAgg objects
+    round_1 = {i: s.identity.session.public for i, s in sites.items()}    # bytes, copied
     later = {i: type(s)(i, 2, ENC, RUN, s.identity, s.policy) for i, s in sites.items()}
     checks = []
     real_check = identity_module.Registry.check
     monkeypatch.setattr(identity_module.Registry, "check",
                         lambda self, *a: checks.append(a[0]) or real_check(self, *a))
     honest = {i: s.advertise() for i, s in later.items()}
-    graph = _graph(honest, 2)
+    graph = public_graph(honest, 2, 4)
     for i, s in later.items():
         s.share_keys(honest, graph[i], 4, 3)
     assert checks == []                 # every endorsement was verified in round 1
-    assert all(s.identity.session.public == sites[i].identity.session.public
-               for i, s in later.items())
+    # the sessions carried over (the same key, not a fresh one endorsed again)
+    assert {i: a.session for i, a in honest.items()} == round_1
     # round 3: the server's own session key for site 2
     third = {i: type(s)(i, 3, ENC, RUN, s.identity, s.policy) for i, s in sites.items()}
     forged = {i: s.advertise() for i, s in third.items()}
     rogue = ec.generate_private_key(ec.SECP384R1())
-    forged[2] = _advert(2, "site-2", 3, _session_of("site-2", RUN, rogue))
-    graph = _graph(forged, 3)
+    forged[2] = signed_advert(2, "site-2", 3, run_session("site-2", key=rogue))
+    graph = public_graph(forged, 3, 4)
     for i in (1, 3, 4, 5):
         with pytest.raises(SecAggRefused, match="^secagg-forged-key: participant 2 presents"):
             third[i].share_keys(forged, graph[i], 4, 3)
@@ -92,7 +71,7 @@ def test_a_session_key_swapped_in_a_later_round_is_verified_again_and_refused(mo
 
 def _masked_round(sites):
     adverts = {i: s.advertise() for i, s in sites.items()}
-    graph = _graph(adverts, 1)
+    graph = public_graph(adverts, 1, 4)
     sent = {i: s.share_keys(adverts, graph[i], 4, 3) for i, s in sites.items()}
     for i, s in sites.items():
         s.masked_input({j: sent[j][i] for j in graph[i]}, np.zeros(10, np.float32), 1)
@@ -145,14 +124,14 @@ def test_a_site_refuses_its_own_advert_under_another_name_or_session():
     sites = make_sites(IDS, 1, ENC)
     adverts = {i: s.advertise() for i, s in sites.items()}
     own = adverts[1]
-    other = _session_of("site-1", RUN)
+    other = run_session("site-1")
     for changed in (Advert(own.pk_enc, own.pk_mask, "site-2", own.signature, own.session,
                            own.endorsement),
                     Advert(own.pk_enc, own.pk_mask, own.site, own.signature, other.public,
                            other.endorsement)):
         bad = adverts | {1: changed}
         with pytest.raises(SecAggRefused, match="^secagg-own-key-replaced: "):
-            sites[1].share_keys(bad, _graph(bad, 1)[1], 4, 3)
+            sites[1].share_keys(bad, public_graph(bad, 1, 4)[1], 4, 3)
 
 
 def test_a_genuine_endorsement_with_the_servers_own_session_key_is_refused():
@@ -162,11 +141,11 @@ def test_a_genuine_endorsement_with_the_servers_own_session_key_is_refused():
     sites = make_sites(IDS, 1, ENC)
     adverts = {i: s.advertise() for i, s in sites.items()}
     genuine = adverts[2].endorsement
-    server = _session_of("site-2", RUN, key=ec.generate_private_key(ec.SECP384R1()))
-    forged = _advert(2, "site-2", 1, server)
+    server = run_session("site-2", key=ec.generate_private_key(ec.SECP384R1()))
+    forged = signed_advert(2, "site-2", 1, server)
     adverts[2] = Advert(forged.pk_enc, forged.pk_mask, forged.site, forged.signature,
                         forged.session, genuine)
-    graph = _graph(adverts, 1)
+    graph = public_graph(adverts, 1, 4)
     for i in (1, 3, 4, 5):
         with pytest.raises(SecAggRefused, match="^secagg-forged-key: participant 2 presents"):
             sites[i].share_keys(adverts, graph[i], 4, 3)

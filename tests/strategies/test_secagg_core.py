@@ -171,18 +171,29 @@ def test_wrong_length_or_replayed_input_is_excluded(caplog):
     other = SiteSecAgg(1, 3, ENC)
     other._neighbour_keys, other._threshold = sites[1]._neighbour_keys, sites[1].threshold
     other._enc_key = sites[1]._enc_key
+    other._share_keys = {j: agree(other._enc_key, pk, purpose="encryption", round_=3, a=1, b=j)
+                         for j, (pk, _) in other._neighbour_keys.items()}      # this round's
     with pytest.raises(InvalidShare):
         other.masked_input(held[1], np.zeros(10), 1)
 
 
 def test_masks_are_the_aes128_ctr_keystream_of_the_seed():
+    """The mask is AES-128-CTR keyed by seed[:16] from the counter block seed[16:28] || 2 -
+    checked against OpenSSL's plain CTR mode (the stream is produced by its GCM encryptor)."""
     from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
     n = 200_003                                     # not a multiple of the streamed piece
     seed = os.urandom(32)
-    stream = Cipher(algorithms.AES(seed[:16]), modes.CTR(seed[16:])).encryptor()
+    counter = seed[16:28] + (2).to_bytes(4, "big")
+    stream = Cipher(algorithms.AES(seed[:16]), modes.CTR(counter)).encryptor()
     reference = np.frombuffer(stream.update(bytes(4 * n)), dtype=np.uint32)
     assert (expand_mask(seed, n) == reference).all()
+    # odd-sized pieces (the rounding coins read half-words) continue the same stream
+    from protocol.secagg_crypto import Words, keystream
+
+    words, encryptor = Words(), keystream(seed)
+    pieces = [words.next(encryptor, k).copy() for k in (3, 1, 65_536, 7)]
+    assert (np.concatenate(pieces) == reference[:3 + 1 + 65_536 + 7]).all()
 
 
 def test_streamed_masks_equal_expanded_masks():
@@ -309,3 +320,22 @@ def test_a_malformed_share_is_ignored_with_a_log_line(caplog):
     assert f"site {sender} sent a malformed seed share of site {victim}" in caplog.text
     reference = sum(deltas[i].astype(np.float64) for i in deltas) / len(deltas)
     assert np.abs(average - reference).max() <= ENC.resolution
+
+
+def test_semi_honest_unmask_enforces_and_states_the_distributed_dp_floor(caplog):
+    """Without signatures a site can count only the ids the server lists: a distributed-DP
+    floor above that list is refused, and one within it is answered with a warning that it
+    rests on the server's word (it used to be dropped without a word)."""
+    ids = [1, 2, 3, 4, 5]
+    server = ServerRound(2, ids, SecAggConfig(encoding=ENC, authenticated=False), 11, run=RUN)
+    sites = make_sites(ids, 2, ENC, authenticated=False)
+    held = share_keys(server, sites)
+    masked = {i: sites[i].masked_input(cts, np.zeros(10), 1) for i, cts in held.items()
+              if i != 5}
+    survivors = server.accept_masked(masked)[1]["survivors"]
+    with pytest.raises(SecAggRefused, match=r"^secagg-too-few-contributors: 4 survivors "
+                                            r"listed; .* assumes at least 5"):
+        sites[1].unmask(survivors, min_signed=5)
+    caplog.set_level("WARNING", logger="client.privacy.secagg")
+    assert sites[2].unmask(survivors, min_signed=4)["key"].keys() == {5}
+    assert "counted from the server's survivor list, not proven by signatures" in caplog.text

@@ -109,6 +109,22 @@ def test_a_relay_swapping_one_key_is_refused_by_every_peer_in_one_line():
     assert sum("participant 2 presents" in e for e in grid.errors) == 4
 
 
+def test_a_relay_dropping_the_session_fields_is_refused_as_missing_not_as_forged():
+    def strip(stage, msg):
+        if stage == wire.SECAGG_SHARE:
+            request = msg.content.config_records[wire.SECAGG]
+            del request[wire.SECAGG_SESSION_KEYS]
+            del request[wire.SECAGG_SIGNATURES]
+        return msg
+
+    grid = SiteGrid(4, tamper=strip)
+    with pytest.raises(SecAggError, match="shared their keys"):
+        secure_round(grid)
+    assert len(grid.errors) == 4 and all(e.startswith(
+        "site-policy: secagg-missing-field: participant ") and "without its signature, "
+        "session key;" in e for e in grid.errors), grid.errors
+
+
 def test_semi_honest_mode_only_where_the_site_allows_it():
     grid = SiteGrid(4)
     with pytest.raises(SecAggError):

@@ -6,10 +6,15 @@ interleaved ``--repeats`` times so load from other processes falls on all alike:
 - ``pydicom``: ``pydicom.dcmread`` + ``pixel_array`` per file, nothing else (failures skipped);
 - ``reader``: the site's reader, :func:`client.data.dicom.read_directory` (checks, size caps,
   modality LUT, keyed pseudonyms, counted skips), one process;
-- ``reader_2w``: the same with two decode workers (node config ``decode-workers``).
+- ``reader_2w``: the same with two decode workers (node config ``decode-workers``: two
+  decoding processes, this one and a spawned helper, :mod:`client.data.workers`);
+- ``cached_2w``: a deployed site's whole first ingest with two workers: ``read_site`` into an
+  empty site cache (every file's header read for its study, each study decoded and written
+  as a cache unit, one filesystem sync, the units opened back memory-mapped, labels joined).
 
 The figure is studies/s (median of the repeats); ``ingest_ratio_vs_pydicom`` is the two-worker
-reader's over bare pydicom (the issue's goal: >= 0.8).
+reader's over bare pydicom (the issue's goal: >= 0.8), ``ingest_ratio_vs_pydicom_with_cache``
+the cached first ingest's.
 
 Then the site cache (:mod:`client.data.cache`, :mod:`client.data.rows`) on a second, large site
 (``--cache-patients``, about 5,000 studies), each step in a fresh process as a deployed site
@@ -206,18 +211,26 @@ def main(argv: list[str] | None = None, *, write: bool = True) -> dict:
         print(json.dumps(child_train(args.site, args.image_size, classes, args.train_samples)))
         return {}
 
+    from client.data.cache import SiteCache
     from client.data.dicom import read_directory
+    from client.data.layout_site import read_site
     from medfed.synth.sites import synthesize
 
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "data"
         synthesize(root, n_sites=1, seed=0, patients=args.patients)
         dicom = root / "site-0" / "dicom"
         files = sorted(p for p in dicom.rglob("*") if p.is_file())
+        caches = Path(tmp) / "caches"
         arms = {"pydicom": lambda: bare_pydicom(files),
                 "reader": lambda: read_directory(dicom, key=KEY),
-                "reader_2w": lambda: read_directory(dicom, key=KEY, workers=2)}
+                "reader_2w": lambda: read_directory(dicom, key=KEY, workers=2),
+                "cached_2w": lambda: read_site(
+                    dicom.parent, None, classes, key=KEY, workers=2,
+                    cache=SiteCache(Path(tempfile.mkdtemp(dir=caches))))}
         seconds: dict[str, list[float]] = {name: [] for name in arms}
+        caches.mkdir()
         for _ in range(args.repeats):
             for name, arm in arms.items():
                 start = time.perf_counter()
@@ -236,14 +249,28 @@ def main(argv: list[str] | None = None, *, write: bool = True) -> dict:
     payload = {
         "ingest_ratio_vs_pydicom": round(ratio, 3),
         "ingest_ratio_vs_pydicom_one_worker": round(rate["reader"] / rate["pydicom"], 3),
+        "ingest_ratio_vs_pydicom_with_cache": round(rate["cached_2w"] / rate["pydicom"], 3),
         "cache_load_seconds_5000": load,
         "peak_rss_gb_5000": rss,
         "goal": {"ingest_ratio_vs_pydicom": f">= {GOAL_RATIO} with two workers",
                  "cache_load_seconds_5000": f"< {GOAL_LOAD_SECONDS}",
                  "peak_rss_gb_5000": f"< {GOAL_RSS_GB} (site process training at 224^2)"},
+        "definition": {
+            "ingest_ratio_vs_pydicom": "studies/s of the site reader (client.data.dicom."
+            "read_directory: header checks, size caps, modality LUT to float32, keyed "
+            "pseudonyms, counted skips) with 2 decoding processes over studies/s of "
+            "pydicom.dcmread + pixel_array per file, same files, one process; median of "
+            "interleaved repeats, wall clock",
+            "ingest_ratio_vs_pydicom_with_cache": "the same with the deployed site's whole "
+            "first ingest (read_site into an empty SiteCache, 2 processes: header pass, "
+            "decode, cache write, one syncfs, memory-mapped open, labels joined)"},
         "details": {"studies": studies, "files": len(files), "images": counts.images,
                     "skipped": dict(counts.skipped), "repeats": args.repeats,
                     "load_average_1min": round(os.getloadavg()[0], 2),
+                    "load_average_1min_before": round(load_before, 2),
+                    # other jobs share the machine: a negative value means this run was
+                    # given priority over them (``nice -n -10``), nearer a quiet machine
+                    "nice": os.nice(0),
                     "studies_per_second": {k: round(v, 1) for k, v in rate.items()},
                     "seconds": {k: [round(x, 3) for x in v] for k, v in seconds.items()},
                     "cache": cache},
@@ -288,11 +315,18 @@ def results_row(payload: dict) -> str:
                          f"on disk; a fresh process loads it, reads all {train['rows_read']:,} "
                          f"training rows (augmented) and takes {train['train_steps']} mmvit_tiny "
                          f"steps")
+    load_text = (f"{d['load_average_1min_before']} before -> {d['load_average_1min']} after"
+                 if "load_average_1min_before" in d else f"{d['load_average_1min']}")
+    niced = f" (run at nice {d['nice']}: priority over the other jobs)" if d.get("nice") else ""
+    cached = payload.get("ingest_ratio_vs_pydicom_with_cache")
+    with_cache = "" if cached is None else \
+        f"whole first ingest into the site cache (2 workers) {cached:.2f}x; "
     return (f"| ingest | first ingest with 2 decode workers vs bare `pydicom.dcmread`+"
             f"`pixel_array`: **{ratio:.2f}x** studies/s (goal >= {GOAL_RATIO}: {met}); one worker "
-            f"{payload['ingest_ratio_vs_pydicom_one_worker']:.2f}x; {cache_text} | "
+            f"{payload['ingest_ratio_vs_pydicom_one_worker']:.2f}x; {with_cache}{cache_text} | "
             f"{d['studies']} synthetic brain studies, {d['files']} files, median of "
-            f"{d['repeats']} interleaved runs, load {d['load_average_1min']} on 2 cores"
+            f"{d['repeats']} interleaved runs, load {load_text} on 2 cores"
+            f"{niced}"
             f"{cache_context} | `bench/results/ingest.json` |")
 
 

@@ -21,7 +21,7 @@ from typing import Any
 from typing import TYPE_CHECKING
 
 from . import wire
-from .layout import Layout, LayoutError
+from .layout import MAX_GRID_AXIS, Layout, LayoutError, check_grid_size
 
 if TYPE_CHECKING:
     from flwr.app import ConfigRecord
@@ -316,8 +316,14 @@ class JobSpec:
             except LayoutError as err:
                 raise JobError(f"server config {wire.DATA_LAYOUT!r}: {err}") from None
         image_size = get(wire.IMAGE_SIZE, int)
-        if image_size < 1:
-            raise JobError(f"server config {wire.IMAGE_SIZE!r} must be >= 1, got {image_size}")
+        if not 1 <= image_size <= MAX_GRID_AXIS:      # a site allocates image_size^2 per study
+            raise JobError(f"server config {wire.IMAGE_SIZE!r} must be in 1..{MAX_GRID_AXIS}, "
+                           f"got {image_size}")
+        if layout is not None and layout.dims == "3d":     # ... and image_size^3 for a volume
+            try:
+                check_grid_size((image_size,) * 3, f"server config {wire.IMAGE_SIZE!r}")
+            except LayoutError as err:
+                raise JobError(f"{err} (a 3D layout's studies are image_size^3)") from None
         return cls(
             model_name=get(wire.MODEL_NAME, str), model_options=model_options,
             task_name=get(wire.TASK_NAME, str), task_options=task_options,

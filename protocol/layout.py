@@ -22,6 +22,7 @@ Matching semantics (used by :mod:`client.data.matching`):
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -37,6 +38,12 @@ VOLUME_AXCODES = "SPL"
 # The layout the sites read without being told (client/data/sequences.py): a job for it
 # carries no layout, so the demo's job record and weights stay what they were.
 DEFAULT_LAYOUT = "brain_mri_4seq"
+# Caps on a model grid, checked wherever a layout or an image size is decoded (the coordinator
+# at config load, each site on every job): a grid is a number the coordinator sends, and a site
+# allocates it per study. 4096 is the DICOM readers' cap on rows and columns; 2**27 voxels is
+# 512 MiB of float32 per channel and window (a 512^3 CT grid, a 4096^2 mammogram).
+MAX_GRID_AXIS = 4096
+MAX_GRID_VOXELS = 2**27
 
 _RULE_KEYS = ("name", "modality", "sop_class_uid", "description", "image_type_contains",
               "view_position", "image_laterality", "body_part", "contrast")
@@ -260,8 +267,10 @@ class Layout:
                                   f"({', '.join(sorted(seen))}), got {order!r}")
             order = tuple(map(str, order))
         n_axes = 3 if dims == "3d" else 2
-        return cls(name=name, channels=channels, dims=dims,
-                   size=_axes(raw.get("size"), n_axes, int, f"{where}: size"),
+        size = _axes(raw.get("size"), n_axes, int, f"{where}: size")
+        if size is not None:
+            check_grid_size(size, f"{where}: size")
+        return cls(name=name, channels=channels, dims=dims, size=size,
                    spacing=_axes(raw.get("spacing"), n_axes, float, f"{where}: spacing"),
                    missing=_choice(raw.get("missing", "allow"), MISSING_POLICIES,
                                    f"{where}: missing"),
@@ -269,6 +278,22 @@ class Layout:
                                    f"{where}: resolve"),
                    match_order=order or (),
                    report=_bool(raw.get("report", False), f"{where}: report"))
+
+
+def check_grid_size(size: tuple[int, ...], where: str) -> None:
+    """Refuse a grid over :data:`MAX_GRID_AXIS` on any axis or :data:`MAX_GRID_VOXELS` in all.
+
+    Raises
+    ------
+    LayoutError
+        Naming the size and the cap it exceeds.
+    """
+    voxels = 1
+    for n in size:
+        voxels *= n
+    if max(size) > MAX_GRID_AXIS or voxels > MAX_GRID_VOXELS:
+        raise LayoutError(f"{where}: {list(size)} is over the cap of {MAX_GRID_AXIS} per axis "
+                          f"and {MAX_GRID_VOXELS} voxels in all")
 
 
 def check_volume_layout(layout: Layout) -> None:
@@ -316,8 +341,8 @@ def _axes(value: Any, n: int, kind: type, where: str) -> tuple | None:
         value = [value] * n
     allowed = (int,) if kind is int else (int, float)      # a size of 224.5 is a typo
     if not isinstance(value, list) or len(value) != n or \
-            not all(isinstance(v, allowed) and not isinstance(v, bool) and v > 0
-                    for v in value):
+            not all(isinstance(v, allowed) and not isinstance(v, bool) and math.isfinite(v)
+                    and v > 0 for v in value):
         raise LayoutError(f"{where}: expected {n} positive {kind.__name__}s (or one for all "
                           f"axes), got {value!r}")
     return tuple(kind(v) for v in value)

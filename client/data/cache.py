@@ -31,6 +31,10 @@ size and mtime. Nothing in a name or in an index is a path, a UID or a header va
 paths and study UIDs enter only through keyed hashes (a folder named after a patient stays on
 the PACS export).
 
+A served version maps its group files, at most ``max_maps`` at once (Linux allows 65,530 maps
+a process): a site of more studies than half of that has the rest mapped when an image is
+read and unmapped least recently used first; their files are checked by size when opened.
+
 Every directory is written under a temporary name and renamed into place, so a reader sees a
 complete unit or version or none; one that fails its checks on opening (unparsable index, a
 group file missing, truncated or of another shape, a unit missing) is removed and decoded
@@ -49,15 +53,18 @@ import shutil
 import stat
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from functools import partial
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import pydicom
 
-from .cache_files import (CACHE_FORMAT, INDEX, TEMP_PREFIX, UNUSABLE, CacheCorrupt, Decoded,
-                          assemble, fsync_dir, open_dir, publish, read_index, remove_dir,
+from .cache_files import (CACHE_FORMAT, INDEX, MAX_MAPS, TEMP_PREFIX, UNUSABLE, CacheCorrupt,
+                          Decoded, GroupMaps, assemble, fsync_dir, open_dir, publish,
+                          read_index, remove_dir,
                           sync_filesystem, write_dir, write_temp, write_version)
+from .workers import SharedWorkers, chunks
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +95,9 @@ class SiteCache:
         The cache folder; created 0700. Must be on the site's own disk, never shared.
     keep:
         How many fingerprints (site versions x layouts) stay on disk; older ones are removed.
+    max_maps:
+        Memory maps a served version holds at most (:class:`client.data.cache_files.
+        GroupMaps`): past half of them, images are mapped when read.
 
     After :meth:`decoded`, ``last`` says what happened: ``hit``, ``miss`` (first decode or a
     change), ``rebuilt`` (a corrupt cache was removed) or ``unwritable`` (decoded data served
@@ -98,11 +108,13 @@ class SiteCache:
     when unwritable).
     """
 
-    def __init__(self, root: Path | str, *, keep: int = 4):
+    def __init__(self, root: Path | str, *, keep: int = 4, max_maps: int = MAX_MAPS):
         if keep < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
         self.root = Path(root)
         self.keep = keep
+        self.max_maps = max_maps
+        self.maps: GroupMaps | None = None   # the served version's maps (counts for tests)
         self.last: str | None = None
         self.changed_files: int | None = None
         self.decoded_units = self.reused_units = 0
@@ -189,6 +201,7 @@ class SiteCache:
         folder = self.root / fp
         self.changed_files = self.current = None
         self.decoded_units = self.reused_units = 0
+        self.maps = GroupMaps(self.max_maps)
         if folder.exists():
             try:
                 out = self._open_version(folder, fp)
@@ -202,7 +215,8 @@ class SiteCache:
         else:
             self.last = "miss"
             self.changed_files = self._changed_since_newest(files)
-        with _Workers(workers) as pool:
+        self.maps = GroupMaps(self.max_maps)     # none of a failed open's maps is kept
+        with SharedWorkers(workers) as pool:
             out = self._update(listing, fp, layout, key, source, decode_files, by_study, pool)
         if self.last != "unwritable":
             self.prune(current=fp)
@@ -211,7 +225,7 @@ class SiteCache:
 
     def _update(self, listing: dict, fp: str, layout, key: bytes | None, source: str,
                 decode_files: Callable[[list[Path]], Decoded], by_study: bool,
-                pool: _Workers) -> Decoded:
+                pool: SharedWorkers) -> Decoded:
         """A new version ``fp``: its units reused where they exist, the others decoded and
         written, then its index; served from memory (``last = unwritable``) when writing
         fails."""
@@ -226,33 +240,33 @@ class SiteCache:
             name = self._unit_name(family, sigs, key)
             units.append({"name": name, "group": group, "files": sigs})
             try:
-                results.append(open_dir(self.root / UNITS / name, name))
+                results.append(open_dir(self.root / UNITS / name, name, maps=self.maps))
                 self.reused_units += 1
             except UNUSABLE:
                 remove_dir(self.root / UNITS / name)          # absent, or failed its checks
                 results.append(None)
                 todo.append(len(units) - 1)
-        # Units are written as they arrive (memory holds one unit at a time), unsynced, then
-        # one sync makes them all durable before any is visible under its name: a unit found
-        # under its name is complete on disk (one fsync per unit cost more than the decode).
+        # Each process decodes a unit and writes it (unsynced) under a temporary name: only
+        # its name comes back here, not its arrays. Then one sync makes them all durable
+        # before any is visible under its name: a unit found under its name is complete on
+        # disk (one fsync per unit cost more than the decode).
         units_dir, pending, writable = self.root / UNITS, [], True
-        batches = pool.map(decode_files, [[listing[h][0] for h in units[i]["files"]]
-                                          for i in todo])
         if todo:
             try:
                 self._make_root(UNITS)
             except OSError:
                 writable = False
-        for i, out in zip(todo, batches):
+        jobs = [(units[i]["name"], [listing[h][0] for h in units[i]["files"]]) for i in todo]
+        decode = partial(_decode_unit, decode_files, units_dir if writable else None)
+        for j, (temp, out) in pool.imap(decode, jobs):
+            i = todo[j]
             self.decoded_units += 1
-            if writable:
-                try:
-                    pending.append((i, write_temp(units_dir, units[i]["name"], *out,
-                                                   files={}, durable=False)))
-                    continue
-                except UNUSABLE:       # disk full, read-only
-                    writable = False
-            results[i] = out
+            if temp is None:           # not written (disk full, read-only): kept in memory
+                writable = False
+                results[i] = out
+            else:
+                pending.append((i, Path(temp)))
+        pending.sort()
         if pending and writable:
             try:
                 sync_filesystem(units_dir)
@@ -264,7 +278,8 @@ class SiteCache:
         for i, temp in pending:
             name = units[i]["name"]
             try:
-                results[i] = open_dir(units_dir / name if writable else temp, name)
+                results[i] = open_dir(units_dir / name, name, maps=self.maps) if writable \
+                    else open_dir(temp, name)          # mapped now: its name goes next
             except UNUSABLE:           # a racing writer's bad copy: decode it again
                 writable = False
                 results[i] = decode_files([listing[h][0] for h in units[i]["files"]])
@@ -284,7 +299,7 @@ class SiteCache:
         return assemble(results)
 
     def _groups(self, listing: dict, family: str, key: bytes | None, by_study: bool,
-                pool: _Workers) -> dict[str, list[str]]:
+                pool: SharedWorkers) -> dict[str, list[str]]:
         """File hashes by unit: by study (a keyed hash of its StudyInstanceUID), taken for an
         unchanged file from the newest version of this family that lists it, else read
         from the file's header (in ``pool``); one unit of everything when not ``by_study``."""
@@ -309,7 +324,8 @@ class SiteCache:
                 groups.setdefault(hit[1], []).append(h)
             else:
                 unknown.append(h)
-        uids = pool.map(_study_uid, [listing[h][0] for h in unknown])
+        parts = pool.map(_study_uids, chunks([listing[h][0] for h in unknown], pool.workers))
+        uids = [uid for part in parts for uid in part]
         for h, uid in zip(unknown, uids):
             group = self._hash(key, f"study:{uid}")[:24] if uid else "none"
             groups.setdefault(group, []).append(h)
@@ -330,7 +346,7 @@ class SiteCache:
             if not isinstance(copy, dict):
                 raise CacheCorrupt("version without its units' indexes")
             try:
-                results.append(open_dir(self.root / UNITS / name, name, copy))
+                results.append(open_dir(self.root / UNITS / name, name, copy, self.maps))
             except UNUSABLE:
                 remove_dir(self.root / UNITS / name)
                 raise
@@ -421,31 +437,24 @@ class SiteCache:
         return sum(old.get(k) != v for k, v in files.items()) + len(old.keys() - files.keys())
 
 
-class _Workers:
-    """``map`` in ``workers`` spawned processes when there is enough work to share (the
-    pool is started on first such use and kept for the next), else in this process."""
+def _decode_unit(decode_files: Callable[[list[Path]], Decoded], units_dir: Path | None,
+                 job: tuple[str, list[Path]]) -> tuple[str | None, Decoded | None]:
+    """Decode one unit and write it under a temporary name in ``units_dir`` (in whichever
+    process decoded it): ``(its path, None)``; ``(None, the decoded unit)`` when it could
+    not be written (or ``units_dir`` is None)."""
+    name, files = job
+    out = decode_files(files)
+    if units_dir is not None:
+        try:
+            return str(write_temp(units_dir, name, *out, files={}, durable=False)), None
+        except UNUSABLE:                # disk full, read-only: served from memory
+            pass
+    return None, out
 
-    def __init__(self, workers: int):
-        self.workers, self.pool = workers, None
 
-    def map(self, fn: Callable, items: list) -> Iterator:
-        """``fn`` over ``items``, in order, lazily."""
-        if self.workers == 1 or len(items) < 2 * self.workers:
-            return map(fn, items)
-        if self.pool is None:
-            from concurrent.futures import ProcessPoolExecutor
-            from multiprocessing import get_context
-
-            self.pool = ProcessPoolExecutor(self.workers, mp_context=get_context("spawn"))
-        chunk = -(-len(items) // (4 * self.workers))         # 4 tasks per worker: balance
-        return self.pool.map(fn, items, chunksize=chunk)
-
-    def __enter__(self) -> _Workers:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.pool is not None:
-            self.pool.shutdown()
+def _study_uids(paths: list[str]) -> list[str]:
+    """:func:`_study_uid` of each path (one task of the header pass)."""
+    return [_study_uid(path) for path in paths]
 
 
 def _study_uid(path: str) -> str:

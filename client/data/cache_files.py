@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import io
 import json
 import os
 import shutil
 import tempfile
-from collections import Counter
+from collections import Counter, OrderedDict
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +23,13 @@ INDEX = "index.json"
 TEMP_PREFIX = ".tmp-"
 
 Decoded = tuple[list, object]     # (list[Study], IngestReport) as the readers return them
+
+# Memory maps one served cache may hold at once. Linux allows a process 65,530 maps
+# (vm.max_map_count) for everything it maps, and a unit maps one file per image shape: a
+# site of 60,000 studies mapped every one of them and failed. Half are mapped for good as
+# the units are opened (as before: they outlive their names), the rest are mapped when
+# read and closed least recently used first.
+MAX_MAPS = 32768
 
 
 class CacheCorrupt(ValueError):
@@ -207,34 +216,121 @@ def read_index(folder: Path, fp: str) -> dict:
     return index
 
 
-def open_dir(folder: Path, fp: str, index: dict | None = None) -> Decoded:
+def _map_group(path: Path, group: dict) -> np.ndarray:
+    """A group file memory-mapped read-only; CacheCorrupt unless it is the index's."""
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as err:           # missing, truncated header or data
+        raise CacheCorrupt("unreadable group") from err
+    if array.dtype.str != group["dtype"] or list(array.shape) != group["shape"]:
+        raise CacheCorrupt("group of another dtype or shape")
+    if path.stat().st_size != array.offset + array.nbytes:
+        raise CacheCorrupt("group file of the wrong size")
+    return array
+
+
+def _npy_size(group: dict) -> int:
+    """Bytes of the group's ``.npy`` as :func:`write_npy` writes it (header and data)."""
+    dtype, shape = np.dtype(group["dtype"]), tuple(int(n) for n in group["shape"])
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
+                 "shape": shape})
+    return len(header.getvalue()) + int(np.prod(shape)) * dtype.itemsize
+
+
+class GroupMaps:
+    """The memory maps of one served cache, at most ``max_maps`` at once: the first half of
+    the groups opened are mapped at once and for good (they outlive their names, as a
+    small site's all do), every later one when an image of it is read, in a least recently
+    used set of the other half. ``mapped``: maps made so far (counts only)."""
+
+    def __init__(self, max_maps: int = MAX_MAPS):
+        if max_maps < 2:
+            raise ValueError(f"max_maps must be >= 2, got {max_maps}")
+        self.pinned_left = max_maps // 2
+        self.recent_max = max_maps - max_maps // 2
+        self._recent: OrderedDict[Path, np.ndarray] = OrderedDict()
+        self.mapped = 0
+
+    def pin(self) -> bool:
+        """Whether the next group is mapped now and for good (budget left)."""
+        if self.pinned_left > 0:
+            self.pinned_left -= 1
+            return True
+        return False
+
+    def array(self, path: Path, group: dict) -> np.ndarray:
+        """The group file's array, mapped now if it is not among the recent ones."""
+        array = self._recent.get(path)
+        if array is None:
+            array = _map_group(path, group)
+            self.mapped += 1
+            self._recent[path] = array
+            while len(self._recent) > self.recent_max:
+                self._recent.popitem(last=False)       # unmapped once no image holds it
+        self._recent.move_to_end(path)
+        return array
+
+
+class MappedImages(Mapping):
+    """A cached study's images by channel, each a row of a group file mapped when read
+    (:class:`GroupMaps`); read-only, as a served study's images are."""
+
+    def __init__(self, folder: Path, groups: list[dict], places: dict, maps: GroupMaps):
+        self._folder, self._groups, self._places, self._maps = folder, groups, places, maps
+
+    def __getitem__(self, channel: str) -> np.ndarray:
+        g, row = self._places[channel]
+        group = self._groups[g]
+        return self._maps.array(self._folder / group["file"], group)[row]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._places)
+
+    def __len__(self) -> int:
+        return len(self._places)
+
+
+def open_dir(folder: Path, fp: str, index: dict | None = None,
+             maps: GroupMaps | None = None) -> Decoded:
     """The cached studies (images memory-mapped, read-only) and report; CacheCorrupt if the
     directory is not a complete cache of ``fp``. ``index``: its index as already read (a
-    version keeps a copy of each unit's: one file read fewer per study on a hit)."""
+    version keeps a copy of each unit's: one file read fewer per study on a hit).
+    ``maps``: the served cache's map budget; past it the group files are checked by size
+    now and mapped when read (None: all mapped now)."""
     from .site import IngestReport, Study
 
     if index is None:
         index = read_index(folder, fp)
     elif index.get("format") != CACHE_FORMAT or index.get("fingerprint") != fp:
         raise CacheCorrupt("index copy of another format or fingerprint")
-    arrays = []
+    arrays: list[np.ndarray | None] = []
     for group in index["groups"]:
+        if maps is None or maps.pin():
+            arrays.append(_map_group(folder / group["file"], group))
+            continue
         try:
-            array = np.load(folder / group["file"], mmap_mode="r", allow_pickle=False)
-        except (OSError, ValueError) as err:           # missing, truncated header or data
+            size = (folder / group["file"]).stat().st_size
+        except OSError as err:
             raise CacheCorrupt("unreadable group") from err
-        if array.dtype.str != group["dtype"] or list(array.shape) != group["shape"]:
-            raise CacheCorrupt("group of another dtype or shape")
-        if (folder / group["file"]).stat().st_size != array.offset + array.nbytes:
+        if size != _npy_size(group):
             raise CacheCorrupt("group file of the wrong size")
-        arrays.append(array)
+        arrays.append(None)
     report = IngestReport(**{k: Counter(v) if isinstance(v, dict) else v
                              for k, v in index["report"].items()})
     studies = []
     for entry in index["studies"]:
+        places = entry["images"]
         try:
-            images = {ch: arrays[g][row] for ch, (g, row) in entry["images"].items()}
+            for g, row in places.values():
+                if not 0 <= row < index["groups"][g]["shape"][0] or g < 0:
+                    raise IndexError(g)
         except (IndexError, ValueError, TypeError) as err:
             raise CacheCorrupt("index points outside its groups") from err
+        if all(arrays[g] is not None for g, _ in places.values()):
+            images = {ch: arrays[g][row] for ch, (g, row) in places.items()}
+        else:
+            images = MappedImages(folder, index["groups"], places, maps)
         studies.append(Study(entry["key"], entry["patient_key"], images))
     return studies, report

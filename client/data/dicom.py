@@ -10,18 +10,18 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from multiprocessing import get_context
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
-from pydicom.pixels import apply_modality_lut
+from pydicom.pixels import apply_modality_lut, pixel_array
 
 from .pseudonyms import pseudonym
 from .sequences import sequence_of
+from .workers import chunks, imap_shared
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def read_file(path: Path, counts: ReadCounts, key: bytes | None = None) -> Serie
         counts.skip("too_large")                  # before pixel_array: never decoded
         return None
     try:
-        pixels = apply_modality_lut(ds.pixel_array, ds).astype(np.float32)
+        pixels = physical_pixels(ds)
     except Exception:  # noqa: BLE001 - truncated pixel data, missing codec, bad VR
         counts.skip("pixel_decode_error")
         return None
@@ -113,6 +113,23 @@ def read_file(path: Path, counts: ReadCounts, key: bytes | None = None) -> Serie
     del ds
     counts.images += 1
     return image
+
+
+def physical_pixels(ds) -> np.ndarray:
+    """The file's pixels after its modality LUT, float32: what
+    ``apply_modality_lut(ds.pixel_array, ds).astype(np.float32)`` gives, bit for bit.
+
+    ``pixel_array(ds)`` is the decoder ``ds.pixel_array`` calls, without the Dataset's
+    cache bookkeeping (it hashes the pixel elements twice per call: a third of the decode
+    time of a small image). An identity rescale (slope 1, intercept 0, no LUT sequence)
+    converts the stored integers (32 bits at most) straight to float32: pydicom's float64
+    step is exact for them, so the one rounding to float32 is the same.
+    """
+    stored = pixel_array(ds)
+    if "ModalityLUTSequence" not in ds and "RescaleSlope" in ds and "RescaleIntercept" in ds \
+            and stored.dtype.kind in "iu" and stored.itemsize <= 4 and ds.RescaleSlope == 1 and ds.RescaleIntercept == 0:
+        return stored.astype(np.float32)
+    return apply_modality_lut(stored, ds).astype(np.float32)
 
 
 def decoded_bytes(ds) -> int:
@@ -144,25 +161,20 @@ def read_directory(dicom_dir: Path, *, key: bytes | None = None, workers: int = 
     pseudonyms under the site's ``key``; ``paths``: only these files (the site cache
     re-reading the studies whose files changed).
 
-    ``workers > 1`` decodes in that many spawned processes, in contiguous chunks of the sorted
-    file list joined back in order, so the result is the same as with one (spawned, not
-    forked: the caller may hold torch's threads).
+    ``workers > 1``: that many processes decode, this one and ``workers - 1`` spawned ones
+    (:mod:`client.data.workers`), in short runs of the sorted file list joined back in
+    order, so the result is the same as with one.
     """
     paths = sorted(p for p in Path(dicom_dir).rglob("*") if p.is_file()) if paths is None \
         else sorted(paths)
     counts = ReadCounts(files=len(paths))
     if workers < 1:
         raise ValueError(f"decode workers must be >= 1, got {workers}")
-    if workers == 1 or len(paths) < 2 * workers:
-        images, skipped = _read_chunk(paths, key)
+    parts = chunks(paths, workers) if workers > 1 else [paths]
+    done: list = [None] * len(parts)
+    for i, (part, skipped) in imap_shared(partial(_read_chunk, key=key), parts, workers):
+        done[i] = part
         counts.skipped.update(skipped)
-    else:
-        size = -(-len(paths) // (4 * workers))        # 4 chunks per worker: balance
-        chunks = [paths[i:i + size] for i in range(0, len(paths), size)]
-        images = []
-        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-            for part, skipped in pool.map(_read_chunk, chunks, [key] * len(chunks)):
-                images += part
-                counts.skipped.update(skipped)
+    images = [image for part in done for image in part]
     counts.images = len(images)
     return images, counts

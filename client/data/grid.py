@@ -10,6 +10,9 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import Orientation, ResizeWithPadOrCrop, Spacing
 
+from protocol.layout import MAX_GRID_AXIS
+
+from .frames import SeriesSkip, VolumeLimits
 from .volume import Volume
 
 # DICOM patient space is LPS; MONAI (like nibabel) reads affines as RAS. Flipping x and y is
@@ -63,8 +66,21 @@ def to_grid(volume: Volume, spacing: Sequence[float], size: Sequence[int], axcod
         pad_value = float(volume.array.min())
     image = to_meta_tensor(volume)
     image = Orientation(axcodes=axcodes, labels=None)(image)   # labels from meta "space"
+    _check_resampled(image, spacing)
     image = Spacing(pixdim=tuple(float(s) for s in spacing), mode=mode,
                     padding_mode="border")(image)
     image = ResizeWithPadOrCrop(spatial_size=tuple(int(n) for n in size), mode="constant",
                                 value=pad_value)(image)
     return image.to(torch.float32)
+
+
+def _check_resampled(image: MetaTensor, spacing: Sequence[float],
+                     limits: VolumeLimits = VolumeLimits()) -> None:
+    """Refuse a resampling whose intermediate volume (before the pad/crop to ``size``) would be
+    over the readers' caps: a fine ``spacing`` from the coordinator on a large field of view
+    would otherwise allocate without bound. Raises ``SeriesSkip("grid_too_large")``."""
+    extent = np.asarray(image.shape[1:], dtype=np.float64) * np.asarray(image.pixdim[:3])
+    shape = np.ceil(extent / np.asarray(spacing, dtype=np.float64))
+    if shape.max() > max(MAX_GRID_AXIS, limits.max_slices) or \
+            float(np.prod(shape)) * 4 > limits.max_bytes:
+        raise SeriesSkip("grid_too_large")

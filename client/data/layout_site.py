@@ -35,6 +35,7 @@ from .matching import match_site
 from .sequences import SEQUENCES
 from .site import (IngestReport, SiteData, SiteDataError, Study, check_decoded, decode_site,
                    dicom_folder, join_site, mask_files, read_masks)
+from .workers import chunks, map_shared
 
 # Studies the layout's missing-channel policy (or a channel that failed to decode) drops.
 STUDY_SKIPS = ("study_missing_channel",)
@@ -135,7 +136,8 @@ def load_layout_site(site_dir: Path | str, layout: Layout,
     middle one by InstanceNumber) and ``study_missing_channel`` (a required channel, or any
     channel under ``missing: skip_study``). A 3D layout adds the volume reasons of
     :class:`client.data.volume.VolumeCounts` per series (``missing_slice``, ``gantry_tilt``,
-    ``inconsistent_spacing`` ...) and ``resample_error``.
+    ``inconsistent_spacing`` ...), ``grid_too_large`` (the layout's spacing would resample the
+    series beyond the readers' caps) and ``resample_error``.
 
     Raises
     ------
@@ -208,21 +210,13 @@ SeriesRead = tuple["tuple[np.ndarray, str] | None", Counter, int]   # read, skip
 
 def _decode_series(series: list[tuple[Channel, tuple[Path, ...]]], layout: Layout,
                    key: bytes | None, workers: int) -> list[SeriesRead]:
-    """Each matched series through its channel, in order; in ``workers`` spawned processes
-    (contiguous chunks joined back in order, as :func:`client.data.dicom.read_directory`)."""
-    if workers == 1 or len(series) < 2 * workers:
+    """Each matched series through its channel, in order; in ``workers`` processes (this one
+    among them: :mod:`client.data.workers`), short runs joined back in order."""
+    if workers == 1:
         return _decode_chunk(series, layout, key)
-    from concurrent.futures import ProcessPoolExecutor
-    from multiprocessing import get_context
-
-    size = -(-len(series) // (4 * workers))              # 4 chunks per worker: balance
-    chunks = [series[i:i + size] for i in range(0, len(series), size)]
-    out: list[SeriesRead] = []
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-        for part in pool.map(_decode_chunk, chunks, [layout] * len(chunks),
-                             [key] * len(chunks)):
-            out += part
-    return out
+    parts = map_shared(partial(_decode_chunk, layout=layout, key=key),
+                       chunks(series, workers, most=8), workers)
+    return [read for part in parts for read in part]
 
 
 def _decode_chunk(series: list[tuple[Channel, tuple[Path, ...]]], layout: Layout,

@@ -33,6 +33,7 @@ from __future__ import annotations
 import csv
 import math
 from collections import Counter
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +43,7 @@ from .layout import Layout
 from .pseudonyms import pseudonym
 from .sequences import SEQUENCES
 from .site import IngestReport, SiteDataError, Study
+from .workers import chunks, map_shared
 
 MANIFEST = "manifest.csv"
 COLUMNS = ("study_id", "channel", "file")
@@ -109,7 +111,7 @@ def decode_manifest_site(site_dir: Path, layout: Layout | None, *, key: bytes | 
     """Studies of a manifest site (images only, as the DICOM readers' decode halves), with
     counted skips: ``unreadable`` (nibabel or pynrrd failed), ``unsupported_space`` (an NRRD
     file with no usable space), ``too_large`` (a header over the DICOM readers' caps, never
-    decoded), ``not_finite``, ``duplicate_channel``,
+    decoded), ``not_finite``, ``duplicate_channel``, ``grid_too_large``,
     ``resample_error`` and ``study_missing_channel`` (a layout's required channel, or any
     under ``missing: skip_study``). ``workers > 1`` reads the files in that many spawned
     processes (as the DICOM readers do); the result is the same as with one."""
@@ -152,20 +154,13 @@ FileRead = tuple["np.ndarray | None", Counter]      # planes (None: skipped), sk
 
 def _read_files(files: list[tuple[str, Path]], layout: Layout | None,
                 workers: int) -> list[FileRead]:
-    """Each ``(channel, file)`` read as :func:`_read` does, in order; in ``workers`` spawned
-    processes (contiguous chunks joined back in order) when there are enough files."""
-    if workers == 1 or len(files) < 2 * workers:
+    """Each ``(channel, file)`` read as :func:`_read` does, in order; in ``workers`` processes
+    (this one among them: :mod:`client.data.workers`), short runs joined back in order."""
+    if workers == 1:
         return _read_chunk(files, layout)
-    from concurrent.futures import ProcessPoolExecutor
-    from multiprocessing import get_context
-
-    size = -(-len(files) // (4 * workers))               # 4 chunks per worker: balance
-    chunks = [files[i:i + size] for i in range(0, len(files), size)]
-    out: list[FileRead] = []
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-        for part in pool.map(_read_chunk, chunks, [layout] * len(chunks)):
-            out += part
-    return out
+    parts = map_shared(partial(_read_chunk, layout=layout), chunks(files, workers, most=8),
+                       workers)
+    return [read for part in parts for read in part]
 
 
 def _read_chunk(files: list[tuple[str, Path]], layout: Layout | None) -> list[FileRead]:

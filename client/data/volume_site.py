@@ -28,6 +28,7 @@ import numpy as np
 
 from protocol.layout import VOLUME_AXCODES
 
+from .frames import SeriesSkip
 from .grid import to_grid
 from .intensity import volume_intensity
 from .layout import Channel, Layout
@@ -65,6 +66,9 @@ def grid_planes(volume, layout: Layout, channel: Channel, skipped: Counter
     try:
         grid = to_grid(volume, layout.spacing, layout.size, GRID_AXCODES)     # [1, Z, Y, X]
         planes = volume_intensity(channel.intensity, np.asarray(grid[0], dtype=np.float32))
+    except SeriesSkip as skip:                   # grid_too_large: refused before resampling
+        skipped[skip.reason] += 1
+        return None
     except Exception:  # noqa: BLE001 - a degenerate affine must not stop the site
         skipped["resample_error"] += 1
         return None

@@ -1,18 +1,21 @@
-"""bench.ingest runs its three arms on a small synthetic site and reports what it measured
+"""bench.ingest runs its arms on a small synthetic site and reports what it measured
 (nothing written to bench/results from a test)."""
 
 import bench.ingest as ib
 
 
-def test_the_three_arms_run_and_the_ratios_follow_from_the_rates():
+def test_the_arms_run_and_the_ratios_follow_from_the_rates():
     payload = ib.main(["--patients", "12", "--repeats", "1", "--cache-patients", "12",
                        "--image-size", "32", "--train-samples", "4"], write=False)
     details = payload["details"]
     rate = details["studies_per_second"]
-    assert set(rate) == {"pydicom", "reader", "reader_2w"} and all(v > 0 for v in rate.values())
+    assert set(rate) == {"pydicom", "reader", "reader_2w", "cached_2w"}
+    assert all(v > 0 for v in rate.values())
     assert details["studies"] >= 5 and details["images"] > details["studies"]
     assert details["skipped"]                      # the synth's PACS junk is counted
     assert abs(payload["ingest_ratio_vs_pydicom"] - rate["reader_2w"] / rate["pydicom"]) < 0.02
+    assert abs(payload["ingest_ratio_vs_pydicom_with_cache"]
+               - rate["cached_2w"] / rate["pydicom"]) < 0.02
     # the cache arm: a first ingest that decodes and writes, a later process that loads it,
     # reads every training row once and trains; both figures come from that process
     cache = details["cache"]
@@ -25,3 +28,4 @@ def test_the_three_arms_run_and_the_ratios_follow_from_the_rates():
     row = ib.results_row(payload)                  # what bench/RESULTS.md would get
     assert row.startswith("| ingest |") and f"**{train['cache_load_seconds']:.2f} s**" in row
     assert f"**{train['peak_rss_gb']:.2f} GB**" in row
+    assert f"{payload['ingest_ratio_vs_pydicom_with_cache']:.2f}x" in row

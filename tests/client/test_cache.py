@@ -236,6 +236,29 @@ def test_units_decode_in_worker_processes_with_the_same_result(site, tmp_path):
     assert_same(read_site(site, None, CLASSES, key=KEY), parallel)
 
 
+def test_each_process_writes_the_units_it_decodes_and_returns_only_their_names(
+        site, tmp_path, monkeypatch):
+    """The decoded arrays never travel back to the coordinating process (pickled through a
+    pipe and written by it alone, they made two workers no faster than one): each unit
+    comes back as the path of its written temporary dir."""
+    from client.data.workers import SharedWorkers
+
+    real_imap, returned = SharedWorkers.imap, []
+
+    def recording_imap(self, fn, items):
+        for i, value in real_imap(self, fn, items):
+            returned.append((self.workers, value))
+            yield i, value
+    monkeypatch.setattr(SharedWorkers, "imap", recording_imap)
+    cache = SiteCache(tmp_path / "cache")
+    parallel = read_site(site, None, CLASSES, key=KEY, workers=2, cache=cache)
+    monkeypatch.setattr(SharedWorkers, "imap", real_imap)
+    units = [v for workers, v in returned if workers == 2 and isinstance(v, tuple)]
+    assert len(units) == cache.decoded_units >= 4
+    assert all(isinstance(temp, str) and out is None for temp, out in units)
+    assert_same(read_site(site, None, CLASSES, key=KEY), parallel)
+
+
 def test_a_crashed_write_leaves_nothing_that_is_served(site, tmp_path, monkeypatch):
     """The writer dies after the first group: no complete-looking cache dir remains, and the
     next read decodes and writes a good one."""
@@ -448,3 +471,45 @@ def test_prepared_rows_on_disk_equal_in_memory_items_and_are_reused(site, tmp_pa
                for i in range(len(studies)))
     StudyDataset(studies, 16, store=store)
     assert len(list(store.glob("rows-*.npy"))) == 3
+
+
+def _maps_under(folder) -> int:
+    """Memory maps this process holds of files under ``folder`` (its /proc/self/maps)."""
+    with open("/proc/self/maps") as f:
+        return sum(str(folder) in line for line in f)
+
+
+def test_a_site_past_the_map_budget_holds_a_bounded_number_of_maps(site, tmp_path):
+    """Linux allows a process 65,530 memory maps; one per study failed past ~60,000 studies.
+    With a budget of 4 maps a site of ~20 studies is served whole, and reading every image
+    of every study never holds more than 4 of its unit files mapped (the lesion masks are
+    one side entry of the version, a map or two whatever the site's size)."""
+    root = tmp_path / "cache"
+    units = root / cache_module.UNITS
+    read_site(site, None, CLASSES, key=KEY, cache=SiteCache(root, max_maps=4))   # written
+    cache = SiteCache(root, max_maps=4)
+    served = read_site(site, None, CLASSES, key=KEY, cache=cache)
+    assert cache.last == "hit" and len(served.studies) > 8
+    fresh = read_site(site, None, CLASSES, key=KEY)
+    assert_same(fresh, served)                       # touches every image of every study
+    assert _maps_under(units) <= 4
+    assert cache.maps.mapped > 4                     # read lazily: more maps made than held
+    for study in served.studies:                     # and again, in another order
+        for name in reversed(list(study.images)):
+            assert study.images[name].shape
+            assert _maps_under(units) <= 4
+
+
+def test_a_damaged_unit_past_the_map_budget_is_found_when_opened(site, tmp_path):
+    """A unit mapped only when read is still checked when the version is opened (its file's
+    size against its index), so a damaged one is decoded again, not served."""
+    root = tmp_path / "cache"
+    cache = SiteCache(root, max_maps=2)              # one unit mapped at once, the rest later
+    fresh = read_site(site, None, CLASSES, key=KEY, cache=cache)
+    version = json.loads((cache.entries()[0] / INDEX).read_text())
+    lazy = root / cache_module.UNITS / version["units"][1]["name"] / "g000.npy"
+    with open(lazy, "r+b") as f:
+        f.truncate(lazy.stat().st_size - 4096)
+    rebuilt = read_site(site, None, CLASSES, key=KEY, cache=cache)
+    assert cache.last == "rebuilt" and cache.decoded_units == 1
+    assert_same(fresh, rebuilt)

@@ -107,6 +107,9 @@ def test_brain_layout_matches_exactly_like_sequences_py():
     (_base(size=[224]), r"size: expected 2 positive ints"),
     (_base(size=[224.5, 224]), r"size: expected 2 positive ints"),
     (_base(dims="3d", spacing=[1, 1]), r"spacing: expected 3 positive floats"),
+    (_base(dims="3d", spacing=[1, 1, float("inf")]), r"spacing: expected 3 positive floats"),
+    (_base(size=[4097, 224]), r"size: \[4097, 224\] is over the cap of 4096 per axis"),
+    (_base(dims="3d", size=[1024, 1024, 1024]), r"over the cap of 4096 per axis and 134217728"),
 ])
 def test_a_broken_layout_fails_with_one_clear_error(raw, message):
     with pytest.raises(LayoutError, match=message):

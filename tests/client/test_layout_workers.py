@@ -1,16 +1,15 @@
 """Decode workers for the layout readers: a chest (2D) and a CT (3D) site read with two
-spawned workers give exactly what one process gives: studies, order, arrays, counts."""
+decode processes (this one and a spawned helper) give exactly what one process gives: studies, order, arrays, counts."""
 
 from __future__ import annotations
 
 import dataclasses
-from concurrent import futures
-
 import numpy as np
 import pytest
 
 from client.data.layout import load_layout
 from client.data.layout_site import decode_layout_site
+from client.data.workers import SharedWorkers
 
 KEY = b"workers-tests-key".ljust(32, b".")
 
@@ -44,14 +43,14 @@ def test_two_workers_decode_what_one_does(tmp_path, kind, monkeypatch):
     one = decode_layout_site(site, layout, key=KEY)
     assert len(one[0]) >= 2 * 2                          # enough series for two workers
     pools = []
+    real_start = SharedWorkers._start
 
-    class CountedPool(futures.ProcessPoolExecutor):
-        def __init__(self, *args, **kwargs):
-            pools.append(args)
-            super().__init__(*args, **kwargs)
-    monkeypatch.setattr(futures, "ProcessPoolExecutor", CountedPool)
+    def counted_start(self):
+        pools.append(self.workers)
+        real_start(self)
+    monkeypatch.setattr(SharedWorkers, "_start", counted_start)
     assert_same_decode(one, decode_layout_site(site, layout, key=KEY, workers=2))
-    assert pools == [(2,)]                                # two processes did the decoding
+    assert pools == [2]                # two processes did the decoding: this one and a helper
 
 
 def test_workers_must_be_positive(tmp_path):

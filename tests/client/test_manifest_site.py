@@ -110,9 +110,8 @@ def test_files_decode_in_worker_processes_with_the_same_result(site, monkeypatch
     """1 and 2 decode workers give the same studies, arrays (bits) and counts; an
     unreadable file and a duplicate row are counted the same way, and a row after an
     unreadable one for the same channel is used (as a one-by-one read would)."""
-    import concurrent.futures
-
     from client.data import manifest_site
+    from client.data.workers import SharedWorkers
 
     (site / "nifti" / "broken.nii.gz").write_bytes(b"not a nifti file")
     with open(site / "manifest.csv", "a") as f:
@@ -120,23 +119,22 @@ def test_files_decode_in_worker_processes_with_the_same_result(site, monkeypatch
                 "RESEARCH-0004,T1,nifti/RESEARCH-0001_T1.nii.gz,MRN000004\n"
                 "RESEARCH-0001,T2,nifti/RESEARCH-0002_T2.nii.gz,MRN000000\n")
     chunks, spawned = [], []
-    real_chunk, real_pool = manifest_site._read_chunk, concurrent.futures.ProcessPoolExecutor
+    real_chunk, real_start = manifest_site._read_chunk, SharedWorkers._start
 
     def chunk(files, layout):
         chunks.append(len(files))
         return real_chunk(files, layout)
 
-    class Pool(real_pool):
-        def __init__(self, *args, **kwargs):
-            spawned.append(args[0] if args else kwargs.get("max_workers"))
-            super().__init__(*args, **kwargs)
+    def start(self):
+        spawned.append(self.workers)
+        real_start(self)
     monkeypatch.setattr(manifest_site, "_read_chunk", chunk)
     one = read_site(site, None, CLASSES, key=KEY, workers=1)
     assert chunks == [9] and spawned == []                 # all in this process
     monkeypatch.setattr(manifest_site, "_read_chunk", real_chunk)   # workers import the real
-    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", Pool)
+    monkeypatch.setattr(SharedWorkers, "_start", start)
     two = read_site(site, None, CLASSES, key=KEY, workers=2)
-    assert spawned == [2]                                  # read in two worker processes
+    assert spawned == [2]                       # read in two processes: this one, a helper
     assert one.report.as_dict() == two.report.as_dict()
     assert one.report.skipped["unreadable"] == 1
     assert one.report.skipped["duplicate_channel"] == 1 and one.report.files == 9

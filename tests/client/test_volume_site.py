@@ -17,6 +17,7 @@ from client.data.grid import LPS_TO_RAS, to_grid
 from client.data.intensity import hu_windows
 from client.data.layout import load_layout
 from client.data.layout_site import load_layout_site
+from client.data.site import SiteDataError
 from client.data.volume import Volume
 from client.data.volume_site import GRID_AXCODES
 from client.runtime import SiteDataCache, SiteIdentity
@@ -111,6 +112,27 @@ def test_a_series_with_a_missing_slice_is_skipped_with_its_reason(ct_sites, layo
     others = [p for p in profiles if not p.broken_series]
     assert all(not load_layout_site(root / p.name, layout, CLASS_NAMES).report.skipped
                for p in others)
+
+
+def test_a_coordinator_spacing_that_would_resample_without_bound_is_skipped_unallocated(
+        ct_sites, layout, monkeypatch):
+    # A job's layout may set any spacing; 0.001 mm over a 10 cm field of view is 10^5 voxels
+    # per axis. The site refuses it per series, counted, before MONAI's Spacing allocates.
+    import client.data.grid as grid
+    from monai.transforms import Spacing
+    root, profiles = ct_sites
+    calls = []
+    real = Spacing.__call__
+    monkeypatch.setattr(Spacing, "__call__", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    fine = dataclasses.replace(layout, spacing=(0.001, 0.001, 0.001))
+    site = profiles[0]
+    whole = site.n_patients - int(site.broken_series)
+    with pytest.raises(SiteDataError, match=rf"'grid_too_large': {whole}\b") as refused:
+        load_layout_site(root / site.name, fine, CLASS_NAMES)
+    assert calls == [] and "resample_error" not in str(refused.value)
+    # the cap is the readers' byte cap: a grid just under it resamples
+    study = generate_ct_site(profiles[0], SEED).studies[0]
+    assert grid.to_grid(_truth(study), (4.0, 4.0, 4.0), (8, 8, 8)).shape == (1, 8, 8, 8)
 
 
 def test_nothing_identifying_leaves_and_the_site_key_reaches_the_volume_pseudonyms(

@@ -187,7 +187,8 @@ def test_an_ill_typed_key_is_named(key, value, kind):
     (wire.DP_ACCOUNTANT, "gdp", r"privacy\.accountant: unknown accountant 'gdp'"),
     (wire.DP_MECHANISM, "dp-sdg", r"privacy\.mechanism='dp-sdg'; choose none, dp-sgd or site-dp"),
     (wire.RUN_ID, "", r"a private run must name its run id"),
-    (wire.IMAGE_SIZE, 0, r"'image-size' must be >= 1, got 0"),
+    (wire.IMAGE_SIZE, 0, r"'image-size' must be in 1\.\.4096, got 0"),
+    (wire.IMAGE_SIZE, 10**6, r"'image-size' must be in 1\.\.4096, got 1000000"),
     (wire.MODEL_OPTIONS, "[1, 2]", r"'model-options' should be a JSON object, got list"),
 ])
 def test_an_out_of_range_value_is_refused_with_its_setting(key, value, message):
@@ -288,6 +289,8 @@ def test_the_default_layout_adds_nothing_to_the_record():
     ({"name": "x", "channels": [{"name": "a", "rules": [{}]}]}, "needs at least one condition"),
     ({"name": "x", "channels": [{"name": "a", "rules": [{"description": "("}]}]},
      "not a valid regex"),
+    ({"name": "x", "channels": [{"name": "a", "rules": [{"modality": "CR"}]}],
+      "size": [100000, 100000]}, "over the cap of 4096 per axis"),
 ])
 def test_the_site_refuses_an_invalid_layout_in_the_job(bad, why):
     import json
@@ -298,3 +301,20 @@ def test_the_site_refuses_an_invalid_layout_in_the_job(bad, why):
     record[wire.DATA_LAYOUT] = "[1, 2]"
     with pytest.raises(JobError, match="should be a JSON object"):
         JobSpec.from_record(record)
+
+
+def test_a_3d_layouts_image_size_is_capped_as_a_cube():
+    # a site allocates image_size^3 per study and channel for a 3D layout: 4096 is fine for a
+    # 2D image but 256 GiB as a volume
+    import json
+    cfg = load_experiment(["experiment=ct3"])
+    record = job_config(cfg)
+    assert JobSpec.from_record(record).layout.dims == "3d"
+    record[wire.IMAGE_SIZE] = 4096
+    with pytest.raises(JobError, match=r"'image-size': \[4096, 4096, 4096\] is over the cap"):
+        JobSpec.from_record(record)
+    record[wire.IMAGE_SIZE] = 512                        # 512^3 = 2^27 voxels: the cap
+    assert JobSpec.from_record(record).image_size == 512
+    record[wire.DATA_LAYOUT] = json.dumps(_chest().to_dict())
+    record[wire.IMAGE_SIZE] = 4096                       # 2D: within the cap
+    assert JobSpec.from_record(record).image_size == 4096

@@ -1,0 +1,225 @@
+"""Decoding shared between the calling process and spawned helper processes.
+
+Why the caller decodes too: a spawned process must start Python and import numpy and pydicom
+(about 0.3 s of CPU) before its first file. A site's first ingest of a few thousand small
+files takes about as long as that, so a pool the caller only waited on gave nothing with two
+workers (``bench/ingest.py``: 0.66x bare pydicom with two, 0.67x with one). Here ``workers``
+counts the *decoding processes, the caller among them*: it starts ``workers - 1`` helpers and
+begins at once; every process claims the next task from one shared counter, so the helpers
+take over part of the work when (and only if) they are up, and the caller never waits on a
+helper that has not started.
+
+Helpers are spawned, not forked: the caller may hold torch's threads. ``fn`` and the items
+must pickle (a module-level function, or a ``functools.partial`` of one).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import queue
+from collections.abc import Callable, Iterator, Sequence
+from multiprocessing import get_context
+from typing import Any
+
+POLL_SECONDS = 0.5          # how often a waiting caller checks that its helpers are alive
+# Helpers run this much nicer than the caller: on a free core they run at full speed, but
+# where the cores are busy (other jobs of the hospital's server) a helper starting up and
+# decoding would take its CPU share from the caller, and two workers ran slower than one.
+HELPER_NICE = 10
+
+
+class WorkerDied(RuntimeError):
+    """A helper process ended without returning its task's result."""
+
+
+def _claim(counter, end: int) -> int | None:
+    """The next task index below ``end``, or None; never moves the counter past ``end``, so
+    a helper still holding a finished job's message cannot take the next job's tasks."""
+    with counter.get_lock():
+        index = counter.value
+        if index >= end:
+            return None
+        counter.value = index + 1
+    return index
+
+
+def _helper(counter, jobs, results) -> None:
+    """A helper process: for each job message, claim its tasks until none is left and send
+    back ``(index, ok, value)``; None ends it."""
+    while (job := jobs.get()) is not None:
+        base, end, fn, items = job
+        while (c := _claim(counter, end)) is not None:
+            # pickled here: a result that does not pickle would otherwise fail in the
+            # queue's feeder thread, be dropped, and leave the caller waiting for good
+            try:
+                answer = pickle.dumps((c - base, True, fn(items[c - base])))
+            except Exception as err:  # noqa: BLE001 - re-raised in the caller
+                answer = pickle.dumps((c - base, False, _picklable(err)))
+            results.put(answer)
+
+
+def _picklable(err: Exception) -> Exception:
+    """``err`` if it survives pickling, else a RuntimeError naming its type (no message: a
+    message might quote a header value)."""
+    try:
+        pickle.loads(pickle.dumps(err))
+        return err
+    except Exception:  # noqa: BLE001
+        return RuntimeError(f"a decode worker raised {type(err).__name__}")
+
+
+class SharedWorkers:
+    """``workers`` decoding processes, this one among them, for one or more successive jobs
+    (the helpers start on the first job that has two tasks or more and serve the later ones:
+    one start-up per ingest, not one per phase). Use as a context manager.
+
+    Parameters
+    ----------
+    workers : int
+        Decoding processes in all, this one included; 1 runs everything here.
+    """
+
+    def __init__(self, workers: int):
+        if workers < 1:
+            raise ValueError(f"decode workers must be >= 1, got {workers}")
+        self.workers = workers
+        self._helpers: list = []
+
+    def _start(self) -> None:
+        ctx = get_context("spawn")
+        self._counter, self._jobs, self._results = ctx.Value("q", 0), ctx.Queue(), ctx.Queue()
+        nice = os.getpriority(os.PRIO_PROCESS, 0) + HELPER_NICE
+        self._helpers = []          # only started ones: close() may end them if one fails
+        for _ in range(self.workers - 1):
+            helper = ctx.Process(target=_helper, daemon=True,
+                                 args=(self._counter, self._jobs, self._results))
+            helper.start()
+            self._helpers.append(helper)
+            try:                # at once, so its start-up (imports) runs niced too
+                os.setpriority(os.PRIO_PROCESS, helper.pid, min(nice, 19))
+            except OSError:     # not allowed here: it runs at the caller's priority
+                pass
+
+    def imap(self, fn: Callable[[Any], Any], items: Sequence) -> Iterator[tuple[int, Any]]:
+        """``(index, fn(item))`` for every item, in the order the results arrive (about the
+        items' order: tasks are claimed in order). ``fn`` and the items must pickle.
+
+        Raises
+        ------
+        WorkerDied
+            If a helper ends (killed, out of memory) while its task is unanswered.
+        Exception
+            Whatever ``fn`` raised, in whichever process it ran.
+        """
+        if self.workers == 1 or len(items) < 2:
+            for i, item in enumerate(items):
+                yield i, fn(item)
+            return
+        if not self._helpers:
+            self._start()
+        with self._counter.get_lock():
+            base = self._counter.value
+        end = base + len(items)
+        for _ in self._helpers:
+            self._jobs.put((base, end, fn, items))
+        answered = 0
+        try:
+            while (c := _claim(self._counter, end)) is not None:
+                yield c - base, fn(items[c - base])
+                answered += 1
+                if any(helper.exitcode not in (None, 0) for helper in self._helpers):
+                    raise WorkerDied("a decode worker was killed (out of memory?)")
+                while True:                 # what the helpers finished meanwhile
+                    try:
+                        item = self._results.get_nowait()
+                    except queue.Empty:
+                        break
+                    answered += 1
+                    yield _unpack(item)
+            while answered < len(items):
+                try:
+                    item = self._results.get(timeout=POLL_SECONDS)
+                except queue.Empty:
+                    if all(helper.is_alive() for helper in self._helpers):
+                        continue
+                    try:                    # a last result may have landed meanwhile
+                        item = self._results.get(timeout=POLL_SECONDS)
+                    except queue.Empty:
+                        raise WorkerDied("a decode worker ended without its result "
+                                         "(killed, or out of memory?)") from None
+                answered += 1
+                yield _unpack(item)
+        except BaseException:
+            # An error or an abandoned job: results still on their way would be taken for
+            # the next job's, so the helpers go (the next job starts fresh ones).
+            self.close()
+            raise
+
+    def map(self, fn: Callable[[Any], Any], items: Sequence) -> list:
+        """``[fn(item) for item in items]``, in order, computed as :meth:`imap` does."""
+        out: list = [None] * len(items)
+        for i, value in self.imap(fn, items):
+            out[i] = value
+        return out
+
+    def close(self) -> None:
+        """Stop the helpers. Every result is in (or the job failed): they are idle or still
+        starting, so they are ended at once rather than waited for (a helper still starting
+        would otherwise outlive the queues it was given)."""
+        helpers, self._helpers = self._helpers, []
+        for helper in helpers:
+            helper.terminate()
+        for helper in helpers:
+            helper.join()
+        if not helpers:
+            return
+        # This process is now the job pipe's only reader: empty it, or the thread feeding it
+        # blocks for good on a job message a helper never read (one still starting), and
+        # the queue's finalizer would wait on that thread.
+        try:
+            while True:
+                self._jobs.get(timeout=0.02)
+        except queue.Empty:
+            pass
+        self._jobs.cancel_join_thread()
+        self._jobs.close()
+        self._results.close()
+
+    def __enter__(self) -> SharedWorkers:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _unpack(item: bytes) -> tuple[int, Any]:
+    i, ok, value = pickle.loads(item)
+    if not ok:
+        raise value
+    return i, value
+
+
+def imap_shared(fn: Callable[[Any], Any], items: Sequence, workers: int,
+                ) -> Iterator[tuple[int, Any]]:
+    """One job of :class:`SharedWorkers`: ``(index, fn(item))`` as results arrive."""
+    with SharedWorkers(workers) as pool:
+        yield from pool.imap(fn, items)
+
+
+def map_shared(fn: Callable[[Any], Any], items: Sequence, workers: int) -> list:
+    """One job of :class:`SharedWorkers`: ``[fn(item) for item in items]``, in order."""
+    with SharedWorkers(workers) as pool:
+        return pool.map(fn, items)
+
+
+def chunks(items: Sequence, workers: int, *, most: int = 64, least: int = 4) -> list:
+    """``items`` cut into consecutive chunks for :class:`SharedWorkers`: each about an eighth
+    of what is left per process (at most ``most``, at least ``least`` items), so the tasks
+    shrink towards the end and no process is left waiting long on another's last one."""
+    out, i = [], 0
+    while i < len(items):
+        size = max(least, min(most, -(-(len(items) - i) // (8 * workers))))
+        out.append(items[i:i + size])
+        i += size
+    return out

@@ -1,0 +1,167 @@
+"""Decoding shared by the caller and spawned helpers (client.data.workers), and the reader's
+faster pixel path giving exactly the pixels it gave before."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.pixels import apply_modality_lut
+
+from client.data.dicom import physical_pixels
+from client.data.workers import (HELPER_NICE, SharedWorkers, WorkerDied, chunks, imap_shared,
+                                 map_shared)
+
+
+def _pid_and_square(x: int) -> tuple[int, int]:
+    return os.getpid(), x * x
+
+
+def _fails_on_three(x: int) -> int:
+    if x == 3:
+        raise KeyError("three")
+    return x
+
+
+def _dies_in_a_helper(caller: int, marker: str, x: int) -> int:
+    if os.getpid() != caller:
+        Path(marker).touch()
+        os.kill(os.getpid(), signal.SIGKILL)       # a helper killed mid-task (OOM killer)
+    deadline = time.monotonic() + 120              # the caller waits until a helper has one
+    while not Path(marker).exists() and time.monotonic() < deadline:   # (niced: it may
+        time.sleep(0.01)                                                # start slowly)
+    return x
+
+
+def _unpicklable_in_a_helper(caller: int, marker: str, x: int):
+    if os.getpid() != caller:
+        Path(marker).touch()
+        return threading.Lock()                    # fails to pickle
+    deadline = time.monotonic() + 120
+    while not Path(marker).exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return x
+
+
+def test_results_are_complete_in_order_and_the_caller_decodes_too():
+    items = list(range(40))
+    out = map_shared(_pid_and_square, items, 2)
+    assert [square for _, square in out] == [x * x for x in items]
+    # The caller starts at once and claims tasks from the shared counter; a pool it only
+    # waited on (the old ProcessPoolExecutor) never ran a task in this process.
+    assert os.getpid() in {pid for pid, _ in out}
+    assert map_shared(_pid_and_square, items, 1) == [(os.getpid(), x * x) for x in items]
+
+
+def test_helpers_run_nicer_than_the_caller_from_their_start():
+    """A helper takes CPU only where a core is free: where the cores are busy, a helper
+    starting and decoding at the caller's priority took the caller's share, and two workers
+    ran slower than one."""
+    pool = SharedWorkers(3)
+    pool._start()
+    try:
+        mine = os.getpriority(os.PRIO_PROCESS, 0)
+        assert [os.getpriority(os.PRIO_PROCESS, h.pid) for h in pool._helpers] == \
+            [min(mine + HELPER_NICE, 19)] * 2
+    finally:
+        pool.close()
+    assert pool._helpers == []
+
+
+def test_an_error_in_any_process_reaches_the_caller():
+    with pytest.raises(KeyError, match="three"):
+        map_shared(_fails_on_three, list(range(30)), 2)
+
+
+def test_a_helper_killed_mid_task_is_an_error_not_a_hang(tmp_path):
+    from functools import partial
+
+    # the caller's first task waits until the helper has claimed one (and died)
+    with pytest.raises(WorkerDied):
+        map_shared(partial(_dies_in_a_helper, os.getpid(), str(tmp_path / "m")),
+                   list(range(50)), 2)
+
+
+def test_a_helper_result_that_does_not_pickle_is_an_error_not_a_hang(tmp_path):
+    from functools import partial
+
+    signal.alarm(300)                  # the old code waited for the lost result for good
+    try:
+        with pytest.raises(TypeError, match="pickle"):
+            map_shared(partial(_unpicklable_in_a_helper, os.getpid(), str(tmp_path / "m")),
+                       list(range(50)), 2)
+    finally:
+        signal.alarm(0)
+
+
+def test_workers_must_be_positive():
+    with pytest.raises(ValueError, match="decode workers"):
+        list(imap_shared(abs, [1, 2], 0))
+
+
+def test_chunks_cover_the_items_in_order():
+    items = list(range(1319))
+    parts = chunks(items, 2)
+    assert [x for part in parts for x in part] == items
+    assert 16 <= len(parts) <= 64 and max(map(len, parts)) <= 64
+    assert len(parts[-1]) <= 4 < len(parts[0])           # short tasks at the end
+    assert chunks([], 2) == []
+
+
+def _corpus_files() -> list[Path]:
+    import data_store
+    import pydicom.data
+
+    dirs = [Path(pydicom.data.__file__).parent / "test_files",
+            Path(data_store.__file__).parent / "data"]
+    return sorted(p for d in dirs for p in d.rglob("*") if p.is_file())
+
+
+def _assert_same_pixels_as_before(files: list[Path]) -> tuple[int, int]:
+    """The reader's pixels of each decodable image are exactly
+    ``apply_modality_lut(ds.pixel_array, ds)`` as float32 (what it computed before), and it
+    fails exactly where that fails; (images compared, of which identity rescales)."""
+    compared = identity = 0
+    for path in files:
+        try:
+            ds = pydicom.dcmread(path)
+            if "PixelData" not in ds:
+                continue
+        except Exception:  # noqa: BLE001 - not DICOM, truncated: not a pixel question
+            continue
+        try:
+            want = apply_modality_lut(ds.pixel_array, ds).astype(np.float32)
+        except Exception:  # noqa: BLE001
+            want = None
+        fresh = pydicom.dcmread(path)           # the reader sees an untouched dataset
+        try:
+            got = physical_pixels(fresh)
+        except Exception:  # noqa: BLE001
+            got = None
+        assert (got is None) == (want is None), path.name
+        if want is None:
+            continue
+        assert got.dtype == want.dtype and got.shape == want.shape, path.name
+        assert np.array_equal(got, want, equal_nan=True), path.name
+        compared += 1
+        identity += ds.get("RescaleSlope") == 1 and ds.get("RescaleIntercept") == 0
+    return compared, identity
+
+
+def test_physical_pixels_equal_the_old_formula_on_synthetic_sites(tiny_sites):
+    files = sorted(p for p in tiny_sites.rglob("dicom/**/*") if p.is_file())
+    compared, identity = _assert_same_pixels_as_before(files)
+    assert identity > 10 and compared - identity > 10       # both paths of physical_pixels
+
+
+@pytest.mark.slow
+def test_physical_pixels_equal_the_old_formula_on_both_real_corpora():
+    compared, _ = _assert_same_pixels_as_before(_corpus_files())
+    assert compared > 100
+

@@ -5,7 +5,8 @@ reshaped to the patch grid and upsampled by MONAI's UNETR blocks (GroupNorm, so 
 statistics), with skips from intermediate transformer layers and a convolutional stem on
 the raw sequences - UNETR (Hatamizadeh et al. 2022) for any ``patch_size = 2**L``, 2D or 3D.
 
-Loss: per-sample Dice + cross-entropy over studies that have a mask (``has_mask``).
+Loss: per-sample Dice + cross-entropy over studies that have a mask (``has_mask``); a mean of
+per-sample terms, so DP-SGD clips each study's gradient exactly.
 Metrics: Dice and HD95 (MONAI) per study, averaged over studies with a lesion mask.
 """
 
@@ -98,10 +99,12 @@ class UNETR(TaskModel):
 
 
 def dice_ce_loss(logits: Tensor, mask: Tensor, dice_weight: float = 1.0) -> Tensor:
-    """Per-sample soft Dice (foreground) + cross-entropy ``[B]``."""
-    ce = F.cross_entropy(logits.float(), mask.long(), reduction="none").flatten(1).mean(1)
-    prob = logits.float().softmax(1)[:, 1].flatten(1)
-    target = mask.float().flatten(1)
+    """Per-sample soft Dice (foreground) + cross-entropy ``[B]``, in at least float32
+    (bf16 logits under autocast; float64 stays float64)."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    ce = F.cross_entropy(logits, mask.long(), reduction="none").flatten(1).mean(1)
+    prob = logits.softmax(1)[:, 1].flatten(1)
+    target = mask.to(logits.dtype).flatten(1)
     dice = (2 * (prob * target).sum(1) + 1) / (prob.sum(1) + target.sum(1) + 1)
     return ce + dice_weight * (1 - dice)
 
@@ -109,10 +112,11 @@ def dice_ce_loss(logits: Tensor, mask: Tensor, dice_weight: float = 1.0) -> Tens
 class SegmentationTask(TaskBase):
     """Binary lesion segmentation; studies without a mask do not contribute."""
 
-    # Per-sample losses, but the decoder's convolutions and GroupNorm have no exact
-    # per-sample gradient rule in client/privacy/persample.py: no DP-SGD (use site-level DP).
-    batch_coupling = ("the UNETR decoder's convolution and GroupNorm layers have no exact "
-                      "per-sample gradient rule here")
+    # A mean of per-sample losses. The decoders' layers (convolutions, transposed
+    # convolutions, GroupNorm/InstanceNorm) have exact per-sample rules (models/conv_grads.py);
+    # a layer without one is refused by name by the site's clipper (and SwinUNETR fine-tunes
+    # it does not cover at config load, models/foundation/swin.py swin_dp_refusal).
+    batch_coupling = None
 
     def __init__(self, config: SegmentationConfig):
         self.config = config

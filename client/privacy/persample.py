@@ -19,24 +19,49 @@ this made the norms ~20% cheaper than computing them after the backward pass).
 
 Parameters do not require grad during this pass, so autograd never computes the unclipped
 weight gradients that Opacus would throw away. Supported parameter holders: ``nn.Linear``,
-``nn.LayerNorm`` and ``models.vit.TokenEmbedding``; anything else is refused by name, so a new
-layer type cannot silently escape clipping.
+``nn.LayerNorm``, ``models.vit.TokenEmbedding``, and (rules in ``models.conv_grads``)
+convolutions, transposed convolutions and affine ``GroupNorm``/``InstanceNorm``: a convolution's
+per-sample norm materialises its per-sample weight gradients (in chunks), its clipped sum is one
+weight gradient of the clip-scaled input, as for a Linear. Anything else is refused by name, so
+a new layer type cannot silently escape clipping.
+
+Every layer's input must lead with the batch (the leading dimension of the model's first
+input): a layer that sees another leading dimension is refused, since its rows would be taken
+for samples. The one exception is declared by the model (``FoldsBatch``): token-wise Linear
+layers under a module type that folds further items into the batch dimension batch-major
+(Swin's window attention: sample i's windows are rows ``i*k .. (i+1)*k-1``), whose rows are
+regrouped per sample.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.conv_grads import (CONV_TYPES, NORM_TYPES, conv_clipped_sum, conv_per_sample,
+                               conv_unsupported, norm_per_sample)
 from models.vit import TokenEmbedding
+
+SUPPORTED = ("Linear, LayerNorm, TokenEmbedding, Conv/ConvTranspose (1-3D), "
+             "GroupNorm, InstanceNorm")
 
 
 class UnsupportedLayerError(ValueError):
     """The model holds trainable parameters in a module type without a per-sample rule."""
+
+
+@runtime_checkable
+class FoldsBatch(Protocol):
+    """A module whose forward folds further items into the leading dimension of the inputs of
+    the token-wise layers under ``batch_major_folds`` (module types), batch-major: sample i's
+    items are rows ``i*k .. (i+1)*k-1``."""
+
+    batch_major_folds: tuple[type[nn.Module], ...]
 
 
 def _acc(x: Tensor) -> Tensor:
@@ -44,16 +69,20 @@ def _acc(x: Tensor) -> Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def _flat(x: Tensor) -> Tensor:
-    """``[B, *, d]`` -> ``[B, T, d]`` (T = product of the middle dims, 1 for 2D inputs)."""
-    return x.reshape(x.shape[0], -1, x.shape[-1])
+def _flat(x: Tensor, batch: int) -> Tensor:
+    """``[B*k, *, d]`` -> ``[B, T, d]`` (T = k times the product of the middle dims; k = 1
+    unless the layer's rows fold further items batch-major, ``FoldsBatch``)."""
+    return x.reshape(batch, -1, x.shape[-1])
 
 
 class _Layer:
     """What one parameter-holding module saw in the current step."""
 
-    def __init__(self, module: nn.Module):
+    def __init__(self, module: nn.Module, name: str, folds: bool):
         self.module = module
+        self.name = name or "<root>"
+        self.folds = folds              # may fold further items into the batch (FoldsBatch)
+        self.batch = 0                  # the step's batch size, set by the forward hook
         # Fixed at construction: inside ``capture()`` every parameter has requires_grad off.
         self.trainable = {n: p for n, p in module.named_parameters(recurse=False)
                           if p.requires_grad}
@@ -87,7 +116,8 @@ def _linear_norms(layer: _Layer) -> Tensor:
 
 
 def _linear_norms_fp32(layer: _Layer) -> Tensor:
-    a, g = _acc(_flat(layer.input)), _acc(_flat(layer.grad_output))   # [B,T,i], [B,T,o]
+    b = layer.batch
+    a, g = _acc(_flat(layer.input, b)), _acc(_flat(layer.grad_output, b))   # [B,T,i], [B,T,o]
     t, i, o = a.shape[1], a.shape[2], g.shape[2]
     sq = torch.zeros(a.shape[0], dtype=a.dtype, device=a.device)
     if "weight" not in layer.trainable:
@@ -105,7 +135,7 @@ def _linear_norms_fp32(layer: _Layer) -> Tensor:
 
 
 def _linear_grads(layer: _Layer, clip: Tensor) -> dict[str, Tensor]:
-    a, g = _flat(layer.input), _flat(layer.grad_output)
+    a, g = _flat(layer.input, layer.batch), _flat(layer.grad_output, layer.batch)
     c = clip.to(g.dtype)[:, None, None]
     out = {}
     if "weight" in layer.trainable:         # scale whichever factor is narrower by c_i
@@ -136,10 +166,46 @@ def _token_embedding_per_sample(layer: _Layer) -> dict[str, Tensor]:
             "seq_embed": seq.reshape(b, 1, m.num_sequences, 1, d)}      # param [1, S, 1, D]
 
 
+def _conv_norms(layer: _Layer) -> Tensor:
+    """Per-sample squared norm of a convolution's trainable parameters (``conv_grads``)."""
+    with torch.autocast(layer.input.device.type, enabled=False):
+        a, g = _acc(layer.input), _acc(layer.grad_output)
+        per_sample = conv_per_sample(layer.module, a, g)
+        return sum(per_sample[n].flatten(1).square().sum(1) for n in layer.trainable)
+
+
+def _conv_grads(layer: _Layer, clip: Tensor) -> dict[str, Tensor]:
+    with torch.autocast(layer.input.device.type, enabled=False):
+        return conv_clipped_sum(layer.module, _acc(layer.input), _acc(layer.grad_output), clip,
+                                set(layer.trainable))
+
+
+def _norm_per_sample(layer: _Layer) -> dict[str, Tensor]:
+    with torch.autocast(layer.input.device.type, enabled=False):
+        return norm_per_sample(layer.module, _acc(layer.input), _acc(layer.grad_output))
+
+
 _PER_SAMPLE: dict[type, Callable[[_Layer], dict[str, Tensor]]] = {
     nn.LayerNorm: _layernorm_per_sample,
     TokenEmbedding: _token_embedding_per_sample,
+    **{t: _norm_per_sample for t in NORM_TYPES},
 }
+# Layers whose per-sample norm is taken when the output gradient arrives and whose clipped
+# sum is one weighted product afterwards (inputs and output gradients kept until then).
+_NORM_THEN_SUM: dict[type, tuple[Callable[[_Layer], Tensor],
+                                 Callable[[_Layer, Tensor], dict[str, Tensor]]]] = {
+    nn.Linear: (_linear_norms, _linear_grads),
+    **{t: (_conv_norms, _conv_grads) for t in CONV_TYPES},
+}
+
+
+def _rule_missing(module: nn.Module) -> str | None:
+    """Why ``module`` (holding trainable parameters) has no exact rule here, or None."""
+    if isinstance(module, nn.Linear):
+        return None
+    if type(module) in _NORM_THEN_SUM or type(module) in _PER_SAMPLE:
+        return conv_unsupported(module) if isinstance(module, CONV_TYPES) else None
+    return type(module).__name__
 
 
 class PerSampleClipper:
@@ -167,14 +233,16 @@ class PerSampleClipper:
         self.max_grad_norm = float(max_grad_norm)
         self.layers: list[_Layer] = []
         unsupported = []
+        folded = _folded_modules(model)
         for name, module in model.named_modules():
             own = [p for p in module.parameters(recurse=False) if p.requires_grad]
             if not own:
                 continue
-            if isinstance(module, nn.Linear) or type(module) in _PER_SAMPLE:
-                self.layers.append(_Layer(module))
+            missing = _rule_missing(module)
+            if missing is None:
+                self.layers.append(_Layer(module, name, id(module) in folded))
             else:
-                unsupported.append(f"{name or '<root>'} ({type(module).__name__})")
+                unsupported.append(f"{name or '<root>'} ({missing})")
         owners: dict[int, str] = {}
         for layer in self.layers:
             for p in layer.trainable.values():
@@ -185,8 +253,9 @@ class PerSampleClipper:
         if unsupported:
             raise UnsupportedLayerError(
                 "no exact per-sample gradient rule for trainable parameters in: "
-                + ", ".join(unsupported) + "; supported: Linear, LayerNorm, TokenEmbedding")
+                + ", ".join(unsupported) + f"; supported: {SUPPORTED}")
         self._hooks: list = []
+        self._batch = 0                 # this step's batch size (the model's first input)
 
     def parameters(self) -> Iterator[nn.Parameter]:
         for layer in self.layers:
@@ -196,6 +265,9 @@ class PerSampleClipper:
     def capture(self):
         """Forward and backward inside this block record inputs and output gradients."""
         params = list(self.parameters())
+        self._batch = 0
+        self._hooks.append(self.model.register_forward_pre_hook(self._batch_hook,
+                                                                with_kwargs=True))
         for layer in self.layers:
             layer.input, layer.grad_output, layer.per_sample, layer.calls = None, None, {}, 0
             layer.input_gram = layer.sq_norm = None
@@ -211,6 +283,29 @@ class PerSampleClipper:
                 h.remove()
             self._hooks.clear()
 
+    def _batch_hook(self, module, args, kwargs):
+        first = next((x for x in (*args, *kwargs.values()) if isinstance(x, Tensor)), None)
+        if first is not None and not self._batch:
+            self._batch = first.shape[0]
+
+    def _check_batch(self, layer: _Layer, lead: int) -> None:
+        """The layer's rows are the batch's samples, or (declared) batch-major folds of it."""
+        if not self._batch:     # the model's root was not called: its first layer decides,
+            if layer.folds:     # unless that layer's rows may be folds (B x windows)
+                raise UnsupportedLayerError(
+                    f"{layer.name} ({type(layer.module).__name__}) may fold the batch but the "
+                    "batch size is unknown (the model was not called with a tensor): its rows "
+                    "cannot be grouped per sample")
+            self._batch = lead
+        if lead == self._batch:
+            return
+        if layer.folds and isinstance(layer.module, nn.Linear) and lead % self._batch == 0:
+            return
+        raise UnsupportedLayerError(
+            f"{layer.name} ({type(layer.module).__name__}) sees a leading dimension of {lead}, "
+            f"not the batch of {self._batch}: its rows are not samples, so their gradients "
+            "cannot be clipped per sample (folds must be declared batch-major, FoldsBatch)")
+
     def _forward_hook(self, layer: _Layer):
         def hook(module, inputs, output):
             layer.calls += 1
@@ -219,8 +314,10 @@ class PerSampleClipper:
                     f"{type(module).__name__} is called twice in one forward pass; "
                     "shared layers are not supported by exact per-sample clipping")
             layer.input = inputs[0].detach()
+            self._check_batch(layer, layer.input.shape[0])
+            layer.batch = self._batch
             if isinstance(module, nn.Linear) and "weight" in layer.trainable:
-                a = _acc(_flat(layer.input))
+                a = _acc(_flat(layer.input, layer.batch))
                 if _ghost(a.shape[1], a.shape[2], module.out_features):
                     layer.input_gram = _gram(a)
             if not output.requires_grad:    # first layer: start the graph at its output
@@ -233,7 +330,7 @@ class PerSampleClipper:
                     layer.per_sample = rule(layer)
                     layer.input = layer.grad_output = None
                 else:
-                    layer.sq_norm = _linear_norms(layer)
+                    layer.sq_norm = _norm_then_sum(module)[0](layer)
                     layer.input_gram = None
             output.register_hook(grad_hook)
             return output
@@ -265,9 +362,22 @@ class PerSampleClipper:
                 parts = {n: torch.einsum("b,b...->...", clip, t).reshape(params[n].shape)
                          for n, t in layer.per_sample.items() if n in params}
             else:
-                parts = _linear_grads(layer, clip)
+                parts = _norm_then_sum(layer.module)[1](layer, clip)
             for name, value in parts.items():
                 grads[params[name]] = value.to(params[name].dtype)
             layer.input = layer.grad_output = layer.sq_norm = None
             layer.per_sample = {}
         return grads, norms
+
+
+def _norm_then_sum(module: nn.Module):
+    return _NORM_THEN_SUM[nn.Linear if isinstance(module, nn.Linear) else type(module)]
+
+
+def _folded_modules(model: nn.Module) -> set[int]:
+    """ids of the modules under a type some ``FoldsBatch`` module in ``model`` declares."""
+    types = tuple(t for m in model.modules() if isinstance(m, FoldsBatch)
+                  for t in m.batch_major_folds)
+    if not types:
+        return set()
+    return {id(sub) for m in model.modules() if isinstance(m, types) for sub in m.modules()}

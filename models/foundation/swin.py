@@ -15,9 +15,14 @@ segmentation task trains it as it is instead of putting its UNETR decoder on a V
   convolutions, and the whole convolutional decoder; the rest of the Swin encoder is frozen and
   stays at the site (its digest is checked like any foundation base).
 
-DP-SGD is refused: the decoder's convolutions have no exact per-sample rule in
-``client/privacy/persample.py`` (its InstanceNorms have no parameters), and the segmentation
-task refuses DP-SGD for the same reason. Registered as ``MODELS`` ``"foundation_swin"``.
+DP-SGD (method ``lora``): every trainable module has an exact per-sample rule - the LoRA
+Linears, the (transposed) convolutions and affine Instance/GroupNorms (``models/conv_grads.py``).
+Swin's window attention folds each sample's windows into the batch dimension batch-major
+(MONAI's ``window_partition``), which the model declares (``batch_major_folds``) so the clipper
+sums a sample's windows. Refused with one line (``swin_dp_refusal``): method ``full`` (the
+relative-position bias tables are indexed inside the folded windows: no rule), a decoder
+normalised with batch statistics, gradient checkpointing (each block runs twice).
+Registered as ``MODELS`` ``"foundation_swin"``.
 """
 
 from __future__ import annotations
@@ -69,6 +74,21 @@ class SwinSegConfig:
             raise ValueError("lora_rank must be >= 1, lora_alpha > 0, lora_dropout in [0, 1)")
 
 
+def swin_dp_refusal(method: str, constructor: dict) -> str | None:
+    """Why DP-SGD's exact per-sample clipping does not cover this fine-tune, or None."""
+    norm = constructor.get("norm_name", "instance")
+    norm = str(norm[0] if isinstance(norm, (list, tuple)) else norm).lower()
+    if method != "lora":
+        return ("method=full trains the Swin relative-position bias tables, which have no "
+                "exact per-sample gradient rule; use method=lora")
+    if norm not in ("instance", "group"):
+        return (f"the SwinUNETR decoder normalises with {norm!r}; only instance and group "
+                "norms have an exact per-sample rule")
+    if constructor.get("use_checkpoint"):
+        return "use_checkpoint=true runs each Swin block twice per step; save it without"
+    return None
+
+
 def widen_conv(conv: nn.Module, channels: int) -> nn.Module:
     """A copy of ``conv`` reading ``channels`` inputs, each with the pretrained kernel averaged
     over the original inputs and scaled by ``C0 / channels``."""
@@ -85,9 +105,6 @@ def widen_conv(conv: nn.Module, channels: int) -> nn.Module:
 
 class SwinSegmenter(nn.Module):
     """``forward(images [B, S, *spatial], present [B, S]) -> logits [B, 2, *spatial]``."""
-
-    dp_unsupported = ("SwinUNETR's convolutional decoder has no exact per-sample gradient "
-                      "rule here")
 
     def __init__(self, net: nn.Module, constructor: dict, config: SwinSegConfig):
         from monai.networks.blocks import UnetOutBlock
@@ -119,6 +136,25 @@ class SwinSegmenter(nn.Module):
         if int(constructor.get("out_channels", 0)) != SEGMENT_CLASSES:
             net.out = UnetOutBlock(dims, feature, SEGMENT_CLASSES)     # a fresh 2-class head
         self.net = net
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """One study's input ``(S, *spatial)``: what a registered version takes per sample."""
+        c = self.config
+        return (c.num_channels, *([c.image_size] * c.spatial_dims))
+
+    @property
+    def dp_unsupported(self) -> str | None:
+        """Why DP-SGD is refused for this model (``swin_dp_refusal``), or None."""
+        return swin_dp_refusal(self.config.method, self.constructor)
+
+    @property
+    def batch_major_folds(self) -> tuple[type[nn.Module], ...]:
+        """Window attention sees ``[B * windows, tokens, C]``, sample-major (the clipper's
+        ``FoldsBatch``; checked exact by tests/models/test_foundation_swin.py)."""
+        from monai.networks.nets.swin_unetr import WindowAttention
+
+        return (WindowAttention,)
 
     def forward(self, images: Tensor, present: Tensor) -> Tensor:
         # Absent channels are zero in ``images`` (StudyDataset does): zero inputs, no mask.
@@ -188,5 +224,19 @@ def export_swin(model: SwinSegmenter, directory: str | Path) -> Path:
     return save_monai(merged, constructor, directory, model_type=SWIN_UNETR_TYPE)
 
 
+def is_swin_export(directory: str | Path) -> bool:
+    """Whether ``directory`` holds a SwinUNETR in our MONAI layout (``export_swin``'s)."""
+    import json
+
+    from .loading import CONFIG_FILE
+    from .monai_nets import SWIN_UNETR_TYPE
+
+    path = Path(directory) / CONFIG_FILE
+    try:
+        return json.loads(path.read_text()).get("model_type") == SWIN_UNETR_TYPE
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 __all__ = ["SWIN_LORA_TARGETS", "SwinSegConfig", "SwinSegmenter", "apply_swin_method",
-           "export_swin", "load_swin", "widen_conv"]
+           "export_swin", "is_swin_export", "load_swin", "swin_dp_refusal", "widen_conv"]

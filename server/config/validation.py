@@ -154,7 +154,7 @@ def validate_foundation(cfg: ExperimentConfig) -> None:
                           + ("a 3D layout needs a MONAI ViT built with spatial_dims=3"
                              if options.spatial_dims == 3 else "use a 2D encoder"))
     if family == SWIN_UNETR_TYPE:
-        _validate_swin(cfg)
+        _validate_swin(cfg, method, read_config(directory).get("constructor") or {})
         return
     refusal = directory_refusal(directory, cfg.task.name, method)
     if refusal:
@@ -170,20 +170,18 @@ def validate_foundation(cfg: ExperimentConfig) -> None:
                           "method=lora or full, or privacy=sitedp")
 
 
-def _validate_swin(cfg: ExperimentConfig) -> None:
-    """A pretrained SwinUNETR is the segmentation task's whole network; DP-SGD has no
-    per-sample rule for its convolutions, and a registered version has no serving format yet."""
+def _validate_swin(cfg: ExperimentConfig, method: str, constructor: dict) -> None:
+    """A pretrained SwinUNETR is the segmentation task's whole network; DP-SGD covers its
+    LoRA fine-tune unless ``swin_dp_refusal`` says why not."""
+    from models.foundation.swin import swin_dp_refusal
+
     if cfg.task.name != "segmentation" or cfg.pretrain.objective is not None:
         raise ConfigError("model=foundation_swin is a segmentation network: use "
                           "task=lesion_seg (task name segmentation) and no pretraining phase")
-    if cfg.privacy.mechanism == wire.DP_SGD:
-        raise ConfigError("privacy.mechanism=dp-sgd refused for model=foundation_swin: its "
-                          "convolutional decoder has no exact per-sample gradient rule; use "
-                          "privacy=sitedp")
-    if cfg.tracking.log_models:
-        raise ConfigError("model=foundation_swin: registered model versions are not built for "
-                          "a SwinUNETR yet; set tracking.log_models=false (checkpoints are "
-                          "kept as usual)")
+    reason = swin_dp_refusal(method, constructor)
+    if cfg.privacy.mechanism == wire.DP_SGD and reason:
+        raise ConfigError(f"privacy.mechanism=dp-sgd refused for model=foundation_swin: "
+                          f"{reason}; or use privacy=sitedp")
 
 
 def validate_pretrain(cfg: ExperimentConfig) -> None:

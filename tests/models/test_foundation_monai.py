@@ -46,14 +46,16 @@ def _vit(args: dict, seed: int = 0) -> ViT:
 
 def _bundle(directory: Path, network_def: dict, state: dict | None, **top) -> Path:
     """A MONAI bundle as MONAI lays it out, with the expressions real bundles carry next to
-    network_def (never evaluated) and a script that would leave a marker if it ever ran."""
+    network_def. Evaluating ``device`` (as MONAI's ``ConfigParser`` does for a network_def
+    that references ``@device``) leaves a marker file ``RAN``."""
     (directory / "configs").mkdir(parents=True)
     (directory / "scripts").mkdir()
-    (directory / "scripts" / "__init__.py").write_text(
-        f"open({str(directory / 'RAN')!r}, 'w').write('x')\n")
+    (directory / "scripts" / "__init__.py").write_text("raise SystemExit('bundle code ran')\n")
     (directory / "configs" / "metadata.json").write_text(json.dumps(
         {"version": "0.1.0", "monai_version": "1.6.1", "network_data_format": {}}))
-    inference = {"imports": ["$import scripts"], "device": "$torch.device('cpu')",
+    marker = str(directory / "RAN")
+    inference = {"imports": ["$import scripts"],
+                 "device": f"$open({marker!r}, 'w').write('x') and torch.device('cpu')",
                  "network": "$@network_def.to(@device)", "network_def": network_def} | top
     (directory / "configs" / "inference.json").write_text(json.dumps(inference))
     if state is not None:
@@ -119,7 +121,6 @@ def test_a_bundle_loads_from_network_def_without_running_anything(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model.forward_features(x, torch.ones(B, 1, dtype=torch.bool)),
                                    vit(x)[0], rtol=0, atol=1e-5)
-    assert not (directory / "RAN").exists()          # scripts/ never imported
 
 
 def test_multi_channel_3d_with_another_grid_and_an_absent_channel(tmp_path):
@@ -248,7 +249,8 @@ def test_swin_unetr_is_the_segmentation_network_with_lora_on_its_attention(tmp_p
     from models.foundation.swin import SwinSegmenter
 
     swin, model, task = _swin_segmenter(tmp_path, lora_rank=2)
-    assert isinstance(model, SwinSegmenter) and site_owned_base(model) and dp_refusal(model)
+    assert isinstance(model, SwinSegmenter) and site_owned_base(model)
+    assert dp_refusal(model) is None               # DP-SGD covers the LoRA fine-tune
     keys = trainable_keys(model)
     lora = {k for k in keys if "lora_" in k}
     assert lora and all(".attn.qkv." in k or ".attn.proj." in k for k in lora)
@@ -421,11 +423,11 @@ def test_ct_volume_layout_takes_a_3d_bundle_and_refuses_a_2d_encoder_at_config_l
 
 
 @pytest.mark.parametrize("overrides,expected", [
-    ([], "tracking.log_models=false"),
-    (["tracking.log_models=false", "privacy=dpsgd"], "dp-sgd"),
-    (["tracking.log_models=false", "task=glioma3"], "task=lesion_seg"),
-    (["tracking.log_models=false", "model=foundation"], "use model=foundation_swin"),
-    (["tracking.log_models=false", "model.options.weights=vit2d"], "needs a MONAI SwinUNETR"),
+    (["privacy=dpsgd", "model.options.method=full"], "dp-sgd refused .*use method=lora"),
+    (["privacy=dpsgd", "model.options.weights=swin_bn"], "dp-sgd refused .*'batch'"),
+    (["task=glioma3"], "task=lesion_seg"),
+    (["model=foundation"], "use model=foundation_swin"),
+    (["model.options.weights=vit2d"], "needs a MONAI SwinUNETR"),
 ])
 def test_foundation_swin_config_refusals_are_one_line(tmp_path, overrides, expected):
     from server.config import load_experiment
@@ -433,10 +435,14 @@ def test_foundation_swin_config_refusals_are_one_line(tmp_path, overrides, expec
 
     torch.manual_seed(0)
     save_monai(SwinUNETR(**SWIN), SWIN, tmp_path / "swin", model_type=SWIN_UNETR_TYPE)
+    bn = SWIN | {"norm_name": "batch"}
+    save_monai(SwinUNETR(**bn), bn, tmp_path / "swin_bn", model_type=SWIN_UNETR_TYPE)
     save_monai(_vit(VIT2D), VIT2D, tmp_path / "vit2d")
     common = ["model=foundation_swin", "task=lesion_seg", "model.options.weights=swin",
               f"model.foundation_dir={tmp_path}", f"runs_dir={tmp_path / 'runs'}"]
     with pytest.raises(ConfigError, match=expected) as err:
         load_experiment(common + overrides)
     assert "\n" not in str(err.value)
-    load_experiment(common + ["tracking.log_models=false"])      # the valid one loads
+    # the valid ones load: registered versions, and DP-SGD on the LoRA fine-tune
+    assert load_experiment(common).tracking.log_models
+    assert load_experiment(common + ["privacy=dpsgd"]).privacy.mechanism == "dp-sgd"

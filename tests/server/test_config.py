@@ -54,7 +54,6 @@ def test_fingerprint_tracks_the_config():
     (["pretrain=clip", "+pretrain.options.tokenizer_dir=/nonexistent/tokenizer"],
      "never reads a path"),
     (["pretrain=clip", "+pretrain.options.vocab_size=30522"], "vocab"),
-    (["task=lesion_seg", "privacy=dpsgd"], "convolution"),
     (["data/layout=mammography", "task.class_names=[a,b]", "pretrain=clip",
       "pretrain.num_rounds=1"], "pretraining phase: task=clip learns from radiology reports "
      "but data/layout=mammography declares none"),
@@ -71,3 +70,30 @@ def test_report_objectives_load_on_a_layout_with_reports_and_without_one_when_un
     load_experiment(["data/layout=mammography", "task.class_names=[a,b]",
                      "pretrain=mae", "pretrain.num_rounds=1"])     # MAE reads no reports
     load_experiment(["pretrain=clip", "pretrain.num_rounds=1"])  # brain_mri_4seq: as before
+
+
+def test_dp_sgd_loads_for_lesion_segmentation():
+    # its loss is a mean of per-sample terms and the UNETR decoder's layers have exact
+    # per-sample rules (tests/models/test_objectives.py checks them against the batch gradient)
+    assert load_experiment(["task=lesion_seg", "privacy=dpsgd"]).privacy.mechanism == "dp-sgd"
+
+
+def test_chest_reports_fit_the_radiology_vocabulary_and_not_the_default():
+    from client.data.report_deid import deidentify_report
+    from medfed.synth.chest import generate_chest_site, make_chest_profiles
+    reports = [deidentify_report(study.report)[0] for profile in make_chest_profiles(3, 0)
+               for study in generate_chest_site(profile, 0).studies]
+    from models.clip import CLIPConfig
+    from models.text import load_tokenizer, shipped_tokenizer, tokenize
+    cfg = load_experiment(["data/layout=chest_xray", "task=chest3", "pretrain=clip_chest"])
+    assert cfg.pretrain_phase().task.name == "clip"
+    chest = CLIPConfig(num_classes=3, **cfg.pretrain.options)
+    cut = {}
+    for name, config in (("default", CLIPConfig(num_classes=3)), ("radiology", chest)):
+        tokenizer = load_tokenizer(shipped_tokenizer(config.tokenizer_dir))
+        out = tokenize(tokenizer, reports, config.max_length)
+        real = out["attention_mask"].bool()
+        assert (out["input_ids"][real] == tokenizer.token_to_id("[UNK]")).sum() == 0
+        cut[name] = out["truncated"].float().mean().item()
+    assert cut["radiology"] == 0.0
+    assert cut["default"] > 0.2          # what pretrain=clip_chest is for (27.6% at seed 0)

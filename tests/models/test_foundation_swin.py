@@ -1,0 +1,131 @@
+"""A pretrained MONAI SwinUNETR fine-tuned with LoRA (``models/foundation/swin.py``): DP-SGD's
+per-sample gradients are exact for every trainable module (2D and 3D, float64), a short DP run
+goes through the engine, and what a registered version holds serves and exports like the
+round's model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from monai.networks.nets import SwinUNETR
+
+from client.privacy.persample import PerSampleClipper, UnsupportedLayerError
+from models.foundation.monai_nets import SWIN_UNETR_TYPE, save_monai
+
+# depth 2 in the first stage: its second block attends in SHIFTED windows (masked, rolled)
+SWIN2D = dict(in_channels=1, out_channels=2, feature_size=12, depths=[2, 1, 1, 1],
+              num_heads=[1, 1, 2, 2], window_size=4, spatial_dims=2)
+SWIN3D = dict(in_channels=1, out_channels=3, feature_size=12, depths=[2, 1, 1, 1],
+              num_heads=[1, 1, 2, 2], window_size=2, spatial_dims=3)
+S = 3
+ATOL = 1e-10
+
+
+def _segmenter(tmp_path, args: dict, **options):
+    from models.tasks import build
+
+    torch.manual_seed(0)
+    save_monai(SwinUNETR(**args), args, tmp_path / "swin", model_type=SWIN_UNETR_TYPE)
+    options = {"weights": "swin", "num_channels": S, "image_size": 32 if args["spatial_dims"]
+               == 3 else 64, "spatial_dims": args["spatial_dims"], "lora_rank": 2} | options
+    return build("foundation_swin", options, "segmentation", {}, foundation_dir=tmp_path)
+
+
+def _batch(n: int, spatial: tuple[int, ...], dtype=torch.float64, seed: int = 1) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    present = torch.ones(n, S, dtype=torch.bool)
+    present[0, 1] = False
+    dims = len(spatial)
+    images = torch.randn((n, S, *spatial), generator=g, dtype=dtype) \
+        * present.reshape(n, S, *[1] * dims)
+    mask = (torch.rand((n, *spatial), generator=g) > 0.8).long()
+    return {"image": images, "present": present, "mask": mask,
+            "has_mask": torch.ones(n, dtype=torch.long)}
+
+
+def _randomise_trainable(model, seed: int = 0) -> None:
+    """LoRA's B starts at zero: random values make every gradient visible."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.1)
+
+
+def _summed(model, task, batch):
+    out = task.step(model, batch)
+    return out.loss * out.n
+
+
+@pytest.mark.parametrize("args", [SWIN2D, pytest.param(SWIN3D, marks=pytest.mark.slow)],
+                         ids=["2d", "3d"])             # 3D: ~20 s of float64 convolutions
+def test_per_sample_gradients_of_the_swin_lora_fine_tune_are_exact(tmp_path, args):
+    model, task = _segmenter(tmp_path, args)
+    assert model.dp_unsupported is None
+    model = model.double().train()
+    _randomise_trainable(model)
+    dims = args["spatial_dims"]
+    # 3D: 64 x 32 x 32 keeps 2 voxels at 1/32 (InstanceNorm needs more than one when training)
+    batch = _batch(2, (64, 32, 32) if dims == 3 else (64, 64))
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    kinds = {type(m).__name__ for m in model.modules()
+             if any(p.requires_grad for p in m.parameters(recurse=False))}
+    assert {"Linear", f"Conv{dims}d", f"ConvTranspose{dims}d"} <= kinds, kinds
+    individual = []
+    for i in range(2):
+        model.zero_grad(set_to_none=True)
+        _summed(model, task, {k: v[i:i + 1] for k, v in batch.items()}).backward()
+        individual.append({n: p.grad.clone() for n, p in params.items()})
+    norms = torch.stack([torch.sqrt(sum(g.square().sum() for g in grads.values()))
+                         for grads in individual])
+    model.zero_grad(set_to_none=True)
+    c = float(norms.mean())                   # clips one sample, not the other
+    clipper = PerSampleClipper(model, max_grad_norm=c)
+    with clipper.capture():
+        _summed(model, task, batch).backward()
+    grads, got = clipper.clipped_sum()
+    torch.testing.assert_close(got, norms, rtol=0, atol=ATOL)
+    factors = (c / (norms + 1e-6)).clamp(max=1.0)
+    model.zero_grad(set_to_none=True)
+    _summed(model, task, batch).backward()
+    assert {id(p) for p in grads} == {id(p) for p in params.values()}
+    for name, p in params.items():
+        assert p.grad.abs().max() > 0, name
+        torch.testing.assert_close(individual[0][name] + individual[1][name], p.grad,
+                                   rtol=0, atol=ATOL, msg=name)      # per-sample sum = batch
+        expected = factors[0] * individual[0][name] + factors[1] * individual[1][name]
+        torch.testing.assert_close(grads[p], expected, rtol=0, atol=ATOL, msg=name)
+
+
+def test_swin_fine_tunes_dp_sgd_does_not_cover_are_refused_with_one_line(tmp_path):
+    full, _ = _segmenter(tmp_path / "a", SWIN2D, method="full")
+    assert "method=lora" in full.dp_unsupported
+    with pytest.raises(UnsupportedLayerError, match=r"attn \(WindowAttention\)"):
+        PerSampleClipper(full, 1.0)           # the site's clipper refuses it too, by name
+    batch_norm, _ = _segmenter(tmp_path / "b", SWIN2D | {"norm_name": "batch"})
+    assert "'batch'" in batch_norm.dp_unsupported
+    with pytest.raises(UnsupportedLayerError, match=r"BatchNorm2d"):
+        PerSampleClipper(batch_norm, 1.0)
+    checkpointed, _ = _segmenter(tmp_path / "c", SWIN2D | {"use_checkpoint": True})
+    assert "use_checkpoint" in checkpointed.dp_unsupported
+    for reason in (full.dp_unsupported, batch_norm.dp_unsupported):
+        assert "\n" not in reason
+
+
+def test_a_short_dp_sgd_run_through_the_engine_trains_the_swin_adapters(tmp_path):
+    from client.engine import Engine
+    from client.privacy.dpsgd import DPSGDConfig
+    from protocol.job import TrainConfig
+
+    model, task = _segmenter(tmp_path, SWIN2D)
+    data = [{k: v[0] for k, v in _batch(1, (64, 64), torch.float32, seed=i).items()}
+            for i in range(4)]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    privacy = DPSGDConfig(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.5,
+                          secure_mode=False, seed=3)
+    metrics = Engine(task, torch.device("cpu")).fit(
+        model, data, TrainConfig(lr=1e-3, local_epochs=1, seed=0), privacy)
+    assert metrics["steps"] == 2
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert changed == trainable               # every adapter/decoder weight, nothing frozen

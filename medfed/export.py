@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 from models.foundation.export import is_export, load_export
+from models.foundation.swin import is_swin_export, load_swin
 from models.weights import load_pretrained
 
 
@@ -46,6 +47,11 @@ def export_version(tracking_uri: str, name: str, version: str, out: Path, *,
     shutil.move(str(staged), str(out))
     shutil.rmtree(out.parent / f".{out.name}.tmp", ignore_errors=True)
     # the directory must load before we call it exported (a foundation version: its
-    # family-format encoder, adapter and adaptation parts)
-    load_export(out) if is_export(out) else load_pretrained(out)
+    # family-format encoder, adapter and adaptation parts; a SwinUNETR: MONAI's own format)
+    if is_export(out):
+        load_export(out)
+    elif is_swin_export(out):
+        load_swin(out)
+    else:
+        load_pretrained(out)
     return out

@@ -1,8 +1,8 @@
 """Single-input wrappers for serving/export: absent sequences are all-zero channels.
 
 ``servable(model)`` turns whatever a phase trained into a plain module: a classifier (LoRA
-adapters merged into their base weights) or, for a pretraining objective, its backbone as an
-encoder of pooled features. The backbone is our ``MultiModalViT`` or a pretrained foundation
+adapters merged into their base weights), a segmenter (a fine-tuned SwinUNETR, merged) or, for
+a pretraining objective, its backbone as an encoder of pooled features. The backbone is our ``MultiModalViT`` or a pretrained foundation
 encoder (``models.foundation``: peft LoRA/DoRA/IA3 merged); both take ``(images, present)``
 and provide ``forward_features``/``pool``/``head``, so the wrappers serve either.
 """
@@ -10,11 +10,13 @@ and provide ``forward_features``/``pool``/``head``, so the wrappers serve either
 from __future__ import annotations
 
 import copy
+import sys
 
 import torch
 from torch import Tensor, nn
 
 from .foundation.adapt import FoundationBackbone
+from .foundation.swin import SwinSegmenter
 from .task import TaskModel
 from .vit import MultiModalViT
 
@@ -51,6 +53,20 @@ def _present(images: Tensor) -> Tensor:
     return present
 
 
+class ExportedSegmenter(nn.Module):
+    """``images [B, S, *spatial]`` -> per-voxel class probabilities ``[B, 2, *spatial]``
+    (softmax over background / lesion) of a fine-tuned SwinUNETR."""
+
+    def __init__(self, model: SwinSegmenter):
+        super().__init__()
+        self.model = model
+        self.input_shape = model.input_shape
+
+    def forward(self, images: Tensor) -> Tensor:
+        images = torch.as_tensor(images, dtype=torch.float32)
+        return self.model(images, _present(images)).softmax(1)
+
+
 class ExportedEncoder(nn.Module):
     """``images [B, S, *spatial]`` -> pooled backbone features ``[B, 2D]``."""
 
@@ -67,10 +83,13 @@ class ExportedEncoder(nn.Module):
 
 def merge_adapters(model: MultiModalViT) -> MultiModalViT:
     """A plain backbone with any LoRA adapters merged into the base weights (a copy)."""
-    from peft.tuners.lora import LoraLayer
-
     merged = copy.deepcopy(model)
-    layers = [m for m in merged.modules() if isinstance(m, LoraLayer)]
+    # A LoRA layer is an instance of a class in peft.tuners.lora: without that module
+    # loaded there is none to merge, and importing peft costs ~2 s of CPU.
+    lora = sys.modules.get("peft.tuners.lora")
+    if lora is None:
+        return merged
+    layers = [m for m in merged.modules() if isinstance(m, lora.LoraLayer)]
     if not layers:
         return merged
     for layer in layers:
@@ -105,6 +124,10 @@ def trained_backbone(model: nn.Module) -> Backbone:
 def servable(model: nn.Module, *, multi_label: bool = False) -> nn.Module:
     """What a model registry should hold for ``model`` (see module docstring);
     ``multi_label``: the head scores independent findings (sigmoid, not softmax)."""
+    if isinstance(model, SwinSegmenter):
+        from .foundation.export import merge_adapters as merge_foundation
+
+        return ExportedSegmenter(merge_foundation(model))
     plain = plain_backbone(model)
     if isinstance(model, (MultiModalViT, FoundationBackbone)) and model.head is not None:
         return ExportedClassifier(plain, multi_label)

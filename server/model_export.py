@@ -5,9 +5,15 @@ of server CPU per round for the demo's ViT, on the cores the sites train on - an
 default, loads the saved model again and scores the input example with it ("serving input
 validation"). Within a phase the global model's graph is the same every round: the same
 architecture, the same wrapper; only its weights change. :class:`ReusedExport` is the flavor
-``Model.log`` saves with: the first time, ``mlflow.pytorch.save_model`` itself (and MLflow's
-validation); after that the same files, with the new weights written into the program traced
-then. A version is made that way only when
+``Model.log`` saves with: the first time, ``mlflow.pytorch.save_model`` itself, its program
+loaded back and checked to score the input example and a probe as the model in memory does
+(what MLflow's validation would load, with a check that compares the scores; MLflow's own
+costs ~1 s of CPU and only logs a failure); after that the same files (its MLmodel
+description read once), with the new weights written into the program traced then, and its
+``pt2`` archive written again with only the weights' records replaced
+(``server/pt2_archive.py``: ``torch.export.save`` would serialise the unchanged graph again,
+~0.3 s of CPU per version; it is used only when the archive's layout is not the one that
+module knows, counted in ``serialized``). A version is made that way only when
 
 - the model's state (keys, shapes, dtypes), its wrapper class and the input example are the
   traced one's, and
@@ -19,6 +25,7 @@ otherwise it is traced again (and that becomes the template). What is reused is 
 
 from __future__ import annotations
 
+import copy
 import logging
 import shutil
 import tempfile
@@ -26,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from .pt2_archive import Pt2Template
 
 log = logging.getLogger(__name__)
 
@@ -54,44 +63,70 @@ class ReusedExport:
         self._module = None                     # its graph as a module, on the same tensors
         self.reused = 0                         # versions written from the template
         self.traced = 0                         # versions traced by mlflow.pytorch
+        self._archive: Pt2Template | None = None  # the traced archive, records in memory
+        self._described = None                  # the traced version's MLmodel description
+        self.serialized = 0                     # reused versions torch.export.save wrote
+        self.scores_like_model: bool | None = None   # the last version's check (None: none ran)
 
     def close(self) -> None:
-        self._program = self._module = None
+        self._program = self._module = self._archive = None
         self._dir.cleanup()
-
-    @property
-    def validated(self) -> bool:
-        """Whether a version of this phase was traced and validated by MLflow already."""
-        return self._template is not None
 
     def save_model(self, path, mlflow_model, pytorch_model, input_example=None, **kwargs):
         """``Model.log``'s call: save ``pytorch_model`` as a pt2 MLflow model in ``path``."""
         import mlflow
 
         key = _structure(pytorch_model)
+        self.scores_like_model = None
         if self._template is not None and key == self._key and input_example is not None \
                 and np.array_equal(np.asarray(input_example), self._example) \
                 and self._write_reused(Path(path), mlflow_model, pytorch_model):
             self.reused += 1
+            self.scores_like_model = True        # checked before it was written
             return
         mlflow.pytorch.save_model(pytorch_model, path, mlflow_model=mlflow_model,
                                   input_example=input_example, **kwargs)
         self.traced += 1
-        self._remember(Path(path), key, np.asarray(input_example))
+        if input_example is not None:       # what the template is checked on
+            self._remember(Path(path), key, np.asarray(input_example), pytorch_model)
 
-    def _remember(self, path: Path, key: tuple, example: np.ndarray) -> None:
-        template = Path(self._dir.name) / f"template-{self.traced}"
-        shutil.copytree(path, template)
+    def _remember(self, path: Path, key: tuple, example: np.ndarray,
+                  model: torch.nn.Module) -> None:
+        """Keep the version just traced as the template, once its saved program (loaded
+        back, as MLflow's serving-input validation would) scores the input example and the
+        probe as ``model`` does; otherwise warn and keep none (the next one is traced)."""
+        from mlflow.models import Model
+
         if self._template is not None:
             shutil.rmtree(self._template, ignore_errors=True)
-        self._template, self._key, self._example = template, key, example.copy()
-        self._program = torch.export.load(str(template / PT2_FILE))
-        self._module = self._program.module()
+        self._template = self._program = self._module = self._archive = None
+        template = Path(self._dir.name) / f"template-{self.traced}"
+        shutil.copytree(path, template)
+        program = torch.export.load(str(template / PT2_FILE))
+        self._module, self._example = program.module(), example.copy()
+        self.scores_like_model = self._scores_like(model, torch.as_tensor(example))
+        if not self.scores_like_model:
+            log.warning("the saved program of this version does not score its input example "
+                        "as the model does (tagged serving_check=failed): the next version "
+                        "is traced again")
+            self._module = None
+            return
+        self._template, self._key, self._program = template, key, program
+        self._archive = Pt2Template.read(template / PT2_FILE, program)
+        self._described = Model.load(str(template / MLMODEL))   # flavors, signature, example
+
+    def _scores_like(self, model: torch.nn.Module, *inputs: torch.Tensor) -> bool:
+        """Whether the template's program scores ``inputs`` and a probe as ``model`` does."""
+        # a probe with its own generator: the server's torch RNG is never drawn from here
+        probe = torch.randn(2, *self._example.shape[1:],
+                            generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            return all(torch.allclose(self._module(x), model(x), rtol=1e-5, atol=1e-6)
+                       for x in (*inputs, probe))
 
     def _write_reused(self, path: Path, mlflow_model, model: torch.nn.Module) -> bool:
         """The template's files with ``model``'s weights; False (nothing written) if the
         program with them does not score the probe as ``model`` does."""
-        from mlflow.models import Model
         from mlflow.utils.file_utils import get_total_file_size
 
         program, state = self._program, model.state_dict()
@@ -102,22 +137,23 @@ class ReusedExport:
         with torch.no_grad():
             for k, v in weights.items():
                 v.copy_(state[k])
-            # a probe with its own generator: the server's torch RNG is never drawn from here
-            probe = torch.randn(2, *self._example.shape[1:],
-                                generator=torch.Generator().manual_seed(0))
-            if not torch.allclose(self._module(probe), model(probe), rtol=1e-5,
-                                  atol=1e-6):
-                log.warning("the traced program with this round's weights does not score as "
-                            "the model does: tracing it again")
-                return False
+        if not self._scores_like(model):
+            log.warning("the traced program with this round's weights does not score as "
+                        "the model does: tracing it again")
+            return False
         shutil.copytree(self._template, path, dirs_exist_ok=True,
                         ignore=lambda folder, names: [n for n in names if n in (MLMODEL,
                                                                                  "model.pt2")])
-        torch.export.save(program, str(path / PT2_FILE))
-        template = Model.load(str(self._template / MLMODEL))
-        mlflow_model.flavors = template.flavors
-        mlflow_model.signature = template.signature
-        mlflow_model.saved_input_example_info = template.saved_input_example_info
+        if self._archive is None or not self._archive.write(path / PT2_FILE, program):
+            if self._archive is not None:
+                log.info("a weight no longer fills its pt2 record: saving this version's "
+                         "program with torch.export.save")
+            torch.export.save(program, str(path / PT2_FILE))
+            self.serialized += 1
+        traced = self._described
+        mlflow_model.flavors = copy.deepcopy(traced.flavors)
+        mlflow_model.signature = traced.signature
+        mlflow_model.saved_input_example_info = copy.deepcopy(traced.saved_input_example_info)
         mlflow_model.model_size_bytes = get_total_file_size(str(path)) or None
         mlflow_model.save(str(path / MLMODEL))
         return True

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
 import threading
 from collections.abc import Callable
@@ -42,6 +43,10 @@ log = logging.getLogger("medfed.server")
 
 JOURNAL_DIR = "registrations"
 MAX_QUEUED = 1          # rounds waiting behind the one being written
+# How much nicer than the round loop the worker thread runs (Linux schedules threads, and a
+# thread's nice value is its own): in a simulation, or a server sharing cores with a site,
+# the sites' training comes first and the registry's writes take the idle moments.
+WRITER_NICENESS = 10
 
 
 @dataclass
@@ -100,6 +105,7 @@ class BackgroundWriter:
         self._error: BaseException | None = None
         self.versions: dict[int, str] = {}       # round -> registered version
         self._thread: threading.Thread | None = None
+        self.niceness: int | None = None          # the worker thread's, once it runs
 
     def submit(self, writes: RoundWrites) -> None:
         """Journal ``writes`` and queue them; blocks while the queue is full."""
@@ -135,6 +141,7 @@ class BackgroundWriter:
                 from self._error
 
     def _work(self) -> None:
+        self.niceness = lower_priority(WRITER_NICENESS)
         try:
             self._on_start()
         except BaseException as err:        # noqa: BLE001 - reported on the round loop
@@ -151,6 +158,20 @@ class BackgroundWriter:
                 writes.model = None           # the worker holds no model it is done with
                 self._queue.task_done()
         self._queue.task_done()
+
+
+def lower_priority(by: int) -> int | None:
+    """Make the calling thread ``by`` nicer (Linux: ``setpriority`` on its thread id); its
+    nice value after, or None where threads cannot be reniced (then it runs as it was)."""
+    if not by or not hasattr(os, "setpriority"):
+        return None
+    tid = threading.get_native_id()
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + by))
+        return os.getpriority(os.PRIO_PROCESS, tid)
+    except OSError as err:
+        log.info("the MLflow writer runs at the round loop's priority: %s", err)
+        return None
 
 
 def write_round(run_dir: Path, writes: RoundWrites, log_round: Callable[[RoundWrites], None],

@@ -74,6 +74,7 @@ class MlflowTracker:
         # The registry's slow part (export, upload, registration) off the round loop; the
         # phase's model traced once (its graph is the same every round), on the writer.
         self.export = ReusedExport()
+        self._source_run = None          # this MLflow run as the writer read it
         self.writer = BackgroundWriter(run_dir, log_round=self._log_round,
                                        register=self._register)
 
@@ -96,7 +97,7 @@ class MlflowTracker:
             writes.artifacts |= self._new_ingest(reply.site_id, reply.ingest)
         metrics["train/sites_ok"] = len(record.train)
         metrics["train/sites_failed"] = len(record.failures.get("train", []))
-        for site in record.dropped.get("train", []):     # which site dropped out, by name
+        for site in record.dropped("train"):             # which site dropped out, by name
             metrics[f"site/{site}/train/dropped"] = 1.0
             tags[f"dropped.round-{step}.{site}"] = "train"
         metrics["train/updates_rejected"] = len(record.rejected)
@@ -226,8 +227,10 @@ class MlflowTracker:
             self.client.log_dict(self.run_id, content, path)
 
     def _register(self, writes: RoundWrites) -> str:
+        if self._source_run is None:        # params and experiment: read once per run
+            self._source_run = self.client.get_run(self.run_id)
         return register_version(self.cfg, self.mlflow, self.client, self.run_id, writes,
-                                self.export)
+                                self.export, self._source_run)
 
     def latest_version(self) -> str | None:
         """The newest version this phase registered (also when resumed after its last round);

@@ -13,6 +13,7 @@ import torch
 from models.foundation import base_digest
 from models.foundation.adapt import FoundationBackbone
 from models.foundation.export import export_foundation
+from models.foundation.swin import SwinSegmenter, export_swin
 from models.serving import ExportedClassifier, plain_backbone, servable, trained_backbone
 from models.weights import save_pretrained
 from protocol.layout import Layout
@@ -29,10 +30,12 @@ _PIP_REQUIREMENTS = [f"torch=={torch.__version__.split('+')[0]}", "einops", "num
 
 
 def register_version(cfg: ExperimentConfig, mlflow, client, run_id: str,
-                     writes: RoundWrites, export: ReusedExport | None = None) -> str:
+                     writes: RoundWrites, export: ReusedExport | None = None,
+                     source_run=None) -> str:
     """Export, log and register one global model as a version (on the writer's thread):
     its files first, then the version with all its tags in one call. ``export``: the
-    phase's traced program, reused for its later rounds (``server/model_export.py``)."""
+    phase's traced program, reused for its later rounds (``server/model_export.py``);
+    ``source_run``: the MLflow run ``run_id`` as read once (its params do not change)."""
     from mlflow.models import Model
 
     model, rnd, multi_label = writes.model, writes.round, writes.multi_label
@@ -43,8 +46,9 @@ def register_version(cfg: ExperimentConfig, mlflow, client, run_id: str,
     metadata = (_model_metadata(model) or {}) | (serving.to_metadata() if serving else {})
     # mlflow.pytorch.log_model is Model.log with the mlflow.pytorch flavor; ReusedExport is
     # that flavor tracing once per phase. MLflow's serving-input validation (load the saved
-    # model, score the example) runs for the traced version; a reused one is checked on a
-    # probe input against the model in memory instead.
+    # model, score the example; a failure is only logged) is ReusedExport's own check
+    # instead: the traced program loaded back scores the example and a probe as the model
+    # in memory does, and so does each reused version (else it is traced again).
     flavor = export if export is not None else mlflow.pytorch
     # Given a run, Model.log reads the whole history of every metric of the run - one query
     # per metric name, per-site metrics included - to copy this step's onto the model: per
@@ -54,7 +58,7 @@ def register_version(cfg: ExperimentConfig, mlflow, client, run_id: str,
     # (Recovery runs on the round loop's thread, whose run is active: Model.log links it.)
     model_id = None
     if mlflow.active_run() is None:
-        run = client.get_run(run_id)
+        run = source_run or client.get_run(run_id)
         model_id = mlflow.initialize_logged_model(
             name=f"global-round-{rnd}", source_run_id=run_id,
             experiment_id=run.info.experiment_id,
@@ -63,7 +67,7 @@ def register_version(cfg: ExperimentConfig, mlflow, client, run_id: str,
         artifact_path=None, name=f"global-round-{rnd}", flavor=flavor, flavor_name=FLAVOR,
         pytorch_model=exported, input_example=example, pip_requirements=_PIP_REQUIREMENTS,
         step=rnd, metadata=metadata or None, serialization_format="pt2", model_id=model_id,
-        validate_serving_input=export is None or not export.validated,
+        validate_serving_input=export is None,
     )
     if model_id is not None:
         from mlflow.entities import LoggedModelOutput
@@ -72,13 +76,18 @@ def register_version(cfg: ExperimentConfig, mlflow, client, run_id: str,
     name = cfg.tracking.registered_model
     # All tags in the creating call: a version exists with its tags or not at all (its
     # weights follow; until the journal entry is gone, recovery redoes the round).
-    registered = mlflow.register_model(info.model_uri, name, tags=writes.version_tags)
+    tags = dict(writes.version_tags)
+    if export is not None and export.scores_like_model is False:
+        tags["serving_check"] = "failed"     # registered as traced, but it scores otherwise
+    registered = mlflow.register_model(info.model_uri, name, tags=tags)
     version = str(registered.version)
     extra = {"task": cfg.task.name, "class_names": list(cfg.task.class_names),
              "registered_model": name, "version": version}
-    backbone = trained_backbone(model)
     with tempfile.TemporaryDirectory() as tmp:
-        if isinstance(backbone, FoundationBackbone):
+        if isinstance(model, SwinSegmenter):
+            # MONAI's own format: SwinUNETR(**constructor) + safetensors, LoRA merged
+            export_swin(model, tmp)
+        elif isinstance(backbone := trained_backbone(model), FoundationBackbone):
             # The family's own format: merged save_pretrained / MONAI safetensors, the
             # peft adapter directory, and the multi-channel adaptation parts.
             export_foundation(backbone, tmp, extra=extra)
@@ -118,8 +127,8 @@ def _serving_spec(cfg: ExperimentConfig, exported: torch.nn.Module, *, multi_lab
 def _model_metadata(model: torch.nn.Module) -> dict[str, str] | None:
     """MLmodel metadata: for a foundation model, which pretrained encoder it adapts (name,
     family, method) and the sha256 of its frozen base, so a user can check their own copy."""
-    backbone = trained_backbone(model)
-    if not isinstance(backbone, FoundationBackbone):
+    backbone = model if isinstance(model, SwinSegmenter) else trained_backbone(model)
+    if not isinstance(backbone, (FoundationBackbone, SwinSegmenter)):
         return None
     c = backbone.config
     return {"foundation_weights": c.weights, "foundation_family": backbone.family,

@@ -1,6 +1,8 @@
 """A phase's model versions after the first are written from the program traced for the first
-(``server/model_export.py``): each still predicts exactly like its own round's model, and
-carries the same MLmodel description as a traced one."""
+(``server/model_export.py``), their pt2 archives from its records with new weights
+(``server/pt2_archive.py``): each still loads with the stock ``mlflow.pyfunc.load_model``,
+predicts exactly like its own round's model, and carries the same MLmodel description as a
+traced one."""
 
 from __future__ import annotations
 
@@ -36,6 +38,9 @@ def test_later_versions_reuse_the_traced_program_and_predict_like_their_own_roun
             tracker.on_round_end(RoundRecord(round=rnd))
         tracker.latest_version()
         assert (tracker.export.traced, tracker.export.reused) == (1, 2)
+        # the reused versions' archives are the traced one's records with new weights
+        # (server/pt2_archive.py), not a graph serialised again by torch.export.save
+        assert tracker.export.serialized == 0
     finally:
         tracker.finish("")
         mlflow.end_run()
@@ -69,3 +74,63 @@ def test_later_versions_reuse_the_traced_program_and_predict_like_their_own_roun
 def _shape(model) -> tuple[int, ...]:
     c = model.config
     return (c.num_sequences, *([c.img_size] * c.spatial_dims))
+
+
+class _Counting(torch.nn.Module):
+    """Scores differently on every call (a Python counter the traced graph bakes in)."""
+
+    input_shape = (3,)
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(3))
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return x * self.w + self.calls
+
+
+def test_a_traced_program_that_does_not_score_like_the_model_is_no_template(tmp_path, caplog):
+    from mlflow.models import Model
+
+    from server.model_export import ReusedExport
+
+    export = ReusedExport()
+    example = np.zeros((2, 3), dtype=np.float32)
+    try:
+        for version in ("v1", "v2"):
+            export.save_model(str(tmp_path / version), Model(), _Counting(),
+                              input_example=example, serialization_format="pt2",
+                              pip_requirements=["torch"])
+    finally:
+        export.close()
+    assert "does not score its input example" in caplog.text
+    # no version was written from a program that does not do what the model does
+    assert (export.traced, export.reused) == (2, 0)
+    assert export.scores_like_model is False      # server/versions.py tags serving_check=failed
+
+
+def test_a_version_whose_traced_program_scores_otherwise_is_tagged(tmp_path, monkeypatch):
+    import mlflow
+
+    from server.model_export import ReusedExport
+    from server.tracking import MlflowTracker
+
+    monkeypatch.setattr(ReusedExport, "_scores_like", lambda self, model, *inputs: False)
+    cfg = load_experiment(["model=mmvit_tiny", "task.image_size=32", "federation=sim2",
+                           "tracking.log_models=true", f"runs_dir={tmp_path / 'runs'}",
+                           "name=mismatch"])
+    model = _model(cfg, 0)
+    tracker = MlflowTracker(cfg, tmp_path)
+    try:
+        tracker.on_train(RoundRecord(round=1, train=[SiteReply("site-0", 1, {})],
+                                     arrays=ArrayRecord(model.state_dict())))
+        tracker.on_round_end(RoundRecord(round=1))
+        tracker.latest_version()
+    finally:
+        tracker.finish("")
+        mlflow.end_run()
+    client = mlflow.MlflowClient(tracker.uri)
+    version = client.get_model_version(cfg.tracking.registered_model, tracker.versions[1])
+    assert version.tags.get("serving_check") == "failed"

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 
 import pytest
 
-from server.registration import (BackgroundWriter, RoundWrites, journal_path, journalled,
-                                 recover)
+from server.registration import (WRITER_NICENESS, BackgroundWriter, RoundWrites, journal_path,
+                                 journalled, recover)
 
 
 class Registry:
@@ -105,3 +106,21 @@ def test_recovery_makes_the_record_agree_with_the_newest_checkpoint(tmp_path):
     assert registry.logged == [3]             # round 2's metrics were in MLflow already
     assert registry.registered == [2, 3] and set(versions) == {2, 3}
     assert journalled(tmp_path) == []         # round 4 runs again: its entry is dropped
+
+
+@pytest.mark.skipif(not hasattr(os, "setpriority"), reason="threads are reniced on Linux only")
+def test_the_writer_thread_runs_nicer_than_the_round_loop(tmp_path):
+    seen: dict[str, int] = {}
+
+    def on_start():
+        seen["writer"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    writer = BackgroundWriter(tmp_path, log_round=lambda w: None, register=lambda w: "1",
+                              on_start=on_start)
+    writer.submit(_writes(1))
+    writer.close()
+    loop = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    assert seen["writer"] == min(19, loop + WRITER_NICENESS) > loop or loop == 19
+    assert writer.niceness == seen["writer"]
+    # the round loop itself (and so the process's other threads) keeps its priority
+    assert os.getpriority(os.PRIO_PROCESS, 0) == loop

@@ -46,12 +46,21 @@ def test_a_registered_foundation_version_predicts_like_the_model_in_memory(tmp_p
     model.eval()
     record = RoundRecord(round=1, train=[SiteReply("site-0", 1, {}, manifest="abc")],
                          arrays=ArrayRecord(model.state_dict()))
+    # the next round's model: written from the program traced for round 1, its pt2
+    # archive from that one's records with new weights (server/pt2_archive.py)
+    later, _ = build(cfg.model.name, cfg.model_options(), cfg.task.name, cfg.task_options(),
+                     foundation_dir=cfg.model.foundation_dir)
+    _randomise_trainable(later, seed=6)
+    later.eval()
     tracker = MlflowTracker(cfg, tmp_path)
     try:
         tracker.on_train(record)
+        tracker.on_train(RoundRecord(round=2, train=[SiteReply("site-0", 1, {}, manifest="abc")],
+                                     arrays=ArrayRecord(later.state_dict())))
     finally:
         tracker.finish("")
         mlflow.end_run()
+    assert (tracker.export.traced, tracker.export.reused, tracker.export.serialized) == (1, 1, 0)
     version = tracker.versions[1]
     name = cfg.tracking.registered_model
     uri = f"models:/{name}/{version}"
@@ -71,6 +80,12 @@ def test_a_registered_foundation_version_predicts_like_the_model_in_memory(tmp_p
         full_expected = model(full, torch.ones(3, full.shape[1], dtype=torch.bool)).softmax(-1)
     np.testing.assert_allclose(np.asarray(served.predict(full.numpy())), full_expected.numpy(),
                                rtol=0, atol=ATOL)
+    with torch.no_grad():
+        later_expected = later(full, torch.ones(3, full.shape[1], dtype=torch.bool)).softmax(-1)
+    served_later = mlflow.pyfunc.load_model(f"models:/{name}/{tracker.versions[2]}")
+    np.testing.assert_allclose(np.asarray(served_later.predict(full.numpy())),
+                               later_expected.numpy(), rtol=0, atol=ATOL)
+    assert not np.allclose(later_expected.numpy(), full_expected.numpy(), atol=1e-3)
 
     info = mlflow.models.get_model_info(uri)
     assert info.signature is not None

@@ -8,6 +8,9 @@ with TLS and SuperNode authentication, three ``medfed site`` daemons approving t
 ServerApp logs to MLflow (train + evaluate + model registration), deployment / simulation:
 ``round_overhead_ratio`` over the rounds after the first (both engines warm), the first round
 reported apart (Ray's start-up on one side, the first read of the site's data on the other).
+The deployment is measured twice, each on a federation of its own: with the coordinator's
+Flower state in sqlite (``medfed server``'s default; the headline figures) and in memory
+(``--link-state memory``; the ``*_memory_state`` figures).
 
     python -m bench.deploy [--rounds 4]
 """
@@ -54,6 +57,9 @@ def round_seconds(runs_dir: Path, before: set[Path] = frozenset()) -> list[float
 
 
 VARIANTS = {"plain": [], "secagg": ["secagg.enabled=true"]}
+# the coordinator's link state (``medfed server --link-state``) -> suffix of its figures:
+# the default (sqlite) gives the headline ratios, the in-memory state the ``_memory_state`` ones
+LINK_STATES = {"sqlite": "", "memory": "_memory_state"}
 
 
 def simulate(data: Path, runs: Path, rounds: int, extra: list[str]) -> tuple[list[float], float]:
@@ -73,8 +79,10 @@ def simulate(data: Path, runs: Path, rounds: int, extra: list[str]) -> tuple[lis
     raise AssertionError("unreachable")
 
 
-def deploy(data: Path, root: Path, rounds: int) -> dict[str, tuple[list[float], float]]:
-    """Both variants, one after the other, on one federation (sites stay up between runs)."""
+def deploy(data: Path, root: Path, rounds: int,
+           link_state: str = "sqlite") -> dict[str, tuple[list[float], float]]:
+    """Both variants, one after the other, on one federation (sites stay up between runs);
+    the coordinator keeps Flower's state in ``link_state`` (``medfed server --link-state``)."""
     from medfed.certs import write_certs
     from medfed.deploy.allowlist import digest_of
 
@@ -100,7 +108,8 @@ def deploy(data: Path, root: Path, rounds: int) -> dict[str, tuple[list[float], 
 
     try:
         start("server", ["server", "--certs", str(certs), "--state-dir", str(root / "state"),
-                         "--host", "127.0.0.1", "--port", str(port)])
+                         "--host", "127.0.0.1", "--port", str(port),
+                         "--link-state", link_state])
         wait_for("server", "site c: public key")
         # the registration list each hospital gets out of band (malicious-secure SecAgg+)
         peers = root / "secagg-peers.pub"
@@ -160,19 +169,22 @@ def main(argv: list[str] | None = None) -> None:
         synthesize(tmp / "data", n_sites=3, seed=3, patients=args.patients)
         sim = {v: simulate(tmp / "data", tmp / f"sim-{v}", args.rounds, extra)
                for v, extra in VARIANTS.items()}
-        dep = deploy(tmp / "data", tmp / "deploy", args.rounds)
+        deps = {state: deploy(tmp / "data", tmp / f"deploy-{state}", args.rounds, state)
+                for state in LINK_STATES}
     load_after = os.getloadavg()
     payload: dict = {}
-    for variant in VARIANTS:
-        (d, d_total), (s_, s_total) = dep[variant], sim[variant]
-        suffix = "" if variant == "plain" else f"_{variant}"
-        payload[f"round_overhead_ratio{suffix}"] = round(_mean(d[1:]) / _mean(s_[1:]), 2)
-        payload[f"first_round_ratio{suffix}"] = round(d[0] / s_[0], 2)
-        payload[f"all_rounds_ratio{suffix}"] = round(_mean(d) / _mean(s_), 2)
-        payload[f"deployment_round_seconds{suffix}"] = [round(x, 2) for x in d]
-        payload[f"simulation_round_seconds{suffix}"] = [round(x, 2) for x in s_]
-        payload[f"deployment_total_seconds{suffix}"] = round(d_total, 1)
-        payload[f"simulation_total_seconds{suffix}"] = round(s_total, 1)
+    for state, dep in deps.items():
+        for variant in VARIANTS:
+            (d, d_total), (s_, s_total) = dep[variant], sim[variant]
+            suffix = ("" if variant == "plain" else f"_{variant}") + LINK_STATES[state]
+            payload[f"round_overhead_ratio{suffix}"] = round(_mean(d[1:]) / _mean(s_[1:]), 2)
+            payload[f"first_round_ratio{suffix}"] = round(d[0] / s_[0], 2)
+            payload[f"all_rounds_ratio{suffix}"] = round(_mean(d) / _mean(s_), 2)
+            payload[f"deployment_round_seconds{suffix}"] = [round(x, 2) for x in d]
+            payload[f"deployment_total_seconds{suffix}"] = round(d_total, 1)
+            if not LINK_STATES[state]:
+                payload[f"simulation_round_seconds{suffix}"] = [round(x, 2) for x in s_]
+                payload[f"simulation_total_seconds{suffix}"] = round(s_total, 1)
     payload |= {
         "goal": "round_overhead_ratio <= 1.5, round_overhead_ratio_secagg <= 2.0",
         "experiment": "smoke", "sites": 3, "rounds": args.rounds,
@@ -186,17 +198,23 @@ def main(argv: list[str] | None = None) -> None:
                 "Deployment: TLS + SuperNode auth on loopback, one long-lived runner per site "
                 "(medfed.deploy.runner --serve), SuperNode idle poll 0.5 s (medfed site "
                 "--poll-interval) and its wait for the runner's reply 0.05 s (Flower: 0.5 s), "
-                "launcher claim poll 0.2 s, the ServerApp's reply poll 0.2 s from one ask to "
+                "launcher claim poll 0.2 s, the ServerApp's reply poll from one ask to "
                 "the next (server.prompt_grid; Flower's HttpGrid: 3 s after each pull), a "
                 "model's tensors as one byte array per message (protocol.packing), missing "
                 "message objects retried after 0.05-0.5 s (Flower: 1, 2, 4 s) at the "
                 "SuperNode, the runner and the ServerApp. "
                 "The secagg variant runs on "
                 "the same federation right after the plain one. Totals include process "
-                "start-up (Ray / flwr run)."}
+                "start-up (Ray / flwr run). Session 16: for 3 s after a reply a site polls "
+                "every 0.1 s (SuperNode) / 0.05 s (launcher claim) (medfed.deploy.follow), the "
+                "ServerApp's reply poll is 0.1 s; every figure is measured twice, with the "
+                "coordinator's Flower state in sqlite (medfed server default, headline keys) "
+                "and in memory (medfed server --link-state memory, *_memory_state keys), one "
+                "federation each, against the same simulated runs."}
     path = write_result("deploy", payload)
-    plain_d, plain_s = dep["plain"][0], sim["plain"][0]
-    sec_d, sec_s = dep["secagg"][0], sim["secagg"][0]
+    plain_d, plain_s = deps["sqlite"]["plain"][0], sim["plain"][0]
+    sec_d, sec_s = deps["sqlite"]["secagg"][0], sim["secagg"][0]
+    mem_d, mem_sec_d = deps["memory"]["plain"][0], deps["memory"]["secagg"][0]
     update_results_md("deploy", (
         f"| deploy | round overhead deployment / simulation (rounds 2–{args.rounds}): "
         f"{payload['round_overhead_ratio']:.2f}× plain, "
@@ -204,10 +222,16 @@ def main(argv: list[str] | None = None) -> None:
         f"{_mean(plain_d[1:]):.1f}s vs {_mean(plain_s[1:]):.1f}s plain, "
         f"{_mean(sec_d[1:]):.1f}s vs {_mean(sec_s[1:]):.1f}s SecAgg+ (deployment: "
         f"SuperLink+TLS+node auth, 3 SuperNodes on loopback, one long-lived runner per site); "
+        f"with `--link-state memory`: "
+        f"{payload['round_overhead_ratio_memory_state']:.2f}× plain, "
+        f"{payload['round_overhead_ratio_secagg_memory_state']:.2f}× SecAgg+ (mean round "
+        f"{_mean(mem_d[1:]):.1f}s, {_mean(mem_sec_d[1:]):.1f}s); "
         f"first round {plain_d[0]:.1f}s vs {plain_s[0]:.1f}s; smoke, 3 sites × "
         f"{args.patients} patients, {args.rounds} rounds | `results/deploy.json` |"))
     print(f"round overhead ratio {payload['round_overhead_ratio']:.2f} plain, "
-          f"{payload['round_overhead_ratio_secagg']:.2f} secagg; wrote {path}")
+          f"{payload['round_overhead_ratio_secagg']:.2f} secagg (in-memory link state: "
+          f"{payload['round_overhead_ratio_memory_state']:.2f}, "
+          f"{payload['round_overhead_ratio_secagg_memory_state']:.2f}); wrote {path}")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,9 @@ moves with other processes' load:
 
 - ``cycle_seconds_over_flower``: start of a round to start of the next (rounds 2..N-1), so
   everything between two rounds counts;
+- ``steady_round_seconds_over_flower``: the same difference over rounds 4..N only, after the
+  phase's first model version (traced and checked once, ~4 s of server CPU, written while
+  rounds 2-3 train) - what each further round of a long run costs;
 - ``cpu_seconds_over_flower``: CPU seconds per round (rounds 2..N-1) of the server process
   (all its threads: the round loop, Flower's message pumps, the MLflow writer) plus the
   sites' message handlers (each handler's own thread, measured by a client mod in both
@@ -43,6 +46,9 @@ from server.config import load_experiment
 from strategies.observed import RoundRecord
 
 from .common import update_results_md, write_result
+
+
+STEADY_FROM = 4        # first round of the steady view (module docstring)
 
 
 class HandlerCPU:
@@ -144,6 +150,15 @@ def measure(n_sites: int, rounds: int, patients: int, work: Path, log_models: bo
                      "studies_per_site": [[s.train, s.evaluate] for s in sizes]} \
         | cpu_and_cycles(flower, plain_meter.per_round())
     out["round_seconds_over_flower"] = out["round_wall_s"] - out["flower"]["round_wall_s"]
+    # once the phase's first version (traced, ~4 s of server CPU, registered while rounds
+    # 2-3 train) is written: the per-round cost a long run pays
+    steady = {"medfed": [r["wall_s"] for r in times.rounds if r["round"] >= STEADY_FROM],
+              "flower": [r["wall_s"] for r in flower if r["round"] >= STEADY_FROM]}
+    if steady["medfed"] and steady["flower"]:
+        out["steady_round_wall_s"] = statistics.mean(steady["medfed"])
+        out["flower"]["steady_round_wall_s"] = statistics.mean(steady["flower"])
+        out["steady_round_seconds_over_flower"] = (out["steady_round_wall_s"]
+                                                   - out["flower"]["steady_round_wall_s"])
     out["cycle_seconds_over_flower"] = out["cycle_s"] - out["flower"]["cycle_s"]
     out["cpu_seconds_over_flower"] = {
         k: out[k] - out["flower"][k] for k in ("cpu_s", "server_cpu_s", "sites_cpu_s")}
@@ -165,6 +180,8 @@ def main() -> None:
                                       for n, r in results.items()},
         "round_seconds_over_flower_3_sites": results[3]["round_seconds_over_flower"],
         "round_seconds_over_flower_10_sites": results[10]["round_seconds_over_flower"],
+        "steady_round_seconds_over_flower": {
+            f"{n}_sites": r.get("steady_round_seconds_over_flower") for n, r in results.items()},
         "goal_seconds": {f"{n}_sites": r["goal_seconds"] for n, r in results.items()},
         "goal_met": all(r["round_seconds_over_flower"] <= r["goal_seconds"]
                         for r in results.values()),
@@ -184,7 +201,8 @@ def main() -> None:
                       "round wall (same model, sites, studies, epochs); goal: <= 10% of the "
                       "slowest site's compute; rounds 2..N, round 1 reported separately; "
                       "cycle: round start to next round start, cpu: server process CPU per "
-                      "round + the sites' handler-thread CPU, both rounds 2..N-1",
+                      "round + the sites' handler-thread CPU, both rounds 2..N-1; steady: "
+                      "rounds 4..N, after the phase's first (traced) model version",
         "details": {str(k): v for k, v in results.items()},
     }
     # other processes' load on this machine while it ran (1, 5, 15 min averages)
@@ -195,7 +213,9 @@ def main() -> None:
               f"slowest site {r['slowest_site_s']:.2f}s, all sites {r['sum_site_s']:.2f}s; "
               f"first round {r['first_round']['wall_s']:.1f}s); plain Flower round "
               f"{r['flower']['round_wall_s']:.2f}s: +{r['round_seconds_over_flower']:.2f}s "
-              f"(goal <= {r['goal_seconds']:.2f}s); start-to-start {r['cycle_s']:.2f}s vs "
+              f"(goal <= {r['goal_seconds']:.2f}s); rounds {STEADY_FROM}..: "
+              f"+{r.get('steady_round_seconds_over_flower', float('nan')):.2f}s; "
+              f"start-to-start {r['cycle_s']:.2f}s vs "
               f"{r['flower']['cycle_s']:.2f}s; CPU per round {r['cpu_s']:.2f}s (server "
               f"{r['server_cpu_s']:.2f}s, sites {r['sites_cpu_s']:.2f}s) vs Flower "
               f"{r['flower']['cpu_s']:.2f}s ({r['flower']['server_cpu_s']:.2f}s, "
@@ -211,7 +231,9 @@ def main() -> None:
         f"| framework overhead | round vs plain Flower: +{r3['round_seconds_over_flower']:.2f}s "
         f"(3 sites) / +{r10['round_seconds_over_flower']:.2f}s (10 sites); goal <= 10% of site "
         f"compute ({r3['goal_seconds']:.2f}s / {r10['goal_seconds']:.2f}s): "
-        f"{'met' if payload['goal_met'] else 'not met'} "
+        f"{'met' if payload['goal_met'] else 'not met'}; rounds {STEADY_FROM}..N "
+        f"+{r3.get('steady_round_seconds_over_flower', float('nan')):.2f}s / "
+        f"+{r10.get('steady_round_seconds_over_flower', float('nan')):.2f}s "
         f"| MedFed round {r3['round_wall_s']:.2f}s vs Flower {r3['flower']['round_wall_s']:.2f}s, "
         f"slowest site {r3['slowest_site_s']:.2f}s (3); {r10['round_wall_s']:.2f}s vs "
         f"{r10['flower']['round_wall_s']:.2f}s, {r10['slowest_site_s']:.2f}s (10); overhead "

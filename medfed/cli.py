@@ -70,6 +70,10 @@ def _add_deploy_parsers(sub) -> None:
                         "every site")
     p.add_argument("--log-file")
     p.add_argument("--startup-timeout", type=float, default=60.0)
+    p.add_argument("--link-state", choices=("sqlite", "memory"), default="sqlite",
+                   help="Flower's state: STATE/superlink.db (default), or in memory (faster "
+                        "messages; a restart forgets sites added with register-site and "
+                        "Flower's run list; see deploy/README.md)")
     p.set_defaults(func=Handler("deploy", "server"))
 
     p = sub.add_parser("site keygen", help="create this site's authentication key pair on the "
@@ -90,6 +94,12 @@ def _add_deploy_parsers(sub) -> None:
                                        "supernode)")
     p.add_argument("--dp-epsilon", type=float, help="the site's privacy budget: epsilon")
     p.add_argument("--dp-delta", type=float, help="the site's privacy budget: delta")
+    p.add_argument("--dp-max-assumed-sites", type=int, metavar="M",
+                   help="distributed site-level DP (privacy=ddp): refuse rounds whose noise "
+                        "share assumes more than M honest contributing sites "
+                        "(privacy.min_contributors); unset: the job's number is accepted and "
+                        "the round is private only if that many sites in the sum add their "
+                        "share (see deploy/README.md)")
     p.add_argument("--require-secagg", action="store_true",
                    help="refuse to send plaintext model updates")
     p.add_argument("--secagg-peers", metavar="FILE",

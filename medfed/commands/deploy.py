@@ -52,6 +52,7 @@ def server(args: argparse.Namespace) -> int:
         host=args.host, port=args.port,
         authorized_keys=Path(args.authorized_keys).resolve() if args.authorized_keys else None,
         log_file=Path(args.log_file).resolve() if args.log_file else None,
+        link_state=args.link_state,
         **({"control_from": tuple(args.control_address.split(","))}
            if args.control_address else {}))
     coordinator = Coordinator(settings)
@@ -77,6 +78,7 @@ def site(args: argparse.Namespace) -> int:
         root_cert=Path(args.root_cert).resolve(), auth_key=Path(args.auth_key).resolve(),
         state_dir=state_dir, allow=allow,
         dp_epsilon=args.dp_epsilon, dp_delta=args.dp_delta, require_secagg=args.require_secagg,
+        dp_max_assumed_sites=args.dp_max_assumed_sites,
         privacy_dir=args.privacy_dir, device=args.device, torch_threads=args.torch_threads,
         decode_workers=args.decode_workers,
         runtime_port=args.runtime_port, poll_interval=args.poll_interval,

@@ -4,9 +4,28 @@
 one HTTP port that serves Flower's Fleet, Control and Runtime APIs, with the Control API
 refused to every peer outside ``control_from``, loopback by default -- see ``control_guard``;
 ``--enable-supernode-auth``;
-a sqlite ``--database``; runtime dependency installation disabled so a run can never
-``uv sync`` packages over the ones installed here), waits until ``/health`` answers over TLS,
-registers the sites' public keys, and supervises it until SIGTERM.
+its state in a sqlite ``--database`` or in memory (``link_state``, below); runtime dependency
+installation disabled so a run can never ``uv sync`` packages over the ones installed here),
+waits until ``/health`` answers over TLS, registers the sites' public keys, and supervises it
+until SIGTERM.
+
+Link state (``medfed server --link-state``). ``sqlite`` (the default) keeps Flower's state in
+``STATE/superlink.db``; ``memory`` is Flower's in-memory state. Traced on a deployed round
+(``bench/RESULTS.md``, deploy, session 16): the sqlite state does not fsync per message or
+object (WAL, ``synchronous=NORMAL``: 5 syncs of the database in a 3-round run after start-up),
+but each Fleet/Runtime request opens several SQLAlchemy sessions: 8-11 ms per object handler
+against 0.1 ms in memory, on the critical path of every message. What a restart of the
+SuperLink loses with ``memory``: the sites' registrations (public key -> node id, name) -- the
+coordinator registers every key of its authorized-keys folder again at each start, so only a
+key added later with ``medfed register-site`` and not put in that folder has to be registered
+again --, Flower's run list and logs (``flwr ls``/``flwr log``; MedFed's run directory,
+checkpoints and MLflow run are files of their own), ``medfed sites``' last-seen times, and the
+connected sites themselves: their node ids are gone, and a site's SuperNode stops (tried on
+loopback: ``medfed site`` exited ~10 s after the coordinator came back; with sqlite it
+reconnected by itself), so each site daemon has to be restarted. What it does not change: a run in progress ends with the SuperLink either way (its ServerApp is the
+SuperLink's subprocess and Flower does not restart it; the messages it had queued are of no use
+without it), and continues with ``medfed run ... resume=...`` from MedFed's own checkpoint
+(``server.resume``) in both cases.
 """
 
 from __future__ import annotations
@@ -29,6 +48,8 @@ from .process import Daemon, flower_bin, flower_env, supervised
 log = logging.getLogger("medfed.deploy")
 
 CONNECTION = "medfed"          # the SuperLink connection name in FLWR_HOME/config.toml
+LINK_STATES = ("sqlite", "memory")
+FLOWER_IN_MEMORY = ":flwr-in-memory:"      # flwr.supercore.constant.FLWR_IN_MEMORY_DB_NAME
 
 SUPERLINK_FATAL = {
     r"Address already in use|error while attempting to bind":
@@ -48,6 +69,12 @@ class CoordinatorSettings:
     log_file: Path | None = None
     # networks allowed to use the Control API (submit runs, register keys) on the Fleet port
     control_from: tuple[str, ...] = LOOPBACK
+    link_state: str = "sqlite"         # Flower's state: "sqlite" (STATE/superlink.db) or "memory"
+
+    def __post_init__(self) -> None:
+        if self.link_state not in LINK_STATES:
+            raise DeployError(f"--link-state must be one of {', '.join(LINK_STATES)}, got "
+                              f"{self.link_state!r}")
 
     @property
     def control_open(self) -> bool:
@@ -64,6 +91,11 @@ class CoordinatorSettings:
     @property
     def database(self) -> Path:
         return self.state_dir / "superlink.db"
+
+    @property
+    def flower_database(self) -> str:
+        """Flower's ``--database``: the sqlite file, or its in-memory state."""
+        return str(self.database) if self.link_state == "sqlite" else FLOWER_IN_MEMORY
 
     @property
     def flwr_home(self) -> Path:
@@ -86,7 +118,7 @@ def superlink_command(s: CoordinatorSettings) -> list[str]:
            "--ssl-certfile", str(s.certs / SERVER_CERT),
            "--ssl-keyfile", str(s.certs / SERVER_KEY),
            "--enable-supernode-auth",
-           "--database", str(s.database),
+           "--database", s.flower_database,
            "--disable-runtime-dependency-installation",
            "--isolation", "subprocess",
            "--host", s.host, "--port", str(s.port)]
@@ -173,8 +205,10 @@ class Coordinator:
                 f"the SuperLink exited during startup (exit {code}); see the lines above"
                 if exited else f"the SuperLink did not become healthy on {s.local_address} "
                 f"within {startup_timeout:g} s"))
-        log.info("coordinator up: https://%s (TLS, SuperNode authentication on), state in %s",
-                 s.local_address, s.state_dir)
+        log.info("coordinator up: https://%s (TLS, SuperNode authentication on), state in %s "
+                 "(Flower's link state: %s)", s.local_address, s.state_dir,
+                 "superlink.db" if s.link_state == "sqlite" else
+                 "in memory, sites re-registered at each start")
         self.registered = register_sites(keys, s.flwr_home)
         for site, outcome in sorted(self.registered.items()):
             log.info("site %s: public key %s", site, "registered" if outcome == "registered"

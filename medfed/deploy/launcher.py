@@ -19,6 +19,11 @@ then Flower's to settle: a task claimed but never started goes back to pending w
 token expires (~30 s) and is claimed again (retried); one that had started is failed by the
 SuperNode when its heartbeat stops (~60 s), which sends the coordinator Flower's
 ``CLIENT_APP_CRASHED`` error reply for it - the path a crashed ``flwr-clientapp`` takes.
+
+It claims every ``--poll-interval`` seconds (0.2) while idle, and every ``CLAIM_FOLLOW`` (0.05)
+for ``FOLLOW_WINDOW`` seconds after the runner finished a task (``medfed.deploy.follow``): the
+run's next message reaches the SuperNode soon after the last reply. Loopback calls to the
+site's own SuperNode, nothing on the network.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import time
 from pathlib import Path
 
 from .allowlist import AllowList
+from .follow import FollowPoll
 from .runtime_auth import load_runtime_secret, signing_interceptor
 
 log = logging.getLogger("medfed.deploy")
@@ -160,6 +166,7 @@ def acquire_client(address: str, secret: bytes, *, retry: bool = True):
         retry_invoker=make_simple_http_retry_invoker() if retry else None)
 
 
+CLAIM_FOLLOW = 0.05       # seconds between two claims right after the runner finished a task
 MAX_EARLY_DEATHS = 3      # runners that never get ready, in a row, before the site stops
 READY_TIMEOUT = 300.0     # seconds a runner may take to import the app before it is stopped
 
@@ -170,7 +177,8 @@ def serve(address: str, allow: AllowList, *, site_id: str, secret: bytes, poll: 
     """Claim ClientApp tasks from the SuperNode forever (``AcquireTask`` signed with the
     site's runtime ``secret``, every ``poll`` s while the runner is idle) and hand each to the
     site's long-lived runner, restarting it if it dies or is not ready within
-    ``ready_timeout`` s (see the module docstring)."""
+    ``ready_timeout`` s (see the module docstring); every ``CLAIM_FOLLOW`` s for a while
+    after the runner finished a task."""
     from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
     from flwr.supercore.constant import TaskType
 
@@ -178,6 +186,7 @@ def serve(address: str, allow: AllowList, *, site_id: str, secret: bytes, poll: 
     client = acquire_client(address, secret)
     request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])
     worker, early_deaths = SiteWorker(command), 0
+    claims = FollowPoll(poll, follow=CLAIM_FOLLOW)
     worker.start()
     try:
         while True:
@@ -205,7 +214,8 @@ def serve(address: str, allow: AllowList, *, site_id: str, secret: bytes, poll: 
                     task = f"task {answer.task.task_id} of run {answer.task.run_id}"
                     log.info("[%s] %s: handing it to the site runner", site_id, task)
                     worker.submit(answer.token, task)
-            worker.wait(poll)
+            if worker.wait(claims.interval()):     # it finished a task: the next one is near
+                claims.touch()
     finally:
         worker.stop()
         client.close()

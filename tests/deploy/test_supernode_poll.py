@@ -9,6 +9,7 @@ import time
 import pytest
 
 from medfed.deploy import supernode
+from medfed.deploy.follow import FOLLOW_POLL, FOLLOW_WINDOW
 from medfed.deploy.preflight import DeployError
 from medfed.deploy.site import Site, SiteSettings, supernode_command
 
@@ -36,13 +37,17 @@ def test_the_capped_clock_sleeps_at_most_the_interval(monkeypatch):
 
 
 def test_the_supernode_forwards_a_reply_within_the_local_wait_not_flowers_0_5_s(monkeypatch):
+    from types import SimpleNamespace
+
+    from medfed.deploy import follow
+    clock = [100.0]                   # follow's monotonic clock, moved by hand
+    monkeypatch.setattr(follow, "time", SimpleNamespace(monotonic=lambda: clock[0]))
     """Flower's ``_push_messages`` looks for the ClientApp's reply in the SuperNode's own
     state and sleeps 0.5 s between looks: with the capped clock a reply that appears while
     it sleeps is sent after ``LOCAL_WAIT``, and the idle poll keeps ``--poll-interval``."""
     import flwr.supernode.start_client_internal as loop
 
-    monkeypatch.setattr(loop, "time", time)
-    monkeypatch.setattr(loop, "pull_objects", loop.pull_objects)
+    _restore_after(monkeypatch, loop)
     supernode.install(0.5)
     slept: list[float] = []
     monkeypatch.setattr(time, "sleep", slept.append)
@@ -59,15 +64,23 @@ def test_the_supernode_forwards_a_reply_within_the_local_wait_not_flowers_0_5_s(
     with pytest.raises(StopIteration):
         loop._push_messages(state=_State(), object_store=None, send=None, push_object=None)
     assert slept == [supernode.LOCAL_WAIT] * 2 and max(slept) <= 0.05
+    loop.time.sleep(3)              # right after a reply: the run's next message is near
+    assert slept[-1] == FOLLOW_POLL
+    clock[0] += FOLLOW_WINDOW                                   # the window has passed
     loop.time.sleep(3)
     assert slept[-1] == 0.5
+
+
+def _restore_after(monkeypatch, loop) -> None:
+    """What ``install`` replaces in Flower's SuperNode loop, put back after the test."""
+    for name in ("time", "pull_objects", "_push_messages"):
+        monkeypatch.setattr(loop, name, getattr(loop, name))
 
 
 def test_install_caps_only_the_supernode_loop(monkeypatch):
     import flwr.supernode.start_client_internal as loop
 
-    monkeypatch.setattr(loop, "time", time)                  # restored after the test
-    monkeypatch.setattr(loop, "pull_objects", loop.pull_objects)
+    _restore_after(monkeypatch, loop)
     supernode.install(0.5)
     slept = []
     monkeypatch.setattr(time, "sleep", slept.append)
@@ -113,8 +126,7 @@ def test_objects_are_retried_after_0_05_s_not_flowers_1_s(monkeypatch):
     assert _backoffs(loop.pull_objects) == {"initial_backoff": 1, "backoff_cap": 10}
     assert _backoffs(flwr_clientapp.pull_and_inflate_object_from_tree) == \
         {"initial_backoff": 1, "backoff_cap": 10}
-    monkeypatch.setattr(loop, "time", time)
-    monkeypatch.setattr(loop, "pull_objects", loop.pull_objects)
+    _restore_after(monkeypatch, loop)
     monkeypatch.setattr(flwr_clientapp, "pull_and_inflate_object_from_tree",
                         flwr_clientapp.pull_and_inflate_object_from_tree)
     supernode.install(0.5)

@@ -1,4 +1,4 @@
-"""A deployed ServerApp collects replies every 0.2 s, not on Flower's 3 s boundary (issue 27)."""
+"""A deployed ServerApp collects replies every 0.1 s, not on Flower's 3 s boundary (issue 27)."""
 
 from __future__ import annotations
 

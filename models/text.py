@@ -1,6 +1,7 @@
 """Report tokenizer: part of the model definition, identical at every site.
 
-The default is a WordPiece vocabulary shipped with the project behind the BERT pipeline:
+The default is a WordPiece vocabulary shipped with the project behind the BERT pipeline
+(``radiology_vocab``, also shipped, adds chest radiography's words):
 BERT normaliser (lower case, accents stripped), BERT pre-tokenizer, ``[CLS] ... [SEP]``
 post-processing. ``scripts/build_report_vocab.py`` builds it from public report terminology
 and the synthetic templates - never from site data - and writes the whole pipeline as
@@ -26,11 +27,14 @@ from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, process
 from tokenizers.models import WordPiece
 from torch import Tensor
 
-DEFAULT_TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "report_vocab"
+ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+DEFAULT_TOKENIZER_DIR = ASSETS_DIR / "report_vocab"
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")     # looked for in this order
 PAD_TOKENS = ("[PAD]", "<pad>")
 # Tokenizers shipped with the code, by the name a job may give (closed: never a path).
-SHIPPED_TOKENIZERS: dict[str, Path] = {"report_vocab": DEFAULT_TOKENIZER_DIR}
+# radiology_vocab: report_vocab's words plus chest radiography's (scripts/build_report_vocab.py).
+SHIPPED_TOKENIZERS: dict[str, Path] = {"report_vocab": DEFAULT_TOKENIZER_DIR,
+                                       "radiology_vocab": ASSETS_DIR / "radiology_vocab"}
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 

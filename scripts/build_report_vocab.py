@@ -1,4 +1,4 @@
-"""Build the default WordPiece report tokenizer, shipped in ``models/assets/``.
+"""Build the shipped WordPiece report tokenizers in ``models/assets/``.
 
 The tokenizer is part of the CLIP model definition and must be identical at every site, so
 its vocabulary comes only from public material, never from a site's reports:
@@ -11,6 +11,13 @@ its vocabulary comes only from public material, never from a site's reports:
    ``medfed/synth/reports.py``), read from the source with ``ast``. The fake patient and
    physician names of that module are not templates and are left out.
 
+Two tokenizers are built. ``report_vocab`` (the default) has the brain MRI words above.
+``radiology_vocab`` adds ``CHEST_TERMINOLOGY`` (chest radiography) and the words of the
+synthetic chest report template (``write_chest_report`` in ``medfed/synth/chest.py``): with the
+default vocabulary, chest words split into single characters and about 29% of the synthetic
+chest reports ran past 128 tokens. It is a separate file so the default's token ids, and every
+brain CLIP model trained with them, stay as they are (``pretrain=clip_chest`` selects it).
+
 The vocabulary is: the five BERT special tokens; every ASCII letter, digit and punctuation
 mark, alone and as a ``##`` continuation (so any ASCII word has a WordPiece split and
 ``[UNK]`` is left for non-ASCII symbols); common medical suffix pieces; then the whole
@@ -21,10 +28,11 @@ bundles carry ``*.json`` files but not ``*.txt``.
 
 Usage::
 
-    python scripts/build_report_vocab.py          # (re)write the shipped tokenizer.json
-    python scripts/build_report_vocab.py --check  # exit 1 if the shipped file is stale
+    python scripts/build_report_vocab.py          # (re)write both shipped tokenizer.json files
+    python scripts/build_report_vocab.py --check  # exit 1 if a shipped file is stale
 
-After a change, set ``CLIPConfig.vocab_size`` to the size this prints.
+After a change, set ``CLIPConfig.vocab_size`` (report_vocab) or ``vocab_size`` in
+``conf/pretrain/clip_chest.yaml`` (radiology_vocab) to the size this prints.
 """
 
 from __future__ import annotations
@@ -39,7 +47,9 @@ from tokenizers import normalizers, pre_tokenizers
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATES = ROOT / "medfed" / "synth" / "reports.py"
-OUTPUT = ROOT / "models" / "assets" / "report_vocab" / "tokenizer.json"
+CHEST_TEMPLATES = ROOT / "medfed" / "synth" / "chest.py"
+ASSETS = ROOT / "models" / "assets"
+OUTPUT = ASSETS / "report_vocab" / "tokenizer.json"
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 TEMPLATE_FUNCTIONS = ("write_report", "_lobe")
@@ -131,6 +141,23 @@ mri mr ct pet dwi adc swi gre tse fse ffe mpr mprage dti dsc dce rcbv cbf cbv t1
 t1ce pd cm mm ml sd iv
 """.split()
 
+# Chest radiography reporting terms (hand-written from public reporting templates; no site data).
+CHEST_TERMINOLOGY = """
+airspace airspaces angle angles aorta aortic ap apical apices aspiration atelectasis
+atelectatic azygos bibasilar blunting breath bronchial bronchiectasis bronchovascular bulla
+bullae cardiac cardiomediastinal cardiomegaly cardiopulmonary catheter catheters cavitary
+chest clavicle clavicles clear congestion consolidation consolidations costal costophrenic
+cough crowding diaphragm diaphragmatic dyspnea effusions emphysema endotracheal fever
+fibrosis fibrotic fissural frontal granuloma granulomas granulomatous heart hemidiaphragm
+hemidiaphragms hila hilar hilum hyperexpanded hyperinflated hyperinflation indication
+infection infiltrate infiltrates inspiration interstitial kerley lingula lingular lung lungs
+mediastinal mediastinum meniscus nasogastric opacification opacities opacity osseous pa
+pacemaker parenchyma picc pleura pleural pneumonia pneumonic pneumoperitoneum pneumothorax
+portable projects radiograph radiographs reticular retrocardiac rib ribs scarring segmental
+setting shortness silhouette sternotomy subcutaneous subsegmental supine thoracic thorax
+trachea tracheal tube tubes upright vascularity view views wires zone zones
+""".split()
+
 SUFFIX_PIECES = ("s", "es", "ed", "ing", "al", "ial", "ic", "ical", "ly", "ity", "ous", "ion",
                  "ation", "ment", "ness", "oma", "omas", "itis", "osis", "ectomy", "otomy",
                  "ography", "ogram", "ular", "ary", "ar", "ive", "ent", "ence", "er", "ers")
@@ -144,12 +171,13 @@ def normalise(text: str) -> list[str]:
         norm.normalize_str(text))]
 
 
-def template_words(path: Path = TEMPLATES) -> set[str]:
+def template_words(path: Path = TEMPLATES,
+                   functions: tuple[str, ...] = TEMPLATE_FUNCTIONS) -> set[str]:
     """Words of the string literals (f-string parts included) of the report templates."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
     words: set[str] = set()
     for node in ast.walk(tree):
-        if isinstance(node, ast.FunctionDef) and node.name in TEMPLATE_FUNCTIONS:
+        if isinstance(node, ast.FunctionDef) and node.name in functions:
             body = node.body[1:] if ast.get_docstring(node) else node.body
             leaves = [leaf for stmt in body for leaf in ast.walk(stmt)]
             # ".1f" in f"{size:.1f}" is a format, not report text
@@ -161,11 +189,23 @@ def template_words(path: Path = TEMPLATES) -> set[str]:
     return words
 
 
-def build_vocab() -> list[str]:
-    """The vocabulary, one token per entry, in file order (ids are line numbers)."""
+# name -> (terms, (template file, its template functions), ...)
+VOCABULARIES = {
+    "report_vocab": (TERMINOLOGY, ((TEMPLATES, TEMPLATE_FUNCTIONS),)),
+    "radiology_vocab": (TERMINOLOGY + CHEST_TERMINOLOGY,
+                        ((TEMPLATES, TEMPLATE_FUNCTIONS),
+                         (CHEST_TEMPLATES, ("write_chest_report",)))),
+}
+
+
+def build_vocab(name: str = "report_vocab") -> list[str]:
+    """The vocabulary ``name``, one token per entry, in file order (ids are line numbers)."""
+    terms, templates = VOCABULARIES[name]
     chars = string.ascii_lowercase + string.digits + string.punctuation
-    words = set(template_words())
-    for term in TERMINOLOGY:
+    words: set[str] = set()
+    for path, functions in templates:
+        words.update(template_words(path, functions))
+    for term in terms:
         words.update(normalise(term))
     words = {w for w in words if len(w) > 1 and w.isascii() and w.isalnum()}
     tokens = [*SPECIAL_TOKENS, *chars, *(f"##{c}" for c in string.ascii_lowercase + string.digits),
@@ -188,17 +228,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true",
                         help="compare with the shipped file instead of writing it")
     args = parser.parse_args(argv)
-    text = tokenizer_json(build_vocab())
-    if args.check:
-        current = OUTPUT.read_text(encoding="utf-8") if OUTPUT.exists() else ""
-        if current != text:
-            print(f"{OUTPUT.relative_to(ROOT)} is stale; rerun without --check", file=sys.stderr)
-            return 1
-        return 0
-    OUTPUT.parent.mkdir(parents=True, exist_ok=True)
-    OUTPUT.write_text(text, encoding="utf-8")
-    print(f"wrote {OUTPUT.relative_to(ROOT)}: {len(build_vocab())} tokens")
-    return 0
+    stale = 0
+    for name in VOCABULARIES:
+        vocab = build_vocab(name)
+        text, output = tokenizer_json(vocab), ASSETS / name / "tokenizer.json"
+        if args.check:
+            current = output.read_text(encoding="utf-8") if output.exists() else ""
+            if current != text:
+                print(f"{output.relative_to(ROOT)} is stale; rerun without --check",
+                      file=sys.stderr)
+                stale = 1
+            continue
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(text, encoding="utf-8")
+        print(f"wrote {output.relative_to(ROOT)}: {len(vocab)} tokens")
+    return stale
 
 
 if __name__ == "__main__":

@@ -70,7 +70,7 @@ class ConsoleTable:
         return n_sites > self.max_site_lines
 
     def on_train(self, record: RoundRecord) -> None:
-        warnings = [f"training reply failed: {one_line(f)}"
+        warnings = [f"training reply failed: {one_line(str(f))}"
                     for f in record.failures.get("train", [])]
         warnings += [f"update from {r.site_id} excluded: {r.reason}" for r in record.rejected]
         many = self._summarized(len(record.train) + len(record.failures.get("train", [])))
@@ -115,7 +115,7 @@ class ConsoleTable:
         else:
             for site, train_loss, val, test, seconds in lines:
                 self._line(record.round, site, train_loss, val, test, seconds=seconds)
-        self._warn(record.round, [f"evaluation reply failed: {one_line(f)}" for f in failed],
+        self._warn(record.round, [f"evaluation reply failed: {one_line(str(f))}" for f in failed],
                    many)
         trained = [r for r in record.evaluate if wire.EXTERNAL_SPLIT not in report_splits(r.metrics)]
         new_notes = len(self.notes)
@@ -179,9 +179,8 @@ class ConsoleTable:
                                    "ok"]))
         for phase in ("train", "evaluate"):
             for failure in record.failures.get(phase, []):
-                site = failure.split(" (node ", 1)[0]
-                rows.append("\t".join([str(record.round), site, *["-"] * 8,
-                                       f"{phase} failed: {one_line(failure)}"]))
+                rows.append("\t".join([str(record.round), failure.site, *["-"] * 8,
+                                       f"{phase} failed: {one_line(str(failure))}"]))
         for rejection in record.rejected:
             rows.append("\t".join([str(record.round), rejection.site_id, *["-"] * 8,
                                    f"update excluded: {rejection.reason}"]))

@@ -40,6 +40,19 @@ class SiteReply:
     ingest: str = ""          # JSON of ingest counts (files, skipped by reason, ...)
 
 
+@dataclass(frozen=True)
+class SiteFailure:
+    """A site's failed reply in one phase: which site (named from its earlier replies, else
+    ``node-<id>``), its node id, and the error reason Flower carried."""
+
+    site: str
+    node: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.site} (node {self.node}): {self.reason}"
+
+
 @dataclass
 class RoundRecord:
     """Everything observers learn about one round."""
@@ -48,14 +61,17 @@ class RoundRecord:
     started: float = field(default_factory=time.perf_counter)
     train: list[SiteReply] = field(default_factory=list)
     evaluate: list[SiteReply] = field(default_factory=list)
-    failures: dict[str, list[str]] = field(default_factory=dict)   # phase -> error reasons
-    dropped: dict[str, list[str]] = field(default_factory=dict)    # phase -> failed site ids
+    failures: dict[str, list[SiteFailure]] = field(default_factory=dict)   # by phase
     train_metrics: dict[str, float] = field(default_factory=dict)
     rejected: list = field(default_factory=list)     # guard.Rejection: site id and reason
     update_norms: dict[str, float] = field(default_factory=dict)   # site id -> ||local - global||
     arrays: ArrayRecord | None = None
     wall_seconds: float = 0.0
     site_level_epsilon: float | None = None   # site-level DP: epsilon spent after this round
+
+    def dropped(self, phase: str) -> list[str]:
+        """Ids of the sites whose reply in ``phase`` failed, sorted."""
+        return sorted(f.site for f in self.failures.get(phase, []))
     secagg_clipped: int | None = None         # secure aggregation: values clipped by encoding
 
 
@@ -66,21 +82,19 @@ class RoundObserver(Protocol):
 
 def site_replies(replies: Iterable[Message], known: dict[int, str] | None = None,
                  targets: dict[str, int] | None = None
-                 ) -> tuple[list[SiteReply], list[str], list[str]]:
-    """Split replies into per-site results, error reasons and the ids of the failed sites
-    (named from ``known``, node id -> site id seen in earlier replies, else ``node-<id>``).
+                 ) -> tuple[list[SiteReply], list[SiteFailure]]:
+    """Split replies into per-site results and failures (the failed site named from
+    ``known``, node id -> site id seen in earlier replies, else ``node-<id>``).
 
     An error the SuperLink writes for a vanished node comes from the SuperLink itself; its
     ``reply_to_message_id`` finds the node the instruction went to in ``targets``.
     """
-    ok, failed, dropped = [], [], []
+    ok, failed = [], []
     known, targets = known or {}, targets or {}
     for msg in replies:
         if msg.has_error():
             node = targets.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
-            name = known.get(node, f"node-{node}")
-            failed.append(f"{name} (node {node}): {msg.error.reason}")
-            dropped.append(name)
+            failed.append(SiteFailure(known.get(node, f"node-{node}"), node, msg.error.reason))
             continue
         content = msg.content
         site = content.config_records.get(wire.SITE, ConfigRecord())
@@ -94,7 +108,7 @@ def site_replies(replies: Iterable[Message], known: dict[int, str] | None = None
             manifest=str(site.get(wire.MANIFEST, "")),
             ingest=str(site.get(wire.INGEST, "")),
         ))
-    return sorted(ok, key=lambda r: r.site_id), failed, sorted(dropped)
+    return sorted(ok, key=lambda r: r.site_id), failed
 
 
 def ordered(replies: Iterable[Message]) -> list[Message]:
@@ -128,8 +142,7 @@ class ObservedStrategy(StatelessWrapper, Strategy):
         # the instructions are needed only until their replies are in (one per site)
         targets = {m.metadata.message_id: m.metadata.dst_node_id
                    for m in self._sent.pop(phase, [])}
-        ok, record.failures[phase], record.dropped[phase] = site_replies(replies, self._sites,
-                                                                         targets)
+        ok, record.failures[phase] = site_replies(replies, self._sites, targets)
         self._sites |= {r.node_id: r.site_id for r in ok}
         return ok
 

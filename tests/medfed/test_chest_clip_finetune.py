@@ -50,7 +50,7 @@ def chest_run(tmp_path_factory):
     root = _fixed_pseudonym_keys(_synth(out / "data"))
     cfg = load_experiment(["experiment=smoke", "federation=sim3", "federation.num_rounds=1",
                            "data/layout=chest_xray", "task=chest3", "task.image_size=32",
-                           "pretrain=clip", "pretrain.num_rounds=1",
+                           "pretrain=clip_chest", "pretrain.num_rounds=1",
                            f"data.root={root}", f"runs_dir={out / 'runs'}"])
     handler = logging.FileHandler(out / "run.log")
     logging.getLogger().addHandler(handler)

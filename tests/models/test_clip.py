@@ -19,7 +19,7 @@ from models import TASKS
 from models.clip import CLIPConfig, CLIPModel, clip_loss, recall_at_k
 from models.metrics import SplitMetrics, macro_auroc
 from models.tasks import batch_coupling, build
-from models.text import (DEFAULT_TOKENIZER_DIR, SHIPPED_TOKENIZERS, load_tokenizer,
+from models.text import (SHIPPED_TOKENIZERS, load_tokenizer,
                          tokenizer_fingerprint)
 from protocol.metrics import to_record
 
@@ -300,16 +300,25 @@ def test_default_vocabulary_tokenizes_the_synthetic_reports():
     assert not (task.prompt_tokens["input_ids"] == unk).any()
 
 
-def test_shipped_tokenizer_is_what_the_build_script_makes():
+def _build_script():
     spec = importlib.util.spec_from_file_location("build_report_vocab",
                                                   ROOT / "scripts" / "build_report_vocab.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    shipped = DEFAULT_TOKENIZER_DIR / "tokenizer.json"
-    vocab = script.build_vocab()
-    assert script.tokenizer_json(vocab) == shipped.read_text(encoding="utf-8")
-    assert len(vocab) == CLIPConfig().vocab_size == load_tokenizer().get_vocab_size()
-    assert not set(vocab) & {w.lower() for w in ("Okonkwo", "Whitcombe", "Eleanor")}  # no names
+    return script
+
+
+def test_shipped_tokenizer_is_what_the_build_script_makes():
+    script = _build_script()
+    assert set(script.VOCABULARIES) == set(SHIPPED_TOKENIZERS)
+    for name, directory in SHIPPED_TOKENIZERS.items():
+        vocab = script.build_vocab(name)
+        assert script.tokenizer_json(vocab) == (directory / "tokenizer.json").read_text("utf-8")
+        assert not set(vocab) & {w.lower() for w in ("Okonkwo", "Whitcombe", "Eleanor")}
+    assert len(script.build_vocab()) == CLIPConfig().vocab_size == load_tokenizer().get_vocab_size()
+    # the radiology vocabulary holds every default token (their ids differ: a separate file)
+    default, radiology = script.build_vocab(), script.build_vocab("radiology_vocab")
+    assert set(default) < set(radiology)
 
 
 # --- data path: StudyDataset(text_transform=task.tokenize) through the engine ---------

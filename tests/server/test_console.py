@@ -9,7 +9,7 @@ import numpy as np
 from models.metrics import SplitMetrics
 from protocol.metrics import to_record
 from server.console import ConsoleTable
-from strategies.observed import RoundRecord, SiteReply
+from strategies.observed import RoundRecord, SiteFailure, SiteReply
 
 
 def _reply(site: str, val: SplitMetrics, test: SplitMetrics) -> SiteReply:
@@ -98,7 +98,9 @@ def test_a_site_failure_is_one_line_naming_the_site(caplog):
     trace = "b (node 3): Traceback (most recent call last):\n  File \"x\", line 1\nOSError: disk"
     assert one_line(trace) == "b (node 3): OSError: disk"
     assert one_line("a (node 1): Error: Node Unavailable\n") == "a (node 1): Error: Node Unavailable"
-    record = RoundRecord(round=2, failures={"train": [raised]})
+    failure = SiteFailure("c", 17, raised.split(": ", 1)[1])
+    assert str(failure) == raised
+    record = RoundRecord(round=2, failures={"train": [failure]})
     with caplog.at_level(logging.INFO, logger="medfed.server"):
         ConsoleTable().on_train(record)
     assert [r.getMessage() for r in caplog.records] == [
@@ -124,7 +126,7 @@ def _many_sites(n: int, failed: int) -> RoundRecord:
              for i in range(n)]
     evaluate = [_reply(f"site-{i:03d}", _split(GOOD), _split(SINGLE if i == 0 else GOOD))
                 for i in range(n)]
-    failures = [f"site-{n + i:03d} (node {n + i}): <class 'OSError'>:<'disk full'>"
+    failures = [SiteFailure(f"site-{n + i:03d}", n + i, "<class 'OSError'>:<'disk full'>")
                 for i in range(failed)]
     return RoundRecord(round=4, train=train, evaluate=evaluate, wall_seconds=9.0,
                        failures={"train": failures, "evaluate": []},

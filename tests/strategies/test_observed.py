@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from flwr.app import ConfigRecord
+
+from protocol import wire
 
 from strategies.external import ExternalSites
 from strategies.observed import ObservedStrategy, RoundRecord
@@ -14,19 +17,24 @@ def _identity(task_identity):
     """Real Flower messages need the identity Flower sets in a running app."""
 
 
+class _Recorder:
+    """An observer keeping every training round's record in ``seen``."""
+
+    def __init__(self, seen: list[RoundRecord]):
+        self.seen = seen
+
+    def on_train(self, record):
+        self.seen.append(record)
+
+    def on_round_end(self, record):
+        pass
+
+
 def test_a_rejection_behind_external_sites_reaches_the_round_record():
     """BUG 2: ExternalSites forwarded nothing, so the observer saw no rejection and no norm."""
     seen: list[RoundRecord] = []
-
-    class Recorder:
-        def on_train(self, record):
-            seen.append(record)
-
-        def on_round_end(self, record):
-            pass
-
     guarded = guard(fedavg(), max_update_norm=1.0)
-    strategy = ObservedStrategy(ExternalSites(guarded), [Recorder()])
+    strategy = ObservedStrategy(ExternalSites(guarded), [_Recorder(seen)])
 
     def updates(node, current):        # site-2 sends a huge update: over the norm bound
         return {k: v + (100.0 if node == 2 else 0.01) for k, v in current.items()}
@@ -36,3 +44,28 @@ def test_a_rejection_behind_external_sites_reaches_the_round_record():
     assert [(r.site_id, "exceeds bound" in r.reason) for r in record.rejected] == [("site-2", True)]
     assert sorted(record.update_norms) == ["site-1", "site-2", "site-3"]
     assert record.update_norms["site-2"] > 100
+
+
+def test_a_failed_reply_is_recorded_under_the_site_id_its_node_answered_with_before():
+    """A failure names its site from that node's earlier replies (what the console table and
+    MLflow's ``site/<id>/train/dropped`` show), whatever text the error reason holds."""
+    from flwr.app import Error, Message
+
+    from tests.strategies.rounds import reply
+
+    seen: list[RoundRecord] = []
+    strategy = ObservedStrategy(fedavg(), [_Recorder(seen)])
+    current = train_round(strategy, 1, arrays(), Grid(SITES))
+    sent = list(strategy.configure_train(2, current, ConfigRecord(), Grid(SITES)))
+    for i, m in enumerate(sent):            # ids are set when the grid pushes them
+        m.metadata.__dict__["_message_id"] = f"instruction-{i}"
+    replies = [reply(m, {k: a.numpy() for k, a in m.content[wire.ARRAYS].items()})
+               for m in sent if m.metadata.dst_node_id != 2]
+    failed = next(m for m in sent if m.metadata.dst_node_id == 2)
+    replies.append(Message(Error(code=0, reason="site-9 (node 9): a misleading reason"),
+                           reply_to=failed))
+    strategy.aggregate_train(2, replies)
+    record = seen[-1]
+    assert [(f.site, f.node) for f in record.failures["train"]] == [("site-2", 2)]
+    assert record.dropped("train") == ["site-2"] and record.dropped("evaluate") == []
+    assert str(record.failures["train"][0]) == "site-2 (node 2): site-9 (node 9): a misleading reason"

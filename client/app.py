@@ -24,7 +24,7 @@ from .job import Job, decode_job
 from .mods.errors import generic_errors_mod
 from .mods.packing import packing_mod
 from .mods.require_secagg import require_secagg_mod
-from .mods.secagg import secagg_mod
+from .mods.secagg import secagg_mod, survivors_signed
 from .mods.sitedp import site_dp_clipping_mod
 from .privacy.declared import declared_policy
 from .privacy.policy import admit_round, node_settings, releasable_metrics
@@ -155,7 +155,7 @@ def make_client_app(*, sim_data_root: Path | None = None, sim_train_sites: int |
             return Message(content=cached, reply_to=msg)
         auth = admit_round(job, settings, site.data_dir, n_train=len(splits["train"]),
                            secure_aggregation=msg.content[wire.CONFIG].get(wire.SECAGG_STAGE)
-                           == wire.SECAGG_MASKED)
+                           == wire.SECAGG_MASKED, survivors_signed=survivors_signed(context))
         objective_key = f"{STATE_OBJECTIVE}.{job.task_name}"
         if objective_key in context.state:       # stored only for a task that keeps state
             engine.task.load_site_state(model, context.state[objective_key].to_torch_state_dict())

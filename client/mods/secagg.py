@@ -98,6 +98,14 @@ def _identity(context: Context, authenticated: bool) -> SiteIdentity | None:
     return identity
 
 
+def survivors_signed(context: Context) -> bool:
+    """Whether the SecAgg round in progress at this site is the malicious-secure protocol,
+    whose survivor set the sites sign (from the site's own state, set at its setup stage)."""
+    if wire.SECAGG_STATE not in context.state:
+        return False
+    return bool(dict(context.state[wire.SECAGG_STATE]).get("authenticated", False))
+
+
 def _site(context: Context) -> SiteSecAgg:
     if wire.SECAGG_STATE not in context.state:
         raise SecAggRefused("secagg-stage", "no secure-aggregation round in progress at this "

@@ -24,8 +24,10 @@ What protects the rows, and what does not:
 
 Each row says whom its guarantee trusts (``trust``): ``site`` (the site added the noise itself:
 DP-SGD), ``sites>=m`` (distributed site-level DP: the sum carries the noise shares of at least
-``m`` honest contributors, this site's among them; no server is trusted) or ``server`` (the
-server was trusted to add the noise). Rows written before the column existed read back with
+``m`` honest contributors, this site's among them; no server is trusted),
+``sites>=m,server-counted`` (the same, but the secure aggregation was the semi-honest protocol:
+that ``m`` contributors are in the sum, and that no single update is unmasked, is the server's
+word) or ``server`` (the server was trusted to add the noise). Rows written before the column existed read back with
 an empty ``trust`` and are hashed without it, so old ledgers still verify.
 """
 
@@ -49,12 +51,14 @@ log = logging.getLogger(__name__)
 GENESIS_HASH = "0" * 64
 TRUST_SITE, TRUST_SERVER = "site", "server"
 LEGACY_TRUST = ""              # rows from before the trust column (hashed without it)
-_TRUST_SITES = re.compile(r"sites>=[1-9][0-9]*")
+SERVER_COUNTED = "server-counted"
+_TRUST_SITES = re.compile(r"sites>=[1-9][0-9]*(,server-counted)?")
 
 
-def trust_sites(min_contributors: int) -> str:
-    """The trust of a distributed-DP row: the noise of at least this many honest sites."""
-    return f"sites>={int(min_contributors)}"
+def trust_sites(min_contributors: int, *, server_counted: bool = False) -> str:
+    """The trust of a distributed-DP row: the noise of at least this many honest sites (and,
+    ``server_counted``, the server's word that they are in the sum)."""
+    return f"sites>={int(min_contributors)}" + (f",{SERVER_COUNTED}" if server_counted else "")
 _TIMEOUT_S = 30.0   # several processes of one site may wait on each other's BEGIN IMMEDIATE
 
 _SCHEMA = (
@@ -339,7 +343,7 @@ _RANGES = {
     "target_epsilon": (lambda v: 0.0 < v < math.inf, "finite and > 0"),
     "max_grad_norm": (lambda v: 0.0 < v < math.inf, "finite and > 0"),
     "trust": (lambda v: v in (TRUST_SITE, TRUST_SERVER) or bool(_TRUST_SITES.fullmatch(v)),
-              f"{TRUST_SITE!r}, {TRUST_SERVER!r} or 'sites>=<m>'"),
+              f"{TRUST_SITE!r}, {TRUST_SERVER!r} or 'sites>=<m>[,{SERVER_COUNTED}]'"),
 }
 _CASTS = {"int": operator.index, "float": float, "str": str}  # annotations are strings here
 

@@ -11,7 +11,9 @@ the budget.
 
 Site-level DP comes in two trust models. With ``noise=distributed`` the site adds its own
 Skellam share before masking (``client.privacy.ddp``) and books the sum's guarantee itself;
-its row trusts ``sites>=m`` (the shares of ``m`` honest contributors). ``noise=server`` trusts
+its row trusts ``sites>=m`` (the shares of ``m`` honest contributors) - ``sites>=m,server-counted``
+when the secure aggregation is the semi-honest protocol (unsigned survivor set: the server's word
+decides which updates are unmasked, so the row says it trusts that word). ``noise=server`` trusts
 the server to add the noise: refused unless the operator set ``dp-trust-server``, and booked
 with ``trust = server``. Distributed noise outside secure aggregation would expose an update
 carrying a fraction of the noise: refused.
@@ -94,17 +96,19 @@ def site_budget(settings: dict, data_dir: Path) -> SiteBudget | None:
 
 
 def _cap(settings: dict, key: str, kind: type) -> float | int | None:
-    """An optional positive, finite cap from node config (None when unset)."""
+    """An optional positive, finite cap from node config (None when unset); an integer cap
+    must be a whole number (2.5 is refused, not read as 2)."""
     value = settings.get(key)
     if value is None:
         return None
     try:
-        cap = kind(value)
-        if not (math.isfinite(cap) and cap > 0):
+        cap = float(value)
+        if not (math.isfinite(cap) and cap > 0) or (kind is int and not cap.is_integer()):
             raise ValueError
+        cap = kind(cap)
     except (TypeError, ValueError):
-        raise PrivacyRefused(f"node config {key!r} must be a positive number, got "
-                             f"{value!r}") from None
+        raise PrivacyRefused(f"node config {key!r} must be a positive "
+                             f"{'whole ' if kind is int else ''}number, got {value!r}") from None
     return cap
 
 
@@ -113,9 +117,13 @@ def flag(value) -> bool:
 
 
 def admit_round(job: JobSpec, settings: dict, data_dir: Path, *, n_train: int,
-                secure_aggregation: bool) -> Authorization | None:
+                secure_aggregation: bool, survivors_signed: bool) -> Authorization | None:
     """The site's checks before it trains: its secure-aggregation policy, then its privacy
-    budget (``authorize``). Raises with the reason the server will see."""
+    budget (``authorize``). Raises with the reason the server will see.
+
+    ``secure_aggregation``: this update is masked; ``survivors_signed``: by the
+    malicious-secure protocol (sites sign the survivor set; from the site's own SecAgg state,
+    never from the message)."""
     if flag(settings.get(wire.NODE_REQUIRE_SECAGG, False)) and not secure_aggregation:
         raise PrivacyRefused(f"this site requires secure aggregation (node config "
                              f"{wire.NODE_REQUIRE_SECAGG}); refusing a plaintext update")
@@ -128,7 +136,8 @@ def admit_round(job: JobSpec, settings: dict, data_dir: Path, *, n_train: int,
     return authorize(job.privacy, site_budget(settings, data_dir), n_train=n_train,
                      local_epochs=job.train.local_epochs, batch_size=job.train.batch_size,
                      server_round=job.server_round,
-                     secure_mode=flag(settings.get(wire.NODE_DP_SECURE_MODE, True)))
+                     secure_mode=flag(settings.get(wire.NODE_DP_SECURE_MODE, True)),
+                     survivors_signed=secure_aggregation and survivors_signed)
 
 
 def releasable_metrics(metrics: dict[str, float], auth: Authorization | None) -> dict:
@@ -152,8 +161,11 @@ class Authorization:
 
 def authorize(request: PrivacySpec, budget: SiteBudget | None, *, n_train: int,
               local_epochs: int, batch_size: int, server_round: int,
-              secure_mode: bool = True) -> Authorization | None:
-    """Accept (and charge) or refuse this round. None: a non-private round the site allows."""
+              secure_mode: bool = True, survivors_signed: bool = True
+              ) -> Authorization | None:
+    """Accept (and charge) or refuse this round. None: a non-private round the site allows.
+    ``survivors_signed=False``: a distributed round's sum is counted by the server alone
+    (semi-honest SecAgg), and its row says so."""
     if request.mechanism == wire.DP_NONE:
         if budget is not None and budget.require_dp:
             raise PrivacyRefused("this site has a privacy budget and requires differential "
@@ -178,7 +190,7 @@ def authorize(request: PrivacySpec, budget: SiteBudget | None, *, n_train: int,
         trust = TRUST_SITE
     else:
         q, steps, sigma, clip = 1.0, 1, request.noise_multiplier, request.clipping_norm
-        trust = _site_dp_trust(request, budget)
+        trust = _site_dp_trust(request, budget, survivors_signed)
         _check_plan(ledger, request, budget, [(sigma, q, steps)] * request.planned_rounds)
     _check_caps(budget, sigma, steps)
     this_round = (sigma, q, steps)
@@ -212,7 +224,7 @@ def authorize(request: PrivacySpec, budget: SiteBudget | None, *, n_train: int,
     return Authorization(dpsgd, entry)
 
 
-def _site_dp_trust(request: PrivacySpec, budget: SiteBudget) -> str:
+def _site_dp_trust(request: PrivacySpec, budget: SiteBudget, survivors_signed: bool) -> str:
     """Whom a site-level round's guarantee trusts; server noise only if the operator agreed.
 
     Distributed: the round's row ``(sigma, 1, 1)`` is this site's own bound - its share is
@@ -232,7 +244,7 @@ def _site_dp_trust(request: PrivacySpec, budget: SiteBudget) -> str:
                              f"contributors (privacy.min_contributors); this site relies on "
                              f"at most {budget.max_assumed_sites} (node config "
                              f"{wire.NODE_DP_MAX_ASSUMED_SITES}); refusing")
-    return trust_sites(m)
+    return trust_sites(m, server_counted=not survivors_signed)
 
 
 def _history(entries: list[LedgerEntry]) -> list[tuple[float, float, int]]:

@@ -177,6 +177,13 @@ def test_minimum_noise_and_maximum_steps_are_the_site_s(tmp_path):
     assert PrivacyLedger(budget.ledger_path).entries() == []
     with pytest.raises(PrivacyRefused, match="'dp-min-noise-multiplier' must be a positive"):
         _budget(tmp_path, **{wire.NODE_DP_MIN_NOISE: "-1"})
+    # a fractional step cap is refused, not truncated (2.5 read as 2 would be a cap the
+    # operator did not write)
+    for fraction in (2.5, "0.5"):
+        with pytest.raises(PrivacyRefused, match="'dp-max-steps-per-round' must be a positive "
+                                                 "whole number"):
+            _budget(tmp_path, **{wire.NODE_DP_MAX_STEPS: fraction})
+    assert _budget(tmp_path, **{wire.NODE_DP_MAX_STEPS: "5"}).max_steps_per_round == 5
 
 
 # ------------------------------------------------- 3. no filesystem path arrives over the wire

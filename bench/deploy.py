@@ -29,15 +29,24 @@ import tempfile
 import time
 from pathlib import Path
 
+from protocol.hoptrace import ENV as HOP_TRACE
+
+from . import deploy_timeline
 from .common import update_results_md, write_result
 
 MEDFED = [sys.executable, "-m", "medfed.cli"]
+REPO = str(Path(__file__).resolve().parents[1])
 SITES = ("a", "b", "c")
 
 
-def _env() -> dict[str, str]:
-    return dict(os.environ, OMP_NUM_THREADS="1", FLWR_TELEMETRY_ENABLED="0",
-                FLWR_DISABLE_UPDATE_CHECK="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+def _env(trace: Path | None = None) -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", FLWR_TELEMETRY_ENABLED="0",
+               FLWR_DISABLE_UPDATE_CHECK="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    env.pop(HOP_TRACE, None)
+    # every process (the coordinator's SuperLink runs in its state folder) imports the tree
+    # being measured, not whichever MedFed the environment has installed
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, (REPO, env.get("PYTHONPATH"))))
+    return env | ({HOP_TRACE: str(trace)} if trace else {})
 
 
 def _port() -> int:
@@ -79,10 +88,12 @@ def simulate(data: Path, runs: Path, rounds: int, extra: list[str]) -> tuple[lis
     raise AssertionError("unreachable")
 
 
-def deploy(data: Path, root: Path, rounds: int,
-           link_state: str = "sqlite") -> dict[str, tuple[list[float], float]]:
+def deploy(data: Path, root: Path, rounds: int, link_state: str = "sqlite",
+           trace: Path | None = None) -> dict[str, tuple[list[float], float]]:
     """Both variants, one after the other, on one federation (sites stay up between runs);
-    the coordinator keeps Flower's state in ``link_state`` (``medfed server --link-state``)."""
+    the coordinator keeps Flower's state in ``link_state`` (``medfed server --link-state``).
+    With ``trace``, every process appends its hops there (``protocol.hoptrace``) and the
+    results carry each variant's time window under ``"<variant>_window"``."""
     from medfed.certs import write_certs
     from medfed.deploy.allowlist import digest_of
 
@@ -95,7 +106,7 @@ def deploy(data: Path, root: Path, rounds: int,
 
     def start(name: str, args: list[str]) -> subprocess.Popen:
         log = open(root / f"{name}.log", "w")
-        procs.append(subprocess.Popen([*MEDFED, *args], env=_env(), stdout=log,
+        procs.append(subprocess.Popen([*MEDFED, *args], env=_env(trace), stdout=log,
                                       stderr=subprocess.STDOUT, start_new_session=True))
         return procs[-1]
 
@@ -123,11 +134,11 @@ def deploy(data: Path, root: Path, rounds: int,
                          "--secagg-peers", str(peers)])
         for site in SITES:
             wait_for(site, "SuperNode ID:")
-        results = {}
+        results, windows = {}, {}
         runs = root / "state" / "runs"
         for variant, extra in VARIANTS.items():
             before = set(runs.glob("smoke-*")) if runs.exists() else set()
-            begin = time.perf_counter()
+            begin, wall = time.perf_counter(), time.time()
             subprocess.run([*MEDFED, "run", "experiment=smoke", "federation.num_sites=3",
                             f"federation.num_rounds={rounds}", *extra,
                             "--superlink", f"localhost:{port}",
@@ -136,7 +147,8 @@ def deploy(data: Path, root: Path, rounds: int,
                            env=_env(), check=True, stdout=open(root / f"run-{variant}.log", "w"),
                            stderr=subprocess.STDOUT, timeout=1800)
             results[variant] = (round_seconds(runs, before), time.perf_counter() - begin)
-        return results
+            windows[variant] = (wall, time.time())
+        return results | ({f"{v}_window": w for v, w in windows.items()} if trace else {})
     finally:
         for proc in procs:
             if proc.poll() is None:
@@ -160,17 +172,38 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--patients", type=int, default=12)
+    parser.add_argument("--trace", type=Path, metavar="DIR",
+                        help="trace every hop of the deployed messages (protocol.hoptrace) into "
+                             "DIR/trace-<state>.jsonl and add the per-hop timeline to the "
+                             "results (timeline key)")
     args = parser.parse_args(argv)
     from medfed.synth.sites import synthesize
 
     load_before = os.getloadavg()
+    if args.trace:
+        args.trace.mkdir(parents=True, exist_ok=True)
+        for old in args.trace.glob("trace-*.jsonl"):
+            old.unlink()
     with tempfile.TemporaryDirectory(prefix="medfed-bench-deploy-") as tmp:
         tmp = Path(tmp)
         synthesize(tmp / "data", n_sites=3, seed=3, patients=args.patients)
         sim = {v: simulate(tmp / "data", tmp / f"sim-{v}", args.rounds, extra)
                for v, extra in VARIANTS.items()}
-        deps = {state: deploy(tmp / "data", tmp / f"deploy-{state}", args.rounds, state)
+        deps = {state: deploy(tmp / "data", tmp / f"deploy-{state}", args.rounds, state,
+                              trace=args.trace / f"trace-{state}.jsonl" if args.trace else None)
                 for state in LINK_STATES}
+        timelines = {}
+        if args.trace:
+            for state in LINK_STATES:
+                lines = deploy_timeline.load(args.trace / f"trace-{state}.jsonl")
+                for variant in VARIANTS:
+                    lo, hi = deps[state][f"{variant}_window"]
+                    window = [x for x in lines if lo <= x["t"] <= hi]
+                    timelines[f"{variant}_{state}"] = {
+                        "hops": deploy_timeline.summarize(window),
+                        "superlink_requests": deploy_timeline.superlink_requests(window)}
+                    print(f"--- {variant}, link state {state}\n"
+                          + deploy_timeline.format_table(timelines[f"{variant}_{state}"]["hops"]))
     load_after = os.getloadavg()
     payload: dict = {}
     for state, dep in deps.items():
@@ -185,6 +218,8 @@ def main(argv: list[str] | None = None) -> None:
             if not LINK_STATES[state]:
                 payload[f"simulation_round_seconds{suffix}"] = [round(x, 2) for x in s_]
                 payload[f"simulation_total_seconds{suffix}"] = round(s_total, 1)
+    if timelines:
+        payload["timeline"] = timelines
     payload |= {
         "goal": "round_overhead_ratio <= 1.5, round_overhead_ratio_secagg <= 2.0",
         "experiment": "smoke", "sites": 3, "rounds": args.rounds,

@@ -6,8 +6,9 @@ Flower 1.41 retries a missing object after 1 s, doubling up to 10 s (``PULL_INIT
 usually missing only for the moment between a message being announced and its bytes being
 stored (the SuperNode offers a task before it has downloaded the arrays; a reply is listed
 before its objects are in), so the first retry should come soon. The ServerApp's reply pulls
-(``server.prompt_grid``), the SuperNode's download (``medfed.deploy.supernode``) and the site
-runner's pull from its SuperNode (``medfed.deploy.runner``) all use this one setting.
+(``server.prompt_grid``) and the SuperNode's download (``medfed.deploy.supernode``) use this
+one setting; the site runner's pull from its own SuperNode, on loopback, retries sooner still
+(``medfed.deploy.runner.LOCAL_PULL_BACKOFF``).
 """
 
 from __future__ import annotations

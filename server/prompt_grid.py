@@ -28,6 +28,8 @@ from flwr.app import Message
 from flwr.serverapp import Grid
 
 from protocol import wire
+from protocol.hoptrace import enabled as tracing
+from protocol.hoptrace import hop
 from protocol.packing import PackingError, pack, unpack
 from protocol.transport import OBJECT_PULL_BACKOFF
 
@@ -82,12 +84,18 @@ class PromptGrid(Grid):
     def send_and_receive(self, messages: Iterable[Message], *,
                          timeout: float | None = None) -> Iterable[Message]:
         """Flower's loop (``HttpGrid.send_and_receive``) with a ``poll``-second wait."""
+        hop("serverapp.push")
         missing = set(self.push_messages(messages))
+        for message_id in missing:
+            hop("serverapp.pushed", message_id)
         end = time.time() + (timeout if timeout is not None else 0.0)
         replies: list[Message] = []
         while timeout is None or time.time() < end:
             asked = time.monotonic()
             got = list(self.pull_messages(missing))
+            for m in got if tracing() else ():      # MEDFED_HOP_TRACE: no content
+                hop("serverapp.collected", m.metadata.reply_to_message_id,
+                    node=m.metadata.src_node_id)
             replies.extend(got)
             missing.difference_update(m.metadata.reply_to_message_id for m in got)
             if not missing:

@@ -116,6 +116,29 @@ class ControlGuard:
         await send({"type": "http.response.body", "body": body})
 
 
+class RequestTimer:
+    """ASGI middleware, only while hop tracing is on (``protocol.hoptrace``): one trace line
+    per Fleet/Runtime request, its route and how long the SuperLink took (no body, no peer)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope.get("type") != "http":
+            await self.app(scope, receive, send)
+            return
+        import time
+
+        from protocol.hoptrace import hop
+
+        start = time.perf_counter()
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            hop("superlink.request", route=scope.get("path", "")[-60:],
+                ms=round((time.perf_counter() - start) * 1000, 2))
+
+
 def guard_command(allowed: Iterable[str], flower_args: list[str]) -> list[str]:
     """Command line that starts ``flower-superlink`` with ``flower_args`` behind the guard."""
     return [sys.executable, "-m", __name__, FLAG, ",".join(allowed), "--", *flower_args]
@@ -129,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     allowed = parse_networks(argv[1])
     from flwr.common.logger import log
     from flwr.superlink import main as flower_app
+
+    from protocol.hoptrace import enabled as tracing
     from flwr.superlink.cli import flower_superlink
 
     create_app = flower_app.create_app
@@ -137,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         app = create_app(*args, **kwargs)
         # added last = outermost: runs before Flower's own Control middlewares
         app.add_middleware(ControlGuard, allowed=allowed)
+        if tracing():
+            app.add_middleware(RequestTimer)
         return app
 
     # Flower imports create_app from this module at call time (flower_superlink.py), so

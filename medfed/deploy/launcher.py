@@ -37,6 +37,8 @@ import sys
 import time
 from pathlib import Path
 
+from protocol.hoptrace import hop
+
 from .allowlist import AllowList
 from .follow import FollowPoll
 from .runtime_auth import load_runtime_secret, signing_interceptor
@@ -212,6 +214,7 @@ def serve(address: str, allow: AllowList, *, site_id: str, secret: bytes, poll: 
                 answer = client.AcquireTask(request)
                 if answer.HasField("task") and answer.token:
                     task = f"task {answer.task.task_id} of run {answer.task.run_id}"
+                    hop("launcher.claimed", site=site_id, task=answer.task.task_id)
                     log.info("[%s] %s: handing it to the site runner", site_id, task)
                     worker.submit(answer.token, task)
             if worker.wait(claims.interval()):     # it finished a task: the next one is near

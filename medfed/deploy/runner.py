@@ -57,6 +57,8 @@ from flwr.app.error import Error
 from flwr.common.constant import FLWR_TASK_TOKEN_LENGTH, ErrorCode, SubStatus
 from flwr.supercore.fab import Fab
 
+from protocol.hoptrace import hop
+
 from .allowlist import AllowList, AppRefused
 from .egress import EgressAudit
 
@@ -119,6 +121,7 @@ def handle_task(message: Message, context: Context, fab: Fab, allow: AllowList, 
                                reply_to=message), SubStatus.FAILED, reason)
     log.info("[%s] run %s: app %s approved; starting the site's installed ClientApp",
              site_id, message.metadata.run_id, digest[:12])
+    hop("runner.approved", message.metadata.message_id, site=site_id)
     try:
         reply = load_app()(message=message, context=context)
     except Exception as err:  # noqa: BLE001 - the coordinator gets a code, the site the trace
@@ -143,13 +146,18 @@ def run_task(client, allow: AllowList, *, site_id: str = "site",
     context, outcome = None, None
     try:
         start = time.perf_counter()
+        hop("runner.start", site=site_id)
         message, context, _run, fab = pull_task_input(client)
         pulled = time.perf_counter()
+        message_id = message.metadata.message_id
+        hop("runner.pulled", message_id, site=site_id)
         outcome = handle_task(message, context, fab, allow, site_id=site_id, load_app=load_app)
+        hop("runner.handled", message_id, site=site_id)
         if audit is not None:
             audit.record(outcome.reply, context.run_id)
         handled = time.perf_counter()
         push_message(client, outcome.reply, context)
+        hop("runner.pushed", message_id, site=site_id)
         # where a message's time goes at the site (durations only)
         log.info("[%s] run %s: task input pulled in %.1fs, app %.1fs, reply pushed in %.1fs",
                  site_id, context.run_id, pulled - start, handled - pulled,
@@ -158,6 +166,7 @@ def run_task(client, allow: AllowList, *, site_id: str = "site",
         push_task_output(client=client, context=context,
                          sub_status=outcome.sub_status if outcome else SubStatus.FAILED,
                          details=outcome.details if outcome else "the site runner failed")
+        hop("runner.status_pushed", site=site_id)
         if heartbeat.is_running:
             heartbeat.stop()
         client.close()
@@ -178,19 +187,26 @@ def runtime_client(address: str, token: str):
         retry_invoker=make_simple_http_retry_invoker())
 
 
+# Retries of the runner's pull from its own SuperNode (loopback, this machine): the SuperNode
+# offers the task as soon as the message header arrives and downloads the arrays afterwards,
+# so the runner's first pulls miss. Traced (bench/deploy.py --trace, session 17): with the
+# shared 0.05-0.5 s backoff the runner had its input 0.13-0.37 s (median per exchange) after
+# the SuperNode had stored it - its retries had backed off to 0.4-0.5 s by then.
+LOCAL_PULL_BACKOFF = {"initial_backoff": 0.02, "backoff_cap": 0.1}
+
+
 def prompt_pulls() -> None:
-    """Pull a message's objects from the site's own SuperNode retrying every 0.05-0.5 s
-    (``OBJECT_PULL_BACKOFF``) instead of Flower's 1, 2, 4 ... s: the SuperNode offers the task
+    """Pull a message's objects from the site's own SuperNode retrying every 0.02-0.1 s
+    (``LOCAL_PULL_BACKOFF``) instead of Flower's 1, 2, 4 ... s: the SuperNode offers the task
     before it has downloaded the message's arrays, so the first tries usually miss, and with
-    Flower's backoff a tiny model took 3-8 s to arrive (measured). Loopback, this process only."""
+    Flower's backoff a tiny model took 3-8 s to arrive (measured). Loopback, this process only:
+    at most ~10 small requests a second to the site's own SuperNode while an object is missing."""
     from functools import partial
 
     import flwr.supernode.runtime.run_clientapp as flwr_clientapp
 
-    from protocol.transport import OBJECT_PULL_BACKOFF
-
     flwr_clientapp.pull_and_inflate_object_from_tree = partial(
-        flwr_clientapp.pull_and_inflate_object_from_tree, **OBJECT_PULL_BACKOFF)
+        flwr_clientapp.pull_and_inflate_object_from_tree, **LOCAL_PULL_BACKOFF)
 
 
 def read_tokens(stream: BinaryIO) -> Iterator[str]:

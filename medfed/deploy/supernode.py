@@ -41,6 +41,8 @@ import time
 from functools import partial
 from types import SimpleNamespace
 
+from protocol.hoptrace import enabled as tracing
+from protocol.hoptrace import hop
 from protocol.transport import OBJECT_PULL_BACKOFF
 
 from .follow import FollowPoll
@@ -77,7 +79,65 @@ def install(interval: float) -> None:
     poll = FollowPoll(interval)
     loop.time = capped_time(interval, poll=poll)
     loop.pull_objects = partial(loop.pull_objects, **OBJECT_PULL_BACKOFF)
+    if tracing():             # MEDFED_HOP_TRACE set: where a message's time goes (no content)
+        loop._pull_and_store_message = traced_pull(loop._pull_and_store_message)
+        push_messages = traced_push(push_messages)
     loop._push_messages = followed(push_messages, poll)
+
+
+def traced_pull(pull_and_store):
+    """Flower's ``_pull_and_store_message`` with hops: message received (its metadata), its
+    objects stored (with the number of ``PullObject`` calls it took)."""
+
+    def pull(**kw):
+        receive, pull_object = kw["receive"], kw["pull_object"]
+        confirm = kw["confirm_message_received"]
+        calls = [0]
+
+        def traced_receive():
+            got = receive()
+            if got is not None:
+                meta = got[0].metadata
+                hop("supernode.received", meta.message_id, run=meta.run_id, kind=meta.message_type)
+            return got
+
+        def traced_pull_object(run_id, object_id):
+            calls[0] += 1
+            return pull_object(run_id, object_id)
+
+        def traced_confirm(run_id, message_id):
+            hop("supernode.stored", message_id, pulls=calls[0])
+            return confirm(run_id, message_id)
+
+        return pull_and_store(**kw | {"receive": traced_receive, "pull_object": traced_pull_object,
+                                      "confirm_message_received": traced_confirm})
+
+    return pull
+
+
+def traced_push(push_messages):
+    """Flower's ``_push_messages`` with hops: reply found in the SuperNode's state, reply and
+    its objects sent (with the number of ``PushObject`` calls)."""
+
+    def push(**kw):
+        send, push_object = kw["send"], kw["push_object"]
+        calls, answered = [0], [""]
+
+        def traced_send(message, tree, runtime):
+            answered[0] = message.metadata.reply_to_message_id
+            hop("supernode.reply_seen", answered[0])
+            return send(message, tree, runtime)
+
+        def traced_push_object(*args):
+            calls[0] += 1
+            return push_object(*args)
+
+        try:
+            return push_messages(**kw | {"send": traced_send, "push_object": traced_push_object})
+        finally:
+            hop("supernode.replied", answered[0], pushes=calls[0])
+
+    return push
 
 
 def followed(push_messages, poll: FollowPoll):

@@ -132,10 +132,12 @@ def test_objects_are_retried_after_0_05_s_not_flowers_1_s(monkeypatch):
     supernode.install(0.5)
     runner.prompt_pulls()
     assert _backoffs(loop.pull_objects) == supernode.OBJECT_PULL_BACKOFF
+    # the runner pulls from its own SuperNode on loopback: retried sooner still
     assert _backoffs(flwr_clientapp.pull_and_inflate_object_from_tree) == \
-        supernode.OBJECT_PULL_BACKOFF
+        runner.LOCAL_PULL_BACKOFF
+    assert runner.LOCAL_PULL_BACKOFF["backoff_cap"] <= 0.1
     assert supernode.OBJECT_PULL_BACKOFF["initial_backoff"] < 0.1
-    # one setting for the ServerApp, the SuperNode and the runner (protocol.transport)
+    # one setting for the ServerApp and the SuperNode (protocol.transport)
     from protocol import transport
     from server import prompt_grid
 

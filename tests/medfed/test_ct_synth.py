@@ -5,9 +5,7 @@ orientation, per-slice rescale, a missing slice), labels, and fake PHI."""
 from __future__ import annotations
 
 import csv
-import hashlib
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -15,18 +13,10 @@ import pytest
 
 from medfed.cli import main
 from medfed.synth.ct import (CLASS_NAMES, generate_ct_site, make_ct_profiles, synthesize_ct)
+from tests.medfed.checks import tree_digest
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 ENHANCED_CT = "1.2.840.10008.5.1.4.1.1.2.1"
-
-
-def _digest(root: Path) -> str:
-    h = hashlib.sha256()
-    for p in sorted(root.rglob("*")):
-        if p.is_file():
-            h.update(str(p.relative_to(root)).encode())
-            h.update(p.read_bytes())
-    return h.hexdigest()
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +29,8 @@ def test_synthesis_is_deterministic(tmp_path):
     synthesize_ct(tmp_path / "a", n_sites=2, seed=9, patients=4)
     synthesize_ct(tmp_path / "b", n_sites=2, seed=9, patients=4)
     synthesize_ct(tmp_path / "c", n_sites=2, seed=10, patients=4)
-    assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
-    assert _digest(tmp_path / "a") != _digest(tmp_path / "c")
+    assert tree_digest(tmp_path / "a") == tree_digest(tmp_path / "b")
+    assert tree_digest(tmp_path / "a") != tree_digest(tmp_path / "c")
     with pytest.raises(FileExistsError):
         synthesize_ct(tmp_path / "a", n_sites=1, seed=9, patients=4)
 

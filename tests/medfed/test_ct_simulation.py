@@ -15,9 +15,6 @@ from tests.medfed.checks import assert_sites_trained
 
 pytestmark = pytest.mark.slow
 
-SITES = ("site-0", "site-1", "site-2")
-
-
 def test_three_ct_sites_train_a_3d_vit_two_rounds_and_report_per_site_metrics(tmp_path):
     root = tmp_path / "data"
     synthesize_ct(root, n_sites=3, seed=2, patients=10)
@@ -27,4 +24,4 @@ def test_three_ct_sites_train_a_3d_vit_two_rounds_and_report_per_site_metrics(tm
     job = cfg.job_spec()
     assert job.layout.name == "ct_volume" and job.layout.dims == "3d"
     assert job.model_options["spatial_dims"] == 3 and job.model_options["num_sequences"] == 3
-    assert_sites_trained(simulate(cfg), SITES, rounds=2)
+    assert_sites_trained(simulate(cfg), n_sites=3, rounds=2)

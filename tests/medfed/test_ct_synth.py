@@ -13,7 +13,7 @@ import pytest
 
 from medfed.cli import main
 from medfed.synth.ct import (CLASS_NAMES, generate_ct_site, make_ct_profiles, synthesize_ct)
-from tests.medfed.checks import tree_digest
+from tests.medfed.checks import assert_deterministic_in_seed
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 ENHANCED_CT = "1.2.840.10008.5.1.4.1.1.2.1"
@@ -26,11 +26,7 @@ def sites(tmp_path_factory):
 
 
 def test_synthesis_is_deterministic(tmp_path):
-    synthesize_ct(tmp_path / "a", n_sites=2, seed=9, patients=4)
-    synthesize_ct(tmp_path / "b", n_sites=2, seed=9, patients=4)
-    synthesize_ct(tmp_path / "c", n_sites=2, seed=10, patients=4)
-    assert tree_digest(tmp_path / "a") == tree_digest(tmp_path / "b")
-    assert tree_digest(tmp_path / "a") != tree_digest(tmp_path / "c")
+    assert_deterministic_in_seed(synthesize_ct, tmp_path, seed=9, n_sites=2, patients=4)
     with pytest.raises(FileExistsError):
         synthesize_ct(tmp_path / "a", n_sites=1, seed=9, patients=4)
 

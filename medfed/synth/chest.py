@@ -22,7 +22,7 @@ the layout must skip.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,9 +31,9 @@ from pydicom.uid import (ComputedRadiographyImageStorage, DigitalXRayImageStorag
                          generate_uid)
 
 from .chest_phantom import Finding, render_frontal, render_lateral, sample_finding
-from .hospital import (INSTITUTIONS, atomic_output, class_mix, empty_output, new_dataset,
-                       save_dicom, save_dose_report, set_patient, set_pixels, set_study,
-                       site_name, write_labels, write_reports)
+from .hospital import (INSTITUTIONS, HospitalProfile, Site, atomic_output, class_mix, empty_output,
+                       new_dataset, save_dicom, save_dose_report, set_patient, set_pixels,
+                       set_study, site_indices, site_name, write_labels, write_reports)
 from .reports import fake_accession, fake_phi
 
 CLASS_NAMES: tuple[str, ...] = ("no_finding", "consolidation", "effusion")
@@ -45,14 +45,9 @@ _NAMING = (("CHEST {view}", "CHEST LAT"), ("{view} CHEST", "LATERAL"),
 
 
 @dataclass(frozen=True)
-class ChestProfile:
+class ChestProfile(HospitalProfile):
     """How one synthetic radiology department differs from the others."""
 
-    index: int
-    name: str
-    institution: str
-    n_patients: int
-    class_probs: tuple[float, ...]
     modality: str                  # CR or DX
     photometric: str               # MONOCHROME1 (low stored value = white) or MONOCHROME2
     rows: int                      # square matrix
@@ -82,21 +77,17 @@ class ChestStudy:
     report: str
 
 
-@dataclass
-class ChestSite:
-    profile: ChestProfile
-    studies: list[ChestStudy] = field(default_factory=list)
+class ChestSite(Site[ChestProfile, ChestStudy]):
+    """A radiology department in memory."""
 
 
 def make_chest_profiles(n_sites: int, seed: int, *, alpha: float = 2.0, patients: int = 60,
                         external: bool = False, label_fraction: float = 0.5) -> list[ChestProfile]:
     """Deterministic profiles; site 2 (or the last) labels only ``label_fraction`` of its
     studies, site 1 exports junk beside its films."""
-    if n_sites < 1:
-        raise ValueError(f"need at least one site, got {n_sites}")
     rng = np.random.default_rng([seed, 21])
     profiles = []
-    for i in range(n_sites + int(external)):
+    for i in site_indices(n_sites, external):
         is_external = i == n_sites
         probs = class_mix(rng, alpha, len(CLASS_NAMES), external=is_external)
         modality = ("CR", "DX")[i % 2]

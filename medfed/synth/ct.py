@@ -23,13 +23,13 @@ fake PHI (names, IDs, dates, accession numbers) so the reader's de-identificatio
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .hospital import (INSTITUTIONS, atomic_output, class_mix, empty_output, set_study, site_name,
-                       write_labels)
+from .hospital import (INSTITUTIONS, HospitalProfile, Site, atomic_output, class_mix, empty_output,
+                       set_study, site_indices, site_name, write_labels)
 from .reports import fake_accession, fake_phi
 from .volume import (SyntheticVolume, VolumeSpec, _rotation, enhanced_dataset, make_volume,
                      series_datasets, write_datasets)
@@ -44,14 +44,9 @@ _NAMING = ("ABD CT 5MM AXIAL", "Abdomen w/o contrast", "CT ABDOMEN PORTAL")
 
 
 @dataclass(frozen=True)
-class CTProfile:
+class CTProfile(HospitalProfile):
     """How one synthetic CT department differs from the others."""
 
-    index: int
-    name: str
-    institution: str
-    n_patients: int
-    class_probs: tuple[float, ...]
     thickness: float              # slice spacing, mm
     pixel_mm: float               # in-plane spacing, mm
     angles_deg: tuple[float, float, float]   # acquisition rotation (0: plain axial)
@@ -90,10 +85,8 @@ class CTStudy:
     broken: bool = False
 
 
-@dataclass
-class CTSite:
-    profile: CTProfile
-    studies: list[CTStudy] = field(default_factory=list)
+class CTSite(Site[CTProfile, CTStudy]):
+    """A CT department in memory."""
 
 
 def make_ct_profiles(n_sites: int, seed: int, *, alpha: float = 2.0, patients: int = 30,
@@ -101,11 +94,9 @@ def make_ct_profiles(n_sites: int, seed: int, *, alpha: float = 2.0, patients: i
     """Deterministic profiles: site 1 writes enhanced multi-frame files, site 2 (or the last)
     acquires obliquely and labels ``label_fraction`` of its studies, site 0 exported one
     series with a missing slice."""
-    if n_sites < 1:
-        raise ValueError(f"need at least one site, got {n_sites}")
     rng = np.random.default_rng([seed, 31])
     profiles = []
-    for i in range(n_sites + int(external)):
+    for i in site_indices(n_sites, external):
         is_external = i == n_sites
         probs = class_mix(rng, alpha, len(CLASS_NAMES), external=is_external)
         oblique = i % 3 == 2

@@ -16,7 +16,9 @@ import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Generic, TypeVar
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -31,6 +33,36 @@ PHI_KEYWORDS = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex",
 
 
 # --- how sites differ ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class HospitalProfile:
+    """What every layout's site profile says first; each layout adds how its sites differ."""
+
+    index: int                       # position in the federation; the external site is last
+    name: str                        # ``site-<i>`` or ``external``
+    institution: str
+    n_patients: int
+    class_probs: tuple[float, ...]   # the site's label mix
+
+
+P = TypeVar("P", bound=HospitalProfile)
+S = TypeVar("S")
+
+
+@dataclass
+class Site(Generic[P, S]):
+    """A generated site in memory: its profile and its studies, in generation order."""
+
+    profile: P
+    studies: list[S] = field(default_factory=list)
+
+
+def site_indices(n_sites: int, external: bool) -> range:
+    """The federation's sites ``0 .. n_sites - 1``, then the external one if asked for."""
+    if n_sites < 1:
+        raise ValueError(f"need at least one site, got {n_sites}")
+    return range(n_sites + int(external))
+
 
 def site_name(index: int, n_sites: int) -> str:
     """``site-<i>`` for the federation's sites, ``external`` for the held-out one after them."""

@@ -8,7 +8,7 @@ function of the seed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +16,10 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import MRImageStorage, generate_uid
 
-from .hospital import (INSTITUTIONS, atomic_output, class_mix, empty_output, new_dataset,
-                       opaque_name, save_dicom, save_dose_report, set_patient, set_pixels,
-                       set_study, site_name, write_csv, write_labels, write_reports)
+from .hospital import (INSTITUTIONS, HospitalProfile, Site, atomic_output, class_mix, empty_output,
+                       new_dataset, opaque_name, save_dicom, save_dose_report, set_patient,
+                       set_pixels, set_study, site_indices, site_name, write_csv, write_labels,
+                       write_reports)
 from .phantom import (CLASS_NAMES, SEQUENCES, LesionParams, Scanner, findings, render_study,
                       sample_lesion)
 from .reports import fake_accession, fake_phi, write_report
@@ -34,14 +35,9 @@ FOLLOW_UP_FRACTION = 0.15
 
 
 @dataclass(frozen=True)
-class SiteProfile:
+class SiteProfile(HospitalProfile):
     """How one synthetic hospital differs from the others."""
 
-    index: int
-    name: str
-    institution: str
-    n_patients: int
-    class_probs: tuple[float, ...]
     scanner: Scanner
     naming: int
     rescale: tuple[float, float]
@@ -67,10 +63,8 @@ class SyntheticStudy:
     report: str
 
 
-@dataclass
-class SyntheticSite:
-    profile: SiteProfile
-    studies: list[SyntheticStudy] = field(default_factory=list)
+class SyntheticSite(Site[SiteProfile, SyntheticStudy]):
+    """A brain-MRI site in memory."""
 
 
 @dataclass(frozen=True)
@@ -100,14 +94,12 @@ def make_profiles(n_sites: int, seed: int, *, alpha: float = 2.0, patients: int 
     ``scenario`` overrides ``alpha`` and ``patients`` when given.
     """
     scenario = scenario or Scenario(alpha=alpha, patients=patients)
-    if n_sites < 1:
-        raise ValueError(f"need at least one site, got {n_sites}")
     q, shift = scenario.quantity_skew, scenario.scanner_shift
     rng = np.random.default_rng([seed, 1])
     missing_site = 1 if n_sites > 1 else 0
     few_label_site = 2 if n_sites > 2 else n_sites - 1
     profiles = []
-    for i in range(n_sites + int(external)):
+    for i in site_indices(n_sites, external):
         is_external = i == n_sites
         probs = class_mix(rng, scenario.alpha, len(CLASS_NAMES), external=is_external)
         gains = rng.uniform(0.8, 1.25, len(SEQUENCES))

@@ -30,14 +30,14 @@ input): a layer that sees another leading dimension is refused, since its rows w
 for samples. The one exception is declared by the model (``FoldsBatch``): token-wise Linear
 layers under a module type that folds further items into the batch dimension batch-major
 (Swin's window attention: sample i's windows are rows ``i*k .. (i+1)*k-1``), whose rows are
-regrouped per sample.
+regrouped per sample. These checks, on the model and on each layer's rows, live in
+:mod:`client.privacy.persample_checks`.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -47,21 +47,12 @@ from models.conv_grads import (CONV_TYPES, NORM_TYPES, conv_clipped_sum, conv_pe
                                conv_unsupported, norm_per_sample)
 from models.vit import TokenEmbedding
 
+from .persample_checks import FoldsBatch, UnsupportedLayerError, admitted_layers, checked_batch
+
+__all__ = ["SUPPORTED", "FoldsBatch", "PerSampleClipper", "UnsupportedLayerError"]
+
 SUPPORTED = ("Linear, LayerNorm, TokenEmbedding, Conv/ConvTranspose (1-3D), "
              "GroupNorm, InstanceNorm")
-
-
-class UnsupportedLayerError(ValueError):
-    """The model holds trainable parameters in a module type without a per-sample rule."""
-
-
-@runtime_checkable
-class FoldsBatch(Protocol):
-    """A module whose forward folds further items into the leading dimension of the inputs of
-    the token-wise layers under ``batch_major_folds`` (module types), batch-major: sample i's
-    items are rows ``i*k .. (i+1)*k-1``."""
-
-    batch_major_folds: tuple[type[nn.Module], ...]
 
 
 def _acc(x: Tensor) -> Tensor:
@@ -231,29 +222,8 @@ class PerSampleClipper:
             raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm}")
         self.model = model
         self.max_grad_norm = float(max_grad_norm)
-        self.layers: list[_Layer] = []
-        unsupported = []
-        folded = _folded_modules(model)
-        for name, module in model.named_modules():
-            own = [p for p in module.parameters(recurse=False) if p.requires_grad]
-            if not own:
-                continue
-            missing = _rule_missing(module)
-            if missing is None:
-                self.layers.append(_Layer(module, name, id(module) in folded))
-            else:
-                unsupported.append(f"{name or '<root>'} ({missing})")
-        owners: dict[int, str] = {}
-        for layer in self.layers:
-            for p in layer.trainable.values():
-                if id(p) in owners:     # tied weights: per-sample norms would need cross terms
-                    unsupported.append(f"a parameter shared by {owners[id(p)]} and "
-                                       f"{type(layer.module).__name__}")
-                owners[id(p)] = type(layer.module).__name__
-        if unsupported:
-            raise UnsupportedLayerError(
-                "no exact per-sample gradient rule for trainable parameters in: "
-                + ", ".join(unsupported) + f"; supported: {SUPPORTED}")
+        self.layers = [_Layer(module, name, folds) for name, module, folds
+                       in admitted_layers(model, _rule_missing, SUPPORTED)]
         self._hooks: list = []
         self._batch = 0                 # this step's batch size (the model's first input)
 
@@ -288,24 +258,6 @@ class PerSampleClipper:
         if first is not None and not self._batch:
             self._batch = first.shape[0]
 
-    def _check_batch(self, layer: _Layer, lead: int) -> None:
-        """The layer's rows are the batch's samples, or (declared) batch-major folds of it."""
-        if not self._batch:     # the model's root was not called: its first layer decides,
-            if layer.folds:     # unless that layer's rows may be folds (B x windows)
-                raise UnsupportedLayerError(
-                    f"{layer.name} ({type(layer.module).__name__}) may fold the batch but the "
-                    "batch size is unknown (the model was not called with a tensor): its rows "
-                    "cannot be grouped per sample")
-            self._batch = lead
-        if lead == self._batch:
-            return
-        if layer.folds and isinstance(layer.module, nn.Linear) and lead % self._batch == 0:
-            return
-        raise UnsupportedLayerError(
-            f"{layer.name} ({type(layer.module).__name__}) sees a leading dimension of {lead}, "
-            f"not the batch of {self._batch}: its rows are not samples, so their gradients "
-            "cannot be clipped per sample (folds must be declared batch-major, FoldsBatch)")
-
     def _forward_hook(self, layer: _Layer):
         def hook(module, inputs, output):
             layer.calls += 1
@@ -314,7 +266,8 @@ class PerSampleClipper:
                     f"{type(module).__name__} is called twice in one forward pass; "
                     "shared layers are not supported by exact per-sample clipping")
             layer.input = inputs[0].detach()
-            self._check_batch(layer, layer.input.shape[0])
+            self._batch = checked_batch(layer.name, module, layer.folds, layer.input.shape[0],
+                                        self._batch)
             layer.batch = self._batch
             if isinstance(module, nn.Linear) and "weight" in layer.trainable:
                 a = _acc(_flat(layer.input, layer.batch))
@@ -372,12 +325,3 @@ class PerSampleClipper:
 
 def _norm_then_sum(module: nn.Module):
     return _NORM_THEN_SUM[nn.Linear if isinstance(module, nn.Linear) else type(module)]
-
-
-def _folded_modules(model: nn.Module) -> set[int]:
-    """ids of the modules under a type some ``FoldsBatch`` module in ``model`` declares."""
-    types = tuple(t for m in model.modules() if isinstance(m, FoldsBatch)
-                  for t in m.batch_major_folds)
-    if not types:
-        return set()
-    return {id(sub) for m in model.modules() if isinstance(m, types) for sub in m.modules()}

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 def synth(args: argparse.Namespace) -> int:
@@ -21,54 +23,62 @@ def synth(args: argparse.Namespace) -> int:
                         missing_fraction=args.missing_fraction, label_fraction=args.label_fraction)
     profiles = synthesize(Path(args.out), n_sites=args.sites, seed=args.seed,
                           external=args.external, scenario=scenario)
-    for p in profiles:
-        mix = ", ".join(f"{x:.2f}" for x in p.class_probs)
-        notes = []
-        if p.missing_sequence:
-            notes.append(f"{p.missing_sequence} missing in {p.missing_fraction:.0%} of studies")
-        if p.label_fraction < 1:
-            notes.append(f"{p.label_fraction:.0%} labelled")
-        print(f"{p.name:9s} {p.n_patients:4d} patients  class mix [{mix}]  "
-              f"noise {p.scanner.noise_sigma:.0f}  {'; '.join(notes)}")
-    print(f"wrote {len(profiles)} sites to {args.out}")
-    return 0
+
+    def notes(p) -> str:
+        parts = [f"{p.missing_sequence} missing in {p.missing_fraction:.0%} of studies"] \
+            if p.missing_sequence else []
+        return f"noise {p.scanner.noise_sigma:.0f}  {'; '.join(parts + _labelled(p))}"
+
+    return _print_sites(profiles, notes, "sites", args.out)
 
 
 def _synth_chest(args: argparse.Namespace) -> int:
     """``--layout chest_xray``: radiology departments instead of brain-MRI sites."""
     from medfed.synth.chest import synthesize_chest
 
-    profiles = synthesize_chest(Path(args.out), n_sites=args.sites, seed=args.seed,
-                                alpha=args.alpha, patients=args.patients, external=args.external,
-                                label_fraction=args.label_fraction)
-    for p in profiles:
-        mix = ", ".join(f"{x:.2f}" for x in p.class_probs)
-        notes = [f"{p.modality} {p.photometric}", f"{p.rows}px", f"AP {p.ap_fraction:.0%}",
-                 f"lateral {p.lateral_fraction:.0%}"]
-        if p.label_fraction < 1:
-            notes.append(f"{p.label_fraction:.0%} labelled")
-        print(f"{p.name:9s} {p.n_patients:4d} patients  class mix [{mix}]  {'; '.join(notes)}")
-    print(f"wrote {len(profiles)} chest_xray sites to {args.out}")
-    return 0
+    return _synth_layout(args, synthesize_chest, _chest_notes, "chest_xray sites")
 
 
 def _synth_ct(args: argparse.Namespace) -> int:
     """``--layout ct_volume``: CT departments writing DICOM series (task=ct3)."""
     from medfed.synth.ct import synthesize_ct
 
-    profiles = synthesize_ct(Path(args.out), n_sites=args.sites, seed=args.seed,
-                             alpha=args.alpha, patients=args.patients, external=args.external,
-                             label_fraction=args.label_fraction)
+    return _synth_layout(args, synthesize_ct, _ct_notes, "ct_volume sites")
+
+
+def _synth_layout(args: argparse.Namespace, synthesize: Callable[..., list],
+                  notes: Callable[[Any], str], what: str) -> int:
+    """The chest and CT generators take the same arguments; only their notes differ."""
+    profiles = synthesize(Path(args.out), n_sites=args.sites, seed=args.seed, alpha=args.alpha,
+                          patients=args.patients, external=args.external,
+                          label_fraction=args.label_fraction)
+    return _print_sites(profiles, notes, what, args.out)
+
+
+def _chest_notes(p) -> str:
+    return "; ".join([f"{p.modality} {p.photometric}", f"{p.rows}px", f"AP {p.ap_fraction:.0%}",
+                      f"lateral {p.lateral_fraction:.0%}", *_labelled(p)])
+
+
+def _ct_notes(p) -> str:
+    z, y, x = p.shape
+    return "; ".join([f"{z}x{y}x{x} at {p.thickness:g}/{p.pixel_mm:g} mm",
+                      "enhanced multi-frame" if p.enhanced else "single-frame, shuffled",
+                      "oblique" if any(p.angles_deg) else "axial", f"noise {p.noise:.0f} HU",
+                      *_labelled(p)])
+
+
+def _labelled(profile) -> list[str]:
+    """The note for a site that labels only part of its studies."""
+    return [f"{profile.label_fraction:.0%} labelled"] if profile.label_fraction < 1 else []
+
+
+def _print_sites(profiles: list, notes: Callable[[Any], str], what: str, out: str) -> int:
+    """One line per written site (size, class mix, what sets it apart), then a summary line."""
     for p in profiles:
         mix = ", ".join(f"{x:.2f}" for x in p.class_probs)
-        z, y, x = p.shape
-        notes = [f"{z}x{y}x{x} at {p.thickness:g}/{p.pixel_mm:g} mm",
-                 "enhanced multi-frame" if p.enhanced else "single-frame, shuffled",
-                 "oblique" if any(p.angles_deg) else "axial", f"noise {p.noise:.0f} HU"]
-        if p.label_fraction < 1:
-            notes.append(f"{p.label_fraction:.0%} labelled")
-        print(f"{p.name:9s} {p.n_patients:4d} patients  class mix [{mix}]  {'; '.join(notes)}")
-    print(f"wrote {len(profiles)} ct_volume sites to {args.out}")
+        print(f"{p.name:9s} {p.n_patients:4d} patients  class mix [{mix}]  {notes(p)}")
+    print(f"wrote {len(profiles)} {what} to {out}")
     return 0
 
 

@@ -3,7 +3,7 @@ and reports, deterministic in the seed.
 
 Each study has a frontal view (PA, or AP for part of a site's patients) and, for part of them,
 a lateral view. The diagnostic logic follows chest radiology, in a deliberately simple phantom
-(body, lungs, heart, spine, ribs, noise):
+(:mod:`.chest_phantom`: body, lungs, heart, spine, ribs):
 
 - ``no_finding``: clear lungs (now and then a faint nodule-like density: overlap, on purpose);
 - ``consolidation``: a patchy, mottled opacity in one lung zone, seen on both views;
@@ -22,20 +22,19 @@ the layout must skip.
 
 from __future__ import annotations
 
-import csv
-import json
-import shutil
-import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.uid import (ComputedRadiographyImageStorage, DigitalXRayImageStorageForPresentation,
-                         ExplicitVRLittleEndian, generate_uid)
+                         generate_uid)
 
-from .reports import fake_phi
-from .sites import INSTITUTIONS, _file_name
+from .chest_phantom import Finding, render_frontal, render_lateral, sample_finding
+from .hospital import (INSTITUTIONS, HospitalProfile, Site, atomic_output, class_mix, empty_output,
+                       new_dataset, save_dicom, save_dose_report, set_patient, set_pixels,
+                       set_study, site_indices, site_name, write_labels, write_reports)
+from .reports import fake_accession, fake_phi
 
 CLASS_NAMES: tuple[str, ...] = ("no_finding", "consolidation", "effusion")
 VIEWS = ("frontal", "lateral")
@@ -46,14 +45,9 @@ _NAMING = (("CHEST {view}", "CHEST LAT"), ("{view} CHEST", "LATERAL"),
 
 
 @dataclass(frozen=True)
-class ChestProfile:
+class ChestProfile(HospitalProfile):
     """How one synthetic radiology department differs from the others."""
 
-    index: int
-    name: str
-    institution: str
-    n_patients: int
-    class_probs: tuple[float, ...]
     modality: str                  # CR or DX
     photometric: str               # MONOCHROME1 (low stored value = white) or MONOCHROME2
     rows: int                      # square matrix
@@ -67,18 +61,6 @@ class ChestProfile:
     naming: int
     label_fraction: float = 1.0
     junk_files: bool = False       # a C-spine AP film and a dose report in the export
-
-
-@dataclass(frozen=True)
-class Finding:
-    """What a radiologist would read off the films; drives both pixels and report text."""
-
-    label: int
-    side: int                      # -1: right lung (image left), +1: left lung
-    zone: float                    # consolidation: vertical centre in the lung, 0 top .. 1 base
-    size: float                    # consolidation sigma / effusion height (lung fraction)
-    amplitude: float               # added density (display units)
-    faint: float = 0.0             # no_finding: a faint incidental density (0 = none)
 
 
 @dataclass
@@ -95,31 +77,25 @@ class ChestStudy:
     report: str
 
 
-@dataclass
-class ChestSite:
-    profile: ChestProfile
-    studies: list[ChestStudy] = field(default_factory=list)
+class ChestSite(Site[ChestProfile, ChestStudy]):
+    """A radiology department in memory."""
 
 
 def make_chest_profiles(n_sites: int, seed: int, *, alpha: float = 2.0, patients: int = 60,
                         external: bool = False, label_fraction: float = 0.5) -> list[ChestProfile]:
     """Deterministic profiles; site 2 (or the last) labels only ``label_fraction`` of its
     studies, site 1 exports junk beside its films."""
-    if n_sites < 1:
-        raise ValueError(f"need at least one site, got {n_sites}")
     rng = np.random.default_rng([seed, 21])
     profiles = []
-    for i in range(n_sites + int(external)):
+    for i in site_indices(n_sites, external):
         is_external = i == n_sites
-        probs = rng.dirichlet([alpha] * len(CLASS_NAMES))
-        if is_external:
-            probs = np.full(len(CLASS_NAMES), 1 / len(CLASS_NAMES))
+        probs = class_mix(rng, alpha, len(CLASS_NAMES), external=is_external)
         modality = ("CR", "DX")[i % 2]
         profiles.append(ChestProfile(
-            index=i, name="external" if is_external else f"site-{i}",
+            index=i, name=site_name(i, n_sites),
             institution=INSTITUTIONS[(i + 2) % len(INSTITUTIONS)],
             n_patients=max(4, int(round(patients * rng.uniform(0.7, 1.3)))),
-            class_probs=tuple(float(p) for p in probs), modality=modality,
+            class_probs=probs, modality=modality,
             photometric=("MONOCHROME1", "MONOCHROME2", "MONOCHROME2", "MONOCHROME1")[i % 4],
             rows=int(rng.choice([96, 128, 160])), pixel_mm=float(rng.choice([2.4, 2.8, 3.2])),
             bits=(12, 14)[int(rng.integers(2))], gain=float(rng.uniform(0.85, 1.15)),
@@ -130,89 +106,6 @@ def make_chest_profiles(n_sites: int, seed: int, *, alpha: float = 2.0, patients
             and not is_external else 1.0,
             junk_files=i == 1 and not is_external))
     return profiles
-
-
-def sample_finding(label: int, rng: np.random.Generator) -> Finding:
-    """Class-conditional parameters with overlapping amplitudes (the task is not trivial)."""
-    side = int(rng.choice([-1, 1]))
-    if label == 0:
-        faint = float(rng.uniform(0.04, 0.12)) if rng.random() < 0.3 else 0.0
-        return Finding(0, side, float(rng.uniform(0.2, 0.8)), float(rng.uniform(0.05, 0.1)),
-                       0.0, faint)
-    if label == 1:
-        return Finding(1, side, float(rng.uniform(0.15, 0.9)), float(rng.uniform(0.08, 0.16)),
-                       float(rng.uniform(0.08, 0.3)))
-    return Finding(2, side, 1.0, float(rng.uniform(0.12, 0.35)), float(rng.uniform(0.08, 0.28)))
-
-
-def _grid(n: int) -> tuple[np.ndarray, np.ndarray]:
-    c = (np.arange(n) + 0.5) / n * 2 - 1
-    return np.meshgrid(c, c, indexing="ij")          # y (rows, head -> feet), x (columns)
-
-
-def _ellipse(y, x, cy, cx, ry, rx) -> np.ndarray:
-    return ((y - cy) / ry) ** 2 + ((x - cx) / rx) ** 2 <= 1
-
-
-def _smooth_noise(rng: np.random.Generator, n: int, cells: int = 8) -> np.ndarray:
-    """Low-frequency texture in [0, 1] (bilinear upsampling of a coarse random grid)."""
-    coarse = rng.random((cells + 1, cells + 1))
-    t = np.linspace(0, cells, n)
-    i0 = np.minimum(t.astype(int), cells - 1)
-    f = t - i0
-    rows = coarse[i0] * (1 - f)[:, None] + coarse[i0 + 1] * f[:, None]
-    return rows[:, i0] * (1 - f)[None] + rows[:, i0 + 1] * f[None]
-
-
-def render_frontal(finding: Finding, n: int, rng: np.random.Generator) -> np.ndarray:
-    """Frontal film as density in [0, 1] (bone bright, air dark), patient's right on the
-    image's left as a radiologist reads it."""
-    y, x = _grid(n)
-    d = np.where(_ellipse(y, x, 0.05, 0, 1.0, 0.9), 0.45, 0.02)
-    lungs = []
-    for side in (-1, 1):
-        lung = _ellipse(y, x, -0.08, side * 0.4, 0.58, 0.3)
-        lungs.append(lung)
-        d = np.where(lung, 0.14, d)
-    ribs = 0.06 * (np.sin((y + 0.25 * np.abs(x)) * 28) > 0.6)
-    d = d + ribs * (lungs[0] | lungs[1])
-    d = np.where(_ellipse(y, x, 0.25, 0.08, 0.3, 0.24), 0.58, d)           # heart
-    d = np.where(np.abs(x) < 0.06, np.maximum(d, 0.7), d)                    # spine
-    lung = lungs[0] if finding.side < 0 else lungs[1]
-    cx = finding.side * 0.4
-    if finding.label == 1:
-        cy = -0.08 - 0.58 + 2 * 0.58 * finding.zone * 0.9
-        blob = np.exp(-(((y - cy) ** 2 + ((x - cx - rng.uniform(-0.1, 0.1)) ** 2))
-                        / (2 * finding.size ** 2)))
-        d = d + finding.amplitude * blob * (0.6 + 0.8 * _smooth_noise(rng, n, 12)) * lung
-    elif finding.label == 2:
-        base = -0.08 + 0.58
-        # meniscus: the fluid line climbs towards the lateral chest wall
-        level = base - 2 * 0.58 * finding.size + 0.2 * finding.size * (1 - np.abs(x - cx) / 0.3)
-        d = d + finding.amplitude * (y > level) * lung * np.clip((y - level) * 12, 0, 1)
-    elif finding.faint:
-        blob = np.exp(-((y - rng.uniform(-0.4, 0.3)) ** 2 + (x - cx) ** 2) / (2 * 0.06 ** 2))
-        d = d + finding.faint * blob * lung
-    return d
-
-
-def render_lateral(finding: Finding, n: int, rng: np.random.Generator) -> np.ndarray:
-    """Lateral film: one lung field; an effusion fills the posterior costophrenic recess."""
-    y, x = _grid(n)
-    d = np.where(_ellipse(y, x, 0.05, 0, 1.0, 0.75), 0.45, 0.02)
-    lung = _ellipse(y, x, -0.05, 0.0, 0.62, 0.5)
-    d = np.where(lung, 0.16, d)
-    d = np.where(_ellipse(y, x, 0.25, -0.2, 0.28, 0.25), 0.5, d)             # heart, anterior
-    d = np.where(np.abs(x - 0.62) < 0.07, np.maximum(d, 0.7), d)             # spine, posterior
-    if finding.label == 1:
-        cy = -0.05 - 0.62 + 2 * 0.62 * finding.zone * 0.9
-        blob = np.exp(-(((y - cy) ** 2 + (x - rng.uniform(-0.2, 0.2)) ** 2)
-                        / (2 * finding.size ** 2)))
-        d = d + finding.amplitude * blob * (0.6 + 0.8 * _smooth_noise(rng, n, 12)) * lung
-    elif finding.label == 2:
-        level = 0.57 - 2 * 0.62 * finding.size * (0.4 + 0.6 * (x + 1) / 2)   # deeper posteriorly
-        d = d + finding.amplitude * (y > level) * lung
-    return d
 
 
 def _detector(density: np.ndarray, profile: ChestProfile, rng: np.random.Generator) -> np.ndarray:
@@ -271,7 +164,7 @@ def report_with_phi(report: str, phi: dict[str, str], rng: np.random.Generator) 
     if rng.random() < 0.4:
         year, month, day = 2023, int(rng.integers(1, 13)), int(rng.integers(1, 29))
         lines.append(f"COMPARISON: chest radiograph of {year}-{month:02d}-{day:02d} "
-                     f"(accession ACC{int(rng.integers(10**7, 10**8))}).")
+                     f"(accession {fake_accession(rng)}).")
     if rng.random() < 0.3:
         lines.append(f"Dictated by Dr. {physician[1]} {physician[0]} on "
                      f"{int(rng.integers(1, 29))} March 2024.")
@@ -307,23 +200,11 @@ def _dicom(profile: ChestProfile, study: ChestStudy, view: str, position: str,
            pixels: np.ndarray, seed: int, accession: str, *, body_part: str = "CHEST") -> Dataset:
     sop_class = _SOP[profile.modality]
     sop_uid = generate_uid(entropy_srcs=[study.study_uid, view, body_part, "sop", str(seed)])
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = sop_uid
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    phi = study.phi
-    ds.PatientName = phi["PatientName"]
-    ds.PatientID = phi["PatientID"]
-    ds.PatientBirthDate = phi["PatientBirthDate"]
-    ds.PatientSex = phi["PatientSex"]
-    ds.ReferringPhysicianName = phi["ReferringPhysicianName"]
-    ds.InstitutionName = profile.institution
-    ds.AccessionNumber = accession
-    ds.StudyDate = f"2024{(study.patient_index % 12) + 1:02d}{(study.patient_index % 27) + 1:02d}"
-    ds.StudyTime = "141500"
-    ds.StudyDescription = "XR CHEST 2 VIEWS" if len(study.views) > 1 else "XR CHEST 1 VIEW"
+    ds = new_dataset(sop_class, sop_uid)
+    set_patient(ds, study.phi)
+    set_study(ds, institution=profile.institution, accession=accession,
+              patient_index=study.patient_index, time="141500",
+              description="XR CHEST 2 VIEWS" if len(study.views) > 1 else "XR CHEST 1 VIEW")
     ds.SOPClassUID = sop_class
     ds.SOPInstanceUID = sop_uid
     ds.StudyInstanceUID = study.study_uid
@@ -342,14 +223,9 @@ def _dicom(profile: ChestProfile, study: ChestStudy, view: str, position: str,
     if profile.modality == "DX":
         ds.ImagerPixelSpacing = [profile.pixel_mm, profile.pixel_mm]
         ds.PresentationIntentType = "FOR PRESENTATION"
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = profile.photometric
-    ds.Rows, ds.Columns = pixels.shape
-    ds.BitsAllocated, ds.BitsStored = 16, profile.bits
-    ds.HighBit, ds.PixelRepresentation = profile.bits - 1, 0
+    set_pixels(ds, pixels, photometric=profile.photometric, bits=profile.bits)
     top = 2 ** profile.bits
     ds.WindowCenter, ds.WindowWidth = top // 2, top       # the full detector range
-    ds.PixelData = pixels.astype("<u2").tobytes()
     return ds
 
 
@@ -359,21 +235,15 @@ def write_chest_site(site: ChestSite, out: Path, seed: int) -> None:
     dicom_dir.mkdir(parents=True)
     rng = np.random.default_rng([seed, 23, site.profile.index])
     for study in site.studies:
-        accession = f"ACC{int(rng.integers(10**7, 10**8))}"
+        accession = fake_accession(rng)
         for view, (position, pixels) in study.views.items():
-            ds = _dicom(site.profile, study, view, position, pixels, seed, accession)
-            ds.save_as(dicom_dir / _file_name(ds.SOPInstanceUID), enforce_file_format=True)
+            save_dicom(_dicom(site.profile, study, view, position, pixels, seed, accession),
+                       dicom_dir)
     if site.profile.junk_files and site.studies:
         _write_junk(site, dicom_dir, seed)
-    with open(out / "labels.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["study_instance_uid", "label"])
-        for study in site.studies:
-            writer.writerow([study.study_uid, CLASS_NAMES[study.label] if study.labelled else ""])
-    with open(out / "reports.jsonl", "w") as f:
-        for study in site.studies:
-            row = {"study_instance_uid": study.study_uid, "text": study.report}
-            f.write(json.dumps(row) + "\n")
+    write_labels(out, ((study.study_uid, CLASS_NAMES[study.label] if study.labelled else "")
+                       for study in site.studies))
+    write_reports(out, ((study.study_uid, study.report) for study in site.studies))
 
 
 def _write_junk(site: ChestSite, dicom_dir: Path, seed: int) -> None:
@@ -382,34 +252,21 @@ def _write_junk(site: ChestSite, dicom_dir: Path, seed: int) -> None:
     a dose report (no pixels)."""
     study = site.studies[0]
     position, pixels = study.views["frontal"]
-    spine = _dicom(site.profile, study, "frontal", "AP", pixels, seed, "ACC0", body_part="CSPINE")
-    spine.save_as(dicom_dir / _file_name(spine.SOPInstanceUID), enforce_file_format=True)
+    save_dicom(_dicom(site.profile, study, "frontal", "AP", pixels, seed, "ACC0",
+                      body_part="CSPINE"), dicom_dir)
     sr = _dicom(site.profile, study, "lateral", position, pixels, seed, "ACC0", body_part="SR")
-    del sr.PixelData
-    sr.BodyPartExamined, sr.SeriesDescription = "CHEST", "Dose report"
-    sr.SOPClassUID = sr.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.67"
-    sr.Modality = "SR"
-    sr.save_as(dicom_dir / _file_name("sr" + study.study_uid), enforce_file_format=True)
+    sr.BodyPartExamined = "CHEST"
+    save_dose_report(sr, "1.2.840.10008.5.1.4.1.1.88.67", dicom_dir, "sr" + study.study_uid)
 
 
 def synthesize_chest(out: Path, *, n_sites: int, seed: int, alpha: float = 2.0,
                      patients: int = 60, external: bool = False,
                      label_fraction: float = 0.5) -> list[ChestProfile]:
     """Write all sites under ``out`` atomically: a failure leaves nothing half-written."""
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"output directory {out} exists and is not empty; choose another")
+    out = empty_output(out)
     profiles = make_chest_profiles(n_sites, seed, alpha=alpha, patients=patients,
                                    external=external, label_fraction=label_fraction)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_output(out) as tmp:
         for profile in profiles:
             write_chest_site(generate_chest_site(profile, seed), tmp / profile.name, seed)
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return profiles

@@ -22,17 +22,15 @@ fake PHI (names, IDs, dates, accession numbers) so the reader's de-identificatio
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import shutil
-import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .reports import fake_phi
-from .sites import INSTITUTIONS
+from .hospital import (INSTITUTIONS, HospitalProfile, Site, atomic_output, class_mix, empty_output,
+                       set_study, site_indices, site_name, write_labels)
+from .reports import fake_accession, fake_phi
 from .volume import (SyntheticVolume, VolumeSpec, _rotation, enhanced_dataset, make_volume,
                      series_datasets, write_datasets)
 
@@ -46,14 +44,9 @@ _NAMING = ("ABD CT 5MM AXIAL", "Abdomen w/o contrast", "CT ABDOMEN PORTAL")
 
 
 @dataclass(frozen=True)
-class CTProfile:
+class CTProfile(HospitalProfile):
     """How one synthetic CT department differs from the others."""
 
-    index: int
-    name: str
-    institution: str
-    n_patients: int
-    class_probs: tuple[float, ...]
     thickness: float              # slice spacing, mm
     pixel_mm: float               # in-plane spacing, mm
     angles_deg: tuple[float, float, float]   # acquisition rotation (0: plain axial)
@@ -92,10 +85,8 @@ class CTStudy:
     broken: bool = False
 
 
-@dataclass
-class CTSite:
-    profile: CTProfile
-    studies: list[CTStudy] = field(default_factory=list)
+class CTSite(Site[CTProfile, CTStudy]):
+    """A CT department in memory."""
 
 
 def make_ct_profiles(n_sites: int, seed: int, *, alpha: float = 2.0, patients: int = 30,
@@ -103,22 +94,18 @@ def make_ct_profiles(n_sites: int, seed: int, *, alpha: float = 2.0, patients: i
     """Deterministic profiles: site 1 writes enhanced multi-frame files, site 2 (or the last)
     acquires obliquely and labels ``label_fraction`` of its studies, site 0 exported one
     series with a missing slice."""
-    if n_sites < 1:
-        raise ValueError(f"need at least one site, got {n_sites}")
     rng = np.random.default_rng([seed, 31])
     profiles = []
-    for i in range(n_sites + int(external)):
+    for i in site_indices(n_sites, external):
         is_external = i == n_sites
-        probs = rng.dirichlet([alpha] * len(CLASS_NAMES))
-        if is_external:
-            probs = np.full(len(CLASS_NAMES), 1 / len(CLASS_NAMES))
+        probs = class_mix(rng, alpha, len(CLASS_NAMES), external=is_external)
         oblique = i % 3 == 2
         angles = tuple(float(a) for a in rng.uniform(-10, 10, 3)) if oblique else (0.0, 0.0, 0.0)
         profiles.append(CTProfile(
-            index=i, name="external" if is_external else f"site-{i}",
+            index=i, name=site_name(i, n_sites),
             institution=INSTITUTIONS[(i + 1) % len(INSTITUTIONS)],
             n_patients=max(4, int(round(patients * rng.uniform(0.8, 1.2)))),
-            class_probs=tuple(float(p) for p in probs),
+            class_probs=probs,
             thickness=float(rng.choice([3.2, 4.0, 5.0])), pixel_mm=float(rng.choice([2.0, 2.5, 3.2])),
             angles_deg=angles, rescale=i % len(_RESCALES), enhanced=i % 3 == 1,
             noise=float(rng.uniform(10, 20)), hu_shift=float(rng.uniform(-8, 8)),
@@ -215,11 +202,8 @@ def generate_ct_site(profile: CTProfile, seed: int) -> CTSite:
 
 def _finish(ds, profile: CTProfile, study: CTStudy, accession: str) -> None:
     """Department-level header fields a PACS export carries (institution, dates, naming)."""
-    ds.InstitutionName = profile.institution
-    ds.AccessionNumber = accession
-    ds.StudyDate = f"2024{study.patient_index % 12 + 1:02d}{study.patient_index % 27 + 1:02d}"
-    ds.StudyTime = "093000"
-    ds.StudyDescription = "CT ABDOMEN"
+    set_study(ds, institution=profile.institution, accession=accession,
+              patient_index=study.patient_index, time="093000", description="CT ABDOMEN")
     ds.SeriesDescription = _NAMING[profile.index % len(_NAMING)]
     ds.SeriesNumber = 2
     ds.BodyPartExamined = "ABDOMEN"
@@ -234,37 +218,23 @@ def write_ct_site(site: CTSite, out: Path, seed: int) -> None:
     dicom_dir.mkdir(parents=True)
     rng = np.random.default_rng([seed, 33, site.profile.index])
     for study in site.studies:
-        accession = f"ACC{int(rng.integers(10**7, 10**8))}"
+        accession = fake_accession(rng)
         datasets = [enhanced_dataset(study.volume, seed)] if site.profile.enhanced \
             else series_datasets(study.volume, seed)
         for ds in datasets:
             _finish(ds, site.profile, study, accession)
         write_datasets(datasets, dicom_dir)
-    with open(out / "labels.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["study_instance_uid", "label"])
-        for study in site.studies:
-            writer.writerow([study.volume.study_uid,
-                             CLASS_NAMES[study.label] if study.labelled else ""])
+    write_labels(out, ((study.volume.study_uid, CLASS_NAMES[study.label] if study.labelled else "")
+                       for study in site.studies))
 
 
 def synthesize_ct(out: Path, *, n_sites: int, seed: int, alpha: float = 2.0, patients: int = 30,
                   external: bool = False, label_fraction: float = 1.0) -> list[CTProfile]:
     """Write all sites under ``out`` atomically: a failure leaves nothing half-written."""
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"output directory {out} exists and is not empty; choose another")
+    out = empty_output(out)
     profiles = make_ct_profiles(n_sites, seed, alpha=alpha, patients=patients,
                                 external=external, label_fraction=label_fraction)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_output(out) as tmp:
         for profile in profiles:
             write_ct_site(generate_ct_site(profile, seed), tmp / profile.name, seed)
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return profiles

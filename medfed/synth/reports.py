@@ -32,6 +32,11 @@ def fake_phi(rng: np.random.Generator, site_index: int, patient_index: int) -> d
     }
 
 
+def fake_accession(rng: np.random.Generator) -> str:
+    """An accession number (the PACS order ID of a study: an identifier, like the MRN)."""
+    return f"ACC{int(rng.integers(10**7, 10**8))}"
+
+
 def _lobe(lesion: LesionParams) -> str:
     side = "right" if lesion.cx < 0 else "left"     # radiological convention
     lobe = "frontal" if lesion.cy < -0.15 else ("occipital" if lesion.cy > 0.25 else "parietal")

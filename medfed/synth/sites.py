@@ -8,26 +8,22 @@ function of the seed.
 
 from __future__ import annotations
 
-import csv
-import hashlib
-import json
-import shutil
-import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pydicom
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+from pydicom.dataset import Dataset
+from pydicom.uid import MRImageStorage, generate_uid
 
+from .hospital import (INSTITUTIONS, HospitalProfile, Site, atomic_output, class_mix, empty_output,
+                       new_dataset, opaque_name, save_dicom, save_dose_report, set_patient,
+                       set_pixels, set_study, site_indices, site_name, write_csv, write_labels,
+                       write_reports)
 from .phantom import (CLASS_NAMES, SEQUENCES, LesionParams, Scanner, findings, render_study,
                       sample_lesion)
-from .reports import fake_phi, write_report
+from .reports import fake_accession, fake_phi, write_report
 
-INSTITUTIONS = ("Riverside General Hospital", "St. Aldric University Medical Center",
-                "Northfield Community Hospital", "Lakeshore Regional Clinic",
-                "Mount Verity Teaching Hospital")
 SERIES_NAMING = (
     {"T1": "T1", "T1ce": "T1CE", "T2": "T2", "FLAIR": "FLAIR"},
     {"T1": "AX T1 SE", "T1ce": "AX T1 POST GD", "T2": "AX T2 FSE", "FLAIR": "AX T2 FLAIR"},
@@ -39,14 +35,9 @@ FOLLOW_UP_FRACTION = 0.15
 
 
 @dataclass(frozen=True)
-class SiteProfile:
+class SiteProfile(HospitalProfile):
     """How one synthetic hospital differs from the others."""
 
-    index: int
-    name: str
-    institution: str
-    n_patients: int
-    class_probs: tuple[float, ...]
     scanner: Scanner
     naming: int
     rescale: tuple[float, float]
@@ -72,10 +63,8 @@ class SyntheticStudy:
     report: str
 
 
-@dataclass
-class SyntheticSite:
-    profile: SiteProfile
-    studies: list[SyntheticStudy] = field(default_factory=list)
+class SyntheticSite(Site[SiteProfile, SyntheticStudy]):
+    """A brain-MRI site in memory."""
 
 
 @dataclass(frozen=True)
@@ -105,18 +94,14 @@ def make_profiles(n_sites: int, seed: int, *, alpha: float = 2.0, patients: int 
     ``scenario`` overrides ``alpha`` and ``patients`` when given.
     """
     scenario = scenario or Scenario(alpha=alpha, patients=patients)
-    if n_sites < 1:
-        raise ValueError(f"need at least one site, got {n_sites}")
     q, shift = scenario.quantity_skew, scenario.scanner_shift
     rng = np.random.default_rng([seed, 1])
     missing_site = 1 if n_sites > 1 else 0
     few_label_site = 2 if n_sites > 2 else n_sites - 1
     profiles = []
-    for i in range(n_sites + int(external)):
+    for i in site_indices(n_sites, external):
         is_external = i == n_sites
-        probs = rng.dirichlet([scenario.alpha] * len(CLASS_NAMES))
-        if is_external:
-            probs = np.full(len(CLASS_NAMES), 1 / len(CLASS_NAMES))
+        probs = class_mix(rng, scenario.alpha, len(CLASS_NAMES), external=is_external)
         gains = rng.uniform(0.8, 1.25, len(SEQUENCES))
         noise = rng.uniform(25, 60)
         if shift != 1.0:                 # keep the default draws bit-identical
@@ -125,10 +110,10 @@ def make_profiles(n_sites: int, seed: int, *, alpha: float = 2.0, patients: int 
                           bias_strength=float(rng.uniform(0.05, 0.2)))
         profiles.append(SiteProfile(
             index=i,
-            name="external" if is_external else f"site-{i}",
+            name=site_name(i, n_sites),
             institution=INSTITUTIONS[i % len(INSTITUTIONS)],
             n_patients=max(4, int(round(scenario.patients * rng.uniform(1 - q, 1 + q)))),
-            class_probs=tuple(float(p) for p in probs),
+            class_probs=probs,
             scanner=scanner,
             naming=i % len(SERIES_NAMING),
             rescale=RESCALE[i % len(RESCALE)],
@@ -182,23 +167,11 @@ def generate_site(profile: SiteProfile, seed: int) -> tuple[SyntheticSite, dict]
 def _dicom(profile: SiteProfile, study: SyntheticStudy, seq: str, pixels: np.ndarray,
            seed: int, accession: str) -> Dataset:
     sop_uid = generate_uid(entropy_srcs=[study.study_uid, seq, "sop", str(seed)])
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = MRImageStorage
-    meta.MediaStorageSOPInstanceUID = sop_uid
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    phi = study.phi
-    ds.PatientName = phi["PatientName"]
-    ds.PatientID = phi["PatientID"]
-    ds.PatientBirthDate = phi["PatientBirthDate"]
-    ds.PatientSex = phi["PatientSex"]
-    ds.ReferringPhysicianName = phi["ReferringPhysicianName"]
-    ds.InstitutionName = profile.institution
-    ds.AccessionNumber = accession
-    ds.StudyDate = f"2024{(study.patient_index % 12) + 1:02d}{(study.patient_index % 27) + 1:02d}"
-    ds.StudyTime = "093000"
-    ds.StudyDescription = "MRI BRAIN W/WO CONTRAST"
+    ds = new_dataset(MRImageStorage, sop_uid)
+    set_patient(ds, study.phi)
+    set_study(ds, institution=profile.institution, accession=accession,
+              patient_index=study.patient_index, time="093000",
+              description="MRI BRAIN W/WO CONTRAST")
     ds.SOPClassUID = MRImageStorage
     ds.SOPInstanceUID = sop_uid
     ds.StudyInstanceUID = study.study_uid
@@ -213,19 +186,10 @@ def _dicom(profile: SiteProfile, study: SyntheticStudy, seq: str, pixels: np.nda
     ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
     ds.PixelSpacing = [profile.pixel_mm, profile.pixel_mm]
     ds.SliceThickness = 5.0
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    set_pixels(ds, pixels)
     slope, intercept = profile.rescale
     ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType = slope, intercept, "US"
-    ds.PixelData = pixels.astype("<u2").tobytes()
     return ds
-
-
-def _file_name(key: str) -> str:
-    """Opaque file names: PACS exports named after patients leak PHI through paths."""
-    return hashlib.sha256(key.encode()).hexdigest()[:20] + ".dcm"
 
 
 def write_site(site: SyntheticSite, stored: dict, out: Path, seed: int) -> None:
@@ -237,27 +201,18 @@ def write_site(site: SyntheticSite, stored: dict, out: Path, seed: int) -> None:
     rng = np.random.default_rng([seed, 3, site.profile.index])
     last = None
     for study in site.studies:
-        accession = f"ACC{int(rng.integers(10**7, 10**8))}"
+        accession = fake_accession(rng)
         for seq in SEQUENCES:
             if seq not in study.images:
                 continue
             ds = _dicom(site.profile, study, seq, stored[(study.study_uid, seq)], seed, accession)
-            last = dicom_dir / _file_name(ds.SOPInstanceUID)
-            ds.save_as(last, enforce_file_format=True)
-    with open(out / "labels.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["study_instance_uid", "label"])
-        for study in site.studies:
-            writer.writerow([study.study_uid, CLASS_NAMES[study.label] if study.labelled else ""])
-    with open(out / "findings.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["study_instance_uid", "findings"])
-        for study in site.studies:
-            if study.labelled:
-                writer.writerow([study.study_uid, ";".join(findings(study.lesion))])
-    with open(out / "reports.jsonl", "w") as f:
-        for study in site.studies:
-            f.write(json.dumps({"study_instance_uid": study.study_uid, "text": study.report}) + "\n")
+            last = save_dicom(ds, dicom_dir)
+    write_labels(out, ((study.study_uid, CLASS_NAMES[study.label] if study.labelled else "")
+                       for study in site.studies))
+    write_csv(out / "findings.csv", ["study_instance_uid", "findings"],
+              ([study.study_uid, ";".join(findings(study.lesion))]
+               for study in site.studies if study.labelled))
+    write_reports(out, ((study.study_uid, study.report) for study in site.studies))
     write_masks(site, out)
     if site.profile.junk_files and last is not None:
         _write_junk(dicom_dir, last, site.studies[0])
@@ -268,50 +223,35 @@ def write_masks(site: SyntheticSite, out: Path) -> None:
     import nibabel as nib
 
     (out / "masks").mkdir()
-    with open(out / "segmentations.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["study_instance_uid", "mask_file"])
-        for study in site.studies:
-            if not study.labelled:
-                continue
-            name = f"masks/{_file_name(study.study_uid + ':mask')[:-4]}.nii.gz"
-            affine = np.diag([site.profile.pixel_mm, site.profile.pixel_mm, 5.0, 1.0])
-            # NIfTI is x-major: store the [rows, columns] mask transposed, as converters do.
-            nib.save(nib.Nifti1Image(study.mask.T[..., None].astype(np.uint8), affine), out / name)
-            writer.writerow([study.study_uid, name])
+    rows = []
+    for study in site.studies:
+        if not study.labelled:
+            continue
+        name = f"masks/{opaque_name(study.study_uid + ':mask')[:-4]}.nii.gz"
+        affine = np.diag([site.profile.pixel_mm, site.profile.pixel_mm, 5.0, 1.0])
+        # NIfTI is x-major: store the [rows, columns] mask transposed, as converters do.
+        nib.save(nib.Nifti1Image(study.mask.T[..., None].astype(np.uint8), affine), out / name)
+        rows.append([study.study_uid, name])
+    write_csv(out / "segmentations.csv", ["study_instance_uid", "mask_file"], rows)
 
 
 def _write_junk(dicom_dir: Path, image_file: Path, study: SyntheticStudy) -> None:
     """What real PACS exports contain besides images: an SR, a truncated file, OS litter."""
-    sr = pydicom.dcmread(image_file)
-    del sr.PixelData
-    sr.SOPClassUID = sr.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"
-    sr.Modality = "SR"
-    sr.SeriesDescription = "Dose report"
-    sr.save_as(dicom_dir / _file_name("sr" + study.study_uid), enforce_file_format=True)
+    save_dose_report(pydicom.dcmread(image_file), "1.2.840.10008.5.1.4.1.1.88.11", dicom_dir,
+                     "sr" + study.study_uid)
     data = image_file.read_bytes()
-    (dicom_dir / _file_name("trunc" + study.study_uid)).write_bytes(data[: len(data) // 3])
+    (dicom_dir / opaque_name("trunc" + study.study_uid)).write_bytes(data[: len(data) // 3])
     (dicom_dir / "Thumbs.db").write_bytes(b"\x00\x01not a dicom file")
 
 
 def synthesize(out: Path, *, n_sites: int, seed: int, alpha: float = 2.0, patients: int = 200,
                external: bool = False, scenario: Scenario | None = None) -> list[SiteProfile]:
     """Write all sites under ``out`` atomically: a failure leaves nothing half-written."""
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"output directory {out} exists and is not empty; choose another")
+    out = empty_output(out)
     profiles = make_profiles(n_sites, seed, alpha=alpha, patients=patients, external=external,
                              scenario=scenario)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_output(out) as tmp:
         for profile in profiles:
             site, stored = generate_site(profile, seed)
             write_site(site, stored, tmp / profile.name, seed)
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return profiles

@@ -16,11 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import (CTImageStorage, EnhancedCTImageStorage, EnhancedMRImageStorage,
-                         ExplicitVRLittleEndian, MRImageStorage, generate_uid)
+                         MRImageStorage, generate_uid)
 
+from .hospital import new_dataset, set_patient
 from .reports import fake_phi
 
 _SOP = {("CT", False): CTImageStorage, ("CT", True): EnhancedCTImageStorage,
@@ -118,13 +119,8 @@ def _ds(values) -> list[str]:
 
 def _base(vol: SyntheticVolume, sop_class: str, sop_uid: str) -> Dataset:
     """Header shared by the single-frame files and the enhanced file (image pixel module)."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = sop_class, sop_uid
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    for keyword, value in vol.phi.items():
-        setattr(ds, keyword, value)
+    ds = new_dataset(sop_class, sop_uid)
+    set_patient(ds, vol.phi)
     ds.AccessionNumber = "ACC" + vol.phi["PatientID"][-6:]
     ds.SOPClassUID, ds.SOPInstanceUID = sop_class, sop_uid
     ds.StudyInstanceUID, ds.SeriesInstanceUID = vol.study_uid, vol.series_uid

@@ -14,11 +14,10 @@ from client.data.dicom import pseudonym
 from client.data.layout import Layout, load_layout
 from client.data.layout_site import load_layout_site
 from client.data.site import SiteDataError, load_site
-from client.runtime import SiteDataCache, SiteIdentity
 from medfed.synth.chest import (CLASS_NAMES, generate_chest_site,
                                 synthesize_chest)
-from models.task import DataNeeds
 from protocol.layout import LayoutError
+from tests.client.layout_sites import cached_splits, synthesized
 from tests.conftest import phi_strings
 
 SEED = 5
@@ -26,9 +25,8 @@ SEED = 5
 
 @pytest.fixture(scope="module")
 def chest_sites(tmp_path_factory):
-    root = tmp_path_factory.mktemp("chest") / "data"
-    profiles = synthesize_chest(root, n_sites=3, seed=SEED, patients=10)
-    return root, profiles
+    return synthesized(tmp_path_factory, synthesize_chest, "chest", n_sites=3, seed=SEED,
+                       patients=10)
 
 
 @pytest.fixture(scope="module")
@@ -124,8 +122,7 @@ def test_a_3d_layout_finds_no_volume_in_radiographs_and_the_brain_reader_is_unch
 
 def test_the_site_cache_builds_layout_channels_at_their_own_scale(chest_sites, chest):
     root, profiles = chest_sites
-    site = SiteIdentity("site-0", root / profiles[0].name, torch.device("cpu"))
-    data, splits = SiteDataCache().get(site, CLASS_NAMES, 32, DataNeeds(), chest)
+    data, splits = cached_splits(root, profiles[0], CLASS_NAMES, 32, chest)
     item = splits["train"][0]
     assert item["image"].shape == (2, 32, 32)              # frontal, lateral at the job's size
     images = torch.stack([splits["val"][i]["image"] for i in range(len(splits["val"]))])

@@ -20,9 +20,8 @@ from client.data.layout_site import load_layout_site
 from client.data.site import SiteDataError
 from client.data.volume import Volume
 from client.data.volume_site import GRID_AXCODES
-from client.runtime import SiteDataCache, SiteIdentity
 from medfed.synth.ct import CLASS_NAMES, generate_ct_site, phantom_hu, synthesize_ct
-from models.task import DataNeeds
+from tests.client.layout_sites import cached_splits, synthesized
 from tests.conftest import phi_strings
 
 SEED = 3
@@ -31,9 +30,7 @@ GRID = dict(size=(32, 32, 32), spacing=(4.0, 4.0, 4.0))
 
 @pytest.fixture(scope="module")
 def ct_sites(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ct") / "data"
-    profiles = synthesize_ct(root, n_sites=3, seed=SEED, patients=5)
-    return root, profiles
+    return synthesized(tmp_path_factory, synthesize_ct, "ct", n_sites=3, seed=SEED, patients=5)
 
 
 @pytest.fixture(scope="module")
@@ -157,8 +154,7 @@ def test_nothing_identifying_leaves_and_the_site_key_reaches_the_volume_pseudony
 @pytest.mark.parametrize("image_size", [32, 16])
 def test_the_site_cache_builds_volumes_for_a_3d_model(ct_sites, layout, image_size):
     root, profiles = ct_sites
-    site = SiteIdentity("site-1", root / profiles[1].name, torch.device("cpu"))
-    data, splits = SiteDataCache().get(site, CLASS_NAMES, image_size, DataNeeds(), layout)
+    data, splits = cached_splits(root, profiles[1], CLASS_NAMES, image_size, layout)
     shape = (3, image_size, image_size, image_size)         # [C, D, H, W]: no middle slice
     items = [splits[name][i] for name in splits for i in range(len(splits[name]))]
     assert items and all(item["image"].shape == shape for item in items)

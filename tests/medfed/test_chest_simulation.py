@@ -5,17 +5,14 @@ trains and reports its evaluation metrics."""
 
 from __future__ import annotations
 
-import mlflow
 import pytest
 
 from medfed.simulation import simulate
 from medfed.synth.chest import synthesize_chest
 from server.config import load_experiment
+from tests.medfed.checks import assert_sites_trained
 
 pytestmark = pytest.mark.slow
-
-SITES = ("site-0", "site-1", "site-2")
-
 
 def test_three_chest_xray_sites_train_two_rounds_and_report_per_site_metrics(tmp_path):
     root = tmp_path / "data"
@@ -25,14 +22,4 @@ def test_three_chest_xray_sites_train_two_rounds_and_report_per_site_metrics(tmp
                            "tracking.log_models=false", f"data.root={root}",
                            f"runs_dir={tmp_path / 'runs'}"])
     assert cfg.job_spec().layout.name == "chest_xray"
-    run_dir = simulate(cfg)
-    client = mlflow.MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
-    run = client.search_runs([client.get_experiment_by_name("medfed").experiment_id])[0]
-    assert run.info.status == "FINISHED"
-    metrics = run.data.metrics
-    for site in SITES:
-        assert f"site/{site}/train/train_loss" in metrics, site
-        assert f"site/{site}/val/n" in metrics and f"site/{site}/test/n" in metrics, site
-    assert "test/mcc" in metrics and metrics["test/n"] > 0
-    history = client.get_metric_history(run.info.run_id, "train/train_loss")
-    assert sorted(m.step for m in history) == [1, 2]              # both rounds trained
+    assert_sites_trained(simulate(cfg), n_sites=3, rounds=2)

@@ -6,17 +6,14 @@ reports its evaluation metrics."""
 
 from __future__ import annotations
 
-import mlflow
 import pytest
 
 from medfed.simulation import simulate
 from medfed.synth.ct import synthesize_ct
 from server.config import load_experiment
+from tests.medfed.checks import assert_sites_trained
 
 pytestmark = pytest.mark.slow
-
-SITES = ("site-0", "site-1", "site-2")
-
 
 def test_three_ct_sites_train_a_3d_vit_two_rounds_and_report_per_site_metrics(tmp_path):
     root = tmp_path / "data"
@@ -27,14 +24,4 @@ def test_three_ct_sites_train_a_3d_vit_two_rounds_and_report_per_site_metrics(tm
     job = cfg.job_spec()
     assert job.layout.name == "ct_volume" and job.layout.dims == "3d"
     assert job.model_options["spatial_dims"] == 3 and job.model_options["num_sequences"] == 3
-    run_dir = simulate(cfg)
-    client = mlflow.MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
-    run = client.search_runs([client.get_experiment_by_name("medfed").experiment_id])[0]
-    assert run.info.status == "FINISHED"
-    metrics = run.data.metrics
-    for site in SITES:
-        assert f"site/{site}/train/train_loss" in metrics, site
-        assert f"site/{site}/val/n" in metrics and f"site/{site}/test/n" in metrics, site
-    assert "test/mcc" in metrics and metrics["test/n"] > 0
-    history = client.get_metric_history(run.info.run_id, "train/train_loss")
-    assert sorted(m.step for m in history) == [1, 2]              # both rounds trained
+    assert_sites_trained(simulate(cfg), n_sites=3, rounds=2)

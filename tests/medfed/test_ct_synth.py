@@ -5,9 +5,7 @@ orientation, per-slice rescale, a missing slice), labels, and fake PHI."""
 from __future__ import annotations
 
 import csv
-import hashlib
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -15,18 +13,10 @@ import pytest
 
 from medfed.cli import main
 from medfed.synth.ct import (CLASS_NAMES, generate_ct_site, make_ct_profiles, synthesize_ct)
+from tests.medfed.checks import assert_deterministic_in_seed
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 ENHANCED_CT = "1.2.840.10008.5.1.4.1.1.2.1"
-
-
-def _digest(root: Path) -> str:
-    h = hashlib.sha256()
-    for p in sorted(root.rglob("*")):
-        if p.is_file():
-            h.update(str(p.relative_to(root)).encode())
-            h.update(p.read_bytes())
-    return h.hexdigest()
 
 
 @pytest.fixture(scope="module")
@@ -36,11 +26,7 @@ def sites(tmp_path_factory):
 
 
 def test_synthesis_is_deterministic(tmp_path):
-    synthesize_ct(tmp_path / "a", n_sites=2, seed=9, patients=4)
-    synthesize_ct(tmp_path / "b", n_sites=2, seed=9, patients=4)
-    synthesize_ct(tmp_path / "c", n_sites=2, seed=10, patients=4)
-    assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
-    assert _digest(tmp_path / "a") != _digest(tmp_path / "c")
+    assert_deterministic_in_seed(synthesize_ct, tmp_path, seed=9, n_sites=2, patients=4)
     with pytest.raises(FileExistsError):
         synthesize_ct(tmp_path / "a", n_sites=1, seed=9, patients=4)
 

@@ -1,5 +1,3 @@
-import hashlib
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -7,15 +5,7 @@ import pytest
 from client.data.dicom import pseudonym, read_directory
 from medfed.synth.phantom import SEQUENCES
 from medfed.synth.sites import generate_site, make_profiles, synthesize, write_site
-
-
-def _digest(root: Path) -> str:
-    h = hashlib.sha256()
-    for p in sorted(root.rglob("*")):
-        if p.is_file():
-            h.update(str(p.relative_to(root)).encode())
-            h.update(p.read_bytes())
-    return h.hexdigest()
+from tests.medfed.checks import assert_deterministic_in_seed, tree_digest
 
 
 def test_dicom_round_trip_equals_generated_arrays_after_lut(tmp_path):
@@ -36,11 +26,7 @@ def test_dicom_round_trip_equals_generated_arrays_after_lut(tmp_path):
 
 
 def test_synthesis_is_deterministic(tmp_path):
-    synthesize(tmp_path / "a", n_sites=2, seed=11, patients=5)
-    synthesize(tmp_path / "b", n_sites=2, seed=11, patients=5)
-    synthesize(tmp_path / "c", n_sites=2, seed=12, patients=5)
-    assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
-    assert _digest(tmp_path / "a") != _digest(tmp_path / "c")
+    assert_deterministic_in_seed(synthesize, tmp_path, seed=11, n_sites=2, patients=5)
 
 
 def test_sites_differ_like_hospitals():
@@ -142,7 +128,7 @@ def test_chest_sites_are_real_radiograph_dicom_with_site_heterogeneity(tmp_path)
           "--out", str(tmp_path / "b")])
     main(["synth", "--layout", "chest_xray", "--sites", "3", "--patients", "6", "--seed", "5",
           "--out", str(tmp_path / "c")])
-    assert _digest(tmp_path / "a") == _digest(tmp_path / "b") != _digest(tmp_path / "c")
+    assert tree_digest(tmp_path / "a") == tree_digest(tmp_path / "b") != tree_digest(tmp_path / "c")
 
 
 def test_chest_reports_agree_with_labels():
@@ -163,4 +149,4 @@ def test_default_synth_is_still_the_brain_sites(tmp_path):
     main(["synth", "--sites", "2", "--patients", "4", "--seed", "9", "--out", str(tmp_path / "a")])
     synthesize(tmp_path / "b", n_sites=2, seed=9, patients=4, scenario=None)
     assert (tmp_path / "a" / "site-0" / "findings.csv").exists()
-    assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
+    assert tree_digest(tmp_path / "a") == tree_digest(tmp_path / "b")

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 
-from .cache import SiteCache
+from .cache import FileReader, SiteCache
 from .dicom import MAX_DECODED_BYTES, decoded_bytes, pseudonym
 from .intensity import apply_intensity
 from .layout import Channel, Layout, LayoutError, check_volume_layout
@@ -34,7 +34,7 @@ from .manifest_site import MANIFEST, decode_manifest_site, has_manifest, manifes
 from .matching import match_site
 from .sequences import SEQUENCES
 from .site import (IngestReport, SiteData, SiteDataError, Study, check_decoded, decode_site,
-                   dicom_folder, join_site, mask_files, read_masks)
+                   dicom_folder, join_shares, join_site, mask_files, read_masks, read_share)
 from .workers import chunks, map_shared
 
 # Studies the layout's missing-channel policy (or a channel that failed to decode) drops.
@@ -71,12 +71,16 @@ def read_site(site_dir: Path | str, layout: Layout | None,
         masks = None
     else:
         # The cache decodes only the studies whose files changed, each on its own
-        # (a manifest site: as a whole), in ``workers`` processes.
+        # (a manifest site: as a whole), in ``workers`` processes. The brain reader works
+        # file by file: the cache reads each new file once (its study and its pixels).
+        reader = FileReader(partial(read_share, key), join_shares) \
+            if source == "dicom" and layout is None else None
         studies, report = cache.decoded(root, layout, key,
                                         partial(_decode_files, source, site_dir, layout, key,
                                                 workers if source == "manifest" else 1),
                                         paths=paths, source=source,
-                                        by_study=source == "dicom", workers=workers)
+                                        by_study=source == "dicom", workers=workers,
+                                        reader=reader)
         check_decoded(site_dir, studies, report, None if layout is None else layout.name)
         masks = _cached_masks(site_dir, key, cache)
     return join_site(site_dir, studies, report, class_names, multi_label=multi_label,

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .dicom import SeriesImage, pseudonym, read_directory
+from .dicom import ReadCounts, SeriesImage, pseudonym, read_directory, read_file_study
 from .report_deid import deidentify_report
 from .sequences import SEQUENCES
 
@@ -250,6 +250,40 @@ def decode_site(site_dir: Path, *, key: bytes | None = None, workers: int = 1,
     if paths is None:
         check_decoded(site_dir, studies, report)
     return studies, report
+
+
+# One file's share of a cache unit (client.data.cache.FileReader): its image without the
+# pixels, or the reason it was skipped; the pixels travel apart (written to disk by the
+# process that read them, not pickled back).
+Share = tuple["SeriesImage | None", "str | None"]
+
+
+def read_share(key: bytes | None, path: str) -> tuple[str, Share, list[np.ndarray]]:
+    """One DICOM file read once for the site cache: ``(its StudyInstanceUID, its share,
+    its arrays)``; :func:`join_shares` of a study's shares is :func:`decode_site` of its
+    files. The UID stays at the site (the cache keeps a keyed hash of it)."""
+    counts = ReadCounts()
+    image, uid = read_file_study(Path(path), counts, key)
+    if image is None:
+        [reason] = counts.skipped
+        return uid, (None, reason), []
+    pixels, image.pixels = image.pixels, None
+    return uid, (image, None), [pixels]
+
+
+def join_shares(shares: list[tuple[Share, list[np.ndarray]]]) -> tuple[list[Study], IngestReport]:
+    """The studies and read counts of files read by :func:`read_share` (in path order, as
+    :func:`decode_site` reads them), exactly what :func:`decode_site` gives for them."""
+    report = IngestReport(files=len(shares))
+    images = []
+    for (image, reason), arrays in shares:
+        if image is None:
+            report.skipped[reason] += 1
+        else:
+            image.pixels = arrays[0]
+            images.append(image)
+    report.images = len(images)
+    return _group(images, report), report
 
 
 def check_decoded(site_dir: Path, studies: list[Study], report: IngestReport,

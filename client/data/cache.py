@@ -54,6 +54,7 @@ version of this process still maps when read - so disk use is bounded.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import json
@@ -64,6 +65,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 from importlib.metadata import PackageNotFoundError, version
@@ -89,7 +91,9 @@ STALE_TEMP_SECONDS = 3600       # a writer that crashed left its temporary file 
 DECODERS = ("pydicom", "numpy", "monai", "pylibjpeg", "python-gdcm")
 
 
+@functools.lru_cache(maxsize=None)
 def _versions() -> dict[str, str]:
+    """The decoders' installed versions (read once: the running code is what was imported)."""
     out = {}
     for name in DECODERS:
         try:
@@ -192,7 +196,7 @@ class SiteCache:
     def family(self, layout, key: bytes | None, source: str = "dicom") -> str:
         """Everything a unit depends on besides its files: format, reader, decoders,
         ``source`` reader, layout, key."""
-        spec = {"format": CACHE_FORMAT, "reader": READER_VERSION, "decoders": _versions(),
+        spec = {"format": CACHE_FORMAT, "reader": READER_VERSION, "decoders": dict(_versions()),
                 "source": source, "layout": None if layout is None else layout.to_dict()}
         return self._hash(key, json.dumps(spec, sort_keys=True))[:32]
 
@@ -212,7 +216,8 @@ class SiteCache:
                 decode_files: Callable[[list[Path]], Decoded], *,
                 paths: list[Path] | None = None, source: str = "dicom",
                 by_study: bool = True, workers: int = 1,
-                reader: FileReader | None = None) -> Decoded:
+                reader: FileReader | None = None,
+                pool: SharedWorkers | None = None) -> Decoded:
         """The studies and read counts of the files (``paths``, or all under ``root``) read
         through ``layout`` under ``key``: from the cache when it holds this version, else
         decoded now - only the studies whose files changed - and written.
@@ -223,6 +228,8 @@ class SiteCache:
         ``reader``: the same reader per file (:class:`FileReader`), when it has that form:
         then each new file is read once, not once for its study and once to decode it.
         ``by_study``: units are studies (DICOM: by StudyInstanceUID); else one unit.
+        ``pool``: decode processes the caller keeps for more work (else ``workers`` new
+        ones, ended on return).
         """
         if workers < 1:
             raise ValueError(f"decode workers must be >= 1, got {workers}")
@@ -245,7 +252,7 @@ class SiteCache:
         else:
             self.last = "miss"
             self.changed_files = self._changed_since_newest(files)
-        with SharedWorkers(workers) as pool:
+        with SharedWorkers(workers) if pool is None else nullcontext(pool) as pool:
             out = self._update(listing, fp, self.family(layout, key, source), key,
                                decode_files, reader if by_study else None, by_study, pool)
         if self.last != "unwritable":

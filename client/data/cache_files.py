@@ -170,7 +170,7 @@ def write_unit(folder: Path, name: str, studies: list, report, *,
              "studies": index_studies, "report": _report_dict(report)}
     head = json.dumps(index).encode()
     offsets, end = _data_layout(groups)
-    fd, temp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{name}-", dir=folder)   # 0600
+    fd, temp = _create_temp(folder, name)
     try:
         with os.fdopen(fd, "wb") as f:
             for offset, arrays in zip(offsets, rows.values()):
@@ -186,6 +186,16 @@ def write_unit(folder: Path, name: str, studies: list, report, *,
         os.unlink(temp)
         raise
     return Path(temp), index
+
+
+def _create_temp(folder: Path, name: str) -> tuple[int, str]:
+    """A new file (0600) for unit ``name``, under a temporary name of this process (a unit
+    is made once per ingest; ``mkstemp``'s random names cost more than the unit's write)."""
+    temp = os.path.join(folder, f"{TEMP_PREFIX}{name}-{os.getpid()}")
+    try:
+        return os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), temp
+    except FileExistsError:             # a crashed writer of the same pid left it
+        return tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{name}-", dir=folder)
 
 
 def _footer(head: bytes) -> bytes:

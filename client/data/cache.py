@@ -61,23 +61,21 @@ import json
 import logging
 import os
 import stat
-import tempfile
 import time
 import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
 from functools import partial
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-import numpy as np
 import pydicom
 
 from .cache_files import (CACHE_FORMAT, INDEX, PROCESS_MAPS, TEMP_PREFIX, UNUSABLE,
                           CacheCorrupt, Decoded, UnitMaps, assemble, fsync_dir, open_unit,
                           publish, read_unit_index, remove_entry, sync_filesystem,
                           write_reason, write_unit, write_version)
+from .cache_reads import FileReader, join_spilled, read_files
 from .workers import SharedWorkers, chunks
 
 log = logging.getLogger(__name__)
@@ -101,21 +99,6 @@ def _versions() -> dict[str, str]:
         except PackageNotFoundError:
             out[name] = ""
     return out
-
-
-@dataclass(frozen=True)
-class FileReader:
-    """A reader whose work is per file, so the cache reads each new file once.
-
-    ``read(path)`` gives ``(the file's StudyInstanceUID or "", its share, its arrays)``;
-    ``join(shares)`` (each ``(share, arrays)``, in path order) gives the studies and read
-    counts of those files, exactly what the reader gives for them as a whole. Both must
-    pickle (module-level functions or ``functools.partial`` of them): they run in the
-    decode processes.
-    """
-
-    read: Callable[[str], tuple[str, object, list[np.ndarray]]]
-    join: Callable[[list[tuple[object, list[np.ndarray]]]], Decoded]
 
 
 class SiteCache:
@@ -303,7 +286,7 @@ class SiteCache:
                 rest = [h for i in todo for h in units[i]["files"] if h not in shares]
                 self._read(rest, listing, reader, pool, units_dir if writable else None,
                            shares, spills)
-                make = partial(_join_spilled, reader.join)
+                make = partial(join_spilled, reader.join)
                 jobs = [[shares[h] for h in sorted(units[i]["files"],
                                                    key=lambda h: listing[h][0])]
                         for i in todo]
@@ -408,7 +391,7 @@ class SiteCache:
               spill_dir: Path | None, shares: dict, spills: list[str]) -> list[str]:
         """Read these files through ``reader`` in ``pool`` (their arrays spilled to disk by
         the process that read them); their shares into ``shares``; their study UIDs."""
-        parts = pool.map(partial(_read_files, reader.read, spill_dir),
+        parts = pool.map(partial(read_files, reader.read, spill_dir),
                          chunks([listing[h][0] for h in hashes], pool.workers))
         uids, it = [], iter(hashes)
         for spill, reads in parts:
@@ -550,57 +533,6 @@ def _make_unit(make: Callable[[object], Decoded], units_dir: Path | None,
         return str(temp), index, None, None
     except UNUSABLE as err:             # disk full, read-only: served from memory
         return None, None, out, write_reason(err)
-
-
-def _read_files(read: Callable[[str], tuple[str, object, list[np.ndarray]]],
-                spill_dir: Path | None, paths: list[str]) -> tuple[str | None, list]:
-    """Read ``paths`` (one task of a :class:`FileReader`'s pass) and write their arrays to
-    one temporary spill file in ``spill_dir``: ``(its path, [(uid, share, refs)])`` with
-    refs ``(offset, dtype, shape)``; the arrays themselves when they cannot be spilled."""
-    reads = [read(path) for path in paths]
-    if spill_dir is None:
-        return None, reads
-    fd, spill = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}spill-", dir=spill_dir)   # 0600
-    out = []
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for uid, share, arrays in reads:
-                refs = []
-                for array in arrays:
-                    array = np.ascontiguousarray(array)
-                    refs.append((f.tell(), array.dtype.str, array.shape))
-                    f.write(array.data)
-                out.append((uid, share, refs))
-    except OSError:                     # disk full: the arrays travel back instead
-        os.unlink(spill)
-        return None, reads
-    return spill, out
-
-
-def _join_spilled(join: Callable[[list], Decoded], shares: list[tuple]) -> Decoded:
-    """A :class:`FileReader` unit from its files' shares, their arrays read back from the
-    spill files their readers wrote."""
-    fds: dict[str, int] = {}
-    try:
-        joined = []
-        for share, arrays, spill in shares:
-            if spill is not None:
-                if spill not in fds:
-                    fds[spill] = os.open(spill, os.O_RDONLY)
-                loaded = []
-                for offset, dtype, shape in arrays:
-                    dtype = np.dtype(dtype)
-                    size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-                    data = os.pread(fds[spill], size, offset)
-                    if len(data) != size:
-                        raise CacheCorrupt("spill file cut short")
-                    loaded.append(np.frombuffer(bytearray(data), dtype).reshape(shape))
-                arrays = loaded
-            joined.append((share, arrays))
-        return join(joined)
-    finally:
-        for fd in fds.values():
-            os.close(fd)
 
 
 def _study_uids(paths: list[str]) -> list[str]:

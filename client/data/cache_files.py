@@ -18,7 +18,6 @@ in it. One map per unit, whatever its number of image shapes.
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import shutil
 import tempfile

@@ -18,7 +18,7 @@ import csv
 import hashlib
 import json
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -331,9 +331,8 @@ def join_shares(shares: list[tuple[Share, list[np.ndarray]]]) -> tuple[list[Stud
     for (image, reason), arrays in shares:
         if image is None:
             report.skipped[reason] += 1
-        else:
-            image.pixels = arrays[0]
-            images.append(image)
+        else:           # a copy: the share outlives the unit (the caller keeps it)
+            images.append(replace(image, pixels=arrays[0]))
     report.images = len(images)
     return _group(images, report), report
 

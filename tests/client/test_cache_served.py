@@ -158,3 +158,18 @@ def test_a_unit_file_holds_exactly_the_layout_its_index_implies(tmp_path):
         for name in a.images:
             np.testing.assert_array_equal(a.images[name], b.images[name])
             assert b.images[name].dtype == a.images[name].dtype
+
+
+def test_a_units_shares_keep_no_pixels_once_joined(site):
+    """The process that coordinates an ingest keeps every new file's share (its image
+    without pixels) until the version is written; joining a unit must not put the pixels
+    back into them, or that process ends up holding its part of the whole site's pixels
+    (it did: +0.1 GB peak RSS on a 1,915-study first ingest, growing with the site)."""
+    from client.data.site import join_shares, read_share
+
+    paths = sorted((site / "dicom").rglob("*.dcm"))[:8]
+    reads = [read_share(KEY, str(path)) for path in paths]
+    shares = [(share, arrays) for _, share, arrays in reads]
+    studies, report = join_shares(shares)
+    assert studies and report.images > 0
+    assert all(image.pixels is None for (image, _), _ in shares if image is not None)

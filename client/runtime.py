@@ -25,6 +25,7 @@ from models.task import DataNeeds
 from protocol import wire
 
 from .data.cache import CACHE_FOLDER, SiteCache
+from .data.cache_files import image_nbytes
 from .data.dataset import StudyDataset
 from .data.layout import Layout
 from .data.layout_site import dataset_options, read_site
@@ -233,7 +234,7 @@ class SiteDataCache:
 def _image_bytes(data: SiteData, splits: dict[str, StudyDataset]) -> int:
     """The bytes of a cache entry's pixels: the decoded studies and the prepared images held
     in memory (a deployed site's prepared images on disk, ``client.data.rows``, not)."""
-    decoded = sum(a.nbytes for s in data.studies for a in s.images.values())
+    decoded = sum(image_nbytes(s.images) for s in data.studies)    # maps nothing
     decoded += sum(s.mask.nbytes for s in data.studies if s.mask is not None)
     prepared = sum(image.numel() * image.element_size() for split in splits.values()
                    for image, _, _ in split.items if image is not None)

@@ -3,27 +3,34 @@
 Decoding a site's DICOM (and, for a 3D layout, resampling it onto the grid) is the slow part
 of every read; it depends only on the files under ``dicom/``, the layout, the pseudonym key
 and the reader code. So a deployed site decodes once per change of those, writes the result
-under its state dir, and every later message (or a restarted site process) opens it with
-``np.load(mmap_mode="r")``: seconds instead of minutes, and pages are read only when a study
-is used. Labels, reports, masks and splits are not cached: they are joined afresh from the
-site's CSVs on each read (cheap), so editing ``labels.csv`` costs no decoding.
+under its state dir, and every later message (or a restarted site process) maps it back:
+seconds instead of minutes, and pages are read only when a study is used. Labels, reports,
+masks and splits are not cached: they are joined afresh from the site's CSVs on each read
+(cheap), so editing ``labels.csv`` costs no decoding.
 
 On disk (``<state-dir>/cache``, 0700; files 0600)::
 
     <fingerprint>/index.json    one version of the site: every file's keyed path hash with
                                 its size and mtime, and the units it is made of (with a
                                 copy of each unit's index: a hit reads this one file)
-    units/<unit>/index.json     one study's decoded images (pseudonymous study/patient keys,
-    units/<unit>/g000.npy ...   channel names, each array's place), its read counts, and
-                                the keyed hashes and signatures of the files it came from
+    units/<unit>                one study's decoded images in one file (arrays, then an
+                                index: pseudonymous study/patient keys, channel names, each
+                                array's place, its read counts; then a footer), the format
+                                of :mod:`client.data.cache_files`
 
 A *unit* is a study (all files with one StudyInstanceUID; the files no header names a study
 for form one more unit, as does a NIfTI manifest site as a whole). Its name is a keyed hash of
 the reader, layout and key (the *family*) and of its files' paths, sizes and mtimes, so units
 are shared by every version of the site that holds the same files. When files change, only
-the units whose files changed (or that a new file joins: the new file's header is read for
-its StudyInstanceUID) are decoded again; every other study is served from its unit as it was.
-Read counts are kept per unit and summed, so the served report equals a fresh decode's.
+the units whose files changed (or that a new file joins) are decoded again; every other study
+is served from its unit as it was. Read counts are kept per unit and summed, so the served
+report equals a fresh decode's.
+
+Which study a new file belongs to comes from its header. A reader whose work is per file (the
+brain reader: :class:`FileReader`) reads each new file once: the same read gives its study
+and its pixels, which the reading process writes to a temporary spill file; units are then
+put together from the spills (in every process) and written. Other readers (the layouts'
+series matching) have the new files' headers read first, then decode unit by unit.
 
 The fingerprint is an HMAC (under the site's pseudonym key; plain SHA-256 in simulation) of
 the cache format, the reader and decoder versions, the layout, and every source file's path,
@@ -31,39 +38,44 @@ size and mtime. Nothing in a name or in an index is a path, a UID or a header va
 paths and study UIDs enter only through keyed hashes (a folder named after a patient stays on
 the PACS export).
 
-A served version maps its group files, at most ``max_maps`` at once (Linux allows 65,530 maps
-a process): a site of more studies than half of that has the rest mapped when an image is
-read and unmapped least recently used first; their files are checked by size when opened.
+Units are mapped within this process's map budget (:class:`client.data.cache_files.UnitMaps`,
+one per process: Linux allows 65,530 maps a process): past half of it, a unit is mapped
+when one of its images is read and unmapped least recently used first; its file is checked
+(footer, size) when the version is opened and again when it is mapped.
 
-Every directory is written under a temporary name and renamed into place, so a reader sees a
-complete unit or version or none; one that fails its checks on opening (unparsable index, a
-group file missing, truncated or of another shape, a unit missing) is removed and decoded
-again. At most ``keep`` versions stay (least recently used removed), and units no kept
-version uses are removed with them, so disk use is bounded.
+Every unit and version is written under a temporary name and renamed into place, so a reader
+sees a complete one or none. Durability is one filesystem sync per ingest before the units
+are renamed (:mod:`client.data.cache_sync`), not an fsync per file. One that fails its checks
+on opening (unparsable index, a unit file cut, extended or missing, an index pointing outside
+its arrays) is removed and decoded again. At most ``keep`` versions stay (least recently used
+removed), and units no kept version uses are removed with them - except units a served
+version of this process still maps when read - so disk use is bounded.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import json
 import logging
 import os
-import shutil
 import stat
 import time
 import warnings
 from collections.abc import Callable
+from contextlib import nullcontext
 from functools import partial
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import pydicom
 
-from .cache_files import (CACHE_FORMAT, INDEX, MAX_MAPS, TEMP_PREFIX, UNUSABLE, CacheCorrupt,
-                          Decoded, GroupMaps, assemble, fsync_dir, open_dir, publish,
-                          read_index, remove_dir,
-                          sync_filesystem, write_dir, write_temp, write_version)
+from .cache_files import (CACHE_FORMAT, INDEX, PROCESS_MAPS, TEMP_PREFIX, UNUSABLE,
+                          CacheCorrupt, Decoded, UnitMaps, assemble, fsync_dir, open_unit,
+                          publish, read_unit_index, remove_entry, sync_filesystem,
+                          write_reason, write_unit, write_version)
+from .cache_reads import FileReader, join_spilled, read_files
 from .workers import SharedWorkers, chunks
 
 log = logging.getLogger(__name__)
@@ -73,10 +85,13 @@ UNITS = "units"                 # per-study units, shared by the versions that h
 # Bump when a reader's output for the same files changes (a new intensity rule, a fixed bug),
 # so caches written by the old code are not served as if current.
 READER_VERSION = 1
-STALE_TEMP_SECONDS = 3600       # a writer that crashed left its temporary dir behind
+STALE_TEMP_SECONDS = 3600       # a writer that crashed left its temporary file behind
 DECODERS = ("pydicom", "numpy", "monai", "pylibjpeg", "python-gdcm")
 
+
+@functools.lru_cache(maxsize=None)
 def _versions() -> dict[str, str]:
+    """The decoders' installed versions (read once: the running code is what was imported)."""
     out = {}
     for name in DECODERS:
         try:
@@ -95,40 +110,40 @@ class SiteCache:
         The cache folder; created 0700. Must be on the site's own disk, never shared.
     keep:
         How many fingerprints (site versions x layouts) stay on disk; older ones are removed.
-    max_maps:
-        Memory maps a served version holds at most (:class:`client.data.cache_files.
-        GroupMaps`): past half of them, images are mapped when read.
+    maps:
+        The memory-map budget (:class:`client.data.cache_files.UnitMaps`); default: this
+        process's one, shared by every cache of the process.
 
     After :meth:`decoded`, ``last`` says what happened: ``hit``, ``miss`` (first decode or a
     change), ``rebuilt`` (a corrupt cache was removed) or ``unwritable`` (decoded data served
-    from memory, the write failed), ``changed_files`` how many files differ from the newest
-    previous cache (counts only), ``decoded_units``/``reused_units`` how many studies were
-    decoded and how many served unchanged from earlier versions, and ``current`` the served
-    cache's folder, where datasets keep their prepared rows (:mod:`client.data.rows`; None
-    when unwritable).
+    from memory, the write failed: ``write_error`` says why, type and OS text, no path),
+    ``changed_files`` how many files differ from the newest previous cache (counts only),
+    ``decoded_units``/``reused_units`` how many studies were decoded and how many served
+    unchanged from earlier versions, and ``current`` the served cache's folder, where
+    datasets keep their prepared rows (:mod:`client.data.rows`; None when unwritable).
     """
 
-    def __init__(self, root: Path | str, *, keep: int = 4, max_maps: int = MAX_MAPS):
+    def __init__(self, root: Path | str, *, keep: int = 4, maps: UnitMaps | None = None):
         if keep < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
         self.root = Path(root)
         self.keep = keep
-        self.max_maps = max_maps
-        self.maps: GroupMaps | None = None   # the served version's maps (counts for tests)
+        self.maps = PROCESS_MAPS if maps is None else maps
         self.last: str | None = None
+        self.write_error: str | None = None
         self.changed_files: int | None = None
         self.decoded_units = self.reused_units = 0
         self.current: Path | None = None     # the served cache's folder (prepared rows go there)
 
     def describe(self) -> str:
-        """What the last read did, for the site log (counts only)."""
+        """What the last read did, for the site log (counts and error types only)."""
         if self.last is None:
             return "unused"
         changed = "" if self.changed_files is None else f", {self.changed_files} files changed"
         units = "" if self.last == "hit" else \
             f", {self.decoded_units} studies decoded, {self.reused_units} reused"
-        return f"{self.last}{changed}{units}"
-
+        error = "" if self.write_error is None else f" ({self.write_error})"
+        return f"{self.last}{error}{changed}{units}"
     # -- fingerprint -----------------------------------------------------------------------
     @staticmethod
     def _hash(key: bytes | None, text: str) -> str:
@@ -164,7 +179,7 @@ class SiteCache:
     def family(self, layout, key: bytes | None, source: str = "dicom") -> str:
         """Everything a unit depends on besides its files: format, reader, decoders,
         ``source`` reader, layout, key."""
-        spec = {"format": CACHE_FORMAT, "reader": READER_VERSION, "decoders": _versions(),
+        spec = {"format": CACHE_FORMAT, "reader": READER_VERSION, "decoders": dict(_versions()),
                 "source": source, "layout": None if layout is None else layout.to_dict()}
         return self._hash(key, json.dumps(spec, sort_keys=True))[:32]
 
@@ -183,15 +198,21 @@ class SiteCache:
     def decoded(self, root: Path, layout, key: bytes | None,
                 decode_files: Callable[[list[Path]], Decoded], *,
                 paths: list[Path] | None = None, source: str = "dicom",
-                by_study: bool = True, workers: int = 1) -> Decoded:
+                by_study: bool = True, workers: int = 1,
+                reader: FileReader | None = None,
+                pool: SharedWorkers | None = None) -> Decoded:
         """The studies and read counts of the files (``paths``, or all under ``root``) read
         through ``layout`` under ``key``: from the cache when it holds this version, else
         decoded now - only the studies whose files changed - and written.
 
         ``decode_files(files)``: the reader on a subset of the files (whole studies), which
         returns what it read without raising when nothing usable is among them; with
-        ``workers > 1`` units are decoded in that many spawned processes (it must pickle).
+        ``workers > 1`` units are decoded in that many processes (it must pickle).
+        ``reader``: the same reader per file (:class:`FileReader`), when it has that form:
+        then each new file is read once, not once for its study and once to decode it.
         ``by_study``: units are studies (DICOM: by StudyInstanceUID); else one unit.
+        ``pool``: decode processes the caller keeps for more work (else ``workers`` new
+        ones, ended on return).
         """
         if workers < 1:
             raise ValueError(f"decode workers must be >= 1, got {workers}")
@@ -199,9 +220,8 @@ class SiteCache:
         files = {h: sig for h, (_, sig) in listing.items()}
         fp = self.fingerprint(files, layout, key, source)
         folder = self.root / fp
-        self.changed_files = self.current = None
+        self.changed_files = self.current = self.write_error = None
         self.decoded_units = self.reused_units = 0
-        self.maps = GroupMaps(self.max_maps)
         if folder.exists():
             try:
                 out = self._open_version(folder, fp)
@@ -210,61 +230,91 @@ class SiteCache:
                 return out
             except UNUSABLE:
                 log.warning("site cache: a cached version failed its checks; rebuilding it")
-                remove_dir(folder)
+                remove_entry(folder)
                 self.last = "rebuilt"
         else:
             self.last = "miss"
             self.changed_files = self._changed_since_newest(files)
-        self.maps = GroupMaps(self.max_maps)     # none of a failed open's maps is kept
-        with SharedWorkers(workers) as pool:
-            out = self._update(listing, fp, layout, key, source, decode_files, by_study, pool)
+        with SharedWorkers(workers) if pool is None else nullcontext(pool) as pool:
+            out = self._update(listing, fp, self.family(layout, key, source), key,
+                               decode_files, reader if by_study else None, by_study, pool)
         if self.last != "unwritable":
             self.prune(current=fp)
             self.current = folder
         return out
 
-    def _update(self, listing: dict, fp: str, layout, key: bytes | None, source: str,
-                decode_files: Callable[[list[Path]], Decoded], by_study: bool,
-                pool: SharedWorkers) -> Decoded:
+    def _update(self, listing: dict, fp: str, family: str, key: bytes | None,
+                decode_files: Callable[[list[Path]], Decoded], reader: FileReader | None,
+                by_study: bool, pool: SharedWorkers) -> Decoded:
         """A new version ``fp``: its units reused where they exist, the others decoded and
         written, then its index; served from memory (``last = unwritable``) when writing
         fails."""
         files = {h: sig for h, (_, sig) in listing.items()}
-        family = self.family(layout, key, source)
-        groups = self._groups(listing, family, key, by_study, pool)
-        units: list[dict] = []
-        results: list[Decoded | None] = []
-        todo: list[int] = []
-        for group, members in sorted(groups.items()):
-            sigs = {h: files[h] for h in sorted(members)}
-            name = self._unit_name(family, sigs, key)
-            units.append({"name": name, "group": group, "files": sigs})
-            try:
-                results.append(open_dir(self.root / UNITS / name, name, maps=self.maps))
-                self.reused_units += 1
-            except UNUSABLE:
-                remove_dir(self.root / UNITS / name)          # absent, or failed its checks
-                results.append(None)
-                todo.append(len(units) - 1)
-        # Each process decodes a unit and writes it (unsynced) under a temporary name: only
-        # its name comes back here, not its arrays. Then one sync makes them all durable
-        # before any is visible under its name: a unit found under its name is complete on
-        # disk (one fsync per unit cost more than the decode).
-        units_dir, pending, writable = self.root / UNITS, [], True
-        if todo:
-            try:
-                self._make_root(UNITS)
-            except OSError:
-                writable = False
-        jobs = [(units[i]["name"], [listing[h][0] for h in units[i]["files"]]) for i in todo]
-        decode = partial(_decode_unit, decode_files, units_dir if writable else None)
-        for j, (temp, out) in pool.imap(decode, jobs):
+        units_dir = self.root / UNITS
+        try:
+            self._make_root(UNITS)
+            writable = True
+        except OSError as err:
+            writable, self.write_error = False, write_reason(err)
+        shares: dict[str, tuple] = {}          # file hash -> (share, arrays or refs, spill)
+        spills: list[str] = []
+        try:
+            groups = self._groups(listing, family, key, by_study, pool, reader,
+                                  units_dir if writable else None, shares, spills)
+            units, results, todo = [], [], []
+            present = set(os.listdir(units_dir)) if units_dir.is_dir() else set()
+            for group, members in sorted(groups.items()):
+                sigs = {h: files[h] for h in sorted(members)}
+                name = self._unit_name(family, sigs, key)
+                units.append({"name": name, "group": group, "files": sigs})
+                try:
+                    if name not in present:
+                        raise CacheCorrupt("no such unit")
+                    index = read_unit_index(units_dir / name, name)
+                    results.append(open_unit(units_dir / name, name, index, self.maps))
+                    units[-1]["index"] = index
+                    self.reused_units += 1
+                except UNUSABLE:
+                    remove_entry(units_dir / name)          # absent, or failed its checks
+                    results.append(None)
+                    todo.append(len(units) - 1)
+            if reader is None:
+                make = decode_files
+                jobs = [[listing[h][0] for h in units[i]["files"]] for i in todo]
+            else:
+                # files of a changed unit that were not new (known to an older version)
+                rest = [h for i in todo for h in units[i]["files"] if h not in shares]
+                self._read(rest, listing, reader, pool, units_dir if writable else None,
+                           shares, spills)
+                make = partial(join_spilled, reader.join)
+                jobs = [[shares[h] for h in sorted(units[i]["files"],
+                                                   key=lambda h: listing[h][0])]
+                        for i in todo]
+            return self._write(units, results, todo, list(zip(
+                (units[i]["name"] for i in todo), jobs)), make, writable, fp, family, files,
+                pool)
+        finally:
+            for spill in spills:
+                os.unlink(spill)
+
+    def _write(self, units: list[dict], results: list, todo: list[int], jobs: list,
+               make: Callable, writable: bool, fp: str, family: str, files: dict,
+               pool: SharedWorkers) -> Decoded:
+        """Make the ``todo`` units (in ``pool``: each process writes the units it makes,
+        unsynced, under temporary names; only their names and indexes come back), then one
+        sync makes them all durable before any is renamed into place: a unit found under
+        its name is complete on disk. Then the version's index."""
+        units_dir, pending = self.root / UNITS, []
+        for j, (temp, index, out, error) in pool.imap(
+                partial(_make_unit, make, units_dir if writable else None), jobs):
             i = todo[j]
             self.decoded_units += 1
             if temp is None:           # not written (disk full, read-only): kept in memory
                 writable = False
+                self.write_error = self.write_error or error
                 results[i] = out
             else:
+                units[i]["index"] = index
                 pending.append((i, Path(temp)))
         pending.sort()
         if pending and writable:
@@ -273,36 +323,37 @@ class SiteCache:
                 for i, temp in pending:
                     publish(temp, units_dir / units[i]["name"])
                 fsync_dir(units_dir)
-            except UNUSABLE:
-                writable = False
+            except OSError as err:
+                writable, self.write_error = False, write_reason(err)
         for i, temp in pending:
-            name = units[i]["name"]
+            name, index = units[i]["name"], units[i]["index"]
             try:
-                results[i] = open_dir(units_dir / name, name, maps=self.maps) if writable \
-                    else open_dir(temp, name)          # mapped now: its name goes next
+                results[i] = open_unit(units_dir / name, name, index, self.maps) if writable \
+                    else open_unit(temp, name, index)      # mapped now: its name goes next
             except UNUSABLE:           # a racing writer's bad copy: decode it again
                 writable = False
-                results[i] = decode_files([listing[h][0] for h in units[i]["files"]])
+                self.write_error = self.write_error or "CacheCorrupt: a unit failed its checks"
+                results[i] = make(dict(jobs)[name])
             if temp.exists():          # served from memory maps, which outlive the names
-                shutil.rmtree(temp, ignore_errors=True)
+                temp.unlink()
         if writable:
             try:
-                for unit in units:              # a copy of each unit's index: a hit reads one
-                    unit["index"] = read_index(units_dir / unit["name"], unit["name"])
                 write_version(self.root, fp, family, files, units)
-            except UNUSABLE:
-                writable = False
+            except OSError as err:
+                writable, self.write_error = False, write_reason(err)
         if not writable:
-            log.warning("site cache: could not write the decoded studies; serving them "
-                        "from memory this time")
+            log.warning("site cache: could not write the decoded studies (%s); serving them "
+                        "from memory this time", self.write_error or "unknown error")
             self.last = "unwritable"
         return assemble(results)
 
     def _groups(self, listing: dict, family: str, key: bytes | None, by_study: bool,
-                pool: SharedWorkers) -> dict[str, list[str]]:
+                pool: SharedWorkers, reader: FileReader | None, spill_dir: Path | None,
+                shares: dict, spills: list[str]) -> dict[str, list[str]]:
         """File hashes by unit: by study (a keyed hash of its StudyInstanceUID), taken for an
-        unchanged file from the newest version of this family that lists it, else read
-        from the file's header (in ``pool``); one unit of everything when not ``by_study``."""
+        unchanged file from the newest version of this family that lists it, else from the
+        file's header - read alone, or with ``reader`` read whole once (its share kept in
+        ``shares``); one unit of everything when not ``by_study``."""
         if not by_study:
             return {"all": list(listing)}
         known: dict[str, tuple[list[int], str]] = {}
@@ -324,12 +375,32 @@ class SiteCache:
                 groups.setdefault(hit[1], []).append(h)
             else:
                 unknown.append(h)
-        parts = pool.map(_study_uids, chunks([listing[h][0] for h in unknown], pool.workers))
-        uids = [uid for part in parts for uid in part]
+        if reader is None:
+            parts = pool.map(_study_uids, chunks([listing[h][0] for h in unknown],
+                                                 pool.workers))
+            uids = [uid for part in parts for uid in part]
+        else:
+            uids = self._read(unknown, listing, reader, pool, spill_dir, shares, spills)
         for h, uid in zip(unknown, uids):
             group = self._hash(key, f"study:{uid}")[:24] if uid else "none"
             groups.setdefault(group, []).append(h)
         return groups
+
+    @staticmethod
+    def _read(hashes: list[str], listing: dict, reader: FileReader, pool: SharedWorkers,
+              spill_dir: Path | None, shares: dict, spills: list[str]) -> list[str]:
+        """Read these files through ``reader`` in ``pool`` (their arrays spilled to disk by
+        the process that read them); their shares into ``shares``; their study UIDs."""
+        parts = pool.map(partial(read_files, reader.read, spill_dir),
+                         chunks([listing[h][0] for h in hashes], pool.workers))
+        uids, it = [], iter(hashes)
+        for spill, reads in parts:
+            if spill is not None:
+                spills.append(spill)
+            for (uid, share, arrays), h in zip(reads, it):
+                shares[h] = (share, arrays, spill)
+                uids.append(uid)
+        return uids
 
     def _open_version(self, folder: Path, fp: str) -> Decoded:
         """A version's studies from its units; CacheCorrupt if any part fails its checks
@@ -346,9 +417,9 @@ class SiteCache:
             if not isinstance(copy, dict):
                 raise CacheCorrupt("version without its units' indexes")
             try:
-                results.append(open_dir(self.root / UNITS / name, name, copy, self.maps))
+                results.append(open_unit(self.root / UNITS / name, name, copy, self.maps))
             except UNUSABLE:
-                remove_dir(self.root / UNITS / name)
+                remove_entry(self.root / UNITS / name)
                 raise
         return assemble(results)
 
@@ -361,21 +432,27 @@ class SiteCache:
         if self.current is None:
             return decode()
         name = f"{source}-{self.fingerprint(self.manifest(root, key, paths), None, key, source)}"
-        folder = self.current / name
-        if folder.exists():
+        path = self.current / name
+        if path.exists():
             try:
-                return open_dir(folder, name)
+                return open_unit(path, name)
             except UNUSABLE:
-                remove_dir(folder)
+                remove_entry(path)
         out = decode()
         try:
-            write_dir(self.current, name, *out, files={})
-            out = open_dir(folder, name)
+            temp, index = write_unit(self.current, name, *out, durable=True)
+            try:
+                publish(temp, path)
+                fsync_dir(self.current)
+            finally:
+                if temp.exists():
+                    temp.unlink()
+            out = open_unit(path, name, index)
         except UNUSABLE:
             return out
         for old in self.current.glob(f"{source}-*"):      # an older version of this data
             if old.name != name:
-                remove_dir(old)
+                remove_entry(old)
         return out
 
     # -- housekeeping ----------------------------------------------------------------------
@@ -396,12 +473,13 @@ class SiteCache:
 
     def prune(self, current: str | None = None) -> int:
         """Remove all but the ``keep`` most recently used caches (never ``current``), the
-        units none of the rest uses, and temporary dirs of writers that died; how many
-        directories were removed."""
+        units none of the rest uses (but not those a live served version of this process
+        maps when read: :meth:`UnitMaps.lazy_units`), and temporary files of writers that
+        died; how many entries were removed."""
         removed = 0
         entries = [p for p in self.entries() if p.name != current]
         for old in entries[:max(0, len(entries) - (self.keep - (current is not None)))]:
-            remove_dir(old)
+            remove_entry(old)
             removed += 1
         used: set[str] = set()
         for entry in self.entries():
@@ -411,9 +489,11 @@ class SiteCache:
             except (OSError, ValueError, KeyError, TypeError):
                 continue            # a damaged version: its units go unless another uses them
         units = self.root / UNITS
+        served = self.maps.lazy_units()   # a live served version of this process reads them
         for unit in units.iterdir() if units.is_dir() else ():
-            if not unit.name.startswith(TEMP_PREFIX) and unit.name not in used:
-                remove_dir(unit)
+            if not unit.name.startswith(TEMP_PREFIX) and unit.name not in used \
+                    and unit not in served:
+                remove_entry(unit)
                 removed += 1
         now = time.time()
         for temp in [*self.root.glob(f"{TEMP_PREFIX}*"), *units.glob(f"{TEMP_PREFIX}*")]:
@@ -422,7 +502,7 @@ class SiteCache:
             except OSError:                 # its writer finished (renamed it) meanwhile
                 continue
             if stale:
-                remove_dir(temp)
+                remove_entry(temp)
                 removed += 1
         return removed
 
@@ -437,19 +517,22 @@ class SiteCache:
         return sum(old.get(k) != v for k, v in files.items()) + len(old.keys() - files.keys())
 
 
-def _decode_unit(decode_files: Callable[[list[Path]], Decoded], units_dir: Path | None,
-                 job: tuple[str, list[Path]]) -> tuple[str | None, Decoded | None]:
-    """Decode one unit and write it under a temporary name in ``units_dir`` (in whichever
-    process decoded it): ``(its path, None)``; ``(None, the decoded unit)`` when it could
-    not be written (or ``units_dir`` is None)."""
-    name, files = job
-    out = decode_files(files)
-    if units_dir is not None:
-        try:
-            return str(write_temp(units_dir, name, *out, files={}, durable=False)), None
-        except UNUSABLE:                # disk full, read-only: served from memory
-            pass
-    return None, out
+def _make_unit(make: Callable[[object], Decoded], units_dir: Path | None,
+               job: tuple[str, object]) -> tuple[str | None, dict | None, Decoded | None,
+                                                 str | None]:
+    """Make one unit (``make(payload)``) and write it under a temporary name in ``units_dir``
+    (in whichever process made it): ``(its path, its index, None, None)``; when it could not
+    be written (or ``units_dir`` is None) ``(None, None, the unit, why)`` - the reason (type
+    and OS text, no path) goes back to the caller."""
+    name, payload = job
+    out = make(payload)
+    if units_dir is None:
+        return None, None, out, None
+    try:
+        temp, index = write_unit(units_dir, name, *out, durable=False)
+        return str(temp), index, None, None
+    except UNUSABLE as err:             # disk full, read-only: served from memory
+        return None, None, out, write_reason(err)
 
 
 def _study_uids(paths: list[str]) -> list[str]:

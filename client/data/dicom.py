@@ -68,14 +68,31 @@ class ReadCounts:
 def read_file(path: Path, counts: ReadCounts, key: bytes | None = None) -> SeriesImage | None:
     """Read one file; on any problem count the reason and return None. ``key``: the site's
     pseudonym secret (:mod:`client.data.pseudonyms`)."""
+    return read_file_study(path, counts, key)[0]
+
+
+def read_file_study(path: Path, counts: ReadCounts, key: bytes | None = None,
+                    ) -> tuple[SeriesImage | None, str]:
+    """:func:`read_file`, and the file's StudyInstanceUID ("" when unreadable or absent) from
+    the same read: the site cache groups files by study without reading headers twice. The
+    UID stays at the site (the cache keeps only a keyed hash of it)."""
     try:
         ds = pydicom.dcmread(path)
     except InvalidDicomError:
         counts.skip("not_dicom")
-        return None
+        return None, ""
     except Exception:  # noqa: BLE001 - a corrupt file must never stop a site
         counts.skip("unreadable")
-        return None
+        return None, ""
+    try:
+        uid = str(ds.get("StudyInstanceUID", "") or "").strip()
+    except Exception:  # noqa: BLE001 - a malformed element: the image check counts it
+        uid = ""
+    return _image_of(ds, counts, key), uid
+
+
+def _image_of(ds, counts: ReadCounts, key: bytes | None) -> SeriesImage | None:
+    """The read file's de-identified image, or None (the reason counted)."""
     sop_class = str(ds.get("SOPClassUID", ""))
     if sop_class not in IMAGE_SOP_CLASSES:
         counts.skip("non_image")
@@ -110,7 +127,6 @@ def read_file(path: Path, counts: ReadCounts, key: bytes | None = None) -> Serie
         instance=int(ds.get("InstanceNumber", 0) or 0),
         pixels=pixels,
     )
-    del ds
     counts.images += 1
     return image
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 
-from .cache import SiteCache
+from .cache import FileReader, SiteCache
 from .dicom import MAX_DECODED_BYTES, decoded_bytes, pseudonym
 from .intensity import apply_intensity
 from .layout import Channel, Layout, LayoutError, check_volume_layout
@@ -34,8 +34,9 @@ from .manifest_site import MANIFEST, decode_manifest_site, has_manifest, manifes
 from .matching import match_site
 from .sequences import SEQUENCES
 from .site import (IngestReport, SiteData, SiteDataError, Study, check_decoded, decode_site,
-                   dicom_folder, join_site, mask_files, read_masks)
-from .workers import chunks, map_shared
+                   dicom_folder, join_shares, join_site, mask_files, read_masks, read_reports,
+                   read_share)
+from .workers import SharedWorkers, chunks, map_shared
 
 # Studies the layout's missing-channel policy (or a channel that failed to decode) drops.
 STUDY_SKIPS = ("study_missing_channel",)
@@ -71,14 +72,24 @@ def read_site(site_dir: Path | str, layout: Layout | None,
         masks = None
     else:
         # The cache decodes only the studies whose files changed, each on its own
-        # (a manifest site: as a whole), in ``workers`` processes.
-        studies, report = cache.decoded(root, layout, key,
-                                        partial(_decode_files, source, site_dir, layout, key,
-                                                workers if source == "manifest" else 1),
-                                        paths=paths, source=source,
-                                        by_study=source == "dicom", workers=workers)
-        check_decoded(site_dir, studies, report, None if layout is None else layout.name)
-        masks = _cached_masks(site_dir, key, cache)
+        # (a manifest site: as a whole), in ``workers`` processes. The brain reader works
+        # file by file: the cache reads each new file once (its study and its pixels).
+        reader = FileReader(partial(read_share, key), join_shares) \
+            if source == "dicom" and layout is None else None
+        # The processes that decoded then read the masks and de-identify the reports.
+        with SharedWorkers(workers) as pool:
+            studies, report = cache.decoded(root, layout, key,
+                                            partial(_decode_files, source, site_dir, layout,
+                                                    key, workers if source == "manifest" else 1),
+                                            paths=paths, source=source,
+                                            by_study=source == "dicom", reader=reader,
+                                            pool=pool)
+            check_decoded(site_dir, studies, report, None if layout is None else layout.name)
+            up = pool if pool.started else None      # a hit starts no process for these
+            masks = _cached_masks(site_dir, key, cache, up)
+            texts = read_reports(site_dir, key, up)
+        return join_site(site_dir, studies, report, class_names, multi_label=multi_label,
+                         channels=channels, key=key, masks=masks, texts=texts)
     return join_site(site_dir, studies, report, class_names, multi_label=multi_label,
                      channels=channels, key=key, masks=masks)
 
@@ -94,7 +105,8 @@ def _decode_files(source: str, site_dir: Path, layout: Layout | None, key: bytes
     return decode_layout_site(site_dir, layout, key=key, paths=files)
 
 
-def _cached_masks(site_dir: Path, key: bytes | None, cache: SiteCache):
+def _cached_masks(site_dir: Path, key: bytes | None, cache: SiteCache,
+                  pool: SharedWorkers | None = None):
     """The site's lesion masks through the cache (decoding NIfTI masks is most of a cached
     read otherwise): a side entry keyed by ``segmentations.csv`` and the files it lists,
     each mask a one-image study. ``(masks by study key, skip counts)``."""
@@ -103,7 +115,7 @@ def _cached_masks(site_dir: Path, key: bytes | None, cache: SiteCache):
         return {}, Counter()
 
     def decode():
-        masks, skipped = read_masks(site_dir, key)
+        masks, skipped = read_masks(site_dir, key, pool)
         return ([Study(k, "", {"mask": m}) for k, m in masks.items()],
                 IngestReport(skipped=skipped))
     studies, report = cache.side_entry("masks", root,

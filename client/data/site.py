@@ -18,14 +18,16 @@ import csv
 import hashlib
 import json
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
-from .dicom import SeriesImage, pseudonym, read_directory
+from .dicom import ReadCounts, SeriesImage, pseudonym, read_directory, read_file_study
 from .report_deid import deidentify_report
 from .sequences import SEQUENCES
+from .workers import SharedWorkers, chunks
 
 SPLITS = ("train", "val", "test")
 
@@ -151,19 +153,49 @@ def _read_findings(path: Path, finding_names: tuple[str, ...], report: IngestRep
     return labels
 
 
-def _read_reports(path: Path, report: IngestReport, key: bytes | None) -> dict[str, str]:
-    """De-identified report texts by pseudonymous study key (the raw text goes no further)."""
+def read_reports(site_dir: Path, key: bytes | None, pool: SharedWorkers | None = None,
+                 ) -> tuple[dict[str, str], Counter]:
+    """:func:`_read_reports` of ``SITE/reports.jsonl`` with its skip counts, the lines
+    de-identified in ``pool``'s processes (the site cache's first ingest: its helpers are
+    up)."""
+    path = site_dir / "reports.jsonl"
     if not path.exists():
-        return {}
-    texts = {}
+        return {}, Counter()
     with open(path) as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-                text, _ = deidentify_report(str(row["text"]))
-                texts[pseudonym("study", str(row["study_instance_uid"]), key)] = text
-            except (ValueError, KeyError, TypeError):
-                report.skipped["bad_report_line"] += 1
+        lines = f.readlines()
+    if pool is None or pool.workers == 1:
+        return _report_chunk(key, lines)
+    texts: dict[str, str] = {}
+    skipped: Counter = Counter()
+    for part, part_skipped in pool.map(partial(_report_chunk, key),
+                                       chunks(lines, pool.workers, most=256, least=32)):
+        texts.update(part)
+        skipped.update(part_skipped)
+    return texts, skipped
+
+
+def _report_chunk(key: bytes | None, lines: list[str]) -> tuple[dict[str, str], Counter]:
+    report = IngestReport()
+    return _read_reports(None, report, key, lines), report.skipped
+
+
+def _read_reports(path: Path | None, report: IngestReport, key: bytes | None,
+                  lines: list[str] | None = None) -> dict[str, str]:
+    """De-identified report texts by pseudonymous study key (the raw text goes no further);
+    ``lines``: these lines instead of the file's."""
+    if lines is None:
+        if not path.exists():
+            return {}
+        with open(path) as f:
+            lines = f.readlines()
+    texts = {}
+    for line in lines:
+        try:
+            row = json.loads(line)
+            text, _ = deidentify_report(str(row["text"]))
+            texts[pseudonym("study", str(row["study_instance_uid"]), key)] = text
+        except (ValueError, KeyError, TypeError):
+            report.skipped["bad_report_line"] += 1
     return texts
 
 
@@ -177,18 +209,38 @@ def mask_files(site_dir: Path) -> list[Path]:
     return out
 
 
-def read_masks(site_dir: Path, key: bytes | None) -> tuple[dict[str, np.ndarray], Counter]:
-    """Lesion masks by pseudonymous study key, and the skip counts of the unusable rows."""
+def read_masks(site_dir: Path, key: bytes | None, pool: SharedWorkers | None = None,
+               ) -> tuple[dict[str, np.ndarray], Counter]:
+    """Lesion masks by pseudonymous study key, and the skip counts of the unusable rows;
+    read in ``pool``'s processes when given."""
+    if pool is None or pool.workers == 1:
+        return _mask_chunk(str(site_dir), key, None)
+    rows = list(_csv_rows(site_dir / "segmentations.csv", ("study_instance_uid", "mask_file")))
+    masks: dict[str, np.ndarray] = {}
+    skipped: Counter = Counter()
+    for part, part_skipped in pool.map(partial(_mask_chunk, str(site_dir), key),
+                                       chunks(rows, pool.workers, most=16)):
+        masks.update(part)
+        skipped.update(part_skipped)
+    return masks, skipped
+
+
+def _mask_chunk(site_dir: str, key: bytes | None, rows: list[dict] | None,
+                ) -> tuple[dict[str, np.ndarray], Counter]:
     report = IngestReport()
-    return _read_masks(site_dir, report, key), report.skipped
+    return _read_masks(Path(site_dir), report, key, rows), report.skipped
 
 
-def _read_masks(site_dir: Path, report: IngestReport, key: bytes | None) -> dict[str, np.ndarray]:
-    """Lesion masks by pseudonymous study key; unreadable entries are counted, not fatal."""
+def _read_masks(site_dir: Path, report: IngestReport, key: bytes | None,
+                rows: list[dict] | None = None) -> dict[str, np.ndarray]:
+    """Lesion masks by pseudonymous study key; unreadable entries are counted, not fatal.
+    ``rows``: these rows of ``segmentations.csv`` (default: all)."""
     import nibabel as nib
 
+    if rows is None:
+        rows = _csv_rows(site_dir / "segmentations.csv", ("study_instance_uid", "mask_file"))
     masks = {}
-    for row in _csv_rows(site_dir / "segmentations.csv", ("study_instance_uid", "mask_file")):
+    for row in rows:
         path = (site_dir / row["mask_file"].strip()).resolve()
         if site_dir.resolve() not in path.parents or not path.is_file():
             report.skipped["missing_mask_file"] += 1
@@ -252,6 +304,39 @@ def decode_site(site_dir: Path, *, key: bytes | None = None, workers: int = 1,
     return studies, report
 
 
+# One file's share of a cache unit (client.data.cache.FileReader): its image without the
+# pixels, or the reason it was skipped; the pixels travel apart (written to disk by the
+# process that read them, not pickled back).
+Share = tuple["SeriesImage | None", "str | None"]
+
+
+def read_share(key: bytes | None, path: str) -> tuple[str, Share, list[np.ndarray]]:
+    """One DICOM file read once for the site cache: ``(its StudyInstanceUID, its share,
+    its arrays)``; :func:`join_shares` of a study's shares is :func:`decode_site` of its
+    files. The UID stays at the site (the cache keeps a keyed hash of it)."""
+    counts = ReadCounts()
+    image, uid = read_file_study(Path(path), counts, key)
+    if image is None:
+        [reason] = counts.skipped
+        return uid, (None, reason), []
+    pixels, image.pixels = image.pixels, None
+    return uid, (image, None), [pixels]
+
+
+def join_shares(shares: list[tuple[Share, list[np.ndarray]]]) -> tuple[list[Study], IngestReport]:
+    """The studies and read counts of files read by :func:`read_share` (in path order, as
+    :func:`decode_site` reads them), exactly what :func:`decode_site` gives for them."""
+    report = IngestReport(files=len(shares))
+    images = []
+    for (image, reason), arrays in shares:
+        if image is None:
+            report.skipped[reason] += 1
+        else:           # a copy: the share outlives the unit (the caller keeps it)
+            images.append(replace(image, pixels=arrays[0]))
+    report.images = len(images)
+    return _group(images, report), report
+
+
 def check_decoded(site_dir: Path, studies: list[Study], report: IngestReport,
                   layout_name: str | None = None) -> None:
     """Refuse a whole site's decode that found no files or no usable study."""
@@ -266,20 +351,26 @@ def check_decoded(site_dir: Path, studies: list[Study], report: IngestReport,
 def join_site(site_dir: Path, studies: list[Study], report: IngestReport,
               class_names: tuple[str, ...] | None, *, multi_label: bool = False,
               channels: tuple[str, ...] = SEQUENCES, key: bytes | None = None,
-              masks: tuple[dict[str, np.ndarray], Counter] | None = None) -> SiteData:
+              masks: tuple[dict[str, np.ndarray], Counter] | None = None,
+              texts: tuple[dict[str, str], Counter] | None = None) -> SiteData:
     """Join read studies with the site's labels, reports and masks, split them by patient,
     count them per input ``channels`` and fingerprint the de-identified manifest. Every
     reader (today's sequences, a layout's channels) ends here, so all label the same way.
     ``key`` must be the pseudonym secret the reader used: labels, reports and masks are
     joined by pseudonyms of the same study UIDs. ``masks``: the lesion masks and their
-    skip counts as :func:`read_masks` gives them, when already read (the site cache)."""
+    skip counts as :func:`read_masks` gives them, when already read (the site cache);
+    ``texts``: the reports as :func:`read_reports` gives them, likewise."""
     if multi_label:
         if not class_names:
             raise SiteDataError("multi-label studies need the finding names (class_names)")
         findings = _read_findings(site_dir / "findings.csv", class_names, report, key)
     else:
         labels = _read_labels(site_dir / "labels.csv", class_names, report, key)
-    texts = _read_reports(site_dir / "reports.jsonl", report, key)
+    if texts is None:
+        texts = _read_reports(site_dir / "reports.jsonl", report, key)
+    else:                                   # read before (in the cache's processes)
+        texts, report_skips = texts
+        report.skipped.update(report_skips)
     if masks is None:
         masks = _read_masks(site_dir, report, key)
     else:                                   # read before (the site cache): add its skips

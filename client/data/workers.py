@@ -86,6 +86,11 @@ class SharedWorkers:
         self.workers = workers
         self._helpers: list = []
 
+    @property
+    def started(self) -> bool:
+        """Whether helper processes are up (a job of two tasks or more started them)."""
+        return bool(self._helpers)
+
     def _start(self) -> None:
         ctx = get_context("spawn")
         self._counter, self._jobs, self._results = ctx.Value("q", 0), ctx.Queue(), ctx.Queue()

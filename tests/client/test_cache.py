@@ -19,6 +19,7 @@ from client.data import cache_files
 from client.data import layout_site
 from client.data import site as site_module
 from client.data.cache import INDEX, SiteCache
+from client.data.cache_files import UnitMaps
 from client.data.layout import load_layout
 from client.data.layout_site import read_site
 from tests.conftest import CLASSES, phi_strings
@@ -178,8 +179,9 @@ def count_reads(monkeypatch) -> list:
 
 def test_one_changed_file_re_reads_only_its_study(site, tmp_path, monkeypatch):
     """Counted: after one file of one study changes, the only DICOM files read are that
-    study's (and the changed file's header, to place it); every other study is served from
-    its unit, and the result equals a fresh decode of the changed site."""
+    study's, each once (the changed file's one read places it in its study and decodes it:
+    no header pass apart); every other study is served from its unit, and the result
+    equals a fresh decode of the changed site."""
     by_study = _study_files(site / "dicom")
     uid, files = max(by_study.items(), key=lambda kv: len(kv[1]))
     assert len(by_study) > 5 and len(files) > 1
@@ -196,8 +198,7 @@ def test_one_changed_file_re_reads_only_its_study(site, tmp_path, monkeypatch):
     assert cache.reused_units == len(list((tmp_path / "cache" / "units").iterdir())) - 2
     study = {os.path.realpath(p) for p in files}
     assert set(reads) == study                       # all of its files, nothing else
-    assert len(reads) == len(files) + 1              # one read each, the changed one twice
-    assert reads.count(os.path.realpath(path)) == 2
+    assert len(reads) == len(files)                  # one read each, the changed one too
     fresh = read_site(site, None, CLASSES, key=KEY)
     assert_same(fresh, changed)
     moved = [s.key for s, old in zip(changed.studies, first.studies)
@@ -240,7 +241,8 @@ def test_each_process_writes_the_units_it_decodes_and_returns_only_their_names(
         site, tmp_path, monkeypatch):
     """The decoded arrays never travel back to the coordinating process (pickled through a
     pipe and written by it alone, they made two workers no faster than one): each unit
-    comes back as the path of its written temporary dir."""
+    comes back as the path of its written temporary file and its index, and the one pass
+    over the files brings back only where each file's arrays were spilled."""
     from client.data.workers import SharedWorkers
 
     real_imap, returned = SharedWorkers.imap, []
@@ -253,34 +255,43 @@ def test_each_process_writes_the_units_it_decodes_and_returns_only_their_names(
     cache = SiteCache(tmp_path / "cache")
     parallel = read_site(site, None, CLASSES, key=KEY, workers=2, cache=cache)
     monkeypatch.setattr(SharedWorkers, "imap", real_imap)
-    units = [v for workers, v in returned if workers == 2 and isinstance(v, tuple)]
+    units = [v for workers, v in returned if workers == 2 and len(v) == 4]
     assert len(units) == cache.decoded_units >= 4
-    assert all(isinstance(temp, str) and out is None for temp, out in units)
+    assert all(isinstance(temp, str) and isinstance(index, dict) and out is None
+               and error is None for temp, index, out, error in units)
+    reads = [v for workers, v in returned if workers == 2 and len(v) == 2
+             and isinstance(v[1], list)]                   # the one pass over the files
+    assert sum(len(files) for _, files in reads) == parallel.report.files
+    assert all(isinstance(spill, str) for spill, _ in reads)
+    assert all(isinstance(ref[0], int) for _, files in reads for _, _, refs in files
+               for ref in refs)                     # (offset, dtype, shape): no array
     assert_same(read_site(site, None, CLASSES, key=KEY), parallel)
 
 
 def test_a_crashed_write_leaves_nothing_that_is_served(site, tmp_path, monkeypatch):
-    """The writer dies after the first group: no complete-looking cache dir remains, and the
-    next read decodes and writes a good one."""
-    real = cache_files.write_npy
+    """The writer dies after a unit's arrays, before its index (the disk filled up): no
+    complete-looking unit or version remains, the reason is kept (type and OS text, not the
+    path the OS error names), and the next read decodes and writes a good one."""
+    real = cache_files._footer
 
-    def die_after_first(path, *args):
-        real(path, *args)
-        raise OSError("disk full")
-    monkeypatch.setattr(cache_files, "write_npy", die_after_first)
+    def disk_full(head):
+        raise OSError(28, "No space left on device", str(site / "secret-patient-folder"))
+    monkeypatch.setattr(cache_files, "_footer", disk_full)
     cache = SiteCache(tmp_path / "cache")
     served = read_site(site, None, CLASSES, key=KEY, cache=cache)
     assert cache.last == "unwritable"
+    assert cache.write_error == "OSError: No space left on device"
+    assert "secret" not in cache.describe() and "No space left" in cache.describe()
     assert cache.entries() == []
     assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]   # no leftovers
-    monkeypatch.setattr(cache_files, "write_npy", real)
+    monkeypatch.setattr(cache_files, "_footer", real)
     fresh = read_site(site, None, CLASSES, key=KEY)
     assert_same(fresh, served)
     assert_same(fresh, read_site(site, None, CLASSES, key=KEY, cache=cache))
     assert cache.last == "miss" and len(cache.entries()) == 1
 
 
-@pytest.mark.parametrize("damage", ["truncate_group", "extend_group", "drop_group",
+@pytest.mark.parametrize("damage", ["truncate_group", "extend_group", "cut_footer",
                                     "garbage_index", "index_points_outside",
                                     "index_missing_keys", "drop_unit", "garbage_version"])
 def test_a_corrupt_cache_is_detected_and_rebuilt(site, tmp_path, damage):
@@ -291,23 +302,26 @@ def test_a_corrupt_cache_is_detected_and_rebuilt(site, tmp_path, damage):
     read_site(site, None, CLASSES, key=KEY, cache=cache)
     fresh = read_site(site, None, CLASSES, key=KEY)      # not mapped: the test cuts the file
     units = sorted(p for p in (tmp_path / "cache" / cache_module.UNITS).iterdir()
-                   if (p / "g000.npy").is_file())
+                   if cache_files.read_unit_index(p, p.name)["groups"])
     assert len(units) == len(fresh.studies)              # one unit per study
     total = len(list((tmp_path / "cache" / cache_module.UNITS).iterdir()))   # + junk files
-    folder = units[0]
-    group = folder / "g000.npy"
+    folder = group = units[0]                            # one file per unit
     if damage == "truncate_group":
         with open(group, "r+b") as f:
             f.truncate(group.stat().st_size - 4096)
     elif damage == "extend_group":                   # another write's tail
         with open(group, "ab") as f:
             f.write(b"\0" * 4096)
-    elif damage == "drop_group":
-        group.unlink()
+    elif damage == "cut_footer":                     # all arrays there, the end cut short
+        with open(group, "r+b") as f:
+            f.truncate(group.stat().st_size - 3)
     elif damage == "drop_unit":
-        shutil.rmtree(folder)
+        group.unlink()
     elif damage == "garbage_index":          # the unit's own index: a hit reads the copy
-        (folder / INDEX).write_text('{"format": 2, "finger')
+        size = group.stat().st_size
+        with open(group, "r+b") as f:
+            f.seek(size - 16 - 30)          # inside the index, before the footer
+            f.write(b"garbage!" * 3)
     elif damage == "garbage_version":
         (cache.entries()[0] / INDEX).write_text('{"format": 2, "finger')
     else:                                    # the version's copy of the unit's index
@@ -379,8 +393,11 @@ def test_nothing_in_the_cache_names_a_patient_and_it_is_private(site, tmp_path):
     cache = SiteCache(tmp_path / "cache")
     read_site(site, None, CLASSES, key=KEY, cache=cache)
     everything = list((tmp_path / "cache").rglob("*"))
+    units = list((tmp_path / "cache" / cache_module.UNITS).iterdir())
+    assert units
     text = "\n".join([p.name for p in everything]
-                     + [p.read_text() for p in everything if p.suffix == ".json"])
+                     + [p.read_text() for p in everything if p.suffix == ".json"]
+                     + [json.dumps(cache_files.read_unit_index(p, p.name)) for p in units])
     assert not [s for s in leaks if s in text]
     for path in [tmp_path / "cache", *everything]:
         mode = stat.S_IMODE(path.stat().st_mode)
@@ -486,8 +503,8 @@ def test_a_site_past_the_map_budget_holds_a_bounded_number_of_maps(site, tmp_pat
     one side entry of the version, a map or two whatever the site's size)."""
     root = tmp_path / "cache"
     units = root / cache_module.UNITS
-    read_site(site, None, CLASSES, key=KEY, cache=SiteCache(root, max_maps=4))   # written
-    cache = SiteCache(root, max_maps=4)
+    read_site(site, None, CLASSES, key=KEY, cache=SiteCache(root, maps=UnitMaps(4)))
+    cache = SiteCache(root, maps=UnitMaps(4))
     served = read_site(site, None, CLASSES, key=KEY, cache=cache)
     assert cache.last == "hit" and len(served.studies) > 8
     fresh = read_site(site, None, CLASSES, key=KEY)
@@ -504,10 +521,11 @@ def test_a_damaged_unit_past_the_map_budget_is_found_when_opened(site, tmp_path)
     """A unit mapped only when read is still checked when the version is opened (its file's
     size against its index), so a damaged one is decoded again, not served."""
     root = tmp_path / "cache"
-    cache = SiteCache(root, max_maps=2)              # one unit mapped at once, the rest later
+    cache = SiteCache(root, maps=UnitMaps(2))        # one unit mapped at once, the rest later
     fresh = read_site(site, None, CLASSES, key=KEY, cache=cache)
     version = json.loads((cache.entries()[0] / INDEX).read_text())
-    lazy = root / cache_module.UNITS / version["units"][1]["name"] / "g000.npy"
+    lazy = root / cache_module.UNITS / next(u["name"] for u in version["units"][1:]
+                                             if u["index"]["groups"])
     with open(lazy, "r+b") as f:
         f.truncate(lazy.stat().st_size - 4096)
     rebuilt = read_site(site, None, CLASSES, key=KEY, cache=cache)

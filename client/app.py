@@ -24,10 +24,11 @@ from .job import Job, decode_job
 from .mods.errors import generic_errors_mod
 from .mods.packing import packing_mod
 from .mods.require_secagg import require_secagg_mod
-from .mods.secagg import secagg_mod, survivors_signed
+from .mods.secagg import secagg_mod, update_protection
 from .mods.sitedp import site_dp_clipping_mod
 from .privacy.declared import declared_policy
-from .privacy.policy import admit_round, node_settings, releasable_metrics
+from .privacy.policy import (admission_digest, admit_round, check_protection, node_settings,
+                             releasable_metrics)
 from .queries import (QueryLimits, SiteQueryLog, arrays_digest, state_dir,
                       suppress_small_counts)
 from .readiness import asks_for_job, job_readiness, served_layout
@@ -148,14 +149,16 @@ def make_client_app(*, sim_data_root: Path | None = None, sim_train_sites: int |
     def train(msg: Message, context: Context) -> Message:
         site, job, splits, model, engine, data, local = prepare(msg, context, training=True)
         settings, queries = site_queries(site, context)
-        cached = queries.cached_reply(job.task_name, job.server_round)
+        masked, signed = update_protection(msg, context)
+        admission = admission_digest(job, secure_aggregation=masked, survivors_signed=signed)
+        check_protection(job, settings, secure_aggregation=masked)
+        cached = queries.cached_reply(job.task_name, job.server_round, admission)
         if cached is not None:      # a replayed round: the same bytes, never a second update
             site_logger(site.site_id).info("round %d: repeated train request answered with "
                                            "the reply already sent", job.server_round)
             return Message(content=cached, reply_to=msg)
         auth = admit_round(job, settings, site.data_dir, n_train=len(splits["train"]),
-                           secure_aggregation=msg.content[wire.CONFIG].get(wire.SECAGG_STAGE)
-                           == wire.SECAGG_MASKED, survivors_signed=survivors_signed(context))
+                           secure_aggregation=masked, survivors_signed=signed)
         objective_key = f"{STATE_OBJECTIVE}.{job.task_name}"
         if objective_key in context.state:       # stored only for a task that keeps state
             engine.task.load_site_state(model, context.state[objective_key].to_torch_state_dict())
@@ -187,7 +190,7 @@ def make_client_app(*, sim_data_root: Path | None = None, sim_train_sites: int |
         shared = ArrayRecord({k: v for k, v in state.items() if k in sent})
         content = RecordDict({wire.ARRAYS: shared, wire.METRICS: reply,
                               wire.SITE: site_record(site, data, queries)})
-        queries.store_reply(job.task_name, job.server_round, content)
+        queries.store_reply(job.task_name, job.server_round, content, admission)
         return Message(content=content, reply_to=msg)
 
     @app.evaluate()

@@ -143,12 +143,20 @@ class SiteQueryLog:
         self._save(state)
         return True
 
-    def cached_reply(self, task: str, server_round: int) -> RecordDict | None:
+    def cached_reply(self, task: str, server_round: int, admission: str) -> RecordDict | None:
         """The reply already sent for this training round, if cached. Raises ``QueryRefused``
-        for a round at or before the last trained one whose reply is no longer cached."""
+        for a round at or before the last trained one whose reply is no longer cached, and
+        for a repeat that asks for the round otherwise than it was admitted (``admission``:
+        ``client.privacy.policy.admission_digest``; the cached update is the one before the
+        site's mods protect it, so it goes out again only under the same protection)."""
         run = self._load().get(self.run, {})
         path = self._reply_path(self.run, task, server_round)
-        if f"{task}/{server_round}" in run.get("replies", []) and path.is_file():
+        key = f"{task}/{server_round}"
+        if key in run.get("replies", []) and path.is_file():
+            if run.get("admissions", {}).get(key) != admission:
+                raise QueryRefused(f"round {server_round} was trained under another privacy "
+                                   "request or secure-aggregation mode than this repeat asks "
+                                   "for; a training round is answered once, as admitted")
             return recorddict_from_proto(ProtoRecordDict.FromString(path.read_bytes()))
         last = run.get("trained", {}).get(task)
         if last is not None and server_round <= last:
@@ -156,8 +164,10 @@ class SiteQueryLog:
                                f"round {last} of this run; a training round is answered once")
         return None
 
-    def store_reply(self, task: str, server_round: int, content: RecordDict) -> None:
-        """Keep this round's reply (the last ``KEEP_REPLIES`` rounds of the run)."""
+    def store_reply(self, task: str, server_round: int, content: RecordDict,
+                    admission: str) -> None:
+        """Keep this round's reply (the last ``KEEP_REPLIES`` rounds of the run) and what it
+        was admitted as."""
         state = self._load()
         run = state.setdefault(self.run, {})
         path = self._reply_path(self.run, task, server_round)
@@ -168,6 +178,9 @@ class SiteQueryLog:
         for old in replies[:-KEEP_REPLIES]:
             self._reply_path(self.run, *old.rsplit("/", 1)).unlink(missing_ok=True)
         run["replies"] = replies[-KEEP_REPLIES:]
+        run["admissions"] = {r: a for r, a in (run.get("admissions", {})
+                                                | {f"{task}/{server_round}": admission}).items()
+                             if r in run["replies"]}
         trained = run.setdefault("trained", {})
         trained[task] = max(server_round, trained.get(task, server_round))
         self._save(state)

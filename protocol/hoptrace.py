@@ -10,7 +10,7 @@ characters of the Flower message id it concerns and small identifiers (run id, n
 id, task id). Nothing else: no content, no path, no metric. Without the variable ``hop`` is a
 dictionary lookup and returns.
 
-``bench.deploy.timeline`` turns the lines into a per-exchange table.
+``bench.deploy_timeline`` turns the lines into a per-exchange table.
 """
 
 from __future__ import annotations
@@ -32,11 +32,14 @@ class _JsonLines(logging.Handler):
         self.path = path
 
     def emit(self, record: logging.LogRecord) -> None:
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        try:
-            os.write(fd, (record.getMessage() + "\n").encode())
-        finally:
-            os.close(fd)
+        try:       # a trace that cannot be written never breaks the hop it traces
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                os.write(fd, (record.getMessage() + "\n").encode())
+            finally:
+                os.close(fd)
+        except OSError:
+            self.handleError(record)
 
 
 def enabled() -> bool:

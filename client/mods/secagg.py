@@ -98,12 +98,16 @@ def _identity(context: Context, authenticated: bool) -> SiteIdentity | None:
     return identity
 
 
-def survivors_signed(context: Context) -> bool:
-    """Whether the SecAgg round in progress at this site is the malicious-secure protocol,
-    whose survivor set the sites sign (from the site's own state, set at its setup stage)."""
-    if wire.SECAGG_STATE not in context.state:
-        return False
-    return bool(dict(context.state[wire.SECAGG_STATE]).get("authenticated", False))
+def update_protection(msg: Message, context: Context) -> tuple[bool, bool]:
+    """How the update of the train request being handled leaves this site: ``(masked,
+    survivors_signed)`` - masked by this mod (the masked stage; the mod refuses that stage
+    without a round in progress), and under the malicious-secure protocol, whose survivor
+    set the sites sign (from the site's own state, set at its setup stage, never from the
+    message). The train handler books its ledger row and binds its cached reply by it."""
+    masked = msg.content[wire.CONFIG].get(wire.SECAGG_STAGE) == wire.SECAGG_MASKED
+    if not masked or wire.SECAGG_STATE not in context.state:
+        return masked, False
+    return masked, bool(dict(context.state[wire.SECAGG_STATE]).get("authenticated", False))
 
 
 def _site(context: Context) -> SiteSecAgg:

@@ -1,7 +1,8 @@
 """Distributed site-level DP at a site: the noise share it adds, and the sums it helps unmask.
 
 The train handler has already admitted the round and charged the ledger ``(sigma, 1, 1)`` with
-``trust = sites>=m`` (``client.privacy.policy``). Here, at the masked stage, the site reads the
+``trust = sites>=m`` (``sites>=m,server-counted`` under the semi-honest SecAgg+;
+``client.privacy.policy``). Here, at the masked stage, the site reads the
 same request from the same message - noise multiplier ``sigma``, clipping norm ``C`` and
 ``min_contributors`` ``m`` - and hands the encoding a ``NoiseShare``: clip to ``C``, quantise,
 add ``Skellam(V / m)`` from the site's CSPRNG (``noise.SkellamNoise``), then mask. ``V`` is the

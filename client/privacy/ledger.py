@@ -106,7 +106,8 @@ class LedgerEntry:
     accountant: str         # e.g. "rdp"; the accountant that produced ``epsilon``
     epsilon: float
     max_grad_norm: float
-    trust: str              # who added the noise: site | sites>=m | server ('' before the column)
+    trust: str              # who added the noise: site | sites>=m[,server-counted] | server
+                            # ('' before the column)
     created_at: str         # ISO-8601 UTC
     prev_hash: str
     hash: str

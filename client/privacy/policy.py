@@ -13,7 +13,8 @@ Site-level DP comes in two trust models. With ``noise=distributed`` the site add
 Skellam share before masking (``client.privacy.ddp``) and books the sum's guarantee itself;
 its row trusts ``sites>=m`` (the shares of ``m`` honest contributors) - ``sites>=m,server-counted``
 when the secure aggregation is the semi-honest protocol (unsigned survivor set: the server's word
-decides which updates are unmasked, so the row says it trusts that word). ``noise=server`` trusts
+decides which updates are unmasked, so the row says it trusts that word; accepted only with
+``dp-trust-server``, like server noise). ``noise=server`` trusts
 the server to add the noise: refused unless the operator set ``dp-trust-server``, and booked
 with ``trust = server``. Distributed noise outside secure aggregation would expose an update
 carrying a fraction of the noise: refused.
@@ -25,10 +26,12 @@ almost no noise, or for a round of many steps, even within the budget).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import tomllib
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from protocol import wire
@@ -116,14 +119,9 @@ def flag(value) -> bool:
     return str(value).lower() not in ("false", "0", "no")
 
 
-def admit_round(job: JobSpec, settings: dict, data_dir: Path, *, n_train: int,
-                secure_aggregation: bool, survivors_signed: bool) -> Authorization | None:
-    """The site's checks before it trains: its secure-aggregation policy, then its privacy
-    budget (``authorize``). Raises with the reason the server will see.
-
-    ``secure_aggregation``: this update is masked; ``survivors_signed``: by the
-    malicious-secure protocol (sites sign the survivor set; from the site's own SecAgg state,
-    never from the message)."""
+def check_protection(job: JobSpec, settings: dict, *, secure_aggregation: bool) -> None:
+    """The checks that charge nothing, on every train request (a repeated one too): the
+    site's secure-aggregation requirement, and no distributed noise share in plaintext."""
     if flag(settings.get(wire.NODE_REQUIRE_SECAGG, False)) and not secure_aggregation:
         raise PrivacyRefused(f"this site requires secure aggregation (node config "
                              f"{wire.NODE_REQUIRE_SECAGG}); refusing a plaintext update")
@@ -133,6 +131,29 @@ def admit_round(job: JobSpec, settings: dict, data_dir: Path, *, n_train: int,
         raise PrivacyRefused("distributed site-level DP without secure aggregation: the "
                              "server would see this site's update with only its share of the "
                              "noise; refusing")
+
+
+def admission_digest(job: JobSpec, *, secure_aggregation: bool, survivors_signed: bool) -> str:
+    """What a training round was admitted as: its privacy request and how its update leaves
+    (masked; under a signed survivor set). The site's cached reply of a round is the update
+    *before* its mods clip, noise and mask it, so a repeated request is answered only if it
+    asks for the round exactly as it was admitted (``client.queries.SiteQueryLog``): a
+    coordinator replaying a DP round without DP, or a masked one in plaintext, gets a refusal,
+    not the update under weaker protection."""
+    admitted = {"privacy": asdict(job.privacy), "masked": bool(secure_aggregation),
+                "signed": bool(secure_aggregation and survivors_signed)}
+    return hashlib.sha256(json.dumps(admitted, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def admit_round(job: JobSpec, settings: dict, data_dir: Path, *, n_train: int,
+                secure_aggregation: bool, survivors_signed: bool) -> Authorization | None:
+    """The site's checks before it trains: ``check_protection``, then its privacy budget
+    (``authorize``). Raises with the reason the server will see.
+
+    ``secure_aggregation``: this update is masked; ``survivors_signed``: by the
+    malicious-secure protocol (sites sign the survivor set; from the site's own SecAgg state,
+    never from the message)."""
+    check_protection(job, settings, secure_aggregation=secure_aggregation)
     return authorize(job.privacy, site_budget(settings, data_dir), n_train=n_train,
                      local_epochs=job.train.local_epochs, batch_size=job.train.batch_size,
                      server_round=job.server_round,
@@ -161,8 +182,7 @@ class Authorization:
 
 def authorize(request: PrivacySpec, budget: SiteBudget | None, *, n_train: int,
               local_epochs: int, batch_size: int, server_round: int,
-              secure_mode: bool = True, survivors_signed: bool = True
-              ) -> Authorization | None:
+              survivors_signed: bool, secure_mode: bool = True) -> Authorization | None:
     """Accept (and charge) or refuse this round. None: a non-private round the site allows.
     ``survivors_signed=False``: a distributed round's sum is counted by the server alone
     (semi-honest SecAgg), and its row says so."""
@@ -244,6 +264,12 @@ def _site_dp_trust(request: PrivacySpec, budget: SiteBudget, survivors_signed: b
                              f"contributors (privacy.min_contributors); this site relies on "
                              f"at most {budget.max_assumed_sites} (node config "
                              f"{wire.NODE_DP_MAX_ASSUMED_SITES}); refusing")
+    if not survivors_signed and not budget.trust_server:
+        raise PrivacyRefused("distributed site-level DP under the semi-honest SecAgg+: the "
+                             "survivor set is the server's word, so the server could unmask "
+                             "this site's update with 1/m of the noise; this site does not "
+                             f"trust the server with its DP (node config "
+                             f"{wire.NODE_DP_TRUST_SERVER}); refusing")
     return trust_sites(m, server_counted=not survivors_signed)
 
 

@@ -152,9 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     allowed = parse_networks(argv[1])
     from flwr.common.logger import log
     from flwr.superlink import main as flower_app
+    from flwr.superlink.cli import flower_superlink
 
     from protocol.hoptrace import enabled as tracing
-    from flwr.superlink.cli import flower_superlink
 
     create_app = flower_app.create_app
 

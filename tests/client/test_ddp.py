@@ -34,7 +34,7 @@ def _site_dp(noise=wire.DP_NOISE_DISTRIBUTED, m=3) -> PrivacySpec:
 
 def _authorize(request, budget):
     return authorize(request, budget, n_train=100, local_epochs=1, batch_size=10,
-                     server_round=1)
+                     server_round=1, survivors_signed=True)
 
 
 def test_a_distributed_round_books_the_sums_guarantee_trusting_m_honest_sites(tmp_path):

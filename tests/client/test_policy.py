@@ -62,7 +62,8 @@ def _dpsgd(run_id="run-a", **changes) -> PrivacySpec:
 
 def _authorize(request, budget, server_round=1, n_train=N_TRAIN):
     return authorize(request, budget, n_train=n_train, local_epochs=EPOCHS, batch_size=BATCH,
-                     server_round=server_round, secure_mode=False)
+                     server_round=server_round, secure_mode=False,
+                     survivors_signed=True)
 
 
 # ---------------------------------------------------------------- accounting == Opacus, live

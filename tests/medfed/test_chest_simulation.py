@@ -14,6 +14,7 @@ from tests.medfed.checks import assert_sites_trained
 
 pytestmark = pytest.mark.slow
 
+
 def test_three_chest_xray_sites_train_two_rounds_and_report_per_site_metrics(tmp_path):
     root = tmp_path / "data"
     synthesize_chest(root, n_sites=3, seed=2, patients=10)

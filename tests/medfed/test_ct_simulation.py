@@ -15,6 +15,7 @@ from tests.medfed.checks import assert_sites_trained
 
 pytestmark = pytest.mark.slow
 
+
 def test_three_ct_sites_train_a_3d_vit_two_rounds_and_report_per_site_metrics(tmp_path):
     root = tmp_path / "data"
     synthesize_ct(root, n_sites=3, seed=2, patients=10)

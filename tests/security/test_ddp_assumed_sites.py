@@ -26,7 +26,7 @@ def _round(m: int) -> PrivacySpec:
 
 def _authorize(request, budget):
     return authorize(request, budget, n_train=100, local_epochs=1, batch_size=10,
-                     server_round=1)
+                     server_round=1, survivors_signed=True)
 
 
 def test_a_server_raising_m_past_the_sites_cap_is_refused_and_nothing_is_booked(tmp_path):

@@ -6,8 +6,9 @@ SecAgg+, where the sites sign the survivor set. A site that allows the semi-hone
 (node config ``secagg-allow-semi-honest``) lets the server alone say which sites survived -
 and so which sums are unmasked: a server that calls every other site "dropped" learns this
 site's update with 1/m of the noise. The attacker here is that server: it picks the
-semi-honest protocol. The row must then say whose word it rests on (``,server-counted``),
-read from the site's own SecAgg state, not from anything in the message."""
+semi-honest protocol. A site that does not trust the server with its DP (``dp-trust-server``)
+refuses; one that does books a row that says whose word it rests on (``,server-counted``), read
+from the site's own SecAgg state, not from anything in the message."""
 
 from __future__ import annotations
 
@@ -15,15 +16,16 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from flwr.app import Message, MetricRecord, RecordDict
+from flwr.app import Error, Message, MetricRecord, RecordDict
 
 from client.mods.errors import generic_errors_mod
-from client.mods.secagg import secagg_mod, survivors_signed
+from client.mods.secagg import secagg_mod, update_protection
 from client.privacy.ledger import PrivacyLedger
 from client.privacy.policy import admit_round
 from protocol import wire
 from protocol.arrays import view
 from protocol.job import PrivacySpec
+from protocol.secagg_protocol import SecAggError
 from tests.strategies.rounds import arrays
 from tests.strategies.test_secagg_wire import SiteGrid, secure_round, step
 
@@ -38,40 +40,51 @@ class BookingGrid(SiteGrid):
     """The sites' train step admits the round exactly as ``client.app`` does (the flag from
     the site's context, set by its own SecAgg mod) and books it in a per-site ledger."""
 
-    def __init__(self, n: int, tmp_path, **kwargs):
+    def __init__(self, n: int, tmp_path, trust_server: bool = False, **kwargs):
         super().__init__(n, **kwargs)
-        self.tmp_path = tmp_path
+        self.tmp_path, self.trust_server = tmp_path, trust_server
 
     def deliver(self, msg: Message) -> Message | None:
         node = msg.metadata.dst_node_id
-        stage = (msg.content.config_records.get(wire.SECAGG) or msg.content.config_records.get(
-            wire.CONFIG, {})).get(wire.SECAGG_STAGE)
 
         def train(m, context):
             job = SimpleNamespace(privacy=PRIVACY, server_round=1,
                                   train=SimpleNamespace(local_epochs=1, batch_size=10))
             settings = {wire.NODE_DP_EPSILON: 8.0, wire.NODE_DP_DELTA: 1e-5,
-                        wire.NODE_PRIVACY_DIR: str(self.tmp_path / f"site-{node}")}
-            admit_round(job, settings, self.tmp_path, n_train=100,
-                        secure_aggregation=stage == wire.SECAGG_MASKED,
-                        survivors_signed=survivors_signed(context))
+                        wire.NODE_PRIVACY_DIR: str(self.tmp_path / f"site-{node}"),
+                        wire.NODE_DP_TRUST_SERVER: self.trust_server}
+            masked, signed = update_protection(m, context)        # as client.app does
+            admit_round(job, settings, self.tmp_path, n_train=100, secure_aggregation=masked,
+                        survivors_signed=signed)
             update = {k: view(a) + step(node) for k, a in m.content[wire.ARRAYS].items()}
             return Message(RecordDict({wire.ARRAYS: arrays(update), wire.METRICS: MetricRecord(
                 {wire.NUM_EXAMPLES: 10})}), reply_to=m)
         try:
             return generic_errors_mod(msg, self.contexts[node],
                                       lambda m, c: secagg_mod(m, c, train))
-        except Exception as err:
+        except Exception as err:        # what Flower turns a ClientApp exception into
             self.errors.append(str(err))
-            raise
+            return Message(Error(code=0, reason=str(err)), reply_to=msg)
 
     def trust(self) -> list[str]:
-        return [e.trust for node in self.nodes for e in PrivacyLedger(
-            self.tmp_path / f"site-{node}" / "privacy-ledger.sqlite").entries()]
+        return [e.trust for node in self.nodes
+                if (self.tmp_path / f"site-{node}" / "privacy-ledger.sqlite").exists()
+                for e in PrivacyLedger(
+                    self.tmp_path / f"site-{node}" / "privacy-ledger.sqlite").entries()]
+
+
+def test_a_server_choosing_semi_honest_secagg_is_refused_by_a_site_that_does_not_trust_it(
+        tmp_path):
+    grid = BookingGrid(4, tmp_path / "no", node_config={wire.NODE_SECAGG_SEMI_HONEST: True})
+    with pytest.raises(SecAggError):
+        secure_round(grid, authenticated=False)
+    assert grid.errors and all("survivor set is the server's word" in e for e in grid.errors)
+    assert grid.trust() == []                   # nothing booked, nothing trained
 
 
 def test_a_server_choosing_semi_honest_secagg_gets_a_row_that_names_its_word(tmp_path):
-    grid = BookingGrid(4, tmp_path / "sh", node_config={wire.NODE_SECAGG_SEMI_HONEST: True})
+    grid = BookingGrid(4, tmp_path / "sh", trust_server=True,
+                       node_config={wire.NODE_SECAGG_SEMI_HONEST: True})
     average = secure_round(grid, authenticated=False)
     assert np.abs(average - np.mean([step(i) for i in grid.nodes], axis=0)).max() <= 1e-3
     assert grid.trust() == ["sites>=3,server-counted"] * 4

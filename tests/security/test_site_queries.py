@@ -41,8 +41,9 @@ def _context(site_dir, **node) -> Context:
                    state=RecordDict(), run_config={})
 
 
-def _message(kind: str, server_round: int = 1, weights: dict | None = None) -> Message:
-    record = job_config(load_experiment(SMALL))
+def _message(kind: str, server_round: int = 1, weights: dict | None = None,
+             overrides: tuple[str, ...] = ()) -> Message:
+    record = job_config(load_experiment([*SMALL, *overrides]), run_id="run-q")
     record[wire.SERVER_ROUND] = server_round
     model, _ = decode_job(record, site_seed=0).build()
     state = weights if weights is not None else model.state_dict()
@@ -134,6 +135,31 @@ def test_a_replayed_train_round_gets_the_same_bytes_and_no_second_training(
     crafted = make_client_app()(_message(MessageType.TRAIN, 1, _crafted(5)), _context(site_dir))
     assert len(calls) == 1 and (recorddict_to_proto(crafted.content).SerializeToString()
                                 == recorddict_to_proto(first.content).SerializeToString())
+
+
+def test_a_replay_asking_for_weaker_protection_is_refused_not_answered(
+        site_dir, task_identity, tmp_path):
+    """The cached reply is the update before the site's mods clip, noise and mask it; a
+    coordinator replaying a site-level DP round without DP (or with a looser clipping norm)
+    must get a refusal, not the unclipped update. (Before: the cached update went out under
+    the replay's weaker request - norm ~150 instead of the admitted 0.01.)"""
+    node = {wire.NODE_DP_EPSILON: 8.0, wire.NODE_DP_DELTA: 1e-5, wire.NODE_DP_TRUST_SERVER: True,
+            wire.NODE_PRIVACY_DIR: str(tmp_path / "privacy")}
+    private = ("privacy=sitedp", "strategy.min_train_sites=3", "privacy.clipping_norm=0.01",
+               "privacy.noise_multiplier=5.0")
+    first = make_client_app()(_message(MessageType.TRAIN, overrides=private),
+                              _context(site_dir, **node))
+    assert not first.has_error(), first.error
+    again = make_client_app()(_message(MessageType.TRAIN, overrides=private),
+                              _context(site_dir, **node))
+    assert not again.has_error() and (recorddict_to_proto(again.content).SerializeToString()
+                                      == recorddict_to_proto(first.content).SerializeToString())
+    for weaker in (("privacy=none",),
+                   ("privacy=sitedp", "strategy.min_train_sites=3", "privacy.clipping_norm=100.0",
+                    "privacy.noise_multiplier=5.0")):
+        with pytest.raises(SiteError, match="answered once, as admitted"):
+            make_client_app()(_message(MessageType.TRAIN, overrides=weaker),
+                              _context(site_dir, **node))
 
 
 def test_a_hostile_dicom_header_is_skipped_as_too_large_without_decoding(

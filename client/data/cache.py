@@ -62,7 +62,6 @@ import json
 import logging
 import os
 import stat
-import time
 import uuid
 import warnings
 from collections.abc import Callable
@@ -77,17 +76,17 @@ from .cache_files import (CACHE_FORMAT, INDEX, PROCESS_MAPS, TEMP_PREFIX, UNUSAB
                           CacheCorrupt, Decoded, UnitMaps, assemble, fsync_dir, open_unit,
                           publish, read_unit_index, remove_entry, remove_temps,
                           sync_filesystem, write_reason, write_unit, write_version)
+from .cache_prune import STALE_TEMP_SECONDS  # noqa: F401 - re-exported
+from .cache_prune import UNITS, changed_since_newest, prune, versions
 from .cache_reads import FileReader, join_spilled, read_files
 from .workers import SharedWorkers, chunks
 
 log = logging.getLogger(__name__)
 
 CACHE_FOLDER = "cache"          # under the site's state dir
-UNITS = "units"                 # per-study units, shared by the versions that hold them
 # Bump when a reader's output for the same files changes (a new intensity rule, a fixed bug),
 # so caches written by the old code are not served as if current.
 READER_VERSION = 1
-STALE_TEMP_SECONDS = 3600       # a writer that crashed left its temporary file behind
 DECODERS = ("pydicom", "numpy", "monai", "pylibjpeg", "python-gdcm")
 
 
@@ -236,7 +235,7 @@ class SiteCache:
                 self.last = "rebuilt"
         else:
             self.last = "miss"
-            self.changed_files = self._changed_since_newest(files)
+            self.changed_files = changed_since_newest(self.root, files)
         with SharedWorkers(workers) if pool is None else nullcontext(pool) as pool:
             out = self._update(listing, fp, self.family(layout, key, source), key,
                                decode_files, reader if by_study else None, by_study, pool)
@@ -482,56 +481,14 @@ class SiteCache:
 
     def entries(self) -> list[Path]:
         """Complete cache directories, least recently used first."""
-        if not self.root.is_dir():
-            return []
-        found = [p for p in self.root.iterdir() if p.is_dir() and (p / INDEX).is_file()
-                 and not p.name.startswith(TEMP_PREFIX)]
-        return sorted(found, key=lambda p: (p / INDEX).stat().st_mtime_ns)
+        return versions(self.root)
 
     def prune(self, current: str | None = None) -> int:
         """Remove all but the ``keep`` most recently used caches (never ``current``), the
         units none of the rest uses (but not those a live served version of this process
-        maps when read: :meth:`UnitMaps.lazy_units`), and temporary files of writers that
-        died; how many entries were removed."""
-        removed = 0
-        entries = [p for p in self.entries() if p.name != current]
-        for old in entries[:max(0, len(entries) - (self.keep - (current is not None)))]:
-            remove_entry(old)
-            removed += 1
-        used: set[str] = set()
-        for entry in self.entries():
-            try:
-                used.update(str(u["name"]) for u in
-                            json.loads((entry / INDEX).read_bytes())["units"])
-            except (OSError, ValueError, KeyError, TypeError):
-                continue            # a damaged version: its units go unless another uses them
-        units = self.root / UNITS
-        served = self.maps.lazy_units()   # a live served version of this process reads them
-        for unit in units.iterdir() if units.is_dir() else ():
-            if not unit.name.startswith(TEMP_PREFIX) and unit.name not in used \
-                    and unit not in served:
-                remove_entry(unit)
-                removed += 1
-        now = time.time()
-        for temp in [*self.root.glob(f"{TEMP_PREFIX}*"), *units.glob(f"{TEMP_PREFIX}*")]:
-            try:
-                stale = now - temp.stat().st_mtime > STALE_TEMP_SECONDS
-            except OSError:                 # its writer finished (renamed it) meanwhile
-                continue
-            if stale:
-                remove_entry(temp)
-                removed += 1
-        return removed
-
-    def _changed_since_newest(self, files: dict[str, list[int]]) -> int | None:
-        entries = self.entries()
-        if not entries:
-            return None
-        try:
-            old = json.loads((entries[-1] / INDEX).read_text())["files"]
-        except (OSError, ValueError, KeyError):
-            return None
-        return sum(old.get(k) != v for k, v in files.items()) + len(old.keys() - files.keys())
+        maps when read), and temporary files of writers that died; how many entries were
+        removed (:func:`client.data.cache_prune.prune`)."""
+        return prune(self.root, self.keep, self.maps, current)
 
 
 def read_order(hashes, listing: dict) -> list[str]:

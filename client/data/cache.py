@@ -76,7 +76,6 @@ from .cache_files import (CACHE_FORMAT, INDEX, PROCESS_MAPS, TEMP_PREFIX, UNUSAB
                           CacheCorrupt, Decoded, UnitMaps, assemble, fsync_dir, open_unit,
                           publish, read_unit_index, remove_entry, remove_temps,
                           sync_filesystem, write_reason, write_unit, write_version)
-from .cache_prune import STALE_TEMP_SECONDS  # noqa: F401 - re-exported
 from .cache_prune import UNITS, changed_since_newest, prune, versions
 from .cache_reads import FileReader, join_spilled, read_files
 from .workers import SharedWorkers, chunks

@@ -57,11 +57,12 @@ from __future__ import annotations
 import functools
 import hashlib
 import hmac
+import itertools
 import json
 import logging
 import os
 import stat
-import time
+import uuid
 import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -73,19 +74,18 @@ import pydicom
 
 from .cache_files import (CACHE_FORMAT, INDEX, PROCESS_MAPS, TEMP_PREFIX, UNUSABLE,
                           CacheCorrupt, Decoded, UnitMaps, assemble, fsync_dir, open_unit,
-                          publish, read_unit_index, remove_entry, sync_filesystem,
-                          write_reason, write_unit, write_version)
+                          publish, read_unit_index, remove_entry, remove_temps,
+                          sync_filesystem, write_reason, write_unit, write_version)
+from .cache_prune import UNITS, changed_since_newest, prune, versions
 from .cache_reads import FileReader, join_spilled, read_files
 from .workers import SharedWorkers, chunks
 
 log = logging.getLogger(__name__)
 
 CACHE_FOLDER = "cache"          # under the site's state dir
-UNITS = "units"                 # per-study units, shared by the versions that hold them
 # Bump when a reader's output for the same files changes (a new intensity rule, a fixed bug),
 # so caches written by the old code are not served as if current.
 READER_VERSION = 1
-STALE_TEMP_SECONDS = 3600       # a writer that crashed left its temporary file behind
 DECODERS = ("pydicom", "numpy", "monai", "pylibjpeg", "python-gdcm")
 
 
@@ -234,7 +234,7 @@ class SiteCache:
                 self.last = "rebuilt"
         else:
             self.last = "miss"
-            self.changed_files = self._changed_since_newest(files)
+            self.changed_files = changed_since_newest(self.root, files)
         with SharedWorkers(workers) if pool is None else nullcontext(pool) as pool:
             out = self._update(listing, fp, self.family(layout, key, source), key,
                                decode_files, reader if by_study else None, by_study, pool)
@@ -248,7 +248,8 @@ class SiteCache:
                 by_study: bool, pool: SharedWorkers) -> Decoded:
         """A new version ``fp``: its units reused where they exist, the others decoded and
         written, then its index; served from memory (``last = unwritable``) when writing
-        fails."""
+        fails. Every temporary file of this ingest (spills, units not renamed into place)
+        carries its own prefix and is removed on return, whatever failed."""
         files = {h: sig for h, (_, sig) in listing.items()}
         units_dir = self.root / UNITS
         try:
@@ -256,11 +257,12 @@ class SiteCache:
             writable = True
         except OSError as err:
             writable, self.write_error = False, write_reason(err)
+        # this ingest's own: another process ingesting the same site keeps its temporaries
+        prefix = f"{TEMP_PREFIX}{uuid.uuid4().hex[:16]}-"
         shares: dict[str, tuple] = {}          # file hash -> (share, arrays or refs, spill)
-        spills: list[str] = []
         try:
             groups = self._groups(listing, family, key, by_study, pool, reader,
-                                  units_dir if writable else None, shares, spills)
+                                  units_dir if writable else None, prefix, shares)
             units, results, todo = [], [], []
             present = set(os.listdir(units_dir)) if units_dir.is_dir() else set()
             for group, members in sorted(groups.items()):
@@ -280,33 +282,43 @@ class SiteCache:
                     todo.append(len(units) - 1)
             if reader is None:
                 make = decode_files
-                jobs = [[listing[h][0] for h in units[i]["files"]] for i in todo]
+                jobs = [[Path(listing[h][0]) for h in read_order(units[i]["files"], listing)]
+                        for i in todo]
             else:
                 # files of a changed unit that were not new (known to an older version)
                 rest = [h for i in todo for h in units[i]["files"] if h not in shares]
                 self._read(rest, listing, reader, pool, units_dir if writable else None,
-                           shares, spills)
+                           prefix, shares)
                 make = partial(join_spilled, reader.join)
-                jobs = [[shares[h] for h in sorted(units[i]["files"],
-                                                   key=lambda h: listing[h][0])]
+                jobs = [[shares[h] for h in read_order(units[i]["files"], listing)]
                         for i in todo]
+            # a unit whose arrays the disk refused (not spilled) is made here: sent to the
+            # helpers, it would travel to every one of them with the whole job
+            here = {j for j, i in enumerate(todo) if reader is not None and any(
+                shares[h][2] is None and shares[h][1] for h in units[i]["files"])}
             return self._write(units, results, todo, list(zip(
-                (units[i]["name"] for i in todo), jobs)), make, writable, fp, family, files,
-                pool)
+                (units[i]["name"] for i in todo), jobs)), here, make, writable, fp, family,
+                files, pool, prefix)
         finally:
-            for spill in spills:
-                os.unlink(spill)
+            remove_temps(units_dir, prefix)
 
     def _write(self, units: list[dict], results: list, todo: list[int], jobs: list,
-               make: Callable, writable: bool, fp: str, family: str, files: dict,
-               pool: SharedWorkers) -> Decoded:
+               here: set[int], make: Callable, writable: bool, fp: str, family: str,
+               files: dict, pool: SharedWorkers, prefix: str) -> Decoded:
         """Make the ``todo`` units (in ``pool``: each process writes the units it makes,
         unsynced, under temporary names; only their names and indexes come back), then one
         sync makes them all durable before any is renamed into place: a unit found under
-        its name is complete on disk. Then the version's index."""
-        units_dir, pending = self.root / UNITS, []
-        for j, (temp, index, out, error) in pool.imap(
-                partial(_make_unit, make, units_dir if writable else None), jobs):
+        its name is complete on disk. Then the version's index. The jobs in ``here`` (their
+        files' arrays in memory) are made in this process."""
+        units_dir = self.root / UNITS
+        build = partial(_make_unit, make, units_dir if writable else None, prefix)
+        remote = [j for j in range(len(jobs)) if j not in here]
+        local = sorted(here)
+        made = itertools.chain(
+            ((remote[k], out) for k, out in pool.imap(build, [jobs[j] for j in remote])),
+            ((j, build(jobs[j])) for j in local))
+        pending = []
+        for j, (temp, index, out, error) in made:
             i = todo[j]
             self.decoded_units += 1
             if temp is None:           # not written (disk full, read-only): kept in memory
@@ -315,26 +327,30 @@ class SiteCache:
                 results[i] = out
             else:
                 units[i]["index"] = index
-                pending.append((i, Path(temp)))
+                pending.append((i, j, Path(temp)))
         pending.sort()
+        published = set()
         if pending and writable:
             try:
                 sync_filesystem(units_dir)
-                for i, temp in pending:
+                for i, _, temp in pending:
                     publish(temp, units_dir / units[i]["name"])
+                    published.add(i)
                 fsync_dir(units_dir)
             except OSError as err:
                 writable, self.write_error = False, write_reason(err)
-        for i, temp in pending:
+        for i, j, temp in pending:
             name, index = units[i]["name"], units[i]["index"]
             try:
-                results[i] = open_unit(units_dir / name, name, index, self.maps) if writable \
-                    else open_unit(temp, name, index)      # mapped now: its name goes next
+                if i in published:
+                    results[i] = open_unit(units_dir / name, name, index, self.maps)
+                else:                  # mapped now (or read): its name goes next
+                    results[i] = open_unit(temp, name, index, self.maps, transient=True)
             except UNUSABLE:           # a racing writer's bad copy: decode it again
                 writable = False
                 self.write_error = self.write_error or "CacheCorrupt: a unit failed its checks"
-                results[i] = make(dict(jobs)[name])
-            if temp.exists():          # served from memory maps, which outlive the names
+                results[i] = make(jobs[j][1])
+            if i not in published and temp.exists():    # maps outlive the name
                 temp.unlink()
         if writable:
             try:
@@ -349,7 +365,7 @@ class SiteCache:
 
     def _groups(self, listing: dict, family: str, key: bytes | None, by_study: bool,
                 pool: SharedWorkers, reader: FileReader | None, spill_dir: Path | None,
-                shares: dict, spills: list[str]) -> dict[str, list[str]]:
+                prefix: str, shares: dict) -> dict[str, list[str]]:
         """File hashes by unit: by study (a keyed hash of its StudyInstanceUID), taken for an
         unchanged file from the newest version of this family that lists it, else from the
         file's header - read alone, or with ``reader`` read whole once (its share kept in
@@ -380,7 +396,7 @@ class SiteCache:
                                                  pool.workers))
             uids = [uid for part in parts for uid in part]
         else:
-            uids = self._read(unknown, listing, reader, pool, spill_dir, shares, spills)
+            uids = self._read(unknown, listing, reader, pool, spill_dir, prefix, shares)
         for h, uid in zip(unknown, uids):
             group = self._hash(key, f"study:{uid}")[:24] if uid else "none"
             groups.setdefault(group, []).append(h)
@@ -388,15 +404,14 @@ class SiteCache:
 
     @staticmethod
     def _read(hashes: list[str], listing: dict, reader: FileReader, pool: SharedWorkers,
-              spill_dir: Path | None, shares: dict, spills: list[str]) -> list[str]:
+              spill_dir: Path | None, prefix: str, shares: dict) -> list[str]:
         """Read these files through ``reader`` in ``pool`` (their arrays spilled to disk by
-        the process that read them); their shares into ``shares``; their study UIDs."""
-        parts = pool.map(partial(read_files, reader.read, spill_dir),
+        the process that read them, under the ingest's ``prefix``); their shares into
+        ``shares``; their study UIDs."""
+        parts = pool.map(partial(read_files, reader.read, spill_dir, prefix),
                          chunks([listing[h][0] for h in hashes], pool.workers))
         uids, it = [], iter(hashes)
         for spill, reads in parts:
-            if spill is not None:
-                spills.append(spill)
             for (uid, share, arrays), h in zip(reads, it):
                 shares[h] = (share, arrays, spill)
                 uids.append(uid)
@@ -465,71 +480,36 @@ class SiteCache:
 
     def entries(self) -> list[Path]:
         """Complete cache directories, least recently used first."""
-        if not self.root.is_dir():
-            return []
-        found = [p for p in self.root.iterdir() if p.is_dir() and (p / INDEX).is_file()
-                 and not p.name.startswith(TEMP_PREFIX)]
-        return sorted(found, key=lambda p: (p / INDEX).stat().st_mtime_ns)
+        return versions(self.root)
 
     def prune(self, current: str | None = None) -> int:
         """Remove all but the ``keep`` most recently used caches (never ``current``), the
         units none of the rest uses (but not those a live served version of this process
-        maps when read: :meth:`UnitMaps.lazy_units`), and temporary files of writers that
-        died; how many entries were removed."""
-        removed = 0
-        entries = [p for p in self.entries() if p.name != current]
-        for old in entries[:max(0, len(entries) - (self.keep - (current is not None)))]:
-            remove_entry(old)
-            removed += 1
-        used: set[str] = set()
-        for entry in self.entries():
-            try:
-                used.update(str(u["name"]) for u in
-                            json.loads((entry / INDEX).read_bytes())["units"])
-            except (OSError, ValueError, KeyError, TypeError):
-                continue            # a damaged version: its units go unless another uses them
-        units = self.root / UNITS
-        served = self.maps.lazy_units()   # a live served version of this process reads them
-        for unit in units.iterdir() if units.is_dir() else ():
-            if not unit.name.startswith(TEMP_PREFIX) and unit.name not in used \
-                    and unit not in served:
-                remove_entry(unit)
-                removed += 1
-        now = time.time()
-        for temp in [*self.root.glob(f"{TEMP_PREFIX}*"), *units.glob(f"{TEMP_PREFIX}*")]:
-            try:
-                stale = now - temp.stat().st_mtime > STALE_TEMP_SECONDS
-            except OSError:                 # its writer finished (renamed it) meanwhile
-                continue
-            if stale:
-                remove_entry(temp)
-                removed += 1
-        return removed
-
-    def _changed_since_newest(self, files: dict[str, list[int]]) -> int | None:
-        entries = self.entries()
-        if not entries:
-            return None
-        try:
-            old = json.loads((entries[-1] / INDEX).read_text())["files"]
-        except (OSError, ValueError, KeyError):
-            return None
-        return sum(old.get(k) != v for k, v in files.items()) + len(old.keys() - files.keys())
+        maps when read), and temporary files of writers that died; how many entries were
+        removed (:func:`client.data.cache_prune.prune`)."""
+        return prune(self.root, self.keep, self.maps, current)
 
 
-def _make_unit(make: Callable[[object], Decoded], units_dir: Path | None,
+def read_order(hashes, listing: dict) -> list[str]:
+    """File hashes in the order a fresh decode reads their files: by ``Path`` (part by
+    part), as :func:`client.data.dicom.read_directory` sorts; as strings ``ser-2/1.dcm``
+    would come before ``ser/1.dcm``, and slices of equal instance number would swap."""
+    return sorted(hashes, key=lambda h: Path(listing[h][0]))
+
+
+def _make_unit(make: Callable[[object], Decoded], units_dir: Path | None, prefix: str,
                job: tuple[str, object]) -> tuple[str | None, dict | None, Decoded | None,
                                                  str | None]:
-    """Make one unit (``make(payload)``) and write it under a temporary name in ``units_dir``
-    (in whichever process made it): ``(its path, its index, None, None)``; when it could not
-    be written (or ``units_dir`` is None) ``(None, None, the unit, why)`` - the reason (type
-    and OS text, no path) goes back to the caller."""
+    """Make one unit (``make(payload)``) and write it under a temporary name (``prefix``:
+    the ingest's) in ``units_dir`` (in whichever process made it): ``(its path, its index,
+    None, None)``; when it could not be written (or ``units_dir`` is None) ``(None, None,
+    the unit, why)`` - the reason (type and OS text, no path) goes back to the caller."""
     name, payload = job
     out = make(payload)
     if units_dir is None:
         return None, None, out, None
     try:
-        temp, index = write_unit(units_dir, name, *out, durable=False)
+        temp, index = write_unit(units_dir, name, *out, durable=False, prefix=prefix)
         return str(temp), index, None, None
     except UNUSABLE as err:             # disk full, read-only: served from memory
         return None, None, out, write_reason(err)

@@ -33,7 +33,7 @@ from .cache_sync import fsync_dir, sync_filesystem
 __all__ = ["CACHE_FORMAT", "INDEX", "TEMP_PREFIX", "MAX_MAPS", "CacheCorrupt", "UNUSABLE",
            "UnitMaps", "PROCESS_MAPS", "write_unit", "open_unit", "publish", "remove_entry",
            "assemble", "write_version", "image_nbytes", "fsync_dir", "sync_filesystem",
-           "write_reason"]
+           "write_reason", "remove_temps"]
 
 CACHE_FORMAT = 3                  # 3: one file per unit (2: a directory of .npy files)
 INDEX = "index.json"              # a version's index (versions stay directories)
@@ -64,7 +64,7 @@ def write_reason(err: BaseException) -> str:
     the OS's text for its errno (an OSError's str names the file: a path stays out)."""
     if isinstance(err, OSError):
         return f"{type(err).__name__}: {err.strerror or 'error ' + str(err.errno)}"
-    return f"{type(err).__name__}: {str(err)[:200]}"
+    return type(err).__name__           # its message may quote a header value or a path
 
 
 def remove_entry(path: Path) -> None:
@@ -79,6 +79,23 @@ def remove_entry(path: Path) -> None:
     except OSError:
         return
     shutil.rmtree(trash, ignore_errors=True)
+
+
+def remove_temps(folder: Path, prefix: str) -> int:
+    """Remove the files under ``folder`` whose names start with ``prefix`` (one ingest's
+    temporary files: spills, units not renamed into place); how many were removed."""
+    try:
+        entries = [e.path for e in os.scandir(folder) if e.name.startswith(prefix)]
+    except OSError:                     # no such folder: nothing was written
+        return 0
+    removed = 0
+    for path in entries:
+        try:
+            os.unlink(path)
+            removed += 1
+        except OSError:
+            continue
+    return removed
 
 
 def assemble(results: list[Decoded]) -> Decoded:
@@ -145,10 +162,11 @@ def _data_layout(groups: list[dict]) -> tuple[list[int], int]:
 
 
 def write_unit(folder: Path, name: str, studies: list, report, *,
-               durable: bool) -> tuple[Path, dict]:
-    """The studies' arrays and index in a new temporary file under ``folder`` (mode 0600):
-    ``(its path, its index)``. ``durable``: fsynced (else the caller syncs before it
-    publishes it)."""
+               durable: bool, prefix: str = TEMP_PREFIX) -> tuple[Path, dict]:
+    """The studies' arrays and index in a new temporary file under ``folder`` (mode 0600),
+    named ``prefix`` + ``name`` + this process's id: ``(its path, its index)``. ``durable``:
+    fsynced (else the caller syncs before it publishes it). ``prefix``: the ingest's own
+    (it removes what is left under it when it fails), starting with ``TEMP_PREFIX``."""
     rows: dict[tuple[str, tuple[int, ...]], list[np.ndarray]] = {}
     ids: dict[tuple[str, tuple[int, ...]], int] = {}
     index_studies = []
@@ -169,7 +187,7 @@ def write_unit(folder: Path, name: str, studies: list, report, *,
              "studies": index_studies, "report": _report_dict(report)}
     head = json.dumps(index).encode()
     offsets, end = _data_layout(groups)
-    fd, temp = _create_temp(folder, name)
+    fd, temp = _create_temp(folder, name, prefix)
     try:
         with os.fdopen(fd, "wb") as f:
             for offset, arrays in zip(offsets, rows.values()):
@@ -187,14 +205,14 @@ def write_unit(folder: Path, name: str, studies: list, report, *,
     return Path(temp), index
 
 
-def _create_temp(folder: Path, name: str) -> tuple[int, str]:
+def _create_temp(folder: Path, name: str, prefix: str) -> tuple[int, str]:
     """A new file (0600) for unit ``name``, under a temporary name of this process (a unit
     is made once per ingest; ``mkstemp``'s random names cost more than the unit's write)."""
-    temp = os.path.join(folder, f"{TEMP_PREFIX}{name}-{os.getpid()}")
+    temp = os.path.join(folder, f"{prefix}{name}-{os.getpid()}")
     try:
         return os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), temp
     except FileExistsError:             # a crashed writer of the same pid left it
-        return tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{name}-", dir=folder)
+        return tempfile.mkstemp(prefix=f"{prefix}{name}-", dir=folder)
 
 
 def _footer(head: bytes) -> bytes:
@@ -250,6 +268,18 @@ def _map_data(path: Path, data_bytes: int) -> np.memmap:
         return np.memmap(path, dtype=np.uint8, mode="r", shape=(data_bytes,))
     except (OSError, ValueError) as err:
         raise CacheCorrupt("unreadable unit") from err
+
+
+def _read_data(path: Path, data_bytes: int) -> np.ndarray:
+    """The unit file's arrays read into memory as bytes (read-only, as a map would be)."""
+    try:
+        data = np.fromfile(path, dtype=np.uint8, count=data_bytes)
+    except (OSError, ValueError) as err:
+        raise CacheCorrupt("unreadable unit") from err
+    if data.size != data_bytes:
+        raise CacheCorrupt("unit file cut short")
+    data.flags.writeable = False
+    return data
 
 
 class UnitMaps:
@@ -375,12 +405,14 @@ def image_nbytes(images: Mapping) -> int:
 
 
 def open_unit(path: Path, name: str, index: dict | None = None,
-              maps: UnitMaps | None = None) -> Decoded:
+              maps: UnitMaps | None = None, *, transient: bool = False) -> Decoded:
     """The unit's studies (images memory-mapped, read-only) and report; CacheCorrupt if the
     file is not a complete unit ``name``. ``index``: its index as already known (a version
     keeps a copy of each unit's; the writer returns it): then only the footer is read.
     ``maps``: the process's map budget; past it the unit is mapped when read (None: mapped
-    now, outside any budget: the small side entries)."""
+    now, outside any budget: the small side entries). ``transient``: the file is removed
+    once opened (a unit that could not be published, served this time only): past the
+    budget its arrays are read into memory, as a map made when read would find no file."""
     from .site import IngestReport, Study
 
     if index is None:
@@ -398,7 +430,9 @@ def open_unit(path: Path, name: str, index: dict | None = None,
     data = lazy = None
     if groups:
         data = _map_data(path, data_bytes) if maps is None else maps.pin(path, data_bytes)
-        if data is None:
+        if data is None and transient:
+            data = _read_data(path, data_bytes)
+        elif data is None:
             lazy = LazyUnit(path, size, groups, offsets, data_bytes, maps)
     arrays = [_group_array(data, g, o) for g, o in zip(groups, offsets)] if data is not None \
         else []

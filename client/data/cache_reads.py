@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .cache_files import TEMP_PREFIX, CacheCorrupt, Decoded
+from .cache_files import CacheCorrupt, Decoded
 
 
 @dataclass(frozen=True)
@@ -38,18 +38,19 @@ class FileReader:
     join: Callable[[list[tuple[object, list[np.ndarray]]]], Decoded]
 
 
-
 def read_files(read: Callable[[str], tuple[str, object, list[np.ndarray]]],
-                spill_dir: Path | None, paths: list[str]) -> tuple[str | None, list]:
+               spill_dir: Path | None, prefix: str, paths: list[str]) -> tuple[str | None, list]:
     """Read ``paths`` (one task of a :class:`FileReader`'s pass) and write their arrays to
-    one temporary spill file in ``spill_dir``: ``(its path, [(uid, share, refs)])`` with
-    refs ``(offset, dtype, shape)``; the arrays themselves when they cannot be spilled."""
+    one temporary spill file in ``spill_dir``, named after the ingest's ``prefix`` (which
+    removes what is left under it if the ingest fails before it could learn the spills'
+    names): ``(its path, [(uid, share, refs)])`` with refs ``(offset, dtype, shape)``; the
+    arrays themselves when they cannot be spilled."""
     reads = [read(path) for path in paths]
     if spill_dir is None:
         return None, reads
-    fd, spill = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}spill-", dir=spill_dir)   # 0600
-    out = []
-    try:
+    out, spill = [], None
+    try:                                # no inode or quota left: the arrays travel back
+        fd, spill = tempfile.mkstemp(prefix=f"{prefix}spill-", dir=spill_dir)   # 0600
         with os.fdopen(fd, "wb") as f:
             for uid, share, arrays in reads:
                 refs = []
@@ -59,7 +60,8 @@ def read_files(read: Callable[[str], tuple[str, object, list[np.ndarray]]],
                     f.write(array.data)
                 out.append((uid, share, refs))
     except OSError:                     # disk full: the arrays travel back instead
-        os.unlink(spill)
+        if spill is not None:
+            os.unlink(spill)
         return None, reads
     return spill, out
 

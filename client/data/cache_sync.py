@@ -5,8 +5,10 @@ A first ingest writes thousands of unit files; an fsync each cost more than deco
 The writers leave them unsynced under temporary names, the caller makes the whole
 filesystem durable once (:func:`sync_filesystem`) and only then renames them into place: a
 crash before the sync leaves temporary files (removed later) and no unit under its name,
-so a unit found under its name is complete on disk, and one that is not (a disk that lied)
-fails the footer and size checks on opening and is decoded again.
+so a unit found under its name is complete on disk if the disk honoured the sync. The
+checks on opening catch little more: a file cut short or extended fails the footer and
+size checks and is decoded again, but nothing is checksummed, so a disk that returns other
+bytes of the right length (one that lied about a sync, or bit rot) goes unnoticed.
 """
 
 from __future__ import annotations

@@ -1,0 +1,222 @@
+"""The site cache when an ingest fails part-way: nothing patient-derived stays on disk (no
+spill file, no unit under a temporary name), the one filesystem sync comes before any unit
+is published and a failing one publishes nothing, units published before a failure are
+served from their names, an unwritable ingest stays within the process's map budget and
+makes in-memory units itself; and a cached unit reads its files in the order a fresh
+decode does."""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from client.data import cache as cache_module
+from client.data import cache_reads
+from client.data.cache import SiteCache
+from client.data.cache_files import UnitMaps, write_reason
+from client.data.cache_reads import FileReader
+from client.data.layout_site import _decode_files, read_site
+from client.data.site import decode_site, join_shares, read_share
+from client.data.workers import SharedWorkers
+from tests.client.test_cache import KEY, assert_same, boom, site  # noqa: F401 - the fixture
+from tests.conftest import CLASSES
+
+
+def _left_on_disk(cache_root: Path) -> list[str]:
+    """Names of the files under the cache (spills and temporary units included)."""
+    return sorted(p.name for p in cache_root.rglob("*") if p.is_file())
+
+
+def _raising_on(name: str, path: str):
+    """:func:`read_share` that raises on the file called ``name``."""
+    if Path(path).name == name:
+        raise RuntimeError("reader failed")
+    return read_share(KEY, path)
+
+
+def test_a_read_failing_on_the_last_file_leaves_no_spill_behind(site, tmp_path):
+    """The one read pass spills each task's pixels to disk before the caller learns the
+    spills' names: a read raising on the last file must still take every spill with it
+    (it left 18 patient-pixel files in units/), on every retry."""
+    last = sorted((site / "dicom").rglob("*"))[-1].name
+    reader = FileReader(partial(_raising_on, last), join_shares)
+    cache = SiteCache(tmp_path / "cache")
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="reader failed"):
+            cache.decoded(site / "dicom", None, KEY, boom, reader=reader)
+    assert (tmp_path / "cache" / "units").is_dir()
+    assert _left_on_disk(tmp_path / "cache") == []
+
+
+def test_a_unit_build_failing_part_way_leaves_nothing_behind(site, tmp_path):
+    """Units made before the failing one were written under temporary names: the failed
+    ingest removes them (and the spills), so no decoded pixels stay on disk."""
+    calls = []
+
+    def join_failing_on_the_fourth(shares):
+        calls.append(1)
+        if len(calls) == 4:
+            raise RuntimeError("join failed")
+        return join_shares(shares)
+    cache = SiteCache(tmp_path / "cache")
+    with pytest.raises(RuntimeError, match="join failed"):
+        cache.decoded(site / "dicom", None, KEY, boom,
+                      reader=FileReader(partial(read_share, KEY), join_failing_on_the_fourth))
+    assert len(calls) == 4
+    assert _left_on_disk(tmp_path / "cache") == []
+
+
+def _recording(monkeypatch, fail_sync: bool = False, fail_publish_at: int | None = None):
+    """Record the cache's sync and publish calls in order; make the sync fail, or the
+    publish of the ``fail_publish_at``-th unit (a full disk)."""
+    calls: list[str] = []
+    real_sync, real_publish = cache_module.sync_filesystem, cache_module.publish
+
+    def sync(path):
+        calls.append("sync")
+        if fail_sync:
+            raise OSError(5, "Input/output error", "/pacs/Doe^Jane")
+        real_sync(path)
+
+    def publish(temp, final):
+        if final.parent.name != "units":            # a side entry (the masks)
+            return real_publish(temp, final)
+        calls.append("publish")
+        if calls.count("publish") == fail_publish_at:
+            raise OSError(28, "No space left on device", "/pacs/Doe^Jane")
+        real_publish(temp, final)
+    monkeypatch.setattr(cache_module, "sync_filesystem", sync)
+    monkeypatch.setattr(cache_module, "publish", publish)
+    return calls
+
+
+def test_the_sync_comes_before_any_unit_is_published(site, tmp_path, monkeypatch):
+    calls = _recording(monkeypatch)
+    cache = SiteCache(tmp_path / "cache")
+    read_site(site, None, CLASSES, key=KEY, cache=cache)
+    assert cache.last == "miss" and cache.decoded_units > 4
+    assert calls == ["sync"] + ["publish"] * cache.decoded_units
+
+
+def test_a_failing_sync_publishes_nothing_and_stays_in_the_map_budget(site, tmp_path,
+                                                                      monkeypatch):
+    """Units not known durable are never found under their names; served from memory,
+    they count against the process's map budget (past it they are read, not mapped) and
+    leave no file behind."""
+    _recording(monkeypatch, fail_sync=True)
+    maps = UnitMaps(max_maps=2)                      # one unit may be mapped for good
+    cache = SiteCache(tmp_path / "cache", maps=maps)
+    served = read_site(site, None, CLASSES, key=KEY, cache=cache)
+    assert cache.last == "unwritable" and cache.write_error == "OSError: Input/output error"
+    assert cache.decoded_units > 4 and cache.entries() == []
+    assert _left_on_disk(tmp_path / "cache") == []   # no unit under its name, no temp
+    assert maps.pinned <= 1
+    with open("/proc/self/maps") as f:
+        assert sum(str(tmp_path / "cache") in line for line in f) <= 1
+    monkeypatch.undo()
+    assert_same(read_site(site, None, CLASSES, key=KEY), served)
+
+
+def test_units_published_before_a_failed_publish_are_served_from_their_names(
+        site, tmp_path, monkeypatch):
+    """A publish failing on the third unit: the two before are opened under their names,
+    the rest from their temporary files; no unit is decoded twice."""
+    _recording(monkeypatch, fail_publish_at=3)
+    joins = []
+
+    def counted_join(shares):
+        joins.append(1)
+        return join_shares(shares)
+    cache = SiteCache(tmp_path / "cache")
+    studies, report = cache.decoded(site / "dicom", None, KEY, boom,
+                                    reader=FileReader(partial(read_share, KEY), counted_join))
+    assert cache.last == "unwritable" and cache.write_error == "OSError: No space left on device"
+    assert len(joins) == cache.decoded_units > 4      # none decoded again
+    assert len(_left_on_disk(tmp_path / "cache")) == 2   # the two published units only
+    fresh_studies, fresh_report = decode_site(site, key=KEY)
+    assert [s.key for s in studies] == [s.key for s in fresh_studies]
+    for a, b in zip(fresh_studies, studies):
+        for name in a.images:
+            np.testing.assert_array_equal(a.images[name], b.images[name])
+    assert report.as_dict() == fresh_report.as_dict()
+
+
+def _holds_array(obj) -> bool:
+    """Whether an array is among ``obj``'s lists and tuples."""
+    if isinstance(obj, np.ndarray):
+        return True
+    return isinstance(obj, (list, tuple)) and any(_holds_array(x) for x in obj)
+
+
+_MKSTEMP = cache_reads.tempfile.mkstemp
+
+
+def _spill_refused(*args, prefix: str = "", **kwargs):
+    """``tempfile.mkstemp`` with no quota left for spill files (other callers unharmed)."""
+    if "spill-" in prefix:
+        raise OSError(122, "Disk quota exceeded")
+    return _MKSTEMP(*args, prefix=prefix, **kwargs)
+
+
+def test_unspillable_arrays_are_joined_here_not_sent_to_every_helper(site, tmp_path,
+                                                                     monkeypatch):
+    """No inode or quota left for a spill file: the read falls back to keeping the arrays
+    (it crashed), and the units holding them are made in this process - sent to the
+    helpers, each would receive the whole job's pixels."""
+    monkeypatch.setattr(cache_reads.tempfile, "mkstemp", _spill_refused)
+    real_imap, sent = SharedWorkers.imap, []
+
+    def recording_imap(self, fn, items):
+        if self.workers > 1 and len(items) > 1:
+            sent.append(items)
+        return real_imap(self, fn, items)
+    monkeypatch.setattr(SharedWorkers, "imap", recording_imap)
+    cache = SiteCache(tmp_path / "cache")
+    served = read_site(site, None, CLASSES, key=KEY, workers=2, cache=cache)
+    monkeypatch.undo()
+    assert cache.last == "miss" and cache.decoded_units > 4
+    assert sent and not _holds_array(sent)
+    assert_same(read_site(site, None, CLASSES, key=KEY), served)
+
+
+def _slice(site_dir: Path, folder: str, study: str, series: str, scale: int) -> None:
+    """A copy of one of the site's images as instance 1 of a new two-file series."""
+    source = next(p for p in sorted((site_dir / "dicom").rglob("*.dcm"))
+                  if "PixelData" in pydicom.dcmread(p))
+    ds = pydicom.dcmread(source)
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.InstanceNumber = study, series, 1
+    ds.SOPInstanceUID = pydicom.uid.generate_uid()
+    ds.PixelData = (ds.pixel_array // scale).astype(ds.pixel_array.dtype).tobytes()
+    (site_dir / "dicom" / folder).mkdir()
+    ds.save_as(site_dir / "dicom" / folder / "1.dcm")
+
+
+def test_a_units_files_are_read_in_a_fresh_decodes_order(site, tmp_path):
+    """Two slices of one series with the same instance number, in ``ser/`` and ``ser-2/``:
+    stacked in file order, which as strings is the reverse of a fresh decode's (Paths,
+    part by part). Both cache paths (one read per file; a decode per unit) give the
+    fresh decode's volume."""
+    study, series = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+    _slice(site, "ser", study, series, 1)
+    _slice(site, "ser-2", study, series, 3)
+    fresh = read_site(site, None, CLASSES, key=KEY)
+    assert any(a.ndim == 3 and a.shape[0] == 2 for s in fresh.studies
+               for a in s.images.values())                   # the two-slice volume
+    assert_same(fresh, read_site(site, None, CLASSES, key=KEY,
+                                 cache=SiteCache(tmp_path / "by-file")))
+    per_unit = partial(_decode_files, "dicom", site, None, KEY, 1)
+    studies, _ = SiteCache(tmp_path / "by-unit").decoded(site / "dicom", None, KEY, per_unit)
+    assert [s.key for s in studies] == [s.key for s in fresh.studies]
+    for a, b in zip(fresh.studies, studies):
+        for name in a.images:
+            np.testing.assert_array_equal(a.images[name], b.images[name])
+
+
+def test_a_write_reason_names_only_the_type_of_a_non_os_error():
+    assert write_reason(ValueError("Doe^Jane 1970-01-01")) == "ValueError"
+    assert write_reason(OSError(28, "No space left on device", "/pacs/Doe")) == \
+        "OSError: No space left on device"

@@ -16,17 +16,14 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from flwr.app import Error, Message, MetricRecord, RecordDict
+from flwr.app import Message
 
-from client.mods.errors import generic_errors_mod
-from client.mods.secagg import secagg_mod, update_protection
+from client.mods.secagg import update_protection
 from client.privacy.ledger import PrivacyLedger
 from client.privacy.policy import admit_round
 from protocol import wire
-from protocol.arrays import view
 from protocol.job import PrivacySpec
 from protocol.secagg_protocol import SecAggError
-from tests.strategies.rounds import arrays
 from tests.strategies.test_secagg_wire import SiteGrid, secure_round, step
 
 pytestmark = pytest.mark.usefixtures("task_identity")
@@ -44,27 +41,16 @@ class BookingGrid(SiteGrid):
         super().__init__(n, **kwargs)
         self.tmp_path, self.trust_server = tmp_path, trust_server
 
-    def deliver(self, msg: Message) -> Message | None:
-        node = msg.metadata.dst_node_id
-
-        def train(m, context):
-            job = SimpleNamespace(privacy=PRIVACY, server_round=1,
-                                  train=SimpleNamespace(local_epochs=1, batch_size=10))
-            settings = {wire.NODE_DP_EPSILON: 8.0, wire.NODE_DP_DELTA: 1e-5,
-                        wire.NODE_PRIVACY_DIR: str(self.tmp_path / f"site-{node}"),
-                        wire.NODE_DP_TRUST_SERVER: self.trust_server}
-            masked, signed = update_protection(m, context)        # as client.app does
-            admit_round(job, settings, self.tmp_path, n_train=100, secure_aggregation=masked,
-                        survivors_signed=signed)
-            update = {k: view(a) + step(node) for k, a in m.content[wire.ARRAYS].items()}
-            return Message(RecordDict({wire.ARRAYS: arrays(update), wire.METRICS: MetricRecord(
-                {wire.NUM_EXAMPLES: 10})}), reply_to=m)
-        try:
-            return generic_errors_mod(msg, self.contexts[node],
-                                      lambda m, c: secagg_mod(m, c, train))
-        except Exception as err:        # what Flower turns a ClientApp exception into
-            self.errors.append(str(err))
-            return Message(Error(code=0, reason=str(err)), reply_to=msg)
+    def train(self, node: int, m: Message, context) -> Message:
+        job = SimpleNamespace(privacy=PRIVACY, server_round=1,
+                              train=SimpleNamespace(local_epochs=1, batch_size=10))
+        settings = {wire.NODE_DP_EPSILON: 8.0, wire.NODE_DP_DELTA: 1e-5,
+                    wire.NODE_PRIVACY_DIR: str(self.tmp_path / f"site-{node}"),
+                    wire.NODE_DP_TRUST_SERVER: self.trust_server}
+        masked, signed = update_protection(m, context)        # as client.app does
+        admit_round(job, settings, self.tmp_path, n_train=100, secure_aggregation=masked,
+                    survivors_signed=signed)
+        return super().train(node, m, context)
 
     def trust(self) -> list[str]:
         return [e.trust for node in self.nodes

@@ -277,19 +277,27 @@ def _summed_loss(model, task, batch):
     return out.loss * out.n
 
 
+def looped_per_sample(model: nn.Module, loss, batch: dict, n: int) -> tuple[list, torch.Tensor]:
+    """The reference: one backward pass of ``loss(batch_i)`` per sample; each sample's
+    gradients (name -> tensor, trainable parameters) and their norms ``[n]``."""
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    individual = []
+    for i in range(n):
+        model.zero_grad(set_to_none=True)
+        loss({k: v[i:i + 1] for k, v in batch.items()}).backward()
+        individual.append({name: p.grad.clone() for name, p in params.items()})
+    model.zero_grad(set_to_none=True)
+    return individual, torch.stack([torch.sqrt(sum(g.square().sum() for g in grads.values()))
+                                    for grads in individual])
+
+
 def assert_exact_per_sample(model: nn.Module, batch: dict) -> None:
     """Per-sample norms equal one backward pass per sample, and the summed per-sample
     gradients equal the batch gradient, in float64, for every trainable parameter."""
     task = TASKS.build("classification", {})
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    individual = []
-    for i in range(B):
-        model.zero_grad(set_to_none=True)
-        _summed_loss(model, task, {k: v[i:i + 1] for k, v in batch.items()}).backward()
-        individual.append({n: p.grad.clone() for n, p in params.items()})
-    expected_norms = torch.stack([torch.sqrt(sum(g.square().sum() for g in grads.values()))
-                                  for grads in individual])
-    model.zero_grad(set_to_none=True)
+    individual, expected_norms = looped_per_sample(
+        model, lambda b: _summed_loss(model, task, b), batch, B)
     clipper = PerSampleClipper(model, max_grad_norm=1e12)
     with clipper.capture():
         _summed_loss(model, task, batch).backward()

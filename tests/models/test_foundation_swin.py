@@ -12,6 +12,8 @@ from monai.networks.nets import SwinUNETR
 from client.privacy.persample import PerSampleClipper, UnsupportedLayerError
 from models.foundation.monai_nets import SWIN_UNETR_TYPE, save_monai
 
+from .test_foundation import looped_per_sample
+
 # depth 2 in the first stage: its second block attends in SHIFTED windows (masked, rolled)
 SWIN2D = dict(in_channels=1, out_channels=2, feature_size=12, depths=[2, 1, 1, 1],
               num_heads=[1, 1, 2, 2], window_size=4, spatial_dims=2)
@@ -71,14 +73,7 @@ def test_per_sample_gradients_of_the_swin_lora_fine_tune_are_exact(tmp_path, arg
     kinds = {type(m).__name__ for m in model.modules()
              if any(p.requires_grad for p in m.parameters(recurse=False))}
     assert {"Linear", f"Conv{dims}d", f"ConvTranspose{dims}d"} <= kinds, kinds
-    individual = []
-    for i in range(2):
-        model.zero_grad(set_to_none=True)
-        _summed(model, task, {k: v[i:i + 1] for k, v in batch.items()}).backward()
-        individual.append({n: p.grad.clone() for n, p in params.items()})
-    norms = torch.stack([torch.sqrt(sum(g.square().sum() for g in grads.values()))
-                         for grads in individual])
-    model.zero_grad(set_to_none=True)
+    individual, norms = looped_per_sample(model, lambda b: _summed(model, task, b), batch, 2)
     c = float(norms.mean())                   # clips one sample, not the other
     clipper = PerSampleClipper(model, max_grad_norm=c)
     with clipper.capture():

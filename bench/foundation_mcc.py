@@ -34,6 +34,8 @@ ratio whose denominator is not positive is left null. Two draws: the spread is t
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import statistics
 import time
@@ -151,11 +153,59 @@ def pretrain_public(public_dir: Path, foundation_dir: Path, *, epochs: int, batc
             "started_from": f"transformers.Dinov2Model(Dinov2Config(**ENCODER)), seed {seed}"}
 
 
+def encoder_digest(foundation_dir: Path) -> str:
+    """sha256 of the pretrained encoder's weights (``PRETRAINED_NAME/model.safetensors``): what
+    ties arms measured in different sittings to one pretraining."""
+    return hashlib.sha256((foundation_dir / PRETRAINED_NAME / "model.safetensors").read_bytes()
+                          ).hexdigest()
+
+
+PUBLIC_RECORD = "public_pretraining.json"     # in --work: how the encoder there was made
+
+
+def public_pretraining(work: Path, foundation_dir: Path, wanted: dict, pretrain) -> dict:
+    """The public pretraining's record, with the encoder's ``sha256``: reused from ``work``
+    when an earlier sitting made it with the ``wanted`` settings (and its weights still hash
+    to what it recorded), else ``pretrain()`` runs and its record is kept there."""
+    record_path = work / PUBLIC_RECORD
+    if record_path.exists() and (foundation_dir / PRETRAINED_NAME).is_dir():
+        record = json.loads(record_path.read_text())
+        if record.get("wanted") == wanted and record.get("sha256") == encoder_digest(
+                foundation_dir):
+            return record | {"reused": True}
+    record = pretrain() | {"wanted": wanted}
+    record["sha256"] = encoder_digest(foundation_dir)
+    record_path.write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def previous_draws(old: dict, settings: dict, digest: str) -> dict[int, dict]:
+    """``--resume``: the draws (with the arms they finished) of an earlier result ``old``
+    (its ``mcc`` part) measured with these ``settings`` (the draws list aside) and the same
+    pretrained encoder (``digest``); anything else is refused rather than mixed in."""
+    if not old:
+        return {}
+    mine = {k: v for k, v in settings.items() if k != "draws"}
+    theirs = {k: v for k, v in old.get("settings", {}).items() if k != "draws"}
+    differ = {k: (theirs.get(k), v) for k, v in mine.items()
+              if json.dumps(theirs.get(k)) != json.dumps(v)}
+    if differ:
+        raise ValueError(f"--resume: the earlier arms were measured with other settings "
+                         f"(file, now): {differ}; use another --name")
+    had = old.get("public_pretraining", {}).get("sha256")
+    if had != digest:
+        raise ValueError(f"--resume: the earlier arms used another pretrained encoder "
+                         f"(sha256 {str(had)[:12]}, now {digest[:12]}); keep its --work folder")
+    return {int(seed): draw for seed, draw in old.get("draws", {}).items()
+            if int(seed) in settings["draws"]}
+
+
 # ---------------------------------------------------------------- one draw of sites
 def run_draw(seed: int, work: Path, foundation_dir: Path, settings: dict, arms: tuple[str, ...],
-             public: dict[str, set[str]], on_arm=None) -> dict:
+             public: dict[str, set[str]], on_arm=None, done: dict | None = None) -> dict:
     """Synthesize the draw's sites (+ external hospital), check them against the public
-    cohort, run ``arms``; ``on_arm(result_so_far)`` after each (a stopped run keeps them)."""
+    cohort, run ``arms``; ``on_arm(result_so_far)`` after each (a stopped run keeps them).
+    ``done``: this draw's arms finished in an earlier sitting (``--resume``), not run again."""
     from client.data.dataset import StudyDataset
     from client.data.site import load_site
     from client.runtime import label_subset
@@ -166,11 +216,16 @@ def run_draw(seed: int, work: Path, foundation_dir: Path, settings: dict, arms: 
     from .model_quality import centralized, federated
 
     root = work / f"draw-{seed}"
+    if root.exists():           # an earlier sitting's copy: the seed gives the same sites
+        import shutil
+
+        shutil.rmtree(root)
     synthesize(root, n_sites=SITES, seed=seed, external=True,
                scenario=Scenario(patients=settings["patients_per_site"], label_fraction=1.0))
     names = [f"site-{i}" for i in range(SITES)] + ["external"]
     result = {"seed": seed, "disjoint": disjointness(
-        public, {n: cohort_keys(root / n) for n in names}), "arms": {}}
+        public, {n: cohort_keys(root / n) for n in names}),
+        "arms": dict((done or {}).get("arms", {}))}
     base = [f"data.root={root}", f"runs_dir={work / 'runs'}", f"federation.num_sites={SITES}",
             f"federation.num_rounds={settings['rounds']}",
             f"train.local_epochs={settings['local_epochs']}", "tracking.log_models=false",
@@ -202,6 +257,8 @@ def run_draw(seed: int, work: Path, foundation_dir: Path, settings: dict, arms: 
     result["labelled_training_studies_per_site"] = [len(s) for s in labelled]
     result["external_studies"] = len(external_studies)
     for arm in arms:
+        if arm in result["arms"]:
+            continue
         start = time.perf_counter()
         cfg = load_experiment(overrides[arm])
         if arm == "pooled":
@@ -273,5 +330,5 @@ def targets_met(summary: dict) -> dict:
 
 
 __all__ = ["ARMS", "DRAW_SEEDS", "ENCODER", "PRETRAINED_NAME", "PUBLIC_SEED", "cohort_keys",
-           "disjointness", "pretrain_public", "public_cohort", "summarize", "targets_met",
-           "commit"]
+           "disjointness", "encoder_digest", "previous_draws", "pretrain_public",
+           "public_cohort", "public_pretraining", "summarize", "targets_met", "commit"]

@@ -3,6 +3,7 @@ pretrained encoder is written as a directory that gives its learned patch kernel
 loaded by NAME, the summary's figures, and the two halves of foundation.json merge."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -99,3 +100,63 @@ def test_each_half_keeps_the_others_keys(tmp_path, monkeypatch):
     again = fb.merged("foundation", {"lora_throughput_ratio": 0.99, "modes": {}}, "throughput")
     assert again["mm_dino_pretrained_minus_supervised_scratch"] == 0.1
     assert again["lora_throughput_ratio"] == 0.99 and again["throughput_commit"] == "abc"
+
+
+def test_public_pretraining_is_reused_only_when_made_the_same_way(tmp_path, monkeypatch):
+    monkeypatch.setattr(fm, "ENCODER", TINY)
+    encoders = tmp_path / "encoders"
+    encoders.mkdir()
+    runs = []
+
+    def pretrain():                 # stands in for the hours of central pretraining
+        runs.append(1)
+        shutil.rmtree(encoders / fm.PRETRAINED_NAME, ignore_errors=True)
+        fm.save_initial_encoder(encoders, seed=len(runs))
+        (encoders / fm.INIT_NAME).rename(encoders / fm.PRETRAINED_NAME)
+        return {"loss_per_epoch": [1.0]}
+
+    wanted = {"public_epochs": 1, "encoder": TINY}
+    first = fm.public_pretraining(tmp_path, encoders, wanted, pretrain)
+    again = fm.public_pretraining(tmp_path, encoders, wanted, pretrain)
+    assert len(runs) == 1 and again["reused"] and again["sha256"] == first["sha256"]
+    other = fm.public_pretraining(tmp_path, encoders, wanted | {"public_epochs": 2}, pretrain)
+    assert len(runs) == 2 and other["sha256"] != first["sha256"]
+    # weights changed behind the record's back: made again, not trusted
+    weights = encoders / fm.PRETRAINED_NAME / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")
+    fm.public_pretraining(tmp_path, encoders, wanted | {"public_epochs": 2}, pretrain)
+    assert len(runs) == 3
+
+
+def test_resume_keeps_finished_arms_of_the_same_settings_and_encoder_only():
+    settings = {"draws": (0, 1), "patients_per_site": 600, "rounds": 20}
+    old = {"settings": {"draws": [0], "patients_per_site": 600, "rounds": 20},
+           "public_pretraining": {"sha256": "ab" * 32},
+           "draws": {"0": _draw(supervised_scratch=0.3), "7": _draw(lora=0.1)}}
+    kept = fm.previous_draws(old, settings, "ab" * 32)
+    assert list(kept) == [0] and list(kept[0]["arms"]) == ["supervised_scratch"]
+    assert fm.previous_draws({}, settings, "ab" * 32) == {}
+    with pytest.raises(ValueError, match="rounds"):
+        fm.previous_draws(old, settings | {"rounds": 8}, "ab" * 32)
+    with pytest.raises(ValueError, match="another pretrained encoder"):
+        fm.previous_draws(old, settings, "cd" * 32)
+
+
+def test_a_resumed_draw_runs_only_the_arms_it_lacks(tmp_path, monkeypatch):
+    import bench.model_quality as mq
+
+    ran = []
+    monkeypatch.setattr(mq, "federated", lambda cfg, *a, **k: ran.append(cfg.model.name)
+                        or {"external_mcc": 0.2})
+    monkeypatch.setattr(mq, "centralized", lambda *a, **k: {"external_mcc": 0.3})
+    settings = {"patients_per_site": 6, "rounds": 1, "local_epochs": 1, "label_fraction": 0.5,
+                "lora_rank": 2, "pretrain_rounds": 1, "pretrain_epochs": 1, "dp_epsilon": 8.0}
+    monkeypatch.setattr(fm, "ENCODER", TINY)
+    fm.save_initial_encoder(tmp_path / "encoders")
+    (tmp_path / "encoders" / fm.INIT_NAME).rename(tmp_path / "encoders" / fm.PRETRAINED_NAME)
+    public = fm.cohort_keys(fm.public_cohort(tmp_path / "public", patients=4))
+    done = _draw(supervised_scratch=0.1)
+    out = fm.run_draw(0, tmp_path, tmp_path / "encoders", settings,
+                      ("supervised_scratch", "lora"), public, done=done)
+    assert out["arms"]["supervised_scratch"] == done["arms"]["supervised_scratch"]
+    assert ran == ["foundation"] and out["arms"]["lora"]["external_mcc"] == 0.2

@@ -19,6 +19,9 @@ DP-SGD (client/privacy/persample.py): every parameter this module adds lives in 
 ``nn.Linear`` called once per forward pass with the sample as its first dimension - the
 per-channel patch embeddings, the channel embedding (a bias-free Linear applied to one-hot
 channel indicators) and the head - so LoRA fine-tuning is covered by the exact per-sample rule.
+A family whose encoder folds channels or windows into the batch (SAM) declares the folding
+layer types (``batch_major_folds``, the clipper's ``FoldsBatch``) so their rows are regrouped
+per sample.
 """
 
 from __future__ import annotations
@@ -129,8 +132,16 @@ class FoundationBackbone(nn.Module):
 
     @property
     def dp_unsupported(self) -> str | None:
-        """Why DP-SGD's per-sample rule does not hold for this family, or None."""
-        return self.seams.dp_unsupported
+        """Why DP-SGD's per-sample rule does not hold for this family, or for this family
+        with the configured method, or None."""
+        return (self.seams.dp_unsupported
+                or self.seams.dp_refused_methods.get(self.config.method))
+
+    @property
+    def batch_major_folds(self) -> tuple[type[nn.Module], ...]:
+        """Module types of the encoder whose rows fold further items into the batch,
+        sample-major (the clipper's ``FoldsBatch``: SAM's layers; none for the others)."""
+        return self.seams.batch_major_folds(self.encoder)
 
     @property
     def input_shape(self) -> tuple[int, ...]:

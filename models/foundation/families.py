@@ -12,6 +12,8 @@ module names, and ``timm_family.TimmViTSeams`` its seams.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import ClassVar, Protocol
 
 import torch
@@ -29,6 +31,7 @@ class FamilySeams(Protocol):
     has_cls: ClassVar[bool]
     lora_targets: ClassVar[tuple[str, ...]]     # attention projections LoRA adapts by default
     dp_unsupported: ClassVar[str | None]        # why DP-SGD's per-sample rule cannot hold
+    dp_refused_methods: ClassVar[Mapping[str, str]]   # method -> why DP-SGD cannot cover it
     masks_tokens: ClassVar[bool]                # ``encode`` honours a per-token key mask
 
     def patch_kernel(self, encoder: nn.Module) -> tuple[Tensor, Tensor | None]:
@@ -53,6 +56,13 @@ class FamilySeams(Protocol):
         """Parts of the loaded model our forward never uses (frozen, so nothing expects a
         gradient for them)."""
 
+    def batch_major_folds(self, encoder: nn.Module) -> tuple[type[nn.Module], ...]:
+        """Module types under which ``encode`` folds further items into the batch dimension,
+        sample-major (DP-SGD's clipper regroups their Linear rows per sample); () if none."""
+
+
+NO_REFUSED_METHODS: Mapping[str, str] = MappingProxyType({})
+
 
 def _interpolate_grid(pos: Tensor, grid: int) -> Tensor:
     """``[1, G*G, D]`` or ``[1, G, G, D]`` -> ``[1, grid*grid, D]`` (bicubic, as HF does)."""
@@ -71,6 +81,7 @@ class _HFViTLike:
 
     has_cls: ClassVar[bool] = True
     dp_unsupported: ClassVar[str | None] = None
+    dp_refused_methods: ClassVar[Mapping[str, str]] = NO_REFUSED_METHODS
     masks_tokens: ClassVar[bool] = True
 
     def patch_size(self, encoder):
@@ -132,6 +143,9 @@ class _HFViTLike:
         if getattr(encoder, "pooler", None) is not None:
             out.append(encoder.pooler)
         return out
+
+    def batch_major_folds(self, encoder):
+        return ()        # one row per sample in every layer
 
 
 class Dinov2Seams(_HFViTLike):
@@ -195,15 +209,29 @@ class SamSeams:
     """SAM's image encoder: windowed attention over a ``[B, H, W, D]`` grid with relative
     positions, and no attention-mask argument. Each channel is therefore encoded as its own
     grid (channels folded into the batch) and fused by the pooled mean over present channels:
-    absent channels never meet the present ones, which is exact masking without a mask."""
+    absent channels never meet the present ones, which is exact masking without a mask.
+
+    DP-SGD: inside every ``SamVisionLayer`` the rows are sample-major folds of the batch -
+    ``encode`` folds channels (``[B*S, g, g, D]``, sample i's channels are rows
+    ``i*S .. i*S+S-1``), a windowed layer's ``window_partition`` pads the grid to a multiple
+    of the window and folds windows after that (``[B*S*nW, w, w, D]``, a reshape then a
+    permute that keeps the batch index outermost), a global layer keeps ``[B*S, g, g, D]``.
+    The layer is declared (``batch_major_folds``) so the clipper sums a sample's rows: LoRA
+    (on ``qkv``, and on ``proj``/``lin1``/``lin2`` when targeted) and a linear probe are
+    exact. ``method=full`` is refused: it trains the relative-position tables
+    (``rel_pos_h``/``rel_pos_w``), the absolute position grid and the LayerNorms inside the
+    folded layers, none of which has a per-sample rule for folded rows.
+    """
 
     name = "sam"
     has_cls = False
     masks_tokens = False     # no attention-mask argument: a hidden token cannot be hidden
     lora_targets = ("qkv",)
-    dp_unsupported = ("SAM's windowed attention folds windows (and here channels) into the "
-                      "batch dimension, so a layer's input no longer has one row per sample; "
-                      "per-sample clipping needs a rule for grouped rows first")
+    dp_unsupported = None
+    dp_refused_methods = MappingProxyType({
+        "full": "method=full trains SAM's relative-position tables, position grid and the "
+                "LayerNorms of its window-folded layers, which have no exact per-sample "
+                "gradient rule; use method=lora or linear_probe"})
 
     def patch_size(self, encoder):
         p = encoder.config.patch_size
@@ -234,6 +262,14 @@ class SamSeams:
 
     def unused(self, encoder):
         return [encoder.patch_embed.projection, encoder.neck]
+
+    def batch_major_folds(self, encoder):
+        # The layers ``encode`` calls: every module inside one sees sample-major folds (see
+        # the class docstring); nothing outside one does (our patch embeddings and head see
+        # one row per sample). The neck, which would see [B*S, ...] too, is frozen (unused).
+        from transformers.models.sam.modeling_sam import SamVisionLayer
+
+        return (SamVisionLayer,)
 
 
 FAMILIES: dict[str, type] = {cls.name: cls for cls in

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from types import MappingProxyType
 
 import torch
 import torch.nn.functional as F
@@ -191,6 +192,7 @@ class MonaiViTSeams:
     name = VIT_TYPE
     lora_targets = ("qkv",)        # SABlock's fused q/k/v Linear (out_proj: pass it as a target)
     dp_unsupported = None
+    dp_refused_methods = MappingProxyType({})
     masks_tokens = True
 
     def __init__(self, constructor: dict | None = None):
@@ -241,6 +243,9 @@ class MonaiViTSeams:
     def unused(self, encoder):
         head = getattr(encoder, "classification_head", None)
         return [encoder.patch_embedding.patch_embeddings] + ([head] if head is not None else [])
+
+    def batch_major_folds(self, encoder):
+        return ()        # one row per sample in every layer
 
 
 __all__ = ["CLASS_TYPES", "MONAI_CLASSES", "MonaiViTSeams", "NOT_A_BACKBONE", "SWIN_UNETR_TYPE",

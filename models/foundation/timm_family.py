@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import MappingProxyType
 
 import torch
 from torch import Tensor, nn
@@ -27,6 +28,7 @@ class TimmViTSeams:
     name = TIMM_FAMILY
     lora_targets = ("qkv",)
     dp_unsupported = None
+    dp_refused_methods = MappingProxyType({})
     masks_tokens = True
 
     def __init__(self, has_cls: bool = True):
@@ -81,6 +83,9 @@ class TimmViTSeams:
     def unused(self, encoder):
         return [encoder.patch_embed.proj] + ([encoder.head] if isinstance(encoder.head, nn.Linear)
                                              else [])
+
+    def batch_major_folds(self, encoder):
+        return ()        # one row per sample in every layer
 
 
 def load_timm_vit(directory: Path, config: dict):

@@ -159,7 +159,8 @@ def validate_foundation(cfg: ExperimentConfig) -> None:
     refusal = directory_refusal(directory, cfg.task.name, method)
     if refusal:
         raise ConfigError(f"model.options.weights={name}: {refusal}")
-    reason = FAMILIES[family].dp_unsupported        # a property of the family (class level)
+    # properties of the family (class level): the whole family, or this method on it
+    reason = FAMILIES[family].dp_unsupported or FAMILIES[family].dp_refused_methods.get(method)
     if cfg.privacy.mechanism == wire.DP_SGD and reason:
         raise ConfigError(f"privacy.mechanism=dp-sgd refused for a {family} foundation model: "
                           f"{reason}; use privacy=sitedp or another family")

@@ -208,22 +208,30 @@ def test_a_site_refuses_another_key_set_or_base_weights_from_the_coordinator(enc
         load_global(model, _content(trainable, frozen), job, site_context(None), site_base=True)
 
 
-# ---------------------------------------------------------------- 5. DP refuses SAM
+# ---------------------------------------------------------------- 5. DP and SAM
 
-def test_dp_sgd_with_a_sam_foundation_model_is_refused_in_one_line(encoders):
-    dp = ["privacy=dpsgd", "model.options.weights=sam"]
-    with pytest.raises(ConfigError, match="dp-sgd refused for a sam foundation model") as err:
-        experiment(encoders, *dp)
+def test_dp_sgd_takes_sam_lora_and_refuses_sam_full_in_one_line(encoders):
+    sam = ["model.options.weights=sam"]
+    assert experiment(encoders, "privacy=dpsgd", *sam).privacy.mechanism == wire.DP_SGD
+    full = ["privacy=dpsgd", *sam, "model.options.method=full"]
+    with pytest.raises(ConfigError, match="dp-sgd refused for a sam foundation model: "
+                                          "method=full") as err:
+        experiment(encoders, *full)
     assert "\n" not in str(err.value)
-    # a site refuses it too, before training or charging its budget (a coordinator may not
-    # validate): the same line, as a privacy refusal
-    cfg = experiment(encoders, "model.options.weights=sam")
-    _, digest = server_side(cfg)
-    record = job_config(experiment(encoders, "privacy=dpsgd"), "run-x", base_digest=digest)
-    record[wire.MODEL_OPTIONS] = json.dumps(json.loads(record[wire.MODEL_OPTIONS])
-                                            | {"weights": "sam"})
-    job = decode_job(record, site_seed=0)
-    model, _ = job.build(foundation_dir=encoders / "coordinator")
-    with pytest.raises(PrivacyRefused, match="dp-sgd refused for this foundation model") as site:
-        check_site_model(model, job)
-    assert "\n" not in str(site.value)
+    # a site decides for itself, before training or charging its budget (a coordinator may
+    # not validate): LoRA passes, full is refused with the same line, as a privacy refusal
+    for method, refused in (("lora", False), ("full", True)):
+        cfg = experiment(encoders, *sam, f"model.options.method={method}")
+        _, digest = server_side(cfg)
+        record = job_config(experiment(encoders, "privacy=dpsgd"), "run-x", base_digest=digest)
+        record[wire.MODEL_OPTIONS] = json.dumps(json.loads(record[wire.MODEL_OPTIONS])
+                                                | {"weights": "sam", "method": method})
+        job = decode_job(record, site_seed=0)
+        model, _ = job.build(foundation_dir=encoders / "coordinator")
+        if not refused:
+            assert check_site_model(model, job)
+            continue
+        with pytest.raises(PrivacyRefused, match="dp-sgd refused for this foundation model: "
+                                                 "method=full") as site:
+            check_site_model(model, job)
+        assert "\n" not in str(site.value)

@@ -19,6 +19,7 @@ from models.foundation import base_digest, dp_refusal, site_owned_base
 from protocol import wire
 from protocol.job import JobSpec
 
+from .privacy.dpsgd import clipping_refusal
 from .privacy.policy import PrivacyRefused
 
 
@@ -45,10 +46,23 @@ def check_site_model(model: nn.Module, job: JobSpec) -> bool:
     FoundationRefused
         No digest in the job, or another digest than this site's base gives.
     PrivacyRefused
-        DP-SGD requested for a backbone family whose per-sample rule does not hold.
+        DP-SGD requested for a model it cannot cover: a backbone family (or method) whose
+        per-sample rule does not hold, or - any model - a trainable layer the exact clipper
+        has no rule for (``client.privacy.dpsgd.clipping_refusal``). Asked here, before the
+        ledger is charged: the clipper itself is built only once training starts.
     """
-    if not site_owned_base(model):
-        return False
+    site_base = site_owned_base(model)
+    if site_base:
+        _check_base(model, job)
+    if job.privacy.mechanism == wire.DP_SGD:
+        reason = (dp_refusal(model) if site_base else None) or clipping_refusal(model)
+        if reason:
+            what = "this foundation model" if site_base else f"model {job.model_name!r}"
+            raise PrivacyRefused(f"privacy.mechanism=dp-sgd refused for {what}: {reason}")
+    return site_base
+
+
+def _check_base(model: nn.Module, job: JobSpec) -> None:
     if not job.base_digest:
         raise FoundationRefused("the job names a foundation model but no base digest "
                                 f"({wire.BASE_DIGEST!r}); this site will not train an "
@@ -59,12 +73,6 @@ def check_site_model(model: nn.Module, job: JobSpec) -> bool:
             f"this site's foundation weights {job.model_options.get('weights')!r} differ from "
             f"the coordinator's (frozen-base digest {own[:12]} here, {job.base_digest[:12]} in "
             "the job); put the same weights in this site's foundation-dir")
-    if job.privacy.mechanism == wire.DP_SGD:
-        reason = dp_refusal(model)
-        if reason:
-            raise PrivacyRefused(f"privacy.mechanism=dp-sgd refused for this foundation model: "
-                                 f"{reason}")
-    return True
 
 
 def expected_arrays(model: nn.Module, local: list[str]) -> set[str]:

@@ -21,7 +21,18 @@ from randomgen import AESCounter
 from torch import nn
 
 from .noise import GaussianNoise
-from .persample import PerSampleClipper
+from .persample import PerSampleClipper, UnsupportedLayerError
+
+
+def clipping_refusal(model: nn.Module) -> str | None:
+    """Why exact per-sample clipping cannot cover every trainable parameter of ``model``
+    (the clipper's own admission check, which names each uncovered layer), or None. Cheap: no
+    hook is registered, nothing runs; a site asks it before a DP-SGD round is charged."""
+    try:
+        PerSampleClipper(model, 1.0)
+    except UnsupportedLayerError as err:
+        return str(err)
+    return None
 
 
 @dataclass(frozen=True)

@@ -168,7 +168,7 @@ def validate_foundation(cfg: ExperimentConfig) -> None:
         # the site's clipper refuses them too (by layer name); say so before any site starts
         raise ConfigError(f"privacy.mechanism=dp-sgd refused for method={method}: its "
                           "magnitude/scaling vectors have no per-sample gradient rule; use "
-                          "method=lora or full, or privacy=sitedp")
+                          "method=lora (or linear_probe), or privacy=sitedp")
 
 
 def _validate_swin(cfg: ExperimentConfig, method: str, constructor: dict) -> None:

@@ -235,3 +235,24 @@ def test_dp_sgd_takes_sam_lora_and_refuses_sam_full_in_one_line(encoders):
                                                  "method=full") as site:
             check_site_model(model, job)
         assert "\n" not in str(site.value)
+
+
+def test_dp_sgd_on_layers_the_clipper_cannot_cover_is_refused_before_the_round_is_charged(
+        encoders):
+    """Dinov2 ``method=full``: its class/position embeddings and layer scales have no exact
+    per-sample rule. The coordinator's validation does not know every layer; the site's
+    check, which runs before ``admit_round`` charges the ledger, asks the clipper itself."""
+    cfg = experiment(encoders, "model.options.method=full")
+    _, digest = server_side(cfg)
+    record = job_config(experiment(encoders, "privacy=dpsgd"), "run-x", base_digest=digest)
+    record[wire.MODEL_OPTIONS] = json.dumps(json.loads(record[wire.MODEL_OPTIONS])
+                                            | {"method": "full"})
+    job = decode_job(record, site_seed=0)
+    model, _ = job.build(foundation_dir=encoders / "coordinator")
+    with pytest.raises(PrivacyRefused, match="dp-sgd refused .*no exact per-sample gradient "
+                                             "rule .*embeddings") as err:
+        check_site_model(model, job)
+    assert "\n" not in str(err.value)
+    # the same model without DP-SGD, and LoRA under DP-SGD, are accepted
+    plain = decode_job(job_config(cfg, "run-x", base_digest=digest), site_seed=0)
+    check_site_model(model, plain)

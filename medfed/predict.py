@@ -183,6 +183,8 @@ def predict(model_uri: str, data_dir: Path | str, *, key: bytes | None,
     """
     from .predict_masks import check_out_dir, segment
 
+    if min_voxels < 1:
+        raise PredictError(f"--min-voxels must be >= 1, got {min_voxels}")
     model, spec = load_version(model_uri, tracking_uri)
     if spec.segmentation:
         check_out_dir(out, force=force)

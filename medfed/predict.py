@@ -22,10 +22,14 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from protocol.serving import ServingSpec, ServingSpecError
+
+if TYPE_CHECKING:
+    from .predict_masks import MaskPredictions
 
 _MODEL_URI = re.compile(r"^models:/(?P<name>[^/]+)/(?P<version>\d+)$")
 BATCH = 32
@@ -161,7 +165,7 @@ def score_batches(model, spec: ServingSpec, dataset, batch: int = BATCH):
 
 def predict(model_uri: str, data_dir: Path | str, *, key: bytes | None,
             tracking_uri: str | None = None, out: Path | None = None, force: bool = False,
-            min_voxels: int = 1):
+            min_voxels: int = 1) -> Predictions | MaskPredictions:
     """Score every readable study in ``data_dir`` with a registered version; study keys are
     pseudonyms under ``key`` (the site's secret, :func:`site_pseudonym_key`).
 

@@ -114,10 +114,9 @@ def segment(batches: Iterable[tuple[int, np.ndarray]], spec: ServingSpec, keys: 
     """Write each study's mask (argmax over classes) and ``predictions.csv`` into ``out``
     (checked by :func:`check_out_dir`); ``batches``: ``(start, probabilities [b, C,
     *spatial])`` in study order (:func:`medfed.predict.score_batches`), one in memory at a
-    time. Earlier masks in ``out/masks`` are removed first: a study missing this time must
+    time; ``min_voxels`` >= 1 (:func:`medfed.predict.predict` checks it before loading the
+    version). Earlier masks in ``out/masks`` are removed first: a study missing this time must
     not keep its old mask."""
-    if min_voxels < 1:
-        raise PredictError(f"--min-voxels must be >= 1, got {min_voxels}")
     if any(_PSEUDONYM.fullmatch(k) is None for k in keys):
         # never the case for the readers' keys; checked because they become file names
         raise PredictError("a study key is not a pseudonym (16 hex digits); no file written")

@@ -213,3 +213,28 @@ def test_a_3d_network_under_a_2d_layout_is_refused_before_reading(encoders, tiny
     assert code == 2 and "takes studies of shape [4, 32, 32, 32]" in line
     assert "brain_mri_4seq (2d_slice) gives [4, 64, 64]" in line
     assert not any(out.iterdir())
+
+
+def test_only_pseudonyms_name_mask_files(tmp_path):
+    """Keys become file names: one that is not a pseudonym (a path, a UID) writes nothing."""
+    from collections import Counter
+
+    from client.data.layout import load_layout
+    from medfed.predict import PredictError
+    from medfed.predict_masks import segment
+
+    spec = ServingSpec(layout=load_layout("brain_mri_4seq"), class_names=SEGMENTATION_CLASS_NAMES,
+                       task="segmentation", output="voxel_softmax", image_size=32)
+    probs = np.random.default_rng(0).dirichlet([1, 1], size=(2, 32, 32)).astype(np.float32)
+    batches = [(0, probs.transpose(0, 3, 1, 2))]                    # [2, 2, 32, 32]
+    for bad in ("../../escaped", "1.2.840.113619.2.55.3"):
+        with pytest.raises(PredictError, match="not a pseudonym"):
+            segment(iter(batches), spec, ["0123456789abcdef", bad], tmp_path,
+                    skipped=Counter(), files=2)
+        assert not any(tmp_path.rglob("*"))
+    result = segment(iter(batches), spec, ["0123456789abcdef", "fedcba9876543210"], tmp_path,
+                     skipped=Counter(), files=2, min_voxels=10**6)
+    assert sorted(p.name for p in (tmp_path / "masks").iterdir()) == \
+        ["0123456789abcdef.npy", "fedcba9876543210.npy"]
+    assert result.predicted() == ["background", "background"]       # threshold not reached
+    assert (result.voxels[:, 0] == (probs.argmax(-1) == 1).sum((1, 2))).all()

@@ -179,39 +179,59 @@ def test_predict_refuses_what_cannot_work_with_one_line(seg_version, tiny_sites,
     assert "--min-voxels must be >= 1" in one_error(capsys.readouterr())
 
 
-def test_a_3d_network_under_a_2d_layout_is_refused_before_reading(encoders, tiny_sites,
-                                                                  tmp_path, capsys):
-    """Metadata that describes a 2D layout on a 3D SwinUNETR (written by hand: the server
-    records none for it) is refused from the version's signature, before a study is read."""
+def log_by_hand(exported, returns: tuple[int, ...], spec: ServingSpec, tmp_path: Path) -> str:
+    """Register ``exported`` (per study: ``returns``) with ``spec``'s metadata (the server
+    records none for a model it does not describe: a hand-made or tampered version); its
+    tracking URI."""
     import mlflow
     from mlflow.models import infer_signature
 
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(tracking)
+    signature = infer_signature(np.zeros((1, *exported.input_shape), np.float32),
+                                np.zeros((1, *returns), np.float32))
+    with mlflow.start_run():
+        mlflow.pytorch.log_model(exported, name="hand", registered_model_name="hand",
+                                 signature=signature, metadata=spec.to_metadata(),
+                                 pip_requirements=["torch"], serialization_format="pickle")
+    return tracking
+
+
+@pytest.mark.parametrize("network", ["3d_segmenter", "classifier"])
+def test_a_network_its_metadata_does_not_describe_is_refused_before_reading(
+        network, encoders, tiny_sites, tmp_path, capsys):
+    """Segmentation metadata for the brain layout (2D, 64^2) on a 3D SwinUNETR, or on a
+    classifier: refused from the version's signature, before a study is read."""
     from client.data.layout import load_layout
     from models.serving import servable
     from models.tasks import build
 
-    model, _ = build("foundation_swin", {"weights": "swin-3d", "num_channels": 4,
-                                         "image_size": 32, "spatial_dims": 3, "lora_rank": 2},
-                     "segmentation", {}, foundation_dir=encoders)
-    exported = servable(model).eval()
-    spec = ServingSpec(layout=load_layout("brain_mri_4seq"), class_names=SEGMENTATION_CLASS_NAMES,
-                       task="segmentation", output="voxel_softmax", image_size=64)
-    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    mlflow.set_tracking_uri(tracking)
-    signature = infer_signature(np.zeros((1, 4, 32, 32, 32), np.float32),
-                                np.zeros((1, 2, 32, 32, 32), np.float32))
-    with mlflow.start_run():
-        mlflow.pytorch.log_model(exported, name="seg3d", registered_model_name="seg3d",
-                                 signature=signature, metadata=spec.to_metadata(),
-                                 pip_requirements=["torch"], serialization_format="pickle")
+    if network == "3d_segmenter":
+        model, _ = build("foundation_swin", {"weights": "swin-3d", "num_channels": 4,
+                                             "image_size": 32, "spatial_dims": 3,
+                                             "lora_rank": 2},
+                         "segmentation", {}, foundation_dir=encoders)
+        returns = (2, 32, 32, 32)
+        expected = ["takes studies of shape [4, 32, 32, 32]",
+                    "brain_mri_4seq (2d_slice) gives [4, 64, 64]"]
+    else:
+        cfg = load_experiment(["experiment=smoke", "task.image_size=64",
+                               f"runs_dir={tmp_path / 'runs'}"])
+        model, _ = build(cfg.model.name, cfg.model_options(), cfg.task.name,
+                         cfg.task_options())
+        returns = (3,)
+        expected = ["returns [3] per study", "(voxel_softmax) says [2, 64, 64]"]
+    spec = ServingSpec(layout=load_layout("brain_mri_4seq"),
+                       class_names=SEGMENTATION_CLASS_NAMES, task="segmentation",
+                       output="voxel_softmax", image_size=64)
+    tracking = log_by_hand(servable(model).eval(), returns, spec, tmp_path)
     capsys.readouterr()                          # MLflow's own lines while registering
     out = tmp_path / "out"
     out.mkdir()
-    code = run_predict("models:/seg3d/1", tracking, tiny_sites / "site-0", tmp_path / "state",
+    code = run_predict("models:/hand/1", tracking, tiny_sites / "site-0", tmp_path / "state",
                        "--out", str(out))
     line = one_error(capsys.readouterr())
-    assert code == 2 and "takes studies of shape [4, 32, 32, 32]" in line
-    assert "brain_mri_4seq (2d_slice) gives [4, 64, 64]" in line
+    assert code == 2 and all(e in line for e in expected), line
     assert not any(out.iterdir())
 
 

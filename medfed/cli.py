@@ -261,15 +261,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="score new DICOM studies with a registered model "
                                        "version: its layout and preprocessing, one CSV row "
-                                       "per study (pseudonymous key, probabilities, class)")
+                                       "per study (pseudonymous key, probabilities, class; "
+                                       "a segmenter: lesion voxels, and a mask per study)")
     p.add_argument("--model", required=True, help="models:/NAME/VERSION")
     p.add_argument("--data-dir", required=True, help="site folder with a dicom/ subfolder")
     p.add_argument("--tracking-uri", help="MLflow store, e.g. sqlite:///runs/<run>/mlflow.db "
                                           "(default: MLFLOW_TRACKING_URI)")
     p.add_argument("--privacy-dir", help="the site's state folder holding its pseudonym key, "
                                          "as for `medfed site` (default DATA_DIR/.medfed)")
-    p.add_argument("--out", help="CSV file to write (default: stdout)")
-    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.add_argument("--out", help="CSV file to write (default: stdout); for a segmentation "
+                                 "version an existing folder, which receives predictions.csv "
+                                 "and masks/<study key>.npy")
+    p.add_argument("--force", action="store_true", help="replace an existing --out (or the "
+                                                        "predictions in it)")
+    p.add_argument("--min-voxels", type=int, default=1,
+                   help="segmentation: a study's lesion is present when at least this many "
+                        "voxels of its mask are lesion (default 1)")
     p.set_defaults(func=Handler("models", "predict"))
 
     p = sub.add_parser("audit", help="one-run canary audit of the DP-SGD path on a site's data "

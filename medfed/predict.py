@@ -9,8 +9,9 @@ transforms of :class:`client.data.dataset.StudyDataset`; the stock MLflow pyfunc
 
 Out comes one row per study: its pseudonymous key (under the site's own pseudonym secret,
 :mod:`client.data.pseudonyms`, the key its deployed ClientApp uses), one probability per
-class, the predicted class. No DICOM header value, UID or path
-reaches a row or a log line; what could not be read is counted by reason.
+class, the predicted class; a segmentation version (``voxel_softmax``) also writes each
+study's mask (:mod:`medfed.predict_masks`). No DICOM header value, UID or path
+reaches a row, a file name or a log line; what could not be read is counted by reason.
 """
 
 from __future__ import annotations
@@ -21,10 +22,14 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from protocol.serving import ServingSpec, ServingSpecError
+
+if TYPE_CHECKING:
+    from .predict_masks import MaskPredictions
 
 _MODEL_URI = re.compile(r"^models:/(?P<name>[^/]+)/(?P<version>\d+)$")
 BATCH = 32
@@ -89,7 +94,34 @@ def load_version(model_uri: str, tracking_uri: str | None = None):
         spec = ServingSpec.from_metadata(model.metadata.metadata)
     except ServingSpecError as err:
         raise PredictError(f"{model_uri}: {err}") from None
+    _check_signature(model_uri, model.metadata.signature, spec)
     return model, spec
+
+
+def _check_signature(model_uri: str, signature, spec: ServingSpec) -> None:
+    """The version's tensor signature takes what its layout's preprocessing gives and returns
+    what its output kind says, before any study is read (e.g. a 3D network under a 2D layout)."""
+    from mlflow.types import TensorSpec
+
+    def shape(schema) -> tuple[int, ...] | None:
+        inputs = schema.inputs if schema is not None else []
+        return tuple(inputs[0].shape[1:]) if len(inputs) == 1 and \
+            isinstance(inputs[0], TensorSpec) else None
+
+    if signature is None:
+        raise PredictError(f"{model_uri} has no tensor signature; register it again with "
+                           "this MedFed")
+    dims = spec.layout.dims
+    takes, gives = shape(signature.inputs), tuple(spec.preprocessing()["input_shape"])
+    if takes != gives:
+        raise PredictError(f"{model_uri} takes studies of shape {list(takes or [])} but its "
+                           f"layout {spec.layout.name} ({dims}) gives {list(gives)}: it "
+                           "cannot score them; register it with the layout it was trained on")
+    returns, expected = shape(signature.outputs), spec.output_shape()
+    if returns != expected:
+        raise PredictError(f"{model_uri} returns {list(returns or [])} per study but its "
+                           f"metadata ({spec.output}) says {list(expected)}; register it "
+                           "again with this MedFed")
 
 
 def site_pseudonym_key(data_dir: Path, privacy_dir: Path | str | None = None) -> bytes:
@@ -114,29 +146,58 @@ def read_studies(data_dir: Path, spec: ServingSpec, key: bytes | None):
     return data, StudyDataset(data.studies, spec.image_size, **dataset_options(spec.site_layout))
 
 
+def score_batches(model, spec: ServingSpec, dataset, batch: int = BATCH):
+    """``(start, outputs [b, *spec.output_shape()])`` per batch of ``dataset``'s studies,
+    scored by the pyfunc ``model``: one batch of images in memory at a time."""
+    expected = tuple(spec.preprocessing()["input_shape"])
+    for start in range(0, len(dataset), batch):
+        images = np.stack([dataset[i]["image"].numpy()
+                           for i in range(start, min(start + batch, len(dataset)))])
+        if images.shape[1:] != expected:
+            raise PredictError(f"preprocessed studies have shape {images.shape[1:]}, the "
+                               f"version expects {expected}")
+        out = np.asarray(model.predict(images), dtype=np.float32)
+        if out.shape != (len(images), *spec.output_shape()):
+            raise PredictError(f"the model returned shape {out.shape}, expected "
+                               f"{(len(images), *spec.output_shape())}")
+        yield start, out
+
+
 def predict(model_uri: str, data_dir: Path | str, *, key: bytes | None,
-            tracking_uri: str | None = None) -> Predictions:
+            tracking_uri: str | None = None, out: Path | None = None, force: bool = False,
+            min_voxels: int = 1) -> Predictions | MaskPredictions:
     """Score every readable study in ``data_dir`` with a registered version; study keys are
     pseudonyms under ``key`` (the site's secret, :func:`site_pseudonym_key`).
+
+    A classifier gives :class:`Predictions` (its CSV for ``out``, a file, which the caller
+    writes). A segmentation version writes each study's mask and the CSV into ``out``, an
+    existing folder (:mod:`medfed.predict_masks`; a class is present from ``min_voxels``
+    voxels), and gives :class:`medfed.predict_masks.MaskPredictions`. Either way ``out`` is
+    checked before any study is read; ``force`` replaces earlier predictions there.
 
     Raises
     ------
     PredictError
-        The version cannot be loaded or carries no serving metadata.
+        The version cannot be loaded, carries no serving metadata, or cannot score the
+        layout's studies; a segmentation version without an existing ``out`` folder.
+    FileExistsError
+        ``out`` holds earlier predictions and ``force`` is not set.
     client.data.site.SiteDataError
         ``data_dir`` holds no readable study (the message counts the skips by reason).
     """
+    from .predict_masks import check_out_dir, segment
+
+    if min_voxels < 1:
+        raise PredictError(f"--min-voxels must be >= 1, got {min_voxels}")
     model, spec = load_version(model_uri, tracking_uri)
+    if spec.segmentation:
+        check_out_dir(out, force=force)
+    elif out is not None and out.exists() and not force:
+        raise FileExistsError(f"{out} exists; pass --force to replace it")
     data, dataset = read_studies(Path(data_dir), spec, key)
-    images = np.stack([dataset[i]["image"].numpy() for i in range(len(dataset))])
-    expected = tuple(spec.preprocessing()["input_shape"])
-    if images.shape[1:] != expected:
-        raise PredictError(f"preprocessed studies have shape {images.shape[1:]}, the version "
-                           f"expects {expected}")
-    probs = np.concatenate([np.asarray(model.predict(images[i:i + BATCH]), dtype=np.float32)
-                            for i in range(0, len(images), BATCH)])
-    if probs.shape != (len(images), len(spec.class_names)):
-        raise PredictError(f"the model returned shape {probs.shape}, expected "
-                           f"{(len(images), len(spec.class_names))} (one column per class)")
-    return Predictions(spec, [s.key for s in data.studies], probs, Counter(data.report.skipped),
-                       data.report.files)
+    skipped, keys = Counter(data.report.skipped), [s.key for s in data.studies]
+    if spec.segmentation:
+        return segment(score_batches(model, spec, dataset), spec, keys, Path(out),
+                       skipped=skipped, files=data.report.files, min_voxels=min_voxels)
+    probs = np.concatenate([scores for _, scores in score_batches(model, spec, dataset)])
+    return Predictions(spec, keys, probs, skipped, data.report.files)

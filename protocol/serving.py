@@ -1,5 +1,8 @@
 """What a registered model version needs to be scored on new studies: its modality layout, the
-preprocessing the sites applied, its class names and the kind of output it gives.
+preprocessing the sites applied, its class names and the kind of output it gives: class
+probabilities per study (``softmax``, ``sigmoid``) or, for a segmentation network (a fine-tuned
+SwinUNETR), class probabilities per voxel of the model's grid (``voxel_softmax``, class 0 the
+background: :data:`SEGMENTATION_CLASS_NAMES`).
 
 The server writes a :class:`ServingSpec` into every registered version's MLflow model
 metadata (:meth:`ServingSpec.to_metadata`, beside the pyfunc's tensor signature); ``medfed
@@ -35,7 +38,9 @@ from typing import Any, Mapping
 from .layout import DEFAULT_LAYOUT, VOLUME_AXCODES, Layout, LayoutError, check_volume_layout
 
 PREPROCESSING_VERSION = 1
-OUTPUTS = ("softmax", "sigmoid")        # multi-class probabilities; one per finding
+# per study: multi-class probabilities; one per finding. per voxel: [C, *grid] probabilities.
+OUTPUTS = ("softmax", "sigmoid", "voxel_softmax")
+SEGMENTATION_CLASS_NAMES = ("background", "lesion")    # the segmentation task's 2 classes
 
 KEY_LAYOUT = "medfed_layout"
 KEY_PREPROCESSING = "medfed_preprocessing"
@@ -50,19 +55,21 @@ class ServingSpecError(ValueError):
 
 @dataclass(frozen=True)
 class ServingSpec:
-    """How to turn a study into a registered classifier's input, and what comes out.
+    """How to turn a study into a registered model's input, and what comes out.
 
     Parameters
     ----------
     layout : Layout
         The modality layout the sites read (``brain_mri_4seq`` included).
     class_names : tuple of str
-        One output column per name, in the model's order.
+        One output column (``voxel_softmax``: one output channel) per name, in the model's
+        order; a segmenter's first is the background.
     task : str
-        The task the version was trained for (e.g. ``classification``).
+        The task the version was trained for (e.g. ``classification``, ``segmentation``).
     output : str
-        ``softmax`` (class probabilities summing to 1) or ``sigmoid`` (one independent
-        probability per finding, multi-label).
+        ``softmax`` (class probabilities summing to 1), ``sigmoid`` (one independent
+        probability per finding, multi-label) or ``voxel_softmax`` (class probabilities
+        summing to 1 at each voxel of the input grid, ``[C, *spatial]`` per study).
     image_size : int
         Side of each channel's square (3D layouts: cubic) input after resizing.
     """
@@ -79,6 +86,9 @@ class ServingSpec:
         if not self.class_names or len(set(self.class_names)) != len(self.class_names):
             raise ServingSpecError(f"class names must be distinct and non-empty, got "
                                    f"{list(self.class_names)!r}")
+        if self.output == "voxel_softmax" and len(self.class_names) < 2:
+            raise ServingSpecError(f"a segmentation output needs a background and at least "
+                                   f"one other class, got {list(self.class_names)!r}")
         if self.image_size < 1:
             raise ServingSpecError(f"image_size must be >= 1, got {self.image_size}")
         if self.layout.dims == "3d":
@@ -86,6 +96,16 @@ class ServingSpec:
                 check_volume_layout(self.layout)
             except LayoutError as err:
                 raise ServingSpecError(str(err)) from None
+
+    @property
+    def segmentation(self) -> bool:
+        """Per-voxel output (a mask per study) rather than per-study probabilities."""
+        return self.output == "voxel_softmax"
+
+    def output_shape(self) -> tuple[int, ...]:
+        """What the model gives per study: ``(C,)``, or ``(C, *spatial)`` per voxel."""
+        spatial = self.preprocessing()["input_shape"][1:] if self.segmentation else []
+        return (len(self.class_names), *spatial)
 
     @property
     def site_layout(self) -> Layout | None:
@@ -160,8 +180,8 @@ class ServingSpec:
         if missing:
             raise ServingSpecError(
                 "the model version carries no MedFed layout/preprocessing metadata (missing "
-                f"{', '.join(missing)}): it was registered by an older MedFed or is not a "
-                "classifier; register it again with this MedFed to score new studies")
+                f"{', '.join(missing)}): it was registered by an older MedFed or is an "
+                "encoder; register it again with this MedFed to score new studies")
         try:
             layout = Layout.from_dict(metadata[KEY_LAYOUT])
         except LayoutError as err:

@@ -14,10 +14,11 @@ from models.foundation import base_digest
 from models.foundation.adapt import FoundationBackbone
 from models.foundation.export import export_foundation
 from models.foundation.swin import SwinSegmenter, export_swin
-from models.serving import ExportedClassifier, plain_backbone, servable, trained_backbone
+from models.serving import (ExportedClassifier, ExportedSegmenter, plain_backbone, servable,
+                            trained_backbone)
 from models.weights import save_pretrained
 from protocol.layout import Layout
-from protocol.serving import ServingSpec
+from protocol.serving import SEGMENTATION_CLASS_NAMES, ServingSpec
 
 from .config import ExperimentConfig
 from .model_export import FLAVOR, ReusedExport
@@ -100,17 +101,23 @@ def register_version(cfg: ExperimentConfig, mlflow, client, run_id: str,
 
 def _serving_spec(cfg: ExperimentConfig, exported: torch.nn.Module, *, multi_label: bool
                   ) -> ServingSpec | None:
-    """What ``medfed predict`` needs to score new studies with a classifier version:
-    its layout (brain_mri_4seq included), the sites' preprocessing and its class names;
-    None for an encoder (a pretraining phase) or a config composed without a layout."""
-    if not isinstance(exported, ExportedClassifier) or not cfg.data.layout:
+    """What ``medfed predict`` needs to score new studies with a classifier or a segmenter
+    version: its layout (brain_mri_4seq included), the sites' preprocessing, its class names
+    (a segmenter's: background / lesion, per voxel); None for an encoder (a pretraining
+    phase) or a config composed without a layout."""
+    if not cfg.data.layout:
+        return None
+    if isinstance(exported, ExportedClassifier):
+        names, output = tuple(cfg.task.class_names), "sigmoid" if multi_label else "softmax"
+    elif isinstance(exported, ExportedSegmenter):
+        # the task's class names are the studies' (glioma grades); the network's output
+        # channels are its own two classes (SwinSegmenter's SEGMENT_CLASSES)
+        names, output = SEGMENTATION_CLASS_NAMES, "voxel_softmax"
+    else:
         return None
     try:
-        spec = ServingSpec(layout=Layout.from_dict(cfg.data.layout),
-                           class_names=tuple(cfg.task.class_names),
-                           task=cfg.task.name,
-                           output="sigmoid" if multi_label else "softmax",
-                           image_size=cfg.task.image_size)
+        spec = ServingSpec(layout=Layout.from_dict(cfg.data.layout), class_names=names,
+                           task=cfg.task.name, output=output, image_size=cfg.task.image_size)
     except ValueError as err:          # LayoutError, ServingSpecError
         log.warning("model version registered without serving metadata: %s", err)
         return None

@@ -34,27 +34,31 @@ def convert_weights(args: argparse.Namespace) -> int:
 
 
 def predict(args: argparse.Namespace) -> int:
-    """Score the studies in ``--data-dir`` with ``--model``; CSV to ``--out`` or stdout,
-    counts (studies scored, skips by reason) to stderr."""
+    """Score the studies in ``--data-dir`` with ``--model``; CSV to ``--out`` or stdout (a
+    segmentation version: CSV and masks into the ``--out`` folder), counts (studies scored,
+    skips by reason) to stderr."""
     import sys
 
     from client.data.site import dicom_folder
-    from medfed.predict import predict as run, site_pseudonym_key
+    from medfed.predict import Predictions, predict as run, site_pseudonym_key
 
     out = Path(args.out) if args.out else None
-    if out is not None and out.exists() and not args.force:
-        raise FileExistsError(f"{out} exists; pass --force to replace it")
     data_dir = Path(args.data_dir)
     dicom_folder(data_dir)              # a wrong path fails before a key is made in it
     result = run(args.model, data_dir, key=site_pseudonym_key(data_dir, args.privacy_dir),
-                 tracking_uri=args.tracking_uri)
-    text = result.to_csv()
-    if out is None:
-        sys.stdout.write(text)
-    else:
-        out.write_text(text)
+                 tracking_uri=args.tracking_uri, out=out, force=args.force,
+                 min_voxels=args.min_voxels)
+    if isinstance(result, Predictions):
+        text = result.to_csv()
+        if out is None:
+            sys.stdout.write(text)
+        else:
+            out.write_text(text)
+        where = ""
+    else:                               # a segmenter wrote its masks and CSV into --out
+        where = f" into {out} (predictions.csv, masks/)"
     skipped = ", ".join(f"{k}={v}" for k, v in sorted(result.skipped.items())) or "none"
     print(f"predicted {len(result.keys)} studies ({result.files} files read) with "
-          f"{args.model} (layout {result.spec.layout.name}); skipped: {skipped}",
+          f"{args.model} (layout {result.spec.layout.name}){where}; skipped: {skipped}",
           file=sys.stderr)
     return 0

@@ -36,7 +36,8 @@ def register(cfg, tmp_path: Path, seed: int = 0):
     from server.tracking import MlflowTracker
 
     torch.manual_seed(seed)
-    model, _ = build(cfg.model.name, cfg.model_options(), cfg.task.name, cfg.task_options())
+    model, _ = build(cfg.model.name, cfg.model_options(), cfg.task.name, cfg.task_options(),
+                     foundation_dir=cfg.model.foundation_dir)
     with torch.no_grad():                  # a model whose outputs depend on the input
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))

@@ -83,3 +83,19 @@ def test_invalid_specs_are_refused():
         spec(class_names=("a", "a"))
     with pytest.raises(ServingSpecError, match="output"):
         spec(output="logits")
+
+
+def test_a_segmentation_spec_gives_a_mask_per_study_and_round_trips():
+    from protocol.serving import SEGMENTATION_CLASS_NAMES
+
+    seg = spec(class_names=SEGMENTATION_CLASS_NAMES, task="segmentation",
+               output="voxel_softmax")
+    assert seg.segmentation and not spec().segmentation
+    assert seg.output_shape() == (2, 64, 64) and spec().output_shape() == (3,)
+    ct = spec(layout="ct_volume", class_names=SEGMENTATION_CLASS_NAMES, output="voxel_softmax",
+              image_size=32)
+    assert ct.output_shape() == (2, 32, 32, 32)
+    meta = json.loads(json.dumps(seg.to_metadata()))
+    assert ServingSpec.from_metadata(meta) == seg
+    with pytest.raises(ServingSpecError, match="a background and at least one other class"):
+        spec(class_names=("background",), output="voxel_softmax")

@@ -67,9 +67,11 @@ class SwinSegConfig:
                              f"{', '.join(SWIN_METHODS)}")
         if self.spatial_dims not in (2, 3) or self.num_channels < 1:
             raise ValueError("spatial_dims must be 2 or 3 and num_channels >= 1")
-        if self.image_size % 32:
+        if self.image_size % 32 or self.image_size < 64:
+            # at 32 its bottleneck is one voxel, where InstanceNorm cannot normalise (MONAI
+            # raises "Expected more than 1 spatial element", in eval mode too)
             raise ValueError(f"SwinUNETR halves the image five times: image_size must be a "
-                             f"multiple of 32, got {self.image_size}")
+                             f"multiple of 32 and at least 64, got {self.image_size}")
         if self.lora_rank < 1 or self.lora_alpha <= 0 or not 0 <= self.lora_dropout < 1:
             raise ValueError("lora_rank must be >= 1, lora_alpha > 0, lora_dropout in [0, 1)")
 

@@ -208,11 +208,11 @@ def test_a_network_its_metadata_does_not_describe_is_refused_before_reading(
 
     if network == "3d_segmenter":
         model, _ = build("foundation_swin", {"weights": "swin-3d", "num_channels": 4,
-                                             "image_size": 32, "spatial_dims": 3,
+                                             "image_size": 64, "spatial_dims": 3,
                                              "lora_rank": 2},
                          "segmentation", {}, foundation_dir=encoders)
-        returns = (2, 32, 32, 32)
-        expected = ["takes studies of shape [4, 32, 32, 32]",
+        returns = (2, 64, 64, 64)
+        expected = ["takes studies of shape [4, 64, 64, 64]",
                     "brain_mri_4seq (2d_slice) gives [4, 64, 64]"]
     else:
         cfg = load_experiment(["experiment=smoke", "task.image_size=64",

@@ -315,6 +315,8 @@ def test_a_swin_unetr_with_other_classes_gets_a_fresh_two_class_output(tmp_path)
 def test_swin_unetr_refusals(tmp_path):
     with pytest.raises(ValueError, match="multiple of 32"):
         _swin_segmenter(tmp_path, image_size=48)
+    with pytest.raises(ValueError, match="at least 64"):
+        _swin_segmenter(tmp_path / "a", image_size=32)
     with pytest.raises(ValueError, match="2D but the layout gives 3D"):
         _swin_segmenter(tmp_path / "b", spatial_dims=3, image_size=64)
     save_monai(_vit(VIT2D), VIT2D, tmp_path / "vit2d")

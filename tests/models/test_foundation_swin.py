@@ -28,8 +28,8 @@ def _segmenter(tmp_path, args: dict, **options):
 
     torch.manual_seed(0)
     save_monai(SwinUNETR(**args), args, tmp_path / "swin", model_type=SWIN_UNETR_TYPE)
-    options = {"weights": "swin", "num_channels": S, "image_size": 32 if args["spatial_dims"]
-               == 3 else 64, "spatial_dims": args["spatial_dims"], "lora_rank": 2} | options
+    options = {"weights": "swin", "num_channels": S, "image_size": 64,
+               "spatial_dims": args["spatial_dims"], "lora_rank": 2} | options
     return build("foundation_swin", options, "segmentation", {}, foundation_dir=tmp_path)
 
 

@@ -34,8 +34,8 @@ def test_a_segmenter_version_records_a_voxel_output(encoders, tmp_path):  # noqa
 def test_a_segmenter_the_layout_cannot_feed_records_nothing(encoders, tmp_path,  # noqa: F811
                                                             caplog):
     cfg = swin_config(encoders, tmp_path / "runs")            # brain_mri_4seq: 2D, 64^2
-    volume = _segmenter(encoders, "swin-3d", image_size=32, spatial_dims=3)
+    volume = _segmenter(encoders, "swin-3d", image_size=64, spatial_dims=3)
     with caplog.at_level(logging.WARNING, logger="server.versions"):
         assert _serving_spec(cfg, volume, multi_label=False) is None
-    assert "the model takes (4, 32, 32, 32) per study, the layout's preprocessing gives " \
+    assert "the model takes (4, 64, 64, 64) per study, the layout's preprocessing gives " \
            "(4, 64, 64)" in caplog.text

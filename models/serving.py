@@ -1,7 +1,8 @@
 """Single-input wrappers for serving/export: absent sequences are all-zero channels.
 
 ``servable(model)`` turns whatever a phase trained into a plain module: a classifier (LoRA
-adapters merged into their base weights), a segmenter (a fine-tuned SwinUNETR, merged) or, for
+adapters merged into their base weights), a segmenter (a fine-tuned SwinUNETR, or the UNETR
+decoder on our ViT, adapters merged) or, for
 a pretraining objective, its backbone as an encoder of pooled features. The backbone is our ``MultiModalViT`` or a pretrained foundation
 encoder (``models.foundation``: peft LoRA/DoRA/IA3 merged); both take ``(images, present)``
 and provide ``forward_features``/``pool``/``head``, so the wrappers serve either.
@@ -17,6 +18,7 @@ from torch import Tensor, nn
 
 from .foundation.adapt import FoundationBackbone
 from .foundation.swin import SwinSegmenter
+from .segmentation import UNETR
 from .task import TaskModel
 from .vit import MultiModalViT
 
@@ -55,12 +57,13 @@ def _present(images: Tensor) -> Tensor:
 
 class ExportedSegmenter(nn.Module):
     """``images [B, S, *spatial]`` -> per-voxel class probabilities ``[B, 2, *spatial]``
-    (softmax over background / lesion) of a fine-tuned SwinUNETR."""
+    (softmax over background / lesion) of a fine-tuned segmenter: a SwinUNETR, or the UNETR
+    decoder on our multi-modal ViT (``models.segmentation``)."""
 
-    def __init__(self, model: SwinSegmenter):
+    def __init__(self, model: nn.Module, input_shape: tuple[int, ...]):
         super().__init__()
         self.model = model
-        self.input_shape = model.input_shape
+        self.input_shape = tuple(input_shape)
 
     def forward(self, images: Tensor) -> Tensor:
         images = torch.as_tensor(images, dtype=torch.float32)
@@ -95,6 +98,8 @@ def merge_adapters(model: MultiModalViT) -> MultiModalViT:
     for layer in layers:
         layer.merge()
     plain = MultiModalViT(model.config)
+    if model.head is None:                  # a segmenter's or an encoder's ViT
+        plain.head = None
     state = {k.replace(".base_layer.", "."): v for k, v in merged.state_dict().items()
              if "lora_" not in k}
     plain.load_state_dict(state)
@@ -127,7 +132,11 @@ def servable(model: nn.Module, *, multi_label: bool = False) -> nn.Module:
     if isinstance(model, SwinSegmenter):
         from .foundation.export import merge_adapters as merge_foundation
 
-        return ExportedSegmenter(merge_foundation(model))
+        return ExportedSegmenter(merge_foundation(model), model.input_shape)
+    if isinstance(model, UNETR):            # its ViT's adapters merged, the decoder as trained
+        segmenter = copy.deepcopy(model)
+        segmenter.backbone = merge_adapters(model.backbone)
+        return ExportedSegmenter(segmenter, _input_shape(model.backbone))
     plain = plain_backbone(model)
     if isinstance(model, (MultiModalViT, FoundationBackbone)) and model.head is not None:
         return ExportedClassifier(plain, multi_label)

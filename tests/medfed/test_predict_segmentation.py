@@ -258,3 +258,26 @@ def test_only_pseudonyms_name_mask_files(tmp_path):
         ["0123456789abcdef.npy", "fedcba9876543210.npy"]
     assert result.predicted() == ["background", "background"]       # threshold not reached
     assert (result.voxels[:, 0] == (probs.argmax(-1) == 1).sum((1, 2))).all()
+
+
+def test_a_unetr_version_on_our_vit_serves_its_voxel_probabilities(tiny_sites, tmp_path):
+    """The lesion_seg task's default network (UNETR on the multi-modal ViT) registers as a
+    segmenter too: traced, served by the stock pyfunc, equal to the site evaluation's
+    forward (it used to register the ViT's pooled features)."""
+    from medfed.predict import load_version, read_studies, score_batches
+
+    cfg = load_experiment(["task=lesion_seg", "task.image_size=64", "federation=sim2",
+                           f"runs_dir={tmp_path / 'runs'}", "tracking.log_models=true"])
+    model, uri, tracking = register(cfg, tmp_path)
+    site_dir = tiny_sites / "site-0"
+    key = site_key(tiny_sites / "site-0" / ".medfed")
+    pyfunc, spec = load_version(uri, tracking)
+    assert spec.output == "voxel_softmax" and spec.class_names == SEGMENTATION_CLASS_NAMES
+    data, dataset = read_studies(site_dir, spec, key)
+    got = {}
+    for start, probs in score_batches(pyfunc, spec, dataset, batch=8):
+        got |= {s.key: p for s, p in zip(data.studies[start:], probs)}
+    expected = site_probabilities(model, site_dir, cfg, key)
+    assert len(expected) >= 3 and set(expected) <= set(got)
+    for k, probs in expected.items():
+        np.testing.assert_allclose(got[k], probs, rtol=0, atol=ATOL)

@@ -39,3 +39,14 @@ def test_a_segmenter_the_layout_cannot_feed_records_nothing(encoders, tmp_path, 
         assert _serving_spec(cfg, volume, multi_label=False) is None
     assert "the model takes (4, 64, 64, 64) per study, the layout's preprocessing gives " \
            "(4, 64, 64)" in caplog.text
+
+
+def test_a_unetr_version_on_our_vit_records_a_voxel_output(tmp_path):
+    from server.config import load_experiment
+
+    cfg = load_experiment(["task=lesion_seg", "task.image_size=64", "federation=sim2",
+                           f"runs_dir={tmp_path / 'runs'}"])
+    model, _ = build(cfg.model.name, cfg.model_options(), cfg.task.name, cfg.task_options())
+    spec = _serving_spec(cfg, servable(model).eval(), multi_label=False)
+    assert spec is not None and spec.output == "voxel_softmax"
+    assert spec.class_names == SEGMENTATION_CLASS_NAMES and spec.output_shape() == (2, 64, 64)

@@ -38,7 +38,7 @@ STAGES = {
     "logged model created": ("mlflow/tracking/fluent.py", "initialize_logged_model"),
     "run read (params)": ("mlflow/tracking/client.py", "get_run"),
     "run output linked": ("mlflow/tracking/client.py", "log_outputs"),
-    "registered version created": ("_model_registry/fluent.py", "register_model"),
+    "registered version created": ("server/versions.py", "create_version"),
     "backbone weights saved": ("models/weights.py", "save_pretrained"),
     "backbone weights uploaded": ("mlflow/tracking/client.py", "log_artifacts"),
     "sqlite commits": ("~", "<method 'commit' of 'sqlite3.Connection' objects>"),

@@ -26,7 +26,7 @@ from .checkpoint import CheckpointError, arrays_digest, round_arrays
 from .config import ExperimentConfig
 from .model_export import ReusedExport
 from .registration import BackgroundWriter, RoundWrites, recover
-from .versions import register_version
+from .versions import ensure_registered_model, register_version
 
 
 def tracking_uri(cfg: ExperimentConfig, run_dir: Path) -> str:
@@ -227,8 +227,9 @@ class MlflowTracker:
             self.client.log_dict(self.run_id, content, path)
 
     def _register(self, writes: RoundWrites) -> str:
-        if self._source_run is None:        # params and experiment: read once per run
-            self._source_run = self.client.get_run(self.run_id)
+        if self._source_run is None:        # once per phase: the registered model, and the
+            ensure_registered_model(self.client, self.cfg.tracking.registered_model)
+            self._source_run = self.client.get_run(self.run_id)   # run's params, experiment
         return register_version(self.cfg, self.mlflow, self.client, self.run_id, writes,
                                 self.export, self._source_run)
 

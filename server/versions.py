@@ -4,6 +4,7 @@ logged, registered with all its tags in one call, and its backbone's weights upl
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 
@@ -80,8 +81,7 @@ def register_version(cfg: ExperimentConfig, mlflow, client, run_id: str,
     tags = dict(writes.version_tags)
     if export is not None and export.scores_like_model is False:
         tags["serving_check"] = "failed"     # registered as traced, but it scores otherwise
-    registered = mlflow.register_model(info.model_uri, name, tags=tags)
-    version = str(registered.version)
+    version = create_version(client, name, info.model_uri, info.model_id, tags)
     extra = {"task": cfg.task.name, "class_names": list(cfg.task.class_names),
              "registered_model": name, "version": version}
     with tempfile.TemporaryDirectory() as tmp:
@@ -97,6 +97,40 @@ def register_version(cfg: ExperimentConfig, mlflow, client, run_id: str,
         # what `medfed export` hands out
         client.log_artifacts(run_id, tmp, writes.version_tags["weights"])
     return version
+
+
+def ensure_registered_model(client, name: str) -> None:
+    """Create the registered model ``name`` unless it exists (a resumed run, an earlier
+    phase or run in the same store): once per phase, not once per version."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import ALREADY_EXISTS, RESOURCE_ALREADY_EXISTS, ErrorCode
+
+    try:
+        client.create_registered_model(name)
+    except MlflowException as err:
+        if err.error_code not in (ErrorCode.Name(RESOURCE_ALREADY_EXISTS),
+                                  ErrorCode.Name(ALREADY_EXISTS)):
+            raise
+
+
+def create_version(client, name: str, model_uri: str, model_id: str,
+                   tags: dict[str, str]) -> str:
+    """A version of the registered model ``name`` (which must exist) for the logged model
+    ``model_id``, with all its tags in the creating call; returns its number.
+
+    What ``mlflow.register_model`` records for a ``models:/`` URI - the version (source the
+    URI; the registry resolves the run from the logged model) and the logged model's
+    ``mlflow.modelVersions`` tag - without its per-version extras: an attempt to create the
+    registered model again (a failing insert every round), a new client and a re-read of the
+    logged model. The logged model was made for this version alone, so the tag lists just
+    this version.
+    """
+    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
+    created = client.create_model_version(name, model_uri, tags=tags, model_id=model_id)
+    client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(
+        [{"name": created.name, "version": created.version}])})
+    return str(created.version)
 
 
 def _serving_spec(cfg: ExperimentConfig, exported: torch.nn.Module, *, multi_label: bool

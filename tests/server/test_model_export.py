@@ -31,6 +31,8 @@ def test_later_versions_reuse_the_traced_program_and_predict_like_their_own_roun
                            "name=reuse"])
     models = {rnd: _model(cfg, seed) for rnd, seed in ((1, 0), (2, 1), (3, 2))}
     tracker = MlflowTracker(cfg, tmp_path)
+    named, create = [], tracker.client.create_registered_model
+    tracker.client.create_registered_model = lambda name: named.append(name) or create(name)
     try:
         for rnd, model in models.items():
             tracker.on_train(RoundRecord(round=rnd, train=[SiteReply("site-0", 1, {})],
@@ -38,6 +40,8 @@ def test_later_versions_reuse_the_traced_program_and_predict_like_their_own_roun
             tracker.on_round_end(RoundRecord(round=rnd))
         tracker.latest_version()
         assert (tracker.export.traced, tracker.export.reused) == (1, 2)
+        # the registered model is made once per phase, not tried again with every version
+        assert named == [cfg.tracking.registered_model]
         # the reused versions' archives are the traced one's records with new weights
         # (server/pt2_archive.py), not a graph serialised again by torch.export.save
         assert tracker.export.serialized == 0

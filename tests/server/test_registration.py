@@ -124,3 +124,40 @@ def test_the_writer_thread_runs_nicer_than_the_round_loop(tmp_path):
     assert writer.niceness == seen["writer"]
     # the round loop itself (and so the process's other threads) keeps its priority
     assert os.getpriority(os.PRIO_PROCESS, 0) == loop
+
+
+def test_a_version_records_what_mlflow_register_model_records(tmp_path):
+    """``create_version`` (the registered model created once per phase, not per version)
+    leaves the same records as ``mlflow.register_model``: the version's source, run, logged
+    model and tags, and the logged model's link back to its version."""
+    import mlflow
+
+    from server.versions import create_version, ensure_registered_model
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    experiment = client.create_experiment("e", artifact_location=(tmp_path / "a").as_uri())
+    run = client.create_run(experiment)
+    made = [client.create_logged_model(experiment, name=f"global-round-{r}",
+                                       source_run_id=run.info.run_id) for r in (1, 2)]
+    ensure_registered_model(client, "m")
+    ensure_registered_model(client, "m")           # a resumed run or a later phase: no error
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)          # as the tracker sets it (the registry resolves
+    try:                                  # a models:/ source through it)
+        mlflow.register_model(f"models:/{made[0].model_id}", "m", tags={"round": "1"})
+        assert create_version(client, "m", f"models:/{made[1].model_id}", made[1].model_id,
+                              {"round": "2"}) == "2"
+    finally:
+        mlflow.set_tracking_uri(previous)
+    got = [client.get_model_version("m", v) for v in ("1", "2")]
+    fields = ("source", "run_id", "model_id", "status", "tags")
+    expected = {f: getattr(got[0], f) for f in fields} | {
+        "source": f"models:/{made[1].model_id}", "tags": {"round": "2"}}
+    assert {f: getattr(got[1], f) for f in fields} == expected
+    assert got[1].run_id == run.info.run_id            # resolved from the logged model
+    for logged, version in zip(made, (1, 2)):
+        tag = client.get_logged_model(logged.model_id).tags["mlflow.modelVersions"]
+        assert json.loads(tag) == [{"name": "m", "version": version}]
+    with pytest.raises(mlflow.exceptions.MlflowException):   # other errors are not swallowed
+        ensure_registered_model(client, "")

@@ -302,9 +302,9 @@ class SiteCache:
                 list(zip((units[i]["name"] for i in todo), jobs)), sources, here, make=make,
                 redo=decode_files if reader is None else partial(reread, reader),
                 writable=writable, fp=fp, family=family, files=files, pool=pool,
-                prefix=prefix, maps=self.maps)
+                prefix=prefix, maps=self.maps, error=self.write_error)
             self.decoded_units += built.made
-            self.write_error = self.write_error or built.write_error
+            self.write_error = built.write_error
             if not built.written:
                 self.last = "unwritable"
             return built.decoded

@@ -53,20 +53,21 @@ def build_units(root: Path, units_dir: Path, units: list[dict], results: list,
                 todo: list[int], jobs: list[tuple[str, object]], sources: list[list[Path]],
                 here: set[int], *, make: Callable, redo: Callable[[list[Path]], Decoded],
                 writable: bool, fp: str, family: str, files: dict, pool: SharedWorkers,
-                prefix: str, maps: UnitMaps) -> Built:
+                prefix: str, maps: UnitMaps, error: str | None = None) -> Built:
     """Make the ``todo`` units (``jobs[j]``: a unit's name and what ``make`` takes) in
     ``pool`` - each process writes the units it makes, only their names and indexes come
     back - except the jobs in ``here`` (their files' arrays in memory: sent to the helpers
     they would travel to every one), made in this process. Then the spills go, one sync
     makes the units durable before any is renamed into place, and the version's index
     ``fp`` is written under ``root``. ``redo(sources[j])``: unit ``j`` read again from its
-    files. ``results``: the version's units, the reused ones already open."""
+    files. ``results``: the version's units, the reused ones already open. ``error``: why
+    the cache is not ``writable`` already, when it is not."""
     build = partial(_make_unit, make, units_dir if writable else None, prefix)
     remote = [j for j in range(len(jobs)) if j not in here]
     made = itertools.chain(
         ((remote[k], out) for k, out in pool.imap(build, [jobs[j] for j in remote])),
         ((j, build(jobs[j])) for j in sorted(here)))
-    count, error, pending = 0, None, []
+    count, pending = 0, []
     for j, (temp, index, out, why) in made:
         i = todo[j]
         count += 1

@@ -267,3 +267,21 @@ def test_a_write_reason_names_only_the_type_of_a_non_os_error():
     assert write_reason(ValueError("Doe^Jane 1970-01-01")) == "ValueError"
     assert write_reason(OSError(28, "No space left on device", "/pacs/Doe")) == \
         "OSError: No space left on device"
+
+
+def test_a_cache_folder_that_cannot_be_made_is_served_from_memory_with_its_reason(
+        site, tmp_path, caplog):
+    """The cache's folder cannot be created (a file is in its way): the ingest decodes,
+    serves from memory and says why - the OS's reason, in the state and in the log line,
+    never the path."""
+    (tmp_path / "blocked").write_bytes(b"")
+    cache = SiteCache(tmp_path / "blocked" / "cache")
+    with caplog.at_level("WARNING", logger="client.data.cache_build"):
+        served = read_site(site, None, CLASSES, key=KEY, cache=cache)
+    assert cache.last == "unwritable" and cache.decoded_units > 4
+    assert cache.write_error == "NotADirectoryError: Not a directory"
+    assert [r.getMessage() for r in caplog.records] == [
+        "site cache: could not write the decoded studies (NotADirectoryError: Not a "
+        "directory); serving them from memory this time"]
+    assert "blocked" not in caplog.text
+    assert_same(read_site(site, None, CLASSES, key=KEY), served)

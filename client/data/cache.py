@@ -283,10 +283,13 @@ class SiteCache:
                     results.append(None)
                     todo.append(len(units) - 1)
             orders = [read_order(units[i]["files"], listing) for i in todo]
-            sources = [[Path(listing[h][0]) for h in order] for order in orders]
             if reader is None:
-                make, jobs = decode_files, sources
+                make = redo = decode_files
+                jobs = sources = [[Path(listing[h][0]) for h in order] for order in orders]
             else:
+                # a unit is read again from its files only if its published copy fails
+                sources = [[listing[h][0] for h in order] for order in orders]
+                redo = partial(reread, reader)
                 # files of a changed unit that were not new (known to an older version)
                 rest = [h for i in todo for h in units[i]["files"] if h not in shares]
                 self._read(rest, listing, reader, pool, units_dir if writable else None,
@@ -300,8 +303,7 @@ class SiteCache:
             built = build_units(
                 self.root, units_dir, units, results, todo,
                 list(zip((units[i]["name"] for i in todo), jobs)), sources, here, make=make,
-                redo=decode_files if reader is None else partial(reread, reader),
-                writable=writable, fp=fp, family=family, files=files, pool=pool,
+                redo=redo, writable=writable, fp=fp, family=family, files=files, pool=pool,
                 prefix=prefix, maps=self.maps, error=self.write_error)
             self.decoded_units += built.made
             self.write_error = built.write_error

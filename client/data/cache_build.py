@@ -50,8 +50,8 @@ def read_order(hashes, listing: dict) -> list[str]:
 
 
 def build_units(root: Path, units_dir: Path, units: list[dict], results: list,
-                todo: list[int], jobs: list[tuple[str, object]], sources: list[list[Path]],
-                here: set[int], *, make: Callable, redo: Callable[[list[Path]], Decoded],
+                todo: list[int], jobs: list[tuple[str, object]], sources: list[list],
+                here: set[int], *, make: Callable, redo: Callable[[list], Decoded],
                 writable: bool, fp: str, family: str, files: dict, pool: SharedWorkers,
                 prefix: str, maps: UnitMaps, error: str | None = None) -> Built:
     """Make the ``todo`` units (``jobs[j]``: a unit's name and what ``make`` takes) in

@@ -94,7 +94,7 @@ def join_spilled(join: Callable[[list], Decoded], shares: list[tuple]) -> Decode
             os.close(fd)
 
 
-def reread(reader: FileReader, paths: list[Path]) -> Decoded:
+def reread(reader: FileReader, paths: list[str]) -> Decoded:
     """A :class:`FileReader` unit read again from its files (in path order), not from the
     spills: once the units are made the spills are gone."""
     return reader.join([(share, arrays) for _, share, arrays in

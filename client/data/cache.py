@@ -45,7 +45,9 @@ when one of its images is read and unmapped least recently used first; its file 
 
 Every unit and version is written under a temporary name and renamed into place, so a reader
 sees a complete one or none. Durability is one filesystem sync per ingest before the units
-are renamed (:mod:`client.data.cache_sync`), not an fsync per file. One that fails its checks
+are renamed (:mod:`client.data.cache_sync`), not an fsync per file; the spills are removed
+before it (never written back). That pass - make, write, sync, rename, open, index - is
+:mod:`client.data.cache_build`. One that fails its checks
 on opening (unparsable index, a unit file cut, extended or missing, an index pointing outside
 its arrays) is removed and decoded again. At most ``keep`` versions stay (least recently used
 removed), and units no kept version uses are removed with them - except units a served
@@ -57,7 +59,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import hmac
-import itertools
 import json
 import logging
 import os
@@ -72,12 +73,13 @@ from pathlib import Path
 
 import pydicom
 
+from .cache_build import build_units, read_order
 from .cache_files import (CACHE_FORMAT, INDEX, PROCESS_MAPS, TEMP_PREFIX, UNUSABLE,
                           CacheCorrupt, Decoded, UnitMaps, assemble, fsync_dir, open_unit,
-                          publish, read_unit_index, remove_entry, remove_temps,
-                          sync_filesystem, write_reason, write_unit, write_version)
+                          publish, read_unit_index, remove_entry, remove_temps, write_reason,
+                          write_unit)
 from .cache_prune import UNITS, changed_since_newest, prune, versions
-from .cache_reads import FileReader, join_spilled, read_files
+from .cache_reads import FileReader, join_spilled, read_files, reread
 from .workers import SharedWorkers, chunks
 
 log = logging.getLogger(__name__)
@@ -280,88 +282,36 @@ class SiteCache:
                     remove_entry(units_dir / name)          # absent, or failed its checks
                     results.append(None)
                     todo.append(len(units) - 1)
+            orders = [read_order(units[i]["files"], listing) for i in todo]
             if reader is None:
-                make = decode_files
-                jobs = [[Path(listing[h][0]) for h in read_order(units[i]["files"], listing)]
-                        for i in todo]
+                make = redo = decode_files
+                jobs = sources = [[Path(listing[h][0]) for h in order] for order in orders]
             else:
+                # a unit is read again from its files only if its published copy fails
+                sources = [[listing[h][0] for h in order] for order in orders]
+                redo = partial(reread, reader)
                 # files of a changed unit that were not new (known to an older version)
                 rest = [h for i in todo for h in units[i]["files"] if h not in shares]
                 self._read(rest, listing, reader, pool, units_dir if writable else None,
                            prefix, shares)
                 make = partial(join_spilled, reader.join)
-                jobs = [[shares[h] for h in read_order(units[i]["files"], listing)]
-                        for i in todo]
+                jobs = [[shares[h] for h in order] for order in orders]
             # a unit whose arrays the disk refused (not spilled) is made here: sent to the
             # helpers, it would travel to every one of them with the whole job
             here = {j for j, i in enumerate(todo) if reader is not None and any(
                 shares[h][2] is None and shares[h][1] for h in units[i]["files"])}
-            return self._write(units, results, todo, list(zip(
-                (units[i]["name"] for i in todo), jobs)), here, make, writable, fp, family,
-                files, pool, prefix)
+            built = build_units(
+                self.root, units_dir, units, results, todo,
+                list(zip((units[i]["name"] for i in todo), jobs)), sources, here, make=make,
+                redo=redo, writable=writable, fp=fp, family=family, files=files, pool=pool,
+                prefix=prefix, maps=self.maps, error=self.write_error)
+            self.decoded_units += built.made
+            self.write_error = built.write_error
+            if not built.written:
+                self.last = "unwritable"
+            return built.decoded
         finally:
             remove_temps(units_dir, prefix)
-
-    def _write(self, units: list[dict], results: list, todo: list[int], jobs: list,
-               here: set[int], make: Callable, writable: bool, fp: str, family: str,
-               files: dict, pool: SharedWorkers, prefix: str) -> Decoded:
-        """Make the ``todo`` units (in ``pool``: each process writes the units it makes,
-        unsynced, under temporary names; only their names and indexes come back), then one
-        sync makes them all durable before any is renamed into place: a unit found under
-        its name is complete on disk. Then the version's index. The jobs in ``here`` (their
-        files' arrays in memory) are made in this process."""
-        units_dir = self.root / UNITS
-        build = partial(_make_unit, make, units_dir if writable else None, prefix)
-        remote = [j for j in range(len(jobs)) if j not in here]
-        local = sorted(here)
-        made = itertools.chain(
-            ((remote[k], out) for k, out in pool.imap(build, [jobs[j] for j in remote])),
-            ((j, build(jobs[j])) for j in local))
-        pending = []
-        for j, (temp, index, out, error) in made:
-            i = todo[j]
-            self.decoded_units += 1
-            if temp is None:           # not written (disk full, read-only): kept in memory
-                writable = False
-                self.write_error = self.write_error or error
-                results[i] = out
-            else:
-                units[i]["index"] = index
-                pending.append((i, j, Path(temp)))
-        pending.sort()
-        published = set()
-        if pending and writable:
-            try:
-                sync_filesystem(units_dir)
-                for i, _, temp in pending:
-                    publish(temp, units_dir / units[i]["name"])
-                    published.add(i)
-                fsync_dir(units_dir)
-            except OSError as err:
-                writable, self.write_error = False, write_reason(err)
-        for i, j, temp in pending:
-            name, index = units[i]["name"], units[i]["index"]
-            try:
-                if i in published:
-                    results[i] = open_unit(units_dir / name, name, index, self.maps)
-                else:                  # mapped now (or read): its name goes next
-                    results[i] = open_unit(temp, name, index, self.maps, transient=True)
-            except UNUSABLE:           # a racing writer's bad copy: decode it again
-                writable = False
-                self.write_error = self.write_error or "CacheCorrupt: a unit failed its checks"
-                results[i] = make(jobs[j][1])
-            if i not in published and temp.exists():    # maps outlive the name
-                temp.unlink()
-        if writable:
-            try:
-                write_version(self.root, fp, family, files, units)
-            except OSError as err:
-                writable, self.write_error = False, write_reason(err)
-        if not writable:
-            log.warning("site cache: could not write the decoded studies (%s); serving them "
-                        "from memory this time", self.write_error or "unknown error")
-            self.last = "unwritable"
-        return assemble(results)
 
     def _groups(self, listing: dict, family: str, key: bytes | None, by_study: bool,
                 pool: SharedWorkers, reader: FileReader | None, spill_dir: Path | None,
@@ -488,31 +438,6 @@ class SiteCache:
         maps when read), and temporary files of writers that died; how many entries were
         removed (:func:`client.data.cache_prune.prune`)."""
         return prune(self.root, self.keep, self.maps, current)
-
-
-def read_order(hashes, listing: dict) -> list[str]:
-    """File hashes in the order a fresh decode reads their files: by ``Path`` (part by
-    part), as :func:`client.data.dicom.read_directory` sorts; as strings ``ser-2/1.dcm``
-    would come before ``ser/1.dcm``, and slices of equal instance number would swap."""
-    return sorted(hashes, key=lambda h: Path(listing[h][0]))
-
-
-def _make_unit(make: Callable[[object], Decoded], units_dir: Path | None, prefix: str,
-               job: tuple[str, object]) -> tuple[str | None, dict | None, Decoded | None,
-                                                 str | None]:
-    """Make one unit (``make(payload)``) and write it under a temporary name (``prefix``:
-    the ingest's) in ``units_dir`` (in whichever process made it): ``(its path, its index,
-    None, None)``; when it could not be written (or ``units_dir`` is None) ``(None, None,
-    the unit, why)`` - the reason (type and OS text, no path) goes back to the caller."""
-    name, payload = job
-    out = make(payload)
-    if units_dir is None:
-        return None, None, out, None
-    try:
-        temp, index = write_unit(units_dir, name, *out, durable=False, prefix=prefix)
-        return str(temp), index, None, None
-    except UNUSABLE as err:             # disk full, read-only: served from memory
-        return None, None, out, write_reason(err)
 
 
 def _study_uids(paths: list[str]) -> list[str]:

@@ -22,6 +22,8 @@ import numpy as np
 
 from .cache_files import CacheCorrupt, Decoded
 
+SPILL = "spill-"                # after the ingest's prefix: its spill files
+
 
 @dataclass(frozen=True)
 class FileReader:
@@ -50,7 +52,7 @@ def read_files(read: Callable[[str], tuple[str, object, list[np.ndarray]]],
         return None, reads
     out, spill = [], None
     try:                                # no inode or quota left: the arrays travel back
-        fd, spill = tempfile.mkstemp(prefix=f"{prefix}spill-", dir=spill_dir)   # 0600
+        fd, spill = tempfile.mkstemp(prefix=f"{prefix}{SPILL}", dir=spill_dir)   # 0600
         with os.fdopen(fd, "wb") as f:
             for uid, share, arrays in reads:
                 refs = []
@@ -90,3 +92,10 @@ def join_spilled(join: Callable[[list], Decoded], shares: list[tuple]) -> Decode
     finally:
         for fd in fds.values():
             os.close(fd)
+
+
+def reread(reader: FileReader, paths: list[str]) -> Decoded:
+    """A :class:`FileReader` unit read again from its files (in path order), not from the
+    spills: once the units are made the spills are gone."""
+    return reader.join([(share, arrays) for _, share, arrays in
+                        (reader.read(str(path)) for path in paths)])

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from .dicom import ReadCounts, SeriesImage, pseudonym, read_directory, read_file_study
+from .masks import read_nifti
 from .report_deid import deidentify_report
 from .sequences import SEQUENCES
 from .workers import SharedWorkers, chunks
@@ -235,8 +236,6 @@ def _read_masks(site_dir: Path, report: IngestReport, key: bytes | None,
                 rows: list[dict] | None = None) -> dict[str, np.ndarray]:
     """Lesion masks by pseudonymous study key; unreadable entries are counted, not fatal.
     ``rows``: these rows of ``segmentations.csv`` (default: all)."""
-    import nibabel as nib
-
     if rows is None:
         rows = _csv_rows(site_dir / "segmentations.csv", ("study_instance_uid", "mask_file"))
     masks = {}
@@ -246,7 +245,7 @@ def _read_masks(site_dir: Path, report: IngestReport, key: bytes | None,
             report.skipped["missing_mask_file"] += 1
             continue
         try:
-            data = np.asarray(nib.load(path).dataobj)
+            data = read_nifti(path)
         except Exception:  # noqa: BLE001 - any unreadable file is counted, never fatal
             report.skipped["unreadable_mask"] += 1
             continue

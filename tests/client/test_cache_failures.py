@@ -7,6 +7,7 @@ decode does."""
 
 from __future__ import annotations
 
+import os
 from functools import partial
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import pydicom
 import pytest
 
 from client.data import cache as cache_module
-from client.data import cache_reads
+from client.data import cache_build, cache_reads
 from client.data.cache import SiteCache
 from client.data.cache_files import UnitMaps, write_reason
 from client.data.cache_reads import FileReader
@@ -71,13 +72,15 @@ def test_a_unit_build_failing_part_way_leaves_nothing_behind(site, tmp_path):
 
 
 def _recording(monkeypatch, fail_sync: bool = False, fail_publish_at: int | None = None):
-    """Record the cache's sync and publish calls in order; make the sync fail, or the
-    publish of the ``fail_publish_at``-th unit (a full disk)."""
-    calls: list[str] = []
-    real_sync, real_publish = cache_module.sync_filesystem, cache_module.publish
+    """Record the cache's sync and publish calls in order (a sync as ``sync`` and the names
+    of the files under the units' folder then); make the sync fail, or the publish of the
+    ``fail_publish_at``-th unit (a full disk)."""
+    calls: list = []
+    real_sync, real_publish = cache_build.sync_filesystem, cache_build.publish
 
     def sync(path):
         calls.append("sync")
+        calls.append(sorted(p.name for p in Path(path).iterdir()))
         if fail_sync:
             raise OSError(5, "Input/output error", "/pacs/Doe^Jane")
         real_sync(path)
@@ -89,17 +92,61 @@ def _recording(monkeypatch, fail_sync: bool = False, fail_publish_at: int | None
         if calls.count("publish") == fail_publish_at:
             raise OSError(28, "No space left on device", "/pacs/Doe^Jane")
         real_publish(temp, final)
-    monkeypatch.setattr(cache_module, "sync_filesystem", sync)
-    monkeypatch.setattr(cache_module, "publish", publish)
+    monkeypatch.setattr(cache_build, "sync_filesystem", sync)
+    monkeypatch.setattr(cache_build, "publish", publish)
     return calls
 
 
-def test_the_sync_comes_before_any_unit_is_published(site, tmp_path, monkeypatch):
-    calls = _recording(monkeypatch)
+def _spilled(monkeypatch) -> list[str]:
+    """The names of the spill files the read pass writes (recorded as it returns them)."""
+    names: list[str] = []
+    real = cache_module.read_files
+
+    def recording(*args):
+        spill, reads = real(*args)
+        if spill is not None:
+            names.append(Path(spill).name)
+        return spill, reads
+    monkeypatch.setattr(cache_module, "read_files", recording)
+    return names
+
+
+def test_the_sync_comes_before_any_unit_is_published_and_after_the_spills_went(
+        site, tmp_path, monkeypatch):
+    """One sync, then the renames; by then the read pass's spill files (every unit made
+    from them) are removed, so the sync never writes them back."""
+    calls, spills = _recording(monkeypatch), _spilled(monkeypatch)
     cache = SiteCache(tmp_path / "cache")
     read_site(site, None, CLASSES, key=KEY, cache=cache)
-    assert cache.last == "miss" and cache.decoded_units > 4
-    assert calls == ["sync"] + ["publish"] * cache.decoded_units
+    assert cache.last == "miss" and cache.decoded_units > 4 and spills
+    sync, at_sync, *published = calls
+    assert sync == "sync" and published == ["publish"] * cache.decoded_units
+    assert len(at_sync) == cache.decoded_units          # the units' temporary files only
+    assert not set(spills) & set(at_sync) and not any("spill" in n for n in at_sync)
+
+
+def test_a_published_unit_failing_its_checks_is_read_again_from_its_files(
+        site, tmp_path, monkeypatch):
+    """A unit whose copy under its name fails its checks once published (a racing writer's
+    bad copy) is served by reading its files again - its spill is gone by then - and the
+    ingest serves what a fresh decode gives, from memory."""
+    real_publish = cache_build.publish
+    cut = []
+
+    def publish_then_cut(temp, final):
+        real_publish(temp, final)
+        if not cut:                                 # the first unit: cut its footer off
+            cut.append(final.name)
+            os.truncate(final, final.stat().st_size - 3)
+    monkeypatch.setattr(cache_build, "publish", publish_then_cut)
+    spills = _spilled(monkeypatch)
+    cache = SiteCache(tmp_path / "cache")
+    served = read_site(site, None, CLASSES, key=KEY, cache=cache)
+    assert cut and spills
+    assert cache.last == "unwritable"
+    assert cache.write_error == "CacheCorrupt: a unit failed its checks"
+    monkeypatch.undo()
+    assert_same(read_site(site, None, CLASSES, key=KEY), served)
 
 
 def test_a_failing_sync_publishes_nothing_and_stays_in_the_map_budget(site, tmp_path,
@@ -220,3 +267,21 @@ def test_a_write_reason_names_only_the_type_of_a_non_os_error():
     assert write_reason(ValueError("Doe^Jane 1970-01-01")) == "ValueError"
     assert write_reason(OSError(28, "No space left on device", "/pacs/Doe")) == \
         "OSError: No space left on device"
+
+
+def test_a_cache_folder_that_cannot_be_made_is_served_from_memory_with_its_reason(
+        site, tmp_path, caplog):
+    """The cache's folder cannot be created (a file is in its way): the ingest decodes,
+    serves from memory and says why - the OS's reason, in the state and in the log line,
+    never the path."""
+    (tmp_path / "blocked").write_bytes(b"")
+    cache = SiteCache(tmp_path / "blocked" / "cache")
+    with caplog.at_level("WARNING", logger="client.data.cache_build"):
+        served = read_site(site, None, CLASSES, key=KEY, cache=cache)
+    assert cache.last == "unwritable" and cache.decoded_units > 4
+    assert cache.write_error == "NotADirectoryError: Not a directory"
+    assert [r.getMessage() for r in caplog.records] == [
+        "site cache: could not write the decoded studies (NotADirectoryError: Not a "
+        "directory); serving them from memory this time"]
+    assert "blocked" not in caplog.text
+    assert_same(read_site(site, None, CLASSES, key=KEY), served)

@@ -291,6 +291,24 @@ def looped_per_sample(model: nn.Module, loss, batch: dict, n: int) -> tuple[list
                                     for grads in individual])
 
 
+def assert_clipped_sum(model: nn.Module, loss, batch: dict, individual: list,
+                       norms: torch.Tensor, bound: float, atol: float) -> None:
+    """The clipper at bound C on ``loss(batch)``: its norms are the reference ``norms`` and its
+    clipped sum is ``sum_i min(1, C / ||g_i||) g_i`` of the reference per-sample gradients
+    (``looped_per_sample``), for every trainable parameter and no other."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    clipper = PerSampleClipper(model, max_grad_norm=bound)
+    with clipper.capture():
+        loss(batch).backward()
+    grads, got = clipper.clipped_sum()
+    torch.testing.assert_close(got, norms, rtol=0, atol=atol)
+    assert {id(p) for p in grads} == {id(p) for p in params.values()}
+    factors = (bound / (norms + 1e-6)).clamp(max=1.0)
+    for name, p in params.items():
+        expected = sum(f * g[name] for f, g in zip(factors, individual))
+        torch.testing.assert_close(grads[p], expected, rtol=0, atol=atol, msg=name)
+
+
 def assert_exact_per_sample(model: nn.Module, batch: dict) -> None:
     """Per-sample norms equal one backward pass per sample, and the summed per-sample
     gradients equal the batch gradient, in float64, for every trainable parameter."""

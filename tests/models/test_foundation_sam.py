@@ -14,7 +14,7 @@ from client.privacy.persample import PerSampleClipper, UnsupportedLayerError
 from models import MODELS, TASKS
 from models.foundation.families import SamSeams
 
-from .test_foundation import _summed_loss, looped_per_sample
+from .test_foundation import _summed_loss, assert_clipped_sum, looped_per_sample
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import transformers  # noqa: E402
@@ -99,23 +99,16 @@ def test_per_sample_gradients_of_sam_lora_are_exact(sam_dir, targets):
     _summed_loss(model, task, batch).backward()
     batch_grads = {n: p.grad.clone() for n, p in params.items()}
     model.zero_grad(set_to_none=True)
+    for name in params:
+        assert batch_grads[name].abs().max() > 1e-3, name      # every part matters
+        torch.testing.assert_close(sum(g[name] for g in individual), batch_grads[name],
+                                   rtol=0, atol=ATOL, msg=name)
     # a bound no sample reaches (the plain sum), and one between the norms (clips some)
     bound = float(norms.min() + norms.max()) / 2
     assert (norms > bound).any() and (norms < bound).any()
     for c in (1e12, bound):
-        clipper = PerSampleClipper(model, max_grad_norm=c)
-        with clipper.capture():
-            _summed_loss(model, task, batch).backward()
-        grads, got = clipper.clipped_sum()
-        torch.testing.assert_close(got, norms, rtol=0, atol=ATOL)
-        factors = (c / (norms + 1e-6)).clamp(max=1.0)
-        assert {id(p) for p in grads} == {id(p) for p in params.values()}
-        for name, p in params.items():
-            assert batch_grads[name].abs().max() > 1e-3, name      # every part matters
-            torch.testing.assert_close(sum(g[name] for g in individual), batch_grads[name],
-                                       rtol=0, atol=ATOL, msg=name)
-            expected = sum(f * g[name] for f, g in zip(factors, individual))
-            torch.testing.assert_close(grads[p], expected, rtol=0, atol=ATOL, msg=name)
+        assert_clipped_sum(model, lambda b: _summed_loss(model, task, b), batch, individual,
+                           norms, c, ATOL)
 
 
 def test_without_the_fold_declaration_the_clipper_refuses_sam(sam_dir, monkeypatch):

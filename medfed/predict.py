@@ -87,7 +87,9 @@ def load_version(model_uri: str, tracking_uri: str | None = None):
         source = client.get_model_version_download_uri(match["name"], match["version"])
         local = mlflow.artifacts.download_artifacts(artifact_uri=source,
                                                     tracking_uri=tracking_uri)
-        model = mlflow.pyfunc.load_model(local)
+        check_loads_no_code(model_uri, Path(local))
+        with _pickle_refused():
+            model = mlflow.pyfunc.load_model(local)
     except MlflowException as err:
         raise PredictError(f"cannot load {model_uri}: {err.message.splitlines()[0]}") from None
     try:
@@ -96,6 +98,60 @@ def load_version(model_uri: str, tracking_uri: str | None = None):
         raise PredictError(f"{model_uri}: {err}") from None
     _check_signature(model_uri, model.metadata.signature, spec)
     return model, spec
+
+
+def check_loads_no_code(model_uri: str, local: Path) -> None:
+    """Refuse, before anything of it is imported or unpickled, a version that loading would
+    let run code at this site: the registry is the coordinator's, and a site never executes
+    code because the coordinator sent it. A MedFed version is a ``torch.export`` program
+    (``model.pt2``) loaded by ``mlflow.pytorch``, with no code directory; a pickled module
+    (``model.pth``), another loader module or bundled code is none of that. What remains
+    inside a pt2 archive is checked by MLflow itself with pickle deserialization off
+    (``_pickle_refused``: only records torch's ``weights_only`` unpickler accepts).
+
+    Raises
+    ------
+    PredictError
+        Naming what would have been loaded.
+    """
+    from mlflow.models import Model
+
+    try:
+        flavors = Model.load(str(local / "MLmodel")).flavors
+    except Exception:  # noqa: BLE001 - an unreadable MLmodel is refused, whatever the reason
+        raise PredictError(f"{model_uri}: its MLmodel file cannot be read") from None
+    pyfunc, torch_flavor = flavors.get("python_function") or {}, flavors.get("pytorch")
+    data = local / str((torch_flavor or {}).get("model_data", "data"))
+    why = ("it has no pytorch flavour" if torch_flavor is None else
+           f"its loader is {pyfunc.get('loader_module')!r}, not 'mlflow.pytorch'"
+           if pyfunc.get("loader_module") != "mlflow.pytorch" else
+           "it bundles code" if pyfunc.get("code") or torch_flavor.get("code") else
+           "it is a pickled module, not a torch.export program"
+           if not (data / "model.pt2").is_file() or (data / "model.pth").exists() else None)
+    if why:
+        raise PredictError(f"{model_uri} refused: {why}; loading it could run code from the "
+                           "registry at this site (MedFed registers torch.export programs)")
+
+
+class _pickle_refused:
+    """MLflow's own switch, off while a version loads (its default is on): a pickled model
+    is refused and a pt2 archive must be pickle-free (``weights_only`` records only)."""
+
+    VARIABLE = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"
+
+    def __enter__(self):
+        import os
+
+        self.before = os.environ.get(self.VARIABLE)
+        os.environ[self.VARIABLE] = "false"
+
+    def __exit__(self, *exc):
+        import os
+
+        if self.before is None:
+            os.environ.pop(self.VARIABLE, None)
+        else:
+            os.environ[self.VARIABLE] = self.before
 
 
 def _check_signature(model_uri: str, signature, spec: ServingSpec) -> None:

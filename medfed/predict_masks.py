@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import re
 from collections import Counter
 from collections.abc import Iterable
@@ -115,11 +116,13 @@ def segment(batches: Iterable[tuple[int, np.ndarray]], spec: ServingSpec, keys: 
     (checked by :func:`check_out_dir`); ``batches``: ``(start, probabilities [b, C,
     *spatial])`` in study order (:func:`medfed.predict.score_batches`), one in memory at a
     time; ``min_voxels`` >= 1 (:func:`medfed.predict.predict` checks it before loading the
-    version). Earlier masks in ``out/masks`` are removed first: a study missing this time must
-    not keep its old mask."""
+    version). Earlier masks in ``out/masks`` and the earlier CSV are removed first: a study
+    missing this time must not keep its old mask, and a run that stops part-way leaves no CSV
+    (the CSV is put in place last, whole: its presence means the run completed)."""
     if any(_PSEUDONYM.fullmatch(k) is None for k in keys):
         # never the case for the readers' keys; checked because they become file names
         raise PredictError("a study key is not a pseudonym (16 hex digits); no file written")
+    (out / CSV_FILE).unlink(missing_ok=True)
     masks = out / MASKS
     masks.mkdir(exist_ok=True)
     for old in masks.glob("*.npy"):
@@ -137,5 +140,7 @@ def segment(batches: Iterable[tuple[int, np.ndarray]], spec: ServingSpec, keys: 
     grid = int(np.prod(spec.output_shape()[1:]))
     result = MaskPredictions(spec, list(keys), np.concatenate(voxels), np.concatenate(peaks),
                              grid, min_voxels, skipped, files, out)
-    (out / CSV_FILE).write_text(result.to_csv())
+    partial = out / f".{CSV_FILE}.partial"
+    partial.write_text(result.to_csv())
+    os.replace(partial, out / CSV_FILE)
     return result

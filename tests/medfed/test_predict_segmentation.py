@@ -193,8 +193,56 @@ def log_by_hand(exported, returns: tuple[int, ...], spec: ServingSpec, tmp_path:
     with mlflow.start_run():
         mlflow.pytorch.log_model(exported, name="hand", registered_model_name="hand",
                                  signature=signature, metadata=spec.to_metadata(),
-                                 pip_requirements=["torch"], serialization_format="pickle")
+                                 input_example=np.zeros((1, *exported.input_shape), np.float32),
+                                 pip_requirements=["torch"], serialization_format="pt2")
     return tracking
+
+
+class _RunsOnUnpickle(torch.nn.Module):
+    """A tampered registry's model: unpickling it runs code (here: creates ``marker``)."""
+
+    def __init__(self, marker: Path, input_shape: tuple[int, ...]):
+        super().__init__()
+        self.marker, self.input_shape = str(marker), input_shape
+
+    def forward(self, images):
+        return images
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_a_version_that_would_run_code_when_loaded_is_refused_before_loading(
+        tiny_sites, tmp_path, capsys):
+    """The registry is the coordinator's: a version pickled (or bundling code) would run its
+    code at the site the moment ``mlflow.pyfunc.load_model`` unpickles it. Refused first, by
+    what its MLmodel says, and MLflow's own pickle switch is off while a version loads.
+    Mutation-checked: without ``check_loads_no_code`` the marker file is created."""
+    import mlflow
+    from mlflow.models import infer_signature
+
+    marker = tmp_path / "ran-at-the-site"
+    evil = _RunsOnUnpickle(marker, (4, 64, 64))
+    spec = ServingSpec(layout=__import__("client.data.layout", fromlist=["x"]).load_layout(
+        "brain_mri_4seq"), class_names=SEGMENTATION_CLASS_NAMES, task="segmentation",
+        output="voxel_softmax", image_size=64)
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(tracking)
+    signature = infer_signature(np.zeros((1, 4, 64, 64), np.float32),
+                                np.zeros((1, 2, 64, 64), np.float32))
+    with mlflow.start_run():
+        mlflow.pytorch.log_model(evil, name="evil", registered_model_name="evil",
+                                 signature=signature, metadata=spec.to_metadata(),
+                                 pip_requirements=["torch"], serialization_format="pickle")
+    assert not marker.exists()                   # saving does not unpickle
+    capsys.readouterr()
+    out = tmp_path / "out"
+    out.mkdir()
+    code = run_predict("models:/evil/1", tracking, tiny_sites / "site-0", tmp_path / "state",
+                       "--out", str(out))
+    line = one_error(capsys.readouterr())
+    assert code == 2 and "refused: it is a pickled module" in line, line
+    assert not marker.exists() and not any(out.iterdir())
 
 
 @pytest.mark.parametrize("network", ["3d_segmenter", "classifier"])
@@ -258,6 +306,18 @@ def test_only_pseudonyms_name_mask_files(tmp_path):
         ["0123456789abcdef.npy", "fedcba9876543210.npy"]
     assert result.predicted() == ["background", "background"]       # threshold not reached
     assert (result.voxels[:, 0] == (probs.argmax(-1) == 1).sum((1, 2))).all()
+    assert (tmp_path / "predictions.csv").is_file()
+
+    def failing():                  # a run that stops part-way (the model raises, OOM, ...)
+        yield batches[0][0], batches[0][1][:1]
+        raise PredictError("scoring failed")
+
+    with pytest.raises(PredictError, match="scoring failed"):
+        segment(failing(), spec, ["0123456789abcdef", "fedcba9876543210"], tmp_path,
+                skipped=Counter(), files=2)
+    # no CSV from the earlier run beside this run's partial masks: no CSV means not complete
+    assert not (tmp_path / "predictions.csv").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["masks"]
 
 
 def test_a_unetr_version_on_our_vit_serves_its_voxel_probabilities(tiny_sites, tmp_path):

@@ -37,6 +37,7 @@ from protocol.layout import DEFAULT_LAYOUT, Layout
 
 from .foundation import FoundationRefused, check_site_model, site_foundation_dir
 from .job import decode_job
+from .privacy.policy import PrivacyRefused
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,8 @@ def job_readiness(config: ConfigRecord, settings: dict, data_dir: Path) -> Readi
         match = True
     except FoundationRefused:
         match = False
+    except PrivacyRefused:                  # raised after the base digest matched: the weights
+        match = True                        # are the job's; DP-SGD's refusal comes in round 1
     except (OSError, ValueError) as err:     # unreadable or invalid weights: not the job's base
         log.warning("foundation weights %r could not be built here: %s", name,
                     type(err).__name__)

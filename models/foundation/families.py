@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .coverage import FULL_NOT_COVERED
 from .monai_nets import MonaiViTSeams  # MONAI's seams live with the rest of MONAI
 from .timm_family import TimmViTSeams
 
@@ -61,7 +62,6 @@ class FamilySeams(Protocol):
         sample-major (DP-SGD's clipper regroups their Linear rows per sample); () if none."""
 
 
-NO_REFUSED_METHODS: Mapping[str, str] = MappingProxyType({})
 
 
 def _interpolate_grid(pos: Tensor, grid: int) -> Tensor:
@@ -81,7 +81,7 @@ class _HFViTLike:
 
     has_cls: ClassVar[bool] = True
     dp_unsupported: ClassVar[str | None] = None
-    dp_refused_methods: ClassVar[Mapping[str, str]] = NO_REFUSED_METHODS
+    dp_refused_methods: ClassVar[Mapping[str, str]] = FULL_NOT_COVERED
     masks_tokens: ClassVar[bool] = True
 
     def patch_size(self, encoder):

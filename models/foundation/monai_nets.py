@@ -22,11 +22,11 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from types import MappingProxyType
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from .coverage import FULL_NOT_COVERED
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +192,7 @@ class MonaiViTSeams:
     name = VIT_TYPE
     lora_targets = ("qkv",)        # SABlock's fused q/k/v Linear (out_proj: pass it as a target)
     dp_unsupported = None
-    dp_refused_methods = MappingProxyType({})
+    dp_refused_methods = FULL_NOT_COVERED
     masks_tokens = True
 
     def __init__(self, constructor: dict | None = None):

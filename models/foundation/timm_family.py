@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import MappingProxyType
 
 import torch
 from torch import Tensor, nn
 
 from .timm_vit import TIMM_FAMILY, TimmViT, parse_config, resample_positions
+from .coverage import FULL_NOT_COVERED
 
 
 class TimmViTSeams:
@@ -28,7 +28,7 @@ class TimmViTSeams:
     name = TIMM_FAMILY
     lora_targets = ("qkv",)
     dp_unsupported = None
-    dp_refused_methods = MappingProxyType({})
+    dp_refused_methods = FULL_NOT_COVERED
     masks_tokens = True
 
     def __init__(self, has_cls: bool = True):

@@ -163,7 +163,7 @@ def validate_foundation(cfg: ExperimentConfig) -> None:
     reason = FAMILIES[family].dp_unsupported or FAMILIES[family].dp_refused_methods.get(method)
     if cfg.privacy.mechanism == wire.DP_SGD and reason:
         raise ConfigError(f"privacy.mechanism=dp-sgd refused for a {family} foundation model: "
-                          f"{reason}; use privacy=sitedp or another family")
+                          f"{reason}; or use privacy=sitedp")
     if cfg.privacy.mechanism == wire.DP_SGD and method in ("dora", "ia3"):
         # the site's clipper refuses them too (by layer name); say so before any site starts
         raise ConfigError(f"privacy.mechanism=dp-sgd refused for method={method}: its "

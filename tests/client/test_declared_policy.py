@@ -167,6 +167,15 @@ def test_asked_with_a_foundation_job_the_site_checks_its_own_weights(tmp_path, e
     assert answer(**{wire.NODE_FOUNDATION_DIR: str(encoders / "other")}) == (True, False)
     assert answer(**{wire.NODE_FOUNDATION_DIR: str(encoders / "empty")}) == (False, None)
     assert answer() == (False, None)                      # no foundation-dir at all
+    # DP-SGD on a method the site's clipper cannot cover (dora): the weights still match -
+    # the refusal is DP's, said in round 1, not "your weights differ"
+    import json
+
+    job = _job("model=foundation", "model.options.weights=dino", "model.options.lora_rank=2",
+               f"model.foundation_dir={encoders / 'coordinator'}", "task.image_size=32",
+               "privacy=dpsgd")
+    job[wire.MODEL_OPTIONS] = json.dumps(json.loads(job[wire.MODEL_OPTIONS]) | {"method": "dora"})
+    assert answer(**{wire.NODE_FOUNDATION_DIR: str(encoders / "same")}) == (True, True)
 
 
 @pytest.mark.parametrize("forged", ["../coordinator/dino", "/etc", "a/b", ".."])

@@ -239,20 +239,28 @@ def test_dp_sgd_takes_sam_lora_and_refuses_sam_full_in_one_line(encoders):
 
 def test_dp_sgd_on_layers_the_clipper_cannot_cover_is_refused_before_the_round_is_charged(
         encoders):
-    """Dinov2 ``method=full``: its class/position embeddings and layer scales have no exact
-    per-sample rule. The coordinator's validation does not know every layer; the site's
-    check, which runs before ``admit_round`` charges the ledger, asks the clipper itself."""
-    cfg = experiment(encoders, "model.options.method=full")
-    _, digest = server_side(cfg)
-    record = job_config(experiment(encoders, "privacy=dpsgd"), "run-x", base_digest=digest)
-    record[wire.MODEL_OPTIONS] = json.dumps(json.loads(record[wire.MODEL_OPTIONS])
-                                            | {"method": "full"})
-    job = decode_job(record, site_seed=0)
-    model, _ = job.build(foundation_dir=encoders / "coordinator")
-    with pytest.raises(PrivacyRefused, match="dp-sgd refused .*no exact per-sample gradient "
-                                             "rule .*embeddings") as err:
-        check_site_model(model, job)
-    assert "\n" not in str(err.value)
-    # the same model without DP-SGD, and LoRA under DP-SGD, are accepted
-    plain = decode_job(job_config(cfg, "run-x", base_digest=digest), site_seed=0)
-    check_site_model(model, plain)
+    """A coordinator may not validate: the site's check, which runs before ``admit_round``
+    charges the ledger, refuses DP-SGD on Dinov2 ``method=full`` (declared: its embeddings
+    and layer scales have no per-sample rule) and ``method=dora`` (declared nowhere: only the
+    clipper knows its magnitude vectors have no rule) - and accepts LoRA."""
+    with pytest.raises(ConfigError, match="dp-sgd refused for a dinov2 foundation model: "
+                                          "method=full"):
+        experiment(encoders, "privacy=dpsgd", "model.options.method=full")
+    for method, expected in (("full", "method=full trains"),
+                             ("dora", "no exact per-sample gradient rule .*lora_magnitude"),
+                             ("lora", None)):
+        cfg = experiment(encoders, f"model.options.method={method}")
+        _, digest = server_side(cfg)
+        record = job_config(experiment(encoders, "privacy=dpsgd"), "run-x", base_digest=digest)
+        record[wire.MODEL_OPTIONS] = json.dumps(json.loads(record[wire.MODEL_OPTIONS])
+                                                | {"method": method})
+        job = decode_job(record, site_seed=0)
+        model, _ = job.build(foundation_dir=encoders / "coordinator")
+        if expected is None:
+            check_site_model(model, job)
+            continue
+        with pytest.raises(PrivacyRefused, match="dp-sgd refused .*" + expected) as err:
+            check_site_model(model, job)
+        assert "\n" not in str(err.value)
+        plain = decode_job(job_config(cfg, "run-x", base_digest=digest), site_seed=0)
+        check_site_model(model, plain)          # the same model without DP-SGD: accepted

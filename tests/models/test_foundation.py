@@ -339,8 +339,23 @@ def test_per_sample_gradients_are_exact_for_lora(weights, family):
     assert_exact_per_sample(model, _batch(dtype=torch.float64))
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_what_a_family_declares_dp_sgd_covers_is_what_the_clipper_admits(weights, family):
+    """The declarations config validation reads (``dp_unsupported``, by method) agree with the
+    site's clipper, per method: a declared refusal the clipper would admit, or an admitted
+    method the clipper refuses (a run failing at every site in round 1), both fail here."""
+    for method in ("lora", "linear_probe", "full"):
+        model = _build(weights[family], method=method, lora_rank=2)
+        try:
+            PerSampleClipper(model, max_grad_norm=1.0)
+            admitted = True
+        except UnsupportedLayerError:
+            admitted = False
+        assert (model.dp_unsupported is None) == admitted, (family, method)
+    assert "method=full" in _build(weights[family], method="full").dp_unsupported
+
+
 def test_families_and_methods_without_a_per_sample_rule_say_so(weights):
-    assert "method=full" in _build(weights["sam"], method="full").dp_unsupported
     with pytest.raises(UnsupportedLayerError):
         PerSampleClipper(_build(weights["dinov2"], method="dora"), max_grad_norm=1.0)
     with pytest.raises(UnsupportedLayerError):

@@ -310,3 +310,17 @@ def test_pretraining_objectives_start_from_a_timm_vit_with_registers(objective, 
     assert trainable and changed == trainable
     assert any("lora_" in n and ".attn.qkv." in n for n in changed)
     assert not any(n.startswith("backbone.encoder.") and "lora_" not in n for n in changed)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_dp_sgd_coverage_declared_for_timm_is_what_the_clipper_admits(name):
+    from client.privacy.persample import PerSampleClipper, UnsupportedLayerError
+
+    for method in ("lora", "linear_probe", "full"):
+        model = _build(name, method=method)
+        try:
+            PerSampleClipper(model, max_grad_norm=1.0)
+            admitted = True
+        except UnsupportedLayerError:
+            admitted = False
+        assert (model.dp_unsupported is None) == admitted, (name, method)

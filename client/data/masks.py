@@ -43,22 +43,33 @@ def _plain_nifti1(path: Path, nib) -> np.ndarray | None:
         return None
     try:
         with (gzip.open if name.endswith(".gz") else open)(path, "rb") as f:
-            raw = f.read()
-    except (OSError, EOFError, gzip.BadGzipFile):
+            raw = f.read(NIFTI1_HEADER)
+            if len(raw) < NIFTI1_HEADER:
+                return None
+            header = _header(raw, nib)
+            if header is None:
+                return None
+            shape, dtype, offset = header
+            count = int(np.prod(shape, dtype=np.int64))
+            if any(int(d) < 0 for d in shape) or offset < NIFTI1_HEADER:
+                return None             # nibabel refuses it (negative count): it says why
+            # what the header announces and no more (a long tail or a gzip bomb is not read)
+            raw += f.read(offset + count * dtype.itemsize - NIFTI1_HEADER)
+    except (OSError, EOFError, gzip.BadGzipFile, ValueError):
         return None                     # nibabel says what is wrong with it
-    if len(raw) < NIFTI1_HEADER:
+    if offset + count * dtype.itemsize > len(raw):
         return None
+    return np.frombuffer(raw, dtype, count=count, offset=offset).reshape(shape, order="F")
+
+
+def _header(raw: bytes, nib) -> tuple[tuple, np.dtype, int] | None:
+    """``(shape, dtype, data offset)`` of an unscaled single-file NIfTI-1 header, or None."""
     try:
         header = nib.Nifti1Header(raw[:NIFTI1_HEADER], check=False)
         magic = bytes(header["magic"]).rstrip(b"\0")
         if int(header["sizeof_hdr"]) != NIFTI1_HEADER or magic != SINGLE_FILE \
                 or header.get_slope_inter() not in UNSCALED:
             return None
-        shape, dtype = header.get_data_shape(), header.get_data_dtype()
-        offset = int(header.get_data_offset())
+        return header.get_data_shape(), header.get_data_dtype(), int(header.get_data_offset())
     except Exception:  # noqa: BLE001 - an odd header: nibabel decides
         return None
-    count = int(np.prod(shape, dtype=np.int64))
-    if offset < NIFTI1_HEADER or offset + count * dtype.itemsize > len(raw):
-        return None
-    return np.frombuffer(raw, dtype, count=count, offset=offset).reshape(shape, order="F")

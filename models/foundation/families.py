@@ -264,12 +264,11 @@ class SamSeams:
         return [encoder.patch_embed.projection, encoder.neck]
 
     def batch_major_folds(self, encoder):
-        # The layers ``encode`` calls: every module inside one sees sample-major folds (see
-        # the class docstring); nothing outside one does (our patch embeddings and head see
-        # one row per sample). The neck, which would see [B*S, ...] too, is frozen (unused).
-        from transformers.models.sam.modeling_sam import SamVisionLayer
-
-        return (SamVisionLayer,)
+        # The layers ``encode`` calls, by the types they have (a renamed class in another
+        # transformers version cannot slip out): every module inside one sees sample-major
+        # folds (see the class docstring); nothing outside one does (our patch embeddings and
+        # head see one row per sample). The neck, which would see [B*S, ...] too, is frozen.
+        return tuple({type(layer): None for layer in encoder.layers})
 
 
 FAMILIES: dict[str, type] = {cls.name: cls for cls in

@@ -74,7 +74,10 @@ def test_a_cut_or_broken_file_raises_as_nibabel_does(tmp_path):
     (tmp_path / "cut.nii").write_bytes(raw[:-10])
     (tmp_path / "junk.nii.gz").write_bytes(gzip.compress(b"not a nifti file at all"))
     (tmp_path / "junk2.nii.gz").write_bytes(b"not even gzip")
-    for name in ("cut.nii", "junk.nii.gz", "junk2.nii.gz"):
+    negative = bytearray(raw)                    # dim[1] = -1 (int16 at byte 42)
+    negative[42:44] = np.array([-1], "<i2").tobytes()      # nibabel writes little-endian
+    (tmp_path / "negative.nii").write_bytes(bytes(negative))
+    for name in ("cut.nii", "junk.nii.gz", "junk2.nii.gz", "negative.nii"):
         path = tmp_path / name
         assert masks_module._plain_nifti1(path, nib) is None
         with pytest.raises(Exception):

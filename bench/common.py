@@ -30,7 +30,10 @@ def machine() -> str:
 def write_result(name: str, payload: dict) -> Path:
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / f"{name}.json"
-    path.write_text(json.dumps(payload | {"commit": commit(), "machine": machine()}, indent=2) + "\n")
+    partial = path.with_suffix(".json.partial")     # a kill mid-write keeps the old file
+    partial.write_text(json.dumps(payload | {"commit": commit(), "machine": machine()},
+                                  indent=2) + "\n")
+    partial.replace(path)
     return path
 
 

@@ -22,10 +22,12 @@ there). At 80 patients a site (~5 labelled studies each; the defaults until sess
 arm predicted one class for every external study: the run measured nothing. On 2 CPU cores the
 defaults take hours (estimated from the 80-patient run's per-arm times, not yet measured in
 full: the public pretraining ~40 min, a draw ~2 h), so the run is made to span sittings:
-``--work DIR`` keeps the public cohort, the pretrained encoder (its sha256 recorded) and the
-draws' data; ``--resume`` keeps every (draw, arm) already in ``results/<name>.json`` when its
-settings and encoder are the same, runs only the others, and marks the JSON ``complete`` once
-every requested arm of every draw is in. Each arm records the commit that measured it.
+``--work DIR`` keeps the public cohort and the pretrained encoder (its sha256 recorded; a draw's
+sites are synthesized again from its seed, the same files); ``--resume`` keeps every (draw,
+arm) already in ``results/<name>.json`` when its settings and encoder are the same (draws not
+asked for this time included), runs only the others, and marks the JSON ``complete`` once
+every requested arm of every requested draw is in. Each arm records the commit that measured
+it; the JSON is replaced whole after each arm (a kill mid-write keeps the previous one).
 
 Throughput mode:
 
@@ -506,6 +508,17 @@ def run_mcc(args, parser) -> None:
             update_results_md(_key(payload), _row(payload))
         return path
 
+    old: dict = {}
+    if args.resume:
+        if args.work is None:
+            parser.error("--resume needs the --work folder of the earlier sitting (its "
+                         "pretrained encoder)")
+        path = RESULTS_DIR / f"{name}.json"
+        old = json.loads(path.read_text()).get("mcc", {}) if path.exists() else {}
+        try:
+            fm.check_settings(old, settings)       # before hours of public pretraining
+        except ValueError as err:
+            parser.error(str(err))
     with contextlib.ExitStack() as stack:
         if args.work is None:
             work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="medfed-bench-fm-")))
@@ -532,8 +545,6 @@ def run_mcc(args, parser) -> None:
         print(f"public pretraining{' (reused)' if mcc['public_pretraining'].get('reused') else ''}"
               f": {mcc['public_pretraining']['loss_per_epoch']}", flush=True)
         if args.resume:
-            path = RESULTS_DIR / f"{name}.json"
-            old = json.loads(path.read_text()).get("mcc", {}) if path.exists() else {}
             try:
                 results.update(fm.previous_draws(old, settings,
                                                  mcc["public_pretraining"]["sha256"]))
@@ -541,6 +552,8 @@ def run_mcc(args, parser) -> None:
                 parser.error(str(err))
             print(f"resumed: {({s: sorted(d['arms']) for s, d in results.items()})}", flush=True)
         for seed in draws:
+            if seed in results and set(arms) <= set(results[seed]["arms"]):
+                continue                        # finished in an earlier sitting
             results[seed] = fm.run_draw(seed, work, foundation_dir, settings, arms, public,
                                         on_arm=lambda r, seed=seed: (results.__setitem__(seed, r),
                                                                      write(False)),
@@ -587,8 +600,8 @@ def main() -> None:
     mcc.add_argument("--public-epochs", type=int, default=10)
     mcc.add_argument("--public-lr", type=float, default=5e-4)
     mcc.add_argument("--work", type=Path, default=None,
-                     help="keep the public cohort, the pretrained encoder and the draws' data "
-                          "here (default: a temporary folder) so a later --resume reuses them")
+                     help="keep the public cohort and the pretrained encoder here (default: "
+                          "a temporary folder) so a later --resume reuses them")
     mcc.add_argument("--resume", action="store_true",
                      help="keep the (draw, arm) results already in results/<name>.json "
                           "(same settings, same encoder in --work) and run only the others")

@@ -173,18 +173,19 @@ def public_pretraining(work: Path, foundation_dir: Path, wanted: dict, pretrain)
         if record.get("wanted") == wanted and record.get("sha256") == encoder_digest(
                 foundation_dir):
             return record | {"reused": True}
+    record_path.unlink(missing_ok=True)     # a pretraining stopped part-way leaves no record
     record = pretrain() | {"wanted": wanted}
     record["sha256"] = encoder_digest(foundation_dir)
-    record_path.write_text(json.dumps(record, indent=2) + "\n")
+    partial = record_path.with_suffix(".partial")
+    partial.write_text(json.dumps(record, indent=2) + "\n")
+    partial.replace(record_path)
     return record
 
 
-def previous_draws(old: dict, settings: dict, digest: str) -> dict[int, dict]:
-    """``--resume``: the draws (with the arms they finished) of an earlier result ``old``
-    (its ``mcc`` part) measured with these ``settings`` (the draws list aside) and the same
-    pretrained encoder (``digest``); anything else is refused rather than mixed in."""
-    if not old:
-        return {}
+def check_settings(old: dict, settings: dict) -> None:
+    """``--resume``: ``old`` (an earlier result's ``mcc`` part) was measured with these
+    ``settings`` (the draws list aside), else ``ValueError`` - asked before hours of public
+    pretraining, not after."""
     mine = {k: v for k, v in settings.items() if k != "draws"}
     theirs = {k: v for k, v in old.get("settings", {}).items() if k != "draws"}
     differ = {k: (theirs.get(k), v) for k, v in mine.items()
@@ -192,12 +193,21 @@ def previous_draws(old: dict, settings: dict, digest: str) -> dict[int, dict]:
     if differ:
         raise ValueError(f"--resume: the earlier arms were measured with other settings "
                          f"(file, now): {differ}; use another --name")
+
+
+def previous_draws(old: dict, settings: dict, digest: str) -> dict[int, dict]:
+    """``--resume``: every draw (with the arms it finished) of an earlier result ``old`` (its
+    ``mcc`` part) measured with these ``settings`` and the same pretrained encoder
+    (``digest``) - draws not asked for this time are kept too, never dropped from the file;
+    anything else is refused rather than mixed in."""
+    if not old:
+        return {}
+    check_settings(old, settings)
     had = old.get("public_pretraining", {}).get("sha256")
     if had != digest:
         raise ValueError(f"--resume: the earlier arms used another pretrained encoder "
                          f"(sha256 {str(had)[:12]}, now {digest[:12]}); keep its --work folder")
-    return {int(seed): draw for seed, draw in old.get("draws", {}).items()
-            if int(seed) in settings["draws"]}
+    return {int(seed): draw for seed, draw in old.get("draws", {}).items()}
 
 
 # ---------------------------------------------------------------- one draw of sites
@@ -330,5 +340,6 @@ def targets_met(summary: dict) -> dict:
 
 
 __all__ = ["ARMS", "DRAW_SEEDS", "ENCODER", "PRETRAINED_NAME", "PUBLIC_SEED", "cohort_keys",
-           "disjointness", "encoder_digest", "previous_draws", "pretrain_public",
+           "check_settings", "disjointness", "encoder_digest", "previous_draws",
+           "pretrain_public",
            "public_cohort", "public_pretraining", "summarize", "targets_met", "commit"]

@@ -134,10 +134,13 @@ def test_resume_keeps_finished_arms_of_the_same_settings_and_encoder_only():
            "public_pretraining": {"sha256": "ab" * 32},
            "draws": {"0": _draw(supervised_scratch=0.3), "7": _draw(lora=0.1)}}
     kept = fm.previous_draws(old, settings, "ab" * 32)
-    assert list(kept) == [0] and list(kept[0]["arms"]) == ["supervised_scratch"]
+    assert list(kept[0]["arms"]) == ["supervised_scratch"]
+    assert list(kept[7]["arms"]) == ["lora"]      # not asked for this time: kept, not dropped
     assert fm.previous_draws({}, settings, "ab" * 32) == {}
     with pytest.raises(ValueError, match="rounds"):
         fm.previous_draws(old, settings | {"rounds": 8}, "ab" * 32)
+    with pytest.raises(ValueError, match="rounds"):      # asked before pretraining
+        fm.check_settings(old, settings | {"rounds": 8})
     with pytest.raises(ValueError, match="another pretrained encoder"):
         fm.previous_draws(old, settings, "cd" * 32)
 

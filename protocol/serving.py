@@ -1,7 +1,7 @@
 """What a registered model version needs to be scored on new studies: its modality layout, the
 preprocessing the sites applied, its class names and the kind of output it gives: class
-probabilities per study (``softmax``, ``sigmoid``) or, for a segmentation network (a fine-tuned
-SwinUNETR), class probabilities per voxel of the model's grid (``voxel_softmax``, class 0 the
+probabilities per study (``softmax``, ``sigmoid``) or, for a segmentation network (the UNETR
+decoder on our ViT, or a fine-tuned SwinUNETR), class probabilities per voxel of the model's grid (``voxel_softmax``, class 0 the
 background: :data:`SEGMENTATION_CLASS_NAMES`).
 
 The server writes a :class:`ServingSpec` into every registered version's MLflow model

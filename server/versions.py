@@ -145,7 +145,7 @@ def _serving_spec(cfg: ExperimentConfig, exported: torch.nn.Module, *, multi_lab
         names, output = tuple(cfg.task.class_names), "sigmoid" if multi_label else "softmax"
     elif isinstance(exported, ExportedSegmenter):
         # the task's class names are the studies' (glioma grades); the network's output
-        # channels are its own two classes (SwinSegmenter's SEGMENT_CLASSES)
+        # channels are its own two classes (background / lesion: SwinSegmenter and UNETR)
         names, output = SEGMENTATION_CLASS_NAMES, "voxel_softmax"
     else:
         return None

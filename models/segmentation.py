@@ -26,6 +26,9 @@ from .task import DataNeeds, StepOutput, TaskBase, TaskModel
 from .vit import MultiModalViT
 
 
+SEGMENT_CLASSES = 2     # background / lesion: every segmenter's output channels, the loss's
+
+
 @dataclass(frozen=True)
 class SegmentationConfig:
     num_classes: int = 3              # the study classes (unused here; passed by the server)
@@ -73,7 +76,7 @@ class UNETR(TaskModel):
             UnetrUpBlock(dims, d if lvl == levels - 1 else channels[lvl + 1], channels[lvl],
                          kernel_size=3, upsample_kernel_size=2, norm_name=norm, res_block=True)
             for lvl in range(levels))
-        self.out = UnetOutBlock(dims, f, 2)
+        self.out = UnetOutBlock(dims, f, SEGMENT_CLASSES)
 
     def _grid(self, tokens: Tensor, present: Tensor) -> Tensor:
         """Patch tokens ``[B, 1+S*N, D]`` -> ``[B, D, g, g(, g)]``, mean over present sequences."""

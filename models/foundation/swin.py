@@ -33,12 +33,12 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ..segmentation import SEGMENT_CLASSES     # background / lesion, the task's loss
 from .config import check_weights_name
 
 SWIN_METHODS = ("lora", "full")
 INPUT_CONVS = ("swinViT.patch_embed.proj", "encoder1.layer.conv1.conv", "encoder1.layer.conv3.conv")
 SWIN_LORA_TARGETS = ("attn.qkv", "attn.proj")    # WindowAttention; not patch_embed.proj
-SEGMENT_CLASSES = 2                   # what the segmentation task's loss expects
 
 
 @dataclass(frozen=True)

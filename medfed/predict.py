@@ -16,8 +16,10 @@ reaches a row, a file name or a log line; what could not be read is counted by r
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
+import os
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -133,25 +135,20 @@ def check_loads_no_code(model_uri: str, local: Path) -> None:
                            "registry at this site (MedFed registers torch.export programs)")
 
 
-class _pickle_refused:
+@contextlib.contextmanager
+def _pickle_refused():
     """MLflow's own switch, off while a version loads (its default is on): a pickled model
     is refused and a pt2 archive must be pickle-free (``weights_only`` records only)."""
-
-    VARIABLE = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"
-
-    def __enter__(self):
-        import os
-
-        self.before = os.environ.get(self.VARIABLE)
-        os.environ[self.VARIABLE] = "false"
-
-    def __exit__(self, *exc):
-        import os
-
-        if self.before is None:
-            os.environ.pop(self.VARIABLE, None)
+    variable = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"
+    before = os.environ.get(variable)
+    os.environ[variable] = "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(variable, None)
         else:
-            os.environ[self.VARIABLE] = self.before
+            os.environ[variable] = before
 
 
 def _check_signature(model_uri: str, signature, spec: ServingSpec) -> None:

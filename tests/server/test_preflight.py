@@ -213,6 +213,21 @@ def test_budget_checks_refuse_only_what_a_site_would_surely_refuse(tmp_path):
     assert policy_problems(ddp, [_policy("a"), _policy("b"), _policy("c")]) == ([], [])
 
 
+def test_sites_refusing_dp_sgd_for_the_model_are_named_with_their_line(tmp_path):
+    """A site whose weights match but whose DP-SGD check refuses the job's model (as round 1
+    would) is a problem line: the site's own line, naming the fix, sites grouped by it."""
+    from server.preflight import serving_problems
+
+    cfg = _cfg(tmp_path, "privacy=dpsgd")
+    line = ("privacy.mechanism=dp-sgd refused for this foundation model: method=full trains "
+            "the encoder's class/position embeddings; use method=lora or linear_probe")
+    policies = [_policy(n, weights_found=True, weights_match=True,
+                        dp_refusal=line if n != "c" else None) for n in ("b", "a", "c")]
+    assert serving_problems(cfg, policies) == [f"a, b: {line}"]
+    problems, _ = policy_problems(cfg, policies)
+    assert f"a, b: {line}" in problems
+
+
 def test_sites_that_cannot_read_the_layout_are_named_with_the_fix(tmp_path, quiet_waits):
     grid = SiteGrid(tmp_path, {"site-a": {}, "site-b": {wire.NODE_LAYOUT: "chest_xray"},
                                "site-c": {wire.NODE_LAYOUT: "brain_mri_4seq"}})

@@ -32,7 +32,6 @@ concluded; this is the early, readable failure.
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
@@ -44,6 +43,7 @@ from protocol.policy import PolicyDecodeError, SitePolicy
 from strategies.guard import error_summary, wait_for_quorum
 
 from .config import ExperimentConfig
+from .prompt_grid import collect
 from .tracking_store import check_tracking_store
 
 log = logging.getLogger("medfed.server")
@@ -162,21 +162,11 @@ def ask_policies(grid: Grid, timeout: float, job: ConfigRecord | None = None, *,
 def _gather(grid: Grid, messages: list[Message], *, quiet: float, first: float
             ) -> list[Message]:
     """Replies to ``messages``: up to ``first`` seconds for the first one, then until every
-    node answered or none did for ``quiet`` seconds."""
+    node answered or none did for ``quiet`` seconds (``prompt_grid.collect``)."""
     if not messages:
         return []
-    pending = set(grid.push_messages(messages))
-    replies: list[Message] = []
-    deadline = time.monotonic() + first
-    while pending and time.monotonic() < deadline:
-        got = list(grid.pull_messages(list(pending)))
-        if got:
-            replies += got
-            pending -= {m.metadata.reply_to_message_id for m in got}
-            deadline = time.monotonic() + quiet
-        else:
-            time.sleep(0.2)
-    return replies
+    pushed = grid.push_messages(messages)
+    return [m for got in collect(grid, pushed, first=first, quiet=quiet) for m in got]
 
 
 def policy_problems(cfg: ExperimentConfig, policies: list[SitePolicy]

@@ -301,14 +301,28 @@ class _TrickleGrid:
             if due else []
 
 
-def test_the_policy_query_waits_for_a_slow_first_answer_and_while_answers_keep_coming():
+def test_the_policy_query_waits_for_a_slow_first_answer_and_while_answers_keep_coming(
+        monkeypatch):
+    import server.prompt_grid as prompt
     from server.preflight import _gather
 
+    now = [0.0]                              # a clock that only sleeping moves
+    monkeypatch.setattr(prompt.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(prompt.time, "sleep", lambda s: now.__setitem__(0, now[0] + s))
     messages = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY)
                 for n in range(1, 31)]
-    # processes starting up: nothing for longer than the quiet window, then 30 in turn
-    slow = _TrickleGrid(30, 30, silent_pulls=3)
+    # processes starting up: nothing for longer than the quiet window (30 polls = 3 s > 2 s),
+    # then 30 in turn, one per poll (3 s in all, each within the quiet window of the last)
+    slow = _TrickleGrid(30, 30, silent_pulls=30)
     assert len(_gather(slow, messages, quiet=2.0, first=60)) == 30
-    # two silent sites end the wait once the others have answered (a hang guard, no timing)
+    # two silent sites end the wait once the others have answered: quiet seconds after the
+    # last answer, not at ``first``
+    now[0] = 0.0
     partial = _TrickleGrid(30, 28, silent_pulls=0)
     assert len(_gather(partial, messages, quiet=2.0, first=60)) == 28
+    last = 27 * prompt.REPLY_POLL            # the 28th answer came after 27 polls
+    assert 2.0 - 1e-9 <= now[0] - last < 2.0 + 2 * prompt.REPLY_POLL
+    # nobody answers: the first wait ends it
+    now[0] = 0.0
+    assert _gather(_TrickleGrid(30, 0, silent_pulls=0), messages, quiet=2.0, first=60) == []
+    assert 60.0 <= now[0] < 60.0 + 2 * prompt.REPLY_POLL

@@ -387,11 +387,24 @@ def _mcc_cells(payload: dict) -> tuple[str, str]:
     mcc = payload.get("mcc")
     if not mcc:
         return "MCC arms not measured", ""
-    def met_of(key: str) -> str:      # a null ratio was measured: its denominator was <= 0
-        flag = mcc.get("targets_met", {}).get(key)
-        return "undefined, denominator MCC ≤ 0" if flag is None else _met(flag)
+    summary = mcc["summary"]
 
-    ext = mcc["summary"]["external_mcc"]
+    def figure(key: str, spec: str, unit: str, goal: str, metric: str, arms: tuple) -> str:
+        """The bold figure and its goal; a null figure says whether an arm it needs has no
+        result (not measured) or both were measured and the denominator MCC was <= 0."""
+        value = payload.get(key)
+        if value is not None:
+            flag = mcc.get("targets_met", {}).get(key)
+            return f"**{_f(value, spec)}{unit}** (goal {goal}: {_met(flag)})"
+        missing = [a for a in arms if a not in summary.get(metric, {})]
+        if missing:
+            what = metric.replace("_mcc", " MCC").replace("_", "-")    # external MCC
+            return f"not measured (no {' or '.join(missing)} {what} result; goal {goal})"
+        if unit != "×":                 # a difference: null when no draw holds both arms
+            return f"not measured (no draw with both {' and '.join(arms)}; goal {goal})"
+        return f"**-×** (goal {goal}: undefined, denominator MCC ≤ 0)"
+
+    ext = summary["external_mcc"]
     s = mcc["settings"]
     arms = ", ".join(f"{a} {v['mean']:.2f} [{v['min']:.2f}, {v['max']:.2f}]"
                      for a, v in ext.items())
@@ -402,12 +415,14 @@ def _mcc_cells(payload: dict) -> tuple[str, str]:
         arms += (f" (exactly 0.00 in every draw, i.e. one class predicted for every external "
                  f"study: {', '.join(constant)})")
     return (f"MM-DINOv2-from-pretrained − scratch external MCC: "
-            f"**{_f(payload.get('mm_dino_pretrained_minus_supervised_scratch'), '+.3f')}** "
-            f"(goal ≥ +0.05: {met_of('mm_dino_pretrained_minus_supervised_scratch')}); "
-            f"federated LoRA / pooled: **{_f(payload.get('federated_over_pooled'))}×** "
-            f"(goal ≥ 0.9: {met_of('federated_over_pooled')}); DP-LoRA ε=8 / LoRA: "
-            f"**{_f(payload.get('dp_lora_over_lora_eps8'))}×** site-test MCC (goal ≥ 0.97: "
-            f"{met_of('dp_lora_over_lora_eps8')})",
+            + figure("mm_dino_pretrained_minus_supervised_scratch", "+.3f", "", "≥ +0.05",
+                     "external_mcc", ("mm_dino", "supervised_scratch"))
+            + "; federated LoRA / pooled: "
+            + figure("federated_over_pooled", ".2f", "×", "≥ 0.9", "external_mcc",
+                     ("lora", "pooled"))
+            + "; DP-LoRA ε=8 / LoRA site-test MCC: "
+            + figure("dp_lora_over_lora_eps8", ".2f", "×", "≥ 0.97", "site_test_mcc",
+                     ("dp_lora", "lora")),
             f"MCC: external MCC mean [min, max] over draws {list(s['draws'])}: {arms}; "
             f"{s['sites']} sites × ~{s['patients_per_site']} patients, "
             f"{s['label_fraction']:.0%} labels, {s['pretrain_rounds']}+{s['rounds']} rounds; "

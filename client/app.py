@@ -253,7 +253,8 @@ def make_client_app(*, sim_data_root: Path | None = None, sim_train_sites: int |
                 ready = job_readiness(config, settings, site.data_dir)
                 policy = replace(policy, layout_ok=ready.layout_ok,
                                  weights_found=ready.weights_found,
-                                 weights_match=ready.weights_match)
+                                 weights_match=ready.weights_match,
+                                 dp_refusal=ready.dp_refusal)
             content[wire.POLICY] = policy.to_record()
         return Message(content=content, reply_to=msg)
 

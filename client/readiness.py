@@ -16,6 +16,9 @@ code, node config and files, never a path, a file name or a count:
   resolves to a directory in the site's node config ``foundation-dir``, and the frozen base the
   site builds from it has the job's digest - exactly the check a train message meets
   (``client.foundation.check_site_model``), so the answer cannot disagree with round 1.
+  Weights that match may still be refused by that check for DP-SGD (a method or layer the
+  site's exact clipper has no per-sample rule for): the answer then carries round 1's
+  refusal line, which names the method or layer, never data.
 
 The job is decoded as a train message's is (``client.job.decode_job``); its weights name is
 checked to be a bare name before anything touches the filesystem, so a forged query with a
@@ -44,10 +47,12 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Readiness:
-    """A site's answer about one job: flags; None where the job does not need the check."""
+    """A site's answer about one job: flags, and the DP-SGD refusal round 1 would give;
+    None where the job does not need the check (or DP-SGD is not refused)."""
     layout_ok: bool
     weights_found: bool | None = None
     weights_match: bool | None = None
+    dp_refusal: str | None = None
 
 
 def asks_for_job(config: ConfigRecord) -> bool:
@@ -82,19 +87,21 @@ def job_readiness(config: ConfigRecord, settings: dict, data_dir: Path) -> Readi
         found = False
     if not found:
         return Readiness(ready.layout_ok, weights_found=False)
+    refusal = None
     try:
         model, _ = job.build(foundation_dir=directory)
         check_site_model(model, job)
         match = True
     except FoundationRefused:
         match = False
-    except PrivacyRefused:                  # raised after the base digest matched: the weights
-        match = True                        # are the job's; DP-SGD's refusal comes in round 1
+    except PrivacyRefused as err:           # raised after the base digest matched: the weights
+        match, refusal = True, str(err)     # are the job's; DP-SGD is refused as in round 1
     except (OSError, ValueError) as err:     # unreadable or invalid weights: not the job's base
         log.warning("foundation weights %r could not be built here: %s", name,
                     type(err).__name__)
         match = False
-    return Readiness(ready.layout_ok, weights_found=True, weights_match=match)
+    return Readiness(ready.layout_ok, weights_found=True, weights_match=match,
+                     dp_refusal=refusal)
 
 
 class LayoutRefused(ValueError):

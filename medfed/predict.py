@@ -216,6 +216,73 @@ def score_batches(model, spec: ServingSpec, dataset, batch: int = BATCH):
         yield start, out
 
 
+def check_out_file(out: Path | None, *, force: bool = False) -> None:
+    """``out`` as the CSV file a classifier's predictions go to (None: stdout): a file in an
+    existing, writable folder, not replacing one unless ``force``.
+
+    Raises
+    ------
+    PredictError
+        ``out`` is a folder, or its folder does not exist or cannot be written (it is not
+        created: a mistyped path must not become a folder somewhere else).
+    FileExistsError
+        ``out`` exists and ``force`` is not set.
+    """
+    if out is None:
+        return
+    out = Path(out)
+    if out.is_dir():
+        raise PredictError(f"--out {out} is a folder; this version writes one CSV file: name "
+                           "the file")
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} exists; pass --force to replace it")
+    folder = out.parent
+    if not folder.is_dir():
+        raise PredictError(f"--out {out}: its folder does not exist; create it first")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PredictError(f"--out {out}: its folder cannot be written by this user")
+
+
+def open_version(model_uri: str, *, tracking_uri: str | None = None, out: Path | None = None,
+                 force: bool = False, min_voxels: int = 1):
+    """``(pyfunc model, ServingSpec)`` of a version, with every refusal that needs no study
+    done: the options, the version itself (:func:`load_version`) and ``out`` for what the
+    version writes (:func:`check_out_file` or :func:`medfed.predict_masks.check_out_dir`).
+    Nothing is read or created at the site before this returns, not even its pseudonym key.
+
+    Raises
+    ------
+    PredictError, FileExistsError
+        As :func:`predict`.
+    """
+    from .predict_masks import check_out_dir
+
+    if min_voxels < 1:
+        raise PredictError(f"--min-voxels must be >= 1, got {min_voxels}")
+    model, spec = load_version(model_uri, tracking_uri)
+    if spec.segmentation:
+        check_out_dir(out, force=force)
+    else:
+        check_out_file(out, force=force)
+    return model, spec
+
+
+def score_studies(model, spec: ServingSpec, data_dir: Path | str, *, key: bytes | None,
+                  out: Path | None = None, min_voxels: int = 1
+                  ) -> Predictions | MaskPredictions:
+    """Score every readable study in ``data_dir`` with a version from :func:`open_version`
+    (which checked ``out`` and ``min_voxels``); see :func:`predict`."""
+    from .predict_masks import segment
+
+    data, dataset = read_studies(Path(data_dir), spec, key)
+    skipped, keys = Counter(data.report.skipped), [s.key for s in data.studies]
+    if spec.segmentation:
+        return segment(score_batches(model, spec, dataset), spec, keys, Path(out),
+                       skipped=skipped, files=data.report.files, min_voxels=min_voxels)
+    probs = np.concatenate([scores for _, scores in score_batches(model, spec, dataset)])
+    return Predictions(spec, keys, probs, skipped, data.report.files)
+
+
 def predict(model_uri: str, data_dir: Path | str, *, key: bytes | None,
             tracking_uri: str | None = None, out: Path | None = None, force: bool = False,
             min_voxels: int = 1) -> Predictions | MaskPredictions:
@@ -226,31 +293,21 @@ def predict(model_uri: str, data_dir: Path | str, *, key: bytes | None,
     writes). A segmentation version writes each study's mask and the CSV into ``out``, an
     existing folder (:mod:`medfed.predict_masks`; a class is present from ``min_voxels``
     voxels), and gives :class:`medfed.predict_masks.MaskPredictions`. Either way ``out`` is
-    checked before any study is read; ``force`` replaces earlier predictions there.
+    checked before any study is read; ``force`` replaces earlier predictions there. A caller
+    that creates the key on first use calls :func:`open_version` first, then makes the key,
+    then :func:`score_studies` (``medfed predict`` does), so a refusal leaves no key behind.
 
     Raises
     ------
     PredictError
         The version cannot be loaded, carries no serving metadata, or cannot score the
-        layout's studies; a segmentation version without an existing ``out`` folder.
+        layout's studies; a segmentation version without an existing ``out`` folder; a
+        classifier's ``out`` in a folder that does not exist or cannot be written.
     FileExistsError
         ``out`` holds earlier predictions and ``force`` is not set.
     client.data.site.SiteDataError
         ``data_dir`` holds no readable study (the message counts the skips by reason).
     """
-    from .predict_masks import check_out_dir, segment
-
-    if min_voxels < 1:
-        raise PredictError(f"--min-voxels must be >= 1, got {min_voxels}")
-    model, spec = load_version(model_uri, tracking_uri)
-    if spec.segmentation:
-        check_out_dir(out, force=force)
-    elif out is not None and out.exists() and not force:
-        raise FileExistsError(f"{out} exists; pass --force to replace it")
-    data, dataset = read_studies(Path(data_dir), spec, key)
-    skipped, keys = Counter(data.report.skipped), [s.key for s in data.studies]
-    if spec.segmentation:
-        return segment(score_batches(model, spec, dataset), spec, keys, Path(out),
-                       skipped=skipped, files=data.report.files, min_voxels=min_voxels)
-    probs = np.concatenate([scores for _, scores in score_batches(model, spec, dataset)])
-    return Predictions(spec, keys, probs, skipped, data.report.files)
+    model, spec = open_version(model_uri, tracking_uri=tracking_uri, out=out, force=force,
+                               min_voxels=min_voxels)
+    return score_studies(model, spec, data_dir, key=key, out=out, min_voxels=min_voxels)

@@ -6,7 +6,8 @@ A site answers a ``query`` message asking :data:`~protocol.wire.QUERY_POLICY` wi
 epsilon its ledger has spent. No data counts, nothing about its studies. The site encodes it
 with ``to_record``; the server decodes it with ``from_record``, distrusting every field.
 Asked with the experiment's job, it also answers whether it can serve it (layout, foundation
-weights present and of the job's frozen-base digest; ``client/readiness.py``): flags only.
+weights present and of the job's frozen-base digest; ``client/readiness.py``): flags, and
+the line its DP-SGD check would refuse the job's model with (method or layer names only).
 
 What a site declares is a courtesy to fail early; it enforces the same policy on every round
 it is asked to train (``client/privacy/policy.py``), whatever the preflight concluded.
@@ -48,6 +49,11 @@ class SitePolicy:
         Asked with a job: the site reads its layout; a foundation model's weights NAME is in
         its foundation-dir; its frozen base has the job's digest. None: not asked, or not
         needed by the job (no foundation model; weights not found, so not compared).
+    dp_refusal : str, optional
+        Asked with a job whose weights match: the line round 1 would refuse DP-SGD for the
+        job's model with (a method or layer the site's clipper has no rule for). None: not
+        refused, or not asked. Decoded as one printable line of at most
+        :data:`MAX_REFUSAL_CHARS` characters (the server logs it).
     trust_server : bool
         The site accepts site-level DP whose noise the server adds (``dp-trust-server``).
     max_assumed_sites : int, optional
@@ -67,6 +73,7 @@ class SitePolicy:
     layout_ok: bool | None = None
     weights_found: bool | None = None
     weights_match: bool | None = None
+    dp_refusal: str | None = None
     trust_server: bool = False
     max_assumed_sites: int | None = None
 
@@ -94,6 +101,8 @@ class SitePolicy:
                 record[key] = bool(getattr(self, value))
         if self.max_assumed_sites is not None:
             record[wire.NODE_DP_MAX_ASSUMED_SITES] = int(self.max_assumed_sites)
+        if self.dp_refusal is not None:
+            record[wire.POLICY_DP_REFUSAL] = str(self.dp_refusal)
         return record
 
     @classmethod
@@ -133,8 +142,21 @@ class SitePolicy:
                    require_dp=get(wire.NODE_REQUIRE_DP, bool, False),
                    require_secagg=get(wire.NODE_REQUIRE_SECAGG, bool, False),
                    trust_server=get(wire.NODE_DP_TRUST_SERVER, bool, False),
-                   epsilon_spent=spent, max_assumed_sites=cap, **numbers,
+                   epsilon_spent=spent, max_assumed_sites=cap,
+                   dp_refusal=_one_line(get(wire.POLICY_DP_REFUSAL, str)), **numbers,
                    **{value: get(key, bool) for key, value in _OPTIONAL_FLAGS})
+
+
+MAX_REFUSAL_CHARS = 400     # a refusal line is a sentence; longer is cut (the server logs it)
+
+
+def _one_line(text: str | None) -> str | None:
+    """``text`` as one printable line of at most :data:`MAX_REFUSAL_CHARS` characters: a
+    site's free text cannot forge log lines or flood the coordinator's output."""
+    if text is None:
+        return None
+    line = " ".join("".join(c if c.isprintable() else " " for c in text).split())
+    return line if len(line) <= MAX_REFUSAL_CHARS else line[:MAX_REFUSAL_CHARS - 3] + "..."
 
 
 # SitePolicy field -> its key; absent from the record when None

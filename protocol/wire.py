@@ -175,6 +175,8 @@ POLICY_EPSILON_SPENT = "dp-epsilon-spent"   # the site's ledger, composed at its
 POLICY_LAYOUT_OK = "serves-layout"   # bool: the job's layout is one this site can read
 POLICY_WEIGHTS_FOUND = "weights-found"   # bool: foundation weights NAME in its foundation-dir
 POLICY_WEIGHTS_MATCH = "weights-digest-match"   # bool: its frozen base = the job's digest
+POLICY_DP_REFUSAL = "dp-refusal"     # str: the line its DP-SGD check refuses the job's model
+                                     # with (layer/method names, no data); absent: none
 
 # Run config (pyproject [tool.flwr.app.config] / `flwr run --run-config`)
 RUN_EXPERIMENT = "experiment"

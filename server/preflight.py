@@ -13,8 +13,9 @@ Run by the ServerApp before anything else (``server/app.py``), and alone by
 3. the query carries the experiment's job (the record every train message carries; a
    foundation model's frozen-base digest as built here), and each site answers flags only
    (``client/readiness.py``): whether it reads the job's layout, whether the foundation
-   weights NAME is in its foundation-dir and gives this digest. Sites that cannot serve the
-   job are named, with the fix.
+   weights NAME is in its foundation-dir and gives this digest - and, where DP-SGD is asked
+   and the weights match, the line its DP-SGD check would refuse the model with in round 1.
+   Sites that cannot serve the job are named, with the fix.
 
 Budgets: a site composes its whole ledger with the new run, so only it can decide; the
 preflight refuses only what a site would refuse for sure - a DP-SGD target epsilon above a
@@ -31,7 +32,6 @@ concluded; this is the early, readable failure.
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
@@ -43,6 +43,7 @@ from protocol.policy import PolicyDecodeError, SitePolicy
 from strategies.guard import error_summary, wait_for_quorum
 
 from .config import ExperimentConfig
+from .prompt_grid import collect
 from .tracking_store import check_tracking_store
 
 log = logging.getLogger("medfed.server")
@@ -161,21 +162,11 @@ def ask_policies(grid: Grid, timeout: float, job: ConfigRecord | None = None, *,
 def _gather(grid: Grid, messages: list[Message], *, quiet: float, first: float
             ) -> list[Message]:
     """Replies to ``messages``: up to ``first`` seconds for the first one, then until every
-    node answered or none did for ``quiet`` seconds."""
+    node answered or none did for ``quiet`` seconds (``prompt_grid.collect``)."""
     if not messages:
         return []
-    pending = set(grid.push_messages(messages))
-    replies: list[Message] = []
-    deadline = time.monotonic() + first
-    while pending and time.monotonic() < deadline:
-        got = list(grid.pull_messages(list(pending)))
-        if got:
-            replies += got
-            pending -= {m.metadata.reply_to_message_id for m in got}
-            deadline = time.monotonic() + quiet
-        else:
-            time.sleep(0.2)
-    return replies
+    pushed = grid.push_messages(messages)
+    return [m for got in collect(grid, pushed, first=first, quiet=quiet) for m in got]
 
 
 def policy_problems(cfg: ExperimentConfig, policies: list[SitePolicy]
@@ -220,8 +211,9 @@ def policy_problems(cfg: ExperimentConfig, policies: list[SitePolicy]
 
 def serving_problems(cfg: ExperimentConfig, policies: list[SitePolicy]) -> list[str]:
     """A line per thing some sites said they cannot serve of ``cfg``'s job (layout, foundation
-    weights missing or of another digest), naming them and the fix. A site that did not
-    answer a flag (no job asked, or an older site) is left to refuse in round 1."""
+    weights missing or of another digest, DP-SGD refused for the model), naming them and the
+    fix. A site that did not answer a flag (no job asked, or an older site) is left to refuse
+    in round 1."""
     problems = []
     layout = str(cfg.data.layout.get("name") or DEFAULT_LAYOUT)
     if lost := [p for p in policies if p.layout_ok is False]:
@@ -238,6 +230,12 @@ def serving_problems(cfg: ExperimentConfig, policies: list[SitePolicy]) -> list[
         problems.append(f"{_names(differ)}: foundation weights {weights!r} differ from the "
                         "coordinator's (frozen-base digest): put the coordinator's copy of "
                         f"{weights!r} in their foundation-dir")
+    refusals: dict[str, list[SitePolicy]] = {}
+    for p in policies:
+        if p.dp_refusal:
+            refusals.setdefault(p.dp_refusal, []).append(p)
+    for line, sites in sorted(refusals.items()):     # the site's own line names the fix
+        problems.append(f"{_names(sites)}: {line}")
     return problems
 
 

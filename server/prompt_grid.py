@@ -14,14 +14,16 @@ the last reply of an exchange waits ``poll / 2`` on average for the next pull, a
 now see each message within ~0.1 s, ``medfed.deploy.follow``). Reply objects missing on the SuperLink when pulled are
 retried after 0.05 s doubling to 0.5 s (Flower: 1 s doubling to 10 s).
 
-Simulation keeps Flower's in-memory grid (it polls every 0.1 s already).
+Simulation keeps Flower's in-memory grid (it polls every 0.1 s already). The loop itself is
+:func:`collect`, which the preflight's policy query uses too, on whichever grid it gets, with
+its own end: a wait for the first answer, then a quiet window that each answer restarts.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from functools import partial
 
 from flwr.app import Message
@@ -85,25 +87,50 @@ class PromptGrid(Grid):
                          timeout: float | None = None) -> Iterable[Message]:
         """Flower's loop (``HttpGrid.send_and_receive``) with a ``poll``-second wait."""
         hop("serverapp.push")
-        missing = set(self.push_messages(messages))
-        for message_id in missing:
+        pushed = list(self.push_messages(messages))
+        for message_id in pushed:
             hop("serverapp.pushed", message_id)
-        end = time.time() + (timeout if timeout is not None else 0.0)
         replies: list[Message] = []
-        while timeout is None or time.time() < end:
-            asked = time.monotonic()
-            got = list(self.pull_messages(missing))
+        for got in collect(self, pushed, poll=self.poll, first=timeout):
             for m in got if tracing() else ():      # MEDFED_HOP_TRACE: no content
                 hop("serverapp.collected", m.metadata.reply_to_message_id,
                     node=m.metadata.src_node_id)
             replies.extend(got)
-            missing.difference_update(m.metadata.reply_to_message_id for m in got)
-            if not missing:
-                break
-            # ``poll`` from one ask to the next: a pull that downloaded replies (0.1-0.5 s on
-            # a busy coordinator, traced) is not followed by a full ``poll`` of sleep
-            time.sleep(max(0.0, self.poll - (time.monotonic() - asked)))
         return replies
+
+
+def collect(grid: Grid, message_ids: Iterable[str], *, poll: float = REPLY_POLL,
+            first: float | None, quiet: float | None = None) -> Iterator[list[Message]]:
+    """Each batch of replies to the pushed ``message_ids`` as ``grid`` returns it, pulled
+    every ``poll`` seconds, until every message has one or the wait ends.
+
+    Parameters
+    ----------
+    grid : Grid
+        Any grid: its ``pull_messages`` is asked for the replies still missing.
+    message_ids : iterable of str
+        What ``push_messages`` returned.
+    poll : float
+        Seconds from one ask to the next: a pull that took part of it (downloading replies:
+        0.1-0.5 s on a busy coordinator) is followed by the rest only.
+    first : float or None
+        Seconds to wait from the start (None: no limit, Flower's ``timeout=None``).
+    quiet : float or None
+        Once a reply came, the wait ends ``quiet`` seconds after the latest one instead (the
+        preflight: sites that keep answering are waited for); None: ``first`` holds.
+    """
+    missing = set(message_ids)
+    end = None if first is None else time.monotonic() + first
+    while missing and (end is None or time.monotonic() < end):
+        asked = time.monotonic()
+        got = list(grid.pull_messages(list(missing)))
+        if got:
+            missing.difference_update(m.metadata.reply_to_message_id for m in got)
+            if quiet is not None:
+                end = time.monotonic() + quiet
+            yield got
+        if missing:
+            time.sleep(max(0.0, poll - (time.monotonic() - asked)))
 
 
 def prompt_grid(grid: Grid) -> Grid:

@@ -40,14 +40,17 @@ def predict(args: argparse.Namespace) -> int:
     import sys
 
     from client.data.site import dicom_folder
-    from medfed.predict import Predictions, predict as run, site_pseudonym_key
+    from medfed.predict import Predictions, open_version, score_studies, site_pseudonym_key
 
     out = Path(args.out) if args.out else None
     data_dir = Path(args.data_dir)
     dicom_folder(data_dir)              # a wrong path fails before a key is made in it
-    result = run(args.model, data_dir, key=site_pseudonym_key(data_dir, args.privacy_dir),
-                 tracking_uri=args.tracking_uri, out=out, force=args.force,
-                 min_voxels=args.min_voxels)
+    # every refusal (version, --out, options) before the key is made: an operator's error
+    # must not leave a new pseudonym secret in the site's state folder
+    model, spec = open_version(args.model, tracking_uri=args.tracking_uri, out=out,
+                               force=args.force, min_voxels=args.min_voxels)
+    result = score_studies(model, spec, data_dir, out=out, min_voxels=args.min_voxels,
+                           key=site_pseudonym_key(data_dir, args.privacy_dir))
     if isinstance(result, Predictions):
         text = result.to_csv()
         if out is None:

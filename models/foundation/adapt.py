@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from ..tasks import drop_one_sequence
 from ..vit import TokenLayout, patchify
 from .config import FoundationConfig
+from .coverage import family_dp_refusal
 from .loading import LoadedEncoder
 
 
@@ -134,8 +135,7 @@ class FoundationBackbone(nn.Module):
     def dp_unsupported(self) -> str | None:
         """Why DP-SGD's per-sample rule does not hold for this family, or for this family
         with the configured method, or None."""
-        return (self.seams.dp_unsupported
-                or self.seams.dp_refused_methods.get(self.config.method))
+        return family_dp_refusal(self.seams, self.config.method)
 
     @property
     def batch_major_folds(self) -> tuple[type[nn.Module], ...]:

@@ -125,6 +125,7 @@ def validate_foundation(cfg: ExperimentConfig) -> None:
                               "no pretrained encoder; remove it")
         return
     from models.foundation import resolve_weights
+    from models.foundation.coverage import family_dp_refusal
     from models.foundation.families import FAMILIES
     from models.foundation.loading import (FoundationLoadError, check_weight_files, family_of,
                                            read_config)
@@ -160,7 +161,7 @@ def validate_foundation(cfg: ExperimentConfig) -> None:
     if refusal:
         raise ConfigError(f"model.options.weights={name}: {refusal}")
     # properties of the family (class level): the whole family, or this method on it
-    reason = FAMILIES[family].dp_unsupported or FAMILIES[family].dp_refused_methods.get(method)
+    reason = family_dp_refusal(FAMILIES[family], method)
     if cfg.privacy.mechanism == wire.DP_SGD and reason:
         raise ConfigError(f"privacy.mechanism=dp-sgd refused for a {family} foundation model: "
                           f"{reason}; or use privacy=sitedp")

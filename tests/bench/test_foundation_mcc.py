@@ -163,3 +163,32 @@ def test_a_resumed_draw_runs_only_the_arms_it_lacks(tmp_path, monkeypatch):
                       ("supervised_scratch", "lora"), public, done=done)
     assert out["arms"]["supervised_scratch"] == done["arms"]["supervised_scratch"]
     assert ran == ["foundation"] and out["arms"]["lora"]["external_mcc"] == 0.2
+
+
+def _mcc_payload(draws: dict) -> dict:
+    """A foundation.json MCC half as ``run_mcc`` writes it, from ``draws``."""
+    summary = fm.summarize(draws)
+    top = {k: summary[k] for k in ("mm_dino_pretrained_minus_supervised_scratch",
+                                   "federated_over_pooled", "dp_lora_over_lora_eps8")}
+    settings = dict(draws=list(draws), sites=3, patients_per_site=40, label_fraction=0.25,
+                    pretrain_rounds=2, rounds=3)
+    return top | {"mcc": {"summary": summary, "targets_met": fm.targets_met(summary),
+                          "settings": settings, "encoder": TINY,
+                          "public_pretraining": {"studies": 50}, "complete": False}}
+
+
+def test_the_row_says_not_measured_for_an_arm_without_a_result_and_undefined_for_a_zero():
+    """An arm that never ran is "not measured", not a ratio whose denominator was <= 0; a
+    measured non-positive denominator still says so."""
+    unrun = fb._mcc_cells(_mcc_payload({0: _draw(supervised_scratch=0.2, lora=0.4,
+                                                 mm_dino=0.3)}))[0]
+    assert "federated LoRA / pooled: not measured (no pooled external MCC result" in unrun
+    assert "LoRA site-test MCC: not measured (no dp_lora site-test MCC result" in unrun
+    assert "denominator" not in unrun and "-×" not in unrun
+    assert "**+0.100** (goal ≥ +0.05: met)" in unrun
+    zero = fb._mcc_cells(_mcc_payload({0: _draw(supervised_scratch=0.2, lora=0.4, mm_dino=0.3,
+                                                pooled=0.0, dp_lora=0.1)}))[0]
+    assert "pooled: **-×** (goal ≥ 0.9: undefined, denominator MCC ≤ 0)" in zero
+    assert "LoRA site-test MCC: **0.25×** (goal ≥ 0.97: not met)" in zero
+    gap = fb._mcc_cells(_mcc_payload({0: _draw(lora=0.4, mm_dino=0.3, pooled=0.5)}))[0]
+    assert "scratch external MCC: not measured (no supervised_scratch external MCC" in gap

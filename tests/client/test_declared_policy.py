@@ -110,6 +110,22 @@ def _job(*overrides) -> dict:
     return dict(preflight_job(load_experiment(["experiment=smoke", *overrides]))[0])
 
 
+def test_a_sites_refusal_line_is_decoded_as_one_short_printable_line():
+    """Attack: a site's free-text DP refusal cannot forge coordinator log lines or flood
+    them: control characters and newlines become spaces, the line is cut."""
+    from protocol.policy import MAX_REFUSAL_CHARS
+
+    forged = SitePolicy("s", dp_refusal="refused\nINFO medfed.server: round 9 ok\x1b[2J" +
+                        "x" * 5000).to_record()
+    line = SitePolicy.from_record(forged).dp_refusal
+    assert "\n" not in line and "\x1b" not in line and len(line) == MAX_REFUSAL_CHARS
+    assert line.startswith("refused INFO medfed.server: round 9 ok [2J")
+    assert SitePolicy.from_record(SitePolicy("s").to_record()).dp_refusal is None
+    with pytest.raises(PolicyDecodeError, match="dp-refusal"):
+        SitePolicy.from_record(ConfigRecord(dict(SitePolicy("s").to_record())
+                                            | {wire.POLICY_DP_REFUSAL: 3}))
+
+
 def test_asked_with_a_job_the_site_says_whether_it_reads_its_layout(tmp_path):
     import json
 
@@ -157,18 +173,23 @@ def test_asked_with_a_foundation_job_the_site_checks_its_own_weights(tmp_path, e
     app, job = make_client_app(), _foundation_job(encoders)
     assert job[wire.BASE_DIGEST]
 
+    refusals = []
+
     def answer(**node):
         reply = _ask(app, _node(tmp_path, **node), **job)[wire.POLICY]
         assert not any(isinstance(v, str) and str(encoders) in v for v in reply.values())
         policy = SitePolicy.from_record(reply)
+        refusals.append(policy.dp_refusal)
         return policy.weights_found, policy.weights_match
 
     assert answer(**{wire.NODE_FOUNDATION_DIR: str(encoders / "same")}) == (True, True)
     assert answer(**{wire.NODE_FOUNDATION_DIR: str(encoders / "other")}) == (True, False)
     assert answer(**{wire.NODE_FOUNDATION_DIR: str(encoders / "empty")}) == (False, None)
     assert answer() == (False, None)                      # no foundation-dir at all
+    assert refusals == [None] * 4                        # no DP-SGD asked: none refused
     # DP-SGD on a method the site's clipper cannot cover (dora): the weights still match -
-    # the refusal is DP's, said in round 1, not "your weights differ"
+    # the refusal is DP's, answered as round 1's line (a layer name, no data), not "your
+    # weights differ"
     import json
 
     job = _job("model=foundation", "model.options.weights=dino", "model.options.lora_rank=2",
@@ -176,6 +197,13 @@ def test_asked_with_a_foundation_job_the_site_checks_its_own_weights(tmp_path, e
                "privacy=dpsgd")
     job[wire.MODEL_OPTIONS] = json.dumps(json.loads(job[wire.MODEL_OPTIONS]) | {"method": "dora"})
     assert answer(**{wire.NODE_FOUNDATION_DIR: str(encoders / "same")}) == (True, True)
+    assert refusals[-1].startswith("privacy.mechanism=dp-sgd refused for this foundation "
+                                   "model: ") and "lora_magnitude" in refusals[-1]
+    assert "\n" not in refusals[-1] and str(tmp_path) not in refusals[-1]
+    # the same job with LoRA is covered: nothing refused
+    job[wire.MODEL_OPTIONS] = json.dumps(json.loads(job[wire.MODEL_OPTIONS]) | {"method": "lora"})
+    assert answer(**{wire.NODE_FOUNDATION_DIR: str(encoders / "same")}) == (True, True)
+    assert refusals[-1] is None
 
 
 @pytest.mark.parametrize("forged", ["../coordinator/dino", "/etc", "a/b", ".."])

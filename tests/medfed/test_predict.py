@@ -215,3 +215,30 @@ def test_a_data_folder_without_a_readable_study_exits_2(brain_version, tmp_path,
     code = main(["predict", "--model", "models:/nope/1", "--data-dir", str(site),
                  "--tracking-uri", tracking, "--privacy-dir", str(tmp_path / "state")])
     assert code == 2 and "cannot load models:/nope/1" in capsys.readouterr().err
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else b"/"
+            for p in sorted(folder.rglob("*"))}
+
+
+def test_a_refused_out_leaves_the_site_folder_as_it_was(brain_version, tmp_path, capsys):
+    """Every ``--out`` refusal comes before the site's pseudonym key is created (its default
+    place is ``<data-dir>/.medfed``): an operator's typo leaves no new secret behind."""
+    _, _, uri, tracking = brain_version
+    site = tmp_path / "site"
+    (site / "dicom").mkdir(parents=True)
+    (site / "dicom" / "junk.dcm").write_bytes(b"not a dicom file")
+    existing = tmp_path / "earlier.csv"
+    existing.write_text("earlier predictions\n")
+    before = _tree(site)
+    for out, message in ((existing, "exists; pass --force"),
+                         (tmp_path / "nowhere" / "out.csv", "its folder does not exist"),
+                         (tmp_path, "is a folder")):
+        code = main(["predict", "--model", uri, "--data-dir", str(site), "--tracking-uri",
+                     tracking, "--out", str(out)])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err, err
+        assert _tree(site) == before, f"--out {out.name}: the site folder changed"
+    assert existing.read_text() == "earlier predictions\n"
+    assert not (tmp_path / "nowhere").exists()

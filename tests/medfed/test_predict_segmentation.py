@@ -177,6 +177,7 @@ def test_predict_refuses_what_cannot_work_with_one_line(seg_version, tiny_sites,
     out.mkdir()
     assert run_predict(uri, tracking, site, state, "--out", str(out), "--min-voxels", "0") == 2
     assert "--min-voxels must be >= 1" in one_error(capsys.readouterr())
+    assert not state.exists()       # no refusal above created the site's pseudonym key
 
 
 def log_by_hand(exported, returns: tuple[int, ...], spec: ServingSpec, tmp_path: Path) -> str:

@@ -364,3 +364,19 @@ def test_families_and_methods_without_a_per_sample_rule_say_so(weights):
         PerSampleClipper(_build(weights["dinov2"], method="dora"), max_grad_norm=1.0)
     with pytest.raises(UnsupportedLayerError):
         PerSampleClipper(_build(weights["dinov2"], method="ia3"), max_grad_norm=1.0)
+
+
+def test_a_family_wide_dp_refusal_wins_over_every_method(weights, monkeypatch):
+    """``family_dp_refusal`` (also read by config validation) gives the family's own reason
+    before any method's; no shipped family declares one, so this patches one in."""
+    from models.foundation.coverage import family_dp_refusal
+    from models.foundation.families import FAMILIES as SEAMS
+
+    seams = SEAMS["dinov2"]
+    assert family_dp_refusal(seams, "lora") is None
+    assert family_dp_refusal(seams, "full") == seams.dp_refused_methods["full"]
+    monkeypatch.setattr(seams, "dp_unsupported", "the whole family has no per-sample rule")
+    for method in ("lora", "linear_probe", "full"):
+        assert family_dp_refusal(seams, method) == "the whole family has no per-sample rule"
+        model = _build(weights["dinov2"], method=method, lora_rank=2)
+        assert model.dp_unsupported == "the whole family has no per-sample rule", method

@@ -47,6 +47,18 @@ def test_objective_and_foundation_model_that_do_not_fit_fail_at_config_load(
     assert "\n" not in str(err.value)
 
 
+def test_a_family_wide_dp_refusal_is_said_at_config_load_for_any_method(encoders, monkeypatch):
+    """Config validation asks ``family_dp_refusal`` as the model does (no shipped family
+    refuses DP-SGD as a whole, so this patches a reason in)."""
+    from models.foundation.families import FAMILIES
+
+    _load(encoders, "dinov2", "privacy=dpsgd")                  # LoRA: covered
+    monkeypatch.setattr(FAMILIES["dinov2"], "dp_unsupported", "no per-sample rule at all")
+    with pytest.raises(ConfigError, match="dp-sgd refused for a dinov2 foundation model: "
+                                          "no per-sample rule at all"):
+        _load(encoders, "dinov2", "privacy=dpsgd")
+
+
 @pytest.mark.parametrize("weights,pretrain,extra", [
     ("dinov2", "mm_dino", []), ("dinov2", "mae", []), ("clip_pair", "clip", []),
     ("dinov2", "mae", ["privacy=dpsgd"]),        # MAE from a foundation model is DP-SGD ready

@@ -213,6 +213,21 @@ def test_budget_checks_refuse_only_what_a_site_would_surely_refuse(tmp_path):
     assert policy_problems(ddp, [_policy("a"), _policy("b"), _policy("c")]) == ([], [])
 
 
+def test_sites_refusing_dp_sgd_for_the_model_are_named_with_their_line(tmp_path):
+    """A site whose weights match but whose DP-SGD check refuses the job's model (as round 1
+    would) is a problem line: the site's own line, naming the fix, sites grouped by it."""
+    from server.preflight import serving_problems
+
+    cfg = _cfg(tmp_path, "privacy=dpsgd")
+    line = ("privacy.mechanism=dp-sgd refused for this foundation model: method=full trains "
+            "the encoder's class/position embeddings; use method=lora or linear_probe")
+    policies = [_policy(n, weights_found=True, weights_match=True,
+                        dp_refusal=line if n != "c" else None) for n in ("b", "a", "c")]
+    assert serving_problems(cfg, policies) == [f"a, b: {line}"]
+    problems, _ = policy_problems(cfg, policies)
+    assert f"a, b: {line}" in problems
+
+
 def test_sites_that_cannot_read_the_layout_are_named_with_the_fix(tmp_path, quiet_waits):
     grid = SiteGrid(tmp_path, {"site-a": {}, "site-b": {wire.NODE_LAYOUT: "chest_xray"},
                                "site-c": {wire.NODE_LAYOUT: "brain_mri_4seq"}})
@@ -286,14 +301,28 @@ class _TrickleGrid:
             if due else []
 
 
-def test_the_policy_query_waits_for_a_slow_first_answer_and_while_answers_keep_coming():
+def test_the_policy_query_waits_for_a_slow_first_answer_and_while_answers_keep_coming(
+        monkeypatch):
+    import server.prompt_grid as prompt
     from server.preflight import _gather
 
+    now = [0.0]                              # a clock that only sleeping moves
+    monkeypatch.setattr(prompt.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(prompt.time, "sleep", lambda s: now.__setitem__(0, now[0] + s))
     messages = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY)
                 for n in range(1, 31)]
-    # processes starting up: nothing for longer than the quiet window, then 30 in turn
-    slow = _TrickleGrid(30, 30, silent_pulls=3)
+    # processes starting up: nothing for longer than the quiet window (30 polls = 3 s > 2 s),
+    # then 30 in turn, one per poll (3 s in all, each within the quiet window of the last)
+    slow = _TrickleGrid(30, 30, silent_pulls=30)
     assert len(_gather(slow, messages, quiet=2.0, first=60)) == 30
-    # two silent sites end the wait once the others have answered (a hang guard, no timing)
+    # two silent sites end the wait once the others have answered: quiet seconds after the
+    # last answer, not at ``first``
+    now[0] = 0.0
     partial = _TrickleGrid(30, 28, silent_pulls=0)
     assert len(_gather(partial, messages, quiet=2.0, first=60)) == 28
+    last = 27 * prompt.REPLY_POLL            # the 28th answer came after 27 polls
+    assert 2.0 - 1e-9 <= now[0] - last < 2.0 + 2 * prompt.REPLY_POLL
+    # nobody answers: the first wait ends it
+    now[0] = 0.0
+    assert _gather(_TrickleGrid(30, 0, silent_pulls=0), messages, quiet=2.0, first=60) == []
+    assert 60.0 <= now[0] < 60.0 + 2 * prompt.REPLY_POLL

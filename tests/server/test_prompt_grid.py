@@ -76,7 +76,7 @@ def test_the_time_a_pull_took_counts_towards_the_poll(monkeypatch):
 
 def test_a_timeout_still_ends_the_wait(monkeypatch):
     now = [0.0]
-    monkeypatch.setattr(prompt.time, "time", lambda: now[0])
+    monkeypatch.setattr(prompt.time, "monotonic", lambda: now[0])
     monkeypatch.setattr(prompt.time, "sleep", lambda s: now.__setitem__(0, now[0] + s))
     inner = _Grid()
     inner.pull_messages = lambda ids: []                     # nobody answers

@@ -32,7 +32,7 @@ def make_server_app(cfg: ExperimentConfig | None = None, run_dir: Path | None = 
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        grid = prompt_grid(grid)     # deployed: replies collected every 0.2 s, not every 3 s
+        grid = prompt_grid(grid)     # deployed: replies collected every 0.1 s (REPLY_POLL), not every 3 s
         experiment = cfg
         if experiment is None:
             overrides = str(context.run_config.get(wire.RUN_OVERRIDES, "")).split()

@@ -7,6 +7,7 @@ import os
 import signal
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -165,3 +166,57 @@ def test_physical_pixels_equal_the_old_formula_on_both_real_corpora():
     compared, _ = _assert_same_pixels_as_before(_corpus_files())
     assert compared > 100
 
+
+
+def _pid_after_marker(marker: str, x: int) -> int:
+    """A helper's task: mark that a helper ran (before the caller joined the job)."""
+    Path(marker).touch()
+    return os.getpid()
+
+
+def test_a_submitted_job_runs_on_the_helpers_while_the_caller_works_then_joins():
+    """submit() hands the job to the running helpers without this process: they work on it
+    while the caller does its serial work (the cache's sync and publish), and map() gives
+    every result in order, this process taking what is left."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp, SharedWorkers(2) as pool:
+        assert [sq for _, sq in pool.map(_pid_and_square, [1, 2])] == [1, 4]
+        assert pool.started
+        marker = str(Path(tmp) / "m")
+        job = pool.submit(partial(_pid_after_marker, marker), list(range(40)))
+        deadline = time.monotonic() + 120          # niced helper: may start slowly
+        while not Path(marker).exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert Path(marker).exists()               # a helper ran a task before the join
+        with pytest.raises(RuntimeError, match="not joined"):
+            pool.map(_pid_and_square, [1, 2])      # one job at a time
+        pids = job.map()
+        assert len(pids) == 40 and any(pid != os.getpid() for pid in pids)
+        assert pool.map(_pid_and_square, [3, 4])[1][1] == 16     # the pool goes on
+
+
+def test_without_helpers_a_submitted_job_runs_here_at_the_join():
+    """submit() starts no process: with none up, the job runs in the caller when joined."""
+    pool = SharedWorkers(2)
+    job = pool.submit(_pid_and_square, [1, 2, 3])
+    assert not pool.started
+    assert job.map() == [(os.getpid(), x * x) for x in (1, 2, 3)]
+    assert not pool.started
+
+
+def test_closing_after_a_job_the_helpers_took_does_not_wait_on_the_job_pipe():
+    """Once every job message is out of the pipe (each helper took its own), close() has
+    nothing to drain: it must not sit in a 20 ms read of an empty pipe on every ingest."""
+    pool = SharedWorkers(2)
+    assert [sq for _, sq in pool.map(_pid_and_square, list(range(8)))][-1] == 49
+    deadline = time.monotonic() + 120
+    while pool._taken.value < pool._posted and time.monotonic() < deadline:
+        time.sleep(0.01)                           # the helper takes its message
+    assert pool._taken.value == pool._posted == 1
+
+    def no_drain(*args, **kwargs):
+        raise AssertionError("drained a job pipe the helpers had emptied")
+    pool._jobs.get = no_drain
+    pool.close()
+    assert not pool.started

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pydicom
+from pydicom import config as pydicom_config
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, pixel_array
 
@@ -71,11 +74,35 @@ def read_file(path: Path, counts: ReadCounts, key: bytes | None = None) -> Serie
     return read_file_study(path, counts, key)[0]
 
 
+@contextmanager
+def values_unvalidated() -> Iterator[None]:
+    """pydicom's check of each element value it converts turned off (its
+    ``reading_validation_mode``: a process setting, restored on exit). Two reasons: on an
+    invalid value pydicom *logs* a warning quoting the value (a header value, possibly PHI,
+    in the site log; catching the Python warning does not stop the log record), and the
+    check is ~40 us of a ~550 us file (``bench/ingest.py``). The values converted are the
+    same either way (checked on both real corpora: ``tests/client/test_workers.py``)."""
+    settings = pydicom_config.settings
+    before = settings.reading_validation_mode
+    settings.reading_validation_mode = pydicom_config.IGNORE
+    try:
+        yield
+    finally:
+        settings.reading_validation_mode = before
+
+
 def read_file_study(path: Path, counts: ReadCounts, key: bytes | None = None,
                     ) -> tuple[SeriesImage | None, str]:
     """:func:`read_file`, and the file's StudyInstanceUID ("" when unreadable or absent) from
     the same read: the site cache groups files by study without reading headers twice. The
-    UID stays at the site (the cache keeps only a keyed hash of it)."""
+    UID stays at the site (the cache keeps only a keyed hash of it). Values are converted
+    unvalidated (:func:`values_unvalidated`: no header value in a log)."""
+    with values_unvalidated():
+        return _read_file_study(path, counts, key)
+
+
+def _read_file_study(path: Path, counts: ReadCounts, key: bytes | None,
+                     ) -> tuple[SeriesImage | None, str]:
     try:
         ds = pydicom.dcmread(path)
     except InvalidDicomError:

@@ -3,10 +3,12 @@ faster pixel path giving exactly the pixels it gave before."""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
 import time
+import warnings
 from functools import partial
 from pathlib import Path
 
@@ -250,3 +252,92 @@ def test_helpers_decode_without_the_network_only_modules_pydicom_would_import(ti
     helpers = [loaded for pid, loaded, _ in out if pid != os.getpid()]
     assert helpers and all(loaded == [] for loaded in helpers)
     assert len({decoded for *_, decoded in out}) == 1
+
+
+def _values(path: Path) -> list:
+    """Every element's converted value in the file (nested ones too), or the error type."""
+    try:
+        ds = pydicom.dcmread(path)
+        out = []
+        for elem in ds.iterall():
+            try:
+                out.append((elem.tag, repr(elem.value)))
+            except Exception as err:  # noqa: BLE001 - compared as the type
+                out.append((elem.tag, type(err).__name__))
+        return out
+    except Exception as err:  # noqa: BLE001
+        return [type(err).__name__]
+
+
+def _read_both_ways(files: list[Path]) -> tuple[int, int]:
+    """Each file read with pydicom's value checks off (as the reader reads) and on
+    (pydicom's default): every element converted to the same value; the reader gives the
+    same study, the same de-identified image or skip reason, the same pixels. (elements
+    compared, images compared)."""
+    from client.data.dicom import ReadCounts, _read_file_study, read_file_study, \
+        values_unvalidated
+
+    compared = elements = 0
+    key = b"k" * 32
+    for path in files:
+        with values_unvalidated():
+            off = _values(path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            assert off == _values(path), path.name
+        elements += len(off)
+        off_counts, on_counts = ReadCounts(), ReadCounts()
+        off_image, off_uid = read_file_study(path, off_counts, key)
+        with warnings.catch_warnings():                  # the default check warns
+            warnings.simplefilter("ignore")
+            on_image, on_uid = _read_file_study(path, on_counts, key)
+        assert off_uid == on_uid and off_counts.skipped == on_counts.skipped, path.name
+        assert (off_image is None) == (on_image is None), path.name
+        if off_image is None:
+            continue
+        off_pixels, on_pixels = off_image.pixels, on_image.pixels
+        off_image.pixels = on_image.pixels = None
+        assert off_image == on_image, path.name
+        assert np.array_equal(off_pixels, on_pixels, equal_nan=True), path.name
+        compared += 1
+    return elements, compared
+
+
+def test_reading_without_value_checks_gives_the_same_on_synthetic_sites(tiny_sites):
+    files = sorted(p for p in tiny_sites.rglob("dicom/**/*") if p.is_file())
+    elements, images = _read_both_ways(files)
+    assert images > 20 and elements > 1000
+
+
+def test_reading_without_value_checks_gives_the_same_on_both_real_corpora():
+    elements, images = _read_both_ways(_corpus_files())
+    assert elements > 10000 and images >= 1
+
+
+def test_an_invalid_header_value_is_not_logged_by_pydicom(tiny_sites, tmp_path, caplog):
+    """pydicom logs a warning quoting an invalid value it converts (its default check):
+    a header value in the site log. The reader converts without that check."""
+    from pydicom import config
+
+    from client.data.dicom import ReadCounts, read_file_study
+
+    source = next(p for p in sorted((tiny_sites / "site-0" / "dicom").rglob("*.dcm"))
+                  if "PixelData" in pydicom.dcmread(p))
+    ds = pydicom.dcmread(source)
+    path = tmp_path / "bad.dcm"
+    before = config.settings.writing_validation_mode
+    config.settings.writing_validation_mode = config.IGNORE
+    try:
+        ds.SeriesInstanceUID = "1.2.840.DOE.7"          # letters: an invalid UID
+        ds.save_as(path)
+    finally:
+        config.settings.writing_validation_mode = before
+    caplog.set_level(logging.DEBUG)
+    caplog.clear()                                       # (pydicom's own write checks)
+    image = read_file_study(path, ReadCounts(), b"k" * 32)[0]
+    assert image is not None
+    assert not [r.getMessage() for r in caplog.records if "DOE" in r.getMessage()]
+    with warnings.catch_warnings():                      # the default check does log it
+        warnings.simplefilter("ignore")
+        pydicom.dcmread(path).get("SeriesInstanceUID")
+    assert any("DOE" in r.getMessage() for r in caplog.records)

@@ -126,11 +126,14 @@ def _corpus_files() -> list[Path]:
     return sorted(p for d in dirs for p in d.rglob("*") if p.is_file())
 
 
-def _assert_same_pixels_as_before(files: list[Path]) -> tuple[int, int]:
+def _assert_same_pixels_as_before(files: list[Path]) -> tuple[int, int, int]:
     """The reader's pixels of each decodable image are exactly
     ``apply_modality_lut(ds.pixel_array, ds)`` as float32 (what it computed before), and it
-    fails exactly where that fails; (images compared, of which identity rescales)."""
-    compared = identity = 0
+    fails exactly where that fails; (images compared, of which identity rescales, of which
+    read from their bytes by :func:`native_pixels`)."""
+    from client.data.dicom import native_pixels
+
+    compared = identity = native = 0
     for path in files:
         try:
             ds = pydicom.dcmread(path)
@@ -154,19 +157,83 @@ def _assert_same_pixels_as_before(files: list[Path]) -> tuple[int, int]:
         assert np.array_equal(got, want, equal_nan=True), path.name
         compared += 1
         identity += ds.get("RescaleSlope") == 1 and ds.get("RescaleIntercept") == 0
-    return compared, identity
+        native += native_pixels(pydicom.dcmread(path)) is not None
+    return compared, identity, native
 
 
 def test_physical_pixels_equal_the_old_formula_on_synthetic_sites(tiny_sites):
     files = sorted(p for p in tiny_sites.rglob("dicom/**/*") if p.is_file())
-    compared, identity = _assert_same_pixels_as_before(files)
+    compared, identity, native = _assert_same_pixels_as_before(files)
     assert identity > 10 and compared - identity > 10       # both paths of physical_pixels
+    assert native > 10                                      # and the bytes read directly
 
 
 @pytest.mark.slow
 def test_physical_pixels_equal_the_old_formula_on_both_real_corpora():
-    compared, _ = _assert_same_pixels_as_before(_corpus_files())
-    assert compared > 100
+    compared, _, native = _assert_same_pixels_as_before(_corpus_files())
+    assert compared > 100 and 20 < native < compared        # both decode paths
+
+
+def _variant(source: Path, folder: Path, name: str, **change) -> Path:
+    """A copy of ``source`` with header values changed and its pixel bytes rewritten
+    (``pixels``: the new bytes) as pydicom writes them without its checks."""
+    from pydicom import config
+
+    ds = pydicom.dcmread(source)
+    pixels = change.pop("pixels", None)
+    syntax = change.pop("syntax", None)
+    before = config.settings.writing_validation_mode
+    config.settings.writing_validation_mode = config.IGNORE
+    try:
+        for keyword, value in change.items():
+            if value is None:
+                delattr(ds, keyword)
+            else:
+                setattr(ds, keyword, value)
+        if pixels is not None:
+            ds.PixelData = pixels
+        if syntax is not None:
+            ds.file_meta.TransferSyntaxUID = syntax
+        path = folder / f"{name}.dcm"
+        ds.save_as(path, implicit_vr=syntax == "1.2.840.10008.1.2",
+                   little_endian=True, enforce_file_format=False)
+    finally:
+        config.settings.writing_validation_mode = before
+    return path
+
+
+def test_native_pixels_take_only_images_pydicom_reads_as_their_bytes(tiny_sites, tmp_path):
+    """Images near the edge of the direct read: signed values in fewer stored bits (pydicom
+    corrects the sign), bits above the stored ones, 8 bits with a pad byte, bytes to spare
+    or missing, MONOCHROME1, an explicit single frame, implicit VR: each gives exactly what
+    pydicom's decoder gives, or fails where it fails."""
+    source = next(p for p in sorted((tiny_sites / "site-0" / "dicom").rglob("*.dcm"))
+                  if "PixelData" in pydicom.dcmread(p))
+    ds = pydicom.dcmread(source)
+    rows, cols = ds.Rows, ds.Columns
+    rng = np.random.default_rng(0)
+    words = rng.integers(0, 2**16, rows * cols, dtype=np.uint16).tobytes()
+    odd = rng.integers(0, 256, 3 * 5, dtype=np.uint8).tobytes()
+    variants = {
+        "signed12": dict(PixelRepresentation=1, BitsStored=12, HighBit=11, pixels=words),
+        "unsigned12": dict(PixelRepresentation=0, BitsStored=12, HighBit=11, pixels=words),
+        "signed16": dict(PixelRepresentation=1, BitsStored=16, HighBit=15, pixels=words),
+        "spare": dict(pixels=words + b"\0\0"),
+        "short": dict(pixels=words[:-2]),
+        "mono1": dict(PhotometricInterpretation="MONOCHROME1", pixels=words),
+        "one_frame": dict(NumberOfFrames=1, pixels=words),
+        "implicit": dict(syntax="1.2.840.10008.1.2", pixels=words),
+        "odd8": dict(Rows=3, Columns=5, BitsAllocated=8, BitsStored=8, HighBit=7,
+                     PixelRepresentation=0, pixels=odd + b"\0"),
+        "odd8_signed": dict(Rows=3, Columns=5, BitsAllocated=8, BitsStored=8, HighBit=7,
+                            PixelRepresentation=1, pixels=odd + b"\0"),
+    }
+    files = [_variant(source, tmp_path, name, **change) for name, change in variants.items()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compared, _, native = _assert_same_pixels_as_before(files)
+    assert compared == len(variants) - 1            # "short" fails both ways
+    assert native == 6                              # signed12/unsigned12/spare/short: pydicom
 
 
 

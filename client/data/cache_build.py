@@ -11,6 +11,11 @@ disk write and no block freed (on a ``discard`` mount each freed block is trimme
 the spills after the sync was 6-9% of a first ingest). A unit whose published copy then
 fails its checks (a racing writer's bad copy) is read again from its source files, not from
 a spill.
+
+Everything after the units are made (spill removal, sync, renames, opening, the index) is
+this process's alone: the caller's ``meanwhile()`` hands the helpers other work for that
+time (the site's masks and reports, :class:`client.data.site.SideReads`), so they do not sit
+idle through it.
 """
 
 from __future__ import annotations

@@ -202,7 +202,8 @@ class SiteCache:
                 paths: list[Path] | None = None, source: str = "dicom",
                 by_study: bool = True, workers: int = 1,
                 reader: FileReader | None = None,
-                pool: SharedWorkers | None = None) -> Decoded:
+                pool: SharedWorkers | None = None,
+                meanwhile: Callable[[], None] | None = None) -> Decoded:
         """The studies and read counts of the files (``paths``, or all under ``root``) read
         through ``layout`` under ``key``: from the cache when it holds this version, else
         decoded now - only the studies whose files changed - and written.
@@ -214,7 +215,9 @@ class SiteCache:
         then each new file is read once, not once for its study and once to decode it.
         ``by_study``: units are studies (DICOM: by StudyInstanceUID); else one unit.
         ``pool``: decode processes the caller keeps for more work (else ``workers`` new
-        ones, ended on return).
+        ones, ended on return). ``meanwhile()``: called once the studies to decode are
+        decoded, before this call's serial rest (sync, renames, opening, the index), so
+        the caller can hand ``pool`` more work for that time (not called on a hit).
         """
         if workers < 1:
             raise ValueError(f"decode workers must be >= 1, got {workers}")
@@ -239,7 +242,8 @@ class SiteCache:
             self.changed_files = changed_since_newest(self.root, files)
         with SharedWorkers(workers) if pool is None else nullcontext(pool) as pool:
             out = self._update(listing, fp, self.family(layout, key, source), key,
-                               decode_files, reader if by_study else None, by_study, pool)
+                               decode_files, reader if by_study else None, by_study, pool,
+                               meanwhile)
         if self.last != "unwritable":
             self.prune(current=fp)
             self.current = folder
@@ -247,7 +251,8 @@ class SiteCache:
 
     def _update(self, listing: dict, fp: str, family: str, key: bytes | None,
                 decode_files: Callable[[list[Path]], Decoded], reader: FileReader | None,
-                by_study: bool, pool: SharedWorkers) -> Decoded:
+                by_study: bool, pool: SharedWorkers,
+                meanwhile: Callable[[], None] | None = None) -> Decoded:
         """A new version ``fp``: its units reused where they exist, the others decoded and
         written, then its index; served from memory (``last = unwritable``) when writing
         fails. Every temporary file of this ingest (spills, units not renamed into place)
@@ -304,14 +309,17 @@ class SiteCache:
                 self.root, units_dir, units, results, todo,
                 list(zip((units[i]["name"] for i in todo), jobs)), sources, here, make=make,
                 redo=redo, writable=writable, fp=fp, family=family, files=files, pool=pool,
-                prefix=prefix, maps=self.maps, error=self.write_error)
-            self.decoded_units += built.made
+                prefix=prefix, maps=self.maps, error=self.write_error,
+                made_one=self._made_one, meanwhile=meanwhile)
             self.write_error = built.write_error
             if not built.written:
                 self.last = "unwritable"
             return built.decoded
         finally:
             remove_temps(units_dir, prefix)
+
+    def _made_one(self) -> None:
+        self.decoded_units += 1         # as each is complete: a failing pass counted them
 
     def _groups(self, listing: dict, family: str, key: bytes | None, by_study: bool,
                 pool: SharedWorkers, reader: FileReader | None, spill_dir: Path | None,

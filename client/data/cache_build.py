@@ -11,6 +11,11 @@ disk write and no block freed (on a ``discard`` mount each freed block is trimme
 the spills after the sync was 6-9% of a first ingest). A unit whose published copy then
 fails its checks (a racing writer's bad copy) is read again from its source files, not from
 a spill.
+
+Everything after the units are made (spill removal, sync, renames, opening, the index) is
+this process's alone: the caller's ``meanwhile()`` hands the helpers other work for that
+time (the site's masks and reports, :class:`client.data.site.SideReads`), so they do not sit
+idle through it.
 """
 
 from __future__ import annotations
@@ -53,7 +58,9 @@ def build_units(root: Path, units_dir: Path, units: list[dict], results: list,
                 todo: list[int], jobs: list[tuple[str, object]], sources: list[list],
                 here: set[int], *, make: Callable, redo: Callable[[list], Decoded],
                 writable: bool, fp: str, family: str, files: dict, pool: SharedWorkers,
-                prefix: str, maps: UnitMaps, error: str | None = None) -> Built:
+                prefix: str, maps: UnitMaps, error: str | None = None,
+                made_one: Callable[[], None] | None = None,
+                meanwhile: Callable[[], None] | None = None) -> Built:
     """Make the ``todo`` units (``jobs[j]``: a unit's name and what ``make`` takes) in
     ``pool`` - each process writes the units it makes, only their names and indexes come
     back - except the jobs in ``here`` (their files' arrays in memory: sent to the helpers
@@ -61,7 +68,10 @@ def build_units(root: Path, units_dir: Path, units: list[dict], results: list,
     makes the units durable before any is renamed into place, and the version's index
     ``fp`` is written under ``root``. ``redo(sources[j])``: unit ``j`` read again from its
     files. ``results``: the version's units, the reused ones already open. ``error``: why
-    the cache is not ``writable`` already, when it is not."""
+    the cache is not ``writable`` already, when it is not. ``made_one()``: called as each
+    unit is complete (a pass failing part-way has counted what it made). ``meanwhile()``:
+    called once every unit is made, before the serial rest (sync, renames, opening, the
+    index): the caller hands the helpers other work there (:meth:`SharedWorkers.submit`)."""
     build = partial(_make_unit, make, units_dir if writable else None, prefix)
     remote = [j for j in range(len(jobs)) if j not in here]
     made = itertools.chain(
@@ -71,6 +81,8 @@ def build_units(root: Path, units_dir: Path, units: list[dict], results: list,
     for j, (temp, index, out, why) in made:
         i = todo[j]
         count += 1
+        if made_one is not None:
+            made_one()
         if temp is None:               # not written (disk full, read-only): kept in memory
             writable = False
             error = error or why
@@ -78,6 +90,8 @@ def build_units(root: Path, units_dir: Path, units: list[dict], results: list,
         else:
             units[i]["index"] = index
             pending.append((i, j, Path(temp)))
+    if meanwhile is not None:
+        meanwhile()
     # every unit is made: the spills are needed no more, and gone before the sync they are
     # never written back (see the module docstring)
     remove_temps(units_dir, prefix + SPILL)

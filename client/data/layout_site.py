@@ -33,9 +33,9 @@ from .layout import Channel, Layout, LayoutError, check_volume_layout
 from .manifest_site import MANIFEST, decode_manifest_site, has_manifest, manifest_rows
 from .matching import match_site
 from .sequences import SEQUENCES
-from .site import (IngestReport, SiteData, SiteDataError, Study, check_decoded, decode_site,
-                   dicom_folder, join_shares, join_site, mask_files, read_masks, read_reports,
-                   read_share)
+from .site import (IngestReport, SideReads, SiteData, SiteDataError, Study, check_decoded,
+                   decode_site, dicom_folder, join_shares, join_site, mask_files, read_masks,
+                   read_reports, read_share)
 from .workers import SharedWorkers, chunks, map_shared
 
 # Studies the layout's missing-channel policy (or a channel that failed to decode) drops.
@@ -76,18 +76,22 @@ def read_site(site_dir: Path | str, layout: Layout | None,
         # file by file: the cache reads each new file once (its study and its pixels).
         reader = FileReader(partial(read_share, key), join_shares) \
             if source == "dicom" and layout is None else None
-        # The processes that decoded then read the masks and de-identify the reports.
+        # The processes that decoded then read the masks and de-identify the reports: the
+        # helpers start on them while this process syncs and publishes the cache.
         with SharedWorkers(workers) as pool:
+            side = SideReads(site_dir, key, pool)
             studies, report = cache.decoded(root, layout, key,
                                             partial(_decode_files, source, site_dir, layout,
                                                     key, workers if source == "manifest" else 1),
                                             paths=paths, source=source,
                                             by_study=source == "dicom", reader=reader,
-                                            pool=pool)
+                                            pool=pool, meanwhile=side.start)
             check_decoded(site_dir, studies, report, None if layout is None else layout.name)
+            read_masks_here, texts = side.results()
             up = pool if pool.started else None      # a hit starts no process for these
-            masks = _cached_masks(site_dir, key, cache, up)
-            texts = read_reports(site_dir, key, up)
+            masks = _cached_masks(site_dir, key, cache, up, read_masks_here)
+            if texts is None:
+                texts = read_reports(site_dir, key, up)
         return join_site(site_dir, studies, report, class_names, multi_label=multi_label,
                          channels=channels, key=key, masks=masks, texts=texts)
     return join_site(site_dir, studies, report, class_names, multi_label=multi_label,
@@ -106,16 +110,18 @@ def _decode_files(source: str, site_dir: Path, layout: Layout | None, key: bytes
 
 
 def _cached_masks(site_dir: Path, key: bytes | None, cache: SiteCache,
-                  pool: SharedWorkers | None = None):
+                  pool: SharedWorkers | None = None,
+                  read: tuple[dict[str, np.ndarray], Counter] | None = None):
     """The site's lesion masks through the cache (decoding NIfTI masks is most of a cached
     read otherwise): a side entry keyed by ``segmentations.csv`` and the files it lists,
-    each mask a one-image study. ``(masks by study key, skip counts)``."""
+    each mask a one-image study. ``(masks by study key, skip counts)``. ``read``: the masks
+    as :func:`read_masks` gives them, already read (:class:`SideReads`)."""
     root = site_dir.resolve()
     if not (root / "segmentations.csv").is_file():
         return {}, Counter()
 
     def decode():
-        masks, skipped = read_masks(site_dir, key, pool)
+        masks, skipped = read_masks(site_dir, key, pool) if read is None else read
         return ([Study(k, "", {"mask": m}) for k, m in masks.items()],
                 IngestReport(skipped=skipped))
     studies, report = cache.side_entry("masks", root,

@@ -18,6 +18,7 @@ import csv
 import hashlib
 import json
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -28,7 +29,7 @@ from .dicom import ReadCounts, SeriesImage, pseudonym, read_directory, read_file
 from .masks import read_nifti
 from .report_deid import deidentify_report
 from .sequences import SEQUENCES
-from .workers import SharedWorkers, chunks
+from .workers import Pending, SharedWorkers, chunks
 
 SPLITS = ("train", "val", "test")
 
@@ -173,6 +174,62 @@ def read_reports(site_dir: Path, key: bytes | None, pool: SharedWorkers | None =
         texts.update(part)
         skipped.update(part_skipped)
     return texts, skipped
+
+
+class SideReads:
+    """The site's lesion masks and reports read by the site cache's decode helpers while the
+    caller finishes the cache (its sync, renames and index; :meth:`start` is the cache's
+    ``meanwhile``), joined by :meth:`results`. Reads nothing unless started with helpers
+    up (a cache hit starts none: the caller reads them as before)."""
+
+    def __init__(self, site_dir: Path, key: bytes | None, pool: SharedWorkers):
+        self._site_dir, self._key, self._pool = site_dir, key, pool
+        self._job: Pending | None = None
+        self._mask_tasks = 0
+
+    def start(self) -> None:
+        """Hand the masks and reports to the pool's helpers (when they are up); this
+        process joins them in :meth:`results`."""
+        if not self._pool.started:
+            return
+        tasks = []
+        if (self._site_dir / "segmentations.csv").is_file():
+            rows = list(_csv_rows(self._site_dir / "segmentations.csv",
+                                  ("study_instance_uid", "mask_file")))
+            tasks += [partial(_mask_chunk, str(self._site_dir), self._key, part)
+                      for part in chunks(rows, self._pool.workers, most=16)]
+        self._mask_tasks = len(tasks)
+        path = self._site_dir / "reports.jsonl"
+        if path.exists():
+            with open(path) as f:
+                lines = f.readlines()
+            tasks += [partial(_report_chunk, self._key, part)
+                      for part in chunks(lines, self._pool.workers, most=256, least=32)]
+        self._job = self._pool.submit(_call, tasks)
+
+    def results(self) -> tuple[tuple[dict[str, np.ndarray], Counter] | None,
+                               tuple[dict[str, str], Counter] | None]:
+        """``(masks, their skips)`` and ``(report texts, their skips)`` as
+        :func:`read_masks` and :func:`read_reports` give them; None for what was not read
+        here (not started, or the site has no ``segmentations.csv``)."""
+        if self._job is None:
+            return None, None
+        parts, self._job = self._job.map(), None
+        masks, texts = None, ({}, Counter())     # no reports.jsonl: as read_reports gives
+        if self._mask_tasks:
+            masks = ({}, Counter())
+            for part, skipped in parts[:self._mask_tasks]:
+                masks[0].update(part)
+                masks[1].update(skipped)
+        for part, skipped in parts[self._mask_tasks:]:
+            texts[0].update(part)
+            texts[1].update(skipped)
+        return masks, texts
+
+
+def _call(task: Callable[[], object]) -> object:
+    """Run one task of :class:`SideReads` (a ``functools.partial``)."""
+    return task()
 
 
 def _report_chunk(key: bytes | None, lines: list[str]) -> tuple[dict[str, str], Counter]:

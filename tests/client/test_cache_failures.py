@@ -8,6 +8,8 @@ decode does."""
 from __future__ import annotations
 
 import os
+import signal
+import time
 from functools import partial
 from pathlib import Path
 
@@ -22,7 +24,7 @@ from client.data.cache_files import UnitMaps, write_reason
 from client.data.cache_reads import FileReader
 from client.data.layout_site import _decode_files, read_site
 from client.data.site import decode_site, join_shares, read_share
-from client.data.workers import SharedWorkers
+from client.data.workers import SharedWorkers, WorkerDied
 from tests.client.test_cache import KEY, assert_same, boom, site  # noqa: F401 - the fixture
 from tests.conftest import CLASSES
 
@@ -284,4 +286,75 @@ def test_a_cache_folder_that_cannot_be_made_is_served_from_memory_with_its_reaso
         "site cache: could not write the decoded studies (NotADirectoryError: Not a "
         "directory); serving them from memory this time"]
     assert "blocked" not in caplog.text
+    assert_same(read_site(site, None, CLASSES, key=KEY), served)
+
+
+def test_a_pass_failing_part_way_has_counted_the_units_it_made(site, tmp_path):
+    """decoded_units counts units as each is complete: a pass that fails on its fourth unit
+    reports the three it made (counted after the pass, a failure lost them)."""
+    calls = []
+
+    def join_failing_on_the_fourth(shares):
+        calls.append(1)
+        if len(calls) == 4:
+            raise RuntimeError("join failed")
+        return join_shares(shares)
+    cache = SiteCache(tmp_path / "cache")
+    with pytest.raises(RuntimeError, match="join failed"):
+        cache.decoded(site / "dicom", None, KEY, boom,
+                      reader=FileReader(partial(read_share, KEY), join_failing_on_the_fourth))
+    assert cache.decoded_units == 3
+
+
+def _killed_in_a_helper(caller: int, markers: str, site_dir: str, files: list[Path]):
+    """The brain reader on a unit. A helper makes (and so writes) its first unit, then is
+    SIGKILLed on its second (the OOM killer, mid-ingest); the caller waits (up to 2 min)
+    for that, so the helper has the units."""
+    first, killed = Path(markers) / "first", Path(markers) / "killed"
+    if os.getpid() != caller:
+        if first.exists():
+            killed.touch()
+            os.kill(os.getpid(), signal.SIGKILL)
+        first.touch()
+        return decode_site(Path(site_dir), key=KEY, paths=files)
+    deadline = time.monotonic() + 120
+    while not killed.exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return decode_site(Path(site_dir), key=KEY, paths=files)
+
+
+def test_a_helper_killed_mid_ingest_publishes_nothing_and_the_next_ingest_works(
+        site, tmp_path):
+    """A decode helper SIGKILLed after writing a unit under its temporary name: the ingest
+    fails (WorkerDied, not a hang), no unit is published, no version written, nothing
+    patient-derived stays on disk; the next ingest decodes and serves the site."""
+    cache = SiteCache(tmp_path / "cache")
+    decode = partial(_killed_in_a_helper, os.getpid(), str(tmp_path), str(site))
+    with pytest.raises(WorkerDied):
+        cache.decoded(site / "dicom", None, KEY, decode, workers=2)
+    assert (tmp_path / "killed").exists() and (tmp_path / "first").exists()
+    assert _left_on_disk(tmp_path / "cache") == [] and cache.entries() == []
+    served = read_site(site, None, CLASSES, key=KEY, workers=2, cache=cache)
+    assert cache.last == "miss" and len(cache.entries()) == 1
+    assert_same(read_site(site, None, CLASSES, key=KEY), served)
+
+
+def test_the_masks_and_reports_go_to_the_helpers_before_the_sync(site, tmp_path,
+                                                                 monkeypatch):
+    """A first ingest with two workers hands the masks and reports to the helpers once the
+    units are made, before this process's serial rest (sync, renames, index), not after
+    it: the helpers would sit idle through it. Same data as a fresh read."""
+    assert (site / "segmentations.csv").is_file() and (site / "reports.jsonl").is_file()
+    calls = _recording(monkeypatch)
+    real_submit = SharedWorkers.submit
+
+    def submit(self, fn, items):
+        calls.append(("submit", len(items), self.started))
+        return real_submit(self, fn, items)
+    monkeypatch.setattr(SharedWorkers, "submit", submit)
+    cache = SiteCache(tmp_path / "cache")
+    served = read_site(site, None, CLASSES, key=KEY, workers=2, cache=cache)
+    submitted = [c for c in calls if isinstance(c, tuple)]
+    assert len(submitted) == 1 and submitted[0][1] >= 2 and submitted[0][2]
+    assert calls.index(submitted[0]) < calls.index("sync")
     assert_same(read_site(site, None, CLASSES, key=KEY), served)

@@ -24,7 +24,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
-from .dicom import pseudonym
+from .dicom import pseudonym, values_unvalidated
 from .frames import SeriesSkip, VolumeLimits, decode_frames, frames_of
 from .geometry import GeometryError, GeometryTolerance, stack_planes
 
@@ -183,8 +183,10 @@ def assemble_volumes(headers: Sequence[Dataset], load: Callable[[int], Dataset] 
     return volumes, counts
 
 
+@values_unvalidated()       # no header value (or path) in a log: reads and accesses inside
 def read_volumes(paths: Sequence[Path], **options) -> tuple[list[Volume], VolumeCounts]:
     """Read the files at ``paths`` as volumes: headers first, pixels only for passing series.
+    Read in :func:`~client.data.dicom.values_unvalidated` (nothing of a header in a log).
 
     ``options`` are the keyword arguments of :func:`assemble_volumes` (limits, tolerance,
     select, key). Unreadable and non-DICOM files are counted in ``files_skipped``.

@@ -134,6 +134,8 @@ def assemble_volumes(headers: Sequence[Dataset], load: Callable[[int], Dataset] 
                      counts: VolumeCounts | None = None,
                      key: bytes | None = None) -> tuple[list[Volume], VolumeCounts]:
     """Group headers into series and turn each series that passes every check into a Volume.
+    Call it inside :func:`~client.data.dicom.values_unvalidated` (as :func:`read_volumes`
+    does): it converts the headers' elements, and pydicom may log a value it converts.
 
     Parameters
     ----------

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import re
 import shutil
+import time
 import warnings
 from pathlib import Path
 
@@ -131,6 +133,36 @@ def test_the_default_reader_with_and_without_the_site_cache(poisoned, leaks, tmp
     brain = poisoned[0]
     assert read_site(brain, None).studies
     assert read_site(brain, None, cache=SiteCache(tmp_path / "cache")).studies
+    assert not leaks()
+
+
+def _read_in_process(paths: list[str]) -> tuple[int, int]:
+    """(this process id, images read): the cache's header pass, the matcher and the default
+    reader on ``paths``, wherever this runs."""
+    from client.data.cache import _study_uids
+    from client.data.dicom import ReadCounts, read_file_study
+    from client.data.matching import read_headers
+
+    _study_uids(paths)
+    read_headers(None, None, [Path(p) for p in paths])
+    counts = ReadCounts()
+    images = [read_file_study(Path(p), counts, None)[0] for p in paths]
+    return os.getpid(), sum(image is not None for image in images)
+
+
+def test_decode_helper_processes_write_no_header_value_to_stderr(poisoned, leaks):
+    """A spawned helper logs to the stderr it inherits (captured here at the descriptor):
+    the readers run in helpers until a helper has read some of the files."""
+    from client.data.workers import SharedWorkers
+
+    items = [[str(p)] for p in sorted((poisoned[0] / "dicom").rglob("*.dcm"))]
+    deadline = time.monotonic() + 60
+    with SharedWorkers(2) as pool:
+        while True:
+            done = pool.map(_read_in_process, items)
+            if any(pid != os.getpid() and images for pid, images in done):
+                break
+            assert time.monotonic() < deadline, "no helper read a file within 60 s"
     assert not leaks()
 
 

@@ -64,7 +64,6 @@ import logging
 import os
 import stat
 import uuid
-import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 from functools import partial
@@ -80,6 +79,7 @@ from .cache_files import (CACHE_FORMAT, INDEX, PROCESS_MAPS, TEMP_PREFIX, UNUSAB
                           write_unit)
 from .cache_prune import UNITS, changed_since_newest, prune, versions
 from .cache_reads import FileReader, join_spilled, read_files, reread
+from .dicom import values_unvalidated
 from .workers import SharedWorkers, chunks
 
 log = logging.getLogger(__name__)
@@ -448,6 +448,7 @@ class SiteCache:
         return prune(self.root, self.keep, self.maps, current)
 
 
+@values_unvalidated()       # no header value (or path) in a log, in the helper too
 def _study_uids(paths: list[str]) -> list[str]:
     """:func:`_study_uid` of each path (one task of the header pass)."""
     return [_study_uid(path) for path in paths]
@@ -456,11 +457,8 @@ def _study_uids(paths: list[str]) -> list[str]:
 def _study_uid(path: str) -> str:
     """The file's StudyInstanceUID from its header ("" when unreadable or absent); stays
     at the site: only a keyed hash of it is kept."""
-    with warnings.catch_warnings():      # pydicom warns with element values: keep them out
-        warnings.simplefilter("ignore")
-        try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True,
-                                 specific_tags=["StudyInstanceUID"])
-            return str(ds.get("StudyInstanceUID", "") or "").strip()
-        except Exception:  # noqa: BLE001 - not DICOM or unreadable: the reader counts it
-            return ""
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["StudyInstanceUID"])
+        return str(ds.get("StudyInstanceUID", "") or "").strip()
+    except Exception:  # noqa: BLE001 - not DICOM or unreadable: the reader counts it
+        return ""

@@ -9,6 +9,7 @@ the pydicom dataset, which is dropped as soon as the file is read.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -74,20 +75,55 @@ def read_file(path: Path, counts: ReadCounts, key: bytes | None = None) -> Serie
     return read_file_study(path, counts, key)[0]
 
 
+# pydicom's loggers: "pydicom" (values, charsets, truncated files) and its pixel modules'.
+PYDICOM_LOGGERS = ("pydicom", "pydicom.pixels.decoders.base", "pydicom.pixels.utils")
+
+
+class _Withheld(logging.Filter):
+    """Replaces the text of a pydicom log record: it may quote a header value or a path."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = "pydicom %s while reading a site file (text withheld: it may quote a " \
+                     "header value or a path)"
+        record.args = (record.levelname.lower(),)
+        return True
+
+
 @contextmanager
 def values_unvalidated() -> Iterator[None]:
-    """pydicom's check of each element value it converts turned off (its
-    ``reading_validation_mode``: a process setting, restored on exit). Two reasons: on an
-    invalid value pydicom *logs* a warning quoting the value (a header value, possibly PHI,
-    in the site log; catching the Python warning does not stop the log record), and the
-    check is ~40 us of a ~550 us file (``bench/ingest.py``). The values converted are the
-    same either way (checked on both real corpora: ``tests/client/test_workers.py``)."""
+    """Read site DICOM with no header value (and no path) in a log or on stderr: the one
+    wrapper every site reader runs its reads *and its element accesses* in (also a
+    decorator: ``@values_unvalidated()``).
+
+    Three things, each restored on exit: pydicom's check of each element value it converts
+    is off (its ``reading_validation_mode``); the text of pydicom's log records is withheld
+    (the record stays, so the site log still says pydicom warned); pydicom's Python warnings
+    are ignored (their text is the record's). Why: on an invalid value pydicom both warns
+    and *logs* a warning quoting the value (a name, an ID, a UID: PHI in the site log;
+    catching the warning does not stop the record), and a truncated file is logged with its
+    path. pydicom converts an element on its first access, not in ``dcmread``, so the
+    accesses must run inside too. The check also costs ~40 us of a ~550 us file
+    (``bench/ingest.py``). The values converted are the same either way (checked on both
+    real corpora and the synthetic sites: ``tests/client/test_workers.py``).
+
+    The settings are process-wide, not per thread. That is acceptable because a site
+    process reads DICOM on one thread, and the decode helpers are processes (each sets its
+    own); pydicom elsewhere in the process (none at a site) would be quiet while it runs.
+    """
     settings = pydicom_config.settings
     before = settings.reading_validation_mode
+    withheld = _Withheld()
+    loggers = [logging.getLogger(name) for name in PYDICOM_LOGGERS]
     settings.reading_validation_mode = pydicom_config.IGNORE
+    for logger in loggers:
+        logger.addFilter(withheld)
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
     finally:
+        for logger in loggers:
+            logger.removeFilter(withheld)
         settings.reading_validation_mode = before
 
 

@@ -18,7 +18,6 @@ orientation: :mod:`client.data.volume_site`); the dataset resizes that grid to t
 
 from __future__ import annotations
 
-import warnings
 from collections import Counter
 from functools import partial
 from pathlib import Path
@@ -27,7 +26,7 @@ import numpy as np
 import pydicom
 
 from .cache import FileReader, SiteCache
-from .dicom import MAX_DECODED_BYTES, decoded_bytes, pseudonym
+from .dicom import MAX_DECODED_BYTES, decoded_bytes, pseudonym, values_unvalidated
 from .intensity import apply_intensity
 from .layout import Channel, Layout, LayoutError, check_volume_layout
 from .manifest_site import MANIFEST, decode_manifest_site, has_manifest, manifest_rows
@@ -264,31 +263,30 @@ def _input_names(channel: Channel) -> tuple[str, ...]:
     return (channel.name,)
 
 
+@values_unvalidated()   # no header value (or path) in a log: the PatientID access included
 def _read_channel(channel: Channel, files: tuple[Path, ...], dims: str,
                   report: IngestReport, key: bytes | None) -> tuple[np.ndarray, str] | None:
     """``([C, H, W] float32, patient key)`` of one series, or None (counted in ``report``).
     A 2D channel takes the middle image of its series by InstanceNumber (a ``2d_slice``
     layout: the middle slice of the volume); a multi-frame file, its middle frame."""
-    with warnings.catch_warnings():      # pydicom warns with element values: keep them out
-        warnings.simplefilter("ignore")
-        try:
-            if len(files) > 1:
-                if dims == "2d":
-                    report.skipped["extra_images_in_series"] += len(files) - 1
-                heads = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
-                order = sorted(range(len(files)),
-                               key=lambda i: (int(heads[i].get("InstanceNumber", 0) or 0), i))
-                path = files[order[len(order) // 2]]
-            else:
-                path = files[0]
-            ds = pydicom.dcmread(path)
-            if decoded_bytes(ds) > MAX_DECODED_BYTES:
-                report.skipped["too_large"] += 1          # never decoded
-                return None
-            planes = apply_intensity(channel.intensity, ds)      # [C, H, W] or [C, F, H, W]
-        except Exception:  # noqa: BLE001 - truncated pixels, missing codec, colour for xray
-            report.skipped["pixel_decode_error"] += 1
+    try:
+        if len(files) > 1:
+            if dims == "2d":
+                report.skipped["extra_images_in_series"] += len(files) - 1
+            heads = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+            order = sorted(range(len(files)),
+                           key=lambda i: (int(heads[i].get("InstanceNumber", 0) or 0), i))
+            path = files[order[len(order) // 2]]
+        else:
+            path = files[0]
+        ds = pydicom.dcmread(path)
+        if decoded_bytes(ds) > MAX_DECODED_BYTES:
+            report.skipped["too_large"] += 1          # never decoded
             return None
+        planes = apply_intensity(channel.intensity, ds)      # [C, H, W] or [C, F, H, W]
+    except Exception:  # noqa: BLE001 - truncated pixels, missing codec, colour for xray
+        report.skipped["pixel_decode_error"] += 1
+        return None
     if planes.ndim == 4:
         planes = planes[:, planes.shape[1] // 2]
     if planes.ndim != 3 or not np.isfinite(planes).all():

@@ -10,7 +10,6 @@ logged or sent.
 
 from __future__ import annotations
 
-import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from .dicom import pseudonym
+from .dicom import pseudonym, values_unvalidated
 from .layout import Channel, ChannelRule, Layout
 
 # Skip reasons, per file (not part of an image series) and per series.
@@ -136,26 +135,25 @@ def _text(ds: pydicom.Dataset, keyword: str) -> str:
     return "" if value is None else str(value).strip()
 
 
+@values_unvalidated()       # no header value (or path) in a log: reads and accesses inside
 def read_headers(dicom_dir: Path, key: bytes | None = None, paths: list[Path] | None = None
                  ) -> tuple[list[SeriesHeader], int, Counter]:
     """Headers of every regular file under ``dicom_dir`` (recursive, sorted), or of
-    ``paths`` only; returns the headers, the number of files, and the per-file skip counts."""
+    ``paths`` only; returns the headers, the number of files, and the per-file skip counts.
+    Read in :func:`~client.data.dicom.values_unvalidated` (nothing of a header in a log)."""
     headers, skipped, files = [], Counter(), 0
     if paths is None:
         paths = [p for p in Path(dicom_dir).rglob("*") if p.is_file()]
     for path in sorted(paths):
         files += 1
-        # pydicom warns with element values on malformed files: keep them out of the logs.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:
-                header = header_of(pydicom.dcmread(path, stop_before_pixels=True), path, key)
-            except InvalidDicomError:
-                skipped["not_dicom"] += 1
-                continue
-            except Exception:  # noqa: BLE001 - a corrupt file must never stop a site
-                skipped["unreadable"] += 1
-                continue
+        try:
+            header = header_of(pydicom.dcmread(path, stop_before_pixels=True), path, key)
+        except InvalidDicomError:
+            skipped["not_dicom"] += 1
+            continue
+        except Exception:  # noqa: BLE001 - a corrupt file must never stop a site
+            skipped["unreadable"] += 1
+            continue
         if header is None:
             skipped["missing_uid"] += 1
             continue

@@ -24,7 +24,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
-from .dicom import pseudonym
+from .dicom import pseudonym, values_unvalidated
 from .frames import SeriesSkip, VolumeLimits, decode_frames, frames_of
 from .geometry import GeometryError, GeometryTolerance, stack_planes
 
@@ -134,6 +134,8 @@ def assemble_volumes(headers: Sequence[Dataset], load: Callable[[int], Dataset] 
                      counts: VolumeCounts | None = None,
                      key: bytes | None = None) -> tuple[list[Volume], VolumeCounts]:
     """Group headers into series and turn each series that passes every check into a Volume.
+    Call it inside :func:`~client.data.dicom.values_unvalidated` (as :func:`read_volumes`
+    does): it converts the headers' elements, and pydicom may log a value it converts.
 
     Parameters
     ----------
@@ -183,8 +185,10 @@ def assemble_volumes(headers: Sequence[Dataset], load: Callable[[int], Dataset] 
     return volumes, counts
 
 
+@values_unvalidated()       # no header value (or path) in a log: reads and accesses inside
 def read_volumes(paths: Sequence[Path], **options) -> tuple[list[Volume], VolumeCounts]:
     """Read the files at ``paths`` as volumes: headers first, pixels only for passing series.
+    Read in :func:`~client.data.dicom.values_unvalidated` (nothing of a header in a log).
 
     ``options`` are the keyword arguments of :func:`assemble_volumes` (limits, tolerance,
     select, key). Unreadable and non-DICOM files are counted in ``files_skipped``.

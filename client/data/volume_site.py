@@ -20,7 +20,6 @@ Only the pseudonymous patient key of :class:`~client.data.volume.Volume` leaves 
 
 from __future__ import annotations
 
-import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -44,9 +43,7 @@ def read_volume_channel(channel: Channel, files: tuple[Path, ...], layout: Layou
     (:class:`~client.data.volume.VolumeCounts`), and ``resample_error`` if the grid failed.
     ``key``: the site's pseudonym secret (None in simulation).
     """
-    with warnings.catch_warnings():      # pydicom warns with element values: keep them out
-        warnings.simplefilter("ignore")
-        volumes, counts = read_volumes(files, key=key)   # the matcher selected the series
+    volumes, counts = read_volumes(files, key=key)   # the matcher selected the series
     skipped.update(counts.files_skipped)
     skipped.update(counts.skipped)
     if len(volumes) != 1:                 # 0: refused and counted above

@@ -381,6 +381,60 @@ def test_reading_without_value_checks_gives_the_same_on_both_real_corpora():
     assert elements > 10000 and images >= 1
 
 
+def _checked(reader, *args, **kwargs):
+    """``reader`` without its :func:`values_unvalidated` wrapper: pydicom's default checks
+    (their warnings ignored here)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return reader.__wrapped__(*args, **kwargs)
+
+
+def test_header_and_volume_readers_give_the_same_without_value_checks_on_both_corpora():
+    """The matcher's headers (``medfed ingest --layout``/``--suggest-layout``, every layout
+    site) and the volume reader are the same with pydicom's checks off as on."""
+    from client.data.matching import read_headers
+    from client.data.volume import read_volumes
+
+    files, key = _corpus_files(), b"k" * 32
+    headers = read_headers(None, key, files)
+    assert headers == _checked(read_headers, None, key, files) and len(headers[0]) > 100
+    volumes, counts = read_volumes(files, key=key)
+    before, before_counts = _checked(read_volumes, files, key=key)
+    assert counts == before_counts and len(volumes) == len(before) >= 1
+    for new, old in zip(volumes, before):
+        assert np.array_equal(new.array, old.array) and np.array_equal(new.affine, old.affine)
+        assert (new.spacing, new.series_key, new.patient_key) == \
+            (old.spacing, old.series_key, old.patient_key)
+
+
+def test_the_2d_layout_reader_gives_the_same_without_value_checks(tmp_path, monkeypatch):
+    """A synthetic chest site (every photometric, multi-image series) read through its
+    layout: the same studies and pixels with the channel reader's checks off as on."""
+    from client.data import layout_site
+    from client.data.layout import load_layout
+    from medfed.synth.chest import CLASS_NAMES, synthesize_chest
+
+    profile = synthesize_chest(tmp_path / "chest", n_sites=1, seed=5, patients=6)[0]
+    site, layout = tmp_path / "chest" / profile.name, load_layout("chest_xray")
+
+    def studies():
+        data = layout_site.read_site(site, layout, CLASS_NAMES, key=b"k" * 32)
+        return data.report.as_dict(), {s.key: s for s in data.studies}
+
+    report, now = studies()
+    channel = layout_site._read_channel
+    monkeypatch.setattr(layout_site, "_read_channel",
+                        lambda *a: _checked(channel, *a))
+    before_report, before = studies()
+    assert report == before_report and now.keys() == before.keys() and len(now) >= 3
+    for k, study in now.items():
+        old = before[k]
+        assert (study.patient_key, study.label, study.split) == \
+            (old.patient_key, old.label, old.split)
+        assert study.images.keys() == old.images.keys()
+        assert all(np.array_equal(study.images[c], old.images[c]) for c in study.images)
+
+
 def test_an_invalid_header_value_is_not_logged_by_pydicom(tiny_sites, tmp_path, caplog):
     """pydicom logs a warning quoting an invalid value it converts (its default check):
     a header value in the site log. The reader converts without that check."""

@@ -146,10 +146,11 @@ class GuardedStrategy(StatelessWrapper, Strategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         self.wait_for_quorum(grid)
+        values = {k: a.numpy() for k, a in arrays.items()}     # each decoded once
         if self._dtypes is None:
-            self._dtypes = {k: a.numpy().dtype for k, a in arrays.items()}
-        self._reference = {k: a.numpy().astype(self._dtypes.get(k, a.numpy().dtype), copy=False)
-                           for k, a in arrays.items()}
+            self._dtypes = {k: v.dtype for k, v in values.items()}
+        self._reference = {k: v.astype(self._dtypes.get(k, v.dtype), copy=False)
+                           for k, v in values.items()}
         return self.strategy.configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
@@ -197,8 +198,12 @@ class GuardedStrategy(StatelessWrapper, Strategy):
             return arrays
         out = {}
         for key, array in arrays.items():
+            dtype = self._dtypes.get(key)
+            if dtype is not None and array.dtype == str(dtype):
+                out[key] = array    # aggregated here: its dtype field is its array's; no decode
+                continue
             value = array.numpy()
-            dtype = self._dtypes.get(key, value.dtype)
+            dtype = value.dtype if dtype is None else dtype
             out[key] = Array(value.astype(dtype)) if value.dtype != dtype else array
         return ArrayRecord(out)
 

@@ -79,3 +79,24 @@ def test_quorum_wait_gives_up_with_a_clear_error():
     assert len(polls) >= 2                       # it polled, then stopped by itself
     enough = SimpleNamespace(get_node_ids=lambda: [1, 2, 3])
     guard.wait_for_quorum(enough)                # returns at once when the quorum is there
+
+
+def test_the_global_model_keeps_its_dtypes_and_one_already_in_them_is_not_decoded(
+        monkeypatch):
+    from types import SimpleNamespace
+
+    from strategies.guard import GuardedStrategy
+
+    guard = GuardedStrategy(SimpleNamespace(), min_available_sites=1, min_train_sites=1,
+                            quorum_timeout=1)
+    guard._dtypes = {k: v.dtype for k, v in REF.items()}
+    promoted = _record({k: v.astype(np.float64) if v.dtype.kind == "f" else v
+                        for k, v in REF.items()})          # FedAdam computes in float64
+    kept = guard._as_model_dtypes(promoted)
+    assert {k: a.numpy().dtype for k, a in kept.items()} == guard._dtypes
+    np.testing.assert_array_equal(kept["w"].numpy(), REF["w"])
+    decoded, numpy = [], Array.numpy
+    monkeypatch.setattr(Array, "numpy", lambda self: decoded.append(1) or numpy(self))
+    same = guard._as_model_dtypes(_record())
+    assert decoded == []            # the round's aggregate is not parsed again to check it
+    assert all(np.array_equal(same[k].numpy(), REF[k]) for k in REF)

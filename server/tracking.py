@@ -9,6 +9,7 @@ global model becomes a version is ``server/versions.py``.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import logging
 import os
@@ -79,6 +80,7 @@ class MlflowTracker:
         # phase's model traced once (its graph is the same every round), on the writer.
         self.export = ReusedExport()
         self._source_run = None          # this MLflow run as the writer read it
+        self._froze = False              # prepare() froze the heap (gc.freeze) for the phase
         self.writer = BackgroundWriter(run_dir, log_round=self._log_round,
                                        register=self._register)
 
@@ -113,6 +115,14 @@ class MlflowTracker:
                 log.warning("the phase's model could not be traced ahead of its first "
                             "version (%s: %s): that version is traced when registered",
                             type(err).__name__, err)
+            # The server's heap is ~0.7 M objects once torch, MLflow and the template are
+            # in: a full collection then stalls every thread (the GIL) for ~0.3 s of CPU, in
+            # whichever round it happens to fall. Collected once here, while round 1's sites
+            # train, and frozen for the phase (finish() unfreezes): later collections scan
+            # only what the rounds allocate.
+            gc.collect()
+            gc.freeze()
+            self._froze = True
         self.writer.start(trace)
 
     def on_train(self, record: RoundRecord) -> None:
@@ -319,6 +329,8 @@ class MlflowTracker:
         finally:
             self.writer.close()
             self.export.close()
+            if self._froze:         # the phase's heap is collectable again (prepare())
+                gc.unfreeze()
         self.mlflow.log_text(summary, "summary.txt")
         if self.cfg.privacy.mechanism != "none":
             report = {"mechanism": self.cfg.privacy.mechanism,

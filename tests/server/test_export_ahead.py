@@ -5,7 +5,9 @@ same weights has, and a crash meanwhile leaves nothing behind."""
 
 from __future__ import annotations
 
+import gc
 import threading
+import time
 from pathlib import Path
 
 import mlflow
@@ -122,11 +124,18 @@ def test_a_server_that_dies_while_tracing_ahead_has_written_nothing(tmp_path, mo
         client = mlflow.MlflowClient(tracker.uri)
         assert client.search_logged_models([tracker.run.info.experiment_id]) == []
         assert client.search_model_versions(f"name='{cfg.tracking.registered_model}'") == []
+        release.set()
+        deadline = time.monotonic() + 120           # a hang guard, not a timing assertion
+        while gc.get_freeze_count() == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        # the heap as it is then (imports, the template) is left out of later collections
+        assert gc.get_freeze_count() > 0 and tracker.export.ready
     finally:
         release.set()
         tracker.finish("")          # the run's end waits for the trace (a daemon no more)
         mlflow.end_run()
     assert tracker.writer._thread is None and tracker.export.prepared == 1
+    assert gc.get_freeze_count() == 0       # and collectable again once the phase ends
 
 
 def test_a_template_that_cannot_be_traced_ahead_leaves_the_first_version_traced(

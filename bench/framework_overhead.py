@@ -18,8 +18,9 @@ moves with other processes' load:
 - ``cycle_seconds_over_flower``: start of a round to start of the next (rounds 2..N-1), so
   everything between two rounds counts;
 - ``steady_round_seconds_over_flower``: the same difference over rounds 4..N only, after the
-  phase's first model version (traced and checked once, ~4 s of server CPU, written while
-  rounds 2-3 train) - what each further round of a long run costs;
+  phase's first model version and the first-time costs of the writer (the phase's model is
+  traced once, ~2 s of server CPU, while round 1 trains since session 19; before, while
+  rounds 2-3 trained) - what each further round of a long run costs;
 - ``cpu_seconds_over_flower``: CPU seconds per round (rounds 2..N-1) of the server process
   (all its threads: the round loop, Flower's message pumps, the MLflow writer) plus the
   sites' message handlers (each handler's own thread, measured by a client mod in both
@@ -150,8 +151,8 @@ def measure(n_sites: int, rounds: int, patients: int, work: Path, log_models: bo
                      "studies_per_site": [[s.train, s.evaluate] for s in sizes]} \
         | cpu_and_cycles(flower, plain_meter.per_round())
     out["round_seconds_over_flower"] = out["round_wall_s"] - out["flower"]["round_wall_s"]
-    # once the phase's first version (traced, ~4 s of server CPU, registered while rounds
-    # 2-3 train) is written: the per-round cost a long run pays
+    # once the phase's first version and the writer's first-time costs are behind: the
+    # per-round cost a long run pays
     steady = {"medfed": [r["wall_s"] for r in times.rounds if r["round"] >= STEADY_FROM],
               "flower": [r["wall_s"] for r in flower if r["round"] >= STEADY_FROM]}
     if steady["medfed"] and steady["flower"]:
@@ -202,7 +203,7 @@ def main() -> None:
                       "slowest site's compute; rounds 2..N, round 1 reported separately; "
                       "cycle: round start to next round start, cpu: server process CPU per "
                       "round + the sites' handler-thread CPU, both rounds 2..N-1; steady: "
-                      "rounds 4..N, after the phase's first (traced) model version",
+                      "rounds 4..N, after the phase's first model version",
         "details": {str(k): v for k, v in results.items()},
     }
     # other processes' load on this machine while it ran (1, 5, 15 min averages)

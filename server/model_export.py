@@ -21,6 +21,10 @@ module knows, counted in ``serialized``). A version is made that way only when
 
 otherwise it is traced again (and that becomes the template). What is reused is counted
 (``reused``), never silent.
+
+The template need not come from a version: :meth:`ReusedExport.prepare` traces it from the
+phase's initial model (the weights do not change the trace) while round 1's sites train, so
+the first version, registered during round 2, is already written from it (``prepared``).
 """
 
 from __future__ import annotations
@@ -50,6 +54,15 @@ def _structure(model: torch.nn.Module) -> tuple:
             tuple((k, tuple(v.shape), v.dtype) for k, v in state.items()))
 
 
+def _environment_files() -> tuple[str, ...]:
+    """The files mlflow.pytorch.save_model writes after counting the model's size."""
+    from mlflow.utils.environment import (_CONDA_ENV_FILE_NAME, _CONSTRAINTS_FILE_NAME,
+                                          _PYTHON_ENV_FILE_NAME, _REQUIREMENTS_FILE_NAME)
+
+    return (_CONDA_ENV_FILE_NAME, _CONSTRAINTS_FILE_NAME, _PYTHON_ENV_FILE_NAME,
+            _REQUIREMENTS_FILE_NAME)
+
+
 class ReusedExport:
     """An MLflow flavor (``Model.log(flavor=...)``) for one phase's global models: traced
     once, then written with each round's weights (module docstring). One writer thread."""
@@ -66,11 +79,36 @@ class ReusedExport:
         self._archive: Pt2Template | None = None  # the traced archive, records in memory
         self._described = None                  # the traced version's MLmodel description
         self.serialized = 0                     # reused versions torch.export.save wrote
+        self.prepared = 0                       # templates traced ahead, from no version
         self.scores_like_model: bool | None = None   # the last version's check (None: none ran)
 
     def close(self) -> None:
         self._program = self._module = self._archive = None
         self._dir.cleanup()
+
+    @property
+    def ready(self) -> bool:
+        """Whether a template is there for the next version to reuse."""
+        return self._template is not None
+
+    def prepare(self, pytorch_model: torch.nn.Module, input_example: np.ndarray,
+                **kwargs) -> bool:
+        """Trace the template from ``pytorch_model`` ahead of the phase's first version, with
+        what ``Model.log`` will give :meth:`save_model` (``kwargs``: ``pip_requirements``,
+        ``serialization_format``); no version is made. Whether a template is kept (not when
+        its program scores otherwise: then the first version is traced, as without this)."""
+        import mlflow
+        from mlflow.models import Model
+
+        path = Path(self._dir.name) / "prepared"
+        mlflow.pytorch.save_model(pytorch_model, str(path), mlflow_model=Model(),
+                                  input_example=input_example, **kwargs)
+        self.prepared += 1
+        self._remember(path, _structure(pytorch_model), np.asarray(input_example),
+                       pytorch_model)
+        shutil.rmtree(path, ignore_errors=True)      # _remember kept its own copy
+        self.scores_like_model = None                # this is no version's check
+        return self.ready
 
     def save_model(self, path, mlflow_model, pytorch_model, input_example=None, **kwargs):
         """``Model.log``'s call: save ``pytorch_model`` as a pt2 MLflow model in ``path``."""
@@ -100,7 +138,7 @@ class ReusedExport:
         if self._template is not None:
             shutil.rmtree(self._template, ignore_errors=True)
         self._template = self._program = self._module = self._archive = None
-        template = Path(self._dir.name) / f"template-{self.traced}"
+        template = Path(self._dir.name) / f"template-{self.prepared}-{self.traced}"
         shutil.copytree(path, template)
         program = torch.export.load(str(template / PT2_FILE))
         self._module, self._example = program.module(), example.copy()
@@ -154,6 +192,9 @@ class ReusedExport:
         mlflow_model.flavors = copy.deepcopy(traced.flavors)
         mlflow_model.signature = traced.signature
         mlflow_model.saved_input_example_info = copy.deepcopy(traced.saved_input_example_info)
-        mlflow_model.model_size_bytes = get_total_file_size(str(path)) or None
+        # as mlflow.pytorch.save_model counts it: before its environment files are written
+        mlflow_model.model_size_bytes = (get_total_file_size(str(path)) - sum(
+            (path / name).stat().st_size for name in _environment_files()
+            if (path / name).is_file())) or None
         mlflow_model.save(str(path / MLMODEL))
         return True

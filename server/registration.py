@@ -105,16 +105,25 @@ class BackgroundWriter:
         self._error: BaseException | None = None
         self.versions: dict[int, str] = {}       # round -> registered version
         self._thread: threading.Thread | None = None
+        self._ahead: Callable[[], None] | None = None     # see start()
         self.niceness: int | None = None          # the worker thread's, once it runs
+
+    def start(self, ahead: Callable[[], None] | None = None) -> None:
+        """Start the worker now (else the first :meth:`submit` does), running ``ahead`` on it
+        before any round's writes: work that writes nothing to MLflow or the run folder (the
+        phase's export template, ``server/tracking.py``), so a crash during it loses nothing.
+        ``ahead`` handles its own errors; one it raises fails the run as a write would."""
+        if self._thread is None:
+            self._ahead = ahead         # not a thread argument: the thread would keep it
+            self._thread = threading.Thread(target=self._work, name="medfed-mlflow-writer",
+                                            daemon=True)
+            self._thread.start()
 
     def submit(self, writes: RoundWrites) -> None:
         """Journal ``writes`` and queue them; blocks while the queue is full."""
         self._raise()
         _write_json(journal_path(self.run_dir, writes.round), writes.journal_entry())
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._work, name="medfed-mlflow-writer",
-                                            daemon=True)
-            self._thread.start()
+        self.start()
         self._queue.put(writes)
 
     def drain(self, *, raise_error: bool = True) -> None:
@@ -142,10 +151,15 @@ class BackgroundWriter:
 
     def _work(self) -> None:
         self.niceness = lower_priority(WRITER_NICENESS)
+        # what ``ahead`` holds (the phase's initial model) is not kept for the whole run
+        ahead, self._ahead = self._ahead, None
         try:
             self._on_start()
+            if ahead is not None:
+                ahead()
         except BaseException as err:        # noqa: BLE001 - reported on the round loop
             self._error = err
+        del ahead
         while (writes := self._queue.get()) is not None:
             try:
                 if self._error is None:

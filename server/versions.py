@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 
 # Explicit requirements: MLflow's inference imports the model in a subprocess (slow, noisy).
 _PIP_REQUIREMENTS = [f"torch=={torch.__version__.split('+')[0]}", "einops", "numpy"]
+# What Model.log hands the flavor's save_model besides the model and its example: the same
+# for a version and for a template traced ahead of the first (prepare_export).
+_SAVE_OPTIONS = {"pip_requirements": _PIP_REQUIREMENTS, "serialization_format": "pt2"}
 
 
 def register_version(cfg: ExperimentConfig, mlflow, client, run_id: str,
@@ -41,9 +44,7 @@ def register_version(cfg: ExperimentConfig, mlflow, client, run_id: str,
     from mlflow.models import Model
 
     model, rnd, multi_label = writes.model, writes.round, writes.multi_label
-    exported = servable(model, multi_label=multi_label).eval()
-    # Batch of 2 so torch.export keeps the batch dimension dynamic (pt2 format).
-    example = np.zeros((2, *exported.input_shape), dtype=np.float32)
+    exported, example = _export_inputs(model, multi_label)
     serving = _serving_spec(cfg, exported, multi_label=multi_label)
     metadata = (_model_metadata(model) or {}) | (serving.to_metadata() if serving else {})
     # mlflow.pytorch.log_model is Model.log with the mlflow.pytorch flavor; ReusedExport is
@@ -67,9 +68,8 @@ def register_version(cfg: ExperimentConfig, mlflow, client, run_id: str,
             params={k: str(v) for k, v in run.data.params.items()}).model_id
     info = Model.log(
         artifact_path=None, name=f"global-round-{rnd}", flavor=flavor, flavor_name=FLAVOR,
-        pytorch_model=exported, input_example=example, pip_requirements=_PIP_REQUIREMENTS,
-        step=rnd, metadata=metadata or None, serialization_format="pt2", model_id=model_id,
-        validate_serving_input=export is None,
+        pytorch_model=exported, input_example=example, step=rnd, metadata=metadata or None,
+        model_id=model_id, validate_serving_input=export is None, **_SAVE_OPTIONS,
     )
     if model_id is not None:
         from mlflow.entities import LoggedModelOutput
@@ -97,6 +97,21 @@ def register_version(cfg: ExperimentConfig, mlflow, client, run_id: str,
         # what `medfed export` hands out
         client.log_artifacts(run_id, tmp, writes.version_tags["weights"])
     return version
+
+
+def prepare_export(export: ReusedExport, model: torch.nn.Module, multi_label: bool) -> bool:
+    """Trace ``export``'s template from ``model`` (the phase's initial global model) exactly
+    as :func:`register_version` would trace its first version; whether one is kept."""
+    exported, example = _export_inputs(model, multi_label)
+    return export.prepare(exported, example, **_SAVE_OPTIONS)
+
+
+def _export_inputs(model: torch.nn.Module, multi_label: bool
+                   ) -> tuple[torch.nn.Module, np.ndarray]:
+    """The module a version serves and its input example (all zeros, never a patient's)."""
+    exported = servable(model, multi_label=multi_label).eval()
+    # Batch of 2 so torch.export keeps the batch dimension dynamic (pt2 format).
+    return exported, np.zeros((2, *exported.input_shape), dtype=np.float32)
 
 
 def ensure_registered_model(client, name: str) -> None:

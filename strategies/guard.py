@@ -11,6 +11,7 @@ a ``check_reply(msg) -> reason or None`` method; the guard rejects such replies 
 
 from __future__ import annotations
 
+import io
 import logging
 import time
 from collections.abc import Iterable
@@ -18,8 +19,10 @@ from dataclasses import dataclass
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common.constant import SType
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
+from numpy.lib import format as npy
 
 from protocol import wire
 
@@ -53,21 +56,51 @@ def reply_site_id(msg: Message) -> str:
     return str(site.get(wire.SITE_ID, f"node-{msg.metadata.src_node_id}"))
 
 
+def npy_prefixes(reference: dict[str, np.ndarray]) -> dict[str, bytes]:
+    """Per key, the bytes ``np.save`` (so Flower's ``Array``) begins an array of the
+    reference's dtype and shape with, in C order: magic, format version 1.0, header."""
+    out = {}
+    for key, ref in reference.items():
+        buf = io.BytesIO()
+        npy.write_array_header_1_0(buf, {"descr": npy.dtype_to_descr(ref.dtype),
+                                         "fortran_order": False, "shape": ref.shape})
+        out[key] = buf.getvalue()
+    return out
+
+
+def decode(array: Array, prefix: bytes | None, ref: np.ndarray) -> np.ndarray:
+    """``array.numpy()``'s values (read-only), without ``np.load`` parsing the header
+    (``ast.literal_eval``: most of its cost) when the header is byte for byte ``prefix``,
+    the one for ``ref``'s dtype and shape, which ``np.load`` parses to exactly those. Any
+    other header, a short payload or another serialisation goes to ``array.numpy()``
+    itself, which decides (and raises) as it always did: the reply's own ``dtype`` and
+    ``shape`` fields are never trusted."""
+    data = array.data
+    if (prefix is not None and ref.size > 0 and array.stype == SType.NUMPY
+            and isinstance(data, bytes) and data.startswith(prefix)
+            and len(data) - len(prefix) >= ref.nbytes):
+        return np.frombuffer(data, dtype=ref.dtype, count=ref.size,
+                             offset=len(prefix)).reshape(ref.shape)
+    return array.numpy()
+
+
 def check_update(arrays: ArrayRecord | None, reference: dict[str, np.ndarray],
-                 max_update_norm: float | None) -> tuple[str | None, float | None]:
+                 max_update_norm: float | None, prefixes: dict[str, bytes] | None = None
+                 ) -> tuple[str | None, float | None]:
     """``(why the update must not be aggregated or None, its L2 distance from the global)``.
 
     ``reference`` holds the global arrays this round started from (their dtypes are the
-    expected ones).
+    expected ones); ``prefixes``: :func:`npy_prefixes` of it, computed once per round, so
+    that each reply's arrays are decoded without parsing their headers (:func:`decode`).
     """
     if arrays is None:
         return "no model update in reply", None
     if set(arrays.keys()) != set(reference):
         missing, extra = set(reference) - set(arrays.keys()), set(arrays.keys()) - set(reference)
         return f"wrong keys (missing {len(missing)}, unexpected {len(extra)})", None
-    squared = 0.0
+    squared, prefixes = 0.0, prefixes or {}
     for key, ref in reference.items():
-        value = arrays[key].numpy()
+        value = decode(arrays[key], prefixes.get(key), ref)
         if value.shape != ref.shape:
             return f"wrong shape for {key}: {value.shape} != {ref.shape}", None
         if value.dtype != ref.dtype:
@@ -146,22 +179,25 @@ class GuardedStrategy(StatelessWrapper, Strategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         self.wait_for_quorum(grid)
+        values = {k: a.numpy() for k, a in arrays.items()}     # each decoded once
         if self._dtypes is None:
-            self._dtypes = {k: a.numpy().dtype for k, a in arrays.items()}
-        self._reference = {k: a.numpy().astype(self._dtypes.get(k, a.numpy().dtype), copy=False)
-                           for k, a in arrays.items()}
+            self._dtypes = {k: v.dtype for k, v in values.items()}
+        self._reference = {k: v.astype(self._dtypes.get(k, v.dtype), copy=False)
+                           for k, v in values.items()}
         return self.strategy.configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         self.rejected, self.update_norms = [], {}
         accepted, verdicts = [], []
+        prefixes = npy_prefixes(self._reference)
         for msg in replies:
             if msg.has_error():
                 accepted.append(msg)          # the inner strategy counts and logs failures
                 continue
             arrays = msg.content.array_records.get(wire.ARRAYS)
-            reason, norm = check_update(arrays, self._reference, self.max_update_norm)
+            reason, norm = check_update(arrays, self._reference, self.max_update_norm,
+                                        prefixes)
             if reason is None and self._check_reply is not None:
                 reason = self._check_reply(msg)
             if norm is not None:
@@ -197,8 +233,12 @@ class GuardedStrategy(StatelessWrapper, Strategy):
             return arrays
         out = {}
         for key, array in arrays.items():
+            dtype = self._dtypes.get(key)
+            if dtype is not None and array.dtype == str(dtype):
+                out[key] = array    # aggregated here: its dtype field is its array's; no decode
+                continue
             value = array.numpy()
-            dtype = self._dtypes.get(key, value.dtype)
+            dtype = value.dtype if dtype is None else dtype
             out[key] = Array(value.astype(dtype)) if value.dtype != dtype else array
         return ArrayRecord(out)
 

@@ -161,3 +161,30 @@ def test_a_version_records_what_mlflow_register_model_records(tmp_path):
         assert json.loads(tag) == [{"name": "m", "version": version}]
     with pytest.raises(mlflow.exceptions.MlflowException):   # other errors are not swallowed
         ensure_registered_model(client, "")
+
+
+def test_work_ahead_runs_first_on_the_writer_and_is_not_kept(tmp_path):
+    import gc
+    import weakref
+
+    class Model:
+        pass
+
+    registry, ran = Registry(), threading.Event()
+    model = Model()
+    alive = weakref.ref(model)
+
+    def ahead(held=model):
+        assert registry.logged == []          # before any round's writes
+        ran.set()
+
+    writer = BackgroundWriter(tmp_path, log_round=registry.log_round,
+                              register=registry.register)
+    writer.start(ahead)
+    del model, ahead
+    writer.submit(_writes(1))
+    writer.drain()
+    assert ran.is_set() and registry.registered == [1]
+    gc.collect()
+    assert alive() is None            # freed while the writer still runs (a phase's model)
+    writer.close()

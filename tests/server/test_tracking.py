@@ -52,3 +52,28 @@ def test_per_site_metrics_are_scalars_without_confusion_cells(tmp_path):
     assert logged["test/mcc"] == pytest.approx(multilabel_from_confusions(a + b)["mcc"])
     assert logged["test/auroc"] == pytest.approx(0.7)                  # defined sites only
     assert logged["test/n"] == 16.0
+
+
+def test_a_rounds_metrics_from_all_its_sites_are_written_in_one_batch(tmp_path):
+    """One ``log_batch`` per round, whatever the number of sites (not one per site)."""
+    import mlflow
+
+    from server.tracking import MlflowTracker
+
+    cfg = load_experiment(["experiment=smoke", f"runs_dir={tmp_path}",
+                           "tracking.log_models=false"])
+    tracker = MlflowTracker(cfg, tmp_path)
+    batches, log_batch = [], tracker.client.log_batch
+    tracker.client.log_batch = lambda run_id, **kw: batches.append(kw) or log_batch(run_id, **kw)
+    sites = [f"site-{i}" for i in range(10)]
+    try:
+        for rnd in (1, 2):
+            tracker.on_train(RoundRecord(round=rnd, train=[
+                SiteReply(s, i, {"loss": 0.5, "train-seconds": 1.0}) for i, s in enumerate(sites)]))
+            tracker.on_round_end(RoundRecord(round=rnd))
+        tracker.latest_version()
+    finally:
+        tracker.finish("")
+        mlflow.end_run()
+    assert len(batches) == 2
+    assert {f"site/{s}/train/loss" for s in sites} <= {m.key for m in batches[0]["metrics"]}

@@ -79,3 +79,86 @@ def test_quorum_wait_gives_up_with_a_clear_error():
     assert len(polls) >= 2                       # it polled, then stopped by itself
     enough = SimpleNamespace(get_node_ids=lambda: [1, 2, 3])
     guard.wait_for_quorum(enough)                # returns at once when the quorum is there
+
+
+def test_the_global_model_keeps_its_dtypes_and_one_already_in_them_is_not_decoded(
+        monkeypatch):
+    from types import SimpleNamespace
+
+    from strategies.guard import GuardedStrategy
+
+    guard = GuardedStrategy(SimpleNamespace(), min_available_sites=1, min_train_sites=1,
+                            quorum_timeout=1)
+    guard._dtypes = {k: v.dtype for k, v in REF.items()}
+    promoted = _record({k: v.astype(np.float64) if v.dtype.kind == "f" else v
+                        for k, v in REF.items()})          # FedAdam computes in float64
+    kept = guard._as_model_dtypes(promoted)
+    assert {k: a.numpy().dtype for k, a in kept.items()} == guard._dtypes
+    np.testing.assert_array_equal(kept["w"].numpy(), REF["w"])
+    decoded, numpy = [], Array.numpy
+    monkeypatch.setattr(Array, "numpy", lambda self: decoded.append(1) or numpy(self))
+    same = guard._as_model_dtypes(_record())
+    assert decoded == []            # the round's aggregate is not parsed again to check it
+    assert all(np.array_equal(same[k].numpy(), REF[k]) for k in REF)
+
+
+def _npy_cases():
+    rng = np.random.default_rng(0)
+    return {"f32": rng.standard_normal((4, 5)).astype(np.float32),
+            "f64": rng.standard_normal(7), "i64": np.arange(6, dtype=np.int64).reshape(2, 3),
+            "scalar": np.array(2.5, np.float32), "f16": rng.standard_normal(3).astype(np.float16),
+            "empty": np.zeros((0, 3), np.float32), "big": np.ones(3, ">f4"),
+            "fortran": np.asfortranarray(rng.standard_normal((3, 4)).astype(np.float32))}
+
+
+@pytest.mark.parametrize("name", list(_npy_cases()))
+def test_decoding_without_the_header_parse_gives_what_numpy_gives(name):
+    from strategies.guard import decode, npy_prefixes
+
+    value = _npy_cases()[name]
+    array = Array(value)
+    for ref in (value, np.ascontiguousarray(value, value.dtype.newbyteorder("=")),
+                np.zeros((9,), np.float32)):
+        got = decode(array, npy_prefixes({"k": ref})["k"], ref)
+        expected = array.numpy()
+        # read-only: np.frombuffer over the payload, the header not parsed (the fast path)
+        fast = ref.dtype == value.dtype and ref.shape == value.shape \
+            and name not in ("empty", "fortran")
+        assert got.flags.writeable is not fast
+        assert got.dtype == expected.dtype and got.shape == expected.shape
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_a_payload_that_disagrees_with_its_arrays_fields_is_judged_by_its_payload():
+    """The fast decode trusts the npy header it checked, never the reply's own dtype/shape
+    fields: a reply that claims the reference's shape but carries another is refused, and a
+    truncated one fails as np.load fails."""
+    from strategies.guard import npy_prefixes
+
+    prefixes = npy_prefixes(REF)
+    forged = _record()
+    wide = Array(np.ones((3, 2), np.float32))           # same size, another shape
+    forged["w"] = Array(dtype="float32", shape=(2, 3), stype=wide.stype, data=wide.data)
+    assert "wrong shape for w" in check_update(forged, REF, None, prefixes)[0]
+    as_int = Array(np.ones(4, np.int32))
+    forged = _record()
+    forged["b"] = Array(dtype="float32", shape=(4,), stype=as_int.stype, data=as_int.data)
+    assert "wrong dtype for b" in check_update(forged, REF, None, prefixes)[0]
+    short = _record()
+    short["w"] = Array(dtype="float32", shape=(2, 3), stype=short["w"].stype,
+                       data=short["w"].data[:-4])
+    for fast in (prefixes, None):                       # np.load's own error, both ways
+        with pytest.raises(ValueError, match="EOF: reading array data"):
+            check_update(short, REF, None, fast)
+
+
+@pytest.mark.parametrize("mode, expected", [
+    ("scale", "exceeds bound"), ("nan", "non-finite"),
+    ("wrong-shape", "wrong shape"), ("drop-key", "wrong keys"),
+])
+def test_bad_updates_are_named_the_same_with_the_fast_decode(mode, expected):
+    from strategies.guard import npy_prefixes
+
+    record = corrupt(_record(), mode)
+    fast = check_update(record, REF, 10.0, npy_prefixes(REF))
+    assert fast == check_update(record, REF, 10.0) and expected in fast[0]

@@ -1,0 +1,152 @@
+"""The phase's export template traced ahead of its first version, from the initial model,
+while round 1's sites train (``MlflowTracker.prepare``, ``server/model_export.py``): the
+first version is then written from it, with exactly the files a version traced from the
+same weights has, and a crash meanwhile leaves nothing behind."""
+
+from __future__ import annotations
+
+import gc
+import threading
+import time
+from pathlib import Path
+
+import mlflow
+import torch
+import yaml
+from flwr.app import ArrayRecord
+from torch.export.pt2_archive._package import PT2ArchiveReader
+
+from models.tasks import build
+from server.config import load_experiment
+from server.registration import JOURNAL_DIR
+from strategies.observed import RoundRecord, SiteReply
+
+# what differs between any two logged models, whatever their weights: ids, times, places
+_VOLATILE_MLMODEL = {"artifact_path", "model_uuid", "run_id", "utc_time_created", "model_id"}
+
+
+def _cfg(tmp_path, name):
+    return load_experiment(["model=mmvit_tiny", "task.image_size=32", "federation=sim2",
+                            "tracking.log_models=true", f"runs_dir={tmp_path / 'runs'}",
+                            f"name={name}"])
+
+
+def _state(cfg, seed: int) -> dict:
+    torch.manual_seed(seed)
+    model, _ = build(cfg.model.name, cfg.model_options(), cfg.task.name, cfg.task_options())
+    return model.state_dict()
+
+
+def _register_round_1(cfg, run_dir, weights: dict, ahead: dict | None):
+    """One phase that registers round 1 with ``weights``; its template traced ahead from
+    ``ahead`` (the initial weights) or, as before, from round 1's model."""
+    from server.tracking import MlflowTracker
+
+    tracker = MlflowTracker(cfg, run_dir)
+    try:
+        if ahead is not None:
+            tracker.prepare(ArrayRecord(ahead))
+        tracker.on_train(RoundRecord(round=1, train=[SiteReply("site-0", 1, {})],
+                                     arrays=ArrayRecord(weights)))
+        tracker.on_round_end(RoundRecord(round=1))
+        tracker.latest_version()
+        counts = (tracker.export.prepared, tracker.export.traced, tracker.export.reused)
+    finally:
+        tracker.finish("")
+        mlflow.end_run()
+    return tracker, counts
+
+
+def _files(tracker, version: str, dest) -> dict[str, object]:
+    """A version's model files: bytes, the pt2 archive as its records (the zip writer's own
+    id left out) and the MLmodel without what differs between any two logged models."""
+    mlflow.set_tracking_uri(tracker.uri)
+    uri = f"models:/{tracker.cfg.tracking.registered_model}/{version}"
+    local = mlflow.artifacts.download_artifacts(uri, dst_path=str(dest))
+    out = {}
+    for path in sorted(Path(local).rglob("*")):
+        if not path.is_file():
+            continue
+        name = str(path.relative_to(local))
+        if name == "MLmodel":
+            described = yaml.safe_load(path.read_text())
+            out[name] = {k: v for k, v in described.items() if k not in _VOLATILE_MLMODEL}
+        elif name.endswith(".pt2"):
+            reader = PT2ArchiveReader(str(path))
+            out[name] = {n: reader.read_bytes(n) for n in reader.archive_file.get_all_records()
+                         if n != ".data/serialization_id"}
+        else:
+            out[name] = path.read_bytes()
+    return out
+
+
+def test_the_first_version_written_from_a_template_traced_ahead_is_the_traced_one(tmp_path):
+    cfg = _cfg(tmp_path, "ahead")
+    initial, trained = _state(cfg, 0), _state(cfg, 1)
+    before, counts_before = _register_round_1(cfg, tmp_path / "before", trained, ahead=None)
+    after, counts_after = _register_round_1(cfg, tmp_path / "after", trained, ahead=initial)
+    assert counts_before == (0, 1, 0)       # traced when registered, as before
+    assert counts_after == (1, 0, 1)        # written from the template traced ahead
+    old = _files(before, before.versions[1], tmp_path / "old")
+    new = _files(after, after.versions[1], tmp_path / "new")
+    assert sorted(old) == sorted(new)
+    differing = [name for name in old if old[name] != new[name]]
+    # (model_size_bytes included: MLflow counts it before writing the environment files)
+    assert differing == []
+    # the pt2 records above are the weights: it scores with round 1's, not the initial ones
+
+
+def _listing(root) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+def test_a_server_that_dies_while_tracing_ahead_has_written_nothing(tmp_path, monkeypatch):
+    from server import model_export
+    from server.tracking import MlflowTracker
+
+    cfg = _cfg(tmp_path, "crash")
+    traced, release = threading.Event(), threading.Event()
+    remember = model_export.ReusedExport._remember
+
+    def held(self, *args):          # the trace is saved; the template not yet kept
+        traced.set()
+        assert release.wait(timeout=120)        # a hang guard, not a timing assertion
+        return remember(self, *args)
+
+    monkeypatch.setattr(model_export.ReusedExport, "_remember", held)
+    tracker = MlflowTracker(cfg, tmp_path)
+    try:
+        files = _listing(tmp_path)
+        tracker.prepare(ArrayRecord(_state(cfg, 0)))
+        assert traced.wait(timeout=120)
+        # what a kill now would leave: no journal, no file in the run, nothing in MLflow
+        assert _listing(tmp_path) == files and not (tmp_path / JOURNAL_DIR).exists()
+        client = mlflow.MlflowClient(tracker.uri)
+        assert client.search_logged_models([tracker.run.info.experiment_id]) == []
+        assert client.search_model_versions(f"name='{cfg.tracking.registered_model}'") == []
+        release.set()
+        deadline = time.monotonic() + 120           # a hang guard, not a timing assertion
+        while gc.get_freeze_count() == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        # the heap as it is then (imports, the template) is left out of later collections
+        assert gc.get_freeze_count() > 0 and tracker.export.ready
+    finally:
+        release.set()
+        tracker.finish("")          # the run's end waits for the trace (a daemon no more)
+        mlflow.end_run()
+    assert tracker.writer._thread is None and tracker.export.prepared == 1
+    assert gc.get_freeze_count() == 0       # and collectable again once the phase ends
+
+
+def test_a_template_that_cannot_be_traced_ahead_leaves_the_first_version_traced(
+        tmp_path, monkeypatch, caplog):
+    from server import tracking
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no trace")
+
+    monkeypatch.setattr(tracking, "prepare_export", broken)
+    cfg = _cfg(tmp_path, "broken")
+    tracker, counts = _register_round_1(cfg, tmp_path, _state(cfg, 1), ahead=_state(cfg, 0))
+    assert "could not be traced ahead" in caplog.text
+    assert counts == (0, 1, 0) and tracker.versions == {1: "1"}

@@ -16,7 +16,8 @@ is zero). ``--public-patch per_sequence`` is sessions 17-18's encoder: one patch
 sequence plus a channel embedding, which the directory cannot hold - the kernels are averaged
 and the channel embedding dropped when saved (``not_saved`` says how much; session 19 measured
 a linear probe of the reloaded encoder at 0.17 external MCC against 0.30 for the model as
-trained, after 2 epochs). Every arm loads it by NAME (``model=foundation
+trained after 2 epochs; after 10 the reloaded per-sequence encoder and the shared one probe
+alike, 0.30 and 0.28 - bench/RESULTS.md, session 19). Every arm loads it by NAME (``model=foundation
 model.options.weights=dinov2-public model.foundation_dir=...``).
 
 Two draws of sites (synthetic seeds ``DRAW_SEEDS``: other hospitals, other patients, other
@@ -134,7 +135,7 @@ def write_back_patch_kernel(backbone) -> dict:
     Returns what the directory cannot hold (0 with ``share_patch_embedding``): the largest
     relative distance of a channel's kernel from the mean, and the norm of the channel
     embedding. A per-sequence pretraining loses both (session 19: a linear probe on the
-    reloaded encoder fell from 0.30 to 0.17 external MCC after 2 epochs)."""
+    reloaded encoder fell from 0.30 to 0.17 external MCC after 2 epochs; not after 10)."""
     projection = backbone.encoder.embeddings.patch_embeddings.projection    # Conv2d [D, 3, p, p]
     kernels = torch.stack([lin.weight.detach() for lin in backbone.patch_embed])   # [S, D, p*p]
     biases = torch.stack([lin.bias.detach() for lin in backbone.patch_embed])      # [S, D]
@@ -385,7 +386,7 @@ def targets_met(summary: dict) -> dict:
             "dp_lora_over_lora_eps8": at_least("dp_lora_over_lora_eps8", 0.97)}
 
 
-__all__ = ["ARMS", "DRAW_SEEDS", "ENCODER", "PRETRAINED_NAME", "PUBLIC_SEED", "cohort_keys",
-           "check_settings", "disjointness", "encoder_digest", "previous_draws",
-           "pretrain_public",
-           "PUBLIC_PATCH", "public_cohort", "share_patch_embedding", "write_back_patch_kernel", "public_pretraining", "summarize", "targets_met", "commit"]
+__all__ = ["ARMS", "DRAW_SEEDS", "ENCODER", "PRETRAINED_NAME", "PUBLIC_PATCH", "PUBLIC_SEED",
+           "check_settings", "cohort_keys", "commit", "disjointness", "encoder_digest",
+           "pretrain_public", "previous_draws", "public_cohort", "public_pretraining",
+           "share_patch_embedding", "summarize", "targets_met", "write_back_patch_kernel"]

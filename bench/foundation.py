@@ -2,7 +2,8 @@
 step against a hand-written loop plus the cost of DP-SGD on it (``--throughput``).
 
     python -m bench.foundation [--quick] [--draws 0,1] [--arms ...] [--patients 600]
-                               [--public-patients 600] [--public-epochs 10] [--rounds 20]
+                               [--public-patients 600] [--public-epochs 10]
+                               [--public-patch shared|per_sequence] [--rounds 20]
                                [--pretrain-rounds 5] [--work DIR [--resume]]
     python -m bench.foundation --throughput [--family dinov2] [--steps 6] [--warmup 1]
                                [--repeats 2] [--device auto|cpu|cuda] [--image-size 64]
@@ -502,7 +503,7 @@ def run_mcc(args, parser) -> None:
                 "pretrain_epochs": args.pretrain_epochs, "lora_rank": args.lora_rank,
                 "dp_epsilon": 8.0, "public_patients": args.public_patients,
                 "public_epochs": args.public_epochs, "public_seed": fm.PUBLIC_SEED,
-                "quick": args.quick}
+                "public_patch": args.public_patch, "quick": args.quick}
     name = args.name or ("foundation_quick" if args.quick else "foundation")
     logging.basicConfig(level=logging.WARNING)
     results: dict[int, dict] = {}
@@ -543,7 +544,8 @@ def run_mcc(args, parser) -> None:
         foundation_dir = work / "encoders"
         foundation_dir.mkdir(exist_ok=True)
         public_dir = work / "public" / "site-0"
-        wanted = {k: settings[k] for k in ("public_patients", "public_epochs", "public_seed")} | {
+        wanted = {k: settings[k] for k in ("public_patients", "public_epochs", "public_seed",
+                                           "public_patch")} | {
             "public_lr": args.public_lr, "encoder": fm.ENCODER}
 
         def pretrain() -> dict:
@@ -551,7 +553,8 @@ def run_mcc(args, parser) -> None:
                 shutil.rmtree(public_dir.parent)
             fm.public_cohort(public_dir.parent, patients=args.public_patients)
             return fm.pretrain_public(public_dir, foundation_dir, epochs=args.public_epochs,
-                                      batch_size=16, lr=args.public_lr, image_size=64)
+                                      batch_size=16, lr=args.public_lr, image_size=64,
+                                      patch=args.public_patch)
 
         if not public_dir.is_dir():      # no cohort to check the draws against: made again
             (work / fm.PUBLIC_RECORD).unlink(missing_ok=True)
@@ -614,6 +617,10 @@ def main() -> None:
     mcc.add_argument("--public-patients", type=int, default=600)
     mcc.add_argument("--public-epochs", type=int, default=10)
     mcc.add_argument("--public-lr", type=float, default=5e-4)
+    mcc.add_argument("--public-patch", default="shared", choices=("shared", "per_sequence"),
+                     help="public pretraining's patch embedding: one shared kernel and no "
+                          "channel embedding (what a transformers directory holds exactly), or "
+                          "one per sequence, averaged when saved (sessions 17-18)")
     mcc.add_argument("--work", type=Path, default=None,
                      help="keep the public cohort and the pretrained encoder here (default: "
                           "a temporary folder) so a later --resume reuses them")

@@ -5,11 +5,20 @@ CENTRALLY, label-free, on a *public* synthetic cohort - one synthetic hospital d
 own seed (``PUBLIC_SEED``), whose patients are disjoint from every training site and from the
 external hospital (checked by pseudonymous patient and study keys, recorded in the JSON) - with
 our MM-DINOv2 objective (self-distillation + iBOT + KoLeo, every label hidden, no pseudo-labels)
-through the one ``client.engine.Engine``. The encoder is then written back as a plain
-transformers directory (``save_pretrained``): the RGB patch projection becomes the mean of the
-learned per-sequence patch embeddings (what the adaptation averages again on load), so the
-directory is what a hospital downloading ``facebook/dinov2-small`` would hold. Every arm loads
-it by NAME (``model=foundation model.options.weights=dinov2-public model.foundation_dir=...``).
+through the one ``client.engine.Engine``. During that pretraining the four sequences share ONE
+patch embedding and have no channel embedding (``--public-patch shared``, the default since
+session 19): the model sees its input channels as a natural-image encoder sees R, G and B, one
+kernel over them. The encoder is then written back as a plain transformers directory
+(``save_pretrained``): the RGB patch projection holds that kernel (each colour the same; the
+adaptation's RGB mean on load gives it back), so the directory is what a hospital downloading
+``facebook/dinov2-small`` would hold AND exactly what was learned (the record's ``not_saved``
+is zero). ``--public-patch per_sequence`` is sessions 17-18's encoder: one patch embedding per
+sequence plus a channel embedding, which the directory cannot hold - the kernels are averaged
+and the channel embedding dropped when saved (``not_saved`` says how much; session 19 measured
+a linear probe of the reloaded encoder at 0.17 external MCC against 0.30 for the model as
+trained after 2 epochs; after 10 the reloaded per-sequence encoder and the shared one probe
+alike, 0.30 and 0.28 - bench/RESULTS.md, session 19). Every arm loads it by NAME (``model=foundation
+model.options.weights=dinov2-public model.foundation_dir=...``).
 
 Two draws of sites (synthetic seeds ``DRAW_SEEDS``: other hospitals, other patients, other
 split and 10%-label draw, other model init); per draw, at 10% of each site's labels, scored on
@@ -100,24 +109,59 @@ def save_initial_encoder(foundation_dir: Path, seed: int = 0) -> Path:
     return path
 
 
-def write_back_patch_kernel(backbone) -> None:
+PUBLIC_PATCH = ("shared", "per_sequence")   # --public-patch: how public pretraining embeds
+
+
+def share_patch_embedding(backbone) -> None:
+    """One patch embedding for every sequence and no channel identity (the channel embedding
+    frozen at zero): the model sees its channels as a natural-image encoder sees R, G and B
+    folded into one kernel. A transformers directory holds one RGB kernel and no channel
+    embedding, so what it holds is then exactly what public pretraining learned."""
+    from torch import nn
+
+    shared = backbone.patch_embed[0]
+    # The same module in every slot: parameters() yields it once, so the optimiser, and the
+    # DINO teacher (a deepcopy, which keeps the sharing), update one kernel.
+    backbone.patch_embed = nn.ModuleList([shared] * len(backbone.patch_embed))
+    with torch.no_grad():
+        backbone.channel_embed.embed.weight.zero_()
+    backbone.channel_embed.requires_grad_(False)
+
+
+def write_back_patch_kernel(backbone) -> dict:
     """RGB patch projection := mean of the learned per-channel patch embeddings (each RGB
-    colour the same kernel), so the adaptation's RGB mean on load gives that kernel back."""
+    colour the same kernel), so the adaptation's RGB mean on load gives that kernel back.
+
+    Returns what the directory cannot hold (0 with ``share_patch_embedding``): the largest
+    relative distance of a channel's kernel from the mean, and the norm of the channel
+    embedding. A per-sequence pretraining loses both (session 19: a linear probe on the
+    reloaded encoder fell from 0.30 to 0.17 external MCC after 2 epochs; not after 10)."""
     projection = backbone.encoder.embeddings.patch_embeddings.projection    # Conv2d [D, 3, p, p]
-    weight = torch.stack([lin.weight for lin in backbone.patch_embed]).mean(0)   # [D, p*p]
-    bias = torch.stack([lin.bias for lin in backbone.patch_embed]).mean(0)       # [D]
+    kernels = torch.stack([lin.weight.detach() for lin in backbone.patch_embed])   # [S, D, p*p]
+    biases = torch.stack([lin.bias.detach() for lin in backbone.patch_embed])      # [S, D]
+    weight, bias = kernels.mean(0), biases.mean(0)
     p = backbone.patch_size
     if p != projection.kernel_size[0]:
         raise ValueError(f"patch size {p} differs from the encoder's {projection.kernel_size}")
     with torch.no_grad():
         projection.weight.copy_(weight.reshape(-1, 1, p, p).expand_as(projection.weight))
         projection.bias.copy_(bias)
+    lost = ((kernels - weight).flatten(1).norm(dim=1) / weight.norm().clamp(min=1e-12)).max()
+    return {"kernel_lost_relative": float(lost),
+            "bias_lost": float((biases - bias).norm(dim=1).max()),
+            "channel_embedding_norm": float(backbone.channel_embed.embed.weight.detach().norm())}
 
 
 def pretrain_public(public_dir: Path, foundation_dir: Path, *, epochs: int, batch_size: int,
-                    lr: float, image_size: int, seed: int = 0) -> dict:
+                    lr: float, image_size: int, seed: int = 0, patch: str = "shared") -> dict:
     """MM-DINOv2, label-free, centrally on the public cohort from a random ``Dinov2Model``
-    (``method=full``); saves the result as ``<foundation_dir>/PRETRAINED_NAME``."""
+    (``method=full``); saves the result as ``<foundation_dir>/PRETRAINED_NAME``.
+
+    ``patch``: ``shared`` (one patch embedding, no channel embedding: the directory holds
+    exactly what was learned) or ``per_sequence`` (one per sequence plus a channel embedding,
+    averaged away when written back: sessions 17-18's encoder)."""
+    if patch not in PUBLIC_PATCH:
+        raise ValueError(f"patch must be one of {PUBLIC_PATCH}, got {patch!r}")
     from client.data.dataset import StudyDataset
     from client.data.site import load_site
     from client.engine import Engine
@@ -132,6 +176,8 @@ def pretrain_public(public_dir: Path, foundation_dir: Path, *, epochs: int, batc
     options = dict(weights=INIT_NAME, method="full", image_size=image_size, num_classes=3)
     model, task = build("foundation", options, "mm_dino", dict(CENTRAL_DINO),
                         foundation_dir=foundation_dir)
+    if patch == "shared":
+        share_patch_embedding(model.backbone)      # before the first step makes the teacher
     engine = Engine(task, torch.device("cpu"))
     losses, start = [], time.perf_counter()
     for epoch in range(epochs):
@@ -142,11 +188,12 @@ def pretrain_public(public_dir: Path, foundation_dir: Path, *, epochs: int, batc
         logging.getLogger("bench.foundation").warning("public pretraining epoch %d/%d loss %.3f",
                                                       epoch + 1, epochs, losses[-1])
     backbone = model.backbone
-    write_back_patch_kernel(backbone)
+    lost = write_back_patch_kernel(backbone)
     save_encoder(backbone, foundation_dir / PRETRAINED_NAME)
     return {"objective": "mm_dino (label-free: " + ", ".join(f"{k}={v}" for k, v in
                                                                CENTRAL_DINO.items()) + ")",
-            "method": "full", "studies": len(studies), "epochs": epochs,
+            "method": "full", "patch_embedding": patch, "not_saved": lost,
+            "studies": len(studies), "epochs": epochs,
             "batch_size": batch_size, "lr": lr, "loss_per_epoch": losses,
             "seconds": time.perf_counter() - start, "encoder": ENCODER,
             "saved_as": f"save_pretrained -> <foundation_dir>/{PRETRAINED_NAME}",
@@ -339,7 +386,7 @@ def targets_met(summary: dict) -> dict:
             "dp_lora_over_lora_eps8": at_least("dp_lora_over_lora_eps8", 0.97)}
 
 
-__all__ = ["ARMS", "DRAW_SEEDS", "ENCODER", "PRETRAINED_NAME", "PUBLIC_SEED", "cohort_keys",
-           "check_settings", "disjointness", "encoder_digest", "previous_draws",
-           "pretrain_public",
-           "public_cohort", "public_pretraining", "summarize", "targets_met", "commit"]
+__all__ = ["ARMS", "DRAW_SEEDS", "ENCODER", "PRETRAINED_NAME", "PUBLIC_PATCH", "PUBLIC_SEED",
+           "check_settings", "cohort_keys", "commit", "disjointness", "encoder_digest",
+           "pretrain_public", "previous_draws", "public_cohort", "public_pretraining",
+           "share_patch_embedding", "summarize", "targets_met", "write_back_patch_kernel"]

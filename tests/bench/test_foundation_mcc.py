@@ -192,3 +192,72 @@ def test_the_row_says_not_measured_for_an_arm_without_a_result_and_undefined_for
     assert "LoRA site-test MCC: **0.25×** (goal ≥ 0.97: not met)" in zero
     gap = fb._mcc_cells(_mcc_payload({0: _draw(lora=0.4, mm_dino=0.3, pooled=0.5)}))[0]
     assert "scratch external MCC: not measured (no supervised_scratch external MCC" in gap
+
+
+def _features(model, seed=3):
+    torch.manual_seed(seed)
+    images, present = torch.randn(2, 4, 32, 32), torch.ones(2, 4, dtype=torch.bool)
+    model.eval()
+    with torch.no_grad():
+        return model.pool(model.forward_features(images, present), present)
+
+
+def test_a_shared_patch_embedding_is_saved_without_loss_a_per_sequence_one_is_not(
+        tmp_path, monkeypatch):
+    from models.foundation.export import save_encoder
+
+    monkeypatch.setattr(fm, "ENCODER", TINY)
+    fm.save_initial_encoder(tmp_path)
+    options = dict(weights=fm.INIT_NAME, method="full", image_size=32, num_classes=3)
+    results = {}
+    for patch in ("shared", "per_sequence"):
+        torch.manual_seed(0)
+        model, _ = build("foundation", options, "classification", {}, foundation_dir=tmp_path)
+        if patch == "shared":
+            fm.share_patch_embedding(model)
+            trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+            assert sum(n.startswith("patch_embed.") for n in trainable) == 2   # one W, one b
+            assert not any(n.startswith("channel_embed.") for n in trainable)
+        torch.manual_seed(1)
+        with torch.no_grad():       # what pretraining would have learned (slot 0 only)
+            model.patch_embed[0].weight.add_(torch.randn_like(model.patch_embed[0].weight))
+            model.patch_embed[0].bias.add_(torch.randn_like(model.patch_embed[0].bias))
+            if patch == "per_sequence":
+                model.channel_embed.embed.weight.add_(0.5)
+        learned = _features(model)
+        lost = fm.write_back_patch_kernel(model)
+        save_encoder(model, tmp_path / patch)
+        loaded, _ = build("foundation", options | {"weights": patch}, "classification", {},
+                          foundation_dir=tmp_path)
+        loaded.load_state_dict({k: v for k, v in model.state_dict().items()
+                                if not k.startswith(("patch_embed", "channel_embed"))},
+                               strict=False)       # same head; the rest comes from the dir
+        results[patch] = (lost, torch.allclose(_features(loaded), learned, atol=1e-5))
+    lost, same = results["shared"]
+    assert lost == {"kernel_lost_relative": 0.0, "bias_lost": 0.0, "channel_embedding_norm": 0.0}
+    assert same                 # the reloaded encoder computes what was learned
+    lost, same = results["per_sequence"]
+    assert lost["kernel_lost_relative"] > 0.1 and lost["channel_embedding_norm"] > 0.1
+    assert not same             # the directory could not hold it
+
+
+def test_shared_public_pretraining_trains_one_kernel_and_records_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(fm, "ENCODER", TINY)
+    public = fm.public_cohort(tmp_path / "public", patients=4)
+    record = fm.pretrain_public(public, tmp_path / "encoders", epochs=1, batch_size=4, lr=1e-3,
+                                image_size=32, patch="shared")
+    assert record["patch_embedding"] == "shared"
+    assert record["not_saved"] == {"kernel_lost_relative": 0.0, "bias_lost": 0.0,
+                                   "channel_embedding_norm": 0.0}
+    init = json.loads((tmp_path / "encoders" / fm.INIT_NAME / "config.json").read_text())
+    assert init["num_channels"] == 3       # a plain RGB directory, as dinov2-small is
+    with pytest.raises(ValueError, match="patch must be one of"):
+        fm.pretrain_public(public, tmp_path / "encoders", epochs=1, batch_size=4, lr=1e-3,
+                           image_size=32, patch="mean")
+
+
+def test_resume_refuses_arms_of_an_encoder_made_another_way():
+    old = {"settings": {"patients_per_site": 600, "public_epochs": 10}}   # sessions 17-18
+    with pytest.raises(ValueError, match="public_patch"):
+        fm.check_settings(old, {"patients_per_site": 600, "public_epochs": 10,
+                                "public_patch": "shared"})

@@ -84,18 +84,19 @@ def poisoned(tmp_path_factory, tiny_sites):
 
 @pytest.fixture
 def leaks(caplog, capfd):
-    """Every log record (all loggers, DEBUG), stdout/stderr and every warning of the calls
-    made meanwhile; call it to get the texts that carry the marker."""
+    """Every log record (all loggers, DEBUG, formatted as a handler writes it: its
+    traceback included), stdout/stderr and every warning of the calls made meanwhile; call
+    it to get the texts that carry the marker (or ``markers``)."""
     caplog.set_level(logging.DEBUG)
     caplog.clear()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
 
-        def found() -> list[str]:
+        def found(*markers: str) -> list[str]:
             out, err = capfd.readouterr()
-            texts = [r.getMessage() for r in caplog.records] + [out, err] + \
+            texts = [logging.Formatter().format(r) for r in caplog.records] + [out, err] + \
                 [str(w.message) for w in caught]
-            return [t for t in texts if MARKER in t]
+            return [t for t in texts if any(m in t for m in markers or (MARKER,))]
         yield found
 
 

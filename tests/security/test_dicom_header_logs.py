@@ -204,17 +204,19 @@ def broken_rle(tmp_path) -> Path:
     before = config.settings.writing_validation_mode
     config.settings.writing_validation_mode = config.IGNORE
     try:
-        ds.StudyInstanceUID = f"{ds.StudyInstanceUID}.{MARKER}"
-        ds.SeriesInstanceUID = f"{ds.SeriesInstanceUID}.{MARKER}"
-        ds.SpecificCharacterSet = MARKER
-        ds.SeriesDescription = "T1 axial"
-        pixels = bytearray(ds.PixelData)
-        # [offset table item: tag, length, one offset: 12][fragment item: tag, length: 8]
-        # [its RLE header: number of segments, offsets]
-        pixels[20:24] = SEGMENTS.to_bytes(4, "little")
-        ds.PixelData = bytes(pixels)
-        path = tmp_path / "image.dcm"
-        ds.save_as(path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")     # pydicom's checks of the values set here
+            ds.StudyInstanceUID = f"{ds.StudyInstanceUID}.{MARKER}"
+            ds.SeriesInstanceUID = f"{ds.SeriesInstanceUID}.{MARKER}"
+            ds.SpecificCharacterSet = MARKER
+            ds.SeriesDescription = "T1 axial"
+            pixels = bytearray(ds.PixelData)
+            # [offset table item: tag, length, one offset: 12][fragment item: tag, length: 8]
+            # [its RLE header: number of segments, offsets]
+            pixels[20:24] = SEGMENTS.to_bytes(4, "little")
+            ds.PixelData = bytes(pixels)
+            path = tmp_path / "image.dcm"
+            ds.save_as(path)
     finally:
         config.settings.writing_validation_mode = before
     return path

@@ -217,10 +217,16 @@ class SiteCache:
         ``pool``: decode processes the caller keeps for more work (else ``workers`` new
         ones, ended on return). ``meanwhile()``: called once the studies to decode are
         decoded, before this call's serial rest (sync, renames, opening, the index), so
-        the caller can hand ``pool`` more work for that time (not called on a hit).
+        the caller can hand ``pool`` more work for that time (not called on a hit); it
+        needs ``pool``: work handed to this call's own processes would be cut off when they
+        end on return, before the caller could join it.
         """
         if workers < 1:
             raise ValueError(f"decode workers must be >= 1, got {workers}")
+        if meanwhile is not None and pool is None:
+            raise ValueError("a meanwhile hook needs the caller's pool (pool=SharedWorkers): "
+                             "this call's own decode processes end on return; pass the pool "
+                             "the hook hands its work to")
         listing = self.listing(root, key, paths)
         files = {h: sig for h, (_, sig) in listing.items()}
         fp = self.fingerprint(files, layout, key, source)

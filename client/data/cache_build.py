@@ -38,11 +38,11 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Built:
-    """What a unit-building pass did: the version's studies and read counts, how many units
-    it made, whether its units and index are on disk, and why not (type and OS text)."""
+    """What a unit-building pass did: the version's studies and read counts, whether its
+    units and index are on disk, and why not (type and OS text); the units it made are
+    counted as each is complete (``made_one``)."""
 
     decoded: Decoded
-    made: int
     written: bool
     write_error: str | None
 
@@ -77,10 +77,9 @@ def build_units(root: Path, units_dir: Path, units: list[dict], results: list,
     made = itertools.chain(
         ((remote[k], out) for k, out in pool.imap(build, [jobs[j] for j in remote])),
         ((j, build(jobs[j])) for j in sorted(here)))
-    count, pending = 0, []
+    pending = []
     for j, (temp, index, out, why) in made:
         i = todo[j]
-        count += 1
         if made_one is not None:
             made_one()
         if temp is None:               # not written (disk full, read-only): kept in memory
@@ -127,7 +126,7 @@ def build_units(root: Path, units_dir: Path, units: list[dict], results: list,
     if not writable:
         log.warning("site cache: could not write the decoded studies (%s); serving them "
                     "from memory this time", error or "unknown error")
-    return Built(assemble(results), count, writable, error)
+    return Built(assemble(results), writable, error)
 
 
 def _make_unit(make: Callable[[object], Decoded], units_dir: Path | None, prefix: str,

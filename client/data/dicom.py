@@ -80,12 +80,17 @@ PYDICOM_LOGGERS = ("pydicom", "pydicom.pixels.decoders.base", "pydicom.pixels.ut
 
 
 class _Withheld(logging.Filter):
-    """Replaces the text of a pydicom log record: it may quote a header value or a path."""
+    """Replaces the text of a pydicom log record: it may quote a header value or a path.
+    Its traceback too (``exc_info``: a decoder's ``LOGGER.exception``, the dataset's debug
+    record of a failed handler): the exception's text is the file's as much as the
+    message's, and a handler formats it below the message."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        record.msg = "pydicom %s while reading a site file (text withheld: it may quote a " \
-                     "header value or a path)"
-        record.args = (record.levelname.lower(),)
+        traced = bool(record.exc_info or record.exc_text or record.stack_info)
+        record.msg = "pydicom %s while reading a site file (text withheld%s: it may quote " \
+                     "a header value or a path)"
+        record.args = (record.levelname.lower(), ", and its traceback" if traced else "")
+        record.exc_info = record.exc_text = record.stack_info = None
         return True
 
 

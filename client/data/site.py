@@ -186,10 +186,20 @@ class SideReads:
         self._site_dir, self._key, self._pool = site_dir, key, pool
         self._job: Pending | None = None
         self._mask_tasks = 0
+        self._failed: Exception | None = None
 
     def start(self) -> None:
         """Hand the masks and reports to the pool's helpers (when they are up); this
-        process joins them in :meth:`results`."""
+        process joins them in :meth:`results`. A bad ``segmentations.csv`` or
+        ``reports.jsonl`` is raised from :meth:`results`, not here: this runs inside the
+        cache's build, which it would abort (and the decoded units with it), where the
+        version is to be published first and only the side read fail."""
+        try:
+            self._start()
+        except Exception as err:  # noqa: BLE001 - re-raised by results()
+            self._failed = err
+
+    def _start(self) -> None:
         if not self._pool.started:
             return
         tasks = []
@@ -211,7 +221,16 @@ class SideReads:
                                tuple[dict[str, str], Counter] | None]:
         """``(masks, their skips)`` and ``(report texts, their skips)`` as
         :func:`read_masks` and :func:`read_reports` give them; None for what was not read
-        here (not started, or the site has no ``segmentations.csv``)."""
+        here (not started, or the site has no ``segmentations.csv``).
+
+        Raises
+        ------
+        SiteDataError, OSError, UnicodeDecodeError
+            What reading ``segmentations.csv`` or ``reports.jsonl`` raised in :meth:`start`.
+        """
+        if self._failed is not None:
+            failed, self._failed = self._failed, None
+            raise failed
         if self._job is None:
             return None, None
         parts, self._job = self._job.map(), None

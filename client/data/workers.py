@@ -28,8 +28,10 @@ from multiprocessing import get_context
 from typing import Any
 
 # Imported by pydicom (``pydicom.data``, its test-file downloader) only to fetch files over
-# the network, which a decode helper never does: kept out of the helpers, whose start-up
-# (Python, numpy, pydicom: ~0.3 s of CPU) runs while the caller decodes alone (~50 ms less).
+# the network, which a decode helper never does: kept out of the helpers' import of pydicom,
+# whose start-up (Python, numpy, pydicom: ~0.3 s of CPU) runs while the caller decodes alone
+# (~50 ms less). Blocked for that import only: other modules a helper imports later (a 3D
+# layout's MONAI -> huggingface_hub) need them.
 HELPER_UNNEEDED = ("requests", "tqdm")
 POLL_SECONDS = 0.5          # how often a waiting caller checks that its helpers are alive
 # Helpers run this much nicer than the caller: on a free core they run at full speed, but
@@ -56,8 +58,7 @@ def _claim(counter, end: int) -> int | None:
 def _helper(counter, taken, jobs, results) -> None:
     """A helper process: for each job message (counted in ``taken`` once out of the pipe),
     claim its tasks until none is left and send back ``(index, ok, value)``; None ends it."""
-    for name in HELPER_UNNEEDED:        # an import of them fails: pydicom does without
-        sys.modules.setdefault(name, None)
+    _import_pydicom_alone()
     while (job := jobs.get()) is not None:
         with taken.get_lock():
             taken.value += 1
@@ -70,6 +71,21 @@ def _helper(counter, taken, jobs, results) -> None:
             except Exception as err:  # noqa: BLE001 - re-raised in the caller
                 answer = pickle.dumps((c - base, False, _picklable(err)))
             results.put(answer)
+
+
+def _import_pydicom_alone() -> None:
+    """Import pydicom with :data:`HELPER_UNNEEDED` blocked (an import of them fails there:
+    pydicom does without), then unblock them: a None left in ``sys.modules`` would fail
+    every later import of them in this helper (huggingface_hub logs each failure)."""
+    blocked = [name for name in HELPER_UNNEEDED if name not in sys.modules]
+    for name in blocked:
+        sys.modules[name] = None
+    try:
+        import pydicom  # noqa: F401 - imported for its side effect: loaded without them
+    finally:
+        for name in blocked:
+            if sys.modules.get(name, 0) is None:
+                del sys.modules[name]
 
 
 def _picklable(err: Exception) -> Exception:

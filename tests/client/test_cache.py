@@ -539,3 +539,18 @@ def test_a_damaged_unit_past_the_map_budget_is_found_when_opened(site, tmp_path)
     rebuilt = read_site(site, None, CLASSES, key=KEY, cache=cache)
     assert cache.last == "rebuilt" and cache.decoded_units == 1
     assert_same(fresh, rebuilt)
+
+
+def test_a_meanwhile_hook_without_the_callers_pool_is_refused(site, tmp_path):
+    """Work handed to the cache's own temporary processes would be cut off when they end on
+    return, before the caller joins it: the hook needs the caller's pool."""
+    from functools import partial
+
+    from client.data.site import dicom_folder
+
+    cache, called = SiteCache(tmp_path / "cache"), []
+    decode = partial(layout_site._decode_files, "dicom", site, None, KEY, 1)
+    with pytest.raises(ValueError, match="meanwhile hook needs the caller's pool"):
+        cache.decoded(dicom_folder(site), None, KEY, decode, workers=2,
+                      meanwhile=lambda: called.append(1))
+    assert not called and not any((tmp_path / "cache").glob("*/" + INDEX))

@@ -358,3 +358,29 @@ def test_the_masks_and_reports_go_to_the_helpers_before_the_sync(site, tmp_path,
     assert len(submitted) == 1 and submitted[0][1] >= 2 and submitted[0][2]
     assert calls.index(submitted[0]) < calls.index("sync")
     assert_same(read_site(site, None, CLASSES, key=KEY), served)
+
+
+@pytest.mark.parametrize("broken", ["segmentations.csv", "reports.jsonl"])
+def test_a_bad_side_table_fails_the_ingest_after_the_cache_is_published(site, tmp_path,
+                                                                        monkeypatch, broken):
+    """A ``segmentations.csv`` with the wrong columns (or a ``reports.jsonl`` that is not
+    text) read by the helpers during the build fails the ingest with its own error, but only
+    once the decoded studies are published: the retry after the operator's fix decodes
+    nothing."""
+    from client.data.site import SiteDataError
+
+    path = site / broken
+    if broken == "segmentations.csv":
+        path.write_text("study,file\n1.2.3,mask.nii.gz\n")
+        expected = SiteDataError
+    else:
+        path.write_bytes(b"\xff\xfe\xfa not utf-8\n")
+        expected = UnicodeDecodeError
+    cache = SiteCache(tmp_path / "cache")
+    with pytest.raises(expected):
+        read_site(site, None, CLASSES, key=KEY, workers=2, cache=cache)
+    assert cache.last == "miss" and cache.decoded_units >= 4
+    assert len(cache.entries()) == 1
+    with pytest.raises(expected):                   # not fixed yet: the same error, no decode
+        read_site(site, None, CLASSES, key=KEY, workers=2, cache=cache)
+    assert cache.last == "hit" and cache.decoded_units == 0

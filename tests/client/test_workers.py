@@ -321,6 +321,37 @@ def test_helpers_decode_without_the_network_only_modules_pydicom_would_import(ti
     assert len({decoded for *_, decoded in out}) == 1
 
 
+def _grid_in_a_helper(caller: int, marker: str, _: int) -> tuple[int, bool, list[str]]:
+    """In a helper: import the 3D layout's resampling (MONAI, then huggingface_hub and its
+    tqdm); whether huggingface_hub's downloader loaded, and which of the modules kept out
+    of pydicom's import are still blocked. The caller only waits for a helper to run it."""
+    import sys
+
+    from client.data.workers import HELPER_UNNEEDED
+
+    if os.getpid() == caller:
+        deadline = time.monotonic() + 120
+        while not Path(marker).exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return os.getpid(), False, []
+    Path(marker).touch()
+    import client.data.grid  # noqa: F401
+    return (os.getpid(), "huggingface_hub.file_download" in sys.modules,
+            [name for name in HELPER_UNNEEDED if sys.modules.get(name, 0) is None])
+
+
+def test_a_helper_imports_the_3d_resampling_silently(tmp_path, capfd):
+    """The network-only modules are blocked for a helper's import of pydicom only: later,
+    a 3D layout's helper imports MONAI -> huggingface_hub, which imports tqdm and prints an
+    error to stderr when that import fails. Nothing on the helper's stdout/stderr (captured
+    at the descriptor, which it inherits) and nothing left blocked."""
+    capfd.readouterr()
+    out = map_shared(partial(_grid_in_a_helper, os.getpid(), str(tmp_path / "m")), [0, 1], 2)
+    helpers = [(loaded, blocked) for pid, loaded, blocked in out if pid != os.getpid()]
+    assert helpers and all(loaded and blocked == [] for loaded, blocked in helpers)
+    assert capfd.readouterr() == ("", "")
+
+
 def _values(path: Path) -> list:
     """Every element's converted value in the file (nested ones too), or the error type."""
     try:

@@ -24,6 +24,7 @@ import pytest
 from pydicom import config
 
 from client.data.cache import SiteCache
+from client.data.dicom import ReadCounts, read_file_study
 from client.data.layout import load_layout
 from client.data.layout_site import read_site
 from medfed.cli import main
@@ -84,18 +85,19 @@ def poisoned(tmp_path_factory, tiny_sites):
 
 @pytest.fixture
 def leaks(caplog, capfd):
-    """Every log record (all loggers, DEBUG), stdout/stderr and every warning of the calls
-    made meanwhile; call it to get the texts that carry the marker."""
+    """Every log record (all loggers, DEBUG, formatted as a handler writes it: its
+    traceback included), stdout/stderr and every warning of the calls made meanwhile; call
+    it to get the texts that carry the marker (or ``markers``)."""
     caplog.set_level(logging.DEBUG)
     caplog.clear()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
 
-        def found() -> list[str]:
+        def found(*markers: str) -> list[str]:
             out, err = capfd.readouterr()
-            texts = [r.getMessage() for r in caplog.records] + [out, err] + \
+            texts = [logging.Formatter().format(r) for r in caplog.records] + [out, err] + \
                 [str(w.message) for w in caught]
-            return [t for t in texts if MARKER in t]
+            return [t for t in texts if any(m in t for m in markers or (MARKER,))]
         yield found
 
 
@@ -184,3 +186,63 @@ def test_a_3d_layout_reader_with_and_without_the_site_cache(poisoned, leaks, tmp
     assert read_site(ct, layout, CLASS_NAMES).studies
     assert read_site(ct, layout, CLASS_NAMES, cache=SiteCache(tmp_path / "cache")).studies
     assert not leaks()
+
+
+# A number read from the file's pixel data: pydicom's RLE decoder quotes it in the exception
+# it logs with its traceback (``LOGGER.exception``) before raising.
+SEGMENTS = 3141592653
+
+
+@pytest.fixture
+def broken_rle(tmp_path) -> Path:
+    """An RLE Lossless MR image that reaches decoding (a known sequence) with invalid study
+    and series UIDs and a character set carrying the marker, and an RLE header claiming
+    ``SEGMENTS`` segments: its decode fails inside the reader."""
+    from pydicom.data import get_testdata_file
+
+    ds = pydicom.dcmread(get_testdata_file("MR_small_RLE.dcm"))
+    before = config.settings.writing_validation_mode
+    config.settings.writing_validation_mode = config.IGNORE
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")     # pydicom's checks of the values set here
+            ds.StudyInstanceUID = f"{ds.StudyInstanceUID}.{MARKER}"
+            ds.SeriesInstanceUID = f"{ds.SeriesInstanceUID}.{MARKER}"
+            ds.SpecificCharacterSet = MARKER
+            ds.SeriesDescription = "T1 axial"
+            pixels = bytearray(ds.PixelData)
+            # [offset table item: tag, length, one offset: 12][fragment item: tag, length: 8]
+            # [its RLE header: number of segments, offsets]
+            pixels[20:24] = SEGMENTS.to_bytes(4, "little")
+            ds.PixelData = bytes(pixels)
+            path = tmp_path / "image.dcm"
+            ds.save_as(path)
+    finally:
+        config.settings.writing_validation_mode = before
+    return path
+
+
+def test_the_capture_sees_pydicom_log_a_decode_failure_with_the_files_text(broken_rle,
+                                                                          leaks):
+    """The poisoning is live: pydicom's decoder logs the failure with its traceback, whose
+    last line quotes the number read from the file (the test below can fail)."""
+    from pydicom.pixels import pixel_array
+
+    with pytest.raises(RuntimeError):
+        pixel_array(pydicom.dcmread(broken_rle))
+    quoted = leaks(str(SEGMENTS))
+    assert quoted and any("Traceback" in text for text in quoted)
+
+
+def test_a_failed_pixel_decode_logs_no_traceback_and_no_file_text(broken_rle, leaks,
+                                                                  caplog):
+    """pydicom's decoder logs its exception with ``LOGGER.exception``: the reader keeps the
+    record (the site log says pydicom failed) but withholds its text *and its traceback*,
+    which a handler would format below it (the exception quotes the file). (Mutation: with
+    the traceback kept, this fails.)"""
+    counts = ReadCounts()
+    assert read_file_study(broken_rle, counts)[0] is None
+    assert counts.skipped == {"pixel_decode_error": 1}
+    assert not leaks(MARKER, str(SEGMENTS), "Traceback", "RLE")
+    assert any(r.name == "pydicom.pixels.decoders.base" and r.levelno == logging.ERROR
+               and "its traceback" in r.getMessage() for r in caplog.records)

@@ -150,3 +150,73 @@ def test_a_template_that_cannot_be_traced_ahead_leaves_the_first_version_traced(
     tracker, counts = _register_round_1(cfg, tmp_path, _state(cfg, 1), ahead=_state(cfg, 0))
     assert "could not be traced ahead" in caplog.text
     assert counts == (0, 1, 0) and tracker.versions == {1: "1"}
+
+
+class _EchoGrid:
+    """Two training sites that send back the global model they were sent, unchanged (no
+    data, no training: what the server does around a round is under test, not a site)."""
+
+    def __init__(self):
+        self.run = None
+
+    def get_node_ids(self):
+        return [1, 2]
+
+    def send_and_receive(self, messages, timeout=None):
+        from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+
+        from protocol import wire
+
+        replies = []
+        for m in messages:
+            node = m.metadata.dst_node_id
+            content = RecordDict({
+                wire.ARRAYS: m.content[wire.ARRAYS],
+                wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: 4, wire.DP_UNIT_WEIGHT: 1.0}),
+                wire.SITE: ConfigRecord({wire.SITE_ID: f"site-{node}"})})
+            replies.append(Message(content=content, reply_to=m))
+        return replies
+
+
+def _phase_cfg(tmp_path, name):
+    return load_experiment(["experiment=smoke", "task.image_size=32", "tracking.log_models=true",
+                            "strategy.fraction_evaluate=0.0", "strategy.min_evaluate_sites=0",
+                            f"runs_dir={tmp_path / 'runs'}", f"name={name}"])
+
+
+def _trackers(monkeypatch):
+    from server import federation, tracking
+
+    made = []
+
+    class Kept(tracking.MlflowTracker):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(federation, "MlflowTracker", Kept)
+    return made
+
+
+def test_a_phase_whose_model_cannot_be_built_ends_its_run_failed(tmp_path, monkeypatch,
+                                                                 task_identity):
+    import pytest
+
+    from server import tracking
+    from server.federation import run_federation
+
+    def broken(self, arrays):
+        raise RuntimeError("no model")
+
+    monkeypatch.setattr(tracking.MlflowTracker, "_global_model", broken)
+    made = _trackers(monkeypatch)
+    cfg = _phase_cfg(tmp_path, "broken-model")
+    try:
+        with pytest.raises(RuntimeError, match="no model"):
+            run_federation(_EchoGrid(), cfg, tmp_path / "run")
+        assert mlflow.active_run() is None          # finish() ended it, not left RUNNING
+    finally:
+        mlflow.end_run()
+    (tracker,) = made
+    run = mlflow.MlflowClient(tracker.uri).get_run(tracker.run_id)
+    assert run.info.status == "FAILED"

@@ -198,6 +198,23 @@ def _trackers(monkeypatch):
     return made
 
 
+def test_a_phase_prepares_its_export_ahead_of_its_first_version(tmp_path, monkeypatch,
+                                                                 task_identity):
+    from server.federation import run_federation
+
+    made = _trackers(monkeypatch)
+    cfg = _phase_cfg(tmp_path, "phase")
+    try:
+        run_federation(_EchoGrid(), cfg, tmp_path / "run")
+    finally:
+        mlflow.end_run()
+    (tracker,) = made
+    # the template traced from the initial model while round 1 ran; round 1's version
+    # written from it, never traced itself
+    assert tracker.versions == {1: "1"}
+    assert (tracker.export.prepared, tracker.export.traced, tracker.export.reused) == (1, 0, 1)
+
+
 def test_a_phase_whose_model_cannot_be_built_ends_its_run_failed(tmp_path, monkeypatch,
                                                                  task_identity):
     import pytest

@@ -237,3 +237,26 @@ def test_a_phase_whose_model_cannot_be_built_ends_its_run_failed(tmp_path, monke
     (tracker,) = made
     run = mlflow.MlflowClient(tracker.uri).get_run(tracker.run_id)
     assert run.info.status == "FAILED"
+
+
+def test_the_writers_export_leaves_the_torch_rng_alone(tmp_path, monkeypatch):
+    """The round loop builds each round's model under fork_rng while the writer may be
+    exporting (server/tracking.py on_train): exact only if the writer's export never sets
+    the global torch RNG (dynamo's strict export saves and restores it) nor draws from it."""
+    from server.model_export import ReusedExport
+    from server.versions import prepare_export
+
+    cfg = _cfg(tmp_path, "rng")
+    model, task = build(cfg.model.name, cfg.model_options(), cfg.task.name, cfg.task_options())
+    sets = []
+    for owner in (torch, torch.random):
+        real = owner.set_rng_state
+        monkeypatch.setattr(owner, "set_rng_state",
+                            lambda state, real=real: sets.append(1) or real(state))
+    before = torch.get_rng_state().clone()
+    export = ReusedExport()
+    try:
+        assert prepare_export(export, model, task.data_needs.multi_label)
+    finally:
+        export.close()
+    assert sets == [] and torch.equal(torch.get_rng_state(), before)

@@ -119,7 +119,8 @@ class MlflowTracker:
             # in: a full collection then stalls every thread (the GIL) for ~0.3 s of CPU, in
             # whichever round it happens to fall. Collected once here, while round 1's sites
             # train, and frozen for the phase (finish() unfreezes): later collections scan
-            # only what the rounds allocate.
+            # only what the rounds allocate. Whatever else is alive at that moment (round 1's
+            # messages, if it has begun) is frozen with it, uncollected until finish().
             gc.collect()
             gc.freeze()
             self._froze = True

@@ -108,10 +108,10 @@ def test_a_server_that_dies_while_tracing_ahead_has_written_nothing(tmp_path, mo
     traced, release = threading.Event(), threading.Event()
     remember = model_export.ReusedExport._remember
 
-    def held(self, *args):          # the trace is saved; the template not yet kept
+    def held(self, *args, **kwargs):          # the trace is saved; the template not yet kept
         traced.set()
         assert release.wait(timeout=120)        # a hang guard, not a timing assertion
-        return remember(self, *args)
+        return remember(self, *args, **kwargs)
 
     monkeypatch.setattr(model_export.ReusedExport, "_remember", held)
     tracker = MlflowTracker(cfg, tmp_path)
@@ -132,7 +132,8 @@ def test_a_server_that_dies_while_tracing_ahead_has_written_nothing(tmp_path, mo
         assert gc.get_freeze_count() > 0 and tracker.export.ready
     finally:
         release.set()
-        tracker.finish("")          # the run's end waits for the trace (a daemon no more)
+        tracker.finish("")          # the run's end waits for the trace: close() joins the
+        # writer thread (still a daemon; it is joined, not abandoned)
         mlflow.end_run()
     assert tracker.writer._thread is None and tracker.export.prepared == 1
     assert gc.get_freeze_count() == 0       # and collectable again once the phase ends

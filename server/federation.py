@@ -274,8 +274,8 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path,
         log.info("nothing to do: all %d rounds are complete", cfg.federation.num_rounds)
         _mark_complete(run_dir, cfg, outcome)
         return outcome
-    tracker.prepare(initial)       # the phase's export template, while round 1 trains
     try:
+        tracker.prepare(initial)       # the phase's export template, while round 1 trains
         result = strategy.start(
             grid=grid, initial_arrays=initial, num_rounds=remaining,
             timeout=cfg.federation.round_timeout,

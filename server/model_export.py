@@ -105,7 +105,7 @@ class ReusedExport:
                                   input_example=input_example, **kwargs)
         self.prepared += 1
         self._remember(path, _structure(pytorch_model), np.asarray(input_example),
-                       pytorch_model)
+                       pytorch_model, ahead=True)
         shutil.rmtree(path, ignore_errors=True)      # _remember kept its own copy
         self.scores_like_model = None                # this is no version's check
         return self.ready
@@ -129,10 +129,11 @@ class ReusedExport:
             self._remember(Path(path), key, np.asarray(input_example), pytorch_model)
 
     def _remember(self, path: Path, key: tuple, example: np.ndarray,
-                  model: torch.nn.Module) -> None:
-        """Keep the version just traced as the template, once its saved program (loaded
-        back, as MLflow's serving-input validation would) scores the input example and the
-        probe as ``model`` does; otherwise warn and keep none (the next one is traced)."""
+                  model: torch.nn.Module, *, ahead: bool = False) -> None:
+        """Keep the version just traced (``ahead``: the program :meth:`prepare` traced, no
+        version) as the template, once its saved program (loaded back, as MLflow's
+        serving-input validation would) scores the input example and the probe as ``model``
+        does; otherwise warn and keep none (the next one is traced)."""
         from mlflow.models import Model
 
         if self._template is not None:
@@ -144,9 +145,14 @@ class ReusedExport:
         self._module, self._example = program.module(), example.copy()
         self.scores_like_model = self._scores_like(model, torch.as_tensor(example))
         if not self.scores_like_model:
-            log.warning("the saved program of this version does not score its input example "
-                        "as the model does (tagged serving_check=failed): the next version "
-                        "is traced again")
+            if ahead:
+                log.warning("the program traced ahead from the phase's initial model does "
+                            "not score its input example as the model does: no template is "
+                            "kept, the phase's first version is traced when registered")
+            else:
+                log.warning("the saved program of this version does not score its input "
+                            "example as the model does (tagged serving_check=failed): the "
+                            "next version is traced again")
             self._module = None
             return
         self._template, self._key, self._program = template, key, program

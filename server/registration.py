@@ -112,7 +112,16 @@ class BackgroundWriter:
         """Start the worker now (else the first :meth:`submit` does), running ``ahead`` on it
         before any round's writes: work that writes nothing to MLflow or the run folder (the
         phase's export template, ``server/tracking.py``), so a crash during it loses nothing.
-        ``ahead`` handles its own errors; one it raises fails the run as a write would."""
+        ``ahead`` handles its own errors; one it raises fails the run as a write would.
+
+        Raises
+        ------
+        RuntimeError
+            ``ahead`` given once the worker runs: it could only run after writes already
+            queued, if at all, so it is refused rather than silently dropped."""
+        if ahead is not None and self._thread is not None:
+            raise RuntimeError("the MLflow writer is already running: work ahead of the "
+                               "rounds' writes must be handed to the first start()")
         if self._thread is None:
             self._ahead = ahead         # not a thread argument: the thread would keep it
             self._thread = threading.Thread(target=self._work, name="medfed-mlflow-writer",

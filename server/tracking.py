@@ -119,7 +119,8 @@ class MlflowTracker:
             # in: a full collection then stalls every thread (the GIL) for ~0.3 s of CPU, in
             # whichever round it happens to fall. Collected once here, while round 1's sites
             # train, and frozen for the phase (finish() unfreezes): later collections scan
-            # only what the rounds allocate.
+            # only what the rounds allocate. Whatever else is alive at that moment (round 1's
+            # messages, if it has begun) is frozen with it, uncollected until finish().
             gc.collect()
             gc.freeze()
             self._froze = True
@@ -148,9 +149,12 @@ class MlflowTracker:
         privacy = self._privacy(record)
         metrics |= {f"privacy/{k}": v for k, v in privacy.items() if isinstance(v, float)}
         if record.arrays is not None and self.cfg.tracking.log_models:
-            # Built on the round loop's thread, drawing nothing from the server's torch RNG:
-            # the writer's torch.export saves and restores that RNG around its tracing, so
-            # a draw here while it traces would be undone at a moment that depends on timing.
+            # fork_rng: the build's own draws (weight init) leave the server's torch RNG as
+            # it was, which is exact only while nothing on the writer's thread sets that RNG
+            # meanwhile. Its export is mlflow's non-strict torch.export (torch 2.13): it
+            # neither draws from nor saves/restores the global RNG (checked by
+            # test_the_writers_export_leaves_the_torch_rng_alone); strict export (dynamo)
+            # would restore a state it saved on entry, undoing draws made here meanwhile.
             with torch.random.fork_rng(devices=[]):
                 writes.model, writes.multi_label = self._global_model(record.arrays)
             writes.arrays_sha256 = arrays_digest(record.arrays)

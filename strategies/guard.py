@@ -68,20 +68,64 @@ def npy_prefixes(reference: dict[str, np.ndarray]) -> dict[str, bytes]:
     return out
 
 
-def decode(array: Array, prefix: bytes | None, ref: np.ndarray) -> np.ndarray:
-    """``array.numpy()``'s values (read-only), without ``np.load`` parsing the header
-    (``ast.literal_eval``: most of its cost) when the header is byte for byte ``prefix``,
-    the one for ``ref``'s dtype and shape, which ``np.load`` parses to exactly those. Any
-    other header, a short payload or another serialisation goes to ``array.numpy()``
-    itself, which decides (and raises) as it always did: the reply's own ``dtype`` and
-    ``shape`` fields are never trusted."""
+class Refused(ValueError):
+    """An array whose npy header says it is not the reference's: the reason names it."""
+
+
+# Errors a hostile payload can raise while its header is read or its data viewed: each
+# is a rejection of that reply, never a failed round.
+UNDECODABLE = (ValueError, TypeError, EOFError, MemoryError, OSError, RecursionError)
+
+
+def read_header(data: bytes) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+    """``(shape, fortran_order, dtype, offset of the data)`` of an npy payload, parsed by
+    NumPy's own header reader (bounded by its ``max_header_size``) and nothing allocated
+    for the array: ``np.load`` would allocate the header's shape before it found the data
+    missing (a forged ``(2**31,)`` costs 8 GiB), so the header is checked first."""
+    buf = io.BytesIO(data)
+    version = npy.read_magic(buf)
+    if version == (1, 0):
+        shape, fortran, dtype = npy.read_array_header_1_0(buf)
+    elif version == (2, 0):
+        shape, fortran, dtype = npy.read_array_header_2_0(buf)
+    else:                            # 3.0 only for unicode field names: never a model's
+        raise ValueError(f"npy format version {version} is not 1.0 or 2.0")
+    return shape, fortran, dtype, buf.tell()
+
+
+def decode(array: Array, prefix: bytes | None, ref: np.ndarray, key: str = "array"
+           ) -> np.ndarray:
+    """``array.numpy()``'s values (read-only), checked against ``ref`` before anything is
+    allocated for them; :class:`Refused` names a wrong shape, dtype or a short payload.
+
+    When the header is byte for byte ``prefix`` (the one for ``ref``'s dtype and shape,
+    which ``np.load`` parses to exactly those) it is not parsed (``ast.literal_eval``:
+    most of the cost); any other header is parsed by :func:`read_header` and must still
+    say ``ref``'s shape and dtype. The reply's own ``dtype`` and ``shape`` fields are never
+    trusted. Another serialisation raises ``TypeError``; a malformed header ``ValueError``.
+    """
     data = array.data
-    if (prefix is not None and ref.size > 0 and array.stype == SType.NUMPY
-            and isinstance(data, bytes) and data.startswith(prefix)
+    if array.stype != SType.NUMPY or not isinstance(data, bytes):
+        raise TypeError(f"serialisation {array.stype!r} is not {SType.NUMPY!r}")
+    if (prefix is not None and ref.size > 0 and data.startswith(prefix)
             and len(data) - len(prefix) >= ref.nbytes):
         return np.frombuffer(data, dtype=ref.dtype, count=ref.size,
                              offset=len(prefix)).reshape(ref.shape)
-    return array.numpy()
+    shape, fortran, dtype, offset = read_header(data)
+    if shape != ref.shape:
+        raise Refused(f"wrong shape for {key}: {shape} != {ref.shape}")
+    if dtype != ref.dtype:
+        raise Refused(f"wrong dtype for {key}: {dtype} != {ref.dtype}")
+    if len(data) - offset < ref.nbytes:
+        raise Refused(f"truncated array for {key}: {len(data) - offset} of {ref.nbytes} bytes")
+    if ref.size == 0:
+        empty = np.empty(ref.shape, ref.dtype)
+        empty.flags.writeable = False             # like every other decoded value
+        return empty
+    # Fortran order is what np.save writes for an F-contiguous array (a transposed torch
+    # parameter): an honest site's, so read as np.load reads it rather than refused.
+    return np.frombuffer(data, dtype=dtype, count=ref.size, offset=offset).reshape(
+        shape, order="F" if fortran else "C")
 
 
 def check_update(arrays: ArrayRecord | None, reference: dict[str, np.ndarray],
@@ -92,6 +136,8 @@ def check_update(arrays: ArrayRecord | None, reference: dict[str, np.ndarray],
     ``reference`` holds the global arrays this round started from (their dtypes are the
     expected ones); ``prefixes``: :func:`npy_prefixes` of it, computed once per round, so
     that each reply's arrays are decoded without parsing their headers (:func:`decode`).
+    A payload that cannot be decoded (truncated, another serialisation, a forged header)
+    is a reason like any other: one site's bytes never fail the round or exhaust memory.
     """
     if arrays is None:
         return "no model update in reply", None
@@ -100,11 +146,12 @@ def check_update(arrays: ArrayRecord | None, reference: dict[str, np.ndarray],
         return f"wrong keys (missing {len(missing)}, unexpected {len(extra)})", None
     squared, prefixes = 0.0, prefixes or {}
     for key, ref in reference.items():
-        value = decode(arrays[key], prefixes.get(key), ref)
-        if value.shape != ref.shape:
-            return f"wrong shape for {key}: {value.shape} != {ref.shape}", None
-        if value.dtype != ref.dtype:
-            return f"wrong dtype for {key}: {value.dtype} != {ref.dtype}", None
+        try:
+            value = decode(arrays[key], prefixes.get(key), ref, key)
+        except Refused as refused:
+            return str(refused), None
+        except UNDECODABLE:
+            return f"undecodable array for {key}", None
         if value.dtype.kind == "f" and not np.isfinite(value).all():
             return f"non-finite values in {key}", None
         if value.dtype.kind == "f":

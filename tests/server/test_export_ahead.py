@@ -108,10 +108,10 @@ def test_a_server_that_dies_while_tracing_ahead_has_written_nothing(tmp_path, mo
     traced, release = threading.Event(), threading.Event()
     remember = model_export.ReusedExport._remember
 
-    def held(self, *args):          # the trace is saved; the template not yet kept
+    def held(self, *args, **kwargs):          # the trace is saved; the template not yet kept
         traced.set()
         assert release.wait(timeout=120)        # a hang guard, not a timing assertion
-        return remember(self, *args)
+        return remember(self, *args, **kwargs)
 
     monkeypatch.setattr(model_export.ReusedExport, "_remember", held)
     tracker = MlflowTracker(cfg, tmp_path)
@@ -132,7 +132,8 @@ def test_a_server_that_dies_while_tracing_ahead_has_written_nothing(tmp_path, mo
         assert gc.get_freeze_count() > 0 and tracker.export.ready
     finally:
         release.set()
-        tracker.finish("")          # the run's end waits for the trace (a daemon no more)
+        tracker.finish("")          # the run's end waits for the trace: close() joins the
+        # writer thread (still a daemon; it is joined, not abandoned)
         mlflow.end_run()
     assert tracker.writer._thread is None and tracker.export.prepared == 1
     assert gc.get_freeze_count() == 0       # and collectable again once the phase ends
@@ -150,3 +151,113 @@ def test_a_template_that_cannot_be_traced_ahead_leaves_the_first_version_traced(
     tracker, counts = _register_round_1(cfg, tmp_path, _state(cfg, 1), ahead=_state(cfg, 0))
     assert "could not be traced ahead" in caplog.text
     assert counts == (0, 1, 0) and tracker.versions == {1: "1"}
+
+
+class _EchoGrid:
+    """Two training sites that send back the global model they were sent, unchanged (no
+    data, no training: what the server does around a round is under test, not a site)."""
+
+    def __init__(self):
+        self.run = None
+
+    def get_node_ids(self):
+        return [1, 2]
+
+    def send_and_receive(self, messages, timeout=None):
+        from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+
+        from protocol import wire
+
+        replies = []
+        for m in messages:
+            node = m.metadata.dst_node_id
+            content = RecordDict({
+                wire.ARRAYS: m.content[wire.ARRAYS],
+                wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: 4, wire.DP_UNIT_WEIGHT: 1.0}),
+                wire.SITE: ConfigRecord({wire.SITE_ID: f"site-{node}"})})
+            replies.append(Message(content=content, reply_to=m))
+        return replies
+
+
+def _phase_cfg(tmp_path, name):
+    return load_experiment(["experiment=smoke", "task.image_size=32", "tracking.log_models=true",
+                            "strategy.fraction_evaluate=0.0", "strategy.min_evaluate_sites=0",
+                            f"runs_dir={tmp_path / 'runs'}", f"name={name}"])
+
+
+def _trackers(monkeypatch):
+    from server import federation, tracking
+
+    made = []
+
+    class Kept(tracking.MlflowTracker):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(federation, "MlflowTracker", Kept)
+    return made
+
+
+def test_a_phase_prepares_its_export_ahead_of_its_first_version(tmp_path, monkeypatch,
+                                                                 task_identity):
+    from server.federation import run_federation
+
+    made = _trackers(monkeypatch)
+    cfg = _phase_cfg(tmp_path, "phase")
+    try:
+        run_federation(_EchoGrid(), cfg, tmp_path / "run")
+    finally:
+        mlflow.end_run()
+    (tracker,) = made
+    # the template traced from the initial model while round 1 ran; round 1's version
+    # written from it, never traced itself
+    assert tracker.versions == {1: "1"}
+    assert (tracker.export.prepared, tracker.export.traced, tracker.export.reused) == (1, 0, 1)
+
+
+def test_a_phase_whose_model_cannot_be_built_ends_its_run_failed(tmp_path, monkeypatch,
+                                                                 task_identity):
+    import pytest
+
+    from server import tracking
+    from server.federation import run_federation
+
+    def broken(self, arrays):
+        raise RuntimeError("no model")
+
+    monkeypatch.setattr(tracking.MlflowTracker, "_global_model", broken)
+    made = _trackers(monkeypatch)
+    cfg = _phase_cfg(tmp_path, "broken-model")
+    try:
+        with pytest.raises(RuntimeError, match="no model"):
+            run_federation(_EchoGrid(), cfg, tmp_path / "run")
+        assert mlflow.active_run() is None          # finish() ended it, not left RUNNING
+    finally:
+        mlflow.end_run()
+    (tracker,) = made
+    run = mlflow.MlflowClient(tracker.uri).get_run(tracker.run_id)
+    assert run.info.status == "FAILED"
+
+
+def test_the_writers_export_leaves_the_torch_rng_alone(tmp_path, monkeypatch):
+    """The round loop builds each round's model under fork_rng while the writer may be
+    exporting (server/tracking.py on_train): exact only if the writer's export never sets
+    the global torch RNG (dynamo's strict export saves and restores it) nor draws from it."""
+    from server.model_export import ReusedExport
+    from server.versions import prepare_export
+
+    cfg = _cfg(tmp_path, "rng")
+    model, task = build(cfg.model.name, cfg.model_options(), cfg.task.name, cfg.task_options())
+    sets = []
+    for owner in (torch, torch.random):
+        real = owner.set_rng_state
+        monkeypatch.setattr(owner, "set_rng_state",
+                            lambda state, real=real: sets.append(1) or real(state))
+    before = torch.get_rng_state().clone()
+    export = ReusedExport()
+    try:
+        assert prepare_export(export, model, task.data_needs.multi_label)
+    finally:
+        export.close()
+    assert sets == [] and torch.equal(torch.get_rng_state(), before)

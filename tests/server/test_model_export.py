@@ -115,6 +115,21 @@ def test_a_traced_program_that_does_not_score_like_the_model_is_no_template(tmp_
     assert export.scores_like_model is False      # server/versions.py tags serving_check=failed
 
 
+def test_a_program_traced_ahead_that_scores_otherwise_is_reported_as_no_version(caplog):
+    from server.model_export import ReusedExport
+
+    export = ReusedExport()
+    try:
+        kept = export.prepare(_Counting(), np.zeros((2, 3), dtype=np.float32),
+                              serialization_format="pt2", pip_requirements=["torch"])
+    finally:
+        export.close()
+    assert not kept and (export.prepared, export.traced) == (1, 0)
+    # no version exists yet: none is said to be tagged
+    assert "traced ahead from the phase's initial model does not score" in caplog.text
+    assert "serving_check" not in caplog.text
+
+
 def test_a_version_whose_traced_program_scores_otherwise_is_tagged(tmp_path, monkeypatch):
     import mlflow
 

@@ -188,3 +188,18 @@ def test_work_ahead_runs_first_on_the_writer_and_is_not_kept(tmp_path):
     gc.collect()
     assert alive() is None            # freed while the writer still runs (a phase's model)
     writer.close()
+
+
+def test_work_ahead_handed_to_a_running_writer_is_refused_not_dropped(tmp_path):
+    registry = Registry()
+    writer = BackgroundWriter(tmp_path, log_round=registry.log_round,
+                              register=registry.register)
+    writer.submit(_writes(1))                 # the first submit started the worker
+    try:
+        with pytest.raises(RuntimeError, match="already running"):
+            writer.start(lambda: None)
+        writer.start()                        # nothing ahead: a no-op, as submit() uses it
+        writer.drain()
+        assert registry.registered == [1]
+    finally:
+        writer.close()

@@ -112,27 +112,29 @@ def _npy_cases():
 
 
 @pytest.mark.parametrize("name", list(_npy_cases()))
-def test_decoding_without_the_header_parse_gives_what_numpy_gives(name):
-    from strategies.guard import decode, npy_prefixes
+def test_decoding_without_np_load_gives_what_numpy_gives(name):
+    from strategies.guard import Refused, decode, npy_prefixes
 
     value = _npy_cases()[name]
     array = Array(value)
-    for ref in (value, np.ascontiguousarray(value, value.dtype.newbyteorder("=")),
-                np.zeros((9,), np.float32)):
-        got = decode(array, npy_prefixes({"k": ref})["k"], ref)
-        expected = array.numpy()
-        # read-only: np.frombuffer over the payload, the header not parsed (the fast path)
-        fast = ref.dtype == value.dtype and ref.shape == value.shape \
-            and name not in ("empty", "fortran")
-        assert got.flags.writeable is not fast
+    expected = array.numpy()
+    native = np.ascontiguousarray(value, value.dtype.newbyteorder("="))
+    for ref in (value, native, np.zeros((9,), np.float32)):
+        prefix = npy_prefixes({"k": ref})["k"]
+        if ref.shape != expected.shape or ref.dtype != expected.dtype:
+            with pytest.raises(Refused, match="wrong (shape|dtype) for k"):
+                decode(array, prefix, ref, "k")       # refused from its header alone
+            continue
+        got = decode(array, prefix, ref, "k")
+        assert not got.flags.writeable              # a view of the payload, never a copy
         assert got.dtype == expected.dtype and got.shape == expected.shape
         np.testing.assert_array_equal(got, expected)
 
 
 def test_a_payload_that_disagrees_with_its_arrays_fields_is_judged_by_its_payload():
-    """The fast decode trusts the npy header it checked, never the reply's own dtype/shape
+    """The decode trusts the npy header it checked, never the reply's own dtype/shape
     fields: a reply that claims the reference's shape but carries another is refused, and a
-    truncated one fails as np.load fails."""
+    truncated one is refused (not raised: the round goes on with the other sites)."""
     from strategies.guard import npy_prefixes
 
     prefixes = npy_prefixes(REF)
@@ -147,9 +149,94 @@ def test_a_payload_that_disagrees_with_its_arrays_fields_is_judged_by_its_payloa
     short = _record()
     short["w"] = Array(dtype="float32", shape=(2, 3), stype=short["w"].stype,
                        data=short["w"].data[:-4])
-    for fast in (prefixes, None):                       # np.load's own error, both ways
-        with pytest.raises(ValueError, match="EOF: reading array data"):
-            check_update(short, REF, None, fast)
+    for fast in (prefixes, None):                       # refused both ways, nothing raised
+        assert check_update(short, REF, None, fast) == (
+            "truncated array for w: 20 of 24 bytes", None)
+
+
+def _forged(key, data, stype=None):
+    record = _record()
+    record[key] = Array(dtype="float32", shape=REF[key].shape,
+                        stype=record[key].stype if stype is None else stype, data=data)
+    return record
+
+
+def _npy_header(shape, descr="<f4", version=(1, 0), fortran=False):
+    import io
+
+    from numpy.lib import format as npy
+
+    buf = io.BytesIO()
+    write = npy.write_array_header_1_0 if version == (1, 0) else npy.write_array_header_2_0
+    write(buf, {"descr": descr, "fortran_order": fortran, "shape": shape})
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("cut", [0, 3, 9, 40, -1])
+def test_attack_a_truncated_payload_is_rejected_not_raised(cut):
+    """Cut anywhere (in the magic, the header length, the header, the data): a rejection."""
+    from strategies.guard import npy_prefixes
+
+    data = _record()["w"].data
+    for fast in (npy_prefixes(REF), None):
+        reason, norm = check_update(_forged("w", data[:cut]), REF, None, fast)
+        assert norm is None and reason is not None and reason.endswith(
+            "array for w" if cut != -1 else "23 of 24 bytes"), reason
+
+
+@pytest.mark.parametrize("stype", ["torch.Tensor", "pickle", ""])
+def test_attack_another_serialisation_is_rejected_not_raised(stype):
+    from strategies.guard import npy_prefixes
+
+    record = _forged("b", _record()["b"].data, stype=stype)     # numpy bytes, wrong label
+    for fast in (npy_prefixes(REF), None):
+        assert check_update(record, REF, None, fast) == ("undecodable array for b", None)
+
+
+@pytest.mark.parametrize("header", [
+    b"garbage!", b"\x93NUMPY\x03\x00" + bytes(12), _npy_header((6,), descr="|O"),
+    b"\x93NUMPY\x01\x00\xff\xff" + b"{" * 100,                    # header past the data
+    b"\x93NUMPY\x01\x00\x10\x00{'descr': 'x'}    \n",
+])
+def test_attack_a_malformed_header_is_rejected_not_raised(header):
+    reason, _ = check_update(_forged("w", header + bytes(24)), REF, None)
+    assert reason in ("undecodable array for w", "wrong shape for w: (6,) != (2, 3)")
+
+
+@pytest.mark.parametrize("shape", [(2**26,), (2**40,), (2, 3 * 2**30)])
+@pytest.mark.parametrize("version", [(1, 0), (2, 0)])
+def test_attack_a_header_claiming_a_huge_shape_allocates_nothing(shape, version):
+    """np.load allocates the header's shape before it reads the data: (2**26,) float32
+    would take 256 MiB, (2**40,) raise MemoryError. The header is checked first."""
+    import tracemalloc
+
+    from strategies.guard import npy_prefixes
+
+    record = _forged("w", _npy_header(shape, version=version) + bytes(24))
+    prefixes = npy_prefixes(REF)
+    tracemalloc.start()
+    try:
+        reason, norm = check_update(record, REF, None, prefixes)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert (reason, norm) == (f"wrong shape for w: {shape} != (2, 3)", None)
+    assert peak < 1 << 20                     # NumPy reports its data buffers to tracemalloc
+
+
+def test_a_header_numpy_writes_otherwise_is_still_read():
+    """Another header for the right array (format 2.0, Fortran order) is parsed, not
+    refused: only its shape, dtype and length decide."""
+    value = np.arange(6, dtype=np.float32).reshape(2, 3)
+    from strategies.guard import decode
+
+    ref = np.zeros((2, 3), np.float32)
+    v2 = Array(dtype="float32", shape=(2, 3), stype=Array(value).stype,
+               data=_npy_header((2, 3), version=(2, 0)) + value.tobytes())
+    np.testing.assert_array_equal(decode(v2, None, ref), value)
+    fortran = Array(np.asfortranarray(value))
+    assert b"'fortran_order': True" in fortran.data
+    np.testing.assert_array_equal(decode(fortran, None, ref), value)
 
 
 @pytest.mark.parametrize("mode, expected", [
@@ -162,3 +249,30 @@ def test_bad_updates_are_named_the_same_with_the_fast_decode(mode, expected):
     record = corrupt(_record(), mode)
     fast = check_update(record, REF, 10.0, npy_prefixes(REF))
     assert fast == check_update(record, REF, 10.0) and expected in fast[0]
+
+
+def test_attack_one_undecodable_reply_is_rejected_and_the_round_goes_on():
+    from types import SimpleNamespace
+
+    from strategies.guard import GuardedStrategy
+
+    class Inner:
+        def aggregate_train(self, server_round, replies):
+            self.got = replies
+            return None, None
+
+    def reply(site, arrays):
+        content = SimpleNamespace(array_records={"arrays": arrays}, metric_records={},
+                                  config_records={"site": {"site-id": site}})
+        return SimpleNamespace(has_error=lambda: False, has_content=lambda: True,
+                               content=content, metadata=SimpleNamespace(src_node_id=1))
+
+    inner = Inner()
+    guard = GuardedStrategy(inner, min_available_sites=1, min_train_sites=2, quorum_timeout=1)
+    guard._reference, guard._dtypes = REF, {k: v.dtype for k, v in REF.items()}
+    huge = _forged("w", _npy_header((2**40,)) + bytes(24))
+    guard.aggregate_train(1, [reply("site-0", _record()), reply("site-9", huge),
+                              reply("site-1", _record())])
+    assert [(r.site_id, r.reason) for r in guard.rejected] == [
+        ("site-9", "wrong shape for w: (1099511627776,) != (2, 3)")]
+    assert len(inner.got) == 2

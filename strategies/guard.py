@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import logging
 import time
+import tokenize
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -74,7 +75,10 @@ class Refused(ValueError):
 
 # Errors a hostile payload can raise while its header is read or its data viewed: each
 # is a rejection of that reply, never a failed round.
-UNDECODABLE = (ValueError, TypeError, EOFError, MemoryError, OSError, RecursionError)
+# NumPy parses an npy header with ast.literal_eval, after its own tokenize pass for old
+# headers: a forged header can raise SyntaxError or tokenize.TokenError from there.
+UNDECODABLE = (ValueError, TypeError, EOFError, MemoryError, OSError, RecursionError,
+               SyntaxError, tokenize.TokenError)
 
 
 def read_header(data: bytes) -> tuple[tuple[int, ...], bool, np.dtype, int]:

@@ -25,10 +25,10 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from protocol import wire
-from protocol.arrays import apply_delta, float_keys, view
+from protocol.arrays import apply_delta, float_keys
 from protocol.secagg_protocol import Advert, SecAggConfig, SecAggError, ServerRound
 
-from .guard import error_summary
+from .guard import UNDECODABLE, decode, error_summary
 from .sitedp import SiteDPAccounting, site_accountant
 from .state import RoundReport, StrategyWrapper, expect_no_state
 
@@ -184,6 +184,9 @@ class SecAggPlus(StrategyWrapper, Strategy):
         if self._round is None:
             raise SecAggError("aggregate_train without a configured secure round")
         masked = {}
+        # The masked vector's expected shape and dtype as a zero-stride array (nothing
+        # allocated): what guard.decode checks a reply's npy header against.
+        expected = np.broadcast_to(np.zeros((), np.uint32), (self._round.length,))
         for reply in replies:
             if reply.has_error():
                 log.warning("secagg round %d: %s", server_round, error_summary(reply))
@@ -194,8 +197,16 @@ class SecAggPlus(StrategyWrapper, Strategy):
                             server_round, reply.metadata.src_node_id)
                 continue
             metrics = reply.content.metric_records.get(wire.METRICS, MetricRecord())
-            masked[reply.metadata.src_node_id] = (view(arrays[wire.SECAGG_MASKED_ARRAY]),
-                                                  int(metrics.get(wire.SECAGG_CLIPPED, 0)))
+            try:        # checked against the expected vector before anything is allocated
+                vector = decode(arrays[wire.SECAGG_MASKED_ARRAY], None, expected,
+                                wire.SECAGG_MASKED_ARRAY)
+                clipped = int(metrics.get(wire.SECAGG_CLIPPED, 0))
+            except UNDECODABLE as err:      # one site's bytes never fail the round
+                log.warning("secagg round %d: node %s sent an undecodable masked update "
+                            "(%s); excluded", server_round, reply.metadata.src_node_id,
+                            str(err)[:200])
+                continue
+            masked[reply.metadata.src_node_id] = (vector, clipped)
             if metrics.get(wire.SECAGG_WEIGHT_CAPPED, 0):
                 log.warning("secagg round %d: node %s has more examples than secagg.max_weight;"
                             " its weight in the sum is capped", server_round,

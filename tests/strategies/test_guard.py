@@ -197,6 +197,8 @@ def test_attack_another_serialisation_is_rejected_not_raised(stype):
     b"garbage!", b"\x93NUMPY\x03\x00" + bytes(12), _npy_header((6,), descr="|O"),
     b"\x93NUMPY\x01\x00\xff\xff" + b"{" * 100,                    # header past the data
     b"\x93NUMPY\x01\x00\x10\x00{'descr': 'x'}    \n",
+    b"\x93NUMPY\x01\x00\x10\x00{'descr': (((",           # tokenize.TokenError in NumPy
+    b"\x93NUMPY\x01\x00\x08\x00{'a':\x00}\n",               # a null byte: ValueError
 ])
 def test_attack_a_malformed_header_is_rejected_not_raised(header):
     reason, _ = check_update(_forged("w", header + bytes(24)), REF, None)

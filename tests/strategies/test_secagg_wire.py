@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import Array, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
 from client.mods.errors import generic_errors_mod
@@ -166,3 +166,55 @@ def test_the_run_session_lives_in_the_node_state_and_is_verified_once_per_run(mo
     assert len(checks) == 12 and not grid.errors    # round 2: no endorsement checked again
     assert all(bytes(c.state[wire.SECAGG_SESSION_STATE]["key"]) == sessions[i]
                for i, c in grid.contexts.items())
+
+
+def _npy(shape, descr="<u4", fortran=False) -> bytes:
+    import io
+
+    from numpy.lib import format as npy
+
+    buf = io.BytesIO()
+    npy.write_array_header_1_0(buf, {"descr": descr, "fortran_order": fortran, "shape": shape})
+    return buf.getvalue()
+
+
+FORGED_MASKED = {
+    "truncated": lambda a: Array(dtype=a.dtype, shape=a.shape, stype=a.stype, data=a.data[:-8]),
+    "not numpy": lambda a: Array(dtype=a.dtype, shape=a.shape, stype="torch", data=a.data),
+    # np.load would allocate the header's shape (8 TiB here) before finding the data missing
+    "huge fortran header": lambda a: Array(dtype=a.dtype, shape=a.shape, stype=a.stype,
+                                           data=_npy((2**41,), fortran=True) + bytes(16)),
+    "garbage header": lambda a: Array(dtype=a.dtype, shape=a.shape, stype=a.stype,
+                                      data=b"\x93NUMPY\x01\x00\x10\x00{'descr': (((" + bytes(8)),
+}
+
+
+@pytest.mark.parametrize("forgery", sorted(FORGED_MASKED))
+def test_attack_a_site_sending_an_undecodable_masked_vector_is_excluded_not_fatal(forgery):
+    """One site's masked bytes never fail the coordinator's secure round (nor make it
+    allocate what a forged header claims): that site is left out like a dropout and the
+    others' average comes out."""
+    import tracemalloc
+
+    grid = SiteGrid(6)
+    deliver = grid.deliver
+
+    def forge(msg):
+        reply = deliver(msg)
+        stage = msg.content.config_records.get(wire.CONFIG, {}).get(wire.SECAGG_STAGE)
+        if msg.metadata.dst_node_id == 4 and stage == wire.SECAGG_MASKED:
+            record = reply.content.array_records[wire.ARRAYS]
+            record[wire.SECAGG_MASKED_ARRAY] = FORGED_MASKED[forgery](
+                record[wire.SECAGG_MASKED_ARRAY])
+        return reply
+
+    grid.deliver = forge
+    tracemalloc.start()
+    try:
+        average = secure_round(grid)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    expected = np.mean([step(i) for i in grid.nodes if i != 4], axis=0)
+    assert np.abs(average - expected).max() <= ENC.resolution
+    assert peak < 64 * 2**20

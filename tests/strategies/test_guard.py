@@ -39,27 +39,39 @@ def test_no_norm_bound_still_checks_finiteness():
     assert "non-finite" in check_update(corrupt(_record(), "nan"), REF, None)[0]
 
 
-def test_median_rule_rejects_a_scaled_update_without_an_absolute_bound():
+class _Recorder:
+    """An inner strategy that keeps the replies the guard let through."""
+
+    def aggregate_train(self, server_round, replies):
+        self.got = replies
+        return None, None
+
+
+def _reply(site, arrays):
+    """A stand-in reply from ``site`` carrying ``arrays``."""
     from types import SimpleNamespace
 
+    content = SimpleNamespace(array_records={"arrays": arrays}, metric_records={},
+                              config_records={"site": {"site-id": site}})
+    return SimpleNamespace(has_error=lambda: False, has_content=lambda: True,
+                           content=content, metadata=SimpleNamespace(src_node_id=1))
+
+
+def _guard_over_recorder():
+    """A GuardedStrategy over a recorder, its reference set to REF (as configure_train
+    would)."""
     from strategies.guard import GuardedStrategy
 
-    class Inner:
-        def aggregate_train(self, server_round, replies):
-            self.got = replies
-            return None, None
-
-    def reply(site, arrays):
-        content = SimpleNamespace(array_records={"arrays": arrays}, metric_records={},
-                                  config_records={"site": {"site-id": site}})
-        return SimpleNamespace(has_error=lambda: False, has_content=lambda: True,
-                               content=content, metadata=SimpleNamespace(src_node_id=1))
-
-    inner = Inner()
+    inner = _Recorder()
     guard = GuardedStrategy(inner, min_available_sites=1, min_train_sites=2, quorum_timeout=1)
     guard._reference, guard._dtypes = REF, {k: v.dtype for k, v in REF.items()}
-    honest = [reply(f"site-{i}", _record(dict(REF, w=REF["w"] + 0.1 * (i + 1)))) for i in range(3)]
-    attacker = reply("site-9", corrupt(_record(dict(REF, w=REF["w"] + 0.1)), "scale"))
+    return guard, inner
+
+
+def test_median_rule_rejects_a_scaled_update_without_an_absolute_bound():
+    guard, inner = _guard_over_recorder()
+    honest = [_reply(f"site-{i}", _record(dict(REF, w=REF["w"] + 0.1 * (i + 1)))) for i in range(3)]
+    attacker = _reply("site-9", corrupt(_record(dict(REF, w=REF["w"] + 0.1)), "scale"))
     guard.aggregate_train(1, [*honest, attacker])
     assert [r.site_id for r in guard.rejected] == ["site-9"]
     assert "median" in guard.rejected[0].reason and len(inner.got) == 3
@@ -254,27 +266,10 @@ def test_bad_updates_are_named_the_same_with_the_fast_decode(mode, expected):
 
 
 def test_attack_one_undecodable_reply_is_rejected_and_the_round_goes_on():
-    from types import SimpleNamespace
-
-    from strategies.guard import GuardedStrategy
-
-    class Inner:
-        def aggregate_train(self, server_round, replies):
-            self.got = replies
-            return None, None
-
-    def reply(site, arrays):
-        content = SimpleNamespace(array_records={"arrays": arrays}, metric_records={},
-                                  config_records={"site": {"site-id": site}})
-        return SimpleNamespace(has_error=lambda: False, has_content=lambda: True,
-                               content=content, metadata=SimpleNamespace(src_node_id=1))
-
-    inner = Inner()
-    guard = GuardedStrategy(inner, min_available_sites=1, min_train_sites=2, quorum_timeout=1)
-    guard._reference, guard._dtypes = REF, {k: v.dtype for k, v in REF.items()}
+    guard, inner = _guard_over_recorder()
     huge = _forged("w", _npy_header((2**40,)) + bytes(24))
-    guard.aggregate_train(1, [reply("site-0", _record()), reply("site-9", huge),
-                              reply("site-1", _record())])
+    guard.aggregate_train(1, [_reply("site-0", _record()), _reply("site-9", huge),
+                              _reply("site-1", _record())])
     assert [(r.site_id, r.reason) for r in guard.rejected] == [
         ("site-9", "wrong shape for w: (1099511627776,) != (2, 3)")]
     assert len(inner.got) == 2

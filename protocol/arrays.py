@@ -11,20 +11,35 @@ from flwr.app import Array, ArrayRecord
 from flwr.common.constant import SType
 
 
+def read_header(data: bytes) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+    """``(shape, fortran_order, dtype, offset of the data)`` of an npy payload, parsed by
+    NumPy's own header reader (bounded by its ``max_header_size``) and nothing allocated
+    for the array: ``np.load`` would allocate the header's shape before it found the data
+    missing (a forged ``(2**31,)`` costs 8 GiB), so the header is checked first."""
+    buf = BytesIO(data)
+    version = np.lib.format.read_magic(buf)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(buf)
+    elif version == (2, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(buf)
+    else:                            # 3.0 only for unicode field names: never a model's
+        raise ValueError(f"npy format version {version} is not 1.0 or 2.0")
+    return shape, fortran, dtype, buf.tell()
+
+
 def view(array: Array) -> np.ndarray:
     """A read-only NumPy view of an ``Array``'s payload, without the copy ``Array.numpy``
     makes (it ``np.load``s the bytes); falls back to it for anything but a plain C-order
-    ``.npy`` payload of version 1 or 2."""
+    ``.npy`` payload of version 1 or 2. For the server's own arrays and trusted ones: a
+    site's reply is checked against what is expected first (``strategies.guard.decode``)."""
     if array.stype == SType.NUMPY:
-        buffer = BytesIO(array.data)
-        version = np.lib.format.read_magic(buffer)
-        read_header = {(1, 0): np.lib.format.read_array_header_1_0,
-                       (2, 0): np.lib.format.read_array_header_2_0}.get(version)
-        if read_header is not None:
-            shape, fortran_order, dtype = read_header(buffer)
-            if not fortran_order and not dtype.hasobject:
-                return np.frombuffer(array.data, dtype=dtype, count=math.prod(shape),
-                                     offset=buffer.tell()).reshape(shape)
+        try:
+            shape, fortran_order, dtype, offset = read_header(array.data)
+        except ValueError:
+            return array.numpy()
+        if not fortran_order and not dtype.hasobject:
+            return np.frombuffer(array.data, dtype=dtype, count=math.prod(shape),
+                                 offset=offset).reshape(shape)
     return array.numpy()
 
 

@@ -26,6 +26,7 @@ from flwr.serverapp.strategy import Strategy
 from numpy.lib import format as npy
 
 from protocol import wire
+from protocol.arrays import read_header
 
 from .state import RoundReport, StatelessWrapper
 
@@ -79,22 +80,6 @@ class Refused(ValueError):
 # headers: a forged header can raise SyntaxError or tokenize.TokenError from there.
 UNDECODABLE = (ValueError, TypeError, EOFError, MemoryError, OSError, RecursionError,
                SyntaxError, tokenize.TokenError)
-
-
-def read_header(data: bytes) -> tuple[tuple[int, ...], bool, np.dtype, int]:
-    """``(shape, fortran_order, dtype, offset of the data)`` of an npy payload, parsed by
-    NumPy's own header reader (bounded by its ``max_header_size``) and nothing allocated
-    for the array: ``np.load`` would allocate the header's shape before it found the data
-    missing (a forged ``(2**31,)`` costs 8 GiB), so the header is checked first."""
-    buf = io.BytesIO(data)
-    version = npy.read_magic(buf)
-    if version == (1, 0):
-        shape, fortran, dtype = npy.read_array_header_1_0(buf)
-    elif version == (2, 0):
-        shape, fortran, dtype = npy.read_array_header_2_0(buf)
-    else:                            # 3.0 only for unicode field names: never a model's
-        raise ValueError(f"npy format version {version} is not 1.0 or 2.0")
-    return shape, fortran, dtype, buf.tell()
 
 
 def decode(array: Array, prefix: bytes | None, ref: np.ndarray, key: str = "array"

@@ -33,6 +33,7 @@ import copy
 import logging
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +46,13 @@ log = logging.getLogger(__name__)
 PT2_FILE = Path("data") / "model.pt2"      # mlflow.pytorch's place for a pt2 program
 MLMODEL = "MLmodel"
 FLAVOR = "mlflow.pytorch"                  # what the logged model records as its flavor
+
+# torch.export (non-strict, torch 2.13) traces with torch.fx, which replaces
+# ``torch.nn.Module.__call__`` and ``__getattr__`` process-wide for the trace's duration: a
+# module built or called on another thread meanwhile goes through the tracer's versions (a
+# MONAI SwinUNETR built then has no blocks in its state dict; tests/server/test_export_ahead.py).
+# The writer traces holding this lock; the round loop builds the global model holding it.
+TRACING = threading.Lock()
 
 
 def _structure(model: torch.nn.Module) -> tuple:
@@ -101,8 +109,9 @@ class ReusedExport:
         from mlflow.models import Model
 
         path = Path(self._dir.name) / "prepared"
-        mlflow.pytorch.save_model(pytorch_model, str(path), mlflow_model=Model(),
-                                  input_example=input_example, **kwargs)
+        with TRACING:
+            mlflow.pytorch.save_model(pytorch_model, str(path), mlflow_model=Model(),
+                                      input_example=input_example, **kwargs)
         self.prepared += 1
         self._remember(path, _structure(pytorch_model), np.asarray(input_example),
                        pytorch_model, ahead=True)
@@ -122,8 +131,9 @@ class ReusedExport:
             self.reused += 1
             self.scores_like_model = True        # checked before it was written
             return
-        mlflow.pytorch.save_model(pytorch_model, path, mlflow_model=mlflow_model,
-                                  input_example=input_example, **kwargs)
+        with TRACING:
+            mlflow.pytorch.save_model(pytorch_model, path, mlflow_model=mlflow_model,
+                                      input_example=input_example, **kwargs)
         self.traced += 1
         if input_example is not None:       # what the template is checked on
             self._remember(Path(path), key, np.asarray(input_example), pytorch_model)

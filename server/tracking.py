@@ -27,7 +27,7 @@ from strategies.pooling import pool
 
 from .checkpoint import CheckpointError, arrays_digest, round_arrays
 from .config import ExperimentConfig
-from .model_export import ReusedExport
+from .model_export import TRACING, ReusedExport
 from .registration import BackgroundWriter, RoundWrites, recover
 from .versions import ensure_registered_model, prepare_export, register_version
 
@@ -163,10 +163,13 @@ class MlflowTracker:
         self._round = writes
 
     def _global_model(self, arrays) -> tuple[torch.nn.Module, bool]:
-        """The global model to register, and whether its head is multi-label."""
-        model, task = build(self.cfg.model.name, self.cfg.model_options(), self.cfg.task.name,
-                            self.cfg.task_options(), foundation_dir=self.cfg.model.foundation_dir)
-        model.load_state_dict(arrays.to_torch_state_dict())
+        """The global model to register, and whether its head is multi-label. Never while
+        the writer traces (``TRACING``: the trace patches every module's ``__call__``)."""
+        with TRACING:
+            model, task = build(self.cfg.model.name, self.cfg.model_options(),
+                                self.cfg.task.name, self.cfg.task_options(),
+                                foundation_dir=self.cfg.model.foundation_dir)
+            model.load_state_dict(arrays.to_torch_state_dict())
         return model, task.data_needs.multi_label
 
     def _version_tags(self, record: RoundRecord, privacy: dict, digest: str) -> dict[str, str]:

@@ -261,3 +261,44 @@ def test_the_writers_export_leaves_the_torch_rng_alone(tmp_path, monkeypatch):
     finally:
         export.close()
     assert sets == [] and torch.equal(torch.get_rng_state(), before)
+
+
+def test_the_round_loop_never_builds_a_model_while_the_writer_traces(tmp_path, monkeypatch):
+    """torch.export's trace replaces every module's ``__call__``/``__getattr__`` while it
+    runs (a SwinUNETR built meanwhile on another thread lost its blocks: a flaky failed
+    simulation): the round loop's build of round 1's model waits for the writer's trace."""
+    from server import tracking
+
+    cfg = _cfg(tmp_path, "tracing")
+    state = _state(cfg, 0)
+    tracing, started = threading.Event(), threading.Event()
+    real_save = mlflow.pytorch.save_model
+
+    def slow_trace(*args, **kwargs):
+        tracing.set()
+        started.set()
+        time.sleep(0.5)                  # the round loop asks for its model meanwhile
+        try:
+            return real_save(*args, **kwargs)
+        finally:
+            tracing.clear()
+
+    real_build, overlapped = tracking.build, []
+
+    def build(*args, **kwargs):
+        overlapped.append(tracing.is_set())
+        return real_build(*args, **kwargs)
+
+    monkeypatch.setattr(mlflow.pytorch, "save_model", slow_trace)
+    monkeypatch.setattr(tracking, "build", build)
+    tracker = tracking.MlflowTracker(cfg, tmp_path / "run")
+    try:
+        tracker.prepare(ArrayRecord(state))
+        assert started.wait(60)
+        tracker._global_model(ArrayRecord(state))
+        tracker.writer.drain()
+    finally:
+        tracker.finish("")
+        mlflow.end_run()
+    assert overlapped == [False, False]      # prepare's own build, then round 1's
+    assert tracker.export.prepared == 1

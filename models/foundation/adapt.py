@@ -8,6 +8,15 @@ as in ``models.vit``); tokens of absent channels are masked out of attention as 
 pooling ignores them. While training, a whole present channel is dropped with probability p
 (full-modality masking), so a missing sequence at inference is a case the model has seen.
 
+``channel_tokens="fused"`` instead gives ONE token per patch location: a single patch
+embedding over all channels (the pretrained kernel inflated by timm's ``in_chans`` rule: each
+channel's slice is the RGB mean times C0/S), no channel embedding; an absent or dropped channel
+is zeroed before the embedding (a fused token has no per-channel mask). On the brain-MRI
+task it learns from ~120 labelled studies where the per-channel layout barely does
+(bench/RESULTS.md, "Foundation recipe, session 20"): the class signal is a per-location
+relation between sequences, which fused tokens see from the first layer. MAE needs
+per-channel tokens (its target is one channel's patch).
+
 Interface identical to ``models.vit.MultiModalViT``: ``forward(images [B, S, H, W],
 present [B, S]) -> logits``, ``forward_features``, ``pool`` and a linear ``head``. Volumes
 ``[B, S, D, H, W]`` (``config.spatial_dims=3``, set by a 3D layout such as ``ct_volume``) take
@@ -17,8 +26,9 @@ layout's grid); a 2D encoder on a 3D layout is refused.
 
 DP-SGD (client/privacy/persample.py): every parameter this module adds lives in an
 ``nn.Linear`` called once per forward pass with the sample as its first dimension - the
-per-channel patch embeddings, the channel embedding (a bias-free Linear applied to one-hot
-channel indicators) and the head - so LoRA fine-tuning is covered by the exact per-sample rule.
+per-channel (or the one fused) patch embeddings, the channel embedding (a bias-free Linear
+applied to one-hot channel indicators) and the head - so LoRA fine-tuning is covered by the
+exact per-sample rule.
 A family whose encoder folds channels or windows into the batch (SAM) declares the folding
 layer types (``batch_major_folds``, the clipper's ``FoldsBatch``) so their rows are regrouped
 per sample.

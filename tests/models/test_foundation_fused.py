@@ -139,3 +139,29 @@ def test_mm_dino_runs_on_fused_tokens_and_mae_is_refused(weights):
         build("foundation", options, "mae", {}, foundation_dir=root)
     assert "\n" not in str(err.value)
     assert MODELS.config("foundation", options).channel_tokens == "fused"
+
+
+def test_fused_tokens_on_a_3d_monai_vit_with_an_absent_channel(tmp_path):
+    """Volumes: 3 channels on a 32^3 cube, patch 8 (the pretrained 4^3 kernel resized), one
+    token per 8^3 location; an absent channel changes nothing; per-sample gradients exact."""
+    from models.foundation.monai_nets import save_monai
+
+    from .test_foundation_monai import VIT3D, _build as _build3d, _vit, _volumes
+
+    save_monai(_vit(VIT3D), VIT3D, tmp_path / "vit3d")
+    model = _build3d(tmp_path / "vit3d", num_channels=3, image_size=32, patch_size=8,
+                     channel_tokens="fused", lora_rank=2).eval()
+    present = torch.ones(B, 3, dtype=torch.bool)
+    present[0, 1] = False
+    x = _volumes(3, 32)
+    with torch.no_grad():
+        assert model.forward_features(x, present).shape == (B, 64, 32)
+        logits = model(x, present)
+        garbage = x.clone()
+        garbage[0, 1] = torch.randn(32, 32, 32) * 10
+        torch.testing.assert_close(model(garbage, present), logits, rtol=0, atol=1e-5)
+    model = model.double().train()
+    _randomise_trainable(model)
+    batch = {"image": _volumes(3, 32, dtype=torch.float64) * present[..., None, None, None],
+             "present": present, "label": torch.tensor([0, 2])}
+    assert_exact_per_sample(model, batch)

@@ -4,6 +4,7 @@ step against a hand-written loop plus the cost of DP-SGD on it (``--throughput``
     python -m bench.foundation [--quick] [--draws 0,1] [--arms ...] [--patients 600]
                                [--public-patients 600] [--public-epochs 10]
                                [--public-patch shared|per_sequence] [--rounds 20]
+                               [--channel-tokens per_channel|fused]
                                [--pretrain-rounds 5] [--work DIR [--resume]]
     python -m bench.foundation --throughput [--family dinov2] [--steps 6] [--warmup 1]
                                [--repeats 2] [--device auto|cpu|cuda] [--image-size 64]
@@ -503,7 +504,8 @@ def run_mcc(args, parser) -> None:
                 "pretrain_epochs": args.pretrain_epochs, "lora_rank": args.lora_rank,
                 "dp_epsilon": 8.0, "public_patients": args.public_patients,
                 "public_epochs": args.public_epochs, "public_seed": fm.PUBLIC_SEED,
-                "public_patch": args.public_patch, "quick": args.quick}
+                "public_patch": args.public_patch, "channel_tokens": args.channel_tokens,
+                "quick": args.quick}
     name = args.name or ("foundation_quick" if args.quick else "foundation")
     logging.basicConfig(level=logging.WARNING)
     results: dict[int, dict] = {}
@@ -595,6 +597,8 @@ ARM_DESCRIPTIONS = {
 
 
 def main() -> None:
+    from models.foundation.config import CHANNEL_TOKENS
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--throughput", action="store_true",
                         help="step-time figures instead of the MCC arms")
@@ -621,6 +625,11 @@ def main() -> None:
                      help="public pretraining's patch embedding: one shared kernel and no "
                           "channel embedding (what a transformers directory holds exactly), or "
                           "one per sequence, averaged when saved (sessions 17-18)")
+    mcc.add_argument("--channel-tokens", default="per_channel", choices=CHANNEL_TOKENS,
+                     help="the foundation arms' model.options.channel_tokens: one token per "
+                          "sequence and patch (MM-DINOv2's adaptation), or fused (one patch "
+                          "embedding over all sequences, one token per location; RESULTS.md "
+                          "'Foundation recipe, session 20'); part of --resume's settings")
     mcc.add_argument("--work", type=Path, default=None,
                      help="keep the public cohort and the pretrained encoder here (default: "
                           "a temporary folder) so a later --resume reuses them")

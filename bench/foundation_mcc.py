@@ -229,12 +229,18 @@ def public_pretraining(work: Path, foundation_dir: Path, wanted: dict, pretrain)
     return record
 
 
+# Settings added after arms were measured without them, and the value those arms had.
+IMPLICIT_SETTINGS = {"channel_tokens": "per_channel"}
+
+
 def check_settings(old: dict, settings: dict) -> None:
     """``--resume``: ``old`` (an earlier result's ``mcc`` part) was measured with these
     ``settings`` (the draws list aside), else ``ValueError`` - asked before hours of public
     pretraining, not after."""
     mine = {k: v for k, v in settings.items() if k != "draws"}
-    theirs = {k: v for k, v in old.get("settings", {}).items() if k != "draws"}
+    # a setting added later has, in an older file, the value every arm then ran with
+    theirs = IMPLICIT_SETTINGS | {k: v for k, v in old.get("settings", {}).items()
+                                  if k != "draws"}
     differ = {k: (theirs.get(k), v) for k, v in mine.items()
               if json.dumps(theirs.get(k)) != json.dumps(v)}
     if differ:
@@ -289,7 +295,8 @@ def run_draw(seed: int, work: Path, foundation_dir: Path, settings: dict, arms: 
             f"task.options.label_fraction={settings['label_fraction']}", f"seed={seed}"]
     foundation = ["model=foundation", f"model.options.weights={PRETRAINED_NAME}",
                   f"model.foundation_dir={foundation_dir}",
-                  f"model.options.lora_rank={settings['lora_rank']}"]
+                  f"model.options.lora_rank={settings['lora_rank']}",
+                  f"model.options.channel_tokens={settings['channel_tokens']}"]
     overrides = {
         "supervised_scratch": base,
         "lora": [*base, *foundation],

@@ -355,6 +355,10 @@ class MMDINOTask(ClassificationTask):
             if is_global and c.ibot_mask_ratio > 0:
                 crop, masked = blank_patches(crop, cfg.patch_size, c.ibot_mask_ratio)
                 masked &= keep.repeat_interleave(masked.shape[1] // keep.shape[1], dim=1)
+                if cfg.num_sequences == 1 < keep.shape[1]:
+                    # one token per location over all channels (a fused foundation
+                    # backbone): a location is masked where its present channels are
+                    masked = masked.reshape(masked.shape[0], keep.shape[1], -1).any(1)
             tokens = backbone.forward_features(crop, keep)
             s_cls = model.dino_head(tokens[:, 0])
             for j in range(2):

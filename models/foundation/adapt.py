@@ -8,6 +8,15 @@ as in ``models.vit``); tokens of absent channels are masked out of attention as 
 pooling ignores them. While training, a whole present channel is dropped with probability p
 (full-modality masking), so a missing sequence at inference is a case the model has seen.
 
+``channel_tokens="fused"`` instead gives ONE token per patch location: a single patch
+embedding over all channels (the pretrained kernel inflated by timm's ``in_chans`` rule: each
+channel's slice is the RGB mean times C0/S), no channel embedding; an absent or dropped channel
+is zeroed before the embedding (a fused token has no per-channel mask). On the brain-MRI
+task it learns from ~120 labelled studies where the per-channel layout barely does
+(bench/RESULTS.md, "Foundation recipe, session 20"): the class signal is a per-location
+relation between sequences, which fused tokens see from the first layer. MAE needs
+per-channel tokens (its target is one channel's patch).
+
 Interface identical to ``models.vit.MultiModalViT``: ``forward(images [B, S, H, W],
 present [B, S]) -> logits``, ``forward_features``, ``pool`` and a linear ``head``. Volumes
 ``[B, S, D, H, W]`` (``config.spatial_dims=3``, set by a 3D layout such as ``ct_volume``) take
@@ -17,8 +26,9 @@ layout's grid); a 2D encoder on a 3D layout is refused.
 
 DP-SGD (client/privacy/persample.py): every parameter this module adds lives in an
 ``nn.Linear`` called once per forward pass with the sample as its first dimension - the
-per-channel patch embeddings, the channel embedding (a bias-free Linear applied to one-hot
-channel indicators) and the head - so LoRA fine-tuning is covered by the exact per-sample rule.
+per-channel (or the one fused) patch embeddings, the channel embedding (a bias-free Linear
+applied to one-hot channel indicators) and the head - so LoRA fine-tuning is covered by the
+exact per-sample rule.
 A family whose encoder folds channels or windows into the batch (SAM) declares the folding
 layer types (``batch_major_folds``, the clipper's ``FoldsBatch``) so their rows are regrouped
 per sample.
@@ -116,14 +126,29 @@ class FoundationBackbone(nn.Module):
         dim = self.seams.hidden_size(self.encoder)
         weight, bias = self.seams.patch_kernel(self.encoder)
         kernel, kernel_bias = channel_patch_kernel(weight, bias, self.patch_size)
-        self.patch_embed = nn.ModuleList()
-        for _ in range(config.num_channels):
-            linear = nn.Linear(self.patch_size**self.spatial_dims, dim)
+        patch_dim, s = self.patch_size**self.spatial_dims, config.num_channels
+        self.fused = config.channel_tokens == "fused"
+        # Channels carried by one token: 1 per channel, all of them when fused.
+        self.token_groups = 1 if self.fused else s
+        if self.fused:
+            # One patch embedding over all channels, one token per location (timm's in_chans
+            # rule): each channel's slice is the RGB-mean kernel scaled by C0/S, so a study
+            # whose channels are all equal gets the pretrained response to that grey image.
+            # No channel embedding: a channel is told apart by its slice of the kernel.
+            self.patch_embed = nn.Linear(s * patch_dim, dim)                # [S*p^dims -> D]
             with torch.no_grad():
-                linear.weight.copy_(kernel)
-                linear.bias.copy_(kernel_bias)
-            self.patch_embed.append(linear)
-        self.channel_embed = ChannelEmbedding(config.num_channels, dim)
+                self.patch_embed.weight.copy_(kernel.repeat(1, s) * (weight.shape[1] / s))
+                self.patch_embed.bias.copy_(kernel_bias)
+            self.channel_embed = None
+        else:
+            self.patch_embed = nn.ModuleList()
+            for _ in range(s):
+                linear = nn.Linear(patch_dim, dim)
+                with torch.no_grad():
+                    linear.weight.copy_(kernel)
+                    linear.bias.copy_(kernel_bias)
+                self.patch_embed.append(linear)
+            self.channel_embed = ChannelEmbedding(s, dim)
         pooled = 2 * dim if self.seams.has_cls else dim
         self.head = nn.Linear(pooled, config.num_classes)
         # Dead weights (the RGB projection, MAE's mask token, poolers, SAM's neck): frozen, so
@@ -153,7 +178,7 @@ class FoundationBackbone(nn.Module):
     def layout(self) -> TokenLayout:
         """Token layout for objectives (``models.vit.TokenLayout``)."""
         return TokenLayout(self.spatial_dims, self.config.image_size, self.patch_size,
-                           self.config.num_channels,
+                           self.token_groups,
                            self.seams.hidden_size(self.encoder), int(self.seams.has_cls))
 
     def take_companions(self) -> dict[str, nn.Module | nn.Parameter]:
@@ -179,9 +204,14 @@ class FoundationBackbone(nn.Module):
                        hidden: Tensor | None = None) -> Tensor:
         """``present [B, S]`` -> ``attend [B, (1)+S*N]`` (the CLS token always attendable);
         ``n`` patches per channel (default: the configured grid), ``hidden [B, S*N]``
-        (MAE's masked patches) removes tokens no other token may see."""
+        (MAE's masked patches) removes tokens no other token may see. Fused tokens:
+        ``[B, (1)+N]``, a location attendable when the study has any channel,
+        ``hidden [B, N]``."""
         n = self.grid**self.spatial_dims if n is None else n
-        per_token = present.bool().repeat_interleave(n, dim=1)               # [B, S*N]
+        if self.fused:
+            per_token = present.bool().any(1, keepdim=True).expand(-1, n)      # [B, N]
+        else:
+            per_token = present.bool().repeat_interleave(n, dim=1)           # [B, S*N]
         if hidden is not None:
             per_token = per_token & ~hidden.bool()
         if self.seams.has_cls:
@@ -189,14 +219,19 @@ class FoundationBackbone(nn.Module):
         return per_token
 
     def embed(self, images: Tensor) -> Tensor:
-        """``[B, S, H, W]`` -> tokens ``[B, (1)+S*N, D]`` with positions and channel identity."""
+        """``[B, S, H, W]`` -> tokens ``[B, (1)+S*N, D]`` with positions and channel identity
+        (fused: ``[B, (1)+N, D]``, one token per location over all channels)."""
         b, s = images.shape[:2]
         grid = images.shape[-1] // self.patch_size
         patches = patchify(images, self.patch_size, self.spatial_dims)       # [B, S, N, p^dims]
-        per_channel = torch.stack([self.patch_embed[c](patches[:, c]) for c in range(s)], 1)
         cls_pos, pos = self.seams.position_embedding(self.encoder, grid)     # [1, N, D]
-        tokens = per_channel + self.channel_embed(b)[:, :, None] + pos[:, None]  # [B, S, N, D]
-        tokens = tokens.reshape(b, -1, tokens.shape[-1])                      # [B, S*N, D]
+        if self.fused:
+            # [B, N, S*p^dims]: channel-major within a location, the kernel's slice order
+            tokens = self.patch_embed(patches.transpose(1, 2).flatten(2)) + pos   # [B, N, D]
+        else:
+            per_channel = torch.stack([self.patch_embed[c](patches[:, c]) for c in range(s)], 1)
+            tokens = per_channel + self.channel_embed(b)[:, :, None] + pos[:, None]  # [B,S,N,D]
+            tokens = tokens.reshape(b, -1, tokens.shape[-1])                  # [B, S*N, D]
         cls = self.seams.cls_token(self.encoder)
         if cls is None:
             return tokens
@@ -215,16 +250,21 @@ class FoundationBackbone(nn.Module):
             raise ValueError(f"the {self.family} encoder has no attention mask, so it cannot "
                              "hide tokens (masked-image objectives need that)")
         grid = images.shape[-1] // self.patch_size
+        if self.fused:
+            # Fused tokens have no per-channel mask: an absent (or dropped) channel must add
+            # nothing, so it is zeroed here whatever the caller passed.
+            shape = tuple(present.shape) + (1,) * self.spatial_dims
+            images = images * present.reshape(shape).to(images.dtype)
         tokens = self.embed(images)
         return self.seams.encode(self.encoder, tokens,
                                  self.attention_mask(present, grid**self.spatial_dims, hidden),
-                                 self.config.num_channels, grid)
+                                 self.token_groups, grid)
 
     def pool(self, tokens: Tensor, present: Tensor) -> Tensor:
         """``[B, T, D]`` -> ``[B, 2D]`` (CLS and mean over present tokens) or ``[B, D]``
         (mean only, families without a CLS token)."""
         cls = int(self.seams.has_cls)
-        n = (tokens.shape[1] - cls) // self.config.num_channels
+        n = (tokens.shape[1] - cls) // self.token_groups
         weights = self.attention_mask(present, n).to(tokens.dtype)[..., None]    # [B, T, 1]
         patch_tokens, patch_weights = tokens[:, cls:], weights[:, cls:]
         mean = (patch_tokens * patch_weights).sum(1) / patch_weights.sum(1).clamp(min=1)

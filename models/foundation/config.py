@@ -22,6 +22,7 @@ def check_weights_name(name: str) -> str:
     return name
 
 METHODS = ("lora", "dora", "ia3", "full", "linear_probe")
+CHANNEL_TOKENS = ("per_channel", "fused")
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,9 @@ class FoundationConfig:
     lora_targets: tuple[str, ...] = ()   # module-name suffixes; () = the family's default
     lora_dropout: float = 0.0
     modality_dropout: float = 0.0   # p: full-modality masking while training (adapt.py)
+    # per_channel: one token per channel and patch (MM-DINOv2); fused: one token per patch
+    # location from one patch embedding over all channels (timm's in_chans rule; adapt.py)
+    channel_tokens: str = "per_channel"
 
     def __post_init__(self):
         object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
@@ -72,8 +76,11 @@ class FoundationConfig:
                              f"{self.patch_size}")
         if self.lora_rank < 1 or self.lora_alpha <= 0 or not 0 <= self.lora_dropout < 1:
             raise ValueError("lora_rank must be >= 1, lora_alpha > 0, lora_dropout in [0, 1)")
+        if self.channel_tokens not in CHANNEL_TOKENS:
+            raise ValueError(f"unknown channel_tokens {self.channel_tokens!r}; choose one of "
+                             f"{', '.join(CHANNEL_TOKENS)}")
         if not 0.0 <= self.modality_dropout <= 1.0:
             raise ValueError(f"modality_dropout must be in [0, 1], got {self.modality_dropout}")
 
 
-__all__ = ["FoundationConfig", "METHODS", "WEIGHTS_NAME", "check_weights_name"]
+__all__ = ["CHANNEL_TOKENS", "FoundationConfig", "METHODS", "WEIGHTS_NAME", "check_weights_name"]

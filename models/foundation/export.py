@@ -14,7 +14,9 @@ MedFed's training code or MLflow.
                                   .encoder``: the vision tower of a CLIP/SigLIP/SAM model), so
                                   ``PeftModel.from_pretrained(base, DIR/adapter)`` works
     DIR/adaptation.safetensors    what the multi-channel adaptation added: one patch embedding
-                                  per channel, the channel embedding, the class head
+                                  per channel and the channel embedding (``channel_tokens=
+                                  fused``: one patch embedding over all channels, no channel
+                                  embedding), the class head
     DIR/adaptation.json           what those tensors are, the FoundationConfig, and ``extra``
 
 ``load_export(DIR)`` rebuilds the whole adapted model (merged encoder + adaptation parts).
@@ -138,8 +140,7 @@ def adaptation_state(model: FoundationBackbone) -> dict[str, torch.Tensor]:
 
 def describe(model: FoundationBackbone, *, adapter: bool, extra: dict | None = None) -> dict:
     """``adaptation.json``: how to use ``adaptation.safetensors`` with ``encoder/``."""
-    dim = model.seams.hidden_size(model.encoder)
-    s, p = model.config.num_channels, model.patch_size
+    dim, p = model.seams.hidden_size(model.encoder), model.patch_size
     # A pretraining objective's backbone (MAE, CLIP) has no class head: an encoder of
     # pooled features
     head = None if model.head is None else (
@@ -151,20 +152,32 @@ def describe(model: FoundationBackbone, *, adapter: bool, extra: dict | None = N
         "input": f"images [B, {', '.join(map(str, model.input_shape))}], "
                  "absent channels all zero; present [B, S]",
         "patch_size": p, "grid": model.grid, "hidden_size": dim, "has_cls": model.seams.has_cls,
-        "parts": {
-            "patch_embed.<c>": f"Linear({'*'.join([str(p)] * model.spatial_dims)} -> {dim}) "
-                               f"on channel c's non-overlapping "
-                               f"{'x'.join([str(p)] * model.spatial_dims)} patches "
-                               "(row-major); replaces the encoder's RGB "
-                               "patch projection, which is exported unchanged and unused",
-            "channel_embed.embed": f"Linear({s} -> {dim}, no bias) on one-hot channel "
-                                   "indicators: added to every token of its channel",
-            "head": head,
-        },
+        "parts": _patch_parts(model, dim) | {"head": head},
         "encoder": ENCODER_DIR + "/", "adapter": ADAPTER_DIR + "/" if adapter else None,
         "adapters_merged_into_encoder": model.config.method in ADAPTER_METHODS,
         "extra": dict(extra or {}),
     }
+
+
+def _patch_parts(model: FoundationBackbone, dim: int) -> dict[str, str]:
+    """``adaptation.json``'s words for the patch (and channel) embeddings of either layout."""
+    s, p, dims = model.config.num_channels, model.patch_size, model.spatial_dims
+    patch = "x".join([str(p)] * dims)
+    if model.fused:
+        return {"patch_embed": f"Linear({s}*{'*'.join([str(p)] * dims)} -> {dim}) on the "
+                               f"{patch} patches of all {s} channels at one location, "
+                               "concatenated channel by channel (each row-major): one token per "
+                               "location; an absent channel is all zero. Equal to a Conv with "
+                               f"kernel [{dim}, {s}, {', '.join([str(p)] * dims)}] and stride "
+                               f"{p} (weight.reshape({dim}, {s}, {', '.join([str(p)] * dims)}))"
+                               "; replaces the encoder's RGB patch projection, which is "
+                               "exported unchanged and unused. No channel embedding"}
+    return {"patch_embed.<c>": f"Linear({'*'.join([str(p)] * dims)} -> {dim}) "
+                               f"on channel c's non-overlapping {patch} patches "
+                               "(row-major); replaces the encoder's RGB "
+                               "patch projection, which is exported unchanged and unused",
+            "channel_embed.embed": f"Linear({s} -> {dim}, no bias) on one-hot channel "
+                                   "indicators: added to every token of its channel"}
 
 
 def export_foundation(model: FoundationBackbone, directory: str | Path, *,

@@ -70,7 +70,8 @@ def apply_method(model: FoundationBackbone, method: str, *, rank: int = 8, alpha
         model.head.requires_grad_(True)
         return model
     for part in NEW_PARTS:
-        getattr(model, part).requires_grad_(True)
+        if getattr(model, part) is not None:         # fused channel tokens: no channel_embed
+            getattr(model, part).requires_grad_(True)
     return model
 
 

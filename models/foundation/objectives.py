@@ -36,7 +36,8 @@ PAIR_MODEL_TYPES = ("clip", "siglip")     # config.json model_type of a full CLI
 
 
 def objective_refusal(objective: str, family: str, method: str, *, has_cls: bool,
-                      masks_tokens: bool, pair: bool) -> str | None:
+                      masks_tokens: bool, pair: bool,
+                      channel_tokens: str = "per_channel") -> str | None:
     """Why ``objective`` cannot start from a ``family`` encoder trained with ``method``
     (one line), or None. The site checks the built backbone (``check_pretraining``); the
     coordinator checks the directory at config load (``directory_refusal``)."""
@@ -50,6 +51,10 @@ def objective_refusal(objective: str, family: str, method: str, *, has_cls: bool
         return (f"{objective} from a foundation model needs an encoder with a CLS token; the "
                 f"{family} encoder has none (use dinov2, vit, vit_mae, clip or a MONAI ViT "
                 "built with classification=True)")
+    if "masking" in needs and channel_tokens != "per_channel":
+        # MAE reconstructs one channel's patch per token; a fused token holds every channel
+        return (f"{objective} from a foundation model needs channel_tokens=per_channel (its "
+                f"target is one channel's patch per token), got {channel_tokens}")
     if "masking" in needs and not masks_tokens:
         return (f"{objective} from a foundation model needs an encoder that takes an attention "
                 f"mask to hide tokens; the {family} encoder has none")
@@ -64,12 +69,14 @@ def check_pretraining(backbone: FoundationBackbone, objective: str) -> None:
     """Refuse, in one line, a backbone the objective cannot start from (``objective_refusal``)."""
     reason = objective_refusal(
         objective, backbone.family, backbone.config.method, has_cls=backbone.seams.has_cls,
-        masks_tokens=backbone.seams.masks_tokens, pair="text_model" in backbone.companions)
+        masks_tokens=backbone.seams.masks_tokens, pair="text_model" in backbone.companions,
+        channel_tokens=backbone.config.channel_tokens)
     if reason:
         raise ValueError(reason)
 
 
-def directory_refusal(directory, objective: str, method: str) -> str | None:
+def directory_refusal(directory, objective: str, method: str,
+                      channel_tokens: str = "per_channel") -> str | None:
     """``objective_refusal`` for the encoder directory ``directory``, from its config.json
     alone (no weights loaded): the coordinator's config-load check."""
     from .families import FAMILIES
@@ -85,7 +92,8 @@ def directory_refusal(directory, objective: str, method: str) -> str | None:
         has_cls = parse_config(config).class_token
     pair = config.get("model_type") in PAIR_MODEL_TYPES
     reason = objective_refusal(objective, family, method, has_cls=has_cls,
-                               masks_tokens=seams.masks_tokens, pair=pair)
+                               masks_tokens=seams.masks_tokens, pair=pair,
+                               channel_tokens=channel_tokens)
     if reason is None and "pair" in NEEDS.get(objective, ()):
         from ..text import TOKENIZER_FILES
 

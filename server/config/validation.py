@@ -157,7 +157,7 @@ def validate_foundation(cfg: ExperimentConfig) -> None:
     if family == SWIN_UNETR_TYPE:
         _validate_swin(cfg, method, read_config(directory).get("constructor") or {})
         return
-    refusal = directory_refusal(directory, cfg.task.name, method)
+    refusal = directory_refusal(directory, cfg.task.name, method, options.channel_tokens)
     if refusal:
         raise ConfigError(f"model.options.weights={name}: {refusal}")
     # properties of the family (class level): the whole family, or this method on it

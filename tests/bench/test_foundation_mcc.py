@@ -153,7 +153,8 @@ def test_a_resumed_draw_runs_only_the_arms_it_lacks(tmp_path, monkeypatch):
                         or {"external_mcc": 0.2})
     monkeypatch.setattr(mq, "centralized", lambda *a, **k: {"external_mcc": 0.3})
     settings = {"patients_per_site": 6, "rounds": 1, "local_epochs": 1, "label_fraction": 0.5,
-                "lora_rank": 2, "pretrain_rounds": 1, "pretrain_epochs": 1, "dp_epsilon": 8.0}
+                "lora_rank": 2, "pretrain_rounds": 1, "pretrain_epochs": 1, "dp_epsilon": 8.0,
+                "channel_tokens": "fused"}
     monkeypatch.setattr(fm, "ENCODER", TINY)
     fm.save_initial_encoder(tmp_path / "encoders")
     (tmp_path / "encoders" / fm.INIT_NAME).rename(tmp_path / "encoders" / fm.PRETRAINED_NAME)
@@ -163,6 +164,7 @@ def test_a_resumed_draw_runs_only_the_arms_it_lacks(tmp_path, monkeypatch):
                       ("supervised_scratch", "lora"), public, done=done)
     assert out["arms"]["supervised_scratch"] == done["arms"]["supervised_scratch"]
     assert ran == ["foundation"] and out["arms"]["lora"]["external_mcc"] == 0.2
+    assert "model.options.channel_tokens=fused" in out["arms"]["lora"]["overrides"]
 
 
 def _mcc_payload(draws: dict) -> dict:
@@ -254,6 +256,15 @@ def test_shared_public_pretraining_trains_one_kernel_and_records_it(tmp_path, mo
     with pytest.raises(ValueError, match="patch must be one of"):
         fm.pretrain_public(public, tmp_path / "encoders", epochs=1, batch_size=4, lr=1e-3,
                            image_size=32, patch="mean")
+
+
+def test_arms_measured_before_channel_tokens_existed_resume_as_per_channel_only():
+    old = {"settings": {"patients_per_site": 600, "public_patch": "shared"}}    # session 19
+    fm.check_settings(old, {"patients_per_site": 600, "public_patch": "shared",
+                            "channel_tokens": "per_channel"})
+    with pytest.raises(ValueError, match="channel_tokens"):
+        fm.check_settings(old, {"patients_per_site": 600, "public_patch": "shared",
+                                "channel_tokens": "fused"})
 
 
 def test_resume_refuses_arms_of_an_encoder_made_another_way():

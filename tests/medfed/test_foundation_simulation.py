@@ -67,12 +67,15 @@ def _save_base(family: str, encoders: Path) -> tuple[str, int]:
     return "dino-tiny", len(base.state_dict())
 
 
-@pytest.mark.parametrize("family", ["dinov2", "timm"])
-def test_lora_on_a_saved_encoder_sends_only_trainable_tensors(tiny_sites, tmp_path, family):
+@pytest.mark.parametrize("family,channel_tokens", [
+    ("dinov2", "per_channel"), ("timm", "per_channel"), ("dinov2", "fused")])
+def test_lora_on_a_saved_encoder_sends_only_trainable_tensors(tiny_sites, tmp_path, family,
+                                                              channel_tokens):
     encoders = tmp_path / "encoders"
     weights, n_base = _save_base(family, encoders)
     cfg = load_experiment([
         "model=foundation", f"model.options.weights={weights}",
+        f"model.options.channel_tokens={channel_tokens}",
         f"model.foundation_dir={encoders}", "model.options.lora_rank=2",
         "task.image_size=32", "federation=sim2", "federation.num_rounds=1",
         "train.local_epochs=1", "train.batch_size=8", f"data.root={tiny_sites}",
@@ -101,3 +104,7 @@ def test_lora_on_a_saved_encoder_sends_only_trainable_tensors(tiny_sites, tmp_pa
                                                            "head"), key
         assert any("lora_A" in k for k in keys) and any(k.startswith("head.") for k in keys)
         assert len(keys) < n_base / 2          # far fewer than the base's tensors
+        # fused: one patch embedding over all channels and no channel embedding travel
+        fused = {"patch_embed.weight", "patch_embed.bias"} <= keys
+        assert fused == (channel_tokens == "fused")
+        assert any(k.startswith("channel_embed.") for k in keys) == (not fused)

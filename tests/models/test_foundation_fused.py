@@ -1,0 +1,167 @@
+"""``channel_tokens=fused``: one patch embedding over all channels (the pretrained RGB kernel
+inflated by timm's ``in_chans`` rule), one token per location, no channel embedding - its
+initialisation, absent channels, DP-SGD's per-sample gradients (float64), export, and the
+objectives that can or cannot use it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from client.engine import Engine
+from models import MODELS
+from models.foundation.config import FoundationConfig
+from models.foundation.export import ADAPTATION_CONFIG, export_foundation, load_export
+from models.foundation.loading import load_encoder
+from models.tasks import build
+from models.vit import patchify
+from protocol.job import TrainConfig
+
+from .test_foundation import (FAMILIES, _batch, _build, _randomise_trainable, _save,
+                              assert_exact_per_sample)
+
+S, B, P = 4, 2, 8                       # channels, batch, the tiny families' patch size
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fused")
+    for family in FAMILIES:
+        _save(family, root / family)
+    return {family: root / family for family in FAMILIES}
+
+
+def _fused(directory, **options):
+    return _build(directory, channel_tokens="fused", **options)
+
+
+def test_unknown_channel_tokens_is_refused_naming_the_choices():
+    with pytest.raises(ValueError, match="per_channel, fused"):
+        FoundationConfig(weights="w", channel_tokens="stacked")
+
+
+def test_the_fused_kernel_is_the_pretrained_one_inflated_to_every_channel(weights):
+    """A study whose channels all hold the same image x is embedded exactly as the pretrained
+    RGB projection embeds the grey picture (x, x, x): each channel's slice is the RGB-mean
+    kernel times 3/S."""
+    model = _fused(weights["dinov2"]).eval()
+    conv = load_encoder(weights["dinov2"]).encoder.embeddings.patch_embeddings.projection
+    assert model.channel_embed is None
+    assert tuple(model.patch_embed.weight.shape) == (conv.out_channels, S * P * P)
+    x = torch.randn(1, 1, 32, 32)
+    ours = model.patch_embed(patchify(x.expand(-1, S, -1, -1), P, 2).transpose(1, 2).flatten(2))
+    theirs = conv(x.expand(-1, 3, -1, -1)).flatten(2).transpose(1, 2)       # [1, N, D]
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_one_token_per_location_and_an_absent_channel_changes_nothing(weights, family):
+    model = _fused(weights[family]).eval()
+    batch = _batch()                                    # sample 0: channel 2 absent
+    logits = model(batch["image"], batch["present"])
+    feats = model.forward_features(batch["image"], batch["present"])
+    assert feats.shape[:2] == (B, int(model.seams.has_cls) + 16)
+    # no attention mask can hide part of a fused token: the absent channel is zeroed before
+    # the embedding, whatever the caller left in it
+    garbage = batch["image"].clone()
+    garbage[0, 2] = torch.randn(32, 32) * 10
+    torch.testing.assert_close(model(garbage, batch["present"]), logits, rtol=0, atol=1e-5)
+    changed = batch["image"].clone()
+    changed[0, 1] = torch.randn(32, 32)
+    assert not torch.allclose(model(changed, batch["present"])[0], logits[0], atol=1e-4)
+
+
+def test_full_modality_masking_zeroes_the_dropped_channel(weights):
+    """Training with modality_dropout=1: one present channel of every sample with >= 2 is
+    dropped; a fused model must then not see that channel's content at all."""
+    model = _fused(weights["dinov2"], modality_dropout=1.0).train()
+    batch = _batch()
+    seen = []
+    model.patch_embed.register_forward_hook(lambda m, args, out: seen.append(args[0]))
+    torch.manual_seed(0)
+    model(batch["image"], batch["present"])
+    rows = seen[0].reshape(B, 16, S, P * P)             # [B, N, S, p*p]
+    zero = (rows == 0).all(dim=(1, 3))                  # [B, S] channel all zero
+    absent = ~batch["present"]
+    assert (zero & ~absent).sum(1).tolist() == [1, 1]  # exactly one dropped per sample
+    assert zero[absent].all()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", ["lora", "linear_probe"])
+def test_per_sample_gradients_are_exact_for_the_fused_embedding(weights, family, method):
+    model = _fused(weights[family], method=method, lora_rank=2).double().train()
+    assert model.dp_unsupported is None
+    _randomise_trainable(model)
+    assert_exact_per_sample(model, _batch(dtype=torch.float64))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert ({"patch_embed.weight", "patch_embed.bias"} <= trainable) == (method == "lora")
+
+
+def test_the_export_describes_the_fused_kernel_and_reloads_it(weights, tmp_path):
+    model = _fused(weights["dinov2"], lora_rank=2)
+    _randomise_trainable(model, seed=3)
+    model.eval()
+    out = export_foundation(model, tmp_path / "export")
+    meta = json.loads((out / ADAPTATION_CONFIG).read_text())
+    assert meta["config"]["channel_tokens"] == "fused"
+    assert set(meta["parts"]) == {"patch_embed", "head"}
+    batch = _batch()
+    again = load_export(out)
+    torch.testing.assert_close(again(batch["image"], batch["present"]),
+                               model(batch["image"], batch["present"]), rtol=0, atol=1e-5)
+    # what adaptation.json says: the Linear is a Conv over [S, p, p] with stride p
+    d = model.patch_embed.out_features
+    assert f"[{d}, {S}, {P}, {P}]" in meta["parts"]["patch_embed"]
+    conv = F.conv2d(batch["image"], model.patch_embed.weight.reshape(d, S, P, P),
+                    model.patch_embed.bias, stride=P).flatten(2).transpose(1, 2)
+    linear = model.patch_embed(patchify(batch["image"], P, 2).transpose(1, 2).flatten(2))
+    torch.testing.assert_close(conv, linear, rtol=0, atol=1e-5)
+
+
+def test_mm_dino_runs_on_fused_tokens_and_mae_is_refused(weights):
+    root = weights["dinov2"].parent
+    options = {"weights": "dinov2", "num_channels": S, "image_size": 32, "lora_rank": 2,
+               "channel_tokens": "fused"}
+    model, task = build("foundation", options, "mm_dino", {"local_crops": 1},
+                        foundation_dir=root)
+    g = torch.Generator().manual_seed(0)
+    data = [{"image": torch.randn(S, 32, 32, generator=g), "present": torch.ones(S).bool(),
+             "label": torch.tensor(i % 3)} for i in range(4)]
+    data[0]["present"][2] = False
+    metrics = Engine(task, torch.device("cpu")).fit(
+        model, data, TrainConfig(local_epochs=1, batch_size=2, lr=1e-2))
+    assert metrics["steps"] == 2 and torch.isfinite(torch.tensor(metrics["train_loss"]))
+    with pytest.raises(ValueError, match="channel_tokens=per_channel") as err:
+        build("foundation", options, "mae", {}, foundation_dir=root)
+    assert "\n" not in str(err.value)
+    assert MODELS.config("foundation", options).channel_tokens == "fused"
+
+
+def test_fused_tokens_on_a_3d_monai_vit_with_an_absent_channel(tmp_path):
+    """Volumes: 3 channels on a 32^3 cube, patch 8 (the pretrained 4^3 kernel resized), one
+    token per 8^3 location; an absent channel changes nothing; per-sample gradients exact."""
+    from models.foundation.monai_nets import save_monai
+
+    from .test_foundation_monai import VIT3D, _build as _build3d, _vit, _volumes
+
+    save_monai(_vit(VIT3D), VIT3D, tmp_path / "vit3d")
+    model = _build3d(tmp_path / "vit3d", num_channels=3, image_size=32, patch_size=8,
+                     channel_tokens="fused", lora_rank=2).eval()
+    present = torch.ones(B, 3, dtype=torch.bool)
+    present[0, 1] = False
+    x = _volumes(3, 32)
+    with torch.no_grad():
+        assert model.forward_features(x, present).shape == (B, 64, 32)
+        logits = model(x, present)
+        garbage = x.clone()
+        garbage[0, 1] = torch.randn(32, 32, 32) * 10
+        torch.testing.assert_close(model(garbage, present), logits, rtol=0, atol=1e-5)
+    model = model.double().train()
+    _randomise_trainable(model)
+    batch = {"image": _volumes(3, 32, dtype=torch.float64) * present[..., None, None, None],
+             "present": present, "label": torch.tensor([0, 2])}
+    assert_exact_per_sample(model, batch)

@@ -133,6 +133,12 @@ class CheckedArray(Array):
         strategy that works in place (a DP wrapper's clipping) changes only its copy."""
         return self.__dict__["_checked"].copy(order="K")
 
+    def deflate(self) -> bytes:
+        """As Flower's ``Array`` of the same fields and bytes (the wire names an object's
+        class; a strategy that sends a reply's array on must send an ``Array``)."""
+        return Array(dtype=self.dtype, shape=self.shape, stype=self.stype,
+                     data=self.data).deflate()
+
 
 def check_update(arrays: ArrayRecord | None, reference: dict[str, np.ndarray],
                  max_update_norm: float | None, prefixes: dict[str, bytes] | None = None,

@@ -330,3 +330,15 @@ def test_the_inner_strategy_aggregates_the_values_the_guard_checked(monkeypatch)
             got += 1                     # a fresh, writable copy each time, as np.load's
             assert np.array_equal(value.numpy(), u[key])
     assert all(replies[3].content[wire.ARRAYS][k] is v for k, v in bad_arrays.items())
+
+
+def test_a_checked_array_goes_on_the_wire_as_the_array_it_checked():
+    """A strategy that sends a reply's array on (a selecting one) sends Flower's Array:
+    the same deflated bytes, so the same object id, and a receiver inflates an Array."""
+    from strategies.guard import CheckedArray
+
+    plain = Array(np.asfortranarray(np.arange(6, dtype=np.float32).reshape(2, 3)))
+    checked = CheckedArray(plain.numpy(), plain.data)
+    assert checked.deflate() == plain.deflate() and checked.object_id == plain.object_id
+    back = Array.inflate(checked.deflate(), dict(checked.children))
+    assert type(back) is Array and np.array_equal(back.numpy(), plain.numpy())

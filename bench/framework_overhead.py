@@ -19,8 +19,9 @@ moves with other processes' load:
   everything between two rounds counts;
 - ``steady_round_seconds_over_flower``: the same difference over rounds 4..N only, after the
   phase's first model version and the first-time costs of the writer (the phase's model is
-  traced once, ~2 s of server CPU, while round 1 trains since session 19; before, while
-  rounds 2-3 trained) - what each further round of a long run costs;
+  traced once, ~2 s of server CPU: since session 20 while the MLflow run is set up, before
+  round 1; session 19 while round 1 trained; before, while rounds 2-3 trained) - what each
+  further round of a long run costs;
 - ``cpu_seconds_over_flower``: CPU seconds per round (rounds 2..N-1) of the server process
   (all its threads: the round loop, Flower's message pumps, the MLflow writer) plus the
   sites' message handlers (each handler's own thread, measured by a client mod in both

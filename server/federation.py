@@ -258,8 +258,11 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path,
         log.info("resuming %s after round %d of %d", run_dir, done, cfg.federation.num_rounds)
     remaining = cfg.federation.num_rounds - done
     console = ConsoleTable(run_dir)
+    # A fresh phase's export template is traced from here on, while the MLflow run is set
+    # up and round 1 trains; a resumed one's after recover(), which registers on this thread.
     tracker = MlflowTracker(cfg, run_dir, lineage=lineage, store_dir=store_dir,
-                            resume_run_id=checkpoint.manifest["mlflow_run_id"] if checkpoint else None)
+                            resume_run_id=checkpoint.manifest["mlflow_run_id"] if checkpoint else None,
+                            initial=initial if checkpoint is None and remaining > 0 else None)
     if checkpoint is not None:      # what a crash left queued, or registered too early
         tracker.recover(checkpoint.round)
     checkpointer = Checkpointer(run_dir, guarded, config_hash=cfg.fingerprint(),
@@ -275,7 +278,8 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path,
         _mark_complete(run_dir, cfg, outcome)
         return outcome
     try:
-        tracker.prepare(initial)       # the phase's export template, while round 1 trains
+        if checkpoint is not None:      # a fresh phase's started with the tracker
+            tracker.prepare(initial)   # the phase's export template, while round 1 trains
         result = strategy.start(
             grid=grid, initial_arrays=initial, num_rounds=remaining,
             timeout=cfg.federation.round_timeout,

@@ -68,6 +68,7 @@ class RoundRecord:
     arrays: ArrayRecord | None = None
     wall_seconds: float = 0.0
     site_level_epsilon: float | None = None   # site-level DP: epsilon spent after this round
+    arrays_sha256: str = ""     # of ``arrays``, once an observer computed it (once a round)
 
     def dropped(self, phase: str) -> list[str]:
         """Ids of the sites whose reply in ``phase`` failed, sorted."""

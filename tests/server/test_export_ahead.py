@@ -1,7 +1,8 @@
 """The phase's export template traced ahead of its first version, from the initial model,
-while round 1's sites train (``MlflowTracker.prepare``, ``server/model_export.py``): the
-first version is then written from it, with exactly the files a version traced from the
-same weights has, and a crash meanwhile leaves nothing behind."""
+while the MLflow run is set up and round 1's sites train (``MlflowTracker.prepare``,
+``server/model_export.py``): the first version is then written from it, with exactly the
+files a version traced from the same weights has, and a crash meanwhile leaves nothing
+behind."""
 
 from __future__ import annotations
 
@@ -223,8 +224,13 @@ def test_a_phase_whose_model_cannot_be_built_ends_its_run_failed(tmp_path, monke
     from server import tracking
     from server.federation import run_federation
 
-    def broken(self, arrays):
-        raise RuntimeError("no model")
+    real, calls = tracking.MlflowTracker._global_model, []
+
+    def broken(self, arrays):         # the one traced ahead is built; round 1's is not
+        calls.append(1)
+        if len(calls) > 1:
+            raise RuntimeError("no model")
+        return real(self, arrays)
 
     monkeypatch.setattr(tracking.MlflowTracker, "_global_model", broken)
     made = _trackers(monkeypatch)
@@ -238,6 +244,47 @@ def test_a_phase_whose_model_cannot_be_built_ends_its_run_failed(tmp_path, monke
     (tracker,) = made
     run = mlflow.MlflowClient(tracker.uri).get_run(tracker.run_id)
     assert run.info.status == "FAILED"
+
+
+def test_a_fresh_phase_traces_before_its_mlflow_run_is_set_up(tmp_path, monkeypatch,
+                                                               task_identity):
+    """The trace's head start: the MLflow set-up (a new store's schema, the run, its
+    params: seconds under load) and round 1, not round 1 alone."""
+    from server import tracking
+    from server.federation import run_federation
+
+    order = []
+    prepare, start_run = tracking.MlflowTracker.prepare, mlflow.start_run
+    monkeypatch.setattr(tracking.MlflowTracker, "prepare",
+                        lambda self, arrays: order.append("trace") or prepare(self, arrays))
+    monkeypatch.setattr(mlflow, "start_run",
+                        lambda *a, **k: order.append("mlflow run") or start_run(*a, **k))
+    made = _trackers(monkeypatch)
+    try:
+        run_federation(_EchoGrid(), _phase_cfg(tmp_path, "early"), tmp_path / "run")
+    finally:
+        mlflow.end_run()
+    assert order == ["trace", "mlflow run"]
+    assert (made[0].export.prepared, made[0].export.traced, made[0].export.reused) == (1, 0, 1)
+
+
+def test_a_tracker_whose_mlflow_run_cannot_start_leaves_no_trace_running(tmp_path,
+                                                                         monkeypatch):
+    """The trace started first is waited for and its template dropped: no writer thread,
+    no frozen heap, nothing in the run folder."""
+    import pytest
+
+    from server import tracking
+
+    def refused(self, *args):
+        raise RuntimeError("no store")
+
+    monkeypatch.setattr(tracking.MlflowTracker, "_start_run", refused)
+    cfg = _cfg(tmp_path, "no-store")
+    with pytest.raises(RuntimeError, match="no store"):
+        tracking.MlflowTracker(cfg, tmp_path / "run", initial=ArrayRecord(_state(cfg, 0)))
+    assert not [t for t in threading.enumerate() if t.name == "medfed-mlflow-writer"]
+    assert gc.get_freeze_count() == 0 and not (tmp_path / "run").exists()
 
 
 def test_the_writers_export_leaves_the_torch_rng_alone(tmp_path, monkeypatch):

@@ -273,3 +273,72 @@ def test_attack_one_undecodable_reply_is_rejected_and_the_round_goes_on():
     assert [(r.site_id, r.reason) for r in guard.rejected] == [
         ("site-9", "wrong shape for w: (1099511627776,) != (2, 3)")]
     assert len(inner.got) == 2
+
+
+def test_the_inner_strategy_aggregates_the_values_the_guard_checked(monkeypatch):
+    """Flower's FedAvg decodes every reply's arrays again (``Array.numpy``: ``np.load``,
+    its header parsed with ``ast.literal_eval``); behind the guard it gets the values the
+    guard decoded and checked (``CheckedArray``), without a second decode, and averages
+    them to the same bits. A rejected reply's arrays are left as they came."""
+    from types import SimpleNamespace
+
+    from flwr.app import ConfigRecord, MetricRecord, RecordDict
+    from flwr.serverapp.strategy import FedAvg
+
+    from protocol import wire
+    from strategies.guard import CheckedArray, GuardedStrategy
+
+    rng = np.random.default_rng(1)
+    updates = [dict(REF, w=REF["w"] + rng.standard_normal((2, 3)).astype(np.float32))
+               for _ in range(3)]
+    updates[2]["w"] = np.asfortranarray(updates[2]["w"])    # np.save writes it F-ordered
+
+    def reply(site, arrays, n):
+        content = RecordDict({wire.ARRAYS: arrays, wire.METRICS: MetricRecord(
+            {wire.NUM_EXAMPLES: n}), wire.SITE: ConfigRecord({wire.SITE_ID: site})})
+        return SimpleNamespace(has_error=lambda: False, has_content=lambda: True,
+                               content=content, metadata=SimpleNamespace(src_node_id=1))
+
+    replies = [reply(f"site-{i}", _record(u), 10 + i) for i, u in enumerate(updates)]
+    bad = _record(dict(REF, b=np.full(4, np.nan, np.float32)))
+    bad_arrays = dict(bad.items())
+    replies.append(reply("site-9", bad, 5))
+    expected = FedAvg(weighted_by_key=wire.NUM_EXAMPLES).aggregate_train(
+        1, [reply(f"site-{i}", _record(u), 10 + i) for i, u in enumerate(updates)])[0]
+
+    decodes = []
+    plain = Array.numpy
+    monkeypatch.setattr(Array, "numpy", lambda self: decodes.append(self) or plain(self))
+    sent = [a for r in replies for a in r.content[wire.ARRAYS].values()]
+    guard = GuardedStrategy(FedAvg(weighted_by_key=wire.NUM_EXAMPLES), min_available_sites=1,
+                            min_train_sites=2, quorum_timeout=1, max_norm_ratio=None)
+    guard._reference, guard._dtypes = REF, {k: v.dtype for k, v in REF.items()}
+    arrays, _ = guard.aggregate_train(1, replies)
+    assert [r.site_id for r in guard.rejected] == ["site-9"]
+    # neither the guard nor FedAvg called np.load on a reply's array (only the guard's
+    # dtype restore on FedAvg's float64 average of the int64 'steps')
+    assert not [a for a in decodes if any(a is b for b in sent)] and len(decodes) == 1
+    for key in REF:
+        same = expected[key].numpy().astype(REF[key].dtype)    # the guard keeps dtypes
+        assert arrays[key].numpy().tobytes() == same.tobytes()
+    for r, u in zip(replies[:3], updates):
+        for key, value in r.content[wire.ARRAYS].items():
+            assert isinstance(value, CheckedArray)
+            got = value.numpy()
+            assert np.array_equal(got, u[key]) and got.dtype == u[key].dtype
+            assert (value.dtype, value.shape) == (str(u[key].dtype), u[key].shape)
+            got += 1                     # a fresh, writable copy each time, as np.load's
+            assert np.array_equal(value.numpy(), u[key])
+    assert all(replies[3].content[wire.ARRAYS][k] is v for k, v in bad_arrays.items())
+
+
+def test_a_checked_array_goes_on_the_wire_as_the_array_it_checked():
+    """A strategy that sends a reply's array on (a selecting one) sends Flower's Array:
+    the same deflated bytes, so the same object id, and a receiver inflates an Array."""
+    from strategies.guard import CheckedArray
+
+    plain = Array(np.asfortranarray(np.arange(6, dtype=np.float32).reshape(2, 3)))
+    checked = CheckedArray(plain.numpy(), plain.data)
+    assert checked.deflate() == plain.deflate() and checked.object_id == plain.object_id
+    back = Array.inflate(checked.deflate(), dict(checked.children))
+    assert type(back) is Array and np.array_equal(back.numpy(), plain.numpy())

@@ -252,9 +252,9 @@ class FoundationBackbone(nn.Module):
         grid = images.shape[-1] // self.patch_size
         if self.fused:
             # Fused tokens have no per-channel mask: an absent (or dropped) channel must add
-            # nothing, so it is zeroed here whatever the caller passed.
+            # nothing, so it is zeroed here whatever the caller passed (NaN included).
             shape = tuple(present.shape) + (1,) * self.spatial_dims
-            images = images * present.reshape(shape).to(images.dtype)
+            images = torch.where(present.reshape(shape).bool(), images, 0.0)
         tokens = self.embed(images)
         return self.seams.encode(self.encoder, tokens,
                                  self.attention_mask(present, grid**self.spatial_dims, hidden),

@@ -102,6 +102,17 @@ def _randomise_trainable(model: nn.Module, seed: int = 0) -> None:
                 p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.1)
 
 
+def assert_absent_channel_ignored(model, batch, logits) -> None:
+    """Masked out means masked out: whatever sample 0's absent channel 2 holds changes
+    nothing, while its present channel 1 does matter."""
+    garbage = batch["image"].clone()
+    garbage[0, 2] = torch.randn(32, 32) * 10
+    torch.testing.assert_close(model(garbage, batch["present"]), logits, rtol=0, atol=1e-5)
+    changed = batch["image"].clone()
+    changed[0, 1] = torch.randn(32, 32)
+    assert not torch.allclose(model(changed, batch["present"])[0], logits[0], atol=1e-4)
+
+
 # ---------------------------------------------------------------- loading and forward
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -112,14 +123,7 @@ def test_every_family_loads_back_and_runs_with_an_absent_channel(weights, family
     batch = _batch()
     logits = model(batch["image"], batch["present"])
     assert logits.shape == (B, 3) and torch.isfinite(logits).all()
-    # masked out means masked out: whatever the absent channel holds changes nothing
-    garbage = batch["image"].clone()
-    garbage[0, 2] = torch.randn(32, 32) * 10
-    torch.testing.assert_close(model(garbage, batch["present"]), logits, rtol=0, atol=1e-5)
-    # ... while a present channel does matter
-    changed = batch["image"].clone()
-    changed[0, 1] = torch.randn(32, 32)
-    assert not torch.allclose(model(changed, batch["present"])[0], logits[0], atol=1e-4)
+    assert_absent_channel_ignored(model, batch, logits)
     feats = model.forward_features(batch["image"], batch["present"])
     assert feats.shape[:2] == (B, int(model.seams.has_cls) + S * 16)
 

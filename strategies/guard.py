@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import time
 import tokenize
 from collections.abc import Iterable
@@ -184,6 +185,22 @@ def _sites_in(msg: Message) -> int:
     return int(metrics.get(wire.SECAGG_SITES, 1))
 
 
+def weight_problem(msg: Message, key: str) -> str | None:
+    """Why a reply's aggregation weight (``key``, e.g. num-examples) is unusable, or None.
+
+    FedAvg divides by the weights' sum and scales every update by its weight: a NaN or
+    infinite weight makes the whole global model NaN, a negative one can bring the sum to zero
+    and fail the round. (Zero - a site with nothing to train on - adds nothing; any finite
+    weight >= 0 is taken as sent: weighting by claimed examples trusts the claim.)
+    """
+    value = msg.content.metric_records.get(wire.METRICS, MetricRecord()).get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return f"no numeric {key}"
+    if not math.isfinite(value) or value < 0:
+        return f"{key} {value!r} is not a finite number >= 0"
+    return None
+
+
 def error_summary(msg: Message) -> str:
     """The last line of a site's error reply (Flower puts the exception text there), short."""
     lines = [line.strip() for line in str(msg.error.reason).splitlines() if line.strip()]
@@ -261,6 +278,9 @@ class GuardedStrategy(StatelessWrapper, Strategy):
             arrays, decoded = msg.content.array_records.get(wire.ARRAYS), {}
             reason, norm = check_update(arrays, self._reference, self.max_update_norm,
                                         prefixes, decoded)
+            if reason is None:
+                reason = weight_problem(msg, getattr(self.strategy, "weighted_by_key",
+                                                     wire.NUM_EXAMPLES))
             if reason is None and self._check_reply is not None:
                 reason = self._check_reply(msg)
             if norm is not None:

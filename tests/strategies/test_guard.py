@@ -47,11 +47,16 @@ class _Recorder:
         return None, None
 
 
-def _reply(site, arrays):
-    """A stand-in reply from ``site`` carrying ``arrays``."""
+def _reply(site, arrays, weight=12):
+    """A stand-in reply from ``site`` carrying ``arrays``, weighted ``weight``."""
     from types import SimpleNamespace
 
-    content = SimpleNamespace(array_records={"arrays": arrays}, metric_records={},
+    from flwr.app import MetricRecord
+
+    from protocol import wire
+
+    metrics = {wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: weight})}
+    content = SimpleNamespace(array_records={"arrays": arrays}, metric_records=metrics,
                               config_records={"site": {"site-id": site}})
     return SimpleNamespace(has_error=lambda: False, has_content=lambda: True,
                            content=content, metadata=SimpleNamespace(src_node_id=1))
@@ -272,6 +277,19 @@ def test_attack_one_undecodable_reply_is_rejected_and_the_round_goes_on():
                               _reply("site-1", _record())])
     assert [(r.site_id, r.reason) for r in guard.rejected] == [
         ("site-9", "wrong shape for w: (1099511627776,) != (2, 3)")]
+    assert len(inner.got) == 2
+
+
+@pytest.mark.parametrize("weight", [float("nan"), float("inf"), -12.0])
+def test_attack_an_unusable_weight_is_rejected_before_fedavg_divides_by_it(weight):
+    """FedAvg scales each update by its num-examples and divides by their sum: a NaN or
+    infinite weight made the global model NaN, a negative one bringing the sum to zero failed
+    the round."""
+    guard, inner = _guard_over_recorder()
+    guard.aggregate_train(1, [_reply("site-0", _record()), _reply("site-9", _record(), weight),
+                              _reply("site-1", _record())])
+    assert [r.site_id for r in guard.rejected] == ["site-9"]
+    assert "not a finite number >= 0" in guard.rejected[0].reason
     assert len(inner.got) == 2
 
 

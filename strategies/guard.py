@@ -86,7 +86,8 @@ UNDECODABLE = (ValueError, TypeError, EOFError, MemoryError, OSError, RecursionE
 def decode(array: Array, prefix: bytes | None, ref: np.ndarray, key: str = "array"
            ) -> np.ndarray:
     """``array.numpy()``'s values (read-only), checked against ``ref`` before anything is
-    allocated for them; :class:`Refused` names a wrong shape, dtype or a short payload.
+    allocated for them; :class:`Refused` names a wrong shape, dtype, a short payload or
+    bytes after the array (an accepted reply's bytes are kept: :class:`CheckedArray`).
 
     When the header is byte for byte ``prefix`` (the one for ``ref``'s dtype and shape,
     which ``np.load`` parses to exactly those) it is not parsed (``ast.literal_eval``:
@@ -98,7 +99,7 @@ def decode(array: Array, prefix: bytes | None, ref: np.ndarray, key: str = "arra
     if array.stype != SType.NUMPY or not isinstance(data, bytes):
         raise TypeError(f"serialisation {array.stype!r} is not {SType.NUMPY!r}")
     if (prefix is not None and ref.size > 0 and data.startswith(prefix)
-            and len(data) - len(prefix) >= ref.nbytes):
+            and len(data) - len(prefix) == ref.nbytes):
         return np.frombuffer(data, dtype=ref.dtype, count=ref.size,
                              offset=len(prefix)).reshape(ref.shape)
     shape, fortran, dtype, offset = read_header(data)
@@ -108,6 +109,8 @@ def decode(array: Array, prefix: bytes | None, ref: np.ndarray, key: str = "arra
         raise Refused(f"wrong dtype for {key}: {dtype} != {ref.dtype}")
     if len(data) - offset < ref.nbytes:
         raise Refused(f"truncated array for {key}: {len(data) - offset} of {ref.nbytes} bytes")
+    if len(data) - offset > ref.nbytes:    # np.save writes none; they would travel unchecked
+        raise Refused(f"{len(data) - offset - ref.nbytes} bytes after the array {key}")
     if ref.size == 0:
         empty = np.empty(ref.shape, ref.dtype)
         empty.flags.writeable = False             # like every other decoded value

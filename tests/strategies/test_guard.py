@@ -189,6 +189,19 @@ def _npy_header(shape, descr="<f4", version=(1, 0), fortran=False):
     return buf.getvalue()
 
 
+
+def test_attack_bytes_after_the_array_are_rejected_not_carried():
+    """An accepted reply's bytes are what the inner strategy holds (CheckedArray): a tail
+    np.save never writes would travel on unchecked, so it is refused, fast path or not."""
+    from strategies.guard import npy_prefixes
+
+    data = _record()["w"].data
+    for fast in (npy_prefixes(REF), None):
+        reason, norm = check_update(_forged("w", data + b"\x00" * 1000), REF, None, fast)
+        assert norm is None and reason == "1000 bytes after the array w", reason
+        assert check_update(_forged("w", data), REF, None, fast)[0] is None
+
+
 @pytest.mark.parametrize("cut", [0, 3, 9, 40, -1])
 def test_attack_a_truncated_payload_is_rejected_not_raised(cut):
     """Cut anywhere (in the magic, the header length, the header, the data): a rejection."""

@@ -9,8 +9,9 @@ pooling ignores them. While training, a whole present channel is dropped with pr
 (full-modality masking), so a missing sequence at inference is a case the model has seen.
 
 ``channel_tokens="fused"`` instead gives ONE token per patch location: a single patch
-embedding over all channels (the pretrained kernel inflated by timm's ``in_chans`` rule: each
-channel's slice is the RGB mean times C0/S), no channel embedding; an absent or dropped channel
+embedding over all channels (the pretrained kernel inflated like timm's ``in_chans`` rule, which
+repeats R, G, B cyclically times C0/S; here each channel's slice is the RGB mean times C0/S:
+the same response to a grey image), no channel embedding; an absent or dropped channel
 is zeroed before the embedding (a fused token has no per-channel mask). On the brain-MRI
 task it learns from ~120 labelled studies where the per-channel layout barely does
 (bench/RESULTS.md, "Foundation recipe, session 20"): the class signal is a per-location
@@ -131,8 +132,9 @@ class FoundationBackbone(nn.Module):
         # Channels carried by one token: 1 per channel, all of them when fused.
         self.token_groups = 1 if self.fused else s
         if self.fused:
-            # One patch embedding over all channels, one token per location (timm's in_chans
-            # rule): each channel's slice is the RGB-mean kernel scaled by C0/S, so a study
+            # One patch embedding over all channels, one token per location (like timm's
+            # in_chans rule, with the RGB mean for every channel): each channel's slice is the
+            # RGB-mean kernel scaled by C0/S, so a study
             # whose channels are all equal gets the pretrained response to that grey image.
             # No channel embedding: a channel is told apart by its slice of the kernel.
             self.patch_embed = nn.Linear(s * patch_dim, dim)                # [S*p^dims -> D]
@@ -244,6 +246,7 @@ class FoundationBackbone(nn.Module):
 
         Absent channels must be zeroed in ``images`` (StudyDataset does); their tokens are
         computed but no other token attends to them, nor to the ``hidden [B, S*N]`` ones.
+        Fused tokens: ``[B, (1)+N, D]``, absent channels zeroed here, ``hidden [B, N]``.
         """
         self.check_input(images)
         if hidden is not None and not self.seams.masks_tokens:

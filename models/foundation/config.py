@@ -50,7 +50,7 @@ class FoundationConfig:
     lora_dropout: float = 0.0
     modality_dropout: float = 0.0   # p: full-modality masking while training (adapt.py)
     # per_channel: one token per channel and patch (MM-DINOv2); fused: one token per patch
-    # location from one patch embedding over all channels (timm's in_chans rule; adapt.py)
+    # location from one patch embedding over all channels (kernel inflated as in adapt.py)
     channel_tokens: str = "per_channel"
 
     def __post_init__(self):

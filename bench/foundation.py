@@ -350,7 +350,11 @@ def throughput(args) -> dict:
     }
 
 
-def _key(payload: dict) -> str:
+def _key(payload: dict, name: str) -> str:
+    """The RESULTS.md row of ``results/<name>.json``: a ``--name`` of its own gets its own
+    row (a fused-tokens run replaced the default run's row)."""
+    if name not in ("foundation", "foundation_gpu"):
+        return name
     return "foundation" + (" (GPU)" if payload.get("device", "").startswith("cuda") else "")
 
 
@@ -435,10 +439,10 @@ def _mcc_cells(payload: dict) -> tuple[str, str]:
             f"{'' if mcc.get('complete') else ' (INCOMPLETE run)'}")
 
 
-def _row(payload: dict) -> str:
+def _row(payload: dict, name: str = "foundation") -> str:
     (mf, md), (tf, td) = _mcc_cells(payload), _throughput_cells(payload)
     details = "; ".join(x for x in (md, td) if x)
-    return f"| {_key(payload)} | {mf}; {tf} | {details} | `results/foundation.json` |"
+    return f"| {_key(payload, name)} | {mf}; {tf} | {details} | `results/{name}.json` |"
 
 
 THROUGHPUT_ONLY = ("not_measured", "targets", "targets_met")    # keys of the old layout
@@ -477,7 +481,7 @@ def run_throughput(args, parser) -> None:
                          else "foundation")
     payload = merged(name, payload, "throughput")
     path = write_result(name, payload)
-    update_results_md(_key(payload), _row(payload))
+    update_results_md(_key(payload, name), _row(payload, name))
     print(f"wrote {path}")
 
 
@@ -523,7 +527,7 @@ def run_mcc(args, parser) -> None:
         payload = merged(name, top | {"mcc": mcc}, "mcc")
         path = write_result(name, payload)
         if not args.quick:           # a smoke run never becomes a RESULTS.md row
-            update_results_md(_key(payload), _row(payload))
+            update_results_md(_key(payload, name), _row(payload, name))
         return path
 
     old: dict = {}

@@ -196,6 +196,15 @@ def test_the_row_says_not_measured_for_an_arm_without_a_result_and_undefined_for
     assert "scratch external MCC: not measured (no supervised_scratch external MCC" in gap
 
 
+def test_a_named_run_writes_its_own_row_and_source():
+    """--name foundation_fused replaced the default run's RESULTS.md row (same key)."""
+    payload = _mcc_payload({0: _draw(supervised_scratch=0.2, lora=0.4, mm_dino=0.3)})
+    default, fused = fb._row(payload), fb._row(payload, "foundation_fused")
+    assert default.startswith("| foundation |") and "`results/foundation.json`" in default
+    assert fused.startswith("| foundation_fused |")
+    assert fused.endswith("| `results/foundation_fused.json` |")
+
+
 def _features(model, seed=3):
     torch.manual_seed(seed)
     images, present = torch.randn(2, 4, 32, 32), torch.ones(2, 4, dtype=torch.bool)

@@ -34,13 +34,17 @@ def check_accountant(name: str) -> str:
 
 
 def check_budget(epsilon: float | None, delta: float | None, *, n: int | None = None) -> None:
-    """epsilon > 0 and finite; 0 < delta < 1/n (delta >= 1/n permits releasing a record)."""
+    """epsilon > 0 and finite; 0 < delta < 1/n (delta >= 1/n permits releasing a record);
+    ``n``: the records the guarantee covers, at least one."""
     if epsilon is None or delta is None:
         raise PrivacyConfigError("a privacy budget needs both epsilon and delta")
     if not (math.isfinite(epsilon) and epsilon > 0):
         raise PrivacyConfigError(f"epsilon must be > 0 and finite, got {epsilon}")
     if not 0 < delta < 1:
         raise PrivacyConfigError(f"delta must be in (0, 1), got {delta}")
+    if n is not None and n < 1:
+        raise PrivacyConfigError(f"no records to train on (n={n}): this site has no training "
+                                 "study for this task, so it has nothing to release")
     if n is not None and delta >= 1.0 / n:
         raise PrivacyConfigError(f"delta={delta:g} >= 1/n = 1/{n}: such a guarantee allows "
                                  "publishing a whole record; use delta well below 1/n")

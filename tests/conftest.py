@@ -23,20 +23,26 @@ PHI_TAGS = ("PatientName", "PatientID", "PatientBirthDate", "InstitutionName", "
             "ReferringPhysicianName")
 
 
-def _fixed_pseudonym_keys(root: Path) -> Path:
-    """Give every site a fixed pseudonym key, so tests that read a site as deployed (keyed)
-    see the same splits on every run: a fresh random key reshuffles patients, and a 16-patient
-    site then sometimes draws an empty validation split (CI, stop 30)."""
+def fixed_pseudonym_key(state_dir: Path, name: str) -> None:
+    """Write the fixed pseudonym key of site ``name`` into a site's state folder (0600), the
+    key :func:`_fixed_pseudonym_keys` gives that site's data directory: a deployed site whose
+    privacy dir is elsewhere then splits its patients as every other test does."""
     import hashlib
 
     from client.data.pseudonyms import KEY_FILE
 
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    key = state_dir / KEY_FILE
+    key.write_bytes(hashlib.sha256(f"medfed-tests/{name}".encode()).digest())
+    key.chmod(0o600)
+
+
+def _fixed_pseudonym_keys(root: Path) -> Path:
+    """Give every site a fixed pseudonym key, so tests that read a site as deployed (keyed)
+    see the same splits on every run: a fresh random key reshuffles patients, and a 16-patient
+    site then sometimes draws an empty validation split (CI, stop 30)."""
     for site in sorted(p for p in root.iterdir() if p.is_dir()):
-        state = site / ".medfed"
-        state.mkdir(mode=0o700, exist_ok=True)
-        key = state / KEY_FILE
-        key.write_bytes(hashlib.sha256(f"medfed-tests/{site.name}".encode()).digest())
-        key.chmod(0o600)
+        fixed_pseudonym_key(site / ".medfed", site.name)
     return root
 
 

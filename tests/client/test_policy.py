@@ -239,6 +239,18 @@ def test_delta_at_or_above_one_over_n_is_refused(tmp_path):
                       n_train=N_TRAIN) is not None
 
 
+@pytest.mark.parametrize("request_", [
+    _dpsgd(), PrivacySpec(mechanism=wire.DP_SITE, noise_multiplier=3.0, clipping_norm=0.5,
+                          planned_rounds=2, run_id="run-s")], ids=["dp-sgd", "site-dp"])
+def test_a_site_without_training_studies_refuses_a_private_round(tmp_path, request_):
+    # a site whose split holds no labelled training study (it happens at small sites, by
+    # the pseudonym key's patient split) refused with a reason, not a ZeroDivisionError
+    with pytest.raises(PrivacyRefused, match=r"no records to train on \(n=0\)"):
+        _authorize(request_, _budget(tmp_path), n_train=0)
+    assert not (tmp_path / "privacy").exists() or \
+        PrivacyLedger(_budget(tmp_path).ledger_path).entries() == []
+
+
 # ---------------------------------------------------------------- node settings
 
 def test_node_settings_merge_the_toml_under_the_node_config(tmp_path):

@@ -17,6 +17,7 @@ from client.privacy.ledger import PrivacyLedger
 from medfed.certs import write_certs
 from medfed.deploy.allowlist import digest_of
 from medfed.simulation import PROJECT_ROOT
+from tests.conftest import fixed_pseudonym_key
 
 from .conftest import MEDFED, Children, free_port, run_medfed
 
@@ -42,6 +43,9 @@ def ddp_federation(tmp_path_factory, three_sites):
         peers = root / "secagg-peers.pub"          # handed to every hospital out of band
         peers.write_text("".join((certs / "sites" / s / "auth.pub").read_text() for s in SITES))
         for i, site in enumerate(SITES):
+            # the privacy dir holds the pseudonym key: the fixed one keeps the splits of every
+            # other test (a random one left site c with no labelled training study 1 run in 13)
+            fixed_pseudonym_key(root / f"ledger-{site}", f"site-{i}")
             procs.start(site, [*MEDFED, "site", "--site-id", site,
                                "--data-dir", str(three_sites / f"site-{i}"),
                                "--superlink", f"localhost:{port}",

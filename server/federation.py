@@ -263,32 +263,34 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path,
     tracker = MlflowTracker(cfg, run_dir, lineage=lineage, store_dir=store_dir,
                             resume_run_id=checkpoint.manifest["mlflow_run_id"] if checkpoint else None,
                             initial=initial if checkpoint is None and remaining > 0 else None)
-    if checkpoint is not None:      # what a crash left queued, or registered too early
-        tracker.recover(checkpoint.round)
-    checkpointer = Checkpointer(run_dir, guarded, config_hash=cfg.fingerprint(),
-                                mlflow_run_id=tracker.run_id)
-    strategy = ObservedStrategy(guarded, [console, tracker, checkpointer, *observers],
-                                round_offset=done)
-    log.info("experiment %s: %d sites, rounds %d-%d, run dir %s, MLflow run %s", cfg.name,
-             cfg.federation.num_sites, done + 1, cfg.federation.num_rounds, run_dir, tracker.run_id)
+    try:            # from here the tracker may hold a trace and a frozen heap: end it on a raise
+        if checkpoint is not None:      # what a crash left queued, or registered too early
+            tracker.recover(checkpoint.round)
+        checkpointer = Checkpointer(run_dir, guarded, config_hash=cfg.fingerprint(),
+                                    mlflow_run_id=tracker.run_id)
+        strategy = ObservedStrategy(guarded, [console, tracker, checkpointer, *observers],
+                                    round_offset=done)
+        log.info("experiment %s: %d sites, rounds %d-%d, run dir %s, MLflow run %s", cfg.name,
+                 cfg.federation.num_sites, done + 1, cfg.federation.num_rounds, run_dir,
+                 tracker.run_id)
+        if remaining > 0:
+            if checkpoint is not None:      # a fresh phase's started with the tracker
+                tracker.prepare(initial)   # the phase's export template, while round 1 trains
+            result = strategy.start(
+                grid=grid, initial_arrays=initial, num_rounds=remaining,
+                timeout=cfg.federation.round_timeout,
+                train_config=job_config(cfg, run_id, digest),
+                evaluate_config=job_config(cfg, run_id, digest),
+            )
+    except BaseException:
+        tracker.finish(console.summary(), status="FAILED")
+        raise
     if remaining <= 0:
         outcome = PhaseOutcome(initial, tracker.latest_version())
         tracker.finish(console.summary())
         log.info("nothing to do: all %d rounds are complete", cfg.federation.num_rounds)
         _mark_complete(run_dir, cfg, outcome)
         return outcome
-    try:
-        if checkpoint is not None:      # a fresh phase's started with the tracker
-            tracker.prepare(initial)   # the phase's export template, while round 1 trains
-        result = strategy.start(
-            grid=grid, initial_arrays=initial, num_rounds=remaining,
-            timeout=cfg.federation.round_timeout,
-            train_config=job_config(cfg, run_id, digest),
-            evaluate_config=job_config(cfg, run_id, digest),
-        )
-    except BaseException:
-        tracker.finish(console.summary(), status="FAILED")
-        raise
     summary = console.summary()
     outcome = PhaseOutcome(result.arrays, tracker.latest_version())
     tracker.finish(summary)

@@ -246,6 +246,32 @@ def test_a_phase_whose_model_cannot_be_built_ends_its_run_failed(tmp_path, monke
     assert run.info.status == "FAILED"
 
 
+def test_a_phase_failing_after_its_trace_started_leaves_no_trace_running(tmp_path, monkeypatch,
+                                                                       task_identity):
+    """A raise between the tracker's start (its trace and frozen heap) and the first round
+    - here the checkpointer's - ends the MLflow run FAILED and the trace with it."""
+    import pytest
+
+    from server import federation
+
+    def refused(*args, **kwargs):
+        raise RuntimeError("no checkpoint folder")
+
+    monkeypatch.setattr(federation, "Checkpointer", refused)
+    made = _trackers(monkeypatch)
+    try:
+        with pytest.raises(RuntimeError, match="no checkpoint folder"):
+            federation.run_federation(_EchoGrid(), _phase_cfg(tmp_path, "no-ckpt"),
+                                      tmp_path / "run")
+        assert mlflow.active_run() is None
+    finally:
+        mlflow.end_run()
+    assert not [t for t in threading.enumerate() if t.name == "medfed-mlflow-writer"]
+    assert gc.get_freeze_count() == 0
+    (tracker,) = made
+    assert mlflow.MlflowClient(tracker.uri).get_run(tracker.run_id).info.status == "FAILED"
+
+
 def test_a_fresh_phase_traces_before_its_mlflow_run_is_set_up(tmp_path, monkeypatch,
                                                                task_identity):
     """The trace's head start: the MLflow set-up (a new store's schema, the run, its

@@ -96,3 +96,24 @@ def test_a_checkpoint_from_before_per_wrapper_state_restores_the_aggregator(tmp_
     Checkpoint(2, arrays(), legacy, _rng_state(), {}).restore(guard(avgm))
     for got, want in zip(avgm.momentum_vector, momentum):
         np.testing.assert_array_equal(got, want)
+
+
+def test_a_checkpoint_decodes_the_global_model_once_for_its_file_and_digest(tmp_path,
+                                                                             monkeypatch):
+    """With no tracker asking first (tracking.log_models=false) the checkpoint's digest is
+    taken from the arrays it decoded for its file, not decoded a second time; the digest
+    is the model's."""
+    from flwr.app import Array
+
+    from server.checkpoint import arrays_digest
+
+    record = RoundRecord(1, arrays=arrays())
+    want = arrays_digest(record.arrays)
+    decoded, real = [], Array.numpy
+    monkeypatch.setattr(Array, "numpy", lambda self: decoded.append(1) or real(self))
+    checkpointer = Checkpointer(tmp_path, guard(fedavg()), config_hash=HASH, mlflow_run_id="r")
+    checkpointer.on_train(record)
+    checkpointer.on_round_end(record)
+    assert len(decoded) == len(record.arrays)
+    assert latest_checkpoint(tmp_path, HASH).manifest["arrays_sha256"] == record.arrays_sha256 \
+        == want

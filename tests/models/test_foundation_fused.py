@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from client.engine import Engine
 from models import MODELS
 from models.foundation.config import FoundationConfig
-from models.foundation.export import ADAPTATION_CONFIG, export_foundation, load_export
+from models.foundation.export import ADAPTATION_CONFIG, FORMAT, export_foundation, load_export
 from models.foundation.loading import load_encoder
 from models.tasks import build
 from models.vit import patchify
@@ -118,6 +118,9 @@ def test_the_export_describes_the_fused_kernel_and_reloads_it(weights, tmp_path)
                     model.patch_embed.bias, stride=P).flatten(2).transpose(1, 2)
     linear = model.patch_embed(patchify(batch["image"], P, 2).transpose(1, 2).flatten(2))
     torch.testing.assert_close(conv, linear, rtol=0, atol=1e-5)
+    # session 20 wrote fused exports under the version-1 format name: read as written
+    (out / ADAPTATION_CONFIG).write_text(json.dumps(meta | {"format": FORMAT}))
+    assert load_export(out).fused
 
 
 def test_mm_dino_runs_on_fused_tokens_and_mae_is_refused(weights):

@@ -57,6 +57,49 @@ def test_the_fused_kernel_is_the_pretrained_one_inflated_to_every_channel(weight
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
 
 
+def _linear_part(model, images):
+    """``embed()`` minus what it adds to every input (bias, positions, CLS): the patch
+    tokens' linear response ``[B, N, D]``."""
+    n = (images.shape[-1] // P) ** 2
+    with torch.no_grad():
+        return (model.embed(images) - model.embed(torch.zeros_like(images)))[:, -n:]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_fused_embedding_is_a_conv_whose_kernel_is_laid_out_channel_by_channel(weights,
+                                                                                    family):
+    """``embed()`` itself against ``F.conv2d``: the flatten order of the patches (channel by
+    channel, each row-major) must be the kernel layout adaptation.json states
+    (``weight.reshape(D, S, p, p)``), channel for channel."""
+    model = _fused(weights[family]).eval()
+    rgb, _ = model.seams.patch_kernel(model.encoder)         # [D, 3, p, p], exported unused
+    d = rgb.shape[0]
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(B, 1, 32, 32, generator=g)
+    for c in range(S):
+        only_c = torch.zeros(B, S, 32, 32)
+        only_c[:, c] = x[:, 0]
+        # as initialised from the known RGB kernel: channel c alone is the grey picture
+        # (x, x, x) through the RGB projection, divided among the S channels
+        expected = F.conv2d(x.expand(-1, 3, -1, -1), rgb, stride=P).flatten(2).transpose(1, 2)
+        torch.testing.assert_close(_linear_part(model, only_c), expected / S,
+                                   rtol=0, atol=1e-5, msg=f"initial kernel, channel {c}")
+    # a different kernel per channel: channel c alone is a conv with slice c of the kernel
+    kernel = torch.randn(d, S, P, P, generator=g) * 0.1
+    with torch.no_grad():
+        model.patch_embed.weight.copy_(kernel.reshape(d, -1))
+    for c in range(S):
+        only_c = torch.zeros(B, S, 32, 32)
+        only_c[:, c] = x[:, 0]
+        expected = F.conv2d(x, kernel[:, c:c + 1], stride=P).flatten(2).transpose(1, 2)
+        torch.testing.assert_close(_linear_part(model, only_c), expected, rtol=0, atol=1e-5,
+                                   msg=f"channel {c}")
+    images = torch.randn(B, S, 32, 32, generator=g)
+    torch.testing.assert_close(_linear_part(model, images),
+                               F.conv2d(images, kernel, stride=P).flatten(2).transpose(1, 2),
+                               rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_one_token_per_location_and_an_absent_channel_changes_nothing(weights, family):
     model = _fused(weights[family]).eval()

@@ -16,7 +16,8 @@ MedFed's training code or MLflow.
     DIR/adaptation.safetensors    what the multi-channel adaptation added: one patch embedding
                                   per channel and the channel embedding (``channel_tokens=
                                   fused``: one patch embedding over all channels, no channel
-                                  embedding), the class head
+                                  embedding, the presence embedding if configured), the class
+                                  head
     DIR/adaptation.json           what those tensors are, the FoundationConfig, and ``extra``;
                                   ``"format": "medfed-foundation-export/2"`` (format version 2)
 
@@ -26,7 +27,8 @@ The encoder's own RGB patch projection is exported unchanged; the adapted model 
 inputs, and with the adaptation parts it is the multi-channel model MedFed trained.
 
 Format versions (``FORMAT_VERSION``): 1 wrote ``"format": "medfed-foundation-export"`` and
-had per-channel tokens only; 2 added ``config.channel_tokens`` (``fused``). The version is part
+had per-channel tokens only; 2 added ``config.channel_tokens`` (``fused``) and
+``config.presence_embedding`` (with the part ``presence_embed``). The version is part
 of the ``format`` string, not a key beside it, because a version-1 reader compares that string
 and nothing else: it refuses a version-2 file with its own format error instead of failing on
 a config key it does not know. ``load_export`` reads every version up to ``FORMAT_VERSION``
@@ -56,7 +58,7 @@ ADAPTER_DIR = "adapter"
 ADAPTATION_WEIGHTS = "adaptation.safetensors"
 ADAPTATION_CONFIG = "adaptation.json"
 FORMAT = "medfed-foundation-export"
-FORMAT_VERSION = 2                   # 2: config.channel_tokens; see the module docstring
+FORMAT_VERSION = 2      # 2: config.channel_tokens, presence_embedding; see the module docstring
 ADAPTER_METHODS = ("lora", "dora", "ia3")
 PEFT_ADAPTER = "default"             # the adapter name inject_adapter_in_model gives
 PEFT_PREFIX = "base_model.model."    # how a PeftModel names its base model's modules
@@ -175,14 +177,19 @@ def _patch_parts(model: FoundationBackbone, dim: int) -> dict[str, str]:
     s, p, dims = model.config.num_channels, model.patch_size, model.spatial_dims
     patch = "x".join([str(p)] * dims)
     if model.fused:
-        return {"patch_embed": f"Linear({s}*{'*'.join([str(p)] * dims)} -> {dim}) on the "
-                               f"{patch} patches of all {s} channels at one location, "
-                               "concatenated channel by channel (each row-major): one token per "
-                               "location; an absent channel is all zero. Equal to a Conv with "
-                               f"kernel [{dim}, {s}, {', '.join([str(p)] * dims)}] and stride "
-                               f"{p} (weight.reshape({dim}, {s}, {', '.join([str(p)] * dims)}))"
-                               "; replaces the encoder's RGB patch projection, which is "
-                               "exported unchanged and unused. No channel embedding"}
+        parts = {"patch_embed": f"Linear({s}*{'*'.join([str(p)] * dims)} -> {dim}) on the "
+                                f"{patch} patches of all {s} channels at one location, "
+                                "concatenated channel by channel (each row-major): one token per "
+                                "location; an absent channel is all zero. Equal to a Conv with "
+                                f"kernel [{dim}, {s}, {', '.join([str(p)] * dims)}] and stride "
+                                f"{p} (weight.reshape({dim}, {s}, {', '.join([str(p)] * dims)}))"
+                                "; replaces the encoder's RGB patch projection, which is "
+                                "exported unchanged and unused. No channel embedding"}
+        if model.presence_embed is not None:
+            parts["presence_embed.embed"] = (f"Linear({s} -> {dim}, no bias) on the study's "
+                                             "present row (1 present, 0 absent): added to "
+                                             "every patch token")
+        return parts
     return {"patch_embed.<c>": f"Linear({'*'.join([str(p)] * dims)} -> {dim}) "
                                f"on channel c's non-overlapping {patch} patches "
                                "(row-major); replaces the encoder's RGB "

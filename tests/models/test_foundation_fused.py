@@ -209,3 +209,72 @@ def test_fused_tokens_on_a_3d_monai_vit_with_an_absent_channel(tmp_path):
     batch = {"image": _volumes(3, 32, dtype=torch.float64) * present[..., None, None, None],
              "present": present, "label": torch.tensor([0, 2])}
     assert_exact_per_sample(model, batch)
+
+
+# ---------------------------------------------------------------- presence embedding (option)
+
+def test_presence_embedding_is_off_by_default_and_only_for_fused_tokens(weights):
+    assert FoundationConfig(weights="w").presence_embedding is False
+    with pytest.raises(ValueError, match="presence_embedding needs channel_tokens=fused"):
+        FoundationConfig(weights="w", presence_embedding=True)
+    model = _fused(weights["dinov2"])
+    assert model.presence_embed is None           # default: the state is what it was
+    assert not any(k.startswith("presence_embed") for k in model.state_dict())
+
+
+def _absent_or_black(model, batch):
+    """Logits of sample 0 with channel 2 absent, and with channel 2 present but all zero."""
+    black = batch["present"].clone()
+    black[0, 2] = True
+    with torch.no_grad():
+        return (model(batch["image"], batch["present"])[0],
+                model(batch["image"], black)[0])
+
+
+@pytest.mark.parametrize("family", ["dinov2", "siglip", "monai_vit"])
+def test_presence_embedding_tells_an_absent_channel_from_a_black_one(weights, family):
+    batch = _batch()                                      # sample 0: channel 2 absent, zeroed
+    plain = _fused(weights[family]).eval()
+    absent, black = _absent_or_black(plain, batch)
+    torch.testing.assert_close(absent, black, rtol=0, atol=1e-6)   # the gap it closes
+    model = _fused(weights[family], presence_embedding=True).eval()
+    assert model.load_state_dict(plain.state_dict(), strict=False).missing_keys == \
+        ["presence_embed.embed.weight"]
+    # zero at the start: exactly the model without it
+    with torch.no_grad():
+        torch.testing.assert_close(model(batch["image"], batch["present"]),
+                                   plain(batch["image"], batch["present"]), rtol=0, atol=1e-6)
+    with torch.no_grad():
+        model.presence_embed.embed.weight.normal_(std=0.5, generator=torch.Generator()
+                                                  .manual_seed(1))
+    absent, black = _absent_or_black(model, batch)
+    assert (absent - black).abs().max() > 1e-3
+    # what an absent channel holds still changes nothing
+    with torch.no_grad():
+        assert_absent_channel_ignored(model, batch, model(batch["image"], batch["present"]))
+
+
+@pytest.mark.parametrize("family", ["dinov2", "siglip", "sam", "monai_vit"])
+def test_per_sample_gradients_are_exact_with_the_presence_embedding(weights, family):
+    model = _fused(weights[family], presence_embedding=True, lora_rank=2).double().train()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "presence_embed.embed.weight" in trainable
+    _randomise_trainable(model)
+    assert_exact_per_sample(model, _batch(dtype=torch.float64))
+    probe = _fused(weights[family], presence_embedding=True, method="linear_probe")
+    assert not probe.presence_embed.embed.weight.requires_grad
+
+
+def test_the_presence_embedding_is_exported_and_reloaded(weights, tmp_path):
+    model = _fused(weights["dinov2"], presence_embedding=True, lora_rank=2)
+    _randomise_trainable(model, seed=3)
+    model.eval()
+    out = export_foundation(model, tmp_path / "export")
+    meta = json.loads((out / ADAPTATION_CONFIG).read_text())
+    assert meta["config"]["presence_embedding"] is True
+    assert set(meta["parts"]) == {"patch_embed", "presence_embed.embed", "head"}
+    again = load_export(out)
+    batch = _batch()
+    with torch.no_grad():
+        torch.testing.assert_close(again(batch["image"], batch["present"]),
+                                   model(batch["image"], batch["present"]), rtol=0, atol=1e-5)

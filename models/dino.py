@@ -209,6 +209,22 @@ def blank_patches(images: Tensor, patch: int, ratio: float,
     return images * keep, masked.repeat(1, s)
 
 
+def ibot_token_mask(masked: Tensor, keep: Tensor, token_groups: int) -> Tensor:
+    """The student tokens iBOT scores: ``masked [B, S*N]`` (``blank_patches``' layout,
+    channel-major: S blocks of N locations) on the channels the student sees (``keep [B, S]``)
+    -> ``[B, token_groups*N]``.
+
+    A removed sequence's blanked patch is no prediction task (its token is not attended).
+    With one token per location over all S channels (a fused foundation backbone,
+    ``token_groups == 1 < S``) a location is scored where any kept channel is blanked there.
+    """
+    b, s = keep.shape
+    masked = masked & keep.repeat_interleave(masked.shape[1] // s, dim=1)   # [B, S*N]
+    if token_groups == 1 < s:
+        masked = masked.reshape(b, s, -1).any(dim=1)                        # [B, N]
+    return masked
+
+
 @torch.no_grad()
 def sinkhorn_knopp(scores: Tensor, temp: float, iterations: int) -> Tensor:
     """DINOv2's teacher centring: targets ``[R, K]`` whose rows are distributions and whose
@@ -354,11 +370,7 @@ class MMDINOTask(ClassificationTask):
             is_global = i < 2
             if is_global and c.ibot_mask_ratio > 0:
                 crop, masked = blank_patches(crop, cfg.patch_size, c.ibot_mask_ratio)
-                masked &= keep.repeat_interleave(masked.shape[1] // keep.shape[1], dim=1)
-                if cfg.num_sequences == 1 < keep.shape[1]:
-                    # one token per location over all channels (a fused foundation
-                    # backbone): a location is masked where its present channels are
-                    masked = masked.reshape(masked.shape[0], keep.shape[1], -1).any(1)
+                masked = ibot_token_mask(masked, keep, cfg.num_sequences)
             tokens = backbone.forward_features(crop, keep)
             s_cls = model.dino_head(tokens[:, 0])
             for j in range(2):

@@ -8,15 +8,17 @@ as in ``models.vit``); tokens of absent channels are masked out of attention as 
 pooling ignores them. While training, a whole present channel is dropped with probability p
 (full-modality masking), so a missing sequence at inference is a case the model has seen.
 
-``channel_tokens="fused"`` instead gives ONE token per patch location: a single patch
-embedding over all channels (the pretrained kernel inflated like timm's ``in_chans`` rule, which
-repeats R, G, B cyclically times C0/S; here each channel's slice is the RGB mean times C0/S:
-the same response to a grey image), no channel embedding; an absent or dropped channel
-is zeroed before the embedding (a fused token has no per-channel mask). On the brain-MRI
-task it learns from ~120 labelled studies where the per-channel layout barely does
-(bench/RESULTS.md, "Foundation recipe, session 20"): the class signal is a per-location
-relation between sequences, which fused tokens see from the first layer. MAE needs
-per-channel tokens (its target is one channel's patch).
+``channel_tokens="fused"`` instead gives ONE token per patch location: a single patch embedding
+over all channels (the pretrained kernel inflated like timm's ``in_chans`` rule, which repeats
+R, G, B cyclically times C0/S; here each channel's slice is the RGB mean times C0/S: the same
+response to a grey image), no channel embedding; an absent or dropped channel is zeroed before
+the embedding (a fused token has no per-channel mask). On the brain-MRI task it learns from
+~120 labelled studies where the per-channel layout barely does (bench/RESULTS.md, "Foundation
+recipe, session 20"): the class signal is a per-location relation between sequences, which
+fused tokens see from the first layer. MAE needs per-channel tokens (its target is one
+channel's patch). An absent channel, zeroed, looks like a black one; ``presence_embedding``
+(off by default) adds a learned embedding of the ``present`` vector to every patch token so the
+two can differ (``PresenceEmbedding``).
 
 Interface identical to ``models.vit.MultiModalViT``: ``forward(images [B, S, H, W],
 present [B, S]) -> logits``, ``forward_features``, ``pool`` and a linear ``head``. Volumes
@@ -28,8 +30,9 @@ layout's grid); a 2D encoder on a 3D layout is refused.
 DP-SGD (client/privacy/persample.py): every parameter this module adds lives in an
 ``nn.Linear`` called once per forward pass with the sample as its first dimension - the
 per-channel (or the one fused) patch embeddings, the channel embedding (a bias-free Linear
-applied to one-hot channel indicators) and the head - so LoRA fine-tuning is covered by the
-exact per-sample rule.
+applied to one-hot channel indicators), the presence embedding (a bias-free Linear on the
+sample's ``present`` row) and the head - so LoRA fine-tuning is covered by the exact
+per-sample rule.
 A family whose encoder folds channels or windows into the batch (SAM) declares the folding
 layer types (``batch_major_folds``, the clipper's ``FoldsBatch``) so their rows are regrouped
 per sample.
@@ -89,6 +92,25 @@ class ChannelEmbedding(nn.Module):
         return self.embed(eye.expand(batch_size, -1, -1))                   # [B, S, D]
 
 
+class PresenceEmbedding(nn.Module):
+    """Which channels a study has, as one vector added to its fused tokens: ``present
+    [B, S]`` -> ``[B, 1, D]``.
+
+    A fused token zeroes an absent channel, which is then what a black channel looks like;
+    this lets the model tell them apart. A bias-free Linear on the present row (exact
+    per-sample gradients under DP-SGD), zero at the start so a model with it begins exactly
+    as one without.
+    """
+
+    def __init__(self, num_channels: int, dim: int):
+        super().__init__()
+        self.embed = nn.Linear(num_channels, dim, bias=False)
+        nn.init.zeros_(self.embed.weight)
+
+    def forward(self, present: Tensor) -> Tensor:
+        return self.embed(present.to(self.embed.weight.dtype))[:, None]       # [B, 1, D]
+
+
 class FoundationBackbone(nn.Module):
     """A pretrained encoder over the patches of all present channels, with a class head.
 
@@ -142,6 +164,8 @@ class FoundationBackbone(nn.Module):
                 self.patch_embed.weight.copy_(kernel.repeat(1, s) * (weight.shape[1] / s))
                 self.patch_embed.bias.copy_(kernel_bias)
             self.channel_embed = None
+            self.presence_embed = (PresenceEmbedding(s, dim) if config.presence_embedding
+                                   else None)
         else:
             self.patch_embed = nn.ModuleList()
             for _ in range(s):
@@ -151,6 +175,7 @@ class FoundationBackbone(nn.Module):
                     linear.bias.copy_(kernel_bias)
                 self.patch_embed.append(linear)
             self.channel_embed = ChannelEmbedding(s, dim)
+            self.presence_embed = None
         pooled = 2 * dim if self.seams.has_cls else dim
         self.head = nn.Linear(pooled, config.num_classes)
         # Dead weights (the RGB projection, MAE's mask token, poolers, SAM's neck): frozen, so
@@ -220,9 +245,10 @@ class FoundationBackbone(nn.Module):
             per_token = torch.cat([torch.ones_like(per_token[:, :1]), per_token], dim=1)
         return per_token
 
-    def embed(self, images: Tensor) -> Tensor:
+    def embed(self, images: Tensor, present: Tensor | None = None) -> Tensor:
         """``[B, S, H, W]`` -> tokens ``[B, (1)+S*N, D]`` with positions and channel identity
-        (fused: ``[B, (1)+N, D]``, one token per location over all channels)."""
+        (fused: ``[B, (1)+N, D]``, one token per location over all channels; with
+        ``presence_embedding``, ``present [B, S]`` is required and embedded into each)."""
         b, s = images.shape[:2]
         grid = images.shape[-1] // self.patch_size
         patches = patchify(images, self.patch_size, self.spatial_dims)       # [B, S, N, p^dims]
@@ -230,6 +256,10 @@ class FoundationBackbone(nn.Module):
         if self.fused:
             # [B, N, S*p^dims]: channel-major within a location, the kernel's slice order
             tokens = self.patch_embed(patches.transpose(1, 2).flatten(2)) + pos   # [B, N, D]
+            if self.presence_embed is not None:
+                if present is None:
+                    raise ValueError("presence_embedding: embed() needs present [B, S]")
+                tokens = tokens + self.presence_embed(present)                 # [B, N, D]
         else:
             per_channel = torch.stack([self.patch_embed[c](patches[:, c]) for c in range(s)], 1)
             tokens = per_channel + self.channel_embed(b)[:, :, None] + pos[:, None]  # [B,S,N,D]
@@ -258,7 +288,7 @@ class FoundationBackbone(nn.Module):
             # nothing, so it is zeroed here whatever the caller passed (NaN included).
             shape = tuple(present.shape) + (1,) * self.spatial_dims
             images = torch.where(present.reshape(shape).bool(), images, 0.0)
-        tokens = self.embed(images)
+        tokens = self.embed(images, present)
         return self.seams.encode(self.encoder, tokens,
                                  self.attention_mask(present, grid**self.spatial_dims, hidden),
                                  self.token_groups, grid)
@@ -281,4 +311,4 @@ class FoundationBackbone(nn.Module):
         return self.head(self.pool(self.forward_features(images, present), present))
 
 
-__all__ = ["ChannelEmbedding", "FoundationBackbone", "channel_patch_kernel"]
+__all__ = ["ChannelEmbedding", "FoundationBackbone", "PresenceEmbedding", "channel_patch_kernel"]

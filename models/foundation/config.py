@@ -52,6 +52,9 @@ class FoundationConfig:
     # per_channel: one token per channel and patch (MM-DINOv2); fused: one token per patch
     # location from one patch embedding over all channels (kernel inflated as in adapt.py)
     channel_tokens: str = "per_channel"
+    # fused only: a learned embedding of the ``present`` vector added to every patch token, so
+    # an absent channel (zeroed) is told apart from a black one; zero at the start (adapt.py)
+    presence_embedding: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
@@ -79,6 +82,10 @@ class FoundationConfig:
         if self.channel_tokens not in CHANNEL_TOKENS:
             raise ValueError(f"unknown channel_tokens {self.channel_tokens!r}; choose one of "
                              f"{', '.join(CHANNEL_TOKENS)}")
+        if self.presence_embedding and self.channel_tokens != "fused":
+            raise ValueError("presence_embedding needs channel_tokens=fused (per-channel "
+                             "tokens of an absent channel are masked out of attention "
+                             "already); set channel_tokens=fused or drop presence_embedding")
         if not 0.0 <= self.modality_dropout <= 1.0:
             raise ValueError(f"modality_dropout must be in [0, 1], got {self.modality_dropout}")
 

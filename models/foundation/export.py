@@ -16,13 +16,23 @@ MedFed's training code or MLflow.
     DIR/adaptation.safetensors    what the multi-channel adaptation added: one patch embedding
                                   per channel and the channel embedding (``channel_tokens=
                                   fused``: one patch embedding over all channels, no channel
-                                  embedding), the class head
-    DIR/adaptation.json           what those tensors are, the FoundationConfig, and ``extra``
+                                  embedding, the presence embedding if configured), the class
+                                  head
+    DIR/adaptation.json           what those tensors are, the FoundationConfig, and ``extra``;
+                                  ``"format": "medfed-foundation-export/2"`` (format version 2)
 
 ``load_export(DIR)`` rebuilds the whole adapted model (merged encoder + adaptation parts).
 The encoder's own RGB patch projection is exported unchanged; the adapted model never uses it
 (``adaptation.json`` says so), so ``DIR/encoder`` alone is the fine-tuned transformer for RGB
 inputs, and with the adaptation parts it is the multi-channel model MedFed trained.
+
+Format versions (``FORMAT_VERSION``): 1 wrote ``"format": "medfed-foundation-export"`` and
+had per-channel tokens only; 2 added ``config.channel_tokens`` (``fused``) and
+``config.presence_embedding`` (with the part ``presence_embed``). The version is part
+of the ``format`` string, not a key beside it, because a version-1 reader compares that string
+and nothing else: it refuses a version-2 file with its own format error instead of failing on
+a config key it does not know. ``load_export`` reads every version up to ``FORMAT_VERSION``
+(version 1 without ``channel_tokens`` = ``per_channel``) and refuses a newer one by name.
 """
 
 from __future__ import annotations
@@ -30,6 +40,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -47,6 +58,7 @@ ADAPTER_DIR = "adapter"
 ADAPTATION_WEIGHTS = "adaptation.safetensors"
 ADAPTATION_CONFIG = "adaptation.json"
 FORMAT = "medfed-foundation-export"
+FORMAT_VERSION = 2      # 2: config.channel_tokens, presence_embedding; see the module docstring
 ADAPTER_METHODS = ("lora", "dora", "ia3")
 PEFT_ADAPTER = "default"             # the adapter name inject_adapter_in_model gives
 PEFT_PREFIX = "base_model.model."    # how a PeftModel names its base model's modules
@@ -148,7 +160,8 @@ def describe(model: FoundationBackbone, *, adapter: bool, extra: dict | None = N
         + ("(CLS token, mean of present patch tokens)" if model.seams.has_cls
            else "(mean of present patch tokens)"))
     return {
-        "format": FORMAT, "family": model.family, "config": dataclasses.asdict(model.config),
+        "format": f"{FORMAT}/{FORMAT_VERSION}", "family": model.family,
+        "config": dataclasses.asdict(model.config),
         "input": f"images [B, {', '.join(map(str, model.input_shape))}], "
                  "absent channels all zero; present [B, S]",
         "patch_size": p, "grid": model.grid, "hidden_size": dim, "has_cls": model.seams.has_cls,
@@ -164,14 +177,19 @@ def _patch_parts(model: FoundationBackbone, dim: int) -> dict[str, str]:
     s, p, dims = model.config.num_channels, model.patch_size, model.spatial_dims
     patch = "x".join([str(p)] * dims)
     if model.fused:
-        return {"patch_embed": f"Linear({s}*{'*'.join([str(p)] * dims)} -> {dim}) on the "
-                               f"{patch} patches of all {s} channels at one location, "
-                               "concatenated channel by channel (each row-major): one token per "
-                               "location; an absent channel is all zero. Equal to a Conv with "
-                               f"kernel [{dim}, {s}, {', '.join([str(p)] * dims)}] and stride "
-                               f"{p} (weight.reshape({dim}, {s}, {', '.join([str(p)] * dims)}))"
-                               "; replaces the encoder's RGB patch projection, which is "
-                               "exported unchanged and unused. No channel embedding"}
+        parts = {"patch_embed": f"Linear({s}*{'*'.join([str(p)] * dims)} -> {dim}) on the "
+                                f"{patch} patches of all {s} channels at one location, "
+                                "concatenated channel by channel (each row-major): one token per "
+                                "location; an absent channel is all zero. Equal to a Conv with "
+                                f"kernel [{dim}, {s}, {', '.join([str(p)] * dims)}] and stride "
+                                f"{p} (weight.reshape({dim}, {s}, {', '.join([str(p)] * dims)}))"
+                                "; replaces the encoder's RGB patch projection, which is "
+                                "exported unchanged and unused. No channel embedding"}
+        if model.presence_embed is not None:
+            parts["presence_embed.embed"] = (f"Linear({s} -> {dim}, no bias) on the study's "
+                                             "present row (1 present, 0 absent): added to "
+                                             "every patch token")
+        return parts
     return {"patch_embed.<c>": f"Linear({'*'.join([str(p)] * dims)} -> {dim}) "
                                f"on channel c's non-overlapping {patch} patches "
                                "(row-major); replaces the encoder's RGB "
@@ -207,13 +225,67 @@ def is_export(directory: str | Path) -> bool:
     return (Path(directory) / ADAPTATION_CONFIG).is_file()
 
 
+def format_version(meta: dict, source: str = ADAPTATION_CONFIG) -> int:
+    """The format version of a parsed ``adaptation.json`` (``source`` names it in errors).
+
+    Raises
+    ------
+    ExportFormatError
+        Not this format, or a version newer than ``FORMAT_VERSION``.
+    """
+    fmt = meta.get("format")
+    if fmt == FORMAT:
+        return 1                          # version 1 wrote the bare name
+    name, _, version = fmt.rpartition("/") if isinstance(fmt, str) else ("", "", "")
+    if name != FORMAT or not re.fullmatch(r"[1-9][0-9]{0,5}", version):
+        raise ExportFormatError(f"{source}: format {fmt!r}, expected '{FORMAT}' or "
+                                f"'{FORMAT}/<version>': not a MedFed foundation model export")
+    if int(version) > FORMAT_VERSION:
+        raise ExportFormatError(f"{source}: format version {version}, written by a "
+                                f"newer MedFed; this one reads versions 1 to {FORMAT_VERSION}: "
+                                "upgrade MedFed to load this export")
+    return int(version)
+
+
+def export_config(meta: dict, version: int,
+                  source: str = ADAPTATION_CONFIG) -> FoundationConfig:
+    """The ``FoundationConfig`` of a parsed ``adaptation.json`` of format ``version``
+    (``source`` names it in errors).
+
+    Raises
+    ------
+    ExportFormatError
+        A config key this version does not know, or a value the config refuses.
+    """
+    config = meta.get("config")
+    if not isinstance(config, dict):
+        raise ExportFormatError(f"{source} (format version {version}): expected a 'config' "
+                                f"object, got {type(config).__name__}: re-export the model")
+    config = dict(config)
+    if version == 1:
+        # Version 1 had per-channel tokens only. (The session-20 writer put channel_tokens
+        # into a version-1 file already; its weights say which, so it is read as written.)
+        config.setdefault("channel_tokens", "per_channel")
+    unknown = sorted(set(config) - {f.name for f in dataclasses.fields(FoundationConfig)})
+    if unknown:
+        raise ExportFormatError(f"{source} (format version {version}): config keys "
+                                f"{unknown} are unknown to this MedFed; it was written by "
+                                "another version: upgrade MedFed, or re-export")
+    try:
+        return FoundationConfig(**config)
+    except (TypeError, ValueError) as err:
+        raise ExportFormatError(f"{source} (format version {version}): its config "
+                                f"is not valid: {err}") from None
+
+
 def load_export(directory: str | Path) -> FoundationBackbone:
     """The adapted model ``export_foundation`` wrote (adapters merged), in evaluation mode.
 
     Raises
     ------
     ExportFormatError
-        Not an export, or its parts do not fit together.
+        Not an export, a format version newer than ``FORMAT_VERSION``, or its parts do not
+        fit together.
     """
     from safetensors.torch import load_file
 
@@ -222,10 +294,8 @@ def load_export(directory: str | Path) -> FoundationBackbone:
         raise ExportFormatError(f"{directory} has no {ADAPTATION_CONFIG}: not a foundation "
                                 "model export")
     meta = json.loads((directory / ADAPTATION_CONFIG).read_text())
-    if meta.get("format") != FORMAT:
-        raise ExportFormatError(f"{directory / ADAPTATION_CONFIG}: format "
-                                f"{meta.get('format')!r}, expected {FORMAT!r}")
-    config = FoundationConfig(**meta["config"])
+    source = str(directory / ADAPTATION_CONFIG)
+    config = export_config(meta, format_version(meta, source), source)
     loaded = load_encoder(directory / ENCODER_DIR, expected_family=meta["family"])
     model = FoundationBackbone(loaded, config)
     if meta.get("parts", {}).get("head", "") is None:
@@ -240,5 +310,6 @@ def load_export(directory: str | Path) -> FoundationBackbone:
 
 
 __all__ = ["ADAPTATION_CONFIG", "ADAPTATION_WEIGHTS", "ADAPTER_DIR", "ENCODER_DIR",
-           "ExportFormatError", "FORMAT", "adaptation_state", "export_foundation", "is_export",
-           "load_export", "merge_adapters", "save_adapter", "save_encoder"]
+           "ExportFormatError", "FORMAT", "FORMAT_VERSION", "adaptation_state", "export_config",
+           "export_foundation", "format_version", "is_export", "load_export", "merge_adapters",
+           "save_adapter", "save_encoder"]

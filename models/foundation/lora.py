@@ -2,9 +2,9 @@
 or the head only; which keys are frozen; and a digest of the frozen base weights.
 
 Whatever the method, the parts the adaptation created (per-channel patch embeddings, channel
-embedding, head) train - except for a linear probe, where only the head does. Frozen weights
-never change at a site, so they need not travel; the digest lets a run check once that every
-site starts from the same base weights.
+embedding, the optional presence embedding, head) train - except for a linear probe, where only
+the head does. Frozen weights never change at a site, so they need not travel; the digest lets
+a run check once that every site starts from the same base weights.
 
 DP-SGD: LoRA's ``lora_A``/``lora_B`` are ``nn.Linear`` and covered by the exact per-sample
 rule. DoRA's magnitude vector and IA3's scaling vector are parameters of peft's own layer
@@ -24,7 +24,7 @@ from .adapt import FoundationBackbone
 from .config import METHODS
 
 # Parts of FoundationBackbone that the adaptation itself created.
-NEW_PARTS = ("patch_embed", "channel_embed", "head")
+NEW_PARTS = ("patch_embed", "channel_embed", "presence_embed", "head")
 
 
 def target_pattern(targets: tuple[str, ...], *, within: str = "encoder") -> str:
@@ -70,7 +70,7 @@ def apply_method(model: FoundationBackbone, method: str, *, rank: int = 8, alpha
         model.head.requires_grad_(True)
         return model
     for part in NEW_PARTS:
-        if getattr(model, part) is not None:         # fused channel tokens: no channel_embed
+        if getattr(model, part) is not None:   # fused: no channel_embed; presence optional
             getattr(model, part).requires_grad_(True)
     return model
 

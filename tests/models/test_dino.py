@@ -9,8 +9,9 @@ import torch
 
 import torch.nn.functional as F
 
-from models.dino import DINOConfig, MMDINOTask, ProjectionHead, koleo_loss, sinkhorn_knopp
-from models.vit import MultiModalViT, ViTConfig, _init_weights
+from models.dino import (DINOConfig, MMDINOTask, ProjectionHead, blank_patches, ibot_token_mask,
+                         koleo_loss, sinkhorn_knopp)
+from models.vit import MultiModalViT, ViTConfig, _init_weights, patchify
 
 
 def test_prototype_scores_are_cosines_whatever_the_prototypes_norm():
@@ -171,3 +172,39 @@ def test_every_step_reports_the_same_metric_keys():
             for label in (torch.tensor([0, 1, 2, 0]), torch.full((4,), -1),
                           torch.tensor([0, -1, 2, -1]))]
     assert keys[0] == keys[1] == keys[2]
+
+
+# ---------------------------------------------------------------- iBOT's scored tokens
+
+def test_ibot_scores_per_channel_tokens_or_per_location_over_the_kept_channels():
+    """A mask that differs per channel and per sample (blank_patches' is the same for every
+    channel; this one tells every axis apart): S=3 channels, N=4 locations, channel-major."""
+    masked = torch.tensor([[0, 1, 0, 0,   0, 0, 0, 1,   1, 0, 0, 0],
+                           [0, 0, 1, 0,   1, 0, 0, 0,   0, 0, 0, 0]], dtype=torch.bool)
+    keep = torch.tensor([[True, True, False],        # sample 0: channel 2 removed
+                         [False, True, True]])       # sample 1: channel 0 removed
+    per_channel = ibot_token_mask(masked, keep, token_groups=3)
+    assert per_channel.tolist() == [[0, 1, 0, 0,   0, 0, 0, 1,   0, 0, 0, 0],
+                                    [0, 0, 0, 0,   1, 0, 0, 0,   0, 0, 0, 0]]
+    fused = ibot_token_mask(masked, keep, token_groups=1)
+    # a location is scored where a KEPT channel was blanked: sample 0 at 1 (channel 0) and 3
+    # (channel 1), not 0 (only the removed channel 2); sample 1 at 0 (channel 1), not 2
+    assert fused.tolist() == [[False, True, False, True], [True, False, False, False]]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_fused_token_is_scored_where_blank_patches_blanked_a_kept_channel(seed):
+    """The reduction against the pixels themselves: what blank_patches zeroed, read back per
+    location from the crop, over the channels the student keeps."""
+    g = torch.Generator().manual_seed(seed)
+    b, s, size, p = 3, 4, 16, 4
+    images = torch.rand(b, s, size, size, generator=g) + 0.5        # no pixel is zero
+    keep = torch.rand(b, s, generator=g) < 0.6
+    keep[:, 0] = True
+    crop, masked = blank_patches(images, p, 0.4, generator=g)
+    blanked = (patchify(crop, p, 2) == 0).all(-1)                    # [B, S, N]
+    expected = (blanked & keep[:, :, None]).any(1)                    # [B, N]
+    assert 0 < expected.sum() < expected.numel()
+    assert torch.equal(ibot_token_mask(masked, keep, token_groups=1), expected)
+    assert torch.equal(ibot_token_mask(masked, keep, token_groups=s),
+                       (blanked & keep[:, :, None]).flatten(1))

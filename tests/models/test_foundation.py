@@ -106,10 +106,10 @@ def assert_absent_channel_ignored(model, batch, logits) -> None:
     """Masked out means masked out: whatever sample 0's absent channel 2 holds changes
     nothing, while its present channel 1 does matter."""
     garbage = batch["image"].clone()
-    garbage[0, 2] = torch.randn(32, 32) * 10
+    garbage[0, 2] = torch.randn(garbage.shape[2:]) * 10
     torch.testing.assert_close(model(garbage, batch["present"]), logits, rtol=0, atol=1e-5)
     changed = batch["image"].clone()
-    changed[0, 1] = torch.randn(32, 32)
+    changed[0, 1] = torch.randn(changed.shape[2:])
     assert not torch.allclose(model(changed, batch["present"])[0], logits[0], atol=1e-4)
 
 

@@ -5,6 +5,7 @@ adaptation parts - each giving the same outputs as the model in memory."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -13,8 +14,10 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")     # never a hub, even by accident
 
+from models.foundation.config import FoundationConfig  # noqa: E402
 from models.foundation.export import (ADAPTATION_CONFIG, ADAPTATION_WEIGHTS, ADAPTER_DIR,  # noqa: E402
-                                      ENCODER_DIR, ExportFormatError, export_foundation,
+                                      ENCODER_DIR, FORMAT, FORMAT_VERSION, ExportFormatError,
+                                      export_config, export_foundation, format_version,
                                       load_export, merge_adapters)
 from models.foundation.loading import load_encoder  # noqa: E402
 from models.serving import servable  # noqa: E402
@@ -139,4 +142,89 @@ def test_a_directory_that_is_not_an_export_is_refused(originals, tmp_path):
     meta = json.loads((out / ADAPTATION_CONFIG).read_text())
     (out / ADAPTATION_CONFIG).write_text(json.dumps(meta | {"format": "something-else"}))
     with pytest.raises(ExportFormatError, match="format"):
+        load_export(out)
+
+
+# ---------------------------------------------------------------- format versions
+
+V1_FORMAT = "medfed-foundation-export"     # what a version-1 reader compares "format" with
+
+
+def _rewrite(out, **changes) -> dict:
+    """Rewrite ``adaptation.json`` with top-level ``changes`` (``config=`` replaces the
+    config); returns the original."""
+    meta = json.loads((out / ADAPTATION_CONFIG).read_text())
+    (out / ADAPTATION_CONFIG).write_text(json.dumps(meta | changes))
+    return meta
+
+
+def test_a_new_export_is_version_2_and_an_older_medfed_refuses_it_by_its_format(originals,
+                                                                                  tmp_path):
+    model = _trained(originals, "dinov2", "lora")
+    out = export_foundation(model, tmp_path / "export")
+    meta = json.loads((out / ADAPTATION_CONFIG).read_text())
+    assert FORMAT_VERSION == 2 and meta["format"] == f"{FORMAT}/2"
+    assert format_version(meta) == 2 and meta["config"]["channel_tokens"] == "per_channel"
+    # a version-1 load_export stops at `meta["format"] != FORMAT` with its ExportFormatError,
+    # before it builds a FoundationConfig that has no channel_tokens (the TypeError)
+    assert meta["format"] != V1_FORMAT
+    batch = _batch()
+    with torch.no_grad():
+        torch.testing.assert_close(load_export(out)(batch["image"], batch["present"]),
+                                   model(batch["image"], batch["present"]), rtol=0, atol=ATOL)
+
+
+def test_a_version_1_export_still_loads_with_per_channel_tokens(originals, tmp_path):
+    model = _trained(originals, "dinov2", "lora")
+    out = export_foundation(model, tmp_path / "export")
+    meta = json.loads((out / ADAPTATION_CONFIG).read_text())
+    v1_config = {k: v for k, v in meta["config"].items() if k != "channel_tokens"}
+    _rewrite(out, format=V1_FORMAT, config=v1_config)
+    again = load_export(out)
+    assert again.config.channel_tokens == "per_channel" and not again.fused
+    batch = _batch()
+    with torch.no_grad():
+        torch.testing.assert_close(again(batch["image"], batch["present"]),
+                                   model(batch["image"], batch["present"]), rtol=0, atol=ATOL)
+
+
+def test_version_1_means_per_channel_even_if_the_default_becomes_fused(monkeypatch):
+    """Version 1 had no channel_tokens key because it had per-channel tokens only: reading
+    it must not follow FoundationConfig's default, which may change."""
+    from models.foundation import export
+
+    @dataclasses.dataclass(frozen=True)
+    class FusedByDefault(FoundationConfig):
+        channel_tokens: str = "fused"
+
+    monkeypatch.setattr(export, "FoundationConfig", FusedByDefault)
+    config = {"weights": "dinov2", "num_channels": 4, "image_size": 32}
+    assert export_config({"config": config}, 1).channel_tokens == "per_channel"
+    assert export_config({"config": config}, 2).channel_tokens == "fused"
+
+
+@pytest.mark.parametrize("changes,expected", [
+    ({"format": f"{FORMAT}/3"}, "format version 3, written by a newer MedFed.*upgrade MedFed"),
+    ({"format": f"{FORMAT}/two"}, "expected 'medfed-foundation-export' or"),
+    ({"format": f"{FORMAT}/0"}, "not a MedFed foundation model export"),
+    ({"format": None}, "not a MedFed foundation model export"),
+    ({"config": "lora"}, "expected a 'config' object"),
+])
+def test_an_unknown_format_version_is_refused_by_name(originals, tmp_path, changes, expected):
+    out = export_foundation(_trained(originals, "dinov2", "lora"), tmp_path / "export")
+    _rewrite(out, **changes)
+    with pytest.raises(ExportFormatError, match=expected) as err:
+        load_export(out)
+    assert "\n" not in str(err.value)
+
+
+def test_a_config_key_this_version_does_not_know_is_a_format_error_not_a_type_error(
+        originals, tmp_path):
+    out = export_foundation(_trained(originals, "dinov2", "lora"), tmp_path / "export")
+    meta = json.loads((out / ADAPTATION_CONFIG).read_text())
+    _rewrite(out, config=meta["config"] | {"some_future_option": True})
+    with pytest.raises(ExportFormatError, match=r"\['some_future_option'\] are unknown"):
+        load_export(out)
+    _rewrite(out, config=meta["config"] | {"channel_tokens": "stacked"})
+    with pytest.raises(ExportFormatError, match="config is not valid: unknown channel_tokens"):
         load_export(out)

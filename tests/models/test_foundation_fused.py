@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from client.engine import Engine
 from models import MODELS
 from models.foundation.config import FoundationConfig
-from models.foundation.export import ADAPTATION_CONFIG, export_foundation, load_export
+from models.foundation.export import ADAPTATION_CONFIG, FORMAT, export_foundation, load_export
 from models.foundation.loading import load_encoder
 from models.tasks import build
 from models.vit import patchify
@@ -55,6 +55,49 @@ def test_the_fused_kernel_is_the_pretrained_one_inflated_to_every_channel(weight
     ours = model.patch_embed(patchify(x.expand(-1, S, -1, -1), P, 2).transpose(1, 2).flatten(2))
     theirs = conv(x.expand(-1, 3, -1, -1)).flatten(2).transpose(1, 2)       # [1, N, D]
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+
+
+def _linear_part(model, images):
+    """``embed()`` minus what it adds to every input (bias, positions, CLS): the patch
+    tokens' linear response ``[B, N, D]``."""
+    n = (images.shape[-1] // P) ** 2
+    with torch.no_grad():
+        return (model.embed(images) - model.embed(torch.zeros_like(images)))[:, -n:]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_fused_embedding_is_a_conv_whose_kernel_is_laid_out_channel_by_channel(weights,
+                                                                                    family):
+    """``embed()`` itself against ``F.conv2d``: the flatten order of the patches (channel by
+    channel, each row-major) must be the kernel layout adaptation.json states
+    (``weight.reshape(D, S, p, p)``), channel for channel."""
+    model = _fused(weights[family]).eval()
+    rgb, _ = model.seams.patch_kernel(model.encoder)         # [D, 3, p, p], exported unused
+    d = rgb.shape[0]
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(B, 1, 32, 32, generator=g)
+    for c in range(S):
+        only_c = torch.zeros(B, S, 32, 32)
+        only_c[:, c] = x[:, 0]
+        # as initialised from the known RGB kernel: channel c alone is the grey picture
+        # (x, x, x) through the RGB projection, divided among the S channels
+        expected = F.conv2d(x.expand(-1, 3, -1, -1), rgb, stride=P).flatten(2).transpose(1, 2)
+        torch.testing.assert_close(_linear_part(model, only_c), expected / S,
+                                   rtol=0, atol=1e-5, msg=f"initial kernel, channel {c}")
+    # a different kernel per channel: channel c alone is a conv with slice c of the kernel
+    kernel = torch.randn(d, S, P, P, generator=g) * 0.1
+    with torch.no_grad():
+        model.patch_embed.weight.copy_(kernel.reshape(d, -1))
+    for c in range(S):
+        only_c = torch.zeros(B, S, 32, 32)
+        only_c[:, c] = x[:, 0]
+        expected = F.conv2d(x, kernel[:, c:c + 1], stride=P).flatten(2).transpose(1, 2)
+        torch.testing.assert_close(_linear_part(model, only_c), expected, rtol=0, atol=1e-5,
+                                   msg=f"channel {c}")
+    images = torch.randn(B, S, 32, 32, generator=g)
+    torch.testing.assert_close(_linear_part(model, images),
+                               F.conv2d(images, kernel, stride=P).flatten(2).transpose(1, 2),
+                               rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -118,6 +161,9 @@ def test_the_export_describes_the_fused_kernel_and_reloads_it(weights, tmp_path)
                     model.patch_embed.bias, stride=P).flatten(2).transpose(1, 2)
     linear = model.patch_embed(patchify(batch["image"], P, 2).transpose(1, 2).flatten(2))
     torch.testing.assert_close(conv, linear, rtol=0, atol=1e-5)
+    # session 20 wrote fused exports under the version-1 format name: read as written
+    (out / ADAPTATION_CONFIG).write_text(json.dumps(meta | {"format": FORMAT}))
+    assert load_export(out).fused
 
 
 def test_mm_dino_runs_on_fused_tokens_and_mae_is_refused(weights):
@@ -163,3 +209,72 @@ def test_fused_tokens_on_a_3d_monai_vit_with_an_absent_channel(tmp_path):
     batch = {"image": _volumes(3, 32, dtype=torch.float64) * present[..., None, None, None],
              "present": present, "label": torch.tensor([0, 2])}
     assert_exact_per_sample(model, batch)
+
+
+# ---------------------------------------------------------------- presence embedding (option)
+
+def test_presence_embedding_is_off_by_default_and_only_for_fused_tokens(weights):
+    assert FoundationConfig(weights="w").presence_embedding is False
+    with pytest.raises(ValueError, match="presence_embedding needs channel_tokens=fused"):
+        FoundationConfig(weights="w", presence_embedding=True)
+    model = _fused(weights["dinov2"])
+    assert model.presence_embed is None           # default: the state is what it was
+    assert not any(k.startswith("presence_embed") for k in model.state_dict())
+
+
+def _absent_or_black(model, batch):
+    """Logits of sample 0 with channel 2 absent, and with channel 2 present but all zero."""
+    black = batch["present"].clone()
+    black[0, 2] = True
+    with torch.no_grad():
+        return (model(batch["image"], batch["present"])[0],
+                model(batch["image"], black)[0])
+
+
+@pytest.mark.parametrize("family", ["dinov2", "siglip", "monai_vit"])
+def test_presence_embedding_tells_an_absent_channel_from_a_black_one(weights, family):
+    batch = _batch()                                      # sample 0: channel 2 absent, zeroed
+    plain = _fused(weights[family]).eval()
+    absent, black = _absent_or_black(plain, batch)
+    torch.testing.assert_close(absent, black, rtol=0, atol=1e-6)   # the gap it closes
+    model = _fused(weights[family], presence_embedding=True).eval()
+    assert model.load_state_dict(plain.state_dict(), strict=False).missing_keys == \
+        ["presence_embed.embed.weight"]
+    # zero at the start: exactly the model without it
+    with torch.no_grad():
+        torch.testing.assert_close(model(batch["image"], batch["present"]),
+                                   plain(batch["image"], batch["present"]), rtol=0, atol=1e-6)
+    with torch.no_grad():
+        model.presence_embed.embed.weight.normal_(std=0.5, generator=torch.Generator()
+                                                  .manual_seed(1))
+    absent, black = _absent_or_black(model, batch)
+    assert (absent - black).abs().max() > 1e-3
+    # what an absent channel holds still changes nothing
+    with torch.no_grad():
+        assert_absent_channel_ignored(model, batch, model(batch["image"], batch["present"]))
+
+
+@pytest.mark.parametrize("family", ["dinov2", "siglip", "sam", "monai_vit"])
+def test_per_sample_gradients_are_exact_with_the_presence_embedding(weights, family):
+    model = _fused(weights[family], presence_embedding=True, lora_rank=2).double().train()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "presence_embed.embed.weight" in trainable
+    _randomise_trainable(model)
+    assert_exact_per_sample(model, _batch(dtype=torch.float64))
+    probe = _fused(weights[family], presence_embedding=True, method="linear_probe")
+    assert not probe.presence_embed.embed.weight.requires_grad
+
+
+def test_the_presence_embedding_is_exported_and_reloaded(weights, tmp_path):
+    model = _fused(weights["dinov2"], presence_embedding=True, lora_rank=2)
+    _randomise_trainable(model, seed=3)
+    model.eval()
+    out = export_foundation(model, tmp_path / "export")
+    meta = json.loads((out / ADAPTATION_CONFIG).read_text())
+    assert meta["config"]["presence_embedding"] is True
+    assert set(meta["parts"]) == {"patch_embed", "presence_embed.embed", "head"}
+    again = load_export(out)
+    batch = _batch()
+    with torch.no_grad():
+        torch.testing.assert_close(again(batch["image"], batch["present"]),
+                                   model(batch["image"], batch["present"]), rtol=0, atol=1e-5)

@@ -321,6 +321,48 @@ def test_an_absent_channel_does_not_reach_the_image_embedding(encoders, family):
     torch.testing.assert_close(model.encode_image(garbage, present), base, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+def test_fused_tokens_keep_the_pairs_image_path_ignore_an_absent_channel_and_train(encoders,
+                                                                                  family):
+    """channel_tokens=fused on the image tower of a CLIPModel / SiglipModel: a study whose S
+    channels all hold x embeds as the pair embeds the grey picture (x, x, x) (the inflated
+    kernel keeps the pretrained alignment); an absent channel changes nothing (SigLIP: also
+    not as a key of its attention pooling); one epoch of CLIP pretraining moves only what
+    is trainable."""
+    model, task = _build(encoders, f"{family}_pair", "clip",
+                         {"max_length": 16, "class_names": ["glioma", "cyst", "lesion"]},
+                         channel_tokens="fused")
+    assert model.backbone.fused and model.backbone.channel_embed is None
+    cls = transformers.CLIPModel if family == "clip" else transformers.SiglipModel
+    pair = cls.from_pretrained(str(encoders / f"{family}_pair"), local_files_only=True).eval()
+    model.eval()
+    gray = torch.randn(2, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(4))
+    all_present = torch.ones(2, S, dtype=torch.bool)
+    with torch.no_grad():
+        ours = model.encode_image(gray.expand(-1, S, -1, -1), all_present)
+        theirs = pair.get_image_features(pixel_values=gray.expand(-1, 3, -1, -1))
+    theirs = getattr(theirs, "pooler_output", theirs)
+    torch.testing.assert_close(ours, nn.functional.normalize(theirs, dim=-1), rtol=0,
+                               atol=1e-5)
+    present = all_present.clone()
+    present[0, 1] = False
+    images = torch.randn(2, S, SIZE, SIZE) * present[..., None, None]
+    with torch.no_grad():
+        base = model.encode_image(images, present)
+        garbage = images.clone()
+        garbage[0, 1] = 10 * torch.randn(SIZE, SIZE)
+        torch.testing.assert_close(model.encode_image(garbage, present), base, rtol=0,
+                                   atol=1e-5)
+        changed = images.clone()
+        changed[0, 2] = torch.randn(SIZE, SIZE)
+        assert not torch.allclose(model.encode_image(changed, present)[0], base[0], atol=1e-4)
+    model.train()
+    tokens = task.data_needs.reports.transform()(REPORTS)
+    _assert_only_trainable_changed(model, _train_one_epoch(model, task, _studies(reports=tokens)))
+    assert "backbone.patch_embed.weight" in {n for n, p in model.named_parameters()
+                                             if p.requires_grad}
+
+
 def test_sigmoid_loss_is_siglips():
     logits = torch.randn(5, 5, dtype=torch.float64)
     signs = 2 * torch.eye(5, dtype=torch.float64) - 1

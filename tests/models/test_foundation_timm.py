@@ -15,13 +15,15 @@ import torch
 from safetensors.torch import load_file
 
 from models import MODELS
-from models.foundation.export import (ADAPTER_DIR, ENCODER_DIR, export_foundation, load_export)
+from models.foundation.export import (ADAPTATION_CONFIG, ADAPTER_DIR, ENCODER_DIR,
+                                      export_foundation, load_export)
 from models.foundation.loading import (CONVERT_COMMAND, FoundationLoadError, family_of,
                                        load_encoder)
 from models.foundation.lora import trainable_keys
 from models.foundation.timm_vit import TIMM_FAMILY, TimmViT, parse_config
 
-from .test_foundation import _randomise_trainable, assert_exact_per_sample, clipper_admits
+from .test_foundation import (_randomise_trainable, assert_absent_channel_ignored,
+                              assert_exact_per_sample, clipper_admits)
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "timm"
 NAMES = ["vit_tiny", "vit_small_reg4_dinov2", "vit_base_gap"]
@@ -317,3 +319,60 @@ def test_dp_sgd_coverage_declared_for_timm_is_what_the_clipper_admits(name):
     for method in ("lora", "linear_probe", "full"):
         model = _build(name, method=method)
         assert (model.dp_unsupported is None) == clipper_admits(model), (name, method)
+
+
+# ---------------------------------------------------------------- fused channel tokens
+
+def _timm_tokens(encoder: TimmViT, images: torch.Tensor) -> torch.Tensor:
+    """timm's own forward on RGB ``images`` as ``encode`` returns tokens: registers dropped,
+    fc_norm applied (an identity unless the model pools by average)."""
+    cfg = encoder.config
+    out = encoder.forward_features(images)
+    return encoder.fc_norm(torch.cat([out[:, :int(cfg.class_token)],
+                                      out[:, cfg.num_prefix_tokens:]], 1))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fused_tokens_on_a_grey_study_are_timm_on_the_grey_picture(name):
+    """One token per location; a study whose S channels all hold x is, token for token, what
+    timm's own forward gives for the grey picture (x, x, x) (class token, registers, average
+    pooling's fc_norm): the inflated kernel keeps the pretrained response."""
+    model = _build(name, channel_tokens="fused").eval()
+    size = _size(name)
+    x = torch.randn(B, 1, size, size, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ours = model.forward_features(x.expand(-1, S, -1, -1), torch.ones(B, S, dtype=torch.bool))
+        theirs = _timm_tokens(model.encoder, x.expand(-1, 3, -1, -1))
+    assert ours.shape[1] == int(model.seams.has_cls) + (size // model.patch_size) ** 2
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fused_tokens_ignore_an_absent_channel_with_exact_per_sample_gradients(name):
+    model = _build(name, channel_tokens="fused").eval()
+    batch = _batch(_size(name))
+    with torch.no_grad():
+        assert_absent_channel_ignored(model, batch, model(batch["image"], batch["present"]))
+    model = _build(name, channel_tokens="fused", method="lora", lora_rank=2).double().train()
+    assert model.dp_unsupported is None
+    _randomise_trainable(model)
+    assert_exact_per_sample(model, _batch(_size(name), dtype=torch.float64))
+
+
+def test_a_fused_timm_model_exports_in_timms_layout_and_reloads(tmp_path):
+    name = "vit_small_reg4_dinov2"
+    model = _build(name, channel_tokens="fused", lora_rank=2)
+    _randomise_trainable(model, seed=3)
+    model.eval()
+    out = export_foundation(model, tmp_path / "export")
+    assert json.loads((out / ENCODER_DIR / "config.json").read_text()) == \
+        json.loads((FIXTURES / name / "config.json").read_text())
+    meta = json.loads((out / ADAPTATION_CONFIG).read_text())
+    assert meta["config"]["channel_tokens"] == "fused" and set(meta["parts"]) == {"patch_embed",
+                                                                                   "head"}
+    again = load_export(out)
+    assert again.fused and again.family == TIMM_FAMILY
+    batch = _batch(_size(name))
+    with torch.no_grad():
+        torch.testing.assert_close(again(batch["image"], batch["present"]),
+                                   model(batch["image"], batch["present"]), rtol=0, atol=1e-5)

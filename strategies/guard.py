@@ -3,33 +3,36 @@
 Flower's ``sample_nodes`` waits for ``min_available_nodes`` without a bound; this wrapper waits
 at most ``quorum_timeout`` seconds and then fails with a clear error. Before aggregation it
 drops replies whose update is not a finite array record with the global model's keys, shapes
-and dtypes, or whose distance from the global model exceeds ``max_update_norm``; it names the
-site and the reason, and fails the round if fewer than ``min_train_sites`` updates remain.
+and dtypes, or whose distance from the global model exceeds ``max_update_norm``
+(``update_check``); it names the site and the reason, and fails the round if fewer than
+``min_train_sites`` updates remain (a site's reply counts as one site; only the server's
+:class:`SummedReply` of a secure round counts as the sites summed into it).
 A wrapped strategy that needs more from a reply (FedNova: the local step count) says so with
 a ``check_reply(msg) -> reason or None`` method; the guard rejects such replies the same way.
+Train and evaluate replies alike are brought to one shape of records and metric keys
+(``reply_shape``), so that no site's reply can make Flower's aggregation refuse the round.
 """
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 import time
-import tokenize
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
-from flwr.common.constant import SType
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
-from numpy.lib import format as npy
 
 from protocol import wire
-from protocol.arrays import read_header
 
-from .state import RoundReport, StatelessWrapper
+from .reply_shape import ReplyShape
+from .state import AGGREGATOR, RoundReport, StatelessWrapper, chain
+# the update check is its own module; these names are the guard's public API too
+from .update_check import (UNDECODABLE, CheckedArray, Refused, check_update,  # noqa: F401
+                           decode, npy_prefixes)
 
 log = logging.getLogger(__name__)
 
@@ -59,133 +62,33 @@ def reply_site_id(msg: Message) -> str:
     return str(site.get(wire.SITE_ID, f"node-{msg.metadata.src_node_id}"))
 
 
-def npy_prefixes(reference: dict[str, np.ndarray]) -> dict[str, bytes]:
-    """Per key, the bytes ``np.save`` (so Flower's ``Array``) begins an array of the
-    reference's dtype and shape with, in C order: magic, format version 1.0, header."""
-    out = {}
-    for key, ref in reference.items():
-        buf = io.BytesIO()
-        npy.write_array_header_1_0(buf, {"descr": npy.dtype_to_descr(ref.dtype),
-                                         "fortran_order": False, "shape": ref.shape})
-        out[key] = buf.getvalue()
-    return out
+class SummedReply(Message):
+    """A reply the server built from ``sites`` sites' updates (SecAgg+'s unmasked sum).
 
-
-class Refused(ValueError):
-    """An array whose npy header says it is not the reference's: the reason names it."""
-
-
-# Errors a hostile payload can raise while its header is read or its data viewed: each
-# is a rejection of that reply, never a failed round.
-# NumPy parses an npy header with ast.literal_eval, after its own tokenize pass for old
-# headers: a forged header can raise SyntaxError or tokenize.TokenError from there.
-UNDECODABLE = (ValueError, TypeError, EOFError, MemoryError, OSError, RecursionError,
-               SyntaxError, tokenize.TokenError)
-
-
-def decode(array: Array, prefix: bytes | None, ref: np.ndarray, key: str = "array"
-           ) -> np.ndarray:
-    """``array.numpy()``'s values (read-only), checked against ``ref`` before anything is
-    allocated for them; :class:`Refused` names a wrong shape, dtype, a short payload or
-    bytes after the array (an accepted reply's bytes are kept: :class:`CheckedArray`).
-
-    When the header is byte for byte ``prefix`` (the one for ``ref``'s dtype and shape,
-    which ``np.load`` parses to exactly those) it is not parsed (``ast.literal_eval``:
-    most of the cost); any other header is parsed by :func:`read_header` and must still
-    say ``ref``'s shape and dtype. The reply's own ``dtype`` and ``shape`` fields are never
-    trusted. Another serialisation raises ``TypeError``; a malformed header ``ValueError``.
+    Only server code makes one: Flower decodes what a site sends into a plain ``Message``, so
+    the class, unlike a number in a reply's metrics, cannot be forged by a site. The guard
+    counts a reply as ``sites`` sites towards ``min_train_sites`` only if it is one.
     """
-    data = array.data
-    if array.stype != SType.NUMPY or not isinstance(data, bytes):
-        raise TypeError(f"serialisation {array.stype!r} is not {SType.NUMPY!r}")
-    if (prefix is not None and ref.size > 0 and data.startswith(prefix)
-            and len(data) - len(prefix) == ref.nbytes):
-        return np.frombuffer(data, dtype=ref.dtype, count=ref.size,
-                             offset=len(prefix)).reshape(ref.shape)
-    shape, fortran, dtype, offset = read_header(data)
-    if shape != ref.shape:
-        raise Refused(f"wrong shape for {key}: {shape} != {ref.shape}")
-    if dtype != ref.dtype:
-        raise Refused(f"wrong dtype for {key}: {dtype} != {ref.dtype}")
-    if len(data) - offset < ref.nbytes:
-        raise Refused(f"truncated array for {key}: {len(data) - offset} of {ref.nbytes} bytes")
-    if len(data) - offset > ref.nbytes:    # np.save writes none; they would travel unchecked
-        raise Refused(f"{len(data) - offset - ref.nbytes} bytes after the array {key}")
-    if ref.size == 0:
-        empty = np.empty(ref.shape, ref.dtype)
-        empty.flags.writeable = False             # like every other decoded value
-        return empty
-    # Fortran order is what np.save writes for an F-contiguous array (a transposed torch
-    # parameter): an honest site's, so read as np.load reads it rather than refused.
-    return np.frombuffer(data, dtype=dtype, count=ref.size, offset=offset).reshape(
-        shape, order="F" if fortran else "C")
+
+    def __init__(self, content: RecordDict, *, reply_to: Message, sites: int):
+        super().__init__(content=content, reply_to=reply_to)
+        self.sites = sites
 
 
-class CheckedArray(Array):
-    """An accepted reply's array as the guard decoded and checked it: the same bytes, its
-    fields those of the checked values, and :meth:`numpy` without ``np.load`` parsing the
-    npy header again (``ast.literal_eval``: most of what the inner strategy's aggregation
-    spent decoding every reply a second time; 10 sites, demo model: see the commit)."""
-
-    def __init__(self, value: np.ndarray, data: bytes):
-        super().__init__(dtype=str(value.dtype), shape=tuple(int(n) for n in value.shape),
-                         stype=SType.NUMPY, data=data)
-        self.__dict__["_checked"] = value       # not a field: ids and chunks are the bytes'
-
-    def numpy(self) -> np.ndarray:
-        """The checked values as ``np.load`` gives them: a fresh, writable array, so a
-        strategy that works in place (a DP wrapper's clipping) changes only its copy."""
-        return self.__dict__["_checked"].copy(order="K")
-
-    def deflate(self) -> bytes:
-        """As Flower's ``Array`` of the same fields and bytes (the wire names an object's
-        class; a strategy that sends a reply's array on must send an ``Array``)."""
-        return Array(dtype=self.dtype, shape=self.shape, stype=self.stype,
-                     data=self.data).deflate()
-
-
-def check_update(arrays: ArrayRecord | None, reference: dict[str, np.ndarray],
-                 max_update_norm: float | None, prefixes: dict[str, bytes] | None = None,
-                 decoded: dict[str, np.ndarray] | None = None
-                 ) -> tuple[str | None, float | None]:
-    """``(why the update must not be aggregated or None, its L2 distance from the global)``.
-
-    ``reference`` holds the global arrays this round started from (their dtypes are the
-    expected ones); ``prefixes``: :func:`npy_prefixes` of it, computed once per round, so
-    that each reply's arrays are decoded without parsing their headers (:func:`decode`);
-    ``decoded``, if given, receives each array's checked values (read-only views).
-    A payload that cannot be decoded (truncated, another serialisation, a forged header)
-    is a reason like any other: one site's bytes never fail the round or exhaust memory.
-    """
-    if arrays is None:
-        return "no model update in reply", None
-    if set(arrays.keys()) != set(reference):
-        missing, extra = set(reference) - set(arrays.keys()), set(arrays.keys()) - set(reference)
-        return f"wrong keys (missing {len(missing)}, unexpected {len(extra)})", None
-    squared, prefixes = 0.0, prefixes or {}
-    for key, ref in reference.items():
-        try:
-            value = decode(arrays[key], prefixes.get(key), ref, key)
-        except Refused as refused:
-            return str(refused), None
-        except UNDECODABLE:
-            return f"undecodable array for {key}", None
-        if value.dtype.kind == "f" and not np.isfinite(value).all():
-            return f"non-finite values in {key}", None
-        if value.dtype.kind == "f":
-            squared += float(np.sum((value.astype(np.float64) - ref.astype(np.float64)) ** 2))
-        if decoded is not None:
-            decoded[key] = value
-    norm = float(np.sqrt(squared))
-    if max_update_norm is not None and norm > max_update_norm:
-        return f"update norm {norm:.3g} exceeds bound {max_update_norm:.3g}", norm
-    return None, norm
+def sites_problem(msg: Message, sampled: int) -> str | None:
+    """Why a summed reply's site count is not an int in [1, ``sampled``], or None (a
+    site's own reply counts as 1 whatever its metrics say)."""
+    if not isinstance(msg, SummedReply):
+        return None
+    if isinstance(msg.sites, bool) or not isinstance(msg.sites, int) or not (
+            1 <= msg.sites <= sampled):
+        return f"a secure sum of {msg.sites!r} sites, {sampled} sampled this round"
+    return None
 
 
 def _sites_in(msg: Message) -> int:
-    """Sites behind one reply: 1, or the number summed into a secure-aggregation reply."""
-    metrics = msg.content.metric_records.get(wire.METRICS, MetricRecord())
-    return int(metrics.get(wire.SECAGG_SITES, 1))
+    """Sites behind one accepted reply: 1 for a site's own, the count of a summed one."""
+    return msg.sites if isinstance(msg, SummedReply) else 1
 
 
 def weight_problem(msg: Message, key: str) -> str | None:
@@ -201,6 +104,8 @@ def weight_problem(msg: Message, key: str) -> str | None:
         return f"no numeric {key}"
     if not math.isfinite(value) or value < 0:
         return f"{key} {value!r} is not a finite number >= 0"
+    if key == wire.DP_UNIT_WEIGHT and value != 1.0:   # Flower's accounted DP raises otherwise
+        return f"{key} {value!r} is not 1.0 (site-level DP: one vote per site)"
     return None
 
 
@@ -229,6 +134,9 @@ class GuardedStrategy(StatelessWrapper, Strategy):
         Scale-free bound, on by default: with at least three well-formed updates, one whose
         norm exceeds this multiple of the round's median norm is rejected (catches a x1e6
         site without knowing the model's scale). None disables it.
+
+    Rejected train replies are in ``rejected`` (the round report), rejected evaluate
+    replies in ``evaluate_rejected`` (logged; observers do not read it yet).
     """
 
     kind = "guard"
@@ -244,10 +152,16 @@ class GuardedStrategy(StatelessWrapper, Strategy):
         self.max_norm_ratio = max_norm_ratio
         self.poll_interval = poll_interval
         self.rejected: list[Rejection] = []
+        self.evaluate_rejected: list[Rejection] = []    # logged; not part of round_report
+        self._sampled = 0                       # train messages configured this round
         self.update_norms: dict[str, float] = {}      # site id -> ||local - global|| this round
         self._reference: dict[str, np.ndarray] = {}
         self._dtypes: dict[str, np.dtype] | None = None   # the model's dtypes: the contract
         self._check_reply = getattr(strategy, "check_reply", None)   # the strategy's own needs
+        # the weight is the aggregating Flower strategy's, at the bottom of the chain (a DP
+        # wrapper in between has none of its own: site-level DP weighs by dp-unit-weight)
+        self._weight_key = getattr(dict(chain(strategy))[AGGREGATOR], "weighted_by_key",
+                                   wire.NUM_EXAMPLES)
 
     def summary(self) -> None:
         self.strategy.summary()
@@ -267,23 +181,52 @@ class GuardedStrategy(StatelessWrapper, Strategy):
             self._dtypes = {k: v.dtype for k, v in values.items()}
         self._reference = {k: v.astype(self._dtypes.get(k, v.dtype), copy=False)
                            for k, v in values.items()}
-        return self.strategy.configure_train(server_round, arrays, config, grid)
+        messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
+        self._sampled = len(messages)      # bounds what a secure sum can stand for
+        return messages
+
+    def _shape(self, *, train: bool) -> ReplyShape:
+        # Flower's train metric averaging zips lists; evaluation pooling decodes its own
+        return ReplyShape(arrays=train, weight_key=self._weight_key, list_lengths=train)
+
+    def _conform(self, server_round: int, phase: str, candidates: list[Message],
+                 shape: ReplyShape) -> list[tuple[Message, str | None]]:
+        """Each candidate with why it does not fit the round's agreed metric keys (or None,
+        its extra keys then stripped); stripped keys and records are logged, counted."""
+        agreed = shape.agree(candidates)
+        out = []
+        for msg in candidates:
+            reason, stripped = shape.conform(msg, agreed)
+            if stripped:
+                log.warning("round %d: %d metric key(s) from %s that the other sites do not "
+                            "send left out of %s", server_round, stripped, reply_site_id(msg),
+                            phase)
+            out.append((msg, reason))
+        return out
+
+    def _strip_records(self, server_round: int, phase: str, msg: Message,
+                       shape: ReplyShape) -> None:
+        stripped = shape.strip_records(msg)
+        if stripped:
+            log.warning("round %d: %d unexpected record(s) from %s left out of %s",
+                        server_round, stripped, reply_site_id(msg), phase)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         self.rejected, self.update_norms = [], {}
         accepted, verdicts, checked = [], [], {}
-        prefixes = npy_prefixes(self._reference)
+        prefixes, shape = npy_prefixes(self._reference), self._shape(train=True)
         for msg in replies:
             if msg.has_error():
                 accepted.append(msg)          # the inner strategy counts and logs failures
                 continue
+            self._strip_records(server_round, "aggregation", msg, shape)
             arrays, decoded = msg.content.array_records.get(wire.ARRAYS), {}
             reason, norm = check_update(arrays, self._reference, self.max_update_norm,
                                         prefixes, decoded)
             if reason is None:
-                reason = weight_problem(msg, getattr(self.strategy, "weighted_by_key",
-                                                     wire.NUM_EXAMPLES))
+                reason = weight_problem(msg, self._weight_key) or sites_problem(
+                    msg, self._sampled)
             if reason is None and self._check_reply is not None:
                 reason = self._check_reply(msg)
             if norm is not None:
@@ -296,7 +239,11 @@ class GuardedStrategy(StatelessWrapper, Strategy):
             verdicts = [(m, r if r is not None or n <= limit else
                          f"update norm {n:.3g} is over {self.max_norm_ratio:g}x the round's "
                          f"median ({limit / self.max_norm_ratio:.3g})", n) for m, r, n in verdicts]
+        # the metric keys are agreed among the updates otherwise accepted (reply_shape)
+        fits = {id(m): r for m, r in self._conform(
+            server_round, "aggregation", [m for m, r, _ in verdicts if r is None], shape)}
         for msg, reason, _ in verdicts:
+            reason = reason or fits[id(msg)]
             if reason is None:
                 accepted.append(msg)
                 # what the inner strategy decodes: the values checked (CheckedArray)
@@ -340,4 +287,21 @@ class GuardedStrategy(StatelessWrapper, Strategy):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:
-        return self.strategy.aggregate_evaluate(server_round, replies)
+        """Evaluate replies get the same records and metric-key checks as train replies
+        (``reply_shape``) and a usable weight; one that fails is left out (logged, in
+        ``evaluate_rejected``), never the round's evaluation."""
+        replies, shape, reasons = list(replies), self._shape(train=False), {}
+        for msg in replies:
+            if not msg.has_error():
+                self._strip_records(server_round, "evaluation", msg, shape)
+                reasons[id(msg)] = weight_problem(msg, self._weight_key)
+        candidates = [m for m in replies if id(m) in reasons and reasons[id(m)] is None]
+        reasons |= {id(m): r for m, r in self._conform(server_round, "evaluation",
+                                                        candidates, shape)}
+        self.evaluate_rejected = [Rejection(reply_site_id(m), reasons[id(m)])
+                                  for m in replies if reasons.get(id(m)) is not None]
+        for rejection in self.evaluate_rejected:
+            log.warning("round %d: evaluation from %s left out: %s", server_round,
+                        rejection.site_id, rejection.reason)
+        kept = [m for m in replies if reasons.get(id(m)) is None]
+        return self.strategy.aggregate_evaluate(server_round, kept)

@@ -28,9 +28,10 @@ from protocol import wire
 from protocol.arrays import apply_delta, float_keys
 from protocol.secagg_protocol import Advert, SecAggConfig, SecAggError, ServerRound
 
-from .guard import UNDECODABLE, decode, error_summary
+from .guard import SummedReply, error_summary
 from .sitedp import SiteDPAccounting, site_accountant
 from .state import RoundReport, StrategyWrapper, expect_no_state
+from .update_check import UNDECODABLE, decode
 
 log = logging.getLogger(__name__)
 
@@ -238,8 +239,9 @@ class SecAggPlus(StrategyWrapper, Strategy):
         origin = next(m for m in self._messages if m.metadata.dst_node_id in masked)
         metrics = MetricRecord({wire.NUM_EXAMPLES: weight, wire.SECAGG_CLIPPED: self.clipped,
                                 wire.SECAGG_SITES: len(masked), wire.DP_UNIT_WEIGHT: 1.0})
-        summed = Message(content=RecordDict({wire.ARRAYS: aggregate, wire.METRICS: metrics}),
-                         reply_to=origin)
+        # a SummedReply: the guard inside counts it as len(masked) sites (a site cannot)
+        summed = SummedReply(RecordDict({wire.ARRAYS: aggregate, wire.METRICS: metrics}),
+                             reply_to=origin, sites=len(masked))
         self._round = None
         return self.strategy.aggregate_train(server_round, [summed])
 

@@ -373,3 +373,19 @@ def test_a_checked_array_goes_on_the_wire_as_the_array_it_checked():
     assert checked.deflate() == plain.deflate() and checked.object_id == plain.object_id
     back = Array.inflate(checked.deflate(), dict(checked.children))
     assert type(back) is Array and np.array_equal(back.numpy(), plain.numpy())
+
+
+def test_a_checked_array_whose_fields_are_set_gives_its_new_bytes_values():
+    """The checked values are a cache of the bytes (like Flower's own object id and chunks):
+    setting data, dtype, shape or stype drops it, so numpy() never answers with values the
+    array no longer holds."""
+    from strategies.guard import CheckedArray
+
+    old, new = np.arange(6, dtype=np.float32), np.full(6, 7.0, np.float32)
+    checked = CheckedArray(old, Array(old).data)
+    checked.data = Array(new).data
+    np.testing.assert_array_equal(checked.numpy(), new)
+    checked = CheckedArray(old, Array(old).data)
+    checked.shape = (2, 3)
+    assert checked.numpy().shape == (6,)     # what the bytes say, as Flower's Array decodes
+    assert np.array_equal(CheckedArray(old, Array(old).data).numpy(), old)

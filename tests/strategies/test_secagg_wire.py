@@ -218,3 +218,29 @@ def test_attack_a_site_sending_an_undecodable_masked_vector_is_excluded_not_fata
     expected = np.mean([step(i) for i in grid.nodes if i != 4], axis=0)
     assert np.abs(average - expected).max() <= ENC.resolution
     assert peak < 64 * 2**20
+
+
+@pytest.mark.parametrize("required, ok", [(3, True), (4, False)])
+def test_the_guard_counts_a_secure_sum_as_the_sites_inside_it(required, ok):
+    """Behind SecAgg+ the guard sees one reply, the server's SummedReply: it counts as the
+    sites summed into it (4 sites, one dropped: 3) towards min_train_sites - a count no
+    site's own reply can claim (test_guard_replies)."""
+    from strategies.guard import GuardedStrategy, QuorumError
+
+    inner = FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=4,
+                   min_available_nodes=4, arrayrecord_key=wire.ARRAYS,
+                   configrecord_key=wire.CONFIG)
+    guard = GuardedStrategy(inner, min_available_sites=1, min_train_sites=required,
+                            quorum_timeout=1)
+    strategy = SecAggPlus(guard, SecAggConfig(encoding=ENC))
+    grid = SiteGrid(4, offline={2: wire.SECAGG_MASKED})
+    sent = list(strategy.configure_train(1, arrays(START), ConfigRecord(), grid))
+    replies = [r for r in map(grid.deliver, sent) if r is not None]
+    if not ok:
+        with pytest.raises(QuorumError, match="3 usable update"):
+            strategy.aggregate_train(1, replies)
+        return
+    new, _ = strategy.aggregate_train(1, replies)
+    expected = np.mean([step(i) for i in grid.nodes if i != 2], axis=0)
+    assert np.abs(view(new["w"]) - expected).max() <= ENC.resolution
+    assert guard.rejected == []

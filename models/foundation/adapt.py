@@ -104,7 +104,9 @@ class PresenceEmbedding(nn.Module):
 
     def __init__(self, num_channels: int, dim: int):
         super().__init__()
-        self.embed = nn.Linear(num_channels, dim, bias=False)
+        # skip_init: no default random draw, so the RNG stream (and every layer built after
+        # this one, the head) is the same with the option on or off under one seed
+        self.embed = nn.utils.skip_init(nn.Linear, num_channels, dim, bias=False)
         nn.init.zeros_(self.embed.weight)
 
     def forward(self, present: Tensor) -> Tensor:

@@ -82,6 +82,12 @@ class FoundationConfig:
         if self.channel_tokens not in CHANNEL_TOKENS:
             raise ValueError(f"unknown channel_tokens {self.channel_tokens!r}; choose one of "
                              f"{', '.join(CHANNEL_TOKENS)}")
+        if not isinstance(self.presence_embedding, bool):     # "false" would switch it on
+            raise ValueError(f"presence_embedding must be true or false, got "
+                             f"{self.presence_embedding!r}")
+        if self.presence_embedding and self.method == "linear_probe":
+            raise ValueError("presence_embedding is a new part that trains, and "
+                             "method=linear_probe trains the head only; drop one of them")
         if self.presence_embedding and self.channel_tokens != "fused":
             raise ValueError("presence_embedding needs channel_tokens=fused (per-channel "
                              "tokens of an absent channel are masked out of attention "

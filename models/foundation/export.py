@@ -26,8 +26,9 @@ The encoder's own RGB patch projection is exported unchanged; the adapted model 
 (``adaptation.json`` says so), so ``DIR/encoder`` alone is the fine-tuned transformer for RGB
 inputs, and with the adaptation parts it is the multi-channel model MedFed trained.
 
-Format versions (``FORMAT_VERSION``): 1 wrote ``"format": "medfed-foundation-export"`` and
-had per-channel tokens only; 2 added ``config.channel_tokens`` (``fused``) and
+Format versions (``FORMAT_VERSION``): 1 wrote ``"format": "medfed-foundation-export"``
+(per-channel tokens; session 20's version-1 files may carry ``channel_tokens``, read as
+written); 2 added ``config.channel_tokens`` (``fused``) and
 ``config.presence_embedding`` (with the part ``presence_embed``). The version is part
 of the ``format`` string, not a key beside it, because a version-1 reader compares that string
 and nothing else: it refuses a version-2 file with its own format error instead of failing on
@@ -293,8 +294,14 @@ def load_export(directory: str | Path) -> FoundationBackbone:
     if not is_export(directory):
         raise ExportFormatError(f"{directory} has no {ADAPTATION_CONFIG}: not a foundation "
                                 "model export")
-    meta = json.loads((directory / ADAPTATION_CONFIG).read_text())
     source = str(directory / ADAPTATION_CONFIG)
+    try:
+        meta = json.loads((directory / ADAPTATION_CONFIG).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ExportFormatError(f"{source} is not JSON ({err})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("family"), str):
+        raise ExportFormatError(f"{source} must be a JSON object naming the encoder's "
+                                "family: not a foundation model export")
     config = export_config(meta, format_version(meta, source), source)
     loaded = load_encoder(directory / ENCODER_DIR, expected_family=meta["family"])
     model = FoundationBackbone(loaded, config)

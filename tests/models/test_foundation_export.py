@@ -228,3 +228,15 @@ def test_a_config_key_this_version_does_not_know_is_a_format_error_not_a_type_er
     _rewrite(out, config=meta["config"] | {"channel_tokens": "stacked"})
     with pytest.raises(ExportFormatError, match="config is not valid: unknown channel_tokens"):
         load_export(out)
+
+
+@pytest.mark.parametrize("change", ["not-json", "not-an-object", "no-family"])
+def test_an_adaptation_file_that_is_not_an_export_object_is_a_format_error(originals, tmp_path,
+                                                                          change):
+    out = export_foundation(_trained(originals, "dinov2", "lora"), tmp_path / "export")
+    meta = json.loads((out / ADAPTATION_CONFIG).read_text())
+    text = {"not-json": "{not json", "not-an-object": json.dumps([meta]),
+            "no-family": json.dumps({k: v for k, v in meta.items() if k != "family"})}[change]
+    (out / ADAPTATION_CONFIG).write_text(text)
+    with pytest.raises(ExportFormatError):
+        load_export(out)

@@ -220,6 +220,24 @@ def test_presence_embedding_is_off_by_default_and_only_for_fused_tokens(weights)
     model = _fused(weights["dinov2"])
     assert model.presence_embed is None           # default: the state is what it was
     assert not any(k.startswith("presence_embed") for k in model.state_dict())
+    for wrong in ("false", "no", 1):              # a string would be truthy: switched on
+        with pytest.raises(ValueError, match="presence_embedding must be true or false"):
+            FoundationConfig(weights="w", channel_tokens="fused", presence_embedding=wrong)
+    with pytest.raises(ValueError, match="linear_probe trains the head only"):
+        FoundationConfig(weights="w", channel_tokens="fused", presence_embedding=True,
+                         method="linear_probe")
+
+
+def test_the_presence_embedding_leaves_the_other_layers_init_alone(weights):
+    """Same seed, option on or off: every other weight (the head, built after it) starts
+    the same - the option's own layer draws nothing from the RNG."""
+    torch.manual_seed(0)
+    off = _fused(weights["dinov2"]).state_dict()
+    torch.manual_seed(0)
+    on = _fused(weights["dinov2"], presence_embedding=True).state_dict()
+    assert set(on) - set(off) == {"presence_embed.embed.weight"}
+    for key, value in off.items():
+        torch.testing.assert_close(on[key], value, rtol=0, atol=0, msg=key)
 
 
 def _absent_or_black(model, batch):
@@ -261,8 +279,6 @@ def test_per_sample_gradients_are_exact_with_the_presence_embedding(weights, fam
     assert "presence_embed.embed.weight" in trainable
     _randomise_trainable(model)
     assert_exact_per_sample(model, _batch(dtype=torch.float64))
-    probe = _fused(weights[family], presence_embedding=True, method="linear_probe")
-    assert not probe.presence_embed.embed.weight.requires_grad
 
 
 def test_the_presence_embedding_is_exported_and_reloaded(weights, tmp_path):

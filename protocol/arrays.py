@@ -31,7 +31,8 @@ def view(array: Array) -> np.ndarray:
     """A read-only NumPy view of an ``Array``'s payload, without the copy ``Array.numpy``
     makes (it ``np.load``s the bytes); falls back to it for anything but a plain C-order
     ``.npy`` payload of version 1 or 2. For the server's own arrays and trusted ones: a
-    site's reply is checked against what is expected first (``strategies.guard.decode``)."""
+    site's reply is checked against what is expected first
+    (``strategies.update_check.decode``)."""
     if array.stype == SType.NUMPY:
         try:
             shape, fortran_order, dtype, offset = read_header(array.data)

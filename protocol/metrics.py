@@ -26,11 +26,19 @@ Encoding, under ``f"{split}-"`` (e.g. ``val-``, ``personal-test-``, ``test-witho
 
 Every key depends on the task and its config only, never on the data: all sites of one
 run send the same key set for a split, empty splits included (``n = 0``).
+
+Bounds (``from_record``): what the server pools must not overflow when summed over sites
+(int64 confusion counts, float sums of seconds and counts) nor name more figures than a task
+has, so ``n`` is at most :data:`MAX_STUDIES`, class/finding counts at most
+:data:`MAX_CATEGORIES`, seconds, means and counts finite and at most :data:`MAX_FIGURE` in
+magnitude, and mean/count names are short lower-case words (they become MLflow keys), at
+most :data:`MAX_NAMED` of them. ``loss`` alone may be NaN (a diverged model: reported).
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 
 import numpy as np
@@ -41,6 +49,13 @@ from models.metrics import SplitMetrics
 from . import wire
 
 _CONFUSIONS = (("confusion", wire.EVAL_CONFUSION), ("finding_confusions", wire.EVAL_FINDINGS))
+
+# Far above any site (a trillion studies), and 2**22 sites' int64 count sums cannot overflow.
+MAX_STUDIES = 2**40
+MAX_CATEGORIES = 1024        # classes of a confusion matrix, findings of a multi-label task
+MAX_FIGURE = 1e12            # seconds, means, counts: sums over sites stay finite
+MAX_NAMED = 64               # mean-/count- figures per split (honest tasks: a handful)
+_NAME = re.compile(r"[a-z0-9_]{1,40}")     # what a task names its means and counts
 
 
 def to_record(metrics: SplitMetrics, split: str, *, suppressed_n: int | None = None
@@ -77,7 +92,9 @@ def from_record(record: Mapping, split: str) -> SplitMetrics:
     ValueError
         Naming the split and what is wrong: a missing or non-numeric field, a confusion
         list whose length does not match its shape, negative, fractional or NaN counts,
-        counts that do not add up to ``n``, an AUROC list longer than one or out of [0, 1].
+        counts that do not add up to ``n``, an AUROC list longer than one or out of [0, 1],
+        a figure beyond the bounds of the module docstring or a mean/count name that is not
+        a short lower-case word.
         The server pools what sites send, so it checks instead of trusting it.
     """
     p = f"{split}-"
@@ -94,8 +111,8 @@ def from_record(record: Mapping, split: str) -> SplitMetrics:
             if p + key in record:
                 fields[field] = _shaped(record, p + key)
         for kind, name in ((wire.EVAL_MEAN, "means"), (wire.EVAL_COUNT, "counts")):
-            fields[name] = {k[len(p + kind):]: _scalar(record, k)
-                            for k in record if k.startswith(p + kind)}
+            fields[name] = _named(record, p + kind)
+        _bounded(fields)
         return SplitMetrics(**fields)
     except (ValueError, TypeError) as error:
         raise ValueError(f"evaluation metrics of split {split!r} refused: {error}") from error
@@ -115,6 +132,30 @@ def report_splits(record: Mapping) -> list[str]:
     splits += sorted(k[:-len(n)] for k in record
                      if k.startswith(wire.WITHOUT_PREFIX) and k.endswith(n))
     return splits
+
+
+def _named(record: Mapping, prefix: str) -> dict[str, float]:
+    """The ``prefix<name>`` figures (means or counts), their names checked."""
+    named = {k[len(prefix):]: _scalar(record, k) for k in record if k.startswith(prefix)}
+    if len(named) > MAX_NAMED:
+        raise ValueError(f"{len(named)} {prefix!r} figures; at most {MAX_NAMED} expected")
+    if bad := [n for n in named if not _NAME.fullmatch(n)]:
+        raise ValueError(f"{prefix!r} figure name {bad[0][:40]!r} is not a short lower-case "
+                         "word ([a-z0-9_], at most 40)")
+    return named
+
+
+def _bounded(fields: dict) -> None:
+    """Refuse values whose sums over sites could overflow (module docstring: bounds)."""
+    if fields["n"] > MAX_STUDIES:
+        raise ValueError(f"n {fields['n']:g} is above {MAX_STUDIES} studies")
+    figures = {"seconds": fields["seconds"]} | fields["means"] | fields["counts"]
+    if bad := [k for k, v in figures.items() if not abs(v) <= MAX_FIGURE]:   # NaN too
+        raise ValueError(f"{bad[0]!r} is not finite or beyond {MAX_FIGURE:g} in magnitude")
+    for field, _ in _CONFUSIONS:
+        if (counts := fields.get(field)) is not None and counts.shape[0] > MAX_CATEGORIES:
+            raise ValueError(f"{field} has {counts.shape[0]} categories; at most "
+                             f"{MAX_CATEGORIES} expected")
 
 
 def _scalar(record: Mapping, key: str, default: float | None = None) -> float:

@@ -115,8 +115,9 @@ class ConsoleTable:
         else:
             for site, train_loss, val, test, seconds in lines:
                 self._line(record.round, site, train_loss, val, test, seconds=seconds)
-        self._warn(record.round, [f"evaluation reply failed: {one_line(str(f))}" for f in failed],
-                   many)
+        self._warn(record.round, [f"evaluation reply failed: {one_line(str(f))}" for f in failed]
+                   + [f"evaluation from {r.site_id} excluded: {r.reason}"
+                      for r in record.evaluate_rejected], many)
         trained = [r for r in record.evaluate if wire.EXTERNAL_SPLIT not in report_splits(r.metrics)]
         new_notes = len(self.notes)
         val = self._shown("GLOBAL val", pool_sites([from_record(r.metrics, "val") for r in trained]))
@@ -147,9 +148,10 @@ class ConsoleTable:
         failures = {phase: len(record.failures.get(phase, [])) for phase in ("train", "evaluate")}
         where = self.run_dir / SITE_TABLE if self.run_dir else "the MLflow run"
         log.info("round %d: %d sites trained (%d failed, %d updates excluded), %d evaluated "
-                 "(%d failed); every site's line: %s", record.round, len(record.train),
-                 failures["train"], len(record.rejected), len(record.evaluate),
-                 failures["evaluate"], where)
+                 "(%d failed, %d excluded); every site's line: %s", record.round,
+                 len(record.train), failures["train"], len(record.rejected),
+                 len(record.evaluate), failures["evaluate"], len(record.evaluate_rejected),
+                 where)
         columns = {"train_loss": lambda x: x[1], "val_loss": lambda x: x[2].get("loss"),
                    "val_mcc": lambda x: x[2].get("mcc"), "test_acc": lambda x: x[3].get("accuracy"),
                    "test_mcc": lambda x: x[3].get("mcc"), "test_auc": lambda x: x[3].get("auroc"),
@@ -181,9 +183,10 @@ class ConsoleTable:
             for failure in record.failures.get(phase, []):
                 rows.append("\t".join([str(record.round), failure.site, *["-"] * 8,
                                        f"{phase} failed: {one_line(str(failure))}"]))
-        for rejection in record.rejected:
-            rows.append("\t".join([str(record.round), rejection.site_id, *["-"] * 8,
-                                   f"update excluded: {rejection.reason}"]))
+        for phase, rejected in (("update", record.rejected),
+                                ("evaluation", record.evaluate_rejected)):
+            rows += ["\t".join([str(record.round), r.site_id, *["-"] * 8,
+                                f"{phase} excluded: {r.reason}"]) for r in rejected]
         rows += [f"# round {record.round} note: {note}" for note in notes]
         with path.open("a") as out:
             out.write("\n".join(rows) + "\n")

@@ -248,7 +248,12 @@ class MlflowTracker:
         metrics = writes.metrics
         metrics |= {"round/wall_seconds": record.wall_seconds,
                     "eval/sites_ok": len(record.evaluate),
-                    "eval/sites_failed": len(record.failures.get("evaluate", []))}
+                    "eval/sites_failed": len(record.failures.get("evaluate", [])),
+                    "eval/replies_rejected": len(record.evaluate_rejected)}
+        for rejection in record.evaluate_rejected:       # as rejected updates are (on_train)
+            metrics[f"site/{rejection.site_id}/evaluate/rejected"] = 1.0
+            writes.run_tags[f"eval-rejected.round-{step}.{rejection.site_id}"] = \
+                rejection.reason[:250]
         # training sites report val/test, external sites (evaluation only) their own split
         splits = dict.fromkeys(s for r in record.evaluate for s in report_splits(r.metrics))
         for split in splits:

@@ -9,7 +9,10 @@ change it). Before sampling, the server asks each node it has not met yet for it
 - every evaluation round (when the inner strategy samples one) also goes to every connected
   external site, which scores the model on all of its labelled studies (split
   ``external``); its replies are kept out of the inner strategy's pooled val/test metrics,
-  observers see them and record ``external/*``.
+  observers see them and record ``external/*``. No strategy pools them, so the values this
+  wrapper checks itself (``pooling.evaluation_verdicts``, as the guard does for training
+  sites): a refused reply is logged and reported (``external_rejected``), and observers
+  leave it out.
 
 A node that does not answer the query is treated as a training site this round and asked
 again next round; an external site refuses a train message anyway (``client/app.py``).
@@ -25,8 +28,11 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from protocol import wire
+from protocol.metrics import report_splits
 
-from .state import StatelessWrapper
+from .guard import Rejection, rejection
+from .pooling import evaluation_verdicts
+from .state import RoundReport, StatelessWrapper
 
 log = logging.getLogger("medfed.server")
 
@@ -58,9 +64,14 @@ class ExternalSites(StatelessWrapper, Strategy):
         self.query_timeout = query_timeout
         self.roles: dict[int, str] = {}           # node id -> role, learnt by query
         self.names: dict[int, str] = {}           # node id -> site id, for log lines
+        self.rejected: list[Rejection] = []     # external replies refused this round
 
     def summary(self) -> None:
         self.strategy.summary()
+
+    def round_report(self) -> RoundReport:
+        """The external sites' evaluate replies refused in the last evaluation round."""
+        return RoundReport(external_rejected=list(self.rejected))
 
     def external(self) -> set[int]:
         return {n for n, role in self.roles.items() if role == wire.ROLE_EXTERNAL}
@@ -120,5 +131,24 @@ class ExternalSites(StatelessWrapper, Strategy):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:
         external = self.external()
+        replies = list(replies)
         inner = [m for m in replies if m.metadata.src_node_id not in external]
+        scored = [m for m in replies if m.metadata.src_node_id in external
+                  and not m.has_error()]
+        metrics = [m.content.metric_records.get(wire.METRICS, MetricRecord()) for m in scored]
+        self.rejected = []
+        for msg, values, reason in zip(scored, metrics, evaluation_verdicts(metrics)):
+            reason = reason or _not_external(values)
+            if reason is not None:
+                self.rejected.append(rejection(msg, reason))
+                log.warning("round %d: evaluation from external site %s left out: %s",
+                            server_round, self.rejected[-1].site_id, reason)
         return self.strategy.aggregate_evaluate(server_round, inner) if inner else None
+
+
+def _not_external(metrics: MetricRecord) -> str | None:
+    """Why an external site's reply is not an external evaluation (observers would pool its
+    val/test figures with the training sites'), or None."""
+    if report_splits(metrics)[0] != wire.EXTERNAL_SPLIT:
+        return f"an external site must report split {wire.EXTERNAL_SPLIT!r} only"
+    return None

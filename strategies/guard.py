@@ -10,7 +10,9 @@ and dtypes, or whose distance from the global model exceeds ``max_update_norm``
 A wrapped strategy that needs more from a reply (FedNova: the local step count) says so with
 a ``check_reply(msg) -> reason or None`` method; the guard rejects such replies the same way.
 Train and evaluate replies alike are brought to one shape of records and metric keys
-(``reply_shape``), so that no site's reply can make Flower's aggregation refuse the round.
+(``reply_shape``), so that no site's reply can make Flower's aggregation refuse the round;
+where the aggregating strategy pools evaluations (``pooling.aggregate_evaluate_records``),
+an evaluate reply whose values that pooling refuses is left out too (``evaluation_verdicts``).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from flwr.serverapp.strategy import Strategy
 
 from protocol import wire
 
+from .pooling import aggregate_evaluate_records, evaluation_verdicts
 from .reply_shape import ReplyShape
 from .state import AGGREGATOR, RoundReport, StatelessWrapper, chain
 # the update check is its own module; these names are the guard's public API too
@@ -53,8 +56,16 @@ def wait_for_quorum(grid: Grid, minimum: int, timeout: float, poll: float = 0.5)
 
 @dataclass(frozen=True)
 class Rejection:
+    """A reply left out: the site it names, why, and the node it came from (Flower's node id,
+    which a site cannot forge, unlike the site id in its reply; None where unknown)."""
+
     site_id: str
     reason: str
+    node: int | None = None
+
+
+def rejection(msg: Message, reason: str) -> Rejection:
+    return Rejection(reply_site_id(msg), reason, msg.metadata.src_node_id)
 
 
 def reply_site_id(msg: Message) -> str:
@@ -135,8 +146,8 @@ class GuardedStrategy(StatelessWrapper, Strategy):
         norm exceeds this multiple of the round's median norm is rejected (catches a x1e6
         site without knowing the model's scale). None disables it.
 
-    Rejected train replies are in ``rejected`` (the round report), rejected evaluate
-    replies in ``evaluate_rejected`` (logged; observers do not read it yet).
+    Rejected train replies are in ``rejected``, rejected evaluate replies in
+    ``evaluate_rejected`` (both logged and in the round report).
     """
 
     kind = "guard"
@@ -152,7 +163,7 @@ class GuardedStrategy(StatelessWrapper, Strategy):
         self.max_norm_ratio = max_norm_ratio
         self.poll_interval = poll_interval
         self.rejected: list[Rejection] = []
-        self.evaluate_rejected: list[Rejection] = []    # logged; not part of round_report
+        self.evaluate_rejected: list[Rejection] = []
         self._sampled = 0                       # train messages configured this round
         self.update_norms: dict[str, float] = {}      # site id -> ||local - global|| this round
         self._reference: dict[str, np.ndarray] = {}
@@ -160,15 +171,20 @@ class GuardedStrategy(StatelessWrapper, Strategy):
         self._check_reply = getattr(strategy, "check_reply", None)   # the strategy's own needs
         # the weight is the aggregating Flower strategy's, at the bottom of the chain (a DP
         # wrapper in between has none of its own: site-level DP weighs by dp-unit-weight)
-        self._weight_key = getattr(dict(chain(strategy))[AGGREGATOR], "weighted_by_key",
-                                   wire.NUM_EXAMPLES)
+        aggregator = dict(chain(strategy))[AGGREGATOR]
+        self._weight_key = getattr(aggregator, "weighted_by_key", wire.NUM_EXAMPLES)
+        # the pooled evaluation decodes every value: what it would refuse is checked first
+        self._pools_evaluations = getattr(aggregator, "evaluate_metrics_aggr_fn",
+                                          None) is aggregate_evaluate_records
 
     def summary(self) -> None:
         self.strategy.summary()
 
     def round_report(self) -> RoundReport:
-        """The replies rejected in the last aggregated round and every update's norm."""
-        return RoundReport(rejected=list(self.rejected), update_norms=dict(self.update_norms))
+        """The replies rejected in the last aggregated round (train and evaluate) and every
+        update's norm."""
+        return RoundReport(rejected=list(self.rejected), update_norms=dict(self.update_norms),
+                           evaluate_rejected=list(self.evaluate_rejected))
 
     def wait_for_quorum(self, grid: Grid) -> None:
         wait_for_quorum(grid, self.min_available_sites, self.quorum_timeout, self.poll_interval)
@@ -251,7 +267,7 @@ class GuardedStrategy(StatelessWrapper, Strategy):
                 for key, value in checked[id(msg)].items():
                     arrays[key] = CheckedArray(value, arrays[key].data)
             else:
-                self.rejected.append(Rejection(reply_site_id(msg), reason))
+                self.rejected.append(rejection(msg, reason))
                 log.warning("round %d: rejected update from %s: %s", server_round,
                             reply_site_id(msg), reason)
         usable = sum(_sites_in(m) for m in accepted if not m.has_error())
@@ -288,9 +304,11 @@ class GuardedStrategy(StatelessWrapper, Strategy):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:
         """Evaluate replies get the same records and metric-key checks as train replies
-        (``reply_shape``) and a usable weight; one that fails is left out (logged, in
+        (``reply_shape``), a usable weight and, where evaluations are pooled, values the
+        pooling accepts (``evaluation_verdicts``); one that fails is left out (logged, in
         ``evaluate_rejected``), never the round's evaluation."""
         replies, shape, reasons = list(replies), self._shape(train=False), {}
+        self.evaluate_rejected = []
         for msg in replies:
             if not msg.has_error():
                 self._strip_records(server_round, "evaluation", msg, shape)
@@ -298,10 +316,14 @@ class GuardedStrategy(StatelessWrapper, Strategy):
         candidates = [m for m in replies if id(m) in reasons and reasons[id(m)] is None]
         reasons |= {id(m): r for m, r in self._conform(server_round, "evaluation",
                                                         candidates, shape)}
-        self.evaluate_rejected = [Rejection(reply_site_id(m), reasons[id(m)])
+        if self._pools_evaluations:      # judged among the replies of the agreed shape
+            candidates = [m for m in candidates if reasons[id(m)] is None]
+            reasons |= {id(m): r for m, r in zip(candidates, evaluation_verdicts(
+                [m.content.metric_records[wire.METRICS] for m in candidates]))}
+        self.evaluate_rejected = [rejection(m, reasons[id(m)])
                                   for m in replies if reasons.get(id(m)) is not None]
-        for rejection in self.evaluate_rejected:
+        for refused in self.evaluate_rejected:
             log.warning("round %d: evaluation from %s left out: %s", server_round,
-                        rejection.site_id, rejection.reason)
+                        refused.site_id, refused.reason)
         kept = [m for m in replies if reasons.get(id(m)) is None]
         return self.strategy.aggregate_evaluate(server_round, kept)

@@ -4,6 +4,12 @@ It holds an inner Flower strategy and delegates all four phases to it, as Flower
 wrappers do; Flower's ``Strategy.start`` keeps owning the round loop. Observers see per-site
 replies (site id, metrics) next to the aggregate, and the wall time of each round.
 
+What observers see of a reply is what the wrappers below accepted: an evaluate reply the
+guard (or, from an external site, ``ExternalSites``) refused is not among ``evaluate`` but in
+``evaluate_rejected`` (observers decode evaluations; a refused one may not decode), and a
+site's metric keys are only those a majority of the phase's replies carry (``ReplyShape``'s
+rule: the guard's), so one site cannot choose per-site MLflow keys or console figures.
+
 Two things make runs reproducible and resumable: replies are handed on in site-id order
 (floating-point sums depend on order, and replies arrive in completion order), and a
 ``round_offset`` lets a resumed run continue its round numbering (sites derive their seeds
@@ -12,6 +18,7 @@ from it) while Flower's loop counts from 1 again.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Iterable
@@ -23,7 +30,9 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from protocol import wire
+from protocol.metrics import report_splits
 
+from .reply_shape import ReplyShape
 from .state import StatelessWrapper, chain_reports, merge_reports
 
 log = logging.getLogger(__name__)
@@ -64,6 +73,7 @@ class RoundRecord:
     failures: dict[str, list[SiteFailure]] = field(default_factory=dict)   # by phase
     train_metrics: dict[str, float] = field(default_factory=dict)
     rejected: list = field(default_factory=list)     # guard.Rejection: site id and reason
+    evaluate_rejected: list = field(default_factory=list)   # guard.Rejection, evaluate replies
     update_norms: dict[str, float] = field(default_factory=dict)   # site id -> ||local - global||
     arrays: ArrayRecord | None = None
     wall_seconds: float = 0.0
@@ -139,13 +149,26 @@ class ObservedStrategy(StatelessWrapper, Strategy):
         self._sites: dict[int, str] = {}       # node id -> site id, to name a site that fails
         self._sent: dict[str, list[Message]] = {}   # phase -> instructions (ids set when pushed)
 
-    def _record(self, record: RoundRecord, phase: str, replies: list[Message]) -> list[SiteReply]:
+    def _record(self, record: RoundRecord, phase: str, replies: list[Message],
+                refused: frozenset[int] = frozenset()) -> list[SiteReply]:
+        """The phase's site replies but those from the ``refused`` nodes, each with only
+        the metric keys a majority of the phase's replies carry (module docstring)."""
         # the instructions are needed only until their replies are in (one per site)
         targets = {m.metadata.message_id: m.metadata.dst_node_id
                    for m in self._sent.pop(phase, [])}
         ok, record.failures[phase] = site_replies(replies, self._sites, targets)
         self._sites |= {r.node_id: r.site_id for r in ok}
-        return ok
+        # external sites' evaluations carry other keys than the training sites': each its own
+        groups: dict[bool, list[Message]] = {}
+        for msg in replies:
+            if not msg.has_error():
+                metrics = msg.content.metric_records.get(wire.METRICS, MetricRecord())
+                groups.setdefault(wire.EXTERNAL_SPLIT in report_splits(metrics), []).append(msg)
+        shape = ReplyShape(arrays=False, weight_key=wire.NUM_EXAMPLES, list_lengths=False)
+        known = {key for group in groups.values() for key in shape.agree(group)}
+        return [dataclasses.replace(r, metrics={k: v for k, v in r.metrics.items()
+                                                if k in known})
+                for r in ok if r.node_id not in refused]
 
     def summary(self) -> None:
         self.strategy.summary()
@@ -189,8 +212,12 @@ class ObservedStrategy(StatelessWrapper, Strategy):
         server_round += self.round_offset
         replies = ordered(replies)
         record = self._round or RoundRecord(server_round)
-        record.evaluate = self._record(record, "evaluate", replies)
         metrics = self.strategy.aggregate_evaluate(server_round, replies)
+        report = merge_reports(chain_reports(self.inner))
+        record.evaluate_rejected = [*report.get("evaluate_rejected", []),
+                                    *report.get("external_rejected", [])]
+        record.evaluate = self._record(record, "evaluate", replies, frozenset(
+            r.node for r in record.evaluate_rejected))
         record.wall_seconds = time.perf_counter() - record.started
         for observer in self.observers:
             observer.on_round_end(record)

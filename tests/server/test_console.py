@@ -107,6 +107,17 @@ def test_a_site_failure_is_one_line_naming_the_site(caplog):
         "round 2: training reply failed: c (node 17): JobRefused: no privacy budget left"]
 
 
+def test_an_evaluation_the_guard_left_out_is_one_line_naming_the_site(caplog):
+    from strategies.guard import Rejection
+
+    record = RoundRecord(round=3, evaluate=[_reply("site-0", _split(GOOD), _split(GOOD))],
+                         evaluate_rejected=[Rejection("site-9", "auroc out of [0, 1]", 9)])
+    with caplog.at_level(logging.INFO, logger="medfed.server"):
+        ConsoleTable().on_round_end(record)
+    assert "round 3: evaluation from site-9 excluded: auroc out of [0, 1]" in [
+        r.getMessage() for r in caplog.records]
+
+
 def test_the_results_hint_names_the_store_and_the_command_that_opens_it():
     from server.console import results_hint
 
@@ -150,7 +161,7 @@ def test_more_than_twenty_sites_print_a_round_summary_and_the_full_table_goes_to
     assert f"round 4: ... and 2 more (all in {tmp_path / SITE_TABLE})" in lines
     counts = next(line for line in lines if "sites trained" in line)
     assert counts.startswith("round 4: 101 sites trained (5 failed, 0 updates excluded), "
-                             "101 evaluated (0 failed)")
+                             "101 evaluated (0 failed, 0 excluded)")
     train_loss = next(line for line in lines if line.startswith("round 4: train_loss")).split()
     assert train_loss[3:] == ["0.000", "25.000", "50.000", "75.000", "100.000", "101"]
     test_mcc = next(line for line in lines if line.startswith("round 4: test_mcc")).split()

@@ -9,6 +9,7 @@ from models.metrics import SplitMetrics, multilabel_from_confusions
 from protocol import wire
 from protocol.metrics import to_record
 from server.config import load_experiment
+from strategies.guard import Rejection
 from strategies.observed import RoundRecord, SiteReply
 
 
@@ -32,7 +33,8 @@ def test_per_site_metrics_are_scalars_without_confusion_cells(tmp_path):
     b = np.array([[[2, 1], [1, 2]], [[4, 0], [0, 2]], [[1, 1], [2, 2]]])      # 6 studies
     record = RoundRecord(round=1, evaluate=[
         _reply("site-0", 1, SplitMetrics(n=10, loss=0.5, finding_confusions=a, auroc=0.7)),
-        _reply("site-1", 2, SplitMetrics(n=6, loss=0.9, finding_confusions=b, auroc=None))])
+        _reply("site-1", 2, SplitMetrics(n=6, loss=0.9, finding_confusions=b, auroc=None))],
+        evaluate_rejected=[Rejection("site-9", "auroc out of [0, 1]", 9)])
     tracker = MlflowTracker(cfg, tmp_path)
     try:
         tracker.on_round_end(record)
@@ -52,6 +54,11 @@ def test_per_site_metrics_are_scalars_without_confusion_cells(tmp_path):
     assert logged["test/mcc"] == pytest.approx(multilabel_from_confusions(a + b)["mcc"])
     assert logged["test/auroc"] == pytest.approx(0.7)                  # defined sites only
     assert logged["test/n"] == 16.0
+    # an evaluation the guard left out is counted and named, as a rejected update is
+    assert logged["eval/replies_rejected"] == 1.0 and logged["eval/sites_ok"] == 2.0
+    assert logged["site/site-9/evaluate/rejected"] == 1.0
+    tags = mlflow.MlflowClient(tracker.uri).get_run(tracker.run_id).data.tags
+    assert tags["eval-rejected.round-1.site-9"] == "auroc out of [0, 1]"
 
 
 def test_a_rounds_metrics_from_all_its_sites_are_written_in_one_batch(tmp_path):

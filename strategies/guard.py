@@ -31,7 +31,7 @@ from flwr.serverapp.strategy import Strategy
 from protocol import wire
 
 from .pooling import aggregate_evaluate_records, evaluation_verdicts
-from .reply_shape import ReplyShape
+from .reply_shape import ReplyShape, claimed_site_id
 from .state import AGGREGATOR, RoundReport, StatelessWrapper, chain
 # the update check is its own module; these names are the guard's public API too
 from .update_check import (UNDECODABLE, CheckedArray, Refused, check_update,  # noqa: F401
@@ -68,9 +68,11 @@ def rejection(msg: Message, reason: str) -> Rejection:
     return Rejection(reply_site_id(msg), reason, msg.metadata.src_node_id)
 
 
-def reply_site_id(msg: Message) -> str:
-    site = msg.content.config_records.get(wire.SITE, ConfigRecord()) if msg.has_content() else {}
-    return str(site.get(wire.SITE_ID, f"node-{msg.metadata.src_node_id}"))
+reply_site_id = claimed_site_id       # the one rule (reply_shape): a plain name or node-<id>
+
+
+def _metrics_of(msg: Message) -> MetricRecord:
+    return msg.content.metric_records.get(wire.METRICS, MetricRecord())
 
 
 class SummedReply(Message):
@@ -277,6 +279,13 @@ class GuardedStrategy(StatelessWrapper, Strategy):
                               f"{self.min_train_sites} required (strategy.min_train_sites); "
                               f"rejected: {[f'{r.site_id}: {r.reason}' for r in self.rejected]}; "
                               f"site errors: {errors}")
+        weights = [_metrics_of(m).get(self._weight_key, 0.0) for m in accepted
+                   if not m.has_error()]
+        if weights and sum(weights) == 0:   # FedAvg would divide by it: the round fails
+            log.warning("round %d: every accepted update has %s 0 (no site had anything to "
+                        "train on): the global model stays as it was", server_round,
+                        self._weight_key)
+            return None, None
         arrays, metrics = self.strategy.aggregate_train(server_round, accepted)
         return self._as_model_dtypes(arrays), metrics
 

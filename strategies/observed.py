@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ from flwr.serverapp.strategy import Strategy
 from protocol import wire
 from protocol.metrics import report_splits
 
-from .reply_shape import ReplyShape
+from .reply_shape import ReplyShape, claimed_site_id
 from .state import StatelessWrapper, chain_reports, merge_reports
 
 log = logging.getLogger(__name__)
@@ -111,7 +112,7 @@ def site_replies(replies: Iterable[Message], known: dict[int, str] | None = None
         site = content.config_records.get(wire.SITE, ConfigRecord())
         metrics = content.metric_records.get(wire.METRICS, MetricRecord())
         ok.append(SiteReply(
-            site_id=str(site.get(wire.SITE_ID, f"node-{msg.metadata.src_node_id}")),
+            site_id=claimed_site_id(msg),
             node_id=msg.metadata.src_node_id,
             # lists too: an evaluate reply's confusion counts and AUROC (protocol.metrics)
             metrics={k: list(v) if isinstance(v, list) else float(v) for k, v in metrics.items()
@@ -166,8 +167,12 @@ class ObservedStrategy(StatelessWrapper, Strategy):
                 groups.setdefault(wire.EXTERNAL_SPLIT in report_splits(metrics), []).append(msg)
         shape = ReplyShape(arrays=False, weight_key=wire.NUM_EXAMPLES, list_lengths=False)
         known = {key for group in groups.values() for key in shape.agree(group)}
+        # a training site's figures are numbers (logged one MLflow metric each); lists
+        # belong to evaluations (protocol.metrics decodes them), anything else is dropped
+        kept = (lambda v: isinstance(v, float) and math.isfinite(v)) if phase == "train" \
+            else (lambda v: True)
         return [dataclasses.replace(r, metrics={k: v for k, v in r.metrics.items()
-                                                if k in known})
+                                                if k in known and kept(v)})
                 for r in ok if r.node_id not in refused]
 
     def summary(self) -> None:

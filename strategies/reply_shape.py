@@ -19,6 +19,11 @@ sees them:
   it in another form, is rejected: filling it in would invent a site's number. A key that no
   majority carries is stripped from every reply.
 
+A reply whose weight is 0 (a site with no training study for the task: the engine then sends
+no ``train_*`` figures) does not vote, and an agreed key it lacks is filled with zeros of the
+agreed form instead of rejecting it: with weight 0 that number enters no weighted mean, and
+an honest site without data is not turned into a rejected update by the others' keys.
+
 Why extras are stripped rather than rejected: a stripped record or key reaches no aggregation,
 so the rest of the reply is judged as if it had come alone, and a site running a newer client
 that reports one more metric keeps its update. Stripping is counted and logged by the guard.
@@ -28,11 +33,12 @@ of reporting, never a failed round).
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from flwr.app import Message, MetricRecord
+from flwr.app import ConfigRecord, Message, MetricRecord
 
 from protocol import wire
 
@@ -78,9 +84,10 @@ class ReplyShape:
     def agree(self, replies: Sequence[Message]) -> dict[str, Form]:
         """The metric keys (and their forms) more than half of ``replies`` carry, with the
         weight key always among them."""
-        votes = Counter((key, self.form(value)) for msg in replies
+        voters = [msg for msg in replies if not self.weightless(msg)]
+        votes = Counter((key, self.form(value)) for msg in voters
                         for key, value in _metrics(msg).items())
-        agreed = {key: form for (key, form), n in votes.items() if 2 * n > len(replies)}
+        agreed = {key: form for (key, form), n in votes.items() if 2 * n > len(voters)}
         agreed[self.weight_key] = "number"
         return agreed
 
@@ -89,6 +96,12 @@ class ReplyShape:
         that fits keeps exactly the agreed keys."""
         metrics = _metrics(msg)
         missing = sorted(key for key in agreed if key not in metrics)
+        if missing and self.weightless(msg):       # enters no weighted mean: zeros
+            for key in missing:
+                form = agreed[key]
+                metrics[key] = [0.0] * form if isinstance(form, int) else \
+                    [] if form == "list" else 0.0
+            missing = []
         if missing:
             return (f"metrics lack {len(missing)} key(s) the other sites send "
                     f"(first: {missing[0][:40]!r})"), 0
@@ -100,6 +113,27 @@ class ReplyShape:
         for key in extra:
             del metrics[key]
         return None, len(extra)
+
+
+    def weightless(self, msg: Message) -> bool:
+        """The reply's weight is exactly 0 (it counts in no weighted mean)."""
+        weight = _metrics(msg).get(self.weight_key)
+        return not isinstance(weight, (bool, list)) and weight == 0
+
+
+SITE_ID_CHARS = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def claimed_site_id(msg: Message) -> str:
+    """The site id a reply names itself by, if it is a plain name (letters, digits, ``.``,
+    ``_``, ``-``; at most 64), else ``node-<its Flower node id>``: the id becomes MLflow
+    metric and tag names and console rows, where an odd one could fail the writer."""
+    site = msg.content.config_records.get(wire.SITE, ConfigRecord()) \
+        if msg.has_content() else ConfigRecord()
+    claimed = site.get(wire.SITE_ID)
+    if isinstance(claimed, str) and SITE_ID_CHARS.fullmatch(claimed):
+        return claimed
+    return f"node-{msg.metadata.src_node_id}"
 
 
 def _metrics(msg: Message) -> MetricRecord:

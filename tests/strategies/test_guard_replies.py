@@ -203,3 +203,68 @@ def test_attack_a_unit_weight_other_than_one_under_site_level_dp_is_rejected(wei
     site = f"site-{sent[0].metadata.dst_node_id}"
     assert [(r.site_id, r.reason) for r in guard.rejected] == [(site, reason)]
     assert new is None
+
+
+# ---------------------------------------------------------------- weight 0, site ids
+
+def test_a_site_with_nothing_to_train_on_is_not_rejected_for_the_figures_it_cannot_send():
+    """A site with no training study replies weight 0 and no train figures (client.engine):
+    it neither votes on the round's keys nor is rejected for lacking them (filled with 0,
+    which its weight 0 keeps out of every mean)."""
+    empty = _train_reply(4, {wire.NUM_EXAMPLES: 0, wire.TRAIN_SECONDS: 0.1})
+    guard = _guard()
+    arrays, metrics = guard.aggregate_train(1, [empty, *map(_train_reply, (1, 2))])
+    assert guard.rejected == []
+    assert metrics["loss"] == pytest.approx(0.5)
+    for key, value in REF.items():
+        expected = np.mean([_update(n)[key] for n in (1, 2)], axis=0)
+        np.testing.assert_allclose(arrays[key].numpy(), expected, rtol=0, atol=1e-6)
+    # with one other site, its vote would leave the honest site's figures without a majority
+    guard = _guard(min_train_sites=1)
+    empty = _train_reply(4, {wire.NUM_EXAMPLES: 0, wire.TRAIN_SECONDS: 0.1})   # unfilled
+    _, metrics = guard.aggregate_train(1, [empty, _train_reply(1)])
+    assert guard.rejected == [] and metrics["loss"] == pytest.approx(0.5)
+
+
+def test_a_round_where_no_site_had_anything_to_train_on_keeps_the_model():
+    """Every accepted weight 0: FedAvg would divide by their sum and fail the round."""
+    replies = [_train_reply(n, {wire.NUM_EXAMPLES: 0, **HONEST}) for n in (1, 2)]
+    assert _guard().aggregate_train(1, replies) == (None, None)
+
+
+@pytest.mark.parametrize("claimed", ["site/../x", "a" * 65, "", "tab\there", 7])
+def test_attack_a_site_id_that_is_not_a_plain_name_is_replaced_by_the_node_id(claimed):
+    """The claimed id names MLflow metrics and tags and console rows; an odd one could fail
+    the tracker's writer (and with it the run)."""
+    from strategies.observed import site_replies
+
+    attacker = _train_reply(9, HONEST | {wire.NUM_EXAMPLES: 10, "loss": [1.0, 2.0]})
+    attacker.content[wire.SITE] = ConfigRecord({wire.SITE_ID: claimed})
+    guard = _guard()
+    guard.aggregate_train(1, [attacker, *map(_train_reply, (1, 2))])
+    assert [r.site_id for r in guard.rejected] == ["node-9"]
+    ok, _ = site_replies([attacker])
+    assert [r.site_id for r in ok] == ["node-9"]
+
+
+def test_attack_observers_see_only_numbers_in_a_training_sites_figures():
+    """A rejected reply's list under an agreed key must not reach the per-site MLflow metric
+    (the tracker logs float(value): a list would fail its writer, then the run)."""
+    from strategies.observed import ObservedStrategy
+
+    seen = []
+
+    class Keep:
+        def on_train(self, record):
+            seen.append(record)
+
+        def on_round_end(self, record):
+            pass
+
+    observed = ObservedStrategy(_guard(), [Keep()])
+    attacker = _train_reply(9, HONEST | {wire.NUM_EXAMPLES: 10, "loss": [1.0, 2.0]})
+    observed.aggregate_train(1, [attacker, *map(_train_reply, (1, 2))])
+    (record,) = seen
+    assert {r.site_id for r in record.train} == {"site-9", "site-1", "site-2"}
+    for reply in record.train:
+        assert all(isinstance(v, float) for v in reply.metrics.values()), reply

@@ -131,6 +131,10 @@ def confusion_metrics(cm: np.ndarray) -> dict[str, float]:
 
 
 # Scalar names ``SplitMetrics.scalars`` derives itself; a mean or count may not reuse one.
+# The most classes (or findings of a multi-label task) a task may have: the wire codec
+# refuses larger confusion matrices (protocol.metrics), so a task is refused at config load.
+MAX_CATEGORIES = 1024
+
 DERIVED = frozenset({"n", "loss", "auroc", "accuracy", "balanced_accuracy", "mcc", "f1"})
 
 

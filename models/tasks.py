@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .evaluation import ClassificationEvaluator, MultiLabelEvaluator
+from .metrics import MAX_CATEGORIES
 from .registry import MODELS, TASKS
 from .task import UNDECLARED_COUPLING, DataNeeds, StepOutput, TaskBase
 from .vit import MultiModalViT, ViTConfig
@@ -59,8 +60,9 @@ class ClassificationConfig:
     feature_decorrelation: float = 0.0
 
     def __post_init__(self):
-        if self.num_classes < 2:
-            raise ValueError(f"num_classes must be >= 2, got {self.num_classes}")
+        if not 2 <= self.num_classes <= MAX_CATEGORIES:
+            raise ValueError(f"num_classes must be in [2, {MAX_CATEGORIES}], got "
+                             f"{self.num_classes}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         check_finetuning(self)

@@ -44,7 +44,7 @@ from collections.abc import Mapping
 import numpy as np
 from flwr.app import MetricRecord
 
-from models.metrics import SplitMetrics
+from models.metrics import MAX_CATEGORIES, SplitMetrics
 
 from . import wire
 
@@ -52,7 +52,6 @@ _CONFUSIONS = (("confusion", wire.EVAL_CONFUSION), ("finding_confusions", wire.E
 
 # Far above any site (a trillion studies), and 2**22 sites' int64 count sums cannot overflow.
 MAX_STUDIES = 2**40
-MAX_CATEGORIES = 1024        # classes of a confusion matrix, findings of a multi-label task
 MAX_FIGURE = 1e12            # seconds, means, counts: sums over sites stay finite
 MAX_NAMED = 64               # mean-/count- figures per split (honest tasks: a handful)
 _NAME = re.compile(r"[a-z0-9_]{1,40}")     # what a task names its means and counts

@@ -194,6 +194,7 @@ class GuardedStrategy(StatelessWrapper, Strategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         self.wait_for_quorum(grid)
+        self.rejected, self.update_norms = [], {}     # none reported before this round's replies
         values = {k: a.numpy() for k, a in arrays.items()}     # each decoded once
         if self._dtypes is None:
             self._dtypes = {k: v.dtype for k, v in values.items()}
@@ -308,6 +309,7 @@ class GuardedStrategy(StatelessWrapper, Strategy):
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
         self.wait_for_quorum(grid)
+        self.evaluate_rejected = []      # a round whose evaluation is never aggregated reports none
         return self.strategy.configure_evaluate(server_round, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -103,6 +102,12 @@ def site_replies(replies: Iterable[Message], known: dict[int, str] | None = None
     """
     ok, failed = [], []
     known, targets = known or {}, targets or {}
+    # A name claimed by two nodes in one phase is neither's: each is shown as node-<id>, so
+    # one site cannot write its figures under another's name (claimed_site_id: the rule)
+    claimants: dict[str, set[int]] = {}
+    for msg in replies:
+        if not msg.has_error():
+            claimants.setdefault(claimed_site_id(msg), set()).add(msg.metadata.src_node_id)
     for msg in replies:
         if msg.has_error():
             node = targets.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
@@ -111,8 +116,9 @@ def site_replies(replies: Iterable[Message], known: dict[int, str] | None = None
         content = msg.content
         site = content.config_records.get(wire.SITE, ConfigRecord())
         metrics = content.metric_records.get(wire.METRICS, MetricRecord())
+        claimed = claimed_site_id(msg)
         ok.append(SiteReply(
-            site_id=claimed_site_id(msg),
+            site_id=claimed if len(claimants[claimed]) == 1 else f"node-{msg.metadata.src_node_id}",
             node_id=msg.metadata.src_node_id,
             # lists too: an evaluate reply's confusion counts and AUROC (protocol.metrics)
             metrics={k: list(v) if isinstance(v, list) else float(v) for k, v in metrics.items()
@@ -151,9 +157,12 @@ class ObservedStrategy(StatelessWrapper, Strategy):
         self._sent: dict[str, list[Message]] = {}   # phase -> instructions (ids set when pushed)
 
     def _record(self, record: RoundRecord, phase: str, replies: list[Message],
-                refused: frozenset[int] = frozenset()) -> list[SiteReply]:
-        """The phase's site replies but those from the ``refused`` nodes, each with only
-        the metric keys a majority of the phase's replies carry (module docstring)."""
+                refused: frozenset[int] = frozenset(), *, keep_refused: bool = False
+                ) -> list[SiteReply]:
+        """The phase's site replies, each with only the metric keys a majority of the
+        replies the wrappers accepted carry (module docstring); a reply from a ``refused``
+        node neither votes nor, unless ``keep_refused``, is listed. A training site's
+        figures are numbers only (one MLflow metric each; NaN/inf kept, they are news)."""
         # the instructions are needed only until their replies are in (one per site)
         targets = {m.metadata.message_id: m.metadata.dst_node_id
                    for m in self._sent.pop(phase, [])}
@@ -162,18 +171,20 @@ class ObservedStrategy(StatelessWrapper, Strategy):
         # external sites' evaluations carry other keys than the training sites': each its own
         groups: dict[bool, list[Message]] = {}
         for msg in replies:
-            if not msg.has_error():
+            if not msg.has_error() and msg.metadata.src_node_id not in refused:
                 metrics = msg.content.metric_records.get(wire.METRICS, MetricRecord())
                 groups.setdefault(wire.EXTERNAL_SPLIT in report_splits(metrics), []).append(msg)
         shape = ReplyShape(arrays=False, weight_key=wire.NUM_EXAMPLES, list_lengths=False)
         known = {key for group in groups.values() for key in shape.agree(group)}
-        # a training site's figures are numbers (logged one MLflow metric each); lists
-        # belong to evaluations (protocol.metrics decodes them), anything else is dropped
-        kept = (lambda v: isinstance(v, float) and math.isfinite(v)) if phase == "train" \
-            else (lambda v: True)
+        kept = (lambda v: isinstance(v, float)) if phase == "train" else (lambda v: True)
         return [dataclasses.replace(r, metrics={k: v for k, v in r.metrics.items()
                                                 if k in known and kept(v)})
-                for r in ok if r.node_id not in refused]
+                for r in ok if keep_refused or r.node_id not in refused]
+
+    def _named(self, rejections: list) -> list:
+        """Rejections named as this round's replies are (a name two nodes claimed: node-<id>)."""
+        return [dataclasses.replace(r, site_id=self._sites.get(r.node, r.site_id))
+                if r.node is not None else r for r in rejections]
 
     def summary(self) -> None:
         self.strategy.summary()
@@ -190,12 +201,16 @@ class ObservedStrategy(StatelessWrapper, Strategy):
         server_round += self.round_offset
         replies = ordered(replies)
         record = self._round or RoundRecord(server_round)
-        record.train = self._record(record, "train", replies)
         try:
             arrays, metrics = self.strategy.aggregate_train(server_round, replies)
         finally:       # also when the round fails: what was rejected is part of the story
             report = merge_reports(chain_reports(self.inner))
-            record.rejected = list(report.get("rejected", []))
+            rejected = list(report.get("rejected", []))
+            # read after the wrappers: the replies they accepted are in their agreed shape,
+            # and a rejected one neither chooses the keys shown nor shows more than them
+            record.train = self._record(record, "train", replies, frozenset(
+                r.node for r in rejected if r.node is not None), keep_refused=True)
+            record.rejected = self._named(rejected)
             record.update_norms = dict(report.get("update_norms", {}))
             record.site_level_epsilon = report.get("site_level_epsilon")
             record.secagg_clipped = report.get("secagg_clipped")
@@ -219,10 +234,10 @@ class ObservedStrategy(StatelessWrapper, Strategy):
         record = self._round or RoundRecord(server_round)
         metrics = self.strategy.aggregate_evaluate(server_round, replies)
         report = merge_reports(chain_reports(self.inner))
-        record.evaluate_rejected = [*report.get("evaluate_rejected", []),
-                                    *report.get("external_rejected", [])]
+        rejected = [*report.get("evaluate_rejected", []), *report.get("external_rejected", [])]
         record.evaluate = self._record(record, "evaluate", replies, frozenset(
-            r.node for r in record.evaluate_rejected))
+            r.node for r in rejected))
+        record.evaluate_rejected = self._named(rejected)
         record.wall_seconds = time.perf_counter() - record.started
         for observer in self.observers:
             observer.on_round_end(record)

@@ -19,8 +19,8 @@ sees them:
   it in another form, is rejected: filling it in would invent a site's number. A key that no
   majority carries is stripped from every reply.
 
-A reply whose weight is 0 (a site with no training study for the task: the engine then sends
-no ``train_*`` figures) does not vote, and an agreed key it lacks is filled with zeros of the
+A train reply whose weight is 0 (a site with no training study for the task: the engine then
+sends no ``train_*`` figures) does not vote, and an agreed key it lacks is filled with zeros of the
 agreed form instead of rejecting it: with weight 0 that number enters no weighted mean, and
 an honest site without data is not turned into a rejected update by the others' keys.
 
@@ -84,7 +84,7 @@ class ReplyShape:
     def agree(self, replies: Sequence[Message]) -> dict[str, Form]:
         """The metric keys (and their forms) more than half of ``replies`` carry, with the
         weight key always among them."""
-        voters = [msg for msg in replies if not self.weightless(msg)]
+        voters = [msg for msg in replies if not self.fillable(msg)]
         votes = Counter((key, self.form(value)) for msg in voters
                         for key, value in _metrics(msg).items())
         agreed = {key: form for (key, form), n in votes.items() if 2 * n > len(voters)}
@@ -96,7 +96,7 @@ class ReplyShape:
         that fits keeps exactly the agreed keys."""
         metrics = _metrics(msg)
         missing = sorted(key for key in agreed if key not in metrics)
-        if missing and self.weightless(msg):       # enters no weighted mean: zeros
+        if missing and self.fillable(msg):         # enters no weighted mean: zeros
             for key in missing:
                 form = agreed[key]
                 metrics[key] = [0.0] * form if isinstance(form, int) else \
@@ -115,10 +115,12 @@ class ReplyShape:
         return None, len(extra)
 
 
-    def weightless(self, msg: Message) -> bool:
-        """The reply's weight is exactly 0 (it counts in no weighted mean)."""
+    def fillable(self, msg: Message) -> bool:
+        """A train reply whose weight is exactly 0 (it counts in no weighted mean). Never an
+        evaluation: every site sends the whole key set there, empty splits included
+        (``protocol.metrics``), so an honest site without studies keeps its vote."""
         weight = _metrics(msg).get(self.weight_key)
-        return not isinstance(weight, (bool, list)) and weight == 0
+        return self.arrays and not isinstance(weight, (bool, list)) and weight == 0
 
 
 SITE_ID_CHARS = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")

@@ -222,3 +222,89 @@ def test_attack_an_external_site_cannot_report_training_splits():
     strategy.aggregate_evaluate(1, [_evaluate_reply(9), *_honest()])
     assert [r.site_id for r in recorder.end.evaluate] == ["site-1", "site-2", "site-3"]
     assert [r.site_id for r in recorder.end.evaluate_rejected] == ["site-9"]
+
+
+# ---------------------------------------------------------------- review repros (session 21)
+
+def _empty_evaluate_reply(node: int):
+    """An honest site without evaluation studies: weight 0, every key (empty splits)."""
+    metrics = MetricRecord({wire.NUM_EXAMPLES: 0, wire.EVAL_SECONDS: 0.1})
+    for split in wire.EVAL_SPLITS:
+        metrics.update(to_record(SplitMetrics(n=0, loss=0.0, confusion=np.zeros((2, 2), int),
+                                              means={"dice": 0.0},
+                                              counts={"n_reports": 0.0}), split))
+    return _message(node, {wire.METRICS: metrics})
+
+
+def test_attack_a_site_without_evaluation_studies_keeps_its_vote():
+    """Evaluation replies always carry the whole key set: an honest site with weight 0
+    still votes, so an attacker sending almost nothing cannot outvote the two honest ones
+    and have both refused."""
+    guard = _pooled_guard()
+    attacker = _message(9, {wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: 5})})
+    guard.aggregate_evaluate(1, [attacker, _evaluate_reply(1), _empty_evaluate_reply(2)])
+    assert [r.site_id for r in guard.evaluate_rejected] == ["site-9"]
+
+
+def test_attack_a_refused_reply_does_not_choose_the_keys_observers_keep():
+    """A refused reply does not vote on the per-site keys: with it voting, an honest site's
+    split figures were cut away and the console's decode raised ('val-n' is missing)."""
+    recorder = _Recorder()
+    strategy = ObservedStrategy(_pooled_guard(), [ConsoleTable(), recorder])
+    attacker = _message(9, {wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: -1})})
+    strategy.aggregate_evaluate(1, [attacker, _evaluate_reply(1), _empty_evaluate_reply(2)])
+    assert [r.site_id for r in recorder.end.evaluate_rejected] == ["site-9"]
+    assert "val-n" in recorder.end.evaluate[0].metrics
+
+
+def test_attack_a_rejected_update_does_not_cut_an_honest_sites_train_figures():
+    recorder = _Recorder()
+    """Two updates the guard refuses (NaN weights) omit the figures: voting with the two
+    honest replies they left those without a majority, and cut from the honest sites."""
+    from flwr.app import Array, ArrayRecord
+
+    from tests.strategies.test_guard_replies import REF
+
+    recorder = _Recorder()
+    strategy = ObservedStrategy(_guard(), [recorder])
+    attackers = [_train_reply(n, {wire.NUM_EXAMPLES: 10, "loss": [1.0, 2.0]}) for n in (8, 9)]
+    for attacker in attackers:
+        attacker.content[wire.ARRAYS] = ArrayRecord(
+            {k: Array(np.full_like(v, np.nan)) for k, v in REF.items()})
+    strategy.aggregate_train(1, [*attackers, _train_reply(1), _train_reply(2)])
+    assert {r.site_id for r in recorder.train.rejected} == {"site-8", "site-9"}
+    figures = {r.site_id: set(r.metrics) for r in recorder.train.train}
+    assert figures["site-1"] == figures["site-2"] == set(HONEST) | {wire.NUM_EXAMPLES}
+    assert "loss" not in figures["site-9"]          # a list: never a per-site figure
+
+
+def test_a_round_without_an_aggregated_evaluation_reports_no_old_rejections():
+    from flwr.app import ArrayRecord, ConfigRecord
+
+    from tests.strategies.rounds import Grid
+
+    guard = _pooled_guard()
+    guard.aggregate_evaluate(1, [_evaluate_reply(9, {"auroc": [2.0]}), *_honest()])
+    assert guard.evaluate_rejected and guard.round_report()["evaluate_rejected"]
+    guard.quorum_timeout, guard.min_available_sites = 0, 0
+    guard.configure_evaluate(2, ArrayRecord(), ConfigRecord(), Grid(3))
+    assert guard.round_report()["evaluate_rejected"] == []
+
+
+def test_attack_a_site_claiming_another_sites_name_writes_under_neither():
+    recorder = _Recorder()
+    strategy = ObservedStrategy(_pooled_guard(), [recorder])
+    spoof = _evaluate_reply(9)
+    spoof.content[wire.SITE][wire.SITE_ID] = "site-1"
+    strategy.aggregate_evaluate(1, [spoof, *_honest()])
+    assert sorted(r.site_id for r in recorder.end.evaluate) == [
+        "node-1", "node-9", "site-2", "site-3"]
+
+
+def test_a_task_with_more_classes_than_the_wire_carries_is_refused_at_config():
+    from models.metrics import MAX_CATEGORIES
+    from models.tasks import ClassificationConfig
+
+    ClassificationConfig(num_classes=MAX_CATEGORIES)
+    with pytest.raises(ValueError, match="num_classes must be in"):
+        ClassificationConfig(num_classes=MAX_CATEGORIES + 1)

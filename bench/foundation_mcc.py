@@ -32,6 +32,20 @@ the draw's external hospital (all sequences) - ``bench.model_quality`` helpers:
                              labelled 10% (same passes over the data);
 (e) ``dp_lora``            - (b) under sample-level DP-SGD at epsilon 8 at every site.
 
+Why (e) scores 0 (session 21, draw 0, fused tokens; ``bench.dp_snr`` gives the figures): each
+site holds 33-52 labelled studies, so q = 16/n = 0.31-0.48 and eps 8 over 200-300 steps needs
+sigma 3.5-4.5. Of the 75,075 trainable coordinates (new patch embedding 49,344, LoRA 24,576,
+head 1,155) the head holds ~95% of each clipped per-sample gradient's squared norm (pooled
+features share a common component of norm ~15 against a per-study spread of ~3), and a step's
+noise is ~650x the patch embedding's share of the clipped sum and ~3,000x the adapters'. Adam
+turns that into lr-sized random steps: every arm predicts one class. Measured, all
+external/site-test MCC 0.000 unless stated: head only; full batch (q=1, 1 epoch a round, sigma
+2.85); head only at q=1 and lr 1e-2; 100% labels (10 rounds x 2 epochs: -0.01 against 0.42
+without DP; head only -0.04); centrally on all 121 studies sigma must be <= 0.1 (eps ~23,000)
+before LoRA learns (0.19 against 0.36), and the patch embedding, not the adapters, carries what
+LoRA learns (0.36 -> -0.02 with it frozen, no noise). The DP path itself is sound: with sigma
+0.01 it matches non-DP (0.36). No recipe learns at eps 8 here; the arm is kept as it is.
+
 Top-level figures (means over the draws): ``mm_dino_pretrained_minus_supervised_scratch``
 (external MCC, (c) - (a)); ``federated_over_pooled`` (external MCC, (b) / (d): same model, same
 labelled studies, same passes); ``dp_lora_over_lora_eps8`` ((e) / (b) on the pooled site-test

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
@@ -71,6 +72,10 @@ def resolve_site(context: Context, sim_data_root: Path | None = None,
     if wire.NODE_DATA_DIR in node:
         data_dir = Path(str(node[wire.NODE_DATA_DIR]))
         site_id = str(node.get(wire.NODE_SITE_ID, data_dir.name))
+        if not re.fullmatch(wire.SITE_ID_RE, site_id):
+            raise SiteConfigError(f"node config {wire.NODE_SITE_ID!r} must be a plain name "
+                                  "(1-64 letters, digits, '.', '_' or '-', starting with a "
+                                  "letter or digit); set it (default: the data folder's name)")
         # A deployed site's ClientApp process: its progress lines belong in the site's log
         # (the root logger there is at WARNING since opacus' basicConfig on import).
         logging.getLogger("medfed.site").setLevel(logging.INFO)

@@ -126,6 +126,11 @@ DP_STEPS = "dp-steps"                # DP-SGD steps this round
 
 # Operator-owned node config (set on the SuperNode; the server cannot change these)
 NODE_SITE_ID = "site-id"
+# What a site id may be (it names MLflow metrics and tags, console rows, log lines): a
+# plain name, 1-64 of letters, digits, ".", "_", "-", not starting with a punctuation mark.
+# A site refuses to start with another; the server shows a reply naming another as
+# node-<id> (strategies.reply_shape.claimed_site_id).
+SITE_ID_RE = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
 NODE_DATA_DIR = "data-dir"
 NODE_DEVICE = "device"
 NODE_TORCH_THREADS = "torch-threads"

@@ -123,7 +123,7 @@ class ReplyShape:
         return self.arrays and not isinstance(weight, (bool, list)) and weight == 0
 
 
-SITE_ID_CHARS = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+SITE_ID_CHARS = re.compile(wire.SITE_ID_RE)
 
 
 def claimed_site_id(msg: Message) -> str:

@@ -102,6 +102,9 @@ class SiteSettings:
 
 def node_config(s: SiteSettings) -> dict[str, object]:
     """The SuperNode's node config (what the ClientApp reads; the server cannot change it)."""
+    if not re.fullmatch(wire.SITE_ID_RE, s.site_id):
+        raise DeployError(f"--site-id {s.site_id!r} is not a plain name: use 1-64 letters, "
+                          "digits, '.', '_' or '-', starting with a letter or digit")
     config: dict[str, object] = {wire.NODE_SITE_ID: s.site_id,
                                  wire.NODE_DATA_DIR: str(s.data_dir.resolve()),
                                  wire.NODE_DEVICE: s.device,

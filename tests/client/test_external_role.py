@@ -29,6 +29,9 @@ def test_role_comes_from_node_config_and_bad_roles_are_refused(tiny_sites):
     assert external.role == wire.ROLE_EXTERNAL
     with pytest.raises(SiteConfigError, match="'role' must be one of train, external"):
         resolve_site(_context({wire.NODE_DATA_DIR: str(site), wire.NODE_ROLE: "observer"}))
+    # a site id names MLflow keys and console rows at the server: a plain name or refused
+    with pytest.raises(SiteConfigError, match="'site-id' must be a plain name"):
+        resolve_site(_context({wire.NODE_DATA_DIR: str(site), wire.NODE_SITE_ID: "a b"}))
     # simulation: partition ids from sim_train_sites on are the external/ folder
     sim = resolve_site(_context({wire.NODE_PARTITION_ID: 2}), tiny_sites, sim_train_sites=2)
     assert sim.site_id == "external" and sim.data_dir == tiny_sites / "external"

@@ -170,6 +170,11 @@ def test_node_config_carries_an_external_role_and_refuses_unknown_ones(tmp_path)
     assert parse_config_args([node_config_arg(config)])[wire.NODE_ROLE] == "external"
     with pytest.raises(DeployError, match="--role must be one of train, external"):
         node_config(replace(base, role="observer"))
+    for bad in ("", "St Mary's", "../a", "-a", "a" * 65, "site/1"):
+        with pytest.raises(DeployError, match="is not a plain name"):
+            node_config(replace(base, site_id=bad))
+    assert node_config(replace(base, site_id="st-marys_2.icu"))[wire.NODE_SITE_ID] == \
+        "st-marys_2.icu"
 
 
 def test_node_config_declares_the_layout_and_the_foundation_dir(tmp_path, monkeypatch):

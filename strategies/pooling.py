@@ -19,6 +19,7 @@ every disagreeing reply is left out: a loss of pooled figures, never a failed ro
 from __future__ import annotations
 
 import logging
+import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
 
@@ -112,7 +113,11 @@ def _judged(replies: Sequence[Mapping]
 
 
 def _site(record: RecordDict) -> str:
-    return str(record.config_records.get(wire.SITE, ConfigRecord()).get(wire.SITE_ID, "?"))
+    """The reply's site id for a log line, if it is a plain name (``wire.SITE_ID_RE``):
+    a refused reply's claimed id is the sender's text, not a name to print."""
+    claimed = record.config_records.get(wire.SITE, ConfigRecord()).get(wire.SITE_ID)
+    return claimed if isinstance(claimed, str) and re.fullmatch(wire.SITE_ID_RE, claimed) \
+        else "a site with no plain site id"
 
 
 def aggregate_evaluate_records(records: list, weighted_by_key: str):

@@ -308,3 +308,17 @@ def test_a_task_with_more_classes_than_the_wire_carries_is_refused_at_config():
     ClassificationConfig(num_classes=MAX_CATEGORIES)
     with pytest.raises(ValueError, match="num_classes must be in"):
         ClassificationConfig(num_classes=MAX_CATEGORIES + 1)
+
+
+def test_attack_a_refused_evaluations_site_id_is_not_printed_as_sent(caplog):
+    """The pooling's log line names the refused site only by a plain id: a forged one (a
+    line break, a fake log record) is not written to the server's log."""
+    from flwr.app import RecordDict
+
+    attacker = _evaluate_reply(9, {"auroc": [2.0]})
+    attacker.content[wire.SITE][wire.SITE_ID] = "x\nINFO forged line"
+    records = [RecordDict(m.content) for m in [attacker, *_honest()]]
+    with caplog.at_level("WARNING", logger="strategies.pooling"):
+        aggregate_evaluate_records(records, wire.NUM_EXAMPLES)
+    assert "left out of the pooled metrics" in caplog.text
+    assert "forged line" not in caplog.text

@@ -33,9 +33,7 @@ from protocol import wire
 from .pooling import aggregate_evaluate_records, evaluation_verdicts
 from .reply_shape import ReplyShape, claimed_site_id
 from .state import AGGREGATOR, RoundReport, StatelessWrapper, chain
-# the update check is its own module; these names are the guard's public API too
-from .update_check import (UNDECODABLE, CheckedArray, Refused, check_update,  # noqa: F401
-                           decode, npy_prefixes)
+from .update_check import CheckedArray, check_update, npy_prefixes
 
 log = logging.getLogger(__name__)
 

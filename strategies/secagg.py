@@ -186,7 +186,7 @@ class SecAggPlus(StrategyWrapper, Strategy):
             raise SecAggError("aggregate_train without a configured secure round")
         masked = {}
         # The masked vector's expected shape and dtype as a zero-stride array (nothing
-        # allocated): what guard.decode checks a reply's npy header against.
+        # allocated): what update_check.decode checks a reply's npy header against.
         expected = np.broadcast_to(np.zeros((), np.uint32), (self._round.length,))
         for reply in replies:
             if reply.has_error():

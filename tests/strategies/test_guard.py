@@ -3,7 +3,7 @@ import pytest
 from flwr.app import Array, ArrayRecord
 
 from client.mods.faults import corrupt
-from strategies.guard import check_update
+from strategies.update_check import check_update
 
 REF = {"w": np.ones((2, 3), np.float32), "b": np.zeros(4, np.float32),
        "steps": np.array([3], np.int64)}
@@ -130,7 +130,7 @@ def _npy_cases():
 
 @pytest.mark.parametrize("name", list(_npy_cases()))
 def test_decoding_without_np_load_gives_what_numpy_gives(name):
-    from strategies.guard import Refused, decode, npy_prefixes
+    from strategies.update_check import Refused, decode, npy_prefixes
 
     value = _npy_cases()[name]
     array = Array(value)
@@ -152,7 +152,7 @@ def test_a_payload_that_disagrees_with_its_arrays_fields_is_judged_by_its_payloa
     """The decode trusts the npy header it checked, never the reply's own dtype/shape
     fields: a reply that claims the reference's shape but carries another is refused, and a
     truncated one is refused (not raised: the round goes on with the other sites)."""
-    from strategies.guard import npy_prefixes
+    from strategies.update_check import npy_prefixes
 
     prefixes = npy_prefixes(REF)
     forged = _record()
@@ -193,7 +193,7 @@ def _npy_header(shape, descr="<f4", version=(1, 0), fortran=False):
 def test_attack_bytes_after_the_array_are_rejected_not_carried():
     """An accepted reply's bytes are what the inner strategy holds (CheckedArray): a tail
     np.save never writes would travel on unchecked, so it is refused, fast path or not."""
-    from strategies.guard import npy_prefixes
+    from strategies.update_check import npy_prefixes
 
     data = _record()["w"].data
     for fast in (npy_prefixes(REF), None):
@@ -205,7 +205,7 @@ def test_attack_bytes_after_the_array_are_rejected_not_carried():
 @pytest.mark.parametrize("cut", [0, 3, 9, 40, -1])
 def test_attack_a_truncated_payload_is_rejected_not_raised(cut):
     """Cut anywhere (in the magic, the header length, the header, the data): a rejection."""
-    from strategies.guard import npy_prefixes
+    from strategies.update_check import npy_prefixes
 
     data = _record()["w"].data
     for fast in (npy_prefixes(REF), None):
@@ -216,7 +216,7 @@ def test_attack_a_truncated_payload_is_rejected_not_raised(cut):
 
 @pytest.mark.parametrize("stype", ["torch.Tensor", "pickle", ""])
 def test_attack_another_serialisation_is_rejected_not_raised(stype):
-    from strategies.guard import npy_prefixes
+    from strategies.update_check import npy_prefixes
 
     record = _forged("b", _record()["b"].data, stype=stype)     # numpy bytes, wrong label
     for fast in (npy_prefixes(REF), None):
@@ -242,7 +242,7 @@ def test_attack_a_header_claiming_a_huge_shape_allocates_nothing(shape, version)
     would take 256 MiB, (2**40,) raise MemoryError. The header is checked first."""
     import tracemalloc
 
-    from strategies.guard import npy_prefixes
+    from strategies.update_check import npy_prefixes
 
     record = _forged("w", _npy_header(shape, version=version) + bytes(24))
     prefixes = npy_prefixes(REF)
@@ -260,7 +260,7 @@ def test_a_header_numpy_writes_otherwise_is_still_read():
     """Another header for the right array (format 2.0, Fortran order) is parsed, not
     refused: only its shape, dtype and length decide."""
     value = np.arange(6, dtype=np.float32).reshape(2, 3)
-    from strategies.guard import decode
+    from strategies.update_check import decode
 
     ref = np.zeros((2, 3), np.float32)
     v2 = Array(dtype="float32", shape=(2, 3), stype=Array(value).stype,
@@ -276,7 +276,7 @@ def test_a_header_numpy_writes_otherwise_is_still_read():
     ("wrong-shape", "wrong shape"), ("drop-key", "wrong keys"),
 ])
 def test_bad_updates_are_named_the_same_with_the_fast_decode(mode, expected):
-    from strategies.guard import npy_prefixes
+    from strategies.update_check import npy_prefixes
 
     record = corrupt(_record(), mode)
     fast = check_update(record, REF, 10.0, npy_prefixes(REF))
@@ -317,7 +317,8 @@ def test_the_inner_strategy_aggregates_the_values_the_guard_checked(monkeypatch)
     from flwr.serverapp.strategy import FedAvg
 
     from protocol import wire
-    from strategies.guard import CheckedArray, GuardedStrategy
+    from strategies.guard import GuardedStrategy
+    from strategies.update_check import CheckedArray
 
     rng = np.random.default_rng(1)
     updates = [dict(REF, w=REF["w"] + rng.standard_normal((2, 3)).astype(np.float32))
@@ -366,7 +367,7 @@ def test_the_inner_strategy_aggregates_the_values_the_guard_checked(monkeypatch)
 def test_a_checked_array_goes_on_the_wire_as_the_array_it_checked():
     """A strategy that sends a reply's array on (a selecting one) sends Flower's Array:
     the same deflated bytes, so the same object id, and a receiver inflates an Array."""
-    from strategies.guard import CheckedArray
+    from strategies.update_check import CheckedArray
 
     plain = Array(np.asfortranarray(np.arange(6, dtype=np.float32).reshape(2, 3)))
     checked = CheckedArray(plain.numpy(), plain.data)
@@ -379,7 +380,7 @@ def test_a_checked_array_whose_fields_are_set_gives_its_new_bytes_values():
     """The checked values are a cache of the bytes (like Flower's own object id and chunks):
     setting data, dtype, shape or stype drops it, so numpy() never answers with values the
     array no longer holds."""
-    from strategies.guard import CheckedArray
+    from strategies.update_check import CheckedArray
 
     old, new = np.arange(6, dtype=np.float32), np.full(6, 7.0, np.float32)
     checked = CheckedArray(old, Array(old).data)

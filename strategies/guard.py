@@ -165,7 +165,7 @@ class GuardedStrategy(StatelessWrapper, Strategy):
         self.rejected: list[Rejection] = []
         self.evaluate_rejected: list[Rejection] = []
         self._sampled = 0                       # train messages configured this round
-        self.update_norms: dict[str, float] = {}      # site id -> ||local - global|| this round
+        self.update_norms: dict[int, float] = {}      # node id -> ||local - global|| this round
         self._reference: dict[str, np.ndarray] = {}
         self._dtypes: dict[str, np.dtype] | None = None   # the model's dtypes: the contract
         self._check_reply = getattr(strategy, "check_reply", None)   # the strategy's own needs
@@ -247,7 +247,7 @@ class GuardedStrategy(StatelessWrapper, Strategy):
             if reason is None and self._check_reply is not None:
                 reason = self._check_reply(msg)
             if norm is not None:
-                self.update_norms[reply_site_id(msg)] = norm
+                self.update_norms[msg.metadata.src_node_id] = norm
             verdicts.append((msg, reason, norm))
             checked[id(msg)] = decoded
         norms = [n for _, r, n in verdicts if n is not None and (r is None or "exceeds" in r)]

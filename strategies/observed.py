@@ -211,7 +211,10 @@ class ObservedStrategy(StatelessWrapper, Strategy):
             record.train = self._record(record, "train", replies, frozenset(
                 r.node for r in rejected if r.node is not None), keep_refused=True)
             record.rejected = self._named(rejected)
-            record.update_norms = dict(report.get("update_norms", {}))
+            # by node, named as the replies are (a name two nodes claimed: node-<id> for
+            # both), so one site's norm never stands under, or overwrites, another's
+            record.update_norms = {self._sites.get(node, f"node-{node}"): norm
+                                   for node, norm in report.get("update_norms", {}).items()}
             record.site_level_epsilon = report.get("site_level_epsilon")
             record.secagg_clipped = report.get("secagg_clipped")
         record.arrays = arrays

@@ -41,7 +41,7 @@ class RoundReport(TypedDict, total=False):
     rejected: list[Rejection]          # guard: replies not aggregated, with the reason
     evaluate_rejected: list[Rejection]  # guard: evaluate replies left out of the pooling
     external_rejected: list[Rejection]  # external sites: evaluate replies refused
-    update_norms: dict[str, float]     # guard: site id -> ||local - global||
+    update_norms: dict[int, float]     # guard: node id -> ||local - global|| (named by observed)
     site_level_epsilon: float          # site-level DP: server-accountant epsilon so far
     secagg_clipped: int                # secure aggregation: values clipped by the encoding
 

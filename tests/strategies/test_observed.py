@@ -69,3 +69,27 @@ def test_a_failed_reply_is_recorded_under_the_site_id_its_node_answered_with_bef
     assert [(f.site, f.node) for f in record.failures["train"]] == [("site-2", 2)]
     assert record.dropped("train") == ["site-2"] and record.dropped("evaluate") == []
     assert str(record.failures["train"][0]) == "site-2 (node 2): site-9 (node 9): a misleading reason"
+
+
+def test_a_site_claiming_another_sites_name_cannot_put_its_update_norm_under_it():
+    """Attack: node 2 answers as "site-1" (node 1's name) with a huge update. Its norm must
+    not stand under site-1 (MLflow ``site/site-1/train/update_norm``, the console), nor
+    overwrite site-1's own: the guard keeps norms by node, the observer names them as the
+    replies are named (a name two nodes claimed: node-<id> for both)."""
+    from tests.strategies.rounds import reply
+
+    seen: list[RoundRecord] = []
+    strategy = ObservedStrategy(guard(fedavg(), max_update_norm=1.0), [_Recorder(seen)])
+    sent = list(strategy.configure_train(1, arrays(), ConfigRecord(), Grid(SITES)))
+    replies = []
+    for m in sent:
+        node = m.metadata.dst_node_id
+        current = {k: a.numpy() for k, a in m.content[wire.ARRAYS].items()}
+        r = reply(m, {k: v + (100.0 if node == 2 else 0.01) for k, v in current.items()})
+        if node == 2:
+            r.content[wire.SITE][wire.SITE_ID] = "site-1"
+        replies.append(r)
+    strategy.aggregate_train(1, replies)
+    norms = seen[-1].update_norms
+    assert sorted(norms) == ["node-1", "node-2", "site-3"]
+    assert norms["node-2"] > 100 and norms["node-1"] < 1

@@ -21,6 +21,8 @@ from client.runtime import SiteDataCache, resolve_site
 from protocol import wire
 from tests.conftest import CLASSES
 
+FRESH = shutil.ignore_patterns(".medfed")     # another test's deployed cache stays there
+
 
 def _site(root, partition: int = 0):
     return resolve_site(Context(run_id=1, node_id=partition, state=RecordDict(),
@@ -64,7 +66,7 @@ def test_a_second_process_serving_a_simulated_site_decodes_nothing(tiny_sites, t
     folder; the temp folder is private and gone when the simulation's cache is closed."""
     from ray import cloudpickle
 
-    shutil.copytree(tiny_sites / "site-0", tmp_path / "site-0")
+    shutil.copytree(tiny_sites / "site-0", tmp_path / "site-0", ignore=FRESH)
     before = _listing(tmp_path)
     cache = SiteDataCache.for_simulation()
     root = cache.sim_root
@@ -115,14 +117,14 @@ def test_the_simulation_cache_syncs_nothing_a_deployed_one_does(tiny_sites, tmp_
     monkeypatch.setattr(os, "fsync", lambda fd: syncs.append("fsync") or real_fsync(fd))
     monkeypatch.setattr(os, "sync", lambda: syncs.append("sync"))
     monkeypatch.setattr(cache_sync, "_syncfs", lambda: lambda fd: syncs.append("syncfs") or 0)
-    shutil.copytree(tiny_sites / "site-0", tmp_path / "sim" / "site-0")
+    shutil.copytree(tiny_sites / "site-0", tmp_path / "sim" / "site-0", ignore=FRESH)
     cache = SiteDataCache.for_simulation()
     _, splits = cache.get(_site(tmp_path / "sim"), CLASSES, 32)
     assert len(splits["train"]) > 0 and any((cache.sim_root / "site-0").iterdir())
     assert syncs == []
     cache.close()
 
-    shutil.copytree(tiny_sites / "site-0", tmp_path / "deployed")
+    shutil.copytree(tiny_sites / "site-0", tmp_path / "deployed", ignore=FRESH)
     deployed = resolve_site(Context(run_id=1, node_id=7, state=RecordDict(), run_config={},
                                     node_config={wire.NODE_DATA_DIR: str(tmp_path / "deployed")}))
     SiteDataCache().get(deployed, CLASSES, 32)

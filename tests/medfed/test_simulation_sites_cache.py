@@ -14,6 +14,8 @@ from client.runtime import SiteDataCache
 from medfed import simulation
 from server.config import load_experiment
 
+FRESH = shutil.ignore_patterns(".medfed")     # another test's deployed cache stays there
+
 
 @pytest.fixture
 def made(monkeypatch):
@@ -35,7 +37,7 @@ def test_simulate_removes_the_sites_cache_folder_when_it_ends(tiny_sites, tmp_pa
                                                               monkeypatch, made, fails):
     root = tmp_path / "data"
     for i in (0, 1):
-        shutil.copytree(tiny_sites / f"site-{i}", root / f"site-{i}")
+        shutil.copytree(tiny_sites / f"site-{i}", root / f"site-{i}", ignore=FRESH)
     cfg = load_experiment(["experiment=smoke", "federation.num_sites=2",
                            "federation.num_rounds=1", "tracking.log_models=false",
                            f"data.root={root}", f"runs_dir={tmp_path / 'runs'}"])

@@ -5,7 +5,10 @@ simulation Flower only gives a ``partition-id``, which maps to ``<sim-data-root>
 Loaded data is kept per process (a deployed site's runner serves every message of every run
 in one process, ``medfed.deploy.runner``; a simulated site's messages go to long-lived Ray
 actors), bounded in size, and read again only when a file of the site changed
-(``data_signature``).
+(``data_signature``). Decoded studies are kept on disk too: a deployed site's in its state
+folder, the simulated sites' in one temp folder of the simulation
+(:meth:`SiteDataCache.for_simulation`), so each site is decoded once whichever process
+serves it.
 """
 
 from __future__ import annotations

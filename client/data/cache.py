@@ -8,6 +8,9 @@ seconds instead of minutes, and pages are read only when a study is used. Labels
 masks and splits are not cached: they are joined afresh from the site's CSVs on each read
 (cheap), so editing ``labels.csv`` costs no decoding.
 
+A simulation's sites use the same cache in the simulation's own temp folder, one
+subfolder a site, unsynced (``durable=False``; :meth:`client.runtime.SiteDataCache.for_simulation`).
+
 On disk (``<state-dir>/cache``, 0700; files 0600)::
 
     <fingerprint>/index.json    one version of the site: every file's keyed path hash with

@@ -77,7 +77,7 @@ def load_global(model, content: RecordDict, job: Job, context: Context, *,
 
 
 def make_client_app(*, sim_data_root: Path | None = None, sim_train_sites: int | None = None,
-                    mods=()) -> ClientApp:
+                    mods=(), data_cache: SiteDataCache | None = None) -> ClientApp:
     """Build the site's ClientApp.
 
     Parameters
@@ -90,6 +90,10 @@ def make_client_app(*, sim_data_root: Path | None = None, sim_train_sites: int |
     mods : sequence
         Extra Flower client mods (auditing, fault drills), outermost first; site-level DP
         clipping is always installed innermost, the site's egress controls outermost.
+    data_cache : SiteDataCache, optional
+        The loaded sites' cache (default: a deployed site's; with ``sim_data_root`` a
+        :meth:`SiteDataCache.for_simulation`, whose temp folder its caller closes:
+        ``medfed.simulation.simulate`` when the simulation ends).
     """
     def site_settings(context: Context) -> dict:
         site = resolve_site(context, sim_data_root, sim_train_sites)
@@ -106,8 +110,10 @@ def make_client_app(*, sim_data_root: Path | None = None, sim_train_sites: int |
     # A deployed site's runner serves one site: a few entries (tasks). A simulation process
     # serves any of the simulated sites, one after the other, each round: every site it
     # meets, within a memory budget (an LRU of a few would miss every time at 40 sites).
-    cache = SiteDataCache(max_sites=None, max_bytes=simulation_cache_bytes()) \
-        if sim_data_root is not None else SiteDataCache()
+    # Simulated sites share one decode per site through the simulation's temp folder.
+    cache = data_cache if data_cache is not None else \
+        SiteDataCache.for_simulation(simulation_cache_bytes()) if sim_data_root is not None \
+        else SiteDataCache()
 
     def prepare(msg: Message, context: Context, *, training: bool = False):
         site = resolve_site(context, sim_data_root, sim_train_sites)

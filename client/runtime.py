@@ -5,7 +5,10 @@ simulation Flower only gives a ``partition-id``, which maps to ``<sim-data-root>
 Loaded data is kept per process (a deployed site's runner serves every message of every run
 in one process, ``medfed.deploy.runner``; a simulated site's messages go to long-lived Ray
 actors), bounded in size, and read again only when a file of the site changed
-(``data_signature``).
+(``data_signature``). Decoded studies are kept on disk too: a deployed site's in its state
+folder, the simulated sites' in one temp folder of the simulation
+(:meth:`SiteDataCache.for_simulation`), so each site is decoded once whichever process
+serves it.
 """
 
 from __future__ import annotations
@@ -14,7 +17,10 @@ import hashlib
 import logging
 import os
 import re
+import shutil
+import tempfile
 import uuid
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -31,6 +37,7 @@ from .data.dataset import StudyDataset
 from .data.layout import Layout
 from .data.layout_site import dataset_options, read_site
 from .data.pseudonyms import PseudonymKeyError, site_key
+from .data.signature import data_signature as signature_of
 from .data.site import SiteData
 from .engine import resolve_device
 from .privacy.policy import node_settings
@@ -115,29 +122,10 @@ def resolve_site(context: Context, sim_data_root: Path | None = None,
 
 
 def data_signature(site: SiteIdentity) -> str:
-    """A digest of what the site's readers can read: path, size, mtime, ctime and inode of
-    every file under the data directory (links followed as the readers follow them), except
-    the site's state folder and hidden top-level folders (MedFed's own files, written every
-    message). Touching, rewriting, adding or removing a file changes it; a ``stat`` per
-    file, no file is opened."""
-    # os.walk and plain strings: a few thousand files are stat-ed for every message, and
-    # pathlib's per-file objects cost more than the stat calls.
-    root = str(site.data_dir)
-    skip = os.path.realpath(site.state_dir) if site.state_dir is not None else None
-    h = hashlib.sha256()
-    for folder, dirs, files in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if not (folder == root and d.startswith("."))
-                         and os.path.realpath(os.path.join(folder, d)) != skip)
-        prefix = os.path.relpath(folder, root)
-        for name in sorted(files):
-            try:
-                st = os.stat(os.path.join(folder, name))
-            except OSError:              # a dangling link, a file removed meanwhile
-                continue
-            rel = name if prefix == "." else os.path.join(prefix, name)
-            h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\0"
-                     f"{st.st_ino}\n".encode("utf-8", "surrogateescape"))
-    return h.hexdigest()
+    """A digest of what the site's readers can read (:mod:`client.data.signature`): every
+    file's path, size, times and inode under the data directory, except the state folder
+    and hidden top-level folders; a change to any file changes it."""
+    return signature_of(site.data_dir, site.state_dir)
 
 
 class SiteDataCache:
@@ -149,12 +137,19 @@ class SiteDataCache:
     tokenizers) are never served each other's data. An entry is used only while the site's
     files are as they were when it was read (``data_signature``, checked on every ``get``): a
     changed, added or removed file makes the next message read the site again.
+
+    ``sim_root`` (:meth:`for_simulation` only): the simulation's own temp folder, the on-disk
+    :class:`SiteCache` of every simulated site (``<sim_root>/<site id>``), so the second
+    process that serves a site maps its decoded studies instead of decoding its DICOM again.
     """
 
-    def __init__(self, max_sites: int | None = 16, max_bytes: int | None = None):
+    def __init__(self, max_sites: int | None = 16, max_bytes: int | None = None,
+                 sim_root: Path | None = None):
         self.max_sites = max_sites          # None: as many as ``max_bytes`` allows
         self.max_bytes = max_bytes          # None: no bound on the entries' image bytes
+        self.sim_root = sim_root
         self.token = uuid.uuid4().hex       # names this cache in the processes it is sent to
+        self._remove = None                 # the owner's finalizer of ``sim_root``
         self._sites: OrderedDict[tuple, tuple[str, tuple[SiteData, dict[str, StudyDataset]]]] \
             = OrderedDict()
         self._bytes: dict[tuple, int] = {}
@@ -165,7 +160,27 @@ class SiteDataCache:
         # this app, kept across the messages the actor serves - not a fresh, empty copy per
         # message (which read every DICOM file of the site for each message), and never the
         # data itself on the way.
-        return (process_cache, (self.token, self.max_sites, self.max_bytes))
+        return (process_cache, (self.token, self.max_sites, self.max_bytes, self.sim_root))
+
+    @classmethod
+    def for_simulation(cls, max_bytes: int | None = None) -> SiteDataCache:
+        """The cache of a simulation's ClientApp (``medfed simulate``): every site it meets
+        within ``max_bytes``, and one private temp folder (0700, under ``TMPDIR``, named
+        ``medfed-sim-sites-*``) that the processes serving the simulated sites share as
+        their decoded-study cache - written without fsync (throw-away), never inside a
+        site's data folder, and removed by :meth:`close`, when this object is collected or
+        when this process exits. Known limits: it holds the decoded studies and prepared
+        rows (about 2-3x the DICOM's size) in ``TMPDIR`` while the simulation runs, and a
+        simulation killed by SIGKILL leaves it behind."""
+        root = Path(tempfile.mkdtemp(prefix="medfed-sim-sites-"))       # 0700
+        cache = cls(max_sites=None, max_bytes=max_bytes, sim_root=root)
+        cache._remove = weakref.finalize(cache, shutil.rmtree, root, ignore_errors=True)
+        return cache
+
+    def close(self) -> None:
+        """Remove the simulation's temp folder (its owner only; a no-op elsewhere)."""
+        if self._remove is not None:
+            self._remove()
 
     def _evict(self) -> None:
         """Oldest entries out until within both bounds (the newest always stays)."""
@@ -187,6 +202,10 @@ class SiteDataCache:
         ``external``: every labelled study. ``layout``: the job's modality layout (None:
         today's brain_mri_4seq reader); its input channels are the model's, in order.
         """
+        if site.simulated and site.cache_dir is None and self.sim_root is not None:
+            # this process's copy of the simulation's folder (set here, site-side; never
+            # from a message): one decode per site for all the processes that serve it
+            site = replace(site, cache_dir=self.sim_root / site.site_id)
         pseudonyms = hashlib.sha256(site.pseudonym_key).hexdigest() if site.pseudonym_key \
             else None
         key = (str(site.data_dir), site.role, pseudonyms, tuple(class_names), image_size,
@@ -210,7 +229,9 @@ class SiteDataCache:
               needs: DataNeeds, layout: Layout | None = None,
               ) -> tuple[SiteData, dict[str, StudyDataset]]:
         """Read the site and build its splits (uncached)."""
-        cache = SiteCache(site.cache_dir) if site.cache_dir is not None else None
+        # a simulation's cache is a throw-away temp folder: no sync (a deployed site's is)
+        cache = SiteCache(site.cache_dir, durable=not site.simulated) \
+            if site.cache_dir is not None else None
         data = read_site(site.data_dir, layout, class_names, multi_label=needs.multi_label,
                          key=site.pseudonym_key, workers=site.decode_workers, cache=cache)
         r = data.report
@@ -222,6 +243,7 @@ class SiteDataCache:
         extra = {"masks": needs.masks, "text_transform": text_transform} | dataset_options(layout)
         if cache is not None and cache.current is not None:
             extra["store"] = cache.current        # prepared images on disk, read per item
+            extra["shared_store"] = site.simulated    # ... or, simulated, read once
         if site.role == wire.ROLE_EXTERNAL:
             labelled = [s for s in data.studies if s.label >= 0]
             return data, {wire.EXTERNAL_SPLIT: StudyDataset(labelled, image_size, **extra)}
@@ -260,12 +282,13 @@ _PROCESS_CACHES: OrderedDict[str, SiteDataCache] = OrderedDict()
 MAX_PROCESS_CACHES = 2
 
 
-def process_cache(token: str, max_sites: int | None, max_bytes: int | None = None
-                  ) -> SiteDataCache:
-    """This process's :class:`SiteDataCache` named ``token`` (what a pickled cache becomes)."""
+def process_cache(token: str, max_sites: int | None, max_bytes: int | None = None,
+                  sim_root: Path | None = None) -> SiteDataCache:
+    """This process's :class:`SiteDataCache` named ``token`` (what a pickled cache becomes;
+    it shares the owner's ``sim_root`` and never removes it)."""
     cache = _PROCESS_CACHES.get(token)
     if cache is None:
-        cache = SiteDataCache(max_sites, max_bytes)
+        cache = SiteDataCache(max_sites, max_bytes, sim_root)
         cache.token = token
         _PROCESS_CACHES[token] = cache
         while len(_PROCESS_CACHES) > MAX_PROCESS_CACHES:

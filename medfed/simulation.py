@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from client.app import make_client_app
+from client.runtime import SiteDataCache, simulation_cache_bytes
 from protocol import wire
 from server.app import make_server_app
 from server.config import ConfigError, ExperimentConfig
@@ -112,11 +113,17 @@ def simulate(cfg: ExperimentConfig, *, run_dir: Path | None = None, client_mods=
         "init_args": {"include_dashboard": False, "num_cpus": max(os.cpu_count() or 1, 1),
                       "logging_level": "ERROR"},
     }
-    run_simulation(
-        server_app=make_server_app(cfg, run_dir, observers),
-        client_app=make_client_app(sim_data_root=data_root, sim_train_sites=fed.num_sites,
-                                   mods=client_mods),
-        num_supernodes=fed.num_sites + int(fed.external_sites),
-        backend_config=backend,
-    )
+    # The sites' decoded studies, shared by the Ray actors that serve them: a temp folder of
+    # this run's, removed when the simulation ends (client.runtime.SiteDataCache).
+    sites_cache = SiteDataCache.for_simulation(simulation_cache_bytes())
+    try:
+        run_simulation(
+            server_app=make_server_app(cfg, run_dir, observers),
+            client_app=make_client_app(sim_data_root=data_root, sim_train_sites=fed.num_sites,
+                                       mods=client_mods, data_cache=sites_cache),
+            num_supernodes=fed.num_sites + int(fed.external_sites),
+            backend_config=backend,
+        )
+    finally:
+        sites_cache.close()
     return run_dir

@@ -8,6 +8,9 @@ seconds instead of minutes, and pages are read only when a study is used. Labels
 masks and splits are not cached: they are joined afresh from the site's CSVs on each read
 (cheap), so editing ``labels.csv`` costs no decoding.
 
+A simulation's sites use the same cache in the simulation's own temp folder, one
+subfolder a site, unsynced (``durable=False``; :meth:`client.runtime.SiteDataCache.for_simulation`).
+
 On disk (``<state-dir>/cache``, 0700; files 0600)::
 
     <fingerprint>/index.json    one version of the site: every file's keyed path hash with
@@ -115,6 +118,10 @@ class SiteCache:
     maps:
         The memory-map budget (:class:`client.data.cache_files.UnitMaps`); default: this
         process's one, shared by every cache of the process.
+    durable:
+        Sync what is written before it is renamed into place (a deployed site's cache). False
+        for a throw-away cache (a simulation's temp folder, ``client.runtime``): no sync, a
+        crash there loses nothing the next run needs.
 
     After :meth:`decoded`, ``last`` says what happened: ``hit``, ``miss`` (first decode or a
     change), ``rebuilt`` (a corrupt cache was removed) or ``unwritable`` (decoded data served
@@ -125,11 +132,13 @@ class SiteCache:
     datasets keep their prepared rows (:mod:`client.data.rows`; None when unwritable).
     """
 
-    def __init__(self, root: Path | str, *, keep: int = 4, maps: UnitMaps | None = None):
+    def __init__(self, root: Path | str, *, keep: int = 4, maps: UnitMaps | None = None,
+                 durable: bool = True):
         if keep < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
         self.root = Path(root)
         self.keep = keep
+        self.durable = durable
         self.maps = PROCESS_MAPS if maps is None else maps
         self.last: str | None = None
         self.write_error: str | None = None
@@ -316,7 +325,7 @@ class SiteCache:
                 list(zip((units[i]["name"] for i in todo), jobs)), sources, here, make=make,
                 redo=redo, writable=writable, fp=fp, family=family, files=files, pool=pool,
                 prefix=prefix, maps=self.maps, error=self.write_error,
-                made_one=self._made_one, meanwhile=meanwhile)
+                made_one=self._made_one, meanwhile=meanwhile, durable=self.durable)
             self.write_error = built.write_error
             if not built.written:
                 self.last = "unwritable"
@@ -419,10 +428,11 @@ class SiteCache:
                 remove_entry(path)
         out = decode()
         try:
-            temp, index = write_unit(self.current, name, *out, durable=True)
+            temp, index = write_unit(self.current, name, *out, durable=self.durable)
             try:
                 publish(temp, path)
-                fsync_dir(self.current)
+                if self.durable:
+                    fsync_dir(self.current)
             finally:
                 if temp.exists():
                     temp.unlink()

@@ -60,7 +60,7 @@ def build_units(root: Path, units_dir: Path, units: list[dict], results: list,
                 writable: bool, fp: str, family: str, files: dict, pool: SharedWorkers,
                 prefix: str, maps: UnitMaps, error: str | None = None,
                 made_one: Callable[[], None] | None = None,
-                meanwhile: Callable[[], None] | None = None) -> Built:
+                meanwhile: Callable[[], None] | None = None, durable: bool = True) -> Built:
     """Make the ``todo`` units (``jobs[j]``: a unit's name and what ``make`` takes) in
     ``pool`` - each process writes the units it makes, only their names and indexes come
     back - except the jobs in ``here`` (their files' arrays in memory: sent to the helpers
@@ -71,7 +71,8 @@ def build_units(root: Path, units_dir: Path, units: list[dict], results: list,
     the cache is not ``writable`` already, when it is not. ``made_one()``: called as each
     unit is complete (a pass failing part-way has counted what it made). ``meanwhile()``:
     called once every unit is made, before the serial rest (sync, renames, opening, the
-    index): the caller hands the helpers other work there (:meth:`SharedWorkers.submit`)."""
+    index): the caller hands the helpers other work there (:meth:`SharedWorkers.submit`).
+    ``durable=False`` (a throw-away cache: the simulation's temp folder): no sync at all."""
     build = partial(_make_unit, make, units_dir if writable else None, prefix)
     remote = [j for j in range(len(jobs)) if j not in here]
     made = itertools.chain(
@@ -98,11 +99,13 @@ def build_units(root: Path, units_dir: Path, units: list[dict], results: list,
     published = set()
     if pending and writable:
         try:
-            sync_filesystem(units_dir)
+            if durable:
+                sync_filesystem(units_dir)
             for i, _, temp in pending:
                 publish(temp, units_dir / units[i]["name"])
                 published.add(i)
-            fsync_dir(units_dir)
+            if durable:
+                fsync_dir(units_dir)
         except OSError as err:
             writable, error = False, write_reason(err)
     for i, j, temp in pending:
@@ -120,7 +123,7 @@ def build_units(root: Path, units_dir: Path, units: list[dict], results: list,
             temp.unlink()
     if writable:
         try:
-            write_version(root, fp, family, files, units)
+            write_version(root, fp, family, files, units, durable=durable)
         except OSError as err:
             writable, error = False, write_reason(err)
     if not writable:

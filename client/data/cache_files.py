@@ -116,17 +116,20 @@ def assemble(results: list[Decoded]) -> Decoded:
     return sorted(studies, key=lambda s: s.key), report
 
 
-def write_version(root: Path, fp: str, family: str, files: dict, units: list[dict]) -> None:
+def write_version(root: Path, fp: str, family: str, files: dict, units: list[dict], *,
+                  durable: bool = True) -> None:
     """A version's index (its files and units), written under a temporary name and renamed;
-    durable on return."""
+    durable on return (unless not ``durable``: a throw-away cache, no fsync)."""
     temp = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=root))     # 0700
     try:
         index = {"format": CACHE_FORMAT, "fingerprint": fp, "family": family, "files": files,
                  "units": units}
-        _write_bytes(temp / INDEX, json.dumps(index).encode(), durable=True)
-        fsync_dir(temp)
+        _write_bytes(temp / INDEX, json.dumps(index).encode(), durable=durable)
+        if durable:
+            fsync_dir(temp)
         publish(temp, root / fp)
-        fsync_dir(root)
+        if durable:
+            fsync_dir(root)
     finally:
         if temp.exists():
             shutil.rmtree(temp, ignore_errors=True)

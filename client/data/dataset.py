@@ -43,13 +43,16 @@ class StudyDataset(Dataset):
     ``normalize=False`` keeps the reader's intensities (see :func:`study_transform`).
     ``spatial_dims=3`` (a 3D layout): each channel is a volume ``[D, H, W]`` (the layout's
     grid), resized to the ``image_size`` cube; no middle slice is taken.
+    ``shared_store`` (a simulation's throw-away cache, shared by the processes that serve a
+    site): the row file is written without fsync and read back into memory at once, not per
+    item - one process prepares, the others read it once.
     """
 
     def __init__(self, studies: list[Study], image_size: int, sequences=SEQUENCES, *,
                  augment: bool = False,
                  text_transform: Callable[[list[str]], dict[str, torch.Tensor]] | None = None,
                  masks: bool = False, normalize: bool = True, spatial_dims: int = 2,
-                 store: Path | None = None):
+                 store: Path | None = None, shared_store: bool = False):
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
         if masks and spatial_dims == 3:
@@ -86,8 +89,11 @@ class StudyDataset(Dataset):
                     "normalize": normalize, "dims": spatial_dims}
             try:
                 self.rows = open_rows(store, row_file_name(spec), len(studies),
-                                      (len(sequences), *[image_size] * spatial_dims), prepared)
+                                      (len(sequences), *[image_size] * spatial_dims), prepared,
+                                      durable=not shared_store)
                 prepared = (None for _ in studies)
+                if shared_store:        # in memory from here on (rows of one block)
+                    prepared, self.rows = iter(self.rows.read_all()), None
             except OSError:
                 log.warning("prepared images could not be written to the site cache; "
                             "keeping them in memory")

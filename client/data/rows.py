@@ -68,6 +68,18 @@ class RowFile:
             raise OSError("row file cut short")
         return torch.frombuffer(buf, dtype=torch.float32).reshape(self.shape)
 
+    def read_all(self) -> torch.Tensor:
+        """Every row at once, ``[n, *shape]`` (one read; an empty file gives an empty tensor:
+        ``torch.frombuffer`` refuses an empty buffer)."""
+        if self.n == 0:
+            return torch.empty((0, *self.shape), dtype=torch.float32)
+        buf = bytearray(self.n * self.row_bytes)
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            if f.readinto(buf) != len(buf):
+                raise OSError("row file cut short")
+        return torch.frombuffer(buf, dtype=torch.float32).reshape(self.n, *self.shape)
+
     def __getstate__(self) -> dict:          # a data-loader worker opens its own descriptor
         return self.__dict__ | {"_fd": None}
 
@@ -77,9 +89,10 @@ class RowFile:
 
 
 def open_rows(folder: Path, name: str, n: int, shape: tuple[int, ...],
-              rows: Iterable[torch.Tensor]) -> RowFile:
+              rows: Iterable[torch.Tensor], *, durable: bool = True) -> RowFile:
     """The row file ``folder/name``: reopened if complete, else ``rows`` (consumed lazily,
-    one in memory at a time) written to it first. OSError if ``folder`` is not writable."""
+    one in memory at a time) written to it first (fsynced unless not ``durable``: a
+    throw-away cache). OSError if ``folder`` is not writable."""
     path = Path(folder) / name
     try:
         out = RowFile(path, n, shape)
@@ -104,7 +117,8 @@ def open_rows(folder: Path, name: str, n: int, shape: tuple[int, ...],
             if written != n:
                 raise ValueError(f"{written} rows written, expected {n}")
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(temp, path)
     finally:
         if temp.exists():

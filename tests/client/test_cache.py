@@ -417,7 +417,8 @@ def test_nothing_in_the_cache_names_a_patient_and_it_is_private(site, tmp_path):
 def test_a_deployed_site_process_reads_through_the_cache_a_simulation_does_not(
         site, tmp_path, monkeypatch):
     """A second site process (a fresh per-process SiteDataCache) trains on the same tensors
-    without decoding; a simulated site writes nothing to disk (the demo reads as before)."""
+    without decoding; a simulated site has no cache of its own (the simulation's shared
+    temp folder: tests/client/test_sim_cache.py) and writes nothing into its folder."""
     import torch
     from flwr.app import Context, RecordDict
 

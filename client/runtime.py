@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import tempfile
 import uuid
 import weakref
@@ -59,7 +60,8 @@ class SiteIdentity:
     pseudonym_key: bytes | None = field(default=None, repr=False)
     decode_workers: int = 1           # node config decode-workers: DICOM decode processes
     # Where decoded studies are cached (client.data.cache): <state-dir>/cache on a deployed
-    # site; None in simulation (nothing persisted, the demo reads as it always did).
+    # site; None in simulation (SiteDataCache.get points a simulated site at the simulation's
+    # own temp folder, never at anything inside the site's data folder).
     cache_dir: Path | None = None
     # The site's state folder (ledger, keys, query log): written every message, never data.
     state_dir: Path | None = None
@@ -172,7 +174,13 @@ class SiteDataCache:
         when this process exits. Known limits: it holds the decoded studies and prepared
         rows (about 2-3x the DICOM's size) in ``TMPDIR`` while the simulation runs, and a
         simulation killed by SIGKILL leaves it behind."""
-        root = Path(tempfile.mkdtemp(prefix="medfed-sim-sites-"))       # 0700
+        try:
+            root = Path(tempfile.mkdtemp(prefix="medfed-sim-sites-"))   # 0700
+        except OSError as err:          # TMPDIR not writable: each process decodes, as before
+            logging.getLogger(__name__).warning(
+                "no temp folder for the simulated sites' shared decode (%s): each process "
+                "decodes its sites itself", type(err).__name__)
+            return cls(max_sites=None, max_bytes=max_bytes)
         cache = cls(max_sites=None, max_bytes=max_bytes, sim_root=root)
         cache._remove = weakref.finalize(cache, shutil.rmtree, root, ignore_errors=True)
         return cache
@@ -181,6 +189,7 @@ class SiteDataCache:
         """Remove the simulation's temp folder (its owner only; a no-op elsewhere)."""
         if self._remove is not None:
             self._remove()
+        self.sim_root = None        # never used again: a later get would make it anew
 
     def _evict(self) -> None:
         """Oldest entries out until within both bounds (the newest always stays)."""
@@ -202,7 +211,7 @@ class SiteDataCache:
         ``external``: every labelled study. ``layout``: the job's modality layout (None:
         today's brain_mri_4seq reader); its input channels are the model's, in order.
         """
-        if site.simulated and site.cache_dir is None and self.sim_root is not None:
+        if site.simulated and site.cache_dir is None and _private_folder(self.sim_root):
             # this process's copy of the simulation's folder (set here, site-side; never
             # from a message): one decode per site for all the processes that serve it
             site = replace(site, cache_dir=self.sim_root / site.site_id)
@@ -256,6 +265,20 @@ class SiteDataCache:
         splits |= {name: StudyDataset(data.split(name, labelled_only=True), image_size, **extra)
                    for name in ("val", "test")}
         return data, splits
+
+
+def _private_folder(path: Path | None) -> bool:
+    """``path`` is a folder of this user's that only this user may enter (not a link): the
+    simulation's temp folder as ``mkdtemp`` made it. Gone (removed at the simulation's end)
+    or replaced: no disk cache, never one re-created in a world-readable place."""
+    if path is None:
+        return False
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and \
+        stat.S_IMODE(st.st_mode) & 0o077 == 0
 
 
 def _image_bytes(data: SiteData, splits: dict[str, StudyDataset]) -> int:

@@ -156,3 +156,28 @@ def test_a_simulated_site_with_an_empty_split_is_served_through_the_sim_cache(tm
     _, again = SiteDataCache(sim_root=cache.sim_root).get(_site(root), CLASSES, 32)
     assert {name: len(split) for name, split in again.items()} == sizes
     cache.close()
+
+
+def test_a_closed_or_opened_up_folder_is_never_used_nor_made_again(tiny_sites, tmp_path):
+    """Attack on a shared /tmp: once the owner removed the folder, a process still holding
+    its name must not re-create it (with the umask's mode, where another user could have
+    planted a cache version first); a folder others may enter is not used either. Both
+    read the site in memory instead."""
+    from ray import cloudpickle
+
+    shutil.copytree(tiny_sites / "site-0", tmp_path / "site-0", ignore=FRESH)
+    cache = SiteDataCache.for_simulation()
+    root = cache.sim_root
+    copy = cloudpickle.loads(cloudpickle.dumps(cache))      # another process's copy
+    cache.close()
+    assert cache.sim_root is None and not root.exists()
+    _, splits = copy.get(_site(tmp_path), CLASSES, 32)
+    assert sum(len(s) for s in splits.values()) > 0
+    assert not root.exists()
+
+    opened = tmp_path / "opened"
+    opened.mkdir(mode=0o755)
+    os.chmod(opened, 0o755)
+    _, splits = SiteDataCache(sim_root=opened).get(_site(tmp_path), CLASSES, 32)
+    assert sum(len(s) for s in splits.values()) > 0
+    assert list(opened.iterdir()) == []

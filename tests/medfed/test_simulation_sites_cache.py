@@ -54,6 +54,6 @@ def test_simulate_removes_the_sites_cache_folder_when_it_ends(tiny_sites, tmp_pa
             simulation.simulate(cfg, run_dir=tmp_path / "run")
     else:
         simulation.simulate(cfg, run_dir=tmp_path / "run")
-    assert len(made) == 1 and seen == [[made[0].sim_root]]     # there while it ran
-    assert not made[0].sim_root.exists()                       # gone after
+    assert len(made) == 1 and len(seen) == 1 and len(seen[0]) == 1    # there while it ran
+    assert made[0].sim_root is None and not seen[0][0].exists()       # gone after, forgotten
     assert not any(p.name.startswith("medfed-sim-sites-") for p in root.rglob("*"))

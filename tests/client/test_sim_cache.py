@@ -156,3 +156,27 @@ def test_a_simulated_site_with_an_empty_split_is_served_through_the_sim_cache(tm
     _, again = SiteDataCache(sim_root=cache.sim_root).get(_site(root), CLASSES, 32)
     assert {name: len(split) for name, split in again.items()} == sizes
     cache.close()
+
+
+def test_a_process_serving_a_site_as_the_simulation_ends_does_not_make_its_folder_again(
+        tiny_sites, tmp_path, monkeypatch):
+    """The simulation removes its temp folder while an actor is reading a site (after any
+    check of the folder): the actor serves the site from memory and does not make the
+    folder again (a umask-mode leftover in TMPDIR)."""
+    from client import runtime
+
+    shutil.copytree(tiny_sites / "site-0", tmp_path / "site-0", ignore=FRESH)
+    cache = SiteDataCache.for_simulation()
+    root = cache.sim_root
+    actor = SiteDataCache(max_sites=None, sim_root=root)      # an actor's copy of it
+    real = runtime.read_site
+
+    def ended_meanwhile(*args, **kwargs):
+        shutil.rmtree(root)             # the simulation ends while this site is read
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runtime, "read_site", ended_meanwhile)
+    _, splits = actor.get(_site(tmp_path), CLASSES, 32)
+    assert len(splits["train"]) > 0
+    assert not root.exists()
+    cache.close()

@@ -239,8 +239,9 @@ class SiteDataCache:
               ) -> tuple[SiteData, dict[str, StudyDataset]]:
         """Read the site and build its splits (uncached)."""
         # a simulation's cache is a throw-away temp folder: no sync (a deployed site's is)
-        cache = SiteCache(site.cache_dir, durable=not site.simulated) \
-            if site.cache_dir is not None else None
+        # (nor is its folder made again when the simulation removed it: served from memory)
+        cache = SiteCache(site.cache_dir, durable=not site.simulated,
+                          make_parents=not site.simulated) if site.cache_dir is not None else None
         data = read_site(site.data_dir, layout, class_names, multi_label=needs.multi_label,
                          key=site.pseudonym_key, workers=site.decode_workers, cache=cache)
         r = data.report

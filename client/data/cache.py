@@ -122,6 +122,11 @@ class SiteCache:
         Sync what is written before it is renamed into place (a deployed site's cache). False
         for a throw-away cache (a simulation's temp folder, ``client.runtime``): no sync, a
         crash there loses nothing the next run needs.
+    make_parents:
+        Make the folders above ``root`` when missing (a deployed site's state folder). False
+        for a site's folder inside a simulation's temp folder: a process still serving a site
+        when the simulation removed it writes nothing (the studies are served from memory)
+        rather than make the removed folder again, left behind.
 
     After :meth:`decoded`, ``last`` says what happened: ``hit``, ``miss`` (first decode or a
     change), ``rebuilt`` (a corrupt cache was removed) or ``unwritable`` (decoded data served
@@ -133,12 +138,13 @@ class SiteCache:
     """
 
     def __init__(self, root: Path | str, *, keep: int = 4, maps: UnitMaps | None = None,
-                 durable: bool = True):
+                 durable: bool = True, make_parents: bool = True):
         if keep < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
         self.root = Path(root)
         self.keep = keep
         self.durable = durable
+        self.make_parents = make_parents
         self.maps = PROCESS_MAPS if maps is None else maps
         self.last: str | None = None
         self.write_error: str | None = None
@@ -446,7 +452,7 @@ class SiteCache:
 
     # -- housekeeping ----------------------------------------------------------------------
     def _make_root(self, sub: str | None = None) -> None:
-        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.root.mkdir(parents=self.make_parents, exist_ok=True, mode=0o700)
         os.chmod(self.root, 0o700)
         if sub is not None:
             (self.root / sub).mkdir(exist_ok=True, mode=0o700)

@@ -181,3 +181,27 @@ def test_a_closed_or_opened_up_folder_is_never_used_nor_made_again(tiny_sites, t
     _, splits = SiteDataCache(sim_root=opened).get(_site(tmp_path), CLASSES, 32)
     assert sum(len(s) for s in splits.values()) > 0
     assert list(opened.iterdir()) == []
+
+
+def test_a_process_serving_a_site_as_the_simulation_ends_does_not_make_its_folder_again(
+        tiny_sites, tmp_path, monkeypatch):
+    """The simulation removes its temp folder while an actor is reading a site (after any
+    check of the folder): the actor serves the site from memory and does not make the
+    folder again (a umask-mode leftover in TMPDIR)."""
+    from client import runtime
+
+    shutil.copytree(tiny_sites / "site-0", tmp_path / "site-0", ignore=FRESH)
+    cache = SiteDataCache.for_simulation()
+    root = cache.sim_root
+    actor = SiteDataCache(max_sites=None, sim_root=root)      # an actor's copy of it
+    real = runtime.read_site
+
+    def ended_meanwhile(*args, **kwargs):
+        shutil.rmtree(root)             # the simulation ends while this site is read
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runtime, "read_site", ended_meanwhile)
+    _, splits = actor.get(_site(tmp_path), CLASSES, 32)
+    assert len(splits["train"]) > 0
+    assert not root.exists()
+    cache.close()

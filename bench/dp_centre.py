@@ -6,7 +6,7 @@ the same settings as ``python -m bench.foundation --channel-tokens fused``), the
 feature mean written beside the encoder (``save_public_feature_mean``: public cohort only),
 then only the arms asked for, in one process, side by side:
 
-    python -m bench.dp_centre --work DIR [--draw 0] [--arms dp_head,dp_head_centred,...]
+    python -m bench.dp_centre --work DIR [--draw 0] [--arms dp_head,dp_head_centred,...] [--resume]
 
 Arms (``VARIANTS``; ``lora`` and ``dp_lora`` are foundation_mcc's own): DP-SGD head only
 (``method=linear_probe``, lr 1e-2) uncentred and centred, non-DP head only centred, DP-LoRA
@@ -48,6 +48,8 @@ def main() -> None:
     parser.add_argument("--lora-reference", default=None,
                         help="external,site_test MCC of the non-DP lora arm measured elsewhere")
     parser.add_argument("--name", default="foundation_dp_centre")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the arms results/<--name>.json already holds for this draw")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     arms = tuple(args.arms.split(","))
@@ -68,6 +70,13 @@ def main() -> None:
            "public_feature_mean": mean, "variants": VARIANTS, "commit": commit(),
            "machine": machine()}
     path = RESULTS_DIR / f"{args.name}.json"
+    done = None
+    if args.resume and path.is_file():
+        earlier = json.loads(path.read_text())
+        if [earlier["settings"], earlier["variants"]] != json.loads(json.dumps(
+                (out["settings"], out["variants"]))):
+            raise SystemExit(f"{path} was made with other settings or variants; not resuming")
+        done = earlier.get("draw")
 
     def write(result: dict) -> None:
         out["draw"] = result
@@ -87,7 +96,7 @@ def main() -> None:
 
     public = fm.cohort_keys(public_dir)
     result = fm.run_draw(args.draw, work, foundation_dir, SETTINGS, arms, public,
-                         on_arm=write, variants=VARIANTS)
+                         on_arm=write, done=done, variants=VARIANTS)
     write(result)
     for arm, v in result["arms"].items():
         print(f"{arm:18s} external {v['external_mcc']:.3f} site-test "

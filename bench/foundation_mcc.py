@@ -356,6 +356,7 @@ def run_draw(seed: int, work: Path, foundation_dir: Path, settings: dict, arms: 
                   f"model.foundation_dir={foundation_dir}",
                   f"model.options.lora_rank={settings['lora_rank']}",
                   f"model.options.channel_tokens={settings['channel_tokens']}"]
+    ledger = f".medfed/bench-foundation-{time.time_ns()}"      # + the arm: one ledger per arm
     overrides = {
         "supervised_scratch": base,
         "lora": [*base, *foundation],
@@ -368,10 +369,14 @@ def run_draw(seed: int, work: Path, foundation_dir: Path, settings: dict, arms: 
         "dp_lora": [*base, *foundation, "privacy=dpsgd",
                     f"privacy.epsilon={settings['dp_epsilon']}",
                     f"+federation.site_node_config={{dp-epsilon:{settings['dp_epsilon'] * 1.01},"
-                    f"dp-delta:1e-5,privacy-dir:.medfed/bench-foundation-{time.time_ns()}}}"],
+                    f"dp-delta:1e-5,privacy-dir:{ledger}}}"],
     }
     for variant, (arm, extra) in (variants or {}).items():
         overrides[variant] = [*overrides[arm], *extra]
+    # Each DP arm spends its own budget: sharing one site ledger, a second DP arm of the draw
+    # would be refused by the sites' policy (the first arm already spent epsilon).
+    overrides = {a: [o.replace(ledger, f"{ledger}-{a}") for o in arm_overrides]
+                 for a, arm_overrides in overrides.items()}
     lora_cfg = load_experiment(overrides["lora"])
     classes = tuple(lora_cfg.task.class_names)
     external_studies = [s for s in load_site(root / "external", classes).studies if s.label >= 0]

@@ -334,3 +334,23 @@ def test_a_variant_arm_runs_its_arms_overrides_plus_its_own(tmp_path, monkeypatc
     overrides = out["arms"]["dp_head"]["overrides"]
     assert "privacy=dpsgd" in overrides and overrides[-1] == "model.options.method=linear_probe"
     assert ran[0].model.options["method"] == "linear_probe"
+
+
+def test_each_dp_variant_spends_from_a_ledger_of_its_own(tmp_path, monkeypatch):
+    """Two DP arms of one draw: the second must not find the first's spending in its ledger
+    (it would be refused as over budget)."""
+    import bench.model_quality as mq
+
+    monkeypatch.setattr(mq, "federated", lambda cfg, *a, **k: {"external_mcc": 0.0})
+    settings = {"patients_per_site": 6, "rounds": 1, "local_epochs": 1, "label_fraction": 0.5,
+                "lora_rank": 2, "pretrain_rounds": 1, "pretrain_epochs": 1, "dp_epsilon": 8.0,
+                "channel_tokens": "fused"}
+    monkeypatch.setattr(fm, "ENCODER", TINY)
+    fm.save_initial_encoder(tmp_path / "encoders")
+    (tmp_path / "encoders" / fm.INIT_NAME).rename(tmp_path / "encoders" / fm.PRETRAINED_NAME)
+    public = fm.cohort_keys(fm.public_cohort(tmp_path / "public", patients=4))
+    out = fm.run_draw(0, tmp_path, tmp_path / "encoders", settings, ("dp_lora", "dp_head"),
+                      public, variants={"dp_head": ("dp_lora", ["train.lr=0.01"])})
+    ledgers = [[o for o in out["arms"][a]["overrides"] if "privacy-dir" in o]
+               for a in ("dp_lora", "dp_head")]
+    assert all(len(ledger) == 1 for ledger in ledgers) and ledgers[0] != ledgers[1]

@@ -82,6 +82,7 @@ def main() -> None:
         out["draw"] = result
         scores = {a: (v["external_mcc"], v.get("site_test_mcc"))
                   for a, v in result["arms"].items()}
+        out.pop("lora_reference", None)         # measured here once the lora arm ran
         if "lora" not in scores and args.lora_reference:
             ext, test = (float(x) for x in args.lora_reference.split(","))
             scores["lora"] = (ext, test)

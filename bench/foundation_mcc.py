@@ -46,6 +46,13 @@ before LoRA learns (0.19 against 0.36), and the patch embedding, not the adapter
 LoRA learns (0.36 -> -0.02 with it frozen, no noise). The DP path itself is sound: with sigma
 0.01 it matches non-DP (0.36). No recipe learns at eps 8 here; the arm is kept as it is.
 
+Public feature centring (session 23, ``bench.dp_centre``): ``save_public_feature_mean`` writes
+the mean of the adapted model's pooled features over the PUBLIC cohort beside the encoder, and
+``model.options.centre_features=true`` subtracts it before the head (models/foundation/
+centring.py), removing the common component that took the clipping budget. The ``dp_lora``
+arm here stays uncentred; bench/RESULTS.md "DP-LoRA at epsilon 8, session 23" has what
+centring changes.
+
 Top-level figures (means over the draws): ``mm_dino_pretrained_minus_supervised_scratch``
 (external MCC, (c) - (a)); ``federated_over_pooled`` (external MCC, (b) / (d): same model, same
 labelled studies, same passes); ``dp_lora_over_lora_eps8`` ((e) / (b) on the pooled site-test
@@ -221,6 +228,41 @@ def encoder_digest(foundation_dir: Path) -> str:
                           ).hexdigest()
 
 
+def save_public_feature_mean(public_dir: Path, foundation_dir: Path, *, channel_tokens: str,
+                             name: str = PRETRAINED_NAME, image_size: int = 64,
+                             batch_size: int = 32) -> dict:
+    """Write ``<foundation_dir>/<name>/feature_mean.safetensors`` (``centre_features``): the
+    mean of the adapted model's pooled features over the PUBLIC cohort in ``public_dir`` -
+    never a site's studies (``disjointness`` checks the draws against this cohort), labels
+    hidden, no augmentation. Taken at the adaptation's start (LoRA's B and the presence
+    embedding are zero there, so the method does not change it); the model subtracts it from
+    the pooled features before the head, which removes their common component: under DP-SGD
+    that component dominated every per-sample gradient of the head (session 21: norm ~15 vs
+    a per-study spread of ~3). Returns the mean's norm and the spread around it."""
+    from torch.utils.data import DataLoader
+
+    from client.data.dataset import StudyDataset
+    from client.data.site import load_site
+    from models import MODELS
+    from models.foundation.centring import save_feature_mean
+
+    studies = [dataclasses.replace(s, label=-1) for s in load_site(public_dir).studies]
+    options = dict(weights=name, method="linear_probe", image_size=image_size, num_classes=3,
+                   channel_tokens=channel_tokens)
+    model = MODELS.build("foundation", options, foundation_dir=foundation_dir).eval()
+    pooled = []
+    with torch.no_grad():
+        for batch in DataLoader(StudyDataset(studies, image_size), batch_size=batch_size):
+            tokens = model.forward_features(batch["image"], batch["present"])
+            pooled.append(model.pool(tokens, batch["present"]))
+    features = torch.cat(pooled)                                         # [N, pooled]
+    mean = features.mean(0)
+    path = save_feature_mean(foundation_dir / name, mean, model.feature_signature)
+    return {"studies": len(studies), "file": path.name, "signature": model.feature_signature,
+            "mean_norm": float(mean.norm()),
+            "median_distance_from_mean": float((features - mean).norm(dim=1).median())}
+
+
 PUBLIC_RECORD = "public_pretraining.json"     # in --work: how the encoder there was made
 
 
@@ -279,10 +321,13 @@ def previous_draws(old: dict, settings: dict, digest: str) -> dict[int, dict]:
 
 # ---------------------------------------------------------------- one draw of sites
 def run_draw(seed: int, work: Path, foundation_dir: Path, settings: dict, arms: tuple[str, ...],
-             public: dict[str, set[str]], on_arm=None, done: dict | None = None) -> dict:
+             public: dict[str, set[str]], on_arm=None, done: dict | None = None,
+             variants: dict[str, tuple[str, list[str]]] | None = None) -> dict:
     """Synthesize the draw's sites (+ external hospital), check them against the public
     cohort, run ``arms``; ``on_arm(result_so_far)`` after each (a stopped run keeps them).
-    ``done``: this draw's arms finished in an earlier sitting (``--resume``), not run again."""
+    ``done``: this draw's arms finished in an earlier sitting (``--resume``), not run again.
+    ``variants``: extra arms, ``name -> (arm, overrides added to that arm's)``, e.g.
+    ``{"dp_head": ("dp_lora", ["model.options.method=linear_probe"])}``."""
     from client.data.dataset import StudyDataset
     from client.data.site import load_site
     from client.runtime import label_subset
@@ -311,6 +356,7 @@ def run_draw(seed: int, work: Path, foundation_dir: Path, settings: dict, arms: 
                   f"model.foundation_dir={foundation_dir}",
                   f"model.options.lora_rank={settings['lora_rank']}",
                   f"model.options.channel_tokens={settings['channel_tokens']}"]
+    ledger = f".medfed/bench-foundation-{time.time_ns()}"      # + the arm: one ledger per arm
     overrides = {
         "supervised_scratch": base,
         "lora": [*base, *foundation],
@@ -323,8 +369,14 @@ def run_draw(seed: int, work: Path, foundation_dir: Path, settings: dict, arms: 
         "dp_lora": [*base, *foundation, "privacy=dpsgd",
                     f"privacy.epsilon={settings['dp_epsilon']}",
                     f"+federation.site_node_config={{dp-epsilon:{settings['dp_epsilon'] * 1.01},"
-                    f"dp-delta:1e-5,privacy-dir:.medfed/bench-foundation-{time.time_ns()}}}"],
+                    f"dp-delta:1e-5,privacy-dir:{ledger}}}"],
     }
+    for variant, (arm, extra) in (variants or {}).items():
+        overrides[variant] = [*overrides[arm], *extra]
+    # Each DP arm spends its own budget: sharing one site ledger, a second DP arm of the draw
+    # would be refused by the sites' policy (the first arm already spent epsilon).
+    overrides = {a: [o.replace(ledger, f"{ledger}-{a}") for o in arm_overrides]
+                 for a, arm_overrides in overrides.items()}
     lora_cfg = load_experiment(overrides["lora"])
     classes = tuple(lora_cfg.task.class_names)
     external_studies = [s for s in load_site(root / "external", classes).studies if s.label >= 0]
@@ -339,7 +391,7 @@ def run_draw(seed: int, work: Path, foundation_dir: Path, settings: dict, arms: 
             continue
         start = time.perf_counter()
         cfg = load_experiment(overrides[arm])
-        if arm == "pooled":
+        if arm == "pooled" or (variants or {}).get(arm, ("",))[0] == "pooled":
             epochs = settings["rounds"] * settings["local_epochs"]
             scores = centralized(cfg, [s for site in labelled for s in site], epochs, external)
         else:
@@ -410,4 +462,5 @@ def targets_met(summary: dict) -> dict:
 __all__ = ["ARMS", "DRAW_SEEDS", "ENCODER", "PRETRAINED_NAME", "PUBLIC_PATCH", "PUBLIC_SEED",
            "check_settings", "cohort_keys", "commit", "disjointness", "encoder_digest",
            "pretrain_public", "previous_draws", "public_cohort", "public_pretraining",
+           "save_public_feature_mean",
            "share_patch_embedding", "summarize", "targets_met", "write_back_patch_kernel"]

@@ -18,7 +18,10 @@ recipe, session 20"): the class signal is a per-location relation between sequen
 fused tokens see from the first layer. MAE needs per-channel tokens (its target is one
 channel's patch). An absent channel, zeroed, looks like a black one; ``presence_embedding``
 (off by default) adds a learned embedding of the ``present`` vector to every patch token so the
-two can differ (``PresenceEmbedding``).
+two can differ (``PresenceEmbedding``). ``centre_features`` (off by default) subtracts a
+PUBLIC mean of the pooled features, read from the weights directory, before the head
+(``centring.py``): under DP-SGD the common component of the features otherwise dominates every
+per-sample gradient of the head.
 
 Interface identical to ``models.vit.MultiModalViT``: ``forward(images [B, S, H, W],
 present [B, S]) -> logits``, ``forward_features``, ``pool`` and a linear ``head``. Volumes
@@ -48,6 +51,7 @@ from torch import Tensor, nn
 
 from ..tasks import drop_one_sequence
 from ..vit import TokenLayout, patchify
+from .centring import feature_signature, load_feature_mean
 from .config import FoundationConfig
 from .coverage import family_dp_refusal
 from .loading import LoadedEncoder
@@ -180,10 +184,27 @@ class FoundationBackbone(nn.Module):
             self.presence_embed = None
         pooled = 2 * dim if self.seams.has_cls else dim
         self.head = nn.Linear(pooled, config.num_classes)
+        # centre_features: a PUBLIC mean of the pooled features, subtracted in pool(); a
+        # frozen parameter (never trains, never travels, in the base digest: centring.py).
+        # Read from the file, no random draw: every other layer's init is unchanged.
+        self.feature_mean = None
+        if config.centre_features:
+            mean = load_feature_mean(self.directory, self.feature_signature)
+            self.feature_mean = nn.Parameter(mean, requires_grad=False)      # [pooled]
         # Dead weights (the RGB projection, MAE's mask token, poolers, SAM's neck): frozen, so
         # no optimiser or per-sample rule ever waits for a gradient that cannot come.
         for part in self.seams.unused(self.encoder):
             part.requires_grad_(False)
+
+    @property
+    def feature_signature(self) -> dict[str, str]:
+        """What this model's pooled features depend on (``centring.feature_signature``)."""
+        dim = self.seams.hidden_size(self.encoder)
+        return feature_signature(channel_tokens=self.config.channel_tokens,
+                                 num_channels=self.config.num_channels,
+                                 image_size=self.config.image_size, patch_size=self.patch_size,
+                                 spatial_dims=self.spatial_dims,
+                                 pooled_dim=2 * dim if self.seams.has_cls else dim)
 
     @property
     def dp_unsupported(self) -> str | None:
@@ -297,13 +318,15 @@ class FoundationBackbone(nn.Module):
 
     def pool(self, tokens: Tensor, present: Tensor) -> Tensor:
         """``[B, T, D]`` -> ``[B, 2D]`` (CLS and mean over present tokens) or ``[B, D]``
-        (mean only, families without a CLS token)."""
+        (mean only, families without a CLS token); minus the public ``feature_mean`` with
+        ``centre_features``."""
         cls = int(self.seams.has_cls)
         n = (tokens.shape[1] - cls) // self.token_groups
         weights = self.attention_mask(present, n).to(tokens.dtype)[..., None]    # [B, T, 1]
         patch_tokens, patch_weights = tokens[:, cls:], weights[:, cls:]
         mean = (patch_tokens * patch_weights).sum(1) / patch_weights.sum(1).clamp(min=1)
-        return torch.cat([tokens[:, 0], mean], dim=-1) if cls else mean
+        pooled = torch.cat([tokens[:, 0], mean], dim=-1) if cls else mean
+        return pooled if self.feature_mean is None else pooled - self.feature_mean
 
     def forward(self, images: Tensor, present: Tensor) -> Tensor:
         """Class logits ``[B, num_classes]``; full-modality masking while training."""

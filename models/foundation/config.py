@@ -55,6 +55,9 @@ class FoundationConfig:
     # fused only: a learned embedding of the ``present`` vector added to every patch token, so
     # an absent channel (zeroed) is told apart from a black one; zero at the start (adapt.py)
     presence_embedding: bool = False
+    # subtract a PUBLIC mean of the pooled features before the head, read from
+    # <weights>/feature_mean.safetensors (centring.py); frozen, in the base digest
+    centre_features: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
@@ -85,6 +88,9 @@ class FoundationConfig:
         if not isinstance(self.presence_embedding, bool):     # "false" would switch it on
             raise ValueError(f"presence_embedding must be true or false, got "
                              f"{self.presence_embedding!r}")
+        if not isinstance(self.centre_features, bool):
+            raise ValueError(f"centre_features must be true or false, got "
+                             f"{self.centre_features!r}")
         if self.presence_embedding and self.method == "linear_probe":
             raise ValueError("presence_embedding is a new part that trains, and "
                              "method=linear_probe trains the head only; drop one of them")

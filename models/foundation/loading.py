@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+# A public mean of the pooled features (centring.py), beside the weights: never a weight file.
+FEATURE_MEAN_FILE = "feature_mean.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 CONVERT_COMMAND = "medfed convert-weights SRC DST"
 MONAI_MODEL_TYPE = monai_nets.VIT_TYPE
@@ -130,7 +132,7 @@ def check_weight_files(directory: Path) -> list[Path]:
         directory = bundle.weights_dir(directory)
         if not directory.is_dir():
             raise FoundationLoadError(f"MONAI bundle has no {bundle.MODELS_DIR}/ directory")
-    safe = sorted(directory.glob("*.safetensors"))
+    safe = sorted(p for p in directory.glob("*.safetensors") if p.name != FEATURE_MEAN_FILE)
     if safe:
         return safe
     pickles = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
@@ -287,5 +289,5 @@ def convert_weights(src: str | Path, dst: str | Path) -> Path:
     return dst
 
 
-__all__ = ["CONVERT_COMMAND", "FoundationLoadError", "LoadedEncoder", "convert_weights",
-           "family_of", "load_encoder", "save_monai_vit", "supported_model_types"]
+__all__ = ["CONVERT_COMMAND", "FEATURE_MEAN_FILE", "FoundationLoadError", "LoadedEncoder",
+           "convert_weights", "family_of", "load_encoder", "save_monai_vit", "supported_model_types"]

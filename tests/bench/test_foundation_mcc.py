@@ -281,3 +281,76 @@ def test_resume_refuses_arms_of_an_encoder_made_another_way():
     with pytest.raises(ValueError, match="public_patch"):
         fm.check_settings(old, {"patients_per_site": 600, "public_epochs": 10,
                                 "public_patch": "shared"})
+
+
+def test_the_public_feature_mean_centres_the_public_cohorts_features(tmp_path, monkeypatch):
+    """save_public_feature_mean: the mean of the adapted model's pooled features over the
+    PUBLIC cohort's studies, beside the encoder; a model built with centre_features then pools
+    that cohort to a mean of zero (and another cohort, a site's, to something else)."""
+    from torch.utils.data import DataLoader
+
+    from client.data.dataset import StudyDataset
+    from client.data.site import load_site
+
+    monkeypatch.setattr(fm, "ENCODER", TINY)
+    fm.save_initial_encoder(tmp_path / "encoders")
+    public_dir = fm.public_cohort(tmp_path / "public", patients=4)
+    record = fm.save_public_feature_mean(public_dir, tmp_path / "encoders", name=fm.INIT_NAME,
+                                         channel_tokens="fused", image_size=32)
+    assert (tmp_path / "encoders" / fm.INIT_NAME / record["file"]).is_file()
+    assert record["studies"] == len(load_site(public_dir).studies) and record["mean_norm"] > 0
+    synthesize(tmp_path / "draw", n_sites=1, seed=0, external=False,
+               scenario=Scenario(patients=4, label_fraction=1.0))
+    options = dict(weights=fm.INIT_NAME, method="linear_probe", image_size=32, num_classes=3,
+                   channel_tokens="fused", centre_features=True)
+    model, _ = build("foundation", options, "classification", {},
+                     foundation_dir=tmp_path / "encoders")
+
+    def pooled_mean(site_dir):
+        data = StudyDataset(load_site(site_dir).studies, 32)
+        with torch.no_grad():
+            return torch.cat([model.pool(model.forward_features(b["image"], b["present"]),
+                                         b["present"]) for b in DataLoader(data, 8)]).mean(0)
+
+    assert pooled_mean(public_dir).abs().max() < 1e-4
+    assert pooled_mean(tmp_path / "draw" / "site-0").abs().max() > 1e-3
+
+
+def test_a_variant_arm_runs_its_arms_overrides_plus_its_own(tmp_path, monkeypatch):
+    import bench.model_quality as mq
+
+    ran = []
+    monkeypatch.setattr(mq, "federated", lambda cfg, *a, **k: ran.append(cfg) or
+                        {"external_mcc": 0.2})
+    settings = {"patients_per_site": 6, "rounds": 1, "local_epochs": 1, "label_fraction": 0.5,
+                "lora_rank": 2, "pretrain_rounds": 1, "pretrain_epochs": 1, "dp_epsilon": 8.0,
+                "channel_tokens": "fused"}
+    monkeypatch.setattr(fm, "ENCODER", TINY)
+    fm.save_initial_encoder(tmp_path / "encoders")
+    (tmp_path / "encoders" / fm.INIT_NAME).rename(tmp_path / "encoders" / fm.PRETRAINED_NAME)
+    public = fm.cohort_keys(fm.public_cohort(tmp_path / "public", patients=4))
+    out = fm.run_draw(0, tmp_path, tmp_path / "encoders", settings, ("dp_head",), public,
+                      variants={"dp_head": ("dp_lora", ["model.options.method=linear_probe"])})
+    overrides = out["arms"]["dp_head"]["overrides"]
+    assert "privacy=dpsgd" in overrides and overrides[-1] == "model.options.method=linear_probe"
+    assert ran[0].model.options["method"] == "linear_probe"
+
+
+def test_each_dp_variant_spends_from_a_ledger_of_its_own(tmp_path, monkeypatch):
+    """Two DP arms of one draw: the second must not find the first's spending in its ledger
+    (it would be refused as over budget)."""
+    import bench.model_quality as mq
+
+    monkeypatch.setattr(mq, "federated", lambda cfg, *a, **k: {"external_mcc": 0.0})
+    settings = {"patients_per_site": 6, "rounds": 1, "local_epochs": 1, "label_fraction": 0.5,
+                "lora_rank": 2, "pretrain_rounds": 1, "pretrain_epochs": 1, "dp_epsilon": 8.0,
+                "channel_tokens": "fused"}
+    monkeypatch.setattr(fm, "ENCODER", TINY)
+    fm.save_initial_encoder(tmp_path / "encoders")
+    (tmp_path / "encoders" / fm.INIT_NAME).rename(tmp_path / "encoders" / fm.PRETRAINED_NAME)
+    public = fm.cohort_keys(fm.public_cohort(tmp_path / "public", patients=4))
+    out = fm.run_draw(0, tmp_path, tmp_path / "encoders", settings, ("dp_lora", "dp_head"),
+                      public, variants={"dp_head": ("dp_lora", ["train.lr=0.01"])})
+    ledgers = [[o for o in out["arms"][a]["overrides"] if "privacy-dir" in o]
+               for a in ("dp_lora", "dp_head")]
+    assert all(len(ledger) == 1 for ledger in ledgers) and ledgers[0] != ledgers[1]

@@ -158,13 +158,14 @@ def _rewrite(out, **changes) -> dict:
     return meta
 
 
-def test_a_new_export_is_version_2_and_an_older_medfed_refuses_it_by_its_format(originals,
+def test_a_new_export_is_version_3_and_an_older_medfed_refuses_it_by_its_format(originals,
                                                                                   tmp_path):
     model = _trained(originals, "dinov2", "lora")
     out = export_foundation(model, tmp_path / "export")
     meta = json.loads((out / ADAPTATION_CONFIG).read_text())
-    assert FORMAT_VERSION == 2 and meta["format"] == f"{FORMAT}/2"
-    assert format_version(meta) == 2 and meta["config"]["channel_tokens"] == "per_channel"
+    assert FORMAT_VERSION == 3 and meta["format"] == f"{FORMAT}/3"
+    assert format_version(meta) == 3 and meta["config"]["channel_tokens"] == "per_channel"
+    assert meta["config"]["centre_features"] is False
     # a version-1 load_export stops at `meta["format"] != FORMAT` with its ExportFormatError,
     # before it builds a FoundationConfig that has no channel_tokens (the TypeError)
     assert meta["format"] != V1_FORMAT
@@ -188,6 +189,21 @@ def test_a_version_1_export_still_loads_with_per_channel_tokens(originals, tmp_p
                                    model(batch["image"], batch["present"]), rtol=0, atol=ATOL)
 
 
+def test_a_version_2_export_still_loads_without_centring(originals, tmp_path):
+    """Version 2 had no centre_features key: it loads, uncentred, with the same outputs."""
+    model = _trained(originals, "dinov2", "lora")
+    out = export_foundation(model, tmp_path / "export")
+    meta = json.loads((out / ADAPTATION_CONFIG).read_text())
+    v2_config = {k: v for k, v in meta["config"].items() if k != "centre_features"}
+    _rewrite(out, format=f"{FORMAT}/2", config=v2_config)
+    again = load_export(out)
+    assert again.feature_mean is None and not again.config.centre_features
+    batch = _batch()
+    with torch.no_grad():
+        torch.testing.assert_close(again(batch["image"], batch["present"]),
+                                   model(batch["image"], batch["present"]), rtol=0, atol=ATOL)
+
+
 def test_version_1_means_per_channel_even_if_the_default_becomes_fused(monkeypatch):
     """Version 1 had no channel_tokens key because it had per-channel tokens only: reading
     it must not follow FoundationConfig's default, which may change."""
@@ -204,7 +220,7 @@ def test_version_1_means_per_channel_even_if_the_default_becomes_fused(monkeypat
 
 
 @pytest.mark.parametrize("changes,expected", [
-    ({"format": f"{FORMAT}/3"}, "format version 3, written by a newer MedFed.*upgrade MedFed"),
+    ({"format": f"{FORMAT}/4"}, "format version 4, written by a newer MedFed.*upgrade MedFed"),
     ({"format": f"{FORMAT}/two"}, "expected 'medfed-foundation-export' or"),
     ({"format": f"{FORMAT}/0"}, "not a MedFed foundation model export"),
     ({"format": None}, "not a MedFed foundation model export"),

@@ -1,0 +1,109 @@
+"""DP-LoRA at epsilon 8 with and without ``centre_features`` (issue 24's ">= 0.97x test MCC").
+
+One draw of ``bench.foundation_mcc`` (fused tokens, 3 sites x ~600 patients, 10% labels,
+20 rounds x 5 local epochs), its public pretraining reused from ``--work`` (or made there,
+the same settings as ``python -m bench.foundation --channel-tokens fused``), the public
+feature mean written beside the encoder (``save_public_feature_mean``: public cohort only),
+then only the arms asked for, in one process, side by side:
+
+    python -m bench.dp_centre --work DIR [--draw 0] [--arms dp_head,dp_head_centred,...] [--resume]
+
+Arms (``VARIANTS``; ``lora`` and ``dp_lora`` are foundation_mcc's own): DP-SGD head only
+(``method=linear_probe``, lr 1e-2) uncentred and centred, non-DP head only centred, DP-LoRA
+centred. Writes ``results/<--name>.json`` (never foundation.json's figures); ratios are
+against the ``lora`` arm when it ran here, else against ``--lora-reference`` given as
+``external,site_test`` (say where it came from in RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+from . import foundation_mcc as fm
+from .common import RESULTS_DIR, commit, machine
+
+CENTRE = "+model.options.centre_features=true"
+HEAD = ["model.options.method=linear_probe", "train.lr=0.01"]
+VARIANTS = {
+    "dp_head": ("dp_lora", HEAD),
+    "dp_head_centred": ("dp_lora", [*HEAD, CENTRE]),
+    "head_centred": ("lora", [*HEAD, CENTRE]),
+    "dp_lora_centred": ("dp_lora", [CENTRE]),
+}
+SETTINGS = {"sites": fm.SITES, "patients_per_site": 600, "label_fraction": 0.1, "rounds": 20,
+            "local_epochs": 5, "pretrain_rounds": 5, "pretrain_epochs": 1, "lora_rank": 8,
+            "dp_epsilon": 8.0, "channel_tokens": "fused"}
+PUBLIC = {"public_patients": 600, "public_epochs": 10, "public_seed": fm.PUBLIC_SEED,
+          "public_patch": "shared", "public_lr": 5e-4, "encoder": fm.ENCODER}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, required=True)
+    parser.add_argument("--draw", type=int, default=0)
+    parser.add_argument("--arms", default="dp_head,dp_head_centred,dp_lora_centred")
+    parser.add_argument("--lora-reference", default=None,
+                        help="external,site_test MCC of the non-DP lora arm measured elsewhere")
+    parser.add_argument("--name", default="foundation_dp_centre")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the arms results/<--name>.json already holds for this draw")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    arms = tuple(args.arms.split(","))
+    work = args.work.resolve()
+    foundation_dir, public_dir = work / "encoders", work / "public" / "site-0"
+    foundation_dir.mkdir(parents=True, exist_ok=True)
+
+    def pretrain() -> dict:
+        fm.public_cohort(public_dir.parent, patients=PUBLIC["public_patients"])
+        return fm.pretrain_public(public_dir, foundation_dir, epochs=PUBLIC["public_epochs"],
+                                  batch_size=16, lr=PUBLIC["public_lr"], image_size=64,
+                                  patch=PUBLIC["public_patch"])
+
+    record = fm.public_pretraining(work, foundation_dir, PUBLIC, pretrain)
+    mean = fm.save_public_feature_mean(public_dir, foundation_dir,
+                                       channel_tokens=SETTINGS["channel_tokens"])
+    out = {"settings": SETTINGS | {"draw": args.draw}, "public_pretraining": record,
+           "public_feature_mean": mean, "variants": VARIANTS, "commit": commit(),
+           "machine": machine()}
+    path = RESULTS_DIR / f"{args.name}.json"
+    done = None
+    if args.resume and path.is_file():
+        earlier = json.loads(path.read_text())
+        if [earlier["settings"], earlier["variants"]] != json.loads(json.dumps(
+                (out["settings"], out["variants"]))):
+            raise SystemExit(f"{path} was made with other settings or variants; not resuming")
+        done = earlier.get("draw")
+
+    def write(result: dict) -> None:
+        out["draw"] = result
+        scores = {a: (v["external_mcc"], v.get("site_test_mcc"))
+                  for a, v in result["arms"].items()}
+        out.pop("lora_reference", None)         # measured here once the lora arm ran
+        if "lora" not in scores and args.lora_reference:
+            ext, test = (float(x) for x in args.lora_reference.split(","))
+            scores["lora"] = (ext, test)
+            out["lora_reference"] = {"external_mcc": ext, "site_test_mcc": test,
+                                     "measured": "elsewhere (see RESULTS.md)"}
+        ref = scores.get("lora")
+        out["over_lora"] = {a: {"external": s[0] / ref[0] if ref and ref[0] > 0 else None,
+                                "site_test": (s[1] / ref[1] if ref and s[1] is not None
+                                              and ref[1] and ref[1] > 0 else None)}
+                            for a, s in scores.items() if a != "lora"}
+        path.write_text(json.dumps(out, indent=2, default=list) + "\n")
+
+    public = fm.cohort_keys(public_dir)
+    result = fm.run_draw(args.draw, work, foundation_dir, SETTINGS, arms, public,
+                         on_arm=write, done=done, variants=VARIANTS)
+    write(result)
+    for arm, v in result["arms"].items():
+        print(f"{arm:18s} external {v['external_mcc']:.3f} site-test "
+              f"{v.get('site_test_mcc')} ({v['seconds']:.0f} s)")
+    print(json.dumps(out["over_lora"], indent=1), f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()

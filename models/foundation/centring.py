@@ -1,0 +1,99 @@
+"""A PUBLIC mean of the pooled features, subtracted before the head (``centre_features``).
+
+Why: the pooled features of a pretrained encoder share a large common component (session 21,
+bench/RESULTS.md "DP-LoRA at epsilon 8": norm ~15 against a per-study spread of ~3), so the
+head's per-sample gradient is dominated by it and DP-SGD's clipping spends its budget on a
+direction every study agrees on. Subtracting a mean computed on PUBLIC data (never a site's)
+removes it without touching privacy: the mean is a fixed, public constant of the base model.
+
+The mean lives beside the weights as ``<weights>/feature_mean.safetensors`` (one tensor
+``mean`` ``[pooled]``), with metadata naming the adaptation it was computed for (channel
+tokens, channels, image and patch size, spatial dims, pooled width): pooled features depend on
+all of them, so a mean made for another adaptation is refused, in one line. In the model it
+is a FROZEN parameter (``FoundationBackbone.feature_mean``): never trained, never sent (only
+trainable state travels for a site-owned base), and part of the frozen-base digest, so every
+site must hold the same file as the coordinator.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .loading import FEATURE_MEAN_FILE, FoundationLoadError
+
+FORMAT = "medfed-feature-mean/1"
+KEY = "mean"
+
+
+def feature_signature(*, channel_tokens: str, num_channels: int, image_size: int,
+                      patch_size: int, spatial_dims: int, pooled_dim: int) -> dict[str, str]:
+    """What pooled features depend on, as safetensors metadata (strings)."""
+    return {"channel_tokens": channel_tokens, "num_channels": str(num_channels),
+            "image_size": str(image_size), "patch_size": str(patch_size),
+            "spatial_dims": str(spatial_dims), "pooled_dim": str(pooled_dim)}
+
+
+def _describe(signature: dict[str, str]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(signature.items()))
+
+
+def save_feature_mean(directory: str | Path, mean: Tensor, signature: dict[str, str]) -> Path:
+    """Write ``mean [pooled]`` to ``<directory>/feature_mean.safetensors`` with ``signature``
+    (``feature_signature``). Compute it on PUBLIC data only."""
+    from safetensors.torch import save_file
+
+    mean = mean.detach().float().cpu().reshape(-1).contiguous()
+    if str(mean.numel()) != signature.get("pooled_dim"):
+        raise ValueError(f"mean has {mean.numel()} values, the signature says pooled_dim="
+                         f"{signature.get('pooled_dim')}")
+    path = Path(directory) / FEATURE_MEAN_FILE
+    save_file({KEY: mean}, str(path), metadata={"format": FORMAT, **signature})
+    return path
+
+
+def load_feature_mean(directory: str | Path | None, signature: dict[str, str]) -> Tensor:
+    """The mean in ``<directory>/feature_mean.safetensors``, ``[pooled]``.
+
+    Raises
+    ------
+    FoundationLoadError
+        No file, not this format, made for another adaptation, or the wrong shape.
+    """
+    from safetensors import safe_open
+
+    if directory is None:
+        raise FoundationLoadError("centre_features needs the encoder's directory (its "
+                                  f"{FEATURE_MEAN_FILE}); this encoder was not loaded from one")
+    path = Path(directory) / FEATURE_MEAN_FILE
+    if not path.is_file():
+        raise FoundationLoadError(f"centre_features is on but {path} does not exist; compute "
+                                  "the public feature mean for this adaptation "
+                                  "(bench.foundation_mcc.save_public_feature_mean) or set "
+                                  "centre_features=false")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta, keys = f.metadata() or {}, list(f.keys())
+            mean = f.get_tensor(KEY) if keys == [KEY] else None
+    except Exception as err:         # a truncated or foreign file: say so, one line
+        raise FoundationLoadError(f"{path} is not a safetensors file: "
+                                  f"{str(err).splitlines()[0] if str(err) else err!r}") from None
+    if meta.get("format") != FORMAT or mean is None:
+        raise FoundationLoadError(f"{path}: expected format {FORMAT!r} with one tensor "
+                                  f"{KEY!r}, got format {meta.get('format')!r}, keys {keys}")
+    recorded = {k: meta.get(k) for k in signature}
+    if recorded != signature:
+        raise FoundationLoadError(f"{path} was computed for another adaptation "
+                                  f"({_describe({k: str(v) for k, v in recorded.items()})}) "
+                                  f"than this model's ({_describe(signature)}); compute it "
+                                  "again for this one")
+    if tuple(mean.shape) != (int(signature["pooled_dim"]),) or not torch.isfinite(mean).all():
+        raise FoundationLoadError(f"{path}: mean of shape {tuple(mean.shape)} (finite: "
+                                  f"{bool(torch.isfinite(mean).all())}), expected "
+                                  f"({signature['pooled_dim']},) finite values")
+    return mean.float()
+
+
+__all__ = ["FORMAT", "feature_signature", "load_feature_mean", "save_feature_mean"]

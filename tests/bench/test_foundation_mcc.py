@@ -145,6 +145,18 @@ def test_resume_keeps_finished_arms_of_the_same_settings_and_encoder_only():
         fm.previous_draws(old, settings, "cd" * 32)
 
 
+def _tiny_draw_inputs(tmp_path, monkeypatch) -> tuple[dict, dict[str, set[str]]]:
+    """A draw's settings, a tiny "pretrained" encoder under ``tmp_path/encoders`` and the
+    public cohort's keys: what ``run_draw`` takes, at test size."""
+    settings = {"patients_per_site": 6, "rounds": 1, "local_epochs": 1, "label_fraction": 0.5,
+                "lora_rank": 2, "pretrain_rounds": 1, "pretrain_epochs": 1, "dp_epsilon": 8.0,
+                "channel_tokens": "fused"}
+    monkeypatch.setattr(fm, "ENCODER", TINY)
+    fm.save_initial_encoder(tmp_path / "encoders")
+    (tmp_path / "encoders" / fm.INIT_NAME).rename(tmp_path / "encoders" / fm.PRETRAINED_NAME)
+    return settings, fm.cohort_keys(fm.public_cohort(tmp_path / "public", patients=4))
+
+
 def test_a_resumed_draw_runs_only_the_arms_it_lacks(tmp_path, monkeypatch):
     import bench.model_quality as mq
 
@@ -152,13 +164,7 @@ def test_a_resumed_draw_runs_only_the_arms_it_lacks(tmp_path, monkeypatch):
     monkeypatch.setattr(mq, "federated", lambda cfg, *a, **k: ran.append(cfg.model.name)
                         or {"external_mcc": 0.2})
     monkeypatch.setattr(mq, "centralized", lambda *a, **k: {"external_mcc": 0.3})
-    settings = {"patients_per_site": 6, "rounds": 1, "local_epochs": 1, "label_fraction": 0.5,
-                "lora_rank": 2, "pretrain_rounds": 1, "pretrain_epochs": 1, "dp_epsilon": 8.0,
-                "channel_tokens": "fused"}
-    monkeypatch.setattr(fm, "ENCODER", TINY)
-    fm.save_initial_encoder(tmp_path / "encoders")
-    (tmp_path / "encoders" / fm.INIT_NAME).rename(tmp_path / "encoders" / fm.PRETRAINED_NAME)
-    public = fm.cohort_keys(fm.public_cohort(tmp_path / "public", patients=4))
+    settings, public = _tiny_draw_inputs(tmp_path, monkeypatch)
     done = _draw(supervised_scratch=0.1)
     out = fm.run_draw(0, tmp_path, tmp_path / "encoders", settings,
                       ("supervised_scratch", "lora"), public, done=done)
@@ -322,13 +328,7 @@ def test_a_variant_arm_runs_its_arms_overrides_plus_its_own(tmp_path, monkeypatc
     ran = []
     monkeypatch.setattr(mq, "federated", lambda cfg, *a, **k: ran.append(cfg) or
                         {"external_mcc": 0.2})
-    settings = {"patients_per_site": 6, "rounds": 1, "local_epochs": 1, "label_fraction": 0.5,
-                "lora_rank": 2, "pretrain_rounds": 1, "pretrain_epochs": 1, "dp_epsilon": 8.0,
-                "channel_tokens": "fused"}
-    monkeypatch.setattr(fm, "ENCODER", TINY)
-    fm.save_initial_encoder(tmp_path / "encoders")
-    (tmp_path / "encoders" / fm.INIT_NAME).rename(tmp_path / "encoders" / fm.PRETRAINED_NAME)
-    public = fm.cohort_keys(fm.public_cohort(tmp_path / "public", patients=4))
+    settings, public = _tiny_draw_inputs(tmp_path, monkeypatch)
     out = fm.run_draw(0, tmp_path, tmp_path / "encoders", settings, ("dp_head",), public,
                       variants={"dp_head": ("dp_lora", ["model.options.method=linear_probe"])})
     overrides = out["arms"]["dp_head"]["overrides"]
@@ -342,13 +342,7 @@ def test_each_dp_variant_spends_from_a_ledger_of_its_own(tmp_path, monkeypatch):
     import bench.model_quality as mq
 
     monkeypatch.setattr(mq, "federated", lambda cfg, *a, **k: {"external_mcc": 0.0})
-    settings = {"patients_per_site": 6, "rounds": 1, "local_epochs": 1, "label_fraction": 0.5,
-                "lora_rank": 2, "pretrain_rounds": 1, "pretrain_epochs": 1, "dp_epsilon": 8.0,
-                "channel_tokens": "fused"}
-    monkeypatch.setattr(fm, "ENCODER", TINY)
-    fm.save_initial_encoder(tmp_path / "encoders")
-    (tmp_path / "encoders" / fm.INIT_NAME).rename(tmp_path / "encoders" / fm.PRETRAINED_NAME)
-    public = fm.cohort_keys(fm.public_cohort(tmp_path / "public", patients=4))
+    settings, public = _tiny_draw_inputs(tmp_path, monkeypatch)
     out = fm.run_draw(0, tmp_path, tmp_path / "encoders", settings, ("dp_lora", "dp_head"),
                       public, variants={"dp_head": ("dp_lora", ["train.lr=0.01"])})
     ledgers = [[o for o in out["arms"][a]["overrides"] if "privacy-dir" in o]

@@ -19,7 +19,6 @@ import os
 import re
 import shutil
 import stat
-import tempfile
 import uuid
 import weakref
 from collections import OrderedDict
@@ -32,6 +31,7 @@ from flwr.app import Context
 from models.task import DataNeeds
 from protocol import wire
 
+from . import sim_folder
 from .data.cache import CACHE_FOLDER, SiteCache
 from .data.cache_files import image_nbytes
 from .data.dataset import StudyDataset
@@ -172,10 +172,11 @@ class SiteDataCache:
         their decoded-study cache - written without fsync (throw-away), never inside a
         site's data folder, and removed by :meth:`close`, when this object is collected or
         when this process exits. Known limits: it holds the decoded studies and prepared
-        rows (about 2-3x the DICOM's size) in ``TMPDIR`` while the simulation runs, and a
-        simulation killed by SIGKILL leaves it behind."""
+        rows (about 2-3x the DICOM's size) in ``TMPDIR`` while the simulation runs; a
+        simulation killed by SIGKILL leaves it until the next one starts on this host
+        (:mod:`client.sim_folder`)."""
         try:
-            root = Path(tempfile.mkdtemp(prefix="medfed-sim-sites-"))   # 0700
+            root = sim_folder.make()    # 0700; first removes those of killed simulations
         except OSError as err:          # TMPDIR not writable: each process decodes, as before
             logging.getLogger(__name__).warning(
                 "no temp folder for the simulated sites' shared decode (%s): each process "

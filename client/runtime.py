@@ -212,6 +212,11 @@ class SiteDataCache:
         ``external``: every labelled study. ``layout``: the job's modality layout (None:
         today's brain_mri_4seq reader); its input channels are the model's, in order.
         """
+        if site.simulated and site.cache_dir is None and self.sim_root is not None \
+                and not _private_folder(self.sim_root):      # said, not silent
+            site_logger(site.site_id).warning(
+                "the simulation's shared decode folder is gone or not private (0700, ours): "
+                "reading this site in this process only")
         if site.simulated and site.cache_dir is None and _private_folder(self.sim_root):
             # this process's copy of the simulation's folder (set here, site-side; never
             # from a message): one decode per site for all the processes that serve it

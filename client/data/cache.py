@@ -14,8 +14,9 @@ subfolder a site, unsynced (``durable=False``; :meth:`client.runtime.SiteDataCac
 On disk (``<state-dir>/cache``, 0700; files 0600)::
 
     <fingerprint>/index.json    one version of the site: every file's keyed path hash with
-                                its size and mtime, and the units it is made of (with a
-                                copy of each unit's index: a hit reads this one file)
+                                its size, mtime, ctime and inode, and the units it is
+                                made of (with a copy of each unit's index: a hit reads
+                                this one file)
     units/<unit>                one study's decoded images in one file (arrays, then an
                                 index: pseudonymous study/patient keys, channel names, each
                                 array's place, its read counts; then a footer), the format
@@ -23,11 +24,11 @@ On disk (``<state-dir>/cache``, 0700; files 0600)::
 
 A *unit* is a study (all files with one StudyInstanceUID; the files no header names a study
 for form one more unit, as does a NIfTI manifest site as a whole). Its name is a keyed hash of
-the reader, layout and key (the *family*) and of its files' paths, sizes and mtimes, so units
-are shared by every version of the site that holds the same files. When files change, only
-the units whose files changed (or that a new file joins) are decoded again; every other study
-is served from its unit as it was. Read counts are kept per unit and summed, so the served
-report equals a fresh decode's.
+the reader, layout and key (the *family*) and of its files' paths, sizes, mtimes, ctimes and
+inodes, so units are shared by every version of the site that holds the same files. When
+files change, only the units whose files changed (or that a new file joins) are decoded
+again; every other study is served from its unit as it was. Read counts are kept per unit
+and summed, so the served report equals a fresh decode's.
 
 Which study a new file belongs to comes from its header. A reader whose work is per file (the
 brain reader: :class:`FileReader`) reads each new file once: the same read gives its study
@@ -37,7 +38,8 @@ series matching) have the new files' headers read first, then decode unit by uni
 
 The fingerprint is an HMAC (under the site's pseudonym key; plain SHA-256 in simulation) of
 the cache format, the reader and decoder versions, the layout, and every source file's path,
-size and mtime. Nothing in a name or in an index is a path, a UID or a header value: file
+size, mtime, ctime and inode (a file replaced with its size and mtime kept is not served
+stale). Nothing in a name or in an index is a path, a UID or a header value: file
 paths and study UIDs enter only through keyed hashes (a folder named after a patient stays on
 the PACS export).
 
@@ -170,8 +172,12 @@ class SiteCache:
 
     def listing(self, root: Path, key: bytes | None, paths: list[Path] | None = None,
                 ) -> dict[str, tuple[str, list[int]]]:
-        """Keyed hash of each file's path under ``root`` -> ``(path, [size, mtime_ns])``;
-        ``paths``: the files to list (default: every file under ``root``)."""
+        """Keyed hash of each file's path under ``root`` -> ``(path, [size, mtime_ns,
+        ctime_ns, inode])``; ``paths``: the files to list (default: every file under
+        ``root``). Size and mtime alone miss a file replaced by one of the same size with
+        its mtime kept (``cp -p``, ``rsync -a``, a restore); its inode or ctime differ (ctime
+        cannot be set back), so it is decoded again. A chmod or a move to another disk also
+        changes them: decoded again, never served stale."""
         root = str(root)
         if paths is None:           # os.walk on strings: a site has tens of thousands of files
             paths = [os.path.join(top, name) for top, _, names in os.walk(root)
@@ -185,12 +191,14 @@ class SiteCache:
             if not stat.S_ISREG(st.st_mode):
                 continue
             rel = os.path.relpath(path, root).replace(os.sep, "/")
-            files[self._hash(key, f"file:{rel}")[:24]] = (path, [st.st_size, st.st_mtime_ns])
+            files[self._hash(key, f"file:{rel}")[:24]] = (
+                path, [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino])
         return files
 
     def manifest(self, root: Path, key: bytes | None, paths: list[Path] | None = None,
                  ) -> dict[str, list[int]]:
-        """Keyed hash of each file's path under ``root`` -> ``[size, mtime_ns]``."""
+        """Keyed hash of each file's path under ``root`` -> ``[size, mtime_ns, ctime_ns,
+        inode]`` (:meth:`listing`)."""
         return {h: sig for h, (_, sig) in self.listing(root, key, paths).items()}
 
     def family(self, layout, key: bytes | None, source: str = "dicom") -> str:

@@ -214,6 +214,30 @@ def test_one_changed_file_re_reads_only_its_study(site, tmp_path, monkeypatch):
     assert len(moved) == 1                           # the new pixels are served
 
 
+@pytest.mark.parametrize("how", ["in_place", "renamed"])
+def test_a_file_replaced_with_its_size_and_mtime_kept_is_decoded_again(site, tmp_path, how):
+    """``cp -p`` (in place) or ``rsync -a`` (a new file renamed over) keeps a replaced
+    file's size and mtime; the cache still sees the change (ctime, inode) and serves the new
+    pixels, never the old version's."""
+    cache = SiteCache(tmp_path / "cache")
+    read_site(site, None, CLASSES, key=KEY, cache=cache)
+    path = next(p for p in sorted((site / "dicom").rglob("*.dcm"))
+                if "PixelData" in pydicom.dcmread(p))
+    before = path.stat()
+    ds = pydicom.dcmread(path)
+    ds.PixelData = (ds.pixel_array // 2).astype(ds.pixel_array.dtype).tobytes()
+    target = path if how == "in_place" else path.with_name(".incoming")
+    ds.save_as(target)
+    os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns))
+    if how == "renamed":
+        os.replace(target, path)
+    after = path.stat()
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    changed = read_site(site, None, CLASSES, key=KEY, cache=cache)
+    assert cache.last == "miss" and cache.changed_files == 1 and cache.decoded_units == 1
+    assert_same(read_site(site, None, CLASSES, key=KEY), changed)
+
+
 def test_a_new_view_joining_a_study_re_reads_only_that_study(tmp_path, monkeypatch):
     """Counted, chest layout: a lateral film added to a study that had only its frontal one
     is placed by its header and re-reads that study alone; the study gains the channel."""

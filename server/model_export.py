@@ -71,12 +71,29 @@ def _environment_files() -> tuple[str, ...]:
             _REQUIREMENTS_FILE_NAME)
 
 
+EXPORT_PREFIX = ".export-"
+
+
+def sweep_exports(parent: Path) -> int:
+    """Remove the template folders a killed server (SIGKILL, OOM) left in ``parent``, its
+    run directory: a template is the traced model with its weights (the size of the
+    model), so one left in the system's temp folder per killed run would pile up. Only the
+    one server of that run directory may call this, before it makes its own. How many."""
+    found = [p for p in parent.glob(f"{EXPORT_PREFIX}*")
+             if p.is_dir() and not p.is_symlink()]
+    for path in found:
+        shutil.rmtree(path, ignore_errors=True)
+    return len(found)
+
+
 class ReusedExport:
     """An MLflow flavor (``Model.log(flavor=...)``) for one phase's global models: traced
-    once, then written with each round's weights (module docstring). One writer thread."""
+    once, then written with each round's weights (module docstring). One writer thread.
+    ``parent``: where its template folder is made (a server passes its run directory, see
+    :func:`sweep_exports`; default: the system's temp folder)."""
 
-    def __init__(self):
-        self._dir = tempfile.TemporaryDirectory(prefix="medfed-export-")
+    def __init__(self, parent: Path | None = None):
+        self._dir = tempfile.TemporaryDirectory(prefix=EXPORT_PREFIX, dir=parent)
         self._template: Path | None = None
         self._key: tuple | None = None
         self._example: np.ndarray | None = None

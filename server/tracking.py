@@ -27,7 +27,7 @@ from strategies.pooling import pool
 
 from .checkpoint import CheckpointError, arrays_digest, round_arrays, round_digest
 from .config import ExperimentConfig
-from .model_export import TRACING, ReusedExport
+from .model_export import TRACING, ReusedExport, sweep_exports
 from .registration import BackgroundWriter, RoundWrites, recover
 from .versions import ensure_registered_model, prepare_export, register_version
 
@@ -52,7 +52,11 @@ class MlflowTracker:
         self._round: RoundWrites | None = None    # this round's writes, until its end
         # The registry's slow part (export, upload, registration) off the round loop; the
         # phase's model traced once (its graph is the same every round), on the writer.
-        self.export = ReusedExport()
+        # Its template folder lives in the run directory (a killed run's is removed here,
+        # by the resume), not in the system's temp folder, where nothing would remove it.
+        run_dir.mkdir(parents=True, exist_ok=True)
+        sweep_exports(run_dir)
+        self.export = ReusedExport(parent=run_dir)
         self._froze = False              # prepare() froze the heap (gc.freeze) for the phase
         self.writer = BackgroundWriter(run_dir, log_round=self._log_round,
                                        register=self._register)

@@ -153,3 +153,21 @@ def test_a_version_whose_traced_program_scores_otherwise_is_tagged(tmp_path, mon
     client = mlflow.MlflowClient(tracker.uri)
     version = client.get_model_version(cfg.tracking.registered_model, tracker.versions[1])
     assert version.tags.get("serving_check") == "failed"
+
+
+def test_a_killed_servers_export_folders_are_swept_from_its_run_dir_links_are_not_followed(
+        tmp_path):
+    from server.model_export import ReusedExport, sweep_exports
+
+    run_dir, elsewhere = tmp_path / "run", tmp_path / "elsewhere"
+    run_dir.mkdir()
+    (elsewhere / "keep").mkdir(parents=True)
+    export = ReusedExport(parent=run_dir)         # made in the run directory
+    [left] = run_dir.glob(".export-*")
+    (left / "template-1-0").mkdir()               # as a SIGKILL leaves it: never closed
+    (run_dir / ".export-link").symlink_to(elsewhere)
+    (run_dir / "checkpoints").mkdir()
+    assert sweep_exports(run_dir) == 1
+    assert sorted(p.name for p in run_dir.iterdir()) == [".export-link", "checkpoints"]
+    assert (elsewhere / "keep").is_dir()
+    export.close()                                # its folder is gone already: no error

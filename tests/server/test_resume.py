@@ -70,6 +70,9 @@ def test_resume_after_sigkill_matches_uninterrupted_run(three_sites, tmp_path):
     assert not (run_dir / "checkpoints" / f"round-{ROUNDS:04d}").exists()
     queued = sorted(p.name for p in (run_dir / "registrations").glob("round-*.json"))
     assert queued[:2] == ["round-0001.json", "round-0002.json"]     # killed with both queued
+    # the killed server's export template (the traced model and its weights) is left in its
+    # run directory, not in the system's temp folder, and the resume removes it
+    assert list(run_dir.glob(".export-*"))
 
     subprocess.run(_cmd(three_sites, killed, "resume=true"), check=True, env=env, timeout=600,
                    stdout=subprocess.DEVNULL)
@@ -95,3 +98,4 @@ def test_resume_after_sigkill_matches_uninterrupted_run(three_sites, tmp_path):
         manifest = json.loads((path / "manifest.json").read_text())
         assert by_round[manifest["round"]] == manifest["arrays_sha256"]
     assert not list((run_dir / "registrations").glob("round-*"))
+    assert not list(run_dir.glob(".export-*"))

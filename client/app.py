@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -32,6 +33,7 @@ from .privacy.policy import (admission_digest, admit_round, check_protection, no
 from .queries import (QueryLimits, SiteQueryLog, arrays_digest, state_dir,
                       suppress_small_counts)
 from .readiness import asks_for_job, job_readiness, served_layout
+from .rebuilt_app import RebuiltClientApp
 from .runtime import (SiteConfigError, SiteDataCache, resolve_site,
                       simulation_cache_bytes, site_logger)
 
@@ -105,8 +107,6 @@ def make_client_app(*, sim_data_root: Path | None = None, sim_train_sites: int |
     # generic error reasons (the coordinator never reads a site's exception text). Between
     # them, a deployed coordinator's packed tensors are unpacked on the way in and the reply
     # packed on the way out (the same arrays, one object on the wire: protocol.packing).
-    app = ClientApp(mods=[generic_errors_mod, packing_mod, require_secagg_mod(site_settings),
-                          *mods, secagg_mod, site_dp_clipping_mod])
     # A deployed site's runner serves one site: a few entries (tasks). A simulation process
     # serves any of the simulated sites, one after the other, each round: every site it
     # meets, within a memory budget (an LRU of a few would miss every time at 40 sites).
@@ -114,6 +114,12 @@ def make_client_app(*, sim_data_root: Path | None = None, sim_train_sites: int |
     cache = data_cache if data_cache is not None else \
         SiteDataCache.for_simulation(simulation_cache_bytes()) if sim_data_root is not None \
         else SiteDataCache()
+    # Pickled (a simulation, per message) as this call with the same cache: client/rebuilt_app.py
+    app = RebuiltClientApp(
+        mods=[generic_errors_mod, packing_mod, require_secagg_mod(site_settings), *mods,
+              secagg_mod, site_dp_clipping_mod],
+        rebuild=partial(make_client_app, sim_data_root=sim_data_root,
+                        sim_train_sites=sim_train_sites, mods=tuple(mods), data_cache=cache))
 
     def prepare(msg: Message, context: Context, *, training: bool = False):
         site = resolve_site(context, sim_data_root, sim_train_sites)

@@ -94,14 +94,13 @@ def values_digest(values: dict[str, np.ndarray]) -> str:
     return h.hexdigest()
 
 
-def round_digest(record: RoundRecord, values: dict[str, np.ndarray] | None = None) -> str:
+def round_digest(record: RoundRecord) -> str:
     """:func:`arrays_digest` of the round's global model, computed once a round whichever
     observer asks first (the tracker's version tag, the checkpoint's manifest): ~5 ms of
-    the round loop's CPU each time for the demo model. ``values``: those arrays already
-    decoded by the caller (not decoded again)."""
+    the round loop's CPU each time for the demo model; from the arrays as the round decoded
+    them once (:meth:`RoundRecord.values`)."""
     if not record.arrays_sha256 and record.arrays is not None:
-        record.arrays_sha256 = values_digest(values) if values is not None \
-            else arrays_digest(record.arrays)
+        record.arrays_sha256 = values_digest(record.values())
     return record.arrays_sha256
 
 
@@ -142,9 +141,11 @@ class Checkpointer:
     def on_round_end(self, record: RoundRecord) -> None:
         if self._arrays is None:
             return
-        values = {k: a.numpy() for k, a in self._arrays.items()}      # each decoded once
-        digest = round_digest(record, values) if record.arrays is self._arrays \
-            else values_digest(values)     # a round that aggregated nothing: the last model
+        if record.arrays is self._arrays:       # decoded once a round, for every observer
+            values, digest = record.values(), round_digest(record)
+        else:           # a round that aggregated nothing: the last model, decoded once here
+            values = {k: a.numpy() for k, a in self._arrays.items()}
+            digest = values_digest(values)
         self.dir.mkdir(parents=True, exist_ok=True)
         final = self.dir / f"round-{record.round:04d}"
         tmp = self.dir / f".round-{record.round:04d}.tmp"

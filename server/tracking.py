@@ -16,6 +16,7 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord
 
@@ -181,21 +182,25 @@ class MlflowTracker:
             # neither draws from nor saves/restores the global RNG (checked by
             # test_the_writers_export_leaves_the_torch_rng_alone); strict export (dynamo)
             # would restore a state it saved on entry, undoing draws made here meanwhile.
-            with torch.random.fork_rng(devices=[]):
-                writes.model, writes.multi_label = self._global_model(record.arrays)
+            with torch.random.fork_rng(devices=[]):     # the round's arrays, decoded once
+                writes.model, writes.multi_label = self._global_model(record.values())
             writes.arrays_sha256 = round_digest(record)     # the checkpoint's too
             writes.version_tags = self._version_tags(record, privacy, writes.arrays_sha256)
         self._flush()        # a round that never reached its end (a test, a failed round)
         self._round = writes
 
-    def _global_model(self, arrays) -> tuple[torch.nn.Module, bool]:
-        """The global model to register, and whether its head is multi-label. Never while
-        the writer traces (``TRACING``: the trace patches every module's ``__call__``)."""
+    def _global_model(self, arrays: ArrayRecord | dict[str, np.ndarray]
+                      ) -> tuple[torch.nn.Module, bool]:
+        """The global model to register (``arrays``: its weights, or their values already
+        decoded, which are copied, never kept), and whether its head is multi-label. Never
+        while the writer traces (``TRACING``: the trace patches every module's ``__call__``)."""
+        state = arrays.to_torch_state_dict() if isinstance(arrays, ArrayRecord) else \
+            {k: torch.from_numpy(v) for k, v in arrays.items()}
         with TRACING:
             model, task = build(self.cfg.model.name, self.cfg.model_options(),
                                 self.cfg.task.name, self.cfg.task_options(),
                                 foundation_dir=self.cfg.model.foundation_dir)
-            model.load_state_dict(arrays.to_torch_state_dict())
+            model.load_state_dict(state)
         return model, task.data_needs.multi_label
 
     def _version_tags(self, record: RoundRecord, privacy: dict, digest: str) -> dict[str, str]:

@@ -33,7 +33,7 @@ from protocol import wire
 from .pooling import aggregate_evaluate_records, evaluation_verdicts
 from .reply_shape import ReplyShape, claimed_site_id
 from .state import AGGREGATOR, RoundReport, StatelessWrapper, chain
-from .update_check import CheckedArray, check_update, npy_prefixes
+from .update_check import CheckedArray, check_update, decode_global, npy_prefixes
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +193,7 @@ class GuardedStrategy(StatelessWrapper, Strategy):
                         grid: Grid) -> Iterable[Message]:
         self.wait_for_quorum(grid)
         self.rejected, self.update_norms = [], {}     # none reported before this round's replies
-        values = {k: a.numpy() for k, a in arrays.items()}     # each decoded once
+        values = decode_global(arrays, self._reference)     # each decoded once
         if self._dtypes is None:
             self._dtypes = {k: v.dtype for k, v in values.items()}
         self._reference = {k: v.astype(self._dtypes.get(k, v.dtype), copy=False)

@@ -25,6 +25,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import numpy as np
+
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
@@ -79,11 +81,24 @@ class RoundRecord:
     wall_seconds: float = 0.0
     site_level_epsilon: float | None = None   # site-level DP: epsilon spent after this round
     arrays_sha256: str = ""     # of ``arrays``, once an observer computed it (once a round)
+    secagg_clipped: int | None = None         # secure aggregation: values clipped by encoding
+    # ``arrays`` decoded, once a round: (the ArrayRecord they were decoded from, values)
+    _decoded: tuple | None = field(default=None, repr=False, compare=False)
 
     def dropped(self, phase: str) -> list[str]:
         """Ids of the sites whose reply in ``phase`` failed, sorted."""
         return sorted(f.site for f in self.failures.get(phase, []))
-    secagg_clipped: int | None = None         # secure aggregation: values clipped by encoding
+
+    def values(self) -> dict[str, np.ndarray]:
+        """``arrays`` decoded, each array once a round whichever observer asks first (the
+        tracker's model and digest, the checkpoint's file and digest: ~4 ms of the round
+        loop's CPU per decode of the demo model, most of it ``np.load`` parsing headers).
+        Shared: read them, never write into them. Empty when the round has no arrays."""
+        if self.arrays is None:
+            return {}
+        if self._decoded is None or self._decoded[0] is not self.arrays:
+            self._decoded = (self.arrays, {k: a.numpy() for k, a in self.arrays.items()})
+        return self._decoded[1]
 
 
 class RoundObserver(Protocol):

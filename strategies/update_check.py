@@ -59,10 +59,9 @@ def decode(array: Array, prefix: bytes | None, ref: np.ndarray, key: str = "arra
     data = array.data
     if array.stype != SType.NUMPY or not isinstance(data, bytes):
         raise TypeError(f"serialisation {array.stype!r} is not {SType.NUMPY!r}")
-    if (prefix is not None and ref.size > 0 and data.startswith(prefix)
-            and len(data) - len(prefix) == ref.nbytes):
-        return np.frombuffer(data, dtype=ref.dtype, count=ref.size,
-                             offset=len(prefix)).reshape(ref.shape)
+    fast = _prefixed(array, prefix, ref)
+    if fast is not None:
+        return fast
     shape, fortran, dtype, offset = read_header(data)
     if shape != ref.shape:
         raise Refused(f"wrong shape for {key}: {shape} != {ref.shape}")
@@ -80,6 +79,31 @@ def decode(array: Array, prefix: bytes | None, ref: np.ndarray, key: str = "arra
     # parameter): an honest site's, so read as np.load reads it rather than refused.
     return np.frombuffer(data, dtype=dtype, count=ref.size, offset=offset).reshape(
         shape, order="F" if fortran else "C")
+
+
+def _prefixed(array: Array, prefix: bytes | None, ref: np.ndarray) -> np.ndarray | None:
+    """``array``'s values (a read-only view) when its bytes are ``prefix`` (the npy header
+    of ``ref``'s dtype and shape) followed by exactly ``ref``'s size of data; else None."""
+    data = array.data
+    if (prefix is None or ref.size == 0 or array.stype != SType.NUMPY
+            or not isinstance(data, bytes) or not data.startswith(prefix)
+            or len(data) - len(prefix) != ref.nbytes):
+        return None
+    return np.frombuffer(data, dtype=ref.dtype, count=ref.size,
+                         offset=len(prefix)).reshape(ref.shape)
+
+
+def decode_global(arrays: ArrayRecord, previous: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The global model's values (the server's own arrays, not a reply's): each array whose
+    npy header is byte for byte the one of ``previous``'s value for its key (the last
+    round's global model: same dtype and shape) read without ``np.load`` parsing the header
+    (~0.1 ms an array, most of a decode); any other as ``Array.numpy`` reads it."""
+    prefixes = npy_prefixes({k: v for k, v in previous.items() if k in arrays})
+    out = {}
+    for key, array in arrays.items():
+        value = _prefixed(array, prefixes.get(key), previous[key]) if key in prefixes else None
+        out[key] = array.numpy() if value is None else value
+    return out
 
 
 class CheckedArray(Array):

@@ -216,6 +216,14 @@ class FoundationBackbone(nn.Module):
                                  pooled_dim=2 * dim if self.seams.has_cls else dim)
 
     @property
+    def public_constants(self) -> tuple[str, ...]:
+        """State keys read from this side's own weights directory (the public feature mean
+        and directions): ``models.tasks.load_backbone`` never takes them from a pretrained
+        state, so a phase pretrained without them fine-tunes with them."""
+        return tuple(k for k in ("feature_mean", "feature_projection")
+                     if getattr(self, k) is not None)
+
+    @property
     def dp_unsupported(self) -> str | None:
         """Why DP-SGD's per-sample rule does not hold for this family, or for this family
         with the configured method, or None."""

@@ -197,3 +197,32 @@ def test_per_sample_gradients_stay_exact_with_the_projection(weights, family, to
     assert model.feature_projection.abs().sum() > 0 and model.dp_unsupported is None
     _randomise_trainable(model)
     assert_exact_per_sample(model, _batch(dtype=torch.float64))
+
+
+@pytest.mark.parametrize("pretrained_with", [False, True])
+def test_a_backbone_pretrained_without_the_public_files_fine_tunes_with_them(weights, tmp_path,
+                                                                          pretrained_with):
+    """``model.pretrained`` / a pretraining phase without centring or projection, fine-tuned
+    with both: the body loads, the mean and directions are this side's own files' (never the
+    state's, which another pretraining may carry with other values), the head starts fresh."""
+    from models.tasks import load_backbone
+
+    directory = weights["dinov2"]
+    options = {"centre_features": True, "project_features": K}
+    torch.manual_seed(1)
+    pretrained = _build(directory, **(options if pretrained_with else {}))
+    state = {k: v.clone() for k, v in pretrained.state_dict().items()}
+    if pretrained_with:                  # made elsewhere with other public files
+        state["feature_mean"] += 1.0
+        state["feature_projection"] = state["feature_projection"].flip(0)
+    state = {k: (v + 0.5 if k.startswith("patch_embed") else v) for k, v in state.items()}
+    torch.manual_seed(0)
+    model = _build(directory, **options)
+    own = {k: v.clone() for k, v in model.state_dict().items()}
+    load_backbone(model, state)
+    after = model.state_dict()
+    assert torch.equal(after["feature_mean"], own["feature_mean"])
+    assert torch.equal(after["feature_projection"], own["feature_projection"])
+    assert all(torch.equal(after[k], state[k]) for k in after if k.startswith("patch_embed"))
+    assert torch.equal(after["head.weight"], (state if pretrained_with else own)["head.weight"])
+    assert base_digest(model) == base_digest(_build(directory, **options))

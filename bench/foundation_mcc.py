@@ -51,7 +51,9 @@ the mean of the adapted model's pooled features over the PUBLIC cohort beside th
 ``model.options.centre_features=true`` subtracts it before the head (models/foundation/
 centring.py), removing the common component that took the clipping budget. The ``dp_lora``
 arm here stays uncentred; bench/RESULTS.md "DP-LoRA at epsilon 8, session 23" has what
-centring changes.
+centring changes. Session 24: ``save_public_feature_projection`` writes the PUBLIC cohort's
+top principal directions (``project_features``) beside the mean; that and
+``freeze_patch_embed`` are ``bench.dp_centre`` arms ("DP-LoRA at epsilon 8, session 24").
 
 Top-level figures (means over the draws): ``mm_dino_pretrained_minus_supervised_scratch``
 (external MCC, (c) - (a)); ``federated_over_pooled`` (external MCC, (b) / (d): same model, same

@@ -1,4 +1,5 @@
-"""DP-LoRA at epsilon 8 with and without ``centre_features`` (issue 24's ">= 0.97x test MCC").
+"""DP-LoRA at epsilon 8 with and without ``centre_features`` and the other DP levers (issue 24's
+">= 0.97x test MCC").
 
 One draw of ``bench.foundation_mcc`` (fused tokens, 3 sites x ~600 patients, 10% labels,
 20 rounds x 5 local epochs), its public pretraining reused from ``--work`` (or made there,
@@ -10,9 +11,15 @@ then only the arms asked for, in one process, side by side:
 
 Arms (``VARIANTS``; ``lora`` and ``dp_lora`` are foundation_mcc's own): DP-SGD head only
 (``method=linear_probe``, lr 1e-2) uncentred and centred, non-DP head only centred, DP-LoRA
-centred. Writes ``results/<--name>.json`` (never foundation.json's figures); ratios are
-against the ``lora`` arm when it ran here, else against ``--lora-reference`` given as
-``external,site_test`` (say where it came from in RESULTS.md).
+centred; session 24's levers: DP-LoRA centred with the patch embedding frozen
+(``freeze_patch_embed``) at rank 8 and rank 2, and non-DP LoRA centred + frozen (what the
+frozen recipe can reach without noise); with the pooled features (centred) projected on
+their top 16 PUBLIC principal directions (``project_features``, the directions written by
+``save_public_feature_projection``): DP and non-DP head only, DP-LoRA with and without the
+frozen patch embedding. Writes ``results/<--name>.json`` (never
+foundation.json's figures); ratios are against the ``lora`` arm when it ran here, else
+against ``--lora-reference`` given as ``external,site_test`` (say where it came from in
+RESULTS.md).
 """
 
 from __future__ import annotations
@@ -26,12 +33,21 @@ from . import foundation_mcc as fm
 from .common import RESULTS_DIR, commit, machine
 
 CENTRE = "+model.options.centre_features=true"
+FREEZE = "+model.options.freeze_patch_embed=true"
+PROJ = "+model.options.project_features=16"      # of 32 public directions; pooled is 384
 HEAD = ["model.options.method=linear_probe", "train.lr=0.01"]
 VARIANTS = {
     "dp_head": ("dp_lora", HEAD),
     "dp_head_centred": ("dp_lora", [*HEAD, CENTRE]),
     "head_centred": ("lora", [*HEAD, CENTRE]),
     "dp_lora_centred": ("dp_lora", [CENTRE]),
+    "dp_lora_frozen": ("dp_lora", [CENTRE, FREEZE]),
+    "dp_lora_frozen_r2": ("dp_lora", [CENTRE, FREEZE, "model.options.lora_rank=2"]),
+    "lora_frozen": ("lora", [CENTRE, FREEZE]),
+    "dp_head_proj": ("dp_lora", [*HEAD, CENTRE, PROJ]),
+    "head_proj": ("lora", [*HEAD, CENTRE, PROJ]),
+    "dp_lora_proj": ("dp_lora", [CENTRE, PROJ]),
+    "dp_lora_frozen_proj": ("dp_lora", [CENTRE, FREEZE, PROJ]),
 }
 SETTINGS = {"sites": fm.SITES, "patients_per_site": 600, "label_fraction": 0.1, "rounds": 20,
             "local_epochs": 5, "pretrain_rounds": 5, "pretrain_epochs": 1, "lora_rank": 8,
@@ -66,8 +82,11 @@ def main() -> None:
     record = fm.public_pretraining(work, foundation_dir, PUBLIC, pretrain)
     mean = fm.save_public_feature_mean(public_dir, foundation_dir,
                                        channel_tokens=SETTINGS["channel_tokens"])
+    projection = fm.save_public_feature_projection(public_dir, foundation_dir, directions=32,
+                                                   channel_tokens=SETTINGS["channel_tokens"])
     out = {"settings": SETTINGS | {"draw": args.draw}, "public_pretraining": record,
-           "public_feature_mean": mean, "variants": VARIANTS, "commit": commit(),
+           "public_feature_mean": mean, "public_feature_projection": projection,
+           "variants": VARIANTS, "commit": commit(),
            "machine": machine()}
     path = RESULTS_DIR / f"{args.name}.json"
     done = None

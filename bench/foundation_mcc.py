@@ -51,7 +51,9 @@ the mean of the adapted model's pooled features over the PUBLIC cohort beside th
 ``model.options.centre_features=true`` subtracts it before the head (models/foundation/
 centring.py), removing the common component that took the clipping budget. The ``dp_lora``
 arm here stays uncentred; bench/RESULTS.md "DP-LoRA at epsilon 8, session 23" has what
-centring changes.
+centring changes. Session 24: ``save_public_feature_projection`` writes the PUBLIC cohort's
+top principal directions (``project_features``) beside the mean; that and
+``freeze_patch_embed`` are ``bench.dp_centre`` arms ("DP-LoRA at epsilon 8, session 24").
 
 Top-level figures (means over the draws): ``mm_dino_pretrained_minus_supervised_scratch``
 (external MCC, (c) - (a)); ``federated_over_pooled`` (external MCC, (b) / (d): same model, same
@@ -228,39 +230,71 @@ def encoder_digest(foundation_dir: Path) -> str:
                           ).hexdigest()
 
 
-def save_public_feature_mean(public_dir: Path, foundation_dir: Path, *, channel_tokens: str,
-                             name: str = PRETRAINED_NAME, image_size: int = 64,
-                             batch_size: int = 32) -> dict:
-    """Write ``<foundation_dir>/<name>/feature_mean.safetensors`` (``centre_features``): the
-    mean of the adapted model's pooled features over the PUBLIC cohort in ``public_dir`` -
-    never a site's studies (``disjointness`` checks the draws against this cohort), labels
-    hidden, no augmentation. Taken at the adaptation's start (LoRA's B and the presence
-    embedding are zero there, so the method does not change it); the model subtracts it from
-    the pooled features before the head, which removes their common component: under DP-SGD
-    that component dominated every per-sample gradient of the head (session 21: norm ~15 vs
-    a per-study spread of ~3). Returns the mean's norm and the spread around it."""
+def public_features(public_dir: Path, foundation_dir: Path, *, channel_tokens: str,
+                    name: str = PRETRAINED_NAME, image_size: int = 64, batch_size: int = 32,
+                    centre_features: bool = False):
+    """The adapted model's pooled features ``[N, pooled]`` over the PUBLIC cohort in
+    ``public_dir`` (labels hidden, no augmentation) and the model (for its signature), taken at
+    the adaptation's start (LoRA's B and the presence embedding are zero there, so the method
+    does not change them); ``centre_features``: minus the public mean already saved."""
     from torch.utils.data import DataLoader
 
     from client.data.dataset import StudyDataset
     from client.data.site import load_site
     from models import MODELS
-    from models.foundation.centring import save_feature_mean
 
     studies = [dataclasses.replace(s, label=-1) for s in load_site(public_dir).studies]
     options = dict(weights=name, method="linear_probe", image_size=image_size, num_classes=3,
-                   channel_tokens=channel_tokens)
+                   channel_tokens=channel_tokens, centre_features=centre_features)
     model = MODELS.build("foundation", options, foundation_dir=foundation_dir).eval()
     pooled = []
     with torch.no_grad():
         for batch in DataLoader(StudyDataset(studies, image_size), batch_size=batch_size):
             tokens = model.forward_features(batch["image"], batch["present"])
             pooled.append(model.pool(tokens, batch["present"]))
-    features = torch.cat(pooled)                                         # [N, pooled]
+    return torch.cat(pooled), model
+
+
+def save_public_feature_mean(public_dir: Path, foundation_dir: Path, *, channel_tokens: str,
+                             name: str = PRETRAINED_NAME, image_size: int = 64,
+                             batch_size: int = 32) -> dict:
+    """Write ``<foundation_dir>/<name>/feature_mean.safetensors`` (``centre_features``): the
+    mean of the adapted model's pooled features over the PUBLIC cohort in ``public_dir`` -
+    never a site's studies (``disjointness`` checks the draws against this cohort)
+    (``public_features``). The model subtracts it from the pooled features before the head,
+    which removes their common component: under DP-SGD that component dominated every
+    per-sample gradient of the head (session 21: norm ~15 vs a per-study spread of ~3).
+    Returns the mean's norm and the spread around it."""
+    from models.foundation.centring import save_feature_mean
+
+    features, model = public_features(public_dir, foundation_dir, channel_tokens=channel_tokens,
+                                      name=name, image_size=image_size, batch_size=batch_size)
     mean = features.mean(0)
     path = save_feature_mean(foundation_dir / name, mean, model.feature_signature)
-    return {"studies": len(studies), "file": path.name, "signature": model.feature_signature,
+    return {"studies": len(features), "file": path.name, "signature": model.feature_signature,
             "mean_norm": float(mean.norm()),
             "median_distance_from_mean": float((features - mean).norm(dim=1).median())}
+
+
+def save_public_feature_projection(public_dir: Path, foundation_dir: Path, *,
+                                   channel_tokens: str, directions: int = 32,
+                                   name: str = PRETRAINED_NAME, image_size: int = 64,
+                                   batch_size: int = 32) -> dict:
+    """Write ``<foundation_dir>/<name>/feature_projection.safetensors``
+    (``project_features``): the top ``directions`` principal directions of the PUBLIC
+    cohort's pooled features centred on the public mean (``save_public_feature_mean`` first).
+    Returns the fraction of the public variance each direction holds."""
+    from models.foundation.projection import principal_directions, save_feature_projection
+
+    features, model = public_features(public_dir, foundation_dir, channel_tokens=channel_tokens,
+                                      name=name, image_size=image_size, batch_size=batch_size,
+                                      centre_features=True)
+    top, share = principal_directions(features, directions)
+    path = save_feature_projection(foundation_dir / name, top, model.feature_signature)
+    return {"studies": len(features), "file": path.name, "directions": directions,
+            "variance_share": [round(float(v), 5) for v in share],
+            "variance_share_cumulative": {str(k): round(float(share[:k].sum()), 4)
+                                          for k in (4, 8, 16, 32) if k <= directions}}
 
 
 PUBLIC_RECORD = "public_pretraining.json"     # in --work: how the encoder there was made
@@ -462,5 +496,5 @@ def targets_met(summary: dict) -> dict:
 __all__ = ["ARMS", "DRAW_SEEDS", "ENCODER", "PRETRAINED_NAME", "PUBLIC_PATCH", "PUBLIC_SEED",
            "check_settings", "cohort_keys", "commit", "disjointness", "encoder_digest",
            "pretrain_public", "previous_draws", "public_cohort", "public_pretraining",
-           "save_public_feature_mean",
+           "public_features", "save_public_feature_mean", "save_public_feature_projection",
            "share_patch_embedding", "summarize", "targets_met", "write_back_patch_kernel"]

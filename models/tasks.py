@@ -171,16 +171,21 @@ def build(model_name: str, model_options: dict, task_name: str, task_options: di
 
 def load_backbone(model: nn.Module, state: dict) -> None:
     """Load pretrained weights into a backbone: every non-head weight must match; a head of
-    the same shape is kept (MM-DINOv2 trains one), any other head starts fresh."""
+    the same shape is kept (MM-DINOv2 trains one), any other head starts fresh. Public
+    constants the backbone read from its own directory (``public_constants``: a foundation
+    model's feature mean and directions) are never taken from ``state`` nor required in it:
+    a backbone pretrained without them fine-tunes with them, and every side keeps its own
+    file's values (the ones the base digest covers)."""
     own = model.state_dict()
-    body = {k for k in own if not k.startswith("head.")}
+    constants = set(getattr(model, "public_constants", ()))
+    body = {k for k in own if not k.startswith("head.") and k not in constants}
     missing = sorted(body - set(state))
     mismatched = sorted(k for k in body & set(state) if tuple(state[k].shape) != tuple(own[k].shape))
     if missing or mismatched:
         raise ValueError(f"pretrained weights do not fit this backbone: missing {missing[:3]}"
                          f"{'...' if len(missing) > 3 else ''}, wrong shape {mismatched[:3]}")
-    take = {k: v for k, v in state.items()
-            if k in body or (k in own and tuple(v.shape) == tuple(own[k].shape))}
+    take = {k: v for k, v in state.items() if k not in constants and (
+        k in body or (k in own and tuple(v.shape) == tuple(own[k].shape)))}
     fresh = sorted(k for k in own if k.startswith("head.") and k not in take)
     if fresh:       # not silent: a pretrained model without (this) head
         log.info("pretrained backbone loaded; class head starts fresh (%s)", ", ".join(fresh))

@@ -61,7 +61,8 @@ def build_foundation(config: FoundationConfig, *, foundation_dir: str | Path | N
                           expected_family=config.family)
     model = FoundationBackbone(loaded, config)
     return apply_method(model, config.method, rank=config.lora_rank, alpha=config.lora_alpha,
-                        targets=config.lora_targets, dropout=config.lora_dropout)
+                        targets=config.lora_targets, dropout=config.lora_dropout,
+                        freeze_patch_embed=config.freeze_patch_embed)
 
 
 @MODELS.register("foundation_swin", SwinSegConfig, resources=(FOUNDATION_DIR,))

@@ -21,7 +21,8 @@ channel's patch). An absent channel, zeroed, looks like a black one; ``presence_
 two can differ (``PresenceEmbedding``). ``centre_features`` (off by default) subtracts a
 PUBLIC mean of the pooled features, read from the weights directory, before the head
 (``centring.py``): under DP-SGD the common component of the features otherwise dominates every
-per-sample gradient of the head.
+per-sample gradient of the head. ``project_features=k`` (off by default) then projects them on
+k PUBLIC principal directions read from there too (``projection.py``): a k-input head.
 
 Interface identical to ``models.vit.MultiModalViT``: ``forward(images [B, S, H, W],
 present [B, S]) -> logits``, ``forward_features``, ``pool`` and a linear ``head``. Volumes
@@ -55,6 +56,7 @@ from .centring import feature_signature, load_feature_mean
 from .config import FoundationConfig
 from .coverage import family_dp_refusal
 from .loading import LoadedEncoder
+from .projection import load_feature_projection
 
 
 def channel_patch_kernel(weight: Tensor, bias: Tensor | None, patch: int
@@ -183,7 +185,7 @@ class FoundationBackbone(nn.Module):
             self.channel_embed = ChannelEmbedding(s, dim)
             self.presence_embed = None
         pooled = 2 * dim if self.seams.has_cls else dim
-        self.head = nn.Linear(pooled, config.num_classes)
+        self.head = nn.Linear(config.project_features or pooled, config.num_classes)
         # centre_features: a PUBLIC mean of the pooled features, subtracted in pool(); a
         # frozen parameter (never trains, never travels, in the base digest: centring.py).
         # Read from the file, no random draw: every other layer's init is unchanged.
@@ -191,6 +193,13 @@ class FoundationBackbone(nn.Module):
         if config.centre_features:
             mean = load_feature_mean(self.directory, self.feature_signature)
             self.feature_mean = nn.Parameter(mean, requires_grad=False)      # [pooled]
+        # project_features: PUBLIC principal directions, applied in pool() after centring;
+        # frozen like the mean (projection.py). The head above takes k inputs.
+        self.feature_projection = None
+        if config.project_features:
+            directions = load_feature_projection(self.directory, self.feature_signature,
+                                                 config.project_features)
+            self.feature_projection = nn.Parameter(directions, requires_grad=False)  # [k, pooled]
         # Dead weights (the RGB projection, MAE's mask token, poolers, SAM's neck): frozen, so
         # no optimiser or per-sample rule ever waits for a gradient that cannot come.
         for part in self.seams.unused(self.encoder):
@@ -205,6 +214,14 @@ class FoundationBackbone(nn.Module):
                                  image_size=self.config.image_size, patch_size=self.patch_size,
                                  spatial_dims=self.spatial_dims,
                                  pooled_dim=2 * dim if self.seams.has_cls else dim)
+
+    @property
+    def public_constants(self) -> tuple[str, ...]:
+        """State keys read from this side's own weights directory (the public feature mean
+        and directions): ``models.tasks.load_backbone`` never takes them from a pretrained
+        state, so a phase pretrained without them fine-tunes with them."""
+        return tuple(k for k in ("feature_mean", "feature_projection")
+                     if getattr(self, k) is not None)
 
     @property
     def dp_unsupported(self) -> str | None:
@@ -319,14 +336,18 @@ class FoundationBackbone(nn.Module):
     def pool(self, tokens: Tensor, present: Tensor) -> Tensor:
         """``[B, T, D]`` -> ``[B, 2D]`` (CLS and mean over present tokens) or ``[B, D]``
         (mean only, families without a CLS token); minus the public ``feature_mean`` with
-        ``centre_features``."""
+        ``centre_features``; ``[B, k]`` on the public directions with ``project_features``."""
         cls = int(self.seams.has_cls)
         n = (tokens.shape[1] - cls) // self.token_groups
         weights = self.attention_mask(present, n).to(tokens.dtype)[..., None]    # [B, T, 1]
         patch_tokens, patch_weights = tokens[:, cls:], weights[:, cls:]
         mean = (patch_tokens * patch_weights).sum(1) / patch_weights.sum(1).clamp(min=1)
         pooled = torch.cat([tokens[:, 0], mean], dim=-1) if cls else mean
-        return pooled if self.feature_mean is None else pooled - self.feature_mean
+        if self.feature_mean is not None:
+            pooled = pooled - self.feature_mean
+        if self.feature_projection is not None:
+            pooled = pooled @ self.feature_projection.T                      # [B, k]
+        return pooled
 
     def forward(self, images: Tensor, present: Tensor) -> Tensor:
         """Class logits ``[B, num_classes]``; full-modality masking while training."""

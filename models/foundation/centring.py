@@ -36,7 +36,7 @@ def feature_signature(*, channel_tokens: str, num_channels: int, image_size: int
             "spatial_dims": str(spatial_dims), "pooled_dim": str(pooled_dim)}
 
 
-def _describe(signature: dict[str, str]) -> str:
+def describe_signature(signature: dict[str, str]) -> str:
     return ", ".join(f"{k}={v}" for k, v in sorted(signature.items()))
 
 
@@ -85,10 +85,10 @@ def load_feature_mean(directory: str | Path | None, signature: dict[str, str]) -
                                   f"{KEY!r}, got format {meta.get('format')!r}, keys {keys}")
     recorded = {k: meta.get(k) for k in signature}
     if recorded != signature:
-        raise FoundationLoadError(f"{path} was computed for another adaptation "
-                                  f"({_describe({k: str(v) for k, v in recorded.items()})}) "
-                                  f"than this model's ({_describe(signature)}); compute it "
-                                  "again for this one")
+        shown = describe_signature({k: str(v) for k, v in recorded.items()})
+        raise FoundationLoadError(f"{path} was computed for another adaptation ({shown}) "
+                                  f"than this model's ({describe_signature(signature)}); "
+                                  "compute it again for this one")
     if tuple(mean.shape) != (int(signature["pooled_dim"]),) or not torch.isfinite(mean).all():
         raise FoundationLoadError(f"{path}: mean of shape {tuple(mean.shape)} (finite: "
                                   f"{bool(torch.isfinite(mean).all())}), expected "
@@ -96,4 +96,5 @@ def load_feature_mean(directory: str | Path | None, signature: dict[str, str]) -
     return mean.float()
 
 
-__all__ = ["FORMAT", "feature_signature", "load_feature_mean", "save_feature_mean"]
+__all__ = ["FORMAT", "describe_signature", "feature_signature", "load_feature_mean",
+           "save_feature_mean"]

@@ -58,6 +58,13 @@ class FoundationConfig:
     # subtract a PUBLIC mean of the pooled features before the head, read from
     # <weights>/feature_mean.safetensors (centring.py); frozen, in the base digest
     centre_features: bool = False
+    # keep the new patch embedding at its pretrained-derived init (adapt.py): frozen, in the
+    # base digest, never travels. Fewer trainable coordinates under DP-SGD (lora.py)
+    freeze_patch_embed: bool = False
+    # k > 0: project the (centred) pooled features onto the first k PUBLIC principal directions
+    # in <weights>/feature_projection.safetensors before a k-input head (projection.py);
+    # frozen, in the base digest. 0 = off
+    project_features: int = 0
 
     def __post_init__(self):
         object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
@@ -91,6 +98,13 @@ class FoundationConfig:
         if not isinstance(self.centre_features, bool):
             raise ValueError(f"centre_features must be true or false, got "
                              f"{self.centre_features!r}")
+        if not isinstance(self.freeze_patch_embed, bool):
+            raise ValueError(f"freeze_patch_embed must be true or false, got "
+                             f"{self.freeze_patch_embed!r}")
+        if isinstance(self.project_features, bool) or not isinstance(self.project_features, int) \
+                or self.project_features < 0:
+            raise ValueError(f"project_features must be a whole number >= 0 (0 = off), got "
+                             f"{self.project_features!r}")
         if self.presence_embedding and self.method == "linear_probe":
             raise ValueError("presence_embedding is a new part that trains, and "
                              "method=linear_probe trains the head only; drop one of them")

@@ -19,11 +19,15 @@ MedFed's training code or MLflow.
                                   embedding, the presence embedding if configured), the class
                                   head
     DIR/adaptation.json           what those tensors are, the FoundationConfig, and ``extra``;
-                                  ``"format": "medfed-foundation-export/3"`` (format version 3)
+                                  ``"format": "medfed-foundation-export/5"`` (format version 5)
     DIR/encoder/feature_mean.safetensors
                                   ``centre_features`` only: the public mean of the pooled
                                   features the model subtracts before its head (centring.py),
                                   where ``load_encoder``'s directory is read from
+    DIR/encoder/feature_projection.safetensors
+                                  ``project_features`` only: the public principal directions
+                                  the (centred) pooled features are projected on before the
+                                  head (projection.py)
 
 ``load_export(DIR)`` rebuilds the whole adapted model (merged encoder + adaptation parts).
 The encoder's own RGB patch projection is exported unchanged; the adapted model never uses it
@@ -34,11 +38,14 @@ Format versions (``FORMAT_VERSION``): 1 wrote ``"format": "medfed-foundation-exp
 (per-channel tokens; session 20's version-1 files may carry ``channel_tokens``, read as
 written); 2 added ``config.channel_tokens`` (``fused``) and
 ``config.presence_embedding`` (with the part ``presence_embed``); 3 added
-``config.centre_features`` (with ``encoder/feature_mean.safetensors``). The version is part
-of the ``format`` string, not a key beside it, because a version-1 reader compares that string
+``config.centre_features`` (with ``encoder/feature_mean.safetensors``); 4 added
+``config.freeze_patch_embed`` (a training choice: the exported tensors are the same); 5 added
+``config.project_features`` (with ``encoder/feature_projection.safetensors``). The version is
+part of the ``format`` string, not a key beside it, because a version-1 reader compares that string
 and nothing else: it refuses a version-2 file with its own format error instead of failing on
 a config key it does not know. ``load_export`` reads every version up to ``FORMAT_VERSION``
-(version 1 without ``channel_tokens`` = ``per_channel``; before 3, no centring) and refuses a newer one by name.
+(version 1 without ``channel_tokens`` = ``per_channel``; before 3, no centring; before 4, the
+patch embedding trained; before 5, no projection) and refuses a newer one by name.
 """
 
 from __future__ import annotations
@@ -56,6 +63,7 @@ from .adapt import FoundationBackbone
 from .centring import save_feature_mean
 from .config import FoundationConfig
 from .loading import MONAI_MODEL_TYPE, load_encoder, save_monai_vit
+from .projection import save_feature_projection
 from .lora import NEW_PARTS, target_pattern
 from .timm_family import save_timm_vit
 from .timm_vit import TIMM_FAMILY
@@ -65,7 +73,7 @@ ADAPTER_DIR = "adapter"
 ADAPTATION_WEIGHTS = "adaptation.safetensors"
 ADAPTATION_CONFIG = "adaptation.json"
 FORMAT = "medfed-foundation-export"
-FORMAT_VERSION = 3      # 3: config.centre_features; see the module docstring
+FORMAT_VERSION = 5      # 5: config.project_features; see the module docstring
 ADAPTER_METHODS = ("lora", "dora", "ia3")
 PEFT_ADAPTER = "default"             # the adapter name inject_adapter_in_model gives
 PEFT_PREFIX = "base_model.model."    # how a PeftModel names its base model's modules
@@ -176,7 +184,12 @@ def describe(model: FoundationBackbone, *, adapter: bool, extra: dict | None = N
             {} if model.feature_mean is None else {
                 "feature_mean": f"encoder/feature_mean.safetensors: [{model.feature_mean.numel()}]"
                                 " public mean subtracted from the pooled features before the "
-                                "head"}),
+                                "head"}) | (
+            {} if model.feature_projection is None else {
+                "feature_projection": "encoder/feature_projection.safetensors: "
+                                      f"[{', '.join(map(str, model.feature_projection.shape))}]"
+                                      " public principal directions: the head sees pooled "
+                                      "(minus the mean) @ directions.T"}),
         "encoder": ENCODER_DIR + "/", "adapter": ADAPTER_DIR + "/" if adapter else None,
         "adapters_merged_into_encoder": model.config.method in ADAPTER_METHODS,
         "extra": dict(extra or {}),
@@ -224,6 +237,9 @@ def export_foundation(model: FoundationBackbone, directory: str | Path, *,
     save_encoder(merged, directory / ENCODER_DIR)
     if merged.feature_mean is not None:      # read back from there by load_export
         save_feature_mean(directory / ENCODER_DIR, merged.feature_mean, merged.feature_signature)
+    if merged.feature_projection is not None:
+        save_feature_projection(directory / ENCODER_DIR, merged.feature_projection,
+                                merged.feature_signature)
     adapter = save_adapter(model, directory / ADAPTER_DIR) is not None
     save_file(adaptation_state(merged), str(directory / ADAPTATION_WEIGHTS),
               metadata={"format": "pt"})

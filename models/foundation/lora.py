@@ -37,7 +37,8 @@ def target_pattern(targets: tuple[str, ...], *, within: str = "encoder") -> str:
 
 
 def apply_method(model: FoundationBackbone, method: str, *, rank: int = 8, alpha: float = 16.0,
-                 targets: tuple[str, ...] = (), dropout: float = 0.0) -> FoundationBackbone:
+                 targets: tuple[str, ...] = (), dropout: float = 0.0,
+                 freeze_patch_embed: bool = False) -> FoundationBackbone:
     """Set what trains in ``model`` (in place) and return it.
 
     Parameters
@@ -47,9 +48,24 @@ def apply_method(model: FoundationBackbone, method: str, *, rank: int = 8, alpha
         (everything but dead weights), ``linear_probe`` (head only).
     targets : tuple of str
         Module-name suffixes to adapt; empty = the family's default attention projections.
+    freeze_patch_embed : bool
+        Keep the new patch embedding(s) at their pretrained-derived init whatever the method
+        (the channel and presence embeddings still train). Frozen weights never travel and
+        are in ``frozen_digest``; under DP-SGD the noise then spreads over fewer coordinates
+        (the fused embedding is ~2/3 of a rank-8 LoRA model's trainable coordinates).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    model = _set_method(model, method, rank=rank, alpha=alpha, targets=targets,
+                        dropout=dropout)
+    if freeze_patch_embed:
+        model.patch_embed.requires_grad_(False)
+    return model
+
+
+def _set_method(model: FoundationBackbone, method: str, *, rank: int, alpha: float,
+                targets: tuple[str, ...], dropout: float) -> FoundationBackbone:
+    """``apply_method`` without ``freeze_patch_embed``."""
     if method == "full":
         return model        # dead weights were frozen when the backbone was built
     targets = tuple(targets) or model.seams.lora_targets

@@ -322,6 +322,45 @@ def test_the_public_feature_mean_centres_the_public_cohorts_features(tmp_path, m
     assert pooled_mean(tmp_path / "draw" / "site-0").abs().max() > 1e-3
 
 
+def test_the_public_projection_keeps_the_public_cohorts_largest_variance(tmp_path,
+                                                                        monkeypatch):
+    """save_public_feature_projection: the top principal directions of the PUBLIC cohort's
+    centred pooled features, beside the encoder; a model built with project_features=k then
+    pools that cohort to k uncorrelated features in decreasing variance, holding the share
+    the record says, and no projection of fewer directions keeps more."""
+    from models.foundation.loading import FEATURE_PROJECTION_FILE
+
+    monkeypatch.setattr(fm, "ENCODER", TINY)
+    fm.save_initial_encoder(tmp_path / "encoders")
+    public_dir = fm.public_cohort(tmp_path / "public", patients=6)
+    common = dict(name=fm.INIT_NAME, channel_tokens="fused", image_size=32)
+    fm.save_public_feature_mean(public_dir, tmp_path / "encoders", **common)
+    record = fm.save_public_feature_projection(public_dir, tmp_path / "encoders", directions=4,
+                                               **common)
+    assert record["file"] == FEATURE_PROJECTION_FILE and len(record["variance_share"]) == 4
+    centred, _ = fm.public_features(public_dir, tmp_path / "encoders", centre_features=True,
+                                    **common)
+    options = dict(weights=fm.INIT_NAME, method="linear_probe", image_size=32, num_classes=3,
+                   channel_tokens="fused", centre_features=True, project_features=4)
+    model, _ = build("foundation", options, "classification", {},
+                     foundation_dir=tmp_path / "encoders")
+    directions = model.feature_projection.detach().double()
+    projected = centred.double() @ directions.T                               # [N, 4]
+    variance = (projected**2).sum(0)
+    total = (centred.double()**2).sum()
+    assert torch.all(variance[:-1] >= variance[1:])
+    off_diagonal = projected.T @ projected - torch.diag(variance)
+    assert off_diagonal.abs().max() < 1e-3 * variance[0]
+    torch.testing.assert_close(variance / total, torch.tensor(record["variance_share"],
+                                                              dtype=torch.float64),
+                               rtol=1e-3, atol=1e-4)
+    g = torch.Generator().manual_seed(0)         # random orthonormal 4-frames keep less
+    for _ in range(5):
+        q, _ = torch.linalg.qr(torch.randn(centred.shape[1], 4, generator=g,
+                                           dtype=torch.float64))
+        assert ((centred.double() @ q)**2).sum() <= variance.sum() + 1e-6
+
+
 def test_a_variant_arm_runs_its_arms_overrides_plus_its_own(tmp_path, monkeypatch):
     import bench.model_quality as mq
 

@@ -158,14 +158,16 @@ def _rewrite(out, **changes) -> dict:
     return meta
 
 
-def test_a_new_export_is_version_3_and_an_older_medfed_refuses_it_by_its_format(originals,
+def test_a_new_export_is_version_5_and_an_older_medfed_refuses_it_by_its_format(originals,
                                                                                   tmp_path):
     model = _trained(originals, "dinov2", "lora")
     out = export_foundation(model, tmp_path / "export")
     meta = json.loads((out / ADAPTATION_CONFIG).read_text())
-    assert FORMAT_VERSION == 3 and meta["format"] == f"{FORMAT}/3"
-    assert format_version(meta) == 3 and meta["config"]["channel_tokens"] == "per_channel"
+    assert FORMAT_VERSION == 5 and meta["format"] == f"{FORMAT}/5"
+    assert format_version(meta) == 5 and meta["config"]["channel_tokens"] == "per_channel"
     assert meta["config"]["centre_features"] is False
+    assert meta["config"]["freeze_patch_embed"] is False
+    assert meta["config"]["project_features"] == 0
     # a version-1 load_export stops at `meta["format"] != FORMAT` with its ExportFormatError,
     # before it builds a FoundationConfig that has no channel_tokens (the TypeError)
     assert meta["format"] != V1_FORMAT
@@ -204,6 +206,38 @@ def test_a_version_2_export_still_loads_without_centring(originals, tmp_path):
                                    model(batch["image"], batch["present"]), rtol=0, atol=ATOL)
 
 
+def test_a_version_3_export_still_loads_with_a_trained_patch_embedding(originals, tmp_path):
+    """Version 3 had no freeze_patch_embed key: it loads (the option only decides what
+    trains), with the same outputs."""
+    model = _trained(originals, "dinov2", "lora")
+    out = export_foundation(model, tmp_path / "export")
+    meta = json.loads((out / ADAPTATION_CONFIG).read_text())
+    v3_config = {k: v for k, v in meta["config"].items()
+                 if k not in ("freeze_patch_embed", "project_features")}
+    _rewrite(out, format=f"{FORMAT}/3", config=v3_config)
+    again = load_export(out)
+    assert not again.config.freeze_patch_embed
+    batch = _batch()
+    with torch.no_grad():
+        torch.testing.assert_close(again(batch["image"], batch["present"]),
+                                   model(batch["image"], batch["present"]), rtol=0, atol=ATOL)
+
+
+def test_a_version_4_export_still_loads_without_a_projection(originals, tmp_path):
+    """Version 4 had no project_features key: it loads, with the full pooled head."""
+    model = _trained(originals, "dinov2", "lora")
+    out = export_foundation(model, tmp_path / "export")
+    meta = json.loads((out / ADAPTATION_CONFIG).read_text())
+    v4_config = {k: v for k, v in meta["config"].items() if k != "project_features"}
+    _rewrite(out, format=f"{FORMAT}/4", config=v4_config)
+    again = load_export(out)
+    assert again.feature_projection is None and again.config.project_features == 0
+    batch = _batch()
+    with torch.no_grad():
+        torch.testing.assert_close(again(batch["image"], batch["present"]),
+                                   model(batch["image"], batch["present"]), rtol=0, atol=ATOL)
+
+
 def test_version_1_means_per_channel_even_if_the_default_becomes_fused(monkeypatch):
     """Version 1 had no channel_tokens key because it had per-channel tokens only: reading
     it must not follow FoundationConfig's default, which may change."""
@@ -220,7 +254,7 @@ def test_version_1_means_per_channel_even_if_the_default_becomes_fused(monkeypat
 
 
 @pytest.mark.parametrize("changes,expected", [
-    ({"format": f"{FORMAT}/4"}, "format version 4, written by a newer MedFed.*upgrade MedFed"),
+    ({"format": f"{FORMAT}/6"}, "format version 6, written by a newer MedFed.*upgrade MedFed"),
     ({"format": f"{FORMAT}/two"}, "expected 'medfed-foundation-export' or"),
     ({"format": f"{FORMAT}/0"}, "not a MedFed foundation model export"),
     ({"format": None}, "not a MedFed foundation model export"),

@@ -54,6 +54,46 @@ def save_feature_mean(directory: str | Path, mean: Tensor, signature: dict[str, 
     return path
 
 
+def read_public_constant(directory: str | Path | None, name: str, option: str, how: str,
+                         fmt: str, key: str, signature: dict[str, str]) -> Tensor:
+    """The one tensor ``key`` of ``<directory>/<name>``, a public constant of the base model
+    (this module's mean, ``projection.py``'s directions) in format ``fmt``, made for the
+    adaptation ``signature``. ``option`` and ``how`` (what makes the file, how to turn the
+    option off) word the refusals.
+
+    Raises
+    ------
+    FoundationLoadError
+        No directory or no file, not a safetensors file, not this format or not one tensor
+        ``key``, made for another adaptation - each in one line.
+    """
+    from safetensors import safe_open
+
+    if directory is None:
+        raise FoundationLoadError(f"{option} needs the encoder's directory (its {name}); "
+                                  "this encoder was not loaded from one")
+    path = Path(directory) / name
+    if not path.is_file():
+        raise FoundationLoadError(f"{option} is on but {path} does not exist; {how}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta, keys = f.metadata() or {}, list(f.keys())
+            value = f.get_tensor(key) if keys == [key] else None
+    except Exception as err:         # a truncated or foreign file: say so, one line
+        raise FoundationLoadError(f"{path} is not a safetensors file: "
+                                  f"{str(err).splitlines()[0] if str(err) else err!r}") from None
+    if meta.get("format") != fmt or value is None:
+        raise FoundationLoadError(f"{path}: expected format {fmt!r} with one tensor "
+                                  f"{key!r}, got format {meta.get('format')!r}, keys {keys}")
+    recorded = {k: meta.get(k) for k in signature}
+    if recorded != signature:
+        shown = describe_signature({k: str(v) for k, v in recorded.items()})
+        raise FoundationLoadError(f"{path} was computed for another adaptation ({shown}) "
+                                  f"than this model's ({describe_signature(signature)}); "
+                                  "compute it again for this one")
+    return value
+
+
 def load_feature_mean(directory: str | Path | None, signature: dict[str, str]) -> Tensor:
     """The mean in ``<directory>/feature_mean.safetensors``, ``[pooled]``.
 
@@ -62,33 +102,12 @@ def load_feature_mean(directory: str | Path | None, signature: dict[str, str]) -
     FoundationLoadError
         No file, not this format, made for another adaptation, or the wrong shape.
     """
-    from safetensors import safe_open
-
-    if directory is None:
-        raise FoundationLoadError("centre_features needs the encoder's directory (its "
-                                  f"{FEATURE_MEAN_FILE}); this encoder was not loaded from one")
+    mean = read_public_constant(
+        directory, FEATURE_MEAN_FILE, "centre_features",
+        "compute the public feature mean for this adaptation "
+        "(bench.foundation_mcc.save_public_feature_mean) or set centre_features=false",
+        FORMAT, KEY, signature)
     path = Path(directory) / FEATURE_MEAN_FILE
-    if not path.is_file():
-        raise FoundationLoadError(f"centre_features is on but {path} does not exist; compute "
-                                  "the public feature mean for this adaptation "
-                                  "(bench.foundation_mcc.save_public_feature_mean) or set "
-                                  "centre_features=false")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta, keys = f.metadata() or {}, list(f.keys())
-            mean = f.get_tensor(KEY) if keys == [KEY] else None
-    except Exception as err:         # a truncated or foreign file: say so, one line
-        raise FoundationLoadError(f"{path} is not a safetensors file: "
-                                  f"{str(err).splitlines()[0] if str(err) else err!r}") from None
-    if meta.get("format") != FORMAT or mean is None:
-        raise FoundationLoadError(f"{path}: expected format {FORMAT!r} with one tensor "
-                                  f"{KEY!r}, got format {meta.get('format')!r}, keys {keys}")
-    recorded = {k: meta.get(k) for k in signature}
-    if recorded != signature:
-        shown = describe_signature({k: str(v) for k, v in recorded.items()})
-        raise FoundationLoadError(f"{path} was computed for another adaptation ({shown}) "
-                                  f"than this model's ({describe_signature(signature)}); "
-                                  "compute it again for this one")
     if tuple(mean.shape) != (int(signature["pooled_dim"]),) or not torch.isfinite(mean).all():
         raise FoundationLoadError(f"{path}: mean of shape {tuple(mean.shape)} (finite: "
                                   f"{bool(torch.isfinite(mean).all())}), expected "
@@ -97,4 +116,4 @@ def load_feature_mean(directory: str | Path | None, signature: dict[str, str]) -
 
 
 __all__ = ["FORMAT", "describe_signature", "feature_signature", "load_feature_mean",
-           "save_feature_mean"]
+           "read_public_constant", "save_feature_mean"]

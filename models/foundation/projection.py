@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .centring import describe_signature
+from .centring import read_public_constant
 from .loading import FEATURE_PROJECTION_FILE, FoundationLoadError
 
 FORMAT = "medfed-feature-projection/1"
@@ -66,33 +66,12 @@ def load_feature_projection(directory: str | Path | None, signature: dict[str, s
         No file, not this format, made for another adaptation, fewer than ``k`` directions,
         or not finite.
     """
-    from safetensors import safe_open
-
-    if directory is None:
-        raise FoundationLoadError("project_features needs the encoder's directory (its "
-                                  f"{FEATURE_PROJECTION_FILE}); this encoder was not loaded "
-                                  "from one")
+    directions = read_public_constant(
+        directory, FEATURE_PROJECTION_FILE, "project_features",
+        "compute public principal directions for this adaptation "
+        "(bench.foundation_mcc.save_public_feature_projection) or set project_features=0",
+        FORMAT, KEY, signature)
     path = Path(directory) / FEATURE_PROJECTION_FILE
-    if not path.is_file():
-        raise FoundationLoadError(f"project_features is on but {path} does not exist; compute "
-                                  "public principal directions for this adaptation "
-                                  "(bench.foundation_mcc.save_public_feature_projection) or set "
-                                  "project_features=0")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta, keys = f.metadata() or {}, list(f.keys())
-            directions = f.get_tensor(KEY) if keys == [KEY] else None
-    except Exception as err:         # a truncated or foreign file: say so, one line
-        raise FoundationLoadError(f"{path} is not a safetensors file: "
-                                  f"{str(err).splitlines()[0] if str(err) else err!r}") from None
-    if meta.get("format") != FORMAT or directions is None:
-        raise FoundationLoadError(f"{path}: expected format {FORMAT!r} with one tensor "
-                                  f"{KEY!r}, got format {meta.get('format')!r}, keys {keys}")
-    recorded = {key: str(meta.get(key)) for key in signature}
-    if recorded != signature:
-        raise FoundationLoadError(f"{path} was computed for another adaptation "
-                                  f"({describe_signature(recorded)}) than this model's "
-                                  f"({describe_signature(signature)}); compute it again")
     pooled = int(signature["pooled_dim"])
     if directions.dim() != 2 or directions.shape[1] != pooled or directions.shape[0] < k \
             or not torch.isfinite(directions).all():

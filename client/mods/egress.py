@@ -9,7 +9,9 @@ without trusting the server, and tests scan these files for PHI.
 from __future__ import annotations
 
 import json
+import os
 import time
+import uuid
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
@@ -36,7 +38,11 @@ def egress_log(directory: str | Path) -> Mod:
     def mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
         reply = call_next(msg, context)
         directory.mkdir(parents=True, exist_ok=True)
-        stem = f"{time.time_ns()}-{msg.metadata.message_type.replace('.', '_')}"
+        # time first (files sort by it), then unique: two processes (simulated sites, or a
+        # site's runners) replying within the clock's resolution wrote one file together,
+        # leaving a record that is neither reply
+        stem = (f"{time.time_ns()}-{os.getpid()}-{uuid.uuid4().hex[:12]}-"
+                f"{msg.metadata.message_type.replace('.', '_')}")
         if reply.has_content():
             (directory / f"{stem}.pb").write_bytes(
                 recorddict_to_proto(reply.content).SerializeToString())

@@ -74,10 +74,10 @@ def test_external_site_evaluates_every_round_and_never_trains(external_run, site
     # what left each site: the external one answered the preflight's policy query and the
     # role query, and evaluated, only
     by_site = {}
-    for path in egress.glob("*.json"):       # <time>-<message type>.json
+    for path in egress.glob("*.json"):       # <time>-<pid>-<random>-<message type>.json
         reply = json.loads(path.read_text())
         site = reply["records"]["site"]["site-id"] if "records" in reply else "error"
-        by_site.setdefault(site, []).append(path.name.split("-", 1)[1])
+        by_site.setdefault(site, []).append(path.name.rsplit("-", 1)[1])
     assert "error" not in by_site                  # no site refused anything (no train sent)
     assert sorted(by_site["external"]) == ["evaluate.json", "evaluate.json", "query.json",
                                            "query.json"]

@@ -56,7 +56,9 @@ class MlflowTracker:
         # Its template folder lives in the run directory (a killed run's is removed here,
         # by the resume), not in the system's temp folder, where nothing would remove it.
         run_dir.mkdir(parents=True, exist_ok=True)
-        sweep_exports(run_dir)
+        if swept := sweep_exports(run_dir):       # said, not silent
+            log.info("removed %d export template folder(s) a killed server left in %s",
+                     swept, run_dir)
         self.export = ReusedExport(parent=run_dir)
         self._froze = False              # prepare() froze the heap (gc.freeze) for the phase
         self.writer = BackgroundWriter(run_dir, log_round=self._log_round,

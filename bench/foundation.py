@@ -508,7 +508,8 @@ def run_mcc(args, parser) -> None:
                 "pretrain_epochs": args.pretrain_epochs, "lora_rank": args.lora_rank,
                 "dp_epsilon": 8.0, "public_patients": args.public_patients,
                 "public_epochs": args.public_epochs, "public_seed": fm.PUBLIC_SEED,
-                "public_patch": args.public_patch, "channel_tokens": args.channel_tokens,
+                "public_patch": args.public_patch, "public_objective": args.public_objective,
+                "channel_tokens": args.channel_tokens,
                 "quick": args.quick}
     name = args.name or ("foundation_quick" if args.quick else "foundation")
     logging.basicConfig(level=logging.WARNING)
@@ -551,7 +552,7 @@ def run_mcc(args, parser) -> None:
         foundation_dir.mkdir(exist_ok=True)
         public_dir = work / "public" / "site-0"
         wanted = {k: settings[k] for k in ("public_patients", "public_epochs", "public_seed",
-                                           "public_patch")} | {
+                                           "public_patch", "public_objective")} | {
             "public_lr": args.public_lr, "encoder": fm.ENCODER}
 
         def pretrain() -> dict:
@@ -560,7 +561,8 @@ def run_mcc(args, parser) -> None:
             fm.public_cohort(public_dir.parent, patients=args.public_patients)
             return fm.pretrain_public(public_dir, foundation_dir, epochs=args.public_epochs,
                                       batch_size=16, lr=args.public_lr, image_size=64,
-                                      patch=args.public_patch)
+                                      patch=args.public_patch,
+                                      objective=args.public_objective)
 
         if not public_dir.is_dir():      # no cohort to check the draws against: made again
             (work / fm.PUBLIC_RECORD).unlink(missing_ok=True)
@@ -603,6 +605,8 @@ ARM_DESCRIPTIONS = {
 def main() -> None:
     from models.foundation.config import CHANNEL_TOKENS
 
+    from .foundation_mcc import PUBLIC_OBJECTIVES, PUBLIC_PATCH
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--throughput", action="store_true",
                         help="step-time figures instead of the MCC arms")
@@ -624,11 +628,19 @@ def main() -> None:
     mcc.add_argument("--lora-rank", type=int, default=8)
     mcc.add_argument("--public-patients", type=int, default=600)
     mcc.add_argument("--public-epochs", type=int, default=10)
-    mcc.add_argument("--public-lr", type=float, default=5e-4)
-    mcc.add_argument("--public-patch", default="shared", choices=("shared", "per_sequence"),
+    mcc.add_argument("--public-lr", type=float, default=None,
+                     help="public pretraining's learning rate (default: 5e-4 for mm_dino, "
+                          "pretrain=clip's own for clip)")
+    mcc.add_argument("--public-patch", default="shared", choices=PUBLIC_PATCH,
                      help="public pretraining's patch embedding: one shared kernel and no "
-                          "channel embedding (what a transformers directory holds exactly), or "
-                          "one per sequence, averaged when saved (sessions 17-18)")
+                          "channel embedding over an RGB Dinov2 (what a transformers directory "
+                          "holds exactly), one per sequence, averaged when saved (sessions "
+                          "17-18), or channels: a 4-channel Dinov2 (one kernel slice per "
+                          "sequence, fused tokens; the arms then keep the slices, "
+                          "model.options.patch_init=channels)")
+    mcc.add_argument("--public-objective", default="mm_dino", choices=PUBLIC_OBJECTIVES,
+                     help="public pretraining's objective, label-free either way: MM-DINOv2, "
+                          "or image-report CLIP on the public cohort's reports")
     mcc.add_argument("--channel-tokens", default="per_channel", choices=CHANNEL_TOKENS,
                      help="the foundation arms' model.options.channel_tokens: one token per "
                           "sequence and patch (MM-DINOv2's adaptation), or fused (one patch "

@@ -122,17 +122,26 @@ def disjointness(public: dict[str, set[str]], others: dict[str, dict[str, set[st
 
 
 # ---------------------------------------------------------------- central pretraining
-def save_initial_encoder(foundation_dir: Path, seed: int = 0) -> Path:
-    """A freshly initialised ``Dinov2Model`` (``ENCODER``) saved as ``INIT_NAME``."""
+def save_initial_encoder(foundation_dir: Path, seed: int = 0, num_channels: int = 3) -> Path:
+    """A freshly initialised ``Dinov2Model`` (``ENCODER``, ``num_channels`` input channels:
+    3 as an RGB encoder, 4 as one pretrained on the four sequences) saved as ``INIT_NAME``."""
     import transformers
 
     torch.manual_seed(seed)
     path = foundation_dir / INIT_NAME
-    transformers.Dinov2Model(transformers.Dinov2Config(**ENCODER)).save_pretrained(path)
+    config = transformers.Dinov2Config(**ENCODER, num_channels=num_channels)
+    transformers.Dinov2Model(config).save_pretrained(path)
     return path
 
 
-PUBLIC_PATCH = ("shared", "per_sequence")   # --public-patch: how public pretraining embeds
+# --public-patch: how public pretraining embeds. shared / per_sequence: an RGB (3-channel)
+# Dinov2, the sequences folded into one kernel; channels: a 4-channel Dinov2 whose kernel has
+# one slice per sequence (fused tokens), kept as it is by the arms (patch_init=channels).
+PUBLIC_PATCH = ("shared", "per_sequence", "channels")
+# --public-objective: MM-DINOv2 label-free (self-distillation + iBOT + KoLeo), or image-report
+# CLIP on the public cohort's reports (the from-scratch BERT tower of pretrain=clip; only the
+# image encoder is saved). Neither sees a class label.
+PUBLIC_OBJECTIVES = ("mm_dino", "clip")
 
 
 def share_patch_embedding(backbone) -> None:
@@ -175,32 +184,85 @@ def write_back_patch_kernel(backbone) -> dict:
             "channel_embedding_norm": float(backbone.channel_embed.embed.weight.detach().norm())}
 
 
+def write_back_fused_kernel(backbone) -> dict:
+    """The encoder's own patch projection := the learned fused patch embedding (``patch=
+    channels``: a ``num_channels``-input Dinov2 trained with fused tokens and
+    ``patch_init=channels``, whose kernel is that embedding reshaped channel by channel), so
+    the saved directory holds exactly what was learned and ``patch_init=channels`` reads it
+    back. Returns ``not_saved`` (all zero: nothing is dropped)."""
+    projection = backbone.encoder.embeddings.patch_embeddings.projection    # Conv2d [D, S, p, p]
+    p = backbone.patch_size
+    if not backbone.fused or p != projection.kernel_size[0]:
+        raise ValueError("write_back_fused_kernel needs fused tokens at the encoder's patch size")
+    with torch.no_grad():
+        projection.weight.copy_(backbone.patch_embed.weight.reshape(projection.weight.shape))
+        projection.bias.copy_(backbone.patch_embed.bias)
+    return {"kernel_lost_relative": 0.0, "bias_lost": 0.0, "channel_embedding_norm": 0.0}
+
+
+def _public_clip(model, image_size: int):
+    """``pretrain=clip``'s task (its conf options: from-scratch BERT tower, shipped report
+    vocabulary) around the foundation backbone ``model`` (its pooled features feed the image
+    projection); the model whose ``backbone`` is ``model``."""
+    from models.clip import CLIPModel
+    from models.registry import TASKS
+    from models.text import pad_id
+    from server.config import load_experiment
+
+    phase = load_experiment(["pretrain=clip", f"task.image_size={image_size}"]).pretrain_phase()
+    task = TASKS.build("clip", phase.task_options())
+    image_dim = model.head.in_features
+    model.head = None                 # as CLIPTask.wrap: no classifier while pretraining
+    return CLIPModel(model, task.config, pad_id(task.tokenizer), image_dim=image_dim), task, \
+        phase.train.lr
+
+
 def pretrain_public(public_dir: Path, foundation_dir: Path, *, epochs: int, batch_size: int,
-                    lr: float, image_size: int, seed: int = 0, patch: str = "shared") -> dict:
-    """MM-DINOv2, label-free, centrally on the public cohort from a random ``Dinov2Model``
-    (``method=full``); saves the result as ``<foundation_dir>/PRETRAINED_NAME``.
+                    lr: float | None, image_size: int, seed: int = 0, patch: str = "shared",
+                    objective: str = "mm_dino") -> dict:
+    """``objective`` (MM-DINOv2 label-free, or image-report CLIP), centrally on the public
+    cohort from a random ``Dinov2Model`` (``method=full``); saves the encoder as
+    ``<foundation_dir>/PRETRAINED_NAME``. ``lr`` None: 5e-4 for MM-DINOv2, ``pretrain=clip``'s
+    own rate for CLIP.
 
     ``patch``: ``shared`` (one patch embedding, no channel embedding: the directory holds
-    exactly what was learned) or ``per_sequence`` (one per sequence plus a channel embedding,
-    averaged away when written back: sessions 17-18's encoder)."""
+    exactly what was learned), ``per_sequence`` (one per sequence plus a channel embedding,
+    averaged away when written back: sessions 17-18's encoder) or ``channels`` (a 4-channel
+    Dinov2, fused tokens, its kernel written back slice by slice: exact)."""
     if patch not in PUBLIC_PATCH:
         raise ValueError(f"patch must be one of {PUBLIC_PATCH}, got {patch!r}")
+    if objective not in PUBLIC_OBJECTIVES:
+        raise ValueError(f"objective must be one of {PUBLIC_OBJECTIVES}, got {objective!r}")
     from client.data.dataset import StudyDataset
     from client.data.site import load_site
     from client.engine import Engine
+    from models import MODELS
     from models.foundation.export import save_encoder
-    from models.tasks import build
+    from models.registry import TASKS
     from protocol.job import TrainConfig
 
-    save_initial_encoder(foundation_dir, seed)
+    channels = patch == "channels"
+    save_initial_encoder(foundation_dir, seed, num_channels=4 if channels else 3)
     studies = [dataclasses.replace(s, label=-1) for s in load_site(public_dir).studies]
-    data = StudyDataset(studies, image_size, augment=True)
     torch.manual_seed(seed)
     options = dict(weights=INIT_NAME, method="full", image_size=image_size, num_classes=3)
-    model, task = build("foundation", options, "mm_dino", dict(CENTRAL_DINO),
-                        foundation_dir=foundation_dir)
+    if channels:
+        options |= dict(channel_tokens="fused", patch_init="channels")
+    backbone = MODELS.build("foundation", options, foundation_dir=foundation_dir)
     if patch == "shared":
-        share_patch_embedding(model.backbone)      # before the first step makes the teacher
+        share_patch_embedding(backbone)      # before the first step makes the teacher
+    if objective == "clip":
+        model, task, conf_lr = _public_clip(backbone, image_size)
+        lr = conf_lr if lr is None else lr
+        data = StudyDataset(studies, image_size, augment=True, text_transform=task.tokenize)
+        described = "clip (image-report InfoNCE on the public reports; pretrain=clip's text " \
+                    "tower, not saved; no class label)"
+    else:
+        task = TASKS.build("mm_dino", dict(CENTRAL_DINO))
+        model, lr = task.wrap(backbone), 5e-4 if lr is None else lr
+        data = StudyDataset(studies, image_size, augment=True)
+        described = "mm_dino (label-free: " + ", ".join(f"{k}={v}" for k, v in
+                                                        CENTRAL_DINO.items()) + ")"
     engine = Engine(task, torch.device("cpu"))
     losses, start = [], time.perf_counter()
     for epoch in range(epochs):
@@ -210,15 +272,14 @@ def pretrain_public(public_dir: Path, foundation_dir: Path, *, epochs: int, batc
         losses.append(float(out["train_loss"]))
         logging.getLogger("bench.foundation").warning("public pretraining epoch %d/%d loss %.3f",
                                                       epoch + 1, epochs, losses[-1])
-    backbone = model.backbone
-    lost = write_back_patch_kernel(backbone)
+    lost = write_back_fused_kernel(backbone) if channels else write_back_patch_kernel(backbone)
     save_encoder(backbone, foundation_dir / PRETRAINED_NAME)
-    return {"objective": "mm_dino (label-free: " + ", ".join(f"{k}={v}" for k, v in
-                                                               CENTRAL_DINO.items()) + ")",
+    return {"objective": described,
             "method": "full", "patch_embedding": patch, "not_saved": lost,
             "studies": len(studies), "epochs": epochs,
             "batch_size": batch_size, "lr": lr, "loss_per_epoch": losses,
-            "seconds": time.perf_counter() - start, "encoder": ENCODER,
+            "seconds": time.perf_counter() - start, "encoder": ENCODER | (
+                {"num_channels": 4} if channels else {}),
             "saved_as": f"save_pretrained -> <foundation_dir>/{PRETRAINED_NAME}",
             "started_from": f"transformers.Dinov2Model(Dinov2Config(**ENCODER)), seed {seed}"}
 
@@ -320,7 +381,7 @@ def public_pretraining(work: Path, foundation_dir: Path, wanted: dict, pretrain)
 
 
 # Settings added after arms were measured without them, and the value those arms had.
-IMPLICIT_SETTINGS = {"channel_tokens": "per_channel"}
+IMPLICIT_SETTINGS = {"channel_tokens": "per_channel", "public_objective": "mm_dino"}
 
 
 def check_settings(old: dict, settings: dict) -> None:
@@ -390,6 +451,8 @@ def run_draw(seed: int, work: Path, foundation_dir: Path, settings: dict, arms: 
                   f"model.foundation_dir={foundation_dir}",
                   f"model.options.lora_rank={settings['lora_rank']}",
                   f"model.options.channel_tokens={settings['channel_tokens']}"]
+    if settings.get("public_patch") == "channels":   # the encoder's kernel, slice by sequence
+        foundation.append("+model.options.patch_init=channels")
     ledger = f".medfed/bench-foundation-{time.time_ns()}"      # + the arm: one ledger per arm
     overrides = {
         "supervised_scratch": base,

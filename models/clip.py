@@ -120,7 +120,10 @@ class CLIPModel(TaskModel):
     """Image tower (``self.backbone``, what fine-tuning keeps), text tower, projections and
     the learnable logit scale; ``forward`` gives the image-report similarity logits."""
 
-    def __init__(self, backbone: MultiModalViT, config: CLIPConfig, pad_token_id: int):
+    def __init__(self, backbone: MultiModalViT, config: CLIPConfig, pad_token_id: int,
+                 image_dim: int | None = None):
+        """``image_dim``: the width of ``backbone.pool``'s features; None = ``2 * dim`` of a
+        ``MultiModalViT`` (CLS and mean token)."""
         super().__init__()
         from transformers import BertConfig, BertModel   # slow import; only CLIP needs it
 
@@ -133,7 +136,8 @@ class CLIPModel(TaskModel):
             hidden_dropout_prob=config.text_dropout,
             attention_probs_dropout_prob=config.text_dropout,
             type_vocab_size=1, pad_token_id=pad_token_id), add_pooling_layer=False)
-        self.image_projection = nn.Linear(2 * backbone.config.dim, config.embed_dim, bias=False)
+        image_dim = 2 * backbone.config.dim if image_dim is None else image_dim
+        self.image_projection = nn.Linear(image_dim, config.embed_dim, bias=False)
         self.text_projection = nn.Linear(config.hidden_size, config.embed_dim, bias=False)
         self.image_projection.apply(_init_weights)
         self.text_projection.apply(_init_weights)

@@ -59,22 +59,26 @@ from .loading import LoadedEncoder
 from .projection import load_feature_projection
 
 
-def channel_patch_kernel(weight: Tensor, bias: Tensor | None, patch: int
-                         ) -> tuple[Tensor, Tensor]:
-    """Pretrained ``[D, C, *p0]`` kernel (2D or 3D) -> one-channel ``([D, patch**dims], [D])``.
+def channel_patch_kernel(weight: Tensor, bias: Tensor | None, patch: int,
+                         keep_channels: bool = False) -> tuple[Tensor, Tensor]:
+    """Pretrained ``[D, C, *p0]`` kernel (2D or 3D) -> ``([D, K, patch**dims], [D])``.
 
-    Averaged over the input colours. For another patch size the kernel is resampled
-    (bi/trilinearly) and scaled by ``prod(p0) / patch**dims`` so a constant image gives the
-    same response (a simple stand-in for FlexiViT's pseudo-inverse resize).
+    ``K = 1``: averaged over the input colours (MM-DINOv2's rule, any encoder); with
+    ``keep_channels``, ``K = C``: each input channel's own slice. For another patch size the
+    kernel is resampled (bi/trilinearly) and scaled by ``prod(p0) / patch**dims`` so a
+    constant image gives the same response (a simple stand-in for FlexiViT's pseudo-inverse
+    resize).
     """
-    kernel = weight.detach().float().mean(dim=1, keepdim=True)           # [D, 1, *p0]
+    kernel = weight.detach().float()                                     # [D, C, *p0]
+    if not keep_channels:
+        kernel = kernel.mean(dim=1, keepdim=True)                        # [D, 1, *p0]
     p0, dims = tuple(kernel.shape[2:]), kernel.dim() - 2
     if p0 != (patch,) * dims:
         mode = "bilinear" if dims == 2 else "trilinear"
         kernel = F.interpolate(kernel, size=(patch,) * dims, mode=mode,
                                align_corners=False) * (math.prod(p0) / patch**dims)
     b = torch.zeros(weight.shape[0]) if bias is None else bias.detach().float()
-    return kernel.reshape(weight.shape[0], patch**dims), b
+    return kernel.reshape(weight.shape[0], kernel.shape[1], patch**dims), b
 
 
 class ChannelEmbedding(nn.Module):
@@ -156,8 +160,16 @@ class FoundationBackbone(nn.Module):
                                 if self.spatial_dims == 3 else "use a 2D encoder"))
         dim = self.seams.hidden_size(self.encoder)
         weight, bias = self.seams.patch_kernel(self.encoder)
-        kernel, kernel_bias = channel_patch_kernel(weight, bias, self.patch_size)
         patch_dim, s = self.patch_size**self.spatial_dims, config.num_channels
+        own = config.patch_init == "channels"
+        if own and weight.shape[1] != s:
+            raise ValueError(f"patch_init=channels takes the encoder's kernel channel by "
+                             f"channel, but {config.weights!r} was pretrained on "
+                             f"{weight.shape[1]} input channels and the layout has {s}; use "
+                             "patch_init=mean (the kernel's mean for every channel)")
+        # [D, S or 1, p^dims]: each channel's own slice, or the colour mean for every channel
+        slices, kernel_bias = channel_patch_kernel(weight, bias, self.patch_size, own)
+        kernel = slices[:, 0]                                               # [D, p^dims]
         self.fused = config.channel_tokens == "fused"
         # Channels carried by one token: 1 per channel, all of them when fused.
         self.token_groups = 1 if self.fused else s
@@ -169,17 +181,18 @@ class FoundationBackbone(nn.Module):
             # No channel embedding: a channel is told apart by its slice of the kernel.
             self.patch_embed = nn.Linear(s * patch_dim, dim)                # [S*p^dims -> D]
             with torch.no_grad():
-                self.patch_embed.weight.copy_(kernel.repeat(1, s) * (weight.shape[1] / s))
+                self.patch_embed.weight.copy_(slices.flatten(1) if own else
+                                              kernel.repeat(1, s) * (weight.shape[1] / s))
                 self.patch_embed.bias.copy_(kernel_bias)
             self.channel_embed = None
             self.presence_embed = (PresenceEmbedding(s, dim) if config.presence_embedding
                                    else None)
         else:
             self.patch_embed = nn.ModuleList()
-            for _ in range(s):
+            for c in range(s):
                 linear = nn.Linear(patch_dim, dim)
                 with torch.no_grad():
-                    linear.weight.copy_(kernel)
+                    linear.weight.copy_(slices[:, c] if own else kernel)
                     linear.bias.copy_(kernel_bias)
                 self.patch_embed.append(linear)
             self.channel_embed = ChannelEmbedding(s, dim)

@@ -23,6 +23,7 @@ def check_weights_name(name: str) -> str:
 
 METHODS = ("lora", "dora", "ia3", "full", "linear_probe")
 CHANNEL_TOKENS = ("per_channel", "fused")
+PATCH_INIT = ("mean", "channels")
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,11 @@ class FoundationConfig:
     # fused only: a learned embedding of the ``present`` vector added to every patch token, so
     # an absent channel (zeroed) is told apart from a black one; zero at the start (adapt.py)
     presence_embedding: bool = False
+    # how the new patch embedding starts (adapt.py): "mean" - the pretrained kernel's mean over
+    # its input colours for every channel (MM-DINOv2's recipe, any encoder); "channels" - the
+    # kernel's own slice for each channel, for an encoder pretrained on this layout's channels
+    # (its input channel count must equal num_channels, checked when the model is built)
+    patch_init: str = "mean"
     # subtract a PUBLIC mean of the pooled features before the head, read from
     # <weights>/feature_mean.safetensors (centring.py); frozen, in the base digest
     centre_features: bool = False
@@ -92,6 +98,9 @@ class FoundationConfig:
         if self.channel_tokens not in CHANNEL_TOKENS:
             raise ValueError(f"unknown channel_tokens {self.channel_tokens!r}; choose one of "
                              f"{', '.join(CHANNEL_TOKENS)}")
+        if self.patch_init not in PATCH_INIT:
+            raise ValueError(f"unknown patch_init {self.patch_init!r}; choose one of "
+                             f"{', '.join(PATCH_INIT)}")
         if not isinstance(self.presence_embedding, bool):     # "false" would switch it on
             raise ValueError(f"presence_embedding must be true or false, got "
                              f"{self.presence_embedding!r}")
@@ -116,4 +125,4 @@ class FoundationConfig:
             raise ValueError(f"modality_dropout must be in [0, 1], got {self.modality_dropout}")
 
 
-__all__ = ["CHANNEL_TOKENS", "FoundationConfig", "METHODS", "WEIGHTS_NAME", "check_weights_name"]
+__all__ = ["CHANNEL_TOKENS", "FoundationConfig", "METHODS", "PATCH_INIT", "WEIGHTS_NAME", "check_weights_name"]

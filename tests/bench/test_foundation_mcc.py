@@ -273,6 +273,69 @@ def test_shared_public_pretraining_trains_one_kernel_and_records_it(tmp_path, mo
                            image_size=32, patch="mean")
 
 
+def test_a_four_channel_encoder_is_saved_exactly_and_read_back_slice_by_slice(tmp_path,
+                                                                              monkeypatch):
+    """``patch=channels``: what the fused patch embedding learned goes into the 4-channel
+    encoder's own kernel, and ``patch_init=channels`` gives the same model back (without the
+    write-back the reloaded model computes something else)."""
+    from models.foundation.export import save_encoder
+
+    monkeypatch.setattr(fm, "ENCODER", TINY)
+    fm.save_initial_encoder(tmp_path, num_channels=4)
+    options = dict(weights=fm.INIT_NAME, method="full", image_size=32, num_classes=3,
+                   channel_tokens="fused", patch_init="channels")
+    torch.manual_seed(0)
+    model, _ = build("foundation", options, "classification", {}, foundation_dir=tmp_path)
+    with torch.no_grad():       # what pretraining would have learned
+        model.patch_embed.weight.add_(torch.randn_like(model.patch_embed.weight))
+        model.patch_embed.bias.add_(torch.randn_like(model.patch_embed.bias))
+    learned = _features(model)
+    rest = {k: v for k, v in model.state_dict().items() if not k.startswith("patch_embed")}
+    save_encoder(model, tmp_path / "unwritten")
+    assert fm.write_back_fused_kernel(model) == {"kernel_lost_relative": 0.0, "bias_lost": 0.0,
+                                                 "channel_embedding_norm": 0.0}
+    save_encoder(model, tmp_path / "written")
+    same = {}
+    for name in ("unwritten", "written"):
+        loaded, _ = build("foundation", options | {"weights": name}, "classification", {},
+                          foundation_dir=tmp_path)
+        loaded.load_state_dict(rest, strict=False)      # same head; the rest from the dir
+        same[name] = torch.allclose(_features(loaded), learned, atol=1e-5)
+    assert same == {"unwritten": False, "written": True}
+
+
+def test_clip_public_pretraining_saves_a_four_channel_encoder_and_records_it(tmp_path,
+                                                                            monkeypatch):
+    monkeypatch.setattr(fm, "ENCODER", TINY)
+    public = fm.public_cohort(tmp_path / "public", patients=4)
+    record = fm.pretrain_public(public, tmp_path / "encoders", epochs=1, batch_size=4, lr=None,
+                                image_size=32, patch="channels", objective="clip")
+    assert record["objective"].startswith("clip") and record["lr"] == 3e-4    # conf's rate
+    assert record["not_saved"] == {"kernel_lost_relative": 0.0, "bias_lost": 0.0,
+                                   "channel_embedding_norm": 0.0}
+    saved = json.loads((tmp_path / "encoders" / fm.PRETRAINED_NAME / "config.json").read_text())
+    assert saved["model_type"] == "dinov2" and saved["num_channels"] == 4
+    assert not any(p.name.startswith("vocab") or "tokenizer" in p.name
+                   for p in (tmp_path / "encoders" / fm.PRETRAINED_NAME).iterdir())
+    with pytest.raises(ValueError, match="objective must be one of"):
+        fm.pretrain_public(public, tmp_path / "encoders", epochs=1, batch_size=4, lr=1e-3,
+                           image_size=32, objective="mae")
+
+
+def test_the_arms_keep_the_kernel_slices_of_a_four_channel_public_encoder(tmp_path,
+                                                                          monkeypatch):
+    import bench.model_quality as mq
+
+    ran = []
+    monkeypatch.setattr(mq, "federated", lambda cfg, *a, **k: ran.append(cfg) or
+                        {"external_mcc": 0.0})
+    settings, public = _tiny_draw_inputs(tmp_path, monkeypatch)
+    fm.run_draw(0, tmp_path, tmp_path / "encoders", settings, ("lora",), public)
+    assert ran[-1].model.options.get("patch_init", "mean") == "mean"     # an RGB encoder
+    fm.run_draw(0, tmp_path, tmp_path / "encoders", settings | {"public_patch": "channels"},
+                ("lora",), public)
+    assert ran[-1].model.options["patch_init"] == "channels"
+
 def test_arms_measured_before_channel_tokens_existed_resume_as_per_channel_only():
     old = {"settings": {"patients_per_site": 600, "public_patch": "shared"}}    # session 19
     fm.check_settings(old, {"patients_per_site": 600, "public_patch": "shared",

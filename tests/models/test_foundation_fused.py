@@ -294,3 +294,52 @@ def test_the_presence_embedding_is_exported_and_reloaded(weights, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(again(batch["image"], batch["present"]),
                                    model(batch["image"], batch["present"]), rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------- patch_init=channels
+def _save_four_channel_dinov2(directory):
+    """A Dinov2 pretrained on the layout's own S channels (``num_channels=S``)."""
+    import transformers
+
+    from .test_foundation import TINY
+
+    torch.manual_seed(5)
+    transformers.Dinov2Model(transformers.Dinov2Config(**TINY, mlp_ratio=2, num_channels=S)
+                             ).save_pretrained(directory)
+    return directory
+
+
+def test_patch_init_channels_keeps_the_encoders_own_kernel_slice_by_channel(tmp_path):
+    """An encoder pretrained on these S channels: fused tokens embed a study exactly as its
+    own [D, S, p, p] projection does (each channel its own slice, not the colours' mean)."""
+    directory = _save_four_channel_dinov2(tmp_path / "dinov2-4ch")
+    conv = load_encoder(directory).encoder.embeddings.patch_embeddings.projection
+    assert conv.in_channels == S
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(B, S, 32, 32, generator=g)
+    theirs = conv(x).flatten(2).transpose(1, 2) - conv.bias                  # [B, N, D]
+    torch.testing.assert_close(_linear_part(_fused(directory, patch_init="channels").eval(), x),
+                               theirs, rtol=0, atol=1e-5)
+    # the default rule (the colours' mean for every channel) is another embedding
+    mean = _linear_part(_fused(directory).eval(), x)
+    assert (mean - theirs).abs().max() > 1e-2
+
+
+def test_patch_init_channels_gives_each_per_channel_token_its_own_slice(tmp_path):
+    directory = _save_four_channel_dinov2(tmp_path / "dinov2-4ch")
+    kernel = load_encoder(directory).encoder.embeddings.patch_embeddings.projection.weight
+    model = _build(directory, patch_init="channels")
+    for c in range(S):
+        torch.testing.assert_close(model.patch_embed[c].weight.detach(),
+                                   kernel[:, c].reshape(kernel.shape[0], -1), rtol=0, atol=0)
+    assert not torch.equal(model.patch_embed[0].weight, model.patch_embed[1].weight)
+
+
+def test_patch_init_channels_refuses_an_encoder_of_another_channel_count(weights):
+    with pytest.raises(ValueError, match="pretrained on 3 input channels and the layout has 4"):
+        _fused(weights["dinov2"], patch_init="channels")
+
+
+def test_unknown_patch_init_is_refused_naming_the_choices():
+    with pytest.raises(ValueError, match="mean, channels"):
+        FoundationConfig(weights="w", patch_init="rgb")

@@ -20,6 +20,18 @@ trained after 2 epochs; after 10 the reloaded per-sequence encoder and the share
 alike, 0.30 and 0.28 - bench/RESULTS.md, session 19). Every arm loads it by NAME (``model=foundation
 model.options.weights=dinov2-public model.foundation_dir=...``).
 
+Session 25: ``--public-objective clip`` pretrains with image-report contrastive learning on the
+public cohort's reports instead (``pretrain=clip``'s from-scratch text tower; only the image
+encoder is saved; no class label reaches the loss, but the reports name the diagnosis, as a
+public image-report corpus would - the stand-in is then a RAD-DINO/BiomedCLIP-like medical
+encoder rather than a natural-image one), and ``--public-patch channels`` makes the encoder a
+4-channel ``Dinov2Model`` (``num_channels=4``, one kernel slice per sequence, trained with
+fused tokens and written back exactly), which the arms read slice by slice
+(``model.options.patch_init=channels``). Frozen-feature probes on draw 0 (logistic
+regression on 10% of the sites' labels, external MCC): the label-free MM-DINOv2 RGB encoder
+0.05-0.09 with fused tokens, a random one 0.04-0.08, CLIP after 10/20/30 public epochs
+0.42/0.52/0.57 (bench/RESULTS.md, "Foundation public pretraining, session 25").
+
 Two draws of sites (synthetic seeds ``DRAW_SEEDS``: other hospitals, other patients, other
 split and 10%-label draw, other model init); per draw, at 10% of each site's labels, scored on
 the draw's external hospital (all sequences) - ``bench.model_quality`` helpers:

@@ -24,6 +24,12 @@ PUBLIC mean of the pooled features, read from the weights directory, before the 
 per-sample gradient of the head. ``project_features=k`` (off by default) then projects them on
 k PUBLIC principal directions read from there too (``projection.py``): a k-input head.
 
+``patch_init="channels"`` (off by default) is for an encoder pretrained on the layout's own
+channels (``num_channels`` input channels, e.g. a public model of the same four MRI sequences):
+each channel's patch embedding starts from that channel's own slice of the kernel (fused: the
+kernel as it is, so the adapted model embeds a study exactly as the encoder did), not from the
+colours' mean. A kernel of another channel count is refused at build with one line.
+
 Interface identical to ``models.vit.MultiModalViT``: ``forward(images [B, S, H, W],
 present [B, S]) -> logits``, ``forward_features``, ``pool`` and a linear ``head``. Volumes
 ``[B, S, D, H, W]`` (``config.spatial_dims=3``, set by a 3D layout such as ``ct_volume``) take

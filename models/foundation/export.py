@@ -19,7 +19,7 @@ MedFed's training code or MLflow.
                                   embedding, the presence embedding if configured), the class
                                   head
     DIR/adaptation.json           what those tensors are, the FoundationConfig, and ``extra``;
-                                  ``"format": "medfed-foundation-export/5"`` (format version 5)
+                                  ``"format": "medfed-foundation-export/6"`` (format version 6)
     DIR/encoder/feature_mean.safetensors
                                   ``centre_features`` only: the public mean of the pooled
                                   features the model subtracts before its head (centring.py),
@@ -40,12 +40,14 @@ written); 2 added ``config.channel_tokens`` (``fused``) and
 ``config.presence_embedding`` (with the part ``presence_embed``); 3 added
 ``config.centre_features`` (with ``encoder/feature_mean.safetensors``); 4 added
 ``config.freeze_patch_embed`` (a training choice: the exported tensors are the same); 5 added
-``config.project_features`` (with ``encoder/feature_projection.safetensors``). The version is
+``config.project_features`` (with ``encoder/feature_projection.safetensors``); 6 added
+``config.patch_init`` (an initialisation choice: the exported tensors are the same). The version is
 part of the ``format`` string, not a key beside it, because a version-1 reader compares that string
 and nothing else: it refuses a version-2 file with its own format error instead of failing on
 a config key it does not know. ``load_export`` reads every version up to ``FORMAT_VERSION``
 (version 1 without ``channel_tokens`` = ``per_channel``; before 3, no centring; before 4, the
-patch embedding trained; before 5, no projection) and refuses a newer one by name.
+patch embedding trained; before 5, no projection; before 6, ``patch_init=mean``) and refuses a
+newer one by name.
 """
 
 from __future__ import annotations
@@ -73,7 +75,7 @@ ADAPTER_DIR = "adapter"
 ADAPTATION_WEIGHTS = "adaptation.safetensors"
 ADAPTATION_CONFIG = "adaptation.json"
 FORMAT = "medfed-foundation-export"
-FORMAT_VERSION = 5      # 5: config.project_features; see the module docstring
+FORMAT_VERSION = 6      # 6: config.patch_init; see the module docstring
 ADAPTER_METHODS = ("lora", "dora", "ia3")
 PEFT_ADAPTER = "default"             # the adapter name inject_adapter_in_model gives
 PEFT_PREFIX = "base_model.model."    # how a PeftModel names its base model's modules

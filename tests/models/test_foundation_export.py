@@ -158,13 +158,14 @@ def _rewrite(out, **changes) -> dict:
     return meta
 
 
-def test_a_new_export_is_version_5_and_an_older_medfed_refuses_it_by_its_format(originals,
+def test_a_new_export_is_version_6_and_an_older_medfed_refuses_it_by_its_format(originals,
                                                                                   tmp_path):
     model = _trained(originals, "dinov2", "lora")
     out = export_foundation(model, tmp_path / "export")
     meta = json.loads((out / ADAPTATION_CONFIG).read_text())
-    assert FORMAT_VERSION == 5 and meta["format"] == f"{FORMAT}/5"
-    assert format_version(meta) == 5 and meta["config"]["channel_tokens"] == "per_channel"
+    assert FORMAT_VERSION == 6 and meta["format"] == f"{FORMAT}/6"
+    assert format_version(meta) == 6 and meta["config"]["channel_tokens"] == "per_channel"
+    assert meta["config"]["patch_init"] == "mean"
     assert meta["config"]["centre_features"] is False
     assert meta["config"]["freeze_patch_embed"] is False
     assert meta["config"]["project_features"] == 0
@@ -223,12 +224,29 @@ def test_a_version_3_export_still_loads_with_a_trained_patch_embedding(originals
                                    model(batch["image"], batch["present"]), rtol=0, atol=ATOL)
 
 
+def test_a_version_5_export_still_loads_with_the_mean_patch_init(originals, tmp_path):
+    """Version 5 had no patch_init key: it loads as patch_init=mean, with the same outputs
+    (the option only decides the init; the exported tensors are what was trained)."""
+    model = _trained(originals, "dinov2", "lora")
+    out = export_foundation(model, tmp_path / "export")
+    meta = json.loads((out / ADAPTATION_CONFIG).read_text())
+    _rewrite(out, format=f"{FORMAT}/5",
+             config={k: v for k, v in meta["config"].items() if k != "patch_init"})
+    again = load_export(out)
+    assert again.config.patch_init == "mean"
+    batch = _batch()
+    with torch.no_grad():
+        torch.testing.assert_close(again(batch["image"], batch["present"]),
+                                   model(batch["image"], batch["present"]), rtol=0, atol=ATOL)
+
+
 def test_a_version_4_export_still_loads_without_a_projection(originals, tmp_path):
     """Version 4 had no project_features key: it loads, with the full pooled head."""
     model = _trained(originals, "dinov2", "lora")
     out = export_foundation(model, tmp_path / "export")
     meta = json.loads((out / ADAPTATION_CONFIG).read_text())
-    v4_config = {k: v for k, v in meta["config"].items() if k != "project_features"}
+    v4_config = {k: v for k, v in meta["config"].items()
+                 if k not in ("project_features", "patch_init")}
     _rewrite(out, format=f"{FORMAT}/4", config=v4_config)
     again = load_export(out)
     assert again.feature_projection is None and again.config.project_features == 0
@@ -254,7 +272,7 @@ def test_version_1_means_per_channel_even_if_the_default_becomes_fused(monkeypat
 
 
 @pytest.mark.parametrize("changes,expected", [
-    ({"format": f"{FORMAT}/6"}, "format version 6, written by a newer MedFed.*upgrade MedFed"),
+    ({"format": f"{FORMAT}/7"}, "format version 7, written by a newer MedFed.*upgrade MedFed"),
     ({"format": f"{FORMAT}/two"}, "expected 'medfed-foundation-export' or"),
     ({"format": f"{FORMAT}/0"}, "not a MedFed foundation model export"),
     ({"format": None}, "not a MedFed foundation model export"),

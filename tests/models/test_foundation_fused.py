@@ -343,3 +343,16 @@ def test_patch_init_channels_refuses_an_encoder_of_another_channel_count(weights
 def test_unknown_patch_init_is_refused_naming_the_choices():
     with pytest.raises(ValueError, match="mean, channels"):
         FoundationConfig(weights="w", patch_init="rgb")
+
+
+def test_a_model_started_from_its_own_channels_exports_and_loads_back_the_same(tmp_path):
+    directory = _save_four_channel_dinov2(tmp_path / "dinov2-4ch")
+    model = _fused(directory, patch_init="channels", method="lora")
+    _randomise_trainable(model)
+    out = export_foundation(model.eval(), tmp_path / "export")
+    assert json.loads((out / ADAPTATION_CONFIG).read_text())["config"]["patch_init"] == "channels"
+    again = load_export(out)
+    batch = _batch()
+    with torch.no_grad():
+        torch.testing.assert_close(again(batch["image"], batch["present"]),
+                                   model(batch["image"], batch["present"]), rtol=0, atol=1e-5)

@@ -52,8 +52,6 @@ VARIANTS = {
 SETTINGS = {"sites": fm.SITES, "patients_per_site": 600, "label_fraction": 0.1, "rounds": 20,
             "local_epochs": 5, "pretrain_rounds": 5, "pretrain_epochs": 1, "lora_rank": 8,
             "dp_epsilon": 8.0, "channel_tokens": "fused"}
-PUBLIC = {"public_patients": 600, "public_epochs": 10, "public_seed": fm.PUBLIC_SEED,
-          "public_patch": "shared", "public_lr": 5e-4, "encoder": fm.ENCODER}
 
 
 def main() -> None:
@@ -66,7 +64,21 @@ def main() -> None:
     parser.add_argument("--name", default="foundation_dp_centre")
     parser.add_argument("--resume", action="store_true",
                         help="keep the arms results/<--name>.json already holds for this draw")
+    parser.add_argument("--public-objective", default="mm_dino", choices=fm.PUBLIC_OBJECTIVES,
+                        help="the public encoder's pretraining (bench.foundation's option)")
+    parser.add_argument("--public-patch", default="shared", choices=fm.PUBLIC_PATCH)
+    parser.add_argument("--public-epochs", type=int, default=10)
+    parser.add_argument("--public-lr", type=float, default=None,
+                        help="default: 5e-4 for mm_dino (sessions 23-24's encoder), "
+                             "pretrain=clip's own for clip")
     args = parser.parse_args()
+    if args.public_lr is None and args.public_objective == "mm_dino":
+        args.public_lr = 5e-4          # sessions 23-24's rate
+    public_patch = args.public_patch
+    settings = SETTINGS | ({"public_patch": public_patch} if public_patch == "channels" else {})
+    patch_init = "channels" if public_patch == "channels" else "mean"
+    wanted = fm.public_wanted(patients=600, epochs=args.public_epochs, patch=public_patch,
+                              objective=args.public_objective, lr=args.public_lr)
     logging.basicConfig(level=logging.WARNING)
     arms = tuple(args.arms.split(","))
     work = args.work.resolve()
@@ -74,17 +86,18 @@ def main() -> None:
     foundation_dir.mkdir(parents=True, exist_ok=True)
 
     def pretrain() -> dict:
-        fm.public_cohort(public_dir.parent, patients=PUBLIC["public_patients"])
-        return fm.pretrain_public(public_dir, foundation_dir, epochs=PUBLIC["public_epochs"],
-                                  batch_size=16, lr=PUBLIC["public_lr"], image_size=64,
-                                  patch=PUBLIC["public_patch"])
+        fm.public_cohort(public_dir.parent, patients=wanted["public_patients"])
+        return fm.pretrain_public(public_dir, foundation_dir, epochs=args.public_epochs,
+                                  batch_size=16, lr=args.public_lr, image_size=64,
+                                  patch=public_patch, objective=args.public_objective)
 
-    record = fm.public_pretraining(work, foundation_dir, PUBLIC, pretrain)
-    mean = fm.save_public_feature_mean(public_dir, foundation_dir,
+    record = fm.public_pretraining(work, foundation_dir, wanted, pretrain)
+    mean = fm.save_public_feature_mean(public_dir, foundation_dir, patch_init=patch_init,
                                        channel_tokens=SETTINGS["channel_tokens"])
     projection = fm.save_public_feature_projection(public_dir, foundation_dir, directions=32,
+                                                   patch_init=patch_init,
                                                    channel_tokens=SETTINGS["channel_tokens"])
-    out = {"settings": SETTINGS | {"draw": args.draw}, "public_pretraining": record,
+    out = {"settings": settings | {"draw": args.draw}, "public_pretraining": record,
            "public_feature_mean": mean, "public_feature_projection": projection,
            "variants": VARIANTS, "commit": commit(),
            "machine": machine()}
@@ -115,7 +128,7 @@ def main() -> None:
         path.write_text(json.dumps(out, indent=2, default=list) + "\n")
 
     public = fm.cohort_keys(public_dir)
-    result = fm.run_draw(args.draw, work, foundation_dir, SETTINGS, arms, public,
+    result = fm.run_draw(args.draw, work, foundation_dir, settings, arms, public,
                          on_arm=write, done=done, variants=VARIANTS)
     write(result)
     for arm, v in result["arms"].items():

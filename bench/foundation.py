@@ -551,9 +551,9 @@ def run_mcc(args, parser) -> None:
         foundation_dir = work / "encoders"
         foundation_dir.mkdir(exist_ok=True)
         public_dir = work / "public" / "site-0"
-        wanted = {k: settings[k] for k in ("public_patients", "public_epochs", "public_seed",
-                                           "public_patch", "public_objective")} | {
-            "public_lr": args.public_lr, "encoder": fm.ENCODER}
+        wanted = fm.public_wanted(patients=args.public_patients, epochs=args.public_epochs,
+                                  patch=args.public_patch, objective=args.public_objective,
+                                  lr=args.public_lr)
 
         def pretrain() -> dict:
             if public_dir.parent.exists():

@@ -305,7 +305,7 @@ def encoder_digest(foundation_dir: Path) -> str:
 
 def public_features(public_dir: Path, foundation_dir: Path, *, channel_tokens: str,
                     name: str = PRETRAINED_NAME, image_size: int = 64, batch_size: int = 32,
-                    centre_features: bool = False):
+                    centre_features: bool = False, patch_init: str = "mean"):
     """The adapted model's pooled features ``[N, pooled]`` over the PUBLIC cohort in
     ``public_dir`` (labels hidden, no augmentation) and the model (for its signature), taken at
     the adaptation's start (LoRA's B and the presence embedding are zero there, so the method
@@ -318,7 +318,8 @@ def public_features(public_dir: Path, foundation_dir: Path, *, channel_tokens: s
 
     studies = [dataclasses.replace(s, label=-1) for s in load_site(public_dir).studies]
     options = dict(weights=name, method="linear_probe", image_size=image_size, num_classes=3,
-                   channel_tokens=channel_tokens, centre_features=centre_features)
+                   channel_tokens=channel_tokens, centre_features=centre_features,
+                   patch_init=patch_init)
     model = MODELS.build("foundation", options, foundation_dir=foundation_dir).eval()
     pooled = []
     with torch.no_grad():
@@ -330,7 +331,7 @@ def public_features(public_dir: Path, foundation_dir: Path, *, channel_tokens: s
 
 def save_public_feature_mean(public_dir: Path, foundation_dir: Path, *, channel_tokens: str,
                              name: str = PRETRAINED_NAME, image_size: int = 64,
-                             batch_size: int = 32) -> dict:
+                             batch_size: int = 32, patch_init: str = "mean") -> dict:
     """Write ``<foundation_dir>/<name>/feature_mean.safetensors`` (``centre_features``): the
     mean of the adapted model's pooled features over the PUBLIC cohort in ``public_dir`` -
     never a site's studies (``disjointness`` checks the draws against this cohort)
@@ -341,7 +342,8 @@ def save_public_feature_mean(public_dir: Path, foundation_dir: Path, *, channel_
     from models.foundation.centring import save_feature_mean
 
     features, model = public_features(public_dir, foundation_dir, channel_tokens=channel_tokens,
-                                      name=name, image_size=image_size, batch_size=batch_size)
+                                      name=name, image_size=image_size, batch_size=batch_size,
+                                      patch_init=patch_init)
     mean = features.mean(0)
     path = save_feature_mean(foundation_dir / name, mean, model.feature_signature)
     return {"studies": len(features), "file": path.name, "signature": model.feature_signature,
@@ -352,7 +354,7 @@ def save_public_feature_mean(public_dir: Path, foundation_dir: Path, *, channel_
 def save_public_feature_projection(public_dir: Path, foundation_dir: Path, *,
                                    channel_tokens: str, directions: int = 32,
                                    name: str = PRETRAINED_NAME, image_size: int = 64,
-                                   batch_size: int = 32) -> dict:
+                                   batch_size: int = 32, patch_init: str = "mean") -> dict:
     """Write ``<foundation_dir>/<name>/feature_projection.safetensors``
     (``project_features``): the top ``directions`` principal directions of the PUBLIC
     cohort's pooled features centred on the public mean (``save_public_feature_mean`` first).
@@ -361,7 +363,7 @@ def save_public_feature_projection(public_dir: Path, foundation_dir: Path, *,
 
     features, model = public_features(public_dir, foundation_dir, channel_tokens=channel_tokens,
                                       name=name, image_size=image_size, batch_size=batch_size,
-                                      centre_features=True)
+                                      centre_features=True, patch_init=patch_init)
     top, share = principal_directions(features, directions)
     path = save_feature_projection(foundation_dir / name, top, model.feature_signature)
     return {"studies": len(features), "file": path.name, "directions": directions,
@@ -371,6 +373,16 @@ def save_public_feature_projection(public_dir: Path, foundation_dir: Path, *,
 
 
 PUBLIC_RECORD = "public_pretraining.json"     # in --work: how the encoder there was made
+
+
+def public_wanted(*, patients: int, epochs: int, patch: str, objective: str,
+                  lr: float | None) -> dict:
+    """How a public pretraining is asked for: what ``public_pretraining`` compares with an
+    earlier sitting's record before reusing its encoder (bench.foundation and
+    bench.dp_centre ask the same way, so either reuses the other's)."""
+    return {"public_patients": patients, "public_epochs": epochs, "public_seed": PUBLIC_SEED,
+            "public_patch": patch, "public_objective": objective, "public_lr": lr,
+            "encoder": ENCODER}
 
 
 def public_pretraining(work: Path, foundation_dir: Path, wanted: dict, pretrain) -> dict:
@@ -568,8 +580,9 @@ def targets_met(summary: dict) -> dict:
             "dp_lora_over_lora_eps8": at_least("dp_lora_over_lora_eps8", 0.97)}
 
 
-__all__ = ["ARMS", "DRAW_SEEDS", "ENCODER", "PRETRAINED_NAME", "PUBLIC_PATCH", "PUBLIC_SEED",
-           "check_settings", "cohort_keys", "commit", "disjointness", "encoder_digest",
-           "pretrain_public", "previous_draws", "public_cohort", "public_pretraining",
-           "public_features", "save_public_feature_mean", "save_public_feature_projection",
-           "share_patch_embedding", "summarize", "targets_met", "write_back_patch_kernel"]
+__all__ = ["ARMS", "DRAW_SEEDS", "ENCODER", "PRETRAINED_NAME", "PUBLIC_OBJECTIVES", "PUBLIC_PATCH",
+           "PUBLIC_SEED", "check_settings", "cohort_keys", "commit", "disjointness",
+           "encoder_digest", "pretrain_public", "previous_draws", "public_cohort",
+           "public_features", "public_pretraining", "public_wanted", "save_public_feature_mean",
+           "save_public_feature_projection", "share_patch_embedding", "summarize", "targets_met",
+           "write_back_fused_kernel", "write_back_patch_kernel"]

@@ -232,7 +232,8 @@ class FoundationBackbone(nn.Module):
                                  num_channels=self.config.num_channels,
                                  image_size=self.config.image_size, patch_size=self.patch_size,
                                  spatial_dims=self.spatial_dims,
-                                 pooled_dim=2 * dim if self.seams.has_cls else dim)
+                                 pooled_dim=2 * dim if self.seams.has_cls else dim,
+                                 patch_init=self.config.patch_init)
 
     @property
     def public_constants(self) -> tuple[str, ...]:

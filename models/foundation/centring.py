@@ -29,11 +29,17 @@ KEY = "mean"
 
 
 def feature_signature(*, channel_tokens: str, num_channels: int, image_size: int,
-                      patch_size: int, spatial_dims: int, pooled_dim: int) -> dict[str, str]:
+                      patch_size: int, spatial_dims: int, pooled_dim: int,
+                      patch_init: str = "mean") -> dict[str, str]:
     """What pooled features depend on, as safetensors metadata (strings)."""
     return {"channel_tokens": channel_tokens, "num_channels": str(num_channels),
             "image_size": str(image_size), "patch_size": str(patch_size),
-            "spatial_dims": str(spatial_dims), "pooled_dim": str(pooled_dim)}
+            "spatial_dims": str(spatial_dims), "pooled_dim": str(pooled_dim),
+            "patch_init": patch_init}
+
+
+# Signature keys added later, and the value every file written before them was made with.
+SIGNATURE_DEFAULTS = {"patch_init": "mean"}
 
 
 def describe_signature(signature: dict[str, str]) -> str:
@@ -85,7 +91,7 @@ def read_public_constant(directory: str | Path | None, name: str, option: str, h
     if meta.get("format") != fmt or value is None:
         raise FoundationLoadError(f"{path}: expected format {fmt!r} with one tensor "
                                   f"{key!r}, got format {meta.get('format')!r}, keys {keys}")
-    recorded = {k: meta.get(k) for k in signature}
+    recorded = {k: meta.get(k, SIGNATURE_DEFAULTS.get(k)) for k in signature}
     if recorded != signature:
         shown = describe_signature({k: str(v) for k, v in recorded.items()})
         raise FoundationLoadError(f"{path} was computed for another adaptation ({shown}) "

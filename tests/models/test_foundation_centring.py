@@ -104,6 +104,38 @@ def test_a_mean_made_for_another_adaptation_is_refused_in_one_line(weights):
         assert "\n" not in str(err.value)
 
 
+def test_a_mean_made_with_another_patch_init_is_refused_and_an_older_file_is_read_as_mean(
+        tmp_path):
+    """The features at the adaptation's start depend on how the patch embedding starts: a
+    mean made with the colours' mean is refused by a patch_init=channels model (an encoder of
+    the layout's 4 channels), and a file written before patch_init was recorded counts as
+    made with the mean."""
+    import transformers
+    from safetensors.torch import load_file, save_file
+
+    from .test_foundation import TINY
+
+    directory = tmp_path / "dinov2-4ch"
+    torch.manual_seed(5)
+    transformers.Dinov2Model(transformers.Dinov2Config(**TINY, mlp_ratio=2, num_channels=4)
+                             ).save_pretrained(directory)
+    mean = _public_mean(directory)                                   # patch_init=mean
+    with pytest.raises(FoundationLoadError, match="patch_init=mean") as err:
+        _build(directory, centre_features=True, patch_init="channels")
+    assert "\n" not in str(err.value)
+    # as written before the key existed: no patch_init in the metadata
+    signature = {k: v for k, v in _build(directory).feature_signature.items()
+                 if k != "patch_init"}
+    save_file(load_file(str(directory / FEATURE_MEAN_FILE)), str(directory / FEATURE_MEAN_FILE),
+              metadata={"format": "medfed-feature-mean/1", **signature})
+    torch.testing.assert_close(_build(directory, centre_features=True).feature_mean.detach(),
+                               mean, rtol=0, atol=0)
+    with pytest.raises(FoundationLoadError, match="computed for another adaptation"):
+        _build(directory, centre_features=True, patch_init="channels")
+    _public_mean(directory, patch_init="channels")                  # made for it: read
+    assert _build(directory, centre_features=True, patch_init="channels").feature_mean is not None
+
+
 def test_a_mean_of_the_wrong_shape_is_refused(weights, tmp_path):
     directory = tmp_path / "dinov2"
     shutil.copytree(weights["dinov2"], directory)

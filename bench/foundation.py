@@ -434,9 +434,20 @@ def _mcc_cells(payload: dict) -> tuple[str, str]:
             f"{s['label_fraction']:.0%} labels, {s['pretrain_rounds']}+{s['rounds']} rounds; "
             f"Dinov2 {mcc['encoder']['hidden_size']}-wide × "
             f"{mcc['encoder']['num_hidden_layers']} layers, patch "
-            f"{mcc['encoder']['patch_size']}, pretrained label-free (MM-DINOv2) on a disjoint "
-            f"public cohort of {mcc['public_pretraining']['studies']} studies"
+            f"{mcc['encoder']['patch_size']}, {_public_words(mcc['public_pretraining'])} on "
+            f"a disjoint public cohort of {mcc['public_pretraining']['studies']} studies"
             f"{'' if mcc.get('complete') else ' (INCOMPLETE run)'}")
+
+
+def _public_words(record: dict) -> str:
+    """How the public encoder was made, from its pretraining record (records before session
+    25 are label-free MM-DINOv2 over an RGB encoder)."""
+    objective = str(record.get("objective", "mm_dino"))
+    words = ("pretrained with image-report CLIP (no class label)" if objective.startswith("clip")
+             else "pretrained label-free (MM-DINOv2)")
+    if record.get("patch_embedding") == "channels":
+        words += ", 4 input channels read slice by slice (patch_init=channels)"
+    return words
 
 
 def _row(payload: dict, name: str = "foundation") -> str:

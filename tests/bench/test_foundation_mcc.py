@@ -211,6 +211,16 @@ def test_a_named_run_writes_its_own_row_and_source():
     assert fused.endswith("| `results/foundation_fused.json` |")
 
 
+def test_the_row_says_how_the_public_encoder_was_made():
+    payload = _mcc_payload({0: _draw(supervised_scratch=0.2, lora=0.4, mm_dino=0.3)})
+    assert "pretrained label-free (MM-DINOv2) on a disjoint" in fb._row(payload)  # older record
+    payload["mcc"]["public_pretraining"] |= {"objective": "clip (image-report InfoNCE ...)",
+                                             "patch_embedding": "channels"}
+    row = fb._row(payload)
+    assert "pretrained with image-report CLIP (no class label), 4 input channels" in row
+    assert "MM-DINOv2)" not in row
+
+
 def _features(model, seed=3):
     torch.manual_seed(seed)
     images, present = torch.randn(2, 4, 32, 32), torch.ones(2, 4, dtype=torch.bool)

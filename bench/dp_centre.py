@@ -16,7 +16,9 @@ centred; session 24's levers: DP-LoRA centred with the patch embedding frozen
 frozen recipe can reach without noise); with the pooled features (centred) projected on
 their top 16 PUBLIC principal directions (``project_features``, the directions written by
 ``save_public_feature_projection``): DP and non-DP head only, DP-LoRA with and without the
-frozen patch embedding. Writes ``results/<--name>.json`` (never
+frozen patch embedding; session 26: with the centred features also divided by their PUBLIC
+per-dimension spread (``scale_features``, ``feature_scale.safetensors`` written with the
+mean): DP and non-DP head only, DP and non-DP LoRA. Writes ``results/<--name>.json`` (never
 foundation.json's figures); ratios are against the ``lora`` arm when it ran here, else
 against ``--lora-reference`` given as ``external,site_test`` (say where it came from in
 RESULTS.md).
@@ -33,6 +35,7 @@ from . import foundation_mcc as fm
 from .common import RESULTS_DIR, commit, machine
 
 CENTRE = "+model.options.centre_features=true"
+SCALE = "+model.options.scale_features=true"     # session 26: public standardisation
 FREEZE = "+model.options.freeze_patch_embed=true"
 PROJ = "+model.options.project_features=16"      # of 32 public directions; pooled is 384
 HEAD = ["model.options.method=linear_probe", "train.lr=0.01"]
@@ -48,6 +51,10 @@ VARIANTS = {
     "head_proj": ("lora", [*HEAD, CENTRE, PROJ]),
     "dp_lora_proj": ("dp_lora", [CENTRE, PROJ]),
     "dp_lora_frozen_proj": ("dp_lora", [CENTRE, FREEZE, PROJ]),
+    "dp_head_std": ("dp_lora", [*HEAD, CENTRE, SCALE]),
+    "head_std": ("lora", [*HEAD, CENTRE, SCALE]),
+    "dp_lora_std": ("dp_lora", [CENTRE, SCALE]),
+    "lora_std": ("lora", [CENTRE, SCALE]),
 }
 SETTINGS = {"sites": fm.SITES, "patients_per_site": 600, "label_fraction": 0.1, "rounds": 20,
             "local_epochs": 5, "pretrain_rounds": 5, "pretrain_epochs": 1, "lora_rank": 8,

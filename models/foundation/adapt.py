@@ -21,7 +21,9 @@ channel's patch). An absent channel, zeroed, looks like a black one; ``presence_
 two can differ (``PresenceEmbedding``). ``centre_features`` (off by default) subtracts a
 PUBLIC mean of the pooled features, read from the weights directory, before the head
 (``centring.py``): under DP-SGD the common component of the features otherwise dominates every
-per-sample gradient of the head. ``project_features=k`` (off by default) then projects them on
+per-sample gradient of the head; ``scale_features`` (with it) divides them by a PUBLIC
+per-dimension spread, so DP-SGD's equal noise on every head weight meets features of one scale.
+``project_features=k`` (off by default) then projects them on
 k PUBLIC principal directions read from there too (``projection.py``): a k-input head.
 
 ``patch_init="channels"`` (off by default) is for an encoder pretrained on the layout's own
@@ -58,7 +60,7 @@ from torch import Tensor, nn
 
 from ..tasks import drop_one_sequence
 from ..vit import TokenLayout, patchify
-from .centring import feature_signature, load_feature_mean
+from .centring import feature_signature, load_feature_mean, load_feature_scale
 from .config import FoundationConfig
 from .coverage import family_dp_refusal
 from .loading import LoadedEncoder
@@ -212,6 +214,12 @@ class FoundationBackbone(nn.Module):
         if config.centre_features:
             mean = load_feature_mean(self.directory, self.feature_signature)
             self.feature_mean = nn.Parameter(mean, requires_grad=False)      # [pooled]
+        # scale_features: then divided by a PUBLIC per-dimension spread (centring.py), frozen
+        # like the mean.
+        self.feature_scale = None
+        if config.scale_features:
+            scale = load_feature_scale(self.directory, self.feature_signature)
+            self.feature_scale = nn.Parameter(scale, requires_grad=False)    # [pooled]
         # project_features: PUBLIC principal directions, applied in pool() after centring;
         # frozen like the mean (projection.py). The head above takes k inputs.
         self.feature_projection = None
@@ -240,7 +248,7 @@ class FoundationBackbone(nn.Module):
         """State keys read from this side's own weights directory (the public feature mean
         and directions): ``models.tasks.load_backbone`` never takes them from a pretrained
         state, so a phase pretrained without them fine-tunes with them."""
-        return tuple(k for k in ("feature_mean", "feature_projection")
+        return tuple(k for k in ("feature_mean", "feature_scale", "feature_projection")
                      if getattr(self, k) is not None)
 
     @property
@@ -356,7 +364,7 @@ class FoundationBackbone(nn.Module):
     def pool(self, tokens: Tensor, present: Tensor) -> Tensor:
         """``[B, T, D]`` -> ``[B, 2D]`` (CLS and mean over present tokens) or ``[B, D]``
         (mean only, families without a CLS token); minus the public ``feature_mean`` with
-        ``centre_features``; ``[B, k]`` on the public directions with ``project_features``."""
+        ``centre_features``, over the public ``feature_scale`` with ``scale_features``; ``[B, k]`` on the public directions with ``project_features``."""
         cls = int(self.seams.has_cls)
         n = (tokens.shape[1] - cls) // self.token_groups
         weights = self.attention_mask(present, n).to(tokens.dtype)[..., None]    # [B, T, 1]
@@ -365,6 +373,8 @@ class FoundationBackbone(nn.Module):
         pooled = torch.cat([tokens[:, 0], mean], dim=-1) if cls else mean
         if self.feature_mean is not None:
             pooled = pooled - self.feature_mean
+        if self.feature_scale is not None:
+            pooled = pooled / self.feature_scale
         if self.feature_projection is not None:
             pooled = pooled @ self.feature_projection.T                      # [B, k]
         return pooled

@@ -13,6 +13,14 @@ all of them, so a mean made for another adaptation is refused, in one line. In t
 is a FROZEN parameter (``FoundationBackbone.feature_mean``): never trained, never sent (only
 trainable state travels for a site-owned base), and part of the frozen-base digest, so every
 site must hold the same file as the coordinator.
+
+``scale_features`` (with ``centre_features``) then divides the centred features by a PUBLIC
+per-dimension spread, ``<weights>/feature_scale.safetensors`` (one tensor ``scale``
+``[pooled]``, every value > 0, the same signature): the features' dimensions differ in spread
+by orders of magnitude, and DP-SGD adds the same noise to every weight of the head, so the
+weights of the narrow dimensions (which need large values) drown first. Standardised on public
+data, every dimension reaches the head on one scale (bench/RESULTS.md "DP at epsilon 8 with
+public standardisation, session 26"). Frozen, never sent, in the base digest, like the mean.
 """
 
 from __future__ import annotations
@@ -22,10 +30,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .loading import FEATURE_MEAN_FILE, FoundationLoadError
+from .loading import FEATURE_MEAN_FILE, FEATURE_SCALE_FILE, FoundationLoadError
 
 FORMAT = "medfed-feature-mean/1"
 KEY = "mean"
+SCALE_FORMAT = "medfed-feature-scale/1"
+SCALE_KEY = "scale"
 
 
 def feature_signature(*, channel_tokens: str, num_channels: int, image_size: int,
@@ -57,6 +67,23 @@ def save_feature_mean(directory: str | Path, mean: Tensor, signature: dict[str, 
                          f"{signature.get('pooled_dim')}")
     path = Path(directory) / FEATURE_MEAN_FILE
     save_file({KEY: mean}, str(path), metadata={"format": FORMAT, **signature})
+    return path
+
+
+def save_feature_scale(directory: str | Path, scale: Tensor, signature: dict[str, str]) -> Path:
+    """Write ``scale [pooled]`` (every value > 0) to ``<directory>/feature_scale.safetensors``
+    with ``signature``. Compute it on PUBLIC data only, around the public mean."""
+    from safetensors.torch import save_file
+
+    scale = scale.detach().float().cpu().reshape(-1).contiguous()
+    if str(scale.numel()) != signature.get("pooled_dim"):
+        raise ValueError(f"scale has {scale.numel()} values, the signature says pooled_dim="
+                         f"{signature.get('pooled_dim')}")
+    if not (torch.isfinite(scale).all() and (scale > 0).all()):
+        raise ValueError("every value of the scale must be finite and > 0 (floor a dimension "
+                         "without public spread instead of dividing by zero)")
+    path = Path(directory) / FEATURE_SCALE_FILE
+    save_file({SCALE_KEY: scale}, str(path), metadata={"format": SCALE_FORMAT, **signature})
     return path
 
 
@@ -121,5 +148,28 @@ def load_feature_mean(directory: str | Path | None, signature: dict[str, str]) -
     return mean.float()
 
 
-__all__ = ["FORMAT", "describe_signature", "feature_signature", "load_feature_mean",
-           "read_public_constant", "save_feature_mean"]
+def load_feature_scale(directory: str | Path | None, signature: dict[str, str]) -> Tensor:
+    """The per-dimension spread in ``<directory>/feature_scale.safetensors``, ``[pooled]``.
+
+    Raises
+    ------
+    FoundationLoadError
+        No file, not this format, made for another adaptation, the wrong shape, or a value
+        that is not finite and > 0.
+    """
+    scale = read_public_constant(
+        directory, FEATURE_SCALE_FILE, "scale_features",
+        "compute the public feature scale for this adaptation "
+        "(bench.foundation_mcc.save_public_feature_mean) or set scale_features=false",
+        SCALE_FORMAT, SCALE_KEY, signature)
+    path = Path(directory) / FEATURE_SCALE_FILE
+    if tuple(scale.shape) != (int(signature["pooled_dim"]),) \
+            or not (torch.isfinite(scale).all() and (scale > 0).all()):
+        raise FoundationLoadError(f"{path}: scale of shape {tuple(scale.shape)}, expected "
+                                  f"({signature['pooled_dim']},) finite values > 0")
+    return scale.float()
+
+
+__all__ = ["FORMAT", "SCALE_FORMAT", "describe_signature", "feature_signature",
+           "load_feature_mean", "load_feature_scale", "read_public_constant",
+           "save_feature_mean", "save_feature_scale"]

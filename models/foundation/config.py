@@ -64,6 +64,11 @@ class FoundationConfig:
     # subtract a PUBLIC mean of the pooled features before the head, read from
     # <weights>/feature_mean.safetensors (centring.py); frozen, in the base digest
     centre_features: bool = False
+    # with centre_features: then divide by a PUBLIC per-dimension spread of the pooled
+    # features, read from <weights>/feature_scale.safetensors (centring.py); frozen, in the
+    # base digest. Every feature on one scale before the head (the head's DP-SGD noise is the
+    # same on every weight)
+    scale_features: bool = False
     # keep the new patch embedding at its pretrained-derived init (adapt.py): frozen, in the
     # base digest, never travels. Fewer trainable coordinates under DP-SGD (lora.py)
     freeze_patch_embed: bool = False
@@ -107,6 +112,15 @@ class FoundationConfig:
         if not isinstance(self.centre_features, bool):
             raise ValueError(f"centre_features must be true or false, got "
                              f"{self.centre_features!r}")
+        if not isinstance(self.scale_features, bool):
+            raise ValueError(f"scale_features must be true or false, got "
+                             f"{self.scale_features!r}")
+        if self.scale_features and not self.centre_features:
+            raise ValueError("scale_features divides the CENTRED pooled features by their "
+                             "public spread; set centre_features=true as well")
+        if self.scale_features and self.project_features:
+            raise ValueError("scale_features and project_features cannot be combined (the "
+                             "public directions are computed on unscaled features); drop one")
         if not isinstance(self.freeze_patch_embed, bool):
             raise ValueError(f"freeze_patch_embed must be true or false, got "
                              f"{self.freeze_patch_embed!r}")

@@ -19,11 +19,14 @@ MedFed's training code or MLflow.
                                   embedding, the presence embedding if configured), the class
                                   head
     DIR/adaptation.json           what those tensors are, the FoundationConfig, and ``extra``;
-                                  ``"format": "medfed-foundation-export/6"`` (format version 6)
+                                  ``"format": "medfed-foundation-export/7"`` (format version 7)
     DIR/encoder/feature_mean.safetensors
                                   ``centre_features`` only: the public mean of the pooled
                                   features the model subtracts before its head (centring.py),
                                   where ``load_encoder``'s directory is read from
+    DIR/encoder/feature_scale.safetensors
+                                  ``scale_features`` only: the public per-dimension spread the
+                                  centred features are divided by (centring.py)
     DIR/encoder/feature_projection.safetensors
                                   ``project_features`` only: the public principal directions
                                   the (centred) pooled features are projected on before the
@@ -41,12 +44,13 @@ written); 2 added ``config.channel_tokens`` (``fused``) and
 ``config.centre_features`` (with ``encoder/feature_mean.safetensors``); 4 added
 ``config.freeze_patch_embed`` (a training choice: the exported tensors are the same); 5 added
 ``config.project_features`` (with ``encoder/feature_projection.safetensors``); 6 added
-``config.patch_init`` (an initialisation choice: the exported tensors are the same). The version is
+``config.patch_init`` (an initialisation choice: the exported tensors are the same); 7 added
+``config.scale_features`` (with ``encoder/feature_scale.safetensors``). The version is
 part of the ``format`` string, not a key beside it, because a version-1 reader compares that string
 and nothing else: it refuses a version-2 file with its own format error instead of failing on
 a config key it does not know. ``load_export`` reads every version up to ``FORMAT_VERSION``
 (version 1 without ``channel_tokens`` = ``per_channel``; before 3, no centring; before 4, the
-patch embedding trained; before 5, no projection; before 6, ``patch_init=mean``) and refuses a
+patch embedding trained; before 5, no projection; before 6, ``patch_init=mean``; before 7, no scaling) and refuses a
 newer one by name.
 """
 
@@ -62,7 +66,7 @@ import torch
 from torch import nn
 
 from .adapt import FoundationBackbone
-from .centring import save_feature_mean
+from .centring import save_feature_mean, save_feature_scale
 from .config import FoundationConfig
 from .loading import MONAI_MODEL_TYPE, load_encoder, save_monai_vit
 from .projection import save_feature_projection
@@ -75,7 +79,7 @@ ADAPTER_DIR = "adapter"
 ADAPTATION_WEIGHTS = "adaptation.safetensors"
 ADAPTATION_CONFIG = "adaptation.json"
 FORMAT = "medfed-foundation-export"
-FORMAT_VERSION = 6      # 6: config.patch_init; see the module docstring
+FORMAT_VERSION = 7      # 7: config.scale_features; see the module docstring
 ADAPTER_METHODS = ("lora", "dora", "ia3")
 PEFT_ADAPTER = "default"             # the adapter name inject_adapter_in_model gives
 PEFT_PREFIX = "base_model.model."    # how a PeftModel names its base model's modules
@@ -187,6 +191,10 @@ def describe(model: FoundationBackbone, *, adapter: bool, extra: dict | None = N
                 "feature_mean": f"encoder/feature_mean.safetensors: [{model.feature_mean.numel()}]"
                                 " public mean subtracted from the pooled features before the "
                                 "head"}) | (
+            {} if model.feature_scale is None else {
+                "feature_scale": f"encoder/feature_scale.safetensors: "
+                                 f"[{model.feature_scale.numel()}] public per-dimension spread "
+                                 "the centred features are divided by"}) | (
             {} if model.feature_projection is None else {
                 "feature_projection": "encoder/feature_projection.safetensors: "
                                       f"[{', '.join(map(str, model.feature_projection.shape))}]"
@@ -239,6 +247,9 @@ def export_foundation(model: FoundationBackbone, directory: str | Path, *,
     save_encoder(merged, directory / ENCODER_DIR)
     if merged.feature_mean is not None:      # read back from there by load_export
         save_feature_mean(directory / ENCODER_DIR, merged.feature_mean, merged.feature_signature)
+    if merged.feature_scale is not None:
+        save_feature_scale(directory / ENCODER_DIR, merged.feature_scale,
+                           merged.feature_signature)
     if merged.feature_projection is not None:
         save_feature_projection(directory / ENCODER_DIR, merged.feature_projection,
                                 merged.feature_signature)

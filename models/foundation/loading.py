@@ -37,8 +37,11 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 # A public mean of the pooled features (centring.py), beside the weights: never a weight file.
 FEATURE_MEAN_FILE = "feature_mean.safetensors"
+# A public per-dimension spread of the pooled features (centring.py): never a weight file.
+FEATURE_SCALE_FILE = "feature_scale.safetensors"
 # Public principal directions of the pooled features (projection.py): never a weight file.
 FEATURE_PROJECTION_FILE = "feature_projection.safetensors"
+PUBLIC_CONSTANT_FILES = (FEATURE_MEAN_FILE, FEATURE_SCALE_FILE, FEATURE_PROJECTION_FILE)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 CONVERT_COMMAND = "medfed convert-weights SRC DST"
 MONAI_MODEL_TYPE = monai_nets.VIT_TYPE
@@ -135,7 +138,7 @@ def check_weight_files(directory: Path) -> list[Path]:
         if not directory.is_dir():
             raise FoundationLoadError(f"MONAI bundle has no {bundle.MODELS_DIR}/ directory")
     safe = sorted(p for p in directory.glob("*.safetensors")
-                  if p.name not in (FEATURE_MEAN_FILE, FEATURE_PROJECTION_FILE))
+                  if p.name not in PUBLIC_CONSTANT_FILES)
     if safe:
         return safe
     pickles = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
@@ -292,6 +295,6 @@ def convert_weights(src: str | Path, dst: str | Path) -> Path:
     return dst
 
 
-__all__ = ["CONVERT_COMMAND", "FEATURE_MEAN_FILE", "FEATURE_PROJECTION_FILE", "FoundationLoadError",
+__all__ = ["CONVERT_COMMAND", "FEATURE_MEAN_FILE", "FEATURE_PROJECTION_FILE", "FEATURE_SCALE_FILE", "FoundationLoadError",
            "LoadedEncoder", "convert_weights", "family_of", "load_encoder", "save_monai_vit",
            "supported_model_types"]

@@ -158,13 +158,14 @@ def _rewrite(out, **changes) -> dict:
     return meta
 
 
-def test_a_new_export_is_version_6_and_an_older_medfed_refuses_it_by_its_format(originals,
+def test_a_new_export_is_version_7_and_an_older_medfed_refuses_it_by_its_format(originals,
                                                                                   tmp_path):
     model = _trained(originals, "dinov2", "lora")
     out = export_foundation(model, tmp_path / "export")
     meta = json.loads((out / ADAPTATION_CONFIG).read_text())
-    assert FORMAT_VERSION == 6 and meta["format"] == f"{FORMAT}/6"
-    assert format_version(meta) == 6 and meta["config"]["channel_tokens"] == "per_channel"
+    assert FORMAT_VERSION == 7 and meta["format"] == f"{FORMAT}/7"
+    assert format_version(meta) == 7 and meta["config"]["channel_tokens"] == "per_channel"
+    assert meta["config"]["scale_features"] is False
     assert meta["config"]["patch_init"] == "mean"
     assert meta["config"]["centre_features"] is False
     assert meta["config"]["freeze_patch_embed"] is False
@@ -224,6 +225,21 @@ def test_a_version_3_export_still_loads_with_a_trained_patch_embedding(originals
                                    model(batch["image"], batch["present"]), rtol=0, atol=ATOL)
 
 
+def test_a_version_6_export_still_loads_without_scaling(originals, tmp_path):
+    """Version 6 had no scale_features key: it loads unscaled, with the same outputs."""
+    model = _trained(originals, "dinov2", "lora")
+    out = export_foundation(model, tmp_path / "export")
+    meta = json.loads((out / ADAPTATION_CONFIG).read_text())
+    _rewrite(out, format=f"{FORMAT}/6",
+             config={k: v for k, v in meta["config"].items() if k != "scale_features"})
+    again = load_export(out)
+    assert again.feature_scale is None and not again.config.scale_features
+    batch = _batch()
+    with torch.no_grad():
+        torch.testing.assert_close(again(batch["image"], batch["present"]),
+                                   model(batch["image"], batch["present"]), rtol=0, atol=ATOL)
+
+
 def test_a_version_5_export_still_loads_with_the_mean_patch_init(originals, tmp_path):
     """Version 5 had no patch_init key: it loads as patch_init=mean, with the same outputs
     (the option only decides the init; the exported tensors are what was trained)."""
@@ -272,7 +288,8 @@ def test_version_1_means_per_channel_even_if_the_default_becomes_fused(monkeypat
 
 
 @pytest.mark.parametrize("changes,expected", [
-    ({"format": f"{FORMAT}/7"}, "format version 7, written by a newer MedFed.*upgrade MedFed"),
+    ({"format": f"{FORMAT}/{FORMAT_VERSION + 1}"},
+     f"format version {FORMAT_VERSION + 1}, written by a newer MedFed.*upgrade MedFed"),
     ({"format": f"{FORMAT}/two"}, "expected 'medfed-foundation-export' or"),
     ({"format": f"{FORMAT}/0"}, "not a MedFed foundation model export"),
     ({"format": None}, "not a MedFed foundation model export"),

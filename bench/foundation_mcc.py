@@ -305,11 +305,13 @@ def encoder_digest(foundation_dir: Path) -> str:
 
 def public_features(public_dir: Path, foundation_dir: Path, *, channel_tokens: str,
                     name: str = PRETRAINED_NAME, image_size: int = 64, batch_size: int = 32,
-                    centre_features: bool = False, patch_init: str = "mean"):
+                    centre_features: bool = False, scale_features: bool = False,
+                    patch_init: str = "mean"):
     """The adapted model's pooled features ``[N, pooled]`` over the PUBLIC cohort in
     ``public_dir`` (labels hidden, no augmentation) and the model (for its signature), taken at
     the adaptation's start (LoRA's B and the presence embedding are zero there, so the method
-    does not change them); ``centre_features``: minus the public mean already saved."""
+    does not change them); ``centre_features``: minus the public mean already saved
+    (``scale_features``: then over the public spread saved with it)."""
     from torch.utils.data import DataLoader
 
     from client.data.dataset import StudyDataset
@@ -319,7 +321,7 @@ def public_features(public_dir: Path, foundation_dir: Path, *, channel_tokens: s
     studies = [dataclasses.replace(s, label=-1) for s in load_site(public_dir).studies]
     options = dict(weights=name, method="linear_probe", image_size=image_size, num_classes=3,
                    channel_tokens=channel_tokens, centre_features=centre_features,
-                   patch_init=patch_init)
+                   scale_features=scale_features, patch_init=patch_init)
     model = MODELS.build("foundation", options, foundation_dir=foundation_dir).eval()
     pooled = []
     with torch.no_grad():

@@ -393,6 +393,16 @@ def test_the_public_feature_mean_centres_the_public_cohorts_features(tmp_path, m
 
     assert pooled_mean(public_dir).abs().max() < 1e-4
     assert pooled_mean(tmp_path / "draw" / "site-0").abs().max() > 1e-3
+    # and the spread around it (scale_features): the public cohort comes out standardised
+    assert (tmp_path / "encoders" / fm.INIT_NAME / record["scale_file"]).is_file()
+    low, _, high = record["scale_min_median_max"]
+    assert 0 < low < high
+    scaled, _ = fm.public_features(public_dir, tmp_path / "encoders", name=fm.INIT_NAME,
+                                   channel_tokens="fused", image_size=32,
+                                   centre_features=True, scale_features=True)
+    torch.testing.assert_close(scaled.double().pow(2).mean(0).sqrt(),
+                               torch.ones(scaled.shape[1], dtype=torch.float64),
+                               rtol=0, atol=1e-3)
 
 
 def test_the_public_projection_keeps_the_public_cohorts_largest_variance(tmp_path,

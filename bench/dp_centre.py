@@ -7,7 +7,8 @@ the same settings as ``python -m bench.foundation --channel-tokens fused``), the
 feature mean written beside the encoder (``save_public_feature_mean``: public cohort only),
 then only the arms asked for, in one process, side by side:
 
-    python -m bench.dp_centre --work DIR [--draw 0] [--arms dp_head,dp_head_centred,...] [--resume]
+    python -m bench.dp_centre --work DIR [--draw 0] [--arms dp_head,dp_head_centred,...]
+        [--seeds K] [--resume]
 
 Arms (``VARIANTS``; ``lora`` and ``dp_lora`` are foundation_mcc's own): DP-SGD head only
 (``method=linear_probe``, lr 1e-2) uncentred and centred, non-DP head only centred, DP-LoRA
@@ -21,7 +22,9 @@ per-dimension spread (``scale_features``, ``feature_scale.safetensors`` written 
 mean): DP and non-DP head only, DP and non-DP LoRA. Writes ``results/<--name>.json`` (never
 foundation.json's figures); ratios are against the ``lora`` arm when it ran here, else
 against ``--lora-reference`` given as ``external,site_test`` (say where it came from in
-RESULTS.md).
+RESULTS.md). ``--seeds K``: every arm also with K - 1 more training seeds on the same
+draw (``arm@seed<k>``); ``seeds`` in the JSON gives each arm's per-seed MCC, mean and spread,
+and the ratios are of the means.
 """
 
 from __future__ import annotations
@@ -61,6 +64,47 @@ SETTINGS = {"sites": fm.SITES, "patients_per_site": 600, "label_fraction": 0.1, 
             "dp_epsilon": 8.0, "channel_tokens": "fused"}
 
 
+def seed_name(arm: str, k: int) -> str:
+    """The arm run with its draw's k-th extra training seed (k = 0: the arm itself)."""
+    return arm if k == 0 else f"{arm}@seed{k}"
+
+
+def with_seeds(variants: dict, arms: tuple[str, ...], seeds: int, draw: int
+               ) -> tuple[dict, tuple[str, ...]]:
+    """``variants`` plus each of ``arms`` again with training seeds ``draw + 1000 k`` (k = 1
+    .. seeds - 1), and the arms to run, seed by seed. The draw (sites, external hospital)
+    and its labelled studies stay (``label_subset`` picks them by a hash of the study key);
+    the seed changes the initialisation, shuffling and augmentation (DP-SGD's noise and
+    sampling come from a CSPRNG whatever the seed)."""
+    if seeds < 1:
+        raise SystemExit("--seeds must be >= 1")
+    out = dict(variants)
+    for arm in arms:
+        base, extra = variants.get(arm, (arm, []))
+        for k in range(1, seeds):
+            out[seed_name(arm, k)] = (base, [*extra, f"seed={draw + 1000 * k}"])
+    return out, tuple(seed_name(a, k) for k in range(seeds) for a in arms)
+
+
+def seed_summary(arms: dict) -> dict:
+    """Per arm (seeds folded together): each seed's external and site-test MCC, their mean
+    and spread (population standard deviation, min, max)."""
+    import statistics
+
+    grouped: dict[str, list[dict]] = {}
+    for name, v in arms.items():
+        grouped.setdefault(name.split("@seed")[0], []).append(v)
+
+    def stats(values: list[float | None]) -> dict:
+        if any(v is None for v in values):
+            return {"per_seed": values, "mean": None}
+        return {"per_seed": values, "mean": statistics.fmean(values),
+                "std": statistics.pstdev(values), "min": min(values), "max": max(values)}
+    return {arm: {"seeds": len(runs), "external_mcc": stats([r["external_mcc"] for r in runs]),
+                  "site_test_mcc": stats([r.get("site_test_mcc") for r in runs])}
+            for arm, runs in grouped.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, required=True)
@@ -68,6 +112,9 @@ def main() -> None:
     parser.add_argument("--arms", default="dp_head,dp_head_centred,dp_lora_centred")
     parser.add_argument("--lora-reference", default=None,
                         help="external,site_test MCC of the non-DP lora arm measured elsewhere")
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="run each arm with this many training seeds on the draw (the "
+                             "first is the draw's own); the ratios use each arm's mean")
     parser.add_argument("--name", default="foundation_dp_centre")
     parser.add_argument("--resume", action="store_true",
                         help="keep the arms results/<--name>.json already holds for this draw")
@@ -87,7 +134,7 @@ def main() -> None:
     wanted = fm.public_wanted(patients=600, epochs=args.public_epochs, patch=public_patch,
                               objective=args.public_objective, lr=args.public_lr)
     logging.basicConfig(level=logging.WARNING)
-    arms = tuple(args.arms.split(","))
+    variants, arms = with_seeds(VARIANTS, tuple(args.arms.split(",")), args.seeds, args.draw)
     work = args.work.resolve()
     foundation_dir, public_dir = work / "encoders", work / "public" / "site-0"
     foundation_dir.mkdir(parents=True, exist_ok=True)
@@ -106,7 +153,7 @@ def main() -> None:
                                                    channel_tokens=SETTINGS["channel_tokens"])
     out = {"settings": settings | {"draw": args.draw}, "public_pretraining": record,
            "public_feature_mean": mean, "public_feature_projection": projection,
-           "variants": VARIANTS, "commit": commit(),
+           "variants": variants, "commit": commit(),
            "machine": machine()}
     path = RESULTS_DIR / f"{args.name}.json"
     done = None
@@ -119,8 +166,9 @@ def main() -> None:
 
     def write(result: dict) -> None:
         out["draw"] = result
-        scores = {a: (v["external_mcc"], v.get("site_test_mcc"))
-                  for a, v in result["arms"].items()}
+        out["seeds"] = seed_summary(result["arms"])
+        scores = {a: (v["external_mcc"]["mean"], v["site_test_mcc"]["mean"])
+                  for a, v in out["seeds"].items()}
         out.pop("lora_reference", None)         # measured here once the lora arm ran
         if "lora" not in scores and args.lora_reference:
             ext, test = (float(x) for x in args.lora_reference.split(","))
@@ -136,7 +184,7 @@ def main() -> None:
 
     public = fm.cohort_keys(public_dir)
     result = fm.run_draw(args.draw, work, foundation_dir, settings, arms, public,
-                         on_arm=write, done=done, variants=VARIANTS)
+                         on_arm=write, done=done, variants=variants)
     write(result)
     for arm, v in result["arms"].items():
         print(f"{arm:18s} external {v['external_mcc']:.3f} site-test "

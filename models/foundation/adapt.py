@@ -364,7 +364,8 @@ class FoundationBackbone(nn.Module):
     def pool(self, tokens: Tensor, present: Tensor) -> Tensor:
         """``[B, T, D]`` -> ``[B, 2D]`` (CLS and mean over present tokens) or ``[B, D]``
         (mean only, families without a CLS token); minus the public ``feature_mean`` with
-        ``centre_features``, over the public ``feature_scale`` with ``scale_features``; ``[B, k]`` on the public directions with ``project_features``."""
+        ``centre_features``, over the public ``feature_scale`` with ``scale_features``;
+        ``[B, k]`` on the public directions with ``project_features``."""
         cls = int(self.seams.has_cls)
         n = (tokens.shape[1] - cls) // self.token_groups
         weights = self.attention_mask(present, n).to(tokens.dtype)[..., None]    # [B, T, 1]

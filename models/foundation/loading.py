@@ -295,6 +295,6 @@ def convert_weights(src: str | Path, dst: str | Path) -> Path:
     return dst
 
 
-__all__ = ["CONVERT_COMMAND", "FEATURE_MEAN_FILE", "FEATURE_PROJECTION_FILE", "FEATURE_SCALE_FILE", "FoundationLoadError",
-           "LoadedEncoder", "convert_weights", "family_of", "load_encoder", "save_monai_vit",
+__all__ = ["CONVERT_COMMAND", "FEATURE_MEAN_FILE", "FEATURE_PROJECTION_FILE", "FEATURE_SCALE_FILE",
+           "FoundationLoadError", "LoadedEncoder", "convert_weights", "family_of", "load_encoder", "save_monai_vit",
            "supported_model_types"]

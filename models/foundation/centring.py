@@ -59,31 +59,29 @@ def describe_signature(signature: dict[str, str]) -> str:
 def save_feature_mean(directory: str | Path, mean: Tensor, signature: dict[str, str]) -> Path:
     """Write ``mean [pooled]`` to ``<directory>/feature_mean.safetensors`` with ``signature``
     (``feature_signature``). Compute it on PUBLIC data only."""
-    from safetensors.torch import save_file
-
-    mean = mean.detach().float().cpu().reshape(-1).contiguous()
-    if str(mean.numel()) != signature.get("pooled_dim"):
-        raise ValueError(f"mean has {mean.numel()} values, the signature says pooled_dim="
-                         f"{signature.get('pooled_dim')}")
-    path = Path(directory) / FEATURE_MEAN_FILE
-    save_file({KEY: mean}, str(path), metadata={"format": FORMAT, **signature})
-    return path
+    return _save_vector(directory, FEATURE_MEAN_FILE, FORMAT, KEY, mean, signature)
 
 
 def save_feature_scale(directory: str | Path, scale: Tensor, signature: dict[str, str]) -> Path:
     """Write ``scale [pooled]`` (every value > 0) to ``<directory>/feature_scale.safetensors``
     with ``signature``. Compute it on PUBLIC data only, around the public mean."""
+    return _save_vector(directory, FEATURE_SCALE_FILE, SCALE_FORMAT, SCALE_KEY, scale, signature,
+                        positive=True)
+
+
+def _save_vector(directory: str | Path, name: str, fmt: str, key: str, vector: Tensor,
+                 signature: dict[str, str], *, positive: bool = False) -> Path:
     from safetensors.torch import save_file
 
-    scale = scale.detach().float().cpu().reshape(-1).contiguous()
-    if str(scale.numel()) != signature.get("pooled_dim"):
-        raise ValueError(f"scale has {scale.numel()} values, the signature says pooled_dim="
+    vector = vector.detach().float().cpu().reshape(-1).contiguous()
+    if str(vector.numel()) != signature.get("pooled_dim"):
+        raise ValueError(f"{key} has {vector.numel()} values, the signature says pooled_dim="
                          f"{signature.get('pooled_dim')}")
-    if not (torch.isfinite(scale).all() and (scale > 0).all()):
-        raise ValueError("every value of the scale must be finite and > 0 (floor a dimension "
+    if positive and not (torch.isfinite(vector).all() and (vector > 0).all()):
+        raise ValueError(f"every value of the {key} must be finite and > 0 (floor a dimension "
                          "without public spread instead of dividing by zero)")
-    path = Path(directory) / FEATURE_SCALE_FILE
-    save_file({SCALE_KEY: scale}, str(path), metadata={"format": SCALE_FORMAT, **signature})
+    path = Path(directory) / name
+    save_file({key: vector}, str(path), metadata={"format": fmt, **signature})
     return path
 
 
@@ -133,19 +131,11 @@ def load_feature_mean(directory: str | Path | None, signature: dict[str, str]) -
     Raises
     ------
     FoundationLoadError
-        No file, not this format, made for another adaptation, or the wrong shape.
+        No file, not this format, made for another adaptation, the wrong shape, or a value
+        that is not finite.
     """
-    mean = read_public_constant(
-        directory, FEATURE_MEAN_FILE, "centre_features",
-        "compute the public feature mean for this adaptation "
-        "(bench.foundation_mcc.save_public_feature_mean) or set centre_features=false",
-        FORMAT, KEY, signature)
-    path = Path(directory) / FEATURE_MEAN_FILE
-    if tuple(mean.shape) != (int(signature["pooled_dim"]),) or not torch.isfinite(mean).all():
-        raise FoundationLoadError(f"{path}: mean of shape {tuple(mean.shape)} (finite: "
-                                  f"{bool(torch.isfinite(mean).all())}), expected "
-                                  f"({signature['pooled_dim']},) finite values")
-    return mean.float()
+    return _load_vector(directory, FEATURE_MEAN_FILE, "centre_features", "mean", FORMAT, KEY,
+                        signature)
 
 
 def load_feature_scale(directory: str | Path | None, signature: dict[str, str]) -> Tensor:
@@ -157,17 +147,26 @@ def load_feature_scale(directory: str | Path | None, signature: dict[str, str]) 
         No file, not this format, made for another adaptation, the wrong shape, or a value
         that is not finite and > 0.
     """
-    scale = read_public_constant(
-        directory, FEATURE_SCALE_FILE, "scale_features",
-        "compute the public feature scale for this adaptation "
-        "(bench.foundation_mcc.save_public_feature_mean) or set scale_features=false",
-        SCALE_FORMAT, SCALE_KEY, signature)
-    path = Path(directory) / FEATURE_SCALE_FILE
-    if tuple(scale.shape) != (int(signature["pooled_dim"]),) \
-            or not (torch.isfinite(scale).all() and (scale > 0).all()):
-        raise FoundationLoadError(f"{path}: scale of shape {tuple(scale.shape)}, expected "
-                                  f"({signature['pooled_dim']},) finite values > 0")
-    return scale.float()
+    return _load_vector(directory, FEATURE_SCALE_FILE, "scale_features", "scale", SCALE_FORMAT,
+                        SCALE_KEY, signature, positive=True)
+
+
+def _load_vector(directory: str | Path | None, name: str, option: str, what: str, fmt: str,
+                 key: str, signature: dict[str, str], *, positive: bool = False) -> Tensor:
+    """``read_public_constant`` of a ``[pooled]`` vector of finite values (``positive``: > 0
+    too); ``what`` names it in the refusals."""
+    vector = read_public_constant(
+        directory, name, option,
+        f"compute the public feature {what} for this adaptation "
+        f"(bench.foundation_mcc.save_public_feature_mean) or set {option}=false",
+        fmt, key, signature)
+    valid = torch.isfinite(vector).all() and (not positive or (vector > 0).all())
+    if tuple(vector.shape) != (int(signature["pooled_dim"]),) or not valid:
+        raise FoundationLoadError(f"{Path(directory) / name}: {what} of shape "
+                                  f"{tuple(vector.shape)}, expected "
+                                  f"({signature['pooled_dim']},) finite values"
+                                  + (" > 0" if positive else ""))
+    return vector.float()
 
 
 __all__ = ["FORMAT", "SCALE_FORMAT", "describe_signature", "feature_signature",

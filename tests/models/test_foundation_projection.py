@@ -14,9 +14,7 @@ import torch
 from client.engine import Engine
 from client.foundation import expected_arrays
 from models.foundation import base_digest
-from models.foundation.export import ADAPTATION_CONFIG, export_foundation, load_export
-from models.foundation.loading import (FEATURE_PROJECTION_FILE, FoundationLoadError,
-                                       load_encoder)
+from models.foundation.loading import FEATURE_PROJECTION_FILE, FoundationLoadError
 from models.foundation.lora import trainable_keys
 from models.foundation.projection import (load_feature_projection, principal_directions,
                                           save_feature_projection)
@@ -24,7 +22,7 @@ from models.tasks import build
 from protocol.job import TrainConfig
 
 from .test_foundation import _batch, _build, _randomise_trainable, _save, assert_exact_per_sample
-from .test_foundation_centring import _public_mean
+from .test_foundation_centring import _public_mean, assert_export_carries
 
 FAMILIES = ("dinov2", "siglip", "monai_vit")     # with and without a CLS token, HF and MONAI
 K = 3
@@ -166,19 +164,8 @@ def test_the_export_carries_the_directions_and_reloads_them(weights, family, tmp
     model = _build(weights[family], method="lora", lora_rank=2, centre_features=True,
                    project_features=K)
     _randomise_trainable(model, seed=3)
-    model.eval()
-    out = export_foundation(model, tmp_path / "export")
-    assert (out / "encoder" / FEATURE_PROJECTION_FILE).is_file()
-    assert "feature_projection" in (out / ADAPTATION_CONFIG).read_text()
-    load_encoder(out / "encoder")          # the directions beside the weights are not one
-    again = load_export(out)
-    torch.testing.assert_close(again.feature_projection, model.feature_projection,
-                               rtol=0, atol=0)
-    batch = _batch()
-    with torch.no_grad():
-        torch.testing.assert_close(again(batch["image"], batch["present"]),
-                                   model(batch["image"], batch["present"]),
-                                   rtol=0, atol=1e-4)
+    assert_export_carries(model.eval(), tmp_path / "export", "feature_projection",
+                          FEATURE_PROJECTION_FILE)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -342,8 +342,8 @@ def save_public_feature_mean(public_dir: Path, foundation_dir: Path, *, channel_
     per-sample gradient of the head (session 21: norm ~15 vs a per-study spread of ~3).
     Also ``feature_scale.safetensors`` (``scale_features``): each dimension's public standard
     deviation around that mean, floored at 1e-3 of their median (a dimension without public
-    spread is not blown up). Returns the mean's norm, the spread around it and the scale's
-    range."""
+    spread is not blown up). Returns the mean's norm, the spread around it, the scale's
+    range and how many dimensions were floored."""
     from models.foundation.centring import save_feature_mean, save_feature_scale
 
     features, model = public_features(public_dir, foundation_dir, channel_tokens=channel_tokens,
@@ -352,12 +352,14 @@ def save_public_feature_mean(public_dir: Path, foundation_dir: Path, *, channel_
     mean = features.mean(0)
     path = save_feature_mean(foundation_dir / name, mean, model.feature_signature)
     std = (features - mean).double().pow(2).mean(0).sqrt()
-    scale = std.clamp(min=1e-3 * float(std.median())).float()
+    floor = 1e-3 * float(std.median())
+    floored = int((std < floor).sum())          # counted and returned, not hidden
+    scale = std.clamp(min=floor).float()
     scale_path = save_feature_scale(foundation_dir / name, scale, model.feature_signature)
     return {"studies": len(features), "file": path.name, "signature": model.feature_signature,
             "mean_norm": float(mean.norm()),
             "median_distance_from_mean": float((features - mean).norm(dim=1).median()),
-            "scale_file": scale_path.name,
+            "scale_file": scale_path.name, "scale_floored_dimensions": floored,
             "scale_min_median_max": [float(scale.min()), float(scale.median()),
                                      float(scale.max())]}
 

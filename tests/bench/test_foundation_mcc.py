@@ -396,7 +396,7 @@ def test_the_public_feature_mean_centres_the_public_cohorts_features(tmp_path, m
     # and the spread around it (scale_features): the public cohort comes out standardised
     assert (tmp_path / "encoders" / fm.INIT_NAME / record["scale_file"]).is_file()
     low, _, high = record["scale_min_median_max"]
-    assert 0 < low < high
+    assert 0 < low < high and record["scale_floored_dimensions"] == 0
     scaled, _ = fm.public_features(public_dir, tmp_path / "encoders", name=fm.INIT_NAME,
                                    channel_tokens="fused", image_size=32,
                                    centre_features=True, scale_features=True)

@@ -168,14 +168,15 @@ def test_a_mean_of_the_wrong_shape_is_refused(weights, tmp_path):
         _build(directory, centre_features=True)
 
 
-@pytest.mark.parametrize("method", ["lora", "linear_probe", "full"])
-def test_the_mean_never_trains_and_never_travels(weights, method):
+def assert_never_trains_or_travels(foundation_dir, part: str, **options) -> None:
+    """A model built with ``options`` holds one ``part`` parameter: not trainable, not among
+    the arrays a site sends, and unchanged by a round of training."""
     model, task = build("foundation", {"weights": "dinov2", "num_channels": 4, "image_size": 32,
-                                       "method": method, "centre_features": True},
-                        "classification", {}, foundation_dir=weights["dinov2"].parent)
-    names = [n for n, _ in model.named_parameters() if n.endswith("feature_mean")]
+                                       **options},
+                        "classification", {}, foundation_dir=foundation_dir)
+    names = [n for n, _ in model.named_parameters() if n.endswith(part)]
     assert len(names) == 1 and names[0] not in trainable_keys(model)
-    assert not any(k.endswith("feature_mean") for k in expected_arrays(model, []))
+    assert not any(k.endswith(part) for k in expected_arrays(model, []))
     before = dict(model.named_parameters())[names[0]].detach().clone()
     batch = _batch()
     data = [{"image": batch["image"][i], "present": batch["present"][i],
@@ -183,6 +184,12 @@ def test_the_mean_never_trains_and_never_travels(weights, method):
     Engine(task, torch.device("cpu")).fit(model, data, TrainConfig(local_epochs=1, lr=0.1,
                                                                    batch_size=2))
     assert torch.equal(dict(model.named_parameters())[names[0]], before)
+
+
+@pytest.mark.parametrize("method", ["lora", "linear_probe", "full"])
+def test_the_mean_never_trains_and_never_travels(weights, method):
+    assert_never_trains_or_travels(weights["dinov2"].parent, "feature_mean", method=method,
+                                   centre_features=True)
 
 
 def test_the_mean_is_part_of_the_base_digest(weights, tmp_path):

@@ -11,18 +11,14 @@ import shutil
 import pytest
 import torch
 
-from client.engine import Engine
-from client.foundation import expected_arrays
 from models.foundation import base_digest
 from models.foundation.centring import (SCALE_FORMAT, load_feature_mean, load_feature_scale,
                                         save_feature_scale)
 from models.foundation.loading import FEATURE_SCALE_FILE, FoundationLoadError
-from models.foundation.lora import trainable_keys
-from models.tasks import build
-from protocol.job import TrainConfig
 
 from .test_foundation import _batch, _build, _randomise_trainable, _save, assert_exact_per_sample
-from .test_foundation_centring import _public_mean, assert_export_carries
+from .test_foundation_centring import (_public_mean, assert_export_carries,
+                                       assert_never_trains_or_travels)
 
 FAMILIES = ("dinov2", "siglip", "monai_vit")     # with and without a CLS token, HF and MONAI
 
@@ -137,22 +133,13 @@ def test_a_scale_that_is_not_finite_and_positive_is_refused_when_written_and_whe
     assert "\n" not in str(err.value)
 
 
-def test_the_scale_never_trains_never_travels_and_is_part_of_the_base_digest(weights,
-                                                                            tmp_path):
-    model, task = build("foundation", {"weights": "dinov2", "num_channels": 4, "image_size": 32,
-                                       "method": "linear_probe", "centre_features": True,
-                                       "scale_features": True},
-                        "classification", {}, foundation_dir=weights["dinov2"].parent)
-    names = [n for n, _ in model.named_parameters() if n.endswith("feature_scale")]
-    assert len(names) == 1 and names[0] not in trainable_keys(model)
-    assert not any(k.endswith("feature_scale") for k in expected_arrays(model, []))
-    before = dict(model.named_parameters())[names[0]].detach().clone()
-    batch = _batch()
-    data = [{"image": batch["image"][i], "present": batch["present"][i],
-             "label": batch["label"][i]} for i in range(2)]
-    Engine(task, torch.device("cpu")).fit(model, data, TrainConfig(local_epochs=1, lr=0.1,
-                                                                   batch_size=2))
-    assert torch.equal(dict(model.named_parameters())[names[0]], before)
+@pytest.mark.parametrize("method", ["lora", "linear_probe", "full"])
+def test_the_scale_never_trains_and_never_travels(weights, method):
+    assert_never_trains_or_travels(weights["dinov2"].parent, "feature_scale", method=method,
+                                   centre_features=True, scale_features=True)
+
+
+def test_the_scale_is_part_of_the_base_digest(weights, tmp_path):
     # a site holding another scale file than the coordinator's gets another digest
     directory = tmp_path / "dinov2"
     shutil.copytree(weights["dinov2"], directory)

@@ -44,6 +44,29 @@ def _to(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+def param_groups(model: nn.Module, trainable: list[nn.Parameter], config: TrainConfig
+                 ) -> list[dict]:
+    """The optimizer's parameter groups: one at ``lr``, or with ``config.head_lr`` the class
+    head's trainable parameters (``model.head``) at that rate and the rest at ``lr``.
+
+    Raises
+    ------
+    ValueError
+        ``head_lr`` is set but the model has no class head that trains here.
+    """
+    if config.head_lr is None:
+        return [{"params": trainable}]
+    head = getattr(model, "head", None)
+    own = ({id(p) for p in head.parameters() if p.requires_grad}
+           if isinstance(head, nn.Module) else set())
+    if not own:
+        raise ValueError(f"train.head_lr is set but this {type(model).__name__} has no class "
+                         "head that trains here; unset train.head_lr")
+    rest = [p for p in trainable if id(p) not in own]
+    groups = [{"params": [p for p in trainable if id(p) in own], "lr": config.head_lr}]
+    return groups + ([{"params": rest}] if rest else [])
+
+
 class Engine:
     """Runs a task's steps over data on one device.
 
@@ -79,7 +102,8 @@ class Engine:
             self.task.set_label_prior(data.labels)   # logit adjustment: this site's label counts
         model.to(self.device).train()
         trainable = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+        optimizer = torch.optim.AdamW(param_groups(model, trainable, config), lr=config.lr,
+                                      weight_decay=config.weight_decay)
         anchor = [p.detach().clone() for p in trainable] if config.proximal_mu else None
         if privacy is None:
             generator = torch.Generator().manual_seed(config.seed)

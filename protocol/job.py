@@ -51,10 +51,16 @@ class TrainSettings:
     batch_size: int = 16
     lr: float = 1e-3
     weight_decay: float = 0.05
+    head_lr: float | None = None    # the class head's own learning rate (None: lr), e.g. a
+                                    # fresh head on a pretrained backbone under DP-SGD
 
     def __post_init__(self):
         for name in ("lr", "weight_decay"):
             _finite(f"train.{name}", getattr(self, name))
+        if self.head_lr is not None:
+            _finite("train.head_lr", self.head_lr)
+            if not self.head_lr > 0:
+                raise SpecError(f"train.head_lr must be > 0 (or null: lr), got {self.head_lr}")
         for name in ("local_epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise SpecError(f"train.{name} must be >= 1, got {getattr(self, name)}")
@@ -279,7 +285,8 @@ class JobSpec:
             wire.LOCAL_PARAMS: list(self.local_params),
             wire.EVAL_MISSING: self.evaluate_missing,
             wire.SERVER_ROUND: self.server_round,
-        } | ({wire.BASE_DIGEST: self.base_digest} if self.base_digest else {})
+        } | ({wire.HEAD_LR: float(t.head_lr)} if t.head_lr is not None else {})
+          | ({wire.BASE_DIGEST: self.base_digest} if self.base_digest else {})
           | ({wire.DATA_LAYOUT: json.dumps(self.layout.to_dict(), sort_keys=True)}
              if self.layout is not None else {}))
 
@@ -301,6 +308,7 @@ class JobSpec:
             train = TrainConfig(local_epochs=get(wire.LOCAL_EPOCHS, int),
                                 batch_size=get(wire.BATCH_SIZE, int), lr=get(wire.LR, float),
                                 weight_decay=get(wire.WEIGHT_DECAY, float),
+                                head_lr=get(wire.HEAD_LR, float, None),
                                 proximal_mu=get(wire.PROXIMAL_MU, float, TrainConfig.proximal_mu),
                                 seed=seed)
         except JobError:

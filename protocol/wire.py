@@ -25,6 +25,7 @@ LOCAL_EPOCHS = "local-epochs"
 BATCH_SIZE = "batch-size"
 LR = "lr"
 WEIGHT_DECAY = "weight-decay"
+HEAD_LR = "head-lr"                  # optional: the class head's own learning rate
 SEED = "seed"
 PROXIMAL_MU = "proximal-mu"          # FedProx; the key Flower's FedProx itself injects
 LOCAL_PARAMS = "local-params"        # list[str]: fnmatch patterns of parameters kept at sites

@@ -121,3 +121,37 @@ def test_feature_decorrelation_adds_the_penalty_on_pooled_features_in_training_o
                                    plain.step(model, one).loss)
     with pytest.raises(ValueError, match="feature_decorrelation must be >= 0"):
         TASKS.build("classification", {"feature_decorrelation": -0.1})
+
+
+@pytest.mark.parametrize("private", [False, True], ids=["sgd", "dp-sgd"])
+def test_head_lr_gives_the_class_head_its_own_rate(tiny_sites, private):
+    from client.privacy.dpsgd import DPSGDConfig
+
+    data = load_site(tiny_sites / "site-0", CLASSES)
+    ds = StudyDataset(data.split("train", labelled_only=True)[:8], image_size=64)
+    torch.manual_seed(0)
+    model = MODELS.build("mmvit", {"dim": 32, "depth": 1, "heads": 2})
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    engine = Engine(TASKS.build("classification", {}), torch.device("cpu"))
+    privacy = (DPSGDConfig(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=1.0,
+                           secure_mode=False) if private else None)
+    engine.fit(model, ds, TrainConfig(local_epochs=1, batch_size=8, lr=1e-4, head_lr=1e-2,
+                                      weight_decay=0.0), privacy=privacy)
+    # One AdamW step moves each coordinate by at most its group's rate (~the rate exactly
+    # where the gradient is not tiny against eps).
+    moved = {n: (p.detach() - before[n]).abs().max().item() for n, p in model.named_parameters()}
+    head = max(v for n, v in moved.items() if n.startswith("head."))
+    body = max(v for n, v in moved.items() if not n.startswith("head."))
+    assert head == pytest.approx(1e-2, rel=1e-2)
+    assert body == pytest.approx(1e-4, rel=1e-2)
+
+
+def test_head_lr_is_refused_for_a_model_whose_head_does_not_train(tiny_sites):
+    data = load_site(tiny_sites / "site-0", CLASSES)
+    ds = StudyDataset(data.split("train", labelled_only=True)[:4], image_size=64)
+    model = MODELS.build("mmvit", {"dim": 32, "depth": 1, "heads": 2})
+    model.head.requires_grad_(False)
+    engine = Engine(TASKS.build("classification", {}), torch.device("cpu"))
+    with pytest.raises(ValueError, match="train.head_lr is set but this MultiModalViT has no class head"):
+        engine.fit(model, ds, TrainConfig(lr=1e-3, head_lr=1e-2))
+    engine.fit(model, ds, TrainConfig(lr=1e-3))     # without head_lr the same model trains

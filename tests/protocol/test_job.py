@@ -29,7 +29,7 @@ def _spec(privacy: PrivacySpec = DPSGD, **changes) -> JobSpec:
         task_name="classification", task_options={"num_classes": 3, "label_smoothing": 0.1},
         class_names=("a", "b", "c"), image_size=32,
         train=TrainConfig(local_epochs=3, batch_size=5, lr=0.02, weight_decay=0.1,
-                          proximal_mu=0.01, seed=42),
+                          head_lr=0.05, proximal_mu=0.01, seed=42),
         privacy=privacy, seed=42, personalize=True, local_params=("*norm*", "head.*"),
         evaluate_missing=True, server_round=4)
     return JobSpec(**(fields | changes))
@@ -57,7 +57,7 @@ def test_every_field_travels_under_its_wire_key():
         wire.TASK_OPTIONS: '{"label_smoothing": 0.1, "num_classes": 3}',
         wire.CLASS_NAMES: ["a", "b", "c"], wire.IMAGE_SIZE: 32,
         wire.LOCAL_EPOCHS: 3, wire.BATCH_SIZE: 5, wire.LR: 0.02, wire.WEIGHT_DECAY: 0.1,
-        wire.PROXIMAL_MU: 0.01, wire.SEED: 42, wire.PERSONALIZE: True,
+        wire.HEAD_LR: 0.05, wire.PROXIMAL_MU: 0.01, wire.SEED: 42, wire.PERSONALIZE: True,
         wire.LOCAL_PARAMS: ["*norm*", "head.*"], wire.EVAL_MISSING: True, wire.SERVER_ROUND: 4,
         wire.DP_MECHANISM: wire.DP_SGD, wire.DP_TARGET_EPSILON: 6.0,
         wire.DP_NOISE_MULTIPLIER: 1.3, wire.DP_MAX_GRAD_NORM: 0.7, wire.DP_SAMPLE_RATE: 0.2,
@@ -116,6 +116,14 @@ def test_one_train_spec_with_one_set_of_defaults():
     record = _spec().to_record()
     del record[wire.PROXIMAL_MU]
     assert JobSpec.from_record(record).train.proximal_mu == TrainConfig().proximal_mu
+
+
+def test_an_unset_head_lr_adds_nothing_to_the_record_and_comes_back_unset():
+    spec = _spec(train=dataclasses.replace(_spec().train, head_lr=None))
+    record = spec.to_record()
+    assert wire.HEAD_LR not in record
+    assert JobSpec.from_record(record).train.head_lr is None
+    assert JobSpec.from_record(record) == spec
 
 
 def test_one_privacy_spec_with_one_set_of_defaults():
@@ -179,6 +187,8 @@ def test_an_ill_typed_key_is_named(key, value, kind):
     (wire.BATCH_SIZE, 0, r"train\.batch_size must be >= 1, got 0"),
     (wire.WEIGHT_DECAY, -0.1, r"train\.weight_decay must be >= 0, got -0\.1"),
     (wire.PROXIMAL_MU, -1.0, r"proximal_mu must be >= 0, got -1"),
+    (wire.HEAD_LR, 0.0, r"train\.head_lr must be > 0 \(or null: lr\), got 0"),
+    (wire.HEAD_LR, math.inf, r"train\.head_lr must be a finite number, got inf"),
     (wire.PROXIMAL_MU, math.nan, r"proximal_mu must be a finite number, got nan"),
     (wire.DP_TARGET_EPSILON, math.nan, r"privacy\.epsilon must be a finite number, got nan"),
     (wire.DP_TARGET_EPSILON, -1.0, r"privacy\.epsilon must be > 0, got -1"),
@@ -205,6 +215,9 @@ def test_the_server_refuses_the_same_values_through_the_same_rules():
         load_experiment(["train.local_epochs=-2"])
     with pytest.raises(SpecError, match=r"train\.weight_decay must be >= 0"):
         TrainSettings(weight_decay=-1.0)
+    with pytest.raises(ConfigError, match=r"train\.head_lr must be > 0"):
+        load_experiment(["train.head_lr=-0.01"])
+    assert load_experiment(["train.head_lr=0.01"]).train.head_lr == 0.01
 
 
 # ---------------------------------------------------------------- DP-SGD refusals, once

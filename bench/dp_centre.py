@@ -21,7 +21,9 @@ frozen patch embedding; session 26: with the centred features also divided by th
 per-dimension spread (``scale_features``, ``feature_scale.safetensors`` written with the
 mean): DP and non-DP head only, DP and non-DP LoRA; session 27: the head at its own learning
 rate (``train.head_lr``, the DP head-only arms' 1e-2; adapters and embeddings at lr): DP-LoRA
-standardised, and non-DP LoRA as the bench runs it. Writes ``results/<--name>.json`` (never
+standardised, and non-DP LoRA as the bench runs it; with per-group clipping
+(``privacy.head_clip_share=0.8``: the head's part of each gradient clipped to C sqrt(0.8), the
+rest to C sqrt(0.2); same noise): DP-LoRA standardised with the head's rate. Writes ``results/<--name>.json`` (never
 foundation.json's figures); ratios are against the ``lora`` arm when it ran here, else
 against ``--lora-reference`` given as ``external,site_test`` (say where it came from in
 RESULTS.md). ``--seeds K``: every arm also with K - 1 more training seeds on the same
@@ -45,6 +47,7 @@ FREEZE = "+model.options.freeze_patch_embed=true"
 PROJ = "+model.options.project_features=16"      # of 32 public directions; pooled is 384
 HEAD = ["model.options.method=linear_probe", "train.lr=0.01"]
 HEAD_LR = "train.head_lr=0.01"   # session 27: the head at the head-only arms' rate, the rest at lr
+HEAD_CLIP = "privacy.head_clip_share=0.8"   # session 27: per-group clipping, head C sqrt(0.8)
 VARIANTS = {
     "dp_head": ("dp_lora", HEAD),
     "dp_head_centred": ("dp_lora", [*HEAD, CENTRE]),
@@ -63,6 +66,7 @@ VARIANTS = {
     "lora_std": ("lora", [CENTRE, SCALE]),
     "dp_lora_std_hlr": ("dp_lora", [CENTRE, SCALE, HEAD_LR]),
     "lora_hlr": ("lora", [HEAD_LR]),
+    "dp_lora_std_hlr_pg": ("dp_lora", [CENTRE, SCALE, HEAD_LR, HEAD_CLIP]),
 }
 SETTINGS = {"sites": fm.SITES, "patients_per_site": 600, "label_fraction": 0.1, "rounds": 20,
             "local_epochs": 5, "pretrain_rounds": 5, "pretrain_epochs": 1, "lora_rank": 8,

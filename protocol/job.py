@@ -99,6 +99,10 @@ class PrivacySettings:
     noise_multiplier: float | None = None  # dp-sgd: fixed sigma instead of a target;
                                           # site-dp: the server's noise multiplier (required)
     max_grad_norm: float = 1.0            # dp-sgd: per-sample clipping bound
+    head_clip_share: float | None = None  # dp-sgd: per-group clipping, the class head's part
+                                          # of each gradient clipped to C sqrt(share), the rest
+                                          # to C sqrt(1 - share) (same sensitivity C, same
+                                          # noise); None: one bound C on the whole gradient
     sample_rate: float | None = None      # dp-sgd: Poisson rate q; None: batch_size / n per site
     clipping_norm: float = 1.0            # site-dp: bound on each site's update norm
     accountant: str = "rdp"               # protocol.accounting.ACCOUNTANTS
@@ -130,7 +134,7 @@ class PrivacySettings:
         except PrivacyConfigError as err:
             raise SpecError(f"privacy.accountant: {err}") from None
         for name in ("epsilon", "delta", "noise_multiplier", "max_grad_norm", "sample_rate",
-                     "clipping_norm"):
+                     "clipping_norm", "head_clip_share"):
             if getattr(self, name) is not None:
                 _finite(f"privacy.{name}", getattr(self, name))
         if not 0 < self.delta < 1:
@@ -164,6 +168,9 @@ class PrivacySettings:
             raise SpecError(f"privacy.max_grad_norm must be > 0, got {self.max_grad_norm:g}")
         if self.sample_rate is not None and not 0 < self.sample_rate <= 1:
             raise SpecError(f"privacy.sample_rate must be in (0, 1], got {self.sample_rate:g}")
+        if self.head_clip_share is not None and not 0 < self.head_clip_share < 1:
+            raise SpecError(f"privacy.head_clip_share must be in (0, 1) (or null: one bound), "
+                            f"got {self.head_clip_share:g}")
 
     def check_task(self, task_name: str, task_options: dict) -> None:
         """DP-SGD's accounting only covers a loss that is a mean of per-sample terms, with no
@@ -210,13 +217,15 @@ _PRIVACY_KEYS: dict[str, tuple[tuple[str, str], ...]] = {
     wire.DP_NONE: (),
     wire.DP_SGD: _PRIVATE + (("epsilon", wire.DP_TARGET_EPSILON),
                              ("max_grad_norm", wire.DP_MAX_GRAD_NORM),
-                             ("sample_rate", wire.DP_SAMPLE_RATE)),
+                             ("sample_rate", wire.DP_SAMPLE_RATE),
+                             ("head_clip_share", wire.DP_HEAD_CLIP_SHARE)),
     # Flower's client-side fixed-clipping wrapper injects the clipping norm into train
     # messages only; evaluate messages need it too, or the site refuses the spec.
     wire.DP_SITE: _PRIVATE + (("clipping_norm", wire.DP_CLIPPING_NORM), ("noise", wire.DP_NOISE),
                               ("min_contributors", wire.DP_MIN_CONTRIBUTORS)),
 }
-_UNSET_IS_ZERO = {"epsilon", "noise_multiplier", "sample_rate", "min_contributors"}
+_UNSET_IS_ZERO = {"epsilon", "noise_multiplier", "sample_rate", "min_contributors",
+                  "head_clip_share"}
 _KINDS = {"accountant": str, "run_id": str, "planned_rounds": int, "noise": str,
           "min_contributors": int}
 

@@ -4,8 +4,10 @@ What the accountant assumes is exactly what happens here: each step includes eve
 sample independently with probability ``q`` (Poisson sampling, so batches vary in size and may
 be empty), each sample's gradient is clipped to ``max_grad_norm``, and N(0, (sigma C)^2) noise
 is added to the sum, which is divided by the *expected* batch size ``q n`` (Opacus'
-``loss_reduction="mean"``). Per-sample clipping comes from ``persample`` (one backward pass),
-which the tests check against individual backward passes and against Opacus' own
+``loss_reduction="mean"``). With ``head_clip_share`` the class head's part and the rest of
+each gradient are clipped to bounds whose squares add up to ``C^2`` (the same sensitivity, so
+the same noise and accounting). Per-sample clipping comes from ``persample`` (one backward
+pass), which the tests check against individual backward passes and against Opacus' own
 GradSampleModule; ``bench/dp_overhead`` compares its cost with Opacus' hooks and ghost modes.
 """
 
@@ -43,6 +45,7 @@ class DPSGDConfig:
     secure_mode: bool = True        # CSPRNG noise and sampling; False only for reproducible tests
     seed: int = 0                   # used only when secure_mode is False
     allow_no_noise: bool = False    # only the audit's non-private baseline sets this
+    head_clip_share: float | None = None   # per-group clipping (PerSampleClipper's head_share)
 
     def __post_init__(self):
         if not (self.noise_multiplier > 0 or (self.allow_no_noise
@@ -52,6 +55,8 @@ class DPSGDConfig:
             raise ValueError(f"max_grad_norm must be > 0, got {self.max_grad_norm}")
         if not 0 < self.sample_rate <= 1:
             raise ValueError(f"sample_rate must be in (0, 1], got {self.sample_rate}")
+        if self.head_clip_share is not None and not 0 < self.head_clip_share < 1:
+            raise ValueError(f"head_clip_share must be in (0, 1), got {self.head_clip_share}")
 
 
 def steps_per_epoch(sample_rate: float) -> int:
@@ -85,7 +90,7 @@ class PrivateGradients:
         self.model = model
         self.config = config
         self.expected_batch_size = float(expected_batch_size)
-        self.clipper = PerSampleClipper(model, config.max_grad_norm)
+        self.clipper = PerSampleClipper(model, config.max_grad_norm, config.head_clip_share)
         self.noise = GaussianNoise(secure=config.secure_mode, seed=config.seed)
         self.params = [p for p in model.parameters() if p.requires_grad]
         covered = set(self.clipper.parameters())

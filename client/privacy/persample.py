@@ -208,6 +208,11 @@ class PerSampleClipper:
         Every trainable parameter must live in a supported module type.
     max_grad_norm : float
         Clipping bound C on each sample's whole-model gradient norm.
+    head_share : float, optional
+        Per-group clipping: the class head's part of each sample's gradient (``model.head``)
+        is clipped to ``C sqrt(head_share)`` and the rest to ``C sqrt(1 - head_share)``, so the
+        whole still has norm <= C (the same sensitivity, the same noise and accounting); the
+        head no longer competes with the adapters for one bound. None: one bound, C.
 
     Use::
 
@@ -217,7 +222,7 @@ class PerSampleClipper:
         grads, norms = clipper.clipped_sum()
     """
 
-    def __init__(self, model: nn.Module, max_grad_norm: float):
+    def __init__(self, model: nn.Module, max_grad_norm: float, head_share: float | None = None):
         if max_grad_norm <= 0:
             raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm}")
         self.model = model
@@ -226,6 +231,10 @@ class PerSampleClipper:
                        in admitted_layers(model, _rule_missing, SUPPORTED)]
         self._hooks: list = []
         self._batch = 0                 # this step's batch size (the model's first input)
+        # Per-group bounds (index: layer is in the head): C sqrt(1 - s) and C sqrt(s), so a
+        # sample's clipped gradient still has norm <= C and the noise sigma C covers it.
+        self.in_head, self.bounds = _head_groups(model, self.layers, head_share,
+                                                 self.max_grad_norm)
 
     def parameters(self) -> Iterator[nn.Parameter]:
         for layer in self.layers:
@@ -289,27 +298,39 @@ class PerSampleClipper:
             return output
         return hook
 
-    def per_sample_norms(self) -> Tensor:
-        """``[B]`` L2 norm of each sample's whole-model gradient (after backward)."""
-        sq = None
+    def _squared_norms(self) -> list[Tensor]:
+        """Each layer's ``[B]`` per-sample squared gradient norm (after backward)."""
+        out = []
         for layer in self.layers:
             if layer.per_sample:
-                part = sum(t.reshape(t.shape[0], -1).square().sum(1)
-                           for n, t in layer.per_sample.items() if n in layer.params())
+                out.append(sum(t.reshape(t.shape[0], -1).square().sum(1)
+                               for n, t in layer.per_sample.items() if n in layer.params()))
             elif layer.sq_norm is not None:
-                part = layer.sq_norm
+                out.append(layer.sq_norm)
             else:
                 raise RuntimeError(f"{type(layer.module).__name__} got no gradient this step "
                                    "(is it unused by the loss?)")
-            sq = part if sq is None else sq + part
-        return sq.sqrt()
+        return out
+
+    def per_sample_norms(self) -> Tensor:
+        """``[B]`` L2 norm of each sample's whole-model gradient (after backward)."""
+        return sum(self._squared_norms()).sqrt()
 
     def clipped_sum(self) -> tuple[dict[nn.Parameter, Tensor], Tensor]:
-        """``{param: sum_i c_i g_i}`` with ``c_i = min(1, C / ||g_i||)`` and the norms ``[B]``."""
-        norms = self.per_sample_norms()
-        clip = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)      # Opacus' formula
+        """``{param: sum_i c_i g_i}`` with ``c_i = min(1, C / ||g_i||)`` and the norms ``[B]``
+        (per-group clipping: each group's own ``c_i`` from its own part of ``g_i``)."""
+        squared = self._squared_norms()
+        norms = sum(squared).sqrt()
+        if self.bounds is None:
+            clip = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)      # Opacus' formula
+            clips = [clip] * len(self.layers)
+        else:
+            group = {h: sum(sq for sq, inside in zip(squared, self.in_head) if inside == h).sqrt()
+                     for h in (False, True)}
+            factor = {h: (self.bounds[h] / (group[h] + 1e-6)).clamp(max=1.0) for h in group}
+            clips = [factor[h] for h in self.in_head]
         grads: dict[nn.Parameter, Tensor] = {}
-        for layer in self.layers:
+        for layer, clip in zip(self.layers, clips):
             params = layer.params()
             if layer.per_sample:
                 parts = {n: torch.einsum("b,b...->...", clip, t).reshape(params[n].shape)
@@ -321,6 +342,24 @@ class PerSampleClipper:
             layer.input = layer.grad_output = layer.sq_norm = None
             layer.per_sample = {}
         return grads, norms
+
+
+def _head_groups(model: nn.Module, layers: list[_Layer], head_share: float | None,
+                 max_grad_norm: float) -> tuple[list[bool], tuple[float, float] | None]:
+    """Which layers belong to ``model.head``, and the two groups' bounds (None: one bound)."""
+    head = getattr(model, "head", None)
+    inside = {id(m) for m in head.modules()} if isinstance(head, nn.Module) else set()
+    in_head = [id(layer.module) in inside for layer in layers]
+    if head_share is None:
+        return in_head, None
+    if not 0 < head_share < 1:
+        raise ValueError(f"head_clip_share must be in (0, 1), got {head_share}")
+    if not any(in_head) or all(in_head):
+        raise ValueError("head_clip_share splits the clipping bound between the class head and "
+                         "the rest, but this model trains "
+                         f"{'no class head' if not any(in_head) else 'only its class head'}; "
+                         "unset it")
+    return in_head, (max_grad_norm * (1 - head_share) ** 0.5, max_grad_norm * head_share ** 0.5)
 
 
 def _norm_then_sum(module: nn.Module):

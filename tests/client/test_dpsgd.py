@@ -58,8 +58,9 @@ def _summed_loss(model: nn.Module, task, batch: dict[str, Tensor]) -> Tensor:
     return out.loss * out.n
 
 
-def _clipper_pass(model: nn.Module, task, batch: dict[str, Tensor], max_grad_norm: float):
-    clipper = PerSampleClipper(model, max_grad_norm)
+def _clipper_pass(model: nn.Module, task, batch: dict[str, Tensor], max_grad_norm: float,
+                  head_share: float | None = None):
+    clipper = PerSampleClipper(model, max_grad_norm, head_share)
     with clipper.capture():
         _summed_loss(model, task, batch).backward()
     return clipper
@@ -133,6 +134,65 @@ def test_clipped_sum_equals_sum_of_individually_clipped_gradients(task, referenc
     for p, expected in zip(params, _reference_clipped_sum(reference["per_sample"], c)):
         assert grads[p].shape == p.shape and grads[p].dtype == p.dtype
         torch.testing.assert_close(grads[p], expected, rtol=0, atol=ATOL)
+
+
+def test_per_group_clipping_clips_the_head_and_the_rest_each_to_its_own_bound(task, reference):
+    """``head_share``: the head's part of g_i clipped to C sqrt(s), the rest to C sqrt(1 - s),
+    against the definition on materialised per-sample gradients."""
+    names = [n for n, _ in _vit(reference["config"]).named_parameters()]
+    in_head = [n.startswith("head.") for n in names]
+    assert any(in_head) and not all(in_head)
+    part = {h: torch.stack([torch.sqrt(sum(g.square().sum() for g, x in zip(grads, in_head)
+                                           if x == h)) for grads in reference["per_sample"]])
+            for h in (False, True)}
+    # Each group's bound at its median part: in both, some samples clipped and some not.
+    c = float(part[False].median() ** 2 + part[True].median() ** 2) ** 0.5
+    share = float(part[True].median()) ** 2 / c ** 2
+    bound = {False: c * (1 - share) ** 0.5, True: c * share ** 0.5}
+    assert all((part[h] > bound[h] * 1.001).any() and (part[h] < bound[h] * 0.999).any()
+               for h in part), "both groups must be clipped for some samples, not all"
+    factor = {h: (bound[h] / (part[h] + 1e-6)).clamp(max=1.0) for h in part}
+    model = _vit(reference["config"])
+    params = list(model.parameters())
+    grads, norms = _clipper_pass(model, task, reference["batch"], c, head_share=share
+                                 ).clipped_sum()
+    torch.testing.assert_close(norms, reference["norms"], rtol=0, atol=ATOL)
+    for j, (p, h) in enumerate(zip(params, in_head)):
+        expected = sum(f * grads_i[j] for f, grads_i in zip(factor[h], reference["per_sample"]))
+        torch.testing.assert_close(grads[p], expected, rtol=0, atol=ATOL, msg=names[j])
+
+
+@pytest.mark.parametrize("share", [0.01, 0.5, 0.99])
+def test_any_head_share_keeps_each_samples_clipped_gradient_within_c(task, reference, share):
+    """The split is the coordinator's to ask: whatever it is, one sample's contribution has
+    norm <= C, the sensitivity the noise sigma C and the accountant assume."""
+    c = float(reference["norms"].min()) / 4                # every sample clipped hard
+    for i in range(N):
+        one = {k: v[i:i + 1] for k, v in reference["batch"].items()}
+        grads, _ = _clipper_pass(_vit(reference["config"]), task, one, c, share).clipped_sum()
+        total = torch.sqrt(sum(g.square().sum() for g in grads.values()))
+        assert total <= c * (1 + 1e-9)
+        assert total >= c * 0.99 * min(share, 1 - share) ** 0.5   # neither part vanished
+
+
+def test_per_group_clipping_needs_a_head_and_something_besides_it():
+    model = _vit()
+    with pytest.raises(ValueError, match=r"head_clip_share must be in \(0, 1\), got 1"):
+        PerSampleClipper(model, 1.0, head_share=1.0)
+    probe = _vit().requires_grad_(False)
+    probe.head.requires_grad_(True)
+    with pytest.raises(ValueError, match="this model trains only its class head"):
+        PerSampleClipper(probe, 1.0, head_share=0.5)
+    with pytest.raises(ValueError, match="this model trains only its class head"):   # DP-SGD's
+        PrivateGradients(probe, DPSGDConfig(noise_multiplier=1.0, max_grad_norm=1.0,
+                                            sample_rate=0.5, head_clip_share=0.5), 1.0)
+    headless = _vit()
+    headless.head.requires_grad_(False)
+    with pytest.raises(ValueError, match="this model trains no class head"):
+        PerSampleClipper(headless, 1.0, head_share=0.5)
+    with pytest.raises(ValueError, match=r"head_clip_share must be in \(0, 1\)"):
+        DPSGDConfig(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.5,
+                    head_clip_share=0.0)
 
 
 def test_summed_per_sample_gradients_equal_the_batch_gradient(task, reference):

@@ -157,6 +157,18 @@ def test_a_fresh_run_that_fits_the_remaining_budget_is_accepted(tmp_path):
     assert other.entry.epsilon > 2.0
 
 
+def test_a_head_clip_share_reaches_the_clipper_and_charges_exactly_as_one_bound(tmp_path):
+    """Per-group clipping splits C, it does not raise it: a coordinator asking for a share
+    gets the same sigma, the same C and the same ledger row as without one."""
+    plain = _authorize(_dpsgd(), _budget(tmp_path / "plain"))
+    split = _authorize(_dpsgd(head_clip_share=0.9), _budget(tmp_path / "split"))
+    assert split.dpsgd.head_clip_share == 0.9 and plain.dpsgd.head_clip_share is None
+    assert (split.dpsgd.noise_multiplier, split.dpsgd.max_grad_norm, split.dpsgd.sample_rate) \
+        == (plain.dpsgd.noise_multiplier, plain.dpsgd.max_grad_norm, plain.dpsgd.sample_rate)
+    assert split.entry.epsilon == plain.entry.epsilon
+    assert split.entry.max_grad_norm == plain.entry.max_grad_norm == 1.0
+
+
 def test_a_run_may_not_change_its_sample_rate(tmp_path):
     budget = _budget(tmp_path, epsilon=10.0)
     _authorize(_dpsgd(sample_rate=0.1), budget)

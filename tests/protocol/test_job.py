@@ -17,7 +17,8 @@ from server.config import ConfigError, ExperimentConfig, load_experiment
 from server.federation import job_config
 
 DPSGD = PrivacySpec(mechanism=wire.DP_SGD, epsilon=6.0, noise_multiplier=1.3, max_grad_norm=0.7,
-                    sample_rate=0.2, accountant="prv", planned_rounds=12, run_id="run-7")
+                    sample_rate=0.2, head_clip_share=0.6, accountant="prv", planned_rounds=12,
+                    run_id="run-7")
 SITEDP = PrivacySpec(mechanism=wire.DP_SITE, noise_multiplier=1.1, clipping_norm=0.4,
                      planned_rounds=5, run_id="run-8")
 
@@ -61,7 +62,7 @@ def test_every_field_travels_under_its_wire_key():
         wire.LOCAL_PARAMS: ["*norm*", "head.*"], wire.EVAL_MISSING: True, wire.SERVER_ROUND: 4,
         wire.DP_MECHANISM: wire.DP_SGD, wire.DP_TARGET_EPSILON: 6.0,
         wire.DP_NOISE_MULTIPLIER: 1.3, wire.DP_MAX_GRAD_NORM: 0.7, wire.DP_SAMPLE_RATE: 0.2,
-        wire.DP_ACCOUNTANT: "prv", wire.DP_PLANNED_ROUNDS: 12, wire.RUN_ID: "run-7"}
+        wire.DP_HEAD_CLIP_SHARE: 0.6, wire.DP_ACCOUNTANT: "prv", wire.DP_PLANNED_ROUNDS: 12, wire.RUN_ID: "run-7"}
     sitedp = _spec(SITEDP).to_record()
     assert {k: sitedp[k] for k in sitedp if k.startswith("dp-") or k in (wire.RUN_ID,
                                                                         wire.DP_CLIPPING_NORM)} \
@@ -194,6 +195,9 @@ def test_an_ill_typed_key_is_named(key, value, kind):
     (wire.DP_TARGET_EPSILON, -1.0, r"privacy\.epsilon must be > 0, got -1"),
     (wire.DP_MAX_GRAD_NORM, math.inf, r"privacy\.max_grad_norm must be a finite number"),
     (wire.DP_SAMPLE_RATE, 1.5, r"privacy\.sample_rate must be in \(0, 1\], got 1\.5"),
+    (wire.DP_HEAD_CLIP_SHARE, 1.0, r"privacy\.head_clip_share must be in \(0, 1\)"),
+    (wire.DP_HEAD_CLIP_SHARE, -0.5, r"privacy\.head_clip_share must be in \(0, 1\)"),
+    (wire.DP_HEAD_CLIP_SHARE, math.nan, r"privacy\.head_clip_share must be a finite number"),
     (wire.DP_ACCOUNTANT, "gdp", r"privacy\.accountant: unknown accountant 'gdp'"),
     (wire.DP_MECHANISM, "dp-sdg", r"privacy\.mechanism='dp-sdg'; choose none, dp-sgd or site-dp"),
     (wire.RUN_ID, "", r"a private run must name its run id"),

@@ -384,3 +384,15 @@ def test_a_family_wide_dp_refusal_wins_over_every_method(weights, monkeypatch):
         assert family_dp_refusal(seams, method) == "the whole family has no per-sample rule"
         model = _build(weights["dinov2"], method=method, lora_rank=2)
         assert model.dp_unsupported == "the whole family has no per-sample rule", method
+
+
+def test_per_group_clipping_finds_the_class_head_of_every_familys_lora_model(weights):
+    """``privacy.head_clip_share`` splits C between ``model.head`` and the rest: on each
+    family's LoRA model the head group is the head's Linear and nothing else (adapters and
+    patch embeddings are the other group)."""
+    for family, directory in weights.items():
+        clipper = PerSampleClipper(_build(directory, method="lora", lora_rank=2),
+                                   max_grad_norm=1.0, head_share=0.5)
+        grouped = {layer.name: inside for layer, inside in zip(clipper.layers, clipper.in_head)}
+        assert [name for name, inside in grouped.items() if inside] == ["head"], family
+        assert any("lora_" in name for name in grouped), family

@@ -23,7 +23,9 @@ mean): DP and non-DP head only, DP and non-DP LoRA; session 27: the head at its 
 rate (``train.head_lr``, the DP head-only arms' 1e-2; adapters and embeddings at lr): DP-LoRA
 standardised, and non-DP LoRA as the bench runs it; with per-group clipping
 (``privacy.head_clip_share=0.8``: the head's part of each gradient clipped to C sqrt(0.8), the
-rest to C sqrt(0.2); same noise): DP-LoRA standardised with the head's rate. Writes ``results/<--name>.json`` (never
+rest to C sqrt(0.2); same noise): DP-LoRA standardised with the head's rate, also with the
+patch embedding frozen (from an encoder of the same sequences its kernel is already the
+pretrained one; trainable, it takes ~2/3 of the noise). Writes ``results/<--name>.json`` (never
 foundation.json's figures); ratios are against the ``lora`` arm when it ran here, else
 against ``--lora-reference`` given as ``external,site_test`` (say where it came from in
 RESULTS.md). ``--seeds K``: every arm also with K - 1 more training seeds on the same
@@ -67,6 +69,7 @@ VARIANTS = {
     "dp_lora_std_hlr": ("dp_lora", [CENTRE, SCALE, HEAD_LR]),
     "lora_hlr": ("lora", [HEAD_LR]),
     "dp_lora_std_hlr_pg": ("dp_lora", [CENTRE, SCALE, HEAD_LR, HEAD_CLIP]),
+    "dp_lora_std_hlr_pg_frozen": ("dp_lora", [CENTRE, SCALE, HEAD_LR, HEAD_CLIP, FREEZE]),
 }
 SETTINGS = {"sites": fm.SITES, "patients_per_site": 600, "label_fraction": 0.1, "rounds": 20,
             "local_epochs": 5, "pretrain_rounds": 5, "pretrain_epochs": 1, "lora_rank": 8,

@@ -13,7 +13,8 @@ from protocol.accounting import ACCOUNTANTS
 
 # site-dp needs every one of the (three, in sim3) sites in every round
 SITEDP = ["privacy=sitedp", "strategy.min_train_sites=3"]
-DPSGD_ONLY_KEYS = {wire.DP_TARGET_EPSILON, wire.DP_MAX_GRAD_NORM, wire.DP_SAMPLE_RATE}
+DPSGD_ONLY_KEYS = {wire.DP_TARGET_EPSILON, wire.DP_MAX_GRAD_NORM, wire.DP_SAMPLE_RATE,
+                   wire.DP_HEAD_CLIP_SHARE}
 PRIVATE_KEYS = {wire.DP_ACCOUNTANT, wire.DP_PLANNED_ROUNDS, wire.RUN_ID,
                 wire.DP_NOISE_MULTIPLIER} | DPSGD_ONLY_KEYS
 

@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from models.metrics import SplitMetrics
+from models.tasks import trained_head
 from protocol.job import TrainConfig
 
 from .privacy.dpsgd import DPSGDConfig, PrivateGradients, poisson_batches, steps_per_epoch
@@ -56,12 +57,11 @@ def param_groups(model: nn.Module, trainable: list[nn.Parameter], config: TrainC
     """
     if config.head_lr is None:
         return [{"params": trainable}]
-    head = getattr(model, "head", None)
-    own = ({id(p) for p in head.parameters() if p.requires_grad}
-           if isinstance(head, nn.Module) else set())
-    if not own:
+    head = trained_head(model)
+    if head is None:
         raise ValueError(f"train.head_lr is set but this {type(model).__name__} has no class "
                          "head that trains here; unset train.head_lr")
+    own = {id(p) for p in head.parameters() if p.requires_grad}
     rest = [p for p in trainable if id(p) not in own]
     groups = [{"params": [p for p in trainable if id(p) in own], "lr": config.head_lr}]
     return groups + ([{"params": rest}] if rest else [])

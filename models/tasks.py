@@ -212,6 +212,15 @@ def wrap_for_finetuning(backbone: nn.Module, config) -> nn.Module:
     return backbone
 
 
+def trained_head(model: nn.Module) -> nn.Module | None:
+    """The class head (``model.head``) when it has parameters that train, else None: what
+    ``train.head_lr`` and DP-SGD's ``head_clip_share`` treat as "the head"."""
+    head = getattr(model, "head", None)
+    if isinstance(head, nn.Module) and any(p.requires_grad for p in head.parameters()):
+        return head
+    return None
+
+
 def frozen_keys(model: nn.Module) -> list[str]:
     """State-dict keys of parameters that do not train (linear probe, LoRA base weights)."""
     return [name for name, p in model.named_parameters() if not p.requires_grad]

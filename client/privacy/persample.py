@@ -45,6 +45,7 @@ from torch import Tensor, nn
 
 from models.conv_grads import (CONV_TYPES, NORM_TYPES, conv_clipped_sum, conv_per_sample,
                                conv_unsupported, norm_per_sample)
+from models.tasks import trained_head
 from models.vit import TokenEmbedding
 
 from .persample_checks import FoldsBatch, UnsupportedLayerError, admitted_layers, checked_batch
@@ -347,8 +348,8 @@ class PerSampleClipper:
 def _head_groups(model: nn.Module, layers: list[_Layer], head_share: float | None,
                  max_grad_norm: float) -> tuple[list[bool], tuple[float, float] | None]:
     """Which layers belong to ``model.head``, and the two groups' bounds (None: one bound)."""
-    head = getattr(model, "head", None)
-    inside = {id(m) for m in head.modules()} if isinstance(head, nn.Module) else set()
+    head = trained_head(model)
+    inside = {id(m) for m in head.modules()} if head is not None else set()
     in_head = [id(layer.module) in inside for layer in layers]
     if head_share is None:
         return in_head, None

@@ -152,6 +152,7 @@ def test_head_lr_is_refused_for_a_model_whose_head_does_not_train(tiny_sites):
     model = MODELS.build("mmvit", {"dim": 32, "depth": 1, "heads": 2})
     model.head.requires_grad_(False)
     engine = Engine(TASKS.build("classification", {}), torch.device("cpu"))
-    with pytest.raises(ValueError, match="train.head_lr is set but this MultiModalViT has no class head"):
+    with pytest.raises(ValueError,
+                       match="train.head_lr is set but this MultiModalViT has no class head"):
         engine.fit(model, ds, TrainConfig(lr=1e-3, head_lr=1e-2))
     engine.fit(model, ds, TrainConfig(lr=1e-3))     # without head_lr the same model trains

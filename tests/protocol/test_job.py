@@ -62,7 +62,8 @@ def test_every_field_travels_under_its_wire_key():
         wire.LOCAL_PARAMS: ["*norm*", "head.*"], wire.EVAL_MISSING: True, wire.SERVER_ROUND: 4,
         wire.DP_MECHANISM: wire.DP_SGD, wire.DP_TARGET_EPSILON: 6.0,
         wire.DP_NOISE_MULTIPLIER: 1.3, wire.DP_MAX_GRAD_NORM: 0.7, wire.DP_SAMPLE_RATE: 0.2,
-        wire.DP_HEAD_CLIP_SHARE: 0.6, wire.DP_ACCOUNTANT: "prv", wire.DP_PLANNED_ROUNDS: 12, wire.RUN_ID: "run-7"}
+        wire.DP_HEAD_CLIP_SHARE: 0.6, wire.DP_ACCOUNTANT: "prv", wire.DP_PLANNED_ROUNDS: 12,
+        wire.RUN_ID: "run-7"}
     sitedp = _spec(SITEDP).to_record()
     assert {k: sitedp[k] for k in sitedp if k.startswith("dp-") or k in (wire.RUN_ID,
                                                                         wire.DP_CLIPPING_NORM)} \

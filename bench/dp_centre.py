@@ -25,7 +25,11 @@ standardised, and non-DP LoRA as the bench runs it; with per-group clipping
 (``privacy.head_clip_share=0.8``: the head's part of each gradient clipped to C sqrt(0.8), the
 rest to C sqrt(0.2); same noise): DP-LoRA standardised with the head's rate, also with the
 patch embedding frozen (from an encoder of the same sequences its kernel is already the
-pretrained one; trainable, it takes ~2/3 of the noise). Writes ``results/<--name>.json`` (never
+pretrained one; trainable, it takes ~2/3 of the noise); session 28: self-training
+(``task.options.pseudo_label_threshold=0.9``: every site's unlabelled studies join the training
+with the received model's confident labels, one local epoch over ~10x the studies; DP-SGD's
+sample rate and accounting then cover every training study): DP-LoRA standardised with the
+head's rate, and non-DP LoRA. Writes ``results/<--name>.json`` (never
 foundation.json's figures); ratios are against the ``lora`` arm when it ran here, else
 against ``--lora-reference`` given as ``external,site_test`` (say where it came from in
 RESULTS.md). ``--seeds K``: every arm also with K - 1 more training seeds on the same
@@ -50,6 +54,9 @@ PROJ = "+model.options.project_features=16"      # of 32 public directions; pool
 HEAD = ["model.options.method=linear_probe", "train.lr=0.01"]
 HEAD_LR = "train.head_lr=0.01"   # session 27: the head at the head-only arms' rate, the rest at lr
 HEAD_CLIP = "privacy.head_clip_share=0.8"   # session 27: per-group clipping, head C sqrt(0.8)
+# session 28: self-training - each round the site also trains on the unlabelled studies the
+# received model labels with probability >= 0.9 (~10x the studies, so one local epoch)
+PSEUDO = ["task.options.pseudo_label_threshold=0.9", "train.local_epochs=1"]
 VARIANTS = {
     "dp_head": ("dp_lora", HEAD),
     "dp_head_centred": ("dp_lora", [*HEAD, CENTRE]),
@@ -70,6 +77,8 @@ VARIANTS = {
     "lora_hlr": ("lora", [HEAD_LR]),
     "dp_lora_std_hlr_pg": ("dp_lora", [CENTRE, SCALE, HEAD_LR, HEAD_CLIP]),
     "dp_lora_std_hlr_pg_frozen": ("dp_lora", [CENTRE, SCALE, HEAD_LR, HEAD_CLIP, FREEZE]),
+    "dp_lora_std_hlr_pl": ("dp_lora", [CENTRE, SCALE, HEAD_LR, *PSEUDO]),
+    "lora_pl": ("lora", PSEUDO),
 }
 SETTINGS = {"sites": fm.SITES, "patients_per_site": 600, "label_fraction": 0.1, "rounds": 20,
             "local_epochs": 5, "pretrain_rounds": 5, "pretrain_epochs": 1, "lora_rank": 8,

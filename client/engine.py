@@ -100,7 +100,10 @@ class Engine:
         # images; a plain list or ConcatDataset (tests, benchmarks) does not.
         if hasattr(data, "labels"):
             self.task.set_label_prior(data.labels)   # logit adjustment: this site's label counts
-        model.to(self.device).train()
+        model.to(self.device).eval()
+        with torch.no_grad(), autocast(self.device):    # e.g. pseudo-labels, received model
+            data = self.task.training_data(model, data)
+        model.train()
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(param_groups(model, trainable, config), lr=config.lr,
                                       weight_decay=config.weight_decay)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 from torch import Tensor, nn
+from torch.utils.data import Dataset
 
 from .text import load_tokenizer, tokenize, tokenizer_fingerprint
 from .vit import MultiModalViT
@@ -142,6 +143,11 @@ class Task(Protocol):
     def set_label_prior(self, labels: Tensor) -> None:
         """Before training: the site's training labels (-1 = unlabelled)."""
 
+    def training_data(self, model: nn.Module, data: Dataset) -> Dataset:
+        """Before training, after ``set_label_prior``: the dataset the round trains on, e.g.
+        ``data`` with pseudo-labels from ``model`` as received (one label per study, each a
+        function of that study and the received model only, so DP-SGD stays per-sample)."""
+
     def after_step(self, model: nn.Module) -> None:
         """After each optimizer step (e.g. an EMA teacher)."""
 
@@ -185,6 +191,9 @@ class TaskBase:
 
     def set_label_prior(self, labels: Tensor) -> None:
         return None
+
+    def training_data(self, model: nn.Module, data: Dataset) -> Dataset:
+        return data
 
     def after_step(self, model: nn.Module) -> None:
         return None

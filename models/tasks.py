@@ -11,6 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.data import Dataset, default_collate
 
 from .evaluation import ClassificationEvaluator, MultiLabelEvaluator
 from .metrics import MAX_CATEGORIES
@@ -58,6 +59,14 @@ class ClassificationConfig:
     # features (FedDecorr, Shi et al. 2023: against the dimensional collapse of local models
     # under label skew). Couples the batch, so refused under DP-SGD (see batch_coupling).
     feature_decorrelation: float = 0.0
+    # tau in (1/num_classes, 1]: each round, before training, the site labels every
+    # unlabelled training study (label hidden by label_fraction, or none) whose class
+    # probability under the model as received is >= tau with that class, and trains on them
+    # too with weight pseudo_label_weight (self-training). Each pseudo-label depends on its
+    # own study and the received model only: DP-SGD stays per-sample, and its sample rate
+    # and accounting cover every training study. 0 = off (labelled studies only).
+    pseudo_label_threshold: float = 0.0
+    pseudo_label_weight: float = 1.0
 
     def __post_init__(self):
         if not 2 <= self.num_classes <= MAX_CATEGORIES:
@@ -71,6 +80,13 @@ class ClassificationConfig:
         if not self.feature_decorrelation >= 0.0:
             raise ValueError(f"feature_decorrelation must be >= 0, got "
                              f"{self.feature_decorrelation}")
+        tau = self.pseudo_label_threshold
+        if not (tau == 0.0 or 1.0 / self.num_classes < tau <= 1.0):
+            raise ValueError(f"pseudo_label_threshold must be 0 (off) or in (1/num_classes, 1] "
+                             f"= ({1 / self.num_classes:.3g}, 1], got {tau}")
+        if not 0.0 <= self.pseudo_label_weight < float("inf"):
+            raise ValueError(f"pseudo_label_weight must be finite and >= 0, got "
+                             f"{self.pseudo_label_weight}")
 
 
 @dataclass(frozen=True)
@@ -226,6 +242,46 @@ def frozen_keys(model: nn.Module) -> list[str]:
     return [name for name, p in model.named_parameters() if not p.requires_grad]
 
 
+def pseudo_labels(model: nn.Module, data: Dataset, labels: Tensor, threshold: float,
+                  weight: float, batch_size: int = 64) -> tuple[Tensor, Tensor]:
+    """Labels and per-study loss weights for ``data``: a labelled study keeps its label
+    (weight 1); an unlabelled one (-1) gets ``model``'s most probable class where that
+    probability is >= ``threshold`` (weight ``weight``), else stays -1 (weight 0). Each study
+    is judged on its own: nothing depends on the other studies."""
+    assigned = labels.clone()
+    weights = (labels >= 0).float()
+    device = next(model.parameters()).device
+    unlabelled = (labels < 0).nonzero().flatten()
+    for chunk in unlabelled.split(batch_size) if len(unlabelled) else ():
+        batch = default_collate([data[int(i)] for i in chunk])
+        logits = model(batch["image"].to(device), batch["present"].to(device))
+        confidence, predicted = logits.float().softmax(1).max(1)
+        sure = (confidence >= threshold).cpu()
+        assigned[chunk[sure]] = predicted.cpu()[sure]
+        weights[chunk[sure]] = weight
+    return assigned, weights
+
+
+class Relabelled(Dataset):
+    """``data`` with its labels replaced (``labels``, -1 = none) and a per-study
+    ``label_weight`` added to every item."""
+
+    def __init__(self, data: Dataset, labels: Tensor, weights: Tensor):
+        if not len(labels) == len(weights) == len(data):
+            raise ValueError("one label and one weight per study")
+        self.data, self.assigned, self.weights = data, labels, weights
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    @property
+    def labels(self) -> Tensor:
+        return self.assigned
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        return dict(self.data[i]) | {"label": self.assigned[i], "label_weight": self.weights[i]}
+
+
 class ClassificationTask(TaskBase):
     """Multi-class classification of a study from all its present sequences.
 
@@ -252,8 +308,10 @@ class ClassificationTask(TaskBase):
 
     @property
     def data_needs(self) -> DataNeeds:
-        # uses_unlabelled: MM-DINOv2 derives from this task and learns from every study
-        return DataNeeds(unlabelled=self.uses_unlabelled, label_fraction=self.config.label_fraction)
+        # uses_unlabelled: MM-DINOv2 derives from this task and learns from every study;
+        # pseudo-labels need the unlabelled studies too
+        unlabelled = self.uses_unlabelled or self.config.pseudo_label_threshold > 0
+        return DataNeeds(unlabelled=unlabelled, label_fraction=self.config.label_fraction)
 
     def set_label_prior(self, labels: Tensor) -> None:
         """The site's training label frequencies (add-one smoothed) for ``logit_adjustment``;
@@ -262,6 +320,19 @@ class ClassificationTask(TaskBase):
         counts = torch.bincount(labels[labels >= 0], minlength=self.config.num_classes)
         counts = counts[:self.config.num_classes].double() + 1
         self.log_prior = (counts / counts.sum()).log().float()
+
+    def training_data(self, model: nn.Module, data: Dataset) -> Dataset:
+        """With ``pseudo_label_threshold``: ``data`` with its confident unlabelled studies
+        labelled by ``model`` (the engine calls this with the received model, in eval mode,
+        under no_grad); otherwise ``data`` itself."""
+        tau = self.config.pseudo_label_threshold
+        if not tau:
+            return data
+        labels = torch.as_tensor(data.labels).long()
+        assigned, weights = pseudo_labels(model, data, labels, tau, self.config.pseudo_label_weight)
+        log.info("pseudo-labels: %d of %d unlabelled training studies at threshold %g",
+                 int(((labels < 0) & (assigned >= 0)).sum()), int((labels < 0).sum()), tau)
+        return Relabelled(data, assigned, weights)
 
     def wrap(self, backbone: nn.Module) -> nn.Module:
         return wrap_for_finetuning(backbone, self.config)
@@ -282,10 +353,19 @@ class ClassificationTask(TaskBase):
                 raise RuntimeError("logit_adjustment needs the site's label prior: call "
                                    "set_label_prior before training")
             scores = scores + tau * self.log_prior.to(scores.device)
-        loss = F.cross_entropy(scores, labels, label_smoothing=self.config.label_smoothing)
+        weight = batch.get("label_weight")
+        if weight is None:
+            loss = F.cross_entropy(scores, labels, label_smoothing=self.config.label_smoothing)
+            acc = (logits.argmax(1) == labels).float().mean().item()
+        else:   # pseudo-labelled data: per-sample weights (0: no label), over the whole batch
+            per_sample = F.cross_entropy(scores, labels.clamp(min=0), reduction="none",
+                                         label_smoothing=self.config.label_smoothing)
+            loss = (per_sample * weight.to(per_sample.dtype)).sum() / labels.numel()
+            known = labels >= 0
+            acc = (logits.argmax(1) == labels)[known].float().mean().item() if known.any() \
+                else 0.0
         if beta and labels.numel() > 1:
             loss = loss + beta * decorrelation_loss(features.float())
-        acc = (logits.argmax(1) == labels).float().mean().item()
         return StepOutput(loss, int(labels.numel()), {"accuracy": acc})
 
     def evaluator(self) -> ClassificationEvaluator:

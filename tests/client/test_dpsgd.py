@@ -593,3 +593,32 @@ def test_task_loss_is_a_mean_of_per_sample_terms(task, reference):
     per = F.cross_entropy(logits, batch["label"], reduction="none")
     assert type(task).batch_coupling is None
     torch.testing.assert_close(out.loss * out.n, per.sum())
+
+
+@pytest.mark.parametrize("config", [SMALL, WIDE], ids=["direct", "ghost"])
+def test_pseudo_labelled_batch_per_sample_gradients_are_exact(config):
+    """Self-training under DP-SGD (``pseudo_label_threshold``): a batch mixing true labels,
+    pseudo-labels (weight 0.5) and studies left without a label (weight 0). Each sample's
+    clipped gradient is its own one-sample gradient; one without a label contributes none."""
+    task = TASKS.build("classification", {"pseudo_label_threshold": 0.9,
+                                          "pseudo_label_weight": 0.5})
+    batch = _batch(config) | {"label": torch.tensor([0, -1, 2, 1, -1, 2]),
+                              "label_weight": torch.tensor([1.0, 0.0, 0.5, 1.0, 0.0, 0.5],
+                                                           dtype=torch.float64)}
+    model = _vit(config)
+    params = list(model.parameters())
+    per_sample = []
+    for i in range(N):
+        model.zero_grad(set_to_none=True)
+        _summed_loss(model, task, {k: v[i:i + 1] for k, v in batch.items()}).backward()
+        per_sample.append([torch.zeros_like(p) if p.grad is None else p.grad.clone()
+                           for p in params])
+    norms = torch.stack([torch.sqrt(sum(g.square().sum() for g in grads)) for grads in per_sample])
+    assert norms[[1, 4]].tolist() == [0.0, 0.0] and (norms[[0, 2, 3, 5]] > 0).all()
+    c = float(norms[[0, 2, 3, 5]].median())
+    clipper = _clipper_pass(model, task, batch, max_grad_norm=c)
+    torch.testing.assert_close(clipper.per_sample_norms(), norms, rtol=0, atol=ATOL)
+    got, _ = clipper.clipped_sum()
+    want = _reference_clipped_sum(per_sample, c)
+    for p, w in zip(params, want):
+        torch.testing.assert_close(got[p], w, rtol=0, atol=ATOL)

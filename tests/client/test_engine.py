@@ -156,3 +156,45 @@ def test_head_lr_is_refused_for_a_model_whose_head_does_not_train(tiny_sites):
                        match="train.head_lr is set but this MultiModalViT has no class head"):
         engine.fit(model, ds, TrainConfig(lr=1e-3, head_lr=1e-2))
     engine.fit(model, ds, TrainConfig(lr=1e-3))     # without head_lr the same model trains
+
+
+@pytest.mark.parametrize("private", [False, True], ids=["sgd", "dp-sgd"])
+def test_pseudo_labels_come_from_the_received_model_before_training(tiny_sites, private):
+    """The engine asks the task for the round's training data once, before the first step,
+    from the model as received (eval mode, no graph); the steps then see its labels."""
+    from client.privacy.dpsgd import DPSGDConfig
+    from client.runtime import label_subset
+    from models.tasks import ClassificationConfig, ClassificationTask
+
+    data = load_site(tiny_sites / "site-0", CLASSES)
+    studies = label_subset(data.split("train", labelled_only=False), 0.5, keep_unlabelled=True)
+    ds = StudyDataset(studies, image_size=64)
+    assert (ds.labels < 0).any() and (ds.labels >= 0).any()
+    torch.manual_seed(0)
+    model = MODELS.build("mmvit", {"dim": 32, "depth": 1, "heads": 2})
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.copy_(torch.tensor([0.0, 0.0, 20.0]))   # sure of class 2 everywhere
+    received = {k: v.clone() for k, v in model.state_dict().items()}
+    seen = {"calls": [], "labels": []}
+
+    class Spy(ClassificationTask):
+        def training_data(self, model, data):
+            state = model.state_dict()
+            seen["calls"].append((model.training, torch.is_grad_enabled(),
+                                  all(torch.equal(state[k], v) for k, v in received.items())))
+            return super().training_data(model, data)
+
+        def step(self, model, batch):
+            seen["labels"].append(batch["label"].clone())
+            assert "label_weight" in batch
+            return super().step(model, batch)
+
+    task = Spy(ClassificationConfig(pseudo_label_threshold=0.9))
+    privacy = (DPSGDConfig(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.5,
+                           secure_mode=False) if private else None)
+    Engine(task, torch.device("cpu")).fit(model, ds, TrainConfig(local_epochs=2, batch_size=8),
+                                          privacy=privacy)
+    assert seen["calls"] == [(False, False, True)]
+    labels = torch.cat(seen["labels"])
+    assert (labels == 2).sum() > (ds.labels == 2).sum() * 2 and (labels >= 0).all()

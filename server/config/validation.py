@@ -68,6 +68,12 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         check_resume_dir(Path(cfg.resume))      # a run dir, or a two-phase run's (pretrain/)
     if len(set(cfg.task.class_names)) != len(cfg.task.class_names) or len(cfg.task.class_names) < 2:
         raise ConfigError("task.class_names must list at least two distinct classes")
+    if cfg.train.head_lr is not None or cfg.privacy.head_clip_share is not None:
+        if TASKS.factory(cfg.task.name).uses_unlabelled:    # known: config() passed above
+            raise ConfigError(f"train.head_lr and privacy.head_clip_share treat a class head "
+                              f"apart, and the {cfg.task.name} objective's model has none; "
+                              "unset them (in a pretrain -> fine-tune run they apply to "
+                              "fine-tuning only)")
     validate_layout(cfg)
     validate_privacy(cfg)
     validate_secagg(cfg)

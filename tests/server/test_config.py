@@ -97,3 +97,24 @@ def test_chest_reports_fit_the_radiology_vocabulary_and_not_the_default():
         cut[name] = out["truncated"].float().mean().item()
     assert cut["radiology"] == 0.0
     assert cut["default"] > 0.2          # what pretrain=clip_chest is for (27.6% at seed 0)
+
+
+def test_the_heads_rate_and_per_group_clipping_are_fine_tuning_settings():
+    """An objective's model has no class head to treat apart: sites refuse train.head_lr /
+    privacy.head_clip_share for it. A two-phase run keeps them for fine-tuning only (phase 1
+    went out with them, and every site refused it); a run of the objective alone is refused
+    by the checks at config load, before any site is asked."""
+    two = load_experiment(["pretrain=mae", "privacy=dpsgd", "train.head_lr=0.01",
+                           "privacy.head_clip_share=0.8"])
+    assert (two.train.head_lr, two.privacy.head_clip_share) == (0.01, 0.8)
+    phase1 = two.pretrain_phase()
+    assert (phase1.train.head_lr, phase1.privacy.head_clip_share) == (None, None)
+    assert phase1.privacy.mechanism == two.privacy.mechanism
+    from dataclasses import replace
+
+    from server.config.validation import validate
+
+    validate(phase1)
+    for alone in (replace(phase1, train=two.train), replace(phase1, privacy=two.privacy)):
+        with pytest.raises(ConfigError, match="the mae objective's model has none"):
+            validate(alone)

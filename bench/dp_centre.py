@@ -79,6 +79,7 @@ VARIANTS = {
     "dp_lora_std_hlr_pg_frozen": ("dp_lora", [CENTRE, SCALE, HEAD_LR, HEAD_CLIP, FREEZE]),
     "dp_lora_std_hlr_pl": ("dp_lora", [CENTRE, SCALE, HEAD_LR, *PSEUDO]),
     "lora_pl": ("lora", PSEUDO),
+    "lora_e1": ("lora", ["train.local_epochs=1"]),     # what one local epoch alone costs
 }
 SETTINGS = {"sites": fm.SITES, "patients_per_site": 600, "label_fraction": 0.1, "rounds": 20,
             "local_epochs": 5, "pretrain_rounds": 5, "pretrain_epochs": 1, "lora_rank": 8,

@@ -57,6 +57,8 @@ HEAD_CLIP = "privacy.head_clip_share=0.8"   # session 27: per-group clipping, he
 # session 28: self-training - each round the site also trains on the unlabelled studies the
 # received model labels with probability >= 0.9 (~10x the studies, so one local epoch)
 PSEUDO = ["task.options.pseudo_label_threshold=0.9", "train.local_epochs=1"]
+PSEUDO_GENTLE = ["task.options.pseudo_label_threshold=0.97", "task.options.pseudo_label_weight=0.3",
+                 "train.local_epochs=1"]
 VARIANTS = {
     "dp_head": ("dp_lora", HEAD),
     "dp_head_centred": ("dp_lora", [*HEAD, CENTRE]),
@@ -80,6 +82,9 @@ VARIANTS = {
     "dp_lora_std_hlr_pl": ("dp_lora", [CENTRE, SCALE, HEAD_LR, *PSEUDO]),
     "lora_pl": ("lora", PSEUDO),
     "lora_e1": ("lora", ["train.local_epochs=1"]),     # what one local epoch alone costs
+    # gentler: only near-certain labels (0.97), each at 0.3 of a true label's weight
+    "dp_lora_std_hlr_pl2": ("dp_lora", [CENTRE, SCALE, HEAD_LR, *PSEUDO_GENTLE]),
+    "lora_pl2": ("lora", PSEUDO_GENTLE),
 }
 SETTINGS = {"sites": fm.SITES, "patients_per_site": 600, "label_fraction": 0.1, "rounds": 20,
             "local_epochs": 5, "pretrain_rounds": 5, "pretrain_epochs": 1, "lora_rank": 8,

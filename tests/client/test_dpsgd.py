@@ -84,17 +84,25 @@ def reference(task, request):
     """Per-sample gradients (parameter order of ``_vit()``) from one backward pass per sample,
     for a model whose Linear norms take each path."""
     config = {"direct": SMALL, "ghost": WIDE}[request.param]
-    model, batch = _vit(config), _batch(config)
+    batch = _batch(config)
+    per_sample, norms = _one_by_one(_vit(config), task, batch)
+    return {"batch": batch, "per_sample": per_sample, "norms": norms, "config": config,
+            "path": request.param}
+
+
+def _one_by_one(model: nn.Module, task, batch: dict[str, Tensor]
+                ) -> tuple[list[list[Tensor]], Tensor]:
+    """Each sample's gradient (parameter order of ``model``) from a backward pass of its own,
+    and the norms of those gradients."""
     params = list(model.parameters())
     per_sample = []
-    for i in range(N):
+    for i in range(len(batch["label"])):
         model.zero_grad(set_to_none=True)
         _summed_loss(model, task, {k: v[i:i + 1] for k, v in batch.items()}).backward()
         per_sample.append([torch.zeros_like(p) if p.grad is None else p.grad.clone()
                            for p in params])
     norms = torch.stack([torch.sqrt(sum(g.square().sum() for g in grads)) for grads in per_sample])
-    return {"batch": batch, "per_sample": per_sample, "norms": norms, "config": config,
-            "path": request.param}
+    return per_sample, norms
 
 
 # ---------------------------------------------------------------- per-sample clipping (exact)
@@ -607,13 +615,7 @@ def test_pseudo_labelled_batch_per_sample_gradients_are_exact(config):
                                                            dtype=torch.float64)}
     model = _vit(config)
     params = list(model.parameters())
-    per_sample = []
-    for i in range(N):
-        model.zero_grad(set_to_none=True)
-        _summed_loss(model, task, {k: v[i:i + 1] for k, v in batch.items()}).backward()
-        per_sample.append([torch.zeros_like(p) if p.grad is None else p.grad.clone()
-                           for p in params])
-    norms = torch.stack([torch.sqrt(sum(g.square().sum() for g in grads)) for grads in per_sample])
+    per_sample, norms = _one_by_one(model, task, batch)
     assert norms[[1, 4]].tolist() == [0.0, 0.0] and (norms[[0, 2, 3, 5]] > 0).all()
     c = float(norms[[0, 2, 3, 5]].median())
     clipper = _clipper_pass(model, task, batch, max_grad_norm=c)

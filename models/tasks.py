@@ -247,13 +247,15 @@ def pseudo_labels(model: nn.Module, data: Dataset, labels: Tensor, threshold: fl
     """Labels and per-study loss weights for ``data``: a labelled study keeps its label
     (weight 1); an unlabelled one (-1) gets ``model``'s most probable class where that
     probability is >= ``threshold`` (weight ``weight``), else stays -1 (weight 0). Each study
-    is judged on its own: nothing depends on the other studies."""
+    is judged on its own: nothing depends on the other studies. The model sees each study
+    without augmentation where ``data`` offers it (``data.plain(i)``)."""
     assigned = labels.clone()
     weights = (labels >= 0).float()
     device = next(model.parameters()).device
+    item = getattr(data, "plain", data.__getitem__)
     unlabelled = (labels < 0).nonzero().flatten()
     for chunk in unlabelled.split(batch_size) if len(unlabelled) else ():
-        batch = default_collate([data[int(i)] for i in chunk])
+        batch = default_collate([item(int(i)) for i in chunk])
         logits = model(batch["image"].to(device), batch["present"].to(device))
         confidence, predicted = logits.float().softmax(1).max(1)
         sure = (confidence >= threshold).cpu()

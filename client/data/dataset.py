@@ -116,6 +116,11 @@ class StudyDataset(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
+    def plain(self, i: int) -> dict[str, torch.Tensor]:
+        """Item ``i``'s image and present sequences without augmentation: what a model is
+        asked about the study itself (e.g. for its pseudo-label)."""
+        return {"image": self.image(i), "present": self.items[i][1]}
+
     @property
     def labels(self) -> torch.Tensor:
         """``[N]`` labels of the studies (-1: unlabelled), without loading any image."""

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+import torch
 from pydicom.data import get_testdata_file
 
 from client.data.dataset import StudyDataset
@@ -169,3 +170,13 @@ def test_multi_label_findings_are_read_as_bitmasks(tiny_sites, tmp_path):
     changed = load_site(site, FINDING_NAMES, multi_label=True)
     assert changed.report.labels["unknown_label"] == data.report.labels["oedema"] > 0
     assert all(s.label < 0 or not s.label >> 2 & 1 for s in changed.studies)
+
+
+def test_study_dataset_plain_is_the_prepared_study_before_augmentation(tiny_sites):
+    studies = load_site(tiny_sites / "site-0", CLASSES).split("train", labelled_only=True)[:3]
+    augmented = StudyDataset(studies, 32, augment=True)
+    plain = StudyDataset(studies, 32)
+    for i in range(3):
+        assert torch.equal(augmented.plain(i)["image"], plain[i]["image"])
+        assert torch.equal(augmented.plain(i)["present"], plain[i]["present"])
+    assert any(not torch.equal(augmented[i]["image"], plain[i]["image"]) for i in range(3))

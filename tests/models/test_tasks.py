@@ -117,6 +117,22 @@ def test_pseudo_labels_only_unlabelled_confident_studies_each_on_its_own():
     assert pseudo_labels(model, data, data.labels, 0.9, 0.5, batch_size=1)[0].equal(labels)
 
 
+def test_pseudo_labels_are_asked_of_the_study_without_augmentation():
+    from models.tasks import pseudo_labels
+
+    class Augmented(Studies):
+        def __getitem__(self, i):             # the training view: a dark random crop, say
+            return super().__getitem__(i) | {"image": torch.zeros(4, 8, 8)}
+
+        def plain(self, i):
+            return {k: v for k, v in super().__getitem__(i).items() if k != "label"}
+
+    data = _studies()
+    augmented = Augmented(data.images, data.labels)
+    assert pseudo_labels(Biased(), augmented, data.labels, 0.9, 1.0)[0].tolist() == \
+        [0, 1, 2, -1, 2, -1]
+
+
 def test_pseudo_labelled_step_is_a_sum_of_per_sample_terms_over_the_whole_batch():
     """DP-SGD differentiates loss * n as the sum of per-sample losses: a study without a
     label contributes exactly 0, and no sample's term is scaled by how many others have a

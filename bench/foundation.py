@@ -157,6 +157,9 @@ class _TimedTask:
     def set_label_prior(self, labels) -> None:
         self.task.set_label_prior(labels)
 
+    def training_data(self, model, data):
+        return self.task.training_data(model, data)
+
     def step(self, model, batch):
         out = self.task.step(model, batch)
         self.losses.append(out.loss.detach())

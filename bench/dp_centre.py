@@ -29,7 +29,9 @@ pretrained one; trainable, it takes ~2/3 of the noise); session 28: self-trainin
 (``task.options.pseudo_label_threshold=0.9``: every site's unlabelled studies join the training
 with the received model's confident labels, one local epoch over ~10x the studies; DP-SGD's
 sample rate and accounting then cover every training study): DP-LoRA standardised with the
-head's rate, and non-DP LoRA. Writes ``results/<--name>.json`` (never
+head's rate, and non-DP LoRA; session 29: linear probing then fine-tuning
+(``train.head_only_rounds=5``: rounds 1-5 train the head alone), DP-LoRA standardised with
+the head's rate, and non-DP LoRA. Writes ``results/<--name>.json`` (never
 foundation.json's figures); ratios are against the ``lora`` arm when it ran here, else
 against ``--lora-reference`` given as ``external,site_test`` (say where it came from in
 RESULTS.md). ``--seeds K``: every arm also with K - 1 more training seeds on the same
@@ -59,6 +61,7 @@ HEAD_CLIP = "privacy.head_clip_share=0.8"   # session 27: per-group clipping, he
 PSEUDO = ["task.options.pseudo_label_threshold=0.9", "train.local_epochs=1"]
 PSEUDO_GENTLE = ["task.options.pseudo_label_threshold=0.97", "task.options.pseudo_label_weight=0.3",
                  "train.local_epochs=1"]
+LP5 = "train.head_only_rounds=5"
 VARIANTS = {
     "dp_head": ("dp_lora", HEAD),
     "dp_head_centred": ("dp_lora", [*HEAD, CENTRE]),
@@ -88,6 +91,10 @@ VARIANTS = {
     # gentler: only near-certain labels (0.97), each at 0.3 of a true label's weight
     "dp_lora_std_hlr_pl2": ("dp_lora", [CENTRE, SCALE, HEAD_LR, *PSEUDO_GENTLE]),
     "lora_pl2": ("lora", PSEUDO_GENTLE),
+    # session 29: linear probing, then fine-tuning - rounds 1-5 of 20 train the head alone
+    # (the adapters get no noise while the head, ~97% of the first gradients' norm, settles)
+    "dp_lora_std_hlr_lp5": ("dp_lora", [CENTRE, SCALE, HEAD_LR, LP5]),
+    "lora_lp5": ("lora", [LP5]),
 }
 SETTINGS = {"sites": fm.SITES, "patients_per_site": 600, "label_fraction": 0.1, "rounds": 20,
             "local_epochs": 5, "pretrain_rounds": 5, "pretrain_epochs": 1, "lora_rank": 8,

@@ -53,6 +53,8 @@ class TrainSettings:
     weight_decay: float = 0.05
     head_lr: float | None = None    # the class head's own learning rate (None: lr), e.g. a
                                     # fresh head on a pretrained backbone under DP-SGD
+    head_only_rounds: int = 0       # rounds 1..k train the class head alone (the rest frozen
+                                    # that round: linear probing, then fine-tuning)
 
     def __post_init__(self):
         for name in ("lr", "weight_decay"):
@@ -64,6 +66,8 @@ class TrainSettings:
         for name in ("local_epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise SpecError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.head_only_rounds < 0:
+            raise SpecError(f"train.head_only_rounds must be >= 0, got {self.head_only_rounds}")
         if not self.lr > 0:
             raise SpecError(f"train.lr must be > 0, got {self.lr}")
         if self.weight_decay < 0:
@@ -75,6 +79,8 @@ class TrainConfig(TrainSettings):
     """One site's training of one round: what ``client.engine.Engine.fit`` runs."""
     proximal_mu: float = 0.0        # FedProx: adds (mu/2) * ||w - w_start||^2 to the loss
     seed: int = 0                   # data order / Poisson sampling stream (per site: site_seed)
+    head_only: bool = False         # this round trains the class head alone (set by for_site
+                                    # from head_only_rounds and the round)
 
     def __post_init__(self):
         super().__post_init__()
@@ -256,9 +262,11 @@ class JobSpec:
                                           # brain_mri_4seq reader (and a byte-identical record)
 
     def for_site(self, site: int) -> JobSpec:
-        """This job at one site: its own data-order/noise stream for this round."""
-        return replace(self, train=replace(self.train,
-                                           seed=site_seed(self.seed, site, self.server_round)))
+        """This job at one site: its own data-order/noise stream for this round, and whether
+        this round trains the class head alone."""
+        return replace(self, train=replace(
+            self.train, seed=site_seed(self.seed, site, self.server_round),
+            head_only=1 <= self.server_round <= self.train.head_only_rounds))
 
     def build(self, *, foundation_dir=None):
         """``(model, task)``: the backbone wrapped by the task (heads, adapters, freezing).
@@ -295,6 +303,7 @@ class JobSpec:
             wire.EVAL_MISSING: self.evaluate_missing,
             wire.SERVER_ROUND: self.server_round,
         } | ({wire.HEAD_LR: float(t.head_lr)} if t.head_lr is not None else {})
+          | ({wire.HEAD_ONLY_ROUNDS: t.head_only_rounds} if t.head_only_rounds else {})
           | ({wire.BASE_DIGEST: self.base_digest} if self.base_digest else {})
           | ({wire.DATA_LAYOUT: json.dumps(self.layout.to_dict(), sort_keys=True)}
              if self.layout is not None else {}))
@@ -318,6 +327,7 @@ class JobSpec:
                                 batch_size=get(wire.BATCH_SIZE, int), lr=get(wire.LR, float),
                                 weight_decay=get(wire.WEIGHT_DECAY, float),
                                 head_lr=get(wire.HEAD_LR, float, None),
+                                head_only_rounds=get(wire.HEAD_ONLY_ROUNDS, int, 0),
                                 proximal_mu=get(wire.PROXIMAL_MU, float, TrainConfig.proximal_mu),
                                 seed=seed)
         except JobError:

@@ -210,7 +210,8 @@ class ExperimentConfig:
     def pretrain_phase(self) -> ExperimentConfig:
         """Phase 1 as an experiment of its own: the objective as task, its rounds, its
         registered model; everything else (sites, strategy, privacy) as configured - but for
-        the class head's own rate and per-group clipping, fine-tuning settings: an objective's
+        the class head's own rate, head-only rounds and per-group clipping, fine-tuning
+        settings: an objective's
         model has no class head to treat apart (``models.tasks.trained_head``), so sites
         would refuse phase 1 with them."""
         p = self.pretrain
@@ -220,7 +221,7 @@ class ExperimentConfig:
                 "label_fraction" in _fields_of(p.objective):
             options.setdefault("label_fraction", self.task.options["label_fraction"])
         train = replace(self.train, local_epochs=p.local_epochs or self.train.local_epochs,
-                        lr=p.lr or self.train.lr, head_lr=None)
+                        lr=p.lr or self.train.lr, head_lr=None, head_only_rounds=0)
         return replace(self, name=f"{self.name}-pretrain",
                        task=replace(self.task, name=p.objective, options=options),
                        train=train, pretrain=PretrainConfig(),

@@ -68,12 +68,18 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         check_resume_dir(Path(cfg.resume))      # a run dir, or a two-phase run's (pretrain/)
     if len(set(cfg.task.class_names)) != len(cfg.task.class_names) or len(cfg.task.class_names) < 2:
         raise ConfigError("task.class_names must list at least two distinct classes")
-    if cfg.train.head_lr is not None or cfg.privacy.head_clip_share is not None:
-        if TASKS.factory(cfg.task.name).uses_unlabelled:    # known: config() passed above
-            raise ConfigError(f"train.head_lr and privacy.head_clip_share treat a class head "
-                              f"apart, and the {cfg.task.name} objective's model has none; "
-                              "unset them (in a pretrain -> fine-tune run they apply to "
-                              "fine-tuning only)")
+    head_settings = [name for name, on in (("train.head_lr", cfg.train.head_lr is not None),
+                                           ("train.head_only_rounds", cfg.train.head_only_rounds),
+                                           ("privacy.head_clip_share",
+                                            cfg.privacy.head_clip_share is not None)) if on]
+    if head_settings and TASKS.factory(cfg.task.name).uses_unlabelled:   # known: config() passed
+        raise ConfigError(f"{' and '.join(head_settings)} treat a class head apart, and the "
+                          f"{cfg.task.name} objective's model has none; unset them (in a "
+                          "pretrain -> fine-tune run they apply to fine-tuning only)")
+    if cfg.train.head_only_rounds >= fed.num_rounds:
+        raise ConfigError(f"train.head_only_rounds={cfg.train.head_only_rounds} covers every one "
+                          f"of the {fed.num_rounds} rounds: nothing but the head would train; "
+                          "for a linear probe use model.options.method=linear_probe")
     validate_layout(cfg)
     validate_privacy(cfg)
     validate_secagg(cfg)

@@ -158,6 +158,45 @@ def test_head_lr_is_refused_for_a_model_whose_head_does_not_train(tiny_sites):
     engine.fit(model, ds, TrainConfig(lr=1e-3))     # without head_lr the same model trains
 
 
+@pytest.mark.parametrize("private,share", [(False, None), (True, None), (True, 0.5)],
+                         ids=["sgd", "dp-sgd", "dp-sgd-per-group"])
+def test_a_head_only_round_trains_the_head_alone_and_returns_the_rest_as_received(
+        tiny_sites, private, share):
+    """``train.head_only_rounds``: in such a round every other trainable tensor comes back
+    bit for bit (DP-SGD neither clips nor noises it), the head moves, and afterwards the
+    model trains whole again (the pause is undone)."""
+    from client.privacy.dpsgd import DPSGDConfig
+
+    data = load_site(tiny_sites / "site-0", CLASSES)
+    ds = StudyDataset(data.split("train", labelled_only=True)[:8], image_size=64)
+    torch.manual_seed(0)
+    model = MODELS.build("mmvit", {"dim": 32, "depth": 1, "heads": 2})
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    engine = Engine(TASKS.build("classification", {}), torch.device("cpu"))
+    privacy = (DPSGDConfig(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=1.0,
+                           secure_mode=False, head_clip_share=share) if private else None)
+    engine.fit(model, ds, TrainConfig(local_epochs=1, batch_size=8, lr=1e-2, head_only=True),
+               privacy=privacy)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == {"head.weight", "head.bias"}
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
+    engine.fit(model, ds, TrainConfig(local_epochs=1, batch_size=8, lr=1e-2), privacy=privacy)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert len(changed) > 2 and not changed - trainable
+
+
+def test_a_head_only_round_is_refused_for_a_model_whose_head_does_not_train(tiny_sites):
+    data = load_site(tiny_sites / "site-0", CLASSES)
+    ds = StudyDataset(data.split("train", labelled_only=True)[:4], image_size=64)
+    model = MODELS.build("mmvit", {"dim": 32, "depth": 1, "heads": 2})
+    model.head.requires_grad_(False)
+    engine = Engine(TASKS.build("classification", {}), torch.device("cpu"))
+    with pytest.raises(ValueError, match="train.head_only_rounds is set but this MultiModalViT"):
+        engine.fit(model, ds, TrainConfig(lr=1e-3, head_only=True))
+    assert model.blocks[0].attn.qkv.weight.requires_grad    # nothing left paused
+
+
 @pytest.mark.parametrize("private", [False, True], ids=["sgd", "dp-sgd"])
 def test_pseudo_labels_come_from_the_received_model_before_training(tiny_sites, private):
     """The engine asks the task for the round's training data once, before the first step,

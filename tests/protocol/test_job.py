@@ -30,7 +30,7 @@ def _spec(privacy: PrivacySpec = DPSGD, **changes) -> JobSpec:
         task_name="classification", task_options={"num_classes": 3, "label_smoothing": 0.1},
         class_names=("a", "b", "c"), image_size=32,
         train=TrainConfig(local_epochs=3, batch_size=5, lr=0.02, weight_decay=0.1,
-                          head_lr=0.05, proximal_mu=0.01, seed=42),
+                          head_lr=0.05, head_only_rounds=6, proximal_mu=0.01, seed=42),
         privacy=privacy, seed=42, personalize=True, local_params=("*norm*", "head.*"),
         evaluate_missing=True, server_round=4)
     return JobSpec(**(fields | changes))
@@ -58,7 +58,7 @@ def test_every_field_travels_under_its_wire_key():
         wire.TASK_OPTIONS: '{"label_smoothing": 0.1, "num_classes": 3}',
         wire.CLASS_NAMES: ["a", "b", "c"], wire.IMAGE_SIZE: 32,
         wire.LOCAL_EPOCHS: 3, wire.BATCH_SIZE: 5, wire.LR: 0.02, wire.WEIGHT_DECAY: 0.1,
-        wire.HEAD_LR: 0.05, wire.PROXIMAL_MU: 0.01, wire.SEED: 42, wire.PERSONALIZE: True,
+        wire.HEAD_LR: 0.05, wire.HEAD_ONLY_ROUNDS: 6, wire.PROXIMAL_MU: 0.01, wire.SEED: 42, wire.PERSONALIZE: True,
         wire.LOCAL_PARAMS: ["*norm*", "head.*"], wire.EVAL_MISSING: True, wire.SERVER_ROUND: 4,
         wire.DP_MECHANISM: wire.DP_SGD, wire.DP_TARGET_EPSILON: 6.0,
         wire.DP_NOISE_MULTIPLIER: 1.3, wire.DP_MAX_GRAD_NORM: 0.7, wire.DP_SAMPLE_RATE: 0.2,
@@ -94,7 +94,7 @@ def test_the_server_job_decodes_at_the_site_as_configured(server_dpsgd):
     spec = JobSpec.from_record(job_config(cfg, "run-x"))
     assert spec == cfg.job_spec("run-x")
     assert dataclasses.asdict(spec.train) == dataclasses.asdict(cfg.train) | {
-        "proximal_mu": 0.0, "seed": cfg.seed}
+        "proximal_mu": 0.0, "seed": cfg.seed, "head_only": False}
     assert dataclasses.asdict(spec.privacy) == dataclasses.asdict(cfg.privacy) | {
         "planned_rounds": cfg.federation.num_rounds, "run_id": "run-x"}
 
@@ -126,6 +126,17 @@ def test_an_unset_head_lr_adds_nothing_to_the_record_and_comes_back_unset():
     assert wire.HEAD_LR not in record
     assert JobSpec.from_record(record).train.head_lr is None
     assert JobSpec.from_record(record) == spec
+
+
+def test_head_only_rounds_travel_when_set_and_each_site_derives_its_round_from_them():
+    spec = _spec(train=dataclasses.replace(_spec().train, head_only_rounds=0))
+    assert wire.HEAD_ONLY_ROUNDS not in spec.to_record()
+    assert JobSpec.from_record(spec.to_record()) == spec
+    spec = _spec(train=dataclasses.replace(_spec().train, head_only_rounds=2))
+    head_only = {r: decode_job(dataclasses.replace(spec, server_round=r).to_record(),
+                               site_seed=1).train.head_only for r in range(0, 5)}
+    assert head_only == {0: False, 1: True, 2: True, 3: False, 4: False}
+    assert not JobSpec.from_record(spec.to_record()).train.head_only   # derived, never sent
 
 
 def test_one_privacy_spec_with_one_set_of_defaults():
@@ -191,6 +202,7 @@ def test_an_ill_typed_key_is_named(key, value, kind):
     (wire.PROXIMAL_MU, -1.0, r"proximal_mu must be >= 0, got -1"),
     (wire.HEAD_LR, 0.0, r"train\.head_lr must be > 0 \(or null: lr\), got 0"),
     (wire.HEAD_LR, math.inf, r"train\.head_lr must be a finite number, got inf"),
+    (wire.HEAD_ONLY_ROUNDS, -1, r"train\.head_only_rounds must be >= 0, got -1"),
     (wire.PROXIMAL_MU, math.nan, r"proximal_mu must be a finite number, got nan"),
     (wire.DP_TARGET_EPSILON, math.nan, r"privacy\.epsilon must be a finite number, got nan"),
     (wire.DP_TARGET_EPSILON, -1.0, r"privacy\.epsilon must be > 0, got -1"),

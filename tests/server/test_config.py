@@ -105,16 +105,29 @@ def test_the_heads_rate_and_per_group_clipping_are_fine_tuning_settings():
     went out with them, and every site refused it); a run of the objective alone is refused
     by the checks at config load, before any site is asked."""
     two = load_experiment(["pretrain=mae", "privacy=dpsgd", "train.head_lr=0.01",
-                           "privacy.head_clip_share=0.8"])
+                           "privacy.head_clip_share=0.8", "train.head_only_rounds=1"])
     assert (two.train.head_lr, two.privacy.head_clip_share) == (0.01, 0.8)
+    assert two.train.head_only_rounds == 1
     phase1 = two.pretrain_phase()
     assert (phase1.train.head_lr, phase1.privacy.head_clip_share) == (None, None)
+    assert phase1.train.head_only_rounds == 0
     assert phase1.privacy.mechanism == two.privacy.mechanism
     from dataclasses import replace
 
     from server.config.validation import validate
 
     validate(phase1)
-    for alone in (replace(phase1, train=two.train), replace(phase1, privacy=two.privacy)):
+    for alone in (replace(phase1, train=two.train), replace(phase1, privacy=two.privacy),
+                  replace(phase1, train=replace(phase1.train, head_only_rounds=1))):
         with pytest.raises(ConfigError, match="the mae objective's model has none"):
             validate(alone)
+
+
+def test_head_only_rounds_must_leave_a_round_for_the_rest():
+    assert load_experiment(["federation.num_rounds=3",
+                            "train.head_only_rounds=2"]).train.head_only_rounds == 2
+    with pytest.raises(ConfigError, match=r"train.head_only_rounds=3 covers every one of the 3 "
+                                          r"rounds.*model.options.method=linear_probe"):
+        load_experiment(["federation.num_rounds=3", "train.head_only_rounds=3"])
+    with pytest.raises(ConfigError, match=r"train.head_only_rounds must be >= 0, got -1"):
+        load_experiment(["train.head_only_rounds=-1"])

@@ -192,8 +192,9 @@ def make_client_app(*, sim_data_root: Path | None = None, sim_train_sites: int |
             context.state[STATE_LOCAL_PARAMS] = ArrayRecord({k: state[k] for k in local})
         if job.personalize:
             context.state[STATE_PERSONAL_MODEL] = ArrayRecord(state)
-        site_logger(site.site_id).info("round %d: trained on %d studies in %.1fs",
-                                       job.server_round, len(splits["train"]), metrics["seconds"])
+        site_logger(site.site_id).info("round %d: trained on %d studies in %.1fs%s",
+                                       job.server_round, len(splits["train"]), metrics["seconds"],
+                                       " (the class head alone)" if job.train.head_only else "")
         reply = MetricRecord({k: v for k, v in metrics.items() if k != "seconds"}
                              | {wire.NUM_EXAMPLES: len(splits["train"]),
                                 wire.TRAIN_SECONDS: metrics["seconds"]})

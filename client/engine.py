@@ -120,6 +120,8 @@ class Engine:
         ``local_epochs * int(1/q)`` Poisson-sampled steps, per-sample clipping and noise.
         ``extra_gradients`` (the privacy audit's canaries only, needs ``privacy``) is called
         once per step for further per-sample gradients of norm <= C added before the noise.
+        ``config.head_only``: only the class head trains (``head_alone``); per-group clipping
+        then has nothing to split, so the head's gradient gets the whole bound C.
         """
         if extra_gradients is not None and privacy is None:
             raise ValueError("extra_gradients (audit canaries) only make sense with DP-SGD")

@@ -334,6 +334,10 @@ class ClassificationTask(TaskBase):
         assigned, weights = pseudo_labels(model, data, labels, tau, self.config.pseudo_label_weight)
         log.info("pseudo-labels: %d of %d unlabelled training studies at threshold %g",
                  int(((labels < 0) & (assigned >= 0)).sum()), int((labels < 0).sum()), tau)
+        if not (weights > 0).any():
+            log.warning("no training study has a label or a pseudo-label at threshold %g (or "
+                        "every weight is 0): this round's steps learn nothing (under DP-SGD "
+                        "they are noise only)", tau)
         return Relabelled(data, assigned, weights)
 
     def wrap(self, backbone: nn.Module) -> nn.Module:

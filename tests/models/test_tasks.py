@@ -117,6 +117,22 @@ def test_pseudo_labels_only_unlabelled_confident_studies_each_on_its_own():
     assert pseudo_labels(model, data, data.labels, 0.9, 0.5, batch_size=1)[0].equal(labels)
 
 
+def test_a_site_left_with_nothing_to_learn_from_is_told_in_its_log(caplog):
+    """No label and no confident study: the round would train on nothing (noise-only steps
+    under DP-SGD) - the site's log says so; one pseudo-label is enough to stay quiet."""
+    from models.tasks import ClassificationConfig, ClassificationTask
+
+    data = _studies()
+    task = ClassificationTask(ClassificationConfig(pseudo_label_threshold=0.9))
+    with caplog.at_level("WARNING", logger="models.tasks"):
+        task.training_data(Biased(), Studies(data.images[[3, 5]], torch.tensor([-1, -1])))
+    assert "this round's steps learn nothing" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="models.tasks"):
+        task.training_data(Biased(), Studies(data.images[[2, 3]], torch.tensor([-1, -1])))
+    assert "learn nothing" not in caplog.text
+
+
 def test_pseudo_labels_are_asked_of_the_study_without_augmentation():
     from models.tasks import pseudo_labels
 

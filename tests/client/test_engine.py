@@ -146,16 +146,20 @@ def test_head_lr_gives_the_class_head_its_own_rate(tiny_sites, private):
     assert body == pytest.approx(1e-4, rel=1e-2)
 
 
-def test_head_lr_is_refused_for_a_model_whose_head_does_not_train(tiny_sites):
+@pytest.mark.parametrize("setting", [{"head_lr": 1e-2}, {"head_only": True}],
+                         ids=["head_lr", "head_only"])
+def test_head_settings_are_refused_for_a_model_whose_head_does_not_train(tiny_sites, setting):
     data = load_site(tiny_sites / "site-0", CLASSES)
     ds = StudyDataset(data.split("train", labelled_only=True)[:4], image_size=64)
     model = MODELS.build("mmvit", {"dim": 32, "depth": 1, "heads": 2})
     model.head.requires_grad_(False)
     engine = Engine(TASKS.build("classification", {}), torch.device("cpu"))
+    name = "head_lr" if "head_lr" in setting else "head_only_rounds"
     with pytest.raises(ValueError,
-                       match="train.head_lr is set but this MultiModalViT has no class head"):
-        engine.fit(model, ds, TrainConfig(lr=1e-3, head_lr=1e-2))
-    engine.fit(model, ds, TrainConfig(lr=1e-3))     # without head_lr the same model trains
+                       match=f"train.{name} is set but this MultiModalViT has no class head"):
+        engine.fit(model, ds, TrainConfig(lr=1e-3, **setting))
+    assert model.blocks[0].attn.qkv.weight.requires_grad    # nothing left paused
+    engine.fit(model, ds, TrainConfig(lr=1e-3))     # without the setting the same model trains
 
 
 @pytest.mark.parametrize("private,share", [(False, None), (True, None), (True, 0.5)],
@@ -184,17 +188,6 @@ def test_a_head_only_round_trains_the_head_alone_and_returns_the_rest_as_receive
     engine.fit(model, ds, TrainConfig(local_epochs=1, batch_size=8, lr=1e-2), privacy=privacy)
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert len(changed) > 2 and not changed - trainable
-
-
-def test_a_head_only_round_is_refused_for_a_model_whose_head_does_not_train(tiny_sites):
-    data = load_site(tiny_sites / "site-0", CLASSES)
-    ds = StudyDataset(data.split("train", labelled_only=True)[:4], image_size=64)
-    model = MODELS.build("mmvit", {"dim": 32, "depth": 1, "heads": 2})
-    model.head.requires_grad_(False)
-    engine = Engine(TASKS.build("classification", {}), torch.device("cpu"))
-    with pytest.raises(ValueError, match="train.head_only_rounds is set but this MultiModalViT"):
-        engine.fit(model, ds, TrainConfig(lr=1e-3, head_only=True))
-    assert model.blocks[0].attn.qkv.weight.requires_grad    # nothing left paused
 
 
 @pytest.mark.parametrize("private", [False, True], ids=["sgd", "dp-sgd"])

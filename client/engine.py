@@ -139,40 +139,48 @@ class Engine:
         if config.head_only and privacy is not None and privacy.head_clip_share is not None:
             privacy = dataclasses.replace(privacy, head_clip_share=None)   # the head has all of C
         with head_alone(model, config.head_only):
-            trainable = [p for p in model.parameters() if p.requires_grad]
-            optimizer = torch.optim.AdamW(param_groups(model, trainable, config), lr=config.lr,
-                                          weight_decay=config.weight_decay)
-            anchor = [p.detach().clone() for p in trainable] if config.proximal_mu else None
-            if privacy is None:
-                generator = torch.Generator().manual_seed(config.seed)
-                loader = DataLoader(data, batch_size=config.batch_size, shuffle=True,
-                                    generator=generator)
-                batches = (batch for _ in range(config.local_epochs) for batch in loader)
-                private = None
-            else:
-                steps = config.local_epochs * steps_per_epoch(privacy.sample_rate)
-                batches = (default_collate([data[int(i)] for i in idx]) if len(idx) else None
-                           for idx in poisson_batches(len(data), privacy.sample_rate, steps,
-                                                      secure=privacy.secure_mode, seed=config.seed))
-                private = PrivateGradients(model, privacy, privacy.sample_rate * len(data))
-            totals: dict[str, float] = {}
-            seen, steps = 0, 0
-            for batch in batches:
-                optimizer.zero_grad(set_to_none=True)
-                extra = extra_gradients() if extra_gradients is not None else None
-                out = self._backward(model, batch, private, extra)
-                if anchor is not None:      # FedProx: gradient of (mu/2)||w - w_global||^2
-                    for p, a in zip(trainable, anchor):
-                        p.grad.add_(p.detach() - a, alpha=config.proximal_mu)
-                optimizer.step()
-                self.task.after_step(model)             # e.g. DINO's EMA teacher; no-op by default
-                steps += 1
-                if out is not None:
-                    seen += out.n
-                    for key, value in {"loss": out.loss.item(), **out.metrics}.items():
-                        totals[key] = totals.get(key, 0.0) + value * out.n
+            totals, seen, steps = self._loop(model, data, config, privacy, extra_gradients)
         metrics = {f"train_{k}": v / max(seen, 1) for k, v in totals.items()}
         return metrics | {"steps": float(steps), "seconds": time.perf_counter() - start}
+
+    def _loop(self, model: nn.Module, data: Dataset, config: TrainConfig,
+              privacy: DPSGDConfig | None, extra_gradients: Callable[[], dict] | None
+              ) -> tuple[dict[str, float], int, int]:
+        """The steps of one ``fit`` over the parameters that train now: the loss/metric sums
+        weighted by samples, the samples seen and the steps taken."""
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(param_groups(model, trainable, config), lr=config.lr,
+                                      weight_decay=config.weight_decay)
+        anchor = [p.detach().clone() for p in trainable] if config.proximal_mu else None
+        if privacy is None:
+            generator = torch.Generator().manual_seed(config.seed)
+            loader = DataLoader(data, batch_size=config.batch_size, shuffle=True,
+                                generator=generator)
+            batches = (batch for _ in range(config.local_epochs) for batch in loader)
+            private = None
+        else:
+            steps = config.local_epochs * steps_per_epoch(privacy.sample_rate)
+            batches = (default_collate([data[int(i)] for i in idx]) if len(idx) else None
+                       for idx in poisson_batches(len(data), privacy.sample_rate, steps,
+                                                  secure=privacy.secure_mode, seed=config.seed))
+            private = PrivateGradients(model, privacy, privacy.sample_rate * len(data))
+        totals: dict[str, float] = {}
+        seen, steps = 0, 0
+        for batch in batches:
+            optimizer.zero_grad(set_to_none=True)
+            extra = extra_gradients() if extra_gradients is not None else None
+            out = self._backward(model, batch, private, extra)
+            if anchor is not None:      # FedProx: gradient of (mu/2)||w - w_global||^2
+                for p, a in zip(trainable, anchor):
+                    p.grad.add_(p.detach() - a, alpha=config.proximal_mu)
+            optimizer.step()
+            self.task.after_step(model)             # e.g. DINO's EMA teacher; no-op by default
+            steps += 1
+            if out is not None:
+                seen += out.n
+                for key, value in {"loss": out.loss.item(), **out.metrics}.items():
+                    totals[key] = totals.get(key, 0.0) + value * out.n
+        return totals, seen, steps
 
     def _backward(self, model: nn.Module, batch: dict | None, private: PrivateGradients | None,
                   extra: dict | None = None):

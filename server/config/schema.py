@@ -211,9 +211,8 @@ class ExperimentConfig:
         """Phase 1 as an experiment of its own: the objective as task, its rounds, its
         registered model; everything else (sites, strategy, privacy) as configured - but for
         the class head's own rate, head-only rounds and per-group clipping, fine-tuning
-        settings: an objective's
-        model has no class head to treat apart (``models.tasks.trained_head``), so sites
-        would refuse phase 1 with them."""
+        settings: an objective's model has no class head to treat apart
+        (``models.tasks.trained_head``), so sites would refuse phase 1 with them."""
         p = self.pretrain
         options = dict(p.options)
         # A semi-supervised objective sees the same labels as the fine-tuning phase.

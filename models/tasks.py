@@ -230,7 +230,8 @@ def wrap_for_finetuning(backbone: nn.Module, config) -> nn.Module:
 
 def trained_head(model: nn.Module) -> nn.Module | None:
     """The class head (``model.head``) when it has parameters that train, else None: what
-    ``train.head_lr`` and DP-SGD's ``head_clip_share`` treat as "the head"."""
+    ``train.head_lr``, ``train.head_only_rounds`` and DP-SGD's ``head_clip_share`` treat as
+    "the head"."""
     head = getattr(model, "head", None)
     if isinstance(head, nn.Module) and any(p.requires_grad for p in head.parameters()):
         return head

@@ -31,7 +31,8 @@ with the received model's confident labels, one local epoch over ~10x the studie
 sample rate and accounting then cover every training study): DP-LoRA standardised with the
 head's rate, and non-DP LoRA; session 29: linear probing then fine-tuning
 (``train.head_only_rounds=5``: rounds 1-5 train the head alone), DP-LoRA standardised with
-the head's rate, and non-DP LoRA. Writes ``results/<--name>.json`` (never
+the head's rate, also with per-group clipping giving the adapters most of the bound after the
+head-only rounds (``head_clip_share=0.2``), and non-DP LoRA. Writes ``results/<--name>.json`` (never
 foundation.json's figures); ratios are against the ``lora`` arm when it ran here, else
 against ``--lora-reference`` given as ``external,site_test`` (say where it came from in
 RESULTS.md). ``--seeds K``: every arm also with K - 1 more training seeds on the same
@@ -95,6 +96,9 @@ VARIANTS = {
     # (the adapters get no noise while the head, ~97% of the first gradients' norm, settles)
     "dp_lora_std_hlr_lp5": ("dp_lora", [CENTRE, SCALE, HEAD_LR, LP5]),
     "lora_lp5": ("lora", [LP5]),
+    # ... and once the head fits, most of the clipping bound to the adapters (head C sqrt(0.2))
+    "dp_lora_std_hlr_lp5_pg2": ("dp_lora", [CENTRE, SCALE, HEAD_LR, LP5,
+                                            "privacy.head_clip_share=0.2"]),
 }
 SETTINGS = {"sites": fm.SITES, "patients_per_site": 600, "label_fraction": 0.1, "rounds": 20,
             "local_epochs": 5, "pretrain_rounds": 5, "pretrain_epochs": 1, "lora_rank": 8,

@@ -179,93 +179,30 @@ def test_a_new_export_is_version_7_and_an_older_medfed_refuses_it_by_its_format(
                                    model(batch["image"], batch["present"]), rtol=0, atol=ATOL)
 
 
-def test_a_version_1_export_still_loads_with_per_channel_tokens(originals, tmp_path):
+# An older export: the config keys its version did not have yet, and what loading it must
+# give (the options decide init or what trains; the exported tensors are what was trained).
+OLDER = {
+    1: (("channel_tokens",),                           # per-channel tokens were all there was
+        lambda m: m.config.channel_tokens == "per_channel" and not m.fused),
+    2: (("centre_features",), lambda m: m.feature_mean is None and not m.config.centre_features),
+    3: (("freeze_patch_embed", "project_features"), lambda m: not m.config.freeze_patch_embed),
+    4: (("project_features", "patch_init"),            # the full pooled head
+        lambda m: m.feature_projection is None and m.config.project_features == 0),
+    5: (("patch_init",), lambda m: m.config.patch_init == "mean"),
+    6: (("scale_features",), lambda m: m.feature_scale is None and not m.config.scale_features),
+}
+
+
+@pytest.mark.parametrize("version", sorted(OLDER), ids=lambda v: f"v{v}")
+def test_an_older_export_still_loads_with_the_same_outputs(originals, tmp_path, version):
+    lacked, loaded_as = OLDER[version]
     model = _trained(originals, "dinov2", "lora")
     out = export_foundation(model, tmp_path / "export")
     meta = json.loads((out / ADAPTATION_CONFIG).read_text())
-    v1_config = {k: v for k, v in meta["config"].items() if k != "channel_tokens"}
-    _rewrite(out, format=V1_FORMAT, config=v1_config)
+    _rewrite(out, format=V1_FORMAT if version == 1 else f"{FORMAT}/{version}",
+             config={k: v for k, v in meta["config"].items() if k not in lacked})
     again = load_export(out)
-    assert again.config.channel_tokens == "per_channel" and not again.fused
-    batch = _batch()
-    with torch.no_grad():
-        torch.testing.assert_close(again(batch["image"], batch["present"]),
-                                   model(batch["image"], batch["present"]), rtol=0, atol=ATOL)
-
-
-def test_a_version_2_export_still_loads_without_centring(originals, tmp_path):
-    """Version 2 had no centre_features key: it loads, uncentred, with the same outputs."""
-    model = _trained(originals, "dinov2", "lora")
-    out = export_foundation(model, tmp_path / "export")
-    meta = json.loads((out / ADAPTATION_CONFIG).read_text())
-    v2_config = {k: v for k, v in meta["config"].items() if k != "centre_features"}
-    _rewrite(out, format=f"{FORMAT}/2", config=v2_config)
-    again = load_export(out)
-    assert again.feature_mean is None and not again.config.centre_features
-    batch = _batch()
-    with torch.no_grad():
-        torch.testing.assert_close(again(batch["image"], batch["present"]),
-                                   model(batch["image"], batch["present"]), rtol=0, atol=ATOL)
-
-
-def test_a_version_3_export_still_loads_with_a_trained_patch_embedding(originals, tmp_path):
-    """Version 3 had no freeze_patch_embed key: it loads (the option only decides what
-    trains), with the same outputs."""
-    model = _trained(originals, "dinov2", "lora")
-    out = export_foundation(model, tmp_path / "export")
-    meta = json.loads((out / ADAPTATION_CONFIG).read_text())
-    v3_config = {k: v for k, v in meta["config"].items()
-                 if k not in ("freeze_patch_embed", "project_features")}
-    _rewrite(out, format=f"{FORMAT}/3", config=v3_config)
-    again = load_export(out)
-    assert not again.config.freeze_patch_embed
-    batch = _batch()
-    with torch.no_grad():
-        torch.testing.assert_close(again(batch["image"], batch["present"]),
-                                   model(batch["image"], batch["present"]), rtol=0, atol=ATOL)
-
-
-def test_a_version_6_export_still_loads_without_scaling(originals, tmp_path):
-    """Version 6 had no scale_features key: it loads unscaled, with the same outputs."""
-    model = _trained(originals, "dinov2", "lora")
-    out = export_foundation(model, tmp_path / "export")
-    meta = json.loads((out / ADAPTATION_CONFIG).read_text())
-    _rewrite(out, format=f"{FORMAT}/6",
-             config={k: v for k, v in meta["config"].items() if k != "scale_features"})
-    again = load_export(out)
-    assert again.feature_scale is None and not again.config.scale_features
-    batch = _batch()
-    with torch.no_grad():
-        torch.testing.assert_close(again(batch["image"], batch["present"]),
-                                   model(batch["image"], batch["present"]), rtol=0, atol=ATOL)
-
-
-def test_a_version_5_export_still_loads_with_the_mean_patch_init(originals, tmp_path):
-    """Version 5 had no patch_init key: it loads as patch_init=mean, with the same outputs
-    (the option only decides the init; the exported tensors are what was trained)."""
-    model = _trained(originals, "dinov2", "lora")
-    out = export_foundation(model, tmp_path / "export")
-    meta = json.loads((out / ADAPTATION_CONFIG).read_text())
-    _rewrite(out, format=f"{FORMAT}/5",
-             config={k: v for k, v in meta["config"].items() if k != "patch_init"})
-    again = load_export(out)
-    assert again.config.patch_init == "mean"
-    batch = _batch()
-    with torch.no_grad():
-        torch.testing.assert_close(again(batch["image"], batch["present"]),
-                                   model(batch["image"], batch["present"]), rtol=0, atol=ATOL)
-
-
-def test_a_version_4_export_still_loads_without_a_projection(originals, tmp_path):
-    """Version 4 had no project_features key: it loads, with the full pooled head."""
-    model = _trained(originals, "dinov2", "lora")
-    out = export_foundation(model, tmp_path / "export")
-    meta = json.loads((out / ADAPTATION_CONFIG).read_text())
-    v4_config = {k: v for k, v in meta["config"].items()
-                 if k not in ("project_features", "patch_init")}
-    _rewrite(out, format=f"{FORMAT}/4", config=v4_config)
-    again = load_export(out)
-    assert again.feature_projection is None and again.config.project_features == 0
+    assert loaded_as(again)
     batch = _batch()
     with torch.no_grad():
         torch.testing.assert_close(again(batch["image"], batch["present"]),

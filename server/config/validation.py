@@ -72,10 +72,19 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
                                            ("train.head_only_rounds", cfg.train.head_only_rounds),
                                            ("privacy.head_clip_share",
                                             cfg.privacy.head_clip_share is not None)) if on]
+    treat = f"{' and '.join(head_settings)} treat{'s' if len(head_settings) == 1 else ''}"
     if head_settings and TASKS.factory(cfg.task.name).uses_unlabelled:   # known: config() passed
-        raise ConfigError(f"{' and '.join(head_settings)} treat a class head apart, and the "
+        raise ConfigError(f"{treat} a class head apart, and the "
                           f"{cfg.task.name} objective's model has none; unset them (in a "
                           "pretrain -> fine-tune run they apply to fine-tuning only)")
+    if head_settings:       # the model as the sites will build it: each site would refuse
+        from models.tasks import build, trained_head
+        model, _ = build(cfg.model.name, cfg.model_options(), cfg.task.name, cfg.task_options(),
+                         foundation_dir=cfg.model.foundation_dir)
+        if trained_head(model) is None:
+            raise ConfigError(f"{treat} a class head apart, and the "
+                              f"{cfg.task.name} task's {type(model).__name__} has no class head "
+                              "that trains (model.head); unset them")
     if cfg.train.head_only_rounds >= fed.num_rounds:
         raise ConfigError(f"train.head_only_rounds={cfg.train.head_only_rounds} covers every one "
                           f"of the {fed.num_rounds} rounds: nothing but the head would train; "

@@ -123,6 +123,18 @@ def test_the_heads_rate_and_per_group_clipping_are_fine_tuning_settings():
             validate(alone)
 
 
+@pytest.mark.parametrize("setting", ["train.head_lr=0.01", "train.head_only_rounds=1",
+                                     "privacy.head_clip_share=0.5"])
+def test_head_settings_are_refused_for_a_task_model_without_a_class_head(setting):
+    """A segmenter has no class head: every site would refuse the round, so the config does."""
+    overrides = ["federation.num_rounds=2", setting] + (["privacy=dpsgd"] if "privacy" in
+                                                        setting else [])
+    with pytest.raises(ConfigError, match=r"treats a class head apart, and the segmentation "
+                                          r"task's UNETR has no class head that trains"):
+        load_experiment(["task=lesion_seg", *overrides])
+    load_experiment(overrides)      # the classifier's ViT has one
+
+
 def test_head_only_rounds_must_leave_a_round_for_the_rest():
     assert load_experiment(["federation.num_rounds=3",
                             "train.head_only_rounds=2"]).train.head_only_rounds == 2

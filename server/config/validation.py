@@ -81,10 +81,18 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         from models.tasks import build, trained_head
         model, _ = build(cfg.model.name, cfg.model_options(), cfg.task.name, cfg.task_options(),
                          foundation_dir=cfg.model.foundation_dir)
-        if trained_head(model) is None:
+        head = trained_head(model)
+        if head is None:
             raise ConfigError(f"{treat} a class head apart, and the "
                               f"{cfg.task.name} task's {type(model).__name__} has no class head "
                               "that trains (model.head); unset them")
+        own = {id(p) for p in head.parameters()}
+        if cfg.privacy.head_clip_share is not None and \
+                all(id(p) in own for p in model.parameters() if p.requires_grad):
+            raise ConfigError("privacy.head_clip_share splits the clipping bound between the "
+                              "class head and the rest, and only the head trains here "
+                              f"(model.options.method={cfg.model_options().get('method')}); "
+                              "unset it")
     if cfg.train.head_only_rounds >= fed.num_rounds:
         raise ConfigError(f"train.head_only_rounds={cfg.train.head_only_rounds} covers every one "
                           f"of the {fed.num_rounds} rounds: nothing but the head would train; "

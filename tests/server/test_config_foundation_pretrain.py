@@ -1,6 +1,6 @@
-"""A pretraining objective that cannot start from the named foundation model is refused at
-config load, in one line, from the coordinator's own directory's config.json - before any
-site builds anything."""
+"""A pretraining objective that cannot start from the named foundation model, or a setting
+the adapted model cannot take, is refused at config load, in one line, from the coordinator's
+own directory's config.json - before any site builds anything."""
 
 from __future__ import annotations
 
@@ -72,3 +72,12 @@ def test_objectives_that_fit_compose(encoders, weights, pretrain, extra):
                 "pretrain.options.max_length=16" if pretrain == "clip" else "pretrain.lr=null",
                 *extra)
     assert cfg.pretrain.objective == pretrain
+
+
+def test_per_group_clipping_is_refused_when_only_the_head_trains(encoders):
+    """A linear probe trains its head alone: nothing to split the clipping bound with."""
+    probe = ("privacy=dpsgd", "privacy.head_clip_share=0.5")
+    with pytest.raises(ConfigError, match=r"only the head trains here "
+                                          r"\(model.options.method=linear_probe\)"):
+        _load(encoders, "dinov2", *probe, "model.options.method=linear_probe")
+    _load(encoders, "dinov2", *probe, "model.options.method=lora")

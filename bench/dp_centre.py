@@ -36,8 +36,8 @@ head-only rounds (``head_clip_share=0.2``), and non-DP LoRA. Writes ``results/<-
 foundation.json's figures); ratios are against the ``lora`` arm when it ran here, else
 against ``--lora-reference`` given as ``external,site_test`` (say where it came from in
 RESULTS.md). ``--seeds K``: every arm also with K - 1 more training seeds on the same
-draw (``arm@seed<k>``); ``seeds`` in the JSON gives each arm's per-seed MCC, mean and spread,
-and the ratios are of the means.
+draw (``arm@seed<k>``; ``--first-seed F``: seeds F .. F + K - 1 instead); ``seeds`` in the
+JSON gives each arm's per-seed MCC, mean and spread, and the ratios are of the means.
 """
 
 from __future__ import annotations
@@ -110,21 +110,22 @@ def seed_name(arm: str, k: int) -> str:
     return arm if k == 0 else f"{arm}@seed{k}"
 
 
-def with_seeds(variants: dict, arms: tuple[str, ...], seeds: int, draw: int
+def with_seeds(variants: dict, arms: tuple[str, ...], seeds: int, draw: int, first: int = 0
                ) -> tuple[dict, tuple[str, ...]]:
-    """``variants`` plus each of ``arms`` again with training seeds ``draw + 1000 k`` (k = 1
-    .. seeds - 1), and the arms to run, seed by seed. The draw (sites, external hospital)
+    """``variants`` plus each of ``arms`` again with training seeds ``draw + 1000 k`` (k =
+    first .. first + seeds - 1; k = 0 is the arm itself), and the arms to run, seed by seed
+    (``first`` > 0: more seeds after a run of ``first``). The draw (sites, external hospital)
     and its labelled studies stay (``label_subset`` picks them by a hash of the study key);
     the seed changes the initialisation, shuffling and augmentation (DP-SGD's noise and
     sampling come from a CSPRNG whatever the seed)."""
-    if seeds < 1:
-        raise SystemExit("--seeds must be >= 1")
+    if seeds < 1 or first < 0:
+        raise SystemExit("--seeds must be >= 1 and --first-seed >= 0")
     out = dict(variants)
     for arm in arms:
         base, extra = variants.get(arm, (arm, []))
-        for k in range(1, seeds):
+        for k in range(max(first, 1), first + seeds):
             out[seed_name(arm, k)] = (base, [*extra, f"seed={draw + 1000 * k}"])
-    return out, tuple(seed_name(a, k) for k in range(seeds) for a in arms)
+    return out, tuple(seed_name(a, k) for k in range(first, first + seeds) for a in arms)
 
 
 def seed_summary(arms: dict) -> dict:
@@ -156,6 +157,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=1,
                         help="run each arm with this many training seeds on the draw (the "
                              "first is the draw's own); the ratios use each arm's mean")
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="start at the draw's k-th training seed (e.g. 3 after --seeds 3; "
+                             "write to another --name and read both JSONs together)")
     parser.add_argument("--name", default="foundation_dp_centre")
     parser.add_argument("--resume", action="store_true",
                         help="keep the arms results/<--name>.json already holds for this draw")
@@ -175,7 +179,8 @@ def main() -> None:
     wanted = fm.public_wanted(patients=600, epochs=args.public_epochs, patch=public_patch,
                               objective=args.public_objective, lr=args.public_lr)
     logging.basicConfig(level=logging.WARNING)
-    variants, arms = with_seeds(VARIANTS, tuple(args.arms.split(",")), args.seeds, args.draw)
+    variants, arms = with_seeds(VARIANTS, tuple(args.arms.split(",")), args.seeds, args.draw,
+                                args.first_seed)
     work = args.work.resolve()
     foundation_dir, public_dir = work / "encoders", work / "public" / "site-0"
     foundation_dir.mkdir(parents=True, exist_ok=True)

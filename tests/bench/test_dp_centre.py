@@ -21,6 +21,11 @@ def test_seeded_arms_keep_their_recipe_and_change_only_the_training_seed():
         dp_centre.VARIANTS, ("lora",))
     with pytest.raises(SystemExit):
         dp_centre.with_seeds(dp_centre.VARIANTS, ("lora",), 0, draw=0)
+    more, arms = dp_centre.with_seeds(dp_centre.VARIANTS, ("lora",), 2, draw=1, first=3)
+    assert arms == ("lora@seed3", "lora@seed4")
+    assert (more["lora@seed3"], more["lora@seed4"]) == (("lora", ["seed=3001"]),
+                                                        ("lora", ["seed=4001"]))
+    assert "lora@seed1" not in more
 
 
 def test_the_summary_folds_an_arms_seeds_into_mean_and_spread():

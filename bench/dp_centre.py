@@ -99,6 +99,10 @@ VARIANTS = {
     # ... and once the head fits, most of the clipping bound to the adapters (head C sqrt(0.2))
     "dp_lora_std_hlr_lp5_pg2": ("dp_lora", [CENTRE, SCALE, HEAD_LR, LP5,
                                             "privacy.head_clip_share=0.2"]),
+    # session 30: augmentation multiplicity (De et al. 2022) - each drawn study enters a step
+    # as 4 augmented views whose gradients are averaged before its clipping (same sigma, C, q)
+    "dp_lora_std_hlr_lp5_am4": ("dp_lora", [CENTRE, SCALE, HEAD_LR, LP5,
+                                            "privacy.augmentation_multiplicity=4"]),
 }
 SETTINGS = {"sites": fm.SITES, "patients_per_site": 600, "label_fraction": 0.1, "rounds": 20,
             "local_epochs": 5, "pretrain_rounds": 5, "pretrain_epochs": 1, "lora_rank": 8,

@@ -117,7 +117,9 @@ class Engine:
         """Train in place; returns mean loss/metrics, steps and seconds.
 
         Without ``privacy``: ``local_epochs`` shuffled passes. With it: DP-SGD, i.e.
-        ``local_epochs * int(1/q)`` Poisson-sampled steps, per-sample clipping and noise.
+        ``local_epochs * int(1/q)`` Poisson-sampled steps, per-sample clipping and noise;
+        with its ``augmentation_multiplicity`` k each drawn sample is read k times (k
+        augmented views, consecutive rows, averaged before clipping).
         ``extra_gradients`` (the privacy audit's canaries only, needs ``privacy``) is called
         once per step for further per-sample gradients of norm <= C added before the noise.
         ``config.head_only``: only the class head trains (``head_alone``); per-group clipping
@@ -160,7 +162,9 @@ class Engine:
             private = None
         else:
             steps = config.local_epochs * steps_per_epoch(privacy.sample_rate)
-            batches = (default_collate([data[int(i)] for i in idx]) if len(idx) else None
+            views = range(privacy.augmentation_multiplicity)
+            batches = (default_collate([data[int(i)] for i in idx for _ in views])
+                       if len(idx) else None
                        for idx in poisson_batches(len(data), privacy.sample_rate, steps,
                                                   secure=privacy.secure_mode, seed=config.seed))
             private = PrivateGradients(model, privacy, privacy.sample_rate * len(data))

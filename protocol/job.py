@@ -95,6 +95,11 @@ def site_seed(seed: int, site: int, server_round: int) -> int:
     return seed * 100_003 + site * 1009 + server_round
 
 
+# A sanity bound a site enforces on the views per sample the coordinator may ask for (each
+# multiplies the site's compute; De et al. 2022 gained little beyond 16).
+MAX_AUGMENTATION_MULTIPLICITY = 16
+
+
 @dataclass(frozen=True)
 class PrivacySettings:
     """The privacy the server asks sites for (Hydra group ``privacy``). Each site still
@@ -109,6 +114,10 @@ class PrivacySettings:
                                           # of each gradient clipped to C sqrt(share), the rest
                                           # to C sqrt(1 - share) (same sensitivity C, same
                                           # noise); None: one bound C on the whole gradient
+    augmentation_multiplicity: int = 1    # dp-sgd: each drawn sample enters a step as this
+                                          # many augmented views, their gradients averaged
+                                          # before clipping (De et al. 2022): the same
+                                          # sensitivity C, noise and accounting, k x compute
     sample_rate: float | None = None      # dp-sgd: Poisson rate q; None: batch_size / n per site
     clipping_norm: float = 1.0            # site-dp: bound on each site's update norm
     accountant: str = "rdp"               # protocol.accounting.ACCOUNTANTS
@@ -132,6 +141,15 @@ class PrivacySettings:
             *head, last = wire.DP_MECHANISMS
             raise SpecError(f"privacy.mechanism={self.mechanism!r}; choose "
                             f"{', '.join(head)} or {last}")
+        k = self.augmentation_multiplicity
+        if isinstance(k, bool) or not isinstance(k, int) or \
+                not 1 <= k <= MAX_AUGMENTATION_MULTIPLICITY:
+            raise SpecError(f"privacy.augmentation_multiplicity must be an integer in 1.."
+                            f"{MAX_AUGMENTATION_MULTIPLICITY}, got {k!r}")
+        if k != 1 and self.mechanism != wire.DP_SGD:
+            raise SpecError(f"privacy.augmentation_multiplicity={k} averages each sample's "
+                            "views before DP-SGD's per-sample clipping; it needs "
+                            "privacy.mechanism=dp-sgd (without it, raise train.batch_size)")
         if self.mechanism == wire.DP_NONE:
             return
         from .accounting import PrivacyConfigError, check_accountant
@@ -224,7 +242,8 @@ _PRIVACY_KEYS: dict[str, tuple[tuple[str, str], ...]] = {
     wire.DP_SGD: _PRIVATE + (("epsilon", wire.DP_TARGET_EPSILON),
                              ("max_grad_norm", wire.DP_MAX_GRAD_NORM),
                              ("sample_rate", wire.DP_SAMPLE_RATE),
-                             ("head_clip_share", wire.DP_HEAD_CLIP_SHARE)),
+                             ("head_clip_share", wire.DP_HEAD_CLIP_SHARE),
+                             ("augmentation_multiplicity", wire.DP_AUGMENTATION_MULTIPLICITY)),
     # Flower's client-side fixed-clipping wrapper injects the clipping norm into train
     # messages only; evaluate messages need it too, or the site refuses the spec.
     wire.DP_SITE: _PRIVATE + (("clipping_norm", wire.DP_CLIPPING_NORM), ("noise", wire.DP_NOISE),
@@ -233,7 +252,7 @@ _PRIVACY_KEYS: dict[str, tuple[tuple[str, str], ...]] = {
 _UNSET_IS_ZERO = {"epsilon", "noise_multiplier", "sample_rate", "min_contributors",
                   "head_clip_share"}
 _KINDS = {"accountant": str, "run_id": str, "planned_rounds": int, "noise": str,
-          "min_contributors": int}
+          "min_contributors": int, "augmentation_multiplicity": int}
 
 
 @dataclass(frozen=True)

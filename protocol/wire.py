@@ -47,6 +47,7 @@ DP_NOISE_MULTIPLIER = "dp-noise-multiplier"  # > 0: use this sigma instead of ca
 DP_MAX_GRAD_NORM = "dp-max-grad-norm"    # dp-sgd: per-sample clipping bound C
 DP_SAMPLE_RATE = "dp-sample-rate"        # dp-sgd: Poisson rate q; 0 -> batch-size / n
 DP_HEAD_CLIP_SHARE = "dp-head-clip-share"  # dp-sgd: the head's share of C^2; 0 -> one bound
+DP_AUGMENTATION_MULTIPLICITY = "dp-augmentation-multiplicity"  # dp-sgd: views per sample
 DP_PLANNED_ROUNDS = "dp-planned-rounds"  # rounds the run plans (calibration, budget check)
 DP_ACCOUNTANT = "dp-accountant"          # protocol.accounting.ACCOUNTANTS
 # site-dp: the clipping bound travels under Flower's own key (fixedclipping_mod reads it)

@@ -6,7 +6,10 @@ be empty), each sample's gradient is clipped to ``max_grad_norm``, and N(0, (sig
 is added to the sum, which is divided by the *expected* batch size ``q n`` (Opacus'
 ``loss_reduction="mean"``). With ``head_clip_share`` the class head's part and the rest of
 each gradient are clipped to bounds whose squares add up to ``C^2`` (the same sensitivity, so
-the same noise and accounting). Per-sample clipping comes from ``persample`` (one backward
+the same noise and accounting). With ``augmentation_multiplicity`` k (De et al. 2022) a drawn
+sample enters the step as k augmented views whose gradients are averaged *before* its clipping:
+still one clipped vector of norm <= C per sample, so the same noise and accounting, with less
+augmentation noise in what is clipped. Per-sample clipping comes from ``persample`` (one backward
 pass), which the tests check against individual backward passes and against Opacus' own
 GradSampleModule; ``bench/dp_overhead`` compares its cost with Opacus' hooks and ghost modes.
 """
@@ -46,6 +49,7 @@ class DPSGDConfig:
     seed: int = 0                   # used only when secure_mode is False
     allow_no_noise: bool = False    # only the audit's non-private baseline sets this
     head_clip_share: float | None = None   # per-group clipping (PerSampleClipper's head_share)
+    augmentation_multiplicity: int = 1     # views per drawn sample, averaged before clipping
 
     def __post_init__(self):
         if not (self.noise_multiplier > 0 or (self.allow_no_noise
@@ -57,6 +61,9 @@ class DPSGDConfig:
             raise ValueError(f"sample_rate must be in (0, 1], got {self.sample_rate}")
         if self.head_clip_share is not None and not 0 < self.head_clip_share < 1:
             raise ValueError(f"head_clip_share must be in (0, 1), got {self.head_clip_share}")
+        k = self.augmentation_multiplicity
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"augmentation_multiplicity must be an integer >= 1, got {k!r}")
 
 
 def steps_per_epoch(sample_rate: float) -> int:
@@ -99,19 +106,23 @@ class PrivateGradients:
 
     def backward(self, loss_fn, extra: dict | None = None) -> object | None:
         """Run ``loss_fn() -> StepOutput`` (``None`` for an empty batch) with per-sample
-        capture, then set every ``p.grad`` to ``(sum_i clip(g_i) + noise) / (q n)``.
+        capture, then set every ``p.grad`` to ``(sum_i clip(g_i) + noise) / (q n)``. With
+        augmentation multiplicity k the batch holds each sample's k views as consecutive rows
+        and ``g_i`` is the mean of its views' gradients.
 
         ``extra`` (the audit's canaries only): ``{param: summed gradients}`` of further samples
         whose gradients each have norm <= C already, added to the clipped sum before noise.
         """
         out = None
         grads: dict = {}
-        with self.clipper.capture():
+        views = self.config.augmentation_multiplicity
+        with self.clipper.capture(views):
             out = loss_fn()
             if out is not None:
-                # Tasks return the mean of per-sample losses; the clipped quantity is each
-                # sample's own gradient, so differentiate the sum.
-                (out.loss * out.n).backward()
+                # Tasks return the mean of per-row losses; the clipped quantity is each
+                # sample's own gradient (the mean over its views), so differentiate the sum
+                # over samples of their views' mean.
+                (out.loss * (out.n / views)).backward()
         if out is not None:
             grads, _ = self.clipper.clipped_sum()
         for p, value in (extra or {}).items():

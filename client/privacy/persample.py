@@ -27,7 +27,10 @@ a new layer type cannot silently escape clipping.
 
 Every layer's input must lead with the batch (the leading dimension of the model's first
 input): a layer that sees another leading dimension is refused, since its rows would be taken
-for samples. The one exception is declared by the model (``FoldsBatch``): token-wise Linear
+for samples. With augmentation multiplicity (``capture(views=k)``, De et al. 2022) each sample
+is ``k`` consecutive rows (its augmented views), and its gradient is the sum over them: a
+Linear layer's rows are regrouped like a sample's tokens, every other rule's per-row gradients
+are summed per sample before the norm. The one exception is declared by the model (``FoldsBatch``): token-wise Linear
 layers under a module type that folds further items into the batch dimension batch-major
 (Swin's window attention: sample i's windows are rows ``i*k .. (i+1)*k-1``), whose rows are
 regrouped per sample. These checks, on the model and on each layer's rows, live in
@@ -141,6 +144,12 @@ def _linear_grads(layer: _Layer, clip: Tensor) -> dict[str, Tensor]:
     return out
 
 
+def _grouped(t: Tensor, batch: int) -> Tensor:
+    """Per-row ``[B*k, ...]`` -> per-sample ``[B, ...]``: a sample's ``k`` consecutive rows
+    (its augmented views, ``capture(views=k)``) summed; unchanged for k = 1."""
+    return t if t.shape[0] == batch else t.reshape(batch, -1, *t.shape[1:]).sum(1)
+
+
 def _layernorm_per_sample(layer: _Layer) -> dict[str, Tensor]:
     m: nn.LayerNorm = layer.module
     b, shape = layer.input.shape[0], tuple(m.normalized_shape)
@@ -163,12 +172,14 @@ def _conv_norms(layer: _Layer) -> Tensor:
     with torch.autocast(layer.input.device.type, enabled=False):
         a, g = _acc(layer.input), _acc(layer.grad_output)
         per_sample = conv_per_sample(layer.module, a, g)
-        return sum(per_sample[n].flatten(1).square().sum(1) for n in layer.trainable)
+        return sum(_grouped(per_sample[n], layer.batch).flatten(1).square().sum(1)
+                   for n in layer.trainable)
 
 
 def _conv_grads(layer: _Layer, clip: Tensor) -> dict[str, Tensor]:
+    rows = clip.repeat_interleave(layer.input.shape[0] // layer.batch)   # a sample's views
     with torch.autocast(layer.input.device.type, enabled=False):
-        return conv_clipped_sum(layer.module, _acc(layer.input), _acc(layer.grad_output), clip,
+        return conv_clipped_sum(layer.module, _acc(layer.input), _acc(layer.grad_output), rows,
                                 set(layer.trainable))
 
 
@@ -232,6 +243,7 @@ class PerSampleClipper:
                        in admitted_layers(model, _rule_missing, SUPPORTED)]
         self._hooks: list = []
         self._batch = 0                 # this step's batch size (the model's first input)
+        self._views = 1                 # rows per sample (augmentation multiplicity)
         # Per-group bounds (index: layer is in the head): C sqrt(1 - s) and C sqrt(s), so a
         # sample's clipped gradient still has norm <= C and the noise sigma C covers it.
         self.in_head, self.bounds = _head_groups(model, self.layers, head_share,
@@ -242,10 +254,17 @@ class PerSampleClipper:
             yield from layer.params().values()
 
     @contextlib.contextmanager
-    def capture(self):
-        """Forward and backward inside this block record inputs and output gradients."""
+    def capture(self, views: int = 1):
+        """Forward and backward inside this block record inputs and output gradients.
+
+        ``views`` (augmentation multiplicity): the batch holds each sample's ``views``
+        augmented copies as consecutive rows (sample i: rows ``i*views .. (i+1)*views-1``);
+        a sample's gradient, clipped as one, is the sum of its rows' gradients (the caller
+        differentiates ``sum of row losses / views`` for their mean)."""
+        if isinstance(views, bool) or not isinstance(views, int) or views < 1:
+            raise ValueError(f"views must be an integer >= 1, got {views!r}")
         params = list(self.parameters())
-        self._batch = 0
+        self._batch, self._views = 0, views
         self._hooks.append(self.model.register_forward_pre_hook(self._batch_hook,
                                                                 with_kwargs=True))
         for layer in self.layers:
@@ -266,7 +285,7 @@ class PerSampleClipper:
     def _batch_hook(self, module, args, kwargs):
         first = next((x for x in (*args, *kwargs.values()) if isinstance(x, Tensor)), None)
         if first is not None and not self._batch:
-            self._batch = first.shape[0]
+            self._batch = _samples(first.shape[0], self._views)
 
     def _forward_hook(self, layer: _Layer):
         def hook(module, inputs, output):
@@ -277,7 +296,7 @@ class PerSampleClipper:
                     "shared layers are not supported by exact per-sample clipping")
             layer.input = inputs[0].detach()
             self._batch = checked_batch(layer.name, module, layer.folds, layer.input.shape[0],
-                                        self._batch)
+                                        self._batch, self._views)
             layer.batch = self._batch
             if isinstance(module, nn.Linear) and "weight" in layer.trainable:
                 a = _acc(_flat(layer.input, layer.batch))
@@ -290,7 +309,8 @@ class PerSampleClipper:
                 layer.grad_output = grad.detach()
                 rule = _PER_SAMPLE.get(type(module))
                 if rule is not None:        # small layers: keep per-sample grads, drop the rest
-                    layer.per_sample = rule(layer)
+                    layer.per_sample = {n: _grouped(t, layer.batch)
+                                        for n, t in rule(layer).items()}
                     layer.input = layer.grad_output = None
                 else:
                     layer.sq_norm = _norm_then_sum(module)[0](layer)
@@ -343,6 +363,12 @@ class PerSampleClipper:
             layer.input = layer.grad_output = layer.sq_norm = None
             layer.per_sample = {}
         return grads, norms
+
+
+def _samples(rows: int, views: int) -> int:
+    if rows % views:
+        raise ValueError(f"a batch of {rows} rows is not {views} views per sample")
+    return rows // views
 
 
 def _head_groups(model: nn.Module, layers: list[_Layer], head_share: float | None,

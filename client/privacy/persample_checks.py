@@ -69,23 +69,28 @@ def admitted_layers(model: nn.Module, rule_missing: Callable[[nn.Module], str | 
     return admitted
 
 
-def checked_batch(name: str, module: nn.Module, folds: bool, lead: int, batch: int) -> int:
-    """The step's batch size, after checking that a layer's ``lead`` rows are its samples (or,
-    declared, batch-major folds of them); ``batch`` 0: not known yet, this layer decides."""
+def checked_batch(name: str, module: nn.Module, folds: bool, lead: int, batch: int,
+                  views: int = 1) -> int:
+    """The step's batch size (samples), after checking that a layer's ``lead`` rows are its
+    samples' ``views`` consecutive rows each (or, declared, batch-major folds of those);
+    ``batch`` 0: not known yet, this layer decides."""
     if not batch:               # the model's root was not called: its first layer decides,
         if folds:               # unless that layer's rows may be folds (B x windows)
             raise UnsupportedLayerError(
                 f"{name} ({type(module).__name__}) may fold the batch but the "
                 "batch size is unknown (the model was not called with a tensor): its rows "
                 "cannot be grouped per sample")
-        return lead
-    if lead == batch:
+        if lead % views:
+            raise ValueError(f"{name} sees {lead} rows, not {views} views per sample")
+        return lead // views
+    rows = batch * views
+    if lead == rows:
         return batch
-    if folds and isinstance(module, nn.Linear) and lead % batch == 0:
+    if folds and isinstance(module, nn.Linear) and lead % rows == 0:
         return batch
     raise UnsupportedLayerError(
         f"{name} ({type(module).__name__}) sees a leading dimension of {lead}, "
-        f"not the batch of {batch}: its rows are not samples, so their gradients "
+        f"not the batch of {rows}: its rows are not samples, so their gradients "
         "cannot be clipped per sample (folds must be declared batch-major, FoldsBatch)")
 
 

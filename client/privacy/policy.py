@@ -239,10 +239,12 @@ def authorize(request: PrivacySpec, budget: SiteBudget | None, *, n_train: int,
     after = entry.epsilon
     log.info("privacy: %s round %d charged, epsilon %.3f of %g", request.mechanism,
              server_round, after, budget.epsilon)
-    # head_clip_share only splits C between two groups (the sensitivity stays C): whatever
-    # share the coordinator asks, the noise and the ledger's row are the same.
+    # head_clip_share only splits C between two groups, and augmentation multiplicity averages
+    # a sample's views before its clipping (the sensitivity stays C either way): whatever the
+    # coordinator asks of them, the noise and the ledger's row are the same.
     dpsgd = DPSGDConfig(noise_multiplier=sigma, max_grad_norm=clip, sample_rate=q,
-                        secure_mode=secure_mode, head_clip_share=request.head_clip_share
+                        secure_mode=secure_mode, head_clip_share=request.head_clip_share,
+                        augmentation_multiplicity=request.augmentation_multiplicity
                         ) if request.mechanism == wire.DP_SGD else None
     return Authorization(dpsgd, entry)
 

@@ -391,6 +391,75 @@ def test_private_gradient_is_clipped_sum_plus_seeded_noise_over_expected_batch(t
     assert abs(float(pooled.mean())) < 5 * sigma * c / pooled.numel() ** 0.5
 
 
+# ---------------------------------------------------------------- augmentation multiplicity
+
+K = 3
+
+
+def _views(batch: dict[str, Tensor], k: int = K) -> dict[str, Tensor]:
+    """Each study as ``k`` consecutive rows: itself, flipped, rotated (what the dataset's
+    augmentation gives), its label and present sequences repeated."""
+    image = batch["image"]
+    views = [image, image.flip(-1), image.rot90(1, (-2, -1))][:k]
+    return {"image": torch.stack(views, 1).flatten(0, 1),
+            "present": batch["present"].repeat_interleave(k, 0),
+            "label": batch["label"].repeat_interleave(k, 0)}
+
+
+def _mean_over_views(model: nn.Module, task, rows: dict[str, Tensor], k: int = K
+                     ) -> tuple[list[list[Tensor]], Tensor]:
+    """The definition: sample i's gradient is that of the mean loss over its k rows, one
+    backward pass per sample; and the norms of those gradients."""
+    params = list(model.parameters())
+    per_sample = []
+    for i in range(len(rows["label"]) // k):
+        model.zero_grad(set_to_none=True)
+        (_summed_loss(model, task, {n: v[i * k:(i + 1) * k] for n, v in rows.items()})
+         / k).backward()
+        per_sample.append([p.grad.clone() for p in params])
+    model.zero_grad(set_to_none=True)
+    norms = torch.stack([torch.sqrt(sum(g.square().sum() for g in grads)) for grads in per_sample])
+    return per_sample, norms
+
+
+def test_augmentation_multiplicity_clips_each_samples_mean_over_its_views(task, reference):
+    """k views of a sample are one sample: its gradient (the mean over its views) is clipped
+    as one, so the privatised sum is ``sum_i clip(mean_v g_iv)`` over the N samples - not
+    N*k rows clipped one by one (k times the sensitivity)."""
+    rows = _views(reference["batch"])
+    model = _vit(reference["config"])
+    per_sample, norms = _mean_over_views(model, task, rows)
+    assert len(per_sample) == N and len(set(norms.tolist())) == N
+    c = float(norms.median())                      # some samples clipped, some not
+    assert (norms > c).any() and (norms < c).any()
+    clipper = PerSampleClipper(model, c)
+    with clipper.capture(views=K):
+        (_summed_loss(model, task, rows) / K).backward()
+    torch.testing.assert_close(clipper.per_sample_norms(), norms, rtol=0, atol=ATOL)
+    config = DPSGDConfig(noise_multiplier=0.0, allow_no_noise=True, max_grad_norm=c,
+                         sample_rate=0.5, secure_mode=False, augmentation_multiplicity=K)
+    out, grads = _private_grads(model, task, rows, config, expected=2.0)
+    assert out.n == N * K
+    for p, want in zip(model.parameters(), _reference_clipped_sum(per_sample, c)):
+        torch.testing.assert_close(grads[p], want / 2.0, rtol=0, atol=ATOL)
+
+
+def test_rows_that_are_not_whole_groups_of_views_are_refused(task):
+    model = _vit()
+    clipper = PerSampleClipper(model, 1.0)
+    rows = _views(_batch(n=5), k=2)                      # 10 rows, not 4 views per sample
+    with pytest.raises(ValueError, match="10 rows is not 4 views per sample"):
+        with clipper.capture(views=4):
+            _summed_loss(model, task, rows).backward()
+    for views in (0, 1.5, True):
+        with pytest.raises(ValueError, match="views must be an integer >= 1"):
+            with clipper.capture(views=views):
+                pass
+    with pytest.raises(ValueError, match="augmentation_multiplicity must be an integer >= 1"):
+        DPSGDConfig(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.5,
+                    augmentation_multiplicity=0)
+
+
 def test_seeded_runs_are_reproducible_and_secure_runs_are_not(task, reference):
     def run(**kw):
         cfg = DPSGDConfig(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.5, **kw)

@@ -17,8 +17,8 @@ from server.config import ConfigError, ExperimentConfig, load_experiment
 from server.federation import job_config
 
 DPSGD = PrivacySpec(mechanism=wire.DP_SGD, epsilon=6.0, noise_multiplier=1.3, max_grad_norm=0.7,
-                    sample_rate=0.2, head_clip_share=0.6, accountant="prv", planned_rounds=12,
-                    run_id="run-7")
+                    sample_rate=0.2, head_clip_share=0.6, augmentation_multiplicity=3,
+                    accountant="prv", planned_rounds=12, run_id="run-7")
 SITEDP = PrivacySpec(mechanism=wire.DP_SITE, noise_multiplier=1.1, clipping_norm=0.4,
                      planned_rounds=5, run_id="run-8")
 
@@ -63,8 +63,8 @@ def test_every_field_travels_under_its_wire_key():
         wire.LOCAL_PARAMS: ["*norm*", "head.*"], wire.EVAL_MISSING: True, wire.SERVER_ROUND: 4,
         wire.DP_MECHANISM: wire.DP_SGD, wire.DP_TARGET_EPSILON: 6.0,
         wire.DP_NOISE_MULTIPLIER: 1.3, wire.DP_MAX_GRAD_NORM: 0.7, wire.DP_SAMPLE_RATE: 0.2,
-        wire.DP_HEAD_CLIP_SHARE: 0.6, wire.DP_ACCOUNTANT: "prv", wire.DP_PLANNED_ROUNDS: 12,
-        wire.RUN_ID: "run-7"}
+        wire.DP_HEAD_CLIP_SHARE: 0.6, wire.DP_AUGMENTATION_MULTIPLICITY: 3,
+        wire.DP_ACCOUNTANT: "prv", wire.DP_PLANNED_ROUNDS: 12, wire.RUN_ID: "run-7"}
     sitedp = _spec(SITEDP).to_record()
     assert {k: sitedp[k] for k in sitedp if k.startswith("dp-") or k in (wire.RUN_ID,
                                                                         wire.DP_CLIPPING_NORM)} \
@@ -212,6 +212,11 @@ def test_an_ill_typed_key_is_named(key, value, kind):
     (wire.DP_HEAD_CLIP_SHARE, 1.0, r"privacy\.head_clip_share must be in \(0, 1\)"),
     (wire.DP_HEAD_CLIP_SHARE, -0.5, r"privacy\.head_clip_share must be in \(0, 1\)"),
     (wire.DP_HEAD_CLIP_SHARE, math.nan, r"privacy\.head_clip_share must be a finite number"),
+    (wire.DP_AUGMENTATION_MULTIPLICITY, 0,
+     r"privacy\.augmentation_multiplicity must be an integer in 1\.\.16, got 0"),
+    (wire.DP_AUGMENTATION_MULTIPLICITY, 17,
+     r"privacy\.augmentation_multiplicity must be an integer in 1\.\.16, got 17"),
+    (wire.DP_AUGMENTATION_MULTIPLICITY, 2.0, r"'dp-augmentation-multiplicity' should be int"),
     (wire.DP_ACCOUNTANT, "gdp", r"privacy\.accountant: unknown accountant 'gdp'"),
     (wire.DP_MECHANISM, "dp-sdg", r"privacy\.mechanism='dp-sdg'; choose none, dp-sgd or site-dp"),
     (wire.RUN_ID, "", r"a private run must name its run id"),
@@ -236,6 +241,19 @@ def test_the_server_refuses_the_same_values_through_the_same_rules():
     with pytest.raises(ConfigError, match=r"train\.head_lr must be > 0"):
         load_experiment(["train.head_lr=-0.01"])
     assert load_experiment(["train.head_lr=0.01"]).train.head_lr == 0.01
+
+
+def test_augmentation_multiplicity_is_a_dp_sgd_setting_at_config_load():
+    """Views averaged before per-sample clipping mean nothing without DP-SGD (the server
+    says to raise the batch size instead); with it the value reaches the sites' spec."""
+    for mechanism in ("none", "sitedp"):
+        with pytest.raises(ConfigError, match=r"augmentation_multiplicity=4 .* needs "
+                                               r"privacy\.mechanism=dp-sgd"):
+            load_experiment([f"privacy={mechanism}", "privacy.augmentation_multiplicity=4"])
+    cfg = load_experiment(["privacy=dpsgd", "privacy.augmentation_multiplicity=4"])
+    assert cfg.privacy.augmentation_multiplicity == 4
+    with pytest.raises(ConfigError, match=r"must be an integer in 1\.\.16, got 17"):
+        load_experiment(["privacy=dpsgd", "privacy.augmentation_multiplicity=17"])
 
 
 # ---------------------------------------------------------------- DP-SGD refusals, once

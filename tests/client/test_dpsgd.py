@@ -651,6 +651,38 @@ def test_engine_private_training_is_reproducible_in_test_mode(site_train):
                                                      c.state_dict().values()))
 
 
+class _Marked(torch.utils.data.Dataset):
+    """A site's studies with each image filled with its index; every read counted."""
+
+    def __init__(self, base):
+        self.base, self.reads = base, [0] * len(base)
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        self.reads[i] += 1
+        item = dict(self.base[i])
+        return item | {"image": torch.full_like(item["image"], float(i))}
+
+
+def test_engine_reads_each_drawn_sample_k_times_as_consecutive_rows(site_train):
+    """Augmentation multiplicity at the engine: every drawn study is read k times (k fresh
+    augmentations) and its rows are consecutive, the grouping the clipper assumes (rows
+    interleaved across studies would clip mixtures of studies as one)."""
+    data, rows = _Marked(site_train), []
+    torch.manual_seed(0)
+    model = MODELS.build("mmvit", TINY_OPTIONS)
+    model.register_forward_pre_hook(lambda m, args: rows.append(args[0][:, 0, 0, 0].tolist()))
+    privacy = DPSGDConfig(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=1.0,
+                          secure_mode=False, augmentation_multiplicity=3)
+    _, _, metrics = _fit(data, privacy, model=model)
+    n = len(data)
+    assert metrics["steps"] == 2 and np.isfinite(metrics["train_loss"])
+    assert data.reads == [2 * 3] * n                    # q = 1: every study, each step
+    assert rows == [[float(i) for i in range(n) for _ in range(3)]] * 2
+
+
 def test_engine_refuses_private_training_of_an_unsupported_layer(site_train):
     torch.manual_seed(0)
     model = MODELS.build("mmvit", TINY_OPTIONS)

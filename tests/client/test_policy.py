@@ -10,7 +10,7 @@ import pytest
 from flwr.app import ConfigRecord
 
 from client.job import JobError, decode_job
-from client.privacy.dpsgd import steps_per_epoch
+from client.privacy.dpsgd import DPSGDConfig, steps_per_epoch
 from client.privacy.ledger import PrivacyLedger
 from client.privacy.policy import PrivacyRefused, authorize, node_settings, site_budget
 from models import TASKS
@@ -157,16 +157,21 @@ def test_a_fresh_run_that_fits_the_remaining_budget_is_accepted(tmp_path):
     assert other.entry.epsilon > 2.0
 
 
-def test_a_head_clip_share_reaches_the_clipper_and_charges_exactly_as_one_bound(tmp_path):
-    """Per-group clipping splits C, it does not raise it: a coordinator asking for a share
-    gets the same sigma, the same C and the same ledger row as without one."""
+@pytest.mark.parametrize("setting, value", [("head_clip_share", 0.9),
+                                             ("augmentation_multiplicity", 4)])
+def test_clipping_settings_reach_the_clipper_and_charge_exactly_as_plain_dpsgd(
+        tmp_path, setting, value):
+    """Per-group clipping splits C and augmentation multiplicity averages a sample's views
+    before its clipping; neither raises C: a coordinator asking for either gets the same
+    sigma, the same C and the same ledger row as without it."""
     plain = _authorize(_dpsgd(), _budget(tmp_path / "plain"))
-    split = _authorize(_dpsgd(head_clip_share=0.9), _budget(tmp_path / "split"))
-    assert split.dpsgd.head_clip_share == 0.9 and plain.dpsgd.head_clip_share is None
-    assert (split.dpsgd.noise_multiplier, split.dpsgd.max_grad_norm, split.dpsgd.sample_rate) \
+    asked = _authorize(_dpsgd(**{setting: value}), _budget(tmp_path / "asked"))
+    assert getattr(asked.dpsgd, setting) == value
+    assert getattr(plain.dpsgd, setting) == getattr(DPSGDConfig, setting)
+    assert (asked.dpsgd.noise_multiplier, asked.dpsgd.max_grad_norm, asked.dpsgd.sample_rate) \
         == (plain.dpsgd.noise_multiplier, plain.dpsgd.max_grad_norm, plain.dpsgd.sample_rate)
-    assert split.entry.epsilon == plain.entry.epsilon
-    assert split.entry.max_grad_norm == plain.entry.max_grad_norm == 1.0
+    assert asked.entry.epsilon == plain.entry.epsilon
+    assert asked.entry.max_grad_norm == plain.entry.max_grad_norm == 1.0
 
 
 def test_a_run_may_not_change_its_sample_rate(tmp_path):

@@ -40,29 +40,34 @@ def _randomised(model: nn.Module, seed: int) -> nn.Module:
     return model
 
 
-def _individual(model: nn.Module, x: Tensor) -> tuple[list[list[Tensor]], Tensor]:
+def _individual(model: nn.Module, x: Tensor, views: int = 1
+                ) -> tuple[list[list[Tensor]], Tensor]:
+    """One backward pass per sample (``views``: sample i is rows ``i*views ..`` and its loss
+    the mean over them)."""
     params = [p for p in model.parameters() if p.requires_grad]
     per_sample = []
-    for i in range(len(x)):
+    for i in range(len(x) // views):
         model.zero_grad(set_to_none=True)
-        model(x[i:i + 1]).square().sum().backward()
+        (model(x[i * views:(i + 1) * views]).square().sum() / views).backward()
         per_sample.append([p.grad.clone() for p in params])
     model.zero_grad(set_to_none=True)
     norms = torch.stack([torch.sqrt(sum(g.square().sum() for g in grads)) for grads in per_sample])
     return per_sample, norms
 
 
-@pytest.mark.parametrize("dims", [1, 2, 3])
-def test_conv_decoder_per_sample_clipping_is_exact(dims):
+@pytest.mark.parametrize("dims, views", [(1, 1), (2, 1), (3, 1), (2, 2)])
+def test_conv_decoder_per_sample_clipping_is_exact(dims, views):
+    """``views`` 2 (augmentation multiplicity): each sample is two consecutive rows, its
+    gradient the mean over them."""
     torch.manual_seed(dims)
     model = _randomised(_decoder(dims).double().train(), seed=dims)
-    x = torch.randn(B, 2, *([8] * dims), dtype=torch.float64)
-    per_sample, norms = _individual(model, x)
+    x = torch.randn(B * views, 2, *([8] * dims), dtype=torch.float64)
+    per_sample, norms = _individual(model, x, views)
     params = [p for p in model.parameters() if p.requires_grad]
     c = float(norms.median())                 # some samples clipped, some not
     clipper = PerSampleClipper(model, c)
-    with clipper.capture():
-        model(x).square().sum().backward()
+    with clipper.capture(views):
+        (model(x).square().sum() / views).backward()
     grads, got = clipper.clipped_sum()
     torch.testing.assert_close(got, norms, rtol=0, atol=ATOL)
     factors = (c / (norms + 1e-6)).clamp(max=1.0)
@@ -73,7 +78,7 @@ def test_conv_decoder_per_sample_clipping_is_exact(dims):
         torch.testing.assert_close(grads[p], expected, rtol=0, atol=ATOL)
         # and unclipped: the summed per-sample gradients are the batch gradient
     model.zero_grad(set_to_none=True)
-    model(x).square().sum().backward()
+    (model(x).square().sum() / views).backward()
     for j, p in enumerate(params):
         torch.testing.assert_close(sum(g[j] for g in per_sample), p.grad, rtol=0, atol=ATOL)
 

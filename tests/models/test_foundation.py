@@ -281,14 +281,16 @@ def _summed_loss(model, task, batch):
     return out.loss * out.n
 
 
-def looped_per_sample(model: nn.Module, loss, batch: dict, n: int) -> tuple[list, torch.Tensor]:
-    """The reference: one backward pass of ``loss(batch_i)`` per sample; each sample's
-    gradients (name -> tensor, trainable parameters) and their norms ``[n]``."""
+def looped_per_sample(model: nn.Module, loss, batch: dict, n: int, views: int = 1
+                      ) -> tuple[list, torch.Tensor]:
+    """The reference: one backward pass of ``loss(batch_i)`` per sample (``views``: sample i
+    is rows ``i*views .. (i+1)*views-1``); each sample's gradients (name -> tensor, trainable
+    parameters) and their norms ``[n]``."""
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     individual = []
     for i in range(n):
         model.zero_grad(set_to_none=True)
-        loss({k: v[i:i + 1] for k, v in batch.items()}).backward()
+        loss({k: v[i * views:(i + 1) * views] for k, v in batch.items()}).backward()
         individual.append({name: p.grad.clone() for name, p in params.items()})
     model.zero_grad(set_to_none=True)
     return individual, torch.stack([torch.sqrt(sum(g.square().sum() for g in grads.values()))
@@ -296,13 +298,13 @@ def looped_per_sample(model: nn.Module, loss, batch: dict, n: int) -> tuple[list
 
 
 def assert_clipped_sum(model: nn.Module, loss, batch: dict, individual: list,
-                       norms: torch.Tensor, bound: float, atol: float) -> None:
+                       norms: torch.Tensor, bound: float, atol: float, views: int = 1) -> None:
     """The clipper at bound C on ``loss(batch)``: its norms are the reference ``norms`` and its
     clipped sum is ``sum_i min(1, C / ||g_i||) g_i`` of the reference per-sample gradients
     (``looped_per_sample``), for every trainable parameter and no other."""
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     clipper = PerSampleClipper(model, max_grad_norm=bound)
-    with clipper.capture():
+    with clipper.capture(views):
         loss(batch).backward()
     grads, got = clipper.clipped_sum()
     torch.testing.assert_close(got, norms, rtol=0, atol=atol)
@@ -341,6 +343,30 @@ def test_per_sample_gradients_are_exact_for_lora(weights, family):
     assert model.dp_unsupported is None
     _randomise_trainable(model)
     assert_exact_per_sample(model, _batch(dtype=torch.float64))
+
+
+def views_of(batch: dict, k: int = 2) -> dict:
+    """Each sample as ``k`` consecutive rows (augmentation multiplicity): itself, then
+    flipped (and, for k = 3, rotated); its other fields repeated."""
+    image = batch["image"]
+    views = [image, image.flip(-1), image.rot90(1, (-2, -1))][:k]
+    return {"image": torch.stack(views, 1).flatten(0, 1)} | {
+        n: v.repeat_interleave(k, 0) for n, v in batch.items() if n != "image"}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_per_sample_gradients_are_exact_over_augmented_views(weights, family):
+    """Augmentation multiplicity on every family: a sample's gradient is the mean over its
+    views' rows (one backward pass of their mean loss), clipped as one."""
+    model = _build(weights[family], method="lora", lora_rank=2).double().train()
+    _randomise_trainable(model)
+    task = TASKS.build("classification", {})
+    rows = views_of(_batch(dtype=torch.float64))
+
+    def loss(b):
+        return _summed_loss(model, task, b) / 2
+    individual, norms = looped_per_sample(model, loss, rows, B, views=2)
+    assert_clipped_sum(model, loss, rows, individual, norms, float(norms.mean()), ATOL, views=2)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

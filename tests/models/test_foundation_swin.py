@@ -12,7 +12,7 @@ from monai.networks.nets import SwinUNETR
 from client.privacy.persample import PerSampleClipper, UnsupportedLayerError
 from models.foundation.monai_nets import SWIN_UNETR_TYPE, save_monai
 
-from .test_foundation import assert_clipped_sum, looped_per_sample
+from .test_foundation import assert_clipped_sum, looped_per_sample, views_of
 
 # depth 2 in the first stage: its second block attends in SHIFTED windows (masked, rolled)
 SWIN2D = dict(in_channels=1, out_channels=2, feature_size=12, depths=[2, 1, 1, 1],
@@ -84,6 +84,20 @@ def test_per_sample_gradients_of_the_swin_lora_fine_tune_are_exact(tmp_path, arg
     c = float(norms.mean())                   # clips one sample, not the other
     assert_clipped_sum(model, lambda b: _summed(model, task, b), batch, individual, norms, c,
                        ATOL)
+
+
+def test_swin_window_folds_and_augmented_views_group_together(tmp_path):
+    """Window attention folds windows into the batch of rows that already hold each sample's
+    views (augmentation multiplicity): sample i is rows ``i*views*windows ..``, still exact."""
+    model, task = _segmenter(tmp_path, SWIN2D)
+    model = model.double().train()
+    _randomise_trainable(model)
+    rows = views_of(_batch(2, (64, 64)), 2)
+
+    def loss(b):
+        return _summed(model, task, b) / 2
+    individual, norms = looped_per_sample(model, loss, rows, 2, views=2)
+    assert_clipped_sum(model, loss, rows, individual, norms, float(norms.mean()), ATOL, views=2)
 
 
 def test_swin_fine_tunes_dp_sgd_does_not_cover_are_refused_with_one_line(tmp_path):

@@ -32,10 +32,12 @@ sample rate and accounting then cover every training study): DP-LoRA standardise
 head's rate, and non-DP LoRA; session 29: linear probing then fine-tuning
 (``train.head_only_rounds=5``: rounds 1-5 train the head alone), DP-LoRA standardised with
 the head's rate, also with per-group clipping giving the adapters most of the bound after the
-head-only rounds (``head_clip_share=0.2``), and non-DP LoRA. Writes ``results/<--name>.json`` (never
-foundation.json's figures); ratios are against the ``lora`` arm when it ran here, else
-against ``--lora-reference`` given as ``external,site_test`` (say where it came from in
-RESULTS.md). ``--seeds K``: every arm also with K - 1 more training seeds on the same
+head-only rounds (``head_clip_share=0.2``), and non-DP LoRA; session 30, on that DP recipe:
+augmentation multiplicity (``privacy.augmentation_multiplicity=4``: each drawn study's gradient
+the mean over 4 augmented views before its clipping), and LoRA on the last two of the four
+blocks only. Writes ``results/<--name>.json`` (never foundation.json's figures); ratios are
+against the ``lora`` arm when it ran here, else against ``--lora-reference`` given as
+``external,site_test`` (say where it came from in RESULTS.md). ``--seeds K``: every arm also with K - 1 more training seeds on the same
 draw (``arm@seed<k>``; ``--first-seed F``: seeds F .. F + K - 1 instead); ``seeds`` in the
 JSON gives each arm's per-seed MCC, mean and spread, and the ratios are of the means.
 """
@@ -63,6 +65,8 @@ PSEUDO = ["task.options.pseudo_label_threshold=0.9", "train.local_epochs=1"]
 PSEUDO_GENTLE = ["task.options.pseudo_label_threshold=0.97", "task.options.pseudo_label_weight=0.3",
                  "train.local_epochs=1"]
 LP5 = "train.head_only_rounds=5"
+LAST2 = ("+model.options.lora_targets=[layer.2.attention.q_proj,layer.2.attention.v_proj,"
+         "layer.3.attention.q_proj,layer.3.attention.v_proj]")
 VARIANTS = {
     "dp_head": ("dp_lora", HEAD),
     "dp_head_centred": ("dp_lora", [*HEAD, CENTRE]),
@@ -103,6 +107,9 @@ VARIANTS = {
     # as 4 augmented views whose gradients are averaged before its clipping (same sigma, C, q)
     "dp_lora_std_hlr_lp5_am4": ("dp_lora", [CENTRE, SCALE, HEAD_LR, LP5,
                                             "privacy.augmentation_multiplicity=4"]),
+    # ... and LoRA on the last two of the four blocks only (half the adapters, so half the
+    # noise's squared norm on them)
+    "dp_lora_std_hlr_lp5_last2": ("dp_lora", [CENTRE, SCALE, HEAD_LR, LP5, LAST2]),
 }
 SETTINGS = {"sites": fm.SITES, "patients_per_site": 600, "label_fraction": 0.1, "rounds": 20,
             "local_epochs": 5, "pretrain_rounds": 5, "pretrain_epochs": 1, "lora_rank": 8,

@@ -37,9 +37,10 @@ augmentation multiplicity (``privacy.augmentation_multiplicity=4``: each drawn s
 the mean over 4 augmented views before its clipping), and LoRA on the last two of the four
 blocks only. Writes ``results/<--name>.json`` (never foundation.json's figures); ratios are
 against the ``lora`` arm when it ran here, else against ``--lora-reference`` given as
-``external,site_test`` (say where it came from in RESULTS.md). ``--seeds K``: every arm also with K - 1 more training seeds on the same
-draw (``arm@seed<k>``; ``--first-seed F``: seeds F .. F + K - 1 instead); ``seeds`` in the
-JSON gives each arm's per-seed MCC, mean and spread, and the ratios are of the means.
+``external,site_test`` (say where it came from in RESULTS.md). ``--seeds K``: every arm
+also with K - 1 more training seeds on the same draw (``arm@seed<k>``; ``--first-seed F``:
+seeds F .. F + K - 1 instead); ``seeds`` in the JSON gives each arm's per-seed MCC, mean and
+spread, and the ratios are of the means.
 """
 
 from __future__ import annotations

@@ -96,7 +96,7 @@ def site_seed(seed: int, site: int, server_round: int) -> int:
 
 
 # A sanity bound a site enforces on the views per sample the coordinator may ask for (each
-# multiplies the site's compute; De et al. 2022 gained little beyond 16).
+# view is a forward and backward pass more at the site; De et al. 2022 used 16).
 MAX_AUGMENTATION_MULTIPLICITY = 16
 
 

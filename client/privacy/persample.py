@@ -30,10 +30,10 @@ input): a layer that sees another leading dimension is refused, since its rows w
 for samples. With augmentation multiplicity (``capture(views=k)``, De et al. 2022) each sample
 is ``k`` consecutive rows (its augmented views), and its gradient is the sum over them: a
 Linear layer's rows are regrouped like a sample's tokens, every other rule's per-row gradients
-are summed per sample before the norm. The one exception is declared by the model (``FoldsBatch``): token-wise Linear
-layers under a module type that folds further items into the batch dimension batch-major
-(Swin's window attention: sample i's windows are rows ``i*k .. (i+1)*k-1``), whose rows are
-regrouped per sample. These checks, on the model and on each layer's rows, live in
+are summed per sample before the norm. The one exception to rows being samples (or their
+views) is declared by the model (``FoldsBatch``): token-wise Linear layers under a module type
+that folds further items into the batch dimension batch-major (Swin's window attention: sample
+i's windows are rows ``i*k .. (i+1)*k-1``), whose rows are regrouped per sample. These checks, on the model and on each layer's rows, live in
 :mod:`client.privacy.persample_checks`.
 """
 

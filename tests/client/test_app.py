@@ -59,3 +59,34 @@ def test_the_site_trains_the_head_alone_in_the_head_only_rounds_it_derives_from_
     assert changed[1] == {"head.weight", "head.bias"}
     assert changed[2] - changed[1]
     assert "round 1: trained on" in caplog.text and "(the class head alone)" in caplog.text
+
+
+def test_the_site_reads_each_drawn_study_as_many_times_as_the_job_asks(site_dir, monkeypatch,
+                                                                       task_identity):
+    """``privacy.augmentation_multiplicity=3`` travels to the site and reaches its DP-SGD
+    steps: with the same (test-mode) Poisson draws, every step's batch holds three rows per
+    drawn study where k = 1 holds one (their order: test_dpsgd.py)."""
+    import client.engine as engine
+
+    sizes: list[int] = []
+
+    def collate(items):
+        sizes.append(len(items))
+        return default_collate(items)
+    default_collate = engine.default_collate
+    monkeypatch.setattr(engine, "default_collate", collate)
+    app, rows = make_client_app(), {}
+    for k in (1, 3):
+        copy = shutil.copytree(site_dir, site_dir.parent / f"k{k}" / site_dir.name)  # own ledger
+        context = _context(copy)
+        context.node_config.update({wire.NODE_DP_EPSILON: 100.0, wire.NODE_DP_DELTA: 1e-5,
+                                    wire.NODE_DP_SECURE_MODE: False})
+        sizes.clear()
+        msg = _train_message([*SMALL[:-1], "privacy=dpsgd", "privacy.epsilon=50",
+                              f"privacy.augmentation_multiplicity={k}"], 1)
+        assert msg.content[wire.CONFIG][wire.DP_AUGMENTATION_MULTIPLICITY] == k
+        reply = app(msg, context)
+        assert not reply.has_error(), reply.error
+        rows[k] = list(sizes)
+    assert rows[1] and sum(rows[1]) > 0
+    assert rows[3] == [3 * n for n in rows[1]]

@@ -116,7 +116,10 @@ class Task(Protocol):
         The task's validated options (``TASKS.config``).
     batch_coupling : str or None
         Why the loss couples the samples of a batch (DP-SGD refused), or None if it is a
-        mean of per-sample terms. Class-level: the server decides before building.
+        mean of per-row terms over every row it was given, in order (DP-SGD's clipper takes
+        rows for samples, or with augmentation multiplicity k consecutive rows for one: a
+        step that dropped or reordered rows would mix samples). Class-level: the server
+        decides before building.
     uses_unlabelled : bool
         Learns from unlabelled studies (a pretraining objective). Class-level, as above;
         ``data_needs.unlabelled`` equals it.

@@ -32,9 +32,9 @@ is ``k`` consecutive rows (its augmented views), and its gradient is the sum ove
 Linear layer's rows are regrouped like a sample's tokens, every other rule's per-row gradients
 are summed per sample before the norm. The one exception to rows being samples (or their
 views) is declared by the model (``FoldsBatch``): token-wise Linear layers under a module type
-that folds further items into the batch dimension batch-major (Swin's window attention: sample
-i's windows are rows ``i*k .. (i+1)*k-1``), whose rows are regrouped per sample. These checks, on the model and on each layer's rows, live in
-:mod:`client.privacy.persample_checks`.
+that folds further items into the batch dimension batch-major (Swin's window attention: row
+r's W windows are rows ``r*W .. (r+1)*W-1``), whose rows are regrouped per sample. These
+checks, on the model and on each layer's rows, live in :mod:`client.privacy.persample_checks`.
 """
 
 from __future__ import annotations
@@ -65,8 +65,9 @@ def _acc(x: Tensor) -> Tensor:
 
 
 def _flat(x: Tensor, batch: int) -> Tensor:
-    """``[B*k, *, d]`` -> ``[B, T, d]`` (T = k times the product of the middle dims; k = 1
-    unless the layer's rows fold further items batch-major, ``FoldsBatch``)."""
+    """``[B*m, *, d]`` -> ``[B, T, d]`` (T = m times the product of the middle dims; m = 1
+    unless each sample is several rows: its augmented views and/or, declared batch-major
+    (``FoldsBatch``), the items a layer folds into the batch)."""
     return x.reshape(batch, -1, x.shape[-1])
 
 
@@ -77,7 +78,8 @@ class _Layer:
         self.module = module
         self.name = name or "<root>"
         self.folds = folds              # may fold further items into the batch (FoldsBatch)
-        self.batch = 0                  # the step's batch size, set by the forward hook
+        self.batch = 0                  # the step's samples, set by the forward hook
+        self.views = 1                  # rows per sample before any fold (capture's views)
         # Fixed at construction: inside ``capture()`` every parameter has requires_grad off.
         self.trainable = {n: p for n, p in module.named_parameters(recurse=False)
                           if p.requires_grad}
@@ -144,10 +146,12 @@ def _linear_grads(layer: _Layer, clip: Tensor) -> dict[str, Tensor]:
     return out
 
 
-def _grouped(t: Tensor, batch: int) -> Tensor:
+def _grouped(t: Tensor, layer: _Layer) -> Tensor:
     """Per-row ``[B*k, ...]`` -> per-sample ``[B, ...]``: a sample's ``k`` consecutive rows
     (its augmented views, ``capture(views=k)``) summed; unchanged for k = 1."""
-    return t if t.shape[0] == batch else t.reshape(batch, -1, *t.shape[1:]).sum(1)
+    if layer.views == 1:
+        return t
+    return t.reshape(layer.batch, layer.views, *t.shape[1:]).sum(1)
 
 
 def _layernorm_per_sample(layer: _Layer) -> dict[str, Tensor]:
@@ -172,12 +176,12 @@ def _conv_norms(layer: _Layer) -> Tensor:
     with torch.autocast(layer.input.device.type, enabled=False):
         a, g = _acc(layer.input), _acc(layer.grad_output)
         per_sample = conv_per_sample(layer.module, a, g)
-        return sum(_grouped(per_sample[n], layer.batch).flatten(1).square().sum(1)
+        return sum(_grouped(per_sample[n], layer).flatten(1).square().sum(1)
                    for n in layer.trainable)
 
 
 def _conv_grads(layer: _Layer, clip: Tensor) -> dict[str, Tensor]:
-    rows = clip.repeat_interleave(layer.input.shape[0] // layer.batch)   # a sample's views
+    rows = clip.repeat_interleave(layer.views)      # each of a sample's views: its factor
     with torch.autocast(layer.input.device.type, enabled=False):
         return conv_clipped_sum(layer.module, _acc(layer.input), _acc(layer.grad_output), rows,
                                 set(layer.trainable))
@@ -242,7 +246,8 @@ class PerSampleClipper:
         self.layers = [_Layer(module, name, folds) for name, module, folds
                        in admitted_layers(model, _rule_missing, SUPPORTED)]
         self._hooks: list = []
-        self._batch = 0                 # this step's batch size (the model's first input)
+        self._batch = 0                 # this step's samples (the model's first input's
+                                        # rows / views)
         self._views = 1                 # rows per sample (augmentation multiplicity)
         # Per-group bounds (index: layer is in the head): C sqrt(1 - s) and C sqrt(s), so a
         # sample's clipped gradient still has norm <= C and the noise sigma C covers it.
@@ -297,7 +302,7 @@ class PerSampleClipper:
             layer.input = inputs[0].detach()
             self._batch = checked_batch(layer.name, module, layer.folds, layer.input.shape[0],
                                         self._batch, self._views)
-            layer.batch = self._batch
+            layer.batch, layer.views = self._batch, self._views
             if isinstance(module, nn.Linear) and "weight" in layer.trainable:
                 a = _acc(_flat(layer.input, layer.batch))
                 if _ghost(a.shape[1], a.shape[2], module.out_features):
@@ -309,7 +314,7 @@ class PerSampleClipper:
                 layer.grad_output = grad.detach()
                 rule = _PER_SAMPLE.get(type(module))
                 if rule is not None:        # small layers: keep per-sample grads, drop the rest
-                    layer.per_sample = {n: _grouped(t, layer.batch)
+                    layer.per_sample = {n: _grouped(t, layer)
                                         for n, t in rule(layer).items()}
                     layer.input = layer.grad_output = None
                 else:
@@ -366,8 +371,9 @@ class PerSampleClipper:
 
 
 def _samples(rows: int, views: int) -> int:
+    """The samples in a batch of ``rows`` rows, ``views`` consecutive rows each."""
     if rows % views:
-        raise ValueError(f"a batch of {rows} rows is not {views} views per sample")
+        raise ValueError(f"{rows} rows are not whole groups of {views} views per sample")
     return rows // views
 
 

@@ -81,7 +81,8 @@ def checked_batch(name: str, module: nn.Module, folds: bool, lead: int, batch: i
                 "batch size is unknown (the model was not called with a tensor): its rows "
                 "cannot be grouped per sample")
         if lead % views:
-            raise ValueError(f"{name} sees {lead} rows, not {views} views per sample")
+            raise ValueError(f"{name} sees {lead} rows, not whole groups of {views} views "
+                             "per sample")
         return lead // views
     rows = batch * views
     if lead == rows:

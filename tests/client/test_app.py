@@ -64,8 +64,9 @@ def test_the_site_trains_the_head_alone_in_the_head_only_rounds_it_derives_from_
 def test_the_site_reads_each_drawn_study_as_many_times_as_the_job_asks(site_dir, monkeypatch,
                                                                        task_identity):
     """``privacy.augmentation_multiplicity=3`` travels to the site and reaches its DP-SGD
-    steps: with the same (test-mode) Poisson draws, every step's batch holds three rows per
-    drawn study where k = 1 holds one (their order: test_dpsgd.py)."""
+    batches: with the same (test-mode) Poisson draws, every step's batch holds three rows per
+    drawn study where k = 1 holds one (their order, and the clipper grouping them:
+    test_dpsgd.py)."""
     import client.engine as engine
 
     sizes: list[int] = []

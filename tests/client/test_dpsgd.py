@@ -448,7 +448,7 @@ def test_rows_that_are_not_whole_groups_of_views_are_refused(task):
     model = _vit()
     clipper = PerSampleClipper(model, 1.0)
     rows = _views(_batch(n=5), k=2)                      # 10 rows, not 4 views per sample
-    with pytest.raises(ValueError, match="10 rows is not 4 views per sample"):
+    with pytest.raises(ValueError, match="10 rows are not whole groups of 4 views per sample"):
         with clipper.capture(views=4):
             _summed_loss(model, task, rows).backward()
     for views in (0, 1.5, True):
@@ -667,9 +667,9 @@ class _Marked(torch.utils.data.Dataset):
 
 
 def test_engine_reads_each_drawn_sample_k_times_as_consecutive_rows(site_train):
-    """Augmentation multiplicity at the engine: every drawn study is read k times (k fresh
-    augmentations) and its rows are consecutive, the grouping the clipper assumes (rows
-    interleaved across studies would clip mixtures of studies as one)."""
+    """Augmentation multiplicity at the engine: every drawn study is read k times (each read
+    draws the dataset's augmentation afresh) and its rows are consecutive, the grouping the
+    clipper assumes (rows interleaved across studies would clip mixtures of studies as one)."""
     data, rows = _Marked(site_train), []
     torch.manual_seed(0)
     model = MODELS.build("mmvit", TINY_OPTIONS)

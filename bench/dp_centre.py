@@ -34,10 +34,11 @@ head's rate, and non-DP LoRA; session 29: linear probing then fine-tuning
 the head's rate, also with per-group clipping giving the adapters most of the bound after the
 head-only rounds (``head_clip_share=0.2``), and non-DP LoRA; session 30, on that DP recipe:
 augmentation multiplicity (``privacy.augmentation_multiplicity=4``: each drawn study's gradient
-the mean over 4 augmented views before its clipping), and LoRA on the last two of the four
-blocks only. Writes ``results/<--name>.json`` (never foundation.json's figures); ratios are
-against the ``lora`` arm when it ran here, else against ``--lora-reference`` given as
-``external,site_test`` (say where it came from in RESULTS.md). ``--seeds K``: every arm
+the mean over 4 augmented views before its clipping), LoRA on the last two of the four
+blocks only, and non-DP LoRA with the DP recipe's settings (standardised, head lr, 5
+head-only rounds). Writes ``results/<--name>.json`` (never foundation.json's figures);
+ratios are against the ``lora`` arm when it ran here, else against ``--lora-reference``
+given as ``external,site_test`` (say where it came from in RESULTS.md). ``--seeds K``: every arm
 also with K - 1 more training seeds on the same draw (``arm@seed<k>``; ``--first-seed F``:
 seeds F .. F + K - 1 instead); ``seeds`` in the JSON gives each arm's per-seed MCC, mean and
 spread, and the ratios are of the means.
@@ -111,6 +112,8 @@ VARIANTS = {
     # ... and LoRA on the last two of the four blocks only (half the adapters, so half the
     # noise's squared norm on them)
     "dp_lora_std_hlr_lp5_last2": ("dp_lora", [CENTRE, SCALE, HEAD_LR, LP5, LAST2]),
+    # the DP recipe's settings without DP: what the same recipe reaches without noise
+    "lora_std_hlr_lp5": ("lora", [CENTRE, SCALE, HEAD_LR, LP5]),
 }
 SETTINGS = {"sites": fm.SITES, "patients_per_site": 600, "label_fraction": 0.1, "rounds": 20,
             "local_epochs": 5, "pretrain_rounds": 5, "pretrain_epochs": 1, "lora_rank": 8,

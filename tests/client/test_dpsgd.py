@@ -444,6 +444,29 @@ def test_augmentation_multiplicity_clips_each_samples_mean_over_its_views(task, 
         torch.testing.assert_close(grads[p], want / 2.0, rtol=0, atol=ATOL)
 
 
+def test_one_study_moves_the_clipped_sum_by_at_most_c_however_many_views_it_has(task):
+    """The attacker's measure of sensitivity: add one study whose k views all have huge
+    gradients to a batch; the clipped sum moves by at most C (it is one sample), not by up to
+    k C (its k rows clipped as k samples)."""
+    model = _vit()
+    studies = _batch(n=6)
+    base = _views({n: v[:5] for n, v in studies.items()})
+    study = _views({n: v[5:] for n, v in studies.items()})
+    study["image"] = study["image"] * 50
+
+    def clipped(rows):
+        clipper = PerSampleClipper(model, 1.0)
+        with clipper.capture(views=K):
+            (_summed_loss(model, task, rows) / K).backward()
+        grads, norms = clipper.clipped_sum()
+        return torch.cat([grads[p].flatten() for p in model.parameters()]), norms
+    without, _ = clipped(base)
+    with_study, norms = clipped({n: torch.cat([base[n], study[n]]) for n in base})
+    assert norms[-1] > 10                           # its own gradient is far above C
+    moved = float((with_study - without).norm())
+    assert 0.999 < moved <= 1.0 + 1e-9
+
+
 def test_rows_that_are_not_whole_groups_of_views_are_refused(task):
     model = _vit()
     clipper = PerSampleClipper(model, 1.0)

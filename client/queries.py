@@ -155,8 +155,9 @@ class SiteQueryLog:
         if key in run.get("replies", []) and path.is_file():
             if run.get("admissions", {}).get(key) != admission:
                 raise QueryRefused(f"round {server_round} was trained under another privacy "
-                                   "request or secure-aggregation mode than this repeat asks "
-                                   "for; a training round is answered once, as admitted")
+                                   "request, secure-aggregation mode or session than this "
+                                   "repeat asks for; a training round is answered once, as "
+                                   "admitted")
             return recorddict_from_proto(ProtoRecordDict.FromString(path.read_bytes()))
         last = run.get("trained", {}).get(task)
         if last is not None and server_round <= last:

@@ -17,8 +17,10 @@ partition derives its identity (the same code path; not the threat model).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
+from typing import NamedTuple
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.app.message_type import MessageType
@@ -98,16 +100,27 @@ def _identity(context: Context, authenticated: bool) -> SiteIdentity | None:
     return identity
 
 
-def update_protection(msg: Message, context: Context) -> tuple[bool, bool]:
-    """How the update of the train request being handled leaves this site: ``(masked,
-    survivors_signed)`` - masked by this mod (the masked stage; the mod refuses that stage
-    without a round in progress), and under the malicious-secure protocol, whose survivor
-    set the sites sign (from the site's own state, set at its setup stage, never from the
-    message). The train handler books its ledger row and binds its cached reply by it."""
+class Protection(NamedTuple):
+    """How the update of the train request being handled leaves this site."""
+    masked: bool            # masked by this mod (its masked stage)
+    signed: bool            # under the malicious-secure protocol's signed survivor set
+    session: str            # which secure-aggregation session masks it ("" in plaintext)
+
+
+def update_protection(msg: Message, context: Context) -> Protection:
+    """How the update of the train request being handled leaves this site: masked by this
+    mod (the masked stage; the mod refuses that stage without a round in progress), under
+    the malicious-secure protocol, whose survivor set the sites sign, and in which session
+    (a digest of the session's own secret self-mask seed, set at its setup stage) - all from
+    the site's own state, never from the message. The train handler books its ledger row and
+    binds its cached reply by it: a round's update is masked in one session only (masked
+    again in a second session over fewer sites, the two sums would give it away)."""
     masked = msg.content[wire.CONFIG].get(wire.SECAGG_STAGE) == wire.SECAGG_MASKED
     if not masked or wire.SECAGG_STATE not in context.state:
-        return masked, False
-    return masked, bool(dict(context.state[wire.SECAGG_STATE]).get("authenticated", False))
+        return Protection(masked, False, "")
+    state = dict(context.state[wire.SECAGG_STATE])
+    return Protection(masked, bool(state.get("authenticated", False)),
+                      hashlib.sha256(bytes(state["seed"])).hexdigest())
 
 
 def _site(context: Context) -> SiteSecAgg:

@@ -47,7 +47,7 @@ class BookingGrid(SiteGrid):
         settings = {wire.NODE_DP_EPSILON: 8.0, wire.NODE_DP_DELTA: 1e-5,
                     wire.NODE_PRIVACY_DIR: str(self.tmp_path / f"site-{node}"),
                     wire.NODE_DP_TRUST_SERVER: self.trust_server}
-        masked, signed = update_protection(m, context)        # as client.app does
+        masked, signed, _ = update_protection(m, context)     # as client.app does
         admit_round(job, settings, self.tmp_path, n_train=100, secure_aggregation=masked,
                     survivors_signed=signed)
         return super().train(node, m, context)

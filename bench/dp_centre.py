@@ -36,7 +36,8 @@ head-only rounds (``head_clip_share=0.2``), and non-DP LoRA; session 30, on that
 augmentation multiplicity (``privacy.augmentation_multiplicity=4``: each drawn study's gradient
 the mean over 4 augmented views before its clipping), LoRA on the last two of the four
 blocks only, and non-DP LoRA with the DP recipe's settings (standardised, head lr, 5
-head-only rounds). Writes ``results/<--name>.json`` (never foundation.json's figures);
+head-only rounds); session 31: DP and non-DP with that recipe at 30% and 100% of the
+labels (2 and 1 local epochs). Writes ``results/<--name>.json`` (never foundation.json's figures);
 ratios are against the ``lora`` arm when it ran here, else against ``--lora-reference``
 given as ``external,site_test`` (say where it came from in RESULTS.md). ``--seeds K``: every arm
 also with K - 1 more training seeds on the same draw (``arm@seed<k>``; ``--first-seed F``:
@@ -67,6 +68,11 @@ PSEUDO = ["task.options.pseudo_label_threshold=0.9", "train.local_epochs=1"]
 PSEUDO_GENTLE = ["task.options.pseudo_label_threshold=0.97", "task.options.pseudo_label_weight=0.3",
                  "train.local_epochs=1"]
 LP5 = "train.head_only_rounds=5"
+# session 31: the same recipe with more labelled studies a site (the draw's labelled training
+# studies at 30% / 100% instead of 10%, fewer local epochs so a round takes about as many steps:
+# DP-SGD's sample rate falls ~3x / ~10x and with it the noise multiplier epsilon 8 needs)
+LABELS30 = ["task.options.label_fraction=0.3", "train.local_epochs=2"]
+LABELS100 = ["task.options.label_fraction=1.0", "train.local_epochs=1"]
 LAST2 = ("+model.options.lora_targets=[layer.2.attention.q_proj,layer.2.attention.v_proj,"
          "layer.3.attention.q_proj,layer.3.attention.v_proj]")
 VARIANTS = {
@@ -114,6 +120,11 @@ VARIANTS = {
     "dp_lora_std_hlr_lp5_last2": ("dp_lora", [CENTRE, SCALE, HEAD_LR, LP5, LAST2]),
     # the DP recipe's settings without DP: what the same recipe reaches without noise
     "lora_std_hlr_lp5": ("lora", [CENTRE, SCALE, HEAD_LR, LP5]),
+    # session 31: DP and non-DP with that recipe at 30% and 100% of the labels
+    "dp_lora_std_hlr_lp5_l30": ("dp_lora", [CENTRE, SCALE, HEAD_LR, LP5, *LABELS30]),
+    "lora_std_hlr_lp5_l30": ("lora", [CENTRE, SCALE, HEAD_LR, LP5, *LABELS30]),
+    "dp_lora_std_hlr_lp5_l100": ("dp_lora", [CENTRE, SCALE, HEAD_LR, LP5, *LABELS100]),
+    "lora_std_hlr_lp5_l100": ("lora", [CENTRE, SCALE, HEAD_LR, LP5, *LABELS100]),
 }
 SETTINGS = {"sites": fm.SITES, "patients_per_site": 600, "label_fraction": 0.1, "rounds": 20,
             "local_epochs": 5, "pretrain_rounds": 5, "pretrain_epochs": 1, "lora_rank": 8,

@@ -9,8 +9,8 @@ add ``Skellam(V / m)`` from the site's CSPRNG (``noise.SkellamNoise``), then mas
 site's own computation from the encoding's scale and the update's size
 (``protocol.skellam.share_variance``); no noise level is ever taken from the server.
 
-Replays: the share's CSPRNG key is kept per server round (the last ``KEEP_KEYS``), so a train
-request the server repeats is masked with the *same* noise (the handler answers a replay with
+Replays: the share's CSPRNG key is kept per task and server round (the last ``KEEP_KEYS``), so
+a train request the server repeats is masked with the *same* noise (the handler answers a replay with
 its cached update); fresh noise on each copy would let the server average a site's share away.
 The keys live in the node's state: a site process restarted between a round and its replay
 draws fresh noise (the cached replies survive on disk; their noise keys do not).
@@ -41,7 +41,8 @@ log = logging.getLogger(__name__)
 
 STATE = "medfed.ddp"                 # node state between the masked and the unmask stage
 _MIN_CONTRIBUTORS, _ROUNDS, _KEYS = "min-contributors", "rounds", "noise-keys"
-KEEP_KEYS = 16                       # rounds whose noise key a site keeps (>= its cached replies)
+KEEP_KEYS = 16                       # (task, round)s whose noise key a site keeps (>= its
+                                     # cached replies)
 
 
 class DistributedDPRefused(ValueError):
@@ -68,7 +69,9 @@ def masked_stage_noise(context: Context, config: ConfigRecord
     if share is None:
         context.state[STATE] = ConfigRecord(saved)
         return None, None
-    round_ = int(config.get(wire.SERVER_ROUND, 0))
+    # per task and round: two tasks of a run (e.g. pretraining and fine-tuning phases) both
+    # have a round 1, and one noise draw in two sums would cancel in their difference
+    round_ = f"{config.get(wire.TASK_NAME, '')}/{int(config.get(wire.SERVER_ROUND, 0))}"
     keys = dict(zip(saved.get(_ROUNDS, []), saved.get(_KEYS, [])))
     key = keys.get(round_) or os.urandom(16)
     keys = dict(list((keys | {round_: key}).items())[-KEEP_KEYS:])

@@ -107,9 +107,10 @@ def test_a_replayed_round_draws_the_same_noise_and_a_new_round_fresh_noise():
     each copy would let the server average this site's share away - also after unmasking."""
     context = _context()
 
-    def draw(server_round):
+    def draw(server_round, task="classification"):
         config = _job_config(_site_dp(m=3))
         config[wire.SERVER_ROUND] = server_round
+        config[wire.TASK_NAME] = task
         return ddp.masked_stage_noise(context, config)[1](1e12, 1000)
 
     first = draw(4)
@@ -117,6 +118,9 @@ def test_a_replayed_round_draws_the_same_noise_and_a_new_round_fresh_noise():
     ddp.check_unmask(context, ["7", "9"])                 # the round is unmasked
     assert np.array_equal(first, draw(4))                 # and replayed again afterwards
     assert not np.array_equal(first, draw(5))             # the next round: fresh noise
+    # another task's round 4 (a second phase of the run): fresh noise too - one draw in two
+    # sums would cancel in their difference (the same key and variance give the same values)
+    assert not np.array_equal(first, draw(4, task="mm_dino"))
 
 
 def _secure_round(share: NoiseShare, *, sites=5, drop=(), length=20_000):

@@ -255,6 +255,17 @@ _KINDS = {"accountant": str, "run_id": str, "planned_rounds": int, "noise": str,
           "min_contributors": int, "augmentation_multiplicity": int}
 
 
+def check_personalize(personalize: bool, mechanism: str) -> None:
+    """Refuse scoring each site's locally adapted model where the privacy mechanism does not
+    cover it (the server at config load, the site when it decodes the job)."""
+    if personalize and mechanism == wire.DP_SITE:
+        raise SpecError("strategy.personalize is refused with privacy.mechanism=site-dp: a "
+                        "site's locally adapted model is its update before the clipping and "
+                        "noise that site-level DP puts on it, so scores of that model would "
+                        "leave the site outside the privacy ledger (use dp-sgd, whose local "
+                        "training itself is private)")
+
+
 @dataclass(frozen=True)
 class JobSpec:
     """Everything a site needs to build the model and task and to train (no site specifics).
@@ -279,6 +290,9 @@ class JobSpec:
                                           # coordinator's); each site checks its own against it
     layout: Layout | None = None          # the modality layout the site reads; None: today's
                                           # brain_mri_4seq reader (and a byte-identical record)
+
+    def __post_init__(self):
+        check_personalize(self.personalize, self.privacy.mechanism)
 
     def for_site(self, site: int) -> JobSpec:
         """This job at one site: its own data-order/noise stream for this round, and whether
@@ -370,7 +384,7 @@ class JobSpec:
                 check_grid_size((image_size,) * 3, f"server config {wire.IMAGE_SIZE!r}")
             except LayoutError as err:
                 raise JobError(f"{err} (a 3D layout's studies are image_size^3)") from None
-        return cls(
+        fields = dict(
             model_name=get(wire.MODEL_NAME, str), model_options=model_options,
             task_name=get(wire.TASK_NAME, str), task_options=task_options,
             class_names=get.strings(wire.CLASS_NAMES), image_size=image_size,
@@ -380,6 +394,10 @@ class JobSpec:
             evaluate_missing=get(wire.EVAL_MISSING, bool, False),
             server_round=get(wire.SERVER_ROUND, int, 0),
             base_digest=get(wire.BASE_DIGEST, str, ""), layout=layout)
+        try:
+            return cls(**fields)
+        except SpecError as err:
+            raise JobError(f"server config: {err}") from None
 
 
 def privacy_from_record(config: ConfigRecord) -> PrivacySpec:

@@ -8,7 +8,7 @@ the experiment (strategy capabilities, sampling, the number of sites).
 from __future__ import annotations
 
 from protocol import wire
-from protocol.job import SpecError
+from protocol.job import SpecError, check_personalize
 from strategies.registry import strategies_with, strategy_entry
 
 from .schema import ConfigError, ExperimentConfig
@@ -20,6 +20,7 @@ def validate_privacy(cfg: ExperimentConfig) -> None:
     try:
         p.check()                                  # also run at construction; cheap
         p.check_task(cfg.task.name, cfg.task_options())
+        check_personalize(cfg.strategy.personalize, p.mechanism)
     except SpecError as err:
         raise ConfigError(str(err)) from None
     if p.mechanism != wire.DP_SITE:

@@ -31,7 +31,9 @@ def _spec(privacy: PrivacySpec = DPSGD, **changes) -> JobSpec:
         class_names=("a", "b", "c"), image_size=32,
         train=TrainConfig(local_epochs=3, batch_size=5, lr=0.02, weight_decay=0.1,
                           head_lr=0.05, head_only_rounds=6, proximal_mu=0.01, seed=42),
-        privacy=privacy, seed=42, personalize=True, local_params=("*norm*", "head.*"),
+        # (a personalized model is refused under site-level DP)
+        privacy=privacy, seed=42, personalize=privacy.mechanism != wire.DP_SITE,
+        local_params=("*norm*", "head.*"),
         evaluate_missing=True, server_round=4)
     return JobSpec(**(fields | changes))
 
@@ -299,6 +301,25 @@ def test_private_state_is_refused_on_both_sides(server_dpsgd):
     assert decode_job(dataclasses.replace(spec, privacy=PrivacySpec()).to_record(),
                       site_seed=0).task_options["logit_adjustment"] == 1.0
 
+
+
+def test_a_personalized_model_is_refused_under_site_level_dp_on_both_sides():
+    """Attack: a coordinator asks a site-dp site to also score its locally adapted model -
+    the update before the clipping and noise that site-level DP puts on it; its scores
+    would leave the site outside the ledger. The site refuses the job before training."""
+    site_dp = ["privacy=sitedp", "strategy.min_train_sites=3"]
+    record = job_config(load_experiment(site_dp), "run-p")
+    assert not decode_job(record, site_seed=0).personalize
+    record[wire.PERSONALIZE] = True
+    with pytest.raises(JobError, match=r"personalize is refused with privacy.mechanism="
+                                       r"site-dp"):
+        decode_job(record, site_seed=0)
+    with pytest.raises(ConfigError, match=r"personalize is refused with privacy.mechanism="
+                                          r"site-dp"):
+        load_experiment([*site_dp, "strategy=personalized"])
+    for mechanism in ("none", "dpsgd"):        # DP-SGD's local training is itself private
+        assert load_experiment([f"privacy={mechanism}", "strategy=personalized"]
+                               ).job_spec("run-p").personalize
 
 
 # ---------------------------------------------------------------- data layout

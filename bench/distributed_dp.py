@@ -38,7 +38,7 @@ from client.privacy.noise import SkellamNoise
 from client.privacy.secagg import SiteIdentity, SiteSecAgg
 from models.metrics import confusion_matrix, mcc
 from protocol.accounting import calibrate_noise
-from protocol.secagg_encoding import noisy_encoding
+from protocol.secagg_encoding import HEADER, noisy_encoding
 from protocol.secagg_identity import simulation_key, simulation_registry
 from protocol.secagg_protocol import SecAggConfig, ServerRound
 from protocol.skellam import NoiseShare
@@ -118,7 +118,7 @@ def distributed_average(deltas: list[np.ndarray], sigma: float, c: float, round_
     enc = noisy_encoding(clip_range=c, max_sites=n, share=share)
     ids = list(range(1, n + 1))
     server = ServerRound(round_, ids, SecAggConfig(degree=n - 1, encoding=enc),
-                         deltas[0].size + 1, run=RUN)
+                         deltas[0].size + HEADER, run=RUN)
     # the malicious-secure protocol, as deployed: identity keys on one registration list
     registry = simulation_registry([f"site-{i}" for i in ids])
     sites = {i: SiteSecAgg(i, round_, enc, RUN, SiteIdentity(

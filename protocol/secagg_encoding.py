@@ -35,6 +35,11 @@ from .skellam import NoiseShare, exact_scale, noise_headroom_sites
 MODULUS_BITS = 32
 _HALF = 1 << (MODULUS_BITS - 1)
 _FLOAT32_EXACT = 1 << 24            # integers float32 holds exactly (encode works in float32)
+# Slots before the values: the site's weight, how many of its values the encoding clipped, and
+# whether its example count was capped (0/1). They are masked and summed like the values, so
+# the server reads only their totals over the sites (never one site's count: a coordinator
+# choosing a small clip_range would learn how many of a site's update values exceed it).
+HEADER = 3
 
 
 @dataclass(frozen=True)
@@ -143,10 +148,12 @@ def encode(delta: np.ndarray, num_examples: int, encoding: Encoding, *,
            noise: NoiseShare | None = None,
            sampler: Callable[[float, int], np.ndarray] | None = None
            ) -> tuple[np.ndarray, int]:
-    """Flat float delta -> (uint32 vector of len + 1, number of clipped values), with
+    """Flat float delta -> (uint32 vector of ``HEADER`` + len, number of clipped values), with
     ``sum(sign * PRG(seed))`` over ``masks`` already added (mod 2^32).
 
-    The first element carries the site's weight. float32 throughout: |value x scale| stays
+    The first ``HEADER`` elements carry the site's weight, its count of clipped values (at
+    most ``(2^31 - 1) / max_sites``, so that the sum cannot wrap) and whether its example
+    count was capped at ``max_weight``, masked like the values. float32 throughout: |value x scale| stays
     below 2^31 / max_sites, and float32 keeps the rounding fraction to better than 1e-3 up
     to values of ~10^4 units (a delta of ~0.007 at the default scale), exact below that.
     ``rounding_seed`` (32 bytes) makes the rounding reproducible (tests only).
@@ -156,41 +163,47 @@ def encode(delta: np.ndarray, num_examples: int, encoding: Encoding, *,
     """
     x = np.asarray(delta, dtype=np.float32).ravel()
     weight = encoding.weight_of(num_examples)
+    capped = int(int(num_examples) > encoding.max_weight)
     variance = 0.0
     if noise is not None:
         if sampler is None:
             raise ValueError("a noise share needs its sampler")
         x = clip_l2(x, noise.clip_norm)
-        weight = 1                              # the noise is calibrated to one vote per site
+        weight, capped = 1, 0                   # the noise is calibrated to one vote per site
         variance = noise.variance(scale=encoding.scale, dim=max(x.size, 1))
     pieces = _Pieces(encoding, weight, rounding_seed or os.urandom(32))
     mask = MaskSum(list(masks))
-    out = np.empty(x.size + 1, dtype=np.uint32)
-    out[0] = weight
+    out = np.empty(x.size + HEADER, dtype=np.uint32)
+    out[:HEADER] = (weight, 0, capped)
     for start in range(0, out.size, CHUNK):
         part = out[start:start + CHUNK]
-        first = max(start, 1)                   # the first value slot in this piece
+        first = max(start, HEADER)              # the first value slot in this piece
         if first < start + part.size:
             values = part[first - start:]
-            pieces.into(x[first - 1:start + part.size - 1], values.view(np.int32))
+            pieces.into(x[first - HEADER:start + part.size - HEADER], values.view(np.int32))
             if variance:                        # int64 noise, reduced mod 2^32, before masks
                 drawn = sampler(variance, values.size)
                 np.add(values, (drawn & 0xFFFFFFFF).astype(np.uint32), out=values)
         mask.add_to(part)
+    # known once every piece is encoded; the masks are additive mod 2^32, so it joins its
+    # already masked slot
+    np.add(out[1:2], np.uint32(min(pieces.clipped, (_HALF - 1) // encoding.max_sites)),
+           out=out[1:2])
     return out, pieces.clipped
 
 
-def total_weight(first: np.uint32 | int) -> int:
-    """The summed weight, read from a secure sum's first element."""
-    weight = int(first)
+def read_header(header: np.ndarray) -> tuple[int, int, int]:
+    """``(weight, clipped values, capped sites)`` summed over the sites, read from a secure
+    sum's first ``HEADER`` elements."""
+    weight = int(header[0])
     if not 0 < weight < _HALF:
         raise ValueError("the secure sum carries no valid weight (no site contributed, or the "
                          "masks did not cancel)")
-    return weight
+    return weight, int(header[1]), int(header[2])
 
 
 def decode_into(values: np.ndarray, weight: int, encoding: Encoding, out: np.ndarray) -> None:
-    """Summed uint32 values (any piece of a sum, weight slot excluded) -> their weighted
+    """Summed uint32 values (any piece of a sum, header excluded) -> their weighted
     average in ``out`` (float32): computed in float64, rounded once, in NumPy's small cast
     buffers (no float64 temporary)."""
     np.divide(values.view(np.int32), encoding.scale * weight, out=out, casting="same_kind")
@@ -199,7 +212,7 @@ def decode_into(values: np.ndarray, weight: int, encoding: Encoding, out: np.nda
 def decode(total: np.ndarray, encoding: Encoding) -> tuple[np.ndarray, int]:
     """Sum of encoded vectors (mod 2^32) -> (weighted average delta float32, total weight)."""
     total = np.asarray(total, dtype=np.uint32)
-    weight = total_weight(total[0])
-    average = np.empty(total.size - 1, dtype=np.float32)
-    decode_into(total[1:], weight, encoding, average)
+    weight, _, _ = read_header(total[:HEADER])
+    average = np.empty(total.size - HEADER, dtype=np.float32)
+    decode_into(total[HEADER:], weight, encoding, average)
     return average, weight

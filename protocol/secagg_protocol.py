@@ -38,7 +38,7 @@ import numpy as np
 
 from .secagg_crypto import (CHUNK, InvalidShare, MaskSum, agree, load_private, parse_share,
                             recover_secret)
-from .secagg_encoding import Encoding, decode_into, total_weight
+from .secagg_encoding import HEADER, Encoding, decode_into, read_header
 from .secagg_identity import statement
 
 log = logging.getLogger(__name__)
@@ -137,7 +137,7 @@ class ServerRound:
     round_: int
     sites: list[int]
     config: SecAggConfig
-    length: int                       # encoded vector length (parameters + 1 weight slot)
+    length: int                       # encoded vector length (parameters + HEADER slots)
     run: int = 0
 
     def __post_init__(self):
@@ -148,7 +148,8 @@ class ServerRound:
         self.masked: dict[int, np.ndarray] = {}
         self.survivors: list[int] = []
         self.signatures: dict[int, bytes] = {}
-        self.clipped = 0
+        self.clipped = 0              # values the encoding clipped, all sites (once unmasked)
+        self.capped = 0               # sites whose example count was capped (once unmasked)
 
     # stage 0 -> 1
     def accept_keys(self, replies: dict[int, Advert]) -> dict[int, dict]:
@@ -185,9 +186,9 @@ class ServerRound:
         return {i: self.ciphertexts.get(i, {}) for i in shared}
 
     # stage 2 -> 3
-    def accept_masked(self, replies: dict[int, tuple[np.ndarray, int]]) -> dict[int, dict]:
+    def accept_masked(self, replies: dict[int, np.ndarray]) -> dict[int, dict]:
         """Masked vectors in; per survivor, the survivor set out (to sign or to unmask by)."""
-        for site, (vector, clipped) in replies.items():
+        for site, vector in replies.items():
             if site not in self.shared:
                 log.warning("secagg round %d: masked input from %s, which shared no keys; "
                             "ignored", self.round_, site)
@@ -198,7 +199,6 @@ class ServerRound:
                             vector.shape, vector.dtype, self.length)
                 continue
             self.masked[site] = vector
-            self.clipped += int(clipped)
         self._require(self.masked, "sent masked input")
         self.survivors = sorted(self.masked)
         return {i: {"survivors": self.survivors} for i in self.survivors}
@@ -264,10 +264,11 @@ class ServerRound:
     def _sum_and_unmask(self, inputs: list[np.ndarray], removal: MaskSum
                         ) -> tuple[np.ndarray, int]:
         """Piece by piece, while each piece is in cache: sum the masked inputs, remove the
-        masks, decode. The first piece carries the weight, so decoding never waits for the
+        masks, decode. The first piece carries the header (the weight; the clipped values and
+        capped sites, kept in ``clipped`` and ``capped``), so decoding never waits for the
         whole sum and no P-sized integer sum is ever allocated."""
         encoding = self.config.encoding
-        average = np.empty(self.length - 1, dtype=np.float32)
+        average = np.empty(self.length - HEADER, dtype=np.float32)
         piece = np.empty(CHUNK, dtype=np.uint32)
         weight = 0
         for start in range(0, self.length, CHUNK):
@@ -277,10 +278,11 @@ class ServerRound:
                 np.add(part, vector[start:start + part.size], out=part)
             removal.add_to(part)
             if start == 0:
-                weight = total_weight(part[0])
-                part = part[1:]
-            first = max(start, 1)
-            decode_into(part, weight, encoding, average[first - 1:first - 1 + part.size])
+                weight, self.clipped, self.capped = read_header(part[:HEADER])
+                part = part[HEADER:]
+            first = max(start, HEADER)
+            decode_into(part, weight, encoding,
+                        average[first - HEADER:first - HEADER + part.size])
         return average, weight
 
     def _require(self, present: dict | set, what: str) -> None:

@@ -91,8 +91,8 @@ SECAGG_SEED_SHARES = "secagg-seed-shares"    # ... and the shares
 SECAGG_KEY_NODES = "secagg-key-nodes"        # whose masking-key shares (dropped sites) ...
 SECAGG_KEY_SHARES = "secagg-key-shares"
 SECAGG_MASKED_ARRAY = "secagg-masked"        # the one array of a masked train reply (uint32)
-SECAGG_CLIPPED = "secagg-clipped"            # metric: values clipped by the encoding
-SECAGG_WEIGHT_CAPPED = "secagg-weight-capped"  # metric 0/1: example count above max_weight
+SECAGG_CLIPPED = "secagg-clipped"            # metric of a secure sum: values clipped by the
+                                             # encoding, all sites (from the sum's header)
 SECAGG_SITES = "secagg-sites"                # metric of the summed reply: sites inside it
 SECAGG_STATE = "medfed.secagg"               # site node state of the round in progress
 SECAGG_SESSION_STATE = "medfed.secagg-session"  # site node state: its run session (all rounds)

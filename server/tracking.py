@@ -175,6 +175,8 @@ class MlflowTracker:
             tags[f"rejected.round-{step}.{rejection.site_id}"] = rejection.reason[:250]
         if record.secagg_clipped is not None:
             metrics["secagg/clipped_values"] = float(record.secagg_clipped)
+        if record.secagg_capped is not None:
+            metrics["secagg/capped_sites"] = float(record.secagg_capped)
         privacy = self._privacy(record)
         metrics |= {f"privacy/{k}": v for k, v in privacy.items() if isinstance(v, float)}
         if record.arrays is not None and self.cfg.tracking.log_models:

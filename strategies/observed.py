@@ -82,6 +82,7 @@ class RoundRecord:
     site_level_epsilon: float | None = None   # site-level DP: epsilon spent after this round
     arrays_sha256: str = ""     # of ``arrays``, once an observer computed it (once a round)
     secagg_clipped: int | None = None         # secure aggregation: values clipped by encoding
+    secagg_capped: int | None = None          # ... and sites whose weight it capped
     # ``arrays`` decoded, once a round: (the ArrayRecord they were decoded from, values)
     _decoded: tuple | None = field(default=None, repr=False, compare=False)
 
@@ -232,6 +233,7 @@ class ObservedStrategy(StatelessWrapper, Strategy):
                                    for node, norm in report.get("update_norms", {}).items()}
             record.site_level_epsilon = report.get("site_level_epsilon")
             record.secagg_clipped = report.get("secagg_clipped")
+            record.secagg_capped = report.get("secagg_capped")
         record.arrays = arrays
         record.train_metrics = dict(metrics or {})
         for observer in self.observers:

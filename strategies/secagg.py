@@ -26,6 +26,7 @@ from flwr.serverapp.strategy import Strategy
 
 from protocol import wire
 from protocol.arrays import apply_delta, float_keys
+from protocol.secagg_encoding import HEADER
 from protocol.secagg_protocol import Advert, SecAggConfig, SecAggError, ServerRound
 
 from .guard import SummedReply, error_summary
@@ -83,7 +84,7 @@ class SecAggPlus(StrategyWrapper, Strategy):
         self.config = config
         self.stage_timeout = stage_timeout
         self.site_dp = site_dp
-        self.clipped = 0
+        self.clipped = self.capped = 0
         self._round: ServerRound | None = None
 
     def state_dict(self) -> dict[str, np.ndarray]:
@@ -104,8 +105,9 @@ class SecAggPlus(StrategyWrapper, Strategy):
         self.site_dp.load_state_dict({k[len(prefix):]: v for k, v in state.items()})
 
     def round_report(self) -> RoundReport:
-        """Values the encoding clipped in the last round, and the site-level epsilon."""
-        report = RoundReport(secagg_clipped=self.clipped)
+        """Values the encoding clipped and sites whose weight it capped in the last round
+        (totals from the secure sum), and the site-level epsilon."""
+        report = RoundReport(secagg_clipped=self.clipped, secagg_capped=self.capped)
         if self.site_dp is not None:
             report |= self.site_dp.round_report()
         return report
@@ -129,13 +131,13 @@ class SecAggPlus(StrategyWrapper, Strategy):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        self.clipped = 0
+        self.clipped = self.capped = 0
         if self.site_dp is not None:     # the sites' fixedclipping_mod reads it
             config = ConfigRecord(dict(config) | {wire.DP_CLIPPING_NORM:
                                                   self.site_dp.clipping_norm})
         messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
         nodes = [m.metadata.dst_node_id for m in messages]
-        length = sum(math.prod(arrays[k].shape) for k in float_keys(arrays)) + 1
+        length = sum(math.prod(arrays[k].shape) for k in float_keys(arrays)) + HEADER
         self._round = ServerRound(server_round, nodes, self.config, length, run=grid.run.run_id)
         self._global, self._grid, self._messages = arrays, grid, messages
         enc = self.config.encoding
@@ -197,21 +199,15 @@ class SecAggPlus(StrategyWrapper, Strategy):
                 log.warning("secagg round %d: node %s replied without a masked update; excluded",
                             server_round, reply.metadata.src_node_id)
                 continue
-            metrics = reply.content.metric_records.get(wire.METRICS, MetricRecord())
             try:        # checked against the expected vector before anything is allocated
                 vector = decode(arrays[wire.SECAGG_MASKED_ARRAY], None, expected,
                                 wire.SECAGG_MASKED_ARRAY)
-                clipped = int(metrics.get(wire.SECAGG_CLIPPED, 0))
             except UNDECODABLE as err:      # one site's bytes never fail the round
                 log.warning("secagg round %d: node %s sent an undecodable masked update "
                             "(%s); excluded", server_round, reply.metadata.src_node_id,
                             str(err)[:200])
                 continue
-            masked[reply.metadata.src_node_id] = (vector, clipped)
-            if metrics.get(wire.SECAGG_WEIGHT_CAPPED, 0):
-                log.warning("secagg round %d: node %s has more examples than secagg.max_weight;"
-                            " its weight in the sum is capped", server_round,
-                            reply.metadata.src_node_id)
+            masked[reply.metadata.src_node_id] = vector
         requests = self._round.accept_masked(masked)
         if self.config.authenticated:       # the consistency stage: survivors sign the set
             signed = self._ask(self._grid, {n: {
@@ -229,7 +225,11 @@ class SecAggPlus(StrategyWrapper, Strategy):
                              rec[wire.SECAGG_SEED_SHARES])),
             "key": dict(zip((int(j) for j in rec[wire.SECAGG_KEY_NODES]),
                             rec[wire.SECAGG_KEY_SHARES]))} for n, rec in shares.items()})
-        self.clipped = self._round.clipped
+        # totals from the secure sum's header
+        self.clipped, self.capped = self._round.clipped, self._round.capped
+        if self.capped:
+            log.warning("secagg round %d: %d sites have more examples than secagg.max_weight; "
+                        "their weights in the sum are capped", server_round, self.capped)
         if self.site_dp is not None:      # site-level DP: noise on the sum, never on a site
             delta = self.site_dp.add_noise(delta, contributors=len(masked))
         if self.clipped:

@@ -44,6 +44,7 @@ class RoundReport(TypedDict, total=False):
     update_norms: dict[int, float]     # guard: node id -> ||local - global|| (named by observed)
     site_level_epsilon: float          # site-level DP: server-accountant epsilon so far
     secagg_clipped: int                # secure aggregation: values clipped by the encoding
+    secagg_capped: int                 # secure aggregation: sites whose weight was capped
 
 
 class StrategyWrapper(ABC):

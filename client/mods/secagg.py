@@ -22,7 +22,7 @@ import logging
 from pathlib import Path
 from typing import NamedTuple
 
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.clientapp.typing import ClientAppCallable
 
@@ -207,17 +207,13 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
         # site-level DP calibrates the server's noise to equal weights: one vote per site
         weight = 1 if config.get(wire.DP_MECHANISM) == wire.DP_SITE else \
             int(metrics[wire.NUM_EXAMPLES])
-        capped = int(weight > site.encoding.max_weight)     # counted, never silent
-        if capped:
+        if weight > site.encoding.max_weight:   # counted in the sum's header, never silent
             log.warning("secagg: %d training examples counted as %d (secagg.max_weight)",
                         weight, site.encoding.max_weight)
         noise, sampler = masked_stage_noise(context, config)    # distributed DP, if asked
-        vector, clipped = site.masked_input(received, delta, weight, noise=noise,
-                                            sampler=sampler)
+        vector = site.masked_input(received, delta, weight, noise=noise, sampler=sampler)
         _save(context, site)
         reply.content[wire.ARRAYS] = ArrayRecord({wire.SECAGG_MASKED_ARRAY: Array(vector)})
-        reply.content[wire.METRICS] = MetricRecord(dict(metrics) | {
-            wire.SECAGG_CLIPPED: clipped, wire.SECAGG_WEIGHT_CAPPED: capped})
         return reply
     if stage == wire.SECAGG_CONSISTENCY:
         signature = site.sign_survivors([int(j) for j in request[wire.SECAGG_SURVIVED]])

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from protocol.accounting import epsilon as accounted_epsilon
-from protocol.secagg_encoding import decode, encode, noisy_encoding
+from protocol.secagg_encoding import HEADER, decode, encode, noisy_encoding
 from protocol.skellam import NoiseShare
 
 from .noise import SkellamNoise
@@ -69,7 +69,7 @@ def run_distributed_audit(config: DistributedAuditConfig) -> dict:
     skipped = lambda variance, n: np.zeros(n, np.int64)                   # noqa: E731
     moved = np.zeros(dim)
     for _ in range(config.rounds):
-        total = np.zeros(dim + 1, np.uint32)
+        total = np.zeros(dim + HEADER, np.uint32)
         for j, sampler in enumerate(samplers):          # the noise sites: nothing to say
             vector, _ = encode(np.zeros(dim, np.float32), 1, encoding, noise=share,
                                sampler=skipped if j < config.skip_noise else sampler)

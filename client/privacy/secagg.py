@@ -247,7 +247,7 @@ class SiteSecAgg:
 
     # ---- stage 2
     def masked_input(self, ciphertexts: dict[int, bytes], delta: np.ndarray,
-                     num_examples: int, *, noise=None, sampler=None) -> tuple[np.ndarray, int]:
+                     num_examples: int, *, noise=None, sampler=None) -> np.ndarray:
         """Decrypt and keep the shares sent to us, then encode and mask ``delta`` (with a
         distributed-DP ``noise`` share added before the masks: ``client.privacy.ddp``);
         refused when fewer than ``t`` neighbours' shares arrived (the self mask alone would be
@@ -274,8 +274,13 @@ class SiteSecAgg:
             seed = agree(self._mask_key, self._neighbour_keys[j][1], purpose="mask",
                          round_=self.round_, a=self.me, b=j)
             masks.append((seed, pairwise_sign(self.me, j)))
-        return encode(delta, num_examples, self.encoding, masks=masks, noise=noise,
-                      sampler=sampler)
+        vector, clipped = encode(delta, num_examples, self.encoding, masks=masks, noise=noise,
+                                 sampler=sampler)
+        if clipped:     # this site's own count stays here; the server reads the sum's total
+            log.warning("secagg: %d values of this update are outside +/-%g (the "
+                        "coordinator's secagg.clip_range) and were clipped", clipped,
+                        self.encoding.clip_range)
+        return vector
 
     # ---- stage 3
     def sign_survivors(self, survivors: list[int]) -> bytes:

@@ -16,7 +16,7 @@ from client.privacy.policy import PrivacyRefused, SiteBudget, admit_round, autho
 from tests.strategies.secagg_sites import RUN, finish, make_sites, share_keys
 from protocol import accounting, wire
 from protocol.job import JobSpec, PrivacySpec
-from protocol.secagg_encoding import Encoding, encode, noisy_encoding
+from protocol.secagg_encoding import HEADER, Encoding, encode, noisy_encoding
 from protocol.secagg_protocol import SecAggConfig, ServerRound
 from protocol.skellam import NoiseShare
 
@@ -130,7 +130,7 @@ def _secure_round(share: NoiseShare, *, sites=5, drop=(), length=20_000):
     enc = noisy_encoding(clip_range=1.0, max_sites=sites, share=share)
     ids = [10 * (i + 1) for i in range(sites)]
     deltas = {i: rng.normal(0, 0.002, length).astype(np.float32) for i in ids}
-    server = ServerRound(3, ids, SecAggConfig(encoding=enc), length + 1, run=RUN)
+    server = ServerRound(3, ids, SecAggConfig(encoding=enc), length + HEADER, run=RUN)
     clients = make_sites(ids, 3, enc)
     held = share_keys(server, clients)
     masked = {i: clients[i].masked_input(cts, deltas[i], 100, noise=share,
@@ -160,7 +160,7 @@ def test_a_site_claiming_a_million_examples_is_capped_inside_the_masked_sum():
     enc = Encoding(clip_range=0.5, max_sites=3, max_weight=1000)
     honest = np.full(100, 0.01, np.float32)
     attacker = np.full(100, -0.2, np.float32)
-    total = np.zeros(101, np.uint32)
+    total = np.zeros(100 + HEADER, np.uint32)
     for x, n in ((honest, 100), (honest, 100), (attacker, 10 ** 6)):
         vector, _ = encode(x, n, enc)
         total += vector
@@ -183,7 +183,7 @@ def test_a_server_listing_more_survivors_than_signed_cannot_meet_the_noise_floor
 
     enc = Encoding(clip_range=0.5, max_sites=5, max_weight=10)
     ids = [10, 20, 30, 40, 50]
-    server = ServerRound(2, ids, SecAggConfig(encoding=enc), 11, run=RUN)
+    server = ServerRound(2, ids, SecAggConfig(encoding=enc), 10 + HEADER, run=RUN)
     sites = make_sites(ids, 2, enc)
     held = share_keys(server, sites)
     masked = {i: sites[i].masked_input(cts, np.zeros(10, np.float32), 1)

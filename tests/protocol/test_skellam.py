@@ -12,7 +12,7 @@ from scipy.special import logsumexp
 
 from client.privacy.noise import SkellamNoise
 from protocol.accounting import epsilon as accounted_epsilon
-from protocol.secagg_encoding import Encoding, decode, encode, noisy_encoding
+from protocol.secagg_encoding import HEADER, Encoding, decode, encode, noisy_encoding
 from client.privacy.noise import MAX_SPLIT
 from protocol.skellam import (EXACT_DIM, MAX_DIM, OVERFLOW_PROBABILITY, POISSON_EXACT_MAX,
                               NoiseShare, calibrated_variance, exact_scale,
@@ -144,7 +144,7 @@ def _sum_of_sites(sites, share, enc, dim, *, skip=(), seed=0):
     deltas = [rng.normal(0, 1, dim).astype(np.float32) for _ in range(sites)]
     deltas = [d * np.float32(0.9 * share.clip_norm / np.linalg.norm(d)) for d in deltas]
     seeds = {(i, j): os.urandom(32) for i in range(sites) for j in range(i + 1, sites)}
-    total = np.zeros(dim + 1, np.uint32)
+    total = np.zeros(dim + HEADER, np.uint32)
     for i, d in enumerate(deltas):
         masks = [(s, 1 if i == a else -1) for (a, b), s in seeds.items() if i in (a, b)]
         sampler = (lambda v, n: np.zeros(n, np.int64)) if i in skip else \

@@ -103,7 +103,7 @@ def invented_neighbours_attack(target, impostors: list[Impostor]) -> np.ndarray:
     held = [m.open(cts[m.node], TARGET, adverts[TARGET].pk_enc) for m in impostors]
     seed = recover_secret([h[0] for h in held], threshold=2)
     delta = _delta()
-    vector, _ = target.masked_input({m.node: m.share_to(TARGET, adverts[TARGET].pk_enc)
+    vector = target.masked_input({m.node: m.share_to(TARGET, adverts[TARGET].pk_enc)
                                      for m in impostors}, delta, 1)
     pair = [(agree(m.mask, adverts[TARGET].pk_mask, purpose="mask", round_=ROUND, a=m.node,
                    b=TARGET), pairwise_sign(TARGET, m.node)) for m in impostors]
@@ -188,7 +188,7 @@ def withheld_shares_attack(sites, forward: int) -> tuple[np.ndarray, np.ndarray]
     adverts, graph, held = _honest_shares(sites)
     partners = sorted(held[TARGET])[:forward]
     delta = _delta(1)
-    vector, _ = sites[TARGET].masked_input({j: held[TARGET][j] for j in partners}, delta, 1)
+    vector = sites[TARGET].masked_input({j: held[TARGET][j] for j in partners}, delta, 1)
     for i in sites:
         if i != TARGET:
             sites[i].masked_input(held[i], _delta(i), 1)
@@ -231,7 +231,7 @@ def equivocation_attack(sites, threshold: int):
     sent = {i: s.share_keys(adverts, graph[i], 4, threshold) for i, s in sites.items()}
     delta = _delta(2)
     masked = {i: sites[i].masked_input({j: sent[j][i] for j in graph[i]},
-                                       delta if i == TARGET else _delta(i), 1)[0]
+                                       delta if i == TARGET else _delta(i), 1)
               for i in sites}
     ring = _ring(adverts)
     first = ring[:4]                    # the target's half of the ring; the rest: ring[4:]

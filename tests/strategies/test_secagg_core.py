@@ -11,7 +11,7 @@ from client.privacy.secagg import SecAggRefused, SiteSecAgg
 from protocol.secagg_crypto import (InvalidShare, agree, decrypt, encrypt, expand_mask,
                                       generate_private_key, public_bytes, recover_secret,
                                       share_secret)
-from protocol.secagg_encoding import Encoding, decode, encode
+from protocol.secagg_encoding import HEADER, Encoding, decode, encode, read_header
 from protocol.secagg_protocol import SecAggConfig, SecAggError, ServerRound, neighbours
 from tests.strategies.secagg_sites import RUN, finish, make_sites, share_keys
 
@@ -57,7 +57,7 @@ def test_encoding_weighted_average_within_quantization_bound_and_counts_clipping
     deltas = [rng.normal(0, 0.05, 5000) for _ in range(6)]
     deltas[2][:7] = 3.0                                     # clipped, and counted
     weights = [10, 200, 1000, 5000, 3, 77]                  # 5000 is capped at max_weight
-    total, clipped = np.zeros(5001, np.uint32), 0
+    total, clipped = np.zeros(5000 + HEADER, np.uint32), 0
     for x, w in zip(deltas, weights):
         v, c = encode(x, w, ENC)
         total += v
@@ -66,12 +66,14 @@ def test_encoding_weighted_average_within_quantization_bound_and_counts_clipping
     capped = [min(w, ENC.max_weight) for w in weights]
     reference = sum(w * np.clip(x, -0.5, 0.5) for w, x in zip(capped, deltas)) / sum(capped)
     assert weight == sum(capped) and clipped == 7
+    # the header sums like the values: the total weight, clipped values and capped sites
+    assert read_header(total[:HEADER]) == (sum(capped), 7, 1)
     assert np.abs(average - reference).max() <= ENC.resolution
 
 
 def test_no_overflow_at_the_extremes():
     for value in (0.5, -0.5):
-        total = np.zeros(11, np.uint32)
+        total = np.zeros(10 + HEADER, np.uint32)
         for _ in range(ENC.max_sites):
             total += encode(np.full(10, value), ENC.max_weight, ENC)[0]
         assert np.allclose(decode(total, ENC)[0], value, atol=ENC.resolution)
@@ -93,7 +95,7 @@ def run_round(n_sites: int, *, drop_after_shares=(), drop_before_shares=(), conf
     deltas = {i: rng.normal(0, 0.02, length).astype(np.float32) for i in ids}
     counts = {i: int(rng.integers(5, 300)) for i in ids}
     config = config or SecAggConfig(encoding=ENC)
-    server = ServerRound(7, ids, config, length + 1, run=RUN)
+    server = ServerRound(7, ids, config, length + HEADER, run=RUN)
     sites = make_sites(ids, 7, ENC, authenticated=config.authenticated)
     held = share_keys(server, sites, skip=drop_before_shares)
     masked = {i: sites[i].masked_input(cts, deltas[i], counts[i])
@@ -125,16 +127,16 @@ def test_dropped_before_sharing_and_after_sharing_together():
 
 def test_server_never_holds_an_unmasked_individual_update():
     *_, server, masked, deltas = run_round(5)
-    for site, (vector, _) in masked.items():
+    for site, vector in masked.items():
         plain, _ = encode(deltas[site], 1, ENC)
         # a masked vector is uniform noise: it agrees with any encoding only by chance
-        assert (vector[1:] == plain[1:]).mean() < 0.01
+        assert (vector[HEADER:] == plain[HEADER:]).mean() < 0.01
         assert abs(vector.astype(np.float64).mean() / 2**32 - 0.5) < 0.05
 
 
 def test_a_site_reveals_one_kind_of_share_per_neighbour_from_one_survivor_set():
     ids = [1, 2, 3, 4, 5]
-    server = ServerRound(1, ids, SecAggConfig(encoding=ENC), 11, run=RUN)
+    server = ServerRound(1, ids, SecAggConfig(encoding=ENC), 10 + HEADER, run=RUN)
     sites = make_sites(ids, 1, ENC)
     held = share_keys(server, sites)
     masked = {i: sites[i].masked_input(cts, np.zeros(10), 1) for i, cts in held.items()
@@ -160,13 +162,13 @@ def test_too_few_sites_or_bad_threshold_fail_clearly():
 
 def test_wrong_length_or_replayed_input_is_excluded(caplog):
     ids = [1, 2, 3, 4, 5]
-    server = ServerRound(2, ids, SecAggConfig(encoding=ENC), 11, run=RUN)
+    server = ServerRound(2, ids, SecAggConfig(encoding=ENC), 10 + HEADER, run=RUN)
     sites = make_sites(ids, 2, ENC)
     held = share_keys(server, sites)
     masked = {i: sites[i].masked_input(cts, np.zeros(10), 1) for i, cts in held.items()}
-    masked[5] = (np.zeros(12, np.uint32), 0)
+    masked[5] = np.zeros(11 + HEADER, np.uint32)
     unmask = server.accept_masked(masked)
-    assert 5 not in unmask and "expected (11,)" in caplog.text
+    assert 5 not in unmask and f"expected ({10 + HEADER},)" in caplog.text
     # a share replayed into another round does not decrypt
     other = SiteSecAgg(1, 3, ENC)
     other._neighbour_keys, other._threshold = sites[1]._neighbour_keys, sites[1].threshold
@@ -210,12 +212,15 @@ def test_streamed_masks_equal_expanded_masks():
 def test_encoding_with_masks_is_encoding_plus_masks_across_pieces():
     n = 150_000                                     # three streamed pieces
     x = np.random.default_rng(2).normal(0, 0.05, n)
+    x[-5:] = 3.0                                    # clipped: the count joins its masked slot
     masks = [(os.urandom(32), 1), (os.urandom(32), -1)]
     rounding = os.urandom(32)
     masked, clipped = encode(x, 40, ENC, masks=masks, rounding_seed=rounding)
     plain, clipped_plain = encode(x, 40, ENC, rounding_seed=rounding)
-    expected = plain + expand_mask(masks[0][0], n + 1) - expand_mask(masks[1][0], n + 1)
-    assert (masked == expected).all() and clipped == clipped_plain
+    expected = plain + expand_mask(masks[0][0], n + HEADER) - expand_mask(masks[1][0],
+                                                                          n + HEADER)
+    assert (masked == expected).all() and clipped == clipped_plain == 5
+    assert read_header(plain[:HEADER]) == (40, 5, 0)
 
 
 def test_stochastic_rounding_is_unbiased_in_every_piece():
@@ -224,7 +229,7 @@ def test_stochastic_rounding_is_unbiased_in_every_piece():
     n = 3 * CHUNK + 17
     units = 1234.3                                  # 30% of the way to the next integer
     encoded, _ = encode(np.full(n, units / ENC.scale), 1, ENC)
-    values = encoded[1:].view(np.int32)
+    values = encoded[HEADER:].view(np.int32)
     assert set(np.unique(values)) <= {1234, 1235}
     for piece in np.array_split(values, 4):         # no piece rounds one way only
         assert abs((piece == 1235).mean() - 0.3) < 0.01
@@ -287,7 +292,7 @@ def _round_until_unmask(n_sites=6, length=501, seed=9):
     rng = np.random.default_rng(seed)
     ids = list(range(1, n_sites + 1))
     deltas = {i: rng.normal(0, 0.02, length).astype(np.float32) for i in ids}
-    server = ServerRound(4, ids, SecAggConfig(encoding=ENC, degree=4, threshold=3), length + 1,
+    server = ServerRound(4, ids, SecAggConfig(encoding=ENC, degree=4, threshold=3), length + HEADER,
                          run=RUN)
     sites = make_sites(ids, 4, ENC)
     held = share_keys(server, sites)
@@ -327,7 +332,8 @@ def test_semi_honest_unmask_enforces_and_states_the_distributed_dp_floor(caplog)
     floor above that list is refused, and one within it is answered with a warning that it
     rests on the server's word (it used to be dropped without a word)."""
     ids = [1, 2, 3, 4, 5]
-    server = ServerRound(2, ids, SecAggConfig(encoding=ENC, authenticated=False), 11, run=RUN)
+    server = ServerRound(2, ids, SecAggConfig(encoding=ENC, authenticated=False), 10 + HEADER,
+                         run=RUN)
     sites = make_sites(ids, 2, ENC, authenticated=False)
     held = share_keys(server, sites)
     masked = {i: sites[i].masked_input(cts, np.zeros(10), 1) for i, cts in held.items()

@@ -92,6 +92,36 @@ def test_honest_round_with_a_dropout_equals_the_survivors_average():
     assert not grid.errors
 
 
+def test_attack_a_small_clip_range_reveals_no_sites_count_of_large_values():
+    """The coordinator picks clip_range 0.012 to learn how many of each site's update values
+    exceed it. No reply carries a count (before: each site's own count, in plaintext, exact);
+    the server reads the total over the sites from the secure sum's header."""
+    seen = {}
+    grid = SiteGrid(4)
+    deliver = grid.deliver
+
+    def watched(msg):
+        reply = deliver(msg)
+        if reply is not None and reply.has_content():
+            seen.setdefault(msg.metadata.dst_node_id, []).append(
+                dict(reply.content.metric_records.get(wire.METRICS, {})))
+        return reply
+
+    grid.deliver = watched
+    inner = FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=3,
+                   min_available_nodes=3, arrayrecord_key=wire.ARRAYS,
+                   configrecord_key=wire.CONFIG)
+    strategy = SecAggPlus(inner, SecAggConfig(encoding=Encoding(clip_range=0.012, max_sites=10,
+                                                                max_weight=1000)))
+    sent = list(strategy.configure_train(1, arrays(START), ConfigRecord(), grid))
+    strategy.aggregate_train(1, [r for r in map(grid.deliver, sent) if r is not None])
+    large = {i: int((np.abs(step(i)) > 0.012).sum()) for i in grid.nodes}
+    assert len(set(large.values())) > 1 and not grid.errors    # the sites differ
+    replies = [m for node in seen.values() for m in node]
+    assert replies and all(wire.SECAGG_CLIPPED not in m for m in replies)
+    assert strategy.clipped == sum(large.values())
+
+
 def test_a_relay_swapping_one_key_is_refused_by_every_peer_in_one_line():
     def swap(stage, msg):
         if stage == wire.SECAGG_SHARE:

@@ -234,13 +234,16 @@ def make_client_app(*, sim_data_root: Path | None = None, sim_train_sites: int |
             views |= {f"{prefix}{seq}": WithoutSequence(splits[names[-1]], j)   # test / external
                       for j, seq in enumerate(job.layout.input_channels if job.layout
                                               else SEQUENCES)}
+        reported = 0                    # studies of the splits whose metrics are sent
         for prefix, candidate in models:
             for split, view in views.items():
                 metrics, suppressed = evaluate_split(engine, candidate, view,
                                                      limits.min_split_size)
-                reply.update(metrics_record(metrics, f"{prefix}{split}", suppressed_n=suppressed))
+                reply.update(metrics_record(metrics, f"{prefix}{split}", suppressed=suppressed))
                 seconds += metrics.seconds
-        reply[wire.NUM_EXAMPLES] = sum(len(splits[s]) for s in names)
+                reported += metrics.n if not prefix and split in names else 0
+        # a suppressed split's size must not come back as the difference of two counts
+        reply[wire.NUM_EXAMPLES] = reported
         if job.privacy.mechanism == wire.DP_SITE:   # the server weighs every reply by it
             reply[wire.DP_UNIT_WEIGHT] = 1.0
         reply[wire.EVAL_SECONDS] = seconds
@@ -273,14 +276,14 @@ def make_client_app(*, sim_data_root: Path | None = None, sim_train_sites: int |
         return Message(content=content, reply_to=msg)
 
     def evaluate_split(engine: Engine, model, data, min_size: int
-                       ) -> tuple[SplitMetrics, int | None]:
-        """The split's metrics and, for a split of 1..min_size-1 studies, its size as
-        suppressed (never evaluated). An empty or suppressed split answers with the
+                       ) -> tuple[SplitMetrics, bool]:
+        """The split's metrics and whether it is suppressed (1..min_size-1 studies: never
+        evaluated, its size never sent). An empty or suppressed split answers with the
         evaluator's ``n = 0`` result, so every site sends the task's full key set (Flower
         requires it)."""
         if len(data) == 0 or len(data) < min_size:
-            return engine.task.evaluator().compute(), (len(data) or None)
-        return engine.evaluate(model, data), None
+            return engine.task.evaluator().compute(), len(data) > 0
+        return engine.evaluate(model, data), False
 
     return app
 

@@ -57,19 +57,19 @@ MAX_NAMED = 64               # mean-/count- figures per split (honest tasks: a h
 _NAME = re.compile(r"[a-z0-9_]{1,40}")     # what a task names its means and counts
 
 
-def to_record(metrics: SplitMetrics, split: str, *, suppressed_n: int | None = None
+def to_record(metrics: SplitMetrics, split: str, *, suppressed: bool = False
               ) -> MetricRecord:
     """The MetricRecord entries of one evaluated split (merge them into the reply).
 
-    With ``suppressed_n`` the split is reported as that many studies and ``suppressed``;
-    ``metrics`` must then be the evaluator's empty result (same keys, nothing measured).
+    A ``suppressed`` split (too few studies for the site to report) is sent as ``n = 0`` and
+    ``suppressed`` - never its size, a small count - and ``metrics`` must be the evaluator's
+    empty result (same keys, nothing measured).
     """
     p = f"{split}-"
-    if suppressed_n is not None and metrics.n != 0:
+    if suppressed and metrics.n != 0:
         raise ValueError("a suppressed split must carry the empty (n = 0) result, not metrics")
-    n = metrics.n if suppressed_n is None else suppressed_n
-    out = MetricRecord({p + wire.EVAL_N: float(n), p + wire.EVAL_LOSS: metrics.loss,
-                        p + wire.EVAL_SUPPRESSED: float(suppressed_n is not None),
+    out = MetricRecord({p + wire.EVAL_N: float(metrics.n), p + wire.EVAL_LOSS: metrics.loss,
+                        p + wire.EVAL_SUPPRESSED: float(suppressed),
                         p + wire.EVAL_SECONDS_SPLIT: metrics.seconds,
                         p + wire.EVAL_AUROC: [] if metrics.auroc is None else [metrics.auroc]})
     for field, key in _CONFUSIONS:

@@ -89,8 +89,11 @@ def test_forged_round_numbers_hit_the_evaluation_cap(site_dir, task_identity):
         app(_message(MessageType.EVALUATE, 3, _crafted(3)), context())
 
 
-def test_small_splits_report_n_and_suppressed_only_and_pooling_skips_them(
+def test_small_splits_report_suppressed_only_never_their_size_and_pooling_skips_them(
         site_dir, task_identity):
+    """A split below the site's floor sends no metric and no size: not as its ``n``, not as
+    the difference of the reply's example count and the other splits' (before: ``n`` was the
+    split's exact size, e.g. 1 study of a class the coordinator singled out)."""
     app = make_client_app()
     normal = app(_message(MessageType.EVALUATE), _context(site_dir, **{wire.NODE_MIN_EVAL_SPLIT: 1}))
     other_run = _context(site_dir)                      # default min-eval-split-size: 10
@@ -101,12 +104,14 @@ def test_small_splits_report_n_and_suppressed_only_and_pooling_skips_them(
     assert set(plain) == set(held)                       # Flower needs one key set
     for split in wire.EVAL_SPLITS:     # the tiny site's val and test: 6 and 5 studies
         n = plain[f"{split}-{wire.EVAL_N}"]
-        assert 0 < n < 10 and held[f"{split}-{wire.EVAL_N}"] == n
+        assert 0 < n < 10 and held[f"{split}-{wire.EVAL_N}"] == 0
         assert held[f"{split}-{wire.EVAL_SUPPRESSED}"] == 1.0
         assert plain[f"{split}-{wire.EVAL_SUPPRESSED}"] == 0.0
         assert sum(held[f"{split}-{wire.EVAL_CONFUSION}"]) == 0      # no measured counts
         assert sum(plain[f"{split}-{wire.EVAL_CONFUSION}"]) == n
         assert from_record(held, split).n == 0              # decodes as "not measured"
+    assert plain[wire.NUM_EXAMPLES] == sum(plain[f"{s}-{wire.EVAL_N}"] for s in wire.EVAL_SPLITS)
+    assert held[wire.NUM_EXAMPLES] == 0                  # no size in the example count either
     # the server pools the other site's figures and leaves the suppressed one out
     pooled = aggregate_evaluate_records([normal.content, small.content], wire.NUM_EXAMPLES)
     alone = aggregate_evaluate_records([normal.content], wire.NUM_EXAMPLES)

@@ -215,7 +215,9 @@ def authorize(request: PrivacySpec, budget: SiteBudget | None, *, n_train: int,
     else:
         q, steps, sigma, clip = 1.0, 1, request.noise_multiplier, request.clipping_norm
         trust = _site_dp_trust(request, budget, survivors_signed)
-        _check_plan(ledger, request, budget, [(sigma, q, steps)] * request.planned_rounds)
+        # one row for the whole plan (the accountant composes its steps): a coordinator's
+        # planned_rounds of 10^9 costs one accountant call, not a list of 10^9 rows
+        _check_plan(ledger, request, budget, [(sigma, q, steps * request.planned_rounds)])
     _check_caps(budget, sigma, steps)
     this_round = (sigma, q, steps)
 

@@ -220,6 +220,31 @@ def test_site_dp_with_a_tiny_server_noise_is_refused(tmp_path):
     assert PrivacyLedger(budget.ledger_path).entries() == []
 
 
+def test_a_site_dp_plan_of_many_rounds_is_one_accountant_row_and_refused(tmp_path,
+                                                                       monkeypatch):
+    """Attack: a huge planned_rounds in a site-dp job (10^9 would be gigabytes of rows and an
+    accountant loop over them at the site). The plan is composed as one row of that many
+    releases - the same epsilon as that many rows - and refused."""
+    from client.privacy import policy
+
+    rows = []
+    real = policy.epsilon
+
+    def counted(history, *args, **kwargs):
+        rows.append(len(history))
+        return real(history, *args, **kwargs)
+
+    monkeypatch.setattr(policy, "epsilon", counted)
+    budget = _budget(tmp_path, epsilon=8.0)
+    request = PrivacySpec(mechanism=wire.DP_SITE, noise_multiplier=3.0, clipping_norm=0.5,
+                          planned_rounds=10 ** 5, run_id="run-s")
+    with pytest.raises(PrivacyRefused, match=r"plan \(100000 rounds"):
+        _authorize(request, budget)
+    assert rows and max(rows) <= 1
+    assert accounting.epsilon([(3.0, 1.0, 3)], DELTA) == pytest.approx(
+        accounting.epsilon([(3.0, 1.0, 1)] * 3, DELTA))      # one row composes like three
+
+
 def test_site_dp_is_charged_as_one_full_batch_release(tmp_path):
     budget = _budget(tmp_path, epsilon=5.0)
     request = PrivacySpec(mechanism=wire.DP_SITE, noise_multiplier=3.0, clipping_norm=0.5,

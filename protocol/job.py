@@ -44,6 +44,13 @@ def _finite(name: str, value: float) -> None:
         raise SpecError(f"{name} must be a finite number, got {value}")
 
 
+# Sanity bounds a site enforces on the work one training message may ask of it (a coordinator
+# asking 10^9 local epochs would hold the site's machine; the site's operator bounds DP rounds
+# further with dp-max-steps-per-round).
+MAX_LOCAL_EPOCHS = 1000
+MAX_BATCH_SIZE = 65536
+
+
 @dataclass(frozen=True)
 class TrainSettings:
     """How each site trains in a round, as the operator configures it (Hydra group ``train``)."""
@@ -63,9 +70,10 @@ class TrainSettings:
             _finite("train.head_lr", self.head_lr)
             if not self.head_lr > 0:
                 raise SpecError(f"train.head_lr must be > 0 (or null: lr), got {self.head_lr}")
-        for name in ("local_epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise SpecError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        for name, most in (("local_epochs", MAX_LOCAL_EPOCHS), ("batch_size", MAX_BATCH_SIZE)):
+            if not 1 <= getattr(self, name) <= most:
+                raise SpecError(f"train.{name} must be in 1..{most}, got "
+                                f"{getattr(self, name)}")
         if self.head_only_rounds < 0:
             raise SpecError(f"train.head_only_rounds must be >= 0, got {self.head_only_rounds}")
         if not self.lr > 0:

@@ -199,8 +199,11 @@ def test_an_ill_typed_key_is_named(key, value, kind):
     (wire.LR, math.nan, r"train\.lr must be a finite number, got nan"),
     (wire.LR, math.inf, r"train\.lr must be a finite number, got inf"),
     (wire.LR, 0.0, r"train\.lr must be > 0, got 0"),
-    (wire.LOCAL_EPOCHS, -1, r"train\.local_epochs must be >= 1, got -1"),
-    (wire.BATCH_SIZE, 0, r"train\.batch_size must be >= 1, got 0"),
+    (wire.LOCAL_EPOCHS, -1, r"train\.local_epochs must be in 1\.\.1000, got -1"),
+    # a coordinator asking for a billion epochs or rows would hold the site's machine
+    (wire.LOCAL_EPOCHS, 10**9, r"train\.local_epochs must be in 1\.\.1000, got 1000000000"),
+    (wire.BATCH_SIZE, 0, r"train\.batch_size must be in 1\.\.65536, got 0"),
+    (wire.BATCH_SIZE, 10**9, r"train\.batch_size must be in 1\.\.65536, got 1000000000"),
     (wire.WEIGHT_DECAY, -0.1, r"train\.weight_decay must be >= 0, got -0\.1"),
     (wire.PROXIMAL_MU, -1.0, r"proximal_mu must be >= 0, got -1"),
     (wire.HEAD_LR, 0.0, r"train\.head_lr must be > 0 \(or null: lr\), got 0"),
@@ -236,7 +239,7 @@ def test_an_out_of_range_value_is_refused_with_its_setting(key, value, message):
 def test_the_server_refuses_the_same_values_through_the_same_rules():
     with pytest.raises(ConfigError, match=r"train\.lr must be a finite number, got nan"):
         load_experiment(["train.lr=nan"])
-    with pytest.raises(ConfigError, match=r"train\.local_epochs must be >= 1, got -2"):
+    with pytest.raises(ConfigError, match=r"train\.local_epochs must be in 1\.\.1000, got -2"):
         load_experiment(["train.local_epochs=-2"])
     with pytest.raises(SpecError, match=r"train\.weight_decay must be >= 0"):
         TrainSettings(weight_decay=-1.0)

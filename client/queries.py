@@ -57,8 +57,8 @@ class QueryLimits:
     max_evaluations : int
         ``max-evaluations-per-run``: evaluate requests answered per run.
     min_split_size : int
-        ``min-eval-split-size``: a split with fewer studies (but at least one) is reported
-        as ``n`` and ``suppressed`` only, never its metrics.
+        ``min-eval-split-size``: an evaluation split with fewer studies (but at least one)
+        is reported as ``suppressed`` only, never its metrics or its size.
     """
     max_evaluations: int = 1000
     min_split_size: int = 10

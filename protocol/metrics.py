@@ -20,9 +20,9 @@ Encoding, under ``f"{split}-"`` (e.g. ``val-``, ``personal-test-``, ``test-witho
 - ``mean-<name>`` / ``count-<name>``: per-study means (pooled weighted by n) and counts
   (pooled by sum);
 - ``suppressed``: 1.0 where the site held back a split too small to report (its node config
-  ``min-eval-split-size``): ``n`` is the true size, every other field the empty (``n = 0``)
-  result, and ``from_record`` decodes it as *not measured* (``n = 0``), which every consumer
-  (pooling, console, tracking) already leaves out.
+  ``min-eval-split-size``): every field is the empty (``n = 0``) result - its size, a small
+  count, is not sent - and ``from_record`` decodes it as *not measured*, which every consumer
+  (pooling, console, tracking) leaves out.
 
 Every key depends on the task and its config only, never on the data: all sites of one
 run send the same key set for a split, empty splits included (``n = 0``).

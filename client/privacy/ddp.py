@@ -9,9 +9,10 @@ add ``Skellam(V / m)`` from the site's CSPRNG (``noise.SkellamNoise``), then mas
 site's own computation from the encoding's scale and the update's size
 (``protocol.skellam.share_variance``); no noise level is ever taken from the server.
 
-Replays: the share's CSPRNG key is kept per task and server round (the last ``KEEP_KEYS``), so
-a train request the server repeats is masked with the *same* noise (the handler answers a replay with
-its cached update); fresh noise on each copy would let the server average a site's share away.
+Replays: the share's CSPRNG key is kept per task and server round (the last ``KEEP_KEYS``),
+so a train request the server repeats is masked with the *same* noise (the handler answers a
+replay with its cached update); fresh noise on each copy would let the server average a site's
+share away.
 The keys live in the node's state: a site process restarted between a round and its replay
 draws fresh noise (the cached replies survive on disk; their noise keys do not).
 

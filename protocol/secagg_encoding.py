@@ -155,7 +155,8 @@ def encode(delta: np.ndarray, num_examples: int, encoding: Encoding, *,
     most ``(2^31 - 1) / max_sites``, so that the sum cannot wrap) and whether its example
     count was capped at ``max_weight``, masked like the values. float32 throughout:
     |value x scale| stays below 2^31 / max_sites, and float32 keeps the rounding fraction to
-    better than 1e-3 up to values of ~10^4 units (a delta of ~0.007 at the default scale), exact below that.
+    better than 1e-3 up to values of ~10^4 units (a delta of ~0.007 at the default scale),
+    exact below that.
     ``rounding_seed`` (32 bytes) makes the rounding reproducible (tests only).
     ``noise``: distributed DP - clip to L2 ``noise.clip_norm``, weight 1, and add
     ``sampler(variance, n)`` (int64 Skellam values, the site's CSPRNG) with the share's

@@ -131,7 +131,8 @@ def deploy(data: Path, root: Path, rounds: int, link_state: str = "sqlite",
                          "--auth-key", str(certs / "sites" / site / "auth.key"),
                          "--state-dir", str(root / f"node-{site}"),
                          "--runtime-port", str(_port()), "--allow-app", approved,
-                         "--secagg-peers", str(peers)])
+                         "--secagg-peers", str(peers),
+                         "--min-eval-split-size", "1"])    # synthetic sites of a few studies
         for site in SITES:
             wait_for(site, "SuperNode ID:")
         results, windows = {}, {}

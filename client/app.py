@@ -130,10 +130,12 @@ def make_client_app(*, sim_data_root: Path | None = None, sim_train_sites: int |
         torch.manual_seed(job.train.seed)        # seeded init: local parameters of round 1
         model, task = job.build(foundation_dir=foundation_dir(site, context))
         site_base = check_site_model(model, job)
-        layout = served_layout(job.layout, node_settings(context.node_config, site.data_dir,
-                                                         simulated=site.simulated),
-                               simulated=site.simulated)
+        settings = node_settings(context.node_config, site.data_dir, simulated=site.simulated)
+        layout = served_layout(job.layout, settings, simulated=site.simulated)
         data, splits = cache.get(site, job.class_names, job.image_size, task.data_needs, layout)
+        if job.class_names:        # every count below is of the studies the class list names
+            QueryLimits.from_settings(settings, simulated=site.simulated).check_class_list(
+                data.unlisted)
         local = load_global(model, msg.content, job, context, site_base=site_base)
         return site, job, splits, model, Engine(task, site.device), data, local
 
@@ -170,6 +172,8 @@ def make_client_app(*, sim_data_root: Path | None = None, sim_train_sites: int |
             site_logger(site.site_id).info("round %d: repeated train request answered with "
                                            "the reply already sent", job.server_round)
             return Message(content=cached, reply_to=msg)
+        QueryLimits.from_settings(settings, simulated=site.simulated).check_training_size(
+            len(splits["train"]))                   # before the ledger is charged
         auth = admit_round(job, settings, site.data_dir, n_train=len(splits["train"]),
                            secure_aggregation=masked, survivors_signed=signed)
         objective_key = f"{STATE_OBJECTIVE}.{job.task_name}"

@@ -57,11 +57,40 @@ class QueryLimits:
     max_evaluations : int
         ``max-evaluations-per-run``: evaluate requests answered per run.
     min_split_size : int
-        ``min-eval-split-size``: an evaluation split with fewer studies (but at least one)
-        is reported as ``suppressed`` only, never its metrics or its size.
+        ``min-eval-split-size``: the smallest count of studies the site reports. An
+        evaluation split with fewer (but at least one) is reported as ``suppressed`` only,
+        never its metrics or its size; the site does not train on a smaller training split
+        (``check_training_size``).
+    unlisted_labels : frozenset of str
+        ``unlisted-labels``: the site's label names a job's class list may leave out
+        (comma-separated; default none - ``check_class_list``).
     """
     max_evaluations: int = 1000
     min_split_size: int = 10
+    unlisted_labels: frozenset[str] = frozenset()
+
+    def check_class_list(self, unlisted: frozenset[str]) -> None:
+        """Refuse a job whose class list leaves some of the site's labelled studies without
+        a class, beyond the labels the operator lets a job leave out. The coordinator chooses
+        the class list, and every count the site reports (training examples, steps, an
+        evaluation split's size) is a count of the studies it names: two class lists that
+        differ by one label give that label's count by difference, however small - the
+        smallest-count floor holds for each count, not for their difference."""
+        if unlisted - self.unlisted_labels:
+            raise QueryRefused(f"the job's class list leaves out labels this site holds, so "
+                               f"its counts would be of a coordinator-chosen subset; the "
+                               f"site's operator lists the labels a job may leave out (node "
+                               f"config {wire.NODE_UNLISTED_LABELS!r})")
+
+    def check_training_size(self, n_train: int) -> None:
+        """Refuse to train on fewer studies than the site reports: a training reply's example
+        count, its steps and its DP sample rate (batch_size / n, the batch size the
+        coordinator's) would each give the small count away - and the coordinator chooses the
+        class list, hence which studies count as labelled."""
+        if 0 < n_train < self.min_split_size:
+            raise QueryRefused(f"this site holds fewer labelled training studies for this job "
+                               f"than the smallest count it reports (node config "
+                               f"{wire.NODE_MIN_EVAL_SPLIT!r}); it does not train")
 
     @classmethod
     def from_settings(cls, settings: dict, *, simulated: bool = False) -> QueryLimits:
@@ -69,7 +98,12 @@ class QueryLimits:
         partition (synthetic sites, deliberately a few studies per split, no patient behind
         them) defaults to ``min_split_size = 1`` so development runs report metrics; its
         node-config.toml can still set the real default."""
-        values = {"min_split_size": 1} if simulated else {}
+        values: dict = {"min_split_size": 1} if simulated else {}
+        names = settings.get(wire.NODE_UNLISTED_LABELS, "")
+        if not isinstance(names, str):
+            raise QueryRefused(f"node config {wire.NODE_UNLISTED_LABELS!r} must be a string "
+                               f"of comma-separated label names")
+        values["unlisted_labels"] = frozenset(n.strip() for n in names.split(",") if n.strip())
         for field, key in (("max_evaluations", wire.NODE_MAX_EVALUATIONS),
                            ("min_split_size", wire.NODE_MIN_EVAL_SPLIT)):
             if key in settings:

@@ -111,6 +111,14 @@ def _add_deploy_parsers(sub) -> None:
     p.add_argument("--secagg-min-contributors", type=int, default=3,
                    help="refuse SecAgg+ rounds (and survivor sets) of fewer sites (default 3)")
     p.add_argument("--privacy-dir", help="privacy ledger folder (default DATA_DIR/.medfed)")
+    p.add_argument("--min-eval-split-size", type=int, metavar="N",
+                   help="the smallest count of studies the site reports (default 10): an "
+                        "evaluation split of fewer is sent without its metrics or size, and "
+                        "the site does not train on fewer labelled studies")
+    p.add_argument("--unlisted-labels", metavar="NAMES",
+                   help="comma-separated label names of this site that a job's class list may "
+                        "leave out (default none: a job naming only some of the site's labels "
+                        "is refused, its counts could single a label out by difference)")
     p.add_argument("--device", default="auto")
     p.add_argument("--torch-threads", type=int, default=1)
     p.add_argument("--decode-workers", type=int, default=1,

@@ -196,5 +196,7 @@ RUN_PREFLIGHT_ONLY = "preflight-only"   # "true": the ServerApp runs the preflig
 
 # Site query limits (operator-owned node config; client/queries.py)
 NODE_MAX_EVALUATIONS = "max-evaluations-per-run"   # evaluate requests answered per run (1000)
-NODE_MIN_EVAL_SPLIT = "min-eval-split-size"   # smaller splits: "suppressed" only (10)
+NODE_MIN_EVAL_SPLIT = "min-eval-split-size"   # smallest count a site reports (10): smaller
+                                              # splits "suppressed" only, no training on fewer
+NODE_UNLISTED_LABELS = "unlisted-labels"   # label names a job's class list may leave out
 EVAL_SUPPRESSED = "suppressed"       # f"{split}-suppressed": 1.0 = too few studies, no metrics

@@ -75,6 +75,8 @@ class SiteData:
     studies: list[Study]
     report: IngestReport
     fingerprint: str                       # hash of the de-identified manifest, no PHI
+    unlisted: frozenset[str] = frozenset()  # label names the class list left out: stays
+                                            # at the site (client.queries checks them)
 
     def split(self, name: str, *, labelled_only: bool = False) -> list[Study]:
         if name not in SPLITS:
@@ -124,7 +126,7 @@ def _csv_rows(path: Path, columns: tuple[str, ...]):
 
 
 def _read_labels(path: Path, class_names: tuple[str, ...] | None, report: IngestReport,
-                 key: bytes | None) -> dict:
+                 key: bytes | None, unlisted: set[str]) -> dict:
     labels = {}
     for row in _csv_rows(path, ("study_instance_uid", "label")):
         name = (row["label"] or "").strip()
@@ -132,13 +134,14 @@ def _read_labels(path: Path, class_names: tuple[str, ...] | None, report: Ingest
             continue
         if class_names is not None and name not in class_names:
             report.labels["unknown_label"] += 1
+            unlisted.add(name)
             continue
         labels[pseudonym("study", row["study_instance_uid"].strip(), key)] = name
     return labels
 
 
 def _read_findings(path: Path, finding_names: tuple[str, ...], report: IngestReport,
-                   key: bytes | None) -> dict:
+                   key: bytes | None, unlisted: set[str]) -> dict:
     """Multi-label studies: ``findings.csv`` rows ``study_instance_uid,findings`` with the
     findings present joined by ``;`` (an empty cell: read, nothing found). A study without a
     row is unlabelled. Labels become bitmasks (bit k = ``finding_names[k]``); a row naming an
@@ -149,6 +152,7 @@ def _read_findings(path: Path, finding_names: tuple[str, ...], report: IngestRep
         names = [n.strip() for n in (row["findings"] or "").split(";") if n.strip()]
         if any(n not in bit for n in names):
             report.labels["unknown_label"] += 1
+            unlisted.update(n for n in names if n not in bit)
             continue
         labels[pseudonym("study", row["study_instance_uid"].strip(), key)] = \
             sum({bit[n] for n in names})
@@ -435,12 +439,14 @@ def join_site(site_dir: Path, studies: list[Study], report: IngestReport,
     joined by pseudonyms of the same study UIDs. ``masks``: the lesion masks and their
     skip counts as :func:`read_masks` gives them, when already read (the site cache);
     ``texts``: the reports as :func:`read_reports` gives them, likewise."""
+    unlisted: set[str] = set()              # the site's label names class_names leaves out
     if multi_label:
         if not class_names:
             raise SiteDataError("multi-label studies need the finding names (class_names)")
-        findings = _read_findings(site_dir / "findings.csv", class_names, report, key)
+        findings = _read_findings(site_dir / "findings.csv", class_names, report, key,
+                                  unlisted)
     else:
-        labels = _read_labels(site_dir / "labels.csv", class_names, report, key)
+        labels = _read_labels(site_dir / "labels.csv", class_names, report, key, unlisted)
     if texts is None:
         texts = _read_reports(site_dir / "reports.jsonl", report, key)
     else:                                   # read before (in the cache's processes)
@@ -475,4 +481,4 @@ def join_site(site_dir: Path, studies: list[Study], report: IngestReport,
     report.studies = len(studies)
     manifest = "\n".join(sorted(f"{s.key}:{','.join(sorted(s.images))}:{s.label}" for s in studies))
     fingerprint = hashlib.sha256(manifest.encode()).hexdigest()[:16]
-    return SiteData(studies, report, fingerprint)
+    return SiteData(studies, report, fingerprint, frozenset(unlisted))

@@ -87,7 +87,8 @@ def site(args: argparse.Namespace) -> int:
         foundation_dir=args.foundation_dir,
         secagg_peers=Path(args.secagg_peers).resolve() if args.secagg_peers else None,
         secagg_min_neighbours=args.secagg_min_neighbours,
-        secagg_min_contributors=args.secagg_min_contributors)
+        secagg_min_contributors=args.secagg_min_contributors,
+        min_report_size=args.min_eval_split_size, unlisted_labels=args.unlisted_labels)
     daemon = Site(settings)
     try:
         daemon.start()

@@ -93,6 +93,8 @@ class SiteSettings:
     secagg_peers: Path | None = None   # the federation's registration list (auth.pub lines)
     secagg_min_neighbours: int = 2     # SecAgg+ floors this site enforces itself
     secagg_min_contributors: int = 3
+    min_report_size: int | None = None  # min-eval-split-size: smallest count reported (10)
+    unlisted_labels: str | None = None  # label names a job's class list may leave out
 
     @property
     def runtime_secret(self) -> Path:
@@ -133,6 +135,12 @@ def node_config(s: SiteSettings) -> dict[str, object]:
         config[wire.NODE_SECAGG_MIN_NEIGHBOURS] = int(s.secagg_min_neighbours)
     if s.secagg_min_contributors != 3:
         config[wire.NODE_SECAGG_MIN_CONTRIBUTORS] = int(s.secagg_min_contributors)
+    if s.min_report_size is not None:
+        if int(s.min_report_size) < 1:
+            raise DeployError(f"--min-eval-split-size must be >= 1, got {s.min_report_size}")
+        config[wire.NODE_MIN_EVAL_SPLIT] = int(s.min_report_size)
+    if s.unlisted_labels:
+        config[wire.NODE_UNLISTED_LABELS] = s.unlisted_labels
     if s.role not in wire.ROLES:
         raise DeployError(f"--role must be one of {', '.join(wire.ROLES)}, got {s.role!r}")
     if s.role != wire.ROLE_TRAIN:

@@ -56,7 +56,8 @@ def ddp_federation(tmp_path_factory, three_sites):
                                "--dp-epsilon", "50", "--dp-delta", "1e-5",
                                "--require-secagg", "--secagg-peers", str(peers),
                                "--runtime-port", str(free_port()), "--max-wait-time", "60",
-                               "--allow-app", digest_of(PROJECT_ROOT)])
+                               "--allow-app", digest_of(PROJECT_ROOT),
+                               "--min-eval-split-size", "1"])   # synthetic sites, ~8 studies
         for site in SITES:
             procs.wait_for(site, "SuperNode ID:", timeout=HANG_GUARD)
         yield {"root": root, "certs": certs, "port": port, "procs": procs}

@@ -57,7 +57,8 @@ def federation(tmp_path_factory, three_sites):
                            "--auth-key", str(certs / "sites" / site / "auth.key"),
                            "--state-dir", str(root / f"node-{site}"),
                            "--runtime-port", str(free_port()), "--max-wait-time", "60",
-                           "--allow-app", approved, "--secagg-peers", str(peers)]
+                           "--allow-app", approved, "--secagg-peers", str(peers),
+                           "--min-eval-split-size", "1"]      # synthetic sites of ~8 studies
                     for i, site in enumerate(SITES)}
         for site in SITES:
             procs.start(site, commands[site])

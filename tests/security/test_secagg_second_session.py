@@ -71,9 +71,11 @@ def _configs(tiny_sites, three_sites, tmp_path) -> list[dict]:
     keys = {name: site_keygen(tmp_path / "keys" / name, site=name) for name in names}
     peers = tmp_path / "secagg-peers.pub"
     peers.write_text("".join(k.public.read_text() for k in keys.values()))
+    # synthetic sites of 7-15 training studies: their operators report counts from 1
     return [{wire.NODE_DATA_DIR: str(root / name), wire.NODE_SITE_ID: name,
              wire.NODE_SECAGG_IDENTITY: str(keys[name].private),
-             wire.NODE_SECAGG_PEERS: str(peers)} for name in names]
+             wire.NODE_SECAGG_PEERS: str(peers), wire.NODE_MIN_EVAL_SPLIT: 1}
+            for name in names]
 
 
 def _session(cfg, sites: Sites, start: ArrayRecord, config) -> tuple[np.ndarray, int]:

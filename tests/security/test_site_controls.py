@@ -255,6 +255,7 @@ def test_a_handler_error_with_site_details_leaves_as_a_generic_code(tiny_sites, 
 
 def test_policy_refusals_keep_their_reason(tiny_sites, task_identity):
     node = {wire.NODE_DATA_DIR: str(tiny_sites / "site-0"), wire.NODE_SITE_ID: "s0",
+            wire.NODE_MIN_EVAL_SPLIT: 1,        # a synthetic site of a few studies
             wire.NODE_DP_EPSILON: 3.0, wire.NODE_DP_DELTA: 1e-5,
             wire.NODE_PRIVACY_DIR: str(tiny_sites.parent / "ledger-policy")}
     with pytest.raises(Exception, match="site-policy: .*requires differential privacy"):

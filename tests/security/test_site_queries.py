@@ -118,6 +118,50 @@ def test_small_splits_report_suppressed_only_never_their_size_and_pooling_skips_
     assert dict(pooled) == pytest.approx(dict(alone), nan_ok=True)
 
 
+def test_a_class_list_leaving_out_a_label_is_refused_so_no_count_differs_by_that_label(
+        site_dir, task_identity):
+    """Attack: two jobs whose class lists differ by one label: the difference of their
+    training example counts (or evaluation split sizes) is that label's count at the site,
+    however small - each count alone is above the smallest-count floor. The site refuses a
+    class list that leaves out labels it holds, unless its operator lists them."""
+    all_three = _message(MessageType.TRAIN)
+    without_cyst = ("task.class_names=[high_grade_glioma,low_grade_glioma]",)
+    small_site = {wire.NODE_MIN_EVAL_SPLIT: 1}         # so only the class list can refuse
+    for kind in (MessageType.TRAIN, MessageType.EVALUATE):
+        with pytest.raises(SiteError, match=r"site-policy: the job's class list leaves out "
+                                            r"labels this site holds"):
+            make_client_app()(_message(kind, overrides=without_cyst),
+                              _context(site_dir, **small_site))
+    # the control: the operator lets a job leave "cyst" out - the difference is its count
+    both = make_client_app()(all_three, _context(site_dir, **small_site))
+    lenient = _context(site_dir, **small_site, **{wire.NODE_UNLISTED_LABELS: " cyst, other"})
+    lenient.run_id = 12                                 # a new run: not a replayed round
+    allowed = make_client_app()(_message(MessageType.TRAIN, overrides=without_cyst), lenient)
+    n_all, n_two = (m.content[wire.METRICS][wire.NUM_EXAMPLES] for m in (both, allowed))
+    assert 0 < n_all - n_two < 10
+
+
+def test_a_class_list_singling_out_a_few_studies_gets_no_training_and_no_count(
+        site_dir, task_identity):
+    """Attack: the coordinator names one real class and a made-up one, so that only that
+    class's studies count as labelled - a handful - and reads their number from the train
+    reply (its example count; its steps and DP sample rate with batch_size=1). Even where the
+    operator lets a job leave the other labels out, the site refuses to train on fewer
+    studies than it reports, and says nothing of how many."""
+    record = _message(MessageType.TRAIN, overrides=(
+        "train.batch_size=1", "task.class_names=[high_grade_glioma,not-a-class]"))
+    lenient = {wire.NODE_UNLISTED_LABELS: "low_grade_glioma,cyst"}
+    with pytest.raises(SiteError, match=r"site-policy: .*fewer labelled training studies .* "
+                                        r"it does not train") as refused:
+        make_client_app()(record, _context(site_dir, **lenient))
+    assert not any(ch.isdigit() for ch in str(refused.value).split("(node config")[0])
+    # the same site, its operator reporting counts from 1 (as in simulation): the count
+    # the refusal withheld
+    n = make_client_app()(record, _context(site_dir, **lenient,
+                                           **{wire.NODE_MIN_EVAL_SPLIT: 1}))
+    assert 0 < n.content[wire.METRICS][wire.NUM_EXAMPLES] < 10
+
+
 def test_a_replayed_train_round_gets_the_same_bytes_and_no_second_training(
         site_dir, task_identity, monkeypatch):
     calls = []
@@ -149,7 +193,8 @@ def test_a_replay_asking_for_weaker_protection_is_refused_not_answered(
     must get a refusal, not the unclipped update. (Before: the cached update went out under
     the replay's weaker request - norm ~150 instead of the admitted 0.01.)"""
     node = {wire.NODE_DP_EPSILON: 8.0, wire.NODE_DP_DELTA: 1e-5, wire.NODE_DP_TRUST_SERVER: True,
-            wire.NODE_PRIVACY_DIR: str(tmp_path / "privacy")}
+            wire.NODE_PRIVACY_DIR: str(tmp_path / "privacy"),
+            wire.NODE_MIN_EVAL_SPLIT: 1}       # a synthetic site of a few studies
     private = ("privacy=sitedp", "strategy.min_train_sites=3", "privacy.clipping_norm=0.01",
                "privacy.noise_multiplier=5.0")
     # A replay is the same message again (one model: two built apart differ unless an

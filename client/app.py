@@ -127,15 +127,17 @@ def make_client_app(*, sim_data_root: Path | None = None, sim_train_sites: int |
             raise SiteConfigError(f"{site.site_id} is an external site (node config "
                                   f"{wire.NODE_ROLE!r}): it evaluates, it never trains")
         job = decode_job(msg.content[wire.CONFIG], site_seed=site.seed)
-        torch.manual_seed(job.train.seed)        # seeded init: local parameters of round 1
-        model, task = job.build(foundation_dir=foundation_dir(site, context))
-        site_base = check_site_model(model, job)
         settings = node_settings(context.node_config, site.data_dir, simulated=site.simulated)
+        limits = QueryLimits.from_settings(settings, simulated=site.simulated)
+        build = partial(job.build, foundation_dir=site_foundation_dir(settings, site.data_dir))
+        limits.check_model_size(build)           # sized on the meta device first
+        torch.manual_seed(job.train.seed)        # seeded init: local parameters of round 1
+        model, task = build()
+        site_base = check_site_model(model, job)
         layout = served_layout(job.layout, settings, simulated=site.simulated)
         data, splits = cache.get(site, job.class_names, job.image_size, task.data_needs, layout)
         if job.class_names:        # every count below is of the studies the class list names
-            QueryLimits.from_settings(settings, simulated=site.simulated).check_class_list(
-                data.unlisted)
+            limits.check_class_list(data.unlisted)
         local = load_global(model, msg.content, job, context, site_base=site_base)
         return site, job, splits, model, Engine(task, site.device), data, local
 

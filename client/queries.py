@@ -30,11 +30,15 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
+import torch
 from flwr.app import RecordDict
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
+
+from torch import nn
 
 from protocol import wire
 
@@ -50,7 +54,7 @@ class QueryRefused(ValueError):
 
 @dataclass(frozen=True)
 class QueryLimits:
-    """The operator's limits on evaluation, from node config.
+    """The operator's limits on what the coordinator may ask, from node config.
 
     Parameters
     ----------
@@ -64,10 +68,27 @@ class QueryLimits:
     unlisted_labels : frozenset of str
         ``unlisted-labels``: the site's label names a job's class list may leave out
         (comma-separated; default none - ``check_class_list``).
+    max_parameters : int
+        ``max-model-parameters``: the largest model the site builds (``check_model_size``).
     """
     max_evaluations: int = 1000
     min_split_size: int = 10
     unlisted_labels: frozenset[str] = frozenset()
+    max_parameters: int = 2_000_000_000
+
+    def check_model_size(self, build: Callable[[], tuple[nn.Module, object]]) -> None:
+        """Size the job's model before building it: ``build`` runs on the meta device
+        (shapes, no memory, no weights read for a transformers encoder), and a model of more
+        parameters than ``max-model-parameters`` is refused. Its widths, depth, channel count,
+        adapter rank and heads are the coordinator's numbers; built for real, a site would
+        allocate them (and their gradients and optimiser state) before any other check."""
+        with torch.device("meta"):
+            model, _ = build()
+        n = sum(p.numel() for p in model.parameters())
+        if n > self.max_parameters:
+            raise QueryRefused(f"the job's model has {n:,} parameters, more than this site "
+                               f"builds (node config {wire.NODE_MAX_MODEL_PARAMETERS!r}: "
+                               f"{self.max_parameters:,})")
 
     def check_class_list(self, unlisted: frozenset[str]) -> None:
         """Refuse a job whose class list leaves some of the site's labelled studies without
@@ -105,7 +126,8 @@ class QueryLimits:
                                f"of comma-separated label names")
         values["unlisted_labels"] = frozenset(n.strip() for n in names.split(",") if n.strip())
         for field, key in (("max_evaluations", wire.NODE_MAX_EVALUATIONS),
-                           ("min_split_size", wire.NODE_MIN_EVAL_SPLIT)):
+                           ("min_split_size", wire.NODE_MIN_EVAL_SPLIT),
+                           ("max_parameters", wire.NODE_MAX_MODEL_PARAMETERS)):
             if key in settings:
                 try:
                     values[field] = int(settings[key])

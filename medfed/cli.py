@@ -115,6 +115,9 @@ def _add_deploy_parsers(sub) -> None:
                    help="the smallest count of studies the site reports (default 10): an "
                         "evaluation split of fewer is sent without its metrics or size, and "
                         "the site does not train on fewer labelled studies")
+    p.add_argument("--max-model-parameters", type=int, metavar="N",
+                   help="refuse jobs whose model has more parameters (default 2e9); sized "
+                        "on the meta device before anything is allocated")
     p.add_argument("--unlisted-labels", metavar="NAMES",
                    help="comma-separated label names of this site that a job's class list may "
                         "leave out (default none: a job naming only some of the site's labels "

@@ -199,4 +199,5 @@ NODE_MAX_EVALUATIONS = "max-evaluations-per-run"   # evaluate requests answered 
 NODE_MIN_EVAL_SPLIT = "min-eval-split-size"   # smallest count a site reports (10): smaller
                                               # splits "suppressed" only, no training on fewer
 NODE_UNLISTED_LABELS = "unlisted-labels"   # label names a job's class list may leave out
+NODE_MAX_MODEL_PARAMETERS = "max-model-parameters"  # larger job models are refused (2e9)
 EVAL_SUPPRESSED = "suppressed"       # f"{split}-suppressed": 1.0 = too few studies, no metrics

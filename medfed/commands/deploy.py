@@ -88,7 +88,8 @@ def site(args: argparse.Namespace) -> int:
         secagg_peers=Path(args.secagg_peers).resolve() if args.secagg_peers else None,
         secagg_min_neighbours=args.secagg_min_neighbours,
         secagg_min_contributors=args.secagg_min_contributors,
-        min_report_size=args.min_eval_split_size, unlisted_labels=args.unlisted_labels)
+        min_report_size=args.min_eval_split_size, unlisted_labels=args.unlisted_labels,
+        max_model_parameters=args.max_model_parameters)
     daemon = Site(settings)
     try:
         daemon.start()

@@ -95,6 +95,7 @@ class SiteSettings:
     secagg_min_contributors: int = 3
     min_report_size: int | None = None  # min-eval-split-size: smallest count reported (10)
     unlisted_labels: str | None = None  # label names a job's class list may leave out
+    max_model_parameters: int | None = None     # larger job models refused (default 2e9)
 
     @property
     def runtime_secret(self) -> Path:
@@ -141,6 +142,11 @@ def node_config(s: SiteSettings) -> dict[str, object]:
         config[wire.NODE_MIN_EVAL_SPLIT] = int(s.min_report_size)
     if s.unlisted_labels:
         config[wire.NODE_UNLISTED_LABELS] = s.unlisted_labels
+    if s.max_model_parameters is not None:
+        if int(s.max_model_parameters) < 1:
+            raise DeployError(f"--max-model-parameters must be >= 1, got "
+                              f"{s.max_model_parameters}")
+        config[wire.NODE_MAX_MODEL_PARAMETERS] = int(s.max_model_parameters)
     if s.role not in wire.ROLES:
         raise DeployError(f"--role must be one of {', '.join(wire.ROLES)}, got {s.role!r}")
     if s.role != wire.ROLE_TRAIN:

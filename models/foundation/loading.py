@@ -208,6 +208,14 @@ def _load_hf(directory: Path, model_type: str) -> LoadedEncoder:
     if model_type == "vit_mae" and MAE_PRETRAINING in architectures:
         class_name, tower = MAE_PRETRAINING, "vit"     # the decoder's weights are there too
     cls = getattr(transformers, class_name)
+    if torch.get_default_device().type == "meta":
+        # shapes only (a site sizing a job's model before it allocates anything):
+        # transformers refuses from_pretrained here; the same model from its config
+        model = cls(cls.config_class.from_pretrained(str(directory), local_files_only=True))
+        encoder = getattr(model, tower) if tower else model
+        return LoadedEncoder(family, encoder, seams_for(family), directory=directory,
+                             companions={name: getattr(model, name)
+                                         for name in COMPANIONS.get(class_name, ())})
     # ignore_mismatched_sizes=True only so transformers reports the mismatch to us instead of
     # raising a multi-line error; we refuse any mismatch just below.
     model, info = cls.from_pretrained(str(directory), local_files_only=True,

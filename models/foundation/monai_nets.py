@@ -19,6 +19,7 @@ refuses it with one line.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from pathlib import Path
@@ -111,8 +112,13 @@ def build_network(model_type: str, args: dict, where: str) -> nn.Module:
 
     cls = MONAI_CLASSES[model_type][0]
     args = check_constructor(model_type, args, where)
+    # a site sizing a job's model builds it on the meta device, where SwinUNETR's
+    # constructor (Tensor.item()) fails: the site's own network, sized by its own config
+    # file, is built on the CPU then
+    sizing = torch.get_default_device().type == "meta"
     try:
-        return getattr(nets, cls)(**args)
+        with torch.device("cpu") if sizing else contextlib.nullcontext():
+            return getattr(nets, cls)(**args)
     except Exception as err:         # MONAI validates its arguments: pass its reason on
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise FoundationLoadError(f"{where}: MONAI refuses {cls}({', '.join(args)}): "

@@ -116,6 +116,22 @@ def assert_absent_channel_ignored(model, batch, logits) -> None:
 # ---------------------------------------------------------------- loading and forward
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_a_meta_device_build_has_the_real_builds_parameters(weights, family):
+    """A site sizes a job's model on the meta device before building it (client.queries
+    ``check_model_size``); transformers refuses from_pretrained there, so the loader builds
+    the same model from its config: every parameter shape must be the real one's."""
+    options = {"lora_rank": 4}
+    with torch.device("meta"):
+        sized = _build(weights[family], family=family, **options)
+    real = _build(weights[family], family=family, **options)
+    # what the job sizes (adapters, channel parts, head) is never allocated; a MONAI base
+    # (the site's own file's size) is built on the CPU - SwinUNETR cannot be built on meta
+    assert {p.device.type for p in sized.parameters() if p.requires_grad} == {"meta"}
+    assert ({k: tuple(v.shape) for k, v in sized.named_parameters()}
+            == {k: tuple(v.shape) for k, v in real.named_parameters()})
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_every_family_loads_back_and_runs_with_an_absent_channel(weights, family):
     loaded = load_encoder(weights[family])
     assert loaded.family == family

@@ -33,6 +33,19 @@ def _segmenter(tmp_path, args: dict, **options):
     return build("foundation_swin", options, "segmentation", {}, foundation_dir=tmp_path)
 
 
+def test_a_meta_device_build_has_the_real_builds_parameters(tmp_path):
+    """The site's size check (client.queries ``check_model_size``) builds on the meta device."""
+    model, _ = _segmenter(tmp_path, SWIN2D)
+    from models.tasks import build
+    with torch.device("meta"):
+        sized, _ = build("foundation_swin", {"weights": "swin", "num_channels": S,
+                                             "image_size": 64, "spatial_dims": 2,
+                                             "lora_rank": 2}, "segmentation", {},
+                         foundation_dir=tmp_path)
+    assert ({k: tuple(v.shape) for k, v in sized.named_parameters()}
+            == {k: tuple(v.shape) for k, v in model.named_parameters()})
+
+
 def _batch(n: int, spatial: tuple[int, ...], dtype=torch.float64, seed: int = 1) -> dict:
     g = torch.Generator().manual_seed(seed)
     present = torch.ones(n, S, dtype=torch.bool)

@@ -61,6 +61,15 @@ def _copy(name: str, tmp_path: Path, **model_args) -> Path:
     return directory
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_a_meta_device_build_has_the_real_builds_parameters(name):
+    """The site's size check (client.queries ``check_model_size``) builds on the meta device."""
+    with torch.device("meta"):
+        sized = _build(name)
+    assert ({k: tuple(v.shape) for k, v in sized.named_parameters()}
+            == {k: tuple(v.shape) for k, v in _build(name).named_parameters()})
+
+
 # ---------------------------------------------------------------- equal to real timm
 
 @pytest.mark.parametrize("name", NAMES)

@@ -21,6 +21,7 @@ from client.mods.errors import SiteError
 from client.privacy.policy import node_settings
 from client.queries import suppress_small_counts
 from protocol import wire
+from protocol.job import JobSpec
 from protocol.metrics import from_record
 from server.config import load_experiment
 from server.federation import job_config
@@ -160,6 +161,52 @@ def test_a_class_list_singling_out_a_few_studies_gets_no_training_and_no_count(
     n = make_client_app()(record, _context(site_dir, **lenient,
                                            **{wire.NODE_MIN_EVAL_SPLIT: 1}))
     assert 0 < n.content[wire.METRICS][wire.NUM_EXAMPLES] < 10
+
+
+def _unbuilt(kind: str, overrides: tuple[str, ...]) -> Message:
+    """A job message without weights (the site refuses before it reads any): building
+    the attacker's model in the test would be the allocation under test."""
+    record = job_config(load_experiment([*SMALL, *overrides]), run_id="run-q")
+    record[wire.SERVER_ROUND] = 1
+    return Message(RecordDict({wire.CONFIG: record, wire.ARRAYS: ArrayRecord({})}),
+                   dst_node_id=7, message_type=kind)
+
+
+def _built_on_meta_only(monkeypatch) -> None:
+    """Fail (as the site's generic error) any build of a job's model off the meta device."""
+    real = JobSpec.build
+
+    def build(self, **kwargs):
+        if torch.get_default_device().type != "meta":
+            raise AssertionError("the job's model was built for real")
+        return real(self, **kwargs)
+    monkeypatch.setattr(JobSpec, "build", build)
+
+
+def test_a_model_sized_by_the_coordinator_beyond_the_sites_cap_is_never_allocated(
+        site_dir, task_identity, monkeypatch):
+    """Attack: the coordinator's model options are sizes - a ViT 4096 wide and 48 deep is
+    6.5e9 parameters, 26 GB in float32 before gradients and optimiser state: a site building
+    it runs out of memory. The site sizes it on the meta device and refuses it (default cap
+    2e9 parameters), for train and evaluate, without building it for real."""
+    huge = ("model.options.dim=4096", "model.options.depth=48", "model.options.heads=16")
+    _built_on_meta_only(monkeypatch)
+    for kind in (MessageType.TRAIN, MessageType.EVALUATE):
+        with pytest.raises(SiteError, match=r"site-policy: the job's model has 6,\d{3},\d{3},"
+                                            r"\d{3} parameters, more than this site builds"):
+            make_client_app()(_unbuilt(kind, huge), _context(site_dir))
+
+
+def test_the_operators_parameter_cap_refuses_a_model_it_would_otherwise_train(
+        site_dir, task_identity):
+    wider = ("model.options.dim=64", "model.options.depth=2")
+    cap = {wire.NODE_MAX_MODEL_PARAMETERS: 50_000, wire.NODE_MIN_EVAL_SPLIT: 1}
+    with pytest.raises(SiteError, match=r"more than this site builds .*50,000"):
+        make_client_app()(_message(MessageType.TRAIN, overrides=wider),
+                          _context(site_dir, **cap))
+    trained = make_client_app()(_message(MessageType.TRAIN, overrides=wider),
+                                _context(site_dir, **{wire.NODE_MIN_EVAL_SPLIT: 1}))
+    assert not trained.has_error()
 
 
 def test_a_replayed_train_round_gets_the_same_bytes_and_no_second_training(

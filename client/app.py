@@ -151,14 +151,16 @@ def make_client_app(*, sim_data_root: Path | None = None, sim_train_sites: int |
         settings = node_settings(context.node_config, site.data_dir, simulated=site.simulated)
         return settings, SiteQueryLog(state_dir(settings, site.data_dir), context.run_id)
 
-    def site_record(site, data, queries: SiteQueryLog) -> ConfigRecord:
-        """Who answers and its data manifest; the ingest counts (small cells suppressed) in
-        the first reply of a run only - the server logs them once, so later copies would
-        only be more chances to read them."""
+    def site_record(site, data, queries: SiteQueryLog, limits: QueryLimits) -> ConfigRecord:
+        """Who answers and its data manifest; the ingest counts (small cells suppressed, the
+        others as ranges, at the site's smallest reported count) in the first reply of a run
+        only - the server logs them once, so later copies would only be more chances to
+        read them."""
         identity = {wire.SITE_ID: site.site_id, wire.MANIFEST: data.fingerprint}
         if queries.first_message():
-            identity[wire.INGEST] = json.dumps(suppress_small_counts(data.report.as_dict()),
-                                               sort_keys=True)
+            identity[wire.INGEST] = json.dumps(
+                suppress_small_counts(data.report.as_dict(), limits.min_split_size),
+                sort_keys=True)
         return ConfigRecord(identity)
 
     @app.train()
@@ -174,8 +176,8 @@ def make_client_app(*, sim_data_root: Path | None = None, sim_train_sites: int |
             site_logger(site.site_id).info("round %d: repeated train request answered with "
                                            "the reply already sent", job.server_round)
             return Message(content=cached, reply_to=msg)
-        QueryLimits.from_settings(settings, simulated=site.simulated).check_training_size(
-            len(splits["train"]))                   # before the ledger is charged
+        limits = QueryLimits.from_settings(settings, simulated=site.simulated)
+        limits.check_training_size(len(splits["train"]))    # before the ledger is charged
         auth = admit_round(job, settings, site.data_dir, n_train=len(splits["train"]),
                            secure_aggregation=masked, survivors_signed=signed)
         objective_key = f"{STATE_OBJECTIVE}.{job.task_name}"
@@ -209,7 +211,7 @@ def make_client_app(*, sim_data_root: Path | None = None, sim_train_sites: int |
         sent = set(msg.content[wire.ARRAYS].keys()) - set(local)
         shared = ArrayRecord({k: v for k, v in state.items() if k in sent})
         content = RecordDict({wire.ARRAYS: shared, wire.METRICS: reply,
-                              wire.SITE: site_record(site, data, queries)})
+                              wire.SITE: site_record(site, data, queries, limits)})
         queries.store_reply(job.task_name, job.server_round, content, admission)
         return Message(content=content, reply_to=msg)
 
@@ -253,7 +255,7 @@ def make_client_app(*, sim_data_root: Path | None = None, sim_train_sites: int |
         if job.privacy.mechanism == wire.DP_SITE:   # the server weighs every reply by it
             reply[wire.DP_UNIT_WEIGHT] = 1.0
         reply[wire.EVAL_SECONDS] = seconds
-        identity = site_record(site, data, queries)
+        identity = site_record(site, data, queries, limits)
         return Message(content=RecordDict({wire.METRICS: reply, wire.SITE: identity}), reply_to=msg)
 
     @app.query()

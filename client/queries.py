@@ -78,17 +78,18 @@ class QueryLimits:
 
     def check_model_size(self, build: Callable[[], tuple[nn.Module, object]]) -> None:
         """Size the job's model before building it: ``build`` runs on the meta device
-        (shapes, no memory, no weights read for a transformers encoder), and a model of more
-        parameters than ``max-model-parameters`` is refused. Its widths, depth, channel count,
+        (shapes: no memory, no weights read), and a model of more parameters and buffers
+        than ``max-model-parameters`` is refused. Its widths, depth, channel count, grid,
         adapter rank and heads are the coordinator's numbers; built for real, a site would
-        allocate them (and their gradients and optimiser state) before any other check."""
+        allocate them (and their gradients and optimiser state) before any other check.
+        Every path that builds a job's model calls this first."""
         with torch.device("meta"):
             model, _ = build()
-        n = sum(p.numel() for p in model.parameters())
+        n = sum(t.numel() for t in (*model.parameters(), *model.buffers()))
         if n > self.max_parameters:
-            raise QueryRefused(f"the job's model has {n:,} parameters, more than this site "
-                               f"builds (node config {wire.NODE_MAX_MODEL_PARAMETERS!r}: "
-                               f"{self.max_parameters:,})")
+            raise QueryRefused(f"the job's model has {n:,} parameters and buffers, more than "
+                               f"this site builds (node config "
+                               f"{wire.NODE_MAX_MODEL_PARAMETERS!r}: {self.max_parameters:,})")
 
     def check_class_list(self, unlisted: frozenset[str]) -> None:
         """Refuse a job whose class list leaves some of the site's labelled studies without
@@ -268,10 +269,17 @@ def _write(path: Path, data: bytes) -> None:
 
 
 def suppress_small_counts(report, threshold: int = 10):
-    """An ingest report with every count in 1..threshold-1 replaced by ``"<10"``-style text
-    (zero stays: it describes nobody). Nested dicts are walked."""
+    """An ingest report fit to leave the site: every count in 1..threshold-1 becomes
+    ``"<10"``-style text and every larger one the range of ``threshold`` values it falls in
+    (23 -> ``"20-29"``); zero stays (it describes nobody); nested dicts are walked. Exact
+    large counts would give a suppressed one back by difference: the label, split and
+    sequence counts of a report each sum to its study count. ``threshold`` 1 (a simulated
+    site): the exact counts."""
     if isinstance(report, dict):
         return {k: suppress_small_counts(v, threshold) for k, v in report.items()}
-    if isinstance(report, int) and not isinstance(report, bool) and 0 < report < threshold:
-        return f"<{threshold}"
+    if isinstance(report, int) and not isinstance(report, bool) and report > 0 and threshold > 1:
+        if report < threshold:
+            return f"<{threshold}"
+        low = report // threshold * threshold
+        return f"{low}-{low + threshold - 1}"
     return report

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from flwr.app import ConfigRecord
@@ -41,6 +42,7 @@ from protocol.layout import DEFAULT_LAYOUT, Layout
 from .foundation import FoundationRefused, check_site_model, site_foundation_dir
 from .job import decode_job
 from .privacy.policy import PrivacyRefused
+from .queries import QueryLimits
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +90,10 @@ def job_readiness(config: ConfigRecord, settings: dict, data_dir: Path) -> Readi
     if not found:
         return Readiness(ready.layout_ok, weights_found=False)
     refusal = None
+    build = partial(job.build, foundation_dir=directory)
+    QueryLimits.from_settings(settings).check_model_size(build)    # refused before any build
     try:
-        model, _ = job.build(foundation_dir=directory)
+        model, _ = build()
         check_site_model(model, job)
         match = True
     except FoundationRefused:

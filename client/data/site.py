@@ -126,7 +126,7 @@ def _csv_rows(path: Path, columns: tuple[str, ...]):
 
 
 def _read_labels(path: Path, class_names: tuple[str, ...] | None, report: IngestReport,
-                 key: bytes | None, unlisted: set[str]) -> dict:
+                 key: bytes | None, unlisted: dict[str, tuple[str, ...]]) -> dict:
     labels = {}
     for row in _csv_rows(path, ("study_instance_uid", "label")):
         name = (row["label"] or "").strip()
@@ -134,14 +134,14 @@ def _read_labels(path: Path, class_names: tuple[str, ...] | None, report: Ingest
             continue
         if class_names is not None and name not in class_names:
             report.labels["unknown_label"] += 1
-            unlisted.add(name)
+            unlisted[pseudonym("study", row["study_instance_uid"].strip(), key)] = (name,)
             continue
         labels[pseudonym("study", row["study_instance_uid"].strip(), key)] = name
     return labels
 
 
 def _read_findings(path: Path, finding_names: tuple[str, ...], report: IngestReport,
-                   key: bytes | None, unlisted: set[str]) -> dict:
+                   key: bytes | None, unlisted: dict[str, tuple[str, ...]]) -> dict:
     """Multi-label studies: ``findings.csv`` rows ``study_instance_uid,findings`` with the
     findings present joined by ``;`` (an empty cell: read, nothing found). A study without a
     row is unlabelled. Labels become bitmasks (bit k = ``finding_names[k]``); a row naming an
@@ -152,7 +152,8 @@ def _read_findings(path: Path, finding_names: tuple[str, ...], report: IngestRep
         names = [n.strip() for n in (row["findings"] or "").split(";") if n.strip()]
         if any(n not in bit for n in names):
             report.labels["unknown_label"] += 1
-            unlisted.update(n for n in names if n not in bit)
+            unlisted[pseudonym("study", row["study_instance_uid"].strip(), key)] = \
+                tuple(n for n in names if n not in bit)
             continue
         labels[pseudonym("study", row["study_instance_uid"].strip(), key)] = \
             sum({bit[n] for n in names})
@@ -439,7 +440,7 @@ def join_site(site_dir: Path, studies: list[Study], report: IngestReport,
     joined by pseudonyms of the same study UIDs. ``masks``: the lesion masks and their
     skip counts as :func:`read_masks` gives them, when already read (the site cache);
     ``texts``: the reports as :func:`read_reports` gives them, likewise."""
-    unlisted: set[str] = set()              # the site's label names class_names leaves out
+    unlisted: dict[str, tuple[str, ...]] = {}   # study -> its labels class_names leaves out
     if multi_label:
         if not class_names:
             raise SiteDataError("multi-label studies need the finding names (class_names)")
@@ -481,4 +482,7 @@ def join_site(site_dir: Path, studies: list[Study], report: IngestReport,
     report.studies = len(studies)
     manifest = "\n".join(sorted(f"{s.key}:{','.join(sorted(s.images))}:{s.label}" for s in studies))
     fingerprint = hashlib.sha256(manifest.encode()).hexdigest()[:16]
-    return SiteData(studies, report, fingerprint, frozenset(unlisted))
+    # names a job's class list leaves out, of studies the site holds (not a stale row's)
+    held = {study.key for study in studies}
+    left_out = frozenset(n for k, names in unlisted.items() if k in held for n in names)
+    return SiteData(studies, report, fingerprint, left_out)

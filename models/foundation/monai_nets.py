@@ -114,11 +114,12 @@ def build_network(model_type: str, args: dict, where: str) -> nn.Module:
     args = check_constructor(model_type, args, where)
     # a site sizing a job's model builds it on the meta device, where SwinUNETR's
     # constructor (Tensor.item()) fails: the site's own network, sized by its own config
-    # file, is built on the CPU then
+    # file, is built on the CPU then, and moved to the meta device
     sizing = torch.get_default_device().type == "meta"
     try:
         with torch.device("cpu") if sizing else contextlib.nullcontext():
-            return getattr(nets, cls)(**args)
+            model = getattr(nets, cls)(**args)
+        return model.to("meta") if sizing else model
     except Exception as err:         # MONAI validates its arguments: pass its reason on
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise FoundationLoadError(f"{where}: MONAI refuses {cls}({', '.join(args)}): "
@@ -134,6 +135,8 @@ def load_network(directory: Path, model_type: str, args: dict,
     from .loading import _refuse_mismatch
 
     model = build_network(model_type, args, str(directory))
+    if torch.get_default_device().type == "meta":   # a site sizing a job's model: shapes only
+        return model.eval()
     state: dict[str, Tensor] = {}
     for path in weight_files:
         state |= load_file(str(path))

@@ -100,11 +100,15 @@ def load_timm_vit(directory: Path, config: dict):
         cfg = parse_config(config)
     except ValueError as err:
         raise FoundationLoadError(f"{directory / CONFIG_FILE}: {err}") from None
-    state: dict[str, Tensor] = {}
-    for path in check_weight_files(directory):
-        state |= load_file(str(path))
+    files = check_weight_files(directory)
     with torch.device("meta"):           # every tensor is replaced by the checkpoint's
         model = TimmViT(cfg)
+    if torch.get_default_device().type == "meta":   # a site sizing a job's model: shapes only
+        return LoadedEncoder(TIMM_FAMILY, model, TimmViTSeams(has_cls=cfg.class_token),
+                             constructor=dict(config), directory=directory)
+    state: dict[str, Tensor] = {}
+    for path in files:
+        state |= load_file(str(path))
     own = model.state_dict()
     mismatched = [k for k in own.keys() & state.keys() if own[k].shape != state[k].shape]
     _refuse_mismatch(directory, own.keys() - state.keys(), state.keys() - own.keys(), mismatched)

@@ -1,4 +1,5 @@
 import csv
+import json
 import shutil
 from pathlib import Path
 
@@ -100,6 +101,14 @@ def test_unknown_labels_are_counted_not_guessed(tiny_sites, tmp_path):
     data = load_site(site, CLASSES)
     assert data.report.labels["unknown_label"] > 0
     assert all(s.label in (-1, 0, 1) for s in data.studies)
+    # the names left out stay at the site (client.queries refuses such a class list); a
+    # stale row of a study the site does not hold leaves nothing out
+    assert data.unlisted == {"meningioma"} and "meningioma" not in json.dumps(
+        data.report.as_dict())
+    with open(site / "labels.csv", "a") as f:
+        f.write("1.2.3.4.5.6.7.8.9,astrocytoma\n")
+    assert load_site(site, CLASSES).unlisted == {"meningioma"}
+    assert load_site(site, (*CLASSES, "meningioma")).unlisted == frozenset()
 
 
 def test_dataset_masks_absent_sequences(tiny_sites):

@@ -206,6 +206,30 @@ def test_asked_with_a_foundation_job_the_site_checks_its_own_weights(tmp_path, e
     assert refusals[-1] is None
 
 
+def test_a_foundation_job_beyond_the_sites_size_cap_is_refused_before_it_is_built(
+        tmp_path, encoders, monkeypatch):
+    """Attack: the preflight query builds the job's model (to compare its frozen base), and
+    the job's sizes - adapter rank, channels, grid - are the coordinator's. The site sizes
+    it on the meta device first and refuses it, as in a round, without building it."""
+    import torch
+
+    from client.mods.errors import SiteError
+    from protocol.job import JobSpec
+
+    real = JobSpec.build
+
+    def build(self, **kwargs):
+        if torch.get_default_device().type != "meta":
+            raise AssertionError("the job's model was built for real")
+        return real(self, **kwargs)
+    monkeypatch.setattr(JobSpec, "build", build)
+    node = _node(tmp_path, **{wire.NODE_FOUNDATION_DIR: str(encoders / "same"),
+                              wire.NODE_MAX_MODEL_PARAMETERS: 10_000})
+    with pytest.raises(SiteError, match=r"site-policy: the job's model has [\d,]+ parameters "
+                                        r"and buffers, more than this site builds"):
+        _ask(make_client_app(), node, **_foundation_job(encoders))
+
+
 @pytest.mark.parametrize("forged", ["../coordinator/dino", "/etc", "a/b", ".."])
 def test_a_forged_weights_name_is_refused_before_any_filesystem_access(tmp_path, encoders,
                                                                        forged, monkeypatch,

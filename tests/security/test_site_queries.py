@@ -163,10 +163,12 @@ def test_a_class_list_singling_out_a_few_studies_gets_no_training_and_no_count(
     assert 0 < n.content[wire.METRICS][wire.NUM_EXAMPLES] < 10
 
 
-def _unbuilt(kind: str, overrides: tuple[str, ...]) -> Message:
-    """A job message without weights (the site refuses before it reads any): building
-    the attacker's model in the test would be the allocation under test."""
-    record = job_config(load_experiment([*SMALL, *overrides]), run_id="run-q")
+def _unbuilt(kind: str, options: dict) -> Message:
+    """A job message without weights (the site refuses before it reads any) whose model
+    options the coordinator set (past its own config checks): building the attacker's
+    model in the test would be the allocation under test."""
+    record = job_config(load_experiment(SMALL), run_id="run-q")
+    record[wire.MODEL_OPTIONS] = json.dumps(json.loads(record[wire.MODEL_OPTIONS]) | options)
     record[wire.SERVER_ROUND] = 1
     return Message(RecordDict({wire.CONFIG: record, wire.ARRAYS: ArrayRecord({})}),
                    dst_node_id=7, message_type=kind)
@@ -186,15 +188,20 @@ def _built_on_meta_only(monkeypatch) -> None:
 def test_a_model_sized_by_the_coordinator_beyond_the_sites_cap_is_never_allocated(
         site_dir, task_identity, monkeypatch):
     """Attack: the coordinator's model options are sizes - a ViT 4096 wide and 48 deep is
-    6.5e9 parameters, 26 GB in float32 before gradients and optimiser state: a site building
-    it runs out of memory. The site sizes it on the meta device and refuses it (default cap
-    2e9 parameters), for train and evaluate, without building it for real."""
-    huge = ("model.options.dim=4096", "model.options.depth=48", "model.options.heads=16")
+    6.5e9 parameters, 26 GB in float32 before gradients and optimiser state; one on a
+    4096^2 grid of 1-pixel patches holds a 1.7e10-value position buffer (69 GB) with only
+    ~1e7 parameters: a site building either runs out of memory. The site sizes the model on
+    the meta device, parameters and buffers, and refuses it (default cap 2e9), for train and
+    evaluate, without building it for real."""
     _built_on_meta_only(monkeypatch)
-    for kind in (MessageType.TRAIN, MessageType.EVALUATE):
-        with pytest.raises(SiteError, match=r"site-policy: the job's model has 6,\d{3},\d{3},"
-                                            r"\d{3} parameters, more than this site builds"):
-            make_client_app()(_unbuilt(kind, huge), _context(site_dir))
+    for huge, size in (({"dim": 4096, "depth": 48, "heads": 16}, r"6,\d{3},\d{3},\d{3}"),
+                       ({"img_size": 4096, "patch_size": 1, "dim": 1024, "heads": 16},
+                        r"17,\d{3},\d{3},\d{3}")):
+        for kind in (MessageType.TRAIN, MessageType.EVALUATE):
+            with pytest.raises(SiteError, match=rf"site-policy: the job's model has {size} "
+                                                r"parameters and buffers, more than this "
+                                                r"site builds"):
+                make_client_app()(_unbuilt(kind, huge), _context(site_dir))
 
 
 def test_the_operators_parameter_cap_refuses_a_model_it_would_otherwise_train(
@@ -300,7 +307,10 @@ def test_ingest_counts_are_sent_once_per_run_with_small_cells_suppressed(
     assert "<10" in flat                                  # the tiny site has small cells
     assert not any(isinstance(v, int) and 0 < v < 10 for v in flat)
     assert suppress_small_counts({"a": 3, "b": {"c": 0, "d": 12}}) == \
-        {"a": "<10", "b": {"c": 0, "d": 12}}
+        {"a": "<10", "b": {"c": 0, "d": "10-19"}}
+    # no small count comes back by difference: the labels sum to the studies
+    assert not any(isinstance(v, int) and v > 0 for v in flat), flat
+    assert suppress_small_counts({"n": 23, "t": True}, 1) == {"n": 23, "t": True}
     # a new run gets it again
     other_run = _context(site_dir)
     other_run.run_id = 99

@@ -30,8 +30,8 @@ from .mods.sitedp import site_dp_clipping_mod
 from .privacy.declared import declared_policy
 from .privacy.policy import (admission_digest, admit_round, check_protection, node_settings,
                              releasable_metrics)
-from .queries import (QueryLimits, SiteQueryLog, arrays_digest, state_dir,
-                      suppress_small_counts)
+from .queries import (QueryLimits, SiteQueryLog, arrays_digest, class_counts, has_small_class,
+                      label_counts, state_dir, suppress_small_counts)
 from .readiness import asks_for_job, job_readiness, served_layout
 from .rebuilt_app import RebuiltClientApp
 from .runtime import (SiteConfigError, SiteDataCache, resolve_site,
@@ -196,6 +196,12 @@ def make_client_app(*, sim_data_root: Path | None = None, sim_train_sites: int |
         if kept is not None:                        # kept here; never part of the reply
             context.state[objective_key] = ArrayRecord(kept)
         metrics = releasable_metrics(metrics, auth)
+        if has_small_class(label_counts(splits["train"].labels, len(job.class_names),
+                                        multi_label=engine.task.data_needs.multi_label),
+                           limits.min_split_size):
+            # training loss and accuracy of weights the coordinator chose count a class's
+            # studies (a head that always answers k: accuracy x n); a small class: not sent
+            metrics = {k: v for k, v in metrics.items() if not k.startswith("train_")}
         state = model.state_dict()
         if local:
             context.state[STATE_LOCAL_PARAMS] = ArrayRecord({k: state[k] for k in local})
@@ -286,12 +292,16 @@ def make_client_app(*, sim_data_root: Path | None = None, sim_train_sites: int |
     def evaluate_split(engine: Engine, model, data, min_size: int
                        ) -> tuple[SplitMetrics, bool]:
         """The split's metrics and whether it is suppressed (1..min_size-1 studies: never
-        evaluated, its size never sent). An empty or suppressed split answers with the
+        evaluated, its size never sent; or a class in it of 1..min_size-1 studies: its
+        confusion row would be that count). An empty or suppressed split answers with the
         evaluator's ``n = 0`` result, so every site sends the task's full key set (Flower
         requires it)."""
         if len(data) == 0 or len(data) < min_size:
             return engine.task.evaluator().compute(), len(data) > 0
-        return engine.evaluate(model, data), False
+        metrics = engine.evaluate(model, data)
+        if has_small_class(class_counts(metrics), min_size):
+            return engine.task.evaluator().compute(), True
+        return metrics, False
 
     return app
 

@@ -29,17 +29,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from flwr.app import RecordDict
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
-
 from torch import nn
 
+from models.metrics import SplitMetrics
 from protocol import wire
 
 STATE_FILE = "site-queries.json"
@@ -266,6 +267,34 @@ def _write(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
+
+
+def class_counts(metrics: SplitMetrics) -> list[int]:
+    """The per-class study counts an evaluation's figures carry: the rows of its confusion
+    (studies of class i), a finding's negatives and positives (multi-label)."""
+    rows: list[int] = []
+    if metrics.confusion is not None:
+        rows += np.asarray(metrics.confusion).sum(axis=1).astype(int).tolist()
+    if metrics.finding_confusions is not None:
+        rows += np.asarray(metrics.finding_confusions).sum(axis=2).astype(int).ravel().tolist()
+    return rows
+
+
+def label_counts(labels: torch.Tensor, num_classes: int, *, multi_label: bool) -> list[int]:
+    """The per-class counts of a split's labelled studies (-1: unlabelled, left out), in
+    ``class_counts``'s terms: multi-label bitmasks give each finding's negatives and
+    positives."""
+    labels = torch.as_tensor(labels).long()
+    labels = labels[labels >= 0]
+    if multi_label:
+        positives = [int(((labels >> k) & 1).sum()) for k in range(num_classes)]
+        return [len(labels) - p for p in positives] + positives
+    return torch.bincount(labels, minlength=num_classes).tolist()
+
+
+def has_small_class(counts: list[int], floor: int) -> bool:
+    """Whether a class is present with fewer studies than the site reports (``floor``)."""
+    return any(0 < c < floor for c in counts)
 
 
 def suppress_small_counts(report, threshold: int = 10):

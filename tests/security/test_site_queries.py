@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pydicom
 import pytest
 import torch
@@ -161,6 +162,48 @@ def test_a_class_list_singling_out_a_few_studies_gets_no_training_and_no_count(
     n = make_client_app()(record, _context(site_dir, **lenient,
                                            **{wire.NODE_MIN_EVAL_SPLIT: 1}))
     assert 0 < n.content[wire.METRICS][wire.NUM_EXAMPLES] < 10
+
+
+def test_a_class_of_few_studies_is_not_counted_by_a_confusion_row_or_a_training_metric(
+        site_dir, task_identity):
+    """Attack: an evaluated split's confusion matrix has a row per class - that class's
+    exact count in the split, however small, even where the split is large enough to report;
+    and a training reply's accuracy and loss under weights the coordinator chose (a head
+    that always answers class k) give class k's count in the training split. The site
+    (floor 3 here; the tiny site: val 3 + 2 studies of two classes, test 3 of one, train
+    6 + 1 + 8 of three) suppresses a split with a class below its floor and sends no
+    training metrics when a class of its training split is below it."""
+    floor = {wire.NODE_MIN_EVAL_SPLIT: 3}
+    metrics = make_client_app()(_message(MessageType.EVALUATE),
+                                _context(site_dir, **floor)).content[wire.METRICS]
+    val, test = (from_record(metrics, split) for split in ("val", "test"))
+    assert metrics[f"val-{wire.EVAL_SUPPRESSED}"] == 1.0 and val.n == 0
+    assert metrics[f"test-{wire.EVAL_SUPPRESSED}"] == 0.0 and test.n == 3
+    rows = np.asarray(test.confusion).sum(axis=1)
+    assert not any(0 < r < 3 for r in rows)
+    trained = make_client_app()(_message(MessageType.TRAIN), _context(site_dir, **floor))
+    assert not any(k.startswith("train_") for k in trained.content[wire.METRICS])
+    other_run = _context(site_dir, **{wire.NODE_MIN_EVAL_SPLIT: 1})
+    other_run.run_id = 12                 # the control: a floor of 1 sends them
+    trained = make_client_app()(_message(MessageType.TRAIN), other_run)
+    assert "train_accuracy" in trained.content[wire.METRICS]
+
+
+def test_class_counts_read_alike_from_labels_and_from_a_confusion():
+    """The training rule counts classes from labels, the evaluation rule from the figures:
+    both in the same terms (a finding's negatives and positives, multi-label)."""
+    from client.queries import class_counts, label_counts
+    from models.metrics import SplitMetrics
+
+    single = torch.tensor([0, 2, 2, -1, 2])
+    confusion = np.array([[1, 0, 0], [0, 0, 0], [1, 1, 1]])
+    assert label_counts(single, 3, multi_label=False) == [1, 0, 3] == \
+        class_counts(SplitMetrics(n=4, loss=0.0, confusion=confusion))
+    bits = torch.tensor([0b01, 0b11, 0b00, -1])           # 2 findings over 3 studies
+    findings = np.array([[[1, 0], [1, 1]], [[2, 0], [0, 1]]])    # [F, true, predicted]
+    assert label_counts(bits, 2, multi_label=True) == [1, 2, 2, 1]
+    assert sorted(class_counts(SplitMetrics(n=3, loss=0.0, finding_confusions=findings))) \
+        == sorted(label_counts(bits, 2, multi_label=True))
 
 
 def _unbuilt(kind: str, options: dict) -> Message:

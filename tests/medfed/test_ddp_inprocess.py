@@ -69,7 +69,8 @@ def _sites(three_sites, tmp_path) -> dict[str, dict]:
     return {name: {wire.NODE_DATA_DIR: str(root / name), wire.NODE_SITE_ID: name,
                    wire.NODE_DP_EPSILON: 100.0, wire.NODE_DP_DELTA: 1e-5,
                    wire.NODE_SECAGG_IDENTITY: str(keys[name].private),
-                   wire.NODE_SECAGG_PEERS: str(peers)}
+                   wire.NODE_SECAGG_PEERS: str(peers),
+                   wire.NODE_MIN_EVAL_SPLIT: 1}       # synthetic sites of a few studies
             for name in names}
 
 

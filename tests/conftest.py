@@ -124,6 +124,22 @@ def task_identity(monkeypatch):
         monkeypatch.setattr(TaskIdentity, name, value)
 
 
+@pytest.fixture
+def meta_builds_only(monkeypatch):
+    """A job's model may be built on the meta device only (a site sizing it); a real build
+    raises - inside a ClientApp, the site's generic error. For attacks whose model, built
+    for real, would be the allocation under test."""
+    from protocol.job import JobSpec
+
+    real = JobSpec.build
+
+    def build(self, **kwargs):
+        if torch.get_default_device().type != "meta":
+            raise AssertionError("the job's model was built for real")
+        return real(self, **kwargs)
+    monkeypatch.setattr(JobSpec, "build", build)
+
+
 def pytest_collection_modifyitems(config, items):
     """Files with the most slow tests first, in a stable order: ``make test`` hands whole files
     to two workers as they free up, so a long file left for last would run alone (xdist's own

@@ -207,22 +207,12 @@ def test_asked_with_a_foundation_job_the_site_checks_its_own_weights(tmp_path, e
 
 
 def test_a_foundation_job_beyond_the_sites_size_cap_is_refused_before_it_is_built(
-        tmp_path, encoders, monkeypatch):
+        tmp_path, encoders, meta_builds_only):
     """Attack: the preflight query builds the job's model (to compare its frozen base), and
     the job's sizes - adapter rank, channels, grid - are the coordinator's. The site sizes
     it on the meta device first and refuses it, as in a round, without building it."""
-    import torch
-
     from client.mods.errors import SiteError
-    from protocol.job import JobSpec
 
-    real = JobSpec.build
-
-    def build(self, **kwargs):
-        if torch.get_default_device().type != "meta":
-            raise AssertionError("the job's model was built for real")
-        return real(self, **kwargs)
-    monkeypatch.setattr(JobSpec, "build", build)
     node = _node(tmp_path, **{wire.NODE_FOUNDATION_DIR: str(encoders / "same"),
                               wire.NODE_MAX_MODEL_PARAMETERS: 10_000})
     with pytest.raises(SiteError, match=r"site-policy: the job's model has [\d,]+ parameters "

@@ -22,7 +22,6 @@ from client.mods.errors import SiteError
 from client.privacy.policy import node_settings
 from client.queries import suppress_small_counts
 from protocol import wire
-from protocol.job import JobSpec
 from protocol.metrics import from_record
 from server.config import load_experiment
 from server.federation import job_config
@@ -217,26 +216,14 @@ def _unbuilt(kind: str, options: dict) -> Message:
                    dst_node_id=7, message_type=kind)
 
 
-def _built_on_meta_only(monkeypatch) -> None:
-    """Fail (as the site's generic error) any build of a job's model off the meta device."""
-    real = JobSpec.build
-
-    def build(self, **kwargs):
-        if torch.get_default_device().type != "meta":
-            raise AssertionError("the job's model was built for real")
-        return real(self, **kwargs)
-    monkeypatch.setattr(JobSpec, "build", build)
-
-
 def test_a_model_sized_by_the_coordinator_beyond_the_sites_cap_is_never_allocated(
-        site_dir, task_identity, monkeypatch):
+        site_dir, task_identity, meta_builds_only):
     """Attack: the coordinator's model options are sizes - a ViT 4096 wide and 48 deep is
     6.5e9 parameters, 26 GB in float32 before gradients and optimiser state; one on a
     4096^2 grid of 1-pixel patches holds a 1.7e10-value position buffer (69 GB) with only
     ~1e7 parameters: a site building either runs out of memory. The site sizes the model on
     the meta device, parameters and buffers, and refuses it (default cap 2e9), for train and
     evaluate, without building it for real."""
-    _built_on_meta_only(monkeypatch)
     for huge, size in (({"dim": 4096, "depth": 48, "heads": 16}, r"6,\d{3},\d{3},\d{3}"),
                        ({"img_size": 4096, "patch_size": 1, "dim": 1024, "heads": 16},
                         r"17,\d{3},\d{3},\d{3}")):

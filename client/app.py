@@ -130,7 +130,8 @@ def make_client_app(*, sim_data_root: Path | None = None, sim_train_sites: int |
         settings = node_settings(context.node_config, site.data_dir, simulated=site.simulated)
         limits = QueryLimits.from_settings(settings, simulated=site.simulated)
         build = partial(job.build, foundation_dir=site_foundation_dir(settings, site.data_dir))
-        limits.check_model_size(build)           # sized on the meta device first
+        limits.check_model_size(build, batch=job.train.batch_size       # sized on the
+                                * job.privacy.augmentation_multiplicity)  # meta device first
         torch.manual_seed(job.train.seed)        # seeded init: local parameters of round 1
         model, task = build()
         site_base = check_site_model(model, job)

@@ -41,6 +41,7 @@ from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 from torch import nn
 
 from models.metrics import SplitMetrics
+from models.vit import TokenLayout
 from protocol import wire
 
 STATE_FILE = "site-queries.json"
@@ -71,19 +72,28 @@ class QueryLimits:
         (comma-separated; default none - ``check_class_list``).
     max_parameters : int
         ``max-model-parameters``: the largest model the site builds (``check_model_size``).
+    max_study_tokens, max_step_tokens : int
+        ``max-study-tokens``, ``max-step-tokens``: the most tokens its backbone reads of one
+        study, and in one training step (``check_model_size``).
     """
     max_evaluations: int = 1000
     min_split_size: int = 10
     unlisted_labels: frozenset[str] = frozenset()
     max_parameters: int = 2_000_000_000
+    max_study_tokens: int = 16384
+    max_step_tokens: int = 2**20
 
-    def check_model_size(self, build: Callable[[], tuple[nn.Module, object]]) -> None:
+    def check_model_size(self, build: Callable[[], tuple[nn.Module, object]], *,
+                         batch: int = 1) -> None:
         """Size the job's model before building it: ``build`` runs on the meta device
         (shapes: no memory, no weights read), and a model of more parameters and buffers
         than ``max-model-parameters`` is refused. Its widths, depth, channel count, grid,
         adapter rank and heads are the coordinator's numbers; built for real, a site would
         allocate them (and their gradients and optimiser state) before any other check.
-        Every path that builds a job's model calls this first."""
+        Activations are bounded by tokens: the backbone's tokens a study (patches per
+        channel x channels, CLS; attention holds their square) and a step of ``batch``
+        studies (the job's batch size x DP's augmentation multiplicity). Every path that
+        builds a job's model calls this first."""
         with torch.device("meta"):
             model, _ = build()
         n = sum(t.numel() for t in (*model.parameters(), *model.buffers()))
@@ -91,6 +101,17 @@ class QueryLimits:
             raise QueryRefused(f"the job's model has {n:,} parameters and buffers, more than "
                                f"this site builds (node config "
                                f"{wire.NODE_MAX_MODEL_PARAMETERS!r}: {self.max_parameters:,})")
+        layout = next((m.layout for m in model.modules()
+                       if isinstance(getattr(m, "layout", None), TokenLayout)), None)
+        if layout is None:
+            return
+        tokens = layout.patches_per_sequence * layout.num_sequences + layout.cls_tokens
+        if tokens > self.max_study_tokens or tokens * batch > self.max_step_tokens:
+            raise QueryRefused(f"the job's model reads {tokens:,} tokens a study and "
+                               f"{tokens * batch:,} a training step, more than this site "
+                               f"runs (node config {wire.NODE_MAX_STUDY_TOKENS!r}: "
+                               f"{self.max_study_tokens:,}, {wire.NODE_MAX_STEP_TOKENS!r}: "
+                               f"{self.max_step_tokens:,})")
 
     def check_class_list(self, unlisted: frozenset[str]) -> None:
         """Refuse a job whose class list leaves some of the site's labelled studies without
@@ -129,7 +150,9 @@ class QueryLimits:
         values["unlisted_labels"] = frozenset(n.strip() for n in names.split(",") if n.strip())
         for field, key in (("max_evaluations", wire.NODE_MAX_EVALUATIONS),
                            ("min_split_size", wire.NODE_MIN_EVAL_SPLIT),
-                           ("max_parameters", wire.NODE_MAX_MODEL_PARAMETERS)):
+                           ("max_parameters", wire.NODE_MAX_MODEL_PARAMETERS),
+                           ("max_study_tokens", wire.NODE_MAX_STUDY_TOKENS),
+                           ("max_step_tokens", wire.NODE_MAX_STEP_TOKENS)):
             if key in settings:
                 try:
                     values[field] = int(settings[key])

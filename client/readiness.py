@@ -91,7 +91,8 @@ def job_readiness(config: ConfigRecord, settings: dict, data_dir: Path) -> Readi
         return Readiness(ready.layout_ok, weights_found=False)
     refusal = None
     build = partial(job.build, foundation_dir=directory)
-    QueryLimits.from_settings(settings).check_model_size(build)    # refused before any build
+    QueryLimits.from_settings(settings).check_model_size(       # refused before any build
+        build, batch=job.train.batch_size * job.privacy.augmentation_multiplicity)
     try:
         model, _ = build()
         check_site_model(model, job)

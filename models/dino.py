@@ -76,6 +76,9 @@ from .tasks import ClassificationConfig, ClassificationTask, drop_one_sequence
 from .vit import MultiModalViT, _init_weights
 
 
+MAX_LOCAL_CROPS = 16                   # DINOv2 uses 8
+
+
 @dataclass(frozen=True)
 class DINOConfig:
     num_classes: int = 3
@@ -109,8 +112,10 @@ class DINOConfig:
             raise ValueError(f"label_fraction must be in (0, 1], got {self.label_fraction}")
         if self.num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {self.num_classes}")
-        if self.local_crops < 0 or not 0 < self.local_size <= 1:
-            raise ValueError("local_crops must be >= 0 and local_size in (0, 1]")
+        if not 0 <= self.local_crops <= MAX_LOCAL_CROPS or not 0 < self.local_size <= 1:
+            # each crop is a forward pass of every study (a site's memory and time)
+            raise ValueError(f"local_crops must be in 0..{MAX_LOCAL_CROPS} and local_size in "
+                             f"(0, 1]")
         for name in ("global_scale", "local_scale"):
             lo, hi = getattr(self, name)
             if not 0 < lo <= hi <= 1:

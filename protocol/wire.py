@@ -200,4 +200,6 @@ NODE_MIN_EVAL_SPLIT = "min-eval-split-size"   # smallest count a site reports (1
                                               # splits "suppressed" only, no training on fewer
 NODE_UNLISTED_LABELS = "unlisted-labels"   # label names a job's class list may leave out
 NODE_MAX_MODEL_PARAMETERS = "max-model-parameters"  # larger job models are refused (2e9)
+NODE_MAX_STUDY_TOKENS = "max-study-tokens"    # backbone tokens of one study (16384)
+NODE_MAX_STEP_TOKENS = "max-step-tokens"      # ... of one training step's studies (2^20)
 EVAL_SUPPRESSED = "suppressed"       # f"{split}-suppressed": 1.0 = too few studies, no metrics

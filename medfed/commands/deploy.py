@@ -89,7 +89,8 @@ def site(args: argparse.Namespace) -> int:
         secagg_min_neighbours=args.secagg_min_neighbours,
         secagg_min_contributors=args.secagg_min_contributors,
         min_report_size=args.min_eval_split_size, unlisted_labels=args.unlisted_labels,
-        max_model_parameters=args.max_model_parameters)
+        max_model_parameters=args.max_model_parameters,
+        max_study_tokens=args.max_study_tokens, max_step_tokens=args.max_step_tokens)
     daemon = Site(settings)
     try:
         daemon.start()

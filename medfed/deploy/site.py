@@ -96,6 +96,8 @@ class SiteSettings:
     min_report_size: int | None = None  # min-eval-split-size: smallest count reported (10)
     unlisted_labels: str | None = None  # label names a job's class list may leave out
     max_model_parameters: int | None = None     # larger job models refused (default 2e9)
+    max_study_tokens: int | None = None         # backbone tokens of a study (16384)
+    max_step_tokens: int | None = None          # ... of a training step (2^20)
 
     @property
     def runtime_secret(self) -> Path:
@@ -136,17 +138,19 @@ def node_config(s: SiteSettings) -> dict[str, object]:
         config[wire.NODE_SECAGG_MIN_NEIGHBOURS] = int(s.secagg_min_neighbours)
     if s.secagg_min_contributors != 3:
         config[wire.NODE_SECAGG_MIN_CONTRIBUTORS] = int(s.secagg_min_contributors)
-    if s.min_report_size is not None:
-        if int(s.min_report_size) < 1:
-            raise DeployError(f"--min-eval-split-size must be >= 1, got {s.min_report_size}")
-        config[wire.NODE_MIN_EVAL_SPLIT] = int(s.min_report_size)
     if s.unlisted_labels:
         config[wire.NODE_UNLISTED_LABELS] = s.unlisted_labels
-    if s.max_model_parameters is not None:
-        if int(s.max_model_parameters) < 1:
-            raise DeployError(f"--max-model-parameters must be >= 1, got "
-                              f"{s.max_model_parameters}")
-        config[wire.NODE_MAX_MODEL_PARAMETERS] = int(s.max_model_parameters)
+    for flag, key, value in (("--min-eval-split-size", wire.NODE_MIN_EVAL_SPLIT,
+                              s.min_report_size),
+                             ("--max-model-parameters", wire.NODE_MAX_MODEL_PARAMETERS,
+                              s.max_model_parameters),
+                             ("--max-study-tokens", wire.NODE_MAX_STUDY_TOKENS,
+                              s.max_study_tokens),
+                             ("--max-step-tokens", wire.NODE_MAX_STEP_TOKENS, s.max_step_tokens)):
+        if value is not None:
+            if int(value) < 1:
+                raise DeployError(f"{flag} must be >= 1, got {value}")
+            config[key] = int(value)
     if s.role not in wire.ROLES:
         raise DeployError(f"--role must be one of {', '.join(wire.ROLES)}, got {s.role!r}")
     if s.role != wire.ROLE_TRAIN:

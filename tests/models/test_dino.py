@@ -208,3 +208,14 @@ def test_a_fused_token_is_scored_where_blank_patches_blanked_a_kept_channel(seed
     assert torch.equal(ibot_token_mask(masked, keep, token_groups=1), expected)
     assert torch.equal(ibot_token_mask(masked, keep, token_groups=s),
                        (blanked & keep[:, :, None]).flatten(1))
+
+
+def test_local_crops_are_bounded():
+    """Each crop is a forward pass of every study: a job's crop count is a site's memory
+    and time, so a config beyond ``MAX_LOCAL_CROPS`` is refused (at config load and at the
+    site, which decodes the same config)."""
+    from models.dino import MAX_LOCAL_CROPS
+
+    DINOConfig(local_crops=MAX_LOCAL_CROPS)
+    with pytest.raises(ValueError, match="local_crops must be in 0..16"):
+        DINOConfig(local_crops=MAX_LOCAL_CROPS + 1)

@@ -234,6 +234,24 @@ def test_a_model_sized_by_the_coordinator_beyond_the_sites_cap_is_never_allocate
                 make_client_app()(_unbuilt(kind, huge), _context(site_dir))
 
 
+def test_a_step_whose_activations_exceed_the_sites_means_is_refused_before_any_build(
+        site_dir, task_identity, meta_builds_only):
+    """Attack: activations, not parameters - a ViT on 1-pixel patches of a 256^2 image
+    reads 4 x 65536 tokens a study (attention holds their square: ~7e10 values a layer and
+    head) with 2e6 parameters and buffers; the small model with batch_size 65536 reads 1.1e6
+    tokens a step. The site counts its backbone's tokens on the meta build and refuses both
+    (defaults: 16384 a study, 2^20 a step)."""
+    def refused(message: Message, study: str, step: str) -> None:
+        with pytest.raises(SiteError, match=rf"site-policy: the job's model reads {study} "
+                                            rf"tokens a study and {step} a training step"):
+            make_client_app()(message, _context(site_dir))
+    refused(_unbuilt(MessageType.TRAIN, {"img_size": 256, "patch_size": 1}),
+            "262,145", "2,097,160")
+    wide_batch = _unbuilt(MessageType.TRAIN, {})
+    wide_batch.content[wire.CONFIG][wire.BATCH_SIZE] = 65536
+    refused(wide_batch, "17", "1,114,112")
+
+
 def test_the_operators_parameter_cap_refuses_a_model_it_would_otherwise_train(
         site_dir, task_identity):
     wider = ("model.options.dim=64", "model.options.depth=2")

@@ -18,10 +18,17 @@ unless node config ``privacy-dir`` says otherwise) so a restarted ClientApp keep
   answered gets the *cached* reply, byte for byte, instead of a fresh update that could be
   differenced against the first; a request for an older round whose reply has left the
   bounded cache is refused.
-- **Ingest counts are sent once per run** (``first_message``).
+- **Ingest counts are sent once per run** (``first_message``), small ones suppressed and the
+  others as ranges (``suppress_small_counts``).
 
 The task name is part of the key because one run may hold two phases (pretraining, then the
 task) whose round numbers both start at 1.
+
+And the operator's limits on what a job may ask, checked on every message (``QueryLimits``,
+no state): no count below ``min-eval-split-size`` leaves the site (small splits, small
+classes, small training sets); a class list leaving out the site's labels is refused (counts
+by difference); a job's model is sized on the meta device before it is built (parameters,
+buffers, tokens).
 """
 
 from __future__ import annotations

@@ -203,6 +203,9 @@ def make_client_app(*, sim_data_root: Path | None = None, sim_train_sites: int |
             # training loss and accuracy of weights the coordinator chose count a class's
             # studies (a head that always answers k: accuracy x n); a small class: not sent
             metrics = {k: v for k, v in metrics.items() if not k.startswith("train_")}
+            site_logger(site.site_id).info(
+                "round %d: training loss/accuracy not sent (a class of the training split has "
+                "fewer studies than %s)", job.server_round, wire.NODE_MIN_EVAL_SPLIT)
         state = model.state_dict()
         if local:
             context.state[STATE_LOCAL_PARAMS] = ArrayRecord({k: state[k] for k in local})

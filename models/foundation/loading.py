@@ -212,21 +212,19 @@ def _load_hf(directory: Path, model_type: str) -> LoadedEncoder:
         # shapes only (a site sizing a job's model before it allocates anything):
         # transformers refuses from_pretrained here; the same model from its config
         model = cls(cls.config_class.from_pretrained(str(directory), local_files_only=True))
-        encoder = getattr(model, tower) if tower else model
-        return LoadedEncoder(family, encoder, seams_for(family), directory=directory,
-                             companions={name: getattr(model, name)
-                                         for name in COMPANIONS.get(class_name, ())})
-    # ignore_mismatched_sizes=True only so transformers reports the mismatch to us instead of
-    # raising a multi-line error; we refuse any mismatch just below.
-    model, info = cls.from_pretrained(str(directory), local_files_only=True,
-                                      use_safetensors=True, output_loading_info=True,
-                                      ignore_mismatched_sizes=True)
-    mismatched = [m[0] if isinstance(m, tuple) else m for m in info.get("mismatched_keys", ())]
-    _refuse_mismatch(directory, info.get("missing_keys", ()), info.get("unexpected_keys", ()),
-                     mismatched)
-    if info.get("error_msgs"):
-        raise FoundationLoadError(f"weights in {directory} failed to load: "
-                                  f"{info['error_msgs'][0]}")
+    else:
+        # ignore_mismatched_sizes=True only so transformers reports the mismatch to us
+        # instead of raising a multi-line error; we refuse any mismatch just below.
+        model, info = cls.from_pretrained(str(directory), local_files_only=True,
+                                          use_safetensors=True, output_loading_info=True,
+                                          ignore_mismatched_sizes=True)
+        mismatched = [m[0] if isinstance(m, tuple) else m
+                      for m in info.get("mismatched_keys", ())]
+        _refuse_mismatch(directory, info.get("missing_keys", ()),
+                         info.get("unexpected_keys", ()), mismatched)
+        if info.get("error_msgs"):
+            raise FoundationLoadError(f"weights in {directory} failed to load: "
+                                      f"{info['error_msgs'][0]}")
     encoder = getattr(model, tower) if tower else model
     companions = {name: getattr(model, name) for name in COMPANIONS.get(class_name, ())}
     return LoadedEncoder(family, encoder, seams_for(family), directory=directory,

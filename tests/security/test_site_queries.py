@@ -164,7 +164,7 @@ def test_a_class_list_singling_out_a_few_studies_gets_no_training_and_no_count(
 
 
 def test_a_class_of_few_studies_is_not_counted_by_a_confusion_row_or_a_training_metric(
-        site_dir, task_identity):
+        site_dir, task_identity, caplog):
     """Attack: an evaluated split's confusion matrix has a row per class - that class's
     exact count in the split, however small, even where the split is large enough to report;
     and a training reply's accuracy and loss under weights the coordinator chose (a head
@@ -180,8 +180,10 @@ def test_a_class_of_few_studies_is_not_counted_by_a_confusion_row_or_a_training_
     assert metrics[f"test-{wire.EVAL_SUPPRESSED}"] == 0.0 and test.n == 3
     rows = np.asarray(test.confusion).sum(axis=1)
     assert not any(0 < r < 3 for r in rows)
-    trained = make_client_app()(_message(MessageType.TRAIN), _context(site_dir, **floor))
+    with caplog.at_level("INFO"):
+        trained = make_client_app()(_message(MessageType.TRAIN), _context(site_dir, **floor))
     assert not any(k.startswith("train_") for k in trained.content[wire.METRICS])
+    assert "training loss/accuracy not sent" in caplog.text      # the site's log says so
     other_run = _context(site_dir, **{wire.NODE_MIN_EVAL_SPLIT: 1})
     other_run.run_id = 12                 # the control: a floor of 1 sends them
     trained = make_client_app()(_message(MessageType.TRAIN), other_run)

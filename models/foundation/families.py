@@ -122,18 +122,38 @@ class _HFViTLike:
     def _post_norm(self, encoder):
         return encoder.layernorm
 
+    def _registers(self, encoder) -> Tensor | None:
+        """Register tokens ``[1, R, D]`` the family puts after its CLS token, or None."""
+        return None
+
+    def _layer_arguments(self, encoder, tokens: Tensor, num_channels: int, grid: int) -> tuple:
+        """Positional arguments every layer takes after ``(hidden_states, mask)``."""
+        return ()
+
     def encode(self, encoder, tokens, attend, num_channels, grid):
         from transformers.masking_utils import create_bidirectional_mask
 
+        # Registers (where the family has them) go between CLS and the patch tokens, as in the
+        # family's own embeddings, always attendable, and are dropped after the final norm:
+        # the adapter, pooling and objectives never see them.
+        registers = self._registers(encoder)
+        r = 0 if registers is None else registers.shape[1]
+        if r:
+            b = tokens.shape[0]
+            tokens = torch.cat([tokens[:, :1], registers.to(tokens.dtype).expand(b, -1, -1),
+                                tokens[:, 1:]], dim=1)
+            attend = torch.cat([attend[:, :1], attend.new_ones(b, r), attend[:, 1:]], dim=1)
         # The family's own mask builder gives the format its attention implementation wants
         # (additive float for eager, boolean for sdpa).
         mask = create_bidirectional_mask(config=encoder.config, inputs_embeds=tokens,
                                          attention_mask=attend)
+        extra = self._layer_arguments(encoder, tokens, num_channels, grid)
         pre = self._pre_norm(encoder)
         x = pre(tokens) if pre is not None else tokens
         for layer in self._layers(encoder):
-            x = layer(x, mask)     # positional, no extra kwargs: per-sample hooks see plain calls
-        return self._post_norm(encoder)(x)
+            x = layer(x, mask, *extra)  # positional, no kwargs: per-sample hooks see plain calls
+        x = self._post_norm(encoder)(x)
+        return torch.cat([x[:, :1], x[:, 1 + r:]], dim=1) if r else x
 
     def unused(self, encoder):
         out = [self._projection(encoder)]
@@ -154,6 +174,50 @@ class Dinov2Seams(_HFViTLike):
 
     def _layers(self, encoder):
         return encoder.encoder.layer
+
+
+class Dinov2WithRegistersSeams(Dinov2Seams):
+    """DINOv2 with register tokens (Darcet et al. 2024): the registers join after CLS inside
+    ``encode`` (they carry no position, as in the family's embeddings)."""
+    name = "dinov2_with_registers"
+
+    def _registers(self, encoder):
+        return encoder.embeddings.register_tokens
+
+
+class DINOv3Seams(_HFViTLike):
+    """DINOv3 ViT: rotary positions (RoPE) inside attention instead of an additive position
+    table, register tokens after CLS, layer scale. The rotation of a patch token depends on
+    its location only, so every channel's token at one location gets that location's rotation
+    (the sequence is channel-major: the family's own table for the grid, tiled once per token
+    group); CLS and the registers get none, as in the family's forward. In training mode the
+    family's own RoPE module jitters/rescales the coordinates as its config says (one draw a
+    forward pass, shared by the batch: no sample's gradient depends on another sample)."""
+    name = "dinov3"
+    lora_targets = ("q_proj", "v_proj")
+
+    def _projection(self, encoder):
+        return encoder.embeddings.patch_embeddings
+
+    def position_embedding(self, encoder, grid):
+        like = encoder.embeddings.cls_token                                 # [1, 1, D]
+        return torch.zeros_like(like), like.new_zeros(1, grid * grid, like.shape[-1])
+
+    def _layers(self, encoder):
+        return encoder.model.layer
+
+    def _post_norm(self, encoder):
+        return encoder.norm
+
+    def _registers(self, encoder):
+        return encoder.embeddings.register_tokens
+
+    def _layer_arguments(self, encoder, tokens, num_channels, grid):
+        side = grid * self.patch_size(encoder)
+        # the RoPE module reads only the pixel grid's shape, device and dtype
+        pixels = tokens.new_empty(1, 1, 1, 1).expand(1, 1, side, side)
+        cos, sin = encoder.rope_embeddings(pixels)                          # [N, head_dim]
+        return ((cos.repeat(num_channels, 1), sin.repeat(num_channels, 1)),)
 
 
 class ViTSeams(_HFViTLike):
@@ -272,8 +336,9 @@ class SamSeams:
 
 
 FAMILIES: dict[str, type] = {cls.name: cls for cls in
-                             (Dinov2Seams, ViTSeams, ViTMAESeams, CLIPSeams, SiglipSeams,
-                              SamSeams, MonaiViTSeams, TimmViTSeams)}
+                             (Dinov2Seams, Dinov2WithRegistersSeams, DINOv3Seams, ViTSeams,
+                              ViTMAESeams, CLIPSeams, SiglipSeams, SamSeams, MonaiViTSeams,
+                              TimmViTSeams)}
 
 
 def seams_for(family: str, **monai_args) -> FamilySeams:

@@ -49,6 +49,8 @@ MONAI_MODEL_TYPE = monai_nets.VIT_TYPE
 # "" for the model itself, family)
 HF_MODEL_TYPES: dict[str, tuple[str, str, str]] = {
     "dinov2": ("Dinov2Model", "", "dinov2"),
+    "dinov2_with_registers": ("Dinov2WithRegistersModel", "", "dinov2_with_registers"),
+    "dinov3_vit": ("DINOv3ViTModel", "", "dinov3"),
     "vit": ("ViTModel", "", "vit"),
     "vit_mae": ("ViTMAEModel", "", "vit_mae"),
     "clip_vision_model": ("CLIPVisionModel", "", "clip"),

@@ -1,7 +1,7 @@
 """End to end: a 2-site, 1-round Flower simulation of a LoRA fine-tuning of a pretrained
-encoder saved as a transformers directory (or timm's hub layout) - the coordinator and every site resolve its NAME
-in their own foundation directory, and only adapters, new patch/channel embeddings and the
-head travel, in both directions."""
+encoder saved as a transformers directory (DINOv2, DINOv3) or in timm's hub layout - the
+coordinator and every site resolve its NAME in their own foundation directory, and only
+adapters, new patch/channel embeddings and the head travel, in both directions."""
 
 from __future__ import annotations
 
@@ -60,15 +60,20 @@ def _save_base(family: str, encoders: Path) -> tuple[str, int]:
         shutil.copytree(fixture, encoders / "timm-tiny")
         return "timm-tiny", len(load_file(str(fixture / "model.safetensors")))
     torch.manual_seed(0)
-    base = transformers.Dinov2Model(transformers.Dinov2Config(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32,
-        patch_size=8, mlp_ratio=2))
-    base.save_pretrained(encoders / "dino-tiny")
-    return "dino-tiny", len(base.state_dict())
+    tiny = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                patch_size=8)
+    if family == "dinov3":     # RoPE, registers, layer scale, its training-time RoPE jitter
+        base = transformers.DINOv3ViTModel(transformers.DINOv3ViTConfig(
+            **tiny, intermediate_size=64, num_register_tokens=4))
+    else:
+        base = transformers.Dinov2Model(transformers.Dinov2Config(**tiny, mlp_ratio=2))
+    base.save_pretrained(encoders / f"{family}-tiny")
+    return f"{family}-tiny", len(base.state_dict())
 
 
 @pytest.mark.parametrize("family,channel_tokens", [
-    ("dinov2", "per_channel"), ("timm", "per_channel"), ("dinov2", "fused")])
+    ("dinov2", "per_channel"), ("timm", "per_channel"), ("dinov2", "fused"),
+    ("dinov3", "per_channel")])
 def test_lora_on_a_saved_encoder_sends_only_trainable_tensors(tiny_sites, tmp_path, family,
                                                               channel_tokens):
     encoders = tmp_path / "encoders"

@@ -26,7 +26,8 @@ TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_si
             patch_size=8)
 MONAI_TINY = dict(in_channels=3, img_size=32, patch_size=8, hidden_size=32, mlp_dim=64,
                   num_layers=2, num_heads=2, spatial_dims=2, classification=True, qkv_bias=True)
-FAMILIES = ["dinov2", "vit", "vit_mae", "clip", "siglip", "sam", "monai_vit"]
+FAMILIES = ["dinov2", "dinov2_with_registers", "dinov3", "vit", "vit_mae", "clip", "siglip",
+            "sam", "monai_vit"]
 S, B = 4, 2
 ATOL = 1e-10
 
@@ -35,6 +36,15 @@ def _hf_model(family: str):
     t = transformers
     if family == "dinov2":
         return t.Dinov2Model(t.Dinov2Config(**TINY, mlp_ratio=2))
+    if family == "dinov2_with_registers":
+        return t.Dinov2WithRegistersModel(t.Dinov2WithRegistersConfig(
+            **TINY, mlp_ratio=2, num_register_tokens=2))
+    if family == "dinov3":   # RoPE, registers, layer scale; its training-time RoPE jitter
+        # (pos_embed_rescale) off here: the looped per-sample reference draws it anew per
+        # pass (test_dinov3_keeps_its_rope_augmentation_in_training covers it)
+        return t.DINOv3ViTModel(t.DINOv3ViTConfig(**TINY, intermediate_size=64,
+                                                  num_register_tokens=2,
+                                                  pos_embed_rescale=None))
     if family == "vit":
         return t.ViTModel(t.ViTConfig(**TINY, intermediate_size=64))
     if family == "vit_mae":
@@ -164,7 +174,89 @@ def test_patch_embeddings_start_from_the_pretrained_kernel_averaged_over_rgb(wei
     torch.testing.assert_close(ours - bias, (rgb - bias) / 3, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["dinov2", "clip", "sam", "monai_vit"])
+@pytest.mark.parametrize("family", ["dinov2", "dinov2_with_registers", "dinov3", "vit"])
+def test_a_grey_study_gets_the_familys_own_forward_on_the_grey_picture(weights, family):
+    """Fused tokens from the RGB-mean kernel, every channel the same image x: the adapted
+    encoder's tokens are the family's own forward on (x, x, x) - its positions (a table, or
+    DINOv3's rotations), registers, layers and final norm as the family runs them - with the
+    registers left out."""
+    model = _build(weights[family], channel_tokens="fused").eval()
+    x = torch.randn(B, 1, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ours = model.forward_features(x.expand(-1, S, -1, -1), torch.ones(B, S, dtype=bool))
+        theirs = model.encoder(pixel_values=x.expand(-1, 3, -1, -1)).last_hidden_state
+    r = getattr(model.encoder.config, "num_register_tokens", 0)
+    assert theirs.shape[1] == 1 + r + 16
+    torch.testing.assert_close(ours, torch.cat([theirs[:, :1], theirs[:, 1 + r:]], 1),
+                               rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["dinov2_with_registers", "dinov3"])
+def test_register_tokens_are_read_and_never_come_out(weights, family):
+    model = _build(weights[family]).eval()
+    batch = _batch()
+    with torch.no_grad():
+        feats = model.forward_features(batch["image"], batch["present"])
+        assert feats.shape[1] == 1 + S * 16                   # CLS + patch tokens only
+        registers = model.encoder.embeddings.register_tokens   # (a constant shift would
+        registers.add_(torch.randn(registers.shape))          # vanish in LayerNorm)
+        moved = model.forward_features(batch["image"], batch["present"])
+    assert (moved - feats).abs().max() > 1e-3
+
+
+def test_dinov3_rotates_every_channels_token_by_its_location(weights):
+    """One token per channel and location: with every channel the same image (and the
+    channel embedding at its initial zero) the S tokens of a location are the same token, so
+    after the layers they must still be equal - unless a channel's tokens were rotated for
+    other locations."""
+    model = _build(weights["dinov3"]).eval()
+    x = torch.randn(B, 1, 32, 32, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        feats = model.forward_features(x.expand(-1, S, -1, -1), torch.ones(B, S, dtype=bool))
+    per_channel = feats[:, 1:].reshape(B, S, 16, -1)
+    torch.testing.assert_close(per_channel, per_channel[:, :1].expand_as(per_channel),
+                               rtol=0, atol=1e-5)
+    # the rotation does depend on the location: two equal patches at different places differ
+    flat = torch.zeros(1, S, 32, 32)
+    with torch.no_grad():
+        tokens = model.forward_features(flat, torch.ones(1, S, dtype=bool))[0, 1:17]
+    assert (tokens[0] - tokens[5]).abs().max() > 1e-4
+
+
+def test_dinov3_keeps_its_rope_augmentation_in_training(tmp_path):
+    """DINOv3's own RoPE module rescales the coordinates at random while training
+    (``pos_embed_rescale``, on in the released configs): the adapted model keeps it (two
+    training passes differ, evaluation is deterministic), and DP-SGD's summed per-sample
+    gradients still equal the batch gradient for the same draw."""
+    torch.manual_seed(0)
+    transformers.DINOv3ViTModel(transformers.DINOv3ViTConfig(
+        **TINY, intermediate_size=64, num_register_tokens=2,
+        pos_embed_rescale=2.0)).save_pretrained(tmp_path / "dinov3")
+    model = _build(tmp_path / "dinov3", method="lora", lora_rank=2).double()
+    _randomise_trainable(model)
+    batch = _batch(dtype=torch.float64)
+    with torch.no_grad():
+        model.eval()
+        torch.testing.assert_close(model(batch["image"], batch["present"]),
+                                   model(batch["image"], batch["present"]), rtol=0, atol=0)
+        model.train()
+        assert not torch.allclose(model(batch["image"], batch["present"]),
+                                  model(batch["image"], batch["present"]))
+    task = TASKS.build("classification", {})
+    clipper = PerSampleClipper(model, max_grad_norm=1e12)
+    torch.manual_seed(7)
+    with clipper.capture():
+        _summed_loss(model, task, batch).backward()
+    grads, _ = clipper.clipped_sum()
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(7)
+    _summed_loss(model, task, batch).backward()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(grads[p], p.grad, rtol=0, atol=ATOL, msg=name)
+
+
+@pytest.mark.parametrize("family", ["dinov2", "dinov3", "clip", "sam", "monai_vit"])
 def test_positions_are_interpolated_to_another_grid(weights, family):
     """64x64 input with patch 8 (an 8x8 grid from 4x4 pretrained positions), and a kernel
     resized to patch 4."""

@@ -26,9 +26,10 @@ from .test_foundation import _batch, _build, _randomise_trainable, _save  # noqa
 
 ATOL = 1e-5        # float32: a merged W + BA against W x + B(A x)
 # (family, method): every family once with LoRA, the other adapter methods on two families
-CASES = [("dinov2", "lora"), ("vit", "lora"), ("vit_mae", "lora"), ("clip", "lora"),
-         ("siglip", "lora"), ("sam", "lora"), ("monai_vit", "lora"), ("dinov2", "dora"),
-         ("clip", "ia3"), ("vit", "full"), ("monai_vit", "linear_probe")]
+CASES = [("dinov2", "lora"), ("dinov2_with_registers", "lora"), ("dinov3", "lora"),
+         ("vit", "lora"), ("vit_mae", "lora"), ("clip", "lora"), ("siglip", "lora"),
+         ("sam", "lora"), ("monai_vit", "lora"), ("dinov2", "dora"), ("clip", "ia3"),
+         ("vit", "full"), ("monai_vit", "linear_probe")]
 
 
 @pytest.fixture(scope="module")

@@ -63,7 +63,7 @@ def _save_mae_pretraining(directory) -> None:
 def encoders(tmp_path_factory):
     """This side's foundation directory: one saved model per name (saving is the slow part)."""
     root = tmp_path_factory.mktemp("encoders")
-    for family in ("dinov2", "vit", "vit_mae", "siglip", "sam", "monai_vit"):
+    for family in ("dinov2", "dinov3", "vit", "vit_mae", "siglip", "sam", "monai_vit"):
         _save(family, root / family)
     _save(("clip"), root / "clip_vision")       # a full CLIPModel without a tokenizer
     _save_mae_pretraining(root / "mae_pretraining")
@@ -118,9 +118,10 @@ def _on_the_wire(key: str, *, heads: tuple[str, ...]) -> bool:
 
 # ---------------------------------------------------------------- MM-DINOv2
 
+@pytest.mark.parametrize("weights", ["dinov2", "dinov3"])
 def test_mm_dino_from_a_loaded_dinov2_trains_adapters_and_heads_with_a_site_local_teacher(
-        encoders):
-    model, task = _build(encoders, "dinov2", "mm_dino", {"local_crops": 1})
+        encoders, weights):
+    model, task = _build(encoders, weights, "mm_dino", {"local_crops": 1})
     loaded = dict(model.backbone.encoder.named_parameters())
     moved = _train_one_epoch(model, task, _studies())
     _assert_only_trainable_changed(model, moved)
@@ -140,7 +141,7 @@ def test_mm_dino_from_a_loaded_dinov2_trains_adapters_and_heads_with_a_site_loca
     state = task.site_state()
     kept = {k[len("teacher."):] for k in state if k.startswith("teacher.")}
     assert kept == set(model.state_dict()) - frozen
-    again, task2 = _build(encoders, "dinov2", "mm_dino", {"local_crops": 1})
+    again, task2 = _build(encoders, weights, "mm_dino", {"local_crops": 1})
     again.load_state_dict(model.state_dict())
     task2.load_site_state(again, state)
     for k, v in task.teacher.state_dict().items():
@@ -188,7 +189,7 @@ def test_mae_from_an_encoder_without_decoder_builds_a_new_one(encoders):
     _assert_only_trainable_changed(model, _train_one_epoch(model, task, _studies()))
 
 
-@pytest.mark.parametrize("weights", ["mae_pretraining", "dinov2"])
+@pytest.mark.parametrize("weights", ["mae_pretraining", "dinov2", "dinov3"])
 def test_mae_hidden_patches_reach_no_visible_token(encoders, weights):
     """Masked means masked: whatever a hidden patch holds, no visible token changes."""
     model, _ = _build(encoders, weights, "mae")
@@ -410,8 +411,8 @@ def test_objectives_that_couple_the_batch_stay_refused_under_dp_sgd():
 
 # ---------------------------------------------------------------- DP-SGD for MAE
 
-@pytest.mark.parametrize("weights", ["dinov2", "vit", "vit_mae", "mae_pretraining", "clip_vision",
-                                     "monai_vit"])
+@pytest.mark.parametrize("weights", ["dinov2", "dinov3", "vit", "vit_mae", "mae_pretraining",
+                                     "clip_vision", "monai_vit"])
 def test_mae_per_sample_gradients_are_exact(encoders, weights):
     """Summed per-sample gradients equal the batch gradient (and each norm one backward per
     sample), float64, every trainable parameter: LoRA, new parts and the decoder."""

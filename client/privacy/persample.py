@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.checkpointing import recomputing
 from models.conv_grads import (CONV_TYPES, NORM_TYPES, conv_clipped_sum, conv_per_sample,
                                conv_unsupported, norm_per_sample)
 from models.tasks import trained_head
@@ -294,6 +295,8 @@ class PerSampleClipper:
 
     def _forward_hook(self, layer: _Layer):
         def hook(module, inputs, output):
+            if recomputing():       # a checkpointed block's second run, in backward: the
+                return None         # first run recorded the input and hooked the output
             layer.calls += 1
             if layer.calls > 1:     # a second use would need cross terms between the uses
                 raise UnsupportedLayerError(

@@ -58,6 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..checkpointing import checkpoint_blocks
 from ..tasks import drop_one_sequence
 from ..vit import TokenLayout, patchify
 from .centring import feature_signature, load_feature_mean, load_feature_scale
@@ -231,6 +232,8 @@ class FoundationBackbone(nn.Module):
         # no optimiser or per-sample rule ever waits for a gradient that cannot come.
         for part in self.seams.unused(self.encoder):
             part.requires_grad_(False)
+        if config.gradient_checkpointing:
+            checkpoint_blocks(self.seams.blocks(self.encoder))
 
     @property
     def feature_signature(self) -> dict[str, str]:

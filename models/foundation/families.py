@@ -53,6 +53,10 @@ class FamilySeams(Protocol):
         """``tokens [B, T, D]``, ``attend [B, T]`` (keys that may be attended to) -> final,
         normalised hidden states ``[B, T, D]``."""
 
+    def blocks(self, encoder: nn.Module) -> list[nn.Module]:
+        """The transformer blocks ``encode`` runs, in order (what gradient checkpointing
+        wraps, ``models.checkpointing``)."""
+
     def unused(self, encoder: nn.Module) -> list[nn.Module | nn.Parameter]:
         """Parts of the loaded model our forward never uses (frozen, so nothing expects a
         gradient for them)."""
@@ -115,6 +119,9 @@ class _HFViTLike:
 
     def _layers(self, encoder):
         return encoder.layers
+
+    def blocks(self, encoder):
+        return list(self._layers(encoder))
 
     def _pre_norm(self, encoder):
         return None
@@ -323,6 +330,9 @@ class SamSeams:
         for layer in encoder.layers:
             x = layer(x)
         return x.reshape(b, t, d)                                      # [B, S*N, D]
+
+    def blocks(self, encoder):
+        return list(encoder.layers)
 
     def unused(self, encoder):
         return [encoder.patch_embed.projection, encoder.neck]

@@ -243,6 +243,9 @@ class MonaiViTSeams:
         # MONAI adds positions to patches only; its CLS token carries none.
         return (torch.zeros_like(pos[:, :1]) if self._has_cls else None), pos
 
+    def blocks(self, encoder):
+        return list(encoder.blocks)
+
     def encode(self, encoder, tokens, attend, num_channels, grid):
         x = tokens
         for block in encoder.blocks:

@@ -65,6 +65,9 @@ class TimmViTSeams:
             return None, pos
         return (torch.zeros_like(pos[:, :1]) if prefix is None else prefix[:, :1]), pos
 
+    def blocks(self, encoder):
+        return list(encoder.blocks)
+
     def encode(self, encoder, tokens, attend, num_channels, grid):
         cls, regs = int(self._has_cls), encoder.config.reg_tokens
         if regs:                                       # [B, cls + R + S*N, D]

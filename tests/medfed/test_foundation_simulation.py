@@ -71,11 +71,12 @@ def _save_base(family: str, encoders: Path) -> tuple[str, int]:
     return f"{family}-tiny", len(base.state_dict())
 
 
-@pytest.mark.parametrize("family,channel_tokens", [
-    ("dinov2", "per_channel"), ("timm", "per_channel"), ("dinov2", "fused"),
-    ("dinov3", "per_channel")])
+@pytest.mark.parametrize("family,channel_tokens,extra", [
+    ("dinov2", "per_channel", []), ("timm", "per_channel", []), ("dinov2", "fused", []),
+    # DINOv3 with checkpointed blocks: trained, evaluated and exported (torch.export) as is
+    ("dinov3", "per_channel", ["+model.options.gradient_checkpointing=true"])])
 def test_lora_on_a_saved_encoder_sends_only_trainable_tensors(tiny_sites, tmp_path, family,
-                                                              channel_tokens):
+                                                              channel_tokens, extra):
     encoders = tmp_path / "encoders"
     weights, n_base = _save_base(family, encoders)
     cfg = load_experiment([
@@ -84,7 +85,7 @@ def test_lora_on_a_saved_encoder_sends_only_trainable_tensors(tiny_sites, tmp_pa
         f"model.foundation_dir={encoders}", "model.options.lora_rank=2",
         "task.image_size=32", "federation=sim2", "federation.num_rounds=1",
         "train.local_epochs=1", "train.batch_size=8", f"data.root={tiny_sites}",
-        f"runs_dir={tmp_path / 'runs'}", "name=foundation-smoke"])
+        f"runs_dir={tmp_path / 'runs'}", "name=foundation-smoke", *extra])
     run_dir = simulate(cfg, client_mods=[egress_log(tmp_path / "egress"),
                                          ingress_log(tmp_path / "ingress")])
     assert (run_dir / "mlflow.db").is_file()

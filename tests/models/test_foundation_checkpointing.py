@@ -1,0 +1,103 @@
+"""``model.options.gradient_checkpointing``: every family's encoder blocks keep only their input
+in the forward pass and run again in backward - far fewer saved activations, the same outputs
+and gradients, and DP-SGD's per-sample gradients still exact (float64)."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from models.checkpointing import is_checkpointed
+from models.foundation.config import FoundationConfig
+
+from .test_foundation import (FAMILIES, _batch, _build, _randomise_trainable, _save,
+                              assert_exact_per_sample)
+
+
+TIMM = Path(__file__).parents[1] / "fixtures" / "timm" / "vit_tiny"   # written by real timm
+CASES = [*FAMILIES, "timm"]
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    root = tmp_path_factory.mktemp("checkpointing")
+    for family in FAMILIES:
+        _save(family, root / family)
+    shutil.copytree(TIMM, root / "timm")
+    return {family: root / family for family in CASES}
+
+
+def _pair(directory, dtype=torch.float32):
+    """The same LoRA model without and with checkpointing, trainable tensors equal."""
+    out = []
+    for on in (False, True):
+        model = _build(directory, method="lora", lora_rank=2, gradient_checkpointing=on)
+        model = model.to(dtype).train()
+        _randomise_trainable(model)
+        out.append(model)
+    return out
+
+
+def _saved_bytes(model: nn.Module, batch: dict) -> int:
+    """Bytes of the tensors autograd keeps from the forward pass for the backward pass (what a
+    checkpointed block no longer keeps); runs the backward pass too."""
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        logits = model(batch["image"], batch["present"])
+    logits.square().sum().backward()
+    return total
+
+
+@pytest.mark.parametrize("family", CASES)
+def test_checkpointed_blocks_keep_far_fewer_activations_for_the_same_gradients(weights, family):
+    plain, checkpointed = _pair(weights[family], torch.float64)
+    blocks = checkpointed.seams.blocks(checkpointed.encoder)
+    assert blocks and all(is_checkpointed(b) for b in blocks)
+    assert not any(is_checkpointed(b) for b in plain.seams.blocks(plain.encoder))
+    batch = _batch(dtype=torch.float64)
+    kept = [_saved_bytes(m, batch) for m in (plain, checkpointed)]
+    assert kept[1] < 0.5 * kept[0], kept         # two tiny blocks: ~0.13-0.19 measured
+    grads = [{n: p.grad for n, p in m.named_parameters() if p.requires_grad}
+             for m in (plain, checkpointed)]
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=0, atol=1e-10, msg=name)
+
+
+@pytest.mark.parametrize("family", CASES)
+def test_per_sample_gradients_stay_exact_with_checkpointed_blocks(weights, family):
+    """The clipper records a layer's input in the forward pass only: a block's second run
+    (in backward) records nothing, else it would count the layer twice and refuse."""
+    _, model = _pair(weights[family], torch.float64)
+    assert model.dp_unsupported is None
+    assert_exact_per_sample(model, _batch(dtype=torch.float64))
+
+
+def test_evaluation_runs_plainly_and_a_copy_keeps_the_setting(weights):
+    _, model = _pair(weights["dinov2"])
+    batch = _batch()
+    model.eval()
+    with torch.no_grad():
+        before = model(batch["image"], batch["present"])
+    assert _saved_bytes(model.train(), batch) > 0
+    twin = copy.deepcopy(model)           # e.g. a DINO teacher: its own blocks, checkpointed
+    for ours, theirs in zip(twin.seams.blocks(twin.encoder), model.seams.blocks(model.encoder)):
+        assert is_checkpointed(ours) and ours.forward.__self__ is ours is not theirs
+    with torch.no_grad():
+        torch.testing.assert_close(twin.eval()(batch["image"], batch["present"]), before,
+                                   rtol=0, atol=0)
+
+
+def test_a_non_boolean_setting_is_refused():
+    with pytest.raises(ValueError, match="gradient_checkpointing must be true or false"):
+        FoundationConfig(weights="w", gradient_checkpointing="false")

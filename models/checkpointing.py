@@ -63,9 +63,31 @@ def checkpoint_blocks(blocks: Iterable[nn.Module]) -> int:
     return n
 
 
+@contextlib.contextmanager
+def counting_saved_activations(model: nn.Module):
+    """Inside the block, count the bytes autograd keeps from the forward pass for the backward
+    pass, beyond ``model``'s own parameters and buffers (which a Linear saves too, but which
+    exist anyway): each storage once. Yields a dict whose ``"bytes"`` is filled on exit; a
+    checkpointed block's insides are not kept, so they do not count."""
+    own = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    seen: set[int] = set()
+    out = {"bytes": 0}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        if key not in own and key not in seen:
+            seen.add(key)
+            out["bytes"] += storage.nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield out
+
+
 def is_checkpointed(block: nn.Module) -> bool:
     forward = block.__dict__.get("forward")
     return getattr(forward, "__func__", None) is _checkpointed_forward
 
 
-__all__ = ["checkpoint_blocks", "is_checkpointed", "recomputing"]
+__all__ = ["checkpoint_blocks", "counting_saved_activations", "is_checkpointed",
+           "recomputing"]

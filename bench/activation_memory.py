@@ -18,8 +18,9 @@ process, one torch thread, float32 (CPU), on the same random batch:
 
 Figures per mode: ``saved_bytes`` - the bytes autograd keeps from the forward pass for the
 backward pass beyond the model's own weights, each storage once
-(``models.checkpointing.counting_saved_activations``: exact, independent of the allocator), plus for DP the bytes the clipper itself holds after the forward pass (each hooked
-layer's input, or its Gram matrix for ghost norms); ``peak_rss_delta`` - the process's peak
+(``models.checkpointing.counting_saved_activations``: exact, independent of the allocator),
+plus for DP the bytes the clipper itself keeps alive after the forward pass beyond those
+(each hooked layer's input, or its Gram matrix for ghost norms); ``peak_rss_delta`` - the process's peak
 resident set during the steps above its resident set before them (what the allocator really
 took; the build and load come before); ``ms_per_step`` - median wall time after one warm-up step.
 Top-level ratios checkpointed / plain for each. On a GPU under bf16 autocast most saved
@@ -105,9 +106,11 @@ def run_mode(mode: str, foundation_dir: Path, args) -> dict:
         with (clipper.capture() if dp else contextlib.nullcontext()):
             with counting_saved_activations(model) as kept:
                 out = task.step(model, batch)
-            if dp:
-                held.append(sum(t.numel() * t.element_size() for layer in clipper.layers
-                                for t in (layer.input, layer.input_gram) if t is not None))
+            if dp:      # what the clipper keeps alive that autograd does not keep anyway
+                extra = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                         for layer in clipper.layers for t in (layer.input, layer.input_gram)
+                         if t is not None}
+                held.append(sum(b for k, b in extra.items() if k not in kept["storages"]))
             out.loss.backward()
         if dp:
             clipper.clipped_sum()

@@ -67,11 +67,12 @@ def checkpoint_blocks(blocks: Iterable[nn.Module]) -> int:
 def counting_saved_activations(model: nn.Module):
     """Inside the block, count the bytes autograd keeps from the forward pass for the backward
     pass, beyond ``model``'s own parameters and buffers (which a Linear saves too, but which
-    exist anyway): each storage once. Yields a dict whose ``"bytes"`` is filled on exit; a
-    checkpointed block's insides are not kept, so they do not count."""
+    exist anyway): each storage once. Yields a dict whose ``"bytes"`` grows inside the block
+    and whose ``"storages"`` holds the storages counted (by data pointer); a checkpointed
+    block's insides are not kept, so they do not count."""
     own = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
     seen: set[int] = set()
-    out = {"bytes": 0}
+    out = {"bytes": 0, "storages": seen}
 
     def pack(t):
         storage = t.untyped_storage()

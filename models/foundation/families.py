@@ -221,8 +221,11 @@ class DINOv3Seams(_HFViTLike):
 
     def _layer_arguments(self, encoder, tokens, num_channels, grid):
         side = grid * self.patch_size(encoder)
-        # the RoPE module reads only the pixel grid's shape, device and dtype
-        pixels = tokens.new_empty(1, 1, 1, 1).expand(1, 1, side, side)
+        # The RoPE module reads only the pixel grid's shape, device and dtype; the family's
+        # forward gives it pixels in the patch kernel's dtype (float32 under bf16 autocast,
+        # where the tokens are bf16), and so do we.
+        like = self._projection(encoder).weight
+        pixels = like.new_empty(1, 1, 1, 1).to(tokens.device).expand(1, 1, side, side)
         cos, sin = encoder.rope_embeddings(pixels)                          # [N, head_dim]
         return ((cos.repeat(num_channels, 1), sin.repeat(num_channels, 1)),)
 

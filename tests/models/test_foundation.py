@@ -223,6 +223,15 @@ def test_dinov3_rotates_every_channels_token_by_its_location(weights):
     assert (tokens[0] - tokens[5]).abs().max() > 1e-4
 
 
+def test_dinov3_rotations_stay_float32_when_the_tokens_are_bf16(weights):
+    """Under bf16 autocast (a GPU site) the tokens are bf16; the family's own forward computes
+    its rotations from float32 pixels, and so must we (bf16 angles are off by ~0.4%)."""
+    model = _build(weights["dinov3"])
+    tokens = torch.zeros(1, 1 + S * 16, 32, dtype=torch.bfloat16)
+    (cos, sin), = model.seams._layer_arguments(model.encoder, tokens, S, 4)
+    assert cos.dtype == sin.dtype == torch.float32 and cos.shape == (S * 16, 16)
+
+
 def test_dinov3_keeps_its_rope_augmentation_in_training(tmp_path):
     """DINOv3's own RoPE module rescales the coordinates at random while training
     (``pos_embed_rescale``, on in the released configs): the adapted model keeps it (two

@@ -12,15 +12,18 @@ way; only where its input comes from differs.
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
-import types
 from collections.abc import Iterable
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-_state = threading.local()     # the recompute runs on the thread that runs backward
+# Module state, on purpose: no torch API says "this forward is a checkpoint's recomputation",
+# and the clipper's hooks are called by torch, not by us. Per thread: the recomputation runs
+# on whichever thread runs the backward pass, and the flag is set and read inside it.
+_state = threading.local()
 
 
 def recomputing() -> bool:
@@ -43,13 +46,13 @@ def _checkpointed_forward(self: nn.Module, *args, **kwargs):
         return plain(self, *args, **kwargs)
     runs = []
 
-    def run(*a, **k):
+    def run(*a):            # the block's own keyword arguments never reach checkpoint()
         if runs:                       # the backward pass's second run
             with _announced():
-                return plain(self, *a, **k)
+                return plain(self, *a, **kwargs)
         runs.append(True)
-        return plain(self, *a, **k)
-    return checkpoint(run, *args, use_reentrant=False, **kwargs)
+        return plain(self, *a, **kwargs)
+    return checkpoint(run, *args, use_reentrant=False)
 
 
 def checkpoint_blocks(blocks: Iterable[nn.Module]) -> int:
@@ -58,7 +61,8 @@ def checkpoint_blocks(blocks: Iterable[nn.Module]) -> int:
     ``deepcopy`` of the model keeps the setting. Returns how many blocks."""
     n = 0
     for block in blocks:
-        block.forward = types.MethodType(_checkpointed_forward, block)
+        # a partial of a module-level function: deepcopy and pickle rebind it to the copy
+        block.forward = functools.partial(_checkpointed_forward, block)
         n += 1
     return n
 
@@ -86,8 +90,10 @@ def counting_saved_activations(model: nn.Module):
 
 
 def is_checkpointed(block: nn.Module) -> bool:
+    """Whether ``checkpoint_blocks`` wrapped this block (bound to this very block)."""
     forward = block.__dict__.get("forward")
-    return getattr(forward, "__func__", None) is _checkpointed_forward
+    return (getattr(forward, "func", None) is _checkpointed_forward
+            and forward.args[:1] == (block,))
 
 
 __all__ = ["checkpoint_blocks", "counting_saved_activations", "is_checkpointed",

@@ -295,8 +295,10 @@ class PerSampleClipper:
 
     def _forward_hook(self, layer: _Layer):
         def hook(module, inputs, output):
-            if recomputing():       # a checkpointed block's second run, in backward: the
-                return None         # first run recorded the input and hooked the output
+            if recomputing():   # a checkpointed block's second run, in backward: the first
+                # run recorded the input and hooked the output; only the graph's shape must
+                # be the same again (a root the first run made here is made again, unhooked)
+                return None if output.requires_grad else output.detach().requires_grad_(True)
             layer.calls += 1
             if layer.calls > 1:     # a second use would need cross terms between the uses
                 raise UnsupportedLayerError(

@@ -5,12 +5,14 @@ and gradients, and DP-SGD's per-sample gradients still exact (float64)."""
 from __future__ import annotations
 
 import copy
+import pickle
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from models.checkpointing import counting_saved_activations, is_checkpointed
 from models.foundation.config import FoundationConfig
@@ -77,19 +79,56 @@ def test_per_sample_gradients_stay_exact_with_checkpointed_blocks(weights, famil
     assert_exact_per_sample(model, _batch(dtype=torch.float64))
 
 
-def test_evaluation_runs_plainly_and_a_copy_keeps_the_setting(weights):
+@pytest.mark.parametrize("family", ["dinov2", "dinov3", "sam", "monai_vit", "timm"])
+def test_per_sample_gradients_stay_exact_when_the_graph_starts_inside_a_block(weights, family):
+    """Fused tokens from a frozen patch embedding: nothing before the encoder trains, so the
+    clipper starts the graph at the first adapter inside block 0 (a root it makes in the
+    first run and must make again in the second, or checkpointing's recomputation saves a
+    different number of tensors and fails)."""
+    model = _build(weights[family], method="lora", lora_rank=2, channel_tokens="fused",
+                   freeze_patch_embed=True, gradient_checkpointing=True).double().train()
+    _randomise_trainable(model)
+    assert not any(p.requires_grad for p in model.patch_embed.parameters())
+    assert_exact_per_sample(model, _batch(dtype=torch.float64))
+
+
+def test_only_training_with_gradients_checkpoints(weights, monkeypatch):
+    import models.checkpointing as checkpointing
+
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return checkpoint(*args, **kwargs)
+    monkeypatch.setattr(checkpointing, "checkpoint", counted)
     _, model = _pair(weights["dinov2"])
     batch = _batch()
+    blocks = len(model.seams.blocks(model.encoder))
     model.eval()
+    model(batch["image"], batch["present"])            # evaluation, with gradients
     with torch.no_grad():
-        before = model(batch["image"], batch["present"])
-    assert _saved_bytes(model.train(), batch) > 0
-    twin = copy.deepcopy(model)           # e.g. a DINO teacher: its own blocks, checkpointed
-    for ours, theirs in zip(twin.seams.blocks(twin.encoder), model.seams.blocks(model.encoder)):
-        assert is_checkpointed(ours) and ours.forward.__self__ is ours is not theirs
+        model.train()(batch["image"], batch["present"])        # training mode, no gradients
+    assert calls == []
+    model(batch["image"], batch["present"])
+    assert len(calls) == blocks
+
+
+def test_a_copy_or_a_pickle_keeps_the_setting_on_its_own_blocks(weights):
+    _, model = _pair(weights["dinov2"])
+    batch = _batch()
     with torch.no_grad():
-        torch.testing.assert_close(twin.eval()(batch["image"], batch["present"]), before,
-                                   rtol=0, atol=0)
+        before = model.eval()(batch["image"], batch["present"])
+    for twin in (copy.deepcopy(model),            # e.g. a DINO teacher
+                 pickle.loads(pickle.dumps(model))):
+        for ours, theirs in zip(twin.seams.blocks(twin.encoder),
+                                model.seams.blocks(model.encoder)):
+            assert is_checkpointed(ours) and is_checkpointed(theirs)
+            assert ours.forward.args[0] is ours is not theirs
+        with torch.no_grad():
+            torch.testing.assert_close(twin.eval()(batch["image"], batch["present"]), before,
+                                       rtol=0, atol=0)
+        assert _saved_bytes(twin.train(), batch) < 0.5 * _saved_bytes(_pair(
+            weights["dinov2"])[0], batch)
 
 
 def test_a_non_boolean_setting_is_refused():

@@ -1,7 +1,8 @@
 """End to end: a 2-site, 1-round Flower simulation of a LoRA fine-tuning of a pretrained
-encoder saved as a transformers directory (DINOv2, DINOv3) or in timm's hub layout - the
-coordinator and every site resolve its NAME in their own foundation directory, and only
-adapters, new patch/channel embeddings and the head travel, in both directions."""
+encoder saved as a transformers directory (DINOv2 with and without registers, DINOv3) or in
+timm's hub layout - the coordinator and every site resolve its NAME in their own foundation
+directory, and only adapters, new patch/channel embeddings and the head travel, in both
+directions."""
 
 from __future__ import annotations
 
@@ -65,6 +66,9 @@ def _save_base(family: str, encoders: Path) -> tuple[str, int]:
     if family == "dinov3":     # RoPE, registers, layer scale, its training-time RoPE jitter
         base = transformers.DINOv3ViTModel(transformers.DINOv3ViTConfig(
             **tiny, intermediate_size=64, num_register_tokens=4))
+    elif family == "dinov2_with_registers":
+        base = transformers.Dinov2WithRegistersModel(transformers.Dinov2WithRegistersConfig(
+            **tiny, mlp_ratio=2, num_register_tokens=4))
     else:
         base = transformers.Dinov2Model(transformers.Dinov2Config(**tiny, mlp_ratio=2))
     base.save_pretrained(encoders / f"{family}-tiny")
@@ -73,6 +77,7 @@ def _save_base(family: str, encoders: Path) -> tuple[str, int]:
 
 @pytest.mark.parametrize("family,channel_tokens,extra", [
     ("dinov2", "per_channel", []), ("timm", "per_channel", []), ("dinov2", "fused", []),
+    ("dinov2_with_registers", "fused", []),
     # DINOv3 with checkpointed blocks: trained, evaluated and exported (torch.export) as is
     ("dinov3", "per_channel", ["+model.options.gradient_checkpointing=true"])])
 def test_lora_on_a_saved_encoder_sends_only_trainable_tensors(tiny_sites, tmp_path, family,

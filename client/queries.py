@@ -98,9 +98,9 @@ class QueryLimits:
         adapter rank and heads are the coordinator's numbers; built for real, a site would
         allocate them (and their gradients and optimiser state) before any other check.
         Activations are bounded by tokens: the backbone's tokens a study (patches per
-        channel x channels, CLS; attention holds their square) and a step of ``batch``
-        studies (the job's batch size x DP's augmentation multiplicity). Every path that
-        builds a job's model calls this first."""
+        channel x channels, CLS, registers; attention holds their square) and a step of
+        ``batch`` studies (the job's batch size x DP's augmentation multiplicity). Every path
+        that builds a job's model calls this first."""
         with torch.device("meta"):
             model, _ = build()
         n = sum(t.numel() for t in (*model.parameters(), *model.buffers()))
@@ -108,11 +108,13 @@ class QueryLimits:
             raise QueryRefused(f"the job's model has {n:,} parameters and buffers, more than "
                                f"this site builds (node config "
                                f"{wire.NODE_MAX_MODEL_PARAMETERS!r}: {self.max_parameters:,})")
-        layout = next((m.layout for m in model.modules()
-                       if isinstance(getattr(m, "layout", None), TokenLayout)), None)
-        if layout is None:
+        backbone = next((m for m in model.modules()
+                         if isinstance(getattr(m, "layout", None), TokenLayout)), None)
+        if backbone is None:
             return
-        tokens = layout.patches_per_sequence * layout.num_sequences + layout.cls_tokens
+        layout = backbone.layout        # + the registers a foundation encoder adds inside
+        tokens = (layout.patches_per_sequence * layout.num_sequences + layout.cls_tokens
+                  + getattr(backbone, "register_tokens", 0))
         if tokens > self.max_study_tokens or tokens * batch > self.max_step_tokens:
             raise QueryRefused(f"the job's model reads {tokens:,} tokens a study and "
                                f"{tokens * batch:,} a training step, more than this site "

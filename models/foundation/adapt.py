@@ -273,6 +273,12 @@ class FoundationBackbone(nn.Module):
         return (self.config.num_channels,) + (self.config.image_size,) * self.spatial_dims
 
     @property
+    def register_tokens(self) -> int:
+        """Tokens the encoder's layers read beyond ``layout``'s (registers after CLS, never
+        in the output): what the site's token caps count too (``client.queries``)."""
+        return self.seams.registers(self.encoder)
+
+    @property
     def layout(self) -> TokenLayout:
         """Token layout for objectives (``models.vit.TokenLayout``)."""
         return TokenLayout(self.spatial_dims, self.config.image_size, self.patch_size,

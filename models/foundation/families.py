@@ -60,6 +60,10 @@ class FamilySeams(Protocol):
         """The transformer blocks ``encode`` runs, in order (what gradient checkpointing
         wraps, ``models.checkpointing``)."""
 
+    def registers(self, encoder: nn.Module) -> int:
+        """How many register tokens ``encode`` adds after CLS (and drops again): tokens the
+        layers read beyond the ones the adapter hands over."""
+
     def unused(self, encoder: nn.Module) -> list[nn.Module | nn.Parameter]:
         """Parts of the loaded model our forward never uses (frozen, so nothing expects a
         gradient for them)."""
@@ -139,6 +143,9 @@ class SamSeams:
 
     def blocks(self, encoder):
         return list(encoder.layers)
+
+    def registers(self, encoder):
+        return 0
 
     def unused(self, encoder):
         return [encoder.patch_embed.projection, encoder.neck]

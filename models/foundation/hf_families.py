@@ -70,6 +70,10 @@ class _HFViTLike:
         """Register tokens ``[1, R, D]`` the family puts after its CLS token, or None."""
         return None
 
+    def registers(self, encoder):
+        tokens = self._registers(encoder)
+        return 0 if tokens is None else int(tokens.shape[1])
+
     def _layer_arguments(self, encoder, tokens: Tensor, num_channels: int, grid: int) -> tuple:
         """Positional arguments every layer takes after ``(hidden_states, mask)``."""
         return ()

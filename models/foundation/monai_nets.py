@@ -246,6 +246,9 @@ class MonaiViTSeams:
     def blocks(self, encoder):
         return list(encoder.blocks)
 
+    def registers(self, encoder):
+        return 0
+
     def encode(self, encoder, tokens, attend, num_channels, grid):
         x = tokens
         for block in encoder.blocks:

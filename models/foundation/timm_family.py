@@ -68,6 +68,9 @@ class TimmViTSeams:
     def blocks(self, encoder):
         return list(encoder.blocks)
 
+    def registers(self, encoder):
+        return int(encoder.config.reg_tokens)
+
     def encode(self, encoder, tokens, attend, num_channels, grid):
         cls, regs = int(self._has_cls), encoder.config.reg_tokens
         if regs:                                       # [B, cls + R + S*N, D]

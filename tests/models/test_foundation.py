@@ -537,3 +537,21 @@ def test_per_group_clipping_finds_the_class_head_of_every_familys_lora_model(wei
         grouped = {layer.name: inside for layer, inside in zip(clipper.layers, clipper.in_head)}
         assert [name for name, inside in grouped.items() if inside] == ["head"], family
         assert any("lora_" in name for name in grouped), family
+
+
+@pytest.mark.parametrize("family,registers", [("dinov2", 0), ("dinov2_with_registers", 2),
+                                              ("dinov3", 2), ("sam", 0), ("monai_vit", 0)])
+def test_the_sites_token_cap_counts_the_registers_the_layers_read(weights, family, registers):
+    """``client.queries`` bounds the tokens a study the backbone's layers read: CLS + S*N
+    patch tokens + the registers a family adds inside ``encode`` (never in its output)."""
+    from client.queries import QueryLimits, QueryRefused
+
+    model = _build(weights[family])
+    assert model.register_tokens == registers
+    read = int(model.seams.has_cls) + S * 16 + registers
+
+    def build():
+        return _build(weights[family]), None
+    QueryLimits(max_study_tokens=read).check_model_size(build)
+    with pytest.raises(QueryRefused, match=f"reads {read:,} tokens a study"):
+        QueryLimits(max_study_tokens=read - 1).check_model_size(build)

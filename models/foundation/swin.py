@@ -21,7 +21,9 @@ Swin's window attention folds each sample's windows into the batch dimension bat
 (MONAI's ``window_partition``), which the model declares (``batch_major_folds``) so the clipper
 sums a sample's windows. Refused with one line (``swin_dp_refusal``): method ``full`` (the
 relative-position bias tables are indexed inside the folded windows: no rule), a decoder
-normalised with batch statistics, gradient checkpointing (each block runs twice).
+normalised with batch statistics, the checkpoint's own ``use_checkpoint`` (each block runs
+twice, unannounced); ``gradient_checkpointing=true`` checkpoints the Swin blocks instead
+(``models.checkpointing``: the clipper records the first run only, so it stays exact).
 Registered as ``MODELS`` ``"foundation_swin"``.
 """
 
@@ -33,6 +35,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ..checkpointing import checkpoint_blocks
 from ..segmentation import SEGMENT_CLASSES     # background / lesion, the task's loss
 from .config import check_weights_name
 
@@ -55,9 +58,15 @@ class SwinSegConfig:
     lora_alpha: float = 16.0
     lora_targets: tuple[str, ...] = ()    # () = SWIN_LORA_TARGETS
     lora_dropout: float = 0.0
+    # each Swin block keeps only its input and runs again in backward (models.checkpointing):
+    # exact under DP-SGD, unlike the checkpoint's own use_checkpoint (refused there)
+    gradient_checkpointing: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+        if not isinstance(self.gradient_checkpointing, bool):   # "false" would switch it on
+            raise ValueError(f"gradient_checkpointing must be true or false, got "
+                             f"{self.gradient_checkpointing!r}")
         if not self.weights:
             raise ValueError("model option weights is required: the NAME of the pretrained "
                              "SwinUNETR's directory inside each site's foundation-dir")
@@ -87,7 +96,8 @@ def swin_dp_refusal(method: str, constructor: dict) -> str | None:
         return (f"the SwinUNETR decoder normalises with {norm!r}; only instance and group "
                 "norms have an exact per-sample rule")
     if constructor.get("use_checkpoint"):
-        return "use_checkpoint=true runs each Swin block twice per step; save it without"
+        return ("use_checkpoint=true runs each Swin block twice per step, unannounced to the "
+                "clipper; save it without and set model.options.gradient_checkpointing=true")
     return None
 
 
@@ -138,6 +148,10 @@ class SwinSegmenter(nn.Module):
         if int(constructor.get("out_channels", 0)) != SEGMENT_CLASSES:
             net.out = UnetOutBlock(dims, feature, SEGMENT_CLASSES)     # a fresh 2-class head
         self.net = net
+        if config.gradient_checkpointing:
+            from monai.networks.nets.swin_unetr import SwinTransformerBlock
+
+            checkpoint_blocks(m for m in net.modules() if isinstance(m, SwinTransformerBlock))
 
     @property
     def input_shape(self) -> tuple[int, ...]:

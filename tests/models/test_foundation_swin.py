@@ -99,6 +99,37 @@ def test_per_sample_gradients_of_the_swin_lora_fine_tune_are_exact(tmp_path, arg
                        ATOL)
 
 
+def test_checkpointed_swin_blocks_keep_fewer_activations_and_exact_per_sample_gradients(
+        tmp_path):
+    """``gradient_checkpointing``: every SwinTransformerBlock keeps only its input; the
+    gradients and DP-SGD's clipped per-sample sum are those of the plain model."""
+    from monai.networks.nets.swin_unetr import SwinTransformerBlock
+
+    from models.checkpointing import counting_saved_activations, is_checkpointed
+
+    batch = _batch(2, (64, 64))
+    kept, grads = [], []
+    for on in (False, True):
+        model, task = _segmenter(tmp_path / str(on), SWIN2D, gradient_checkpointing=on)
+        model = model.double().train()
+        _randomise_trainable(model)
+        blocks = [m for m in model.modules() if isinstance(m, SwinTransformerBlock)]
+        assert len(blocks) == 5 and all(is_checkpointed(b) == on for b in blocks)
+        assert model.dp_unsupported is None
+        with counting_saved_activations(model) as saved:
+            loss = _summed(model, task, batch)
+        loss.backward()
+        kept.append(saved["bytes"])
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert kept[1] < 0.8 * kept[0], kept       # the convolutional decoder keeps the rest
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=0, atol=ATOL, msg=name)
+    model.zero_grad(set_to_none=True)
+    individual, norms = looped_per_sample(model, lambda b: _summed(model, task, b), batch, 2)
+    assert_clipped_sum(model, lambda b: _summed(model, task, b), batch, individual, norms,
+                       float(norms.mean()), ATOL)
+
+
 def test_swin_window_folds_and_augmented_views_group_together(tmp_path):
     """Window attention folds windows into the batch of rows that already hold each sample's
     views (augmentation multiplicity): sample i is rows ``i*views*windows ..``, still exact."""

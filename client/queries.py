@@ -113,8 +113,11 @@ class QueryLimits:
         if backbone is None:
             return
         layout = backbone.layout        # + the registers a foundation encoder adds inside
+        # read without a default where the class has it: an error inside must not count 0
+        registers = backbone.register_tokens if hasattr(type(backbone), "register_tokens") \
+            else 0
         tokens = (layout.patches_per_sequence * layout.num_sequences + layout.cls_tokens
-                  + getattr(backbone, "register_tokens", 0))
+                  + registers)
         if tokens > self.max_study_tokens or tokens * batch > self.max_step_tokens:
             raise QueryRefused(f"the job's model reads {tokens:,} tokens a study and "
                                f"{tokens * batch:,} a training step, more than this site "

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -539,19 +540,30 @@ def test_per_group_clipping_finds_the_class_head_of_every_familys_lora_model(wei
         assert any("lora_" in name for name in grouped), family
 
 
+TIMM_REG4 = os.path.join(os.path.dirname(__file__), "..", "fixtures", "timm",
+                         "vit_small_reg4_dinov2")        # written by real timm: 4 registers
+
+
 @pytest.mark.parametrize("family,registers", [("dinov2", 0), ("dinov2_with_registers", 2),
-                                              ("dinov3", 2), ("sam", 0), ("monai_vit", 0)])
-def test_the_sites_token_cap_counts_the_registers_the_layers_read(weights, family, registers):
+                                              ("dinov3", 2), ("sam", 0), ("monai_vit", 0),
+                                              ("timm", 4)])
+def test_the_sites_token_cap_counts_the_registers_the_layers_read(weights, family, registers,
+                                                                  tmp_path):
     """``client.queries`` bounds the tokens a study the backbone's layers read: CLS + S*N
     patch tokens + the registers a family adds inside ``encode`` (never in its output)."""
+    import shutil
+
     from client.queries import QueryLimits, QueryRefused
 
-    model = _build(weights[family])
-    assert model.register_tokens == registers
-    read = int(model.seams.has_cls) + S * 16 + registers
+    directory, size = weights.get(family), 32
+    if family == "timm":
+        directory, size = Path(shutil.copytree(TIMM_REG4, tmp_path / "timm")), 28
 
     def build():
-        return _build(weights[family]), None
+        return _build(directory, image_size=size), None
+    model, _ = build()
+    assert model.register_tokens == registers
+    read = int(model.seams.has_cls) + S * (size // model.patch_size) ** 2 + registers
     QueryLimits(max_study_tokens=read).check_model_size(build)
     with pytest.raises(QueryRefused, match=f"reads {read:,} tokens a study"):
         QueryLimits(max_study_tokens=read - 1).check_model_size(build)

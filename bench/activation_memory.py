@@ -41,7 +41,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .common import update_results_md, write_result
+from .common import mode_ratio, update_results_md, write_result
 
 MODES = ("plain", "checkpointed", "plain_dp", "checkpointed_dp")
 VIT_B = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12)
@@ -137,11 +137,6 @@ def _child(mode: str, foundation_dir: Path, args) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _ratio(modes: dict, a: str, b: str, key: str) -> float | None:
-    x, y = modes.get(a, {}).get(key), modes.get(b, {}).get(key)
-    return x / y if x and y else None
-
-
 def measure(args) -> dict:
     with tempfile.TemporaryDirectory(prefix="medfed-bench-actmem-") as tmp:
         save_encoder(Path(tmp) / "vit-b", args.family, args.image_size)
@@ -153,7 +148,7 @@ def measure(args) -> dict:
     for suffix in ("", "_dp"):
         for key, name in (("saved_bytes", "activation_bytes"), ("peak_rss_delta", "peak_rss"),
                           ("ms_per_step", "step_time")):
-            out[f"checkpointed_over_plain_{name}{suffix}"] = _ratio(
+            out[f"checkpointed_over_plain_{name}{suffix}"] = mode_ratio(
                 modes, f"checkpointed{suffix}", f"plain{suffix}", key)
     ok = {m: r for m, r in modes.items() if "saved_bytes" in r}
     return out | {

@@ -46,3 +46,10 @@ def update_results_md(key: str, row: str) -> None:
     if row not in lines:
         lines.append(row)
     path.write_text("\n".join(lines) + "\n")
+
+
+def mode_ratio(modes: dict, a: str, b: str, key: str) -> float | None:
+    """``modes[a][key] / modes[b][key]``, or None where either is missing (a mode that
+    failed) or the denominator is 0."""
+    x, y = modes.get(a, {}).get(key), modes.get(b, {}).get(key)
+    return x / y if x is not None and y else None

@@ -87,7 +87,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .common import RESULTS_DIR, commit, update_results_md, write_result
+from .common import RESULTS_DIR, commit, mode_ratio, update_results_md, write_result
 
 MODES = ("medfed_lora", "handwritten_lora", "medfed_lora_dp")
 FAMILIES = ("dinov2",)
@@ -285,11 +285,6 @@ def pool(runs: list[dict], batch: int) -> dict:
         "losses_first_pass": runs[0]["losses"]}
 
 
-def _ratio(modes: dict, a: str, b: str, key: str) -> float | None:
-    x, y = modes.get(a, {}).get(key), modes.get(b, {}).get(key)
-    return x / y if x is not None and y else None
-
-
 def throughput(args) -> dict:
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="medfed-bench-foundation-") as tmp:
@@ -303,15 +298,15 @@ def throughput(args) -> dict:
                       f"{runs[m][-1].get('error') or 'ok'}", flush=True)
     modes = {m: pool(rs, args.batch) for m, rs in runs.items()}
     figures = {
-        "lora_throughput_ratio": _ratio(modes, "medfed_lora", "handwritten_lora",
-                                        "samples_per_s"),
-        "dp_lora_time_ratio": _ratio(modes, "medfed_lora_dp", "medfed_lora", "ms_per_step"),
+        "lora_throughput_ratio": mode_ratio(modes, "medfed_lora", "handwritten_lora",
+                                            "samples_per_s"),
+        "dp_lora_time_ratio": mode_ratio(modes, "medfed_lora_dp", "medfed_lora", "ms_per_step"),
     }
     cpu_figures = {
-        "lora_throughput_ratio_cpu_time": _ratio(modes, "medfed_lora", "handwritten_lora",
-                                                 "cpu_samples_per_s"),
-        "dp_lora_cpu_time_ratio": _ratio(modes, "medfed_lora_dp", "medfed_lora",
-                                         "cpu_ms_per_step"),
+        "lora_throughput_ratio_cpu_time": mode_ratio(modes, "medfed_lora",
+                                                     "handwritten_lora", "cpu_samples_per_s"),
+        "dp_lora_cpu_time_ratio": mode_ratio(modes, "medfed_lora_dp", "medfed_lora",
+                                             "cpu_ms_per_step"),
     }
     # Same weights, same LoRA init, same samples: the engine's non-DP losses must follow the
     # hand-written loop's (only the sample order inside the batch differs) - else the two

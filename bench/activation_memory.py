@@ -96,7 +96,7 @@ def run_mode(mode: str, foundation_dir: Path, args) -> dict:
     clipper = PerSampleClipper(model, max_grad_norm=1.0) if dp else None
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     layout = model.layout
-    tokens = layout.cls_tokens + layout.num_sequences * layout.patches_per_sequence
+    tokens = layout.tokens()
     saved, held, times = [], [], []
     rss_before = _rss()
     for step in range(1 + args.steps):

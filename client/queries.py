@@ -48,6 +48,7 @@ from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 from torch import nn
 
 from models.metrics import SplitMetrics
+from models.task import Task
 from models.vit import TokenLayout
 from protocol import wire
 
@@ -90,23 +91,28 @@ class QueryLimits:
     max_study_tokens: int = 16384
     max_step_tokens: int = 2**20
 
-    def check_model_size(self, build: Callable[[], tuple[nn.Module, object]], *,
+    def check_model_size(self, build: Callable[[], tuple[nn.Module, Task | None]], *,
                          batch: int = 1) -> None:
         """Size the job's model before building it: ``build`` runs on the meta device
         (shapes: no memory, no weights read), and a model of more parameters and buffers
-        than ``max-model-parameters`` is refused. Its widths, depth, channel count, grid,
-        adapter rank and heads are the coordinator's numbers; built for real, a site would
-        allocate them (and their gradients and optimiser state) before any other check.
-        Activations are bounded by tokens: the backbone's tokens a study (patches per
-        channel x channels, CLS, registers; attention holds their square) and a step of
-        ``batch`` studies (the job's batch size x DP's augmentation multiplicity). Every path
-        that builds a job's model calls this first."""
+        than ``max-model-parameters`` is refused, counting every copy its task holds (an
+        EMA teacher). Its widths, depth, channel count, grid, adapter rank and heads are the
+        coordinator's numbers; built for real, a site would allocate them (and their
+        gradients and optimiser state) before any other check. Activations are bounded by
+        tokens: the backbone's tokens a study (patches per channel x channels, CLS,
+        registers; attention holds their square) and in a step of ``batch`` studies (the
+        job's batch size x DP's augmentation multiplicity), over every pass the task's step
+        makes of a study (``Task.step_views``: MM-DINOv2's crops and teacher passes). A
+        ``build`` without a task sizes the backbone alone, one pass a study. Every path that
+        builds a job's model calls this first."""
         with torch.device("meta"):
-            model, _ = build()
-        n = sum(t.numel() for t in (*model.parameters(), *model.buffers()))
+            model, task = build()
+        copies = 1 if task is None else task.model_copies
+        n = sum(t.numel() for t in (*model.parameters(), *model.buffers())) * copies
         if n > self.max_parameters:
-            raise QueryRefused(f"the job's model has {n:,} parameters and buffers, more than "
-                               f"this site builds (node config "
+            held = f" (its task holds {copies} copies)" if copies > 1 else ""
+            raise QueryRefused(f"the job's model has {n:,} parameters and buffers{held}, more "
+                               f"than this site builds (node config "
                                f"{wire.NODE_MAX_MODEL_PARAMETERS!r}: {self.max_parameters:,})")
         backbone = next((m for m in model.modules()
                          if isinstance(getattr(m, "layout", None), TokenLayout)), None)
@@ -116,11 +122,12 @@ class QueryLimits:
         # read without a default where the class has it: an error inside must not count 0
         registers = backbone.register_tokens if hasattr(type(backbone), "register_tokens") \
             else 0
-        tokens = (layout.patches_per_sequence * layout.num_sequences + layout.cls_tokens
-                  + registers)
-        if tokens > self.max_study_tokens or tokens * batch > self.max_step_tokens:
+        views = (layout.img_size,) if task is None else task.step_views(layout)
+        reads = [layout.tokens(side) + registers for side in views]
+        tokens, step = max(reads), sum(reads) * batch
+        if tokens > self.max_study_tokens or step > self.max_step_tokens:
             raise QueryRefused(f"the job's model reads {tokens:,} tokens a study and "
-                               f"{tokens * batch:,} a training step, more than this site "
+                               f"{step:,} a training step, more than this site "
                                f"runs (node config {wire.NODE_MAX_STUDY_TOKENS!r}: "
                                f"{self.max_study_tokens:,}, {wire.NODE_MAX_STEP_TOKENS!r}: "
                                f"{self.max_step_tokens:,})")

@@ -116,14 +116,15 @@ def _add_deploy_parsers(sub) -> None:
                         "evaluation split of fewer is sent without its metrics or size, and "
                         "the site does not train on fewer labelled studies")
     p.add_argument("--max-model-parameters", type=int, metavar="N",
-                   help="refuse jobs whose model has more parameters (default 2e9); sized "
-                        "on the meta device before anything is allocated")
+                   help="refuse jobs whose model has more parameters, every copy its task "
+                        "holds counted (default 2e9); sized on the meta device before "
+                        "anything is allocated")
     p.add_argument("--max-study-tokens", type=int, metavar="N",
                    help="refuse jobs whose backbone reads more tokens of one study (default "
                         "16384; attention holds their square)")
     p.add_argument("--max-step-tokens", type=int, metavar="N",
                    help="refuse jobs whose training step reads more tokens (batch size x "
-                        "tokens a study; default 2^20)")
+                        "tokens of every pass a step makes of a study; default 2^20)")
     p.add_argument("--unlisted-labels", metavar="NAMES",
                    help="comma-separated label names of this site that a job's class list may "
                         "leave out (default none: a job naming only some of the site's labels "

@@ -73,7 +73,7 @@ from torch import Tensor, nn
 from .registry import TASKS
 from .task import StepOutput, TaskModel
 from .tasks import ClassificationConfig, ClassificationTask, drop_one_sequence
-from .vit import MultiModalViT, _init_weights
+from .vit import MultiModalViT, TokenLayout, _init_weights
 
 
 MAX_LOCAL_CROPS = 16                   # DINOv2 uses 8
@@ -268,6 +268,7 @@ class MMDINOTask(ClassificationTask):
                       "teacher outputs) and the KoLeo nearest-neighbour term make one sample's "
                       "loss depend on the other samples of its batch")
     uses_unlabelled = True
+    model_copies = 2                 # the student and its EMA teacher (a deep copy)
 
     def __init__(self, config: DINOConfig):
         # ``config.label_fraction`` reaches ``data_needs``: the site hides the other labels
@@ -301,6 +302,18 @@ class MMDINOTask(ClassificationTask):
         equals them (both loaded from this side's directory), so they are neither averaged
         nor kept in the site state."""
         return {n for n, p in model.named_parameters() if not p.requires_grad}
+
+    def local_side(self, layout: TokenLayout) -> int:
+        """A local crop's side: ``local_size`` of the image's, in whole patches (at least
+        one)."""
+        p = layout.patch_size
+        return max(p, round(layout.img_size * self.dino.local_size / p) * p)
+
+    def step_views(self, layout: TokenLayout) -> tuple[int, ...]:
+        """Per study and step: the teacher's and the student's two global crops, the
+        student's local crops, and the class terms' passes over the study as given (the
+        student's, and the teacher's pseudo-label pass on an unlabelled one)."""
+        return (layout.img_size,) * 6 + (self.local_side(layout),) * self.dino.local_crops
 
     # --- site state: never aggregated, never sent -------------------------------------
     def site_state(self) -> dict[str, Tensor]:
@@ -348,8 +361,7 @@ class MMDINOTask(ClassificationTask):
         backbone = model.backbone
         cfg = backbone.layout
         teacher = self._ensure_teacher(model, images.device)
-        size = cfg.img_size
-        local = max(cfg.patch_size, round(size * c.local_size / cfg.patch_size) * cfg.patch_size)
+        size, local = cfg.img_size, self.local_side(cfg)
         globals_ = [random_resized_crop(images, size, c.global_scale) for _ in range(2)]
         locals_ = [random_resized_crop(images, local, c.local_scale)
                    for _ in range(c.local_crops)]

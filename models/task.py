@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from .text import load_tokenizer, tokenize, tokenizer_fingerprint
-from .vit import MultiModalViT
+from .vit import MultiModalViT, TokenLayout
 
 if TYPE_CHECKING:
     from .evaluation import Evaluator
@@ -123,11 +123,15 @@ class Task(Protocol):
     uses_unlabelled : bool
         Learns from unlabelled studies (a pretraining objective). Class-level, as above;
         ``data_needs.unlabelled`` equals it.
+    model_copies : int
+        Copies of the wrapped model's weights the task holds while training (an EMA
+        teacher is a second); the site's parameter cap counts them all.
     """
 
     config: Any
     batch_coupling: ClassVar[str | None]
     uses_unlabelled: ClassVar[bool]
+    model_copies: ClassVar[int]
 
     @staticmethod
     def options_coupling(options: dict) -> str | None:
@@ -139,6 +143,10 @@ class Task(Protocol):
 
     def wrap(self, backbone: nn.Module) -> nn.Module:
         """The trainable model around a registry backbone (heads, adapters, freezing)."""
+
+    def step_views(self, layout: TokenLayout) -> tuple[int, ...]:
+        """The image side of every backbone pass over one study in one training ``step``
+        (crops, teacher passes): the site's token caps count each."""
 
     def step(self, model: nn.Module, batch: dict[str, Tensor]) -> StepOutput:
         """One training/validation step's loss over ``batch``."""
@@ -173,6 +181,7 @@ class TaskBase:
 
     batch_coupling: ClassVar[str | None] = UNDECLARED_COUPLING
     uses_unlabelled: ClassVar[bool] = False
+    model_copies: ClassVar[int] = 1
     config: Any
 
     @staticmethod
@@ -185,6 +194,9 @@ class TaskBase:
 
     def wrap(self, backbone: nn.Module) -> nn.Module:
         return backbone
+
+    def step_views(self, layout: TokenLayout) -> tuple[int, ...]:
+        return (layout.img_size,)           # the study as given, once
 
     def step(self, model: nn.Module, batch: dict[str, Tensor]) -> StepOutput:
         raise NotImplementedError(f"{type(self).__name__} does not implement step")

@@ -76,6 +76,13 @@ class TokenLayout(PatchGeometry):
     dim: int                        # token width
     cls_tokens: int = 1             # 1: token 0 is a CLS token; 0: patch tokens only
 
+    def tokens(self, side: int | None = None) -> int:
+        """Tokens of one study at image side ``side`` (default ``img_size``): the patches of
+        every sequence and the CLS token."""
+        side = self.img_size if side is None else side
+        return (side // self.patch_size) ** self.spatial_dims * self.num_sequences \
+            + self.cls_tokens
+
 
 
 def patchify(images: Tensor, patch_size: int, spatial_dims: int) -> Tensor:

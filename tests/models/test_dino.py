@@ -219,3 +219,33 @@ def test_local_crops_are_bounded():
     DINOConfig(local_crops=MAX_LOCAL_CROPS)
     with pytest.raises(ValueError, match="local_crops must be in 0..16"):
         DINOConfig(local_crops=MAX_LOCAL_CROPS + 1)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_step_views_are_every_backbone_pass_a_step_makes(monkeypatch, fused):
+    """The site's token caps count a step's passes from ``step_views``; counted here from
+    the tokens each real pass returns (teacher and student): equal for unlabelled studies
+    (each also gets the teacher's pseudo-label pass), fewer for labelled ones."""
+    torch.manual_seed(9)
+    backbone = MultiModalViT(ViTConfig(dim=32, depth=1, heads=2, img_size=32, patch_size=8,
+                                       num_classes=3, sequence_fusion=fused))
+    task = MMDINOTask(DINOConfig(local_crops=3, local_size=0.3))
+    model = task.wrap(backbone)
+    read = []
+    forward_features = MultiModalViT.forward_features
+
+    def counted(self, images, *args, **kwargs):
+        tokens = forward_features(self, images, *args, **kwargs)
+        read.append(tokens.shape[0] * tokens.shape[1])
+        return tokens
+    monkeypatch.setattr(MultiModalViT, "forward_features", counted)
+    layout = backbone.layout
+    views = task.step_views(layout)
+    assert views == (32,) * 6 + (8,) * 3            # 0.3 x 32 is 9.6: one 8-pixel patch
+    expected = sum(layout.tokens(side) for side in views)
+    present = torch.ones(4, 4, dtype=torch.bool)
+    for labels, equal in ((torch.full((4,), -1), True), (torch.tensor([0, 1, 2, 0]), False)):
+        read.clear()
+        task.step(model, {"image": torch.randn(4, 4, 32, 32), "present": present,
+                          "label": labels})
+        assert (sum(read) == 4 * expected) if equal else (0 < sum(read) < 4 * expected)

@@ -254,6 +254,50 @@ def test_a_step_whose_activations_exceed_the_sites_means_is_refused_before_any_b
     refused(wide_batch, "17", "1,114,112")
 
 
+def _mm_dino(kind: str, **options) -> Message:
+    """An MM-DINOv2 job on the small model, unbuilt (see ``_unbuilt``)."""
+    message = _unbuilt(kind, {})
+    message.content[wire.CONFIG][wire.TASK_NAME] = "mm_dino"
+    message.content[wire.CONFIG][wire.TASK_OPTIONS] = json.dumps({"num_classes": 3} | options)
+    return message
+
+
+def test_mm_dino_crops_and_teacher_passes_count_toward_the_sites_step_cap(
+        site_dir, task_identity, meta_builds_only):
+    """Attack: the step cap counted one pass a study, but an MM-DINOv2 step passes each
+    study through the backbone 6 times at full size (the teacher's and the student's two
+    global crops, the class terms) and once per local crop - ``local_crops`` is the
+    coordinator's number (up to 16). Batch 8 of the small model: 8 x 17 = 136 tokens as
+    one pass; with 16 local crops of 5 tokens 8 x (6 x 17 + 16 x 5) = 1,456. A site
+    capping steps at 1,000 tokens refuses that job; with 2 local crops (8 x 112 = 896) it
+    runs it."""
+    from client.queries import QueryLimits
+
+    cap = {wire.NODE_MAX_STEP_TOKENS: 1000}
+    with pytest.raises(SiteError, match=r"site-policy: the job's model reads 17 tokens a "
+                                        r"study and 1,456 a training step"):
+        make_client_app()(_mm_dino(MessageType.TRAIN, local_crops=16), _context(site_dir, **cap))
+    job = decode_job(_mm_dino(MessageType.TRAIN, local_crops=2).content[wire.CONFIG],
+                     site_seed=0)
+    QueryLimits(max_step_tokens=1000).check_model_size(job.build, batch=8)      # the control
+
+
+def test_mm_dino_teacher_copy_counts_toward_the_sites_parameter_cap(
+        site_dir, task_identity, meta_builds_only):
+    """Attack: the parameter cap counted the student only, but MM-DINOv2 keeps an EMA
+    teacher, a deep copy of it: a model just under the cap is twice the cap in memory. The
+    small model has 81,283 parameters and buffers; a site capping at 100,000 trains it as a
+    classifier and refuses it as MM-DINOv2 (162,566)."""
+    from client.queries import QueryLimits
+
+    cap = {wire.NODE_MAX_MODEL_PARAMETERS: 100_000}
+    with pytest.raises(SiteError, match=r"site-policy: the job's model has 162,566 parameters "
+                                        r"and buffers \(its task holds 2 copies\)"):
+        make_client_app()(_mm_dino(MessageType.TRAIN), _context(site_dir, **cap))
+    job = decode_job(_unbuilt(MessageType.TRAIN, {}).content[wire.CONFIG], site_seed=0)
+    QueryLimits(max_parameters=100_000).check_model_size(job.build, batch=8)    # the control
+
+
 def test_the_operators_parameter_cap_refuses_a_model_it_would_otherwise_train(
         site_dir, task_identity):
     wider = ("model.options.dim=64", "model.options.depth=2")

@@ -198,6 +198,10 @@ class MAETask(TaskBase):
         backbone.head = None         # the MAE has no classifier; fine-tuning adds its own
         return MultiModalMAE(backbone, self.config, decoder)
 
+    def step_views(self, layout: TokenLayout) -> tuple[int, ...]:
+        """The encoder's pass and the decoder's, over every position of the study."""
+        return (layout.img_size,) * 2
+
     def step(self, model: MultiModalMAE, batch: dict[str, Tensor]) -> StepOutput:
         loss, _ = model.forward_loss(batch["image"], batch["present"])
         return StepOutput(loss.mean(), int(loss.numel()))

@@ -92,6 +92,31 @@ def test_trains_with_a_finite_decreasing_loss(name, options):
     assert losses[-1] < losses[0], f"{name} {options}: loss did not decrease: {losses}"
 
 
+@pytest.mark.parametrize("name", PROJECT_TASKS)
+def test_step_views_bound_the_tokens_every_transformer_pass_of_a_step_reads(name, monkeypatch):
+    """The site's step-token cap is ``batch x sum(tokens of step_views)``: counted here as
+    the tokens entering every transformer pass (encoder, MAE decoder, DINO teacher; TINY
+    is one block deep). Equal where every study passes every time; fewer where a study
+    can skip a pass (CLIP: no report; MM-DINOv2: labelled, no teacher pseudo-label pass -
+    exact in tests/models/test_dino.py)."""
+    from models import vit
+
+    read, forward = [], vit.Block.forward
+
+    def counted(self, x, *args, **kwargs):
+        read.append(x.shape[0] * x.shape[1])
+        return forward(self, x, *args, **kwargs)
+    monkeypatch.setattr(vit.Block, "forward", counted)
+    torch.manual_seed(0)
+    model, task = build("mmvit", TINY, name, {})
+    layout = model.backbone.layout if hasattr(model, "backbone") else model.layout
+    batch = _for(task, _batch())
+    task.step(model, batch)
+    bound = 6 * sum(layout.tokens(side) for side in task.step_views(layout))
+    assert 0 < sum(read) <= bound
+    assert sum(read) == bound or name in ("clip", "mm_dino")
+
+
 @pytest.mark.parametrize("name, options", CASES, ids=lambda c: str(c))
 def test_state_dict_round_trips(name, options):
     torch.manual_seed(0)

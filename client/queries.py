@@ -102,9 +102,10 @@ class QueryLimits:
         tokens: the backbone's tokens a study (patches per channel x channels, CLS,
         registers; attention holds their square) and in a step of ``batch`` studies (the
         job's batch size x DP's augmentation multiplicity), over every pass the task's step
-        makes of a study (``Task.step_views``: MM-DINOv2's crops and teacher passes). A
-        ``build`` without a task sizes the backbone alone, one pass a study. Every path that
-        builds a job's model calls this first."""
+        makes of a study (``Task.step_views``: MM-DINOv2's crops and teacher passes; and
+        ``step_text_tokens``: CLIP's report length, a text tower's pass). A ``build``
+        without a task sizes the backbone alone, one pass a study. Every path that builds a
+        job's model calls this first."""
         with torch.device("meta"):
             model, task = build()
         copies = 1 if task is None else task.model_copies
@@ -122,8 +123,9 @@ class QueryLimits:
         # read without a default where the class has it: an error inside must not count 0
         registers = backbone.register_tokens if hasattr(type(backbone), "register_tokens") \
             else 0
-        views = (layout.img_size,) if task is None else task.step_views(layout)
-        reads = [layout.tokens(side) + registers for side in views]
+        views, text = ((layout.img_size,), 0) if task is None else \
+            (task.step_views(layout), task.step_text_tokens())
+        reads = [layout.tokens(side) + registers for side in views] + [text]
         tokens, step = max(reads), sum(reads) * batch
         if tokens > self.max_study_tokens or step > self.max_step_tokens:
             raise QueryRefused(f"the job's model reads {tokens:,} tokens a study and "

@@ -203,6 +203,9 @@ class CLIPTask(TaskBase):
     def data_needs(self) -> DataNeeds:
         return DataNeeds(unlabelled=True, reports=self.reports)
 
+    def step_text_tokens(self) -> int:
+        return self.config.max_length        # every report is padded to it
+
     def tokenize(self, texts: list[str]) -> dict[str, Tensor]:
         """``input_ids``/``attention_mask`` ``[N, max_length]`` and ``truncated [N]``."""
         return tokenize(self.tokenizer, texts, self.config.max_length)

@@ -148,6 +148,10 @@ class Task(Protocol):
         """The image side of every backbone pass over one study in one training ``step``
         (crops, teacher passes): the site's token caps count each."""
 
+    def step_text_tokens(self) -> int:
+        """The text tokens one training ``step`` reads of a study (an image-report
+        objective's report, padded to its length; 0 without text): counted like a pass."""
+
     def step(self, model: nn.Module, batch: dict[str, Tensor]) -> StepOutput:
         """One training/validation step's loss over ``batch``."""
 
@@ -197,6 +201,9 @@ class TaskBase:
 
     def step_views(self, layout: TokenLayout) -> tuple[int, ...]:
         return (layout.img_size,)           # the study as given, once
+
+    def step_text_tokens(self) -> int:
+        return 0
 
     def step(self, model: nn.Module, batch: dict[str, Tensor]) -> StepOutput:
         raise NotImplementedError(f"{type(self).__name__} does not implement step")

@@ -298,6 +298,27 @@ def test_mm_dino_teacher_copy_counts_toward_the_sites_parameter_cap(
     QueryLimits(max_parameters=100_000).check_model_size(job.build, batch=8)    # the control
 
 
+def test_a_report_length_beyond_the_sites_means_is_refused_before_any_build(
+        site_dir, task_identity, meta_builds_only):
+    """Attack: CLIP's ``max_length`` is the coordinator's number, and every report is padded
+    to it: 65,536 tokens a report is ~4e9 attention values a layer and head in the text
+    tower, for 8.4e6 more parameters (its position embeddings, far under the parameter
+    cap). The site counts the text tower's tokens like a pass of the image backbone; the
+    default length (128) runs."""
+    from client.queries import QueryLimits
+
+    message = _unbuilt(MessageType.TRAIN, {})
+    message.content[wire.CONFIG][wire.TASK_NAME] = "clip"
+    message.content[wire.CONFIG][wire.TASK_OPTIONS] = json.dumps({"num_classes": 3,
+                                                                  "max_length": 65536})
+    with pytest.raises(SiteError, match=r"site-policy: the job's model reads 65,536 tokens a "
+                                        r"study and 524,424 a training step"):
+        make_client_app()(message, _context(site_dir))
+    message.content[wire.CONFIG][wire.TASK_OPTIONS] = json.dumps({"num_classes": 3})
+    job = decode_job(message.content[wire.CONFIG], site_seed=0)
+    QueryLimits().check_model_size(job.build, batch=8)                          # the control
+
+
 def test_the_operators_parameter_cap_refuses_a_model_it_would_otherwise_train(
         site_dir, task_identity):
     wider = ("model.options.dim=64", "model.options.depth=2")

@@ -1,7 +1,8 @@
 """Activation (gradient) checkpointing of chosen blocks: a block keeps only its input in the
 forward pass and runs again in the backward pass to get back what its gradient needs, so a
-training step holds about one block's activations instead of every block's, for ~1/3 more
-compute (``torch.utils.checkpoint``, non-reentrant).
+training step holds about one block's activations instead of every block's, for one more
+forward pass of each block (``torch.utils.checkpoint``, non-reentrant; 1.26-1.50x the step
+time in ``bench/activation_memory.py``).
 
 DP-SGD's exact per-sample clipper (``client.privacy.persample``) records each layer's input in
 its forward hook, once a pass: the second run of a block is announced (``recomputing()``),

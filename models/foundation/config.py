@@ -54,7 +54,7 @@ class FoundationConfig:
     # location from one patch embedding over all channels (kernel inflated as in adapt.py)
     channel_tokens: str = "per_channel"
     # recompute each encoder block's activations in the backward pass instead of keeping them
-    # (models.checkpointing): memory of about one block's activations, ~1/3 more compute;
+    # (models.checkpointing): memory of about one block's activations, one more forward;
     # exact under DP-SGD too
     gradient_checkpointing: bool = False
     # fused only: a learned embedding of the ``present`` vector added to every patch token, so

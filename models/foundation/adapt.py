@@ -234,6 +234,13 @@ class FoundationBackbone(nn.Module):
             part.requires_grad_(False)
         if config.gradient_checkpointing:
             checkpoint_blocks(self.seams.blocks(self.encoder))
+        if not config.rope_augmentation:
+            fix = getattr(self.seams, "fix_rope_positions", None)       # RoPE families only
+            if fix is None:
+                raise ValueError(f"rope_augmentation=false switches off a rotary position "
+                                 f"augmentation, and the {self.family} encoder has no rotary "
+                                 "positions; remove the option")
+            fix(self.encoder)
 
     @property
     def feature_signature(self) -> dict[str, str]:

@@ -57,6 +57,10 @@ class FoundationConfig:
     # (models.checkpointing): memory of about one block's activations, one more forward;
     # exact under DP-SGD too
     gradient_checkpointing: bool = False
+    # RoPE families (DINOv3): false keeps the rotary positions of evaluation in training too,
+    # without the family's random coordinate shift/jitter/rescale (its config's
+    # pos_embed_*; the exported config keeps them). True: as the family trains
+    rope_augmentation: bool = True
     # fused only: a learned embedding of the ``present`` vector added to every patch token, so
     # an absent channel (zeroed) is told apart from a black one; zero at the start (adapt.py)
     presence_embedding: bool = False
@@ -111,7 +115,7 @@ class FoundationConfig:
             raise ValueError(f"unknown patch_init {self.patch_init!r}; choose one of "
                              f"{', '.join(PATCH_INIT)}")
         for name in ("presence_embedding", "centre_features", "scale_features",
-                     "freeze_patch_embed", "gradient_checkpointing"):
+                     "freeze_patch_embed", "gradient_checkpointing", "rope_augmentation"):
             if not isinstance(getattr(self, name), bool):    # "false" would switch it on
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.scale_features and not self.centre_features:

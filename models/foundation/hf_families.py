@@ -7,6 +7,7 @@ MONAI have their own modules.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from typing import ClassVar
 
@@ -159,6 +160,16 @@ class DINOv3Seams(_HFViTLike):
 
     def _registers(self, encoder):
         return encoder.embeddings.register_tokens
+
+    @staticmethod
+    def fix_rope_positions(encoder) -> None:
+        """Training positions as in evaluation: the RoPE module reads its own copy of the
+        config with no shift, jitter or rescale (``encoder.config``, which export saves,
+        keeps the family's values)."""
+        rope = encoder.rope_embeddings
+        rope.config = copy.deepcopy(rope.config)
+        rope.config.pos_embed_shift = rope.config.pos_embed_jitter = None
+        rope.config.pos_embed_rescale = None
 
     def _layer_arguments(self, encoder, tokens, num_channels, grid):
         side = grid * self.patch_size(encoder)

@@ -4,6 +4,7 @@ DP-SGD's per-sample gradients checked against the definition in float64."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -264,6 +265,35 @@ def test_dinov3_keeps_its_rope_augmentation_in_training(tmp_path):
     for name, p in model.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(grads[p], p.grad, rtol=0, atol=ATOL, msg=name)
+
+
+def test_dinov3_rope_augmentation_can_be_switched_off_for_fine_tuning(tmp_path, weights):
+    """``rope_augmentation=false``: training reads the positions of evaluation (two training
+    passes equal each other and the evaluation pass), while the encoder's own config - what
+    export saves - keeps the family's ``pos_embed_rescale``. A family without rotary
+    positions refuses the option rather than ignore it."""
+    torch.manual_seed(0)
+    transformers.DINOv3ViTModel(transformers.DINOv3ViTConfig(
+        **TINY, intermediate_size=64, num_register_tokens=2,
+        pos_embed_rescale=2.0)).save_pretrained(tmp_path / "dinov3")
+    model = _build(tmp_path / "dinov3", rope_augmentation=False)
+    batch = _batch()
+    with torch.no_grad():
+        model.eval()
+        plain = model(batch["image"], batch["present"])
+        model.train()
+        for _ in range(2):
+            torch.testing.assert_close(model(batch["image"], batch["present"]), plain,
+                                       rtol=0, atol=0)
+    assert model.encoder.config.pos_embed_rescale == 2.0
+    copied = copy.deepcopy(model).train()
+    with torch.no_grad():
+        torch.testing.assert_close(copied(batch["image"], batch["present"]), plain,
+                                   rtol=0, atol=0)
+    with pytest.raises(ValueError, match="the dinov2 encoder has no rotary positions"):
+        _build(weights["dinov2"], rope_augmentation=False)
+    with pytest.raises(ValueError, match="rope_augmentation must be true or false"):
+        _build(tmp_path / "dinov3", rope_augmentation="false")
 
 
 @pytest.mark.parametrize("family", ["dinov2", "dinov3", "clip", "sam", "monai_vit"])

@@ -99,18 +99,21 @@ def test_per_sample_gradients_of_the_swin_lora_fine_tune_are_exact(tmp_path, arg
                        ATOL)
 
 
+@pytest.mark.parametrize("args", [SWIN2D, pytest.param(SWIN3D, marks=pytest.mark.slow)],
+                         ids=["2d", "3d"])
 def test_checkpointed_swin_blocks_keep_fewer_activations_and_exact_per_sample_gradients(
-        tmp_path):
+        tmp_path, args):
     """``gradient_checkpointing``: every SwinTransformerBlock keeps only its input; the
-    gradients and DP-SGD's clipped per-sample sum are those of the plain model."""
+    gradients and DP-SGD's clipped per-sample sum are those of the plain model (3D: the
+    shifted windows and their mask in three axes)."""
     from monai.networks.nets.swin_unetr import SwinTransformerBlock
 
     from models.checkpointing import counting_saved_activations, is_checkpointed
 
-    batch = _batch(2, (64, 64))
+    batch = _batch(2, (64, 32, 32) if args["spatial_dims"] == 3 else (64, 64))
     kept, grads = [], []
     for on in (False, True):
-        model, task = _segmenter(tmp_path / str(on), SWIN2D, gradient_checkpointing=on)
+        model, task = _segmenter(tmp_path / str(on), args, gradient_checkpointing=on)
         model = model.double().train()
         _randomise_trainable(model)
         blocks = [m for m in model.modules() if isinstance(m, SwinTransformerBlock)]
@@ -121,7 +124,9 @@ def test_checkpointed_swin_blocks_keep_fewer_activations_and_exact_per_sample_gr
         loss.backward()
         kept.append(saved["bytes"])
         grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
-    assert kept[1] < 0.8 * kept[0], kept       # the convolutional decoder keeps the rest
+    # the convolutional decoder keeps the rest: measured 0.69x (2D), 0.81x (3D: full-size
+    # volumes through its convolutions)
+    assert kept[1] < (0.75 if args["spatial_dims"] == 2 else 0.85) * kept[0], kept
     for name, g in grads[0].items():
         torch.testing.assert_close(grads[1][name], g, rtol=0, atol=ATOL, msg=name)
     model.zero_grad(set_to_none=True)

@@ -264,3 +264,58 @@ def test_dp_sgd_on_layers_the_clipper_cannot_cover_is_refused_before_the_round_i
         assert "\n" not in str(err.value)
         plain = decode_job(job_config(cfg, "run-x", base_digest=digest), site_seed=0)
         check_site_model(model, plain)          # the same model without DP-SGD: accepted
+
+
+# ---------------------------------------------------------------- 3. the site's own training
+
+@pytest.mark.parametrize("private", [False, True], ids=["sgd", "dp-sgd"])
+def test_a_site_trains_a_checkpointed_encoder_when_the_job_asks(encoders, tiny_sites, tmp_path,
+                                                                monkeypatch, private,
+                                                                task_identity):
+    """``model.options.gradient_checkpointing=true`` travels in the job's model options and
+    the site's own build wraps the encoder's blocks: a train message through the ClientApp
+    runs each block of every training step under ``torch.utils.checkpoint`` and again in
+    backward (counted), plain and under DP-SGD; without the option, neither."""
+    import shutil
+
+    import models.checkpointing as checkpointing
+    from client.app import make_client_app
+    from flwr.app import Message, MessageType
+
+    calls = {"checkpoint": 0, "recomputed": 0}
+    checkpoint, announced = checkpointing.checkpoint, checkpointing._announced
+
+    def counted_checkpoint(*args, **kwargs):
+        calls["checkpoint"] += 1
+        return checkpoint(*args, **kwargs)
+
+    def counted_announced():
+        calls["recomputed"] += 1
+        return announced()
+    monkeypatch.setattr(checkpointing, "checkpoint", counted_checkpoint)
+    monkeypatch.setattr(checkpointing, "_announced", counted_announced)
+    dp = ["privacy=dpsgd", "privacy.epsilon=50"] if private else []
+    for on in (False, True):
+        cfg = experiment(encoders, "train.local_epochs=1", "train.batch_size=8", *dp,
+                         f"+model.options.gradient_checkpointing={str(on).lower()}")
+        server, digest = server_side(cfg)
+        state = server.state_dict()
+        record = job_config(cfg, "run-c", base_digest=digest)
+        record[wire.SERVER_ROUND] = 1
+        content = _content({k: state[k] for k in trainable_keys(server)})
+        content[wire.CONFIG] = record
+        site = shutil.copytree(tiny_sites / "site-0", tmp_path / str(on) / "site-0")
+        node = {wire.NODE_DATA_DIR: str(site), wire.NODE_MIN_EVAL_SPLIT: 1,
+                wire.NODE_FOUNDATION_DIR: str(encoders / "coordinator")}
+        if private:
+            node |= {wire.NODE_DP_EPSILON: 100.0, wire.NODE_DP_DELTA: 1e-5}
+        calls.update(checkpoint=0, recomputed=0)
+        reply = make_client_app()(Message(content, dst_node_id=7,
+                                          message_type=MessageType.TRAIN),
+                                  Context(run_id=1, node_id=7, node_config=node,
+                                          state=RecordDict(), run_config={}))
+        assert not reply.has_error(), reply.error
+        if on:        # 2 blocks a step, each run again in backward
+            assert calls["checkpoint"] >= 2 and calls["recomputed"] == calls["checkpoint"]
+        else:
+            assert calls == {"checkpoint": 0, "recomputed": 0}

@@ -164,11 +164,7 @@ class QueryLimits:
         them) defaults to ``min_split_size = 1`` so development runs report metrics; its
         node-config.toml can still set the real default."""
         values: dict = {"min_split_size": 1} if simulated else {}
-        names = settings.get(wire.NODE_UNLISTED_LABELS, "")
-        if not isinstance(names, str):
-            raise QueryRefused(f"node config {wire.NODE_UNLISTED_LABELS!r} must be a string "
-                               f"of comma-separated label names")
-        values["unlisted_labels"] = frozenset(n.strip() for n in names.split(",") if n.strip())
+        values["unlisted_labels"] = label_names(settings.get(wire.NODE_UNLISTED_LABELS, ""))
         for field, key in (("max_evaluations", wire.NODE_MAX_EVALUATIONS),
                            ("min_split_size", wire.NODE_MIN_EVAL_SPLIT),
                            ("max_parameters", wire.NODE_MAX_MODEL_PARAMETERS),
@@ -182,6 +178,26 @@ class QueryLimits:
                 if values[field] < 0:
                     raise QueryRefused(f"node config {key!r} must be >= 0")
         return cls(**values)
+
+
+def label_names(value) -> frozenset[str]:
+    """Node config ``unlisted-labels``: label names separated by commas, or a JSON list of
+    strings (``["tumour, benign", "other"]``) for names that hold a comma. Names are stripped
+    as the site's label files are read."""
+    key = wire.NODE_UNLISTED_LABELS
+    if not isinstance(value, str):
+        raise QueryRefused(f"node config {key!r} must be a string of comma-separated label "
+                           "names or a JSON list of them")
+    if not value.lstrip().startswith("["):
+        return frozenset(n.strip() for n in value.split(",") if n.strip())
+    try:
+        names = json.loads(value)
+    except json.JSONDecodeError:
+        names = None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise QueryRefused(f"node config {key!r} starts with '[' but is not a JSON list of "
+                           "label names")
+    return frozenset(n.strip() for n in names if n.strip())
 
 
 def state_dir(settings: dict, data_dir: Path) -> Path:

@@ -127,8 +127,9 @@ def _add_deploy_parsers(sub) -> None:
                         "tokens of every pass a step makes of a study; default 2^20)")
     p.add_argument("--unlisted-labels", metavar="NAMES",
                    help="comma-separated label names of this site that a job's class list may "
-                        "leave out (default none: a job naming only some of the site's labels "
-                        "is refused, its counts could single a label out by difference)")
+                        "leave out, or a JSON list of them for names holding a comma (default "
+                        "none: a job naming only some of the site's labels is refused, its "
+                        "counts could single a label out by difference)")
     p.add_argument("--device", default="auto")
     p.add_argument("--torch-threads", type=int, default=1)
     p.add_argument("--decode-workers", type=int, default=1,

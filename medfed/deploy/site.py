@@ -184,12 +184,23 @@ def check_secagg_peers(site_id: str, auth_key: Path, peers: Path) -> None:
 
 
 def node_config_arg(config: dict[str, object]) -> str:
-    """``--node-config`` string: space-separated TOML ``key=value`` pairs."""
-    def value(v):
+    """``--node-config`` string: space-separated TOML ``key=value`` pairs. Flower cuts a
+    quoted value at its first inner quote (escapes or not), so a string holding ``"`` (a JSON
+    list of label names, a path) goes as a TOML literal string ``'...'``; one holding both
+    quote kinds cannot go at all and is refused."""
+    def value(k, v):
         if isinstance(v, bool):
             return "true" if v else "false"
-        return repr(v) if isinstance(v, (int, float)) else json.dumps(str(v))
-    return " ".join(f"{k}={value(v)}" for k, v in config.items())
+        if isinstance(v, (int, float)):
+            return repr(v)
+        text = str(v)
+        if '"' not in text:
+            return json.dumps(text)
+        if "'" in text or "\n" in text or "\r" in text:
+            raise DeployError(f"node config {k!r} holds both quote kinds (or a line break): "
+                              "Flower's --node-config cannot carry it; drop one of them")
+        return f"'{text}'"
+    return " ".join(f"{k}={value(k, v)}" for k, v in config.items())
 
 
 def supernode_command(s: SiteSettings) -> list[str]:

@@ -163,6 +163,26 @@ def test_node_config_uses_wire_keys(tmp_path):
                                  dp_epsilon=8.0))
 
 
+def test_node_config_strings_with_quotes_reach_the_supernode_whole(tmp_path):
+    """Flower's --node-config parser cuts a double-quoted value at its first inner quote,
+    escaped or not: a JSON list of label names (names holding a comma) or a path with a
+    quote would arrive cut, or fail to parse. They go as TOML literal strings; a value
+    holding both quote kinds is refused here rather than mangled there."""
+    from dataclasses import replace
+
+    from flwr.common.config import parse_config_args
+
+    labels = '["tumour, benign", "other"]'
+    base = SiteSettings(site_id="a", data_dir=tmp_path / 'say "cheese"', superlink="x:1",
+                        root_cert=tmp_path, auth_key=tmp_path, state_dir=tmp_path,
+                        unlisted_labels=labels)
+    parsed = parse_config_args([node_config_arg(node_config(base))])
+    assert parsed[wire.NODE_UNLISTED_LABELS] == labels
+    assert parsed[wire.NODE_DATA_DIR] == str(tmp_path / 'say "cheese"')
+    with pytest.raises(DeployError, match="'unlisted-labels' holds both quote kinds"):
+        node_config_arg(node_config(replace(base, unlisted_labels='["it\'s", "x"]')))
+
+
 def test_node_config_carries_an_external_role_and_refuses_unknown_ones(tmp_path):
     from dataclasses import replace
 

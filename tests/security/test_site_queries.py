@@ -142,6 +142,22 @@ def test_a_class_list_leaving_out_a_label_is_refused_so_no_count_differs_by_that
     assert 0 < n_all - n_two < 10
 
 
+def test_the_operators_unlisted_labels_may_name_labels_holding_a_comma():
+    """``unlisted-labels`` is comma-separated, so a label such as "tumour, benign" could not
+    be listed (the operator's only choices: refuse every job leaving it out, or list two
+    labels the site does not hold). A JSON list names it whole; anything else starting with
+    '[' is refused rather than read as comma-separated names."""
+    from client.queries import QueryLimits, QueryRefused
+
+    def listed(value):
+        return QueryLimits.from_settings({wire.NODE_UNLISTED_LABELS: value}).unlisted_labels
+    assert listed(" cyst, other") == {"cyst", "other"}
+    assert listed('["tumour, benign", " other ", ""]') == {"tumour, benign", "other"}
+    for bad in ('["tumour, benign"', '[1, 2]', '[["a"]]', 7):
+        with pytest.raises(QueryRefused, match="unlisted-labels"):
+            listed(bad)
+
+
 def test_a_class_list_singling_out_a_few_studies_gets_no_training_and_no_count(
         site_dir, task_identity):
     """Attack: the coordinator names one real class and a made-up one, so that only that

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -161,10 +162,14 @@ class Engine:
             batches = (batch for _ in range(config.local_epochs) for batch in loader)
             private = None
         else:
+            # A Poisson batch holds q*n studies on average, any number in the worst case, and
+            # q is the coordinator's: it runs in physical chunks of at most batch_size studies
+            # (x views rows), what the site's size check counted; their clipped sums add up.
             steps = config.local_epochs * steps_per_epoch(privacy.sample_rate)
             views = range(privacy.augmentation_multiplicity)
-            batches = (default_collate([data[int(i)] for i in idx for _ in views])
-                       if len(idx) else None
+            size = config.batch_size
+            batches = ([default_collate([data[int(i)] for i in idx[at:at + size] for _ in views])
+                        for at in range(0, len(idx), size)]
                        for idx in poisson_batches(len(data), privacy.sample_rate, steps,
                                                   secure=privacy.secure_mode, seed=config.seed))
             private = PrivateGradients(model, privacy, privacy.sample_rate * len(data))
@@ -186,18 +191,17 @@ class Engine:
                     totals[key] = totals.get(key, 0.0) + value * out.n
         return totals, seen, steps
 
-    def _backward(self, model: nn.Module, batch: dict | None, private: PrivateGradients | None,
-                  extra: dict | None = None):
-        """Fill ``p.grad`` for one batch; DP-SGD privatises it (an empty Poisson batch still
-        takes a noise-only step, as the accountant assumes)."""
-        def loss_fn():
-            if batch is None:
-                return None
+    def _backward(self, model: nn.Module, batch: dict | list[dict],
+                  private: PrivateGradients | None, extra: dict | None = None):
+        """Fill ``p.grad`` for one batch; DP-SGD privatises it, its Poisson batch given as
+        chunks (none: an empty batch still takes a noise-only step, as the accountant
+        assumes)."""
+        def loss_fn(chunk):
             with autocast(self.device):
-                return self.task.step(model, _to(batch, self.device))
+                return self.task.step(model, _to(chunk, self.device))
         if private is not None:
-            return private.backward(loss_fn, extra=extra)
-        out = loss_fn()
+            return private.backward([functools.partial(loss_fn, c) for c in batch], extra=extra)
+        out = loss_fn(batch)
         out.loss.backward()
         return out
 

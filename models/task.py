@@ -37,6 +37,20 @@ class StepOutput:
     n: int
     metrics: dict[str, float] = field(default_factory=dict)
 
+    @staticmethod
+    def merge(outs: list[StepOutput]) -> StepOutput | None:
+        """One step's output from its chunks' (DP-SGD's physical batches): the loss and every
+        metric as the mean over all the samples, weighted by each chunk's ``n``."""
+        if not outs:
+            return None
+        if len(outs) == 1:
+            return outs[0]
+        n = sum(o.n for o in outs)
+        w = [o.n / max(n, 1) for o in outs]
+        loss = sum(o.loss.detach() * wi for o, wi in zip(outs, w))
+        metrics = {k: sum(o.metrics[k] * wi for o, wi in zip(outs, w)) for k in outs[0].metrics}
+        return StepOutput(loss, n, metrics)
+
 
 @dataclass(frozen=True)
 class ReportText:

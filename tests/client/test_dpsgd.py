@@ -391,6 +391,26 @@ def test_private_gradient_is_clipped_sum_plus_seeded_noise_over_expected_batch(t
     assert abs(float(pooled.mean())) < 5 * sigma * c / pooled.numel() ** 0.5
 
 
+def test_a_poisson_batch_in_physical_chunks_gets_the_same_private_gradient(task, reference):
+    """The engine runs a Poisson batch in chunks of at most the job's batch size (the memory
+    the site's size check counted, whatever sample rate the coordinator chose): the chunks'
+    clipped sums add up to the whole batch's, with the same noise and step output."""
+    c, seed, expected = float(reference["norms"].median()), 3, 4.5
+    config = DPSGDConfig(noise_multiplier=0.8, max_grad_norm=c, sample_rate=0.5,
+                         secure_mode=False, seed=seed)
+    batch = reference["batch"]
+    whole, grads = _private_grads(_vit(reference["config"]), task, batch, config, expected)
+    model = _vit(reference["config"])
+    chunks = [{k: v[at:at + 2] for k, v in batch.items()} for at in range(0, N, 2)]
+    assert len(chunks) >= 3
+    out = PrivateGradients(model, config, expected).backward(
+        [lambda chunk=chunk: task.step(model, chunk) for chunk in chunks])
+    assert out.n == whole.n == N
+    torch.testing.assert_close(out.loss, whole.loss.detach(), rtol=0, atol=ATOL)
+    for p, q in zip(model.parameters(), grads):
+        torch.testing.assert_close(p.grad, grads[q], rtol=0, atol=ATOL)
+
+
 # ---------------------------------------------------------------- augmentation multiplicity
 
 K = 3
@@ -703,7 +723,9 @@ def test_engine_reads_each_drawn_sample_k_times_as_consecutive_rows(site_train):
     n = len(data)
     assert metrics["steps"] == 2 and np.isfinite(metrics["train_loss"])
     assert data.reads == [2 * 3] * n                    # q = 1: every study, each step
-    assert rows == [[float(i) for i in range(n) for _ in range(3)]] * 2
+    # in physical chunks of batch_size = 4 studies (x 3 rows), each study's rows in one
+    assert n > 4 and [len(r) for r in rows] == [3 * min(4, n - at) for at in range(0, n, 4)] * 2
+    assert sum(rows, []) == [float(i) for i in range(n) for _ in range(3)] * 2
 
 
 def test_engine_refuses_private_training_of_an_unsupported_layer(site_train):

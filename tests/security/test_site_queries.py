@@ -278,6 +278,35 @@ def _mm_dino(kind: str, **options) -> Message:
     return message
 
 
+def test_a_dp_sample_rate_beyond_the_batch_size_never_puts_more_studies_in_one_pass(
+        site_dir, task_identity):
+    """Attack: under DP-SGD a step draws each training study with the coordinator's sample
+    rate q, ``q * n`` studies on average, not ``train.batch_size`` - the number the site's
+    size check counted. ``batch_size=1, sample_rate=1.0``: every step would put the whole
+    training split through the model at once. The site runs a Poisson batch in physical
+    chunks of at most ``batch_size`` studies (x the augmentation multiplicity), whose clipped
+    sums add up before the noise: no forward pass holds more."""
+    from models.vit import MultiModalViT
+
+    rows, forward = [], MultiModalViT.forward_features
+
+    def counted(self, images, *args, **kwargs):
+        rows.append(images.shape[0])
+        return forward(self, images, *args, **kwargs)
+    dp = ("privacy=dpsgd", "privacy.epsilon=50", "privacy.sample_rate=1.0",
+          "privacy.augmentation_multiplicity=2", "train.batch_size=1")
+    node = {wire.NODE_DP_EPSILON: 100.0, wire.NODE_DP_DELTA: 1e-5, wire.NODE_MIN_EVAL_SPLIT: 1,
+            wire.NODE_DP_SECURE_MODE: False}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(MultiModalViT, "forward_features", counted)
+        reply = make_client_app()(_message(MessageType.TRAIN, overrides=dp),
+                                  _context(site_dir, **node))
+    assert not reply.has_error(), reply.error
+    trained = reply.content[wire.METRICS]
+    assert trained["steps"] == 1 and trained[wire.NUM_EXAMPLES] > 2   # q = 1: one full step
+    assert len(rows) >= trained[wire.NUM_EXAMPLES] and max(rows) == 2  # one study, two views
+
+
 def test_mm_dino_crops_and_teacher_passes_count_toward_the_sites_step_cap(
         site_dir, task_identity, meta_builds_only):
     """Attack: the step cap counted one pass a study, but an MM-DINOv2 step passes each

@@ -77,12 +77,15 @@ class QueryLimits:
         (``check_training_size``).
     unlisted_labels : frozenset of str
         ``unlisted-labels``: the site's label names a job's class list may leave out
-        (comma-separated; default none - ``check_class_list``).
+        (comma-separated or a JSON list; default none - ``check_class_list``).
     max_parameters : int
         ``max-model-parameters``: the largest model the site builds (``check_model_size``).
     max_study_tokens, max_step_tokens : int
         ``max-study-tokens``, ``max-step-tokens``: the most tokens its backbone reads of one
-        study, and in one training step (``check_model_size``).
+        study in one pass, and in one training step (``check_model_size``).
+    max_step_activations : int
+        ``max-step-activations``: the most values a training step may keep for backward,
+        estimated from tokens, layer widths and attention heads (``step_activations``).
     """
     max_evaluations: int = 1000
     min_split_size: int = 10
@@ -90,6 +93,7 @@ class QueryLimits:
     max_parameters: int = 2_000_000_000
     max_study_tokens: int = 16384
     max_step_tokens: int = 2**20
+    max_step_activations: int = 2**34
 
     def check_model_size(self, build: Callable[[], tuple[nn.Module, Task | None]], *,
                          batch: int = 1) -> None:
@@ -101,9 +105,11 @@ class QueryLimits:
         gradients and optimiser state) before any other check. Activations are bounded by
         tokens: the backbone's tokens a study (patches per channel x channels, CLS,
         registers; attention holds their square) and in a step of ``batch`` studies (the
-        job's batch size x DP's augmentation multiplicity), over every pass the task's step
-        makes of a study (``Task.step_views``: MM-DINOv2's crops and teacher passes; and
-        ``step_text_tokens``: CLIP's report length, a text tower's pass). A ``build``
+        job's batch size x DP's augmentation multiplicity; DP-SGD's Poisson batches run in
+        chunks of that size), over every pass the task's step makes of a study
+        (``Task.step_views``: MM-DINOv2's crops and teacher passes; and
+        ``step_text_tokens``: CLIP's report length, a text tower's pass); and by those
+        tokens times the layers' widths and heads (``step_activations``). A ``build``
         without a task sizes the backbone alone, one pass a study. Every path that builds a
         job's model calls this first."""
         with torch.device("meta"):
@@ -128,11 +134,18 @@ class QueryLimits:
         reads = [layout.tokens(side) + registers for side in views] + [text]
         tokens, step = max(reads), sum(reads) * batch
         if tokens > self.max_study_tokens or step > self.max_step_tokens:
-            raise QueryRefused(f"the job's model reads {tokens:,} tokens a study and "
-                               f"{step:,} a training step, more than this site "
+            raise QueryRefused(f"the job's model reads {tokens:,} tokens in one pass over a "
+                               f"study and {step:,} a training step, more than this site "
                                f"runs (node config {wire.NODE_MAX_STUDY_TOKENS!r}: "
                                f"{self.max_study_tokens:,}, {wire.NODE_MAX_STEP_TOKENS!r}: "
                                f"{self.max_step_tokens:,})")
+        values = step_activations(model, reads, batch)
+        if values > self.max_step_activations:
+            raise QueryRefused(f"the job's model holds about {values:,} activation values a "
+                               f"training step (tokens x the widths and attention heads of "
+                               f"its layers), more than this site runs (node config "
+                               f"{wire.NODE_MAX_STEP_ACTIVATIONS!r}: "
+                               f"{self.max_step_activations:,})")
 
     def check_class_list(self, unlisted: frozenset[str]) -> None:
         """Refuse a job whose class list leaves some of the site's labelled studies without
@@ -169,7 +182,8 @@ class QueryLimits:
                            ("min_split_size", wire.NODE_MIN_EVAL_SPLIT),
                            ("max_parameters", wire.NODE_MAX_MODEL_PARAMETERS),
                            ("max_study_tokens", wire.NODE_MAX_STUDY_TOKENS),
-                           ("max_step_tokens", wire.NODE_MAX_STEP_TOKENS)):
+                           ("max_step_tokens", wire.NODE_MAX_STEP_TOKENS),
+                           ("max_step_activations", wire.NODE_MAX_STEP_ACTIVATIONS)):
             if key in settings:
                 try:
                     values[field] = int(settings[key])
@@ -178,6 +192,21 @@ class QueryLimits:
                 if values[field] < 0:
                     raise QueryRefused(f"node config {key!r} must be >= 0")
         return cls(**values)
+
+
+ATTENTION_HEADS = ("heads", "num_heads", "num_attention_heads")  # our, timm/MONAI, HF names
+
+
+def step_activations(model: nn.Module, reads: list[int], batch: int) -> int:
+    """An upper estimate of the values one training step keeps for backward, from the
+    meta-built model: each token of a pass meets every Linear layer (its output width) and
+    every attention module (a score per head and token it attends to), ``batch`` studies of
+    ``reads`` tokens a pass. The widths, depth and head counts are the coordinator's numbers
+    (an MLP ratio of 1e8, 4e8 prototypes, a head per channel) and no token cap sees them."""
+    width = sum(m.out_features for m in model.modules() if isinstance(m, nn.Linear))
+    heads = sum(next((h for h in (getattr(m, a, None) for a in ATTENTION_HEADS)
+                      if isinstance(h, int)), 0) for m in model.modules())
+    return batch * sum(t * (width + heads * t) for t in reads)
 
 
 def label_names(value) -> frozenset[str]:

@@ -90,7 +90,8 @@ def site(args: argparse.Namespace) -> int:
         secagg_min_contributors=args.secagg_min_contributors,
         min_report_size=args.min_eval_split_size, unlisted_labels=args.unlisted_labels,
         max_model_parameters=args.max_model_parameters,
-        max_study_tokens=args.max_study_tokens, max_step_tokens=args.max_step_tokens)
+        max_study_tokens=args.max_study_tokens, max_step_tokens=args.max_step_tokens,
+        max_step_activations=args.max_step_activations)
     daemon = Site(settings)
     try:
         daemon.start()

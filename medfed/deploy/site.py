@@ -98,6 +98,7 @@ class SiteSettings:
     max_model_parameters: int | None = None     # larger job models refused (default 2e9)
     max_study_tokens: int | None = None         # backbone tokens of a study (16384)
     max_step_tokens: int | None = None          # ... of a training step (2^20)
+    max_step_activations: int | None = None     # tokens x widths and heads a step (2^34)
 
     @property
     def runtime_secret(self) -> Path:
@@ -146,7 +147,9 @@ def node_config(s: SiteSettings) -> dict[str, object]:
                               s.max_model_parameters),
                              ("--max-study-tokens", wire.NODE_MAX_STUDY_TOKENS,
                               s.max_study_tokens),
-                             ("--max-step-tokens", wire.NODE_MAX_STEP_TOKENS, s.max_step_tokens)):
+                             ("--max-step-tokens", wire.NODE_MAX_STEP_TOKENS, s.max_step_tokens),
+                             ("--max-step-activations", wire.NODE_MAX_STEP_ACTIVATIONS,
+                              s.max_step_activations)):
         if value is not None:
             if int(value) < 1:
                 raise DeployError(f"{flag} must be >= 1, got {value}")

@@ -148,13 +148,15 @@ def test_node_config_uses_wire_keys(tmp_path):
                             auth_key=tmp_path, state_dir=tmp_path, dp_epsilon=8.0,
                             dp_delta=1e-5, require_secagg=True, min_report_size=20,
                             unlisted_labels="meningioma, other", max_model_parameters=10**8,
-                            max_study_tokens=4096, max_step_tokens=2**18)
+                            max_study_tokens=4096, max_step_tokens=2**18,
+                            max_step_activations=2**30)
     config = node_config(settings)
     assert config[wire.NODE_SITE_ID] == "a" and config[wire.NODE_DATA_DIR] == str(tmp_path)
     assert config[wire.NODE_DP_EPSILON] == 8.0 and config[wire.NODE_REQUIRE_SECAGG] is True
     assert (config[wire.NODE_MIN_EVAL_SPLIT], config[wire.NODE_UNLISTED_LABELS],
             config[wire.NODE_MAX_MODEL_PARAMETERS], config[wire.NODE_MAX_STUDY_TOKENS],
-            config[wire.NODE_MAX_STEP_TOKENS]) == (20, "meningioma, other", 10**8, 4096, 2**18)
+            config[wire.NODE_MAX_STEP_TOKENS], config[wire.NODE_MAX_STEP_ACTIVATIONS]) == \
+        (20, "meningioma, other", 10**8, 4096, 2**18, 2**30)
     from flwr.common.config import parse_config_args      # what the SuperNode will parse
     assert parse_config_args([node_config_arg(config)]) == config
     with pytest.raises(DeployError, match="both --dp-epsilon and --dp-delta"):

@@ -595,5 +595,5 @@ def test_the_sites_token_cap_counts_the_registers_the_layers_read(weights, famil
     assert model.register_tokens == registers
     read = int(model.seams.has_cls) + S * (size // model.patch_size) ** 2 + registers
     QueryLimits(max_study_tokens=read).check_model_size(build)
-    with pytest.raises(QueryRefused, match=f"reads {read:,} tokens a study"):
+    with pytest.raises(QueryRefused, match=f"reads {read:,} tokens in one pass over a study"):
         QueryLimits(max_study_tokens=read - 1).check_model_size(build)

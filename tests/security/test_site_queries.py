@@ -261,7 +261,7 @@ def test_a_step_whose_activations_exceed_the_sites_means_is_refused_before_any_b
     (defaults: 16384 a study, 2^20 a step)."""
     def refused(message: Message, study: str, step: str) -> None:
         with pytest.raises(SiteError, match=rf"site-policy: the job's model reads {study} "
-                                            rf"tokens a study and {step} a training step"):
+                                            rf"tokens in one pass over a study and {step} a training step"):
             make_client_app()(message, _context(site_dir))
     refused(_unbuilt(MessageType.TRAIN, {"img_size": 256, "patch_size": 1}),
             "262,145", "2,097,160")
@@ -319,8 +319,8 @@ def test_mm_dino_crops_and_teacher_passes_count_toward_the_sites_step_cap(
     from client.queries import QueryLimits
 
     cap = {wire.NODE_MAX_STEP_TOKENS: 1000}
-    with pytest.raises(SiteError, match=r"site-policy: the job's model reads 17 tokens a "
-                                        r"study and 1,456 a training step"):
+    with pytest.raises(SiteError, match=r"site-policy: the job's model reads 17 tokens in one "
+                                        r"pass over a study and 1,456 a training step"):
         make_client_app()(_mm_dino(MessageType.TRAIN, local_crops=16), _context(site_dir, **cap))
     job = decode_job(_mm_dino(MessageType.TRAIN, local_crops=2).content[wire.CONFIG],
                      site_seed=0)
@@ -356,12 +356,44 @@ def test_a_report_length_beyond_the_sites_means_is_refused_before_any_build(
     message.content[wire.CONFIG][wire.TASK_NAME] = "clip"
     message.content[wire.CONFIG][wire.TASK_OPTIONS] = json.dumps({"num_classes": 3,
                                                                   "max_length": 65536})
-    with pytest.raises(SiteError, match=r"site-policy: the job's model reads 65,536 tokens a "
-                                        r"study and 524,424 a training step"):
+    with pytest.raises(SiteError, match=r"site-policy: the job's model reads 65,536 tokens in "
+                                        r"one pass over a study and 524,424 a training step"):
         make_client_app()(message, _context(site_dir))
     message.content[wire.CONFIG][wire.TASK_OPTIONS] = json.dumps({"num_classes": 3})
     job = decode_job(message.content[wire.CONFIG], site_seed=0)
     QueryLimits().check_model_size(job.build, batch=8)                          # the control
+
+
+@pytest.mark.parametrize("task, model, options", [
+    ("classification", {"dim": 2, "depth": 1, "heads": 1, "mlp_ratio": 1e8}, {}),
+    ("classification", {"img_size": 128, "patch_size": 4, "dim": 512, "depth": 1,
+                        "heads": 512}, {}),
+    ("mm_dino", {}, {"out_dim": 400_000_000, "hidden_dim": 1, "bottleneck_dim": 1}),
+    ("clip", {}, {"hidden_size": 4, "num_heads": 1, "intermediate_size": 100_000_000}),
+], ids=["mlp", "heads", "prototypes", "text-mlp"])
+def test_widths_the_coordinator_chose_count_toward_the_sites_activation_cap(
+        site_dir, task_identity, meta_builds_only, task, model, options):
+    """Attack: widths, not tokens or parameters. An MLP ratio of 1e8 on a 2-wide ViT (8e8
+    parameters, under the 2e9 cap; the small job's 17 tokens a study) makes an MLP layer of
+    2.7e10 values at batch 8 (109 GB in float32); 512 heads on a 512-wide ViT of 4,097 tokens
+    a study (under both token caps) hold 512 attention scores per token pair, 6.9e10 values;
+    4e8 MM-DINOv2 prototypes (0.8e9 parameters, twice with the teacher) score every token of
+    a crop 4e8 ways; a 1e8-wide text MLP in CLIP's tower. The site estimates what a step
+    keeps - every pass's tokens x the Linear widths and attention heads of the meta-built
+    model - and refuses above ``max-step-activations`` (default 2^34, ~69 GB in float32);
+    the small job itself holds ~2.5e5, and the 512-wide ViT with 8 heads is accepted."""
+    from client.queries import QueryLimits
+
+    message = _unbuilt(MessageType.TRAIN, model)
+    if task != "classification":
+        message.content[wire.CONFIG][wire.TASK_NAME] = task
+        message.content[wire.CONFIG][wire.TASK_OPTIONS] = json.dumps({"num_classes": 3}
+                                                                      | options)
+    with pytest.raises(SiteError, match=r"site-policy: the job's model holds about [\d,]+ "
+                                        r"activation values a training step"):
+        make_client_app()(message, _context(site_dir))
+    job = decode_job(_unbuilt(MessageType.TRAIN, {}).content[wire.CONFIG], site_seed=0)
+    QueryLimits(max_step_activations=300_000).check_model_size(job.build, batch=8)  # control
 
 
 def test_the_operators_parameter_cap_refuses_a_model_it_would_otherwise_train(

@@ -261,7 +261,8 @@ def test_a_step_whose_activations_exceed_the_sites_means_is_refused_before_any_b
     (defaults: 16384 a study, 2^20 a step)."""
     def refused(message: Message, study: str, step: str) -> None:
         with pytest.raises(SiteError, match=rf"site-policy: the job's model reads {study} "
-                                            rf"tokens in one pass over a study and {step} a training step"):
+                                            rf"tokens in one pass over a study and {step} a "
+                                            r"training step"):
             make_client_app()(message, _context(site_dir))
     refused(_unbuilt(MessageType.TRAIN, {"img_size": 256, "patch_size": 1}),
             "262,145", "2,097,160")

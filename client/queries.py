@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -123,7 +124,10 @@ class QueryLimits:
                                f"{wire.NODE_MAX_MODEL_PARAMETERS!r}: {self.max_parameters:,})")
         backbone = next((m for m in model.modules()
                          if isinstance(getattr(m, "layout", None), TokenLayout)), None)
-        if backbone is None:
+        if backbone is None:      # a segmenter without a token layout (SwinUNETR): its
+            shape = getattr(model, "input_shape", None)     # stages' shapes, counted
+            if shape is not None:
+                self._check_activations(forward_activations(model, shape, batch))
             return
         layout = backbone.layout        # + the registers a foundation encoder adds inside
         # read without a default where the class has it: an error inside must not count 0
@@ -139,11 +143,15 @@ class QueryLimits:
                                f"runs (node config {wire.NODE_MAX_STUDY_TOKENS!r}: "
                                f"{self.max_study_tokens:,}, {wire.NODE_MAX_STEP_TOKENS!r}: "
                                f"{self.max_step_tokens:,})")
-        values = step_activations(model, reads, batch)
+        passes = [(t, side**layout.spatial_dims) for t, side in zip(reads, views)]
+        self._check_activations(step_activations(model, passes + [(text, 0)], batch))
+
+    def _check_activations(self, values: int) -> None:
         if values > self.max_step_activations:
             raise QueryRefused(f"the job's model holds about {values:,} activation values a "
-                               f"training step (tokens x the widths and attention heads of "
-                               f"its layers), more than this site runs (node config "
+                               f"training step (tokens and voxels x the widths and "
+                               f"attention heads of its layers), more than this site runs "
+                               f"(node config "
                                f"{wire.NODE_MAX_STEP_ACTIVATIONS!r}: "
                                f"{self.max_step_activations:,})")
 
@@ -195,18 +203,57 @@ class QueryLimits:
 
 
 ATTENTION_HEADS = ("heads", "num_heads", "num_attention_heads")  # our, timm/MONAI, HF names
+CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+         nn.ConvTranspose3d)
 
 
-def step_activations(model: nn.Module, reads: list[int], batch: int) -> int:
+def step_activations(model: nn.Module, passes: list[tuple[int, int]], batch: int) -> int:
     """An upper estimate of the values one training step keeps for backward, from the
-    meta-built model: each token of a pass meets every Linear layer (its output width) and
-    every attention module (a score per head and token it attends to), ``batch`` studies of
-    ``reads`` tokens a pass. The widths, depth and head counts are the coordinator's numbers
-    (an MLP ratio of 1e8, 4e8 prototypes, a head per channel) and no token cap sees them."""
+    meta-built model: ``batch`` studies, each making ``passes`` of ``(tokens, voxels)``.
+    Every token meets every Linear layer (its output width) and every attention module (a
+    score per head and token); every voxel every convolution (its output channels, over its
+    stride). The widths, depth, head counts and
+    decoder channels are the coordinator's numbers (an MLP ratio of 1e8, 4e8 prototypes, a
+    head per channel, a wide decoder at full resolution) and no token cap sees them."""
     width = sum(m.out_features for m in model.modules() if isinstance(m, nn.Linear))
-    heads = sum(next((h for h in (getattr(m, a, None) for a in ATTENTION_HEADS)
-                      if isinstance(h, int)), 0) for m in model.modules())
-    return batch * sum(t * (width + heads * t) for t in reads)
+    convs = [(m.out_channels, math.prod(m.stride) if isinstance(m, nn.Conv1d | nn.Conv2d
+                                                               | nn.Conv3d) else 1)
+             for m in model.modules() if isinstance(m, CONVS)]
+    heads = sum(_heads(m) for m in model.modules())
+    return batch * sum(tokens * (width + heads * tokens)
+                       + sum(voxels * c // stride for c, stride in convs)
+                       for tokens, voxels in passes)
+
+
+def _heads(module: nn.Module) -> int:
+    return next((h for h in (getattr(module, a, None) for a in ATTENTION_HEADS)
+                 if isinstance(h, int)), 0)
+
+
+def forward_activations(model: nn.Module, shape: tuple[int, ...], batch: int) -> int:
+    """The values one training forward of ``batch`` studies of ``shape`` keeps, counted on
+    the meta device (no memory): every leaf module's output, and a score per head and token
+    pair of every attention module (input ``[rows, tokens, C]``) - the model's own shapes at
+    every stage, for a hierarchical segmenter whose tokens no layout describes."""
+    total = 0
+
+    def count(module, args, out):
+        nonlocal total
+        if isinstance(out, torch.Tensor) and next(module.children(), None) is None:
+            total += out.numel()
+        if _heads(module) and args and isinstance(args[0], torch.Tensor) \
+                and args[0].dim() == 3:
+            rows, tokens = args[0].shape[:2]
+            total += rows * _heads(module) * tokens * tokens
+    hooks = [m.register_forward_hook(count) for m in model.modules()]
+    try:
+        with torch.no_grad():
+            images = torch.empty(batch, *shape, device="meta")
+            model.train()(images, torch.ones(batch, shape[0], dtype=torch.bool, device="meta"))
+    finally:
+        for h in hooks:
+            h.remove()
+    return total
 
 
 def label_names(value) -> frozenset[str]:

@@ -397,6 +397,42 @@ def test_widths_the_coordinator_chose_count_toward_the_sites_activation_cap(
     QueryLimits(max_step_activations=300_000).check_model_size(job.build, batch=8)  # control
 
 
+def test_a_segmenters_full_resolution_maps_count_toward_the_sites_activation_cap(
+        site_dir, task_identity, meta_builds_only, tmp_path):
+    """Attack: a segmenter's decoder works at full resolution, where tokens say nothing. A
+    UNETR on 64-pixel patches of a 1024^2 image (1,025 tokens a study) with feature_size 64
+    keeps ~2e11 values at batch 8; a SwinUNETR - no token layout at all - asked for 1024^3
+    volumes keeps ~1e13. The site counts a UNETR's convolutions over every voxel, and a
+    SwinUNETR's every stage by running its forward on the meta device (leaf outputs and
+    window attention scores); the same models at sizes a site trains are accepted."""
+    from monai.networks.nets import SwinUNETR
+
+    from client.queries import QueryLimits, QueryRefused
+    from models.foundation.monai_nets import SWIN_UNETR_TYPE, save_monai
+    from models.tasks import build
+
+    refused = r"site-policy: the job's model holds about [\d,]+ activation values"
+    message = _unbuilt(MessageType.TRAIN, {"img_size": 1024, "patch_size": 64})
+    message.content[wire.CONFIG][wire.TASK_NAME] = "segmentation"
+    message.content[wire.CONFIG][wire.TASK_OPTIONS] = json.dumps({"num_classes": 3,
+                                                                  "feature_size": 64})
+    with pytest.raises(SiteError, match=refused):
+        make_client_app()(message, _context(site_dir))
+    args = dict(in_channels=1, out_channels=2, feature_size=12, depths=[2, 1, 1, 1],
+                num_heads=[1, 1, 2, 2], window_size=2, spatial_dims=3)
+    save_monai(SwinUNETR(**args), args, tmp_path / "swin", model_type=SWIN_UNETR_TYPE)
+
+    def swin(side):
+        return lambda: build("foundation_swin", {"weights": "swin", "num_channels": 1,
+                                                 "image_size": side, "spatial_dims": 3},
+                             "segmentation", {}, foundation_dir=tmp_path)
+    with pytest.raises(QueryRefused, match="activation values"):
+        QueryLimits().check_model_size(swin(1024), batch=2)
+    QueryLimits().check_model_size(swin(96), batch=2)                              # controls
+    job = decode_job(_unbuilt(MessageType.TRAIN, {}).content[wire.CONFIG], site_seed=0)
+    QueryLimits().check_model_size(job.build, batch=8)
+
+
 def test_the_operators_parameter_cap_refuses_a_model_it_would_otherwise_train(
         site_dir, task_identity):
     wider = ("model.options.dim=64", "model.options.depth=2")

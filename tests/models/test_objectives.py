@@ -113,6 +113,10 @@ def test_step_views_bound_the_tokens_every_transformer_pass_of_a_step_reads(name
     batch = _for(task, _batch())
     task.step(model, batch)
     bound = 6 * sum(layout.tokens(side) for side in task.step_views(layout))
+    if "input_ids" in batch:                  # a text tower reads each report padded to it
+        assert batch["input_ids"].shape[1] == task.step_text_tokens() > 0
+    else:
+        assert task.step_text_tokens() == 0
     assert 0 < sum(read) <= bound
     assert sum(read) == bound or name in ("clip", "mm_dino")
 

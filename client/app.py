@@ -256,7 +256,8 @@ def make_client_app(*, sim_data_root: Path | None = None, sim_train_sites: int |
         for prefix, candidate in models:
             for split, view in views.items():
                 metrics, suppressed = evaluate_split(engine, candidate, view,
-                                                     limits.min_split_size)
+                                                     limits.min_split_size,
+                                                     job.train.batch_size)
                 reply.update(metrics_record(metrics, f"{prefix}{split}", suppressed=suppressed))
                 seconds += metrics.seconds
                 reported += metrics.n if not prefix and split in names else 0
@@ -293,16 +294,16 @@ def make_client_app(*, sim_data_root: Path | None = None, sim_train_sites: int |
             content[wire.POLICY] = policy.to_record()
         return Message(content=content, reply_to=msg)
 
-    def evaluate_split(engine: Engine, model, data, min_size: int
+    def evaluate_split(engine: Engine, model, data, min_size: int, batch_size: int
                        ) -> tuple[SplitMetrics, bool]:
         """The split's metrics and whether it is suppressed (1..min_size-1 studies: never
         evaluated, its size never sent; or a class in it of 1..min_size-1 studies: its
         confusion row would be that count). An empty or suppressed split answers with the
         evaluator's ``n = 0`` result, so every site sends the task's full key set (Flower
-        requires it)."""
+        requires it). ``batch_size``: the job's, which the site's size check counted."""
         if len(data) == 0 or len(data) < min_size:
             return engine.task.evaluator().compute(), len(data) > 0
-        metrics = engine.evaluate(model, data)
+        metrics = engine.evaluate(model, data, batch_size)
         if has_small_class(class_counts(metrics), min_size):
             return engine.task.evaluator().compute(), True
         return metrics, False

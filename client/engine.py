@@ -137,7 +137,7 @@ class Engine:
             self.task.set_label_prior(data.labels)   # logit adjustment: this site's label counts
         model.to(self.device).eval()
         with torch.no_grad(), autocast(self.device):    # e.g. pseudo-labels, received model
-            data = self.task.training_data(model, data)
+            data = self.task.training_data(model, data, config.batch_size)
         model.train()
         if config.head_only and privacy is not None and privacy.head_clip_share is not None:
             privacy = dataclasses.replace(privacy, head_clip_share=None)   # the head has all of C

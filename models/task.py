@@ -172,10 +172,12 @@ class Task(Protocol):
     def set_label_prior(self, labels: Tensor) -> None:
         """Before training: the site's training labels (-1 = unlabelled)."""
 
-    def training_data(self, model: nn.Module, data: Dataset) -> Dataset:
+    def training_data(self, model: nn.Module, data: Dataset, batch_size: int) -> Dataset:
         """Before training, after ``set_label_prior``: the dataset the round trains on, e.g.
         ``data`` with pseudo-labels from ``model`` as received (one label per study, each a
-        function of that study and the received model only, so DP-SGD stays per-sample)."""
+        function of that study and the received model only, so DP-SGD stays per-sample),
+        asking the model ``batch_size`` studies at a time (the job's, which the site's size
+        check counted)."""
 
     def after_step(self, model: nn.Module) -> None:
         """After each optimizer step (e.g. an EMA teacher)."""
@@ -228,7 +230,7 @@ class TaskBase:
     def set_label_prior(self, labels: Tensor) -> None:
         return None
 
-    def training_data(self, model: nn.Module, data: Dataset) -> Dataset:
+    def training_data(self, model: nn.Module, data: Dataset, batch_size: int) -> Dataset:
         return data
 
     def after_step(self, model: nn.Module) -> None:

@@ -324,7 +324,7 @@ class ClassificationTask(TaskBase):
         counts = counts[:self.config.num_classes].double() + 1
         self.log_prior = (counts / counts.sum()).log().float()
 
-    def training_data(self, model: nn.Module, data: Dataset) -> Dataset:
+    def training_data(self, model: nn.Module, data: Dataset, batch_size: int) -> Dataset:
         """With ``pseudo_label_threshold``: ``data`` with its confident unlabelled studies
         labelled by ``model`` (the engine calls this with the received model, in eval mode,
         under no_grad); otherwise ``data`` itself."""
@@ -332,7 +332,8 @@ class ClassificationTask(TaskBase):
         if not tau:
             return data
         labels = torch.as_tensor(data.labels).long()
-        assigned, weights = pseudo_labels(model, data, labels, tau, self.config.pseudo_label_weight)
+        assigned, weights = pseudo_labels(model, data, labels, tau,
+                                          self.config.pseudo_label_weight, batch_size)
         log.info("pseudo-labels: %d of %d unlabelled training studies at threshold %g",
                  int(((labels < 0) & (assigned >= 0)).sum()), int((labels < 0).sum()), tau)
         if not (weights > 0).any():

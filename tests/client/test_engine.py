@@ -211,11 +211,11 @@ def test_pseudo_labels_come_from_the_received_model_before_training(tiny_sites, 
     seen = {"calls": [], "labels": []}
 
     class Spy(ClassificationTask):
-        def training_data(self, model, data):
+        def training_data(self, model, data, batch_size):
             state = model.state_dict()
             seen["calls"].append((model.training, torch.is_grad_enabled(),
                                   all(torch.equal(state[k], v) for k, v in received.items())))
-            return super().training_data(model, data)
+            return super().training_data(model, data, batch_size)
 
         def step(self, model, batch):
             seen["labels"].append(batch["label"].clone())

@@ -125,11 +125,11 @@ def test_a_site_left_with_nothing_to_learn_from_is_told_in_its_log(caplog):
     data = _studies()
     task = ClassificationTask(ClassificationConfig(pseudo_label_threshold=0.9))
     with caplog.at_level("WARNING", logger="models.tasks"):
-        task.training_data(Biased(), Studies(data.images[[3, 5]], torch.tensor([-1, -1])))
+        task.training_data(Biased(), Studies(data.images[[3, 5]], torch.tensor([-1, -1])), 8)
     assert "this round's steps learn nothing" in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING", logger="models.tasks"):
-        task.training_data(Biased(), Studies(data.images[[2, 3]], torch.tensor([-1, -1])))
+        task.training_data(Biased(), Studies(data.images[[2, 3]], torch.tensor([-1, -1])), 8)
     assert "learn nothing" not in caplog.text
 
 
@@ -185,12 +185,12 @@ def test_pseudo_labels_off_by_default_need_the_unlabelled_studies_and_checked_op
 
     off = ClassificationTask(ClassificationConfig(label_fraction=0.1))
     data = _studies()
-    assert off.training_data(Biased(), data) is data
+    assert off.training_data(Biased(), data, 8) is data
     assert off.data_needs == DataNeeds(unlabelled=False, label_fraction=0.1)
     on = ClassificationTask(ClassificationConfig(label_fraction=0.1, pseudo_label_threshold=0.9,
                                                  pseudo_label_weight=0.5))
     assert on.data_needs == DataNeeds(unlabelled=True, label_fraction=0.1)
-    relabelled = on.training_data(Biased(), data)
+    relabelled = on.training_data(Biased(), data, 8)
     assert len(relabelled) == 6 and relabelled.labels.tolist() == [0, 1, 2, -1, 2, -1]
     assert relabelled[2]["label"] == 2 and relabelled[2]["label_weight"] == 0.5
     assert torch.equal(relabelled[2]["image"], data[2]["image"])

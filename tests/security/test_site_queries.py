@@ -308,6 +308,32 @@ def test_a_dp_sample_rate_beyond_the_batch_size_never_puts_more_studies_in_one_p
     assert len(rows) >= trained[wire.NUM_EXAMPLES] and max(rows) == 2  # one study, two views
 
 
+def test_evaluation_and_pseudo_labels_ask_the_model_no_more_studies_at_once_than_training(
+        site_dir, task_identity):
+    """Attack: the site sizes a job at its batch size, but evaluated every split and
+    pseudo-labelled the unlabelled studies 64 at a time: a coordinator choosing
+    ``batch_size=1`` got 64x past every activation cap. Evaluation and pseudo-labelling now
+    run the job's batch size too."""
+    from models.vit import MultiModalViT
+
+    rows, forward = [], MultiModalViT.forward_features
+
+    def counted(self, images, *args, **kwargs):
+        rows.append(images.shape[0])
+        return forward(self, images, *args, **kwargs)
+    small = ("train.batch_size=1", "task.options.pseudo_label_threshold=0.34",
+             "task.options.label_fraction=0.5")
+    node = {wire.NODE_MIN_EVAL_SPLIT: 1}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(MultiModalViT, "forward_features", counted)
+        for kind in (MessageType.TRAIN, MessageType.EVALUATE):
+            rows.clear()
+            reply = make_client_app()(_message(kind, overrides=small),
+                                      _context(site_dir, **node))
+            assert not reply.has_error(), reply.error
+            assert len(rows) > 2 and max(rows) == 1, (kind, rows)
+
+
 def test_mm_dino_crops_and_teacher_passes_count_toward_the_sites_step_cap(
         site_dir, task_identity, meta_builds_only):
     """Attack: the step cap counted one pass a study, but an MM-DINOv2 step passes each

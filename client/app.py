@@ -131,7 +131,8 @@ def make_client_app(*, sim_data_root: Path | None = None, sim_train_sites: int |
         limits = QueryLimits.from_settings(settings, simulated=site.simulated)
         build = partial(job.build, foundation_dir=site_foundation_dir(settings, site.data_dir))
         limits.check_model_size(build, batch=job.train.batch_size       # sized on the
-                                * job.privacy.augmentation_multiplicity)  # meta device first
+                                * job.privacy.augmentation_multiplicity,  # meta device first
+                                per_sample=job.privacy.mechanism == wire.DP_SGD)
         torch.manual_seed(job.train.seed)        # seeded init: local parameters of round 1
         model, task = build()
         site_base = check_site_model(model, job)

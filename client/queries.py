@@ -94,10 +94,10 @@ class QueryLimits:
     max_parameters: int = 2_000_000_000
     max_study_tokens: int = 16384
     max_step_tokens: int = 2**20
-    max_step_activations: int = 2**34
+    max_step_activations: int = 2**35
 
     def check_model_size(self, build: Callable[[], tuple[nn.Module, Task | None]], *,
-                         batch: int = 1) -> None:
+                         batch: int = 1, per_sample: bool = False) -> None:
         """Size the job's model before building it: ``build`` runs on the meta device
         (shapes: no memory, no weights read), and a model of more parameters and buffers
         than ``max-model-parameters`` is refused, counting every copy its task holds (an
@@ -110,13 +110,16 @@ class QueryLimits:
         chunks of that size), over every pass the task's step makes of a study
         (``Task.step_views``: MM-DINOv2's crops and teacher passes; and
         ``step_text_tokens``: CLIP's report length, a text tower's pass); and by those
-        tokens times the layers' widths and heads (``step_activations``). A ``build``
-        without a task sizes the backbone alone, one pass a study. Every path that builds a
-        job's model calls this first."""
+        tokens times the layers' widths and heads (``step_activations``); ``per_sample``
+        (DP-SGD): plus each row's gradient of every trainable weight and its square, which
+        the exact clipper may hold. A ``build`` without a task sizes the backbone alone, one
+        pass a study. Every path that builds a job's model calls this first."""
         with torch.device("meta"):
             model, task = build()
         copies = 1 if task is None else task.model_copies
         n = sum(t.numel() for t in (*model.parameters(), *model.buffers())) * copies
+        rows = 2 * batch * sum(p.numel() for p in model.parameters() if p.requires_grad) \
+            if per_sample else 0
         if n > self.max_parameters:
             held = f" (its task holds {copies} copies)" if copies > 1 else ""
             raise QueryRefused(f"the job's model has {n:,} parameters and buffers{held}, more "
@@ -127,7 +130,7 @@ class QueryLimits:
         if backbone is None:      # a segmenter without a token layout (SwinUNETR): its
             shape = getattr(model, "input_shape", None)     # stages' shapes, counted
             if shape is not None:
-                self._check_activations(forward_activations(model, shape, batch))
+                self._check_activations(forward_activations(model, shape, batch) + rows)
             return
         layout = backbone.layout        # + the registers a foundation encoder adds inside
         # read without a default where the class has it: an error inside must not count 0
@@ -144,7 +147,7 @@ class QueryLimits:
                                f"{self.max_study_tokens:,}, {wire.NODE_MAX_STEP_TOKENS!r}: "
                                f"{self.max_step_tokens:,})")
         passes = [(t, side**layout.spatial_dims) for t, side in zip(reads, views)]
-        self._check_activations(step_activations(model, passes + [(text, 0)], batch))
+        self._check_activations(step_activations(model, passes + [(text, 0)], batch) + rows)
 
     def _check_activations(self, values: int) -> None:
         if values > self.max_step_activations:
@@ -208,13 +211,14 @@ CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d
 
 
 def step_activations(model: nn.Module, passes: list[tuple[int, int]], batch: int) -> int:
-    """An upper estimate of the values one training step keeps for backward, from the
+    """An estimate of the values one training step keeps for backward, from the
     meta-built model: ``batch`` studies, each making ``passes`` of ``(tokens, voxels)``.
     Every token meets every Linear layer (its output width) and every attention module (a
     score per head and token); every voxel every convolution (its output channels, over its
-    stride). The widths, depth, head counts and
-    decoder channels are the coordinator's numbers (an MLP ratio of 1e8, 4e8 prototypes, a
-    head per channel, a wide decoder at full resolution) and no token cap sees them."""
+    stride). The widths, depth, head counts and decoder channels are the coordinator's
+    numbers (an MLP ratio of 1e8, 4e8 prototypes, a head per channel, a wide decoder at full
+    resolution) and no token cap sees them. Measured against what autograd keeps: within
+    ~3x either way (a wide MLP keeps its hidden width ~3 times, SDPA keeps no scores)."""
     width = sum(m.out_features for m in model.modules() if isinstance(m, nn.Linear))
     convs = [(m.out_channels, math.prod(m.stride) if isinstance(m, nn.Conv1d | nn.Conv2d
                                                                | nn.Conv3d) else 1)

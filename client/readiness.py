@@ -92,7 +92,8 @@ def job_readiness(config: ConfigRecord, settings: dict, data_dir: Path) -> Readi
     refusal = None
     build = partial(job.build, foundation_dir=directory)
     QueryLimits.from_settings(settings).check_model_size(       # refused before any build
-        build, batch=job.train.batch_size * job.privacy.augmentation_multiplicity)
+        build, batch=job.train.batch_size * job.privacy.augmentation_multiplicity,
+        per_sample=job.privacy.mechanism == wire.DP_SGD)
     try:
         model, _ = build()
         check_site_model(model, job)

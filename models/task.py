@@ -46,9 +46,10 @@ class StepOutput:
         if len(outs) == 1:
             return outs[0]
         n = sum(o.n for o in outs)
-        w = [o.n / max(n, 1) for o in outs]
-        loss = sum(o.loss.detach() * wi for o, wi in zip(outs, w))
-        metrics = {k: sum(o.metrics[k] * wi for o, wi in zip(outs, w)) for k in outs[0].metrics}
+        loss = sum(o.loss.detach() * o.n for o in outs) / max(n, 1)
+        keys = dict.fromkeys(k for o in outs for k in o.metrics)    # a chunk may lack one
+        metrics = {k: sum(o.metrics[k] * o.n for o in outs if k in o.metrics)
+                   / max(sum(o.n for o in outs if k in o.metrics), 1) for k in keys}
         return StepOutput(loss, n, metrics)
 
 

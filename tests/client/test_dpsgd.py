@@ -401,8 +401,9 @@ def test_a_poisson_batch_in_physical_chunks_gets_the_same_private_gradient(task,
     batch = reference["batch"]
     whole, grads = _private_grads(_vit(reference["config"]), task, batch, config, expected)
     model = _vit(reference["config"])
-    chunks = [{k: v[at:at + 2] for k, v in batch.items()} for at in range(0, N, 2)]
-    assert len(chunks) >= 3
+    cuts = [0, N - 2, N - 1, N]                      # uneven chunks: weighted by their n
+    chunks = [{k: v[a:b] for k, v in batch.items()} for a, b in zip(cuts, cuts[1:])]
+    assert [len(c["label"]) for c in chunks] == [N - 2, 1, 1]
     out = PrivateGradients(model, config, expected).backward(
         [lambda chunk=chunk: task.step(model, chunk) for chunk in chunks])
     assert out.n == whole.n == N

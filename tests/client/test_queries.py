@@ -46,3 +46,27 @@ def test_the_static_estimate_counts_widths_heads_and_strided_convolutions():
     width, heads = 6, 3                                           # conv: 6 over stride 2 x 2
     assert step_activations(model, [(tokens, voxels)], b) == \
         b * (tokens * (width + heads * tokens) + voxels * 6 // 4)
+
+
+def test_every_familys_attention_heads_are_counted():
+    """Attention modules name their head count three ways (ours ``heads``; timm, MONAI,
+    DINOv3, CLIP ``num_heads``; DINOv2, ViT, BERT, SAM ``num_attention_heads``): each
+    layer's heads count once."""
+    import transformers
+    from monai.networks.nets import ViT
+
+    from client.queries import _heads
+    from models.vit import MultiModalViT, ViTConfig
+
+    size = dict(hidden_size=24, num_hidden_layers=2, num_attention_heads=3)
+    with torch.device("meta"):
+        models = [transformers.Dinov2Model(transformers.Dinov2Config(**size)),
+                  transformers.BertModel(transformers.BertConfig(**size)),
+                  transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**size)),
+                  transformers.DINOv3ViTModel(transformers.DINOv3ViTConfig(
+                      **size, intermediate_size=48)),
+                  ViT(in_channels=1, img_size=32, patch_size=8, hidden_size=24, mlp_dim=48,
+                      num_layers=2, num_heads=3, spatial_dims=2),
+                  MultiModalViT(ViTConfig(dim=24, depth=2, heads=3))]
+    for model in models:
+        assert sum(_heads(m) for m in model.modules()) == 2 * 3, type(model).__name__

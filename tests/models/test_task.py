@@ -151,3 +151,19 @@ def test_export_refuses_a_model_without_a_declared_backbone():
 
     with pytest.raises(TypeError, match="no multi-modal ViT backbone"):
         plain_backbone(Holder())
+
+
+def test_a_steps_chunks_merge_into_means_over_all_their_samples():
+    """DP-SGD's physical chunks of one step: loss and metrics are means weighted by each
+    chunk's ``n``; a metric a chunk lacks is averaged over the chunks that have it, and a
+    chunk with no samples (e.g. no masked study) weighs nothing."""
+    import torch
+
+    from models.task import StepOutput
+
+    merged = StepOutput.merge([StepOutput(torch.tensor(1.0), 3, {"a": 1.0, "b": 2.0}),
+                               StepOutput(torch.tensor(4.0), 1, {"a": 5.0}),
+                               StepOutput(torch.tensor(9.0), 0, {"a": 7.0})])
+    assert merged.n == 4 and float(merged.loss) == 1.75
+    assert merged.metrics == {"a": 2.0, "b": 2.0}
+    assert StepOutput.merge([]) is None

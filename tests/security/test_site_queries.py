@@ -11,7 +11,7 @@ import numpy as np
 import pydicom
 import pytest
 import torch
-from flwr.app import ArrayRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.common.serde import recorddict_to_proto
 
 from client.app import make_client_app
@@ -392,7 +392,7 @@ def test_a_report_length_beyond_the_sites_means_is_refused_before_any_build(
 
 
 @pytest.mark.parametrize("task, model, options", [
-    ("classification", {"dim": 2, "depth": 1, "heads": 1, "mlp_ratio": 1e8}, {}),
+    ("classification", {"dim": 2, "depth": 1, "heads": 1, "mlp_ratio": 1.9e8}, {}),
     ("classification", {"img_size": 128, "patch_size": 4, "dim": 512, "depth": 1,
                         "heads": 512}, {}),
     ("mm_dino", {}, {"out_dim": 400_000_000, "hidden_dim": 1, "bottleneck_dim": 1}),
@@ -400,14 +400,14 @@ def test_a_report_length_beyond_the_sites_means_is_refused_before_any_build(
 ], ids=["mlp", "heads", "prototypes", "text-mlp"])
 def test_widths_the_coordinator_chose_count_toward_the_sites_activation_cap(
         site_dir, task_identity, meta_builds_only, task, model, options):
-    """Attack: widths, not tokens or parameters. An MLP ratio of 1e8 on a 2-wide ViT (8e8
+    """Attack: widths, not tokens or parameters. An MLP ratio of 1.9e8 on a 2-wide ViT (1.9e9
     parameters, under the 2e9 cap; the small job's 17 tokens a study) makes an MLP layer of
-    2.7e10 values at batch 8 (109 GB in float32); 512 heads on a 512-wide ViT of 4,097 tokens
+    5.2e10 values at batch 8 (207 GB in float32); 512 heads on a 512-wide ViT of 4,097 tokens
     a study (under both token caps) hold 512 attention scores per token pair, 6.9e10 values;
     4e8 MM-DINOv2 prototypes (0.8e9 parameters, twice with the teacher) score every token of
     a crop 4e8 ways; a 1e8-wide text MLP in CLIP's tower. The site estimates what a step
     keeps - every pass's tokens x the Linear widths and attention heads of the meta-built
-    model - and refuses above ``max-step-activations`` (default 2^34, ~69 GB in float32);
+    model - and refuses above ``max-step-activations`` (default 2^35, ~137 GB in float32);
     the small job itself holds ~2.5e5, and the 512-wide ViT with 8 heads is accepted."""
     from client.queries import QueryLimits
 
@@ -421,6 +421,10 @@ def test_widths_the_coordinator_chose_count_toward_the_sites_activation_cap(
         make_client_app()(message, _context(site_dir))
     job = decode_job(_unbuilt(MessageType.TRAIN, {}).content[wire.CONFIG], site_seed=0)
     QueryLimits(max_step_activations=300_000).check_model_size(job.build, batch=8)  # control
+    if model.get("heads") == 512:             # the same ViT with 8 heads: what a site trains
+        eight = decode_job(_unbuilt(MessageType.TRAIN, model | {"heads": 8}).content[
+            wire.CONFIG], site_seed=0)
+        QueryLimits().check_model_size(eight.build, batch=8)
 
 
 def test_a_segmenters_full_resolution_maps_count_toward_the_sites_activation_cap(
@@ -457,6 +461,34 @@ def test_a_segmenters_full_resolution_maps_count_toward_the_sites_activation_cap
     QueryLimits().check_model_size(swin(96), batch=2)                              # controls
     job = decode_job(_unbuilt(MessageType.TRAIN, {}).content[wire.CONFIG], site_seed=0)
     QueryLimits().check_model_size(job.build, batch=8)
+
+
+def test_dp_sgd_per_sample_gradients_count_toward_the_sites_activation_cap(
+        site_dir, task_identity, meta_builds_only):
+    """Attack: under DP-SGD the exact clipper may hold each row's gradient of a trainable
+    weight (and its square): a UNETR decoder of feature_size 1024 (3.9e8 trainable weights,
+    under the parameter cap; ~2.6e9 activation values at batch 64, under the default cap)
+    holds ~5e10 per-sample gradient values. The site counts 2 x rows x trainable weights
+    for a DP-SGD job; the same job without DP-SGD is accepted."""
+    from client.queries import QueryLimits
+
+    def job(*privacy: str) -> ConfigRecord:
+        record = job_config(load_experiment([*SMALL, "train.batch_size=64", *privacy]),
+                            run_id="run-q")
+        record[wire.MODEL_OPTIONS] = json.dumps(json.loads(record[wire.MODEL_OPTIONS]) | {
+            "img_size": 32, "patch_size": 8, "dim": 64, "depth": 4, "heads": 2})
+        record[wire.TASK_NAME] = "segmentation"
+        record[wire.TASK_OPTIONS] = json.dumps({"num_classes": 3, "feature_size": 1024})
+        record[wire.SERVER_ROUND] = 1
+        return record
+    message = Message(RecordDict({wire.CONFIG: job("privacy=dpsgd"),
+                                  wire.ARRAYS: ArrayRecord({})}),
+                      dst_node_id=7, message_type=MessageType.TRAIN)
+    node = {wire.NODE_DP_EPSILON: 100.0, wire.NODE_DP_DELTA: 1e-5}
+    with pytest.raises(SiteError, match=r"site-policy: the job's model holds about [\d,]+ "
+                                        r"activation values"):
+        make_client_app()(message, _context(site_dir, **node))
+    QueryLimits().check_model_size(decode_job(job(), site_seed=0).build, batch=64)  # control
 
 
 def test_the_operators_parameter_cap_refuses_a_model_it_would_otherwise_train(

@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, default_collate
@@ -167,9 +168,10 @@ class Engine:
             # (x views rows), what the site's size check counted; their clipped sums add up.
             steps = config.local_epochs * steps_per_epoch(privacy.sample_rate)
             views = range(privacy.augmentation_multiplicity)
-            size = config.batch_size
-            batches = ([default_collate([data[int(i)] for i in idx[at:at + size] for _ in views])
-                        for at in range(0, len(idx), size)]
+            size = config.batch_size        # balanced: 17 drawn at 16 run as 9 + 8, not 16 + 1
+            batches = ([default_collate([data[int(i)] for i in chunk for _ in views])
+                        for chunk in (np.array_split(idx, -(-len(idx) // size))
+                                      if len(idx) else ())]
                        for idx in poisson_batches(len(data), privacy.sample_rate, steps,
                                                   secure=privacy.secure_mode, seed=config.seed))
             private = PrivateGradients(model, privacy, privacy.sample_rate * len(data))

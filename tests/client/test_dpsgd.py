@@ -724,8 +724,11 @@ def test_engine_reads_each_drawn_sample_k_times_as_consecutive_rows(site_train):
     n = len(data)
     assert metrics["steps"] == 2 and np.isfinite(metrics["train_loss"])
     assert data.reads == [2 * 3] * n                    # q = 1: every study, each step
-    # in physical chunks of batch_size = 4 studies (x 3 rows), each study's rows in one
-    assert n > 4 and [len(r) for r in rows] == [3 * min(4, n - at) for at in range(0, n, 4)] * 2
+    # in balanced physical chunks of at most batch_size = 4 studies (x 3 rows), each study's
+    # rows in one chunk
+    chunks = -(-n // 4)
+    assert n > 4 and [len(r) for r in rows] == \
+        [3 * (n // chunks + (i < n % chunks)) for i in range(chunks)] * 2
     assert sum(rows, []) == [float(i) for i in range(n) for _ in range(3)] * 2
 
 

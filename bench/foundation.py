@@ -157,8 +157,8 @@ class _TimedTask:
     def set_label_prior(self, labels) -> None:
         self.task.set_label_prior(labels)
 
-    def training_data(self, model, data):
-        return self.task.training_data(model, data)
+    def training_data(self, model, data, batch_size):
+        return self.task.training_data(model, data, batch_size)
 
     def step(self, model, batch):
         out = self.task.step(model, batch)

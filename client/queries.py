@@ -129,8 +129,11 @@ class QueryLimits:
                          if isinstance(getattr(m, "layout", None), TokenLayout)), None)
         if backbone is None:      # a segmenter without a token layout (SwinUNETR): its
             shape = getattr(model, "input_shape", None)     # stages' shapes, counted
-            if shape is not None:
-                self._check_activations(forward_activations(model, shape, batch) + rows)
+            if shape is None:     # nothing to size its activations by: fail closed
+                raise QueryRefused(f"the job's model ({type(model).__name__}) has neither a "
+                                   "token layout nor an input shape, so this site cannot size "
+                                   "what a training step of it holds; refusing")
+            self._check_activations(forward_activations(model, shape, batch) + rows)
             return
         layout = backbone.layout        # + the registers a foundation encoder adds inside
         # read without a default where the class has it: an error inside must not count 0

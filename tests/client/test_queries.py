@@ -70,3 +70,14 @@ def test_every_familys_attention_heads_are_counted():
                   MultiModalViT(ViTConfig(dim=24, depth=2, heads=3))]
     for model in models:
         assert sum(_heads(m) for m in model.modules()) == 2 * 3, type(model).__name__
+
+
+def test_a_model_the_site_cannot_size_is_refused_not_waved_through():
+    """Every registered model has a token layout or an input shape; one with neither (a
+    future family, a registry mistake) would skip the activation check - refused instead."""
+    import pytest
+
+    from client.queries import QueryLimits, QueryRefused
+
+    with pytest.raises(QueryRefused, match="cannot size what a training step of it holds"):
+        QueryLimits().check_model_size(lambda: (nn.Linear(4, 4), None))

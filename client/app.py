@@ -291,7 +291,8 @@ def make_client_app(*, sim_data_root: Path | None = None, sim_train_sites: int |
                 policy = replace(policy, layout_ok=ready.layout_ok,
                                  weights_found=ready.weights_found,
                                  weights_match=ready.weights_match,
-                                 dp_refusal=ready.dp_refusal)
+                                 dp_refusal=ready.dp_refusal,
+                                 size_refusal=ready.size_refusal)
             content[wire.POLICY] = policy.to_record()
         return Message(content=content, reply_to=msg)
 

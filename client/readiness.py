@@ -19,6 +19,12 @@ code, node config and files, never a path, a file name or a count:
   Weights that match may still be refused by that check for DP-SGD (a method or layer the
   site's exact clipper has no per-sample rule for): the answer then carries round 1's
   refusal line, which names the method or layer, never data.
+- **size**: the job's model is within the site's size caps (node config
+  ``max-model-parameters``, ``max-study-tokens``, ``max-step-tokens``,
+  ``max-step-activations``), sized on the meta device exactly as round 1 sizes it
+  (``QueryLimits.check_model_size``) and never built when it is not; the answer carries round
+  1's refusal line (the model's sizes and the caps, never data). A foundation model is sized
+  from the directory's config once its weights are found.
 
 The job is decoded as a train message's is (``client.job.decode_job``); its weights name is
 checked to be a bare name before anything touches the filesystem, so a forged query with a
@@ -42,19 +48,20 @@ from protocol.layout import DEFAULT_LAYOUT, Layout
 from .foundation import FoundationRefused, check_site_model, site_foundation_dir
 from .job import decode_job
 from .privacy.policy import PrivacyRefused
-from .queries import QueryLimits
+from .queries import QueryLimits, QueryRefused
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Readiness:
-    """A site's answer about one job: flags, and the DP-SGD refusal round 1 would give;
-    None where the job does not need the check (or DP-SGD is not refused)."""
+    """A site's answer about one job: flags, and the DP-SGD and size refusals round 1 would
+    give; None where the job does not need the check (or nothing is refused)."""
     layout_ok: bool
     weights_found: bool | None = None
     weights_match: bool | None = None
     dp_refusal: str | None = None
+    size_refusal: str | None = None
 
 
 def asks_for_job(config: ConfigRecord) -> bool:
@@ -74,11 +81,14 @@ def job_readiness(config: ConfigRecord, settings: dict, data_dir: Path) -> Readi
     job = decode_job(config, site_seed=0)
     try:
         served_layout(job.layout, settings, simulated=False)
-        ready = Readiness(layout_ok=True)
+        layout_ok = True
     except LayoutRefused:
-        ready = Readiness(layout_ok=False)
+        layout_ok = False
+    sized = partial(QueryLimits.from_settings(settings).check_model_size,   # on the meta
+                    batch=job.train.batch_size * job.privacy.augmentation_multiplicity,
+                    per_sample=job.privacy.mechanism == wire.DP_SGD)          # device only
     if FOUNDATION_DIR not in MODELS.resources(job.model_name):
-        return ready
+        return Readiness(layout_ok, size_refusal=_size_refusal(sized, job.build))
     # The name was checked by decode_job (FoundationConfig); resolve_weights checks it again
     # before any path is formed: nothing below reads a path the query could have chosen.
     name = str(job.model_options.get("weights", ""))
@@ -88,13 +98,13 @@ def job_readiness(config: ConfigRecord, settings: dict, data_dir: Path) -> Readi
     except ValueError:                      # no foundation-dir here (FoundationLoadError)
         found = False
     if not found:
-        return Readiness(ready.layout_ok, weights_found=False)
+        return Readiness(layout_ok, weights_found=False)
     refusal = None
     build = partial(job.build, foundation_dir=directory)
-    QueryLimits.from_settings(settings).check_model_size(       # refused before any build
-        build, batch=job.train.batch_size * job.privacy.augmentation_multiplicity,
-        per_sample=job.privacy.mechanism == wire.DP_SGD)
-    try:
+    try:        # sized from the directory's config before anything is built
+        too_large = _size_refusal(sized, build)
+        if too_large is not None:
+            return Readiness(layout_ok, weights_found=True, size_refusal=too_large)
         model, _ = build()
         check_site_model(model, job)
         match = True
@@ -106,8 +116,17 @@ def job_readiness(config: ConfigRecord, settings: dict, data_dir: Path) -> Readi
         log.warning("foundation weights %r could not be built here: %s", name,
                     type(err).__name__)
         match = False
-    return Readiness(ready.layout_ok, weights_found=True, weights_match=match,
-                     dp_refusal=refusal)
+    return Readiness(layout_ok, weights_found=True, weights_match=match, dp_refusal=refusal)
+
+
+def _size_refusal(sized, build) -> str | None:
+    """The line round 1 would refuse ``build``'s model with for its size (the site's caps:
+    ``QueryLimits.check_model_size``, meta device), or None within them."""
+    try:
+        sized(build)
+    except QueryRefused as err:
+        return str(err)
+    return None
 
 
 class LayoutRefused(ValueError):

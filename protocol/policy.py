@@ -54,6 +54,11 @@ class SitePolicy:
         job's model with (a method or layer the site's clipper has no rule for). None: not
         refused, or not asked. Decoded as one printable line of at most
         :data:`MAX_REFUSAL_CHARS` characters (the server logs it).
+    size_refusal : str, optional
+        Asked with a job: the line round 1 would refuse the job's model with for its size
+        (parameters, tokens or activations a step over the site's node-config caps: model
+        and config numbers, no data). None: within the caps, or not asked. Decoded as
+        ``dp_refusal`` is.
     trust_server : bool
         The site accepts site-level DP whose noise the server adds (``dp-trust-server``).
     max_assumed_sites : int, optional
@@ -74,6 +79,7 @@ class SitePolicy:
     weights_found: bool | None = None
     weights_match: bool | None = None
     dp_refusal: str | None = None
+    size_refusal: str | None = None
     trust_server: bool = False
     max_assumed_sites: int | None = None
 
@@ -101,8 +107,9 @@ class SitePolicy:
                 record[key] = bool(getattr(self, value))
         if self.max_assumed_sites is not None:
             record[wire.NODE_DP_MAX_ASSUMED_SITES] = int(self.max_assumed_sites)
-        if self.dp_refusal is not None:
-            record[wire.POLICY_DP_REFUSAL] = str(self.dp_refusal)
+        for key, value in _REFUSALS:
+            if getattr(self, value) is not None:
+                record[key] = str(getattr(self, value))
         return record
 
     @classmethod
@@ -143,7 +150,8 @@ class SitePolicy:
                    require_secagg=get(wire.NODE_REQUIRE_SECAGG, bool, False),
                    trust_server=get(wire.NODE_DP_TRUST_SERVER, bool, False),
                    epsilon_spent=spent, max_assumed_sites=cap,
-                   dp_refusal=_one_line(get(wire.POLICY_DP_REFUSAL, str)), **numbers,
+                   **{value: _one_line(get(key, str)) for key, value in _REFUSALS},
+                   **numbers,
                    **{value: get(key, bool) for key, value in _OPTIONAL_FLAGS})
 
 
@@ -166,3 +174,5 @@ _OPTIONAL_NUMBERS = ((wire.NODE_DP_EPSILON, "epsilon"), (wire.NODE_DP_DELTA, "de
 # SitePolicy field -> its key; absent from the record when None (not asked or not needed)
 _OPTIONAL_FLAGS = ((wire.POLICY_LAYOUT_OK, "layout_ok"), (wire.POLICY_WEIGHTS_FOUND,
                    "weights_found"), (wire.POLICY_WEIGHTS_MATCH, "weights_match"))
+# SitePolicy field -> its key: a site's refusal line, absent when None
+_REFUSALS = ((wire.POLICY_DP_REFUSAL, "dp_refusal"), (wire.POLICY_SIZE_REFUSAL, "size_refusal"))

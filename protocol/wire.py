@@ -186,6 +186,8 @@ POLICY_WEIGHTS_FOUND = "weights-found"   # bool: foundation weights NAME in its 
 POLICY_WEIGHTS_MATCH = "weights-digest-match"   # bool: its frozen base = the job's digest
 POLICY_DP_REFUSAL = "dp-refusal"     # str: the line its DP-SGD check refuses the job's model
                                      # with (layer/method names, no data); absent: none
+POLICY_SIZE_REFUSAL = "size-refusal"     # str: the line its size caps refuse the job's model
+                                         # with (sizes and node-config caps); absent: none
 
 # Run config (pyproject [tool.flwr.app.config] / `flwr run --run-config`)
 RUN_EXPERIMENT = "experiment"

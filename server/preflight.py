@@ -211,9 +211,9 @@ def policy_problems(cfg: ExperimentConfig, policies: list[SitePolicy]
 
 def serving_problems(cfg: ExperimentConfig, policies: list[SitePolicy]) -> list[str]:
     """A line per thing some sites said they cannot serve of ``cfg``'s job (layout, foundation
-    weights missing or of another digest, DP-SGD refused for the model), naming them and the
-    fix. A site that did not answer a flag (no job asked, or an older site) is left to refuse
-    in round 1."""
+    weights missing or of another digest, DP-SGD refused for the model, a model over their
+    size caps), naming them and the fix. A site that did not answer a flag (no job asked, or
+    an older site) is left to refuse in round 1."""
     problems = []
     layout = str(cfg.data.layout.get("name") or DEFAULT_LAYOUT)
     if lost := [p for p in policies if p.layout_ok is False]:
@@ -232,9 +232,12 @@ def serving_problems(cfg: ExperimentConfig, policies: list[SitePolicy]) -> list[
                         f"{weights!r} in their foundation-dir")
     refusals: dict[str, list[SitePolicy]] = {}
     for p in policies:
-        if p.dp_refusal:
+        if p.dp_refusal:        # the site's own line names the fix
             refusals.setdefault(p.dp_refusal, []).append(p)
-    for line, sites in sorted(refusals.items()):     # the site's own line names the fix
+        if p.size_refusal:      # the site's own line names its cap
+            refusals.setdefault(f"{p.size_refusal}: make the model or train.batch_size "
+                                "smaller, or its operator raises that cap", []).append(p)
+    for line, sites in sorted(refusals.items()):
         problems.append(f"{_names(sites)}: {line}")
     return problems
 

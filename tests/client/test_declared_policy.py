@@ -4,10 +4,13 @@ still refused."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
 from client.app import make_client_app
+from client.job import decode_job
 from client.privacy.ledger import PrivacyLedger
 from protocol import wire
 from protocol.accounting import epsilon
@@ -121,6 +124,8 @@ def test_a_sites_refusal_line_is_decoded_as_one_short_printable_line():
     assert "\n" not in line and "\x1b" not in line and len(line) == MAX_REFUSAL_CHARS
     assert line.startswith("refused INFO medfed.server: round 9 ok [2J")
     assert SitePolicy.from_record(SitePolicy("s").to_record()).dp_refusal is None
+    sized = SitePolicy.from_record(SitePolicy("s", size_refusal="big\nWARNING x").to_record())
+    assert sized.size_refusal == "big WARNING x" and sized.dp_refusal is None
     with pytest.raises(PolicyDecodeError, match="dp-refusal"):
         SitePolicy.from_record(ConfigRecord(dict(SitePolicy("s").to_record())
                                             | {wire.POLICY_DP_REFUSAL: 3}))
@@ -210,14 +215,38 @@ def test_a_foundation_job_beyond_the_sites_size_cap_is_refused_before_it_is_buil
         tmp_path, encoders, meta_builds_only):
     """Attack: the preflight query builds the job's model (to compare its frozen base), and
     the job's sizes - adapter rank, channels, grid - are the coordinator's. The site sizes
-    it on the meta device first and refuses it, as in a round, without building it."""
-    from client.mods.errors import SiteError
-
+    it on the meta device first and refuses it, as in a round, without building it; the
+    refusal comes back as its policy's size line (the other flags stand), not as an error."""
     node = _node(tmp_path, **{wire.NODE_FOUNDATION_DIR: str(encoders / "same"),
                               wire.NODE_MAX_MODEL_PARAMETERS: 10_000})
-    with pytest.raises(SiteError, match=r"site-policy: the job's model has [\d,]+ parameters "
-                                        r"and buffers, more than this site builds"):
-        _ask(make_client_app(), node, **_foundation_job(encoders))
+    reply = _ask(make_client_app(), node, **_foundation_job(encoders))[wire.POLICY]
+    policy = SitePolicy.from_record(reply)
+    assert (policy.layout_ok, policy.weights_found, policy.weights_match) == (True, True, None)
+    assert re.fullmatch(r"the job's model has [\d,]+ parameters and buffers, more than this "
+                        r"site builds \(node config 'max-model-parameters': 10,000\)",
+                        policy.size_refusal), policy.size_refusal
+    assert str(tmp_path) not in policy.size_refusal and str(encoders) not in str(reply)
+
+
+def test_a_job_within_or_beyond_the_sites_caps_is_answered_as_round_1_would(tmp_path):
+    """Any job (not only a foundation model's) is sized as round 1 sizes it: over a cap,
+    round 1's refusal line, one per cap; within every cap, no line."""
+    from client.queries import QueryLimits
+
+    app, job = make_client_app(), _job()
+    assert SitePolicy.from_record(_ask(app, _node(tmp_path), **job)[wire.POLICY]
+                                  ).size_refusal is None
+    for key, words in ((wire.NODE_MAX_MODEL_PARAMETERS, "parameters and buffers"),
+                       (wire.NODE_MAX_STUDY_TOKENS, "tokens in one pass over a study"),
+                       (wire.NODE_MAX_STEP_ACTIVATIONS, "activation values a training step")):
+        policy = SitePolicy.from_record(_ask(app, _node(tmp_path, **{key: 10}), **job)[
+            wire.POLICY])
+        assert words in policy.size_refusal and repr(key) in policy.size_refusal
+        assert policy.layout_ok is True and policy.weights_found is None
+        spec = decode_job(ConfigRecord(job), site_seed=0)
+        with pytest.raises(ValueError, match=re.escape(policy.size_refusal)):  # round 1's
+            QueryLimits.from_settings({key: 10}).check_model_size(
+                spec.build, batch=spec.train.batch_size)
 
 
 @pytest.mark.parametrize("forged", ["../coordinator/dino", "/etc", "a/b", ".."])

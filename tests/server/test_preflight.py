@@ -6,6 +6,7 @@ or up."""
 from __future__ import annotations
 
 import http.server
+import re
 import socket
 import threading
 import time
@@ -226,6 +227,32 @@ def test_sites_refusing_dp_sgd_for_the_model_are_named_with_their_line(tmp_path)
     assert serving_problems(cfg, policies) == [f"a, b: {line}"]
     problems, _ = policy_problems(cfg, policies)
     assert f"a, b: {line}" in problems
+
+
+def test_sites_whose_size_caps_refuse_the_model_are_named_before_round_one(tmp_path,
+                                                                          quiet_waits):
+    """A site whose node config caps the model below the job's answers the preflight with
+    round 1's refusal line as a flag (sized on the meta device, never built), so the
+    coordinator names it and the fix before any round, and the other sites' answers stand."""
+    from client.queries import QueryLimits
+
+    grid = SiteGrid(tmp_path, {"site-a": {}, "site-b": {wire.NODE_MAX_MODEL_PARAMETERS: 1000},
+                               "site-c": {wire.NODE_MAX_STEP_TOKENS: 100}})
+    cfg = _cfg(tmp_path, "federation.num_sites=3")
+    with pytest.raises(PreflightError) as refused:
+        run_preflight(grid, cfg)
+    problems = refused.value.problems
+    assert len(problems) == 2 and grid.sent == [MessageType.QUERY] * 3
+    assert re.fullmatch(r"site-b: the job's model has [\d,]+ parameters and buffers, more "
+                        r"than this site builds \(node config 'max-model-parameters': 1,000\): "
+                        r"make the model or train.batch_size smaller, or its operator raises "
+                        r"that cap", problems[0]), problems
+    assert problems[1].startswith("site-c: the job's model reads ") and \
+        "'max-step-tokens': 100)" in problems[1]
+    # the control: the same job within every cap is served (and the caps are what refused)
+    QueryLimits().check_model_size(lambda: cfg.job_spec("r").build(), batch=16)
+    fine = SiteGrid(tmp_path, {"site-a": {}, "site-b": {}, "site-c": {}})
+    assert len(run_preflight(fine, cfg).policies) == 3
 
 
 def test_sites_that_cannot_read_the_layout_are_named_with_the_fix(tmp_path, quiet_waits):

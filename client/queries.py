@@ -94,7 +94,7 @@ class QueryLimits:
     max_parameters: int = 2_000_000_000
     max_study_tokens: int = 16384
     max_step_tokens: int = 2**20
-    max_step_activations: int = 2**35
+    max_step_activations: int = 2**36
 
     def check_model_size(self, build: Callable[[], tuple[nn.Module, Task | None]], *,
                          batch: int = 1, per_sample: bool = False) -> None:
@@ -113,52 +113,26 @@ class QueryLimits:
         tokens times the layers' widths and heads (``step_activations``); ``per_sample``
         (DP-SGD): plus each row's gradient of every trainable weight and its square, which
         the exact clipper may hold. A ``build`` without a task sizes the backbone alone, one
-        pass a study. Every path that builds a job's model calls this first."""
-        with torch.device("meta"):
-            model, task = build()
-        copies = 1 if task is None else task.model_copies
-        n = sum(t.numel() for t in (*model.parameters(), *model.buffers())) * copies
-        rows = 2 * batch * sum(p.numel() for p in model.parameters() if p.requires_grad) \
-            if per_sample else 0
-        if n > self.max_parameters:
-            held = f" (its task holds {copies} copies)" if copies > 1 else ""
-            raise QueryRefused(f"the job's model has {n:,} parameters and buffers{held}, more "
-                               f"than this site builds (node config "
+        pass a study (:func:`step_size`). Every path that builds a job's model calls this
+        first."""
+        size = step_size(build, batch=batch, per_sample=per_sample)
+        if size.parameters > self.max_parameters:
+            held = f" (its task holds {size.copies} copies)" if size.copies > 1 else ""
+            raise QueryRefused(f"the job's model has {size.parameters:,} parameters and "
+                               f"buffers{held}, more than this site builds (node config "
                                f"{wire.NODE_MAX_MODEL_PARAMETERS!r}: {self.max_parameters:,})")
-        backbone = next((m for m in model.modules()
-                         if isinstance(getattr(m, "layout", None), TokenLayout)), None)
-        if backbone is None:      # a segmenter without a token layout (SwinUNETR): its
-            shape = getattr(model, "input_shape", None)     # stages' shapes, counted
-            if shape is None:     # nothing to size its activations by: fail closed
-                raise QueryRefused(f"the job's model ({type(model).__name__}) has neither a "
-                                   "token layout nor an input shape, so this site cannot size "
-                                   "what a training step of it holds; refusing")
-            self._check_activations(forward_activations(model, shape, batch) + rows)
-            return
-        layout = backbone.layout        # + the registers a foundation encoder adds inside
-        # read without a default where the class has it: an error inside must not count 0
-        registers = backbone.register_tokens if hasattr(type(backbone), "register_tokens") \
-            else 0
-        views, text = ((layout.img_size,), 0) if task is None else \
-            (task.step_views(layout), task.step_text_tokens())
-        reads = [layout.tokens(side) + registers for side in views] + [text]
-        tokens, step = max(reads), sum(reads) * batch
-        if tokens > self.max_study_tokens or step > self.max_step_tokens:
-            raise QueryRefused(f"the job's model reads {tokens:,} tokens in one pass over a "
-                               f"study and {step:,} a training step, more than this site "
-                               f"runs (node config {wire.NODE_MAX_STUDY_TOKENS!r}: "
-                               f"{self.max_study_tokens:,}, {wire.NODE_MAX_STEP_TOKENS!r}: "
-                               f"{self.max_step_tokens:,})")
-        passes = [(t, side**layout.spatial_dims) for t, side in zip(reads, views)]
-        self._check_activations(step_activations(model, passes + [(text, 0)], batch) + rows)
-
-    def _check_activations(self, values: int) -> None:
-        if values > self.max_step_activations:
-            raise QueryRefused(f"the job's model holds about {values:,} activation values a "
-                               f"training step (tokens and voxels x the widths and "
+        if size.study_tokens is not None and (size.study_tokens > self.max_study_tokens
+                                              or size.step_tokens > self.max_step_tokens):
+            raise QueryRefused(f"the job's model reads {size.study_tokens:,} tokens in one "
+                               f"pass over a study and {size.step_tokens:,} a training step, "
+                               f"more than this site runs (node config "
+                               f"{wire.NODE_MAX_STUDY_TOKENS!r}: {self.max_study_tokens:,}, "
+                               f"{wire.NODE_MAX_STEP_TOKENS!r}: {self.max_step_tokens:,})")
+        if size.activations > self.max_step_activations:
+            raise QueryRefused(f"the job's model holds about {size.activations:,} activation "
+                               f"values a training step (tokens and voxels x the widths and "
                                f"attention heads of its layers), more than this site runs "
-                               f"(node config "
-                               f"{wire.NODE_MAX_STEP_ACTIVATIONS!r}: "
+                               f"(node config {wire.NODE_MAX_STEP_ACTIVATIONS!r}: "
                                f"{self.max_step_activations:,})")
 
     def check_class_list(self, unlisted: frozenset[str]) -> None:
@@ -213,16 +187,66 @@ CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d
          nn.ConvTranspose3d)
 
 
+@dataclass(frozen=True)
+class StepSize:
+    """What a job's model asks of a site, sized on the meta device (:func:`step_size`)."""
+    parameters: int             # parameters and buffers, every copy its task holds
+    copies: int                 # copies of the model its task holds (MM-DINOv2's teacher: 2)
+    study_tokens: int | None    # its backbone's tokens in one pass over a study; None: no
+    step_tokens: int | None     # token layout (a SwinUNETR, sized by its own forward)
+    activations: int            # values a training step keeps for backward (an estimate)
+
+
+def step_size(build: Callable[[], tuple[nn.Module, Task | None]], *, batch: int = 1,
+              per_sample: bool = False) -> StepSize:
+    """Size ``build``'s model on the meta device (shapes: no memory, no weights read) for a
+    training step of ``batch`` studies (``QueryLimits.check_model_size``).
+
+    Raises
+    ------
+    QueryRefused
+        The model has neither a token layout nor an input shape: nothing sizes what a step
+        of it holds, so the site refuses it rather than waving it through.
+    """
+    with torch.device("meta"):
+        model, task = build()
+    copies = 1 if task is None else task.model_copies
+    n = sum(t.numel() for t in (*model.parameters(), *model.buffers())) * copies
+    rows = 2 * batch * sum(p.numel() for p in model.parameters() if p.requires_grad) \
+        if per_sample else 0
+    backbone = next((m for m in model.modules()
+                     if isinstance(getattr(m, "layout", None), TokenLayout)), None)
+    if backbone is None:      # a segmenter without a token layout (SwinUNETR): its
+        shape = getattr(model, "input_shape", None)     # stages' shapes, counted
+        if shape is None:     # nothing to size its activations by: fail closed
+            raise QueryRefused(f"the job's model ({type(model).__name__}) has neither a "
+                               "token layout nor an input shape, so this site cannot size "
+                               "what a training step of it holds; refusing")
+        return StepSize(n, copies, None, None, forward_activations(model, shape, batch) + rows)
+    layout = backbone.layout        # + the registers a foundation encoder adds inside
+    # read without a default where the class has it: an error inside must not count 0
+    registers = backbone.register_tokens if hasattr(type(backbone), "register_tokens") else 0
+    views, text = ((layout.img_size,), 0) if task is None else \
+        (task.step_views(layout), task.step_text_tokens())
+    reads = [layout.tokens(side) + registers for side in views] + [text]
+    passes = [(t, side**layout.spatial_dims) for t, side in zip(reads, views)]
+    return StepSize(n, copies, max(reads), sum(reads) * batch,
+                    step_activations(model, passes + [(text, 0)], batch) + rows)
+
+
 def step_activations(model: nn.Module, passes: list[tuple[int, int]], batch: int) -> int:
     """An estimate of the values one training step keeps for backward, from the
     meta-built model: ``batch`` studies, each making ``passes`` of ``(tokens, voxels)``.
-    Every token meets every Linear layer (its output width) and every attention module (a
-    score per head and token); every voxel every convolution (its output channels, over its
-    stride). The widths, depth, head counts and decoder channels are the coordinator's
-    numbers (an MLP ratio of 1e8, 4e8 prototypes, a head per channel, a wide decoder at full
-    resolution) and no token cap sees them. Measured against what autograd keeps: within
-    ~3x either way (a wide MLP keeps its hidden width ~3 times, SDPA keeps no scores)."""
-    width = sum(m.out_features for m in model.modules() if isinstance(m, nn.Linear))
+    Every token meets every Linear layer (its input width, which it saves, and its output
+    width, which what follows saves: an activation, the next Linear, attention) and every
+    attention module (a score per head and token); every voxel every convolution (its output
+    channels, over its stride). The widths, depth, head counts and decoder channels are the
+    coordinator's numbers (an MLP ratio of 1e8, 4e8 prototypes, a head per channel, a wide
+    decoder at full resolution) and no token cap sees them. An upper estimate: on every
+    shipped task and family it is 1.5-4.3x what autograd keeps (``tests/client/
+    test_queries.py``; SDPA keeps no scores, the teacher's no-grad passes nothing)."""
+    width = sum(m.in_features + m.out_features for m in model.modules()
+                if isinstance(m, nn.Linear))
     convs = [(m.out_channels, math.prod(m.stride) if isinstance(m, nn.Conv1d | nn.Conv2d
                                                                | nn.Conv3d) else 1)
              for m in model.modules() if isinstance(m, CONVS)]

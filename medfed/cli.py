@@ -127,8 +127,9 @@ def _add_deploy_parsers(sub) -> None:
                         "tokens of every pass a step makes of a study; default 2^20)")
     p.add_argument("--max-step-activations", type=int, metavar="N",
                    help="refuse jobs whose training step would keep more values for backward "
-                        "(tokens x the model's layer widths and attention heads; default "
-                        "2^35, ~137 GB in float32: set it to your GPU's memory in bytes / 4)")
+                        "(tokens x the model's layer widths and attention heads, an upper "
+                        "estimate; default 2^36, ~275 GB in float32: set it to your GPU's "
+                        "memory in bytes / 4)")
     p.add_argument("--unlisted-labels", metavar="NAMES",
                    help="comma-separated label names of this site that a job's class list may "
                         "leave out, or a JSON list of them for names holding a comma (default "

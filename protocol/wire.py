@@ -204,5 +204,5 @@ NODE_UNLISTED_LABELS = "unlisted-labels"   # label names a job's class list may 
 NODE_MAX_MODEL_PARAMETERS = "max-model-parameters"  # larger job models are refused (2e9)
 NODE_MAX_STUDY_TOKENS = "max-study-tokens"    # backbone tokens of one study (16384)
 NODE_MAX_STEP_TOKENS = "max-step-tokens"      # ... of one training step's studies (2^20)
-NODE_MAX_STEP_ACTIVATIONS = "max-step-activations"  # tokens x layer widths and heads (2^35)
+NODE_MAX_STEP_ACTIVATIONS = "max-step-activations"  # tokens x layer widths and heads (2^36)
 EVAL_SUPPRESSED = "suppressed"       # f"{split}-suppressed": 1.0 = too few studies, no metrics

@@ -98,7 +98,7 @@ class SiteSettings:
     max_model_parameters: int | None = None     # larger job models refused (default 2e9)
     max_study_tokens: int | None = None         # backbone tokens of a study (16384)
     max_step_tokens: int | None = None          # ... of a training step (2^20)
-    max_step_activations: int | None = None     # tokens x widths and heads a step (2^35)
+    max_step_activations: int | None = None     # tokens x widths and heads a step (2^36)
 
     @property
     def runtime_secret(self) -> Path:

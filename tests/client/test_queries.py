@@ -1,11 +1,15 @@
-"""The site's activation estimates (``client.queries``), checked against hand counts."""
+"""The site's activation estimates (``client.queries``), checked against hand counts and
+against what autograd keeps on every shipped task and foundation family."""
 
 from __future__ import annotations
 
+from functools import partial
+
+import pytest
 import torch
 from torch import nn
 
-from client.queries import forward_activations, step_activations
+from client.queries import forward_activations, step_activations, step_size
 
 
 class _Attention(nn.Module):
@@ -43,7 +47,7 @@ def test_a_meta_forward_counts_every_leaf_output_and_every_attention_score():
 def test_the_static_estimate_counts_widths_heads_and_strided_convolutions():
     model = _Segmenter()
     tokens, voxels, b = 16, 64, 5
-    width, heads = 6, 3                                           # conv: 6 over stride 2 x 2
+    width, heads = 6 + 6, 3              # proj: its input and output; conv: 6 over 2 x 2
     assert step_activations(model, [(tokens, voxels)], b) == \
         b * (tokens * (width + heads * tokens) + voxels * 6 // 4)
 
@@ -81,3 +85,71 @@ def test_a_model_the_site_cannot_size_is_refused_not_waved_through():
 
     with pytest.raises(QueryRefused, match="cannot size what a training step of it holds"):
         QueryLimits().check_model_size(lambda: (nn.Linear(4, 4), None))
+
+
+@pytest.fixture(scope="module")
+def encoders(tmp_path_factory):
+    """A small DINOv2 and a small SwinUNETR, saved as a site holds them."""
+    from monai.networks.nets import SwinUNETR
+
+    from models.foundation.monai_nets import SWIN_UNETR_TYPE, save_monai
+    from tests.client.test_foundation_site import save_dinov2
+
+    root = tmp_path_factory.mktemp("encoders")
+    save_dinov2(root / "dino")
+    swin = dict(in_channels=1, out_channels=2, feature_size=12, depths=[2, 1, 1, 1],
+                num_heads=[1, 1, 2, 2], window_size=4, spatial_dims=2)
+    save_monai(SwinUNETR(**swin), swin, root / "swin", model_type=SWIN_UNETR_TYPE)
+    return root
+
+
+_DINO = ("model=foundation", "model.options.weights=dino", "task.image_size=32")
+# (experiment overrides, whether the case is the pretraining phase)
+SHIPPED = {
+    "classification": (["experiment=smoke"], False),
+    "demo": (["experiment=demo"], False),
+    "ct-3d": (["experiment=ct3"], False),
+    "segmentation": (["experiment=smoke", "task=lesion_seg"], False),
+    "mm-dino": (["experiment=pretrain_finetune", "pretrain=mm_dino"], True),
+    "mae": (["experiment=pretrain_finetune", "pretrain=mae"], True),
+    "clip": (["experiment=pretrain_finetune", "pretrain=clip"], True),
+    "dinov2-lora": (["experiment=smoke", *_DINO, "model.options.lora_rank=4"], False),
+    "dinov2-full": (["experiment=smoke", *_DINO, "model.options.method=full"], False),
+    "dinov2-mm-dino": (["experiment=pretrain_finetune", *_DINO, "pretrain=mm_dino"], True),
+    "swin-unetr": (["experiment=smoke", "model=foundation_swin", "model.options.weights=swin",
+                    "task=lesion_seg", "task.image_size=64"], False),
+    "wide-mlp": (["experiment=smoke", "model.options.mlp_ratio=64"], False),
+}
+
+
+@pytest.mark.parametrize("case", list(SHIPPED))
+def test_the_activation_estimate_is_at_least_what_autograd_keeps(case, encoders):
+    """The site refuses a job by its estimate (``step_size``), so an estimate below what a
+    step really keeps would let a job past the operator's cap (set from the GPU's memory)
+    with more: on every shipped task and foundation family, and an MLP 64 times wider than
+    it is deep, it is at least what autograd saves for backward in one training step (the
+    task's own step on a batch of 4; each storage once, beyond the weights) and at most 5x
+    it (SDPA keeps no scores, MM-DINOv2's teacher passes nothing)."""
+    from models.checkpointing import counting_saved_activations
+    from server.config import load_experiment
+    from tests.models.test_objectives import _for
+
+    overrides, pretraining = SHIPPED[case]
+    if any(o.startswith("model=foundation") for o in overrides):
+        overrides = [*overrides, f"model.foundation_dir={encoders}"]
+    cfg = load_experiment(overrides)
+    spec = (cfg.pretrain_phase() if pretraining else cfg).job_spec("r")
+    build, b = partial(spec.build, foundation_dir=encoders), 4
+    estimate = step_size(build, batch=b).activations
+    torch.manual_seed(0)
+    model, task = build()
+    channels = len(spec.layout.input_channels) if spec.layout else 4
+    shape = getattr(model, "input_shape", None) or \
+        (channels, *[spec.image_size] * (len(spec.layout.size) if spec.layout else 2))
+    images = torch.randn(b, *shape, generator=torch.Generator().manual_seed(0))
+    batch = _for(task, {"image": images, "present": torch.ones(b, shape[0], dtype=torch.bool),
+                        "label": torch.arange(b) % 2})
+    with counting_saved_activations(model.train()) as saved:
+        task.step(model, batch)
+    kept = saved["bytes"] / 4                                   # float32 values
+    assert kept <= estimate <= 5 * kept, (case, estimate / kept)

@@ -407,7 +407,7 @@ def test_widths_the_coordinator_chose_count_toward_the_sites_activation_cap(
     4e8 MM-DINOv2 prototypes (0.8e9 parameters, twice with the teacher) score every token of
     a crop 4e8 ways; a 1e8-wide text MLP in CLIP's tower. The site estimates what a step
     keeps - every pass's tokens x the Linear widths and attention heads of the meta-built
-    model - and refuses above ``max-step-activations`` (default 2^35, ~137 GB in float32);
+    model - and refuses above ``max-step-activations`` (default 2^36, ~275 GB in float32);
     the small job itself holds ~2.5e5, and the 512-wide ViT with 8 heads is accepted."""
     from client.queries import QueryLimits
 

@@ -1,0 +1,107 @@
+"""Issue 24's DP goal over every seed run so far: DP-LoRA at epsilon 8 (the DP recipe) vs
+non-DP LoRA on the same encoder, pooled from ``bench.dp_centre`` runs (no training here).
+
+    python -m bench.dp_seeds
+
+Reads the per-seed MCC of ``SOURCES`` (``results/<name>.json``, each one draw of sites run
+by ``bench.dp_centre --seeds``), refuses sources pretrained from different encoders (the
+public encoder's sha256) or one (draw, seed) of an arm measured twice, and reports for the
+DP recipe against plain LoRA and against the same recipe without noise: each arm's mean
+and spread over seeds, the ratio of the means with its standard error (delta method, the
+arms' seeds taken as independent), and the paired by-seed difference. Writes
+``results/foundation_dp_seeds.json`` and the ``foundation_dp_seeds`` row of RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+
+from .common import RESULTS_DIR, update_results_md, write_result
+
+SOURCES = ("foundation_am_seeds_draw0", "foundation_am_seeds_draw1",       # seeds 0-2
+           "foundation_recipe_seeds_draw0", "foundation_recipe_seeds_draw1",
+           "foundation_more_seeds_draw0", "foundation_more_seeds_draw1")    # seeds 3-5
+DP = "dp_lora_std_hlr_lp5"              # standardised features + head lr + 5 head-only rounds
+REFERENCES = {"lora": "plain non-DP LoRA", "lora_std_hlr_lp5": "the DP recipe without noise"}
+METRICS = ("site_test_mcc", "external_mcc")
+GOAL = 0.97
+
+
+def collect(sources=SOURCES) -> tuple[dict[str, dict[tuple[int, int], dict]], str]:
+    """``{arm: {(draw, seed): {metric: value}}}`` over ``sources``, and their encoder."""
+    arms: dict[str, dict[tuple[int, int], dict]] = {}
+    encoders = set()
+    for name in sources:
+        result = json.loads((RESULTS_DIR / f"{name}.json").read_text())
+        encoders.add(result["public_pretraining"]["sha256"])
+        draw = result["draw"]["seed"]
+        for run, values in result["draw"]["arms"].items():
+            arm, _, k = run.partition("@seed")
+            key = (draw, int(k or 0))
+            if key in arms.setdefault(arm, {}):
+                raise SystemExit(f"{arm} draw {draw} seed {key[1]} is measured twice "
+                                 f"({name}); say which run counts")
+            arms[arm][key] = {m: values[m] for m in METRICS}
+    if len(encoders) != 1:
+        raise SystemExit(f"the sources were pretrained from {len(encoders)} encoders")
+    return arms, encoders.pop()
+
+
+def summary(runs: dict[tuple[int, int], dict], metric: str) -> dict:
+    values = [runs[k][metric] for k in sorted(runs)]
+    sd = statistics.stdev(values)
+    return {"per_seed": values, "mean": statistics.fmean(values), "std": sd,
+            "se": sd / math.sqrt(len(values)), "min": min(values), "max": max(values)}
+
+
+def compare(dp: dict, reference: dict, metric: str) -> dict:
+    """The ratio of the means (delta-method standard error) and the paired difference."""
+    a, b = summary(dp, metric), summary(reference, metric)
+    ratio = a["mean"] / b["mean"]
+    se = ratio * math.hypot(a["se"] / a["mean"], b["se"] / b["mean"])
+    common = sorted(set(dp) & set(reference))
+    diffs = [dp[k][metric] - reference[k][metric] for k in common]
+    return {"ratio": ratio, "ratio_se": se, "seeds": [len(dp), len(reference)],
+            "paired_seeds": len(common), "paired_difference": statistics.fmean(diffs),
+            "paired_difference_sd": statistics.stdev(diffs), "goal_met": ratio >= GOAL}
+
+
+def main() -> None:
+    arms, encoder = collect()
+    out = {"sources": list(SOURCES), "encoder_sha256": encoder, "dp_arm": DP, "goal": GOAL,
+           "arms": {arm: {m: summary(arms[arm], m) for m in METRICS}
+                    for arm in (DP, *REFERENCES)},
+           "over": {ref: {m: compare(arms[DP], arms[ref], m) for m in METRICS}
+                    for ref in REFERENCES}}
+    out["dp_lora_over_lora_eps8"] = out["over"]["lora"]["site_test_mcc"]["ratio"]
+    path = write_result("foundation_dp_seeds", out)
+    lora, recipe = out["over"]["lora"], out["over"]["lora_std_hlr_lp5"]
+    n = len(arms[DP])
+
+    def verdict(c: dict) -> str:
+        return "met" if c["goal_met"] else f"not met, short by {GOAL - c['ratio']:.3f}x"
+    figure = (f"DP-LoRA recipe ε=8 / plain non-DP LoRA site-test MCC over {n} seeds: "
+              f"**{lora['site_test_mcc']['ratio']:.3f}×** ± "
+              f"{lora['site_test_mcc']['ratio_se']:.3f} (goal ≥ {GOAL}: "
+              f"{verdict(lora['site_test_mcc'])}); external "
+              f"{lora['external_mcc']['ratio']:.3f}×; against the recipe without noise "
+              f"{recipe['site_test_mcc']['ratio']:.3f}× / external "
+              f"{recipe['external_mcc']['ratio']:.3f}×")
+    means = ", ".join(f"{arm} {out['arms'][arm]['site_test_mcc']['mean']:.3f} "
+                      f"(sd {out['arms'][arm]['site_test_mcc']['std']:.3f})"
+                      for arm in (DP, *REFERENCES))
+    context = (f"site-test MCC mean over seeds 0-5 of draws 0 and 1: {means}; paired by seed "
+               f"DP - plain LoRA {lora['site_test_mcc']['paired_difference']:+.3f} (sd "
+               f"{lora['site_test_mcc']['paired_difference_sd']:.3f}); ± is the ratio's "
+               f"standard error; pooled from {len(SOURCES)} bench.dp_centre runs on encoder "
+               f"{encoder[:8]}, no training here")
+    update_results_md("foundation_dp_seeds", f"| foundation_dp_seeds | {figure} | {context} | "
+                                             f"`results/{path.name}` |")
+    print(figure)
+    print(context)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""bench.dp_seeds pools per-seed MCC of bench.dp_centre runs: a (draw, seed) measured twice
+or runs from different encoders are refused, and the ratio is of the means."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench import dp_seeds
+
+
+def _run(tmp_path, name: str, draw: int, arms: dict, sha: str = "ab" * 32) -> str:
+    (tmp_path / f"{name}.json").write_text(json.dumps({
+        "public_pretraining": {"sha256": sha},
+        "draw": {"seed": draw, "arms": {k: {"site_test_mcc": v, "external_mcc": v / 2}
+                                        for k, v in arms.items()}}}))
+    return name
+
+
+def test_seeds_pool_across_runs_and_draws_and_duplicates_are_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(dp_seeds, "RESULTS_DIR", tmp_path)
+    a = _run(tmp_path, "a", 0, {"dp": 0.4, "dp@seed1": 0.6, "lora": 0.5, "lora@seed1": 0.7})
+    b = _run(tmp_path, "b", 1, {"dp@seed3": 0.5, "lora@seed3": 0.6})
+    arms, sha = dp_seeds.collect((a, b))
+    assert sha == "ab" * 32 and sorted(arms["dp"]) == [(0, 0), (0, 1), (1, 3)]
+    over = dp_seeds.compare(arms["dp"], arms["lora"], "site_test_mcc")
+    assert over["ratio"] == pytest.approx(0.5 / 0.6) and over["paired_seeds"] == 3
+    assert over["paired_difference"] == pytest.approx(-0.1) and not over["goal_met"]
+    twice = _run(tmp_path, "c", 1, {"lora@seed3": 0.9})
+    with pytest.raises(SystemExit, match="lora draw 1 seed 3 is measured twice"):
+        dp_seeds.collect((a, b, twice))
+    other = _run(tmp_path, "d", 2, {"lora": 0.9}, sha="cd" * 32)
+    with pytest.raises(SystemExit, match="2 encoders"):
+        dp_seeds.collect((a, other))

@@ -97,7 +97,9 @@ def job_readiness(config: ConfigRecord, settings: dict, data_dir: Path) -> Readi
         found = resolve_weights(directory, name).is_dir()
     except ValueError:                      # no foundation-dir here (FoundationLoadError)
         found = False
-    if not found:
+    if not found:       # said here, where paths may be read: the answer is the flag alone
+        log.warning("foundation weights %r not found in %s (node config %r)", name,
+                    directory or "no directory: none is set", wire.NODE_FOUNDATION_DIR)
         return Readiness(layout_ok, weights_found=False)
     refusal = None
     build = partial(job.build, foundation_dir=directory)

@@ -174,7 +174,8 @@ def _foundation_job(encoders) -> dict:
                 f"model.foundation_dir={encoders / 'coordinator'}", "task.image_size=32")
 
 
-def test_asked_with_a_foundation_job_the_site_checks_its_own_weights(tmp_path, encoders):
+def test_asked_with_a_foundation_job_the_site_checks_its_own_weights(tmp_path, encoders,
+                                                                   caplog):
     app, job = make_client_app(), _foundation_job(encoders)
     assert job[wire.BASE_DIGEST]
 
@@ -189,7 +190,10 @@ def test_asked_with_a_foundation_job_the_site_checks_its_own_weights(tmp_path, e
 
     assert answer(**{wire.NODE_FOUNDATION_DIR: str(encoders / "same")}) == (True, True)
     assert answer(**{wire.NODE_FOUNDATION_DIR: str(encoders / "other")}) == (True, False)
+    caplog.clear()
     assert answer(**{wire.NODE_FOUNDATION_DIR: str(encoders / "empty")}) == (False, None)
+    # the site's own log names the directory it looked in (the reply: the flag alone)
+    assert f"foundation weights 'dino' not found in {encoders / 'empty'}" in caplog.text
     assert answer() == (False, None)                      # no foundation-dir at all
     assert refusals == [None] * 4                        # no DP-SGD asked: none refused
     # DP-SGD on a method the site's clipper cannot cover (dora): the weights still match -

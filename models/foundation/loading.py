@@ -18,6 +18,7 @@ read without timm by ``timm_family``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -202,6 +203,23 @@ def _refuse_mismatch(directory: Path, missing, unexpected, mismatched) -> None:
                                   + "; ".join(problems))
 
 
+@contextlib.contextmanager
+def _quiet_transformers():
+    """transformers' own load output off (its load report, warnings and progress bars):
+    every missing, unexpected or mismatched key is refused here in one line instead."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def _load_hf(directory: Path, model_type: str) -> LoadedEncoder:
     import transformers
 
@@ -216,10 +234,12 @@ def _load_hf(directory: Path, model_type: str) -> LoadedEncoder:
         model = cls(cls.config_class.from_pretrained(str(directory), local_files_only=True))
     else:
         # ignore_mismatched_sizes=True only so transformers reports the mismatch to us
-        # instead of raising a multi-line error; we refuse any mismatch just below.
-        model, info = cls.from_pretrained(str(directory), local_files_only=True,
-                                          use_safetensors=True, output_loading_info=True,
-                                          ignore_mismatched_sizes=True)
+        # instead of raising a multi-line error; we refuse any mismatch just below (so its
+        # own load report - a table that reads as "re-initialised" - and bars stay quiet).
+        with _quiet_transformers():
+            model, info = cls.from_pretrained(str(directory), local_files_only=True,
+                                              use_safetensors=True, output_loading_info=True,
+                                              ignore_mismatched_sizes=True)
         mismatched = [m[0] if isinstance(m, tuple) else m
                       for m in info.get("mismatched_keys", ())]
         _refuse_mismatch(directory, info.get("missing_keys", ()),

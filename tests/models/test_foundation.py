@@ -334,15 +334,21 @@ def test_pickle_weights_are_refused_and_convert_weights_makes_them_loadable(weig
     ({"num_hidden_layers": 1}, "unexpected"),
     ({"intermediate_size": 48}, "wrong shape"),
 ])
-def test_a_config_that_does_not_match_the_weights_is_refused(weights, tmp_path, change, expected):
+def test_a_config_that_does_not_match_the_weights_is_refused(weights, tmp_path, change, expected,
+                                                            capfd, caplog):
+    """One line: the refusal, and nothing of transformers' own load report (a table that
+    reads as "re-initialised") or progress bars."""
     directory = tmp_path / "vit"
     directory.mkdir()
     (directory / "model.safetensors").write_bytes((weights["vit"] / "model.safetensors").read_bytes())
     config = json.loads((weights["vit"] / "config.json").read_text()) | change
     (directory / "config.json").write_text(json.dumps(config))
+    capfd.readouterr()
     with pytest.raises(FoundationLoadError, match=expected) as err:
         load_encoder(directory)
     assert "\n" not in str(err.value)
+    out, errors = capfd.readouterr()
+    assert "LOAD REPORT" not in out + errors + caplog.text and "Loading weights" not in errors
 
 
 def test_monai_weights_that_do_not_match_their_constructor_are_refused(weights, tmp_path):

@@ -65,7 +65,9 @@ def load_experiment(overrides: list[str] | tuple[str, ...] = ()) -> ExperimentCo
         # line when none of them is at fault (e.g. a broken YAML file under conf/).
         reason = explain_override(list(overrides), CONF_DIR, schema_node())
         if reason is None:
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            lines = str(err).strip().splitlines() or [type(err).__name__]
+            # Hydra's own fix for an option its YAML does not list ("To append ... use +")
+            reason = " ".join([lines[0], *(x for x in lines if x.startswith("To append"))])
         raise ConfigError(reason) from None
     finally:
         GlobalHydra.instance().clear()

@@ -54,6 +54,14 @@ def test_unknown_key_lists_the_groups_keys(override):
     assert "FederationConfig" in message
 
 
+def test_an_option_the_groups_yaml_does_not_list_is_answered_with_hydras_plus_fix():
+    """A free-form options map (``model.options``) takes keys its YAML does not list only
+    with ``+``; the one line says so (Hydra's own fix, kept from its multi-line error)."""
+    message = _refusal(["model=foundation", "model.options.presence_embedding=true"])
+    assert message == ("Could not override 'model.options.presence_embedding'. To append to "
+                       "your config use +model.options.presence_embedding=true")
+
+
 def test_unknown_top_level_name_lists_groups_and_keys():
     message = _refusal(["stratgy=fedavg"])
     assert "no key 'stratgy'" in message

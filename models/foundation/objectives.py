@@ -76,9 +76,11 @@ def check_pretraining(backbone: FoundationBackbone, objective: str) -> None:
 
 
 def directory_refusal(directory, objective: str, method: str,
-                      channel_tokens: str = "per_channel") -> str | None:
+                      channel_tokens: str = "per_channel", max_length: int | None = None
+                      ) -> str | None:
     """``objective_refusal`` for the encoder directory ``directory``, from its config.json
-    alone (no weights loaded): the coordinator's config-load check."""
+    alone (no weights loaded): the coordinator's config-load check. ``max_length``: an
+    image-report objective's report length, checked against the pair's text positions."""
     from .families import FAMILIES
     from .loading import MONAI_MODEL_TYPE, family_of, read_config
     from .timm_vit import TIMM_FAMILY, parse_config
@@ -100,6 +102,16 @@ def directory_refusal(directory, objective: str, method: str,
         if not any((Path(directory) / name).is_file() for name in TOKENIZER_FILES):
             reason = (f"{objective} from a foundation pair reads its tokenizer from the same "
                       f"directory, which has none of {', '.join(TOKENIZER_FILES)}")
+    if reason is None and pair and max_length is not None and \
+            "pair" in NEEDS.get(objective, ()):
+        import transformers
+
+        from .pair import text_length_refusal
+
+        text = transformers.AutoConfig.from_pretrained(str(directory), local_files_only=True)
+        positions = text.text_config.max_position_embeddings
+        if max_length > positions:
+            reason = text_length_refusal(Path(directory).name, max_length, positions)
     return reason
 
 

@@ -93,6 +93,14 @@ class PretrainedPair(TaskModel):
                                       self.encode_text(input_ids, attention_mask))
 
 
+def text_length_refusal(weights: str, max_length: int, positions: int) -> str:
+    """The one line refusing a report length beyond the pair's text positions (the
+    coordinator's config load and the site's build say it alike)."""
+    return (f"max_length={max_length} (pretrain.options.max_length) exceeds the {weights!r} "
+            f"text tower's {positions} positions; set pretrain.options.max_length={positions} "
+            "or less")
+
+
 def wrap_pair(backbone: FoundationBackbone, *, max_length: int) -> PretrainedPair:
     """The pair model around ``backbone``, its text tower set to train as the backbone's
     ``method`` says; refuses (one line) a directory without a text tower or a token length
@@ -102,8 +110,7 @@ def wrap_pair(backbone: FoundationBackbone, *, max_length: int) -> PretrainedPai
     parts = backbone.take_companions()
     positions = parts["text_model"].config.max_position_embeddings
     if max_length > positions:
-        raise ValueError(f"task.options.max_length={max_length} exceeds the {c.weights!r} text "
-                         f"tower's {positions} positions; set max_length <= {positions}")
+        raise ValueError(text_length_refusal(c.weights, max_length, positions))
     targets = c.lora_targets or backbone.seams.lora_targets
     adapt_tower(parts["text_model"], c.method, rank=c.lora_rank, alpha=c.lora_alpha,
                 targets=targets, dropout=c.lora_dropout)
@@ -118,4 +125,4 @@ def wrap_pair(backbone: FoundationBackbone, *, max_length: int) -> PretrainedPai
     return PretrainedPair(backbone, parts)
 
 
-__all__ = ["PretrainedPair", "sigmoid_loss", "wrap_pair"]
+__all__ = ["PretrainedPair", "sigmoid_loss", "text_length_refusal", "wrap_pair"]

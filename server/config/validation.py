@@ -186,7 +186,9 @@ def validate_foundation(cfg: ExperimentConfig) -> None:
     if family == SWIN_UNETR_TYPE:
         _validate_swin(cfg, method, read_config(directory).get("constructor") or {})
         return
-    refusal = directory_refusal(directory, cfg.task.name, method, options.channel_tokens)
+    length = cfg.task.options.get("max_length")      # an image-report objective's reports
+    refusal = directory_refusal(directory, cfg.task.name, method, options.channel_tokens,
+                                max_length=int(length) if length is not None else None)
     if refusal:
         raise ConfigError(f"model.options.weights={name}: {refusal}")
     # properties of the family (class level): the whole family, or this method on it

@@ -33,6 +33,11 @@ def _load(encoders, weights: str, *overrides: str):
     ("sam", ["pretrain=mae", "pretrain.num_rounds=1"], "needs an encoder with a CLS token"),
     ("dinov2", ["pretrain=clip", "pretrain.num_rounds=1"], "needs a CLIPModel or SiglipModel"),
     ("clip_no_tokenizer", ["pretrain=clip", "pretrain.num_rounds=1"], "has none of tokenizer"),
+    # the shipped default report length (128) against the pair's text positions, with the
+    # key a user types (not the phase's task.options)
+    ("clip_pair", ["pretrain=clip", "pretrain.num_rounds=1"],
+     r"max_length=128 \(pretrain.options.max_length\) exceeds the 'clip_pair' text tower's "
+     r"\d+ positions; set pretrain.options.max_length=\d+ or less"),
     ("dinov2", ["pretrain=mae", "pretrain.num_rounds=1", "model.options.method=linear_probe"],
      "linear_probe"),
     ("dinov2", ["pretrain=mm_dino", "pretrain.num_rounds=1", "privacy=dpsgd"],

@@ -192,8 +192,9 @@ def policy_problems(cfg: ExperimentConfig, policies: list[SitePolicy]
                             f"privacy.epsilon=<at most {budgets:g}> (or privacy=sitedp)")
     elif without := [p for p in train if not p.has_budget]:
         problems.append(f"{_names(without)}: each has no privacy budget and refuses "
-                        f"{mechanism}: its operator starts it with --dp-epsilon and --dp-delta, "
-                        "or run with privacy=none")
+                        f"{mechanism}: its operator starts it with --dp-epsilon and --dp-delta "
+                        "(simulated sites: +federation.site_node_config={dp-epsilon:10,"
+                        "dp-delta:1e-5}, as experiment=dpsgd sets), or run with privacy=none")
     if not cfg.secagg.enabled and (secure := [p for p in train if p.require_secagg]):
         problems.append(f"{_names(secure)}: each requires secure aggregation (node config "
                         f"{wire.NODE_REQUIRE_SECAGG}) and this experiment sends plaintext "

@@ -179,6 +179,8 @@ def test_secagg_budget_and_site_count_problems(tmp_path):
     assert problems[0].startswith("2 training site(s) answered (site-a, site-b), the strategy "
                                   "needs 3")
     assert problems[1].startswith("site-a: each has no privacy budget and refuses dp-sgd")
+    assert "(simulated sites: +federation.site_node_config={dp-epsilon:10,dp-delta:1e-5}" \
+        in problems[1]                  # the fix in a simulation, where no operator starts it
     assert problems[2].startswith("site-a: each requires secure aggregation")   # not ext: evaluates
     assert problems[3].startswith("site-b: smoke plans epsilon 9 over 1 rounds > its budget 8")
 

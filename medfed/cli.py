@@ -281,6 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="the checkpoint file, a directory holding exactly one, or a "
                                "MONAI bundle directory (models/model.pt)")
     p.add_argument("dst", help="directory to write (model.safetensors + the JSON configs)")
+    p.add_argument("--force", action="store_true", help="write into an existing, non-empty "
+                                                        "dst (files of the same name replaced)")
     p.set_defaults(func=Handler("models", "convert_weights"))
 
     p = sub.add_parser("predict", help="score new DICOM studies with a registered model "

@@ -9,13 +9,12 @@ from pathlib import Path
 
 
 def export(args: argparse.Namespace) -> int:
-    """Write a registered version as a ``save_pretrained`` directory."""
-    from medfed.export import export_version
+    """Write a registered version as a ``save_pretrained`` directory and say how to use it."""
+    from medfed.export import export_version, exported_message
 
     out = export_version(args.tracking_uri, args.model, args.version, Path(args.out),
                          force=args.force)
-    print(f"exported {args.model} version {args.version} to {out} "
-          f"(start a run from it with model.pretrained={out})")
+    print(exported_message(out, args.model, args.version))
     return 0
 
 
@@ -26,7 +25,7 @@ def convert_weights(args: argparse.Namespace) -> int:
     from models.foundation.bundle import is_bundle, weights_dir
     from models.foundation.loading import WEIGHTS_FILE, convert_weights as convert
 
-    out = convert(Path(args.src), Path(args.dst))
+    out = convert(Path(args.src), Path(args.dst), force=args.force)
     written = (weights_dir(out) if is_bundle(out) else out) / WEIGHTS_FILE   # bundle: models/
     print(f"wrote {written}; place {out.name} in foundation-dir and name it "
           f"with model.options.weights={out.name}")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,6 +47,11 @@ PUBLIC_CONSTANT_FILES = (FEATURE_MEAN_FILE, FEATURE_SCALE_FILE, FEATURE_PROJECTI
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 CONVERT_COMMAND = "medfed convert-weights SRC DST"
 MONAI_MODEL_TYPE = monai_nets.VIT_TYPE
+# torch's weights_only refusal names the object: "Unsupported global: GLOBAL argparse.Namespace"
+_REFUSED_GLOBAL = re.compile(r"GLOBAL\s+([A-Za-z_][\w.]{0,199})")
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_SAVE_STATE_DICT = ("save only the state dict (torch.save(model.state_dict(), path)) and "
+                    "convert that")
 # model_type in config.json -> (transformers class, attribute holding the vision encoder or
 # "" for the model itself, family)
 HF_MODEL_TYPES: dict[str, tuple[str, str, str]] = {
@@ -277,7 +283,7 @@ def _read_pickle_state(file: Path) -> dict[str, Tensor]:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as err:       # weights_only refuses arbitrary objects: say so, one line
         raise FoundationLoadError(f"{file.name} is not a plain tensor checkpoint: "
-                                  f"{str(err).splitlines()[0]}") from None
+                                  f"{_pickle_refusal(err)}") from None
     for wrapper in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
@@ -286,7 +292,26 @@ def _read_pickle_state(file: Path) -> dict[str, Tensor]:
     return state
 
 
-def convert_weights(src: str | Path, dst: str | Path) -> Path:
+def _pickle_refusal(err: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` refused a file: one line, in our own words."""
+    # torch's text spans lines, carries ANSI colour codes and recommends weights_only=False,
+    # which would run the file's code: take only the refused global's dotted name from it
+    text = _ANSI.sub("", str(err))
+    found = _REFUSED_GLOBAL.search(text)
+    if found:
+        name = found.group(1)
+        article = "an" if name[0].lower() in "aeiou" else "a"
+        return (f"it holds {article} {name} object, which MedFed never unpickles "
+                f"(torch.load weights_only=True); {_SAVE_STATE_DICT}")
+    if "weights only load failed" in text.lower():
+        return ("torch.load(weights_only=True) cannot read it as tensors and plain containers "
+                f"(an object MedFed never unpickles, or a damaged file); {_SAVE_STATE_DICT}")
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    return (f"torch.load could not read it ({type(err).__name__}: "
+            f"{first.split('. ')[0][:160]}); download or save the checkpoint again")
+
+
+def convert_weights(src: str | Path, dst: str | Path, *, force: bool = False) -> Path:
     """Convert a pickle checkpoint to ``DST/model.safetensors`` without running its code.
 
     ``src`` is a checkpoint file or a directory holding exactly one; JSON files next to it
@@ -295,10 +320,15 @@ def convert_weights(src: str | Path, dst: str | Path) -> Path:
     A checkpoint saved as ``{"state_dict": ...}`` or ``{"model": ...}`` is unwrapped.
     A MONAI bundle directory becomes a bundle again, its ``models/model.pt`` as
     ``models/model.safetensors`` (``bundle.convert_bundle``).
+    A ``dst`` that exists and is not an empty directory is refused unless ``force``, which
+    writes into it, replacing the weights and configs of the same names.
     """
     from safetensors.torch import save_file
 
     src, dst = Path(src), Path(dst)
+    if dst.exists() and not force and not (dst.is_dir() and not any(dst.iterdir())):
+        raise FoundationLoadError(f"{dst} already exists and is not empty; remove it, choose "
+                                  "another DST or pass --force to write into it")
     if src.is_dir() and bundle.is_bundle(src):
         return bundle.convert_bundle(src, dst, _read_pickle_state)
     if src.is_dir():

@@ -69,3 +69,39 @@ def test_a_monai_bundle_is_converted_by_the_cli_into_a_loadable_bundle(tmp_path,
     loaded = load_encoder(dst).encoder
     for name, value in vit.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], value), name
+
+
+def test_a_checkpoint_holding_an_object_is_refused_in_one_line_naming_it(tmp_path, capsys):
+    """weights_only=True refuses the object; the message names it, never torch's text."""
+    import argparse
+
+    src = tmp_path / "checkpoint.pth"
+    torch.save({"model": {"w": torch.zeros(2)}, "args": argparse.Namespace(lr=1)}, src)
+    assert main(["convert-weights", str(src), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "\x1b" not in err
+    assert err == ("medfed: error: checkpoint.pth is not a plain tensor checkpoint: it holds an "
+                   "argparse.Namespace object, which MedFed never unpickles (torch.load "
+                   "weights_only=True); save only the state dict (torch.save(model.state_dict(), "
+                   "path)) and convert that\n")
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_existing_destination_is_refused_and_left_unchanged_unless_forced(tmp_path, capsys):
+    src, dst = tmp_path / "checkpoint.pth", tmp_path / "dino"
+    torch.save({"w": torch.ones(2)}, src)
+    dst.mkdir()
+    (dst / "model.safetensors").write_bytes(b"theirs")
+    assert main(["convert-weights", str(src), str(dst)]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"medfed: error: {dst} already exists and is not empty; remove it, choose "
+                   "another DST or pass --force to write into it\n")
+    assert [p.name for p in dst.iterdir()] == ["model.safetensors"]
+    assert (dst / "model.safetensors").read_bytes() == b"theirs"
+
+    assert main(["convert-weights", str(src), str(dst), "--force"]) == 0
+    from safetensors.torch import load_file
+    assert torch.equal(load_file(str(dst / "model.safetensors"))["w"], torch.ones(2))
+    empty = tmp_path / "empty"
+    empty.mkdir()                     # an empty directory is not refused
+    assert main(["convert-weights", str(src), str(empty)]) == 0

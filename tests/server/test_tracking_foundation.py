@@ -26,7 +26,8 @@ ATOL = 1e-5
 
 
 @pytest.mark.parametrize("family", ["dinov2", "monai_vit"])
-def test_a_registered_foundation_version_predicts_like_the_model_in_memory(tmp_path, family):
+def test_a_registered_foundation_version_predicts_like_the_model_in_memory(tmp_path, family,
+                                                                          capsys):
     import mlflow
 
     from server.tracking import MlflowTracker
@@ -109,10 +110,17 @@ def test_a_registered_foundation_version_predicts_like_the_model_in_memory(tmp_p
         torch.testing.assert_close(rebuilt(batch["image"], batch["present"]).softmax(-1),
                                    torch.from_numpy(expected), rtol=0, atol=ATOL)
 
-    # ``medfed export`` hands out the same directory, checked by loading it
-    from medfed.export import export_version
+    # ``medfed export`` hands out the same directory, checked by loading it, and says how its
+    # parts load (model.pretrained takes MedFed's own ViT only)
+    from medfed.cli import main
 
-    out = export_version(tracker.uri, name, str(version), tmp_path / "exported")
+    out = tmp_path / "exported"
+    capsys.readouterr()
+    assert main(["export", "--tracking-uri", tracker.uri, "--model", name, "--version",
+                 str(version), "--out", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert "model.pretrained=" not in said and f"{out / 'encoder'}" in said
+    assert f"{out / ADAPTER_DIR}" in said
     assert (out / ADAPTER_DIR).is_dir()
     with torch.no_grad():
         torch.testing.assert_close(load_export(out)(batch["image"], batch["present"]).softmax(-1),

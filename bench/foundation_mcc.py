@@ -344,17 +344,13 @@ def save_public_feature_mean(public_dir: Path, foundation_dir: Path, *, channel_
     deviation around that mean, floored at 1e-3 of their median (a dimension without public
     spread is not blown up). Returns the mean's norm, the spread around it, the scale's
     range and how many dimensions were floored."""
-    from models.foundation.centring import save_feature_mean, save_feature_scale
+    from models.foundation.centring import public_stats, save_feature_mean, save_feature_scale
 
     features, model = public_features(public_dir, foundation_dir, channel_tokens=channel_tokens,
                                       name=name, image_size=image_size, batch_size=batch_size,
                                       patch_init=patch_init)
-    mean = features.mean(0)
+    mean, scale, floored = public_stats(features)
     path = save_feature_mean(foundation_dir / name, mean, model.feature_signature)
-    std = (features - mean).double().pow(2).mean(0).sqrt()
-    floor = 1e-3 * float(std.median())
-    floored = int((std < floor).sum())          # counted and returned, not hidden
-    scale = std.clamp(min=floor).float()
     scale_path = save_feature_scale(foundation_dir / name, scale, model.feature_signature)
     return {"studies": len(features), "file": path.name, "signature": model.feature_signature,
             "mean_norm": float(mean.norm()),

@@ -285,6 +285,18 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "dst (files of the same name replaced)")
     p.set_defaults(func=Handler("models", "convert_weights"))
 
+    p = sub.add_parser("feature-stats", help="write a foundation model's PUBLIC feature mean "
+                                             "and spread (centre_features, scale_features) "
+                                             "from a public cohort, built as the run builds it")
+    p.add_argument("--data", required=True, metavar="DIR",
+                   help="a PUBLIC cohort's directory (DICOM as a site's, or a NIfTI manifest), "
+                        "never a site's studies")
+    p.add_argument("--workers", type=int, default=1, metavar="N", help="decode processes")
+    p.add_argument("overrides", nargs="*", help="the run's Hydra overrides, e.g. "
+                                                "model=foundation model.options.weights=NAME "
+                                                "model.foundation_dir=DIR")
+    p.set_defaults(func=Handler("models", "feature_stats"))
+
     p = sub.add_parser("predict", help="score new DICOM studies with a registered model "
                                        "version: its layout and preprocessing, one CSV row "
                                        "per study (pseudonymous key, probabilities, class; "

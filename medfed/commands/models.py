@@ -1,6 +1,7 @@
 """Model commands: ``export`` a registered model version for use outside MLflow;
-``convert-weights`` a pickle checkpoint to safetensors for a foundation model; ``predict``
-new studies at a site with a registered version."""
+``convert-weights`` a pickle checkpoint to safetensors for a foundation model;
+``feature-stats`` its public feature mean and spread; ``predict`` new studies at a site with
+a registered version."""
 
 from __future__ import annotations
 
@@ -29,6 +30,27 @@ def convert_weights(args: argparse.Namespace) -> int:
     written = (weights_dir(out) if is_bundle(out) else out) / WEIGHTS_FILE   # bundle: models/
     print(f"wrote {written}; place {out.name} in foundation-dir and name it "
           f"with model.options.weights={out.name}")
+    return 0
+
+
+def feature_stats(args: argparse.Namespace) -> int:
+    """Write ``feature_mean.safetensors`` and ``feature_scale.safetensors`` beside the
+    experiment's foundation weights, from the public cohort in ``--data``."""
+    from medfed.feature_stats import public_feature_stats
+    from server.config import load_experiment
+
+    cfg = load_experiment(args.overrides)
+    out = public_feature_stats(cfg, Path(args.data), workers=args.workers)
+    low, median, high = out["scale_min_median_max"]
+    print(f"{out['studies']} public studies ({out['signature']}): mean norm "
+          f"{out['mean_norm']:.3g}, median distance from it {out['median_distance_from_mean']:.3g}"
+          f"; spread {low:.3g} / {median:.3g} / {high:.3g} (min / median / max), "
+          f"{out['scale_floored_dimensions']} dimensions floored")
+    for path in out["files"]:
+        print(f"wrote {path}")
+    print("copy both files into every site's copy of the weights (they are part of the "
+          "frozen-base digest), then run with +model.options.centre_features=true "
+          "+model.options.scale_features=true")
     return 0
 
 

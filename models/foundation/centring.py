@@ -48,6 +48,20 @@ def feature_signature(*, channel_tokens: str, num_channels: int, image_size: int
             "patch_init": patch_init}
 
 
+def public_stats(features: Tensor) -> tuple[Tensor, Tensor, int]:
+    """``(mean, scale, floored)`` of PUBLIC pooled features ``[N, pooled]``: the mean
+    (``centre_features``) and each dimension's spread around it (``scale_features``), floored at
+    1e-3 of the median spread so a dimension without public spread is not blown up; ``floored``
+    counts the dimensions the floor raised (returned, not hidden)."""
+    if features.ndim != 2 or len(features) < 2:
+        raise ValueError(f"public statistics need at least 2 studies' pooled features, got "
+                         f"shape {tuple(features.shape)}")
+    mean = features.mean(0)
+    std = (features - mean).double().pow(2).mean(0).sqrt()
+    floor = 1e-3 * float(std.median())
+    return mean, std.clamp(min=floor).float(), int((std < floor).sum())
+
+
 # Signature keys added later, and the value every file written before them was made with.
 SIGNATURE_DEFAULTS = {"patch_init": "mean"}
 
@@ -157,8 +171,8 @@ def _load_vector(directory: str | Path | None, name: str, option: str, what: str
     too); ``what`` names it in the refusals."""
     vector = read_public_constant(
         directory, name, option,
-        f"compute the public feature {what} for this adaptation "
-        f"(bench.foundation_mcc.save_public_feature_mean) or set {option}=false",
+        f"compute the public feature {what} for this adaptation (medfed feature-stats "
+        f"--data PUBLIC_DIR with the run's overrides) or set {option}=false",
         fmt, key, signature)
     valid = torch.isfinite(vector).all() and (not positive or (vector > 0).all())
     if tuple(vector.shape) != (int(signature["pooled_dim"]),) or not valid:

@@ -77,7 +77,8 @@ def _commands() -> dict[str, argparse.ArgumentParser]:
 
 def test_every_command_names_a_handler_that_exists():
     commands = _commands()
-    assert len(commands) == 17           # + "site keygen"; convert-weights; "app digest"; predict; sites
+    assert len(commands) == 18   # + "site keygen", "app digest", convert-weights, predict, sites,
+    #                              feature-stats
     for name, parser in commands.items():
         handler = parser.get_default("func")
         assert isinstance(handler, Handler), name

@@ -1,6 +1,6 @@
-"""``medfed`` command line: synth, ingest, simulate, export, predict, privacy, audit, and the
-deployment commands (certs, server, site, site keygen, app digest, run, health, register-site,
-sites).
+"""``medfed`` command line: synth, ingest, simulate, export, predict, privacy, audit, the
+foundation-model helpers (convert-weights, feature-stats), and the deployment commands (certs,
+server, site, site keygen, app digest, run, health, register-site, sites).
 
 Errors a user can fix are reported as one line (``medfed: error: ...``) with exit code 2
 (bad input) or 1 (the run failed); tracebacks only with ``--debug``.
@@ -213,7 +213,8 @@ def _add_deploy_parsers(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="medfed", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="medfed", description=" ".join(
+        __doc__.split("\n\n")[0].split()))
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
 

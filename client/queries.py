@@ -152,8 +152,9 @@ class QueryLimits:
         """Refuse to train on fewer studies than the site reports: a training reply's example
         count, its steps and its DP sample rate (batch_size / n, the batch size the
         coordinator's) would each give the small count away - and the coordinator chooses the
-        class list, hence which studies count as labelled."""
-        if 0 < n_train < self.min_split_size:
+        class list, hence which studies count as labelled. None at all is refused in the same
+        words (it failed in the engine before: a different answer for "none" than "a few")."""
+        if n_train < self.min_split_size:
             raise QueryRefused(f"this site holds fewer labelled training studies for this job "
                                f"than the smallest count it reports (node config "
                                f"{wire.NODE_MIN_EVAL_SPLIT!r}); it does not train")

@@ -172,6 +172,14 @@ def test_a_class_list_singling_out_a_few_studies_gets_no_training_and_no_count(
                                         r"it does not train") as refused:
         make_client_app()(record, _context(site_dir, **lenient))
     assert not any(ch.isdigit() for ch in str(refused.value).split("(node config")[0])
+    # a class list naming no class it holds: none at all is refused in the same words (a
+    # failure here instead would tell "none" from "a few"), and trains nothing
+    nothing = _message(MessageType.TRAIN, overrides=(
+        "train.batch_size=1", "task.class_names=[not-a-class,nor-this]"))
+    every = {wire.NODE_UNLISTED_LABELS: "low_grade_glioma,high_grade_glioma,cyst"}
+    with pytest.raises(SiteError) as none:
+        make_client_app()(nothing, _context(site_dir, **every))
+    assert str(none.value) == str(refused.value)
     # the same site, its operator reporting counts from 1 (as in simulation): the count
     # the refusal withheld
     n = make_client_app()(record, _context(site_dir, **lenient,

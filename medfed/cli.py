@@ -293,6 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a PUBLIC cohort's directory (DICOM as a site's, or a NIfTI manifest), "
                         "never a site's studies")
     p.add_argument("--workers", type=int, default=1, metavar="N", help="decode processes")
+    p.add_argument("--directions", type=int, default=0, metavar="K",
+                   help="also the top K principal directions of the centred features "
+                        "(project_features=k <= K reads them)")
     p.add_argument("overrides", nargs="*", help="the run's Hydra overrides, e.g. "
                                                 "model=foundation model.options.weights=NAME "
                                                 "model.foundation_dir=DIR")

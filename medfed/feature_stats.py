@@ -1,5 +1,6 @@
 """``medfed feature-stats``: the PUBLIC feature mean and spread a foundation model's
-``centre_features`` / ``scale_features`` read, computed on a public cohort.
+``centre_features`` / ``scale_features`` read (and, asked, the principal directions
+``project_features`` reads), computed on a public cohort.
 
 The two files (``feature_mean.safetensors``, ``feature_scale.safetensors``) go beside the
 weights in ``<model.foundation_dir>/<model.options.weights>/``, signed with the adaptation
@@ -24,17 +25,19 @@ WITHOUT = {"centre_features": False, "scale_features": False, "project_features"
 
 
 def public_feature_stats(cfg: ExperimentConfig, data_dir: Path, *, workers: int = 1,
-                         batch_size: int = 32) -> dict:
+                         batch_size: int = 32, directions: int = 0) -> dict:
     """Read the public cohort in ``data_dir`` with ``cfg``'s layout (labels ignored, no
     augmentation), pool the adapted encoder's features over every study, and write the mean
-    and spread (``models.foundation.centring.public_stats``) beside the weights. Returns what
-    was written and a summary (studies, the mean's norm, the spread's range, floored
-    dimensions).
+    and spread (``models.foundation.centring.public_stats``) beside the weights;
+    ``directions`` > 0: also the top principal directions of the centred features
+    (``feature_projection.safetensors``). Returns what was written and a summary (studies,
+    the mean's norm, the spread's range, floored dimensions, the directions' variance share).
 
     Raises
     ------
     ConfigError
-        ``cfg``'s model loads no pretrained encoder, or the cohort has fewer than 2 studies.
+        ``cfg``'s model loads no pretrained encoder, the cohort has fewer than 2 studies,
+        or fewer studies or feature dimensions than ``directions``.
     """
     import torch
     from torch.utils.data import DataLoader
@@ -44,6 +47,7 @@ def public_feature_stats(cfg: ExperimentConfig, data_dir: Path, *, workers: int 
     from models import MODELS
     from models.foundation.centring import (describe_signature, public_stats,
                                             save_feature_mean, save_feature_scale)
+    from models.foundation.projection import principal_directions, save_feature_projection
 
     spec = cfg.job_spec("feature-stats")
     if "foundation_dir" not in MODELS.resources(spec.model_name):
@@ -71,7 +75,16 @@ def public_feature_stats(cfg: ExperimentConfig, data_dir: Path, *, workers: int 
     signature = model.feature_signature
     written = [save_feature_mean(directory, mean, signature),
                save_feature_scale(directory, scale, signature)]
-    return {"files": written, "studies": len(studies), "signature": describe_signature(signature),
+    share = None
+    if directions > min(features.shape):
+        raise ConfigError(f"--directions {directions}: the {len(features)} public studies' "
+                          f"{features.shape[1]}-wide features have at most "
+                          f"{min(features.shape)}")
+    if directions:
+        top, share = principal_directions(features - mean, directions)
+        written.append(save_feature_projection(directory, top, signature))
+        share = float(share.sum())
+    return {"files": written, "variance_share": share, "studies": len(studies), "signature": describe_signature(signature),
             "mean_norm": float(mean.norm()),
             "median_distance_from_mean": float((features - mean).norm(dim=1).median()),
             "scale_min_median_max": (float(scale.min()), float(scale.median()),

@@ -40,17 +40,21 @@ def feature_stats(args: argparse.Namespace) -> int:
     from server.config import load_experiment
 
     cfg = load_experiment(args.overrides)
-    out = public_feature_stats(cfg, Path(args.data), workers=args.workers)
+    out = public_feature_stats(cfg, Path(args.data), workers=args.workers,
+                               directions=args.directions)
     low, median, high = out["scale_min_median_max"]
     print(f"{out['studies']} public studies ({out['signature']}): mean norm "
           f"{out['mean_norm']:.3g}, median distance from it {out['median_distance_from_mean']:.3g}"
           f"; spread {low:.3g} / {median:.3g} / {high:.3g} (min / median / max), "
           f"{out['scale_floored_dimensions']} dimensions floored")
+    if out["variance_share"] is not None:
+        print(f"the {args.directions} directions hold {out['variance_share']:.1%} of the "
+              "public variance")
     for path in out["files"]:
         print(f"wrote {path}")
-    print("copy both files into every site's copy of the weights (they are part of the "
-          "frozen-base digest), then run with +model.options.centre_features=true "
-          "+model.options.scale_features=true")
+    print("copy these files into every site's copy of the weights (they are part of the "
+          "frozen-base digest), then run with +model.options.centre_features=true and "
+          "+model.options.scale_features=true or +model.options.project_features=k")
     return 0
 
 

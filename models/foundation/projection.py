@@ -68,8 +68,8 @@ def load_feature_projection(directory: str | Path | None, signature: dict[str, s
     """
     directions = read_public_constant(
         directory, FEATURE_PROJECTION_FILE, "project_features",
-        "compute public principal directions for this adaptation "
-        "(bench.foundation_mcc.save_public_feature_projection) or set project_features=0",
+        "compute public principal directions for this adaptation (medfed feature-stats "
+        "--data PUBLIC_DIR --directions K with the run's overrides) or set project_features=0",
         FORMAT, KEY, signature)
     path = Path(directory) / FEATURE_PROJECTION_FILE
     pooled = int(signature["pooled_dim"])

@@ -44,9 +44,10 @@ def test_the_public_statistics_centre_and_scale_the_runs_features(tmp_path, caps
            "model.options.weights=dino", f"model.foundation_dir={tmp_path / 'encoders'}",
            "task.image_size=32"]
     capsys.readouterr()
-    assert main(["feature-stats", "--data", str(cohort), *run]) == 0
+    assert main(["feature-stats", "--data", str(cohort), "--directions", "4", *run]) == 0
     said = capsys.readouterr().out
-    assert "feature_mean.safetensors" in said and "feature_scale.safetensors" in said
+    assert all(f"{name}.safetensors" in said
+               for name in ("feature_mean", "feature_scale", "feature_projection"))
     raw = _pooled(run, cohort)
     standardised = _pooled(run, cohort, "+model.options.centre_features=true",
                            "+model.options.scale_features=true")
@@ -55,6 +56,12 @@ def test_the_public_statistics_centre_and_scale_the_runs_features(tmp_path, caps
                                atol=1e-4, rtol=0)                   # ... removed
     torch.testing.assert_close(standardised.std(0, unbiased=False), torch.ones(raw.shape[1]),
                                atol=1e-3, rtol=0)                   # every dimension on one scale
+    projected = _pooled(run, cohort, "+model.options.centre_features=true",
+                        "+model.options.project_features=4")
+    assert projected.shape == (len(raw), 4)       # the centred features on the top 4 directions
+    top4 = torch.linalg.svdvals((raw - raw.mean(0)).double())[:4].pow(2).sum()
+    torch.testing.assert_close(projected.double().pow(2).sum(), top4, rtol=1e-4, atol=0)
+    assert "the 4 directions hold " in said        # ... all the variance any 4 can hold
 
 
 def test_a_model_without_pretrained_weights_is_refused_in_one_line(tmp_path, capsys):

@@ -84,8 +84,8 @@ def public_feature_stats(cfg: ExperimentConfig, data_dir: Path, *, workers: int 
         top, share = principal_directions(features - mean, directions)
         written.append(save_feature_projection(directory, top, signature))
         share = float(share.sum())
-    return {"files": written, "variance_share": share, "studies": len(studies), "signature": describe_signature(signature),
-            "mean_norm": float(mean.norm()),
+    return {"files": written, "variance_share": share, "studies": len(studies),
+            "signature": describe_signature(signature), "mean_norm": float(mean.norm()),
             "median_distance_from_mean": float((features - mean).norm(dim=1).median()),
             "scale_min_median_max": (float(scale.min()), float(scale.median()),
                                      float(scale.max())),

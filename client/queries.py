@@ -195,7 +195,7 @@ class StepSize:
     copies: int                 # copies of the model its task holds (MM-DINOv2's teacher: 2)
     study_tokens: int | None    # its backbone's tokens in one pass over a study; None: no
     step_tokens: int | None     # token layout (a SwinUNETR, sized by its own forward)
-    activations: int            # values a training step keeps for backward (an estimate)
+    activations: int            # values a training step keeps for backward (upper estimate)
 
 
 def step_size(build: Callable[[], tuple[nn.Module, Task | None]], *, batch: int = 1,

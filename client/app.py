@@ -287,7 +287,8 @@ def make_client_app(*, sim_data_root: Path | None = None, sim_train_sites: int |
                                      role=site.role)
             config = msg.content[wire.CONFIG]
             if asks_for_job(config):      # what of the job it can serve: flags only
-                ready = job_readiness(config, settings, site.data_dir)
+                ready = job_readiness(config, settings, site.data_dir,
+                                      simulated=site.simulated)
                 policy = replace(policy, layout_ok=ready.layout_ok,
                                  weights_found=ready.weights_found,
                                  weights_match=ready.weights_match,

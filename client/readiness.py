@@ -69,8 +69,11 @@ def asks_for_job(config: ConfigRecord) -> bool:
     return wire.MODEL_NAME in config
 
 
-def job_readiness(config: ConfigRecord, settings: dict, data_dir: Path) -> Readiness:
-    """This site's :class:`Readiness` for the job in a policy query's ``config`` record.
+def job_readiness(config: ConfigRecord, settings: dict, data_dir: Path, *,
+                  simulated: bool = False) -> Readiness:
+    """This site's :class:`Readiness` for the job in a policy query's ``config`` record;
+    ``simulated``: the layout as a simulated site reads it (the job's, as sent:
+    :func:`served_layout`), so the preflight answers as round 1 would.
 
     Raises
     ------
@@ -80,7 +83,7 @@ def job_readiness(config: ConfigRecord, settings: dict, data_dir: Path) -> Readi
     """
     job = decode_job(config, site_seed=0)
     try:
-        served_layout(job.layout, settings, simulated=False)
+        served_layout(job.layout, settings, simulated=simulated)
         layout_ok = True
     except LayoutRefused:
         layout_ok = False

@@ -36,18 +36,24 @@ def offline_environment(flwr_home: Path | None = None) -> None:
 
 
 def check_sites(cfg: ExperimentConfig) -> Path:
-    """Fail before anything is written if a simulated site's directory is missing or empty."""
+    """Fail before anything is written if a simulated site's directory is missing or empty
+    (no DICOM files, and no ``manifest.csv`` of a NIfTI/NRRD research export)."""
+    from client.data.manifest_site import has_manifest
+
     root = Path(cfg.data.root)
     if not root.is_dir():
         raise ConfigError(f"data.root={root} does not exist; create sites with "
                           f"`medfed synth --sites {cfg.federation.num_sites} --out {root}`")
     for i in range(cfg.federation.num_sites):
         dicom = root / f"site-{i}" / "dicom"
-        if not dicom.is_dir() or not any(dicom.iterdir()):
-            raise ConfigError(f"site-{i} under data.root={root} is missing or has no DICOM files "
+        if (not dicom.is_dir() or not any(dicom.iterdir())) and \
+                not has_manifest(root / f"site-{i}"):
+            raise ConfigError(f"site-{i} under data.root={root} is missing or has neither DICOM "
+                              f"files (dicom/) nor a research export's manifest.csv "
                               f"(federation.num_sites={cfg.federation.num_sites})")
     external = root / wire.ROLE_EXTERNAL / "dicom"
-    if cfg.federation.external_sites and (not external.is_dir() or not any(external.iterdir())):
+    if cfg.federation.external_sites and (not external.is_dir() or not any(external.iterdir())) \
+            and not has_manifest(external.parent):
         raise ConfigError(f"federation.external_sites=true needs an external site under "
                           f"data.root={root} (external/dicom; `medfed synth --external`)")
     return root.resolve()

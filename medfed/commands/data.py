@@ -115,9 +115,16 @@ def _ingest_layout(args: argparse.Namespace) -> int:
     from client.data.matching import assign, read_headers
     from client.data.suggest import suggest_layout, to_yaml
 
+    from client.data.manifest_site import has_manifest
+
     site = Path(args.data_dir)
     if not site.is_dir():
         raise ValueError("ingest: --data-dir is not a directory")
+    if has_manifest(site):      # a NIfTI/NRRD research export: its manifest names channels
+        if args.suggest_layout:
+            raise ValueError("ingest: a research export's manifest.csv names each file's "
+                             "channel itself; check it with --layout NAME|FILE")
+        return _ingest_manifest(args, site, load_layout(args.layout))
     # A site directory keeps its DICOM under dicom/; any other directory is read as is.
     dicom_dir = site / "dicom" if (site / "dicom").is_dir() else site
     if args.suggest_layout:
@@ -133,7 +140,7 @@ def _ingest_layout(args: argparse.Namespace) -> int:
     report = assign(layout, headers, files=files, skipped_files=skipped).report
     if args.json:
         print(json.dumps(report.as_dict(), indent=2, sort_keys=True))
-        return 0
+        return _usable(report.studies_usable, report.layout)
     print(f"layout: {report.layout}   files: {report.files}   series: {report.series}   "
           f"studies: {report.studies} ({report.studies_usable} usable)")
     for channel, rules in report.matched.items():
@@ -145,4 +152,29 @@ def _ingest_layout(args: argparse.Namespace) -> int:
                           ("studies missing a channel", report.studies_missing)):
         print(f"{title}: " + (", ".join(f"{k}={v}" for k, v in sorted(counts.items()))
                               or "none"))
+    return _usable(report.studies_usable, report.layout)
+
+
+def _usable(studies: int, layout: str) -> int:
+    """Exit 0 when some study is usable; otherwise refuse (after the counts were printed)."""
+    if not studies:
+        raise ValueError(f"ingest: no usable study for layout {layout!r} (the counts above "
+                         "say what was skipped and why)")
     return 0
+
+
+def _ingest_manifest(args: argparse.Namespace, site: Path, layout) -> int:
+    """``--layout`` on a research export (``manifest.csv``): read as training reads it;
+    studies, skips by reason and splits (counts only)."""
+    from client.data.layout_site import read_site
+
+    report = read_site(site, layout).report.as_dict()
+    if args.json:
+        print(json.dumps(report, indent=2, sort_keys=True))
+    else:
+        print(f"layout: {layout.name}   manifest.csv   files: {report['files']}   "
+              f"studies: {report['studies']}")
+        for title, key in (("skipped", "skipped"), ("studies per split", "splits")):
+            print(f"{title}: " + (", ".join(f"{k}={v}" for k, v in sorted(report[key].items()))
+                                  or "none"))
+    return _usable(report["studies"], layout.name)

@@ -62,6 +62,12 @@ def _group_option(group: str, option: Any, conf_dir: Path, text: str) -> str | N
     if not isinstance(option, str) or (conf_dir / group / f"{option}.yaml").is_file():
         return None
     valid = sorted(p.stem for p in (conf_dir / group).glob("*.yaml"))
+    if "/" in option or option.endswith((".yaml", ".yml")):     # a file, not an option name
+        path = Path(option)
+        return (f"{text}: config group '{group}' takes an option name, not a file; copy "
+                f"{option} to conf/{group}/{path.stem}.yaml (or add hydra.searchpath="
+                f"[file://{path.parent.resolve()}] with it in {path.parent / group}/) and use "
+                f"{group}={path.stem}")
     return (f"{text}: config group '{group}' has no option {option!r}; valid options: "
             f"{', '.join(valid)}. Fix: {group}=<one of these>, or add "
             f"conf/{group}/{option}.yaml")

@@ -155,6 +155,30 @@ def test_asked_with_a_job_the_site_says_whether_it_reads_its_layout(tmp_path):
                                   ).layout_ok is False     # not shipped with its MedFed
 
 
+def test_a_simulated_site_serves_the_jobs_own_layout_as_round_1_reads_it(tmp_path):
+    """A simulated site (the federation's own synthetic hospitals) reads the job's layout as
+    sent, so its preflight answer says it serves a layout its MedFed does not ship (a user's
+    own YAML); a deployed site with the same job still says it does not."""
+    import json
+
+    from client.data.layout import LAYOUT_DIR, load_layout
+
+    own = tmp_path / "mine.yaml"
+    own.write_text((LAYOUT_DIR / "chest_xray.yaml").read_text().replace(
+        "name: chest_xray", "name: my_chest"))
+    job = _job() | {wire.DATA_LAYOUT: json.dumps(load_layout(own).to_dict())}
+    (tmp_path / "site-0").mkdir()
+    simulated = Context(run_id=1, node_id=7, node_config={wire.NODE_PARTITION_ID: 0},
+                        state=RecordDict(), run_config={})
+    msg = Message(RecordDict({wire.CONFIG: ConfigRecord({wire.QUERY: wire.QUERY_POLICY,
+                                                         **job})}),
+                  dst_node_id=7, message_type=MessageType.QUERY)
+    reply = make_client_app(sim_data_root=tmp_path)(msg, simulated).content[wire.POLICY]
+    assert SitePolicy.from_record(reply).layout_ok is True
+    deployed = _ask(make_client_app(), _node(tmp_path), **job)[wire.POLICY]
+    assert SitePolicy.from_record(deployed).layout_ok is False
+
+
 @pytest.fixture(scope="module")
 def encoders(tmp_path_factory):
     """The coordinator's encoders, a site with the same copy, one with other weights, one

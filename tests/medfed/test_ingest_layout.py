@@ -107,10 +107,34 @@ def test_every_shipped_layout_ingests_both_corpora_through_the_cli(capsys):
         for name in shipped_layouts():
             code, out, err = _run(capsys, "ingest", "--layout", name, "--data-dir",
                                   str(directory), "--json")
-            assert code == 0 and not err
-            r = json.loads(out)
+            r = json.loads(out)     # the counts, always; exit 2 when none is usable
+            assert (code, err == "") == ((0, True) if r["studies_usable"] else (2, False))
             assert r["files"] == files
             matched = sum(sum(rules.values()) for rules in r["matched"].values())
             assert matched + sum(r["skipped_series"].values()) == r["series"]
         code, out, _ = _run(capsys, "ingest", "--suggest-layout", "--data-dir", str(directory))
         assert code == 0 and Layout.from_dict(yaml.safe_load(out))
+
+
+def test_a_research_export_is_ingested_through_its_manifest(tmp_path, capsys):
+    """``--layout`` on a NIfTI research export reads its ``manifest.csv`` as training does
+    (it read no DICOM there and reported 0 usable with exit 0); a layout it cannot serve is
+    refused in one line."""
+    from tests.client.test_manifest_site import site as make_site
+
+    root = make_site.__wrapped__(tmp_path)
+    assert main(["ingest", "--data-dir", str(root), "--layout", "brain_mri_4seq"]) == 0
+    out = capsys.readouterr().out
+    assert "manifest.csv" in out and "studies: 3" in out and "RESEARCH" not in out
+    assert main(["ingest", "--data-dir", str(root), "--suggest-layout"]) == 2
+    assert "names each file's channel itself" in capsys.readouterr().err
+    assert main(["ingest", "--data-dir", str(root), "--layout", "chest_xray"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1      # X-ray intensities need DICOM
+
+
+def test_no_usable_study_for_a_layout_exits_non_zero_after_the_counts(tiny_sites, capsys):
+    assert main(["ingest", "--data-dir", str(tiny_sites / "site-0"), "--layout",
+                 "chest_xray"]) == 2
+    captured = capsys.readouterr()
+    assert "studies:" in captured.out and captured.err.count("\n") == 1
+    assert "no usable study for layout 'chest_xray'" in captured.err

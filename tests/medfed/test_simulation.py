@@ -128,3 +128,22 @@ def test_multi_label_findings_train_and_pool_in_a_simulation(tiny_sites, tmp_pat
     got = served(x)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
     assert not np.allclose(got.sum(-1).detach().numpy(), 1.0)
+
+
+def test_a_research_export_site_counts_as_a_site_with_data(tmp_path):
+    """``check_sites`` (before anything is written): a site's data is its DICOM files or,
+    for a NIfTI/NRRD research export, its ``manifest.csv``; a site with neither is refused
+    in one line naming both."""
+    from medfed.simulation import check_sites
+    from server.config import ConfigError
+
+    (tmp_path / "site-0" / "dicom").mkdir(parents=True)
+    (tmp_path / "site-0" / "dicom" / "a.dcm").write_bytes(b"")
+    (tmp_path / "site-1").mkdir()
+    cfg = load_experiment(["experiment=smoke", f"data.root={tmp_path}",
+                           "federation.num_sites=2"])
+    with pytest.raises(ConfigError, match=r"site-1 .* has neither DICOM files \(dicom/\) nor "
+                                          r"a research export's manifest.csv"):
+        check_sites(cfg)
+    (tmp_path / "site-1" / "manifest.csv").write_text("study_id,channel,file\n")
+    assert check_sites(cfg) == tmp_path.resolve()

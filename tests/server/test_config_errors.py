@@ -46,6 +46,23 @@ def test_ill_typed_value_names_the_key_and_the_schema_type(override, key, expect
     assert "Error merging override" not in message
 
 
+def test_a_layout_file_given_as_a_group_option_is_answered_with_how_to_use_it(tmp_path):
+    """``data/layout=FILE`` (a user's own layout YAML, as ``medfed ingest --layout FILE``
+    takes it) is not an option name: the line says where the file goes, and that route
+    composes."""
+    own = tmp_path / "my_chest.yaml"
+    own.write_text((CONF_DIR / "data" / "layout" / "chest_xray.yaml").read_text().replace(
+        "name: chest_xray", "name: my_chest"))
+    message = _refusal([f"data/layout={own}"])
+    assert message.endswith(f"add hydra.searchpath=[file://{tmp_path}] with it in "
+                            f"{tmp_path}/data/layout/) and use data/layout=my_chest")
+    (tmp_path / "data" / "layout").mkdir(parents=True)
+    own.rename(tmp_path / "data" / "layout" / own.name)
+    cfg = load_experiment([f"hydra.searchpath=[file://{tmp_path}]", "data/layout=my_chest",
+                           "task=chest3"])
+    assert cfg.job_spec("r").layout.name == "my_chest"
+
+
 @pytest.mark.parametrize("override", ["federation.rounds=3", "+federation.rounds=3"])
 def test_unknown_key_lists_the_groups_keys(override):
     message = _refusal([override])

@@ -398,7 +398,8 @@ class SiteQueryLog:
         state = self._load()
         run = state.setdefault(self.run, {})
         path = self._reply_path(self.run, task, server_round)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)   # before its child
+        path.parent.mkdir(mode=0o700, exist_ok=True)
         _write(path, recorddict_to_proto(content).SerializeToString())
         replies = [r for r in run.get("replies", []) if r != f"{task}/{server_round}"]
         replies.append(f"{task}/{server_round}")
@@ -426,14 +427,18 @@ class SiteQueryLog:
         for run in list(state)[:-KEEP_RUNS]:
             for old in state.pop(run).get("replies", []):
                 self._reply_path(run, *old.rsplit("/", 1)).unlink(missing_ok=True)
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         _write(self.path, json.dumps(state, sort_keys=False).encode())
 
 
 def _write(path: Path, data: bytes) -> None:
-    """Atomic replace, so a crash mid-write never leaves a half-written state file."""
+    """Atomic replace, so a crash mid-write never leaves a half-written state file; readable
+    by the site's own user only (0600: a reply holds the update the site sent, the log the
+    rounds it served)."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(data)
     os.replace(tmp, path)
 
 

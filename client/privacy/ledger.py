@@ -150,7 +150,7 @@ class PrivacyLedger:
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)   # the site's alone
         with self._transaction() as con:
             for statement in _SCHEMA:
                 con.execute(statement)

@@ -153,3 +153,24 @@ def test_the_activation_estimate_is_at_least_what_autograd_keeps(case, encoders)
         task.step(model, batch)
     kept = saved["bytes"] / 4                                   # float32 values
     assert kept <= estimate <= 5 * kept, (case, estimate / kept)
+
+
+def test_the_sites_query_log_and_kept_replies_are_its_own_users_alone(tmp_path):
+    """The state folder the query log creates is 0700 and every file in it 0600: a kept
+    reply holds the update the site sent, the log the rounds it served (a simulation's sit
+    in the data folder, a deployed site's in its privacy-dir)."""
+    import stat
+
+    from flwr.app import ArrayRecord, RecordDict
+
+    from client.queries import SiteQueryLog
+
+    log = SiteQueryLog(tmp_path / ".medfed", run_id=3)
+    log.store_reply("classification", 1, RecordDict({"arrays": ArrayRecord(
+        {"w": torch.zeros(2)})}), admission="a")
+    folders = [tmp_path / ".medfed", *[p for p in (tmp_path / ".medfed").rglob("*")
+                                       if p.is_dir()]]
+    files = [p for p in (tmp_path / ".medfed").rglob("*") if p.is_file()]
+    assert len(files) == 2 and len(folders) == 2
+    assert {stat.S_IMODE(p.stat().st_mode) for p in folders} == {0o700}
+    assert {stat.S_IMODE(p.stat().st_mode) for p in files} == {0o600}

@@ -179,6 +179,12 @@ def make_client_app(*, sim_data_root: Path | None = None, sim_train_sites: int |
                                            "the reply already sent", job.server_round)
             return Message(content=cached, reply_to=msg)
         limits = QueryLimits.from_settings(settings, simulated=site.simulated)
+        if len(splits["train"]) < limits.min_split_size:    # the count, in its own log only
+            site_logger(site.site_id).warning(
+                "round %d: %d labelled training studies for this job's class list, fewer than "
+                "%s=%d: refusing to train (are the labels in labels.csv, named as the job's "
+                "classes?)", job.server_round, len(splits["train"]), wire.NODE_MIN_EVAL_SPLIT,
+                limits.min_split_size)
         limits.check_training_size(len(splits["train"]))    # before the ledger is charged
         auth = admit_round(job, settings, site.data_dir, n_train=len(splits["train"]),
                            secure_aggregation=masked, survivors_signed=signed)

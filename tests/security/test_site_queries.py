@@ -159,7 +159,7 @@ def test_the_operators_unlisted_labels_may_name_labels_holding_a_comma():
 
 
 def test_a_class_list_singling_out_a_few_studies_gets_no_training_and_no_count(
-        site_dir, task_identity):
+        site_dir, task_identity, caplog):
     """Attack: the coordinator names one real class and a made-up one, so that only that
     class's studies count as labelled - a handful - and reads their number from the train
     reply (its example count; its steps and DP sample rate with batch_size=1). Even where the
@@ -180,6 +180,8 @@ def test_a_class_list_singling_out_a_few_studies_gets_no_training_and_no_count(
     with pytest.raises(SiteError) as none:
         make_client_app()(nothing, _context(site_dir, **every))
     assert str(none.value) == str(refused.value)
+    # the count and the likely cause go to the site's own log (its operator), not the reply
+    assert "0 labelled training studies for this job's class list" in caplog.text
     # the same site, its operator reporting counts from 1 (as in simulation): the count
     # the refusal withheld
     n = make_client_app()(record, _context(site_dir, **lenient,

@@ -111,20 +111,19 @@ def ingest(args: argparse.Namespace) -> int:
 def _ingest_layout(args: argparse.Namespace) -> int:
     """``--layout``: per channel, series matched by each rule, and skips by reason;
     ``--suggest-layout``: a proposed layout YAML. Counts and rule names only."""
-    from client.data.layout import load_layout
+    from client.data.manifest_site import has_manifest
     from client.data.matching import assign, read_headers
     from client.data.suggest import suggest_layout, to_yaml
-
-    from client.data.manifest_site import has_manifest
 
     site = Path(args.data_dir)
     if not site.is_dir():
         raise ValueError("ingest: --data-dir is not a directory")
+    layout = None if args.suggest_layout else _checked_layout(args.layout)
     if has_manifest(site):      # a NIfTI/NRRD research export: its manifest names channels
         if args.suggest_layout:
             raise ValueError("ingest: a research export's manifest.csv names each file's "
                              "channel itself; check it with --layout NAME|FILE")
-        return _ingest_manifest(args, site, load_layout(args.layout))
+        return _ingest_manifest(args, site, layout)
     # A site directory keeps its DICOM under dicom/; any other directory is read as is.
     dicom_dir = site / "dicom" if (site / "dicom").is_dir() else site
     if args.suggest_layout:
@@ -135,7 +134,6 @@ def _ingest_layout(args: argparse.Namespace) -> int:
         print(json.dumps({"layout": layout, "counts": counts}, indent=2) if args.json
               else to_yaml(layout, counts), end="" if not args.json else "\n")
         return 0
-    layout = load_layout(args.layout)       # LayoutError (a ValueError): one line, no run
     headers, files, skipped = read_headers(dicom_dir)
     report = assign(layout, headers, files=files, skipped_files=skipped).report
     if args.json:
@@ -153,6 +151,18 @@ def _ingest_layout(args: argparse.Namespace) -> int:
         print(f"{title}: " + (", ".join(f"{k}={v}" for k, v in sorted(counts.items()))
                               or "none"))
     return _usable(report.studies_usable, report.layout)
+
+
+def _checked_layout(name: str):
+    """The layout as a run takes it: its schema, and a 3D layout's grid and volume
+    intensities (the rule config load and each site apply; a LayoutError, one line)."""
+    from client.data.layout import load_layout
+    from protocol.layout import check_volume_layout
+
+    layout = load_layout(name)
+    if layout.dims == "3d":
+        check_volume_layout(layout)
+    return layout
 
 
 def _usable(studies: int, layout: str) -> int:

@@ -138,3 +138,17 @@ def test_no_usable_study_for_a_layout_exits_non_zero_after_the_counts(tiny_sites
     captured = capsys.readouterr()
     assert "studies:" in captured.out and captured.err.count("\n") == 1
     assert "no usable study for layout 'chest_xray'" in captured.err
+
+
+def test_a_3d_layout_a_run_would_refuse_is_refused_by_ingest_too(tiny_sites, tmp_path, capsys):
+    """A 3D layout without a grid passed ``ingest`` and was refused only at config load;
+    ingest applies the same volume rule now (one line)."""
+    from client.data.layout import LAYOUT_DIR
+
+    text = (LAYOUT_DIR / "ct_volume.yaml").read_text()
+    no_grid = tmp_path / "v3.yaml"
+    no_grid.write_text("\n".join(line for line in text.splitlines()
+                                 if not line.startswith(("size:", "spacing:"))) + "\n")
+    code, out, err = _run(capsys, "ingest", "--data-dir", str(tiny_sites / "site-0"),
+                          "--layout", str(no_grid))
+    assert code == 2 and out == "" and err.count("\n") == 1 and "size" in err

@@ -97,7 +97,8 @@ def ingest(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=2, sort_keys=True))
         return 0
-    print(f"files: {report['files']}   images read: {report['images']}   "
+    print(f"layout: brain_mri_4seq (the default; --layout NAME|FILE for another)   "
+          f"files: {report['files']}   images read: {report['images']}   "
           f"studies: {report['studies']}   fingerprint: {data.fingerprint}")
     for title, key in (("skipped files", "skipped"), ("studies per sequence", "sequences"),
                        ("studies missing a sequence", "studies_missing"),

@@ -49,6 +49,9 @@ def load_layout(name_or_path: str | Path) -> Layout:
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
-        raise LayoutError(f"layout file {path.name!r} is not valid YAML: "
-                          f"{str(err).splitlines()[0]}") from None
+        mark = getattr(err, "problem_mark", None)      # where the parser gave up
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise LayoutError(f"layout file {path.name!r} is not valid YAML{where}: "
+                          f"{problem}") from None
     return Layout.from_dict(raw)

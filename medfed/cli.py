@@ -261,7 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=Handler("simulate", "simulate"))
 
     p = sub.add_parser("privacy", help="print a site's privacy ledger (verifies its hash chain)")
-    p.add_argument("--site-dir", required=True)
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--site-dir", help="a site's data folder (its ledger in .medfed/, or "
+                                          "the privacy-dir its node-config.toml names)")
+    where.add_argument("--privacy-dir", help="a deployed site's --privacy-dir")
     p.add_argument("--json", action="store_true", help="per round: q, noise_multiplier, steps, "
                                                        "delta, cumulative epsilon")
     p.set_defaults(func=Handler("privacy", "privacy"))

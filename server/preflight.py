@@ -195,6 +195,15 @@ def policy_problems(cfg: ExperimentConfig, policies: list[SitePolicy]
                         f"{mechanism}: its operator starts it with --dp-epsilon and --dp-delta "
                         "(simulated sites: +federation.site_node_config={dp-epsilon:10,"
                         "dp-delta:1e-5}, as experiment=dpsgd sets), or run with privacy=none")
+    if cfg.secagg.enabled and len(train) >= need:     # SecAgg+'s own minimum, said up front
+        from protocol.secagg_protocol import SecAggConfig, SecAggError
+
+        try:
+            SecAggConfig(degree=cfg.secagg.degree, threshold=cfg.secagg.threshold).resolve(
+                len(train))
+        except SecAggError as err:
+            problems.append(f"{len(train)} training site(s) answered ({_names(train)}) and "
+                            f"{err}: start more sites, or run with secagg.enabled=false")
     if not cfg.secagg.enabled and (secure := [p for p in train if p.require_secagg]):
         problems.append(f"{_names(secure)}: each requires secure aggregation (node config "
                         f"{wire.NODE_REQUIRE_SECAGG}) and this experiment sends plaintext "

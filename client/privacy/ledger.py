@@ -39,6 +39,7 @@ import json
 import logging
 import math
 import operator
+import os
 import re
 import sqlite3
 from collections.abc import Callable, Iterator
@@ -151,6 +152,8 @@ class PrivacyLedger:
     def __init__(self, path: Path):
         self.path = Path(path)
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)   # the site's alone
+        if not self.path.exists():      # made 0600 before SQLite opens it (its journals follow)
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         with self._transaction() as con:
             for statement in _SCHEMA:
                 con.execute(statement)

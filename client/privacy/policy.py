@@ -43,6 +43,8 @@ from .ledger import TRUST_SERVER, TRUST_SITE, LedgerEntry, PrivacyLedger, trust_
 
 log = logging.getLogger(__name__)
 
+LEDGER_FILE = "privacy-ledger.sqlite"      # in the site's privacy-dir
+
 
 class PrivacyRefused(ValueError):
     """The site will not train this round; the message says why (sent back as the error)."""
@@ -90,7 +92,7 @@ def site_budget(settings: dict, data_dir: Path) -> SiteBudget | None:
     ledger_dir = Path(str(settings.get(wire.NODE_PRIVACY_DIR, ".medfed")))
     ledger_dir = ledger_dir if ledger_dir.is_absolute() else data_dir / ledger_dir
     require = flag(settings.get(wire.NODE_REQUIRE_DP, "true"))
-    return SiteBudget(eps, delta, ledger_dir / "privacy-ledger.sqlite", require,
+    return SiteBudget(eps, delta, ledger_dir / LEDGER_FILE, require,
                       max_run_epsilon=_cap(settings, wire.NODE_DP_MAX_RUN_EPSILON, float),
                       min_noise_multiplier=_cap(settings, wire.NODE_DP_MIN_NOISE, float),
                       max_steps_per_round=_cap(settings, wire.NODE_DP_MAX_STEPS, int),

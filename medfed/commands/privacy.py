@@ -11,22 +11,24 @@ from pathlib import Path
 def _ledger_path(site_dir: Path) -> Path:
     """The site's ledger: ``privacy-dir`` from a simulated site's node-config.toml, else
     <site>/.medfed (a deployed site's ledger is in its ``--privacy-dir``)."""
-    from client.privacy.policy import node_settings
+    from client.privacy.policy import LEDGER_FILE, node_settings
     from protocol import wire
 
     settings = node_settings({}, site_dir, simulated=True)
     folder = Path(str(settings.get(wire.NODE_PRIVACY_DIR, ".medfed")))
-    return (folder if folder.is_absolute() else site_dir / folder) / "privacy-ledger.sqlite"
+    return (folder if folder.is_absolute() else site_dir / folder) / LEDGER_FILE
 
 
 def privacy(args: argparse.Namespace) -> int:
     """Print the site's per-round privacy spend after verifying the ledger's hash chain."""
     from client.privacy.ledger import PrivacyLedger, format_table, to_json
+    from client.privacy.policy import LEDGER_FILE
 
-    path = _ledger_path(Path(args.site_dir))
+    path = Path(args.privacy_dir) / LEDGER_FILE if getattr(args, "privacy_dir", None) \
+        else _ledger_path(Path(args.site_dir))
     if not path.is_file():
         raise ValueError(f"no privacy ledger at {path}: this site has not trained privately "
-                         "(or its node config sets another privacy-dir)")
+                         "(or it keeps its ledger elsewhere: --privacy-dir DIR)")
     entries = PrivacyLedger(path).entries()      # verifies the hash chain first
     if args.json:
         print(json.dumps({"ledger": str(path), "rounds": to_json(entries)}, indent=2))

@@ -69,10 +69,18 @@ def test_mlflow_holds_epsilon_per_site_per_round_and_version_tags(dpsgd_run):
 
 
 def test_privacy_cli_prints_the_verified_ledger(dpsgd_run, sites, capsys):
+    import stat
+
     assert cli(["privacy", "--site-dir", str(sites / "site-0"), "--json"]) == 0
     rounds = json.loads(capsys.readouterr().out)["rounds"]
     assert [r["round"] for r in rounds] == [1, 2]
     assert {"q", "noise_multiplier", "steps", "delta", "epsilon"} <= set(rounds[0])
+    # a deployed site's ledger is in its --privacy-dir: the same ledger, read from there
+    privacy_dir = sites / "site-0" / ".medfed"
+    assert cli(["privacy", "--privacy-dir", str(privacy_dir), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["rounds"] == rounds
+    ledger = privacy_dir / "privacy-ledger.sqlite"      # the site user's alone
+    assert stat.S_IMODE(ledger.stat().st_mode) == 0o600
 
 
 def test_a_second_run_is_refused_by_the_sites_budget(dpsgd_run, sites):

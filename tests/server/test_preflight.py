@@ -355,3 +355,15 @@ def test_the_policy_query_waits_for_a_slow_first_answer_and_while_answers_keep_c
     now[0] = 0.0
     assert _gather(_TrickleGrid(30, 0, silent_pulls=0), messages, quiet=2.0, first=60) == []
     assert 60.0 <= now[0] < 60.0 + 2 * prompt.REPLY_POLL
+
+
+def test_secure_aggregation_with_fewer_sites_than_it_needs_is_refused_before_round_1(tmp_path):
+    """SecAgg+ needs at least 3 sites; with 2 answering the run passed the preflight and
+    failed in round 1 (a FAILED run dir and MLflow run). The preflight says so now."""
+    two = ("strategy.min_train_sites=2", "strategy.min_available_sites=2")
+    cfg = _cfg(tmp_path, "secagg.enabled=true", "federation.num_sites=3", *two)
+    problems, _ = policy_problems(cfg, [_policy("a"), _policy("b")])
+    assert any(p.startswith("2 training site(s) answered (a, b) and secure aggregation needs "
+                            "at least 3 sites, got 2: start more sites") for p in problems)
+    problems, _ = policy_problems(cfg, [_policy("a"), _policy("b"), _policy("c")])
+    assert not any("secure aggregation needs" in p for p in problems)

@@ -122,8 +122,15 @@ def handle_task(message: Message, context: Context, fab: Fab, allow: AllowList, 
     log.info("[%s] run %s: app %s approved; starting the site's installed ClientApp",
              site_id, message.metadata.run_id, digest[:12])
     hop("runner.approved", message.metadata.message_id, site=site_id)
+    from client.mods.errors import SiteError
+
     try:
         reply = load_app()(message=message, context=context)
+    except SiteError as err:    # the site's own one-line answer, written to be sent (no data)
+        reason = str(err)
+        log.warning("[%s] run %s: %s", site_id, message.metadata.run_id, reason)
+        return Outcome(Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason),
+                               reply_to=message), SubStatus.FAILED, reason)
     except Exception as err:  # noqa: BLE001 - the coordinator gets a code, the site the trace
         log.exception("[%s] run %s: the ClientApp raised", site_id, message.metadata.run_id)
         reason = f"the site's ClientApp raised {type(err).__name__}"

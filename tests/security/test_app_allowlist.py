@@ -175,6 +175,34 @@ def test_approved_digest_runs_the_installed_clientapp_not_the_fab(site_data, no_
     assert not hasattr(builtins, PWNED)
 
 
+def test_the_coordinator_gets_the_sites_own_line_and_nothing_of_any_other_error(
+        site_data, no_fab_code):
+    """A site's refusal (``SiteError``: a policy line written to be sent, no data) reaches the
+    coordinator as that line - it got only "raised SiteError" before, the reason in the
+    site's log alone; any other exception still gives its type and nothing of its text
+    (which may name a path or a value)."""
+    from client.mods.errors import SiteError
+
+    fab = _tampered_fab()
+    allow = AllowList(frozenset({fab_digest(fab)}))
+    message, context, fab_obj = _task(site_data, fab)
+    line = "site-policy: this site holds fewer labelled training studies for this job"
+
+    def refusing():
+        def app(message, context):
+            raise SiteError("site-policy", line.split(": ", 1)[1])
+        return app
+
+    def failing():
+        def app(message, context):
+            raise OSError("/data/hospital/patient-0042/ct.dcm unreadable")
+        return app
+    refused = runner.handle_task(message, context, fab_obj, allow, load_app=refusing)
+    assert refused.reply.error.reason == line and refused.sub_status == SubStatus.FAILED
+    failed = runner.handle_task(message, context, fab_obj, allow, load_app=failing)
+    assert failed.reply.error.reason == "the site's ClientApp raised OSError"
+
+
 def test_runner_pushes_the_refusal_to_the_coordinator(site_data, no_fab_code, monkeypatch):
     """The process glue: the error reply and a FAILED task status go back to the SuperNode."""
     import flwr.supercore.heartbeat as heartbeat

@@ -312,10 +312,9 @@ def public_features(public_dir: Path, foundation_dir: Path, *, channel_tokens: s
     the adaptation's start (LoRA's B and the presence embedding are zero there, so the method
     does not change them); ``centre_features``: minus the public mean already saved
     (``scale_features``: then over the public spread saved with it)."""
-    from torch.utils.data import DataLoader
-
     from client.data.dataset import StudyDataset
     from client.data.site import load_site
+    from medfed.feature_stats import pooled_features
     from models import MODELS
 
     studies = [dataclasses.replace(s, label=-1) for s in load_site(public_dir).studies]
@@ -323,12 +322,8 @@ def public_features(public_dir: Path, foundation_dir: Path, *, channel_tokens: s
                    channel_tokens=channel_tokens, centre_features=centre_features,
                    scale_features=scale_features, patch_init=patch_init)
     model = MODELS.build("foundation", options, foundation_dir=foundation_dir).eval()
-    pooled = []
-    with torch.no_grad():
-        for batch in DataLoader(StudyDataset(studies, image_size), batch_size=batch_size):
-            tokens = model.forward_features(batch["image"], batch["present"])
-            pooled.append(model.pool(tokens, batch["present"]))
-    return torch.cat(pooled), model
+    return pooled_features(model, StudyDataset(studies, image_size),
+                           batch_size=batch_size), model
 
 
 def save_public_feature_mean(public_dir: Path, foundation_dir: Path, *, channel_tokens: str,

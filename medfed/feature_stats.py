@@ -39,9 +39,6 @@ def public_feature_stats(cfg: ExperimentConfig, data_dir: Path, *, workers: int 
         ``cfg``'s model loads no pretrained encoder, the cohort has fewer than 2 studies,
         or fewer studies or feature dimensions than ``directions``.
     """
-    import torch
-    from torch.utils.data import DataLoader
-
     from client.data.dataset import StudyDataset
     from client.data.layout_site import dataset_options, read_site
     from models import MODELS
@@ -62,14 +59,9 @@ def public_feature_stats(cfg: ExperimentConfig, data_dir: Path, *, workers: int 
         raise ConfigError(f"{data_dir} holds {len(studies)} usable studies for layout "
                           f"{spec.layout.name if spec.layout else 'brain_mri_4seq'}; at least "
                           f"2 are needed (skipped: {dict(data.report.skipped) or 'none'})")
-    pooled = []
-    with torch.no_grad():
-        loader = DataLoader(StudyDataset(studies, spec.image_size, **dataset_options(spec.layout)),
-                            batch_size=batch_size)
-        for batch in loader:
-            tokens = model.forward_features(batch["image"], batch["present"])
-            pooled.append(model.pool(tokens, batch["present"]))
-    features = torch.cat(pooled)
+    features = pooled_features(
+        model, StudyDataset(studies, spec.image_size, **dataset_options(spec.layout)),
+        batch_size=batch_size)
     mean, scale, floored = public_stats(features)
     directory = Path(cfg.model.foundation_dir) / str(spec.model_options["weights"])
     signature = model.feature_signature
@@ -92,4 +84,18 @@ def public_feature_stats(cfg: ExperimentConfig, data_dir: Path, *, workers: int 
             "scale_floored_dimensions": floored}
 
 
-__all__ = ["public_feature_stats"]
+def pooled_features(model, data, *, batch_size: int = 32):
+    """A foundation model's pooled features ``[N, pooled]`` over ``data`` (items with
+    ``image`` and ``present``), in evaluation mode and without gradients."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    pooled = []
+    with torch.no_grad():
+        for batch in DataLoader(data, batch_size=batch_size):
+            tokens = model.eval().forward_features(batch["image"], batch["present"])
+            pooled.append(model.pool(tokens, batch["present"]))
+    return torch.cat(pooled)
+
+
+__all__ = ["pooled_features", "public_feature_stats"]

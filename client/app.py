@@ -30,8 +30,8 @@ from .mods.sitedp import site_dp_clipping_mod
 from .privacy.declared import declared_policy
 from .privacy.policy import (admission_digest, admit_round, check_protection, node_settings,
                              releasable_metrics)
-from .queries import (QueryLimits, SiteQueryLog, arrays_digest, class_counts, has_small_class,
-                      label_counts, state_dir, suppress_small_counts)
+from .queries import (QueryLimits, QueryRefused, SiteQueryLog, arrays_digest, class_counts,
+                      has_small_class, label_counts, state_dir, suppress_small_counts)
 from .readiness import asks_for_job, job_readiness, served_layout
 from .rebuilt_app import RebuiltClientApp
 from .runtime import (SiteConfigError, SiteDataCache, resolve_site,
@@ -179,13 +179,15 @@ def make_client_app(*, sim_data_root: Path | None = None, sim_train_sites: int |
                                            "the reply already sent", job.server_round)
             return Message(content=cached, reply_to=msg)
         limits = QueryLimits.from_settings(settings, simulated=site.simulated)
-        if len(splits["train"]) < limits.min_split_size:    # the count, in its own log only
+        try:
+            limits.check_training_size(len(splits["train"]))    # before the ledger is charged
+        except QueryRefused:                # the count and a likely cause: its own log only
             site_logger(site.site_id).warning(
                 "round %d: %d labelled training studies for this job's class list, fewer than "
                 "%s=%d: refusing to train (are the labels in labels.csv, named as the job's "
                 "classes?)", job.server_round, len(splits["train"]), wire.NODE_MIN_EVAL_SPLIT,
                 limits.min_split_size)
-        limits.check_training_size(len(splits["train"]))    # before the ledger is charged
+            raise
         auth = admit_round(job, settings, site.data_dir, n_train=len(splits["train"]),
                            secure_aggregation=masked, survivors_signed=signed)
         objective_key = f"{STATE_OBJECTIVE}.{job.task_name}"

@@ -53,6 +53,8 @@ from models.task import Task
 from models.vit import TokenLayout
 from protocol import wire
 
+from .privacy.ledger import own_folder
+
 STATE_FILE = "site-queries.json"
 REPLIES_DIR = "train-replies"
 KEEP_REPLIES = 3          # train replies cached per run (the last few rounds)
@@ -398,8 +400,8 @@ class SiteQueryLog:
         state = self._load()
         run = state.setdefault(self.run, {})
         path = self._reply_path(self.run, task, server_round)
-        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)   # before its child
-        path.parent.mkdir(mode=0o700, exist_ok=True)
+        own_folder(self.directory)                  # before its child
+        own_folder(path.parent)
         _write(path, recorddict_to_proto(content).SerializeToString())
         replies = [r for r in run.get("replies", []) if r != f"{task}/{server_round}"]
         replies.append(f"{task}/{server_round}")
@@ -427,7 +429,7 @@ class SiteQueryLog:
         for run in list(state)[:-KEEP_RUNS]:
             for old in state.pop(run).get("replies", []):
                 self._reply_path(run, *old.rsplit("/", 1)).unlink(missing_ok=True)
-        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        own_folder(self.directory)
         _write(self.path, json.dumps(state, sort_keys=False).encode())
 
 
@@ -436,7 +438,8 @@ def _write(path: Path, data: bytes) -> None:
     by the site's own user only (0600: a reply holds the update the site sent, the log the
     rounds it served)."""
     tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    tmp.unlink(missing_ok=True)        # a crash's leftover keeps its own mode: made afresh
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as out:
         out.write(data)
     os.replace(tmp, path)

@@ -59,6 +59,10 @@ def public_feature_stats(cfg: ExperimentConfig, data_dir: Path, *, workers: int 
         raise ConfigError(f"{data_dir} holds {len(studies)} usable studies for layout "
                           f"{spec.layout.name if spec.layout else 'brain_mri_4seq'}; at least "
                           f"2 are needed (skipped: {dict(data.report.skipped) or 'none'})")
+    if directions > min(len(studies), pooled_width(model)):   # refused before writing
+        raise ConfigError(f"--directions {directions}: the {len(studies)} public studies' "
+                          f"{pooled_width(model)}-wide features have at most "
+                          f"{min(len(studies), pooled_width(model))}")
     features = pooled_features(
         model, StudyDataset(studies, spec.image_size, **dataset_options(spec.layout)),
         batch_size=batch_size)
@@ -68,20 +72,22 @@ def public_feature_stats(cfg: ExperimentConfig, data_dir: Path, *, workers: int 
     written = [save_feature_mean(directory, mean, signature),
                save_feature_scale(directory, scale, signature)]
     share = None
-    if directions > min(features.shape):
-        raise ConfigError(f"--directions {directions}: the {len(features)} public studies' "
-                          f"{features.shape[1]}-wide features have at most "
-                          f"{min(features.shape)}")
     if directions:
         top, share = principal_directions(features - mean, directions)
         written.append(save_feature_projection(directory, top, signature))
         share = float(share.sum())
     return {"files": written, "variance_share": share, "studies": len(studies),
+            "skipped": dict(data.report.skipped),
             "signature": describe_signature(signature), "mean_norm": float(mean.norm()),
             "median_distance_from_mean": float((features - mean).norm(dim=1).median()),
             "scale_min_median_max": (float(scale.min()), float(scale.median()),
                                      float(scale.max())),
             "scale_floored_dimensions": floored}
+
+
+def pooled_width(model) -> int:
+    """The width of ``model``'s pooled features (its adaptation signature's)."""
+    return int(model.feature_signature["pooled_dim"])
 
 
 def pooled_features(model, data, *, batch_size: int = 32):
@@ -98,4 +104,4 @@ def pooled_features(model, data, *, batch_size: int = 32):
     return torch.cat(pooled)
 
 
-__all__ = ["pooled_features", "public_feature_stats"]
+__all__ = ["pooled_features", "pooled_width", "public_feature_stats"]

@@ -135,6 +135,27 @@ _INSERT_ENTRY = (f"INSERT INTO ledger ({_ENTRY_COLUMNS}) "
 _INSERT_PLAN = f"INSERT INTO plans ({_PLAN_COLUMNS}) VALUES ({', '.join('?' * len(fields(Plan)))})"
 
 
+
+def own_folder(folder: Path) -> None:
+    """The site's state folder, its own user's alone: made 0700, and an existing one that
+    others may read or enter (made before this rule, or by hand) tightened to 0700 with a
+    warning - it holds the ledger, the pseudonym key, the query log and the sent replies."""
+    folder = Path(folder)
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _tighten(folder, 0o700)
+
+
+def own_file(path: Path) -> None:
+    """An existing state file that others may read, tightened to 0600 with a warning."""
+    _tighten(Path(path), 0o600)
+
+
+def _tighten(path: Path, mode: int) -> None:
+    current = path.stat().st_mode & 0o777
+    if current & 0o077:
+        os.chmod(path, mode)
+        log.warning("%s was readable by others (mode %o): now %o", path, current, mode)
+
 class PrivacyLedger:
     """Append-only, hash-chained record of a site's DP rounds in one sqlite file.
 
@@ -151,9 +172,11 @@ class PrivacyLedger:
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)   # the site's alone
+        own_folder(self.path.parent)
         if not self.path.exists():      # made 0600 before SQLite opens it (its journals follow)
             os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        else:
+            own_file(self.path)         # one made before it was (0644): tightened, said
         with self._transaction() as con:
             for statement in _SCHEMA:
                 con.execute(statement)

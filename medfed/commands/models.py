@@ -43,7 +43,8 @@ def feature_stats(args: argparse.Namespace) -> int:
     out = public_feature_stats(cfg, Path(args.data), workers=args.workers,
                                directions=args.directions)
     low, median, high = out["scale_min_median_max"]
-    print(f"{out['studies']} public studies ({out['signature']}): mean norm "
+    skipped = ", ".join(f"{k}={v}" for k, v in sorted(out["skipped"].items())) or "none"
+    print(f"{out['studies']} public studies (skipped: {skipped}; {out['signature']}): mean norm "
           f"{out['mean_norm']:.3g}, median distance from it {out['median_distance_from_mean']:.3g}"
           f"; spread {low:.3g} / {median:.3g} / {high:.3g} (min / median / max), "
           f"{out['scale_floored_dimensions']} dimensions floored")

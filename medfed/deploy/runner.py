@@ -126,7 +126,9 @@ def handle_task(message: Message, context: Context, fab: Fab, allow: AllowList, 
 
     try:
         reply = load_app()(message=message, context=context)
-    except SiteError as err:    # the site's own one-line answer, written to be sent (no data)
+    except SiteError as err:    # the site's one-line answer, written to be sent: a policy
+        # line (no path or patient data; a DP refusal may carry the training count's 1/n or
+        # steps, which the training reply carries anyway) or a fixed generic message
         reason = str(err)
         log.warning("[%s] run %s: %s", site_id, message.metadata.run_id, reason)
         return Outcome(Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason),

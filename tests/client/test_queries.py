@@ -155,16 +155,30 @@ def test_the_activation_estimate_is_at_least_what_autograd_keeps(case, encoders)
     assert kept <= estimate <= 5 * kept, (case, estimate / kept)
 
 
-def test_the_sites_query_log_and_kept_replies_are_its_own_users_alone(tmp_path):
+def test_the_sites_query_log_and_kept_replies_are_its_own_users_alone(tmp_path, caplog):
     """The state folder the query log creates is 0700 and every file in it 0600: a kept
     reply holds the update the site sent, the log the rounds it served (a simulation's sit
-    in the data folder, a deployed site's in its privacy-dir)."""
+    in the data folder, a deployed site's in its privacy-dir). Under the usual umask (022,
+    pinned here) files and folders would be 0644/0755; a folder and a ledger made so before
+    this rule are tightened, with a warning."""
+    import os
     import stat
 
     from flwr.app import ArrayRecord, RecordDict
 
+    from client.privacy.ledger import PrivacyLedger
     from client.queries import SiteQueryLog
 
+    old = os.umask(0o022)
+    try:
+        _state_files_are_private(tmp_path, caplog, stat, ArrayRecord, RecordDict,
+                                 PrivacyLedger, SiteQueryLog)
+    finally:
+        os.umask(old)
+
+
+def _state_files_are_private(tmp_path, caplog, stat, ArrayRecord, RecordDict, PrivacyLedger,
+                             SiteQueryLog):
     log = SiteQueryLog(tmp_path / ".medfed", run_id=3)
     log.store_reply("classification", 1, RecordDict({"arrays": ArrayRecord(
         {"w": torch.zeros(2)})}), admission="a")
@@ -174,3 +188,12 @@ def test_the_sites_query_log_and_kept_replies_are_its_own_users_alone(tmp_path):
     assert len(files) == 2 and len(folders) == 2
     assert {stat.S_IMODE(p.stat().st_mode) for p in folders} == {0o700}
     assert {stat.S_IMODE(p.stat().st_mode) for p in files} == {0o600}
+    loose = tmp_path / "old-privacy-dir"             # made before the rule: 0755 and 0644
+    loose.mkdir(mode=0o755)
+    PrivacyLedger(loose / "privacy-ledger.sqlite")
+    (loose / "privacy-ledger.sqlite").chmod(0o644)
+    loose.chmod(0o755)
+    PrivacyLedger(loose / "privacy-ledger.sqlite")
+    assert stat.S_IMODE(loose.stat().st_mode) == 0o700
+    assert stat.S_IMODE((loose / "privacy-ledger.sqlite").stat().st_mode) == 0o600
+    assert "was readable by others (mode 755): now 700" in caplog.text

@@ -177,10 +177,10 @@ def test_approved_digest_runs_the_installed_clientapp_not_the_fab(site_data, no_
 
 def test_the_coordinator_gets_the_sites_own_line_and_nothing_of_any_other_error(
         site_data, no_fab_code):
-    """A site's refusal (``SiteError``: a policy line written to be sent, no data) reaches the
-    coordinator as that line - it got only "raised SiteError" before, the reason in the
-    site's log alone; any other exception still gives its type and nothing of its text
-    (which may name a path or a value)."""
+    """A site's refusal (``SiteError``: a policy line written to be sent, no path or patient
+    data) reaches the coordinator as that line - it got only "raised SiteError" before, the
+    reason in the site's log alone; any other exception still gives its type and nothing of
+    its text (which may name a path or a value)."""
     from client.mods.errors import SiteError
 
     fab = _tampered_fab()

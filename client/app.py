@@ -29,9 +29,9 @@ from .mods.secagg import secagg_mod, update_protection
 from .mods.sitedp import site_dp_clipping_mod
 from .privacy.declared import declared_policy
 from .privacy.policy import (admission_digest, admit_round, check_protection, node_settings,
-                             releasable_metrics)
+                             releasable_metrics, state_dir)
 from .queries import (QueryLimits, QueryRefused, SiteQueryLog, arrays_digest, class_counts,
-                      has_small_class, label_counts, state_dir, suppress_small_counts)
+                      has_small_class, label_counts, suppress_small_counts)
 from .readiness import asks_for_job, job_readiness, served_layout
 from .rebuilt_app import RebuiltClientApp
 from .runtime import (SiteConfigError, SiteDataCache, resolve_site,

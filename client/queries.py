@@ -310,13 +310,6 @@ def label_names(value) -> frozenset[str]:
     return frozenset(n.strip() for n in names if n.strip())
 
 
-def state_dir(settings: dict, data_dir: Path) -> Path:
-    """The site's own state folder: node config ``privacy-dir`` (relative: under the data
-    directory), default ``<data-dir>/.medfed`` - where the privacy ledger lives."""
-    folder = Path(str(settings.get(wire.NODE_PRIVACY_DIR, ".medfed")))
-    return folder if folder.is_absolute() else data_dir / folder
-
-
 def arrays_digest(content: RecordDict) -> str:
     """SHA-256 over every array the message carries (names, dtypes, shapes, bytes)."""
     h = hashlib.sha256()

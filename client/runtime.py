@@ -42,7 +42,7 @@ from .data.signature import data_signature as signature_of
 from .data.site import SiteData
 from .engine import resolve_device
 from .privacy.policy import node_settings
-from .queries import state_dir
+from .privacy.policy import state_dir
 
 
 class SiteConfigError(ValueError):

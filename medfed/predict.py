@@ -181,7 +181,7 @@ def site_pseudonym_key(data_dir: Path, privacy_dir: Path | str | None = None) ->
     """The site's pseudonym secret where its ClientApp finds it (``privacy_dir``, default
     ``<data-dir>/.medfed``, as ``medfed site --privacy-dir``), created 0600 on first use."""
     from client.data.pseudonyms import site_key
-    from client.queries import state_dir
+    from client.privacy.policy import state_dir
     from protocol import wire
 
     settings = {wire.NODE_PRIVACY_DIR: str(privacy_dir)} if privacy_dir else {}

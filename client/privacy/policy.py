@@ -77,6 +77,14 @@ def node_settings(node_config: dict, data_dir: Path, *, simulated: bool) -> dict
     return settings | dict(node_config)
 
 
+def state_dir(settings: dict, data_dir: Path) -> Path:
+    """The site's own state folder: node config ``privacy-dir`` (relative: under the data
+    directory), default ``<data-dir>/.medfed``: the privacy ledger, pseudonym key, query log
+    and kept replies live there."""
+    folder = Path(str(settings.get(wire.NODE_PRIVACY_DIR, ".medfed")))
+    return folder if folder.is_absolute() else data_dir / folder
+
+
 def site_budget(settings: dict, data_dir: Path) -> SiteBudget | None:
     """The operator's budget, or None when the site has none (then it refuses DP requests)."""
     eps, delta = settings.get(wire.NODE_DP_EPSILON), settings.get(wire.NODE_DP_DELTA)
@@ -89,10 +97,8 @@ def site_budget(settings: dict, data_dir: Path) -> SiteBudget | None:
         raise PrivacyRefused(f"the site's privacy budget in node config is invalid: {err} "
                              f"(set both {wire.NODE_DP_EPSILON!r} and {wire.NODE_DP_DELTA!r})"
                              ) from None
-    ledger_dir = Path(str(settings.get(wire.NODE_PRIVACY_DIR, ".medfed")))
-    ledger_dir = ledger_dir if ledger_dir.is_absolute() else data_dir / ledger_dir
     require = flag(settings.get(wire.NODE_REQUIRE_DP, "true"))
-    return SiteBudget(eps, delta, ledger_dir / LEDGER_FILE, require,
+    return SiteBudget(eps, delta, state_dir(settings, data_dir) / LEDGER_FILE, require,
                       max_run_epsilon=_cap(settings, wire.NODE_DP_MAX_RUN_EPSILON, float),
                       min_noise_multiplier=_cap(settings, wire.NODE_DP_MIN_NOISE, float),
                       max_steps_per_round=_cap(settings, wire.NODE_DP_MAX_STEPS, int),

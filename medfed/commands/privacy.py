@@ -11,12 +11,9 @@ from pathlib import Path
 def _ledger_path(site_dir: Path) -> Path:
     """The site's ledger: ``privacy-dir`` from a simulated site's node-config.toml, else
     <site>/.medfed (a deployed site's ledger is in its ``--privacy-dir``)."""
-    from client.privacy.policy import LEDGER_FILE, node_settings
-    from protocol import wire
+    from client.privacy.policy import LEDGER_FILE, node_settings, state_dir
 
-    settings = node_settings({}, site_dir, simulated=True)
-    folder = Path(str(settings.get(wire.NODE_PRIVACY_DIR, ".medfed")))
-    return (folder if folder.is_absolute() else site_dir / folder) / LEDGER_FILE
+    return state_dir(node_settings({}, site_dir, simulated=True), site_dir) / LEDGER_FILE
 
 
 def privacy(args: argparse.Namespace) -> int:

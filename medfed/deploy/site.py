@@ -230,7 +230,7 @@ def pseudonym_key(s: SiteSettings) -> bytes:
     """The site's pseudonym secret, where its ClientApp will look for it (the privacy dir),
     created 0600 on the first start; refused when group or others can reach it."""
     from client.data.pseudonyms import site_key
-    from client.queries import state_dir
+    from client.privacy.policy import state_dir
 
     return site_key(state_dir(node_config(s), s.data_dir.resolve()))
 

@@ -22,7 +22,8 @@ import logging
 from pathlib import Path
 from typing import NamedTuple
 
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import (Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord,
+                      RecordDict)
 from flwr.app.message_type import MessageType
 from flwr.clientapp.typing import ClientAppCallable
 
@@ -39,6 +40,21 @@ from ..privacy.secagg import SecAggPolicy, SecAggRefused, SiteIdentity, SiteSecA
 log = logging.getLogger(__name__)
 
 _NUM_PARTITIONS = "num-partitions"      # set by Flower's simulation engine
+
+
+# What a masked reply still says in plaintext: the round's DP accounting, which the site's
+# ledger books and its privacy officer publishes, and its compute time. Its example count
+# rides inside the masked vector; training loss/accuracy and step count (statistics of this
+# site's data, which the sum is there to hide among the others') are not sent at all.
+MASKED_REPLY_KEYS = frozenset({wire.DP_EPSILON, wire.DP_DELTA, wire.DP_STEPS,
+                               wire.DP_UNIT_WEIGHT, wire.DP_NOISE_MULTIPLIER,
+                               wire.DP_SAMPLE_RATE, wire.TRAIN_SECONDS})
+
+
+def masked_reply_metrics(metrics) -> dict:
+    """The train reply's metrics a site sends beside its masked update (``MASKED_REPLY_KEYS``);
+    everything else the training handler reported stays at the site."""
+    return {k: v for k, v in metrics.items() if k in MASKED_REPLY_KEYS}
 
 
 def site_identity(node: dict) -> SiteIdentity | None:
@@ -214,6 +230,7 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
         vector = site.masked_input(received, delta, weight, noise=noise, sampler=sampler)
         _save(context, site)
         reply.content[wire.ARRAYS] = ArrayRecord({wire.SECAGG_MASKED_ARRAY: Array(vector)})
+        reply.content[wire.METRICS] = MetricRecord(masked_reply_metrics(metrics))
         return reply
     if stage == wire.SECAGG_CONSISTENCY:
         signature = site.sign_survivors([int(j) for j in request[wire.SECAGG_SURVIVED]])

@@ -120,9 +120,14 @@ def test_secagg_with_dp_sgd_and_a_site_requiring_secagg(three_sites, tmp_path):
     assert "secagg/clipped_values" in metrics and "privacy/epsilon.site-0" in metrics
     # a site with more than 5 training studies has its weight capped: reported, not silent,
     # as a count over the sites from the secure sum (no site's own flag leaves it)
-    capped = sum(metrics[f"site/site-{i}/train/num-examples"] > 5 for i in range(3))
-    assert metrics["secagg/capped_sites"] == capped >= 1
+    from client.data.site import load_site
+
+    trained = [len(load_site(sites / f"site-{i}", tuple(cfg.task.class_names)).split(
+        "train", labelled_only=True)) for i in range(3)]
+    assert metrics["secagg/capped_sites"] == sum(n > 5 for n in trained) >= 1
     assert not any(k.endswith("secagg-weight-capped") for k in metrics)
+    # nor its example count: it rides inside the masked vector only
+    assert not any(k.endswith("/train/num-examples") for k in metrics if k.startswith("site/"))
     # the same sites refuse a plaintext round: the preflight reads it from their declared
     # policy before round 1 (each site's own refusal: tests/security/test_site_controls.py)
     with pytest.raises(Exception, match="requires secure aggregation"):

@@ -122,6 +122,35 @@ def test_attack_a_small_clip_range_reveals_no_sites_count_of_large_values():
     assert strategy.clipped == sum(large.values())
 
 
+def test_attack_a_masked_reply_carries_no_plaintext_statistic_of_the_sites_data():
+    """The coordinator reads what rides beside each masked update. The site's training
+    reported its example count, loss, accuracy and steps (each a statistic of its data that the
+    secure sum exists to hide): none is sent; the count is inside the masked vector, so the
+    average is still weighted by it. The round's DP accounting and compute time are sent."""
+    seen, grid = [], SiteGrid(4)
+    counts = {i: 10 * i for i in grid.nodes}
+    deliver = grid.deliver
+
+    def train(node, m, context):
+        update = {k: view(a) + step(node) for k, a in m.content[wire.ARRAYS].items()}
+        return Message(RecordDict({wire.ARRAYS: arrays(update), wire.METRICS: MetricRecord({
+            wire.NUM_EXAMPLES: counts[node], "train_loss": 0.1 * node, "train_acc": 0.5,
+            "steps": 3.0 * node, wire.TRAIN_SECONDS: 1.5, wire.DP_EPSILON: 2.0})}), reply_to=m)
+
+    def watched(msg):
+        reply = deliver(msg)
+        if reply is not None and reply.has_content() and wire.ARRAYS in reply.content:
+            seen.append(dict(reply.content.metric_records.get(wire.METRICS, {})))
+        return reply
+
+    grid.train, grid.deliver = train, watched
+    average = secure_round(grid)
+    assert len(seen) == 4 and not grid.errors
+    assert all(m == {wire.TRAIN_SECONDS: 1.5, wire.DP_EPSILON: 2.0} for m in seen), seen
+    expected = sum(counts[i] * step(i) for i in grid.nodes) / sum(counts.values())
+    assert np.abs(average - expected).max() <= ENC.resolution
+
+
 def test_a_relay_swapping_one_key_is_refused_by_every_peer_in_one_line():
     def swap(stage, msg):
         if stage == wire.SECAGG_SHARE:

@@ -171,7 +171,7 @@ def make_client_app(*, sim_data_root: Path | None = None, sim_train_sites: int |
         settings, queries = site_queries(site, context)
         masked, signed, session = update_protection(msg, context)
         admission = admission_digest(job, secure_aggregation=masked, survivors_signed=signed,
-                                     session=session)
+                                     session=session, weights=arrays_digest(msg.content))
         check_protection(job, settings, secure_aggregation=masked)
         cached = queries.cached_reply(job.task_name, job.server_round, admission)
         if cached is not None:      # a replayed round: the same bytes, never a second update

@@ -15,9 +15,10 @@ unless node config ``privacy-dir`` says otherwise) so a restarted ClientApp keep
   vectors against the same data to probe it. A coordinator that forges round numbers instead
   is stopped by the cap. External sites (never train) are held to the same two rules.
 - **Training is not replayed.** A train request for a (run, task, round) the site already
-  answered gets the *cached* reply, byte for byte, instead of a fresh update that could be
-  differenced against the first; a request for an older round whose reply has left the
-  bounded cache is refused.
+  answered, with the same weights and protection, gets the *cached* reply, byte for byte,
+  instead of a fresh update that could be differenced against the first; one with other
+  weights or weaker protection is refused, as is a request for an older round whose reply
+  has left the bounded cache.
 - **Ingest counts are sent once per run** (``first_message``), small ones suppressed and the
   others as ranges (``suppress_small_counts``).
 
@@ -375,10 +376,10 @@ class SiteQueryLog:
         key = f"{task}/{server_round}"
         if key in run.get("replies", []) and path.is_file():
             if run.get("admissions", {}).get(key) != admission:
-                raise QueryRefused(f"round {server_round} was trained under another privacy "
-                                   "request, secure-aggregation mode or session than this "
-                                   "repeat asks for; a training round is answered once, as "
-                                   "admitted")
+                raise QueryRefused(f"round {server_round} was trained from other weights or "
+                                   "under another privacy request, secure-aggregation mode or "
+                                   "session than this repeat asks for; a training round is "
+                                   "answered once, as admitted")
             return recorddict_from_proto(ProtoRecordDict.FromString(path.read_bytes()))
         last = run.get("trained", {}).get(task)
         if last is not None and server_round <= last:

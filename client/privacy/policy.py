@@ -142,18 +142,20 @@ def check_protection(job: JobSpec, settings: dict, *, secure_aggregation: bool) 
 
 
 def admission_digest(job: JobSpec, *, secure_aggregation: bool, survivors_signed: bool,
-                     session: str = "") -> str:
-    """What a training round was admitted as: its privacy request and how its update leaves
-    (masked, in which secure-aggregation ``session``; under a signed survivor set). The site's
-    cached reply of a round is the update *before* its mods clip, noise and mask it, so a
-    repeated request is answered only if it asks for the round exactly as it was admitted
-    (``client.queries.SiteQueryLog``): a coordinator replaying a DP round without DP, a masked
-    one in plaintext, or a masked one in a second session (whose sum over the other sites,
-    subtracted from the first, would give this site's update away) gets a refusal, not the
-    update under weaker protection."""
+                     session: str = "", weights: str = "") -> str:
+    """What a training round was admitted as: its privacy request, the ``weights`` it was
+    sent (their digest) and how its update leaves (masked, in which secure-aggregation
+    ``session``; under a signed survivor set). The site's cached reply of a round is the
+    update *before* its mods clip, noise and mask it, so a repeated request is answered only
+    if it asks for the round exactly as it was admitted (``client.queries.SiteQueryLog``): a
+    coordinator replaying a DP round without DP, a masked one in plaintext, a masked one in a
+    second session (whose sum over the other sites, subtracted from the first, would give this
+    site's update away), or a site-DP round against other reference weights (the clipping mod
+    clips the cached weights' difference to the weights sent: two directions of one update
+    give its unclipped length away) gets a refusal, not the update under weaker protection."""
     admitted = {"privacy": asdict(job.privacy), "masked": bool(secure_aggregation),
                 "signed": bool(secure_aggregation and survivors_signed),
-                "session": session if secure_aggregation else ""}
+                "session": session if secure_aggregation else "", "weights": weights}
     return hashlib.sha256(json.dumps(admitted, sort_keys=True, default=str).encode()).hexdigest()
 
 

@@ -263,15 +263,24 @@ _KINDS = {"accountant": str, "run_id": str, "planned_rounds": int, "noise": str,
           "min_contributors": int, "augmentation_multiplicity": int}
 
 
-def check_personalize(personalize: bool, mechanism: str) -> None:
-    """Refuse scoring each site's locally adapted model where the privacy mechanism does not
-    cover it (the server at config load, the site when it decodes the job)."""
-    if personalize and mechanism == wire.DP_SITE:
+def check_site_dp_scope(personalize: bool, local_params, mechanism: str) -> None:
+    """Refuse what site-level DP does not cover (the server at config load, the site when it
+    decodes the job): its clipping and noise are on the update a site sends, so weights
+    trained at the site and kept there (``personalize``'s adapted model, ``local_params``)
+    are not private, and scores of models built from them would leave the site outside the
+    privacy ledger."""
+    if mechanism != wire.DP_SITE:
+        return
+    if personalize:
         raise SpecError("strategy.personalize is refused with privacy.mechanism=site-dp: a "
                         "site's locally adapted model is its update before the clipping and "
                         "noise that site-level DP puts on it, so scores of that model would "
                         "leave the site outside the privacy ledger (use dp-sgd, whose local "
                         "training itself is private)")
+    if local_params:
+        raise SpecError("strategy.local_params is refused with privacy.mechanism=site-dp: the "
+                        "clipped update must be the whole model (weights kept at a site carry "
+                        "no clipping or noise, and evaluation scores models built from them)")
 
 
 @dataclass(frozen=True)
@@ -300,7 +309,7 @@ class JobSpec:
                                           # brain_mri_4seq reader (and a byte-identical record)
 
     def __post_init__(self):
-        check_personalize(self.personalize, self.privacy.mechanism)
+        check_site_dp_scope(self.personalize, self.local_params, self.privacy.mechanism)
 
     def for_site(self, site: int) -> JobSpec:
         """This job at one site: its own data-order/noise stream for this round, and whether

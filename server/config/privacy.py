@@ -8,7 +8,7 @@ the experiment (strategy capabilities, sampling, the number of sites).
 from __future__ import annotations
 
 from protocol import wire
-from protocol.job import SpecError, check_personalize
+from protocol.job import SpecError, check_site_dp_scope
 from strategies.registry import strategies_with, strategy_entry
 
 from .schema import ConfigError, ExperimentConfig
@@ -20,7 +20,8 @@ def validate_privacy(cfg: ExperimentConfig) -> None:
     try:
         p.check()                                  # also run at construction; cheap
         p.check_task(cfg.task.name, cfg.task_options())
-        check_personalize(cfg.strategy.personalize, p.mechanism)
+        check_site_dp_scope(cfg.strategy.personalize, cfg.strategy.local_params,
+                            p.mechanism)
     except SpecError as err:
         raise ConfigError(str(err)) from None
     if p.mechanism != wire.DP_SITE:
@@ -31,9 +32,6 @@ def validate_privacy(cfg: ExperimentConfig) -> None:
                           "server noise on a sum only protects strategies that aggregate by "
                           f"a plain weighted sum ({summing}); "
                           f"{cfg.strategy.name} needs individual updates or rescales them")
-    if cfg.strategy.local_params:
-        raise ConfigError("privacy.mechanism=site-dp with strategy.local_params: the clipped "
-                          "update must be the whole model")
     if cfg.strategy.fraction_train != 1.0:
         raise ConfigError("privacy.mechanism=site-dp is accounted without sampling "
                           "amplification; set strategy.fraction_train=1.0")

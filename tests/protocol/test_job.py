@@ -31,9 +31,9 @@ def _spec(privacy: PrivacySpec = DPSGD, **changes) -> JobSpec:
         class_names=("a", "b", "c"), image_size=32,
         train=TrainConfig(local_epochs=3, batch_size=5, lr=0.02, weight_decay=0.1,
                           head_lr=0.05, head_only_rounds=6, proximal_mu=0.01, seed=42),
-        # (a personalized model is refused under site-level DP)
+        # (a personalized model and weights kept at a site are refused under site-level DP)
         privacy=privacy, seed=42, personalize=privacy.mechanism != wire.DP_SITE,
-        local_params=("*norm*", "head.*"),
+        local_params=("*norm*", "head.*") if privacy.mechanism != wire.DP_SITE else (),
         evaluate_missing=True, server_round=4)
     return JobSpec(**(fields | changes))
 
@@ -323,6 +323,26 @@ def test_a_personalized_model_is_refused_under_site_level_dp_on_both_sides():
     for mechanism in ("none", "dpsgd"):        # DP-SGD's local training is itself private
         assert load_experiment([f"privacy={mechanism}", "strategy=personalized"]
                                ).job_spec("run-p").personalize
+
+
+def test_weights_kept_at_a_site_are_refused_under_site_level_dp_on_both_sides():
+    """Attack: a coordinator asks a site-dp site to keep most of the model at the site
+    (``local_params``): only the shared rest is clipped and noised, and evaluation scores the
+    model built from the kept, unclipped weights (a review measured test loss 1.04 at the
+    site against 1.74 at a fresh one). The site refuses the job before training."""
+    site_dp = ["privacy=sitedp", "strategy.min_train_sites=3"]
+    record = job_config(load_experiment(site_dp), "run-p")
+    assert decode_job(record, site_seed=0).local_params == ()
+    record[wire.LOCAL_PARAMS] = ["blocks.*"]
+    with pytest.raises(JobError, match=r"local_params is refused with privacy.mechanism="
+                                       r"site-dp"):
+        decode_job(record, site_seed=0)
+    with pytest.raises(ConfigError, match=r"local_params is refused with privacy.mechanism="
+                                          r"site-dp"):
+        load_experiment([*site_dp, "strategy.local_params=[blocks.*]"])
+    for mechanism in ("none", "dpsgd"):
+        assert load_experiment([f"privacy={mechanism}", "strategy.local_params=[blocks.*]"]
+                               ).job_spec("run-p").local_params == ("blocks.*",)
 
 
 # ---------------------------------------------------------------- data layout

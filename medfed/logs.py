@@ -43,6 +43,11 @@ CONSOLE_NOISE = re.compile("|".join((
 SITE_ERROR = "client.mods.errors.SiteError"
 _SITE_ERROR_LINE = re.compile(rf"^{re.escape(SITE_ERROR)}: (.+)$", re.M)
 
+# Lines of Ray actors that Ray's driver drops before printing (``ray_console_environment``):
+# Flower's actor teardown at the end of every simulation, as its logger and as the root
+# logger (opacus' basicConfig in the actor) print it.
+RAY_WORKER_NOISE = r"Manually terminating ClientAppActor"
+
 # Where MLflow's eprint() lines go once routed (see ``route_dependency_consoles``).
 MLFLOW_CONSOLE_LOGGER = "medfed.mlflow"
 
@@ -158,6 +163,16 @@ def route_dependency_consoles() -> None:
                                                       _LineLogger):
         mlflow_logging.MLFLOW_LOGGING_STREAM = _LineLogger(
             logging.getLogger(MLFLOW_CONSOLE_LOGGER))
+
+
+def ray_console_environment() -> dict[str, str]:
+    """How Ray's driver prints its actors' lines (environment, read when Ray is imported):
+    every line as it comes, each site's own (none merged into ``[repeated Nx across
+    cluster]``), except :data:`RAY_WORKER_NOISE`. Ray skips lines only in its deduplicator,
+    so that runs, and every other line matches its never-deduplicate pattern."""
+    return {"RAY_DEDUP_LOGS": "1",
+            "RAY_DEDUP_LOGS_ALLOW_REGEX": rf"^(?!.*(?:{RAY_WORKER_NOISE}))",
+            "RAY_DEDUP_LOGS_SKIP_REGEX": RAY_WORKER_NOISE}
 
 
 def quiet_third_parties() -> None:

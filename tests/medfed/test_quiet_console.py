@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import traceback
 import types
@@ -10,7 +11,8 @@ import warnings
 
 import pytest
 
-from medfed.logs import MLFLOW_CONSOLE_LOGGER, SITE_ERROR, setup_logging
+from medfed.logs import (MLFLOW_CONSOLE_LOGGER, SITE_ERROR, ray_console_environment,
+                         setup_logging)
 
 
 class SADeprecationWarning(DeprecationWarning):
@@ -112,3 +114,25 @@ def test_flowers_traceback_of_a_site_refusal_stays_off_the_console(
     assert ("ClientAppException occurred" in console) is on_console
     assert "processing a message by RayBackend" not in console   # a preface saying nothing
 
+
+def test_flowers_actor_teardown_lines_are_dropped_by_rays_driver(monkeypatch):
+    """What Ray's driver prints of its actors' lines under ``ray_console_environment``:
+    every site line, each site's own (not merged), and no actor teardown."""
+    import ray._private.ray_logging as ray_logging
+    from ray._common.utils import env_bool
+
+    for name, value in ray_console_environment().items():
+        monkeypatch.setenv(name, value)
+    # Ray reads these once, at import; this test process imported it already
+    monkeypatch.setattr(ray_logging, "RAY_DEDUP_LOGS", env_bool("RAY_DEDUP_LOGS", False))
+    dedup = ray_logging.LogDeduplicator(5, os.environ["RAY_DEDUP_LOGS_ALLOW_REGEX"],
+                                        os.environ["RAY_DEDUP_LOGS_SKIP_REGEX"])
+    teardown = ["\x1b[93mWARNING \x1b[0m:   Manually terminating ClientAppActor",
+                "12/06/2026 01:27:09:WARNING:Manually terminating ClientAppActor"]
+    site = "12/06/2026 01:27:09:ERROR:train message failed (site-policy sent to the server)"
+    printed = []
+    for pid in (7, 8):                          # two sites saying the same line: both shown
+        batches = dedup.deduplicate({"ip": "192.0.2.2", "pid": pid,
+                                     "lines": [*teardown, site, ""]})
+        printed += [line for batch in batches for line in batch["lines"]]
+    assert printed == [site, "", site, ""]

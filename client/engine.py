@@ -119,7 +119,8 @@ class Engine:
         """Train in place; returns mean loss/metrics, steps and seconds.
 
         Without ``privacy``: ``local_epochs`` shuffled passes. With it: DP-SGD, i.e.
-        ``local_epochs * int(1/q)`` Poisson-sampled steps, per-sample clipping and noise;
+        ``local_epochs * int(1/q)`` Poisson-sampled steps (the audit's ``privacy.steps``:
+        exactly that many), per-sample clipping and noise;
         with its ``augmentation_multiplicity`` k each drawn sample is read k times (k
         augmented views, consecutive rows, averaged before clipping).
         ``extra_gradients`` (the privacy audit's canaries only, needs ``privacy``) is called
@@ -166,7 +167,7 @@ class Engine:
             # A Poisson batch holds q*n studies on average, any number in the worst case, and
             # q is the coordinator's: it runs in physical chunks of at most batch_size studies
             # (x views rows), what the site's size check counted; their clipped sums add up.
-            steps = config.local_epochs * steps_per_epoch(privacy.sample_rate)
+            steps = privacy.steps or config.local_epochs * steps_per_epoch(privacy.sample_rate)
             views = range(privacy.augmentation_multiplicity)
             size = config.batch_size        # balanced: 17 drawn at 16 run as 9 + 8, not 16 + 1
             batches = ([default_collate([data[int(i)] for i in chunk for _ in views])

@@ -32,17 +32,41 @@ CONSOLE_NOISE = re.compile("|".join((
     r"\b\w*(DeprecationWarning|FutureWarning)\b",             # e.g. SQLAlchemy's SADeprecationWarning
     r"Registered model .* already exists\. Creating a new version",   # MLflow; our table says
     r"Successfully registered model ",                        # which version was registered
+    # Flower's preface to the exception record it logs next (which says what was raised)
+    r"An exception was raised when processing a message by RayBackend",
 )))
+
+# A site's refusal as a traceback prints its class (pinned to client.mods.errors.SiteError by
+# tests/medfed/test_quiet_console.py; not imported: it would import Flower). In simulation
+# Flower logs every ClientApp exception twice with Ray's remote traceback; for a SiteError that
+# is noise: the coordinator prints its one line (server/console.py), the site logged the trace.
+SITE_ERROR = "client.mods.errors.SiteError"
+_SITE_ERROR_LINE = re.compile(rf"^{re.escape(SITE_ERROR)}: (.+)$", re.M)
+
+# Lines of Ray actors that Ray's driver drops before printing (``ray_console_environment``):
+# Flower's actor teardown at the end of every simulation, as its logger and as the root
+# logger (opacus' basicConfig in the actor) print it.
+RAY_WORKER_NOISE = r"Manually terminating ClientAppActor"
 
 # Where MLflow's eprint() lines go once routed (see ``route_dependency_consoles``).
 MLFLOW_CONSOLE_LOGGER = "medfed.mlflow"
 
 
+def site_refusal_trace(message: str) -> bool:
+    """Whether ``message`` is Flower's report of a ClientApp that raised a site's refusal:
+    the ``ClientAppException`` Flower made of a :data:`SITE_ERROR` (its message is that
+    error's text), not another exception that merely has one in its chain."""
+    return any(f"ClientAppException occurred. Message: {line.group(1)}" in message
+               for line in _SITE_ERROR_LINE.finditer(message))
+
+
 class ConsoleNoise(logging.Filter):
-    """Drop :data:`CONSOLE_NOISE` records; on console handlers only, never on the file."""
+    """Drop :data:`CONSOLE_NOISE` records and Flower's traceback of a site's refusal
+    (:func:`site_refusal_trace`); on console handlers only, never on the file."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return CONSOLE_NOISE.search(record.getMessage()) is None
+        message = record.getMessage()
+        return CONSOLE_NOISE.search(message) is None and not site_refusal_trace(message)
 
 
 class _LineLogger:
@@ -139,6 +163,16 @@ def route_dependency_consoles() -> None:
                                                       _LineLogger):
         mlflow_logging.MLFLOW_LOGGING_STREAM = _LineLogger(
             logging.getLogger(MLFLOW_CONSOLE_LOGGER))
+
+
+def ray_console_environment() -> dict[str, str]:
+    """How Ray's driver prints its actors' lines (environment, read when Ray is imported):
+    every line as it comes, each site's own (none merged into ``[repeated Nx across
+    cluster]``), except :data:`RAY_WORKER_NOISE`. Ray skips lines only in its deduplicator,
+    so that runs, and every other line matches its never-deduplicate pattern."""
+    return {"RAY_DEDUP_LOGS": "1",
+            "RAY_DEDUP_LOGS_ALLOW_REGEX": rf"^(?!.*(?:{RAY_WORKER_NOISE}))",
+            "RAY_DEDUP_LOGS_SKIP_REGEX": RAY_WORKER_NOISE}
 
 
 def quiet_third_parties() -> None:

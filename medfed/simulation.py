@@ -18,6 +18,7 @@ from server.app import make_server_app
 from server.config import ConfigError, ExperimentConfig
 from server.federation import new_run_dir
 
+from .logs import ray_console_environment
 from .offline import offline_env
 
 log = logging.getLogger("medfed")
@@ -30,7 +31,8 @@ def offline_environment(flwr_home: Path | None = None) -> None:
     # Ray actors train side by side: one thread each, whatever the caller's setting.
     os.environ.update(offline_env(dict(os.environ), OMP_NUM_THREADS="1"))
     os.environ.setdefault("FLWR_HOME", str(flwr_home or PROJECT_ROOT / ".flwr"))
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    for name, value in ray_console_environment().items():
+        os.environ.setdefault(name, value)
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")   # our table says what it registered
 

@@ -219,7 +219,7 @@ class CLIPTask(TaskBase):
         return CLIPModel(backbone, self.config, pad_id(self.tokenizer))
 
     def _wrap_pair(self, backbone):
-        from .foundation.pair import wrap_pair
+        from .foundation.pair import vocab_refusal, wrap_pair
 
         if self.config.tokenizer_dir is not None:
             raise ValueError("task.options.tokenizer_dir must be unset for a foundation pair: "
@@ -234,11 +234,9 @@ class CLIPTask(TaskBase):
         directory = str(backbone.directory)      # this side's <foundation_dir>/<weights>
         self.tokenizer = load_tokenizer(directory)
         rows = model.text.config.vocab_size
-        if vocab_size(self.tokenizer) > rows:
-            raise ValueError(f"the tokenizer in {backbone.config.weights!r} has "
-                             f"{vocab_size(self.tokenizer)} tokens but its text tower embeds "
-                             f"{rows}; the directory's tokenizer and weights do not belong "
-                             "together")
+        if vocab_size(self.tokenizer) > rows:    # this side's directory (config load: the
+            raise ValueError(vocab_refusal(      # coordinator's, in directory_refusal)
+                backbone.config.weights, vocab_size(self.tokenizer), rows))
         self.reports = ReportText.of(directory, self.config.max_length)
         self.prompt_tokens = self.tokenize(self.prompts) if self.prompts else None
         model.tokenizer_sha256 = self.reports.fingerprint

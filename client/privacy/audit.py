@@ -19,7 +19,6 @@ input-space canaries would give weaker, less informative bounds from one run.
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,8 +29,8 @@ from torch.utils.data import Dataset
 from protocol.accounting import epsilon as accounted_epsilon
 
 from ..engine import Engine, TrainConfig
-from .dpsgd import DPSGDConfig, steps_per_epoch
-from .onerun import best_lower_bound
+from .dpsgd import DPSGDConfig
+from .onerun import MIN_CANARIES, best_lower_bound
 
 
 @dataclass(frozen=True)
@@ -39,7 +38,7 @@ class AuditConfig:
     noise_multiplier: float         # 0: no noise (a non-private baseline the audit must catch)
     max_grad_norm: float = 1.0
     sample_rate: float = 0.5
-    steps: int = 40                 # at least this many (whole Poisson epochs of int(1/q))
+    steps: int = 40                 # Poisson steps; the accounting charges exactly these
     num_canaries: int = 1000
     delta: float = 1e-5
     lr: float = 1e-3
@@ -47,8 +46,24 @@ class AuditConfig:
     secure_mode: bool = True
 
     def __post_init__(self):
-        if self.noise_multiplier < 0 or self.steps < 1 or self.num_canaries < 10:
-            raise ValueError("need noise_multiplier >= 0, steps >= 1, num_canaries >= 10")
+        if self.noise_multiplier < 0 or self.steps < 1 or self.num_canaries < MIN_CANARIES:
+            raise ValueError(f"need noise_multiplier >= 0, steps >= 1, "
+                             f"num_canaries >= {MIN_CANARIES}")
+
+
+def _canary_target(model: nn.Module) -> nn.Parameter:
+    """The parameter the canaries write to: the largest trainable one."""
+    return max((p for p in model.parameters() if p.requires_grad), key=lambda p: p.numel())
+
+
+def canary_refusal(model: nn.Module, num_canaries: int) -> str | None:
+    """Why ``num_canaries`` canaries do not fit ``model`` (each needs its own coordinate of the
+    largest trainable parameter), or None."""
+    size = _canary_target(model).numel()
+    if size < num_canaries:
+        return (f"the largest trainable parameter has {size} entries; {num_canaries} canaries "
+                "need one coordinate each")
+    return None
 
 
 def run_audit(model: nn.Module, task, data: Dataset, config: AuditConfig) -> dict:
@@ -56,10 +71,10 @@ def run_audit(model: nn.Module, task, data: Dataset, config: AuditConfig) -> dic
     rng = np.random.default_rng(config.seed)
     torch.manual_seed(config.seed)
     model = copy.deepcopy(model).train()
-    target = max((p for p in model.parameters() if p.requires_grad), key=lambda p: p.numel())
-    if target.numel() < config.num_canaries:
-        raise ValueError(f"the largest parameter has {target.numel()} entries; "
-                         f"{config.num_canaries} canaries need one coordinate each")
+    refusal = canary_refusal(model, config.num_canaries)
+    if refusal:
+        raise ValueError(refusal)
+    target = _canary_target(model)
     coords = torch.from_numpy(rng.choice(target.numel(), config.num_canaries, replace=False))
     signs = torch.from_numpy(rng.choice([-1.0, 1.0], config.num_canaries)).to(target.dtype)
     included = rng.random(config.num_canaries) < 0.5
@@ -78,12 +93,11 @@ def run_audit(model: nn.Module, task, data: Dataset, config: AuditConfig) -> dic
 
     dp = DPSGDConfig(noise_multiplier=config.noise_multiplier, allow_no_noise=True,
                      max_grad_norm=config.max_grad_norm, sample_rate=config.sample_rate,
-                     secure_mode=config.secure_mode, seed=config.seed)
-    epochs = math.ceil(config.steps / steps_per_epoch(config.sample_rate))
+                     secure_mode=config.secure_mode, seed=config.seed, steps=config.steps)
     fit = Engine(task, torch.device("cpu")).fit(
-        model, data, TrainConfig(local_epochs=epochs, lr=config.lr, weight_decay=0.0,
-                                 seed=config.seed), privacy=dp, extra_gradients=canaries)
-    steps = int(fit["steps"])                # whole Poisson epochs: at least config.steps
+        model, data, TrainConfig(lr=config.lr, weight_decay=0.0, seed=config.seed),
+        privacy=dp, extra_gradients=canaries)
+    steps = int(fit["steps"])                # what ran (config.steps), what is accounted
 
     moved = target.detach().flatten()[coords] - start
     scores = (-signs * moved).numpy()

@@ -30,7 +30,7 @@ from protocol.secagg_encoding import HEADER, decode, encode, noisy_encoding
 from protocol.skellam import NoiseShare
 
 from .noise import SkellamNoise
-from .onerun import best_lower_bound
+from .onerun import MIN_CANARIES, best_lower_bound
 
 
 @dataclass(frozen=True)
@@ -47,9 +47,10 @@ class DistributedAuditConfig:
 
     def __post_init__(self):
         if not (self.noise_multiplier > 0 and self.contributors >= 1 and self.rounds >= 1
-                and 0 <= self.skip_noise <= self.contributors and self.num_canaries >= 10):
+                and 0 <= self.skip_noise <= self.contributors
+                and self.num_canaries >= MIN_CANARIES):
             raise ValueError("need noise_multiplier > 0, contributors >= 1, rounds >= 1, "
-                             "0 <= skip_noise <= contributors and num_canaries >= 10")
+                             f"0 <= skip_noise <= contributors and num_canaries >= {MIN_CANARIES}")
 
 
 def run_distributed_audit(config: DistributedAuditConfig) -> dict:

@@ -52,6 +52,9 @@ class DPSGDConfig:
     allow_no_noise: bool = False    # only the audit's non-private baseline sets this
     head_clip_share: float | None = None   # per-group clipping (PerSampleClipper's head_share)
     augmentation_multiplicity: int = 1     # views per drawn sample, averaged before clipping
+    # Only the audit sets this: exactly this many Poisson steps. A training round takes
+    # local_epochs * int(1/q), the steps the site's ledger charges.
+    steps: int | None = None
 
     def __post_init__(self):
         if not (self.noise_multiplier > 0 or (self.allow_no_noise
@@ -66,6 +69,8 @@ class DPSGDConfig:
         k = self.augmentation_multiplicity
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"augmentation_multiplicity must be an integer >= 1, got {k!r}")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"steps must be >= 1 (or None), got {self.steps}")
 
 
 def steps_per_epoch(sample_rate: float) -> int:

@@ -29,6 +29,9 @@ import numpy as np
 from scipy.special import expit
 from scipy.stats import binom
 
+# Fewer canaries cannot make a useful audit: even all of them guessed right bound epsilon below
+# ~0.6 (m = 10, delta = 1e-5), so no broken DP path would be caught.
+MIN_CANARIES = 10
 _EPS_CAP = 128.0  # q = expit(128) == 1.0 in float64, so p(eps) = 1 there: always a valid bracket
 _TOL = 1e-10
 _MAX_ITERS = 200

@@ -42,16 +42,30 @@ def audit(args: argparse.Namespace) -> int:
 
     from client.data.dataset import StudyDataset
     from client.data.site import load_site
-    from client.privacy.audit import AuditConfig, run_audit
+    from client.privacy.audit import AuditConfig, canary_refusal, run_audit
+    from client.privacy.onerun import MIN_CANARIES
     from models import MODELS, TASKS
     from protocol.accounting import calibrate_noise
 
     torch.set_num_threads(1)
+    if args.canaries < MIN_CANARIES:      # refused before any data is read or noise calibrated
+        raise ValueError(f"--canaries must be at least {MIN_CANARIES} (fewer cannot bound "
+                         f"epsilon usefully), got {args.canaries}")
     if args.distributed:
         return _audit_distributed(args)
     if not args.site_dir:
         raise ValueError("the DP-SGD audit trains on a site's data: pass --site-dir (or "
                          "--distributed to audit distributed site-level DP)")
+    if args.steps < 1:
+        raise ValueError(f"--steps must be at least 1, got {args.steps}")
+    n_classes = len(args.classes.split(","))
+    torch.manual_seed(args.seed)
+    model = MODELS.build("mmvit", json.loads(args.model_options) | {"num_classes": n_classes,
+                                                                    "img_size": args.image_size})
+    refusal = canary_refusal(model, args.canaries)
+    if refusal:
+        raise ValueError(f"--canaries {args.canaries}: {refusal}; lower --canaries or widen the "
+                         "model (--model-options)")
     data = load_site(Path(args.site_dir), tuple(args.classes.split(",")))
     train = StudyDataset(data.split("train", labelled_only=True), image_size=args.image_size)
     if len(train) == 0:
@@ -66,10 +80,6 @@ def audit(args: argparse.Namespace) -> int:
     config = AuditConfig(noise_multiplier=sigma, sample_rate=args.sample_rate, steps=args.steps,
                          num_canaries=args.canaries, delta=args.delta, seed=args.seed,
                          max_grad_norm=args.max_grad_norm)
-    n_classes = len(args.classes.split(","))
-    torch.manual_seed(args.seed)
-    model = MODELS.build("mmvit", json.loads(args.model_options) | {"num_classes": n_classes,
-                                                                    "img_size": args.image_size})
     result = run_audit(model, TASKS.build("classification", {"num_classes": n_classes}),
                        train, config)
     if args.json:

@@ -79,8 +79,9 @@ def directory_refusal(directory, objective: str, method: str,
                       channel_tokens: str = "per_channel", max_length: int | None = None
                       ) -> str | None:
     """``objective_refusal`` for the encoder directory ``directory``, from its config.json
-    alone (no weights loaded): the coordinator's config-load check. ``max_length``: an
-    image-report objective's report length, checked against the pair's text positions."""
+    alone (no weights loaded): the coordinator's config-load check. A pair's tokenizer is
+    checked against its text tower's vocabulary; ``max_length``: an image-report objective's
+    report length, checked against the pair's text positions."""
     from .families import FAMILIES
     from .loading import MONAI_MODEL_TYPE, family_of, read_config
     from .timm_vit import TIMM_FAMILY, parse_config
@@ -102,15 +103,19 @@ def directory_refusal(directory, objective: str, method: str,
         if not any((Path(directory) / name).is_file() for name in TOKENIZER_FILES):
             reason = (f"{objective} from a foundation pair reads its tokenizer from the same "
                       f"directory, which has none of {', '.join(TOKENIZER_FILES)}")
-    if reason is None and pair and max_length is not None and \
-            "pair" in NEEDS.get(objective, ()):
+    if reason is None and pair and "pair" in NEEDS.get(objective, ()):
         import transformers
 
-        from .pair import text_length_refusal
+        from ..text import load_tokenizer, vocab_size
+        from .pair import text_length_refusal, vocab_refusal
 
-        text = transformers.AutoConfig.from_pretrained(str(directory), local_files_only=True)
-        positions = text.text_config.max_position_embeddings
-        if max_length > positions:
+        text = transformers.AutoConfig.from_pretrained(str(directory),
+                                                       local_files_only=True).text_config
+        tokens = vocab_size(load_tokenizer(directory))
+        positions = text.max_position_embeddings
+        if tokens > text.vocab_size:
+            reason = vocab_refusal(Path(directory).name, tokens, text.vocab_size)
+        elif max_length is not None and max_length > positions:
             reason = text_length_refusal(Path(directory).name, max_length, positions)
     return reason
 

@@ -101,6 +101,14 @@ def text_length_refusal(weights: str, max_length: int, positions: int) -> str:
             "or less")
 
 
+def vocab_refusal(weights: str, tokens: int, rows: int) -> str:
+    """The one line refusing a pair directory whose tokenizer has more tokens than its text
+    tower embeds (the coordinator's config load and the site's build say it alike)."""
+    return (f"the tokenizer in {weights!r} has {tokens} tokens but its text tower embeds "
+            f"{rows}; the directory's tokenizer and weights do not belong together: put the "
+            "pair's own tokenizer next to its weights")
+
+
 def wrap_pair(backbone: FoundationBackbone, *, max_length: int) -> PretrainedPair:
     """The pair model around ``backbone``, its text tower set to train as the backbone's
     ``method`` says; refuses (one line) a directory without a text tower or a token length
@@ -125,4 +133,5 @@ def wrap_pair(backbone: FoundationBackbone, *, max_length: int) -> PretrainedPai
     return PretrainedPair(backbone, parts)
 
 
-__all__ = ["PretrainedPair", "sigmoid_loss", "text_length_refusal", "wrap_pair"]
+__all__ = ["PretrainedPair", "sigmoid_loss", "text_length_refusal", "vocab_refusal",
+           "wrap_pair"]

@@ -3,6 +3,8 @@ stay below the accounted epsilon when the noise is there."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -56,3 +58,29 @@ def test_audit_cli_reports_both_numbers(tiny_sites, capsys):
                 "--steps", "10", "--canaries", "200"])
     out = capsys.readouterr().out
     assert code == 0 and "accounted epsilon" in out and "CONSISTENT" in out
+
+
+def test_audit_cli_runs_and_accounts_exactly_the_steps_asked(tiny_sites, capsys):
+    # 5 steps at q = 0.25 are not whole Poisson epochs (int(1/q) = 4 steps each); the audit
+    # once ran 8 and accounted 8 against a noise calibrated for 5
+    code = cli(["audit", "--site-dir", str(tiny_sites / "site-0"), "--epsilon", "4",
+                "--sample-rate", "0.25", "--steps", "5", "--canaries", "200", "--json"])
+    result = json.loads(capsys.readouterr().out)
+    assert code == 0 and result["steps"] == 5
+    assert abs(result["accounted_epsilon"] - 4.0) < 0.05
+
+
+@pytest.mark.parametrize("canaries, needle", [("8", "at least 10"),
+                                              ("100000000", "one coordinate each")])
+def test_audit_cli_refuses_a_bad_canary_count_naming_the_flag(tiny_sites, capsys, canaries,
+                                                               needle):
+    code = cli(["audit", "--site-dir", str(tiny_sites / "site-0"), "--canaries", canaries])
+    err = capsys.readouterr().err
+    assert code == 2 and "--canaries" in err and needle in err
+    assert "num_canaries" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_audit_cli_refuses_a_bad_step_count_naming_the_flag(tiny_sites, capsys):
+    code = cli(["audit", "--site-dir", str(tiny_sites / "site-0"), "--steps", "0"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--steps must be at least 1" in err

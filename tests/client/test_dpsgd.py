@@ -502,6 +502,8 @@ def test_rows_that_are_not_whole_groups_of_views_are_refused(task):
     with pytest.raises(ValueError, match="augmentation_multiplicity must be an integer >= 1"):
         DPSGDConfig(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.5,
                     augmentation_multiplicity=0)
+    with pytest.raises(ValueError, match="steps must be >= 1"):     # the audit's exact steps
+        DPSGDConfig(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.5, steps=0)
 
 
 def test_seeded_runs_are_reproducible_and_secure_runs_are_not(task, reference):

@@ -50,6 +50,13 @@ def _save_pair(family: str, directory) -> None:
     wordpiece_tokenizer(WORDS).save(str(directory / "tokenizer.json"))
 
 
+def _save_pair_with_big_tokenizer(directory) -> None:
+    """A pair whose tokenizer has 4 more tokens than its text tower embeds."""
+    _save_pair("clip", directory)
+    extra = [f"word{i}" for i in range(TEXT["vocab_size"] + 4 - len(WORDS))]
+    wordpiece_tokenizer(WORDS + extra).save(str(directory / "tokenizer.json"))
+
+
 def _save_mae_pretraining(directory) -> None:
     """ViTMAEForPreTraining: the encoder and its decoder in one directory."""
     torch.manual_seed(5)
@@ -69,6 +76,7 @@ def encoders(tmp_path_factory):
     _save_mae_pretraining(root / "mae_pretraining")
     for family in ("clip", "siglip"):
         _save_pair(family, root / f"{family}_pair")
+    _save_pair_with_big_tokenizer(root / "clip_big_tokenizer")
     return root
 
 
@@ -379,6 +387,8 @@ def test_sigmoid_loss_is_siglips():
     ("dinov2", "clip", {}, "needs a CLIPModel or SiglipModel directory"),
     ("clip_vision", "clip", {"max_length": 16}, "tokenizer"),     # weights without a tokenizer
     ("clip_pair", "clip", {"max_length": 64}, "exceeds"),
+    ("clip_big_tokenizer", "clip", {"max_length": 16}, "has 28 tokens but its text tower "
+                                                        "embeds 24"),
     ("clip_pair", "clip", {"tokenizer_dir": "report_vocab"}, "tokenizer_dir must be unset"),
     ("dinov2", "mm_dino", {"num_classes": 4}, "classes"),
     ("clip_pair", "clip", {"max_length": 16, "num_layers": 4}, "num_layers size the"),

@@ -9,7 +9,7 @@ import pytest
 from server.config import ConfigError, load_experiment
 
 from ..models.test_foundation import _save
-from ..models.test_foundation_objectives import _save_pair
+from ..models.test_foundation_objectives import _save_pair, _save_pair_with_big_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -19,6 +19,7 @@ def encoders(tmp_path_factory):
         _save(family, root / family)
     _save_pair("clip", root / "clip_pair")
     _save("clip", root / "clip_no_tokenizer")
+    _save_pair_with_big_tokenizer(root / "clip_big_tokenizer")
     return root
 
 
@@ -38,6 +39,11 @@ def _load(encoders, weights: str, *overrides: str):
     ("clip_pair", ["pretrain=clip", "pretrain.num_rounds=1"],
      r"max_length=128 \(pretrain.options.max_length\) exceeds the 'clip_pair' text tower's "
      r"\d+ positions; set pretrain.options.max_length=\d+ or less"),
+    # found at config load, not when the sites build the pair after the run has started
+    ("clip_big_tokenizer", ["pretrain=clip", "pretrain.num_rounds=1",
+                            "pretrain.options.max_length=16"],
+     r"the tokenizer in 'clip_big_tokenizer' has 28 tokens but its text tower embeds 24; "
+     r"the directory's tokenizer and weights do not belong together"),
     ("dinov2", ["pretrain=mae", "pretrain.num_rounds=1", "model.options.method=linear_probe"],
      "linear_probe"),
     ("dinov2", ["pretrain=mm_dino", "pretrain.num_rounds=1", "privacy=dpsgd"],

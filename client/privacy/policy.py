@@ -218,6 +218,10 @@ def authorize(request: PrivacySpec, budget: SiteBudget | None, *, n_train: int,
         q = request.sample_rate or min(1.0, batch_size / n_train)
         if not 0 < q <= 1:
             raise PrivacyRefused(f"sample rate {q} is not in (0, 1]")
+        if q * n_train < 1 - 1e-9:   # int(1/q) steps an epoch: the coordinator's q sets it
+            raise PrivacyRefused(f"sample rate {q:g} draws less than one of this site's "
+                                 "training studies per step on average (below 1/n): its "
+                                 "epochs would take more steps than studies; refusing")
         steps = local_epochs * steps_per_epoch(q)
         sigma = _plan(ledger, request, budget, q, steps)
         clip = request.max_grad_norm

@@ -181,6 +181,19 @@ def test_a_run_may_not_change_its_sample_rate(tmp_path):
         _authorize(_dpsgd(sample_rate=0.2), budget, server_round=2)
 
 
+def test_attack_a_tiny_sample_rate_cannot_make_a_round_of_endless_steps(tmp_path):
+    """A coordinator's q sets a DP round's work: int(1/q) steps an epoch. At q = 1e-7 a
+    review got a round of 10^7 steps admitted (~18 h of the site's machine, per epoch).
+    Below 1/n (fewer than one study a step on average) the site refuses before charging;
+    at 1/n it trains n steps an epoch, what non-private training at batch size 1 takes."""
+    budget = _budget(tmp_path, epsilon=10.0)
+    with pytest.raises(PrivacyRefused, match=r"below 1/n"):
+        _authorize(_dpsgd(sample_rate=1e-7), budget)
+    assert PrivacyLedger(budget.ledger_path).entries() == []
+    auth = _authorize(_dpsgd(sample_rate=1 / N_TRAIN), budget)
+    assert auth.entry.steps == EPOCHS * N_TRAIN
+
+
 def test_prv_accountant_is_used_for_the_charge(tmp_path):
     budget = _budget(tmp_path, epsilon=3.0)
     auth = _authorize(_dpsgd(accountant="prv", planned_rounds=1), budget)

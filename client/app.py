@@ -188,8 +188,11 @@ def make_client_app(*, sim_data_root: Path | None = None, sim_train_sites: int |
                 "classes?)", job.server_round, len(splits["train"]), wire.NODE_MIN_EVAL_SPLIT,
                 limits.min_split_size)
             raise
+        same_run = queries.privacy_runs(job.privacy.run_id) \
+            if job.privacy.mechanism != wire.DP_NONE else frozenset()
         auth = admit_round(job, settings, site.data_dir, n_train=len(splits["train"]),
-                           secure_aggregation=masked, survivors_signed=signed)
+                           secure_aggregation=masked, survivors_signed=signed,
+                           same_run=same_run)
         objective_key = f"{STATE_OBJECTIVE}.{job.task_name}"
         if objective_key in context.state:       # stored only for a task that keeps state
             engine.task.load_site_state(model, context.state[objective_key].to_torch_state_dict())

@@ -355,6 +355,18 @@ class SiteQueryLog:
         run["evaluations"] = run.get("evaluations", 0) + 1
         self._save(state)
 
+    def privacy_runs(self, job_run_id: str) -> frozenset[str]:
+        """Every job run id a private round of this Flower run asked for, ``job_run_id``
+        included (then remembered): a pretraining and a fine-tuning phase have one each; a
+        coordinator naming a new one each round gets them all counted as one run."""
+        state = self._load()
+        run = state.setdefault(self.run, {})
+        seen = run.setdefault("privacy-runs", [])
+        if job_run_id not in seen:
+            seen.append(job_run_id)
+            self._save(state)
+        return frozenset(seen)
+
     def first_message(self) -> bool:
         """True for the first call in this run (then remembered), False after."""
         state = self._load()

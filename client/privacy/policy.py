@@ -160,19 +160,22 @@ def admission_digest(job: JobSpec, *, secure_aggregation: bool, survivors_signed
 
 
 def admit_round(job: JobSpec, settings: dict, data_dir: Path, *, n_train: int,
-                secure_aggregation: bool, survivors_signed: bool) -> Authorization | None:
+                secure_aggregation: bool, survivors_signed: bool,
+                same_run: frozenset[str] = frozenset()) -> Authorization | None:
     """The site's checks before it trains: ``check_protection``, then its privacy budget
     (``authorize``). Raises with the reason the server will see.
 
     ``secure_aggregation``: this update is masked; ``survivors_signed``: by the
     malicious-secure protocol (sites sign the survivor set; from the site's own SecAgg state,
-    never from the message)."""
+    never from the message). ``same_run``: the job run ids this site has seen in the same
+    Flower run (``SiteQueryLog.privacy_runs``), which the per-run cap counts together."""
     check_protection(job, settings, secure_aggregation=secure_aggregation)
     return authorize(job.privacy, site_budget(settings, data_dir), n_train=n_train,
                      local_epochs=job.train.local_epochs, batch_size=job.train.batch_size,
                      server_round=job.server_round,
                      secure_mode=flag(settings.get(wire.NODE_DP_SECURE_MODE, True)),
-                     survivors_signed=secure_aggregation and survivors_signed)
+                     survivors_signed=secure_aggregation and survivors_signed,
+                     same_run=same_run)
 
 
 def releasable_metrics(metrics: dict[str, float], auth: Authorization | None) -> dict:
@@ -196,10 +199,13 @@ class Authorization:
 
 def authorize(request: PrivacySpec, budget: SiteBudget | None, *, n_train: int,
               local_epochs: int, batch_size: int, server_round: int,
-              survivors_signed: bool, secure_mode: bool = True) -> Authorization | None:
+              survivors_signed: bool, secure_mode: bool = True,
+              same_run: frozenset[str] = frozenset()) -> Authorization | None:
     """Accept (and charge) or refuse this round. None: a non-private round the site allows.
     ``survivors_signed=False``: a distributed round's sum is counted by the server alone
-    (semi-honest SecAgg), and its row says so."""
+    (semi-honest SecAgg), and its row says so. The per-run cap counts the rows of the job's
+    run id and of ``same_run`` (the other job run ids seen in the same Flower run: the job's
+    id is the coordinator's, so a new one each round would otherwise start the cap afresh)."""
     if request.mechanism == wire.DP_NONE:
         if budget is not None and budget.require_dp:
             raise PrivacyRefused("this site has a privacy budget and requires differential "
@@ -243,7 +249,7 @@ def authorize(request: PrivacySpec, budget: SiteBudget | None, *, n_train: int,
                                  f"{after:.3f} > its budget {budget.epsilon:g} (delta "
                                  f"{budget.delta:g}); refusing")
         if budget.max_run_epsilon is not None:
-            run = [e for e in entries if e.run_id == request.run_id]
+            run = [e for e in entries if e.run_id in same_run | {request.run_id}]
             spent = epsilon([*_history(run), this_round], budget.delta, request.accountant)
             if spent > budget.max_run_epsilon:
                 raise PrivacyRefused(f"round {server_round} would bring run "

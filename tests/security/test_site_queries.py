@@ -43,8 +43,8 @@ def _context(site_dir, **node) -> Context:
 
 
 def _message(kind: str, server_round: int = 1, weights: dict | None = None,
-             overrides: tuple[str, ...] = ()) -> Message:
-    record = job_config(load_experiment([*SMALL, *overrides]), run_id="run-q")
+             overrides: tuple[str, ...] = (), run_id: str = "run-q") -> Message:
+    record = job_config(load_experiment([*SMALL, *overrides]), run_id=run_id)
     record[wire.SERVER_ROUND] = server_round
     model, _ = decode_job(record, site_seed=0).build()
     state = weights if weights is not None else model.state_dict()
@@ -570,6 +570,30 @@ def test_a_replay_asking_for_weaker_protection_is_refused_not_answered(
         with pytest.raises(SiteError, match="answered once, as admitted"):
             make_client_app()(_message(MessageType.TRAIN, overrides=weaker),
                               _context(site_dir, **node))
+
+
+def test_attack_a_new_job_run_id_each_round_does_not_restart_the_per_run_cap(
+        site_dir, task_identity, tmp_path):
+    """The job's run id is the coordinator's. With the operator's per-run cap, a review got
+    three DP rounds out of one Flower run by naming a new run id each round (epsilon 3.78
+    under a cap of 3). The site counts every run id it saw in that Flower run as one run."""
+    node = {wire.NODE_DP_EPSILON: 30.0, wire.NODE_DP_DELTA: 1e-5,
+            wire.NODE_DP_MAX_RUN_EPSILON: 3.0, wire.NODE_PRIVACY_DIR: str(tmp_path / "ledger"),
+            wire.NODE_MIN_EVAL_SPLIT: 1}       # a synthetic site of a few studies
+    dp = ("privacy=dpsgd", "privacy.epsilon=2.5", "federation.num_rounds=1")
+    first = make_client_app()(_message(MessageType.TRAIN, 1, overrides=dp, run_id="run-1"),
+                              _context(site_dir, **node))
+    assert not first.has_error(), first.error
+    for server_round, run_id in ((2, "run-1"), (2, "run-1-b"), (3, "run-1-c")):
+        with pytest.raises(SiteError, match="per-run cap"):
+            make_client_app()(_message(MessageType.TRAIN, server_round, overrides=dp,
+                                       run_id=run_id), _context(site_dir, **node))
+    # another Flower run is another run (the site's total budget still bounds them all)
+    other = Context(run_id=12, node_id=7, node_config={wire.NODE_DATA_DIR: str(site_dir)}
+                    | node, state=RecordDict(), run_config={})
+    again = make_client_app()(_message(MessageType.TRAIN, 1, overrides=dp, run_id="run-2"),
+                              other)
+    assert not again.has_error(), again.error
 
 
 def test_a_hostile_dicom_header_is_skipped_as_too_large_without_decoding(

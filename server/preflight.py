@@ -58,6 +58,9 @@ CALIBRATION_TOLERANCE = 0.005   # protocol.accounting.calibrate_noise: epsilon w
 
 REFUSED = "preflight refused the run: "   # then the problems, joined by PROBLEM_SEPARATOR
 PROBLEM_SEPARATOR = " | "
+# what the preflight could not refuse (a site may still refuse it in round 1): logged with
+# this prefix, which `medfed run` (medfed/deploy/submit.py) picks out of the streamed log
+WARNING_PREFIX = "preflight warning: "
 
 
 class PreflightError(ValueError):
@@ -104,10 +107,10 @@ def run_preflight(grid: Grid, cfg: ExperimentConfig, *,
     policies, silent = ask_policies(grid, timeout, job=job,
                                     first=cfg.federation.round_timeout)
     for line in silent:
-        log.warning("preflight: %s (not counted as a site)", line)
+        log.warning("%s%s (not counted as a site)", WARNING_PREFIX, line)
     problems, warnings = policy_problems(cfg, policies)
     for line in warnings:
-        log.warning("preflight: %s", line)
+        log.warning("%s%s", WARNING_PREFIX, line)
     if problems:
         raise PreflightError(problems)
     return PreflightReport(tuple(policies), tuple(warnings))

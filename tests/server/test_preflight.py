@@ -367,3 +367,24 @@ def test_secure_aggregation_with_fewer_sites_than_it_needs_is_refused_before_rou
                             "at least 3 sites, got 2: start more sites") for p in problems)
     problems, _ = policy_problems(cfg, [_policy("a"), _policy("b"), _policy("c")])
     assert not any("secure aggregation needs" in p for p in problems)
+
+
+def test_a_warning_is_logged_with_the_prefix_medfed_run_shows(tmp_path, monkeypatch, caplog):
+    """A DP plan above what a site has left cannot be refused (the site decides in round 1):
+    the preflight logs it as ``preflight warning: ...``, the line ``medfed run`` (and
+    ``--dry-run``) picks out of the ServerApp's stream (walkthrough finding: it was logged as
+    ``preflight: ...``, which the dry run never showed)."""
+    import server.preflight as preflight
+    from medfed.deploy.submit import PREFLIGHT_LINE
+
+    monkeypatch.setattr(preflight, "wait_for_quorum", lambda *a, **k: None)
+    monkeypatch.setattr(preflight, "ask_policies",
+                        lambda *a, **k: ([_policy("site-a", epsilon_spent=6.0)], []))
+    cfg = _cfg(tmp_path, "privacy=dpsgd", "privacy.epsilon=3", "strategy.min_train_sites=1",
+               "strategy.min_available_sites=1")
+    caplog.set_level("WARNING", logger="medfed.server")
+    report = run_preflight(SiteGrid(tmp_path, {}), cfg)
+    assert len(report.warnings) == 1 and "left of its budget" in report.warnings[0]
+    lines = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert lines == [f"preflight warning: {report.warnings[0]}"]
+    assert PREFLIGHT_LINE.search(f"[medfed WARNING] {lines[0]}").group(1) == lines[0]

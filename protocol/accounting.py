@@ -14,13 +14,29 @@ sample-level one (without subsampling amplification). RDP composes across both.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
 ACCOUNTANTS = ("rdp", "prv")          # Opacus accountants that compose a (sigma, q, steps) history
 History = Sequence[tuple[float, float, int]]
+
+# Opacus' RDP analysis warns (UserWarning) when the best order lies at the edge of its alpha
+# grid. The epsilon it returns is still an upper bound (at worst not the tightest one), nothing
+# a site's operator can act on, and a site printed it into its log in every DP round.
+RDP_EDGE_ORDER = r"Optimal order is the (largest|smallest) alpha"
+
+
+@contextmanager
+def _quiet_rdp_edge() -> Iterator[None]:
+    """Opacus' calls with that one warning of that one module ignored; any other shows."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=RDP_EDGE_ORDER, category=UserWarning,
+                                module=r"opacus\.accountants\.analysis\.rdp")
+        yield
 
 
 class PrivacyConfigError(ValueError):
@@ -57,7 +73,8 @@ def epsilon(history: History, delta: float, accountant: str = "rdp") -> float:
         return 0.0
     acc = create_accountant(accountant)
     acc.history = [(float(s), float(q), int(k)) for s, q, k in history]
-    return float(acc.get_epsilon(delta=delta))
+    with _quiet_rdp_edge():
+        return float(acc.get_epsilon(delta=delta))
 
 
 def calibrate_noise(*, target_epsilon: float, delta: float, sample_rate: float, steps: int,
@@ -69,6 +86,7 @@ def calibrate_noise(*, target_epsilon: float, delta: float, sample_rate: float, 
     if not 0 < sample_rate <= 1 or steps < 1:
         raise PrivacyConfigError(f"need 0 < sample_rate <= 1 and steps >= 1, "
                                  f"got q={sample_rate}, steps={steps}")
-    return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
-                                      sample_rate=sample_rate, steps=steps,
-                                      accountant=accountant, epsilon_tolerance=0.005))
+    with _quiet_rdp_edge():
+        return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
+                                          sample_rate=sample_rate, steps=steps,
+                                          accountant=accountant, epsilon_tolerance=0.005))

@@ -50,7 +50,8 @@ def make_server_app(cfg: ExperimentConfig | None = None, run_dir: Path | None = 
         log.info("%s", report.summary())
         if str(context.run_config.get(wire.RUN_PREFLIGHT_ONLY, "false")).lower() == "true":
             return
-        run_experiment(grid, experiment, run_dir or new_run_dir(experiment), observers)
+        run_experiment(grid, experiment, run_dir or new_run_dir(experiment), observers,
+                       sites=report.sites)
 
     return app
 

@@ -151,7 +151,8 @@ class PhaseOutcome:
 
 
 def run_experiment(grid: Grid, cfg: ExperimentConfig, run_dir: Path,
-                   observers: tuple[RoundObserver, ...] = ()) -> PhaseOutcome:
+                   observers: tuple[RoundObserver, ...] = (), *,
+                   sites: dict[int, str] | None = None) -> PhaseOutcome:
     """One experiment: with ``pretrain.objective``, phase 1 (federated pretraining, under
     ``run_dir/pretrain``) then phase 2 (the task, under ``run_dir/finetune``) starting from
     phase 1's global backbone; otherwise the task alone in ``run_dir``.
@@ -159,14 +160,16 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, run_dir: Path,
     With ``resume``, each phase continues as ``resolve_resume`` says: a completed phase is
     skipped, an interrupted one continues after its newest checkpoint, a later one starts.
     The last line says where the results are and how to open them (simulated or deployed).
+    ``sites``: node id -> site id from the preflight's answers (a site failing in round 1 is
+    named by it; see ``server.preflight.site_names``).
     """
-    outcome = _run_phases(grid, cfg, run_dir, observers)
+    outcome = _run_phases(grid, cfg, run_dir, observers, sites or {})
     log.info("%s", results_hint(tracking_uri(cfg, run_dir)))
     return outcome
 
 
 def _run_phases(grid: Grid, cfg: ExperimentConfig, run_dir: Path,
-                observers: tuple[RoundObserver, ...]) -> PhaseOutcome:
+                observers: tuple[RoundObserver, ...], sites: dict[int, str]) -> PhaseOutcome:
     point = resolve_resume(cfg, run_dir)
     start = None
     if cfg.model.pretrained is not None:     # validated at config load
@@ -174,14 +177,15 @@ def _run_phases(grid: Grid, cfg: ExperimentConfig, run_dir: Path,
         log.info("starting from the pretrained backbone in %s", cfg.model.pretrained)
     if cfg.pretrain.objective is None:
         return _run_phase(grid, cfg, run_dir, point.task if point else None, observers,
-                          backbone=start)
+                          backbone=start, sites=sites)
     first = cfg.pretrain_phase()
     log.info("phase 1 of 2: federated pretraining (%s, %d rounds)", cfg.pretrain.objective,
              cfg.pretrain.num_rounds)
     pre_dir = run_dir / PRETRAIN_DIR
     pre_dir.mkdir(exist_ok=True)
     result = _run_phase(grid, first, pre_dir, point.pretrain if point else None, observers,
-                        run_id=f"{run_dir.name}.pretrain", store_dir=run_dir, backbone=start)
+                        run_id=f"{run_dir.name}.pretrain", store_dir=run_dir, backbone=start,
+                        sites=sites)
     backbone = backbone_state(result.arrays.to_torch_state_dict())
     parent = {"parent.model": first.tracking.registered_model,
               "parent.version": result.registered_version or "",
@@ -192,7 +196,7 @@ def _run_phases(grid: Grid, cfg: ExperimentConfig, run_dir: Path,
     fine_dir.mkdir(exist_ok=True)
     return _run_phase(grid, cfg, fine_dir, point.task if point else None, observers,
                       run_id=f"{run_dir.name}.finetune", backbone=backbone, lineage=parent,
-                      store_dir=run_dir)
+                      store_dir=run_dir, sites=sites)
 
 
 def _run_phase(grid: Grid, cfg: ExperimentConfig, phase_dir: Path, resume: PhaseResume | None,
@@ -231,13 +235,15 @@ def backbone_state(state: dict) -> dict:
 def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path,
                    observers: tuple[RoundObserver, ...] = (), *, run_id: str | None = None,
                    backbone: dict | None = None, lineage: dict | None = None,
-                   store_dir: Path | None = None, resume: bool = False) -> PhaseOutcome:
+                   store_dir: Path | None = None, resume: bool = False,
+                   sites: dict[int, str] | None = None) -> PhaseOutcome:
     """Run ``cfg.federation.num_rounds`` rounds of federated training and evaluation.
 
     ``backbone``: initial backbone weights (phase 2 of a pretrain->finetune run); ``lineage``:
     tags naming the parent model version, set on every model version this phase registers;
     ``store_dir``: where the default MLflow store lives (both phases of a run share one);
-    ``resume``: continue after the newest checkpoint in ``run_dir``, in the same MLflow run.
+    ``resume``: continue after the newest checkpoint in ``run_dir``, in the same MLflow run;
+    ``sites``: node id -> site id known before round 1 (the preflight's answers).
     On success the phase is marked complete (``checkpoint.mark_final``).
     """
     run_id = run_id or run_dir.name
@@ -269,7 +275,7 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path,
         checkpointer = Checkpointer(run_dir, guarded, config_hash=cfg.fingerprint(),
                                     mlflow_run_id=tracker.run_id)
         strategy = ObservedStrategy(guarded, [console, tracker, checkpointer, *observers],
-                                    round_offset=done)
+                                    round_offset=done, sites=sites)
         log.info("experiment %s: %d sites, rounds %d-%d, run dir %s, MLflow run %s", cfg.name,
                  cfg.federation.num_sites, done + 1, cfg.federation.num_rounds, run_dir,
                  tracker.run_id)

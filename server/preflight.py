@@ -32,7 +32,8 @@ concluded; this is the early, readable failure.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
@@ -58,6 +59,9 @@ CALIBRATION_TOLERANCE = 0.005   # protocol.accounting.calibrate_noise: epsilon w
 
 REFUSED = "preflight refused the run: "   # then the problems, joined by PROBLEM_SEPARATOR
 PROBLEM_SEPARATOR = " | "
+# what the preflight could not refuse (a site may still refuse it in round 1): logged with
+# this prefix, which `medfed run` (medfed/deploy/submit.py) picks out of the streamed log
+WARNING_PREFIX = "preflight warning: "
 
 
 class PreflightError(ValueError):
@@ -70,9 +74,12 @@ class PreflightError(ValueError):
 
 @dataclass(frozen=True)
 class PreflightReport:
-    """What the preflight found: the sites that answered, and what it could not refuse."""
+    """What the preflight found: the sites that answered, what it could not refuse, and the
+    name each node answered with (``site_names``), so that a site failing in round 1, before
+    any reply of the run named it, is not shown by its Flower node id alone."""
     policies: tuple[SitePolicy, ...]
     warnings: tuple[str, ...] = ()
+    sites: dict[int, str] = field(default_factory=dict)     # node id -> site id
 
     def summary(self) -> str:
         train = [p for p in self.policies if p.role == wire.ROLE_TRAIN]
@@ -101,16 +108,16 @@ def run_preflight(grid: Grid, cfg: ExperimentConfig, *,
     # as long as a round's set-up, so it gets a round's time; a plain policy answer is quick.
     timeout = cfg.federation.round_timeout if builds else \
         min(policy_timeout, cfg.federation.round_timeout)
-    policies, silent = ask_policies(grid, timeout, job=job,
-                                    first=cfg.federation.round_timeout)
+    policies, silent, named = ask_policies(grid, timeout, job=job,
+                                           first=cfg.federation.round_timeout)
     for line in silent:
-        log.warning("preflight: %s (not counted as a site)", line)
+        log.warning("%s%s (not counted as a site)", WARNING_PREFIX, line)
     problems, warnings = policy_problems(cfg, policies)
     for line in warnings:
-        log.warning("preflight: %s", line)
+        log.warning("%s%s", WARNING_PREFIX, line)
     if problems:
         raise PreflightError(problems)
-    return PreflightReport(tuple(policies), tuple(warnings))
+    return PreflightReport(tuple(policies), tuple(warnings), site_names(named))
 
 
 def preflight_job(cfg: ExperimentConfig) -> tuple[ConfigRecord, bool]:
@@ -134,16 +141,17 @@ def preflight_job(cfg: ExperimentConfig) -> tuple[ConfigRecord, bool]:
 
 
 def ask_policies(grid: Grid, timeout: float, job: ConfigRecord | None = None, *,
-                 first: float | None = None) -> tuple[list[SitePolicy], list[str]]:
+                 first: float | None = None
+                 ) -> tuple[list[SitePolicy], list[str], list[tuple[int, str]]]:
     """Every connected node's declared policy (with ``job``: and whether it can serve it),
-    and a line for each node that gave none (none within ``first`` seconds, or none for
-    ``timeout`` seconds after an answer)."""
+    a line for each node that gave none (none within ``first`` seconds, or none for
+    ``timeout`` seconds after an answer), and ``(node id, site id)`` of each answer."""
     nodes = list(grid.get_node_ids())
     ask = RecordDict({wire.CONFIG: ConfigRecord({**(dict(job) if job else {}),
                                                  wire.QUERY: wire.QUERY_POLICY})})
     messages = [Message(content=ask, dst_node_id=n, message_type=MessageType.QUERY)
                 for n in nodes]
-    policies, silent, answered = [], [], set()
+    policies, silent, answered, named = [], [], set(), []
     for reply in _gather(grid, messages, quiet=timeout, first=max(first or 0.0, timeout)):
         node = reply.metadata.src_node_id
         answered.add(node)
@@ -154,9 +162,22 @@ def ask_policies(grid: Grid, timeout: float, job: ConfigRecord | None = None, *,
             policies.append(SitePolicy.from_record(reply.content.config_records[wire.POLICY]))
         except (KeyError, PolicyDecodeError) as err:
             silent.append(f"node {node} answered the policy query with no valid policy ({err})")
+            continue
+        named.append((node, policies[-1].site_id))
     silent += [f"node {n} did not answer the policy query within {timeout:g} s"
                for n in nodes if n not in answered]
-    return policies, silent
+    return policies, silent, named
+
+
+def site_names(named: list[tuple[int, str]]) -> dict[int, str]:
+    """Node id -> the site id it answered with; only plain names (``wire.SITE_ID_RE``) that
+    one node alone claimed: as for a run's replies (``strategies.reply_shape``), a name two
+    nodes claim is neither's, so one site cannot have another's failures put under its name."""
+    claimants: dict[str, set[int]] = {}
+    for node, site in named:
+        if re.fullmatch(wire.SITE_ID_RE, site):
+            claimants.setdefault(site, set()).add(node)
+    return {next(iter(nodes)): site for site, nodes in claimants.items() if len(nodes) == 1}
 
 
 def _gather(grid: Grid, messages: list[Message], *, quiet: float, first: float

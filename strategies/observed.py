@@ -164,12 +164,15 @@ class ObservedStrategy(StatelessWrapper, Strategy):
 
     kind = "observed"
 
-    def __init__(self, strategy: Strategy, observers: list[RoundObserver], round_offset: int = 0):
+    def __init__(self, strategy: Strategy, observers: list[RoundObserver], round_offset: int = 0,
+                 sites: dict[int, str] | None = None):
         self.strategy = strategy
         self.observers = list(observers)
         self.round_offset = round_offset
         self._round: RoundRecord | None = None
-        self._sites: dict[int, str] = {}       # node id -> site id, to name a site that fails
+        # node id -> site id, to name a site that fails: from the run's replies, and before
+        # the first one from ``sites`` (what each node answered the preflight with)
+        self._sites: dict[int, str] = dict(sites or {})
         self._sent: dict[str, list[Message]] = {}   # phase -> instructions (ids set when pushed)
 
     def _record(self, record: RoundRecord, phase: str, replies: list[Message],

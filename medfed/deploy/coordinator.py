@@ -39,6 +39,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from client.privacy.ledger import own_folder   # the 0700 rule of a site's state, here too
 from medfed.certs import CA_CERT, SERVER_CERT, SERVER_KEY, registered_sites
 
 from .control_guard import LOOPBACK, guard_command, is_loopback_only, parse_networks
@@ -193,7 +194,8 @@ class Coordinator:
         if not keys:
             raise DeployError(f"no site public keys (sites/<site>/auth.pub) under "
                               f"{s.authorized_keys or s.certs}; every site must be registered")
-        s.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # registered keys, runs, checkpoints: the coordinator user's alone (as a site's state)
+        own_folder(s.state_dir)
         write_connection(s.flwr_home, s.local_address, s.ca)
         self.daemon = Daemon(superlink_command(s), tag="coordinator", env=flower_env(s.flwr_home),
                              fatal=SUPERLINK_FATAL, cwd=s.state_dir)

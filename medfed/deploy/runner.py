@@ -264,9 +264,24 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Serve tokens until stdin closes. When its launcher goes away (the site is stopping,
+    e.g. after the coordinator refused its key), Flower's parent monitor raises SIGINT here,
+    mostly while the app is still being imported: the runner then exits quietly (130), not
+    with a KeyboardInterrupt traceback in the site's log."""
+    try:
+        return _serve_tokens(argv)
+    except KeyboardInterrupt:
+        return 130
+
+
+def _serve_tokens(argv: list[str] | None) -> int:
+    """``main`` without the quiet stop."""
     args = parser().parse_args(argv)
     logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="%(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)     # a poll a second is not news
+    # torch configures its loggers at the end of its import; one interrupted before that
+    # would print its FakeTensor cache statistics at exit through our INFO root logger
+    logging.getLogger("torch").setLevel(logging.WARNING)
     if args.parent_pid is not None:
         from flwr.supercore.app_utils import start_parent_process_monitor
 

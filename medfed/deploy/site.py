@@ -33,6 +33,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from client.privacy.ledger import own_folder
 from protocol import wire
 
 from .allowlist import AllowList
@@ -291,7 +292,9 @@ class Site:
     def start(self) -> None:
         self.preflight()
         s = self.settings
-        s.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # the site user's alone (runtime secret, session record, egress log, Flower's state):
+        # made 0700, and one made wider before (by hand, an older release) tightened, said
+        own_folder(s.state_dir)
         ensure_runtime_secret(s.state_dir)
         self.keeper = SessionKeeper(s.state_dir, key_fingerprint(s.auth_key))
         self.start_supernode()

@@ -10,7 +10,8 @@ final status decides the exit code.
 ``--dry-run`` submits the same app with run config ``preflight-only``: its ServerApp runs the
 preflight (tracking store, every connected site's declared policy) and stops before anything
 trains or is written; the sites answer one policy query each. Only the preflight's lines are
-shown: one per problem (exit 2) or ``preflight ok: ...`` (exit 0).
+shown: one per problem (exit 2) or ``preflight ok: ...`` (exit 0), after one per warning (what
+it cannot refuse: a DP plan above the epsilon a site has left, a site that did not answer).
 
 Of a real run's stream ``medfed run`` shows what ``medfed simulate`` shows (the per-round
 table, site failures by site id, the summary and where the results are); Flower's own lines
@@ -38,7 +39,8 @@ log = logging.getLogger("medfed.deploy")
 STREAM_LOG = logging.getLogger("medfed.run")     # the deployed ServerApp's lines, re-logged
 
 RUN_STARTED = re.compile(r"Successfully started run (\d+)")
-PREFLIGHT_LINE = re.compile(r"(preflight (ok|problem): .*)$")   # server/app.py logs these
+# server/app.py logs ok/problem lines, server/preflight.py warnings (WARNING_PREFIX)
+PREFLIGHT_LINE = re.compile(r"(preflight (ok|problem|warning): .*)$")
 
 
 @dataclass(frozen=True)
@@ -179,7 +181,7 @@ def dry_run_outcome(run_id: str, state: str, preflight: list[str], details: str 
     if problems:
         return 2
     if state == "finished:completed":
-        if not preflight:
+        if not any(line.startswith("preflight ok") for line in preflight):
             echo(f"preflight ok (run {run_id}; the sites it asked are in the coordinator's log)")
         return 0
     raise RuntimeError(f"the preflight run {run_id} ended as {state} without a preflight "

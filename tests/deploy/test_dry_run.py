@@ -86,3 +86,46 @@ def test_every_run_config_key_submitted_is_declared_by_the_app():
         declared = tomllib.load(fh)["tool"]["flwr"]["app"]["config"]
     assert {wire.RUN_EXPERIMENT, wire.RUN_OVERRIDES, wire.RUN_PREFLIGHT_ONLY} <= set(declared)
     assert declared[wire.RUN_PREFLIGHT_ONLY] == "false"
+
+
+# what the ServerApp streams (server/stream_log.py marks) when a DP job asks a site for more
+# epsilon than its ledger has left: the preflight cannot refuse it, the site decides in round 1
+BUDGET_WARNING = ("a: dpsgd plans epsilon 8 over 3 rounds > the 2.00 left of its budget 8; "
+                  "composed with its ledger it may still fit - the site decides and refuses "
+                  "the first round if not")
+
+
+def test_a_budget_warning_is_shown_by_the_dry_run(monkeypatch, tmp_path):
+    """Walkthrough finding: the preflight's "above what is left" warning was logged by the
+    ServerApp but ``--dry-run`` echoed only ``ok``/``problem`` lines."""
+    lines = [f"[medfed WARNING] preflight warning: {BUDGET_WARNING}",
+             "[medfed INFO] preflight ok: 3 sites (a, b, c train)"]
+    code, shown = _run(monkeypatch, tmp_path, lines, "finished:completed")
+    assert (code, shown) == (0, [f"preflight warning: {BUDGET_WARNING}",
+                                 "preflight ok: 3 sites (a, b, c train)"])
+
+
+def test_a_dry_run_whose_ok_line_was_lost_still_says_ok_after_a_warning(monkeypatch, tmp_path):
+    code, shown = _run(monkeypatch, tmp_path,
+                       [f"[medfed WARNING] preflight warning: {BUDGET_WARNING}"],
+                       "finished:completed")
+    assert code == 0 and shown[0] == f"preflight warning: {BUDGET_WARNING}"
+    assert shown[1].startswith("preflight ok (run 42;")
+
+
+def test_a_budget_warning_is_shown_by_a_real_run(monkeypatch, tmp_path, caplog):
+    """A real run shows the ServerApp's marked lines at their level: the warning among them."""
+    fake = FakeFlwrRun(["Successfully started run 42",
+                        f"[medfed WARNING] preflight warning: {BUDGET_WARNING}"])
+    monkeypatch.setattr(submit_module.subprocess, "Popen", fake)
+    monkeypatch.setattr(submit_module, "check_superlink", lambda *a, **k: None)
+    monkeypatch.setattr(submit_module, "write_connection", lambda *a, **k: None)
+    monkeypatch.setattr(submit_module, "run_status",
+                        lambda run_id, home: {"status": "finished:completed"})
+    request = RunRequest(overrides=["experiment=smoke"], superlink="127.0.0.1:1",
+                         root_cert=tmp_path / "ca.pem", app_dir=submit_module.Path.cwd(),
+                         flwr_home=tmp_path)
+    with caplog.at_level("WARNING", logger="medfed.run"):
+        assert submit(request, echo=lambda _line: None) == 0
+    assert f"preflight warning: {BUDGET_WARNING}" in caplog.text
+

@@ -300,3 +300,71 @@ def test_a_runner_that_hangs_before_ready_is_stopped_counted_and_stops_the_site(
     for pid in started:                         # every hung runner was stopped, none left
         with pytest.raises(ProcessLookupError):
             os.kill(int(pid), 0)
+
+
+@pytest.mark.timeout(120)
+def test_a_runner_whose_launcher_goes_away_stops_without_a_traceback(tmp_path):
+    """Walkthrough finding: a site refused by the coordinator stops its launcher while the
+    runner is still importing the app; Flower's parent monitor then raises SIGINT in the
+    runner, whose KeyboardInterrupt traceback (and torch's exit statistics) filled the site's
+    log above the one-line refusal. It exits quietly instead."""
+    import subprocess
+
+    parent = subprocess.Popen(["sleep", "60"])       # stands in for the site's launcher
+    read, write = os.pipe()
+    out = tmp_path / "runner.log"
+    with open(out, "w") as sink:
+        proc = subprocess.Popen([sys.executable, "-m", "medfed.deploy.runner",
+                                 "--runtime-api-address", "127.0.0.1:1", "--serve",
+                                 "--site-id", "s0", "--parent-pid", str(parent.pid),
+                                 "--events-fd", str(write)],
+                                stdin=subprocess.PIPE, stdout=sink, stderr=subprocess.STDOUT,
+                                pass_fds=(write,))
+    os.close(write)
+    try:
+        parent.kill()                                # the launcher is gone
+        parent.wait()
+        code = proc.wait(timeout=100)                # hang guard, not a timing assertion
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdin.close()
+        os.close(read)
+    text = out.read_text()
+    assert code == 130, text
+    assert "Traceback" not in text and "KeyboardInterrupt" not in text, text
+    assert "FakeTensor" not in text, text
+
+
+_INTERRUPTED_IMPORT = """
+import atexit, logging, signal, sys
+import medfed.deploy.runner as runner
+
+def interrupted_import():
+    # what an import of torch cut short leaves: a module of it logs at INFO at exit,
+    # before torch set its own log levels
+    log = logging.getLogger("torch._subclasses.fake_tensor")
+    atexit.register(lambda: log.info("FakeTensor cache stats:"))
+    signal.raise_signal(signal.SIGINT)            # Flower's parent monitor
+
+runner.load_installed_clientapp = interrupted_import
+sys.exit(runner.main(sys.argv[1:]))
+"""
+
+
+def test_a_runner_stopped_while_importing_torch_prints_nothing_at_exit(tmp_path):
+    import subprocess
+
+    read, write = os.pipe()
+    try:
+        result = subprocess.run([sys.executable, "-c", _INTERRUPTED_IMPORT,
+                                 "--runtime-api-address", "127.0.0.1:1", "--serve",
+                                 "--events-fd", str(write)], pass_fds=(write,),
+                                stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                                timeout=100)         # hang guard, not a timing assertion
+    finally:
+        os.close(write)
+        os.close(read)
+    assert result.returncode == 130, result.stdout + result.stderr
+    assert result.stdout + result.stderr == ""

@@ -367,3 +367,107 @@ def test_secure_aggregation_with_fewer_sites_than_it_needs_is_refused_before_rou
                             "at least 3 sites, got 2: start more sites") for p in problems)
     problems, _ = policy_problems(cfg, [_policy("a"), _policy("b"), _policy("c")])
     assert not any("secure aggregation needs" in p for p in problems)
+
+
+def test_a_warning_is_logged_with_the_prefix_medfed_run_shows(tmp_path, monkeypatch, caplog):
+    """A DP plan above what a site has left cannot be refused (the site decides in round 1):
+    the preflight logs it as ``preflight warning: ...``, the line ``medfed run`` (and
+    ``--dry-run``) picks out of the ServerApp's stream (walkthrough finding: it was logged as
+    ``preflight: ...``, which the dry run never showed)."""
+    import server.preflight as preflight
+    from medfed.deploy.submit import PREFLIGHT_LINE
+
+    monkeypatch.setattr(preflight, "wait_for_quorum", lambda *a, **k: None)
+    monkeypatch.setattr(preflight, "ask_policies",
+                        lambda *a, **k: ([_policy("site-a", epsilon_spent=6.0)], [], []))
+    cfg = _cfg(tmp_path, "privacy=dpsgd", "privacy.epsilon=3", "strategy.min_train_sites=1",
+               "strategy.min_available_sites=1")
+    caplog.set_level("WARNING", logger="medfed.server")
+    report = run_preflight(SiteGrid(tmp_path, {}), cfg)
+    assert len(report.warnings) == 1 and "left of its budget" in report.warnings[0]
+    lines = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert lines == [f"preflight warning: {report.warnings[0]}"]
+    assert PREFLIGHT_LINE.search(f"[medfed WARNING] {lines[0]}").group(1) == lines[0]
+
+
+def test_the_preflight_names_each_node_by_the_site_id_it_answered_with(tmp_path):
+    """The node id -> site id map the run starts with (walkthrough finding: a site failing
+    in round 1 was shown by its Flower node id only, no earlier reply of the run named it)."""
+    grid = SiteGrid(tmp_path, {"site-a": {}, "site-b": {}})
+    report = run_preflight(grid, _cfg(tmp_path, "federation.num_sites=2"))
+    assert report.sites == {1: "site-a", 2: "site-b"}
+
+
+def test_a_name_two_nodes_answered_with_or_an_odd_one_names_no_node():
+    from server.preflight import site_names
+
+    assert site_names([(1, "site-a"), (2, "site-a"), (3, "site-c"), (4, "a b/../c"),
+                       (5, "")]) == {3: "site-c"}
+
+
+def test_the_preflights_names_reach_the_run(tmp_path, monkeypatch):
+    """``make_server_app`` hands the preflight's names to the run, and each phase's
+    ``run_federation`` gets them (there they seed ``ObservedStrategy``'s names)."""
+    import server.app as app_module
+    import server.federation as federation
+    from server.preflight import PreflightReport
+
+    got = []
+    monkeypatch.setattr(app_module, "run_preflight",
+                        lambda grid, cfg: PreflightReport((), (), {7: "site-a"}))
+    monkeypatch.setattr(federation, "run_federation",
+                        lambda *a, sites=None, **k: got.append(sites) or
+                        federation.PhaseOutcome(None, ""))
+    monkeypatch.setattr(app_module, "run_experiment",
+                        lambda *a, **k: got.append(k["sites"]) or
+                        federation.run_experiment(*a, **k))
+    _serve(tmp_path, _cfg(tmp_path), SiteGrid(tmp_path, {}))
+    assert got == [{7: "site-a"}, {7: "site-a"}]
+
+
+def test_run_federation_seeds_the_observed_strategy_with_them(tmp_path, monkeypatch):
+    import server.federation as federation
+
+    class _Stop(Exception):
+        pass
+
+    class _Tracker:
+        run_id = "r"
+
+        def __init__(self, *a, **k):
+            pass
+
+        def finish(self, *a, **k):
+            pass
+
+    def observed(*_args, sites=None, **_kwargs):
+        seeded.append(sites)
+        raise _Stop
+
+    seeded = []
+    monkeypatch.setattr(federation, "MlflowTracker", _Tracker)
+    monkeypatch.setattr(federation, "Checkpointer", lambda *a, **k: None)
+    monkeypatch.setattr(federation, "ObservedStrategy", observed)
+    with pytest.raises(_Stop):
+        federation.run_federation(None, _cfg(tmp_path), tmp_path, sites={7: "site-a"})
+    assert seeded == [{7: "site-a"}]
+
+
+def test_both_phases_of_a_pretraining_run_get_them(tmp_path, monkeypatch):
+    import numpy as np
+    from flwr.app import Array, ArrayRecord
+
+    import server.federation as federation
+
+    got = []
+
+    def run_federation(grid, cfg, run_dir, observers=(), *, sites=None, **kwargs):
+        got.append((run_dir.name, sites))
+        weights = {"backbone.w": np.zeros(2, np.float32)}
+        return federation.PhaseOutcome(ArrayRecord({k: Array(v) for k, v in weights.items()}),
+                                       "1")
+
+    monkeypatch.setattr(federation, "run_federation", run_federation)
+    cfg = _cfg(tmp_path, "pretrain=mm_dino", "pretrain.num_rounds=2")
+    federation.run_experiment(None, cfg, tmp_path, sites={7: "site-a"})
+    assert got == [("pretrain", {7: "site-a"}), ("finetune", {7: "site-a"})]

@@ -93,3 +93,24 @@ def test_a_site_claiming_another_sites_name_cannot_put_its_update_norm_under_it(
     norms = seen[-1].update_norms
     assert sorted(norms) == ["node-1", "node-2", "site-3"]
     assert norms["node-2"] > 100 and norms["node-1"] < 1
+
+
+def test_a_site_failing_in_round_1_is_named_by_what_it_answered_the_preflight_with():
+    """Round 1: no reply of the run has named the failing node yet; the names the nodes
+    answered the preflight with (``sites``) do (walkthrough finding: node id only)."""
+    from flwr.app import Error, Message
+
+    from tests.strategies.rounds import reply
+
+    seen: list[RoundRecord] = []
+    strategy = ObservedStrategy(fedavg(), [_Recorder(seen)], sites={2: "site-2"})
+    sent = list(strategy.configure_train(1, arrays(), ConfigRecord(), Grid(SITES)))
+    for i, m in enumerate(sent):            # ids are set when the grid pushes them
+        m.metadata.__dict__["_message_id"] = f"instruction-{i}"
+    replies = [reply(m, {k: a.numpy() for k, a in m.content[wire.ARRAYS].items()})
+               for m in sent if m.metadata.dst_node_id != 2]
+    failed = next(m for m in sent if m.metadata.dst_node_id == 2)
+    replies.append(Message(Error(code=0, reason="the ClientApp raised OSError"),
+                           reply_to=failed))
+    strategy.aggregate_train(1, replies)
+    assert [(f.site, f.node) for f in seen[-1].failures["train"]] == [("site-2", 2)]

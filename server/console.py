@@ -29,6 +29,7 @@ from pathlib import Path
 from models.metrics import SplitMetrics
 from protocol import wire
 from protocol.metrics import from_record, report_splits
+from protocol.site_errors import one_line
 from strategies.observed import RoundRecord
 from strategies.pooling import pool_sites
 
@@ -253,22 +254,6 @@ def _blank(value) -> str:
 def _cell(figures: dict, key: str, width: int) -> str:
     value = figures.get(key)
     return f"{value:{width}.3f}" if isinstance(value, float) else f"{_blank(value):>{width}}"
-
-
-# Flower's text for an exception a ClientApp raised: "<class 'ValueError'>:<'the message'>".
-_RAISED = re.compile(r"<class '(?:[\w.]*\.)?(\w+)'>:<'(.*)'>", re.S)
-
-
-def one_line(reason: str) -> str:
-    """A site's failure as one line: ``ValueError: message`` for Flower's ``<class ...>:<...>``
-    form, the last line of a traceback, the first line of anything else."""
-    if m := _RAISED.search(reason):
-        reason = reason[:m.start()] + f"{m.group(1)}: {m.group(2)}"
-    head, traceback, trace = reason.partition("Traceback (most recent call last):")
-    first = next((line.strip() for line in head.splitlines() if line.strip()), "")
-    last = next((line.strip() for line in reversed(trace.splitlines()) if line.strip()), "")
-    return " ".join(part for part in (first, last if traceback else "") if part) \
-        or "no reason given"
 
 
 def results_hint(uri: str) -> str:

@@ -112,7 +112,7 @@ def run_preflight(grid: Grid, cfg: ExperimentConfig, *,
                                            first=cfg.federation.round_timeout)
     for line in silent:
         log.warning("%s%s (not counted as a site)", WARNING_PREFIX, line)
-    problems, warnings = policy_problems(cfg, policies)
+    problems, warnings = policy_problems(cfg, policies, silent)
     for line in warnings:
         log.warning("%s%s", WARNING_PREFIX, line)
     if problems:
@@ -190,19 +190,24 @@ def _gather(grid: Grid, messages: list[Message], *, quiet: float, first: float
     return [m for got in collect(grid, pushed, first=first, quiet=quiet) for m in got]
 
 
-def policy_problems(cfg: ExperimentConfig, policies: list[SitePolicy]
-                    ) -> tuple[list[str], list[str]]:
+def policy_problems(cfg: ExperimentConfig, policies: list[SitePolicy],
+                    failed: list[str] = ()) -> tuple[list[str], list[str]]:
     """``(problems, warnings)`` of ``cfg`` against the sites' declared policies; each line
-    names the sites (by site id) and the fix."""
+    names the sites (by site id) and the fix. ``failed``: a line for each connected site whose
+    policy query failed or went unanswered (``ask_policies``' second list)."""
     train = [p for p in policies if p.role == wire.ROLE_TRAIN]
     problems, warnings = [], []
     s = cfg.strategy
     need = max(s.min_available_sites, s.min_train_sites)
     if len(train) < need:
+        # connected sites that failed the query are not missing: their failure is the cause
+        fix = (f"{len(failed)} more connected but failed the policy query ("
+               f"{'; '.join(failed)}): see those sites' logs" if failed else
+               "start more sites or lower these minimums")
         problems.append(f"{len(train)} training site(s) answered ({_names(train) or 'none'}), "
                         f"the strategy needs {need} (strategy.min_available_sites="
                         f"{s.min_available_sites}, strategy.min_train_sites="
-                        f"{s.min_train_sites}): start more sites or lower these minimums")
+                        f"{s.min_train_sites}): {fix}")
     mechanism = cfg.privacy.mechanism
     if mechanism == wire.DP_NONE:
         if required := [p for p in train if p.require_dp]:

@@ -29,6 +29,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from protocol import wire
+from protocol.site_errors import one_line
 
 from .pooling import aggregate_evaluate_records, evaluation_verdicts
 from .reply_shape import ReplyShape, claimed_site_id
@@ -121,9 +122,9 @@ def weight_problem(msg: Message, key: str) -> str | None:
 
 
 def error_summary(msg: Message) -> str:
-    """The last line of a site's error reply (Flower puts the exception text there), short."""
-    lines = [line.strip() for line in str(msg.error.reason).splitlines() if line.strip()]
-    text = lines[-1] if lines else f"error code {msg.error.code}"
+    """A site's error reply as one short line (``protocol.site_errors.one_line``)."""
+    text = one_line(str(msg.error.reason)) if str(msg.error.reason).strip() else \
+        f"error code {msg.error.code}"
     return f"node {msg.metadata.src_node_id}: {text[:300]}"
 
 

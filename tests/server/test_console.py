@@ -91,7 +91,7 @@ def test_each_site_line_has_its_train_and_eval_seconds(caplog):
 
 
 def test_a_site_failure_is_one_line_naming_the_site(caplog):
-    from server.console import one_line
+    from protocol.site_errors import one_line
 
     raised = "c (node 17): <class 'client.job.JobRefused'>:<'no privacy budget left\nsee log'>"
     assert one_line(raised) == "c (node 17): JobRefused: no privacy budget left"

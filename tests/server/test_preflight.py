@@ -58,7 +58,8 @@ class SiteGrid:
             try:
                 replies.append(self.app(m, context))
             except Exception as err:     # what Flower sends back for a raising ClientApp
-                replies.append(Message(Error(code=0, reason=str(err)), reply_to=m))
+                replies.append(Message(Error(code=0, reason=f"{type(err)}:<'{err}'>"),
+                                       reply_to=m))
         return replies
 
 
@@ -154,6 +155,20 @@ def test_a_non_private_experiment_is_refused_by_dp_requiring_sites(tmp_path):
     assert "site-a, site-b: each requires differential privacy" in message and "site-c" not in message
     assert "privacy=dpsgd privacy.epsilon=<at most 8>" in message
     assert grid.sent == [MessageType.QUERY] * 3 and not (tmp_path / "runs").exists()
+
+
+def test_sites_that_failed_the_policy_query_are_the_cause_not_missing_sites(tmp_path):
+    """Every connected site but one failed the policy query: the one line says so and why
+    (each site's own line, without Flower's quoting), not 'start more sites'."""
+    broken = {wire.NODE_DP_EPSILON: "eight", wire.NODE_DP_DELTA: 1e-5}
+    grid = SiteGrid(tmp_path, {"site-a": {}, "site-b": broken})
+    with pytest.raises(PreflightError) as refused:
+        _serve(tmp_path, _cfg(tmp_path, "strategy.min_train_sites=2"), grid)
+    message = str(refused.value)
+    assert "1 training site(s) answered (site-a)" in message
+    assert "1 more connected but failed the policy query" in message
+    assert "site-policy: the site's privacy budget in node config is invalid" in message
+    assert "start more sites" not in message and "'>" not in message
 
 
 def test_a_private_experiment_passes_and_dry_run_stops_after_the_preflight(tmp_path, caplog):

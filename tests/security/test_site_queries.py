@@ -224,8 +224,9 @@ def test_a_class_of_few_studies_is_not_counted_by_a_confusion_row_or_a_training_
 
 
 def test_class_counts_read_alike_from_labels_and_from_a_confusion():
-    """The training rule counts classes from labels, the evaluation rule from the figures:
-    both in the same terms (a finding's negatives and positives, multi-label)."""
+    """The training rule counts classes from labels, the evaluation rule from labels and
+    figures (``split_counts``): both in the same terms (a finding's negatives and positives,
+    multi-label)."""
     from client.queries import class_counts, label_counts
     from models.metrics import SplitMetrics
 

@@ -30,8 +30,8 @@ from .mods.sitedp import site_dp_clipping_mod
 from .privacy.declared import declared_policy
 from .privacy.policy import (admission_digest, admit_round, check_protection, node_settings,
                              releasable_metrics, state_dir)
-from .queries import (QueryLimits, QueryRefused, SiteQueryLog, arrays_digest, class_counts,
-                      has_small_class, label_counts, suppress_small_counts)
+from .queries import (QueryLimits, QueryRefused, SiteQueryLog, arrays_digest, has_small_count,
+                      label_counts, split_counts, suppress_small_counts)
 from .readiness import asks_for_job, job_readiness, served_layout
 from .rebuilt_app import RebuiltClientApp
 from .runtime import (SiteConfigError, SiteDataCache, resolve_site,
@@ -209,7 +209,7 @@ def make_client_app(*, sim_data_root: Path | None = None, sim_train_sites: int |
         if kept is not None:                        # kept here; never part of the reply
             context.state[objective_key] = ArrayRecord(kept)
         metrics = releasable_metrics(metrics, auth)
-        if has_small_class(label_counts(splits["train"].labels, len(job.class_names),
+        if has_small_count(label_counts(splits["train"].labels, len(job.class_names),
                                         multi_label=engine.task.data_needs.multi_label),
                            limits.min_split_size):
             # training loss and accuracy of weights the coordinator chose count a class's
@@ -242,7 +242,8 @@ def make_client_app(*, sim_data_root: Path | None = None, sim_train_sites: int |
         """Score the global model (and, with personalization, the site's own) on the
         evaluation splits - a query on the site's data, so budgeted (``client.queries``):
         one weight vector per (run, task, round), at most ``max-evaluations-per-run``
-        requests, and splits below ``min-eval-split-size`` studies reported as suppressed."""
+        requests, and splits below ``min-eval-split-size`` studies, or holding a smaller
+        count (a class, a task's count: ``evaluate_split``), reported as suppressed."""
         site, job, splits, model, engine, data, _ = prepare(msg, context)
         settings, queries = site_queries(site, context)
         limits = QueryLimits.from_settings(settings, simulated=site.simulated)
@@ -269,7 +270,8 @@ def make_client_app(*, sim_data_root: Path | None = None, sim_train_sites: int |
             for split, view in views.items():
                 metrics, suppressed = evaluate_split(engine, candidate, view,
                                                      limits.min_split_size,
-                                                     job.train.batch_size)
+                                                     job.train.batch_size,
+                                                     len(job.class_names))
                 reply.update(metrics_record(metrics, f"{prefix}{split}", suppressed=suppressed))
                 seconds += metrics.seconds
                 reported += metrics.n if not prefix and split in names else 0
@@ -308,17 +310,21 @@ def make_client_app(*, sim_data_root: Path | None = None, sim_train_sites: int |
             content[wire.POLICY] = policy.to_record()
         return Message(content=content, reply_to=msg)
 
-    def evaluate_split(engine: Engine, model, data, min_size: int, batch_size: int
-                       ) -> tuple[SplitMetrics, bool]:
-        """The split's metrics and whether it is suppressed (1..min_size-1 studies: never
-        evaluated, its size never sent; or a class in it of 1..min_size-1 studies: its
-        confusion row would be that count). An empty or suppressed split answers with the
-        evaluator's ``n = 0`` result, so every site sends the task's full key set (Flower
-        requires it). ``batch_size``: the job's, which the site's size check counted."""
+    def evaluate_split(engine: Engine, model, data, min_size: int, batch_size: int,
+                       num_classes: int) -> tuple[SplitMetrics, bool]:
+        """The split's metrics and whether it is suppressed: 1..min_size-1 studies (never
+        evaluated, its size never sent), or any other count of the split in 1..min_size-1
+        (``client.queries.split_counts``: a class of its labels or of its confusion, a
+        task's own count such as CLIP's ``n_reports`` or what it leaves of ``n``). An empty
+        or suppressed split answers with the evaluator's ``n = 0`` result, so every site
+        sends the task's full key set (Flower requires it). ``batch_size``: the job's, which
+        the site's size check counted; ``num_classes``: the job's class list's length."""
         if len(data) == 0 or len(data) < min_size:
             return engine.task.evaluator().compute(), len(data) > 0
         metrics = engine.evaluate(model, data, batch_size)
-        if has_small_class(class_counts(metrics), min_size):
+        counts = split_counts(metrics, data.labels, num_classes,
+                              multi_label=engine.task.data_needs.multi_label)
+        if has_small_count(counts, min_size):
             return engine.task.evaluator().compute(), True
         return metrics, False
 

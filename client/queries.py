@@ -26,9 +26,11 @@ The task name is part of the key because one run may hold two phases (pretrainin
 task) whose round numbers both start at 1.
 
 And the operator's limits on what a job may ask, checked on every message (``QueryLimits``,
-no state): no count below ``min-eval-split-size`` leaves the site (small splits, small
-classes, small training sets); a class list leaving out the site's labels is refused (counts
-by difference); a job's model is sized on the meta device before it is built (parameters,
+no state): no count below ``min-eval-split-size`` leaves the site (small splits; small
+classes, of an evaluation's figures or of the split's labels, whatever the task; a task's
+own counts, such as CLIP's ``n_reports``, and what each leaves of its split: ``split_counts``;
+small training sets); a class list leaving out the site's labels is refused (counts by
+difference); a job's model is sized on the meta device before it is built (parameters,
 buffers, tokens).
 """
 
@@ -474,8 +476,27 @@ def label_counts(labels: torch.Tensor, num_classes: int, *, multi_label: bool) -
     return torch.bincount(labels, minlength=num_classes).tolist()
 
 
-def has_small_class(counts: list[int], floor: int) -> bool:
-    """Whether a class is present with fewer studies than the site reports (``floor``)."""
+def split_counts(metrics: SplitMetrics, labels: torch.Tensor, num_classes: int, *,
+                 multi_label: bool) -> list[float]:
+    """Every count an evaluated split's reply would give away, for the floor to check
+    (``has_small_count``), whatever the task:
+
+    - its figures' class counts (``class_counts``: a confusion row is a class's count);
+    - the split's own class counts (``label_counts``): a task without a confusion still
+      reads the labels (CLIP's zero-shot AUROC ranks each class's studies, its steps are
+      1 / (positives x negatives)), and one that does not today may tomorrow - the site
+      does not ask which, as it does not for a training split;
+    - the task's own counts (``SplitMetrics.counts``: CLIP's ``n_reports``, segmentation's
+      ``hd95_undefined``, steerable by crafted weights) and what each leaves of the split
+      (``n - count``: the studies without a report, by difference with the ``n`` sent).
+    """
+    task = [c for value in metrics.counts.values() for c in (value, metrics.n - value)]
+    return class_counts(metrics) + label_counts(labels, num_classes, multi_label=multi_label) \
+        + task
+
+
+def has_small_count(counts: list[float], floor: int) -> bool:
+    """Whether a count is present but below the smallest the site reports (``floor``)."""
     return any(0 < c < floor for c in counts)
 
 

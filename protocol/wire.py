@@ -205,4 +205,4 @@ NODE_MAX_MODEL_PARAMETERS = "max-model-parameters"  # larger job models are refu
 NODE_MAX_STUDY_TOKENS = "max-study-tokens"    # backbone tokens of one study (16384)
 NODE_MAX_STEP_TOKENS = "max-step-tokens"      # ... of one training step's studies (2^20)
 NODE_MAX_STEP_ACTIVATIONS = "max-step-activations"  # tokens x layer widths and heads (2^36)
-EVAL_SUPPRESSED = "suppressed"       # f"{split}-suppressed": 1.0 = too few studies, no metrics
+EVAL_SUPPRESSED = "suppressed"       # f"{split}-suppressed": 1.0 = a count < floor, no metrics

@@ -15,6 +15,11 @@ class WithoutSequence(Dataset):
     def __len__(self) -> int:
         return len(self.data)
 
+    @property
+    def labels(self):
+        """The studies' labels: the same studies as ``data``'s."""
+        return self.data.labels
+
     def __getitem__(self, i: int) -> dict:
         item = dict(self.data[i])
         if item["present"].sum() >= 2 and item["present"][self.index]:

@@ -4,6 +4,7 @@ attacker and fails when the site's protection is taken out."""
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 
@@ -43,11 +44,18 @@ def _context(site_dir, **node) -> Context:
 
 
 def _message(kind: str, server_round: int = 1, weights: dict | None = None,
-             overrides: tuple[str, ...] = (), run_id: str = "run-q") -> Message:
+             overrides: tuple[str, ...] = (), clip: bool = False,
+             run_id: str = "run-q") -> Message:
+    """``clip``: the job's task is CLIP, zero-shot over the job's class names."""
     record = job_config(load_experiment([*SMALL, *overrides]), run_id=run_id)
     record[wire.SERVER_ROUND] = server_round
+    if clip:
+        record[wire.TASK_NAME] = "clip"
+        record[wire.TASK_OPTIONS] = json.dumps({"class_names": list(record[wire.CLASS_NAMES])})
     model, _ = decode_job(record, site_seed=0).build()
     state = weights if weights is not None else model.state_dict()
+    if callable(weights):                 # the attacker's edit of the model's own weights
+        state = weights(model.state_dict())
     content = RecordDict({wire.CONFIG: record, wire.ARRAYS: ArrayRecord(state)})
     return Message(content, dst_node_id=7, message_type=kind)
 
@@ -217,8 +225,9 @@ def test_a_class_of_few_studies_is_not_counted_by_a_confusion_row_or_a_training_
 
 
 def test_class_counts_read_alike_from_labels_and_from_a_confusion():
-    """The training rule counts classes from labels, the evaluation rule from the figures:
-    both in the same terms (a finding's negatives and positives, multi-label)."""
+    """The training rule counts classes from labels, the evaluation rule from labels and
+    figures (``split_counts``): both in the same terms (a finding's negatives and positives,
+    multi-label)."""
     from client.queries import class_counts, label_counts
     from models.metrics import SplitMetrics
 
@@ -231,6 +240,114 @@ def test_class_counts_read_alike_from_labels_and_from_a_confusion():
     assert label_counts(bits, 2, multi_label=True) == [1, 2, 2, 1]
     assert sorted(class_counts(SplitMetrics(n=3, loss=0.0, finding_confusions=findings))) \
         == sorted(label_counts(bits, 2, multi_label=True))
+
+
+def _uids_by_split(site_dir) -> dict[str, list[str]]:
+    """The site's study UIDs, as its files name them, by the split the site draws them into
+    (the fixture's fixed pseudonym key): for tests that thin one split's reports or masks."""
+    from client.data.pseudonyms import pseudonym, site_key
+    from client.data.site import load_site
+
+    key = site_key(site_dir / ".medfed")
+    split = {s.key: s.split for s in load_site(site_dir, key=key).studies}
+    with open(site_dir / "labels.csv") as f:
+        uids = [row["study_instance_uid"] for row in csv.DictReader(f)]
+    out: dict[str, list[str]] = {}
+    for uid in uids:
+        out.setdefault(split[pseudonym("study", uid, key)], []).append(uid)
+    return out
+
+
+def _keep_rows(path, drop: set[str], *, jsonl: bool) -> None:
+    """Rewrite a site file without the rows of the studies in ``drop``."""
+    lines = path.read_text().splitlines()
+    if jsonl:
+        kept = [line for line in lines if json.loads(line)["study_instance_uid"] not in drop]
+    else:
+        kept = [line for line in lines if line.split(",")[0] not in drop]
+    path.write_text("\n".join(kept) + "\n")
+
+
+def _sent_counts(metrics, name: str) -> dict[str, float]:
+    return {k: v for k, v in metrics.items() if k.endswith(f"-{wire.EVAL_COUNT}{name}")}
+
+
+def test_clip_report_counts_below_the_floor_never_leave_nor_by_difference_with_n(
+        site_dir, task_identity):
+    """Attack: a CLIP evaluation sends ``<split>-count-n_reports``, the studies of the split
+    that have a report - a count the floor never checked (before: 1 came back where the same
+    splits under classification were suppressed). And ``n - n_reports`` is the split's
+    studies without a report. The tiny site (val 5 studies, test 3) keeps 4 of its val
+    reports and 1 of its test ones; at floor 2 both splits are suppressed."""
+    splits = _uids_by_split(site_dir)
+    assert (len(splits["val"]), len(splits["test"])) == (5, 3)
+    _keep_rows(site_dir / "reports.jsonl", {splits["val"][0], *splits["test"][1:]}, jsonl=True)
+    control = _context(site_dir, **{wire.NODE_MIN_EVAL_SPLIT: 1})
+    plain = make_client_app()(_message(MessageType.EVALUATE, clip=True), control)
+    sent = plain.content[wire.METRICS]           # the counts a floor of 1 lets out
+    assert _sent_counts(sent, "n_reports") == {f"val-{wire.EVAL_COUNT}n_reports": 4.0,
+                                                f"test-{wire.EVAL_COUNT}n_reports": 1.0}
+    floor = _context(site_dir, **{wire.NODE_MIN_EVAL_SPLIT: 2})
+    floor.run_id = 12
+    held = make_client_app()(_message(MessageType.EVALUATE, clip=True), floor)
+    metrics = held.content[wire.METRICS]
+    assert set(metrics) == set(sent)
+    for split in wire.EVAL_SPLITS:
+        assert metrics[f"{split}-{wire.EVAL_SUPPRESSED}"] == 1.0
+        assert metrics[f"{split}-{wire.EVAL_N}"] == 0
+    assert set(_sent_counts(metrics, "n_reports").values()) == {0.0}
+
+
+def test_a_clip_split_holding_a_small_class_is_suppressed_though_it_has_no_confusion(
+        site_dir, task_identity):
+    """Attack: a task without a confusion matrix still reads the split's labels - CLIP's
+    zero-shot AUROC ranks each class's studies against the others, whose number its values'
+    steps give away - but the floor checked only confusion rows, so a split that
+    classification suppresses for a small class went out under CLIP. The tiny site's val
+    split (3 + 2 studies of two classes) is suppressed at floor 3, its test split (3 of one)
+    is not."""
+    control = _context(site_dir, **{wire.NODE_MIN_EVAL_SPLIT: 1})
+    plain = make_client_app()(_message(MessageType.EVALUATE, clip=True), control)
+    assert plain.content[wire.METRICS][f"val-{wire.EVAL_N}"] == 5     # sent at floor 1
+    floor = _context(site_dir, **{wire.NODE_MIN_EVAL_SPLIT: 3})
+    floor.run_id = 12
+    metrics = make_client_app()(_message(MessageType.EVALUATE, clip=True),
+                                floor).content[wire.METRICS]
+    assert metrics[f"val-{wire.EVAL_SUPPRESSED}"] == 1.0 and metrics[f"val-{wire.EVAL_N}"] == 0
+    assert metrics[f"test-{wire.EVAL_SUPPRESSED}"] == 0.0 and metrics[f"test-{wire.EVAL_N}"] == 3
+
+
+def _background_only(state: dict) -> dict:
+    """Crafted segmenter weights: the output layer answers background at every voxel, so
+    every study with a mask has an empty prediction and an undefined HD95."""
+    out = {k: v.clone() for k, v in state.items()}
+    weights = [k for k in out if k.startswith("out.") and k.endswith(".weight")]
+    biases = [k for k in out if k.startswith("out.") and k.endswith(".bias")]
+    assert len(weights) == len(biases) == 1, sorted(out)
+    out[weights[0]].zero_()
+    out[biases[0]].copy_(torch.tensor([50.0, -50.0]))
+    return out
+
+
+def test_a_segmentation_count_steered_by_crafted_weights_below_the_floor_never_leaves(
+        site_dir, task_identity):
+    """Attack: segmentation sends ``<split>-count-hd95_undefined``, which weights that
+    predict no lesion make the number of the split's studies with a mask - a count the floor
+    never checked. The tiny site keeps the mask of one of its 3 test studies; under the
+    crafted weights the count is 1 at floor 1 and the split suppressed at floor 3."""
+    splits = _uids_by_split(site_dir)
+    _keep_rows(site_dir / "segmentations.csv", set(splits["test"][1:]), jsonl=False)
+    seg = ("task=lesion_seg", "task.image_size=32")
+    control = _context(site_dir, **{wire.NODE_MIN_EVAL_SPLIT: 1})
+    plain = make_client_app()(_message(MessageType.EVALUATE, weights=_background_only,
+                                       overrides=seg), control)
+    assert plain.content[wire.METRICS][f"test-{wire.EVAL_COUNT}hd95_undefined"] == 1.0
+    floor = _context(site_dir, **{wire.NODE_MIN_EVAL_SPLIT: 3})
+    floor.run_id = 12
+    metrics = make_client_app()(_message(MessageType.EVALUATE, weights=_background_only,
+                                         overrides=seg), floor).content[wire.METRICS]
+    assert metrics[f"test-{wire.EVAL_SUPPRESSED}"] == 1.0 and metrics[f"test-{wire.EVAL_N}"] == 0
+    assert not any(0 < v < 3 for v in _sent_counts(metrics, "hd95_undefined").values())
 
 
 def _unbuilt(kind: str, options: dict) -> Message:

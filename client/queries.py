@@ -32,6 +32,11 @@ own counts, such as CLIP's ``n_reports``, and what each leaves of its split: ``s
 small training sets); a class list leaving out the site's labels is refused (counts by
 difference); a job's model is sized on the meta device before it is built (parameters,
 buffers, tokens).
+
+Not covered, by design of any per-reply floor: figures of a model the coordinator crafted are
+counts of that model's answers (a confusion cell, accuracy x n, a count's change between two
+rounds), so each evaluation can count a subset of the coordinator's choosing. The bound on
+that channel is the evaluation budget above, which is per Flower run.
 """
 
 from __future__ import annotations

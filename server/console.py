@@ -21,9 +21,9 @@ after the round's table and again under the summary.
 from __future__ import annotations
 
 import logging
-import re
 import statistics
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from models.metrics import SplitMetrics
@@ -35,7 +35,8 @@ from strategies.pooling import pool_sites
 
 log = logging.getLogger("medfed.server")
 
-# Below this many studies a split's MCC/AUROC say more about the split than the model.
+# Below this many studies a split's split-dependent figures say more about the split than
+# the model.
 TINY_SPLIT = 5
 
 # Correlation-type figures that a single-class or tiny split cannot support.
@@ -44,8 +45,69 @@ SPLIT_DEPENDENT = ("mcc", "auroc")
 MAX_SITE_LINES = 20           # above this many sites a round is summarized (module docstring)
 SITE_TABLE = "sites.tsv"      # in the run folder: every site's line when summarized
 SHOWN_FAILURES = 3            # failures named on the console when summarized
-COLUMNS = ("round", "site", "train_loss", "val_loss", "val_mcc", "test_acc", "test_mcc",
-           "test_auc", "train_s", "eval_s", "status")
+SOURCES = ("train", "val", "test", "site", wire.EXTERNAL_SPLIT)   # of a figure: see Column
+
+
+@dataclass(frozen=True)
+class Column:
+    """One figure of a line, declared once: the console header and lines, the site table's
+    header and rows and the per-round quantiles are all written from :data:`FIGURES`.
+
+    ``source`` says where the value comes from, ``key`` which entry of it:
+
+    - ``"train"``: training metrics (a site's reply; on GLOBAL the round's aggregate);
+    - ``"val"``, ``"test"``: a split's shown figures (an evaluation-only site's and the
+      EXTERNAL line's figures are in the ``test`` columns);
+    - ``"site"``: the site's own replies (training and evaluation), e.g. its compute seconds;
+      a pooled line has none: its time is the round's wall time, after the line;
+    - ``"external"``: the pooled external split (the run summary's columns only).
+    """
+
+    name: str
+    source: str
+    key: str
+    width: int = 8          # console width
+    decimals: int = 3       # console decimals (the site table has 4 for every figure)
+
+    def __post_init__(self):
+        if self.source not in SOURCES:     # a misspelt source would show "-" for ever
+            raise ValueError(f"column {self.name!r}: source {self.source!r} is not one of "
+                             f"{', '.join(SOURCES)}")
+
+    def value(self, sources: dict[str, dict]):
+        """The figure in ``sources`` (source -> figures); None where not reported."""
+        return sources.get(self.source, {}).get(self.key)
+
+    def shown(self, sources: dict[str, dict]) -> str:
+        """The console cell: the figure right-aligned in ``width``, or ``n/a`` / ``-``."""
+        value = self.value(sources)
+        if isinstance(value, float):
+            return f"{value:{self.width}.{self.decimals}f}"
+        return f"{_blank(value):>{self.width}}"
+
+    def cell(self, sources: dict[str, dict]) -> str:
+        """The site table's cell."""
+        value = self.value(sources)
+        return f"{value:.4f}" if isinstance(value, float) else _blank(value)
+
+
+FIGURES = (
+    Column("train_loss", "train", "train_loss", width=10),
+    Column("val_loss", "val", "loss"),
+    Column("val_mcc", "val", "mcc"),
+    Column("test_acc", "test", "accuracy"),
+    Column("test_mcc", "test", "mcc"),
+    Column("test_auc", "test", "auroc"),
+    Column("train_s", "site", wire.TRAIN_SECONDS, width=7, decimals=1),
+    Column("eval_s", "site", wire.EVAL_SECONDS, width=7, decimals=1),
+)
+COLUMNS = ("round", "site", *(c.name for c in FIGURES), "status")   # the site table's header
+# The figures of :meth:`ConsoleTable.summary` (GLOBAL, per round), picked from FIGURES by name
+# (a misspelt one fails at import); the summary names them ``<split>_<key>`` and adds the
+# external split's split-dependent figures.
+RUN_SUMMARY = tuple({c.name: c for c in FIGURES}[name]
+                    for name in ("val_mcc", "test_mcc", "test_auc", "test_acc"))
+
 
 class _NotAvailable:
     """A figure the split cannot support (shown ``n/a``; ``-`` is a figure not reported)."""
@@ -91,45 +153,45 @@ class ConsoleTable:
         failed = record.failures.get("evaluate", [])
         many = self._summarized(len(record.evaluate) + len(failed))
         if not self.rows:
-            log.info("%5s %-9s %10s %8s %8s %8s %8s %8s %7s %7s", "round", "site", "train_loss",
-                     "val_loss", "val_mcc", "test_acc", "test_mcc", "test_auc", "train_s",
-                     "eval_s")
-        external, lines = [], []
+            log.info("%s", _console_line("round", "site", [f"{c.name:>{c.width}}"
+                                                           for c in FIGURES]))
+        external, lines = [], []       # lines: (site, source -> figures), see Column
         new_notes = len(self.notes)
         for reply in record.evaluate:
             site = reply.site_id
             if wire.EXTERNAL_SPLIT in report_splits(reply.metrics):   # evaluation-only site:
                 external.append(from_record(reply.metrics, wire.EXTERNAL_SPLIT))   # its studies
-                lines.append((site, None, {},
-                              self._shown(f"{site} {wire.EXTERNAL_SPLIT}", external[-1]),
-                              (None, reply.metrics.get(wire.EVAL_SECONDS))))
+                lines.append((site, {"site": reply.metrics, "test": self._shown(
+                    f"{site} {wire.EXTERNAL_SPLIT}", external[-1])}))
                 continue
-            val, test = (self._shown(f"{site} {s}", from_record(reply.metrics, s))
-                         for s in ("val", "test"))
             trained = train.get(site, {})
-            lines.append((site, trained.get("train_loss"), val, test,
-                          (trained.get(wire.TRAIN_SECONDS), reply.metrics.get(wire.EVAL_SECONDS))))
+            shown = {s: self._shown(f"{site} {s}", from_record(reply.metrics, s))
+                     for s in ("val", "test")}
+            lines.append((site, {"train": trained, "site": {**trained, **reply.metrics}, **shown}))
         site_notes = list(self.notes)[new_notes:]
         if many:
             self._write_sites(record, lines, [f"{w}: {self.notes[w]}" for w in site_notes])
             self._round_summary(record, lines)
         else:
-            for site, train_loss, val, test, seconds in lines:
-                self._line(record.round, site, train_loss, val, test, seconds=seconds)
+            for site, sources in lines:
+                self._line(record.round, site, sources)
         self._warn(record.round, [f"evaluation reply failed: {one_line(str(f))}" for f in failed]
                    + [f"evaluation from {r.site_id} excluded: {r.reason}"
                       for r in record.evaluate_rejected], many)
-        trained = [r for r in record.evaluate if wire.EXTERNAL_SPLIT not in report_splits(r.metrics)]
+        trained = [r for r in record.evaluate
+                   if wire.EXTERNAL_SPLIT not in report_splits(r.metrics)]
         new_notes = len(self.notes)
-        val = self._shown("GLOBAL val", pool_sites([from_record(r.metrics, "val") for r in trained]))
-        test = self._shown("GLOBAL test",
-                           pool_sites([from_record(r.metrics, "test") for r in trained]))
-        self._line(record.round, "GLOBAL", record.train_metrics.get("train_loss"), val, test,
+        val, test = (self._shown(f"GLOBAL {s}", pool_sites([from_record(r.metrics, s)
+                                                            for r in trained]))
+                     for s in ("val", "test"))
+        self._line(record.round, "GLOBAL", {"train": record.train_metrics, "val": val,
+                                            "test": test},
                    suffix=f"  ({record.wall_seconds:.1f}s)")
         ext = self._shown("EXTERNAL", pool_sites(external))
         if ext:
-            self._line(record.round, "EXTERNAL", None, {}, ext)
-        self.rows.append((record.round, "GLOBAL", {"val": val, "test": test, "external": ext}))
+            self._line(record.round, "EXTERNAL", {"test": ext})
+        self.rows.append((record.round, "GLOBAL",
+                          {"val": val, "test": test, wire.EXTERNAL_SPLIT: ext}))
         global_notes = list(self.notes)[new_notes:]        # before any site note is dropped
         if many:       # the sites' notes are in the site table; the GLOBAL ones here
             for where in site_notes:
@@ -143,9 +205,6 @@ class ConsoleTable:
 
     def _round_summary(self, record: RoundRecord, lines: list) -> None:
         """A round of many sites in a few lines: counts, then quantiles of each figure."""
-        def figures(pick):
-            return [v for v in map(pick, lines) if isinstance(v, float)]
-
         failures = {phase: len(record.failures.get(phase, [])) for phase in ("train", "evaluate")}
         where = self.run_dir / SITE_TABLE if self.run_dir else "the MLflow run"
         log.info("round %d: %d sites trained (%d failed, %d updates excluded), %d evaluated "
@@ -153,41 +212,32 @@ class ConsoleTable:
                  len(record.train), failures["train"], len(record.rejected),
                  len(record.evaluate), failures["evaluate"], len(record.evaluate_rejected),
                  where)
-        columns = {"train_loss": lambda x: x[1], "val_loss": lambda x: x[2].get("loss"),
-                   "val_mcc": lambda x: x[2].get("mcc"), "test_acc": lambda x: x[3].get("accuracy"),
-                   "test_mcc": lambda x: x[3].get("mcc"), "test_auc": lambda x: x[3].get("auroc"),
-                   "train_s": lambda x: x[4][0], "eval_s": lambda x: x[4][1]}
         log.info("round %d: %-10s %8s %8s %8s %8s %8s %6s", record.round, "over sites", "min",
                  "25%", "median", "75%", "max", "sites")
-        for name, pick in columns.items():
-            values = figures(pick)
+        for column in FIGURES:
+            values = [v for _, sources in lines
+                      if isinstance(v := column.value(sources), float)]
             if values:
-                log.info("round %d: %-10s %s %6d", record.round, name,
+                log.info("round %d: %-10s %s %6d", record.round, column.name,
                          " ".join(f"{q:8.3f}" for q in quantiles(values)), len(values))
 
     def _write_sites(self, record: RoundRecord, lines: list, notes: list[str]) -> None:
         """Every site's line of this round (and its failures and notes) in the site table."""
         if self.run_dir is None:
             return
-        def cell(v):
-            return f"{v:.4f}" if isinstance(v, float) else _blank(v)
-
         path = self.run_dir / SITE_TABLE
         rows = [] if path.exists() else ["\t".join(COLUMNS)]
-        for site, train_loss, val, test, seconds in lines:
-            rows.append("\t".join([str(record.round), site, cell(train_loss),
-                                   cell(val.get("loss")), cell(val.get("mcc")),
-                                   cell(test.get("accuracy")), cell(test.get("mcc")),
-                                   cell(test.get("auroc")), cell(seconds[0]), cell(seconds[1]),
-                                   "ok"]))
+        rows += [_site_row(record.round, site, [c.cell(sources) for c in FIGURES], "ok")
+                 for site, sources in lines]
+        not_reported = ["-"] * len(FIGURES)          # a failed or excluded site's figures
         for phase in ("train", "evaluate"):
-            for failure in record.failures.get(phase, []):
-                rows.append("\t".join([str(record.round), failure.site, *["-"] * 8,
-                                       f"{phase} failed: {one_line(str(failure))}"]))
+            rows += [_site_row(record.round, failure.site, not_reported,
+                               f"{phase} failed: {one_line(str(failure))}")
+                     for failure in record.failures.get(phase, [])]
         for phase, rejected in (("update", record.rejected),
                                 ("evaluation", record.evaluate_rejected)):
-            rows += ["\t".join([str(record.round), r.site_id, *["-"] * 8,
-                                f"{phase} excluded: {r.reason}"]) for r in rejected]
+            rows += [_site_row(record.round, r.site_id, not_reported,
+                               f"{phase} excluded: {r.reason}") for r in rejected]
         rows += [f"# round {record.round} note: {note}" for note in notes]
         with path.open("a") as out:
             out.write("\n".join(rows) + "\n")
@@ -204,28 +254,18 @@ class ConsoleTable:
             figures |= {key: NA for key in SPLIT_DEPENDENT}
         return figures
 
-    def _line(self, rnd, site, train_loss, val, test, suffix="", seconds=(None, None)):
-        def fmt(v):
-            return f"{v:8.3f}" if isinstance(v, float) else f"{_blank(v):>8}"
-
-        def secs(v):
-            return f"{v:7.1f}" if isinstance(v, float) else f"{'-':>7}"
-        log.info("%5d %-9s %10s %s %s %s %s %s %s %s%s", rnd, site,
-                 fmt(train_loss).strip().rjust(10), fmt(val.get("loss")), fmt(val.get("mcc")),
-                 fmt(test.get("accuracy")), fmt(test.get("mcc")), fmt(test.get("auroc")),
-                 secs(seconds[0]), secs(seconds[1]), suffix)
+    def _line(self, rnd: int, site: str, sources: dict[str, dict], suffix: str = "") -> None:
+        log.info("%s%s", _console_line(rnd, site, [c.shown(sources) for c in FIGURES]), suffix)
 
     def summary(self) -> str:
         """The GLOBAL figures per round, then one line per split whose figures were n/a."""
-        external = any(m.get("external") for _, _, m in self.rows)
-        lines = ["round  val_mcc  test_mcc  test_auroc  test_accuracy"
-                 + ("  external_mcc  external_auroc" if external else "")]
-        for rnd, _, m in self.rows:
-            v, t, e = m["val"], m["test"], m.get("external", {})
-            lines.append(f"{rnd:5d}  {_cell(v, 'mcc', 7)}  {_cell(t, 'mcc', 8)}  "
-                         f"{_cell(t, 'auroc', 10)}  {_cell(t, 'accuracy', 13)}"
-                         + (f"  {_cell(e, 'mcc', 12)}  {_cell(e, 'auroc', 14)}"
-                            if external else ""))
+        splits = [(c.source, c.key) for c in RUN_SUMMARY]
+        if any(m.get(wire.EXTERNAL_SPLIT) for _, _, m in self.rows):
+            splits += [(wire.EXTERNAL_SPLIT, key) for key in SPLIT_DEPENDENT]
+        columns = [Column(f"{s}_{k}", s, k, width=len(f"{s}_{k}")) for s, k in splits]
+        lines = ["  ".join(["round", *(c.name for c in columns)])]
+        lines += ["  ".join([f"{rnd:5d}", *(c.shown(m) for c in columns)])
+                  for rnd, _, m in self.rows]
         lines += [f"note: {where}: {why}" for where, why in self.notes.items()]
         return "\n".join(lines)
 
@@ -239,21 +279,28 @@ def quantiles(values: list[float]) -> list[float]:
 
 
 def undefined_reason(metrics: SplitMetrics) -> str | None:
-    """Why a split's MCC/AUROC are not figures of the model, or None when they are."""
+    """Why a split's :data:`SPLIT_DEPENDENT` figures are not figures of the model, or None
+    when they are."""
+    named = "/".join(key.upper() for key in SPLIT_DEPENDENT)          # "MCC/AUROC"
     if metrics.confusion is not None and int((metrics.confusion.sum(axis=1) > 0).sum()) < 2:
-        return "single class in split (MCC/AUROC undefined)"
+        return f"single class in split ({named} undefined)"
     if metrics.n < TINY_SPLIT:
-        return f"only {metrics.n} studies in split (< {TINY_SPLIT}; MCC/AUROC not shown)"
+        return f"only {metrics.n} studies in split (< {TINY_SPLIT}; {named} not shown)"
     return None
+
+
+def _console_line(rnd: int | str, site: str, cells: list[str]) -> str:
+    """A console table line (or its header): round, site, then the cells of FIGURES."""
+    return f"{rnd:>5} {site:<9} " + " ".join(cells)
+
+
+def _site_row(rnd: int, site: str, cells: list[str], status: str) -> str:
+    """A site table line: round, site, the cells of FIGURES, then the site's status."""
+    return "\t".join([str(rnd), site, *cells, status])
 
 
 def _blank(value) -> str:
     return "n/a" if value is NA else "-"
-
-
-def _cell(figures: dict, key: str, width: int) -> str:
-    value = figures.get(key)
-    return f"{value:{width}.3f}" if isinstance(value, float) else f"{_blank(value):>{width}}"
 
 
 def results_hint(uri: str) -> str:

@@ -203,3 +203,54 @@ def test_many_sites_still_log_why_a_global_figure_is_n_a(caplog, tmp_path):
     lines = [r.getMessage() for r in caplog.records]
     assert "note: GLOBAL val: single class in split (MCC/AUROC undefined)" in lines
     assert "note: 30 site splits show n/a" in " ".join(lines)
+
+
+def _evaluation_only(site: str) -> SiteReply:
+    from protocol import wire
+
+    return SiteReply(site_id=site, node_id=77,
+                     metrics=dict(to_record(_split(GOOD), wire.EXTERNAL_SPLIT)))
+
+
+def _every_kind_of_line() -> RoundRecord:
+    """Trained sites, an evaluation-only site (and so an EXTERNAL line), a failure in each
+    phase and an excluded reply of each kind."""
+    from strategies.guard import Rejection
+
+    return RoundRecord(
+        round=1, train=[SiteReply("site-0", 1, {"train_loss": 0.7})],
+        evaluate=[_reply("site-0", _split(GOOD), _split(GOOD)),
+                  _reply("site-1", _split(TINY), _split(GOOD)), _evaluation_only("ext-0")],
+        failures={"train": [SiteFailure("site-2", 2, "<class 'OSError'>:<'disk full'>")],
+                  "evaluate": [SiteFailure("site-3", 3, "Error: Node Unavailable")]},
+        rejected=[Rejection("site-4", "update norm 9.0 > 3.0", 4)],
+        evaluate_rejected=[Rejection("site-5", "auroc out of [0, 1]", 5)], wall_seconds=2.0)
+
+
+def test_every_line_has_as_many_fields_as_its_header(caplog, tmp_path):
+    """Console lines (site, evaluation-only site, GLOBAL, EXTERNAL) and site-table rows
+    (including failed and excluded sites' rows) line up with their header."""
+    import re
+
+    from server.console import SITE_TABLE
+
+    with caplog.at_level(logging.INFO, logger="medfed.server"):
+        ConsoleTable().on_round_end(_every_kind_of_line())
+    lines = [r.getMessage() for r in caplog.records]
+    header = next(line for line in lines if line.split()[1:2] == ["site"])
+    rows = [line for line in lines if line.split()[0].isdigit()]
+    assert {row.split()[1] for row in rows} == {"site-0", "site-1", "ext-0", "GLOBAL", "EXTERNAL"}
+    ends = [m.end() for m in re.finditer(r"\S+", header)][2:]     # figures are right-aligned
+    for row in rows:
+        fields = row.split()[:-1] if row.split()[1] == "GLOBAL" else row.split()  # (2.0s)
+        assert len(fields) == len(header.split()), (header, row)
+        assert [m.end() for m in re.finditer(r"\S+", row)][2:len(fields)] == ends, (header, row)
+
+    with caplog.at_level(logging.INFO, logger="medfed.server"):
+        ConsoleTable(tmp_path, max_site_lines=2).on_round_end(_every_kind_of_line())
+    table = [r.split("\t") for r in (tmp_path / SITE_TABLE).read_text().splitlines()
+             if not r.startswith("#")]
+    statuses = [row[-1].split(":")[0] for row in table[1:]]
+    assert statuses == ["ok"] * 3 + ["train failed", "evaluate failed", "update excluded",
+                                     "evaluation excluded"]
+    assert {len(row) for row in table} == {len(table[0])}, table

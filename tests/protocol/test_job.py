@@ -306,43 +306,31 @@ def test_private_state_is_refused_on_both_sides(server_dpsgd):
 
 
 
-def test_a_personalized_model_is_refused_under_site_level_dp_on_both_sides():
-    """Attack: a coordinator asks a site-dp site to also score its locally adapted model -
-    the update before the clipping and noise that site-level DP puts on it; its scores
-    would leave the site outside the ledger. The site refuses the job before training."""
+@pytest.mark.parametrize("field, key, sent, override, kept", [
+    ("personalize", wire.PERSONALIZE, True, "strategy=personalized", True),
+    ("local_params", wire.LOCAL_PARAMS, ["blocks.*"], "strategy.local_params=[blocks.*]",
+     ("blocks.*",)),
+])
+def test_weights_trained_and_kept_at_a_site_are_refused_under_site_level_dp_on_both_sides(
+        field, key, sent, override, kept):
+    """Attack: a coordinator asks a site-dp site to also score its locally adapted model
+    (``personalize``), or to keep most of the model at the site (``local_params``): either is
+    the site's training before the clipping and noise that site-level DP puts on its update,
+    and its scores would leave the site outside the ledger (a review measured test loss 1.04
+    at the site against 1.74 at a fresh one with local_params). The site refuses the job
+    before training; DP-SGD's local training is itself private."""
     site_dp = ["privacy=sitedp", "strategy.min_train_sites=3"]
     record = job_config(load_experiment(site_dp), "run-p")
-    assert not decode_job(record, site_seed=0).personalize
-    record[wire.PERSONALIZE] = True
-    with pytest.raises(JobError, match=r"personalize is refused with privacy.mechanism="
-                                       r"site-dp"):
+    assert not getattr(decode_job(record, site_seed=0), field)
+    record[key] = sent
+    refusal = rf"{field} is refused with privacy.mechanism=site-dp"
+    with pytest.raises(JobError, match=refusal):
         decode_job(record, site_seed=0)
-    with pytest.raises(ConfigError, match=r"personalize is refused with privacy.mechanism="
-                                          r"site-dp"):
-        load_experiment([*site_dp, "strategy=personalized"])
-    for mechanism in ("none", "dpsgd"):        # DP-SGD's local training is itself private
-        assert load_experiment([f"privacy={mechanism}", "strategy=personalized"]
-                               ).job_spec("run-p").personalize
-
-
-def test_weights_kept_at_a_site_are_refused_under_site_level_dp_on_both_sides():
-    """Attack: a coordinator asks a site-dp site to keep most of the model at the site
-    (``local_params``): only the shared rest is clipped and noised, and evaluation scores the
-    model built from the kept, unclipped weights (a review measured test loss 1.04 at the
-    site against 1.74 at a fresh one). The site refuses the job before training."""
-    site_dp = ["privacy=sitedp", "strategy.min_train_sites=3"]
-    record = job_config(load_experiment(site_dp), "run-p")
-    assert decode_job(record, site_seed=0).local_params == ()
-    record[wire.LOCAL_PARAMS] = ["blocks.*"]
-    with pytest.raises(JobError, match=r"local_params is refused with privacy.mechanism="
-                                       r"site-dp"):
-        decode_job(record, site_seed=0)
-    with pytest.raises(ConfigError, match=r"local_params is refused with privacy.mechanism="
-                                          r"site-dp"):
-        load_experiment([*site_dp, "strategy.local_params=[blocks.*]"])
+    with pytest.raises(ConfigError, match=refusal):
+        load_experiment([*site_dp, override])
     for mechanism in ("none", "dpsgd"):
-        assert load_experiment([f"privacy={mechanism}", "strategy.local_params=[blocks.*]"]
-                               ).job_spec("run-p").local_params == ("blocks.*",)
+        assert getattr(load_experiment([f"privacy={mechanism}", override]).job_spec("run-p"),
+                       field) == kept
 
 
 # ---------------------------------------------------------------- data layout

@@ -46,25 +46,29 @@ def test_a_rejection_behind_external_sites_reaches_the_round_record():
     assert record.update_norms["site-2"] > 100
 
 
-def test_a_failed_reply_is_recorded_under_the_site_id_its_node_answered_with_before():
-    """A failure names its site from that node's earlier replies (what the console table and
-    MLflow's ``site/<id>/train/dropped`` show), whatever text the error reason holds."""
+def _round_where_node_2_fails(strategy, server_round, current, reason):
+    """A training round whose node 2 replies with an error carrying ``reason``."""
     from flwr.app import Error, Message
 
     from tests.strategies.rounds import reply
 
-    seen: list[RoundRecord] = []
-    strategy = ObservedStrategy(fedavg(), [_Recorder(seen)])
-    current = train_round(strategy, 1, arrays(), Grid(SITES))
-    sent = list(strategy.configure_train(2, current, ConfigRecord(), Grid(SITES)))
+    sent = list(strategy.configure_train(server_round, current, ConfigRecord(), Grid(SITES)))
     for i, m in enumerate(sent):            # ids are set when the grid pushes them
         m.metadata.__dict__["_message_id"] = f"instruction-{i}"
     replies = [reply(m, {k: a.numpy() for k, a in m.content[wire.ARRAYS].items()})
                for m in sent if m.metadata.dst_node_id != 2]
     failed = next(m for m in sent if m.metadata.dst_node_id == 2)
-    replies.append(Message(Error(code=0, reason="site-9 (node 9): a misleading reason"),
-                           reply_to=failed))
-    strategy.aggregate_train(2, replies)
+    replies.append(Message(Error(code=0, reason=reason), reply_to=failed))
+    strategy.aggregate_train(server_round, replies)
+
+
+def test_a_failed_reply_is_recorded_under_the_site_id_its_node_answered_with_before():
+    """A failure names its site from that node's earlier replies (what the console table and
+    MLflow's ``site/<id>/train/dropped`` show), whatever text the error reason holds."""
+    seen: list[RoundRecord] = []
+    strategy = ObservedStrategy(fedavg(), [_Recorder(seen)])
+    current = train_round(strategy, 1, arrays(), Grid(SITES))
+    _round_where_node_2_fails(strategy, 2, current, "site-9 (node 9): a misleading reason")
     record = seen[-1]
     assert [(f.site, f.node) for f in record.failures["train"]] == [("site-2", 2)]
     assert record.dropped("train") == ["site-2"] and record.dropped("evaluate") == []
@@ -98,19 +102,7 @@ def test_a_site_claiming_another_sites_name_cannot_put_its_update_norm_under_it(
 def test_a_site_failing_in_round_1_is_named_by_what_it_answered_the_preflight_with():
     """Round 1: no reply of the run has named the failing node yet; the names the nodes
     answered the preflight with (``sites``) do (walkthrough finding: node id only)."""
-    from flwr.app import Error, Message
-
-    from tests.strategies.rounds import reply
-
     seen: list[RoundRecord] = []
     strategy = ObservedStrategy(fedavg(), [_Recorder(seen)], sites={2: "site-2"})
-    sent = list(strategy.configure_train(1, arrays(), ConfigRecord(), Grid(SITES)))
-    for i, m in enumerate(sent):            # ids are set when the grid pushes them
-        m.metadata.__dict__["_message_id"] = f"instruction-{i}"
-    replies = [reply(m, {k: a.numpy() for k, a in m.content[wire.ARRAYS].items()})
-               for m in sent if m.metadata.dst_node_id != 2]
-    failed = next(m for m in sent if m.metadata.dst_node_id == 2)
-    replies.append(Message(Error(code=0, reason="the ClientApp raised OSError"),
-                           reply_to=failed))
-    strategy.aggregate_train(1, replies)
+    _round_where_node_2_fails(strategy, 1, arrays(), "the ClientApp raised OSError")
     assert [(f.site, f.node) for f in seen[-1].failures["train"]] == [("site-2", 2)]

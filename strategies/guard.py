@@ -40,7 +40,28 @@ log = logging.getLogger(__name__)
 
 
 class QuorumError(RuntimeError):
-    """Too few sites connected or too few usable updates to continue the federation."""
+    """Too few sites connected or too few usable updates to continue the federation.
+
+    A round's error names each failed site by node id (``site_errors``: node -> its line);
+    :meth:`named` says it with the site ids a wrapper that knows them has seen."""
+
+    def __init__(self, message: str, site_errors: dict[int, str] | None = None):
+        self.base, self.site_errors = message, dict(site_errors or {})
+        super().__init__(self._text(lambda node: f"node {node}"))
+
+    def _text(self, name) -> str:
+        if not self.site_errors:
+            return self.base
+        return f"{self.base}; site errors: " + "; ".join(
+            f"{name(node)}: {line}" for node, line in self.site_errors.items())
+
+    def named(self, sites: dict[int, str]) -> QuorumError:
+        """This error with each failed node named ``<site> (node <id>)`` where ``sites``
+        (node id -> site id) knows it."""
+        named = QuorumError(self.base, self.site_errors)
+        named.args = (self._text(lambda node: f"{sites[node]} (node {node})" if node in sites
+                                 else f"node {node}"),)
+        return named
 
 
 def wait_for_quorum(grid: Grid, minimum: int, timeout: float, poll: float = 0.5) -> None:
@@ -121,11 +142,16 @@ def weight_problem(msg: Message, key: str) -> str | None:
     return None
 
 
-def error_summary(msg: Message) -> str:
+def error_line(msg: Message) -> str:
     """A site's error reply as one short line (``protocol.site_errors.one_line``)."""
     text = one_line(str(msg.error.reason)) if str(msg.error.reason).strip() else \
         f"error code {msg.error.code}"
-    return f"node {msg.metadata.src_node_id}: {text[:300]}"
+    return text[:300]
+
+
+def error_summary(msg: Message) -> str:
+    """:func:`error_line` after the node id that sent it."""
+    return f"node {msg.metadata.src_node_id}: {error_line(msg)}"
 
 
 class GuardedStrategy(StatelessWrapper, Strategy):
@@ -274,11 +300,11 @@ class GuardedStrategy(StatelessWrapper, Strategy):
                             reply_site_id(msg), reason)
         usable = sum(_sites_in(m) for m in accepted if not m.has_error())
         if usable < self.min_train_sites:
-            errors = [error_summary(m) for m in accepted if m.has_error()]
             raise QuorumError(f"round {server_round}: {usable} usable update(s), "
                               f"{self.min_train_sites} required (strategy.min_train_sites); "
-                              f"rejected: {[f'{r.site_id}: {r.reason}' for r in self.rejected]}; "
-                              f"site errors: {errors}")
+                              f"rejected: {[f'{r.site_id}: {r.reason}' for r in self.rejected]}",
+                              {m.metadata.src_node_id: error_line(m)
+                               for m in accepted if m.has_error()})
         weights = [_metrics_of(m).get(self._weight_key, 0.0) for m in accepted
                    if not m.has_error()]
         if weights and sum(weights) == 0:   # FedAvg would divide by it: the round fails

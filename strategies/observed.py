@@ -34,6 +34,7 @@ from flwr.serverapp.strategy import Strategy
 from protocol import wire
 from protocol.metrics import report_splits
 
+from .guard import QuorumError
 from .reply_shape import ReplyShape, claimed_site_id
 from .state import StatelessWrapper, chain_reports, merge_reports
 
@@ -222,6 +223,9 @@ class ObservedStrategy(StatelessWrapper, Strategy):
         record = self._round or RoundRecord(server_round)
         try:
             arrays, metrics = self.strategy.aggregate_train(server_round, replies)
+        except QuorumError as err:     # the failed sites by the names this run knows them by
+            raise err.named(self._sites | {r.node_id: r.site_id for r in site_replies(
+                replies, self._sites)[0]}) from None
         finally:       # also when the round fails: what was rejected is part of the story
             report = merge_reports(chain_reports(self.inner))
             rejected = list(report.get("rejected", []))

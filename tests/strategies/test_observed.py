@@ -106,3 +106,19 @@ def test_a_site_failing_in_round_1_is_named_by_what_it_answered_the_preflight_wi
     strategy = ObservedStrategy(fedavg(), [_Recorder(seen)], sites={2: "site-2"})
     _round_where_node_2_fails(strategy, 1, arrays(), "the ClientApp raised OSError")
     assert [(f.site, f.node) for f in seen[-1].failures["train"]] == [("site-2", 2)]
+
+
+def test_a_round_failing_its_quorum_names_the_failed_sites_not_only_their_node_ids():
+    """The run's error when too few sites trained named each failure ``node <id>`` only
+    (walkthrough finding); the names the nodes answered the preflight with say which site."""
+    from strategies.guard import GuardedStrategy, QuorumError
+
+    strict = GuardedStrategy(fedavg(), min_available_sites=SITES, min_train_sites=SITES,
+                             quorum_timeout=1)
+    strategy = ObservedStrategy(strict, [_Recorder([])], sites={2: "site-2"})
+    reason = ("<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'ray::run()\n"
+              "Exception ClientAppException occurred. Message: site-policy: budget spent'>")
+    with pytest.raises(QuorumError) as failed:
+        _round_where_node_2_fails(strategy, 1, arrays(), reason)
+    assert str(failed.value).endswith("; site errors: site-2 (node 2): site-policy: budget "
+                                      "spent"), str(failed.value)

@@ -14,6 +14,8 @@ from types import MappingProxyType
 
 import numpy as np
 
+PER_CLASS_F1 = "f1_class_"      # + k: the F1 of class (or finding) k, one name per class
+
 
 def confusion_matrix(labels: np.ndarray, preds: np.ndarray, num_classes: int) -> np.ndarray:
     """``cm[i, j]`` = number of samples of true class i predicted as j."""
@@ -80,15 +82,8 @@ def macro_auroc(labels: np.ndarray, probs: np.ndarray) -> float | None:
 
 
 def classification_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
-    """Accuracy, balanced accuracy, MCC, macro-F1 and macro-AUROC (if defined)."""
-    num_classes = probs.shape[1]
-    cm = confusion_matrix(labels, probs.argmax(1), num_classes)
-    out = {
-        "accuracy": float(np.trace(cm) / max(cm.sum(), 1)),
-        "balanced_accuracy": balanced_accuracy(cm),
-        "mcc": mcc(cm),
-        "f1": macro_f1(cm),
-    }
+    """``confusion_metrics`` of the argmax predictions, plus macro-AUROC (if defined)."""
+    out = confusion_metrics(confusion_matrix(labels, probs.argmax(1), probs.shape[1]))
     auroc = macro_auroc(labels, probs)
     if auroc is not None:
         out["auroc"] = auroc
@@ -111,7 +106,7 @@ def multilabel_from_confusions(cms: np.ndarray) -> dict[str, float]:
     return {"accuracy": float(np.mean([np.trace(cm) / max(cm.sum(), 1) for cm in cms])),
             "balanced_accuracy": float(np.mean([balanced_accuracy(cm) for cm in cms])),
             "mcc": float(np.mean([mcc(cm) for cm in cms])),
-            "f1": float(np.mean(per_f1))} | {f"f1_class_{k}": f for k, f in enumerate(per_f1)}
+            "f1": float(np.mean(per_f1))} | {f"{PER_CLASS_F1}{k}": f for k, f in enumerate(per_f1)}
 
 
 def multilabel_auroc(targets: np.ndarray, probs: np.ndarray) -> float | None:
@@ -127,15 +122,27 @@ def confusion_metrics(cm: np.ndarray) -> dict[str, float]:
     every site's, so a pooled figure is the figure of the pooled predictions."""
     return ({"accuracy": float(np.trace(cm) / max(cm.sum(), 1)),
              "balanced_accuracy": balanced_accuracy(cm), "mcc": mcc(cm), "f1": macro_f1(cm)}
-            | {f"f1_class_{k}": f for k, f in enumerate(per_class_f1(cm))})
+            | {f"{PER_CLASS_F1}{k}": f for k, f in enumerate(per_class_f1(cm))})
 
 
-# Scalar names ``SplitMetrics.scalars`` derives itself; a mean or count may not reuse one.
 # The most classes (or findings of a multi-label task) a task may have: the wire codec
 # refuses larger confusion matrices (protocol.metrics), so a task is refused at config load.
 MAX_CATEGORIES = 1024
 
-DERIVED = frozenset({"n", "loss", "auroc", "accuracy", "balanced_accuracy", "mcc", "f1"})
+# Scalar names ``SplitMetrics.scalars`` derives itself; a mean or count may not reuse one, or
+# a site's mean would replace the figure of the pooled counts. Read off what the confusion
+# functions return (a 2-class matrix), so a figure added there is derived here too; the
+# per-class F1 names are one per class (``PER_CLASS_F1`` + k, any k), matched by prefix.
+DERIVED = frozenset({"n", "loss", "auroc"} | {
+    name for name in confusion_metrics(np.eye(2, dtype=np.int64))
+    | multilabel_from_confusions(np.eye(2, dtype=np.int64)[None])
+    if not name.startswith(PER_CLASS_F1)})
+
+
+def is_derived(name: str) -> bool:
+    """Whether ``SplitMetrics.scalars`` derives ``name`` itself (``DERIVED`` or a per-class
+    F1), so a mean or a count may not be called that."""
+    return name in DERIVED or name.startswith(PER_CLASS_F1)
 
 
 def _counts(name: str, value, shape_ok, what: str) -> np.ndarray | None:
@@ -213,7 +220,7 @@ class SplitMetrics:
             object.__setattr__(self, "auroc", float(self.auroc))
         for kind in ("means", "counts"):
             values = {str(k): float(v) for k, v in getattr(self, kind).items()}
-            if clash := sorted(set(values) & DERIVED):
+            if clash := sorted(k for k in values if is_derived(k)):
                 raise ValueError(f"{kind} may not reuse the derived names {clash}")
             if kind == "counts" and not all(math.isfinite(v) and v >= 0 for v in values.values()):
                 raise ValueError("counts must be finite and >= 0")

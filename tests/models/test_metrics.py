@@ -77,3 +77,22 @@ def test_split_metrics_refuses_inconsistent_values():
     frozen = SplitMetrics(n=2, loss=0.0, confusion=np.eye(2, dtype=int))
     with pytest.raises(ValueError):
         frozen.confusion[0, 0] = 5                       # read-only: what was sent stays
+
+
+@pytest.mark.parametrize("kind", ["means", "counts"])
+def test_no_mean_or_count_may_take_the_name_of_a_confusion_derived_figure(kind):
+    """Every figure ``scalars`` derives from the counts (any class count, multi-class or
+    multi-label) is refused as a mean or count name: pooled, a site's mean under that name
+    would replace the figure of the pooled counts (``f1_class_0`` once did)."""
+    from models.metrics import SplitMetrics, confusion_metrics, multilabel_from_confusions
+
+    rng = np.random.default_rng(1)
+    derived = {"n", "loss", "auroc"}
+    for k in (2, 3, 7):
+        derived |= set(confusion_metrics(rng.integers(0, 5, (k, k))))
+        derived |= set(multilabel_from_confusions(rng.integers(0, 5, (k, 2, 2))))
+    assert {"f1_class_0", "f1_class_6"} <= derived
+    for name in sorted(derived):
+        with pytest.raises(ValueError, match="may not reuse the derived names"):
+            SplitMetrics(n=3, loss=0.0, confusion=np.diag([1, 2]), **{kind: {name: 0.1}})
+    assert SplitMetrics(n=3, loss=0.0, means={"dice": 0.1}).scalars()["dice"] == 0.1

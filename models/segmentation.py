@@ -133,6 +133,10 @@ class SegmentationTask(TaskBase):
 
         if isinstance(backbone, SwinSegmenter):      # a whole pretrained segmentation network
             return backbone
+        if not isinstance(backbone, MultiModalViT):   # the decoder reads its config and blocks
+            raise ValueError(f"the segmentation decoder (UNETR) is built on a MultiModalViT, "
+                             f"not a {type(backbone).__name__}: use model=mmvit, or "
+                             "model=foundation_swin for a pretrained segmentation network")
         return UNETR(backbone, self.config)
 
     def step(self, model: UNETR, batch: dict[str, Tensor]) -> StepOutput:

@@ -5,6 +5,7 @@ contract every task follows (``Task``, ``TaskBase``, ``DataNeeds``) is in ``mode
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,6 +24,9 @@ log = logging.getLogger(__name__)
 
 
 FINETUNE_MODES = ("full", "linear_probe", "lora")
+# mode=lora's adapters: every attention and MLP projection of a MultiModalViT's blocks (peft
+# matches a string with re.fullmatch on each module's name)
+LORA_TARGETS = r".*blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(0|3))"
 
 
 def check_finetuning(config) -> None:
@@ -217,10 +221,15 @@ def wrap_for_finetuning(backbone: nn.Module, config) -> nn.Module:
     if getattr(backbone, "head", None) is None:
         raise ValueError(f"mode={mode} needs a backbone with a class head")
     if mode == "lora":
+        if not any(re.fullmatch(LORA_TARGETS, name) for name, _ in backbone.named_modules()):
+            # peft's own error (NoMatchingPeftModuleError) names a regex, not the fix
+            raise ValueError(f"mode=lora puts adapters on a MultiModalViT's attention and MLP "
+                             f"projections and {type(backbone).__name__} has none; a foundation "
+                             "model adapts itself (model.options.method=lora): use mode=full")
         from peft import LoraConfig, inject_adapter_in_model
 
         lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha,
-                          target_modules=r".*blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(0|3))")
+                          target_modules=LORA_TARGETS)
         backbone = inject_adapter_in_model(lora, backbone)   # freezes all but adapters
     else:
         backbone.requires_grad_(False)

@@ -4,7 +4,9 @@
   the job spec sites receive (``protocol.job``);
 - ``compose``: Hydra composition (``load_experiment``), ``CONF_DIR``;
 - ``validation``: cross-field checks (``validate``);
-- ``privacy``: the privacy request checked against the rest of the experiment.
+- ``privacy``: the privacy request checked against the rest of the experiment;
+- ``buildable``: each phase's model and task built as the sites build them (meta device),
+  and made servable as the exporter does (``validation`` calls it last).
 
 ``schema`` and ``compose`` import no torch, Flower or MLflow, so a config mistake is refused in
 well under a second; ``validation`` and ``privacy`` need the model and strategy registries and

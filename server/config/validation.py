@@ -15,6 +15,7 @@ from protocol.secagg_protocol import SecAggConfig, SecAggError
 from strategies.registry import (StrategyConfigError, strategies_with, strategy_entry,
                                  validate_strategy)
 
+from .buildable import built_model, validate_servable
 from .privacy import validate_privacy
 from .schema import ConfigError, ExperimentConfig
 
@@ -54,9 +55,11 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         raise ConfigError(f"strategy.min_train_sites must be in [1, federation.num_sites="
                           f"{fed.num_sites}], got {strat.min_train_sites}")
     if strat.local_params:
-        names = [n for n, _ in MODELS.build(cfg.model.name, cfg.model_options(),
-                                            foundation_dir=cfg.model.foundation_dir
-                                            ).named_parameters()]
+        import torch
+        with torch.device("meta"):      # names only: no memory, no weights read
+            names = [n for n, _ in MODELS.build(cfg.model.name, cfg.model_options(),
+                                                foundation_dir=cfg.model.foundation_dir
+                                                ).named_parameters()]
         unmatched = unmatched_patterns(names, strat.local_params)
         if unmatched:
             raise ConfigError(f"strategy.local_params {unmatched} match no model parameter; "
@@ -77,22 +80,6 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         raise ConfigError(f"{treat} a class head apart, and the "
                           f"{cfg.task.name} objective's model has none; unset them (in a "
                           "pretrain -> fine-tune run they apply to fine-tuning only)")
-    if head_settings:       # the model as the sites will build it: each site would refuse
-        from models.tasks import build, trained_head
-        model, _ = build(cfg.model.name, cfg.model_options(), cfg.task.name, cfg.task_options(),
-                         foundation_dir=cfg.model.foundation_dir)
-        head = trained_head(model)
-        if head is None:
-            raise ConfigError(f"{treat} a class head apart, and the "
-                              f"{cfg.task.name} task's {type(model).__name__} has no class head "
-                              "that trains (model.head); unset them")
-        own = {id(p) for p in head.parameters()}
-        if cfg.privacy.head_clip_share is not None and \
-                all(id(p) in own for p in model.parameters() if p.requires_grad):
-            raise ConfigError("privacy.head_clip_share splits the clipping bound between the "
-                              "class head and the rest, and only the head trains here "
-                              f"(model.options.method={cfg.model_options().get('method')}); "
-                              "unset it")
     if cfg.train.head_only_rounds >= fed.num_rounds:
         raise ConfigError(f"train.head_only_rounds={cfg.train.head_only_rounds} covers every one "
                           f"of the {fed.num_rounds} rounds: nothing but the head would train; "
@@ -101,7 +88,31 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     validate_privacy(cfg)
     validate_secagg(cfg)
     validate_pretrain(cfg)
+    # last: a refusal above names the setting more precisely than a failed build can
+    model, task = built_model(cfg)      # as every site builds it (meta device), or refused
+    validate_servable(cfg, model, task)
+    if head_settings:
+        _validate_head(cfg, model, treat)
     return cfg
+
+
+def _validate_head(cfg: ExperimentConfig, model, treat: str) -> None:
+    """The head settings need a class head that trains in the model the sites build (each
+    site would refuse them otherwise)."""
+    from models.tasks import trained_head
+
+    head = trained_head(model)
+    if head is None:
+        raise ConfigError(f"{treat} a class head apart, and the "
+                          f"{cfg.task.name} task's {type(model).__name__} has no class head "
+                          "that trains (model.head); unset them")
+    own = {id(p) for p in head.parameters()}
+    if cfg.privacy.head_clip_share is not None and \
+            all(id(p) in own for p in model.parameters() if p.requires_grad):
+        raise ConfigError("privacy.head_clip_share splits the clipping bound between the "
+                          "class head and the rest, and only the head trains here "
+                          f"(model.options.method={cfg.model_options().get('method')}); "
+                          "unset it")
 
 
 def validate_layout(cfg: ExperimentConfig) -> None:

@@ -188,7 +188,7 @@ def make_client_app(*, sim_data_root: Path | None = None, sim_train_sites: int |
                 "classes?)", job.server_round, len(splits["train"]), wire.NODE_MIN_EVAL_SPLIT,
                 limits.min_split_size)
             raise
-        same_run = queries.privacy_runs(job.privacy.run_id) \
+        same_run = queries.privacy_runs(job.task_name, job.privacy.run_id) \
             if job.privacy.mechanism != wire.DP_NONE else frozenset()
         auth = admit_round(job, settings, site.data_dir, n_train=len(splits["train"]),
                            secure_aggregation=masked, survivors_signed=signed,
@@ -272,6 +272,12 @@ def make_client_app(*, sim_data_root: Path | None = None, sim_train_sites: int |
                                                      limits.min_split_size,
                                                      job.train.batch_size,
                                                      len(job.class_names))
+                if suppressed and len(view) >= limits.min_split_size:   # why: its own log
+                    site_logger(site.site_id).info(
+                        "round %d: %s%s figures not sent: one of its counts (a class, or the "
+                        "task's own, e.g. reports or undefined distances) is below %s=%d",
+                        job.server_round, prefix, split, wire.NODE_MIN_EVAL_SPLIT,
+                        limits.min_split_size)
                 reply.update(metrics_record(metrics, f"{prefix}{split}", suppressed=suppressed))
                 seconds += metrics.seconds
                 reported += metrics.n if not prefix and split in names else 0

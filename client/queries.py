@@ -362,13 +362,14 @@ class SiteQueryLog:
         run["evaluations"] = run.get("evaluations", 0) + 1
         self._save(state)
 
-    def privacy_runs(self, job_run_id: str) -> frozenset[str]:
-        """Every job run id a private round of this Flower run asked for, ``job_run_id``
-        included (then remembered): a pretraining and a fine-tuning phase have one each; a
-        coordinator naming a new one each round gets them all counted as one run."""
+    def privacy_runs(self, task: str, job_run_id: str) -> frozenset[str]:
+        """Every job run id a private round of ``task`` in this Flower run asked for,
+        ``job_run_id`` included (then remembered). A pretraining and a fine-tuning phase are
+        two tasks with an id and a plan each, capped apart as the preflight checks them; a
+        coordinator naming a new id each round of one task gets them counted as one run."""
         state = self._load()
         run = state.setdefault(self.run, {})
-        seen = run.setdefault("privacy-runs", [])
+        seen = run.setdefault("privacy-runs", {}).setdefault(task, [])
         if job_run_id not in seen:
             seen.append(job_run_id)
             self._save(state)

@@ -201,9 +201,11 @@ def policy_problems(cfg: ExperimentConfig, policies: list[SitePolicy],
     need = max(s.min_available_sites, s.min_train_sites)
     if len(train) < need:
         # connected sites that failed the query are not missing: their failure is the cause
-        fix = (f"{len(failed)} more connected but failed the policy query ("
-               f"{'; '.join(failed)}): see those sites' logs" if failed else
-               "start more sites or lower these minimums")
+        fix = "start more sites or lower these minimums"
+        if failed:
+            fix = (f"{len(failed)} more connected but gave no usable answer ("
+                   f"{'; '.join(failed)}): see those sites' logs"
+                   + (f"; also {fix}" if len(train) + len(failed) < need else ""))
         problems.append(f"{len(train)} training site(s) answered ({_names(train) or 'none'}), "
                         f"the strategy needs {need} (strategy.min_available_sites="
                         f"{s.min_available_sites}, strategy.min_train_sites="

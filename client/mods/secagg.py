@@ -42,13 +42,14 @@ log = logging.getLogger(__name__)
 _NUM_PARTITIONS = "num-partitions"      # set by Flower's simulation engine
 
 
-# What a masked reply still says in plaintext: the round's DP accounting, which the site's
-# ledger books and its privacy officer publishes, and its compute time. Its example count
-# rides inside the masked vector; training loss/accuracy and step count (statistics of this
-# site's data, which the sum is there to hide among the others') are not sent at all.
-MASKED_REPLY_KEYS = frozenset({wire.DP_EPSILON, wire.DP_DELTA, wire.DP_STEPS,
-                               wire.DP_UNIT_WEIGHT, wire.DP_NOISE_MULTIPLIER,
-                               wire.DP_SAMPLE_RATE, wire.TRAIN_SECONDS})
+# What a masked reply still says in plaintext: the site's epsilon and delta after the round
+# and the round's noise multiplier (what the coordinator records of each site's spend), site-
+# level DP's unit weight, and the site's compute time. Its example count rides inside the
+# masked vector; training loss/accuracy, step counts and the DP sample rate (statistics of this
+# site's data, which the sum is there to hide among the others', or, at q = B/n, its size)
+# are not sent: the ledger keeps them at the site.
+MASKED_REPLY_KEYS = frozenset({wire.DP_EPSILON, wire.DP_DELTA, wire.DP_UNIT_WEIGHT,
+                               wire.DP_NOISE_MULTIPLIER, wire.TRAIN_SECONDS})
 
 
 def masked_reply_metrics(metrics) -> dict:

@@ -167,8 +167,9 @@ def admit_round(job: JobSpec, settings: dict, data_dir: Path, *, n_train: int,
 
     ``secure_aggregation``: this update is masked; ``survivors_signed``: by the
     malicious-secure protocol (sites sign the survivor set; from the site's own SecAgg state,
-    never from the message). ``same_run``: the job run ids this site has seen in the same
-    Flower run (``SiteQueryLog.privacy_runs``), which the per-run cap counts together."""
+    never from the message). ``same_run``: the job run ids this site has seen for the job's
+    task in the same Flower run (``SiteQueryLog.privacy_runs``), which the per-run cap counts
+    together."""
     check_protection(job, settings, secure_aggregation=secure_aggregation)
     return authorize(job.privacy, site_budget(settings, data_dir), n_train=n_train,
                      local_epochs=job.train.local_epochs, batch_size=job.train.batch_size,
@@ -204,8 +205,9 @@ def authorize(request: PrivacySpec, budget: SiteBudget | None, *, n_train: int,
     """Accept (and charge) or refuse this round. None: a non-private round the site allows.
     ``survivors_signed=False``: a distributed round's sum is counted by the server alone
     (semi-honest SecAgg), and its row says so. The per-run cap counts the rows of the job's
-    run id and of ``same_run`` (the other job run ids seen in the same Flower run: the job's
-    id is the coordinator's, so a new one each round would otherwise start the cap afresh)."""
+    run id and of ``same_run`` (the other job run ids seen for the task in the same Flower
+    run: the job's id is the coordinator's, so a new one each round would otherwise start the
+    cap afresh)."""
     if request.mechanism == wire.DP_NONE:
         if budget is not None and budget.require_dp:
             raise PrivacyRefused("this site has a privacy budget and requires differential "

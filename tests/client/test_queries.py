@@ -197,3 +197,19 @@ def _state_files_are_private(tmp_path, caplog, stat, ArrayRecord, RecordDict, Pr
     assert stat.S_IMODE(loose.stat().st_mode) == 0o700
     assert stat.S_IMODE((loose / "privacy-ledger.sqlite").stat().st_mode) == 0o600
     assert "was readable by others (mode 755): now 700" in caplog.text
+
+
+def test_the_job_run_ids_of_one_task_in_a_flower_run_count_as_one_run(tmp_path):
+    """What the per-run epsilon cap counts together (``authorize``'s ``same_run``): every id
+    one task asked for in the Flower run (a coordinator renaming its run each round); a
+    pretraining and a fine-tuning phase of the run apart; another Flower run afresh."""
+    from client.queries import SiteQueryLog
+
+    log = SiteQueryLog(tmp_path / ".medfed", run_id=3)
+    assert log.privacy_runs("classification", "r.finetune") == {"r.finetune"}
+    assert log.privacy_runs("mm_dino", "r.pretrain") == {"r.pretrain"}
+    assert log.privacy_runs("classification", "r-b") == {"r.finetune", "r-b"}
+    again = SiteQueryLog(tmp_path / ".medfed", run_id=3)      # a restarted ClientApp
+    assert again.privacy_runs("classification", "r-c") == {"r.finetune", "r-b", "r-c"}
+    assert SiteQueryLog(tmp_path / ".medfed", run_id=4).privacy_runs(
+        "classification", "r2") == {"r2"}

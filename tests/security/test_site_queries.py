@@ -299,7 +299,7 @@ def test_clip_report_counts_below_the_floor_never_leave_nor_by_difference_with_n
 
 
 def test_a_clip_split_holding_a_small_class_is_suppressed_though_it_has_no_confusion(
-        site_dir, task_identity):
+        site_dir, task_identity, caplog):
     """Attack: a task without a confusion matrix still reads the split's labels - CLIP's
     zero-shot AUROC ranks each class's studies against the others, whose number its values'
     steps give away - but the floor checked only confusion rows, so a split that
@@ -315,6 +315,9 @@ def test_a_clip_split_holding_a_small_class_is_suppressed_though_it_has_no_confu
                                 floor).content[wire.METRICS]
     assert metrics[f"val-{wire.EVAL_SUPPRESSED}"] == 1.0 and metrics[f"val-{wire.EVAL_N}"] == 0
     assert metrics[f"test-{wire.EVAL_SUPPRESSED}"] == 0.0 and metrics[f"test-{wire.EVAL_N}"] == 3
+    # the site's own log says why (the reply says only that the split is suppressed)
+    assert "val figures not sent: one of its counts" in caplog.text
+    assert "test figures not sent" not in caplog.text
 
 
 def _background_only(state: dict) -> dict:

@@ -166,9 +166,13 @@ def test_sites_that_failed_the_policy_query_are_the_cause_not_missing_sites(tmp_
         _serve(tmp_path, _cfg(tmp_path, "strategy.min_train_sites=2"), grid)
     message = str(refused.value)
     assert "1 training site(s) answered (site-a)" in message
-    assert "1 more connected but failed the policy query" in message
+    assert "1 more connected but gave no usable answer (the policy query failed at" in message
     assert "site-policy: the site's privacy budget in node config is invalid" in message
     assert "start more sites" not in message and "'>" not in message
+    # when those sites could not make up the number anyway, both are said
+    with pytest.raises(PreflightError, match=r"see those sites' logs; also start more sites"):
+        _serve(tmp_path, _cfg(tmp_path, "federation.num_sites=3", "strategy.min_train_sites=3",
+                              "strategy.min_available_sites=2"), grid)
 
 
 def test_a_private_experiment_passes_and_dry_run_stops_after_the_preflight(tmp_path, caplog):

@@ -124,9 +124,10 @@ def test_attack_a_small_clip_range_reveals_no_sites_count_of_large_values():
 
 def test_attack_a_masked_reply_carries_no_plaintext_statistic_of_the_sites_data():
     """The coordinator reads what rides beside each masked update. The site's training
-    reported its example count, loss, accuracy and steps (each a statistic of its data that the
-    secure sum exists to hide): none is sent; the count is inside the masked vector, so the
-    average is still weighted by it. The round's DP accounting and compute time are sent."""
+    reported its example count, loss, accuracy, steps and DP sample rate (each a statistic of
+    its data that the secure sum exists to hide, or its size): none is sent; the count is
+    inside the masked vector, so the average is still weighted by it. The site's epsilon and
+    its compute time are sent."""
     seen, grid = [], SiteGrid(4)
     counts = {i: 10 * i for i in grid.nodes}
     deliver = grid.deliver
@@ -135,7 +136,8 @@ def test_attack_a_masked_reply_carries_no_plaintext_statistic_of_the_sites_data(
         update = {k: view(a) + step(node) for k, a in m.content[wire.ARRAYS].items()}
         return Message(RecordDict({wire.ARRAYS: arrays(update), wire.METRICS: MetricRecord({
             wire.NUM_EXAMPLES: counts[node], "train_loss": 0.1 * node, "train_acc": 0.5,
-            "steps": 3.0 * node, wire.TRAIN_SECONDS: 1.5, wire.DP_EPSILON: 2.0})}), reply_to=m)
+            "steps": 3.0 * node, wire.DP_STEPS: 3.0 * node, wire.DP_SAMPLE_RATE: 8 / counts[node],
+            wire.TRAIN_SECONDS: 1.5, wire.DP_EPSILON: 2.0})}), reply_to=m)
 
     def watched(msg):
         reply = deliver(msg)

@@ -111,7 +111,13 @@ def directory_refusal(directory, objective: str, method: str,
 
         text = transformers.AutoConfig.from_pretrained(str(directory),
                                                        local_files_only=True).text_config
-        tokens = vocab_size(load_tokenizer(directory))
+        try:
+            tokens = vocab_size(load_tokenizer(directory))
+        except Exception as err:    # noqa: BLE001 - a third-party parser's any failure
+            return (f"{objective} from a foundation pair reads its tokenizer from the same "
+                    f"directory, and the one in {Path(directory).name!r} cannot be read "
+                    f"({type(err).__name__}): put the pair's own tokenizer files beside its "
+                    "weights")
         positions = text.max_position_embeddings
         if tokens > text.vocab_size:
             reason = vocab_refusal(Path(directory).name, tokens, text.vocab_size)

@@ -20,6 +20,8 @@ def encoders(tmp_path_factory):
     _save_pair("clip", root / "clip_pair")
     _save("clip", root / "clip_no_tokenizer")
     _save_pair_with_big_tokenizer(root / "clip_big_tokenizer")
+    _save_pair("clip", root / "clip_broken_tokenizer")
+    (root / "clip_broken_tokenizer" / "tokenizer.json").write_text("{not json")
     return root
 
 
@@ -44,6 +46,10 @@ def _load(encoders, weights: str, *overrides: str):
                             "pretrain.options.max_length=16"],
      r"the tokenizer in 'clip_big_tokenizer' has 28 tokens but its text tower embeds 24; "
      r"the directory's tokenizer and weights do not belong together"),
+    # a tokenizer file that does not parse: one line, not the parser's traceback
+    ("clip_broken_tokenizer", ["pretrain=clip", "pretrain.num_rounds=1",
+                               "pretrain.options.max_length=16"],
+     r"the one in 'clip_broken_tokenizer' cannot be read \(\w+\): put the pair's own"),
     ("dinov2", ["pretrain=mae", "pretrain.num_rounds=1", "model.options.method=linear_probe"],
      "linear_probe"),
     ("dinov2", ["pretrain=mm_dino", "pretrain.num_rounds=1", "privacy=dpsgd"],

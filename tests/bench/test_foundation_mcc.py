@@ -342,7 +342,12 @@ def test_the_arms_keep_the_kernel_slices_of_a_four_channel_public_encoder(tmp_pa
     settings, public = _tiny_draw_inputs(tmp_path, monkeypatch)
     fm.run_draw(0, tmp_path, tmp_path / "encoders", settings, ("lora",), public)
     assert ran[-1].model.options.get("patch_init", "mean") == "mean"     # an RGB encoder
-    fm.run_draw(0, tmp_path, tmp_path / "encoders", settings | {"public_patch": "channels"},
+    # --public-patch channels pretrains a four-channel encoder (config load now builds the
+    # arm's model as the sites would, and refuses channels against an RGB one)
+    channels = tmp_path / "encoders-4"
+    fm.save_initial_encoder(channels, num_channels=4)
+    (channels / fm.INIT_NAME).rename(channels / fm.PRETRAINED_NAME)
+    fm.run_draw(0, tmp_path, channels, settings | {"public_patch": "channels"},
                 ("lora",), public)
     assert ran[-1].model.options["patch_init"] == "channels"
 

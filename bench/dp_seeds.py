@@ -22,7 +22,8 @@ from .common import RESULTS_DIR, update_results_md, write_result
 
 SOURCES = ("foundation_am_seeds_draw0", "foundation_am_seeds_draw1",       # seeds 0-2
            "foundation_recipe_seeds_draw0", "foundation_recipe_seeds_draw1",
-           "foundation_more_seeds_draw0", "foundation_more_seeds_draw1")    # seeds 3-5
+           "foundation_more_seeds_draw0", "foundation_more_seeds_draw1",    # seeds 3-5
+           "foundation_seeds_6_7_draw0", "foundation_seeds_6_7_draw1")      # seeds 6-7
 DP = "dp_lora_std_hlr_lp5"              # standardised features + head lr + 5 head-only rounds
 REFERENCES = {"lora": "plain non-DP LoRA", "lora_std_hlr_lp5": "the DP recipe without noise"}
 METRICS = ("site_test_mcc", "external_mcc")
@@ -92,7 +93,10 @@ def main() -> None:
     means = ", ".join(f"{arm} {out['arms'][arm]['site_test_mcc']['mean']:.3f} "
                       f"(sd {out['arms'][arm]['site_test_mcc']['std']:.3f})"
                       for arm in (DP, *REFERENCES))
-    context = (f"site-test MCC mean over seeds 0-5 of draws 0 and 1: {means}; paired by seed "
+    seeds = sorted({seed for _, seed in arms[DP]})
+    draws = sorted({draw for draw, _ in arms[DP]})
+    context = (f"site-test MCC mean over seeds {seeds[0]}-{seeds[-1]} of draws "
+               f"{' and '.join(map(str, draws))}: {means}; paired by seed "
                f"DP - plain LoRA {lora['site_test_mcc']['paired_difference']:+.3f} (sd "
                f"{lora['site_test_mcc']['paired_difference_sd']:.3f}); ± is the ratio's "
                f"standard error; pooled from {len(SOURCES)} bench.dp_centre runs on encoder "

@@ -194,6 +194,11 @@ RUN_EXPERIMENT = "experiment"
 RUN_OVERRIDES = "overrides"
 RUN_SIM_DATA_ROOT = "sim-data-root"
 RUN_PREFLIGHT_ONLY = "preflight-only"   # "true": the ServerApp runs the preflight and stops
+# The ServerApp's preflight lines in its streamed log, which `medfed run` picks out by prefix:
+# the verdict, one line per problem, one per warning (what a site may still refuse in round 1)
+PREFLIGHT_OK = "preflight ok: "
+PREFLIGHT_PROBLEM = "preflight problem: "
+PREFLIGHT_WARNING = "preflight warning: "
                                      # (`medfed run --dry-run`); nothing trains, nothing is written
 
 # Site query limits (operator-owned node config; client/queries.py)

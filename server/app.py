@@ -45,7 +45,7 @@ def make_server_app(cfg: ExperimentConfig | None = None, run_dir: Path | None = 
             report = run_preflight(grid, experiment)
         except PreflightError as err:     # one line each: `medfed run --dry-run` shows them
             for problem in err.problems:
-                log.error("preflight problem: %s", problem)
+                log.error("%s%s", wire.PREFLIGHT_PROBLEM, problem)
             raise
         log.info("%s", report.summary())
         if str(context.run_config.get(wire.RUN_PREFLIGHT_ONLY, "false")).lower() == "true":

@@ -59,9 +59,6 @@ CALIBRATION_TOLERANCE = 0.005   # protocol.accounting.calibrate_noise: epsilon w
 
 REFUSED = "preflight refused the run: "   # then the problems, joined by PROBLEM_SEPARATOR
 PROBLEM_SEPARATOR = " | "
-# what the preflight could not refuse (a site may still refuse it in round 1): logged with
-# this prefix, which `medfed run` (medfed/deploy/submit.py) picks out of the streamed log
-WARNING_PREFIX = "preflight warning: "
 
 
 class PreflightError(ValueError):
@@ -83,7 +80,7 @@ class PreflightReport:
 
     def summary(self) -> str:
         train = [p for p in self.policies if p.role == wire.ROLE_TRAIN]
-        return (f"preflight ok: {len(self.policies)} sites ({_names(train) or 'none'} train"
+        return (f"{wire.PREFLIGHT_OK}{len(self.policies)} sites ({_names(train) or 'none'} train"
                 + (f"; {_names([p for p in self.policies if p not in train])} external"
                    if len(train) < len(self.policies) else "") + ")")
 
@@ -111,10 +108,10 @@ def run_preflight(grid: Grid, cfg: ExperimentConfig, *,
     policies, silent, named = ask_policies(grid, timeout, job=job,
                                            first=cfg.federation.round_timeout)
     for line in silent:
-        log.warning("%s%s (not counted as a site)", WARNING_PREFIX, line)
+        log.warning("%s%s (not counted as a site)", wire.PREFLIGHT_WARNING, line)
     problems, warnings = policy_problems(cfg, policies, silent)
     for line in warnings:
-        log.warning("%s%s", WARNING_PREFIX, line)
+        log.warning("%s%s", wire.PREFLIGHT_WARNING, line)
     if problems:
         raise PreflightError(problems)
     return PreflightReport(tuple(policies), tuple(warnings), site_names(named))

@@ -39,8 +39,9 @@ log = logging.getLogger("medfed.deploy")
 STREAM_LOG = logging.getLogger("medfed.run")     # the deployed ServerApp's lines, re-logged
 
 RUN_STARTED = re.compile(r"Successfully started run (\d+)")
-# server/app.py logs ok/problem lines, server/preflight.py warnings (WARNING_PREFIX)
-PREFLIGHT_LINE = re.compile(r"(preflight (ok|problem|warning): .*)$")
+# the ServerApp's preflight verdict, problems and warnings (their prefixes: protocol.wire)
+PREFLIGHT_LINE = re.compile("((?:" + "|".join(map(re.escape, (
+    wire.PREFLIGHT_OK, wire.PREFLIGHT_PROBLEM, wire.PREFLIGHT_WARNING))) + ").*)$")
 
 
 @dataclass(frozen=True)
@@ -172,16 +173,16 @@ def dry_run_outcome(run_id: str, state: str, preflight: list[str], details: str 
     then read from the run's status details (the ``PreflightError`` it ended with)."""
     from server.preflight import PROBLEM_SEPARATOR, REFUSED
 
-    problems = [line for line in preflight if line.startswith("preflight problem: ")]
+    problems = [line for line in preflight if line.startswith(wire.PREFLIGHT_PROBLEM)]
     if not problems and REFUSED in details:
-        problems = [f"preflight problem: {p.strip()}"
+        problems = [f"{wire.PREFLIGHT_PROBLEM}{p.strip()}"
                     for p in details.split(REFUSED, 1)[1].split(PROBLEM_SEPARATOR)]
         for line in problems:
             echo(line)
     if problems:
         return 2
     if state == "finished:completed":
-        if not any(line.startswith("preflight ok") for line in preflight):
+        if not any(line.startswith(wire.PREFLIGHT_OK) for line in preflight):
             echo(f"preflight ok (run {run_id}; the sites it asked are in the coordinator's log)")
         return 0
     raise RuntimeError(f"the preflight run {run_id} ended as {state} without a preflight "

@@ -25,7 +25,8 @@ from models.serving import ExportedClassifier, ExportedSegmenter, servable
 from models.tasks import batch_coupling, build
 
 from ..models.test_foundation import assert_clipped_sum, looped_per_sample
-from ..models.test_objectives import _batch, _for
+from ..models.test_foundation_swin import _randomise_trainable
+from ..models.test_objectives import _batch, _for, assert_trains
 from .test_foundation_site import save_dinov2
 
 
@@ -98,32 +99,11 @@ def _inputs(name: str, task, b: int = 4, dtype=torch.float32) -> dict:
     return {k: v.to(dtype) if v.is_floating_point() else v for k, v in batch.items()}
 
 
-def _randomise_trainable(model, seed: int = 0) -> None:
-    """LoRA's B starts at zero: random values make every trainable gradient visible."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.1)
-
-
 @pytest.mark.parametrize("name", PROJECT_BACKBONES)
 def test_trains_with_a_finite_decreasing_loss(name, foundation_dir):
     model, task = _build(name, foundation_dir)
     batch = _inputs(name, task)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=3e-3)
-    losses = []
-    for _ in range(3):
-        loss = task.step(model.train(), batch).loss
-        assert torch.isfinite(loss), f"{name}: loss {loss}"
-        optimizer.zero_grad()
-        loss.backward()
-        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable)
-        assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
-        optimizer.step()
-        losses.append(loss.item())
-    assert losses[-1] < losses[0], f"{name}: loss did not decrease: {losses}"
+    assert_trains(model, lambda: task.step(model.train(), batch).loss, 3, name)
 
 
 @pytest.mark.parametrize("name", PROJECT_BACKBONES)

@@ -76,20 +76,27 @@ def test_trains_with_a_finite_decreasing_loss(name, options):
     torch.manual_seed(0)
     model, task = build("mmvit", TINY, name, options)
     batch = _for(task, _batch())
+    assert_trains(model, lambda: _loss(task, model, batch), 8, f"{name} {options}",
+                  after_step=lambda: task.after_step(model))   # every task declares it
+
+
+def assert_trains(model, loss, steps: int, label: str, after_step=lambda: None) -> None:
+    """``steps`` AdamW steps on ``loss()``: finite, every trainable weight's gradient only
+    (a frozen one gets none), and the last loss below the first."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=3e-3)
     losses = []
-    for _ in range(8):
-        loss = _loss(task, model, batch)
-        assert torch.isfinite(loss), f"{name}: loss {loss}"
+    for _ in range(steps):
+        value = loss()
+        assert torch.isfinite(value), f"{label}: loss {value}"
         optimizer.zero_grad()
-        loss.backward()
+        value.backward()
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable)
         assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
         optimizer.step()
-        task.after_step(model)                       # declared by every task (no-op default)
-        losses.append(loss.item())
-    assert losses[-1] < losses[0], f"{name} {options}: loss did not decrease: {losses}"
+        after_step()
+        losses.append(value.item())
+    assert losses[-1] < losses[0], f"{label}: loss did not decrease: {losses}"
 
 
 @pytest.mark.parametrize("name", PROJECT_TASKS)

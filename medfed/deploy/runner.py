@@ -241,6 +241,10 @@ def serve(tokens: Iterable[str], connect: Callable, allow: AllowList, *,
         try:
             code = run_task(connect(token), allow, site_id=site_id, load_app=load_app,
                             audit=audit)
+        except KeyboardInterrupt:          # the launcher went away mid-task: say so, stop
+            log.info("[%s] site runner interrupted during a task (after %d served); "
+                     "stopping", site_id, served)
+            raise
         except Exception:  # noqa: BLE001 - one broken exchange must not take the site down
             log.exception("[%s] a task failed outside the ClientApp (runtime API)", site_id)
             code = 1
@@ -267,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     """Serve tokens until stdin closes. When its launcher goes away (the site is stopping,
     e.g. after the coordinator refused its key), Flower's parent monitor raises SIGINT here,
     mostly while the app is still being imported: the runner then exits quietly (130), not
-    with a KeyboardInterrupt traceback in the site's log."""
+    with a KeyboardInterrupt traceback in the site's log; one arriving during a task leaves
+    one line there (``serve``)."""
     try:
         return _serve_tokens(argv)
     except KeyboardInterrupt:

@@ -7,6 +7,7 @@ replaced by the launcher."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import sys
@@ -174,6 +175,20 @@ def test_a_task_that_fails_outside_the_app_does_not_stop_the_runner(exchange):
     codes: list[int] = []
     served = runner.serve(["a" * 256], _Client, AllowList(), report=codes.append)
     assert served == 1 and codes == [1]
+
+
+def test_an_interrupt_during_a_task_stops_the_runner_with_one_line_in_its_log(caplog):
+    def interrupted(token):
+        raise KeyboardInterrupt
+
+    codes: list[int] = []
+    with caplog.at_level(logging.INFO, logger=runner.log.name), \
+            pytest.raises(KeyboardInterrupt):
+        runner.serve(["a" * 256], interrupted, AllowList(), report=codes.append,
+                     site_id="site-7")
+    assert codes == []
+    assert [r.getMessage() for r in caplog.records] == [
+        "[site-7] site runner interrupted during a task (after 0 served); stopping"]
 
 
 def test_tokens_arrive_one_a_line_and_anything_else_stops_the_runner(tmp_path):

@@ -120,6 +120,12 @@ VARIANTS = {
     "dp_lora_std_hlr_lp5_last2": ("dp_lora", [CENTRE, SCALE, HEAD_LR, LP5, LAST2]),
     # the DP recipe's settings without DP: what the same recipe reaches without noise
     "lora_std_hlr_lp5": ("lora", [CENTRE, SCALE, HEAD_LR, LP5]),
+    # session 37: the head's own rate for the head-only rounds only. Non-DP, that rate cost
+    # 0.06 site-test MCC (lora_hlr vs lora, session 27's encoder) while head-only rounds cost
+    # nothing (lora_lp5); under DP it helped (+0.05, dp_lora_std_hlr vs dp_lora_std) - but
+    # with the head already fitted in rounds 1-5, does the later rounds' DP fit still need it?
+    "dp_lora_std_hlr5_lp5": ("dp_lora", [CENTRE, SCALE, HEAD_LR, LP5,
+                                         "train.head_lr_rounds=5"]),
     # session 31: DP and non-DP with that recipe at 30% and 100% of the labels
     "dp_lora_std_hlr_lp5_l30": ("dp_lora", [CENTRE, SCALE, HEAD_LR, LP5, *LABELS30]),
     "lora_std_hlr_lp5_l30": ("lora", [CENTRE, SCALE, HEAD_LR, LP5, *LABELS30]),

@@ -62,6 +62,8 @@ class TrainSettings:
                                     # fresh head on a pretrained backbone under DP-SGD
     head_only_rounds: int = 0       # rounds 1..k train the class head alone (the rest frozen
                                     # that round: linear probing, then fine-tuning)
+    head_lr_rounds: int = 0         # with head_lr: rounds 1..k use it, later ones train the
+                                    # head at lr (0: every round)
 
     def __post_init__(self):
         for name in ("lr", "weight_decay"):
@@ -74,8 +76,9 @@ class TrainSettings:
             if not 1 <= getattr(self, name) <= most:
                 raise SpecError(f"train.{name} must be in 1..{most}, got "
                                 f"{getattr(self, name)}")
-        if self.head_only_rounds < 0:
-            raise SpecError(f"train.head_only_rounds must be >= 0, got {self.head_only_rounds}")
+        for name in ("head_only_rounds", "head_lr_rounds"):
+            if getattr(self, name) < 0:
+                raise SpecError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         if not self.lr > 0:
             raise SpecError(f"train.lr must be > 0, got {self.lr}")
         if self.weight_decay < 0:
@@ -312,11 +315,15 @@ class JobSpec:
         check_site_dp_scope(self.personalize, self.local_params, self.privacy.mechanism)
 
     def for_site(self, site: int) -> JobSpec:
-        """This job at one site: its own data-order/noise stream for this round, and whether
-        this round trains the class head alone."""
+        """This job at one site: its own data-order/noise stream for this round, whether this
+        round trains the class head alone, and the head's rate this round (``head_lr`` until
+        round ``head_lr_rounds``, then ``lr``)."""
+        t = self.train
+        head_lr = None if t.head_lr_rounds and self.server_round > t.head_lr_rounds \
+            else t.head_lr
         return replace(self, train=replace(
-            self.train, seed=site_seed(self.seed, site, self.server_round),
-            head_only=1 <= self.server_round <= self.train.head_only_rounds))
+            t, seed=site_seed(self.seed, site, self.server_round), head_lr=head_lr,
+            head_only=1 <= self.server_round <= t.head_only_rounds))
 
     def build(self, *, foundation_dir=None):
         """``(model, task)``: the backbone wrapped by the task (heads, adapters, freezing).
@@ -354,6 +361,7 @@ class JobSpec:
             wire.SERVER_ROUND: self.server_round,
         } | ({wire.HEAD_LR: float(t.head_lr)} if t.head_lr is not None else {})
           | ({wire.HEAD_ONLY_ROUNDS: t.head_only_rounds} if t.head_only_rounds else {})
+          | ({wire.HEAD_LR_ROUNDS: t.head_lr_rounds} if t.head_lr_rounds else {})
           | ({wire.BASE_DIGEST: self.base_digest} if self.base_digest else {})
           | ({wire.DATA_LAYOUT: json.dumps(self.layout.to_dict(), sort_keys=True)}
              if self.layout is not None else {}))
@@ -378,6 +386,7 @@ class JobSpec:
                                 weight_decay=get(wire.WEIGHT_DECAY, float),
                                 head_lr=get(wire.HEAD_LR, float, None),
                                 head_only_rounds=get(wire.HEAD_ONLY_ROUNDS, int, 0),
+                                head_lr_rounds=get(wire.HEAD_LR_ROUNDS, int, 0),
                                 proximal_mu=get(wire.PROXIMAL_MU, float, TrainConfig.proximal_mu),
                                 seed=seed)
         except JobError:

@@ -27,6 +27,7 @@ LR = "lr"
 WEIGHT_DECAY = "weight-decay"
 HEAD_LR = "head-lr"                  # optional: the class head's own learning rate
 HEAD_ONLY_ROUNDS = "head-only-rounds"  # optional: rounds 1..k train the class head alone
+HEAD_LR_ROUNDS = "head-lr-rounds"      # optional: head-lr applies in rounds 1..k only
 SEED = "seed"
 PROXIMAL_MU = "proximal-mu"          # FedProx; the key Flower's FedProx itself injects
 LOCAL_PARAMS = "local-params"        # list[str]: fnmatch patterns of parameters kept at sites

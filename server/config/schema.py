@@ -220,7 +220,8 @@ class ExperimentConfig:
                 "label_fraction" in _fields_of(p.objective):
             options.setdefault("label_fraction", self.task.options["label_fraction"])
         train = replace(self.train, local_epochs=p.local_epochs or self.train.local_epochs,
-                        lr=p.lr or self.train.lr, head_lr=None, head_only_rounds=0)
+                        lr=p.lr or self.train.lr, head_lr=None, head_only_rounds=0,
+                        head_lr_rounds=0)
         return replace(self, name=f"{self.name}-pretrain",
                        task=replace(self.task, name=p.objective, options=options),
                        train=train, pretrain=PretrainConfig(),

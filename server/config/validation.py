@@ -80,6 +80,10 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         raise ConfigError(f"{treat} a class head apart, and the "
                           f"{cfg.task.name} objective's model has none; unset them (in a "
                           "pretrain -> fine-tune run they apply to fine-tuning only)")
+    if cfg.train.head_lr_rounds and cfg.train.head_lr is None:
+        raise ConfigError(f"train.head_lr_rounds={cfg.train.head_lr_rounds} limits the rounds "
+                          "of the head's own rate, and train.head_lr is unset; set both or "
+                          "neither")
     if cfg.train.head_only_rounds >= fed.num_rounds:
         raise ConfigError(f"train.head_only_rounds={cfg.train.head_only_rounds} covers every one "
                           f"of the {fed.num_rounds} rounds: nothing but the head would train; "

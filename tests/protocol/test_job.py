@@ -142,6 +142,18 @@ def test_head_only_rounds_travel_when_set_and_each_site_derives_its_round_from_t
     assert not JobSpec.from_record(spec.to_record()).train.head_only   # derived, never sent
 
 
+def test_head_lr_rounds_travel_when_set_and_each_site_drops_the_heads_rate_after_them():
+    spec = _spec(train=dataclasses.replace(_spec().train, head_lr=0.05, head_lr_rounds=0))
+    assert wire.HEAD_LR_ROUNDS not in spec.to_record()
+    assert {decode_job(dataclasses.replace(spec, server_round=r).to_record(),
+                       site_seed=1).train.head_lr for r in range(1, 4)} == {0.05}
+    spec = _spec(train=dataclasses.replace(_spec().train, head_lr=0.05, head_lr_rounds=2))
+    assert JobSpec.from_record(spec.to_record()) == spec
+    head_lr = {r: decode_job(dataclasses.replace(spec, server_round=r).to_record(),
+                             site_seed=1).train.head_lr for r in range(1, 5)}
+    assert head_lr == {1: 0.05, 2: 0.05, 3: None, 4: None}     # None: the head trains at lr
+
+
 def test_one_privacy_spec_with_one_set_of_defaults():
     assert issubclass(PrivacySpec, PrivacySettings)
     assert type(ExperimentConfig().privacy) is PrivacySettings
@@ -209,6 +221,7 @@ def test_an_ill_typed_key_is_named(key, value, kind):
     (wire.HEAD_LR, 0.0, r"train\.head_lr must be > 0 \(or null: lr\), got 0"),
     (wire.HEAD_LR, math.inf, r"train\.head_lr must be a finite number, got inf"),
     (wire.HEAD_ONLY_ROUNDS, -1, r"train\.head_only_rounds must be >= 0, got -1"),
+    (wire.HEAD_LR_ROUNDS, -1, r"train\.head_lr_rounds must be >= 0, got -1"),
     (wire.PROXIMAL_MU, math.nan, r"proximal_mu must be a finite number, got nan"),
     (wire.DP_TARGET_EPSILON, math.nan, r"privacy\.epsilon must be a finite number, got nan"),
     (wire.DP_TARGET_EPSILON, -1.0, r"privacy\.epsilon must be > 0, got -1"),

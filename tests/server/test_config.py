@@ -135,6 +135,17 @@ def test_head_settings_are_refused_for_a_task_model_without_a_class_head(setting
     load_experiment(overrides)      # the classifier's ViT has one
 
 
+def test_head_lr_rounds_need_a_head_lr_and_are_a_fine_tuning_setting():
+    cfg = load_experiment(["train.head_lr=0.01", "train.head_lr_rounds=5"])
+    assert (cfg.train.head_lr, cfg.train.head_lr_rounds) == (0.01, 5)
+    assert cfg.job_spec().train.head_lr_rounds == 5
+    with pytest.raises(ConfigError, match=r"train.head_lr_rounds=5 limits the rounds of the "
+                                          r"head's own rate, and train.head_lr is unset"):
+        load_experiment(["train.head_lr_rounds=5"])
+    two = load_experiment(["pretrain=mae", "train.head_lr=0.01", "train.head_lr_rounds=1"])
+    assert two.pretrain_phase().train.head_lr_rounds == 0
+
+
 def test_head_only_rounds_must_leave_a_round_for_the_rest():
     assert load_experiment(["federation.num_rounds=3",
                             "train.head_only_rounds=2"]).train.head_only_rounds == 2

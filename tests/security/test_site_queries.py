@@ -98,13 +98,16 @@ def test_forged_round_numbers_hit_the_evaluation_cap(site_dir, task_identity):
         app(_message(MessageType.EVALUATE, 3, _crafted(3)), context())
 
 
+@pytest.mark.parametrize("role", wire.ROLES)
 def test_attack_a_new_flower_run_does_not_reset_the_sites_daily_evaluation_budget(
-        site_dir, task_identity):
+        site_dir, task_identity, role):
     """The per-run cap resets with each Flower run, so a coordinator that starts run after
     run (and forges rounds within each) would get as many crafted evaluations as it likes.
     The site's daily budget counts over every run, in its state dir: a restarted site
-    process with the next run id is still refused once the day's budget is spent."""
-    caps = {wire.NODE_MAX_EVALUATIONS: 2, wire.NODE_MAX_DAILY_EVALUATIONS: 4}
+    process with the next run id is still refused once the day's budget is spent. An
+    external site (it only evaluates) is held to the same budget."""
+    caps = {wire.NODE_MAX_EVALUATIONS: 2, wire.NODE_MAX_DAILY_EVALUATIONS: 4,
+            wire.NODE_ROLE: role}
 
     def context(run_id):
         c = _context(site_dir, **caps)

@@ -6,14 +6,21 @@ run, in the site's own state directory (next to the privacy ledger, ``<data-dir>
 unless node config ``privacy-dir`` says otherwise) so a restarted ClientApp keeps counting:
 
 - **Evaluation is budgeted.** At most ``max-evaluations-per-run`` evaluate requests per run
-  (node config; default 1000, i.e. a generous 500 rounds of two evaluations). And *one weight
+  (node config; default 1000, i.e. a generous 500 rounds of two evaluations), and at most
+  ``max-evaluations-per-day`` over every run in a rolling 24 hours (default 2000), kept
+  site-wide in the same file, per hour, and never pruned with the runs: a new Flower run
+  resets the first cap, not the second. The daily default never bites honest use (the demo
+  asks one a round, 20 a run: 100 such experiments a day, or two runs at the per-run cap)
+  yet bounds a coordinator that starts run after run; a simulation sweeping more raises it in
+  ``federation.site_node_config``. A request counts for at least 24 hours (up to 25: hour
+  buckets); a repeat of an answered round counts toward both caps alike. And *one weight
   vector per (run, task, round)*: the first evaluate request of a round fixes the digest of
   the weights it carried; a repeat with the same weights is answered (it teaches nothing new),
   one with any other weights is refused. The rule the site can verify is not "evaluate only
   the weights I trained" - in FedAvg the evaluate message carries the *new* aggregate, which
   no site has seen - but it blocks the attack that matters: evaluating many crafted weight
   vectors against the same data to probe it. A coordinator that forges round numbers instead
-  is stopped by the cap. External sites (never train) are held to the same two rules.
+  is stopped by the caps. External sites (never train) are held to the same rules.
 - **Training is not replayed.** A train request for a (run, task, round) the site already
   answered, with the same weights and protection, gets the *cached* reply, byte for byte,
   instead of a fresh update that could be differenced against the first; one with other
@@ -36,7 +43,9 @@ buffers, tokens).
 Not covered, by design of any per-reply floor: figures of a model the coordinator crafted are
 counts of that model's answers (a confusion cell, accuracy x n, a count's change between two
 rounds), so each evaluation can count a subset of the coordinator's choosing. The bound on
-that channel is the evaluation budget above, which is per Flower run.
+that channel is the evaluation budget above: per Flower run, and per site over every run
+(``max-evaluations-per-day``), so starting new runs buys a coordinator no more evaluations a
+day; over months the channel still grows with the days, as any per-time budget does.
 """
 
 from __future__ import annotations
@@ -45,6 +54,7 @@ import hashlib
 import json
 import math
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +77,9 @@ STATE_FILE = "site-queries.json"
 REPLIES_DIR = "train-replies"
 KEEP_REPLIES = 3          # train replies cached per run (the last few rounds)
 KEEP_RUNS = 32            # runs whose counters are kept (older runs are over)
+SITE_WIDE = "site"        # the state file's entry counting over every run (never a run id:
+                          # Flower's are integers), never pruned with the runs
+WINDOW_HOURS = 24         # max-evaluations-per-day's rolling window, counted in hour buckets
 
 
 class QueryRefused(ValueError):
@@ -81,6 +94,9 @@ class QueryLimits:
     ----------
     max_evaluations : int
         ``max-evaluations-per-run``: evaluate requests answered per run.
+    max_daily_evaluations : int
+        ``max-evaluations-per-day``: evaluate requests answered over every run in a rolling
+        24 hours (``SiteQueryLog.admit_evaluation``).
     min_split_size : int
         ``min-eval-split-size``: the smallest count of studies the site reports. An
         evaluation split with fewer (but at least one) is reported as ``suppressed`` only,
@@ -99,6 +115,7 @@ class QueryLimits:
         estimated from tokens, layer widths and attention heads (``step_activations``).
     """
     max_evaluations: int = 1000
+    max_daily_evaluations: int = 2000
     min_split_size: int = 10
     unlisted_labels: frozenset[str] = frozenset()
     max_parameters: int = 2_000_000_000
@@ -178,6 +195,7 @@ class QueryLimits:
         values: dict = {"min_split_size": 1} if simulated else {}
         values["unlisted_labels"] = label_names(settings.get(wire.NODE_UNLISTED_LABELS, ""))
         for field, key in (("max_evaluations", wire.NODE_MAX_EVALUATIONS),
+                           ("max_daily_evaluations", wire.NODE_MAX_DAILY_EVALUATIONS),
                            ("min_split_size", wire.NODE_MIN_EVAL_SPLIT),
                            ("max_parameters", wire.NODE_MAX_MODEL_PARAMETERS),
                            ("max_study_tokens", wire.NODE_MAX_STUDY_TOKENS),
@@ -329,7 +347,8 @@ def arrays_digest(content: RecordDict) -> str:
 
 
 class SiteQueryLog:
-    """What this site answered in one run, persisted as JSON in its state directory.
+    """What this site answered in one run, and its evaluations over every run, persisted as
+    JSON in its state directory.
 
     Parameters
     ----------
@@ -337,29 +356,41 @@ class SiteQueryLog:
         The site's state folder (``state_dir``).
     run_id : int
         Flower's run id of the request.
+    clock : callable, optional
+        Seconds since the epoch (``time.time``), for the daily evaluation window.
     """
 
-    def __init__(self, directory: Path, run_id: int):
+    def __init__(self, directory: Path, run_id: int, *, clock: Callable[[], float] = time.time):
         self.directory = Path(directory)
         self.run = str(run_id)
         self.path = self.directory / STATE_FILE
+        self.clock = clock
 
     def admit_evaluation(self, task: str, server_round: int, digest: str,
                          limits: QueryLimits) -> None:
-        """Count one evaluate request, or refuse it (cap reached, or other weights than the
-        ones this round was already evaluated with). Raises ``QueryRefused``."""
+        """Count one evaluate request, in its run and in the site's rolling day, or refuse it
+        (either cap reached, or other weights than the ones this round was already evaluated
+        with). Raises ``QueryRefused``."""
         state = self._load()
         run = state.setdefault(self.run, {})
         done = run.setdefault("evaluated", {})
         key = f"{task}/{server_round}"
+        hour = int(self.clock() // 3600)
+        by_hour = recent_hours(state.get(SITE_WIDE, {}).get("evaluations-by-hour", {}), hour)
         if run.get("evaluations", 0) >= limits.max_evaluations:
             raise QueryRefused(f"this site answers at most {limits.max_evaluations} evaluate "
                                f"requests per run (node config {wire.NODE_MAX_EVALUATIONS!r})")
+        if sum(by_hour.values()) >= limits.max_daily_evaluations:
+            raise QueryRefused(f"this site answers at most {limits.max_daily_evaluations} "
+                               f"evaluate requests a day over all runs (node config "
+                               f"{wire.NODE_MAX_DAILY_EVALUATIONS!r})")
         if done.get(key, digest) != digest:
             raise QueryRefused(f"round {server_round} was already evaluated with other weights; "
                                "this site evaluates one model per round")
         done[key] = digest
         run["evaluations"] = run.get("evaluations", 0) + 1
+        by_hour[str(hour)] = by_hour.get(str(hour), 0) + 1
+        state.setdefault(SITE_WIDE, {})["evaluations-by-hour"] = by_hour
         self._save(state)
 
     def privacy_runs(self, task: str, job_run_id: str) -> frozenset[str]:
@@ -440,11 +471,19 @@ class SiteQueryLog:
 
     def _save(self, state: dict) -> None:
         # Runs are kept in insertion order; the oldest go first (their rounds are over).
-        for run in list(state)[:-KEEP_RUNS]:
+        for run in [r for r in state if r != SITE_WIDE][:-KEEP_RUNS]:
             for old in state.pop(run).get("replies", []):
                 self._reply_path(run, *old.rsplit("/", 1)).unlink(missing_ok=True)
         own_folder(self.directory)
         _write(self.path, json.dumps(state, sort_keys=False).encode())
+
+
+def recent_hours(by_hour: dict[str, int], hour: int) -> dict[str, int]:
+    """The hour buckets of the rolling window that ends in ``hour`` (this hour and the
+    ``WINDOW_HOURS`` before it), the rest dropped, so the history kept stays bounded. Hours
+    after ``hour`` go too: the clock is the site's own, set back only by its operator, who
+    may raise the budget anyway."""
+    return {h: n for h, n in by_hour.items() if hour - WINDOW_HOURS <= int(h) <= hour}
 
 
 def _write(path: Path, data: bytes) -> None:

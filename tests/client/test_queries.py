@@ -213,3 +213,72 @@ def test_the_job_run_ids_of_one_task_in_a_flower_run_count_as_one_run(tmp_path):
     assert again.privacy_runs("classification", "r-c") == {"r.finetune", "r-b", "r-c"}
     assert SiteQueryLog(tmp_path / ".medfed", run_id=4).privacy_runs(
         "classification", "r2") == {"r2"}
+
+
+def test_the_daily_evaluation_budget_survives_a_restart_and_rolls_over_24_hours(tmp_path):
+    """``max-evaluations-per-day`` counts every run's evaluate requests in the site's state
+    file: a fresh ``SiteQueryLog`` (a restarted ClientApp) of another run sees them. A
+    request counts for at least 24 hours, then the window rolls past it (an injected clock:
+    no waiting), and the stored history stays within the window."""
+    import json
+
+    from client.queries import STATE_FILE, QueryLimits, QueryRefused, SiteQueryLog
+
+    start = 400_000 * 3600.0 + 1800           # half past an hour
+    now = [start]
+    limits = QueryLimits(max_evaluations=100, max_daily_evaluations=3)
+
+    def admit(run_id, digest, server_round=1):
+        SiteQueryLog(tmp_path / ".medfed", run_id, clock=lambda: now[0]).admit_evaluation(
+            "classification", server_round, digest, limits)
+    admit(1, "a")
+    admit(2, "b")
+    now[0] = start + 12 * 3600
+    admit(3, "c")
+    daily = r"at most 3 evaluate requests a day over all runs \(node config " \
+            r"'max-evaluations-per-day'\)"
+    with pytest.raises(QueryRefused, match=daily):
+        admit(4, "d")
+    with pytest.raises(QueryRefused, match=daily):   # a repeat counts, as in the per-run cap
+        admit(3, "c")
+    now[0] = start + 24 * 3600                # the first two are 24 hours old: still counted
+    with pytest.raises(QueryRefused, match=daily):
+        admit(5, "e")
+    now[0] = start + 25 * 3600                # ... and after 25 hours no longer
+    admit(5, "e")
+    admit(6, "f")
+    with pytest.raises(QueryRefused, match=daily):
+        admit(7, "g")
+    limits = QueryLimits(max_evaluations=100, max_daily_evaluations=1000)
+    for hour in range(100):                   # one a hour for 100 hours: 25 buckets kept
+        now[0] = start + (26 + hour) * 3600
+        admit(8, f"h{hour}", server_round=hour + 1)
+    state = json.loads((tmp_path / ".medfed" / STATE_FILE).read_text())
+    assert len(state["site"]["evaluations-by-hour"]) == 25
+
+
+def test_the_daily_evaluation_budget_is_not_pruned_with_old_runs(tmp_path):
+    """Per-run counters are dropped after ``KEEP_RUNS`` runs (their rounds are over); the
+    daily count is not, or a coordinator cycling through that many runs would reset it."""
+    from client.queries import KEEP_RUNS, QueryLimits, QueryRefused, SiteQueryLog
+
+    runs = KEEP_RUNS + 8
+    limits = QueryLimits(max_daily_evaluations=runs)
+    for run_id in range(runs):
+        SiteQueryLog(tmp_path, run_id).admit_evaluation("classification", 1, "w", limits)
+    with pytest.raises(QueryRefused, match="max-evaluations-per-day"):
+        SiteQueryLog(tmp_path, runs).admit_evaluation("classification", 1, "w", limits)
+
+
+@pytest.mark.parametrize("value, reason", [("many", "must be an integer"),
+                                           (None, "must be an integer"), (-1, "must be >= 0"),
+                                           ("2.5", "must be an integer")])
+def test_a_bad_daily_evaluation_budget_in_node_config_is_refused(value, reason):
+    from client.queries import QueryLimits, QueryRefused
+    from protocol import wire
+
+    assert QueryLimits.from_settings({}).max_daily_evaluations == 2000
+    assert QueryLimits.from_settings({wire.NODE_MAX_DAILY_EVALUATIONS: "5"}) \
+        .max_daily_evaluations == 5
+    with pytest.raises(QueryRefused, match=rf"node config 'max-evaluations-per-day' {reason}"):
+        QueryLimits.from_settings({wire.NODE_MAX_DAILY_EVALUATIONS: value})

@@ -98,6 +98,37 @@ def test_forged_round_numbers_hit_the_evaluation_cap(site_dir, task_identity):
         app(_message(MessageType.EVALUATE, 3, _crafted(3)), context())
 
 
+@pytest.mark.parametrize("role", wire.ROLES)
+def test_attack_a_new_flower_run_does_not_reset_the_sites_daily_evaluation_budget(
+        site_dir, task_identity, role):
+    """The per-run cap resets with each Flower run, so a coordinator that starts run after
+    run (and forges rounds within each) would get as many crafted evaluations as it likes.
+    The site's daily budget counts over every run, in its state dir: a restarted site
+    process with the next run id is still refused once the day's budget is spent. An
+    external site (it only evaluates) is held to the same budget."""
+    caps = {wire.NODE_MAX_EVALUATIONS: 2, wire.NODE_MAX_DAILY_EVALUATIONS: 4,
+            wire.NODE_ROLE: role}
+
+    def context(run_id):
+        c = _context(site_dir, **caps)
+        c.run_id = run_id
+        return c
+    app, seed = make_client_app(), iter(range(100))
+    for run_id in (11, 12):
+        for server_round in (1, 2):
+            assert not app(_message(MessageType.EVALUATE, server_round, _crafted(next(seed))),
+                           context(run_id)).has_error()
+        with pytest.raises(SiteError, match="site-policy: .*at most 2 evaluate requests per "
+                                            "run"):
+            app(_message(MessageType.EVALUATE, 3, _crafted(next(seed))), context(run_id))
+    for run_id in (13, 14):              # rotated again, each time by a fresh process
+        with pytest.raises(SiteError, match=r"site-policy: this site answers at most 4 evaluate "
+                                            r"requests a day over all runs \(node config "
+                                            r"'max-evaluations-per-day'\)"):
+            make_client_app()(_message(MessageType.EVALUATE, 1, _crafted(next(seed))),
+                              context(run_id))
+
+
 def test_small_splits_report_suppressed_only_never_their_size_and_pooling_skips_them(
         site_dir, task_identity):
     """A split below the site's floor sends no metric and no size: not as its ``n``, not as

@@ -11,8 +11,8 @@ unless node config ``privacy-dir`` says otherwise) so a restarted ClientApp keep
   site-wide in the same file, per hour, and never pruned with the runs: a new Flower run
   resets the first cap, not the second. The daily default never bites honest use (the demo
   asks one a round, 20 a run: 100 such experiments a day, or two runs at the per-run cap)
-  yet bounds a coordinator that starts run after run; a simulation sweeping more raises it in
-  ``federation.site_node_config``. A request counts for at least 24 hours (up to 25: hour
+  yet bounds a coordinator that starts run after run (a simulated partition has no daily cap
+  unless ``federation.site_node_config`` sets one). A request counts for at least 24 hours (up to 25: hour
   buckets); a repeat of an answered round counts toward both caps alike. And *one weight
   vector per (run, task, round)*: the first evaluate request of a round fixes the digest of
   the weights it carried; a repeat with the same weights is answered (it teaches nothing new),
@@ -79,6 +79,7 @@ KEEP_REPLIES = 3          # train replies cached per run (the last few rounds)
 KEEP_RUNS = 32            # runs whose counters are kept (older runs are over)
 SITE_WIDE = "site"        # the state file's entry counting over every run (never a run id:
                           # Flower's are integers), never pruned with the runs
+SIMULATED_DAILY = 2**62   # a simulated partition's max-evaluations-per-day: no cap
 WINDOW_HOURS = 24         # max-evaluations-per-day's rolling window, counted in hour buckets
 
 
@@ -190,9 +191,12 @@ class QueryLimits:
     def from_settings(cls, settings: dict, *, simulated: bool = False) -> QueryLimits:
         """Read and validate the node-config settings (defaults where unset). A simulated
         partition (synthetic sites, deliberately a few studies per split, no patient behind
-        them) defaults to ``min_split_size = 1`` so development runs report metrics; its
-        node-config.toml can still set the real default."""
-        values: dict = {"min_split_size": 1} if simulated else {}
+        them) defaults to ``min_split_size = 1`` so development runs report metrics, and to
+        no daily evaluation cap (its coordinator is the same user's process; a benchmark's
+        sweep asks thousands a day of one synthetic folder); its node-config.toml can still
+        set the real defaults."""
+        values: dict = {"min_split_size": 1, "max_daily_evaluations": SIMULATED_DAILY} \
+            if simulated else {}
         values["unlisted_labels"] = label_names(settings.get(wire.NODE_UNLISTED_LABELS, ""))
         for field, key in (("max_evaluations", wire.NODE_MAX_EVALUATIONS),
                            ("max_daily_evaluations", wire.NODE_MAX_DAILY_EVALUATIONS),

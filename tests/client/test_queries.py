@@ -278,6 +278,10 @@ def test_a_bad_daily_evaluation_budget_in_node_config_is_refused(value, reason):
     from protocol import wire
 
     assert QueryLimits.from_settings({}).max_daily_evaluations == 2000
+    # a simulated partition (synthetic, the user's own coordinator): no daily cap by default
+    assert QueryLimits.from_settings({}, simulated=True).max_daily_evaluations >= 2**62
+    assert QueryLimits.from_settings({wire.NODE_MAX_DAILY_EVALUATIONS: "5"},
+                                     simulated=True).max_daily_evaluations == 5
     assert QueryLimits.from_settings({wire.NODE_MAX_DAILY_EVALUATIONS: "5"}) \
         .max_daily_evaluations == 5
     with pytest.raises(QueryRefused, match=rf"node config 'max-evaluations-per-day' {reason}"):

@@ -35,10 +35,10 @@ task) whose round numbers both start at 1.
 And the operator's limits on what a job may ask, checked on every message (``QueryLimits``,
 no state): no count below ``min-eval-split-size`` leaves the site (small splits; small
 classes, of an evaluation's figures or of the split's labels, whatever the task; a task's
-own counts, such as CLIP's ``n_reports``, and what each leaves of its split: ``split_counts``;
-small training sets); a class list leaving out the site's labels is refused (counts by
-difference); a job's model is sized on the meta device before it is built (parameters,
-buffers, tokens).
+own counts, such as CLIP's ``n_reports`` or segmentation's ``n_masks``, and what each leaves
+of its split and of another: ``split_counts``; small training sets); a class list leaving
+out the site's labels is refused (counts by difference); a job's model is sized on the meta
+device before it is built (parameters, buffers, tokens).
 
 Not covered, by design of any per-reply floor: figures of a model the coordinator crafted are
 counts of that model's answers (a confusion cell, accuracy x n, a count's change between two
@@ -536,12 +536,16 @@ def split_counts(metrics: SplitMetrics, labels: torch.Tensor, num_classes: int, 
       1 / (positives x negatives)), and one that does not today may tomorrow - the site
       does not ask which, as it does not for a training split;
     - the task's own counts (``SplitMetrics.counts``: CLIP's ``n_reports``, segmentation's
-      ``hd95_undefined``, steerable by crafted weights) and what each leaves of the split
-      (``n - count``: the studies without a report, by difference with the ``n`` sent).
+      ``n_masks``, ``dice_undefined`` and ``hd95_undefined``, the last steerable by crafted
+      weights), what each leaves of the split (``n - count``: the studies without a report,
+      by difference with the ``n`` sent) and of each other (``n_masks - hd95_undefined``: the
+      studies segmentation's HD95 averages over). A figure averaged over fewer studies than
+      the floor is theirs: one masked study in a large split sends its own Dice.
     """
-    task = [c for value in metrics.counts.values() for c in (value, metrics.n - value)]
+    own = [float(metrics.n), *metrics.counts.values()]
+    apart = [abs(a - b) for i, a in enumerate(own) for b in own[:i]]
     return class_counts(metrics) + label_counts(labels, num_classes, multi_label=multi_label) \
-        + task
+        + list(metrics.counts.values()) + apart
 
 
 def has_small_count(counts: list[float], floor: int) -> bool:

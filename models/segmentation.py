@@ -151,9 +151,12 @@ class SegmentationTask(TaskBase):
 
 
 class SegmentationEvaluator:
-    """Per study with a mask: the loss, Dice and HD95 (MONAI); ``dice``/``hd95`` are means
-    over those studies (HD95 over those where it is defined, the others are counted in
-    ``hd95_undefined``). Studies without a mask count in ``n`` and nowhere else."""
+    """Per study with a mask: the loss, Dice and HD95 (MONAI); ``loss``/``dice``/``hd95`` are
+    means over those studies (``n_masks``; Dice where the mask holds a lesion, HD95 where it
+    is defined: the others are counted in ``dice_undefined`` / ``hd95_undefined``). Studies
+    without a mask count in ``n`` and nowhere else. The counts say how many studies each
+    figure averages over, so a site's floor checks them (``client.queries.split_counts``): a
+    split of many studies and one mask would otherwise send that one study's figures."""
 
     def __init__(self, config: SegmentationConfig):
         self.config = config
@@ -181,16 +184,18 @@ class SegmentationEvaluator:
     def compute(self) -> SplitMetrics:
         if not self.losses:
             return SplitMetrics(n=0, loss=0.0, means={"dice": 0.0, "hd95": 0.0},
-                                counts={"hd95_undefined": 0.0})
+                                counts={"n_masks": 0.0, "dice_undefined": 0.0,
+                                        "hd95_undefined": 0.0})
         losses, scores = torch.cat(self.losses).numpy(), torch.cat(self.scores).numpy()
         keep = torch.cat(self.has).numpy()
         dice, hd95 = scores[keep, 0], scores[keep, 1]
-        finite = np.isfinite(hd95)
+        defined, finite = np.isfinite(dice), np.isfinite(hd95)
         return SplitMetrics(
             n=len(losses), loss=float(np.nanmean(losses[keep])) if keep.any() else 0.0,
-            means={"dice": float(np.nanmean(dice)) if np.isfinite(dice).any() else 0.0,
+            means={"dice": float(dice[defined].mean()) if defined.any() else 0.0,
                    "hd95": float(hd95[finite].mean()) if finite.any() else 0.0},
-            counts={"hd95_undefined": float((~finite).sum())})
+            counts={"n_masks": float(keep.sum()), "dice_undefined": float((~defined).sum()),
+                    "hd95_undefined": float((~finite).sum())})
 
 
 TASKS.register("segmentation", SegmentationConfig)(SegmentationTask)

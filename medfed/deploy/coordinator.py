@@ -129,8 +129,10 @@ def superlink_command(s: CoordinatorSettings) -> list[str]:
 
 
 def write_connection(flwr_home: Path, address: str, root_cert: Path) -> None:
-    """Flower CLI connection ``medfed`` (address + CA) as the default in FLWR_HOME."""
-    flwr_home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    """Flower CLI connection ``medfed`` (address + CA) as the default in FLWR_HOME: made
+    0700, and an existing one others may read (``mkdir -p`` by hand) tightened with a warning
+    (``own_folder``) - the Flower CLI keeps its account tokens there (``credentials.yaml``)."""
+    own_folder(flwr_home)
     (flwr_home / "config.toml").write_text(
         f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
         f'address = "{address}"\nroot-certificates = "{root_cert.resolve()}"\n')

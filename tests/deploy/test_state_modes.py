@@ -3,8 +3,9 @@ finding). A new folder was already made 0700, but one that existed with wider mo
 hand under the usual umask 022, or by an older release) stayed 0755: the site's runtime
 secret, session record and egress log, the coordinator's run directories, listable by every
 account on the machine. Both are now tightened to 0700 with a warning, by the rule the site's
-privacy state follows (``client.privacy.ledger.own_folder``). The daemons themselves are
-stand-ins: no Flower process starts."""
+privacy state follows (``client.privacy.ledger.own_folder``), and so is the Flower CLI home of
+``medfed run`` / ``medfed register-site`` (``--flwr-home``: its connection and account
+tokens). The daemons and the Flower CLI themselves are stand-ins: no Flower process starts."""
 
 from __future__ import annotations
 
@@ -13,9 +14,12 @@ import stat
 
 import pytest
 
+from medfed import cli
 from medfed.certs import write_certs
+from medfed.commands import deploy as deploy_commands
 from medfed.deploy import coordinator as coordinator_module
 from medfed.deploy import site as site_module
+from medfed.deploy import submit as submit_module
 from medfed.deploy.coordinator import Coordinator, CoordinatorSettings
 from medfed.deploy.preflight import DeployError
 from medfed.deploy.site import Site, SiteSettings
@@ -91,3 +95,38 @@ def test_the_coordinators_state_dir_made_wider_before_is_tightened_with_a_warnin
         coordinator.start(startup_timeout=0)
     assert _mode(state) == 0o700
     assert f"{state} was readable by others (mode 755): now 700" in caplog.text
+
+
+class _NoFlower(Exception):
+    """Where ``medfed run`` would start the Flower CLI (the test stops there)."""
+
+
+@pytest.mark.parametrize("command", ["run", "register-site"])
+def test_a_flwr_home_made_wider_before_is_tightened_with_a_warning(command, tmp_path,
+                                                                   monkeypatch, caplog, capsys,
+                                                                   umask_022):
+    home = tmp_path / "flwr-deploy"
+    home.mkdir()                                   # made by hand: 0755
+    assert _mode(home) == 0o755
+    monkeypatch.setattr(deploy_commands, "setup_logging", lambda *a, **k: None)
+    monkeypatch.setattr(coordinator_module, "register_site", lambda *_args: "registered")
+    for name in ("check_superlink", "check_tracking", "validate"):
+        monkeypatch.setattr(submit_module, name, lambda *a, **k: None)
+
+    def no_flower(*_args, **_kwargs):
+        raise _NoFlower
+    monkeypatch.setattr(submit_module.subprocess, "Popen", no_flower)
+    common = ["--superlink", "127.0.0.1:1", "--root-cert", str(tmp_path / "ca.pem"),
+              "--flwr-home", str(home)]
+    argv = (["run", "experiment=smoke", *common] if command == "run" else
+            ["register-site", "--site-id", "a", "--public-key", str(tmp_path / "auth.pub"),
+             *common])
+    with caplog.at_level(logging.WARNING):
+        code = cli.main(argv)
+    if command == "run":                                  # stopped at the Flower CLI
+        assert code == 1 and "_NoFlower" in capsys.readouterr().err
+    else:
+        assert code == 0
+    assert (home / "config.toml").is_file()
+    assert _mode(home) == 0o700
+    assert f"{home} was readable by others (mode 755): now 700" in caplog.text

@@ -384,6 +384,56 @@ def test_a_segmentation_count_steered_by_crafted_weights_below_the_floor_never_l
     assert not any(0 < v < 3 for v in _sent_counts(metrics, "hd95_undefined").values())
 
 
+def test_segmentation_figures_of_fewer_masked_studies_than_the_floor_never_leave(
+        site_dir, task_identity):
+    """Attack: segmentation's loss, Dice and HD95 are means over the split's studies with a
+    mask, not over its ``n``: a split large enough to report whose masks are one study's
+    sent that study's own Dice and HD95 (and ``n`` minus the masked count, sent or not, is
+    the studies without one). The tiny site (val 5 studies, test 3) keeps the masks of 4 of
+    its val studies and 1 of its test ones; at floor 2 both splits are suppressed - test for
+    its one masked study, val for the one without - though each holds enough studies."""
+    splits = _uids_by_split(site_dir)
+    assert (len(splits["val"]), len(splits["test"])) == (5, 3)
+    _keep_rows(site_dir / "segmentations.csv", {splits["val"][0], *splits["test"][1:]},
+               jsonl=False)
+    seg = ("task=lesion_seg", "task.image_size=32")
+    control = _context(site_dir, **{wire.NODE_MIN_EVAL_SPLIT: 1})
+    sent = make_client_app()(_message(MessageType.EVALUATE, overrides=seg),
+                             control).content[wire.METRICS]      # what a floor of 1 lets out
+    assert _sent_counts(sent, "n_masks") == {f"val-{wire.EVAL_COUNT}n_masks": 4.0,
+                                             f"test-{wire.EVAL_COUNT}n_masks": 1.0}
+    assert (sent[f"val-{wire.EVAL_N}"], sent[f"test-{wire.EVAL_N}"]) == (5, 3)
+    floor = _context(site_dir, **{wire.NODE_MIN_EVAL_SPLIT: 2})
+    floor.run_id = 12
+    metrics = make_client_app()(_message(MessageType.EVALUATE, overrides=seg),
+                                floor).content[wire.METRICS]
+    assert set(metrics) == set(sent)
+    for split in wire.EVAL_SPLITS:
+        assert metrics[f"{split}-{wire.EVAL_SUPPRESSED}"] == 1.0, split
+        assert metrics[f"{split}-{wire.EVAL_N}"] == 0
+        for figure in ("dice", "hd95"):        # the evaluator's empty result, nothing measured
+            assert metrics[f"{split}-{wire.EVAL_MEAN}{figure}"] == 0.0
+    assert set(_sent_counts(metrics, "n_masks").values()) == {0.0}
+
+
+def test_a_figure_averaged_over_the_difference_of_two_task_counts_is_checked():
+    """Attack: HD95 is a mean over the masked studies where it is defined, ``n_masks -
+    hd95_undefined`` - a count no single field carries, but the two sent give it by
+    difference (crafted weights steer ``hd95_undefined``). 12 masks and 11 undefined in a
+    split of 30: every count sent and what each leaves of ``n`` is above the floor of 10,
+    the one HD95 averages over is 1."""
+    from client.queries import has_small_count, split_counts
+    from models.metrics import SplitMetrics
+
+    counts = {"n_masks": 12.0, "dice_undefined": 0.0, "hd95_undefined": 11.0}
+    labels = torch.zeros(30, dtype=torch.long)
+    one = SplitMetrics(n=30, loss=0.0, means={"dice": 0.5, "hd95": 3.0}, counts=counts)
+    assert has_small_count(split_counts(one, labels, 2, multi_label=False), 10)
+    enough = SplitMetrics(n=30, loss=0.0, means={"dice": 0.5, "hd95": 3.0},
+                          counts=counts | {"hd95_undefined": 0.0})      # the control
+    assert not has_small_count(split_counts(enough, labels, 2, multi_label=False), 10)
+
+
 def _unbuilt(kind: str, options: dict) -> Message:
     """A job message without weights (the site refuses before it reads any) whose model
     options the coordinator set (past its own config checks): building the attacker's

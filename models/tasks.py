@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset, default_collate
 
+from .backbone import Backbone
 from .evaluation import ClassificationEvaluator, MultiLabelEvaluator
 from .metrics import MAX_CATEGORIES
 from .registry import MODELS, TASKS
@@ -189,7 +190,7 @@ def build(model_name: str, model_options: dict, task_name: str, task_options: di
     return task.wrap(model), task
 
 
-def load_backbone(model: nn.Module, state: dict) -> None:
+def load_backbone(model: Backbone, state: dict) -> None:
     """Load pretrained weights into a backbone: every non-head weight must match; a head of
     the same shape is kept (MM-DINOv2 trains one), any other head starts fresh. Public
     constants the backbone read from its own directory (``public_constants``: a foundation
@@ -197,7 +198,7 @@ def load_backbone(model: nn.Module, state: dict) -> None:
     a backbone pretrained without them fine-tunes with them, and every side keeps its own
     file's values (the ones the base digest covers)."""
     own = model.state_dict()
-    constants = set(getattr(model, "public_constants", ()))
+    constants = set(model.public_constants)
     body = {k for k in own if not k.startswith("head.") and k not in constants}
     missing = sorted(body - set(state))
     mismatched = sorted(k for k in body & set(state) if tuple(state[k].shape) != tuple(own[k].shape))
@@ -212,13 +213,13 @@ def load_backbone(model: nn.Module, state: dict) -> None:
     model.load_state_dict(take, strict=False)
 
 
-def wrap_for_finetuning(backbone: nn.Module, config) -> nn.Module:
+def wrap_for_finetuning(backbone: Backbone, config) -> nn.Module:
     """What trains in a head task (``config.mode``): everything, the head only (linear
     probe), or LoRA adapters on every attention and MLP projection plus the head."""
     mode = config.mode
     if mode == "full":
         return backbone
-    if getattr(backbone, "head", None) is None:
+    if backbone.head is None:
         raise ValueError(f"mode={mode} needs a backbone with a class head")
     if mode == "lora":
         if not any(re.fullmatch(LORA_TARGETS, name) for name, _ in backbone.named_modules()):

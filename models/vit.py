@@ -170,6 +170,11 @@ class MultiModalViT(nn.Module):
         Architecture; ``num_classes=0`` builds a backbone without head.
     """
 
+    # ``models.backbone.TokenBackbone``'s optional parts: no registers, nothing this side
+    # reads from a directory of its own.
+    register_tokens = 0
+    public_constants: tuple[str, ...] = ()
+
     def __init__(self, config: ViTConfig):
         super().__init__()
         self.config = config
@@ -200,6 +205,12 @@ class MultiModalViT(nn.Module):
         # DINOv2's linear-eval recipe: CLS token concatenated with the mean of patch tokens.
         self.head = nn.Linear(2 * config.dim, config.num_classes) if config.num_classes else None
         self.apply(_init_weights)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """One study's input ``(S, *spatial)``: what an exported model takes per sample."""
+        c = self.config
+        return (c.num_sequences, *([c.img_size] * c.spatial_dims))
 
     @property
     def layout(self) -> TokenLayout:

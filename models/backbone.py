@@ -15,9 +15,9 @@ Adding a backbone
 1. Write an ``nn.Module`` with these members (``TokenBackbone``'s, if objectives should build
    on its tokens) taking a frozen config dataclass, DP-ready where it can be (Opacus: the
    layers the site's per-sample clipper has a rule for).
-2. Register its factory, ``MODELS.register(name, ConfigClass)(factory)``, as ``foundation``
-   and ``foundation_swin`` are (``models/foundation/__init__.py``) and ``mmvit``
-   (``models/tasks.py``).
+2. Register its factory where it is defined, ``MODELS.register(name, ConfigClass)(factory)``,
+   as ``mmvit`` is at the bottom of ``models/vit.py`` and ``foundation`` / ``foundation_swin``
+   in ``models/foundation/__init__.py``, and import that module in ``models/__init__.py``.
 3. Give it a tiny case in ``BACKBONES`` of ``tests/client/test_backbones.py``: that contract
    test fails for a registered backbone without one, and checks it trains, round-trips its
    state, is servable and sized by the site, is DP-exact as declared and has these members.

@@ -19,7 +19,6 @@ from .evaluation import ClassificationEvaluator, MultiLabelEvaluator
 from .metrics import MAX_CATEGORIES
 from .registry import MODELS, TASKS
 from .task import UNDECLARED_COUPLING, DataNeeds, StepOutput, TaskBase
-from .vit import MultiModalViT, ViTConfig
 
 log = logging.getLogger(__name__)
 
@@ -428,6 +427,5 @@ class MultiLabelTask(TaskBase):
                                    finding_targets)
 
 
-MODELS.register("mmvit", ViTConfig)(MultiModalViT)
 TASKS.register("classification", ClassificationConfig)(ClassificationTask)
 TASKS.register("multilabel", MultiLabelConfig)(MultiLabelTask)

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from .registry import MODELS
+
 
 class PatchGeometry:
     """Patch counts of a config or layout with ``img_size``, ``patch_size``, ``spatial_dims``."""
@@ -312,6 +314,10 @@ def _init_weights(module: nn.Module) -> None:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# Registered where it is defined, as the foundation backbones are (models/foundation/__init__.py)
+MODELS.register("mmvit", ViTConfig)(MultiModalViT)
 
 
 __all__ = ["ViTConfig", "MultiModalViT", "TokenEmbedding", "TokenLayout", "patchify",

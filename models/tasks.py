@@ -44,13 +44,19 @@ def check_finetuning(config) -> None:
 
 
 @dataclass(frozen=True)
-class ClassificationConfig:
+class ClassHeadConfig:
+    """The class head's options: classification's, and MM-DINOv2's semi-supervised loss's
+    (``models.dino``, whose class head is a classification task built from exactly these)."""
     num_classes: int = 3
     label_smoothing: float = 0.0
+    label_fraction: float = 1.0       # fraction of each site's labelled training studies used
+
+
+@dataclass(frozen=True)
+class ClassificationConfig(ClassHeadConfig):
     mode: str = "full"                # full | linear_probe (head only) | lora (adapters + head)
     lora_rank: int = 4
     lora_alpha: float = 8.0
-    label_fraction: float = 1.0       # fraction of each site's labelled training studies used
     # p in [0, 1]: while training, each sample with >= 2 present sequences loses one of them
     # (zeroed, present=False) with probability p - how a missing sequence looks at inference
     # (MM-DINOv2's full-modality masking, for supervised training). Per sample: DP-SGD safe.

@@ -66,9 +66,9 @@ from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 from torch import nn
 
+from models.backbone import Backbone, implements, token_backbone
 from models.metrics import SplitMetrics
 from models.task import Task
-from models.vit import TokenLayout
 from protocol import wire
 
 from .privacy.ledger import own_folder
@@ -247,18 +247,19 @@ def step_size(build: Callable[[], tuple[nn.Module, Task | None]], *, batch: int 
     n = sum(t.numel() for t in (*model.parameters(), *model.buffers())) * copies
     rows = 2 * batch * sum(p.numel() for p in model.parameters() if p.requires_grad) \
         if per_sample else 0
-    backbone = next((m for m in model.modules()
-                     if isinstance(getattr(m, "layout", None), TokenLayout)), None)
-    if backbone is None:      # a segmenter without a token layout (SwinUNETR): its
-        shape = getattr(model, "input_shape", None)     # stages' shapes, counted
+    backbone = token_backbone(model)
+    if backbone is None:      # a whole network without a token layout (SwinUNETR): its
+        # stages' shapes, counted
+        shape = model.input_shape if implements(model, Backbone) else None
         if shape is None:     # nothing to size its activations by: fail closed
             raise QueryRefused(f"the job's model ({type(model).__name__}) has neither a "
                                "token layout nor an input shape, so this site cannot size "
                                "what a training step of it holds; refusing")
         return StepSize(n, copies, None, None, forward_activations(model, shape, batch) + rows)
     layout = backbone.layout        # + the registers a foundation encoder adds inside
-    # read without a default where the class has it: an error inside must not count 0
-    registers = backbone.register_tokens if hasattr(type(backbone), "register_tokens") else 0
+    # read without a default: an error inside must not count 0 (token_backbone found the
+    # backbone by its class, without reading a member)
+    registers = backbone.register_tokens
     views, text = ((layout.img_size,), 0) if task is None else \
         (task.step_views(layout), task.step_text_tokens())
     reads = [layout.tokens(side) + registers for side in views] + [text]

@@ -64,7 +64,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -72,7 +72,7 @@ from torch import Tensor, nn
 
 from .registry import TASKS
 from .task import StepOutput, TaskModel
-from .tasks import ClassificationConfig, ClassificationTask, drop_one_sequence
+from .tasks import ClassHeadConfig, ClassificationConfig, ClassificationTask, drop_one_sequence
 from .vit import MultiModalViT, TokenLayout, _init_weights
 
 
@@ -80,8 +80,9 @@ MAX_LOCAL_CROPS = 16                   # DINOv2 uses 8
 
 
 @dataclass(frozen=True)
-class DINOConfig:
-    num_classes: int = 3
+class DINOConfig(ClassHeadConfig):
+    """The class head's options (``ClassHeadConfig``) and DINO's, iBOT's and the
+    pseudo-labels' (their own: the head task's options of the same names mean others)."""
     out_dim: int = 256                 # prototypes
     hidden_dim: int = 128
     bottleneck_dim: int = 64
@@ -104,8 +105,6 @@ class DINOConfig:
     pseudo_label_weight: float = 1.0   # teacher pseudo-labels on unlabelled studies (0: off)
     pseudo_label_threshold: float = 0.8
     alignment_momentum: float = 0.9    # running mean of the teacher's unlabelled predictions
-    label_smoothing: float = 0.0
-    label_fraction: float = 1.0        # share of each site's labels the semi-supervised loss sees
 
     def __post_init__(self):
         if not 0.0 < self.label_fraction <= 1.0:
@@ -271,10 +270,11 @@ class MMDINOTask(ClassificationTask):
     model_copies = 2                 # the student and its EMA teacher (a deep copy)
 
     def __init__(self, config: DINOConfig):
-        # ``config.label_fraction`` reaches ``data_needs``: the site hides the other labels
-        super().__init__(ClassificationConfig(num_classes=config.num_classes,
-                                              label_smoothing=config.label_smoothing,
-                                              label_fraction=config.label_fraction))
+        # The class head's options and only those (``label_fraction`` reaches
+        # ``data_needs``: the site hides the other labels); the head task's pseudo-labels stay
+        # off, this task's own are the teacher's.
+        head = {f.name: getattr(config, f.name) for f in fields(ClassHeadConfig)}
+        super().__init__(ClassificationConfig(**head))
         self.dino = config
         self.teacher: DINOStudent | None = None
         self.center: Tensor | None = None

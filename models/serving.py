@@ -2,10 +2,11 @@
 
 ``servable(model)`` turns whatever a phase trained into a plain module: a classifier (LoRA
 adapters merged into their base weights), a segmenter (a fine-tuned SwinUNETR, or the UNETR
-decoder on our ViT, adapters merged) or, for
-a pretraining objective, its backbone as an encoder of pooled features. The backbone is our ``MultiModalViT`` or a pretrained foundation
-encoder (``models.foundation``: peft LoRA/DoRA/IA3 merged); both take ``(images, present)``
-and provide ``forward_features``/``pool``/``head``, so the wrappers serve either.
+decoder on our ViT, adapters merged) or, for a pretraining objective, its backbone as an
+encoder of pooled features. The backbone is our ``MultiModalViT`` or a pretrained foundation
+encoder (``models.foundation``: peft LoRA/DoRA/IA3 merged); both are token backbones
+(``models.backbone.TokenBackbone``: ``input_shape``, ``forward_features``/``pool``/``head``),
+so the wrappers serve either.
 """
 
 from __future__ import annotations
@@ -16,37 +17,28 @@ import sys
 import torch
 from torch import Tensor, nn
 
+from .backbone import TokenBackbone
 from .foundation.adapt import FoundationBackbone
 from .foundation.swin import SwinSegmenter
 from .segmentation import UNETR
 from .task import TaskModel
 from .vit import MultiModalViT
 
-Backbone = MultiModalViT | FoundationBackbone
-
 
 class ExportedClassifier(nn.Module):
     """``images [B, S, *spatial]`` -> class probabilities (softmax), or with ``multi_label``
     one independent probability per finding (sigmoid); presence is read off the input."""
 
-    def __init__(self, model: nn.Module, multi_label: bool = False):
+    def __init__(self, model: TokenBackbone, multi_label: bool = False):
         super().__init__()
         self.model = model
         self.multi_label = multi_label
-        self.input_shape = _input_shape(model)
+        self.input_shape = model.input_shape
 
     def forward(self, images: Tensor) -> Tensor:
         images = torch.as_tensor(images, dtype=torch.float32)
         logits = self.model(images, _present(images))
         return logits.sigmoid() if self.multi_label else logits.softmax(-1)
-
-
-def _input_shape(model: Backbone) -> tuple[int, ...]:
-    """One study's input ``(S, *spatial)``: what an exported model takes per sample."""
-    if isinstance(model, FoundationBackbone):
-        return model.input_shape
-    c = model.config
-    return (c.num_sequences, *([c.img_size] * c.spatial_dims))
 
 
 def _present(images: Tensor) -> Tensor:
@@ -73,10 +65,10 @@ class ExportedSegmenter(nn.Module):
 class ExportedEncoder(nn.Module):
     """``images [B, S, *spatial]`` -> pooled backbone features ``[B, 2D]``."""
 
-    def __init__(self, backbone: Backbone):
+    def __init__(self, backbone: TokenBackbone):
         super().__init__()
         self.backbone = backbone
-        self.input_shape = _input_shape(backbone)
+        self.input_shape = backbone.input_shape
 
     def forward(self, images: Tensor) -> Tensor:
         images = torch.as_tensor(images, dtype=torch.float32)
@@ -106,7 +98,7 @@ def merge_adapters(model: MultiModalViT) -> MultiModalViT:
     return plain
 
 
-def plain_backbone(model: nn.Module) -> Backbone:
+def plain_backbone(model: nn.Module) -> TokenBackbone:
     """A copy of the backbone inside any trained model (a classifier, or a pretraining
     objective's ``backbone``), LoRA adapters merged, class head kept if it has one."""
     backbone = trained_backbone(model)
@@ -117,7 +109,7 @@ def plain_backbone(model: nn.Module) -> Backbone:
     return merge_adapters(backbone)
 
 
-def trained_backbone(model: nn.Module) -> Backbone:
+def trained_backbone(model: nn.Module) -> TokenBackbone:
     """The backbone inside any trained model, as it is (adapters not merged)."""
     backbone = model.backbone if isinstance(model, TaskModel) else model
     if not isinstance(backbone, (MultiModalViT, FoundationBackbone)):
@@ -136,7 +128,7 @@ def servable(model: nn.Module, *, multi_label: bool = False) -> nn.Module:
     if isinstance(model, UNETR):            # its ViT's adapters merged, the decoder as trained
         segmenter = copy.deepcopy(model)
         segmenter.backbone = merge_adapters(model.backbone)
-        return ExportedSegmenter(segmenter, _input_shape(model.backbone))
+        return ExportedSegmenter(segmenter, model.backbone.input_shape)
     plain = plain_backbone(model)
     if isinstance(model, (MultiModalViT, FoundationBackbone)) and model.head is not None:
         return ExportedClassifier(plain, multi_label)

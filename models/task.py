@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from .backbone import Backbone, TokenBackbone
 from .text import load_tokenizer, tokenize, tokenizer_fingerprint
-from .vit import MultiModalViT, TokenLayout
+from .vit import TokenLayout
 
 if TYPE_CHECKING:
     from .evaluation import Evaluator
@@ -118,7 +119,7 @@ class TaskModel(nn.Module):
     heads, decoders, a text tower): ``self.backbone`` is what fine-tuning starts from and
     what export serves. A task that trains the backbone as it is returns it unwrapped."""
 
-    backbone: MultiModalViT
+    backbone: TokenBackbone
 
 
 @runtime_checkable
@@ -156,7 +157,7 @@ class Task(Protocol):
     def data_needs(self) -> DataNeeds:
         """What this task's site data must contain."""
 
-    def wrap(self, backbone: nn.Module) -> nn.Module:
+    def wrap(self, backbone: Backbone) -> nn.Module:
         """The trainable model around a registry backbone (heads, adapters, freezing)."""
 
     def step_views(self, layout: TokenLayout) -> tuple[int, ...]:
@@ -213,7 +214,7 @@ class TaskBase:
     def data_needs(self) -> DataNeeds:
         return DataNeeds(unlabelled=self.uses_unlabelled)
 
-    def wrap(self, backbone: nn.Module) -> nn.Module:
+    def wrap(self, backbone: Backbone) -> nn.Module:
         return backbone
 
     def step_views(self, layout: TokenLayout) -> tuple[int, ...]:

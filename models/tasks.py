@@ -14,11 +14,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset, default_collate
 
+from .backbone import Backbone
 from .evaluation import ClassificationEvaluator, MultiLabelEvaluator
 from .metrics import MAX_CATEGORIES
 from .registry import MODELS, TASKS
 from .task import UNDECLARED_COUPLING, DataNeeds, StepOutput, TaskBase
-from .vit import MultiModalViT, ViTConfig
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +44,19 @@ def check_finetuning(config) -> None:
 
 
 @dataclass(frozen=True)
-class ClassificationConfig:
+class ClassHeadConfig:
+    """The class head's options: classification's, and MM-DINOv2's semi-supervised loss's
+    (``models.dino``, whose class head is a classification task built from exactly these)."""
     num_classes: int = 3
     label_smoothing: float = 0.0
+    label_fraction: float = 1.0       # fraction of each site's labelled training studies used
+
+
+@dataclass(frozen=True)
+class ClassificationConfig(ClassHeadConfig):
     mode: str = "full"                # full | linear_probe (head only) | lora (adapters + head)
     lora_rank: int = 4
     lora_alpha: float = 8.0
-    label_fraction: float = 1.0       # fraction of each site's labelled training studies used
     # p in [0, 1]: while training, each sample with >= 2 present sequences loses one of them
     # (zeroed, present=False) with probability p - how a missing sequence looks at inference
     # (MM-DINOv2's full-modality masking, for supervised training). Per sample: DP-SGD safe.
@@ -189,7 +195,7 @@ def build(model_name: str, model_options: dict, task_name: str, task_options: di
     return task.wrap(model), task
 
 
-def load_backbone(model: nn.Module, state: dict) -> None:
+def load_backbone(model: Backbone, state: dict) -> None:
     """Load pretrained weights into a backbone: every non-head weight must match; a head of
     the same shape is kept (MM-DINOv2 trains one), any other head starts fresh. Public
     constants the backbone read from its own directory (``public_constants``: a foundation
@@ -197,7 +203,7 @@ def load_backbone(model: nn.Module, state: dict) -> None:
     a backbone pretrained without them fine-tunes with them, and every side keeps its own
     file's values (the ones the base digest covers)."""
     own = model.state_dict()
-    constants = set(getattr(model, "public_constants", ()))
+    constants = set(model.public_constants)
     body = {k for k in own if not k.startswith("head.") and k not in constants}
     missing = sorted(body - set(state))
     mismatched = sorted(k for k in body & set(state) if tuple(state[k].shape) != tuple(own[k].shape))
@@ -212,13 +218,13 @@ def load_backbone(model: nn.Module, state: dict) -> None:
     model.load_state_dict(take, strict=False)
 
 
-def wrap_for_finetuning(backbone: nn.Module, config) -> nn.Module:
+def wrap_for_finetuning(backbone: Backbone, config) -> nn.Module:
     """What trains in a head task (``config.mode``): everything, the head only (linear
     probe), or LoRA adapters on every attention and MLP projection plus the head."""
     mode = config.mode
     if mode == "full":
         return backbone
-    if getattr(backbone, "head", None) is None:
+    if backbone.head is None:
         raise ValueError(f"mode={mode} needs a backbone with a class head")
     if mode == "lora":
         if not any(re.fullmatch(LORA_TARGETS, name) for name, _ in backbone.named_modules()):
@@ -427,6 +433,5 @@ class MultiLabelTask(TaskBase):
                                    finding_targets)
 
 
-MODELS.register("mmvit", ViTConfig)(MultiModalViT)
 TASKS.register("classification", ClassificationConfig)(ClassificationTask)
 TASKS.register("multilabel", MultiLabelConfig)(MultiLabelTask)

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from .registry import MODELS
+
 
 class PatchGeometry:
     """Patch counts of a config or layout with ``img_size``, ``patch_size``, ``spatial_dims``."""
@@ -170,6 +172,11 @@ class MultiModalViT(nn.Module):
         Architecture; ``num_classes=0`` builds a backbone without head.
     """
 
+    # ``models.backbone.TokenBackbone``'s optional parts: no registers, nothing this side
+    # reads from a directory of its own.
+    register_tokens = 0
+    public_constants: tuple[str, ...] = ()
+
     def __init__(self, config: ViTConfig):
         super().__init__()
         self.config = config
@@ -200,6 +207,12 @@ class MultiModalViT(nn.Module):
         # DINOv2's linear-eval recipe: CLS token concatenated with the mean of patch tokens.
         self.head = nn.Linear(2 * config.dim, config.num_classes) if config.num_classes else None
         self.apply(_init_weights)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """One study's input ``(S, *spatial)``: what an exported model takes per sample."""
+        c = self.config
+        return (c.num_sequences, *([c.img_size] * c.spatial_dims))
 
     @property
     def layout(self) -> TokenLayout:
@@ -301,6 +314,10 @@ def _init_weights(module: nn.Module) -> None:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# Registered where it is defined, as the foundation backbones are (models/foundation/__init__.py)
+MODELS.register("mmvit", ViTConfig)(MultiModalViT)
 
 
 __all__ = ["ViTConfig", "MultiModalViT", "TokenEmbedding", "TokenLayout", "patchify",

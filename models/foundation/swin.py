@@ -118,6 +118,11 @@ def widen_conv(conv: nn.Module, channels: int) -> nn.Module:
 class SwinSegmenter(nn.Module):
     """``forward(images [B, S, *spatial], present [B, S]) -> logits [B, 2, *spatial]``."""
 
+    # ``models.backbone.Backbone``'s optional parts: no class head (the output block trains
+    # with the rest) and no public constants.
+    head = None
+    public_constants: tuple[str, ...] = ()
+
     def __init__(self, net: nn.Module, constructor: dict, config: SwinSegConfig):
         from monai.networks.blocks import UnetOutBlock
 

@@ -1,9 +1,10 @@
 """The contract every registered backbone (``models.MODELS``) passes, built tiny with the task
-a site trains it with: a forward and backward pass of the task's step, a finite loss that
-decreases, its state round-trips, it is servable (``models.serving.servable``) as the trained
-model, the site sizes it before building it (``client.queries.step_size``: on the meta
-device, at least what autograd keeps) and, where the site's DP-SGD rule admits it, its
-per-sample gradients are exact. The task contract is ``tests/models/test_objectives.py``.
+a site trains it with: it has every member of ``models.backbone.Backbone`` (and of
+``TokenBackbone`` where declared), a forward and backward pass of the task's step, a finite
+loss that decreases, its state round-trips, it is servable (``models.serving.servable``) as
+the trained model, the site sizes it before building it (``client.queries.step_size``: on
+the meta device, at least what autograd keeps) and, where the site's DP-SGD rule admits it,
+its per-sample gradients are exact. The task contract is ``tests/models/test_objectives.py``.
 
 Here, not under ``tests/models``: the size estimate and the DP admission are the site's
 (``client``), which ``models`` must not import."""
@@ -19,6 +20,7 @@ import torch
 from client.privacy.dpsgd import clipping_refusal
 from client.queries import QueryLimits, step_size
 from models import MODELS
+from models.backbone import Backbone, TokenBackbone, implements, missing_members
 from models.checkpointing import counting_saved_activations
 from models.foundation import FOUNDATION_DIR, dp_refusal
 from models.serving import ExportedClassifier, ExportedSegmenter, servable
@@ -47,6 +49,7 @@ class Case:
     task: str                       # the task a site trains this backbone with
     size: int                       # the input's side (the backbone's image size)
     dp: bool                        # declared: the site's DP-SGD rule admits it
+    tokens: bool                    # declared: a TokenBackbone (objectives build on its tokens)
     save: Callable | None = None    # saves the pretrained directory its factory reads
 
 
@@ -56,12 +59,13 @@ class Case:
 # tests/models/test_foundation*.py.
 BACKBONES = {
     "mmvit": Case({"dim": 32, "depth": 1, "heads": 2, "img_size": 32, "patch_size": 8,
-                   "num_classes": 3}, "classification", 32, dp=True),
+                   "num_classes": 3}, "classification", 32, dp=True, tokens=True),
     "foundation": Case({"weights": "dino", "num_channels": 4, "image_size": 32,
-                        "lora_rank": 2}, "classification", 32, dp=True, save=save_dinov2),
+                        "lora_rank": 2}, "classification", 32, dp=True, tokens=True,
+                   save=save_dinov2),
     "foundation_swin": Case({"weights": "swin", "num_channels": 4, "image_size": 64,
                              "spatial_dims": 2, "lora_rank": 2}, "segmentation", 64, dp=True,
-                            save=_save_swin),
+                            tokens=False, save=_save_swin),
 }
 # Every backbone the project registers (tests may register throwaway ones).
 PROJECT_BACKBONES = [n for n in MODELS.names()
@@ -97,6 +101,23 @@ def _inputs(name: str, task, b: int = 4, dtype=torch.float32) -> dict:
     if "has_mask" in batch:
         batch["has_mask"][:] = True           # every study adds to the loss
     return {k: v.to(dtype) if v.is_floating_point() else v for k, v in batch.items()}
+
+
+@pytest.mark.parametrize("name", PROJECT_BACKBONES)
+def test_it_has_every_member_of_the_backbone_contract(name, foundation_dir):
+    """As built by the registry, every member of ``Backbone`` (``TokenBackbone`` where the
+    case declares it) is there and reads without error: the tasks, the site's size check,
+    weight loading and export read them without a default. ``implements`` (how the site finds
+    the token backbone) agrees with the declaration."""
+    case = BACKBONES[name]
+    torch.manual_seed(0)
+    backbone = MODELS.build(name, case.options, foundation_dir=foundation_dir)
+    assert isinstance(backbone, Backbone)
+    assert missing_members(backbone, Backbone) == []
+    assert implements(backbone, TokenBackbone) == case.tokens
+    if case.tokens:
+        assert missing_members(backbone, TokenBackbone) == []
+    assert tuple(backbone.input_shape) == tuple(_batch(size=case.size)["image"].shape[1:])
 
 
 @pytest.mark.parametrize("name", PROJECT_BACKBONES)

@@ -87,6 +87,22 @@ def test_a_model_the_site_cannot_size_is_refused_not_waved_through():
         QueryLimits().check_model_size(lambda: (nn.Linear(4, 4), None))
 
 
+def test_a_backbone_member_that_fails_is_raised_not_taken_for_a_missing_one(monkeypatch):
+    """The site finds the token backbone by its class (``models.backbone.token_backbone``),
+    reading no member: a register count that fails when read raises here, where a check
+    that read it (``isinstance`` on the runtime protocol) took the error for a missing member
+    and sized the ViT as a whole network, without its token caps."""
+    from models import MODELS
+    from models.vit import MultiModalViT
+
+    def unreadable(self):
+        raise AttributeError("the register count cannot be read")
+    monkeypatch.setattr(MultiModalViT, "register_tokens", property(unreadable))
+    options = {"dim": 32, "depth": 1, "heads": 2, "img_size": 32, "patch_size": 8}
+    with pytest.raises(AttributeError, match="register_tokens"):   # nn.Module rewords it
+        step_size(lambda: (MODELS.build("mmvit", options), None))
+
+
 @pytest.fixture(scope="module")
 def encoders(tmp_path_factory):
     """A small DINOv2 and a small SwinUNETR, saved as a site holds them."""

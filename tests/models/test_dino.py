@@ -96,6 +96,18 @@ def test_bad_centring_and_pseudo_label_options_are_refused(options):
         DINOConfig(**options)
 
 
+def test_the_class_head_takes_the_shared_options_and_no_other():
+    """The class head's classification config is built from the options the two configs share
+    (``ClassHeadConfig``) and nothing else: DINO's ``pseudo_label_threshold`` (the teacher's,
+    0.8) has a namesake there that would switch on the head task's own pseudo-labelling."""
+    from models.tasks import ClassificationConfig
+
+    task = MMDINOTask(DINOConfig(num_classes=4, label_smoothing=0.1, label_fraction=0.5))
+    assert task.config == ClassificationConfig(num_classes=4, label_smoothing=0.1,
+                                               label_fraction=0.5)
+    assert task.data_needs.label_fraction == 0.5
+
+
 def test_semi_supervised_loss_is_the_mean_cross_entropy_on_the_uncorrupted_labelled_studies():
     # crops, blanked patches and a removed sequence can take the lesion out of the view, so the
     # class head learns from the studies as given; the mean runs over the labelled ones only

@@ -46,9 +46,9 @@ def built_model(cfg: ExperimentConfig, pretrained: nn.Module | None = None
     """
     import torch
 
-    from models.tasks import BackboneMisfit, build  # what JobSpec.build calls, with the
-                                        # job's own names and options (a spec would need a
-                                        # private run's id)
+    from models.tasks import BackboneMisfit, build  # build: what JobSpec.build calls, with
+                                        # the job's own names and options (a spec would need
+                                        # a private run's id)
     state = None if pretrained is None else _handed_over(cfg, pretrained)
     try:
         with torch.device("meta"), torch.random.fork_rng(devices=[]):
@@ -58,7 +58,7 @@ def built_model(cfg: ExperimentConfig, pretrained: nn.Module | None = None
     except ConfigError:
         raise
     except BackboneMisfit as err:
-        got = "absent" if err.state_shape is None else f"{list(err.state_shape)}"
+        got = "absent" if err.state_shape is None else str(list(err.state_shape))
         raise ConfigError(f"{_phases(cfg)}: fine-tuning cannot load the pretrained backbone "
                           f"(after all of pretraining, the coordinator would refuse it): "
                           f"{err.key} is {got} after pretraining and {list(err.shape)} in "

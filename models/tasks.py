@@ -195,23 +195,53 @@ def build(model_name: str, model_options: dict, task_name: str, task_options: di
     return task.wrap(model), task
 
 
+def backbone_weights(state: dict) -> dict:
+    """The backbone's weights out of a pretraining objective's model state (``backbone.*``):
+    what a pretrain -> fine-tune run hands from phase 1 to phase 2 (``load_backbone``)."""
+    prefix = "backbone."
+    out = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    if not out:
+        raise ValueError("the pretrained model has no backbone.* weights")
+    return out
+
+
+class BackboneMisfit(ValueError):
+    """Pretrained weights that ``load_backbone`` refuses: ``key`` is the first weight of the
+    backbone (in its own order) the state lacks (``state_shape`` None) or holds in another
+    shape; ``count`` how many do not fit."""
+
+    def __init__(self, key: str, shape: tuple, state_shape: tuple | None, count: int):
+        self.key, self.shape, self.state_shape, self.count = key, shape, state_shape, count
+        got = "missing" if state_shape is None else f"shape {list(state_shape)}"
+        super().__init__(f"pretrained weights do not fit this backbone: {key} is {got} "
+                         f"there and {list(shape)} here ({count} weight"
+                         f"{'s' if count > 1 else ''} do{'es' if count == 1 else ''} not fit)")
+
+
 def load_backbone(model: Backbone, state: dict) -> None:
     """Load pretrained weights into a backbone: every non-head weight must match; a head of
     the same shape is kept (MM-DINOv2 trains one), any other head starts fresh. Public
     constants the backbone read from its own directory (``public_constants``: a foundation
     model's feature mean and directions) are never taken from ``state`` nor required in it:
     a backbone pretrained without them fine-tunes with them, and every side keeps its own
-    file's values (the ones the base digest covers)."""
+    file's values (the ones the base digest covers). Weights of ``state`` the backbone lacks
+    are left out (a shallower backbone takes the first blocks).
+
+    Raises
+    ------
+    BackboneMisfit
+        A non-head weight is missing from ``state`` or has another shape there.
+    """
     own = model.state_dict()
     constants = set(model.public_constants)
-    body = {k for k in own if not k.startswith("head.") and k not in constants}
-    missing = sorted(body - set(state))
-    mismatched = sorted(k for k in body & set(state) if tuple(state[k].shape) != tuple(own[k].shape))
-    if missing or mismatched:
-        raise ValueError(f"pretrained weights do not fit this backbone: missing {missing[:3]}"
-                         f"{'...' if len(missing) > 3 else ''}, wrong shape {mismatched[:3]}")
-    take = {k: v for k, v in state.items() if k not in constants and (
-        k in body or (k in own and tuple(v.shape) == tuple(own[k].shape)))}
+    body = [k for k in own if not k.startswith("head.") and k not in constants]
+    misfit = [k for k in body if k not in state or tuple(state[k].shape) != tuple(own[k].shape)]
+    if misfit:
+        key = misfit[0]
+        raise BackboneMisfit(key, tuple(own[key].shape),
+                             tuple(state[key].shape) if key in state else None, len(misfit))
+    take = {k: v for k, v in state.items()      # the body (all fit) and a same-shape head
+            if k in own and k not in constants and tuple(v.shape) == tuple(own[k].shape)}
     fresh = sorted(k for k in own if k.startswith("head.") and k not in take)
     if fresh:       # not silent: a pretrained model without (this) head
         log.info("pretrained backbone loaded; class head starts fresh (%s)", ", ".join(fresh))

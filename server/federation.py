@@ -14,7 +14,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from models.foundation import base_digest, site_owned_base
-from models.tasks import build, frozen_keys
+from models.tasks import backbone_weights, build, frozen_keys
 from models.weights import load_pretrained
 from protocol import wire
 from strategies.external import ExternalSites
@@ -186,7 +186,7 @@ def _run_phases(grid: Grid, cfg: ExperimentConfig, run_dir: Path,
     result = _run_phase(grid, first, pre_dir, point.pretrain if point else None, observers,
                         run_id=f"{run_dir.name}.pretrain", store_dir=run_dir, backbone=start,
                         sites=sites)
-    backbone = backbone_state(result.arrays.to_torch_state_dict())
+    backbone = backbone_weights(result.arrays.to_torch_state_dict())
     parent = {"parent.model": first.tracking.registered_model,
               "parent.version": result.registered_version or "",
               "parent.config_hash": first.fingerprint()}
@@ -221,15 +221,6 @@ def completed_phase(cfg: ExperimentConfig, phase_dir: Path) -> PhaseOutcome:
         raise CheckpointError(f"{phase_dir}: its completion record does not match its newest "
                               f"checkpoint (round {checkpoint.round}) or this configuration")
     return PhaseOutcome(checkpoint.arrays, final["registered_version"])
-
-
-def backbone_state(state: dict) -> dict:
-    """The backbone's weights out of a pretraining objective's model (``backbone.*``)."""
-    prefix = "backbone."
-    out = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    if not out:
-        raise ValueError("the pretrained model has no backbone.* weights")
-    return out
 
 
 def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path,

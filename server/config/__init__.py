@@ -6,7 +6,8 @@
 - ``validation``: cross-field checks (``validate``);
 - ``privacy``: the privacy request checked against the rest of the experiment;
 - ``buildable``: each phase's model and task built as the sites build them (meta device),
-  and made servable as the exporter does (``validation`` calls it last).
+  phase 2 from phase 1's backbone as the coordinator hands it over, and made servable as the
+  exporter does (``validation`` calls it last).
 
 ``schema`` and ``compose`` import no torch, Flower or MLflow, so a config mistake is refused in
 well under a second; ``validation`` and ``privacy`` need the model and strategy registries and

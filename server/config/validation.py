@@ -4,6 +4,7 @@ options are validated against their registries before any site trains."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from models import MODELS, TASKS
 from models.weights import PretrainedError, check_compatible, load_pretrained
@@ -19,8 +20,18 @@ from .buildable import built_model, validate_servable
 from .privacy import validate_privacy
 from .schema import ConfigError, ExperimentConfig
 
+if TYPE_CHECKING:
+    from torch import nn
+
+
 def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     """Cross-field checks that a schema cannot express."""
+    _validated_model(cfg)
+    return cfg
+
+
+def _validated_model(cfg: ExperimentConfig) -> nn.Module:
+    """:func:`validate`'s checks; the phase's model as the sites build it (meta device)."""
     try:
         MODELS.config(cfg.model.name, cfg.model_options())
         TASKS.config(cfg.task.name, cfg.task_options())
@@ -91,13 +102,14 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     validate_layout(cfg)
     validate_privacy(cfg)
     validate_secagg(cfg)
-    validate_pretrain(cfg)
+    pretrained = validate_pretrain(cfg)
     # last: a refusal above names the setting more precisely than a failed build can
-    model, task = built_model(cfg)      # as every site builds it (meta device), or refused
+    model, task = built_model(cfg, pretrained)  # as every site builds it (meta device), from
+                                                # phase 1's backbone if any, or refused
     validate_servable(cfg, model, task)
     if head_settings:
         _validate_head(cfg, model, treat)
-    return cfg
+    return model
 
 
 def _validate_head(cfg: ExperimentConfig, model, treat: str) -> None:
@@ -232,13 +244,15 @@ def _validate_swin(cfg: ExperimentConfig, method: str, constructor: dict) -> Non
                           f"{reason}; or use privacy=sitedp")
 
 
-def validate_pretrain(cfg: ExperimentConfig) -> None:
-    """Phase 1 must be a registered self-supervised objective the phase-2 model can start from."""
+def validate_pretrain(cfg: ExperimentConfig) -> nn.Module | None:
+    """Phase 1 must be a registered self-supervised objective the phase-2 model can start
+    from; returns phase 1's model as its sites build it (meta device; None without phase 1),
+    which ``built_model`` hands phase 2's backbone as the coordinator will."""
     p = cfg.pretrain
     if p.objective is None:
         if p.num_rounds:
             raise ConfigError("pretrain.num_rounds is set but pretrain.objective is null")
-        return
+        return None
     if p.num_rounds < 1:
         raise ConfigError(f"pretrain.objective={p.objective} needs pretrain.num_rounds >= 1")
     try:
@@ -252,7 +266,7 @@ def validate_pretrain(cfg: ExperimentConfig) -> None:
         raise ConfigError("pretrain.registered_model must differ from tracking.registered_model: "
                           "each phase registers its own model")
     try:
-        validate(cfg.pretrain_phase())
+        return _validated_model(cfg.pretrain_phase())
     except ConfigError as err:
         raise ConfigError(f"pretraining phase: {err}") from None
 

@@ -18,9 +18,9 @@ from client.data.report_deid import deidentify_report
 from client.mods import egress_log
 from medfed.simulation import simulate
 from medfed.synth.chest import synthesize_chest
+from models.tasks import backbone_weights
 from protocol import wire
 from server.config import load_experiment
-from server.federation import backbone_state
 from tests.conftest import _fixed_pseudonym_keys, final_weights, phi_strings
 
 pytestmark = pytest.mark.slow
@@ -96,7 +96,7 @@ def test_clip_then_finetune_register_versions_with_per_site_evaluation(chest_run
 
 def test_finetuning_starts_from_the_clip_image_tower(chest_run):
     _, run_dir, out, _ = chest_run
-    tower = backbone_state(final_weights(run_dir / "pretrain"))
+    tower = backbone_weights(final_weights(run_dir / "pretrain"))
     sent = sorted((out / "sent").glob("*.npz"))
     assert len(sent) == len(SITES)                     # one fine-tuning round, three sites
     assert len(tower) > 10

@@ -12,8 +12,8 @@ import pytest
 
 from client.mods import egress_log
 from medfed.simulation import simulate
+from models.tasks import backbone_weights
 from server.config import load_experiment
-from server.federation import backbone_state
 from tests.conftest import final_weights
 
 pytestmark = pytest.mark.slow
@@ -59,7 +59,7 @@ def test_each_phase_registers_its_model_with_lineage(two_phase):
 
 def test_finetuning_starts_from_the_pretrained_backbone_and_keeps_it_frozen(two_phase):
     _, run_dir, _ = two_phase
-    pretrained = backbone_state(final_weights(run_dir / "pretrain"))
+    pretrained = backbone_weights(final_weights(run_dir / "pretrain"))
     tuned = final_weights(run_dir / "finetune")
     frozen = {k.replace(".base_layer.", "."): v for k, v in tuned.items()
               if "lora_" not in k and not k.startswith("head.")}
@@ -98,7 +98,7 @@ def test_registered_versions_export_and_load_as_a_pretrained_backbone(two_phase,
     out = export_version(uri, cfg.pretrain.registered_model, "2", tmp_path / "mm-dino-v2")
     saved, state = load_pretrained(out)
     assert saved["task"] == "mm_dino" and saved["version"] == "2"
-    pretrained = backbone_state(final_weights(run_dir / "pretrain"))
+    pretrained = backbone_weights(final_weights(run_dir / "pretrain"))
     assert set(state) == set(pretrained)
     for key, value in state.items():
         np.testing.assert_array_equal(value.numpy(), pretrained[key], err_msg=key)

@@ -159,14 +159,14 @@ def test_mm_dino_from_a_loaded_dinov2_trains_adapters_and_heads_with_a_site_loca
 def test_mm_dino_continued_pretraining_is_what_fine_tuning_starts_from(encoders):
     """Phase 2 (classification, the same foundation model) loads phase 1's backbone: the
     trained adapters, embeddings and semi-supervised head, over the same frozen base."""
-    from server.federation import backbone_state
+    from models.tasks import backbone_weights
 
     model, task = _build(encoders, "dinov2", "mm_dino", {"local_crops": 0})
     _train_one_epoch(model, task, _studies())
     finetune, _ = build("foundation", {"weights": "dinov2", "num_channels": S,
                                        "image_size": SIZE, "lora_rank": 2},
                         "classification", {}, foundation_dir=encoders,
-                        backbone_state=backbone_state(model.state_dict()))
+                        backbone_state=backbone_weights(model.state_dict()))
     for k, v in model.backbone.state_dict().items():
         torch.testing.assert_close(finetune.state_dict()[k], v, rtol=0, atol=0, msg=k)
 

@@ -1,8 +1,13 @@
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
+import torch
 from sklearn.metrics import f1_score, matthews_corrcoef, roc_auc_score
 
 from models.metrics import binary_auroc, classification_metrics, confusion_matrix, per_class_f1
+from models.tasks import build
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -96,3 +101,33 @@ def test_no_mean_or_count_may_take_the_name_of_a_confusion_derived_figure(kind):
         with pytest.raises(ValueError, match="may not reuse the derived names"):
             SplitMetrics(n=3, loss=0.0, confusion=np.diag([1, 2]), **{kind: {name: 0.1}})
     assert SplitMetrics(n=3, loss=0.0, means={"dice": 0.1}).scalars()["dice"] == 0.1
+
+
+def _reported_names() -> set[str]:
+    """Every figure an evaluated split reports, read off the code: each project task's
+    evaluator over a tiny batch and over no studies, and the names ``SplitMetrics`` derives
+    (``DERIVED``); one name per class, finding or recall@k (``f1_class_0``, ``recall_i2r_5``)
+    is written ``..._<k>``."""
+    from models.metrics import DERIVED
+
+    from .test_objectives import PROJECT_TASKS, TINY, _batch, _for
+
+    names = set(DERIVED)
+    for name in PROJECT_TASKS:
+        torch.manual_seed(0)
+        model, task = build("mmvit", TINY, name, {"class_names": ["a", "b", "c"]}
+                            if name == "clip" else {})        # CLIP's zero-shot AUROC too
+        evaluator = task.evaluator()
+        batch = _for(task, _batch())
+        evaluator.update(model.eval(), batch | {"label": batch["label"].clamp(min=0)})  # labelled
+        names |= set(evaluator.compute().scalars()) | set(task.evaluator().compute().scalars())
+    return {re.sub(r"_\d+$", "_<k>", name) for name in names}
+
+
+def test_the_readme_lists_the_metrics_the_code_reports():
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    paragraph = re.split(r"\n\n|\n\*\*", readme.split("**Evaluation.**", 1)[1])[0]
+    listed = set(re.findall(r"`([a-z][a-z0-9_]*(?:<k>)?)`", paragraph))
+    reported = _reported_names()
+    assert listed == reported, (f"README lists {sorted(listed - reported)} that no evaluator "
+                                f"reports; add {sorted(reported - listed)}")

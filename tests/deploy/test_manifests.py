@@ -55,6 +55,12 @@ def _dockerfile(name: str) -> str:
     return (DEPLOY / "docker" / name).read_text()
 
 
+def _healthcheck(name: str) -> list[str]:
+    """The command of a Dockerfile's HEALTHCHECK (its ``CMD [...]`` continuation line)."""
+    line = next(ln for ln in _dockerfile(name).splitlines() if ln.strip().startswith("CMD ["))
+    return yaml.safe_load(line.strip()[4:])
+
+
 def _json_instruction(text: str, instruction: str) -> list[str]:
     line = next(ln for ln in text.splitlines() if ln.startswith(instruction + " "))
     return yaml.safe_load(line[len(instruction) + 1:])
@@ -127,8 +133,7 @@ def test_dockerfiles_install_torch_first_then_constraints(name):
     assert "ARG VARIANT=cpu" in text and '"$VARIANT" = "cuda"' in text
     assert text.index("pip install torch==2.13.0") < text.index("pip install -c /tmp/constraints.txt")
     assert "USER medfed" in text
-    healthcheck = next(ln for ln in text.splitlines() if ln.strip().startswith("CMD ["))
-    command = yaml.safe_load(healthcheck.strip()[4:])
+    command = _healthcheck(name)
     if command[0] == "medfed":
         _parse(command[1], command[2:])
     # every package pyproject installs is copied into the image (protocol/ was not)
@@ -269,10 +274,22 @@ def test_site_chart_matches_cli_and_is_outbound_only(privacy):
     for path in (parsed.data_dir, parsed.root_cert, parsed.auth_key, parsed.state_dir):
         assert _covered(path, mounts), path
     assert mounts[parsed.data_dir]["readOnly"] is True
-    assert container["livenessProbe"]["httpGet"]["port"] == parsed.runtime_port
+    _check_site_liveness_probe(container["livenessProbe"], parsed.runtime_port)
     policy = docs["NetworkPolicy"]["spec"]
     assert policy["ingress"] == [] and set(policy["policyTypes"]) == {"Ingress", "Egress"}
     assert policy["egress"][0]["ports"][0]["port"] == int(parsed.superlink.rsplit(":", 1)[1])
+
+
+def _check_site_liveness_probe(probe: dict, runtime_port: int) -> None:
+    """The kubelet runs an httpGet probe from the node, so ``host: 127.0.0.1`` is the node's
+    loopback and the site's runtime API (pod loopback only) never answers it: the pod would be
+    restarted every few minutes. The probe must run inside the pod, as the image's own
+    HEALTHCHECK does, against the runtime port the site listens on."""
+    assert set(probe) & {"httpGet", "tcpSocket", "grpc"} == set()
+    command = probe["exec"]["command"]
+    assert command == _healthcheck("site.Dockerfile")
+    assert f"'http://127.0.0.1:{runtime_port}/health', timeout=4)" in command[-1]
+    assert probe["timeoutSeconds"] > 4                    # the check's own urlopen timeout
 
 
 # ---- closed by default: what a security officer signs off ----

@@ -1,8 +1,9 @@
 """The coordinator: a Flower SuperLink with TLS, SuperNode authentication and persistent state.
 
 ``medfed server`` checks its certificates and port, starts ``flower-superlink`` (TLS on the
-one HTTP port that serves Flower's Fleet, Control and Runtime APIs, with the Control API
-refused to every peer outside ``control_from``, loopback by default -- see ``control_guard``;
+one HTTP port that serves Flower's Fleet, Control and Runtime APIs, with every route but the
+sites' Fleet API refused to peers outside this machine, Control also open to ``control_from``
+when the operator names networks -- see ``control_guard``;
 ``--enable-supernode-auth``;
 its state in a sqlite ``--database`` or in memory (``link_state``, below); runtime dependency
 installation disabled so a run can never ``uv sync`` packages over the ones installed here),
@@ -83,11 +84,11 @@ class CoordinatorSettings:
         return not is_loopback_only(parse_networks(self.control_from))
 
     @property
-    def control_networks(self) -> tuple[str, ...]:
-        """``control_from`` plus the bind address when it is one of this machine's own: bound
-        to 10.0.0.5, the coordinator reaches itself (registering sites) from 10.0.0.5."""
+    def own_networks(self) -> tuple[str, ...]:
+        """This machine's own addresses: loopback, plus the bind address when it is one (bound
+        to 10.0.0.5, the coordinator and its ServerApp reach the SuperLink from 10.0.0.5)."""
         own = () if self.host in ("0.0.0.0", "::", "") else (self.host,)
-        return tuple(dict.fromkeys((*self.control_from, *own)))
+        return tuple(dict.fromkeys((*LOOPBACK, *own)))
 
     @property
     def database(self) -> Path:
@@ -114,7 +115,7 @@ class CoordinatorSettings:
 
 
 def superlink_command(s: CoordinatorSettings) -> list[str]:
-    """The ``flower-superlink`` command line for these settings, behind the Control guard."""
+    """The ``flower-superlink`` command line for these settings, behind the port guard."""
     cmd = ["--ssl-ca-certfile", str(s.certs / CA_CERT),
            "--ssl-certfile", str(s.certs / SERVER_CERT),
            "--ssl-keyfile", str(s.certs / SERVER_KEY),
@@ -125,7 +126,7 @@ def superlink_command(s: CoordinatorSettings) -> list[str]:
            "--host", s.host, "--port", str(s.port)]
     if s.log_file is not None:
         cmd += ["--log-file", str(s.log_file)]
-    return guard_command(s.control_networks, cmd)
+    return guard_command(s.control_from, s.own_networks, cmd)
 
 
 def write_connection(flwr_home: Path, address: str, root_cert: Path) -> None:

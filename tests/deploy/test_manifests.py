@@ -55,6 +55,12 @@ def _dockerfile(name: str) -> str:
     return (DEPLOY / "docker" / name).read_text()
 
 
+def _healthcheck(name: str) -> list[str]:
+    """The command of a Dockerfile's HEALTHCHECK (its ``CMD [...]`` continuation line)."""
+    line = next(ln for ln in _dockerfile(name).splitlines() if ln.strip().startswith("CMD ["))
+    return yaml.safe_load(line.strip()[4:])
+
+
 def _json_instruction(text: str, instruction: str) -> list[str]:
     line = next(ln for ln in text.splitlines() if ln.startswith(instruction + " "))
     return yaml.safe_load(line[len(instruction) + 1:])
@@ -127,8 +133,7 @@ def test_dockerfiles_install_torch_first_then_constraints(name):
     assert "ARG VARIANT=cpu" in text and '"$VARIANT" = "cuda"' in text
     assert text.index("pip install torch==2.13.0") < text.index("pip install -c /tmp/constraints.txt")
     assert "USER medfed" in text
-    healthcheck = next(ln for ln in text.splitlines() if ln.strip().startswith("CMD ["))
-    command = yaml.safe_load(healthcheck.strip()[4:])
+    command = _healthcheck(name)
     if command[0] == "medfed":
         _parse(command[1], command[2:])
     # every package pyproject installs is copied into the image (protocol/ was not)
@@ -269,10 +274,22 @@ def test_site_chart_matches_cli_and_is_outbound_only(privacy):
     for path in (parsed.data_dir, parsed.root_cert, parsed.auth_key, parsed.state_dir):
         assert _covered(path, mounts), path
     assert mounts[parsed.data_dir]["readOnly"] is True
-    assert container["livenessProbe"]["httpGet"]["port"] == parsed.runtime_port
+    _check_site_liveness_probe(container["livenessProbe"], parsed.runtime_port)
     policy = docs["NetworkPolicy"]["spec"]
     assert policy["ingress"] == [] and set(policy["policyTypes"]) == {"Ingress", "Egress"}
     assert policy["egress"][0]["ports"][0]["port"] == int(parsed.superlink.rsplit(":", 1)[1])
+
+
+def _check_site_liveness_probe(probe: dict, runtime_port: int) -> None:
+    """The kubelet runs an httpGet probe from the node, so ``host: 127.0.0.1`` is the node's
+    loopback and the site's runtime API (pod loopback only) never answers it: the pod would be
+    restarted every few minutes. The probe must run inside the pod, as the image's own
+    HEALTHCHECK does, against the runtime port the site listens on."""
+    assert set(probe) & {"httpGet", "tcpSocket", "grpc"} == set()
+    command = probe["exec"]["command"]
+    assert command == _healthcheck("site.Dockerfile")
+    assert f"'http://127.0.0.1:{runtime_port}/health', timeout=4)" in command[-1]
+    assert probe["timeoutSeconds"] > 4                    # the check's own urlopen timeout
 
 
 # ---- closed by default: what a security officer signs off ----
@@ -315,9 +332,23 @@ def test_site_egress_is_pinned_to_the_coordinator_address():
     _, docs = _chart("medfed-site", SITE_REQUIRED)
     egress = docs["NetworkPolicy"]["spec"]["egress"]
     assert egress[0]["to"] == [{"ipBlock": {"cidr": COORDINATOR_CIDR}}]
-    # every other rule is DNS only: no second way out
-    assert all({p["port"] for p in rule["ports"]} == {53} and "to" not in rule
+    # every other rule is DNS only, and to the cluster's DNS pods only: no second way out
+    dns = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+            "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}]
+    assert len(egress) == 2
+    assert all({p["port"] for p in rule["ports"]} == {53} and rule["to"] == dns
                for rule in egress[1:])
+
+
+def test_site_dns_egress_follows_values_and_refuses_an_empty_selector():
+    _, docs = _chart("medfed-site", {**SITE_REQUIRED, "dns.podSelector": {"app": "coredns"},
+                                     "dns.namespaceSelector": {"name": "dns"}})
+    assert docs["NetworkPolicy"]["spec"]["egress"][1]["to"] == [
+        {"namespaceSelector": {"matchLabels": {"name": "dns"}},
+         "podSelector": {"matchLabels": {"app": "coredns"}}}]
+    for key in ("dns.namespaceSelector", "dns.podSelector"):
+        with pytest.raises(HelmFail, match=key):
+            _chart("medfed-site", {**SITE_REQUIRED, key: {}})
 
 
 def test_site_chart_hands_the_daemon_an_owner_only_key():
@@ -350,3 +381,81 @@ def test_site_chart_does_not_open_the_state_volume_to_its_group_on_restart():
     _, docs = _chart("medfed-site", SITE_REQUIRED)
     context = docs["Deployment"]["spec"]["template"]["spec"]["securityContext"]
     assert "fsGroup" not in context or context["fsGroupChangePolicy"] == "OnRootMismatch"
+
+
+# ---- least privilege: what the containers may do besides their job ----
+
+CHARTS = [("medfed-site", "Deployment", SITE_REQUIRED, "site"),
+          ("medfed-coordinator", "StatefulSet", {}, "server")]
+
+
+def _volumes(pod: dict) -> dict[str, dict]:
+    return {v["name"]: v for v in pod["volumes"]}
+
+
+@pytest.mark.parametrize("chart,kind,overrides,command", CHARTS)
+def test_charts_drop_privileges(chart, kind, overrides, command):
+    """No service-account token, the runtime's default seccomp filter, and in every container
+    (init containers too) no capability, no privilege escalation, a read-only root."""
+    _, docs = _chart(chart, overrides)
+    pod = docs[kind]["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    for container in pod["initContainers"] + pod["containers"]:
+        context = container["securityContext"]
+        assert context["allowPrivilegeEscalation"] is False, container["name"]
+        assert context["capabilities"] == {"drop": ["ALL"]}, container["name"]
+        assert context["readOnlyRootFilesystem"] is True, container["name"]
+        assert "privileged" not in context and "runAsUser" not in context
+
+
+@pytest.mark.parametrize("chart,kind,overrides,command", CHARTS)
+def test_read_only_containers_write_to_their_volumes(chart, kind, overrides, command):
+    """With a read-only root, every place a container writes is a writable volume: the
+    daemon's state folders (from its real command line) and /tmp; an init container's
+    targets are the memory/emptyDir volumes it fills."""
+    _, docs = _chart(chart, overrides)
+    pod = docs[kind]["spec"]["template"]["spec"]
+    container, args = _container_args(docs[kind])
+    parsed = _parse(command, args)
+    writable = {m["mountPath"]: m for m in container["volumeMounts"] if not m.get("readOnly")}
+    state = [parsed.state_dir] + ([parsed.privacy_dir] if command == "site" else [])
+    for path in (*state, "/tmp"):
+        assert _covered(path, writable), path
+    tmp = writable["/tmp"]
+    assert "emptyDir" in _volumes(pod)[tmp["name"]]
+    for init in pod["initContainers"]:
+        for mount in (m for m in init["volumeMounts"] if not m.get("readOnly")):
+            assert "emptyDir" in _volumes(pod)[mount["name"]]
+            assert mount["mountPath"] + "/" in " ".join(init["command"])
+
+
+@pytest.mark.parametrize("name", sorted(SERVICES))
+def test_compose_services_drop_privileges(name):
+    """Every service: no capability (postgres keeps the few its root entrypoint needs to hand
+    its data folder to the postgres user), no-new-privileges, a read-only root with /tmp in
+    memory; writes go to its named volumes."""
+    service = SERVICES[name]
+    assert service["cap_drop"] == ["ALL"]
+    assert "no-new-privileges:true" in service["security_opt"]
+    assert service["read_only"] is True and "/tmp" in service["tmpfs"]
+    assert "privileged" not in service
+    if name == "postgres":
+        assert set(service["cap_add"]) <= {"CHOWN", "DAC_OVERRIDE", "FOWNER", "SETGID", "SETUID"}
+        assert "/var/run/postgresql" in service["tmpfs"]
+    else:
+        assert "cap_add" not in service
+    command = [_interpolate(str(a)) for a in service.get("command", [])]
+    if name == "coordinator":
+        writes = [_parse("server", command).state_dir]
+    elif name in SITES:
+        parsed = _parse("site", command)
+        writes = [parsed.state_dir, parsed.privacy_dir]
+    elif name == "mlflow":
+        writes = [command[command.index("--artifacts-destination") + 1]]
+    else:
+        writes = ["/var/lib/postgresql/data"]
+    volumes = {target: spec for spec in service["volumes"]
+               for target in [spec.split(":")[1]] if not spec.endswith(":ro")}
+    assert all(_covered(path, volumes) for path in writes), (name, writes)

@@ -19,7 +19,9 @@ which runs each task in ``medfed.deploy.runner``: the run's FAB must be on the s
 allow-list (``--allow-app``/``--allow-list``, see ``medfed.deploy.allowlist``) and the
 ClientApp that runs is the site's installed one, never code from the bundle. Only the
 launcher may claim those tasks: the SuperNode and the launcher share a secret the site keeps
-in its state dir (``medfed.deploy.runtime_auth``), so other accounts on the machine cannot.
+in its state dir (``medfed.deploy.runtime_auth``), so other accounts on the machine cannot;
+and the runner runs only tasks that carry the node config the site gave its SuperNode (kept
+in the state dir too), so another account's process on the runtime port cannot choose it.
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ from .egress import EGRESS_LOG
 from .launcher import launcher_command
 from .preflight import DeployError, check_auth_key, check_port_free, check_superlink
 from .process import Daemon, flower_env, sleep_unless_stopped
-from .runtime_auth import RUNTIME_SECRET, check_runtime_secret, ensure_runtime_secret
+from .runtime_auth import (RUNTIME_SECRET, check_runtime_secret, ensure_runtime_secret,
+                           pin_node_config)
 from .session import SessionKeeper, key_fingerprint, open_session_left, read_record
 from .supernode import FLOWER_IDLE_POLL
 
@@ -296,11 +299,14 @@ class Site:
         # made 0700, and one made wider before (by hand, an older release) tightened, said
         own_folder(s.state_dir)
         ensure_runtime_secret(s.state_dir)
+        # what the runner accepts from the runtime port: exactly the SuperNode's node config
+        pinned = pin_node_config(s.state_dir, node_config(s))
         self.keeper = SessionKeeper(s.state_dir, key_fingerprint(s.auth_key))
         self.start_supernode()
         self.launcher = Daemon(launcher_command(f"127.0.0.1:{s.runtime_port}", s.allow,
                                                 s.site_id, s.state_dir / EGRESS_LOG,
-                                                runtime_secret=s.runtime_secret),
+                                                runtime_secret=s.runtime_secret,
+                                                node_config=pinned),
                                tag=s.site_id, env=flower_env(s.state_dir))
         self.launcher.start()
         threading.Thread(target=self._watch_launcher, name=f"{s.site_id}-launcher",

@@ -234,7 +234,8 @@ def test_runner_pushes_the_refusal_to_the_coordinator(site_data, no_fab_code, mo
                         lambda client, context, sub_status, details: status.append(
                             (sub_status, details)))
     client = Client()
-    code = runner.run_task(client, AllowList(frozenset({"c" * 64})), load_app=None)
+    code = runner.run_task(client, AllowList(frozenset({"c" * 64})),
+                           node_config=context.node_config, load_app=None)
     assert code == 1 and client.closed
     assert [r.error.code for r in pushed] == [ErrorCode.INVALID_FAB]
     assert status[0][0] == SubStatus.FAILED and "not approved" in status[0][1]
@@ -260,9 +261,10 @@ def test_site_runs_its_own_launcher_with_the_allow_list(tmp_path):
                             state_dir=tmp_path / "s", allow=allow)
     cmd = supernode_command(settings)
     assert cmd[cmd.index("--isolation") + 1] == "process"        # Flower starts nothing
-    launcher = launcher_command("127.0.0.1:9094", allow, "a", runtime_secret=tmp_path / "x")
+    launcher = launcher_command("127.0.0.1:9094", allow, "a", runtime_secret=tmp_path / "x",
+                                node_config=tmp_path / "n")
     assert launcher[1:3] == ["-m", "medfed.deploy.launcher"]
-    task = worker_command("127.0.0.1:9094", allow, "a")
+    task = worker_command("127.0.0.1:9094", allow, "a", node_config=tmp_path / "n")
     assert task[1:3] == ["-m", "medfed.deploy.runner"]
     for argv in (launcher, task):
         assert [argv[i + 1] for i, a in enumerate(argv) if a == "--allow-app"] == \

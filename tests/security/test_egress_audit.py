@@ -49,7 +49,8 @@ def _run(monkeypatch, message, context, fab, allow, load_app, audit):
                         lambda client: (message, context, None, fab))
     monkeypatch.setattr(flwr_runner, "push_message", lambda c, reply, ctx: pushed.append(reply))
     monkeypatch.setattr(flwr_runner, "push_task_output", lambda **kwargs: None)
-    runner.run_task(_Client(), allow, load_app=load_app, audit=audit)
+    runner.run_task(_Client(), allow, node_config=context.node_config, load_app=load_app,
+                    audit=audit)
     return pushed
 
 
@@ -101,8 +102,10 @@ def test_a_changed_reply_changes_its_digest():
 
 @pytest.mark.parametrize("build", [
     lambda log: launcher_command("127.0.0.1:9094", AllowList(), "a", log,
-                                 runtime_secret=log.parent / "secret"),
-    lambda log: worker_command("127.0.0.1:9094", AllowList(), "a", log)])
+                                 runtime_secret=log.parent / "secret",
+                                 node_config=log.parent / "node-config.json"),
+    lambda log: worker_command("127.0.0.1:9094", AllowList(), "a", log,
+                               node_config=log.parent / "node-config.json")])
 def test_the_site_passes_its_egress_log_to_launcher_and_runner(build, tmp_path):
     argv = build(tmp_path / "egress.jsonl")
     assert argv[argv.index("--egress-log") + 1] == str(tmp_path / "egress.jsonl")

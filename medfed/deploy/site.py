@@ -214,6 +214,8 @@ def supernode_command(s: SiteSettings) -> list[str]:
     # Flower's SuperNode, with its 3 s idle poll capped (medfed.deploy.supernode)
     cmd = [sys.executable, "-m", "medfed.deploy.supernode",
            "--poll-interval", str(s.poll_interval),
+           # it opens only approved FABs' pyproject.toml (medfed.deploy.supernode)
+           *s.allow.args(),
            "--superlink", s.superlink,
            "--root-certificates", str(s.root_cert),
            "--auth-supernode-private-key", str(s.auth_key),

@@ -41,7 +41,8 @@ from protocol import wire
 from .allowlist import AllowList
 from .egress import EGRESS_LOG
 from .launcher import launcher_command
-from .preflight import DeployError, check_auth_key, check_port_free, check_superlink
+from .preflight import (DeployError, check_auth_key, check_port_free, check_superlink,
+                        replaceable_by_others)
 from .process import Daemon, flower_env, sleep_unless_stopped
 from .runtime_auth import (RUNTIME_SECRET, check_runtime_secret, ensure_runtime_secret,
                            pin_node_config)
@@ -291,8 +292,26 @@ class Site:
         dicom_folder(s.data_dir)              # a wrong path fails before a key is made in it
         summary = check_data_dir(s.data_dir, pseudonym_key(s), s.layout)
         log.info("[%s] data directory usable: %s", s.site_id, summary)
+        self.warn_shared_privacy_dir()
         check_port_free("127.0.0.1", s.runtime_port, "site runtime API")
         check_superlink(s.superlink, s.root_cert)
+
+    def warn_shared_privacy_dir(self) -> None:
+        """One loud warning when the privacy dir (ledger, pseudonym key, query log) lies in a
+        data dir other accounts can write: whoever writes the PACS export could rename it and
+        so restart the site's privacy budget. A warning, not a refusal: existing sites keep
+        their ledger in the default ``<data-dir>/.medfed``."""
+        from client.privacy.policy import state_dir
+
+        s = self.settings
+        folder = state_dir(node_config(s), s.data_dir.resolve())
+        if (why := replaceable_by_others(folder, s.data_dir)) is not None:
+            log.warning("[%s] WARNING: the site's privacy dir (privacy ledger, pseudonym key, "
+                        "query log) lies inside its data directory and %s: whoever can write "
+                        "there can rename it and so reset the site's privacy budget. Set "
+                        "--privacy-dir to a folder outside the data directory that only this "
+                        "account can write, after moving the existing one there",
+                        s.site_id, why)
 
     def start(self) -> None:
         self.preflight()

@@ -3,10 +3,12 @@ out, written by the site-owned runner (``medfed.deploy.runner``) just before the
 pushed - error replies and refusals included.
 
 A line holds what a security officer needs to see what left, and nothing patient-derived:
-time, run id, message type, the error code (if any), and per record its kind, number of
-entries, payload bytes and a SHA-256 over its contents. No array values, metric values or
-config strings are written - the hashes let the officer match a line against the message the
-coordinator received (``record_digest``) without the log itself becoming a copy of it.
+time, run id, message type, the error code (if any) with the UTF-8 bytes and SHA-256 of the
+error's reason text (a refusal's reason leaves the site too, and may carry a number: a DP
+refusal's 1/n), and per record its kind, number of entries, payload bytes and a SHA-256 over
+its contents. No array values, metric values, config strings or reason texts are written -
+the hashes let the officer match a line against the message the coordinator received
+(``record_digest``, ``reason_digest``) without the log itself becoming a copy of it.
 """
 
 from __future__ import annotations
@@ -39,6 +41,12 @@ def record_digest(record) -> tuple[str, int, int]:
     return h.hexdigest(), len(record), size
 
 
+def reason_digest(reason: str) -> dict:
+    """``{"bytes", "sha256"}`` of an error reply's reason text (UTF-8), never the text."""
+    blob = reason.encode()
+    return {"bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
+
+
 def _kind(record) -> str:
     if isinstance(record, ArrayRecord):
         return "arrays"
@@ -51,9 +59,11 @@ def egress_entry(reply: Message, run_id: int | None) -> dict:
     """The audit line for ``reply`` (no values, only names, sizes and digests)."""
     entry: dict = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                    "run_id": run_id, "message_type": reply.metadata.message_type,
-                   "error_code": None, "records": {}, "bytes": 0}
+                   "error_code": None, "error_reason": None, "records": {}, "bytes": 0}
     if reply.has_error():
         entry["error_code"] = int(reply.error.code)
+        entry["error_reason"] = reason_digest(reply.error.reason or "")
+        entry["bytes"] = entry["error_reason"]["bytes"]
         return entry
     for name, record in reply.content.items():
         digest, entries, size = record_digest(record)

@@ -41,29 +41,34 @@ from protocol.hoptrace import hop
 
 from .allowlist import AllowList
 from .follow import FollowPoll
-from .runtime_auth import load_runtime_secret, signing_interceptor
+from .runtime_auth import load_pinned_node_config, load_runtime_secret, signing_interceptor
 
 log = logging.getLogger("medfed.deploy")
 
 
 def launcher_command(address: str, allow: AllowList, site_id: str,
-                     egress_log: Path | None = None, *, runtime_secret: Path) -> list[str]:
+                     egress_log: Path | None = None, *, runtime_secret: Path,
+                     node_config: Path) -> list[str]:
     """Command line ``medfed site`` starts the launcher with (it dies with ``medfed site``);
-    the secret travels as a path (the file is owner-only), never as a value."""
+    the secret travels as a path (the file is owner-only), never as a value; so does the
+    node config the site gave its SuperNode (``runtime_auth.pin_node_config``)."""
     return [sys.executable, "-m", "medfed.deploy.launcher", "--runtime-api-address", address,
             "--site-id", site_id, "--parent-pid", str(os.getpid()), *allow.args(),
             "--runtime-secret-file", str(runtime_secret),
+            "--node-config-file", str(node_config),
             *(["--egress-log", str(egress_log)] if egress_log else [])]
 
 
 def worker_command(address: str, allow: AllowList, site_id: str,
-                   egress_log: Path | None = None) -> list[str]:
+                   egress_log: Path | None = None, *, node_config: Path) -> list[str]:
     """Command line of the site's long-lived runner (same interpreter, so the same installed
     MedFed). No token here: any local account can read a command line, so tokens go over
-    stdin; ``SiteWorker`` adds the events pipe (``--events-fd``)."""
+    stdin; ``SiteWorker`` adds the events pipe (``--events-fd``). ``node_config`` is the
+    site's pinned node config, from the site, never from the runtime port."""
     return [sys.executable, "-m", "medfed.deploy.runner", "--runtime-api-address", address,
             "--serve", "--site-id", site_id, "--parent-pid", str(os.getpid()),
-            *allow.args(), *(["--egress-log", str(egress_log)] if egress_log else [])]
+            *allow.args(), "--node-config-file", str(node_config),
+            *(["--egress-log", str(egress_log)] if egress_log else [])]
 
 
 class SiteWorker:
@@ -174,17 +179,20 @@ READY_TIMEOUT = 300.0     # seconds a runner may take to import the app before i
 
 
 def serve(address: str, allow: AllowList, *, site_id: str, secret: bytes, poll: float = 0.2,
-          egress_log: Path | None = None, command: list[str] | None = None,
-          ready_timeout: float = READY_TIMEOUT) -> None:
+          egress_log: Path | None = None, node_config: Path | None = None,
+          command: list[str] | None = None, ready_timeout: float = READY_TIMEOUT) -> None:
     """Claim ClientApp tasks from the SuperNode forever (``AcquireTask`` signed with the
     site's runtime ``secret``, every ``poll`` s while the runner is idle) and hand each to the
     site's long-lived runner, restarting it if it dies or is not ready within
     ``ready_timeout`` s (see the module docstring); every ``CLAIM_FOLLOW`` s for a while
-    after the runner finished a task."""
+    after the runner finished a task. The runner gets ``node_config`` (the site's pinned
+    node config) unless ``command`` replaces it (tests)."""
     from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
     from flwr.supercore.constant import TaskType
 
-    command = command or worker_command(address, allow, site_id, egress_log)
+    if command is None:
+        assert node_config is not None, "the runner needs the site's pinned node config"
+        command = worker_command(address, allow, site_id, egress_log, node_config=node_config)
     client = acquire_client(address, secret)
     request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])
     worker, early_deaths = SiteWorker(command), 0
@@ -231,6 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parent-pid", type=int)
     p.add_argument("--allow-app", action="append", default=[])
     p.add_argument("--egress-log", type=Path)
+    p.add_argument("--node-config-file", type=Path, required=True,
+                   help="the node config the site gave its SuperNode; passed to the runner, "
+                        "which refuses tasks that carry another")
     p.add_argument("--runtime-secret-file", type=Path, required=True,
                    help="the secret the SuperNode's --superexec-auth-secret-file names")
     p.add_argument("--poll-interval", type=float, default=0.2,
@@ -247,11 +258,13 @@ def main(argv: list[str] | None = None) -> int:
         start_parent_process_monitor(args.parent_pid)
     allow = AllowList.build(args.allow_app)
     secret = load_runtime_secret(args.runtime_secret_file)
+    load_pinned_node_config(args.node_config_file)      # fail here, not in each runner
     if not allow.digests:
         log.warning("[%s] no app approved: every run will be refused", args.site_id)
     try:
         serve(args.runtime_api_address, allow, site_id=args.site_id, secret=secret,
-              egress_log=args.egress_log, poll=args.poll_interval,
+              egress_log=args.egress_log, node_config=args.node_config_file,
+              poll=args.poll_interval,
               ready_timeout=args.ready_timeout)
     except RuntimeError as err:          # the runner cannot start: one line, the site stops
         log.error("[%s] %s", args.site_id, err)

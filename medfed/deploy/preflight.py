@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import datetime as dt
 import errno
+import os
 import socket
 import ssl
+import stat
 from pathlib import Path
 
 from cryptography import x509
@@ -116,6 +118,28 @@ def check_auth_key(path: Path) -> None:
         raise DeployError(f"auth key {path} is not an unencrypted OpenSSH private key") from None
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise DeployError(f"auth key {path} is not an EC key (Flower needs a NIST curve)")
+
+
+def replaceable_by_others(inner: Path, outer: Path) -> str | None:
+    """Why another account could rename ``inner`` (and put a fresh one in its place) when it
+    lies inside ``outer``: a folder from ``outer`` down to ``inner``'s parent that is another
+    account's, or that group/others may write without the sticky bit. None when ``inner``
+    is not inside ``outer`` or no such folder exists."""
+    outer, inner = outer.resolve(), inner.resolve()
+    if inner == outer or not inner.is_relative_to(outer):
+        return None
+    parts = inner.relative_to(outer).parts
+    for depth in range(len(parts)):               # outer, ..., inner's parent
+        folder = outer.joinpath(*parts[:depth])
+        try:
+            st = folder.stat()
+        except FileNotFoundError:
+            return None
+        if st.st_uid != os.getuid():
+            return f"a folder of it belongs to another account (uid {st.st_uid})"
+        if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+            return f"a folder of it is writable by group/others (mode {st.st_mode & 0o777:04o})"
+    return None
 
 
 def check_superlink(address: str, root_cert: Path, *, timeout: float = 5.0) -> None:

@@ -7,7 +7,7 @@ the bundle the coordinator uploaded*: whoever runs the coordinator decides which
 to the hospital's data, and every site-side protection (ledger, require-dp, require-secagg,
 de-identification) lives inside that code. This runner keeps Flower's task protocol (pull the
 task input, heartbeat, push the reply and the task status, with flwr's own functions) and
-changes exactly two things:
+changes exactly three things:
 
 1. after ``pull_task_input`` it recomputes the SHA-256 of the FAB bytes and checks it against
    the site's allow-list (``AllowList``, given on the runner's command line by the site
@@ -19,7 +19,12 @@ changes exactly two things:
    (``CLIENTAPP_REF``, the same component ``pyproject.toml`` names), never code from the FAB.
    The digest says "this is the release we reviewed"; the installed package is the code that
    runs, so even an approved digest cannot smuggle code, and upgrading MedFed at a site is an
-   install plus a new ``--allow-app``.
+   install plus a new ``--allow-app``;
+3. before either, the task's node config must be the one ``medfed site`` gave its SuperNode
+   (``--node-config-file``, written by the site, never read from the wire): a task offered
+   on the runtime port by another account's process, with a data dir, privacy dir or report
+   floor of its choosing, is refused the same way (``check_origin``; see
+   ``medfed.deploy.runtime_auth``).
 
 Why a runner and not a patched Flower. Flower 1.41's ``--isolation process`` lets the site
 start its own executor next to the SuperNode (``medfed.deploy.launcher``); Flower's
@@ -48,8 +53,9 @@ import os
 import re
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import BinaryIO
 
 from flwr.app import Context, Message
@@ -61,6 +67,7 @@ from protocol.hoptrace import hop
 
 from .allowlist import AllowList, AppRefused
 from .egress import EgressAudit
+from .runtime_auth import foreign_node_config, load_pinned_node_config
 
 log = logging.getLogger("medfed.deploy")
 
@@ -141,11 +148,30 @@ def handle_task(message: Message, context: Context, fab: Fab, allow: AllowList, 
     return Outcome(reply, SubStatus.COMPLETED, "")
 
 
-def run_task(client, allow: AllowList, *, site_id: str = "site",
-             load_app: Callable = load_installed_clientapp,
+ORIGIN_REFUSED = ("task refused by the site: its node config is not the one this site gave "
+                  "its SuperNode")
+
+
+def check_origin(message: Message, context: Context, node_config: Mapping[str, object], *,
+                 site_id: str = "site") -> Outcome | None:
+    """An error ``Outcome`` (nothing run) when the task's node config is not ``node_config``,
+    the one the site gave its SuperNode: another process then serves the runtime port."""
+    differ = foreign_node_config(context.node_config, node_config)
+    if not differ:
+        return None
+    log.error("[%s] run %s refused: its node config differs from this site's in %s; another "
+              "process answers on the site's runtime port", site_id, message.metadata.run_id,
+              ", ".join(differ))
+    return Outcome(Message(Error(code=ErrorCode.MOD_FAILED_PRECONDITION, reason=ORIGIN_REFUSED),
+                           reply_to=message), SubStatus.FAILED, ORIGIN_REFUSED)
+
+
+def run_task(client, allow: AllowList, *, node_config: Mapping[str, object],
+             site_id: str = "site", load_app: Callable = load_installed_clientapp,
              audit: EgressAudit | None = None) -> int:
-    """One task over the SuperNode's runtime API, as ``run_clientapp`` does minus the FAB;
-    every reply (refusals and errors included) is written to ``audit`` before it is pushed."""
+    """One task over the SuperNode's runtime API, as ``run_clientapp`` does minus the FAB,
+    refused unless its node config is ``node_config`` (``check_origin``); every reply
+    (refusals and errors included) is written to ``audit`` before it is pushed."""
     from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
     from flwr.supernode.runtime.run_clientapp import (pull_task_input, push_message,
                                                       push_task_output)
@@ -160,7 +186,9 @@ def run_task(client, allow: AllowList, *, site_id: str = "site",
         pulled = time.perf_counter()
         message_id = message.metadata.message_id
         hop("runner.pulled", message_id, site=site_id)
-        outcome = handle_task(message, context, fab, allow, site_id=site_id, load_app=load_app)
+        outcome = (check_origin(message, context, node_config, site_id=site_id)
+                   or handle_task(message, context, fab, allow, site_id=site_id,
+                                  load_app=load_app))
         hop("runner.handled", message_id, site=site_id)
         if audit is not None:
             audit.record(outcome.reply, context.run_id)
@@ -230,8 +258,8 @@ def read_tokens(stream: BinaryIO) -> Iterator[str]:
 
 
 def serve(tokens: Iterable[str], connect: Callable, allow: AllowList, *,
-          report: Callable[[int], None], site_id: str = "site",
-          load_app: Callable = load_installed_clientapp,
+          report: Callable[[int], None], node_config: Mapping[str, object],
+          site_id: str = "site", load_app: Callable = load_installed_clientapp,
           audit: EgressAudit | None = None) -> int:
     """Serve each task token in this process (``run_task`` with ``connect(token)``'s client);
     ``report(code)`` after each. A task that fails to pull or push does not stop the next one.
@@ -239,8 +267,8 @@ def serve(tokens: Iterable[str], connect: Callable, allow: AllowList, *,
     served = 0
     for token in tokens:
         try:
-            code = run_task(connect(token), allow, site_id=site_id, load_app=load_app,
-                            audit=audit)
+            code = run_task(connect(token), allow, node_config=node_config, site_id=site_id,
+                            load_app=load_app, audit=audit)
         except KeyboardInterrupt:          # the launcher went away mid-task: say so, stop
             log.info("[%s] site runner interrupted during a task (after %d served); "
                      "stopping", site_id, served)
@@ -264,6 +292,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--parent-pid", type=int)
     p.add_argument("--allow-app", action="append", default=[])
     p.add_argument("--egress-log", help="append one audit line per reply to this file")
+    p.add_argument("--node-config-file", type=Path, required=True,
+                   help="the node config the site gave its SuperNode (runtime_auth."
+                        "pin_node_config); tasks with another one are refused")
     return p
 
 
@@ -292,6 +323,7 @@ def _serve_tokens(argv: list[str] | None) -> int:
 
         start_parent_process_monitor(args.parent_pid)
     allow = AllowList.build(args.allow_app)
+    node_config = load_pinned_node_config(args.node_config_file)
     audit = EgressAudit(args.egress_log) if args.egress_log else None
     load_installed_clientapp()            # the imports, once, before the first task
     prompt_pulls()
@@ -305,7 +337,7 @@ def _serve_tokens(argv: list[str] | None) -> int:
         return runtime_client(args.runtime_api_address, token)
 
     served = serve(read_tokens(sys.stdin.buffer), connect, allow, report=report,
-                   site_id=args.site_id, audit=audit)
+                   node_config=node_config, site_id=args.site_id, audit=audit)
     log.info("[%s] site runner stopping after %d tasks", args.site_id, served)
     return 0
 

@@ -20,43 +20,76 @@ on first start and refuses one others may read (``check_runtime_secret``, the sa
 the site key); the launcher signs its ``AcquireTask`` polls with it; and the token, the second
 key, reaches the runner on its standard input (Flower's ``--token-stdin`` convention), never
 on a command line every local account can read in ``/proc/<pid>/cmdline``.
+
+The other direction. The secret proves the launcher to the SuperNode, not the SuperNode to the
+launcher: while the site's SuperNode is down (restarted every 10 s while the coordinator still
+holds the site's previous session), another account can bind the runtime port with a stock
+SuperNode and hand the launcher tasks of its own, with a node config of its choosing (another
+data dir, a fresh privacy dir and so a fresh budget, a report floor of 1). So ``medfed site``
+also writes the node config it gives its SuperNode to ``state-dir/node-config.json``
+(owner-only, ``pin_node_config``), the launcher hands the runner that file's path on its
+command line, and the runner refuses every task whose node config differs from it
+(``foreign_node_config``): such a task gets an error reply and one line in the site's log, and
+nothing of it runs. A squatter can still copy the site's node config (the SuperNode's command
+line shows it) and pose as the coordinator; it then gets what the coordinator gets, under the
+site's own policies and budget.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import stat
+from collections.abc import Mapping
 from pathlib import Path
 
 from .preflight import DeployError
 
 RUNTIME_SECRET = "runtime-auth.secret"
+NODE_CONFIG = "node-config.json"          # the node config the site gave its SuperNode
 # The one method Flower's SuperExec signs (flwr.supercore.superexec.run_superexec).
 ACQUIRE_TASK = "/flwr.proto.Runtime/AcquireTask"
 
 
 def check_runtime_secret(path: Path) -> None:
     """The secret is a non-empty regular file of this account that nobody else may touch."""
+    check_owner_only(path, "runtime secret")
+
+
+def check_owner_only(path: Path, what: str) -> None:
+    """``path`` is a non-empty regular file of this account that nobody else may touch
+    (``medfed site`` (re)creates the site's ones, so deleting a refused one is the fix)."""
     try:
         st = path.lstat()
     except FileNotFoundError:
-        raise DeployError(f"runtime secret {path} does not exist (`medfed site` creates it in "
+        raise DeployError(f"{what} {path} does not exist (`medfed site` creates it in "
                           "its state dir on start)") from None
     if not stat.S_ISREG(st.st_mode):
-        raise DeployError(f"runtime secret {path} is not a regular file (a link?); delete it "
+        raise DeployError(f"{what} {path} is not a regular file (a link?); delete it "
                           "and `medfed site` creates a new one")
     if st.st_uid != os.getuid():
-        raise DeployError(f"runtime secret {path} belongs to another account (uid {st.st_uid}); "
+        raise DeployError(f"{what} {path} belongs to another account (uid {st.st_uid}); "
                           "delete it and `medfed site` creates a new one")
     mode = st.st_mode & 0o777
     if mode & 0o077:
-        raise DeployError(f"runtime secret {path} is accessible by group/other (mode "
+        raise DeployError(f"{what} {path} is accessible by group/other (mode "
                           f"{mode:04o}); delete it (`medfed site` creates a new one) or run "
                           f"`chmod 600 {path}` if nobody else could have read it")
     if st.st_size == 0:
-        raise DeployError(f"runtime secret {path} is empty; delete it and `medfed site` creates "
+        raise DeployError(f"{what} {path} is empty; delete it and `medfed site` creates "
                           "a new one")
+
+
+def write_owner_only(path: Path, data: bytes) -> None:
+    """Replace ``path`` atomically by an owner-only (0600) file holding ``data``; the
+    temporary file is created O_EXCL|O_NOFOLLOW, never through a planted link."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
 
 
 def ensure_runtime_secret(state_dir: Path) -> Path:
@@ -87,3 +120,36 @@ def signing_interceptor(secret: bytes):
     from flwr.supercore.interceptors.http import SuperExecAuthHttpInterceptor
 
     return SuperExecAuthHttpInterceptor(master_secret=secret, protected_methods=[ACQUIRE_TASK])
+
+
+def pin_node_config(state_dir: Path, config: Mapping[str, object]) -> Path:
+    """Write ``config`` (what the site passes its SuperNode's ``--node-config``) to
+    ``state_dir/node-config.json``, owner-only, replacing the last start's; its path."""
+    path = state_dir / NODE_CONFIG
+    write_owner_only(path, json.dumps(dict(config), sort_keys=True).encode())
+    return path
+
+
+def load_pinned_node_config(path: Path) -> dict[str, object]:
+    """The node config ``pin_node_config`` wrote (checked owner-only first)."""
+    check_owner_only(path, "pinned node config")
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise DeployError(f"pinned node config {path} cannot be read ({err}); `medfed site` "
+                          "writes it on start") from None
+    if not isinstance(config, dict):
+        raise DeployError(f"pinned node config {path} is not a JSON object; `medfed site` "
+                          "writes it on start")
+    return config
+
+
+def foreign_node_config(received: Mapping[str, object],
+                        pinned: Mapping[str, object]) -> list[str]:
+    """Keys on which a task's node config differs from the pinned one (added, missing, or
+    another value or type: ``1`` is not ``1.0`` nor ``true``); sorted names only, no values."""
+    def same(key: str) -> bool:
+        return key in received and key in pinned and \
+            json.dumps(received[key]) == json.dumps(pinned[key])
+
+    return sorted(k for k in set(received) | set(pinned) if not same(k))

@@ -26,11 +26,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import threading
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+
+from .runtime_auth import write_owner_only
 
 log = logging.getLogger("medfed.deploy")
 
@@ -89,11 +90,7 @@ def read_record(state_dir: Path) -> SessionRecord | None:
 
 def write_record(state_dir: Path, record: SessionRecord) -> None:
     """Replace the record atomically (owner-only)."""
-    tmp = state_dir / f".{SESSION_FILE}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(record.to_json())
-    os.replace(tmp, state_dir / SESSION_FILE)
+    write_owner_only(state_dir / SESSION_FILE, record.to_json().encode())
 
 
 def open_session_left(record: SessionRecord | None, key: str, now: float) -> float:

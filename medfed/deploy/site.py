@@ -19,7 +19,9 @@ which runs each task in ``medfed.deploy.runner``: the run's FAB must be on the s
 allow-list (``--allow-app``/``--allow-list``, see ``medfed.deploy.allowlist``) and the
 ClientApp that runs is the site's installed one, never code from the bundle. Only the
 launcher may claim those tasks: the SuperNode and the launcher share a secret the site keeps
-in its state dir (``medfed.deploy.runtime_auth``), so other accounts on the machine cannot.
+in its state dir (``medfed.deploy.runtime_auth``), so other accounts on the machine cannot;
+and the runner runs only tasks that carry the node config the site gave its SuperNode (kept
+in the state dir too), so another account's process on the runtime port cannot choose it.
 """
 
 from __future__ import annotations
@@ -39,9 +41,11 @@ from protocol import wire
 from .allowlist import AllowList
 from .egress import EGRESS_LOG
 from .launcher import launcher_command
-from .preflight import DeployError, check_auth_key, check_port_free, check_superlink
+from .preflight import (DeployError, check_auth_key, check_port_free, check_superlink,
+                        replaceable_by_others)
 from .process import Daemon, flower_env, sleep_unless_stopped
-from .runtime_auth import RUNTIME_SECRET, check_runtime_secret, ensure_runtime_secret
+from .runtime_auth import (RUNTIME_SECRET, check_runtime_secret, ensure_runtime_secret,
+                           pin_node_config)
 from .session import SessionKeeper, key_fingerprint, open_session_left, read_record
 from .supernode import FLOWER_IDLE_POLL
 
@@ -211,6 +215,8 @@ def supernode_command(s: SiteSettings) -> list[str]:
     # Flower's SuperNode, with its 3 s idle poll capped (medfed.deploy.supernode)
     cmd = [sys.executable, "-m", "medfed.deploy.supernode",
            "--poll-interval", str(s.poll_interval),
+           # it opens only approved FABs' pyproject.toml (medfed.deploy.supernode)
+           *s.allow.args(),
            "--superlink", s.superlink,
            "--root-certificates", str(s.root_cert),
            "--auth-supernode-private-key", str(s.auth_key),
@@ -286,8 +292,26 @@ class Site:
         dicom_folder(s.data_dir)              # a wrong path fails before a key is made in it
         summary = check_data_dir(s.data_dir, pseudonym_key(s), s.layout)
         log.info("[%s] data directory usable: %s", s.site_id, summary)
+        self.warn_shared_privacy_dir()
         check_port_free("127.0.0.1", s.runtime_port, "site runtime API")
         check_superlink(s.superlink, s.root_cert)
+
+    def warn_shared_privacy_dir(self) -> None:
+        """One loud warning when the privacy dir (ledger, pseudonym key, query log) lies in a
+        data dir other accounts can write: whoever writes the PACS export could rename it and
+        so restart the site's privacy budget. A warning, not a refusal: existing sites keep
+        their ledger in the default ``<data-dir>/.medfed``."""
+        from client.privacy.policy import state_dir
+
+        s = self.settings
+        folder = state_dir(node_config(s), s.data_dir.resolve())
+        if (why := replaceable_by_others(folder, s.data_dir)) is not None:
+            log.warning("[%s] WARNING: the site's privacy dir (privacy ledger, pseudonym key, "
+                        "query log) lies inside its data directory and %s: whoever can write "
+                        "there can rename it and so reset the site's privacy budget. Set "
+                        "--privacy-dir to a folder outside the data directory that only this "
+                        "account can write, after moving the existing one there",
+                        s.site_id, why)
 
     def start(self) -> None:
         self.preflight()
@@ -296,11 +320,14 @@ class Site:
         # made 0700, and one made wider before (by hand, an older release) tightened, said
         own_folder(s.state_dir)
         ensure_runtime_secret(s.state_dir)
+        # what the runner accepts from the runtime port: exactly the SuperNode's node config
+        pinned = pin_node_config(s.state_dir, node_config(s))
         self.keeper = SessionKeeper(s.state_dir, key_fingerprint(s.auth_key))
         self.start_supernode()
         self.launcher = Daemon(launcher_command(f"127.0.0.1:{s.runtime_port}", s.allow,
                                                 s.site_id, s.state_dir / EGRESS_LOG,
-                                                runtime_secret=s.runtime_secret),
+                                                runtime_secret=s.runtime_secret,
+                                                node_config=pinned),
                                tag=s.site_id, env=flower_env(s.state_dir))
         self.launcher.start()
         threading.Thread(target=self._watch_launcher, name=f"{s.site_id}-launcher",

@@ -54,7 +54,7 @@ def test_the_supernode_polls_fast_only_after_it_sent_a_reply(monkeypatch, clock)
     ``FOLLOW_POLL`` for ``FOLLOW_WINDOW`` s after a reply was sent, ``--poll-interval`` else."""
     import flwr.supernode.start_client_internal as loop
 
-    for name in ("time", "pull_objects", "_push_messages"):
+    for name in ("time", "pull_objects", "_push_messages", "get_fused_config_from_fab"):
         monkeypatch.setattr(loop, name, getattr(loop, name))
     sent = []
     monkeypatch.setattr(loop, "_push_messages", lambda **kw: sent.append(kw))

@@ -89,7 +89,8 @@ def test_supernode_wrappers_pass_flowers_calls_through_and_count_objects(trace):
 def test_supernode_install_adds_the_tracing_wrappers_only_when_on(trace, monkeypatch):
     import flwr.supernode.start_client_internal as loop
 
-    for name in ("time", "pull_objects", "_push_messages", "_pull_and_store_message"):
+    for name in ("time", "pull_objects", "_push_messages", "_pull_and_store_message",
+                 "get_fused_config_from_fab"):
         monkeypatch.setattr(loop, name, getattr(loop, name))
     original = loop._pull_and_store_message
     supernode.install(0.5)

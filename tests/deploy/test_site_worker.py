@@ -25,6 +25,7 @@ from client.data.pseudonyms import KEY_FILE
 from client.job import decode_job
 from medfed.deploy.allowlist import AllowList, fab_digest
 from medfed.deploy.egress import EgressAudit
+from medfed.deploy.runtime_auth import pin_node_config
 from protocol import wire
 from server.config import load_experiment
 from server.federation import job_config
@@ -95,14 +96,14 @@ def _serve(tokens_tasks, tasks, site_dir: Path, audit: EgressAudit):
     """Queue one task per (token, message[, fab bytes]) and serve them all in one ``serve``
     call. Every FAB is labelled with the approved digest (what a lying coordinator sends)."""
     codes: list[int] = []
+    node_config = {wire.NODE_DATA_DIR: str(site_dir), wire.NODE_SITE_ID: "s0"}
     for token, message, *fab in tokens_tasks:
         fab = fab[0] if fab else APPROVED
         context = Context(run_id=1, node_id=7, state=RecordDict(), run_config={},
-                          node_config={wire.NODE_DATA_DIR: str(site_dir),
-                                       wire.NODE_SITE_ID: "s0"})
+                          node_config=dict(node_config))
         tasks[token] = (message, context, None, Fab(fab_digest(APPROVED), fab, {}))
     runner.serve([t for t, *_ in tokens_tasks], _Client, AllowList(frozenset({fab_digest(
-        APPROVED)})), report=codes.append, site_id="s0", audit=audit)
+        APPROVED)})), report=codes.append, node_config=node_config, site_id="s0", audit=audit)
     return codes
 
 
@@ -173,7 +174,8 @@ def test_the_runner_checks_the_fab_of_every_task_not_once(tiny_sites, tmp_path, 
 def test_a_task_that_fails_outside_the_app_does_not_stop_the_runner(exchange):
     tasks, _, _ = exchange           # nothing queued: pulling "a..." raises KeyError
     codes: list[int] = []
-    served = runner.serve(["a" * 256], _Client, AllowList(), report=codes.append)
+    served = runner.serve(["a" * 256], _Client, AllowList(), report=codes.append,
+                          node_config={})
     assert served == 1 and codes == [1]
 
 
@@ -185,7 +187,7 @@ def test_an_interrupt_during_a_task_stops_the_runner_with_one_line_in_its_log(ca
     with caplog.at_level(logging.INFO, logger=runner.log.name), \
             pytest.raises(KeyboardInterrupt):
         runner.serve(["a" * 256], interrupted, AllowList(), report=codes.append,
-                     site_id="site-7")
+                     node_config={}, site_id="site-7")
     assert codes == []
     assert [r.getMessage() for r in caplog.records] == [
         "[site-7] site runner interrupted during a task (after 0 served); stopping"]
@@ -328,10 +330,12 @@ def test_a_runner_whose_launcher_goes_away_stops_without_a_traceback(tmp_path):
     parent = subprocess.Popen(["sleep", "60"])       # stands in for the site's launcher
     read, write = os.pipe()
     out = tmp_path / "runner.log"
+    pinned = pin_node_config(tmp_path, {"site-id": "s0"})
     with open(out, "w") as sink:
         proc = subprocess.Popen([sys.executable, "-m", "medfed.deploy.runner",
                                  "--runtime-api-address", "127.0.0.1:1", "--serve",
                                  "--site-id", "s0", "--parent-pid", str(parent.pid),
+                                 "--node-config-file", str(pinned),
                                  "--events-fd", str(write)],
                                 stdin=subprocess.PIPE, stdout=sink, stderr=subprocess.STDOUT,
                                 pass_fds=(write,))
@@ -375,6 +379,8 @@ def test_a_runner_stopped_while_importing_torch_prints_nothing_at_exit(tmp_path)
     try:
         result = subprocess.run([sys.executable, "-c", _INTERRUPTED_IMPORT,
                                  "--runtime-api-address", "127.0.0.1:1", "--serve",
+                                 "--node-config-file",
+                                 str(pin_node_config(tmp_path, {"site-id": "s0"})),
                                  "--events-fd", str(write)], pass_fds=(write,),
                                 stdin=subprocess.DEVNULL, capture_output=True, text=True,
                                 timeout=100)         # hang guard, not a timing assertion

@@ -73,7 +73,7 @@ def test_the_supernode_forwards_a_reply_within_the_local_wait_not_flowers_0_5_s(
 
 def _restore_after(monkeypatch, loop) -> None:
     """What ``install`` replaces in Flower's SuperNode loop, put back after the test."""
-    for name in ("time", "pull_objects", "_push_messages"):
+    for name in ("time", "pull_objects", "_push_messages", "get_fused_config_from_fab"):
         monkeypatch.setattr(loop, name, getattr(loop, name))
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.common.config import flatten_dict
 from flwr.common.constant import ErrorCode, SubStatus
 from flwr.supercore.fab import Fab
 
@@ -234,7 +235,8 @@ def test_runner_pushes_the_refusal_to_the_coordinator(site_data, no_fab_code, mo
                         lambda client, context, sub_status, details: status.append(
                             (sub_status, details)))
     client = Client()
-    code = runner.run_task(client, AllowList(frozenset({"c" * 64})), load_app=None)
+    code = runner.run_task(client, AllowList(frozenset({"c" * 64})),
+                           node_config=context.node_config, load_app=None)
     assert code == 1 and client.closed
     assert [r.error.code for r in pushed] == [ErrorCode.INVALID_FAB]
     assert status[0][0] == SubStatus.FAILED and "not approved" in status[0][1]
@@ -260,9 +262,10 @@ def test_site_runs_its_own_launcher_with_the_allow_list(tmp_path):
                             state_dir=tmp_path / "s", allow=allow)
     cmd = supernode_command(settings)
     assert cmd[cmd.index("--isolation") + 1] == "process"        # Flower starts nothing
-    launcher = launcher_command("127.0.0.1:9094", allow, "a", runtime_secret=tmp_path / "x")
+    launcher = launcher_command("127.0.0.1:9094", allow, "a", runtime_secret=tmp_path / "x",
+                                node_config=tmp_path / "n")
     assert launcher[1:3] == ["-m", "medfed.deploy.launcher"]
-    task = worker_command("127.0.0.1:9094", allow, "a")
+    task = worker_command("127.0.0.1:9094", allow, "a", node_config=tmp_path / "n")
     assert task[1:3] == ["-m", "medfed.deploy.runner"]
     for argv in (launcher, task):
         assert [argv[i + 1] for i, a in enumerate(argv) if a == "--allow-app"] == \
@@ -304,3 +307,105 @@ def test_allow_file_entries_and_comments(tmp_path):
     assert allow.digests == {"a" * 64, "b" * 64}
     with pytest.raises(AppRefused):
         allow.check(b"something else")
+
+
+# --- the site's SuperNode: an unapproved FAB's pyproject.toml is never read ------------------
+# Flower's SuperNode loop reads the pyproject.toml inside each new run's FAB (the run config's
+# defaults) before the runner sees the digest; a FAB is a zip, and a 299 KiB one held a
+# 300 MiB pyproject.toml (+601 MiB peak memory at the site, measured).
+
+def _zip(pyproject: str) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("pyproject.toml", pyproject)
+    return buf.getvalue()
+
+
+APPROVED_FAB = _zip((ROOT / "pyproject.toml").read_text())       # the release's own
+BOMB_FAB = _zip("#" + " " * (8 << 20))      # 8 MiB of spaces: a few KiB on the wire
+
+
+def _flower_loop_stores(fab: bytes, monkeypatch) -> tuple[list[bytes], object, int]:
+    """Flower's own SuperNode loop step (``_pull_and_store_message``) as the site's SuperNode
+    runs it (``supernode.install`` with the site's allow-list), on a message of a new run
+    whose FAB is ``fab``: the FABs Flower read a pyproject.toml from, the node state, run id."""
+    import flwr.common.config as flwr_config
+    import flwr.supernode.start_client_internal as loop
+    from flwr.app.message.message import make_message
+    from flwr.app.metadata import Metadata
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.inflatable.inflatable_object import (get_all_nested_objects,
+                                                             get_object_tree)
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.supercore.run import Run
+    from flwr.supernode.nodestate import NodeStateFactory
+
+    from medfed.deploy import supernode
+
+    for name in ("time", "pull_objects", "_push_messages", "get_fused_config_from_fab"):
+        monkeypatch.setattr(loop, name, getattr(loop, name))
+    read: list[bytes] = []
+    real = flwr_config.get_fab_config
+    monkeypatch.setattr(flwr_config, "get_fab_config",
+                        lambda fab_file: read.append(fab_file) or real(fab_file))
+    supernode.install(0.5, AllowList(frozenset({fab_digest(APPROVED_FAB)})))
+
+    store_factory = ObjectStoreFactory()
+    state = NodeStateFactory(objectstore_factory=store_factory).state()
+    state.set_node_id(1)
+    run = Run.create_empty(77)
+    run.fab_hash, run.primary_task_type = fab_digest(fab), TaskType.CLIENT_APP
+    msg = make_message(Metadata(run_id=run.run_id, message_id="", src_node_id=0, dst_node_id=1,
+                                reply_to_message_id="", group_id="", created_at=1e9,
+                                ttl=600, message_type=MessageType.TRAIN),
+                       content=RecordDict({"config": ConfigRecord({"x": 1})}))
+    msg.metadata.__dict__["_message_id"] = msg.object_id
+    objects = {oid: obj.deflate() for oid, obj in get_all_nested_objects(msg).items()}
+    answered = loop._pull_and_store_message(
+        state=state, object_store=store_factory.store(), node_config={"site-id": "a"},
+        receive=iter([(msg, get_object_tree(msg))]).__next__, get_run=lambda run_id: run,
+        get_fab=lambda fab_hash, run_id: Fab(fab_hash, fab, {}),
+        pull_object=lambda run_id, oid: objects[oid],
+        confirm_message_received=lambda *a: None, trusted_entities=None)
+    assert answered == run.run_id                 # the message is queued as a task either way
+    return read, state, run
+
+
+def test_the_sites_supernode_never_opens_an_unapproved_fab(monkeypatch):
+    read, state, run = _flower_loop_stores(BOMB_FAB, monkeypatch)
+    assert read == []                             # not one pyproject.toml read
+    context = state.get_run_series_context(run.series_id)
+    assert context.run_config == {}
+    # the task still reaches the runner, which refuses it by digest with its error reply
+    assert state.get_fab(fab_digest(BOMB_FAB)).content == BOMB_FAB
+
+
+def test_the_sites_supernode_reads_the_run_config_of_an_approved_fab(monkeypatch):
+    read, state, run = _flower_loop_stores(APPROVED_FAB, monkeypatch)
+    assert read == [APPROVED_FAB]
+    defaults = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
+    assert state.get_run_series_context(run.series_id).run_config == \
+        flatten_dict(defaults.get("config", {}))
+
+
+def test_the_site_gives_its_supernode_the_allow_list(tmp_path, monkeypatch):
+    import flwr.supernode.cli.flower_supernode  # noqa: F401 - loaded for sys.modules
+
+    from medfed.deploy import supernode
+
+    allow = AllowList(frozenset({"d" * 64, "e" * 64}))
+    settings = SiteSettings(site_id="a", data_dir=tmp_path, superlink="x:1",
+                            root_cert=tmp_path / "ca", auth_key=tmp_path / "k",
+                            state_dir=tmp_path / "s", allow=allow)
+    cmd = supernode_command(settings)
+    ours = cmd[cmd.index("medfed.deploy.supernode") + 1:cmd.index("--superlink")]
+    assert ours == ["--poll-interval", "0.5", *allow.args()]
+    installed, flower = [], []
+    cli = sys.modules["flwr.supernode.cli.flower_supernode"]
+    monkeypatch.setattr(supernode, "install", lambda interval, allow: installed.append(
+        (interval, allow)))
+    monkeypatch.setattr(cli, "flower_supernode", lambda: flower.append(sys.argv[1:]))
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    supernode.main(cmd[3:])
+    assert installed == [(0.5, allow)]
+    assert flower[0][:2] == ["--superlink", "x:1"]     # Flower gets only its own arguments

@@ -3,6 +3,7 @@ per reply before pushing it - refusals included - with names, sizes and digests,
 
 from __future__ import annotations
 
+import hashlib
 import json
 import stat
 
@@ -10,11 +11,12 @@ import numpy as np
 import pytest
 from flwr.app import (Array, ArrayRecord, ConfigRecord, Context, Message, MessageType,
                       MetricRecord, RecordDict)
+from flwr.app.error import Error
 from flwr.common.constant import ErrorCode
 
 import medfed.deploy.runner as runner
 from medfed.deploy.allowlist import AllowList, fab_digest
-from medfed.deploy.egress import EgressAudit, record_digest
+from medfed.deploy.egress import EgressAudit, egress_entry, record_digest
 from medfed.deploy.launcher import launcher_command, worker_command
 
 from .test_app_allowlist import _tampered_fab, _task
@@ -49,7 +51,8 @@ def _run(monkeypatch, message, context, fab, allow, load_app, audit):
                         lambda client: (message, context, None, fab))
     monkeypatch.setattr(flwr_runner, "push_message", lambda c, reply, ctx: pushed.append(reply))
     monkeypatch.setattr(flwr_runner, "push_task_output", lambda **kwargs: None)
-    runner.run_task(_Client(), allow, load_app=load_app, audit=audit)
+    runner.run_task(_Client(), allow, node_config=context.node_config, load_app=load_app,
+                    audit=audit)
     return pushed
 
 
@@ -92,6 +95,40 @@ def test_every_reply_is_audited_before_it_leaves_with_digests_and_no_values(
     assert stat.S_IMODE(audit.path.stat().st_mode) == 0o600
 
 
+def test_an_error_replys_reason_is_audited_by_size_and_digest_not_text(monkeypatch, tmp_path):
+    """An error reply's reason leaves the site too (a DP refusal's may carry the training
+    count's 1/n): its line holds the reason's bytes and SHA-256, so the officer can match
+    what the coordinator received, and not the text."""
+    from client.mods.errors import SiteError
+
+    reason = "dp-refused: 37 training studies (1/n = 0.027)"
+    site_data = tmp_path / "data"
+    site_data.mkdir()
+    audit = EgressAudit(tmp_path / "state" / "egress.jsonl")
+    bundle = _tampered_fab()
+    message, context, fab = _task(site_data, bundle)
+
+    def load_app():
+        def app(message: Message, context: Context) -> Message:
+            raise SiteError(*reason.split(": ", 1))
+        return app
+
+    sent = _run(monkeypatch, message, context, fab, AllowList(frozenset({fab_digest(bundle)})),
+                load_app, audit)
+    assert [r.error.reason for r in sent] == [reason]          # what the coordinator gets
+    text = audit.path.read_text()
+    (line,) = [json.loads(ln) for ln in text.splitlines()]
+    assert line["error_code"] == ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+    assert line["error_reason"] == {"bytes": len(reason.encode()),
+                                    "sha256": hashlib.sha256(reason.encode()).hexdigest()}
+    assert line["bytes"] == len(reason.encode())
+    assert "37 training" not in text and "0.027" not in text and "studies" not in text
+    # another reason, another digest: the line tells them apart
+    other = egress_entry(Message(Error(code=2, reason=reason.replace("37", "38")),
+                                 reply_to=message), 1)
+    assert other["error_reason"]["sha256"] != line["error_reason"]["sha256"]
+
+
 def test_a_changed_reply_changes_its_digest():
     a = ArrayRecord({"w": Array(np.zeros(3, np.float32))})
     b = ArrayRecord({"w": Array(np.array([0, 0, 1e-7], np.float32))})
@@ -101,8 +138,10 @@ def test_a_changed_reply_changes_its_digest():
 
 @pytest.mark.parametrize("build", [
     lambda log: launcher_command("127.0.0.1:9094", AllowList(), "a", log,
-                                 runtime_secret=log.parent / "secret"),
-    lambda log: worker_command("127.0.0.1:9094", AllowList(), "a", log)])
+                                 runtime_secret=log.parent / "secret",
+                                 node_config=log.parent / "node-config.json"),
+    lambda log: worker_command("127.0.0.1:9094", AllowList(), "a", log,
+                               node_config=log.parent / "node-config.json")])
 def test_the_site_passes_its_egress_log_to_launcher_and_runner(build, tmp_path):
     argv = build(tmp_path / "egress.jsonl")
     assert argv[argv.index("--egress-log") + 1] == str(tmp_path / "egress.jsonl")

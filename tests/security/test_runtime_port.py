@@ -8,13 +8,22 @@ hands the token to its runner over a pipe, not a command line."""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
 import os
 import stat
 import sys
+import threading
+import time
+from dataclasses import replace
 
 import httpx
 import pytest
+import uvicorn
 from fastapi.testclient import TestClient
+from flwr.common.config import parse_config_args
+from flwr.common.constant import ErrorCode
 from flwr.proto.runtime_pb2 import AcquireTaskRequest, AcquireTaskResponse  # pylint: disable=E0611
 from flwr.supercore.auth import create_superexec_auth_metadata, derive_auth_secret
 from flwr.supercore.constant import TaskType
@@ -25,14 +34,19 @@ from flwr.supernode.main import create_app
 from flwr.supernode.nodestate import NodeStateFactory
 
 from medfed.certs import site_keygen, write_certs
-from medfed.deploy.allowlist import AllowList
+from medfed.deploy import runner
+from medfed.deploy.allowlist import AllowList, fab_digest
+from medfed.deploy.egress import EgressAudit
 from medfed.deploy.launcher import SiteWorker, acquire_client, worker_command
 from medfed.deploy.preflight import DeployError
 from medfed.deploy.runner import parser as runner_parser
-from medfed.deploy.runtime_auth import (ACQUIRE_TASK, RUNTIME_SECRET, check_runtime_secret,
-                                        ensure_runtime_secret, load_runtime_secret)
+from medfed.deploy.runtime_auth import (ACQUIRE_TASK, NODE_CONFIG, RUNTIME_SECRET,
+                                        check_runtime_secret, ensure_runtime_secret,
+                                        foreign_node_config, load_pinned_node_config,
+                                        load_runtime_secret, pin_node_config)
 from medfed.deploy import site as site_module
-from medfed.deploy.site import Site, SiteSettings, supernode_command
+from medfed.deploy.site import Site, SiteSettings, node_config, supernode_command
+from protocol import wire
 
 from ..deploy.conftest import Children, free_port, run_medfed
 
@@ -124,7 +138,7 @@ def test_the_sites_supernode_refuses_claims_without_the_site_secret(tmp_path, ch
 
 def test_the_runner_gets_its_task_tokens_over_a_pipe_not_its_command_line(tmp_path):
     token = "ab" * 128                                         # Flower's token format
-    cmd = worker_command("127.0.0.1:9094", AllowList(), "a")
+    cmd = worker_command("127.0.0.1:9094", AllowList(), "a", node_config=tmp_path / "n")
     assert token not in " ".join(cmd) and "--serve" in cmd
     with pytest.raises(SystemExit):                            # no way to pass it in argv
         runner_parser().parse_args(["--runtime-api-address", "x:1", "--events-fd", "3",
@@ -233,3 +247,192 @@ def test_cli_site_with_a_group_readable_secret_fails_in_one_line(tmp_path):
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith("medfed: error: runtime secret")
     assert result.stderr.count("\n") == 1 and "group/other" in result.stderr
+
+
+# --- the other direction: a squatter on the runtime port feeds the runner its own tasks -------
+# While the site's SuperNode is down (restarted every 10 s while the coordinator still holds the
+# site's previous session) another account binds 127.0.0.1:<runtime-port> with a stock Flower
+# SuperNode: no secret asked, so the launcher's claim gets the squatter's task, whose node
+# config (data dir, privacy dir: a fresh ledger, report floor) the squatter chose.
+
+APPROVED = b"PK-the-approved-release-bytes"       # stands for the reproducible release FAB
+SITE = "hosp-a"
+
+
+def _site_settings(tmp_path) -> SiteSettings:
+    return SiteSettings(site_id=SITE, data_dir=tmp_path / "pacs", superlink="x:1",
+                        root_cert=tmp_path / "ca", auth_key=tmp_path / "k",
+                        state_dir=tmp_path / "state", dp_epsilon=8.0, dp_delta=1e-5,
+                        require_secagg=True, min_report_size=10,
+                        unlisted_labels='["other"]', privacy_dir="/srv/site-ledger")
+
+
+@contextlib.contextmanager
+def _squatter(node_config: dict):
+    """A stock Flower SuperNode runtime API on a loopback port (no runtime secret) with one
+    ClientApp task of an approved run queued under ``node_config``; yields its address and
+    state (to read the replies it got)."""
+    from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+    from flwr.app.message.message import make_message
+    from flwr.app.metadata import Metadata
+    from flwr.supercore.fab import Fab
+    from flwr.supercore.inflatable.inflatable_object import (get_all_nested_objects,
+                                                             get_object_tree,
+                                                             no_object_id_recompute)
+    from flwr.supercore.run import Run
+
+    store_factory = ObjectStoreFactory()
+    factory = NodeStateFactory(objectstore_factory=store_factory)
+    state, store = factory.state(), store_factory.store()
+    run = Run.create_empty(4242)
+    run.fab_hash, run.primary_task_type = fab_digest(APPROVED), TaskType.CLIENT_APP
+    state.set_run_series_context(run.series_id, Context(
+        run_id=run.run_id, node_id=1, node_config=node_config, state=RecordDict(),
+        run_config={}))
+    state.store_run(run)
+    state.store_fab(Fab(run.fab_hash, APPROVED, {}))
+    state.create_task(task_type=TaskType.CLIENT_APP, run_id=run.run_id, fab_hash=run.fab_hash)
+    msg = make_message(Metadata(run_id=run.run_id, message_id="", src_node_id=0, dst_node_id=1,
+                                reply_to_message_id="", group_id="", created_at=time.time(),
+                                ttl=600, message_type=MessageType.EVALUATE),
+                       content=RecordDict({"config": ConfigRecord({"x": 1})}))
+    with no_object_id_recompute():
+        msg.metadata.__dict__["_message_id"] = msg.object_id
+        state.store_message(msg)
+        store.preregister(run.run_id, get_object_tree(msg))
+        for oid, obj in get_all_nested_objects(msg).items():
+            store.put(oid, obj.deflate())
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(state_factory=factory), host="127.0.0.1",
+                                           port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    for _ in range(600):                       # hang guard (60 s), not a timing assertion
+        if server.started:
+            break
+        time.sleep(0.1)
+    assert server.started, "the squatter's runtime API did not start"
+    try:
+        yield f"127.0.0.1:{port}", state, run.run_id
+    finally:
+        server.should_exit = True
+        thread.join(timeout=60)
+
+
+def _the_site_serves(address: str, pinned: dict, state_dir, caplog):
+    """What the site's launcher and runner do with whatever answers on their runtime port:
+    claim a task (signed with the site's secret) and run it; the node config the ClientApp
+    was given (None: it did not run), the runner's code and the site's warning/error lines."""
+    from flwr.app import Message, MetricRecord, RecordDict
+
+    secret = load_runtime_secret(ensure_runtime_secret(state_dir))
+    claim = acquire_client(address, secret, retry=False).AcquireTask(CLAIM)
+    assert claim.token                          # the squatter hands out its task
+    given = []
+
+    def spy_app():
+        def app(message, context):
+            given.append(dict(context.node_config))
+            return Message(RecordDict({"metrics": MetricRecord({"val_auc": 0.91})}),
+                           reply_to=message)
+        return app
+
+    with caplog.at_level(logging.INFO, logger="medfed.deploy"):
+        code = runner.run_task(runner.runtime_client(address, claim.token),
+                               AllowList(frozenset({fab_digest(APPROVED)})),
+                               node_config=pinned, site_id=SITE, load_app=spy_app,
+                               audit=EgressAudit(state_dir / "egress.jsonl"))
+    lines = [r.getMessage() for r in caplog.records
+             if r.name == "medfed.deploy" and r.levelno >= logging.WARNING]
+    return (given[0] if given else None), code, lines
+
+
+@pytest.mark.timeout(180)
+def test_a_squatter_on_the_runtime_port_cannot_choose_the_sites_node_config(tmp_path, caplog):
+    settings = _site_settings(tmp_path)
+    settings.state_dir.mkdir(mode=0o700)
+    pinned = load_pinned_node_config(pin_node_config(settings.state_dir, node_config(settings)))
+    chosen = {**pinned, wire.NODE_DATA_DIR: "/srv/hospital/other-study",
+              wire.NODE_PRIVACY_DIR: "/tmp/attacker-fresh-ledger", wire.NODE_MIN_EVAL_SPLIT: 1}
+    with _squatter(chosen) as (address, state, run_id):
+        given, code, errors = _the_site_serves(address, pinned, settings.state_dir, caplog)
+        replies = state.get_messages_legacy(run_ids=[run_id], is_reply=True)
+    assert given is None and code == 1           # nothing of the site's app ran
+    assert [r.error.code for r in replies] == [ErrorCode.MOD_FAILED_PRECONDITION]
+    assert "node config" in replies[0].error.reason
+    # one line in the site's log: the keys, not the squatter's values
+    assert errors == [f"[{SITE}] run {run_id} refused: its node config differs from this "
+                      "site's in data-dir, min-eval-split-size, privacy-dir; another process "
+                      "answers on the site's runtime port"]
+    audited = [json.loads(x) for x in (settings.state_dir / "egress.jsonl").read_text()
+               .splitlines()]
+    assert [x["error_code"] for x in audited] == [ErrorCode.MOD_FAILED_PRECONDITION]
+
+
+@pytest.mark.timeout(180)
+def test_the_node_config_the_sites_supernode_hands_over_is_accepted(tmp_path, caplog):
+    """Control: the same exchange with the node config Flower's SuperNode parses from the
+    site's own ``--node-config`` (floats, a bool, an int, a quoted string) runs the app."""
+    settings = _site_settings(tmp_path)
+    settings.state_dir.mkdir(mode=0o700)
+    pinned = load_pinned_node_config(pin_node_config(settings.state_dir, node_config(settings)))
+    cmd = supernode_command(settings)
+    parsed = parse_config_args([cmd[cmd.index("--node-config") + 1]])
+    with _squatter(parsed) as (address, _state, _run_id):
+        given, code, errors = _the_site_serves(address, pinned, settings.state_dir, caplog)
+    assert code == 0 and not errors
+    assert given == node_config(settings)
+
+
+def test_a_node_config_differing_in_a_value_type_or_key_is_foreign():
+    pinned = {"a": 1, "b": 0.5, "c": True, "d": "x"}
+    assert foreign_node_config(dict(pinned), pinned) == []
+    for received, differ in (({**pinned, "a": 1.0}, ["a"]), ({**pinned, "c": 1}, ["c"]),
+                             ({**pinned, "a": True}, ["a"]), ({**pinned, "d": "y"}, ["d"]),
+                             ({**pinned, "e": 2}, ["e"]),
+                             ({k: v for k, v in pinned.items() if k != "b"}, ["b"])):
+        assert foreign_node_config(received, pinned) == differ
+
+
+def test_site_start_pins_its_node_config_owner_only_and_hands_its_path_down(tmp_path,
+                                                                          monkeypatch):
+    started = []
+
+    class FakeDaemon:
+        stopping = True
+
+        def __init__(self, cmd, **_):
+            started.append(cmd)
+
+        def start(self):
+            pass
+
+        def wait(self):
+            pass
+
+    monkeypatch.setattr(site_module, "Daemon", FakeDaemon)
+    monkeypatch.setattr(Site, "preflight", lambda self: None)
+    settings = replace(_site_settings(tmp_path),
+                       auth_key=site_keygen(tmp_path / "keys", site=SITE).private)
+    settings.state_dir.mkdir(mode=0o700)
+    stale = settings.state_dir / NODE_CONFIG
+    stale.write_text('{"data-dir": "/elsewhere"}')        # the last start's: replaced
+    Site(settings).start()
+    assert stat.S_IMODE(stale.stat().st_mode) == 0o600
+    assert load_pinned_node_config(stale) == node_config(settings)
+    _supernode, launcher = started
+    assert launcher[launcher.index("--node-config-file") + 1] == str(stale)
+    runner_argv = worker_command("127.0.0.1:9094", AllowList(), SITE, node_config=stale)
+    args = runner_parser().parse_args([*runner_argv[3:], "--events-fd", "3"])
+    assert args.node_config_file == stale
+    with pytest.raises(SystemExit):             # no runner without the pinned node config
+        runner_parser().parse_args(["--runtime-api-address", "x:1", "--serve",
+                                    "--events-fd", "3"])
+
+
+@pytest.mark.parametrize("mode", [0o620, 0o602, 0o644])
+def test_a_pinned_node_config_others_can_touch_is_refused(tmp_path, mode):
+    path = pin_node_config(tmp_path, {"site-id": SITE})
+    os.chmod(path, mode)
+    with pytest.raises(DeployError, match="pinned node config .* group/other"):
+        load_pinned_node_config(path)

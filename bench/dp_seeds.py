@@ -2,6 +2,8 @@
 non-DP LoRA on the same encoder, pooled from ``bench.dp_centre`` runs (no training here).
 
     python -m bench.dp_seeds
+    python -m bench.dp_seeds --dp dp_lora_std_hlr5_lp5 --add foundation_hlr5_draw0 \
+        --add foundation_hlr5_draw1 --name foundation_dp_seeds_hlr5
 
 Reads the per-seed MCC of ``SOURCES`` (``results/<name>.json``, each one draw of sites run
 by ``bench.dp_centre --seeds``), refuses sources pretrained from different encoders (the
@@ -69,21 +71,31 @@ def compare(dp: dict, reference: dict, metric: str) -> dict:
             "paired_difference_sd": statistics.stdev(diffs), "goal_met": ratio >= GOAL}
 
 
-def main() -> None:
-    arms, encoder = collect()
-    out = {"sources": list(SOURCES), "encoder_sha256": encoder, "dp_arm": DP, "goal": GOAL,
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dp", default=DP, help="the DP arm to compare (default: the recipe)")
+    parser.add_argument("--add", action="append", default=[],
+                        help="another results/<name>.json holding that arm's seeds")
+    parser.add_argument("--name", default="foundation_dp_seeds")
+    args = parser.parse_args(argv)
+    sources = (*SOURCES, *args.add)
+    arms, encoder = collect(sources)
+    dp_arm, name = args.dp, args.name
+    out = {"sources": list(sources), "encoder_sha256": encoder, "dp_arm": dp_arm, "goal": GOAL,
            "arms": {arm: {m: summary(arms[arm], m) for m in METRICS}
-                    for arm in (DP, *REFERENCES)},
-           "over": {ref: {m: compare(arms[DP], arms[ref], m) for m in METRICS}
+                    for arm in (dp_arm, *REFERENCES)},
+           "over": {ref: {m: compare(arms[dp_arm], arms[ref], m) for m in METRICS}
                     for ref in REFERENCES}}
     out["dp_lora_over_lora_eps8"] = out["over"]["lora"]["site_test_mcc"]["ratio"]
-    path = write_result("foundation_dp_seeds", out)
+    path = write_result(name, out)
     lora, recipe = out["over"]["lora"], out["over"]["lora_std_hlr_lp5"]
-    n = len(arms[DP])
+    n = len(arms[dp_arm])
 
     def verdict(c: dict) -> str:
         return "met" if c["goal_met"] else f"not met, short by {GOAL - c['ratio']:.3f}x"
-    figure = (f"DP-LoRA recipe ε=8 / plain non-DP LoRA site-test MCC over {n} seeds: "
+    figure = (f"DP-LoRA ({dp_arm}) ε=8 / plain non-DP LoRA site-test MCC over {n} seeds: "
               f"**{lora['site_test_mcc']['ratio']:.3f}×** ± "
               f"{lora['site_test_mcc']['ratio_se']:.3f} (goal ≥ {GOAL}: "
               f"{verdict(lora['site_test_mcc'])}); external "
@@ -92,17 +104,16 @@ def main() -> None:
               f"{recipe['external_mcc']['ratio']:.3f}×")
     means = ", ".join(f"{arm} {out['arms'][arm]['site_test_mcc']['mean']:.3f} "
                       f"(sd {out['arms'][arm]['site_test_mcc']['std']:.3f})"
-                      for arm in (DP, *REFERENCES))
-    seeds = sorted({seed for _, seed in arms[DP]})
-    draws = sorted({draw for draw, _ in arms[DP]})
+                      for arm in (dp_arm, *REFERENCES))
+    seeds = sorted({seed for _, seed in arms[dp_arm]})
+    draws = sorted({draw for draw, _ in arms[dp_arm]})
     context = (f"site-test MCC mean over seeds {seeds[0]}-{seeds[-1]} of draws "
                f"{' and '.join(map(str, draws))}: {means}; paired by seed "
                f"DP - plain LoRA {lora['site_test_mcc']['paired_difference']:+.3f} (sd "
                f"{lora['site_test_mcc']['paired_difference_sd']:.3f}); ± is the ratio's "
-               f"standard error; pooled from {len(SOURCES)} bench.dp_centre runs on encoder "
+               f"standard error; pooled from {len(sources)} bench.dp_centre runs on encoder "
                f"{encoder[:8]}, no training here")
-    update_results_md("foundation_dp_seeds", f"| foundation_dp_seeds | {figure} | {context} | "
-                                             f"`results/{path.name}` |")
+    update_results_md(name, f"| {name} | {figure} | {context} | `results/{path.name}` |")
     print(figure)
     print(context)
 

@@ -130,6 +130,12 @@ def _add_deploy_parsers(sub) -> None:
                         "(tokens x the model's layer widths and attention heads, an upper "
                         "estimate; default 2^36, ~275 GB in float32: set it to your GPU's "
                         "memory in bytes / 4)")
+    p.add_argument("--max-evaluations-per-run", type=int, metavar="N",
+                   help="evaluate requests the site answers in one run (default 1000)")
+    p.add_argument("--max-evaluations-per-day", type=int, metavar="N",
+                   help="evaluate requests the site answers over every run in a rolling 24 "
+                        "hours (default 2000): each evaluation of weights the coordinator "
+                        "chose can count a subset of the site's studies")
     p.add_argument("--unlisted-labels", metavar="NAMES",
                    help="comma-separated label names of this site that a job's class list may "
                         "leave out, or a JSON list of them for names holding a comma (default "

@@ -91,7 +91,9 @@ def site(args: argparse.Namespace) -> int:
         min_report_size=args.min_eval_split_size, unlisted_labels=args.unlisted_labels,
         max_model_parameters=args.max_model_parameters,
         max_study_tokens=args.max_study_tokens, max_step_tokens=args.max_step_tokens,
-        max_step_activations=args.max_step_activations)
+        max_step_activations=args.max_step_activations,
+        max_evaluations_per_run=args.max_evaluations_per_run,
+        max_evaluations_per_day=args.max_evaluations_per_day)
     daemon = Site(settings)
     try:
         daemon.start()

@@ -191,7 +191,8 @@ def serve(address: str, allow: AllowList, *, site_id: str, secret: bytes, poll: 
     from flwr.supercore.constant import TaskType
 
     if command is None:
-        assert node_config is not None, "the runner needs the site's pinned node config"
+        if node_config is None:
+            raise ValueError("the site's runner needs its pinned node config (node_config)")
         command = worker_command(address, allow, site_id, egress_log, node_config=node_config)
     client = acquire_client(address, secret)
     request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])

@@ -104,6 +104,8 @@ class SiteSettings:
     max_study_tokens: int | None = None         # backbone tokens of a study (16384)
     max_step_tokens: int | None = None          # ... of a training step (2^20)
     max_step_activations: int | None = None     # tokens x widths and heads a step (2^36)
+    max_evaluations_per_run: int | None = None  # evaluate requests a run (1000)
+    max_evaluations_per_day: int | None = None  # ... over every run, rolling 24 h (2000)
 
     @property
     def runtime_secret(self) -> Path:
@@ -154,7 +156,11 @@ def node_config(s: SiteSettings) -> dict[str, object]:
                               s.max_study_tokens),
                              ("--max-step-tokens", wire.NODE_MAX_STEP_TOKENS, s.max_step_tokens),
                              ("--max-step-activations", wire.NODE_MAX_STEP_ACTIVATIONS,
-                              s.max_step_activations)):
+                              s.max_step_activations),
+                             ("--max-evaluations-per-run", wire.NODE_MAX_EVALUATIONS,
+                              s.max_evaluations_per_run),
+                             ("--max-evaluations-per-day", wire.NODE_MAX_DAILY_EVALUATIONS,
+                              s.max_evaluations_per_day)):
         if value is not None:
             if int(value) < 1:
                 raise DeployError(f"{flag} must be >= 1, got {value}")

@@ -71,7 +71,7 @@ from models.metrics import SplitMetrics
 from models.task import Task
 from protocol import wire
 
-from .privacy.ledger import own_folder
+from .privacy.ledger import own_folder, write_own_file
 
 STATE_FILE = "site-queries.json"
 REPLIES_DIR = "train-replies"
@@ -452,7 +452,7 @@ class SiteQueryLog:
         path = self._reply_path(self.run, task, server_round)
         own_folder(self.directory)                  # before its child
         own_folder(path.parent)
-        _write(path, recorddict_to_proto(content).SerializeToString())
+        write_own_file(path, recorddict_to_proto(content).SerializeToString())
         replies = [r for r in run.get("replies", []) if r != f"{task}/{server_round}"]
         replies.append(f"{task}/{server_round}")
         for old in replies[:-KEEP_REPLIES]:
@@ -480,7 +480,7 @@ class SiteQueryLog:
             for old in state.pop(run).get("replies", []):
                 self._reply_path(run, *old.rsplit("/", 1)).unlink(missing_ok=True)
         own_folder(self.directory)
-        _write(self.path, json.dumps(state, sort_keys=False).encode())
+        write_own_file(self.path, json.dumps(state, sort_keys=False).encode())
 
 
 def recent_hours(by_hour: dict[str, int], hour: int) -> dict[str, int]:
@@ -489,18 +489,6 @@ def recent_hours(by_hour: dict[str, int], hour: int) -> dict[str, int]:
     after ``hour`` go too: the clock is the site's own, set back only by its operator, who
     may raise the budget anyway."""
     return {h: n for h, n in by_hour.items() if hour - WINDOW_HOURS <= int(h) <= hour}
-
-
-def _write(path: Path, data: bytes) -> None:
-    """Atomic replace, so a crash mid-write never leaves a half-written state file; readable
-    by the site's own user only (0600: a reply holds the update the site sent, the log the
-    rounds it served)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.unlink(missing_ok=True)        # a crash's leftover keeps its own mode: made afresh
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as out:
-        out.write(data)
-    os.replace(tmp, path)
 
 
 def class_counts(metrics: SplitMetrics) -> list[int]:

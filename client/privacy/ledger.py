@@ -145,6 +145,19 @@ def own_folder(folder: Path) -> None:
     _tighten(folder, 0o700)
 
 
+def write_own_file(path: Path, data: bytes) -> None:
+    """Replace ``path`` atomically by a file of the site's own user alone (0600) holding
+    ``data``: a crash mid-write never leaves half a file, and the temporary file is created
+    O_EXCL|O_NOFOLLOW, never through a planted link (a crash's leftover is made afresh)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(data)
+    os.replace(tmp, path)
+
+
 def own_file(path: Path) -> None:
     """An existing state file that others may read, tightened to 0600 with a warning."""
     _tighten(Path(path), 0o600)

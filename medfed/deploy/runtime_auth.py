@@ -44,6 +44,8 @@ import stat
 from collections.abc import Mapping
 from pathlib import Path
 
+from client.privacy.ledger import write_own_file
+
 from .preflight import DeployError
 
 RUNTIME_SECRET = "runtime-auth.secret"
@@ -81,17 +83,6 @@ def check_owner_only(path: Path, what: str) -> None:
                           "a new one")
 
 
-def write_owner_only(path: Path, data: bytes) -> None:
-    """Replace ``path`` atomically by an owner-only (0600) file holding ``data``; the
-    temporary file is created O_EXCL|O_NOFOLLOW, never through a planted link."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def ensure_runtime_secret(state_dir: Path) -> Path:
     """``state_dir/runtime-auth.secret``: created owner-only if missing, checked either way."""
     path = state_dir / RUNTIME_SECRET
@@ -126,7 +117,7 @@ def pin_node_config(state_dir: Path, config: Mapping[str, object]) -> Path:
     """Write ``config`` (what the site passes its SuperNode's ``--node-config``) to
     ``state_dir/node-config.json``, owner-only, replacing the last start's; its path."""
     path = state_dir / NODE_CONFIG
-    write_owner_only(path, json.dumps(dict(config), sort_keys=True).encode())
+    write_own_file(path, json.dumps(dict(config), sort_keys=True).encode())
     return path
 
 

@@ -31,7 +31,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from .runtime_auth import write_owner_only
+from client.privacy.ledger import write_own_file
 
 log = logging.getLogger("medfed.deploy")
 
@@ -90,7 +90,7 @@ def read_record(state_dir: Path) -> SessionRecord | None:
 
 def write_record(state_dir: Path, record: SessionRecord) -> None:
     """Replace the record atomically (owner-only)."""
-    write_owner_only(state_dir / SESSION_FILE, record.to_json().encode())
+    write_own_file(state_dir / SESSION_FILE, record.to_json().encode())
 
 
 def open_session_left(record: SessionRecord | None, key: str, now: float) -> float:

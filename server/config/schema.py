@@ -148,9 +148,21 @@ class ExperimentConfig:
         return asdict(self)
 
     def fingerprint(self) -> str:
-        """Hash of the resolved config (tags every model version it produced); how a run is
-        started (fresh or resumed) is not part of what it computes."""
-        d = {k: v for k, v in self.to_dict().items() if k != "resume"}
+        """Hash of the resolved config (tags every model version it produced; a resume must
+        match its checkpoint's). How a run is started (fresh or resumed) is not part of what
+        it computes, nor is any setting at its default - a model's or task's option at its
+        config class's default included - so a release adding a setting with a default, or a
+        YAML spelling a default out, leaves every earlier run's hash (and its resume) as it
+        was."""
+        d = _set_fields(self)
+        d.pop("resume", None)
+        for group, registry in (("model", "MODELS"), ("task", "TASKS")):
+            if "options" in d.get(group, {}):
+                d[group]["options"] = _set_options(registry, getattr(self, group))
+                if not d[group]["options"]:
+                    del d[group]["options"]
+                if not d[group]:
+                    del d[group]
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
     def model_options(self) -> dict[str, Any]:
@@ -228,6 +240,47 @@ class ExperimentConfig:
                        privacy=replace(self.privacy, head_clip_share=None),
                        federation=replace(self.federation, num_rounds=p.num_rounds),
                        tracking=replace(self.tracking, registered_model=p.registered_model))
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as JSON has it (tuples are lists), so a YAML list equals a tuple default."""
+    return json.loads(json.dumps(asdict(value) if hasattr(value, "__dataclass_fields__")
+                                 else value, sort_keys=True, default=str))
+
+
+def _default(f) -> Any:
+    from dataclasses import MISSING
+    if f.default is not MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not MISSING else MISSING
+
+
+def _set_fields(obj: Any) -> dict[str, Any]:
+    """A config dataclass as a dict of its fields that differ from their defaults (nested
+    config dataclasses likewise, left out when nothing in them is set)."""
+    out = {}
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if hasattr(value, "__dataclass_fields__"):
+            nested = _set_fields(value)
+            if nested or _plain(value) != _plain(_default(f)):
+                out[f.name] = nested
+        elif _plain(value) != _plain(_default(f)):
+            out[f.name] = _plain(value)
+    return out
+
+
+def _set_options(registry: str, group: Any) -> dict[str, Any]:
+    """A model's or task's options that differ from its config class's defaults (all of
+    them, as given, for a name the registry does not know: validate() reports it)."""
+    import models            # the registries import torch; the schema alone must not
+    try:
+        defaults = {f.name: _default(f) for f in fields(
+            getattr(models, registry).config_class(group.name))}
+    except (KeyError, TypeError, ValueError):
+        return _plain(dict(group.options))
+    return {k: _plain(v) for k, v in group.options.items()
+            if k not in defaults or _plain(v) != _plain(defaults[k])}
 
 
 def _model_fields(model_name: str) -> set[str]:

@@ -39,6 +39,30 @@ def test_bad_config_is_one_clear_error(overrides, message):
 def test_fingerprint_tracks_the_config():
     assert load_experiment().fingerprint() == load_experiment().fingerprint()
     assert load_experiment().fingerprint() != load_experiment(["train.lr=0.01"]).fingerprint()
+    assert load_experiment().fingerprint() != \
+        load_experiment(["task.options.label_fraction=0.5"]).fingerprint()
+
+
+def test_fingerprint_leaves_out_settings_at_their_defaults():
+    """A run resumes after a release that adds a setting with a default, or spells a default
+    out in a YAML: neither changes what the run computes, so neither changes its hash."""
+    from dataclasses import MISSING, asdict, fields, make_dataclass, replace
+
+    from models import MODELS
+
+    cfg = load_experiment()
+    assert cfg.task.options                      # glioma3.yaml spells every option out
+    assert cfg.fingerprint() == replace(cfg, task=replace(cfg.task, options={})).fingerprint()
+    unset = next(f for f in fields(MODELS.config_class(cfg.model.name))
+                 if f.name not in cfg.model.options and f.default is not MISSING)
+    spelled = replace(cfg, model=replace(cfg.model, options={**cfg.model.options,
+                                                             unset.name: unset.default}))
+    assert spelled.fingerprint() == cfg.fingerprint()
+    later = make_dataclass("LaterTrainSettings", [("a_later_setting", int, 0)],
+                           bases=(type(cfg.train),), frozen=True)
+    assert replace(cfg, train=later(**asdict(cfg.train))).fingerprint() == cfg.fingerprint()
+    assert replace(cfg, train=later(**asdict(cfg.train), a_later_setting=1)).fingerprint() \
+        != cfg.fingerprint()
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -194,8 +194,9 @@ def test_a_linked_or_empty_secret_is_refused(tmp_path):
         check_runtime_secret(empty)
 
 
-def test_site_start_creates_the_secret_and_gives_it_to_supernode_and_launcher(tmp_path,
-                                                                               monkeypatch):
+def _record_daemons(monkeypatch) -> list:
+    """``Site.start`` without its processes: the command lines of the daemons it would start
+    (SuperNode, launcher), and no preflight."""
     started = []
 
     class FakeDaemon:
@@ -212,6 +213,12 @@ def test_site_start_creates_the_secret_and_gives_it_to_supernode_and_launcher(tm
 
     monkeypatch.setattr(site_module, "Daemon", FakeDaemon)
     monkeypatch.setattr(Site, "preflight", lambda self: None)
+    return started
+
+
+def test_site_start_creates_the_secret_and_gives_it_to_supernode_and_launcher(tmp_path,
+                                                                               monkeypatch):
+    started = _record_daemons(monkeypatch)
     settings = SiteSettings(site_id="a", data_dir=tmp_path, superlink="x:1",
                             root_cert=tmp_path / "ca",
                             auth_key=site_keygen(tmp_path / "keys", site="a").private,
@@ -396,22 +403,7 @@ def test_a_node_config_differing_in_a_value_type_or_key_is_foreign():
 
 def test_site_start_pins_its_node_config_owner_only_and_hands_its_path_down(tmp_path,
                                                                           monkeypatch):
-    started = []
-
-    class FakeDaemon:
-        stopping = True
-
-        def __init__(self, cmd, **_):
-            started.append(cmd)
-
-        def start(self):
-            pass
-
-        def wait(self):
-            pass
-
-    monkeypatch.setattr(site_module, "Daemon", FakeDaemon)
-    monkeypatch.setattr(Site, "preflight", lambda self: None)
+    started = _record_daemons(monkeypatch)
     settings = replace(_site_settings(tmp_path),
                        auth_key=site_keygen(tmp_path / "keys", site=SITE).private)
     settings.state_dir.mkdir(mode=0o700)

@@ -13,8 +13,8 @@ unless node config ``privacy-dir`` says otherwise) so a restarted ClientApp keep
   asks one a round, 20 a run: 100 such experiments a day, or two runs at the per-run cap)
   yet bounds a coordinator that starts run after run (a simulated partition has no daily cap
   unless ``federation.site_node_config`` sets one). A request counts for at least 24 hours
-  (up to 25: hour buckets); a repeat of an answered round counts toward both caps alike. And *one weight
-  vector per (run, task, round)*: the first evaluate request of a round fixes the digest of
+  (up to 25: hour buckets); a repeat of an answered round counts toward both caps alike.
+  And *one weight vector per (run, task, round)*: the first evaluate request of a round fixes the digest of
   the weights it carried; a repeat with the same weights is answered (it teaches nothing new),
   one with any other weights is refused. The rule the site can verify is not "evaluate only
   the weights I trained" - in FedAvg the evaluate message carries the *new* aggregate, which

@@ -21,7 +21,7 @@ from client.engine import Engine
 from client.job import decode_job
 from client.mods.errors import SiteError
 from client.privacy.policy import node_settings
-from client.queries import suppress_small_counts
+from client.queries import REPLIES_DIR, STATE_FILE, suppress_small_counts
 from protocol import wire
 from protocol.metrics import from_record
 from server.config import load_experiment
@@ -34,8 +34,11 @@ SMALL = ["model=mmvit_tiny", "task.image_size=32", "train.local_epochs=1", "trai
 
 @pytest.fixture
 def site_dir(tiny_sites, tmp_path):
-    """A private copy of one synthetic site (its state dir is this test's own)."""
-    return shutil.copytree(tiny_sites / "site-0", tmp_path / "site-0")
+    """A private copy of one synthetic site (its pseudonym key and cache included: the same
+    splits), without the shared site's query log: what other tests asked of it (this hour's
+    evaluations count toward a daily budget) is not this test's."""
+    return shutil.copytree(tiny_sites / "site-0", tmp_path / "site-0",
+                           ignore=shutil.ignore_patterns(STATE_FILE, REPLIES_DIR))
 
 
 def _context(site_dir, **node) -> Context:

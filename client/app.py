@@ -191,8 +191,8 @@ def make_client_app(*, sim_data_root: Path | None = None, sim_train_sites: int |
         same_run = queries.privacy_runs(job.task_name, job.privacy.run_id) \
             if job.privacy.mechanism != wire.DP_NONE else frozenset()
         auth = admit_round(job, settings, site.data_dir, n_train=len(splits["train"]),
-                           secure_aggregation=masked, survivors_signed=signed,
-                           same_run=same_run)
+                           count_floor=limits.min_split_size, secure_aggregation=masked,
+                           survivors_signed=signed, same_run=same_run)
         objective_key = f"{STATE_OBJECTIVE}.{job.task_name}"
         if objective_key in context.state:       # stored only for a task that keeps state
             engine.task.load_site_state(model, context.state[objective_key].to_torch_state_dict())

@@ -552,8 +552,20 @@ def suppress_small_counts(report, threshold: int = 10):
     if isinstance(report, dict):
         return {k: suppress_small_counts(v, threshold) for k, v in report.items()}
     if isinstance(report, int) and not isinstance(report, bool) and report > 0 and threshold > 1:
-        if report < threshold:
-            return f"<{threshold}"
-        low = report // threshold * threshold
-        return f"{low}-{low + threshold - 1}"
+        low, high = count_range(report, threshold)
+        return f"<{threshold}" if report < threshold else f"{low}-{high}"
     return report
+
+
+def count_range(count: int, floor: int) -> tuple[int, int]:
+    """The range ``(low, high)`` a count is reported as at the site's smallest reported count
+    ``floor`` (``min-eval-split-size``): ``(1, floor - 1)`` below it, else the ``floor``
+    values it falls in (23 at 10: ``(20, 29)``); zero, and any count at ``floor`` 1 (a
+    simulated site), exactly. A decision the coordinator can see the outcome of and steer
+    (``client.privacy.policy.authorize``) is taken on this range, never on the count."""
+    if count <= 0 or floor <= 1:
+        return count, count
+    if count < floor:
+        return 1, floor - 1
+    low = count // floor * floor
+    return low, low + floor - 1

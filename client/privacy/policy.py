@@ -22,6 +22,15 @@ carrying a fraction of the noise: refused.
 Per-run caps, also from node config only: ``dp-max-run-epsilon`` (what one run may spend of the
 budget), ``dp-min-noise-multiplier`` and ``dp-max-steps-per-round`` (a coordinator cannot ask for
 almost no noise, or for a round of many steps, even within the budget).
+
+Every decision here that depends on the site's training-set size n is taken on the range the
+site reports that count as (``client.queries.count_range``, at ``min-eval-split-size``: 23
+studies at 10 are "20-29"), never on n: the coordinator sees each refusal and chooses the sample
+rate q, so a rule on the exact n (below 1/n is refused) would let it binary-search n with a few
+free, refused jobs. The rules take the safe end of the range: q below 1/low is refused (at
+q >= 1/low >= 1/n an epoch still draws at least one study a step) and q defaults to B/low
+(the noise, steps and epsilon a masked reply carries are then the range's, not n's); delta must
+be below 1/high <= 1/n.
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ from protocol import wire
 from protocol.accounting import PrivacyConfigError, calibrate_noise, check_budget, epsilon
 from protocol.job import JobSpec, PrivacySpec
 
+from ..queries import count_range
 from .dpsgd import DPSGDConfig, steps_per_epoch
 from .ledger import TRUST_SERVER, TRUST_SITE, LedgerEntry, PrivacyLedger, trust_sites
 
@@ -160,10 +170,13 @@ def admission_digest(job: JobSpec, *, secure_aggregation: bool, survivors_signed
 
 
 def admit_round(job: JobSpec, settings: dict, data_dir: Path, *, n_train: int,
-                secure_aggregation: bool, survivors_signed: bool,
+                count_floor: int, secure_aggregation: bool, survivors_signed: bool,
                 same_run: frozenset[str] = frozenset()) -> Authorization | None:
     """The site's checks before it trains: ``check_protection``, then its privacy budget
     (``authorize``). Raises with the reason the server will see.
+
+    ``n_train``: the job's training studies; ``count_floor``: the site's smallest reported
+    count (``QueryLimits.min_split_size``), whose range of ``n_train`` the decision is taken on.
 
     ``secure_aggregation``: this update is masked; ``survivors_signed``: by the
     malicious-secure protocol (sites sign the survivor set; from the site's own SecAgg state,
@@ -172,8 +185,8 @@ def admit_round(job: JobSpec, settings: dict, data_dir: Path, *, n_train: int,
     together."""
     check_protection(job, settings, secure_aggregation=secure_aggregation)
     return authorize(job.privacy, site_budget(settings, data_dir), n_train=n_train,
-                     local_epochs=job.train.local_epochs, batch_size=job.train.batch_size,
-                     server_round=job.server_round,
+                     count_floor=count_floor, local_epochs=job.train.local_epochs,
+                     batch_size=job.train.batch_size, server_round=job.server_round,
                      secure_mode=flag(settings.get(wire.NODE_DP_SECURE_MODE, True)),
                      survivors_signed=secure_aggregation and survivors_signed,
                      same_run=same_run)
@@ -200,9 +213,11 @@ class Authorization:
 
 def authorize(request: PrivacySpec, budget: SiteBudget | None, *, n_train: int,
               local_epochs: int, batch_size: int, server_round: int,
-              survivors_signed: bool, secure_mode: bool = True,
+              survivors_signed: bool, secure_mode: bool = True, count_floor: int = 1,
               same_run: frozenset[str] = frozenset()) -> Authorization | None:
     """Accept (and charge) or refuse this round. None: a non-private round the site allows.
+    Decided on the range the site reports ``n_train`` as at ``count_floor`` (module
+    docstring; the default 1 decides on ``n_train`` itself, as a simulated site reports it).
     ``survivors_signed=False``: a distributed round's sum is counted by the server alone
     (semi-honest SecAgg), and its row says so. The per-run cap counts the rows of the job's
     run id and of ``same_run`` (the other job run ids seen for the task in the same Flower
@@ -217,19 +232,23 @@ def authorize(request: PrivacySpec, budget: SiteBudget | None, *, n_train: int,
         raise PrivacyRefused(f"the server asked for {request.mechanism} but this site has no "
                              f"privacy budget: its operator must set node config "
                              f"{wire.NODE_DP_EPSILON!r} and {wire.NODE_DP_DELTA!r}")
+    low, high = count_range(n_train, count_floor)       # never n_train itself below
     try:
-        check_budget(budget.epsilon, budget.delta, n=n_train)
+        check_budget(budget.epsilon, budget.delta, n=high)
     except PrivacyConfigError as err:
-        raise PrivacyRefused(f"site budget: {err}") from None
+        raise PrivacyRefused(f"site budget: {err}" + (" (n: the top of the range this site "
+                             "reports its training studies in)" if low < high else "")
+                             ) from None
     ledger = PrivacyLedger(budget.ledger_path)
     if request.mechanism == wire.DP_SGD:
-        q = request.sample_rate or min(1.0, batch_size / n_train)
+        q = request.sample_rate or min(1.0, batch_size / low)
         if not 0 < q <= 1:
             raise PrivacyRefused(f"sample rate {q} is not in (0, 1]")
-        if q * n_train < 1 - 1e-9:   # int(1/q) steps an epoch: the coordinator's q sets it
+        if q * low < 1 - 1e-9:       # int(1/q) steps an epoch: the coordinator's q sets it
             raise PrivacyRefused(f"sample rate {q:g} draws less than one of this site's "
-                                 "training studies per step on average (below 1/n): its "
-                                 "epochs would take more steps than studies; refusing")
+                                 "training studies per step on average (below 1/n, n the "
+                                 "low end of the range this site reports it in): its epochs "
+                                 "would take more steps than studies; refusing")
         steps = local_epochs * steps_per_epoch(q)
         sigma = _plan(ledger, request, budget, q, steps)
         clip = request.max_grad_norm

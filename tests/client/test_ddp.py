@@ -60,10 +60,10 @@ def test_distributed_noise_outside_secure_aggregation_is_refused(tmp_path):
     settings = {wire.NODE_DP_EPSILON: 8.0, wire.NODE_DP_DELTA: DELTA,
                 wire.NODE_PRIVACY_DIR: str(tmp_path)}
     with pytest.raises(PrivacyRefused, match="without secure aggregation"):
-        admit_round(job, settings, tmp_path, n_train=100, secure_aggregation=False,
-                    survivors_signed=False)
-    assert admit_round(job, settings, tmp_path, n_train=100, secure_aggregation=True,
-                       survivors_signed=True).entry.trust == "sites>=3"
+        admit_round(job, settings, tmp_path, n_train=100, count_floor=10,
+                    secure_aggregation=False, survivors_signed=False)
+    assert admit_round(job, settings, tmp_path, n_train=100, count_floor=10,
+                       secure_aggregation=True, survivors_signed=True).entry.trust == "sites>=3"
 
 
 def _job_config(privacy: PrivacySpec):

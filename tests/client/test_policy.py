@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 from flwr.app import ConfigRecord
@@ -12,7 +13,8 @@ from flwr.app import ConfigRecord
 from client.job import JobError, decode_job
 from client.privacy.dpsgd import DPSGDConfig, steps_per_epoch
 from client.privacy.ledger import PrivacyLedger
-from client.privacy.policy import PrivacyRefused, authorize, node_settings, site_budget
+from client.privacy.policy import (PrivacyRefused, admit_round, authorize, node_settings,
+                                   site_budget)
 from models import TASKS
 from models.tasks import ClassificationConfig, ClassificationTask
 from server.config import load_experiment
@@ -192,6 +194,47 @@ def test_attack_a_tiny_sample_rate_cannot_make_a_round_of_endless_steps(tmp_path
     assert PrivacyLedger(budget.ledger_path).entries() == []
     auth = _authorize(_dpsgd(sample_rate=1 / N_TRAIN), budget)
     assert auth.entry.steps == EPOCHS * N_TRAIN
+
+
+def _admit(tmp_path, n_train: int, request: PrivacySpec, floor: int = 10):
+    """One DP-SGD round as ``client.app`` admits it: node config, the site's count floor."""
+    job = SimpleNamespace(privacy=request, server_round=1,
+                          train=SimpleNamespace(local_epochs=EPOCHS, batch_size=BATCH))
+    settings = {wire.NODE_DP_EPSILON: 1e6, wire.NODE_DP_DELTA: DELTA,
+                wire.NODE_DP_SECURE_MODE: False, wire.NODE_PRIVACY_DIR: str(tmp_path)}
+    return admit_round(job, settings, tmp_path, n_train=n_train, count_floor=floor,
+                       secure_aggregation=True, survivors_signed=True)
+
+
+def test_attack_probing_sample_rates_finds_only_the_reported_range_of_the_training_set(
+        tmp_path):
+    """Attack: a masked update hides the site's example count, but a q below 1/n is refused,
+    and the coordinator sees each refusal and picks q. Binary search over q = 1/k finds the
+    largest k the site accepts: n itself, when the rule read n (a patient count, here 21-29
+    studies, which the site reports only as the range 20-29 at its floor 10). The rule reads
+    the range's low end: every site in the range answers every probe alike, the search ends
+    at 20, and the next range's site (30) answers otherwise. With q left to the site (B/n),
+    the steps and epsilon the masked reply carries are the range's as well (and so is the
+    noise, calibrated from them)."""
+    def largest_accepted_k(n_train: int) -> int:
+        lo, hi = 1, 128                            # the site accepts k = lo, refuses k = hi
+        while hi - lo > 1:
+            k = (lo + hi) // 2
+            try:                                   # a ledger each: one row to account
+                _admit(tmp_path / f"{n_train}-{k}", n_train, _dpsgd(
+                    sample_rate=1 / k, noise_multiplier=1.0, planned_rounds=1))
+                lo = k
+            except PrivacyRefused as err:
+                assert "below 1/n" in str(err)
+                hi = k
+        return lo
+
+    assert {n: largest_accepted_k(n) for n in (20, 21, 23, 29, 30)} == \
+        {20: 20, 21: 20, 23: 20, 29: 20, 30: 30}
+    replies = [_admit(tmp_path / f"default-{n}", n, _dpsgd(noise_multiplier=1.0)).entry
+               for n in (21, 28)]
+    assert [(e.sample_rate, e.noise_multiplier, e.steps, e.epsilon) for e in replies] == \
+        [(BATCH / 20, replies[0].noise_multiplier, 20 // BATCH, replies[0].epsilon)] * 2
 
 
 def test_prv_accountant_is_used_for_the_charge(tmp_path):

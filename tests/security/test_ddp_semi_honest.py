@@ -48,8 +48,8 @@ class BookingGrid(SiteGrid):
                     wire.NODE_PRIVACY_DIR: str(self.tmp_path / f"site-{node}"),
                     wire.NODE_DP_TRUST_SERVER: self.trust_server}
         masked, signed, _ = update_protection(m, context)     # as client.app does
-        admit_round(job, settings, self.tmp_path, n_train=100, secure_aggregation=masked,
-                    survivors_signed=signed)
+        admit_round(job, settings, self.tmp_path, n_train=100, count_floor=10,
+                    secure_aggregation=masked, survivors_signed=signed)
         return super().train(node, m, context)
 
     def trust(self) -> list[str]:

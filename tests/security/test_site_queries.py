@@ -522,6 +522,28 @@ def test_a_dp_sample_rate_beyond_the_batch_size_never_puts_more_studies_in_one_p
     assert len(rows) >= trained[wire.NUM_EXAMPLES] and max(rows) == 2  # one study, two views
 
 
+def test_attack_the_train_handler_takes_the_sample_rate_rule_on_the_reported_range(
+        site_dir, task_identity):
+    """Attack: under secure aggregation the example count is masked, yet a sample rate below
+    1/n is refused, and the coordinator chooses q: probing it would find n
+    (``tests/client/test_policy.py`` plays the search). The train handler takes the rule on
+    the range the site reports n in at its ``min-eval-split-size``: at a floor of n - 1 the
+    range's low end is n - 1, so q = 1/n, which the exact count allows, is refused."""
+    plain = make_client_app()(_message(MessageType.TRAIN),
+                              _context(site_dir, **{wire.NODE_MIN_EVAL_SPLIT: 1}))
+    assert not plain.has_error(), plain.error
+    n = int(plain.content[wire.METRICS][wire.NUM_EXAMPLES])
+    assert n >= 3                               # a floor of n - 1 >= 2: a range, not n
+    dp = ("privacy=dpsgd", "privacy.epsilon=50", f"privacy.sample_rate={1 / n!r}")
+    context = _context(site_dir, **{wire.NODE_DP_EPSILON: 100.0, wire.NODE_DP_DELTA: 1e-5,
+                                    wire.NODE_MIN_EVAL_SPLIT: n - 1,
+                                    wire.NODE_DP_SECURE_MODE: False})
+    context.run_id = 12
+    with pytest.raises(SiteError, match=r"site-policy: sample rate .* \(below 1/n, n the low "
+                                        r"end of the range"):
+        make_client_app()(_message(MessageType.TRAIN, overrides=dp), context)
+
+
 def test_evaluation_and_pseudo_labels_ask_the_model_no_more_studies_at_once_than_training(
         site_dir, task_identity):
     """Attack: the site sizes a job at its batch size, but evaluated every split and

@@ -242,9 +242,9 @@ def make_client_app(*, sim_data_root: Path | None = None, sim_train_sites: int |
         """Score the global model (and, with personalization, the site's own) on the
         evaluation splits - a query on the site's data, so budgeted (``client.queries``):
         one weight vector per (run, task, round), at most ``max-evaluations-per-run``
-        requests (and ``max-evaluations-per-day`` over all runs), and splits below
-        ``min-eval-split-size`` studies, or holding a smaller count (a class, a task's count:
-        ``evaluate_split``), reported as suppressed."""
+        requests (and ``max-evaluations-per-day`` and ``max-evaluations-total`` over all
+        runs), and splits below ``min-eval-split-size`` studies, or holding a smaller count
+        (a class, a task's count: ``evaluate_split``), reported as suppressed."""
         site, job, splits, model, engine, data, _ = prepare(msg, context)
         settings, queries = site_queries(site, context)
         limits = QueryLimits.from_settings(settings, simulated=site.simulated)

@@ -13,7 +13,10 @@ unless node config ``privacy-dir`` says otherwise) so a restarted ClientApp keep
   asks one a round, 20 a run: 100 such experiments a day, or two runs at the per-run cap)
   yet bounds a coordinator that starts run after run (a simulated partition has no daily cap
   unless ``federation.site_node_config`` sets one). A request counts for at least 24 hours
-  (up to 25: hour buckets); a repeat of an answered round counts toward both caps alike.
+  (up to 25: hour buckets); a repeat of an answered round counts toward every cap alike.
+  At most ``max-evaluations-total`` ever, too (default 100000; none in simulation): an hour
+  bucket leaving the day's window is added to the site's running total, not dropped, so the
+  file stays bounded (25 buckets and one number) while the total keeps counting.
   And *one weight vector per (run, task, round)*: the first evaluate request of a round fixes the digest of
   the weights it carried; a repeat with the same weights is answered (it teaches nothing new),
   one with any other weights is refused. The rule the site can verify is not "evaluate only
@@ -45,7 +48,8 @@ counts of that model's answers (a confusion cell, accuracy x n, a count's change
 rounds), so each evaluation can count a subset of the coordinator's choosing. The bound on
 that channel is the evaluation budget above: per Flower run, and per site over every run
 (``max-evaluations-per-day``), so starting new runs buys a coordinator no more evaluations a
-day; over months the channel still grows with the days, as any per-time budget does.
+day, and waiting for the days to pass buys it no more than ``max-evaluations-total`` in all
+(a per-time budget alone grows with the days; this one, like the privacy budget, does not).
 """
 
 from __future__ import annotations
@@ -79,7 +83,7 @@ KEEP_REPLIES = 3          # train replies cached per run (the last few rounds)
 KEEP_RUNS = 32            # runs whose counters are kept (older runs are over)
 SITE_WIDE = "site"        # the state file's entry counting over every run (never a run id:
                           # Flower's are integers), never pruned with the runs
-SIMULATED_DAILY = 2**62   # a simulated partition's max-evaluations-per-day: no cap
+SIMULATED_NO_CAP = 2**62  # a simulated partition's max-evaluations-per-day and -total
 WINDOW_HOURS = 24         # max-evaluations-per-day's rolling window, counted in hour buckets
 
 
@@ -98,6 +102,11 @@ class QueryLimits:
     max_daily_evaluations : int
         ``max-evaluations-per-day``: evaluate requests answered over every run in a rolling
         24 hours (``SiteQueryLog.admit_evaluation``).
+    max_total_evaluations : int
+        ``max-evaluations-total``: evaluate requests answered over every run, ever. 100000
+        by default: 50 days at the daily default, yet 5000 demo-sized experiments (20
+        requests each), years of an honest federation's use; like the privacy budget, only
+        the operator raises it.
     min_split_size : int
         ``min-eval-split-size``: the smallest count of studies the site reports. An
         evaluation split with fewer (but at least one) is reported as ``suppressed`` only,
@@ -117,6 +126,7 @@ class QueryLimits:
     """
     max_evaluations: int = 1000
     max_daily_evaluations: int = 2000
+    max_total_evaluations: int = 100_000
     min_split_size: int = 10
     unlisted_labels: frozenset[str] = frozenset()
     max_parameters: int = 2_000_000_000
@@ -192,14 +202,15 @@ class QueryLimits:
         """Read and validate the node-config settings (defaults where unset). A simulated
         partition (synthetic sites, deliberately a few studies per split, no patient behind
         them) defaults to ``min_split_size = 1`` so development runs report metrics, and to
-        no daily evaluation cap (its coordinator is the same user's process; a benchmark's
-        sweep asks thousands a day of one synthetic folder); its node-config.toml can still
-        set the real defaults."""
-        values: dict = {"min_split_size": 1, "max_daily_evaluations": SIMULATED_DAILY} \
-            if simulated else {}
+        no daily or total evaluation cap (its coordinator is the same user's process; a
+        benchmark's sweep asks thousands a day of one synthetic folder); its node-config.toml
+        can still set the real defaults."""
+        values: dict = {"min_split_size": 1, "max_daily_evaluations": SIMULATED_NO_CAP,
+                        "max_total_evaluations": SIMULATED_NO_CAP} if simulated else {}
         values["unlisted_labels"] = label_names(settings.get(wire.NODE_UNLISTED_LABELS, ""))
         for field, key in (("max_evaluations", wire.NODE_MAX_EVALUATIONS),
                            ("max_daily_evaluations", wire.NODE_MAX_DAILY_EVALUATIONS),
+                           ("max_total_evaluations", wire.NODE_MAX_TOTAL_EVALUATIONS),
                            ("min_split_size", wire.NODE_MIN_EVAL_SPLIT),
                            ("max_parameters", wire.NODE_MAX_MODEL_PARAMETERS),
                            ("max_study_tokens", wire.NODE_MAX_STUDY_TOKENS),
@@ -373,15 +384,17 @@ class SiteQueryLog:
 
     def admit_evaluation(self, task: str, server_round: int, digest: str,
                          limits: QueryLimits) -> None:
-        """Count one evaluate request, in its run and in the site's rolling day, or refuse it
-        (either cap reached, or other weights than the ones this round was already evaluated
-        with). Raises ``QueryRefused``."""
+        """Count one evaluate request, in its run, in the site's rolling day and in its
+        total, or refuse it (a cap reached, or other weights than the ones this round was
+        already evaluated with). Raises ``QueryRefused``."""
         state = self._load()
         run = state.setdefault(self.run, {})
         done = run.setdefault("evaluated", {})
         key = f"{task}/{server_round}"
         hour = int(self.clock() // 3600)
-        by_hour = recent_hours(state.get(SITE_WIDE, {}).get("evaluations-by-hour", {}), hour)
+        site = state.setdefault(SITE_WIDE, {})
+        by_hour, aged = recent_hours(site.get("evaluations-by-hour", {}), hour)
+        before = site.get("evaluations-before", 0) + aged
         if run.get("evaluations", 0) >= limits.max_evaluations:
             raise QueryRefused(f"this site answers at most {limits.max_evaluations} evaluate "
                                f"requests per run (node config {wire.NODE_MAX_EVALUATIONS!r})")
@@ -389,13 +402,18 @@ class SiteQueryLog:
             raise QueryRefused(f"this site answers at most {limits.max_daily_evaluations} "
                                f"evaluate requests a day over all runs (node config "
                                f"{wire.NODE_MAX_DAILY_EVALUATIONS!r})")
+        if before + sum(by_hour.values()) >= limits.max_total_evaluations:
+            raise QueryRefused(f"this site answers at most {limits.max_total_evaluations} "
+                               f"evaluate requests in all, over every run and day (node "
+                               f"config {wire.NODE_MAX_TOTAL_EVALUATIONS!r}: only its "
+                               f"operator raises it)")
         if done.get(key, digest) != digest:
             raise QueryRefused(f"round {server_round} was already evaluated with other weights; "
                                "this site evaluates one model per round")
         done[key] = digest
         run["evaluations"] = run.get("evaluations", 0) + 1
         by_hour[str(hour)] = by_hour.get(str(hour), 0) + 1
-        state.setdefault(SITE_WIDE, {})["evaluations-by-hour"] = by_hour
+        site["evaluations-by-hour"], site["evaluations-before"] = by_hour, before
         self._save(state)
 
     def privacy_runs(self, task: str, job_run_id: str) -> frozenset[str]:
@@ -483,12 +501,14 @@ class SiteQueryLog:
         write_own_file(self.path, json.dumps(state, sort_keys=False).encode())
 
 
-def recent_hours(by_hour: dict[str, int], hour: int) -> dict[str, int]:
+def recent_hours(by_hour: dict[str, int], hour: int) -> tuple[dict[str, int], int]:
     """The hour buckets of the rolling window that ends in ``hour`` (this hour and the
-    ``WINDOW_HOURS`` before it), the rest dropped, so the history kept stays bounded. Hours
-    after ``hour`` go too: the clock is the site's own, set back only by its operator, who
-    may raise the budget anyway."""
-    return {h: n for h, n in by_hour.items() if hour - WINDOW_HOURS <= int(h) <= hour}
+    ``WINDOW_HOURS`` before it), and the count of the rest, which leave the buckets (the
+    history kept stays bounded) for the site's running total (``max-evaluations-total``).
+    Hours after ``hour`` leave too: the clock is the site's own, set back only by its
+    operator, who may raise the budget anyway; what they counted stays in the total."""
+    window = {h: n for h, n in by_hour.items() if hour - WINDOW_HOURS <= int(h) <= hour}
+    return window, sum(by_hour.values()) - sum(window.values())
 
 
 def class_counts(metrics: SplitMetrics) -> list[int]:

@@ -136,6 +136,10 @@ def _add_deploy_parsers(sub) -> None:
                    help="evaluate requests the site answers over every run in a rolling 24 "
                         "hours (default 2000): each evaluation of weights the coordinator "
                         "chose can count a subset of the site's studies")
+    p.add_argument("--max-evaluations-total", type=int, metavar="N",
+                   help="evaluate requests the site answers over every run, ever (default "
+                        "100000, 50 days at the daily default): a daily cap alone lets that "
+                        "channel grow with the days")
     p.add_argument("--unlisted-labels", metavar="NAMES",
                    help="comma-separated label names of this site that a job's class list may "
                         "leave out, or a JSON list of them for names holding a comma (default "

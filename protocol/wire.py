@@ -206,6 +206,7 @@ PREFLIGHT_WARNING = "preflight warning: "
 NODE_MAX_EVALUATIONS = "max-evaluations-per-run"   # evaluate requests answered per run (1000)
 NODE_MAX_DAILY_EVALUATIONS = "max-evaluations-per-day"   # ... over every run, in a
                                                        # rolling 24 hours (2000)
+NODE_MAX_TOTAL_EVALUATIONS = "max-evaluations-total"   # ... over every run, ever (100000)
 NODE_MIN_EVAL_SPLIT = "min-eval-split-size"   # smallest count a site reports (10): smaller
                                               # splits "suppressed" only, no training on fewer
 NODE_UNLISTED_LABELS = "unlisted-labels"   # label names a job's class list may leave out

@@ -93,7 +93,8 @@ def site(args: argparse.Namespace) -> int:
         max_study_tokens=args.max_study_tokens, max_step_tokens=args.max_step_tokens,
         max_step_activations=args.max_step_activations,
         max_evaluations_per_run=args.max_evaluations_per_run,
-        max_evaluations_per_day=args.max_evaluations_per_day)
+        max_evaluations_per_day=args.max_evaluations_per_day,
+        max_evaluations_total=args.max_evaluations_total)
     daemon = Site(settings)
     try:
         daemon.start()

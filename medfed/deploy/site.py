@@ -106,6 +106,7 @@ class SiteSettings:
     max_step_activations: int | None = None     # tokens x widths and heads a step (2^36)
     max_evaluations_per_run: int | None = None  # evaluate requests a run (1000)
     max_evaluations_per_day: int | None = None  # ... over every run, rolling 24 h (2000)
+    max_evaluations_total: int | None = None    # ... over every run, ever (100000)
 
     @property
     def runtime_secret(self) -> Path:
@@ -160,7 +161,9 @@ def node_config(s: SiteSettings) -> dict[str, object]:
                              ("--max-evaluations-per-run", wire.NODE_MAX_EVALUATIONS,
                               s.max_evaluations_per_run),
                              ("--max-evaluations-per-day", wire.NODE_MAX_DAILY_EVALUATIONS,
-                              s.max_evaluations_per_day)):
+                              s.max_evaluations_per_day),
+                             ("--max-evaluations-total", wire.NODE_MAX_TOTAL_EVALUATIONS,
+                              s.max_evaluations_total)):
         if value is not None:
             if int(value) < 1:
                 raise DeployError(f"{flag} must be >= 1, got {value}")

@@ -273,6 +273,49 @@ def test_the_daily_evaluation_budget_survives_a_restart_and_rolls_over_24_hours(
     assert len(state["site"]["evaluations-by-hour"]) == 25
 
 
+def test_the_total_evaluation_budget_counts_every_day_in_a_bounded_file(tmp_path):
+    """``max-evaluations-total`` counts every request the site ever answered: an hour bucket
+    leaving the day's window moves into the site's running total, so waiting out the days
+    buys a coordinator nothing once the total is spent, while the file keeps 25 buckets and
+    one number however long the site runs. A clock set back (hours "after" now) leaves the
+    window, never the total."""
+    import json
+
+    from client.queries import STATE_FILE, QueryLimits, QueryRefused, SiteQueryLog
+
+    start = 400_000 * 3600.0
+    now = [start]
+    limits = QueryLimits(max_evaluations=10**6, max_daily_evaluations=10**6,
+                         max_total_evaluations=200)
+
+    def admit(run_id, server_round):
+        SiteQueryLog(tmp_path, run_id, clock=lambda: now[0]).admit_evaluation(
+            "classification", server_round, "w", limits)
+    for day in range(10):                     # 19 a day, one an hour, on 10 days: 190
+        for hour in range(19):
+            now[0] = start + (48 * day + hour) * 3600
+            admit(day, hour)
+    state = json.loads((tmp_path / STATE_FILE).read_text())
+    assert len(state["site"]["evaluations-by-hour"]) == 19     # the last day's window
+    assert state["site"]["evaluations-before"] == 171          # the 9 days before it
+    now[0] = start + 1000 * 3600               # 2 days on: an empty window
+    for server_round in range(5):
+        admit(10, server_round)
+    now[0] = start - 100 * 3600                # the clock set back: all of it "after" now
+    for server_round in range(5):
+        admit(11, server_round)                # 200 in all
+    total = r"at most 200 evaluate requests in all, .*'max-evaluations-total'"
+    with pytest.raises(QueryRefused, match=total):
+        admit(12, 1)
+    now[0] = start + 10**6 * 3600              # over a century later: still spent
+    with pytest.raises(QueryRefused, match=total):
+        admit(13, 1)
+    state = json.loads((tmp_path / STATE_FILE).read_text())
+    assert set(state["site"]) == {"evaluations-by-hour", "evaluations-before"}
+    assert sum(state["site"]["evaluations-by-hour"].values()) + \
+        state["site"]["evaluations-before"] == 200
+
+
 def test_the_daily_evaluation_budget_is_not_pruned_with_old_runs(tmp_path):
     """Per-run counters are dropped after ``KEEP_RUNS`` runs (their rounds are over); the
     daily count is not, or a coordinator cycling through that many runs would reset it."""
@@ -294,6 +337,10 @@ def test_a_bad_daily_evaluation_budget_in_node_config_is_refused(value, reason):
     from protocol import wire
 
     assert QueryLimits.from_settings({}).max_daily_evaluations == 2000
+    assert QueryLimits.from_settings({}).max_total_evaluations == 100_000
+    assert QueryLimits.from_settings({}, simulated=True).max_total_evaluations >= 2**62
+    assert QueryLimits.from_settings({wire.NODE_MAX_TOTAL_EVALUATIONS: "7"}) \
+        .max_total_evaluations == 7
     # a simulated partition (synthetic, the user's own coordinator): no daily cap by default
     assert QueryLimits.from_settings({}, simulated=True).max_daily_evaluations >= 2**62
     assert QueryLimits.from_settings({wire.NODE_MAX_DAILY_EVALUATIONS: "5"},

@@ -150,10 +150,10 @@ def test_node_config_uses_wire_keys(tmp_path):
                             unlisted_labels="meningioma, other", max_model_parameters=10**8,
                             max_study_tokens=4096, max_step_tokens=2**18,
                             max_step_activations=2**30, max_evaluations_per_run=50,
-                            max_evaluations_per_day=200)
+                            max_evaluations_per_day=200, max_evaluations_total=3000)
     config = node_config(settings)
-    assert (config[wire.NODE_MAX_EVALUATIONS], config[wire.NODE_MAX_DAILY_EVALUATIONS]) == \
-        (50, 200)
+    assert (config[wire.NODE_MAX_EVALUATIONS], config[wire.NODE_MAX_DAILY_EVALUATIONS],
+            config[wire.NODE_MAX_TOTAL_EVALUATIONS]) == (50, 200, 3000)
     assert config[wire.NODE_SITE_ID] == "a" and config[wire.NODE_DATA_DIR] == str(tmp_path)
     assert config[wire.NODE_DP_EPSILON] == 8.0 and config[wire.NODE_REQUIRE_SECAGG] is True
     assert (config[wire.NODE_MIN_EVAL_SPLIT], config[wire.NODE_UNLISTED_LABELS],

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 
 import numpy as np
@@ -130,6 +131,39 @@ def test_attack_a_new_flower_run_does_not_reset_the_sites_daily_evaluation_budge
                                             r"'max-evaluations-per-day'\)"):
             make_client_app()(_message(MessageType.EVALUATE, 1, _crafted(next(seed))),
                               context(run_id))
+
+
+def test_attack_waiting_out_the_days_does_not_renew_the_sites_evaluation_budget(
+        site_dir, task_identity):
+    """The daily budget renews every day, so a coordinator that comes back day after day
+    (a new run each time) gets evaluations without end: the channel grows with the days.
+    The site's total budget counts every request it ever answered, across runs, restarts
+    and days. Two days pass between visits here (the site's state file aged by 48 hours:
+    what its clock would find); the daily cap of 2 is renewed each visit, the total of 5 is
+    not, and is still spent a visit later."""
+    caps = {wire.NODE_MAX_EVALUATIONS: 2, wire.NODE_MAX_DAILY_EVALUATIONS: 2,
+            wire.NODE_MAX_TOTAL_EVALUATIONS: 5}
+    state_file = site_dir / ".medfed" / STATE_FILE
+    total = (r"site-policy: this site answers at most 5 evaluate requests in all, over every "
+             r"run and day \(node config 'max-evaluations-total'")
+    seed, answered = iter(range(100)), 0
+    for visit in range(4):
+        for server_round in (1, 2):
+            context = _context(site_dir, **caps)
+            context.run_id = 20 + visit               # a new run, by a fresh process
+            try:
+                reply = make_client_app()(_message(MessageType.EVALUATE, server_round,
+                                                   _crafted(next(seed))), context)
+                assert not reply.has_error(), reply.error
+                answered += 1
+            except SiteError as err:
+                assert visit >= 2 and re.match(total, str(err)), err
+        state = json.loads(state_file.read_text())   # two days pass
+        site = state["site"]
+        site["evaluations-by-hour"] = {str(int(h) - 48): n
+                                       for h, n in site["evaluations-by-hour"].items()}
+        state_file.write_text(json.dumps(state))
+    assert answered == 5
 
 
 def test_small_splits_report_suppressed_only_never_their_size_and_pooling_skips_them(

@@ -107,6 +107,8 @@ class DINOConfig(ClassHeadConfig):
     alignment_momentum: float = 0.9    # running mean of the teacher's unlabelled predictions
 
     def __post_init__(self):
+        for name in ("global_scale", "local_scale"):     # YAML gives lists; a frozen config
+            object.__setattr__(self, name, tuple(getattr(self, name)))   # keeps a tuple
         if not 0.0 < self.label_fraction <= 1.0:
             raise ValueError(f"label_fraction must be in (0, 1], got {self.label_fraction}")
         if self.num_classes < 2:

@@ -145,6 +145,27 @@ def is_derived(name: str) -> bool:
     return name in DERIVED or name.startswith(PER_CLASS_F1)
 
 
+@dataclass(frozen=True)
+class AveragedOver:
+    """The studies a figure averages over when not all ``n`` of its split: the ``count``
+    named, less the ``undefined`` one (those where the figure is not defined)."""
+    count: str
+    undefined: str | None = None
+
+
+# Figures that average over some of a split's studies, and the counts (sent beside them) that
+# say how many: the pool weights each site's figure by those studies, not by its n (a site of
+# 100 studies and 2 masks weighs 2 in the pooled Dice, not 100), so the pooled figure is the
+# mean over every site's studies. Segmentation's loss, Dice and HD95 are over its studies with
+# a mask, Dice and HD95 less those where each is undefined (a site of empty masks sends Dice
+# 0.0 over none, which weighs nothing). A figure not listed, or in a split that does not
+# report the count, averages over ``n``.
+AVERAGED_OVER: Mapping[str, AveragedOver] = MappingProxyType({
+    "loss": AveragedOver("n_masks"),
+    "dice": AveragedOver("n_masks", "dice_undefined"),
+    "hd95": AveragedOver("n_masks", "hd95_undefined")})
+
+
 def _counts(name: str, value, shape_ok, what: str) -> np.ndarray | None:
     """Validated read-only int64 copy of a confusion array (None stays None)."""
     if value is None:
@@ -178,7 +199,8 @@ class SplitMetrics:
     auroc : float, optional
         None where undefined (a split with one class present) - never a 0.0 stand-in.
     means : mapping
-        Per-study means (Dice, HD95, retrieval recall@k): pooled weighted by n.
+        Per-study means (Dice, HD95, retrieval recall@k): pooled weighted by the studies each
+        averages over (``studies``: n, or the counts ``AVERAGED_OVER`` names).
     counts : mapping
         Counts (reports ranked, HD95 undefined): pooled by sum.
     seconds : float
@@ -225,9 +247,23 @@ class SplitMetrics:
             if kind == "counts" and not all(math.isfinite(v) and v >= 0 for v in values.values()):
                 raise ValueError("counts must be finite and >= 0")
             object.__setattr__(self, kind, MappingProxyType(values))
+        for figure in AVERAGED_OVER:
+            if (figure == "loss" or figure in self.means) and not 0 <= self.studies(figure) <= n:
+                over = AVERAGED_OVER[figure]
+                raise ValueError(f"{figure} averages over {over.count} less "
+                                 f"{over.undefined or 'nothing'}: {self.studies(figure):g} "
+                                 f"studies, not between 0 and n = {n}")
         if not (math.isfinite(self.seconds) and self.seconds >= 0):
             raise ValueError(f"seconds must be finite and >= 0, got {self.seconds}")
         object.__setattr__(self, "seconds", float(self.seconds))
+
+    def studies(self, figure: str) -> float:
+        """How many studies ``figure`` (``loss`` or a mean) averages over, its weight in a
+        pool: the counts ``AVERAGED_OVER`` names where this split reports them, else ``n``."""
+        over = AVERAGED_OVER.get(figure)
+        if over is None or over.count not in self.counts:
+            return float(self.n)
+        return self.counts[over.count] - self.counts.get(over.undefined, 0.0)
 
     def scalars(self) -> dict[str, float]:
         """The figures: ``n``, ``loss``, the confusion-derived metrics (``confusion_metrics``

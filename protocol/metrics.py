@@ -17,8 +17,9 @@ Encoding, under ``f"{split}-"`` (e.g. ``val-``, ``personal-test-``, ``test-witho
   present). Flower rejects replies whose MetricRecords have different key sets, so the key
   is always there and its *length* says whether AUROC was measured: no 0.0 stand-in that a
   reader could mistake for a measurement, no NaN (which would poison any unguarded mean);
-- ``mean-<name>`` / ``count-<name>``: per-study means (pooled weighted by n) and counts
-  (pooled by sum);
+- ``mean-<name>`` / ``count-<name>``: per-study means (pooled weighted by the studies each
+  averages over: n, or the counts ``models.metrics.AVERAGED_OVER`` names) and counts (pooled
+  by sum);
 - ``suppressed``: 1.0 where the site held back a split too small to report (its node config
   ``min-eval-split-size``): every field is the empty (``n = 0``) result - its size, a small
   count, is not sent - and ``from_record`` decodes it as *not measured*, which every consumer

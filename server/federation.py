@@ -27,6 +27,7 @@ from protocol.skellam import NoiseShare
 from strategies.sitedp import DistributedNoise, SiteLevelDP
 from strategies.observed import ObservedStrategy, RoundObserver
 from strategies.registry import build_strategy as build_flower_strategy
+from strategies.site_names import SiteNames
 
 from .checkpoint import CheckpointError, Checkpointer, latest_checkpoint, mark_final, read_final
 from .config import ExperimentConfig
@@ -152,7 +153,7 @@ class PhaseOutcome:
 
 def run_experiment(grid: Grid, cfg: ExperimentConfig, run_dir: Path,
                    observers: tuple[RoundObserver, ...] = (), *,
-                   sites: dict[int, str] | None = None) -> PhaseOutcome:
+                   sites: SiteNames | dict[int, str] | None = None) -> PhaseOutcome:
     """One experiment: with ``pretrain.objective``, phase 1 (federated pretraining, under
     ``run_dir/pretrain``) then phase 2 (the task, under ``run_dir/finetune``) starting from
     phase 1's global backbone; otherwise the task alone in ``run_dir``.
@@ -161,15 +162,16 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, run_dir: Path,
     skipped, an interrupted one continues after its newest checkpoint, a later one starts.
     The last line says where the results are and how to open them (simulated or deployed).
     ``sites``: node id -> site id from the preflight's answers (a site failing in round 1 is
-    named by it; see ``server.preflight.site_names``).
+    named by it; see ``server.preflight.site_names``): they bind each site id to one node
+    for the run, both phases (``strategies.site_names.SiteNames``).
     """
-    outcome = _run_phases(grid, cfg, run_dir, observers, sites or {})
+    outcome = _run_phases(grid, cfg, run_dir, observers, SiteNames(sites))
     log.info("%s", results_hint(tracking_uri(cfg, run_dir)))
     return outcome
 
 
 def _run_phases(grid: Grid, cfg: ExperimentConfig, run_dir: Path,
-                observers: tuple[RoundObserver, ...], sites: dict[int, str]) -> PhaseOutcome:
+                observers: tuple[RoundObserver, ...], sites: SiteNames) -> PhaseOutcome:
     point = resolve_resume(cfg, run_dir)
     start = None
     if cfg.model.pretrained is not None:     # validated at config load
@@ -234,7 +236,8 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path,
     tags naming the parent model version, set on every model version this phase registers;
     ``store_dir``: where the default MLflow store lives (both phases of a run share one);
     ``resume``: continue after the newest checkpoint in ``run_dir``, in the same MLflow run;
-    ``sites``: node id -> site id known before round 1 (the preflight's answers).
+    ``sites``: the run's site-id bindings (``SiteNames``), or node id -> site id known before
+    round 1 (the preflight's answers).
     On success the phase is marked complete (``checkpoint.mark_final``).
     """
     run_id = run_id or run_dir.name

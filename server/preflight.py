@@ -15,7 +15,10 @@ Run by the ServerApp before anything else (``server/app.py``), and alone by
    (``client/readiness.py``): whether it reads the job's layout, whether the foundation
    weights NAME is in its foundation-dir and gives this digest - and, where DP-SGD is asked
    and the weights match, the line its DP-SGD check would refuse the model with in round 1.
-   Sites that cannot serve the job are named, with the fix.
+   Sites that cannot serve the job are named, with the fix;
+4. each site id names one node: the answers bind them for the run
+   (``strategies/site_names.py``), and two nodes answering as one site are refused (the
+   server could not tell whose figures, failures and budget are whose).
 
 Budgets: a site composes its whole ledger with the new run, so only it can decide; the
 preflight refuses only what a site would refuse for sure - a DP-SGD target epsilon above a
@@ -32,7 +35,6 @@ concluded; this is the early, readable failure.
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass, field
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
@@ -42,6 +44,7 @@ from protocol import wire
 from protocol.layout import DEFAULT_LAYOUT
 from protocol.policy import PolicyDecodeError, SitePolicy
 from strategies.guard import error_summary, wait_for_quorum
+from strategies.site_names import SiteNames
 
 from .config import ExperimentConfig
 from .prompt_grid import collect
@@ -110,11 +113,13 @@ def run_preflight(grid: Grid, cfg: ExperimentConfig, *,
     for line in silent:
         log.warning("%s%s (not counted as a site)", wire.PREFLIGHT_WARNING, line)
     problems, warnings = policy_problems(cfg, policies, silent)
+    sites, refused = site_names(named)
+    problems += refused
     for line in warnings:
         log.warning("%s%s", wire.PREFLIGHT_WARNING, line)
     if problems:
         raise PreflightError(problems)
-    return PreflightReport(tuple(policies), tuple(warnings), site_names(named))
+    return PreflightReport(tuple(policies), tuple(warnings), sites)
 
 
 def preflight_job(cfg: ExperimentConfig) -> tuple[ConfigRecord, bool]:
@@ -166,15 +171,29 @@ def ask_policies(grid: Grid, timeout: float, job: ConfigRecord | None = None, *,
     return policies, silent, named
 
 
-def site_names(named: list[tuple[int, str]]) -> dict[int, str]:
-    """Node id -> the site id it answered with; only plain names (``wire.SITE_ID_RE``) that
-    one node alone claimed: as for a run's replies (``strategies.reply_shape``), a name two
-    nodes claim is neither's, so one site cannot have another's failures put under its name."""
-    claimants: dict[str, set[int]] = {}
-    for node, site in named:
-        if re.fullmatch(wire.SITE_ID_RE, site):
-            claimants.setdefault(site, set()).add(node)
-    return {next(iter(nodes)): site for site, nodes in claimants.items() if len(nodes) == 1}
+def site_names(named: list[tuple[int, str]]) -> tuple[dict[int, str], list[str]]:
+    """Node id -> the site id it answered with, bound for the run (``SiteNames``: plain names
+    only, an odd one names no node), and a problem line per name the run cannot grant:
+    one that two nodes answered with (neither is that site for sure: one is misconfigured
+    or impersonating it), or one that is another node's ``node-<id>``."""
+    names = SiteNames()
+    refused: dict[str, list] = {}
+    for claim in names.claim(named):
+        refused.setdefault(claim.site_id, []).append(claim)
+    problems = []
+    for site, claims in refused.items():
+        if len(claims) > 1:
+            nodes = ", ".join(str(c.node) for c in claims)
+            problems.append(f"nodes {nodes} all answered as site {site!r}: a site id names "
+                            "one node for a run (its MLflow records, failures and privacy "
+                            "budget are kept under it) and the server cannot tell which one "
+                            "is that site: one is misconfigured or impersonating it; its "
+                            "operator fixes its site id (medfed site --site-id) or it is "
+                            "disconnected")
+        else:
+            problems.append(f"{claims[0]}: its operator gives it a site id of its own "
+                            "(medfed site --site-id)")
+    return names.bound(), problems
 
 
 def _gather(grid: Grid, messages: list[Message], *, quiet: float, first: float

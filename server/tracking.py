@@ -106,6 +106,7 @@ class MlflowTracker:
         if self.lineage and not resume_run_id:
             mlflow.set_tags({f"medfed.{k}": v for k, v in self.lineage.items()})
         self.ingest_logged: set[str] = set()
+        self.nodes_logged: dict[str, int] = {}     # site id -> the node id tagged for it
         self.privacy_rounds: list[dict] = []      # the privacy report, one entry per round
         self._source_run = None          # this MLflow run as the writer read it
 
@@ -163,6 +164,7 @@ class MlflowTracker:
         for reply in record.train:
             metrics |= {f"site/{reply.site_id}/train/{k}": v for k, v in reply.metrics.items()}
             writes.artifacts |= self._new_ingest(reply.site_id, reply.ingest)
+        self._site_tags(record, record.train, tags)
         metrics["train/sites_ok"] = len(record.train)
         metrics["train/sites_failed"] = len(record.failures.get("train", []))
         for site in record.dropped("train"):             # which site dropped out, by name
@@ -263,6 +265,7 @@ class MlflowTracker:
                     "eval/sites_ok": len(record.evaluate),
                     "eval/sites_failed": len(record.failures.get("evaluate", [])),
                     "eval/replies_rejected": len(record.evaluate_rejected)}
+        self._site_tags(record, record.evaluate, writes.run_tags)
         for rejection in record.evaluate_rejected:       # as rejected updates are (on_train)
             metrics[f"site/{rejection.site_id}/evaluate/rejected"] = 1.0
             writes.run_tags[f"eval-rejected.round-{step}.{rejection.site_id}"] = \
@@ -290,6 +293,17 @@ class MlflowTracker:
                 writes.version_tags |= {f"{split}_{key}": f"{pooled[key]:.4f}"
                                         for key in ("mcc", "auroc", "accuracy") if key in pooled}
         self.writer.submit(writes)      # journalled before the round's checkpoint is written
+
+    def _site_tags(self, record: RoundRecord, replies: list, tags: dict[str, str]) -> None:
+        """Which node each site's records come from (``site/<id>/node_id``, when first seen in
+        this phase), and each site id the run refused a node (``strategies.site_names``)."""
+        for reply in replies:
+            if self.nodes_logged.get(reply.site_id) != reply.node_id:
+                self.nodes_logged[reply.site_id] = reply.node_id
+                tags[f"site/{reply.site_id}/node_id"] = str(reply.node_id)
+        for refused in record.names_refused:
+            tags[f"site-id-refused.round-{record.round}.node-{refused.node}"] = \
+                str(refused)[:250]
 
     def _new_ingest(self, site_id: str, ingest: str) -> dict[str, dict]:
         """A site's ingest counts as an artifact to write, the first time it sends them."""

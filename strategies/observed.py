@@ -36,6 +36,7 @@ from protocol.metrics import report_splits
 
 from .guard import QuorumError
 from .reply_shape import ReplyShape, claimed_site_id
+from .site_names import ClaimRefused, SiteNames
 from .state import StatelessWrapper, chain_reports, merge_reports
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,7 @@ class RoundRecord:
     arrays_sha256: str = ""     # of ``arrays``, once an observer computed it (once a round)
     secagg_clipped: int | None = None         # secure aggregation: values clipped by encoding
     secagg_capped: int | None = None          # ... and sites whose weight it capped
+    names_refused: list[ClaimRefused] = field(default_factory=list)   # site ids not granted
     # ``arrays`` decoded, once a round: (the ArrayRecord they were decoded from, values)
     _decoded: tuple | None = field(default=None, repr=False, compare=False)
 
@@ -108,34 +110,37 @@ class RoundObserver(Protocol):
     def on_round_end(self, record: RoundRecord) -> None: ...
 
 
-def site_replies(replies: Iterable[Message], known: dict[int, str] | None = None,
+def site_claims(replies: Iterable[Message]) -> list[tuple[int, str]]:
+    """(node id, the site id it names itself by) of each reply that is not an error."""
+    return [(m.metadata.src_node_id, claimed_site_id(m)) for m in replies if not m.has_error()]
+
+
+def site_replies(replies: Iterable[Message], names: SiteNames | None = None,
                  targets: dict[str, int] | None = None
                  ) -> tuple[list[SiteReply], list[SiteFailure]]:
-    """Split replies into per-site results and failures (the failed site named from
-    ``known``, node id -> site id seen in earlier replies, else ``node-<id>``).
+    """Split replies into per-site results and failures, each named by the site id its node
+    holds in ``names`` (the run's, whose claims were made; none given: these replies'
+    claims, in a new one), else ``node-<id>``: one node cannot write its figures under
+    another site's name (``strategies.site_names``: the rule).
 
     An error the SuperLink writes for a vanished node comes from the SuperLink itself; its
     ``reply_to_message_id`` finds the node the instruction went to in ``targets``.
     """
     ok, failed = [], []
-    known, targets = known or {}, targets or {}
-    # A name claimed by two nodes in one phase is neither's: each is shown as node-<id>, so
-    # one site cannot write its figures under another's name (claimed_site_id: the rule)
-    claimants: dict[str, set[int]] = {}
-    for msg in replies:
-        if not msg.has_error():
-            claimants.setdefault(claimed_site_id(msg), set()).add(msg.metadata.src_node_id)
+    targets = targets or {}
+    if names is None:
+        names = SiteNames()
+        names.claim(site_claims(replies))
     for msg in replies:
         if msg.has_error():
             node = targets.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
-            failed.append(SiteFailure(known.get(node, f"node-{node}"), node, msg.error.reason))
+            failed.append(SiteFailure(names.name(node), node, msg.error.reason))
             continue
         content = msg.content
         site = content.config_records.get(wire.SITE, ConfigRecord())
         metrics = content.metric_records.get(wire.METRICS, MetricRecord())
-        claimed = claimed_site_id(msg)
         ok.append(SiteReply(
-            site_id=claimed if len(claimants[claimed]) == 1 else f"node-{msg.metadata.src_node_id}",
+            site_id=names.name(msg.metadata.src_node_id),
             node_id=msg.metadata.src_node_id,
             # lists too: an evaluate reply's confusion counts and AUROC (protocol.metrics)
             metrics={k: list(v) if isinstance(v, list) else float(v) for k, v in metrics.items()
@@ -166,14 +171,15 @@ class ObservedStrategy(StatelessWrapper, Strategy):
     kind = "observed"
 
     def __init__(self, strategy: Strategy, observers: list[RoundObserver], round_offset: int = 0,
-                 sites: dict[int, str] | None = None):
+                 sites: SiteNames | dict[int, str] | None = None):
         self.strategy = strategy
         self.observers = list(observers)
         self.round_offset = round_offset
         self._round: RoundRecord | None = None
-        # node id -> site id, to name a site that fails: from the run's replies, and before
-        # the first one from ``sites`` (what each node answered the preflight with)
-        self._sites: dict[int, str] = dict(sites or {})
+        # node id <-> site id for the run (strategies.site_names), to name every reply and a
+        # site that fails: bound by the preflight's answers (``sites``; the run's SiteNames,
+        # shared by its phases), then by the run's replies
+        self._sites = sites if isinstance(sites, SiteNames) else SiteNames(sites)
         self._sent: dict[str, list[Message]] = {}   # phase -> instructions (ids set when pushed)
 
     def _record(self, record: RoundRecord, phase: str, replies: list[Message],
@@ -187,7 +193,6 @@ class ObservedStrategy(StatelessWrapper, Strategy):
         targets = {m.metadata.message_id: m.metadata.dst_node_id
                    for m in self._sent.pop(phase, [])}
         ok, record.failures[phase] = site_replies(replies, self._sites, targets)
-        self._sites |= {r.node_id: r.site_id for r in ok}
         # external sites' evaluations carry other keys than the training sites': each its own
         groups: dict[bool, list[Message]] = {}
         for msg in replies:
@@ -203,8 +208,15 @@ class ObservedStrategy(StatelessWrapper, Strategy):
 
     def _named(self, rejections: list) -> list:
         """Rejections named as this round's replies are (a name two nodes claimed: node-<id>)."""
-        return [dataclasses.replace(r, site_id=self._sites.get(r.node, r.site_id))
+        return [dataclasses.replace(r, site_id=self._sites.name(r.node))
                 if r.node is not None else r for r in rejections]
+
+    def _claim(self, record: RoundRecord, replies: list[Message]) -> None:
+        """Bind the phase's site-id claims for the run; a refused one is logged loudly and
+        kept in the round record (MLflow tags it)."""
+        for refused in self._sites.claim(site_claims(replies)):
+            log.warning("site id refused: %s", refused)
+            record.names_refused.append(refused)
 
     def summary(self) -> None:
         self.strategy.summary()
@@ -221,11 +233,11 @@ class ObservedStrategy(StatelessWrapper, Strategy):
         server_round += self.round_offset
         replies = ordered(replies)
         record = self._round or RoundRecord(server_round)
+        self._claim(record, replies)
         try:
             arrays, metrics = self.strategy.aggregate_train(server_round, replies)
         except QuorumError as err:     # the failed sites by the names this run knows them by
-            raise err.named(self._sites | {r.node_id: r.site_id for r in site_replies(
-                replies, self._sites)[0]}) from None
+            raise err.named(self._sites.bound()) from None
         finally:       # also when the round fails: what was rejected is part of the story
             report = merge_reports(chain_reports(self.inner))
             rejected = list(report.get("rejected", []))
@@ -236,7 +248,7 @@ class ObservedStrategy(StatelessWrapper, Strategy):
             record.rejected = self._named(rejected)
             # by node, named as the replies are (a name two nodes claimed: node-<id> for
             # both), so one site's norm never stands under, or overwrites, another's
-            record.update_norms = {self._sites.get(node, f"node-{node}"): norm
+            record.update_norms = {self._sites.name(node): norm
                                    for node, norm in report.get("update_norms", {}).items()}
             record.site_level_epsilon = report.get("site_level_epsilon")
             record.secagg_clipped = report.get("secagg_clipped")
@@ -259,6 +271,7 @@ class ObservedStrategy(StatelessWrapper, Strategy):
         server_round += self.round_offset
         replies = ordered(replies)
         record = self._round or RoundRecord(server_round)
+        self._claim(record, replies)
         metrics = self.strategy.aggregate_evaluate(server_round, replies)
         report = merge_reports(chain_reports(self.inner))
         rejected = [*report.get("evaluate_rejected", []), *report.get("external_rejected", [])]

@@ -3,9 +3,10 @@
 Sites send confusion-matrix counts (multi-label tasks: one binary matrix per finding), so
 the server computes the *pooled* accuracy, MCC and F1 exactly (averaging per-site MCCs is
 not MCC). AUROC cannot be pooled from counts; it is averaged over the sites where it is
-defined, weighted by examples. Per-study means (Dice, HD95, recall@k) are averaged weighted
-by examples; counts are summed. Sites' replies are decoded by ``protocol.metrics``, which
-refuses malformed ones.
+defined, weighted by examples. The loss and per-study means (Dice, HD95, recall@k) are
+averaged weighted by the studies each averages over (``SplitMetrics.studies``: segmentation's
+by the site's masks where each is defined, not its study count); counts are summed. Sites'
+replies are decoded by ``protocol.metrics``, which refuses malformed ones.
 
 One site's refused reply must not cost every site its evaluation: ``evaluation_verdicts``
 says which replies cannot be pooled (the codec refuses one of its splits, or its confusion
@@ -46,20 +47,27 @@ def _summed(sites: list[SplitMetrics], field: str) -> np.ndarray | None:
     return np.sum(arrays, axis=0)
 
 
+def _averaged(sites: list[SplitMetrics], figure: str, values: list[float]) -> float:
+    """The sites' ``figure`` averaged over all their studies: each weighted by the studies
+    it averages over (``SplitMetrics.studies``); 0.0, as a site sends, where none has any."""
+    weights = np.array([m.studies(figure) for m in sites])
+    return float(np.average(values, weights=weights)) if weights.sum() > 0 else 0.0
+
+
 def pool_sites(per_site: list[SplitMetrics]) -> SplitMetrics | None:
     """One split pooled over sites (sites with ``n = 0`` are left out); None if none is left."""
     sites = [m for m in per_site if m.n > 0]
     if not sites:
         return None
     n = np.array([m.n for m in sites])
-    means = {key: float(np.average([m.means.get(key, 0.0) for m in sites], weights=n))
+    means = {key: _averaged(sites, key, [m.means.get(key, 0.0) for m in sites])
              for key in sorted({k for m in sites for k in m.means})}
     counts = {key: float(sum(m.counts.get(key, 0.0) for m in sites))
               for key in sorted({k for m in sites for k in m.counts})}
     weights = n * np.array([m.auroc is not None for m in sites], dtype=float)
     auroc = (float(np.average([m.auroc or 0.0 for m in sites], weights=weights))
              if weights.sum() > 0 else None)
-    return SplitMetrics(n=int(n.sum()), loss=float(np.average([m.loss for m in sites], weights=n)),
+    return SplitMetrics(n=int(n.sum()), loss=_averaged(sites, "loss", [m.loss for m in sites]),
                         confusion=_summed(sites, "confusion"),
                         finding_confusions=_summed(sites, "finding_confusions"),
                         auroc=auroc, means=means, counts=counts,

@@ -150,15 +150,18 @@ class ExperimentConfig:
     def fingerprint(self) -> str:
         """Hash of the resolved config (tags every model version it produced; a resume must
         match its checkpoint's). How a run is started (fresh or resumed) is not part of what
-        it computes, nor is any setting at its default - a model's or task's option at its
-        config class's default included - so a release adding a setting with a default, or a
-        YAML spelling a default out, leaves every earlier run's hash (and its resume) as it
-        was."""
+        it computes, nor is any setting at its default - a model's, task's or pretraining
+        objective's option at its config class's default included - so a release adding a
+        setting with a default, or a YAML spelling a default out, leaves every earlier run's
+        hash (and its resume) as it was."""
         d = _set_fields(self)
         d.pop("resume", None)
-        for group, registry in (("model", "MODELS"), ("task", "TASKS")):
+        for group, registry, name in (("model", "MODELS", self.model.name),
+                                      ("task", "TASKS", self.task.name),
+                                      ("pretrain", "TASKS", self.pretrain.objective)):
             if "options" in d.get(group, {}):
-                d[group]["options"] = _set_options(registry, getattr(self, group))
+                d[group]["options"] = _set_options(registry, name,
+                                                   getattr(self, group).options)
                 if not d[group]["options"]:
                     del d[group]["options"]
                 if not d[group]:
@@ -270,16 +273,17 @@ def _set_fields(obj: Any) -> dict[str, Any]:
     return out
 
 
-def _set_options(registry: str, group: Any) -> dict[str, Any]:
-    """A model's or task's options that differ from its config class's defaults (all of
-    them, as given, for a name the registry does not know: validate() reports it)."""
+def _set_options(registry: str, name: str | None, options: dict[str, Any]) -> dict[str, Any]:
+    """A model's, task's or objective's options that differ from its config class's
+    defaults (all of them, as given, for a name the registry does not know: validate()
+    reports it)."""
     import models            # the registries import torch; the schema alone must not
     try:
         defaults = {f.name: _default(f) for f in fields(
-            getattr(models, registry).config_class(group.name))}
+            getattr(models, registry).config_class(name))}
     except (KeyError, TypeError, ValueError):
-        return _plain(dict(group.options))
-    return {k: _plain(v) for k, v in group.options.items()
+        return _plain(dict(options))
+    return {k: _plain(v) for k, v in options.items()
             if k not in defaults or _plain(v) != _plain(defaults[k])}
 
 

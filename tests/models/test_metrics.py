@@ -84,6 +84,25 @@ def test_split_metrics_refuses_inconsistent_values():
         frozen.confusion[0, 0] = 5                       # read-only: what was sent stays
 
 
+@pytest.mark.parametrize("counts", [{"n_masks": 1000.0},
+                                    {"n_masks": 4.0, "dice_undefined": 5.0}],
+                         ids=["more-masks-than-studies", "more-undefined-than-masks"])
+def test_attack_a_figure_may_not_claim_more_studies_than_its_split(counts):
+    """A pooled Dice weighs each site by the studies it averages over (``n_masks`` less
+    ``dice_undefined``): a site of 10 studies claiming 1000 masks would outweigh every honest
+    site, one claiming more undefined than masks would weigh below zero. Both are refused
+    (as is a loss over more masks than studies), the honest counts accepted."""
+    from models.metrics import SplitMetrics
+
+    with pytest.raises(ValueError, match="not between 0 and n = 10"):
+        SplitMetrics(n=10, loss=0.5, means={"dice": 0.9}, counts=counts)
+    with pytest.raises(ValueError, match="loss averages over n_masks"):
+        SplitMetrics(n=10, loss=0.5, counts={"n_masks": 11.0})
+    honest = SplitMetrics(n=10, loss=0.5, means={"dice": 0.9},
+                          counts={"n_masks": 4.0, "dice_undefined": 1.0})
+    assert (honest.studies("dice"), honest.studies("loss"), honest.studies("other")) == (3, 4, 10)
+
+
 @pytest.mark.parametrize("kind", ["means", "counts"])
 def test_no_mean_or_count_may_take_the_name_of_a_confusion_derived_figure(kind):
     """Every figure ``scalars`` derives from the counts (any class count, multi-class or

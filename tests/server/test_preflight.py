@@ -420,8 +420,30 @@ def test_the_preflight_names_each_node_by_the_site_id_it_answered_with(tmp_path)
 def test_a_name_two_nodes_answered_with_or_an_odd_one_names_no_node():
     from server.preflight import site_names
 
-    assert site_names([(1, "site-a"), (2, "site-a"), (3, "site-c"), (4, "a b/../c"),
-                       (5, "")]) == {3: "site-c"}
+    sites, problems = site_names([(1, "site-a"), (2, "site-a"), (3, "site-c"), (4, "a b/../c"),
+                                  (5, ""), (6, "node-3")])
+    assert sites == {3: "site-c"}
+    assert [p.split(":")[0] for p in problems] == [
+        "node 6 claims site id 'node-3', the name another node is shown by",
+        "nodes 1, 2 all answered as site 'site-a'"]
+
+
+def test_attack_a_node_answering_the_preflight_as_another_site_refuses_the_run(tmp_path):
+    """Attack: node 2 (the real ClientApp) answers the preflight with site-a's name. The
+    console named replies with their node ids, MLflow by the site id only, so the run would
+    have recorded one of them as the other. The preflight refuses the run, naming both node
+    ids and the fix; no round starts (``SiteGrid`` fails on any training message)."""
+    grid = SiteGrid(tmp_path, {"site-a": {}, "site-b": {}, "site-c": {}})
+    cfg = _cfg(tmp_path, "federation.num_sites=3")
+    assert run_preflight(grid, cfg).sites == {1: "site-a", 2: "site-b", 3: "site-c"}
+    grid.nodes[2][wire.NODE_SITE_ID] = "site-a"         # the impersonation
+    with pytest.raises(PreflightError) as refused:
+        run_preflight(grid, cfg)
+    (problem,) = [p for p in refused.value.problems if "site-a" in p]
+    assert problem.startswith("nodes 1, 2 all answered as site 'site-a': a site id names one "
+                              "node for a run"), problem
+    assert "medfed site --site-id" in problem
+    assert set(grid.sent) == {MessageType.QUERY}
 
 
 def test_the_preflights_names_reach_the_run(tmp_path, monkeypatch):
@@ -441,7 +463,7 @@ def test_the_preflights_names_reach_the_run(tmp_path, monkeypatch):
                         lambda *a, **k: got.append(k["sites"]) or
                         federation.run_experiment(*a, **k))
     _serve(tmp_path, _cfg(tmp_path), SiteGrid(tmp_path, {}))
-    assert got == [{7: "site-a"}, {7: "site-a"}]
+    assert got[0] == {7: "site-a"} and got[1].bound() == {7: "site-a"}
 
 
 def test_run_federation_seeds_the_observed_strategy_with_them(tmp_path, monkeypatch):
@@ -489,4 +511,6 @@ def test_both_phases_of_a_pretraining_run_get_them(tmp_path, monkeypatch):
     monkeypatch.setattr(federation, "run_federation", run_federation)
     cfg = _cfg(tmp_path, "pretrain=mm_dino", "pretrain.num_rounds=2")
     federation.run_experiment(None, cfg, tmp_path, sites={7: "site-a"})
-    assert got == [("pretrain", {7: "site-a"}), ("finetune", {7: "site-a"})]
+    assert [name for name, _ in got] == ["pretrain", "finetune"]
+    # one binding for the run: a name a node took in phase 1 is still its own in phase 2
+    assert got[0][1] is got[1][1] and got[0][1].bound() == {7: "site-a"}

@@ -84,3 +84,34 @@ def test_a_rounds_metrics_from_all_its_sites_are_written_in_one_batch(tmp_path):
         mlflow.end_run()
     assert len(batches) == 2
     assert {f"site/{s}/train/loss" for s in sites} <= {m.key for m in batches[0]["metrics"]}
+
+
+def test_each_sites_records_name_its_node_and_a_refused_site_id_is_tagged(tmp_path):
+    """The console named each reply with its Flower node id, MLflow by the site id only: a
+    node answering as another site left no trace there. The run tags which node each site's
+    records come from (once a phase, and again when it changes) and every site id it refused
+    a node (``strategies.site_names``)."""
+    import mlflow
+
+    from server.tracking import MlflowTracker
+    from strategies.site_names import ClaimRefused
+
+    cfg = load_experiment(["experiment=smoke", f"runs_dir={tmp_path}",
+                           "tracking.log_models=false"])
+    refused = ClaimRefused(2, "site-1", "which node 1 holds in this run: shown as node-2")
+    tracker = MlflowTracker(cfg, tmp_path)
+    try:
+        tracker.on_train(RoundRecord(round=1, train=[
+            SiteReply("site-1", 1, {"loss": 0.5}), SiteReply("node-2", 2, {"loss": 0.4})],
+            names_refused=[refused]))
+        tracker.on_round_end(RoundRecord(round=1))
+        tracker.on_train(RoundRecord(round=2, train=[SiteReply("site-1", 1, {"loss": 0.3})]))
+        tracker.on_round_end(RoundRecord(round=2))
+        tracker.latest_version()
+    finally:
+        tracker.finish("")
+        mlflow.end_run()
+    tags = mlflow.MlflowClient(tracker.uri).get_run(tracker.run_id).data.tags
+    assert tags["site/site-1/node_id"] == "1" and tags["site/node-2/node_id"] == "2"
+    assert tags["site-id-refused.round-1.node-2"] == str(refused)
+    assert str(refused).startswith("node 2 claims site id 'site-1', which node 1 holds")

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 
 from models.metrics import SplitMetrics, classification_metrics
@@ -64,3 +65,52 @@ def test_pooled_multilabel_metrics_equal_metrics_of_concatenated_predictions():
     for key in ("accuracy", "mcc", "f1", "balanced_accuracy", "f1_class_2"):
         assert abs(pooled[key] - direct[key]) < 1e-12
     assert pooled["n"] == 46
+
+
+def _segmentation_site(masked: int, unmasked: int, empty: int, shift: int) -> dict:
+    """One site's studies: ``masked`` with a lesion the model finds shifted by ``shift``
+    pixels, ``empty`` masks without a lesion (Dice and HD95 undefined), ``unmasked`` studies
+    without a mask (in ``n`` only)."""
+    total = masked + empty + unmasked
+    truth = torch.zeros(total, 8, 8, dtype=torch.long)
+    truth[:masked, 2:6, 2:6] = 1
+    answer = torch.roll(truth, shifts=shift, dims=2)
+    return {"image": torch.zeros(total, 1, 8, 8), "present": torch.ones(total, 1, dtype=torch.bool),
+            "mask": truth, "has_mask": torch.arange(total) < masked + empty, "answer": answer}
+
+
+def _segment(batches: list[dict]) -> SplitMetrics:
+    """The evaluator over the batches' studies, sent and decoded as a site's reply."""
+    from models.segmentation import SegmentationConfig, SegmentationEvaluator
+    from tests.models.test_segmentation import _Answers
+
+    evaluator = SegmentationEvaluator(SegmentationConfig())
+    for batch in batches:
+        evaluator.update(_Answers(batch["answer"]), batch)
+    return from_record(to_record(evaluator.compute(), "test"), "test")
+
+
+def test_pooled_segmentation_figures_are_means_over_every_sites_masks():
+    """Two sites whose masks and study counts disagree: A has 40 studies but 2 masks (found
+    exactly), B 5 studies, all masked (4 lesions found one pixel off, 1 mask without a
+    lesion). The pooled loss, Dice and HD95 are those of one evaluation over all 45 studies -
+    each site weighted by the masks its figure averages over (A 2, B 5 for the loss, 4 for
+    Dice and HD95), not by its studies (A 40, B 5)."""
+    a, b = _segmentation_site(2, 38, 0, 0), _segmentation_site(4, 0, 1, 1)
+    sites = [_segment([a]), _segment([b])]
+    pooled, direct = pool(sites), _segment([a, b]).scalars()
+    assert sites[0].means["dice"] == 1.0 and 0 < sites[1].means["dice"] < 1   # they differ
+    for key in ("loss", "dice", "hd95", "n", "n_masks", "dice_undefined", "hd95_undefined"):
+        assert pooled[key] == pytest.approx(direct[key], rel=1e-6), key    # float32 loss
+    by_studies = np.average([s.means["dice"] for s in sites], weights=[s.n for s in sites])
+    assert pooled["dice"] != pytest.approx(by_studies)         # the old rule's answer differs
+
+
+def test_a_site_whose_figure_averages_over_no_study_weighs_nothing():
+    """A site whose masks hold no lesion sends Dice 0.0 over none: left out of the pooled
+    Dice (0.0 where no site has a Dice at all)."""
+    found, empty = _segment([_segmentation_site(3, 0, 0, 0)]), _segment(
+        [_segmentation_site(0, 20, 3, 0)])
+    assert empty.means["dice"] == 0.0 and empty.studies("dice") == 0
+    assert pool([found, empty])["dice"] == 1.0
+    assert pool([empty])["dice"] == 0.0

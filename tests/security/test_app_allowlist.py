@@ -263,9 +263,10 @@ def test_site_runs_its_own_launcher_with_the_allow_list(tmp_path):
     cmd = supernode_command(settings)
     assert cmd[cmd.index("--isolation") + 1] == "process"        # Flower starts nothing
     launcher = launcher_command("127.0.0.1:9094", allow, "a", runtime_secret=tmp_path / "x",
-                                node_config=tmp_path / "n")
+                                node_config=tmp_path / "n", supernode_pid=tmp_path / "p")
     assert launcher[1:3] == ["-m", "medfed.deploy.launcher"]
-    task = worker_command("127.0.0.1:9094", allow, "a", node_config=tmp_path / "n")
+    task = worker_command("127.0.0.1:9094", allow, "a", node_config=tmp_path / "n",
+                          supernode_pid=tmp_path / "p")
     assert task[1:3] == ["-m", "medfed.deploy.runner"]
     for argv in (launcher, task):
         assert [argv[i + 1] for i, a in enumerate(argv) if a == "--allow-app"] == \

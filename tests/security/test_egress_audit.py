@@ -139,9 +139,11 @@ def test_a_changed_reply_changes_its_digest():
 @pytest.mark.parametrize("build", [
     lambda log: launcher_command("127.0.0.1:9094", AllowList(), "a", log,
                                  runtime_secret=log.parent / "secret",
-                                 node_config=log.parent / "node-config.json"),
+                                 node_config=log.parent / "node-config.json",
+                                 supernode_pid=log.parent / "supernode.pid"),
     lambda log: worker_command("127.0.0.1:9094", AllowList(), "a", log,
-                               node_config=log.parent / "node-config.json")])
+                               node_config=log.parent / "node-config.json",
+                               supernode_pid=log.parent / "supernode.pid")])
 def test_the_site_passes_its_egress_log_to_launcher_and_runner(build, tmp_path):
     argv = build(tmp_path / "egress.jsonl")
     assert argv[argv.index("--egress-log") + 1] == str(tmp_path / "egress.jsonl")

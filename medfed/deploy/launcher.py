@@ -13,14 +13,15 @@ and reads the site's data once, not once per message. The launcher claims a task
 the runner is ready and idle, so a claimed token never waits in a pipe past Flower's
 heartbeat window. It sends the runtime port nothing while that port is not held by the
 site's own SuperNode (``runtime_auth.runtime_port_refusal``: restarting, or another account
-squatting it); it says so once, in one line. If the runner dies, the launcher starts a new one; one that has not said
-``ready`` within ``--ready-timeout`` seconds (hung in an import, a stuck file system) is
-stopped, logged and counted like one that died (bounded: three runners in a row that never get
-ready stop the site, with one line saying why). The task it was serving is
-then Flower's to settle: a task claimed but never started goes back to pending when its
+squatting it); it says so once, in one line. If the runner dies, the launcher starts a new
+one; one that has not said ``ready`` within ``--ready-timeout`` seconds (hung in an import, a
+stuck file system) is stopped, logged and counted like one that died (bounded: three runners
+in a row that never get ready stop the site, with one line saying why). The task it was
+serving is then Flower's to settle: a task claimed but never started goes back to pending when its
 token expires (~30 s) and is claimed again (retried); one that had started is failed by the
 SuperNode when its heartbeat stops (~60 s), which sends the coordinator Flower's
-``CLIENT_APP_CRASHED`` error reply for it - the path a crashed ``flwr-clientapp`` takes.
+``CLIENT_APP_CRASHED`` error reply for it - the path a crashed ``flwr-clientapp`` takes (that
+reply's egress line is the SuperNode's: ``medfed.deploy.supernode.audited``).
 
 It claims every ``--poll-interval`` seconds (0.2) while idle, and every ``CLAIM_FOLLOW`` (0.05)
 for ``FOLLOW_WINDOW`` seconds after the runner finished a task (``medfed.deploy.follow``): the

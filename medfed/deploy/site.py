@@ -230,6 +230,8 @@ def supernode_command(s: SiteSettings) -> list[str]:
            "--poll-interval", str(s.poll_interval),
            # it opens only approved FABs' pyproject.toml (medfed.deploy.supernode)
            *s.allow.args(),
+           # and audits the CLIENT_APP_CRASHED replies it makes itself (the runner: the rest)
+           "--egress-log", str(s.state_dir / EGRESS_LOG),
            "--superlink", s.superlink,
            "--root-certificates", str(s.root_cert),
            "--auth-supernode-private-key", str(s.auth_key),

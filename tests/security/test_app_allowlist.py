@@ -400,10 +400,11 @@ def test_the_site_gives_its_supernode_the_allow_list(tmp_path, monkeypatch):
                             state_dir=tmp_path / "s", allow=allow)
     cmd = supernode_command(settings)
     ours = cmd[cmd.index("medfed.deploy.supernode") + 1:cmd.index("--superlink")]
-    assert ours == ["--poll-interval", "0.5", *allow.args()]
+    assert ours == ["--poll-interval", "0.5", *allow.args(),
+                    "--egress-log", str(settings.state_dir / "egress.jsonl")]
     installed, flower = [], []
     cli = sys.modules["flwr.supernode.cli.flower_supernode"]
-    monkeypatch.setattr(supernode, "install", lambda interval, allow: installed.append(
+    monkeypatch.setattr(supernode, "install", lambda interval, allow, _audit: installed.append(
         (interval, allow)))
     monkeypatch.setattr(cli, "flower_supernode", lambda: flower.append(sys.argv[1:]))
     monkeypatch.setattr(sys, "argv", list(sys.argv))

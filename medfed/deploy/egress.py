@@ -1,6 +1,8 @@
 """The site's egress audit, kept outside the ClientApp: one JSON line per reply the site lets
 out, written by the site-owned runner (``medfed.deploy.runner``) just before the reply is
-pushed - error replies and refusals included.
+pushed - error replies and refusals included - and, for the one reply the runner never sees
+(Flower's ``CLIENT_APP_CRASHED``, "ClientApp stopped responding.", when a task's runner died
+or hung), by the site's SuperNode just before it sends it (``medfed.deploy.supernode``).
 
 A line holds what a security officer needs to see what left, and nothing patient-derived:
 time, run id, message type, the error code (if any) with the UTF-8 bytes and SHA-256 of the

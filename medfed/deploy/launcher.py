@@ -11,14 +11,17 @@ goes to the runner on its standard input, not its command line (``medfed.deploy.
 One runner per site, started with the launcher and kept (``SiteWorker``): it imports the app
 and reads the site's data once, not once per message. The launcher claims a task only while
 the runner is ready and idle, so a claimed token never waits in a pipe past Flower's
-heartbeat window. If the runner dies, the launcher starts a new one; one that has not said
-``ready`` within ``--ready-timeout`` seconds (hung in an import, a stuck file system) is
-stopped, logged and counted like one that died (bounded: three runners in a row that never get
-ready stop the site, with one line saying why). The task it was serving is
-then Flower's to settle: a task claimed but never started goes back to pending when its
+heartbeat window. It sends the runtime port nothing while that port is not held by the
+site's own SuperNode (``runtime_auth.runtime_port_refusal``: restarting, or another account
+squatting it); it says so once, in one line. If the runner dies, the launcher starts a new
+one; one that has not said ``ready`` within ``--ready-timeout`` seconds (hung in an import, a
+stuck file system) is stopped, logged and counted like one that died (bounded: three runners
+in a row that never get ready stop the site, with one line saying why). The task it was
+serving is then Flower's to settle: a task claimed but never started goes back to pending when its
 token expires (~30 s) and is claimed again (retried); one that had started is failed by the
 SuperNode when its heartbeat stops (~60 s), which sends the coordinator Flower's
-``CLIENT_APP_CRASHED`` error reply for it - the path a crashed ``flwr-clientapp`` takes.
+``CLIENT_APP_CRASHED`` error reply for it - the path a crashed ``flwr-clientapp`` takes (that
+reply's egress line is the SuperNode's: ``medfed.deploy.supernode.audited``).
 
 It claims every ``--poll-interval`` seconds (0.2) while idle, and every ``CLAIM_FOLLOW`` (0.05)
 for ``FOLLOW_WINDOW`` seconds after the runner finished a task (``medfed.deploy.follow``): the
@@ -41,33 +44,39 @@ from protocol.hoptrace import hop
 
 from .allowlist import AllowList
 from .follow import FollowPoll
-from .runtime_auth import load_pinned_node_config, load_runtime_secret, signing_interceptor
+from .runtime_auth import (ForeignRuntimePort, RuntimePortGuard, load_pinned_node_config,
+                           load_runtime_secret, signing_interceptor)
 
 log = logging.getLogger("medfed.deploy")
 
 
 def launcher_command(address: str, allow: AllowList, site_id: str,
                      egress_log: Path | None = None, *, runtime_secret: Path,
-                     node_config: Path) -> list[str]:
+                     node_config: Path, supernode_pid: Path) -> list[str]:
     """Command line ``medfed site`` starts the launcher with (it dies with ``medfed site``);
-    the secret travels as a path (the file is owner-only), never as a value; so does the
-    node config the site gave its SuperNode (``runtime_auth.pin_node_config``)."""
+    the secret travels as a path (the file is owner-only), never as a value; so do the
+    node config the site gave its SuperNode (``runtime_auth.pin_node_config``) and the file
+    naming that SuperNode's pid (``runtime_auth.pin_supernode_pid``)."""
     return [sys.executable, "-m", "medfed.deploy.launcher", "--runtime-api-address", address,
             "--site-id", site_id, "--parent-pid", str(os.getpid()), *allow.args(),
             "--runtime-secret-file", str(runtime_secret),
             "--node-config-file", str(node_config),
+            "--supernode-pid-file", str(supernode_pid),
             *(["--egress-log", str(egress_log)] if egress_log else [])]
 
 
 def worker_command(address: str, allow: AllowList, site_id: str,
-                   egress_log: Path | None = None, *, node_config: Path) -> list[str]:
+                   egress_log: Path | None = None, *, node_config: Path,
+                   supernode_pid: Path) -> list[str]:
     """Command line of the site's long-lived runner (same interpreter, so the same installed
     MedFed). No token here: any local account can read a command line, so tokens go over
     stdin; ``SiteWorker`` adds the events pipe (``--events-fd``). ``node_config`` is the
-    site's pinned node config, from the site, never from the runtime port."""
+    site's pinned node config and ``supernode_pid`` names its SuperNode, both from the
+    site, never from the runtime port."""
     return [sys.executable, "-m", "medfed.deploy.runner", "--runtime-api-address", address,
             "--serve", "--site-id", site_id, "--parent-pid", str(os.getpid()),
             *allow.args(), "--node-config-file", str(node_config),
+            "--supernode-pid-file", str(supernode_pid),
             *(["--egress-log", str(egress_log)] if egress_log else [])]
 
 
@@ -157,8 +166,10 @@ class SiteWorker:
             self._events = -1
 
 
-def acquire_client(address: str, secret: bytes, *, retry: bool = True):
-    """HTTP client of the SuperNode's runtime API that signs ``AcquireTask`` with ``secret``.
+def acquire_client(address: str, secret: bytes, *, supernode_pid: Path, retry: bool = True):
+    """HTTP client of the SuperNode's runtime API that signs ``AcquireTask`` with ``secret``
+    and sends nothing while the port is not the SuperNode's ``supernode_pid`` names
+    (``RuntimePortGuard``: raises ``ForeignRuntimePort``).
 
     With ``retry`` (the launcher), Flower's invoker retries a busy port and stops this process
     on a 401 - a launcher whose secret the SuperNode refuses exits, and the site with it."""
@@ -168,7 +179,8 @@ def acquire_client(address: str, secret: bytes, *, retry: bool = True):
 
     return RuntimeHttpClient.from_server_address(
         server_address=address, insecure=True, root_certificates=None,
-        interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec"),
+        interceptors=[RuntimePortGuard(address, supernode_pid),
+                      RuntimeVersionHttpInterceptor(component_name="SuperExec"),
                       signing_interceptor(secret)],
         retry_invoker=make_simple_http_retry_invoker() if retry else None)
 
@@ -178,25 +190,28 @@ MAX_EARLY_DEATHS = 3      # runners that never get ready, in a row, before the s
 READY_TIMEOUT = 300.0     # seconds a runner may take to import the app before it is stopped
 
 
-def serve(address: str, allow: AllowList, *, site_id: str, secret: bytes, poll: float = 0.2,
-          egress_log: Path | None = None, node_config: Path | None = None,
+def serve(address: str, allow: AllowList, *, site_id: str, secret: bytes, supernode_pid: Path,
+          poll: float = 0.2, egress_log: Path | None = None, node_config: Path | None = None,
           command: list[str] | None = None, ready_timeout: float = READY_TIMEOUT) -> None:
     """Claim ClientApp tasks from the SuperNode forever (``AcquireTask`` signed with the
-    site's runtime ``secret``, every ``poll`` s while the runner is idle) and hand each to the
-    site's long-lived runner, restarting it if it dies or is not ready within
-    ``ready_timeout`` s (see the module docstring); every ``CLAIM_FOLLOW`` s for a while
-    after the runner finished a task. The runner gets ``node_config`` (the site's pinned
-    node config) unless ``command`` replaces it (tests)."""
+    site's runtime ``secret``, every ``poll`` s while the runner is idle and the port is held
+    by the SuperNode ``supernode_pid`` names) and hand each to the site's long-lived runner,
+    restarting it if it dies or is not ready within ``ready_timeout`` s (see the module
+    docstring); every ``CLAIM_FOLLOW`` s for a while after the runner finished a task. The
+    runner gets ``node_config`` (the site's pinned node config) and ``supernode_pid`` unless
+    ``command`` replaces it (tests)."""
     from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
     from flwr.supercore.constant import TaskType
 
     if command is None:
         if node_config is None:
             raise ValueError("the site's runner needs its pinned node config (node_config)")
-        command = worker_command(address, allow, site_id, egress_log, node_config=node_config)
-    client = acquire_client(address, secret)
+        command = worker_command(address, allow, site_id, egress_log, node_config=node_config,
+                                 supernode_pid=supernode_pid)
+    client = acquire_client(address, secret, supernode_pid=supernode_pid)
     request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])
     worker, early_deaths = SiteWorker(command), 0
+    refused: str | None = None               # why the port is not trusted now (said once)
     claims = FollowPoll(poll, follow=CLAIM_FOLLOW)
     worker.start()
     try:
@@ -220,8 +235,18 @@ def serve(address: str, allow: AllowList, *, site_id: str, secret: bytes, poll: 
                 worker = SiteWorker(command)
                 worker.start()
             if worker.idle:
-                answer = client.AcquireTask(request)
-                if answer.HasField("task") and answer.token:
+                try:
+                    answer = client.AcquireTask(request)
+                except ForeignRuntimePort as err:    # nothing was sent
+                    if str(err) != refused:
+                        log.warning("[%s] not claiming tasks: %s", site_id, err)
+                    refused, answer = str(err), None
+                else:
+                    if refused is not None:
+                        log.info("[%s] the site's SuperNode holds %s: claiming tasks",
+                                 site_id, address)
+                    refused = None
+                if answer is not None and answer.HasField("task") and answer.token:
                     task = f"task {answer.task.task_id} of run {answer.task.run_id}"
                     hop("launcher.claimed", site=site_id, task=answer.task.task_id)
                     log.info("[%s] %s: handing it to the site runner", site_id, task)
@@ -243,6 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--node-config-file", type=Path, required=True,
                    help="the node config the site gave its SuperNode; passed to the runner, "
                         "which refuses tasks that carry another")
+    p.add_argument("--supernode-pid-file", type=Path, required=True,
+                   help="names the SuperNode the site started; nothing is sent to the runtime "
+                        "port unless that process holds it")
     p.add_argument("--runtime-secret-file", type=Path, required=True,
                    help="the secret the SuperNode's --superexec-auth-secret-file names")
     p.add_argument("--poll-interval", type=float, default=0.2,
@@ -264,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("[%s] no app approved: every run will be refused", args.site_id)
     try:
         serve(args.runtime_api_address, allow, site_id=args.site_id, secret=secret,
+              supernode_pid=args.supernode_pid_file,
               egress_log=args.egress_log, node_config=args.node_config_file,
               poll=args.poll_interval,
               ready_timeout=args.ready_timeout)

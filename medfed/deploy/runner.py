@@ -24,7 +24,9 @@ changes exactly three things:
    (``--node-config-file``, written by the site, never read from the wire): a task offered
    on the runtime port by another account's process, with a data dir, privacy dir or report
    floor of its choosing, is refused the same way (``check_origin``; see
-   ``medfed.deploy.runtime_auth``).
+   ``medfed.deploy.runtime_auth``). And no request at all reaches the runtime port while a
+   process other than the site's SuperNode holds it (``--supernode-pid-file``; the same
+   check as the launcher's, before each request: ``runtime_auth.RuntimePortGuard``).
 
 Why a runner and not a patched Flower. Flower 1.41's ``--isolation process`` lets the site
 start its own executor next to the SuperNode (``medfed.deploy.launcher``); Flower's
@@ -67,7 +69,8 @@ from protocol.hoptrace import hop
 
 from .allowlist import AllowList, AppRefused
 from .egress import EgressAudit
-from .runtime_auth import foreign_node_config, load_pinned_node_config
+from .runtime_auth import (ForeignRuntimePort, RuntimePortGuard, foreign_node_config,
+                           load_pinned_node_config)
 
 log = logging.getLogger("medfed.deploy")
 
@@ -200,18 +203,21 @@ def run_task(client, allow: AllowList, *, node_config: Mapping[str, object],
                  site_id, context.run_id, pulled - start, handled - pulled,
                  time.perf_counter() - handled)
     finally:
-        push_task_output(client=client, context=context,
-                         sub_status=outcome.sub_status if outcome else SubStatus.FAILED,
-                         details=outcome.details if outcome else "the site runner failed")
-        hop("runner.status_pushed", site=site_id)
-        if heartbeat.is_running:
-            heartbeat.stop()
-        client.close()
+        try:
+            push_task_output(client=client, context=context,
+                             sub_status=outcome.sub_status if outcome else SubStatus.FAILED,
+                             details=outcome.details if outcome else "the site runner failed")
+            hop("runner.status_pushed", site=site_id)
+        finally:                        # a refused port (ForeignRuntimePort) stops beats too
+            if heartbeat.is_running:
+                heartbeat.stop()
+            client.close()
     return 0 if outcome and outcome.sub_status == SubStatus.COMPLETED else 1
 
 
-def runtime_client(address: str, token: str):
-    """HTTP client of the SuperNode's runtime API on loopback, authenticated by the task token."""
+def runtime_client(address: str, token: str, *, supernode_pid: Path):
+    """HTTP client of the SuperNode's runtime API on loopback, authenticated by the task token;
+    it sends nothing while the port is not the SuperNode's ``supernode_pid`` names."""
     from flwr.supercore.interceptors import (RuntimeTokenHttpInterceptor,
                                              RuntimeVersionHttpInterceptor)
     from flwr.supercore.retry import make_simple_http_retry_invoker
@@ -219,7 +225,8 @@ def runtime_client(address: str, token: str):
 
     return RuntimeHttpClient.from_server_address(
         server_address=address, insecure=True, root_certificates=None,
-        interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
+        interceptors=[RuntimePortGuard(address, supernode_pid),
+                      RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
                       RuntimeTokenHttpInterceptor(token)],
         retry_invoker=make_simple_http_retry_invoker())
 
@@ -273,6 +280,10 @@ def serve(tokens: Iterable[str], connect: Callable, allow: AllowList, *,
             log.info("[%s] site runner interrupted during a task (after %d served); "
                      "stopping", site_id, served)
             raise
+        except ForeignRuntimePort as err:  # the rest of the task was not sent
+            log.error("[%s] task abandoned, nothing more sent to the runtime port: %s",
+                      site_id, err)
+            code = 1
         except Exception:  # noqa: BLE001 - one broken exchange must not take the site down
             log.exception("[%s] a task failed outside the ClientApp (runtime API)", site_id)
             code = 1
@@ -295,6 +306,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--node-config-file", type=Path, required=True,
                    help="the node config the site gave its SuperNode (runtime_auth."
                         "pin_node_config); tasks with another one are refused")
+    p.add_argument("--supernode-pid-file", type=Path, required=True,
+                   help="names the site's SuperNode (runtime_auth.pin_supernode_pid); nothing "
+                        "is sent to the runtime port unless that process holds it")
     return p
 
 
@@ -334,7 +348,8 @@ def _serve_tokens(argv: list[str] | None) -> int:
         os.write(events, f"done {code}\n".encode("ascii"))
 
     def connect(token: str):
-        return runtime_client(args.runtime_api_address, token)
+        return runtime_client(args.runtime_api_address, token,
+                              supernode_pid=args.supernode_pid_file)
 
     served = serve(read_tokens(sys.stdin.buffer), connect, allow, report=report,
                    node_config=node_config, site_id=args.site_id, audit=audit)

@@ -30,9 +30,14 @@ also writes the node config it gives its SuperNode to ``state-dir/node-config.js
 (owner-only, ``pin_node_config``), the launcher hands the runner that file's path on its
 command line, and the runner refuses every task whose node config differs from it
 (``foreign_node_config``): such a task gets an error reply and one line in the site's log, and
-nothing of it runs. A squatter can still copy the site's node config (the SuperNode's command
-line shows it) and pose as the coordinator; it then gets what the coordinator gets, under the
-site's own policies and budget.
+nothing of it runs. A squatter could still copy the site's node config (the SuperNode's
+command line shows it) and pose as the coordinator. So, first of all, ``medfed site`` writes
+the pid of each SuperNode it starts to ``state-dir/supernode.pid`` (``pin_supernode_pid``),
+and launcher and runner send a request to the runtime port only while every socket listening
+on that port is an open file of that process (``runtime_port_refusal``, before each request
+and each retry: ``RuntimePortGuard``). While the SuperNode is down, nothing is sent; a port
+held by anyone else, or a ``/proc`` that cannot be read, refuses with one line in the site's
+log. Left: the moment between that look and the connection (a SuperNode that dies within it).
 """
 
 from __future__ import annotations
@@ -44,12 +49,15 @@ import stat
 from collections.abc import Mapping
 from pathlib import Path
 
+import httpx
+
 from client.privacy.ledger import write_own_file
 
 from .preflight import DeployError
 
 RUNTIME_SECRET = "runtime-auth.secret"
 NODE_CONFIG = "node-config.json"          # the node config the site gave its SuperNode
+SUPERNODE_PID = "supernode.pid"           # the SuperNode the site daemon started last
 # The one method Flower's SuperExec signs (flwr.supercore.superexec.run_superexec).
 ACQUIRE_TASK = "/flwr.proto.Runtime/AcquireTask"
 
@@ -144,3 +152,87 @@ def foreign_node_config(received: Mapping[str, object],
             json.dumps(received[key]) == json.dumps(pinned[key])
 
     return sorted(k for k in set(received) | set(pinned) if not same(k))
+
+
+def pin_supernode_pid(state_dir: Path, pid: int) -> Path:
+    """Write ``pid``, the SuperNode ``medfed site`` just started, to ``state_dir/supernode.pid``
+    (owner-only, replacing the last one's); its path."""
+    path = state_dir / SUPERNODE_PID
+    write_own_file(path, str(pid).encode())
+    return path
+
+
+def runtime_port_refusal(address: str, supernode_pid: Path) -> str | None:
+    """None when every socket listening on ``address``'s port is an open file of the site's
+    SuperNode, the process ``pin_supernode_pid`` named in ``supernode_pid``; else why not, in
+    one line. Linux ``/proc``: the listening sockets' inodes from ``/proc/net/tcp`` (and
+    ``tcp6``), the SuperNode's from ``/proc/<pid>/fd``; what cannot be read refuses."""
+    try:
+        check_owner_only(supernode_pid, "SuperNode pid file")
+        pid = int(supernode_pid.read_text())
+    except (DeployError, OSError, ValueError) as err:
+        return f"the site's SuperNode is unknown ({err})"
+    try:
+        if os.stat(f"/proc/{pid}").st_uid != os.getuid():
+            raise FileNotFoundError              # the pid is another account's now: ours died
+        held = _socket_inodes(pid)
+    except FileNotFoundError:
+        return f"the site's SuperNode (pid {pid}) is not running"
+    except OSError as err:
+        return f"cannot read /proc/{pid}/fd ({err.strerror}) to check who listens on {address}"
+    try:
+        listening = _listening_inodes(int(address.rpartition(":")[2]))
+    except OSError as err:
+        return f"cannot read /proc/net/tcp ({err.strerror}) to check who listens on {address}"
+    if not listening:
+        return f"the site's SuperNode (pid {pid}) does not listen on {address} (yet)"
+    if not listening <= held:
+        return (f"another process listens on {address}, not the site's SuperNode (pid {pid}): "
+                "another account may be squatting the port")
+    return None
+
+
+def _socket_inodes(pid: int) -> set[int]:
+    """Inodes of the sockets process ``pid`` holds open (``socket:[inode]`` fd links)."""
+    fds, held = Path(f"/proc/{pid}/fd"), set()
+    for fd in os.listdir(fds):
+        try:
+            link = os.readlink(fds / fd)
+        except FileNotFoundError:               # closed meanwhile
+            continue
+        if link.startswith("socket:["):
+            held.add(int(link[len("socket:["):-1]))
+    return held
+
+
+def _listening_inodes(port: int) -> set[int]:
+    """Inodes of the TCP sockets listening on ``port`` (any address, IPv4 and IPv6)."""
+    inodes = set()
+    for table in (Path("/proc/net/tcp"), Path("/proc/net/tcp6")):
+        if table.name == "tcp6" and not table.exists():
+            continue                            # a kernel without IPv6
+        for line in table.read_text().splitlines()[1:]:
+            fields = line.split()               # sl local rem st ... uid timeout inode
+            if fields[3] == "0A" and int(fields[1].rpartition(":")[2], 16) == port:
+                inodes.add(int(fields[9]))
+    return inodes
+
+
+class ForeignRuntimePort(httpx.TransportError):
+    """A runtime-API request not sent (``runtime_port_refusal``'s line). A transport error
+    Flower does not retry: its retry invoker raises it at once, its task heartbeat counts a
+    failed beat."""
+
+
+class RuntimePortGuard:
+    """Flower client interceptor: checks ``runtime_port_refusal`` before each request the
+    launcher or runner sends to the runtime port (each retry too), and sends none while it
+    refuses (``ForeignRuntimePort``)."""
+
+    def __init__(self, address: str, supernode_pid: Path):
+        self.address, self.supernode_pid = address, supernode_pid
+
+    def intercept(self, context, call_next):
+        if (why := runtime_port_refusal(self.address, self.supernode_pid)) is not None:
+            raise ForeignRuntimePort(why, request=context.request)
+        return call_next(context)

@@ -21,7 +21,9 @@ ClientApp that runs is the site's installed one, never code from the bundle. Onl
 launcher may claim those tasks: the SuperNode and the launcher share a secret the site keeps
 in its state dir (``medfed.deploy.runtime_auth``), so other accounts on the machine cannot;
 and the runner runs only tasks that carry the node config the site gave its SuperNode (kept
-in the state dir too), so another account's process on the runtime port cannot choose it.
+in the state dir too), so another account's process on the runtime port cannot choose it;
+before that, neither sends that port anything unless the SuperNode the site started (its pid
+in the state dir) is the process listening there.
 """
 
 from __future__ import annotations
@@ -44,8 +46,8 @@ from .launcher import launcher_command
 from .preflight import (DeployError, check_auth_key, check_port_free, check_superlink,
                         replaceable_by_others)
 from .process import Daemon, flower_env, sleep_unless_stopped
-from .runtime_auth import (RUNTIME_SECRET, check_runtime_secret, ensure_runtime_secret,
-                           pin_node_config)
+from .runtime_auth import (RUNTIME_SECRET, SUPERNODE_PID, check_runtime_secret,
+                           ensure_runtime_secret, pin_node_config, pin_supernode_pid)
 from .session import SessionKeeper, key_fingerprint, open_session_left, read_record
 from .supernode import FLOWER_IDLE_POLL
 
@@ -112,6 +114,11 @@ class SiteSettings:
     def runtime_secret(self) -> Path:
         """Shared secret of SuperNode and launcher on the runtime port (``runtime_auth``)."""
         return self.state_dir / RUNTIME_SECRET
+
+    @property
+    def supernode_pid(self) -> Path:
+        """Pid of the SuperNode the site started last (``runtime_auth.pin_supernode_pid``)."""
+        return self.state_dir / SUPERNODE_PID
 
 
 def node_config(s: SiteSettings) -> dict[str, object]:
@@ -226,6 +233,8 @@ def supernode_command(s: SiteSettings) -> list[str]:
            "--poll-interval", str(s.poll_interval),
            # it opens only approved FABs' pyproject.toml (medfed.deploy.supernode)
            *s.allow.args(),
+           # and audits the CLIENT_APP_CRASHED replies it makes itself (the runner: the rest)
+           "--egress-log", str(s.state_dir / EGRESS_LOG),
            "--superlink", s.superlink,
            "--root-certificates", str(s.root_cert),
            "--auth-supernode-private-key", str(s.auth_key),
@@ -336,7 +345,8 @@ class Site:
         self.launcher = Daemon(launcher_command(f"127.0.0.1:{s.runtime_port}", s.allow,
                                                 s.site_id, s.state_dir / EGRESS_LOG,
                                                 runtime_secret=s.runtime_secret,
-                                                node_config=pinned),
+                                                node_config=pinned,
+                                                supernode_pid=s.supernode_pid),
                                tag=s.site_id, env=flower_env(s.state_dir))
         self.launcher.start()
         threading.Thread(target=self._watch_launcher, name=f"{s.site_id}-launcher",
@@ -347,12 +357,15 @@ class Site:
                  "%s", s.site_id, s.superlink, approved)
 
     def start_supernode(self) -> None:
-        """Start (or restart) the SuperNode; the launcher keeps polling its runtime port."""
+        """Start (or restart) the SuperNode and name it to launcher and runner, which talk
+        to its runtime port only while this process holds it."""
         s = self.settings
         self._refused = False
         self.daemon = Daemon(supernode_command(s), tag=s.site_id, env=flower_env(s.state_dir),
                              fatal=SUPERNODE_FATAL, on_line=self._note)
         self.daemon.start()
+        assert self.daemon.proc is not None
+        pin_supernode_pid(s.state_dir, self.daemon.proc.pid)
 
     def _watch_launcher(self) -> None:
         """Without its launcher the site would accept tasks it never runs: stop it instead."""

@@ -39,8 +39,13 @@ the SuperNode gets the site's allow-list too (``--allow-app``, before Flower's a
 reads that file only from an approved FAB (``approved_config``); an unapproved one is stored
 as bytes, its run config left empty, and the runner refuses its task by digest as before.
 
+And one reply the runner never sees: when a claimed task's runner dies or hangs, Flower's
+SuperNode itself answers the coordinator with ``CLIENT_APP_CRASHED`` ("ClientApp stopped
+responding."). The SuperNode writes that reply's line to the site's egress audit (``--egress-log``,
+``audited``) just before sending it, as the runner does for every other reply.
+
     python -m medfed.deploy.supernode --poll-interval 0.5 [--allow-app D ...] \
-        <flower-supernode arguments>
+        [--egress-log FILE] <flower-supernode arguments>
 """
 
 from __future__ import annotations
@@ -50,11 +55,14 @@ import time
 from functools import partial
 from types import SimpleNamespace
 
+from flwr.common.constant import ErrorCode
+
 from protocol.hoptrace import enabled as tracing
 from protocol.hoptrace import hop
 from protocol.transport import OBJECT_PULL_BACKOFF
 
 from .allowlist import AllowList, fab_digest
+from .egress import EgressAudit
 from .follow import FollowPoll
 
 FLOWER_IDLE_POLL = 3.0        # what Flower 1.41 sleeps between two empty pulls
@@ -93,10 +101,12 @@ def approved_config(fused_config, allow: AllowList):
     return fused
 
 
-def install(interval: float, allow: AllowList = AllowList()) -> None:
+def install(interval: float, allow: AllowList = AllowList(),
+            audit: EgressAudit | None = None) -> None:
     """Cap the SuperNode loop's sleeps (its module's ``time``: idle poll and local waits),
-    shorten its object-download backoff and read run configs from approved FABs only
-    (``approved_config``; none with an empty ``allow``); the rest of Flower is untouched."""
+    shorten its object-download backoff, read run configs from approved FABs only
+    (``approved_config``; none with an empty ``allow``) and write the replies it makes itself
+    to ``audit`` (``audited``); the rest of Flower is untouched."""
     import flwr.supernode.start_client_internal as loop
 
     fused = getattr(loop.get_fused_config_from_fab, "flower", loop.get_fused_config_from_fab)
@@ -109,7 +119,27 @@ def install(interval: float, allow: AllowList = AllowList()) -> None:
     if tracing():             # MEDFED_HOP_TRACE set: where a message's time goes (no content)
         loop._pull_and_store_message = traced_pull(loop._pull_and_store_message)
         push_messages = traced_push(push_messages)
+    if audit is not None:
+        push_messages = audited(push_messages, audit)
     loop._push_messages = followed(push_messages, poll)
+
+
+def audited(push_messages, audit: EgressAudit):
+    """Flower's ``_push_messages`` writing an egress line for each reply the SuperNode made
+    itself (``CLIENT_APP_CRASHED``: its task's runner died or hung) before sending it; the
+    runner wrote the line of every other reply (and never sends that code)."""
+
+    def push(**kw):
+        send = kw["send"]
+
+        def audited_send(message, tree, runtime):
+            if message.has_error() and message.error.code == ErrorCode.CLIENT_APP_CRASHED:
+                audit.record(message, message.metadata.run_id)
+            return send(message, tree, runtime)
+
+        return push_messages(**kw | {"send": audited_send})
+
+    return push
 
 
 def traced_pull(pull_and_store):
@@ -183,14 +213,16 @@ def followed(push_messages, poll: FollowPoll):
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    interval, approved = FLOWER_IDLE_POLL, []
-    while argv[:1] in (["--poll-interval"], ["--allow-app"]):    # ours come first
+    interval, approved, audit = FLOWER_IDLE_POLL, [], None
+    while argv[:1] in (["--poll-interval"], ["--allow-app"], ["--egress-log"]):  # ours first
         if argv[0] == "--poll-interval":
             interval = float(argv[1])
+        elif argv[0] == "--egress-log":
+            audit = EgressAudit(argv[1])
         else:
             approved.append(argv[1])
         argv = argv[2:]
-    install(interval, AllowList.build(approved))
+    install(interval, AllowList.build(approved), audit)
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
     sys.argv = ["flower-supernode", *argv]

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -127,6 +128,7 @@ def test_the_launcher_claims_fast_only_after_the_runner_finished_a_task(clock, m
     monkeypatch.setattr(launcher, "SiteWorker", lambda command: _Worker(clock, waits))
     with pytest.raises(StopIteration):
         launcher.serve("127.0.0.1:1", AllowList(), site_id="a", secret=b"s", poll=0.2,
+                       supernode_pid=Path("unused"),
                        command=["unused"])
     c = launcher.CLAIM_FOLLOW
     # the task in hand at the idle poll; then 3 s of fast claims; then idle again

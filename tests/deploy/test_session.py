@@ -18,6 +18,7 @@ import pytest
 
 from medfed.deploy import site as site_module
 from medfed.deploy.preflight import DeployError
+from medfed.deploy.runtime_auth import SUPERNODE_PID
 from medfed.deploy.session import (SESSION_FILE, SessionKeeper, SessionRecord,
                                    open_session_left, read_record, session_expiry, write_record)
 from medfed.deploy.site import STILL_OPEN, Site, SiteSettings
@@ -89,8 +90,10 @@ def test_a_killed_and_restarted_site_retries_until_its_old_session_expires(run_s
                                                                            caplog):
     killed_just_now(tmp_path)
     with caplog.at_level(logging.INFO, logger="medfed.deploy"):
-        run_site(refusals=2)                   # the SuperLink still holds the old session
+        site = run_site(refusals=2)            # the SuperLink still holds the old session
     assert attempts(tmp_path) == 3
+    # launcher and runner trust the runtime port of the last SuperNode started, not the first
+    assert (tmp_path / SUPERNODE_PID).read_text() == str(site.daemon.proc.pid)
     text = caplog.text
     assert text.count(STILL_OPEN) == 2
     assert "rejoined the coordinator" in text

@@ -281,6 +281,7 @@ def test_a_runner_that_dies_mid_task_is_replaced_and_the_next_task_is_served(tmp
     monkeypatch.setattr(launcher, "acquire_client", lambda *a, **k: node)
     with pytest.raises(StopIteration):
         launcher.serve("127.0.0.1:1", AllowList(), site_id="a", secret=b"s", poll=0.05,
+                       supernode_pid=tmp_path / "supernode.pid",
                        command=command)
     (first, a), (second, b) = (line.split() for line in served())
     assert (a, b) == ("aaaa", "bbbb") and first != second     # a new runner took over
@@ -292,6 +293,7 @@ def test_a_runner_that_never_gets_ready_stops_the_site(tmp_path, monkeypatch):
     monkeypatch.setattr(launcher, "acquire_client", lambda *a, **k: node)
     with pytest.raises(RuntimeError, match="exited or hung 3 times before it was ready"):
         launcher.serve("127.0.0.1:1", AllowList(), site_id="a", secret=b"s", poll=0.05,
+                       supernode_pid=tmp_path / "supernode.pid",
                        command=[sys.executable, "-c", "raise SystemExit(1)"])
 
 
@@ -308,6 +310,7 @@ def test_a_runner_that_hangs_before_ready_is_stopped_counted_and_stops_the_site(
     with caplog.at_level("ERROR", logger="medfed.deploy"), \
             pytest.raises(RuntimeError, match="exited or hung 3 times before it was ready"):
         launcher.serve("127.0.0.1:1", AllowList(), site_id="a", secret=b"s", poll=0.05,
+                       supernode_pid=tmp_path / "supernode.pid",
                        command=[sys.executable, "-c", hang], ready_timeout=1.0)
     stopped = [r.getMessage() for r in caplog.records if "was not ready" in r.getMessage()]
     assert [m.split("(")[1].split(" in a row")[0] for m in stopped] == \
@@ -336,6 +339,7 @@ def test_a_runner_whose_launcher_goes_away_stops_without_a_traceback(tmp_path):
                                  "--runtime-api-address", "127.0.0.1:1", "--serve",
                                  "--site-id", "s0", "--parent-pid", str(parent.pid),
                                  "--node-config-file", str(pinned),
+                                 "--supernode-pid-file", str(tmp_path / "supernode.pid"),
                                  "--events-fd", str(write)],
                                 stdin=subprocess.PIPE, stdout=sink, stderr=subprocess.STDOUT,
                                 pass_fds=(write,))
@@ -381,6 +385,7 @@ def test_a_runner_stopped_while_importing_torch_prints_nothing_at_exit(tmp_path)
                                  "--runtime-api-address", "127.0.0.1:1", "--serve",
                                  "--node-config-file",
                                  str(pin_node_config(tmp_path, {"site-id": "s0"})),
+                                 "--supernode-pid-file", str(tmp_path / "supernode.pid"),
                                  "--events-fd", str(write)], pass_fds=(write,),
                                 stdin=subprocess.DEVNULL, capture_output=True, text=True,
                                 timeout=100)         # hang guard, not a timing assertion

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import stat
+from types import SimpleNamespace
 
 import pytest
 
@@ -29,6 +30,7 @@ class _Daemon:
     """A Flower daemon that exits at once (the coordinator then stops at its startup)."""
 
     stopping, error = False, None
+    proc = SimpleNamespace(pid=4242)             # the pid Site.start_supernode pins
 
     def __init__(self, *_args, **_kwargs):
         pass

@@ -263,9 +263,10 @@ def test_site_runs_its_own_launcher_with_the_allow_list(tmp_path):
     cmd = supernode_command(settings)
     assert cmd[cmd.index("--isolation") + 1] == "process"        # Flower starts nothing
     launcher = launcher_command("127.0.0.1:9094", allow, "a", runtime_secret=tmp_path / "x",
-                                node_config=tmp_path / "n")
+                                node_config=tmp_path / "n", supernode_pid=tmp_path / "p")
     assert launcher[1:3] == ["-m", "medfed.deploy.launcher"]
-    task = worker_command("127.0.0.1:9094", allow, "a", node_config=tmp_path / "n")
+    task = worker_command("127.0.0.1:9094", allow, "a", node_config=tmp_path / "n",
+                          supernode_pid=tmp_path / "p")
     assert task[1:3] == ["-m", "medfed.deploy.runner"]
     for argv in (launcher, task):
         assert [argv[i + 1] for i, a in enumerate(argv) if a == "--allow-app"] == \
@@ -399,10 +400,11 @@ def test_the_site_gives_its_supernode_the_allow_list(tmp_path, monkeypatch):
                             state_dir=tmp_path / "s", allow=allow)
     cmd = supernode_command(settings)
     ours = cmd[cmd.index("medfed.deploy.supernode") + 1:cmd.index("--superlink")]
-    assert ours == ["--poll-interval", "0.5", *allow.args()]
+    assert ours == ["--poll-interval", "0.5", *allow.args(),
+                    "--egress-log", str(settings.state_dir / "egress.jsonl")]
     installed, flower = [], []
     cli = sys.modules["flwr.supernode.cli.flower_supernode"]
-    monkeypatch.setattr(supernode, "install", lambda interval, allow: installed.append(
+    monkeypatch.setattr(supernode, "install", lambda interval, allow, _audit: installed.append(
         (interval, allow)))
     monkeypatch.setattr(cli, "flower_supernode", lambda: flower.append(sys.argv[1:]))
     monkeypatch.setattr(sys, "argv", list(sys.argv))

@@ -139,9 +139,90 @@ def test_a_changed_reply_changes_its_digest():
 @pytest.mark.parametrize("build", [
     lambda log: launcher_command("127.0.0.1:9094", AllowList(), "a", log,
                                  runtime_secret=log.parent / "secret",
-                                 node_config=log.parent / "node-config.json"),
+                                 node_config=log.parent / "node-config.json",
+                                 supernode_pid=log.parent / "supernode.pid"),
     lambda log: worker_command("127.0.0.1:9094", AllowList(), "a", log,
-                               node_config=log.parent / "node-config.json")])
+                               node_config=log.parent / "node-config.json",
+                               supernode_pid=log.parent / "supernode.pid")])
 def test_the_site_passes_its_egress_log_to_launcher_and_runner(build, tmp_path):
     argv = build(tmp_path / "egress.jsonl")
     assert argv[argv.index("--egress-log") + 1] == str(tmp_path / "egress.jsonl")
+
+
+def test_the_supernode_audits_flowers_own_crash_reply_once_before_sending_it(monkeypatch,
+                                                                              tmp_path):
+    """A claimed task whose runner died: Flower's SuperNode answers the coordinator itself with
+    ``CLIENT_APP_CRASHED`` ("ClientApp stopped responding."), a reply no runner sees. The
+    site's SuperNode writes its egress line before sending it; a reply the runner made (and
+    audited itself) gets no second line there."""
+    import time as real_time
+    from types import SimpleNamespace
+
+    import flwr.supernode.start_client_internal as loop
+    from flwr.app.message.message import make_message
+    from flwr.app.metadata import Metadata
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.supernode.nodestate import NodeStateFactory
+
+    from medfed.deploy import supernode
+    from medfed.deploy.site import SiteSettings, supernode_command
+
+    for name in ("time", "pull_objects", "_push_messages", "get_fused_config_from_fab"):
+        monkeypatch.setattr(loop, name, getattr(loop, name))          # put back afterwards
+    store_factory = ObjectStoreFactory()
+    state, store = NodeStateFactory(objectstore_factory=store_factory).state(), \
+        store_factory.store()
+
+    def task_message(run_id: int) -> Message:
+        msg = make_message(Metadata(run_id=run_id, message_id="", src_node_id=0, dst_node_id=1,
+                                    reply_to_message_id="", group_id="",
+                                    created_at=real_time.time(), ttl=600,
+                                    message_type=MessageType.TRAIN),
+                           content=RecordDict({"config": ConfigRecord({"x": 1})}))
+        loop._insert_message(msg, state, store)
+        return msg
+
+    task_message(7)
+    refused = task_message(8)
+    assert len(state.get_messages_legacy(is_reply=False)) == 2      # both handed to runners
+    # run 8: the runner refused it (and wrote its line); run 7: its runner died, the token
+    # expired and Flower's SuperNode made the reply itself (its expiry hook, called here)
+    loop._insert_message(Message(Error(code=ErrorCode.INVALID_FAB, reason="not approved"),
+                                 reply_to=refused), state, store)
+    state._on_task_tokens_expired([SimpleNamespace(type=TaskType.CLIENT_APP, run_id=7)])
+
+    log = tmp_path / "egress.jsonl"
+    supernode.install(0.5, audit=EgressAudit(log))
+    sent = []
+
+    def send(message, _tree, _runtime):
+        lines = log.read_text().splitlines() if log.exists() else []
+        sent.append((message.metadata.run_id, message.error.code, len(lines)))
+        return set(), "session"
+
+    loop._push_messages(state=state, object_store=store, send=send,
+                        push_object=lambda *args: None)
+    assert {run: code for run, code, _ in sent} == {7: ErrorCode.CLIENT_APP_CRASHED,
+                                                    8: ErrorCode.INVALID_FAB}
+    assert [lines for run, _, lines in sent if run == 7] == [1]     # its line came first
+    (line,) = [json.loads(x) for x in log.read_text().splitlines()]   # none for run 8 here
+    assert (line["run_id"], line["error_code"]) == (7, ErrorCode.CLIENT_APP_CRASHED)
+    assert line["error_reason"]["bytes"] == len("ClientApp stopped responding.")
+    # the site starts its SuperNode with the audit (the same file as the runner's)
+    settings = SiteSettings(site_id="a", data_dir=tmp_path, superlink="x:1",
+                            root_cert=tmp_path / "ca", auth_key=tmp_path / "k",
+                            state_dir=tmp_path / "s")
+    cmd = supernode_command(settings)
+    assert cmd[cmd.index("--egress-log") + 1] == str(settings.state_dir / "egress.jsonl")
+    import importlib
+
+    flower_cli = importlib.import_module("flwr.supernode.cli.flower_supernode")  # the module
+
+    installed = []
+    monkeypatch.setattr(supernode, "install", lambda *args: installed.append(args))
+    monkeypatch.setattr(flower_cli, "flower_supernode", lambda: None)
+    monkeypatch.setattr("sys.argv", ["test"])                      # main hands Flower its own
+    supernode.main(cmd[3:])
+    ((_interval, _allow, audit),) = installed
+    assert audit.path == settings.state_dir / "egress.jsonl"

@@ -4,7 +4,8 @@ users of the machine. Whoever claims a task gets its token, and with it pulls th
 (global weights, run config) and the FAB and pushes the reply the coordinator aggregates as
 the hospital's. Flower's SuperExec secret (``--superexec-auth-secret-file``) makes the claim
 (``AcquireTask``) require an HMAC with the site's secret; ``medfed site`` owns that secret and
-hands the token to its runner over a pipe, not a command line."""
+hands the token to its runner over a pipe, not a command line. The other direction (a squatter
+on the port while the site's SuperNode restarts) is at the end of the file."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import json
 import logging
 import os
 import stat
+import subprocess
 import sys
 import threading
 import time
@@ -34,16 +36,19 @@ from flwr.supernode.main import create_app
 from flwr.supernode.nodestate import NodeStateFactory
 
 from medfed.certs import site_keygen, write_certs
-from medfed.deploy import runner
+from medfed.deploy import launcher, runner
 from medfed.deploy.allowlist import AllowList, fab_digest
 from medfed.deploy.egress import EgressAudit
 from medfed.deploy.launcher import SiteWorker, acquire_client, worker_command
 from medfed.deploy.preflight import DeployError
 from medfed.deploy.runner import parser as runner_parser
+from medfed.deploy import runtime_auth
 from medfed.deploy.runtime_auth import (ACQUIRE_TASK, NODE_CONFIG, RUNTIME_SECRET,
+                                        SUPERNODE_PID, ForeignRuntimePort,
                                         check_runtime_secret, ensure_runtime_secret,
                                         foreign_node_config, load_pinned_node_config,
-                                        load_runtime_secret, pin_node_config)
+                                        load_runtime_secret, pin_node_config,
+                                        pin_supernode_pid, runtime_port_refusal)
 from medfed.deploy import site as site_module
 from medfed.deploy.site import Site, SiteSettings, node_config, supernode_command
 from protocol import wire
@@ -116,9 +121,12 @@ def test_the_sites_supernode_refuses_claims_without_the_site_secret(tmp_path, ch
                             # nobody listens there: the runtime API is up before the SuperNode
                             # reaches its coordinator, which is all this test needs
                             superlink=f"127.0.0.1:{free_port()}", runtime_port=port)
-    children.start("supernode", supernode_command(settings))
+    supernode = children.start("supernode", supernode_command(settings))
     children.wait_for("supernode", "Uvicorn running on", timeout=120)
     address = f"127.0.0.1:{port}"
+    # the launcher's port check finds Flower's runtime API among this process's sockets
+    pid_file = pin_supernode_pid(state, supernode.pid)
+    assert runtime_port_refusal(address, pid_file) is None
 
     with pytest.raises(httpx.HTTPStatusError) as refused:
         _rogue(address).AcquireTask(CLAIM)
@@ -126,11 +134,12 @@ def test_the_sites_supernode_refuses_claims_without_the_site_secret(tmp_path, ch
     forged = tmp_path / "forged.secret"
     forged.write_bytes(os.urandom(32))
     with pytest.raises(httpx.HTTPStatusError) as refused:
-        acquire_client(address, forged.read_bytes(), retry=False).AcquireTask(CLAIM)
+        acquire_client(address, forged.read_bytes(), supernode_pid=pid_file,
+                       retry=False).AcquireTask(CLAIM)
     assert refused.value.response.status_code == 401
     # the site's own launcher client is let in (no task queued: an empty answer)
-    answer = acquire_client(address, load_runtime_secret(secret_file), retry=False)\
-        .AcquireTask(CLAIM)
+    answer = acquire_client(address, load_runtime_secret(secret_file), supernode_pid=pid_file,
+                            retry=False).AcquireTask(CLAIM)
     assert not answer.HasField("task")
 
 
@@ -138,7 +147,8 @@ def test_the_sites_supernode_refuses_claims_without_the_site_secret(tmp_path, ch
 
 def test_the_runner_gets_its_task_tokens_over_a_pipe_not_its_command_line(tmp_path):
     token = "ab" * 128                                         # Flower's token format
-    cmd = worker_command("127.0.0.1:9094", AllowList(), "a", node_config=tmp_path / "n")
+    cmd = worker_command("127.0.0.1:9094", AllowList(), "a", node_config=tmp_path / "n",
+                         supernode_pid=tmp_path / "p")
     assert token not in " ".join(cmd) and "--serve" in cmd
     with pytest.raises(SystemExit):                            # no way to pass it in argv
         runner_parser().parse_args(["--runtime-api-address", "x:1", "--events-fd", "3",
@@ -201,6 +211,7 @@ def _record_daemons(monkeypatch) -> list:
 
     class FakeDaemon:
         stopping = True                                         # the launcher watcher: done
+        proc = type("Proc", (), {"pid": 4242})                  # what start_supernode pins
 
         def __init__(self, cmd, **_):
             started.append(cmd)
@@ -226,10 +237,10 @@ def test_site_start_creates_the_secret_and_gives_it_to_supernode_and_launcher(tm
     Site(settings).start()                               # fingerprint for restarts
     secret = tmp_path / "s" / RUNTIME_SECRET
     check_runtime_secret(secret)                                # created, owner-only
-    supernode, launcher = started
+    supernode, launcher_argv = started
     assert supernode[supernode.index("--superexec-auth-secret-file") + 1] == str(secret)
-    assert launcher[launcher.index("--runtime-secret-file") + 1] == str(secret)
-    assert secret.read_text() not in " ".join(supernode + launcher)   # a path, not the value
+    assert launcher_argv[launcher_argv.index("--runtime-secret-file") + 1] == str(secret)
+    assert secret.read_text() not in " ".join(supernode + launcher_argv)   # a path, not a value
 
 
 def test_site_refuses_a_readable_secret_before_reading_data_or_connecting(tmp_path):
@@ -259,8 +270,11 @@ def test_cli_site_with_a_group_readable_secret_fails_in_one_line(tmp_path):
 # --- the other direction: a squatter on the runtime port feeds the runner its own tasks -------
 # While the site's SuperNode is down (restarted every 10 s while the coordinator still holds the
 # site's previous session) another account binds 127.0.0.1:<runtime-port> with a stock Flower
-# SuperNode: no secret asked, so the launcher's claim gets the squatter's task, whose node
-# config (data dir, privacy dir: a fresh ledger, report floor) the squatter chose.
+# SuperNode: no secret asked, so the launcher's claim would get the squatter's task, with a node
+# config (data dir, privacy dir: a fresh ledger, report floor) the squatter chose or copied.
+# First line: launcher and runner send the port nothing unless the SuperNode the site started
+# (its pid in <state-dir>/supernode.pid) holds it. Second line, for a squatter that got past the
+# first (the moment between that look and the connection): the pinned node config.
 
 APPROVED = b"PK-the-approved-release-bytes"       # stands for the reproducible release FAB
 SITE = "hosp-a"
@@ -326,32 +340,41 @@ def _squatter(node_config: dict):
         thread.join(timeout=60)
 
 
-def _the_site_serves(address: str, pinned: dict, state_dir, caplog):
-    """What the site's launcher and runner do with whatever answers on their runtime port:
-    claim a task (signed with the site's secret) and run it; the node config the ClientApp
-    was given (None: it did not run), the runner's code and the site's warning/error lines."""
+def _spy_app(given: list):
+    """A ClientApp loader whose app notes the node config it was given and replies."""
     from flwr.app import Message, MetricRecord, RecordDict
 
+    def app(message, context):
+        given.append(dict(context.node_config))
+        return Message(RecordDict({"metrics": MetricRecord({"val_auc": 0.91})}),
+                       reply_to=message)
+    return lambda: app
+
+
+def _warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.name == "medfed.deploy" and r.levelno >= logging.WARNING]
+
+
+def _the_site_serves(address: str, pinned: dict, state_dir, caplog):
+    """What the site's launcher and runner do with whatever answers on their runtime port,
+    once past the port check (here the squatter's port is served from this test's process,
+    and the pid file names it): claim a task (signed with the site's secret) and run it; the
+    node config the ClientApp was given (None: it did not run), the runner's code and the
+    site's warning/error lines."""
     secret = load_runtime_secret(ensure_runtime_secret(state_dir))
-    claim = acquire_client(address, secret, retry=False).AcquireTask(CLAIM)
+    pid_file = pin_supernode_pid(state_dir, os.getpid())
+    claim = acquire_client(address, secret, supernode_pid=pid_file,
+                           retry=False).AcquireTask(CLAIM)
     assert claim.token                          # the squatter hands out its task
-    given = []
-
-    def spy_app():
-        def app(message, context):
-            given.append(dict(context.node_config))
-            return Message(RecordDict({"metrics": MetricRecord({"val_auc": 0.91})}),
-                           reply_to=message)
-        return app
-
+    given: list = []
     with caplog.at_level(logging.INFO, logger="medfed.deploy"):
-        code = runner.run_task(runner.runtime_client(address, claim.token),
+        code = runner.run_task(runner.runtime_client(address, claim.token,
+                                                     supernode_pid=pid_file),
                                AllowList(frozenset({fab_digest(APPROVED)})),
-                               node_config=pinned, site_id=SITE, load_app=spy_app,
+                               node_config=pinned, site_id=SITE, load_app=_spy_app(given),
                                audit=EgressAudit(state_dir / "egress.jsonl"))
-    lines = [r.getMessage() for r in caplog.records
-             if r.name == "medfed.deploy" and r.levelno >= logging.WARNING]
-    return (given[0] if given else None), code, lines
+    return (given[0] if given else None), code, _warnings(caplog)
 
 
 @pytest.mark.timeout(180)
@@ -412,14 +435,20 @@ def test_site_start_pins_its_node_config_owner_only_and_hands_its_path_down(tmp_
     Site(settings).start()
     assert stat.S_IMODE(stale.stat().st_mode) == 0o600
     assert load_pinned_node_config(stale) == node_config(settings)
-    _supernode, launcher = started
-    assert launcher[launcher.index("--node-config-file") + 1] == str(stale)
-    runner_argv = worker_command("127.0.0.1:9094", AllowList(), SITE, node_config=stale)
+    _supernode, launcher_argv = started
+    assert launcher_argv[launcher_argv.index("--node-config-file") + 1] == str(stale)
+    pid_file = settings.state_dir / SUPERNODE_PID          # the SuperNode's pid, owner-only
+    assert pid_file.read_text() == "4242" and stat.S_IMODE(pid_file.stat().st_mode) == 0o600
+    assert launcher_argv[launcher_argv.index("--supernode-pid-file") + 1] == str(pid_file)
+    runner_argv = worker_command("127.0.0.1:9094", AllowList(), SITE, node_config=stale,
+                                 supernode_pid=pid_file)
     args = runner_parser().parse_args([*runner_argv[3:], "--events-fd", "3"])
-    assert args.node_config_file == stale
-    with pytest.raises(SystemExit):             # no runner without the pinned node config
-        runner_parser().parse_args(["--runtime-api-address", "x:1", "--serve",
-                                    "--events-fd", "3"])
+    assert args.node_config_file == stale and args.supernode_pid_file == pid_file
+    for missing in ("--node-config-file", "--supernode-pid-file"):   # no runner without
+        argv = [*runner_argv[3:], "--events-fd", "3"]                 # either
+        del argv[argv.index(missing):argv.index(missing) + 2]
+        with pytest.raises(SystemExit):
+            runner_parser().parse_args(argv)
 
 
 @pytest.mark.parametrize("mode", [0o620, 0o602, 0o644])
@@ -428,3 +457,120 @@ def test_a_pinned_node_config_others_can_touch_is_refused(tmp_path, mode):
     os.chmod(path, mode)
     with pytest.raises(DeployError, match="pinned node config .* group/other"):
         load_pinned_node_config(path)
+
+
+# --- first line: nothing is sent to a port the site's SuperNode does not hold ----------------
+
+# a runner that is ready at once and answers each token it gets with a failed task, so a
+# launcher that claimed one goes on polling (and the test fails on what it claimed, not a hang)
+READY_RUNNER = [sys.executable, "-c", "import os, sys\n"
+                "events = int(sys.argv[sys.argv.index('--events-fd') + 1])\n"
+                "os.write(events, b'ready\\n')\n"
+                "for _token in sys.stdin:\n"
+                "    os.write(events, b'done 1\\n')\n"]
+
+
+@contextlib.contextmanager
+def _sites_supernode(state: str):
+    """The pid of the site's SuperNode while another account squats its port: ``restarting``,
+    started and not listening yet (a live process of ours holding no socket); ``down``,
+    exited."""
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
+                            stdin=subprocess.PIPE)
+    if state == "down":
+        proc.communicate()
+    try:
+        yield proc.pid
+    finally:
+        if proc.poll() is None:
+            proc.communicate()
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("supernode", ["restarting", "down"])
+def test_a_squatter_with_the_sites_exact_node_config_gets_nothing_from_launcher_or_runner(
+        tmp_path, caplog, monkeypatch, supernode):
+    """The squatter copied the node config from the SuperNode's command line, so the runner's
+    node config check would pass: the launcher claims nothing from it (one line, however
+    often it polls) and a runner handed a token pulls nothing and pushes nothing."""
+    settings = _site_settings(tmp_path)
+    settings.state_dir.mkdir(mode=0o700)
+    pinned = load_pinned_node_config(pin_node_config(settings.state_dir, node_config(settings)))
+    cmd = supernode_command(settings)
+    copied = parse_config_args([cmd[cmd.index("--node-config") + 1]])
+    assert not foreign_node_config(copied, pinned)
+    secret = load_runtime_secret(ensure_runtime_secret(settings.state_dir))
+    polls = []
+
+    def stop_after_five_polls(*args, **kwargs):     # the launcher's real client, counted
+        client = real_client(*args, **kwargs)
+
+        class Counted:
+            def AcquireTask(self, request):  # noqa: N802 - Flower's method name
+                polls.append(1)
+                if len(polls) > 5:
+                    raise StopIteration
+                return client.AcquireTask(request)
+
+            def close(self):
+                client.close()
+        return Counted()
+
+    real_client = launcher.acquire_client
+    monkeypatch.setattr(launcher, "acquire_client", stop_after_five_polls)
+    with _sites_supernode(supernode) as pid, _squatter(copied) as (address, state, run_id), \
+            caplog.at_level(logging.INFO, logger="medfed.deploy"):
+        pid_file = pin_supernode_pid(settings.state_dir, pid)
+        with pytest.raises(StopIteration):
+            launcher.serve(address, AllowList(frozenset({fab_digest(APPROVED)})), site_id=SITE,
+                           secret=secret, supernode_pid=pid_file, poll=0.05,
+                           command=READY_RUNNER)
+        launcher_lines = _warnings(caplog)
+        # the squatter's task was never claimed: it is still there for the taking
+        token = _rogue(address).AcquireTask(CLAIM).token
+        assert token
+        given, codes = [], []
+        served = runner.serve([token], lambda t: runner.runtime_client(
+                                  address, t, supernode_pid=pid_file),
+                              AllowList(frozenset({fab_digest(APPROVED)})),
+                              report=codes.append, node_config=pinned, site_id=SITE,
+                              load_app=_spy_app(given),
+                              audit=EgressAudit(settings.state_dir / "egress.jsonl"))
+        replies = state.get_messages_legacy(run_ids=[run_id], is_reply=True)
+    why = (f"another process listens on {address}, not the site's SuperNode (pid {pid}): "
+           "another account may be squatting the port" if supernode == "restarting" else
+           f"the site's SuperNode (pid {pid}) is not running")
+    assert launcher_lines == [f"[{SITE}] not claiming tasks: {why}"]
+    assert served == 1 and codes == [1] and given == [] and replies == []
+    assert _warnings(caplog)[1:] == [f"[{SITE}] task abandoned, nothing more sent to the "
+                                     f"runtime port: {why}"]
+    assert not (settings.state_dir / "egress.jsonl").exists()      # no reply was made
+
+
+def test_the_port_check_refuses_what_it_cannot_read(tmp_path, monkeypatch):
+    """No pid file, one others may write, or a /proc it cannot read: refused, never trusted;
+    the port held by the process the pid file names: trusted (the test's own listener)."""
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as ours:
+        address = f"127.0.0.1:{ours.getsockname()[1]}"
+        pid_file = tmp_path / SUPERNODE_PID
+        assert "SuperNode pid file" in runtime_port_refusal(address, pid_file)
+        pin_supernode_pid(tmp_path, os.getpid())
+        assert runtime_port_refusal(address, pid_file) is None
+        os.chmod(pid_file, 0o622)
+        assert "group/other" in runtime_port_refusal(address, pid_file)
+        os.chmod(pid_file, 0o600)
+
+        def unreadable(*_args):
+            raise PermissionError(13, "Permission denied")
+        monkeypatch.setattr(runtime_auth, "_listening_inodes", unreadable)
+        assert runtime_port_refusal(address, pid_file) == \
+            f"cannot read /proc/net/tcp (Permission denied) to check who listens on {address}"
+        monkeypatch.setattr(runtime_auth, "_socket_inodes", unreadable)
+        assert runtime_port_refusal(address, pid_file) == \
+            (f"cannot read /proc/{os.getpid()}/fd (Permission denied) to check who listens "
+             f"on {address}")
+    with pytest.raises(ForeignRuntimePort):          # what the guard raises: nothing sent
+        runtime_auth.RuntimePortGuard(address, pid_file).intercept(
+            type("Context", (), {"request": None}), lambda _context: pytest.fail("sent"))

@@ -98,6 +98,14 @@ INIT_NAME, PRETRAINED_NAME = "dinov2-init", "dinov2-public"
 ENCODER = dict(hidden_size=192, num_hidden_layers=4, num_attention_heads=3, mlp_ratio=4,
                patch_size=8, image_size=64)
 ARMS = ("supervised_scratch", "lora", "mm_dino", "pooled", "dp_lora")
+# The DP-LoRA recipe of sessions 23-29 (bench.dp_centre): the pooled features centred on the
+# PUBLIC cohort's mean and divided by its per-dimension spread (files written beside the
+# encoder by save_public_feature_mean), the head at its own rate 1e-2, rounds 1-5 head only.
+CENTRE = "+model.options.centre_features=true"
+SCALE = "+model.options.scale_features=true"
+HEAD_LR = "train.head_lr=0.01"
+LP5 = "train.head_only_rounds=5"
+DP_RECIPE = [CENTRE, SCALE, HEAD_LR, LP5]
 # Label-free central pretraining: no class labels reach the loss, no pseudo-labels either.
 CENTRAL_DINO = dict(supervised_weight=0.0, pseudo_label_weight=0.0)
 
@@ -409,7 +417,8 @@ def public_pretraining(work: Path, foundation_dir: Path, wanted: dict, pretrain)
 
 
 # Settings added after arms were measured without them, and the value those arms had.
-IMPLICIT_SETTINGS = {"channel_tokens": "per_channel", "public_objective": "mm_dino"}
+IMPLICIT_SETTINGS = {"channel_tokens": "per_channel", "public_objective": "mm_dino",
+                     "dp_recipe": False}
 
 
 def check_settings(old: dict, settings: dict) -> None:
@@ -494,7 +503,8 @@ def run_draw(seed: int, work: Path, foundation_dir: Path, settings: dict, arms: 
         "dp_lora": [*base, *foundation, "privacy=dpsgd",
                     f"privacy.epsilon={settings['dp_epsilon']}",
                     f"+federation.site_node_config={{dp-epsilon:{settings['dp_epsilon'] * 1.01},"
-                    f"dp-delta:1e-5,privacy-dir:{ledger}}}"],
+                    f"dp-delta:1e-5,privacy-dir:{ledger}}}",
+                    *(DP_RECIPE if settings.get("dp_recipe") else [])],
     }
     for variant, (arm, extra) in (variants or {}).items():
         overrides[variant] = [*overrides[arm], *extra]
@@ -584,7 +594,7 @@ def targets_met(summary: dict) -> dict:
             "dp_lora_over_lora_eps8": at_least("dp_lora_over_lora_eps8", 0.97)}
 
 
-__all__ = ["ARMS", "DRAW_SEEDS", "ENCODER", "PRETRAINED_NAME", "PUBLIC_OBJECTIVES", "PUBLIC_PATCH",
+__all__ = ["ARMS", "CENTRE", "DP_RECIPE", "DRAW_SEEDS", "ENCODER", "HEAD_LR", "LP5", "SCALE", "PRETRAINED_NAME", "PUBLIC_OBJECTIVES", "PUBLIC_PATCH",
            "PUBLIC_SEED", "check_settings", "cohort_keys", "commit", "disjointness",
            "encoder_digest", "pretrain_public", "previous_draws", "public_cohort",
            "public_features", "public_pretraining", "public_wanted", "save_public_feature_mean",

@@ -62,7 +62,8 @@ Public feature centring (session 23, ``bench.dp_centre``): ``save_public_feature
 the mean of the adapted model's pooled features over the PUBLIC cohort beside the encoder, and
 ``model.options.centre_features=true`` subtracts it before the head (models/foundation/
 centring.py), removing the common component that took the clipping budget. The ``dp_lora``
-arm here stays uncentred; bench/RESULTS.md "DP-LoRA at epsilon 8, session 23" has what
+arm is uncentred unless the settings' ``dp_recipe`` (bench.foundation's default since session
+38) adds ``DP_RECIPE`` (centring, public scaling, head lr, head-only rounds); bench/RESULTS.md "DP-LoRA at epsilon 8, session 23" has what
 centring changes. Session 24: ``save_public_feature_projection`` writes the PUBLIC cohort's
 top principal directions (``project_features``) beside the mean; that and
 ``freeze_patch_embed`` are ``bench.dp_centre`` arms ("DP-LoRA at epsilon 8, session 24").

@@ -475,3 +475,46 @@ def test_each_dp_variant_spends_from_a_ledger_of_its_own(tmp_path, monkeypatch):
     ledgers = [[o for o in out["arms"][a]["overrides"] if "privacy-dir" in o]
                for a in ("dp_lora", "dp_head")]
     assert all(len(ledger) == 1 for ledger in ledgers) and ledgers[0] != ledgers[1]
+
+
+def test_the_dp_recipe_setting_gives_the_dp_arm_the_recipe_and_no_other_arm(tmp_path,
+                                                                            monkeypatch):
+    import bench.model_quality as mq
+
+    seen = {}
+    monkeypatch.setattr(mq, "federated", lambda cfg, *a, **k: {"external_mcc": 0.2})
+    settings, public = _tiny_draw_inputs(tmp_path, monkeypatch)
+    # the recipe's public mean and spread beside the encoder (the config load checks them)
+    fm.save_public_feature_mean(tmp_path / "public" / "site-0", tmp_path / "encoders",
+                                channel_tokens="fused")
+    for recipe in (False, True):
+        out = fm.run_draw(0, tmp_path, tmp_path / "encoders", settings | {"dp_recipe": recipe, "rounds": 6},
+                          ("lora", "dp_lora"), public)
+        seen[recipe] = {a: v["overrides"] for a, v in out["arms"].items()}
+    assert not set(fm.DP_RECIPE) & set(seen[False]["dp_lora"])
+    assert seen[True]["dp_lora"][-len(fm.DP_RECIPE):] == fm.DP_RECIPE
+    assert seen[True]["lora"] == seen[False]["lora"]
+
+
+def test_the_pooled_dp_figure_counts_only_for_the_same_recipe_and_encoder(tmp_path,
+                                                                          monkeypatch):
+    from bench import dp_centre
+
+    monkeypatch.setattr(fb, "RESULTS_DIR", tmp_path)
+    over = {"site_test_mcc": {"ratio": 0.95, "ratio_se": 0.02, "paired_difference": -0.03},
+            "external_mcc": {"ratio": 0.94}}
+    pooled = {"encoder_sha256": "ab" * 32, "dp_arm": "dp_lora_std_hlr_lp5", "commit": "c",
+              "dp_lora_over_lora_eps8": 0.95, "over": {"lora": over},
+              "arms": {"dp_lora_std_hlr_lp5": {"site_test_mcc": {"per_seed": [0.5] * 16}}}}
+    (tmp_path / "seeds.json").write_text(json.dumps(pooled))
+    settings = dict(dp_centre.SETTINGS, dp_recipe=True, draws=(0, 1))
+    got = fb.pooled_dp_seeds("seeds", settings, {"sha256": "ab" * 32})
+    assert got["dp_lora_over_lora_eps8"] == 0.95 and got["seeds"] == 16
+    assert got["site_test_ratio_se"] == 0.02 and got["external_ratio"] == 0.94
+    assert fb.pooled_dp_seeds("seeds", settings, {"sha256": "cd" * 32}) is None
+    assert fb.pooled_dp_seeds("seeds", settings | {"dp_recipe": False},
+                              {"sha256": "ab" * 32}) is None
+    assert fb.pooled_dp_seeds("seeds", settings | {"rounds": 8}, {"sha256": "ab" * 32}) is None
+    (tmp_path / "seeds.json").write_text(json.dumps(pooled | {"dp_arm": "dp_lora_std"}))
+    assert fb.pooled_dp_seeds("seeds", settings, {"sha256": "ab" * 32}) is None
+    assert fb.pooled_dp_seeds("missing", settings, {"sha256": "ab" * 32}) is None

@@ -518,3 +518,17 @@ def test_the_pooled_dp_figure_counts_only_for_the_same_recipe_and_encoder(tmp_pa
     (tmp_path / "seeds.json").write_text(json.dumps(pooled | {"dp_arm": "dp_lora_std"}))
     assert fb.pooled_dp_seeds("seeds", settings, {"sha256": "ab" * 32}) is None
     assert fb.pooled_dp_seeds("missing", settings, {"sha256": "ab" * 32}) is None
+
+
+def test_the_row_says_a_pooled_dp_figure_is_a_mean_of_seeds_and_gives_the_draws_own():
+    payload = _mcc_payload({0: _draw(supervised_scratch=0.2, lora=0.4, mm_dino=0.3,
+                                     dp_lora=0.45)})
+    mcc = payload["mcc"]
+    mcc["settings"]["dp_recipe"] = True
+    assert "(DP recipe): **1.12×**" in fb._mcc_cells(payload)[0]
+    mcc["summary"]["dp_lora_over_lora_eps8_two_draws"] = 1.125
+    mcc["dp_seeds"] = {"seeds": 16, "site_test_ratio_se": 0.0246}
+    payload["dp_lora_over_lora_eps8"] = 0.9501
+    cells = fb._mcc_cells(payload)[0]
+    assert ("(DP recipe), mean of 16 seeds ± 0.025 (bench.dp_seeds; this run's 2 draws alone "
+            "1.12×): **0.950×**") in cells

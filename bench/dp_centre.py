@@ -55,19 +55,19 @@ from pathlib import Path
 from . import foundation_mcc as fm
 from .common import RESULTS_DIR, commit, machine
 
-CENTRE = "+model.options.centre_features=true"
-SCALE = "+model.options.scale_features=true"     # session 26: public standardisation
+# the DP recipe's parts (foundation_mcc.DP_RECIPE): CENTRE (session 23), SCALE (session 26:
+# public standardisation), HEAD_LR (session 27: the head at the head-only arms' rate 1e-2, the
+# rest at lr), LP5 (session 29: rounds 1-5 train the head alone)
+CENTRE, SCALE, HEAD_LR, LP5 = fm.CENTRE, fm.SCALE, fm.HEAD_LR, fm.LP5
 FREEZE = "+model.options.freeze_patch_embed=true"
 PROJ = "+model.options.project_features=16"      # of 32 public directions; pooled is 384
 HEAD = ["model.options.method=linear_probe", "train.lr=0.01"]
-HEAD_LR = "train.head_lr=0.01"   # session 27: the head at the head-only arms' rate, the rest at lr
 HEAD_CLIP = "privacy.head_clip_share=0.8"   # session 27: per-group clipping, head C sqrt(0.8)
 # session 28: self-training - each round the site also trains on the unlabelled studies the
 # received model labels with probability >= 0.9 (~10x the studies, so one local epoch)
 PSEUDO = ["task.options.pseudo_label_threshold=0.9", "train.local_epochs=1"]
 PSEUDO_GENTLE = ["task.options.pseudo_label_threshold=0.97", "task.options.pseudo_label_weight=0.3",
                  "train.local_epochs=1"]
-LP5 = "train.head_only_rounds=5"
 # session 31: the same recipe with more labelled studies a site (the draw's labelled training
 # studies at 30% / 100% instead of 10%, fewer local epochs so a round takes about as many steps:
 # DP-SGD's sample rate falls ~3x / ~10x and with it the noise multiplier epsilon 8 needs)

@@ -62,7 +62,8 @@ Public feature centring (session 23, ``bench.dp_centre``): ``save_public_feature
 the mean of the adapted model's pooled features over the PUBLIC cohort beside the encoder, and
 ``model.options.centre_features=true`` subtracts it before the head (models/foundation/
 centring.py), removing the common component that took the clipping budget. The ``dp_lora``
-arm here stays uncentred; bench/RESULTS.md "DP-LoRA at epsilon 8, session 23" has what
+arm is uncentred unless the settings' ``dp_recipe`` (bench.foundation's default since session
+38) adds ``DP_RECIPE`` (centring, public scaling, head lr, head-only rounds); bench/RESULTS.md "DP-LoRA at epsilon 8, session 23" has what
 centring changes. Session 24: ``save_public_feature_projection`` writes the PUBLIC cohort's
 top principal directions (``project_features``) beside the mean; that and
 ``freeze_patch_embed`` are ``bench.dp_centre`` arms ("DP-LoRA at epsilon 8, session 24").
@@ -98,6 +99,14 @@ INIT_NAME, PRETRAINED_NAME = "dinov2-init", "dinov2-public"
 ENCODER = dict(hidden_size=192, num_hidden_layers=4, num_attention_heads=3, mlp_ratio=4,
                patch_size=8, image_size=64)
 ARMS = ("supervised_scratch", "lora", "mm_dino", "pooled", "dp_lora")
+# The DP-LoRA recipe of sessions 23-29 (bench.dp_centre): the pooled features centred on the
+# PUBLIC cohort's mean and divided by its per-dimension spread (files written beside the
+# encoder by save_public_feature_mean), the head at its own rate 1e-2, rounds 1-5 head only.
+CENTRE = "+model.options.centre_features=true"
+SCALE = "+model.options.scale_features=true"
+HEAD_LR = "train.head_lr=0.01"
+LP5 = "train.head_only_rounds=5"
+DP_RECIPE = [CENTRE, SCALE, HEAD_LR, LP5]
 # Label-free central pretraining: no class labels reach the loss, no pseudo-labels either.
 CENTRAL_DINO = dict(supervised_weight=0.0, pseudo_label_weight=0.0)
 
@@ -409,7 +418,8 @@ def public_pretraining(work: Path, foundation_dir: Path, wanted: dict, pretrain)
 
 
 # Settings added after arms were measured without them, and the value those arms had.
-IMPLICIT_SETTINGS = {"channel_tokens": "per_channel", "public_objective": "mm_dino"}
+IMPLICIT_SETTINGS = {"channel_tokens": "per_channel", "public_objective": "mm_dino",
+                     "dp_recipe": False}
 
 
 def check_settings(old: dict, settings: dict) -> None:
@@ -494,7 +504,8 @@ def run_draw(seed: int, work: Path, foundation_dir: Path, settings: dict, arms: 
         "dp_lora": [*base, *foundation, "privacy=dpsgd",
                     f"privacy.epsilon={settings['dp_epsilon']}",
                     f"+federation.site_node_config={{dp-epsilon:{settings['dp_epsilon'] * 1.01},"
-                    f"dp-delta:1e-5,privacy-dir:{ledger}}}"],
+                    f"dp-delta:1e-5,privacy-dir:{ledger}}}",
+                    *(DP_RECIPE if settings.get("dp_recipe") else [])],
     }
     for variant, (arm, extra) in (variants or {}).items():
         overrides[variant] = [*overrides[arm], *extra]
@@ -584,7 +595,7 @@ def targets_met(summary: dict) -> dict:
             "dp_lora_over_lora_eps8": at_least("dp_lora_over_lora_eps8", 0.97)}
 
 
-__all__ = ["ARMS", "DRAW_SEEDS", "ENCODER", "PRETRAINED_NAME", "PUBLIC_OBJECTIVES", "PUBLIC_PATCH",
+__all__ = ["ARMS", "CENTRE", "DP_RECIPE", "DRAW_SEEDS", "ENCODER", "HEAD_LR", "LP5", "SCALE", "PRETRAINED_NAME", "PUBLIC_OBJECTIVES", "PUBLIC_PATCH",
            "PUBLIC_SEED", "check_settings", "cohort_keys", "commit", "disjointness",
            "encoder_digest", "pretrain_public", "previous_draws", "public_cohort",
            "public_features", "public_pretraining", "public_wanted", "save_public_feature_mean",

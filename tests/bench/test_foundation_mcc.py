@@ -475,3 +475,60 @@ def test_each_dp_variant_spends_from_a_ledger_of_its_own(tmp_path, monkeypatch):
     ledgers = [[o for o in out["arms"][a]["overrides"] if "privacy-dir" in o]
                for a in ("dp_lora", "dp_head")]
     assert all(len(ledger) == 1 for ledger in ledgers) and ledgers[0] != ledgers[1]
+
+
+def test_the_dp_recipe_setting_gives_the_dp_arm_the_recipe_and_no_other_arm(tmp_path,
+                                                                            monkeypatch):
+    import bench.model_quality as mq
+
+    seen = {}
+    monkeypatch.setattr(mq, "federated", lambda cfg, *a, **k: {"external_mcc": 0.2})
+    settings, public = _tiny_draw_inputs(tmp_path, monkeypatch)
+    # the recipe's public mean and spread beside the encoder (the config load checks them)
+    fm.save_public_feature_mean(tmp_path / "public" / "site-0", tmp_path / "encoders",
+                                channel_tokens="fused")
+    for recipe in (False, True):
+        out = fm.run_draw(0, tmp_path, tmp_path / "encoders", settings | {"dp_recipe": recipe, "rounds": 6},
+                          ("lora", "dp_lora"), public)
+        seen[recipe] = {a: v["overrides"] for a, v in out["arms"].items()}
+    assert not set(fm.DP_RECIPE) & set(seen[False]["dp_lora"])
+    assert seen[True]["dp_lora"][-len(fm.DP_RECIPE):] == fm.DP_RECIPE
+    assert seen[True]["lora"] == seen[False]["lora"]
+
+
+def test_the_pooled_dp_figure_counts_only_for_the_same_recipe_and_encoder(tmp_path,
+                                                                          monkeypatch):
+    from bench import dp_centre
+
+    monkeypatch.setattr(fb, "RESULTS_DIR", tmp_path)
+    over = {"site_test_mcc": {"ratio": 0.95, "ratio_se": 0.02, "paired_difference": -0.03},
+            "external_mcc": {"ratio": 0.94}}
+    pooled = {"encoder_sha256": "ab" * 32, "dp_arm": "dp_lora_std_hlr_lp5", "commit": "c",
+              "dp_lora_over_lora_eps8": 0.95, "over": {"lora": over},
+              "arms": {"dp_lora_std_hlr_lp5": {"site_test_mcc": {"per_seed": [0.5] * 16}}}}
+    (tmp_path / "seeds.json").write_text(json.dumps(pooled))
+    settings = dict(dp_centre.SETTINGS, dp_recipe=True, draws=(0, 1))
+    got = fb.pooled_dp_seeds("seeds", settings, {"sha256": "ab" * 32})
+    assert got["dp_lora_over_lora_eps8"] == 0.95 and got["seeds"] == 16
+    assert got["site_test_ratio_se"] == 0.02 and got["external_ratio"] == 0.94
+    assert fb.pooled_dp_seeds("seeds", settings, {"sha256": "cd" * 32}) is None
+    assert fb.pooled_dp_seeds("seeds", settings | {"dp_recipe": False},
+                              {"sha256": "ab" * 32}) is None
+    assert fb.pooled_dp_seeds("seeds", settings | {"rounds": 8}, {"sha256": "ab" * 32}) is None
+    (tmp_path / "seeds.json").write_text(json.dumps(pooled | {"dp_arm": "dp_lora_std"}))
+    assert fb.pooled_dp_seeds("seeds", settings, {"sha256": "ab" * 32}) is None
+    assert fb.pooled_dp_seeds("missing", settings, {"sha256": "ab" * 32}) is None
+
+
+def test_the_row_says_a_pooled_dp_figure_is_a_mean_of_seeds_and_gives_the_draws_own():
+    payload = _mcc_payload({0: _draw(supervised_scratch=0.2, lora=0.4, mm_dino=0.3,
+                                     dp_lora=0.45)})
+    mcc = payload["mcc"]
+    mcc["settings"]["dp_recipe"] = True
+    assert "(DP recipe): **1.12×**" in fb._mcc_cells(payload)[0]
+    mcc["summary"]["dp_lora_over_lora_eps8_two_draws"] = 1.125
+    mcc["dp_seeds"] = {"seeds": 16, "site_test_ratio_se": 0.0246}
+    payload["dp_lora_over_lora_eps8"] = 0.9501
+    cells = fb._mcc_cells(payload)[0]
+    assert ("(DP recipe), mean of 16 seeds ± 0.025 (bench.dp_seeds; this run's 2 draws alone "
+            "1.12×): **0.950×**") in cells

@@ -669,7 +669,8 @@ ARM_DESCRIPTIONS = {
                "LoRA fine-tuning",
     "pooled": "the lora arm's model and recipe centrally on the union of the sites' labelled "
               "studies, rounds x local_epochs passes",
-    "dp_lora": "the lora arm under sample-level DP-SGD at epsilon 8 (privacy=dpsgd)",
+    "dp_lora": "the lora arm under sample-level DP-SGD at epsilon 8 (privacy=dpsgd; with "
+               "settings.dp_recipe also the DP recipe, foundation_mcc.DP_RECIPE)",
 }
 
 

@@ -62,7 +62,8 @@ def build_foundation(config: FoundationConfig, *, foundation_dir: str | Path | N
     model = FoundationBackbone(loaded, config)
     return apply_method(model, config.method, rank=config.lora_rank, alpha=config.lora_alpha,
                         targets=config.lora_targets, dropout=config.lora_dropout,
-                        freeze_patch_embed=config.freeze_patch_embed)
+                        freeze_patch_embed=config.freeze_patch_embed,
+                        freeze_lora_a=config.freeze_lora_a)
 
 
 @MODELS.register("foundation_swin", SwinSegConfig, resources=(FOUNDATION_DIR,))

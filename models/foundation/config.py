@@ -80,6 +80,11 @@ class FoundationConfig:
     # keep the new patch embedding at its pretrained-derived init (adapt.py): frozen, in the
     # base digest, never travels. Fewer trainable coordinates under DP-SGD (lora.py)
     freeze_patch_embed: bool = False
+    # LoRA/DoRA: keep every lora_A at its seeded random init and train lora_B only (FFA-LoRA,
+    # Sun et al. 2024): frozen, in the base digest, never travels; the sites' averaged B times
+    # the one A is then exactly the average of their updates B A, and DP-SGD's noise spreads
+    # over half the adapter coordinates (lora.py)
+    freeze_lora_a: bool = False
     # k > 0: project the (centred) pooled features onto the first k PUBLIC principal directions
     # in <weights>/feature_projection.safetensors before a k-input head (projection.py);
     # frozen, in the base digest. 0 = off
@@ -115,9 +120,13 @@ class FoundationConfig:
             raise ValueError(f"unknown patch_init {self.patch_init!r}; choose one of "
                              f"{', '.join(PATCH_INIT)}")
         for name in ("presence_embedding", "centre_features", "scale_features",
-                     "freeze_patch_embed", "gradient_checkpointing", "rope_augmentation"):
+                     "freeze_patch_embed", "freeze_lora_a", "gradient_checkpointing",
+                     "rope_augmentation"):
             if not isinstance(getattr(self, name), bool):    # "false" would switch it on
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.freeze_lora_a and self.method not in ("lora", "dora"):
+            raise ValueError(f"freeze_lora_a freezes LoRA's A matrices; method {self.method!r} "
+                             "has none (use method=lora or dora)")
         if self.scale_features and not self.centre_features:
             raise ValueError("scale_features divides the CENTRED pooled features by their "
                              "public spread; set centre_features=true as well")

@@ -19,7 +19,7 @@ MedFed's training code or MLflow.
                                   embedding, the presence embedding if configured), the class
                                   head
     DIR/adaptation.json           what those tensors are, the FoundationConfig, and ``extra``;
-                                  ``"format": "medfed-foundation-export/7"`` (format version 7)
+                                  ``"format": "medfed-foundation-export/8"`` (format version 8)
     DIR/encoder/feature_mean.safetensors
                                   ``centre_features`` only: the public mean of the pooled
                                   features the model subtracts before its head (centring.py),
@@ -45,12 +45,13 @@ written); 2 added ``config.channel_tokens`` (``fused``) and
 ``config.freeze_patch_embed`` (a training choice: the exported tensors are the same); 5 added
 ``config.project_features`` (with ``encoder/feature_projection.safetensors``); 6 added
 ``config.patch_init`` (an initialisation choice: the exported tensors are the same); 7 added
-``config.scale_features`` (with ``encoder/feature_scale.safetensors``). The version is
+``config.scale_features`` (with ``encoder/feature_scale.safetensors``); 8 added
+``config.freeze_lora_a`` (a training choice: the exported tensors are the same). The version is
 part of the ``format`` string, not a key beside it, because a version-1 reader compares that string
 and nothing else: it refuses a version-2 file with its own format error instead of failing on
 a config key it does not know. ``load_export`` reads every version up to ``FORMAT_VERSION``
 (version 1 without ``channel_tokens`` = ``per_channel``; before 3, no centring; before 4, the
-patch embedding trained; before 5, no projection; before 6, ``patch_init=mean``; before 7, no scaling) and refuses a
+patch embedding trained; before 5, no projection; before 6, ``patch_init=mean``; before 7, no scaling; before 8, every ``lora_A`` trained) and refuses a
 newer one by name.
 """
 
@@ -79,7 +80,7 @@ ADAPTER_DIR = "adapter"
 ADAPTATION_WEIGHTS = "adaptation.safetensors"
 ADAPTATION_CONFIG = "adaptation.json"
 FORMAT = "medfed-foundation-export"
-FORMAT_VERSION = 7      # 7: config.scale_features; see the module docstring
+FORMAT_VERSION = 8      # 8: config.freeze_lora_a; see the module docstring
 ADAPTER_METHODS = ("lora", "dora", "ia3")
 PEFT_ADAPTER = "default"             # the adapter name inject_adapter_in_model gives
 PEFT_PREFIX = "base_model.model."    # how a PeftModel names its base model's modules

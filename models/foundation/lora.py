@@ -38,7 +38,8 @@ def target_pattern(targets: tuple[str, ...], *, within: str = "encoder") -> str:
 
 def apply_method(model: FoundationBackbone, method: str, *, rank: int = 8, alpha: float = 16.0,
                  targets: tuple[str, ...] = (), dropout: float = 0.0,
-                 freeze_patch_embed: bool = False) -> FoundationBackbone:
+                 freeze_patch_embed: bool = False, freeze_lora_a: bool = False
+                 ) -> FoundationBackbone:
     """Set what trains in ``model`` (in place) and return it.
 
     Parameters
@@ -53,6 +54,12 @@ def apply_method(model: FoundationBackbone, method: str, *, rank: int = 8, alpha
         (the channel and presence embeddings still train). Frozen weights never travel and
         are in ``frozen_digest``; under DP-SGD the noise then spreads over fewer coordinates
         (the fused embedding is ~2/3 of a rank-8 LoRA model's trainable coordinates).
+    freeze_lora_a : bool
+        LoRA/DoRA only: every ``lora_A`` stays at its init (seeded: the same at every site and
+        the server, which ``frozen_digest`` checks) and only ``lora_B`` trains - FFA-LoRA
+        (Sun et al., ICLR 2024). Averaging the sites' B then averages their updates B A
+        exactly (averaging A and B apart does not), and DP-SGD noises half the adapter
+        coordinates. B starts at zero, so the adapted model starts as the base one.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -60,6 +67,12 @@ def apply_method(model: FoundationBackbone, method: str, *, rank: int = 8, alpha
                         dropout=dropout)
     if freeze_patch_embed:
         model.patch_embed.requires_grad_(False)
+    if freeze_lora_a:
+        if method not in ("lora", "dora"):
+            raise ValueError(f"freeze_lora_a needs method lora or dora, not {method!r}")
+        for name, p in model.named_parameters():
+            if ".lora_A." in name:
+                p.requires_grad_(False)
     return model
 
 

@@ -159,17 +159,18 @@ def _rewrite(out, **changes) -> dict:
     return meta
 
 
-def test_a_new_export_is_version_7_and_an_older_medfed_refuses_it_by_its_format(originals,
+def test_a_new_export_is_version_8_and_an_older_medfed_refuses_it_by_its_format(originals,
                                                                                   tmp_path):
     model = _trained(originals, "dinov2", "lora")
     out = export_foundation(model, tmp_path / "export")
     meta = json.loads((out / ADAPTATION_CONFIG).read_text())
-    assert FORMAT_VERSION == 7 and meta["format"] == f"{FORMAT}/7"
-    assert format_version(meta) == 7 and meta["config"]["channel_tokens"] == "per_channel"
+    assert FORMAT_VERSION == 8 and meta["format"] == f"{FORMAT}/8"
+    assert format_version(meta) == 8 and meta["config"]["channel_tokens"] == "per_channel"
     assert meta["config"]["scale_features"] is False
     assert meta["config"]["patch_init"] == "mean"
     assert meta["config"]["centre_features"] is False
     assert meta["config"]["freeze_patch_embed"] is False
+    assert meta["config"]["freeze_lora_a"] is False
     assert meta["config"]["project_features"] == 0
     # a version-1 load_export stops at `meta["format"] != FORMAT` with its ExportFormatError,
     # before it builds a FoundationConfig that has no channel_tokens (the TypeError)
@@ -190,7 +191,9 @@ OLDER = {
     4: (("project_features", "patch_init"),            # the full pooled head
         lambda m: m.feature_projection is None and m.config.project_features == 0),
     5: (("patch_init",), lambda m: m.config.patch_init == "mean"),
-    6: (("scale_features",), lambda m: m.feature_scale is None and not m.config.scale_features),
+    6: (("scale_features", "freeze_lora_a"),
+        lambda m: m.feature_scale is None and not m.config.scale_features),
+    7: (("freeze_lora_a",), lambda m: not m.config.freeze_lora_a),
 }
 
 

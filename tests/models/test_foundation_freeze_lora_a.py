@@ -1,0 +1,126 @@
+"""``freeze_lora_a`` (FFA-LoRA): every ``lora_A`` kept at its seeded init and only ``lora_B``
+trains - off by default, on: A never trains and never travels, is part of the base digest
+(sites with another A are refused), the same seed gives every site the same A, the average of
+the sites' B times that A is exactly the average of their updates, DP-SGD's per-sample rule
+stays exact, and the export records it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from client.engine import Engine
+from client.foundation import expected_arrays
+from models.foundation import base_digest
+from models.foundation.export import ADAPTATION_CONFIG, export_foundation, load_export
+from models.foundation.lora import trainable_keys
+from models.tasks import build
+from protocol.job import TrainConfig
+
+from .test_foundation import _batch, _build, _randomise_trainable, _save, assert_exact_per_sample
+
+FAMILIES = ("dinov2", "siglip", "monai_vit")     # with and without a CLS token, HF and MONAI
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ffa")
+    for family in FAMILIES:
+        _save(family, root / family)
+    return {family: root / family for family in FAMILIES}
+
+
+def _keys(model, part: str) -> set[str]:
+    return {n for n, _ in model.named_parameters() if f".{part}." in n}
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_on_only_lora_a_stops_training_and_the_model_is_the_same(weights, family, method):
+    torch.manual_seed(0)
+    off = _build(weights[family], method=method, channel_tokens="fused").eval()
+    torch.manual_seed(0)
+    on = _build(weights[family], method=method, channel_tokens="fused",
+                freeze_lora_a=True).eval()
+    a, b = _keys(on, "lora_A"), _keys(on, "lora_B")
+    assert a and b and a <= set(trainable_keys(off))
+    assert set(trainable_keys(on)) == set(trainable_keys(off)) - a
+    assert all(torch.equal(v, on.state_dict()[k]) for k, v in off.state_dict().items())
+    assert base_digest(on) != base_digest(off)             # A is now part of the base
+
+
+def test_only_lora_methods_take_it(weights):
+    for method in ("full", "linear_probe", "ia3"):
+        with pytest.raises(ValueError, match="freeze_lora_a"):
+            _build(weights["dinov2"], method=method, freeze_lora_a=True)
+    with pytest.raises(ValueError, match="freeze_lora_a must be true or false"):
+        _build(weights["dinov2"], freeze_lora_a="false")
+
+
+def test_a_never_trains_never_travels_and_the_same_seed_gives_every_site_the_same_a(weights):
+    options = {"weights": "dinov2", "num_channels": 4, "image_size": 32, "method": "lora",
+               "channel_tokens": "fused", "freeze_lora_a": True}
+    digests = []
+    for _site in range(2):
+        torch.manual_seed(7)           # the job's seed, as every site and the server seed it
+        model, task = build("foundation", options, "classification", {},
+                            foundation_dir=weights["dinov2"].parent)
+        digests.append(base_digest(model))
+        a = _keys(model, "lora_A")
+        assert a and not a & expected_arrays(model, [])           # never sent
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        batch = _batch()
+        data = [{"image": batch["image"][i], "present": batch["present"][i],
+                 "label": batch["label"][i]} for i in range(2)]
+        Engine(task, torch.device("cpu")).fit(model, data, TrainConfig(
+            local_epochs=2, lr=0.1, batch_size=2))
+        after = dict(model.named_parameters())
+        assert all(torch.equal(after[n], before[n]) for n in a)
+        assert any(not torch.equal(after[n], before[n]) for n in _keys(model, "lora_B"))
+    assert digests[0] == digests[1]
+    torch.manual_seed(8)               # a site whose A is not the coordinator's: refused
+    other, _ = build("foundation", options, "classification", {},
+                     foundation_dir=weights["dinov2"].parent)
+    assert base_digest(other) != digests[0]
+
+
+def test_averaging_b_with_one_a_averages_the_updates_exactly():
+    """Why it is meant for federated LoRA: with A shared and frozen, mean_k(B_k) A equals
+    mean_k(B_k A); averaging A and B apart gives another update."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(4, 16, generator=g, dtype=torch.float64)
+    bs = [torch.randn(16, 4, generator=g, dtype=torch.float64) for _ in range(3)]
+    torch.testing.assert_close(torch.stack(bs).mean(0) @ a,
+                               torch.stack([b @ a for b in bs]).mean(0), rtol=0, atol=1e-12)
+    a_k = [a + torch.randn(4, 16, generator=g, dtype=torch.float64) for _ in range(3)]
+    apart = torch.stack(bs).mean(0) @ torch.stack(a_k).mean(0)
+    assert not torch.allclose(apart, torch.stack([b @ x for b, x in zip(bs, a_k)]).mean(0))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("rank", [1, 2])
+def test_per_sample_gradients_stay_exact_with_lora_a_frozen(weights, family, rank):
+    torch.manual_seed(0)
+    model = _build(weights[family], method="lora", lora_rank=rank, channel_tokens="fused",
+                   freeze_lora_a=True).double().train()
+    assert model.dp_unsupported is None and not _keys(model, "lora_A") & set(
+        trainable_keys(model))
+    _randomise_trainable(model)
+    assert_exact_per_sample(model, _batch(dtype=torch.float64))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_export_records_it_and_reloads_the_same_model(weights, family, tmp_path):
+    torch.manual_seed(0)
+    model = _build(weights[family], method="lora", lora_rank=2, channel_tokens="fused",
+                   freeze_lora_a=True)
+    _randomise_trainable(model, seed=3)       # A keeps its init, B and the rest move
+    model.eval()
+    out = export_foundation(model, tmp_path / "export")
+    assert '"freeze_lora_a": true' in (out / ADAPTATION_CONFIG).read_text()
+    again = load_export(out)
+    assert again.config.freeze_lora_a
+    batch = _batch()
+    with torch.no_grad():
+        torch.testing.assert_close(again(batch["image"], batch["present"]),
+                                   model(batch["image"], batch["present"]), rtol=0, atol=1e-4)

@@ -15,6 +15,7 @@ name (never silently); they train without DP or after a rule is added there.
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 
 import torch
@@ -55,8 +56,9 @@ def apply_method(model: FoundationBackbone, method: str, *, rank: int = 8, alpha
         are in ``frozen_digest``; under DP-SGD the noise then spreads over fewer coordinates
         (the fused embedding is ~2/3 of a rank-8 LoRA model's trainable coordinates).
     freeze_lora_a : bool
-        LoRA/DoRA only: every ``lora_A`` stays at its init (seeded: the same at every site and
-        the server, which ``frozen_digest`` checks) and only ``lora_B`` trains - FFA-LoRA
+        LoRA/DoRA only: every ``lora_A`` stays at its init (``fixed_init_``: drawn from its
+        name, the same at every site and the server, which ``frozen_digest`` checks) and only
+        ``lora_B`` trains - FFA-LoRA
         (Sun et al., ICLR 2024). Averaging the sites' B then averages their updates B A
         exactly (averaging A and B apart does not), and DP-SGD noises half the adapter
         coordinates. B starts at zero, so the adapted model starts as the base one.
@@ -72,8 +74,20 @@ def apply_method(model: FoundationBackbone, method: str, *, rank: int = 8, alpha
             raise ValueError(f"freeze_lora_a needs method lora or dora, not {method!r}")
         for name, p in model.named_parameters():
             if ".lora_A." in name:
+                fixed_init_(name, p)
                 p.requires_grad_(False)
     return model
+
+
+@torch.no_grad()
+def fixed_init_(name: str, weight: nn.Parameter) -> None:
+    """Draw ``weight`` (a ``lora_A``) as peft does (Kaiming-uniform, a = sqrt(5)) from a
+    generator seeded by its parameter ``name`` alone: every site and the server build the same
+    A whatever their RNG has drawn before (the frozen-base digest checks it), and no seed
+    travels."""
+    seed = int.from_bytes(hashlib.sha256(f"medfed.lora_A:{name}".encode()).digest()[:8], "little")
+    generator = torch.Generator(device=weight.device).manual_seed(seed)
+    nn.init.kaiming_uniform_(weight, a=math.sqrt(5), generator=generator)
 
 
 def _set_method(model: FoundationBackbone, method: str, *, rank: int, alpha: float,

@@ -84,10 +84,14 @@ def fixed_init_(name: str, weight: nn.Parameter) -> None:
     """Draw ``weight`` (a ``lora_A``) as peft does (Kaiming-uniform, a = sqrt(5)) from a
     generator seeded by its parameter ``name`` alone: every site and the server build the same
     A whatever their RNG has drawn before (the frozen-base digest checks it), and no seed
-    travels."""
+    travels. Drawn on the CPU in float32 and copied: the same values on any device; a model
+    sized on the meta device (the config check, the site's size limits) has none to draw."""
+    if weight.is_meta:
+        return
     seed = int.from_bytes(hashlib.sha256(f"medfed.lora_A:{name}".encode()).digest()[:8], "little")
-    generator = torch.Generator(device=weight.device).manual_seed(seed)
-    nn.init.kaiming_uniform_(weight, a=math.sqrt(5), generator=generator)
+    drawn = torch.empty(weight.shape, dtype=torch.float32)
+    nn.init.kaiming_uniform_(drawn, a=math.sqrt(5), generator=torch.Generator().manual_seed(seed))
+    weight.copy_(drawn)
 
 
 def _set_method(model: FoundationBackbone, method: str, *, rank: int, alpha: float,

@@ -137,3 +137,20 @@ def test_the_export_records_it_and_reloads_the_same_model(weights, family, tmp_p
     with torch.no_grad():
         torch.testing.assert_close(again(batch["image"], batch["present"]),
                                    model(batch["image"], batch["present"]), rtol=0, atol=1e-4)
+
+
+def test_a_is_the_same_on_any_device_and_dtype_and_a_meta_model_draws_nothing():
+    from models.foundation.lora import fixed_init_
+
+    values = []
+    for dtype in (torch.float32, torch.float64):
+        w = torch.nn.Parameter(torch.zeros(4, 16, dtype=dtype))
+        fixed_init_("encoder.layer.0.q.lora_A.default.weight", w)
+        values.append(w.detach().float())
+    torch.testing.assert_close(values[0], values[1], rtol=0, atol=0)
+    other = torch.nn.Parameter(torch.zeros(4, 16))
+    fixed_init_("encoder.layer.1.q.lora_A.default.weight", other)
+    assert not torch.equal(other.detach(), values[0])          # each A its own draw
+    meta = torch.nn.Parameter(torch.empty(4, 16, device="meta"))
+    fixed_init_("encoder.layer.0.q.lora_A.default.weight", meta)   # sized, not drawn
+    assert meta.is_meta

@@ -590,6 +590,9 @@ def run_mcc(args, parser) -> None:
             top["dp_lora_over_lora_eps8"] = pooled["dp_lora_over_lora_eps8"]
             mcc["summary"]["dp_lora_over_lora_eps8_two_draws"] = summary["dp_lora_over_lora_eps8"]
             mcc["summary"]["dp_lora_over_lora_eps8"] = pooled["dp_lora_over_lora_eps8"]
+            mcc["summary"]["dp_lora_over_lora_eps8_external_two_draws"] = \
+                summary["dp_lora_over_lora_eps8_external"]
+            mcc["summary"]["dp_lora_over_lora_eps8_external"] = pooled["external_ratio"]
             mcc["targets_met"] = fm.targets_met(mcc["summary"])
             mcc["dp_seeds"] = pooled
         payload = merged(name, top | {"mcc": mcc}, "mcc")

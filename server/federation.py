@@ -165,7 +165,8 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, run_dir: Path,
     named by it; see ``server.preflight.site_names``): they bind each site id to one node
     for the run, both phases (``strategies.site_names.SiteNames``).
     """
-    outcome = _run_phases(grid, cfg, run_dir, observers, SiteNames(sites))
+    names = sites if isinstance(sites, SiteNames) else SiteNames(sites)
+    outcome = _run_phases(grid, cfg, run_dir, observers, names)
     log.info("%s", results_hint(tracking_uri(cfg, run_dir)))
     return outcome
 
@@ -229,7 +230,7 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path,
                    observers: tuple[RoundObserver, ...] = (), *, run_id: str | None = None,
                    backbone: dict | None = None, lineage: dict | None = None,
                    store_dir: Path | None = None, resume: bool = False,
-                   sites: dict[int, str] | None = None) -> PhaseOutcome:
+                   sites: SiteNames | dict[int, str] | None = None) -> PhaseOutcome:
     """Run ``cfg.federation.num_rounds`` rounds of federated training and evaluation.
 
     ``backbone``: initial backbone weights (phase 2 of a pretrain->finetune run); ``lineage``:

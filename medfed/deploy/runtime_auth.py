@@ -42,10 +42,12 @@ log. Left: the moment between that look and the connection (a SuperNode that die
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import secrets
 import stat
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -181,7 +183,7 @@ def runtime_port_refusal(address: str, supernode_pid: Path) -> str | None:
     except OSError as err:
         return f"cannot read /proc/{pid}/fd ({err.strerror}) to check who listens on {address}"
     try:
-        listening = _listening_inodes(int(address.rpartition(":")[2]))
+        listening = _listening_inodes(address)
     except OSError as err:
         return f"cannot read /proc/net/tcp ({err.strerror}) to check who listens on {address}"
     if not listening:
@@ -205,17 +207,42 @@ def _socket_inodes(pid: int) -> set[int]:
     return held
 
 
-def _listening_inodes(port: int) -> set[int]:
-    """Inodes of the TCP sockets listening on ``port`` (any address, IPv4 and IPv6)."""
+def _listening_inodes(address: str) -> set[int]:
+    """Inodes of the TCP sockets listening where a connection to ``address`` (host:port)
+    could land: its own IP or a wildcard (0.0.0.0, ::; an IPv4-mapped ``::ffff:`` address as
+    that IPv4), IPv4 and IPv6. Another IP on the same port (127.0.0.2:P beside the
+    SuperNode's 127.0.0.1:P) receives none of those connections and does not count; a host
+    that is not an IP (a name) counts every listener on the port."""
+    host, _, port = address.rpartition(":")
+    try:
+        target = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        target = None
     inodes = set()
     for table in (Path("/proc/net/tcp"), Path("/proc/net/tcp6")):
         if table.name == "tcp6" and not table.exists():
             continue                            # a kernel without IPv6
         for line in table.read_text().splitlines()[1:]:
             fields = line.split()               # sl local rem st ... uid timeout inode
-            if fields[3] == "0A" and int(fields[1].rpartition(":")[2], 16) == port:
+            ip_hex, _, port_hex = fields[1].rpartition(":")
+            if fields[3] != "0A" or int(port_hex, 16) != int(port):
+                continue
+            ip = _proc_ip(ip_hex)
+            if target is None or ip.is_unspecified or ip == target:
                 inodes.add(int(fields[9]))
     return inodes
+
+
+def _proc_ip(hex_ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """A /proc/net/tcp{,6} local address: 32-bit words in host byte order; an IPv4-mapped
+    IPv6 address as its IPv4."""
+    raw = bytes.fromhex(hex_ip)
+    words = b"".join(raw[i:i + 4][::-1] if sys.byteorder == "little" else raw[i:i + 4]
+                     for i in range(0, len(raw), 4))
+    if len(words) == 4:
+        return ipaddress.IPv4Address(words)
+    ip = ipaddress.IPv6Address(words)
+    return ip.ipv4_mapped or ip
 
 
 class ForeignRuntimePort(httpx.TransportError):

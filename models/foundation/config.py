@@ -81,9 +81,9 @@ class FoundationConfig:
     # base digest, never travels. Fewer trainable coordinates under DP-SGD (lora.py)
     freeze_patch_embed: bool = False
     # LoRA/DoRA: keep every lora_A at a random init drawn from its name, train lora_B only
-    # (FFA-LoRA, Sun et al. 2024): frozen, in the base digest, never travels; the sites'
-    # averaged B times the one A is then exactly the average of their updates B A, and
-    # DP-SGD's noise spreads over half the adapter coordinates (lora.py)
+    # (FFA-LoRA, Sun et al. 2024): frozen, in the base digest, never travels; with LoRA the
+    # sites' averaged B times the one A is then exactly the average of their updates B A,
+    # and DP-SGD's noise spreads over half the adapter coordinates (lora.py)
     freeze_lora_a: bool = False
     # k > 0: project the (centred) pooled features onto the first k PUBLIC principal directions
     # in <weights>/feature_projection.safetensors before a k-input head (projection.py);

@@ -59,9 +59,9 @@ def apply_method(model: FoundationBackbone, method: str, *, rank: int = 8, alpha
         LoRA/DoRA only: every ``lora_A`` stays at its init (``fixed_init_``: drawn from its
         name, the same at every site and the server, which ``frozen_digest`` checks) and only
         ``lora_B`` trains - FFA-LoRA
-        (Sun et al., ICLR 2024). Averaging the sites' B then averages their updates B A
-        exactly (averaging A and B apart does not), and DP-SGD noises half the adapter
-        coordinates. B starts at zero, so the adapted model starts as the base one.
+        (Sun et al., ICLR 2024). With LoRA, averaging the sites' B then averages their
+        updates B A exactly (averaging A and B apart does not; DoRA's normalisation is not
+        linear in B), and DP-SGD noises half the adapter coordinates. B starts at zero, so the adapted model starts as the base one.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")

@@ -574,3 +574,32 @@ def test_the_port_check_refuses_what_it_cannot_read(tmp_path, monkeypatch):
     with pytest.raises(ForeignRuntimePort):          # what the guard raises: nothing sent
         runtime_auth.RuntimePortGuard(address, pid_file).intercept(
             type("Context", (), {"request": None}), lambda _context: pytest.fail("sent"))
+
+
+def test_a_listener_on_another_ip_of_the_port_neither_blocks_nor_passes_for_the_site(tmp_path):
+    """Another account listening on 127.0.0.2:P or [::1]:P beside the SuperNode's
+    127.0.0.1:P receives none of the site's connections: it must not stop the site (it did
+    when every listener on the port counted). One on the site's own address - or a name for
+    a host, where any listener could answer - still refuses."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.create_server(("127.0.0.1", 0)) as ours:
+        port = ours.getsockname()[1]
+        pin_supernode_pid(tmp_path, os.getpid())
+        pid_file = tmp_path / SUPERNODE_PID
+        other = ("import socket, sys, time; s = socket.create_server((sys.argv[1], "
+                 "int(sys.argv[2])), family=getattr(socket, sys.argv[3])); print(1, flush=True);"
+                 " time.sleep(60)")
+        for host, family in (("127.0.0.2", "AF_INET"), ("::1", "AF_INET6")):
+            squatter = subprocess.Popen([sys.executable, "-c", other, host, str(port), family],
+                                        stdout=subprocess.PIPE, text=True)
+            try:
+                assert squatter.stdout.readline().strip() == "1"      # listening
+                assert runtime_port_refusal(f"127.0.0.1:{port}", pid_file) is None
+                assert "another process listens" in runtime_port_refusal(
+                    f"localhost:{port}", pid_file)
+            finally:
+                squatter.kill()
+                squatter.wait()

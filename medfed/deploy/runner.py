@@ -53,6 +53,7 @@ import importlib
 import logging
 import os
 import re
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -317,11 +318,18 @@ def main(argv: list[str] | None = None) -> int:
     e.g. after the coordinator refused its key), Flower's parent monitor raises SIGINT here,
     mostly while the app is still being imported: the runner then exits quietly (130), not
     with a KeyboardInterrupt traceback in the site's log; one arriving during a task leaves
-    one line there (``serve``)."""
+    one line there (``serve``). A site started in the background of a non-interactive shell
+    (``nohup medfed site ... &`` in a script) hands its processes SIGINT *ignored*, which
+    Python keeps: the parent monitor's signal would then be lost and the runner would
+    outlive its launcher, so the runner restores Python's handler first. A launcher gone
+    before the runner said it is ready (its events pipe closed) stops it quietly too."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         return _serve_tokens(argv)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:             # the launcher closed the events pipe: it is gone
+        return 0
 
 
 def _serve_tokens(argv: list[str] | None) -> int:

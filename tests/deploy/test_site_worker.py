@@ -376,9 +376,16 @@ sys.exit(runner.main(sys.argv[1:]))
 """
 
 
-def test_a_runner_stopped_while_importing_torch_prints_nothing_at_exit(tmp_path):
+@pytest.mark.parametrize("inherited", ["default", "ignored"])
+def test_a_runner_stopped_while_importing_torch_prints_nothing_at_exit(tmp_path, inherited):
+    """``ignored``: started from a site daemon in the background of a non-interactive shell
+    (``nohup medfed site ... &``), which hands SIGINT down ignored: the parent monitor's
+    signal must still stop the runner (a full `make test` run that way found it)."""
+    import signal
     import subprocess
 
+    def ignore_sigint():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     read, write = os.pipe()
     try:
         result = subprocess.run([sys.executable, "-c", _INTERRUPTED_IMPORT,
@@ -388,9 +395,42 @@ def test_a_runner_stopped_while_importing_torch_prints_nothing_at_exit(tmp_path)
                                  "--supernode-pid-file", str(tmp_path / "supernode.pid"),
                                  "--events-fd", str(write)], pass_fds=(write,),
                                 stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                                timeout=100)         # hang guard, not a timing assertion
+                                timeout=100,         # hang guard, not a timing assertion
+                                preexec_fn=ignore_sigint if inherited == "ignored" else None)
     finally:
         os.close(write)
         os.close(read)
     assert result.returncode == 130, result.stdout + result.stderr
     assert result.stdout + result.stderr == ""
+
+
+def test_a_runner_whose_launcher_is_gone_before_it_is_ready_exits_quietly(tmp_path):
+    """The launcher stopped (its events pipe closed) while the runner imported the app: the
+    runner's 'ready' meets a broken pipe and it stops without a traceback in the site's log
+    (a full run's e2e test caught one)."""
+    import subprocess
+
+    read, write = os.pipe()
+    os.close(read)                                   # the launcher is gone
+    try:
+        result = subprocess.run([sys.executable, "-c", _QUIET_IMPORT,
+                                 "--runtime-api-address", "127.0.0.1:1", "--serve",
+                                 "--node-config-file",
+                                 str(pin_node_config(tmp_path, {"site-id": "s0"})),
+                                 "--supernode-pid-file", str(tmp_path / "supernode.pid"),
+                                 "--events-fd", str(write)], pass_fds=(write,),
+                                stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                                timeout=100)         # hang guard, not a timing assertion
+    finally:
+        os.close(write)
+    assert result.returncode == 0 and "Traceback" not in result.stdout + result.stderr, \
+        result.stdout + result.stderr
+
+
+_QUIET_IMPORT = """
+import sys
+import medfed.deploy.runner as runner
+
+runner.load_installed_clientapp = lambda: None
+sys.exit(runner.main(sys.argv[1:]))
+"""

@@ -376,30 +376,39 @@ sys.exit(runner.main(sys.argv[1:]))
 """
 
 
+def _run_runner(script: str, tmp_path, *, ready: bool = True, ignore_sigint: bool = False):
+    """``script`` (a runner with a stand-in import) run as the launcher starts the runner;
+    ``ready=False``: the launcher's end of the events pipe is already closed;
+    ``ignore_sigint``: SIGINT inherited ignored (a background start from a script)."""
+    import signal
+    import subprocess
+
+    read, write = os.pipe()
+    if not ready:
+        os.close(read)                               # the launcher is gone
+    try:
+        return subprocess.run([sys.executable, "-c", script,
+                               "--runtime-api-address", "127.0.0.1:1", "--serve",
+                               "--node-config-file",
+                               str(pin_node_config(tmp_path, {"site-id": "s0"})),
+                               "--supernode-pid-file", str(tmp_path / "supernode.pid"),
+                               "--events-fd", str(write)], pass_fds=(write,),
+                              stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                              timeout=100,           # hang guard, not a timing assertion
+                              preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+                              if ignore_sigint else None)
+    finally:
+        os.close(write)
+        if ready:
+            os.close(read)
+
+
 @pytest.mark.parametrize("inherited", ["default", "ignored"])
 def test_a_runner_stopped_while_importing_torch_prints_nothing_at_exit(tmp_path, inherited):
     """``ignored``: started from a site daemon in the background of a non-interactive shell
     (``nohup medfed site ... &``), which hands SIGINT down ignored: the parent monitor's
     signal must still stop the runner (a full `make test` run that way found it)."""
-    import signal
-    import subprocess
-
-    def ignore_sigint():
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-    read, write = os.pipe()
-    try:
-        result = subprocess.run([sys.executable, "-c", _INTERRUPTED_IMPORT,
-                                 "--runtime-api-address", "127.0.0.1:1", "--serve",
-                                 "--node-config-file",
-                                 str(pin_node_config(tmp_path, {"site-id": "s0"})),
-                                 "--supernode-pid-file", str(tmp_path / "supernode.pid"),
-                                 "--events-fd", str(write)], pass_fds=(write,),
-                                stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                                timeout=100,         # hang guard, not a timing assertion
-                                preexec_fn=ignore_sigint if inherited == "ignored" else None)
-    finally:
-        os.close(write)
-        os.close(read)
+    result = _run_runner(_INTERRUPTED_IMPORT, tmp_path, ignore_sigint=inherited == "ignored")
     assert result.returncode == 130, result.stdout + result.stderr
     assert result.stdout + result.stderr == ""
 
@@ -408,21 +417,7 @@ def test_a_runner_whose_launcher_is_gone_before_it_is_ready_exits_quietly(tmp_pa
     """The launcher stopped (its events pipe closed) while the runner imported the app: the
     runner's 'ready' meets a broken pipe and it stops without a traceback in the site's log
     (a full run's e2e test caught one)."""
-    import subprocess
-
-    read, write = os.pipe()
-    os.close(read)                                   # the launcher is gone
-    try:
-        result = subprocess.run([sys.executable, "-c", _QUIET_IMPORT,
-                                 "--runtime-api-address", "127.0.0.1:1", "--serve",
-                                 "--node-config-file",
-                                 str(pin_node_config(tmp_path, {"site-id": "s0"})),
-                                 "--supernode-pid-file", str(tmp_path / "supernode.pid"),
-                                 "--events-fd", str(write)], pass_fds=(write,),
-                                stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                                timeout=100)         # hang guard, not a timing assertion
-    finally:
-        os.close(write)
+    result = _run_runner(_QUIET_IMPORT, tmp_path, ready=False)
     assert result.returncode == 0 and "Traceback" not in result.stdout + result.stderr, \
         result.stdout + result.stderr
 

@@ -60,7 +60,7 @@ from .common import RESULTS_DIR, commit, machine
 # rest at lr), LP5 (session 29: rounds 1-5 train the head alone)
 CENTRE, SCALE, HEAD_LR, LP5 = fm.CENTRE, fm.SCALE, fm.HEAD_LR, fm.LP5
 FREEZE = "+model.options.freeze_patch_embed=true"
-FFA = "+model.options.freeze_lora_a=true"         # session 38: FFA-LoRA
+FFA = fm.FFA                                     # session 38: FFA-LoRA
 PROJ = "+model.options.project_features=16"      # of 32 public directions; pooled is 384
 HEAD = ["model.options.method=linear_probe", "train.lr=0.01"]
 HEAD_CLIP = "privacy.head_clip_share=0.8"   # session 27: per-group clipping, head C sqrt(0.8)
@@ -122,14 +122,14 @@ VARIANTS = {
     # the DP recipe's settings without DP: what the same recipe reaches without noise
     "lora_std_hlr_lp5": ("lora", [CENTRE, SCALE, HEAD_LR, LP5]),
     # session 38: FFA-LoRA (every lora_A frozen at its seeded init, only lora_B trains): the
-    # sites' average is then exact and DP-SGD noises half the adapter coordinates
-    "lora_ffa": ("lora", [FFA]),
+    # sites' average is then exact and DP-SGD noises half the adapter coordinates. lora_ffa
+    # and pooled_ffa (the same FFA recipe centrally) are bench.foundation's own arms since
+    # session 39 (foundation_mcc.FFA), run here by name with --seeds.
     "dp_lora_std_hlr_lp5_ffa": ("dp_lora", [CENTRE, SCALE, HEAD_LR, LP5, FFA]),
-    # session 39, registered before the run: lora_ffa, pooled and pooled_ffa (the same FFA
-    # recipe centrally) over seeds 0-7 of both draws; FFA becomes bench.foundation's lora and
-    # pooled arms only if federated FFA's external-MCC mean over the 16 runs beats plain
-    # LoRA's (0.561 over the same 16) and reaches >= 0.9x pooled_ffa's mean
-    "pooled_ffa": ("pooled", [FFA]),
+    # session 39, registered before the run: lora_ffa, pooled and pooled_ffa over seeds 0-7 of
+    # both draws; FFA becomes bench.foundation's lora and pooled arms only if federated FFA's
+    # external-MCC mean over the 16 runs beats plain LoRA's (0.561 over the same 16) and
+    # reaches >= 0.9x pooled_ffa's mean
     # session 37: the head's own rate for the head-only rounds only. Non-DP, that rate cost
     # 0.06 site-test MCC (lora_hlr vs lora, session 27's encoder) while head-only rounds cost
     # nothing (lora_lp5); under DP it helped (+0.05, dp_lora_std_hlr vs dp_lora_std) - but

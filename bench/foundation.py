@@ -411,6 +411,12 @@ def _dp_words(mcc: dict) -> str:
             f"{'-' if two is None else f'{two:.2f}'}×)")
 
 
+def _f_ffa(summary: dict) -> str:
+    """FFA-LoRA's federated / pooled beside plain LoRA's, when both FFA arms ran."""
+    ratio = summary.get("federated_over_pooled_ffa")
+    return "" if ratio is None else f" (FFA-LoRA / pooled FFA-LoRA {ratio:.2f}×)"
+
+
 def _mcc_cells(payload: dict) -> tuple[str, str]:
     """(figures, details) of the MCC half, or a note when it was not measured."""
     mcc = payload.get("mcc")
@@ -449,6 +455,7 @@ def _mcc_cells(payload: dict) -> tuple[str, str]:
             + "; federated LoRA / pooled: "
             + figure("federated_over_pooled", ".2f", "×", "≥ 0.9", "external_mcc",
                      ("lora", "pooled"))
+            + _f_ffa(summary)
             + "; DP-LoRA ε=8 / LoRA site-test MCC"
             + _dp_words(mcc) + ": "
             + figure("dp_lora_over_lora_eps8", ".3f" if mcc.get("dp_seeds") else ".2f", "×",
@@ -674,13 +681,16 @@ ARM_DESCRIPTIONS = {
               "studies, rounds x local_epochs passes",
     "dp_lora": "the lora arm under sample-level DP-SGD at epsilon 8 (privacy=dpsgd; with "
                "settings.dp_recipe also the DP recipe, foundation_mcc.DP_RECIPE)",
+    "lora_ffa": "the lora arm with FFA-LoRA (every lora_A frozen at its seeded "
+                "initialisation, only lora_B trains and travels), federated",
+    "pooled_ffa": "the lora_ffa arm's model and recipe centrally, as pooled",
 }
 
 
 def main() -> None:
     from models.foundation.config import CHANNEL_TOKENS
 
-    from .foundation_mcc import PUBLIC_OBJECTIVES, PUBLIC_PATCH
+    from .foundation_mcc import ARMS as ARMS_DEFAULT, PUBLIC_OBJECTIVES, PUBLIC_PATCH
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--throughput", action="store_true",
@@ -692,7 +702,7 @@ def main() -> None:
     mcc.add_argument("--quick", action="store_true",
                      help="a minutes-long smoke run (tiny cohorts, one round, one draw)")
     mcc.add_argument("--draws", default="0,1", help="synthetic seeds of the sites, comma-separated")
-    mcc.add_argument("--arms", default="supervised_scratch,lora,mm_dino,pooled,dp_lora")
+    mcc.add_argument("--arms", default=",".join(ARMS_DEFAULT))
     mcc.add_argument("--patients", type=int, default=600, help="mean patients per site")
     mcc.add_argument("--label-fraction", type=float, default=0.1)
     mcc.add_argument("--rounds", type=int, default=20, help="fine-tuning rounds")

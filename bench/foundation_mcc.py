@@ -42,7 +42,8 @@ the draw's external hospital (all sequences) - ``bench.model_quality`` helpers:
                              federated LoRA fine-tuning;
 (d) ``pooled``             - (b)'s model and recipe centrally on the union of the sites'
                              labelled 10% (same passes over the data);
-(e) ``dp_lora``            - (b) under sample-level DP-SGD at epsilon 8 at every site.
+(e) ``dp_lora``            - (b) under sample-level DP-SGD at epsilon 8 at every site;
+(f) ``lora_ffa``, ``pooled_ffa`` - (b) and (d) with FFA-LoRA (``FFA``, session 39).
 
 Why (e) scores 0 (session 21, draw 0, fused tokens; ``bench.dp_snr`` gives the figures): each
 site holds 33-52 labelled studies, so q = 16/n = 0.31-0.48 and eps 8 over 200-300 steps needs
@@ -98,7 +99,8 @@ INIT_NAME, PRETRAINED_NAME = "dinov2-init", "dinov2-public"
 # at the brain task's 64x64 (8x8 grid per sequence, no kernel resize).
 ENCODER = dict(hidden_size=192, num_hidden_layers=4, num_attention_heads=3, mlp_ratio=4,
                patch_size=8, image_size=64)
-ARMS = ("supervised_scratch", "lora", "mm_dino", "pooled", "dp_lora")
+ARMS = ("supervised_scratch", "lora", "mm_dino", "pooled", "dp_lora", "lora_ffa", "pooled_ffa")
+POOLED = ("pooled", "pooled_ffa")          # trained centrally, not federated
 # The DP-LoRA recipe of sessions 23-29 (bench.dp_centre): the pooled features centred on the
 # PUBLIC cohort's mean and divided by its per-dimension spread (files written beside the
 # encoder by save_public_feature_mean), the head at its own rate 1e-2, rounds 1-5 head only.
@@ -107,6 +109,8 @@ SCALE = "+model.options.scale_features=true"
 HEAD_LR = "train.head_lr=0.01"
 LP5 = "train.head_only_rounds=5"
 DP_RECIPE = [CENTRE, SCALE, HEAD_LR, LP5]
+# FFA-LoRA (session 38): every lora_A frozen at its seeded initialisation, only lora_B trains
+FFA = "+model.options.freeze_lora_a=true"
 # Label-free central pretraining: no class labels reach the loss, no pseudo-labels either.
 CENTRAL_DINO = dict(supervised_weight=0.0, pseudo_label_weight=0.0)
 
@@ -499,6 +503,8 @@ def run_draw(seed: int, work: Path, foundation_dir: Path, settings: dict, arms: 
                     f"pretrain.num_rounds={settings['pretrain_rounds']}",
                     f"pretrain.local_epochs={settings['pretrain_epochs']}"],
         "pooled": [*base, *foundation],
+        "lora_ffa": [*base, *foundation, FFA],
+        "pooled_ffa": [*base, *foundation, FFA],
         # Each site's operator budget just above the target, and a ledger of this run's own
         # (as bench.dp_utility gives its DP rows).
         "dp_lora": [*base, *foundation, "privacy=dpsgd",
@@ -527,7 +533,7 @@ def run_draw(seed: int, work: Path, foundation_dir: Path, settings: dict, arms: 
             continue
         start = time.perf_counter()
         cfg = load_experiment(overrides[arm])
-        if arm == "pooled" or (variants or {}).get(arm, ("",))[0] == "pooled":
+        if arm in POOLED or (variants or {}).get(arm, ("",))[0] in POOLED:
             epochs = settings["rounds"] * settings["local_epochs"]
             scores = centralized(cfg, [s for site in labelled for s in site], epochs, external)
         else:
@@ -578,6 +584,7 @@ def summarize(draws: dict[int, dict]) -> dict:
     out["dp_lora_over_lora_eps8"] = ratio("dp_lora", "lora", test)
     out["dp_lora_over_lora_eps8_external"] = ratio("dp_lora", "lora")
     out["federated_over_pooled"] = ratio("lora", "pooled")
+    out["federated_over_pooled_ffa"] = ratio("lora_ffa", "pooled_ffa")
     out["mm_dino_over_pooled"] = ratio("mm_dino", "pooled")
     out["lora_pretrained_minus_supervised_scratch"] = (
         mean["lora"] - mean["supervised_scratch"]
@@ -595,7 +602,7 @@ def targets_met(summary: dict) -> dict:
             "dp_lora_over_lora_eps8": at_least("dp_lora_over_lora_eps8", 0.97)}
 
 
-__all__ = ["ARMS", "CENTRE", "DP_RECIPE", "DRAW_SEEDS", "ENCODER", "HEAD_LR", "LP5", "SCALE", "PRETRAINED_NAME", "PUBLIC_OBJECTIVES", "PUBLIC_PATCH",
+__all__ = ["ARMS", "CENTRE", "DP_RECIPE", "DRAW_SEEDS", "ENCODER", "FFA", "HEAD_LR", "LP5", "SCALE", "PRETRAINED_NAME", "PUBLIC_OBJECTIVES", "PUBLIC_PATCH",
            "PUBLIC_SEED", "check_settings", "cohort_keys", "commit", "disjointness",
            "encoder_digest", "pretrain_public", "previous_draws", "public_cohort",
            "public_features", "public_pretraining", "public_wanted", "save_public_feature_mean",

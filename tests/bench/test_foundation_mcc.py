@@ -73,6 +73,7 @@ def test_summary_means_over_draws_and_refuses_ratios_to_non_positive():
     assert s["mm_dino_pretrained_minus_supervised_scratch"] == pytest.approx(0.15)
     assert s["mm_dino_minus_scratch_per_draw"] == pytest.approx([0.1, 0.2])
     assert s["federated_over_pooled"] == pytest.approx(0.3 / 0.5)
+    assert s["federated_over_pooled_ffa"] is None                 # no FFA arm ran
     assert s["dp_lora_over_lora_eps8"] == pytest.approx(0.125 / 0.15)     # site test MCC
     assert s["external_mcc"]["lora"]["min"] == 0.2 and s["external_mcc"]["lora"]["max"] == 0.4
     met = fm.targets_met(s)
@@ -81,6 +82,17 @@ def test_summary_means_over_draws_and_refuses_ratios_to_non_positive():
     worse = fm.summarize({0: _draw(lora=-0.1, dp_lora=0.1, pooled=0.0)})
     assert worse["dp_lora_over_lora_eps8"] is None and worse["federated_over_pooled"] is None
     assert fm.targets_met(worse)["federated_over_pooled"] is None
+
+
+def test_ffa_arms_have_their_own_ratio_and_pooled_ffa_counts_as_central():
+    draws = {0: _draw(lora=0.4, pooled=0.5, lora_ffa=0.45, pooled_ffa=0.5),
+             1: _draw(lora=0.2, pooled=0.5, lora_ffa=0.55, pooled_ffa=0.6)}
+    s = fm.summarize(draws)
+    assert s["federated_over_pooled_ffa"] == pytest.approx(0.5 / 0.55)
+    assert s["federated_over_pooled"] == pytest.approx(0.3 / 0.5)
+    assert s["external_mcc"]["pooled_ffa"]["values"] == [0.5, 0.6]
+    assert set(fm.POOLED) == {"pooled", "pooled_ffa"}
+    assert fm.FFA == "+model.options.freeze_lora_a=true"
 
 
 def test_each_half_keeps_the_others_keys(tmp_path, monkeypatch):

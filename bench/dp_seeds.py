@@ -2,6 +2,7 @@
 non-DP LoRA on the same encoder, pooled from ``bench.dp_centre`` runs (no training here).
 
     python -m bench.dp_seeds
+    python -m bench.dp_seeds --federated     # federated / pooled over seeds (session 39)
     python -m bench.dp_seeds --dp dp_lora_std_hlr5_lp5 --add foundation_hlr5_draw0 \
         --add foundation_hlr5_draw1 --name foundation_dp_seeds_hlr5
 
@@ -59,7 +60,7 @@ def summary(runs: dict[tuple[int, int], dict], metric: str) -> dict:
             "se": sd / math.sqrt(len(values)), "min": min(values), "max": max(values)}
 
 
-def compare(dp: dict, reference: dict, metric: str) -> dict:
+def compare(dp: dict, reference: dict, metric: str, goal: float = GOAL) -> dict:
     """The ratio of the means (delta-method standard error) and the paired difference."""
     a, b = summary(dp, metric), summary(reference, metric)
     ratio = a["mean"] / b["mean"]
@@ -68,7 +69,51 @@ def compare(dp: dict, reference: dict, metric: str) -> dict:
     diffs = [dp[k][metric] - reference[k][metric] for k in common]
     return {"ratio": ratio, "ratio_se": se, "seeds": [len(dp), len(reference)],
             "paired_seeds": len(common), "paired_difference": statistics.fmean(diffs),
-            "paired_difference_sd": statistics.stdev(diffs), "goal_met": ratio >= GOAL}
+            "paired_difference_sd": statistics.stdev(diffs), "goal_met": ratio >= goal}
+
+
+# Issue 24's other goal over seeds, "federated >= 0.9x pooled" (external MCC): each federated
+# LoRA recipe against the same recipe trained centrally on the union of the sites' labelled
+# studies (bench.dp_centre's pooled arms, seeds 0-7 of both draws, session 39).
+FED_SOURCES = (*SOURCES, "foundation_ffa_draw0", "foundation_ffa_draw1",          # seed 0
+               "foundation_ffa_pooled_s0_draw0", "foundation_ffa_pooled_s0_draw1",
+               "foundation_ffa_seeds_draw0", "foundation_ffa_seeds_draw1")       # seeds 1-7
+FED_PAIRS = {"lora": "pooled", "lora_ffa": "pooled_ffa"}
+FED_GOAL = 0.9
+
+
+def federated(sources=FED_SOURCES, name: str = "foundation_fed_seeds") -> dict:
+    """Federated / pooled external MCC over seeds for each pair in ``FED_PAIRS`` (and FFA-LoRA
+    against plain LoRA, both federated); writes ``results/<name>.json`` and its RESULTS row."""
+    arms, encoder = collect(sources)
+    missing = sorted({a for pair in FED_PAIRS.items() for a in pair} - set(arms))
+    if missing:
+        raise SystemExit(f"no seeds of {missing} in the sources")
+    metric = "external_mcc"
+    out = {"sources": list(sources), "encoder_sha256": encoder, "goal": FED_GOAL,
+           "metric": metric,
+           "arms": {a: summary(arms[a], metric) for pair in FED_PAIRS.items() for a in pair},
+           "over_pooled": {fed: compare(arms[fed], arms[pooled], metric, FED_GOAL)
+                           for fed, pooled in FED_PAIRS.items()},
+           "ffa_over_plain": compare(arms["lora_ffa"], arms["lora"], metric, 1.0)}
+    path = write_result(name, out)
+    cells = "; ".join(
+        f"{fed} / {pooled} **{out['over_pooled'][fed]['ratio']:.3f}×** ± "
+        f"{out['over_pooled'][fed]['ratio_se']:.3f} ({len(arms[fed])} / {len(arms[pooled])} "
+        f"seeds; goal ≥ {FED_GOAL}: "
+        f"{'met' if out['over_pooled'][fed]['goal_met'] else 'not met'})"
+        for fed, pooled in FED_PAIRS.items())
+    means = ", ".join(f"{a} {v['mean']:.3f} (sd {v['std']:.3f}, n {len(v['per_seed'])})"
+                      for a, v in out["arms"].items())
+    ffa = out["ffa_over_plain"]
+    context = (f"external MCC means: {means}; federated FFA-LoRA - plain LoRA paired by seed "
+               f"{ffa['paired_difference']:+.3f} (sd {ffa['paired_difference_sd']:.3f}, "
+               f"{ffa['paired_seeds']} seeds); ± is the ratio's standard error; pooled from "
+               f"{len(sources)} bench.dp_centre runs on encoder {encoder[:8]}, no training here")
+    update_results_md(name, f"| {name} | {cells} | {context} | `results/{path.name}` |")
+    print(cells)
+    print(context)
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -79,7 +124,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--add", action="append", default=[],
                         help="another results/<name>.json holding that arm's seeds")
     parser.add_argument("--name", default="foundation_dp_seeds")
+    parser.add_argument("--federated", action="store_true",
+                        help="federated / pooled over seeds instead (FED_SOURCES, "
+                             "results/foundation_fed_seeds.json)")
     args = parser.parse_args(argv)
+    if args.federated:
+        federated((*FED_SOURCES, *args.add))
+        return
     sources = (*SOURCES, *args.add)
     arms, encoder = collect(sources)
     dp_arm, name = args.dp, args.name

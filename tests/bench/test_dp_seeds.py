@@ -33,3 +33,21 @@ def test_seeds_pool_across_runs_and_draws_and_duplicates_are_refused(tmp_path, m
     other = _run(tmp_path, "d", 2, {"lora": 0.9}, sha="cd" * 32)
     with pytest.raises(SystemExit, match="2 encoders"):
         dp_seeds.collect((a, other))
+
+
+def test_federated_over_pooled_is_per_recipe_over_seeds(tmp_path, monkeypatch):
+    monkeypatch.setattr(dp_seeds, "RESULTS_DIR", tmp_path)
+    monkeypatch.setattr(dp_seeds, "write_result", lambda name, out: tmp_path / f"{name}.json")
+    monkeypatch.setattr(dp_seeds, "update_results_md", lambda key, row: None)
+    # external MCC is half of what _run is given
+    a = _run(tmp_path, "a", 0, {"lora": 0.8, "lora@seed1": 1.0, "pooled": 1.0,
+                                "pooled@seed1": 1.2, "lora_ffa": 1.0, "lora_ffa@seed1": 1.2})
+    b = _run(tmp_path, "b", 0, {"pooled_ffa": 1.2, "pooled_ffa@seed1": 1.2})   # same draw
+    out = dp_seeds.federated((a, b))
+    plain, ffa = out["over_pooled"]["lora"], out["over_pooled"]["lora_ffa"]
+    assert plain["ratio"] == pytest.approx(0.9 / 1.1) and not plain["goal_met"]
+    assert ffa["ratio"] == pytest.approx(1.1 / 1.2) and ffa["goal_met"]
+    assert ffa["paired_seeds"] == 2 and ffa["paired_difference"] == pytest.approx(-0.05)
+    assert out["ffa_over_plain"]["paired_difference"] == pytest.approx(0.1)
+    with pytest.raises(SystemExit, match="pooled_ffa"):
+        dp_seeds.federated((a,))

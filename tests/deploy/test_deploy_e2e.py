@@ -17,6 +17,7 @@ import pytest
 
 from medfed.certs import write_certs
 from medfed.deploy.allowlist import digest_of
+from medfed.deploy.egress import read_replies
 from medfed.simulation import PROJECT_ROOT
 from tests.conftest import phi_strings
 
@@ -147,8 +148,7 @@ def test_a_secure_round_with_signed_keys_between_deployed_sites(federation):
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert re.search(r"INFO\s+1 GLOBAL ", result.stdout + result.stderr), result.stdout[-4000:]
     for site in SITES:
-        lines = [json.loads(ln) for ln in
-                 (f["root"] / f"node-{site}" / "egress.jsonl").read_text().splitlines()]
+        lines = read_replies(f["root"] / f"node-{site}" / "egress.jsonl")
         train = [ln for ln in lines if ln["message_type"] == "train"]
         train = [ln for ln in train if ln["run_id"] == train[-1]["run_id"]]   # this run's
         # setup, share keys, masked input, consistency signature, unmask shares

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import signal
+import time
 
 import pytest
 
@@ -153,6 +154,15 @@ def test_a_secure_round_with_signed_keys_between_deployed_sites(federation):
         train = [ln for ln in train if ln["run_id"] == train[-1]["run_id"]]   # this run's
         # setup, share keys, masked input, consistency signature, unmask shares
         assert len(train) >= 5 and not any(ln["error_code"] for ln in train), train
+        # each was pushed by the runner and sent on by the SuperNode (whose line for the
+        # last reply may follow the run's end by a moment: read again, bounded)
+        for _ in range(100):
+            if all(ln["outcomes"] == ["pushed", "sent"] for ln in train):
+                break
+            time.sleep(0.1)
+            train = [ln for ln in read_replies(f["root"] / f"node-{site}" / "egress.jsonl")
+                     if ln["message_type"] == "train" and ln["run_id"] == train[-1]["run_id"]]
+        assert all(ln["outcomes"] == ["pushed", "sent"] for ln in train), train
         arrays = [rec for ln in train for rec in ln["records"].values()
                   if rec["kind"] == "arrays"]
         # one masked uint32 vector (the model's tensors would be many entries), sent once

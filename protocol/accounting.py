@@ -14,9 +14,9 @@ sample-level one (without subsampling amplification). RDP composes across both.
 from __future__ import annotations
 
 import math
+import threading
 import warnings
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
@@ -28,15 +28,39 @@ History = Sequence[tuple[float, float, int]]
 # grid. The epsilon it returns is still an upper bound (at worst not the tightest one), nothing
 # a site's operator can act on, and a site printed it into its log in every DP round.
 RDP_EDGE_ORDER = r"Optimal order is the (largest|smallest) alpha"
+RDP_MODULE = r"opacus\.accountants\.analysis\.rdp"
+_EDGE_FILTER_LOCK = threading.Lock()   # two threads finding it missing would both add it
 
 
-@contextmanager
-def _quiet_rdp_edge() -> Iterator[None]:
-    """Opacus' calls with that one warning of that one module ignored; any other shows."""
-    with warnings.catch_warnings():
+def _is_edge_filter(entry: tuple) -> bool:
+    """Whether a ``warnings.filters`` entry is the one ``_quiet_rdp_edge`` installs."""
+    action, message, category, module, _lineno = entry
+    return (action == "ignore" and category is UserWarning and message is not None
+            and message.pattern == RDP_EDGE_ORDER and module is not None
+            and module.pattern == RDP_MODULE)
+
+
+def _quiet_rdp_edge() -> None:
+    """Put the filter that ignores that one warning of that one module first among the
+    process's warning filters, where it stays; any other warning shows as the filters say.
+
+    Not ``warnings.catch_warnings()`` around each call: that swaps the process-wide filter
+    list and puts the saved one back on exit, so with two threads accounting at once one
+    puts back a list without the filter while the other is still inside (the warning shows),
+    and a filter other code added meanwhile is dropped. Here a filter is only added, or
+    moved to the front when other code has since put filters before it (or dropped it, as
+    ``catch_warnings`` blocks elsewhere do on exit); no other filter is added, dropped or
+    reordered. Opacus' own accountant elsewhere in the process is quiet too (same warning,
+    same reason)."""
+    with _EDGE_FILTER_LOCK:
+        filters = warnings.filters
+        if filters and _is_edge_filter(filters[0]) and \
+                sum(map(_is_edge_filter, filters)) == 1:
+            return
+        for entry in [f for f in filters if _is_edge_filter(f)]:
+            filters.remove(entry)               # a stale copy behind others' filters
         warnings.filterwarnings("ignore", message=RDP_EDGE_ORDER, category=UserWarning,
-                                module=r"opacus\.accountants\.analysis\.rdp")
-        yield
+                                module=RDP_MODULE)
 
 
 class PrivacyConfigError(ValueError):
@@ -73,8 +97,8 @@ def epsilon(history: History, delta: float, accountant: str = "rdp") -> float:
         return 0.0
     acc = create_accountant(accountant)
     acc.history = [(float(s), float(q), int(k)) for s, q, k in history]
-    with _quiet_rdp_edge():
-        return float(acc.get_epsilon(delta=delta))
+    _quiet_rdp_edge()
+    return float(acc.get_epsilon(delta=delta))
 
 
 def calibrate_noise(*, target_epsilon: float, delta: float, sample_rate: float, steps: int,
@@ -86,7 +110,7 @@ def calibrate_noise(*, target_epsilon: float, delta: float, sample_rate: float, 
     if not 0 < sample_rate <= 1 or steps < 1:
         raise PrivacyConfigError(f"need 0 < sample_rate <= 1 and steps >= 1, "
                                  f"got q={sample_rate}, steps={steps}")
-    with _quiet_rdp_edge():
-        return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
-                                          sample_rate=sample_rate, steps=steps,
-                                          accountant=accountant, epsilon_tolerance=0.005))
+    _quiet_rdp_edge()
+    return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
+                                      sample_rate=sample_rate, steps=steps,
+                                      accountant=accountant, epsilon_tolerance=0.005))

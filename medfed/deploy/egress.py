@@ -4,13 +4,22 @@ pushed - error replies and refusals included - and, for the one reply the runner
 (Flower's ``CLIENT_APP_CRASHED``, "ClientApp stopped responding.", when a task's runner died
 or hung), by the site's SuperNode just before it sends it (``medfed.deploy.supernode``).
 
-A line holds what a security officer needs to see what left, and nothing patient-derived:
-time, run id, message type, the error code (if any) with the UTF-8 bytes and SHA-256 of the
-error's reason text (a refusal's reason leaves the site too, and may carry a number: a DP
-refusal's 1/n), and per record its kind, number of entries, payload bytes and a SHA-256 over
-its contents. No array values, metric values, config strings or reason texts are written -
-the hashes let the officer match a line against the message the coordinator received
-(``record_digest``, ``reason_digest``) without the log itself becoming a copy of it.
+A reply line (``"event": "reply"``) holds what a security officer needs to see what left, and
+nothing patient-derived: time, run id, the id of the task it answers (``reply_to``), message
+type, the error code (if any) with the UTF-8 bytes and SHA-256 of the error's reason text (a
+refusal's reason leaves the site too, and may carry a number: a DP refusal's 1/n), and per
+record its kind, number of entries, payload bytes and a SHA-256 over its contents. No array
+values, metric values, config strings or reason texts are written - the hashes let the
+officer match a line against the message the coordinator received (``record_digest``,
+``reason_digest``) without the log itself becoming a copy of it.
+
+The reply line comes first, so that everything that may leave has a line even if the process
+dies on the way; lines with the same ``run_id`` and ``reply_to`` then say how the reply went:
+the runner's push to the site's SuperNode (``"event": "pushed"`` or ``"push-failed"``), then
+the SuperNode's send to the coordinator (``"sent"`` or ``"send-failed"``; a crash reply has
+only this one). A failure names the exception's class in ``error``, never its message. A
+reply with no ``sent`` line did not reach the coordinator, or the process stopped before it
+could say so. ``read_replies`` pairs the lines.
 """
 
 from __future__ import annotations
@@ -19,11 +28,16 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 
 EGRESS_LOG = "egress.jsonl"
+REPLY = "reply"                     # a line's ``event``; the others are the outcomes below
+# a reply's way out: the runner's push to the site's SuperNode, the SuperNode's send onwards
+OUTCOMES = {"push": ("pushed", "push-failed"), "send": ("sent", "send-failed")}
 
 
 def record_digest(record) -> tuple[str, int, int]:
@@ -57,11 +71,16 @@ def _kind(record) -> str:
     return "config" if isinstance(record, ConfigRecord) else type(record).__name__
 
 
+def _head(event: str, reply: Message, run_id: int | None) -> dict:
+    return {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "event": event,
+            "run_id": run_id, "reply_to": reply.metadata.reply_to_message_id}
+
+
 def egress_entry(reply: Message, run_id: int | None) -> dict:
     """The audit line for ``reply`` (no values, only names, sizes and digests)."""
-    entry: dict = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                   "run_id": run_id, "message_type": reply.metadata.message_type,
-                   "error_code": None, "error_reason": None, "records": {}, "bytes": 0}
+    entry: dict = _head(REPLY, reply, run_id) | {
+        "message_type": reply.metadata.message_type, "error_code": None,
+        "error_reason": None, "records": {}, "bytes": 0}
     if reply.has_error():
         entry["error_code"] = int(reply.error.code)
         entry["error_reason"] = reason_digest(reply.error.reason or "")
@@ -75,16 +94,66 @@ def egress_entry(reply: Message, run_id: int | None) -> dict:
     return entry
 
 
+def outcome_entry(reply: Message, run_id: int | None, step: str,
+                  error: BaseException | None) -> dict:
+    """The line saying how ``step`` (``"push"``, ``"send"``) of ``reply`` ended: the exception's
+    class, not its text (a transport error may quote what it was sending)."""
+    done, failed = OUTCOMES[step]
+    if error is None:
+        return _head(done, reply, run_id)
+    return _head(failed, reply, run_id) | {"error": type(error).__name__}
+
+
+def read_replies(path: Path) -> list[dict]:
+    """The reply lines of the egress log at ``path`` in order, each with ``"outcomes"``: the
+    events of the later lines with its ``run_id`` and ``reply_to`` (a failure as
+    ``"push-failed: ConnectionError"``), ``[]`` where there are none."""
+    replies: list[dict] = []
+    latest: dict[tuple, dict] = {}              # the last reply line of each (run, task)
+    for line in Path(path).read_text().splitlines():
+        entry = json.loads(line)
+        key = (entry["run_id"], entry["reply_to"])
+        if entry["event"] == REPLY:
+            latest[key] = entry | {"outcomes": []}
+            replies.append(latest[key])
+        elif key in latest:
+            latest[key]["outcomes"].append(
+                ": ".join([entry["event"]] + ([entry["error"]] if "error" in entry else [])))
+    return replies
+
+
 class EgressAudit:
     """Append-only JSON-lines log of every reply leaving the site (owner-only file)."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
 
-    def record(self, reply: Message, run_id: int | None) -> dict:
-        entry = egress_entry(reply, run_id)
+    def _append(self, entry: dict) -> dict:
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        with os.fdopen(fd, "a") as f:
-            f.write(json.dumps(entry, sort_keys=True) + "\n")
+        try:        # one write per line: the site's runners and SuperNode share the file
+            os.write(fd, (json.dumps(entry, sort_keys=True) + "\n").encode())
+        finally:
+            os.close(fd)
         return entry
+
+    def record(self, reply: Message, run_id: int | None) -> dict:
+        """Write ``reply``'s line; call it before the reply is pushed."""
+        return self._append(egress_entry(reply, run_id))
+
+    def outcome(self, reply: Message, run_id: int | None, step: str,
+                error: BaseException | None = None) -> dict:
+        """Write how ``step`` of ``reply`` (recorded before) ended: done, or ``error``."""
+        return self._append(outcome_entry(reply, run_id, step, error))
+
+    @contextmanager
+    def sending(self, reply: Message, run_id: int | None, step: str) -> Iterator[None]:
+        """``reply``'s line, then the block (``step``), then the line of its outcome; an
+        exception from the block is recorded by class and raised on."""
+        self.record(reply, run_id)
+        try:
+            yield
+        except BaseException as err:    # a signal mid-push ends the push too
+            self.outcome(reply, run_id, step, err)
+            raise
+        self.outcome(reply, run_id, step)

@@ -57,6 +57,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -175,7 +176,8 @@ def run_task(client, allow: AllowList, *, node_config: Mapping[str, object],
              audit: EgressAudit | None = None) -> int:
     """One task over the SuperNode's runtime API, as ``run_clientapp`` does minus the FAB,
     refused unless its node config is ``node_config`` (``check_origin``); every reply
-    (refusals and errors included) is written to ``audit`` before it is pushed."""
+    (refusals and errors included) is written to ``audit`` before it is pushed, and how the
+    push ended after it (``EgressAudit.sending``)."""
     from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
     from flwr.supernode.runtime.run_clientapp import (pull_task_input, push_message,
                                                       push_task_output)
@@ -194,10 +196,10 @@ def run_task(client, allow: AllowList, *, node_config: Mapping[str, object],
                    or handle_task(message, context, fab, allow, site_id=site_id,
                                   load_app=load_app))
         hop("runner.handled", message_id, site=site_id)
-        if audit is not None:
-            audit.record(outcome.reply, context.run_id)
         handled = time.perf_counter()
-        push_message(client, outcome.reply, context)
+        with (audit.sending(outcome.reply, context.run_id, "push") if audit is not None
+              else nullcontext()):
+            push_message(client, outcome.reply, context)
         hop("runner.pushed", message_id, site=site_id)
         # where a message's time goes at the site (durations only)
         log.info("[%s] run %s: task input pulled in %.1fs, app %.1fs, reply pushed in %.1fs",

@@ -42,7 +42,8 @@ as bytes, its run config left empty, and the runner refuses its task by digest a
 And one reply the runner never sees: when a claimed task's runner dies or hangs, Flower's
 SuperNode itself answers the coordinator with ``CLIENT_APP_CRASHED`` ("ClientApp stopped
 responding."). The SuperNode writes that reply's line to the site's egress audit (``--egress-log``,
-``audited``) just before sending it, as the runner does for every other reply.
+``audited``) just before sending it, as the runner does for every other reply, and for every
+reply a line saying whether its send to the coordinator went through.
 
     python -m medfed.deploy.supernode --poll-interval 0.5 [--allow-app D ...] \
         [--egress-log FILE] <flower-supernode arguments>
@@ -125,19 +126,50 @@ def install(interval: float, allow: AllowList = AllowList(),
 
 
 def audited(push_messages, audit: EgressAudit):
-    """Flower's ``_push_messages`` writing an egress line for each reply the SuperNode made
-    itself (``CLIENT_APP_CRASHED``: its task's runner died or hung) before sending it; the
-    runner wrote the line of every other reply (and never sends that code)."""
+    """Flower's ``_push_messages`` writing to ``audit`` how the send of each reply to the
+    coordinator ended (``sent``: its header and every object it asked for went out), and,
+    before it is sent, the line of each reply the SuperNode made itself (``CLIENT_APP_CRASHED``:
+    its task's runner died or hung); the runner wrote the line of every other reply (and never
+    sends that code). Flower logs and drops a failed send, so the failure is caught here."""
 
     def push(**kw):
-        send = kw["send"]
+        send, push_object = kw["send"], kw["push_object"]
+        sending: list = []      # the reply whose objects are being pushed, if any
+
+        def settle(error: BaseException | None = None) -> None:
+            try:                        # objects go out from a thread pool: pop once, atomic
+                reply = sending.pop()
+            except IndexError:
+                return
+            audit.outcome(reply, reply.metadata.run_id, "send", error)
 
         def audited_send(message, tree, runtime):
+            settle()                    # the reply before: all its objects went out
             if message.has_error() and message.error.code == ErrorCode.CLIENT_APP_CRASHED:
                 audit.record(message, message.metadata.run_id)
-            return send(message, tree, runtime)
+            try:
+                result = send(message, tree, runtime)
+            except BaseException as err:
+                audit.outcome(message, message.metadata.run_id, "send", err)
+                raise
+            sending.append(message)
+            return result
 
-        return push_messages(**kw | {"send": audited_send})
+        def audited_push_object(*args):
+            try:
+                return push_object(*args)
+            except BaseException as err:
+                settle(err)
+                raise
+
+        try:
+            result = push_messages(**kw | {"send": audited_send,
+                                           "push_object": audited_push_object})
+        except BaseException as err:    # stopped mid-way (Flower catches the rest)
+            settle(err)
+            raise
+        settle()
+        return result
 
     return push
 

@@ -8,7 +8,6 @@ site let out (its egress log) is a protocol message or the one masked vector."""
 
 from __future__ import annotations
 
-import json
 import re
 
 import pytest
@@ -16,6 +15,7 @@ import pytest
 from client.privacy.ledger import PrivacyLedger
 from medfed.certs import write_certs
 from medfed.deploy.allowlist import digest_of
+from medfed.deploy.egress import read_replies
 from medfed.simulation import PROJECT_ROOT
 from tests.conftest import fixed_pseudonym_key
 
@@ -85,8 +85,7 @@ def test_distributed_dp_between_deployed_sites(ddp_federation):
         entries = PrivacyLedger(f["root"] / f"ledger-{site}" / "privacy-ledger.sqlite").entries()
         assert [(e.mechanism, e.sample_rate, e.steps, e.trust) for e in entries] == \
             [("site-dp", 1.0, 1, "sites>=3")] * ROUNDS, entries
-        lines = [json.loads(ln) for ln in
-                 (f["root"] / f"node-{site}" / "egress.jsonl").read_text().splitlines()]
+        lines = read_replies(f["root"] / f"node-{site}" / "egress.jsonl")
         train = [ln for ln in lines if ln["message_type"] == "train"]
         assert train and not any(ln["error_code"] for ln in train), train
         # per round: setup, share keys, masked input, consistency signature, unmask shares

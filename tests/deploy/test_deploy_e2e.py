@@ -12,11 +12,13 @@ from __future__ import annotations
 import json
 import re
 import signal
+import time
 
 import pytest
 
 from medfed.certs import write_certs
 from medfed.deploy.allowlist import digest_of
+from medfed.deploy.egress import read_replies
 from medfed.simulation import PROJECT_ROOT
 from tests.conftest import phi_strings
 
@@ -147,12 +149,20 @@ def test_a_secure_round_with_signed_keys_between_deployed_sites(federation):
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert re.search(r"INFO\s+1 GLOBAL ", result.stdout + result.stderr), result.stdout[-4000:]
     for site in SITES:
-        lines = [json.loads(ln) for ln in
-                 (f["root"] / f"node-{site}" / "egress.jsonl").read_text().splitlines()]
+        lines = read_replies(f["root"] / f"node-{site}" / "egress.jsonl")
         train = [ln for ln in lines if ln["message_type"] == "train"]
         train = [ln for ln in train if ln["run_id"] == train[-1]["run_id"]]   # this run's
         # setup, share keys, masked input, consistency signature, unmask shares
         assert len(train) >= 5 and not any(ln["error_code"] for ln in train), train
+        # each was pushed by the runner and sent on by the SuperNode (whose line for the
+        # last reply may follow the run's end by a moment: read again, bounded)
+        for _ in range(100):
+            if all(ln["outcomes"] == ["pushed", "sent"] for ln in train):
+                break
+            time.sleep(0.1)
+            train = [ln for ln in read_replies(f["root"] / f"node-{site}" / "egress.jsonl")
+                     if ln["message_type"] == "train" and ln["run_id"] == train[-1]["run_id"]]
+        assert all(ln["outcomes"] == ["pushed", "sent"] for ln in train), train
         arrays = [rec for ln in train for rec in ln["records"].values()
                   if rec["kind"] == "arrays"]
         # one masked uint32 vector (the model's tensors would be many entries), sent once

@@ -6,7 +6,6 @@ replaced by the launcher."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -24,7 +23,7 @@ import medfed.deploy.runner as runner
 from client.data.pseudonyms import KEY_FILE
 from client.job import decode_job
 from medfed.deploy.allowlist import AllowList, fab_digest
-from medfed.deploy.egress import EgressAudit
+from medfed.deploy.egress import EgressAudit, read_replies
 from medfed.deploy.runtime_auth import pin_node_config
 from protocol import wire
 from server.config import load_experiment
@@ -150,8 +149,8 @@ def test_one_runner_serves_two_messages_without_reading_dicom_again_and_sees_a_c
     assert pushed[-1].content[wire.SITE][wire.MANIFEST] != fingerprint
 
     assert status == ["completed"] * 4 and not tasks
-    # one egress line per reply, written by the runner
-    assert len(audit.path.read_text().splitlines()) == 4
+    # one egress line per reply, written by the runner, each pushed
+    assert [r["outcomes"] for r in read_replies(audit.path)] == [["pushed"]] * 4
 
 
 def test_the_runner_checks_the_fab_of_every_task_not_once(tiny_sites, tmp_path, exchange,
@@ -167,8 +166,7 @@ def test_the_runner_checks_the_fab_of_every_task_not_once(tiny_sites, tmp_path, 
                   tasks, site, audit) == [0, 1]
     assert pushed[-1].error.code == ErrorCode.INVALID_FAB
     assert status == ["completed", "failed"]
-    lines = [json.loads(x) for x in audit.path.read_text().splitlines()]
-    assert [x["error_code"] for x in lines] == [None, ErrorCode.INVALID_FAB]
+    assert [x["error_code"] for x in read_replies(audit.path)] == [None, ErrorCode.INVALID_FAB]
 
 
 def test_a_task_that_fails_outside_the_app_does_not_stop_the_runner(exchange):

@@ -1,5 +1,7 @@
 """The site's egress audit lives outside the ClientApp: the site-owned runner writes one line
-per reply before pushing it - refusals included - with names, sizes and digests, no values."""
+per reply before pushing it - refusals included - with names, sizes and digests, no values -
+and after it how the push ended; the site's SuperNode adds how each send to the coordinator
+ended."""
 
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ from flwr.common.constant import ErrorCode
 
 import medfed.deploy.runner as runner
 from medfed.deploy.allowlist import AllowList, fab_digest
-from medfed.deploy.egress import EgressAudit, egress_entry, record_digest
+from medfed.deploy.egress import (EgressAudit, egress_entry, outcome_entry, read_replies,
+                                  record_digest)
 from medfed.deploy.launcher import launcher_command, worker_command
 
 from .test_app_allowlist import _tampered_fab, _task
@@ -41,7 +44,7 @@ class _Client:
         pass
 
 
-def _run(monkeypatch, message, context, fab, allow, load_app, audit):
+def _run(monkeypatch, message, context, fab, allow, load_app, audit, push=None):
     import flwr.supercore.heartbeat as heartbeat
     import flwr.supernode.runtime.run_clientapp as flwr_runner
 
@@ -49,7 +52,8 @@ def _run(monkeypatch, message, context, fab, allow, load_app, audit):
     monkeypatch.setattr(heartbeat, "HeartbeatSender", _Beat)
     monkeypatch.setattr(flwr_runner, "pull_task_input",
                         lambda client: (message, context, None, fab))
-    monkeypatch.setattr(flwr_runner, "push_message", lambda c, reply, ctx: pushed.append(reply))
+    monkeypatch.setattr(flwr_runner, "push_message",
+                        push or (lambda c, reply, ctx: pushed.append(reply)))
     monkeypatch.setattr(flwr_runner, "push_task_output", lambda **kwargs: None)
     runner.run_task(_Client(), allow, node_config=context.node_config, load_app=load_app,
                     audit=audit)
@@ -80,8 +84,9 @@ def test_every_reply_is_audited_before_it_leaves_with_digests_and_no_values(
     sent = _run(monkeypatch, message, context, fab, AllowList(frozenset({fab_digest(bundle)})),
                 load_app, audit)
     text = audit.path.read_text()
-    lines = [json.loads(ln) for ln in text.splitlines()]
+    lines = read_replies(audit.path)
     assert len(lines) == 2 == len(refused) + len(sent)
+    assert [ln["outcomes"] for ln in lines] == [["pushed"], ["pushed"]]     # and both went
     assert lines[0]["error_code"] == ErrorCode.INVALID_FAB and lines[0]["records"] == {}
     assert lines[1]["error_code"] is None
     assert lines[1]["message_type"] == MessageType.TRAIN
@@ -117,7 +122,7 @@ def test_an_error_replys_reason_is_audited_by_size_and_digest_not_text(monkeypat
                 load_app, audit)
     assert [r.error.reason for r in sent] == [reason]          # what the coordinator gets
     text = audit.path.read_text()
-    (line,) = [json.loads(ln) for ln in text.splitlines()]
+    (line,) = read_replies(audit.path)
     assert line["error_code"] == ErrorCode.CLIENT_APP_RAISED_EXCEPTION
     assert line["error_reason"] == {"bytes": len(reason.encode()),
                                     "sha256": hashlib.sha256(reason.encode()).hexdigest()}
@@ -127,6 +132,82 @@ def test_an_error_replys_reason_is_audited_by_size_and_digest_not_text(monkeypat
     other = egress_entry(Message(Error(code=2, reason=reason.replace("37", "38")),
                                  reply_to=message), 1)
     assert other["error_reason"]["sha256"] != line["error_reason"]["sha256"]
+
+
+def _approved_task(tmp_path):
+    """A task of the approved release, with the id a real task has (its replies refer to it)."""
+    site_data = tmp_path / "data"
+    site_data.mkdir(exist_ok=True)
+    bundle = _tampered_fab()
+    message, context, fab = _task(site_data, bundle)
+    message.metadata.__dict__["_message_id"] = message.object_id
+    return message, context, fab, AllowList(frozenset({fab_digest(bundle)}))
+
+
+def _metrics_app():
+    def app(message: Message, context: Context) -> Message:
+        return Message(RecordDict({"metrics": MetricRecord({"num-examples": 7})}),
+                       reply_to=message)
+    return app
+
+
+def test_a_reply_whose_push_fails_is_logged_as_tried_and_failed_by_class_only(monkeypatch,
+                                                                             tmp_path):
+    """The push to the site's SuperNode raises: the log keeps the line written before it (the
+    reply may have partly left) and adds the failure, with the exception's class and not its
+    message (a transport error may quote what it was sending)."""
+    audit = EgressAudit(tmp_path / "state" / "egress.jsonl")
+    message, context, fab, allow = _approved_task(tmp_path)
+
+    def push(client, reply, ctx):
+        raise ConnectionError(f"lost while sending {SECRET_VALUE}")
+
+    with pytest.raises(ConnectionError):
+        _run(monkeypatch, message, context, fab, allow, _metrics_app, audit, push=push)
+    text = audit.path.read_text()
+    tried, failed = [json.loads(ln) for ln in text.splitlines()]
+    assert tried["event"] == "reply" and tried["records"]["metrics"]["entries"] == 1
+    assert failed == {"time": failed["time"], "event": "push-failed", "run_id": 1,
+                      "reply_to": message.metadata.message_id, "error": "ConnectionError"}
+    assert tried["reply_to"] == message.metadata.message_id != ""
+    assert SECRET_VALUE not in text
+    (reply,) = read_replies(audit.path)
+    assert reply["outcomes"] == ["push-failed: ConnectionError"]
+
+
+def test_a_pushed_reply_is_logged_as_tried_then_pushed(monkeypatch, tmp_path):
+    audit = EgressAudit(tmp_path / "state" / "egress.jsonl")
+    message, context, fab, allow = _approved_task(tmp_path)
+    order = []
+
+    def push(client, reply, ctx):                     # the reply line is already there
+        order.append(len(audit.path.read_text().splitlines()))
+
+    _run(monkeypatch, message, context, fab, allow, _metrics_app, audit, push=push)
+    tried, pushed = [json.loads(ln) for ln in audit.path.read_text().splitlines()]
+    assert order == [1] and tried["event"] == "reply" and tried["error_code"] is None
+    assert pushed == {"time": pushed["time"], "event": "pushed", "run_id": 1,
+                      "reply_to": message.metadata.message_id}
+
+
+def test_outcome_lines_pair_with_their_reply_by_run_and_task(tmp_path):
+    """Runners and the SuperNode share the file: lines of different replies interleave."""
+    entries = []
+
+    def reply(run, task):
+        m = Message(Error(code=2, reason="x"), reply_to=Message(
+            RecordDict(), dst_node_id=7, message_type=MessageType.TRAIN))
+        m.metadata.__dict__["_reply_to_message_id"] = task
+        return m, run
+
+    a, b = reply(1, "task-a"), reply(2, "task-b")
+    for entry in (egress_entry(*a), egress_entry(*b), outcome_entry(*b, "push", None),
+                  outcome_entry(*a, "push", OSError()), outcome_entry(*b, "send", None)):
+        entries.append(json.dumps(entry))
+    path = tmp_path / "egress.jsonl"
+    path.write_text("\n".join(entries) + "\n")
+    assert [(r["reply_to"], r["outcomes"]) for r in read_replies(path)] == [
+        ("task-a", ["push-failed: OSError"]), ("task-b", ["pushed", "sent"])]
 
 
 def test_a_changed_reply_changes_its_digest():
@@ -149,12 +230,10 @@ def test_the_site_passes_its_egress_log_to_launcher_and_runner(build, tmp_path):
     assert argv[argv.index("--egress-log") + 1] == str(tmp_path / "egress.jsonl")
 
 
-def test_the_supernode_audits_flowers_own_crash_reply_once_before_sending_it(monkeypatch,
-                                                                              tmp_path):
-    """A claimed task whose runner died: Flower's SuperNode answers the coordinator itself with
-    ``CLIENT_APP_CRASHED`` ("ClientApp stopped responding."), a reply no runner sees. The
-    site's SuperNode writes its egress line before sending it; a reply the runner made (and
-    audited itself) gets no second line there."""
+def _supernode_replies(monkeypatch):
+    """A SuperNode's state holding two replies to send: run 8's, made (and audited) by its
+    runner, and run 7's, made by Flower itself (``CLIENT_APP_CRASHED``: its runner died, the
+    task token expired and the SuperNode's expiry hook, called here, answered)."""
     import time as real_time
     from types import SimpleNamespace
 
@@ -164,9 +243,6 @@ def test_the_supernode_audits_flowers_own_crash_reply_once_before_sending_it(mon
     from flwr.supercore.constant import TaskType
     from flwr.supercore.object_store import ObjectStoreFactory
     from flwr.supernode.nodestate import NodeStateFactory
-
-    from medfed.deploy import supernode
-    from medfed.deploy.site import SiteSettings, supernode_command
 
     for name in ("time", "pull_objects", "_push_messages", "get_fused_config_from_fab"):
         monkeypatch.setattr(loop, name, getattr(loop, name))          # put back afterwards
@@ -186,27 +262,45 @@ def test_the_supernode_audits_flowers_own_crash_reply_once_before_sending_it(mon
     task_message(7)
     refused = task_message(8)
     assert len(state.get_messages_legacy(is_reply=False)) == 2      # both handed to runners
-    # run 8: the runner refused it (and wrote its line); run 7: its runner died, the token
-    # expired and Flower's SuperNode made the reply itself (its expiry hook, called here)
-    loop._insert_message(Message(Error(code=ErrorCode.INVALID_FAB, reason="not approved"),
-                                 reply_to=refused), state, store)
+    runner_reply = Message(Error(code=ErrorCode.INVALID_FAB, reason="not approved"),
+                           reply_to=refused)
+    loop._insert_message(runner_reply, state, store)
     state._on_task_tokens_expired([SimpleNamespace(type=TaskType.CLIENT_APP, run_id=7)])
+    return loop, state, store, runner_reply
 
+
+def _lines(log) -> list[dict]:
+    return [json.loads(x) for x in log.read_text().splitlines()] if log.exists() else []
+
+
+def test_the_supernode_audits_flowers_own_crash_reply_once_before_sending_it(monkeypatch,
+                                                                              tmp_path):
+    """A claimed task whose runner died: Flower's SuperNode answers the coordinator itself with
+    ``CLIENT_APP_CRASHED`` ("ClientApp stopped responding."), a reply no runner sees. The
+    site's SuperNode writes its egress line before sending it; a reply the runner made (and
+    audited itself) gets no second line there. Each send that went through gets its line."""
+    from medfed.deploy import supernode
+    from medfed.deploy.site import SiteSettings, supernode_command
+
+    loop, state, store, _ = _supernode_replies(monkeypatch)
     log = tmp_path / "egress.jsonl"
     supernode.install(0.5, audit=EgressAudit(log))
     sent = []
 
     def send(message, _tree, _runtime):
-        lines = log.read_text().splitlines() if log.exists() else []
-        sent.append((message.metadata.run_id, message.error.code, len(lines)))
+        sent.append((message.metadata.run_id, message.error.code,
+                     [(x["run_id"], x["event"]) for x in _lines(log)]))
         return set(), "session"
 
     loop._push_messages(state=state, object_store=store, send=send,
                         push_object=lambda *args: None)
     assert {run: code for run, code, _ in sent} == {7: ErrorCode.CLIENT_APP_CRASHED,
                                                     8: ErrorCode.INVALID_FAB}
-    assert [lines for run, _, lines in sent if run == 7] == [1]     # its line came first
-    (line,) = [json.loads(x) for x in log.read_text().splitlines()]   # none for run 8 here
+    assert [(7, "reply") in seen for run, _, seen in sent if run == 7] == [True]  # line first
+    lines = _lines(log)
+    assert sorted((x["run_id"], x["event"]) for x in lines) == [(7, "reply"), (7, "sent"),
+                                                                (8, "sent")]
+    (line,) = [x for x in lines if x["event"] == "reply"]           # none for run 8 here
     assert (line["run_id"], line["error_code"]) == (7, ErrorCode.CLIENT_APP_CRASHED)
     assert line["error_reason"]["bytes"] == len("ClientApp stopped responding.")
     # the site starts its SuperNode with the audit (the same file as the runner's)
@@ -226,3 +320,37 @@ def test_the_supernode_audits_flowers_own_crash_reply_once_before_sending_it(mon
     supernode.main(cmd[3:])
     ((_interval, _allow, audit),) = installed
     assert audit.path == settings.state_dir / "egress.jsonl"
+
+
+def test_a_send_to_the_coordinator_that_fails_is_logged_by_the_supernode(monkeypatch,
+                                                                        tmp_path):
+    """Flower's SuperNode logs a failed send and drops the reply: the run stopped
+    (``RunNotRunningException`` from the send), or the coordinator did not take an object of
+    it. The site's SuperNode writes the failure, by class, on the reply's lines: a reply the
+    runner pushed (``pushed``) is not taken for one that reached the coordinator."""
+    from flwr.supercore.inflatable.inflatable_utils import ObjectPushError
+    from flwr.supercore.run import RunNotRunningException
+
+    from medfed.deploy import supernode
+
+    loop, state, store, runner_reply = _supernode_replies(monkeypatch)
+    log = tmp_path / "egress.jsonl"
+    audit = EgressAudit(log)
+    with audit.sending(runner_reply, 8, "push"):                  # what run 8's runner wrote
+        pass
+    supernode.install(0.5, audit=audit)
+
+    def send(message, tree, _runtime):
+        if message.metadata.run_id == 8:
+            raise RunNotRunningException
+        return {t.object_id for t in loop.iterate_object_tree(tree)}, "session"
+
+    def push_object(run_id, session_id, object_id, _content):
+        raise ObjectPushError(object_id, run_id, session_id)
+
+    loop._push_messages(state=state, object_store=store, send=send, push_object=push_object)
+    replies = {r["run_id"]: r for r in read_replies(log)}
+    assert replies[8]["outcomes"] == ["pushed", "send-failed: RunNotRunningException"]
+    assert replies[7]["error_code"] == ErrorCode.CLIENT_APP_CRASHED
+    assert replies[7]["outcomes"] == ["send-failed: ObjectPushError"]
+    assert "session" not in log.read_text()                       # the class, not the text

@@ -10,7 +10,6 @@ on the port while the site's SuperNode restarts) is at the end of the file."""
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import stat
@@ -38,7 +37,7 @@ from flwr.supernode.nodestate import NodeStateFactory
 from medfed.certs import site_keygen, write_certs
 from medfed.deploy import launcher, runner
 from medfed.deploy.allowlist import AllowList, fab_digest
-from medfed.deploy.egress import EgressAudit
+from medfed.deploy.egress import EgressAudit, read_replies
 from medfed.deploy.launcher import SiteWorker, acquire_client, worker_command
 from medfed.deploy.preflight import DeployError
 from medfed.deploy.runner import parser as runner_parser
@@ -394,9 +393,9 @@ def test_a_squatter_on_the_runtime_port_cannot_choose_the_sites_node_config(tmp_
     assert errors == [f"[{SITE}] run {run_id} refused: its node config differs from this "
                       "site's in data-dir, min-eval-split-size, privacy-dir; another process "
                       "answers on the site's runtime port"]
-    audited = [json.loads(x) for x in (settings.state_dir / "egress.jsonl").read_text()
-               .splitlines()]
+    audited = read_replies(settings.state_dir / "egress.jsonl")
     assert [x["error_code"] for x in audited] == [ErrorCode.MOD_FAILED_PRECONDITION]
+    assert [x["outcomes"] for x in audited] == [["pushed"]]      # through the runtime API
 
 
 @pytest.mark.timeout(180)

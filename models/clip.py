@@ -27,14 +27,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .metrics import SplitMetrics, macro_auroc
+from .metrics import RECALL_FIGURES, SplitMetrics, macro_auroc
 from .registry import TASKS
 from .task import DataNeeds, ReportText, StepOutput, TaskBase, TaskModel
 from .text import (load_tokenizer, pad_id, shipped_tokenizer, tokenize, tokenizer_fingerprint,
                    vocab_size)
 from .vit import MultiModalViT, _init_weights
 
-RECALL_AT = (1, 5)
 # Options that only describe the from-scratch text tower and its projections.
 BERT_OPTIONS = ("embed_dim", "hidden_size", "num_layers", "num_heads", "intermediate_size",
                 "text_dropout", "vocab_size", "temperature", "max_logit_scale")
@@ -274,9 +273,11 @@ class CLIPEvaluator:
     ``loss`` is the InfoNCE each study got within its evaluation batch (it depends on the
     batch size, like the training loss); a study without a report scores 0 and is left out,
     a study whose batch holds no other report to contrast with is undefined (NaN) and left
-    out. Zero-shot ``auroc``: the class probabilities are the softmax over the similarities
-    of the image to one text prompt per class name, over the labelled studies - only when
-    class names are configured and it is defined.
+    out. The loss and recall@k average over the studies with a report, ``n_reports``, sent
+    beside them: a pool weighs each site's figures by it, not by ``n``
+    (``models.metrics.AVERAGED_OVER``). Zero-shot ``auroc``: the class probabilities are the
+    softmax over the similarities of the image to one text prompt per class name, over the
+    labelled studies - only when class names are configured and it is defined.
     """
 
     def __init__(self, config: CLIPConfig, prompt_tokens: dict[str, Tensor] | None):
@@ -322,8 +323,8 @@ class CLIPEvaluator:
         image, text = cat(self.image, e)[has], cat(self.text, e)[has]
         similarity = image @ text.T                                              # [n, n]
         scored = has & np.isfinite(losses)
-        means = {f"recall_{d}_{k}": recall_at_k(similarity if d == "i2r" else similarity.T, k)
-                 for k in RECALL_AT for d in ("i2r", "r2i")}
+        means = {name: recall_at_k(similarity if d == "i2r" else similarity.T, k)
+                 for (d, k), name in RECALL_FIGURES.items()}
         labelled = labels >= 0
         auroc = (macro_auroc(labels[labelled], zero_shot[labelled])
                  if self.prompt_tokens is not None and labelled.any() else None)

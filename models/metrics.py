@@ -153,17 +153,27 @@ class AveragedOver:
     undefined: str | None = None
 
 
+# CLIP's retrieval figures (``models.clip``): recall@k of each study's match among the split's
+# reports, image->report (``i2r``) and report->image (``r2i``), one name per direction and k.
+RECALL_AT = (1, 5)
+RECALL_FIGURES: Mapping[tuple[str, int], str] = MappingProxyType(
+    {(d, k): f"recall_{d}_{k}" for k in RECALL_AT for d in ("i2r", "r2i")})
+
 # Figures that average over some of a split's studies, and the counts (sent beside them) that
 # say how many: the pool weights each site's figure by those studies, not by its n (a site of
 # 100 studies and 2 masks weighs 2 in the pooled Dice, not 100), so the pooled figure is the
 # mean over every site's studies. Segmentation's loss, Dice and HD95 are over its studies with
 # a mask, Dice and HD95 less those where each is undefined (a site of empty masks sends Dice
-# 0.0 over none, which weighs nothing). A figure not listed, or in a split that does not
-# report the count, averages over ``n``.
-AVERAGED_OVER: Mapping[str, AveragedOver] = MappingProxyType({
-    "loss": AveragedOver("n_masks"),
-    "dice": AveragedOver("n_masks", "dice_undefined"),
-    "hd95": AveragedOver("n_masks", "hd95_undefined")})
+# 0.0 over none, which weighs nothing). CLIP's loss and recall@k are over its studies with a
+# report (``n_reports``; a study alone with its report in an evaluation batch has no InfoNCE
+# and is left out of its site's loss, though counted here: at most one a batch). Each task
+# reports one of a figure's counts (the loss: one of two); a figure not listed, or in a split
+# that reports none of its counts, averages over ``n``.
+AVERAGED_OVER: Mapping[str, tuple[AveragedOver, ...]] = MappingProxyType({
+    "loss": (AveragedOver("n_masks"), AveragedOver("n_reports")),
+    "dice": (AveragedOver("n_masks", "dice_undefined"),),
+    "hd95": (AveragedOver("n_masks", "hd95_undefined"),),
+    **{name: (AveragedOver("n_reports"),) for name in RECALL_FIGURES.values()}})
 
 
 def _counts(name: str, value, shape_ok, what: str) -> np.ndarray | None:
@@ -247,9 +257,12 @@ class SplitMetrics:
             if kind == "counts" and not all(math.isfinite(v) and v >= 0 for v in values.values()):
                 raise ValueError("counts must be finite and >= 0")
             object.__setattr__(self, kind, MappingProxyType(values))
-        for figure in AVERAGED_OVER:
+        for figure, choices in AVERAGED_OVER.items():
+            if len(reported := [o.count for o in choices if o.count in self.counts]) > 1:
+                raise ValueError(f"{figure} averages over one of {reported}, not each (a task "
+                                 "reports one)")
             if (figure == "loss" or figure in self.means) and not 0 <= self.studies(figure) <= n:
-                over = AVERAGED_OVER[figure]
+                over = self._averaged_over(figure)
                 raise ValueError(f"{figure} averages over {over.count} less "
                                  f"{over.undefined or 'nothing'}: {self.studies(figure):g} "
                                  f"studies, not between 0 and n = {n}")
@@ -257,11 +270,15 @@ class SplitMetrics:
             raise ValueError(f"seconds must be finite and >= 0, got {self.seconds}")
         object.__setattr__(self, "seconds", float(self.seconds))
 
+    def _averaged_over(self, figure: str) -> AveragedOver | None:
+        """The counts of ``AVERAGED_OVER`` this split reports for ``figure`` (None: none)."""
+        return next((o for o in AVERAGED_OVER.get(figure, ()) if o.count in self.counts), None)
+
     def studies(self, figure: str) -> float:
         """How many studies ``figure`` (``loss`` or a mean) averages over, its weight in a
         pool: the counts ``AVERAGED_OVER`` names where this split reports them, else ``n``."""
-        over = AVERAGED_OVER.get(figure)
-        if over is None or over.count not in self.counts:
+        over = self._averaged_over(figure)
+        if over is None:
             return float(self.n)
         return self.counts[over.count] - self.counts.get(over.undefined, 0.0)
 

@@ -40,19 +40,22 @@ log = logging.getLogger("medfed.server")
 
 
 def build_strategy(cfg: ExperimentConfig, frozen: list[str] = (), *,
-                   send_frozen: bool = True) -> Strategy:
+                   send_frozen: bool = True, sites: SiteNames | None = None) -> Strategy:
     """The configured Flower strategy inside the fault guard (quorum wait, sanitization);
     ``frozen`` weights (linear probe, LoRA) are never aggregated, and sent to sites unless
     ``send_frozen`` is false (a foundation model: each site holds its own base); with
-    ``federation.external_sites`` external sites evaluate and never train."""
-    strategy = _training_strategy(cfg, frozen, send_frozen)
+    ``federation.external_sites`` external sites evaluate and never train. ``sites``: the
+    run's site-id binding, by which the guard and external sites name a reply's node (the
+    observer around the chain binds it: pass it the same object)."""
+    strategy = _training_strategy(cfg, frozen, send_frozen, sites)
     if cfg.federation.external_sites:
-        return ExternalSites(strategy, query_timeout=cfg.federation.round_timeout)
+        return ExternalSites(strategy, query_timeout=cfg.federation.round_timeout,
+                             sites=sites)
     return strategy
 
 
-def _training_strategy(cfg: ExperimentConfig, frozen: list[str], send_frozen: bool
-                       ) -> Strategy:
+def _training_strategy(cfg: ExperimentConfig, frozen: list[str], send_frozen: bool,
+                       sites: SiteNames | None) -> Strategy:
     s, p = cfg.strategy, cfg.privacy
     site_dp = p.mechanism == wire.DP_SITE
     inner = build_flower_strategy(
@@ -69,7 +72,7 @@ def _training_strategy(cfg: ExperimentConfig, frozen: list[str], send_frozen: bo
                               min_train_sites=s.min_train_sites,
                               quorum_timeout=cfg.federation.quorum_timeout,
                               max_update_norm=s.max_update_norm,
-                              max_norm_ratio=s.max_norm_ratio)
+                              max_norm_ratio=s.max_norm_ratio, sites=sites)
     if cfg.secagg.enabled:          # outside the guard: it sees the summed update only
         sa = cfg.secagg
         noise, encoding = _secure_site_dp(cfg) if site_dp else (None, Encoding(
@@ -165,7 +168,7 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, run_dir: Path,
     named by it; see ``server.preflight.site_names``): they bind each site id to one node
     for the run, both phases (``strategies.site_names.SiteNames``).
     """
-    names = sites if isinstance(sites, SiteNames) else SiteNames(sites)
+    names = SiteNames.of(sites)
     outcome = _run_phases(grid, cfg, run_dir, observers, names)
     log.info("%s", results_hint(tracking_uri(cfg, run_dir)))
     return outcome
@@ -242,6 +245,7 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path,
     On success the phase is marked complete (``checkpoint.mark_final``).
     """
     run_id = run_id or run_dir.name
+    sites = SiteNames.of(sites)      # one binding: the observer binds it, the guard reads it
     torch.manual_seed(cfg.seed)
     model, _ = build(cfg.model.name, cfg.model_options(), cfg.task.name, cfg.task_options(),
                      backbone_state=backbone, foundation_dir=cfg.model.foundation_dir)
@@ -250,7 +254,7 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path,
     # carries its digest instead.
     site_base = site_owned_base(model)
     digest = base_digest(model) if site_base else ""
-    guarded = build_strategy(cfg, frozen_keys(model), send_frozen=not site_base)
+    guarded = build_strategy(cfg, frozen_keys(model), send_frozen=not site_base, sites=sites)
     checkpoint = latest_checkpoint(run_dir, cfg.fingerprint()) if resume else None
     done = 0
     if checkpoint is not None:

@@ -32,6 +32,7 @@ from protocol.metrics import report_splits
 
 from .guard import Rejection, rejection
 from .pooling import evaluation_verdicts
+from .site_names import SiteNames, phase_names
 from .state import RoundReport, StatelessWrapper
 
 log = logging.getLogger("medfed.server")
@@ -55,15 +56,18 @@ class ExternalSites(StatelessWrapper, Strategy):
     """Wrap ``strategy`` so that nodes whose role is external evaluate but never train.
 
     Stateless: roles are re-learnt by one query after a restart (a site's operator may have
-    changed its role meanwhile, and a restarted federation's node ids are new anyway)."""
+    changed its role meanwhile, and a restarted federation's node ids are new anyway).
+    A node is named on the console, and a refused reply, by the site id it holds in
+    ``sites``, the run's binding (as the guard names one), never by the id it claims."""
 
     kind = "external-sites"
 
-    def __init__(self, strategy: Strategy, query_timeout: float = 60.0):
+    def __init__(self, strategy: Strategy, query_timeout: float = 60.0,
+                 sites: SiteNames | None = None):
         self.strategy = strategy
         self.query_timeout = query_timeout
+        self.sites = sites
         self.roles: dict[int, str] = {}           # node id -> role, learnt by query
-        self.names: dict[int, str] = {}           # node id -> site id, for log lines
         self.rejected: list[Rejection] = []     # external replies refused this round
 
     def summary(self) -> None:
@@ -84,23 +88,23 @@ class ExternalSites(StatelessWrapper, Strategy):
         ask = RecordDict({wire.CONFIG: ConfigRecord({wire.QUERY: wire.QUERY_ROLE})})
         messages = [Message(content=ask, dst_node_id=n, message_type=MessageType.QUERY)
                     for n in unknown]
-        answered = set()
-        for reply in grid.send_and_receive(messages, timeout=self.query_timeout):
-            if reply.has_error():
-                continue                      # logged below; asked again next round
+        # errors are logged below (asked again next round); a node is named as replies are
+        answers = [r for r in grid.send_and_receive(messages, timeout=self.query_timeout)
+                   if not r.has_error()]
+        names, answered = phase_names(answers, self.sites), set()
+        for reply in answers:
             site = reply.content.config_records.get(wire.SITE, ConfigRecord())
             role = str(site.get(wire.NODE_ROLE, wire.ROLE_TRAIN))
             node = reply.metadata.src_node_id
             answered.add(node)
-            self.names[node] = str(site.get(wire.SITE_ID, f"node-{node}"))
             if role not in wire.ROLES:
                 log.warning("site %s answered the role query with %r; treated as a training "
-                            "site", self.names[node], role)
+                            "site", names.name(node), role)
                 role = wire.ROLE_TRAIN
             self.roles[node] = role
             if role == wire.ROLE_EXTERNAL:
                 log.info("site %s is external: it evaluates every round and never trains",
-                         self.names[node])
+                         names.name(node))
         for node in sorted(set(unknown) - answered):
             log.warning("node %s did not answer the role query; treated as a training site "
                         "this round, asked again next round", node)
@@ -136,11 +140,11 @@ class ExternalSites(StatelessWrapper, Strategy):
         scored = [m for m in replies if m.metadata.src_node_id in external
                   and not m.has_error()]
         metrics = [m.content.metric_records.get(wire.METRICS, MetricRecord()) for m in scored]
-        self.rejected = []
+        self.rejected, names = [], phase_names(replies, self.sites)
         for msg, values, reason in zip(scored, metrics, evaluation_verdicts(metrics)):
             reason = reason or _not_external(values)
             if reason is not None:
-                self.rejected.append(rejection(msg, reason))
+                self.rejected.append(rejection(msg, reason, names))
                 log.warning("round %d: evaluation from external site %s left out: %s",
                             server_round, self.rejected[-1].site_id, reason)
         return self.strategy.aggregate_evaluate(server_round, inner) if inner else None

@@ -4,9 +4,10 @@ Flower's ``sample_nodes`` waits for ``min_available_nodes`` without a bound; thi
 at most ``quorum_timeout`` seconds and then fails with a clear error. Before aggregation it
 drops replies whose update is not a finite array record with the global model's keys, shapes
 and dtypes, or whose distance from the global model exceeds ``max_update_norm``
-(``update_check``); it names the site and the reason, and fails the round if fewer than
-``min_train_sites`` updates remain (a site's reply counts as one site; only the server's
-:class:`SummedReply` of a secure round counts as the sites summed into it).
+(``update_check``); it names the site (by the id its node holds in the run's binding,
+``site_names``) and the reason, and fails the round if fewer than ``min_train_sites``
+updates remain (a site's reply counts as one site; only the server's :class:`SummedReply`
+of a secure round counts as the sites summed into it).
 A wrapped strategy that needs more from a reply (FedNova: the local step count) says so with
 a ``check_reply(msg) -> reason or None`` method; the guard rejects such replies the same way.
 Train and evaluate replies alike are brought to one shape of records and metric keys
@@ -32,7 +33,8 @@ from protocol import wire
 from protocol.site_errors import one_line
 
 from .pooling import aggregate_evaluate_records, evaluation_verdicts
-from .reply_shape import ReplyShape, claimed_site_id
+from .reply_shape import ReplyShape
+from .site_names import SiteNames, phase_names
 from .state import AGGREGATOR, RoundReport, StatelessWrapper, chain
 from .update_check import CheckedArray, check_update, decode_global, npy_prefixes
 
@@ -76,19 +78,13 @@ def wait_for_quorum(grid: Grid, minimum: int, timeout: float, poll: float = 0.5)
 
 @dataclass(frozen=True)
 class Rejection:
-    """A reply left out: the site it names, why, and the node it came from (Flower's node id,
-    which a site cannot forge, unlike the site id in its reply; None where unknown)."""
+    """A reply left out: the site id its node holds in the run (``site_names``; else
+    ``node-<id>``, never the id the reply claims), why, and the node it came from (Flower's
+    node id, which a site cannot forge, unlike the site id in its reply; None where unknown)."""
 
     site_id: str
     reason: str
     node: int | None = None
-
-
-def rejection(msg: Message, reason: str) -> Rejection:
-    return Rejection(reply_site_id(msg), reason, msg.metadata.src_node_id)
-
-
-reply_site_id = claimed_site_id       # the one rule (reply_shape): a plain name or node-<id>
 
 
 def _metrics_of(msg: Message) -> MetricRecord:
@@ -106,6 +102,24 @@ class SummedReply(Message):
     def __init__(self, content: RecordDict, *, reply_to: Message, sites: int):
         super().__init__(content=content, reply_to=reply_to)
         self.sites = sites
+
+
+SECURE_SUM = "secure-sum"       # how a summed reply is named: several sites', no one site's
+
+
+def sender(msg: Message, names: SiteNames) -> str:
+    """Who ``msg`` is from, for a log line or a rejection: the site id its node holds in
+    ``names`` (the run's binding; else ``node-<id>``), never the id the reply claims; a
+    :class:`SummedReply` is :data:`SECURE_SUM` (its node is one of the sites summed)."""
+    if isinstance(msg, SummedReply):
+        return SECURE_SUM
+    return names.name(msg.metadata.src_node_id)
+
+
+def rejection(msg: Message, reason: str, names: SiteNames) -> Rejection:
+    """``msg`` left out for ``reason``, named by :func:`sender` (a secure sum: no node)."""
+    node = None if isinstance(msg, SummedReply) else msg.metadata.src_node_id
+    return Rejection(sender(msg, names), reason, node)
 
 
 def sites_problem(msg: Message, sampled: int) -> str | None:
@@ -172,6 +186,11 @@ class GuardedStrategy(StatelessWrapper, Strategy):
         Scale-free bound, on by default: with at least three well-formed updates, one whose
         norm exceeds this multiple of the round's median norm is rejected (catches a x1e6
         site without knowing the model's scale). None disables it.
+    sites : SiteNames, optional
+        The run's site-id binding, which the observer above binds each phase's claims into:
+        a reply is named on the console and in a rejection by the site id its node holds,
+        so a node claiming another site's id cannot have that site blamed. None (the guard
+        on its own): each phase's own claims (``site_names.phase_names``).
 
     Rejected train replies are in ``rejected``, rejected evaluate replies in
     ``evaluate_rejected`` (both logged and in the round report).
@@ -181,8 +200,10 @@ class GuardedStrategy(StatelessWrapper, Strategy):
 
     def __init__(self, strategy: Strategy, *, min_available_sites: int, min_train_sites: int,
                  quorum_timeout: float, max_update_norm: float | None = None,
-                 max_norm_ratio: float | None = 10.0, poll_interval: float = 0.5):
+                 max_norm_ratio: float | None = 10.0, poll_interval: float = 0.5,
+                 sites: SiteNames | None = None):
         self.strategy = strategy
+        self.sites = sites
         self.min_available_sites = min_available_sites
         self.min_train_sites = min_train_sites
         self.quorum_timeout = quorum_timeout
@@ -234,7 +255,7 @@ class GuardedStrategy(StatelessWrapper, Strategy):
         return ReplyShape(arrays=train, weight_key=self._weight_key, list_lengths=train)
 
     def _conform(self, server_round: int, phase: str, candidates: list[Message],
-                 shape: ReplyShape) -> list[tuple[Message, str | None]]:
+                 shape: ReplyShape, names: SiteNames) -> list[tuple[Message, str | None]]:
         """Each candidate with why it does not fit the round's agreed metric keys (or None,
         its extra keys then stripped); stripped keys and records are logged, counted."""
         agreed = shape.agree(candidates)
@@ -243,28 +264,30 @@ class GuardedStrategy(StatelessWrapper, Strategy):
             reason, stripped = shape.conform(msg, agreed)
             if stripped:
                 log.warning("round %d: %d metric key(s) from %s that the other sites do not "
-                            "send left out of %s", server_round, stripped, reply_site_id(msg),
-                            phase)
+                            "send left out of %s", server_round, stripped,
+                            sender(msg, names), phase)
             out.append((msg, reason))
         return out
 
     def _strip_records(self, server_round: int, phase: str, msg: Message,
-                       shape: ReplyShape) -> None:
+                       shape: ReplyShape, names: SiteNames) -> None:
         stripped = shape.strip_records(msg)
         if stripped:
             log.warning("round %d: %d unexpected record(s) from %s left out of %s",
-                        server_round, stripped, reply_site_id(msg), phase)
+                        server_round, stripped, sender(msg, names), phase)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         self.rejected, self.update_norms = [], {}
         accepted, verdicts, checked = [], [], {}
         prefixes, shape = npy_prefixes(self._reference), self._shape(train=True)
+        replies = list(replies)
+        names = phase_names(replies, self.sites)
         for msg in replies:
             if msg.has_error():
                 accepted.append(msg)          # the inner strategy counts and logs failures
                 continue
-            self._strip_records(server_round, "aggregation", msg, shape)
+            self._strip_records(server_round, "aggregation", msg, shape, names)
             arrays, decoded = msg.content.array_records.get(wire.ARRAYS), {}
             reason, norm = check_update(arrays, self._reference, self.max_update_norm,
                                         prefixes, decoded)
@@ -285,7 +308,8 @@ class GuardedStrategy(StatelessWrapper, Strategy):
                          f"median ({limit / self.max_norm_ratio:.3g})", n) for m, r, n in verdicts]
         # the metric keys are agreed among the updates otherwise accepted (reply_shape)
         fits = {id(m): r for m, r in self._conform(
-            server_round, "aggregation", [m for m, r, _ in verdicts if r is None], shape)}
+            server_round, "aggregation", [m for m, r, _ in verdicts if r is None], shape,
+            names)}
         for msg, reason, _ in verdicts:
             reason = reason or fits[id(msg)]
             if reason is None:
@@ -295,9 +319,9 @@ class GuardedStrategy(StatelessWrapper, Strategy):
                 for key, value in checked[id(msg)].items():
                     arrays[key] = CheckedArray(value, arrays[key].data)
             else:
-                self.rejected.append(rejection(msg, reason))
+                self.rejected.append(rejection(msg, reason, names))
                 log.warning("round %d: rejected update from %s: %s", server_round,
-                            reply_site_id(msg), reason)
+                            self.rejected[-1].site_id, reason)
         usable = sum(_sites_in(m) for m in accepted if not m.has_error())
         if usable < self.min_train_sites:
             raise QuorumError(f"round {server_round}: {usable} usable update(s), "
@@ -344,19 +368,20 @@ class GuardedStrategy(StatelessWrapper, Strategy):
         pooling accepts (``evaluation_verdicts``); one that fails is left out (logged, in
         ``evaluate_rejected``), never the round's evaluation."""
         replies, shape, reasons = list(replies), self._shape(train=False), {}
+        names = phase_names(replies, self.sites)
         self.evaluate_rejected = []
         for msg in replies:
             if not msg.has_error():
-                self._strip_records(server_round, "evaluation", msg, shape)
+                self._strip_records(server_round, "evaluation", msg, shape, names)
                 reasons[id(msg)] = weight_problem(msg, self._weight_key)
         candidates = [m for m in replies if id(m) in reasons and reasons[id(m)] is None]
         reasons |= {id(m): r for m, r in self._conform(server_round, "evaluation",
-                                                        candidates, shape)}
+                                                        candidates, shape, names)}
         if self._pools_evaluations:      # judged among the replies of the agreed shape
             candidates = [m for m in candidates if reasons[id(m)] is None]
             reasons |= {id(m): r for m, r in zip(candidates, evaluation_verdicts(
                 [m.content.metric_records[wire.METRICS] for m in candidates]))}
-        self.evaluate_rejected = [rejection(m, reasons[id(m)])
+        self.evaluate_rejected = [rejection(m, reasons[id(m)], names)
                                   for m in replies if reasons.get(id(m)) is not None]
         for refused in self.evaluate_rejected:
             log.warning("round %d: evaluation from %s left out: %s", server_round,

@@ -35,8 +35,8 @@ from protocol import wire
 from protocol.metrics import report_splits
 
 from .guard import QuorumError
-from .reply_shape import ReplyShape, claimed_site_id
-from .site_names import ClaimRefused, SiteNames
+from .reply_shape import ReplyShape
+from .site_names import ClaimRefused, SiteNames, phase_names, site_claims
 from .state import StatelessWrapper, chain_reports, merge_reports
 
 log = logging.getLogger(__name__)
@@ -110,11 +110,6 @@ class RoundObserver(Protocol):
     def on_round_end(self, record: RoundRecord) -> None: ...
 
 
-def site_claims(replies: Iterable[Message]) -> list[tuple[int, str]]:
-    """(node id, the site id it names itself by) of each reply that is not an error."""
-    return [(m.metadata.src_node_id, claimed_site_id(m)) for m in replies if not m.has_error()]
-
-
 def site_replies(replies: Iterable[Message], names: SiteNames | None = None,
                  targets: dict[str, int] | None = None
                  ) -> tuple[list[SiteReply], list[SiteFailure]]:
@@ -128,9 +123,8 @@ def site_replies(replies: Iterable[Message], names: SiteNames | None = None,
     """
     ok, failed = [], []
     targets = targets or {}
-    if names is None:
-        names = SiteNames()
-        names.claim(site_claims(replies))
+    replies = list(replies)
+    names = phase_names(replies, names)
     for msg in replies:
         if msg.has_error():
             node = targets.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
@@ -179,7 +173,7 @@ class ObservedStrategy(StatelessWrapper, Strategy):
         # node id <-> site id for the run (strategies.site_names), to name every reply and a
         # site that fails: bound by the preflight's answers (``sites``; the run's SiteNames,
         # shared by its phases), then by the run's replies
-        self._sites = sites if isinstance(sites, SiteNames) else SiteNames(sites)
+        self._sites = SiteNames.of(sites)
         self._sent: dict[str, list[Message]] = {}   # phase -> instructions (ids set when pushed)
 
     def _record(self, record: RoundRecord, phase: str, replies: list[Message],

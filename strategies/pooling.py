@@ -5,7 +5,8 @@ the server computes the *pooled* accuracy, MCC and F1 exactly (averaging per-sit
 not MCC). AUROC cannot be pooled from counts; it is averaged over the sites where it is
 defined, weighted by examples. The loss and per-study means (Dice, HD95, recall@k) are
 averaged weighted by the studies each averages over (``SplitMetrics.studies``: segmentation's
-by the site's masks where each is defined, not its study count); counts are summed. Sites'
+by the site's masks where each is defined, CLIP's by its studies with a report, not its study
+count); counts are summed. Sites'
 replies are decoded by ``protocol.metrics``, which refuses malformed ones.
 
 One site's refused reply must not cost every site its evaluation: ``evaluation_verdicts``

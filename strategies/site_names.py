@@ -12,6 +12,11 @@ run). A name two nodes claimed at once is neither's for the rest of the run (the
 cannot tell which is the site). A restarted site that comes back under a new node id is
 flagged too: its restart is then the explanation, and its figures stand under
 ``node-<id>``, not lost.
+
+The run's binding is one object: the observer (``observed.py``) binds each phase's claims
+before the wrappers below it see the replies, and the wrappers that name a site on the
+console (the guard, external sites) are given the same object and read it
+(:func:`phase_names`), so no log line names a node by the id it claims.
 """
 
 from __future__ import annotations
@@ -20,7 +25,11 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from flwr.app import Message
+
 from protocol import wire
+
+from .reply_shape import claimed_site_id
 
 _FALLBACK = re.compile(r"node-(\d+)")     # how a node without a name is shown
 
@@ -58,6 +67,12 @@ class SiteNames:
         self._contested: set[str] = set()        # claimed by two nodes at once: nobody's
         if refused := self.claim((bound or {}).items()):
             raise ValueError(f"site names cannot be bound: {'; '.join(map(str, refused))}")
+
+    @classmethod
+    def of(cls, sites: SiteNames | Mapping[int, str] | None) -> SiteNames:
+        """``sites`` if it is a run's binding (shared, not copied), else a new one bound from
+        node id -> site id (the preflight's answers; None: none)."""
+        return sites if isinstance(sites, SiteNames) else cls(sites)
 
     def name(self, node: int) -> str:
         """The site id ``node`` holds, else ``node-<id>``."""
@@ -106,3 +121,18 @@ class SiteNames:
                     f"them in this run: {shown} (one is misconfigured or impersonating the "
                     "other: check their site ids)")
         return None
+
+
+def site_claims(replies: Iterable[Message]) -> list[tuple[int, str]]:
+    """(node id, the site id it names itself by) of each reply that is not an error."""
+    return [(m.metadata.src_node_id, claimed_site_id(m)) for m in replies if not m.has_error()]
+
+
+def phase_names(replies: Iterable[Message], names: SiteNames | None = None) -> SiteNames:
+    """Whom one phase's ``replies`` come from: ``names``, the run's binding (its owner bound
+    these replies' claims into it), else - a wrapper used without a run's binding - a new
+    binding of these replies' claims alone (a name two of them claim is neither's)."""
+    if names is None:
+        names = SiteNames()
+        names.claim(site_claims(replies))
+    return names

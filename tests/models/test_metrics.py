@@ -98,6 +98,21 @@ def test_attack_a_figure_may_not_claim_more_studies_than_its_split(counts):
         SplitMetrics(n=10, loss=0.5, means={"dice": 0.9}, counts=counts)
     with pytest.raises(ValueError, match="loss averages over n_masks"):
         SplitMetrics(n=10, loss=0.5, counts={"n_masks": 11.0})
+
+
+def test_attack_a_clip_figure_may_not_claim_more_reports_than_its_split():
+    """CLIP's loss and recall@k weigh by ``n_reports`` in a pool: a site of 10 studies
+    claiming 1000 reports would outweigh every honest site; one reporting both a mask and a
+    report count would choose which weighs its loss. Both are refused, the honest count
+    accepted."""
+    from models.metrics import SplitMetrics
+
+    with pytest.raises(ValueError, match="averages over n_reports .* not between 0 and n = 10"):
+        SplitMetrics(n=10, loss=0.5, means={"recall_i2r_1": 0.9}, counts={"n_reports": 1000.0})
+    with pytest.raises(ValueError, match=r"loss averages over one of \['n_masks', 'n_reports'\]"):
+        SplitMetrics(n=10, loss=0.5, counts={"n_masks": 2.0, "n_reports": 9.0})
+    honest = SplitMetrics(n=10, loss=0.5, means={"recall_i2r_1": 0.9}, counts={"n_reports": 4.0})
+    assert honest.studies("recall_i2r_1") == honest.studies("loss") == 4.0
     honest = SplitMetrics(n=10, loss=0.5, means={"dice": 0.9},
                           counts={"n_masks": 4.0, "dice_undefined": 1.0})
     assert (honest.studies("dice"), honest.studies("loss"), honest.studies("other")) == (3, 4, 10)

@@ -468,6 +468,8 @@ def test_the_preflights_names_reach_the_run(tmp_path, monkeypatch):
 
 def test_run_federation_seeds_the_observed_strategy_with_them(tmp_path, monkeypatch):
     import server.federation as federation
+    from strategies.guard import GuardedStrategy
+    from strategies.state import chain
 
     class _Stop(Exception):
         pass
@@ -481,8 +483,8 @@ def test_run_federation_seeds_the_observed_strategy_with_them(tmp_path, monkeypa
         def finish(self, *a, **k):
             pass
 
-    def observed(*_args, sites=None, **_kwargs):
-        seeded.append(sites)
+    def observed(strategy, *_args, sites=None, **_kwargs):
+        seeded.append((strategy, sites))
         raise _Stop
 
     seeded = []
@@ -491,7 +493,11 @@ def test_run_federation_seeds_the_observed_strategy_with_them(tmp_path, monkeypa
     monkeypatch.setattr(federation, "ObservedStrategy", observed)
     with pytest.raises(_Stop):
         federation.run_federation(None, _cfg(tmp_path), tmp_path, sites={7: "site-a"})
-    assert seeded == [{7: "site-a"}]
+    ((strategy, sites),) = seeded
+    assert sites.bound() == {7: "site-a"}
+    # one binding: the observer binds each phase's claims into it, the guard names by it
+    guard = next(link for _, link in chain(strategy) if isinstance(link, GuardedStrategy))
+    assert guard.sites is sites
 
 
 def test_both_phases_of_a_pretraining_run_get_them(tmp_path, monkeypatch):

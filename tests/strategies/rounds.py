@@ -34,7 +34,7 @@ class Grid:
         for m in messages:
             site = ConfigRecord({wire.SITE_ID: f"site-{m.metadata.dst_node_id}",
                                  wire.NODE_ROLE: wire.ROLE_TRAIN})
-            out.append(SimpleNamespace(has_error=lambda: False,
+            out.append(SimpleNamespace(has_error=lambda: False, has_content=lambda: True,
                                        content=RecordDict({wire.SITE: site}),
                                        metadata=SimpleNamespace(src_node_id=m.metadata.dst_node_id)))
         return out

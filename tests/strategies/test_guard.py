@@ -48,7 +48,8 @@ class _Recorder:
 
 
 def _reply(site, arrays, weight=12):
-    """A stand-in reply from ``site`` carrying ``arrays``, weighted ``weight``."""
+    """A stand-in reply from ``site`` (``site-<k>``, from node k) carrying ``arrays``,
+    weighted ``weight``."""
     from types import SimpleNamespace
 
     from flwr.app import MetricRecord
@@ -59,7 +60,8 @@ def _reply(site, arrays, weight=12):
     content = SimpleNamespace(array_records={"arrays": arrays}, metric_records=metrics,
                               config_records={"site": {"site-id": site}})
     return SimpleNamespace(has_error=lambda: False, has_content=lambda: True,
-                           content=content, metadata=SimpleNamespace(src_node_id=1))
+                           content=content,
+                           metadata=SimpleNamespace(src_node_id=int(site.split("-")[-1])))
 
 
 def _guard_over_recorder():
@@ -329,7 +331,8 @@ def test_the_inner_strategy_aggregates_the_values_the_guard_checked(monkeypatch)
         content = RecordDict({wire.ARRAYS: arrays, wire.METRICS: MetricRecord(
             {wire.NUM_EXAMPLES: n}), wire.SITE: ConfigRecord({wire.SITE_ID: site})})
         return SimpleNamespace(has_error=lambda: False, has_content=lambda: True,
-                               content=content, metadata=SimpleNamespace(src_node_id=1))
+                               content=content,
+                           metadata=SimpleNamespace(src_node_id=int(site.split("-")[-1])))
 
     replies = [reply(f"site-{i}", _record(u), 10 + i) for i, u in enumerate(updates)]
     bad = _record(dict(REF, b=np.full(4, np.nan, np.float32)))

@@ -322,3 +322,37 @@ def test_attack_a_refused_evaluations_site_id_is_not_printed_as_sent(caplog):
         aggregate_evaluate_records(records, wire.NUM_EXAMPLES)
     assert "left out of the pooled metrics" in caplog.text
     assert "forged line" not in caplog.text
+
+
+def test_attack_a_refused_evaluation_is_logged_by_its_nodes_name_not_the_one_it_claims(caplog):
+    """Attack: the run bound site-1 and site-2 to nodes 1 and 2, which do not evaluate this
+    round; training node 9 answers as "site-1" and external node 8 as "site-2", each with
+    an AUROC of 2 (refused). The guard and ``ExternalSites`` named a refused reply by its
+    claim: the console blamed site-1 and site-2. Given the run's binding, they name the
+    nodes."""
+    import logging
+
+    from strategies.site_names import SiteNames
+
+    names = SiteNames({1: "site-1", 2: "site-2"})
+    guard = _pooled_guard()
+    guard.sites = names
+    external = ExternalSites(guard, sites=names)
+    external.roles = {8: wire.ROLE_EXTERNAL}
+    recorder = _Recorder()
+    strategy = ObservedStrategy(external, [recorder], sites=names)
+    training = _evaluate_reply(9, {"auroc": [2.0]})
+    outside = _evaluate_reply(8, {"auroc": [2.0]}, splits=(wire.EXTERNAL_SPLIT,))
+    for msg, claim in ((training, "site-1"), (outside, "site-2")):
+        msg.content[wire.SITE][wire.SITE_ID] = claim
+    with caplog.at_level(logging.WARNING):
+        strategy.aggregate_evaluate(1, [training, outside,
+                                        *(_evaluate_reply(n) for n in (3, 4, 5))])
+    lines = [r.getMessage() for r in caplog.records
+             if r.name in ("strategies.guard", "medfed.server")]
+    assert len(lines) == 2, lines
+    assert any("evaluation from node-9 left out" in line for line in lines)
+    assert any("evaluation from external site node-8 left out" in line for line in lines)
+    assert not any("site-1" in line or "site-2" in line for line in lines)
+    assert [r.site_id for r in guard.evaluate_rejected] == ["node-9"]
+    assert [r.site_id for r in external.rejected] == ["node-8"]

@@ -268,3 +268,24 @@ def test_attack_observers_see_only_numbers_in_a_training_sites_figures():
     assert {r.site_id for r in record.train} == {"site-9", "site-1", "site-2"}
     for reply in record.train:
         assert all(isinstance(v, float) for v in reply.metrics.values()), reply
+
+
+def test_a_rejected_secure_sum_is_named_as_one_not_after_the_site_it_replies_for(caplog):
+    """A SummedReply answers the first summed site's instruction, so its node is that
+    site's: named by node, a rejected sum blamed that one site on the console and in MLflow.
+    It is ``secure-sum``, with no node."""
+    from strategies.guard import SECURE_SUM
+    from strategies.site_names import SiteNames
+
+    content = _train_reply(1).content
+    del content[wire.SITE]                              # the server's sum names no site
+    summed = SummedReply(content, reply_to=Message(
+        content=RecordDict(), dst_node_id=1, message_type="train"), sites=4)
+    guard = _guard(min_train_sites=1)
+    guard.sites, guard._sampled = SiteNames({1: "site-1"}), 3
+    with caplog.at_level("WARNING", logger="strategies.guard"), \
+            pytest.raises(QuorumError, match="0 usable"):
+        guard.aggregate_train(1, [summed])
+    assert [(r.site_id, r.node) for r in guard.rejected] == [(SECURE_SUM, None)]
+    assert "rejected update from secure-sum: a secure sum of 4 sites" in caplog.text
+    assert "site-1" not in caplog.text

@@ -114,3 +114,44 @@ def test_a_site_whose_figure_averages_over_no_study_weighs_nothing():
     assert empty.means["dice"] == 0.0 and empty.studies("dice") == 0
     assert pool([found, empty])["dice"] == 1.0
     assert pool([empty])["dice"] == 0.0
+
+
+def _clip_site(reports: int, without: int, tie: bool) -> SplitMetrics:
+    """A site's CLIP evaluation (the real evaluator over given embeddings, one batch), sent
+    and decoded: ``reports`` studies with orthogonal image and report embeddings (each
+    retrieves its own: recall 1), then ``without`` studies without a report; with ``tie``
+    study 1's report is study 0's image, so images 0 and 1 miss at k = 1."""
+    from models.clip import CLIPConfig, CLIPEvaluator
+    from tests.models.test_clip import _GivenEmbeddings
+
+    n, dim = reports + without, 8
+    image = torch.zeros(n, dim)
+    image[:reports] = torch.eye(dim)[:reports]
+    text = image.clone()
+    if tie:
+        text[1] = image[0]
+    evaluator = CLIPEvaluator(CLIPConfig(embed_dim=dim), None)
+    evaluator.update(_GivenEmbeddings(), {
+        "image": image, "present": torch.ones(n, 4), "input_ids": text,
+        "attention_mask": torch.ones(n, 1), "label": torch.zeros(n, dtype=torch.int64),
+        "has_report": torch.arange(n) < reports})
+    return from_record(to_record(evaluator.compute(), "test"), "test")
+
+
+def test_pooled_clip_figures_are_means_over_every_sites_reports():
+    """Two sites whose report fractions differ: A has 40 studies, 2 with a report (each
+    retrieved: recall@1 1.0), B 5 studies, all with one (recall@1 3/5). Each site's loss and
+    recall@k average over its reports, so the pooled ones weigh A by 2 and B by 5 (its
+    ``n_reports``), not by 40 and 5 (its studies): A's two reports do not outvote B's five."""
+    sites = [_clip_site(2, 38, tie=False), _clip_site(5, 0, tie=True)]
+    assert [s.counts["n_reports"] for s in sites] == [2.0, 5.0]
+    assert [s.means["recall_i2r_1"] for s in sites] == [1.0, pytest.approx(3 / 5)]
+    pooled, reports = pool(sites), [2, 5]
+    for key in ("recall_i2r_1", "recall_r2i_1", "recall_i2r_5"):
+        by_reports = np.average([s.means[key] for s in sites], weights=reports)
+        assert pooled[key] == pytest.approx(by_reports), key
+    assert pooled["loss"] == pytest.approx(np.average([s.loss for s in sites], weights=reports))
+    assert pooled["n_reports"] == 7.0 and pooled["n"] == 45.0
+    by_studies = np.average([s.means["recall_i2r_1"] for s in sites], weights=[40, 5])
+    assert pooled["recall_i2r_1"] != pytest.approx(by_studies)     # the old rule's answer
+    assert pooled["loss"] != pytest.approx(np.average([s.loss for s in sites], weights=[40, 5]))

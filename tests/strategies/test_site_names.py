@@ -92,3 +92,47 @@ def test_the_binding_rules():
     assert "d" not in names.bound().values()
     with pytest.raises(ValueError, match="cannot be bound"):
         SiteNames({1: "a", 2: "a"})
+
+
+def test_attack_the_guards_console_lines_name_the_node_not_the_site_it_claims(caplog, tmp_path):
+    """Attack: the preflight bound site-1 to node 1; in round 1 node 1 does not reply and
+    node 3 answers as "site-1" - the name's only claimant in the phase - with an extra record
+    (stripped) and a NaN update (rejected). The guard named a reply by the id it claims, so
+    the server console blamed site-1 for both. The chain ``server/federation.py`` builds is
+    given the run's binding: the lines and the rejection name node-3."""
+    from flwr.app import Message, MetricRecord, RecordDict
+
+    from client.mods.faults import corrupt
+    from server.config import load_experiment
+    from server.federation import build_strategy
+    from strategies.guard import GuardedStrategy
+    from strategies.state import chain
+
+    cfg = load_experiment(["experiment=smoke", f"data.root={tmp_path}", f"runs_dir={tmp_path}",
+                           "federation.num_sites=3", "strategy.min_train_sites=1",
+                           "tracking.log_models=false"])
+    names = SiteNames({1: "site-1", 2: "site-2"})      # node 3 did not answer the preflight
+    guarded = build_strategy(cfg, sites=names)
+    strategy = ObservedStrategy(guarded, [_Recorder()], sites=names)
+    replies = []
+    for m in strategy.configure_train(1, arrays(), ConfigRecord(), Grid(SITES)):
+        node = m.metadata.dst_node_id
+        if node == 1:
+            continue
+        update = arrays({k: a.numpy() + 0.01 for k, a in m.content[wire.ARRAYS].items()})
+        content = RecordDict({
+            wire.ARRAYS: corrupt(update, "nan") if node == 3 else update,
+            wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: 10}),
+            wire.SITE: ConfigRecord({wire.SITE_ID: "site-1" if node == 3 else "site-2"})})
+        if node == 3:
+            content["evil"] = MetricRecord({"loss": 1e9})
+        replies.append(Message(content=content, reply_to=m))
+    with caplog.at_level(logging.WARNING, logger="strategies.guard"):
+        strategy.aggregate_train(1, replies)
+    lines = [r.getMessage() for r in caplog.records if r.name == "strategies.guard"]
+    assert len(lines) == 2, lines
+    assert "unexpected record(s) from node-3 left out" in lines[0]
+    assert lines[1].startswith("round 1: rejected update from node-3: ")
+    assert not any("site-1" in line for line in lines)
+    guard = next(link for _, link in chain(guarded) if isinstance(link, GuardedStrategy))
+    assert [(r.site_id, r.node) for r in guard.rejected] == [("node-3", 3)]

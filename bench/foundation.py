@@ -26,6 +26,11 @@ head-only rounds; ``--no-dp-recipe``: plain DP-LoRA). Two draws give two DP/non-
 issue asks for a mean over seeds, so when ``bench.dp_seeds`` (``--dp-seeds``) pooled the same
 recipe on the same encoder (sha256) its ratio is the top-level ``dp_lora_over_lora_eps8`` and
 this run's two-draw ratio stays beside it (``mcc.summary.dp_lora_over_lora_eps8_two_draws``).
+The same for "federated >= 0.9x pooled" (session 39): when ``bench.dp_seeds --federated``
+(``--fed-seeds``) pooled the federated recipe (``foundation_mcc.FEDERATED``) and the same
+recipe trained centrally over seeds on this encoder, its ratio is the top-level
+``federated_over_pooled`` (``..._two_draws`` beside it: this run's plain LoRA). The
+``lora_ffa`` and ``pooled_ffa`` arms (FFA-LoRA) run beside plain LoRA.
 Until session 37 the defaults were the label-free MM-DINOv2 RGB encoder (``--public-objective
 mm_dino --public-patch shared --public-epochs 10 --channel-tokens per_channel
 --no-dp-recipe``).
@@ -411,6 +416,17 @@ def _dp_words(mcc: dict) -> str:
             f"{'-' if two is None else f'{two:.2f}'}×)")
 
 
+def _fed_words(mcc: dict) -> str:
+    """How the federated/pooled figure was made: this run's draws or pooled seeds."""
+    fed = mcc.get("fed_seeds")
+    if not fed:
+        return ""
+    two = mcc["summary"].get("federated_over_pooled_two_draws")
+    return (f" ({fed['arm']} over {fed['seeds'][0]} seeds, its pooled arm over "
+            f"{fed['seeds'][1]}, ± {fed['ratio_se']:.3f}; bench.dp_seeds --federated; this "
+            f"run's 2 draws of plain LoRA alone {'-' if two is None else f'{two:.2f}'}×)")
+
+
 def _f_ffa(summary: dict) -> str:
     """FFA-LoRA's federated / pooled beside plain LoRA's, when both FFA arms ran."""
     ratio = summary.get("federated_over_pooled_ffa")
@@ -452,9 +468,9 @@ def _mcc_cells(payload: dict) -> tuple[str, str]:
     return (f"MM-DINOv2-from-pretrained − scratch external MCC: "
             + figure("mm_dino_pretrained_minus_supervised_scratch", "+.3f", "", "≥ +0.05",
                      "external_mcc", ("mm_dino", "supervised_scratch"))
-            + "; federated LoRA / pooled: "
-            + figure("federated_over_pooled", ".2f", "×", "≥ 0.9", "external_mcc",
-                     ("lora", "pooled"))
+            + "; federated LoRA / pooled" + _fed_words(mcc) + ": "
+            + figure("federated_over_pooled", ".3f" if mcc.get("fed_seeds") else ".2f", "×",
+                     "≥ 0.9", "external_mcc", ("lora", "pooled"))
             + _f_ffa(summary)
             + "; DP-LoRA ε=8 / LoRA site-test MCC"
             + _dp_words(mcc) + ": "
@@ -531,6 +547,19 @@ QUICK = dict(patients=24, public_patients=24, public_epochs=1, rounds=1, local_e
              pretrain_rounds=1, pretrain_epochs=1, draws="0", label_fraction=0.3)
 
 
+def _seeds_file(name: str, settings: dict, public: dict) -> dict | None:
+    """``results/<name>.json`` of ``bench.dp_seeds`` when it pooled ``bench.dp_centre`` runs
+    of this run's public encoder (sha256) and settings; else None."""
+    from . import dp_centre
+
+    path = RESULTS_DIR / f"{name}.json"
+    if not (path.is_file() and public.get("sha256")):
+        return None
+    pooled = json.loads(path.read_text())
+    same = {k: settings.get(k) for k in dp_centre.SETTINGS} == dp_centre.SETTINGS
+    return pooled if same and pooled.get("encoder_sha256") == public["sha256"] else None
+
+
 def pooled_dp_seeds(name: str, settings: dict, public: dict) -> dict | None:
     """``bench.dp_seeds``' figure (``results/<name>.json``) when it measured this run's DP arm:
     the DP recipe (``settings["dp_recipe"]``, the pooled arm's overrides the same), on the
@@ -539,13 +568,9 @@ def pooled_dp_seeds(name: str, settings: dict, public: dict) -> dict | None:
     from . import dp_centre
     from . import foundation_mcc as fm
 
-    path = RESULTS_DIR / f"{name}.json"
-    if not (settings.get("dp_recipe") and path.is_file() and public.get("sha256")):
-        return None
-    pooled = json.loads(path.read_text())
-    same = {k: settings.get(k) for k in dp_centre.SETTINGS} == dp_centre.SETTINGS
-    if (pooled.get("encoder_sha256") != public["sha256"] or not same
-            or dp_centre.VARIANTS.get(pooled.get("dp_arm")) != ("dp_lora", fm.DP_RECIPE)):
+    pooled = _seeds_file(name, settings, public) if settings.get("dp_recipe") else None
+    if pooled is None or dp_centre.VARIANTS.get(pooled.get("dp_arm")) != ("dp_lora",
+                                                                        fm.DP_RECIPE):
         return None
     test = pooled["arms"][pooled["dp_arm"]]["site_test_mcc"]
     return {"source": f"results/{name}.json", "dp_arm": pooled["dp_arm"],
@@ -554,6 +579,22 @@ def pooled_dp_seeds(name: str, settings: dict, public: dict) -> dict | None:
             "site_test_ratio_se": pooled["over"]["lora"]["site_test_mcc"]["ratio_se"],
             "paired_difference": pooled["over"]["lora"]["site_test_mcc"]["paired_difference"],
             "external_ratio": pooled["over"]["lora"]["external_mcc"]["ratio"]}
+
+
+def pooled_fed_seeds(name: str, settings: dict, public: dict) -> dict | None:
+    """``bench.dp_seeds --federated``'s figure (``results/<name>.json``) for the federated
+    recipe (``foundation_mcc.FEDERATED``) against the same recipe pooled, over seeds, when
+    it was measured on this run's public encoder and settings; else None. Goes into the JSON
+    as ``fed_seeds``."""
+    from . import foundation_mcc as fm
+
+    pooled = _seeds_file(name, settings, public)
+    if pooled is None or fm.FEDERATED not in pooled.get("over_pooled", {}):
+        return None
+    over = pooled["over_pooled"][fm.FEDERATED]
+    return {"source": f"results/{name}.json", "arm": fm.FEDERATED, "seeds": over["seeds"],
+            "commit": pooled.get("commit"), "federated_over_pooled": over["ratio"],
+            "ratio_se": over["ratio_se"], "paired_difference": over["paired_difference"]}
 
 
 def run_mcc(args, parser) -> None:
@@ -602,6 +643,13 @@ def run_mcc(args, parser) -> None:
             mcc["summary"]["dp_lora_over_lora_eps8_external"] = pooled["external_ratio"]
             mcc["targets_met"] = fm.targets_met(mcc["summary"])
             mcc["dp_seeds"] = pooled
+        fed = pooled_fed_seeds(args.fed_seeds, settings, mcc.get("public_pretraining", {}))
+        if fed is not None:             # the federated recipe over seeds, as for DP
+            top["federated_over_pooled"] = fed["federated_over_pooled"]
+            mcc["summary"]["federated_over_pooled_two_draws"] = summary["federated_over_pooled"]
+            mcc["summary"]["federated_over_pooled"] = fed["federated_over_pooled"]
+            mcc["targets_met"] = fm.targets_met(mcc["summary"])
+            mcc["fed_seeds"] = fed
         payload = merged(name, top | {"mcc": mcc}, "mcc")
         path = write_result(name, payload)
         if not args.quick:           # a smoke run never becomes a RESULTS.md row
@@ -735,6 +783,11 @@ def main() -> None:
                      help="the dp_lora arm with the DP recipe (features centred and scaled on "
                           "the public cohort, head lr 1e-2, 5 head-only rounds: "
                           "foundation_mcc.DP_RECIPE); --no-dp-recipe: plain DP-LoRA")
+    mcc.add_argument("--fed-seeds", default="foundation_fed_seeds",
+                     help="results/<name>.json of bench.dp_seeds --federated: when it pooled "
+                          "the federated recipe (foundation_mcc.FEDERATED) and its pooled arm "
+                          "over seeds on this encoder and these settings, its ratio is the "
+                          "top-level federated_over_pooled")
     mcc.add_argument("--dp-seeds", default="foundation_dp_seeds",
                      help="results/<name>.json of bench.dp_seeds: when it pooled the same DP "
                           "recipe on the same encoder, its mean over seeds is the top-level "

@@ -111,6 +111,9 @@ LP5 = "train.head_only_rounds=5"
 DP_RECIPE = [CENTRE, SCALE, HEAD_LR, LP5]
 # FFA-LoRA (session 38): every lora_A frozen at its seeded initialisation, only lora_B trains
 FFA = "+model.options.freeze_lora_a=true"
+# The federated recipe whose seeds (bench.dp_seeds --federated) give the top-level
+# federated_over_pooled, against the same recipe pooled (bench.dp_seeds.FED_PAIRS)
+FEDERATED = "lora"
 # Label-free central pretraining: no class labels reach the loss, no pseudo-labels either.
 CENTRAL_DINO = dict(supervised_weight=0.0, pseudo_label_weight=0.0)
 
@@ -602,7 +605,8 @@ def targets_met(summary: dict) -> dict:
             "dp_lora_over_lora_eps8": at_least("dp_lora_over_lora_eps8", 0.97)}
 
 
-__all__ = ["ARMS", "CENTRE", "DP_RECIPE", "DRAW_SEEDS", "ENCODER", "FFA", "HEAD_LR", "LP5", "SCALE", "PRETRAINED_NAME", "PUBLIC_OBJECTIVES", "PUBLIC_PATCH",
+__all__ = ["ARMS", "CENTRE", "DP_RECIPE", "DRAW_SEEDS", "ENCODER", "FEDERATED", "FFA", "HEAD_LR",
+           "LP5", "SCALE", "PRETRAINED_NAME", "PUBLIC_OBJECTIVES", "PUBLIC_PATCH",
            "PUBLIC_SEED", "check_settings", "cohort_keys", "commit", "disjointness",
            "encoder_digest", "pretrain_public", "previous_draws", "public_cohort",
            "public_features", "public_pretraining", "public_wanted", "save_public_feature_mean",

@@ -544,3 +544,35 @@ def test_the_row_says_a_pooled_dp_figure_is_a_mean_of_seeds_and_gives_the_draws_
     cells = fb._mcc_cells(payload)[0]
     assert ("(DP recipe), mean of 16 seeds ± 0.025 (bench.dp_seeds; this run's 2 draws alone "
             "1.12×): **0.950×**") in cells
+
+
+def test_the_pooled_federated_figure_counts_only_for_its_recipe_encoder_and_settings(
+        tmp_path, monkeypatch):
+    from bench import dp_centre
+
+    monkeypatch.setattr(fb, "RESULTS_DIR", tmp_path)
+    over = {"ratio": 0.93, "ratio_se": 0.03, "seeds": [16, 16], "paired_difference": -0.04}
+    pooled = {"encoder_sha256": "ab" * 32, "commit": "c", "over_pooled": {"lora": over}}
+    (tmp_path / "fed.json").write_text(json.dumps(pooled))
+    settings = dict(dp_centre.SETTINGS, dp_recipe=True, draws=(0, 1))
+    got = fb.pooled_fed_seeds("fed", settings, {"sha256": "ab" * 32})
+    assert got["federated_over_pooled"] == 0.93 and got["seeds"] == [16, 16]
+    assert got["arm"] == fm.FEDERATED == "lora" and got["ratio_se"] == 0.03
+    assert fb.pooled_fed_seeds("fed", settings, {"sha256": "cd" * 32}) is None
+    assert fb.pooled_fed_seeds("fed", settings | {"rounds": 8}, {"sha256": "ab" * 32}) is None
+    monkeypatch.setattr(fm, "FEDERATED", "lora_ffa")        # a recipe the file did not pool
+    assert fb.pooled_fed_seeds("fed", settings, {"sha256": "ab" * 32}) is None
+    assert fb.pooled_fed_seeds("missing", settings, {"sha256": "ab" * 32}) is None
+
+
+def test_the_row_says_a_pooled_federated_figure_is_over_seeds_and_gives_the_draws_own():
+    payload = _mcc_payload({0: _draw(lora=0.4, pooled=0.5)})
+    mcc = payload["mcc"]
+    assert "federated LoRA / pooled: **0.80×**" in fb._mcc_cells(payload)[0]
+    mcc["summary"]["federated_over_pooled_two_draws"] = 0.8
+    mcc["fed_seeds"] = {"arm": "lora_ffa", "seeds": [16, 15], "ratio_se": 0.0312}
+    payload["federated_over_pooled"] = 0.9412
+    cells = fb._mcc_cells(payload)[0]
+    assert ("federated LoRA / pooled (lora_ffa over 16 seeds, its pooled arm over 15, ± 0.031; "
+            "bench.dp_seeds --federated; this run's 2 draws of plain LoRA alone 0.80×): "
+            "**0.941×**") in cells

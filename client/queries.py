@@ -393,8 +393,11 @@ class SiteQueryLog:
         key = f"{task}/{server_round}"
         hour = int(self.clock() // 3600)
         site = state.setdefault(SITE_WIDE, {})
+        before = site.get("evaluations-before")
+        if before is None:
+            before = counted_before_buckets(state)
         by_hour, aged = recent_hours(site.get("evaluations-by-hour", {}), hour)
-        before = site.get("evaluations-before", 0) + aged
+        before += aged
         if run.get("evaluations", 0) >= limits.max_evaluations:
             raise QueryRefused(f"this site answers at most {limits.max_evaluations} evaluate "
                                f"requests per run (node config {wire.NODE_MAX_EVALUATIONS!r})")
@@ -499,6 +502,17 @@ class SiteQueryLog:
                 self._reply_path(run, *old.rsplit("/", 1)).unlink(missing_ok=True)
         own_folder(self.directory)
         write_own_file(self.path, json.dumps(state, sort_keys=False).encode())
+
+
+def counted_before_buckets(state: dict) -> int:
+    """Where the running total starts in a file without one (written before session 38,
+    whose hour buckets were dropped after a day): the evaluations its kept runs counted
+    beyond those its buckets still hold - a lower bound of what the dropped buckets held
+    (the kept runs are some of the site's runs, the buckets hold some of their requests and
+    of pruned runs'), so an upgraded site's total starts no lower than it can tell."""
+    runs = sum(v.get("evaluations", 0) for k, v in state.items() if k != SITE_WIDE)
+    buckets = sum(state.get(SITE_WIDE, {}).get("evaluations-by-hour", {}).values())
+    return max(0, runs - buckets)
 
 
 def recent_hours(by_hour: dict[str, int], hour: int) -> tuple[dict[str, int], int]:

@@ -316,6 +316,29 @@ def test_the_total_evaluation_budget_counts_every_day_in_a_bounded_file(tmp_path
         state["site"]["evaluations-before"] == 200
 
 
+def test_an_upgraded_file_starts_the_total_from_what_its_kept_runs_counted(tmp_path):
+    """A site-queries.json written before the running total existed dropped its day-old hour
+    buckets: the total starts from what its kept runs counted beyond the buckets it still
+    holds, not from zero - a coordinator cannot wipe a site's history by its upgrade."""
+    import json
+
+    from client.queries import SITE_WIDE, STATE_FILE, QueryLimits, QueryRefused, SiteQueryLog
+
+    hour = 400_000
+    old = {"7": {"evaluations": 50}, "8": {"evaluations": 30},         # runs of earlier days
+           SITE_WIDE: {"evaluations-by-hour": {str(hour): 10}}}        # today's window only
+    (tmp_path / STATE_FILE).write_text(json.dumps(old))
+    limits = QueryLimits(max_evaluations=10**6, max_daily_evaluations=10**6,
+                         max_total_evaluations=90)
+    log = SiteQueryLog(tmp_path, 9, clock=lambda: hour * 3600.0 + 60)
+    for server_round in range(10):                     # 70 before + 10 + 10 = 90
+        log.admit_evaluation("classification", server_round, "w", limits)
+    with pytest.raises(QueryRefused, match="at most 90 evaluate requests in all"):
+        log.admit_evaluation("classification", 10, "w", limits)
+    state = json.loads((tmp_path / STATE_FILE).read_text())
+    assert state[SITE_WIDE]["evaluations-before"] == 70
+
+
 def test_the_daily_evaluation_budget_is_not_pruned_with_old_runs(tmp_path):
     """Per-run counters are dropped after ``KEEP_RUNS`` runs (their rounds are over); the
     daily count is not, or a coordinator cycling through that many runs would reset it."""

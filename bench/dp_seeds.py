@@ -47,7 +47,7 @@ def collect(sources=SOURCES) -> tuple[dict[str, dict[tuple[int, int], dict]], st
             if key in arms.setdefault(arm, {}):
                 raise SystemExit(f"{arm} draw {draw} seed {key[1]} is measured twice "
                                  f"({name}); say which run counts")
-            arms[arm][key] = {m: values[m] for m in METRICS}
+            arms[arm][key] = {m: values.get(m) for m in METRICS}    # pooled: no site test
     if len(encoders) != 1:
         raise SystemExit(f"the sources were pretrained from {len(encoders)} encoders")
     return arms, encoders.pop()

@@ -129,7 +129,8 @@ VARIANTS = {
     # session 39, registered before the run: lora_ffa, pooled and pooled_ffa over seeds 0-7 of
     # both draws; FFA becomes bench.foundation's lora and pooled arms only if federated FFA's
     # external-MCC mean over the 16 runs beats plain LoRA's (0.561 over the same 16) and
-    # reaches >= 0.9x pooled_ffa's mean
+    # reaches >= 0.9x pooled_ffa's mean. Outcome: 0.555 and 0.930x - not adopted
+    # (bench/RESULTS.md, "FFA-LoRA over seeds, session 39")
     # session 37: the head's own rate for the head-only rounds only. Non-DP, that rate cost
     # 0.06 site-test MCC (lora_hlr vs lora, session 27's encoder) while head-only rounds cost
     # nothing (lora_lp5); under DP it helped (+0.05, dp_lora_std_hlr vs dp_lora_std) - but

@@ -410,10 +410,15 @@ def _dp_words(mcc: dict) -> str:
     pooled = mcc.get("dp_seeds")
     if not pooled:
         return recipe
-    two = mcc["summary"].get("dp_lora_over_lora_eps8_two_draws")
     return (f"{recipe}, mean of {pooled['seeds']} seeds ± {pooled['site_test_ratio_se']:.3f} "
             f"(bench.dp_seeds; this run's 2 draws alone "
-            f"{'-' if two is None else f'{two:.2f}'}×)")
+            f"{_two_draws(mcc, 'dp_lora_over_lora_eps8')}×)")
+
+
+def _two_draws(mcc: dict, key: str) -> str:
+    """This run's own two-draw figure beside a figure pooled over seeds."""
+    two = mcc["summary"].get(f"{key}_two_draws")
+    return "-" if two is None else f"{two:.2f}"
 
 
 def _fed_words(mcc: dict) -> str:
@@ -421,10 +426,9 @@ def _fed_words(mcc: dict) -> str:
     fed = mcc.get("fed_seeds")
     if not fed:
         return ""
-    two = mcc["summary"].get("federated_over_pooled_two_draws")
     return (f" ({fed['arm']} over {fed['seeds'][0]} seeds, its pooled arm over "
             f"{fed['seeds'][1]}, ± {fed['ratio_se']:.3f}; bench.dp_seeds --federated; this "
-            f"run's 2 draws of plain LoRA alone {'-' if two is None else f'{two:.2f}'}×)")
+            f"run's 2 draws of plain LoRA alone {_two_draws(mcc, 'federated_over_pooled')}×)")
 
 
 def _f_ffa(summary: dict) -> str:

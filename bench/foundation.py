@@ -428,7 +428,11 @@ def _fed_words(mcc: dict) -> str:
         return ""
     return (f" ({fed['arm']} over {fed['seeds'][0]} seeds, its pooled arm over "
             f"{fed['seeds'][1]}, ± {fed['ratio_se']:.3f}; bench.dp_seeds --federated; this "
-            f"run's 2 draws of plain LoRA alone {_two_draws(mcc, 'federated_over_pooled')}×)")
+            f"run's 2 draws alone {_two_draws(mcc, 'federated_over_pooled')}×)")
+
+
+# the summary's two-draw federated / pooled figure of each federated recipe
+TWO_DRAWS = {"lora": "federated_over_pooled", "lora_ffa": "federated_over_pooled_ffa"}
 
 
 def _f_ffa(summary: dict) -> str:
@@ -650,7 +654,7 @@ def run_mcc(args, parser) -> None:
         fed = pooled_fed_seeds(args.fed_seeds, settings, mcc.get("public_pretraining", {}))
         if fed is not None:             # the federated recipe over seeds, as for DP
             top["federated_over_pooled"] = fed["federated_over_pooled"]
-            mcc["summary"]["federated_over_pooled_two_draws"] = summary["federated_over_pooled"]
+            mcc["summary"]["federated_over_pooled_two_draws"] = summary[TWO_DRAWS[fed["arm"]]]
             mcc["summary"]["federated_over_pooled"] = fed["federated_over_pooled"]
             mcc["targets_met"] = fm.targets_met(mcc["summary"])
             mcc["fed_seeds"] = fed

@@ -496,6 +496,11 @@ class SiteQueryLog:
         return json.loads(self.path.read_text())
 
     def _save(self, state: dict) -> None:
+        # A file from before the running total gets it before any kept run is pruned (any
+        # write prunes: a coordinator starting runs that never evaluate would drop them all)
+        site = state.setdefault(SITE_WIDE, {})
+        if "evaluations-before" not in site:
+            site["evaluations-before"] = counted_before_buckets(state)
         # Runs are kept in insertion order; the oldest go first (their rounds are over).
         for run in [r for r in state if r != SITE_WIDE][:-KEEP_RUNS]:
             for old in state.pop(run).get("replies", []):

@@ -107,13 +107,14 @@ def outcome_entry(reply: Message, run_id: int | None, step: str,
 def read_replies(path: Path) -> list[dict]:
     """The reply lines of the egress log at ``path`` in order, each with ``"outcomes"``: the
     events of the later lines with its ``run_id`` and ``reply_to`` (a failure as
-    ``"push-failed: ConnectionError"``), ``[]`` where there are none."""
+    ``"push-failed: ConnectionError"``), ``[]`` where there are none. Lines written before
+    outcomes were logged (no ``event``, no ``reply_to``) are replies without outcomes."""
     replies: list[dict] = []
     latest: dict[tuple, dict] = {}              # the last reply line of each (run, task)
     for line in Path(path).read_text().splitlines():
         entry = json.loads(line)
-        key = (entry["run_id"], entry["reply_to"])
-        if entry["event"] == REPLY:
+        key = (entry.get("run_id"), entry.get("reply_to"))
+        if entry.get("event", REPLY) == REPLY:
             latest[key] = entry | {"outcomes": []}
             replies.append(latest[key])
         elif key in latest:

@@ -548,7 +548,7 @@ def test_the_row_says_a_pooled_dp_figure_is_a_mean_of_seeds_and_gives_the_draws_
 
 def test_the_pooled_federated_figure_counts_only_for_its_recipe_encoder_and_settings(
         tmp_path, monkeypatch):
-    from bench import dp_centre
+    from bench import dp_centre, dp_seeds
 
     monkeypatch.setattr(fb, "RESULTS_DIR", tmp_path)
     over = {"ratio": 0.93, "ratio_se": 0.03, "seeds": [16, 16], "paired_difference": -0.04}
@@ -558,6 +558,7 @@ def test_the_pooled_federated_figure_counts_only_for_its_recipe_encoder_and_sett
     got = fb.pooled_fed_seeds("fed", settings, {"sha256": "ab" * 32})
     assert got["federated_over_pooled"] == 0.93 and got["seeds"] == [16, 16]
     assert got["arm"] == fm.FEDERATED == "lora" and got["ratio_se"] == 0.03
+    assert set(fb.TWO_DRAWS) == set(dp_seeds.FED_PAIRS)        # each recipe's own figure
     assert fb.pooled_fed_seeds("fed", settings, {"sha256": "cd" * 32}) is None
     assert fb.pooled_fed_seeds("fed", settings | {"rounds": 8}, {"sha256": "ab" * 32}) is None
     monkeypatch.setattr(fm, "FEDERATED", "lora_ffa")        # a recipe the file did not pool
@@ -574,5 +575,5 @@ def test_the_row_says_a_pooled_federated_figure_is_over_seeds_and_gives_the_draw
     payload["federated_over_pooled"] = 0.9412
     cells = fb._mcc_cells(payload)[0]
     assert ("federated LoRA / pooled (lora_ffa over 16 seeds, its pooled arm over 15, ± 0.031; "
-            "bench.dp_seeds --federated; this run's 2 draws of plain LoRA alone 0.80×): "
+            "bench.dp_seeds --federated; this run's 2 draws alone 0.80×): "
             "**0.941×**") in cells

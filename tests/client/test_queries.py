@@ -339,6 +339,30 @@ def test_an_upgraded_file_starts_the_total_from_what_its_kept_runs_counted(tmp_p
     assert state[SITE_WIDE]["evaluations-before"] == 70
 
 
+def test_runs_that_never_evaluate_do_not_prune_an_upgraded_files_count_away(tmp_path):
+    """Every write prunes the oldest runs: in an upgraded file the total is taken from the
+    kept runs first, so a coordinator starting KEEP_RUNS runs that never ask for an
+    evaluation (each site sends its first message) cannot drop their counts before it."""
+    import json
+
+    from client.queries import (KEEP_RUNS, SITE_WIDE, STATE_FILE, QueryLimits, QueryRefused,
+                                SiteQueryLog)
+
+    hour = 400_000
+    old = {"7": {"evaluations": 50}, "8": {"evaluations": 30},
+           SITE_WIDE: {"evaluations-by-hour": {str(hour): 10}}}
+    (tmp_path / STATE_FILE).write_text(json.dumps(old))
+    for run_id in range(100, 100 + KEEP_RUNS + 2):
+        assert SiteQueryLog(tmp_path, run_id).first_message()
+    state = json.loads((tmp_path / STATE_FILE).read_text())
+    assert "7" not in state and "8" not in state                 # pruned, their count kept
+    limits = QueryLimits(max_evaluations=10**6, max_daily_evaluations=10**6,
+                         max_total_evaluations=80)
+    log = SiteQueryLog(tmp_path, 999, clock=lambda: hour * 3600.0 + 60)
+    with pytest.raises(QueryRefused, match="at most 80 evaluate requests in all"):
+        log.admit_evaluation("classification", 1, "w", limits)   # 70 before + 10 today
+
+
 def test_the_daily_evaluation_budget_is_not_pruned_with_old_runs(tmp_path):
     """Per-run counters are dropped after ``KEEP_RUNS`` runs (their rounds are over); the
     daily count is not, or a coordinator cycling through that many runs would reset it."""

@@ -354,3 +354,20 @@ def test_a_send_to_the_coordinator_that_fails_is_logged_by_the_supernode(monkeyp
     assert replies[7]["error_code"] == ErrorCode.CLIENT_APP_CRASHED
     assert replies[7]["outcomes"] == ["send-failed: ObjectPushError"]
     assert "session" not in log.read_text()                       # the class, not the text
+
+
+def test_read_replies_keeps_lines_written_before_outcomes_were_logged(tmp_path):
+    """egress.jsonl is append-only: an upgraded site's log starts with lines that have no
+    ``event`` or ``reply_to``; they are replies (without outcomes), not an error."""
+    import json
+
+    path = tmp_path / "egress.jsonl"
+    old = {"time": "2026-12-01T00:00:00Z", "run_id": 1, "message_type": "train"}
+    new = {"time": "2026-12-06T00:00:00Z", "run_id": 2, "message_type": "train",
+           "event": "reply", "reply_to": "m2"}
+    outcome = {"time": "2026-12-06T00:00:01Z", "run_id": 2, "event": "pushed",
+               "reply_to": "m2"}
+    path.write_text("".join(json.dumps(e) + "\n" for e in (old, new, outcome)))
+    first, second = read_replies(path)
+    assert first["run_id"] == 1 and first["outcomes"] == []
+    assert second["outcomes"] == ["pushed"]

@@ -134,17 +134,19 @@ def audited(push_messages, audit: EgressAudit):
 
     def push(**kw):
         send, push_object = kw["send"], kw["push_object"]
-        sending: list = []      # the reply whose objects are being pushed, if any
+        # session id -> the reply whose objects are being pushed. By session, not "the last
+        # reply": after one object fails Flower stops waiting for the others (its pool shuts
+        # down without waiting), so a late failure of one reply can come after the next send.
+        sending: dict = {}
 
-        def settle(error: BaseException | None = None) -> None:
-            try:                        # objects go out from a thread pool: pop once, atomic
-                reply = sending.pop()
-            except IndexError:
-                return
-            audit.outcome(reply, reply.metadata.run_id, "send", error)
+        def settle(session=None, error: BaseException | None = None) -> None:
+            for key in [session] if session is not None else list(sending):
+                reply = sending.pop(key, None)      # atomic: settled once, by whoever first
+                if reply is not None:
+                    audit.outcome(reply, reply.metadata.run_id, "send", error)
 
         def audited_send(message, tree, runtime):
-            settle()                    # the reply before: all its objects went out
+            settle()                    # the replies before: all their objects went out
             if message.has_error() and message.error.code == ErrorCode.CLIENT_APP_CRASHED:
                 audit.record(message, message.metadata.run_id)
             try:
@@ -152,21 +154,21 @@ def audited(push_messages, audit: EgressAudit):
             except BaseException as err:
                 audit.outcome(message, message.metadata.run_id, "send", err)
                 raise
-            sending.append(message)
+            sending[result[1]] = message
             return result
 
-        def audited_push_object(*args):
+        def audited_push_object(run_id, session_id, *args):
             try:
-                return push_object(*args)
+                return push_object(run_id, session_id, *args)
             except BaseException as err:
-                settle(err)
+                settle(session_id, err)
                 raise
 
         try:
             result = push_messages(**kw | {"send": audited_send,
                                            "push_object": audited_push_object})
         except BaseException as err:    # stopped mid-way (Flower catches the rest)
-            settle(err)
+            settle(error=err)
             raise
         settle()
         return result

@@ -371,3 +371,39 @@ def test_read_replies_keeps_lines_written_before_outcomes_were_logged(tmp_path):
     first, second = read_replies(path)
     assert first["run_id"] == 1 and first["outcomes"] == []
     assert second["outcomes"] == ["pushed"]
+
+
+def test_a_late_object_failure_of_one_reply_is_not_logged_against_the_next(tmp_path):
+    """Flower stops waiting for a reply's other object pushes once one fails; one of those can
+    fail after the next reply was sent. It is settled by its send session: the first reply
+    shows one failure, the next one was sent."""
+    from flwr.supercore.inflatable.inflatable_utils import ObjectPushError
+
+    from medfed.deploy import supernode
+
+    log = tmp_path / "egress.jsonl"
+    first, second = (Message(RecordDict(), dst_node_id=1, message_type=MessageType.TRAIN,
+                             group_id="g") for _ in range(2))
+    for run, reply in ((5, first), (6, second)):
+        reply.metadata.__dict__["_run_id"] = run
+        reply.metadata.__dict__["_reply_to_message_id"] = f"m{run}"
+
+    def push_messages(*, send, push_object):          # Flower's order of calls, replayed
+        send(first, None, None)
+        with pytest.raises(ObjectPushError):
+            push_object(5, "s-first", "a", b"")
+        send(second, None, None)
+        with pytest.raises(ObjectPushError):           # first's straggler, after second's send
+            push_object(5, "s-first", "b", b"")
+        push_object(6, "s-second", "c", b"")
+
+    def send(message, _tree, _runtime):
+        return set(), f"s-{'first' if message is first else 'second'}"
+
+    def push_object(run_id, session_id, object_id, _content):
+        if session_id == "s-first":
+            raise ObjectPushError(object_id, run_id, session_id)
+
+    supernode.audited(push_messages, EgressAudit(log))(send=send, push_object=push_object)
+    outcomes = [(x["run_id"], x["event"]) for x in _lines(log)]
+    assert outcomes == [(5, "send-failed"), (6, "sent")]

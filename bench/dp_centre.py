@@ -137,6 +137,14 @@ VARIANTS = {
     # with the head already fitted in rounds 1-5, does the later rounds' DP fit still need it?
     "dp_lora_std_hlr5_lp5": ("dp_lora", [CENTRE, SCALE, HEAD_LR, LP5,
                                          "train.head_lr_rounds=5"]),
+    # session 40, registered before the run: ten head-only rounds instead of five. Five gave
+    # +0.021 site-test under DP and nothing without it (session 29); under DP the adapters'
+    # per-coordinate signal is 1e-3 of the noise (results/foundation_dp_centre_snr.json), so
+    # every adapter round adds noise to the features the head reads. Seeds 0-7 of both draws,
+    # all reported; it replaces LP5 in foundation_mcc.DP_RECIPE only if its 16-seed mean beats
+    # the recipe's 16 seeds (bench.dp_seeds: site-test 0.511, external 0.525) on BOTH
+    # site-test and external MCC.
+    "dp_lora_std_hlr_lp10": ("dp_lora", [CENTRE, SCALE, HEAD_LR, "train.head_only_rounds=10"]),
     # session 31: DP and non-DP with that recipe at 30% and 100% of the labels
     "dp_lora_std_hlr_lp5_l30": ("dp_lora", [CENTRE, SCALE, HEAD_LR, LP5, *LABELS30]),
     "lora_std_hlr_lp5_l30": ("lora", [CENTRE, SCALE, HEAD_LR, LP5, *LABELS30]),

@@ -184,7 +184,7 @@ def run_task(client, allow: AllowList, *, node_config: Mapping[str, object],
 
     heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
     heartbeat.start()
-    context, outcome = None, None
+    context, outcome, pushed = None, None, False
     try:
         start = time.perf_counter()
         hop("runner.start", site=site_id)
@@ -200,6 +200,7 @@ def run_task(client, allow: AllowList, *, node_config: Mapping[str, object],
         with (audit.sending(outcome.reply, context.run_id, "push") if audit is not None
               else nullcontext()):
             push_message(client, outcome.reply, context)
+        pushed = True
         hop("runner.pushed", message_id, site=site_id)
         # where a message's time goes at the site (durations only)
         log.info("[%s] run %s: task input pulled in %.1fs, app %.1fs, reply pushed in %.1fs",
@@ -207,15 +208,19 @@ def run_task(client, allow: AllowList, *, node_config: Mapping[str, object],
                  time.perf_counter() - handled)
     finally:
         try:
+            # a task whose reply did not reach the SuperNode did not complete, whatever the
+            # app returned (the reason names no exception text: it may quote the reply)
+            done = outcome if outcome and pushed else None
             push_task_output(client=client, context=context,
-                             sub_status=outcome.sub_status if outcome else SubStatus.FAILED,
-                             details=outcome.details if outcome else "the site runner failed")
+                             sub_status=done.sub_status if done else SubStatus.FAILED,
+                             details=(done.details if done else "the reply was not pushed"
+                                      if outcome else "the site runner failed"))
             hop("runner.status_pushed", site=site_id)
         finally:                        # a refused port (ForeignRuntimePort) stops beats too
             if heartbeat.is_running:
                 heartbeat.stop()
             client.close()
-    return 0 if outcome and outcome.sub_status == SubStatus.COMPLETED else 1
+    return 0 if pushed and outcome.sub_status == SubStatus.COMPLETED else 1
 
 
 def runtime_client(address: str, token: str, *, supernode_pid: Path):

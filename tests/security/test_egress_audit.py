@@ -14,7 +14,7 @@ import pytest
 from flwr.app import (Array, ArrayRecord, ConfigRecord, Context, Message, MessageType,
                       MetricRecord, RecordDict)
 from flwr.app.error import Error
-from flwr.common.constant import ErrorCode
+from flwr.common.constant import ErrorCode, SubStatus
 
 import medfed.deploy.runner as runner
 from medfed.deploy.allowlist import AllowList, fab_digest
@@ -44,7 +44,7 @@ class _Client:
         pass
 
 
-def _run(monkeypatch, message, context, fab, allow, load_app, audit, push=None):
+def _run(monkeypatch, message, context, fab, allow, load_app, audit, push=None, status=None):
     import flwr.supercore.heartbeat as heartbeat
     import flwr.supernode.runtime.run_clientapp as flwr_runner
 
@@ -54,7 +54,8 @@ def _run(monkeypatch, message, context, fab, allow, load_app, audit, push=None):
                         lambda client: (message, context, None, fab))
     monkeypatch.setattr(flwr_runner, "push_message",
                         push or (lambda c, reply, ctx: pushed.append(reply)))
-    monkeypatch.setattr(flwr_runner, "push_task_output", lambda **kwargs: None)
+    monkeypatch.setattr(flwr_runner, "push_task_output",
+                        lambda **kwargs: (status if status is not None else []).append(kwargs))
     runner.run_task(_Client(), allow, node_config=context.node_config, load_app=load_app,
                     audit=audit)
     return pushed
@@ -162,8 +163,15 @@ def test_a_reply_whose_push_fails_is_logged_as_tried_and_failed_by_class_only(mo
     def push(client, reply, ctx):
         raise ConnectionError(f"lost while sending {SECRET_VALUE}")
 
+    status = []
     with pytest.raises(ConnectionError):
-        _run(monkeypatch, message, context, fab, allow, _metrics_app, audit, push=push)
+        _run(monkeypatch, message, context, fab, allow, _metrics_app, audit, push=push,
+             status=status)
+    # the app completed, the reply did not reach the SuperNode: Flower hears the task failed
+    (reported,) = status
+    assert reported["sub_status"] == SubStatus.FAILED
+    assert reported["details"] == "the reply was not pushed"
+    assert SECRET_VALUE not in reported["details"]
     text = audit.path.read_text()
     tried, failed = [json.loads(ln) for ln in text.splitlines()]
     assert tried["event"] == "reply" and tried["records"]["metrics"]["entries"] == 1
@@ -183,7 +191,10 @@ def test_a_pushed_reply_is_logged_as_tried_then_pushed(monkeypatch, tmp_path):
     def push(client, reply, ctx):                     # the reply line is already there
         order.append(len(audit.path.read_text().splitlines()))
 
-    _run(monkeypatch, message, context, fab, allow, _metrics_app, audit, push=push)
+    status = []
+    _run(monkeypatch, message, context, fab, allow, _metrics_app, audit, push=push,
+         status=status)
+    assert [s["sub_status"] for s in status] == [SubStatus.COMPLETED]
     tried, pushed = [json.loads(ln) for ln in audit.path.read_text().splitlines()]
     assert order == [1] and tried["event"] == "reply" and tried["error_code"] is None
     assert pushed == {"time": pushed["time"], "event": "pushed", "run_id": 1,

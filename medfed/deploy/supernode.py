@@ -130,7 +130,10 @@ def audited(push_messages, audit: EgressAudit):
     coordinator ended (``sent``: its header and every object it asked for went out), and,
     before it is sent, the line of each reply the SuperNode made itself (``CLIENT_APP_CRASHED``:
     its task's runner died or hung); the runner wrote the line of every other reply (and never
-    sends that code). Flower logs and drops a failed send, so the failure is caught here."""
+    sends that code). Flower logs and drops a failed send, so the failure is caught here: from
+    an object push, and from anything else while a reply's objects go out (Flower's
+    ``push_object_contents_from_iterable``, e.g. its object iterator reading the store)."""
+    import flwr.supernode.start_client_internal as loop
 
     def push(**kw):
         send, push_object = kw["send"], kw["push_object"]
@@ -164,12 +167,24 @@ def audited(push_messages, audit: EgressAudit):
                 settle(session_id, err)
                 raise
 
+        def audited_contents(contents, push_object_fn, **options):
+            try:
+                return push_contents(contents, push_object_fn, **options)
+            except BaseException as err:    # Flower binds (run_id, session_id) by partial;
+                args = getattr(push_object_fn, "args", ())      # unknown: every open send
+                settle(args[1] if len(args) == 2 else None, err)
+                raise
+
+        push_contents = loop.push_object_contents_from_iterable
+        loop.push_object_contents_from_iterable = audited_contents     # the loop's thread only
         try:
             result = push_messages(**kw | {"send": audited_send,
                                            "push_object": audited_push_object})
         except BaseException as err:    # stopped mid-way (Flower catches the rest)
             settle(error=err)
             raise
+        finally:
+            loop.push_object_contents_from_iterable = push_contents
         settle()
         return result
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import stat
+from unittest.mock import ANY
 
 import numpy as np
 import pytest
@@ -365,6 +366,39 @@ def test_a_send_to_the_coordinator_that_fails_is_logged_by_the_supernode(monkeyp
     assert replies[7]["error_code"] == ErrorCode.CLIENT_APP_CRASHED
     assert replies[7]["outcomes"] == ["send-failed: ObjectPushError"]
     assert "session" not in log.read_text()                       # the class, not the text
+
+
+def test_a_reply_whose_objects_cannot_be_read_is_not_logged_as_sent(monkeypatch, tmp_path):
+    """The coordinator took the header, then Flower's object iterator failed reading the
+    site's store (not an object push): Flower logs and drops the reply. Its line says the
+    send failed, by class - not ``sent``."""
+    from medfed.deploy import supernode
+
+    loop, state, store, runner_reply = _supernode_replies(monkeypatch)
+    log = tmp_path / "egress.jsonl"
+    supernode.install(0.5, audit=EgressAudit(log))
+    real_get, pushed = store.get, []
+    broken = runner_reply.object_id
+
+    def get(object_id):
+        if object_id == broken:
+            raise OSError(f"store read failed for {SECRET_VALUE}")
+        return real_get(object_id)
+
+    monkeypatch.setattr(store, "get", get)
+
+    def send(message, tree, _runtime):
+        return {t.object_id for t in loop.iterate_object_tree(tree)}, f"s{message.metadata.run_id}"
+
+    loop._push_messages(state=state, object_store=store, send=send,
+                        push_object=lambda run_id, session, object_id, _c: pushed.append(run_id))
+    replies = {r["run_id"]: r for r in read_replies(log)}
+    assert replies[7]["outcomes"] == ["sent"] and 7 in pushed      # the other reply went out
+    assert [x for x in _lines(log) if x["run_id"] == 8] == [
+        {"time": ANY, "event": "send-failed", "run_id": 8,
+         "reply_to": runner_reply.metadata.reply_to_message_id, "error": "OSError"}]
+    assert SECRET_VALUE not in log.read_text()
+    assert loop.push_object_contents_from_iterable.__name__ != "audited_contents"  # put back
 
 
 def test_read_replies_keeps_lines_written_before_outcomes_were_logged(tmp_path):

@@ -9,6 +9,7 @@ import os
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from client.engine import Engine
@@ -130,7 +131,6 @@ def _on_the_wire(key: str, *, heads: tuple[str, ...]) -> bool:
 def test_mm_dino_from_a_loaded_dinov2_trains_adapters_and_heads_with_a_site_local_teacher(
         encoders, weights):
     model, task = _build(encoders, weights, "mm_dino", {"local_crops": 1})
-    loaded = dict(model.backbone.encoder.named_parameters())
     moved = _train_one_epoch(model, task, _studies())
     _assert_only_trainable_changed(model, moved)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -144,7 +144,16 @@ def test_mm_dino_from_a_loaded_dinov2_trains_adapters_and_heads_with_a_site_loca
         torch.testing.assert_close(teacher[name], dict(model.named_parameters())[name],
                                    rtol=0, atol=0)
     assert any(name.startswith("backbone.encoder.") for name in frozen)
-    assert loaded     # the encoder is the loaded one, not a copy the objective made
+    # the encoder is the directory's, not one the objective made: after training, every
+    # tensor saved there is one of the student's frozen encoder weights, value for value
+    # (by content: the family's module names differ from its checkpoint's)
+    def digest(t: torch.Tensor) -> tuple:
+        return tuple(t.shape), t.detach().contiguous().numpy().tobytes()
+
+    frozen_weights = {digest(p) for p in model.backbone.encoder.parameters()
+                      if not p.requires_grad}
+    saved = load_file(str(encoders / weights / "model.safetensors"))
+    assert [k for k, v in saved.items() if digest(v) not in frozen_weights] == []
     # the site state keeps the teacher's trainable part only (its base is the site's copy)
     state = task.site_state()
     kept = {k[len("teacher."):] for k in state if k.startswith("teacher.")}

@@ -3,6 +3,8 @@ options are validated against their registries before any site trains."""
 
 from __future__ import annotations
 
+import math
+
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -56,6 +58,13 @@ def _validated_model(cfg: ExperimentConfig) -> nn.Module:
                           f"federation.num_sites={fed.num_sites}; the run could never start")
     if not (0 < strat.fraction_train <= 1 and 0 <= strat.fraction_evaluate <= 1):
         raise ConfigError("strategy fractions must be in (0, 1]")
+    if not (math.isfinite(fed.cpus_per_site) and fed.cpus_per_site > 0):
+        raise ConfigError(f"federation.cpus_per_site must be > 0, got {fed.cpus_per_site}")
+    # Ray's shares: a fraction of one GPU, or whole GPUs
+    gpus = fed.gpus_per_site
+    if not (math.isfinite(gpus) and (0 <= gpus <= 1 or float(gpus).is_integer())):
+        raise ConfigError("federation.gpus_per_site must be a share of one GPU in [0, 1] or a "
+                          f"whole number of GPUs, got {gpus}")
     if fed.round_timeout <= 0 or fed.quorum_timeout <= 0:
         raise ConfigError("federation.round_timeout and federation.quorum_timeout must be > 0 s")
     if strat.max_update_norm is not None and strat.max_update_norm <= 0:

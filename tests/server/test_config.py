@@ -65,6 +65,19 @@ def test_fingerprint_leaves_out_settings_at_their_defaults():
         != cfg.fingerprint()
 
 
+@pytest.mark.parametrize("override, ok", [
+    ("federation.gpus_per_site=0.5", True), ("federation.gpus_per_site=2", True),
+    ("federation.gpus_per_site=1.5", False), ("federation.gpus_per_site=-0.5", False),
+    ("federation.gpus_per_site=nan", False), ("federation.cpus_per_site=0", False)])
+def test_simulated_sites_resources_are_ray_shares(override, ok):
+    if ok:
+        assert load_experiment([override]).federation.gpus_per_site == float(
+            override.split("=")[1])
+    else:
+        with pytest.raises(ConfigError, match=override.split("=")[0]):
+            load_experiment([override])
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["model.options.num_sequences=0"], "num_sequences"),
     (["task.image_size=60"], "not divisible by patch_size"),

@@ -3,8 +3,9 @@ or the head only; which keys are frozen; and a digest of the frozen base weights
 
 Whatever the method, the parts the adaptation created (per-channel patch embeddings, channel
 embedding, the optional presence embedding, head) train - except for a linear probe, where only
-the head does. Frozen weights never change at a site, so they need not travel; the digest lets
-a run check once that every site starts from the same base weights.
+the head does. Frozen weights never change at a site, so they never travel; the coordinator
+puts their digest in every job and a site checks it each time it builds the model from its
+own copy (client/foundation.py), so every site trains from the same base weights.
 
 DP-SGD: LoRA's ``lora_A``/``lora_B`` are ``nn.Linear`` and covered by the exact per-sample
 rule. DoRA's magnitude vector and IA3's scaling vector are parameters of peft's own layer

@@ -13,7 +13,8 @@ import torch
 
 from models.foundation import base_digest
 from models.foundation.adapt import FoundationBackbone
-from models.foundation.export import export_foundation
+from models.foundation.export import PAIR_DIR, export_foundation, save_pair
+from models.foundation.pair import PretrainedPair
 from models.foundation.swin import SwinSegmenter, export_swin
 from models.serving import (ExportedClassifier, ExportedSegmenter, plain_backbone, servable,
                             trained_backbone)
@@ -92,6 +93,8 @@ def register_version(cfg: ExperimentConfig, mlflow, client, run_id: str,
             # The family's own format: merged save_pretrained / MONAI safetensors, the
             # peft adapter directory, and the multi-channel adaptation parts.
             export_foundation(backbone, tmp, extra=extra)
+            if isinstance(model, PretrainedPair):     # CLIP/SigLIP pretraining: both towers
+                save_pair(model, f"{tmp}/{PAIR_DIR}")
         else:
             save_pretrained(plain_backbone(model), tmp, extra=extra)
         # what `medfed export` hands out

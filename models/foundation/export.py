@@ -32,6 +32,10 @@ MedFed's training code or MLflow.
                                   the (centred) pooled features are projected on before the
                                   head (projection.py)
 
+After CLIP/SigLIP pretraining from a loaded pair, ``DIR/pair/`` (``save_pair``) also holds
+the whole pair - both towers with their adapters merged, projections, temperature, tokenizer -
+as the family's own ``CLIPModel`` / ``SiglipModel`` directory.
+
 ``load_export(DIR)`` rebuilds the whole adapted model (merged encoder + adaptation parts).
 The encoder's own RGB patch projection is exported unchanged; the adapted model never uses it
 (``adaptation.json`` says so), so ``DIR/encoder`` alone is the fine-tuned transformer for RGB
@@ -77,6 +81,7 @@ from .timm_vit import TIMM_FAMILY
 
 ENCODER_DIR = "encoder"
 ADAPTER_DIR = "adapter"
+PAIR_DIR = "pair"                    # save_pair's directory beside them (CLIP/SigLIP phases)
 ADAPTATION_WEIGHTS = "adaptation.safetensors"
 ADAPTATION_CONFIG = "adaptation.json"
 FORMAT = "medfed-foundation-export"
@@ -90,10 +95,11 @@ class ExportFormatError(ValueError):
     """A directory is not a foundation export this version can read; says why."""
 
 
-def merge_adapters(model: FoundationBackbone) -> FoundationBackbone:
-    """A copy of ``model`` with every peft adapter (LoRA, DoRA, IA3) merged into its base
-    layer and the peft wrapper replaced by that plain layer: the module tree, and so every
-    state-dict key of the encoder, is the original family's again."""
+def merge_adapters(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` (a FoundationBackbone, or a pair's text tower) with every peft
+    adapter (LoRA, DoRA, IA3) merged into its base layer and the peft wrapper replaced by
+    that plain layer: the module tree, and so every state-dict key of the encoder, is the
+    original family's again."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     merged = copy.deepcopy(model)
@@ -105,6 +111,55 @@ def merge_adapters(model: FoundationBackbone) -> FoundationBackbone:
         setattr(merged.get_submodule(parent), child, layer.get_base_layer())
     vars(merged).pop("peft_config", None)   # peft's injection set it; stale once merged
     return merged
+
+
+# a pair directory's own files that save_pretrained does not write: its tokenizer's
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "vocab.txt", "vocab.json", "merges.txt", "spiece.model",
+                   "sentencepiece.bpe.model", "tokenizer.model", "added_tokens.json")
+
+
+def save_pair(pair, directory: str | Path) -> Path:
+    """Write an image-report pair (``pair.PretrainedPair`` after CLIP/SigLIP pretraining) as
+    the family's own ``CLIPModel`` / ``SiglipModel`` directory, adapters merged into BOTH
+    towers, with the trained temperature (and SigLIP's bias) and the projections, plus the
+    tokenizer files of the directory it was loaded from - ``from_pretrained`` reads it
+    back with its tokenizer. The image tower is the encoder as the pair saw it (its own RGB
+    patch projection; the multi-channel parts are in ``export_foundation``'s layout)."""
+    import shutil
+
+    import transformers
+
+    from .loading import HF_MODEL_TYPES
+
+    vision = merge_adapters(pair.backbone).encoder
+    text = merge_adapters(pair.text)
+    class_name, tower, _ = HF_MODEL_TYPES[vision.config.model_type]
+    if vision.config.model_type.endswith("_vision_model"):    # a tower alone has no text
+        class_name = class_name.replace("VisionModel", "Model")
+    holder_config = getattr(transformers, class_name).config_class
+    extra = ({"projection_dim": pair.visual_projection.out_features}
+             if pair.visual_projection is not None else {})
+    config = holder_config(text_config=text.config.to_dict(),
+                           vision_config=vision.config.to_dict(), **extra)
+    with torch.device("meta"):                  # every part is replaced at once
+        holder = getattr(transformers, class_name)(config)
+    holder.vision_model, holder.text_model = vision, text
+    for name in ("visual_projection", "text_projection"):
+        if getattr(pair, name) is not None:
+            setattr(holder, name, copy.deepcopy(getattr(pair, name)))
+    for name in ("logit_scale", "logit_bias"):
+        if getattr(pair, name) is not None:
+            setattr(holder, name, nn.Parameter(getattr(pair, name).detach().clone()))
+    left = [k for k, v in holder.state_dict().items() if v.is_meta]
+    if left:
+        raise RuntimeError(f"{class_name} holds more than the pair's parts: {left[:3]}")
+    directory = Path(directory)
+    holder.save_pretrained(str(directory), safe_serialization=True)
+    for name in TOKENIZER_FILES:
+        if (Path(pair.backbone.directory) / name).is_file():
+            shutil.copy2(Path(pair.backbone.directory) / name, directory / name)
+    return directory
 
 
 def _family_model(encoder: nn.Module) -> nn.Module:

@@ -271,6 +271,42 @@ def test_clip_from_a_loaded_pair_trains_adapters_on_both_towers(encoders, family
     assert metrics.n == 6 and metrics.auroc is not None
 
 
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+def test_a_pretrained_pair_is_exported_whole_in_its_familys_format(encoders, family, tmp_path):
+    """Weights out after CLIP/SigLIP pretraining: the whole pair, both towers' adapters
+    merged, the trained temperature, the tokenizer - ``from_pretrained`` gives what the pair
+    computes, without MedFed."""
+    from models.foundation.export import merge_adapters, save_pair
+
+    model, task = _build(encoders, f"{family}_pair", "clip", {"max_length": 16})
+    tokens = task.data_needs.reports.transform()(REPORTS)
+    _train_one_epoch(model, task, _studies(reports=tokens))
+    with torch.no_grad():                 # trained adapters and scale move the outputs apart
+        for name, p in model.named_parameters():
+            if "lora_B" in name or name in ("logit_scale", "logit_bias"):
+                p.add_(0.05 * torch.randn_like(p))
+    save_pair(model, tmp_path / "pair")
+    cls = {"clip": transformers.CLIPModel, "siglip": transformers.SiglipModel}[family]
+    loaded = cls.from_pretrained(str(tmp_path / "pair"), use_safetensors=True).eval()
+    model.eval()
+    ids, mask = tokens["input_ids"][:4], tokens["attention_mask"][:4]
+    with torch.no_grad():
+        text = loaded.get_text_features(input_ids=ids, attention_mask=mask)
+        text = getattr(text, "pooler_output", text)
+        torch.testing.assert_close(torch.nn.functional.normalize(text, dim=-1),
+                                   model.encode_text(ids, mask), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(loaded.logit_scale.detach(), model.logit_scale.detach())
+    if family == "siglip":
+        torch.testing.assert_close(loaded.logit_bias.detach(), model.logit_bias.detach())
+    vision = merge_adapters(model.backbone).encoder.state_dict()
+    assert set(loaded.vision_model.state_dict()) == set(vision)
+    for k, v in loaded.vision_model.state_dict().items():
+        torch.testing.assert_close(v, vision[k], rtol=0, atol=0)
+    # the directory's own tokenizer comes along, byte for byte
+    assert (tmp_path / "pair" / "tokenizer.json").read_bytes() == \
+        (encoders / f"{family}_pair" / "tokenizer.json").read_bytes()
+
+
 def test_a_site_whose_tokenizer_differs_refuses_the_job(encoders, tmp_path):
     """The tokenizer is part of the pair's base: same weights, another tokenizer.json at the
     site -> another base digest -> the site refuses before training (as for other weights)."""

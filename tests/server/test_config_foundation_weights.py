@@ -18,7 +18,7 @@ from models.foundation.monai_nets import SWIN_UNETR_TYPE, save_monai
 from server.config import ConfigError, load_experiment
 
 from ..models.test_foundation import MONAI_TINY, _save
-from ..models.test_foundation_monai import VIT3D, SWIN, _vit, _vit_bundle
+from ..models.test_foundation_monai import SWIN, VIT3D, _vit, _vit_bundle
 from ..models.test_foundation_timm import FIXTURES as TIMM_FIXTURES
 
 COMMON = ["model=foundation", "task.image_size=32"]

@@ -154,6 +154,7 @@ def _non_weight_files(src: Path) -> list[Path]:
 
 def _convert_shards(shards: list[Path], dst: Path) -> int:
     """Each shard as ``model-0000i-of-0000N.safetensors``, and their index; the tensor count."""
+    created = not dst.exists()
     dst.mkdir(parents=True, exist_ok=True)
     weight_map: dict[str, str] = {}
     total = 0
@@ -172,6 +173,8 @@ def _convert_shards(shards: list[Path], dst: Path) -> int:
     except FoundationLoadError:
         for path in written:         # no half-converted checkpoint left behind
             path.unlink(missing_ok=True)
+        if created:
+            dst.rmdir()
         raise
     (dst / SAFETENSORS_INDEX).write_text(json.dumps(
         {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},

@@ -292,9 +292,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert-weights", help="convert a pickle checkpoint (.bin/.pt/.pth/"
                                                ".ckpt) to safetensors for a foundation model, "
                                                "without running code from it")
-    p.add_argument("src", help="the checkpoint file, a directory holding exactly one, or a "
+    p.add_argument("src", help="the checkpoint file, a directory holding exactly one (or a "
+                               "sharded one with its pytorch_model.bin.index.json), or a "
                                "MONAI bundle directory (models/model.pt)")
-    p.add_argument("dst", help="directory to write (model.safetensors + the JSON configs)")
+    p.add_argument("dst", help="directory to write (safetensors + every other file of a SRC "
+                               "directory: configs, tokenizer files)")
     p.add_argument("--force", action="store_true", help="write into an existing, non-empty "
                                                         "dst (files of the same name replaced)")
     p.set_defaults(func=Handler("models", "convert_weights"))

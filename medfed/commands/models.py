@@ -20,14 +20,17 @@ def export(args: argparse.Namespace) -> int:
 
 
 def convert_weights(args: argparse.Namespace) -> int:
-    """Convert ``SRC`` (a pickle checkpoint, or a MONAI bundle) to ``DST/model.safetensors``
-    (a bundle: ``DST/models/model.safetensors`` beside its configs) with
+    """Convert ``SRC`` (a pickle checkpoint, sharded or not, or a MONAI bundle) to
+    safetensors in ``DST`` (``models.foundation.convert``) with
     ``torch.load(weights_only=True)``: tensors and plain containers only, no code runs."""
     from models.foundation.bundle import is_bundle, weights_dir
-    from models.foundation.loading import WEIGHTS_FILE, convert_weights as convert
+    from models.foundation.convert import SAFETENSORS_INDEX, convert_weights as convert
+    from models.foundation.loading import WEIGHTS_FILE
 
     out = convert(Path(args.src), Path(args.dst), force=args.force)
     written = (weights_dir(out) if is_bundle(out) else out) / WEIGHTS_FILE   # bundle: models/
+    if not written.is_file():               # a sharded checkpoint: its shards' index
+        written = out / SAFETENSORS_INDEX
     print(f"wrote {written}; place {out.name} in foundation-dir and name it "
           f"with model.options.weights={out.name}")
     return 0

@@ -2,7 +2,8 @@
 MONAI vision encoder from a local directory, adapted to multi-channel studies and fine-tuned
 with LoRA (or DoRA, IA3, fully, or as a linear probe).
 
-``loading`` (local directory -> encoder, strict), ``families`` (each family's seams),
+``loading`` (local directory -> encoder, strict; ``convert``: pickle -> safetensors),
+``families`` (each family's seams),
 ``adapt`` (multi-channel backbone with the MultiModalViT interface), ``lora`` (what trains,
 frozen digest). Registered in ``models.MODELS`` as ``"foundation"``; ``swin``: a pretrained
 MONAI SwinUNETR as the segmentation task's network, ``"foundation_swin"``. transformers, peft and

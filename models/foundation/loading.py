@@ -3,10 +3,13 @@
 Never a hub: ``local_files_only=True`` on every Hugging Face call, and a directory that does
 not exist is refused before transformers could read the name as a hub id. The architecture
 comes from the directory's ``config.json`` (``model_type`` -> family) and the weights must fit
-it exactly: transformers only warns about missing or unexpected keys, we refuse. Weights are
-read only from ``*.safetensors``; a pickle checkpoint (``pytorch_model.bin``, ``.pt``, ``.pth``)
-can run code when unpickled, so it is refused with the command that converts it
-(``convert_weights`` here, ``medfed convert-weights SRC DST`` on the command line).
+it exactly: transformers only warns about missing or unexpected keys, we refuse. On the meta
+device (config load, ``check_weights_fit``; a site sizing a job) the same check runs on the
+safetensors headers (names and shapes, no tensor data read): a config.json edited away from its
+weights is refused there, not first when the weights load. Weights are read only from
+``*.safetensors``; a pickle checkpoint (``pytorch_model.bin``, ``.pt``, ``.pth``) can run code
+when unpickled, so it is refused with the command that converts it (``convert.convert_weights``,
+``medfed convert-weights SRC DST`` on the command line).
 
 MONAI networks have no ``save_pretrained``: their directory is our own small format
 (``monai_nets.save_monai``: ``config.json`` = ``{"model_type": "monai_vit", "constructor":
@@ -21,12 +24,12 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from . import bundle, monai_nets
 from .families import FamilySeams, seams_for
@@ -47,11 +50,6 @@ PUBLIC_CONSTANT_FILES = (FEATURE_MEAN_FILE, FEATURE_SCALE_FILE, FEATURE_PROJECTI
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 CONVERT_COMMAND = "medfed convert-weights SRC DST"
 MONAI_MODEL_TYPE = monai_nets.VIT_TYPE
-# torch's weights_only refusal names the object: "Unsupported global: GLOBAL argparse.Namespace"
-_REFUSED_GLOBAL = re.compile(r"GLOBAL\s+([A-Za-z_][\w.]{0,199})")
-_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-_SAVE_STATE_DICT = ("save only the state dict (torch.save(model.state_dict(), path)) and "
-                    "convert that")
 # model_type in config.json -> (transformers class, attribute holding the vision encoder or
 # "" for the model itself, family)
 HF_MODEL_TYPES: dict[str, tuple[str, str, str]] = {
@@ -155,7 +153,7 @@ def check_weight_files(directory: Path) -> list[Path]:
         raise FoundationLoadError(
             f"{directory} holds only pickle weights ({', '.join(pickles)}), which are refused "
             f"because unpickling can run code; convert them with `{CONVERT_COMMAND}` "
-            f"(models.foundation.loading.convert_weights; SRC may be a MONAI bundle) and "
+            f"(models.foundation.convert.convert_weights; SRC may be a MONAI bundle) and "
             "point to DST")
     raise FoundationLoadError(f"{directory} has no *.safetensors weights")
 
@@ -183,12 +181,7 @@ def load_encoder(directory: str | Path, *, expected_family: str = "") -> LoadedE
     model_type = config.get("model_type")
     if model_type in monai_nets.NOT_A_BACKBONE:
         raise FoundationLoadError(f"{directory}: {monai_nets.NOT_A_BACKBONE[model_type]}")
-    if is_timm_config(config):
-        loaded = load_timm_vit(directory, config)
-    elif model_type in monai_nets.MONAI_CLASSES:
-        loaded = _load_monai(directory, config, files)
-    else:
-        loaded = _load_hf(directory, model_type)
+    loaded = _load_family(directory, config, files)
     if expected_family and loaded.family != expected_family:
         raise FoundationLoadError(f"{directory} holds a {loaded.family} encoder, but the "
                                   f"configuration expects {expected_family}")
@@ -196,16 +189,75 @@ def load_encoder(directory: str | Path, *, expected_family: str = "") -> LoadedE
     return loaded
 
 
-def _refuse_mismatch(directory: Path, missing, unexpected, mismatched) -> None:
+def check_weights_fit(directory: str | Path) -> None:
+    """Refuse, in one line, a directory whose weight files do not fit its config: the
+    family's own loader on the meta device, which compares the names and shapes in the
+    safetensors headers with the model the config builds. No tensor data is read (config
+    load calls this; ``load_encoder`` applies the same rule when it loads them)."""
+    directory = Path(directory)
+    config = read_config(directory)
+    files = check_weight_files(directory)
+    with torch.device("meta"):
+        if config.get("model_type") in monai_nets.MONAI_CLASSES:    # SwinUNETR too
+            monai_nets.load_network(directory, config["model_type"],
+                                    _monai_args(directory, config), files)
+        else:
+            _load_family(directory, config, files)
+
+
+def _load_family(directory: Path, config: dict, files: list[Path]) -> LoadedEncoder:
+    if is_timm_config(config):
+        return load_timm_vit(directory, config)
+    if config["model_type"] in monai_nets.MONAI_CLASSES:
+        return _load_monai(directory, config, files)
+    return _load_hf(directory, config["model_type"], files)
+
+
+def weight_shapes(files: Sequence[Path]) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape, from the safetensors headers of ``files`` (no tensor data read)."""
+    from safetensors import safe_open
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():
+                    shapes[key] = tuple(f.get_slice(key).get_shape())
+        except Exception as err:       # safetensors' own error type: its reason, one line
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise FoundationLoadError(f"{path} is not a readable safetensors file: "
+                                      f"{reason}") from None
+    return shapes
+
+
+def check_state_shapes(directory: Path, model: nn.Module, files: Sequence[Path]) -> None:
+    """Refuse (one line) unless the headers of ``files`` hold exactly ``model``'s state-dict
+    names, each with its shape: the check of every loader that maps no keys (MONAI, timm)."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    found = weight_shapes(files)
+    mismatched = [(k, found[k], expected[k]) for k in expected.keys() & found.keys()
+                  if found[k] != expected[k]]
+    _refuse_mismatch(directory, expected.keys() - found.keys(), found.keys() - expected.keys(),
+                     mismatched)
+
+
+def _refuse_mismatch(directory: Path, missing, unexpected,
+                     mismatched: Sequence[tuple[str, Sequence[int], Sequence[int]]]) -> None:
+    """One line for every way the weights differ from the config's model; ``mismatched``
+    holds ``(name, shape in the file, shape the config gives)``."""
     problems = []
-    for what, keys in (("missing", missing), ("unexpected", unexpected),
-                       ("wrong shape", mismatched)):
+    for what, keys in (("missing", missing), ("unexpected", unexpected)):
         keys = sorted(str(k) for k in keys)
         if keys:
             problems.append(f"{what} {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
                             f" ({len(keys)})")
+    source = bundle.NETWORK_KEY if bundle.is_bundle(directory) else CONFIG_FILE
+    if mismatched:
+        name, file_shape, config_shape = sorted(mismatched, key=lambda m: str(m[0]))[0]
+        problems.append(f"wrong shape {name}: {source} gives {list(config_shape)}, the "
+                        f"file holds {list(file_shape)} ({len(mismatched)} tensors)")
     if problems:
-        raise FoundationLoadError(f"weights in {directory} do not match its {CONFIG_FILE}: "
+        raise FoundationLoadError(f"weights in {directory} do not match its {source}: "
                                   + "; ".join(problems))
 
 
@@ -226,7 +278,7 @@ def _quiet_transformers():
             hf_logging.enable_progress_bar()
 
 
-def _load_hf(directory: Path, model_type: str) -> LoadedEncoder:
+def _load_hf(directory: Path, model_type: str, files: list[Path]) -> LoadedEncoder:
     import transformers
 
     class_name, tower, family = HF_MODEL_TYPES[model_type]
@@ -234,38 +286,52 @@ def _load_hf(directory: Path, model_type: str) -> LoadedEncoder:
     if model_type == "vit_mae" and MAE_PRETRAINING in architectures:
         class_name, tower = MAE_PRETRAINING, "vit"     # the decoder's weights are there too
     cls = getattr(transformers, class_name)
-    if torch.get_default_device().type == "meta":
-        # shapes only (a site sizing a job's model before it allocates anything):
-        # transformers refuses from_pretrained here; the same model from its config
-        model = cls(cls.config_class.from_pretrained(str(directory), local_files_only=True))
-    else:
-        # ignore_mismatched_sizes=True only so transformers reports the mismatch to us
-        # instead of raising a multi-line error; we refuse any mismatch just below (so its
-        # own load report - a table that reads as "re-initialised" - and bars stay quiet).
-        with _quiet_transformers():
+    # ignore_mismatched_sizes=True only so transformers reports the mismatch to us instead
+    # of raising a multi-line error; we refuse any mismatch just below (so its own load
+    # report - a table that reads as "re-initialised" - and bars stay quiet).
+    try:
+        config = cls.config_class.from_pretrained(str(directory), local_files_only=True)
+    except (ValueError, TypeError, KeyError) as err:   # transformers' own config checks
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise FoundationLoadError(f"{directory / CONFIG_FILE}: transformers refuses it "
+                                  f"({reason[:200]})") from None
+    report = {"config": config, "output_loading_info": True, "ignore_mismatched_sizes": True}
+    with _quiet_transformers():
+        if torch.get_default_device().type == "meta":
+            # shapes only (config load, a site sizing a job): transformers' own key mapping
+            # and shape check, fed meta tensors shaped as the files' headers say
+            state = {k: torch.empty(shape, device="meta")
+                     for k, shape in weight_shapes(files).items()}
+            model, info = cls.from_pretrained(None, state_dict=state, device_map="meta",
+                                              **report)
+        else:
             model, info = cls.from_pretrained(str(directory), local_files_only=True,
-                                              use_safetensors=True, output_loading_info=True,
-                                              ignore_mismatched_sizes=True)
-        mismatched = [m[0] if isinstance(m, tuple) else m
-                      for m in info.get("mismatched_keys", ())]
-        _refuse_mismatch(directory, info.get("missing_keys", ()),
-                         info.get("unexpected_keys", ()), mismatched)
-        if info.get("error_msgs"):
-            raise FoundationLoadError(f"weights in {directory} failed to load: "
-                                      f"{info['error_msgs'][0]}")
+                                              use_safetensors=True, **report)
+    mismatched = [m if isinstance(m, tuple) and len(m) == 3 else (m, "?", "?")
+                  for m in info.get("mismatched_keys", ())]
+    _refuse_mismatch(directory, info.get("missing_keys", ()), info.get("unexpected_keys", ()),
+                     mismatched)
+    if info.get("error_msgs"):
+        raise FoundationLoadError(f"weights in {directory} failed to load: "
+                                  f"{info['error_msgs'][0]}")
     encoder = getattr(model, tower) if tower else model
     companions = {name: getattr(model, name) for name in COMPANIONS.get(class_name, ())}
     return LoadedEncoder(family, encoder, seams_for(family), directory=directory,
                          companions=companions)
 
 
-def _load_monai(directory: Path, config: dict, files: list[Path]) -> LoadedEncoder:
-    model_type = config["model_type"]
-    cls = monai_nets.MONAI_CLASSES[model_type][0]
+def _monai_args(directory: Path, config: dict) -> dict:
+    cls = monai_nets.MONAI_CLASSES[config["model_type"]][0]
     if not isinstance(config.get("constructor"), dict):
         raise FoundationLoadError(f"{directory / CONFIG_FILE} has no 'constructor' object with "
                                   f"the monai.networks.nets.{cls} arguments")
-    args = monai_nets.check_constructor(model_type, config["constructor"], str(directory))
+    return monai_nets.check_constructor(config["model_type"], config["constructor"],
+                                        str(directory))
+
+
+def _load_monai(directory: Path, config: dict, files: list[Path]) -> LoadedEncoder:
+    model_type = config["model_type"]
+    args = _monai_args(directory, config)
     model = monai_nets.load_network(directory, model_type, args, files)
     return LoadedEncoder(model_type, model, seams_for(model_type, **args),
                          constructor=dict(args), directory=directory)
@@ -277,82 +343,7 @@ def save_monai_vit(model: nn.Module, constructor: dict, directory: str | Path) -
     return monai_nets.save_monai(model, constructor, directory, model_type=MONAI_MODEL_TYPE)
 
 
-def _read_pickle_state(file: Path) -> dict[str, Tensor]:
-    """The tensors of a pickle checkpoint, via ``torch.load(weights_only=True)``."""
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as err:       # weights_only refuses arbitrary objects: say so, one line
-        raise FoundationLoadError(f"{file.name} is not a plain tensor checkpoint: "
-                                  f"{_pickle_refusal(err)}") from None
-    for wrapper in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
-            state = state[wrapper]
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise FoundationLoadError(f"{file.name} is not a state dict of tensors")
-    return state
-
-
-def _pickle_refusal(err: Exception) -> str:
-    """Why ``torch.load(weights_only=True)`` refused a file: one line, in our own words."""
-    # torch's text spans lines, carries ANSI colour codes and recommends weights_only=False,
-    # which would run the file's code: take only the refused global's dotted name from it
-    text = _ANSI.sub("", str(err))
-    found = _REFUSED_GLOBAL.search(text)
-    if found:
-        name = found.group(1)
-        article = "an" if name[0].lower() in "aeiou" else "a"
-        return (f"it holds {article} {name} object, which MedFed never unpickles "
-                f"(torch.load weights_only=True); {_SAVE_STATE_DICT}")
-    if "weights only load failed" in text.lower():
-        return ("torch.load(weights_only=True) cannot read it as tensors and plain containers "
-                f"(an object MedFed never unpickles, or a damaged file); {_SAVE_STATE_DICT}")
-    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
-    return (f"torch.load could not read it ({type(err).__name__}: "
-            f"{first.split('. ')[0][:160]}); download or save the checkpoint again")
-
-
-def convert_weights(src: str | Path, dst: str | Path, *, force: bool = False) -> Path:
-    """Convert a pickle checkpoint to ``DST/model.safetensors`` without running its code.
-
-    ``src`` is a checkpoint file or a directory holding exactly one; JSON files next to it
-    (``config.json``, preprocessor configs) are copied, so DST is loadable as it stands.
-    ``torch.load(weights_only=True)`` unpickles tensors and plain containers only.
-    A checkpoint saved as ``{"state_dict": ...}`` or ``{"model": ...}`` is unwrapped.
-    A MONAI bundle directory becomes a bundle again, its ``models/model.pt`` as
-    ``models/model.safetensors`` (``bundle.convert_bundle``).
-    A ``dst`` that exists and is not an empty directory is refused unless ``force``, which
-    writes into it, replacing the weights and configs of the same names.
-    """
-    from safetensors.torch import save_file
-
-    src, dst = Path(src), Path(dst)
-    if dst.exists() and not force and not (dst.is_dir() and not any(dst.iterdir())):
-        raise FoundationLoadError(f"{dst} already exists and is not empty; remove it, choose "
-                                  "another DST or pass --force to write into it")
-    if src.is_dir() and bundle.is_bundle(src):
-        return bundle.convert_bundle(src, dst, _read_pickle_state)
-    if src.is_dir():
-        candidates = sorted(p for p in src.iterdir() if p.suffix in PICKLE_SUFFIXES)
-        if len(candidates) != 1:
-            raise FoundationLoadError(f"{src} must hold exactly one pickle checkpoint "
-                                      f"({', '.join(PICKLE_SUFFIXES)}), found {len(candidates)}")
-        file, folder = candidates[0], src
-    elif src.is_file():
-        file, folder = src, src.parent
-    else:
-        raise FoundationLoadError(f"{src} does not exist")
-    state = _read_pickle_state(file)
-    dst.mkdir(parents=True, exist_ok=True)
-    for extra in folder.glob("*.json"):
-        if extra.parent != dst:
-            (dst / extra.name).write_text(extra.read_text())
-    # clone: safetensors refuses tensors that share storage (tied weights)
-    save_file({k: v.detach().clone().contiguous() for k, v in state.items()},
-              str(dst / WEIGHTS_FILE), metadata={"format": "pt"})
-    log.info("converted %d tensors to safetensors", len(state))
-    return dst
-
-
 __all__ = ["CONVERT_COMMAND", "FEATURE_MEAN_FILE", "FEATURE_PROJECTION_FILE", "FEATURE_SCALE_FILE",
-           "FoundationLoadError", "LoadedEncoder", "convert_weights", "family_of", "load_encoder", "save_monai_vit",
-           "supported_model_types"]
+           "FoundationLoadError", "LoadedEncoder", "check_state_shapes", "check_weights_fit",
+           "family_of", "load_encoder", "save_monai_vit", "supported_model_types",
+           "weight_shapes"]

@@ -128,21 +128,20 @@ def build_network(model_type: str, args: dict, where: str) -> nn.Module:
 
 def load_network(directory: Path, model_type: str, args: dict,
                  weight_files: list[Path]) -> nn.Module:
-    """Build the network and load ``weight_files`` into it exactly (every key, every shape),
-    in evaluation mode."""
+    """Build the network and load ``weight_files`` into it exactly (every key, every shape,
+    checked on the files' headers first), in evaluation mode; on the meta device only the
+    check runs (no tensor data is read)."""
     from safetensors.torch import load_file
 
-    from .loading import _refuse_mismatch
+    from .loading import check_state_shapes
 
     model = build_network(model_type, args, str(directory))
-    if torch.get_default_device().type == "meta":   # a site sizing a job's model: shapes only
+    check_state_shapes(directory, model, weight_files)     # headers only: before any data
+    if torch.get_default_device().type == "meta":   # config load, a site sizing a job's model
         return model.eval()
     state: dict[str, Tensor] = {}
     for path in weight_files:
         state |= load_file(str(path))
-    own = model.state_dict()
-    mismatched = [k for k in own.keys() & state.keys() if own[k].shape != state[k].shape]
-    _refuse_mismatch(directory, own.keys() - state.keys(), state.keys() - own.keys(), mismatched)
     model.load_state_dict(state, strict=True)
     return model.eval()
 

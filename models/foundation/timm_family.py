@@ -99,7 +99,7 @@ def load_timm_vit(directory: Path, config: dict):
     shape); ``constructor`` keeps config.json for the export."""
     from safetensors.torch import load_file
 
-    from .loading import (CONFIG_FILE, FoundationLoadError, LoadedEncoder, _refuse_mismatch,
+    from .loading import (CONFIG_FILE, FoundationLoadError, LoadedEncoder, check_state_shapes,
                           check_weight_files)
 
     try:
@@ -109,16 +109,13 @@ def load_timm_vit(directory: Path, config: dict):
     files = check_weight_files(directory)
     with torch.device("meta"):           # every tensor is replaced by the checkpoint's
         model = TimmViT(cfg)
-    if torch.get_default_device().type == "meta":   # a site sizing a job's model: shapes only
-        return LoadedEncoder(TIMM_FAMILY, model, TimmViTSeams(has_cls=cfg.class_token),
-                             constructor=dict(config), directory=directory)
-    state: dict[str, Tensor] = {}
-    for path in files:
-        state |= load_file(str(path))
-    own = model.state_dict()
-    mismatched = [k for k in own.keys() & state.keys() if own[k].shape != state[k].shape]
-    _refuse_mismatch(directory, own.keys() - state.keys(), state.keys() - own.keys(), mismatched)
-    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True, assign=True)
+    check_state_shapes(directory, model, files)         # headers only: before any data
+    if torch.get_default_device().type != "meta":   # meta: config load, a site sizing a job
+        state: dict[str, Tensor] = {}
+        for path in files:
+            state |= load_file(str(path))
+        model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True,
+                              assign=True)
     return LoadedEncoder(TIMM_FAMILY, model, TimmViTSeams(has_cls=cfg.class_token),
                          constructor=dict(config), directory=directory)
 

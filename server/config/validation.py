@@ -182,8 +182,9 @@ def _trains_on_reports(cfg: ExperimentConfig) -> bool:
 def validate_foundation(cfg: ExperimentConfig) -> None:
     """A foundation model's weights NAME must resolve in the coordinator's own
     ``model.foundation_dir`` (it builds the initial global model and the base digest from it;
-    sites resolve the same name in their own foundation-dir), and DP-SGD must cover its
-    family. Reads the directory's config.json only; the weights load when the run starts."""
+    sites resolve the same name in their own foundation-dir), its weight files must fit its
+    config (names and shapes from the safetensors headers; no tensor data is read: the
+    weights load when the run starts), and DP-SGD must cover its family."""
     if "foundation_dir" not in MODELS.resources(cfg.model.name):
         if cfg.model.foundation_dir is not None:
             raise ConfigError(f"model.foundation_dir is set but model={cfg.model.name} loads "
@@ -192,7 +193,7 @@ def validate_foundation(cfg: ExperimentConfig) -> None:
     from models.foundation import resolve_weights
     from models.foundation.coverage import family_dp_refusal
     from models.foundation.families import FAMILIES
-    from models.foundation.loading import (FoundationLoadError, check_weight_files, family_of,
+    from models.foundation.loading import (FoundationLoadError, check_weights_fit, family_of,
                                            read_config)
     from models.foundation.monai_nets import encoder_spatial_dims
 
@@ -200,7 +201,7 @@ def validate_foundation(cfg: ExperimentConfig) -> None:
     try:
         directory = resolve_weights(cfg.model.foundation_dir, name)
         family = family_of(directory)
-        check_weight_files(directory)
+        check_weights_fit(directory)
     except FoundationLoadError as err:
         raise ConfigError(f"model.options.weights: {err}") from None
     from models.foundation.monai_nets import SWIN_UNETR_TYPE

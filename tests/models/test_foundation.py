@@ -17,7 +17,8 @@ from client.privacy.persample import PerSampleClipper, UnsupportedLayerError
 from models import MODELS, TASKS
 from models.foundation.adapt import FoundationBackbone
 from models.foundation.config import FoundationConfig
-from models.foundation.loading import (CONVERT_COMMAND, FoundationLoadError, convert_weights,
+from models.foundation.convert import convert_weights
+from models.foundation.loading import (CONVERT_COMMAND, FoundationLoadError,
                                        load_encoder, save_monai_vit)
 from models.foundation.lora import frozen_digest, frozen_keys, trainable_keys
 

@@ -16,8 +16,9 @@ from torch import nn
 
 from models import MODELS
 from models.foundation.bundle import is_bundle
+from models.foundation.convert import convert_weights
 from models.foundation.export import ENCODER_DIR, export_foundation, load_export
-from models.foundation.loading import (CONVERT_COMMAND, FoundationLoadError, convert_weights,
+from models.foundation.loading import (CONVERT_COMMAND, FoundationLoadError,
                                        load_encoder, read_config)
 from models.foundation.lora import trainable_keys
 from models.foundation.monai_nets import (SWIN_UNETR_TYPE, MonaiViTSeams, load_network,

@@ -3,20 +3,16 @@
 ``run_federation`` drives the configured strategy chain (SecAgg+ with ``DistributedNoise``)
 over a grid that hands each message to the site's real ClientApp (its mods: egress, SecAgg+,
 site-level DP clipping; its train handler with the policy and ledger), one persistent node
-state per site - the Flower simulation without Ray.
+state per site - the Flower simulation without Ray (``tests.medfed.inprocess``).
 """
 
 from __future__ import annotations
 
 import logging
 import shutil
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
-from flwr.app import Context, Error, Message, RecordDict
 
-from client.app import make_client_app
 from client.privacy.ledger import PrivacyLedger
 from medfed.certs import site_keygen
 from protocol import wire
@@ -24,37 +20,9 @@ from protocol.secagg_protocol import SecAggError
 from server.config import load_experiment
 from server.federation import run_federation
 
+from .inprocess import InProcessGrid
+
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("task_identity")]
-
-
-class InProcessGrid:
-    """Nodes 1..n, each the real ClientApp with its own node config and persistent state."""
-
-    def __init__(self, sites: dict[str, dict], *, drop_masked: int | None = None):
-        self.app = make_client_app()
-        self.contexts = {i: Context(run_id=1, node_id=i, node_config=config,
-                                    state=RecordDict(), run_config={})
-                         for i, config in enumerate(sites.values(), 1)}
-        self.drop_masked = drop_masked          # a node whose masked reply never arrives
-        self.run = SimpleNamespace(run_id=1)
-
-    def get_node_ids(self):
-        return list(self.contexts)
-
-    def send_and_receive(self, messages, timeout=None):
-        replies = []
-        for m in messages:
-            node = m.metadata.dst_node_id
-            try:
-                reply = self.app(m, self.contexts[node])
-            except Exception as err:            # what Flower sends back for a raising app
-                reply = Message(Error(code=0, reason=str(err)), reply_to=m)
-            config = m.content.config_records.get(wire.CONFIG) if m.has_content() else None
-            if node == self.drop_masked and config is not None and \
-                    config.get(wire.SECAGG_STAGE) == wire.SECAGG_MASKED:
-                continue
-            replies.append(reply)
-        return replies
 
 
 def _sites(three_sites, tmp_path) -> dict[str, dict]:

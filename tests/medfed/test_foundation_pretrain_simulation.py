@@ -19,7 +19,7 @@ from client.mods import egress_log  # noqa: E402
 from medfed.simulation import simulate  # noqa: E402
 from server.config import load_experiment  # noqa: E402
 
-from .test_foundation_simulation import ingress_log  # noqa: E402
+from .test_foundation_simulation import ingress_log, trainable_shapes  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -83,7 +83,8 @@ def test_mm_dino_from_a_saved_dinov2_then_fine_tuning(tiny_sites, tmp_path):
 def test_clip_from_a_saved_clip_pair_with_its_tokenizer(tiny_sites, tmp_path):
     """Image-report pretraining from a CLIPModel directory holding its own tokenizer (here the
     shipped report vocabulary, copied in): text-tower adapters and the temperature travel
-    beside the image tower's; neither tower's base nor the projections do."""
+    beside the image tower's; neither tower's base nor the projections do. Then fine-tuning
+    of the image tower as a classifier: its adapters, new parts and head only."""
     import shutil
 
     from models.text import DEFAULT_TOKENIZER_DIR, load_tokenizer, pad_id, vocab_size
@@ -101,6 +102,7 @@ def test_clip_from_a_saved_clip_pair_with_its_tokenizer(tiny_sites, tmp_path):
     pair = transformers.CLIPModel(transformers.CLIPConfig(text_config=text, vision_config=vision,
                                                           projection_dim=16))
     pair.save_pretrained(encoders / "clip-tiny")
+    n_base = len(pair.state_dict())
     shutil.copy(DEFAULT_TOKENIZER_DIR / "tokenizer.json", encoders / "clip-tiny")
     cfg = load_experiment([
         "model=foundation", "model.options.weights=clip-tiny",
@@ -125,3 +127,12 @@ def test_clip_from_a_saved_clip_pair_with_its_tokenizer(tiny_sites, tmp_path):
         assert not outside, outside
         assert any(k.startswith("text.") and "lora_B" in k for k in keys)
         assert not any("projection" in k and "lora_" not in k for k in keys)
+    finetuning = [k for k in key_sets if "logit_scale" not in k]
+    assert len(finetuning) == 4
+    for keys in finetuning:
+        assert keys == set(trainable_shapes(cfg))     # the classifier's, both ways
+        assert all(_travels(k, pretraining=False) for k in keys), \
+            sorted(k for k in keys if not _travels(k, pretraining=False))
+        assert any("lora_A" in k for k in keys) and any(k.startswith("head.") for k in keys)
+        assert not any("text" in k or "projection" in k for k in keys)
+        assert len(keys) < n_base

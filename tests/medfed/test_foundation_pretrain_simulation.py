@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -111,8 +112,8 @@ def test_clip_from_a_saved_clip_pair_with_its_tokenizer(tiny_sites, tmp_path):
         "task.image_size=32", "federation=sim2", "federation.num_rounds=1",
         "train.local_epochs=1", "train.batch_size=8", f"data.root={tiny_sites}",
         f"runs_dir={tmp_path / 'runs'}", "name=foundation-clip"])
-    simulate(cfg, client_mods=[egress_log(tmp_path / "egress"),
-                               ingress_log(tmp_path / "ingress")])
+    run_dir = simulate(cfg, client_mods=[egress_log(tmp_path / "egress"),
+                                         ingress_log(tmp_path / "ingress")])
     sent = [json.loads(p.read_text()) for p in (tmp_path / "ingress").glob("*.json")]
     replies = [json.loads(p.read_text()) for p in (tmp_path / "egress").glob("*.json")]
     train = [r for r in replies if r.get("message_type", "").startswith("train")]
@@ -136,3 +137,14 @@ def test_clip_from_a_saved_clip_pair_with_its_tokenizer(tiny_sites, tmp_path):
         assert any("lora_A" in k for k in keys) and any(k.startswith("head.") for k in keys)
         assert not any("text" in k or "projection" in k for k in keys)
         assert len(keys) < n_base
+    # weights out: the pretraining version carries the whole pair in CLIP's own format
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{(run_dir / 'mlflow.db').resolve()}")
+    (version,) = client.search_model_versions(f"name='{cfg.pretrain.registered_model}'")
+    pair_dir = client.download_artifacts(version.run_id, f"{version.tags['weights']}/pair",
+                                         str(tmp_path / "out"))
+    exported = transformers.CLIPModel.from_pretrained(pair_dir, use_safetensors=True)
+    assert exported.text_projection.out_features == 16
+    assert (Path(pair_dir) / "tokenizer.json").read_bytes() == \
+        (encoders / "clip-tiny" / "tokenizer.json").read_bytes()

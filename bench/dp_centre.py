@@ -143,7 +143,8 @@ VARIANTS = {
     # every adapter round adds noise to the features the head reads. Seeds 0-7 of both draws,
     # all reported; it replaces LP5 in foundation_mcc.DP_RECIPE only if its 16-seed mean beats
     # the recipe's 16 seeds (bench.dp_seeds: site-test 0.511, external 0.525) on BOTH
-    # site-test and external MCC.
+    # site-test and external MCC. Outcome: 0.485 / 0.505 (0.902x plain LoRA) - not adopted
+    # (bench/RESULTS.md, "Ten head-only rounds, session 40")
     "dp_lora_std_hlr_lp10": ("dp_lora", [CENTRE, SCALE, HEAD_LR, "train.head_only_rounds=10"]),
     # session 31: DP and non-DP with that recipe at 30% and 100% of the labels
     "dp_lora_std_hlr_lp5_l30": ("dp_lora", [CENTRE, SCALE, HEAD_LR, LP5, *LABELS30]),

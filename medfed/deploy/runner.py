@@ -200,7 +200,8 @@ def run_task(client, allow: AllowList, *, node_config: Mapping[str, object],
         with (audit.sending(outcome.reply, context.run_id, "push") if audit is not None
               else nullcontext()):
             push_message(client, outcome.reply, context)
-        pushed = True
+            pushed = True        # set before the audit writes its outcome line, so a
+                                 # failing write does not report a pushed reply as failed
         hop("runner.pushed", message_id, site=site_id)
         # where a message's time goes at the site (durations only)
         log.info("[%s] run %s: task input pulled in %.1fs, app %.1fs, reply pushed in %.1fs",

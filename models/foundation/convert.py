@@ -6,10 +6,11 @@ holding any other object is refused, naming it. SRC is one of:
 
 * a checkpoint file: written as ``DST/model.safetensors``, its sibling JSON configs copied;
 * a directory holding exactly one checkpoint, or a sharded one (``pytorch_model.bin.index.json``
-  naming its shards): every other file of the directory is copied - configs and tokenizer
-  files (``vocab.txt``, ``merges.txt``, ``tokenizer.model``, ``spiece.model``) - never a
-  pickle. Shards become ``model-0000i-of-0000N.safetensors`` + ``model.safetensors.index.json``
-  (the layout transformers writes and reads), one shard in memory at a time;
+  naming its shards): its configs, tokenizer files (``vocab.txt``, ``merges.txt``,
+  ``tokenizer.model``, ``spiece.model``) and model card are copied (``COPIED_SUFFIXES``) -
+  never a pickle or code. Shards become ``model-0000i-of-0000N.safetensors`` +
+  ``model.safetensors.index.json`` (the layout transformers writes and reads), one shard
+  read at a time;
 * a MONAI bundle (``bundle.convert_bundle``): a copy of its configs, ``models/model.pt`` as
   ``models/model.safetensors``.
 """
@@ -26,12 +27,13 @@ import torch
 from torch import Tensor
 
 from . import bundle
-from .loading import PICKLE_SUFFIXES, PUBLIC_CONSTANT_FILES, WEIGHTS_FILE, FoundationLoadError
+from .loading import (PICKLE_SUFFIXES, PUBLIC_CONSTANT_FILES, WEIGHTS_FILE, WEIGHTS_INDEX,
+                      FoundationLoadError)
 
 log = logging.getLogger(__name__)
 
 PICKLE_INDEX_SUFFIX = ".bin.index.json"        # pytorch_model.bin.index.json: names the shards
-SAFETENSORS_INDEX = "model.safetensors.index.json"
+SAFETENSORS_INDEX = WEIGHTS_INDEX
 # torch's weights_only refusal names the object: "Unsupported global: GLOBAL argparse.Namespace"
 _REFUSED_GLOBAL = re.compile(r"GLOBAL\s+([A-Za-z_][\w.]{0,199})")
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -143,13 +145,26 @@ def _shards(src: Path) -> list[Path]:
     return candidates
 
 
+# What a model directory holds beside its weights and is copied: configs, tokenizer files
+# (vocab.txt, merges.txt, SentencePiece *.model), the model card. Anything else - another
+# pickle format (.pkl, .npy, .joblib), code (.py), other checkpoints - is left behind, logged.
+COPIED_SUFFIXES = (".json", ".txt", ".model", ".md")
+
+
 def _non_weight_files(src: Path) -> list[Path]:
-    """Every file of ``src`` but its weights (pickles, safetensors, their indexes)."""
-    def is_weights(p: Path) -> bool:
-        return (p.suffix in PICKLE_SUFFIXES or p.name.endswith(PICKLE_INDEX_SUFFIX)
-                or p.name == SAFETENSORS_INDEX
-                or (p.suffix == ".safetensors" and p.name not in PUBLIC_CONSTANT_FILES))
-    return sorted(p for p in src.iterdir() if p.is_file() and not is_weights(p))
+    """The files of ``src`` to copy beside the converted weights (``COPIED_SUFFIXES`` and the
+    public feature statistics; never a pickle, a weight index or code)."""
+    def copied(p: Path) -> bool:
+        if p.name.endswith(PICKLE_INDEX_SUFFIX) or p.name == SAFETENSORS_INDEX:
+            return False
+        return p.suffix in COPIED_SUFFIXES or p.name in PUBLIC_CONSTANT_FILES
+
+    files = sorted(p for p in src.iterdir() if p.is_file())
+    left = [p.name for p in files if not copied(p) and p.suffix not in PICKLE_SUFFIXES
+            and p.suffix != ".safetensors"]
+    if left:
+        log.warning("convert-weights: not copied from %s: %s", src, ", ".join(left[:5]))
+    return [p for p in files if copied(p)]
 
 
 def _convert_shards(shards: list[Path], dst: Path) -> int:
@@ -170,6 +185,7 @@ def _convert_shards(shards: list[Path], dst: Path) -> int:
             _save(state, written[-1])
             weight_map |= dict.fromkeys(state, written[-1].name)
             total += sum(v.numel() * v.element_size() for v in state.values())
+            del state                       # before the next shard is read
     except FoundationLoadError:
         for path in written:         # no half-converted checkpoint left behind
             path.unlink(missing_ok=True)

@@ -113,11 +113,6 @@ def merge_adapters(model: nn.Module) -> nn.Module:
     return merged
 
 
-# a pair directory's own files that save_pretrained does not write: its tokenizer's
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "vocab.txt", "vocab.json", "merges.txt", "spiece.model",
-                   "sentencepiece.bpe.model", "tokenizer.model", "added_tokens.json")
-
 
 def save_pair(pair, directory: str | Path) -> Path:
     """Write an image-report pair (``pair.PretrainedPair`` after CLIP/SigLIP pretraining) as
@@ -125,11 +120,13 @@ def save_pair(pair, directory: str | Path) -> Path:
     towers, with the trained temperature (and SigLIP's bias) and the projections, plus the
     tokenizer files of the directory it was loaded from - ``from_pretrained`` reads it
     back with its tokenizer. The image tower is the encoder as the pair saw it (its own RGB
-    patch projection; the multi-channel parts are in ``export_foundation``'s layout)."""
+    patch projection; the multi-channel parts are in ``export_foundation``'s layout). The
+    files copied are those ``convert-weights`` copies (``convert.COPIED_SUFFIXES``)."""
     import shutil
 
     import transformers
 
+    from .convert import COPIED_SUFFIXES
     from .loading import HF_MODEL_TYPES
 
     vision = merge_adapters(pair.backbone).encoder
@@ -156,9 +153,10 @@ def save_pair(pair, directory: str | Path) -> Path:
         raise RuntimeError(f"{class_name} holds more than the pair's parts: {left[:3]}")
     directory = Path(directory)
     holder.save_pretrained(str(directory), safe_serialization=True)
-    for name in TOKENIZER_FILES:
-        if (Path(pair.backbone.directory) / name).is_file():
-            shutil.copy2(Path(pair.backbone.directory) / name, directory / name)
+    for source in sorted(Path(pair.backbone.directory).iterdir()):   # tokenizer, model card
+        if source.is_file() and source.suffix in COPIED_SUFFIXES and \
+                not (directory / source.name).exists():    # save_pretrained's config stays
+            shutil.copy2(source, directory / source.name)
     return directory
 
 

@@ -50,6 +50,7 @@ PUBLIC_CONSTANT_FILES = (FEATURE_MEAN_FILE, FEATURE_SCALE_FILE, FEATURE_PROJECTI
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 CONVERT_COMMAND = "medfed convert-weights SRC DST"
 MONAI_MODEL_TYPE = monai_nets.VIT_TYPE
+WEIGHTS_INDEX = "model.safetensors.index.json"      # a sharded checkpoint's shard names
 # model_type in config.json -> (transformers class, attribute holding the vision encoder or
 # "" for the model itself, family)
 HF_MODEL_TYPES: dict[str, tuple[str, str, str]] = {
@@ -278,6 +279,27 @@ def _quiet_transformers():
             hf_logging.enable_progress_bar()
 
 
+def _hf_weight_files(directory: Path, files: list[Path]) -> list[Path]:
+    """The safetensors files transformers' own load reads: ``model.safetensors`` when there,
+    else the shards its index names, else every one (another file beside them, such as an
+    open_clip copy, is not the model's)."""
+    if (directory / WEIGHTS_FILE).is_file():
+        return [directory / WEIGHTS_FILE]
+    if (directory / WEIGHTS_INDEX).is_file():
+        try:
+            names = set(json.loads((directory / WEIGHTS_INDEX).read_text())["weight_map"]
+                        .values())
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise FoundationLoadError(f"{directory / WEIGHTS_INDEX} is not a weight "
+                                      "index") from None
+        by_name = {p.name: p for p in files}
+        if not names or not names <= by_name.keys():
+            raise FoundationLoadError(f"{directory / WEIGHTS_INDEX} names shards that are "
+                                      f"not safetensors files of {directory}")
+        return [by_name[n] for n in sorted(names)]
+    return files
+
+
 def _load_hf(directory: Path, model_type: str, files: list[Path]) -> LoadedEncoder:
     import transformers
 
@@ -301,7 +323,7 @@ def _load_hf(directory: Path, model_type: str, files: list[Path]) -> LoadedEncod
             # shapes only (config load, a site sizing a job): transformers' own key mapping
             # and shape check, fed meta tensors shaped as the files' headers say
             state = {k: torch.empty(shape, device="meta")
-                     for k, shape in weight_shapes(files).items()}
+                     for k, shape in weight_shapes(_hf_weight_files(directory, files)).items()}
             model, info = cls.from_pretrained(None, state_dict=state, device_map="meta",
                                               **report)
         else:

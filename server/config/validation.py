@@ -62,7 +62,7 @@ def _validated_model(cfg: ExperimentConfig) -> nn.Module:
         raise ConfigError(f"federation.cpus_per_site must be > 0, got {fed.cpus_per_site}")
     # Ray's shares: a fraction of one GPU, or whole GPUs
     gpus = fed.gpus_per_site
-    if not (math.isfinite(gpus) and (0 <= gpus <= 1 or float(gpus).is_integer())):
+    if not (math.isfinite(gpus) and gpus >= 0 and (gpus <= 1 or float(gpus).is_integer())):
         raise ConfigError("federation.gpus_per_site must be a share of one GPU in [0, 1] or a "
                           f"whole number of GPUs, got {gpus}")
     if fed.round_timeout <= 0 or fed.quorum_timeout <= 0:

@@ -155,7 +155,7 @@ def test_a_sharded_bin_checkpoint_converts_to_safetensors_shards_that_load(tmp_p
         assert torch.equal(loaded[name], value), name
 
 
-def test_every_other_file_of_the_directory_is_copied_never_a_pickle(tmp_path):
+def test_configs_and_tokenizer_files_are_copied_never_a_pickle_or_code(tmp_path):
     """A CLIP download's tokenizer files (vocab/merges, a SentencePiece model) come along."""
     from safetensors.torch import load_file
 
@@ -172,6 +172,9 @@ def test_every_other_file_of_the_directory_is_copied_never_a_pickle(tmp_path):
     for name, data in extra.items():
         (src / name).write_bytes(data)
     (src / "checkpoints").mkdir()                      # a folder is not a file to copy
+    left = {"extra.pkl": b"\x80\x04N.", "arrays.npy": b"\x93NUMPY", "modeling.py": b"x = 1\n"}
+    for name, data in left.items():                    # other pickles, code: left behind
+        (src / name).write_bytes(data)
     assert main(["convert-weights", str(src), str(dst)]) == 0
     for name, data in extra.items():
         assert (dst / name).read_bytes() == data, name

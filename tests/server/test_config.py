@@ -67,7 +67,7 @@ def test_fingerprint_leaves_out_settings_at_their_defaults():
 
 @pytest.mark.parametrize("override, ok", [
     ("federation.gpus_per_site=0.5", True), ("federation.gpus_per_site=2", True),
-    ("federation.gpus_per_site=1.5", False), ("federation.gpus_per_site=-0.5", False),
+    ("federation.gpus_per_site=1.5", False), ("federation.gpus_per_site=-0.5", False), ("federation.gpus_per_site=-1", False),
     ("federation.gpus_per_site=nan", False), ("federation.cpus_per_site=0", False)])
 def test_simulated_sites_resources_are_ray_shares(override, ok):
     if ok:

@@ -111,3 +111,32 @@ def test_a_config_json_transformers_itself_refuses_is_one_line(tmp_path):
         load_experiment([*COMMON, "model.options.weights=dinov2",
                          f"model.foundation_dir={tmp_path}", f"runs_dir={tmp_path / 'runs'}"])
     assert "\n" not in str(err.value)
+
+
+def test_only_the_files_transformers_loads_are_checked(tmp_path):
+    """A hub download may hold another checkpoint beside ``model.safetensors`` (e.g. an
+    open_clip copy): transformers loads ``model.safetensors`` alone, and so does the check -
+    the directory loads. A sharded one is checked through the shards its index names."""
+    from safetensors.torch import load_file, save_file
+
+    encoders = tmp_path / "encoders"
+    _save("vit", encoders / "vit")
+    base = [*COMMON, f"model.foundation_dir={encoders}", f"runs_dir={tmp_path / 'runs'}"]
+    save_file({"visual.other": torch.zeros(3)}, str(encoders / "vit" / "open_clip.safetensors"))
+    load_experiment(base + ["model.options.weights=vit"])
+    # sharded: the index's shards are the weights, a stray file beside them is not
+    state = load_file(str(encoders / "vit" / "model.safetensors"))
+    (encoders / "vit" / "model.safetensors").unlink()
+    keys = sorted(state)
+    halves = {"model-00001-of-00002.safetensors": keys[::2],
+              "model-00002-of-00002.safetensors": keys[1::2]}
+    for name, part in halves.items():
+        save_file({k: state[k] for k in part}, str(encoders / "vit" / name))
+    index = {"weight_map": {k: name for name, part in halves.items() for k in part}}
+    (encoders / "vit" / "model.safetensors.index.json").write_text(json.dumps(index))
+    load_experiment(base + ["model.options.weights=vit"])
+    index["weight_map"] = {k: v for k, v in index["weight_map"].items()
+                           if v.startswith("model-00001")}        # one shard dropped
+    (encoders / "vit" / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ConfigError, match=r"missing \S+"):
+        load_experiment(base + ["model.options.weights=vit"])

@@ -109,12 +109,25 @@ def convert_weights(src: str | Path, dst: str | Path, *, force: bool = False) ->
         count = len(state)
     else:
         count = _convert_shards(shards, dst)
+    _drop_other_layout(dst, sharded=len(shards) > 1)
     for path in copied:
         if (dst / path.name).resolve() != path.resolve():
             shutil.copyfile(path, dst / path.name)
     log.info("converted %d tensors from %d file(s) of %s to safetensors", count, len(shards),
              folder.name)
     return dst
+
+
+def _drop_other_layout(dst: Path, *, sharded: bool) -> None:
+    """After ``--force`` into a DST converted before in the other layout: remove what would
+    be loaded instead of what was just written (transformers reads ``model.safetensors``
+    before an index; an index left beside a new single file would name stale shards)."""
+    stale = ([dst / WEIGHTS_FILE] if sharded else
+             [dst / SAFETENSORS_INDEX, *dst.glob("model-*-of-*.safetensors")])
+    for path in stale:
+        if path.is_file():
+            log.warning("convert-weights: removed %s of an earlier conversion", path.name)
+            path.unlink()
 
 
 def _shards(src: Path) -> list[Path]:

@@ -209,3 +209,23 @@ def test_a_shard_holding_an_object_is_refused_and_leaves_nothing_behind(tmp_path
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{names[-1]} is not a plain tensor checkpoint" in err
     assert not dst.exists()                  # the first shard's safetensors removed again
+
+
+def test_forced_conversion_in_the_other_layout_leaves_nothing_stale(tmp_path):
+    """--force into a DST converted before as one file: transformers would read the old
+    model.safetensors before the new shards' index, so the old file goes; and back."""
+    old, new = _dinov2(), _dinov2()
+    with torch.no_grad():
+        for p in new.parameters():
+            p.add_(1.0)
+    single, sharded, dst = tmp_path / "single", tmp_path / "sharded", tmp_path / "dino"
+    single.mkdir()
+    sharded.mkdir()
+    old.config.save_pretrained(single)
+    torch.save(old.state_dict(), single / "pytorch_model.bin")
+    _sharded(new, sharded)
+    for src, model in ((single, old), (sharded, new), (single, old)):
+        assert main(["convert-weights", str(src), str(dst), "--force"]) == 0
+        loaded = load_encoder(dst).encoder.state_dict()
+        for name, value in model.state_dict().items():
+            assert torch.equal(loaded[name], value), name

@@ -22,8 +22,10 @@ weight gradients that Opacus would throw away. Supported parameter holders: ``nn
 ``nn.LayerNorm``, ``models.vit.TokenEmbedding``, and (rules in ``models.conv_grads``)
 convolutions, transposed convolutions and affine ``GroupNorm``/``InstanceNorm``: a convolution's
 per-sample norm materialises its per-sample weight gradients (in chunks), its clipped sum is one
-weight gradient of the clip-scaled input, as for a Linear. Anything else is refused by name, so
-a new layer type cannot silently escape clipping.
+weight gradient of the clip-scaled input, as for a Linear; and (rules in
+:mod:`client.privacy.adapter_grads`) ``peft``'s IA3 scaling and DoRA magnitude vectors, whose
+per-sample gradients are kept like a LayerNorm's. Anything else is refused by name, so a new
+layer type cannot silently escape clipping.
 
 Every layer's input must lead with the batch (the leading dimension of the model's first
 input): a layer that sees another leading dimension is refused, since its rows would be taken
@@ -52,12 +54,13 @@ from models.conv_grads import (CONV_TYPES, NORM_TYPES, conv_clipped_sum, conv_pe
 from models.tasks import trained_head
 from models.vit import TokenEmbedding
 
+from . import adapter_grads
 from .persample_checks import FoldsBatch, UnsupportedLayerError, admitted_layers, checked_batch
 
 __all__ = ["SUPPORTED", "FoldsBatch", "PerSampleClipper", "UnsupportedLayerError"]
 
 SUPPORTED = ("Linear, LayerNorm, TokenEmbedding, Conv/ConvTranspose (1-3D), "
-             "GroupNorm, InstanceNorm")
+             "GroupNorm, InstanceNorm, " + adapter_grads.SUPPORTED)
 
 
 def _acc(x: Tensor) -> Tensor:
@@ -75,10 +78,17 @@ def _flat(x: Tensor, batch: int) -> Tensor:
 class _Layer:
     """What one parameter-holding module saw in the current step."""
 
-    def __init__(self, module: nn.Module, name: str, folds: bool):
+    def __init__(self, module: nn.Module, name: str, folds: bool, owner: nn.Module | None):
         self.module = module
         self.name = name or "<root>"
         self.folds = folds              # may fold further items into the batch (FoldsBatch)
+        # The module whose forward is observed: the parameter holder itself, or for IA3's
+        # ``ia3_l`` ParameterDict (no forward) the IA3 layer owning it.
+        self.owner = owner
+        self.hooked = owner if owner is not None else module
+        self.tokenwise = (isinstance(module, nn.Linear)
+                          or adapter_grads.tokenwise(module, owner))
+        self.rule = _small_rule(module, owner)       # None: norm, then one weighted sum
         self.batch = 0                  # the step's samples, set by the forward hook
         self.views = 1                  # rows per sample before any fold (capture's views)
         # Fixed at construction: inside ``capture()`` every parameter has requires_grad off.
@@ -87,6 +97,7 @@ class _Layer:
         self.input: Tensor | None = None
         self.grad_output: Tensor | None = None
         self.per_sample: dict[str, Tensor] = {}     # small layers: per-sample grads themselves
+        self.factor: Tensor | None = None           # IA3/DoRA: what multiplies the vector
         self.input_gram: Tensor | None = None       # Linear, ghost path: a a^T [B, T, T]
         self.sq_norm: Tensor | None = None          # Linear: per-sample squared norm [B]
         self.calls = 0
@@ -193,11 +204,36 @@ def _norm_per_sample(layer: _Layer) -> dict[str, Tensor]:
         return norm_per_sample(layer.module, _acc(layer.input), _acc(layer.grad_output))
 
 
+def _ia3_per_sample(layer: _Layer) -> dict[str, Tensor]:
+    (name,) = layer.trainable
+    return adapter_grads.ia3_per_sample(layer.batch, layer.factor, layer.grad_output, name)
+
+
+def _dora_per_sample(layer: _Layer) -> dict[str, Tensor]:
+    return adapter_grads.dora_per_sample(layer.batch, layer.factor, layer.grad_output)
+
+
 _PER_SAMPLE: dict[type, Callable[[_Layer], dict[str, Tensor]]] = {
     nn.LayerNorm: _layernorm_per_sample,
     TokenEmbedding: _token_embedding_per_sample,
     **{t: _norm_per_sample for t in NORM_TYPES},
 }
+
+
+def _small_rule(module: nn.Module, owner: nn.Module | None
+                ) -> Callable[[_Layer], dict[str, Tensor]] | None:
+    """The layer's rule giving its per-sample gradients ``[B, ...]`` themselves (None: a
+    Linear/convolution, norm first and one weighted sum later)."""
+    if owner is not None:
+        return _ia3_per_sample
+    if adapter_grads.is_dora(module):
+        return _dora_per_sample
+    rule = _PER_SAMPLE.get(type(module))
+    if rule is None:
+        return None
+    return lambda layer: {n: _grouped(t, layer) for n, t in rule(layer).items()}
+
+
 # Layers whose per-sample norm is taken when the output gradient arrives and whose clipped
 # sum is one weighted product afterwards (inputs and output gradients kept until then).
 _NORM_THEN_SUM: dict[type, tuple[Callable[[_Layer], Tensor],
@@ -244,8 +280,17 @@ class PerSampleClipper:
             raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm}")
         self.model = model
         self.max_grad_norm = float(max_grad_norm)
-        self.layers = [_Layer(module, name, folds) for name, module, folds
-                       in admitted_layers(model, _rule_missing, SUPPORTED)]
+        owners = adapter_grads.ia3_owners(model)       # IA3 vector holder -> its IA3 layer
+
+        def rule_missing(module: nn.Module) -> str | None:
+            if id(module) in owners or adapter_grads.is_dora(module):
+                return adapter_grads.missing(module, owners.get(id(module)))
+            return _rule_missing(module)
+        self.layers = [_Layer(module, name, folds, owners.get(id(module))) for name, module, folds
+                       in admitted_layers(model, rule_missing, SUPPORTED)]
+        self._quiet = 0                 # > 0: a forward pass the hooks must not record
+        self._dora = [layer.module for layer in self.layers
+                      if adapter_grads.is_dora(layer.module)]
         self._hooks: list = []
         self._batch = 0                 # this step's samples (the model's first input's
                                         # rows / views)
@@ -275,12 +320,17 @@ class PerSampleClipper:
                                                                 with_kwargs=True))
         for layer in self.layers:
             layer.input, layer.grad_output, layer.per_sample, layer.calls = None, None, {}, 0
-            layer.input_gram = layer.sq_norm = None
-            self._hooks.append(layer.module.register_forward_hook(self._forward_hook(layer)))
+            layer.input_gram = layer.sq_norm = layer.factor = None
+            self._hooks.append(layer.hooked.register_forward_hook(self._forward_hook(layer),
+                                                                  with_kwargs=True))
+            if layer.owner is not None:     # IA3: the base output the vector scales
+                self._hooks.append(layer.owner.base_layer.register_forward_hook(
+                    self._base_output_hook(layer)))
         for p in params:
             p.requires_grad_(False)
         try:
-            yield self
+            with adapter_grads.quiet_lora_weight(self._dora, self._quietly):
+                yield self
         finally:
             for p in params:
                 p.requires_grad_(True)
@@ -293,8 +343,25 @@ class PerSampleClipper:
         if first is not None and not self._batch:
             self._batch = _samples(first.shape[0], self._views)
 
-    def _forward_hook(self, layer: _Layer):
+    @contextlib.contextmanager
+    def _quietly(self):
+        """A forward pass inside is not the batch's (DoRA's identity pass forming B A)."""
+        self._quiet += 1
+        try:
+            yield
+        finally:
+            self._quiet -= 1
+
+    def _base_output_hook(self, layer: _Layer):
         def hook(module, inputs, output):
+            if not self._quiet and not recomputing():
+                layer.factor = output.detach()
+        return hook
+
+    def _forward_hook(self, layer: _Layer):
+        def hook(module, inputs, kwargs, output):
+            if self._quiet:
+                return None
             if recomputing():   # a checkpointed block's second run, in backward: the first
                 # run recorded the input and hooked the output; only the graph's shape must
                 # be the same again (a root the first run made here is made again, unhooked)
@@ -304,10 +371,12 @@ class PerSampleClipper:
                 raise UnsupportedLayerError(
                     f"{type(module).__name__} is called twice in one forward pass; "
                     "shared layers are not supported by exact per-sample clipping")
-            layer.input = inputs[0].detach()
+            layer.input = (inputs[0] if inputs else kwargs["x"]).detach()
             self._batch = checked_batch(layer.name, module, layer.folds, layer.input.shape[0],
-                                        self._batch, self._views)
+                                        self._batch, self._views, tokenwise=layer.tokenwise)
             layer.batch, layer.views = self._batch, self._views
+            if adapter_grads.is_dora(module):
+                layer.factor = adapter_grads.dora_factor(module, inputs, kwargs)
             if isinstance(module, nn.Linear) and "weight" in layer.trainable:
                 a = _acc(_flat(layer.input, layer.batch))
                 if _ghost(a.shape[1], a.shape[2], module.out_features):
@@ -317,11 +386,9 @@ class PerSampleClipper:
 
             def grad_hook(grad):
                 layer.grad_output = grad.detach()
-                rule = _PER_SAMPLE.get(type(module))
-                if rule is not None:        # small layers: keep per-sample grads, drop the rest
-                    layer.per_sample = {n: _grouped(t, layer)
-                                        for n, t in rule(layer).items()}
-                    layer.input = layer.grad_output = None
+                if layer.rule is not None:  # small layers: keep per-sample grads, drop the rest
+                    layer.per_sample = layer.rule(layer)
+                    layer.input = layer.grad_output = layer.factor = None
                 else:
                     layer.sq_norm = _norm_then_sum(module)[0](layer)
                     layer.input_gram = None

@@ -70,9 +70,10 @@ def admitted_layers(model: nn.Module, rule_missing: Callable[[nn.Module], str | 
 
 
 def checked_batch(name: str, module: nn.Module, folds: bool, lead: int, batch: int,
-                  views: int = 1) -> int:
+                  views: int = 1, *, tokenwise: bool | None = None) -> int:
     """The step's batch size (samples), after checking that a layer's ``lead`` rows are its
-    samples' ``views`` consecutive rows each (or, declared, batch-major folds of those);
+    samples' ``views`` consecutive rows each (or, declared, batch-major folds of those, for a
+    ``tokenwise`` layer: one whose rule sums its rows per sample, a Linear by default);
     ``batch`` 0: not known yet, this layer decides."""
     if not batch:               # the model's root was not called: its first layer decides,
         if folds:               # unless that layer's rows may be folds (B x windows)
@@ -87,7 +88,9 @@ def checked_batch(name: str, module: nn.Module, folds: bool, lead: int, batch: i
     rows = batch * views
     if lead == rows:
         return batch
-    if folds and isinstance(module, nn.Linear) and lead % rows == 0:
+    if tokenwise is None:
+        tokenwise = isinstance(module, nn.Linear)
+    if folds and tokenwise and lead % rows == 0:
         return batch
     raise UnsupportedLayerError(
         f"{name} ({type(module).__name__}) sees a leading dimension of {lead}, "

@@ -9,8 +9,9 @@ own copy (client/foundation.py), so every site trains from the same base weights
 
 DP-SGD: LoRA's ``lora_A``/``lora_B`` are ``nn.Linear`` and covered by the exact per-sample
 rule. DoRA's magnitude vector and IA3's scaling vector are parameters of peft's own layer
-classes, for which ``client/privacy/persample.py`` has no rule yet: the clipper refuses them by
-name (never silently); they train without DP or after a rule is added there.
+classes, with their own exact rules in ``client/privacy/adapter_grads.py`` (IA3 as built here,
+scaling outputs; feed-forward IA3 or other peft layouts are refused by name, never clipped
+wrongly).
 """
 
 from __future__ import annotations

@@ -233,11 +233,6 @@ def validate_foundation(cfg: ExperimentConfig) -> None:
     if cfg.privacy.mechanism == wire.DP_SGD and reason:
         raise ConfigError(f"privacy.mechanism=dp-sgd refused for a {family} foundation model: "
                           f"{reason}; or use privacy=sitedp")
-    if cfg.privacy.mechanism == wire.DP_SGD and method in ("dora", "ia3"):
-        # the site's clipper refuses them too (by layer name); say so before any site starts
-        raise ConfigError(f"privacy.mechanism=dp-sgd refused for method={method}: its "
-                          "magnitude/scaling vectors have no per-sample gradient rule; use "
-                          "method=lora (or linear_probe), or privacy=sitedp")
 
 
 def _validate_swin(cfg: ExperimentConfig, method: str, constructor: dict) -> None:

@@ -199,7 +199,7 @@ def _foundation_job(encoders) -> dict:
 
 
 def test_asked_with_a_foundation_job_the_site_checks_its_own_weights(tmp_path, encoders,
-                                                                   caplog):
+                                                                   caplog, monkeypatch):
     app, job = make_client_app(), _foundation_job(encoders)
     assert job[wire.BASE_DIGEST]
 
@@ -220,9 +220,14 @@ def test_asked_with_a_foundation_job_the_site_checks_its_own_weights(tmp_path, e
     assert f"foundation weights 'dino' not found in {encoders / 'empty'}" in caplog.text
     assert answer() == (False, None)                      # no foundation-dir at all
     assert refusals == [None] * 4                        # no DP-SGD asked: none refused
-    # DP-SGD on a method the site's clipper cannot cover (dora): the weights still match -
-    # the refusal is DP's, answered as round 1's line (a layer name, no data), not "your
-    # weights differ"
+    # DP-SGD on a layer the site's clipper cannot cover (DoRA's magnitude vectors with their
+    # rule taken away, as a new peft layer would be): the weights still match - the refusal
+    # is DP's, answered as round 1's line (a layer name, no data), not "your weights differ"
+    from client.privacy import adapter_grads
+
+    covered = adapter_grads.missing
+    monkeypatch.setattr(adapter_grads, "missing", lambda module, owner: (
+        "no rule" if adapter_grads.is_dora(module) else covered(module, owner)))
     import json
 
     job = _job("model=foundation", "model.options.weights=dino", "model.options.lora_rank=2",

@@ -238,17 +238,23 @@ def test_dp_sgd_takes_sam_lora_and_refuses_sam_full_in_one_line(encoders):
 
 
 def test_dp_sgd_on_layers_the_clipper_cannot_cover_is_refused_before_the_round_is_charged(
-        encoders):
+        encoders, monkeypatch):
     """A coordinator may not validate: the site's check, which runs before ``admit_round``
     charges the ledger, refuses DP-SGD on Dinov2 ``method=full`` (declared: its embeddings
-    and layer scales have no per-sample rule) and ``method=dora`` (declared nowhere: only the
-    clipper knows its magnitude vectors have no rule) - and accepts LoRA."""
+    and layer scales have no per-sample rule) and on a layer declared nowhere (here DoRA's
+    magnitude vectors with their rule taken away, as a new peft layer would be: only the
+    clipper knows) - and accepts LoRA and IA3."""
+    from client.privacy import adapter_grads
+
+    covered = adapter_grads.missing
+    monkeypatch.setattr(adapter_grads, "missing", lambda module, owner: (
+        "no rule" if adapter_grads.is_dora(module) else covered(module, owner)))
     with pytest.raises(ConfigError, match="dp-sgd refused for a dinov2 foundation model: "
                                           "method=full"):
         experiment(encoders, "privacy=dpsgd", "model.options.method=full")
     for method, expected in (("full", "method=full trains"),
                              ("dora", "no exact per-sample gradient rule .*lora_magnitude"),
-                             ("lora", None)):
+                             ("lora", None), ("ia3", None)):
         cfg = experiment(encoders, f"model.options.method={method}")
         _, digest = server_side(cfg)
         record = job_config(experiment(encoders, "privacy=dpsgd"), "run-x", base_digest=digest)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -60,6 +61,13 @@ def _save_base(family: str, encoders: Path) -> tuple[str, int]:
     """A pretrained encoder in ``encoders``: (its name, its number of tensors)."""
     from safetensors.torch import load_file
 
+    if family == "siglip_pair":    # the full image-text SiglipModel with its tokenizer: a
+        # classification run loads its vision tower (the text tower stays in the directory)
+        from ..models.test_foundation_objectives import _save_pair
+
+        directory = encoders / "siglip-pair"
+        _save_pair("siglip", directory)
+        return directory.name, len(load_file(str(directory / "model.safetensors")))
     if family in ("vit", "vit_mae", "siglip", "monai_vit", "clip_vision"):
         # the models tests' tiny builds (tests/models/test_foundation.py); CLIP's vision
         # tower alone is the CLIPVisionModel of that CLIPModel's vision config
@@ -165,11 +173,12 @@ def assert_only_trainable_travel(folder: Path, cfg, *, n_base: int, fused: bool)
 
 @pytest.mark.parametrize("family,model_type", [
     ("vit", "vit"), ("vit_mae", "vit_mae"), ("siglip", "siglip_vision_model"),
-    ("clip_vision", "clip_vision_model"), ("monai_vit", "monai_vit")])
+    ("clip_vision", "clip_vision_model"), ("monai_vit", "monai_vit"),
+    ("siglip_pair", "siglip")])
 def test_lora_on_each_other_family_sends_only_trainable_tensors(tiny_sites, tmp_path, family,
                                                                 model_type):
-    """ViT, ViT-MAE (fine-tuned as an encoder), SigLIP's and CLIP's vision towers and MONAI's
-    2D ViT: the same federation, in process (the Ray simulation is the cases above); the
+    """ViT, ViT-MAE (fine-tuned as an encoder), SigLIP's and CLIP's vision towers, a whole
+    SiglipModel directory (its vision tower fine-tuned) and MONAI's 2D ViT: the same federation, in process (the Ray simulation is the cases above); the
     family-format export of each is tests/models/test_foundation_export.py's."""
     encoders = tmp_path / "encoders"
     weights, n_base = _save_base(family, encoders)
@@ -211,3 +220,46 @@ def test_lora_under_secagg_masks_only_adapters_and_head(three_sites, tmp_path):
     final = final_weights(run_dir)
     assert {k: final[k].shape for k in trainable} == trainable
     assert any(abs(final[k]).max() > 0 for k in trainable if "lora_B" in k)  # B starts at 0
+
+
+@pytest.mark.parametrize("method,vector", [("dora", "lora_magnitude_vector"), ("ia3", "ia3_l")])
+def test_dora_and_ia3_train_under_dp_sgd_and_send_only_trainable_tensors(tiny_sites, tmp_path,
+                                                                          method, vector):
+    """DP-SGD on DoRA's magnitude and IA3's scaling vectors (per-sample rules in
+    client/privacy/adapter_grads.py): accepted at config load and by each site's clipper,
+    both sites spend their budget, only the trainable set travels, and the vectors moved."""
+    import mlflow
+    from tests.conftest import final_weights
+
+    sites = tmp_path / "sites"          # a copy: DP-SGD writes each site's privacy ledger
+    shutil.copytree(tiny_sites, sites)
+    encoders = tmp_path / "encoders"
+    weights, n_base = _save_base("dinov2", encoders)
+    cfg = load_experiment(["federation=sim2",
+                           *_lora_overrides(weights, encoders, sites, tmp_path / "runs"),
+                           f"model.options.method={method}", "privacy=dpsgd",
+                           "+federation.site_node_config={dp-epsilon:10.0,dp-delta:1e-5}",
+                           "tracking.log_models=false"])
+    run_dir = simulate_in_process(cfg, client_mods=[egress_log(tmp_path / "egress"),
+                                                    ingress_log(tmp_path / "ingress")])
+    uri = f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
+    client = mlflow.MlflowClient(uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    metrics = {k: v for r in runs for k, v in r.data.metrics.items()}
+    for site in ("site-0", "site-1"):
+        assert 0 < metrics[f"site/{site}/train/dp-epsilon"] <= 10.0
+    trainable = trainable_shapes(cfg)
+    for keys in travelling_keys(tmp_path, sites=2):
+        assert keys == set(trainable) and len(keys) < n_base
+        assert any(vector in k for k in keys)
+        assert all(vector in k or "lora_" in k or k.split(".")[0] in (
+            "patch_embed", "channel_embed", "head") for k in keys), sorted(keys)
+    from models.tasks import build
+
+    start, _ = build(cfg.model.name, cfg.model_options(), cfg.task.name, cfg.task_options(),
+                     foundation_dir=cfg.model.foundation_dir)
+    initial = start.state_dict()
+    final = final_weights(run_dir)
+    moved = [k for k in trainable
+             if vector in k and not torch.equal(torch.as_tensor(final[k]), initial[k])]
+    assert moved, "no DoRA/IA3 vector changed in the round"

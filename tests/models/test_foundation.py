@@ -490,11 +490,19 @@ def assert_exact_per_sample(model: nn.Module, batch: dict) -> None:
                                    rtol=0, atol=ATOL, msg=name)
 
 
+ADAPTERS = ["lora", "dora", "ia3"]
+
+
+@pytest.mark.parametrize("method", ADAPTERS)
 @pytest.mark.parametrize("family", FAMILIES)     # SAM: also test_foundation_sam.py (padding)
-def test_per_sample_gradients_are_exact_for_lora(weights, family):
-    model = _build(weights[family], method="lora", lora_rank=2).double().train()
+def test_per_sample_gradients_are_exact_for_every_adapter_method(weights, family, method):
+    """LoRA's A/B (Linear), DoRA's magnitude vector and IA3's scaling vector (peft's own
+    layers, rules in client/privacy/adapter_grads.py): exact per sample on every family."""
+    model = _build(weights[family], method=method, lora_rank=2).double().train()
     assert model.dp_unsupported is None
     _randomise_trainable(model)
+    vectors = {"lora": "lora_B", "dora": "lora_magnitude_vector", "ia3": "ia3_l"}[method]
+    assert any(vectors in n for n, p in model.named_parameters() if p.requires_grad)
     assert_exact_per_sample(model, _batch(dtype=torch.float64))
 
 
@@ -507,11 +515,13 @@ def views_of(batch: dict, k: int = 2) -> dict:
         n: v.repeat_interleave(k, 0) for n, v in batch.items() if n != "image"}
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_per_sample_gradients_are_exact_over_augmented_views(weights, family):
+@pytest.mark.parametrize("family, method", [(f, "lora") for f in FAMILIES]
+                         + [(f, m) for f in ("dinov2", "sam") for m in ("dora", "ia3")])
+def test_per_sample_gradients_are_exact_over_augmented_views(weights, family, method):
     """Augmentation multiplicity on every family: a sample's gradient is the mean over its
-    views' rows (one backward pass of their mean loss), clipped as one."""
-    model = _build(weights[family], method="lora", lora_rank=2).double().train()
+    views' rows (one backward pass of their mean loss), clipped as one (SAM: views, then
+    its declared window folds, also for DoRA/IA3's row-wise rules)."""
+    model = _build(weights[family], method=method, lora_rank=2).double().train()
     _randomise_trainable(model)
     task = TASKS.build("classification", {})
     rows = views_of(_batch(dtype=torch.float64))
@@ -527,7 +537,7 @@ def test_what_a_family_declares_dp_sgd_covers_is_what_the_clipper_admits(weights
     """The declarations config validation reads (``dp_unsupported``, by method) agree with the
     site's clipper, per method: a declared refusal the clipper would admit, or an admitted
     method the clipper refuses (a run failing at every site in round 1), both fail here."""
-    for method in ("lora", "linear_probe", "full"):
+    for method in ("lora", "dora", "ia3", "linear_probe", "full"):
         model = _build(weights[family], method=method, lora_rank=2)
         assert (model.dp_unsupported is None) == clipper_admits(model), (family, method)
     assert "method=full" in _build(weights[family], method="full").dp_unsupported
@@ -542,11 +552,36 @@ def clipper_admits(model: nn.Module) -> bool:
     return True
 
 
-def test_families_and_methods_without_a_per_sample_rule_say_so(weights):
-    with pytest.raises(UnsupportedLayerError):
-        PerSampleClipper(_build(weights["dinov2"], method="dora"), max_grad_norm=1.0)
-    with pytest.raises(UnsupportedLayerError):
-        PerSampleClipper(_build(weights["dinov2"], method="ia3"), max_grad_norm=1.0)
+def test_adapter_layouts_without_a_per_sample_rule_are_refused_by_name(weights):
+    """peft layouts the rules do not cover (we never build them, a changed recipe might):
+    IA3 scaling a feed-forward input (``base(x * l)``), two IA3 adapters on one layer, DoRA
+    on a transposed weight - each refused naming the layer, never clipped wrongly."""
+    from peft import IA3Config, inject_adapter_in_model
+
+    from models.foundation.lora import target_pattern
+
+    def refused(model, reason):
+        with pytest.raises(UnsupportedLayerError, match=reason) as err:
+            PerSampleClipper(model, max_grad_norm=1.0)
+        assert "_proj.ia3_l (" in str(err.value) or "_proj.lora_magnitude_vector.default (" in str(
+            err.value)
+
+    base = _build(weights["dinov2"], method="linear_probe")
+    pattern = target_pattern(base.seams.lora_targets)
+    refused(inject_adapter_in_model(IA3Config(target_modules=pattern,
+                                              feedforward_modules=pattern),
+                                    copy.deepcopy(base)), "IA3 scaling a feed-forward input")
+    twice = _build(weights["dinov2"], method="ia3")
+    twice = inject_adapter_in_model(IA3Config(target_modules=pattern, feedforward_modules=[]),
+                                    twice, adapter_name="second")
+    twice.requires_grad_(True)      # peft leaves only the newest adapter trainable
+    twice.encoder.requires_grad_(False)
+    for n, p in twice.named_parameters():
+        p.requires_grad_(p.requires_grad or "ia3_l" in n)
+    refused(twice, "several adapters")
+    dora = _build(weights["dinov2"], method="dora")
+    next(m for m in dora.modules() if type(m).__name__ == "DoraLinearLayer").fan_in_fan_out = True
+    refused(dora, "fan_in_fan_out")
 
 
 def test_a_family_wide_dp_refusal_wins_over_every_method(weights, monkeypatch):

@@ -79,6 +79,18 @@ def test_per_sample_gradients_stay_exact_with_checkpointed_blocks(weights, famil
     assert_exact_per_sample(model, _batch(dtype=torch.float64))
 
 
+@pytest.mark.parametrize("method", ["dora", "ia3"])
+@pytest.mark.parametrize("family", ["dinov2", "sam"])
+def test_dora_and_ia3_per_sample_gradients_stay_exact_with_checkpointed_blocks(weights, family,
+                                                                              method):
+    """A checkpointed block runs DoRA's identity pass (forming B A) again in backward: the
+    clipper must record neither run of it, nor the block's second forward."""
+    model = _build(weights[family], method=method, lora_rank=2,
+                   gradient_checkpointing=True).double().train()
+    _randomise_trainable(model)
+    assert_exact_per_sample(model, _batch(dtype=torch.float64))
+
+
 @pytest.mark.parametrize("family", ["dinov2", "dinov3", "sam", "monai_vit", "timm"])
 def test_per_sample_gradients_stay_exact_when_the_graph_starts_inside_a_block(weights, family):
     """Fused tokens from a frozen patch embedding: nothing before the encoder trains, so the

@@ -337,13 +337,14 @@ def test_lora_on_the_3d_vit_targets_qkv_and_out_proj(tmp_path):
                for k in keys), keys
 
 
-def test_per_sample_gradients_are_exact_for_lora_on_a_3d_vit(tmp_path):
+@pytest.mark.parametrize("method", ["lora", "dora", "ia3"])
+def test_per_sample_gradients_are_exact_for_adapters_on_a_3d_vit(tmp_path, method):
     """DP-SGD's per-sample rule on MONAI's own SABlock attention (not nn.MultiheadAttention):
     summed per-sample gradients equal the batch gradient, norms equal one backward per
     sample, float64, with only adapters + new parts + head trainable."""
     save_monai(_vit(VIT3D | {"classification": True}), VIT3D | {"classification": True},
                tmp_path / "vit3d")
-    model = _build(tmp_path / "vit3d", num_channels=2, lora_rank=2,
+    model = _build(tmp_path / "vit3d", num_channels=2, lora_rank=2, method=method,
                    lora_targets=("qkv", "out_proj")).double().train()
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():

@@ -241,9 +241,10 @@ def test_lora_adapts_the_fused_qkv_and_trains_only_adapters_and_new_parts():
     assert not any(k.startswith("encoder.") and "lora_" not in k for k in keys)
 
 
+@pytest.mark.parametrize("method", ["lora", "dora", "ia3"])
 @pytest.mark.parametrize("name", NAMES)
-def test_per_sample_gradients_are_exact_for_lora(name):
-    model = _build(name, method="lora", lora_rank=2).double().train()
+def test_per_sample_gradients_are_exact_for_every_adapter_method(name, method):
+    model = _build(name, method=method, lora_rank=2).double().train()
     assert model.dp_unsupported is None
     _randomise_trainable(model)
     assert_exact_per_sample(model, _batch(_size(name), dtype=torch.float64))

@@ -54,8 +54,6 @@ def _load(encoders, weights: str, *overrides: str):
      "linear_probe"),
     ("dinov2", ["pretrain=mm_dino", "pretrain.num_rounds=1", "privacy=dpsgd"],
      "privacy.mechanism=dp-sgd refused"),
-    ("dinov2", ["pretrain=mae", "pretrain.num_rounds=1", "privacy=dpsgd",
-                "model.options.method=dora"], "dp-sgd refused for method=dora"),
     ("dinov2", ["pretrain=mae", "pretrain.num_rounds=1", "model.options.channel_tokens=fused"],
      "needs channel_tokens=per_channel"),
     ("dinov2", ["model.options.channel_tokens=stacked"], "per_channel, fused"),
@@ -82,6 +80,8 @@ def test_a_family_wide_dp_refusal_is_said_at_config_load_for_any_method(encoders
 @pytest.mark.parametrize("weights,pretrain,extra", [
     ("dinov2", "mm_dino", []), ("dinov2", "mae", []), ("clip_pair", "clip", []),
     ("dinov2", "mae", ["privacy=dpsgd"]),        # MAE from a foundation model is DP-SGD ready
+    ("dinov2", "mae", ["privacy=dpsgd", "model.options.method=dora"]),  # per-sample rules for
+    ("dinov2", "mae", ["privacy=dpsgd", "model.options.method=ia3"]),   # DoRA's and IA3's vectors
     ("dinov2", "mm_dino", ["model.options.channel_tokens=fused"]),
 ])
 def test_objectives_that_fit_compose(encoders, weights, pretrain, extra):

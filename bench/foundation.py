@@ -9,7 +9,7 @@ step against a hand-written loop plus the cost of DP-SGD on it (``--throughput``
                                [--pretrain-rounds 5] [--work DIR [--resume]]
     python -m bench.foundation --throughput [--family dinov2] [--steps 6] [--warmup 1]
                                [--repeats 2] [--device auto|cpu|cuda] [--image-size 64]
-                               [--batch 16]
+                               [--batch 16] [--method lora|dora|ia3]
 
 Both modes write ``bench/results/foundation.json`` and MERGE into it: each keeps the other's
 keys (``throughput_commit`` / ``mcc_commit`` say which commit measured which half), and the
@@ -88,6 +88,16 @@ CPU time is much less disturbed by other jobs). On CUDA every mode runs under bf
 engine's own; the hand-written loop writes it out) and each step is bracketed by
 ``cuda.synchronize``.
 
+``--method dora|ia3`` (default ``lora``) runs the same three modes with the foundation model's
+``method=dora`` (rank-8 DoRA: LoRA plus peft's magnitude vector) or ``method=ia3`` (peft's IA3
+output-scaling vectors on the same attention projections): the site model is built with that
+option, so the hand-written loop trains the same peft-injected model. Modes and figures are then
+named after the method (``medfed_dora``, ``handwritten_dora``, ``medfed_dora_dp``;
+``dora_throughput_ratio``, ``dp_dora_time_ratio``, ...) and the run writes
+``results/foundation_throughput_<method>.json`` (``_gpu`` appended on CUDA) and its own
+RESULTS.md row: it never touches the LoRA figures of ``foundation.json``. With ``lora`` every
+name, file and row is what it was before the option existed.
+
 """
 
 from __future__ import annotations
@@ -107,7 +117,16 @@ from pathlib import Path
 
 from .common import RESULTS_DIR, commit, mode_ratio, update_results_md, write_result
 
-MODES = ("medfed_lora", "handwritten_lora", "medfed_lora_dp")
+ADAPTERS = ("lora", "dora", "ia3")     # --method
+
+
+def modes_of(method: str = "lora") -> tuple[str, str, str]:
+    """(engine, hand-written, engine DP-SGD) mode names of an adapter method."""
+    return f"medfed_{method}", f"handwritten_{method}", f"medfed_{method}_dp"
+
+
+MODES = modes_of("lora")
+ALL_MODES = tuple(m for a in ADAPTERS for m in modes_of(a))
 FAMILIES = ("dinov2",)
 WEIGHTS_NAME = "dinov2-bench"
 NUM_CHANNELS, NUM_CLASSES = 4, 3
@@ -117,6 +136,23 @@ PATCH = 16                       # the adaptation resizes DINOv2's 14-pixel kern
 DINOV2 = dict(hidden_size=384, num_hidden_layers=4, num_attention_heads=6, mlp_ratio=4,
               patch_size=14, image_size=224)
 LORA = dict(method="lora", lora_rank=8, lora_alpha=16.0)
+LABELS = {"lora": "LoRA", "dora": "DoRA", "ia3": "IA3"}
+
+
+def adapter(method: str = "lora") -> dict:
+    """The foundation model's adapter options for ``method`` (IA3 has no rank or alpha)."""
+    if method not in ADAPTERS:
+        raise ValueError(f"unknown method {method!r}; benchmarked: {', '.join(ADAPTERS)}")
+    return {"method": method} if method == "ia3" else LORA | {"method": method}
+
+
+def figure_keys(method: str = "lora") -> dict[str, str]:
+    """The JSON keys of a method's figures (``lora``: the keys of ``foundation.json``)."""
+    return {"throughput": f"{method}_throughput_ratio", "dp": f"dp_{method}_time_ratio",
+            "throughput_cpu": f"{method}_throughput_ratio_cpu_time",
+            "dp_cpu": f"dp_{method}_cpu_time_ratio"}
+
+
 NOISE_MULTIPLIER, MAX_GRAD_NORM = 1.0, 1.0
 TARGETS = {"lora_throughput_ratio": 0.95, "dp_lora_time_ratio": 1.25}
 _RESULT = "FOUNDATION_RESULT "
@@ -137,15 +173,16 @@ def save_encoder(directory: Path, family: str = "dinov2", encoder: dict | None =
     return directory
 
 
-def build_site_model(foundation_dir: Path, *, image_size: int, patch_size: int = PATCH):
-    """``(model, task)`` exactly as a site builds them for a foundation LoRA job."""
+def build_site_model(foundation_dir: Path, *, image_size: int, patch_size: int = PATCH,
+                     method: str = "lora"):
+    """``(model, task)`` exactly as a site builds them for a foundation LoRA (DoRA, IA3) job."""
     import torch
 
     from models.tasks import build
 
-    torch.manual_seed(0)                     # the same LoRA / head init in every mode
+    torch.manual_seed(0)                     # the same adapter / head init in every mode
     options = dict(weights=WEIGHTS_NAME, num_channels=NUM_CHANNELS, num_classes=NUM_CLASSES,
-                   image_size=image_size, patch_size=patch_size, **LORA)
+                   image_size=image_size, patch_size=patch_size, **adapter(method))
     return build("foundation", options, "classification", {"num_classes": NUM_CLASSES},
                  foundation_dir=foundation_dir)
 
@@ -198,7 +235,7 @@ def _engine_steps(mode, model, task, batch, device, steps, warmup, sync):
     data = [{k: v[i] for k, v in batch.items()} for i in range(n)]     # the site's dataset
     config = TrainConfig(local_epochs=warmup + steps, batch_size=n)
     privacy = None
-    if mode == "medfed_lora_dp":
+    if mode.endswith("_dp"):
         privacy = DPSGDConfig(noise_multiplier=NOISE_MULTIPLIER, max_grad_norm=MAX_GRAD_NORM,
                               sample_rate=1.0)
     timed = _TimedTask(task, sync)
@@ -241,23 +278,25 @@ def _handwritten_steps(model, batch, device, steps, warmup, sync):
 
 
 def run_child(mode: str, foundation_dir: Path, *, device_name: str = "cpu", steps: int = 6,
-              warmup: int = 1, batch: int = 16, image_size: int = 64) -> dict:
-    """One mode: build the site model from ``foundation_dir``, run ``warmup + steps`` steps;
-    per-step wall / CPU ms of the timed ones and every step's loss."""
+              warmup: int = 1, batch: int = 16, image_size: int = 64,
+              method: str = "lora") -> dict:
+    """One mode of ``modes_of(method)``: build the site model from ``foundation_dir``, run
+    ``warmup + steps`` steps; per-step wall / CPU ms of the timed ones and every step's loss."""
     import torch
 
     from client.engine import resolve_device
     from models.foundation.lora import trainable_keys
 
-    if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; valid: {', '.join(MODES)}")
+    if mode not in modes_of(method):
+        raise ValueError(f"unknown mode {mode!r} for method {method!r}; valid: "
+                         f"{', '.join(modes_of(method))}")
     if warmup < 1 or steps < 1:
         raise ValueError("warmup and steps must be >= 1 (the first engine step anchors timing)")
     device = resolve_device(device_name)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    model, task = build_site_model(foundation_dir, image_size=image_size)
+    model, task = build_site_model(foundation_dir, image_size=image_size, method=method)
     data = fixed_batch(batch, image_size)
-    if mode == "handwritten_lora":
+    if mode.startswith("handwritten_"):
         wall, cpu, losses = _handwritten_steps(model, data, device, steps, warmup, sync)
     else:
         wall, cpu, losses = _engine_steps(mode, model, task, data, device, steps, warmup, sync)
@@ -278,7 +317,8 @@ def run_mode(mode: str, foundation_dir: Path, args) -> dict:
     cmd = [sys.executable, "-m", "bench.foundation", "--child", "--mode", mode,
            "--weights-dir", str(foundation_dir), "--device", args.device,
            "--steps", str(args.steps), "--warmup", str(args.warmup),
-           "--batch", str(args.batch), "--image-size", str(args.image_size)]
+           "--batch", str(args.batch), "--image-size", str(args.image_size),
+           "--method", args.method]
     proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True)
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(_RESULT):
@@ -304,45 +344,45 @@ def pool(runs: list[dict], batch: int) -> dict:
 
 
 def throughput(args) -> dict:
+    method = getattr(args, "method", "lora")
+    engine, hand, dp = order = modes_of(method)
+    keys = figure_keys(method)
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="medfed-bench-foundation-") as tmp:
         foundation_dir = Path(tmp)
         save_encoder(foundation_dir / WEIGHTS_NAME, args.family)
-        runs: dict[str, list[dict]] = {m: [] for m in MODES}
+        runs: dict[str, list[dict]] = {m: [] for m in order}
         for r in range(args.repeats):
-            for m in MODES[::-1] if r % 2 else MODES:
+            for m in order[::-1] if r % 2 else order:
                 runs[m].append(run_mode(m, foundation_dir, args))
                 print(f"pass {r + 1}/{args.repeats} {m}: "
                       f"{runs[m][-1].get('error') or 'ok'}", flush=True)
     modes = {m: pool(rs, args.batch) for m, rs in runs.items()}
     figures = {
-        "lora_throughput_ratio": mode_ratio(modes, "medfed_lora", "handwritten_lora",
-                                            "samples_per_s"),
-        "dp_lora_time_ratio": mode_ratio(modes, "medfed_lora_dp", "medfed_lora", "ms_per_step"),
+        keys["throughput"]: mode_ratio(modes, engine, hand, "samples_per_s"),
+        keys["dp"]: mode_ratio(modes, dp, engine, "ms_per_step"),
     }
     cpu_figures = {
-        "lora_throughput_ratio_cpu_time": mode_ratio(modes, "medfed_lora",
-                                                     "handwritten_lora", "cpu_samples_per_s"),
-        "dp_lora_cpu_time_ratio": mode_ratio(modes, "medfed_lora_dp", "medfed_lora",
-                                             "cpu_ms_per_step"),
+        keys["throughput_cpu"]: mode_ratio(modes, engine, hand, "cpu_samples_per_s"),
+        keys["dp_cpu"]: mode_ratio(modes, dp, engine, "cpu_ms_per_step"),
     }
-    # Same weights, same LoRA init, same samples: the engine's non-DP losses must follow the
-    # hand-written loop's (only the sample order inside the batch differs) - else the two
+    # Same weights, same adapter init, same samples: the engine's non-DP losses must follow
+    # the hand-written loop's (only the sample order inside the batch differs) - else the two
     # modes would not be doing the same work.
-    a = modes.get("medfed_lora", {}).get("losses_first_pass")
-    b = modes.get("handwritten_lora", {}).get("losses_first_pass")
+    a = modes.get(engine, {}).get("losses_first_pass")
+    b = modes.get(hand, {}).get("losses_first_pass")
     loss_gap = max(abs(x - y) for x, y in zip(a, b)) if a and b else None
     device = next((m["device"] for m in modes.values() if "device" in m), args.device)
     return figures | {
         **cpu_figures,
         "throughput_targets": {
-            "lora_throughput_ratio": f">= {TARGETS['lora_throughput_ratio']}",
-            "dp_lora_time_ratio": f"<= {TARGETS['dp_lora_time_ratio']} (CPU)"},
+            keys["throughput"]: f">= {TARGETS['lora_throughput_ratio']}",
+            keys["dp"]: f"<= {TARGETS['dp_lora_time_ratio']} (CPU)"},
         "throughput_targets_met": {
-            "lora_throughput_ratio": figures["lora_throughput_ratio"] is not None
-            and figures["lora_throughput_ratio"] >= TARGETS["lora_throughput_ratio"],
-            "dp_lora_time_ratio": figures["dp_lora_time_ratio"] is not None
-            and figures["dp_lora_time_ratio"] <= TARGETS["dp_lora_time_ratio"]},
+            keys["throughput"]: figures[keys["throughput"]] is not None
+            and figures[keys["throughput"]] >= TARGETS["lora_throughput_ratio"],
+            keys["dp"]: figures[keys["dp"]] is not None
+            and figures[keys["dp"]] <= TARGETS["dp_lora_time_ratio"]},
         "max_loss_gap_engine_vs_handwritten": loss_gap,
         "errors": {k: m["error"] for k, m in modes.items() if "error" in m},
         "device": device,
@@ -351,7 +391,8 @@ def throughput(args) -> dict:
         "load_average_1min": {"before": load_before[0], "after": os.getloadavg()[0]},
         "cpu_count": os.cpu_count(),
         "config": {"family": args.family, "encoder": DINOV2, "patch_size": PATCH,
-                   "num_channels": NUM_CHANNELS, "num_classes": NUM_CLASSES, **LORA,
+                   "num_channels": NUM_CHANNELS, "num_classes": NUM_CLASSES,
+                   **adapter(method),
                    "batch_size": args.batch, "image_size": args.image_size,
                    "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
                    "threads": 1, "optimizer": "AdamW (TrainConfig defaults)",
@@ -388,20 +429,35 @@ def _throughput_cells(payload: dict) -> tuple[str, str]:
         return "throughput not measured", ""
     met = payload.get("throughput_targets_met", {})
     m, c = payload["modes"], payload["config"]
+    method = c.get("method", "lora")
+    keys, label = figure_keys(method), LABELS.get(method, method)
+    kind = f"rank-{c['lora_rank']} {label}" if "lora_rank" in c else label
     sps = ", ".join(f"{k} {_f(v.get('samples_per_s'), '.1f')} samples/s "
                     f"({_f(v.get('ms_per_step'), '.0f')} ms, "
                     f"CPU {_f(v.get('cpu_ms_per_step'), '.0f')} ms/step)" for k, v in m.items())
-    return (f"LoRA step vs hand-written PyTorch+peft: **{_f(payload['lora_throughput_ratio'])}×** "
-            f"samples/s (goal ≥ 0.95: {_met(met.get('lora_throughput_ratio'))}); DP-SGD/non-DP "
-            f"step time on LoRA: **{_f(payload['dp_lora_time_ratio'])}×** (goal ≤ 1.25: "
-            f"{_met(met.get('dp_lora_time_ratio'))}); CPU-time ratios "
-            f"{_f(payload.get('lora_throughput_ratio_cpu_time'))}× / "
-            f"{_f(payload.get('dp_lora_cpu_time_ratio'))}×",
+    extra = "" if method == "lora" else (
+        f"; max loss gap engine vs hand-written "
+        f"{_f(payload.get('max_loss_gap_engine_vs_handwritten'), '.1e')}; load average "
+        f"{_f(payload['load_average_1min']['before'])} → "
+        f"{_f(payload['load_average_1min']['after'])}")
+    def goal(key: str, target: float) -> str:
+        """met / not met; for dora and ia3 also by how much a figure misses its goal."""
+        words, value = _met(met.get(keys[key])), payload.get(keys[key])
+        if method == "lora" or words != "not met" or value is None:
+            return words
+        return f"{words}, off by {abs(value - target):.2f}×"
+
+    return (f"{label} step vs hand-written PyTorch+peft: **{_f(payload[keys['throughput']])}×** "
+            f"samples/s (goal ≥ 0.95: {goal('throughput', TARGETS['lora_throughput_ratio'])}); "
+            f"DP-SGD/non-DP step time on {label}: **{_f(payload[keys['dp']])}×** (goal ≤ 1.25: "
+            f"{goal('dp', TARGETS['dp_lora_time_ratio'])}); CPU-time ratios "
+            f"{_f(payload.get(keys['throughput_cpu']))}× / "
+            f"{_f(payload.get(keys['dp_cpu']))}×",
             f"throughput: {c['family']} {c['encoder']['hidden_size']}-wide × "
             f"{c['encoder']['num_hidden_layers']} layers via the foundation model "
-            f"(rank-{c['lora_rank']} LoRA), {c['num_channels']} channels {c['image_size']}², "
+            f"({kind}), {c['num_channels']} channels {c['image_size']}², "
             f"batch {c['batch_size']}, {c['steps']} steps × {c['repeats']} passes, 1 thread; "
-            f"{sps}")
+            f"{sps}{extra}")
 
 
 def _dp_words(mcc: dict) -> str:
@@ -506,7 +562,10 @@ def _public_words(record: dict) -> str:
 
 
 def _row(payload: dict, name: str = "foundation") -> str:
-    (mf, md), (tf, td) = _mcc_cells(payload), _throughput_cells(payload)
+    (tf, td) = _throughput_cells(payload)
+    if payload.get("config", {}).get("method", "lora") != "lora":     # a throughput-only file
+        return f"| {_key(payload, name)} | {tf} | {td} | `results/{name}.json` |"
+    (mf, md) = _mcc_cells(payload)
     details = "; ".join(x for x in (md, td) if x)
     return f"| {_key(payload, name)} | {mf}; {tf} | {details} | `results/{name}.json` |"
 
@@ -531,6 +590,15 @@ def merged(name: str, payload: dict, half: str) -> dict:
     return old | payload | {f"{half}_commit": commit(), f"{half}_machine": machine()}
 
 
+def default_name(method: str, device: str) -> str:
+    """results/<name>.json of a throughput run without --name: LoRA keeps foundation.json
+    (foundation_gpu), every other adapter a file of its own."""
+    gpu = device.startswith("cuda")
+    if method == "lora":
+        return "foundation_gpu" if gpu else "foundation"
+    return f"foundation_throughput_{method}" + ("_gpu" if gpu else "")
+
+
 def run_throughput(args, parser) -> None:
     if args.warmup < 1 or args.steps < 1 or args.repeats < 1:
         parser.error("--steps, --warmup and --repeats must be >= 1")
@@ -541,10 +609,15 @@ def run_throughput(args, parser) -> None:
         else:
             print(f"{m['mode']:<18}{m['ms_per_step']:>9.1f} ms{m['cpu_ms_per_step']:>9.1f} "
                   f"cpu ms{m['samples_per_s']:>9.1f} samples/s")
-    print(f"lora_throughput_ratio {payload['lora_throughput_ratio']}, dp_lora_time_ratio "
-          f"{payload['dp_lora_time_ratio']}")
-    name = args.name or ("foundation_gpu" if payload["device"].startswith("cuda")
-                         else "foundation")
+    keys = figure_keys(args.method)
+    print(f"{keys['throughput']} {payload[keys['throughput']]}, {keys['dp']} "
+          f"{payload[keys['dp']]}")
+    if args.method != "lora":
+        print(f"CPU-time: {keys['throughput_cpu']} {payload[keys['throughput_cpu']]}, "
+              f"{keys['dp_cpu']} {payload[keys['dp_cpu']]}; max loss gap "
+              f"{payload['max_loss_gap_engine_vs_handwritten']}; load "
+              f"{payload['load_average_1min']}")
+    name = args.name or default_name(args.method, payload["device"])
     payload = merged(name, payload, "throughput")
     path = write_result(name, payload)
     update_results_md(_key(payload, name), _row(payload, name))
@@ -814,8 +887,12 @@ def main() -> None:
     tp.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     tp.add_argument("--image-size", type=int, default=64)
     tp.add_argument("--batch", type=int, default=16)
+    tp.add_argument("--method", default="lora", choices=ADAPTERS,
+                    help="the adapter trained in every mode (the foundation model's "
+                         "method option); lora writes results/foundation.json, dora / ia3 "
+                         "results/foundation_throughput_<method>.json and a row of their own")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
+    parser.add_argument("--mode", choices=ALL_MODES, help=argparse.SUPPRESS)
     parser.add_argument("--weights-dir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -824,7 +901,7 @@ def main() -> None:
         torch.set_num_threads(1)
         result = run_child(args.mode, args.weights_dir, device_name=args.device,
                            steps=args.steps, warmup=args.warmup, batch=args.batch,
-                           image_size=args.image_size)
+                           image_size=args.image_size, method=args.method)
         print(_RESULT + json.dumps(result))
         return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

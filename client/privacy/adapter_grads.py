@@ -19,9 +19,12 @@ what multiplies the vector:
   ``n`` (``get_lora_weight``); that call has no gradient path and is not a batch, so the clipper
   runs it unobserved (:func:`quiet_lora_weight`).
 
-Anything else in these classes (several adapters on one layer, merged adapters, a transposed
-``fan_in_fan_out`` weight, quantised or convolutional bases, DoRA on embeddings/convolutions) is
-refused by name: :func:`missing` says why.
+Anything else in these classes is refused by name (:func:`missing` says why): IA3 merged,
+disabled, with several or inactive adapters, or on a non-Linear layer; DoRA on a transposed
+``fan_in_fan_out`` weight or on embeddings/convolutions (their subclasses); and, when the layer
+runs, DoRA over a base that is not a plain ``nn.Linear`` (a quantised one: its weight is not
+the matrix the forward used). Several active DoRA adapters on one layer are exact as they are
+(each adds its own term to the output).
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .persample_checks import UnsupportedLayerError
 
 SUPPORTED = "peft IA3 Linear (output scaling), peft DoRA magnitude (Linear)"
 
@@ -71,6 +76,8 @@ def missing(module: nn.Module, owner: nn.Module | None) -> str | None:
             return "IA3 scaling a feed-forward input"
         if owner.merged or len(owner.ia3_l) != 1:
             return "IA3 merged or with several adapters"
+        if owner.disable_adapters or list(owner.active_adapters) != list(owner.ia3_l):
+            return "IA3 disabled or its adapter inactive"   # the vector would get no gradient
         if not isinstance(owner.base_layer, nn.Linear):
             return f"IA3 on a {type(owner.base_layer).__name__} base"
         return None
@@ -86,47 +93,40 @@ def tokenwise(module: nn.Module, owner: nn.Module | None) -> bool:
     return owner is not None or is_dora(module)
 
 
-def _acc(x: Tensor) -> Tensor:
-    return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
-def _rows(x: Tensor, batch: int) -> Tensor:
-    """``[B*m, *, d]`` -> ``[B, T, d]``: a sample's rows (views, folds, tokens) together."""
-    return x.reshape(batch, -1, x.shape[-1])
-
-
 def dora_factor(module: nn.Module, args: tuple, kwargs: dict) -> Tensor:
     """What multiplies the magnitude in a DoRA forward, per row: ``(base + s B(A(x))) / n``
-    (``n`` detached in peft, so this is the whole of ``d out / d m``), in >= float32."""
+    (``n`` detached in peft, so this is the whole of ``d out / d m``), in >= float32 (peft
+    takes ``n`` in the input's dtype: under bf16 autocast the two differ by rounding)."""
     x = args[0] if args else kwargs["x"]
     lora_a, lora_b, scaling = kwargs["lora_A"], kwargs["lora_B"], kwargs["scaling"]
     base_layer, base_result = kwargs["base_layer"], kwargs.get("base_result")
-    if not isinstance(base_layer, nn.Linear):
-        raise ValueError(f"DoRA on a {type(base_layer).__name__} base has no per-sample rule")
+    if type(base_layer) is not nn.Linear:
+        raise UnsupportedLayerError(f"no exact per-sample gradient rule for DoRA over a "
+                                    f"{type(base_layer).__name__} base (a plain Linear only)")
     with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
-        xa = _acc(x.detach())
+        xa = x.detach().to(torch.promote_types(x.dtype, torch.float32))
         weight = base_layer.weight.to(xa.dtype)
         a, b = lora_a.weight.to(xa.dtype), lora_b.weight.to(xa.dtype)
         if base_result is None:                 # peft: F.linear(x, W), no bias
             base = F.linear(xa, weight)
         else:                                   # peft: the base output less its bias
-            base = _acc(base_result.detach())
+            base = base_result.detach().to(xa.dtype)
             if base_layer.bias is not None:
                 base = base - base_layer.bias.to(base.dtype)
         norm = torch.linalg.norm(weight + scaling * (b @ a), dim=1)
         return (base + scaling * F.linear(F.linear(xa, a), b)) / norm
 
 
-def dora_per_sample(batch: int, factor: Tensor, grad_output: Tensor) -> dict[str, Tensor]:
-    """``{"weight": [B, out]}``: each sample's magnitude gradient."""
-    return {"weight": (_rows(_acc(grad_output), batch) * _rows(factor, batch)).sum(1)}
+def dora_per_sample(factor: Tensor, grad_output: Tensor) -> dict[str, Tensor]:
+    """``{"weight": [B, out]}``: each sample's magnitude gradient, from the factor and the
+    output gradient as ``[B, T, out]`` (a sample's rows together)."""
+    return {"weight": (grad_output * factor).sum(1)}
 
 
-def ia3_per_sample(batch: int, base_output: Tensor, grad_output: Tensor, name: str
-                   ) -> dict[str, Tensor]:
-    """``{name: [B, out, 1]}`` (the vector is ``[out, 1]``): each sample's scaling gradient."""
-    per = (_rows(_acc(grad_output), batch) * _rows(_acc(base_output), batch)).sum(1)
-    return {name: per[..., None]}
+def ia3_per_sample(base_output: Tensor, grad_output: Tensor, name: str) -> dict[str, Tensor]:
+    """``{name: [B, out, 1]}`` (the vector is ``[out, 1]``): each sample's scaling gradient,
+    from the base output and the output gradient as ``[B, T, out]``."""
+    return {name: (grad_output * base_output).sum(1)[..., None]}
 
 
 @contextlib.contextmanager

@@ -204,13 +204,21 @@ def _norm_per_sample(layer: _Layer) -> dict[str, Tensor]:
         return norm_per_sample(layer.module, _acc(layer.input), _acc(layer.grad_output))
 
 
+def _rows(x: Tensor, layer: _Layer) -> Tensor:
+    """``[B*m, *, d]`` -> ``[B, T, d]`` in >= float32: a sample's rows (views, declared folds,
+    tokens) together, for the row-wise rules."""
+    return _acc(_flat(x, layer.batch))
+
+
 def _ia3_per_sample(layer: _Layer) -> dict[str, Tensor]:
     (name,) = layer.trainable
-    return adapter_grads.ia3_per_sample(layer.batch, layer.factor, layer.grad_output, name)
+    return adapter_grads.ia3_per_sample(_rows(layer.factor, layer), _rows(layer.grad_output, layer),
+                                        name)
 
 
 def _dora_per_sample(layer: _Layer) -> dict[str, Tensor]:
-    return adapter_grads.dora_per_sample(layer.batch, layer.factor, layer.grad_output)
+    return adapter_grads.dora_per_sample(_rows(layer.factor, layer),
+                                         _rows(layer.grad_output, layer))
 
 
 _PER_SAMPLE: dict[type, Callable[[_Layer], dict[str, Tensor]]] = {
@@ -377,6 +385,8 @@ class PerSampleClipper:
             layer.batch, layer.views = self._batch, self._views
             if adapter_grads.is_dora(module):
                 layer.factor = adapter_grads.dora_factor(module, inputs, kwargs)
+            if layer.owner is not None or adapter_grads.is_dora(module):
+                layer.input = None      # row-wise rules read the factor, not the input
             if isinstance(module, nn.Linear) and "weight" in layer.trainable:
                 a = _acc(_flat(layer.input, layer.batch))
                 if _ghost(a.shape[1], a.shape[2], module.out_features):

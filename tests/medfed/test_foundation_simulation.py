@@ -227,7 +227,8 @@ def test_dora_and_ia3_train_under_dp_sgd_and_send_only_trainable_tensors(tiny_si
                                                                           method, vector):
     """DP-SGD on DoRA's magnitude and IA3's scaling vectors (per-sample rules in
     client/privacy/adapter_grads.py): accepted at config load and by each site's clipper,
-    both sites spend their budget, only the trainable set travels, and the vectors moved."""
+    both sites spend their budget, only the trainable set travels, and the vectors' update
+    (noise included: this checks the wiring, not learning) comes back into the global model."""
     import mlflow
     from tests.conftest import final_weights
 

@@ -582,6 +582,46 @@ def test_adapter_layouts_without_a_per_sample_rule_are_refused_by_name(weights):
     dora = _build(weights["dinov2"], method="dora")
     next(m for m in dora.modules() if type(m).__name__ == "DoraLinearLayer").fan_in_fan_out = True
     refused(dora, "fan_in_fan_out")
+    off = _build(weights["dinov2"], method="ia3")    # the layer runs, its vector gets nothing
+    layer = next(m for m in off.modules() if hasattr(m, "ia3_l"))
+    layer.enable_adapters(False)
+    layer.ia3_l.requires_grad_(True)                # peft froze it; an optimizer might not
+    refused(off, "IA3 disabled")
+
+
+def test_dora_per_sample_gradients_are_exact_with_biases_and_lora_dropout(tmp_path):
+    """The two inputs peft's DoRA forward may get: the base output less its bias (no
+    dropout) and, with ``lora_dropout`` while training, none (the rule recomputes the base
+    from the dropped-out input). The saved base's projections get non-zero biases (the tiny
+    configs' are zero). Dropout draws its mask per pass, so with it the clipper's summed
+    per-sample gradients are checked against the batch gradient under the same seed."""
+    torch.manual_seed(3)
+    base = _hf_model("dinov2")
+    with torch.no_grad():
+        for name, p in base.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(std=0.5)
+    base.save_pretrained(tmp_path / "dinov2")
+    model = _build(tmp_path / "dinov2", method="dora", lora_rank=2).double().train()
+    _randomise_trainable(model)
+    assert model.encoder.encoder.layer[0].attention.q_proj.base_layer.bias.abs().min() > 0
+    assert_exact_per_sample(model, _batch(dtype=torch.float64))
+
+    model = _build(tmp_path / "dinov2", method="dora", lora_rank=2,
+                   lora_dropout=0.3).double().train()
+    _randomise_trainable(model)
+    task, batch = TASKS.build("classification", {}), _batch(dtype=torch.float64)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    clipper = PerSampleClipper(model, max_grad_norm=1e12)
+    torch.manual_seed(7)
+    with clipper.capture():
+        _summed_loss(model, task, batch).backward()
+    grads, _ = clipper.clipped_sum()
+    torch.manual_seed(7)
+    _summed_loss(model, task, batch).backward()
+    for name, p in params.items():
+        assert p.grad.abs().max() > 0, name
+        torch.testing.assert_close(grads[p], p.grad, rtol=0, atol=ATOL, msg=name)
 
 
 def test_a_family_wide_dp_refusal_wins_over_every_method(weights, monkeypatch):

@@ -116,6 +116,42 @@ def federated(sources=FED_SOURCES, name: str = "foundation_fed_seeds") -> dict:
     return out
 
 
+def same_runs(arms: dict, encoder: str, sources: tuple, dp_arm: str, name: str) -> dict:
+    """``dp_arm`` against plain LoRA, the DP-LoRA recipe (``DP``) and that recipe without
+    noise on exactly the (draw, seed) runs ``dp_arm`` has; writes ``results/<name>.json``
+    and its RESULTS row. Another DP method than DP-LoRA: not issue 24's goal figure."""
+    runs = set(arms[dp_arm])
+    references = {"lora": REFERENCES["lora"], DP: "the DP-LoRA recipe",
+                  "lora_std_hlr_lp5": REFERENCES["lora_std_hlr_lp5"]}
+    lacking = {ref: sorted(runs - set(arms.get(ref, {}))) for ref in references}
+    if any(lacking.values()):
+        raise SystemExit(f"references without some of {dp_arm}'s runs: {lacking}")
+    same = {ref: {k: arms[ref][k] for k in runs} for ref in (dp_arm, *references)}
+    out = {"sources": list(sources), "encoder_sha256": encoder, "dp_arm": dp_arm,
+           "runs": sorted(runs),
+           "arms": {arm: {m: summary(same[arm], m) for m in METRICS} for arm in same},
+           "over": {ref: {m: compare(same[dp_arm], same[ref], m) for m in METRICS}
+                    for ref in references}}
+    path = write_result(name, out)
+    over = out["over"]
+    figure = "; ".join(
+        f"{dp_arm} / {ref}: site-test **{over[ref]['site_test_mcc']['ratio']:.3f}×** ± "
+        f"{over[ref]['site_test_mcc']['ratio_se']:.3f} (paired "
+        f"{over[ref]['site_test_mcc']['paired_difference']:+.3f}), external "
+        f"{over[ref]['external_mcc']['ratio']:.3f}× (paired "
+        f"{over[ref]['external_mcc']['paired_difference']:+.3f})" for ref in references)
+    means = ", ".join(f"{arm} {out['arms'][arm]['site_test_mcc']['mean']:.3f} / "
+                      f"{out['arms'][arm]['external_mcc']['mean']:.3f}" for arm in same)
+    context = (f"the same {len(runs)} (draw, seed) runs {sorted(runs)}; site-test / external "
+               f"MCC means: {means}; ± is the ratio's standard error; pooled from "
+               f"{len(sources)} bench.dp_centre runs on encoder {encoder[:8]}, no training "
+               "here; not issue 24's DP-LoRA goal figure")
+    update_results_md(name, f"| {name} | {figure} | {context} | `results/{path.name}` |")
+    print(figure)
+    print(context)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
@@ -124,6 +160,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--add", action="append", default=[],
                         help="another results/<name>.json holding that arm's seeds")
     parser.add_argument("--name", default="foundation_dp_seeds")
+    parser.add_argument("--same-runs", action="store_true",
+                        help="compare only on the (draw, seed) runs the --dp arm has, and with "
+                             "the DP-LoRA recipe too (an arm run on a subset of the seeds)")
     parser.add_argument("--federated", action="store_true",
                         help="federated / pooled over seeds instead (FED_SOURCES, "
                              "results/foundation_fed_seeds.json)")
@@ -134,6 +173,9 @@ def main(argv: list[str] | None = None) -> None:
     sources = (*SOURCES, *args.add)
     arms, encoder = collect(sources)
     dp_arm, name = args.dp, args.name
+    if args.same_runs:
+        same_runs(arms, encoder, sources, dp_arm, name)
+        return
     out = {"sources": list(sources), "encoder_sha256": encoder, "dp_arm": dp_arm, "goal": GOAL,
            "arms": {arm: {m: summary(arms[arm], m) for m in METRICS}
                     for arm in (dp_arm, *REFERENCES)},

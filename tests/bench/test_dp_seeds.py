@@ -51,3 +51,25 @@ def test_federated_over_pooled_is_per_recipe_over_seeds(tmp_path, monkeypatch):
     assert out["ffa_over_plain"]["paired_difference"] == pytest.approx(0.1)
     with pytest.raises(SystemExit, match="pooled_ffa"):
         dp_seeds.federated((a,))
+
+
+def test_an_arm_run_on_some_seeds_is_compared_on_exactly_those_runs(tmp_path, monkeypatch):
+    monkeypatch.setattr(dp_seeds, "RESULTS_DIR", tmp_path)
+    monkeypatch.setattr(dp_seeds, "write_result", lambda name, out: tmp_path / f"{name}.json")
+    monkeypatch.setattr(dp_seeds, "update_results_md", lambda key, row: None)
+    recipe = dp_seeds.DP
+    a = _run(tmp_path, "a", 0, {"lora": 0.6, "lora@seed1": 0.8, "lora@seed2": 0.1,
+                                recipe: 0.4, f"{recipe}@seed1": 0.6, f"{recipe}@seed2": 0.9,
+                                "lora_std_hlr_lp5": 0.5, "lora_std_hlr_lp5@seed1": 0.5,
+                                "lora_std_hlr_lp5@seed2": 0.5})
+    b = _run(tmp_path, "b", 0, {"ia3": 0.6, "ia3@seed1": 0.6})       # seeds 0-1 only
+    arms, sha = dp_seeds.collect((a, b))
+    out = dp_seeds.same_runs(arms, sha, (a, b), "ia3", "x")
+    assert out["runs"] == [(0, 0), (0, 1)]                         # seed 2 left out
+    assert out["over"]["lora"]["site_test_mcc"]["ratio"] == pytest.approx(0.6 / 0.7)
+    assert out["over"][recipe]["site_test_mcc"]["ratio"] == pytest.approx(0.6 / 0.5)
+    assert out["over"][recipe]["external_mcc"]["paired_difference"] == pytest.approx(0.05)
+    short = _run(tmp_path, "c", 1, {"ia3@seed4": 0.6})               # no reference there
+    arms, sha = dp_seeds.collect((a, b, short))
+    with pytest.raises(SystemExit, match="without some of ia3's runs"):
+        dp_seeds.same_runs(arms, sha, (a, b, short), "ia3", "x")

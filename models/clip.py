@@ -261,7 +261,8 @@ class CLIPTask(TaskBase):
         return StepOutput(model.per_sample_loss(logits).mean(), n, metrics)
 
     def evaluator(self) -> CLIPEvaluator:
-        """InfoNCE within each batch, recall@k over the whole split, zero-shot AUROC."""
+        """InfoNCE within each batch (a batch's lone report joins a neighbour's), recall@k
+        over the whole split, zero-shot AUROC."""
         return CLIPEvaluator(self.config, self.prompt_tokens)
 
 
@@ -270,19 +271,34 @@ class CLIPEvaluator:
     among all ``n_reports`` studies with a report in the evaluated set (higher n, harder),
     not within one batch.
 
-    ``loss`` is the InfoNCE each study got within its evaluation batch (it depends on the
-    batch size, like the training loss); a study without a report scores 0 and is left out,
-    a study whose batch holds no other report to contrast with is undefined (NaN) and left
-    out. The loss and recall@k average over the studies with a report, ``n_reports``, sent
-    beside them: a pool weighs each site's figures by it, not by ``n``
-    (``models.metrics.AVERAGED_OVER``). Zero-shot ``auroc``: the class probabilities are the
-    softmax over the similarities of the image to one text prompt per class name, over the
-    labelled studies - only when class names are configured and it is defined.
+    ``loss`` is the InfoNCE each study with a report got within its contrast group, averaged
+    over them all: ``n_reports`` studies, the count sent beside it that a pool weighs each
+    site's loss and recall@k by (``models.metrics.AVERAGED_OVER``); a study without a report
+    is left out. A group is an evaluation batch's reports (the loss depends on the batch
+    size, like the training loss), except that a batch holding a single report has nothing
+    to contrast it with: that report joins the group of the batch before it (a first
+    batch's, the group of the batch after it), so every report is contrasted with at least
+    one other and the loss is defined over exactly ``n_reports`` studies - unless the split
+    has a single report, where it is undefined (0.0, and ``AVERAGED_OVER`` gives one report
+    no weight). A group that took in a lone report gives its studies one negative more than
+    a plain batch. A NaN (a diverged model) is reported, not dropped.
+
+    Why a merge, not a count of the contrasted studies beside ``n_reports``: that count
+    would give the lone reports by difference (``n_reports`` less it: at most one a batch,
+    below any site's floor), so the site's floor (``client.queries.split_counts``) would
+    suppress the whole otherwise reportable split - or, unchecked, send the small count. The
+    merge keeps the loss's weight the count already sent and adds none.
+
+    Zero-shot ``auroc``: the class probabilities are the softmax over the similarities of
+    the image to one text prompt per class name, over the labelled studies - only when class
+    names are configured and it is defined.
     """
 
     def __init__(self, config: CLIPConfig, prompt_tokens: dict[str, Tensor] | None):
         self.config, self.prompt_tokens = config, prompt_tokens
-        self.losses: list[Tensor] = []
+        self.losses: list[Tensor] = []          # per study with a report, in split order
+        self._group: tuple[Tensor, Tensor] | None = None   # reports not yet contrasted [g, E]
+        self._model: CLIPModel | None = None
         self.zero_shot: list[Tensor] = []
         self.has: list[Tensor] = []
         self.image: list[Tensor] = []
@@ -294,11 +310,8 @@ class CLIPEvaluator:
         has = batch["has_report"].bool()
         image = model.encode_image(batch["image"], batch["present"]).float()     # [B, E]
         text = model.encode_text(batch["input_ids"], batch["attention_mask"]).float()
-        loss = image.new_zeros(image.shape[0])
-        if int(has.sum()) >= 2:
-            loss[has] = model.per_sample_loss(model.similarity_logits(image[has], text[has]))
-        else:
-            loss[has] = float("nan")
+        self._model = model
+        self._join_group(image[has], text[has])
         if self.prompt_tokens is not None:
             ids, mask = (self.prompt_tokens[k].to(image.device)
                          for k in ("input_ids", "attention_mask"))
@@ -306,29 +319,51 @@ class CLIPEvaluator:
             zero_shot = model.similarity_logits(image, prompts).softmax(-1)          # [B, C]
         else:
             zero_shot = image.new_zeros(image.shape[0], self.config.num_classes)
-        for store, value in ((self.losses, loss), (self.zero_shot, zero_shot), (self.has, has),
+        for store, value in ((self.zero_shot, zero_shot), (self.has, has),
                              (self.image, image), (self.text, text),
                              (self.labels, batch["label"])):
             store.append(value.detach().cpu())
 
+    def _join_group(self, image: Tensor, text: Tensor) -> None:
+        """A batch's reports ``[r, E]`` join the open group; it is contrasted first, and a new
+        one opened, unless one of the two holds a single report (class docstring)."""
+        if image.shape[0] == 0:
+            return
+        if self._group is not None and min(len(self._group[0]), len(image)) >= 2:
+            self._contrast_group()
+        if self._group is not None:
+            image, text = torch.cat([self._group[0], image]), torch.cat([self._group[1], text])
+        self._group = (image, text)
+
+    @torch.no_grad()
+    def _contrast_group(self) -> None:
+        """The open group's per-study InfoNCE, kept; a single report (the split's only one)
+        has none."""
+        if self._group is not None and len(self._group[0]) >= 2:
+            image, text = self._group
+            logits = self._model.similarity_logits(image, text)                 # [g, g]
+            self.losses.append(self._model.per_sample_loss(logits).detach().float().cpu())
+        self._group = None
+
     def compute(self) -> SplitMetrics:
+        self._contrast_group()
         c, e = self.config.num_classes, self.config.embed_dim
 
         def cat(parts: list[Tensor], *shape: int, dtype=torch.float32) -> np.ndarray:
             return (torch.cat(parts) if parts else torch.zeros(0, *shape, dtype=dtype)).numpy()
 
-        losses, zero_shot = cat(self.losses), cat(self.zero_shot, c)
+        losses = cat(self.losses)                   # [n_reports]; none for a single report
+        zero_shot = cat(self.zero_shot, c)
         has = cat(self.has, dtype=torch.bool)
         labels = cat(self.labels, dtype=torch.int64)
         image, text = cat(self.image, e)[has], cat(self.text, e)[has]
         similarity = image @ text.T                                              # [n, n]
-        scored = has & np.isfinite(losses)
         means = {name: recall_at_k(similarity if d == "i2r" else similarity.T, k)
                  for (d, k), name in RECALL_FIGURES.items()}
         labelled = labels >= 0
         auroc = (macro_auroc(labels[labelled], zero_shot[labelled])
                  if self.prompt_tokens is not None and labelled.any() else None)
-        return SplitMetrics(n=len(losses), loss=float(losses[scored].mean()) if scored.any() else 0.0,
+        return SplitMetrics(n=len(has), loss=float(losses.mean()) if len(losses) else 0.0,
                             auroc=auroc, means=means, counts={"n_reports": float(has.sum())})
 
 

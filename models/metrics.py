@@ -148,9 +148,12 @@ def is_derived(name: str) -> bool:
 @dataclass(frozen=True)
 class AveragedOver:
     """The studies a figure averages over when not all ``n`` of its split: the ``count``
-    named, less the ``undefined`` one (those where the figure is not defined)."""
+    named, less the ``undefined`` one (those where the figure is not defined); fewer than
+    ``fewest`` such studies and the figure is undefined, its weight 0 (InfoNCE contrasts
+    two reports at least: a split's single report has no loss)."""
     count: str
     undefined: str | None = None
+    fewest: int = 1
 
 
 # CLIP's retrieval figures (``models.clip``): recall@k of each study's match among the split's
@@ -165,12 +168,13 @@ RECALL_FIGURES: Mapping[tuple[str, int], str] = MappingProxyType(
 # mean over every site's studies. Segmentation's loss, Dice and HD95 are over its studies with
 # a mask, Dice and HD95 less those where each is undefined (a site of empty masks sends Dice
 # 0.0 over none, which weighs nothing). CLIP's loss and recall@k are over its studies with a
-# report (``n_reports``; a study alone with its report in an evaluation batch has no InfoNCE
-# and is left out of its site's loss, though counted here: at most one a batch). Each task
-# reports one of a figure's counts (the loss: one of two); a figure not listed, or in a split
-# that reports none of its counts, averages over ``n``.
+# report (``n_reports``: ``models.clip.CLIPEvaluator`` contrasts every one of them, a batch's
+# lone report with a neighbouring batch's, so no count of the uncontrasted is sent - it would
+# be a small one); its loss needs two of them, a site with one sends 0.0 that weighs nothing.
+# Each task reports one of a figure's counts (the loss: one of two); a figure not listed, or
+# in a split that reports none of its counts, averages over ``n``.
 AVERAGED_OVER: Mapping[str, tuple[AveragedOver, ...]] = MappingProxyType({
-    "loss": (AveragedOver("n_masks"), AveragedOver("n_reports")),
+    "loss": (AveragedOver("n_masks"), AveragedOver("n_reports", fewest=2)),
     "dice": (AveragedOver("n_masks", "dice_undefined"),),
     "hd95": (AveragedOver("n_masks", "hd95_undefined"),),
     **{name: (AveragedOver("n_reports"),) for name in RECALL_FIGURES.values()}})
@@ -261,10 +265,11 @@ class SplitMetrics:
             if len(reported := [o.count for o in choices if o.count in self.counts]) > 1:
                 raise ValueError(f"{figure} averages over one of {reported}, not each (a task "
                                  "reports one)")
-            if (figure == "loss" or figure in self.means) and not 0 <= self.studies(figure) <= n:
+            if (figure == "loss" or figure in self.means) and \
+                    not 0 <= (claimed := self._counted(figure)) <= n:
                 over = self._averaged_over(figure)
                 raise ValueError(f"{figure} averages over {over.count} less "
-                                 f"{over.undefined or 'nothing'}: {self.studies(figure):g} "
+                                 f"{over.undefined or 'nothing'}: {claimed:g} "
                                  f"studies, not between 0 and n = {n}")
         if not (math.isfinite(self.seconds) and self.seconds >= 0):
             raise ValueError(f"seconds must be finite and >= 0, got {self.seconds}")
@@ -274,13 +279,19 @@ class SplitMetrics:
         """The counts of ``AVERAGED_OVER`` this split reports for ``figure`` (None: none)."""
         return next((o for o in AVERAGED_OVER.get(figure, ()) if o.count in self.counts), None)
 
-    def studies(self, figure: str) -> float:
-        """How many studies ``figure`` (``loss`` or a mean) averages over, its weight in a
-        pool: the counts ``AVERAGED_OVER`` names where this split reports them, else ``n``."""
+    def _counted(self, figure: str) -> float:
+        """The studies the counts say ``figure`` averages over (``n`` where none is sent)."""
         over = self._averaged_over(figure)
         if over is None:
             return float(self.n)
         return self.counts[over.count] - self.counts.get(over.undefined, 0.0)
+
+    def studies(self, figure: str) -> float:
+        """How many studies ``figure`` (``loss`` or a mean) averages over, its weight in a
+        pool: the counts ``AVERAGED_OVER`` names where this split reports them, else ``n``;
+        0 where they are fewer than the figure is defined over (``AveragedOver.fewest``)."""
+        over, counted = self._averaged_over(figure), self._counted(figure)
+        return counted if over is None or counted >= over.fewest else 0.0
 
     def scalars(self) -> dict[str, float]:
         """The figures: ``n``, ``loss``, the confusion-derived metrics (``confusion_metrics``

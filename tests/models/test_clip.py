@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from client.data.dataset import StudyDataset
 from client.data.site import Study
@@ -241,8 +242,8 @@ def test_recall_spans_the_whole_evaluated_set_not_one_batch():
     summary = _evaluate(task, _GivenEmbeddings(), *batches(text))
     assert summary.n == 6 and summary.counts["n_reports"] == 5.0
     assert summary.means["recall_i2r_1"] == 1.0 and summary.means["recall_r2i_1"] == 1.0
-    # InfoNCE within each batch; the last batch has one report, nothing to contrast: left out
-    within = torch.cat([clip_loss(emb[i:i + 2] @ text[i:i + 2].t()) for i in (0, 2)])
+    # InfoNCE within each batch; the last batch's one report joins the batch before it
+    within = torch.cat([clip_loss(emb[0:2] @ text[0:2].t()), clip_loss(emb[2:5] @ text[2:5].t())])
     assert summary.loss == pytest.approx(float(within.mean()))
     text[1] = emb[0]                                       # now two reports tie for image 0
     summary = _evaluate(task, _GivenEmbeddings(), *batches(text))
@@ -275,11 +276,109 @@ def test_zero_shot_auroc_is_defined_and_keys_are_fixed():
     assert task.prompts[0] == "findings consistent with high grade glioma"
     _, unnamed = _build(class_names=[])                    # no names: no zero-shot AUROC
     assert _evaluate(unnamed, model, batch).auroc is None
-    lone = _batch(task, b=2, has_report=[True, False])     # nothing to contrast with: undefined
+    lone = _batch(task, b=2, has_report=[True, False], seed=1)   # joins the batch before it
     summary = _evaluate(task, model, batch, lone)
-    assert summary.loss == pytest.approx(float(within.mean()), rel=1e-5)
-    assert summary.counts["n_reports"] == 6.0 and summary.n == 8   # still ranked for recall
+    with torch.no_grad():
+        joined = [model.encode_image(lone["image"][:1], lone["present"][:1]),
+                  model.encode_text(lone["input_ids"][:1], lone["attention_mask"][:1])]
+        six = clip_loss(model.scale() * torch.cat([image[has], joined[0]])
+                        @ torch.cat([text[has], joined[1]]).t())
+    assert summary.loss == pytest.approx(float(six.mean()), rel=1e-5)
+    assert summary.counts["n_reports"] == 6.0 and summary.n == 8   # 6 ranked for recall
 
+
+
+def _given_batch(image: torch.Tensor, text: torch.Tensor, has: list[bool]) -> dict:
+    """A batch for ``_GivenEmbeddings``: its rows are the studies' embeddings."""
+    b = len(has)
+    return {"image": image, "present": torch.ones(b, 4), "input_ids": text,
+            "attention_mask": torch.ones(b, 1), "has_report": torch.tensor(has),
+            "label": torch.zeros(b, dtype=torch.int64)}
+
+
+def test_a_lone_report_in_a_batch_is_contrasted_and_the_pooled_loss_is_the_mean_over_reports():
+    """A batch holding one report (the rest of its studies without one) has nothing to
+    contrast it with; left out of its site's loss while ``n_reports``, the loss's weight in
+    the pool, still counted it, the pooled loss was biased. The lone report now joins the
+    group of the batch before it (a first batch's, the batch after it), so each site's loss is
+    the mean over all of its ``n_reports`` studies and the pooled loss (after the wire codec)
+    the mean over every site's: each report's InfoNCE within its group, weighed once."""
+    from protocol.metrics import from_record
+    from strategies.pooling import pool
+
+    _, task = _build(class_names=[])
+    e = task.config.embed_dim
+    torch.manual_seed(3)
+    emb = F.normalize(torch.randn(12, e), dim=-1)
+    text = F.normalize(emb + 0.8 * torch.randn(12, e), dim=-1)
+    # Site A: batches of 3; the first (study 0) and the last (study 9) hold a lone report.
+    has_a = [True, False, False, True, True, True, True, True, False, True, False, False]
+    a = _evaluate(task, _GivenEmbeddings(),
+                  *[_given_batch(emb[i:i + 3], text[i:i + 3], has_a[i:i + 3])
+                    for i in (0, 3, 6, 9)])
+    groups = [[0, 3, 4, 5], [6, 7, 9]]       # 0 joins the batch after, 9 the batch before
+    per_study = torch.cat([clip_loss(emb[g] @ text[g].t()) for g in groups])
+    assert a.counts["n_reports"] == 7.0 == len(per_study) and a.n == 12
+    assert a.loss == pytest.approx(float(per_study.mean()), rel=1e-6)
+    # Site B: two batches of two reports, no lone one.
+    b = _evaluate(task, _GivenEmbeddings(), _given_batch(emb[:2], text[:2], [True, True]),
+                  _given_batch(emb[2:4], text[2:4], [True, True]))
+    per_study_b = torch.cat([clip_loss(emb[i:i + 2] @ text[i:i + 2].t()) for i in (0, 2)])
+    sites = [from_record(to_record(m, "val"), "val") for m in (a, b)]
+    pooled = pool(sites)
+    assert pooled["n_reports"] == 11.0
+    assert pooled["loss"] == pytest.approx(float(torch.cat([per_study, per_study_b]).mean()),
+                                           rel=1e-6)
+    assert set(a.counts) == {"n_reports"}       # no count of the lone reports is sent
+
+
+def test_a_split_with_a_single_report_has_no_loss_and_weighs_nothing_in_the_pooled_loss():
+    """One report in a whole split (a floor-1 site can send it): no InfoNCE, 0.0 sent, and the
+    pooled loss is the other sites' alone - the 0.0 weighs nothing (recall@k, trivially 1,
+    still weighs its one report)."""
+    from strategies.pooling import pool
+
+    _, task = _build(class_names=[])
+    e = task.config.embed_dim
+    emb = torch.eye(e)[:4]
+    one = _evaluate(task, _GivenEmbeddings(), _given_batch(emb[:2], emb[:2], [True, False]))
+    assert one.loss == 0.0 and one.counts["n_reports"] == 1.0
+    assert one.studies("loss") == 0.0 and one.studies("recall_i2r_1") == 1.0
+    other = _evaluate(task, _GivenEmbeddings(), _given_batch(emb, 0.5 * emb, [True] * 4))
+    assert other.loss > 0
+    assert pool([one, other])["loss"] == pytest.approx(other.loss)
+
+
+def test_a_diverged_models_nan_loss_is_reported_not_dropped():
+    """A study whose embeddings are NaN (a diverged model) makes its group's loss NaN: the
+    split's loss says so (``SplitMetrics``: reported, not hidden), it is not the mean of the
+    other studies."""
+    _, task = _build(class_names=[])
+    emb = torch.eye(task.config.embed_dim)[:4]
+    diverged = emb.clone()
+    diverged[3] = float("nan")
+    summary = _evaluate(task, _GivenEmbeddings(), _given_batch(emb[:2], emb[:2], [True] * 2),
+                        _given_batch(diverged[2:], diverged[2:], [True] * 2))
+    assert np.isnan(summary.loss) and summary.counts["n_reports"] == 4.0
+
+def test_a_split_with_lone_reports_is_not_suppressed_by_the_site_floor():
+    """The site holds back a split any of whose counts (and their differences) is below its
+    floor (``client.queries.split_counts``). A split of 9 studies, all with a report, in
+    batches of 4, 4 and 1 (a lone report): its counts are n = n_reports = 9 and one class of
+    9, all at or above a floor of 4, so it is sent - a count of the lone (or contrasted)
+    reports beside them would be 1 (or differ from n_reports by 1) and suppress it."""
+    from client.queries import has_small_count, split_counts
+
+    _, task = _build(class_names=[])
+    e = task.config.embed_dim
+    emb = torch.eye(e)[:9]
+    metrics = _evaluate(task, _GivenEmbeddings(),
+                        *[_given_batch(emb[i:i + 4], emb[i:i + 4], [True] * len(emb[i:i + 4]))
+                          for i in (0, 4, 8)])
+    assert metrics.n == 9 and dict(metrics.counts) == {"n_reports": 9.0}
+    counts = split_counts(metrics, torch.zeros(9, dtype=torch.int64), 3, multi_label=False)
+    assert not has_small_count(counts, 4)
+    assert has_small_count(counts, 10)                # the floor does bite above the counts
 
 # --- the shipped vocabulary -----------------------------------------------------------
 

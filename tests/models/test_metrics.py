@@ -109,6 +109,8 @@ def test_attack_a_clip_figure_may_not_claim_more_reports_than_its_split():
 
     with pytest.raises(ValueError, match="averages over n_reports .* not between 0 and n = 10"):
         SplitMetrics(n=10, loss=0.5, means={"recall_i2r_1": 0.9}, counts={"n_reports": 1000.0})
+    with pytest.raises(ValueError, match="loss averages over n_reports .* and n = 0"):
+        SplitMetrics(n=0, loss=0.0, counts={"n_reports": 1.0})   # weighs 0, still refused
     with pytest.raises(ValueError, match=r"loss averages over one of \['n_masks', 'n_reports'\]"):
         SplitMetrics(n=10, loss=0.5, counts={"n_masks": 2.0, "n_reports": 9.0})
     honest = SplitMetrics(n=10, loss=0.5, means={"recall_i2r_1": 0.9}, counts={"n_reports": 4.0})

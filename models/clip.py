@@ -280,8 +280,11 @@ class CLIPEvaluator:
     batch's, the group of the batch after it), so every report is contrasted with at least
     one other and the loss is defined over exactly ``n_reports`` studies - unless the split
     has a single report, where it is undefined (0.0, and ``AVERAGED_OVER`` gives one report
-    no weight). A group that took in a lone report gives its studies one negative more than
-    a plain batch. A NaN (a diverged model) is reported, not dropped.
+    no weight). A group that took in lone reports gives its studies more negatives than a
+    plain batch (consecutive lone batches pile into one group). Every group is scored in
+    float32 with autocast off (the engine evaluates under bf16 autocast on a GPU, but the
+    last group is scored in ``compute``, outside it: the loss must not depend on which group
+    comes last). A NaN (a diverged model) is reported, not dropped.
 
     Why a merge, not a count of the contrasted studies beside ``n_reports``: that count
     would give the lone reports by difference (``n_reports`` less it: at most one a batch,
@@ -340,9 +343,11 @@ class CLIPEvaluator:
         """The open group's per-study InfoNCE, kept; a single report (the split's only one)
         has none."""
         if self._group is not None and len(self._group[0]) >= 2:
-            image, text = self._group
-            logits = self._model.similarity_logits(image, text)                 # [g, g]
-            self.losses.append(self._model.per_sample_loss(logits).detach().float().cpu())
+            image, text = self._group                           # float32 (``update``)
+            with torch.autocast(image.device.type, enabled=False):
+                logits = self._model.similarity_logits(image, text)             # [g, g]
+                loss = self._model.per_sample_loss(logits)
+            self.losses.append(loss.detach().float().cpu())
         self._group = None
 
     def compute(self) -> SplitMetrics:

@@ -296,6 +296,34 @@ def _given_batch(image: torch.Tensor, text: torch.Tensor, has: list[bool]) -> di
             "label": torch.zeros(b, dtype=torch.int64)}
 
 
+def test_the_clip_loss_does_not_depend_on_which_group_is_scored_last_under_autocast():
+    """The engine evaluates under bf16 autocast on a GPU (``update``), but the last contrast
+    group is scored in ``compute``, outside it: every group is scored in float32, so two
+    batches give the same loss in either order, equal to the float32 reference."""
+    class Sharp(_GivenEmbeddings):
+        def scale(self):
+            return torch.tensor(50.0)
+
+    _, task = _build(class_names=[])
+    e = task.config.embed_dim
+    torch.manual_seed(0)
+    emb = F.normalize(torch.randn(8, e), dim=-1)
+    text = F.normalize(emb + 0.5 * torch.randn(8, e), dim=-1)
+    first, second = (_given_batch(emb[i:i + 4], text[i:i + 4], [True] * 4) for i in (0, 4))
+
+    def loss(order) -> float:
+        evaluator = task.evaluator()
+        for batch in order:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                evaluator.update(Sharp(), batch)
+        return evaluator.compute().loss
+
+    reference = torch.cat([clip_loss(50.0 * emb[i:i + 4] @ text[i:i + 4].t())
+                           for i in (0, 4)]).mean()
+    assert loss([first, second]) == loss([second, first]) == pytest.approx(float(reference),
+                                                                          rel=1e-5)
+
+
 def test_a_lone_report_in_a_batch_is_contrasted_and_the_pooled_loss_is_the_mean_over_reports():
     """A batch holding one report (the rest of its studies without one) has nothing to
     contrast it with; left out of its site's loss while ``n_reports``, the loss's weight in

@@ -21,9 +21,10 @@ what multiplies the vector:
 
 Anything else in these classes is refused by name (:func:`missing` says why): IA3 merged,
 disabled, with several or inactive adapters, or on a non-Linear layer; DoRA on a transposed
-``fan_in_fan_out`` weight or on embeddings/convolutions (their subclasses); and, when the layer
-runs, DoRA over a base that is not a plain ``nn.Linear`` (a quantised one: its weight is not
-the matrix the forward used). Several active DoRA adapters on one layer are exact as they are
+``fan_in_fan_out`` weight or on embeddings/convolutions (their subclasses); and DoRA over a
+base that is not a plain ``nn.Linear`` (a quantised one: its weight is not the matrix the
+forward used) - when the clipper is built (through the LoRA layer holding the magnitude) and
+again when the layer runs. Several active DoRA adapters on one layer are exact as they are
 (each adds its own term to the output).
 """
 
@@ -61,14 +62,25 @@ def ia3_owners(model: nn.Module) -> dict[int, nn.Module]:
     return {id(m.ia3_l): m for m in model.modules() if isinstance(m, ia3_layer)}
 
 
+def dora_bases(model: nn.Module) -> dict[int, nn.Module]:
+    """``{id(DoRA magnitude layer): the base layer its LoRA layer adapts}``."""
+    if not _uses_peft(model):
+        return {}
+    return {id(dora): m.get_base_layer() for m in model.modules()
+            if isinstance(getattr(m, "lora_magnitude_vector", None), nn.ModuleDict)
+            for dora in m.lora_magnitude_vector.values()}
+
+
 def is_dora(module: nn.Module) -> bool:
     return (type(module).__module__.startswith("peft.")
             and type(module) is _peft_types()[2])     # not its Embedding/Conv subclasses
 
 
-def missing(module: nn.Module, owner: nn.Module | None) -> str | None:
+def missing(module: nn.Module, owner: nn.Module | None, base: nn.Module | None = None
+            ) -> str | None:
     """Why this peft parameter holder has no exact rule here (None: it has one). ``owner``:
-    the IA3 layer whose ``ia3_l`` ``module`` is (None: ``module`` is not an IA3 vector)."""
+    the IA3 layer whose ``ia3_l`` ``module`` is (None: ``module`` is not an IA3 vector);
+    ``base``: for a DoRA magnitude layer, the base layer it adapts (``dora_bases``)."""
     if owner is not None:
         if type(owner) is not _peft_types()[1]:
             return f"IA3 on {type(owner).__name__}"
@@ -84,6 +96,8 @@ def missing(module: nn.Module, owner: nn.Module | None) -> str | None:
     if is_dora(module):
         if module.fan_in_fan_out:
             return "DoRA on a transposed (fan_in_fan_out) weight"
+        if base is not None and type(base) is not nn.Linear:
+            return f"DoRA over a {type(base).__name__} base (a plain Linear only)"
         return None
     return type(module).__name__
 

@@ -289,10 +289,11 @@ class PerSampleClipper:
         self.model = model
         self.max_grad_norm = float(max_grad_norm)
         owners = adapter_grads.ia3_owners(model)       # IA3 vector holder -> its IA3 layer
+        bases = adapter_grads.dora_bases(model)        # DoRA magnitude -> the base it adapts
 
         def rule_missing(module: nn.Module) -> str | None:
             if id(module) in owners or adapter_grads.is_dora(module):
-                return adapter_grads.missing(module, owners.get(id(module)))
+                return adapter_grads.missing(module, owners.get(id(module)), bases.get(id(module)))
             return _rule_missing(module)
         self.layers = [_Layer(module, name, folds, owners.get(id(module))) for name, module, folds
                        in admitted_layers(model, rule_missing, SUPPORTED)]

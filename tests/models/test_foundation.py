@@ -582,6 +582,10 @@ def test_adapter_layouts_without_a_per_sample_rule_are_refused_by_name(weights):
     dora = _build(weights["dinov2"], method="dora")
     next(m for m in dora.modules() if type(m).__name__ == "DoraLinearLayer").fan_in_fan_out = True
     refused(dora, "fan_in_fan_out")
+    quantised = _build(weights["dinov2"], method="dora")      # e.g. a bitsandbytes Linear
+    layer = next(m for m in quantised.modules() if hasattr(m, "lora_magnitude_vector"))
+    layer.base_layer.__class__ = type("Linear8bit", (nn.Linear,), {})
+    refused(quantised, "DoRA over a Linear8bit base")
     off = _build(weights["dinov2"], method="ia3")    # the layer runs, its vector gets nothing
     layer = next(m for m in off.modules() if hasattr(m, "ia3_l"))
     layer.enable_adapters(False)

@@ -153,7 +153,9 @@ VARIANTS = {
     # 1937ce5a, all reported, against the recipe (dp_lora_std_hlr_lp5) and plain LoRA on the
     # same 8 (draw, seed) runs. It becomes the README's suggested DP-SGD recipe only if its
     # mean beats the DP-LoRA recipe's on the same 8 runs on BOTH site-test and external MCC;
-    # the goal figure (DP-LoRA / LoRA) is not changed by it either way.
+    # the goal figure (DP-LoRA / LoRA) is not changed by it either way. Outcome: site-test
+    # +0.002, external -0.003 against the recipe on the same 8 runs (0.510 / 0.513) - level,
+    # not suggested (bench/RESULTS.md, "DP-SGD with IA3 instead of LoRA, session 41")
     "dp_ia3_std_hlr_lp5": ("dp_lora", [CENTRE, SCALE, HEAD_LR, LP5, "model.options.method=ia3"]),
     # session 31: DP and non-DP with that recipe at 30% and 100% of the labels
     "dp_lora_std_hlr_lp5_l30": ("dp_lora", [CENTRE, SCALE, HEAD_LR, LP5, *LABELS30]),

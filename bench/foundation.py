@@ -10,6 +10,12 @@ step against a hand-written loop plus the cost of DP-SGD on it (``--throughput``
     python -m bench.foundation --throughput [--family dinov2] [--steps 6] [--warmup 1]
                                [--repeats 2] [--device auto|cpu|cuda] [--image-size 64]
                                [--batch 16] [--method lora|dora|ia3]
+                               [--encoder small|vitb14]
+
+The GPU figures issue 24 asks for (ViT-B/14 at 224 px, bf16 autocast, written to
+``results/foundation_gpu_vitb14.json`` and its own row, CPU figures untouched)::
+
+    python -m bench.foundation --throughput --device cuda --encoder vitb14 --image-size 224
 
 Both modes write ``bench/results/foundation.json`` and MERGE into it: each keeps the other's
 keys (``throughput_commit`` / ``mcc_commit`` say which commit measured which half), and the
@@ -135,6 +141,12 @@ PATCH = 16                       # the adaptation resizes DINOv2's 14-pixel kern
 # of every mode and repeat within a few minutes on the 2-core box.
 DINOV2 = dict(hidden_size=384, num_hidden_layers=4, num_attention_heads=6, mlp_ratio=4,
               patch_size=14, image_size=224)
+# dinov2-base's shape (ViT-B/14, ~86M parameters) for the GPU figure; the site model keeps its
+# 14-pixel kernel (224 px: a 16 x 16 grid a channel).
+VITB14 = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, mlp_ratio=4,
+              patch_size=14, image_size=224)
+ENCODERS = {"small": DINOV2, "vitb14": VITB14}
+SITE_PATCH = {"small": PATCH, "vitb14": 14}
 LORA = dict(method="lora", lora_rank=8, lora_alpha=16.0)
 LABELS = {"lora": "LoRA", "dora": "DoRA", "ia3": "IA3"}
 
@@ -155,6 +167,11 @@ def figure_keys(method: str = "lora") -> dict[str, str]:
 
 NOISE_MULTIPLIER, MAX_GRAD_NORM = 1.0, 1.0
 TARGETS = {"lora_throughput_ratio": 0.95, "dp_lora_time_ratio": 1.25}
+GPU_DP_TARGET = 1.3             # issue 24: DP <= 1.3x non-DP on the GPU (1.25x on the CPU)
+
+
+def dp_target(device: str) -> float:
+    return GPU_DP_TARGET if device.startswith("cuda") else TARGETS["dp_lora_time_ratio"]
 _RESULT = "FOUNDATION_RESULT "
 
 
@@ -279,7 +296,7 @@ def _handwritten_steps(model, batch, device, steps, warmup, sync):
 
 def run_child(mode: str, foundation_dir: Path, *, device_name: str = "cpu", steps: int = 6,
               warmup: int = 1, batch: int = 16, image_size: int = 64,
-              method: str = "lora") -> dict:
+              method: str = "lora", patch_size: int = PATCH) -> dict:
     """One mode of ``modes_of(method)``: build the site model from ``foundation_dir``, run
     ``warmup + steps`` steps; per-step wall / CPU ms of the timed ones and every step's loss."""
     import torch
@@ -294,7 +311,8 @@ def run_child(mode: str, foundation_dir: Path, *, device_name: str = "cpu", step
         raise ValueError("warmup and steps must be >= 1 (the first engine step anchors timing)")
     device = resolve_device(device_name)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    model, task = build_site_model(foundation_dir, image_size=image_size, method=method)
+    model, task = build_site_model(foundation_dir, image_size=image_size, method=method,
+                                   patch_size=patch_size)
     data = fixed_batch(batch, image_size)
     if mode.startswith("handwritten_"):
         wall, cpu, losses = _handwritten_steps(model, data, device, steps, warmup, sync)
@@ -318,7 +336,8 @@ def run_mode(mode: str, foundation_dir: Path, args) -> dict:
            "--weights-dir", str(foundation_dir), "--device", args.device,
            "--steps", str(args.steps), "--warmup", str(args.warmup),
            "--batch", str(args.batch), "--image-size", str(args.image_size),
-           "--method", args.method]
+           "--method", args.method,
+           "--patch-size", str(SITE_PATCH[getattr(args, "encoder", "small")])]
     proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True)
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(_RESULT):
@@ -350,7 +369,8 @@ def throughput(args) -> dict:
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="medfed-bench-foundation-") as tmp:
         foundation_dir = Path(tmp)
-        save_encoder(foundation_dir / WEIGHTS_NAME, args.family)
+        save_encoder(foundation_dir / WEIGHTS_NAME, args.family,
+                     ENCODERS[getattr(args, "encoder", "small")])
         runs: dict[str, list[dict]] = {m: [] for m in order}
         for r in range(args.repeats):
             for m in order[::-1] if r % 2 else order:
@@ -373,16 +393,17 @@ def throughput(args) -> dict:
     b = modes.get(hand, {}).get("losses_first_pass")
     loss_gap = max(abs(x - y) for x, y in zip(a, b)) if a and b else None
     device = next((m["device"] for m in modes.values() if "device" in m), args.device)
+    gpu = device.startswith("cuda")
     return figures | {
         **cpu_figures,
         "throughput_targets": {
             keys["throughput"]: f">= {TARGETS['lora_throughput_ratio']}",
-            keys["dp"]: f"<= {TARGETS['dp_lora_time_ratio']} (CPU)"},
+            keys["dp"]: f"<= {dp_target(device)} ({'GPU' if gpu else 'CPU'})"},
         "throughput_targets_met": {
             keys["throughput"]: figures[keys["throughput"]] is not None
             and figures[keys["throughput"]] >= TARGETS["lora_throughput_ratio"],
             keys["dp"]: figures[keys["dp"]] is not None
-            and figures[keys["dp"]] <= TARGETS["dp_lora_time_ratio"]},
+            and figures[keys["dp"]] <= dp_target(device)},
         "max_loss_gap_engine_vs_handwritten": loss_gap,
         "errors": {k: m["error"] for k, m in modes.items() if "error" in m},
         "device": device,
@@ -390,7 +411,9 @@ def throughput(args) -> dict:
         # CPU-time ratios above are the steadier figures when the load average is high.
         "load_average_1min": {"before": load_before[0], "after": os.getloadavg()[0]},
         "cpu_count": os.cpu_count(),
-        "config": {"family": args.family, "encoder": DINOV2, "patch_size": PATCH,
+        "config": {"family": args.family, "encoder_name": getattr(args, "encoder", "small"),
+                   "encoder": ENCODERS[getattr(args, "encoder", "small")],
+                   "patch_size": SITE_PATCH[getattr(args, "encoder", "small")],
                    "num_channels": NUM_CHANNELS, "num_classes": NUM_CLASSES,
                    **adapter(method),
                    "batch_size": args.batch, "image_size": args.image_size,
@@ -449,8 +472,9 @@ def _throughput_cells(payload: dict) -> tuple[str, str]:
 
     return (f"{label} step vs hand-written PyTorch+peft: **{_f(payload[keys['throughput']])}×** "
             f"samples/s (goal ≥ 0.95: {goal('throughput', TARGETS['lora_throughput_ratio'])}); "
-            f"DP-SGD/non-DP step time on {label}: **{_f(payload[keys['dp']])}×** (goal ≤ 1.25: "
-            f"{goal('dp', TARGETS['dp_lora_time_ratio'])}); CPU-time ratios "
+            f"DP-SGD/non-DP step time on {label}: **{_f(payload[keys['dp']])}×** (goal ≤ "
+            f"{dp_target(payload.get('device', ''))}: "
+            f"{goal('dp', dp_target(payload.get('device', '')))}); CPU-time ratios "
             f"{_f(payload.get(keys['throughput_cpu']))}× / "
             f"{_f(payload.get(keys['dp_cpu']))}×",
             f"throughput: {c['family']} {c['encoder']['hidden_size']}-wide × "
@@ -590,13 +614,16 @@ def merged(name: str, payload: dict, half: str) -> dict:
     return old | payload | {f"{half}_commit": commit(), f"{half}_machine": machine()}
 
 
-def default_name(method: str, device: str) -> str:
+def default_name(method: str, device: str, encoder: str = "small") -> str:
     """results/<name>.json of a throughput run without --name: LoRA keeps foundation.json
-    (foundation_gpu), every other adapter a file of its own."""
+    (foundation_gpu), every other adapter a file of its own; another encoder than the small
+    default, the same name + ``_<encoder>``."""
     gpu = device.startswith("cuda")
     if method == "lora":
-        return "foundation_gpu" if gpu else "foundation"
-    return f"foundation_throughput_{method}" + ("_gpu" if gpu else "")
+        name = "foundation_gpu" if gpu else "foundation"
+    else:
+        name = f"foundation_throughput_{method}" + ("_gpu" if gpu else "")
+    return name if encoder == "small" else f"{name}_{encoder}"
 
 
 def run_throughput(args, parser) -> None:
@@ -617,7 +644,7 @@ def run_throughput(args, parser) -> None:
               f"{keys['dp_cpu']} {payload[keys['dp_cpu']]}; max loss gap "
               f"{payload['max_loss_gap_engine_vs_handwritten']}; load "
               f"{payload['load_average_1min']}")
-    name = args.name or default_name(args.method, payload["device"])
+    name = args.name or default_name(args.method, payload["device"], args.encoder)
     payload = merged(name, payload, "throughput")
     path = write_result(name, payload)
     update_results_md(_key(payload, name), _row(payload, name))
@@ -887,6 +914,9 @@ def main() -> None:
     tp.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     tp.add_argument("--image-size", type=int, default=64)
     tp.add_argument("--batch", type=int, default=16)
+    tp.add_argument("--encoder", default="small", choices=tuple(ENCODERS),
+                    help="small: 384-wide x 4 layers (CPU figures); vitb14: dinov2-base's "
+                         "shape, ~86M parameters (the GPU figure at --image-size 224)")
     tp.add_argument("--method", default="lora", choices=ADAPTERS,
                     help="the adapter trained in every mode (the foundation model's "
                          "method option); lora writes results/foundation.json, dora / ia3 "
@@ -894,6 +924,7 @@ def main() -> None:
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--mode", choices=ALL_MODES, help=argparse.SUPPRESS)
     parser.add_argument("--weights-dir", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--patch-size", type=int, default=PATCH, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         import torch
@@ -901,7 +932,8 @@ def main() -> None:
         torch.set_num_threads(1)
         result = run_child(args.mode, args.weights_dir, device_name=args.device,
                            steps=args.steps, warmup=args.warmup, batch=args.batch,
-                           image_size=args.image_size, method=args.method)
+                           image_size=args.image_size, method=args.method,
+                           patch_size=args.patch_size)
         print(_RESULT + json.dumps(result))
         return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

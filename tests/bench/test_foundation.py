@@ -72,3 +72,36 @@ def test_other_adapters_write_their_own_file_and_row():
     assert fb.figure_keys("lora") == {
         "throughput": "lora_throughput_ratio", "dp": "dp_lora_time_ratio",
         "throughput_cpu": "lora_throughput_ratio_cpu_time", "dp_cpu": "dp_lora_cpu_time_ratio"}
+
+
+def test_the_gpu_figure_is_a_vit_b14_with_its_own_file_patch_and_goal(monkeypatch,
+                                                                      foundation_dir):
+    """``--encoder vitb14``: dinov2-base's shape (~86M parameters, counted on the meta device),
+    the site model keeps the 14-pixel kernel (each child is told so), its own results file
+    beside the CPU figures, and the issue's GPU goal (DP <= 1.3x) on a CUDA device."""
+    import argparse
+
+    import torch
+    import transformers
+
+    with torch.device("meta"):
+        base = transformers.Dinov2Model(transformers.Dinov2Config(**fb.ENCODERS["vitb14"]))
+    assert 85e6 < sum(p.numel() for p in base.parameters()) < 88e6
+    assert fb.default_name("lora", "cuda:0", "vitb14") == "foundation_gpu_vitb14"
+    assert fb.default_name("lora", "cpu") == "foundation"
+    commands = []
+
+    def fake_run(cmd, **kwargs):
+        commands.append(cmd)
+        return argparse.Namespace(stdout="", stderr="no result", returncode=1)
+    monkeypatch.setattr(fb.subprocess, "run", fake_run)
+    args = argparse.Namespace(device="cuda", steps=1, warmup=1, batch=2, image_size=224,
+                              method="lora", encoder="vitb14")
+    fb.run_mode("medfed_lora", fb.Path("/nonexistent"), args)
+    assert commands[0][commands[0].index("--patch-size") + 1] == "14"
+    monkeypatch.undo()
+    # the child builds the site model at the patch it is told (the kernel kept: 8 px here)
+    kept, resized = (fb.run_child("medfed_lora", foundation_dir, steps=1, warmup=1, batch=2,
+                                  image_size=32, patch_size=p) for p in (8, 16))
+    assert kept["params"] - resized["params"] == fb.NUM_CHANNELS * (8 * 8 - 16 * 16) * 32
+    assert fb.dp_target("cuda:0") == 1.3 and fb.dp_target("cpu") == 1.25

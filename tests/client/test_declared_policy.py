@@ -226,8 +226,8 @@ def test_asked_with_a_foundation_job_the_site_checks_its_own_weights(tmp_path, e
     from client.privacy import adapter_grads
 
     covered = adapter_grads.missing
-    monkeypatch.setattr(adapter_grads, "missing", lambda module, owner: (
-        "no rule" if adapter_grads.is_dora(module) else covered(module, owner)))
+    monkeypatch.setattr(adapter_grads, "missing", lambda module, owner, *base: (
+        "no rule" if adapter_grads.is_dora(module) else covered(module, owner, *base)))
     import json
 
     job = _job("model=foundation", "model.options.weights=dino", "model.options.lora_rank=2",

@@ -247,8 +247,8 @@ def test_dp_sgd_on_layers_the_clipper_cannot_cover_is_refused_before_the_round_i
     from client.privacy import adapter_grads
 
     covered = adapter_grads.missing
-    monkeypatch.setattr(adapter_grads, "missing", lambda module, owner: (
-        "no rule" if adapter_grads.is_dora(module) else covered(module, owner)))
+    monkeypatch.setattr(adapter_grads, "missing", lambda module, owner, *base: (
+        "no rule" if adapter_grads.is_dora(module) else covered(module, owner, *base)))
     with pytest.raises(ConfigError, match="dp-sgd refused for a dinov2 foundation model: "
                                           "method=full"):
         experiment(encoders, "privacy=dpsgd", "model.options.method=full")
